@@ -1,0 +1,456 @@
+//! Backend identity and the shared, lock-free state of one backend.
+//!
+//! A [`BackendId`] names a backend stably (a name, never an address that can
+//! change). A [`BackendState`] holds everything about a backend that changes
+//! while requests flow: its administrative status, its health, its in-flight
+//! count, its consecutive failures, an ejection deadline and its effective
+//! weight. All of it lives in atomics inside one `Arc<BackendState>` that the
+//! pool snapshot, the health layer, the health checker and the control handle
+//! share, so a health change never rebuilds the pool snapshot and readers
+//! never take a lock.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// The stable name of a backend.
+///
+/// Cheap to clone (a reference-counted string), hashable, comparable, and
+/// serialized as a plain string. Positions on a consistent-hash ring derive
+/// from it, so two replicas that name their backends alike agree on every
+/// key.
+///
+/// ```
+/// use tower_ha::BackendId;
+///
+/// let id = BackendId::from("node-a");
+/// assert_eq!(id.as_str(), "node-a");
+/// assert_eq!(id.to_string(), "node-a");
+/// assert_eq!(id, BackendId::from(String::from("node-a")));
+/// ```
+#[derive(Clone, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BackendId(Arc<str>);
+
+impl BackendId {
+    /// Creates an id from anything that converts into a string.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        BackendId(id.into())
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq for BackendId {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        // Ids are usually clones of one allocation: compare pointers first.
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for BackendId {}
+
+impl std::hash::Hash for BackendId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state)
+    }
+}
+
+impl Borrow<str> for BackendId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for BackendId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for BackendId {
+    fn from(s: &str) -> Self {
+        BackendId(Arc::from(s))
+    }
+}
+
+impl From<String> for BackendId {
+    fn from(s: String) -> Self {
+        BackendId(Arc::from(s))
+    }
+}
+
+impl From<&String> for BackendId {
+    fn from(s: &String) -> Self {
+        BackendId(Arc::from(s.as_str()))
+    }
+}
+
+impl From<Arc<str>> for BackendId {
+    fn from(s: Arc<str>) -> Self {
+        BackendId(s)
+    }
+}
+
+/// The operator's wish for a backend, set through the control handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AdminStatus {
+    /// Takes new requests and new sessions.
+    Enabled,
+    /// Takes no new requests or sessions; requests in flight finish.
+    Draining,
+    /// Takes nothing: a manual override.
+    Disabled,
+}
+
+/// What health checking currently believes about a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Health {
+    /// Serving. The state of every backend no health check has judged yet.
+    Healthy,
+    /// Failing its checks: no traffic.
+    Unhealthy,
+    /// Unhealthy for so long that it was marked turned off. It is still
+    /// probed and comes back on its own once healthy.
+    TurnedOff,
+}
+
+const ADMIN_SHIFT: u8 = 0;
+const HEALTH_SHIFT: u8 = 4;
+const NIBBLE: u8 = 0x0f;
+
+impl AdminStatus {
+    fn to_bits(self) -> u8 {
+        match self {
+            AdminStatus::Enabled => 0,
+            AdminStatus::Draining => 1,
+            AdminStatus::Disabled => 2,
+        }
+    }
+
+    fn from_bits(bits: u8) -> Self {
+        match bits {
+            0 => AdminStatus::Enabled,
+            1 => AdminStatus::Draining,
+            _ => AdminStatus::Disabled,
+        }
+    }
+}
+
+impl Health {
+    fn to_bits(self) -> u8 {
+        match self {
+            Health::Healthy => 0,
+            Health::Unhealthy => 1,
+            Health::TurnedOff => 2,
+        }
+    }
+
+    fn from_bits(bits: u8) -> Self {
+        match bits {
+            0 => Health::Healthy,
+            1 => Health::Unhealthy,
+            _ => Health::TurnedOff,
+        }
+    }
+}
+
+/// The shared, mutable state of one backend.
+///
+/// Every field is an atomic: the balancer reads it on the request path
+/// without a lock, and the health layer, the health checker and the control
+/// handle write it from wherever they run. Time is measured with
+/// [`tokio::time::Instant`], so tests can pause and advance it.
+pub struct BackendState {
+    /// Admin status in the low nibble, health in the high nibble: one load
+    /// answers "may this backend take traffic?" in the common case.
+    status: AtomicU8,
+    in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    /// Nanoseconds after `epoch` until which the backend is ejected; 0 when
+    /// it is not ejected.
+    ejected_until: AtomicU64,
+    weight: AtomicU32,
+    /// Effective weight in thousandths of the configured weight (1000 = full
+    /// weight); below 1000 during slow start.
+    weight_permille: AtomicU32,
+    epoch: Instant,
+}
+
+impl BackendState {
+    /// A new backend: enabled, healthy, not ejected, with the given weight
+    /// (a weight of 0 is raised to 1).
+    pub fn new(weight: u32) -> Self {
+        BackendState {
+            status: AtomicU8::new(0),
+            in_flight: AtomicUsize::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            weight: AtomicU32::new(weight.max(1)),
+            weight_permille: AtomicU32::new(1000),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Whether the backend may take a new request at `now`: enabled, healthy
+    /// and not ejected.
+    ///
+    /// Reads the clock only when the backend has an ejection deadline.
+    #[inline]
+    pub fn is_available(&self) -> bool {
+        self.status.load(Ordering::Acquire) == 0 && !self.is_ejected()
+    }
+
+    /// Whether the operator lets this backend take new requests, whatever
+    /// its health: what panic routing still respects.
+    #[inline]
+    pub fn is_enabled(&self) -> bool {
+        self.status.load(Ordering::Acquire) & NIBBLE == 0
+    }
+
+    /// The operator's status.
+    pub fn admin(&self) -> AdminStatus {
+        AdminStatus::from_bits((self.status.load(Ordering::Acquire) >> ADMIN_SHIFT) & NIBBLE)
+    }
+
+    /// Sets the operator's status; returns the previous one.
+    pub fn set_admin(&self, admin: AdminStatus) -> AdminStatus {
+        let prev = self.update_nibble(ADMIN_SHIFT, admin.to_bits());
+        AdminStatus::from_bits(prev)
+    }
+
+    /// The health as judged by checks.
+    pub fn health(&self) -> Health {
+        Health::from_bits((self.status.load(Ordering::Acquire) >> HEALTH_SHIFT) & NIBBLE)
+    }
+
+    /// Sets the health; returns the previous value.
+    pub fn set_health(&self, health: Health) -> Health {
+        let prev = self.update_nibble(HEALTH_SHIFT, health.to_bits());
+        Health::from_bits(prev)
+    }
+
+    fn update_nibble(&self, shift: u8, bits: u8) -> u8 {
+        let mask = NIBBLE << shift;
+        let prev = self
+            .status
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some((s & !mask) | (bits << shift))
+            })
+            .unwrap_or_else(|s| s);
+        (prev >> shift) & NIBBLE
+    }
+
+    /// Requests sent to this backend whose responses have not completed.
+    #[inline]
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more request in flight until the guard is dropped.
+    #[inline]
+    pub fn track_in_flight(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Failures observed in a row since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Records a failure; returns the new count of consecutive failures.
+    pub fn record_failure(&self) -> u32 {
+        self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Records a success: the consecutive failure count starts again at 0.
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Release);
+        }
+    }
+
+    /// How many times this backend has been ejected.
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Ejects the backend until `until` and counts the ejection.
+    pub fn eject_until(&self, until: Instant) {
+        let nanos = self.nanos_since_epoch(until).max(1);
+        self.ejected_until.store(nanos, Ordering::Release);
+        self.ejections.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Lifts an ejection now, before its deadline. Returns whether the
+    /// backend was ejected.
+    pub fn uneject(&self) -> bool {
+        self.ejected_until.swap(0, Ordering::AcqRel) != 0
+    }
+
+    /// The instant the current ejection ends, if the backend is ejected now.
+    pub fn ejected_until(&self) -> Option<Instant> {
+        let nanos = self.ejected_until.load(Ordering::Acquire);
+        if nanos == 0 {
+            return None;
+        }
+        let until = self.epoch + Duration::from_nanos(nanos);
+        (Instant::now() < until).then_some(until)
+    }
+
+    /// Whether an ejection is in force now.
+    #[inline]
+    pub fn is_ejected(&self) -> bool {
+        let nanos = self.ejected_until.load(Ordering::Acquire);
+        nanos != 0 && self.nanos_since_epoch(Instant::now()) < nanos
+    }
+
+    fn nanos_since_epoch(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX)
+    }
+
+    /// The configured weight (at least 1).
+    #[inline]
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn store_weight(&self, weight: u32) {
+        self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    /// The share of its configured weight the backend currently gets, in
+    /// thousandths: 1000 normally, less while it warms up after a (re)start.
+    #[inline]
+    pub fn weight_permille(&self) -> u32 {
+        self.weight_permille.load(Ordering::Relaxed)
+    }
+
+    /// Sets the effective share of the configured weight, in thousandths
+    /// (clamped to 1..=1000).
+    pub fn set_weight_permille(&self, permille: u32) {
+        self.weight_permille
+            .store(permille.clamp(1, 1000), Ordering::Relaxed);
+    }
+
+    /// The configured weight scaled by the current effective share.
+    pub fn effective_weight(&self) -> f64 {
+        f64::from(self.weight()) * f64::from(self.weight_permille()) / 1000.0
+    }
+}
+
+impl Default for BackendState {
+    fn default() -> Self {
+        BackendState::new(1)
+    }
+}
+
+impl fmt::Debug for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendState")
+            .field("admin", &self.admin())
+            .field("health", &self.health())
+            .field("in_flight", &self.in_flight())
+            .field("consecutive_failures", &self.consecutive_failures())
+            .field("ejected_until", &self.ejected_until())
+            .field("weight", &self.weight())
+            .field("weight_permille", &self.weight_permille())
+            .finish()
+    }
+}
+
+/// Counts a request as in flight on a backend until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<BackendState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_nibbles_are_independent() {
+        let s = BackendState::new(1);
+        assert!(s.is_available());
+        assert_eq!(s.set_health(Health::Unhealthy), Health::Healthy);
+        assert!(!s.is_available());
+        assert!(s.is_enabled());
+        assert_eq!(s.set_admin(AdminStatus::Draining), AdminStatus::Enabled);
+        assert_eq!(s.health(), Health::Unhealthy);
+        assert_eq!(s.admin(), AdminStatus::Draining);
+        s.set_health(Health::Healthy);
+        assert!(!s.is_available());
+        assert!(!s.is_enabled());
+        s.set_admin(AdminStatus::Enabled);
+        assert!(s.is_available());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_ends_exactly_at_its_deadline() {
+        let s = BackendState::new(1);
+        let until = Instant::now() + Duration::from_secs(30);
+        s.eject_until(until);
+        assert!(!s.is_available());
+        assert_eq!(s.ejected_until(), Some(until));
+        tokio::time::advance(Duration::from_secs(30) - Duration::from_nanos(1)).await;
+        assert!(!s.is_available());
+        tokio::time::advance(Duration::from_nanos(1)).await;
+        assert!(s.is_available());
+        assert_eq!(s.ejected_until(), None);
+        assert_eq!(s.ejections(), 1);
+    }
+
+    #[test]
+    fn in_flight_guard_counts() {
+        let s = Arc::new(BackendState::new(1));
+        let a = s.track_in_flight();
+        let b = s.track_in_flight();
+        assert_eq!(s.in_flight(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn consecutive_failures_reset_on_success() {
+        let s = BackendState::new(1);
+        assert_eq!(s.record_failure(), 1);
+        assert_eq!(s.record_failure(), 2);
+        s.record_success();
+        assert_eq!(s.record_failure(), 1);
+    }
+}

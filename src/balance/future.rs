@@ -1,0 +1,116 @@
+//! The response future of [`Balance`](super::Balance).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::Response;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::backend::{BackendId, InFlight};
+use crate::error::{BackendError, BoxError, NoBackend};
+use crate::extensions::ServedBy;
+
+pin_project! {
+    /// The response future of [`Balance`](super::Balance): drives the chosen
+    /// backend to readiness, calls it, and labels the response.
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req>,
+        // The chosen backend, and its in-flight count held until the
+        // response (or error) is ready or the future is dropped.
+        target: Option<(BackendId, InFlight)>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        NoBackend,
+        Ready {
+            service: S,
+            request: Option<Req>,
+        },
+        Called {
+            #[pin]
+            future: S::Future,
+        },
+        Done,
+    }
+}
+
+impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    pub(crate) fn new(service: S, request: Req, id: BackendId, in_flight: InFlight) -> Self {
+        ResponseFuture {
+            state: State::Ready {
+                service,
+                request: Some(request),
+            },
+            target: Some((id, in_flight)),
+        }
+    }
+
+    pub(crate) fn no_backend() -> Self {
+        ResponseFuture {
+            state: State::NoBackend,
+            target: None,
+        }
+    }
+}
+
+impl<S, Req, RB> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<RB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::NoBackend => {
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(NoBackend::new().into()));
+                }
+                StateProj::Ready { service, request } => {
+                    if let Err(e) = ready!(service.poll_ready(cx)) {
+                        let (id, _in_flight) = this.target.take().expect("target set");
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(BackendError::not_sent(id, e.into()).into()));
+                    }
+                    let request = request.take().expect("request taken once");
+                    let future = service.call(request);
+                    this.state.set(State::Called { future });
+                }
+                StateProj::Called { future } => {
+                    let result = ready!(future.poll(cx));
+                    let (id, _in_flight) = this.target.take().expect("target set");
+                    this.state.set(State::Done);
+                    return Poll::Ready(match result {
+                        Ok(mut response) => {
+                            response.extensions_mut().insert(ServedBy(id));
+                            Ok(response)
+                        }
+                        Err(e) => Err(BackendError::new(id, e).into()),
+                    });
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,54 @@
+//! Choosing *who* serves a request: [`Balance`] and its strategies.
+//!
+//! [`Balance`] picks one backend of a [`Pool`](crate::Pool) per request (and
+//! one new backend per failover attempt) with a [`Strategy`]:
+//!
+//! | strategy | picks | per pick |
+//! |---|---|---|
+//! | [`RoundRobin`] | the next backend in turn | O(1) |
+//! | [`Random`] | uniformly among eligible backends | O(1) |
+//! | [`LeastRequest`] | the less loaded of two (or k) random backends | O(k) |
+//! | [`WeightedRoundRobin`] | in proportion to weights, smoothly interleaved | O(1) |
+//! | [`ConsistentHash`] | by a request key, on a ring or a Maglev table | O(log N) / O(1) |
+//!
+//! Every strategy skips unavailable backends (disabled, draining, unhealthy,
+//! ejected) and the backends already listed in the request's
+//! [`Attempts`](crate::extensions::Attempts), so successive attempts of one
+//! request go to distinct backends and, once every backend was tried, the
+//! balancer answers [`NoBackend`](crate::error::NoBackend).
+//!
+//! See `docs/balance.md` for when to pick which.
+
+mod consistent_hash;
+pub mod future;
+mod least_request;
+mod maglev;
+mod random;
+mod ring;
+mod round_robin;
+mod service;
+mod strategy;
+mod weighted_round_robin;
+
+use std::cell::RefCell;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+pub use consistent_hash::{ConsistentHash, HashTable};
+pub use least_request::LeastRequest;
+pub use random::Random;
+pub use round_robin::RoundRobin;
+pub use service::{Balance, BalanceLayer};
+pub use strategy::{Pick, Strategy};
+pub use weighted_round_robin::{Cycle, WeightedRoundRobin};
+
+thread_local! {
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
+/// A uniform integer in `0..n` (`n > 0`) from a fast per-thread generator.
+#[inline]
+pub(crate) fn random_below(n: usize) -> usize {
+    RNG.with(|rng| rng.borrow_mut().random_range(0..n))
+}

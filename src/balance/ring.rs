@@ -1,0 +1,110 @@
+//! The hash ring behind [`ConsistentHash::ring`](super::ConsistentHash::ring).
+
+use twox_hash::XxHash3_64;
+
+use super::strategy::Pick;
+use crate::pool::Members;
+
+/// Above this many points, points per weight are scaled down (Envoy caps
+/// its ring at 8 Mi entries too).
+const MAX_POINTS: u64 = 1 << 23;
+
+/// Points sorted by hash, with a direct index on the hash's top bits so a
+/// lookup is one or two cache lines instead of a full binary search.
+pub(super) struct Ring {
+    hashes: Vec<u64>,
+    owners: Vec<u32>,
+    /// `buckets[j]` is the first point whose hash's top bits are `>= j`.
+    buckets: Vec<u32>,
+    shift: u32,
+}
+
+/// The hash of a backend's `replica`-th point: a function of its id only.
+fn point_hash(id: &str, replica: u64) -> u64 {
+    XxHash3_64::oneshot_with_seed(replica, id.as_bytes())
+}
+
+impl Ring {
+    pub(super) fn build(members: &Members, points_per_weight: u32) -> Ring {
+        let total: u64 = members
+            .iter()
+            .map(|m| u64::from(points_per_weight) * u64::from(m.state().weight()))
+            .sum();
+        let scale = |points: u64| {
+            if total > MAX_POINTS {
+                (points * MAX_POINTS / total).max(1)
+            } else {
+                points
+            }
+        };
+        let mut points: Vec<(u64, &str, u32)> = Vec::with_capacity(total.min(MAX_POINTS) as usize);
+        for (i, m) in members.iter().enumerate() {
+            let n = scale(u64::from(points_per_weight) * u64::from(m.state().weight()));
+            let id = m.id().as_str();
+            points.extend((0..n).map(|r| (point_hash(id, r), id, i as u32)));
+        }
+        // Ties (two backends on one position) are broken by id, so the ring
+        // does not depend on insertion order.
+        points.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+
+        let bits = (usize::BITS - points.len().leading_zeros()).clamp(1, 20);
+        let shift = 64 - bits;
+        let mut buckets = Vec::with_capacity((1 << bits) + 1);
+        let mut p = 0;
+        for j in 0..=(1u64 << bits) {
+            while p < points.len() && (points[p].0 >> shift) < j {
+                p += 1;
+            }
+            buckets.push(p as u32);
+        }
+        Ring {
+            hashes: points.iter().map(|p| p.0).collect(),
+            owners: points.iter().map(|p| p.2).collect(),
+            buckets,
+            shift,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// The first point at or after `hash`, wrapping around.
+    #[inline]
+    fn position(&self, hash: u64) -> usize {
+        let j = (hash >> self.shift) as usize;
+        let (lo, hi) = (self.buckets[j] as usize, self.buckets[j + 1] as usize);
+        let pos = lo + self.hashes[lo..hi].partition_point(|&h| h < hash);
+        if pos == self.hashes.len() {
+            0
+        } else {
+            pos
+        }
+    }
+
+    /// The owner of the first point at or after `hash` that is eligible,
+    /// walking clockwise past ineligible backends.
+    #[inline]
+    pub(super) fn pick(&self, hash: u64, pick: &Pick<'_>) -> Option<usize> {
+        if self.hashes.is_empty() {
+            return None;
+        }
+        let start = self.position(hash);
+        let first = self.owners[start] as usize;
+        if pick.is_eligible(first) {
+            return Some(first);
+        }
+        let mut rejected = first;
+        let n = self.owners.len();
+        for step in 1..n {
+            let owner = self.owners[(start + step) % n] as usize;
+            if owner != rejected {
+                if pick.is_eligible(owner) {
+                    return Some(owner);
+                }
+                rejected = owner;
+            }
+        }
+        None
+    }
+}

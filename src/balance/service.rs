@@ -1,0 +1,238 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::strategy::{Pick, Strategy};
+use crate::extensions::{Affinity, Attempts, Target};
+use crate::key::RequestHead;
+use crate::pool::{Pool, Rebuild, Snapshot};
+
+/// A membership snapshot with the strategy's table built for it.
+struct View<S, T> {
+    snapshot: Arc<Snapshot<S>>,
+    table: T,
+}
+
+struct Shared<S, P: Strategy> {
+    strategy: P,
+    view: ArcSwap<View<S, P::Table>>,
+}
+
+impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
+    fn rebuild(&self, snapshot: &Arc<Snapshot<S>>) {
+        let table = self.strategy.build(snapshot.members());
+        self.view.store(Arc::new(View {
+            snapshot: snapshot.clone(),
+            table,
+        }));
+    }
+}
+
+/// Chooses a backend from a [`Pool`] for each request, with a [`Strategy`].
+///
+/// `Balance` picks in `call`, where the request is known: it honours an
+/// [`Affinity`] when that backend is eligible, never picks a backend listed
+/// in the request's [`Attempts`], sets [`Target`] on the request, calls a
+/// clone of the chosen backend's service once it is ready, and sets
+/// [`ServedBy`](crate::extensions::ServedBy) on the response. A backend's
+/// error comes back as a [`BackendError`](crate::error::BackendError)
+/// carrying its id.
+///
+/// # Readiness
+///
+/// `poll_ready` is always ready: the chosen backend's clone is driven to
+/// readiness inside the response future, so one slow backend never blocks
+/// requests bound elsewhere. When no backend is eligible the response future
+/// fails at once with [`NoBackend`](crate::error::NoBackend); it is never
+/// pending for lack of backends.
+///
+/// # Hot path
+///
+/// Reading the membership takes no lock (the strategy's table and the pool
+/// snapshot are swapped together on every membership change). The pick
+/// itself allocates nothing; the only allocations are the boxes
+/// `http::Extensions` makes to store [`Target`] and `ServedBy`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower::{service_fn, ServiceExt};
+/// use tower_ha::balance::{Balance, RoundRobin};
+/// use tower_ha::extensions::ServedBy;
+/// use tower_ha::Pool;
+///
+/// let backend = |name: &'static str| {
+///     service_fn(move |_req: http::Request<()>| async move {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(name))
+///     })
+/// };
+/// let pool = Pool::new();
+/// pool.insert("a", backend("a"));
+/// pool.insert("b", backend("b"));
+///
+/// let balance = Balance::new(pool, RoundRobin::new());
+/// let first = balance.clone().oneshot(http::Request::new(())).await.unwrap();
+/// let second = balance.oneshot(http::Request::new(())).await.unwrap();
+/// assert_ne!(first.body(), second.body());
+/// assert_eq!(first.extensions().get::<ServedBy>().unwrap().0.as_str(), *first.body());
+/// # }
+/// ```
+pub struct Balance<S, P: Strategy> {
+    pool: Pool<S>,
+    shared: Arc<Shared<S, P>>,
+}
+
+impl<S, P> Balance<S, P>
+where
+    S: Send + Sync + 'static,
+    P: Strategy,
+{
+    /// A balancer over `pool` that picks with `strategy`.
+    pub fn new(pool: Pool<S>, strategy: P) -> Self {
+        let empty = pool.snapshot();
+        let table = strategy.build(empty.members());
+        let shared = Arc::new(Shared {
+            strategy,
+            view: ArcSwap::from_pointee(View {
+                snapshot: empty,
+                table,
+            }),
+        });
+        let weak = Arc::downgrade(&shared);
+        pool.subscribe(weak as std::sync::Weak<dyn Rebuild<S>>);
+        Balance { pool, shared }
+    }
+
+    /// A layer that builds a `Balance` over a pool with (a clone of)
+    /// `strategy`.
+    pub fn layer(strategy: P) -> BalanceLayer<P>
+    where
+        P: Clone,
+    {
+        BalanceLayer::new(strategy)
+    }
+}
+
+impl<S, P: Strategy> Balance<S, P> {
+    /// The pool this balancer picks from.
+    pub fn get_ref(&self) -> &Pool<S> {
+        &self.pool
+    }
+
+    /// The pool this balancer picks from.
+    pub fn pool(&self) -> &Pool<S> {
+        &self.pool
+    }
+
+    /// The strategy.
+    pub fn strategy(&self) -> &P {
+        &self.shared.strategy
+    }
+
+    /// The pool, consuming the balancer.
+    pub fn into_inner(self) -> Pool<S> {
+        self.pool
+    }
+}
+
+impl<S, P: Strategy> Clone for Balance<S, P> {
+    fn clone(&self) -> Self {
+        Balance {
+            pool: self.pool.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S, P: Strategy + fmt::Debug> fmt::Debug for Balance<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("pool", &self.pool)
+            .field("strategy", &self.shared.strategy)
+            .finish()
+    }
+}
+
+impl<S, P, B, RB> Service<Request<B>> for Balance<S, P>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    S::Error: Into<crate::error::BoxError>,
+    P: Strategy,
+{
+    type Response = Response<RB>;
+    type Error = crate::error::BoxError;
+    type Future = ResponseFuture<S, Request<B>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let view = self.shared.view.load();
+        let members = view.snapshot.members();
+        let chosen = {
+            let ext = req.extensions();
+            let pick = Pick::new(RequestHead::from(&req), members, ext.get::<Attempts>());
+            ext.get::<Affinity>()
+                .and_then(|a| members.index_of(&a.0))
+                .filter(|&i| pick.is_eligible(i))
+                .or_else(|| self.shared.strategy.pick(&view.table, &pick))
+        };
+        let Some(i) = chosen else {
+            return ResponseFuture::no_backend();
+        };
+        let member = &members[i];
+        let service = view.snapshot.service(i).expect("index within snapshot").clone();
+        let id = member.id().clone();
+        let state = member.state();
+        let in_flight = state.track_in_flight();
+        req.extensions_mut()
+            .insert(Target::new(id.clone(), state.clone()));
+        ResponseFuture::new(service, req, id, in_flight)
+    }
+}
+
+/// Builds a [`Balance`] over a [`Pool`], for `ServiceBuilder` stacks:
+///
+/// ```
+/// use tower::{service_fn, ServiceBuilder};
+/// use tower_ha::balance::{BalanceLayer, RoundRobin};
+/// use tower_ha::Pool;
+///
+/// let pool = Pool::new();
+/// pool.insert("a", service_fn(|_req: http::Request<()>| async {
+///     Ok::<_, std::convert::Infallible>(http::Response::new(()))
+/// }));
+/// let _balance = ServiceBuilder::new()
+///     .layer(BalanceLayer::new(RoundRobin::new()))
+///     .service(pool);
+/// ```
+#[derive(Debug, Clone)]
+pub struct BalanceLayer<P> {
+    strategy: P,
+}
+
+impl<P> BalanceLayer<P> {
+    /// A layer that balances with (a clone of) `strategy`.
+    pub fn new(strategy: P) -> Self {
+        BalanceLayer { strategy }
+    }
+}
+
+impl<S, P> Layer<Pool<S>> for BalanceLayer<P>
+where
+    S: Send + Sync + 'static,
+    P: Strategy + Clone,
+{
+    type Service = Balance<S, P>;
+
+    fn layer(&self, pool: Pool<S>) -> Balance<S, P> {
+        Balance::new(pool, self.strategy.clone())
+    }
+}

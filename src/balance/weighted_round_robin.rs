@@ -1,0 +1,161 @@
+use std::cmp::Ordering as CmpOrdering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::strategy::{Pick, Strategy};
+use crate::pool::Members;
+
+/// The longest precomputed cycle; beyond it weights are scaled down.
+const MAX_CYCLE: u64 = 1 << 22;
+
+/// Smooth weighted round robin: over every cycle of `sum(weights)` picks each
+/// backend gets exactly its weight, spread evenly through the cycle rather
+/// than in bursts (weights 5, 1, 1 give `a a b a c a a`-like interleaving,
+/// never `a a a a a b c`).
+///
+/// nginx computes such a sequence with running sums, which costs O(N) per
+/// pick. Here the whole cycle is computed once per membership or weight
+/// change, off the request path, as an earliest-deadline-first schedule (as
+/// in Envoy's weighted round robin): backend `i` of `n` with weight `w` is
+/// due for its `k`-th pick at virtual time `(k - 1 + φᵢ) / w`, where the
+/// phase `φᵢ = (i + ½) / n` keeps backends of equal weight from being due at
+/// the same instant and clumping together. Every backend then has exactly
+/// `w` picks due in each cycle, evenly spaced; a pick is one counter tick
+/// and one array read, whatever the number of backends. Weights are divided by
+/// their greatest common divisor; a cycle longer than 4 Mi picks is scaled
+/// down proportionally.
+///
+/// Unavailable and already-tried backends are skipped by walking on along
+/// the cycle. Pick it for backends of unequal capacity.
+#[derive(Debug, Default)]
+pub struct WeightedRoundRobin {
+    next: AtomicUsize,
+}
+
+impl WeightedRoundRobin {
+    /// A smooth weighted round robin.
+    pub fn new() -> Self {
+        WeightedRoundRobin::default()
+    }
+}
+
+impl Clone for WeightedRoundRobin {
+    /// A new strategy with its own position in the cycle.
+    fn clone(&self) -> Self {
+        WeightedRoundRobin::new()
+    }
+}
+
+/// One cycle of member indices.
+#[derive(Debug, Default)]
+pub struct Cycle {
+    order: Vec<u32>,
+}
+
+impl Cycle {
+    /// The member indices of one cycle, in order.
+    pub fn as_slice(&self) -> &[u32] {
+        &self.order
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+fn weights_of(members: &Members) -> Vec<u64> {
+    let mut weights: Vec<u64> = members.iter().map(|m| u64::from(m.state().weight())).collect();
+    let g = weights.iter().copied().fold(0, gcd).max(1);
+    weights.iter_mut().for_each(|w| *w /= g);
+    let total: u64 = weights.iter().sum();
+    if total > MAX_CYCLE {
+        // Keep proportions as well as integers allow; every backend keeps at
+        // least one slot.
+        weights
+            .iter_mut()
+            .for_each(|w| *w = (*w * MAX_CYCLE / total).max(1));
+    }
+    weights
+}
+
+impl Strategy for WeightedRoundRobin {
+    type Table = Cycle;
+
+    fn build(&self, members: &Members) -> Cycle {
+        let weights = weights_of(members);
+        // The k-th pick (k = 1..=w) of member i of n is due at
+        // (k - 1 + (2i + 1) / 2n) / w = ((k - 1) 2n + 2i + 1) / (2n w).
+        let n = weights.len() as u64;
+        let mut slots: Vec<(u64, u64, u32)> =
+            Vec::with_capacity(weights.iter().sum::<u64>() as usize);
+        for (i, &w) in weights.iter().enumerate() {
+            let phase = 2 * i as u64 + 1;
+            slots.extend((1..=w).map(|k| ((k - 1) * 2 * n + phase, 2 * n * w, i as u32)));
+        }
+        slots.sort_unstable_by(|a, b| {
+            (u128::from(a.0) * u128::from(b.1))
+                .cmp(&(u128::from(b.0) * u128::from(a.1)))
+                .then(a.2.cmp(&b.2))
+        });
+        debug_assert!(slots.windows(2).all(|w| {
+            (u128::from(w[0].0) * u128::from(w[1].1)).cmp(&(u128::from(w[1].0) * u128::from(w[0].1)))
+                != CmpOrdering::Greater
+        }));
+        Cycle {
+            order: slots.into_iter().map(|(_, _, i)| i).collect(),
+        }
+    }
+
+    #[inline]
+    fn pick(&self, cycle: &Cycle, pick: &Pick<'_>) -> Option<usize> {
+        let order = &cycle.order;
+        if order.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % order.len();
+        // Walk on along the cycle past ineligible backends; bounded, then a
+        // plain scan so that a pick never costs more than O(N).
+        let walk = order.len().min(2 * pick.len() + 16);
+        (0..walk)
+            .map(|k| order[(start + k) % order.len()] as usize)
+            .find(|&i| pick.is_eligible(i))
+            .or_else(|| pick.first_eligible_from(order[start] as usize))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Pool;
+
+    fn cycle_of(weights: &[u32]) -> Vec<u32> {
+        let pool: Pool<()> = Pool::new();
+        for (i, w) in weights.iter().enumerate() {
+            pool.insert_weighted(format!("b{i}"), (), *w);
+        }
+        WeightedRoundRobin::new()
+            .build(pool.snapshot().members())
+            .order
+    }
+
+    #[test]
+    fn interleaves_instead_of_bursting() {
+        let c = cycle_of(&[5, 1, 1]);
+        assert_eq!(c.len(), 7);
+        assert_eq!(c.iter().filter(|&&i| i == 0).count(), 5);
+        // The light backends are not next to each other, and across cycle
+        // boundaries the heavy one never runs more than ceil(5 / 2) times.
+        let b = c.iter().position(|&i| i == 1).unwrap();
+        let d = c.iter().position(|&i| i == 2).unwrap();
+        assert!(b.abs_diff(d) > 1, "{c:?}");
+        let twice: Vec<u32> = c.iter().chain(c.iter()).copied().collect();
+        assert!(twice.windows(4).all(|w| w != [0, 0, 0, 0]), "{c:?}");
+    }
+
+    #[test]
+    fn weights_are_reduced_by_their_gcd() {
+        assert_eq!(cycle_of(&[4, 2, 2]).len(), 4);
+    }
+}

@@ -1,0 +1,111 @@
+//! The protocol between layers: typed values in [`http::Extensions`].
+//!
+//! Each tower-ha layer is optional and usable alone because the layers talk
+//! only through these values:
+//!
+//! | value | where | set by | read by |
+//! |---|---|---|---|
+//! | [`Affinity`] | request | `Sticky` (or you) | `Balance`: try this backend first |
+//! | [`Attempts`] | request | `Failover` (or you) | `Balance`: never pick these again |
+//! | [`Target`] | request | `Balance` | a per-backend layer such as `Health` |
+//! | [`ServedBy`] | response | `Balance` | `Sticky`, `Failover`, you |
+//! | [`PeerAddr`] | request | your server | keys such as [`key::peer_ip`](crate::key::peer_ip) |
+//!
+//! Your own layers may set or read any of them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::backend::{BackendId, BackendState};
+
+/// "Try this backend first": set on a request by the sticky layer (or by
+/// you). `Balance` honours it when that backend is in the pool, available and
+/// not already listed in [`Attempts`]; otherwise it picks as usual.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Affinity(pub BackendId);
+
+/// The backends already tried for this request, oldest first.
+///
+/// Kept by the failover layer. `Balance` never picks a backend listed here,
+/// so successive attempts of one request go to distinct backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attempts(Vec<BackendId>);
+
+impl Attempts {
+    /// An empty list.
+    pub fn new() -> Self {
+        Attempts(Vec::new())
+    }
+
+    /// Records one more attempt.
+    pub fn push(&mut self, id: BackendId) {
+        self.0.push(id);
+    }
+
+    /// Whether `id` has been tried.
+    #[inline]
+    pub fn contains(&self, id: &BackendId) -> bool {
+        self.0.iter().any(|tried| tried == id)
+    }
+
+    /// The tried backends, oldest first.
+    pub fn as_slice(&self) -> &[BackendId] {
+        &self.0
+    }
+
+    /// The most recent attempt.
+    pub fn last(&self) -> Option<&BackendId> {
+        self.0.last()
+    }
+
+    /// How many attempts were made.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no attempt was made yet.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<BackendId> for Attempts {
+    fn from_iter<I: IntoIterator<Item = BackendId>>(iter: I) -> Self {
+        Attempts(iter.into_iter().collect())
+    }
+}
+
+/// The backend a request is being sent to, set by `Balance` just before it
+/// calls the backend, so that a per-backend layer (the health layer, your
+/// metrics) knows whose outcome it observes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    id: BackendId,
+    state: Arc<BackendState>,
+}
+
+impl Target {
+    /// A target for the backend `id` with its shared state.
+    pub fn new(id: BackendId, state: Arc<BackendState>) -> Self {
+        Target { id, state }
+    }
+
+    /// The backend's id.
+    pub fn id(&self) -> &BackendId {
+        &self.id
+    }
+
+    /// The backend's shared state.
+    pub fn state(&self) -> &Arc<BackendState> {
+        &self.state
+    }
+}
+
+/// The backend that produced a response, set by `Balance` on every response.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServedBy(pub BackendId);
+
+/// The address of the client that sent a request, for keys that route by
+/// client address. Your server inserts it; tower-ha never guesses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub SocketAddr);

@@ -1,0 +1,352 @@
+//! Request keys: what a consistent-hash strategy routes by.
+//!
+//! A [`RequestKey`] reads a request's head and returns a 64-bit hash, or
+//! `None` when the request carries no key (an absent or empty header, no such
+//! cookie, ...). Keys are hashed with XXH3 and a fixed seed, so every replica
+//! of an application maps a key to the same hash.
+//!
+//! | key | reads |
+//! |---|---|
+//! | [`header`] | the first value of a header |
+//! | [`cookie`] | one cookie's value from the `Cookie` headers |
+//! | [`forwarded_for`] | a client address from `X-Forwarded-For` |
+//! | [`peer_ip`] | the client address in the [`PeerAddr`] extension |
+//! | [`from_fn`] | any closure |
+//!
+//! Combine them with [`RequestKey::or`]: `forwarded_for().or(peer_ip())` is
+//! Panda's hash key.
+//!
+//! ```
+//! use tower_ha::key::{self, RequestHead, RequestKey};
+//!
+//! let req = http::Request::builder()
+//!     .header("x-user", "alice")
+//!     .body(())
+//!     .unwrap();
+//! let by_user = key::header("x-user");
+//! let by_session = key::cookie("session").or(key::header("x-user"));
+//! let head = RequestHead::from(&req);
+//! assert_eq!(by_user.key(&head), Some(key::hash_bytes(b"alice")));
+//! assert_eq!(by_session.key(&head), by_user.key(&head));
+//! ```
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+
+use http::header::{HeaderName, COOKIE};
+use http::{Extensions, HeaderMap, Method, Request, Uri};
+use twox_hash::XxHash3_64;
+
+use crate::extensions::PeerAddr;
+
+/// Hashes bytes the way every built-in key does (XXH3, seed 0).
+#[inline]
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    XxHash3_64::oneshot(bytes)
+}
+
+/// A borrowed view of a request's head: what keys and strategies may read.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The URI.
+    pub uri: &'a Uri,
+    /// The headers.
+    pub headers: &'a HeaderMap,
+    /// The extensions.
+    pub extensions: &'a Extensions,
+}
+
+impl<'a, B> From<&'a Request<B>> for RequestHead<'a> {
+    fn from(req: &'a Request<B>) -> Self {
+        RequestHead {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+}
+
+/// Reads a routing key from a request.
+pub trait RequestKey: Send + Sync + 'static {
+    /// The key's hash, or `None` when the request has no key.
+    fn key(&self, head: &RequestHead<'_>) -> Option<u64>;
+
+    /// This key, or `other` when this one is absent.
+    fn or<K: RequestKey>(self, other: K) -> Or<Self, K>
+    where
+        Self: Sized,
+    {
+        Or(self, other)
+    }
+}
+
+/// The first key, or the second when the first is absent.
+/// Built by [`RequestKey::or`].
+#[derive(Debug, Clone)]
+pub struct Or<A, B>(A, B);
+
+impl<A: RequestKey, B: RequestKey> RequestKey for Or<A, B> {
+    #[inline]
+    fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
+        self.0.key(head).or_else(|| self.1.key(head))
+    }
+}
+
+/// The first value of a header; absent when missing or empty.
+pub fn header(name: impl TryInto<HeaderName, Error: fmt::Debug>) -> Header {
+    Header {
+        name: name.try_into().expect("invalid header name"),
+    }
+}
+
+/// The key read by [`header`].
+#[derive(Debug, Clone)]
+pub struct Header {
+    name: HeaderName,
+}
+
+impl RequestKey for Header {
+    #[inline]
+    fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
+        let value = head.headers.get(&self.name)?.as_bytes();
+        (!value.is_empty()).then(|| hash_bytes(value))
+    }
+}
+
+/// The value of the cookie `name`; absent when missing or empty.
+pub fn cookie(name: impl Into<String>) -> Cookie {
+    Cookie { name: name.into() }
+}
+
+/// The key read by [`cookie`].
+#[derive(Debug, Clone)]
+pub struct Cookie {
+    name: String,
+}
+
+impl RequestKey for Cookie {
+    #[inline]
+    fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
+        cookie_value(head.headers, &self.name).map(hash_bytes)
+    }
+}
+
+/// Finds the non-empty value of cookie `name` in the request's `Cookie`
+/// headers, without allocating. Malformed pairs are skipped; surrounding
+/// double quotes are removed.
+pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+    let name = name.as_bytes();
+    headers.get_all(COOKIE).iter().find_map(|value| {
+        value.as_bytes().split(|&b| b == b';').find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            let (k, v) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
+            if k != name {
+                return None;
+            }
+            let v = v
+                .strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(v);
+            (!v.is_empty()).then_some(v)
+        })
+    })
+}
+
+/// A client address from `X-Forwarded-For`.
+///
+/// By default the leftmost non-empty entry, which the client itself can
+/// forge. Behind proxies you run, set [`ForwardedFor::trusted_hops`] to their
+/// number so that the address your outermost proxy saw is used instead.
+pub fn forwarded_for() -> ForwardedFor {
+    ForwardedFor { trusted_hops: 0 }
+}
+
+/// The key read by [`forwarded_for`].
+#[derive(Debug, Clone)]
+pub struct ForwardedFor {
+    trusted_hops: usize,
+}
+
+impl ForwardedFor {
+    /// The number of proxies of yours that append to `X-Forwarded-For` in
+    /// front of this one. With `n > 0` the key is the `n`-th entry from the
+    /// right (the address that your outermost proxy saw), which a client
+    /// cannot forge; with 0 (the default) the leftmost entry.
+    pub fn trusted_hops(mut self, n: usize) -> Self {
+        self.trusted_hops = n;
+        self
+    }
+
+    fn entry<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
+        let entries = || {
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|e| !e.is_empty())
+        };
+        if self.trusted_hops == 0 {
+            return entries().next();
+        }
+        let count = entries().count();
+        let skip = count.saturating_sub(self.trusted_hops);
+        entries().nth(skip)
+    }
+}
+
+impl RequestKey for ForwardedFor {
+    fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
+        let entry = self.entry(head.headers)?;
+        Some(
+            std::str::from_utf8(entry)
+                .ok()
+                .and_then(|s| s.parse::<IpAddr>().ok())
+                .map_or_else(|| hash_bytes(entry), hash_ip),
+        )
+    }
+}
+
+/// The client's IP address from the [`PeerAddr`] extension.
+pub fn peer_ip() -> PeerIp {
+    PeerIp { _priv: () }
+}
+
+/// The key read by [`peer_ip`].
+#[derive(Debug, Clone)]
+pub struct PeerIp {
+    _priv: (),
+}
+
+impl RequestKey for PeerIp {
+    #[inline]
+    fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
+        head.extensions.get::<PeerAddr>().map(|p| hash_ip(p.0.ip()))
+    }
+}
+
+/// Hashes an address so that [`forwarded_for`] and [`peer_ip`] agree.
+fn hash_ip(ip: IpAddr) -> u64 {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+        IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+    }
+}
+
+/// A key computed by a closure from the request head; any `Hash` value
+/// works (`None` means "no key").
+///
+/// ```
+/// use tower_ha::key::{self, RequestHead, RequestKey};
+///
+/// // The kernel id in `/api/kernels/{id}/...`.
+/// let kernel = key::from_fn(|req: &RequestHead<'_>| {
+///     let mut parts = req.uri.path().strip_prefix("/api/kernels/")?.split('/');
+///     parts.next().filter(|id| !id.is_empty()).map(str::to_owned)
+/// });
+/// let req = http::Request::get("/api/kernels/42/channels").body(()).unwrap();
+/// assert!(kernel.key(&RequestHead::from(&req)).is_some());
+/// let req = http::Request::get("/api/other").body(()).unwrap();
+/// assert!(kernel.key(&RequestHead::from(&req)).is_none());
+/// ```
+pub fn from_fn<F, T>(f: F) -> FromFn<F>
+where
+    F: Fn(&RequestHead<'_>) -> Option<T> + Send + Sync + 'static,
+    T: Hash,
+{
+    FromFn { f }
+}
+
+/// The key computed by [`from_fn`].
+#[derive(Clone)]
+pub struct FromFn<F> {
+    f: F,
+}
+
+impl<F> fmt::Debug for FromFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FromFn").finish_non_exhaustive()
+    }
+}
+
+impl<F, T> RequestKey for FromFn<F>
+where
+    F: Fn(&RequestHead<'_>) -> Option<T> + Send + Sync + 'static,
+    T: Hash,
+{
+    fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
+        let value = (self.f)(head)?;
+        let mut hasher = XxHash3_64::with_seed(0);
+        value.hash(&mut hasher);
+        Some(hasher.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn head_with(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn key_of(k: &impl RequestKey, req: &Request<()>) -> Option<u64> {
+        k.key(&RequestHead::from(req))
+    }
+
+    #[test]
+    fn cookie_parsing() {
+        let req = head_with(&[
+            ("cookie", "a=1; StickyStr=abc ; c=\"q\""),
+            ("cookie", "d=4"),
+        ]);
+        assert_eq!(cookie_value(req.headers(), "StickyStr"), Some(&b"abc"[..]));
+        assert_eq!(cookie_value(req.headers(), "c"), Some(&b"q"[..]));
+        assert_eq!(cookie_value(req.headers(), "d"), Some(&b"4"[..]));
+        assert_eq!(cookie_value(req.headers(), "e"), None);
+        let empty = head_with(&[("cookie", "StickyStr=; broken; =x")]);
+        assert_eq!(cookie_value(empty.headers(), "StickyStr"), None);
+        assert_eq!(key_of(&cookie("StickyStr"), &empty), None);
+    }
+
+    #[test]
+    fn forwarded_for_leftmost_and_trusted() {
+        let req = head_with(&[
+            ("x-forwarded-for", " , 1.1.1.1, 2.2.2.2"),
+            ("x-forwarded-for", "3.3.3.3"),
+        ]);
+        let ip = |s: &str| Some(hash_ip(s.parse().unwrap()));
+        assert_eq!(key_of(&forwarded_for(), &req), ip("1.1.1.1"));
+        assert_eq!(key_of(&forwarded_for().trusted_hops(1), &req), ip("3.3.3.3"));
+        assert_eq!(key_of(&forwarded_for().trusted_hops(2), &req), ip("2.2.2.2"));
+        assert_eq!(key_of(&forwarded_for().trusted_hops(9), &req), ip("1.1.1.1"));
+        assert_eq!(key_of(&forwarded_for(), &head_with(&[])), None);
+    }
+
+    #[test]
+    fn peer_and_forwarded_agree_and_or_falls_back() {
+        let mut req = head_with(&[]);
+        let addr: SocketAddr = "10.0.0.7:5555".parse().unwrap();
+        req.extensions_mut().insert(PeerAddr(addr));
+        let xff = head_with(&[("x-forwarded-for", "10.0.0.7")]);
+        let k = forwarded_for().or(peer_ip());
+        assert_eq!(key_of(&k, &req), key_of(&k, &xff));
+        assert!(key_of(&k, &req).is_some());
+    }
+
+    #[test]
+    fn empty_header_is_no_key() {
+        assert_eq!(key_of(&header("x-id"), &head_with(&[("x-id", "")])), None);
+        assert!(key_of(&header("x-id"), &head_with(&[("x-id", "7")])).is_some());
+    }
+}

@@ -1,0 +1,61 @@
+//! Load balancing, failover, sticky session affinity, health filtering and
+//! session persistence for any [`tower::Service`], as tower layers.
+//!
+//! `tower-ha` is what a Rust service embeds instead of putting nginx, HAProxy
+//! or Envoy in front of its backends.
+//!
+//! # The pieces
+//!
+//! * [`Pool`]: the set of backends (id, service, weight, shared
+//!   [`BackendState`]), changed at runtime or from a
+//!   [`Discover`](tower::discover::Discover) stream.
+//! * [`Balance`](balance::Balance): picks *who* serves each request with a
+//!   [`Strategy`](balance::Strategy): round robin, random, least request,
+//!   smooth weighted round robin, consistent hashing (ring or Maglev).
+//! * [`extensions`]: the typed request and response extensions the layers use
+//!   to talk to each other (and that your own layers may use).
+//!
+//! # Quick start
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use tower::{service_fn, ServiceExt};
+//! use tower_ha::balance::{Balance, ConsistentHash};
+//! use tower_ha::{key, Pool};
+//!
+//! let backend = |name: &'static str| {
+//!     service_fn(move |_req: http::Request<()>| async move {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(name))
+//!     })
+//! };
+//! let pool = Pool::new();
+//! for name in ["a", "b", "c"] {
+//!     pool.insert(name, backend(name));
+//! }
+//! let balance = Balance::new(pool, ConsistentHash::ring(key::header("x-user")));
+//!
+//! let request = || http::Request::builder().header("x-user", "alice").body(()).unwrap();
+//! let first = balance.clone().oneshot(request()).await.unwrap();
+//! let again = balance.oneshot(request()).await.unwrap();
+//! assert_eq!(first.body(), again.body()); // alice always lands on one backend
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod backend;
+pub mod balance;
+pub mod error;
+pub mod extensions;
+pub mod key;
+pub mod pool;
+
+pub use backend::{AdminStatus, BackendId, BackendState, Health};
+pub use error::{BackendError, BoxError, NoBackend, NotSent};
+pub use pool::Pool;

@@ -1,0 +1,493 @@
+//! The set of backends a balancer chooses from.
+//!
+//! A [`Pool`] holds, for each backend, its [`BackendId`], its service and its
+//! shared [`BackendState`]. Membership (insert, remove, weight) changes by
+//! copy-on-write: a new immutable [`Snapshot`] is built and swapped in whole,
+//! so readers on the request path never take a lock. Health changes touch
+//! only the atomics inside `BackendState` and never rebuild the snapshot.
+//!
+//! Membership can also come from any [`tower::discover::Discover`] stream
+//! with [`Pool::discover`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::poll_fn;
+use std::hash::BuildHasherDefault;
+use std::pin::pin;
+use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tower::discover::{Change, Discover};
+use twox_hash::XxHash3_64;
+
+use crate::backend::{BackendId, BackendState};
+
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<XxHash3_64>>;
+
+/// One backend as strategies see it: its id and shared state.
+#[derive(Debug, Clone)]
+pub struct Member {
+    id: BackendId,
+    state: Arc<BackendState>,
+}
+
+impl Member {
+    /// The backend's id.
+    #[inline]
+    pub fn id(&self) -> &BackendId {
+        &self.id
+    }
+
+    /// The backend's shared state.
+    #[inline]
+    pub fn state(&self) -> &Arc<BackendState> {
+        &self.state
+    }
+}
+
+/// The members of one snapshot, in insertion order, with an index by id.
+#[derive(Debug, Clone, Default)]
+pub struct Members {
+    list: Vec<Member>,
+    index: FastMap<BackendId, usize>,
+}
+
+impl Members {
+    fn from_list(list: Vec<Member>) -> Self {
+        let index = list
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.clone(), i))
+            .collect();
+        Members { list, index }
+    }
+
+    /// The number of backends.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether there is no backend.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The backend at `index` (in insertion order).
+    #[inline]
+    pub fn get(&self, index: usize) -> Option<&Member> {
+        self.list.get(index)
+    }
+
+    /// The position of backend `id`.
+    #[inline]
+    pub fn index_of(&self, id: &BackendId) -> Option<usize> {
+        if self.list.is_empty() {
+            return None;
+        }
+        self.index.get(id).copied()
+    }
+
+    /// All backends in insertion order.
+    #[inline]
+    pub fn as_slice(&self) -> &[Member] {
+        &self.list
+    }
+
+    /// An iterator over the backends in insertion order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Member> {
+        self.list.iter()
+    }
+}
+
+impl std::ops::Index<usize> for Members {
+    type Output = Member;
+
+    #[inline]
+    fn index(&self, index: usize) -> &Member {
+        &self.list[index]
+    }
+}
+
+/// An immutable view of a pool's membership, swapped whole on every change.
+pub struct Snapshot<S> {
+    members: Members,
+    services: Vec<S>,
+    generation: u64,
+}
+
+impl<S> Snapshot<S> {
+    /// The backends of this snapshot.
+    #[inline]
+    pub fn members(&self) -> &Members {
+        &self.members
+    }
+
+    /// The service of the backend at `index`.
+    #[inline]
+    pub fn service(&self, index: usize) -> Option<&S> {
+        self.services.get(index)
+    }
+
+    /// The number of backends.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the pool is empty.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Increases by one on every membership or weight change.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The ids of all backends in insertion order.
+    pub fn ids(&self) -> impl Iterator<Item = &BackendId> + '_ {
+        self.members.iter().map(Member::id)
+    }
+}
+
+impl<S> fmt::Debug for Snapshot<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("generation", &self.generation)
+            .field("members", &self.members.list)
+            .finish()
+    }
+}
+
+/// Something that rebuilds derived state (a balancer's tables) whenever the
+/// membership changes, off the request path.
+pub(crate) trait Rebuild<S>: Send + Sync {
+    fn rebuild(&self, snapshot: &Arc<Snapshot<S>>);
+}
+
+struct Shared<S> {
+    current: ArcSwap<Snapshot<S>>,
+    /// Serializes writers and holds the listeners, so that every listener
+    /// sees every snapshot, in order.
+    writer: Mutex<Vec<Weak<dyn Rebuild<S>>>>,
+}
+
+/// The set of backends: ids, services, weights and shared state.
+///
+/// Cloning a `Pool` is cheap and yields a handle to the same pool.
+///
+/// ```
+/// use tower::service_fn;
+/// use tower_ha::Pool;
+///
+/// let pool = Pool::new();
+/// let echo = |name: &'static str| {
+///     service_fn(move |_req: http::Request<()>| async move {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(name))
+///     })
+/// };
+/// pool.insert("a", echo("a"));
+/// pool.insert_weighted("b", echo("b"), 3);
+/// assert_eq!(pool.len(), 2);
+/// assert_eq!(pool.state(&"b".into()).unwrap().weight(), 3);
+/// assert!(pool.remove(&"a".into()));
+/// assert_eq!(pool.len(), 1);
+/// ```
+pub struct Pool<S> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S> Clone for Pool<S> {
+    fn clone(&self) -> Self {
+        Pool {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S> Default for Pool<S> {
+    fn default() -> Self {
+        Pool::new()
+    }
+}
+
+impl<S> fmt::Debug for Pool<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Pool").field(&*self.snapshot()).finish()
+    }
+}
+
+impl<S> Pool<S> {
+    /// An empty pool.
+    pub fn new() -> Self {
+        Pool {
+            shared: Arc::new(Shared {
+                current: ArcSwap::from_pointee(Snapshot {
+                    members: Members::default(),
+                    services: Vec::new(),
+                    generation: 0,
+                }),
+                writer: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot<S>> {
+        self.shared.current.load_full()
+    }
+
+    /// The number of backends.
+    pub fn len(&self) -> usize {
+        self.shared.current.load().len()
+    }
+
+    /// Whether the pool has no backend.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ids of all backends, in insertion order.
+    pub fn ids(&self) -> Vec<BackendId> {
+        self.shared.current.load().ids().cloned().collect()
+    }
+
+    /// The shared state of backend `id`.
+    pub fn state(&self, id: &BackendId) -> Option<Arc<BackendState>> {
+        let snap = self.shared.current.load();
+        let i = snap.members.index_of(id)?;
+        Some(snap.members[i].state.clone())
+    }
+
+    /// Whether backend `id` is in the pool.
+    pub fn contains(&self, id: &BackendId) -> bool {
+        self.shared.current.load().members.index_of(id).is_some()
+    }
+}
+
+impl<S: Clone> Pool<S> {
+    /// Adds a backend with weight 1, or replaces the service of an existing
+    /// backend with the same id (keeping its state and weight).
+    pub fn insert(&self, id: impl Into<BackendId>, service: S) {
+        self.upsert(id.into(), service, None);
+    }
+
+    /// Adds a backend with `weight` (0 counts as 1), or replaces the service
+    /// and weight of an existing one (keeping its state).
+    pub fn insert_weighted(&self, id: impl Into<BackendId>, service: S, weight: u32) {
+        self.upsert(id.into(), service, Some(weight));
+    }
+
+    /// Adds a backend that shares an existing [`BackendState`] (for example
+    /// one a health checker already watches), or replaces an existing
+    /// backend's service and state.
+    pub fn insert_with_state(
+        &self,
+        id: impl Into<BackendId>,
+        service: S,
+        state: Arc<BackendState>,
+    ) {
+        let id = id.into();
+        self.change(|members, services| match members.iter().position(|m| m.id == id) {
+            Some(i) => {
+                members[i].state = state;
+                services[i] = service;
+            }
+            None => {
+                members.push(Member { id, state });
+                services.push(service);
+            }
+        });
+    }
+
+    fn upsert(&self, id: BackendId, service: S, weight: Option<u32>) {
+        self.change(|members, services| {
+            match members.iter().position(|m| m.id == id) {
+                Some(i) => {
+                    if let Some(w) = weight {
+                        members[i].state.store_weight(w);
+                    }
+                    services[i] = service;
+                }
+                None => {
+                    let state = Arc::new(BackendState::new(weight.unwrap_or(1)));
+                    members.push(Member { id, state });
+                    services.push(service);
+                }
+            }
+        });
+    }
+
+    /// Removes backend `id`; returns whether it was present. Requests
+    /// already sent to it finish.
+    pub fn remove(&self, id: &BackendId) -> bool {
+        let mut removed = false;
+        self.change(|members, services| {
+            if let Some(i) = members.iter().position(|m| &m.id == id) {
+                members.remove(i);
+                services.remove(i);
+                removed = true;
+            }
+        });
+        removed
+    }
+
+    /// Sets the weight of backend `id` (0 counts as 1); returns whether it
+    /// was present. Strategies that depend on weights rebuild their tables.
+    pub fn set_weight(&self, id: &BackendId, weight: u32) -> bool {
+        let mut found = false;
+        self.change(|members, _| {
+            if let Some(m) = members.iter().find(|m| &m.id == id) {
+                m.state.store_weight(weight);
+                found = true;
+            }
+        });
+        found
+    }
+
+    /// Applies every change of a [`Discover`] stream to this pool until the
+    /// stream ends (`Ok`) or fails (the stream's error).
+    ///
+    /// Run it as a task beside the balancer:
+    ///
+    /// ```
+    /// # async fn doc() {
+    /// use tower::discover::{Change, ServiceList};
+    /// use tower::service_fn;
+    /// use tower_ha::Pool;
+    ///
+    /// let svc = service_fn(|_req: http::Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(()))
+    /// });
+    /// let pool = Pool::new();
+    /// let changes = futures::stream::iter([
+    ///     Ok::<_, std::convert::Infallible>(Change::Insert("a", svc.clone())),
+    ///     Ok(Change::Insert("b", svc)),
+    ///     Ok(Change::Remove("a")),
+    /// ]);
+    /// pool.discover(changes).await.unwrap();
+    /// assert_eq!(pool.ids(), vec!["b".into()]);
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(doc());
+    /// ```
+    pub async fn discover<D>(&self, discover: D) -> Result<(), D::Error>
+    where
+        D: Discover<Service = S>,
+        D::Key: Into<BackendId>,
+    {
+        let mut discover = pin!(discover);
+        while let Some(change) = poll_fn(|cx| discover.as_mut().poll_discover(cx)).await {
+            match change? {
+                Change::Insert(key, service) => self.insert(key, service),
+                Change::Remove(key) => {
+                    self.remove(&key.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds a new snapshot with `edit` and swaps it in, then lets every
+    /// listener rebuild. Writers are serialized; readers never wait.
+    fn change(&self, edit: impl FnOnce(&mut Vec<Member>, &mut Vec<S>)) {
+        let mut listeners = self.shared.writer.lock();
+        let old = self.shared.current.load();
+        let mut members = old.members.list.clone();
+        let mut services = old.services.clone();
+        edit(&mut members, &mut services);
+        let next = Arc::new(Snapshot {
+            members: Members::from_list(members),
+            services,
+            generation: old.generation + 1,
+        });
+        drop(old);
+        self.shared.current.store(next.clone());
+        listeners.retain(|l| match l.upgrade() {
+            Some(l) => {
+                l.rebuild(&next);
+                true
+            }
+            None => false,
+        });
+    }
+}
+
+impl<S: 'static> Pool<S> {
+    /// Registers `listener`, which rebuilds now and on every change until it
+    /// is dropped.
+    pub(crate) fn subscribe(&self, listener: Weak<dyn Rebuild<S>>) {
+        let mut listeners = self.shared.writer.lock();
+        if let Some(l) = listener.upgrade() {
+            l.rebuild(&self.shared.current.load_full());
+            listeners.push(listener);
+        }
+    }
+}
+
+impl<S: Clone, K: Into<BackendId>> FromIterator<(K, S)> for Pool<S> {
+    fn from_iter<I: IntoIterator<Item = (K, S)>>(iter: I) -> Self {
+        let pool = Pool::new();
+        pool.change(|members, services| {
+            for (id, service) in iter {
+                let id = id.into();
+                match members.iter().position(|m| m.id == id) {
+                    Some(i) => services[i] = service,
+                    None => {
+                        members.push(Member {
+                            id,
+                            state: Arc::new(BackendState::new(1)),
+                        });
+                        services.push(service);
+                    }
+                }
+            }
+        });
+        pool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_changes_swap_whole_snapshots() {
+        let pool: Pool<u8> = Pool::new();
+        pool.insert("a", 1);
+        let before = pool.snapshot();
+        pool.insert("b", 2);
+        pool.insert("a", 3);
+        // The old snapshot is untouched.
+        assert_eq!(before.len(), 1);
+        assert_eq!(before.service(0), Some(&1));
+        let now = pool.snapshot();
+        assert_eq!(now.ids().cloned().collect::<Vec<_>>(), ["a".into(), "b".into()]);
+        assert_eq!(now.service(0), Some(&3));
+        assert!(now.generation() > before.generation());
+    }
+
+    #[test]
+    fn replacing_a_service_keeps_its_state() {
+        let pool: Pool<u8> = Pool::new();
+        pool.insert("a", 1);
+        let state = pool.state(&"a".into()).unwrap();
+        pool.insert("a", 2);
+        assert!(Arc::ptr_eq(&state, &pool.state(&"a".into()).unwrap()));
+    }
+
+    #[test]
+    fn remove_and_weights() {
+        let pool: Pool<u8> = [("a", 1), ("b", 2), ("c", 3)].into_iter().collect();
+        assert!(pool.set_weight(&"b".into(), 5));
+        assert!(!pool.set_weight(&"z".into(), 5));
+        assert_eq!(pool.state(&"b".into()).unwrap().weight(), 5);
+        assert!(pool.remove(&"b".into()));
+        assert!(!pool.remove(&"b".into()));
+        assert_eq!(pool.ids(), vec!["a".into(), "c".into()]);
+        let snap = pool.snapshot();
+        assert_eq!(snap.members().index_of(&"c".into()), Some(1));
+        assert_eq!(snap.service(1), Some(&3));
+    }
+}
