@@ -327,9 +327,18 @@ mod tests {
         ]);
         let ip = |s: &str| Some(hash_ip(s.parse().unwrap()));
         assert_eq!(key_of(&forwarded_for(), &req), ip("1.1.1.1"));
-        assert_eq!(key_of(&forwarded_for().trusted_hops(1), &req), ip("3.3.3.3"));
-        assert_eq!(key_of(&forwarded_for().trusted_hops(2), &req), ip("2.2.2.2"));
-        assert_eq!(key_of(&forwarded_for().trusted_hops(9), &req), ip("1.1.1.1"));
+        assert_eq!(
+            key_of(&forwarded_for().trusted_hops(1), &req),
+            ip("3.3.3.3")
+        );
+        assert_eq!(
+            key_of(&forwarded_for().trusted_hops(2), &req),
+            ip("2.2.2.2")
+        );
+        assert_eq!(
+            key_of(&forwarded_for().trusted_hops(9), &req),
+            ip("1.1.1.1")
+        );
         assert_eq!(key_of(&forwarded_for(), &head_with(&[])), None);
     }
 

@@ -55,6 +55,7 @@ pub mod error;
 pub mod extensions;
 pub mod key;
 pub mod pool;
+pub mod store;
 
 pub use backend::{AdminStatus, BackendId, BackendState, Health};
 pub use error::{BackendError, BoxError, NoBackend, NotSent};

@@ -290,21 +290,23 @@ impl<S: Clone> Pool<S> {
         state: Arc<BackendState>,
     ) {
         let id = id.into();
-        self.change(|members, services| match members.iter().position(|m| m.id == id) {
-            Some(i) => {
-                members[i].state = state;
-                services[i] = service;
-            }
-            None => {
-                members.push(Member { id, state });
-                services.push(service);
-            }
-        });
+        self.change(
+            |members, services| match members.iter().position(|m| m.id == id) {
+                Some(i) => {
+                    members[i].state = state;
+                    services[i] = service;
+                }
+                None => {
+                    members.push(Member { id, state });
+                    services.push(service);
+                }
+            },
+        );
     }
 
     fn upsert(&self, id: BackendId, service: S, weight: Option<u32>) {
-        self.change(|members, services| {
-            match members.iter().position(|m| m.id == id) {
+        self.change(
+            |members, services| match members.iter().position(|m| m.id == id) {
                 Some(i) => {
                     if let Some(w) = weight {
                         members[i].state.store_weight(w);
@@ -316,8 +318,8 @@ impl<S: Clone> Pool<S> {
                     members.push(Member { id, state });
                     services.push(service);
                 }
-            }
-        });
+            },
+        );
     }
 
     /// Removes backend `id`; returns whether it was present. Requests
@@ -463,7 +465,10 @@ mod tests {
         assert_eq!(before.len(), 1);
         assert_eq!(before.service(0), Some(&1));
         let now = pool.snapshot();
-        assert_eq!(now.ids().cloned().collect::<Vec<_>>(), ["a".into(), "b".into()]);
+        assert_eq!(
+            now.ids().cloned().collect::<Vec<_>>(),
+            ["a".into(), "b".into()]
+        );
         assert_eq!(now.service(0), Some(&3));
         assert!(now.generation() > before.generation());
     }

@@ -44,7 +44,9 @@ impl Strategy for LeastRequest {
     fn pick(&self, _table: &(), pick: &Pick<'_>) -> Option<usize> {
         let mut best = uniform_eligible(pick)?;
         for _ in 1..self.choices {
-            let Some(other) = uniform_eligible(pick) else { break };
+            let Some(other) = uniform_eligible(pick) else {
+                break;
+            };
             if less_loaded(pick, other, best) {
                 best = other;
             }

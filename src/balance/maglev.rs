@@ -148,6 +148,10 @@ mod tests {
         pool.insert_weighted("b", (), 3);
         let m = Maglev::build(pool.snapshot().members(), 65537);
         let b = m.slots().iter().filter(|&&s| s == 1).count() as f64;
-        assert!((b / 65537.0 - 0.75).abs() < 0.01, "share of b = {}", b / 65537.0);
+        assert!(
+            (b / 65537.0 - 0.75).abs() < 0.01,
+            "share of b = {}",
+            b / 65537.0
+        );
     }
 }

@@ -188,7 +188,11 @@ where
             return ResponseFuture::no_backend();
         };
         let member = &members[i];
-        let service = view.snapshot.service(i).expect("index within snapshot").clone();
+        let service = view
+            .snapshot
+            .service(i)
+            .expect("index within snapshot")
+            .clone();
         let id = member.id().clone();
         let state = member.state();
         let in_flight = state.track_in_flight();

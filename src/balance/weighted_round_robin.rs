@@ -66,7 +66,10 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 }
 
 fn weights_of(members: &Members) -> Vec<u64> {
-    let mut weights: Vec<u64> = members.iter().map(|m| u64::from(m.state().weight())).collect();
+    let mut weights: Vec<u64> = members
+        .iter()
+        .map(|m| u64::from(m.state().weight()))
+        .collect();
     let g = weights.iter().copied().fold(0, gcd).max(1);
     weights.iter_mut().for_each(|w| *w /= g);
     let total: u64 = weights.iter().sum();
@@ -100,7 +103,8 @@ impl Strategy for WeightedRoundRobin {
                 .then(a.2.cmp(&b.2))
         });
         debug_assert!(slots.windows(2).all(|w| {
-            (u128::from(w[0].0) * u128::from(w[1].1)).cmp(&(u128::from(w[1].0) * u128::from(w[0].1)))
+            (u128::from(w[0].0) * u128::from(w[1].1))
+                .cmp(&(u128::from(w[1].0) * u128::from(w[0].1)))
                 != CmpOrdering::Greater
         }));
         Cycle {

@@ -1,0 +1,209 @@
+//! Durable sessions: the [`SessionStore`] trait and its implementations.
+//!
+//! A [`Session`] ties a session key (a cookie value, a kernel id, ...) to the
+//! [`BackendId`] that holds its state, with timestamps and opaque
+//! application data: whatever the application needs to reconnect to that
+//! state after a restart or on another replica.
+//!
+//! A store is an object-safe async trait (boxed `Send` futures), so
+//! `Arc<dyn SessionStore>` works and applications can bring their own.
+//!
+//! | store | where sessions live |
+//! |---|---|
+//! | [`MemoryStore`] | this process; shared by clones (tests, one replica) |
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use std::sync::Arc;
+//! use tower_ha::store::{MemoryStore, Session, SessionStore};
+//!
+//! let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new());
+//! let session = Session::new("kernel-42", "node-a".into())
+//!     .with_data(serde_json::json!({"port": 52000}));
+//! store.save(&session).await.unwrap();
+//! let back = store.load("kernel-42").await.unwrap().unwrap();
+//! assert_eq!(back.backend.as_str(), "node-a");
+//! assert_eq!(back.data["port"], 52000);
+//! # }
+//! ```
+
+mod error;
+mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::BackendId;
+
+pub use error::StoreError;
+pub use memory::MemoryStore;
+
+/// The future every [`SessionStore`] method returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Where sessions are kept so they survive a restart or reach another
+/// replica.
+///
+/// Implementations must not block the async runtime, must keep keys apart
+/// (no key may reach another key's record), and must treat a missing key as
+/// `Ok(None)` on load and as success on delete.
+pub trait SessionStore: Send + Sync + 'static {
+    /// Every stored session; records that cannot be read are skipped and
+    /// reported in [`Loaded::skipped`], never fatal to the others.
+    fn load_all(&self) -> StoreFuture<'_, Loaded>;
+
+    /// The session stored under `key`, if any.
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>>;
+
+    /// Stores `session` under its key, replacing any previous version.
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()>;
+
+    /// Deletes the sessions stored under `keys`; absent keys are ignored.
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()>;
+}
+
+impl<T: SessionStore + ?Sized> SessionStore for std::sync::Arc<T> {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        (**self).load_all()
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        (**self).load(key)
+    }
+
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        (**self).save(session)
+    }
+
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        (**self).delete(keys)
+    }
+}
+
+/// One session: its key, its backend, when it was created and last seen,
+/// and the application's data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// The session key (a cookie value, a header value, a kernel id, ...).
+    pub key: String,
+    /// The backend that holds the session's state.
+    pub backend: BackendId,
+    /// When the session was created (wall clock, millisecond precision when
+    /// stored).
+    #[serde(with = "unix_millis")]
+    pub created: SystemTime,
+    /// When a request last used the session.
+    #[serde(with = "unix_millis")]
+    pub last_seen: SystemTime,
+    /// What the application needs to reconnect to the session's state.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Session {
+    /// A new session on `backend`, created and seen now, with no data.
+    pub fn new(key: impl Into<String>, backend: BackendId) -> Self {
+        let now = truncate_to_millis(SystemTime::now());
+        Session {
+            key: key.into(),
+            backend,
+            created: now,
+            last_seen: now,
+            data: serde_json::Value::Null,
+        }
+    }
+
+    /// Sets the application data.
+    pub fn with_data(mut self, data: serde_json::Value) -> Self {
+        self.data = data;
+        self
+    }
+}
+
+/// The result of [`SessionStore::load_all`]: the sessions that could be
+/// read, and the records that could not.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Loaded {
+    /// The sessions read.
+    pub sessions: Vec<Session>,
+    /// The records skipped, with why.
+    pub skipped: Vec<Skipped>,
+}
+
+impl Loaded {
+    /// A result with `sessions` and nothing skipped.
+    pub fn new(sessions: Vec<Session>) -> Self {
+        Loaded {
+            sessions,
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Adds a record that could not be read.
+    pub fn skip(&mut self, record: impl Into<String>, error: StoreError) {
+        self.skipped.push(Skipped {
+            record: record.into(),
+            error,
+        });
+    }
+}
+
+/// A stored record that could not be read.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Skipped {
+    /// The record's name in the store (a file name, a key).
+    pub record: String,
+    /// Why it was skipped.
+    pub error: StoreError,
+}
+
+fn truncate_to_millis(t: SystemTime) -> SystemTime {
+    let ms = unix_millis::to_millis(t);
+    unix_millis::from_millis(ms)
+}
+
+/// Timestamps as integer milliseconds since the Unix epoch, the form
+/// webhook consumers and Redis read most easily.
+mod unix_millis {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn to_millis(t: SystemTime) -> u64 {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn from_millis(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    pub(super) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(to_millis(*t))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        u64::deserialize(d).map(from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_json_shape() {
+        let s = Session::new("k", "b".into()).with_data(serde_json::json!({"x": 1}));
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["key"], "k");
+        assert_eq!(json["backend"], "b");
+        assert!(json["created"].is_u64());
+        let back: Session = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
+    }
+}

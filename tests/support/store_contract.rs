@@ -1,0 +1,198 @@
+//! The contract every `SessionStore` must pass. Call [`run`] with an empty
+//! store; it panics with a message naming the broken rule.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tower_ha::store::{Session, SessionStore};
+
+fn session(key: &str, backend: &str) -> Session {
+    Session::new(key, backend.into()).with_data(json!({
+        "kernel": {"id": key, "ports": [52000, 52001]},
+        "owner": "alice",
+    }))
+}
+
+/// Keys a hostile or careless client may send. A store either round-trips
+/// each one exactly or rejects it with an `invalid_key` error; it never
+/// lets one reach another key's record.
+pub fn hostile_keys() -> Vec<String> {
+    vec![
+        "../../etc/passwd".into(),
+        "/etc/passwd".into(),
+        "..".into(),
+        ".".into(),
+        "a/b".into(),
+        "a\\b".into(),
+        "nul\0byte".into(),
+        "spaces and ünïcødé ✓".into(),
+        "percent%2F%2e%2e".into(),
+        "x".repeat(300),
+        "CON".into(),
+        "-rf".into(),
+        "*".into(),
+        "key:with:colons".into(),
+    ]
+}
+
+/// Runs every rule against `store`, which must start empty.
+pub async fn run(store: Arc<dyn SessionStore>) {
+    empty_store_loads_nothing(&*store).await;
+    save_then_load_round_trips(&*store).await;
+    save_replaces(&*store).await;
+    load_all_returns_every_session(&*store).await;
+    delete_many_ignores_absent_keys(&*store).await;
+    hostile_keys_stay_apart(&*store).await;
+    concurrent_saves_all_land(store.clone()).await;
+}
+
+async fn empty_store_loads_nothing(store: &dyn SessionStore) {
+    let all = store.load_all().await.expect("load_all on an empty store");
+    assert!(all.sessions.is_empty(), "a new store must be empty");
+    assert!(all.skipped.is_empty(), "a new store skips nothing");
+    assert_eq!(
+        store.load("missing").await.expect("load of a missing key"),
+        None
+    );
+}
+
+async fn save_then_load_round_trips(store: &dyn SessionStore) {
+    let mut s = session("rt", "node-a");
+    s.last_seen = s.created + Duration::from_millis(1500);
+    store.save(&s).await.expect("save");
+    let back = store
+        .load("rt")
+        .await
+        .expect("load")
+        .expect("saved session is found");
+    assert_eq!(
+        back, s,
+        "a session must round-trip exactly (times to the millisecond)"
+    );
+    store.delete(&["rt".into()]).await.expect("delete");
+    assert_eq!(store.load("rt").await.expect("load after delete"), None);
+}
+
+async fn save_replaces(store: &dyn SessionStore) {
+    store.save(&session("re", "node-a")).await.expect("save v1");
+    let v2 = session("re", "node-b").with_data(json!({"version": 2}));
+    store.save(&v2).await.expect("save v2");
+    let back = store.load("re").await.expect("load").expect("found");
+    assert_eq!(
+        back.backend.as_str(),
+        "node-b",
+        "a save replaces the previous version"
+    );
+    assert_eq!(back.data, json!({"version": 2}));
+    let all = store.load_all().await.expect("load_all");
+    assert_eq!(
+        all.sessions.iter().filter(|s| s.key == "re").count(),
+        1,
+        "a replaced session is stored once"
+    );
+    store.delete(&["re".into()]).await.expect("delete");
+}
+
+async fn load_all_returns_every_session(store: &dyn SessionStore) {
+    let mut expected = BTreeMap::new();
+    for i in 0..25 {
+        let s = session(&format!("all-{i}"), &format!("node-{}", i % 3));
+        store.save(&s).await.expect("save");
+        expected.insert(s.key.clone(), s);
+    }
+    let all = store.load_all().await.expect("load_all");
+    assert!(all.skipped.is_empty(), "nothing to skip: {:?}", all.skipped);
+    let got: BTreeMap<_, _> = all
+        .sessions
+        .into_iter()
+        .map(|s| (s.key.clone(), s))
+        .collect();
+    assert_eq!(got, expected, "load_all returns exactly the saved sessions");
+    let keys: Vec<String> = expected.keys().cloned().collect();
+    store.delete(&keys).await.expect("delete all");
+    assert!(store
+        .load_all()
+        .await
+        .expect("load_all")
+        .sessions
+        .is_empty());
+}
+
+async fn delete_many_ignores_absent_keys(store: &dyn SessionStore) {
+    store.save(&session("d1", "a")).await.expect("save");
+    store.save(&session("d2", "a")).await.expect("save");
+    store.save(&session("keep", "a")).await.expect("save");
+    store
+        .delete(&["d1".into(), "never-saved".into(), "d2".into()])
+        .await
+        .expect("deleting absent keys is not an error");
+    assert_eq!(store.load("d1").await.expect("load"), None);
+    assert_eq!(store.load("d2").await.expect("load"), None);
+    assert!(
+        store.load("keep").await.expect("load").is_some(),
+        "delete touches only its keys"
+    );
+    store.delete(&[]).await.expect("deleting nothing");
+    store.delete(&["keep".into()]).await.expect("delete");
+}
+
+async fn hostile_keys_stay_apart(store: &dyn SessionStore) {
+    let mut stored = Vec::new();
+    for (i, key) in hostile_keys().into_iter().enumerate() {
+        let s = session(&key, &format!("node-{i}"));
+        match store.save(&s).await {
+            Ok(()) => stored.push(s),
+            Err(e) => assert!(
+                e.is_invalid_key(),
+                "a key a store cannot hold must be rejected as invalid, got {e:?} for {key:?}"
+            ),
+        }
+    }
+    for s in &stored {
+        let back = store
+            .load(&s.key)
+            .await
+            .expect("load")
+            .expect("a stored hostile key is found");
+        assert_eq!(
+            &back, s,
+            "hostile key {:?} must round-trip to its own record",
+            s.key
+        );
+    }
+    let all = store.load_all().await.expect("load_all");
+    assert_eq!(
+        all.sessions.len(),
+        stored.len(),
+        "every stored hostile key is listed once"
+    );
+    let keys: Vec<String> = stored.iter().map(|s| s.key.clone()).collect();
+    store.delete(&keys).await.expect("delete");
+    assert!(store
+        .load_all()
+        .await
+        .expect("load_all")
+        .sessions
+        .is_empty());
+}
+
+async fn concurrent_saves_all_land(store: Arc<dyn SessionStore>) {
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let s = session(&format!("c-{i}"), "node-a");
+                store.save(&s).await.expect("concurrent save");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let all = store.load_all().await.expect("load_all");
+    assert_eq!(all.sessions.len(), 50, "every concurrent save lands");
+    let keys: Vec<String> = all.sessions.iter().map(|s| s.key.clone()).collect();
+    store.delete(&keys).await.expect("delete");
+}
