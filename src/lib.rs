@@ -51,6 +51,7 @@
 
 pub mod backend;
 pub mod balance;
+pub mod classify;
 pub mod error;
 pub mod extensions;
 pub mod key;
