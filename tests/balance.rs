@@ -1,0 +1,606 @@
+//! Balance and every strategy, through the public API: distinct attempts,
+//! affinity, the extension protocol, readiness, and hashing properties.
+
+use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::executor::block_on;
+use http::{Request, Response};
+use proptest::prelude::*;
+use tower::{service_fn, Service, ServiceExt};
+use tower_ha::balance::{
+    Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
+};
+use tower_ha::extensions::{Affinity, Attempts, ServedBy, Target};
+use tower_ha::{key, AdminStatus, BackendError, BackendId, BoxError, Health, NoBackend, Pool};
+
+type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
+
+fn named(name: String) -> Svc {
+    tower::util::BoxCloneSyncService::new(service_fn(move |_req: Request<()>| {
+        let name = name.clone();
+        async move { Ok::<_, BoxError>(Response::new(name)) }
+    }))
+}
+
+fn pool_of(n: usize) -> Pool<Svc> {
+    let pool = Pool::new();
+    for i in 0..n {
+        pool.insert(format!("b{i}"), named(format!("b{i}")));
+    }
+    pool
+}
+
+fn request(key: Option<&str>) -> Request<()> {
+    let mut b = Request::builder();
+    if let Some(k) = key {
+        b = b.header("x-key", k);
+    }
+    b.body(()).unwrap()
+}
+
+/// Sends one request carrying `attempts`; the backend that served it, or
+/// `None` when the balancer answered `NoBackend`.
+fn attempt<P: Strategy>(
+    balance: &Balance<Svc, P>,
+    key: Option<&str>,
+    attempts: &Attempts,
+) -> Option<BackendId> {
+    let mut req = request(key);
+    req.extensions_mut().insert(attempts.clone());
+    match block_on(balance.clone().oneshot(req)) {
+        Ok(resp) => {
+            let served = resp
+                .extensions()
+                .get::<ServedBy>()
+                .expect("ServedBy set")
+                .0
+                .clone();
+            assert_eq!(
+                resp.body(),
+                served.as_str(),
+                "ServedBy names the backend that answered"
+            );
+            Some(served)
+        }
+        Err(e) => {
+            assert!(
+                e.downcast_ref::<NoBackend>().is_some(),
+                "unexpected error {e}"
+            );
+            None
+        }
+    }
+}
+
+/// Tries until `NoBackend`; returns the backends in the order tried.
+fn exhaust<P: Strategy>(balance: &Balance<Svc, P>, key: Option<&str>) -> Vec<BackendId> {
+    let mut attempts = Attempts::new();
+    while let Some(id) = attempt(balance, key, &attempts) {
+        assert!(!attempts.contains(&id), "{id} picked twice: {attempts:?}");
+        attempts.push(id);
+        assert!(
+            attempts.len() <= balance.pool().len(),
+            "more attempts than backends"
+        );
+    }
+    attempts.as_slice().to_vec()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    RoundRobin,
+    Random,
+    LeastRequest,
+    Weighted,
+    Ring,
+    Maglev,
+}
+
+fn check_exhaustion(kind: Kind, pool: &Pool<Svc>, key: Option<&str>) -> Vec<BackendId> {
+    match kind {
+        Kind::RoundRobin => exhaust(&Balance::new(pool.clone(), RoundRobin::new()), key),
+        Kind::Random => exhaust(&Balance::new(pool.clone(), Random::new()), key),
+        Kind::LeastRequest => exhaust(&Balance::new(pool.clone(), LeastRequest::new()), key),
+        Kind::Weighted => exhaust(&Balance::new(pool.clone(), WeightedRoundRobin::new()), key),
+        Kind::Ring => exhaust(
+            &Balance::new(pool.clone(), ConsistentHash::ring(key::header("x-key"))),
+            key,
+        ),
+        Kind::Maglev => exhaust(
+            &Balance::new(
+                pool.clone(),
+                ConsistentHash::maglev(key::header("x-key")).table_size(1009),
+            ),
+            key,
+        ),
+    }
+}
+
+fn kinds() -> impl Strategy_<Value = Kind> {
+    prop_oneof![
+        Just(Kind::RoundRobin),
+        Just(Kind::Random),
+        Just(Kind::LeastRequest),
+        Just(Kind::Weighted),
+        Just(Kind::Ring),
+        Just(Kind::Maglev),
+    ]
+}
+
+use proptest::strategy::Strategy as Strategy_;
+
+/// Makes backend `i` unavailable in one of the ways a backend can be.
+fn make_unavailable(pool: &Pool<Svc>, i: usize, how: u8) {
+    let state = pool.state(&format!("b{i}").into()).unwrap();
+    match how % 4 {
+        0 => {
+            state.set_health(Health::Unhealthy);
+        }
+        1 => {
+            state.set_admin(AdminStatus::Disabled);
+        }
+        2 => {
+            state.set_admin(AdminStatus::Draining);
+        }
+        _ => state.eject_until(tokio::time::Instant::now() + Duration::from_secs(3600)),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Successive attempts yield distinct backends, cover every available
+    /// backend exactly once, and then the balancer answers NoBackend.
+    #[test]
+    fn attempts_cover_every_available_backend_once(
+        kind in kinds(),
+        n in 1usize..12,
+        unavailable in proptest::collection::vec((0usize..12, any::<u8>()), 0..6),
+        weights in proptest::collection::vec(1u32..6, 12),
+        key in proptest::option::of("[a-z]{0,6}"),
+    ) {
+        let pool = pool_of(n);
+        for (i, w) in weights.iter().take(n).enumerate() {
+            pool.set_weight(&format!("b{i}").into(), *w);
+        }
+        let mut down = BTreeSet::new();
+        for (i, how) in unavailable {
+            if i < n {
+                make_unavailable(&pool, i, how);
+                down.insert(format!("b{i}"));
+            }
+        }
+        let tried = check_exhaustion(kind, &pool, key.as_deref());
+        let tried: BTreeSet<String> = tried.iter().map(|id| id.to_string()).collect();
+        let available: BTreeSet<String> =
+            (0..n).map(|i| format!("b{i}")).filter(|b| !down.contains(b)).collect();
+        prop_assert_eq!(tried, available);
+    }
+
+    /// Smooth weighted round robin gives each backend exactly its weight in
+    /// every cycle of sum(weights) picks.
+    #[test]
+    fn smooth_wrr_gives_exact_weights_per_cycle(weights in proptest::collection::vec(1u32..8, 1..8)) {
+        let pool = Pool::new();
+        for (i, w) in weights.iter().enumerate() {
+            pool.insert_weighted(format!("b{i}"), named(format!("b{i}")), *w);
+        }
+        let balance = Balance::new(pool, WeightedRoundRobin::new());
+        let g = weights.iter().copied().fold(0, gcd);
+        let cycle: u32 = weights.iter().map(|w| w / g).sum();
+        for _ in 0..3 {
+            let mut counts = HashMap::new();
+            for _ in 0..cycle {
+                let id = attempt(&balance, None, &Attempts::new()).unwrap();
+                *counts.entry(id.to_string()).or_insert(0u32) += 1;
+            }
+            for (i, w) in weights.iter().enumerate() {
+                prop_assert_eq!(counts.get(&format!("b{i}")).copied().unwrap_or(0), w / g);
+            }
+        }
+    }
+
+    /// A ring and a Maglev table built from the same backends in any
+    /// insertion order map every key identically.
+    #[test]
+    fn tables_do_not_depend_on_insertion_order(
+        n in 1usize..20,
+        seed in any::<u64>(),
+        maglev in any::<bool>(),
+    ) {
+        let ids: Vec<String> = (0..n).map(|i| format!("node-{i}")).collect();
+        let mut shuffled = ids.clone();
+        // A deterministic shuffle from the seed.
+        let mut s = seed;
+        for i in (1..shuffled.len()).rev() {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            shuffled.swap(i, (s >> 33) as usize % (i + 1));
+        }
+        let build = |order: &[String]| {
+            let pool = Pool::new();
+            for id in order {
+                pool.insert(id.as_str(), named(id.clone()));
+            }
+            pool
+        };
+        let (a, b) = (build(&ids), build(&shuffled));
+        let (x, y) = if maglev {
+            let s = || ConsistentHash::maglev(key::header("x-key")).table_size(4099);
+            (owners(&Balance::new(a, s()), &keys(300)), owners(&Balance::new(b, s()), &keys(300)))
+        } else {
+            let s = || ConsistentHash::ring(key::header("x-key"));
+            (owners(&Balance::new(a, s()), &keys(300)), owners(&Balance::new(b, s()), &keys(300)))
+        };
+        prop_assert_eq!(x, y);
+    }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+fn pick_one<P: Strategy>(balance: &Balance<Svc, P>, key: &str) -> BackendId {
+    attempt(balance, Some(key), &Attempts::new()).expect("a backend")
+}
+
+fn owners<P: Strategy>(balance: &Balance<Svc, P>, keys: &[String]) -> Vec<BackendId> {
+    keys.iter().map(|k| pick_one(balance, k)).collect()
+}
+
+fn keys(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("session-{i}")).collect()
+}
+
+#[test]
+fn removing_a_backend_from_the_ring_moves_only_its_keys() {
+    let pool = pool_of(10);
+    let balance = Balance::new(pool.clone(), ConsistentHash::ring(key::header("x-key")));
+    let keys = keys(20_000);
+    let before = owners(&balance, &keys);
+    let gone: BackendId = "b3".into();
+    assert!(pool.remove(&gone));
+    let after = owners(&balance, &keys);
+    let mut moved = 0;
+    for (b, a) in before.iter().zip(&after) {
+        if b == &gone {
+            moved += 1;
+            assert_ne!(a, &gone);
+        } else {
+            assert_eq!(a, b, "a key of a surviving backend moved");
+        }
+    }
+    // About 1/N of the keys belonged to the removed backend.
+    assert!((1000..3000).contains(&moved), "moved {moved} of 20000");
+}
+
+fn unavailability_moves_only_its_keys<P: Strategy>(strategy: P) {
+    let pool = pool_of(10);
+    let balance = Balance::new(pool.clone(), strategy);
+    let keys = keys(20_000);
+    let before = owners(&balance, &keys);
+    let state = pool.state(&"b7".into()).unwrap();
+    state.set_health(Health::Unhealthy);
+    let during = owners(&balance, &keys);
+    let mut moved_to = HashMap::new();
+    for (b, d) in before.iter().zip(&during) {
+        if b.as_str() == "b7" {
+            assert_ne!(d.as_str(), "b7");
+            *moved_to.entry(d.clone()).or_insert(0) += 1;
+        } else {
+            assert_eq!(d, b, "a key of an available backend moved");
+        }
+    }
+    assert!(!moved_to.is_empty());
+    // Recovery restores the original mapping exactly.
+    state.set_health(Health::Healthy);
+    assert_eq!(owners(&balance, &keys), before);
+}
+
+#[test]
+fn ring_unavailability_moves_only_its_keys() {
+    unavailability_moves_only_its_keys(ConsistentHash::ring(key::header("x-key")));
+}
+
+#[test]
+fn maglev_unavailability_moves_only_its_keys_and_spreads_them() {
+    let pool = pool_of(10);
+    let balance = Balance::new(pool.clone(), ConsistentHash::maglev(key::header("x-key")));
+    let keys = keys(20_000);
+    let before = owners(&balance, &keys);
+    pool.state(&"b7".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
+    let during = owners(&balance, &keys);
+    let mut receivers = BTreeSet::new();
+    for (b, d) in before.iter().zip(&during) {
+        if b.as_str() == "b7" {
+            receivers.insert(d.clone());
+        } else {
+            assert_eq!(d, b, "a key of an available backend moved");
+        }
+    }
+    // Rehashing spreads the failed backend's keys over (almost) all others.
+    assert!(receivers.len() >= 8, "keys went to only {receivers:?}");
+    unavailability_moves_only_its_keys(ConsistentHash::maglev(key::header("x-key")));
+}
+
+#[test]
+fn maglev_load_is_even_at_ten_backends() {
+    let pool = pool_of(10);
+    let balance = Balance::new(pool, ConsistentHash::maglev(key::header("x-key")));
+    let mut counts: HashMap<BackendId, u32> = HashMap::new();
+    for k in keys(200_000) {
+        *counts.entry(pick_one(&balance, &k)).or_default() += 1;
+    }
+    let max = *counts.values().max().unwrap() as f64;
+    let mean = 200_000.0 / 10.0;
+    // The table itself is balanced to within 1.0002 (unit test); with a
+    // finite sample of keys the statistical spread adds about 1 %.
+    assert!(max / mean <= 1.03, "max/mean {}", max / mean);
+}
+
+#[test]
+fn keyless_requests_use_the_fallback() {
+    let pool = pool_of(3);
+    let balance = Balance::new(pool, ConsistentHash::ring(key::header("x-key")));
+    let served: Vec<_> = (0..6)
+        .map(|_| attempt(&balance, None, &Attempts::new()).unwrap())
+        .collect();
+    let distinct: BTreeSet<_> = served.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "round robin fallback visits every backend: {served:?}"
+    );
+    // An empty key is no key.
+    let served: BTreeSet<_> = (0..6)
+        .map(|_| attempt(&balance, Some(""), &Attempts::new()).unwrap())
+        .collect();
+    assert_eq!(served.len(), 3);
+}
+
+#[test]
+fn round_robin_continues_after_the_last_attempt() {
+    let pool = pool_of(5);
+    let balance = Balance::new(pool, RoundRobin::new());
+    // Panda's semantics: start, start+1, ..., wrapping.
+    let order = exhaust(&balance, None);
+    let names: Vec<&str> = order.iter().map(|b| b.as_str()).collect();
+    assert_eq!(names, ["b0", "b1", "b2", "b3", "b4"]);
+    let order = exhaust(&balance, None);
+    let names: Vec<&str> = order.iter().map(|b| b.as_str()).collect();
+    assert_eq!(names, ["b1", "b2", "b3", "b4", "b0"]);
+}
+
+#[test]
+fn affinity_is_honoured_only_when_eligible() {
+    let pool = pool_of(3);
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let send = |affinity: &str, attempts: Attempts| {
+        let mut req = request(None);
+        req.extensions_mut().insert(Affinity(affinity.into()));
+        req.extensions_mut().insert(attempts);
+        block_on(balance.clone().oneshot(req)).unwrap().into_body()
+    };
+    for _ in 0..5 {
+        assert_eq!(send("b2", Attempts::new()), "b2");
+    }
+    // Already tried: the strategy picks someone else.
+    assert_ne!(send("b2", ["b2".into()].into_iter().collect()), "b2");
+    // Unavailable or unknown: ignored.
+    pool.state(&"b2".into())
+        .unwrap()
+        .set_admin(AdminStatus::Draining);
+    assert_ne!(send("b2", Attempts::new()), "b2");
+    let _ = send("nobody", Attempts::new());
+}
+
+#[test]
+fn empty_pool_answers_no_backend_at_once() {
+    let pool: Pool<Svc> = Pool::new();
+    let mut balance = Balance::new(pool, RoundRobin::new());
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    assert!(matches!(balance.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+    let mut fut = balance.call(request(None));
+    match Pin::new(&mut fut).poll(&mut cx) {
+        Poll::Ready(Err(e)) => assert!(e.is::<NoBackend>()),
+        other => panic!(
+            "expected NoBackend at once, got {:?}",
+            other.map(|r| r.is_ok())
+        ),
+    }
+}
+
+/// A backend that is never ready, or fails readiness.
+#[derive(Clone)]
+struct Stuck {
+    fail: bool,
+}
+
+impl Service<Request<()>> for Stuck {
+    type Response = Response<String>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<String>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.fail {
+            Poll::Ready(Err("connect refused".into()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, _req: Request<()>) -> Self::Future {
+        unreachable!("never called before ready")
+    }
+}
+
+#[test]
+fn a_stuck_backend_blocks_only_its_own_requests() {
+    let pool = pool_of(1);
+    pool.insert(
+        "stuck",
+        tower::util::BoxCloneSyncService::new(Stuck { fail: false }),
+    );
+    let mut balance = Balance::new(pool, RoundRobin::new());
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    let mut pending = 0;
+    let mut served = 0;
+    for _ in 0..4 {
+        assert!(
+            balance.poll_ready(&mut cx).is_ready(),
+            "Balance is always ready"
+        );
+        let mut fut = balance.call(request(None));
+        match Pin::new(&mut fut).poll(&mut cx) {
+            Poll::Pending => pending += 1,
+            Poll::Ready(Ok(resp)) => {
+                assert_eq!(resp.body(), "b0");
+                served += 1
+            }
+            Poll::Ready(Err(e)) => panic!("{e}"),
+        }
+    }
+    assert_eq!((pending, served), (2, 2));
+}
+
+#[test]
+fn readiness_failure_is_a_not_sent_backend_error() {
+    let pool: Pool<Svc> = Pool::new();
+    pool.insert(
+        "down",
+        tower::util::BoxCloneSyncService::new(Stuck { fail: true }),
+    );
+    let balance = Balance::new(pool, RoundRobin::new());
+    let err = block_on(balance.oneshot(request(None))).unwrap_err();
+    let err = err.downcast_ref::<BackendError>().expect("a BackendError");
+    assert_eq!(err.backend().as_str(), "down");
+    assert!(err.is_not_sent());
+}
+
+#[test]
+fn backend_errors_carry_the_backend_id() {
+    let pool: Pool<Svc> = Pool::new();
+    pool.insert(
+        "bad",
+        tower::util::BoxCloneSyncService::new(service_fn(|_req: Request<()>| async {
+            Err::<Response<String>, BoxError>("reset by peer".into())
+        })),
+    );
+    let balance = Balance::new(pool, RoundRobin::new());
+    let err = block_on(balance.oneshot(request(None))).unwrap_err();
+    let err = err.downcast_ref::<BackendError>().expect("a BackendError");
+    assert_eq!(err.backend().as_str(), "bad");
+    assert!(!err.is_not_sent());
+    assert_eq!(err.inner().to_string(), "reset by peer");
+}
+
+#[test]
+fn target_is_set_and_in_flight_is_counted() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let pool: Pool<tower::util::BoxCloneSyncService<Request<()>, Response<()>, BoxError>> =
+        Pool::new();
+    let s = seen.clone();
+    pool.insert(
+        "t",
+        tower::util::BoxCloneSyncService::new(service_fn(move |req: Request<()>| {
+            let target = req.extensions().get::<Target>().cloned();
+            let s = s.clone();
+            async move {
+                let target = target.expect("Target set before the backend is called");
+                assert_eq!(target.id().as_str(), "t");
+                s.store(target.state().in_flight(), Ordering::SeqCst);
+                Ok::<_, BoxError>(Response::new(()))
+            }
+        })),
+    );
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    block_on(balance.oneshot(Request::new(()))).unwrap();
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "in flight while the backend runs"
+    );
+    assert_eq!(
+        pool.state(&"t".into()).unwrap().in_flight(),
+        0,
+        "released after"
+    );
+}
+
+#[test]
+fn least_request_prefers_the_less_loaded() {
+    let pool = pool_of(2);
+    pool.state(&"b0".into()).unwrap();
+    // Hold 5 requests in flight on b0.
+    let b0 = pool.state(&"b0".into()).unwrap();
+    let _held: Vec<_> = (0..5).map(|_| b0.track_in_flight()).collect();
+    let balance = Balance::new(pool, LeastRequest::new());
+    let mut to_b1 = 0;
+    for _ in 0..1000 {
+        if attempt(&balance, None, &Attempts::new()).unwrap().as_str() == "b1" {
+            to_b1 += 1;
+        }
+    }
+    // b0 is chosen only when both draws land on it (1/4 of the time).
+    assert!((650..850).contains(&to_b1), "b1 got {to_b1} of 1000");
+}
+
+#[test]
+fn membership_changes_reach_the_balancer() {
+    let pool = pool_of(2);
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    pool.insert("late", named("late".into()));
+    let seen: BTreeSet<_> = (0..6)
+        .map(|_| attempt(&balance, None, &Attempts::new()).unwrap())
+        .collect();
+    assert!(seen.contains(&BackendId::from("late")));
+    pool.remove(&"late".into());
+    pool.remove(&"b0".into());
+    let seen: BTreeSet<_> = (0..6)
+        .map(|_| attempt(&balance, None, &Attempts::new()).unwrap())
+        .collect();
+    assert_eq!(seen, BTreeSet::from(["b1".into()]));
+}
+
+#[tokio::test]
+async fn discover_stream_drives_membership() {
+    use tower::discover::Change;
+    let pool: Pool<Svc> = Pool::new();
+    let (tx, rx) =
+        tokio::sync::mpsc::unbounded_channel::<Result<Change<String, Svc>, Infallible>>();
+    let task = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.discover(tokio_stream_from(rx)).await }
+    });
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    tx.send(Ok(Change::Insert("x".into(), named("x".into()))))
+        .unwrap();
+    tx.send(Ok(Change::Insert("y".into(), named("y".into()))))
+        .unwrap();
+    tx.send(Ok(Change::Remove("x".into()))).unwrap();
+    drop(tx);
+    task.await.unwrap().unwrap();
+    assert_eq!(pool.ids(), vec![BackendId::from("y")]);
+    let resp = balance.oneshot(request(None)).await.unwrap();
+    assert_eq!(resp.body(), "y");
+}
+
+fn tokio_stream_from<T>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
