@@ -61,3 +61,11 @@ pub mod store;
 pub use backend::{AdminStatus, BackendId, BackendState, Health};
 pub use error::{BackendError, BoxError, NoBackend, NotSent};
 pub use pool::Pool;
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/balance.md")]
+struct BalanceGuideDoctests;

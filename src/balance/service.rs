@@ -196,8 +196,15 @@ where
         let id = member.id().clone();
         let state = member.state();
         let in_flight = state.track_in_flight();
-        req.extensions_mut()
-            .insert(Target::new(id.clone(), state.clone()));
+        let target = Target::new(id.clone(), state.clone());
+        // A replayed attempt already carries a Target: overwrite it in place
+        // instead of boxing a new one.
+        match req.extensions_mut().get_mut::<Target>() {
+            Some(slot) => *slot = target,
+            None => {
+                req.extensions_mut().insert(target);
+            }
+        }
         ResponseFuture::new(service, req, id, in_flight)
     }
 }

@@ -1,0 +1,149 @@
+//! Heap allocations per request in `Balance::call`, counted by a global
+//! allocator on the measuring thread only.
+//!
+//! The pick (snapshot load, strategy, affinity, attempts) and the response
+//! future allocate nothing. The protocol values `Target` (request) and
+//! `ServedBy` (response) are stored in `http::Extensions`, which boxes every
+//! value it holds (and allocates its map on first use): those allocations
+//! belong to `http`, and the test checks that `Balance` makes no others.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::future::{ready, Future, Ready};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower::Service;
+use tower_ha::balance::{Balance, ConsistentHash, RoundRobin, Strategy};
+use tower_ha::extensions::{ServedBy, Target};
+use tower_ha::{key, BackendState, Pool};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> usize {
+    ALLOCATIONS.with(Cell::get)
+}
+
+/// A backend that answers at once without allocating.
+#[derive(Clone)]
+struct Ok200;
+
+impl Service<Request<()>> for Ok200 {
+    type Response = Response<()>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<()>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<()>) -> Self::Future {
+        ready(Ok(Response::new(())))
+    }
+}
+
+const CALLS: usize = 1000;
+
+/// Allocations of `CALLS` steady-state calls (requests built beforehand).
+fn per_call<P: Strategy>(balance: &mut Balance<Ok200, P>, with_key: bool) -> f64 {
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    let make = |i: usize| {
+        let mut b = Request::builder();
+        if with_key {
+            b = b.header("x-user", format!("user-{}", i % 97));
+        }
+        b.body(()).unwrap()
+    };
+    // Warm up: thread-local generators, lazily built tables.
+    for i in 0..100 {
+        let mut fut = balance.call(make(i));
+        assert!(matches!(
+            Pin::new(&mut fut).poll(&mut cx),
+            Poll::Ready(Ok(_))
+        ));
+    }
+    let requests: Vec<_> = (0..CALLS).map(make).collect();
+    let mut responses = Vec::with_capacity(CALLS);
+    let before = allocations();
+    for req in requests {
+        assert!(balance.poll_ready(&mut cx).is_ready());
+        let mut fut = balance.call(req);
+        match Pin::new(&mut fut).poll(&mut cx) {
+            Poll::Ready(Ok(resp)) => responses.push(resp),
+            _ => panic!("an always-ready backend answers at once"),
+        }
+    }
+    let after = allocations();
+    drop(responses);
+    (after - before) as f64 / CALLS as f64
+}
+
+/// What storing the two protocol values costs by itself, on a request and
+/// a response like the ones Balance sees.
+fn protocol_cost() -> f64 {
+    let state = Arc::new(BackendState::new(1));
+    let id: tower_ha::BackendId = "b0".into();
+    let requests: Vec<_> = (0..CALLS).map(|_| Request::new(())).collect();
+    let mut kept = Vec::with_capacity(2 * CALLS);
+    let before = allocations();
+    for mut req in requests {
+        req.extensions_mut()
+            .insert(Target::new(id.clone(), state.clone()));
+        let mut resp = Response::new(());
+        resp.extensions_mut().insert(ServedBy(id.clone()));
+        kept.push((req, resp));
+    }
+    let after = allocations();
+    drop(kept);
+    (after - before) as f64 / CALLS as f64
+}
+
+fn pool() -> Pool<Ok200> {
+    (0..8).map(|i| (format!("b{i}"), Ok200)).collect()
+}
+
+#[test]
+fn balance_allocates_nothing_beyond_the_protocol_extensions() {
+    let protocol = protocol_cost();
+    // Target: map box + table + value; ServedBy: the same on the response.
+    assert_eq!(
+        protocol, 6.0,
+        "http::Extensions changed its allocation pattern"
+    );
+
+    let mut rr = Balance::new(pool(), RoundRobin::new());
+    assert_eq!(per_call(&mut rr, false), protocol, "round robin");
+
+    let mut ring = Balance::new(pool(), ConsistentHash::ring(key::header("x-user")));
+    assert_eq!(per_call(&mut ring, true), protocol, "ring");
+
+    let mut maglev = Balance::new(pool(), ConsistentHash::maglev(key::header("x-user")));
+    assert_eq!(per_call(&mut maglev, true), protocol, "maglev");
+}
