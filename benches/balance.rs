@@ -13,9 +13,9 @@ use std::future::{ready, Future, Ready};
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{Request, Response};
 use tower::Service;
 use tower_ha::balance::{
@@ -84,48 +84,54 @@ where
     }
 }
 
-fn bench_balance<P: Strategy>(c: &mut Criterion, group: &str, n: usize, strategy: impl Fn() -> P) {
-    let pool: Pool<Backend> = (0..n).map(|i| (format!("backend-{i}"), Backend)).collect();
-    let mut balance = Balance::new(pool, strategy());
+/// Times `iters` requests through `svc`: requests are built beforehand and
+/// responses kept until the clock stops, in chunks, so that only the
+/// balancer's work is timed (alike for every balancer).
+fn run<S>(c: &mut Criterion, group: &str, n: usize, mut svc: S)
+where
+    S: Service<Request<()>, Response = Response<Request<()>>>,
+    S::Error: std::fmt::Debug,
+{
+    const CHUNK: u64 = 4096;
     let keys = keys();
     let waker = std::task::Waker::noop();
     let mut cx = Context::from_waker(waker);
-    let mut i = 0;
     let mut g = c.benchmark_group(group);
     g.bench_function(BenchmarkId::from_parameter(n), |b| {
-        b.iter_batched(
-            || {
-                i = (i + 1) % KEYS;
-                request(&keys[i])
-            },
-            |req| drive(&mut balance, req, &mut cx),
-            BatchSize::SmallInput,
-        )
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            let mut done = 0;
+            while done < iters {
+                let batch = CHUNK.min(iters - done);
+                let requests: Vec<_> = (0..batch)
+                    .map(|i| request(&keys[(done + i) as usize % KEYS]))
+                    .collect();
+                let mut responses = Vec::with_capacity(batch as usize);
+                let start = Instant::now();
+                for req in requests {
+                    responses.push(drive(&mut svc, req, &mut cx));
+                }
+                elapsed += start.elapsed();
+                black_box(&responses);
+                done += batch;
+            }
+            elapsed
+        })
     });
     g.finish();
+}
+
+fn bench_balance<P: Strategy>(c: &mut Criterion, group: &str, n: usize, strategy: impl Fn() -> P) {
+    let pool: Pool<Backend> = (0..n).map(|i| (format!("backend-{i}"), Backend)).collect();
+    run(c, group, n, Balance::new(pool, strategy()));
 }
 
 fn bench_p2c(c: &mut Criterion, n: usize) {
     let services: Vec<_> = (0..n)
         .map(|_| tower::load::Constant::new(Backend, 0))
         .collect();
-    let mut p2c = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services));
-    let keys = keys();
-    let waker = std::task::Waker::noop();
-    let mut cx = Context::from_waker(waker);
-    let mut i = 0;
-    let mut g = c.benchmark_group("tower_p2c");
-    g.bench_function(BenchmarkId::from_parameter(n), |b| {
-        b.iter_batched(
-            || {
-                i = (i + 1) % KEYS;
-                request(&keys[i])
-            },
-            |req| drive(&mut p2c, req, &mut cx),
-            BatchSize::SmallInput,
-        )
-    });
-    g.finish();
+    let p2c = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services));
+    run(c, "tower_p2c", n, p2c);
 }
 
 fn balancers(c: &mut Criterion) {

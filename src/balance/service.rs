@@ -48,7 +48,9 @@ impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
 ///
 /// `poll_ready` is always ready: the chosen backend's clone is driven to
 /// readiness inside the response future, so one slow backend never blocks
-/// requests bound elsewhere. When no backend is eligible the response future
+/// requests bound elsewhere. (`call` checks the clone's readiness once
+/// without a waker and, when it is already ready, as pooled HTTP clients
+/// usually are, calls it at once; otherwise the future waits for it.) When no backend is eligible the response future
 /// fails at once with [`NoBackend`](crate::error::NoBackend); it is never
 /// pending for lack of backends.
 ///
@@ -205,7 +207,7 @@ where
                 req.extensions_mut().insert(target);
             }
         }
-        ResponseFuture::new(service, req, id, in_flight)
+        ResponseFuture::start(service, req, id, in_flight)
     }
 }
 
