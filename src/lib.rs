@@ -54,6 +54,9 @@ pub mod balance;
 pub mod classify;
 pub mod error;
 pub mod extensions;
+#[cfg(feature = "hyper-client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper-client")))]
+pub mod http;
 pub mod key;
 pub mod pool;
 pub mod store;

@@ -1,0 +1,384 @@
+//! A backend [`Service`] that proxies requests to an HTTP server: the piece
+//! that turns tower-ha into a reverse proxy (feature `hyper-client`).
+//!
+//! [`HttpBackend`] sends each request to one base URI over a shared,
+//! pooled HTTP/1.1 client ([`HttpClient`]):
+//!
+//! * the scheme and authority are rewritten to the backend's (a path prefix
+//!   of the base URI is prepended to the request's path);
+//! * `Host` is set to the backend's authority (or kept, with
+//!   [`HttpBackend::preserve_host`]);
+//! * the client's address ([`PeerAddr`]) is appended to `X-Forwarded-For`,
+//!   which is created when absent;
+//! * hop-by-hop headers (`Connection` and the headers it names,
+//!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`,
+//!   `Upgrade`) are not forwarded;
+//! * a failure to connect comes back as [`NotSent`], so the failover layer
+//!   may retry any method on another backend;
+//! * bodies stream both ways.
+//!
+//! ```no_run
+//! # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//! use tower::ServiceExt;
+//! use tower_ha::balance::{Balance, RoundRobin};
+//! use tower_ha::http::{HttpBackend, HttpClient};
+//! use tower_ha::Pool;
+//!
+//! let client = HttpClient::<Full<Bytes>>::new();
+//! let pool = Pool::new();
+//! pool.insert("a", HttpBackend::new(&client, "http://127.0.0.1:8081")?);
+//! pool.insert("b", HttpBackend::new(&client, "http://127.0.0.1:8082")?);
+//! let balance = Balance::new(pool, RoundRobin::new());
+//! let resp = balance.oneshot(http::Request::new(Full::new(Bytes::new()))).await?;
+//! println!("{}", resp.status());
+//! # Ok(()) }
+//! ```
+
+mod body;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use ::http::header::{
+    HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use ::http::{HeaderMap, Request, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+pub use body::ResponseBody;
+
+use crate::error::{BoxError, NotSent};
+use crate::extensions::PeerAddr;
+
+/// A pooled HTTP/1.1 client shared by many [`HttpBackend`]s: connections
+/// are kept alive and reused per backend.
+///
+/// `B` is the request body type (for example `http_body_util::Full<Bytes>`,
+/// `hyper::body::Incoming` in a proxy, or the failover layer's replayable
+/// body).
+pub struct HttpClient<B> {
+    client: Client<HttpConnector, B>,
+}
+
+impl<B> Clone for HttpClient<B> {
+    fn clone(&self) -> Self {
+        HttpClient {
+            client: self.client.clone(),
+        }
+    }
+}
+
+impl<B> fmt::Debug for HttpClient<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpClient").finish_non_exhaustive()
+    }
+}
+
+impl<B> HttpClient<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// A client with TCP_NODELAY set and idle connections kept for 90 s.
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .build(connector);
+        HttpClient { client }
+    }
+}
+
+impl<B> Default for HttpClient<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn default() -> Self {
+        HttpClient::new()
+    }
+}
+
+/// The base URI given to [`HttpBackend::new`] is not an absolute `http://`
+/// URI.
+#[derive(Debug)]
+pub struct InvalidBackendUri {
+    uri: String,
+    reason: &'static str,
+}
+
+impl fmt::Display for InvalidBackendUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid backend URI {:?}: {}", self.uri, self.reason)
+    }
+}
+
+impl std::error::Error for InvalidBackendUri {}
+
+/// Proxies requests to one HTTP server. See the [module docs](self).
+pub struct HttpBackend<B> {
+    client: Client<HttpConnector, B>,
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+    /// The base URI's path without its trailing slash; empty for `/`.
+    prefix: String,
+    preserve_host: bool,
+}
+
+impl<B> Clone for HttpBackend<B> {
+    fn clone(&self) -> Self {
+        HttpBackend {
+            client: self.client.clone(),
+            scheme: self.scheme.clone(),
+            authority: self.authority.clone(),
+            host: self.host.clone(),
+            prefix: self.prefix.clone(),
+            preserve_host: self.preserve_host,
+        }
+    }
+}
+
+impl<B> fmt::Debug for HttpBackend<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpBackend")
+            .field("scheme", &self.scheme)
+            .field("authority", &self.authority)
+            .field("prefix", &self.prefix)
+            .field("preserve_host", &self.preserve_host)
+            .finish()
+    }
+}
+
+impl<B> HttpBackend<B> {
+    /// A backend at `base` (`http://host:port` with an optional path
+    /// prefix), sharing `client`'s connection pool.
+    pub fn new<U>(client: &HttpClient<B>, base: U) -> Result<Self, InvalidBackendUri>
+    where
+        U: TryInto<Uri>,
+        U: fmt::Debug + Clone,
+    {
+        let invalid = |reason| InvalidBackendUri {
+            uri: format!("{base:?}"),
+            reason,
+        };
+        let uri: Uri = base.clone().try_into().map_err(|_| invalid("not a URI"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| invalid("no scheme"))?;
+        if scheme != Scheme::HTTP {
+            return Err(invalid("only http:// is supported"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| invalid("no host"))?;
+        if uri.query().is_some() {
+            return Err(invalid("a base URI has no query"));
+        }
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid("bad host"))?;
+        Ok(HttpBackend {
+            client: client.client.clone(),
+            scheme,
+            authority,
+            host,
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+            preserve_host: false,
+        })
+    }
+
+    /// Forwards the client's `Host` header unchanged instead of setting the
+    /// backend's authority (for backends that route by virtual host).
+    pub fn preserve_host(mut self, preserve: bool) -> Self {
+        self.preserve_host = preserve;
+        self
+    }
+
+    fn rewrite(&self, req: &mut Request<B>) -> Result<(), BoxError> {
+        let path = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        let path_and_query = if self.prefix.is_empty() {
+            match req.uri().path_and_query() {
+                Some(pq) => pq.clone(),
+                None => PathAndQuery::from_static("/"),
+            }
+        } else {
+            PathAndQuery::try_from(format!("{}{}", self.prefix, path))?
+        };
+        let mut parts = ::http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        *req.uri_mut() = Uri::from_parts(parts)?;
+
+        let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        if !self.preserve_host || !headers.contains_key(HOST) {
+            headers.insert(HOST, self.host.clone());
+        }
+        if let Some(ip) = peer {
+            append_forwarded_for(headers, ip);
+        }
+        Ok(())
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Appends `ip` to the last `X-Forwarded-For` header, or adds one.
+fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    let ip = ip.to_canonical().to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prev) if !prev.is_empty() => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        _ => HeaderValue::from_str(&ip).ok(),
+    };
+    if let Some(value) = value {
+        // Several X-Forwarded-For headers are folded into one.
+        headers.insert(&X_FORWARDED_FOR, value);
+    }
+}
+
+/// Removes the headers that describe one connection, not the message.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+impl<B> Service<Request<B>> for HttpBackend<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    /// Always ready: the pooled client opens connections on demand.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> ResponseFuture {
+        match self.rewrite(&mut req) {
+            Ok(()) => ResponseFuture {
+                state: State::Sent {
+                    future: self.client.request(req),
+                },
+            },
+            Err(e) => ResponseFuture {
+                state: State::Invalid { error: Some(e) },
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`HttpBackend`].
+    pub struct ResponseFuture {
+        #[pin]
+        state: State,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State {
+        Sent {
+            #[pin]
+            future: hyper_util::client::legacy::ResponseFuture,
+        },
+        Invalid {
+            error: Option<BoxError>,
+        },
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<ResponseBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Invalid { error } => {
+                let e = error.take().expect("polled after completion");
+                // The request never left: safe to retry elsewhere.
+                Poll::Ready(Err(NotSent::new(e).into()))
+            }
+            StateProj::Sent { future } => Poll::Ready(match ready!(future.poll(cx)) {
+                Ok(resp) => Ok(resp.map(ResponseBody::new)),
+                Err(e) if e.is_connect() => Err(NotSent::new(e).into()),
+                Err(e) => Err(e.into()),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_appended_or_created() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1");
+        append_forwarded_for(&mut h, "::ffff:10.0.0.2".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn base_uris_are_validated() {
+        let client = HttpClient::<http_body_util::Empty<bytes::Bytes>>::new();
+        assert!(HttpBackend::new(&client, "http://127.0.0.1:1").is_ok());
+        assert!(HttpBackend::new(&client, "127.0.0.1:1").is_err());
+        assert!(HttpBackend::new(&client, "https://example.com").is_err());
+        assert!(HttpBackend::new(&client, "http://a/x?q=1").is_err());
+        let b = HttpBackend::new(&client, "http://a:1/api/").unwrap();
+        assert_eq!(b.prefix, "/api");
+    }
+}

@@ -1,0 +1,168 @@
+//! `HttpBackend` against real hyper servers on 127.0.0.1.
+#![cfg(feature = "hyper-client")]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tower_ha::extensions::PeerAddr;
+use tower_ha::http::{HttpBackend, HttpClient};
+use tower_ha::{BackendError, NotSent};
+
+/// Echoes what it received: method, path, Host, X-Forwarded-For, hop-by-hop
+/// leftovers, and the body.
+async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let summary = format!(
+        "{} {}|host={}|xff={}|keepalive={}|secret={}|",
+        req.method(),
+        req.uri(),
+        header("host"),
+        header("x-forwarded-for"),
+        header("keep-alive"),
+        header("x-secret"),
+    );
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let mut out = summary.into_bytes();
+    out.extend_from_slice(&body);
+    Ok(Response::new(Full::new(Bytes::from(out))))
+}
+
+async fn serve() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service_fn(echo))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn body_of(resp: Response<tower_ha::http::ResponseBody>) -> String {
+    String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn rewrites_the_target_and_forwards_for_the_client() {
+    let addr = serve().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}/base/")).unwrap();
+    let mut req = Request::post("http://public.example/items?x=1")
+        .header("host", "public.example")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("connection", "keep-alive, x-secret")
+        .header("keep-alive", "timeout=5")
+        .header("x-secret", "hop")
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .unwrap();
+    req.extensions_mut()
+        .insert(PeerAddr("198.51.100.7:40000".parse().unwrap()));
+    let resp = backend.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = body_of(resp).await;
+    assert_eq!(
+        body,
+        format!("POST /base/items?x=1|host={addr}|xff=203.0.113.9, 198.51.100.7|keepalive=|secret=|payload")
+    );
+}
+
+#[tokio::test]
+async fn preserve_host_keeps_the_clients_host_and_xff_is_created() {
+    let addr = serve().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}"))
+        .unwrap()
+        .preserve_host(true);
+    let mut req = Request::get("/p")
+        .header("host", "vhost.example")
+        .body(Full::default())
+        .unwrap();
+    req.extensions_mut()
+        .insert(PeerAddr("[::1]:1".parse().unwrap()));
+    let body = body_of(backend.oneshot(req).await.unwrap()).await;
+    assert_eq!(
+        body,
+        "GET /p|host=vhost.example|xff=::1|keepalive=|secret=|"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_not_sent() {
+    // Bind then drop a listener: nothing listens on that port any more.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://127.0.0.1:{port}")).unwrap();
+    let err = backend
+        .oneshot(Request::post("/").body(Full::default()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        err.is::<NotSent>(),
+        "connect errors are marked not sent: {err}"
+    );
+    // Behind Balance the id and the flag survive.
+    let pool = tower_ha::Pool::new();
+    pool.insert(
+        "gone",
+        HttpBackend::new(&client, format!("http://127.0.0.1:{port}")).unwrap(),
+    );
+    let balance = tower_ha::balance::Balance::new(pool, tower_ha::balance::RoundRobin::new());
+    let err = balance
+        .oneshot(Request::post("/").body(Full::default()).unwrap())
+        .await
+        .unwrap_err();
+    let err = err.downcast_ref::<BackendError>().unwrap();
+    assert_eq!(err.backend().as_str(), "gone");
+    assert!(err.is_not_sent());
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let addr = serve().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let big: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let resp = backend
+        .oneshot(
+            Request::put("/blob")
+                .body(Full::new(Bytes::from(big.clone())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let prefix = b"PUT /blob|host=";
+    assert!(body.starts_with(prefix));
+    assert!(body.ends_with(&big), "the 4 MiB body came back intact");
+}
