@@ -101,7 +101,10 @@ async fn passive_ejects_after_exactly_n_consecutive_failures() {
     let state = Arc::new(BackendState::new(1));
     backend.set(StatusCode::SERVICE_UNAVAILABLE);
     for n in 1..=4 {
-        assert_eq!(send(&svc, "a", &state).await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            send(&svc, "a", &state).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(state.consecutive_failures(), n);
         assert!(!state.is_ejected(), "ejected after {n} failures");
     }
@@ -286,7 +289,11 @@ impl Script {
 
     fn answer(&self, id: &BackendId) -> bool {
         self.probes.fetch_add(1, Ordering::SeqCst);
-        let next = self.answers.lock().get_mut(id).and_then(VecDeque::pop_front);
+        let next = self
+            .answers
+            .lock()
+            .get_mut(id)
+            .and_then(VecDeque::pop_front);
         let mut last = self.last.lock();
         match next {
             Some(pass) => {
@@ -563,7 +570,11 @@ async fn slow_start_ramps_new_and_recovered_backends() {
         .spawn();
     settle().await;
     let a = pool.state(&"a".into()).unwrap();
-    assert_eq!(a.weight_permille(), 1000, "backends present at start do not ramp");
+    assert_eq!(
+        a.weight_permille(),
+        1000,
+        "backends present at start do not ramp"
+    );
 
     // A new backend.
     tokio::time::advance(ms(300)).await;
@@ -661,7 +672,9 @@ async fn panic_routing_follows_expiring_ejections() {
     tokio::time::advance(secs(10)).await;
     assert_eq!(served(&balance, 6).await, ["a", "b", "c"]);
     // One backend unhealthy, 2 of 3 available: no panic.
-    pool.state(&"a".into()).unwrap().set_health(Health::Unhealthy);
+    pool.state(&"a".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
     tokio::time::advance(ms(1)).await;
     assert_eq!(served(&balance, 6).await, ["b", "c"]);
 }

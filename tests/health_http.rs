@@ -56,8 +56,15 @@ async fn a_backend_whose_healthz_fails_leaves_after_fall_probes_and_returns_afte
     assert_eq!(spread(&balance, 10).await, (5, 5));
 
     a.set_healthz(500);
-    eventually("a is marked unhealthy", || state.health() == Health::Unhealthy).await;
-    assert!(a.probes_failed() >= 2, "unhealthy after {} failed probes", a.probes_failed());
+    eventually("a is marked unhealthy", || {
+        state.health() == Health::Unhealthy
+    })
+    .await;
+    assert!(
+        a.probes_failed() >= 2,
+        "unhealthy after {} failed probes",
+        a.probes_failed()
+    );
     let hits = a.hits();
     assert_eq!(spread(&balance, 20).await, (0, 20));
     assert_eq!(a.hits(), hits, "no request reached the unhealthy backend");
@@ -80,7 +87,10 @@ async fn a_backend_whose_listener_is_shut_down_is_marked_unhealthy() {
         .spawn();
     eventually("a first probe passes", || a.probes_ok() >= 1).await;
     a.shutdown().await;
-    eventually("a is marked unhealthy", || state.health() == Health::Unhealthy).await;
+    eventually("a is marked unhealthy", || {
+        state.health() == Health::Unhealthy
+    })
+    .await;
     let served_by_b = b.hits();
     assert_eq!(spread(&balance, 10).await, (0, 10));
     assert_eq!(b.hits(), served_by_b + 10);
@@ -103,7 +113,10 @@ async fn a_tcp_probe_marks_a_closed_listener_unhealthy() {
     for _ in 0..5 {
         tokio::task::yield_now().await;
     }
-    assert_eq!((sa.health(), sb.health()), (Health::Unhealthy, Health::Unhealthy));
+    assert_eq!(
+        (sa.health(), sb.health()),
+        (Health::Unhealthy, Health::Unhealthy)
+    );
     eventually("both pass their first probes", || {
         sa.health() == Health::Healthy && sb.health() == Health::Healthy
     })

@@ -80,7 +80,9 @@ impl PanicMode {
             }
         }
         let panic = available * 1000 < threshold * enabled;
-        let until = now.saturating_add(REFRESH.as_nanos() as u64).min(u64::MAX >> 1);
+        let until = now
+            .saturating_add(REFRESH.as_nanos() as u64)
+            .min(u64::MAX >> 1);
         self.cache
             .store((until << 1) | u64::from(panic), Ordering::Release);
         panic

@@ -266,7 +266,8 @@ impl Entry {
     fn start_ramp(&mut self, now: Instant, config: &CheckConfig) {
         if let Some(slow) = config.slow_start {
             self.ramp_from = Some(now);
-            self.state.set_weight_permille(slow.permille_at(Duration::ZERO));
+            self.state
+                .set_weight_permille(slow.permille_at(Duration::ZERO));
         }
     }
 
@@ -350,11 +351,16 @@ impl Entry {
         if !self.ever_healthy {
             return false;
         }
-        if config.removed_after.is_some_and(|after| now >= since + after) {
+        if config
+            .removed_after
+            .is_some_and(|after| now >= since + after)
+        {
             return true;
         }
         if health == Health::Unhealthy
-            && config.turned_off_after.is_some_and(|after| now >= since + after)
+            && config
+                .turned_off_after
+                .is_some_and(|after| now >= since + after)
         {
             self.state.set_health(Health::TurnedOff);
             tracing::warn!(
@@ -389,18 +395,21 @@ impl Entry {
     /// The next instant something is due for this backend.
     fn next_due(&self, config: &CheckConfig) -> Option<Instant> {
         let probe = (!self.probing).then_some(self.next_probe);
-        let lifecycle = self.unhealthy_since.filter(|_| self.ever_healthy).and_then(|since| {
-            let health = self.state.health();
-            let off = config
-                .turned_off_after
-                .filter(|_| health == Health::Unhealthy)
-                .map(|after| since + after);
-            let removed = config.removed_after.map(|after| since + after);
-            match (off, removed) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-        });
+        let lifecycle = self
+            .unhealthy_since
+            .filter(|_| self.ever_healthy)
+            .and_then(|since| {
+                let health = self.state.health();
+                let off = config
+                    .turned_off_after
+                    .filter(|_| health == Health::Unhealthy)
+                    .map(|after| since + after);
+                let removed = config.removed_after.map(|after| since + after);
+                match (off, removed) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            });
         match (probe, lifecycle) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -477,8 +486,11 @@ where
                 entry.probing = true;
                 entry.next_probe = now;
                 let probe = self.probe.probe(member.id(), service);
-                let (id, state, timeout) =
-                    (member.id().clone(), member.state().clone(), self.config.timeout);
+                let (id, state, timeout) = (
+                    member.id().clone(),
+                    member.state().clone(),
+                    self.config.timeout,
+                );
                 let handle = probes.spawn(async move {
                     let result = match tokio::time::timeout(timeout, probe).await {
                         Ok(result) => result,
@@ -490,7 +502,10 @@ where
             }
             drop(snapshot);
             for entry in self.entries.values() {
-                wake = [wake, entry.next_due(&self.config)].into_iter().flatten().min();
+                wake = [wake, entry.next_due(&self.config)]
+                    .into_iter()
+                    .flatten()
+                    .min();
             }
             let sleep = async {
                 match wake {

@@ -80,6 +80,10 @@
 //! least once, so a backend that never came up stays in the pool, probed.
 //! Membership changes wake the checker at once.
 
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/health.md")]
+struct HealthGuide;
+
 mod checker;
 mod error;
 pub mod future;

@@ -103,7 +103,11 @@ pub(crate) struct Watch<C> {
 }
 
 impl<C> Watch<C> {
-    pub(crate) fn new(config: OutlierConfig, classifier: Arc<C>, ejections: Arc<Ejections>) -> Self {
+    pub(crate) fn new(
+        config: OutlierConfig,
+        classifier: Arc<C>,
+        ejections: Arc<Ejections>,
+    ) -> Self {
         ejections.backends.fetch_add(1, Ordering::AcqRel);
         Watch {
             config,
