@@ -524,9 +524,8 @@ where
                     let Some(entry) = self.entries.get_mut(&id) else { continue };
                     match result {
                         // A probe of a backend that was replaced meanwhile.
-                        Some((_, state, _)) if !Arc::ptr_eq(&state, &entry.state) => {
-                            entry.probing = false;
-                        }
+                        // (The new entry schedules its own probes.)
+                        Some((_, state, _)) if !Arc::ptr_eq(&state, &entry.state) => {}
                         Some((_, _, result)) => entry.record(&id, result, &self.config),
                         None => entry.record(&id, Err(ProbePanicked::default().into()), &self.config),
                     }

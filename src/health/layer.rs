@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::outlier::{Ejections, OutlierConfig, Watch};
+use super::outlier::{Ejections, OutlierConfig, SuccessRate, Watch};
 use super::service::Health;
 use crate::classify::DefaultClassifier;
 
@@ -84,6 +84,13 @@ impl<C> HealthLayer<C> {
     /// ejected.
     pub fn max_ejection_percent(mut self, percent: u32) -> Self {
         self.config.max_ejection_percent = percent.min(100);
+        self
+    }
+
+    /// Also ejects a backend whose success rate falls too low (off by
+    /// default): see [`SuccessRate`].
+    pub fn success_rate(mut self, success_rate: SuccessRate) -> Self {
+        self.config.success_rate = Some(success_rate);
         self
     }
 }

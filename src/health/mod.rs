@@ -65,7 +65,8 @@
 //! base ejection time, capped; it ends exactly at its deadline, without a
 //! task. At most a share of the pool (10 %) is ejected at once, always
 //! allowing one: the layer's clones share a count of the backends they wrap
-//! and of those they ejected.
+//! and of those they ejected. Optionally, a [`SuccessRate`] also ejects a
+//! backend whose share of successes over a window falls too low.
 //!
 //! # Active probes
 //!
@@ -96,6 +97,7 @@ mod slow_start;
 pub use checker::{CheckerHandle, HealthChecker};
 pub use error::{NoAddress, ProbePanicked, ProbeTimeout, UnexpectedStatus};
 pub use layer::HealthLayer;
+pub use outlier::SuccessRate;
 pub use probe::{probe_fn, HttpProbe, Probe, ProbeFn, ProbeFuture, TcpProbe};
 pub use service::Health;
 pub use slow_start::SlowStart;

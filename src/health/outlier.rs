@@ -1,7 +1,7 @@
 //! Passive outlier detection: the per-backend bookkeeping of the health
 //! layer and the pool-wide cap on ejections.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,61 @@ pub(crate) struct OutlierConfig {
     pub(crate) base_ejection_time: Duration,
     pub(crate) max_ejection_time: Duration,
     pub(crate) max_ejection_percent: u32,
+    pub(crate) success_rate: Option<SuccessRate>,
+}
+
+/// Success-rate ejection: ejects a backend whose share of successful
+/// requests over a window falls below a minimum, once it served enough
+/// requests in that window to judge.
+///
+/// It catches a backend that fails often but not in a row (say one request
+/// in three), which consecutive-failure detection lets through. Unlike
+/// Envoy's statistical variant (a host against the mean of the cluster),
+/// the minimum is an absolute share: simple to reason about, and it needs
+/// no pool-wide statistics on the request path. Ejections it causes count
+/// towards the same cap and the same growing ejection time.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ha::health::{HealthLayer, SuccessRate};
+///
+/// // Eject a backend below 90 % success over 10 s, judged from 50 requests.
+/// let layer = HealthLayer::new().success_rate(
+///     SuccessRate::new(0.9).min_requests(50).window(Duration::from_secs(10)),
+/// );
+/// # let _ = layer;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuccessRate {
+    min_permille: u32,
+    min_requests: u32,
+    window: Duration,
+}
+
+impl SuccessRate {
+    /// Ejects below `min_success_rate` (`0.0..=1.0`, clamped) of successful
+    /// requests, judged over windows of 10 s with at least 100 requests
+    /// (Envoy's request volume and interval).
+    pub fn new(min_success_rate: f64) -> Self {
+        SuccessRate {
+            min_permille: crate::balance::share_to_permille(min_success_rate),
+            min_requests: 100,
+            window: Duration::from_secs(10),
+        }
+    }
+
+    /// Judges a window only when it saw at least this many requests
+    /// (default 100; 0 counts as 1).
+    pub fn min_requests(mut self, requests: u32) -> Self {
+        self.min_requests = requests.max(1);
+        self
+    }
+
+    /// The length of a window (default 10 s).
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
 }
 
 impl Default for OutlierConfig {
@@ -27,6 +82,7 @@ impl Default for OutlierConfig {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 10,
+            success_rate: None,
         }
     }
 }
@@ -100,6 +156,12 @@ pub(crate) struct Watch<C> {
     /// seen after the ejection ended: that is when the restoration is
     /// reported.
     ejected: AtomicBool,
+    /// Success-rate window: its start (nanoseconds since `epoch`), and the
+    /// requests and failures seen in it.
+    window_start: AtomicU64,
+    window_requests: AtomicU32,
+    window_failures: AtomicU32,
+    epoch: Instant,
 }
 
 impl<C> Watch<C> {
@@ -114,6 +176,10 @@ impl<C> Watch<C> {
             classifier,
             ejections,
             ejected: AtomicBool::new(false),
+            window_start: AtomicU64::new(0),
+            window_requests: AtomicU32::new(0),
+            window_failures: AtomicU32::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -132,6 +198,9 @@ impl<C> Watch<C> {
                 "backend restored"
             );
         }
+        if let Some(rate) = self.config.success_rate {
+            self.observe_rate(target, failed, rate);
+        }
         if !failed {
             state.record_success();
             return;
@@ -140,6 +209,40 @@ impl<C> Watch<C> {
         if failures < self.config.consecutive_failures || state.is_ejected() {
             return;
         }
+        self.eject(target, "consecutive failures", failures);
+    }
+
+    /// Counts the outcome in the current window and, when the window is
+    /// over, judges it and starts the next.
+    fn observe_rate(&self, target: &Target, failed: bool, rate: SuccessRate) {
+        self.window_requests.fetch_add(1, Ordering::AcqRel);
+        if failed {
+            self.window_failures.fetch_add(1, Ordering::AcqRel);
+        }
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let start = self.window_start.load(Ordering::Acquire);
+        let window = u64::try_from(rate.window.as_nanos()).unwrap_or(u64::MAX);
+        if now.saturating_sub(start) < window
+            || self
+                .window_start
+                .compare_exchange(start, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+        let requests = self.window_requests.swap(0, Ordering::AcqRel);
+        let failures = self.window_failures.swap(0, Ordering::AcqRel).min(requests);
+        let successes = u64::from(requests - failures);
+        if requests >= rate.min_requests
+            && successes * 1000 < u64::from(rate.min_permille) * u64::from(requests)
+            && !target.state().is_ejected()
+        {
+            self.eject(target, "success rate", failures);
+        }
+    }
+
+    fn eject(&self, target: &Target, reason: &'static str, failures: u32) {
+        let state = target.state();
         let nth = state.ejections().saturating_add(1);
         let duration = self.config.ejection_time(nth);
         let until = Instant::now() + duration;
@@ -155,7 +258,7 @@ impl<C> Watch<C> {
                     backend = %target.id(),
                     from = "available",
                     to = "ejected",
-                    reason = "consecutive failures",
+                    reason,
                     failures,
                     ejection = nth,
                     duration_ms = duration.as_millis() as u64,
