@@ -604,6 +604,23 @@ async fn slow_start_ramps_new_and_recovered_backends() {
     assert_eq!(a.weight_permille(), 1000);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_ramp_cut_short_by_shutdown_ends_at_full_weight() {
+    let (pool, _) = pool_of(&["a"]);
+    let checker = HealthChecker::new(pool.clone(), Script::default().probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .slow_start(SlowStart::new(secs(10)).min_weight(0.2))
+        .spawn();
+    settle().await;
+    pool.insert("b", Backend::new());
+    settle().await;
+    let b = pool.state(&"b".into()).unwrap();
+    assert_eq!(b.weight_permille(), 200);
+    checker.shutdown().await;
+    assert_eq!(b.weight_permille(), 1000);
+}
+
 // ---------------------------------------------------------------------------
 // Panic routing
 // ---------------------------------------------------------------------------
