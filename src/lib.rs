@@ -12,6 +12,9 @@
 //! * [`Balance`](balance::Balance): picks *who* serves each request with a
 //!   [`Strategy`](balance::Strategy): round robin, random, least request,
 //!   smooth weighted round robin, consistent hashing (ring or Maglev).
+//! * [`health`]: passive outlier detection ([`HealthLayer`](health::HealthLayer)),
+//!   active probes ([`HealthChecker`](health::HealthChecker)), a lifecycle for
+//!   failing backends, slow start; panic routing in `Balance`.
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
 //!
@@ -54,6 +57,7 @@ pub mod balance;
 pub mod classify;
 pub mod error;
 pub mod extensions;
+pub mod health;
 #[cfg(feature = "hyper-client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper-client")))]
 pub mod http;

@@ -103,22 +103,21 @@ enum Kind {
     Maglev,
 }
 
-fn check_exhaustion(kind: Kind, pool: &Pool<Svc>, key: Option<&str>) -> Vec<BackendId> {
+fn check_exhaustion(kind: Kind, pool: &Pool<Svc>, key: Option<&str>, panic: f64) -> Vec<BackendId> {
+    fn run<P: Strategy>(pool: &Pool<Svc>, s: P, key: Option<&str>, panic: f64) -> Vec<BackendId> {
+        exhaust(&Balance::new(pool.clone(), s).panic_threshold(panic), key)
+    }
     match kind {
-        Kind::RoundRobin => exhaust(&Balance::new(pool.clone(), RoundRobin::new()), key),
-        Kind::Random => exhaust(&Balance::new(pool.clone(), Random::new()), key),
-        Kind::LeastRequest => exhaust(&Balance::new(pool.clone(), LeastRequest::new()), key),
-        Kind::Weighted => exhaust(&Balance::new(pool.clone(), WeightedRoundRobin::new()), key),
-        Kind::Ring => exhaust(
-            &Balance::new(pool.clone(), ConsistentHash::ring(key::header("x-key"))),
+        Kind::RoundRobin => run(pool, RoundRobin::new(), key, panic),
+        Kind::Random => run(pool, Random::new(), key, panic),
+        Kind::LeastRequest => run(pool, LeastRequest::new(), key, panic),
+        Kind::Weighted => run(pool, WeightedRoundRobin::new(), key, panic),
+        Kind::Ring => run(pool, ConsistentHash::ring(key::header("x-key")), key, panic),
+        Kind::Maglev => run(
+            pool,
+            ConsistentHash::maglev(key::header("x-key")).table_size(1009),
             key,
-        ),
-        Kind::Maglev => exhaust(
-            &Balance::new(
-                pool.clone(),
-                ConsistentHash::maglev(key::header("x-key")).table_size(1009),
-            ),
-            key,
+            panic,
         ),
     }
 }
@@ -177,11 +176,35 @@ proptest! {
                 down.insert(format!("b{i}"));
             }
         }
-        let tried = check_exhaustion(kind, &pool, key.as_deref());
+        let tried = check_exhaustion(kind, &pool, key.as_deref(), 0.0);
         let tried: BTreeSet<String> = tried.iter().map(|id| id.to_string()).collect();
         let available: BTreeSet<String> =
             (0..n).map(|i| format!("b{i}")).filter(|b| !down.contains(b)).collect();
         prop_assert_eq!(tried, available);
+    }
+
+    /// In panic (fewer than half of the enabled backends available), a
+    /// request may try every enabled backend, healthy or not, still each
+    /// once; disabled and draining backends stay out.
+    #[test]
+    fn panic_routing_covers_every_enabled_backend_once(
+        kind in kinds(),
+        // One available of at least three enabled: strictly below 50 %.
+        n in 4usize..12,
+        key in proptest::option::of("[a-z]{1,6}"),
+    ) {
+        let pool = pool_of(n);
+        // All but one backend unhealthy: well below the 50 % threshold.
+        for i in 1..n {
+            make_unavailable(&pool, i, 0);
+        }
+        let tried = check_exhaustion(kind, &pool, key.as_deref(), 0.5);
+        prop_assert_eq!(tried.len(), n);
+        // A disabled backend is never picked, even in panic.
+        pool.state(&"b1".into()).unwrap().set_admin(AdminStatus::Disabled);
+        let tried = check_exhaustion(kind, &pool, key.as_deref(), 0.5);
+        prop_assert_eq!(tried.len(), n - 1);
+        prop_assert!(!tried.contains(&BackendId::from("b1")));
     }
 
     /// Smooth weighted round robin gives each backend exactly its weight in

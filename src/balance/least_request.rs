@@ -55,12 +55,39 @@ impl Strategy for LeastRequest {
     }
 }
 
-/// `in_flight(a) / weight(a) < in_flight(b) / weight(b)`, without division.
+/// `in_flight(a) / weight(a) < in_flight(b) / weight(b)` with effective
+/// weights (the configured weight scaled down during slow start), without
+/// division.
 #[inline]
 fn less_loaded(pick: &Pick<'_>, a: usize, b: usize) -> bool {
     let (a, b) = (pick.member(a).state(), pick.member(b).state());
-    let load = |s: &crate::BackendState, w: &crate::BackendState| {
-        s.in_flight() as u128 * u128::from(w.weight())
-    };
+    let weight = |s: &crate::BackendState| u128::from(s.weight()) * u128::from(s.weight_permille());
+    let load = |s: &crate::BackendState, w: &crate::BackendState| s.in_flight() as u128 * weight(w);
     load(a, b) < load(b, a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::RequestHead;
+    use crate::Pool;
+
+    #[test]
+    fn slow_start_lowers_the_weight_load_is_compared_with() {
+        let pool: Pool<()> = Pool::new();
+        pool.insert("warm", ());
+        pool.insert("new", ());
+        let snap = pool.snapshot();
+        let (warm, new) = (snap.members()[0].state(), snap.members()[1].state());
+        let _w = [warm.track_in_flight(), warm.track_in_flight()];
+        let _n = new.track_in_flight();
+        let req = http::Request::new(());
+        let pick = Pick::new(RequestHead::from(&req), snap.members(), None);
+        // Full weights: 1 in flight is less load than 2.
+        assert!(less_loaded(&pick, 1, 0));
+        // At 10 % of its weight, 1 in flight weighs like 10.
+        new.set_weight_permille(100);
+        assert!(less_loaded(&pick, 0, 1));
+        assert!(!less_loaded(&pick, 1, 0));
+    }
 }

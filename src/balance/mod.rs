@@ -17,12 +17,20 @@
 //! request go to distinct backends and, once every backend was tried, the
 //! balancer answers [`NoBackend`](crate::error::NoBackend).
 //!
+//! **Panic routing.** When fewer than a share of the enabled backends (50 %
+//! by default, as in Envoy) are available, the pool is *in panic*: health
+//! and ejections are ignored and requests spread over every enabled backend
+//! rather than overloading the few that are left. Set the share with
+//! [`Balance::panic_threshold`] (0 disables it).
+//!
 //! See `docs/balance.md` for when to pick which.
 
 mod consistent_hash;
 pub mod future;
 mod least_request;
 mod maglev;
+mod panic;
+pub(crate) use panic::share_to_permille;
 mod random;
 mod ring;
 mod round_robin;

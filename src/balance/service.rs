@@ -8,6 +8,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::future::ResponseFuture;
+use super::panic::{PanicMode, DEFAULT_PANIC_PERMILLE};
 use super::strategy::{Pick, Strategy};
 use crate::extensions::{Affinity, Attempts, Target};
 use crate::key::RequestHead;
@@ -22,6 +23,7 @@ struct View<S, T> {
 struct Shared<S, P: Strategy> {
     strategy: P,
     view: ArcSwap<View<S, P::Table>>,
+    panic: PanicMode,
 }
 
 impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
@@ -31,6 +33,7 @@ impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
             snapshot: snapshot.clone(),
             table,
         }));
+        self.panic.invalidate();
     }
 }
 
@@ -60,6 +63,14 @@ impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
 /// snapshot are swapped together on every membership change). The pick
 /// itself allocates nothing; the only allocations are the boxes
 /// `http::Extensions` makes to store [`Target`] and `ServedBy`.
+///
+/// # Panic routing
+///
+/// When fewer than [`panic_threshold`](Balance::panic_threshold) of the
+/// enabled backends (default 50 %) are available, health and ejections are
+/// ignored and every enabled backend may be picked. Availability is counted
+/// only when a pick meets an unavailable backend, and then at most once per
+/// millisecond, so no request pays a walk over the pool in steady state.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -104,6 +115,7 @@ where
                 snapshot: empty,
                 table,
             }),
+            panic: PanicMode::new(DEFAULT_PANIC_PERMILLE),
         });
         let weak = Arc::downgrade(&shared);
         pool.subscribe(weak as std::sync::Weak<dyn Rebuild<S>>);
@@ -121,6 +133,15 @@ where
 }
 
 impl<S, P: Strategy> Balance<S, P> {
+    /// Routes across every enabled backend, healthy or not, while fewer
+    /// than `share` (`0.0..=1.0`) of them are available; the default is
+    /// `0.5`, `0.0` disables panic routing. Applies to every clone of this
+    /// balancer.
+    pub fn panic_threshold(self, share: f64) -> Self {
+        self.shared.panic.set_threshold(share);
+        self
+    }
+
     /// The pool this balancer picks from.
     pub fn get_ref(&self) -> &Pool<S> {
         &self.pool
@@ -180,7 +201,8 @@ where
         let members = view.snapshot.members();
         let chosen = {
             let ext = req.extensions();
-            let pick = Pick::new(RequestHead::from(&req), members, ext.get::<Attempts>());
+            let pick = Pick::new(RequestHead::from(&req), members, ext.get::<Attempts>())
+                .with_panic(&self.shared.panic);
             ext.get::<Affinity>()
                 .and_then(|a| members.index_of(&a.0))
                 .filter(|&i| pick.is_eligible(i))
@@ -229,12 +251,22 @@ where
 #[derive(Debug, Clone)]
 pub struct BalanceLayer<P> {
     strategy: P,
+    panic_threshold: f64,
 }
 
 impl<P> BalanceLayer<P> {
     /// A layer that balances with (a clone of) `strategy`.
     pub fn new(strategy: P) -> Self {
-        BalanceLayer { strategy }
+        BalanceLayer {
+            strategy,
+            panic_threshold: f64::from(DEFAULT_PANIC_PERMILLE) / 1000.0,
+        }
+    }
+
+    /// See [`Balance::panic_threshold`].
+    pub fn panic_threshold(mut self, share: f64) -> Self {
+        self.panic_threshold = share;
+        self
     }
 }
 
@@ -246,6 +278,6 @@ where
     type Service = Balance<S, P>;
 
     fn layer(&self, pool: Pool<S>) -> Balance<S, P> {
-        Balance::new(pool, self.strategy.clone())
+        Balance::new(pool, self.strategy.clone()).panic_threshold(self.panic_threshold)
     }
 }

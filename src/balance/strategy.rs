@@ -1,5 +1,8 @@
 //! The [`Strategy`] trait and what a strategy sees of a request.
 
+use std::cell::Cell;
+
+use super::panic::PanicMode;
 use crate::backend::BackendId;
 use crate::extensions::Attempts;
 use crate::key::RequestHead;
@@ -50,6 +53,10 @@ pub struct Pick<'a> {
     request: RequestHead<'a>,
     members: &'a Members,
     attempts: &'a [BackendId],
+    panic: Option<&'a PanicMode>,
+    /// Whether the pool is in panic, asked at most once per pick: 0 not
+    /// asked yet, 1 no, 2 yes.
+    panicking: Cell<u8>,
 }
 
 impl<'a> Pick<'a> {
@@ -63,6 +70,29 @@ impl<'a> Pick<'a> {
             request,
             members,
             attempts: attempts.map_or(&[], Attempts::as_slice),
+            panic: None,
+            panicking: Cell::new(0),
+        }
+    }
+
+    /// Lets this pick route to unavailable backends while `panic` says the
+    /// pool is in panic.
+    pub(crate) fn with_panic(mut self, panic: &'a PanicMode) -> Self {
+        self.panic = Some(panic);
+        self
+    }
+
+    /// Whether the pool is in panic: so few backends are available that
+    /// health and ejections are ignored (see
+    /// [`Balance::panic_threshold`](super::Balance::panic_threshold)).
+    pub fn is_panicking(&self) -> bool {
+        match self.panicking.get() {
+            0 => {
+                let engaged = self.panic.is_some_and(|p| p.engaged(self.members));
+                self.panicking.set(if engaged { 2 } else { 1 });
+                engaged
+            }
+            v => v == 2,
         }
     }
 
@@ -112,10 +142,14 @@ impl<'a> Pick<'a> {
     }
 
     /// Whether the member at `index` may take this request: available
-    /// (enabled, healthy, not ejected) and not tried yet.
+    /// (enabled, healthy, not ejected) and not tried yet. While the pool
+    /// [is in panic](Pick::is_panicking), health and ejections are ignored
+    /// and only the operator's status counts.
     #[inline]
     pub fn is_eligible(&self, index: usize) -> bool {
-        self.members[index].state().is_available() && !self.is_tried(index)
+        let state = self.members[index].state();
+        (state.is_available() || (state.is_enabled() && self.is_panicking()))
+            && !self.is_tried(index)
     }
 
     /// The position of the most recently tried backend, if it is still a

@@ -25,7 +25,13 @@ const MAX_CYCLE: u64 = 1 << 22;
 /// down proportionally.
 ///
 /// Unavailable and already-tried backends are skipped by walking on along
-/// the cycle. Pick it for backends of unequal capacity.
+/// the cycle. A backend in slow start (its
+/// [`weight_permille`](crate::BackendState::weight_permille) below 1000)
+/// takes the request when its slot comes up only with probability
+/// `permille / 1000`, and the walk goes on to the next slot otherwise: it
+/// gets `permille / 1000` of its configured share, ramping without
+/// rebuilding the cycle. Pick it for backends of
+/// unequal capacity.
 #[derive(Debug, Default)]
 pub struct WeightedRoundRobin {
     next: AtomicUsize,
@@ -124,9 +130,17 @@ impl Strategy for WeightedRoundRobin {
         let walk = order.len().min(2 * pick.len() + 16);
         (0..walk)
             .map(|k| order[(start + k) % order.len()] as usize)
-            .find(|&i| pick.is_eligible(i))
+            .find(|&i| pick.is_eligible(i) && admitted(pick, i))
             .or_else(|| pick.first_eligible_from(order[start] as usize))
     }
+}
+
+/// Whether a backend in slow start takes the slot that came up: always at
+/// full weight, with probability `permille / 1000` while warming up.
+#[inline]
+fn admitted(pick: &Pick<'_>, i: usize) -> bool {
+    let permille = pick.member(i).state().weight_permille();
+    permille >= 1000 || (super::random_below(1000) as u32) < permille
 }
 
 #[cfg(test)]
@@ -156,6 +170,36 @@ mod tests {
         assert!(b.abs_diff(d) > 1, "{c:?}");
         let twice: Vec<u32> = c.iter().chain(c.iter()).copied().collect();
         assert!(twice.windows(4).all(|w| w != [0, 0, 0, 0]), "{c:?}");
+    }
+
+    #[test]
+    fn slow_start_admits_in_proportion_to_the_effective_weight() {
+        use crate::key::RequestHead;
+        let pool: Pool<()> = Pool::new();
+        pool.insert("a", ());
+        pool.insert("b", ());
+        let wrr = WeightedRoundRobin::new();
+        let cycle = wrr.build(pool.snapshot().members());
+        let snap = pool.snapshot();
+        snap.members()[1].state().set_weight_permille(100);
+        let req = http::Request::new(());
+        let mut to_b = 0;
+        for _ in 0..20_000 {
+            let pick = Pick::new(RequestHead::from(&req), snap.members(), None);
+            if wrr.pick(&cycle, &pick) == Some(1) {
+                to_b += 1;
+            }
+        }
+        // Equal weights, b at 10 %: b keeps 10 % of its half of the picks,
+        // about 1000; its other slots go to a.
+        assert!((800..1_200).contains(&to_b), "{to_b}");
+        snap.members()[1].state().set_weight_permille(1000);
+        let mut to_b = 0;
+        for _ in 0..1000 {
+            let pick = Pick::new(RequestHead::from(&req), snap.members(), None);
+            to_b += usize::from(wrr.pick(&cycle, &pick) == Some(1));
+        }
+        assert_eq!(to_b, 500);
     }
 
     #[test]

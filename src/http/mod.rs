@@ -18,7 +18,7 @@
 //! * bodies stream both ways.
 //!
 //! ```no_run
-//! # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn doc() -> Result<(), tower_ha::BoxError> {
 //! use http_body_util::Full;
 //! use bytes::Bytes;
 //! use tower::ServiceExt;

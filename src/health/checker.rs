@@ -1,0 +1,572 @@
+//! Active health checking: one background task per pool.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use super::error::{ProbePanicked, ProbeTimeout};
+use super::probe::Probe;
+use super::slow_start::SlowStart;
+use crate::backend::{BackendId, BackendState, Health};
+use crate::error::BoxError;
+use crate::pool::{Pool, Rebuild, Snapshot};
+
+/// The active checking settings.
+#[derive(Debug, Clone, Copy)]
+struct CheckConfig {
+    interval: Duration,
+    unhealthy_interval: Option<Duration>,
+    timeout: Duration,
+    jitter: Duration,
+    rise: u32,
+    fall: u32,
+    turned_off_after: Option<Duration>,
+    removed_after: Option<Duration>,
+    slow_start: Option<SlowStart>,
+    start_unhealthy: bool,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            interval: Duration::from_secs(2),
+            unhealthy_interval: None,
+            timeout: Duration::from_secs(1),
+            jitter: Duration::from_millis(100),
+            rise: 2,
+            fall: 3,
+            turned_off_after: None,
+            removed_after: None,
+            slow_start: None,
+            start_unhealthy: false,
+        }
+    }
+}
+
+/// Probes every backend of a [`Pool`] in the background and keeps their
+/// [`Health`] up to date; see the [module docs](super) for the rules.
+///
+/// Defaults (HAProxy's `inter 2s rise 2 fall 3`): a probe every 2 s (plus up
+/// to 100 ms of jitter), a 1 s timeout, healthy after 2 passing probes in a
+/// row, unhealthy after 3 failing ones; no turning off, no removal, no slow
+/// start. Backends start as the pool made them (healthy) and are judged by
+/// their first probes, sent at once; see
+/// [`start_unhealthy`](Self::start_unhealthy).
+///
+/// [`spawn`](Self::spawn) starts the task and returns a [`CheckerHandle`]
+/// that stops it when dropped.
+pub struct HealthChecker<S, P> {
+    pool: Pool<S>,
+    probe: P,
+    config: CheckConfig,
+}
+
+impl<S, P> fmt::Debug for HealthChecker<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthChecker")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, P> HealthChecker<S, P>
+where
+    S: Clone + Send + Sync + 'static,
+    P: Probe<S>,
+{
+    /// Checks the backends of `pool` with `probe`.
+    pub fn new(pool: Pool<S>, probe: P) -> Self {
+        HealthChecker {
+            pool,
+            probe,
+            config: CheckConfig::default(),
+        }
+    }
+
+    /// Time between the starts of two probes of a healthy backend (default
+    /// 2 s).
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.config.interval = interval;
+        self
+    }
+
+    /// Time between probes of a backend that is not healthy, usually
+    /// shorter so that it comes back sooner (HAProxy's `downinter`; default:
+    /// the interval).
+    pub fn unhealthy_interval(mut self, interval: Duration) -> Self {
+        self.config.unhealthy_interval = Some(interval);
+        self
+    }
+
+    /// A probe that takes longer fails (default 1 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = timeout;
+        self
+    }
+
+    /// Adds a random delay of up to `jitter` to every interval, so that
+    /// probes of many backends or replicas do not synchronize (default
+    /// 100 ms).
+    pub fn jitter(mut self, jitter: Duration) -> Self {
+        self.config.jitter = jitter;
+        self
+    }
+
+    /// A backend that is not healthy becomes healthy after this many
+    /// passing probes in a row (default 2; 0 counts as 1).
+    pub fn rise(mut self, rise: u32) -> Self {
+        self.config.rise = rise.max(1);
+        self
+    }
+
+    /// A healthy backend becomes unhealthy after this many failing probes
+    /// in a row (default 3; 0 counts as 1).
+    pub fn fall(mut self, fall: u32) -> Self {
+        self.config.fall = fall.max(1);
+        self
+    }
+
+    /// Marks a backend [`TurnedOff`](Health::TurnedOff) once it has been
+    /// unhealthy this long, if it was healthy at least once. It keeps being
+    /// probed and comes back after `rise` passing probes. Off by default.
+    pub fn turned_off_after(mut self, after: Duration) -> Self {
+        self.config.turned_off_after = Some(after);
+        self
+    }
+
+    /// Removes a backend from the pool once it has been unhealthy (or
+    /// turned off) this long, if it was healthy at least once. Off by
+    /// default.
+    pub fn removed_after(mut self, after: Duration) -> Self {
+        self.config.removed_after = Some(after);
+        self
+    }
+
+    /// Ramps the weight of backends that join the pool or recover.
+    pub fn slow_start(mut self, slow_start: SlowStart) -> Self {
+        self.config.slow_start = Some(slow_start);
+        self
+    }
+
+    /// Marks backends the checker has not seen pass yet unhealthy, so they
+    /// take traffic only after `rise` passing probes (Panda's rule). By
+    /// default they keep the health the pool gave them (healthy), as in
+    /// HAProxy, and lose it after `fall` failing probes.
+    pub fn start_unhealthy(mut self, start_unhealthy: bool) -> Self {
+        self.config.start_unhealthy = start_unhealthy;
+        self
+    }
+
+    /// Starts checking on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime, as [`tokio::spawn`] does.
+    pub fn spawn(self) -> CheckerHandle {
+        let changed = Arc::new(Changed(Notify::new()));
+        let weak = Arc::downgrade(&changed) as std::sync::Weak<dyn Rebuild<S>>;
+        self.pool.subscribe(weak);
+        let task = Task {
+            pool: self.pool,
+            probe: Arc::new(self.probe),
+            config: self.config,
+            changed,
+            entries: HashMap::new(),
+        };
+        CheckerHandle {
+            task: Some(tokio::spawn(task.run())),
+        }
+    }
+}
+
+/// The running checker: stops it when dropped.
+#[derive(Debug)]
+pub struct CheckerHandle {
+    task: Option<JoinHandle<()>>,
+}
+
+impl CheckerHandle {
+    /// Stops the checker and waits until its task and probes are gone.
+    /// Backends keep their last health; slow-start ramps in progress end at
+    /// full weight.
+    pub async fn shutdown(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Whether the checker's task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for CheckerHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Wakes the checker when the pool's membership changes.
+struct Changed(Notify);
+
+impl<S> Rebuild<S> for Changed {
+    fn rebuild(&self, _snapshot: &Arc<Snapshot<S>>) {
+        self.0.notify_one();
+    }
+}
+
+/// What the checker knows about one backend.
+#[derive(Debug)]
+struct Entry {
+    state: Arc<BackendState>,
+    successes: u32,
+    failures: u32,
+    /// Whether a probe has found it healthy (only such backends are turned
+    /// off and removed).
+    ever_healthy: bool,
+    /// When it became unhealthy, while it is.
+    unhealthy_since: Option<Instant>,
+    next_probe: Instant,
+    probing: bool,
+    /// When its slow-start ramp began, while it ramps.
+    ramp_from: Option<Instant>,
+}
+
+const fn health_name(health: Health) -> &'static str {
+    match health {
+        Health::Healthy => "healthy",
+        Health::Unhealthy => "unhealthy",
+        Health::TurnedOff => "turned_off",
+    }
+}
+
+impl Entry {
+    fn new(state: Arc<BackendState>, now: Instant) -> Self {
+        Entry {
+            state,
+            successes: 0,
+            failures: 0,
+            ever_healthy: false,
+            unhealthy_since: None,
+            next_probe: now,
+            probing: false,
+            ramp_from: None,
+        }
+    }
+
+    fn start_ramp(&mut self, now: Instant, config: &CheckConfig) {
+        if let Some(slow) = config.slow_start {
+            self.ramp_from = Some(now);
+            self.state
+                .set_weight_permille(slow.permille_at(Duration::ZERO));
+        }
+    }
+
+    fn record(&mut self, id: &BackendId, result: Result<(), BoxError>, config: &CheckConfig) {
+        let now = Instant::now();
+        self.probing = false;
+        let health = self.state.health();
+        match result {
+            Ok(()) => {
+                self.successes = self.successes.saturating_add(1);
+                self.failures = 0;
+                if health == Health::Healthy {
+                    self.ever_healthy = true;
+                    self.unhealthy_since = None;
+                    if self.state.uneject() {
+                        tracing::info!(
+                            backend = %id,
+                            from = "ejected",
+                            to = "available",
+                            reason = "probe passed",
+                            "backend restored"
+                        );
+                    }
+                } else if self.successes >= config.rise {
+                    self.state.set_health(Health::Healthy);
+                    self.state.uneject();
+                    self.ever_healthy = true;
+                    self.unhealthy_since = None;
+                    self.start_ramp(now, config);
+                    tracing::info!(
+                        backend = %id,
+                        from = health_name(health),
+                        to = "healthy",
+                        reason = "probes passed",
+                        passed = self.successes,
+                        "backend healthy"
+                    );
+                }
+            }
+            Err(error) => {
+                self.failures = self.failures.saturating_add(1);
+                self.successes = 0;
+                if health == Health::Healthy && self.failures >= config.fall {
+                    self.state.set_health(Health::Unhealthy);
+                    self.unhealthy_since = Some(now);
+                    self.ramp_from = None;
+                    tracing::warn!(
+                        backend = %id,
+                        from = "healthy",
+                        to = "unhealthy",
+                        reason = "probes failed",
+                        failed = self.failures,
+                        error = %error,
+                        "backend unhealthy"
+                    );
+                } else {
+                    tracing::debug!(backend = %id, failed = self.failures, error = %error, "probe failed");
+                }
+            }
+        }
+        let interval = if self.state.health() == Health::Healthy {
+            config.interval
+        } else {
+            config.unhealthy_interval.unwrap_or(config.interval)
+        };
+        self.next_probe = (self.next_probe + interval + jitter(config.jitter)).max(now);
+    }
+
+    /// Turns the backend off when due; returns whether it is due for
+    /// removal.
+    fn lifecycle(&mut self, id: &BackendId, now: Instant, config: &CheckConfig) -> bool {
+        let Some(since) = self.unhealthy_since else {
+            return false;
+        };
+        let health = self.state.health();
+        if health == Health::Healthy {
+            // Made healthy by someone else: the clock starts again.
+            self.unhealthy_since = None;
+            return false;
+        }
+        if !self.ever_healthy {
+            return false;
+        }
+        if config
+            .removed_after
+            .is_some_and(|after| now >= since + after)
+        {
+            return true;
+        }
+        if health == Health::Unhealthy
+            && config
+                .turned_off_after
+                .is_some_and(|after| now >= since + after)
+        {
+            self.state.set_health(Health::TurnedOff);
+            tracing::warn!(
+                backend = %id,
+                from = "unhealthy",
+                to = "turned_off",
+                reason = "unhealthy too long",
+                "backend turned off"
+            );
+        }
+        false
+    }
+
+    /// Advances the slow-start ramp; returns when to advance it next.
+    fn ramp(&mut self, now: Instant, config: &CheckConfig) -> Option<Instant> {
+        let (from, slow) = (self.ramp_from?, config.slow_start?);
+        let elapsed = now.saturating_duration_since(from);
+        let permille = slow.permille_at(elapsed);
+        self.state.set_weight_permille(permille);
+        if permille >= 1000 {
+            self.ramp_from = None;
+            return None;
+        }
+        // Twenty steps over the window, at least 10 ms apart, aligned on
+        // the ramp's start.
+        let step = (slow.window() / 20).max(Duration::from_millis(10));
+        let steps = elapsed.as_nanos() / step.as_nanos() + 1;
+        let next = step.saturating_mul(u32::try_from(steps).unwrap_or(u32::MAX));
+        Some(from + next.min(slow.window()))
+    }
+
+    /// The next instant something is due for this backend.
+    fn next_due(&self, config: &CheckConfig) -> Option<Instant> {
+        let probe = (!self.probing).then_some(self.next_probe);
+        let lifecycle = self
+            .unhealthy_since
+            .filter(|_| self.ever_healthy)
+            .and_then(|since| {
+                let health = self.state.health();
+                let off = config
+                    .turned_off_after
+                    .filter(|_| health == Health::Unhealthy)
+                    .map(|after| since + after);
+                let removed = config.removed_after.map(|after| since + after);
+                match (off, removed) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            });
+        match (probe, lifecycle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// A random delay in `0..=max`.
+fn jitter(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    let nanos = usize::try_from(max.as_nanos()).unwrap_or(usize::MAX - 1);
+    Duration::from_nanos(crate::balance::random_below(nanos + 1) as u64)
+}
+
+type ProbeResult = (BackendId, Arc<BackendState>, Result<(), BoxError>);
+
+struct Task<S, P> {
+    pool: Pool<S>,
+    probe: Arc<P>,
+    config: CheckConfig,
+    changed: Arc<Changed>,
+    entries: HashMap<BackendId, Entry>,
+}
+
+impl<S, P> Task<S, P>
+where
+    S: Clone + Send + Sync + 'static,
+    P: Probe<S>,
+{
+    async fn run(mut self) {
+        let mut probes: JoinSet<ProbeResult> = JoinSet::new();
+        let mut running: HashMap<tokio::task::Id, BackendId> = HashMap::new();
+        let mut generation = None;
+        loop {
+            let now = Instant::now();
+            let snapshot = self.pool.snapshot();
+            if generation != Some(snapshot.generation()) {
+                self.sync(&snapshot, now, generation.is_none());
+                generation = Some(snapshot.generation());
+            }
+            let mut wake: Option<Instant> = None;
+            let mut removals = Vec::new();
+            for (id, entry) in &mut self.entries {
+                if entry.lifecycle(id, now, &self.config) {
+                    removals.push(id.clone());
+                    continue;
+                }
+                let ramp = entry.ramp(now, &self.config);
+                wake = [wake, ramp].into_iter().flatten().min();
+            }
+            for id in removals {
+                self.entries.remove(&id);
+                if self.pool.remove(&id) {
+                    tracing::warn!(
+                        backend = %id,
+                        from = "unhealthy",
+                        to = "removed",
+                        reason = "unhealthy too long",
+                        "backend removed from the pool"
+                    );
+                }
+            }
+            for (i, member) in snapshot.members().iter().enumerate() {
+                let (Some(entry), Some(service)) =
+                    (self.entries.get_mut(member.id()), snapshot.service(i))
+                else {
+                    continue;
+                };
+                if entry.probing || entry.next_probe > now {
+                    continue;
+                }
+                entry.probing = true;
+                entry.next_probe = now;
+                let probe = self.probe.probe(member.id(), service);
+                let (id, state, timeout) = (
+                    member.id().clone(),
+                    member.state().clone(),
+                    self.config.timeout,
+                );
+                let handle = probes.spawn(async move {
+                    let result = match tokio::time::timeout(timeout, probe).await {
+                        Ok(result) => result,
+                        Err(_) => Err(ProbeTimeout::new(timeout).into()),
+                    };
+                    (id, state, result)
+                });
+                running.insert(handle.id(), member.id().clone());
+            }
+            drop(snapshot);
+            for entry in self.entries.values() {
+                wake = [wake, entry.next_due(&self.config)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+            }
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                Some(joined) = probes.join_next_with_id(), if !probes.is_empty() => {
+                    let (task, result) = match joined {
+                        Ok((task, (id, state, result))) => (task, Some((id, state, result))),
+                        Err(error) => (error.id(), None),
+                    };
+                    let Some(id) = running.remove(&task) else { continue };
+                    let Some(entry) = self.entries.get_mut(&id) else { continue };
+                    match result {
+                        // A probe of a backend that was replaced meanwhile.
+                        // (The new entry schedules its own probes.)
+                        Some((_, state, _)) if !Arc::ptr_eq(&state, &entry.state) => {}
+                        Some((_, _, result)) => entry.record(&id, result, &self.config),
+                        None => entry.record(&id, Err(ProbePanicked::default().into()), &self.config),
+                    }
+                }
+                () = self.changed.0.notified() => {}
+                () = sleep => {}
+            }
+        }
+    }
+
+    /// Follows the membership: new backends are probed at once; backends
+    /// that left are forgotten.
+    fn sync(&mut self, snapshot: &Snapshot<S>, now: Instant, initial: bool) {
+        let members = snapshot.members();
+        self.entries.retain(|id, entry| {
+            members
+                .index_of(id)
+                .is_some_and(|i| Arc::ptr_eq(members[i].state(), &entry.state))
+        });
+        for member in members.iter() {
+            if self.entries.contains_key(member.id()) {
+                continue;
+            }
+            let mut entry = Entry::new(member.state().clone(), now);
+            if self.config.start_unhealthy {
+                member.state().set_health(Health::Unhealthy);
+            } else if !initial && member.state().health() == Health::Healthy {
+                entry.start_ramp(now, &self.config);
+            }
+            self.entries.insert(member.id().clone(), entry);
+        }
+    }
+}
+
+impl<S, P> Drop for Task<S, P> {
+    fn drop(&mut self) {
+        // A ramp that can no longer advance ends at full weight.
+        for entry in self.entries.values() {
+            if entry.ramp_from.is_some() {
+                entry.state.set_weight_permille(1000);
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::outlier::{Ejections, OutlierConfig, SuccessRate, Watch};
+use super::service::Health;
+use crate::classify::DefaultClassifier;
+
+/// Passive outlier detection for the backends of a pool: builds
+/// [`Health`] around each backend's service.
+///
+/// Defaults (Envoy's): eject after 5 consecutive failures, for 30 s times
+/// the backend's ejection count, at most 300 s; at most 10 % of the
+/// backends ejected at once, but always at least one. What counts as a
+/// failure is decided by the shared [`Classifier`](crate::classify::Classifier)
+/// (by default [`DefaultClassifier`]: errors, 502, 503, 504).
+///
+/// # One layer per pool
+///
+/// Apply one `HealthLayer` (or clones of it) to every backend of a pool:
+/// the clones share the count of wrapped and ejected backends that the
+/// ejection cap is computed from. Each call to [`Layer::layer`] counts as one
+/// backend for as long as the service it returned, or a clone of it, lives;
+/// so build each backend's service with its own `layer` call, as
+/// `pool.insert(id, layer.layer(service))` does.
+#[derive(Debug, Clone)]
+pub struct HealthLayer<C = DefaultClassifier> {
+    config: OutlierConfig,
+    classifier: Arc<C>,
+    ejections: Arc<Ejections>,
+}
+
+impl Default for HealthLayer {
+    fn default() -> Self {
+        HealthLayer::new()
+    }
+}
+
+impl HealthLayer {
+    /// Passive detection with the defaults and the [`DefaultClassifier`].
+    pub fn new() -> Self {
+        HealthLayer {
+            config: OutlierConfig::default(),
+            classifier: Arc::new(DefaultClassifier::new()),
+            ejections: Arc::default(),
+        }
+    }
+}
+
+impl<C> HealthLayer<C> {
+    /// Decides what a failure is with `classifier` (the same one the
+    /// failover layer uses, typically).
+    pub fn classifier<C2>(self, classifier: C2) -> HealthLayer<C2> {
+        HealthLayer {
+            config: self.config,
+            classifier: Arc::new(classifier),
+            ejections: self.ejections,
+        }
+    }
+
+    /// Ejects a backend after this many failures in a row (default 5; 0
+    /// counts as 1). A success starts the count again.
+    pub fn consecutive_failures(mut self, failures: u32) -> Self {
+        self.config.consecutive_failures = failures.max(1);
+        self
+    }
+
+    /// The first ejection of a backend lasts this long; the n-th lasts n
+    /// times as long (default 30 s).
+    pub fn base_ejection_time(mut self, time: Duration) -> Self {
+        self.config.base_ejection_time = time;
+        self
+    }
+
+    /// No ejection lasts longer than this (default 300 s).
+    pub fn max_ejection_time(mut self, time: Duration) -> Self {
+        self.config.max_ejection_time = time;
+        self
+    }
+
+    /// At most this percentage of the backends is ejected at once (default
+    /// 10, values above 100 count as 100); one backend may always be
+    /// ejected.
+    pub fn max_ejection_percent(mut self, percent: u32) -> Self {
+        self.config.max_ejection_percent = percent.min(100);
+        self
+    }
+
+    /// Also ejects a backend whose success rate falls too low (off by
+    /// default): see [`SuccessRate`].
+    pub fn success_rate(mut self, success_rate: SuccessRate) -> Self {
+        self.config.success_rate = Some(success_rate);
+        self
+    }
+}
+
+impl<S, C> Layer<S> for HealthLayer<C> {
+    type Service = Health<S, C>;
+
+    fn layer(&self, inner: S) -> Health<S, C> {
+        Health::from_watch(
+            inner,
+            Arc::new(Watch::new(
+                self.config,
+                self.classifier.clone(),
+                self.ejections.clone(),
+            )),
+        )
+    }
+}

@@ -1,0 +1,327 @@
+//! Passive outlier detection: the per-backend bookkeeping of the health
+//! layer and the pool-wide cap on ejections.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::backend::BackendState;
+use crate::extensions::Target;
+
+/// The passive detection settings, copied into every wrapped backend.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutlierConfig {
+    pub(crate) consecutive_failures: u32,
+    pub(crate) base_ejection_time: Duration,
+    pub(crate) max_ejection_time: Duration,
+    pub(crate) max_ejection_percent: u32,
+    pub(crate) success_rate: Option<SuccessRate>,
+}
+
+/// Success-rate ejection: ejects a backend whose share of successful
+/// requests over a window falls below a minimum, once it served enough
+/// requests in that window to judge.
+///
+/// It catches a backend that fails often but not in a row (say one request
+/// in three), which consecutive-failure detection lets through. Unlike
+/// Envoy's statistical variant (a host against the mean of the cluster),
+/// the minimum is an absolute share: simple to reason about, and it needs
+/// no pool-wide statistics on the request path. Ejections it causes count
+/// towards the same cap and the same growing ejection time.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ha::health::{HealthLayer, SuccessRate};
+///
+/// // Eject a backend below 90 % success over 10 s, judged from 50 requests.
+/// let layer = HealthLayer::new().success_rate(
+///     SuccessRate::new(0.9).min_requests(50).window(Duration::from_secs(10)),
+/// );
+/// # let _ = layer;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuccessRate {
+    min_permille: u32,
+    min_requests: u32,
+    window: Duration,
+}
+
+impl SuccessRate {
+    /// Ejects below `min_success_rate` (`0.0..=1.0`, clamped) of successful
+    /// requests, judged over windows of 10 s with at least 100 requests
+    /// (Envoy's request volume and interval).
+    pub fn new(min_success_rate: f64) -> Self {
+        SuccessRate {
+            min_permille: crate::balance::share_to_permille(min_success_rate),
+            min_requests: 100,
+            window: Duration::from_secs(10),
+        }
+    }
+
+    /// Judges a window only when it saw at least this many requests
+    /// (default 100; 0 counts as 1).
+    pub fn min_requests(mut self, requests: u32) -> Self {
+        self.min_requests = requests.max(1);
+        self
+    }
+
+    /// The length of a window (default 10 s).
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            success_rate: None,
+        }
+    }
+}
+
+impl OutlierConfig {
+    /// How long the `nth` ejection (1-based) of a backend lasts.
+    pub(crate) fn ejection_time(&self, nth: u32) -> Duration {
+        self.base_ejection_time
+            .saturating_mul(nth.max(1))
+            .min(self.max_ejection_time)
+    }
+}
+
+/// The pool-wide view the ejection cap needs, shared by a layer and all its
+/// clones: how many backends they wrap, and which of them are ejected.
+#[derive(Debug, Default)]
+pub(crate) struct Ejections {
+    /// Backends wrapped by the layer and alive (one per `layer()` call).
+    backends: AtomicUsize,
+    /// Backends this layer ejected; pruned of expired or lifted ejections
+    /// whenever a new ejection is considered.
+    ejected: Mutex<Vec<Arc<BackendState>>>,
+}
+
+/// Why an ejection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The backend is ejected already.
+    AlreadyEjected,
+    /// The share of ejected backends is at its maximum.
+    Cap { ejected: usize, allowed: usize },
+}
+
+impl Ejections {
+    /// Ejects `state` until `until` unless the cap forbids it. At most
+    /// `max_percent` of the wrapped backends are ejected at once, but always
+    /// at least one may be.
+    pub(crate) fn try_eject(
+        &self,
+        state: &Arc<BackendState>,
+        max_percent: u32,
+        until: Instant,
+    ) -> Result<(), Refused> {
+        let mut ejected = self.ejected.lock();
+        ejected.retain(|s| s.is_ejected());
+        if state.is_ejected() {
+            return Err(Refused::AlreadyEjected);
+        }
+        let backends = self.backends.load(Ordering::Acquire);
+        let allowed = (backends.saturating_mul(max_percent.min(100) as usize) / 100).max(1);
+        if ejected.len() >= allowed {
+            return Err(Refused::Cap {
+                ejected: ejected.len(),
+                allowed,
+            });
+        }
+        state.eject_until(until);
+        ejected.push(state.clone());
+        Ok(())
+    }
+}
+
+/// One wrapped backend: shared by every clone of its `Health` service.
+/// Counts as one backend of its layer for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct Watch<C> {
+    pub(crate) config: OutlierConfig,
+    pub(crate) classifier: Arc<C>,
+    ejections: Arc<Ejections>,
+    /// Set when this layer ejected the backend, until the first outcome
+    /// seen after the ejection ended: that is when the restoration is
+    /// reported.
+    ejected: AtomicBool,
+    /// Success-rate window: its start (nanoseconds since `epoch`), and the
+    /// requests and failures seen in it.
+    window_start: AtomicU64,
+    window_requests: AtomicU32,
+    window_failures: AtomicU32,
+    epoch: Instant,
+}
+
+impl<C> Watch<C> {
+    pub(crate) fn new(
+        config: OutlierConfig,
+        classifier: Arc<C>,
+        ejections: Arc<Ejections>,
+    ) -> Self {
+        ejections.backends.fetch_add(1, Ordering::AcqRel);
+        Watch {
+            config,
+            classifier,
+            ejections,
+            ejected: AtomicBool::new(false),
+            window_start: AtomicU64::new(0),
+            window_requests: AtomicU32::new(0),
+            window_failures: AtomicU32::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Records the outcome of one request sent to `target`.
+    pub(crate) fn observe(&self, target: &Target, failed: bool) {
+        let state = target.state();
+        if self.ejected.load(Ordering::Relaxed)
+            && !state.is_ejected()
+            && self.ejected.swap(false, Ordering::AcqRel)
+        {
+            tracing::info!(
+                backend = %target.id(),
+                from = "ejected",
+                to = "available",
+                reason = "ejection ended",
+                "backend restored"
+            );
+        }
+        if let Some(rate) = self.config.success_rate {
+            self.observe_rate(target, failed, rate);
+        }
+        if !failed {
+            state.record_success();
+            return;
+        }
+        let failures = state.record_failure();
+        if failures < self.config.consecutive_failures || state.is_ejected() {
+            return;
+        }
+        self.eject(target, "consecutive failures", failures);
+    }
+
+    /// Counts the outcome in the current window and, when the window is
+    /// over, judges it and starts the next.
+    fn observe_rate(&self, target: &Target, failed: bool, rate: SuccessRate) {
+        self.window_requests.fetch_add(1, Ordering::AcqRel);
+        if failed {
+            self.window_failures.fetch_add(1, Ordering::AcqRel);
+        }
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let start = self.window_start.load(Ordering::Acquire);
+        let window = u64::try_from(rate.window.as_nanos()).unwrap_or(u64::MAX);
+        if now.saturating_sub(start) < window
+            || self
+                .window_start
+                .compare_exchange(start, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+        let requests = self.window_requests.swap(0, Ordering::AcqRel);
+        let failures = self.window_failures.swap(0, Ordering::AcqRel).min(requests);
+        let successes = u64::from(requests - failures);
+        if requests >= rate.min_requests
+            && successes * 1000 < u64::from(rate.min_permille) * u64::from(requests)
+            && !target.state().is_ejected()
+        {
+            self.eject(target, "success rate", failures);
+        }
+    }
+
+    fn eject(&self, target: &Target, reason: &'static str, failures: u32) {
+        let state = target.state();
+        let nth = state.ejections().saturating_add(1);
+        let duration = self.config.ejection_time(nth);
+        let until = Instant::now() + duration;
+        match self
+            .ejections
+            .try_eject(state, self.config.max_ejection_percent, until)
+        {
+            Ok(()) => {
+                // The next ejection needs as many new failures in a row.
+                state.record_success();
+                self.ejected.store(true, Ordering::Release);
+                tracing::warn!(
+                    backend = %target.id(),
+                    from = "available",
+                    to = "ejected",
+                    reason,
+                    failures,
+                    ejection = nth,
+                    duration_ms = duration.as_millis() as u64,
+                    "backend ejected"
+                );
+            }
+            Err(Refused::Cap { ejected, allowed }) => {
+                tracing::debug!(
+                    backend = %target.id(),
+                    failures,
+                    ejected,
+                    allowed,
+                    "ejection refused: too many backends ejected"
+                );
+            }
+            Err(Refused::AlreadyEjected) => {}
+        }
+    }
+}
+
+impl<C> Drop for Watch<C> {
+    fn drop(&mut self) {
+        self.ejections.backends.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejection_time_grows_and_is_capped() {
+        let c = OutlierConfig::default();
+        assert_eq!(c.ejection_time(1), Duration::from_secs(30));
+        assert_eq!(c.ejection_time(3), Duration::from_secs(90));
+        assert_eq!(c.ejection_time(10), Duration::from_secs(300));
+        assert_eq!(c.ejection_time(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_always_allows_one_and_counts_live_backends() {
+        let ejections = Arc::new(Ejections::default());
+        let watches: Vec<Watch<()>> = (0..3)
+            .map(|_| Watch::new(OutlierConfig::default(), Arc::new(()), ejections.clone()))
+            .collect();
+        let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
+        let until = Instant::now() + Duration::from_secs(1);
+        assert_eq!(ejections.try_eject(&states[0], 10, until), Ok(()));
+        assert_eq!(
+            ejections.try_eject(&states[0], 10, until),
+            Err(Refused::AlreadyEjected)
+        );
+        assert_eq!(
+            ejections.try_eject(&states[1], 10, until),
+            Err(Refused::Cap {
+                ejected: 1,
+                allowed: 1
+            })
+        );
+        // A lifted ejection frees its place.
+        states[0].uneject();
+        assert_eq!(ejections.try_eject(&states[1], 10, until), Ok(()));
+        drop(watches);
+        assert_eq!(ejections.backends.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,104 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::layer::HealthLayer;
+use super::outlier::Watch;
+use crate::classify::{Classifier, DefaultClassifier};
+use crate::error::BoxError;
+use crate::extensions::Target;
+
+/// Watches the outcomes of one backend's requests and ejects the backend
+/// after consecutive failures. Built by [`HealthLayer`].
+///
+/// The backend is the one named by the request's [`Target`] extension, set
+/// by [`Balance`](crate::balance::Balance). A request without a `Target`
+/// (sent to the service directly, or a health probe) passes through
+/// unobserved.
+///
+/// `poll_ready` is the inner service's; errors are boxed.
+pub struct Health<S, C = DefaultClassifier> {
+    inner: S,
+    watch: Arc<Watch<C>>,
+}
+
+impl<S> Health<S> {
+    /// Wraps `inner` with a [`HealthLayer`] of its own (defaults). To cap
+    /// ejections across a pool, build every backend from one layer instead.
+    pub fn new(inner: S) -> Self {
+        use tower_layer::Layer;
+        HealthLayer::new().layer(inner)
+    }
+
+    /// A layer with the defaults: see [`HealthLayer`].
+    pub fn layer() -> HealthLayer {
+        HealthLayer::new()
+    }
+}
+
+impl<S, C> Health<S, C> {
+    pub(crate) fn from_watch(inner: S, watch: Arc<Watch<C>>) -> Self {
+        Health { inner, watch }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C> Clone for Health<S, C> {
+    fn clone(&self) -> Self {
+        Health {
+            inner: self.inner.clone(),
+            watch: self.watch.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for Health<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Health")
+            .field("inner", &self.inner)
+            .field("config", &self.watch.config)
+            .finish()
+    }
+}
+
+impl<S, C, B, RB> Service<Request<B>> for Health<S, C>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    C: Classifier,
+{
+    type Response = Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let observed = req
+            .extensions()
+            .get::<Target>()
+            .map(|target| (target.clone(), self.watch.clone()));
+        ResponseFuture::new(self.inner.call(req), observed)
+    }
+}

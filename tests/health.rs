@@ -1,0 +1,863 @@
+//! Health: passive ejection, active probes, lifecycle, slow start and panic
+//! routing, all on paused tokio time.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use parking_lot::Mutex;
+use tokio::time::{sleep_until, Instant};
+use tower::{Layer, Service, ServiceExt};
+use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::extensions::{ServedBy, Target};
+use tower_ha::health::{probe_fn, HealthChecker, HealthLayer, SlowStart};
+use tower_ha::{AdminStatus, BackendId, BackendState, Health, Pool};
+
+/// A backend answering with a status that the test sets, counting calls.
+#[derive(Clone, Default)]
+struct Backend {
+    status: Arc<AtomicU16>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    fn new() -> Self {
+        let b = Backend::default();
+        b.set(StatusCode::OK);
+        b
+    }
+
+    fn set(&self, status: StatusCode) {
+        self.status.store(status.as_u16(), Ordering::SeqCst);
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Service<Request<()>> for Backend {
+    type Response = Response<()>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<()>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<()>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let status = StatusCode::from_u16(self.status.load(Ordering::SeqCst)).unwrap();
+        ready(Ok(Response::builder().status(status).body(()).unwrap()))
+    }
+}
+
+/// Sends one request to `svc` as `Balance` would: with a `Target`.
+async fn send<S>(svc: &S, id: &str, state: &Arc<BackendState>) -> StatusCode
+where
+    S: Service<Request<()>, Response = Response<()>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    let mut req = Request::new(());
+    req.extensions_mut()
+        .insert(Target::new(id.into(), state.clone()));
+    svc.clone().oneshot(req).await.unwrap().status()
+}
+
+/// Lets spawned tasks run at the current (paused) instant.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Sleeps until `at` and lets every task due by then run.
+async fn at(at: Instant) {
+    sleep_until(at).await;
+    settle().await;
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+// ---------------------------------------------------------------------------
+// Passive detection
+// ---------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn passive_ejects_after_exactly_n_consecutive_failures() {
+    let backend = Backend::new();
+    let svc = HealthLayer::new().layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    for n in 1..=4 {
+        assert_eq!(
+            send(&svc, "a", &state).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(state.consecutive_failures(), n);
+        assert!(!state.is_ejected(), "ejected after {n} failures");
+    }
+    let now = Instant::now();
+    send(&svc, "a", &state).await;
+    assert!(state.is_ejected(), "not ejected after 5 failures");
+    assert_eq!(state.ejections(), 1);
+    assert_eq!(state.ejected_until(), Some(now + secs(30)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_starts_the_failure_count_again() {
+    let backend = Backend::new();
+    let svc = HealthLayer::new().layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    // 40 failures in all, never 5 in a row: a cumulative count (Panda's)
+    // would have ejected the backend eight times over.
+    for _ in 0..10 {
+        backend.set(StatusCode::BAD_GATEWAY);
+        for _ in 0..4 {
+            send(&svc, "a", &state).await;
+        }
+        assert_eq!(state.consecutive_failures(), 4);
+        backend.set(StatusCode::OK);
+        send(&svc, "a", &state).await;
+        assert_eq!(state.consecutive_failures(), 0);
+    }
+    assert!(!state.is_ejected());
+    assert_eq!(state.ejections(), 0);
+    // Statuses the classifier does not count are successes too.
+    backend.set(StatusCode::INTERNAL_SERVER_ERROR);
+    for _ in 0..10 {
+        send(&svc, "a", &state).await;
+    }
+    assert!(!state.is_ejected());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_shared_classifier_decides_what_fails() {
+    use tower_ha::classify::DefaultClassifier;
+    let backend = Backend::new();
+    let svc = HealthLayer::new()
+        .classifier(DefaultClassifier::new().status(StatusCode::INTERNAL_SERVER_ERROR))
+        .consecutive_failures(2)
+        .layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    backend.set(StatusCode::INTERNAL_SERVER_ERROR);
+    send(&svc, "a", &state).await;
+    send(&svc, "a", &state).await;
+    assert!(state.is_ejected());
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_without_a_target_are_not_observed() {
+    let backend = Backend::new();
+    let svc = HealthLayer::new()
+        .consecutive_failures(1)
+        .layer(backend.clone());
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    let response = svc.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(backend.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ejection_ends_exactly_at_its_deadline() {
+    let health = HealthLayer::new().consecutive_failures(2);
+    let (good, bad) = (Backend::new(), Backend::new());
+    let pool = Pool::new();
+    pool.insert("good", health.layer(good.clone()));
+    pool.insert("bad", health.layer(bad.clone()));
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let generation = pool.snapshot().generation();
+    bad.set(StatusCode::SERVICE_UNAVAILABLE);
+    while bad.calls() < 2 {
+        balance.clone().oneshot(Request::new(())).await.unwrap();
+    }
+    let ejected_at = Instant::now();
+    let state = pool.state(&"bad".into()).unwrap();
+    assert!(state.is_ejected());
+    // A health change never rebuilds the snapshot.
+    assert_eq!(pool.snapshot().generation(), generation);
+
+    tokio::time::advance(secs(30) - Duration::from_nanos(1)).await;
+    for _ in 0..10 {
+        let r = balance.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(r.extensions().get::<ServedBy>().unwrap().0.as_str(), "good");
+    }
+    assert_eq!(bad.calls(), 2);
+    tokio::time::advance(Duration::from_nanos(1)).await;
+    assert_eq!(Instant::now(), ejected_at + secs(30));
+    assert!(!state.is_ejected());
+    bad.set(StatusCode::OK);
+    for _ in 0..4 {
+        balance.clone().oneshot(Request::new(())).await.unwrap();
+    }
+    assert_eq!(bad.calls(), 4, "the restored backend takes its turn again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejection_time_grows_with_each_ejection_and_is_capped() {
+    let backend = Backend::new();
+    let svc = HealthLayer::new()
+        .consecutive_failures(3)
+        .base_ejection_time(secs(30))
+        .max_ejection_time(secs(100))
+        .layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    backend.set(StatusCode::GATEWAY_TIMEOUT);
+    for expected in [30, 60, 90, 100, 100] {
+        for _ in 0..3 {
+            send(&svc, "a", &state).await;
+        }
+        let until = state.ejected_until().expect("ejected");
+        assert_eq!(until - Instant::now(), secs(expected));
+        tokio::time::advance(secs(expected)).await;
+        assert!(!state.is_ejected());
+    }
+    assert_eq!(state.ejections(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_most_the_configured_share_of_the_pool_is_ejected() {
+    let health = HealthLayer::new().consecutive_failures(1);
+    let backend = Backend::new();
+    backend.set(StatusCode::BAD_GATEWAY);
+    let services: Vec<_> = (0..20).map(|_| health.layer(backend.clone())).collect();
+    let states: Vec<_> = (0..20).map(|_| Arc::new(BackendState::new(1))).collect();
+    for round in 0..3 {
+        for (i, (svc, state)) in services.iter().zip(&states).enumerate() {
+            send(svc, &format!("b{i}"), state).await;
+        }
+        let ejected = states.iter().filter(|s| s.is_ejected()).count();
+        assert_eq!(ejected, 2, "10 % of 20, round {round}");
+    }
+    // Once the two ejections end, two others may be ejected.
+    tokio::time::advance(secs(30)).await;
+    for (i, (svc, state)) in services.iter().zip(&states).enumerate() {
+        send(svc, &format!("b{i}"), state).await;
+    }
+    assert_eq!(states.iter().filter(|s| s.is_ejected()).count(), 2);
+    assert_eq!(states.iter().map(|s| s.ejections()).sum::<u32>(), 4);
+
+    // With 3 backends 10 % is less than one, and one is always allowed.
+    let health = HealthLayer::new()
+        .consecutive_failures(1)
+        .max_ejection_percent(0);
+    let services: Vec<_> = (0..3).map(|_| health.layer(backend.clone())).collect();
+    let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
+    for (svc, state) in services.iter().zip(&states) {
+        send(svc, "x", state).await;
+    }
+    assert_eq!(states.iter().filter(|s| s.is_ejected()).count(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Active probes
+// ---------------------------------------------------------------------------
+
+/// A probe that answers from a script per backend (true = pass), then
+/// repeats the last answer, and counts probes.
+#[derive(Clone, Default)]
+struct Script {
+    answers: Arc<Mutex<std::collections::HashMap<BackendId, VecDeque<bool>>>>,
+    last: Arc<Mutex<std::collections::HashMap<BackendId, bool>>>,
+    probes: Arc<AtomicUsize>,
+}
+
+impl Script {
+    fn push(&self, id: &str, answers: &[bool]) {
+        self.answers
+            .lock()
+            .entry(id.into())
+            .or_default()
+            .extend(answers);
+    }
+
+    fn set(&self, id: &str, pass: bool) {
+        self.answers.lock().remove(&BackendId::from(id));
+        self.last.lock().insert(id.into(), pass);
+    }
+
+    fn answer(&self, id: &BackendId) -> bool {
+        self.probes.fetch_add(1, Ordering::SeqCst);
+        let next = self
+            .answers
+            .lock()
+            .get_mut(id)
+            .and_then(VecDeque::pop_front);
+        let mut last = self.last.lock();
+        match next {
+            Some(pass) => {
+                last.insert(id.clone(), pass);
+                pass
+            }
+            None => *last.get(id).unwrap_or(&true),
+        }
+    }
+
+    fn probe<S>(&self) -> impl tower_ha::health::Probe<S> {
+        let script = self.clone();
+        probe_fn(move |id: &BackendId, _svc: &S| {
+            let pass = script.answer(id);
+            async move {
+                if pass {
+                    Ok(())
+                } else {
+                    Err("probe failed".into())
+                }
+            }
+        })
+    }
+}
+
+fn pool_of(ids: &[&str]) -> (Pool<Backend>, Vec<Backend>) {
+    let pool = Pool::new();
+    let backends: Vec<_> = ids.iter().map(|_| Backend::new()).collect();
+    for (id, b) in ids.iter().zip(&backends) {
+        pool.insert(*id, b.clone());
+    }
+    (pool, backends)
+}
+
+#[tokio::test(start_paused = true)]
+async fn rise_and_fall_count_consecutive_probe_results() {
+    let (pool, _) = pool_of(&["a"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    // Probes at 0 s, 1 s, 2 s, ...
+    script.push(
+        "a",
+        &[
+            true, false, false, true, false, false, false, // unhealthy at 6 s
+            true, false, true, true, // healthy at 10 s
+        ],
+    );
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .rise(2)
+        .fall(3)
+        .spawn();
+    let mut seen = Vec::new();
+    for k in 0..11 {
+        at(t0 + secs(k) + ms(500)).await;
+        seen.push(state.health());
+    }
+    use Health::{Healthy as H, Unhealthy as U};
+    assert_eq!(seen, [H, H, H, H, H, H, U, U, U, U, H]);
+    assert_eq!(script.probes.load(Ordering::SeqCst), 11);
+}
+
+#[tokio::test(start_paused = true)]
+async fn probes_come_faster_while_unhealthy() {
+    let (pool, _) = pool_of(&["a"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    script.set("a", false);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(10))
+        .unhealthy_interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .spawn();
+    at(t0 + ms(500)).await;
+    assert_eq!(state.health(), Health::Unhealthy);
+    assert_eq!(script.probes.load(Ordering::SeqCst), 1);
+    at(t0 + ms(5500)).await;
+    assert_eq!(script.probes.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_hangs_fails_at_its_timeout() {
+    let pool = Pool::new();
+    pool.insert("a", ());
+    let state = pool.state(&"a".into()).unwrap();
+    let probe = probe_fn(|_id: &BackendId, _svc: &()| std::future::pending());
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), probe)
+        .interval(secs(2))
+        .timeout(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(2)
+        .spawn();
+    // Probes start at 0 s and 2 s and time out at 1 s and 3 s.
+    at(t0 + secs(3) - ms(1)).await;
+    assert_eq!(state.health(), Health::Healthy);
+    at(t0 + secs(3)).await;
+    assert_eq!(state.health(), Health::Unhealthy);
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_unhealthy_waits_for_rise_passing_probes() {
+    let (pool, _) = pool_of(&["a"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .rise(3)
+        .start_unhealthy(true)
+        .spawn();
+    at(t0 + ms(1500)).await;
+    assert_eq!(state.health(), Health::Unhealthy);
+    at(t0 + ms(2500)).await;
+    assert_eq!(state.health(), Health::Healthy);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passing_probe_lifts_a_passive_ejection() {
+    let pool = Pool::new();
+    let backend = Backend::new();
+    pool.insert("a", HealthLayer::new().layer(backend.clone()));
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(5))
+        .jitter(Duration::ZERO)
+        .spawn();
+    at(t0 + secs(1)).await;
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    let svc = pool.snapshot().service(0).unwrap().clone();
+    for _ in 0..5 {
+        send(&svc, "a", &state).await;
+    }
+    assert!(state.is_ejected());
+    at(t0 + secs(5) - ms(1)).await;
+    assert!(state.is_ejected());
+    at(t0 + secs(5)).await;
+    assert!(!state.is_ejected(), "the probe at 5 s passed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_checker_stops_when_its_handle_is_dropped_or_shut_down() {
+    let (pool, _) = pool_of(&["a"]);
+    let script = Script::default();
+    let checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .spawn();
+    settle().await;
+    assert_eq!(script.probes.load(Ordering::SeqCst), 1);
+    drop(checker);
+    tokio::time::sleep(secs(10)).await;
+    assert_eq!(script.probes.load(Ordering::SeqCst), 1);
+
+    let checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .spawn();
+    settle().await;
+    assert_eq!(script.probes.load(Ordering::SeqCst), 2);
+    assert!(!checker.is_finished());
+    checker.shutdown().await;
+    tokio::time::sleep(secs(10)).await;
+    assert_eq!(script.probes.load(Ordering::SeqCst), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Lifecycle
+// ---------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn turned_off_and_removed_at_the_configured_times() {
+    let (pool, _) = pool_of(&["a", "b"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    // Healthy at 0 s, unhealthy from the probe at 1 s on.
+    script.push("a", &[true, false]);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .unhealthy_interval(secs(7)) // probes at 8 s, 15 s, ...: off the marks
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .turned_off_after(secs(10))
+        .removed_after(secs(30))
+        .spawn();
+    at(t0 + ms(1500)).await;
+    assert_eq!(state.health(), Health::Unhealthy);
+    at(t0 + secs(11) - ms(1)).await;
+    assert_eq!(state.health(), Health::Unhealthy);
+    at(t0 + secs(11)).await;
+    assert_eq!(state.health(), Health::TurnedOff);
+    at(t0 + secs(31) - ms(1)).await;
+    assert!(pool.contains(&"a".into()));
+    at(t0 + secs(31)).await;
+    assert!(!pool.contains(&"a".into()));
+    assert!(pool.contains(&"b".into()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_never_seen_healthy_is_neither_turned_off_nor_removed() {
+    let (pool, _) = pool_of(&["a"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    script.set("a", false);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .turned_off_after(secs(2))
+        .removed_after(secs(4))
+        .spawn();
+    at(t0 + secs(60)).await;
+    assert_eq!(state.health(), Health::Unhealthy);
+    assert!(pool.contains(&"a".into()));
+    assert!(script.probes.load(Ordering::SeqCst) > 50, "still probed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_turned_off_backend_recovers_on_its_own() {
+    let (pool, backends) = pool_of(&["a", "b"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).panic_threshold(0.0);
+    let script = Script::default();
+    script.push("a", &[true, false]);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .rise(2)
+        .turned_off_after(secs(5))
+        .spawn();
+    at(t0 + secs(10)).await;
+    assert_eq!(state.health(), Health::TurnedOff);
+    for _ in 0..4 {
+        balance.clone().oneshot(Request::new(())).await.unwrap();
+    }
+    assert_eq!(backends[0].calls(), 0);
+    // The backend comes back: two passing probes (at 11 s and 12 s).
+    script.set("a", true);
+    at(t0 + secs(11) + ms(500)).await;
+    assert_eq!(state.health(), Health::TurnedOff);
+    at(t0 + secs(12) + ms(500)).await;
+    assert_eq!(state.health(), Health::Healthy);
+    for _ in 0..4 {
+        balance.clone().oneshot(Request::new(())).await.unwrap();
+    }
+    assert_eq!(backends[0].calls(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Slow start
+// ---------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn slow_start_ramps_new_and_recovered_backends() {
+    let (pool, _) = pool_of(&["a"]);
+    let script = Script::default();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .rise(1)
+        .slow_start(SlowStart::new(secs(10)))
+        .spawn();
+    settle().await;
+    let a = pool.state(&"a".into()).unwrap();
+    assert_eq!(
+        a.weight_permille(),
+        1000,
+        "backends present at start do not ramp"
+    );
+
+    // A new backend.
+    tokio::time::advance(ms(300)).await;
+    let t1 = Instant::now();
+    pool.insert("b", Backend::new());
+    settle().await;
+    let b = pool.state(&"b".into()).unwrap();
+    assert_eq!(b.weight_permille(), 100, "0 % of the window");
+    at(t1 + secs(5)).await;
+    assert_eq!(b.weight_permille(), 550, "50 % of the window");
+    at(t1 + secs(10) - ms(1)).await;
+    assert!(b.weight_permille() < 1000);
+    at(t1 + secs(10)).await;
+    assert_eq!(b.weight_permille(), 1000, "100 % of the window");
+
+    // A recovered backend: down at the probe after 12 s, up at the next.
+    script.push("a", &[false, true]);
+    let next_probe = t1 - ms(300) + secs(11);
+    at(next_probe).await;
+    assert_eq!(a.health(), Health::Unhealthy);
+    at(next_probe + secs(1)).await;
+    assert_eq!(a.health(), Health::Healthy);
+    assert_eq!(a.weight_permille(), 100);
+    at(next_probe + secs(6)).await;
+    assert_eq!(a.weight_permille(), 550);
+    at(next_probe + secs(11)).await;
+    assert_eq!(a.weight_permille(), 1000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ramp_cut_short_by_shutdown_ends_at_full_weight() {
+    let (pool, _) = pool_of(&["a"]);
+    let checker = HealthChecker::new(pool.clone(), Script::default().probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .slow_start(SlowStart::new(secs(10)).min_weight(0.2))
+        .spawn();
+    settle().await;
+    pool.insert("b", Backend::new());
+    settle().await;
+    let b = pool.state(&"b".into()).unwrap();
+    assert_eq!(b.weight_permille(), 200);
+    checker.shutdown().await;
+    assert_eq!(b.weight_permille(), 1000);
+}
+
+// ---------------------------------------------------------------------------
+// Panic routing
+// ---------------------------------------------------------------------------
+
+async fn served(balance: &Balance<Backend, RoundRobin>, n: usize) -> Vec<String> {
+    let mut served = Vec::new();
+    for _ in 0..n {
+        let r = balance.clone().oneshot(Request::new(())).await.unwrap();
+        served.push(r.extensions().get::<ServedBy>().unwrap().0.to_string());
+    }
+    served.sort();
+    served.dedup();
+    served
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_routing_engages_below_the_threshold() {
+    let (pool, _) = pool_of(&["a", "b", "c", "d"]);
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let state = |id: &str| pool.state(&id.into()).unwrap();
+
+    // 2 of 4 available: 50 % is not below 50 %.
+    state("a").set_health(Health::Unhealthy);
+    state("b").eject_until(Instant::now() + secs(60));
+    assert_eq!(served(&balance, 8).await, ["c", "d"]);
+
+    // 1 of 4 available: panic, every enabled backend serves.
+    state("c").set_health(Health::Unhealthy);
+    tokio::time::advance(ms(1)).await;
+    assert_eq!(served(&balance, 8).await, ["a", "b", "c", "d"]);
+
+    // The operator's status still holds in panic.
+    state("d").set_admin(AdminStatus::Disabled);
+    tokio::time::advance(ms(1)).await;
+    assert_eq!(served(&balance, 8).await, ["a", "b", "c"]);
+    state("d").set_admin(AdminStatus::Enabled);
+
+    // Back above the threshold: only available backends again.
+    state("a").set_health(Health::Healthy);
+    tokio::time::advance(ms(1)).await;
+    assert_eq!(served(&balance, 8).await, ["a", "d"]);
+
+    // Threshold 0 disables panic routing; 1.0 panics unless all are up.
+    state("a").set_health(Health::Unhealthy);
+    let strict = balance.clone().panic_threshold(0.0);
+    assert_eq!(served(&strict, 8).await, ["d"]);
+    let eager = balance.panic_threshold(1.0);
+    state("a").set_health(Health::Healthy);
+    state("b").uneject();
+    tokio::time::advance(ms(1)).await;
+    assert_eq!(served(&eager, 8).await, ["a", "b", "c", "d"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_routing_follows_expiring_ejections() {
+    let (pool, _) = pool_of(&["a", "b", "c"]);
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    for id in ["a", "b"] {
+        pool.state(&id.into())
+            .unwrap()
+            .eject_until(Instant::now() + secs(10));
+    }
+    // 1 of 3 available: panic.
+    assert_eq!(served(&balance, 6).await, ["a", "b", "c"]);
+    // The ejections end: nothing is unavailable, no panic, all serve.
+    tokio::time::advance(secs(10)).await;
+    assert_eq!(served(&balance, 6).await, ["a", "b", "c"]);
+    // One backend unhealthy, 2 of 3 available: no panic.
+    pool.state(&"a".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
+    tokio::time::advance(ms(1)).await;
+    assert_eq!(served(&balance, 6).await, ["b", "c"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn success_rate_ejection_catches_failures_that_never_come_in_a_row() {
+    use tower_ha::health::SuccessRate;
+    let layer =
+        HealthLayer::new().success_rate(SuccessRate::new(0.9).min_requests(30).window(secs(10)));
+    let (flaky, fine) = (Backend::new(), Backend::new());
+    let (flaky_svc, fine_svc) = (layer.layer(flaky.clone()), layer.layer(fine.clone()));
+    let (flaky_state, fine_state) = (
+        Arc::new(BackendState::new(1)),
+        Arc::new(BackendState::new(1)),
+    );
+    let t0 = Instant::now();
+    // One failure in three for the flaky one, one in twenty for the other.
+    for i in 0..=100 {
+        flaky.set(if i % 3 == 0 {
+            StatusCode::BAD_GATEWAY
+        } else {
+            StatusCode::OK
+        });
+        fine.set(if i % 20 == 0 {
+            StatusCode::BAD_GATEWAY
+        } else {
+            StatusCode::OK
+        });
+        // The first window is judged by the first outcome at 10 s or later.
+        assert_eq!(Instant::now(), t0 + ms(100 * i));
+        assert!(!flaky_state.is_ejected(), "ejected before the window ended");
+        send(&flaky_svc, "flaky", &flaky_state).await;
+        send(&fine_svc, "fine", &fine_state).await;
+        tokio::time::advance(ms(100)).await;
+    }
+    // Judged at 10 s with 67 % success.
+    assert!(flaky_state.is_ejected());
+    assert_eq!(flaky_state.consecutive_failures(), 0);
+    assert!(!fine_state.is_ejected());
+    assert_eq!(fine_state.ejections(), 0);
+
+    // Too few requests in a window to judge: no ejection.
+    let few = layer.layer(flaky.clone());
+    let few_state = Arc::new(BackendState::new(1));
+    flaky.set(StatusCode::BAD_GATEWAY);
+    for _ in 0..3 {
+        send(&few, "few", &few_state).await;
+        tokio::time::advance(secs(11)).await;
+    }
+    assert!(!few_state.is_ejected());
+}
+
+/// One event: its level and its fields as strings.
+type Event = (tracing::Level, std::collections::HashMap<String, String>);
+
+/// Collects the fields of every event as strings.
+#[derive(Clone, Default)]
+struct Events(Arc<Mutex<Vec<Event>>>);
+
+impl Events {
+    fn find(
+        &self,
+        to: &str,
+    ) -> Option<(tracing::Level, std::collections::HashMap<String, String>)> {
+        self.0
+            .lock()
+            .iter()
+            .find(|(_, f)| f.get("to").map(String::as_str) == Some(to))
+            .cloned()
+    }
+}
+
+struct Fields<'a>(&'a mut std::collections::HashMap<String, String>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+impl tracing::Subscriber for Events {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = std::collections::HashMap::new();
+        event.record(&mut Fields(&mut fields));
+        self.0.lock().push((*event.metadata().level(), fields));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_changes_are_tracing_events_with_backend_from_to_and_reason() {
+    let events = Events::default();
+    let _guard = tracing::subscriber::set_default(events.clone());
+
+    let backend = Backend::new();
+    let svc = HealthLayer::new()
+        .consecutive_failures(1)
+        .base_ejection_time(secs(1))
+        .layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    backend.set(StatusCode::BAD_GATEWAY);
+    send(&svc, "a", &state).await;
+    tokio::time::advance(secs(1)).await;
+    backend.set(StatusCode::OK);
+    send(&svc, "a", &state).await;
+
+    let (pool, _) = pool_of(&["b"]);
+    let script = Script::default();
+    script.push("b", &[false, true]);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool, script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .rise(1)
+        .spawn();
+    at(t0 + ms(1500)).await;
+
+    let expect = |to: &str, level: tracing::Level, backend: &str, from: &str, reason: &str| {
+        let (l, f) = events
+            .find(to)
+            .unwrap_or_else(|| panic!("no event to {to}"));
+        assert_eq!(l, level, "{to}");
+        assert_eq!(f["backend"], backend);
+        assert_eq!(f["from"], from);
+        assert_eq!(f["reason"], reason);
+    };
+    expect(
+        "ejected",
+        tracing::Level::WARN,
+        "a",
+        "available",
+        "consecutive failures",
+    );
+    expect(
+        "available",
+        tracing::Level::INFO,
+        "a",
+        "ejected",
+        "ejection ended",
+    );
+    expect(
+        "unhealthy",
+        tracing::Level::WARN,
+        "b",
+        "healthy",
+        "probes failed",
+    );
+    expect(
+        "healthy",
+        tracing::Level::INFO,
+        "b",
+        "unhealthy",
+        "probes passed",
+    );
+}

@@ -1,0 +1,127 @@
+//! Health end to end, against real hyper servers on 127.0.0.1.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use tower::ServiceExt;
+use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::extensions::ServedBy;
+use tower_ha::health::{HealthChecker, HttpProbe, TcpProbe};
+use tower_ha::{Health, Pool};
+
+use support::health_http::{eventually, HttpBackend, ReqBody, TestServer};
+
+type Lb = Balance<HttpBackend, RoundRobin>;
+
+/// Sends `n` requests; returns how many each backend ("a", "b") served.
+async fn spread(balance: &Lb, n: usize) -> (usize, usize) {
+    let (mut a, mut b) = (0, 0);
+    for _ in 0..n {
+        let response = balance
+            .clone()
+            .oneshot(Request::new(ReqBody::default()))
+            .await
+            .expect("a healthy backend answers");
+        assert_eq!(response.status(), StatusCode::OK);
+        match response.extensions().get::<ServedBy>().unwrap().0.as_str() {
+            "a" => a += 1,
+            _ => b += 1,
+        }
+    }
+    (a, b)
+}
+
+async fn two_backends() -> (TestServer, TestServer, Pool<HttpBackend>, Lb) {
+    let (a, b) = (TestServer::start().await, TestServer::start().await);
+    let pool = Pool::new();
+    pool.insert("a", HttpBackend::new(a.addr()));
+    pool.insert("b", HttpBackend::new(b.addr()));
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).panic_threshold(0.0);
+    (a, b, pool, balance)
+}
+
+#[tokio::test]
+async fn a_backend_whose_healthz_fails_leaves_after_fall_probes_and_returns_after_rise() {
+    let (a, _b, pool, balance) = two_backends().await;
+    let state = pool.state(&"a".into()).unwrap();
+    let _checker = HealthChecker::new(pool.clone(), HttpProbe::new("/healthz"))
+        .interval(Duration::from_millis(50))
+        .jitter(Duration::ZERO)
+        .fall(2)
+        .rise(2)
+        .spawn();
+    eventually("a first probe passes", || a.probes_ok() >= 1).await;
+    assert_eq!(spread(&balance, 10).await, (5, 5));
+
+    a.set_healthz(500);
+    eventually("a is marked unhealthy", || {
+        state.health() == Health::Unhealthy
+    })
+    .await;
+    assert!(
+        a.probes_failed() >= 2,
+        "unhealthy after {} failed probes",
+        a.probes_failed()
+    );
+    let hits = a.hits();
+    assert_eq!(spread(&balance, 20).await, (0, 20));
+    assert_eq!(a.hits(), hits, "no request reached the unhealthy backend");
+
+    let passed_before = a.probes_ok();
+    a.set_healthz(200);
+    eventually("a is healthy again", || state.health() == Health::Healthy).await;
+    assert!(a.probes_ok() - passed_before >= 2);
+    assert_eq!(spread(&balance, 10).await, (5, 5));
+}
+
+#[tokio::test]
+async fn a_backend_whose_listener_is_shut_down_is_marked_unhealthy() {
+    let (a, b, pool, balance) = two_backends().await;
+    let state = pool.state(&"a".into()).unwrap();
+    let _checker = HealthChecker::new(pool.clone(), HttpProbe::new("/healthz"))
+        .interval(Duration::from_millis(50))
+        .jitter(Duration::ZERO)
+        .fall(2)
+        .spawn();
+    eventually("a first probe passes", || a.probes_ok() >= 1).await;
+    a.shutdown().await;
+    eventually("a is marked unhealthy", || {
+        state.health() == Health::Unhealthy
+    })
+    .await;
+    let served_by_b = b.hits();
+    assert_eq!(spread(&balance, 10).await, (0, 10));
+    assert_eq!(b.hits(), served_by_b + 10);
+}
+
+#[tokio::test]
+async fn a_tcp_probe_marks_a_closed_listener_unhealthy() {
+    let (a, b, pool, _balance) = two_backends().await;
+    let probe = TcpProbe::from_map([("a", a.addr()), ("b", b.addr())]);
+    let (sa, sb) = (
+        pool.state(&"a".into()).unwrap(),
+        pool.state(&"b".into()).unwrap(),
+    );
+    let _checker = HealthChecker::new(pool.clone(), probe)
+        .interval(Duration::from_millis(50))
+        .jitter(Duration::ZERO)
+        .fall(2)
+        .start_unhealthy(true)
+        .spawn();
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        (sa.health(), sb.health()),
+        (Health::Unhealthy, Health::Unhealthy)
+    );
+    eventually("both pass their first probes", || {
+        sa.health() == Health::Healthy && sb.health() == Health::Healthy
+    })
+    .await;
+    a.shutdown().await;
+    eventually("a is marked unhealthy", || sa.health() == Health::Unhealthy).await;
+    assert_eq!(sb.health(), Health::Healthy);
+}

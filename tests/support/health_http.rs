@@ -1,0 +1,193 @@
+//! Real HTTP backends on 127.0.0.1 for the health tests: hyper 1 servers
+//! whose `/healthz` answer can be flipped and whose listener can be shut
+//! down, and a client-side backend service that sends requests to one of
+//! them.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::task::AbortHandle;
+use tower::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Default)]
+struct Counters {
+    healthz: AtomicU16,
+    hits: AtomicUsize,
+    probes_ok: AtomicUsize,
+    probes_failed: AtomicUsize,
+}
+
+/// A hyper server on 127.0.0.1: `/healthz` answers the configured status,
+/// every other path answers 200 and counts a hit.
+pub struct TestServer {
+    addr: SocketAddr,
+    counters: Arc<Counters>,
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl TestServer {
+    /// Starts a server on an ephemeral port.
+    pub async fn start() -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counters = Arc::new(Counters::default());
+        counters.healthz.store(200, Ordering::SeqCst);
+        let tasks = Arc::new(Mutex::new(Vec::new()));
+        let accept = {
+            let (counters, tasks) = (counters.clone(), tasks.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let counters = counters.clone();
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let c = counters.clone();
+                        async move {
+                            let status = if req.uri().path() == "/healthz" {
+                                let s = c.healthz.load(Ordering::SeqCst);
+                                if (200..300).contains(&s) {
+                                    c.probes_ok.fetch_add(1, Ordering::SeqCst);
+                                } else {
+                                    c.probes_failed.fetch_add(1, Ordering::SeqCst);
+                                }
+                                StatusCode::from_u16(s).unwrap()
+                            } else {
+                                c.hits.fetch_add(1, Ordering::SeqCst);
+                                StatusCode::OK
+                            };
+                            let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                            *response.status_mut() = status;
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let conn = tokio::spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                    tasks.lock().push(conn.abort_handle());
+                }
+            })
+        };
+        tasks.lock().push(accept.abort_handle());
+        TestServer {
+            addr,
+            counters,
+            tasks,
+        }
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Makes `/healthz` answer `status`.
+    pub fn set_healthz(&self, status: u16) {
+        self.counters.healthz.store(status, Ordering::SeqCst);
+    }
+
+    /// Requests served outside `/healthz`.
+    pub fn hits(&self) -> usize {
+        self.counters.hits.load(Ordering::SeqCst)
+    }
+
+    /// `/healthz` requests answered with a 2xx.
+    pub fn probes_ok(&self) -> usize {
+        self.counters.probes_ok.load(Ordering::SeqCst)
+    }
+
+    /// `/healthz` requests answered with anything else.
+    pub fn probes_failed(&self) -> usize {
+        self.counters.probes_failed.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener and every open connection.
+    pub async fn shutdown(&self) {
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
+        }
+        // Let the runtime drop the aborted tasks (and their sockets).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// The body of requests sent to [`HttpBackend`].
+pub type ReqBody = Empty<Bytes>;
+
+/// A backend service: sends each request (origin-form URI) to one server
+/// through a pooled hyper client.
+#[derive(Clone)]
+pub struct HttpBackend {
+    client: Client<HttpConnector, ReqBody>,
+    addr: SocketAddr,
+}
+
+impl HttpBackend {
+    /// A backend for the server at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        HttpBackend {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            addr,
+        }
+    }
+}
+
+impl Service<Request<ReqBody>> for HttpBackend {
+    type Response = Response<Incoming>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let uri: Result<Uri, _> = format!("http://{}{}", self.addr, path).parse();
+        let client = self.client.clone();
+        Box::pin(async move {
+            *req.uri_mut() = uri?;
+            Ok(client.request(req).await?)
+        })
+    }
+}
+
+/// Waits until `done` holds, checking every 5 ms, for at most 10 s (a bound
+/// against hanging, not a timing claim).
+pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
