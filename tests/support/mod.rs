@@ -2,3 +2,5 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod store_contract;
+#[cfg(feature = "webhook")]
+pub mod webhook_server;
