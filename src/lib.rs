@@ -14,6 +14,10 @@
 //!   smooth weighted round robin, consistent hashing (ring or Maglev).
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
+//! * [`store`]: durable sessions behind the [`SessionStore`](store::SessionStore)
+//!   trait: in memory, one JSON file per session
+//!   ([`FileStore`](store::FileStore)), or your own HTTP service
+//!   (`WebhookStore`, feature `webhook`).
 //!
 //! # Quick start
 //!

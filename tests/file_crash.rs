@@ -79,6 +79,7 @@ fn main() {
     println!("running 1 test");
     killed_writer_leaves_previous_or_new_version();
     println!("test killed_writer_leaves_previous_or_new_version ... ok");
+    println!("\ntest result: ok. 1 passed; 0 failed");
 }
 
 /// The child: rewrites every session forever, printing `key version` on
@@ -202,8 +203,11 @@ fn killed_writer_leaves_previous_or_new_version() {
             );
             leftovers += 1;
         }
-        let stored: HashMap<&str, &Session> =
-            loaded.sessions.iter().map(|s| (s.key.as_str(), s)).collect();
+        let stored: HashMap<&str, &Session> = loaded
+            .sessions
+            .iter()
+            .map(|s| (s.key.as_str(), s))
+            .collect();
         assert!(stored.len() as u64 <= KEYS);
         for i in 0..KEYS {
             let k = key(i);

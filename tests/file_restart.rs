@@ -45,6 +45,7 @@ fn main() {
     println!("running 1 test");
     sessions_survive_kill_and_restart();
     println!("test {TEST} ... ok");
+    println!("\ntest result: ok. 1 passed; 0 failed");
 }
 
 /// The child: restores what the directory holds (printing `restored key
@@ -139,7 +140,10 @@ fn sessions_survive_kill_and_restart() {
 
     let mut first = Server::start(tmp.path());
     let mut out = first.until_ready();
-    assert!(!out.contains_key("restored"), "a new directory restores nothing");
+    assert!(
+        !out.contains_key("restored"),
+        "a new directory restores nothing"
+    );
     let assigned = out.remove("opened").expect("sessions opened");
     assert_eq!(assigned.len(), SESSIONS);
     // Serve a while, then die in the middle of it.

@@ -49,7 +49,13 @@ async fn webhook_store_passes_the_contract_with_basic_auth() {
         .build()
         .unwrap();
     support::store_contract::run(Arc::new(store)).await;
-    assert_eq!(server.state.refused.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        server
+            .state
+            .refused
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
 }
 
 #[tokio::test]
@@ -61,7 +67,13 @@ async fn webhook_store_passes_the_contract_with_digest_auth() {
         .unwrap();
     support::store_contract::run(Arc::new(store)).await;
     // One challenge at first contact; every later request reuses it.
-    assert_eq!(server.state.refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        server
+            .state
+            .refused
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
     assert!(server.state.seen.lock().len() > 100);
 }
 
@@ -83,7 +95,10 @@ async fn the_wire_format_is_enterprise_gateways() {
     assert_eq!(seen[0].path, "/api/sessions/kernel%2F1%20%C3%BC");
     assert_eq!(seen[0].content_type.as_deref(), Some("application/json"));
     let body: Value = serde_json::from_slice(&seen[0].body).unwrap();
-    assert_eq!(body, json!({"kernel/1 ü": serde_json::to_value(&s).unwrap()}));
+    assert_eq!(
+        body,
+        json!({"kernel/1 ü": serde_json::to_value(&s).unwrap()})
+    );
 
     assert_eq!(seen[1].method, http::Method::DELETE);
     assert_eq!(seen[1].path, "/api/sessions");
@@ -149,7 +164,10 @@ async fn a_new_digest_nonce_is_followed() {
     *server.state.nonce.lock() = "a-fresh-nonce-0001".into();
     store.save(&session("k", "b")).await.unwrap();
     assert_eq!(
-        server.state.refused.load(std::sync::atomic::Ordering::SeqCst),
+        server
+            .state
+            .refused
+            .load(std::sync::atomic::Ordering::SeqCst),
         2,
         "first contact and the stale nonce were each challenged once"
     );
@@ -174,8 +192,16 @@ async fn not_found_means_no_session_on_load_and_a_missing_endpoint_elsewhere() {
     assert_eq!(store.load("nobody").await.unwrap(), None);
     server.set_mode(Mode::Fixed(404, "no such endpoint"));
     assert!(store.load_all().await.unwrap_err().is_not_found());
-    assert!(store.save(&session("k", "a")).await.unwrap_err().is_not_found());
-    assert!(store.delete(&["k".into()]).await.unwrap_err().is_not_found());
+    assert!(store
+        .save(&session("k", "a"))
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(store
+        .delete(&["k".into()])
+        .await
+        .unwrap_err()
+        .is_not_found());
     assert_eq!(store.load("k").await.unwrap(), None);
 }
 
@@ -221,7 +247,10 @@ async fn server_errors_are_retried_exactly_up_to_the_bound() {
     assert!(err.is_transient());
     assert_eq!(server.requests(), 4, "one attempt and three retries");
 
-    let none = WebhookStore::builder(server.url()).retries(0).build().unwrap();
+    let none = WebhookStore::builder(server.url())
+        .retries(0)
+        .build()
+        .unwrap();
     let before = server.requests();
     assert!(none.load_all().await.unwrap_err().is_unavailable());
     assert_eq!(server.requests() - before, 1);
@@ -238,7 +267,10 @@ async fn a_transient_failure_recovers_within_the_bound() {
         .unwrap();
     store.save(&session("k", "a")).await.unwrap();
     assert_eq!(server.requests(), 3);
-    assert_eq!(store.load("k").await.unwrap().unwrap().backend.as_str(), "a");
+    assert_eq!(
+        store.load("k").await.unwrap().unwrap().backend.as_str(),
+        "a"
+    );
 }
 
 #[tokio::test]
@@ -279,9 +311,7 @@ async fn a_body_of_the_wrong_shape_is_corrupt() {
 #[tokio::test]
 async fn one_bad_element_is_skipped_while_the_others_load() {
     let server = Server::start(Auth::None).await;
-    let good = |k: &str| {
-        json!({"kernel_session": {k: serde_json::to_value(session(k, "node-a")).unwrap()}})
-    };
+    let good = |k: &str| json!({"kernel_session": {k: serde_json::to_value(session(k, "node-a")).unwrap()}});
     let list = json!([
         good("a"),
         42,

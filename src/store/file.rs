@@ -133,9 +133,7 @@ impl FileStore {
 
 impl fmt::Debug for FileStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FileStore")
-            .field("dir", &self.dir)
-            .finish()
+        f.debug_struct("FileStore").field("dir", &self.dir).finish()
     }
 }
 
@@ -228,7 +226,10 @@ fn hashed_name(key: &str) -> String {
 #[cfg(unix)]
 fn create_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 #[cfg(not(unix))]
@@ -366,8 +367,9 @@ fn load_all(dir: &Path) -> Result<Loaded, StoreError> {
     let mut loaded = Loaded::default();
     let mut removed_temp = false;
     for entry in entries {
-        let entry = entry
-            .map_err(|e| StoreError::io(e).with_message(format!("cannot list {}", dir.display())))?;
+        let entry = entry.map_err(|e| {
+            StoreError::io(e).with_message(format!("cannot list {}", dir.display()))
+        })?;
         let Ok(name) = entry.file_name().into_string() else {
             continue; // never a name this store writes
         };
@@ -425,7 +427,15 @@ mod tests {
 
     #[test]
     fn names_stay_inside_and_apart() {
-        for key in ["../../etc/passwd", "/abs", "..", ".", "a/b", "a\\b", "nul\0"] {
+        for key in [
+            "../../etc/passwd",
+            "/abs",
+            "..",
+            ".",
+            "a/b",
+            "a\\b",
+            "nul\0",
+        ] {
             let name = file_name(key);
             assert!(!name.contains('/') && !name.contains('\\') && !name.contains('\0'));
             assert!(name.starts_with(ENCODED_PREFIX), "{name}");
@@ -446,7 +456,12 @@ mod tests {
     fn names_fit_the_file_system() {
         for len in 0..400 {
             let key = "%".repeat(len);
-            let temp = format!(".{}.{}-{}{TEMP_SUFFIX}", file_name(&key), u32::MAX, u64::MAX);
+            let temp = format!(
+                ".{}.{}-{}{TEMP_SUFFIX}",
+                file_name(&key),
+                u32::MAX,
+                u64::MAX
+            );
             assert!(temp.len() <= 255, "{len}: {}", temp.len());
         }
     }

@@ -154,8 +154,11 @@ impl WebhookStore {
 impl WebhookStoreBuilder {
     /// Sends `user` and `password` with HTTP Basic authentication.
     pub fn basic_auth(mut self, user: impl AsRef<str>, password: impl AsRef<str>) -> Self {
-        let token = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", user.as_ref(), password.as_ref()));
+        let token = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            user.as_ref(),
+            password.as_ref()
+        ));
         self.auth = Auth::Basic(format!("Basic {token}"));
         self
     }
@@ -514,7 +517,8 @@ enum Failure {
 }
 
 fn backoff(base: Duration, attempt: u32) -> Duration {
-    base.saturating_mul(1u32 << attempt.min(16)).min(MAX_BACKOFF)
+    base.saturating_mul(1u32 << attempt.min(16))
+        .min(MAX_BACKOFF)
 }
 
 /// Maps every non-success status to its error.
@@ -539,10 +543,10 @@ fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| StoreError::corrupt(e).with_message("the answer is not JSON"))?;
     let serde_json::Value::Array(elements) = value else {
-        return Err(StoreError::corrupt(ShapeError(
-            "load all must answer a JSON array".into(),
-        ))
-        .with_message("the answer has the wrong shape"));
+        return Err(
+            StoreError::corrupt(ShapeError("load all must answer a JSON array".into()))
+                .with_message("the answer has the wrong shape"),
+        );
     };
     let mut loaded = Loaded::default();
     for (i, element) in elements.into_iter().enumerate() {
@@ -566,9 +570,8 @@ fn element_name(element: &serde_json::Value) -> Option<String> {
 
 /// `{"kernel_session": {"<id>": session}}` → `(id, session)`.
 fn parse_element(element: serde_json::Value) -> Result<(String, Session), StoreError> {
-    let shape = |why: &str| {
-        StoreError::corrupt(ShapeError(why.to_owned())).with_message("wrong shape")
-    };
+    let shape =
+        |why: &str| StoreError::corrupt(ShapeError(why.to_owned())).with_message("wrong shape");
     let serde_json::Value::Object(mut outer) = element else {
         return Err(shape("an element must be a JSON object"));
     };

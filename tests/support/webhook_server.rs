@@ -208,8 +208,7 @@ fn check_auth(state: &State, req: &Request<Incoming>) -> Option<Response<Full<By
             let ha1 = md5(&format!("{user}:{REALM}:{password}"));
             let ha2 = md5(&format!("{}:{path}", req.method()));
             let expected = md5(&format!("{ha1}:{nonce}:{:08x}:{cnonce}:auth:{ha2}", h.nc));
-            if h.username == *user && h.realm == REALM && h.uri == path && h.response == expected
-            {
+            if h.username == *user && h.realm == REALM && h.uri == path && h.response == expected {
                 None
             } else {
                 Some(challenge(state, false))
