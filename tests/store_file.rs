@@ -235,3 +235,41 @@ async fn a_restarted_store_sees_every_session() {
         assert_eq!(s.backend.as_str(), format!("node-{}", i % 4));
     }
 }
+
+/// A session file that is a named pipe makes a read wait until someone
+/// writes to the pipe. On a one-thread runtime, that wait must not stop
+/// the runtime: a timer must still fire while the load waits.
+#[cfg(unix)]
+#[tokio::test(flavor = "current_thread")]
+async fn file_io_never_blocks_the_runtime_thread() {
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    let fifo = tmp.path().join(FileStore::file_name("slow"));
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.unwrap().success(), "mkfifo");
+    let bytes = serde_json::to_vec(&session("slow", "node-a")).unwrap();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        std::fs::write(&fifo, bytes).unwrap();
+    });
+
+    let load = tokio::spawn({
+        let store = store.clone();
+        async move { store.load("slow").await }
+    });
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        start.elapsed() < Duration::from_millis(1000),
+        "the runtime's only thread was blocked by file i/o for {:?}",
+        start.elapsed()
+    );
+    assert!(!load.is_finished(), "the load is still waiting on the pipe");
+
+    let loaded = load.await.unwrap().unwrap().unwrap();
+    assert_eq!(loaded.backend.as_str(), "node-a");
+    writer.join().unwrap();
+}
