@@ -273,3 +273,26 @@ async fn file_io_never_blocks_the_runtime_thread() {
     assert_eq!(loaded.backend.as_str(), "node-a");
     writer.join().unwrap();
 }
+
+proptest::proptest! {
+    /// Every key gets a plain file name inside the directory, short enough
+    /// for any file system, and two keys never share one, even on a
+    /// case-insensitive file system.
+    #[test]
+    fn file_names_are_safe_and_distinct(a in "\\PC{0,120}", b in "\\PC{0,120}") {
+        for key in [&a, &b] {
+            let name = FileStore::file_name(key);
+            proptest::prop_assert!(name.ends_with(".json"));
+            proptest::prop_assert!(name.len() <= 200);
+            proptest::prop_assert!(name.starts_with("k_") || name.starts_with("h_"));
+            proptest::prop_assert!(!name.contains(['/', '\\', '\0']));
+            proptest::prop_assert!(name.is_ascii());
+        }
+        if a != b {
+            proptest::prop_assert_ne!(
+                FileStore::file_name(&a).to_lowercase(),
+                FileStore::file_name(&b).to_lowercase()
+            );
+        }
+    }
+}

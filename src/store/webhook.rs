@@ -132,6 +132,23 @@ impl WebhookStore {
     /// A builder for a store at `url` (`http://host:port/path`), with no
     /// authentication, a 60 s timeout per attempt (Enterprise Gateway's),
     /// 3 retries and a 100 ms initial backoff.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use tower_ha::store::{SessionStore, WebhookStore};
+    ///
+    /// // A port nothing listens on.
+    /// let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    /// let store = WebhookStore::builder(format!("http://127.0.0.1:{port}/sessions"))
+    ///     .retries(2)
+    ///     .backoff(Duration::from_millis(1))
+    ///     .build()
+    ///     .unwrap();
+    /// let err = store.load("kernel-42").await.unwrap_err();
+    /// assert!(err.is_unavailable() && err.is_transient()); // after 3 attempts
+    /// # }
+    /// ```
     pub fn builder(url: impl Into<String>) -> WebhookStoreBuilder {
         WebhookStoreBuilder {
             url: url.into(),
