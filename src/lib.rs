@@ -17,6 +17,10 @@
 //!   failing backends, slow start; panic routing in `Balance`.
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
+//! * [`store`]: durable sessions behind the [`SessionStore`](store::SessionStore)
+//!   trait: in memory, one JSON file per session
+//!   ([`FileStore`](store::FileStore)), or your own HTTP service
+//!   (`WebhookStore`, feature `webhook`).
 //!
 //! # Quick start
 //!

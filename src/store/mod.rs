@@ -11,6 +11,8 @@
 //! | store | where sessions live |
 //! |---|---|
 //! | [`MemoryStore`] | this process; shared by clones (tests, one replica) |
+//! | [`FileStore`] | one JSON file per session in a local directory; survives restarts (one replica) |
+//! | `WebhookStore` (feature `webhook`) | the user's own HTTP service, in Enterprise Gateway's webhook wire format (several replicas) |
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -28,7 +30,10 @@
 //! ```
 
 mod error;
+mod file;
 mod memory;
+#[cfg(feature = "webhook")]
+mod webhook;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,7 +44,11 @@ use serde::{Deserialize, Serialize};
 use crate::backend::BackendId;
 
 pub use error::StoreError;
+pub use file::FileStore;
 pub use memory::MemoryStore;
+#[cfg(feature = "webhook")]
+#[cfg_attr(docsrs, doc(cfg(feature = "webhook")))]
+pub use webhook::{WebhookStore, WebhookStoreBuilder};
 
 /// The future every [`SessionStore`] method returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;

@@ -3,3 +3,5 @@
 
 pub mod health_http;
 pub mod store_contract;
+#[cfg(feature = "webhook")]
+pub mod webhook_server;

@@ -1,0 +1,468 @@
+//! [`FileStore`]: one JSON file per session in a directory.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+
+use super::{Loaded, Session, SessionStore, StoreError, StoreFuture};
+
+/// The suffix of every session file.
+const RECORD_SUFFIX: &str = ".json";
+/// The suffix of a file being written (renamed to its record name when
+/// complete).
+const TEMP_SUFFIX: &str = ".tmp";
+/// Prefix of names that hold the key itself, percent-encoded.
+const ENCODED_PREFIX: &str = "k_";
+/// Prefix of names that hold the SHA-256 of a key too long to encode.
+const HASHED_PREFIX: &str = "h_";
+/// Longest encoded file name; longer keys are named by their hash. File
+/// systems allow 255 bytes, and the temporary name adds to it.
+const MAX_ENCODED_NAME: usize = 200;
+
+/// Temporary files this process is writing right now (in any store), so
+/// `load_all` neither reports nor removes a write in progress.
+static IN_FLIGHT: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+/// Makes temporary names unique within this process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Sessions as JSON files in one directory: the embedded default store.
+///
+/// * **One file per session**, named after its key (see below), holding the
+///   [`Session`] as JSON.
+/// * **Atomic writes**: a session is written to a temporary file in the same
+///   directory, flushed to disk (`fsync`), renamed over the previous version
+///   and the directory is flushed too. A crash at any moment leaves either
+///   the previous or the new complete version, never a mix.
+/// * **Safe names**: no key can name a path outside the directory. A key is
+///   percent-encoded into the file name (`k_<encoded>.json`, every byte
+///   outside `[a-z0-9_-]` written as `%XX`, so names differ even on
+///   case-insensitive file systems); a key whose encoded name would be
+///   longer than 200 bytes is named by its SHA-256 instead
+///   (`h_<64 hex digits>.json`). The key is also stored inside the file and
+///   checked on load.
+/// * **Private files**: on Unix, files are created with mode `0600` and a
+///   directory the store creates with mode `0700`.
+/// * **Corruption is contained**: a file that is truncated, not JSON, not a
+///   session, or stored under a name that does not match its key is skipped
+///   and reported in [`Loaded::skipped`]; its siblings load normally.
+/// * **Leftovers of a crash**: a temporary file (`*.tmp`) left by a write
+///   that was interrupted is reported in [`Loaded::skipped`] (as a
+///   [`corrupt`](StoreError::is_corrupt) record whose name ends in `.tmp`)
+///   and removed by that same `load_all`; the previous version of its
+///   session is intact. Writes in progress in this process are left alone.
+/// * **Never blocks the runtime**: every file operation runs on tokio's
+///   blocking thread pool ([`tokio::task::spawn_blocking`]), so a store must
+///   be used inside a tokio runtime; outside one, calls fail with an
+///   [`other`](StoreError::is_other) error.
+///
+/// One process should own a directory: two processes writing the same
+/// directory keep every record whole, but one may remove the other's
+/// temporary file while it writes, failing that save.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower_ha::store::{FileStore, Session, SessionStore};
+///
+/// let dir = std::env::temp_dir().join(format!("tower-ha-doc-{}", std::process::id()));
+/// let store = FileStore::open(&dir).await.unwrap();
+/// store.save(&Session::new("../../etc/passwd", "node-a".into())).await.unwrap();
+///
+/// // A restarted process finds the session again, inside the directory.
+/// let again = FileStore::open(&dir).await.unwrap();
+/// let loaded = again.load_all().await.unwrap();
+/// assert_eq!(loaded.sessions[0].key, "../../etc/passwd");
+/// assert_eq!(loaded.sessions[0].backend.as_str(), "node-a");
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct FileStore {
+    dir: Arc<PathBuf>,
+}
+
+impl FileStore {
+    /// A store in `dir`, creating the directory (and its parents) if it is
+    /// missing.
+    ///
+    /// Fails with an [`io`](StoreError::is_io) error if the directory cannot
+    /// be created or `dir` is not a directory.
+    pub async fn open(dir: impl Into<PathBuf>) -> Result<FileStore, StoreError> {
+        let dir: PathBuf = dir.into();
+        let dir = blocking(move || {
+            create_dir(&dir).map_err(|e| {
+                StoreError::io(e).with_message(format!("cannot create {}", dir.display()))
+            })?;
+            let meta = fs::metadata(&dir).map_err(StoreError::io)?;
+            if !meta.is_dir() {
+                return Err(StoreError::io(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} is not a directory", dir.display()),
+                )));
+            }
+            Ok(dir)
+        })
+        .await?;
+        Ok(FileStore { dir: Arc::new(dir) })
+    }
+
+    /// The directory the sessions are kept in.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file name a session key is stored under (without the directory).
+    ///
+    /// ```
+    /// use tower_ha::store::FileStore;
+    ///
+    /// assert_eq!(FileStore::file_name("alice"), "k_alice.json");
+    /// assert_eq!(FileStore::file_name("../x"), "k_%2E%2E%2Fx.json");
+    /// assert!(FileStore::file_name(&"x".repeat(300)).starts_with("h_"));
+    /// ```
+    pub fn file_name(key: &str) -> String {
+        file_name(key)
+    }
+}
+
+impl fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileStore").field("dir", &self.dir).finish()
+    }
+}
+
+impl SessionStore for FileStore {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        let dir = self.dir.clone();
+        Box::pin(blocking(move || load_all(&dir)))
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        let dir = self.dir.clone();
+        let key = key.to_owned();
+        Box::pin(blocking(move || load_one(&dir, &key)))
+    }
+
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        let dir = self.dir.clone();
+        let encoded = serde_json::to_vec_pretty(session);
+        let name = file_name(&session.key);
+        Box::pin(async move {
+            let bytes = encoded.map_err(|e| {
+                StoreError::other(e).with_message("session cannot be encoded as JSON")
+            })?;
+            blocking(move || write_atomic(&dir, &name, &bytes)).await
+        })
+    }
+
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        let dir = self.dir.clone();
+        let names: Vec<String> = keys.iter().map(|k| file_name(k)).collect();
+        Box::pin(async move {
+            if names.is_empty() {
+                return Ok(());
+            }
+            blocking(move || delete(&dir, &names)).await
+        })
+    }
+}
+
+/// Runs `f` on the blocking pool of the current tokio runtime.
+async fn blocking<T, F>(f: F) -> Result<T, StoreError>
+where
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|e| StoreError::other(e).with_message("FileStore needs a tokio runtime"))?;
+    match handle.spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) => Err(StoreError::other(e).with_message("file operation did not complete")),
+    }
+}
+
+fn file_name(key: &str) -> String {
+    let mut name = String::with_capacity(ENCODED_PREFIX.len() + key.len() + RECORD_SUFFIX.len());
+    name.push_str(ENCODED_PREFIX);
+    for &b in key.as_bytes() {
+        if b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' {
+            name.push(char::from(b));
+        } else {
+            name.push('%');
+            name.push(char::from(HEX[usize::from(b >> 4)]));
+            name.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        if name.len() > MAX_ENCODED_NAME {
+            return hashed_name(key);
+        }
+    }
+    name.push_str(RECORD_SUFFIX);
+    if name.len() > MAX_ENCODED_NAME {
+        return hashed_name(key);
+    }
+    name
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn hashed_name(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut name = String::with_capacity(HASHED_PREFIX.len() + 64 + RECORD_SUFFIX.len());
+    name.push_str(HASHED_PREFIX);
+    for b in digest {
+        name.push(char::from(HEX[usize::from(b >> 4)].to_ascii_lowercase()));
+        name.push(char::from(HEX[usize::from(b & 0xf)].to_ascii_lowercase()));
+    }
+    name.push_str(RECORD_SUFFIX);
+    name
+}
+
+#[cfg(unix)]
+fn create_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(not(unix))]
+fn create_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(true).create(dir)
+}
+
+fn create_private(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
+}
+
+/// Flushes the directory entry changes (a rename, a removal) to disk.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Directories cannot be opened as files everywhere; a rename is as
+/// durable as the platform makes it.
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// Removes a temporary path from the in-flight set when the write ends,
+/// whichever way it ends.
+struct InFlight(String);
+
+impl InFlight {
+    fn register(name: String) -> InFlight {
+        IN_FLIGHT.lock().insert(name.clone());
+        InFlight(name)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.lock().remove(&self.0);
+    }
+}
+
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Unique in this process (counter) and among processes (pid).
+    let temp_name = format!(".{name}.{}-{n}{TEMP_SUFFIX}", std::process::id());
+    let temp = dir.join(&temp_name);
+    let target = dir.join(name);
+    // Registered before the file exists and released after the rename, so
+    // a listing that sees the file also sees the registration.
+    let guard = InFlight::register(temp_name);
+    let written = (|| {
+        let mut file = create_private(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&temp, &target)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&temp);
+        drop(guard);
+        return Err(StoreError::io(e).with_message(format!("cannot write {}", target.display())));
+    }
+    drop(guard);
+    sync_dir(dir).map_err(|e| {
+        StoreError::io(e).with_message(format!("cannot flush directory {}", dir.display()))
+    })
+}
+
+fn delete(dir: &Path, names: &[String]) -> Result<(), StoreError> {
+    let mut removed = false;
+    for name in names {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(
+                    StoreError::io(e).with_message(format!("cannot remove {}", path.display()))
+                )
+            }
+        }
+    }
+    if removed {
+        sync_dir(dir).map_err(|e| {
+            StoreError::io(e).with_message(format!("cannot flush directory {}", dir.display()))
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads and checks one record file. `Ok(None)` if it does not exist.
+fn read_record(path: &Path, name: &str) -> Result<Option<Session>, StoreError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(StoreError::io(e).with_message(format!("cannot read {}", path.display())))
+        }
+    };
+    let session: Session = serde_json::from_slice(&bytes)
+        .map_err(|e| StoreError::corrupt(e).with_message(format!("{name} is not a session")))?;
+    if file_name(&session.key) != name {
+        return Err(StoreError::corrupt(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the file name does not match the key stored in it",
+        ))
+        .with_message(format!("{name} holds another key's session")));
+    }
+    Ok(Some(session))
+}
+
+fn load_one(dir: &Path, key: &str) -> Result<Option<Session>, StoreError> {
+    let name = file_name(key);
+    match read_record(&dir.join(&name), &name)? {
+        Some(session) if session.key == key => Ok(Some(session)),
+        Some(_) => Err(StoreError::corrupt(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "stored key differs from the requested key",
+        ))
+        .with_message(format!("{name} holds another key's session"))),
+        None => Ok(None),
+    }
+}
+
+fn load_all(dir: &Path) -> Result<Loaded, StoreError> {
+    let entries = fs::read_dir(dir)
+        .map_err(|e| StoreError::io(e).with_message(format!("cannot list {}", dir.display())))?;
+    let mut loaded = Loaded::default();
+    let mut removed_temp = false;
+    for entry in entries {
+        let entry = entry.map_err(|e| {
+            StoreError::io(e).with_message(format!("cannot list {}", dir.display()))
+        })?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue; // never a name this store writes
+        };
+        let path = entry.path();
+        if name.ends_with(TEMP_SUFFIX) {
+            if IN_FLIGHT.lock().contains(&name) {
+                continue; // a write of this process, in progress
+            }
+            let message = match fs::remove_file(&path) {
+                Ok(()) => {
+                    removed_temp = true;
+                    "incomplete write removed"
+                }
+                // Renamed or cleaned up since the listing: nothing to report.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove temporary file");
+                    "incomplete write (could not be removed)"
+                }
+            };
+            tracing::warn!(file = %name, "found the temporary file of an interrupted write");
+            loaded.skip(
+                name,
+                StoreError::corrupt(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "temporary file of an interrupted write; the previous version is kept",
+                ))
+                .with_message(message),
+            );
+            continue;
+        }
+        if !name.ends_with(RECORD_SUFFIX)
+            || !(name.starts_with(ENCODED_PREFIX) || name.starts_with(HASHED_PREFIX))
+        {
+            continue; // not ours: leave other files alone
+        }
+        match read_record(&path, &name) {
+            Ok(Some(session)) => loaded.sessions.push(session),
+            Ok(None) => {} // deleted while listing
+            Err(e) => {
+                tracing::warn!(file = %name, error = %e, "skipping unreadable session file");
+                loaded.skip(name, e);
+            }
+        }
+    }
+    if removed_temp {
+        let _ = sync_dir(dir);
+    }
+    Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_stay_inside_and_apart() {
+        for key in [
+            "../../etc/passwd",
+            "/abs",
+            "..",
+            ".",
+            "a/b",
+            "a\\b",
+            "nul\0",
+        ] {
+            let name = file_name(key);
+            assert!(!name.contains('/') && !name.contains('\\') && !name.contains('\0'));
+            assert!(name.starts_with(ENCODED_PREFIX), "{name}");
+        }
+        assert_ne!(file_name("A"), file_name("a"));
+        assert_ne!(
+            file_name("A").to_lowercase(),
+            file_name("a").to_lowercase(),
+            "names differ on case-insensitive file systems"
+        );
+        assert_ne!(file_name("%41"), file_name("A"));
+        let long = file_name(&"é".repeat(100));
+        assert!(long.starts_with(HASHED_PREFIX) && long.len() == 2 + 64 + 5);
+        assert_ne!(file_name(&"x".repeat(300)), file_name(&"x".repeat(301)));
+    }
+
+    #[test]
+    fn names_fit_the_file_system() {
+        for len in 0..400 {
+            let key = "%".repeat(len);
+            let temp = format!(
+                ".{}.{}-{}{TEMP_SUFFIX}",
+                file_name(&key),
+                u32::MAX,
+                u64::MAX
+            );
+            assert!(temp.len() <= 255, "{len}: {}", temp.len());
+        }
+    }
+}

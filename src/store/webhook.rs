@@ -1,0 +1,703 @@
+//! [`WebhookStore`]: sessions kept by the user's own HTTP service, in
+//! Enterprise Gateway's webhook wire format.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+
+use super::{Loaded, Session, SessionStore, StoreError, StoreFuture};
+
+/// Enterprise Gateway's timeout for each webhook call.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_RETRIES: u32 = 3;
+const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The largest answer read from the service.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+/// The key of each element of a load answer.
+const SESSION_FIELD: &str = "kernel_session";
+
+/// Sessions kept by an HTTP service of your own (in front of any database),
+/// spoken to in the wire format of Enterprise Gateway's webhook session
+/// persistence, so an existing Enterprise Gateway webhook service works
+/// unchanged.
+///
+/// | call | request | success |
+/// |---|---|---|
+/// | [`save`](SessionStore::save) | `POST {url}/{id}`, body `{"<id>": session}` | any 2xx (Enterprise Gateway expects 204) |
+/// | [`delete`](SessionStore::delete) | `DELETE {url}`, body `["<id>", ...]` | any 2xx (204 expected) |
+/// | [`load_all`](SessionStore::load_all) | `GET {url}` | 200, `[{"kernel_session": {"<id>": session}}, ...]` |
+/// | [`load`](SessionStore::load) | `GET {url}/{id}` | 200, `{"kernel_session": {"<id>": session}}`; 404 is "no such session" |
+///
+/// `{id}` is the session key, percent-encoded as one path segment; bodies
+/// are JSON (`Content-Type: application/json`); `session` is the
+/// [`Session`] as JSON (times in Unix milliseconds). Deleting nothing sends
+/// no request.
+///
+/// # Failures
+///
+/// Every answer other than success is a typed [`StoreError`]:
+///
+/// * 401 and 403: [`is_unauthorized`](StoreError::is_unauthorized);
+/// * 404 (except when loading one session):
+///   [`is_not_found`](StoreError::is_not_found), the endpoint is missing;
+/// * any other status that is not a success or a 5xx:
+///   [`is_rejected`](StoreError::is_rejected);
+/// * a body that is not JSON or has the wrong shape:
+///   [`is_corrupt`](StoreError::is_corrupt); in `load_all`, one bad element
+///   is skipped and reported in [`Loaded::skipped`] while the others load;
+/// * connection errors and 5xx answers are retried up to
+///   [`retries`](WebhookStoreBuilder::retries) times with exponential
+///   backoff, then fail as [`is_unavailable`](StoreError::is_unavailable);
+/// * an attempt that takes longer than the
+///   [`timeout`](WebhookStoreBuilder::timeout) fails as
+///   [`is_timeout`](StoreError::is_timeout) and is not retried (the service
+///   may still be working on it).
+///
+/// # Authentication
+///
+/// Basic sends the credentials with every request. Digest (RFC 7616, MD5 or
+/// SHA-256, `qop=auth`) answers the service's challenge and reuses it for
+/// the following requests, answering a fresh challenge when the service
+/// sends one (a stale nonce).
+///
+/// Only `http://` URLs are supported: put the service on a private network
+/// or behind a local TLS proxy.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_ha::store::StoreError> {
+/// use std::time::Duration;
+/// use tower_ha::store::{Session, SessionStore, WebhookStore};
+///
+/// let store = WebhookStore::builder("http://sessions.internal:8080/api/sessions")
+///     .digest_auth("gateway", "s3cret")
+///     .timeout(Duration::from_secs(5))
+///     .retries(3)
+///     .build()?;
+/// store.save(&Session::new("kernel-42", "node-a".into())).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct WebhookStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `scheme://authority`, no trailing slash.
+    origin: String,
+    /// The URL's path without its trailing slash.
+    path: String,
+    /// The URL's query, with its `?`, or empty.
+    query: String,
+    auth: Auth,
+    timeout: Duration,
+    retries: u32,
+    backoff: Duration,
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// The last Digest challenge, reused (with a growing `nc`) until the
+    /// service sends another.
+    challenge: Mutex<Option<digest_auth::WwwAuthenticateHeader>>,
+}
+
+#[derive(Clone)]
+enum Auth {
+    None,
+    Basic(String),
+    Digest { user: String, password: String },
+}
+
+/// Builds a [`WebhookStore`]; made by [`WebhookStore::builder`].
+#[must_use]
+pub struct WebhookStoreBuilder {
+    url: String,
+    auth: Auth,
+    timeout: Duration,
+    retries: u32,
+    backoff: Duration,
+}
+
+impl WebhookStore {
+    /// A builder for a store at `url` (`http://host:port/path`), with no
+    /// authentication, a 60 s timeout per attempt (Enterprise Gateway's),
+    /// 3 retries and a 100 ms initial backoff.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use tower_ha::store::{SessionStore, WebhookStore};
+    ///
+    /// // A port nothing listens on.
+    /// let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    /// let store = WebhookStore::builder(format!("http://127.0.0.1:{port}/sessions"))
+    ///     .retries(2)
+    ///     .backoff(Duration::from_millis(1))
+    ///     .build()
+    ///     .unwrap();
+    /// let err = store.load("kernel-42").await.unwrap_err();
+    /// assert!(err.is_unavailable() && err.is_transient()); // after 3 attempts
+    /// # }
+    /// ```
+    pub fn builder(url: impl Into<String>) -> WebhookStoreBuilder {
+        WebhookStoreBuilder {
+            url: url.into(),
+            auth: Auth::None,
+            timeout: DEFAULT_TIMEOUT,
+            retries: DEFAULT_RETRIES,
+            backoff: DEFAULT_BACKOFF,
+        }
+    }
+
+    /// The URL sessions are kept at.
+    pub fn url(&self) -> String {
+        format!(
+            "{}{}{}",
+            self.inner.origin, self.inner.path, self.inner.query
+        )
+    }
+}
+
+impl WebhookStoreBuilder {
+    /// Sends `user` and `password` with HTTP Basic authentication.
+    pub fn basic_auth(mut self, user: impl AsRef<str>, password: impl AsRef<str>) -> Self {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            user.as_ref(),
+            password.as_ref()
+        ));
+        self.auth = Auth::Basic(format!("Basic {token}"));
+        self
+    }
+
+    /// Answers the service's HTTP Digest challenges as `user` with
+    /// `password`.
+    pub fn digest_auth(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.auth = Auth::Digest {
+            user: user.into(),
+            password: password.into(),
+        };
+        self
+    }
+
+    /// The longest one attempt (request and whole answer) may take.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How many times a call is retried after a connection error or a 5xx
+    /// answer (0: never), so the service sees at most `retries + 1`
+    /// requests per call.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// The wait before the first retry, doubled before each next one (at
+    /// most 10 s).
+    pub fn backoff(mut self, backoff: Duration) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The store. Fails with an [`other`](StoreError::is_other) error if the
+    /// URL cannot be parsed or is not an `http://` URL.
+    pub fn build(self) -> Result<WebhookStore, StoreError> {
+        let uri: Uri = self
+            .url
+            .parse()
+            .map_err(|e| StoreError::other(e).with_message(format!("bad URL {:?}", self.url)))?;
+        let bad = |why: &str| {
+            StoreError::other(ConfigError(format!("{why}: {:?}", self.url)))
+                .with_message("bad webhook URL")
+        };
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(_) => return Err(bad("only http:// URLs are supported")),
+            None => return Err(bad("the URL needs a scheme and a host")),
+        }
+        let Some(authority) = uri.authority() else {
+            return Err(bad("the URL needs a host"));
+        };
+        let path = uri.path().trim_end_matches('/').to_owned();
+        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Ok(WebhookStore {
+            inner: Arc::new(Inner {
+                origin: format!("http://{authority}"),
+                path,
+                query,
+                auth: self.auth,
+                timeout: self.timeout,
+                retries: self.retries,
+                backoff: self.backoff,
+                client,
+                challenge: Mutex::new(None),
+            }),
+        })
+    }
+}
+
+impl fmt::Debug for WebhookStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookStore")
+            .field("url", &self.url())
+            .field("auth", &self.inner.auth)
+            .field("timeout", &self.inner.timeout)
+            .field("retries", &self.inner.retries)
+            .field("backoff", &self.inner.backoff)
+            .finish()
+    }
+}
+
+impl fmt::Debug for WebhookStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookStoreBuilder")
+            .field("url", &self.url)
+            .field("auth", &self.auth)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("backoff", &self.backoff)
+            .finish()
+    }
+}
+
+/// Never shows credentials.
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Auth::None => "None",
+            Auth::Basic(_) => "Basic",
+            Auth::Digest { .. } => "Digest",
+        })
+    }
+}
+
+impl SessionStore for WebhookStore {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        Box::pin(async move {
+            let path = self.inner.path.clone();
+            let (status, body) = self.inner.call(Method::GET, &path, None).await?;
+            expect_success(status, &body, "load all")?;
+            parse_all(&body)
+        })
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        Box::pin(async move {
+            let path = self.inner.session_path(key);
+            let (status, body) = self.inner.call(Method::GET, &path, None).await?;
+            if status == StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            expect_success(status, &body, "load")?;
+            let value: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| StoreError::corrupt(e).with_message("the answer is not JSON"))?;
+            let (id, session) = parse_element(value)?;
+            if id != key {
+                return Err(StoreError::corrupt(ShapeError(format!(
+                    "asked for {key:?}, got {id:?}"
+                )))
+                .with_message("the answer holds another session"));
+            }
+            Ok(Some(session))
+        })
+    }
+
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut body = serde_json::Map::new();
+            let record = serde_json::to_value(session).map_err(|e| {
+                StoreError::other(e).with_message("session cannot be encoded as JSON")
+            })?;
+            body.insert(session.key.clone(), record);
+            let body = serde_json::to_vec(&body).map_err(StoreError::other)?;
+            let path = self.inner.session_path(&session.key);
+            let (status, answer) = self
+                .inner
+                .call(Method::POST, &path, Some(Bytes::from(body)))
+                .await?;
+            expect_success(status, &answer, "save")
+        })
+    }
+
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let body = serde_json::to_vec(keys).map_err(StoreError::other)?;
+            let path = self.inner.path.clone();
+            let (status, answer) = self
+                .inner
+                .call(Method::DELETE, &path, Some(Bytes::from(body)))
+                .await?;
+            expect_success(status, &answer, "delete")
+        })
+    }
+}
+
+impl Inner {
+    /// `{path}/{id}` with `id` as one percent-encoded segment.
+    fn session_path(&self, key: &str) -> String {
+        let mut path = String::with_capacity(self.path.len() + 1 + key.len());
+        path.push_str(&self.path);
+        path.push('/');
+        for &b in key.as_bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+                path.push(char::from(b));
+            } else {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                path.push('%');
+                path.push(char::from(HEX[usize::from(b >> 4)]));
+                path.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+        }
+        path
+    }
+
+    /// One call: attempts with timeout, retries on connection errors and
+    /// 5xx. Returns the first answer that is not a 5xx.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<(StatusCode, Bytes), StoreError> {
+        let path_and_query = if path.is_empty() {
+            format!("/{}", self.query)
+        } else {
+            format!("{path}{}", self.query)
+        };
+        let mut attempt = 0u32;
+        loop {
+            let outcome = tokio::time::timeout(
+                self.timeout,
+                self.exchange(&method, &path_and_query, body.clone()),
+            )
+            .await;
+            let failure = match outcome {
+                Err(elapsed) => {
+                    return Err(StoreError::timeout(elapsed).with_message(format!(
+                        "{method} {path_and_query}: no answer within {:?}",
+                        self.timeout
+                    )))
+                }
+                Ok(Err(Failure::Fatal(e))) => return Err(e),
+                Ok(Err(Failure::Retry(e))) => e,
+                Ok(Ok((status, answer))) if status.is_server_error() => {
+                    StoreError::unavailable(StatusError::new(status, &answer))
+                }
+                Ok(Ok(answer)) => return Ok(answer),
+            };
+            if attempt >= self.retries {
+                let message = format!(
+                    "{method} {path_and_query}: failed after {} attempt(s)",
+                    attempt + 1
+                );
+                return Err(failure.with_message(message));
+            }
+            tracing::debug!(%method, path = %path_and_query, attempt, error = %failure, "webhook call failed, retrying");
+            tokio::time::sleep(backoff(self.backoff, attempt)).await;
+            attempt += 1;
+        }
+    }
+
+    /// One attempt, answering a Digest challenge once if needed.
+    async fn exchange(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+    ) -> Result<(StatusCode, Bytes), Failure> {
+        let mut answered_fresh_challenge = false;
+        loop {
+            let authorization = self.authorization(method, path_and_query, body.as_deref())?;
+            let (status, headers, answer) = self
+                .send(method, path_and_query, body.clone(), authorization)
+                .await?;
+            if status == StatusCode::UNAUTHORIZED && !answered_fresh_challenge {
+                if let Auth::Digest { .. } = self.auth {
+                    let challenge = headers
+                        .get_all(WWW_AUTHENTICATE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .find(|v| v.trim_start().starts_with("Digest"));
+                    if let Some(challenge) = challenge {
+                        let parsed = digest_auth::parse(challenge).map_err(|e| {
+                            Failure::Fatal(
+                                StoreError::unauthorized(e)
+                                    .with_message("cannot read the Digest challenge"),
+                            )
+                        })?;
+                        *self.challenge.lock() = Some(parsed);
+                        answered_fresh_challenge = true;
+                        continue;
+                    }
+                }
+            }
+            return Ok((status, answer));
+        }
+    }
+
+    fn authorization(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Option<String>, Failure> {
+        match &self.auth {
+            Auth::None => Ok(None),
+            Auth::Basic(header) => Ok(Some(header.clone())),
+            Auth::Digest { user, password } => {
+                let mut challenge = self.challenge.lock();
+                let Some(challenge) = challenge.as_mut() else {
+                    return Ok(None); // the service will send one
+                };
+                let context = digest_auth::AuthContext::new_with_method(
+                    user.as_str(),
+                    password.as_str(),
+                    path_and_query,
+                    body,
+                    digest_auth::HttpMethod::from(method.as_str().to_owned()),
+                );
+                let answer = challenge.respond(&context).map_err(|e| {
+                    Failure::Fatal(
+                        StoreError::unauthorized(e)
+                            .with_message("cannot answer the Digest challenge"),
+                    )
+                })?;
+                Ok(Some(answer.to_header_string()))
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        authorization: Option<String>,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), Failure> {
+        let uri = format!("{}{path_and_query}", self.origin);
+        let mut request = Request::builder().method(method.clone()).uri(uri);
+        if body.is_some() {
+            request = request.header(CONTENT_TYPE, "application/json");
+        }
+        if let Some(authorization) = authorization {
+            request = request.header(AUTHORIZATION, authorization);
+        }
+        let request = request
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| {
+                Failure::Fatal(StoreError::other(e).with_message("cannot build the request"))
+            })?;
+        let response = self.client.request(request).await.map_err(|e| {
+            Failure::Retry(StoreError::unavailable(e).with_message("webhook unreachable"))
+        })?;
+        let (parts, body) = response.into_parts();
+        let bytes = Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    Failure::Fatal(
+                        StoreError::rejected(e).with_message("the answer is larger than 64 MiB"),
+                    )
+                } else {
+                    Failure::Retry(
+                        StoreError::unavailable(e).with_message("the answer was cut off"),
+                    )
+                }
+            })?
+            .to_bytes();
+        Ok((parts.status, parts.headers, bytes))
+    }
+}
+
+enum Failure {
+    /// A connection error: worth another attempt.
+    Retry(StoreError),
+    /// Anything else.
+    Fatal(StoreError),
+}
+
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(1u32 << attempt.min(16))
+        .min(MAX_BACKOFF)
+}
+
+/// Maps every non-success status to its error.
+fn expect_success(status: StatusCode, body: &[u8], what: &str) -> Result<(), StoreError> {
+    if status.is_success() {
+        if status != StatusCode::OK && status != StatusCode::NO_CONTENT {
+            tracing::debug!(%status, "unexpected success status from the webhook");
+        }
+        return Ok(());
+    }
+    let error = StatusError::new(status, body);
+    let error = match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => StoreError::unauthorized(error),
+        StatusCode::NOT_FOUND => StoreError::not_found(error),
+        s if s.is_server_error() => StoreError::unavailable(error),
+        _ => StoreError::rejected(error),
+    };
+    Err(error.with_message(format!("{what}: the webhook answered {status}")))
+}
+
+fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| StoreError::corrupt(e).with_message("the answer is not JSON"))?;
+    let serde_json::Value::Array(elements) = value else {
+        return Err(
+            StoreError::corrupt(ShapeError("load all must answer a JSON array".into()))
+                .with_message("the answer has the wrong shape"),
+        );
+    };
+    let mut loaded = Loaded::default();
+    for (i, element) in elements.into_iter().enumerate() {
+        let name = element_name(&element).unwrap_or_else(|| format!("#{i}"));
+        match parse_element(element) {
+            Ok((_, session)) => loaded.sessions.push(session),
+            Err(e) => {
+                tracing::warn!(record = %name, error = %e, "skipping unreadable webhook session");
+                loaded.skip(name, e);
+            }
+        }
+    }
+    Ok(loaded)
+}
+
+/// The id of an element, if it has the right outline.
+fn element_name(element: &serde_json::Value) -> Option<String> {
+    let inner = element.get(SESSION_FIELD)?.as_object()?;
+    inner.keys().next().cloned()
+}
+
+/// `{"kernel_session": {"<id>": session}}` → `(id, session)`.
+fn parse_element(element: serde_json::Value) -> Result<(String, Session), StoreError> {
+    let shape =
+        |why: &str| StoreError::corrupt(ShapeError(why.to_owned())).with_message("wrong shape");
+    let serde_json::Value::Object(mut outer) = element else {
+        return Err(shape("an element must be a JSON object"));
+    };
+    let Some(serde_json::Value::Object(inner)) = outer.remove(SESSION_FIELD) else {
+        return Err(shape("an element needs a \"kernel_session\" object"));
+    };
+    if inner.len() != 1 {
+        return Err(shape("\"kernel_session\" must hold exactly one id"));
+    }
+    let Some((id, record)) = inner.into_iter().next() else {
+        return Err(shape("\"kernel_session\" must hold exactly one id"));
+    };
+    let session: Session = serde_json::from_value(record)
+        .map_err(|e| StoreError::corrupt(e).with_message(format!("{id:?} is not a session")))?;
+    if session.key != id {
+        return Err(shape("the session's key differs from its id"));
+    }
+    Ok((id, session))
+}
+
+/// A status the call did not expect, with the start of the answer.
+#[derive(Debug)]
+struct StatusError {
+    status: StatusCode,
+    body: String,
+}
+
+impl StatusError {
+    fn new(status: StatusCode, body: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(body);
+        let body: String = text.chars().take(200).collect();
+        StatusError { status, body }
+    }
+}
+
+impl fmt::Display for StatusError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "status {}", self.status)?;
+        if !self.body.is_empty() {
+            write!(f, ": {}", self.body)?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for StatusError {}
+
+/// An answer that is JSON but not of the expected shape.
+#[derive(Debug)]
+struct ShapeError(String);
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl StdError for ShapeError {}
+
+/// A configuration the store cannot work with.
+#[derive(Debug)]
+struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl StdError for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_one_path_segment() {
+        let store = WebhookStore::builder("http://127.0.0.1:1/api/sessions/")
+            .build()
+            .unwrap();
+        assert_eq!(
+            store.inner.session_path("../a b/%"),
+            "/api/sessions/%2E%2E%2Fa%20b%2F%25",
+            "dots are encoded so no server folds `..` away"
+        );
+        assert_eq!(store.url(), "http://127.0.0.1:1/api/sessions");
+    }
+
+    #[test]
+    fn only_http_urls() {
+        for url in ["https://x/y", "not a url", "/relative"] {
+            let err = WebhookStore::builder(url).build().unwrap_err();
+            assert!(err.is_other(), "{url}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let base = Duration::from_millis(100);
+        assert_eq!(backoff(base, 0), base);
+        assert_eq!(backoff(base, 2), Duration::from_millis(400));
+        assert_eq!(backoff(base, 40), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn debug_hides_credentials() {
+        let builder = WebhookStore::builder("http://h/").basic_auth("u", "secret");
+        assert!(!format!("{builder:?}").contains("secret"));
+        let store = builder.build().unwrap();
+        assert!(!format!("{store:?}").contains("c2VjcmV0"));
+    }
+}

@@ -1,0 +1,298 @@
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::json;
+use tower_ha::store::{FileStore, Session, SessionStore};
+
+fn session(key: &str, backend: &str) -> Session {
+    Session::new(key, backend.into()).with_data(json!({"port": 52000}))
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn file_store_passes_the_contract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path().join("sessions")).await.unwrap();
+    support::store_contract::run(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_passes_the_contract_on_a_multi_thread_runtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    support::store_contract::run(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn creates_the_directory_and_its_parents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a/b/c");
+    let store = FileStore::open(&dir).await.unwrap();
+    assert!(dir.is_dir());
+    assert_eq!(store.path(), dir);
+}
+
+#[tokio::test]
+async fn a_file_is_not_a_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let err = FileStore::open(&file).await.unwrap_err();
+    assert!(err.is_io(), "{err:?}");
+}
+
+#[tokio::test]
+async fn one_json_file_per_session_named_after_its_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    store.save(&session("alice", "a")).await.unwrap();
+    store.save(&session("Bob/1", "b")).await.unwrap();
+    assert_eq!(names(tmp.path()), ["k_%42ob%2F1.json", "k_alice.json"]);
+    let stored: Session =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("k_alice.json")).unwrap()).unwrap();
+    assert_eq!(stored.backend.as_str(), "a");
+    store.delete(&["alice".into()]).await.unwrap();
+    assert_eq!(names(tmp.path()), ["k_%42ob%2F1.json"]);
+}
+
+#[tokio::test]
+async fn hostile_keys_never_leave_the_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("deep/sessions");
+    let store = FileStore::open(&dir).await.unwrap();
+    let keys = support::store_contract::hostile_keys();
+    for key in &keys {
+        store.save(&session(key, "n")).await.unwrap();
+    }
+    // Nothing was written beside or above the directory.
+    assert_eq!(names(tmp.path()), ["deep"]);
+    assert_eq!(names(&tmp.path().join("deep")), ["sessions"]);
+    let inside = names(&dir);
+    assert_eq!(inside.len(), keys.len(), "one file per key: {inside:?}");
+    for name in &inside {
+        assert!(name.ends_with(".json"), "{name}");
+        assert!(name.len() <= 200, "{name} is short enough");
+        assert!(std::fs::metadata(dir.join(name)).unwrap().is_file());
+    }
+    let long = FileStore::file_name(&"x".repeat(300));
+    assert!(inside.contains(&long) && long.starts_with("h_"));
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("new");
+    let store = FileStore::open(&dir).await.unwrap();
+    store.save(&session("k", "a")).await.unwrap();
+    store.save(&session("k", "b")).await.unwrap(); // a rewrite stays private
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join("k_k.json")), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+}
+
+#[tokio::test]
+async fn corrupt_files_are_skipped_and_reported_never_losing_siblings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    for i in 0..5 {
+        store
+            .save(&session(&format!("good-{i}"), "a"))
+            .await
+            .unwrap();
+    }
+    let full = std::fs::read(tmp.path().join("k_good-0.json")).unwrap();
+    // A truncated copy, garbage, valid JSON of the wrong shape, an empty
+    // file, and a session stored under another key's name.
+    std::fs::write(tmp.path().join("k_trunc.json"), &full[..full.len() / 2]).unwrap();
+    std::fs::write(tmp.path().join("k_garbage.json"), b"\x00\xff not json").unwrap();
+    std::fs::write(tmp.path().join("k_shape.json"), b"[1, 2, 3]").unwrap();
+    std::fs::write(tmp.path().join("k_empty.json"), b"").unwrap();
+    std::fs::write(tmp.path().join("k_moved.json"), &full).unwrap();
+    // Files that are not the store's are left alone.
+    std::fs::write(tmp.path().join("README"), b"notes").unwrap();
+    std::fs::write(tmp.path().join("other.json"), b"{}").unwrap();
+
+    let loaded = store.load_all().await.unwrap();
+    let mut keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.clone()).collect();
+    keys.sort();
+    assert_eq!(keys, ["good-0", "good-1", "good-2", "good-3", "good-4"]);
+    let mut skipped: Vec<_> = loaded
+        .skipped
+        .iter()
+        .map(|s| {
+            assert!(s.error.is_corrupt(), "{:?}", s.error);
+            s.record.clone()
+        })
+        .collect();
+    skipped.sort();
+    assert_eq!(
+        skipped,
+        [
+            "k_empty.json",
+            "k_garbage.json",
+            "k_moved.json",
+            "k_shape.json",
+            "k_trunc.json"
+        ]
+    );
+    // Corrupt files are kept for inspection, and loading one is an error,
+    // not a panic and not "absent".
+    assert!(tmp.path().join("k_trunc.json").exists());
+    assert!(store.load("trunc").await.unwrap_err().is_corrupt());
+    assert!(store.load("moved").await.unwrap_err().is_corrupt());
+    assert!(tmp.path().join("README").exists());
+}
+
+#[tokio::test]
+async fn a_leftover_temporary_file_is_reported_then_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    store.save(&session("k", "old")).await.unwrap();
+    // What a crash between write and rename leaves behind.
+    let temp = ".k_k.json.4242-7.tmp";
+    std::fs::write(tmp.path().join(temp), b"{\"key\": \"k\", \"back").unwrap();
+
+    let loaded = store.load_all().await.unwrap();
+    assert_eq!(loaded.sessions.len(), 1);
+    assert_eq!(loaded.sessions[0].backend.as_str(), "old");
+    assert_eq!(loaded.skipped.len(), 1);
+    assert_eq!(loaded.skipped[0].record, temp);
+    assert!(loaded.skipped[0].error.is_corrupt());
+    assert!(!tmp.path().join(temp).exists(), "the leftover is removed");
+
+    let again = store.load_all().await.unwrap();
+    assert!(again.skipped.is_empty(), "reported once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_all_ignores_writes_in_progress() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                store
+                    .save(&session(&format!("w-{}", i % 10), "a"))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    while !writer.is_finished() {
+        let loaded = store.load_all().await.unwrap();
+        assert!(
+            loaded.skipped.is_empty(),
+            "a write in progress is not a leftover: {:?}",
+            loaded.skipped
+        );
+    }
+    writer.await.unwrap();
+    assert_eq!(store.load_all().await.unwrap().sessions.len(), 10);
+}
+
+#[test]
+fn outside_a_runtime_calls_fail_instead_of_panicking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(FileStore::open(tmp.path()))
+        .unwrap();
+    let err = futures::executor::block_on(store.load("k")).unwrap_err();
+    assert!(err.is_other(), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_restarted_store_sees_every_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let store = FileStore::open(tmp.path()).await.unwrap();
+        for i in 0..20 {
+            store
+                .save(&session(&format!("s-{i}"), &format!("node-{}", i % 4)))
+                .await
+                .unwrap();
+        }
+    }
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    let loaded = store.load_all().await.unwrap();
+    assert_eq!(loaded.sessions.len(), 20);
+    for s in loaded.sessions {
+        let i: usize = s.key[2..].parse().unwrap();
+        assert_eq!(s.backend.as_str(), format!("node-{}", i % 4));
+    }
+}
+
+/// A session file that is a named pipe makes a read wait until someone
+/// writes to the pipe. On a one-thread runtime, that wait must not stop
+/// the runtime: a timer must still fire while the load waits.
+#[cfg(unix)]
+#[tokio::test(flavor = "current_thread")]
+async fn file_io_never_blocks_the_runtime_thread() {
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    let fifo = tmp.path().join(FileStore::file_name("slow"));
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.unwrap().success(), "mkfifo");
+    let bytes = serde_json::to_vec(&session("slow", "node-a")).unwrap();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        std::fs::write(&fifo, bytes).unwrap();
+    });
+
+    let load = tokio::spawn({
+        let store = store.clone();
+        async move { store.load("slow").await }
+    });
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        start.elapsed() < Duration::from_millis(1000),
+        "the runtime's only thread was blocked by file i/o for {:?}",
+        start.elapsed()
+    );
+    assert!(!load.is_finished(), "the load is still waiting on the pipe");
+
+    let loaded = load.await.unwrap().unwrap().unwrap();
+    assert_eq!(loaded.backend.as_str(), "node-a");
+    writer.join().unwrap();
+}
+
+proptest::proptest! {
+    /// Every key gets a plain file name inside the directory, short enough
+    /// for any file system, and two keys never share one, even on a
+    /// case-insensitive file system.
+    #[test]
+    fn file_names_are_safe_and_distinct(a in "\\PC{0,120}", b in "\\PC{0,120}") {
+        for key in [&a, &b] {
+            let name = FileStore::file_name(key);
+            proptest::prop_assert!(name.ends_with(".json"));
+            proptest::prop_assert!(name.len() <= 200);
+            proptest::prop_assert!(name.starts_with("k_") || name.starts_with("h_"));
+            proptest::prop_assert!(!name.contains(['/', '\\', '\0']));
+            proptest::prop_assert!(name.is_ascii());
+        }
+        if a != b {
+            proptest::prop_assert_ne!(
+                FileStore::file_name(&a).to_lowercase(),
+                FileStore::file_name(&b).to_lowercase()
+            );
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! `WebhookStore` against a real hyper service on 127.0.0.1.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::webhook_server::{Auth, Mode, Server};
+use tower_ha::store::{Session, SessionStore, WebhookStore};
+
+fn session(key: &str, backend: &str) -> Session {
+    Session::new(key, backend.into()).with_data(json!({"port": 52000}))
+}
+
+fn store(server: &Server) -> WebhookStore {
+    WebhookStore::builder(server.url())
+        .timeout(Duration::from_secs(5))
+        .backoff(Duration::from_millis(1))
+        .build()
+        .unwrap()
+}
+
+fn basic() -> Auth {
+    Auth::Basic {
+        user: "gateway".into(),
+        password: "s3cret".into(),
+    }
+}
+
+fn digest() -> Auth {
+    Auth::Digest {
+        user: "gateway".into(),
+        password: "s3cret".into(),
+    }
+}
+
+#[tokio::test]
+async fn webhook_store_passes_the_contract() {
+    let server = Server::start(Auth::None).await;
+    support::store_contract::run(Arc::new(store(&server))).await;
+}
+
+#[tokio::test]
+async fn webhook_store_passes_the_contract_with_basic_auth() {
+    let server = Server::start(basic()).await;
+    let store = WebhookStore::builder(server.url())
+        .basic_auth("gateway", "s3cret")
+        .build()
+        .unwrap();
+    support::store_contract::run(Arc::new(store)).await;
+    assert_eq!(
+        server
+            .state
+            .refused
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test]
+async fn webhook_store_passes_the_contract_with_digest_auth() {
+    let server = Server::start(digest()).await;
+    let store = WebhookStore::builder(server.url())
+        .digest_auth("gateway", "s3cret")
+        .build()
+        .unwrap();
+    support::store_contract::run(Arc::new(store)).await;
+    // One challenge at first contact; every later request reuses it.
+    assert_eq!(
+        server
+            .state
+            .refused
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert!(server.state.seen.lock().len() > 100);
+}
+
+#[tokio::test]
+async fn the_wire_format_is_enterprise_gateways() {
+    let server = Server::start(Auth::None).await;
+    let store = store(&server);
+    let s = session("kernel/1 ü", "node-a");
+    store.save(&s).await.unwrap();
+    store
+        .delete(&["kernel/1 ü".into(), "other".into()])
+        .await
+        .unwrap();
+    store.delete(&[]).await.unwrap(); // sends nothing
+    let seen = server.state.seen.lock().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    assert_eq!(seen[0].method, http::Method::POST);
+    assert_eq!(seen[0].path, "/api/sessions/kernel%2F1%20%C3%BC");
+    assert_eq!(seen[0].content_type.as_deref(), Some("application/json"));
+    let body: Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(
+        body,
+        json!({"kernel/1 ü": serde_json::to_value(&s).unwrap()})
+    );
+
+    assert_eq!(seen[1].method, http::Method::DELETE);
+    assert_eq!(seen[1].path, "/api/sessions");
+    let body: Value = serde_json::from_slice(&seen[1].body).unwrap();
+    assert_eq!(body, json!(["kernel/1 ü", "other"]));
+}
+
+#[tokio::test]
+async fn loads_records_written_by_another_client() {
+    let server = Server::start(Auth::None).await;
+    // What another Enterprise Gateway-format client stored.
+    server.state.sessions.lock().insert(
+        "k1".into(),
+        json!({"k1": {"key": "k1", "backend": "node-b", "created": 1700000000000u64,
+                      "last_seen": 1700000001000u64, "data": {"kernel": 1}}}),
+    );
+    let store = store(&server);
+    let all = store.load_all().await.unwrap();
+    assert_eq!(all.sessions.len(), 1);
+    assert_eq!(all.sessions[0].backend.as_str(), "node-b");
+    assert_eq!(all.sessions[0].data, json!({"kernel": 1}));
+    let one = store.load("k1").await.unwrap().unwrap();
+    assert_eq!(one, all.sessions[0]);
+}
+
+#[tokio::test]
+async fn wrong_basic_credentials_are_unauthorized_without_retries() {
+    let server = Server::start(basic()).await;
+    let store = WebhookStore::builder(server.url())
+        .basic_auth("gateway", "wrong")
+        .retries(3)
+        .build()
+        .unwrap();
+    let err = store.save(&session("k", "a")).await.unwrap_err();
+    assert!(err.is_unauthorized(), "{err:?}");
+    assert_eq!(server.requests(), 1);
+    let no_auth = WebhookStore::builder(server.url()).build().unwrap();
+    assert!(no_auth.load_all().await.unwrap_err().is_unauthorized());
+}
+
+#[tokio::test]
+async fn wrong_digest_password_is_unauthorized() {
+    let server = Server::start(digest()).await;
+    let store = WebhookStore::builder(server.url())
+        .digest_auth("gateway", "wrong")
+        .build()
+        .unwrap();
+    let err = store.load("k").await.unwrap_err();
+    assert!(err.is_unauthorized(), "{err:?}");
+    // The first request draws the challenge, the answer is refused, and
+    // the store gives up instead of looping.
+    assert_eq!(server.requests(), 2);
+}
+
+#[tokio::test]
+async fn a_new_digest_nonce_is_followed() {
+    let server = Server::start(digest()).await;
+    let store = WebhookStore::builder(server.url())
+        .digest_auth("gateway", "s3cret")
+        .build()
+        .unwrap();
+    store.save(&session("k", "a")).await.unwrap();
+    *server.state.nonce.lock() = "a-fresh-nonce-0001".into();
+    store.save(&session("k", "b")).await.unwrap();
+    assert_eq!(
+        server
+            .state
+            .refused
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "first contact and the stale nonce were each challenged once"
+    );
+    assert_eq!(
+        store.load("k").await.unwrap().unwrap().backend.as_str(),
+        "b"
+    );
+}
+
+#[tokio::test]
+async fn forbidden_is_unauthorized() {
+    let server = Server::start(Auth::None).await;
+    server.set_mode(Mode::Fixed(403, "no"));
+    let err = store(&server).load_all().await.unwrap_err();
+    assert!(err.is_unauthorized(), "{err:?}");
+}
+
+#[tokio::test]
+async fn not_found_means_no_session_on_load_and_a_missing_endpoint_elsewhere() {
+    let server = Server::start(Auth::None).await;
+    let store = store(&server);
+    assert_eq!(store.load("nobody").await.unwrap(), None);
+    server.set_mode(Mode::Fixed(404, "no such endpoint"));
+    assert!(store.load_all().await.unwrap_err().is_not_found());
+    assert!(store
+        .save(&session("k", "a"))
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(store
+        .delete(&["k".into()])
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert_eq!(store.load("k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn other_client_errors_are_rejected_without_retries() {
+    let server = Server::start(Auth::None).await;
+    let store = WebhookStore::builder(server.url())
+        .retries(5)
+        .backoff(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    for status in [400, 409, 422, 302] {
+        server.set_mode(Mode::Fixed(status, "nope"));
+        let before = server.requests();
+        let err = store.save(&session("k", "a")).await.unwrap_err();
+        assert!(err.is_rejected(), "{status}: {err:?}");
+        assert_eq!(server.requests() - before, 1, "{status} is not retried");
+    }
+}
+
+#[tokio::test]
+async fn other_successes_are_accepted() {
+    let server = Server::start(Auth::None).await;
+    let store = store(&server);
+    for status in [200, 201, 202] {
+        server.set_mode(Mode::Fixed(status, ""));
+        store.save(&session("k", "a")).await.unwrap();
+        store.delete(&["k".into()]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_exactly_up_to_the_bound() {
+    let server = Server::start(Auth::None).await;
+    server.set_mode(Mode::Fixed(500, "boom"));
+    let store = WebhookStore::builder(server.url())
+        .retries(3)
+        .backoff(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let err = store.save(&session("k", "a")).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(err.is_transient());
+    assert_eq!(server.requests(), 4, "one attempt and three retries");
+
+    let none = WebhookStore::builder(server.url())
+        .retries(0)
+        .build()
+        .unwrap();
+    let before = server.requests();
+    assert!(none.load_all().await.unwrap_err().is_unavailable());
+    assert_eq!(server.requests() - before, 1);
+}
+
+#[tokio::test]
+async fn a_transient_failure_recovers_within_the_bound() {
+    let server = Server::start(Auth::None).await;
+    server.set_mode(Mode::FailFirst(2, 503));
+    let store = WebhookStore::builder(server.url())
+        .retries(3)
+        .backoff(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    store.save(&session("k", "a")).await.unwrap();
+    assert_eq!(server.requests(), 3);
+    assert_eq!(
+        store.load("k").await.unwrap().unwrap().backend.as_str(),
+        "a"
+    );
+}
+
+#[tokio::test]
+async fn garbage_json_is_corrupt() {
+    let server = Server::start(Auth::None).await;
+    server.set_mode(Mode::GetBody("{\"kernel_session\": [unclosed".into()));
+    let store = store(&server);
+    assert!(store.load_all().await.unwrap_err().is_corrupt());
+    assert!(store.load("k").await.unwrap_err().is_corrupt());
+}
+
+#[tokio::test]
+async fn a_body_of_the_wrong_shape_is_corrupt() {
+    let server = Server::start(Auth::None).await;
+    let store = store(&server);
+    for body in [
+        json!({"kernel_session": {}}),
+        json!("a string"),
+        json!(null),
+    ] {
+        server.set_mode(Mode::GetBody(body.to_string()));
+        let err = store.load_all().await.unwrap_err();
+        assert!(err.is_corrupt(), "{body}: {err:?}");
+    }
+    for body in [
+        json!([]),
+        json!({"kernel_session": "a string"}),
+        json!({"kernel_session": {"k": {"no": "session"}}}),
+        json!({"kernel_session": {"other": serde_json::to_value(session("other", "a")).unwrap()}}),
+        json!({"kernel_session": {"k": serde_json::to_value(session("k", "a")).unwrap(), "k2": 1}}),
+    ] {
+        server.set_mode(Mode::GetBody(body.to_string()));
+        let err = store.load("k").await.unwrap_err();
+        assert!(err.is_corrupt(), "{body}: {err:?}");
+    }
+}
+
+#[tokio::test]
+async fn one_bad_element_is_skipped_while_the_others_load() {
+    let server = Server::start(Auth::None).await;
+    let good = |k: &str| json!({"kernel_session": {k: serde_json::to_value(session(k, "node-a")).unwrap()}});
+    let list = json!([
+        good("a"),
+        42,
+        {"kernel_session": "not an object"},
+        {"no_kernel_session": {}},
+        {"kernel_session": {"bad": {"key": "bad"}}},
+        {"kernel_session": {"liar": serde_json::to_value(session("someone-else", "x")).unwrap()}},
+        good("b"),
+    ]);
+    server.set_mode(Mode::GetBody(list.to_string()));
+    let loaded = store(&server).load_all().await.unwrap();
+    let keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(keys, ["a", "b"]);
+    let skipped: Vec<_> = loaded.skipped.iter().map(|s| s.record.as_str()).collect();
+    assert_eq!(skipped, ["#1", "#2", "#3", "bad", "liar"]);
+    assert!(loaded.skipped.iter().all(|s| s.error.is_corrupt()));
+}
+
+#[tokio::test]
+async fn connection_refused_is_retried_then_unavailable() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let store = WebhookStore::builder(format!("http://{addr}/api/sessions"))
+        .retries(2)
+        .backoff(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let err = store.load_all().await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(err.to_string().contains("3 attempt"), "{err}");
+}
+
+#[tokio::test]
+async fn a_hanging_server_times_out_without_retries() {
+    let server = Server::start(Auth::None).await;
+    server.set_mode(Mode::Hang);
+    let store = WebhookStore::builder(server.url())
+        .timeout(Duration::from_millis(200))
+        .retries(3)
+        .build()
+        .unwrap();
+    let err = store.load("k").await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(err.is_transient());
+    assert_eq!(server.requests(), 1, "a timed-out call is not repeated");
+}
+
+#[tokio::test]
+async fn a_url_with_a_trailing_slash_works() {
+    let server = Server::start(Auth::None).await;
+    let store = WebhookStore::builder(format!("{}/", server.url()))
+        .build()
+        .unwrap();
+    store.save(&session("k", "a")).await.unwrap();
+    assert_eq!(store.load_all().await.unwrap().sessions.len(), 1);
+    assert_eq!(server.state.seen.lock()[0].path, "/api/sessions/k");
+}

@@ -1,0 +1,330 @@
+//! A real webhook session service on 127.0.0.1 speaking Enterprise
+//! Gateway's wire format over an in-memory map, with Basic or Digest
+//! authentication and switchable failure answers.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use digest_auth::{AlgorithmType, AuthorizationHeader};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+/// Where the service answers.
+pub const PREFIX: &str = "/api/sessions";
+pub const REALM: &str = "sessions@tower-ha";
+
+#[derive(Clone, Debug)]
+pub enum Auth {
+    None,
+    Basic { user: String, password: String },
+    Digest { user: String, password: String },
+}
+
+/// How the service answers (after authentication).
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// The four endpoints.
+    Normal,
+    /// Every request gets this status and body.
+    Fixed(u16, &'static str),
+    /// The first `n` requests get this status, then `Normal`.
+    FailFirst(usize, u16),
+    /// GET requests get 200 with this body; others are normal.
+    GetBody(String),
+    /// Never answers.
+    Hang,
+}
+
+/// One request as the service saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+pub struct State {
+    /// id → exactly the body that was POSTed.
+    pub sessions: Mutex<BTreeMap<String, Value>>,
+    pub auth: Auth,
+    pub mode: Mutex<Mode>,
+    /// The Digest nonce currently accepted.
+    pub nonce: Mutex<String>,
+    /// Every request, authenticated or not.
+    pub requests: AtomicUsize,
+    /// Requests refused with 401.
+    pub refused: AtomicUsize,
+    /// Authenticated requests, in order.
+    pub seen: Mutex<Vec<Seen>>,
+}
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Server {
+    pub async fn start(auth: Auth) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(State {
+            sessions: Mutex::new(BTreeMap::new()),
+            auth,
+            mode: Mutex::new(Mode::Normal),
+            nonce: Mutex::new("dcd98b7102dd2f0e8b11d0f600bfb0c093".into()),
+            requests: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
+        });
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(state.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Server { addr, state, task }
+    }
+
+    /// The webhook URL to give the store.
+    pub fn url(&self) -> String {
+        format!("http://{}{PREFIX}", self.addr)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock() = mode;
+    }
+
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+}
+
+fn answer(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = StatusCode::from_u16(status).expect("status");
+    response
+}
+
+fn json_answer(value: &Value) -> Response<Full<Bytes>> {
+    let mut response = answer(200, serde_json::to_vec(value).expect("json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn challenge(state: &State, stale: bool) -> Response<Full<Bytes>> {
+    let mut response = answer(401, "unauthorized");
+    let header = format!(
+        "Digest realm=\"{REALM}\", qop=\"auth\", algorithm=MD5, nonce=\"{}\", opaque=\"5ccc069c403ebaf9f0171e9517f40e41\"{}",
+        state.nonce.lock(),
+        if stale { ", stale=true" } else { "" }
+    );
+    response.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        header.parse().expect("header"),
+    );
+    response
+}
+
+fn md5(s: &str) -> String {
+    digest_auth::Algorithm::new(AlgorithmType::MD5, false).hash_str(s)
+}
+
+/// `None` if authenticated, else the 401 to send.
+fn check_auth(state: &State, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match &state.auth {
+        Auth::None => None,
+        Auth::Basic { user, password } => {
+            let expected = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            );
+            if given == Some(expected.as_str()) {
+                None
+            } else {
+                let mut r = answer(401, "bad credentials");
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Basic realm=\"sessions\""),
+                );
+                Some(r)
+            }
+        }
+        Auth::Digest { user, password } => {
+            let Some(given) = given else {
+                return Some(challenge(state, false));
+            };
+            let Ok(h) = AuthorizationHeader::parse(given) else {
+                return Some(challenge(state, false));
+            };
+            let nonce = state.nonce.lock().clone();
+            if h.nonce != nonce {
+                return Some(challenge(state, true));
+            }
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            // RFC 2617 section 3.2.2, computed here independently of the
+            // client's code.
+            let (Some(cnonce), Some(_)) = (h.cnonce.as_deref(), h.qop) else {
+                return Some(challenge(state, false));
+            };
+            let ha1 = md5(&format!("{user}:{REALM}:{password}"));
+            let ha2 = md5(&format!("{}:{path}", req.method()));
+            let expected = md5(&format!("{ha1}:{nonce}:{:08x}:{cnonce}:auth:{ha2}", h.nc));
+            if h.username == *user && h.realm == REALM && h.uri == path && h.response == expected {
+                None
+            } else {
+                Some(challenge(state, false))
+            }
+        }
+    }
+}
+
+fn decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    if let Some(refusal) = check_auth(&state, &req) {
+        state.refused.fetch_add(1, Ordering::SeqCst);
+        return Ok(refusal);
+    }
+    let mode = state.mode.lock().clone();
+    match mode {
+        Mode::Normal | Mode::GetBody(_) => {}
+        Mode::Fixed(status, body) => return Ok(answer(status, body)),
+        Mode::FailFirst(n, status) => {
+            let mut mode = state.mode.lock();
+            *mode = if n > 1 {
+                Mode::FailFirst(n - 1, status)
+            } else {
+                Mode::Normal
+            };
+            return Ok(answer(status, "failing"));
+        }
+        Mode::Hang => {
+            std::future::pending::<()>().await;
+        }
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let Ok(body) = req.into_body().collect().await else {
+        return Ok(answer(400, "cannot read body"));
+    };
+    let body = body.to_bytes();
+    state.seen.lock().push(Seen {
+        method: method.clone(),
+        path: path.clone(),
+        content_type,
+        body: body.clone(),
+    });
+    if let (&Method::GET, Mode::GetBody(raw)) = (&method, &mode) {
+        return Ok(answer(200, raw.clone()));
+    }
+    let Some(rest) = path.strip_prefix(PREFIX) else {
+        return Ok(answer(404, "no such endpoint"));
+    };
+    let id = match rest.strip_prefix('/') {
+        None if rest.is_empty() => None,
+        Some(segment) if !segment.contains('/') => match decode(segment) {
+            Some(id) => Some(id),
+            None => return Ok(answer(400, "bad id")),
+        },
+        _ => return Ok(answer(404, "no such endpoint")),
+    };
+    Ok(match (method, id) {
+        (Method::POST, Some(id)) => {
+            // The body must be exactly {"<id>": record}.
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(Value::Object(map)) if map.len() == 1 && map.contains_key(&id) => {
+                    state.sessions.lock().insert(id, Value::Object(map));
+                    answer(204, Bytes::new())
+                }
+                _ => answer(400, "body must be {\"<id>\": record}"),
+            }
+        }
+        (Method::GET, Some(id)) => match state.sessions.lock().get(&id) {
+            Some(saved) => json_answer(&json!({"kernel_id": id, "kernel_session": saved})),
+            None => answer(404, "no such session"),
+        },
+        (Method::GET, None) => {
+            let all: Vec<Value> = state
+                .sessions
+                .lock()
+                .iter()
+                .map(|(id, saved)| json!({"kernel_id": id, "kernel_session": saved}))
+                .collect();
+            json_answer(&Value::Array(all))
+        }
+        (Method::DELETE, None) => match serde_json::from_slice::<Vec<String>>(&body) {
+            Ok(ids) => {
+                let mut sessions = state.sessions.lock();
+                for id in ids {
+                    sessions.remove(&id);
+                }
+                answer(204, Bytes::new())
+            }
+            Err(_) => answer(400, "body must be a JSON array of ids"),
+        },
+        _ => answer(405, "method not allowed"),
+    })
+}
