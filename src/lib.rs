@@ -12,6 +12,9 @@
 //! * [`Balance`](balance::Balance): picks *who* serves each request with a
 //!   [`Strategy`](balance::Strategy): round robin, random, least request,
 //!   smooth weighted round robin, consistent hashing (ring or Maglev).
+//! * [`Failover`](failover::Failover): retries a failed request on another
+//!   backend, bounded by attempts, a retry budget and a deadline, and safe
+//!   for non-idempotent requests.
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
 //!
@@ -54,6 +57,7 @@ pub mod balance;
 pub mod classify;
 pub mod error;
 pub mod extensions;
+pub mod failover;
 pub mod key;
 pub mod pool;
 pub mod store;

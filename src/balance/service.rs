@@ -10,6 +10,7 @@ use tower_service::Service;
 use super::future::ResponseFuture;
 use super::strategy::{Pick, Strategy};
 use crate::extensions::{Affinity, Attempts, Target};
+use crate::failover::Picked;
 use crate::key::RequestHead;
 use crate::pool::{Pool, Rebuild, Snapshot};
 
@@ -196,6 +197,11 @@ where
         let id = member.id().clone();
         let state = member.state();
         let in_flight = state.track_in_flight();
+        // Tell a failover layer which backend this attempt goes to, so it
+        // can exclude it even if it abandons the attempt (a timeout).
+        if let Some(picked) = req.extensions().get::<Picked>() {
+            picked.set(id.clone());
+        }
         req.extensions_mut()
             .insert(Target::new(id.clone(), state.clone()));
         ResponseFuture::new(service, req, id, in_flight)
