@@ -246,3 +246,44 @@ where
         Balance::new(pool, self.strategy.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::RoundRobin;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::Waker;
+    use tower::service_fn;
+
+    #[test]
+    fn records_the_pick_in_a_picked_slot_before_calling() {
+        let pool = Pool::new();
+        for name in ["a", "b"] {
+            pool.insert(
+                name,
+                service_fn(|_req: Request<()>| {
+                    std::future::pending::<Result<Response<()>, std::convert::Infallible>>()
+                }),
+            );
+        }
+        let mut balance = Balance::new(pool, RoundRobin::new());
+        let picked = Picked::new();
+        let mut attempts = Attempts::new();
+        attempts.push("a".into());
+        let req = Request::builder()
+            .extension(picked.clone())
+            .extension(attempts)
+            .body(())
+            .unwrap();
+        let future = balance.call(req);
+        // Known as soon as `call` returns, before the backend answers.
+        assert_eq!(picked.take().unwrap().as_str(), "b");
+        let mut future = pin!(future);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(future.as_mut().poll(&mut cx).is_pending());
+        // Without a slot nothing is recorded anywhere.
+        let _ = balance.call(Request::new(()));
+        assert!(picked.take().is_none());
+    }
+}

@@ -226,10 +226,9 @@ where
 impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Buffered { len, .. } => f
-                .debug_struct("ReplayBody")
-                .field("buffered", len)
-                .finish(),
+            Kind::Buffered { len, .. } => {
+                f.debug_struct("ReplayBody").field("buffered", len).finish()
+            }
             Kind::Once { hint, .. } => f
                 .debug_struct("ReplayBody")
                 .field("once", hint)
@@ -256,7 +255,9 @@ where
     fn new(body: B, limit: usize) -> Self {
         let hint = body.size_hint();
         // Do not reserve more than the limit, whatever the body claims.
-        let reserve = usize::try_from(hint.lower()).unwrap_or(usize::MAX).min(limit);
+        let reserve = usize::try_from(hint.lower())
+            .unwrap_or(usize::MAX)
+            .min(limit);
         Buffering {
             body: Some(Box::pin(body)),
             hint,
@@ -558,7 +559,9 @@ mod tests {
 
     #[tokio::test]
     async fn small_bodies_are_buffered_and_replayed() {
-        let body = ReplayBody::buffer(stream(vec![b"he", b"llo"]), 8).await.unwrap();
+        let body = ReplayBody::buffer(stream(vec![b"he", b"llo"]), 8)
+            .await
+            .unwrap();
         assert!(body.is_buffered());
         assert_eq!(body.size_hint().exact(), Some(5));
         let again = body.replay().unwrap();
@@ -601,7 +604,9 @@ mod tests {
 
     #[tokio::test]
     async fn empty_and_full_bodies() {
-        let empty = ReplayBody::buffer(Full::new(Bytes::new()), 4).await.unwrap();
+        let empty = ReplayBody::buffer(Full::new(Bytes::new()), 4)
+            .await
+            .unwrap();
         assert!(empty.is_end_stream());
         let full = ReplayBody::<Full<Bytes>>::full(Bytes::from_static(b"x"));
         assert_eq!(full.collect().await.unwrap().to_bytes(), "x");

@@ -152,7 +152,11 @@ impl fmt::Display for Exhausted {
             write!(f, "{sep}{id} ({cause})")?;
         }
         if let Some(reason) = &self.reason {
-            let sep = if self.attempts.is_empty() { ": " } else { "; then " };
+            let sep = if self.attempts.is_empty() {
+                ": "
+            } else {
+                "; then "
+            };
             write!(f, "{sep}{reason}")?;
         }
         Ok(())
@@ -181,8 +185,14 @@ mod tests {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         let err = Exhausted::new(
             vec![
-                ("a".into(), FailedStatus::new(StatusCode::BAD_GATEWAY).into()),
-                ("b".into(), BackendError::new("b".into(), NotSent::new(refused)).into()),
+                (
+                    "a".into(),
+                    FailedStatus::new(StatusCode::BAD_GATEWAY).into(),
+                ),
+                (
+                    "b".into(),
+                    BackendError::new("b".into(), NotSent::new(refused)).into(),
+                ),
             ],
             None,
         );

@@ -174,7 +174,11 @@ where
                     match this.retry.judge(outcome) {
                         Verdict::Return(result) => return Poll::Ready(result),
                         Verdict::Retry => {
-                            let pause = this.retry.config.backoff.delay(retry_number(this.retry.tried));
+                            let pause = this
+                                .retry
+                                .config
+                                .backoff
+                                .delay(retry_number(this.retry.tried));
                             if pause.is_zero() {
                                 this.attempt.set(Attempt::Ready);
                             } else {
@@ -284,9 +288,11 @@ where
                     None => (picked, find::<NotSent>(&*err).is_some()),
                 };
                 let Some(id) = id else {
-                    return Verdict::Return(Err(
-                        Exhausted::new(std::mem::take(&mut self.failures), Some(err)).into(),
-                    ));
+                    return Verdict::Return(Err(Exhausted::new(
+                        std::mem::take(&mut self.failures),
+                        Some(err),
+                    )
+                    .into()));
                 };
                 self.record(id, err);
                 self.last_response = None;
@@ -383,7 +389,11 @@ where
             return Ok(self.with_history(response, false));
         }
         let failures = std::mem::take(&mut self.failures);
-        let reason = if failures.is_empty() { reason } else { reason.filter(|r| !r.is::<NoBackend>()) };
+        let reason = if failures.is_empty() {
+            reason
+        } else {
+            reason.filter(|r| !r.is::<NoBackend>())
+        };
         Err(Exhausted::new(failures, reason).into())
     }
 

@@ -171,10 +171,16 @@ mod tests {
     #[test]
     fn idempotent_methods() {
         for m in ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"] {
-            assert!(is_idempotent(&Method::from_bytes(m.as_bytes()).unwrap()), "{m}");
+            assert!(
+                is_idempotent(&Method::from_bytes(m.as_bytes()).unwrap()),
+                "{m}"
+            );
         }
         for m in ["POST", "PATCH", "CONNECT", "PURGE"] {
-            assert!(!is_idempotent(&Method::from_bytes(m.as_bytes()).unwrap()), "{m}");
+            assert!(
+                !is_idempotent(&Method::from_bytes(m.as_bytes()).unwrap()),
+                "{m}"
+            );
         }
     }
 
