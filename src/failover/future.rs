@@ -74,6 +74,9 @@ where
     tried: usize,
     /// Whether the method (or an opt-in) allows retrying after any failure.
     any_failure: bool,
+    /// Whether the attempt in flight is a retry not yet taken from the
+    /// budget.
+    unpaid: bool,
 }
 
 enum Verdict<R> {
@@ -123,6 +126,7 @@ where
                 last_response: None,
                 tried: 1,
                 any_failure,
+                unpaid: false,
             },
         }
     }
@@ -154,8 +158,17 @@ where
         loop {
             match this.attempt.as_mut().project() {
                 AttemptProj::Called { future } => {
-                    let outcome = match future.poll(cx) {
-                        Poll::Ready(result) => result.map_err(Into::into),
+                    let polled = future.poll(cx).map_err(Into::into);
+                    if this.retry.unpaid {
+                        let no_backend =
+                            matches!(&polled, Poll::Ready(Err(e)) if e.is::<NoBackend>());
+                        if !no_backend && !this.retry.pay() && polled.is_pending() {
+                            this.attempt.set(Attempt::Done);
+                            return Poll::Ready(this.retry.give_up(None));
+                        }
+                    }
+                    let outcome = match polled {
+                        Poll::Ready(result) => result,
                         Poll::Pending => {
                             if fired(this.deadline.as_mut(), cx) {
                                 this.attempt.set(Attempt::Done);
@@ -321,18 +334,20 @@ where
         self.failures.push((id, cause));
     }
 
-    /// Whether one more attempt is allowed after the failure just recorded.
+    /// Whether one more attempt is allowed after the failure just recorded
+    /// (the budget is checked once the next backend is known).
     fn may_retry(&mut self, not_sent: bool) -> bool {
         if self.tried >= self.config.max_attempts || !(self.any_failure || not_sent) {
             return false;
         }
-        let replayable = self
-            .template
+        self.template
             .as_ref()
-            .is_some_and(|t| t.body().replay().is_some());
-        if !replayable {
-            return false;
-        }
+            .is_some_and(|t| t.body().replay().is_some())
+    }
+
+    /// Takes a retry from the budget; `false` when it is spent.
+    fn pay(&mut self) -> bool {
+        self.unpaid = false;
         match &self.config.budget {
             Some(budget) if !budget.withdraw() => {
                 tracing::debug!(
@@ -369,6 +384,18 @@ where
         let future = self.service.call(request);
         self.tried += 1;
         self.current = self.picked.as_ref().and_then(Picked::take);
+        // A retry is paid for once a backend was picked for it, so an
+        // attempt that finds no backend left costs nothing. An inner service
+        // that does not fill `Picked` is charged at the first poll.
+        if self.current.is_some() {
+            if !self.pay() {
+                // Dropped before it was polled: no backend saw the request.
+                drop(future);
+                return Poll::Ready(Err(self.give_up(None)));
+            }
+        } else {
+            self.unpaid = true;
+        }
         if let Some((from, cause)) = self.failures.last() {
             tracing::info!(
                 target: "tower_ha::failover",

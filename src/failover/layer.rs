@@ -2,17 +2,18 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
 use tower_layer::Layer;
 
+use super::budget::RetryBudget;
 use super::policy::Backoff;
 use super::service::Failover;
 use crate::classify::{Classifier, DefaultClassifier};
 
-/// The default retry budget: retries may add 20 % to the requests of the
-/// last 10 seconds, plus 3 retries per second whatever the traffic.
+/// The default retry budget: retries may add 20 % to the requests, plus 3
+/// retries per second whatever the traffic.
 pub(crate) fn default_budget() -> Arc<dyn Budget + Send + Sync> {
-    Arc::new(TpsBudget::new(Duration::from_secs(10), 3, 0.2))
+    Arc::new(RetryBudget::default())
 }
 
 /// What a [`Failover`] does, shared by its clones.
@@ -70,7 +71,7 @@ impl<C: fmt::Debug> fmt::Debug for Config<C> {
 /// | [`max_attempts`](Self::max_attempts) | every available backend once |
 /// | [`per_try_timeout`](Self::per_try_timeout) | none |
 /// | [`deadline`](Self::deadline) | none |
-/// | [`budget`](Self::budget) | 20 % of requests plus 3 retries per second (a [`TpsBudget`] over 10 s) |
+/// | [`budget`](Self::budget) | [`RetryBudget::default`]: 20 % of requests plus 3 retries per second |
 /// | [`backoff`](Self::backoff) | none |
 /// | [`retry_non_idempotent`](Self::retry_non_idempotent) | `false` |
 ///
@@ -137,8 +138,8 @@ impl<C> FailoverLayer<C> {
     }
 
     /// Limits retries with `budget` (each request deposits, each retry
-    /// withdraws), for example a [`TpsBudget`] with your own ratio and
-    /// floor.
+    /// withdraws): a [`RetryBudget`] with your own ratio and floor, or
+    /// tower's [`TpsBudget`](tower::retry::budget::TpsBudget).
     pub fn budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
         self.config.budget = Some(Arc::new(budget));
         self

@@ -28,9 +28,10 @@
 //!    refused goes to the next backend.
 //! 4. A per-try timeout drops the attempt (the backend gets no more of the
 //!    request) and tries the next backend; a deadline bounds all attempts.
-//! 5. A retry [budget](FailoverLayer::budget) (by default 20 % of requests
-//!    plus 3 retries per second, tower's [`TpsBudget`](tower::retry::budget::TpsBudget))
-//!    keeps a failing fleet from a retry storm.
+//! 5. A retry [budget](FailoverLayer::budget) keeps a failing fleet from a
+//!    retry storm: by default a [`RetryBudget`] of 20 % of requests plus 3
+//!    retries per second (any tower
+//!    [`Budget`](tower::retry::budget::Budget) fits).
 //! 6. An optional [`Backoff`] pauses between attempts (none by default: the
 //!    next attempt goes to another backend).
 //! 7. Bodies: a `Clone` body is replayed as is; [`BufferBodyLayer`] makes
@@ -94,6 +95,7 @@
 //! ```
 
 pub mod body;
+mod budget;
 pub mod error;
 pub mod future;
 mod layer;
@@ -101,6 +103,7 @@ mod policy;
 mod service;
 
 pub use body::{BufferBody, BufferBodyLayer, Replay, ReplayBody};
+pub use budget::RetryBudget;
 pub use error::{DeadlineExceeded, Exhausted, FailedStatus, TimedOut};
 pub use layer::FailoverLayer;
 pub use policy::{is_idempotent, Backoff, Picked, RetryNonIdempotent};
