@@ -108,3 +108,8 @@ pub use error::{DeadlineExceeded, Exhausted, FailedStatus, TimedOut};
 pub use layer::FailoverLayer;
 pub use policy::{is_idempotent, Backoff, Picked, RetryNonIdempotent};
 pub use service::Failover;
+
+/// Runs the examples of `docs/failover.md` as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/failover.md")]
+struct FailoverGuide;
