@@ -703,3 +703,64 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Events.
+
+/// Records the events of the failover target as `name=value` lines.
+struct Capture(Arc<Mutex<Vec<String>>>);
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.push_str(&format!("{}={} ", field.name(), value));
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={:?} ", field.name(), value));
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if event.metadata().target() == "tower_ha::failover" {
+            let mut fields = Fields(String::new());
+            event.record(&mut fields);
+            self.0.lock().push(fields.0.trim_end().to_string());
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn each_failover_is_an_event_with_from_to_and_cause() {
+    use Kind::*;
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let kinds = [("a", Unavailable), ("b", Refused), ("c", Ok)];
+    let (result, tried) = tracing::subscriber::with_default(Capture(events.clone()), || {
+        runtime.block_on(send(FailoverLayer::new(), &kinds, request(Method::GET)))
+    });
+    assert_eq!(result.unwrap().status(), StatusCode::OK);
+    assert_eq!(tried, ["a", "b", "c"]);
+    let events = events.lock().clone();
+    assert_eq!(
+        events,
+        [
+            "message=failing over from=a to=b cause=backend answered 503 Service Unavailable attempt=2",
+            "message=failing over from=b to=c cause=backend b failed before the request was sent attempt=3",
+        ]
+    );
+}

@@ -283,7 +283,7 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         assert!(future.as_mut().poll(&mut cx).is_pending());
         // Without a slot nothing is recorded anywhere.
-        let _ = balance.call(Request::new(()));
+        drop(balance.call(Request::new(())));
         assert!(picked.take().is_none());
     }
 }

@@ -139,7 +139,7 @@ impl<B> Replay for ReplayBody<B> {
             } if shared.lock().is_some() => Some(ReplayBody {
                 kind: Kind::Once {
                     shared: shared.clone(),
-                    hint: hint.clone(),
+                    hint: *hint,
                     taken: None,
                 },
             }),
@@ -218,7 +218,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Buffered { len, .. } => SizeHint::with_exact(*len),
-            Kind::Once { hint, .. } => hint.clone(),
+            Kind::Once { hint, .. } => *hint,
         }
     }
 }
@@ -296,7 +296,7 @@ where
                             return Poll::Ready(Ok(ReplayBody {
                                 kind: Kind::Once {
                                     shared: Arc::new(Mutex::new(Some(rest))),
-                                    hint: self.hint.clone(),
+                                    hint: self.hint,
                                     taken: None,
                                 },
                             }));

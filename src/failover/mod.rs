@@ -41,7 +41,7 @@
 //! 8. When the attempts end in failure, the last failure decides the result:
 //!    a failed response (say a 503) is returned with the
 //!    [`Attempts`](crate::extensions::Attempts) history in its extensions; an
-//!    error becomes [`Exhausted`](error::Exhausted), which lists every backend
+//!    error becomes [`Exhausted`], which lists every backend
 //!    tried and why. A response that succeeded after failures carries the
 //!    history too (the backend that answered last).
 //! 9. Each failover emits a `tracing` event (target `tower_ha::failover`)
