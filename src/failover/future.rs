@@ -29,11 +29,10 @@ pin_project! {
     {
         #[pin]
         attempt: Attempt<S::Future>,
-        // The per-try timeout, also the timer of a backoff pause.
-        #[pin]
-        timer: Option<Sleep>,
-        #[pin]
-        deadline: Option<Sleep>,
+        // The per-try timeout, also the timer of a backoff pause. Boxed, so
+        // that the future stays small when no timer is configured.
+        timer: Option<Pin<Box<Sleep>>>,
+        deadline: Option<Pin<Box<Sleep>>>,
         retry: Retry<S, B, C>,
     }
 }
@@ -110,8 +109,10 @@ where
         };
         let future = service.call(req);
         let current = picked.as_ref().and_then(Picked::take);
-        let timer = config.per_try_timeout.map(tokio::time::sleep);
-        let deadline = config.deadline.map(tokio::time::sleep);
+        let timer = config
+            .per_try_timeout
+            .map(|d| Box::pin(tokio::time::sleep(d)));
+        let deadline = config.deadline.map(|d| Box::pin(tokio::time::sleep(d)));
         ResponseFuture {
             attempt: Attempt::Called { future },
             timer,
@@ -170,11 +171,11 @@ where
                     let outcome = match polled {
                         Poll::Ready(result) => result,
                         Poll::Pending => {
-                            if fired(this.deadline.as_mut(), cx) {
+                            if fired(this.deadline, cx) {
                                 this.attempt.set(Attempt::Done);
                                 return Poll::Ready(this.retry.deadline_exceeded());
                             }
-                            if !fired(this.timer.as_mut(), cx) {
+                            if !fired(this.timer, cx) {
                                 return Poll::Pending;
                             }
                             let after = this.retry.config.per_try_timeout;
@@ -196,27 +197,24 @@ where
                                 this.attempt.set(Attempt::Ready);
                             } else {
                                 let until = Instant::now() + pause;
-                                match this.timer.as_mut().as_pin_mut() {
-                                    Some(timer) => timer.reset(until),
-                                    None => this.timer.set(Some(tokio::time::sleep_until(until))),
-                                }
+                                set_timer(this.timer, until);
                                 this.attempt.set(Attempt::Backoff);
                             }
                         }
                     }
                 }
                 AttemptProj::Backoff => {
-                    if fired(this.deadline.as_mut(), cx) {
+                    if fired(this.deadline, cx) {
                         this.attempt.set(Attempt::Done);
                         return Poll::Ready(this.retry.deadline_exceeded());
                     }
-                    if let Some(timer) = this.timer.as_mut().as_pin_mut() {
-                        ready!(timer.poll(cx));
+                    if let Some(timer) = this.timer {
+                        ready!(timer.as_mut().poll(cx));
                     }
                     this.attempt.set(Attempt::Ready);
                 }
                 AttemptProj::Ready => {
-                    if fired(this.deadline.as_mut(), cx) {
+                    if fired(this.deadline, cx) {
                         this.attempt.set(Attempt::Done);
                         return Poll::Ready(this.retry.deadline_exceeded());
                     }
@@ -231,13 +229,10 @@ where
                     match this.retry.config.per_try_timeout {
                         Some(timeout) => {
                             let until = Instant::now() + timeout;
-                            match this.timer.as_mut().as_pin_mut() {
-                                Some(timer) => timer.reset(until),
-                                None => this.timer.set(Some(tokio::time::sleep_until(until))),
-                            }
+                            set_timer(this.timer, until);
                         }
                         // The timer served a backoff pause: no per-try timeout.
-                        None => this.timer.set(None),
+                        None => *this.timer = None,
                     }
                 }
                 AttemptProj::Done => panic!("failover ResponseFuture polled after completion"),
@@ -252,10 +247,18 @@ fn retry_number(tried: usize) -> u32 {
 }
 
 /// Whether an optional timer has fired.
-fn fired(timer: Pin<&mut Option<Sleep>>, cx: &mut Context<'_>) -> bool {
+fn fired(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
     timer
-        .as_pin_mut()
-        .is_some_and(|timer| timer.poll(cx).is_ready())
+        .as_mut()
+        .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+}
+
+/// Arms the timer for `until`, reusing its allocation.
+fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, until: Instant) {
+    match timer {
+        Some(timer) => timer.as_mut().reset(until),
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(until))),
+    }
 }
 
 impl<S, B, C, RB> Retry<S, B, C>
