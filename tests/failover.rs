@@ -703,3 +703,40 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// An inner service of your own that speaks the extension protocol.
+
+#[tokio::test]
+async fn works_over_any_service_that_honours_attempts_and_names_backends() {
+    use tower_ha::BackendError;
+    // Tries "x" then "y" in order, skipping those in `Attempts`; "x" fails.
+    let own = service_fn(|req: Request<()>| async move {
+        let tried = req
+            .extensions()
+            .get::<Attempts>()
+            .cloned()
+            .unwrap_or_default();
+        let Some(next) = ["x", "y"]
+            .into_iter()
+            .map(BackendId::from)
+            .find(|id| !tried.contains(id))
+        else {
+            return Err::<Response<()>, BoxError>(Box::new(NoBackend::default()));
+        };
+        if next.as_str() == "x" {
+            return Err(
+                BackendError::new(next, io::Error::from(io::ErrorKind::ConnectionReset)).into(),
+            );
+        }
+        let mut response = status(200);
+        response.extensions_mut().insert(ServedBy(next));
+        Ok(response)
+    });
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(own);
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(served_by(&response), "y");
+    assert_eq!(history(&response), ["x", "y"]);
+}

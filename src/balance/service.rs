@@ -39,7 +39,8 @@ impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
 ///
 /// `Balance` picks in `call`, where the request is known: it honours an
 /// [`Affinity`] when that backend is eligible, never picks a backend listed
-/// in the request's [`Attempts`], sets [`Target`] on the request, calls a
+/// in the request's [`Attempts`], sets [`Target`] on the request (and
+/// records its pick in the request's [`Picked`] slot, if any), calls a
 /// clone of the chosen backend's service once it is ready, and sets
 /// [`ServedBy`](crate::extensions::ServedBy) on the response. A backend's
 /// error comes back as a [`BackendError`](crate::error::BackendError)

@@ -49,7 +49,7 @@ impl<C: fmt::Debug> fmt::Debug for Config<C> {
         } else {
             &self.max_attempts
         };
-        f.debug_struct("Failover")
+        f.debug_struct("Config")
             .field("classifier", &self.classifier)
             .field("max_attempts", max_attempts)
             .field("per_try_timeout", &self.per_try_timeout)
@@ -124,14 +124,16 @@ impl<C> FailoverLayer<C> {
 
     /// Abandons an attempt that has not answered within `timeout`: its
     /// future is dropped, so the backend gets no more of the request, and
-    /// the next backend is tried.
+    /// the next backend is tried. Requests must then be called within a
+    /// Tokio runtime with its time driver enabled.
     pub fn per_try_timeout(mut self, timeout: Duration) -> Self {
         self.config.per_try_timeout = Some(timeout);
         self
     }
 
     /// Gives up once `deadline` has passed since the request was called,
-    /// whatever the attempts left.
+    /// whatever the attempts left. Requests must then be called within a
+    /// Tokio runtime with its time driver enabled.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.config.deadline = Some(deadline);
         self

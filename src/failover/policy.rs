@@ -128,7 +128,10 @@ impl Backoff {
 /// hands the request to the backend, so the failover layer knows which
 /// backend an abandoned attempt reached, lists it in
 /// [`Attempts`](crate::extensions::Attempts), and never sends the request
-/// there again. A balancer of your own should do the same.
+/// there again. The slot also lets the failover layer charge a retry to its
+/// budget only once a backend was picked for it. A balancer of your own
+/// should fill it too; without it, an abandoned attempt names no backend
+/// (and ends the retries), and a retry is charged after its first poll.
 ///
 /// Clones share the slot.
 ///
