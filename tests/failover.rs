@@ -210,6 +210,31 @@ async fn backoff_pauses_between_attempts_within_its_jitter() {
     assert_eq!(history(&response), ["a", "b"]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn huge_durations_do_not_panic_and_the_deadline_still_holds() {
+    let layer = FailoverLayer::new()
+        .per_try_timeout(Duration::MAX)
+        .backoff(Backoff::exponential(Duration::MAX, Duration::MAX))
+        .deadline(Duration::from_secs(1));
+    let start = Instant::now();
+    let (result, tried) = send(
+        layer,
+        &[("a", Kind::Reset), ("b", Kind::Ok)],
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    assert_eq!(
+        tried,
+        ["a"],
+        "still pausing before b when the deadline passed"
+    );
+    let err = result.unwrap_err();
+    let err = exhausted(&err);
+    assert_eq!(err.attempts().len(), 1);
+    assert!(err.reason().unwrap().is::<DeadlineExceeded>());
+}
+
 // ---------------------------------------------------------------------------
 // The retry budget.
 

@@ -128,8 +128,10 @@ impl Exhausted {
     }
 
     /// Why the attempts ended when that is not a failure of a known backend:
-    /// [`NoBackend`](crate::NoBackend) before any backend was tried, or an
-    /// error that named no backend.
+    /// [`NoBackend`](crate::NoBackend) before any backend was tried,
+    /// [`DeadlineExceeded`] between attempts (during a backoff pause), or an
+    /// error that named no backend (including the inner service's
+    /// `poll_ready` error).
     pub fn reason(&self) -> Option<&(dyn StdError + Send + Sync + 'static)> {
         self.reason.as_deref()
     }

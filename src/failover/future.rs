@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -196,8 +197,7 @@ where
                             if pause.is_zero() {
                                 this.attempt.set(Attempt::Ready);
                             } else {
-                                let until = Instant::now() + pause;
-                                set_timer(this.timer, until);
+                                set_timer(this.timer, deadline_after(pause));
                                 this.attempt.set(Attempt::Backoff);
                             }
                         }
@@ -228,8 +228,7 @@ where
                     this.attempt.set(Attempt::Called { future });
                     match this.retry.config.per_try_timeout {
                         Some(timeout) => {
-                            let until = Instant::now() + timeout;
-                            set_timer(this.timer, until);
+                            set_timer(this.timer, deadline_after(timeout));
                         }
                         // The timer served a backoff pause: no per-try timeout.
                         None => *this.timer = None,
@@ -251,6 +250,14 @@ fn fired(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
     timer
         .as_mut()
         .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+}
+
+/// The instant `duration` from now, or about 30 years from now when that
+/// does not fit (as `tokio::time::sleep` does).
+fn deadline_after(duration: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(duration)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// Arms the timer for `until`, reusing its allocation.
