@@ -15,6 +15,9 @@
 //! * [`health`]: passive outlier detection ([`HealthLayer`](health::HealthLayer)),
 //!   active probes ([`HealthChecker`](health::HealthChecker)), a lifecycle for
 //!   failing backends, slow start; panic routing in `Balance`.
+//! * [`Failover`](failover::Failover): retries a failed request on another
+//!   backend, bounded by attempts, a retry budget and a deadline, and safe
+//!   for non-idempotent requests.
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
 //! * [`store`]: durable sessions behind the [`SessionStore`](store::SessionStore)
@@ -61,6 +64,7 @@ pub mod balance;
 pub mod classify;
 pub mod error;
 pub mod extensions;
+pub mod failover;
 pub mod health;
 #[cfg(feature = "hyper-client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper-client")))]

@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod health_http;
+pub mod http;
 pub mod store_contract;
 #[cfg(feature = "webhook")]
 pub mod webhook_server;
