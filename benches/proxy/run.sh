@@ -138,6 +138,7 @@ start_tower() {
         --strategy round-robin "${args[@]}" >"$WORK/tower.log" 2>&1 &
     PIDS+=($!)
     echo $! >"$WORK/tower.pid"
+    disown
     wait_port "$TOWER_PORT"
 }
 
