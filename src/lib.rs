@@ -14,6 +14,10 @@
 //!   smooth weighted round robin, consistent hashing (ring or Maglev).
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
+//! * [`Sticky`](sticky::Sticky): keeps each session on the backend that holds
+//!   its state (signed cookie, learned cookie, header or closure), moves it
+//!   only when that backend cannot serve, and persists it in a
+//!   [`SessionStore`](store::SessionStore).
 //!
 //! # Quick start
 //!
@@ -56,6 +60,7 @@ pub mod error;
 pub mod extensions;
 pub mod key;
 pub mod pool;
+pub mod sticky;
 pub mod store;
 
 pub use backend::{AdminStatus, BackendId, BackendState, Health};
