@@ -185,6 +185,10 @@ pub enum Reject {
     TooLong,
     /// The `Cookie` headers are larger than [`MAX_COOKIE_HEADER`].
     TooLarge,
+    /// The layer's cookie is correctly signed but names a backend that is
+    /// not in the pool, for a session neither the table nor the store
+    /// knows.
+    UnknownBackend,
 }
 
 impl Reject {
@@ -196,6 +200,7 @@ impl Reject {
             Reject::NotUtf8 => "not_utf8",
             Reject::TooLong => "too_long",
             Reject::TooLarge => "cookie_header_too_large",
+            Reject::UnknownBackend => "unknown_backend",
         }
     }
 }

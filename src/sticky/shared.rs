@@ -16,7 +16,7 @@ use tokio::sync::OnceCell;
 use super::cookie::{self, CookieInsert, Learned};
 use super::error::SessionUnavailable;
 use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, SessionMoved};
-use super::key::{self, Extracted, Kind, SessionKey};
+use super::key::{self, Extracted, Kind, Reject, SessionKey};
 use super::stats::{bump, Counters, StickyStats};
 use super::table::{Dropped, Hit, Table};
 use super::Availability;
@@ -222,8 +222,24 @@ impl Shared {
         stored: Option<Session>,
     ) -> Start {
         // A stored record is authoritative (it follows moves made on other
-        // replicas); without one, a verified cookie names the backend.
-        let session = stored.or_else(|| cookie.clone().map(|b| Session::new(&*key, b)));
+        // replicas); without one, a verified cookie names the backend,
+        // unless that backend is not in the pool: a session nobody knows
+        // on a backend nobody knows is no session.
+        let session = match (stored, &cookie) {
+            (Some(stored), _) => Some(stored),
+            (None, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
+                bump(&self.counters.rejected, 1);
+                tracing::debug!(
+                    target: TARGET,
+                    reason = %Reject::UnknownBackend,
+                    backend = %backend,
+                    "session key rejected"
+                );
+                return Start::Call(Track::Fresh);
+            }
+            (None, Some(backend)) => Some(Session::new(&*key, backend.clone())),
+            (None, None) => None,
+        };
         match session {
             Some(session) => {
                 let (hit, dropped) = self.table.insert_if_absent(session);
