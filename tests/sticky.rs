@@ -793,8 +793,16 @@ async fn replication_routes_a_session_started_on_another_instance() {
         let res = send(&a, Request::new(())).await.unwrap();
         cookies.push((cookie_of(&res).unwrap(), res.into_body()));
     }
-    // B's round robin would pick a, b, c for new requests; each session
-    // still lands on its own backend.
+    // Move the first one on A; its client keeps the stale cookie.
+    let (stale, old_home) = cookies[0].clone();
+    c.set_health(&old_home, Health::Unhealthy);
+    let moved = send(&a, with_cookie(&stale)).await.unwrap().into_body();
+    assert_ne!(moved, old_home);
+    c.set_health(&old_home, Health::Healthy);
+    cookies[0].1 = moved;
+
+    // On B each session lands on its backend as the store knows it (not as
+    // the stale cookie says, nor where B's round robin would go).
     for (cookie, home) in cookies.iter().rev() {
         let res = send(&b, with_cookie(cookie)).await.unwrap();
         assert_eq!(res.body(), home);
