@@ -80,11 +80,70 @@ pub(crate) enum Invalid {
     Signature,
 }
 
-/// A verified cookie: the session id and the backend it names.
+/// A cookie's MAC, truncated.
+pub(crate) type Tag = [u8; TAG_BYTES];
+
+/// A cookie value of the right shape, not yet verified.
 #[derive(Debug)]
-pub(crate) struct Verified<'a> {
+pub(crate) struct Parsed<'a> {
     pub(crate) session: &'a str,
-    pub(crate) backend: BackendId,
+    backend_b64: &'a [u8],
+    tag: Tag,
+}
+
+impl<'a> Parsed<'a> {
+    /// Splits and decodes a cookie value; no MAC is checked.
+    pub(crate) fn new(value: &'a [u8]) -> Result<Self, Invalid> {
+        let mut parts = value.splitn(3, |&b| b == b'.');
+        let (Some(session), Some(backend_b64), Some(tag_b64)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Invalid::Shape);
+        };
+        // base64url of 16 bytes is exactly 22 characters.
+        if session.len() != 22
+            || tag_b64.len() != 22
+            || backend_b64.is_empty()
+            || backend_b64.len() > MAX_BACKEND_B64
+            || !session.iter().all(|&b| is_b64url(b))
+        {
+            return Err(Invalid::Shape);
+        }
+        let mut tag_buf = [0u8; TAG_BYTES + 2];
+        match URL_SAFE_NO_PAD.decode_slice(tag_b64, &mut tag_buf) {
+            Ok(TAG_BYTES) => {}
+            _ => return Err(Invalid::Shape),
+        }
+        let mut tag = [0u8; TAG_BYTES];
+        tag.copy_from_slice(&tag_buf[..TAG_BYTES]);
+        // All base64url characters are ASCII.
+        let session = std::str::from_utf8(session).map_err(|_| Invalid::Shape)?;
+        Ok(Parsed {
+            session,
+            backend_b64,
+            tag,
+        })
+    }
+
+    /// The backend id the cookie names, decoded into `buf`.
+    fn backend<'b>(&self, buf: &'b mut [u8; MAX_BACKEND_B64]) -> Result<&'b str, Invalid> {
+        let n = URL_SAFE_NO_PAD
+            .decode_slice(self.backend_b64, buf)
+            .map_err(|_| Invalid::Shape)?;
+        match std::str::from_utf8(&buf[..n]) {
+            Ok(id) if !id.is_empty() => Ok(id),
+            _ => Err(Invalid::Shape),
+        }
+    }
+
+    /// Whether this is exactly the cookie issued for `backend` whose tag is
+    /// `expected`: the tags are compared in constant time.
+    pub(crate) fn matches(&self, backend: &BackendId, expected: &Tag) -> bool {
+        use subtle::ConstantTimeEq;
+        let mut buf = [0u8; MAX_BACKEND_B64];
+        bool::from(self.tag.ct_eq(expected))
+            && self.backend(&mut buf).is_ok_and(|b| b == backend.as_str())
+    }
 }
 
 impl CookieInsert {
@@ -184,43 +243,28 @@ impl CookieInsert {
         value
     }
 
-    /// Checks a cookie value and returns what it names. Compares the MAC in
-    /// constant time.
-    pub(crate) fn verify<'a>(&self, value: &'a [u8]) -> Result<Verified<'a>, Invalid> {
-        let mut parts = value.splitn(3, |&b| b == b'.');
-        let (Some(session), Some(backend), Some(tag)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(Invalid::Shape);
-        };
-        // base64url of 16 bytes is exactly 22 characters.
-        if session.len() != 22 || tag.len() != 22 || backend.len() > MAX_BACKEND_B64 {
-            return Err(Invalid::Shape);
-        }
-        if !session.iter().all(|&b| is_b64url(b)) {
-            return Err(Invalid::Shape);
-        }
-        let mut tag_bytes = [0u8; TAG_BYTES + 2];
-        match URL_SAFE_NO_PAD.decode_slice(tag, &mut tag_bytes) {
-            Ok(TAG_BYTES) => {}
-            _ => return Err(Invalid::Shape),
-        }
-        let mut backend_buf = [0u8; MAX_BACKEND_B64];
-        let n = URL_SAFE_NO_PAD
-            .decode_slice(backend, &mut backend_buf)
-            .map_err(|_| Invalid::Shape)?;
-        let backend_id = std::str::from_utf8(&backend_buf[..n]).map_err(|_| Invalid::Shape)?;
-        if backend_id.is_empty() {
-            return Err(Invalid::Shape);
-        }
-        self.tag(session, backend_id.as_bytes())
-            .verify_truncated_left(&tag_bytes[..TAG_BYTES])
+    /// The tag of the cookie naming `session` on `backend`, as kept in
+    /// the session table so that a hit compares tags instead of computing
+    /// a MAC.
+    pub(crate) fn tag_for(&self, session: &str, backend: &BackendId) -> Tag {
+        let full = self
+            .tag(session.as_bytes(), backend.as_str().as_bytes())
+            .finalize()
+            .into_bytes();
+        let mut tag = [0u8; TAG_BYTES];
+        tag.copy_from_slice(&full[..TAG_BYTES]);
+        tag
+    }
+
+    /// Verifies a parsed cookie's MAC (in constant time) and returns the
+    /// backend it names.
+    pub(crate) fn verify(&self, parsed: &Parsed<'_>) -> Result<BackendId, Invalid> {
+        let mut buf = [0u8; MAX_BACKEND_B64];
+        let backend = parsed.backend(&mut buf)?;
+        self.tag(parsed.session.as_bytes(), backend.as_bytes())
+            .verify_truncated_left(&parsed.tag)
             .map_err(|_| Invalid::Signature)?;
-        // All base64url characters are ASCII.
-        let session = std::str::from_utf8(session).map_err(|_| Invalid::Shape)?;
-        Ok(Verified {
-            session,
-            backend: BackendId::from(backend_id),
-        })
+        Ok(BackendId::from(backend))
     }
 
     /// The `Set-Cookie` header value for `value`.
@@ -308,9 +352,13 @@ mod tests {
         let c = cookie();
         let sid = CookieInsert::new_session_id();
         let value = c.value(&sid, &"node-a".into());
-        let v = c.verify(value.as_bytes()).unwrap();
-        assert_eq!(v.session, sid);
-        assert_eq!(v.backend.as_str(), "node-a");
+        let parsed = Parsed::new(value.as_bytes()).unwrap();
+        assert_eq!(parsed.session, sid);
+        assert_eq!(c.verify(&parsed).unwrap().as_str(), "node-a");
+        let tag = c.tag_for(&sid, &"node-a".into());
+        assert!(parsed.matches(&"node-a".into(), &tag));
+        assert!(!parsed.matches(&"node-b".into(), &tag));
+        assert!(!parsed.matches(&"node-a".into(), &c.tag_for(&sid, &"node-b".into())));
     }
 
     #[test]
@@ -322,19 +370,15 @@ mod tests {
         let (head, tag) = value.rsplit_once('.').unwrap();
         let (sid_part, _) = head.split_once('.').unwrap();
         let forged = format!("{sid_part}.{}.{tag}", URL_SAFE_NO_PAD.encode("node-b"));
-        assert_eq!(c.verify(forged.as_bytes()).unwrap_err(), Invalid::Signature);
+        let verify =
+            |c: &CookieInsert, v: &str| Parsed::new(v.as_bytes()).and_then(|p| c.verify(&p));
+        assert_eq!(verify(&c, &forged).unwrap_err(), Invalid::Signature);
         // Another secret.
         let other = CookieInsert::new("srv", [2u8; 32]);
-        assert_eq!(
-            other.verify(value.as_bytes()).unwrap_err(),
-            Invalid::Signature
-        );
+        assert_eq!(verify(&other, &value).unwrap_err(), Invalid::Signature);
         // Another cookie name with the same secret.
         let renamed = CookieInsert::new("other", [1u8; 32]);
-        assert_eq!(
-            renamed.verify(value.as_bytes()).unwrap_err(),
-            Invalid::Signature
-        );
+        assert_eq!(verify(&renamed, &value).unwrap_err(), Invalid::Signature);
         for bad in [
             "",
             "a.b.c",
@@ -343,7 +387,7 @@ mod tests {
             &"a".repeat(5000),
             &format!("{value}x"),
         ] {
-            assert!(c.verify(bad.as_bytes()).is_err(), "{bad:?} accepted");
+            assert!(verify(&c, bad).is_err(), "{bad:?} accepted");
         }
     }
 

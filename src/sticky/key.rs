@@ -8,8 +8,7 @@ use std::sync::Arc;
 use http::header::{HeaderName, COOKIE};
 use http::HeaderMap;
 
-use super::cookie::{CookieInsert, Invalid};
-use crate::backend::BackendId;
+use super::cookie::{CookieInsert, Invalid, Parsed};
 use crate::key::{cookie_value, RequestHead};
 
 /// The longest session key accepted from a header, a cookie or a closure,
@@ -126,13 +125,9 @@ impl SessionKey {
                     Ok(None) => return Extracted::None,
                     Err(r) => return Extracted::Rejected(r),
                 };
-                match cookie.verify(value) {
-                    Ok(v) => Extracted::Cookie {
-                        session: v.session,
-                        backend: v.backend,
-                    },
-                    Err(Invalid::Shape) => Extracted::Rejected(Reject::Malformed),
-                    Err(Invalid::Signature) => Extracted::Rejected(Reject::Signature),
+                match Parsed::new(value) {
+                    Ok(parsed) => Extracted::Cookie(parsed),
+                    Err(_) => Extracted::Rejected(Reject::Malformed),
                 }
             }
             Kind::Learn(name) => match read_cookie(head.headers, name) {
@@ -163,11 +158,8 @@ pub(crate) enum Extracted<'r> {
     Rejected(Reject),
     /// A key from a header, an application cookie or a closure.
     Key(Cow<'r, str>),
-    /// A verified cookie of the layer's own.
-    Cookie {
-        session: &'r str,
-        backend: BackendId,
-    },
+    /// A cookie of the layer's own, well formed, not yet verified.
+    Cookie(Parsed<'r>),
 }
 
 /// Why a request's session key was rejected.
@@ -189,6 +181,15 @@ pub enum Reject {
     /// not in the pool, for a session neither the table nor the store
     /// knows.
     UnknownBackend,
+}
+
+impl From<Invalid> for Reject {
+    fn from(invalid: Invalid) -> Self {
+        match invalid {
+            Invalid::Shape => Reject::Malformed,
+            Invalid::Signature => Reject::Signature,
+        }
+    }
 }
 
 impl Reject {

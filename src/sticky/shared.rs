@@ -13,7 +13,7 @@ use http::{Request, Response};
 use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
-use super::cookie::{self, CookieInsert, Learned};
+use super::cookie::{self, CookieInsert, Learned, Parsed, Tag};
 use super::error::SessionUnavailable;
 use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, SessionMoved};
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
@@ -129,8 +129,8 @@ pub(crate) enum Track {
         backend: BackendId,
         /// The backend the request's own cookie named (cookie insert).
         cookie: Option<BackendId>,
-        /// Why the request was not pinned to `backend`, if it was not.
-        unpinned: Option<MoveReason>,
+        /// The last request of the session failed: this one was kept off
+        /// `backend`.
         failed: bool,
     },
 }
@@ -172,6 +172,17 @@ impl Shared {
         bump(&self.counters.evicted, dropped.evicted);
     }
 
+    fn reject(&self, reason: Reject) {
+        bump(&self.counters.rejected, 1);
+        tracing::debug!(target: TARGET, %reason, "session key rejected");
+    }
+
+    /// The tag of the layer's cookie for `key` on `backend`, kept in the
+    /// table (cookie insert only).
+    fn tag(&self, key: &str, backend: &BackendId) -> Option<Tag> {
+        self.config.key.cookie().map(|c| c.tag_for(key, backend))
+    }
+
     /// Reads the request's key, looks it up and sets the request's
     /// extensions.
     pub(crate) fn start<B>(self: &Arc<Self>, req: &mut Request<B>) -> Start {
@@ -180,12 +191,17 @@ impl Shared {
             match self.config.key.extract(&head) {
                 Extracted::None => return Start::Call(Track::Fresh),
                 Extracted::Rejected(reason) => {
-                    bump(&self.counters.rejected, 1);
-                    tracing::debug!(target: TARGET, %reason, "session key rejected");
+                    self.reject(reason);
                     return Start::Call(Track::Fresh);
                 }
-                Extracted::Key(key) => self.lookup(&key, None),
-                Extracted::Cookie { session, backend } => self.lookup(session, Some(backend)),
+                Extracted::Key(key) => self.lookup(&key),
+                Extracted::Cookie(parsed) => match self.lookup_cookie(&parsed) {
+                    Ok(found) => found,
+                    Err(reason) => {
+                        self.reject(reason);
+                        return Start::Call(Track::Fresh);
+                    }
+                },
             }
         };
         match found {
@@ -203,13 +219,42 @@ impl Shared {
         }
     }
 
-    fn lookup(&self, key: &str, cookie: Option<BackendId>) -> Found {
+    fn lookup(&self, key: &str) -> Found {
         let (hit, expired) = self.table.get(key);
         bump(&self.counters.expired, u64::from(expired));
         match hit {
-            Some(hit) => Found::Hit(hit, cookie),
-            None => Found::Miss(Arc::from(key), cookie),
+            Some(hit) => Found::Hit(hit, None),
+            None => Found::Miss(Arc::from(key), None),
         }
+    }
+
+    /// Looks up the session a cookie of the layer's own names. A hit on the
+    /// exact cookie issued for the session's current backend compares tags
+    /// (constant time) instead of computing a MAC; anything else is
+    /// verified in full before it is trusted.
+    fn lookup_cookie(&self, parsed: &Parsed<'_>) -> Result<Found, Reject> {
+        let cookie = self
+            .config
+            .key
+            .cookie()
+            .expect("a cookie key parsed a cookie");
+        let (hit, expired) = self.table.get(parsed.session);
+        bump(&self.counters.expired, u64::from(expired));
+        if let Some(hit) = &hit {
+            if hit
+                .tag
+                .as_ref()
+                .is_some_and(|t| parsed.matches(&hit.backend, t))
+            {
+                let named = hit.backend.clone();
+                return Ok(Found::Hit(hit.clone(), Some(named)));
+            }
+        }
+        let named = cookie.verify(parsed)?;
+        Ok(match hit {
+            Some(hit) => Found::Hit(hit, Some(named)),
+            None => Found::Miss(Arc::from(parsed.session), Some(named)),
+        })
     }
 
     /// Routes a request whose session was looked up in the store (or not,
@@ -228,13 +273,7 @@ impl Shared {
         let session = match (stored, &cookie) {
             (Some(stored), _) => Some(stored),
             (None, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
-                bump(&self.counters.rejected, 1);
-                tracing::debug!(
-                    target: TARGET,
-                    reason = %Reject::UnknownBackend,
-                    backend = %backend,
-                    "session key rejected"
-                );
+                self.reject(Reject::UnknownBackend);
                 return Start::Call(Track::Fresh);
             }
             (None, Some(backend)) => Some(Session::new(&*key, backend.clone())),
@@ -242,7 +281,8 @@ impl Shared {
         };
         match session {
             Some(session) => {
-                let (hit, dropped) = self.table.insert_if_absent(session);
+                let tag = self.tag(&key, &session.backend);
+                let (hit, dropped) = self.table.insert_if_absent(session, tag);
                 self.count_dropped(dropped);
                 self.pin(req, hit, cookie)
             }
@@ -251,44 +291,50 @@ impl Shared {
     }
 
     /// Pins a request to its session's backend, or lets it go elsewhere.
+    ///
+    /// Outside strict mode the backend's state is not read here: the
+    /// balancer honours the affinity only when the backend is available,
+    /// and the response tells where the request went. A session whose last
+    /// request failed is kept off that backend through `Attempts`.
     fn pin<B>(&self, req: &mut Request<B>, hit: Hit, cookie: Option<BackendId>) -> Start {
-        let status = self.config.backends.status(&hit.backend);
-        let unpinned = match status {
-            Status::Available if hit.failed && !self.config.strict => Some(MoveReason::Failed),
-            Status::Available => None,
-            Status::Unavailable => Some(MoveReason::Unavailable),
-            Status::Missing => Some(MoveReason::Removed),
-        };
-        match unpinned {
-            None => {
-                req.extensions_mut().insert(Affinity(hit.backend.clone()));
-            }
-            Some(MoveReason::Failed) => {
-                // Tell the balancer not to pick the failed backend again.
-                let ext = req.extensions_mut();
-                match ext.get_mut::<Attempts>() {
-                    Some(attempts) if !attempts.contains(&hit.backend) => {
-                        attempts.push(hit.backend.clone())
-                    }
-                    Some(_) => {}
-                    None => {
-                        ext.insert(std::iter::once(hit.backend.clone()).collect::<Attempts>());
-                    }
-                }
-            }
-            Some(_) if self.config.strict => {
+        if self.config.strict {
+            if self.config.backends.status(&hit.backend) != Status::Available {
                 bump(&self.counters.strict_refusals, 1);
                 return Start::Refuse(SessionUnavailable::new(&hit.key, hit.backend));
             }
-            Some(_) => {}
+            req.extensions_mut().insert(Affinity(hit.backend.clone()));
+        } else if hit.failed {
+            let ext = req.extensions_mut();
+            match ext.get_mut::<Attempts>() {
+                Some(attempts) if !attempts.contains(&hit.backend) => {
+                    attempts.push(hit.backend.clone())
+                }
+                Some(_) => {}
+                None => {
+                    ext.insert(std::iter::once(hit.backend.clone()).collect::<Attempts>());
+                }
+            }
+        } else {
+            req.extensions_mut().insert(Affinity(hit.backend.clone()));
         }
         Start::Call(Track::Known {
             key: hit.key,
             backend: hit.backend,
             cookie,
-            unpinned,
             failed: hit.failed,
         })
+    }
+
+    /// Why a session left `backend`.
+    fn reason(&self, backend: &BackendId, failed: bool) -> MoveReason {
+        if failed {
+            return MoveReason::Failed;
+        }
+        match self.config.backends.status(backend) {
+            Status::Missing => MoveReason::Removed,
+            Status::Unavailable => MoveReason::Unavailable,
+            Status::Available => MoveReason::ServedElsewhere,
+        }
     }
 
     /// Loads `key` from the store, once for all concurrent requests.
@@ -322,7 +368,8 @@ impl Shared {
                 .await
                 .clone();
             if let Some(session) = &session {
-                let (_, dropped) = shared.table.insert_if_absent(session.clone());
+                let tag = shared.tag(&session.key, &session.backend);
+                let (_, dropped) = shared.table.insert_if_absent(session.clone(), tag);
                 shared.count_dropped(dropped);
             }
             let mut loading = shared.loading.lock();
@@ -350,7 +397,6 @@ impl Shared {
                     key,
                     backend,
                     cookie,
-                    unpinned,
                     failed,
                 },
                 Some(served),
@@ -364,8 +410,9 @@ impl Shared {
                     bump(&self.counters.strict_refusals, 1);
                     return Err(SessionUnavailable::new(&key, backend));
                 } else {
-                    let reason = unpinned.unwrap_or(MoveReason::ServedElsewhere);
-                    if let Some(moved) = self.table.move_if(&key, &backend, served) {
+                    let reason = self.reason(&backend, failed);
+                    let tag = self.tag(&key, served);
+                    if let Some(moved) = self.table.move_if(&key, &backend, served, tag) {
                         bump(&self.counters.moved, 1);
                         tracing::info!(
                             target: TARGET,
@@ -448,8 +495,9 @@ impl Shared {
     }
 
     fn create(&self, work: &mut Work, key: &str, backend: BackendId) {
+        let tag = self.tag(key, &backend);
         let session = Session::new(key, backend);
-        let (_, dropped) = self.table.insert(session.clone());
+        let (_, dropped) = self.table.insert(session.clone(), tag);
         self.count_dropped(dropped);
         bump(&self.counters.created, 1);
         work.save.push(session);
@@ -530,7 +578,8 @@ impl Shared {
                 }
             }
             report.restored.push(session.key.clone());
-            let (_, dropped) = self.table.insert(session);
+            let tag = self.tag(&session.key, &session.backend);
+            let (_, dropped) = self.table.insert(session, tag);
             self.count_dropped(dropped);
         }
         Ok(report)

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use parking_lot::RwLock;
 use tokio::time::Instant;
 
+use super::cookie::Tag;
 use crate::backend::BackendId;
 use crate::store::Session;
 
@@ -29,6 +30,8 @@ pub(crate) struct Entry {
     last_seen: AtomicU64,
     /// The last request sent to `backend` for this session failed.
     failed: AtomicBool,
+    /// The tag of the layer's cookie for this session on `backend`.
+    tag: Option<Tag>,
 }
 
 /// A table hit: what the request path needs, cheap to clone.
@@ -37,6 +40,7 @@ pub(crate) struct Hit {
     pub(crate) key: Arc<str>,
     pub(crate) backend: BackendId,
     pub(crate) failed: bool,
+    pub(crate) tag: Option<Tag>,
 }
 
 /// What changed when a session moved.
@@ -96,6 +100,7 @@ impl Table {
                         key: k.clone(),
                         backend: entry.backend.clone(),
                         failed: entry.failed.load(Ordering::Relaxed),
+                        tag: entry.tag,
                     }),
                     false,
                 );
@@ -111,7 +116,7 @@ impl Table {
     }
 
     /// Inserts (or replaces) `session`, seen now.
-    pub(crate) fn insert(&self, session: Session) -> (Arc<str>, Dropped) {
+    pub(crate) fn insert(&self, session: Session, tag: Option<Tag>) -> (Arc<str>, Dropped) {
         let now = self.now();
         let key: Arc<str> = Arc::from(session.key);
         let entry = Entry {
@@ -120,6 +125,7 @@ impl Table {
             data: session.data,
             last_seen: AtomicU64::new(now),
             failed: AtomicBool::new(false),
+            tag,
         };
         let mut map = self.map.write();
         let mut dropped = self.sweep_locked(&mut map, now);
@@ -132,17 +138,18 @@ impl Table {
 
     /// Inserts `session` unless its key is already present; returns the
     /// entry now in the table.
-    pub(crate) fn insert_if_absent(&self, session: Session) -> (Hit, Dropped) {
+    pub(crate) fn insert_if_absent(&self, session: Session, tag: Option<Tag>) -> (Hit, Dropped) {
         if let (Some(hit), _) = self.get(&session.key) {
             return (hit, Dropped::default());
         }
         let backend = session.backend.clone();
-        let (key, dropped) = self.insert(session);
+        let (key, dropped) = self.insert(session, tag);
         (
             Hit {
                 key,
                 backend,
                 failed: false,
+                tag,
             },
             dropped,
         )
@@ -151,7 +158,13 @@ impl Table {
     /// Moves `key` from `from` to `to`, only if it is still on `from`
     /// (so concurrent requests move a session once). Returns the moved
     /// session.
-    pub(crate) fn move_if(&self, key: &str, from: &BackendId, to: &BackendId) -> Option<Moved> {
+    pub(crate) fn move_if(
+        &self,
+        key: &str,
+        from: &BackendId,
+        to: &BackendId,
+        tag: Option<Tag>,
+    ) -> Option<Moved> {
         let now = self.now();
         let mut map = self.map.write();
         let entry = map.get_mut(key)?;
@@ -159,6 +172,7 @@ impl Table {
             return None;
         }
         let old = std::mem::replace(&mut entry.backend, to.clone());
+        entry.tag = tag;
         entry.failed.store(false, Ordering::Relaxed);
         entry.last_seen.store(now, Ordering::Relaxed);
         Some(Moved {
@@ -245,7 +259,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_entries_expire() {
         let t = Table::new(Duration::from_secs(10), 100);
-        t.insert(session("a", "x"));
+        t.insert(session("a", "x"), None);
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(t.get("a").0.is_some(), "seen at 6 s");
         tokio::time::advance(Duration::from_secs(9)).await;
@@ -259,13 +273,13 @@ mod tests {
     async fn full_table_evicts_least_recently_seen() {
         let t = Table::new(Duration::from_secs(3600), 16);
         for i in 0..16 {
-            t.insert(session(&format!("k{i}"), "x"));
+            t.insert(session(&format!("k{i}"), "x"), None);
             tokio::time::advance(Duration::from_millis(1)).await;
         }
         // Touch the two oldest: they become the most recent.
         assert!(t.get("k0").0.is_some());
         assert!(t.get("k1").0.is_some());
-        let (_, dropped) = t.insert(session("new", "x"));
+        let (_, dropped) = t.insert(session("new", "x"), None);
         assert_eq!(dropped.evicted, 2); // 16 / 8
         assert_eq!(t.len(), 15);
         assert!(t.get("k0").0.is_some() && t.get("k1").0.is_some());
@@ -276,12 +290,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn moves_happen_once() {
         let t = Table::new(Duration::from_secs(60), 10);
-        t.insert(session("s", "a").with_data(serde_json::json!({"k": 1})));
-        let moved = t.move_if("s", &"a".into(), &"b".into()).unwrap();
+        t.insert(
+            session("s", "a").with_data(serde_json::json!({"k": 1})),
+            None,
+        );
+        let moved = t.move_if("s", &"a".into(), &"b".into(), None).unwrap();
         assert_eq!(moved.from.as_str(), "a");
         assert_eq!(moved.session.backend.as_str(), "b");
         assert_eq!(moved.session.data["k"], 1, "data survives a move");
-        assert!(t.move_if("s", &"a".into(), &"c".into()).is_none());
+        assert!(t.move_if("s", &"a".into(), &"c".into(), None).is_none());
         assert_eq!(t.get("s").0.unwrap().backend.as_str(), "b");
     }
 }
