@@ -26,6 +26,8 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Bytes of random session id.
 const SESSION_BYTES: usize = 16;
+/// Characters of a session id in a cookie (base64url of 16 bytes).
+pub(crate) const SESSION_ID_LEN: usize = 22;
 /// Bytes of the MAC kept in the cookie (128 bits).
 const TAG_BYTES: usize = 16;
 /// The shortest secret accepted, in bytes.
@@ -80,15 +82,12 @@ pub(crate) enum Invalid {
     Signature,
 }
 
-/// A cookie's MAC, truncated.
-pub(crate) type Tag = [u8; TAG_BYTES];
-
 /// A cookie value of the right shape, not yet verified.
 #[derive(Debug)]
 pub(crate) struct Parsed<'a> {
     pub(crate) session: &'a str,
     backend_b64: &'a [u8],
-    tag: Tag,
+    tag: [u8; TAG_BYTES],
 }
 
 impl<'a> Parsed<'a> {
@@ -101,7 +100,7 @@ impl<'a> Parsed<'a> {
             return Err(Invalid::Shape);
         };
         // base64url of 16 bytes is exactly 22 characters.
-        if session.len() != 22
+        if session.len() != SESSION_ID_LEN
             || tag_b64.len() != 22
             || backend_b64.is_empty()
             || backend_b64.len() > MAX_BACKEND_B64
@@ -134,15 +133,6 @@ impl<'a> Parsed<'a> {
             Ok(id) if !id.is_empty() => Ok(id),
             _ => Err(Invalid::Shape),
         }
-    }
-
-    /// Whether this is exactly the cookie issued for `backend` whose tag is
-    /// `expected`: the tags are compared in constant time.
-    pub(crate) fn matches(&self, backend: &BackendId, expected: &Tag) -> bool {
-        use subtle::ConstantTimeEq;
-        let mut buf = [0u8; MAX_BACKEND_B64];
-        bool::from(self.tag.ct_eq(expected))
-            && self.backend(&mut buf).is_ok_and(|b| b == backend.as_str())
     }
 }
 
@@ -241,19 +231,6 @@ impl CookieInsert {
         value.push('.');
         URL_SAFE_NO_PAD.encode_string(&tag[..TAG_BYTES], &mut value);
         value
-    }
-
-    /// The tag of the cookie naming `session` on `backend`, as kept in
-    /// the session table so that a hit compares tags instead of computing
-    /// a MAC.
-    pub(crate) fn tag_for(&self, session: &str, backend: &BackendId) -> Tag {
-        let full = self
-            .tag(session.as_bytes(), backend.as_str().as_bytes())
-            .finalize()
-            .into_bytes();
-        let mut tag = [0u8; TAG_BYTES];
-        tag.copy_from_slice(&full[..TAG_BYTES]);
-        tag
     }
 
     /// Verifies a parsed cookie's MAC (in constant time) and returns the
@@ -355,10 +332,6 @@ mod tests {
         let parsed = Parsed::new(value.as_bytes()).unwrap();
         assert_eq!(parsed.session, sid);
         assert_eq!(c.verify(&parsed).unwrap().as_str(), "node-a");
-        let tag = c.tag_for(&sid, &"node-a".into());
-        assert!(parsed.matches(&"node-a".into(), &tag));
-        assert!(!parsed.matches(&"node-b".into(), &tag));
-        assert!(!parsed.matches(&"node-a".into(), &c.tag_for(&sid, &"node-b".into())));
     }
 
     #[test]

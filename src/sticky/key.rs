@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::header::{HeaderName, COOKIE};
 use http::HeaderMap;
 
-use super::cookie::{CookieInsert, Invalid, Parsed};
+use super::cookie::{CookieInsert, Invalid};
 use crate::key::{cookie_value, RequestHead};
 
 /// The longest session key accepted from a header, a cookie or a closure,
@@ -125,10 +125,7 @@ impl SessionKey {
                     Ok(None) => return Extracted::None,
                     Err(r) => return Extracted::Rejected(r),
                 };
-                match Parsed::new(value) {
-                    Ok(parsed) => Extracted::Cookie(parsed),
-                    Err(_) => Extracted::Rejected(Reject::Malformed),
-                }
+                Extracted::Cookie(value)
             }
             Kind::Learn(name) => match read_cookie(head.headers, name) {
                 Ok(Some(v)) => text_key(v),
@@ -158,8 +155,8 @@ pub(crate) enum Extracted<'r> {
     Rejected(Reject),
     /// A key from a header, an application cookie or a closure.
     Key(Cow<'r, str>),
-    /// A cookie of the layer's own, well formed, not yet verified.
-    Cookie(Parsed<'r>),
+    /// The value of the layer's own cookie, not yet verified.
+    Cookie(&'r [u8]),
 }
 
 /// Why a request's session key was rejected.

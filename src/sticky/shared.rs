@@ -13,7 +13,7 @@ use http::{Request, Response};
 use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
-use super::cookie::{self, CookieInsert, Learned, Parsed, Tag};
+use super::cookie::{self, CookieInsert, Learned, Parsed, SESSION_ID_LEN};
 use super::error::SessionUnavailable;
 use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, SessionMoved};
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
@@ -177,10 +177,13 @@ impl Shared {
         tracing::debug!(target: TARGET, %reason, "session key rejected");
     }
 
-    /// The tag of the layer's cookie for `key` on `backend`, kept in the
-    /// table (cookie insert only).
-    fn tag(&self, key: &str, backend: &BackendId) -> Option<Tag> {
-        self.config.key.cookie().map(|c| c.tag_for(key, backend))
+    /// The value of the layer's cookie for `key` on `backend`, kept in
+    /// the table so that a hit is a comparison (cookie insert only).
+    fn tag(&self, key: &str, backend: &BackendId) -> Option<Box<str>> {
+        self.config
+            .key
+            .cookie()
+            .map(|c| c.value(key, backend).into_boxed_str())
     }
 
     /// Reads the request's key, looks it up and sets the request's
@@ -195,7 +198,7 @@ impl Shared {
                     return Start::Call(Track::Fresh);
                 }
                 Extracted::Key(key) => self.lookup(&key),
-                Extracted::Cookie(parsed) => match self.lookup_cookie(&parsed) {
+                Extracted::Cookie(value) => match self.lookup_cookie(value) {
                     Ok(found) => found,
                     Err(reason) => {
                         self.reject(reason);
@@ -220,37 +223,41 @@ impl Shared {
     }
 
     fn lookup(&self, key: &str) -> Found {
-        let (hit, expired) = self.table.get(key);
-        bump(&self.counters.expired, u64::from(expired));
-        match hit {
+        let found = self.table.get(key, None);
+        bump(&self.counters.expired, u64::from(found.expired));
+        match found.hit {
             Some(hit) => Found::Hit(hit, None),
             None => Found::Miss(Arc::from(key), None),
         }
     }
 
-    /// Looks up the session a cookie of the layer's own names. A hit on the
-    /// exact cookie issued for the session's current backend compares tags
-    /// (constant time) instead of computing a MAC; anything else is
-    /// verified in full before it is trusted.
-    fn lookup_cookie(&self, parsed: &Parsed<'_>) -> Result<Found, Reject> {
+    /// Looks up the session a cookie of the layer's own names. The exact
+    /// value issued for the session's current backend is recognised by a
+    /// constant-time comparison with the value kept in the table, without
+    /// decoding or computing a MAC; any other value is parsed and its MAC
+    /// verified before it is trusted.
+    fn lookup_cookie(&self, value: &[u8]) -> Result<Found, Reject> {
+        let mut hit = None;
+        if let Some(session) = value
+            .get(..SESSION_ID_LEN)
+            .filter(|_| value.get(SESSION_ID_LEN) == Some(&b'.'))
+            .and_then(|s| std::str::from_utf8(s).ok())
+        {
+            let found = self.table.get(session, Some(value));
+            bump(&self.counters.expired, u64::from(found.expired));
+            if let (true, Some(h)) = (found.exact, &found.hit) {
+                let named = h.backend.clone();
+                return Ok(Found::Hit(found.hit.expect("checked"), Some(named)));
+            }
+            hit = found.hit;
+        }
         let cookie = self
             .config
             .key
             .cookie()
-            .expect("a cookie key parsed a cookie");
-        let (hit, expired) = self.table.get(parsed.session);
-        bump(&self.counters.expired, u64::from(expired));
-        if let Some(hit) = &hit {
-            if hit
-                .tag
-                .as_ref()
-                .is_some_and(|t| parsed.matches(&hit.backend, t))
-            {
-                let named = hit.backend.clone();
-                return Ok(Found::Hit(hit.clone(), Some(named)));
-            }
-        }
-        let named = cookie.verify(parsed)?;
+            .expect("a cookie key read a cookie");
+        let parsed = Parsed::new(value)?;
+        let named = cookie.verify(&parsed)?;
         Ok(match hit {
             Some(hit) => Found::Hit(hit, Some(named)),
             None => Found::Miss(Arc::from(parsed.session), Some(named)),

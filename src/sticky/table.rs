@@ -18,7 +18,6 @@ use std::time::{Duration, SystemTime};
 use parking_lot::RwLock;
 use tokio::time::Instant;
 
-use super::cookie::Tag;
 use crate::backend::BackendId;
 use crate::store::Session;
 
@@ -30,8 +29,8 @@ pub(crate) struct Entry {
     last_seen: AtomicU64,
     /// The last request sent to `backend` for this session failed.
     failed: AtomicBool,
-    /// The tag of the layer's cookie for this session on `backend`.
-    tag: Option<Tag>,
+    /// The value of the layer's cookie for this session on `backend`.
+    cookie: Option<Box<str>>,
 }
 
 /// A table hit: what the request path needs, cheap to clone.
@@ -40,7 +39,17 @@ pub(crate) struct Hit {
     pub(crate) key: Arc<str>,
     pub(crate) backend: BackendId,
     pub(crate) failed: bool,
-    pub(crate) tag: Option<Tag>,
+}
+
+/// What a lookup found.
+#[derive(Debug, Default)]
+pub(crate) struct Lookup {
+    pub(crate) hit: Option<Hit>,
+    /// The key was there but idle: it was removed.
+    pub(crate) expired: bool,
+    /// The presented cookie value is exactly the one issued for the
+    /// session's current backend (compared in constant time).
+    pub(crate) exact: bool,
 }
 
 /// What changed when a session moved.
@@ -85,25 +94,31 @@ impl Table {
     }
 
     /// Looks `key` up and marks it seen. An idle entry is a miss (and is
-    /// removed); `expired` tells.
-    pub(crate) fn get(&self, key: &str) -> (Option<Hit>, bool) {
+    /// removed). `presented`, a cookie value, is compared with the one
+    /// issued for the session.
+    pub(crate) fn get(&self, key: &str, presented: Option<&[u8]>) -> Lookup {
+        use subtle::ConstantTimeEq;
         let now = self.now();
         {
             let map = self.map.read();
             let Some((k, entry)) = map.get_key_value(key) else {
-                return (None, false);
+                return Lookup::default();
             };
             if !self.is_idle(entry, now) {
                 entry.last_seen.store(now, Ordering::Relaxed);
-                return (
-                    Some(Hit {
+                let exact = match (presented, &entry.cookie) {
+                    (Some(p), Some(c)) => bool::from(p.ct_eq(c.as_bytes())),
+                    _ => false,
+                };
+                return Lookup {
+                    hit: Some(Hit {
                         key: k.clone(),
                         backend: entry.backend.clone(),
                         failed: entry.failed.load(Ordering::Relaxed),
-                        tag: entry.tag,
                     }),
-                    false,
-                );
+                    expired: false,
+                    exact,
+                };
             }
         }
         let mut map = self.map.write();
@@ -112,11 +127,14 @@ impl Table {
         if expired {
             map.remove(key);
         }
-        (None, expired)
+        Lookup {
+            expired,
+            ..Lookup::default()
+        }
     }
 
     /// Inserts (or replaces) `session`, seen now.
-    pub(crate) fn insert(&self, session: Session, tag: Option<Tag>) -> (Arc<str>, Dropped) {
+    pub(crate) fn insert(&self, session: Session, cookie: Option<Box<str>>) -> (Arc<str>, Dropped) {
         let now = self.now();
         let key: Arc<str> = Arc::from(session.key);
         let entry = Entry {
@@ -125,7 +143,7 @@ impl Table {
             data: session.data,
             last_seen: AtomicU64::new(now),
             failed: AtomicBool::new(false),
-            tag,
+            cookie,
         };
         let mut map = self.map.write();
         let mut dropped = self.sweep_locked(&mut map, now);
@@ -138,18 +156,21 @@ impl Table {
 
     /// Inserts `session` unless its key is already present; returns the
     /// entry now in the table.
-    pub(crate) fn insert_if_absent(&self, session: Session, tag: Option<Tag>) -> (Hit, Dropped) {
-        if let (Some(hit), _) = self.get(&session.key) {
+    pub(crate) fn insert_if_absent(
+        &self,
+        session: Session,
+        cookie: Option<Box<str>>,
+    ) -> (Hit, Dropped) {
+        if let Some(hit) = self.get(&session.key, None).hit {
             return (hit, Dropped::default());
         }
         let backend = session.backend.clone();
-        let (key, dropped) = self.insert(session, tag);
+        let (key, dropped) = self.insert(session, cookie);
         (
             Hit {
                 key,
                 backend,
                 failed: false,
-                tag,
             },
             dropped,
         )
@@ -163,7 +184,7 @@ impl Table {
         key: &str,
         from: &BackendId,
         to: &BackendId,
-        tag: Option<Tag>,
+        cookie: Option<Box<str>>,
     ) -> Option<Moved> {
         let now = self.now();
         let mut map = self.map.write();
@@ -172,7 +193,7 @@ impl Table {
             return None;
         }
         let old = std::mem::replace(&mut entry.backend, to.clone());
-        entry.tag = tag;
+        entry.cookie = cookie;
         entry.failed.store(false, Ordering::Relaxed);
         entry.last_seen.store(now, Ordering::Relaxed);
         Some(Moved {
@@ -261,11 +282,11 @@ mod tests {
         let t = Table::new(Duration::from_secs(10), 100);
         t.insert(session("a", "x"), None);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(t.get("a").0.is_some(), "seen at 6 s");
+        assert!(t.get("a", None).hit.is_some(), "seen at 6 s");
         tokio::time::advance(Duration::from_secs(9)).await;
-        assert!(t.get("a").0.is_some(), "9 s after the last hit");
+        assert!(t.get("a", None).hit.is_some(), "9 s after the last hit");
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert_eq!(t.get("a").0.map(|h| h.key), None);
+        assert!(t.get("a", None).hit.is_none());
         assert_eq!(t.len(), 0);
     }
 
@@ -277,14 +298,14 @@ mod tests {
             tokio::time::advance(Duration::from_millis(1)).await;
         }
         // Touch the two oldest: they become the most recent.
-        assert!(t.get("k0").0.is_some());
-        assert!(t.get("k1").0.is_some());
+        assert!(t.get("k0", None).hit.is_some());
+        assert!(t.get("k1", None).hit.is_some());
         let (_, dropped) = t.insert(session("new", "x"), None);
         assert_eq!(dropped.evicted, 2); // 16 / 8
         assert_eq!(t.len(), 15);
-        assert!(t.get("k0").0.is_some() && t.get("k1").0.is_some());
-        assert!(t.get("k2").0.is_none() && t.get("k3").0.is_none());
-        assert!(t.get("k4").0.is_some() && t.get("new").0.is_some());
+        assert!(t.get("k0", None).hit.is_some() && t.get("k1", None).hit.is_some());
+        assert!(t.get("k2", None).hit.is_none() && t.get("k3", None).hit.is_none());
+        assert!(t.get("k4", None).hit.is_some() && t.get("new", None).hit.is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -299,6 +320,6 @@ mod tests {
         assert_eq!(moved.session.backend.as_str(), "b");
         assert_eq!(moved.session.data["k"], 1, "data survives a move");
         assert!(t.move_if("s", &"a".into(), &"c".into(), None).is_none());
-        assert_eq!(t.get("s").0.unwrap().backend.as_str(), "b");
+        assert_eq!(t.get("s", None).hit.unwrap().backend.as_str(), "b");
     }
 }
