@@ -395,6 +395,26 @@ impl Shared {
         track: Track,
         response: &mut Response<RB>,
     ) -> Result<Option<BoxFuture<()>>, SessionUnavailable> {
+        // The common case, a hit served by its own backend: nothing to learn.
+        if let Track::Known {
+            backend,
+            cookie,
+            failed: false,
+            ..
+        } = &track
+        {
+            let learns = matches!(self.config.key.kind, Kind::Learn(_));
+            let current = cookie.as_ref().is_none_or(|c| c == backend);
+            if !learns
+                && current
+                && response
+                    .extensions()
+                    .get::<ServedBy>()
+                    .is_some_and(|s| s.0 == *backend)
+            {
+                return Ok(None);
+            }
+        }
         let served = response.extensions().get::<ServedBy>().map(|s| s.0.clone());
         let mut work = Work::default();
         let mut current: Option<Arc<str>> = None;
@@ -525,11 +545,12 @@ impl Shared {
     }
 
     fn finish(self: &Arc<Self>, work: Work) -> Option<BoxFuture<()>> {
-        let store = self.config.store.clone();
-        let hook = work.moved.as_ref().and(self.config.on_move.clone());
-        if (store.is_none() || work.is_empty()) && hook.is_none() {
+        let has_hook = work.moved.is_some() && self.config.on_move.is_some();
+        if (self.config.store.is_none() || work.is_empty()) && !has_hook {
             return None;
         }
+        let store = self.config.store.clone();
+        let hook = work.moved.as_ref().and(self.config.on_move.clone());
         let shared = self.clone();
         Some(Box::pin(async move {
             if let Some(store) = store {
