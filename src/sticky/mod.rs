@@ -140,3 +140,11 @@ pub enum Availability {
 pub fn hash_cookie(name: impl Into<String>) -> ConsistentHash<crate::key::Cookie> {
     ConsistentHash::ring(crate::key::cookie(name))
 }
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/sticky.md")]
+struct StickyGuide;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/persistence.md")]
+struct PersistenceGuide;
