@@ -97,7 +97,6 @@ impl Table {
     /// removed). `presented`, a cookie value, is compared with the one
     /// issued for the session.
     pub(crate) fn get(&self, key: &str, presented: Option<&[u8]>) -> Lookup {
-        use subtle::ConstantTimeEq;
         let now = self.now();
         {
             let map = self.map.read();
@@ -107,7 +106,7 @@ impl Table {
             if !self.is_idle(entry, now) {
                 entry.last_seen.store(now, Ordering::Relaxed);
                 let exact = match (presented, &entry.cookie) {
-                    (Some(p), Some(c)) => bool::from(p.ct_eq(c.as_bytes())),
+                    (Some(p), Some(c)) => constant_time_eq(p, c.as_bytes()),
                     _ => false,
                 };
                 return Lookup {
@@ -259,6 +258,18 @@ fn evict_oldest(map: &mut HashMap<Arc<str>, Entry>, max: usize) -> u64 {
     target as u64
 }
 
+/// Compares two byte strings in time that depends only on their lengths
+/// (lengths are public: every issued cookie of one layer has the same
+/// shape). No early exit; the accumulated difference goes through
+/// `black_box` so the comparison is not turned into a branchy `memcmp`.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
 fn to_session(key: &str, entry: &Entry) -> Session {
     let mut session = Session::new(key, entry.backend.clone()).with_data(entry.data.clone());
     session.created = entry.created;
@@ -306,6 +317,14 @@ mod tests {
         assert!(t.get("k0", None).hit.is_some() && t.get("k1", None).hit.is_some());
         assert!(t.get("k2", None).hit.is_none() && t.get("k3", None).hit.is_none());
         assert!(t.get("k4", None).hit.is_some() && t.get("new", None).hit.is_some());
+    }
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
     }
 
     #[tokio::test(start_paused = true)]
