@@ -15,8 +15,8 @@ pub struct StickyStats {
     /// Sessions moved to another backend.
     pub moved: u64,
     /// Requests whose session key was rejected as bad input (bad signature,
-    /// malformed, too long, not UTF-8, oversized `Cookie` headers) and
-    /// treated as naming no session.
+    /// malformed, unknown backend, too long, not UTF-8, oversized `Cookie`
+    /// headers) and treated as naming no session.
     pub rejected: u64,
     /// Sessions loaded from the store on a miss (replication mode).
     pub loaded: u64,
