@@ -991,3 +991,28 @@ fn no_input_panics() {
         }
     });
 }
+
+#[tokio::test]
+async fn a_failed_only_backend_is_tried_again() {
+    let fail = Arc::new(AtomicBool::new(false));
+    let pool = Pool::new();
+    pool.insert("solo", backend("solo", fail.clone()));
+    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"));
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(pool.clone());
+    let req = || {
+        Request::builder()
+            .header("x-session-id", "s")
+            .body(())
+            .unwrap()
+    };
+    send(&svc, req()).await.unwrap();
+    fail.store(true, Ordering::SeqCst);
+    assert!(send(&svc, req()).await.is_err());
+    fail.store(false, Ordering::SeqCst);
+    // Nowhere else to go: the session's own backend gets the next request.
+    assert_eq!(send(&svc, req()).await.unwrap().body(), "solo");
+    assert_eq!(layer.stats().moved, 0);
+}

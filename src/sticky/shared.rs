@@ -42,6 +42,8 @@ pub(crate) enum Status {
 /// Read access to the backends' state, whatever the pool's service type.
 pub(crate) trait Backends: Send + Sync + 'static {
     fn status(&self, id: &BackendId) -> Status;
+    /// Whether a backend other than `id` may take a request now.
+    fn another_available(&self, id: &BackendId) -> bool;
 }
 
 impl<S: Send + Sync + 'static> Backends for Pool<S> {
@@ -52,6 +54,13 @@ impl<S: Send + Sync + 'static> Backends for Pool<S> {
             Some(state) if state.is_available() => Status::Available,
             Some(_) => Status::Unavailable,
         }
+    }
+
+    fn another_available(&self, id: &BackendId) -> bool {
+        self.snapshot()
+            .members()
+            .iter()
+            .any(|m| m.id() != id && m.state().is_available())
     }
 }
 
@@ -310,7 +319,7 @@ impl Shared {
                 return Start::Refuse(SessionUnavailable::new(&hit.key, hit.backend));
             }
             req.extensions_mut().insert(Affinity(hit.backend.clone()));
-        } else if hit.failed {
+        } else if hit.failed && self.config.backends.another_available(&hit.backend) {
             let ext = req.extensions_mut();
             match ext.get_mut::<Attempts>() {
                 Some(attempts) if !attempts.contains(&hit.backend) => {
