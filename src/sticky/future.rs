@@ -10,7 +10,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::shared::{BoxFuture, Shared, Start, Track};
+use super::shared::{BoxFuture, Shared, Track};
 use crate::backend::BackendId;
 use crate::error::BoxError;
 use crate::store::Session;
@@ -122,18 +122,17 @@ where
                         this.shared
                             .after_load(&mut request, key.clone(), cookie.take(), stored);
                     match start {
-                        Start::Call(track) => {
+                        Ok(track) => {
                             *this.track = Some(track);
                             // This clone was polled ready before `call`
                             // took it.
                             let future = service.take().expect("service taken once").call(request);
                             this.state.set(State::Called { future });
                         }
-                        Start::Refuse(error) => {
+                        Err(error) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Err(error.into()));
                         }
-                        Start::Load { .. } => unreachable!("after_load never loads"),
                     }
                 }
                 StateProj::Called { future } => {

@@ -216,18 +216,22 @@ impl Shared {
                 },
             }
         };
-        match found {
+        let routed = match found {
             Found::Hit(hit, cookie) => self.pin(req, hit, cookie),
             Found::Miss(key, cookie) => {
                 bump(&self.counters.misses, 1);
                 match (&self.config.store, self.config.availability) {
                     (Some(store), Availability::Replication) => {
                         let load = self.load(store.clone(), key.clone());
-                        Start::Load { key, cookie, load }
+                        return Start::Load { key, cookie, load };
                     }
                     _ => self.after_load(req, key, cookie, None),
                 }
             }
+        };
+        match routed {
+            Ok(track) => Start::Call(track),
+            Err(refused) => Start::Refuse(refused),
         }
     }
 
@@ -281,7 +285,7 @@ impl Shared {
         key: Arc<str>,
         cookie: Option<BackendId>,
         stored: Option<Session>,
-    ) -> Start {
+    ) -> Result<Track, SessionUnavailable> {
         // A stored record is authoritative (it follows moves made on other
         // replicas); without one, a verified cookie names the backend,
         // unless that backend is not in the pool: a session nobody knows
@@ -290,7 +294,7 @@ impl Shared {
             (Some(stored), _) => Some(stored),
             (None, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
                 self.reject(Reject::UnknownBackend);
-                return Start::Call(Track::Fresh);
+                return Ok(Track::Fresh);
             }
             (None, Some(backend)) => Some(Session::new(&*key, backend.clone())),
             (None, None) => None,
@@ -302,7 +306,7 @@ impl Shared {
                 self.count_dropped(dropped);
                 self.pin(req, hit, cookie)
             }
-            None => Start::Call(Track::New { key }),
+            None => Ok(Track::New { key }),
         }
     }
 
@@ -312,11 +316,16 @@ impl Shared {
     /// balancer honours the affinity only when the backend is available,
     /// and the response tells where the request went. A session whose last
     /// request failed is kept off that backend through `Attempts`.
-    fn pin<B>(&self, req: &mut Request<B>, hit: Hit, cookie: Option<BackendId>) -> Start {
+    fn pin<B>(
+        &self,
+        req: &mut Request<B>,
+        hit: Hit,
+        cookie: Option<BackendId>,
+    ) -> Result<Track, SessionUnavailable> {
         if self.config.strict {
             if self.config.backends.status(&hit.backend) != Status::Available {
                 bump(&self.counters.strict_refusals, 1);
-                return Start::Refuse(SessionUnavailable::new(&hit.key, hit.backend));
+                return Err(SessionUnavailable::new(&hit.key, hit.backend));
             }
             req.extensions_mut().insert(Affinity(hit.backend.clone()));
         } else if hit.failed && self.config.backends.another_available(&hit.backend) {
@@ -333,7 +342,7 @@ impl Shared {
         } else {
             req.extensions_mut().insert(Affinity(hit.backend.clone()));
         }
-        Start::Call(Track::Known {
+        Ok(Track::Known {
             key: hit.key,
             backend: hit.backend,
             cookie,
