@@ -24,6 +24,10 @@
 //!   trait: in memory, one JSON file per session
 //!   ([`FileStore`](store::FileStore)), or your own HTTP service
 //!   (`WebhookStore`, feature `webhook`).
+//! * [`Sticky`](sticky::Sticky): keeps each session on the backend that holds
+//!   its state (signed cookie, learned cookie, header or closure), moves it
+//!   only when that backend cannot serve, and persists it in a
+//!   [`SessionStore`](store::SessionStore).
 //!
 //! # Quick start
 //!
@@ -71,6 +75,7 @@ pub mod health;
 pub mod http;
 pub mod key;
 pub mod pool;
+pub mod sticky;
 pub mod store;
 
 pub use backend::{AdminStatus, BackendId, BackendState, Health};

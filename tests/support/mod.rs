@@ -3,6 +3,7 @@
 
 pub mod health_http;
 pub mod http;
+pub mod sticky_http;
 pub mod store_contract;
 #[cfg(feature = "webhook")]
 pub mod webhook_server;
