@@ -15,6 +15,9 @@
 //! * [`health`]: passive outlier detection ([`HealthLayer`](health::HealthLayer)),
 //!   active probes ([`HealthChecker`](health::HealthChecker)), a lifecycle for
 //!   failing backends, slow start; panic routing in `Balance`.
+//! * [`control`]: a [`Handle`](control::Handle) to drain, disable and enable
+//!   backends, set weights and force a group's primary at run time; an
+//!   event stream with an audit history; stats snapshots.
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
 //! * [`store`]: durable sessions behind the [`SessionStore`](store::SessionStore)
@@ -59,6 +62,7 @@
 pub mod backend;
 pub mod balance;
 pub mod classify;
+pub mod control;
 pub mod error;
 pub mod extensions;
 pub mod health;
