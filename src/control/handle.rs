@@ -119,7 +119,7 @@ impl Group {
     }
 }
 
-struct Inner {
+pub(super) struct Inner {
     events: Events,
     groups: RwLock<Vec<Arc<Group>>>,
     drain_deadline: Option<Duration>,
@@ -233,6 +233,16 @@ impl Handle {
         Handle {
             inner: Arc::new(inner),
         }
+    }
+
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(super) fn downgrade(&self) -> std::sync::Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(super) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Handle> {
+        weak.upgrade().map(|inner| Handle { inner })
     }
 
     /// The event stream every action emits into.

@@ -18,6 +18,9 @@
 mod events;
 mod group;
 mod handle;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+mod metrics;
 mod stats;
 
 pub use events::{Event, Events, Record, RecvError, Subscriber, SwitchReason};
