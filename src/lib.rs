@@ -18,6 +18,8 @@
 //! * [`control`]: a [`Handle`](control::Handle) to drain, disable and enable
 //!   backends, set weights and force a group's primary at run time; an
 //!   event stream with an audit history; stats snapshots.
+//! * [`config`]: groups in LEBA's `failover_groups` shape, from YAML or
+//!   TOML (feature `config`).
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
 //! * [`store`]: durable sessions behind the [`SessionStore`](store::SessionStore)
@@ -62,6 +64,7 @@
 pub mod backend;
 pub mod balance;
 pub mod classify;
+pub mod config;
 pub mod control;
 pub mod error;
 pub mod extensions;
