@@ -243,6 +243,7 @@ pub struct ConfigError {
 }
 
 #[derive(Debug)]
+#[cfg_attr(not(feature = "config"), allow(dead_code))]
 enum ErrorKind {
     Invalid(String),
     Parse(BoxError),

@@ -20,6 +20,8 @@
 //!   event stream with an audit history; stats snapshots.
 //! * [`config`]: groups in LEBA's `failover_groups` shape, from YAML or
 //!   TOML (feature `config`).
+//! * [`dns`]: backends from the addresses a host name resolves to,
+//!   re-resolved periodically.
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
 //! * [`store`]: durable sessions behind the [`SessionStore`](store::SessionStore)
@@ -66,6 +68,7 @@ pub mod balance;
 pub mod classify;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod error;
 pub mod extensions;
 pub mod health;
