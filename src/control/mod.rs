@@ -11,10 +11,17 @@
 //! * [`Handle`]: drain, disable, enable, weights, forced primaries, adding
 //!   and removing backends, across any number of groups; each action is an
 //!   event.
-//! * [`GroupStats`] and [`BackendStats`]: snapshots of counters and state.
+//! * [`GroupStats`] and [`BackendStats`]: snapshots of counters and state;
+//!   with the `metrics` feature, `Handle::publish_metrics` publishes them
+//!   through the `metrics` facade.
+//! * `AdminService` (feature `admin`): the JSON admin API as a tower
+//!   `Service` to mount where you like.
 //!
 //! See `docs/control.md` and `docs/groups.md`.
 
+#[cfg(feature = "admin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
+mod admin;
 mod events;
 mod group;
 mod handle;
@@ -23,6 +30,8 @@ mod handle;
 mod metrics;
 mod stats;
 
+#[cfg(feature = "admin")]
+pub use admin::AdminService;
 pub use events::{Event, Events, Record, RecvError, Subscriber, SwitchReason};
 pub use group::{GroupStrategy, GroupTable};
 pub use handle::{ControlError, GroupMode, Handle};
