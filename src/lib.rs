@@ -90,3 +90,11 @@ struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/balance.md")]
 struct BalanceGuideDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/groups.md")]
+struct GroupsGuideDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/control.md")]
+struct ControlGuideDoctests;
