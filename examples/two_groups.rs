@@ -32,6 +32,8 @@ use tower_ha::Pool;
 
 type Body = Full<Bytes>;
 type Route = BoxCloneSyncService<Request<Body>, Response<tower_ha::http::ResponseBody>, BoxError>;
+type Picker = fn(&Request<Body>, &[Route]) -> usize;
+type Router = Steer<Route, Picker, Request<Body>>;
 
 /// A hyper server on 127.0.0.1 that answers its name.
 async fn backend(name: &'static str) -> SocketAddr {
@@ -55,10 +57,7 @@ async fn backend(name: &'static str) -> SocketAddr {
     addr
 }
 
-async fn get(
-    router: &Steer<Route, fn(&Request<Body>, &[Route]) -> usize, Request<Body>>,
-    path: &str,
-) -> String {
+async fn get(router: &Router, path: &str) -> String {
     let request = Request::get(path).body(Body::default()).expect("request");
     let response = router.clone().oneshot(request).await.expect("response");
     let body = response
@@ -123,9 +122,9 @@ async fn main() -> Result<(), BoxError> {
     handle.add_group("static", &web)?;
     let admin_api = AdminService::new(handle.clone()).prefix("/admin");
 
-    let router: Steer<Route, fn(&Request<Body>, &[Route]) -> usize, Request<Body>> = Steer::new(
+    let router: Router = Steer::new(
         vec![Route::new(api.clone()), Route::new(web.clone())],
-        by_prefix as fn(&Request<Body>, &[Route]) -> usize,
+        by_prefix as Picker,
     );
 
     println!("/api/users   -> {}", get(&router, "/api/users").await);
