@@ -1,6 +1,7 @@
 //! Active-passive: one primary serves, backups in configured order.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -11,6 +12,10 @@ use super::strategy::{Pick, Strategy};
 use crate::backend::BackendId;
 use crate::control::{Event, Events, SwitchReason};
 use crate::pool::Members;
+
+/// Numbers table builds; `NO_BUILD` matches none.
+static NEXT_BUILD: AtomicU64 = AtomicU64::new(1);
+const NO_BUILD: u64 = 0;
 
 /// When a recovered configured primary takes over again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,6 +40,9 @@ struct State {
     /// The group's members, in configured order (as the last table saw them).
     known: Vec<BackendId>,
     current: Option<BackendId>,
+    /// The index of `current` in the members of the table with this build
+    /// number, so that a steady pick does not look it up by name.
+    current_at: (u64, Option<usize>),
     forced: Option<BackendId>,
     last_switch: Option<Instant>,
     /// Since when the configured primary has been available, as seen by
@@ -137,6 +145,10 @@ impl fmt::Debug for Priority {
 #[derive(Debug, Clone, Default)]
 pub struct PriorityTable {
     order: Vec<usize>,
+    /// The configured primary's index, if it is a member.
+    primary: Option<usize>,
+    /// Unique per build.
+    build: u64,
 }
 
 impl Priority {
@@ -166,6 +178,7 @@ impl Priority {
                 state: Mutex::new(State {
                     known: deduped.clone(),
                     current,
+                    current_at: (NO_BUILD, None),
                     forced: None,
                     last_switch: None,
                     primary_available_since: None,
@@ -191,6 +204,7 @@ impl Priority {
                 state: Mutex::new(State {
                     known: shared.order.clone(),
                     current: shared.order.first().cloned(),
+                    current_at: (NO_BUILD, None),
                     forced: None,
                     last_switch: None,
                     primary_available_since: None,
@@ -303,6 +317,7 @@ impl Priority {
         }
         let now = Instant::now();
         let from = std::mem::replace(&mut state.current, to.clone());
+        state.current_at = (NO_BUILD, None);
         state.last_switch = Some(now);
         if reason == SwitchReason::Failover || reason == SwitchReason::Removed {
             state.failovers += 1;
@@ -337,8 +352,7 @@ impl Priority {
 
         // Track the configured primary's uninterrupted availability.
         if let Failback::Auto { .. } = self.shared.failback {
-            let primary = self.shared.order.first().and_then(index_of);
-            match primary.filter(|&i| available(i)) {
+            match table.primary.filter(|&i| available(i)) {
                 Some(_) => {
                     if state.primary_available_since.is_none() {
                         state.primary_available_since = Some(now());
@@ -348,7 +362,13 @@ impl Priority {
             }
         }
 
-        let current = state.current.as_ref().and_then(index_of);
+        let current = if state.current_at.0 == table.build {
+            state.current_at.1
+        } else {
+            let i = state.current.as_ref().and_then(index_of);
+            state.current_at = (table.build, i);
+            i
+        };
         let current_ok = current.filter(|&i| available(i));
         let first_available = || table.order.iter().copied().find(|&i| available(i));
 
@@ -375,12 +395,14 @@ impl Priority {
             return (Some(cur), None);
         }
         if let Failback::Auto { after_stable_for } = self.shared.failback {
-            let primary = self.shared.order.first().and_then(index_of);
-            if let (Some(p), Some(since)) = (primary, state.primary_available_since) {
-                let dwell_over = state
-                    .last_switch
-                    .is_none_or(|at| now() >= at + self.shared.min_dwell);
-                if p != cur && now() >= since + after_stable_for && dwell_over {
+            if let (Some(p), Some(since)) = (table.primary, state.primary_available_since) {
+                // The clock is read only while a failback is pending.
+                if p != cur
+                    && now() >= since + after_stable_for
+                    && state
+                        .last_switch
+                        .is_none_or(|at| now() >= at + self.shared.min_dwell)
+                {
                     let to = Some(members[p].id().clone());
                     let event = self.switch(&mut state, to, SwitchReason::Failback);
                     return (Some(p), event);
@@ -408,7 +430,11 @@ impl Strategy for Priority {
         }
         let mut state = self.shared.state.lock();
         state.known = order.iter().map(|&i| members[i].id().clone()).collect();
-        PriorityTable { order }
+        PriorityTable {
+            order,
+            primary: self.shared.order.first().and_then(|id| members.index_of(id)),
+            build: NEXT_BUILD.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     fn pick(&self, table: &PriorityTable, pick: &Pick<'_>) -> Option<usize> {
