@@ -664,3 +664,63 @@ fn assert_send_sync() {
     let _ = Infallible::clone;
     let _ = <Svc as Service<Request<()>>>::poll_ready;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_picks_record_each_switch_once_and_in_order() {
+    // Backends with an `Infallible` error, so the requests can run in
+    // spawned tasks.
+    let pool = Pool::new();
+    for name in ["a", "b", "c"] {
+        pool.insert(
+            name,
+            service_fn(
+                move |_req: Request<()>| async move { Ok::<_, Infallible>(Response::new(name)) },
+            ),
+        );
+    }
+    let set = |id: &str, health: Health| {
+        pool.state(&id.into()).unwrap().set_health(health);
+    };
+    let events = Events::default();
+    let group = Priority::new("g", ["a", "b", "c"]).events(events.clone());
+    let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let balance = balance.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..2_000 {
+                let _ = balance.clone().oneshot(Request::new(())).await;
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    // Flap a and b while requests run on both worker threads.
+    for i in 0..400 {
+        let (a, b) = match i % 3 {
+            0 => (Health::Unhealthy, Health::Healthy),
+            1 => (Health::Healthy, Health::Unhealthy),
+            _ => (Health::Unhealthy, Health::Unhealthy),
+        };
+        set("a", a);
+        set("b", b);
+        // One pick here too, so switches happen however the tasks run.
+        let _ = balance.clone().oneshot(Request::new(())).await;
+        tokio::task::yield_now().await;
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let changes = primary_changes(&events);
+    assert!(!changes.is_empty());
+    assert_eq!(changes.len() as u64, group.failovers());
+    // Each switch starts where the one before it ended: none lost, none
+    // doubled, none out of order.
+    assert_eq!(changes[0].0.as_deref(), Some("a"));
+    for pair in changes.windows(2) {
+        assert_eq!(pair[0].1, pair[1].0, "{changes:?}");
+    }
+    assert_eq!(
+        changes.last().unwrap().1,
+        group.current().map(|c| c.to_string())
+    );
+}

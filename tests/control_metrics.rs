@@ -117,3 +117,15 @@ async fn stats_are_published_through_the_metrics_facade() {
     assert_eq!(get("tower_ha_group_healthy_backends{group=db}"), 1.0);
     assert_eq!(get("tower_ha_group_failed_backends{group=db}"), 1.0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_metrics_task_stops_when_the_handle_is_gone() {
+    let handle = Handle::new(Events::default());
+    let task = handle.spawn_metrics(std::time::Duration::from_secs(1));
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert!(!task.is_finished());
+    drop(handle);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    tokio::task::yield_now().await;
+    assert!(task.is_finished());
+}

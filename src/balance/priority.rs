@@ -220,13 +220,15 @@ impl Priority {
     }
 
     /// When a recovered configured primary takes over again (default
-    /// [`Failback::Never`]).
+    /// [`Failback::Never`]). Set it before cloning: called on a group
+    /// already shared, it returns a new group with its own state.
     pub fn failback(self, failback: Failback) -> Self {
         self.rebuild_with(|s| s.failback = failback)
     }
 
     /// A failback happens only once the current primary has served at
-    /// least this long since the last switch (default 0).
+    /// least this long since the last switch (default 0). Set it before
+    /// cloning, as [`failback`](Priority::failback).
     pub fn min_dwell(self, dwell: Duration) -> Self {
         self.rebuild_with(|s| s.min_dwell = dwell)
     }
@@ -288,14 +290,13 @@ impl Priority {
     /// [`release`](Priority::release) is called. Returns `false` (and
     /// changes nothing) when `id` is not a member of the group.
     pub fn force_primary(&self, id: &BackendId) -> bool {
-        let event = {
-            let mut state = self.shared.state.lock();
-            if !state.known.contains(id) {
-                return false;
-            }
-            state.forced = Some(id.clone());
-            self.switch(&mut state, Some(id.clone()), SwitchReason::Forced)
-        };
+        let mut state = self.shared.state.lock();
+        if !state.known.contains(id) {
+            return false;
+        }
+        state.forced = Some(id.clone());
+        let event = self.switch(&mut state, Some(id.clone()), SwitchReason::Forced);
+        // Emitted under the group's lock, so events follow switch order.
         self.emit(event);
         true
     }
@@ -342,11 +343,24 @@ impl Priority {
 
     /// Decides the primary for this pick; returns its member index (when
     /// it is a member) and the event of a switch.
-    fn decide(&self, table: &PriorityTable, pick: &Pick<'_>) -> (Option<usize>, Option<Event>) {
+    fn decide(&self, table: &PriorityTable, pick: &Pick<'_>) -> Option<usize> {
+        let mut state = self.shared.state.lock();
+        let (primary, event) = self.decide_locked(&mut state, table, pick);
+        // Emitted under the group's lock, so events follow switch order.
+        // Emitting never waits.
+        self.emit(event);
+        primary
+    }
+
+    fn decide_locked(
+        &self,
+        state: &mut State,
+        table: &PriorityTable,
+        pick: &Pick<'_>,
+    ) -> (Option<usize>, Option<Event>) {
         let members = pick.members();
         let available = |i: usize| members[i].state().is_available();
         let index_of = |id: &BackendId| members.index_of(id);
-        let mut state = self.shared.state.lock();
         let mut now = None;
         let mut now = || *now.get_or_insert_with(Instant::now);
 
@@ -387,7 +401,7 @@ impl Priority {
                 return (current, None);
             }
             let to = next.map(|i| members[i].id().clone());
-            let event = self.switch(&mut state, to, reason);
+            let event = self.switch(state, to, reason);
             return (next, event);
         };
 
@@ -404,7 +418,7 @@ impl Priority {
                         .is_none_or(|at| now() >= at + self.shared.min_dwell)
                 {
                     let to = Some(members[p].id().clone());
-                    let event = self.switch(&mut state, to, SwitchReason::Failback);
+                    let event = self.switch(state, to, SwitchReason::Failback);
                     return (Some(p), event);
                 }
             }
@@ -432,7 +446,11 @@ impl Strategy for Priority {
         state.known = order.iter().map(|&i| members[i].id().clone()).collect();
         PriorityTable {
             order,
-            primary: self.shared.order.first().and_then(|id| members.index_of(id)),
+            primary: self
+                .shared
+                .order
+                .first()
+                .and_then(|id| members.index_of(id)),
             build: NEXT_BUILD.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -441,8 +459,7 @@ impl Strategy for Priority {
         if pick.is_empty() {
             return None;
         }
-        let (primary, event) = self.decide(table, pick);
-        self.emit(event);
+        let primary = self.decide(table, pick);
         match primary.filter(|&i| pick.is_eligible(i)) {
             Some(i) => Some(i),
             // A retry, or nothing available: the next eligible backend in
