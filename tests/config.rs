@@ -200,3 +200,58 @@ fn bad_syntax_types_and_durations_are_parse_errors_with_a_location() {
     assert!(err.is_io());
     assert_eq!(err.field(), "/nonexistent/groups.yaml");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_groups_health_check_settings_drive_the_checker() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    use tower_ha::health::{probe_fn, HealthChecker};
+
+    let config = Config::from_yaml(
+        "failover_groups:\n  - name: app\n    mode: active-passive\n    backends: [a, b]\n    primary: a\n    health_check: {interval: 5s, timeout: 2s, healthy_threshold: 3, unhealthy_threshold: 2}\n",
+    )
+    .unwrap();
+    let group = &config.failover_groups[0];
+    let balance = group.build(named);
+    let pool = balance.pool().clone();
+
+    // "a" fails its probes from the start; probes are counted.
+    let up = Arc::new(AtomicBool::new(false));
+    let probes = Arc::new(AtomicU32::new(0));
+    let probe = probe_fn({
+        let (up, probes) = (up.clone(), probes.clone());
+        move |id: &BackendId, _svc: &Svc| {
+            let fail = id.as_str() == "a" && !up.load(Ordering::SeqCst);
+            if id.as_str() == "a" {
+                probes.fetch_add(1, Ordering::SeqCst);
+            }
+            async move {
+                if fail {
+                    Err::<(), BoxError>("down".into())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    });
+    let checker = group
+        .health_check
+        .as_ref()
+        .unwrap()
+        .apply(HealthChecker::new(pool.clone(), probe).jitter(Duration::ZERO))
+        .spawn();
+    let a = pool.state(&"a".into()).unwrap();
+    // Probes at 0 s and 5 s: unhealthy after the second (fall 2).
+    tokio::time::sleep(Duration::from_millis(4_900)).await;
+    assert_eq!(a.health(), Health::Healthy);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.health(), Health::Unhealthy);
+    assert_eq!(probes.load(Ordering::SeqCst), 2);
+    // Healthy again after three passing probes (rise 3): 10, 15, 20 s.
+    up.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(9_800)).await; // 14.9 s
+    assert_eq!(a.health(), Health::Unhealthy);
+    tokio::time::sleep(Duration::from_millis(5_200)).await; // 20.1 s
+    assert_eq!(a.health(), Health::Healthy);
+    checker.shutdown().await;
+}
