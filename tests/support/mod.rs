@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod health_http;
+pub mod health_mock;
 pub mod http;
 pub mod sticky_http;
 pub mod store_contract;
