@@ -266,8 +266,11 @@ async fn chaos() {
     let b_addr = b.addr();
     b.restart().await;
     assert_eq!(servers["b"].addr(), b_addr);
+    // Two probes reached the new server, so every probe that failed
+    // against the dead one has been judged (one probe in flight per
+    // backend): b cannot turn unhealthy again behind our back.
     let b_state = pool.state(&"b".into()).unwrap();
-    while !b_state.is_available() {
+    while servers["b"].connections() < 2 || !b_state.is_available() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let runs = join_all(clients.iter_mut().map(|c| c.run(&stack, AFTER_RESTART))).await;

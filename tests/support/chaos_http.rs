@@ -23,6 +23,8 @@ struct Shared {
     hold: AtomicBool,
     /// Requests answered since the last (re)start.
     served: AtomicUsize,
+    /// Connections accepted since the last (re)start (TCP probes included).
+    connections: AtomicUsize,
 }
 
 /// A killable backend server.
@@ -57,6 +59,7 @@ impl ChaosServer {
         self.addr = listener.local_addr().unwrap();
         self.shared.hold.store(false, Ordering::SeqCst);
         self.shared.served.store(0, Ordering::SeqCst);
+        self.shared.connections.store(0, Ordering::SeqCst);
         self.held.send_replace(0);
         let (name, shared, held) = (self.name, self.shared.clone(), self.held.clone());
         self.task = Some(tokio::spawn(accept(listener, name, shared, held)));
@@ -95,6 +98,12 @@ impl ChaosServer {
         self.shared.served.load(Ordering::SeqCst)
     }
 
+    /// Connections accepted since the server last started, health probes
+    /// included.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
     /// Closes the listener and every open connection (held requests get no
     /// answer: their connections are dropped).
     pub async fn kill(&mut self) {
@@ -131,6 +140,7 @@ async fn accept(
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        shared.connections.fetch_add(1, Ordering::SeqCst);
         let (shared, held) = (shared.clone(), held.clone());
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
