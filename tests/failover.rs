@@ -765,3 +765,38 @@ async fn works_over_any_service_that_honours_attempts_and_names_backends() {
     assert_eq!(served_by(&response), "y");
     assert_eq!(history(&response), ["x", "y"]);
 }
+
+#[tokio::test]
+async fn failovers_and_exhaustion_are_events_in_the_stream() {
+    let events = tower_ha::control::Events::new(16, 16);
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().no_budget().events(events.clone()))
+        .service(Balance::new(failing_fleet(3, attempts), RoundRobin::new()));
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    use tower_ha::control::Event;
+    let history: Vec<Event> = events.history().iter().map(|r| r.event.clone()).collect();
+    let ids = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| BackendId::from(*n))
+            .collect::<Vec<_>>()
+    };
+    match &history[..] {
+        [Event::FailoverAttempt {
+            attempt: 2,
+            failed: first,
+            ..
+        }, Event::FailoverAttempt {
+            attempt: 3,
+            failed: second,
+            ..
+        }, Event::AttemptsExhausted { tried }] => {
+            assert_eq!(tried, &ids(&["b0", "b1", "b2"]));
+            assert_eq!([first.clone(), second.clone()], ids(&["b0", "b1"])[..]);
+        }
+        other => panic!("unexpected events {other:?}"),
+    }
+}

@@ -18,6 +18,7 @@ use super::layer::Config;
 use super::policy::{is_idempotent, RetryNonIdempotent};
 use crate::backend::BackendId;
 use crate::classify::{Classifier, Outcome};
+use crate::control::{emit, Event};
 use crate::error::{find, BackendError, BoxError, NoBackend, NotSent};
 use crate::extensions::Picked;
 use crate::extensions::{Attempts, ServedBy};
@@ -416,6 +417,15 @@ where
                 attempt = self.tried,
                 "failing over"
             );
+            // Only a retry that reached a backend is a failover; the last
+            // call, which finds every backend tried, is not.
+            if self.current.is_some() {
+                emit(self.config.events.as_ref(), || Event::FailoverAttempt {
+                    attempt: u32::try_from(self.tried).unwrap_or(u32::MAX),
+                    failed: from.clone(),
+                    reason: cause.to_string().into(),
+                });
+            }
         }
         Poll::Ready(Ok(future))
     }
@@ -423,6 +433,11 @@ where
     /// Ends the attempts: the last failed response if the last failure was
     /// one, else the list of failures.
     fn give_up(&mut self, reason: Option<BoxError>) -> Result<Response<RB>, BoxError> {
+        if !self.failures.is_empty() {
+            emit(self.config.events.as_ref(), || Event::AttemptsExhausted {
+                tried: self.failures.iter().map(|(id, _)| id.clone()).collect(),
+            });
+        }
         if let Some(response) = self.last_response.take() {
             return Ok(self.with_history(response, false));
         }

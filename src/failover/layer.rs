@@ -9,6 +9,7 @@ use super::budget::RetryBudget;
 use super::policy::Backoff;
 use super::service::Failover;
 use crate::classify::{Classifier, DefaultClassifier};
+use crate::control::Events;
 
 /// The default retry budget: retries may add 20 % to the requests, plus 3
 /// retries per second whatever the traffic.
@@ -26,6 +27,7 @@ pub(crate) struct Config<C> {
     pub(crate) budget: Option<Arc<dyn Budget + Send + Sync>>,
     pub(crate) backoff: Backoff,
     pub(crate) retry_non_idempotent: bool,
+    pub(crate) events: Option<Events>,
 }
 
 impl Config<DefaultClassifier> {
@@ -38,6 +40,7 @@ impl Config<DefaultClassifier> {
             budget: Some(default_budget()),
             backoff: Backoff::none(),
             retry_non_idempotent: false,
+            events: None,
         }
     }
 }
@@ -57,6 +60,7 @@ impl<C: fmt::Debug> fmt::Debug for Config<C> {
             .field("budget", &self.budget.is_some())
             .field("backoff", &self.backoff)
             .field("retry_non_idempotent", &self.retry_non_idempotent)
+            .field("events", &self.events.is_some())
             .finish()
     }
 }
@@ -111,6 +115,7 @@ impl<C> FailoverLayer<C> {
                 budget: c.budget,
                 backoff: c.backoff,
                 retry_non_idempotent: c.retry_non_idempotent,
+                events: c.events,
             },
         }
     }
@@ -166,6 +171,15 @@ impl<C> FailoverLayer<C> {
     /// per request, use [`RetryNonIdempotent`](super::RetryNonIdempotent).
     pub fn retry_non_idempotent(mut self, retry: bool) -> Self {
         self.config.retry_non_idempotent = retry;
+        self
+    }
+
+    /// Also emits every failover and every request whose attempts all
+    /// failed into `events`
+    /// ([`Event::FailoverAttempt`](crate::control::Event::FailoverAttempt),
+    /// [`Event::AttemptsExhausted`](crate::control::Event::AttemptsExhausted)).
+    pub fn events(mut self, events: Events) -> Self {
+        self.config.events = Some(events);
         self
     }
 }
