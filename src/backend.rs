@@ -239,6 +239,14 @@ impl BackendState {
         self.status.load(Ordering::Acquire) & NIBBLE == 0
     }
 
+    /// Whether the backend is draining but still healthy and not ejected:
+    /// it takes no new request, yet finishes the sessions bound to it.
+    #[inline]
+    pub fn is_draining_but_serving(&self) -> bool {
+        self.status.load(Ordering::Acquire) == AdminStatus::Draining.to_bits() << ADMIN_SHIFT
+            && !self.is_ejected()
+    }
+
     /// The operator's status.
     pub fn admin(&self) -> AdminStatus {
         AdminStatus::from_bits((self.status.load(Ordering::Acquire) >> ADMIN_SHIFT) & NIBBLE)

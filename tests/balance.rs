@@ -421,10 +421,19 @@ fn affinity_is_honoured_only_when_eligible() {
     }
     // Already tried: the strategy picks someone else.
     assert_ne!(send("b2", ["b2".into()].into_iter().collect()), "b2");
-    // Unavailable or unknown: ignored.
-    pool.state(&"b2".into())
-        .unwrap()
-        .set_admin(AdminStatus::Draining);
+    // Draining: its sessions finish there, but nothing new reaches it.
+    let b2 = pool.state(&"b2".into()).unwrap();
+    b2.set_admin(AdminStatus::Draining);
+    assert_eq!(send("b2", Attempts::new()), "b2");
+    for _ in 0..6 {
+        let resp = block_on(balance.clone().oneshot(request(None))).unwrap();
+        assert_ne!(resp.body(), "b2", "a draining backend takes no new request");
+    }
+    // Draining and unhealthy, disabled, or unknown: ignored.
+    b2.set_health(Health::Unhealthy);
+    assert_ne!(send("b2", Attempts::new()), "b2");
+    b2.set_health(Health::Healthy);
+    b2.set_admin(AdminStatus::Disabled);
     assert_ne!(send("b2", Attempts::new()), "b2");
     let _ = send("nobody", Attempts::new());
 }

@@ -724,3 +724,70 @@ async fn concurrent_picks_record_each_switch_once_and_in_order() {
         group.current().map(|c| c.to_string())
     );
 }
+
+/// Drain with sticky sessions: a session bound to the drained backend stays
+/// there until the deadline, no new session lands there, and at the deadline
+/// the session moves once.
+#[tokio::test(start_paused = true)]
+async fn a_drained_backends_sessions_stay_until_the_deadline_then_move_once() {
+    use tower::ServiceBuilder;
+    use tower_ha::balance::{BalanceLayer, RoundRobin};
+    use tower_ha::sticky::{SessionKey, StickyLayer};
+
+    let pool = pool_of(&["a", "b"]);
+    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(30)));
+    handle.add_pool("g", pool.clone(), None).unwrap();
+    let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
+    let svc = ServiceBuilder::new()
+        .layer(sticky.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(pool.clone());
+    let send = |session: &'static str| {
+        let svc = svc.clone();
+        async move {
+            let req = Request::builder()
+                .header("x-session", session)
+                .body(())
+                .unwrap();
+            svc.oneshot(req).await.unwrap().into_body()
+        }
+    };
+
+    // Two sessions, one per backend.
+    let first = send("s1").await;
+    let second = send("s2").await;
+    assert_ne!(first, second);
+    let on_a = if first == "a" { "s1" } else { "s2" };
+
+    handle.drain(&"a".into()).unwrap();
+    tokio::time::advance(Duration::from_secs(29)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            send(on_a).await,
+            "a",
+            "a session finishes on its draining backend"
+        );
+    }
+    for new in ["n1", "n2", "n3", "n4"] {
+        assert_eq!(
+            send(new).await,
+            "b",
+            "no new session lands on a draining backend"
+        );
+    }
+    assert_eq!(sticky.stats().moved, 0);
+
+    // Just past the deadline (the paused clock runs the deadline task).
+    tokio::time::sleep(Duration::from_millis(1001)).await;
+    assert_eq!(
+        pool.state(&"a".into()).unwrap().admin(),
+        AdminStatus::Disabled
+    );
+    assert_eq!(
+        send(on_a).await,
+        "b",
+        "after the deadline the session moves"
+    );
+    assert_eq!(send(on_a).await, "b");
+    assert_eq!(sticky.stats().moved, 1, "once");
+}

@@ -41,7 +41,9 @@ impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
 /// Chooses a backend from a [`Pool`] for each request, with a [`Strategy`].
 ///
 /// `Balance` picks in `call`, where the request is known: it honours an
-/// [`Affinity`] when that backend is eligible, never picks a backend listed
+/// [`Affinity`] when that backend is eligible (or draining but healthy: the
+/// sessions bound to it finish there, while no new request reaches it),
+/// never picks a backend listed
 /// in the request's [`Attempts`], sets [`Target`] on the request (and
 /// records its pick in the request's [`Picked`] slot, if any), calls a
 /// clone of the chosen backend's service once it is ready, and sets
@@ -208,7 +210,7 @@ where
                 .with_panic(&self.shared.panic);
             ext.get::<Affinity>()
                 .and_then(|a| members.index_of(&a.0))
-                .filter(|&i| pick.is_eligible(i))
+                .filter(|&i| pick.is_eligible_for_affinity(i))
                 .or_else(|| self.shared.strategy.pick(&view.table, &pick))
         };
         let Some(i) = chosen else {

@@ -152,6 +152,17 @@ impl<'a> Pick<'a> {
             && !self.is_tried(index)
     }
 
+    /// Whether the member at `index` may take a request that names it in an
+    /// [`Affinity`](crate::extensions::Affinity): as
+    /// [`is_eligible`](Pick::is_eligible), and also while it is draining
+    /// (healthy and not ejected), so that existing sessions finish there while
+    /// no new request reaches it.
+    #[inline]
+    pub fn is_eligible_for_affinity(&self, index: usize) -> bool {
+        let state = self.members[index].state();
+        (self.is_eligible(index) || state.is_draining_but_serving()) && !self.is_tried(index)
+    }
+
     /// The position of the most recently tried backend, if it is still a
     /// member: where a round robin continues.
     pub fn last_tried_index(&self) -> Option<usize> {

@@ -379,8 +379,10 @@ impl Handle {
         if let (Some(deadline), Some(runtime)) = (self.inner.drain_deadline, runtime) {
             let inner = Arc::downgrade(&self.inner);
             let id = id.clone();
+            // The deadline counts from now, not from when the task first runs.
+            let until = tokio::time::Instant::now() + deadline;
             runtime.spawn(async move {
-                tokio::time::sleep(deadline).await;
+                tokio::time::sleep_until(until).await;
                 let Some(inner) = inner.upgrade() else {
                     return;
                 };
