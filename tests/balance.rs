@@ -663,3 +663,21 @@ fn an_unpolled_future_sends_nothing() {
     block_on(balance.call(request(None))).unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn round_robin_shares_an_unavailable_backends_turns_evenly() {
+    let pool = pool_of(3);
+    pool.state(&"b1".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
+    let balance = Balance::new(pool, RoundRobin::new()).panic_threshold(0.0);
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..3000 {
+        let id = attempt(&balance, None, &Attempts::new()).unwrap();
+        *counts.entry(id.to_string()).or_default() += 1;
+    }
+    // b1's thousand turns are split between b0 and b2, not all given to b2.
+    let (b0, b2) = (counts["b0"], counts["b2"]);
+    assert_eq!(b0 + b2, 3000);
+    assert!((1350..=1650).contains(&b0), "b0 {b0}, b2 {b2}");
+}

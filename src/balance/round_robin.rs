@@ -1,5 +1,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::random::uniform_eligible;
 use super::strategy::{Pick, Strategy};
 use crate::pool::Members;
 
@@ -7,7 +8,9 @@ use crate::pool::Members;
 ///
 /// Attempts of one request continue from the backend tried last: start,
 /// start+1, … wrapping around, each backend at most once (Panda's failover
-/// semantics). Unavailable backends are skipped.
+/// semantics). The turn of an unavailable backend goes to a random eligible
+/// one, so the remaining backends share its load evenly instead of its
+/// successor taking all of it.
 ///
 /// Pick it for uniform backends and uniform requests: it is the cheapest
 /// strategy and spreads load evenly.
@@ -37,10 +40,20 @@ impl Strategy for RoundRobin {
 
     #[inline]
     fn pick(&self, _table: &(), pick: &Pick<'_>) -> Option<usize> {
-        let start = match pick.last_tried_index() {
-            Some(last) => last + 1,
-            None => self.next.fetch_add(1, Ordering::Relaxed),
-        };
-        pick.first_eligible_from(start)
+        if let Some(last) = pick.last_tried_index() {
+            return pick.first_eligible_from(last + 1);
+        }
+        let n = pick.len();
+        if n == 0 {
+            return None;
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        if pick.is_eligible(turn) {
+            return Some(turn);
+        }
+        // The backend whose turn it is cannot take it: give the turn to a
+        // random eligible backend, not always to the next one, which would
+        // otherwise carry twice the load of the others.
+        uniform_eligible(pick)
     }
 }
