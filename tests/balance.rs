@@ -681,3 +681,24 @@ fn round_robin_shares_an_unavailable_backends_turns_evenly() {
     assert_eq!(b0 + b2, 3000);
     assert!((1350..=1650).contains(&b0), "b0 {b0}, b2 {b2}");
 }
+
+#[test]
+fn weighted_round_robin_shares_an_unavailable_backends_slots_by_weight() {
+    let pool = Pool::new();
+    for (name, weight) in [("b0", 1), ("b1", 1), ("b2", 2)] {
+        pool.insert_weighted(name, named(name.into()), weight);
+    }
+    pool.state(&"b1".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
+    let balance = Balance::new(pool, WeightedRoundRobin::new()).panic_threshold(0.0);
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..4000 {
+        let id = attempt(&balance, None, &Attempts::new()).unwrap();
+        *counts.entry(id.to_string()).or_default() += 1;
+    }
+    // b1's 1000 slots go 1:2 to b0 and b2, as their weights: 1333 and 2667.
+    let (b0, b2) = (counts["b0"], counts["b2"]);
+    assert_eq!(b0 + b2, 4000);
+    assert!((1200..=1470).contains(&b0), "b0 {b0}, b2 {b2}");
+}

@@ -24,14 +24,16 @@ const MAX_CYCLE: u64 = 1 << 22;
 /// their greatest common divisor; a cycle longer than 4 Mi picks is scaled
 /// down proportionally.
 ///
-/// Unavailable and already-tried backends are skipped by walking on along
-/// the cycle. A backend in slow start (its
+/// The slot of an unavailable or already-tried backend goes to a backend
+/// drawn in proportion to weight, so the others share its turns by weight.
+/// A backend in slow start (its
 /// [`weight_permille`](crate::BackendState::weight_permille) below 1000)
-/// takes the request when its slot comes up only with probability
-/// `permille / 1000`, and the walk goes on to the next slot otherwise: it
-/// gets `permille / 1000` of its configured share, ramping without
-/// rebuilding the cycle. Pick it for backends of
-/// unequal capacity.
+/// takes its slot only with probability `permille / 1000`, and the slot
+/// goes to a backend drawn by weight otherwise: it gets about
+/// `permille / 1000` of its configured share, ramping without rebuilding
+/// the cycle.
+///
+/// Pick it for backends of unequal capacity.
 #[derive(Debug, Default)]
 pub struct WeightedRoundRobin {
     next: AtomicUsize,
@@ -125,13 +127,19 @@ impl Strategy for WeightedRoundRobin {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % order.len();
-        // Walk on along the cycle past ineligible backends; bounded, then a
-        // plain scan so that a pick never costs more than O(N).
-        let walk = order.len().min(2 * pick.len() + 16);
-        (0..walk)
-            .map(|k| order[(start + k) % order.len()] as usize)
+        let first = order[start] as usize;
+        if pick.is_eligible(first) && admitted(pick, first) {
+            return Some(first);
+        }
+        // The slot's backend cannot take it: give the slot to a backend
+        // drawn in proportion to weight (a random slot of the cycle), so the
+        // others share the lost turns by weight instead of the next slot's
+        // owner taking them all. Bounded, then a plain scan so that a pick
+        // never costs more than O(N).
+        (0..2 * pick.len() + 16)
+            .map(|_| order[super::random_below(order.len())] as usize)
             .find(|&i| pick.is_eligible(i) && admitted(pick, i))
-            .or_else(|| pick.first_eligible_from(order[start] as usize))
+            .or_else(|| pick.first_eligible_from(first))
     }
 }
 
