@@ -138,8 +138,8 @@ impl Strategy for WeightedRoundRobin {
         // never costs more than O(N).
         (0..2 * pick.len() + 16)
             .map(|_| order[super::random_below(order.len())] as usize)
-            .find(|&i| pick.is_eligible(i) && admitted(pick, i))
-            .or_else(|| pick.first_eligible_from(first))
+            .find(|&i| i != first && pick.is_eligible(i) && admitted(pick, i))
+            .or_else(|| pick.first_eligible_from(first + 1))
     }
 }
 
