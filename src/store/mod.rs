@@ -13,6 +13,7 @@
 //! | [`MemoryStore`] | this process; shared by clones (tests, one replica) |
 //! | [`FileStore`] | one JSON file per session in a local directory; survives restarts (one replica) |
 //! | `WebhookStore` (feature `webhook`) | the user's own HTTP service, in Enterprise Gateway's webhook wire format (several replicas) |
+//! | `RedisStore` (feature `redis`) | a Redis server, with ownership leases and move notices (several replicas) |
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -32,6 +33,8 @@
 mod error;
 mod file;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 #[cfg(feature = "webhook")]
 mod webhook;
 
@@ -43,6 +46,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendId;
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{Claim, Invalidation, Invalidations, Lease, RedisStore, RedisStoreBuilder};
 pub use error::StoreError;
 pub use file::FileStore;
 pub use memory::MemoryStore;
