@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod health_http;
+#[cfg(feature = "redis")]
+pub mod redis_server;
 pub mod store_contract;
 #[cfg(feature = "webhook")]
 pub mod webhook_server;
