@@ -75,9 +75,10 @@ fn redis_benchmark(
     let text = String::from_utf8_lossy(&output.stdout);
     let rate = |name: &str| -> f64 {
         text.split(['\r', '\n'])
+            .rev()
             .filter_map(|l| l.trim().strip_prefix(name))
             .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
-            .last()
+            .next()
             .unwrap_or_else(|| panic!("no {name} figure in redis-benchmark's output: {text}"))
     };
     (rate("SET:"), rate("GET:"), line)
