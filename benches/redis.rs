@@ -133,20 +133,49 @@ fn redis(c: &mut Criterion) {
         }
     });
 
+    let quiet = rt
+        .block_on(RedisStore::builder(server.url()).notify(false).build())
+        .expect("connect");
+
     // Warm up both sides once.
     store_rate(&rt, &store, &all, 50, 20_000, true);
     let _ = redis_benchmark(server.port(), 20_000, 50, None);
 
-    let plain = redis_benchmark(server.port(), 100_000, 50, None);
-    let sized = redis_benchmark(server.port(), 100_000, 50, Some(size));
-    let single = redis_benchmark(server.port(), 20_000, 1, Some(size));
-    let save50 = store_rate(&rt, &store, &all, 50, 100_000, true);
-    let load50 = store_rate(&rt, &store, &all, 50, 100_000, false);
-    let save1 = store_rate(&rt, &store, &all, 1, 20_000, true);
-    let load1 = store_rate(&rt, &store, &all, 1, 20_000, false);
+    // Three rounds, alternating the two sides so both see the same
+    // machine; the best round of each counts (the machine is shared).
+    let best = |a: &mut f64, b: f64| *a = a.max(b);
+    let mut plain = (0.0, 0.0, String::new());
+    let mut sized = plain.clone();
+    let mut single = plain.clone();
+    let (mut save50, mut load50, mut save1, mut load1, mut quiet1) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for _ in 0..3 {
+        let (set, get, line) = redis_benchmark(server.port(), 100_000, 50, None);
+        best(&mut plain.0, set);
+        best(&mut plain.1, get);
+        plain.2 = line;
+        let (set, get, line) = redis_benchmark(server.port(), 100_000, 50, Some(size));
+        best(&mut sized.0, set);
+        best(&mut sized.1, get);
+        sized.2 = line;
+        best(
+            &mut save50,
+            store_rate(&rt, &store, &all, 50, 100_000, true),
+        );
+        best(
+            &mut load50,
+            store_rate(&rt, &store, &all, 50, 100_000, false),
+        );
+        let (set, get, line) = redis_benchmark(server.port(), 20_000, 1, Some(size));
+        best(&mut single.0, set);
+        best(&mut single.1, get);
+        single.2 = line;
+        best(&mut save1, store_rate(&rt, &store, &all, 1, 20_000, true));
+        best(&mut load1, store_rate(&rt, &store, &all, 1, 20_000, false));
+        best(&mut quiet1, store_rate(&rt, &quiet, &all, 1, 20_000, true));
+    }
 
     println!();
-    println!("session JSON: {size} bytes; redis-server {}", server.port());
+    println!("session JSON: {size} bytes; best of 3 rounds each");
     println!("{:<72} {:>10} {:>10}", "anchor", "SET/s", "GET/s");
     for (set, get, line) in [&plain, &sized, &single] {
         println!("{line:<72} {set:>10.0} {get:>10.0}");
@@ -157,6 +186,7 @@ fn redis(c: &mut Criterion) {
         "50 tasks, one answer awaited each"
     );
     println!("{:<72} {save1:>10.0} {load1:>10.0}", "1 task");
+    println!("{:<72} {quiet1:>10.0} {:>10}", "1 task, notify(false)", "-");
     println!(
         "ratio vs the default command (50 clients, 3-byte values): save {:.2}x, load {:.2}x",
         save50 / plain.0,
@@ -168,8 +198,9 @@ fn redis(c: &mut Criterion) {
         load50 / sized.1
     );
     println!(
-        "ratio vs 1 client, {size}-byte values: save {:.2}x, load {:.2}x",
+        "ratio vs 1 client, {size}-byte values: save {:.2}x (notify off {:.2}x), load {:.2}x",
         save1 / single.0,
+        quiet1 / single.0,
         load1 / single.1
     );
     println!();
