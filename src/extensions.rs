@@ -8,6 +8,7 @@
 //! | [`Affinity`] | request | `Sticky` (or you) | `Balance`: try this backend first |
 //! | [`Attempts`] | request | `Failover` (or you) | `Balance`: never pick these again |
 //! | [`Target`] | request | `Balance` | a per-backend layer such as `Health` |
+//! | [`Picked`] | request | `Failover` inserts it, `Balance` fills it | `Failover`: who an abandoned attempt reached |
 //! | [`ServedBy`] | response | `Balance` | `Sticky`, `Failover`, you |
 //! | [`PeerAddr`] | request | your server | keys such as [`key::peer_ip`](crate::key::peer_ip) |
 //!
@@ -15,6 +16,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::backend::{BackendId, BackendState};
 
@@ -109,3 +112,50 @@ pub struct ServedBy(pub BackendId);
 /// client address. Your server inserts it; tower-ha never guesses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub SocketAddr);
+
+/// A slot in which a balancer records the backend it picks for an attempt.
+///
+/// The failover layer puts one in the request's extensions before an
+/// attempt that it may have to abandon (a per-try timeout, a deadline).
+/// [`Balance`](crate::balance::Balance) fills it in `call`, just before it
+/// hands the request to the backend, so the failover layer knows which
+/// backend an abandoned attempt reached, lists it in
+/// [`Attempts`](crate::extensions::Attempts), and never sends the request
+/// there again. The slot also lets the failover layer charge a retry to its
+/// budget only once a backend was picked for it. A balancer of your own
+/// should fill it too; without it, an abandoned attempt names no backend
+/// (and ends the retries), and a retry is charged after its first poll.
+///
+/// Clones share the slot.
+///
+/// ```
+/// use tower_ha::extensions::Picked;
+///
+/// let picked = Picked::new();
+/// let request = http::Request::builder().extension(picked.clone()).body(()).unwrap();
+/// // What a balancer does when it picks backend "a":
+/// if let Some(slot) = request.extensions().get::<Picked>() {
+///     slot.set("a".into());
+/// }
+/// assert_eq!(picked.take().unwrap().as_str(), "a");
+/// assert!(picked.take().is_none());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Picked(Arc<Mutex<Option<BackendId>>>);
+
+impl Picked {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Picked::default()
+    }
+
+    /// Records the picked backend, replacing any earlier one.
+    pub fn set(&self, id: BackendId) {
+        *self.0.lock() = Some(id);
+    }
+
+    /// The picked backend, leaving the slot empty.
+    pub fn take(&self) -> Option<BackendId> {
+        self.0.lock().take()
+    }
+}

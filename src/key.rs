@@ -140,21 +140,37 @@ impl RequestKey for Cookie {
 /// double quotes are removed.
 pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
     let name = name.as_bytes();
-    headers.get_all(COOKIE).iter().find_map(|value| {
-        value.as_bytes().split(|&b| b == b';').find_map(|pair| {
-            let pair = pair.trim_ascii();
-            let eq = pair.iter().position(|&b| b == b'=')?;
-            let (k, v) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
-            if k != name {
-                return None;
+    // A pair's key never holds '=' (it ends at the first one).
+    if name.contains(&b'=') {
+        return None;
+    }
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .find_map(|value| find_cookie(value.as_bytes(), name))
+}
+
+/// Scans one `Cookie` header for `name`. Pairs whose key cannot be `name`
+/// are skipped after a prefix comparison, without trimming or searching
+/// for their `=`.
+fn find_cookie<'h>(mut header: &'h [u8], name: &[u8]) -> Option<&'h [u8]> {
+    loop {
+        let end = memchr::memchr(b';', header);
+        let pair = header[..end.unwrap_or(header.len())].trim_ascii_start();
+        if let Some(after) = pair.strip_prefix(name) {
+            if let Some(v) = after.trim_ascii_start().strip_prefix(b"=") {
+                let v = v.trim_ascii();
+                let v = v
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(v);
+                if !v.is_empty() {
+                    return Some(v);
+                }
             }
-            let v = v
-                .strip_prefix(b"\"")
-                .and_then(|v| v.strip_suffix(b"\""))
-                .unwrap_or(v);
-            (!v.is_empty()).then_some(v)
-        })
-    })
+        }
+        header = &header[end? + 1..];
+    }
 }
 
 /// A client address from `X-Forwarded-For`.
@@ -314,9 +330,55 @@ mod tests {
         assert_eq!(cookie_value(req.headers(), "c"), Some(&b"q"[..]));
         assert_eq!(cookie_value(req.headers(), "d"), Some(&b"4"[..]));
         assert_eq!(cookie_value(req.headers(), "e"), None);
+        let spaced = head_with(&[("cookie", "StickyStrX=no;StickyStr =yes")]);
+        assert_eq!(
+            cookie_value(spaced.headers(), "StickyStr"),
+            Some(&b"yes"[..])
+        );
+        let later = head_with(&[("cookie", "s=; s=second")]);
+        assert_eq!(cookie_value(later.headers(), "s"), Some(&b"second"[..]));
+        assert_eq!(cookie_value(later.headers(), "s="), None);
         let empty = head_with(&[("cookie", "StickyStr=; broken; =x")]);
         assert_eq!(cookie_value(empty.headers(), "StickyStr"), None);
         assert_eq!(key_of(&cookie("StickyStr"), &empty), None);
+    }
+
+    /// The straightforward reading of a `Cookie` header that
+    /// `cookie_value` must agree with.
+    fn reference(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+        let name = name.as_bytes();
+        headers.get_all(COOKIE).iter().find_map(|value| {
+            value.as_bytes().split(|&b| b == b';').find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let eq = pair.iter().position(|&b| b == b'=')?;
+                let (k, v) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
+                if k != name {
+                    return None;
+                }
+                let v = v
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(v);
+                (!v.is_empty()).then(|| v.to_vec())
+            })
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn cookie_value_agrees_with_the_reference(
+            headers in proptest::collection::vec("[ab= ;\"\t]{0,24}", 0..3),
+            name in "[ab=]{0,2}",
+        ) {
+            let mut map = HeaderMap::new();
+            for h in &headers {
+                map.append(COOKIE, h.parse().unwrap());
+            }
+            proptest::prop_assert_eq!(
+                cookie_value(&map, &name).map(<[u8]>::to_vec),
+                reference(&map, &name)
+            );
+        }
     }
 
     #[test]

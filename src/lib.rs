@@ -15,6 +15,9 @@
 //! * [`health`]: passive outlier detection ([`HealthLayer`](health::HealthLayer)),
 //!   active probes ([`HealthChecker`](health::HealthChecker)), a lifecycle for
 //!   failing backends, slow start; panic routing in `Balance`.
+//! * [`Failover`](failover::Failover): retries a failed request on another
+//!   backend, bounded by attempts, a retry budget and a deadline, and safe
+//!   for non-idempotent requests.
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
 //! * [`store`]: durable sessions behind the [`SessionStore`](store::SessionStore)
@@ -22,6 +25,10 @@
 //!   ([`FileStore`](store::FileStore)), your own HTTP service
 //!   (`WebhookStore`, feature `webhook`), or Redis shared by several
 //!   replicas (`RedisStore`, feature `redis`).
+//! * [`Sticky`](sticky::Sticky): keeps each session on the backend that holds
+//!   its state (signed cookie, learned cookie, header or closure), moves it
+//!   only when that backend cannot serve, and persists it in a
+//!   [`SessionStore`](store::SessionStore).
 //!
 //! # Quick start
 //!
@@ -62,12 +69,14 @@ pub mod balance;
 pub mod classify;
 pub mod error;
 pub mod extensions;
+pub mod failover;
 pub mod health;
 #[cfg(feature = "hyper-client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper-client")))]
 pub mod http;
 pub mod key;
 pub mod pool;
+pub mod sticky;
 pub mod store;
 
 pub use backend::{AdminStatus, BackendId, BackendState, Health};

@@ -12,18 +12,20 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::poll_fn;
-use std::hash::BuildHasherDefault;
 use std::pin::pin;
 use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tower::discover::{Change, Discover};
-use twox_hash::XxHash3_64;
 
 use crate::backend::{BackendId, BackendState};
 
-pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<XxHash3_64>>;
+/// The id index. SipHash (std's) rather than streaming XXH3: ids are
+/// short, and XXH3's streaming hasher costs several times more to set up
+/// than it saves; `Balance` looks an id up on every request that carries
+/// an `Affinity`.
+pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::RandomState>;
 
 /// One backend as strategies see it: its id and shared state.
 #[derive(Debug, Clone)]

@@ -627,3 +627,30 @@ fn tokio_stream_from<T>(
 ) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// The backend is called on the future's first poll, never in `call`: a
+/// future dropped unpolled has sent nothing (the failover layer relies on
+/// this when its retry budget is spent).
+#[test]
+fn an_unpolled_future_sends_nothing() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let pool: Pool<Svc> = Pool::new();
+    let c = calls.clone();
+    pool.insert(
+        "a",
+        tower::util::BoxCloneSyncService::new(service_fn(move |_req: Request<()>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(Response::new(String::new())) }
+        })),
+    );
+    let mut balance = Balance::new(pool.clone(), RoundRobin::new());
+    drop(balance.call(request(None)));
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        pool.state(&"a".into()).unwrap().in_flight(),
+        0,
+        "the in-flight count is released"
+    );
+    block_on(balance.call(request(None))).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{ready, Context, Poll};
 
 use http::Response;
 use pin_project_lite::pin_project;
@@ -35,9 +35,6 @@ pin_project! {
         S: Service<Req>,
     {
         NoBackend,
-        Failed {
-            error: Option<BackendError>,
-        },
         Ready {
             service: S,
             request: Option<Req>,
@@ -51,29 +48,12 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
-    /// Calls `service` at once when it is already ready; otherwise the
-    /// future drives it to readiness first. A readiness error fails the
-    /// future with a not-sent [`BackendError`].
-    pub(crate) fn start(mut service: S, request: Req, id: BackendId, in_flight: InFlight) -> Self
-    where
-        S::Error: Into<BoxError>,
-    {
-        let mut cx = Context::from_waker(Waker::noop());
-        let state = match service.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => State::Called {
-                future: service.call(request),
-            },
-            Poll::Ready(Err(e)) => State::Failed {
-                error: Some(BackendError::not_sent(id.clone(), e.into())),
-            },
-            // Not ready yet: poll again with the caller's waker.
-            Poll::Pending => State::Ready {
+    pub(crate) fn new(service: S, request: Req, id: BackendId, in_flight: InFlight) -> Self {
+        ResponseFuture {
+            state: State::Ready {
                 service,
                 request: Some(request),
             },
-        };
-        ResponseFuture {
-            state,
             target: Some((id, in_flight)),
         }
     }
@@ -100,12 +80,6 @@ where
                 StateProj::NoBackend => {
                     this.state.set(State::Done);
                     return Poll::Ready(Err(NoBackend::new().into()));
-                }
-                StateProj::Failed { error } => {
-                    let error = error.take().expect("error taken once");
-                    this.target.take();
-                    this.state.set(State::Done);
-                    return Poll::Ready(Err(error.into()));
                 }
                 StateProj::Ready { service, request } => {
                     if let Err(e) = ready!(service.poll_ready(cx)) {

@@ -10,6 +10,7 @@ use tower_service::Service;
 use super::future::ResponseFuture;
 use super::panic::{PanicMode, DEFAULT_PANIC_PERMILLE};
 use super::strategy::{Pick, Strategy};
+use crate::extensions::Picked;
 use crate::extensions::{Affinity, Attempts, Target};
 use crate::key::RequestHead;
 use crate::pool::{Pool, Rebuild, Snapshot};
@@ -41,7 +42,8 @@ impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
 ///
 /// `Balance` picks in `call`, where the request is known: it honours an
 /// [`Affinity`] when that backend is eligible, never picks a backend listed
-/// in the request's [`Attempts`], sets [`Target`] on the request, calls a
+/// in the request's [`Attempts`], sets [`Target`] on the request (and
+/// records its pick in the request's [`Picked`] slot, if any), calls a
 /// clone of the chosen backend's service once it is ready, and sets
 /// [`ServedBy`](crate::extensions::ServedBy) on the response. A backend's
 /// error comes back as a [`BackendError`](crate::error::BackendError)
@@ -51,9 +53,10 @@ impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
 ///
 /// `poll_ready` is always ready: the chosen backend's clone is driven to
 /// readiness inside the response future, so one slow backend never blocks
-/// requests bound elsewhere. (`call` checks the clone's readiness once
-/// without a waker and, when it is already ready, as pooled HTTP clients
-/// usually are, calls it at once; otherwise the future waits for it.) When no backend is eligible the response future
+/// requests bound elsewhere. The backend is called on the future's first
+/// poll, never in `call`: a future dropped before it is polled has sent
+/// nothing to any backend (the failover layer relies on this when its retry
+/// budget is spent). When no backend is eligible the response future
 /// fails at once with [`NoBackend`](crate::error::NoBackend); it is never
 /// pending for lack of backends.
 ///
@@ -220,6 +223,11 @@ where
         let id = member.id().clone();
         let state = member.state();
         let in_flight = state.track_in_flight();
+        // Tell a failover layer which backend this attempt goes to, so it
+        // can exclude it even if it abandons the attempt (a timeout).
+        if let Some(picked) = req.extensions().get::<Picked>() {
+            picked.set(id.clone());
+        }
         let target = Target::new(id.clone(), state.clone());
         // A replayed attempt already carries a Target: overwrite it in place
         // instead of boxing a new one.
@@ -229,7 +237,7 @@ where
                 req.extensions_mut().insert(target);
             }
         }
-        ResponseFuture::start(service, req, id, in_flight)
+        ResponseFuture::new(service, req, id, in_flight)
     }
 }
 
@@ -279,5 +287,46 @@ where
 
     fn layer(&self, pool: Pool<S>) -> Balance<S, P> {
         Balance::new(pool, self.strategy.clone()).panic_threshold(self.panic_threshold)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::RoundRobin;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::Waker;
+    use tower::service_fn;
+
+    #[test]
+    fn records_the_pick_in_a_picked_slot_before_calling() {
+        let pool = Pool::new();
+        for name in ["a", "b"] {
+            pool.insert(
+                name,
+                service_fn(|_req: Request<()>| {
+                    std::future::pending::<Result<Response<()>, std::convert::Infallible>>()
+                }),
+            );
+        }
+        let mut balance = Balance::new(pool, RoundRobin::new());
+        let picked = Picked::new();
+        let mut attempts = Attempts::new();
+        attempts.push("a".into());
+        let req = Request::builder()
+            .extension(picked.clone())
+            .extension(attempts)
+            .body(())
+            .unwrap();
+        let future = balance.call(req);
+        // Known as soon as `call` returns, before the backend answers.
+        assert_eq!(picked.take().unwrap().as_str(), "b");
+        let mut future = pin!(future);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(future.as_mut().poll(&mut cx).is_pending());
+        // Without a slot nothing is recorded anywhere.
+        drop(balance.call(Request::new(())));
+        assert!(picked.take().is_none());
     }
 }

@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod health_http;
+pub mod http;
+pub mod sticky_http;
 #[cfg(feature = "redis")]
 pub mod redis_server;
 pub mod store_contract;

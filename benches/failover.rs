@@ -1,0 +1,127 @@
+//! The cost of failover on the success path: `Failover` over `Balance`,
+//! against `Balance` alone and tower's `p2c::Balance` alone, in one run.
+//!
+//! Every service is driven with a no-op waker, without a runtime, so the
+//! anchor and tower-ha are measured alike: `poll_ready` until ready, `call`,
+//! then poll the response future until it completes.
+
+use std::convert::Infallible;
+use std::future::{ready, Future, Ready};
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::{Request, Response};
+use http_body_util::Full;
+use tower::Service;
+use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::failover::FailoverLayer;
+use tower_ha::Pool;
+
+const BACKENDS: usize = 8;
+
+type Body = Full<Bytes>;
+
+/// A backend that answers at once.
+#[derive(Clone, Debug)]
+struct Backend;
+
+impl Service<Request<Body>> for Backend {
+    type Response = Response<()>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<()>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<Body>) -> Self::Future {
+        ready(Ok(Response::new(())))
+    }
+}
+
+fn request() -> Request<Body> {
+    Request::builder()
+        .method("GET")
+        .uri("http://service.internal/api/v1/orders?page=2")
+        .header("host", "service.internal")
+        .header("user-agent", "bench/1.0")
+        .header("accept", "application/json")
+        .header("x-request-id", "7f3c1a2b-0000-4000-8000-000000000042")
+        .body(Full::new(Bytes::from_static(b"{\"order\":42}")))
+        .unwrap()
+}
+
+/// Readies `service`, calls it, and polls the response to completion.
+fn drive<S>(service: &mut S, req: Request<Body>) -> S::Response
+where
+    S: Service<Request<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        match service.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => break,
+            Poll::Ready(Err(e)) => panic!("not ready: {e:?}"),
+            Poll::Pending => continue,
+        }
+    }
+    let mut future = pin!(service.call(req));
+    loop {
+        if let Poll::Ready(result) = future.as_mut().poll(&mut cx) {
+            return result.expect("success");
+        }
+    }
+}
+
+fn pool() -> Pool<Backend> {
+    let pool = Pool::new();
+    for i in 0..BACKENDS {
+        pool.insert(format!("backend-{i}"), Backend);
+    }
+    pool
+}
+
+fn success_path(c: &mut Criterion) {
+    let mut group = c.benchmark_group("failover/success");
+
+    let services: Vec<_> = (0..BACKENDS)
+        .map(|_| tower::load::Constant::new(Backend, 0))
+        .collect();
+    let mut p2c = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services));
+    group.bench_function("tower_p2c", |b| {
+        b.iter_batched(
+            request,
+            |req| black_box(drive(&mut p2c, req)),
+            BatchSize::SmallInput,
+        )
+    });
+
+    let mut balance = Balance::new(pool(), RoundRobin::new());
+    group.bench_function("balance", |b| {
+        b.iter_batched(
+            request,
+            |req| black_box(drive(&mut balance, req)),
+            BatchSize::SmallInput,
+        )
+    });
+
+    let mut failover = tower::Layer::layer(
+        &FailoverLayer::new(),
+        Balance::new(pool(), RoundRobin::new()),
+    );
+    group.bench_function("failover_balance", |b| {
+        b.iter_batched(
+            request,
+            |req| black_box(drive(&mut failover, req)),
+            BatchSize::SmallInput,
+        )
+    });
+
+    group.finish();
+}
+
+criterion_group!(benches, success_path);
+criterion_main!(benches);

@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Head-to-head: nginx, HAProxy and tower-ha's reverse_proxy example as
+# round-robin reverse proxies over the same three loopback backends, one
+# worker each, loaded by wrk. Prints requests per second and p99 latency,
+# then the same with one backend killed mid-run (errors seen by the client).
+#
+#   benches/proxy/run.sh [seconds per run, default 10]
+#
+# Installs nginx, haproxy and wrk from the distribution's packages when
+# missing. Everything listens on 127.0.0.1 and stops when the script ends.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION=${1:-10}
+CONNECTIONS=32
+BACKEND_PORTS=(18101 18102 18103)
+NGINX_PORT=18080
+HAPROXY_PORT=18081
+TOWER_PORT=18082
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need nginx || ! need haproxy || ! need wrk; then
+    SUDO=; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx-light haproxy wrk >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+cargo build --release --example reverse_proxy --features hyper-client -q
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    for f in "$WORK"/*.pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_port() {
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "port $1 did not open" >&2
+    exit 1
+}
+
+# A backend: its own nginx master with one worker answering 200 with a small
+# body, so that one backend can be killed alone.
+start_backend() {
+    local port=$1 dir="$WORK/backend-$1"
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<CONF
+worker_processes 1;
+daemon on;
+pid $dir/nginx.pid;
+error_log $dir/error.log crit;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$port reuseport;
+        location / { return 200 "backend $port\n"; }
+    }
+}
+CONF
+    "$NGINX" -p "$dir" -c "$dir/nginx.conf"
+    cp "$dir/nginx.pid" "$WORK/backend-$port.pid"
+    wait_port "$port"
+}
+
+kill_backend() {
+    local port=$1
+    local master
+    master=$(cat "$WORK/backend-$port.pid")
+    # SIGKILL the master and its worker: connections die mid-flight.
+    pkill -9 -P "$master" 2>/dev/null || true
+    kill -9 "$master" 2>/dev/null || true
+}
+
+start_backends() { for p in "${BACKEND_PORTS[@]}"; do start_backend "$p"; done; }
+
+start_nginx() {
+    local dir="$WORK/nginx-proxy"
+    mkdir -p "$dir"
+    {
+        echo "worker_processes 1; daemon on; pid $dir/nginx.pid; error_log $dir/error.log crit;"
+        echo "events { worker_connections 4096; }"
+        echo "http { access_log off; keepalive_requests 1000000;"
+        echo "  upstream backends {"
+        for p in "${BACKEND_PORTS[@]}"; do echo "    server 127.0.0.1:$p;"; done
+        echo "    keepalive 64;"
+        echo "  }"
+        echo "  server { listen 127.0.0.1:$NGINX_PORT;"
+        echo "    location / { proxy_pass http://backends; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+        echo "  }"
+        echo "}"
+    } >"$dir/nginx.conf"
+    "$NGINX" -p "$dir" -c "$dir/nginx.conf"
+    cp "$dir/nginx.pid" "$WORK/nginx-proxy.pid"
+    wait_port "$NGINX_PORT"
+}
+
+start_haproxy() {
+    local dir="$WORK/haproxy"
+    mkdir -p "$dir"
+    {
+        echo "global"
+        echo "  nbthread 1"
+        echo "  maxconn 4096"
+        echo "defaults"
+        echo "  mode http"
+        echo "  timeout connect 1s"
+        echo "  timeout client 30s"
+        echo "  timeout server 30s"
+        echo "  retries 3"
+        echo "  option redispatch"
+        echo "  retry-on conn-failure empty-response response-timeout"
+        echo "  http-reuse always"
+        echo "frontend f"
+        echo "  bind 127.0.0.1:$HAPROXY_PORT"
+        echo "  default_backend b"
+        echo "backend b"
+        echo "  balance roundrobin"
+        for p in "${BACKEND_PORTS[@]}"; do echo "  server s$p 127.0.0.1:$p"; done
+    } >"$dir/haproxy.cfg"
+    "$HAPROXY" -D -p "$WORK/haproxy.pid" -f "$dir/haproxy.cfg"
+    wait_port "$HAPROXY_PORT"
+}
+
+start_tower() {
+    local args=()
+    for p in "${BACKEND_PORTS[@]}"; do args+=("http://127.0.0.1:$p"); done
+    target/release/examples/reverse_proxy --listen "127.0.0.1:$TOWER_PORT" --workers 1 \
+        --strategy round-robin "${args[@]}" >"$WORK/tower.log" 2>&1 &
+    PIDS+=($!)
+    echo $! >"$WORK/tower.pid"
+    disown
+    wait_port "$TOWER_PORT"
+}
+
+stop() { kill -9 "$(cat "$WORK/$1.pid")" 2>/dev/null || true; pkill -9 -P "$(cat "$WORK/$1.pid")" 2>/dev/null || true; }
+
+# Runs wrk; prints "rps p99 errors".
+load() {
+    local port=$1 out
+    out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/" 2>&1)
+    local rps p99 errors non2xx socket
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+    socket=$(awk -F'[ ,]+' '/Socket errors/ {print $4+$6+$8+$10}' <<<"$out")
+    errors=$(( ${non2xx:-0} + ${socket:-0} ))
+    echo "$rps $p99 $errors"
+}
+
+printf '%-10s %-22s %12s %10s %14s\n' proxy scenario "req/s" p99 "client errors"
+run() {
+    local name=$1 port=$2 starter=$3 pidname=$4
+    start_backends
+    $starter
+    wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1 # warm up
+    read -r rps p99 errors <<<"$(load "$port")"
+    printf '%-10s %-22s %12s %10s %14s\n' "$name" "steady" "$rps" "$p99" "$errors"
+    # One backend killed a third of the way into the run.
+    ( sleep "$(awk "BEGIN {print $DURATION / 3}")"; kill_backend "${BACKEND_PORTS[1]}" ) &
+    read -r rps p99 errors <<<"$(load "$port")"
+    printf '%-10s %-22s %12s %10s %14s\n' "$name" "backend killed" "$rps" "$p99" "$errors"
+    stop "$pidname"
+    for p in "${BACKEND_PORTS[@]}"; do kill_backend "$p"; done
+    sleep 0.5
+}
+
+run nginx "$NGINX_PORT" start_nginx nginx-proxy
+run haproxy "$HAPROXY_PORT" start_haproxy haproxy
+run tower-ha "$TOWER_PORT" start_tower tower

@@ -1,0 +1,250 @@
+//! A real reverse proxy built from tower-ha: hyper's HTTP/1.1 server in
+//! front of `BufferBody → Failover → Balance → [Health → HttpBackend]`, with
+//! active TCP health checks.
+//!
+//! ```sh
+//! cargo run --release --features hyper-client --example reverse_proxy -- \
+//!     --listen 127.0.0.1:8080 --strategy round-robin \
+//!     http://127.0.0.1:9001 http://127.0.0.1:9002 http://127.0.0.1:9003
+//! ```
+//!
+//! Flags:
+//!
+//! * `--listen ADDR` (default `127.0.0.1:8080`)
+//! * `--workers N` runtime worker threads (default 1)
+//! * `--strategy round-robin | random | least-request | weighted | ring | maglev`
+//! * `--hash-key header:NAME | cookie:NAME | client-ip` for `ring` and `maglev`
+//!   (default `client-ip`: `X-Forwarded-For`, else the peer address)
+//! * `--no-health` turns off passive ejection and active TCP probes
+//! * `--probe-interval MS` (default 500)
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_ha::balance::{
+    Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
+};
+use tower_ha::extensions::PeerAddr;
+use tower_ha::failover::{BufferBodyLayer, Exhausted, FailoverLayer, ReplayBody};
+use tower_ha::health::{HealthChecker, HealthLayer, TcpProbe};
+use tower_ha::http::{HttpBackend, HttpClient, ResponseBody};
+use tower_ha::key::{self, RequestKey};
+use tower_ha::{BoxError, NoBackend, Pool};
+
+type Body = ReplayBody<Incoming>;
+type ProxyBody = Either<ResponseBody, Full<Bytes>>;
+type KeyFn = Box<dyn Fn(&key::RequestHead<'_>) -> Option<u64> + Send + Sync>;
+
+struct Options {
+    listen: SocketAddr,
+    workers: usize,
+    strategy: String,
+    hash_key: String,
+    health: bool,
+    probe_interval: Duration,
+    backends: Vec<String>,
+}
+
+fn usage(problem: &str) -> ! {
+    eprintln!("error: {problem}");
+    eprintln!(
+        "usage: reverse_proxy [--listen ADDR] [--workers N] [--strategy NAME] \
+         [--hash-key header:NAME|cookie:NAME|client-ip] [--no-health] \
+         [--probe-interval MS] BACKEND_URL..."
+    );
+    std::process::exit(2)
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        listen: "127.0.0.1:8080".parse().unwrap(),
+        workers: 1,
+        strategy: "round-robin".into(),
+        hash_key: "client-ip".into(),
+        health: true,
+        probe_interval: Duration::from_millis(500),
+        backends: Vec::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{name} needs a value")))
+        };
+        match arg.as_str() {
+            "--listen" => {
+                o.listen = value("--listen")
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --listen address"))
+            }
+            "--workers" => {
+                o.workers = value("--workers")
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .unwrap_or_else(|| usage("bad --workers"))
+            }
+            "--strategy" => o.strategy = value("--strategy"),
+            "--hash-key" => o.hash_key = value("--hash-key"),
+            "--no-health" => o.health = false,
+            "--probe-interval" => {
+                let ms: u64 = value("--probe-interval")
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --probe-interval"));
+                o.probe_interval = Duration::from_millis(ms.max(1));
+            }
+            "-h" | "--help" => usage("help requested"),
+            flag if flag.starts_with("--") => usage(&format!("unknown flag {flag}")),
+            backend => o.backends.push(backend.to_owned()),
+        }
+    }
+    if o.backends.is_empty() {
+        usage("give at least one backend URL");
+    }
+    o
+}
+
+fn hash_key(spec: &str) -> KeyFn {
+    fn boxed<K: RequestKey>(k: K) -> KeyFn {
+        Box::new(move |head| k.key(head))
+    }
+    match spec.split_once(':') {
+        Some(("header", name)) => boxed(key::header(name.to_owned())),
+        Some(("cookie", name)) => boxed(key::cookie(name)),
+        _ if spec == "client-ip" => boxed(key::forwarded_for().or(key::peer_ip())),
+        _ => usage(&format!("unknown --hash-key {spec}")),
+    }
+}
+
+fn main() {
+    let o = options();
+    let runtime = if o.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(o.workers)
+            .enable_all()
+            .build()
+    }
+    .expect("a tokio runtime");
+    runtime.block_on(run(o));
+}
+
+async fn run(o: Options) {
+    let key = hash_key(&o.hash_key);
+    let by_key = move || key::from_fn(move |head: &key::RequestHead<'_>| key(head));
+    match o.strategy.as_str() {
+        "round-robin" => serve(o, RoundRobin::new()).await,
+        "random" => serve(o, Random::new()).await,
+        "least-request" => serve(o, LeastRequest::new()).await,
+        "weighted" => serve(o, WeightedRoundRobin::new()).await,
+        "ring" => serve(o, ConsistentHash::ring(by_key())).await,
+        "maglev" => serve(o, ConsistentHash::maglev(by_key())).await,
+        other => usage(&format!("unknown --strategy {other}")),
+    }
+}
+
+async fn serve<P: Strategy>(o: Options, strategy: P) {
+    let client = HttpClient::<Body>::new();
+    let passive = HealthLayer::new();
+    let pool = Pool::new();
+    let mut addresses = Vec::new();
+    for url in &o.backends {
+        let backend =
+            HttpBackend::new(&client, url.as_str()).unwrap_or_else(|e| usage(&e.to_string()));
+        let authority = url.trim_start_matches("http://").trim_end_matches('/');
+        let addr = authority
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .unwrap_or_else(|| usage(&format!("cannot resolve {authority}")));
+        // Without --no-health the passive layer ejects a backend after
+        // consecutive failures; with it, its settings make that never happen.
+        let layer = if o.health {
+            passive.clone()
+        } else {
+            HealthLayer::new().consecutive_failures(u32::MAX)
+        };
+        pool.insert(
+            authority,
+            ServiceBuilder::new().layer(layer).service(backend),
+        );
+        addresses.push((authority.to_owned(), addr));
+    }
+    let _checker = o.health.then(|| {
+        HealthChecker::new(pool.clone(), TcpProbe::from_map(addresses))
+            .interval(o.probe_interval)
+            .timeout(o.probe_interval)
+            .rise(2)
+            .fall(2)
+            .spawn()
+    });
+
+    let stack = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new())
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool, strategy));
+
+    let listener = TcpListener::bind(o.listen)
+        .await
+        .unwrap_or_else(|e| usage(&format!("cannot listen on {}: {e}", o.listen)));
+    eprintln!(
+        "proxying {} to {} backend(s) with {}",
+        o.listen,
+        o.backends.len(),
+        o.strategy
+    );
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let stack = stack.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                let stack = stack.clone();
+                async move { Ok::<_, Infallible>(respond(stack.oneshot(req).await)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The backend's response, or a gateway error that says why.
+fn respond(result: Result<Response<ResponseBody>, BoxError>) -> Response<ProxyBody> {
+    match result {
+        Ok(response) => response.map(Either::Left),
+        Err(e) => {
+            let status = if e.is::<NoBackend>()
+                || e.downcast_ref::<Exhausted>()
+                    .is_some_and(|x| x.attempts().is_empty())
+            {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            let mut response =
+                Response::new(Either::Right(Full::new(Bytes::from(format!("{e}\n")))));
+            *response.status_mut() = status;
+            response
+        }
+    }
+}

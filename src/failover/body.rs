@@ -1,0 +1,614 @@
+//! Request bodies that can be sent again.
+//!
+//! A retried request needs its body a second time. [`Failover`](super::Failover)
+//! takes any request whose body implements [`Replay`]:
+//!
+//! * every `Clone` body (for example `http_body_util::Full<Bytes>`, `()` or
+//!   `String`) is replayed as is, by cloning it;
+//! * any other body is wrapped by [`BufferBodyLayer`] into a [`ReplayBody`]:
+//!   bodies up to a limit (64 KiB by default) are read into memory before the
+//!   first attempt and replayed from there; a larger body is streamed to the
+//!   first backend that asks for it and sent only once. Such a request may
+//!   still be retried while no backend has started to read its body (a
+//!   refused connection), never after.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, Request};
+use http_body::{Body, Frame, SizeHint};
+use parking_lot::Mutex;
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::BoxError;
+
+/// The default limit of [`BufferBodyLayer`]: 64 KiB.
+pub const DEFAULT_BUFFER_LIMIT: usize = 64 * 1024;
+
+/// A request body that can (sometimes) be produced again for a retry.
+///
+/// Implemented by every `Clone` body and by [`ReplayBody`].
+pub trait Replay: Sized {
+    /// A copy of the body for one more attempt, or `None` when the body was
+    /// already consumed and cannot be sent again.
+    fn replay(&self) -> Option<Self>;
+}
+
+impl<T: Clone> Replay for T {
+    #[inline]
+    fn replay(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+/// A body read into memory (up to a limit) so that it can be sent again, or,
+/// past the limit, a body that can be sent once.
+///
+/// Built by [`BufferBodyLayer`] (or [`ReplayBody::buffer`]). Its data is
+/// [`Bytes`] and its error a [`BoxError`].
+pub struct ReplayBody<B> {
+    kind: Kind<B>,
+}
+
+enum Kind<B> {
+    /// The whole body, in memory.
+    Buffered {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+        len: u64,
+    },
+    /// The first bytes read, then the rest of the body: sent at most once.
+    Once {
+        shared: Arc<Mutex<Option<Rest<B>>>>,
+        hint: SizeHint,
+        taken: Option<Rest<B>>,
+    },
+}
+
+struct Rest<B> {
+    prefix: Option<Bytes>,
+    body: Pin<Box<B>>,
+}
+
+impl<B> ReplayBody<B> {
+    /// A body held in memory, replayable any number of times.
+    pub fn full(data: Bytes) -> Self {
+        let len = data.len() as u64;
+        ReplayBody {
+            kind: Kind::Buffered {
+                data: (!data.is_empty()).then_some(data),
+                trailers: None,
+                len,
+            },
+        }
+    }
+
+    /// Whether the body is held in memory (and so can always be replayed).
+    pub fn is_buffered(&self) -> bool {
+        matches!(self.kind, Kind::Buffered { .. })
+    }
+
+    /// Whether a backend started to read this body, which can then not be
+    /// sent again.
+    pub fn is_consumed(&self) -> bool {
+        match &self.kind {
+            Kind::Buffered { .. } => false,
+            Kind::Once { shared, taken, .. } => taken.is_some() || shared.lock().is_none(),
+        }
+    }
+}
+
+impl<B> ReplayBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    /// Reads `body` into memory when it is at most `limit` bytes long;
+    /// otherwise keeps what was read and the rest of the body, to be sent
+    /// once.
+    pub async fn buffer(body: B, limit: usize) -> Result<Self, BoxError> {
+        let mut buffering = Buffering::new(body, limit);
+        std::future::poll_fn(|cx| buffering.poll(cx)).await
+    }
+}
+
+impl<B> Replay for ReplayBody<B> {
+    fn replay(&self) -> Option<Self> {
+        match &self.kind {
+            Kind::Buffered {
+                data,
+                trailers,
+                len,
+            } => Some(ReplayBody {
+                kind: Kind::Buffered {
+                    data: data.clone(),
+                    trailers: trailers.clone(),
+                    len: *len,
+                },
+            }),
+            Kind::Once {
+                shared,
+                hint,
+                taken: None,
+            } if shared.lock().is_some() => Some(ReplayBody {
+                kind: Kind::Once {
+                    shared: shared.clone(),
+                    hint: *hint,
+                    taken: None,
+                },
+            }),
+            Kind::Once { .. } => None,
+        }
+    }
+}
+
+/// A body that could not be read because another copy of it was sent first.
+#[derive(Debug)]
+struct AlreadySent;
+
+impl fmt::Display for AlreadySent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request body already sent")
+    }
+}
+
+impl std::error::Error for AlreadySent {}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // `ReplayBody` is `Unpin`: the streamed body is boxed.
+        let this = self.get_mut();
+        match &mut this.kind {
+            Kind::Buffered { data, trailers, .. } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            Kind::Once { shared, taken, .. } => {
+                if taken.is_none() {
+                    match shared.lock().take() {
+                        Some(rest) => *taken = Some(rest),
+                        None => return Poll::Ready(Some(Err(AlreadySent.into()))),
+                    }
+                }
+                let Some(rest) = taken.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                if let Some(prefix) = rest.prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
+                }
+                match ready!(rest.body.as_mut().poll_frame(cx)) {
+                    Some(Ok(frame)) => Poll::Ready(Some(Ok(
+                        frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
+                    ))),
+                    Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Buffered { data, trailers, .. } => data.is_none() && trailers.is_none(),
+            Kind::Once { taken, .. } => match taken {
+                Some(rest) => rest.prefix.is_none() && rest.body.is_end_stream(),
+                None => false,
+            },
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Buffered { len, .. } => SizeHint::with_exact(*len),
+            Kind::Once { hint, .. } => *hint,
+        }
+    }
+}
+
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Buffered { len, .. } => {
+                f.debug_struct("ReplayBody").field("buffered", len).finish()
+            }
+            Kind::Once { hint, .. } => f
+                .debug_struct("ReplayBody")
+                .field("once", hint)
+                .field("consumed", &self.is_consumed())
+                .finish(),
+        }
+    }
+}
+
+/// Reads a body up to a limit.
+struct Buffering<B> {
+    body: Option<Pin<Box<B>>>,
+    hint: SizeHint,
+    chunks: BytesMut,
+    trailers: Option<HeaderMap>,
+    limit: usize,
+}
+
+impl<B> Buffering<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    fn new(body: B, limit: usize) -> Self {
+        let hint = body.size_hint();
+        // Do not reserve more than the limit, whatever the body claims.
+        let reserve = usize::try_from(hint.lower())
+            .unwrap_or(usize::MAX)
+            .min(limit);
+        Buffering {
+            body: Some(Box::pin(body)),
+            hint,
+            chunks: BytesMut::with_capacity(reserve),
+            trailers: None,
+            limit,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<ReplayBody<B>, BoxError>> {
+        loop {
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(Err(AlreadySent.into()));
+            };
+            if body.is_end_stream() {
+                return Poll::Ready(Ok(self.finish()));
+            }
+            match ready!(body.as_mut().poll_frame(cx)) {
+                None => return Poll::Ready(Ok(self.finish())),
+                Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data) => {
+                        while data.has_remaining() {
+                            let chunk = data.chunk();
+                            self.chunks.extend_from_slice(chunk);
+                            let n = chunk.len();
+                            data.advance(n);
+                        }
+                        if self.chunks.len() > self.limit {
+                            let body = self.body.take().expect("body present");
+                            let prefix = std::mem::take(&mut self.chunks).freeze();
+                            let rest = Rest {
+                                prefix: Some(prefix),
+                                body,
+                            };
+                            return Poll::Ready(Ok(ReplayBody {
+                                kind: Kind::Once {
+                                    shared: Arc::new(Mutex::new(Some(rest))),
+                                    hint: self.hint,
+                                    taken: None,
+                                },
+                            }));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            match &mut self.trailers {
+                                Some(existing) => existing.extend(trailers),
+                                None => self.trailers = Some(trailers),
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn finish(&mut self) -> ReplayBody<B> {
+        self.body = None;
+        let data = std::mem::take(&mut self.chunks).freeze();
+        let len = data.len() as u64;
+        ReplayBody {
+            kind: Kind::Buffered {
+                data: (!data.is_empty()).then_some(data),
+                trailers: self.trailers.take(),
+                len,
+            },
+        }
+    }
+}
+
+/// Wraps request bodies into [`ReplayBody`] so that [`Failover`](super::Failover)
+/// can retry requests whose body is not `Clone`.
+///
+/// Bodies up to the limit (default [`DEFAULT_BUFFER_LIMIT`], 64 KiB) are
+/// read into memory before the inner service is called, as nginx's
+/// `proxy_request_buffering` does; larger bodies are passed on to be sent
+/// once.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, Full};
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+/// use tower_ha::failover::{BufferBodyLayer, ReplayBody};
+///
+/// let svc = ServiceBuilder::new()
+///     .layer(BufferBodyLayer::new())
+///     .service(service_fn(|req: http::Request<ReplayBody<_>>| async move {
+///         let buffered = req.body().is_buffered();
+///         let bytes = req.into_body().collect().await?.to_bytes();
+///         Ok::<_, tower_ha::BoxError>(http::Response::new((buffered, bytes)))
+///     }));
+/// // A body that is not `Clone`.
+/// let body = Full::new(Bytes::from_static(b"hello")).boxed();
+/// let response = svc.oneshot(http::Request::new(body)).await.unwrap();
+/// assert_eq!(response.body(), &(true, Bytes::from_static(b"hello")));
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct BufferBodyLayer {
+    limit: usize,
+}
+
+impl Default for BufferBodyLayer {
+    fn default() -> Self {
+        BufferBodyLayer::new()
+    }
+}
+
+impl BufferBodyLayer {
+    /// Buffers bodies up to 64 KiB.
+    pub fn new() -> Self {
+        BufferBodyLayer {
+            limit: DEFAULT_BUFFER_LIMIT,
+        }
+    }
+
+    /// Buffers bodies up to `limit` bytes.
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+}
+
+impl<S> Layer<S> for BufferBodyLayer {
+    type Service = BufferBody<S>;
+
+    fn layer(&self, inner: S) -> BufferBody<S> {
+        BufferBody {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// Reads request bodies into a [`ReplayBody`] before calling the inner
+/// service; see [`BufferBodyLayer`].
+///
+/// `poll_ready` is the inner service's; the inner service is called once the
+/// body is buffered.
+#[derive(Debug, Clone)]
+pub struct BufferBody<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S> BufferBody<S> {
+    /// Wraps `inner`, buffering bodies up to 64 KiB.
+    pub fn new(inner: S) -> Self {
+        BufferBody {
+            inner,
+            limit: DEFAULT_BUFFER_LIMIT,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming `self`.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, R> Service<Request<B>> for BufferBody<S>
+where
+    S: Service<Request<ReplayBody<B>>, Response = R> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Response = R;
+    type Error = BoxError;
+    type Future = BufferFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // Keep the service that was polled ready; leave a clone in its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let (parts, body) = req.into_parts();
+        BufferFuture {
+            state: BufferState::Buffering {
+                service: Some(inner),
+                parts: Some(parts),
+                buffering: Buffering::new(body, self.limit),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`BufferBody`].
+    pub struct BufferFuture<S, B>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        #[pin]
+        state: BufferState<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = BufferStateProj]
+    enum BufferState<S, B>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        Buffering {
+            service: Option<S>,
+            parts: Option<http::request::Parts>,
+            buffering: Buffering<B>,
+        },
+        Called {
+            #[pin]
+            future: S::Future,
+        },
+    }
+}
+
+impl<S, B, R> Future for BufferFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>, Response = R>,
+    S::Error: Into<BoxError>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                BufferStateProj::Buffering {
+                    service,
+                    parts,
+                    buffering,
+                } => {
+                    let body = ready!(buffering.poll(cx))?;
+                    let (Some(mut service), Some(parts)) = (service.take(), parts.take()) else {
+                        return Poll::Ready(Err(AlreadySent.into()));
+                    };
+                    let future = service.call(Request::from_parts(parts, body));
+                    this.state.set(BufferState::Called { future });
+                }
+                BufferStateProj::Called { future } => {
+                    return future.poll(cx).map_err(Into::into);
+                }
+            }
+        }
+    }
+}
+
+impl<S, B> fmt::Debug for BufferFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufferFuture").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    fn stream(chunks: Vec<&'static [u8]>) -> impl Body<Data = Bytes, Error = BoxError> {
+        let frames = chunks
+            .into_iter()
+            .map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from_static(c))));
+        StreamBody::new(futures_util_stream(frames))
+    }
+
+    // A stream from an iterator, without pulling in a stream crate.
+    fn futures_util_stream<I: Iterator + Unpin>(iter: I) -> IterStream<I> {
+        IterStream(iter)
+    }
+
+    struct IterStream<I>(I);
+
+    impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
+        type Item = I::Item;
+        fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<I::Item>> {
+            Poll::Ready(self.0.next())
+        }
+    }
+
+    #[tokio::test]
+    async fn small_bodies_are_buffered_and_replayed() {
+        let body = ReplayBody::buffer(stream(vec![b"he", b"llo"]), 8)
+            .await
+            .unwrap();
+        assert!(body.is_buffered());
+        assert_eq!(body.size_hint().exact(), Some(5));
+        let again = body.replay().unwrap();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+        let third = again.replay().unwrap();
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(third.collect().await.unwrap().to_bytes(), "hello");
+    }
+
+    #[tokio::test]
+    async fn large_bodies_are_sent_once() {
+        let body = ReplayBody::buffer(stream(vec![b"0123", b"4567", b"89"]), 6)
+            .await
+            .unwrap();
+        assert!(!body.is_buffered());
+        assert!(!body.is_consumed());
+        let copy = body.replay().expect("not consumed yet");
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "0123456789");
+        assert!(body.is_consumed());
+        assert!(body.replay().is_none());
+        let err = body.collect().await.unwrap_err();
+        assert_eq!(err.to_string(), "request body already sent");
+    }
+
+    #[tokio::test]
+    async fn trailers_are_kept() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", "1".parse().unwrap());
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::trailers(trailers.clone())),
+        ];
+        let body = ReplayBody::buffer(StreamBody::new(IterStream(frames.into_iter())), 64)
+            .await
+            .unwrap();
+        let collected = body.replay().unwrap().collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(collected.to_bytes(), "ab");
+    }
+
+    #[tokio::test]
+    async fn empty_and_full_bodies() {
+        let empty = ReplayBody::buffer(Full::new(Bytes::new()), 4)
+            .await
+            .unwrap();
+        assert!(empty.is_end_stream());
+        let full = ReplayBody::<Full<Bytes>>::full(Bytes::from_static(b"x"));
+        assert_eq!(full.collect().await.unwrap().to_bytes(), "x");
+    }
+}

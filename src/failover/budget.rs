@@ -1,0 +1,191 @@
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tower::retry::budget::Budget;
+
+/// A retry budget: retries may add a ratio of the requests (default 20 %)
+/// plus a floor per second (default 3), counted over fixed windows (default
+/// 10 s), in the spirit of Envoy's retry budget and Finagle's.
+///
+/// Each request [deposits](Budget::deposit) one token: a single relaxed
+/// atomic increment, no lock and no clock read, so the budget costs next to
+/// nothing on the success path. Each retry [withdraws](Budget::withdraw):
+/// within a window that started `t` seconds ago and saw `n` requests, at
+/// most `ratio × n + floor × ⌈t⌉` retries are allowed, so over any run of
+/// whole windows the retries never exceed `ratio × requests + floor ×
+/// seconds`. Time is [`tokio::time::Instant`], so paused test time applies.
+///
+/// Implements tower's [`Budget`], so [`FailoverLayer::budget`](super::FailoverLayer::budget)
+/// accepts it as well as tower's `TpsBudget`.
+///
+/// ```
+/// use tower::retry::budget::Budget;
+/// use tower_ha::failover::RetryBudget;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let budget = RetryBudget::new(0.2, 0);
+/// for _ in 0..10 {
+///     budget.deposit();
+/// }
+/// assert!(budget.withdraw()); // 20 % of 10 requests: 2 retries
+/// assert!(budget.withdraw());
+/// assert!(!budget.withdraw());
+/// # }
+/// ```
+pub struct RetryBudget {
+    ratio: f64,
+    floor_per_sec: u32,
+    window: Duration,
+    requests: AtomicU64,
+    state: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    /// When the current window began; `None` until the first withdrawal.
+    start: Option<Instant>,
+    /// The request count when the window began.
+    requests_at_start: u64,
+    /// Retries granted in the window.
+    retries: u64,
+}
+
+impl RetryBudget {
+    /// Retries may add `ratio` of the requests (0.2 for 20 %; negative or
+    /// not finite counts as 0) plus `floor_per_sec` retries per second.
+    pub fn new(ratio: f64, floor_per_sec: u32) -> Self {
+        RetryBudget {
+            ratio: if ratio.is_finite() {
+                ratio.max(0.0)
+            } else {
+                0.0
+            },
+            floor_per_sec,
+            window: Duration::from_secs(10),
+            requests: AtomicU64::new(0),
+            state: Mutex::new(Window {
+                start: None,
+                requests_at_start: 0,
+                retries: 0,
+            }),
+        }
+    }
+
+    /// Counts requests and retries over windows of `window` (at least one
+    /// second; default 10 s).
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = window.max(Duration::from_secs(1));
+        self
+    }
+}
+
+impl Default for RetryBudget {
+    /// 20 % of requests plus 3 retries per second, over 10 s windows.
+    fn default() -> Self {
+        RetryBudget::new(0.2, 3)
+    }
+}
+
+impl Budget for RetryBudget {
+    #[inline]
+    fn deposit(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn withdraw(&self) -> bool {
+        let now = Instant::now();
+        let requests = self.requests.load(Ordering::Relaxed);
+        let mut w = self.state.lock();
+        let start = *w.start.get_or_insert(now);
+        let mut elapsed = now.saturating_duration_since(start);
+        if elapsed >= self.window {
+            // Start the window `now` falls in, aligned on the first one.
+            let windows = elapsed.as_nanos() / self.window.as_nanos();
+            let skip = self
+                .window
+                .saturating_mul(u32::try_from(windows).unwrap_or(u32::MAX));
+            w.start = Some(start + skip);
+            elapsed = elapsed.saturating_sub(skip);
+            w.requests_at_start = requests;
+            w.retries = 0;
+        }
+        let in_window = requests.saturating_sub(w.requests_at_start);
+        // Whole seconds begun in this window, the current one included.
+        let seconds = elapsed.as_secs() + 1;
+        let allowed =
+            self.ratio * in_window as f64 + f64::from(self.floor_per_sec) * seconds as f64;
+        if (w.retries + 1) as f64 <= allowed {
+            w.retries += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBudget")
+            .field("ratio", &self.ratio)
+            .field("floor_per_sec", &self.floor_per_sec)
+            .field("window", &self.window)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn floor_is_per_second_and_windows_reset() {
+        let budget = RetryBudget::new(0.0, 3);
+        for _ in 0..3 {
+            assert!(budget.withdraw());
+        }
+        assert!(!budget.withdraw());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..3 {
+            assert!(budget.withdraw());
+        }
+        assert!(!budget.withdraw());
+        // A new window: requests and retries of the last one are forgotten.
+        budget.deposit();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        let mut granted = 0;
+        while budget.withdraw() {
+            granted += 1;
+        }
+        assert_eq!(granted, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ratio_counts_the_requests_of_the_window() {
+        let budget = RetryBudget::new(0.5, 0).window(Duration::from_secs(2));
+        for _ in 0..4 {
+            budget.deposit();
+        }
+        assert!(budget.withdraw());
+        assert!(budget.withdraw());
+        assert!(!budget.withdraw());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!budget.withdraw(), "old requests do not count");
+        budget.deposit();
+        budget.deposit();
+        assert!(budget.withdraw());
+        assert!(!budget.withdraw());
+    }
+
+    #[test]
+    fn bad_ratios_count_as_zero() {
+        let budget = RetryBudget::new(f64::NAN, 0);
+        budget.deposit();
+        assert!(!budget.withdraw());
+        let budget = RetryBudget::new(-1.0, 0);
+        budget.deposit();
+        assert!(!budget.withdraw());
+    }
+}

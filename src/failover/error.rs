@@ -1,0 +1,222 @@
+//! Errors of the failover layer.
+//!
+//! [`Failover`](super::Failover) fails with [`Exhausted`] (boxed as
+//! [`BoxError`]). The causes it lists are the backends' own errors (usually
+//! [`BackendError`](crate::error::BackendError)) or one of the small errors
+//! of this module: [`TimedOut`] for an attempt abandoned at the per-try
+//! timeout, [`DeadlineExceeded`] for the attempt the overall deadline cut
+//! short, and [`FailedStatus`] for a response that counted as a failure.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::backend::BackendId;
+use crate::error::BoxError;
+
+/// An attempt did not complete within the per-try timeout: it was dropped
+/// and the backend got no more of that request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedOut {
+    after: Duration,
+}
+
+impl TimedOut {
+    pub(crate) fn new(after: Duration) -> Self {
+        TimedOut { after }
+    }
+
+    /// The per-try timeout that elapsed.
+    pub fn after(&self) -> Duration {
+        self.after
+    }
+}
+
+impl fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "attempt timed out after {:?}", self.after)
+    }
+}
+
+impl StdError for TimedOut {}
+
+/// The overall deadline across attempts passed: the attempt in flight was
+/// dropped and no further attempt was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadlineExceeded {
+    after: Duration,
+}
+
+impl DeadlineExceeded {
+    pub(crate) fn new(after: Duration) -> Self {
+        DeadlineExceeded { after }
+    }
+
+    /// The deadline, counted from the moment the request was called.
+    pub fn after(&self) -> Duration {
+        self.after
+    }
+}
+
+impl fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "deadline of {:?} exceeded", self.after)
+    }
+}
+
+impl StdError for DeadlineExceeded {}
+
+/// A backend answered with a status the classifier counts as a failure
+/// (by default 502, 503 or 504); recorded in [`Exhausted`] when a later
+/// attempt failed with an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedStatus {
+    status: StatusCode,
+}
+
+impl FailedStatus {
+    pub(crate) fn new(status: StatusCode) -> Self {
+        FailedStatus { status }
+    }
+
+    /// The status of the failed response.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl fmt::Display for FailedStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "backend answered {}", self.status)
+    }
+}
+
+impl StdError for FailedStatus {}
+
+/// Every attempt failed, or the attempts had to stop: lists each backend
+/// tried, in order, with the reason it failed.
+///
+/// [`source`](StdError::source) is the last cause, so
+/// [`find`](crate::error::find) reaches the last backend's error (for
+/// example [`NotSent`](crate::NotSent), [`TimedOut`] or
+/// [`DeadlineExceeded`]).
+///
+/// When no backend could be tried at all, the list is empty and
+/// [`reason`](Exhausted::reason) holds why (usually
+/// [`NoBackend`](crate::NoBackend)).
+#[derive(Debug)]
+pub struct Exhausted {
+    attempts: Vec<(BackendId, BoxError)>,
+    reason: Option<BoxError>,
+}
+
+impl Exhausted {
+    pub(crate) fn new(attempts: Vec<(BackendId, BoxError)>, reason: Option<BoxError>) -> Self {
+        Exhausted { attempts, reason }
+    }
+
+    /// The backends tried, oldest first, each with why its attempt failed.
+    pub fn attempts(&self) -> &[(BackendId, BoxError)] {
+        &self.attempts
+    }
+
+    /// The backends tried, oldest first.
+    pub fn backends(&self) -> impl Iterator<Item = &BackendId> + '_ {
+        self.attempts.iter().map(|(id, _)| id)
+    }
+
+    /// Why the attempts ended when that is not a failure of a known backend:
+    /// [`NoBackend`](crate::NoBackend) before any backend was tried,
+    /// [`DeadlineExceeded`] between attempts (during a backoff pause), or an
+    /// error that named no backend (including the inner service's
+    /// `poll_ready` error).
+    pub fn reason(&self) -> Option<&(dyn StdError + Send + Sync + 'static)> {
+        self.reason.as_deref()
+    }
+
+    /// The attempts and the reason, owned.
+    pub fn into_parts(self) -> (Vec<(BackendId, BoxError)>, Option<BoxError>) {
+        (self.attempts, self.reason)
+    }
+}
+
+impl fmt::Display for Exhausted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.attempts.len() {
+            0 => f.write_str("no backend could be tried")?,
+            1 => f.write_str("1 attempt failed")?,
+            n => write!(f, "{n} attempts failed")?,
+        }
+        for (i, (id, cause)) in self.attempts.iter().enumerate() {
+            let sep = if i == 0 { ": " } else { "; " };
+            write!(f, "{sep}{id} ({cause})")?;
+        }
+        if let Some(reason) = &self.reason {
+            let sep = if self.attempts.is_empty() {
+                ": "
+            } else {
+                "; then "
+            };
+            write!(f, "{sep}{reason}")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for Exhausted {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match &self.reason {
+            Some(reason) => Some(&**reason),
+            None => self
+                .attempts
+                .last()
+                .map(|(_, cause)| &**cause as &(dyn StdError + 'static)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{find, BackendError, NoBackend, NotSent};
+
+    #[test]
+    fn exhausted_lists_attempts_and_keeps_sources() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let err = Exhausted::new(
+            vec![
+                (
+                    "a".into(),
+                    FailedStatus::new(StatusCode::BAD_GATEWAY).into(),
+                ),
+                (
+                    "b".into(),
+                    BackendError::new("b".into(), NotSent::new(refused)).into(),
+                ),
+            ],
+            None,
+        );
+        assert_eq!(
+            err.to_string(),
+            "2 attempts failed: a (backend answered 502 Bad Gateway); \
+             b (backend b failed before the request was sent)"
+        );
+        let ids: Vec<&str> = err.backends().map(BackendId::as_str).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(find::<NotSent>(&err).is_some());
+        assert!(find::<std::io::Error>(&err).is_some());
+    }
+
+    #[test]
+    fn exhausted_without_attempts_names_its_reason() {
+        let err = Exhausted::new(Vec::new(), Some(NoBackend::new().into()));
+        assert_eq!(
+            err.to_string(),
+            "no backend could be tried: no available backend"
+        );
+        assert!(find::<NoBackend>(&err).is_some());
+        assert!(err.reason().is_some());
+    }
+}

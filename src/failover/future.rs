@@ -1,0 +1,481 @@
+//! The response future of [`Failover`](super::Failover).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::body::Replay;
+use super::error::{DeadlineExceeded, Exhausted, FailedStatus, TimedOut};
+use super::layer::Config;
+use super::policy::{is_idempotent, RetryNonIdempotent};
+use crate::backend::BackendId;
+use crate::classify::{Classifier, Outcome};
+use crate::error::{find, BackendError, BoxError, NoBackend, NotSent};
+use crate::extensions::Picked;
+use crate::extensions::{Attempts, ServedBy};
+
+pin_project! {
+    /// The response future of [`Failover`](super::Failover): runs the
+    /// attempts of one request.
+    pub struct ResponseFuture<S, B, C>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        attempt: Attempt<S::Future>,
+        // The per-try timeout, also the timer of a backoff pause. Boxed, so
+        // that the future stays small when no timer is configured.
+        timer: Option<Pin<Box<Sleep>>>,
+        deadline: Option<Pin<Box<Sleep>>>,
+        retry: Retry<S, B, C>,
+    }
+}
+
+pin_project! {
+    #[project = AttemptProj]
+    enum Attempt<F> {
+        Called {
+            #[pin]
+            future: F,
+        },
+        Backoff,
+        Ready,
+        Done,
+    }
+}
+
+/// The state of one request across its attempts.
+struct Retry<S, B, C>
+where
+    S: Service<Request<B>>,
+{
+    service: S,
+    config: Arc<Config<C>>,
+    /// The request as it was received, with its `Attempts`, from which each
+    /// retry is copied. `None` when no retry is allowed.
+    template: Option<Request<B>>,
+    /// Where the balancer records the backend it picks.
+    picked: Option<Picked>,
+    /// The backend of the attempt in flight, when the balancer said so.
+    current: Option<BackendId>,
+    /// Each failed attempt: the backend and why.
+    failures: Vec<(BackendId, BoxError)>,
+    /// The most recent failed response, returned if no later attempt does
+    /// better.
+    last_response: Option<S::Response>,
+    /// Attempts made so far.
+    tried: usize,
+    /// Whether the method (or an opt-in) allows retrying after any failure.
+    any_failure: bool,
+    /// Whether the attempt in flight is a retry not yet taken from the
+    /// budget.
+    unpaid: bool,
+}
+
+enum Verdict<R> {
+    Return(Result<R, BoxError>),
+    Retry,
+}
+
+impl<S, B, C, RB> ResponseFuture<S, B, C>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    B: Replay,
+    C: Classifier,
+{
+    pub(crate) fn new(mut service: S, config: Arc<Config<C>>, mut req: Request<B>) -> Self {
+        if let Some(budget) = &config.budget {
+            budget.deposit();
+        }
+        let any_failure = config.retry_non_idempotent
+            || is_idempotent(req.method())
+            || req.extensions().get::<RetryNonIdempotent>().is_some();
+        let picked = (config.per_try_timeout.is_some() || config.deadline.is_some()).then(|| {
+            let picked = Picked::new();
+            req.extensions_mut().insert(picked.clone());
+            picked
+        });
+        let template = if config.max_attempts > 1 {
+            copy(&req)
+        } else {
+            None
+        };
+        let future = service.call(req);
+        let current = picked.as_ref().and_then(Picked::take);
+        let timer = config
+            .per_try_timeout
+            .map(|d| Box::pin(tokio::time::sleep(d)));
+        let deadline = config.deadline.map(|d| Box::pin(tokio::time::sleep(d)));
+        ResponseFuture {
+            attempt: Attempt::Called { future },
+            timer,
+            deadline,
+            retry: Retry {
+                service,
+                config,
+                template,
+                picked,
+                current,
+                failures: Vec::new(),
+                last_response: None,
+                tried: 1,
+                any_failure,
+                unpaid: false,
+            },
+        }
+    }
+}
+
+/// A copy of `req` for one more attempt, if its body can be replayed.
+fn copy<B: Replay>(req: &Request<B>) -> Option<Request<B>> {
+    let body = req.body().replay()?;
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    *copy.extensions_mut() = req.extensions().clone();
+    Some(copy)
+}
+
+impl<S, B, C, RB> Future for ResponseFuture<S, B, C>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    B: Replay,
+    C: Classifier,
+{
+    type Output = Result<Response<RB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.attempt.as_mut().project() {
+                AttemptProj::Called { future } => {
+                    let polled = future.poll(cx).map_err(Into::into);
+                    if this.retry.unpaid {
+                        let no_backend =
+                            matches!(&polled, Poll::Ready(Err(e)) if e.is::<NoBackend>());
+                        if !no_backend && !this.retry.pay() && polled.is_pending() {
+                            this.attempt.set(Attempt::Done);
+                            return Poll::Ready(this.retry.give_up(None));
+                        }
+                    }
+                    let outcome = match polled {
+                        Poll::Ready(result) => result,
+                        Poll::Pending => {
+                            if fired(this.deadline, cx) {
+                                this.attempt.set(Attempt::Done);
+                                return Poll::Ready(this.retry.deadline_exceeded());
+                            }
+                            if !fired(this.timer, cx) {
+                                return Poll::Pending;
+                            }
+                            let after = this.retry.config.per_try_timeout;
+                            Err(TimedOut::new(after.unwrap_or_default()).into())
+                        }
+                    };
+                    // Drops the attempt: an abandoned backend gets no more
+                    // of the request.
+                    this.attempt.set(Attempt::Done);
+                    match this.retry.judge(outcome) {
+                        Verdict::Return(result) => return Poll::Ready(result),
+                        Verdict::Retry => {
+                            let pause = this
+                                .retry
+                                .config
+                                .backoff
+                                .delay(retry_number(this.retry.tried));
+                            if pause.is_zero() {
+                                this.attempt.set(Attempt::Ready);
+                            } else {
+                                set_timer(this.timer, deadline_after(pause));
+                                this.attempt.set(Attempt::Backoff);
+                            }
+                        }
+                    }
+                }
+                AttemptProj::Backoff => {
+                    if fired(this.deadline, cx) {
+                        this.attempt.set(Attempt::Done);
+                        return Poll::Ready(this.retry.deadline_exceeded());
+                    }
+                    if let Some(timer) = this.timer {
+                        ready!(timer.as_mut().poll(cx));
+                    }
+                    this.attempt.set(Attempt::Ready);
+                }
+                AttemptProj::Ready => {
+                    if fired(this.deadline, cx) {
+                        this.attempt.set(Attempt::Done);
+                        return Poll::Ready(this.retry.deadline_exceeded());
+                    }
+                    let future = match ready!(this.retry.poll_next(cx)) {
+                        Ok(future) => future,
+                        Err(result) => {
+                            this.attempt.set(Attempt::Done);
+                            return Poll::Ready(result);
+                        }
+                    };
+                    this.attempt.set(Attempt::Called { future });
+                    match this.retry.config.per_try_timeout {
+                        Some(timeout) => {
+                            set_timer(this.timer, deadline_after(timeout));
+                        }
+                        // The timer served a backoff pause: no per-try timeout.
+                        None => *this.timer = None,
+                    }
+                }
+                AttemptProj::Done => panic!("failover ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// Retry `n` follows attempt `n`.
+fn retry_number(tried: usize) -> u32 {
+    u32::try_from(tried).unwrap_or(u32::MAX)
+}
+
+/// Whether an optional timer has fired.
+fn fired(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
+    timer
+        .as_mut()
+        .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+}
+
+/// The instant `duration` from now, or about 30 years from now when that
+/// does not fit (as `tokio::time::sleep` does).
+fn deadline_after(duration: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(duration)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
+}
+
+/// Arms the timer for `until`, reusing its allocation.
+fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, until: Instant) {
+    match timer {
+        Some(timer) => timer.as_mut().reset(until),
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(until))),
+    }
+}
+
+impl<S, B, C, RB> Retry<S, B, C>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    B: Replay,
+    C: Classifier,
+{
+    /// Decides what an attempt's outcome means: return it, or retry.
+    fn judge(&mut self, outcome: Result<Response<RB>, BoxError>) -> Verdict<Response<RB>> {
+        let picked = self.current.take();
+        match outcome {
+            Ok(response) => {
+                let classifier = &self.config.classifier;
+                if !classifier.is_failure(&Outcome::response(&response)) {
+                    return Verdict::Return(Ok(self.with_history(response, true)));
+                }
+                let served = response.extensions().get::<ServedBy>().map(|s| s.0.clone());
+                let Some(id) = served.or(picked) else {
+                    // Nobody to exclude from the next attempt: no retry.
+                    return Verdict::Return(Ok(response));
+                };
+                self.record(id, FailedStatus::new(response.status()).into());
+                if self.may_retry(false) {
+                    self.last_response = Some(response);
+                    Verdict::Retry
+                } else {
+                    self.last_response = None;
+                    Verdict::Return(Ok(self.with_history(response, false)))
+                }
+            }
+            Err(err) => {
+                if err.is::<NoBackend>() {
+                    // Every backend this request may try has been tried.
+                    return Verdict::Return(self.give_up(Some(err)));
+                }
+                if !self.config.classifier.is_failure(&Outcome::Error(&*err)) {
+                    return Verdict::Return(Err(err));
+                }
+                let (id, not_sent) = match err.downcast_ref::<BackendError>() {
+                    Some(e) => (Some(e.backend().clone()), e.is_not_sent()),
+                    None => (picked, find::<NotSent>(&*err).is_some()),
+                };
+                let Some(id) = id else {
+                    return Verdict::Return(Err(Exhausted::new(
+                        std::mem::take(&mut self.failures),
+                        Some(err),
+                    )
+                    .into()));
+                };
+                self.record(id, err);
+                self.last_response = None;
+                if self.may_retry(not_sent) {
+                    Verdict::Retry
+                } else {
+                    Verdict::Return(self.give_up(None))
+                }
+            }
+        }
+    }
+
+    /// Records a failed attempt, and excludes its backend from the next.
+    fn record(&mut self, id: BackendId, cause: BoxError) {
+        if let Some(template) = &mut self.template {
+            let extensions = template.extensions_mut();
+            match extensions.get_mut::<Attempts>() {
+                Some(attempts) => attempts.push(id.clone()),
+                None => {
+                    let mut attempts = Attempts::new();
+                    attempts.push(id.clone());
+                    extensions.insert(attempts);
+                }
+            }
+        }
+        self.failures.push((id, cause));
+    }
+
+    /// Whether one more attempt is allowed after the failure just recorded
+    /// (the budget is checked once the next backend is known).
+    fn may_retry(&mut self, not_sent: bool) -> bool {
+        if self.tried >= self.config.max_attempts || !(self.any_failure || not_sent) {
+            return false;
+        }
+        self.template
+            .as_ref()
+            .is_some_and(|t| t.body().replay().is_some())
+    }
+
+    /// Takes a retry from the budget; `false` when it is spent.
+    fn pay(&mut self) -> bool {
+        self.unpaid = false;
+        match &self.config.budget {
+            Some(budget) if !budget.withdraw() => {
+                tracing::debug!(
+                    target: "tower_ha::failover",
+                    tried = self.tried,
+                    "retry budget exhausted: not failing over"
+                );
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Drives the service to readiness and starts the next attempt.
+    #[allow(clippy::type_complexity)]
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Future, Result<Response<RB>, BoxError>>> {
+        if let Err(e) = ready!(self.service.poll_ready(cx)) {
+            return Poll::Ready(Err(self.give_up(Some(e.into()))));
+        }
+        let Some(template) = &mut self.template else {
+            return Poll::Ready(Err(self.give_up(None)));
+        };
+        if self.picked.is_none() {
+            let picked = Picked::new();
+            template.extensions_mut().insert(picked.clone());
+            self.picked = Some(picked);
+        }
+        let Some(request) = copy(template) else {
+            return Poll::Ready(Err(self.give_up(None)));
+        };
+        let future = self.service.call(request);
+        self.tried += 1;
+        self.current = self.picked.as_ref().and_then(Picked::take);
+        // A retry is paid for once a backend was picked for it, so an
+        // attempt that finds no backend left costs nothing. An inner service
+        // that does not fill `Picked` is charged at the first poll.
+        if self.current.is_some() {
+            if !self.pay() {
+                // Dropped before it was polled: no backend saw the request.
+                drop(future);
+                return Poll::Ready(Err(self.give_up(None)));
+            }
+        } else {
+            self.unpaid = true;
+        }
+        if let Some((from, cause)) = self.failures.last() {
+            tracing::info!(
+                target: "tower_ha::failover",
+                from = %from,
+                to = self.current.as_ref().map(BackendId::as_str),
+                cause = %cause,
+                attempt = self.tried,
+                "failing over"
+            );
+        }
+        Poll::Ready(Ok(future))
+    }
+
+    /// Ends the attempts: the last failed response if the last failure was
+    /// one, else the list of failures.
+    fn give_up(&mut self, reason: Option<BoxError>) -> Result<Response<RB>, BoxError> {
+        if let Some(response) = self.last_response.take() {
+            return Ok(self.with_history(response, false));
+        }
+        let failures = std::mem::take(&mut self.failures);
+        let reason = if failures.is_empty() {
+            reason
+        } else {
+            reason.filter(|r| !r.is::<NoBackend>())
+        };
+        Err(Exhausted::new(failures, reason).into())
+    }
+
+    /// The overall deadline passed during an attempt or between attempts.
+    fn deadline_exceeded(&mut self) -> Result<Response<RB>, BoxError> {
+        let deadline = self.config.deadline.unwrap_or_default();
+        match self.current.take() {
+            Some(id) => {
+                self.record(id, DeadlineExceeded::new(deadline).into());
+                self.last_response = None;
+                self.give_up(None)
+            }
+            None => self.give_up(Some(DeadlineExceeded::new(deadline).into())),
+        }
+    }
+
+    /// Adds the backends tried to a response returned after a failure.
+    fn with_history(&self, mut response: Response<RB>, served: bool) -> Response<RB> {
+        if self.failures.is_empty() {
+            return response;
+        }
+        let mut attempts = self
+            .template
+            .as_ref()
+            .and_then(|t| t.extensions().get::<Attempts>().cloned())
+            .unwrap_or_else(|| self.failures.iter().map(|(id, _)| id.clone()).collect());
+        if served {
+            if let Some(ServedBy(id)) = response.extensions().get::<ServedBy>() {
+                attempts.push(id.clone());
+            }
+        }
+        response.extensions_mut().insert(attempts);
+        response
+    }
+}
+
+impl<S, B, C> fmt::Debug for ResponseFuture<S, B, C>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("tried", &self.retry.tried)
+            .field("failures", &self.retry.failures)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,179 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::retry::budget::Budget;
+use tower_layer::Layer;
+
+use super::budget::RetryBudget;
+use super::policy::Backoff;
+use super::service::Failover;
+use crate::classify::{Classifier, DefaultClassifier};
+
+/// The default retry budget: retries may add 20 % to the requests, plus 3
+/// retries per second whatever the traffic.
+pub(crate) fn default_budget() -> Arc<dyn Budget + Send + Sync> {
+    Arc::new(RetryBudget::default())
+}
+
+/// What a [`Failover`] does, shared by its clones.
+#[derive(Clone)]
+pub(crate) struct Config<C> {
+    pub(crate) classifier: C,
+    pub(crate) max_attempts: usize,
+    pub(crate) per_try_timeout: Option<Duration>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) budget: Option<Arc<dyn Budget + Send + Sync>>,
+    pub(crate) backoff: Backoff,
+    pub(crate) retry_non_idempotent: bool,
+}
+
+impl Config<DefaultClassifier> {
+    pub(crate) fn new() -> Self {
+        Config {
+            classifier: DefaultClassifier::new(),
+            max_attempts: usize::MAX,
+            per_try_timeout: None,
+            deadline: None,
+            budget: Some(default_budget()),
+            backoff: Backoff::none(),
+            retry_non_idempotent: false,
+        }
+    }
+}
+
+impl<C: fmt::Debug> fmt::Debug for Config<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let max_attempts: &dyn fmt::Debug = if self.max_attempts == usize::MAX {
+            &"every available backend"
+        } else {
+            &self.max_attempts
+        };
+        f.debug_struct("Config")
+            .field("classifier", &self.classifier)
+            .field("max_attempts", max_attempts)
+            .field("per_try_timeout", &self.per_try_timeout)
+            .field("deadline", &self.deadline)
+            .field("budget", &self.budget.is_some())
+            .field("backoff", &self.backoff)
+            .field("retry_non_idempotent", &self.retry_non_idempotent)
+            .finish()
+    }
+}
+
+/// Builds [`Failover`] services: retries failed requests on other backends.
+///
+/// Defaults:
+///
+/// | setting | default |
+/// |---|---|
+/// | [`classifier`](Self::classifier) | [`DefaultClassifier`]: errors, 502, 503, 504 |
+/// | [`max_attempts`](Self::max_attempts) | every available backend once |
+/// | [`per_try_timeout`](Self::per_try_timeout) | none |
+/// | [`deadline`](Self::deadline) | none |
+/// | [`budget`](Self::budget) | [`RetryBudget::default`]: 20 % of requests plus 3 retries per second |
+/// | [`backoff`](Self::backoff) | none |
+/// | [`retry_non_idempotent`](Self::retry_non_idempotent) | `false` |
+///
+/// Every service built by one layer (and every clone of it) shares the
+/// layer's budget.
+#[derive(Debug, Clone)]
+pub struct FailoverLayer<C = DefaultClassifier> {
+    config: Config<C>,
+}
+
+impl Default for FailoverLayer {
+    fn default() -> Self {
+        FailoverLayer::new()
+    }
+}
+
+impl FailoverLayer {
+    /// A layer with the defaults above.
+    pub fn new() -> Self {
+        FailoverLayer {
+            config: Config::new(),
+        }
+    }
+}
+
+impl<C> FailoverLayer<C> {
+    /// Decides which attempts failed (see [`classify`](crate::classify));
+    /// any `Fn(&Outcome<'_>) -> bool` works.
+    pub fn classifier<C2: Classifier>(self, classifier: C2) -> FailoverLayer<C2> {
+        let c = self.config;
+        FailoverLayer {
+            config: Config {
+                classifier,
+                max_attempts: c.max_attempts,
+                per_try_timeout: c.per_try_timeout,
+                deadline: c.deadline,
+                budget: c.budget,
+                backoff: c.backoff,
+                retry_non_idempotent: c.retry_non_idempotent,
+            },
+        }
+    }
+
+    /// At most `attempts` attempts per request, the first one included
+    /// (at least 1). By default every available backend is tried once.
+    pub fn max_attempts(mut self, attempts: usize) -> Self {
+        self.config.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Abandons an attempt that has not answered within `timeout`: its
+    /// future is dropped, so the backend gets no more of the request, and
+    /// the next backend is tried. Requests must then be called within a
+    /// Tokio runtime with its time driver enabled.
+    pub fn per_try_timeout(mut self, timeout: Duration) -> Self {
+        self.config.per_try_timeout = Some(timeout);
+        self
+    }
+
+    /// Gives up once `deadline` has passed since the request was called,
+    /// whatever the attempts left. Requests must then be called within a
+    /// Tokio runtime with its time driver enabled.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.config.deadline = Some(deadline);
+        self
+    }
+
+    /// Limits retries with `budget` (each request deposits, each retry
+    /// withdraws): a [`RetryBudget`] with your own ratio and floor, or
+    /// tower's [`TpsBudget`](tower::retry::budget::TpsBudget).
+    pub fn budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
+        self.config.budget = Some(Arc::new(budget));
+        self
+    }
+
+    /// Retries without a budget: only the attempt limit and the deadline
+    /// bound them.
+    pub fn no_budget(mut self) -> Self {
+        self.config.budget = None;
+        self
+    }
+
+    /// Pauses before each retry.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.config.backoff = backoff;
+        self
+    }
+
+    /// Retries non-idempotent requests (`POST`, `PATCH`, ...) after any
+    /// failure, not only when they are known not to have been sent. Use it
+    /// only when every route behind this layer tolerates a repeat; to opt in
+    /// per request, use [`RetryNonIdempotent`](super::RetryNonIdempotent).
+    pub fn retry_non_idempotent(mut self, retry: bool) -> Self {
+        self.config.retry_non_idempotent = retry;
+        self
+    }
+}
+
+impl<S, C: Clone> Layer<S> for FailoverLayer<C> {
+    type Service = Failover<S, C>;
+
+    fn layer(&self, inner: S) -> Failover<S, C> {
+        Failover::from_config(inner, Arc::new(self.config.clone()))
+    }
+}

@@ -1,0 +1,404 @@
+//! The signed affinity cookie the layer issues, and `Set-Cookie` parsing for
+//! the cookies it learns.
+//!
+//! An issued cookie's value is `<session>.<backend>.<tag>`:
+//!
+//! * `session`: 16 random bytes, base64url without padding (22 characters);
+//!   the session's key in the table and in the store;
+//! * `backend`: the id of the backend that serves the session, base64url;
+//! * `tag`: the first 16 bytes of HMAC-SHA256 over a domain label, the
+//!   cookie's name, the session and the backend, base64url (22 characters).
+
+use std::fmt;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use http::header::SET_COOKIE;
+use http::{HeaderMap, HeaderValue};
+use rand::RngCore;
+use sha2::Sha256;
+
+use crate::backend::BackendId;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Bytes of random session id.
+const SESSION_BYTES: usize = 16;
+/// Characters of a session id in a cookie (base64url of 16 bytes).
+pub(crate) const SESSION_ID_LEN: usize = 22;
+/// Bytes of the MAC kept in the cookie (128 bits).
+const TAG_BYTES: usize = 16;
+/// The shortest secret accepted, in bytes.
+pub(crate) const MIN_SECRET: usize = 32;
+/// Longest base64url backend id accepted in a cookie (a 192-byte id).
+const MAX_BACKEND_B64: usize = 256;
+/// Separates the MAC input's fields; it cannot occur in base64url.
+const DOMAIN: &[u8] = b"tower-ha sticky v1\0";
+
+/// The cookie the sticky layer issues: its name, its signing secret and its
+/// attributes.
+///
+/// The value names the session and the backend that served it and carries
+/// an HMAC-SHA256 tag over both, so a forged, tampered or foreign value is
+/// ignored. Attributes: `Path=/`, `HttpOnly`, `SameSite=Lax` and `Secure`
+/// by default; a `Max-Age` when configured.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ha::sticky::CookieInsert;
+///
+/// let cookie = CookieInsert::new("srv", [7u8; 32])
+///     .secure(false)
+///     .max_age(Duration::from_secs(3600));
+/// assert_eq!(cookie.name(), "srv");
+/// ```
+#[derive(Clone)]
+pub struct CookieInsert {
+    name: String,
+    mac: HmacSha256,
+    secure: bool,
+    max_age: Option<Duration>,
+    path: String,
+}
+
+impl fmt::Debug for CookieInsert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CookieInsert")
+            .field("name", &self.name)
+            .field("secret", &"<redacted>")
+            .field("secure", &self.secure)
+            .field("max_age", &self.max_age)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Why a cookie value was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Invalid {
+    Shape,
+    Signature,
+}
+
+/// A cookie value of the right shape, not yet verified.
+#[derive(Debug)]
+pub(crate) struct Parsed<'a> {
+    pub(crate) session: &'a str,
+    backend_b64: &'a [u8],
+    tag: [u8; TAG_BYTES],
+}
+
+impl<'a> Parsed<'a> {
+    /// Splits and decodes a cookie value; no MAC is checked.
+    pub(crate) fn new(value: &'a [u8]) -> Result<Self, Invalid> {
+        let mut parts = value.splitn(3, |&b| b == b'.');
+        let (Some(session), Some(backend_b64), Some(tag_b64)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Invalid::Shape);
+        };
+        // base64url of 16 bytes is exactly 22 characters.
+        if session.len() != SESSION_ID_LEN
+            || tag_b64.len() != 22
+            || backend_b64.is_empty()
+            || backend_b64.len() > MAX_BACKEND_B64
+            || !session.iter().all(|&b| is_b64url(b))
+        {
+            return Err(Invalid::Shape);
+        }
+        let mut tag_buf = [0u8; TAG_BYTES + 2];
+        match URL_SAFE_NO_PAD.decode_slice(tag_b64, &mut tag_buf) {
+            Ok(TAG_BYTES) => {}
+            _ => return Err(Invalid::Shape),
+        }
+        let mut tag = [0u8; TAG_BYTES];
+        tag.copy_from_slice(&tag_buf[..TAG_BYTES]);
+        // All base64url characters are ASCII.
+        let session = std::str::from_utf8(session).map_err(|_| Invalid::Shape)?;
+        Ok(Parsed {
+            session,
+            backend_b64,
+            tag,
+        })
+    }
+
+    /// The backend id the cookie names, decoded into `buf`.
+    fn backend<'b>(&self, buf: &'b mut [u8; MAX_BACKEND_B64]) -> Result<&'b str, Invalid> {
+        let n = URL_SAFE_NO_PAD
+            .decode_slice(self.backend_b64, buf)
+            .map_err(|_| Invalid::Shape)?;
+        match std::str::from_utf8(&buf[..n]) {
+            Ok(id) if !id.is_empty() => Ok(id),
+            _ => Err(Invalid::Shape),
+        }
+    }
+}
+
+impl CookieInsert {
+    /// A cookie named `name` signed with `secret`.
+    ///
+    /// # Panics
+    ///
+    /// When `secret` is shorter than 32 bytes or `name` is not a valid
+    /// cookie name (empty, or with separators, spaces or controls): both
+    /// are configuration mistakes.
+    pub fn new(name: impl Into<String>, secret: impl AsRef<[u8]>) -> Self {
+        let name = name.into();
+        let secret = secret.as_ref();
+        assert!(
+            secret.len() >= MIN_SECRET,
+            "the sticky cookie secret must be at least {MIN_SECRET} bytes"
+        );
+        assert!(
+            !name.is_empty() && name.bytes().all(is_token_byte),
+            "invalid cookie name {name:?}"
+        );
+        let mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
+        CookieInsert {
+            name,
+            mac,
+            secure: true,
+            max_age: None,
+            path: "/".to_owned(),
+        }
+    }
+
+    /// Whether to send `Secure` (default `true`). Turn it off only for
+    /// plain-HTTP development.
+    pub fn secure(mut self, secure: bool) -> Self {
+        self.secure = secure;
+        self
+    }
+
+    /// Sends `Max-Age` (whole seconds), so the cookie outlives the browser
+    /// session. Without it (the default) the cookie ends with the browser
+    /// session.
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = Some(max_age);
+        self
+    }
+
+    /// The cookie's `Path` (default `/`).
+    ///
+    /// # Panics
+    ///
+    /// When `path` holds `;` or a control character.
+    pub fn path(mut self, path: impl Into<String>) -> Self {
+        let path = path.into();
+        assert!(
+            path.bytes().all(|b| b != b';' && !b.is_ascii_control()),
+            "invalid cookie path {path:?}"
+        );
+        self.path = path;
+        self
+    }
+
+    /// The cookie's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn tag(&self, session: &[u8], backend: &[u8]) -> HmacSha256 {
+        let mut mac = self.mac.clone();
+        mac.update(DOMAIN);
+        mac.update(self.name.as_bytes());
+        mac.update(b"\0");
+        mac.update(session);
+        mac.update(b"\0");
+        mac.update(backend);
+        mac
+    }
+
+    /// A fresh random session id.
+    pub(crate) fn new_session_id() -> String {
+        let mut bytes = [0u8; SESSION_BYTES];
+        rand::rng().fill_bytes(&mut bytes);
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// The cookie value naming `session` on `backend`.
+    pub(crate) fn value(&self, session: &str, backend: &BackendId) -> String {
+        let tag = self
+            .tag(session.as_bytes(), backend.as_str().as_bytes())
+            .finalize()
+            .into_bytes();
+        let mut value = String::with_capacity(session.len() + backend.as_str().len() * 2 + 26);
+        value.push_str(session);
+        value.push('.');
+        URL_SAFE_NO_PAD.encode_string(backend.as_str(), &mut value);
+        value.push('.');
+        URL_SAFE_NO_PAD.encode_string(&tag[..TAG_BYTES], &mut value);
+        value
+    }
+
+    /// Verifies a parsed cookie's MAC (in constant time) and returns the
+    /// backend it names.
+    pub(crate) fn verify(&self, parsed: &Parsed<'_>) -> Result<BackendId, Invalid> {
+        let mut buf = [0u8; MAX_BACKEND_B64];
+        let backend = parsed.backend(&mut buf)?;
+        self.tag(parsed.session.as_bytes(), backend.as_bytes())
+            .verify_truncated_left(&parsed.tag)
+            .map_err(|_| Invalid::Signature)?;
+        Ok(BackendId::from(backend))
+    }
+
+    /// The `Set-Cookie` header value for `value`.
+    pub(crate) fn set_cookie(&self, value: &str) -> Option<HeaderValue> {
+        let mut header = String::with_capacity(self.name.len() + value.len() + 64);
+        header.push_str(&self.name);
+        header.push('=');
+        header.push_str(value);
+        header.push_str("; Path=");
+        header.push_str(&self.path);
+        if let Some(max_age) = self.max_age {
+            header.push_str("; Max-Age=");
+            header.push_str(&max_age.as_secs().to_string());
+        }
+        header.push_str("; HttpOnly; SameSite=Lax");
+        if self.secure {
+            header.push_str("; Secure");
+        }
+        HeaderValue::try_from(header).ok()
+    }
+}
+
+fn is_b64url(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// RFC 6265 cookie-name (an RFC 7230 token).
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// What a response's `Set-Cookie` headers say about cookie `name`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Learned<'a> {
+    /// The cookie is set to this value.
+    Set(&'a [u8]),
+    /// The cookie is deleted (empty value or `Max-Age` of 0 or less).
+    Deleted,
+}
+
+/// Finds what the last `Set-Cookie` for `name` in `headers` does.
+pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h>> {
+    let name = name.as_bytes();
+    let mut found = None;
+    for header in headers.get_all(SET_COOKIE) {
+        let mut parts = header.as_bytes().split(|&b| b == b';');
+        let Some(pair) = parts.next() else { continue };
+        let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        if pair[..eq].trim_ascii() != name {
+            continue;
+        }
+        let value = pair[eq + 1..].trim_ascii();
+        let value = value
+            .strip_prefix(b"\"")
+            .and_then(|v| v.strip_suffix(b"\""))
+            .unwrap_or(value);
+        let expired = parts.any(|attr| {
+            let attr = attr.trim_ascii();
+            attr.len() > 8
+                && attr[..8].eq_ignore_ascii_case(b"max-age=")
+                && attr[8..].trim_ascii().first() == Some(&b'-')
+                || attr.eq_ignore_ascii_case(b"max-age=0")
+        });
+        found = Some(if value.is_empty() || expired {
+            Learned::Deleted
+        } else {
+            Learned::Set(value)
+        });
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cookie() -> CookieInsert {
+        CookieInsert::new("srv", [1u8; 32])
+    }
+
+    #[test]
+    fn round_trip() {
+        let c = cookie();
+        let sid = CookieInsert::new_session_id();
+        let value = c.value(&sid, &"node-a".into());
+        let parsed = Parsed::new(value.as_bytes()).unwrap();
+        assert_eq!(parsed.session, sid);
+        assert_eq!(c.verify(&parsed).unwrap().as_str(), "node-a");
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let c = cookie();
+        let sid = CookieInsert::new_session_id();
+        let value = c.value(&sid, &"node-a".into());
+        // Another backend with the original tag.
+        let (head, tag) = value.rsplit_once('.').unwrap();
+        let (sid_part, _) = head.split_once('.').unwrap();
+        let forged = format!("{sid_part}.{}.{tag}", URL_SAFE_NO_PAD.encode("node-b"));
+        let verify =
+            |c: &CookieInsert, v: &str| Parsed::new(v.as_bytes()).and_then(|p| c.verify(&p));
+        assert_eq!(verify(&c, &forged).unwrap_err(), Invalid::Signature);
+        // Another secret.
+        let other = CookieInsert::new("srv", [2u8; 32]);
+        assert_eq!(verify(&other, &value).unwrap_err(), Invalid::Signature);
+        // Another cookie name with the same secret.
+        let renamed = CookieInsert::new("other", [1u8; 32]);
+        assert_eq!(verify(&renamed, &value).unwrap_err(), Invalid::Signature);
+        for bad in [
+            "",
+            "a.b.c",
+            "..",
+            "x",
+            &"a".repeat(5000),
+            &format!("{value}x"),
+        ] {
+            assert!(verify(&c, bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn set_cookie_attributes() {
+        let c = cookie().max_age(Duration::from_secs(60));
+        let h = c.set_cookie("v").unwrap();
+        assert_eq!(
+            h.to_str().unwrap(),
+            "srv=v; Path=/; Max-Age=60; HttpOnly; SameSite=Lax; Secure"
+        );
+        let h = cookie().secure(false).set_cookie("v").unwrap();
+        assert_eq!(h.to_str().unwrap(), "srv=v; Path=/; HttpOnly; SameSite=Lax");
+    }
+
+    #[test]
+    #[should_panic(expected = "at least 32 bytes")]
+    fn short_secret_is_refused() {
+        let _ = CookieInsert::new("srv", b"short");
+    }
+
+    #[test]
+    fn learning_set_cookie() {
+        let mut h = HeaderMap::new();
+        assert_eq!(learn(&h, "JSESSIONID"), None);
+        h.append(SET_COOKIE, HeaderValue::from_static("other=1"));
+        h.append(
+            SET_COOKIE,
+            HeaderValue::from_static("JSESSIONID=abc; Path=/; HttpOnly"),
+        );
+        assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Set(b"abc")));
+        h.append(
+            SET_COOKIE,
+            HeaderValue::from_static("JSESSIONID=abc; Max-Age=0"),
+        );
+        assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted));
+        let mut h = HeaderMap::new();
+        h.append(SET_COOKIE, HeaderValue::from_static("JSESSIONID=; Path=/"));
+        assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted));
+    }
+}

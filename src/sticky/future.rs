@@ -1,0 +1,185 @@
+//! The response future of [`Sticky`](super::Sticky).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::shared::{BoxFuture, Shared, Track};
+use crate::backend::BackendId;
+use crate::error::BoxError;
+use crate::store::Session;
+
+pin_project! {
+    /// The response future of [`Sticky`](super::Sticky): loads an unknown
+    /// session from the store when it must, calls the inner service, then
+    /// learns from the response (starts, moves or ends the session, sets
+    /// the cookie) and finishes the store and hook calls that go with it.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+        shared: Arc<Shared>,
+        track: Option<Track>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        Loading {
+            key: std::sync::Arc<str>,
+            cookie: Option<BackendId>,
+            load: BoxFuture<Option<Session>>,
+            service: Option<S>,
+            request: Option<Request<B>>,
+        },
+        Called {
+            #[pin]
+            future: S::Future,
+        },
+        Finishing {
+            work: BoxFuture<()>,
+            response: Option<S::Response>,
+        },
+        Refused {
+            error: Option<BoxError>,
+        },
+        Done,
+    }
+}
+
+impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
+    pub(crate) fn called(shared: Arc<Shared>, track: Track, future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            shared,
+            track: Some(track),
+        }
+    }
+
+    pub(crate) fn loading(
+        shared: Arc<Shared>,
+        key: Arc<str>,
+        cookie: Option<BackendId>,
+        load: BoxFuture<Option<Session>>,
+        service: S,
+        request: Request<B>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Loading {
+                key,
+                cookie,
+                load,
+                service: Some(service),
+                request: Some(request),
+            },
+            shared,
+            track: None,
+        }
+    }
+
+    pub(crate) fn refused(shared: Arc<Shared>, error: BoxError) -> Self {
+        ResponseFuture {
+            state: State::Refused { error: Some(error) },
+            shared,
+            track: None,
+        }
+    }
+}
+
+impl<S, B, RB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<RB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Loading {
+                    key,
+                    cookie,
+                    load,
+                    service,
+                    request,
+                } => {
+                    let stored = ready!(load.as_mut().poll(cx));
+                    let mut request = request.take().expect("request taken once");
+                    let start =
+                        this.shared
+                            .after_load(&mut request, key.clone(), cookie.take(), stored);
+                    match start {
+                        Ok(track) => {
+                            *this.track = Some(track);
+                            // This clone was polled ready before `call`
+                            // took it.
+                            let future = service.take().expect("service taken once").call(request);
+                            this.state.set(State::Called { future });
+                        }
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                    }
+                }
+                StateProj::Called { future } => {
+                    let result = ready!(future.poll(cx));
+                    let track = this.track.take().expect("track set before the call");
+                    match result {
+                        Ok(mut response) => match this.shared.on_response(track, &mut response) {
+                            Ok(None) => {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Ok(response));
+                            }
+                            Ok(Some(work)) => this.state.set(State::Finishing {
+                                work,
+                                response: Some(response),
+                            }),
+                            Err(error) => {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(error.into()));
+                            }
+                        },
+                        Err(error) => {
+                            let error = error.into();
+                            this.shared.on_error(&track, &error);
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                    }
+                }
+                StateProj::Finishing { work, response } => {
+                    ready!(work.as_mut().poll(cx));
+                    let response = response.take().expect("response taken once");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Refused { error } => {
+                    let error = error.take().expect("error taken once");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(error));
+                }
+                StateProj::Done => panic!("sticky ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+impl<S: Service<Request<B>>, B> fmt::Debug for ResponseFuture<S, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,104 @@
+//! The application's hooks: told when a session moves, asked to restore a
+//! session at start.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::backend::BackendId;
+use crate::error::BoxError;
+use crate::store::{Session, Skipped};
+
+/// The boxed future a hook returns.
+pub type HookFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'static>>;
+
+pub(crate) type OnMove = Arc<dyn Fn(SessionMoved) -> HookFuture + Send + Sync>;
+pub(crate) type OnRestore = Arc<dyn Fn(Session) -> HookFuture + Send + Sync>;
+
+pub(crate) fn on_move<F, Fut>(f: F) -> OnMove
+where
+    F: Fn(SessionMoved) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    Arc::new(move |moved| Box::pin(f(moved)))
+}
+
+pub(crate) fn on_restore<F, Fut>(f: F) -> OnRestore
+where
+    F: Fn(Session) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    Arc::new(move |session| Box::pin(f(session)))
+}
+
+/// Why a session moved to another backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MoveReason {
+    /// Its backend was unavailable: unhealthy, ejected, draining or
+    /// disabled.
+    Unavailable,
+    /// Its backend is no longer in the pool.
+    Removed,
+    /// The last request sent to its backend failed.
+    Failed,
+    /// A lower layer (failover) had the request served by another backend.
+    ServedElsewhere,
+}
+
+impl MoveReason {
+    /// A short name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveReason::Unavailable => "unavailable",
+            MoveReason::Removed => "removed",
+            MoveReason::Failed => "failed",
+            MoveReason::ServedElsewhere => "served_elsewhere",
+        }
+    }
+}
+
+impl fmt::Display for MoveReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the `on_move` hook is told: the session as now saved (on its new
+/// backend, with its application data), where it was, and why it moved.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SessionMoved {
+    /// The session, on its new backend.
+    pub session: Session,
+    /// The backend it left.
+    pub from: BackendId,
+    /// Why it moved.
+    pub reason: MoveReason,
+}
+
+/// What [`Sticky::restore`](super::Sticky::restore) did.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct RestoreReport {
+    /// The keys of the sessions restored (now routed to their backend).
+    pub restored: Vec<String>,
+    /// The sessions whose restore hook failed. Their stored records are
+    /// kept, so a later restore (or another replica) can try again.
+    pub failed: Vec<RestoreFailure>,
+    /// The stored records the store could not read.
+    pub skipped: Vec<Skipped>,
+}
+
+/// A session whose restore hook failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RestoreFailure {
+    /// The session's key.
+    pub key: String,
+    /// Its backend.
+    pub backend: BackendId,
+    /// The hook's error.
+    pub error: BoxError,
+}

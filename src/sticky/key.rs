@@ -1,0 +1,239 @@
+//! What names a session: the layer's own cookie, an application's cookie, a
+//! header, or a closure.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::{HeaderName, COOKIE};
+use http::HeaderMap;
+
+use super::cookie::{CookieInsert, Invalid};
+use crate::key::{cookie_value, RequestHead};
+
+/// The longest session key accepted from a header, a cookie or a closure,
+/// in bytes. Longer values are rejected as bad input.
+pub const MAX_KEY_LEN: usize = 512;
+
+/// The largest total size of a request's `Cookie` headers the layer reads,
+/// in bytes (nginx's default header buffer). Larger ones are rejected as
+/// bad input before any parsing.
+pub const MAX_COOKIE_HEADER: usize = 8 * 1024;
+
+type KeyFn = dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync;
+
+/// What names a session.
+///
+/// | constructor | the key is | a new session starts when |
+/// |---|---|---|
+/// | [`insert_cookie`](SessionKey::insert_cookie) | a random id in the layer's own signed cookie | a request has no valid cookie: the response sets one |
+/// | [`learn_cookie`](SessionKey::learn_cookie) | an application cookie (`JSESSIONID`, `StickyStr`) | a response's `Set-Cookie` sets it |
+/// | [`header`](SessionKey::header) | a header's value (`X-Session-Id`) | a request or response carries an unknown value |
+/// | [`from_fn`](SessionKey::from_fn) | a closure's result (a kernel id in the path) | a request carries an unknown value |
+///
+/// The session's backend is the one that served the response that started
+/// it (the [`ServedBy`](crate::extensions::ServedBy) extension).
+#[derive(Clone)]
+pub struct SessionKey {
+    pub(crate) kind: Kind,
+}
+
+#[derive(Clone)]
+pub(crate) enum Kind {
+    Insert(CookieInsert),
+    Learn(String),
+    Header(HeaderName),
+    Fn(Arc<KeyFn>),
+}
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Insert(c) => f.debug_tuple("InsertCookie").field(c).finish(),
+            Kind::Learn(n) => f.debug_tuple("LearnCookie").field(n).finish(),
+            Kind::Header(h) => f.debug_tuple("Header").field(h).finish(),
+            Kind::Fn(_) => f.debug_tuple("FromFn").finish_non_exhaustive(),
+        }
+    }
+}
+
+impl SessionKey {
+    /// The layer issues its own signed cookie (see [`CookieInsert`]).
+    pub fn insert_cookie(cookie: CookieInsert) -> Self {
+        SessionKey {
+            kind: Kind::Insert(cookie),
+        }
+    }
+
+    /// An application's own session cookie: the layer learns value →
+    /// backend from the `Set-Cookie` of the response that sets it, and
+    /// forgets the session when a response deletes the cookie.
+    pub fn learn_cookie(name: impl Into<String>) -> Self {
+        SessionKey {
+            kind: Kind::Learn(name.into()),
+        }
+    }
+
+    /// A header's value (for example `X-Session-Id`), from the request, or
+    /// from the response when the request had none (a server that assigns
+    /// ids).
+    ///
+    /// # Panics
+    ///
+    /// When `name` is not a valid header name.
+    pub fn header(name: impl TryInto<HeaderName, Error: fmt::Debug>) -> Self {
+        SessionKey {
+            kind: Kind::Header(name.try_into().expect("invalid header name")),
+        }
+    }
+
+    /// Any key a closure reads from the request head; `None` means "no
+    /// session".
+    ///
+    /// ```
+    /// use tower_ha::sticky::SessionKey;
+    ///
+    /// // The kernel id in `/api/kernels/{id}/...`.
+    /// let kernel = SessionKey::from_fn(|req| {
+    ///     let id = req.uri.path().strip_prefix("/api/kernels/")?.split('/').next()?;
+    ///     (!id.is_empty()).then(|| id.to_owned())
+    /// });
+    /// # let _ = kernel;
+    /// ```
+    pub fn from_fn<F>(f: F) -> Self
+    where
+        F: Fn(&RequestHead<'_>) -> Option<String> + Send + Sync + 'static,
+    {
+        SessionKey {
+            kind: Kind::Fn(Arc::new(f)),
+        }
+    }
+
+    pub(crate) fn cookie(&self) -> Option<&CookieInsert> {
+        match &self.kind {
+            Kind::Insert(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Reads the key from a request head.
+    pub(crate) fn extract<'r>(&self, head: &RequestHead<'r>) -> Extracted<'r> {
+        match &self.kind {
+            Kind::Insert(cookie) => {
+                let value = match read_cookie(head.headers, cookie.name()) {
+                    Ok(Some(v)) => v,
+                    Ok(None) => return Extracted::None,
+                    Err(r) => return Extracted::Rejected(r),
+                };
+                Extracted::Cookie(value)
+            }
+            Kind::Learn(name) => match read_cookie(head.headers, name) {
+                Ok(Some(v)) => text_key(v),
+                Ok(None) => Extracted::None,
+                Err(r) => Extracted::Rejected(r),
+            },
+            Kind::Header(name) => match head.headers.get(name) {
+                Some(v) if !v.is_empty() => text_key(v.as_bytes()),
+                _ => Extracted::None,
+            },
+            Kind::Fn(f) => match f(head) {
+                Some(k) if k.is_empty() => Extracted::None,
+                Some(k) if k.len() > MAX_KEY_LEN => Extracted::Rejected(Reject::TooLong),
+                Some(k) => Extracted::Key(Cow::Owned(k)),
+                None => Extracted::None,
+            },
+        }
+    }
+}
+
+/// A request's session key, as read.
+#[derive(Debug)]
+pub(crate) enum Extracted<'r> {
+    /// The request names no session.
+    None,
+    /// The request names a session in a way that is not accepted.
+    Rejected(Reject),
+    /// A key from a header, an application cookie or a closure.
+    Key(Cow<'r, str>),
+    /// The value of the layer's own cookie, not yet verified.
+    Cookie(&'r [u8]),
+}
+
+/// Why a request's session key was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reject {
+    /// The layer's cookie is not of the form it issues.
+    Malformed,
+    /// The layer's cookie carries a tag that does not verify: forged,
+    /// tampered with, or signed with another secret.
+    Signature,
+    /// A key is not valid UTF-8.
+    NotUtf8,
+    /// A key is longer than [`MAX_KEY_LEN`].
+    TooLong,
+    /// The `Cookie` headers are larger than [`MAX_COOKIE_HEADER`].
+    TooLarge,
+    /// The layer's cookie is correctly signed but names a backend that is
+    /// not in the pool, for a session neither the table nor the store
+    /// knows.
+    UnknownBackend,
+}
+
+impl From<Invalid> for Reject {
+    fn from(invalid: Invalid) -> Self {
+        match invalid {
+            Invalid::Shape => Reject::Malformed,
+            Invalid::Signature => Reject::Signature,
+        }
+    }
+}
+
+impl Reject {
+    /// A short name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::Signature => "bad_signature",
+            Reject::NotUtf8 => "not_utf8",
+            Reject::TooLong => "too_long",
+            Reject::TooLarge => "cookie_header_too_large",
+            Reject::UnknownBackend => "unknown_backend",
+        }
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn read_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h [u8]>, Reject> {
+    let mut total = 0usize;
+    for value in headers.get_all(COOKIE) {
+        total = total.saturating_add(value.len());
+    }
+    if total > MAX_COOKIE_HEADER {
+        return Err(Reject::TooLarge);
+    }
+    Ok(cookie_value(headers, name))
+}
+
+fn text_key(bytes: &[u8]) -> Extracted<'_> {
+    if bytes.len() > MAX_KEY_LEN {
+        return Extracted::Rejected(Reject::TooLong);
+    }
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Extracted::Key(Cow::Borrowed(s)),
+        Err(_) => Extracted::Rejected(Reject::NotUtf8),
+    }
+}
+
+/// Checks a key learned from a response the way request keys are checked.
+pub(crate) fn response_key(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_empty() || bytes.len() > MAX_KEY_LEN {
+        return None;
+    }
+    std::str::from_utf8(bytes).ok()
+}

@@ -1,0 +1,160 @@
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::hooks::{self, RestoreReport, SessionMoved};
+use super::key::SessionKey;
+use super::service::Sticky;
+use super::shared::{Config, Shared};
+use super::stats::StickyStats;
+use super::Availability;
+use crate::error::BoxError;
+use crate::pool::Pool;
+use crate::store::{Session, SessionStore, StoreError};
+
+/// The default idle time after which a session leaves the table.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The default maximum number of sessions in the table.
+pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
+
+/// Builds [`Sticky`] services that share one session table.
+///
+/// `new` takes the [`Pool`] the balancer below picks from, to know whether
+/// a session's backend is available, and the [`SessionKey`]. The other
+/// settings are by-value builder methods; each returns a layer with a new,
+/// empty table, so configure first, then build services.
+///
+/// | setting | default |
+/// |---|---|
+/// | [`store`](StickyLayer::store) | none: sessions live in memory only |
+/// | [`availability`](StickyLayer::availability) | [`Availability::Replication`] |
+/// | [`strict`](StickyLayer::strict) | `false`: sessions move |
+/// | [`idle_timeout`](StickyLayer::idle_timeout) | one hour |
+/// | [`max_sessions`](StickyLayer::max_sessions) | 100 000 |
+/// | [`on_move`](StickyLayer::on_move), [`on_restore`](StickyLayer::on_restore) | none |
+#[derive(Clone)]
+pub struct StickyLayer {
+    shared: Arc<Shared>,
+}
+
+impl StickyLayer {
+    /// A layer keyed by `key`, for a balancer over `pool`.
+    pub fn new<P: Send + Sync + 'static>(pool: &Pool<P>, key: SessionKey) -> Self {
+        StickyLayer::from_config(Config {
+            key,
+            backends: Arc::new(pool.clone()),
+            store: None,
+            availability: Availability::Replication,
+            strict: false,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            on_move: None,
+            on_restore: None,
+        })
+    }
+
+    fn from_config(config: Config) -> Self {
+        StickyLayer {
+            shared: Arc::new(Shared::new(config)),
+        }
+    }
+
+    fn with(self, change: impl FnOnce(&mut Config)) -> Self {
+        let mut config = self.shared.config.clone();
+        change(&mut config);
+        StickyLayer::from_config(config)
+    }
+
+    /// Saves sessions to `store` when they start or move (never on a plain
+    /// hit), so they survive a restart and reach other replicas. Takes any
+    /// store, including an `Arc<dyn SessionStore>`.
+    pub fn store(self, store: impl SessionStore) -> Self {
+        let store: Arc<dyn SessionStore> = Arc::new(store);
+        self.with(|c| c.store = Some(store))
+    }
+
+    /// How sessions come back from the store: see [`Availability`].
+    pub fn availability(self, availability: Availability) -> Self {
+        self.with(|c| c.availability = availability)
+    }
+
+    /// When `true`, a session whose backend cannot serve it is never moved:
+    /// the request fails with
+    /// [`SessionUnavailable`](super::error::SessionUnavailable) instead.
+    pub fn strict(self, strict: bool) -> Self {
+        self.with(|c| c.strict = strict)
+    }
+
+    /// How long a session may go unused before it leaves the table (it
+    /// stays in the store). Measured with `tokio::time`.
+    pub fn idle_timeout(self, idle: Duration) -> Self {
+        self.with(|c| c.idle_timeout = idle)
+    }
+
+    /// The most sessions the table holds (at least 1). A full table evicts
+    /// its least recently used eighth; evicted sessions stay in the store.
+    pub fn max_sessions(self, max: usize) -> Self {
+        self.with(|c| c.max_sessions = max.max(1))
+    }
+
+    /// Calls `hook` after a session moved and its record was saved, before
+    /// the response that moved it is handed on, so the application can
+    /// rebuild the session's state on its new backend. A hook error is
+    /// logged; the response is still returned.
+    pub fn on_move<F, Fut>(self, hook: F) -> Self
+    where
+        F: Fn(SessionMoved) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        let hook = hooks::on_move(hook);
+        self.with(|c| c.on_move = Some(hook))
+    }
+
+    /// Calls `hook` for each stored session during
+    /// [`restore`](StickyLayer::restore): the application reconnects to the
+    /// session's state. A session whose hook fails is not routed and keeps
+    /// its stored record.
+    pub fn on_restore<F, Fut>(self, hook: F) -> Self
+    where
+        F: Fn(Session) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        let hook = hooks::on_restore(hook);
+        self.with(|c| c.on_restore = Some(hook))
+    }
+
+    /// Loads and restores every stored session: see [`Sticky::restore`].
+    pub async fn restore(&self) -> Result<RestoreReport, StoreError> {
+        self.shared.restore().await
+    }
+
+    /// The counters shared by every service this layer built.
+    pub fn stats(&self) -> StickyStats {
+        self.shared.stats()
+    }
+
+    /// The session `key` as the table knows it.
+    pub fn session(&self, key: &str) -> Option<Session> {
+        self.shared.session(key)
+    }
+}
+
+impl fmt::Debug for StickyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StickyLayer")
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for StickyLayer {
+    type Service = Sticky<S>;
+
+    fn layer(&self, inner: S) -> Sticky<S> {
+        Sticky::from_shared(inner, self.shared.clone())
+    }
+}

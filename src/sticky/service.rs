@@ -1,0 +1,140 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::hooks::RestoreReport;
+use super::layer::StickyLayer;
+use super::shared::{Shared, Start};
+use super::stats::StickyStats;
+use crate::error::BoxError;
+use crate::store::{Session, StoreError};
+
+/// Keeps each session on the backend that holds its state.
+///
+/// Built by [`StickyLayer`]; every `Sticky` a layer builds (and every
+/// clone) shares one session table, one store and one set of counters.
+///
+/// On a request, `Sticky` reads the session key and, when the session is
+/// known and its backend available, sets [`Affinity`](crate::extensions::Affinity)
+/// so the balancer below tries that backend first. On the response it
+/// reads [`ServedBy`](crate::extensions::ServedBy): a new session is bound
+/// to the backend that served it, and a known session served by another
+/// backend (its own was unavailable, failed, or a failover layer retried
+/// elsewhere) moves there, once, with its record saved, a `tracing` event
+/// and the `on_move` hook.
+///
+/// # Readiness
+///
+/// `poll_ready` is the inner service's. When a session must first be
+/// loaded from the store (replication mode), the ready inner service is
+/// moved into the response future and a clone takes its place, so the
+/// inner service is never called without having been polled ready.
+pub struct Sticky<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Sticky<S> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Sticky { inner, shared }
+    }
+
+    /// A layer for `ServiceBuilder` stacks; same as [`StickyLayer::new`].
+    pub fn layer<P: Send + Sync + 'static>(
+        pool: &crate::Pool<P>,
+        key: super::SessionKey,
+    ) -> StickyLayer {
+        StickyLayer::new(pool, key)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming `self`.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The layer's counters.
+    pub fn stats(&self) -> StickyStats {
+        self.shared.stats()
+    }
+
+    /// The session `key` as the table knows it.
+    pub fn session(&self, key: &str) -> Option<Session> {
+        self.shared.session(key)
+    }
+
+    /// Loads every stored session and restores it: calls the `on_restore`
+    /// hook for each (when one is set) and routes those that succeed to
+    /// their backend. A session whose hook fails keeps its stored record.
+    /// What standalone availability runs at start.
+    pub async fn restore(&self) -> Result<RestoreReport, StoreError> {
+        self.shared.restore().await
+    }
+
+    /// Ends session `key`: forgets it and deletes its stored record.
+    /// Returns whether the table knew it.
+    pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        self.shared.remove(key).await
+    }
+}
+
+impl<S: Clone> Clone for Sticky<S> {
+    fn clone(&self) -> Self {
+        Sticky {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Sticky<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sticky")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for Sticky<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        match self.shared.start(&mut req) {
+            Start::Call(track) => {
+                let future = self.inner.call(req);
+                ResponseFuture::called(self.shared.clone(), track, future)
+            }
+            Start::Load { key, cookie, load } => {
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::loading(self.shared.clone(), key, cookie, load, ready, req)
+            }
+            Start::Refuse(error) => ResponseFuture::refused(self.shared.clone(), error.into()),
+        }
+    }
+}

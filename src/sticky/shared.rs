@@ -1,0 +1,667 @@
+//! The state every clone of one sticky layer shares, and the decisions made
+//! on the request and on the response.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::SET_COOKIE;
+use http::{Request, Response};
+use parking_lot::Mutex;
+use tokio::sync::OnceCell;
+
+use super::cookie::{self, CookieInsert, Learned, Parsed, SESSION_ID_LEN};
+use super::error::SessionUnavailable;
+use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, SessionMoved};
+use super::key::{self, Extracted, Kind, Reject, SessionKey};
+use super::stats::{bump, Counters, StickyStats};
+use super::table::{Dropped, Hit, Table};
+use super::Availability;
+use crate::backend::BackendId;
+use crate::error::{find, BackendError, BoxError};
+use crate::extensions::{Affinity, Attempts, ServedBy};
+use crate::key::RequestHead;
+use crate::pool::Pool;
+use crate::store::{Session, SessionStore, StoreError};
+
+const TARGET: &str = "tower_ha::sticky";
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Where a backend stands, as the sticky layer needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Status {
+    Available,
+    Unavailable,
+    Missing,
+}
+
+/// Read access to the backends' state, whatever the pool's service type.
+pub(crate) trait Backends: Send + Sync + 'static {
+    fn status(&self, id: &BackendId) -> Status;
+    /// Whether a backend other than `id` may take a request now.
+    fn another_available(&self, id: &BackendId) -> bool;
+}
+
+impl<S: Send + Sync + 'static> Backends for Pool<S> {
+    #[inline]
+    fn status(&self, id: &BackendId) -> Status {
+        match self.state(id) {
+            None => Status::Missing,
+            Some(state) if state.is_available() => Status::Available,
+            Some(_) => Status::Unavailable,
+        }
+    }
+
+    fn another_available(&self, id: &BackendId) -> bool {
+        self.snapshot()
+            .members()
+            .iter()
+            .any(|m| m.id() != id && m.state().is_available())
+    }
+}
+
+pub(crate) struct Config {
+    pub(crate) key: SessionKey,
+    pub(crate) backends: Arc<dyn Backends>,
+    pub(crate) store: Option<Arc<dyn SessionStore>>,
+    pub(crate) availability: Availability,
+    pub(crate) strict: bool,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_sessions: usize,
+    pub(crate) on_move: Option<OnMove>,
+    pub(crate) on_restore: Option<OnRestore>,
+}
+
+impl Clone for Config {
+    fn clone(&self) -> Self {
+        Config {
+            key: self.key.clone(),
+            backends: self.backends.clone(),
+            store: self.store.clone(),
+            availability: self.availability,
+            strict: self.strict,
+            idle_timeout: self.idle_timeout,
+            max_sessions: self.max_sessions,
+            on_move: self.on_move.clone(),
+            on_restore: self.on_restore.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("key", &self.key)
+            .field("store", &self.store.is_some())
+            .field("availability", &self.availability)
+            .field("strict", &self.strict)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_sessions", &self.max_sessions)
+            .field("on_move", &self.on_move.is_some())
+            .field("on_restore", &self.on_restore.is_some())
+            .finish()
+    }
+}
+
+type Loading = Mutex<HashMap<Arc<str>, Arc<OnceCell<Option<Session>>>>>;
+
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    table: Table,
+    loading: Loading,
+    counters: Counters,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("sessions", &self.table.len())
+            .finish()
+    }
+}
+
+/// What the response path must do for a request.
+#[derive(Debug)]
+pub(crate) enum Track {
+    /// The request names no session: a response may start one.
+    Fresh,
+    /// The request names a session nobody knows: its response starts it.
+    New { key: Arc<str> },
+    /// A known session.
+    Known {
+        key: Arc<str>,
+        backend: BackendId,
+        /// The backend the request's own cookie named (cookie insert).
+        cookie: Option<BackendId>,
+        /// The last request of the session failed: this one was kept off
+        /// `backend`.
+        failed: bool,
+    },
+}
+
+/// What `call` decided.
+pub(crate) enum Start {
+    /// Call the inner service now.
+    Call(Track),
+    /// Load the session from the store first.
+    Load {
+        key: Arc<str>,
+        cookie: Option<BackendId>,
+        load: BoxFuture<Option<Session>>,
+    },
+    /// Refuse the request (strict mode).
+    Refuse(SessionUnavailable),
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config) -> Self {
+        Shared {
+            table: Table::new(config.idle_timeout, config.max_sessions),
+            config,
+            loading: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> StickyStats {
+        self.counters.snapshot(self.table.len())
+    }
+
+    pub(crate) fn session(&self, key: &str) -> Option<Session> {
+        self.table.session(key)
+    }
+
+    fn count_dropped(&self, dropped: Dropped) {
+        bump(&self.counters.expired, dropped.expired);
+        bump(&self.counters.evicted, dropped.evicted);
+    }
+
+    fn reject(&self, reason: Reject) {
+        bump(&self.counters.rejected, 1);
+        tracing::debug!(target: TARGET, %reason, "session key rejected");
+    }
+
+    /// The value of the layer's cookie for `key` on `backend`, kept in
+    /// the table so that a hit is a comparison (cookie insert only).
+    fn tag(&self, key: &str, backend: &BackendId) -> Option<Box<str>> {
+        self.config
+            .key
+            .cookie()
+            .map(|c| c.value(key, backend).into_boxed_str())
+    }
+
+    /// Reads the request's key, looks it up and sets the request's
+    /// extensions.
+    pub(crate) fn start<B>(self: &Arc<Self>, req: &mut Request<B>) -> Start {
+        let found = {
+            let head = RequestHead::from(&*req);
+            match self.config.key.extract(&head) {
+                Extracted::None => return Start::Call(Track::Fresh),
+                Extracted::Rejected(reason) => {
+                    self.reject(reason);
+                    return Start::Call(Track::Fresh);
+                }
+                Extracted::Key(key) => self.lookup(&key),
+                Extracted::Cookie(value) => match self.lookup_cookie(value) {
+                    Ok(found) => found,
+                    Err(reason) => {
+                        self.reject(reason);
+                        return Start::Call(Track::Fresh);
+                    }
+                },
+            }
+        };
+        let routed = match found {
+            Found::Hit(hit, cookie) => self.pin(req, hit, cookie),
+            Found::Miss(key, cookie) => {
+                bump(&self.counters.misses, 1);
+                match (&self.config.store, self.config.availability) {
+                    (Some(store), Availability::Replication) => {
+                        let load = self.load(store.clone(), key.clone());
+                        return Start::Load { key, cookie, load };
+                    }
+                    _ => self.after_load(req, key, cookie, None),
+                }
+            }
+        };
+        match routed {
+            Ok(track) => Start::Call(track),
+            Err(refused) => Start::Refuse(refused),
+        }
+    }
+
+    fn lookup(&self, key: &str) -> Found {
+        let found = self.table.get(key, None);
+        bump(&self.counters.expired, u64::from(found.expired));
+        match found.hit {
+            Some(hit) => Found::Hit(hit, None),
+            None => Found::Miss(Arc::from(key), None),
+        }
+    }
+
+    /// Looks up the session a cookie of the layer's own names. The exact
+    /// value issued for the session's current backend is recognised by a
+    /// constant-time comparison with the value kept in the table, without
+    /// decoding or computing a MAC; any other value is parsed and its MAC
+    /// verified before it is trusted.
+    fn lookup_cookie(&self, value: &[u8]) -> Result<Found, Reject> {
+        let mut hit = None;
+        if let Some(session) = value
+            .get(..SESSION_ID_LEN)
+            .filter(|_| value.get(SESSION_ID_LEN) == Some(&b'.'))
+            .and_then(|s| std::str::from_utf8(s).ok())
+        {
+            let found = self.table.get(session, Some(value));
+            bump(&self.counters.expired, u64::from(found.expired));
+            if let (true, Some(h)) = (found.exact, &found.hit) {
+                let named = h.backend.clone();
+                return Ok(Found::Hit(found.hit.expect("checked"), Some(named)));
+            }
+            hit = found.hit;
+        }
+        let cookie = self
+            .config
+            .key
+            .cookie()
+            .expect("a cookie key read a cookie");
+        let parsed = Parsed::new(value)?;
+        let named = cookie.verify(&parsed)?;
+        Ok(match hit {
+            Some(hit) => Found::Hit(hit, Some(named)),
+            None => Found::Miss(Arc::from(parsed.session), Some(named)),
+        })
+    }
+
+    /// Routes a request whose session was looked up in the store (or not,
+    /// when there is no store to ask).
+    pub(crate) fn after_load<B>(
+        &self,
+        req: &mut Request<B>,
+        key: Arc<str>,
+        cookie: Option<BackendId>,
+        stored: Option<Session>,
+    ) -> Result<Track, SessionUnavailable> {
+        // A stored record is authoritative (it follows moves made on other
+        // replicas); without one, a verified cookie names the backend,
+        // unless that backend is not in the pool: a session nobody knows
+        // on a backend nobody knows is no session.
+        let session = match (stored, &cookie) {
+            (Some(stored), _) => Some(stored),
+            (None, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
+                self.reject(Reject::UnknownBackend);
+                return Ok(Track::Fresh);
+            }
+            (None, Some(backend)) => Some(Session::new(&*key, backend.clone())),
+            (None, None) => None,
+        };
+        match session {
+            Some(session) => {
+                let tag = self.tag(&key, &session.backend);
+                let (hit, dropped) = self.table.insert_if_absent(session, tag);
+                self.count_dropped(dropped);
+                self.pin(req, hit, cookie)
+            }
+            None => Ok(Track::New { key }),
+        }
+    }
+
+    /// Pins a request to its session's backend, or lets it go elsewhere.
+    ///
+    /// Outside strict mode the backend's state is not read here: the
+    /// balancer honours the affinity only when the backend is available,
+    /// and the response tells where the request went. A session whose last
+    /// request failed is kept off that backend through `Attempts`.
+    fn pin<B>(
+        &self,
+        req: &mut Request<B>,
+        hit: Hit,
+        cookie: Option<BackendId>,
+    ) -> Result<Track, SessionUnavailable> {
+        if self.config.strict {
+            if self.config.backends.status(&hit.backend) != Status::Available {
+                bump(&self.counters.strict_refusals, 1);
+                return Err(SessionUnavailable::new(&hit.key, hit.backend));
+            }
+            req.extensions_mut().insert(Affinity(hit.backend.clone()));
+        } else if hit.failed && self.config.backends.another_available(&hit.backend) {
+            let ext = req.extensions_mut();
+            match ext.get_mut::<Attempts>() {
+                Some(attempts) if !attempts.contains(&hit.backend) => {
+                    attempts.push(hit.backend.clone())
+                }
+                Some(_) => {}
+                None => {
+                    ext.insert(std::iter::once(hit.backend.clone()).collect::<Attempts>());
+                }
+            }
+        } else {
+            req.extensions_mut().insert(Affinity(hit.backend.clone()));
+        }
+        Ok(Track::Known {
+            key: hit.key,
+            backend: hit.backend,
+            cookie,
+            failed: hit.failed,
+        })
+    }
+
+    /// Why a session left `backend`.
+    fn reason(&self, backend: &BackendId, failed: bool) -> MoveReason {
+        if failed {
+            return MoveReason::Failed;
+        }
+        match self.config.backends.status(backend) {
+            Status::Missing => MoveReason::Removed,
+            Status::Unavailable => MoveReason::Unavailable,
+            Status::Available => MoveReason::ServedElsewhere,
+        }
+    }
+
+    /// Loads `key` from the store, once for all concurrent requests.
+    fn load(
+        self: &Arc<Self>,
+        store: Arc<dyn SessionStore>,
+        key: Arc<str>,
+    ) -> BoxFuture<Option<Session>> {
+        let shared = self.clone();
+        Box::pin(async move {
+            let cell = {
+                let mut loading = shared.loading.lock();
+                // A load that finished since this request's lookup has put
+                // the session in the table before leaving the map.
+                if let Some(session) = shared.table.session(&key) {
+                    return Some(session);
+                }
+                loading.entry(key.clone()).or_default().clone()
+            };
+            let session = cell
+                .get_or_init(|| async {
+                    bump(&shared.counters.loaded, 1);
+                    match store.load(&key).await {
+                        Ok(session) => session.filter(|s| *s.key == *key),
+                        Err(error) => {
+                            shared.store_error(&key, "load", &error);
+                            None
+                        }
+                    }
+                })
+                .await
+                .clone();
+            if let Some(session) = &session {
+                let tag = shared.tag(&session.key, &session.backend);
+                let (_, dropped) = shared.table.insert_if_absent(session.clone(), tag);
+                shared.count_dropped(dropped);
+            }
+            let mut loading = shared.loading.lock();
+            if loading.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                loading.remove(&key);
+            }
+            session
+        })
+    }
+
+    /// Learns from a response: starts, moves or ends sessions, sets the
+    /// cookie. Returns the store and hook work to finish before the
+    /// response is handed on.
+    pub(crate) fn on_response<RB>(
+        self: &Arc<Self>,
+        track: Track,
+        response: &mut Response<RB>,
+    ) -> Result<Option<BoxFuture<()>>, SessionUnavailable> {
+        // The common case, a hit served by its own backend: nothing to learn.
+        if let Track::Known {
+            backend,
+            cookie,
+            failed: false,
+            ..
+        } = &track
+        {
+            let learns = matches!(self.config.key.kind, Kind::Learn(_));
+            let current = cookie.as_ref().is_none_or(|c| c == backend);
+            if !learns
+                && current
+                && response
+                    .extensions()
+                    .get::<ServedBy>()
+                    .is_some_and(|s| s.0 == *backend)
+            {
+                return Ok(None);
+            }
+        }
+        let served = response.extensions().get::<ServedBy>().map(|s| s.0.clone());
+        let mut work = Work::default();
+        let mut current: Option<Arc<str>> = None;
+        match (track, served.as_ref()) {
+            (
+                Track::Known {
+                    key,
+                    backend,
+                    cookie,
+                    failed,
+                },
+                Some(served),
+            ) => {
+                if *served == backend {
+                    if failed {
+                        self.table.set_failed(&key, &backend, false);
+                    }
+                    self.reissue(response, &key, cookie.as_ref(), served);
+                } else if self.config.strict {
+                    bump(&self.counters.strict_refusals, 1);
+                    return Err(SessionUnavailable::new(&key, backend));
+                } else {
+                    let reason = self.reason(&backend, failed);
+                    let tag = self.tag(&key, served);
+                    if let Some(moved) = self.table.move_if(&key, &backend, served, tag) {
+                        bump(&self.counters.moved, 1);
+                        tracing::info!(
+                            target: TARGET,
+                            session = %key,
+                            from = %moved.from,
+                            to = %served,
+                            %reason,
+                            "session moved"
+                        );
+                        work.save.push(moved.session.clone());
+                        work.moved = Some(SessionMoved {
+                            session: moved.session,
+                            from: moved.from,
+                            reason,
+                        });
+                    }
+                    // Whoever moved it, the table now names its backend.
+                    if let Some(now) = self.table.session(&key) {
+                        self.reissue(response, &key, cookie.as_ref(), &now.backend);
+                    }
+                }
+                current = Some(key);
+            }
+            (Track::Known { key, .. }, None) => current = Some(key),
+            (Track::New { key }, Some(served)) => {
+                self.create(&mut work, &key, served.clone());
+                if let Some(c) = self.config.key.cookie() {
+                    set_cookie(response, c, &key, served);
+                }
+                current = Some(key);
+            }
+            (Track::New { key }, None) => current = Some(key),
+            (Track::Fresh, Some(served)) => match &self.config.key.kind {
+                Kind::Insert(c) => {
+                    let sid = CookieInsert::new_session_id();
+                    self.create(&mut work, &sid, served.clone());
+                    set_cookie(response, c, &sid, served);
+                }
+                Kind::Header(name) => {
+                    let learned = response.headers().get(name).map(|v| v.as_bytes());
+                    if let Some(k) = learned.and_then(key::response_key) {
+                        self.create(&mut work, k, served.clone());
+                    }
+                }
+                Kind::Learn(_) | Kind::Fn(_) => {}
+            },
+            (Track::Fresh, None) => {}
+        }
+        if let Kind::Learn(name) = &self.config.key.kind {
+            match cookie::learn(response.headers(), name) {
+                Some(Learned::Set(value)) => {
+                    if let (Some(k), Some(served)) = (key::response_key(value), &served) {
+                        if current.as_deref() != Some(k) {
+                            self.create(&mut work, k, served.clone());
+                        }
+                    }
+                }
+                Some(Learned::Deleted) => {
+                    if let Some(k) = current {
+                        if self.table.remove(&k) {
+                            tracing::debug!(target: TARGET, session = %k, "session ended by the application");
+                        }
+                        work.delete.push(k.to_string());
+                    }
+                }
+                None => {}
+            }
+        }
+        Ok(self.finish(work))
+    }
+
+    /// Records that a request failed; a failure of the session's own
+    /// backend makes the next request move.
+    pub(crate) fn on_error(&self, track: &Track, error: &BoxError) {
+        if let Track::Known { key, backend, .. } = track {
+            if find::<BackendError>(&**error).is_some_and(|e| e.backend() == backend) {
+                self.table.set_failed(key, backend, true);
+            }
+        }
+    }
+
+    fn create(&self, work: &mut Work, key: &str, backend: BackendId) {
+        let tag = self.tag(key, &backend);
+        let session = Session::new(key, backend);
+        let (_, dropped) = self.table.insert(session.clone(), tag);
+        self.count_dropped(dropped);
+        bump(&self.counters.created, 1);
+        work.save.push(session);
+    }
+
+    fn reissue<RB>(
+        &self,
+        response: &mut Response<RB>,
+        key: &str,
+        cookie_backend: Option<&BackendId>,
+        backend: &BackendId,
+    ) {
+        if let Some(c) = self.config.key.cookie() {
+            if cookie_backend != Some(backend) {
+                set_cookie(response, c, key, backend);
+            }
+        }
+    }
+
+    fn finish(self: &Arc<Self>, work: Work) -> Option<BoxFuture<()>> {
+        let has_hook = work.moved.is_some() && self.config.on_move.is_some();
+        if (self.config.store.is_none() || work.is_empty()) && !has_hook {
+            return None;
+        }
+        let store = self.config.store.clone();
+        let hook = work.moved.as_ref().and(self.config.on_move.clone());
+        let shared = self.clone();
+        Some(Box::pin(async move {
+            if let Some(store) = store {
+                for session in &work.save {
+                    if let Err(error) = store.save(session).await {
+                        shared.store_error(&session.key, "save", &error);
+                    }
+                }
+                if !work.delete.is_empty() {
+                    if let Err(error) = store.delete(&work.delete).await {
+                        shared.store_error(&work.delete[0], "delete", &error);
+                    }
+                }
+            }
+            if let (Some(hook), Some(moved)) = (hook, work.moved) {
+                let key = moved.session.key.clone();
+                if let Err(error) = hook(moved).await {
+                    tracing::warn!(target: TARGET, session = %key, %error, "on_move hook failed");
+                }
+            }
+        }))
+    }
+
+    fn store_error(&self, key: &str, op: &'static str, error: &StoreError) {
+        bump(&self.counters.store_errors, 1);
+        tracing::warn!(target: TARGET, session = %key, op, %error, "session store call failed");
+    }
+
+    /// Loads every stored session and restores it (see `Sticky::restore`).
+    pub(crate) async fn restore(&self) -> Result<RestoreReport, StoreError> {
+        let mut report = RestoreReport::default();
+        let Some(store) = &self.config.store else {
+            return Ok(report);
+        };
+        let loaded = store.load_all().await?;
+        report.skipped = loaded.skipped;
+        for session in loaded.sessions {
+            if let Some(hook) = &self.config.on_restore {
+                if let Err(error) = hook(session.clone()).await {
+                    tracing::warn!(
+                        target: TARGET,
+                        session = %session.key,
+                        backend = %session.backend,
+                        %error,
+                        "session restore failed; its record is kept"
+                    );
+                    report.failed.push(RestoreFailure {
+                        key: session.key,
+                        backend: session.backend,
+                        error,
+                    });
+                    continue;
+                }
+            }
+            report.restored.push(session.key.clone());
+            let tag = self.tag(&session.key, &session.backend);
+            let (_, dropped) = self.table.insert(session, tag);
+            self.count_dropped(dropped);
+        }
+        Ok(report)
+    }
+
+    /// Ends a session: forgets it and deletes its stored record.
+    pub(crate) async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        let known = self.table.remove(key);
+        if let Some(store) = &self.config.store {
+            store.delete(&[key.to_owned()]).await?;
+        }
+        Ok(known)
+    }
+}
+
+enum Found {
+    Hit(Hit, Option<BackendId>),
+    Miss(Arc<str>, Option<BackendId>),
+}
+
+#[derive(Default)]
+struct Work {
+    save: Vec<Session>,
+    delete: Vec<String>,
+    moved: Option<SessionMoved>,
+}
+
+impl Work {
+    fn is_empty(&self) -> bool {
+        self.save.is_empty() && self.delete.is_empty()
+    }
+}
+
+fn set_cookie<RB>(response: &mut Response<RB>, c: &CookieInsert, key: &str, backend: &BackendId) {
+    let value = c.value(key, backend);
+    if let Some(header) = c.set_cookie(&value) {
+        response.headers_mut().append(SET_COOKIE, header);
+    }
+}

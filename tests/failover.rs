@@ -1,0 +1,767 @@
+//! Failover semantics with mock backends and paused time.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use parking_lot::Mutex;
+use proptest::prelude::*;
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
+use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::classify::Classifier;
+use tower_ha::error::find;
+use tower_ha::extensions::{Attempts, ServedBy};
+use tower_ha::failover::{
+    Backoff, BufferBodyLayer, DeadlineExceeded, Exhausted, FailedStatus, FailoverLayer, ReplayBody,
+    RetryNonIdempotent, TimedOut,
+};
+use tower_ha::{BackendId, BoxError, NoBackend, NotSent, Pool};
+use tower_test::mock;
+
+type Mock = mock::Mock<Request<()>, Response<()>>;
+type Handle = mock::Handle<Request<()>, Response<()>>;
+
+fn ids(list: &[BackendId]) -> Vec<&str> {
+    list.iter().map(BackendId::as_str).collect()
+}
+
+fn history<B>(response: &Response<B>) -> Vec<String> {
+    let attempts = response
+        .extensions()
+        .get::<Attempts>()
+        .expect("response carries the attempt history");
+    attempts
+        .as_slice()
+        .iter()
+        .map(|id| id.to_string())
+        .collect()
+}
+
+fn served_by<B>(response: &Response<B>) -> &str {
+    response
+        .extensions()
+        .get::<ServedBy>()
+        .expect("ServedBy")
+        .0
+        .as_str()
+}
+
+fn exhausted(err: &BoxError) -> &Exhausted {
+    err.downcast_ref::<Exhausted>()
+        .unwrap_or_else(|| panic!("expected Exhausted, got {err}"))
+}
+
+fn mock_fleet(names: &[&str]) -> (Pool<Mock>, Vec<Handle>) {
+    let pool = Pool::new();
+    let mut handles = Vec::new();
+    for name in names {
+        let (service, handle) = mock::pair();
+        pool.insert(*name, service);
+        handles.push(handle);
+    }
+    (pool, handles)
+}
+
+fn status(code: u16) -> Response<()> {
+    let mut response = Response::new(());
+    *response.status_mut() = StatusCode::from_u16(code).unwrap();
+    response
+}
+
+// ---------------------------------------------------------------------------
+// Timing, with tower_test::mock and paused time.
+
+#[tokio::test(start_paused = true)]
+async fn per_try_timeout_moves_on_at_the_configured_instant() {
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
+        .service(Balance::new(pool.clone(), RoundRobin::new()));
+
+    let start = Instant::now();
+    let call = tokio::spawn(service.oneshot(Request::new(())));
+
+    let (_, a_reply) = handles[0].next_request().await.expect("a is tried first");
+    assert_eq!(Instant::now(), start);
+    assert_eq!(pool.state(&"a".into()).unwrap().in_flight(), 1);
+
+    let (to_b, b_reply) = handles[1].next_request().await.expect("then b");
+    assert_eq!(Instant::now() - start, Duration::from_millis(100));
+    // The attempt on a was dropped: a holds no request any more, and b was
+    // told not to come back to a.
+    assert_eq!(pool.state(&"a".into()).unwrap().in_flight(), 0);
+    assert_eq!(
+        ids(to_b.extensions().get::<Attempts>().unwrap().as_slice()),
+        ["a"]
+    );
+
+    tokio::time::advance(Duration::from_millis(30)).await;
+    b_reply.send_response(status(200));
+    a_reply.send_response(status(200)); // too late: nobody listens
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(served_by(&response), "b");
+    assert_eq!(history(&response), ["a", "b"]);
+    assert_eq!(Instant::now() - start, Duration::from_millis(130));
+}
+
+#[tokio::test(start_paused = true)]
+async fn timer_does_not_fire_one_tick_early() {
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    let mut service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
+        .service(Balance::new(pool, RoundRobin::new()));
+    let start = Instant::now();
+    service.ready().await.unwrap();
+    let mut call = Box::pin(service.call(Request::new(())));
+    assert!(futures::poll!(call.as_mut()).is_pending());
+    let (_, _a_reply) = handles[0].next_request().await.unwrap();
+
+    tokio::time::advance(Duration::from_millis(99)).await;
+    assert!(futures::poll!(call.as_mut()).is_pending());
+    assert!(handles[1].poll_request().is_pending(), "b not tried yet");
+
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(futures::poll!(call.as_mut()).is_pending());
+    let (_, b_reply) = handles[1].next_request().await.expect("b tried at 100 ms");
+    assert_eq!(Instant::now() - start, Duration::from_millis(100));
+    b_reply.send_response(status(204));
+    let response = call.await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_ends_the_attempts_at_the_configured_instant() {
+    let (pool, mut handles) = mock_fleet(&["a", "b", "c", "d"]);
+    let service = ServiceBuilder::new()
+        .layer(
+            FailoverLayer::new()
+                .per_try_timeout(Duration::from_millis(100))
+                .deadline(Duration::from_millis(250)),
+        )
+        .service(Balance::new(pool.clone(), RoundRobin::new()));
+
+    let start = Instant::now();
+    let call = tokio::spawn(async move {
+        let result = service.oneshot(Request::new(())).await;
+        (result, Instant::now())
+    });
+
+    let mut replies = Vec::new();
+    for (handle, at) in handles.iter_mut().zip([0, 100, 200]) {
+        let (_, reply) = handle.next_request().await.unwrap();
+        assert_eq!(Instant::now() - start, Duration::from_millis(at));
+        replies.push(reply);
+    }
+    let (result, ended) = call.await.unwrap();
+    assert_eq!(ended - start, Duration::from_millis(250));
+    assert!(handles[3].poll_request().is_pending(), "d never tried");
+    assert_eq!(pool.state(&"c".into()).unwrap().in_flight(), 0);
+
+    let err = result.unwrap_err();
+    let err = exhausted(&err);
+    assert_eq!(
+        ids(&err.backends().cloned().collect::<Vec<_>>()),
+        ["a", "b", "c"]
+    );
+    let causes = err.attempts();
+    assert_eq!(
+        causes[0].1.downcast_ref::<TimedOut>().unwrap().after(),
+        Duration::from_millis(100)
+    );
+    assert!(causes[1].1.is::<TimedOut>());
+    assert_eq!(
+        causes[2]
+            .1
+            .downcast_ref::<DeadlineExceeded>()
+            .unwrap()
+            .after(),
+        Duration::from_millis(250)
+    );
+    assert!(find::<DeadlineExceeded>(err).is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_pauses_between_attempts_within_its_jitter() {
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().backoff(Backoff::constant(Duration::from_millis(80))))
+        .service(Balance::new(pool, RoundRobin::new()));
+    let call = tokio::spawn(service.oneshot(Request::new(())));
+
+    let (_, a_reply) = handles[0].next_request().await.unwrap();
+    let failed_at = Instant::now();
+    a_reply.send_response(status(503));
+    let (_, b_reply) = handles[1].next_request().await.unwrap();
+    let pause = Instant::now() - failed_at;
+    assert!(
+        pause >= Duration::from_millis(40) && pause <= Duration::from_millis(80),
+        "{pause:?}"
+    );
+    b_reply.send_response(status(200));
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(history(&response), ["a", "b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn huge_durations_do_not_panic_and_the_deadline_still_holds() {
+    let layer = FailoverLayer::new()
+        .per_try_timeout(Duration::MAX)
+        .backoff(Backoff::exponential(Duration::MAX, Duration::MAX))
+        .deadline(Duration::from_secs(1));
+    let start = Instant::now();
+    let (result, tried) = send(
+        layer,
+        &[("a", Kind::Reset), ("b", Kind::Ok)],
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    assert_eq!(
+        tried,
+        ["a"],
+        "still pausing before b when the deadline passed"
+    );
+    let err = result.unwrap_err();
+    let err = exhausted(&err);
+    assert_eq!(err.attempts().len(), 1);
+    assert!(err.reason().unwrap().is::<DeadlineExceeded>());
+}
+
+// ---------------------------------------------------------------------------
+// The retry budget.
+
+/// A fleet whose every backend fails, counting the attempts it receives.
+fn failing_fleet(
+    n: usize,
+    attempts: Arc<AtomicUsize>,
+) -> Pool<BoxCloneSyncService<Request<()>, Response<()>, BoxError>> {
+    let pool = Pool::new();
+    for i in 0..n {
+        let attempts = attempts.clone();
+        let service = service_fn(move |_req: Request<()>| {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            async { Ok::<_, BoxError>(status(503)) }
+        });
+        pool.insert(format!("b{i}"), BoxCloneSyncService::new(service));
+    }
+    pool
+}
+
+/// Sends `rate` requests per second to `backends` failing backends for
+/// `seconds` seconds of virtual time; returns the number of retries.
+async fn retries_over(layer: FailoverLayer, backends: usize, rate: u32, seconds: u32) -> usize {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let service = ServiceBuilder::new().layer(layer).service(Balance::new(
+        failing_fleet(backends, attempts.clone()),
+        RoundRobin::new(),
+    ));
+    let requests = rate * seconds;
+    let gap = Duration::from_secs(1) / rate;
+    for _ in 0..requests {
+        let response = service.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::advance(gap).await;
+    }
+    attempts.load(Ordering::Relaxed) - requests as usize
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_caps_retries_at_ratio_plus_floor_over_a_minute() {
+    // 20 requests per second for 60 s, three failing backends: without a
+    // budget each request is retried twice (2400 retries).
+    let unbounded = retries_over(FailoverLayer::new().no_budget(), 3, 20, 60).await;
+    assert_eq!(unbounded, 2400);
+
+    let retries = retries_over(FailoverLayer::new(), 3, 20, 60).await;
+    // Ratio: 20 % of 1200 requests = 240; floor: 3 per second = 180.
+    let ratio = 1200 / 5;
+    let floor = 3 * 60;
+    assert!(retries <= ratio + floor, "{retries} retries");
+    // The budget counts over 10 s windows: 20 % of 200 requests plus 30 =
+    // 70 retries in the first; in each later one, the request whose retry
+    // opens the window was counted in the previous window: 20 % of 199
+    // plus 30 = 69.
+    assert_eq!(retries, 70 + 5 * 69);
+}
+
+#[tokio::test(start_paused = true)]
+async fn budget_floor_allows_retries_without_traffic() {
+    // One request per second to ten failing backends: the ratio allows
+    // 0.2 retries per second, the floor 3; without a budget, 9 per request.
+    let unbounded = retries_over(FailoverLayer::new().no_budget(), 10, 1, 60).await;
+    assert_eq!(unbounded, 9 * 60);
+    let retries = retries_over(FailoverLayer::new(), 10, 1, 60).await;
+    let ratio = 60 / 5;
+    let floor = 3 * 60;
+    assert!(retries <= ratio + floor, "{retries} retries");
+    // Per 10 s window: 20 % of 10 requests plus 30 = 32 in the first, 20 %
+    // of 9 plus 30 = 31.8, so 31, in each later one.
+    assert_eq!(retries, 32 + 5 * 31);
+}
+
+// ---------------------------------------------------------------------------
+// What counts as a failure, what may be retried, and the history.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Ok,
+    Unavailable,
+    /// A refused connection: known not sent.
+    Refused,
+    /// A reset after the request was sent.
+    Reset,
+    /// A success status the classifier does not count as a failure.
+    ServerError,
+}
+
+type Log = Arc<Mutex<Vec<String>>>;
+type Backend = BoxCloneSyncService<Request<Full<Bytes>>, Response<()>, BoxError>;
+
+fn fleet(kinds: &[(&str, Kind)], log: &Log) -> Pool<Backend> {
+    let pool = Pool::new();
+    for &(name, kind) in kinds {
+        let log = log.clone();
+        let label = name.to_string();
+        let service = service_fn(move |_req: Request<Full<Bytes>>| {
+            log.lock().push(label.clone());
+            async move {
+                match kind {
+                    Kind::Ok => Ok(status(200)),
+                    Kind::Unavailable => Ok(status(503)),
+                    Kind::ServerError => Ok(status(500)),
+                    Kind::Refused => {
+                        Err(NotSent::new(io::Error::from(io::ErrorKind::ConnectionRefused)).into())
+                    }
+                    Kind::Reset => Err(io::Error::from(io::ErrorKind::ConnectionReset).into()),
+                }
+            }
+        });
+        pool.insert(name, BoxCloneSyncService::new(service));
+    }
+    pool
+}
+
+fn request(method: Method) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri("/")
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .unwrap()
+}
+
+async fn send<C: Classifier + Clone>(
+    layer: FailoverLayer<C>,
+    kinds: &[(&str, Kind)],
+    req: Request<Full<Bytes>>,
+) -> (Result<Response<()>, BoxError>, Vec<String>) {
+    let log = Log::default();
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(Balance::new(fleet(kinds, &log), RoundRobin::new()));
+    let result = service.oneshot(req).await;
+    let tried = log.lock().clone();
+    (result, tried)
+}
+
+#[tokio::test]
+async fn get_tries_each_backend_once_in_round_robin_order() {
+    use Kind::*;
+    let kinds = [
+        ("a", Refused),
+        ("b", Unavailable),
+        ("c", Reset),
+        ("d", Ok),
+        ("e", Ok),
+    ];
+    let (result, tried) = send(FailoverLayer::new(), &kinds, request(Method::GET)).await;
+    let response = result.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(tried, ["a", "b", "c", "d"]);
+    assert_eq!(history(&response), ["a", "b", "c", "d"]);
+    assert_eq!(served_by(&response), "d");
+}
+
+#[tokio::test]
+async fn success_at_first_try_carries_no_history() {
+    let (result, tried) = send(
+        FailoverLayer::new(),
+        &[("a", Kind::Ok)],
+        request(Method::GET),
+    )
+    .await;
+    let response = result.unwrap();
+    assert_eq!(tried, ["a"]);
+    assert!(response.extensions().get::<Attempts>().is_none());
+}
+
+#[tokio::test]
+async fn a_status_that_is_no_failure_is_returned_unchanged() {
+    use Kind::*;
+    let kinds = [("a", Unavailable), ("b", ServerError), ("c", Ok)];
+    let (result, tried) = send(FailoverLayer::new(), &kinds, request(Method::GET)).await;
+    let response = result.unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(tried, ["a", "b"]);
+    assert_eq!(history(&response), ["a", "b"]);
+}
+
+#[tokio::test]
+async fn exhausted_lists_every_backend_and_why_in_order() {
+    use Kind::*;
+    let kinds = [("a", Unavailable), ("b", Refused), ("c", Reset)];
+    let (result, tried) = send(FailoverLayer::new(), &kinds, request(Method::GET)).await;
+    assert_eq!(tried, ["a", "b", "c"]);
+    let err = result.unwrap_err();
+    let err = exhausted(&err);
+    let attempts = err.attempts();
+    assert_eq!(
+        ids(&err.backends().cloned().collect::<Vec<_>>()),
+        ["a", "b", "c"]
+    );
+    assert_eq!(
+        attempts[0]
+            .1
+            .downcast_ref::<FailedStatus>()
+            .unwrap()
+            .status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert!(find::<NotSent>(&*attempts[1].1).is_some());
+    let reset = find::<io::Error>(&*attempts[2].1).unwrap();
+    assert_eq!(reset.kind(), io::ErrorKind::ConnectionReset);
+    assert!(
+        err.reason().is_none(),
+        "NoBackend after failures is not listed"
+    );
+}
+
+#[tokio::test]
+async fn the_last_failed_response_is_returned_with_the_history() {
+    use Kind::*;
+    let kinds = [("a", Reset), ("b", Unavailable)];
+    let (result, tried) = send(FailoverLayer::new(), &kinds, request(Method::GET)).await;
+    let response = result.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(tried, ["a", "b"]);
+    assert_eq!(history(&response), ["a", "b"]);
+}
+
+#[tokio::test]
+async fn no_backend_at_all_is_the_reason_of_an_empty_exhausted() {
+    let (result, tried) = send(FailoverLayer::new(), &[], request(Method::GET)).await;
+    assert!(tried.is_empty());
+    let err = result.unwrap_err();
+    let err = exhausted(&err);
+    assert!(err.attempts().is_empty());
+    assert!(err.reason().unwrap().is::<NoBackend>());
+}
+
+#[tokio::test]
+async fn post_is_not_retried_after_a_failed_response_or_a_sent_error() {
+    use Kind::*;
+    let (result, tried) = send(
+        FailoverLayer::new(),
+        &[("a", Unavailable), ("b", Ok)],
+        request(Method::POST),
+    )
+    .await;
+    let response = result.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(tried, ["a"]);
+    assert_eq!(history(&response), ["a"]);
+
+    let (result, tried) = send(
+        FailoverLayer::new(),
+        &[("a", Reset), ("b", Ok)],
+        request(Method::PATCH),
+    )
+    .await;
+    assert_eq!(tried, ["a"]);
+    let err = result.unwrap_err();
+    assert_eq!(
+        ids(&exhausted(&err).backends().cloned().collect::<Vec<_>>()),
+        ["a"]
+    );
+}
+
+#[tokio::test]
+async fn post_is_retried_when_not_sent() {
+    use Kind::*;
+    let (result, tried) = send(
+        FailoverLayer::new(),
+        &[("a", Refused), ("b", Refused), ("c", Ok)],
+        request(Method::POST),
+    )
+    .await;
+    assert_eq!(result.unwrap().status(), StatusCode::OK);
+    assert_eq!(tried, ["a", "b", "c"]);
+}
+
+#[tokio::test]
+async fn post_is_retried_after_any_failure_when_opted_in() {
+    use Kind::*;
+    let kinds = [("a", Unavailable), ("b", Reset), ("c", Ok)];
+    let mut req = request(Method::POST);
+    req.extensions_mut().insert(RetryNonIdempotent);
+    let (result, tried) = send(FailoverLayer::new(), &kinds, req).await;
+    assert_eq!(result.unwrap().status(), StatusCode::OK);
+    assert_eq!(tried, ["a", "b", "c"]);
+
+    let layer = FailoverLayer::new().retry_non_idempotent(true);
+    let (result, tried) = send(layer, &kinds, request(Method::POST)).await;
+    assert_eq!(result.unwrap().status(), StatusCode::OK);
+    assert_eq!(tried, ["a", "b", "c"]);
+}
+
+#[tokio::test]
+async fn max_attempts_bounds_the_attempts() {
+    use Kind::*;
+    let kinds = [("a", Reset), ("b", Reset), ("c", Ok)];
+    let (result, tried) = send(
+        FailoverLayer::new().max_attempts(2),
+        &kinds,
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(tried, ["a", "b"]);
+    let err = result.unwrap_err();
+    assert_eq!(exhausted(&err).attempts().len(), 2);
+
+    let (result, tried) = send(
+        FailoverLayer::new().max_attempts(1),
+        &kinds,
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(tried, ["a"]);
+    assert_eq!(exhausted(&result.unwrap_err()).attempts().len(), 1);
+}
+
+#[tokio::test]
+async fn a_closure_classifier_decides_what_fails() {
+    use tower_ha::classify::Outcome;
+    let errors_only = |outcome: &Outcome<'_>| matches!(outcome, Outcome::Error(_));
+    let kinds = [("a", Kind::Unavailable), ("b", Kind::Ok)];
+    let (result, tried) = send(
+        FailoverLayer::new().classifier(errors_only),
+        &kinds,
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(result.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(tried, ["a"]);
+}
+
+// ---------------------------------------------------------------------------
+// Bodies that are not `Clone`.
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// Backends that read the whole body, log its length, and answer `code`.
+fn reading_fleet(
+    kinds: &[(&'static str, u16)],
+    log: &Arc<Mutex<Vec<(String, usize)>>>,
+) -> Pool<BoxCloneSyncService<Request<ReplayBody<BoxBody>>, Response<()>, BoxError>> {
+    let pool = Pool::new();
+    for &(name, code) in kinds {
+        let log = log.clone();
+        let service = service_fn(move |req: Request<ReplayBody<BoxBody>>| {
+            let log = log.clone();
+            async move {
+                let body = req.into_body().collect().await?.to_bytes();
+                log.lock().push((name.to_string(), body.len()));
+                Ok::<_, BoxError>(status(code))
+            }
+        });
+        pool.insert(name, BoxCloneSyncService::new(service));
+    }
+    pool
+}
+
+async fn post_body(len: usize) -> (Response<()>, Vec<(String, usize)>) {
+    let log = Arc::default();
+    let service = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new().limit(1024))
+        .layer(FailoverLayer::new().retry_non_idempotent(true))
+        .service(Balance::new(
+            reading_fleet(&[("a", 503), ("b", 200)], &log),
+            RoundRobin::new(),
+        ));
+    let body = Full::new(Bytes::from(vec![7u8; len])).boxed();
+    let req = Request::post("/upload").body(body).unwrap();
+    let response = service.oneshot(req).await.unwrap();
+    let log = log.lock().clone();
+    (response, log)
+}
+
+#[tokio::test]
+async fn a_body_within_the_limit_is_replayed() {
+    let (response, log) = post_body(1024).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(log, [("a".to_string(), 1024), ("b".to_string(), 1024)]);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_not_retried_once_read() {
+    let (response, log) = post_body(1025).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(log, [("a".to_string(), 1025)]);
+    assert_eq!(history(&response), ["a"]);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_retried_while_unread() {
+    let log: Log = Log::default();
+    let pool = Pool::new();
+    for (name, refuse) in [("a", true), ("b", false)] {
+        let log = log.clone();
+        let service = service_fn(move |req: Request<ReplayBody<BoxBody>>| {
+            let log = log.clone();
+            async move {
+                if refuse {
+                    // Fails before reading the body, as a refused connection.
+                    return Err::<Response<()>, BoxError>(
+                        NotSent::new(io::Error::from(io::ErrorKind::ConnectionRefused)).into(),
+                    );
+                }
+                let body = req.into_body().collect().await?.to_bytes();
+                log.lock().push(format!("{name}:{}", body.len()));
+                Ok(status(200))
+            }
+        });
+        pool.insert(name, BoxCloneSyncService::new(service));
+    }
+    let service = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new().limit(16))
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool, RoundRobin::new()));
+    let body = Full::new(Bytes::from(vec![1u8; 100])).boxed();
+    let response = service
+        .oneshot(Request::post("/").body(body).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(*log.lock(), ["b:100"]);
+    assert_eq!(history(&response), ["a", "b"]);
+}
+
+// ---------------------------------------------------------------------------
+// Invariants over random fleets.
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        Just(Kind::Ok),
+        Just(Kind::Unavailable),
+        Just(Kind::Refused),
+        Just(Kind::Reset),
+    ]
+}
+
+fn retryable(kind: Kind, method: &Method) -> bool {
+    match kind {
+        Kind::Refused => true,
+        Kind::Unavailable | Kind::Reset => method == Method::GET,
+        Kind::Ok | Kind::ServerError => false,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn no_backend_twice_and_failure_only_when_all_allowed_failed(
+        kinds in prop::collection::vec(kind(), 0..8),
+        post in any::<bool>(),
+        random in any::<bool>(),
+        requests in 1usize..4,
+    ) {
+        let names: Vec<String> = (0..kinds.len()).map(|i| format!("n{i}")).collect();
+        let named: Vec<(&str, Kind)> = names.iter().map(String::as_str).zip(kinds.iter().copied()).collect();
+        let kind_of = |name: &str| named.iter().find(|(n, _)| *n == name).unwrap().1;
+        let method = if post { Method::POST } else { Method::GET };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let log = Log::default();
+        let pool = fleet(&named, &log);
+        let layer = FailoverLayer::new().no_budget();
+        let service: BoxCloneSyncService<Request<Full<Bytes>>, Response<()>, BoxError> = if random {
+            BoxCloneSyncService::new(layer.layer(Balance::new(pool, tower_ha::balance::Random::new())))
+        } else {
+            BoxCloneSyncService::new(layer.layer(Balance::new(pool, RoundRobin::new())))
+        };
+        for _ in 0..requests {
+            log.lock().clear();
+            let result = runtime.block_on(service.clone().oneshot(request(method.clone())));
+            let tried = log.lock().clone();
+
+            // Never the same backend twice.
+            let mut unique = tried.clone();
+            unique.sort();
+            unique.dedup();
+            prop_assert_eq!(unique.len(), tried.len(), "tried {:?}", tried);
+
+            // Every attempt but the last failed in a retryable way.
+            for name in tried.iter().take(tried.len().saturating_sub(1)) {
+                prop_assert!(retryable(kind_of(name), &method), "{} retried after {:?}", name, kind_of(name));
+            }
+            let succeeded = matches!(&result, Ok(r) if r.status() == StatusCode::OK);
+            if succeeded {
+                prop_assert_eq!(kind_of(tried.last().unwrap()), Kind::Ok);
+            } else {
+                // A failure only when every backend it may try has failed:
+                // either all were tried, or the last one may not be retried.
+                let all_tried = tried.len() == named.len();
+                let stopped = tried.last().is_some_and(|n| !retryable(kind_of(n), &method));
+                prop_assert!(all_tried || stopped, "gave up after {:?} of {:?}", tried, named);
+                prop_assert!(tried.iter().all(|n| kind_of(n) != Kind::Ok));
+            }
+            if method == Method::GET {
+                prop_assert_eq!(succeeded, kinds.contains(&Kind::Ok));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// An inner service of your own that speaks the extension protocol.
+
+#[tokio::test]
+async fn works_over_any_service_that_honours_attempts_and_names_backends() {
+    use tower_ha::BackendError;
+    // Tries "x" then "y" in order, skipping those in `Attempts`; "x" fails.
+    let own = service_fn(|req: Request<()>| async move {
+        let tried = req
+            .extensions()
+            .get::<Attempts>()
+            .cloned()
+            .unwrap_or_default();
+        let Some(next) = ["x", "y"]
+            .into_iter()
+            .map(BackendId::from)
+            .find(|id| !tried.contains(id))
+        else {
+            return Err::<Response<()>, BoxError>(Box::new(NoBackend::default()));
+        };
+        if next.as_str() == "x" {
+            return Err(
+                BackendError::new(next, io::Error::from(io::ErrorKind::ConnectionReset)).into(),
+            );
+        }
+        let mut response = status(200);
+        response.extensions_mut().insert(ServedBy(next));
+        Ok(response)
+    });
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(own);
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(served_by(&response), "y");
+    assert_eq!(history(&response), ["x", "y"]);
+}

@@ -1,0 +1,189 @@
+//! Failover end to end: real hyper servers on 127.0.0.1, a real client.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::extensions::{Attempts, ServedBy};
+use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
+use tower_ha::Pool;
+
+use support::http::{hanging, refused, serve, text, BoxBody, HttpBackend};
+
+fn pool<B>(backends: &[(&str, SocketAddr)]) -> Pool<HttpBackend<B>>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<tower_ha::BoxError>,
+{
+    let pool = Pool::new();
+    for (name, addr) in backends {
+        pool.insert(*name, HttpBackend::new(*addr));
+    }
+    pool
+}
+
+fn history<B>(response: &http::Response<B>) -> Vec<String> {
+    response
+        .extensions()
+        .get::<Attempts>()
+        .expect("attempt history")
+        .as_slice()
+        .iter()
+        .map(|id| id.to_string())
+        .collect()
+}
+
+fn request(method: Method, body: &'static str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri("/orders")
+        .header("x-request-id", "42")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn get_tries_refused_then_unavailable_then_healthy_in_order() {
+    let down = refused().await;
+    let (unavailable, unavailable_seen) =
+        serve("unavailable", StatusCode::SERVICE_UNAVAILABLE).await;
+    let (healthy, healthy_seen) = serve("healthy", StatusCode::OK).await;
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(Balance::new(
+            pool(&[
+                ("down", down),
+                ("unavailable", unavailable),
+                ("healthy", healthy),
+            ]),
+            RoundRobin::new(),
+        ));
+
+    let response = service.oneshot(request(Method::GET, "")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(history(&response), ["down", "unavailable", "healthy"]);
+    assert_eq!(
+        response.extensions().get::<ServedBy>().unwrap().0.as_str(),
+        "healthy"
+    );
+    assert_eq!(text(response).await, "healthy");
+    assert_eq!(unavailable_seen.requests(), 1);
+    assert_eq!(healthy_seen.requests(), 1);
+}
+
+#[tokio::test]
+async fn post_is_not_retried_after_a_503() {
+    let (unavailable, unavailable_seen) =
+        serve("unavailable", StatusCode::SERVICE_UNAVAILABLE).await;
+    let (healthy, healthy_seen) = serve("healthy", StatusCode::OK).await;
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(Balance::new(
+            pool(&[("unavailable", unavailable), ("healthy", healthy)]),
+            RoundRobin::new(),
+        ));
+
+    let response = service
+        .oneshot(request(Method::POST, "{\"qty\":1}"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(history(&response), ["unavailable"]);
+    assert_eq!(text(response).await, "unavailable");
+    assert_eq!(unavailable_seen.requests(), 1);
+    assert_eq!(unavailable_seen.body_bytes(), 9);
+    assert_eq!(healthy_seen.requests(), 0);
+}
+
+#[tokio::test]
+async fn post_is_retried_after_a_refused_connection() {
+    let down = refused().await;
+    let (healthy, healthy_seen) = serve("healthy", StatusCode::OK).await;
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(Balance::new(
+            pool(&[("down", down), ("healthy", healthy)]),
+            RoundRobin::new(),
+        ));
+
+    let response = service
+        .oneshot(request(Method::POST, "{\"qty\":1}"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(history(&response), ["down", "healthy"]);
+    assert_eq!(healthy_seen.requests(), 1);
+    assert_eq!(healthy_seen.body_bytes(), 9);
+}
+
+/// Sends a `POST` whose body is not `Clone` to a 503 backend then a healthy
+/// one, with non-idempotent retries opted in: only the body decides whether
+/// the request may be sent again.
+async fn post_streamed(len: usize) -> (http::Response<hyper::body::Incoming>, usize, usize) {
+    let (unavailable, unavailable_seen) =
+        serve("unavailable", StatusCode::SERVICE_UNAVAILABLE).await;
+    let (healthy, healthy_seen) = serve("healthy", StatusCode::OK).await;
+    let service = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new())
+        .layer(FailoverLayer::new().retry_non_idempotent(true))
+        .service(Balance::new(
+            pool::<ReplayBody<BoxBody>>(&[("unavailable", unavailable), ("healthy", healthy)]),
+            RoundRobin::new(),
+        ));
+    let body: BoxBody = Full::new(Bytes::from(vec![b'x'; len])).boxed();
+    let req = Request::post("/upload").body(body).unwrap();
+    let response = service.oneshot(req).await.unwrap();
+    (
+        response,
+        unavailable_seen.body_bytes(),
+        healthy_seen.body_bytes(),
+    )
+}
+
+#[tokio::test]
+async fn a_1_mib_post_body_is_not_retried_after_it_was_sent() {
+    let (response, unavailable_bytes, healthy_bytes) = post_streamed(1024 * 1024).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(history(&response), ["unavailable"]);
+    assert_eq!(unavailable_bytes, 1024 * 1024);
+    assert_eq!(healthy_bytes, 0);
+}
+
+#[tokio::test]
+async fn a_small_post_body_is_buffered_and_retried() {
+    let (response, unavailable_bytes, healthy_bytes) = post_streamed(1024).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(history(&response), ["unavailable", "healthy"]);
+    assert_eq!(unavailable_bytes, 1024);
+    assert_eq!(healthy_bytes, 1024);
+}
+
+#[tokio::test]
+async fn a_hanging_backend_is_abandoned_at_the_per_try_timeout() {
+    let (stuck, stuck_seen) = hanging().await;
+    let (healthy, healthy_seen) = serve("healthy", StatusCode::OK).await;
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(200)))
+        .service(Balance::new(
+            pool(&[("stuck", stuck), ("healthy", healthy)]),
+            RoundRobin::new(),
+        ));
+
+    let response = service.oneshot(request(Method::GET, "")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(history(&response), ["stuck", "healthy"]);
+    assert_eq!(text(response).await, "healthy");
+    assert_eq!(
+        stuck_seen.connections(),
+        1,
+        "the stuck backend accepted the request"
+    );
+    assert_eq!(healthy_seen.requests(), 1);
+}

@@ -1,0 +1,1018 @@
+//! The sticky layer over `Balance` with in-process backends: session keys,
+//! moves, strict mode, bad input, memory bounds and availability modes.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use http::header::{COOKIE, SET_COOKIE};
+use http::{HeaderValue, Request, Response};
+use parking_lot::Mutex;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_ha::balance::{Balance, BalanceLayer, RoundRobin};
+use tower_ha::error::find;
+use tower_ha::extensions::{Attempts, ServedBy};
+use tower_ha::sticky::{
+    Availability, CookieInsert, MoveReason, SessionKey, SessionMoved, SessionUnavailable, Sticky,
+    StickyLayer,
+};
+use tower_ha::store::{Loaded, MemoryStore, Session, SessionStore, StoreFuture};
+use tower_ha::{BackendError, BoxError, Health, Pool};
+
+const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+/// One in-process backend: answers its name; fails while `fail` is set;
+/// sets an application cookie or session header when asked.
+fn backend(
+    name: &'static str,
+    fail: Arc<AtomicBool>,
+) -> impl Service<Request<()>, Response = Response<String>, Error = BoxError, Future: Send>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    let counter = Arc::new(AtomicUsize::new(0));
+    tower::service_fn(move |req: Request<()>| {
+        let fail = fail.load(Ordering::SeqCst);
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        async move {
+            if fail {
+                return Err::<_, BoxError>(
+                    std::io::Error::from(std::io::ErrorKind::ConnectionReset).into(),
+                );
+            }
+            let mut res = Response::new(name.to_owned());
+            if req.headers().contains_key("x-login") {
+                let v = format!("JSESSIONID={name}-{n}; Path=/; HttpOnly");
+                res.headers_mut()
+                    .append(SET_COOKIE, HeaderValue::try_from(v).unwrap());
+            }
+            if req.headers().contains_key("x-logout") {
+                res.headers_mut().append(
+                    SET_COOKIE,
+                    HeaderValue::from_static("JSESSIONID=; Max-Age=0; Path=/"),
+                );
+            }
+            if req.headers().contains_key("x-assign") {
+                let v = format!("{name}-assigned-{n}");
+                res.headers_mut()
+                    .insert("x-session-id", HeaderValue::try_from(v).unwrap());
+            }
+            Ok(res)
+        }
+    })
+}
+
+struct Cluster<S> {
+    pool: Pool<S>,
+    fail: HashMap<&'static str, Arc<AtomicBool>>,
+}
+
+fn cluster() -> Cluster<
+    impl Service<Request<()>, Response = Response<String>, Error = BoxError, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+> {
+    let pool = Pool::new();
+    let mut fail = HashMap::new();
+    for name in NAMES {
+        let flag = Arc::new(AtomicBool::new(false));
+        pool.insert(name, backend(name, flag.clone()));
+        fail.insert(name, flag);
+    }
+    Cluster { pool, fail }
+}
+
+impl<S> Cluster<S> {
+    fn set_health(&self, name: &str, health: Health) {
+        self.pool.state(&name.into()).unwrap().set_health(health);
+    }
+}
+
+fn insert_cookie() -> CookieInsert {
+    CookieInsert::new("srv", SECRET).secure(false)
+}
+
+fn cookie_of(res: &Response<String>) -> Option<String> {
+    res.headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .find(|v| v.starts_with("srv="))
+        .map(|v| v.split(';').next().unwrap().to_owned())
+}
+
+fn with_cookie(cookie: &str) -> Request<()> {
+    Request::builder().header(COOKIE, cookie).body(()).unwrap()
+}
+
+fn served(res: &Response<String>) -> &str {
+    res.extensions().get::<ServedBy>().unwrap().0.as_str()
+}
+
+async fn send<S>(svc: &S, req: Request<()>) -> Result<Response<String>, BoxError>
+where
+    S: Service<Request<()>, Response = Response<String>, Error = BoxError> + Clone,
+{
+    svc.clone().oneshot(req).await
+}
+
+/// Records every `on_move` call.
+#[derive(Clone, Default)]
+struct Moves(Arc<Mutex<Vec<SessionMoved>>>);
+
+impl Moves {
+    fn hook(
+        &self,
+    ) -> impl Fn(SessionMoved) -> std::future::Ready<Result<(), BoxError>> + Send + Sync + 'static
+    {
+        let moves = self.0.clone();
+        move |m| {
+            moves.lock().push(m);
+            std::future::ready(Ok(()))
+        }
+    }
+
+    fn all(&self) -> Vec<SessionMoved> {
+        self.0.lock().clone()
+    }
+}
+
+#[tokio::test]
+async fn cookie_insert_pins_every_client_to_its_first_backend() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let mut per_backend = HashMap::new();
+    for _ in 0..30 {
+        let first = send(&svc, Request::new(())).await.unwrap();
+        let cookie = cookie_of(&first).expect("a new session sets the cookie");
+        let set = first.headers()[SET_COOKIE].to_str().unwrap();
+        assert!(set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Path=/"));
+        *per_backend.entry(first.body().clone()).or_insert(0) += 1;
+        for _ in 0..5 {
+            let res = send(&svc, with_cookie(&cookie)).await.unwrap();
+            assert_eq!(res.body(), first.body());
+            assert_eq!(served(&res), res.body());
+            assert!(
+                cookie_of(&res).is_none(),
+                "a hit does not reissue the cookie"
+            );
+        }
+    }
+    // Round robin spread the new sessions; stickiness kept them.
+    assert_eq!(per_backend.len(), 3, "{per_backend:?}");
+    assert_eq!(layer.stats().created, 30);
+    assert_eq!(layer.stats().sessions, 30);
+}
+
+#[tokio::test]
+async fn sessions_move_off_an_unavailable_backend_once_and_do_not_move_back() {
+    let c = cluster();
+    let moves = Moves::default();
+    let store = MemoryStore::new();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
+        .store(store.clone())
+        .on_move(moves.hook());
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let first = send(&svc, Request::new(())).await.unwrap();
+    assert_eq!(first.body(), "a");
+    let cookie = cookie_of(&first).unwrap();
+
+    c.set_health("a", Health::Unhealthy);
+    // Concurrent requests of one session: it moves once.
+    let results = join_all((0..20).map(|_| send(&svc, with_cookie(&cookie)))).await;
+    let mut moved_to = None;
+    for res in &results {
+        let res = res.as_ref().unwrap();
+        assert_ne!(res.body(), "a");
+        if let Some(new_cookie) = cookie_of(res) {
+            moved_to.get_or_insert_with(|| new_cookie.clone());
+        }
+    }
+    let new_cookie = moved_to.expect("the move reissues the cookie");
+    let all = moves.all();
+    assert_eq!(all.len(), 1, "one move, one hook call");
+    assert_eq!(all[0].from.as_str(), "a");
+    assert_eq!(all[0].reason, MoveReason::Unavailable);
+    let to = all[0].session.backend.clone();
+    assert_eq!(layer.stats().moved, 1);
+    // The store holds the move.
+    let sid = all[0].session.key.clone();
+    assert_eq!(store.load(&sid).await.unwrap().unwrap().backend, to);
+
+    // The old backend recovers: the session stays where it went, with the
+    // new cookie and with the stale one alike.
+    c.set_health("a", Health::Healthy);
+    for cookie in [&new_cookie, &cookie] {
+        for _ in 0..5 {
+            let res = send(&svc, with_cookie(cookie)).await.unwrap();
+            assert_eq!(res.body(), to.as_str());
+        }
+    }
+    assert_eq!(moves.all().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_backend_moves_its_session_on_the_next_request() {
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let req = || {
+        Request::builder()
+            .header("x-session-id", "s1")
+            .body(())
+            .unwrap()
+    };
+    let home = send(&svc, req()).await.unwrap().body().clone();
+
+    c.fail[home.as_str()].store(true, Ordering::SeqCst);
+    let err = send(&svc, req()).await.unwrap_err();
+    let failed = find::<BackendError>(&*err).expect("the backend's error");
+    assert_eq!(failed.backend().as_str(), home);
+    assert!(moves.all().is_empty(), "no move without a response");
+
+    let res = send(&svc, req()).await.unwrap();
+    let new_home = res.body().clone();
+    assert_ne!(new_home, home);
+    let all = moves.all();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].reason, MoveReason::Failed);
+
+    c.fail[home.as_str()].store(false, Ordering::SeqCst);
+    for _ in 0..6 {
+        assert_eq!(send(&svc, req()).await.unwrap().body(), &new_home);
+    }
+    assert_eq!(moves.all().len(), 1);
+}
+
+/// A stand-in for the failover layer, speaking only the extension
+/// protocol: on a backend error, record it in `Attempts` and try again.
+#[derive(Clone)]
+struct RetryElsewhere<S>(S);
+
+impl<S> Service<Request<()>> for RetryElsewhere<S>
+where
+    S: Service<Request<()>, Response = Response<String>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<String>;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Response<String>, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move {
+            let (parts, ()) = req.into_parts();
+            let mut attempts = parts
+                .extensions
+                .get::<Attempts>()
+                .cloned()
+                .unwrap_or_default();
+            loop {
+                let mut next = Request::from_parts(parts.clone(), ());
+                next.extensions_mut().insert(attempts.clone());
+                match inner.clone().oneshot(next).await {
+                    Err(e) if attempts.len() < 3 => match find::<BackendError>(&*e) {
+                        Some(b) => attempts.push(b.backend().clone()),
+                        None => return Err(e),
+                    },
+                    other => return other,
+                }
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn with_failover_below_the_session_moves_to_the_backend_that_served() {
+    let c = cluster();
+    let moves = Moves::default();
+    let layer =
+        StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie())).on_move(moves.hook());
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer_fn(RetryElsewhere)
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let cookie = cookie_of(&first).unwrap();
+    let home = first.body().clone();
+
+    c.fail[home.as_str()].store(true, Ordering::SeqCst);
+    // The failing backend is retried elsewhere within the same request.
+    let res = send(&svc, with_cookie(&cookie)).await.unwrap();
+    assert_ne!(res.body(), &home);
+    assert!(
+        cookie_of(&res).is_some(),
+        "the moved session's cookie is reissued"
+    );
+    let all = moves.all();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].reason, MoveReason::ServedElsewhere);
+    assert_eq!(all[0].session.backend.as_str(), res.body());
+    c.fail[home.as_str()].store(false, Ordering::SeqCst);
+    assert_eq!(
+        send(&svc, with_cookie(&cookie)).await.unwrap().body(),
+        res.body()
+    );
+}
+
+#[tokio::test]
+async fn strict_mode_answers_session_unavailable_instead_of_moving() {
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
+        .strict(true)
+        .on_move(moves.hook());
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let cookie = cookie_of(&first).unwrap();
+    let home = first.body().clone();
+
+    c.set_health(&home, Health::Unhealthy);
+    let err = send(&svc, with_cookie(&cookie)).await.unwrap_err();
+    let unavailable = err
+        .downcast_ref::<SessionUnavailable>()
+        .expect("typed error");
+    assert_eq!(unavailable.backend().as_str(), home);
+    assert_eq!(layer.stats().strict_refusals, 1);
+
+    // Served elsewhere by a failover layer: still refused, never moved.
+    let svc2 = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer_fn(RetryElsewhere)
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    c.set_health(&home, Health::Healthy);
+    c.fail[home.as_str()].store(true, Ordering::SeqCst);
+    let err = send(&svc2, with_cookie(&cookie)).await.unwrap_err();
+    assert!(err.downcast_ref::<SessionUnavailable>().is_some(), "{err}");
+    c.fail[home.as_str()].store(false, Ordering::SeqCst);
+
+    assert_eq!(
+        send(&svc, with_cookie(&cookie)).await.unwrap().body(),
+        &home
+    );
+    assert!(moves.all().is_empty());
+    assert_eq!(layer.stats().moved, 0);
+}
+
+#[tokio::test]
+async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let layer =
+        StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID")).store(store.clone());
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    // Without the cookie: round robin.
+    let bodies: Vec<String> = join_all((0..3).map(|_| send(&svc, Request::new(()))))
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().into_body())
+        .collect();
+    assert_eq!(bodies.len(), 3);
+    let login = send(
+        &svc,
+        Request::builder().header("x-login", "1").body(()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let set = login.headers()[SET_COOKIE].to_str().unwrap();
+    let value = set.split(';').next().unwrap().to_owned();
+    let home = login.body().clone();
+    assert_eq!(store.len(), 1);
+    for _ in 0..6 {
+        assert_eq!(send(&svc, with_cookie(&value)).await.unwrap().body(), &home);
+    }
+    let logout = Request::builder()
+        .header(COOKIE, &value)
+        .header("x-logout", "1")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&svc, logout).await.unwrap().body(), &home);
+    assert_eq!(
+        layer.stats().sessions,
+        0,
+        "a deleted cookie ends the session"
+    );
+    assert!(store.is_empty());
+}
+
+#[tokio::test]
+async fn header_keys_come_from_requests_or_responses_and_closures_work() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"));
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let assigned = send(
+        &svc,
+        Request::builder().header("x-assign", "1").body(()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let id = assigned.headers()["x-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..4 {
+        let req = Request::builder()
+            .header("x-session-id", &id)
+            .body(())
+            .unwrap();
+        assert_eq!(send(&svc, req).await.unwrap().body(), assigned.body());
+    }
+
+    let kernel = SessionKey::from_fn(|req| {
+        let id = req
+            .uri
+            .path()
+            .strip_prefix("/api/kernels/")?
+            .split('/')
+            .next()?;
+        (!id.is_empty()).then(|| id.to_owned())
+    });
+    let layer = StickyLayer::new(&c.pool, kernel);
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let path = |k: &str, rest: &str| {
+        Request::get(format!("/api/kernels/{k}/{rest}"))
+            .body(())
+            .unwrap()
+    };
+    let k1 = send(&svc, path("k1", "channels"))
+        .await
+        .unwrap()
+        .into_body();
+    let k2 = send(&svc, path("k2", "channels"))
+        .await
+        .unwrap()
+        .into_body();
+    assert_ne!(k1, k2, "round robin placed the two kernels apart");
+    for rest in ["interrupt", "restart", "channels"] {
+        assert_eq!(send(&svc, path("k1", rest)).await.unwrap().body(), &k1);
+        assert_eq!(send(&svc, path("k2", rest)).await.unwrap().body(), &k2);
+    }
+    assert_eq!(layer.stats().sessions, 2);
+}
+
+#[tokio::test]
+async fn fastws_compatibility_hashes_the_cookie_and_round_robins_without_it() {
+    let c = cluster();
+    let balance = Balance::new(c.pool.clone(), tower_ha::sticky::hash_cookie("StickyStr"));
+    let mut homes = HashMap::new();
+    for user in 0..30 {
+        let cookie = format!("StickyStr=user-{user}");
+        let first = send(&balance, with_cookie(&cookie))
+            .await
+            .unwrap()
+            .into_body();
+        for _ in 0..3 {
+            assert_eq!(
+                send(&balance, with_cookie(&cookie)).await.unwrap().body(),
+                &first
+            );
+        }
+        homes.insert(user, first);
+    }
+    let spread: std::collections::HashSet<_> = homes.values().collect();
+    assert_eq!(spread.len(), 3);
+    let no_cookie: Vec<String> = [
+        Request::new(()),
+        with_cookie("StickyStr="),
+        Request::new(()),
+    ]
+    .into_iter()
+    .map(|r| {
+        futures::executor::block_on(send(&balance, r))
+            .unwrap()
+            .into_body()
+    })
+    .collect();
+    let distinct: std::collections::HashSet<_> = no_cookie.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "absent or empty cookie: round robin, {no_cookie:?}"
+    );
+}
+
+fn sign(name: &str, sid: &str, backend: &str) -> String {
+    sign_with(SECRET, name, sid, backend)
+}
+
+/// Signs a cookie value the documented way: HMAC-SHA256 over a label, the
+/// cookie name, the session id and the backend id.
+fn sign_with(secret: &[u8], name: &str, sid: &str, backend: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    for part in [
+        b"tower-ha sticky v1\0".as_slice(),
+        name.as_bytes(),
+        b"\0",
+        sid.as_bytes(),
+        b"\0",
+        backend.as_bytes(),
+    ] {
+        mac.update(part);
+    }
+    let tag = mac.finalize().into_bytes();
+    format!(
+        "{sid}.{}.{}",
+        URL_SAFE_NO_PAD.encode(backend),
+        URL_SAFE_NO_PAD.encode(&tag[..16])
+    )
+}
+
+#[tokio::test]
+async fn bad_input_is_no_session_and_is_counted() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let good = cookie_of(&send(&svc, Request::new(())).await.unwrap()).unwrap();
+    let good_value = good.strip_prefix("srv=").unwrap().to_owned();
+    let sid = "AAAAAAAAAAAAAAAAAAAAAA";
+    // The documented format, correctly signed: accepted.
+    let res = send(&svc, with_cookie(&format!("srv={}", sign("srv", sid, "b"))))
+        .await
+        .unwrap();
+    assert_eq!(res.body(), "b");
+    assert_eq!(layer.stats().rejected, 0);
+
+    let (head, tag) = good_value.rsplit_once('.').unwrap();
+    let flipped = format!(
+        "{head}.{}{}",
+        if tag.starts_with('A') { "B" } else { "A" },
+        &tag[1..]
+    );
+    let mut bad: Vec<HeaderValue> = vec![
+        // Bad signature.
+        HeaderValue::try_from(format!("srv={flipped}")).unwrap(),
+        // Signed with another secret.
+        HeaderValue::try_from(format!("srv={}", sign_with(&[9u8; 32], "srv", sid, "b"))).unwrap(),
+        // A well-signed cookie naming a backend not in the pool.
+        HeaderValue::try_from(format!(
+            "srv={}",
+            sign("srv", "BBBBBBBBBBBBBBBBBBBBBB", "zz")
+        ))
+        .unwrap(),
+        // An unsigned backend name, FastWS style.
+        HeaderValue::from_static("srv=b"),
+        // Random bytes, not UTF-8.
+        HeaderValue::from_bytes(b"srv=\xff\xfe\x80abc.\xc3\x28.\xe2\x82").unwrap(),
+        // 8 KiB of garbage.
+        HeaderValue::try_from(format!("srv={}", "x".repeat(8 * 1024))).unwrap(),
+        // 100 cookies in one header, ours forged.
+        HeaderValue::try_from(
+            (0..100)
+                .map(|i| format!("srv=forged{i}.x.y"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+        .unwrap(),
+    ];
+    let n = bad.len() as u64;
+    for (i, value) in bad.drain(..).enumerate() {
+        let req = Request::builder().header(COOKIE, value).body(()).unwrap();
+        let res = send(&svc, req).await.unwrap();
+        assert!(
+            cookie_of(&res).is_some(),
+            "case {i}: treated as no session, a new one starts"
+        );
+        assert_eq!(layer.stats().rejected, i as u64 + 1, "case {i} counted");
+    }
+    assert_eq!(layer.stats().rejected, n);
+
+    // 100 unrelated cookies around a valid one: a hit, nothing rejected.
+    let many = (0..100)
+        .map(|i| format!("c{i}=v{i}"))
+        .chain([good.clone()])
+        .collect::<Vec<_>>()
+        .join("; ");
+    let res = send(&svc, with_cookie(&many)).await.unwrap();
+    assert!(cookie_of(&res).is_none());
+    assert_eq!(layer.stats().rejected, n);
+
+    // Header keys: not UTF-8, too long.
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"));
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    for value in [
+        HeaderValue::from_bytes(b"\xff\xfe\xfd").unwrap(),
+        HeaderValue::try_from("k".repeat(4096)).unwrap(),
+    ] {
+        let req = Request::builder()
+            .header("x-session-id", value)
+            .body(())
+            .unwrap();
+        send(&svc, req).await.unwrap();
+    }
+    assert_eq!(layer.stats().rejected, 2);
+    assert_eq!(layer.stats().sessions, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_sessions_expire_and_a_restart_keeps_cookie_affinity() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
+        .idle_timeout(Duration::from_secs(60));
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let _ = send(&svc, Request::new(())).await.unwrap(); // a
+    let first = send(&svc, Request::new(())).await.unwrap(); // b
+    let cookie = cookie_of(&first).unwrap();
+    assert_eq!(layer.stats().sessions, 2);
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert_eq!(
+        send(&svc, with_cookie(&cookie)).await.unwrap().body(),
+        first.body()
+    );
+    tokio::time::advance(Duration::from_secs(61)).await;
+    // Expired from the table; the signed cookie still names its backend.
+    assert_eq!(
+        send(&svc, with_cookie(&cookie)).await.unwrap().body(),
+        first.body()
+    );
+    let stats = layer.stats();
+    // One found idle on lookup, the other dropped by the sweep that ran
+    // when the session was put back.
+    assert_eq!(stats.expired, 2);
+    assert_eq!(stats.misses, 1);
+    assert_eq!(stats.sessions, 1);
+
+    // A new instance (a restart) with the same secret and no store.
+    let layer2 = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
+    let svc2 = ServiceBuilder::new()
+        .layer(layer2.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    for _ in 0..3 {
+        assert_eq!(
+            send(&svc2, with_cookie(&cookie)).await.unwrap().body(),
+            first.body()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_full_table_evicts_least_recently_used_which_stay_in_the_store() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .max_sessions(8);
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let req = |k: usize| {
+        Request::builder()
+            .header("x-session-id", format!("s{k}"))
+            .body(())
+            .unwrap()
+    };
+    let mut homes = Vec::new();
+    for k in 0..20 {
+        homes.push(send(&svc, req(k)).await.unwrap().into_body());
+    }
+    let stats = layer.stats();
+    assert!(stats.sessions <= 8, "{stats:?}");
+    assert!(stats.evicted >= 12, "{stats:?}");
+    assert_eq!(store.len(), 20, "evicted sessions stay in the store");
+    assert!(layer.session("s0").is_none());
+    // Replication: an evicted session loads back on its next request.
+    for (k, home) in homes.iter().enumerate() {
+        assert_eq!(send(&svc, req(k)).await.unwrap().body(), home, "s{k}");
+    }
+}
+
+/// A store that counts loads and holds each load until released.
+#[derive(Clone)]
+struct SlowStore {
+    inner: MemoryStore,
+    loads: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl SessionStore for SlowStore {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        self.inner.load_all()
+    }
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let _permit = self.gate.acquire().await.unwrap();
+            self.inner.load(key).await
+        })
+    }
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        self.inner.save(session)
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        self.inner.delete(keys)
+    }
+}
+
+fn instance<S>(
+    c: &Cluster<S>,
+    key: SessionKey,
+    store: impl SessionStore,
+) -> (StickyLayer, Sticky<Balance<S, RoundRobin>>)
+where
+    S: Service<Request<()>> + Clone + Send + Sync + 'static,
+{
+    let layer = StickyLayer::new(&c.pool, key).store(store);
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    (layer, svc)
+}
+
+#[tokio::test]
+async fn replication_routes_a_session_started_on_another_instance() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let (_, a) = instance(
+        &c,
+        SessionKey::insert_cookie(insert_cookie()),
+        store.clone(),
+    );
+    let (layer_b, b) = instance(
+        &c,
+        SessionKey::insert_cookie(insert_cookie()),
+        store.clone(),
+    );
+
+    // Sessions started through A, one on each backend.
+    let mut cookies = Vec::new();
+    for _ in 0..3 {
+        let res = send(&a, Request::new(())).await.unwrap();
+        cookies.push((cookie_of(&res).unwrap(), res.into_body()));
+    }
+    // Move the first one on A; its client keeps the stale cookie.
+    let (stale, old_home) = cookies[0].clone();
+    c.set_health(&old_home, Health::Unhealthy);
+    let moved = send(&a, with_cookie(&stale)).await.unwrap().into_body();
+    assert_ne!(moved, old_home);
+    c.set_health(&old_home, Health::Healthy);
+    cookies[0].1 = moved;
+
+    // On B each session lands on its backend as the store knows it (not as
+    // the stale cookie says, nor where B's round robin would go).
+    for (cookie, home) in cookies.iter().rev() {
+        let res = send(&b, with_cookie(cookie)).await.unwrap();
+        assert_eq!(res.body(), home);
+    }
+    assert_eq!(layer_b.stats().loaded, 3);
+    assert_eq!(layer_b.stats().sessions, 3);
+
+    // Header keys know nothing but the store: B must load them.
+    let key = SessionKey::header("x-session-id");
+    let (_, a) = instance(&c, key.clone(), store.clone());
+    let (layer_b, b) = instance(&c, key, store.clone());
+    let req = || {
+        Request::builder()
+            .header("x-session-id", "kernel-7")
+            .body(())
+            .unwrap()
+    };
+    let _ = send(&b, Request::new(())).await.unwrap(); // moves B's round robin
+    let home = send(&a, req()).await.unwrap().into_body();
+    for _ in 0..3 {
+        assert_eq!(send(&b, req()).await.unwrap().body(), &home);
+    }
+    assert_eq!(layer_b.stats().loaded, 1, "loaded once, then known");
+}
+
+#[tokio::test]
+async fn replication_loads_each_key_once_under_concurrent_requests() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared
+        .save(&Session::new("kernel-1", "c".into()))
+        .await
+        .unwrap();
+    let slow = SlowStore {
+        inner: shared.clone(),
+        loads: Arc::new(AtomicUsize::new(0)),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), slow.clone());
+    let req = || {
+        Request::builder()
+            .header("x-session-id", "kernel-1")
+            .body(())
+            .unwrap()
+    };
+    let pending: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(send_owned(svc.clone(), req())))
+        .collect();
+    // Let every request reach the store before it answers.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    slow.gate.add_permits(1000);
+    for p in pending {
+        assert_eq!(p.await.unwrap().unwrap().body(), "c");
+    }
+    assert_eq!(slow.loads.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.stats().loaded, 1);
+}
+
+async fn send_owned<S>(svc: S, req: Request<()>) -> Result<Response<String>, BoxError>
+where
+    S: Service<Request<()>, Response = Response<String>, Error = BoxError>,
+{
+    svc.oneshot(req).await
+}
+
+#[tokio::test]
+async fn standalone_restore_reports_and_keeps_failed_records() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    for (k, b) in [("k1", "a"), ("k2", "b"), ("k3", "c")] {
+        let s = Session::new(k, b.into()).with_data(serde_json::json!({"port": 5000}));
+        store.save(&s).await.unwrap();
+    }
+    let restored = Arc::new(Mutex::new(Vec::new()));
+    let seen = restored.clone();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .on_restore(move |s: Session| {
+            let seen = seen.clone();
+            async move {
+                assert_eq!(s.data["port"], 5000);
+                if s.key == "k2" {
+                    return Err::<(), BoxError>("kernel gone".into());
+                }
+                seen.lock().push(s.key);
+                Ok(())
+            }
+        });
+    let report = layer.restore().await.unwrap();
+    let mut ok = report.restored.clone();
+    ok.sort();
+    assert_eq!(ok, ["k1", "k3"]);
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].key, "k2");
+    assert_eq!(report.failed[0].error.to_string(), "kernel gone");
+    assert_eq!(store.len(), 3, "a failed restore keeps the stored record");
+
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let req = |k: &str| {
+        Request::builder()
+            .header("x-session-id", k)
+            .body(())
+            .unwrap()
+    };
+    for _ in 0..3 {
+        assert_eq!(send(&svc, req("k1")).await.unwrap().body(), "a");
+        assert_eq!(send(&svc, req("k3")).await.unwrap().body(), "c");
+    }
+    // Standalone never reads the store on a miss.
+    let _ = send(&svc, req("k2")).await.unwrap();
+    assert_eq!(layer.stats().loaded, 0);
+}
+
+#[tokio::test]
+async fn store_errors_never_fail_requests() {
+    #[derive(Clone)]
+    struct Down;
+    impl SessionStore for Down {
+        fn load_all(&self) -> StoreFuture<'_, Loaded> {
+            Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) })
+        }
+        fn load<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Option<Session>> {
+            Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) })
+        }
+        fn save<'a>(&'a self, _: &'a Session) -> StoreFuture<'a, ()> {
+            Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) })
+        }
+        fn delete<'a>(&'a self, _: &'a [String]) -> StoreFuture<'a, ()> {
+            Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) })
+        }
+    }
+    let c = cluster();
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), Down);
+    let req = || {
+        Request::builder()
+            .header("x-session-id", "s")
+            .body(())
+            .unwrap()
+    };
+    let home = send(&svc, req()).await.unwrap().into_body();
+    assert_eq!(send(&svc, req()).await.unwrap().body(), &home);
+    let stats = layer.stats();
+    assert_eq!(stats.store_errors, 2, "one load, one save: {stats:?}");
+    assert!(layer.restore().await.unwrap_err().is_unavailable());
+}
+
+#[test]
+fn no_input_panics() {
+    use proptest::prelude::*;
+    let c = cluster();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cookie_layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
+    let header_layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"));
+    let learn_layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"));
+    let stacks: Vec<_> = [cookie_layer, header_layer, learn_layer]
+        .into_iter()
+        .map(|l| {
+            ServiceBuilder::new()
+                .layer(l)
+                .layer(BalanceLayer::new(RoundRobin::new()))
+                .service(c.pool.clone())
+        })
+        .collect();
+    proptest!(ProptestConfig::with_cases(256), |(bytes in proptest::collection::vec(any::<u8>(), 0..2048))| {
+        let Ok(value) = HeaderValue::from_bytes(&bytes) else { return Ok(()) };
+        for svc in &stacks {
+            let mut with_name = b"srv=".to_vec();
+            with_name.extend_from_slice(&bytes);
+            let req = Request::builder()
+                .header(COOKIE, value.clone())
+                .header(COOKIE, HeaderValue::from_bytes(&with_name).unwrap_or(value.clone()))
+                .header("x-session-id", value.clone())
+                .body(())
+                .unwrap();
+            let res = rt.block_on(send(svc, req));
+            prop_assert!(res.is_ok());
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_failed_only_backend_is_tried_again() {
+    let fail = Arc::new(AtomicBool::new(false));
+    let pool = Pool::new();
+    pool.insert("solo", backend("solo", fail.clone()));
+    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"));
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(pool.clone());
+    let req = || {
+        Request::builder()
+            .header("x-session-id", "s")
+            .body(())
+            .unwrap()
+    };
+    send(&svc, req()).await.unwrap();
+    fail.store(true, Ordering::SeqCst);
+    assert!(send(&svc, req()).await.is_err());
+    fail.store(false, Ordering::SeqCst);
+    // Nowhere else to go: the session's own backend gets the next request.
+    assert_eq!(send(&svc, req()).await.unwrap().body(), "solo");
+    assert_eq!(layer.stats().moved, 0);
+}

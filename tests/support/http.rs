@@ -1,0 +1,182 @@
+//! Real HTTP backends on 127.0.0.1 and a client service that reaches them.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tower::Service;
+use tower_ha::{BoxError, NotSent};
+
+/// What a test server saw.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Connections accepted.
+    pub connections: AtomicUsize,
+    /// Requests received.
+    pub requests: AtomicUsize,
+    /// Request body bytes read, over all requests.
+    pub body_bytes: AtomicUsize,
+}
+
+impl Seen {
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn body_bytes(&self) -> usize {
+        self.body_bytes.load(Ordering::SeqCst)
+    }
+}
+
+/// A server that reads each request's whole body, then answers `status`
+/// with `name` as its body.
+pub async fn serve(name: &'static str, status: StatusCode) -> (SocketAddr, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let server_seen = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            server_seen.connections.fetch_add(1, Ordering::SeqCst);
+            let seen = server_seen.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    seen.requests.fetch_add(1, Ordering::SeqCst);
+                    let body = req.into_body().collect().await?.to_bytes();
+                    seen.body_bytes.fetch_add(body.len(), Ordering::SeqCst);
+                    let mut response =
+                        Response::new(Full::new(Bytes::from_static(name.as_bytes())));
+                    *response.status_mut() = status;
+                    Ok::<_, hyper::Error>(response)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A server that accepts connections and never answers (nor closes them).
+pub async fn hanging() -> (SocketAddr, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let server_seen = seen.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            server_seen.connections.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (addr, seen)
+}
+
+/// An address where nothing listens: connecting is refused.
+pub async fn refused() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    addr
+}
+
+/// A backend service: sends each request to `addr` with a hyper client, and
+/// marks connection errors as [`NotSent`].
+pub struct HttpBackend<B> {
+    client: Client<HttpConnector, B>,
+    addr: SocketAddr,
+}
+
+impl<B> Clone for HttpBackend<B> {
+    fn clone(&self) -> Self {
+        HttpBackend {
+            client: self.client.clone(),
+            addr: self.addr,
+        }
+    }
+}
+
+impl<B> HttpBackend<B>
+where
+    B: Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(addr: SocketAddr) -> Self {
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        HttpBackend { client, addr }
+    }
+}
+
+impl<B> Service<Request<B>> for HttpBackend<B>
+where
+    B: Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Incoming>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *req.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(self.addr.to_string())
+            .path_and_query(path)
+            .build()
+            .expect("valid uri");
+        let response = self.client.request(req);
+        Box::pin(async move {
+            response.await.map_err(|e| {
+                if e.is_connect() {
+                    NotSent::new(e).into()
+                } else {
+                    e.into()
+                }
+            })
+        })
+    }
+}
+
+/// The body of a response, as a string.
+pub async fn text(response: Response<Incoming>) -> String {
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// An infallible body type that is not `Clone`.
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
