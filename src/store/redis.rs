@@ -15,11 +15,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Loaded, Session, SessionStore, StoreError, StoreFuture};
+use super::{Loaded, Session, SessionGuard, SessionLock, SessionStore, StoreError, StoreFuture};
 use crate::backend::BackendId;
 
 const DEFAULT_PREFIX: &str = "tower-ha:";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(35);
 /// Keys asked for per `SCAN` step.
 const SCAN_COUNT: usize = 1000;
 /// Keys read per `MGET`, and deleted per `DEL`.
@@ -137,6 +139,9 @@ struct Inner {
     ttl: Option<Duration>,
     timeout: Duration,
     notify: bool,
+    /// The lease [`SessionLock::lock`] takes, and how long it waits.
+    lease_ttl: Duration,
+    lease_wait: Duration,
     /// Tells this store's own notices from other replicas'.
     origin: String,
     release: Script,
@@ -151,12 +156,15 @@ pub struct RedisStoreBuilder {
     ttl: Option<Duration>,
     timeout: Duration,
     notify: bool,
+    lease_ttl: Duration,
+    lease_wait: Duration,
 }
 
 impl RedisStore {
     /// A builder for a store at `url`: `redis://[user:password@]host[:port][/db]`
     /// (or `redis+unix:///path`), with prefix `tower-ha:`, no expiry, a 2 s
-    /// timeout and move notices on.
+    /// timeout, move notices on, and 30 s leases waited for at most 35 s
+    /// by [`SessionLock::lock`].
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {
             url: url.into(),
@@ -164,6 +172,8 @@ impl RedisStore {
             ttl: None,
             timeout: DEFAULT_TIMEOUT,
             notify: true,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            lease_wait: DEFAULT_LEASE_WAIT,
         }
     }
 
@@ -339,6 +349,16 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// The lease [`SessionLock::lock`] takes (`ttl`, default 30 s: longer
+    /// than a restore takes) and how long it waits for another holder
+    /// (`wait`, default 35 s: longer than `ttl`), as in
+    /// [`RedisStore::claim`].
+    pub fn lease(mut self, ttl: Duration, wait: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self.lease_wait = wait;
+        self
+    }
+
     /// Connects and checks the server answers. Fails with
     /// [`other`](StoreError::is_other) for a bad URL, and as any call would
     /// when Redis cannot be reached or refuses the credentials.
@@ -368,6 +388,8 @@ impl RedisStoreBuilder {
             ttl: self.ttl,
             timeout: self.timeout,
             notify: self.notify,
+            lease_ttl: self.lease_ttl,
+            lease_wait: self.lease_wait,
             origin: random_token(),
             release: Script::new(RELEASE),
             extend: Script::new(EXTEND),
@@ -664,6 +686,28 @@ impl SessionStore for RedisStore {
     }
 }
 
+/// A lease of [`lease`](RedisStoreBuilder::lease)'s TTL, through
+/// [`RedisStore::claim`]; a lost claim answers `None`.
+impl SessionLock for RedisStore {
+    fn lock<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<SessionGuard>> {
+        Box::pin(async move {
+            let claim = self
+                .claim(key, self.inner.lease_ttl, self.inner.lease_wait)
+                .await?;
+            Ok(match claim {
+                Claim::Won(lease) => Some(SessionGuard::new(async move {
+                    let key = lease.key().to_owned();
+                    if !lease.release().await? {
+                        tracing::warn!(session = %key, "a session lease expired before it was released");
+                    }
+                    Ok(())
+                })),
+                Claim::Lost(_) => None,
+            })
+        })
+    }
+}
+
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
@@ -672,6 +716,8 @@ impl fmt::Debug for RedisStore {
             .field("ttl", &self.inner.ttl)
             .field("timeout", &self.inner.timeout)
             .field("notify", &self.inner.notify)
+            .field("lease_ttl", &self.inner.lease_ttl)
+            .field("lease_wait", &self.inner.lease_wait)
             .finish()
     }
 }
@@ -684,6 +730,8 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("ttl", &self.ttl)
             .field("timeout", &self.timeout)
             .field("notify", &self.notify)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("lease_wait", &self.lease_wait)
             .finish()
     }
 }
