@@ -3,9 +3,9 @@
 
 pub mod health_http;
 pub mod http;
-pub mod sticky_http;
 #[cfg(feature = "redis")]
 pub mod redis_server;
+pub mod sticky_http;
 pub mod store_contract;
 #[cfg(feature = "webhook")]
 pub mod webhook_server;
