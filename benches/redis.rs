@@ -137,9 +137,18 @@ fn redis(c: &mut Criterion) {
         .block_on(RedisStore::builder(server.url()).notify(false).build())
         .expect("connect");
 
+    // `cargo test --benches` runs this once in a debug build (no
+    // `--bench` argument): check that it works with few requests, quickly.
+    let full = std::env::args().any(|a| a == "--bench");
+    let (many, few, rounds) = if full {
+        (100_000, 20_000, 3)
+    } else {
+        (1_000, 500, 1)
+    };
+
     // Warm up both sides once.
-    store_rate(&rt, &store, &all, 50, 20_000, true);
-    let _ = redis_benchmark(server.port(), 20_000, 50, None);
+    store_rate(&rt, &store, &all, 50, few as usize, true);
+    let _ = redis_benchmark(server.port(), few, 50, None);
 
     // Three rounds, alternating the two sides so both see the same
     // machine; the best round of each counts (the machine is shared).
@@ -148,34 +157,43 @@ fn redis(c: &mut Criterion) {
     let mut sized = plain.clone();
     let mut single = plain.clone();
     let (mut save50, mut load50, mut save1, mut load1, mut quiet1) = (0.0, 0.0, 0.0, 0.0, 0.0);
-    for _ in 0..3 {
-        let (set, get, line) = redis_benchmark(server.port(), 100_000, 50, None);
+    for _ in 0..rounds {
+        let (set, get, line) = redis_benchmark(server.port(), many, 50, None);
         best(&mut plain.0, set);
         best(&mut plain.1, get);
         plain.2 = line;
-        let (set, get, line) = redis_benchmark(server.port(), 100_000, 50, Some(size));
+        let (set, get, line) = redis_benchmark(server.port(), many, 50, Some(size));
         best(&mut sized.0, set);
         best(&mut sized.1, get);
         sized.2 = line;
         best(
             &mut save50,
-            store_rate(&rt, &store, &all, 50, 100_000, true),
+            store_rate(&rt, &store, &all, 50, many as usize, true),
         );
         best(
             &mut load50,
-            store_rate(&rt, &store, &all, 50, 100_000, false),
+            store_rate(&rt, &store, &all, 50, many as usize, false),
         );
-        let (set, get, line) = redis_benchmark(server.port(), 20_000, 1, Some(size));
+        let (set, get, line) = redis_benchmark(server.port(), few, 1, Some(size));
         best(&mut single.0, set);
         best(&mut single.1, get);
         single.2 = line;
-        best(&mut save1, store_rate(&rt, &store, &all, 1, 20_000, true));
-        best(&mut load1, store_rate(&rt, &store, &all, 1, 20_000, false));
-        best(&mut quiet1, store_rate(&rt, &quiet, &all, 1, 20_000, true));
+        best(
+            &mut save1,
+            store_rate(&rt, &store, &all, 1, few as usize, true),
+        );
+        best(
+            &mut load1,
+            store_rate(&rt, &store, &all, 1, few as usize, false),
+        );
+        best(
+            &mut quiet1,
+            store_rate(&rt, &quiet, &all, 1, few as usize, true),
+        );
     }
 
     println!();
-    println!("session JSON: {size} bytes; best of 3 rounds each");
+    println!("session JSON: {size} bytes; best of {rounds} round(s) each");
     println!("{:<72} {:>10} {:>10}", "anchor", "SET/s", "GET/s");
     for (set, get, line) in [&plain, &sized, &single] {
         println!("{line:<72} {set:>10.0} {get:>10.0}");
