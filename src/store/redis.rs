@@ -29,6 +29,8 @@ const BATCH: usize = 500;
 /// How often a replica that lost a lease race looks whether the winner is
 /// done.
 const LEASE_POLL: Duration = Duration::from_millis(10);
+/// How often a quiet subscription checks that its connection still works.
+const PING_EVERY: Duration = Duration::from_secs(10);
 /// Pending notices a subscriber holds before Redis has to buffer them.
 const NOTICE_BUFFER: usize = 1024;
 
@@ -307,7 +309,8 @@ impl RedisStore {
     /// its own. Returns once the subscription is active, so every notice
     /// published after this returns is received. The subscription
     /// reconnects on its own, yielding [`Invalidation::All`] after each
-    /// reconnection since notices published meanwhile are lost; it ends
+    /// reconnection since notices published meanwhile are lost; a ping
+    /// every 10 s finds a connection that died silently. It ends
     /// when the returned value is dropped. Notices this store published
     /// itself are not yielded.
     pub async fn subscribe(&self) -> Result<Invalidations, StoreError> {
@@ -872,11 +875,24 @@ async fn listen(
     let mut backoff = Duration::from_millis(50);
     loop {
         {
-            let mut stream = std::pin::pin!(pubsub.on_message());
+            let (mut sink, stream) = pubsub.split();
+            let mut stream = std::pin::pin!(stream);
+            let mut ping = tokio::time::interval(PING_EVERY);
+            ping.tick().await;
             loop {
                 let msg = tokio::select! {
                     msg = poll_fn(|cx| stream.as_mut().poll_next(cx)) => msg,
                     () = tx.closed() => return,
+                    _ = ping.tick() => {
+                        // A connection dropped without a word (a firewall
+                        // forgetting it) only shows when a ping goes
+                        // unanswered.
+                        let pong = tokio::time::timeout(inner.timeout, sink.ping::<Value>()).await;
+                        if matches!(pong, Ok(Ok(_))) {
+                            continue;
+                        }
+                        break;
+                    }
                 };
                 let Some(msg) = msg else { break };
                 let notice: Notice = match serde_json::from_slice(msg.get_payload_bytes()) {
