@@ -166,7 +166,26 @@ impl RedisStore {
     /// A builder for a store at `url`: `redis://[user:password@]host[:port][/db]`
     /// (or `redis+unix:///path`), with prefix `tower-ha:`, no expiry, a 2 s
     /// timeout, move notices on, and 30 s leases waited for at most 35 s
-    /// by [`SessionLock::lock`].
+    /// by [`SessionLock::lock`]. Building needs a tokio runtime.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use tower_ha::store::RedisStore;
+    ///
+    /// // A port nothing listens on.
+    /// let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    /// let err = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+    ///     .timeout(Duration::from_millis(500))
+    ///     .build()
+    ///     .await
+    ///     .unwrap_err();
+    /// assert!(err.is_unavailable() && err.is_transient());
+    ///
+    /// let err = RedisStore::builder("not a url").build().await.unwrap_err();
+    /// assert!(err.is_other());
+    /// # }
+    /// ```
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {
             url: url.into(),
