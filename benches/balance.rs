@@ -8,6 +8,9 @@
 //!
 //! cargo bench --bench balance
 
+// Wall-clock time is what a benchmark measures.
+#![allow(clippy::disallowed_types)]
+
 use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
 use std::hint::black_box;

@@ -7,6 +7,8 @@
 //! Then criterion measures the latency of one save and one load.
 //!
 //! `cargo bench --features redis --bench redis -- --warm-up-time 1 --measurement-time 3`
+// Wall-clock throughput, measured outside any paused-time runtime.
+#![allow(clippy::disallowed_types)]
 
 use std::hint::black_box;
 use std::process::Command;

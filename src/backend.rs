@@ -192,6 +192,8 @@ pub struct BackendState {
     status: AtomicU8,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
+    requests: AtomicU64,
+    failures: AtomicU64,
     ejections: AtomicU32,
     /// Nanoseconds after `epoch` until which the backend is ejected; 0 when
     /// it is not ejected.
@@ -211,6 +213,8 @@ impl BackendState {
             status: AtomicU8::new(0),
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             weight: AtomicU32::new(weight.max(1)),
@@ -274,9 +278,11 @@ impl BackendState {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Counts one more request in flight until the guard is dropped.
+    /// Counts one more request sent, and in flight until the guard is
+    /// dropped.
     #[inline]
     pub fn track_in_flight(self: &Arc<Self>) -> InFlight {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
@@ -286,8 +292,21 @@ impl BackendState {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
 
+    /// Requests sent to this backend so far (counted by
+    /// [`track_in_flight`](Self::track_in_flight), which `Balance` calls once
+    /// per request).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Failures recorded so far (by the health layer's classifier).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
     /// Records a failure; returns the new count of consecutive failures.
     pub fn record_failure(&self) -> u32 {
+        self.failures.fetch_add(1, Ordering::Relaxed);
         self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1
     }
 

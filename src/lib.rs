@@ -18,6 +18,13 @@
 //! * [`Failover`](failover::Failover): retries a failed request on another
 //!   backend, bounded by attempts, a retry budget and a deadline, and safe
 //!   for non-idempotent requests.
+//! * [`control`]: a [`Handle`](control::Handle) to drain, disable and enable
+//!   backends, set weights and force a group's primary at run time; an
+//!   event stream with an audit history; stats snapshots.
+//! * [`config`]: groups in LEBA's `failover_groups` shape, from YAML or
+//!   TOML (feature `config`).
+//! * [`dns`]: backends from the addresses a host name resolves to,
+//!   re-resolved periodically.
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
 //! * [`store`]: durable sessions behind the [`SessionStore`](store::SessionStore)
@@ -67,6 +74,9 @@
 pub mod backend;
 pub mod balance;
 pub mod classify;
+pub mod config;
+pub mod control;
+pub mod dns;
 pub mod error;
 pub mod extensions;
 pub mod failover;
@@ -90,3 +100,11 @@ struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/balance.md")]
 struct BalanceGuideDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/groups.md")]
+struct GroupsGuideDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/control.md")]
+struct ControlGuideDoctests;

@@ -10,6 +10,7 @@
 //! | [`LeastRequest`] | the less loaded of two (or k) random backends | O(k) |
 //! | [`WeightedRoundRobin`] | in proportion to weights, smoothly interleaved | O(1) |
 //! | [`ConsistentHash`] | by a request key, on a ring or a Maglev table | O(log N) / O(1) |
+//! | [`Priority`] | the group's primary; backups in configured order (active-passive) | O(1) while the primary is available |
 //!
 //! Every strategy skips unavailable backends (disabled, draining, unhealthy,
 //! ejected) and the backends already listed in the request's
@@ -30,6 +31,7 @@ pub mod future;
 mod least_request;
 mod maglev;
 mod panic;
+mod priority;
 pub(crate) use panic::share_to_permille;
 mod random;
 mod ring;
@@ -45,6 +47,7 @@ use rand::{Rng, SeedableRng};
 
 pub use consistent_hash::{ConsistentHash, HashTable};
 pub use least_request::LeastRequest;
+pub use priority::{Failback, Priority, PriorityTable};
 pub use random::Random;
 pub use round_robin::RoundRobin;
 pub use service::{Balance, BalanceLayer};

@@ -13,6 +13,7 @@ use super::error::{ProbePanicked, ProbeTimeout};
 use super::probe::Probe;
 use super::slow_start::SlowStart;
 use crate::backend::{BackendId, BackendState, Health};
+use crate::control::{emit, Event, Events};
 use crate::error::BoxError;
 use crate::pool::{Pool, Rebuild, Snapshot};
 
@@ -64,6 +65,7 @@ pub struct HealthChecker<S, P> {
     pool: Pool<S>,
     probe: P,
     config: CheckConfig,
+    events: Option<Events>,
 }
 
 impl<S, P> fmt::Debug for HealthChecker<S, P> {
@@ -85,6 +87,7 @@ where
             pool,
             probe,
             config: CheckConfig::default(),
+            events: None,
         }
     }
 
@@ -162,6 +165,14 @@ where
         self
     }
 
+    /// Also emits every change of health, restoration and removal into
+    /// `events` ([`Event::HealthChanged`], [`Event::Restored`],
+    /// [`Event::BackendRemoved`]).
+    pub fn events(mut self, events: Events) -> Self {
+        self.events = Some(events);
+        self
+    }
+
     /// Starts checking on the current tokio runtime.
     ///
     /// # Panics
@@ -175,6 +186,7 @@ where
             pool: self.pool,
             probe: Arc::new(self.probe),
             config: self.config,
+            events: self.events,
             changed,
             entries: HashMap::new(),
         };
@@ -271,7 +283,13 @@ impl Entry {
         }
     }
 
-    fn record(&mut self, id: &BackendId, result: Result<(), BoxError>, config: &CheckConfig) {
+    fn record(
+        &mut self,
+        id: &BackendId,
+        result: Result<(), BoxError>,
+        config: &CheckConfig,
+        events: Option<&Events>,
+    ) {
         let now = Instant::now();
         self.probing = false;
         let health = self.state.health();
@@ -290,6 +308,10 @@ impl Entry {
                             reason = "probe passed",
                             "backend restored"
                         );
+                        emit(events, || Event::Restored {
+                            backend: id.clone(),
+                            reason: "probe passed".into(),
+                        });
                     }
                 } else if self.successes >= config.rise {
                     self.state.set_health(Health::Healthy);
@@ -305,6 +327,12 @@ impl Entry {
                         passed = self.successes,
                         "backend healthy"
                     );
+                    emit(events, || Event::HealthChanged {
+                        backend: id.clone(),
+                        from: health,
+                        to: Health::Healthy,
+                        reason: "probes passed".into(),
+                    });
                 }
             }
             Err(error) => {
@@ -323,6 +351,12 @@ impl Entry {
                         error = %error,
                         "backend unhealthy"
                     );
+                    emit(events, || Event::HealthChanged {
+                        backend: id.clone(),
+                        from: Health::Healthy,
+                        to: Health::Unhealthy,
+                        reason: "probes failed".into(),
+                    });
                 } else {
                     tracing::debug!(backend = %id, failed = self.failures, error = %error, "probe failed");
                 }
@@ -338,7 +372,13 @@ impl Entry {
 
     /// Turns the backend off when due; returns whether it is due for
     /// removal.
-    fn lifecycle(&mut self, id: &BackendId, now: Instant, config: &CheckConfig) -> bool {
+    fn lifecycle(
+        &mut self,
+        id: &BackendId,
+        now: Instant,
+        config: &CheckConfig,
+        events: Option<&Events>,
+    ) -> bool {
         let Some(since) = self.unhealthy_since else {
             return false;
         };
@@ -370,6 +410,12 @@ impl Entry {
                 reason = "unhealthy too long",
                 "backend turned off"
             );
+            emit(events, || Event::HealthChanged {
+                backend: id.clone(),
+                from: Health::Unhealthy,
+                to: Health::TurnedOff,
+                reason: "unhealthy too long".into(),
+            });
         }
         false
     }
@@ -432,6 +478,7 @@ struct Task<S, P> {
     pool: Pool<S>,
     probe: Arc<P>,
     config: CheckConfig,
+    events: Option<Events>,
     changed: Arc<Changed>,
     entries: HashMap<BackendId, Entry>,
 }
@@ -455,7 +502,7 @@ where
             let mut wake: Option<Instant> = None;
             let mut removals = Vec::new();
             for (id, entry) in &mut self.entries {
-                if entry.lifecycle(id, now, &self.config) {
+                if entry.lifecycle(id, now, &self.config, self.events.as_ref()) {
                     removals.push(id.clone());
                     continue;
                 }
@@ -472,6 +519,11 @@ where
                         reason = "unhealthy too long",
                         "backend removed from the pool"
                     );
+                    emit(self.events.as_ref(), || Event::BackendRemoved {
+                        group: None,
+                        backend: id.clone(),
+                        reason: "unhealthy too long".into(),
+                    });
                 }
             }
             for (i, member) in snapshot.members().iter().enumerate() {
@@ -526,8 +578,8 @@ where
                         // A probe of a backend that was replaced meanwhile.
                         // (The new entry schedules its own probes.)
                         Some((_, state, _)) if !Arc::ptr_eq(&state, &entry.state) => {}
-                        Some((_, _, result)) => entry.record(&id, result, &self.config),
-                        None => entry.record(&id, Err(ProbePanicked::default().into()), &self.config),
+                        Some((_, _, result)) => entry.record(&id, result, &self.config, self.events.as_ref()),
+                        None => entry.record(&id, Err(ProbePanicked::default().into()), &self.config, self.events.as_ref()),
                     }
                 }
                 () = self.changed.0.notified() => {}

@@ -6,6 +6,7 @@ use tower_layer::Layer;
 use super::outlier::{Ejections, OutlierConfig, SuccessRate, Watch};
 use super::service::Health;
 use crate::classify::DefaultClassifier;
+use crate::control::Events;
 
 /// Passive outlier detection for the backends of a pool: builds
 /// [`Health`] around each backend's service.
@@ -29,6 +30,7 @@ pub struct HealthLayer<C = DefaultClassifier> {
     config: OutlierConfig,
     classifier: Arc<C>,
     ejections: Arc<Ejections>,
+    events: Option<Events>,
 }
 
 impl Default for HealthLayer {
@@ -44,6 +46,7 @@ impl HealthLayer {
             config: OutlierConfig::default(),
             classifier: Arc::new(DefaultClassifier::new()),
             ejections: Arc::default(),
+            events: None,
         }
     }
 }
@@ -56,7 +59,16 @@ impl<C> HealthLayer<C> {
             config: self.config,
             classifier: Arc::new(classifier),
             ejections: self.ejections,
+            events: self.events,
         }
+    }
+
+    /// Also emits every ejection and restoration into `events`
+    /// ([`Event::Ejected`](crate::control::Event::Ejected),
+    /// [`Event::Restored`](crate::control::Event::Restored)).
+    pub fn events(mut self, events: Events) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Ejects a backend after this many failures in a row (default 5; 0
@@ -105,6 +117,7 @@ impl<S, C> Layer<S> for HealthLayer<C> {
                 self.config,
                 self.classifier.clone(),
                 self.ejections.clone(),
+                self.events.clone(),
             )),
         )
     }

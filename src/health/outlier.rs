@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::backend::BackendState;
+use crate::control::{emit, Event, Events};
 use crate::extensions::Target;
 
 /// The passive detection settings, copied into every wrapped backend.
@@ -162,6 +163,7 @@ pub(crate) struct Watch<C> {
     window_requests: AtomicU32,
     window_failures: AtomicU32,
     epoch: Instant,
+    events: Option<Events>,
 }
 
 impl<C> Watch<C> {
@@ -169,6 +171,7 @@ impl<C> Watch<C> {
         config: OutlierConfig,
         classifier: Arc<C>,
         ejections: Arc<Ejections>,
+        events: Option<Events>,
     ) -> Self {
         ejections.backends.fetch_add(1, Ordering::AcqRel);
         Watch {
@@ -180,6 +183,7 @@ impl<C> Watch<C> {
             window_requests: AtomicU32::new(0),
             window_failures: AtomicU32::new(0),
             epoch: Instant::now(),
+            events,
         }
     }
 
@@ -197,6 +201,10 @@ impl<C> Watch<C> {
                 reason = "ejection ended",
                 "backend restored"
             );
+            emit(self.events.as_ref(), || Event::Restored {
+                backend: target.id().clone(),
+                reason: "ejection ended".into(),
+            });
         }
         if let Some(rate) = self.config.success_rate {
             self.observe_rate(target, failed, rate);
@@ -264,6 +272,12 @@ impl<C> Watch<C> {
                     duration_ms = duration.as_millis() as u64,
                     "backend ejected"
                 );
+                emit(self.events.as_ref(), || Event::Ejected {
+                    backend: target.id().clone(),
+                    reason: reason.into(),
+                    ejection: nth,
+                    duration,
+                });
             }
             Err(Refused::Cap { ejected, allowed }) => {
                 tracing::debug!(
@@ -302,7 +316,14 @@ mod tests {
     async fn the_cap_always_allows_one_and_counts_live_backends() {
         let ejections = Arc::new(Ejections::default());
         let watches: Vec<Watch<()>> = (0..3)
-            .map(|_| Watch::new(OutlierConfig::default(), Arc::new(()), ejections.clone()))
+            .map(|_| {
+                Watch::new(
+                    OutlierConfig::default(),
+                    Arc::new(()),
+                    ejections.clone(),
+                    None,
+                )
+            })
             .collect();
         let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
         let until = Instant::now() + Duration::from_secs(1);

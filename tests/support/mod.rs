@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod health_http;
+pub mod health_mock;
 pub mod http;
 #[cfg(feature = "redis")]
 pub mod redis_server;

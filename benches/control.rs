@@ -1,0 +1,115 @@
+//! What groups and events cost on the request path.
+//!
+//! * `pick/*`: one request through `Balance` over 10 always-ready backends
+//!   with `Priority` (primary available, steady state) against
+//!   `RoundRobin`, the cheapest strategy.
+//! * `emit/*`: one `Events::emit` with no subscriber, and with a subscriber
+//!   that never reads (its buffer of 1024 is full: every emit overwrites).
+//!
+//! Run with `cargo bench --bench control -- --warm-up-time 1 --measurement-time 3`.
+
+// Wall-clock time is what a benchmark measures.
+#![allow(clippy::disallowed_types)]
+
+use std::convert::Infallible;
+use std::future::{ready, Future, Ready};
+use std::hint::black_box;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use tower::Service;
+use tower_ha::balance::{Balance, Failback, Priority, RoundRobin, Strategy};
+use tower_ha::control::{Event, Events};
+use tower_ha::Pool;
+
+#[derive(Clone)]
+struct Backend;
+
+impl Service<Request<()>> for Backend {
+    type Response = Response<Request<()>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<Request<()>>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        ready(Ok(Response::new(req)))
+    }
+}
+
+fn bench_pick<P: Strategy>(c: &mut Criterion, name: &str, strategy: P) {
+    const CHUNK: u64 = 4096;
+    let pool = Pool::new();
+    let ids: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+    for id in &ids {
+        pool.insert(id.as_str(), Backend);
+    }
+    let mut balance = Balance::new(pool, strategy);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    c.bench_function(&format!("pick/{name}"), |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            let mut done = 0;
+            while done < iters {
+                let batch = CHUNK.min(iters - done);
+                let requests: Vec<_> = (0..batch).map(|_| Request::new(())).collect();
+                let mut responses = Vec::with_capacity(batch as usize);
+                let start = Instant::now();
+                for req in requests {
+                    let _ = balance.poll_ready(&mut cx);
+                    let mut fut = std::pin::pin!(balance.call(req));
+                    match fut.as_mut().poll(&mut cx) {
+                        Poll::Ready(Ok(resp)) => responses.push(resp),
+                        _ => panic!("an always-ready backend answers at once"),
+                    }
+                }
+                elapsed += start.elapsed();
+                black_box(&responses);
+                done += batch;
+            }
+            elapsed
+        })
+    });
+}
+
+fn picks(c: &mut Criterion) {
+    let order: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+    bench_pick(c, "round_robin", RoundRobin::new());
+    bench_pick(
+        c,
+        "priority_never",
+        Priority::new("g", order.iter().map(String::as_str)),
+    );
+    bench_pick(
+        c,
+        "priority_auto",
+        Priority::new("g", order.iter().map(String::as_str))
+            .failback(Failback::Auto {
+                after_stable_for: Duration::from_secs(30),
+            })
+            .min_dwell(Duration::from_secs(10)),
+    );
+}
+
+fn emits(c: &mut Criterion) {
+    let event = Event::WeightChanged {
+        backend: "b1".into(),
+        weight: 3,
+    };
+    let events = Events::default();
+    c.bench_function("emit/no_subscriber", |b| {
+        b.iter(|| events.emit(black_box(event.clone())))
+    });
+    let events = Events::default();
+    let _idle = events.subscribe();
+    c.bench_function("emit/idle_subscriber", |b| {
+        b.iter(|| events.emit(black_box(event.clone())))
+    });
+}
+
+criterion_group!(benches, picks, emits);
+criterion_main!(benches);

@@ -1,0 +1,470 @@
+//! Active-passive: one primary serves, backups in configured order.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::strategy::{Pick, Strategy};
+use crate::backend::BackendId;
+use crate::control::{Event, Events, SwitchReason};
+use crate::pool::Members;
+
+/// Numbers table builds; `NO_BUILD` matches none.
+static NEXT_BUILD: AtomicU64 = AtomicU64::new(1);
+const NO_BUILD: u64 = 0;
+
+/// When a recovered configured primary takes over again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Failback {
+    /// Never on its own: the recovered primary stays a backup until the
+    /// current primary fails or an operator
+    /// [forces](Priority::force_primary) it back (manual failback).
+    #[default]
+    Never,
+    /// Once the configured primary has been available without interruption
+    /// for this long (a flap starts the clock again).
+    Auto {
+        /// How long the configured primary must stay available.
+        after_stable_for: Duration,
+    },
+}
+
+/// The group's state, shared by every clone of a [`Priority`].
+#[derive(Debug)]
+struct State {
+    /// The group's members, in configured order (as the last table saw them).
+    known: Vec<BackendId>,
+    current: Option<BackendId>,
+    /// The index of `current` in the members of the table with this build
+    /// number, so that a steady pick does not look it up by name.
+    current_at: (u64, Option<usize>),
+    forced: Option<BackendId>,
+    last_switch: Option<Instant>,
+    /// Since when the configured primary has been available, as seen by
+    /// picks.
+    primary_available_since: Option<Instant>,
+    failovers: u64,
+    last_failover: Option<Instant>,
+}
+
+struct Shared {
+    name: Arc<str>,
+    order: Vec<BackendId>,
+    failback: Failback,
+    min_dwell: Duration,
+    events: OnceLock<Events>,
+    state: Mutex<State>,
+}
+
+/// Active-passive: the current primary takes every request while it is
+/// available; when it is not, the first available backup *in configured
+/// order* takes over (deterministically, never at random) and becomes the
+/// primary.
+///
+/// * **Failback** ([`Failback`]): by default a recovered configured primary
+///   stays a backup; with [`Failback::Auto`] it takes over again once it has
+///   been available without interruption for a while.
+/// * **Minimum dwell** ([`min_dwell`](Priority::min_dwell)): a failback
+///   waits until the current primary has served at least this long, so a
+///   flapping primary cannot switch traffic back and forth. A failover away
+///   from an unavailable primary never waits.
+/// * **Forced primary** ([`force_primary`](Priority::force_primary)): an
+///   operator's choice holds (no failback moves away from it) until it
+///   becomes unavailable or is [released](Priority::release).
+/// * Failover attempts of one request (the request's
+///   [`Attempts`](crate::extensions::Attempts)) go to the next available
+///   backend in configured order without changing the primary.
+///
+/// Every switch emits exactly one [`Event::PrimaryChanged`] into the
+/// [`Events`] attached with [`events`](Priority::events) (a
+/// [`Handle`](crate::control::Handle) attaches its own).
+///
+/// The group's state (current primary, last switch, since when the
+/// configured primary is available) sits behind a small mutex taken once per
+/// pick, and is brought up to date by picks: availability is observed
+/// when requests arrive. Time is [`tokio::time::Instant`].
+///
+/// Clones share one group state: use one `Priority` (and its clones) per
+/// group.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower::{service_fn, ServiceExt};
+/// use tower_ha::balance::{Balance, Priority};
+/// use tower_ha::{Health, Pool};
+///
+/// let backend = |name: &'static str| {
+///     service_fn(move |_req: http::Request<()>| async move {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(name))
+///     })
+/// };
+/// let pool = Pool::new();
+/// for name in ["db1", "db2", "db3"] {
+///     pool.insert(name, backend(name));
+/// }
+/// let group = Priority::new("db", ["db1", "db2", "db3"]);
+/// let balance = Balance::new(pool.clone(), group.clone());
+///
+/// let served = balance.clone().oneshot(http::Request::new(())).await.unwrap();
+/// assert_eq!(*served.body(), "db1");
+///
+/// pool.state(&"db1".into()).unwrap().set_health(Health::Unhealthy);
+/// let served = balance.clone().oneshot(http::Request::new(())).await.unwrap();
+/// assert_eq!(*served.body(), "db2"); // the first backup in order
+/// assert_eq!(group.current().unwrap().as_str(), "db2");
+///
+/// // The recovered primary stays a backup (Failback::Never).
+/// pool.state(&"db1".into()).unwrap().set_health(Health::Healthy);
+/// let served = balance.oneshot(http::Request::new(())).await.unwrap();
+/// assert_eq!(*served.body(), "db2");
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Priority {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Priority")
+            .field("name", &self.shared.name)
+            .field("order", &self.shared.order)
+            .field("failback", &self.shared.failback)
+            .field("min_dwell", &self.shared.min_dwell)
+            .field("state", &*self.shared.state.lock())
+            .finish()
+    }
+}
+
+/// A table: preference order as member indices.
+#[derive(Debug, Clone, Default)]
+pub struct PriorityTable {
+    order: Vec<usize>,
+    /// The configured primary's index, if it is a member.
+    primary: Option<usize>,
+    /// Unique per build.
+    build: u64,
+}
+
+impl Priority {
+    /// A group named `name` whose backends are preferred in `order`: the
+    /// first is the configured primary. Pool members missing from `order`
+    /// come last, in insertion order. Failback [`Never`](Failback::Never),
+    /// no minimum dwell.
+    pub fn new<I>(name: impl Into<Arc<str>>, order: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<BackendId>,
+    {
+        let order: Vec<BackendId> = order.into_iter().map(Into::into).collect();
+        let mut deduped: Vec<BackendId> = Vec::with_capacity(order.len());
+        for id in order {
+            if !deduped.contains(&id) {
+                deduped.push(id);
+            }
+        }
+        let current = deduped.first().cloned();
+        Priority {
+            shared: Arc::new(Shared {
+                name: name.into(),
+                failback: Failback::Never,
+                min_dwell: Duration::ZERO,
+                events: OnceLock::new(),
+                state: Mutex::new(State {
+                    known: deduped.clone(),
+                    current,
+                    current_at: (NO_BUILD, None),
+                    forced: None,
+                    last_switch: None,
+                    primary_available_since: None,
+                    failovers: 0,
+                    last_failover: None,
+                }),
+                order: deduped,
+            }),
+        }
+    }
+
+    fn rebuild_with(self, edit: impl FnOnce(&mut Shared)) -> Self {
+        // Builders run before the strategy is shared; if it already is,
+        // build a fresh group from the settings.
+        let mut shared = match Arc::try_unwrap(self.shared) {
+            Ok(shared) => shared,
+            Err(shared) => Shared {
+                name: shared.name.clone(),
+                order: shared.order.clone(),
+                failback: shared.failback,
+                min_dwell: shared.min_dwell,
+                events: shared.events.clone(),
+                state: Mutex::new(State {
+                    known: shared.order.clone(),
+                    current: shared.order.first().cloned(),
+                    current_at: (NO_BUILD, None),
+                    forced: None,
+                    last_switch: None,
+                    primary_available_since: None,
+                    failovers: 0,
+                    last_failover: None,
+                }),
+            },
+        };
+        edit(&mut shared);
+        Priority {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// When a recovered configured primary takes over again (default
+    /// [`Failback::Never`]). Set it before cloning: called on a group
+    /// already shared, it returns a new group with its own state.
+    pub fn failback(self, failback: Failback) -> Self {
+        self.rebuild_with(|s| s.failback = failback)
+    }
+
+    /// A failback happens only once the current primary has served at
+    /// least this long since the last switch (default 0). Set it before
+    /// cloning, as [`failback`](Priority::failback).
+    pub fn min_dwell(self, dwell: Duration) -> Self {
+        self.rebuild_with(|s| s.min_dwell = dwell)
+    }
+
+    /// Emits a [`Event::PrimaryChanged`] into `events` on every switch.
+    /// The first stream attached stays.
+    pub fn events(self, events: Events) -> Self {
+        let _ = self.shared.events.set(events);
+        self
+    }
+
+    pub(crate) fn attach_events(&self, events: &Events) {
+        let _ = self.shared.events.set(events.clone());
+    }
+
+    /// The group's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.shared.name
+    }
+
+    /// The configured order; the first is the configured primary.
+    pub fn order(&self) -> &[BackendId] {
+        &self.shared.order
+    }
+
+    /// The configured primary.
+    pub fn configured_primary(&self) -> Option<&BackendId> {
+        self.shared.order.first()
+    }
+
+    /// The failback rule.
+    pub fn failback_rule(&self) -> Failback {
+        self.shared.failback
+    }
+
+    /// The current primary (as of the last pick or operator action).
+    pub fn current(&self) -> Option<BackendId> {
+        self.shared.state.lock().current.clone()
+    }
+
+    /// The operator's forced primary, while it holds.
+    pub fn forced(&self) -> Option<BackendId> {
+        self.shared.state.lock().forced.clone()
+    }
+
+    /// How many failovers (switches away from an unavailable primary) the
+    /// group made.
+    pub fn failovers(&self) -> u64 {
+        self.shared.state.lock().failovers
+    }
+
+    /// When the last failover happened.
+    pub fn last_failover(&self) -> Option<Instant> {
+        self.shared.state.lock().last_failover
+    }
+
+    /// Makes `id` the primary now, whatever the failback rule and the
+    /// minimum dwell; it stays the primary until it becomes unavailable or
+    /// [`release`](Priority::release) is called. Returns `false` (and
+    /// changes nothing) when `id` is not a member of the group.
+    pub fn force_primary(&self, id: &BackendId) -> bool {
+        let mut state = self.shared.state.lock();
+        if !state.known.contains(id) {
+            return false;
+        }
+        state.forced = Some(id.clone());
+        let event = self.switch(&mut state, Some(id.clone()), SwitchReason::Forced);
+        // Emitted under the group's lock, so events follow switch order.
+        self.emit(event);
+        true
+    }
+
+    /// Ends a forced primary: the failback rule applies again.
+    pub fn release(&self) {
+        self.shared.state.lock().forced = None;
+    }
+
+    /// Records a switch; returns the event to emit once the lock is gone.
+    fn switch(
+        &self,
+        state: &mut State,
+        to: Option<BackendId>,
+        reason: SwitchReason,
+    ) -> Option<Event> {
+        if state.current == to {
+            return None;
+        }
+        let now = Instant::now();
+        let from = std::mem::replace(&mut state.current, to.clone());
+        state.current_at = (NO_BUILD, None);
+        state.last_switch = Some(now);
+        if reason == SwitchReason::Failover || reason == SwitchReason::Removed {
+            state.failovers += 1;
+            state.last_failover = Some(now);
+        }
+        Some(Event::PrimaryChanged {
+            group: self.shared.name.clone(),
+            from,
+            to,
+            reason,
+        })
+    }
+
+    fn emit(&self, event: Option<Event>) {
+        if let Some(event) = event {
+            tracing::info!(group = %self.shared.name, ?event, "primary changed");
+            if let Some(events) = self.shared.events.get() {
+                events.emit(event);
+            }
+        }
+    }
+
+    /// Decides the primary for this pick; returns its member index (when
+    /// it is a member) and the event of a switch.
+    fn decide(&self, table: &PriorityTable, pick: &Pick<'_>) -> Option<usize> {
+        let mut state = self.shared.state.lock();
+        let (primary, event) = self.decide_locked(&mut state, table, pick);
+        // Emitted under the group's lock, so events follow switch order.
+        // Emitting never waits.
+        self.emit(event);
+        primary
+    }
+
+    fn decide_locked(
+        &self,
+        state: &mut State,
+        table: &PriorityTable,
+        pick: &Pick<'_>,
+    ) -> (Option<usize>, Option<Event>) {
+        let members = pick.members();
+        let available = |i: usize| members[i].state().is_available();
+        let index_of = |id: &BackendId| members.index_of(id);
+        let mut now = None;
+        let mut now = || *now.get_or_insert_with(Instant::now);
+
+        // Track the configured primary's uninterrupted availability.
+        if let Failback::Auto { .. } = self.shared.failback {
+            match table.primary.filter(|&i| available(i)) {
+                Some(_) => {
+                    if state.primary_available_since.is_none() {
+                        state.primary_available_since = Some(now());
+                    }
+                }
+                None => state.primary_available_since = None,
+            }
+        }
+
+        let current = if state.current_at.0 == table.build {
+            state.current_at.1
+        } else {
+            let i = state.current.as_ref().and_then(index_of);
+            state.current_at = (table.build, i);
+            i
+        };
+        let current_ok = current.filter(|&i| available(i));
+        let first_available = || table.order.iter().copied().find(|&i| available(i));
+
+        let Some(cur) = current_ok else {
+            // Fail over (never waits for the dwell).
+            state.forced = None;
+            let reason = if current.is_none() && state.current.is_some() {
+                SwitchReason::Removed
+            } else {
+                SwitchReason::Failover
+            };
+            let next = first_available();
+            if next.is_none() {
+                // Nothing available: keep the primary as it is (panic
+                // routing may still use it).
+                return (current, None);
+            }
+            let to = next.map(|i| members[i].id().clone());
+            let event = self.switch(state, to, reason);
+            return (next, event);
+        };
+
+        if state.forced.is_some() {
+            return (Some(cur), None);
+        }
+        if let Failback::Auto { after_stable_for } = self.shared.failback {
+            if let (Some(p), Some(since)) = (table.primary, state.primary_available_since) {
+                // The clock is read only while a failback is pending.
+                if p != cur
+                    && now() >= since + after_stable_for
+                    && state
+                        .last_switch
+                        .is_none_or(|at| now() >= at + self.shared.min_dwell)
+                {
+                    let to = Some(members[p].id().clone());
+                    let event = self.switch(state, to, SwitchReason::Failback);
+                    return (Some(p), event);
+                }
+            }
+        }
+        (Some(cur), None)
+    }
+}
+
+impl Strategy for Priority {
+    type Table = PriorityTable;
+
+    fn build(&self, members: &Members) -> PriorityTable {
+        let mut order: Vec<usize> = self
+            .shared
+            .order
+            .iter()
+            .filter_map(|id| members.index_of(id))
+            .collect();
+        for i in 0..members.len() {
+            if !order.contains(&i) {
+                order.push(i);
+            }
+        }
+        let mut state = self.shared.state.lock();
+        state.known = order.iter().map(|&i| members[i].id().clone()).collect();
+        PriorityTable {
+            order,
+            primary: self
+                .shared
+                .order
+                .first()
+                .and_then(|id| members.index_of(id)),
+            build: NEXT_BUILD.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    fn pick(&self, table: &PriorityTable, pick: &Pick<'_>) -> Option<usize> {
+        if pick.is_empty() {
+            return None;
+        }
+        let primary = self.decide(table, pick);
+        match primary.filter(|&i| pick.is_eligible(i)) {
+            Some(i) => Some(i),
+            // A retry, or nothing available: the next eligible backend in
+            // configured order.
+            None => table.order.iter().copied().find(|&i| pick.is_eligible(i)),
+        }
+    }
+}

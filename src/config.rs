@@ -1,0 +1,538 @@
+//! Groups from configuration: LEBA's `failover_groups` shape, with serde.
+//!
+//! ```yaml
+//! failover_groups:
+//!   - name: "app-servers"
+//!     mode: "active-passive"
+//!     backends: ["backend1", "backend2", "backend3"]
+//!     primary: "backend1"
+//!     failback: auto            # optional: never (default) or auto
+//!     failback_after: "30s"     # optional: how long the primary must be stable
+//!     min_dwell: "10s"          # optional: minimum time between switches
+//!     health_check:             # optional
+//!       path: "/health"
+//!       interval: "5s"
+//!       timeout: "2s"
+//!       healthy_threshold: 3
+//!       unhealthy_threshold: 2
+//!   - name: "db-servers"
+//!     mode: "normal"
+//!     backends: ["db1", "db2"]
+//! ```
+//!
+//! Durations are strings such as `"5s"`, `"250ms"`, `"1m30s"` (units `ns`,
+//! `us`, `ms`, `s`, `m`, `h`, `d`). Other top-level keys are ignored, so a
+//! larger application file loads as is; unknown keys inside a group are an
+//! error. Every loader validates: an empty group, an unknown primary,
+//! duplicate names and zero thresholds are a [`ConfigError`] naming the
+//! field (`failover_groups[1].primary`).
+//!
+//! With the `config` feature, [`Config::load`] reads a YAML or TOML file in
+//! one call, and [`Config::from_yaml`] / [`Config::from_toml`] parse a
+//! string.
+//!
+//! ```
+//! use tower_ha::config::Config;
+//! use tower_ha::control::GroupMode;
+//!
+//! let config: Config = serde_json::from_value(serde_json::json!({
+//!     "failover_groups": [{
+//!         "name": "app", "mode": "active-passive",
+//!         "backends": ["a", "b"], "primary": "b",
+//!         "health_check": { "interval": "5s", "timeout": "2s" }
+//!     }]
+//! })).unwrap();
+//! config.validate().unwrap();
+//! let group = &config.failover_groups[0];
+//! assert_eq!(group.mode, GroupMode::ActivePassive);
+//! assert_eq!(group.order(), ["b".into(), "a".into()]); // the primary first
+//! let health = group.health_check.as_ref().unwrap();
+//! assert_eq!(health.interval, std::time::Duration::from_secs(5));
+//! assert_eq!(health.healthy_threshold, 2); // HAProxy's rise by default
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::backend::BackendId;
+use crate::balance::{Balance, Failback, Priority, RoundRobin};
+use crate::control::{GroupMode, GroupStrategy};
+use crate::error::BoxError;
+use crate::health::{HealthChecker, Probe};
+use crate::pool::Pool;
+
+/// The groups of an application.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[non_exhaustive]
+pub struct Config {
+    /// The groups, in file order.
+    #[serde(default)]
+    pub failover_groups: Vec<GroupConfig>,
+}
+
+/// Whether a recovered primary takes over again, in configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailbackMode {
+    /// A recovered primary stays a backup (the default).
+    #[default]
+    Never,
+    /// It takes over again after `failback_after` of uninterrupted health.
+    Auto,
+}
+
+/// One group.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct GroupConfig {
+    /// Unique name.
+    pub name: String,
+    /// `active-passive` or `normal`.
+    pub mode: GroupMode,
+    /// The members; for an active-passive group, the backup order.
+    pub backends: Vec<String>,
+    /// The configured primary (required for an active-passive group; one
+    /// of `backends`).
+    #[serde(default)]
+    pub primary: Option<String>,
+    /// `never` (default) or `auto`.
+    #[serde(default)]
+    pub failback: FailbackMode,
+    /// With `failback: auto`: how long the primary must stay available
+    /// (default 30 s).
+    #[serde(
+        default,
+        deserialize_with = "opt_duration",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub failback_after: Option<Duration>,
+    /// Minimum time between two switches for a failback (default 0).
+    #[serde(
+        default,
+        deserialize_with = "opt_duration",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub min_dwell: Option<Duration>,
+    /// Active health checking for the group's backends.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// Active health checking, in LEBA's terms.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct HealthCheckConfig {
+    /// The path an HTTP probe requests (for your probe to use).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Time between probes (default 2 s).
+    #[serde(
+        default = "default_interval",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub interval: Duration,
+    /// A probe that takes longer fails (default 1 s).
+    #[serde(
+        default = "default_timeout",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub timeout: Duration,
+    /// Passing probes in a row to become healthy (default 2).
+    #[serde(default = "default_rise")]
+    pub healthy_threshold: u32,
+    /// Failing probes in a row to become unhealthy (default 3).
+    #[serde(default = "default_fall")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+impl HealthCheckConfig {
+    /// Applies these settings to `checker`.
+    pub fn apply<S, P>(&self, checker: HealthChecker<S, P>) -> HealthChecker<S, P>
+    where
+        S: Clone + Send + Sync + 'static,
+        P: Probe<S>,
+    {
+        checker
+            .interval(self.interval)
+            .timeout(self.timeout)
+            .rise(self.healthy_threshold)
+            .fall(self.unhealthy_threshold)
+    }
+}
+
+impl GroupConfig {
+    /// The backends in preference order: the primary first, then the
+    /// others as listed.
+    pub fn order(&self) -> Vec<BackendId> {
+        let primary = self.primary.as_deref();
+        primary
+            .into_iter()
+            .chain(
+                self.backends
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|b| Some(*b) != primary),
+            )
+            .map(BackendId::from)
+            .collect()
+    }
+
+    /// The group's strategy: [`Priority`] with these settings for an
+    /// active-passive group, [`RoundRobin`] for a normal one.
+    pub fn strategy(&self) -> GroupStrategy {
+        match self.mode {
+            GroupMode::ActivePassive => {
+                let failback = match self.failback {
+                    FailbackMode::Never => Failback::Never,
+                    FailbackMode::Auto => Failback::Auto {
+                        after_stable_for: self.failback_after.unwrap_or(Duration::from_secs(30)),
+                    },
+                };
+                GroupStrategy::Priority(
+                    Priority::new(self.name.as_str(), self.order())
+                        .failback(failback)
+                        .min_dwell(self.min_dwell.unwrap_or_default()),
+                )
+            }
+            _ => GroupStrategy::RoundRobin(RoundRobin::new()),
+        }
+    }
+
+    /// Builds the group: a pool with one service per backend, made by
+    /// `make`, and a [`Balance`] over it with [`strategy`](Self::strategy).
+    pub fn build<S, F>(&self, mut make: F) -> Balance<S, GroupStrategy>
+    where
+        S: Clone + Send + Sync + 'static,
+        F: FnMut(&BackendId) -> S,
+    {
+        let pool = Pool::new();
+        for id in self.backends.iter().map(BackendId::from) {
+            let service = make(&id);
+            pool.insert(id, service);
+        }
+        Balance::new(pool, self.strategy())
+    }
+}
+
+/// Invalid or unreadable configuration.
+#[derive(Debug)]
+pub struct ConfigError {
+    field: String,
+    kind: ErrorKind,
+}
+
+#[derive(Debug)]
+#[cfg_attr(not(feature = "config"), allow(dead_code))]
+enum ErrorKind {
+    Invalid(String),
+    Parse(BoxError),
+    Io(std::io::Error),
+}
+
+impl ConfigError {
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            kind: ErrorKind::Invalid(message.into()),
+        }
+    }
+
+    /// The field at fault (`failover_groups[1].primary`), or the file for
+    /// read errors; empty when the parser did not say.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// Whether the file could not be parsed (syntax, types, unknown keys).
+    pub fn is_parse(&self) -> bool {
+        matches!(self.kind, ErrorKind::Parse(_))
+    }
+
+    /// Whether the file parsed but a value is not acceptable.
+    pub fn is_invalid(&self) -> bool {
+        matches!(self.kind, ErrorKind::Invalid(_))
+    }
+
+    /// Whether the file could not be read.
+    pub fn is_io(&self) -> bool {
+        matches!(self.kind, ErrorKind::Io(_))
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ErrorKind::Invalid(message) => write!(f, "{}: {message}", self.field),
+            ErrorKind::Parse(_) if self.field.is_empty() => f.write_str("invalid configuration"),
+            ErrorKind::Parse(_) => write!(f, "invalid configuration in {}", self.field),
+            ErrorKind::Io(_) => write!(f, "cannot read {}", self.field),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            ErrorKind::Invalid(_) => None,
+            ErrorKind::Parse(e) => Some(&**e),
+            ErrorKind::Io(e) => Some(e),
+        }
+    }
+}
+
+impl Config {
+    /// Checks what serde cannot: unique group names, non-empty groups,
+    /// unique backends within a group, a primary that is a member (and
+    /// present for active-passive groups), non-zero thresholds and
+    /// intervals.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for (i, group) in self.failover_groups.iter().enumerate() {
+            let at = |field: &str| format!("failover_groups[{i}].{field}");
+            if group.name.trim().is_empty() {
+                return Err(ConfigError::invalid(at("name"), "must not be empty"));
+            }
+            if !names.insert(group.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    at("name"),
+                    format!("duplicate group name `{}`", group.name),
+                ));
+            }
+            if group.backends.is_empty() {
+                return Err(ConfigError::invalid(
+                    at("backends"),
+                    format!("group `{}` has no backend", group.name),
+                ));
+            }
+            let mut members = HashSet::new();
+            for (j, backend) in group.backends.iter().enumerate() {
+                if backend.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        at(&format!("backends[{j}]")),
+                        "must not be empty",
+                    ));
+                }
+                if !members.insert(backend.as_str()) {
+                    return Err(ConfigError::invalid(
+                        at(&format!("backends[{j}]")),
+                        format!("duplicate backend `{backend}` in group `{}`", group.name),
+                    ));
+                }
+            }
+            match (&group.primary, group.mode) {
+                (Some(primary), _) if !members.contains(primary.as_str()) => {
+                    return Err(ConfigError::invalid(
+                        at("primary"),
+                        format!(
+                            "unknown primary `{primary}`: not one of the backends of group `{}`",
+                            group.name
+                        ),
+                    ));
+                }
+                (None, GroupMode::ActivePassive) => {
+                    return Err(ConfigError::invalid(
+                        at("primary"),
+                        "required for an active-passive group",
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(hc) = &group.health_check {
+                if hc.interval.is_zero() {
+                    return Err(ConfigError::invalid(
+                        at("health_check.interval"),
+                        "must be greater than 0",
+                    ));
+                }
+                if hc.timeout.is_zero() {
+                    return Err(ConfigError::invalid(
+                        at("health_check.timeout"),
+                        "must be greater than 0",
+                    ));
+                }
+                if hc.healthy_threshold == 0 {
+                    return Err(ConfigError::invalid(
+                        at("health_check.healthy_threshold"),
+                        "must be at least 1",
+                    ));
+                }
+                if hc.unhealthy_threshold == 0 {
+                    return Err(ConfigError::invalid(
+                        at("health_check.unhealthy_threshold"),
+                        "must be at least 1",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The group named `name`.
+    pub fn group(&self, name: &str) -> Option<&GroupConfig> {
+        self.failover_groups.iter().find(|g| g.name == name)
+    }
+}
+
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+impl Config {
+    /// Parses and validates YAML.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let field = e
+                .location()
+                .map(|l| format!("line {} column {}", l.line(), l.column()))
+                .unwrap_or_default();
+            ConfigError {
+                field,
+                kind: ErrorKind::Parse(e.into()),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML (`[[failover_groups]]` tables).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            field: String::new(),
+            kind: ErrorKind::Parse(e.into()),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a file: TOML when its name ends in
+    /// `.toml`, YAML otherwise. It reads synchronously: call it at
+    /// start-up, or inside `spawn_blocking`.
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: path.display().to_string(),
+            kind: ErrorKind::Io(e),
+        })?;
+        let parsed = if path.extension().is_some_and(|e| e == "toml") {
+            Config::from_toml(&text)
+        } else {
+            Config::from_yaml(&text)
+        };
+        parsed.map_err(|mut e| {
+            if e.is_parse() {
+                e.field = if e.field.is_empty() {
+                    path.display().to_string()
+                } else {
+                    format!("{} {}", path.display(), e.field)
+                };
+            }
+            e
+        })
+    }
+}
+
+/// Parses a duration such as `"5s"`, `"250ms"` or `"1m30s"`.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ha::config::parse_duration;
+///
+/// assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+/// assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+/// assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+/// assert!(parse_duration("5").is_err());
+/// assert!(parse_duration("5 parsecs").is_err());
+/// ```
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("`{text}` lacks a unit (ns, us, ms, s, m, h, d)"))?;
+        if number_len == 0 {
+            return Err(format!("`{text}` is not a duration such as \"5s\""));
+        }
+        let number: f64 = rest[..number_len]
+            .parse()
+            .map_err(|_| format!("`{text}` is not a duration such as \"5s\""))?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match rest[..unit_len].trim() {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            unit => {
+                return Err(format!(
+                    "`{text}`: unknown unit `{unit}` (ns, us, ms, s, m, h, d)"
+                ))
+            }
+        };
+        rest = &rest[unit_len..];
+        let part = Duration::try_from_secs_f64(number * seconds)
+            .map_err(|_| format!("`{text}` is out of range"))?;
+        total = total
+            .checked_add(part)
+            .ok_or_else(|| format!("`{text}` is out of range"))?;
+    }
+    Ok(total)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|text| parse_duration(&text).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+fn format_duration(d: &Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(d))
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&format_duration(d)),
+        None => s.serialize_none(),
+    }
+}

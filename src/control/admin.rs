@@ -1,0 +1,317 @@
+//! The admin HTTP surface: a tower `Service` over a [`Handle`].
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use serde::{Deserialize, Serialize};
+use tower_service::Service;
+
+use super::handle::{ControlError, Handle};
+use crate::backend::BackendId;
+use crate::error::BoxError;
+
+/// The JSON admin API over a [`Handle`], as a tower `Service` to mount
+/// wherever the application likes (its own listener, a path of its
+/// router, behind its own authentication).
+///
+/// | route | answer |
+/// |---|---|
+/// | `GET /groups` | every group's [`GroupStats`](super::GroupStats) |
+/// | `GET /groups/{name}` | one group's stats |
+/// | `POST /groups/{name}/primary` with `{"backend_id": "..."}` | forces the primary |
+/// | `POST /backends/{id}/drain`, `/disable`, `/enable` | the admin action |
+/// | `GET /events?limit=N` | the last N (default 100) recorded events, oldest first |
+///
+/// Errors are JSON `{"error": "..."}`: 404 for an unknown route, group or
+/// backend, 405 (with `Allow`) for a wrong method, 400 for a body that is
+/// not the expected JSON or names a backend outside the group, 409 for
+/// forcing the primary of a group that is not active-passive, 413 for a
+/// body over 64 KiB. Path segments are percent-decoded.
+///
+/// The service is always ready; a response is never an `Err`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, Full};
+/// use tower::ServiceExt;
+/// use tower_ha::balance::{Balance, Priority};
+/// use tower_ha::control::{AdminService, Events, Handle};
+/// use tower_ha::Pool;
+///
+/// let pool = Pool::new();
+/// pool.insert("db1", ());
+/// pool.insert("db2", ());
+/// let balance = Balance::new(pool, Priority::new("db", ["db1", "db2"]));
+/// let handle = Handle::new(Events::default());
+/// handle.add_group("db", &balance).unwrap();
+///
+/// let admin = AdminService::new(handle.clone());
+/// let request = http::Request::post("/groups/db/primary")
+///     .body(Full::new(Bytes::from_static(br#"{"backend_id": "db2"}"#)))
+///     .unwrap();
+/// let response = admin.clone().oneshot(request).await.unwrap();
+/// assert_eq!(response.status(), 200);
+/// assert_eq!(handle.group_stats("db").unwrap().current_primary.unwrap().as_str(), "db2");
+///
+/// let request = http::Request::get("/groups/nope").body(Full::<Bytes>::default()).unwrap();
+/// let response = admin.oneshot(request)
+///     .await
+///     .unwrap();
+/// assert_eq!(response.status(), 404);
+/// let body = response.into_body().collect().await.unwrap().to_bytes();
+/// assert_eq!(&body[..], br#"{"error":"unknown group `nope`"}"#);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct AdminService {
+    handle: Handle,
+    prefix: Arc<str>,
+}
+
+impl fmt::Debug for AdminService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminService")
+            .field("handle", &self.handle)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+const BODY_LIMIT: usize = 64 * 1024;
+
+impl AdminService {
+    /// The admin API over `handle`, at the root of the paths it receives.
+    pub fn new(handle: Handle) -> Self {
+        AdminService {
+            handle,
+            prefix: Arc::from(""),
+        }
+    }
+
+    /// Serves the routes under `prefix` (for example `/api/v1`, LEBA's
+    /// paths); other paths are 404.
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = Arc::from(prefix.trim_end_matches('/'));
+        self
+    }
+
+    /// The handle.
+    pub fn get_ref(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+/// The body of `POST /groups/{name}/primary`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetPrimary {
+    backend_id: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+type AdminFuture = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+
+impl<B> Service<Request<B>> for AdminService
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = AdminFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> AdminFuture {
+        let handle = self.handle.clone();
+        let prefix = self.prefix.clone();
+        Box::pin(async move { Ok(route(&handle, &prefix, req).await) })
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(value) {
+        Ok(body) => Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::from(body))
+            .unwrap_or_else(|_| Response::new(Full::default())),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&ErrorBody { error: message }).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::from(body))
+        .unwrap_or_else(|_| Response::new(Full::default()))
+}
+
+fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    response
+}
+
+fn control_error(e: &ControlError) -> Response<Full<Bytes>> {
+    let status = match e {
+        ControlError::UnknownGroup(_) | ControlError::UnknownBackend(_) => StatusCode::NOT_FOUND,
+        ControlError::NotActivePassive(_) | ControlError::DuplicateGroup(_) => StatusCode::CONFLICT,
+        ControlError::DuplicateBackend { .. } => StatusCode::CONFLICT,
+        ControlError::NoRuntime => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    error(status, &e.to_string())
+}
+
+/// Decodes `%XX` escapes; `None` for malformed escapes or invalid UTF-8.
+fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn limit_param(query: Option<&str>) -> Result<usize, String> {
+    let Some(query) = query else {
+        return Ok(100);
+    };
+    for pair in query.split('&') {
+        if let Some(value) = pair.strip_prefix("limit=") {
+            return value
+                .parse()
+                .map_err(|_| format!("`limit` must be a number, not `{value}`"));
+        }
+    }
+    Ok(100)
+}
+
+async fn route<B>(handle: &Handle, prefix: &str, req: Request<B>) -> Response<Full<Bytes>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let Some(path) = req.uri().path().strip_prefix(prefix) else {
+        return error(StatusCode::NOT_FOUND, "no such route");
+    };
+    let raw: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let Some(segments) = raw
+        .iter()
+        .map(|s| percent_decode(s))
+        .collect::<Option<Vec<String>>>()
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "malformed percent-encoding in the path",
+        );
+    };
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let method = req.method().clone();
+    match segments.as_slice() {
+        ["groups"] => match method {
+            Method::GET => json(StatusCode::OK, &handle.stats()),
+            _ => not_allowed("GET"),
+        },
+        ["groups", name] => match method {
+            Method::GET => match handle.group_stats(name) {
+                Ok(stats) => json(StatusCode::OK, &stats),
+                Err(e) => control_error(&e),
+            },
+            _ => not_allowed("GET"),
+        },
+        ["groups", name, "primary"] => {
+            if method != Method::POST {
+                return not_allowed("POST");
+            }
+            // The group first: an unknown group is 404 whatever the body.
+            if let Err(e) = handle.group_stats(name) {
+                return control_error(&e);
+            }
+            let body = match Limited::new(req.into_body(), BODY_LIMIT).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(e) => {
+                    let e: BoxError = e;
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        return error(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB");
+                    }
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("cannot read the body: {e}"),
+                    );
+                }
+            };
+            let set: SetPrimary = match serde_json::from_slice(&body) {
+                Ok(set) => set,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("expected {{\"backend_id\": \"...\"}}: {e}"),
+                    )
+                }
+            };
+            let id = BackendId::from(set.backend_id);
+            match handle.force_primary(name, &id) {
+                Ok(()) => match handle.group_stats(name) {
+                    Ok(stats) => json(StatusCode::OK, &stats),
+                    Err(e) => control_error(&e),
+                },
+                Err(e) => control_error(&e),
+            }
+        }
+        ["backends", id, action @ ("drain" | "disable" | "enable")] => {
+            if method != Method::POST {
+                return not_allowed("POST");
+            }
+            let id = BackendId::from(*id);
+            let result = match *action {
+                "drain" => handle.drain(&id),
+                "disable" => handle.disable(&id),
+                _ => handle.enable(&id),
+            };
+            match result.and_then(|()| handle.backend_stats(&id)) {
+                Ok(stats) => json(StatusCode::OK, &stats),
+                Err(e) => control_error(&e),
+            }
+        }
+        ["events"] => {
+            if method != Method::GET {
+                return not_allowed("GET");
+            }
+            match limit_param(req.uri().query()) {
+                Ok(limit) => json(StatusCode::OK, &handle.events().recent(limit)),
+                Err(message) => error(StatusCode::BAD_REQUEST, &message),
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such route"),
+    }
+}

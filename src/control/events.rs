@@ -1,0 +1,365 @@
+//! The event stream and the audit history.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use serde::{Serialize, Serializer};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::backend::{AdminStatus, BackendId, Health};
+use crate::pool::FastMap;
+
+/// Why a group's primary changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SwitchReason {
+    /// The primary became unavailable (unhealthy, ejected, draining,
+    /// disabled): the first available backup in configured order took over.
+    Failover,
+    /// The configured primary was healthy without interruption for the
+    /// failback interval and took over again.
+    Failback,
+    /// An operator forced the primary.
+    Forced,
+    /// The primary left the group.
+    Removed,
+}
+
+/// Something that happened to a backend or a group.
+///
+/// Serialized as an object with a `kind` field (`"backend_added"`,
+/// `"primary_changed"`, …); durations as milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    /// A backend joined a group's pool.
+    BackendAdded {
+        /// The group, when the change went through a [`Handle`](super::Handle).
+        group: Option<Arc<str>>,
+        /// The backend.
+        backend: BackendId,
+    },
+    /// A backend left a group's pool.
+    BackendRemoved {
+        /// The group, when known.
+        group: Option<Arc<str>>,
+        /// The backend.
+        backend: BackendId,
+        /// Why: `"operator"`, `"unhealthy too long"`, `"dns"`, …
+        reason: Arc<str>,
+    },
+    /// An operator drained, disabled or enabled a backend, or a drain
+    /// deadline passed.
+    AdminChanged {
+        /// The backend.
+        backend: BackendId,
+        /// The status before.
+        from: AdminStatus,
+        /// The status now.
+        to: AdminStatus,
+        /// Why: `"operator"` or `"drain deadline"`.
+        reason: Arc<str>,
+    },
+    /// An operator changed a backend's weight.
+    WeightChanged {
+        /// The backend.
+        backend: BackendId,
+        /// The weight now.
+        weight: u32,
+    },
+    /// Active health checking changed a backend's health.
+    HealthChanged {
+        /// The backend.
+        backend: BackendId,
+        /// The health before.
+        from: Health,
+        /// The health now.
+        to: Health,
+        /// Why: `"probes failed"`, `"probes passed"`, `"unhealthy too long"`.
+        reason: Arc<str>,
+    },
+    /// Passive detection ejected a backend.
+    Ejected {
+        /// The backend.
+        backend: BackendId,
+        /// Why: `"consecutive failures"` or `"success rate"`.
+        reason: Arc<str>,
+        /// The how-manieth ejection of this backend.
+        ejection: u32,
+        /// How long it lasts.
+        #[serde(serialize_with = "millis")]
+        duration: Duration,
+    },
+    /// An ejected backend takes traffic again.
+    Restored {
+        /// The backend.
+        backend: BackendId,
+        /// Why: `"ejection ended"` or `"probe passed"`.
+        reason: Arc<str>,
+    },
+    /// A group's primary changed.
+    PrimaryChanged {
+        /// The group.
+        group: Arc<str>,
+        /// The primary before, if there was one.
+        from: Option<BackendId>,
+        /// The primary now, if any backend is available.
+        to: Option<BackendId>,
+        /// Why.
+        reason: SwitchReason,
+    },
+    /// A sticky session moved to another backend.
+    SessionMoved {
+        /// The session key.
+        session: Arc<str>,
+        /// The backend it was bound to.
+        from: BackendId,
+        /// The backend it is bound to now.
+        to: BackendId,
+        /// Why: its backend was unavailable or failed.
+        reason: Arc<str>,
+    },
+    /// A request is tried again on another backend.
+    FailoverAttempt {
+        /// The attempt about to be made (2 for the first retry).
+        attempt: u32,
+        /// The backend that failed.
+        failed: BackendId,
+        /// How it failed.
+        reason: Arc<str>,
+    },
+    /// Every allowed attempt of a request failed.
+    AttemptsExhausted {
+        /// The backends tried, oldest first.
+        tried: Vec<BackendId>,
+    },
+}
+
+impl Event {
+    /// The backend this event is about, if it is about one.
+    pub fn backend(&self) -> Option<&BackendId> {
+        match self {
+            Event::BackendAdded { backend, .. }
+            | Event::BackendRemoved { backend, .. }
+            | Event::AdminChanged { backend, .. }
+            | Event::WeightChanged { backend, .. }
+            | Event::HealthChanged { backend, .. }
+            | Event::Ejected { backend, .. }
+            | Event::Restored { backend, .. } => Some(backend),
+            Event::PrimaryChanged { to, .. } => to.as_ref(),
+            Event::SessionMoved { to, .. } => Some(to),
+            Event::FailoverAttempt { failed, .. } => Some(failed),
+            Event::AttemptsExhausted { .. } => None,
+        }
+    }
+}
+
+fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn unix_millis<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let ms = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    s.serialize_u64(ms)
+}
+
+/// One event as recorded: a sequence number and when it happened.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Record {
+    /// Increases by one per event emitted through one [`Events`].
+    pub seq: u64,
+    /// When, on tokio's clock (paused in tests).
+    #[serde(skip)]
+    pub at: Instant,
+    /// When, on the wall clock (milliseconds since the Unix epoch in JSON).
+    #[serde(rename = "time_ms", serialize_with = "unix_millis")]
+    pub time: SystemTime,
+    /// What happened.
+    pub event: Event,
+}
+
+struct Inner {
+    tx: broadcast::Sender<Arc<Record>>,
+    history: Mutex<VecDeque<Arc<Record>>>,
+    history_capacity: usize,
+    seq: AtomicU64,
+    /// When each backend last changed, kept for the stats.
+    last_change: Mutex<FastMap<BackendId, SystemTime>>,
+}
+
+/// Where events go: a bounded broadcast channel to subscribers and a
+/// bounded audit history.
+///
+/// Cloning yields a handle to the same stream. [`emit`](Events::emit) never
+/// waits: it takes a short lock to append to the history and sends on a
+/// [`tokio::sync::broadcast`] channel, which overwrites the oldest event a
+/// slow subscriber has not read yet. That subscriber then learns how many
+/// events it missed ([`RecvError::Missed`]); no emitter ever waits for it.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower_ha::control::{Event, Events, RecvError};
+///
+/// let events = Events::new(2, 100); // 2 buffered per subscriber, 100 in history
+/// let mut slow = events.subscribe();
+/// for i in 0..5 {
+///     events.emit(Event::WeightChanged { backend: "a".into(), weight: i });
+/// }
+/// assert_eq!(slow.recv().await, Err(RecvError::Missed(3)));
+/// let next = slow.recv().await.unwrap();
+/// assert_eq!(next.event, Event::WeightChanged { backend: "a".into(), weight: 3 });
+/// assert_eq!(events.history().len(), 5);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Events {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Events {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Events")
+            .field("subscribers", &self.inner.tx.receiver_count())
+            .field("history_capacity", &self.inner.history_capacity)
+            .finish()
+    }
+}
+
+impl Default for Events {
+    /// 1024 events buffered per subscriber, 1000 kept in the history.
+    fn default() -> Self {
+        Events::new(1024, 1000)
+    }
+}
+
+impl Events {
+    /// A stream that buffers up to `channel_capacity` events for each
+    /// subscriber (at least 1) and keeps the last `history_capacity` in the
+    /// audit history (0 keeps none).
+    pub fn new(channel_capacity: usize, history_capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(channel_capacity.max(1));
+        Events {
+            inner: Arc::new(Inner {
+                tx,
+                history: Mutex::new(VecDeque::with_capacity(history_capacity.min(4096))),
+                history_capacity,
+                seq: AtomicU64::new(0),
+                last_change: Mutex::new(FastMap::default()),
+            }),
+        }
+    }
+
+    /// Records `event` and sends it to every subscriber. Never waits.
+    pub fn emit(&self, event: Event) {
+        let record = {
+            let mut history = self.inner.history.lock();
+            // Numbered under the lock, so the history is in order.
+            let record = Arc::new(Record {
+                seq: self.inner.seq.fetch_add(1, Ordering::Relaxed),
+                at: Instant::now(),
+                time: SystemTime::now(),
+                event,
+            });
+            if self.inner.history_capacity > 0 {
+                if history.len() == self.inner.history_capacity {
+                    history.pop_front();
+                }
+                history.push_back(record.clone());
+            }
+            record
+        };
+        if let Some(backend) = record.event.backend() {
+            self.inner
+                .last_change
+                .lock()
+                .insert(backend.clone(), record.time);
+        }
+        // No subscriber is not an error.
+        let _ = self.inner.tx.send(record);
+    }
+
+    /// A new subscriber: it receives every event emitted from now on.
+    pub fn subscribe(&self) -> Subscriber {
+        Subscriber {
+            rx: self.inner.tx.subscribe(),
+        }
+    }
+
+    /// The recorded history, oldest first.
+    pub fn history(&self) -> Vec<Arc<Record>> {
+        self.inner.history.lock().iter().cloned().collect()
+    }
+
+    /// The last `n` recorded events, oldest first.
+    pub fn recent(&self, n: usize) -> Vec<Arc<Record>> {
+        let history = self.inner.history.lock();
+        let skip = history.len().saturating_sub(n);
+        history.iter().skip(skip).cloned().collect()
+    }
+
+    /// When an event about backend `id` was last emitted.
+    pub fn last_change(&self, id: &BackendId) -> Option<SystemTime> {
+        self.inner.last_change.lock().get(id).copied()
+    }
+
+    /// How many events were emitted so far.
+    pub fn emitted(&self) -> u64 {
+        self.inner.seq.load(Ordering::Relaxed)
+    }
+}
+
+/// Why [`Subscriber::recv`] returned no event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// The subscriber fell behind and this many events were dropped for it;
+    /// the next call returns the oldest event still buffered.
+    #[error("subscriber fell behind and missed {0} events")]
+    Missed(u64),
+    /// Every [`Events`] handle is gone.
+    #[error("the event stream is closed")]
+    Closed,
+}
+
+/// Receives events from an [`Events`] stream.
+#[derive(Debug)]
+pub struct Subscriber {
+    rx: broadcast::Receiver<Arc<Record>>,
+}
+
+impl Subscriber {
+    /// The next event, waiting for one.
+    pub async fn recv(&mut self) -> Result<Arc<Record>, RecvError> {
+        self.rx.recv().await.map_err(|e| match e {
+            broadcast::error::RecvError::Lagged(n) => RecvError::Missed(n),
+            broadcast::error::RecvError::Closed => RecvError::Closed,
+        })
+    }
+
+    /// The next event if one is buffered, without waiting.
+    pub fn try_recv(&mut self) -> Option<Result<Arc<Record>, RecvError>> {
+        match self.rx.try_recv() {
+            Ok(r) => Some(Ok(r)),
+            Err(broadcast::error::TryRecvError::Empty) => None,
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(RecvError::Missed(n))),
+            Err(broadcast::error::TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+        }
+    }
+}
+
+/// Emits `event` when `events` is set.
+#[inline]
+pub(crate) fn emit(events: Option<&Events>, event: impl FnOnce() -> Event) {
+    if let Some(events) = events {
+        events.emit(event());
+    }
+}

@@ -1,0 +1,539 @@
+//! Runtime control of groups and backends.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use super::events::{Event, Events};
+use super::stats::{BackendStats, GroupStats};
+use crate::backend::{AdminStatus, BackendId, BackendState};
+use crate::balance::{Balance, Priority, Strategy};
+use crate::pool::Pool;
+
+/// How a group routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum GroupMode {
+    /// One primary at a time, backups in configured order
+    /// ([`Priority`]).
+    ActivePassive,
+    /// Requests spread over every available member, with any other
+    /// strategy.
+    Normal,
+}
+
+/// Why a control action was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// No group has this name.
+    #[error("unknown group `{0}`")]
+    UnknownGroup(String),
+    /// No group has this backend.
+    #[error("unknown backend `{0}`")]
+    UnknownBackend(String),
+    /// The group is not in the group, for an action on one group.
+    #[error("backend `{backend}` is not a member of group `{group}`")]
+    NotInGroup {
+        /// The group.
+        group: String,
+        /// The backend.
+        backend: String,
+    },
+    /// A group with this name is registered already.
+    #[error("a group named `{0}` exists already")]
+    DuplicateGroup(String),
+    /// The backend is in the group already.
+    #[error("backend `{backend}` is in group `{group}` already")]
+    DuplicateBackend {
+        /// The group.
+        group: String,
+        /// The backend.
+        backend: String,
+    },
+    /// The action needs an active-passive group.
+    #[error("group `{0}` is not active-passive")]
+    NotActivePassive(String),
+    /// The service given is not of the type the group's pool holds.
+    #[error("group `{0}` holds services of another type")]
+    ServiceType(String),
+    /// A drain deadline needs a tokio runtime to run on.
+    #[error("draining with a deadline needs a tokio runtime")]
+    NoRuntime,
+}
+
+/// What the handle needs of a pool, whatever its service type.
+trait PoolOps: Send + Sync {
+    fn ids(&self) -> Vec<BackendId>;
+    fn state(&self, id: &BackendId) -> Option<Arc<BackendState>>;
+    fn remove(&self, id: &BackendId) -> bool;
+    fn set_weight(&self, id: &BackendId, weight: u32) -> bool;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<S: Clone + Send + Sync + 'static> PoolOps for Pool<S> {
+    fn ids(&self) -> Vec<BackendId> {
+        Pool::ids(self)
+    }
+    fn state(&self, id: &BackendId) -> Option<Arc<BackendState>> {
+        Pool::state(self, id)
+    }
+    fn remove(&self, id: &BackendId) -> bool {
+        Pool::remove(self, id)
+    }
+    fn set_weight(&self, id: &BackendId, weight: u32) -> bool {
+        Pool::set_weight(self, id, weight)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+pub(super) struct Group {
+    pub(super) name: Arc<str>,
+    pool: Box<dyn PoolOps>,
+    pub(super) priority: Option<Priority>,
+}
+
+impl Group {
+    pub(super) fn mode(&self) -> GroupMode {
+        if self.priority.is_some() {
+            GroupMode::ActivePassive
+        } else {
+            GroupMode::Normal
+        }
+    }
+
+    pub(super) fn ids(&self) -> Vec<BackendId> {
+        self.pool.ids()
+    }
+
+    pub(super) fn state(&self, id: &BackendId) -> Option<Arc<BackendState>> {
+        self.pool.state(id)
+    }
+}
+
+pub(super) struct Inner {
+    events: Events,
+    groups: RwLock<Vec<Arc<Group>>>,
+    drain_deadline: Option<Duration>,
+    /// One number per backend, raised by every admin action, so that a
+    /// drain deadline acts only if no later action came.
+    epochs: Mutex<HashMap<BackendId, u64>>,
+}
+
+/// Runtime control of one or more groups: drain, disable and enable
+/// backends, set weights, force a primary, add and remove backends; every
+/// action is an [`Event`]. Also the source of [stats](Handle::stats).
+///
+/// Cloning is cheap and yields a handle to the same groups. Register each
+/// group's [`Balance`] with [`add_group`](Handle::add_group); a
+/// [`Priority`] strategy makes it an active-passive group.
+///
+/// A backend id names the same backend in every group it belongs to:
+/// actions by backend id apply to all of them.
+///
+/// # Drain
+///
+/// [`drain`](Handle::drain) sets the backend
+/// [`Draining`](AdminStatus::Draining): it takes no new request or session,
+/// and requests in flight finish. After the drain deadline (see
+/// [`drain_deadline`](Handle::drain_deadline)) a backend still draining
+/// becomes [`Disabled`](AdminStatus::Disabled): its sticky sessions, which
+/// may stay on a draining backend, then move elsewhere because the backend
+/// is unavailable.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower::{service_fn, ServiceExt};
+/// use tower_ha::balance::{Balance, Priority};
+/// use tower_ha::control::{Event, Events, Handle};
+/// use tower_ha::{AdminStatus, Pool};
+///
+/// let backend = |name: &'static str| {
+///     service_fn(move |_req: http::Request<()>| async move {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(name))
+///     })
+/// };
+/// let pool = Pool::new();
+/// for name in ["web1", "web2"] {
+///     pool.insert(name, backend(name));
+/// }
+/// let balance = Balance::new(pool.clone(), Priority::new("web", ["web1", "web2"]));
+///
+/// let handle = Handle::new(Events::default());
+/// handle.add_group("web", &balance).unwrap();
+/// handle.drain(&"web1".into()).unwrap();
+/// assert_eq!(pool.state(&"web1".into()).unwrap().admin(), AdminStatus::Draining);
+///
+/// let served = balance.oneshot(http::Request::new(())).await.unwrap();
+/// assert_eq!(*served.body(), "web2");
+/// let stats = handle.group_stats("web").unwrap();
+/// assert_eq!(stats.current_primary.unwrap().as_str(), "web2");
+/// assert!(matches!(handle.events().history()[0].event, Event::AdminChanged { .. }));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Handle {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let groups: Vec<_> = self
+            .inner
+            .groups
+            .read()
+            .iter()
+            .map(|g| g.name.clone())
+            .collect();
+        f.debug_struct("Handle")
+            .field("groups", &groups)
+            .field("drain_deadline", &self.inner.drain_deadline)
+            .finish()
+    }
+}
+
+impl Handle {
+    /// A handle with no group that emits into `events`; drained backends
+    /// are disabled after 30 s.
+    pub fn new(events: Events) -> Self {
+        Handle {
+            inner: Arc::new(Inner {
+                events,
+                groups: RwLock::new(Vec::new()),
+                drain_deadline: Some(Duration::from_secs(30)),
+                epochs: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// How long a drained backend keeps its sticky sessions before it is
+    /// disabled (default 30 s); `None` keeps it draining until an operator
+    /// acts. Call before sharing the handle.
+    pub fn drain_deadline(self, deadline: Option<Duration>) -> Self {
+        let inner = match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                inner.drain_deadline = deadline;
+                inner
+            }
+            Err(shared) => Inner {
+                events: shared.events.clone(),
+                groups: RwLock::new(shared.groups.read().clone()),
+                drain_deadline: deadline,
+                epochs: Mutex::new(HashMap::new()),
+            },
+        };
+        Handle {
+            inner: Arc::new(inner),
+        }
+    }
+
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(super) fn downgrade(&self) -> std::sync::Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(super) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Handle> {
+        weak.upgrade().map(|inner| Handle { inner })
+    }
+
+    /// The event stream every action emits into.
+    pub fn events(&self) -> &Events {
+        &self.inner.events
+    }
+
+    /// Registers the group `name`, served by `balance`. A [`Priority`]
+    /// strategy makes it active-passive, and its primary switches are
+    /// emitted into this handle's events.
+    pub fn add_group<S, P>(
+        &self,
+        name: impl Into<Arc<str>>,
+        balance: &Balance<S, P>,
+    ) -> Result<(), ControlError>
+    where
+        S: Clone + Send + Sync + 'static,
+        P: Strategy,
+    {
+        let strategy: &dyn Any = balance.strategy();
+        let priority = strategy
+            .downcast_ref::<Priority>()
+            .cloned()
+            .or_else(|| super::group_priority(strategy));
+        self.add_pool(name, balance.pool().clone(), priority)
+    }
+
+    /// Registers the group `name` over `pool`, active-passive when
+    /// `priority` is given.
+    pub fn add_pool<S>(
+        &self,
+        name: impl Into<Arc<str>>,
+        pool: Pool<S>,
+        priority: Option<Priority>,
+    ) -> Result<(), ControlError>
+    where
+        S: Clone + Send + Sync + 'static,
+    {
+        let name = name.into();
+        let mut groups = self.inner.groups.write();
+        if groups.iter().any(|g| g.name == name) {
+            return Err(ControlError::DuplicateGroup(name.to_string()));
+        }
+        if let Some(p) = &priority {
+            p.attach_events(&self.inner.events);
+        }
+        groups.push(Arc::new(Group {
+            name,
+            pool: Box::new(pool),
+            priority,
+        }));
+        Ok(())
+    }
+
+    pub(super) fn groups(&self) -> Vec<Arc<Group>> {
+        self.inner.groups.read().clone()
+    }
+
+    pub(super) fn group(&self, name: &str) -> Result<Arc<Group>, ControlError> {
+        self.inner
+            .groups
+            .read()
+            .iter()
+            .find(|g| &*g.name == name)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownGroup(name.to_owned()))
+    }
+
+    /// The names of the registered groups, in registration order.
+    pub fn group_names(&self) -> Vec<Arc<str>> {
+        self.inner
+            .groups
+            .read()
+            .iter()
+            .map(|g| g.name.clone())
+            .collect()
+    }
+
+    /// Every distinct state of backend `id` across the groups.
+    fn states(&self, id: &BackendId) -> Result<Vec<Arc<BackendState>>, ControlError> {
+        let mut states: Vec<Arc<BackendState>> = Vec::new();
+        for group in self.inner.groups.read().iter() {
+            if let Some(state) = group.pool.state(id) {
+                if !states.iter().any(|s| Arc::ptr_eq(s, &state)) {
+                    states.push(state);
+                }
+            }
+        }
+        if states.is_empty() {
+            return Err(ControlError::UnknownBackend(id.to_string()));
+        }
+        Ok(states)
+    }
+
+    fn set_admin(
+        &self,
+        id: &BackendId,
+        to: AdminStatus,
+    ) -> Result<(Vec<Arc<BackendState>>, u64), ControlError> {
+        let states = self.states(id)?;
+        let epoch = {
+            let mut epochs = self.inner.epochs.lock();
+            let epoch = epochs.entry(id.clone()).or_insert(0);
+            *epoch += 1;
+            *epoch
+        };
+        let mut from = to;
+        for state in &states {
+            from = state.set_admin(to);
+        }
+        if from != to {
+            self.inner.events.emit(Event::AdminChanged {
+                backend: id.clone(),
+                from,
+                to,
+                reason: "operator".into(),
+            });
+        }
+        Ok((states, epoch))
+    }
+
+    /// Drains backend `id` in every group: no new request or session;
+    /// requests in flight finish; after the drain deadline it is disabled
+    /// (its sticky sessions then move). Needs a tokio runtime when a
+    /// deadline is set.
+    pub fn drain(&self, id: &BackendId) -> Result<(), ControlError> {
+        let runtime = match self.inner.drain_deadline {
+            Some(_) => {
+                Some(tokio::runtime::Handle::try_current().map_err(|_| ControlError::NoRuntime)?)
+            }
+            None => None,
+        };
+        let (states, epoch) = self.set_admin(id, AdminStatus::Draining)?;
+        if let (Some(deadline), Some(runtime)) = (self.inner.drain_deadline, runtime) {
+            let inner = Arc::downgrade(&self.inner);
+            let id = id.clone();
+            runtime.spawn(async move {
+                tokio::time::sleep(deadline).await;
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                if inner.epochs.lock().get(&id) != Some(&epoch) {
+                    return; // a later action decides
+                }
+                let mut changed = false;
+                for state in &states {
+                    if state.admin() == AdminStatus::Draining {
+                        state.set_admin(AdminStatus::Disabled);
+                        changed = true;
+                    }
+                }
+                if changed {
+                    inner.events.emit(Event::AdminChanged {
+                        backend: id,
+                        from: AdminStatus::Draining,
+                        to: AdminStatus::Disabled,
+                        reason: "drain deadline".into(),
+                    });
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Disables backend `id` in every group (a manual override: no traffic
+    /// at all, whatever its health).
+    pub fn disable(&self, id: &BackendId) -> Result<(), ControlError> {
+        self.set_admin(id, AdminStatus::Disabled).map(drop)
+    }
+
+    /// Enables backend `id` in every group again (ends a drain or a
+    /// disable); its health still counts.
+    pub fn enable(&self, id: &BackendId) -> Result<(), ControlError> {
+        self.set_admin(id, AdminStatus::Enabled).map(drop)
+    }
+
+    /// Sets the weight of backend `id` in every group (0 counts as 1).
+    pub fn set_weight(&self, id: &BackendId, weight: u32) -> Result<(), ControlError> {
+        let mut found = false;
+        for group in self.groups() {
+            found |= group.pool.set_weight(id, weight);
+        }
+        if !found {
+            return Err(ControlError::UnknownBackend(id.to_string()));
+        }
+        self.inner.events.emit(Event::WeightChanged {
+            backend: id.clone(),
+            weight: weight.max(1),
+        });
+        Ok(())
+    }
+
+    /// Forces the primary of active-passive group `group` to `id` (see
+    /// [`Priority::force_primary`]).
+    pub fn force_primary(&self, group: &str, id: &BackendId) -> Result<(), ControlError> {
+        let g = self.group(group)?;
+        let priority = g
+            .priority
+            .as_ref()
+            .ok_or_else(|| ControlError::NotActivePassive(group.to_owned()))?;
+        if g.pool.state(id).is_none() || !priority.force_primary(id) {
+            return Err(ControlError::NotInGroup {
+                group: group.to_owned(),
+                backend: id.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends a forced primary in group `group`: its failback rule applies
+    /// again.
+    pub fn release_primary(&self, group: &str) -> Result<(), ControlError> {
+        let g = self.group(group)?;
+        let priority = g
+            .priority
+            .as_ref()
+            .ok_or_else(|| ControlError::NotActivePassive(group.to_owned()))?;
+        priority.release();
+        Ok(())
+    }
+
+    /// Adds backend `id` with `service` to group `group`. The service must
+    /// be of the type the group's pool holds.
+    pub fn add_backend<S>(
+        &self,
+        group: &str,
+        id: impl Into<BackendId>,
+        service: S,
+    ) -> Result<(), ControlError>
+    where
+        S: Clone + Send + Sync + 'static,
+    {
+        let id = id.into();
+        let g = self.group(group)?;
+        let pool = g
+            .pool
+            .as_any()
+            .downcast_ref::<Pool<S>>()
+            .ok_or_else(|| ControlError::ServiceType(group.to_owned()))?;
+        if pool.contains(&id) {
+            return Err(ControlError::DuplicateBackend {
+                group: group.to_owned(),
+                backend: id.to_string(),
+            });
+        }
+        pool.insert(id.clone(), service);
+        self.inner.events.emit(Event::BackendAdded {
+            group: Some(g.name.clone()),
+            backend: id,
+        });
+        Ok(())
+    }
+
+    /// Removes backend `id` from group `group`; requests in flight finish.
+    pub fn remove_backend(&self, group: &str, id: &BackendId) -> Result<(), ControlError> {
+        let g = self.group(group)?;
+        if !g.pool.remove(id) {
+            return Err(ControlError::NotInGroup {
+                group: group.to_owned(),
+                backend: id.to_string(),
+            });
+        }
+        self.inner.events.emit(Event::BackendRemoved {
+            group: Some(g.name.clone()),
+            backend: id.clone(),
+            reason: "operator".into(),
+        });
+        Ok(())
+    }
+
+    /// A snapshot of every group's stats, in registration order.
+    pub fn stats(&self) -> Vec<GroupStats> {
+        self.groups()
+            .iter()
+            .map(|g| GroupStats::of(g, &self.inner.events))
+            .collect()
+    }
+
+    /// A snapshot of group `name`'s stats.
+    pub fn group_stats(&self, name: &str) -> Result<GroupStats, ControlError> {
+        let group = self.group(name)?;
+        Ok(GroupStats::of(&group, &self.inner.events))
+    }
+
+    /// A snapshot of backend `id`'s stats (from the first group that has
+    /// it).
+    pub fn backend_stats(&self, id: &BackendId) -> Result<BackendStats, ControlError> {
+        self.groups()
+            .iter()
+            .find_map(|g| g.state(id))
+            .map(|state| BackendStats::of(id.clone(), &state, &self.inner.events))
+            .ok_or_else(|| ControlError::UnknownBackend(id.to_string()))
+    }
+}

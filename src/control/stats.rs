@@ -1,0 +1,136 @@
+//! Stats snapshots of backends and groups.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Serialize, Serializer};
+
+use super::events::Events;
+use super::handle::{Group, GroupMode};
+use crate::backend::{AdminStatus, BackendId, BackendState, Health};
+
+fn opt_unix_millis<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
+        Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        None => s.serialize_none(),
+    }
+}
+
+fn opt_millis<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        None => s.serialize_none(),
+    }
+}
+
+/// One backend's counters and state at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct BackendStats {
+    /// The backend.
+    pub id: BackendId,
+    /// Requests sent to it.
+    pub requests: u64,
+    /// Failures the health layer recorded.
+    pub failures: u64,
+    /// Requests in flight now.
+    pub in_flight: usize,
+    /// How many times it was ejected.
+    pub ejections: u32,
+    /// Whether it is ejected now.
+    pub ejected: bool,
+    /// Its health.
+    pub health: Health,
+    /// Its admin status.
+    pub admin: AdminStatus,
+    /// Its configured weight.
+    pub weight: u32,
+    /// Whether it takes new requests now.
+    pub available: bool,
+    /// When an event about it was last emitted (milliseconds since the
+    /// Unix epoch in JSON, `time_ms`).
+    #[serde(rename = "last_change_ms", serialize_with = "opt_unix_millis")]
+    pub last_change: Option<SystemTime>,
+}
+
+impl BackendStats {
+    pub(super) fn of(id: BackendId, state: &BackendState, events: &Events) -> Self {
+        BackendStats {
+            last_change: events.last_change(&id),
+            id,
+            requests: state.requests(),
+            failures: state.failures(),
+            in_flight: state.in_flight(),
+            ejections: state.ejections(),
+            ejected: state.is_ejected(),
+            health: state.health(),
+            admin: state.admin(),
+            weight: state.weight(),
+            available: state.is_available(),
+        }
+    }
+
+    /// Whether health checking counts it as serving: healthy and not
+    /// ejected (whatever its admin status).
+    pub fn is_healthy(&self) -> bool {
+        self.health == Health::Healthy && !self.ejected
+    }
+}
+
+/// One group's state at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct GroupStats {
+    /// The group's name.
+    pub name: Arc<str>,
+    /// How it routes.
+    pub mode: GroupMode,
+    /// The configured primary (active-passive groups).
+    pub configured_primary: Option<BackendId>,
+    /// The current primary (active-passive groups).
+    pub current_primary: Option<BackendId>,
+    /// The operator's forced primary, while it holds.
+    pub forced_primary: Option<BackendId>,
+    /// How many failovers the group made.
+    pub failovers: u64,
+    /// Time since the last failover (`since_last_failover_ms` in JSON).
+    #[serde(rename = "since_last_failover_ms", serialize_with = "opt_millis")]
+    pub since_last_failover: Option<Duration>,
+    /// Members that are healthy and not ejected.
+    pub healthy: Vec<BackendId>,
+    /// Members that are unhealthy, turned off or ejected.
+    pub failed: Vec<BackendId>,
+    /// Every member, in pool order.
+    pub backends: Vec<BackendStats>,
+}
+
+impl GroupStats {
+    pub(super) fn of(group: &Group, events: &Events) -> Self {
+        let backends: Vec<BackendStats> = group
+            .ids()
+            .into_iter()
+            .filter_map(|id| {
+                let state = group.state(&id)?;
+                Some(BackendStats::of(id, &state, events))
+            })
+            .collect();
+        let (healthy, failed) = backends
+            .iter()
+            .partition::<Vec<&BackendStats>, _>(|b| b.is_healthy());
+        let priority = group.priority.as_ref();
+        GroupStats {
+            name: group.name.clone(),
+            mode: group.mode(),
+            configured_primary: priority.and_then(|p| p.configured_primary().cloned()),
+            current_primary: priority.and_then(|p| p.current()),
+            forced_primary: priority.and_then(|p| p.forced()),
+            failovers: priority.map_or(0, |p| p.failovers()),
+            since_last_failover: priority
+                .and_then(|p| p.last_failover())
+                .map(|at| at.elapsed()),
+            healthy: healthy.into_iter().map(|b| b.id.clone()).collect(),
+            failed: failed.into_iter().map(|b| b.id.clone()).collect(),
+            backends,
+        }
+    }
+}

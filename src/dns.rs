@@ -1,0 +1,224 @@
+//! DNS discovery: backends from the addresses a host name resolves to.
+//!
+//! [`DnsDiscover`] re-resolves a host name every interval (a Kubernetes
+//! headless service, a round-robin DNS record, LEBA's `dns_backends`) and
+//! yields a [`Change::Insert`] for every address that appears and a
+//! [`Change::Remove`] for every address that goes away. Feed it to
+//! [`Pool::discover`](crate::Pool::discover). The backend id of an address
+//! is the address itself (`10.0.0.7:5432`).
+//!
+//! Resolution goes through the [`Resolver`] trait: [`SystemResolver`] uses
+//! the system's resolver ([`tokio::net::lookup_host`]); tests and custom
+//! service registries provide their own.
+//!
+//! A failed resolution changes nothing (a DNS outage does not empty the
+//! pool); an answer with no address removes every backend.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! use std::net::SocketAddr;
+//! use std::time::Duration;
+//! use tower_ha::dns::{DnsDiscover, Resolver, ResolveFuture};
+//! use tower_ha::Pool;
+//!
+//! /// Always answers two addresses.
+//! struct Fixed;
+//! impl Resolver for Fixed {
+//!     fn resolve(&self, _host: &str, port: u16) -> ResolveFuture {
+//!         Box::pin(async move {
+//!             Ok(vec![
+//!                 SocketAddr::from(([10, 0, 0, 1], port)),
+//!                 SocketAddr::from(([10, 0, 0, 2], port)),
+//!             ])
+//!         })
+//!     }
+//! }
+//!
+//! let pool: Pool<SocketAddr> = Pool::new();
+//! let discover = DnsDiscover::new(Fixed, "db.default.svc", 5432, |addr| addr)
+//!     .interval(Duration::from_secs(5));
+//! tokio::spawn({
+//!     let pool = pool.clone();
+//!     async move { pool.discover(discover).await }
+//! });
+//! tokio::time::sleep(Duration::from_millis(1)).await;
+//! assert_eq!(pool.ids(), ["10.0.0.1:5432".into(), "10.0.0.2:5432".into()]);
+//! # }
+//! ```
+
+use std::collections::{BTreeSet, VecDeque};
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use tokio::time::Sleep;
+use tower::discover::Change;
+
+use crate::backend::BackendId;
+use crate::control::{Event, Events};
+
+/// The answer of a [`Resolver`].
+pub type ResolveFuture = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>;
+
+/// Resolves a host name and port to socket addresses.
+pub trait Resolver: Send + Sync + 'static {
+    /// The addresses `host` resolves to, with `port`.
+    fn resolve(&self, host: &str, port: u16) -> ResolveFuture;
+}
+
+/// The system's resolver, through [`tokio::net::lookup_host`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn resolve(&self, host: &str, port: u16) -> ResolveFuture {
+        let target = format!("{host}:{port}");
+        Box::pin(async move { Ok(tokio::net::lookup_host(target).await?.collect()) })
+    }
+}
+
+enum Step {
+    Resolving(ResolveFuture),
+    Waiting(Pin<Box<Sleep>>),
+}
+
+type Make<S> = Box<dyn FnMut(SocketAddr) -> S + Send>;
+
+/// A [`Discover`](tower::discover::Discover) stream of the addresses a
+/// host name resolves to; see the [module docs](self).
+///
+/// It never ends and never fails: run it with
+/// [`Pool::discover`](crate::Pool::discover) in a task, and abort the task
+/// to stop it.
+pub struct DnsDiscover<S> {
+    resolver: Arc<dyn Resolver>,
+    host: Arc<str>,
+    port: u16,
+    interval: Duration,
+    make: Make<S>,
+    known: BTreeSet<SocketAddr>,
+    pending: VecDeque<Change<BackendId, S>>,
+    step: Step,
+    events: Option<Events>,
+}
+
+impl<S> fmt::Debug for DnsDiscover<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DnsDiscover")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("interval", &self.interval)
+            .field("known", &self.known)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> DnsDiscover<S> {
+    /// Resolves `host` (with `port`) with `resolver` at once and then every
+    /// 5 s, making one service per address with `make`.
+    pub fn new<R, F>(resolver: R, host: impl Into<Arc<str>>, port: u16, make: F) -> Self
+    where
+        R: Resolver,
+        F: FnMut(SocketAddr) -> S + Send + 'static,
+    {
+        let resolver: Arc<dyn Resolver> = Arc::new(resolver);
+        let host = host.into();
+        DnsDiscover {
+            step: Step::Resolving(resolver.resolve(&host, port)),
+            resolver,
+            host,
+            port,
+            interval: Duration::from_secs(5),
+            make: Box::new(make),
+            known: BTreeSet::new(),
+            pending: VecDeque::new(),
+            events: None,
+        }
+    }
+
+    /// Time between two resolutions (default 5 s; at least 1 ms).
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Also emits [`Event::BackendAdded`] and [`Event::BackendRemoved`]
+    /// (reason `"dns"`) into `events`.
+    pub fn events(mut self, events: Events) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// The addresses of the last successful resolution.
+    pub fn addresses(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.known.iter()
+    }
+
+    fn apply(&mut self, addrs: Vec<SocketAddr>) {
+        let now: BTreeSet<SocketAddr> = addrs.into_iter().collect();
+        for gone in self.known.difference(&now) {
+            let id = BackendId::from(gone.to_string());
+            if let Some(events) = &self.events {
+                events.emit(Event::BackendRemoved {
+                    group: None,
+                    backend: id.clone(),
+                    reason: "dns".into(),
+                });
+            }
+            self.pending.push_back(Change::Remove(id));
+        }
+        for new in now.difference(&self.known) {
+            let id = BackendId::from(new.to_string());
+            if let Some(events) = &self.events {
+                events.emit(Event::BackendAdded {
+                    group: None,
+                    backend: id.clone(),
+                });
+            }
+            self.pending
+                .push_back(Change::Insert(id, (self.make)(*new)));
+        }
+        self.known = now;
+    }
+}
+
+// Nothing inside is ever pinned in place: services wait in a queue.
+impl<S> Unpin for DnsDiscover<S> {}
+
+impl<S> Stream for DnsDiscover<S> {
+    type Item = Result<Change<BackendId, S>, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(change) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(change)));
+            }
+            match &mut this.step {
+                Step::Resolving(fut) => {
+                    let result = std::task::ready!(fut.as_mut().poll(cx));
+                    match result {
+                        Ok(addrs) => this.apply(addrs),
+                        Err(error) => tracing::warn!(
+                            host = %this.host,
+                            error = %error,
+                            "DNS resolution failed; keeping the current backends"
+                        ),
+                    }
+                    this.step = Step::Waiting(Box::pin(tokio::time::sleep(this.interval)));
+                }
+                Step::Waiting(sleep) => {
+                    std::task::ready!(sleep.as_mut().poll(cx));
+                    this.step = Step::Resolving(this.resolver.resolve(&this.host, this.port));
+                }
+            }
+        }
+    }
+}

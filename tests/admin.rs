@@ -1,0 +1,315 @@
+//! The admin HTTP surface: every route, good and bad input, and a real
+//! hyper server on 127.0.0.1.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+use tower_ha::balance::{Balance, Priority, RoundRobin};
+use tower_ha::control::{AdminService, Events, Handle};
+use tower_ha::{AdminStatus, Health, Pool};
+
+struct Fixture {
+    admin: AdminService,
+    handle: Handle,
+    web: Pool<()>,
+}
+
+fn fixture() -> Fixture {
+    let web = Pool::new();
+    for id in ["web1", "web2", "web 3"] {
+        web.insert(id, ());
+    }
+    let api = Pool::new();
+    api.insert("api1", ());
+    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(30)));
+    handle
+        .add_group(
+            "web",
+            &Balance::new(web.clone(), Priority::new("web", ["web1", "web2", "web 3"])),
+        )
+        .unwrap();
+    handle
+        .add_group("api", &Balance::new(api, RoundRobin::new()))
+        .unwrap();
+    Fixture {
+        admin: AdminService::new(handle.clone()),
+        handle,
+        web,
+    }
+}
+
+async fn call(admin: &AdminService, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let response: Response<Full<Bytes>> = admin.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "{method} {path}"
+    );
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn get_groups_lists_every_group_with_its_stats() {
+    let f = fixture();
+    let (status, body) = call(&f.admin, "GET", "/groups", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body.as_array().unwrap().len(), 2);
+    assert_eq!(body[0]["name"], "web");
+    assert_eq!(body[0]["mode"], "active-passive");
+    assert_eq!(body[0]["configured_primary"], "web1");
+    assert_eq!(body[1]["name"], "api");
+    assert_eq!(body[1]["mode"], "normal");
+    assert_eq!(body[1]["current_primary"], Value::Null);
+}
+
+#[tokio::test(start_paused = true)]
+async fn get_one_group_and_unknown_groups() {
+    let f = fixture();
+    f.web
+        .state(&"web2".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
+    let (status, body) = call(&f.admin, "GET", "/groups/web", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["healthy"], json!(["web1", "web 3"]));
+    assert_eq!(body["failed"], json!(["web2"]));
+    assert_eq!(body["backends"][1]["health"], "unhealthy");
+    assert_eq!(body["failovers"], 0);
+
+    let (status, body) = call(&f.admin, "GET", "/groups/nope", "").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "unknown group `nope`");
+    let (status, _) = call(&f.admin, "DELETE", "/groups/web", "").await;
+    assert_eq!(status, 405);
+}
+
+#[tokio::test(start_paused = true)]
+async fn post_primary_forces_it_and_rejects_bad_bodies() {
+    let f = fixture();
+    let (status, body) = call(
+        &f.admin,
+        "POST",
+        "/groups/web/primary",
+        r#"{"backend_id": "web 3"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["current_primary"], "web 3");
+    assert_eq!(body["forced_primary"], "web 3");
+
+    for (path, payload, expected, needle) in [
+        (
+            "/groups/web/primary",
+            "not json",
+            400,
+            "expected {\"backend_id\"",
+        ),
+        (
+            "/groups/web/primary",
+            "{}",
+            400,
+            "missing field `backend_id`",
+        ),
+        (
+            "/groups/web/primary",
+            r#"{"backend_id": 7}"#,
+            400,
+            "invalid type",
+        ),
+        (
+            "/groups/web/primary",
+            r#"{"backend_id": "web1", "x": 1}"#,
+            400,
+            "unknown field",
+        ),
+        (
+            "/groups/web/primary",
+            r#"{"backend_id": "api1"}"#,
+            400,
+            "not a member of group `web`",
+        ),
+        (
+            "/groups/nope/primary",
+            r#"{"backend_id": "web1"}"#,
+            404,
+            "unknown group `nope`",
+        ),
+        (
+            "/groups/api/primary",
+            r#"{"backend_id": "api1"}"#,
+            409,
+            "not active-passive",
+        ),
+    ] {
+        let (status, body) = call(&f.admin, "POST", path, payload).await;
+        assert_eq!(status, expected, "{path} {payload}: {body}");
+        let message = body["error"].as_str().unwrap();
+        assert!(message.contains(needle), "{path} {payload}: {message}");
+    }
+    let (status, _) = call(&f.admin, "GET", "/groups/web/primary", "").await;
+    assert_eq!(status, 405);
+
+    let huge = format!(r#"{{"backend_id": "{}"}}"#, "x".repeat(70_000));
+    let (status, _) = call(&f.admin, "POST", "/groups/web/primary", &huge).await;
+    assert_eq!(status, 413);
+    // Nothing above changed the forced primary.
+    assert_eq!(
+        f.handle
+            .group_stats("web")
+            .unwrap()
+            .current_primary
+            .unwrap()
+            .as_str(),
+        "web 3"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn backend_actions_drain_disable_and_enable() {
+    let f = fixture();
+    let state = f.web.state(&"web2".into()).unwrap();
+    let (status, body) = call(&f.admin, "POST", "/backends/web2/drain", "").await;
+    assert_eq!(
+        (status, &body["admin"]),
+        (StatusCode::OK, &json!("draining"))
+    );
+    assert_eq!(state.admin(), AdminStatus::Draining);
+    let (status, body) = call(&f.admin, "POST", "/backends/web2/disable", "").await;
+    assert_eq!(
+        (status, &body["admin"]),
+        (StatusCode::OK, &json!("disabled"))
+    );
+    let (status, body) = call(&f.admin, "POST", "/backends/web2/enable", "").await;
+    assert_eq!(
+        (status, &body["admin"]),
+        (StatusCode::OK, &json!("enabled"))
+    );
+    assert_eq!(state.admin(), AdminStatus::Enabled);
+    // Percent-encoded ids.
+    let (status, body) = call(&f.admin, "POST", "/backends/web%203/disable", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        f.web.state(&"web 3".into()).unwrap().admin(),
+        AdminStatus::Disabled
+    );
+
+    let (status, body) = call(&f.admin, "POST", "/backends/nope/drain", "").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "unknown backend `nope`");
+    let (status, _) = call(&f.admin, "GET", "/backends/web2/drain", "").await;
+    assert_eq!(status, 405);
+    let (status, _) = call(&f.admin, "POST", "/backends/web2/explode", "").await;
+    assert_eq!(status, 404);
+    let (status, _) = call(&f.admin, "POST", "/backends/web%zz/drain", "").await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test(start_paused = true)]
+async fn get_events_returns_the_recent_history() {
+    let f = fixture();
+    call(&f.admin, "POST", "/backends/web1/drain", "").await;
+    call(
+        &f.admin,
+        "POST",
+        "/groups/web/primary",
+        r#"{"backend_id":"web2"}"#,
+    )
+    .await;
+    call(&f.admin, "POST", "/backends/web1/enable", "").await;
+    let (status, body) = call(&f.admin, "GET", "/events", "").await;
+    assert_eq!(status, 200);
+    let kinds: Vec<&str> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["event"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["admin_changed", "primary_changed", "admin_changed"]);
+    assert_eq!(body[1]["event"]["reason"], "forced");
+    assert_eq!(body[1]["event"]["to"], "web2");
+    assert!(body[0]["time_ms"].as_u64().unwrap() > 0);
+    assert_eq!(body[2]["seq"], 2);
+
+    let (_, body) = call(&f.admin, "GET", "/events?limit=1", "").await;
+    assert_eq!(body.as_array().unwrap().len(), 1);
+    assert_eq!(body[0]["seq"], 2);
+    let (status, body) = call(&f.admin, "GET", "/events?limit=many", "").await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("limit"));
+    let (status, _) = call(&f.admin, "POST", "/events", "").await;
+    assert_eq!(status, 405);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_routes_and_prefixes() {
+    let f = fixture();
+    for path in ["/", "/nope", "/groups/web/primary/extra", "/backends/web1"] {
+        let (status, body) = call(&f.admin, "GET", path, "").await;
+        assert_eq!(status, 404, "{path}");
+        assert_eq!(body["error"], "no such route");
+    }
+    let prefixed = f.admin.clone().prefix("/api/v1/");
+    let (status, _) = call(&prefixed, "GET", "/api/v1/groups/web", "").await;
+    assert_eq!(status, 200);
+    let (status, _) = call(&prefixed, "GET", "/groups/web", "").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn the_admin_service_answers_over_a_real_hyper_server() {
+    use hyper_util::rt::TokioIo;
+    let f = fixture();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let admin = f.admin.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        admin.clone().oneshot(req)
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = Request::post(format!("http://{addr}/groups/web/primary"))
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::from_static(br#"{"backend_id":"web2"}"#)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["current_primary"], "web2");
+    assert_eq!(
+        f.handle
+            .group_stats("web")
+            .unwrap()
+            .current_primary
+            .unwrap()
+            .as_str(),
+        "web2"
+    );
+    server.abort();
+}

@@ -1,0 +1,257 @@
+//! Loading groups from LEBA-shaped YAML and TOML files.
+
+use std::error::Error;
+use std::time::Duration;
+
+use http::{Request, Response};
+use tower::{service_fn, BoxError, ServiceExt};
+use tower_ha::config::Config;
+use tower_ha::control::{Events, GroupMode, Handle};
+use tower_ha::{BackendId, Health};
+
+type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
+
+fn named(id: &BackendId) -> Svc {
+    let name = id.to_string();
+    Svc::new(service_fn(move |_req: Request<()>| {
+        let name = name.clone();
+        async move { Ok::<_, BoxError>(Response::new(name)) }
+    }))
+}
+
+const LEBA: &str = r#"
+# The shape of LEBA's config.yaml, plus keys this crate ignores.
+listen: "0.0.0.0:8080"
+failover_groups:
+  - name: "app-servers"
+    mode: "active-passive"
+    backends: ["backend1", "backend2", "backend3"]
+    primary: "backend2"
+    health_check:
+      path: "/custom-health"
+      interval: "5s"
+      timeout: "2s"
+      healthy_threshold: 3
+      unhealthy_threshold: 2
+
+  - name: "db-servers"
+    mode: "normal"
+    backends: ["db1", "db2"]
+    primary: "db1"
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn a_leba_yaml_file_loads_and_builds_working_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, LEBA).unwrap();
+    let config = Config::load(&path).unwrap();
+    assert_eq!(config.failover_groups.len(), 2);
+    let app = config.group("app-servers").unwrap();
+    assert_eq!(app.mode, GroupMode::ActivePassive);
+    let hc = app.health_check.as_ref().unwrap();
+    assert_eq!(hc.path.as_deref(), Some("/custom-health"));
+    assert_eq!(hc.interval, Duration::from_secs(5));
+    assert_eq!(hc.timeout, Duration::from_secs(2));
+    assert_eq!((hc.healthy_threshold, hc.unhealthy_threshold), (3, 2));
+
+    let handle = Handle::new(Events::default());
+    let app_balance = app.build(named);
+    let db_balance = config.group("db-servers").unwrap().build(named);
+    handle.add_group("app-servers", &app_balance).unwrap();
+    handle.add_group("db-servers", &db_balance).unwrap();
+
+    let serve = |b: &tower_ha::balance::Balance<Svc, _>| b.clone().oneshot(Request::new(()));
+    // The configured primary serves; backups follow the listed order.
+    assert_eq!(serve(&app_balance).await.unwrap().into_body(), "backend2");
+    app_balance
+        .pool()
+        .state(&"backend2".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
+    assert_eq!(serve(&app_balance).await.unwrap().into_body(), "backend1");
+    let stats = handle.group_stats("app-servers").unwrap();
+    assert_eq!(stats.configured_primary.unwrap().as_str(), "backend2");
+    assert_eq!(stats.current_primary.unwrap().as_str(), "backend1");
+    assert_eq!(stats.failovers, 1);
+
+    // The normal group spreads requests.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(serve(&db_balance).await.unwrap().into_body());
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["db1", "db2"]);
+    assert_eq!(
+        handle.group_stats("db-servers").unwrap().mode,
+        GroupMode::Normal
+    );
+}
+
+#[test]
+fn the_same_groups_load_from_toml() {
+    let toml = r#"
+[[failover_groups]]
+name = "app-servers"
+mode = "active-passive"
+backends = ["backend1", "backend2"]
+primary = "backend1"
+failback = "auto"
+failback_after = "1m30s"
+min_dwell = "10s"
+
+[failover_groups.health_check]
+interval = "500ms"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("groups.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = Config::load(&path).unwrap();
+    let group = &config.failover_groups[0];
+    assert_eq!(group.failback_after, Some(Duration::from_secs(90)));
+    assert_eq!(group.min_dwell, Some(Duration::from_secs(10)));
+    let hc = group.health_check.as_ref().unwrap();
+    assert_eq!(hc.interval, Duration::from_millis(500));
+    assert_eq!(hc.timeout, Duration::from_secs(1));
+    let priority = group.strategy();
+    let priority = priority.priority().unwrap();
+    assert_eq!(
+        priority.failback_rule(),
+        tower_ha::balance::Failback::Auto {
+            after_stable_for: Duration::from_secs(90)
+        }
+    );
+}
+
+fn invalid(yaml: &str) -> (String, String) {
+    let err = Config::from_yaml(yaml).unwrap_err();
+    assert!(err.is_invalid(), "{err}");
+    (err.field().to_owned(), err.to_string())
+}
+
+#[test]
+fn each_invalid_configuration_names_its_field() {
+    let (field, msg) = invalid(
+        "failover_groups:\n  - {name: a, mode: active-passive, backends: [x, y], primary: z}\n",
+    );
+    assert_eq!(field, "failover_groups[0].primary");
+    assert!(msg.contains("unknown primary `z`"), "{msg}");
+
+    let (field, msg) = invalid("failover_groups:\n  - {name: a, mode: normal, backends: []}\n");
+    assert_eq!(field, "failover_groups[0].backends");
+    assert!(msg.contains("no backend"), "{msg}");
+
+    let (field, msg) = invalid(
+        "failover_groups:\n  - {name: a, mode: normal, backends: [x]}\n  - {name: a, mode: normal, backends: [y]}\n",
+    );
+    assert_eq!(field, "failover_groups[1].name");
+    assert!(msg.contains("duplicate group name `a`"), "{msg}");
+
+    let (field, msg) =
+        invalid("failover_groups:\n  - {name: a, mode: normal, backends: [x, y, x]}\n");
+    assert_eq!(field, "failover_groups[0].backends[2]");
+    assert!(msg.contains("duplicate backend `x`"), "{msg}");
+
+    let (field, _) =
+        invalid("failover_groups:\n  - {name: a, mode: active-passive, backends: [x]}\n");
+    assert_eq!(field, "failover_groups[0].primary");
+
+    let (field, _) = invalid("failover_groups:\n  - {name: ' ', mode: normal, backends: [x]}\n");
+    assert_eq!(field, "failover_groups[0].name");
+
+    let (field, _) = invalid(
+        "failover_groups:\n  - {name: a, mode: normal, backends: [x], health_check: {healthy_threshold: 0}}\n",
+    );
+    assert_eq!(field, "failover_groups[0].health_check.healthy_threshold");
+    let (field, _) = invalid(
+        "failover_groups:\n  - {name: a, mode: normal, backends: [x], health_check: {interval: 0s}}\n",
+    );
+    assert_eq!(field, "failover_groups[0].health_check.interval");
+}
+
+#[test]
+fn bad_syntax_types_and_durations_are_parse_errors_with_a_location() {
+    for yaml in [
+        "failover_groups:\n  - {name: a, mode: sideways, backends: [x]}\n",
+        "failover_groups:\n  - {name: a, mode: normal, backends: [x], colour: red}\n",
+        "failover_groups:\n  - {name: a, mode: normal, backends: [x], health_check: {interval: 5 parsecs}}\n",
+        "failover_groups:\n  - {name: a, mode: normal, backends: [x], health_check: {interval: '5'}}\n",
+        "failover_groups: [\n",
+    ] {
+        let err = Config::from_yaml(yaml).unwrap_err();
+        assert!(err.is_parse(), "{yaml}: {err}");
+        assert!(err.field().starts_with("line "), "{yaml}: {}", err.field());
+        assert!(err.source().is_some());
+    }
+    let err = Config::from_yaml(
+        "failover_groups:\n  - {name: a, mode: normal, backends: [x], health_check: {interval: 5 parsecs}}\n",
+    )
+    .unwrap_err();
+    assert!(
+        err.source()
+            .unwrap()
+            .to_string()
+            .contains("unknown unit `parsecs`"),
+        "{}",
+        err.source().unwrap()
+    );
+    let err = Config::from_toml("failover_groups = 3").unwrap_err();
+    assert!(err.is_parse());
+    let err = Config::load("/nonexistent/groups.yaml").unwrap_err();
+    assert!(err.is_io());
+    assert_eq!(err.field(), "/nonexistent/groups.yaml");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_groups_health_check_settings_drive_the_checker() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    use tower_ha::health::{probe_fn, HealthChecker};
+
+    let config = Config::from_yaml(
+        "failover_groups:\n  - name: app\n    mode: active-passive\n    backends: [a, b]\n    primary: a\n    health_check: {interval: 5s, timeout: 2s, healthy_threshold: 3, unhealthy_threshold: 2}\n",
+    )
+    .unwrap();
+    let group = &config.failover_groups[0];
+    let balance = group.build(named);
+    let pool = balance.pool().clone();
+
+    // "a" fails its probes from the start; probes are counted.
+    let up = Arc::new(AtomicBool::new(false));
+    let probes = Arc::new(AtomicU32::new(0));
+    let probe = probe_fn({
+        let (up, probes) = (up.clone(), probes.clone());
+        move |id: &BackendId, _svc: &Svc| {
+            let fail = id.as_str() == "a" && !up.load(Ordering::SeqCst);
+            if id.as_str() == "a" {
+                probes.fetch_add(1, Ordering::SeqCst);
+            }
+            async move {
+                if fail {
+                    Err::<(), BoxError>("down".into())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    });
+    let checker = group
+        .health_check
+        .as_ref()
+        .unwrap()
+        .apply(HealthChecker::new(pool.clone(), probe).jitter(Duration::ZERO))
+        .spawn();
+    let a = pool.state(&"a".into()).unwrap();
+    // Probes at 0 s and 5 s: unhealthy after the second (fall 2).
+    tokio::time::sleep(Duration::from_millis(4_900)).await;
+    assert_eq!(a.health(), Health::Healthy);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.health(), Health::Unhealthy);
+    assert_eq!(probes.load(Ordering::SeqCst), 2);
+    // Healthy again after three passing probes (rise 3): 10, 15, 20 s.
+    up.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(9_800)).await; // 14.9 s
+    assert_eq!(a.health(), Health::Unhealthy);
+    tokio::time::sleep(Duration::from_millis(5_200)).await; // 20.1 s
+    assert_eq!(a.health(), Health::Healthy);
+    checker.shutdown().await;
+}

@@ -1,0 +1,726 @@
+//! Groups, runtime control, events and stats, through the public API.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tower::{service_fn, BoxError, Service, ServiceExt};
+use tower_ha::balance::{Balance, Failback, Priority, Strategy};
+use tower_ha::control::{Event, Events, Handle, RecvError, SwitchReason};
+use tower_ha::health::HealthLayer;
+use tower_ha::{AdminStatus, BackendId, Health, Pool};
+
+type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
+
+/// A backend that answers its name, after `delay`.
+fn named(name: &'static str, delay: Duration) -> Svc {
+    Svc::new(service_fn(move |_req: Request<()>| async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok::<_, BoxError>(Response::new(name.to_owned()))
+    }))
+}
+
+fn pool_of(names: &[&'static str]) -> Pool<Svc> {
+    let pool = Pool::new();
+    for &name in names {
+        pool.insert(name, named(name, Duration::ZERO));
+    }
+    pool
+}
+
+async fn serve<P: Strategy>(balance: &Balance<Svc, P>) -> String {
+    balance
+        .clone()
+        .oneshot(Request::new(()))
+        .await
+        .unwrap()
+        .into_body()
+}
+
+fn set_health(pool: &Pool<Svc>, id: &str, health: Health) {
+    pool.state(&id.into()).unwrap().set_health(health);
+}
+
+fn primary_changes(events: &Events) -> Vec<(Option<String>, Option<String>, SwitchReason)> {
+    events
+        .history()
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::PrimaryChanged {
+                from, to, reason, ..
+            } => Some((
+                from.as_ref().map(|b| b.to_string()),
+                to.as_ref().map(|b| b.to_string()),
+                *reason,
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn change(
+    from: &str,
+    to: &str,
+    reason: SwitchReason,
+) -> (Option<String>, Option<String>, SwitchReason) {
+    (Some(from.into()), Some(to.into()), reason)
+}
+
+// ---------------------------------------------------------------- events
+
+#[tokio::test(start_paused = true)]
+async fn a_subscriber_that_never_reads_does_not_slow_emitters_and_learns_what_it_missed() {
+    let events = Events::new(8, 16);
+    let mut idle = events.subscribe();
+    let mut reader = events.subscribe();
+    // 10 000 events while one subscriber never reads: every emit returns
+    // (the data path never waits), the buffer stays bounded.
+    for i in 0..10_000u32 {
+        events.emit(Event::WeightChanged {
+            backend: "a".into(),
+            weight: i,
+        });
+    }
+    assert_eq!(events.emitted(), 10_000);
+    assert_eq!(idle.recv().await, Err(RecvError::Missed(10_000 - 8)));
+    let first = idle.recv().await.unwrap();
+    assert_eq!(first.seq, 10_000 - 8);
+    assert_eq!(reader.try_recv(), Some(Err(RecvError::Missed(10_000 - 8))));
+    // The history keeps the last 16, oldest first, with timestamps.
+    let history = events.history();
+    assert_eq!(history.len(), 16);
+    assert_eq!(history[0].seq, 10_000 - 16);
+    assert!(history
+        .windows(2)
+        .all(|w| w[0].seq + 1 == w[1].seq && w[0].at <= w[1].at));
+    assert_eq!(events.recent(3).len(), 3);
+    assert_eq!(events.recent(3)[2].seq, 9_999);
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_do_not_wait_for_an_idle_subscriber_to_a_full_channel() {
+    // A health layer emitting into a channel of 1 with an idle subscriber:
+    // every request still completes at once (time is paused: any wait
+    // would hang the test).
+    let events = Events::new(1, 4);
+    let _idle = events.subscribe();
+    let layer = HealthLayer::new()
+        .consecutive_failures(1)
+        .base_ejection_time(Duration::from_millis(1))
+        .max_ejection_time(Duration::from_millis(1))
+        .max_ejection_percent(100)
+        .events(events.clone());
+    let pool: Pool<Svc> = Pool::new();
+    let failing = Svc::new(service_fn(|_req: Request<()>| async {
+        Ok::<_, BoxError>(
+            Response::builder()
+                .status(StatusCode::BAD_GATEWAY)
+                .body(String::new())
+                .unwrap(),
+        )
+    }));
+    pool.insert("bad", Svc::new(layer.layer(failing)));
+    let balance =
+        Balance::new(pool.clone(), tower_ha::balance::RoundRobin::new()).panic_threshold(0.0);
+    let start = tokio::time::Instant::now();
+    let mut served = 0;
+    for _ in 0..200 {
+        if balance.clone().oneshot(Request::new(())).await.is_ok() {
+            served += 1;
+        }
+        tokio::time::advance(Duration::from_millis(2)).await;
+    }
+    assert_eq!(start.elapsed(), Duration::from_millis(400));
+    assert_eq!(served, 200);
+    // Every request ejected the backend, and each one after the first
+    // restored it first: 399 events into a channel of one.
+    assert_eq!(events.emitted(), 399);
+    assert!(matches!(
+        events.history().last().unwrap().event,
+        Event::Ejected { .. } | Event::Restored { .. }
+    ));
+}
+
+use tower::Layer;
+
+#[tokio::test(start_paused = true)]
+async fn the_health_layer_and_checker_emit_into_the_event_stream() {
+    let events = Events::default();
+    let layer = HealthLayer::new()
+        .consecutive_failures(2)
+        .events(events.clone());
+    let pool: Pool<Svc> = Pool::new();
+    let failing = Svc::new(service_fn(|_req: Request<()>| async {
+        Ok::<_, BoxError>(
+            Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .body(String::new())
+                .unwrap(),
+        )
+    }));
+    pool.insert("bad", Svc::new(layer.layer(failing)));
+    pool.insert("good", named("good", Duration::ZERO));
+    let balance = Balance::new(pool.clone(), tower_ha::balance::RoundRobin::new());
+    for _ in 0..4 {
+        let _ = balance.clone().oneshot(Request::new(())).await;
+    }
+    let ejected: Vec<_> = events
+        .history()
+        .iter()
+        .filter(|r| matches!(&r.event, Event::Ejected { backend, ejection: 1, .. } if backend.as_str() == "bad"))
+        .cloned()
+        .collect();
+    assert_eq!(ejected.len(), 1);
+
+    // The checker: a probe that always fails turns "good" unhealthy.
+    let checker = tower_ha::health::HealthChecker::new(
+        pool.clone(),
+        tower_ha::health::probe_fn(|id: &BackendId, _svc: &Svc| {
+            let fail = id.as_str() == "good";
+            async move {
+                if fail {
+                    Err::<(), BoxError>("down".into())
+                } else {
+                    Ok(())
+                }
+            }
+        }),
+    )
+    .jitter(Duration::ZERO)
+    .fall(1)
+    .events(events.clone())
+    .spawn();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(events.history().iter().any(|r| matches!(
+        &r.event,
+        Event::HealthChanged { backend, from: Health::Healthy, to: Health::Unhealthy, .. }
+            if backend.as_str() == "good"
+    )));
+    assert!(events.last_change(&"good".into()).is_some());
+    checker.shutdown().await;
+}
+
+// ---------------------------------------------------------------- groups
+
+#[tokio::test(start_paused = true)]
+async fn the_first_available_backup_in_configured_order_takes_over() {
+    let pool = pool_of(&["a", "b", "c", "d"]);
+    let events = Events::default();
+    // Configured order differs from insertion order.
+    let group = Priority::new("g", ["a", "d", "c", "b"]).events(events.clone());
+    let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
+    for _ in 0..5 {
+        assert_eq!(serve(&balance).await, "a");
+    }
+    set_health(&pool, "d", Health::Unhealthy);
+    set_health(&pool, "a", Health::Unhealthy);
+    // Deterministically "c" (d is down), every time.
+    for _ in 0..20 {
+        assert_eq!(serve(&balance).await, "c");
+    }
+    assert_eq!(group.current().unwrap().as_str(), "c");
+    assert_eq!(group.failovers(), 1);
+    assert_eq!(
+        primary_changes(&events),
+        [change("a", "c", SwitchReason::Failover)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_never_the_recovered_primary_stays_a_backup() {
+    let pool = pool_of(&["a", "b", "c"]);
+    let events = Events::default();
+    let group = Priority::new("g", ["a", "b", "c"]).events(events.clone());
+    let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
+    assert_eq!(serve(&balance).await, "a");
+    set_health(&pool, "a", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "b");
+    set_health(&pool, "a", Health::Healthy);
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(serve(&balance).await, "b");
+    }
+    // When b fails, the order decides again: a is first.
+    set_health(&pool, "b", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "a");
+    assert_eq!(
+        primary_changes(&events),
+        [
+            change("a", "b", SwitchReason::Failover),
+            change("b", "a", SwitchReason::Failover)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_auto_the_primary_returns_only_after_a_whole_stable_interval() {
+    let pool = pool_of(&["a", "b"]);
+    let events = Events::default();
+    let group = Priority::new("g", ["a", "b"])
+        .failback(Failback::Auto {
+            after_stable_for: Duration::from_secs(10),
+        })
+        .events(events.clone());
+    let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
+    assert_eq!(serve(&balance).await, "a");
+    set_health(&pool, "a", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "b");
+
+    // a recovers at t0; picks every second see it.
+    set_health(&pool, "a", Health::Healthy);
+    assert_eq!(serve(&balance).await, "b");
+    for _ in 0..6 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(serve(&balance).await, "b");
+    }
+    // A flap at t0+6 s resets the clock.
+    set_health(&pool, "a", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "b");
+    set_health(&pool, "a", Health::Healthy);
+    assert_eq!(serve(&balance).await, "b"); // available again since t1
+    for _ in 0..9 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(serve(&balance).await, "b", "before 10 s since the flap");
+    }
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert_eq!(serve(&balance).await, "b");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(serve(&balance).await, "a", "10 s after the flap");
+    assert_eq!(
+        primary_changes(&events),
+        [
+            change("a", "b", SwitchReason::Failover),
+            change("b", "a", SwitchReason::Failback)
+        ]
+    );
+    assert_eq!(group.failovers(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_minimum_dwell_holds_when_the_primary_flaps_every_100ms() {
+    let pool = pool_of(&["a", "b"]);
+    let events = Events::default();
+    let group = Priority::new("g", ["a", "b"])
+        .failback(Failback::Auto {
+            after_stable_for: Duration::ZERO,
+        })
+        .min_dwell(Duration::from_secs(5))
+        .events(events.clone());
+    let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
+    // Flap a every 100 ms for 20 s, with a request every 10 ms.
+    let mut served_a_while_a_down = 0;
+    for tick in 0..2_000u32 {
+        let a_up = (tick / 10) % 2 == 0;
+        set_health(
+            &pool,
+            "a",
+            if a_up {
+                Health::Healthy
+            } else {
+                Health::Unhealthy
+            },
+        );
+        let served = serve(&balance).await;
+        if !a_up && served == "a" {
+            served_a_while_a_down += 1;
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    assert_eq!(served_a_while_a_down, 0);
+    let changes = primary_changes(&events);
+    // Without the dwell a would switch back every 200 ms (about 200
+    // switches). With it: the failover at 0.1 s, then a failback as soon as
+    // a is up 5 s after the last switch (5.2 s, 10.4 s, 15.6 s), each
+    // followed by a failover when a goes down 100 ms later.
+    let at: Vec<u128> = events
+        .history()
+        .iter()
+        .filter(|r| matches!(r.event, Event::PrimaryChanged { .. }))
+        .map(|r| (r.at - events.history()[0].at).as_millis())
+        .collect();
+    assert_eq!(changes.len(), 7, "{changes:?}");
+    assert_eq!(at, [0, 5100, 5200, 10300, 10400, 15500, 15600]);
+    // Failbacks are at least 5 s after the switch before them.
+    let history = events.history();
+    let switches: Vec<_> = history
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::PrimaryChanged { reason, .. } => Some((r.at, *reason)),
+            _ => None,
+        })
+        .collect();
+    for pair in switches.windows(2) {
+        if pair[1].1 == SwitchReason::Failback {
+            assert!(pair[1].0 - pair[0].0 >= Duration::from_secs(5));
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_primary_holds_until_it_fails_or_is_released() {
+    let pool = pool_of(&["a", "b", "c"]);
+    let events = Events::default();
+    let group = Priority::new("g", ["a", "b", "c"])
+        .failback(Failback::Auto {
+            after_stable_for: Duration::from_secs(1),
+        })
+        .events(events.clone());
+    let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
+    assert_eq!(serve(&balance).await, "a");
+    assert!(group.force_primary(&"c".into()));
+    assert!(!group.force_primary(&"zz".into()));
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(serve(&balance).await, "c", "auto failback must not undo it");
+    }
+    group.release();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(serve(&balance).await, "a", "released: failback applies");
+    // A forced primary that fails is failed over like any other.
+    assert!(group.force_primary(&"b".into()));
+    set_health(&pool, "b", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "a");
+    assert_eq!(group.forced(), None);
+    assert_eq!(
+        primary_changes(&events),
+        [
+            change("a", "c", SwitchReason::Forced),
+            change("c", "a", SwitchReason::Failback),
+            change("a", "b", SwitchReason::Forced),
+            change("b", "a", SwitchReason::Failover),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_walk_the_configured_order_without_moving_the_primary() {
+    use tower_ha::extensions::Attempts;
+    let pool = pool_of(&["a", "b", "c"]);
+    let group = Priority::new("g", ["c", "a", "b"]);
+    let balance = Balance::new(pool.clone(), group.clone());
+    let mut served = Vec::new();
+    let mut attempts = Attempts::new();
+    for _ in 0..3 {
+        let mut req = Request::new(());
+        req.extensions_mut().insert(attempts.clone());
+        let name = balance.clone().oneshot(req).await.unwrap().into_body();
+        attempts.push(name.as_str().into());
+        served.push(name);
+    }
+    assert_eq!(served, ["c", "a", "b"]);
+    assert_eq!(group.current().unwrap().as_str(), "c");
+    let mut req = Request::new(());
+    req.extensions_mut().insert(attempts);
+    assert!(balance.oneshot(req).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_primary_is_replaced_and_a_new_member_joins_last() {
+    let pool = pool_of(&["a", "b"]);
+    let events = Events::default();
+    let group = Priority::new("g", ["a", "b"]).events(events.clone());
+    let balance = Balance::new(pool.clone(), group.clone());
+    assert_eq!(serve(&balance).await, "a");
+    pool.insert("z", named("z", Duration::ZERO));
+    pool.remove(&"a".into());
+    assert_eq!(serve(&balance).await, "b");
+    set_health(&pool, "b", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "z");
+    assert_eq!(
+        primary_changes(&events),
+        [
+            change("a", "b", SwitchReason::Removed),
+            change("b", "z", SwitchReason::Failover)
+        ]
+    );
+}
+
+// ---------------------------------------------------------------- handle
+
+#[tokio::test(start_paused = true)]
+async fn a_drained_backend_finishes_in_flight_requests_takes_no_new_ones_and_is_disabled_after_the_deadline(
+) {
+    let pool: Pool<Svc> = Pool::new();
+    pool.insert("slow", named("slow", Duration::from_secs(3)));
+    pool.insert("other", named("other", Duration::ZERO));
+    let balance = Balance::new(pool.clone(), Priority::new("g", ["slow", "other"]));
+    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(10)));
+    handle.add_group("g", &balance).unwrap();
+
+    let request: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        Box::pin(balance.clone().oneshot(Request::new(())));
+    let in_flight = tokio::spawn(request);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let slow = pool.state(&"slow".into()).unwrap();
+    assert_eq!(slow.in_flight(), 1);
+
+    handle.drain(&"slow".into()).unwrap();
+    let drained_at = tokio::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(serve(&balance).await, "other");
+    }
+    let finished = in_flight.await.unwrap().unwrap().into_body();
+    assert_eq!(finished, "slow", "the in-flight request finished");
+    assert_eq!(slow.in_flight(), 0);
+    assert_eq!(slow.requests(), 1);
+    assert_eq!(slow.admin(), AdminStatus::Draining);
+
+    tokio::time::sleep_until(drained_at + Duration::from_millis(9_999)).await;
+    assert_eq!(slow.admin(), AdminStatus::Draining);
+    tokio::time::sleep_until(drained_at + Duration::from_secs(10)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(
+        slow.admin(),
+        AdminStatus::Disabled,
+        "disabled at the deadline"
+    );
+    let admin: Vec<_> = handle
+        .events()
+        .history()
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::AdminChanged {
+                from, to, reason, ..
+            } => Some((*from, *to, reason.to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        admin,
+        [
+            (
+                AdminStatus::Enabled,
+                AdminStatus::Draining,
+                "operator".into()
+            ),
+            (
+                AdminStatus::Draining,
+                AdminStatus::Disabled,
+                "drain deadline".into()
+            ),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn enabling_before_the_deadline_cancels_it() {
+    let pool = pool_of(&["a", "b"]);
+    let balance = Balance::new(pool.clone(), tower_ha::balance::RoundRobin::new());
+    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(10)));
+    handle.add_group("g", &balance).unwrap();
+    handle.drain(&"a".into()).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    handle.enable(&"a".into()).unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        pool.state(&"a".into()).unwrap().admin(),
+        AdminStatus::Enabled
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn handle_actions_are_events_and_bad_names_are_errors() {
+    use tower_ha::control::ControlError;
+    let web = pool_of(&["w1", "w2"]);
+    let api = pool_of(&["a1", "shared"]);
+    web.insert("shared", named("shared", Duration::ZERO));
+    let web_balance = Balance::new(web.clone(), Priority::new("web", ["w1", "w2", "shared"]));
+    let api_balance = Balance::new(api.clone(), tower_ha::balance::RoundRobin::new());
+    let handle = Handle::new(Events::default());
+    handle.add_group("web", &web_balance).unwrap();
+    handle.add_group("api", &api_balance).unwrap();
+    assert_eq!(
+        handle.add_group("web", &api_balance),
+        Err(ControlError::DuplicateGroup("web".into()))
+    );
+
+    // By backend id: every group that has it.
+    handle.disable(&"shared".into()).unwrap();
+    assert_eq!(
+        web.state(&"shared".into()).unwrap().admin(),
+        AdminStatus::Disabled
+    );
+    assert_eq!(
+        api.state(&"shared".into()).unwrap().admin(),
+        AdminStatus::Disabled
+    );
+    handle.enable(&"shared".into()).unwrap();
+    handle.set_weight(&"a1".into(), 7).unwrap();
+    assert_eq!(api.state(&"a1".into()).unwrap().weight(), 7);
+    handle.force_primary("web", &"w2".into()).unwrap();
+    assert_eq!(serve(&web_balance).await, "w2");
+    handle
+        .add_backend("api", "a2", named("a2", Duration::ZERO))
+        .unwrap();
+    assert!(api.contains(&"a2".into()));
+    handle.remove_backend("api", &"a2".into()).unwrap();
+    assert!(!api.contains(&"a2".into()));
+
+    let kinds: Vec<&'static str> = handle
+        .events()
+        .history()
+        .iter()
+        .map(|r| match &r.event {
+            Event::AdminChanged { .. } => "admin",
+            Event::WeightChanged { .. } => "weight",
+            Event::PrimaryChanged { .. } => "primary",
+            Event::BackendAdded { .. } => "added",
+            Event::BackendRemoved { .. } => "removed",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["admin", "admin", "weight", "primary", "added", "removed"]
+    );
+
+    assert_eq!(
+        handle.drain(&"nope".into()),
+        Err(ControlError::UnknownBackend("nope".into()))
+    );
+    assert_eq!(
+        handle.set_weight(&"nope".into(), 1),
+        Err(ControlError::UnknownBackend("nope".into()))
+    );
+    assert_eq!(
+        handle.force_primary("nope", &"w1".into()),
+        Err(ControlError::UnknownGroup("nope".into()))
+    );
+    assert_eq!(
+        handle.force_primary("api", &"a1".into()),
+        Err(ControlError::NotActivePassive("api".into()))
+    );
+    assert!(matches!(
+        handle.force_primary("web", &"a1".into()),
+        Err(ControlError::NotInGroup { .. })
+    ));
+    assert_eq!(
+        handle.add_backend("api", "x", 5u8),
+        Err(ControlError::ServiceType("api".into()))
+    );
+    assert!(matches!(
+        handle.add_backend("api", "a1", named("a1", Duration::ZERO)),
+        Err(ControlError::DuplicateBackend { .. })
+    ));
+    assert!(matches!(
+        handle.remove_backend("api", &"zz".into()),
+        Err(ControlError::NotInGroup { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_count_requests_failures_and_failovers() {
+    let events = Events::default();
+    let layer = HealthLayer::new()
+        .consecutive_failures(100)
+        .events(events.clone());
+    let pool: Pool<Svc> = Pool::new();
+    let flaky = Svc::new(service_fn(|_req: Request<()>| async {
+        Ok::<_, BoxError>(
+            Response::builder()
+                .status(StatusCode::BAD_GATEWAY)
+                .body("p".to_owned())
+                .unwrap(),
+        )
+    }));
+    pool.insert("p", Svc::new(layer.layer(flaky)));
+    pool.insert("b", named("b", Duration::ZERO));
+    let balance = Balance::new(pool.clone(), Priority::new("g", ["p", "b"]));
+    let handle = Handle::new(events);
+    handle.add_group("g", &balance).unwrap();
+    for _ in 0..3 {
+        let _ = serve(&balance).await;
+    }
+    let stats = handle.group_stats("g").unwrap();
+    assert_eq!(stats.current_primary.as_ref().unwrap().as_str(), "p");
+    assert_eq!(stats.failovers, 0);
+    assert_eq!(stats.since_last_failover, None);
+    let p = &stats.backends[0];
+    assert_eq!((p.requests, p.failures, p.in_flight), (3, 3, 0));
+
+    set_health(&pool, "p", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "b");
+    tokio::time::advance(Duration::from_secs(4)).await;
+    let stats = handle.group_stats("g").unwrap();
+    assert_eq!(stats.failovers, 1);
+    assert_eq!(stats.since_last_failover, Some(Duration::from_secs(4)));
+    assert_eq!(stats.current_primary.unwrap().as_str(), "b");
+    assert_eq!(stats.healthy, [BackendId::from("b")]);
+    assert_eq!(stats.failed, [BackendId::from("p")]);
+    assert_eq!(handle.backend_stats(&"b".into()).unwrap().requests, 1);
+    let json = serde_json::to_value(handle.stats()).unwrap();
+    assert_eq!(json[0]["mode"], "active-passive");
+    assert_eq!(json[0]["since_last_failover_ms"], 4000);
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn check<T: Send + Sync + Clone>() {}
+    check::<Handle>();
+    check::<Events>();
+    check::<Priority>();
+    let _ = Infallible::clone;
+    let _ = <Svc as Service<Request<()>>>::poll_ready;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_picks_record_each_switch_once_and_in_order() {
+    // Backends with an `Infallible` error, so the requests can run in
+    // spawned tasks.
+    let pool = Pool::new();
+    for name in ["a", "b", "c"] {
+        pool.insert(
+            name,
+            service_fn(
+                move |_req: Request<()>| async move { Ok::<_, Infallible>(Response::new(name)) },
+            ),
+        );
+    }
+    let set = |id: &str, health: Health| {
+        pool.state(&id.into()).unwrap().set_health(health);
+    };
+    let events = Events::default();
+    let group = Priority::new("g", ["a", "b", "c"]).events(events.clone());
+    let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let balance = balance.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..2_000 {
+                let _ = balance.clone().oneshot(Request::new(())).await;
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    // Flap a and b while requests run on both worker threads.
+    for i in 0..400 {
+        let (a, b) = match i % 3 {
+            0 => (Health::Unhealthy, Health::Healthy),
+            1 => (Health::Healthy, Health::Unhealthy),
+            _ => (Health::Unhealthy, Health::Unhealthy),
+        };
+        set("a", a);
+        set("b", b);
+        // One pick here too, so switches happen however the tasks run.
+        let _ = balance.clone().oneshot(Request::new(())).await;
+        tokio::task::yield_now().await;
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let changes = primary_changes(&events);
+    assert!(!changes.is_empty());
+    assert_eq!(changes.len() as u64, group.failovers());
+    // Each switch starts where the one before it ended: none lost, none
+    // doubled, none out of order.
+    assert_eq!(changes[0].0.as_deref(), Some("a"));
+    for pair in changes.windows(2) {
+        assert_eq!(pair[0].1, pair[1].0, "{changes:?}");
+    }
+    assert_eq!(
+        changes.last().unwrap().1,
+        group.current().map(|c| c.to_string())
+    );
+}

@@ -1,0 +1,131 @@
+//! The `metrics` feature: stats published through the facade.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response};
+use metrics::{
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString,
+    Unit,
+};
+use tower::{service_fn, ServiceExt};
+use tower_ha::balance::{Balance, Priority};
+use tower_ha::control::{Events, Handle};
+use tower_ha::{Health, Pool};
+
+/// Records the last value of every metric, by name and sorted labels.
+#[derive(Default, Clone)]
+struct Last(Arc<Mutex<BTreeMap<String, f64>>>);
+
+struct Slot(String, Last);
+
+impl CounterFn for Slot {
+    fn increment(&self, value: u64) {
+        *self.1 .0.lock().unwrap().entry(self.0.clone()).or_default() += value as f64;
+    }
+    fn absolute(&self, value: u64) {
+        self.1
+             .0
+            .lock()
+            .unwrap()
+            .insert(self.0.clone(), value as f64);
+    }
+}
+
+impl GaugeFn for Slot {
+    fn increment(&self, value: f64) {
+        *self.1 .0.lock().unwrap().entry(self.0.clone()).or_default() += value;
+    }
+    fn decrement(&self, value: f64) {
+        *self.1 .0.lock().unwrap().entry(self.0.clone()).or_default() -= value;
+    }
+    fn set(&self, value: f64) {
+        self.1 .0.lock().unwrap().insert(self.0.clone(), value);
+    }
+}
+
+fn name(key: &Key) -> String {
+    let mut labels: Vec<String> = key
+        .labels()
+        .map(|l| format!("{}={}", l.key(), l.value()))
+        .collect();
+    labels.sort();
+    format!("{}{{{}}}", key.name(), labels.join(","))
+}
+
+impl Recorder for Last {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(Arc::new(Slot(name(key), self.clone())))
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(Arc::new(Slot(name(key), self.clone())))
+    }
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_are_published_through_the_metrics_facade() {
+    let pool = Pool::new();
+    for name in ["p", "b"] {
+        pool.insert(
+            name,
+            service_fn(move |_req: Request<()>| async move {
+                Ok::<_, std::convert::Infallible>(Response::new(name))
+            }),
+        );
+    }
+    let balance = Balance::new(pool.clone(), Priority::new("db", ["p", "b"]));
+    let handle = Handle::new(Events::default());
+    handle.add_group("db", &balance).unwrap();
+    for _ in 0..3 {
+        balance.clone().oneshot(Request::new(())).await.unwrap();
+    }
+    pool.state(&"p".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
+    balance.clone().oneshot(Request::new(())).await.unwrap();
+    tokio::time::advance(std::time::Duration::from_secs(2)).await;
+
+    let recorder = Last::default();
+    metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    let last = recorder.0.lock().unwrap().clone();
+    let get = |k: &str| {
+        last.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("{k} missing: {last:?}"))
+    };
+    assert_eq!(
+        get("tower_ha_backend_requests_total{backend=p,group=db}"),
+        3.0
+    );
+    assert_eq!(
+        get("tower_ha_backend_requests_total{backend=b,group=db}"),
+        1.0
+    );
+    assert_eq!(get("tower_ha_backend_in_flight{backend=p,group=db}"), 0.0);
+    assert_eq!(get("tower_ha_backend_healthy{backend=p,group=db}"), 0.0);
+    assert_eq!(get("tower_ha_backend_healthy{backend=b,group=db}"), 1.0);
+    assert_eq!(get("tower_ha_group_primary{backend=b,group=db}"), 1.0);
+    assert_eq!(get("tower_ha_group_primary{backend=p,group=db}"), 0.0);
+    assert_eq!(get("tower_ha_group_failovers_total{group=db}"), 1.0);
+    assert_eq!(get("tower_ha_group_seconds_since_failover{group=db}"), 2.0);
+    assert_eq!(get("tower_ha_group_healthy_backends{group=db}"), 1.0);
+    assert_eq!(get("tower_ha_group_failed_backends{group=db}"), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_metrics_task_stops_when_the_handle_is_gone() {
+    let handle = Handle::new(Events::default());
+    let task = handle.spawn_metrics(std::time::Duration::from_secs(1));
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert!(!task.is_finished());
+    drop(handle);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    tokio::task::yield_now().await;
+    assert!(task.is_finished());
+}

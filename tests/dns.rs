@@ -1,0 +1,135 @@
+//! DNS discovery driven by a scripted resolver on paused time.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tower_ha::control::{Event, Events};
+use tower_ha::dns::{DnsDiscover, ResolveFuture, Resolver, SystemResolver};
+use tower_ha::{BackendId, Pool};
+
+/// Answers whatever the test last scripted, and counts the questions.
+#[derive(Clone, Default)]
+struct Scripted {
+    answer: Arc<Mutex<Option<io::Result<Vec<SocketAddr>>>>>,
+    asked: Arc<Mutex<Vec<(String, u16)>>>,
+}
+
+impl Scripted {
+    fn answer(&self, last_octets: &[u8]) {
+        let addrs = last_octets
+            .iter()
+            .map(|&o| SocketAddr::from(([10, 0, 0, o], 5432)))
+            .collect();
+        *self.answer.lock().unwrap() = Some(Ok(addrs));
+    }
+
+    fn fail(&self) {
+        *self.answer.lock().unwrap() = Some(Err(io::Error::other("SERVFAIL")));
+    }
+}
+
+impl Resolver for Scripted {
+    fn resolve(&self, host: &str, port: u16) -> ResolveFuture {
+        self.asked.lock().unwrap().push((host.to_owned(), port));
+        let answer = match self.answer.lock().unwrap().as_ref() {
+            Some(Ok(addrs)) => Ok(addrs.clone()),
+            Some(Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
+            None => Ok(Vec::new()),
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+fn ids(pool: &Pool<SocketAddr>) -> Vec<String> {
+    let mut ids: Vec<String> = pool.ids().iter().map(BackendId::to_string).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(start_paused = true)]
+async fn addresses_that_come_and_go_change_the_pool() {
+    let resolver = Scripted::default();
+    resolver.answer(&[1, 2]);
+    let events = Events::default();
+    let pool: Pool<SocketAddr> = Pool::new();
+    let discover = DnsDiscover::new(
+        resolver.clone(),
+        "db.default.svc.cluster.local",
+        5432,
+        |a| a,
+    )
+    .interval(Duration::from_secs(10))
+    .events(events.clone());
+    let task = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.discover(discover).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
+    // The service made for an address is that address.
+    assert_eq!(
+        pool.snapshot().service(0),
+        Some(&SocketAddr::from(([10, 0, 0, 1], 5432)))
+    );
+
+    // A pod is replaced: 2 goes, 3 comes; nothing changes before the
+    // interval is over.
+    resolver.answer(&[1, 3]);
+    tokio::time::sleep(Duration::from_millis(9_990)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.3:5432"]);
+
+    // A failed resolution keeps the pool as it is.
+    resolver.fail();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.3:5432"]);
+
+    // An empty answer removes everything; addresses coming back return.
+    resolver.answer(&[]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(pool.is_empty());
+    resolver.answer(&[4]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ids(&pool), ["10.0.0.4:5432"]);
+
+    let asked = resolver.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 5);
+    assert!(asked
+        .iter()
+        .all(|(h, p)| h == "db.default.svc.cluster.local" && *p == 5432));
+    let changes: Vec<String> = events
+        .history()
+        .iter()
+        .map(|r| match &r.event {
+            Event::BackendAdded { backend, .. } => format!("+{backend}"),
+            Event::BackendRemoved { backend, .. } => format!("-{backend}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "+10.0.0.1:5432",
+            "+10.0.0.2:5432",
+            "-10.0.0.2:5432",
+            "+10.0.0.3:5432",
+            "-10.0.0.1:5432",
+            "-10.0.0.3:5432",
+            "+10.0.0.4:5432"
+        ]
+    );
+    assert!(!task.is_finished(), "discovery runs until aborted");
+    task.abort();
+}
+
+#[tokio::test]
+async fn the_system_resolver_resolves_localhost() {
+    let addrs = SystemResolver.resolve("localhost", 8080).await.unwrap();
+    assert!(!addrs.is_empty());
+    assert!(addrs
+        .iter()
+        .all(|a| a.port() == 8080 && a.ip().is_loopback()));
+}
