@@ -860,6 +860,18 @@ impl Invalidations {
     }
 }
 
+/// The same invalidations as [`next`](Invalidations::next), as a stream.
+impl Stream for Invalidations {
+    type Item = Invalidation;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Invalidation>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
 impl fmt::Debug for Invalidations {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Invalidations")
