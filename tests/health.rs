@@ -1,20 +1,15 @@
 //! Health: passive ejection, active probes, lifecycle, slow start and panic
 //! routing, all on paused tokio time.
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::future::{ready, Ready};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
-use parking_lot::Mutex;
-use tokio::time::{sleep_until, Instant};
-use tower::{Layer, Service, ServiceExt};
+use http::{Request, StatusCode};
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
-use tower_ha::extensions::{ServedBy, Target};
+use tower_ha::extensions::ServedBy;
 use tower_ha::health::{probe_fn, HealthChecker, HealthLayer, SlowStart};
 use tower_ha::{AdminStatus, BackendId, BackendState, Health, Pool};
 

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests. Each test binary uses a part.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod chaos_http;
 pub mod health_http;
 pub mod health_mock;
 pub mod http;
