@@ -5,5 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The Redis tests start their own redis-server on a free 127.0.0.1 port.
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        as_root=()
+    elif command -v sudo >/dev/null 2>&1; then
+        as_root=(sudo)
+    else
+        echo "redis-server is missing and neither root nor sudo is available to install it" >&2
+        exit 1
+    fi
+    "${as_root[@]}" apt-get update
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
+fi
+
 cargo test --all-features --all-targets
 cargo test --all-features --doc

@@ -29,8 +29,9 @@
 //!   to talk to each other (and that your own layers may use).
 //! * [`store`]: durable sessions behind the [`SessionStore`](store::SessionStore)
 //!   trait: in memory, one JSON file per session
-//!   ([`FileStore`](store::FileStore)), or your own HTTP service
-//!   (`WebhookStore`, feature `webhook`).
+//!   ([`FileStore`](store::FileStore)), your own HTTP service
+//!   (`WebhookStore`, feature `webhook`), or Redis shared by several
+//!   replicas (`RedisStore`, feature `redis`).
 //! * [`Sticky`](sticky::Sticky): keeps each session on the backend that holds
 //!   its state (signed cookie, learned cookie, header or closure), moves it
 //!   only when that backend cannot serve, and persists it in a

@@ -13,7 +13,7 @@ use super::stats::StickyStats;
 use super::Availability;
 use crate::error::BoxError;
 use crate::pool::Pool;
-use crate::store::{Session, SessionStore, StoreError};
+use crate::store::{Session, SessionLock, SessionStore, StoreError};
 
 /// The default idle time after which a session leaves the table.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -36,6 +36,7 @@ pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 /// | [`idle_timeout`](StickyLayer::idle_timeout) | one hour |
 /// | [`max_sessions`](StickyLayer::max_sessions) | 100 000 |
 /// | [`on_move`](StickyLayer::on_move), [`on_restore`](StickyLayer::on_restore) | none |
+/// | [`hydrate`](StickyLayer::hydrate) | none: `on_restore` runs in [`restore`](StickyLayer::restore) only |
 #[derive(Clone)]
 pub struct StickyLayer {
     shared: Arc<Shared>,
@@ -54,6 +55,7 @@ impl StickyLayer {
             max_sessions: DEFAULT_MAX_SESSIONS,
             on_move: None,
             on_restore: None,
+            lock: None,
         })
     }
 
@@ -125,6 +127,37 @@ impl StickyLayer {
     {
         let hook = hooks::on_restore(hook);
         self.with(|c| c.on_restore = Some(hook))
+    }
+
+    /// Restores the sessions loaded from the store in
+    /// [replication](Availability::Replication) mode too (hydration): when
+    /// a request names a session this instance does not know, the
+    /// `on_restore` hook runs for it before the request is routed, under
+    /// `lock` so that when several replicas load one session at once only
+    /// one restores it; the others wait for it and route by the record it
+    /// left. A `RedisStore` (feature `redis`) is such a lock.
+    ///
+    /// The session is routed to its stored backend even when the hook
+    /// fails (the failure is logged, the record kept) or the lock cannot be
+    /// taken (counted in `store_errors`).
+    pub fn hydrate(self, lock: impl SessionLock) -> Self {
+        let lock: Arc<dyn SessionLock> = Arc::new(lock);
+        self.with(|c| c.lock = Some(lock))
+    }
+
+    /// Drops what this layer's table knows about session `key`, keeping its
+    /// stored record, so the next request for it reads the store (in
+    /// replication mode). For a session another replica moved: see
+    /// `RedisStore::subscribe` (feature `redis`). Returns whether the table
+    /// knew it.
+    pub fn forget(&self, key: &str) -> bool {
+        self.shared.forget(key)
+    }
+
+    /// Drops every session from this layer's table, keeping the stored
+    /// records; returns how many it held.
+    pub fn forget_all(&self) -> usize {
+        self.shared.forget_all()
     }
 
     /// Loads and restores every stored session: see [`Sticky::restore`].

@@ -25,7 +25,7 @@ use crate::error::{find, BackendError, BoxError};
 use crate::extensions::{Affinity, Attempts, ServedBy};
 use crate::key::RequestHead;
 use crate::pool::Pool;
-use crate::store::{Session, SessionStore, StoreError};
+use crate::store::{Session, SessionLock, SessionStore, StoreError};
 
 const TARGET: &str = "tower_ha::sticky";
 
@@ -74,6 +74,7 @@ pub(crate) struct Config {
     pub(crate) max_sessions: usize,
     pub(crate) on_move: Option<OnMove>,
     pub(crate) on_restore: Option<OnRestore>,
+    pub(crate) lock: Option<Arc<dyn SessionLock>>,
 }
 
 impl Clone for Config {
@@ -88,6 +89,7 @@ impl Clone for Config {
             max_sessions: self.max_sessions,
             on_move: self.on_move.clone(),
             on_restore: self.on_restore.clone(),
+            lock: self.lock.clone(),
         }
     }
 }
@@ -103,6 +105,7 @@ impl fmt::Debug for Config {
             .field("max_sessions", &self.max_sessions)
             .field("on_move", &self.on_move.is_some())
             .field("on_restore", &self.on_restore.is_some())
+            .field("lock", &self.lock.is_some())
             .finish()
     }
 }
@@ -113,6 +116,9 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     table: Table,
     loading: Loading,
+    /// Bumped by every `forget`, so a load that read the store before an
+    /// invalidation does not put its stale result back in the table.
+    forgotten: std::sync::atomic::AtomicU64,
     counters: Counters,
 }
 
@@ -164,6 +170,7 @@ impl Shared {
             table: Table::new(config.idle_timeout, config.max_sessions),
             config,
             loading: Mutex::new(HashMap::new()),
+            forgotten: std::sync::atomic::AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
@@ -379,20 +386,28 @@ impl Shared {
                 }
                 loading.entry(key.clone()).or_default().clone()
             };
+            let generation = shared.forgotten.load(std::sync::atomic::Ordering::Acquire);
             let session = cell
                 .get_or_init(|| async {
                     bump(&shared.counters.loaded, 1);
-                    match store.load(&key).await {
+                    let session = match store.load(&key).await {
                         Ok(session) => session.filter(|s| *s.key == *key),
                         Err(error) => {
                             shared.store_error(&key, "load", &error);
                             None
                         }
+                    };
+                    match (session, &shared.config.lock, &shared.config.on_restore) {
+                        (Some(session), Some(lock), Some(hook)) => {
+                            Some(shared.hydrate(&*store, &**lock, hook, session).await)
+                        }
+                        (session, _, _) => session,
                     }
                 })
                 .await
                 .clone();
-            if let Some(session) = &session {
+            let current = shared.forgotten.load(std::sync::atomic::Ordering::Acquire) == generation;
+            if let Some(session) = session.as_ref().filter(|_| current) {
                 let tag = shared.tag(&session.key, &session.backend);
                 let (_, dropped) = shared.table.insert_if_absent(session.clone(), tag);
                 shared.count_dropped(dropped);
@@ -403,6 +418,70 @@ impl Shared {
             }
             session
         })
+    }
+
+    /// Restores a session loaded in replication mode, one instance at a
+    /// time: the instance that takes `lock` re-reads the record and runs
+    /// the `on_restore` hook; the others wait for it and take the record
+    /// as it left it. The session is routed to its stored backend either
+    /// way; a hook or lock failure is logged and keeps the record.
+    async fn hydrate(
+        &self,
+        store: &dyn SessionStore,
+        lock: &dyn SessionLock,
+        hook: &OnRestore,
+        loaded: Session,
+    ) -> Session {
+        let key = loaded.key.clone();
+        let reread = |fallback: Session| async move {
+            match store.load(&key).await {
+                Ok(Some(s)) if s.key == key => s,
+                Ok(_) => fallback,
+                Err(error) => {
+                    self.store_error(&key, "load", &error);
+                    fallback
+                }
+            }
+        };
+        match lock.lock(&loaded.key).await {
+            Ok(Some(guard)) => {
+                let session = reread(loaded).await;
+                match hook(session.clone()).await {
+                    Ok(()) => bump(&self.counters.hydrated, 1),
+                    Err(error) => tracing::warn!(
+                        target: TARGET,
+                        session = %session.key,
+                        backend = %session.backend,
+                        %error,
+                        "session restore failed; its record is kept"
+                    ),
+                }
+                if let Err(error) = guard.release().await {
+                    self.store_error(&session.key, "unlock", &error);
+                }
+                session
+            }
+            Ok(None) => reread(loaded).await,
+            Err(error) => {
+                self.store_error(&loaded.key, "lock", &error);
+                loaded
+            }
+        }
+    }
+
+    /// Drops what the table knows about `key`, keeping its stored record:
+    /// the next request for it loads it again (replication mode).
+    pub(crate) fn forget(&self, key: &str) -> bool {
+        self.forgotten
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.table.remove(key)
+    }
+
+    /// Drops every session from the table, keeping the stored records.
+    pub(crate) fn forget_all(&self) -> usize {
+        self.forgotten
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.table.clear()
     }
 
     /// Learns from a response: starts, moves or ends sessions, sets the

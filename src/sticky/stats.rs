@@ -20,6 +20,10 @@ pub struct StickyStats {
     pub rejected: u64,
     /// Sessions loaded from the store on a miss (replication mode).
     pub loaded: u64,
+    /// Loaded sessions this instance restored with the `on_restore` hook
+    /// under a [`SessionLock`](crate::store::SessionLock) (see
+    /// [`StickyLayer::hydrate`](super::StickyLayer::hydrate)).
+    pub hydrated: u64,
     /// Store calls that failed (the request went on without them).
     pub store_errors: u64,
     /// Sessions dropped from the table after being idle.
@@ -39,6 +43,7 @@ pub(crate) struct Counters {
     pub(crate) moved: AtomicU64,
     pub(crate) rejected: AtomicU64,
     pub(crate) loaded: AtomicU64,
+    pub(crate) hydrated: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) expired: AtomicU64,
     pub(crate) evicted: AtomicU64,
@@ -61,6 +66,7 @@ impl Counters {
             moved: get(&self.moved),
             rejected: get(&self.rejected),
             loaded: get(&self.loaded),
+            hydrated: get(&self.hydrated),
             store_errors: get(&self.store_errors),
             expired: get(&self.expired),
             evicted: get(&self.evicted),

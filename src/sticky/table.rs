@@ -214,6 +214,14 @@ impl Table {
         self.map.write().remove(key).is_some()
     }
 
+    /// Empties the table; returns how many sessions it held.
+    pub(crate) fn clear(&self) -> usize {
+        let mut map = self.map.write();
+        let n = map.len();
+        map.clear();
+        n
+    }
+
     pub(crate) fn session(&self, key: &str) -> Option<Session> {
         let map = self.map.read();
         let (k, entry) = map.get_key_value(key)?;

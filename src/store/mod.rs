@@ -13,6 +13,7 @@
 //! | [`MemoryStore`] | this process; shared by clones (tests, one replica) |
 //! | [`FileStore`] | one JSON file per session in a local directory; survives restarts (one replica) |
 //! | `WebhookStore` (feature `webhook`) | the user's own HTTP service, in Enterprise Gateway's webhook wire format (several replicas) |
+//! | `RedisStore` (feature `redis`) | a Redis server, with ownership leases and move notices (several replicas) |
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -32,6 +33,8 @@
 mod error;
 mod file;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 #[cfg(feature = "webhook")]
 mod webhook;
 
@@ -43,6 +46,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendId;
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{Claim, Invalidation, Invalidations, Lease, RedisStore, RedisStoreBuilder};
 pub use error::StoreError;
 pub use file::FileStore;
 pub use memory::MemoryStore;
@@ -89,6 +95,58 @@ impl<T: SessionStore + ?Sized> SessionStore for std::sync::Arc<T> {
 
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         (**self).delete(keys)
+    }
+}
+
+/// Makes one instance at a time restore (hydrate) a session when several
+/// share a store, so two replicas never reconnect to one session's state at
+/// once.
+///
+/// [`lock`](SessionLock::lock) either takes the lock on a key
+/// (`Some(guard)`: restore the session, then
+/// [`release`](SessionGuard::release) the guard), or, when another instance
+/// holds it, waits until that instance is done and answers `None`: the
+/// session is then as that instance left it, in the store. Implementations
+/// must bound how long a lock outlives an instance that died holding it
+/// (an expiry). `RedisStore` (feature `redis`) implements it with a lease;
+/// the sticky layer uses it through
+/// [`StickyLayer::hydrate`](crate::sticky::StickyLayer::hydrate).
+pub trait SessionLock: Send + Sync + 'static {
+    /// Takes the lock on session `key`, or waits for its holder and
+    /// answers `None`.
+    fn lock<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<SessionGuard>>;
+}
+
+impl<T: SessionLock + ?Sized> SessionLock for std::sync::Arc<T> {
+    fn lock<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<SessionGuard>> {
+        (**self).lock(key)
+    }
+}
+
+/// A lock taken with [`SessionLock::lock`]. Dropping it without
+/// [`release`](SessionGuard::release) leaves the lock to expire.
+#[must_use = "a lock is held until released or expired"]
+pub struct SessionGuard {
+    release: StoreFuture<'static, ()>,
+}
+
+impl SessionGuard {
+    /// A guard whose `release` runs `release`.
+    pub fn new(release: impl Future<Output = Result<(), StoreError>> + Send + 'static) -> Self {
+        SessionGuard {
+            release: Box::pin(release),
+        }
+    }
+
+    /// Releases the lock.
+    pub async fn release(self) -> Result<(), StoreError> {
+        self.release.await
+    }
+}
+
+impl std::fmt::Debug for SessionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionGuard").finish_non_exhaustive()
     }
 }
 

@@ -5,6 +5,8 @@ pub mod chaos_http;
 pub mod health_http;
 pub mod health_mock;
 pub mod http;
+#[cfg(feature = "redis")]
+pub mod redis_server;
 pub mod sticky_http;
 pub mod store_contract;
 #[cfg(feature = "webhook")]

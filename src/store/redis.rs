@@ -1,0 +1,1032 @@
+//! [`RedisStore`]: sessions shared by several replicas through Redis, with
+//! ownership leases and move notifications.
+
+use std::collections::HashSet;
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, ErrorKind, RedisError, Script, Value};
+use futures_core::Stream;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{Loaded, Session, SessionGuard, SessionLock, SessionStore, StoreError, StoreFuture};
+use crate::backend::BackendId;
+
+const DEFAULT_PREFIX: &str = "tower-ha:";
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(35);
+/// Keys asked for per `SCAN` step.
+const SCAN_COUNT: usize = 1000;
+/// Keys read per `MGET`, and deleted per `DEL`.
+const BATCH: usize = 500;
+/// How often a replica that lost a lease race looks whether the winner is
+/// done.
+const LEASE_POLL: Duration = Duration::from_millis(10);
+/// How often a quiet subscription checks that its connection still works.
+const PING_EVERY: Duration = Duration::from_secs(10);
+/// Pending notices a subscriber holds before Redis has to buffer them.
+const NOTICE_BUFFER: usize = 1024;
+
+/// Releases a lease only when the caller still owns it.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// Extends a lease only when the caller still owns it.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+/// Sessions in Redis, shared by every replica that points at the same
+/// server and prefix.
+///
+/// Built by [`RedisStore::builder`] from a `redis://` URL. Clones share one
+/// multiplexed connection, which reconnects on its own after Redis
+/// restarts or the network drops.
+///
+/// # Layout
+///
+/// With prefix `p` (default `tower-ha:`):
+///
+/// | what | Redis | |
+/// |---|---|---|
+/// | a session | string key `p` `s:` *session key* | the [`Session`] as JSON (times in Unix milliseconds); optional expiry |
+/// | a lease | string key `p` `l:` *session key* | a random token, with an expiry |
+/// | move notices | channel `p` `moves` | `{"key": ..., "backend": ... or null, "origin": ...}` |
+///
+/// Session keys are used as bytes, so any string is a valid key (`/`,
+/// `*`, NUL, ...) and no key can reach another's record. Session and lease
+/// keys never share a prefix, so listing sessions never sees a lease.
+///
+/// * [`save`](SessionStore::save): `SET` (with `PX` when a
+///   [`ttl`](RedisStoreBuilder::ttl) is set), and a `PUBLISH` on the
+///   move channel in the same round trip when
+///   [`notify`](RedisStoreBuilder::notify) is on.
+/// * [`load`](SessionStore::load): `GET`, or `GETEX PX` with a TTL, so a
+///   session in use never expires (Redis 6.2 or later).
+/// * [`load_all`](SessionStore::load_all): `SCAN MATCH` (never `KEYS`, which
+///   blocks the server) with the prefix's glob characters escaped, then
+///   `MGET` in batches. Records that are not JSON, not a session, or hold
+///   another key's session are skipped and reported.
+/// * [`delete`](SessionStore::delete): `DEL` in batches.
+///
+/// # Failures
+///
+/// Every failure is a [`StoreError`]: connection refused, reset or dropped,
+/// and a server that is loading or read-only:
+/// [`is_unavailable`](StoreError::is_unavailable); no answer within the
+/// [`timeout`](RedisStoreBuilder::timeout):
+/// [`is_timeout`](StoreError::is_timeout); a refused password or missing
+/// permission: [`is_unauthorized`](StoreError::is_unauthorized); a record
+/// that is not a session: [`is_corrupt`](StoreError::is_corrupt). A write
+/// that fails is reported, never dropped: the caller may retry it, and the
+/// connection is re-established in the background.
+///
+/// # Durability
+///
+/// A save is acknowledged when Redis has applied it. It survives a Redis
+/// restart only if Redis persists it: run Redis with `appendonly yes` and
+/// `appendfsync always` to lose nothing acknowledged, or `appendfsync
+/// everysec` to lose at most about a second of writes on a crash (Redis's
+/// default, no persistence at all, loses every session on restart).
+///
+/// # Several replicas
+///
+/// * [`try_lease`](RedisStore::try_lease) and [`claim`](RedisStore::claim):
+///   a short ownership lease (`SET NX PX`) so one replica restores a
+///   session while the others wait and read its result.
+/// * [`subscribe`](RedisStore::subscribe): the other replicas' saves and
+///   deletes, so each can drop what it cached about a session that moved.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_ha::store::StoreError> {
+/// use std::time::Duration;
+/// use tower_ha::store::{RedisStore, Session, SessionStore};
+///
+/// let store = RedisStore::builder("redis://127.0.0.1:6379/0")
+///     .prefix("gateway:")
+///     .ttl(Duration::from_secs(24 * 3600))
+///     .build()
+///     .await?;
+/// store.save(&Session::new("kernel-42", "node-a".into())).await?;
+/// let back = store.load("kernel-42").await?.expect("just saved");
+/// assert_eq!(back.backend.as_str(), "node-a");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    conn: ConnectionManager,
+    /// The URL without its password, for `Debug`.
+    url: String,
+    prefix: String,
+    /// `SCAN MATCH` pattern for every session key.
+    pattern: Vec<u8>,
+    channel: String,
+    ttl: Option<Duration>,
+    timeout: Duration,
+    notify: bool,
+    /// The lease [`SessionLock::lock`] takes, and how long it waits.
+    lease_ttl: Duration,
+    lease_wait: Duration,
+    /// Tells this store's own notices from other replicas'.
+    origin: String,
+    release: Script,
+    extend: Script,
+}
+
+/// Builds a [`RedisStore`]; made by [`RedisStore::builder`].
+#[must_use]
+pub struct RedisStoreBuilder {
+    url: String,
+    prefix: String,
+    ttl: Option<Duration>,
+    timeout: Duration,
+    notify: bool,
+    lease_ttl: Duration,
+    lease_wait: Duration,
+}
+
+impl RedisStore {
+    /// A builder for a store at `url`: `redis://[user:password@]host[:port][/db]`
+    /// (or `redis+unix:///path`), with prefix `tower-ha:`, no expiry, a 2 s
+    /// timeout, move notices on, and 30 s leases waited for at most 35 s
+    /// by [`SessionLock::lock`]. Building needs a tokio runtime.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use tower_ha::store::RedisStore;
+    ///
+    /// // A port nothing listens on.
+    /// let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    /// let err = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+    ///     .timeout(Duration::from_millis(500))
+    ///     .build()
+    ///     .await
+    ///     .unwrap_err();
+    /// assert!(err.is_unavailable() && err.is_transient());
+    ///
+    /// let err = RedisStore::builder("not a url").build().await.unwrap_err();
+    /// assert!(err.is_other());
+    /// # }
+    /// ```
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            ttl: None,
+            timeout: DEFAULT_TIMEOUT,
+            notify: true,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            lease_wait: DEFAULT_LEASE_WAIT,
+        }
+    }
+
+    /// The prefix of every key and channel this store uses.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The channel move notices are published on: the prefix followed by
+    /// `moves`.
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    /// The Redis key of session `key`.
+    pub fn session_key(&self, key: &str) -> Vec<u8> {
+        self.inner.key(b"s:", key)
+    }
+
+    /// The Redis key of the lease on session `key`.
+    pub fn lease_key(&self, key: &str) -> Vec<u8> {
+        self.inner.key(b"l:", key)
+    }
+
+    /// Takes the lease on session `key` for `ttl` if nobody holds it
+    /// (`SET NX PX` with a random token): `None` when another owner holds
+    /// it. The lease ends when released or when `ttl` runs out, whichever
+    /// comes first, so a replica that dies holding it blocks the others for
+    /// at most `ttl`.
+    ///
+    /// Keep `ttl` longer than the work the lease guards (a restore), or
+    /// [`extend`](Lease::extend) it while working.
+    pub async fn try_lease(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+        let token = random_token();
+        let redis_key = self.lease_key(key);
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(&redis_key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl));
+        let answer: Value = self.inner.run(&cmd, "take a lease").await?;
+        Ok(match answer {
+            Value::Nil => None,
+            _ => Some(Lease {
+                store: self.clone(),
+                key: key.to_owned(),
+                redis_key,
+                token,
+            }),
+        })
+    }
+
+    /// Whether someone holds the lease on session `key`.
+    pub async fn is_leased(&self, key: &str) -> Result<bool, StoreError> {
+        let mut cmd = ::redis::cmd("EXISTS");
+        cmd.arg(self.lease_key(key));
+        let n: i64 = self.inner.run(&cmd, "look up a lease").await?;
+        Ok(n > 0)
+    }
+
+    /// Decides which replica restores session `key`: takes the lease for
+    /// `ttl` ([`Claim::Won`]: restore, save the result, then release), or,
+    /// when another replica holds it, waits until that replica releases it
+    /// (or its lease expires) and reads the session it saved
+    /// ([`Claim::Lost`]). Fails with a [`timeout`](StoreError::is_timeout)
+    /// error when the lease is still held after `wait`.
+    ///
+    /// Two replicas that claim a session at once never both win; a replica
+    /// that claims it after the winner released it wins again and finds
+    /// the winner's result in the store.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_ha::store::StoreError> {
+    /// use std::time::Duration;
+    /// use tower_ha::store::{Claim, RedisStore, SessionStore};
+    ///
+    /// let store = RedisStore::builder("redis://127.0.0.1:6379").build().await?;
+    /// let session = match store.claim("kernel-42", Duration::from_secs(10), Duration::from_secs(15)).await? {
+    ///     Claim::Won(lease) => {
+    ///         let mut session = store.load("kernel-42").await?;
+    ///         if let Some(s) = &mut session {
+    ///             // ... reconnect to the kernel on s.backend, then record it ...
+    ///             s.data["restored"] = true.into();
+    ///             store.save(s).await?;
+    ///         }
+    ///         lease.release().await?;
+    ///         session
+    ///     }
+    ///     Claim::Lost(session) => session, // restored by another replica
+    /// };
+    /// # let _ = session; Ok(()) }
+    /// ```
+    pub async fn claim(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Claim, StoreError> {
+        let deadline = Instant::now() + wait;
+        if let Some(lease) = self.try_lease(key, ttl).await? {
+            return Ok(Claim::Won(lease));
+        }
+        while self.is_leased(key).await? {
+            if Instant::now() >= deadline {
+                return Err(StoreError::timeout(LeaseHeld(key.to_owned()))
+                    .with_message(format!("the lease was still held after {wait:?}")));
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+        }
+        Ok(Claim::Lost(self.load(key).await?))
+    }
+
+    /// Publishes that session `key` is now on `backend` (`None`: it ended)
+    /// on the move channel. [`save`](SessionStore::save) and
+    /// [`delete`](SessionStore::delete) do this already when
+    /// [`notify`](RedisStoreBuilder::notify) is on. Returns how many
+    /// subscribers received it.
+    pub async fn publish_move(
+        &self,
+        key: &str,
+        backend: Option<&BackendId>,
+    ) -> Result<usize, StoreError> {
+        let mut cmd = ::redis::cmd("PUBLISH");
+        cmd.arg(&self.inner.channel)
+            .arg(self.inner.notice(key, backend)?);
+        self.inner.run(&cmd, "publish a move").await
+    }
+
+    /// Subscribes to the other replicas' move notices over a connection of
+    /// its own. Returns once the subscription is active, so every notice
+    /// published after this returns is received. The subscription
+    /// reconnects on its own, yielding [`Invalidation::All`] after each
+    /// reconnection since notices published meanwhile are lost; a ping
+    /// every 10 s finds a connection that died silently. It ends
+    /// when the returned value is dropped. Notices this store published
+    /// itself are not yielded.
+    pub async fn subscribe(&self) -> Result<Invalidations, StoreError> {
+        let pubsub = self.inner.connect_pubsub().await?;
+        let (tx, rx) = mpsc::channel(NOTICE_BUFFER);
+        let task = tokio::spawn(listen(self.inner.clone(), pubsub, tx));
+        Ok(Invalidations {
+            rx,
+            task: AbortOnDrop(task),
+        })
+    }
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key and channel (default `tower-ha:`), so
+    /// several applications can share one Redis database.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sessions expire after `ttl` without a save or a load (each refreshes
+    /// it). Default: sessions never expire; delete them.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// The longest a connection attempt or one command may take (default
+    /// 2 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Whether saves and deletes publish a move notice (default `true`).
+    pub fn notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
+        self
+    }
+
+    /// The lease [`SessionLock::lock`] takes (`ttl`, default 30 s: longer
+    /// than a restore takes) and how long it waits for another holder
+    /// (`wait`, default 35 s: longer than `ttl`), as in
+    /// [`RedisStore::claim`].
+    pub fn lease(mut self, ttl: Duration, wait: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self.lease_wait = wait;
+        self
+    }
+
+    /// Connects and checks the server answers. Fails with
+    /// [`other`](StoreError::is_other) for a bad URL, and as any call would
+    /// when Redis cannot be reached or refuses the credentials.
+    pub async fn build(self) -> Result<RedisStore, StoreError> {
+        let client = Client::open(self.url.as_str()).map_err(|e| {
+            StoreError::other(e).with_message(format!("bad Redis URL {:?}", redact(&self.url)))
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            // A request waits for at most one quick retry while Redis is
+            // down; the next request starts another reconnection.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| map_error(e, "connect"))?;
+        let mut pattern = glob_escape(self.prefix.as_bytes());
+        pattern.extend_from_slice(b"s:*");
+        let inner = Inner {
+            client,
+            conn,
+            url: redact(&self.url),
+            channel: format!("{}moves", self.prefix),
+            prefix: self.prefix,
+            pattern,
+            ttl: self.ttl,
+            timeout: self.timeout,
+            notify: self.notify,
+            lease_ttl: self.lease_ttl,
+            lease_wait: self.lease_wait,
+            origin: random_token(),
+            release: Script::new(RELEASE),
+            extend: Script::new(EXTEND),
+        };
+        let _: Value = inner.run(&::redis::cmd("PING"), "connect").await?;
+        Ok(RedisStore {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+impl Inner {
+    fn key(&self, kind: &[u8], key: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.prefix.len() + kind.len() + key.len());
+        k.extend_from_slice(self.prefix.as_bytes());
+        k.extend_from_slice(kind);
+        k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    fn notice(&self, key: &str, backend: Option<&BackendId>) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(&Notice {
+            key: key.to_owned(),
+            backend: backend.map(|b| b.as_str().to_owned()),
+            origin: self.origin.clone(),
+        })
+        .map_err(StoreError::other)
+    }
+
+    async fn run<T: ::redis::FromRedisValue>(
+        &self,
+        cmd: &::redis::Cmd,
+        what: &str,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        let answer = tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await;
+        flatten(answer, what, self.timeout)
+    }
+
+    async fn run_pipe<T: ::redis::FromRedisValue>(
+        &self,
+        pipe: &::redis::Pipeline,
+        what: &str,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        let answer = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await;
+        flatten(answer, what, self.timeout)
+    }
+
+    async fn run_script(
+        &self,
+        script: &Script,
+        key: &[u8],
+        args: &[&[u8]],
+        what: &str,
+    ) -> Result<i64, StoreError> {
+        let mut invocation = script.key(key);
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let mut conn = self.conn.clone();
+        let answer =
+            tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn)).await;
+        flatten(answer, what, self.timeout)
+    }
+
+    async fn connect_pubsub(&self) -> Result<::redis::aio::PubSub, StoreError> {
+        let connect = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        flatten(
+            tokio::time::timeout(self.timeout, connect).await,
+            "subscribe",
+            self.timeout,
+        )
+    }
+
+    /// Parses one stored record of session `key`.
+    fn parse(&self, key: &str, bytes: &[u8]) -> Result<Session, StoreError> {
+        let session: Session = serde_json::from_slice(bytes).map_err(|e| {
+            StoreError::corrupt(e).with_message(format!("{key:?} is not a session"))
+        })?;
+        if session.key != key {
+            return Err(StoreError::corrupt(Misplaced {
+                stored: session.key,
+                under: key.to_owned(),
+            })
+            .with_message("the record holds another session"));
+        }
+        Ok(session)
+    }
+}
+
+fn flatten<T>(
+    answer: Result<Result<T, RedisError>, tokio::time::error::Elapsed>,
+    what: &str,
+    timeout: Duration,
+) -> Result<T, StoreError> {
+    match answer {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(map_error(e, what)),
+        Err(elapsed) => Err(StoreError::timeout(elapsed)
+            .with_message(format!("{what}: Redis did not answer within {timeout:?}"))),
+    }
+}
+
+/// Maps a client error to the store's kinds, keeping it as the cause.
+fn map_error(e: RedisError, what: &str) -> StoreError {
+    let code = e.code().unwrap_or_default().to_owned();
+    let error = if e.is_timeout() {
+        StoreError::timeout(e)
+    } else if e.kind() == ErrorKind::AuthenticationFailed
+        || matches!(code.as_str(), "NOAUTH" | "WRONGPASS" | "NOPERM")
+    {
+        StoreError::unauthorized(e)
+    } else if e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || matches!(
+            code.as_str(),
+            "LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN"
+        )
+    {
+        StoreError::unavailable(e)
+    } else if e.kind() == ErrorKind::InvalidClientConfig {
+        StoreError::other(e)
+    } else if matches!(e.kind(), ErrorKind::Server(_)) || !code.is_empty() {
+        StoreError::rejected(e)
+    } else {
+        StoreError::other(e)
+    };
+    error.with_message(format!("Redis: {what}"))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// 128 random bits as hex.
+fn random_token() -> String {
+    let n: u128 = rand::random();
+    format!("{n:032x}")
+}
+
+/// Escapes the glob characters of a `SCAN MATCH` pattern.
+fn glob_escape(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len() + 4);
+    for &b in s {
+        if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\' | b'^' | b'-') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out
+}
+
+/// The URL with its password replaced.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+impl SessionStore for RedisStore {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        Box::pin(async move {
+            let inner = &*self.inner;
+            let mut keys: Vec<Vec<u8>> = Vec::new();
+            let mut seen = HashSet::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = ::redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&inner.pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT);
+                let (next, batch): (u64, Vec<Vec<u8>>) = inner.run(&cmd, "scan").await?;
+                for key in batch {
+                    // SCAN may return a key more than once.
+                    if seen.insert(key.clone()) {
+                        keys.push(key);
+                    }
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+            let start = inner.prefix.len() + 2;
+            let mut loaded = Loaded::default();
+            for chunk in keys.chunks(BATCH) {
+                let mut cmd = ::redis::cmd("MGET");
+                for key in chunk {
+                    cmd.arg(key);
+                }
+                let values: Vec<Option<Vec<u8>>> = inner.run(&cmd, "read sessions").await?;
+                for (redis_key, value) in chunk.iter().zip(values) {
+                    // Deleted or expired since the scan.
+                    let Some(value) = value else { continue };
+                    let name = String::from_utf8_lossy(redis_key).into_owned();
+                    let parsed = std::str::from_utf8(redis_key.get(start..).unwrap_or_default())
+                        .map_err(|e| StoreError::corrupt(e).with_message("the key is not UTF-8"))
+                        .and_then(|key| inner.parse(key, &value));
+                    match parsed {
+                        Ok(session) => loaded.sessions.push(session),
+                        Err(e) => {
+                            tracing::warn!(record = %name, error = %e, "skipping unreadable Redis session");
+                            loaded.skip(name, e);
+                        }
+                    }
+                }
+            }
+            Ok(loaded)
+        })
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        Box::pin(async move {
+            let inner = &*self.inner;
+            let mut cmd;
+            match inner.ttl {
+                Some(ttl) => {
+                    cmd = ::redis::cmd("GETEX");
+                    cmd.arg(self.session_key(key)).arg("PX").arg(millis(ttl));
+                }
+                None => {
+                    cmd = ::redis::cmd("GET");
+                    cmd.arg(self.session_key(key));
+                }
+            }
+            let value: Option<Vec<u8>> = inner.run(&cmd, "load").await?;
+            value.map(|v| inner.parse(key, &v)).transpose()
+        })
+    }
+
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let inner = &*self.inner;
+            let json = serde_json::to_vec(session).map_err(|e| {
+                StoreError::other(e).with_message("session cannot be encoded as JSON")
+            })?;
+            let mut pipe = ::redis::pipe();
+            let set = pipe
+                .cmd("SET")
+                .arg(self.session_key(&session.key))
+                .arg(json);
+            if let Some(ttl) = inner.ttl {
+                set.arg("PX").arg(millis(ttl));
+            }
+            set.ignore();
+            if inner.notify {
+                pipe.cmd("PUBLISH")
+                    .arg(&inner.channel)
+                    .arg(inner.notice(&session.key, Some(&session.backend))?)
+                    .ignore();
+            }
+            inner.run_pipe::<()>(&pipe, "save").await
+        })
+    }
+
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let inner = &*self.inner;
+            for chunk in keys.chunks(BATCH) {
+                let mut pipe = ::redis::pipe();
+                let del = pipe.cmd("DEL");
+                for key in chunk {
+                    del.arg(self.session_key(key));
+                }
+                del.ignore();
+                if inner.notify {
+                    for key in chunk {
+                        pipe.cmd("PUBLISH")
+                            .arg(&inner.channel)
+                            .arg(inner.notice(key, None)?)
+                            .ignore();
+                    }
+                }
+                inner.run_pipe::<()>(&pipe, "delete").await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A lease of [`lease`](RedisStoreBuilder::lease)'s TTL, through
+/// [`RedisStore::claim`]; a lost claim answers `None`.
+impl SessionLock for RedisStore {
+    fn lock<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<SessionGuard>> {
+        Box::pin(async move {
+            let claim = self
+                .claim(key, self.inner.lease_ttl, self.inner.lease_wait)
+                .await?;
+            Ok(match claim {
+                Claim::Won(lease) => Some(SessionGuard::new(async move {
+                    let key = lease.key().to_owned();
+                    if !lease.release().await? {
+                        tracing::warn!(session = %key, "a session lease expired before it was released");
+                    }
+                    Ok(())
+                })),
+                Claim::Lost(_) => None,
+            })
+        })
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.inner.url)
+            .field("prefix", &self.inner.prefix)
+            .field("ttl", &self.inner.ttl)
+            .field("timeout", &self.inner.timeout)
+            .field("notify", &self.inner.notify)
+            .field("lease_ttl", &self.inner.lease_ttl)
+            .field("lease_wait", &self.inner.lease_wait)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("url", &redact(&self.url))
+            .field("prefix", &self.prefix)
+            .field("ttl", &self.ttl)
+            .field("timeout", &self.timeout)
+            .field("notify", &self.notify)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("lease_wait", &self.lease_wait)
+            .finish()
+    }
+}
+
+/// An ownership lease on one session, taken with
+/// [`RedisStore::try_lease`] or [`RedisStore::claim`].
+///
+/// Dropping a lease does not release it (that needs a round trip): it then
+/// expires after its TTL. Call [`release`](Lease::release) when done.
+#[must_use = "a lease is held until released or expired"]
+pub struct Lease {
+    store: RedisStore,
+    key: String,
+    redis_key: Vec<u8>,
+    token: String,
+}
+
+impl Lease {
+    /// The session key the lease is on.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Releases the lease if this owner still holds it (compare and delete
+    /// in one Lua script, so a lease that expired and was taken by another
+    /// replica is left alone). Returns whether it was still held.
+    pub async fn release(self) -> Result<bool, StoreError> {
+        let n = self
+            .store
+            .inner
+            .run_script(
+                &self.store.inner.release,
+                &self.redis_key,
+                &[self.token.as_bytes()],
+                "release a lease",
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Sets the lease to expire `ttl` from now if this owner still holds
+    /// it. Returns whether it was still held.
+    pub async fn extend(&self, ttl: Duration) -> Result<bool, StoreError> {
+        let ttl = millis(ttl).to_string();
+        let n = self
+            .store
+            .inner
+            .run_script(
+                &self.store.inner.extend,
+                &self.redis_key,
+                &[self.token.as_bytes(), ttl.as_bytes()],
+                "extend a lease",
+            )
+            .await?;
+        Ok(n == 1)
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease").field("key", &self.key).finish()
+    }
+}
+
+/// What [`RedisStore::claim`] decided.
+#[derive(Debug)]
+pub enum Claim {
+    /// This replica holds the lease: restore the session, save the result,
+    /// then [`release`](Lease::release) it.
+    Won(Lease),
+    /// Another replica held the lease and has released it (or its lease
+    /// expired): the session as it saved it, if any.
+    Lost(Option<Session>),
+}
+
+/// What another replica changed, yielded by [`Invalidations::next`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Invalidation {
+    /// Session `key` was saved on `backend` (it started or moved), or
+    /// deleted (`backend` is `None`): drop what is cached about it.
+    Session {
+        /// The session key.
+        key: String,
+        /// Where it is now, if it still exists.
+        backend: Option<BackendId>,
+    },
+    /// The subscription reconnected and notices may have been lost: drop
+    /// everything cached (or check it against the store).
+    All,
+}
+
+/// The other replicas' move notices, from [`RedisStore::subscribe`].
+pub struct Invalidations {
+    rx: mpsc::Receiver<Invalidation>,
+    task: AbortOnDrop,
+}
+
+impl Invalidations {
+    /// The next invalidation; `None` only if the listening task ended
+    /// (never while the runtime runs).
+    pub async fn next(&mut self) -> Option<Invalidation> {
+        self.rx.recv().await
+    }
+}
+
+/// The same invalidations as [`next`](Invalidations::next), as a stream.
+impl Stream for Invalidations {
+    type Item = Invalidation;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Invalidation>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl fmt::Debug for Invalidations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Invalidations")
+            .field("pending", &self.rx.len())
+            .field("listening", &!self.task.0.is_finished())
+            .finish()
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Notice {
+    key: String,
+    backend: Option<String>,
+    origin: String,
+}
+
+/// Forwards notices until the receiver is dropped, reconnecting with a
+/// capped backoff whenever the subscription connection ends.
+async fn listen(
+    inner: Arc<Inner>,
+    mut pubsub: ::redis::aio::PubSub,
+    tx: mpsc::Sender<Invalidation>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        {
+            let (mut sink, stream) = pubsub.split();
+            let mut stream = std::pin::pin!(stream);
+            let mut ping = tokio::time::interval(PING_EVERY);
+            ping.tick().await;
+            loop {
+                let msg = tokio::select! {
+                    msg = poll_fn(|cx| stream.as_mut().poll_next(cx)) => msg,
+                    () = tx.closed() => return,
+                    _ = ping.tick() => {
+                        // A connection dropped without a word (a firewall
+                        // forgetting it) only shows when a ping goes
+                        // unanswered.
+                        let pong = tokio::time::timeout(inner.timeout, sink.ping::<Value>()).await;
+                        if matches!(pong, Ok(Ok(_))) {
+                            continue;
+                        }
+                        break;
+                    }
+                };
+                let Some(msg) = msg else { break };
+                let notice: Notice = match serde_json::from_slice(msg.get_payload_bytes()) {
+                    Ok(n) => n,
+                    Err(error) => {
+                        tracing::debug!(%error, "ignoring a malformed move notice");
+                        continue;
+                    }
+                };
+                if notice.origin == inner.origin {
+                    continue;
+                }
+                let invalidation = Invalidation::Session {
+                    key: notice.key,
+                    backend: notice.backend.map(BackendId::from),
+                };
+                if tx.send(invalidation).await.is_err() {
+                    return;
+                }
+            }
+        }
+        tracing::debug!(channel = %inner.channel, "move notice subscription lost, reconnecting");
+        pubsub = loop {
+            if tx.is_closed() {
+                return;
+            }
+            match inner.connect_pubsub().await {
+                Ok(p) => break p,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot resubscribe to move notices yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        backoff = Duration::from_millis(50);
+        if tx.send(Invalidation::All).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A lease still held when a claim gave up waiting.
+#[derive(Debug)]
+struct LeaseHeld(String);
+
+impl fmt::Display for LeaseHeld {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "session {:?} is leased by another owner", self.0)
+    }
+}
+
+impl StdError for LeaseHeld {}
+
+/// A record stored under one key that holds another key's session.
+#[derive(Debug)]
+struct Misplaced {
+    stored: String,
+    under: String,
+}
+
+impl fmt::Display for Misplaced {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the record under {:?} is session {:?}",
+            self.under, self.stored
+        )
+    }
+}
+
+impl StdError for Misplaced {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(glob_escape(b"a*b?c[d]e\\f"), b"a\\*b\\?c\\[d\\]e\\\\f");
+        assert_eq!(glob_escape(b"plain:"), b"plain:");
+    }
+
+    #[test]
+    fn urls_are_shown_without_passwords() {
+        assert_eq!(
+            redact("redis://user:secret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact("redis://:secret@host"), "redis://:***@host");
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+    }
+
+    #[test]
+    fn tokens_are_random_and_long() {
+        let (a, b) = (random_token(), random_token());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn durations_round_to_at_least_one_millisecond() {
+        assert_eq!(millis(Duration::from_micros(10)), 1);
+        assert_eq!(millis(Duration::from_secs(2)), 2000);
+    }
+}

@@ -1,0 +1,319 @@
+//! Two (or three) full replicas, each with its own pool, sticky layer,
+//! balancer and `RedisStore`, sharing one real `redis-server`: sessions
+//! follow each other across replicas, moves reach every replica through
+//! pub/sub, a session is hydrated once however many replicas load it at
+//! once, and a Redis restart loses nothing that was acknowledged.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use support::redis_server::RedisServer;
+use tokio::time::{sleep, Instant};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_ha::balance::{BalanceLayer, RoundRobin};
+use tower_ha::sticky::{SessionKey, StickyLayer};
+use tower_ha::store::{Invalidation, RedisStore, Session, SessionStore};
+use tower_ha::{BoxError, Health, Pool};
+
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+type Backend = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
+type Stack = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
+
+fn backend(name: &'static str) -> Backend {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |_req: Request<()>| async move {
+        Ok::<_, BoxError>(Response::new(name.to_owned()))
+    }))
+}
+
+/// One replica: its own view of the same three backends, its own sticky
+/// table, its own connection to Redis.
+struct Replica {
+    pool: Pool<Backend>,
+    layer: StickyLayer,
+    svc: Stack,
+    store: RedisStore,
+    restores: Arc<AtomicUsize>,
+}
+
+struct Options {
+    /// Drop cached sessions on the other replicas' move notices.
+    follow_moves: bool,
+    /// How long the restore hook takes.
+    restore_takes: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            follow_moves: true,
+            restore_takes: Duration::ZERO,
+        }
+    }
+}
+
+async fn replica(server: &RedisServer, options: Options) -> Replica {
+    let pool = Pool::new();
+    for name in NAMES {
+        pool.insert(name, backend(name));
+    }
+    let store = RedisStore::builder(server.url())
+        .timeout(Duration::from_millis(500))
+        .lease(Duration::from_secs(5), Duration::from_secs(10))
+        .build()
+        .await
+        .expect("connect");
+    let restores = Arc::new(AtomicUsize::new(0));
+    let counted = restores.clone();
+    let takes = options.restore_takes;
+    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .hydrate(store.clone())
+        .on_restore(move |_session: Session| {
+            let counted = counted.clone();
+            async move {
+                // Reconnecting to the session's state takes a while.
+                sleep(takes).await;
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), BoxError>(())
+            }
+        });
+    if options.follow_moves {
+        let mut notices = store.subscribe().await.expect("subscribe");
+        let layer = layer.clone();
+        tokio::spawn(async move {
+            while let Some(notice) = notices.next().await {
+                match notice {
+                    Invalidation::Session { key, .. } => {
+                        layer.forget(&key);
+                    }
+                    Invalidation::All => {
+                        layer.forget_all();
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(pool.clone());
+    Replica {
+        pool,
+        layer,
+        svc: tower::util::BoxCloneSyncService::new(svc),
+        store,
+        restores,
+    }
+}
+
+impl Replica {
+    /// The backend that served a request for session `key`.
+    async fn send(&self, key: &str) -> String {
+        let req = Request::builder()
+            .header("x-session-id", key)
+            .body(())
+            .unwrap();
+        self.svc
+            .clone()
+            .oneshot(req)
+            .await
+            .expect("a backend answers")
+            .into_body()
+    }
+
+    /// A request naming no session, to move the round robin along.
+    async fn send_anonymous(&self) -> String {
+        let mut svc = self.svc.clone();
+        let svc = svc.ready().await.unwrap();
+        svc.call(Request::new(())).await.unwrap().into_body()
+    }
+
+    fn set_health(&self, name: &str, health: Health) {
+        self.pool.state(&name.into()).unwrap().set_health(health);
+    }
+
+    /// Waits until this replica's table no longer holds `key`.
+    async fn until_forgotten(&self, key: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.layer.session(key).is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the move notice for {key} never arrived"
+            );
+            sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_started_on_one_replica_goes_to_the_same_backend_through_another() {
+    let server = RedisServer::start();
+    let a = replica(&server, Options::default()).await;
+    let b = replica(&server, Options::default()).await;
+    for i in 0..6 {
+        let key = format!("s{i}");
+        let home = a.send(&key).await;
+        // B's round robin is elsewhere: left alone it would pick another
+        // backend for some of these.
+        b.send_anonymous().await;
+        for _ in 0..3 {
+            assert_eq!(b.send(&key).await, home, "session {key}");
+        }
+    }
+    assert_eq!(b.layer.stats().loaded, 6, "B read each session once");
+    assert_eq!(b.layer.stats().created, 0, "B started none");
+    assert_eq!(
+        a.layer.stats().store_errors + b.layer.stats().store_errors,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_on_one_replica_reaches_the_others() {
+    let server = RedisServer::start();
+    let a = replica(&server, Options::default()).await;
+    let b = replica(&server, Options::default()).await;
+    // A replica that does not follow move notices, to show what they fix.
+    let deaf = replica(
+        &server,
+        Options {
+            follow_moves: false,
+            ..Options::default()
+        },
+    )
+    .await;
+
+    let home = a.send("s").await;
+    assert_eq!(b.send("s").await, home);
+    assert_eq!(deaf.send("s").await, home);
+
+    // The session's backend dies; B notices first (A's and the deaf
+    // replica's checks have not run yet), and B's next request for the
+    // session moves it.
+    b.set_health(&home, Health::Unhealthy);
+    let moved_to = b.send("s").await;
+    assert_ne!(moved_to, home, "B moved the session off the dead backend");
+    assert_eq!(b.layer.stats().moved, 1);
+    let stored = b.store.load("s").await.unwrap().unwrap();
+    assert_eq!(stored.backend.as_str(), moved_to, "the move was saved");
+
+    // A drops its cached affinity on B's notice, and its next request for
+    // the session goes to the new backend, although A still believes the
+    // old one is healthy.
+    a.until_forgotten("s").await;
+    assert!(a.pool.state(&home.as_str().into()).unwrap().is_available());
+    for _ in 0..3 {
+        assert_eq!(a.send("s").await, moved_to, "A follows B's move");
+    }
+    assert_eq!(a.layer.stats().moved, 0, "A did not move it again");
+    assert_eq!(a.layer.session("s").unwrap().backend.as_str(), moved_to);
+
+    // Without the notices, a replica keeps routing to the old backend.
+    assert_eq!(deaf.send("s").await, home);
+}
+
+/// Both replicas get the first requests for five stored sessions at the
+/// same moment: each session is restored by exactly one of them, and both
+/// route it to its backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_hydration_from_two_replicas_restores_a_session_once() {
+    let server = RedisServer::start();
+    let slow = || Options {
+        restore_takes: Duration::from_millis(100),
+        ..Options::default()
+    };
+    let a = replica(&server, slow()).await;
+    let b = replica(&server, slow()).await;
+    // Sessions left in Redis by an earlier generation of replicas.
+    let earlier = RedisStore::builder(server.url()).build().await.unwrap();
+    let keys: Vec<String> = (0..5).map(|i| format!("kernel-{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let s = Session::new(key.as_str(), NAMES[i % 3].into());
+        earlier.save(&s).await.unwrap();
+    }
+
+    let requests = keys.iter().flat_map(|key| {
+        [a.send(key), b.send(key)]
+            .into_iter()
+            .map(move |f| async move { (key.clone(), f.await) })
+    });
+    let answers = futures::future::join_all(requests).await;
+    for (key, served) in &answers {
+        let i: usize = key.trim_start_matches("kernel-").parse().unwrap();
+        assert_eq!(served, NAMES[i % 3], "{key} went to its stored backend");
+    }
+    let restores = a.restores.load(Ordering::SeqCst) + b.restores.load(Ordering::SeqCst);
+    assert_eq!(
+        restores, 5,
+        "each session restored once, not once per replica"
+    );
+    assert_eq!(
+        a.layer.stats().hydrated + b.layer.stats().hydrated,
+        5,
+        "and counted once"
+    );
+    assert!(a.layer.stats().loaded == 5 && b.layer.stats().loaded == 5);
+    assert!(a.layer.stats().store_errors + b.layer.stats().store_errors == 0);
+}
+
+/// Redis is killed with SIGKILL and restarted while a replica serves:
+/// known sessions keep their backend from the in-memory table, saves fail
+/// while Redis is down and resume once it is back, and every session whose
+/// save was acknowledged is still in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_keeps_serving_and_loses_nothing_acknowledged() {
+    let mut server = RedisServer::start();
+    let a = replica(&server, Options::default()).await;
+    let mut homes = Vec::new();
+    for i in 0..9 {
+        let key = format!("before-{i}");
+        homes.push((key.clone(), a.send(&key).await));
+    }
+    assert_eq!(
+        a.layer.stats().store_errors,
+        0,
+        "all nine saves acknowledged"
+    );
+
+    server.kill();
+    for (key, home) in &homes {
+        assert_eq!(&a.send(key).await, home, "{key} served from the table");
+    }
+    // A new session is served, but its save fails and is counted.
+    let _ = a.send("during").await;
+    let errors = a.layer.stats().store_errors;
+    assert!(errors >= 1, "the failed save is reported");
+
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a
+        .store
+        .save(&Session::new("probe", "a".into()))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "writes did not resume");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let after = a.send("after").await;
+    assert_eq!(a.layer.stats().store_errors, errors, "the new save worked");
+    for (key, home) in &homes {
+        assert_eq!(&a.send(key).await, home, "{key} after the restart");
+    }
+
+    let fresh = RedisStore::builder(server.url()).build().await.unwrap();
+    for (key, home) in &homes {
+        let s = fresh.load(key).await.unwrap().expect("acknowledged, kept");
+        assert_eq!(&s.backend.as_str(), home);
+    }
+    assert_eq!(
+        fresh.load("after").await.unwrap().unwrap().backend.as_str(),
+        after
+    );
+}

@@ -1,0 +1,565 @@
+//! `RedisStore` against a real `redis-server` started by each test on a
+//! free 127.0.0.1 port (see `tests/support/redis_server.rs`; run
+//! `scripts/test.sh` to install it).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use support::redis_server::{free_port, RedisServer};
+use tokio::time::{sleep, timeout, Instant};
+use tower_ha::store::{Claim, Invalidation, RedisStore, Session, SessionStore};
+
+fn session(key: &str, backend: &str) -> Session {
+    Session::new(key, backend.into()).with_data(json!({"port": 52000}))
+}
+
+async fn store(server: &RedisServer) -> RedisStore {
+    RedisStore::builder(server.url())
+        .build()
+        .await
+        .expect("connect to the test server")
+}
+
+/// A plain connection for looking at what the store wrote.
+fn raw(server: &RedisServer) -> redis::Connection {
+    redis::Client::open(server.url())
+        .and_then(|c| c.get_connection())
+        .expect("raw connection")
+}
+
+#[tokio::test]
+async fn redis_store_passes_the_contract() {
+    let server = RedisServer::start();
+    support::store_contract::run(Arc::new(store(&server).await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_passes_the_contract_on_a_multi_thread_runtime_with_a_ttl() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .prefix("other:")
+        .ttl(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    support::store_contract::run(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn sessions_are_json_under_the_prefix() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .prefix("gw:")
+        .build()
+        .await
+        .unwrap();
+    let s = session("alice", "node-a");
+    store.save(&s).await.unwrap();
+    assert_eq!(store.session_key("alice"), b"gw:s:alice");
+    let mut conn = raw(&server);
+    let stored: String = redis::cmd("GET")
+        .arg("gw:s:alice")
+        .query(&mut conn)
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(stored, serde_json::to_value(&s).unwrap());
+    assert_eq!(stored["backend"], "node-a");
+    assert!(stored["created"].is_u64(), "times are Unix milliseconds");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("gw:s:alice")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(ttl, -1, "no TTL unless one is configured");
+}
+
+#[tokio::test]
+async fn load_all_scans_thousands_of_keys_under_a_prefix_with_glob_characters() {
+    let server = RedisServer::start();
+    let globby = RedisStore::builder(server.url())
+        .prefix("app*?[x]\\:")
+        .build()
+        .await
+        .unwrap();
+    // Keys an unescaped pattern `app*?[x]\:s:*` would also match.
+    let neighbour = RedisStore::builder(server.url())
+        .prefix("appZZx:")
+        .build()
+        .await
+        .unwrap();
+    for i in 0..10 {
+        neighbour
+            .save(&session(&format!("n-{i}"), "b"))
+            .await
+            .unwrap();
+    }
+    let mut expected = BTreeMap::new();
+    let mut saves = Vec::new();
+    for i in 0..1500 {
+        let s = session(&format!("k-{i:04}"), &format!("node-{}", i % 3));
+        expected.insert(s.key.clone(), s.clone());
+        let store = globby.clone();
+        saves.push(tokio::spawn(async move { store.save(&s).await }));
+    }
+    for save in saves {
+        save.await.unwrap().unwrap();
+    }
+    // A lease is not a session.
+    let lease = globby
+        .try_lease("k-0001", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let loaded = globby.load_all().await.unwrap();
+    assert!(loaded.skipped.is_empty(), "{:?}", loaded.skipped);
+    let got: BTreeMap<_, _> = loaded
+        .sessions
+        .into_iter()
+        .map(|s| (s.key.clone(), s))
+        .collect();
+    assert_eq!(
+        got.len(),
+        1500,
+        "every session once, and only this prefix's"
+    );
+    assert_eq!(got, expected);
+    assert_eq!(neighbour.load_all().await.unwrap().sessions.len(), 10);
+    assert!(lease.release().await.unwrap());
+}
+
+#[tokio::test]
+async fn unreadable_records_are_skipped_and_reported() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    for i in 0..3 {
+        store
+            .save(&session(&format!("good-{i}"), "a"))
+            .await
+            .unwrap();
+    }
+    let mut conn = raw(&server);
+    let good: Vec<u8> = redis::cmd("GET")
+        .arg("tower-ha:s:good-0")
+        .query(&mut conn)
+        .unwrap();
+    let mut set = |key: &[u8], value: &[u8]| {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query(&mut conn)
+            .unwrap();
+    };
+    set(b"tower-ha:s:garbage", b"\x00\xff not json");
+    set(b"tower-ha:s:shape", b"[1, 2, 3]");
+    set(b"tower-ha:s:moved", &good);
+    set(b"tower-ha:s:\xff\xfe", &good);
+
+    let loaded = store.load_all().await.unwrap();
+    let mut keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.clone()).collect();
+    keys.sort();
+    assert_eq!(keys, ["good-0", "good-1", "good-2"]);
+    assert_eq!(loaded.skipped.len(), 4, "{:?}", loaded.skipped);
+    for skipped in &loaded.skipped {
+        assert!(skipped.error.is_corrupt(), "{:?}", skipped.error);
+        assert!(skipped.record.starts_with("tower-ha:s:"));
+    }
+    assert!(store.load("garbage").await.unwrap_err().is_corrupt());
+    assert!(store.load("moved").await.unwrap_err().is_corrupt());
+}
+
+#[tokio::test]
+async fn loads_refresh_the_ttl_and_unused_sessions_expire() {
+    let server = RedisServer::start();
+    let ttl = Duration::from_millis(1000);
+    let store = RedisStore::builder(server.url())
+        .ttl(ttl)
+        .build()
+        .await
+        .unwrap();
+    store.save(&session("used", "a")).await.unwrap();
+    store.save(&session("idle", "a")).await.unwrap();
+    let mut conn = raw(&server);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("tower-ha:s:used")
+        .query(&mut conn)
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 1000, "a save sets the TTL: {pttl}");
+
+    // Loaded every 200 ms (a fifth of the TTL) for 2.5 s, past twice the
+    // TTL.
+    let start = Instant::now();
+    while start.elapsed() < ttl * 5 / 2 {
+        assert!(
+            store.load("used").await.unwrap().is_some(),
+            "a session loaded within its TTL stays, {:?} in",
+            start.elapsed()
+        );
+        sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        store.load("idle").await.unwrap(),
+        None,
+        "a session nobody loaded expired"
+    );
+    sleep(ttl * 2).await;
+    assert_eq!(
+        store.load("used").await.unwrap(),
+        None,
+        "and so does the other"
+    );
+}
+
+#[tokio::test]
+async fn failures_are_typed() {
+    // Nothing listens: unavailable, and quickly.
+    let port = free_port();
+    let started = Instant::now();
+    let err = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable() && err.is_transient(), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // A bad URL.
+    let err = RedisStore::builder("http://127.0.0.1/")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(err.is_other(), "{err:?}");
+
+    // A password is required, and a wrong one is refused.
+    let server = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let url = format!("redis://127.0.0.1:{}/", server.port());
+    let err = RedisStore::builder(&url).build().await.unwrap_err();
+    assert!(err.is_unauthorized(), "no password: {err:?}");
+    let wrong = format!("redis://:nope@127.0.0.1:{}/", server.port());
+    let err = RedisStore::builder(&wrong).build().await.unwrap_err();
+    assert!(err.is_unauthorized(), "wrong password: {err:?}");
+    assert!(!format!("{:?}", RedisStore::builder(&wrong)).contains("nope"));
+    let right = format!("redis://:s3cret@127.0.0.1:{}/", server.port());
+    let store = RedisStore::builder(&right).build().await.unwrap();
+    store.save(&session("k", "a")).await.unwrap();
+    assert!(!format!("{store:?}").contains("s3cret"));
+
+    // A server that does not answer in time.
+    let server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let mut conn = raw(&server);
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query(&mut conn)
+        .unwrap();
+    let err = store.load("k").await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+}
+
+/// Redis is killed with SIGKILL and restarted mid-run: every save that was
+/// acknowledged is there afterwards, saves attempted while it is down fail
+/// (never dropped silently), and saves work again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_across_a_redis_restart() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let mut acknowledged = BTreeMap::new();
+    for i in 0..100 {
+        let s = session(&format!("before-{i}"), "node-a");
+        store.save(&s).await.unwrap();
+        acknowledged.insert(s.key.clone(), s);
+    }
+
+    server.kill();
+    let mut failed = 0;
+    for i in 0..5 {
+        let s = session(&format!("down-{i}"), "node-a");
+        let err = store
+            .save(&s)
+            .await
+            .expect_err("a save while Redis is down fails");
+        assert!(err.is_transient(), "{err:?}");
+        failed += 1;
+    }
+    assert_eq!(failed, 5);
+    assert!(store.load("before-1").await.unwrap_err().is_transient());
+
+    server.restart();
+    // The connection comes back on its own; the first calls after the
+    // restart may still see the old, broken connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let resumed = loop {
+        let s = session("after", "node-b");
+        match store.save(&s).await {
+            Ok(()) => break s,
+            Err(e) => {
+                assert!(e.is_transient(), "{e:?}");
+                assert!(Instant::now() < deadline, "saves did not resume: {e:?}");
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    acknowledged.insert(resumed.key.clone(), resumed);
+    for i in 0..20 {
+        let s = session(&format!("after-{i}"), "node-b");
+        store.save(&s).await.unwrap();
+        acknowledged.insert(s.key.clone(), s);
+    }
+
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let loaded = loop {
+        match store.load_all().await {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "loads did not resume: {e:?}");
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let got: BTreeMap<_, _> = loaded
+        .sessions
+        .into_iter()
+        .map(|s| (s.key.clone(), s))
+        .collect();
+    assert_eq!(got.len(), 121);
+    assert_eq!(got, acknowledged, "every acknowledged save survived");
+}
+
+#[tokio::test]
+async fn a_lease_has_one_owner_and_only_the_owner_releases_it() {
+    let server = RedisServer::start();
+    let a = store(&server).await;
+    let b = store(&server).await;
+    let ttl = Duration::from_secs(30);
+
+    let lease = a.try_lease("k", ttl).await.unwrap().expect("free");
+    assert_eq!(lease.key(), "k");
+    assert!(b.try_lease("k", ttl).await.unwrap().is_none(), "held by a");
+    assert!(a.try_lease("k", ttl).await.unwrap().is_none(), "even for a");
+    assert!(b.is_leased("k").await.unwrap());
+    assert!(
+        b.try_lease("other", ttl).await.unwrap().is_some(),
+        "per key"
+    );
+    assert!(lease.release().await.unwrap());
+    assert!(!b.is_leased("k").await.unwrap());
+
+    // An expired lease taken over by another owner is not released by the
+    // first one.
+    let stale = a
+        .try_lease("k", Duration::from_millis(100))
+        .await
+        .unwrap()
+        .unwrap();
+    sleep(Duration::from_millis(300)).await;
+    let current = b.try_lease("k", ttl).await.unwrap().expect("expired");
+    assert!(!stale.extend(ttl).await.unwrap());
+    assert!(!stale.release().await.unwrap(), "not the owner any more");
+    assert!(a.is_leased("k").await.unwrap(), "b's lease stands");
+    assert!(current.extend(Duration::from_millis(200)).await.unwrap());
+    sleep(Duration::from_millis(500)).await;
+    assert!(
+        !a.is_leased("k").await.unwrap(),
+        "extended to 200 ms, then gone"
+    );
+}
+
+/// Two replicas hydrate the same session at once, twenty times: each time
+/// exactly one restores it and the other reads the winner's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_hydration_restores_a_session_once() {
+    let server = RedisServer::start();
+    let replicas = [store(&server).await, store(&server).await];
+    for round in 0..20 {
+        let key = format!("kernel-{round}");
+        replicas[0].save(&session(&key, "node-a")).await.unwrap();
+        let restores = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let tasks: Vec<_> = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, store)| {
+                let (store, key, restores, barrier) = (
+                    store.clone(),
+                    key.clone(),
+                    restores.clone(),
+                    barrier.clone(),
+                );
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let claim = store
+                        .claim(&key, Duration::from_secs(5), Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                    match claim {
+                        Claim::Won(lease) => {
+                            restores.fetch_add(1, Ordering::SeqCst);
+                            let mut s = store.load(&key).await.unwrap().unwrap();
+                            // The restore takes a while.
+                            sleep(Duration::from_millis(30)).await;
+                            s.data = json!({"restored_by": i});
+                            store.save(&s).await.unwrap();
+                            assert!(lease.release().await.unwrap());
+                            (true, s)
+                        }
+                        Claim::Lost(s) => (false, s.expect("the winner's session")),
+                    }
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        assert_eq!(restores.load(Ordering::SeqCst), 1, "round {round}");
+        let winners = results.iter().filter(|(won, _)| *won).count();
+        assert_eq!(winners, 1, "round {round}");
+        assert_eq!(
+            results[0].1, results[1].1,
+            "the loser read the winner's result"
+        );
+        assert!(results[0].1.data["restored_by"].is_u64());
+    }
+}
+
+#[tokio::test]
+async fn a_claim_gives_up_when_the_lease_is_held_too_long() {
+    let server = RedisServer::start();
+    let a = store(&server).await;
+    let b = store(&server).await;
+    let _held = a
+        .try_lease("k", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let err = b
+        .claim("k", Duration::from_secs(5), Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_dead_winner_blocks_the_others_only_until_its_lease_expires() {
+    let server = RedisServer::start();
+    let a = store(&server).await;
+    let b = store(&server).await;
+    a.save(&session("k", "node-a")).await.unwrap();
+    // a takes the lease and never releases it.
+    std::mem::forget(
+        a.try_lease("k", Duration::from_millis(300))
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    match b
+        .claim("k", Duration::from_secs(5), Duration::from_secs(5))
+        .await
+        .unwrap()
+    {
+        Claim::Lost(s) => assert_eq!(s.unwrap().backend.as_str(), "node-a"),
+        Claim::Won(_) => panic!("the lease was held"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+async fn next(inv: &mut tower_ha::store::Invalidations) -> Invalidation {
+    timeout(Duration::from_secs(5), inv.next())
+        .await
+        .expect("a notice within 5 s")
+        .expect("the subscription is alive")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saves_and_deletes_reach_the_other_replicas() {
+    let mut server = RedisServer::start();
+    let a = store(&server).await;
+    let b = store(&server).await;
+    let mut on_a = a.subscribe().await.unwrap();
+    let mut on_b = b.subscribe().await.unwrap();
+
+    a.save(&session("alice", "node-a")).await.unwrap();
+    assert_eq!(
+        next(&mut on_b).await,
+        Invalidation::Session {
+            key: "alice".into(),
+            backend: Some("node-a".into())
+        }
+    );
+    b.save(&session("alice", "node-b")).await.unwrap();
+    b.delete(&["alice".into()]).await.unwrap();
+    // A replica does not hear its own notices: the first thing a hears is b's.
+    assert_eq!(
+        next(&mut on_a).await,
+        Invalidation::Session {
+            key: "alice".into(),
+            backend: Some("node-b".into())
+        }
+    );
+    assert_eq!(
+        next(&mut on_a).await,
+        Invalidation::Session {
+            key: "alice".into(),
+            backend: None
+        }
+    );
+    assert_eq!(
+        b.publish_move("bob", Some(&"node-c".into())).await.unwrap(),
+        2,
+        "both subscriptions receive it"
+    );
+    // Invalidations are also a stream.
+    let from_stream = timeout(Duration::from_secs(5), futures::StreamExt::next(&mut on_a))
+        .await
+        .expect("a notice within 5 s");
+    assert!(matches!(from_stream, Some(Invalidation::Session { key, .. }) if key == "bob"));
+
+    // Redis restarts: the subscription comes back and says notices may
+    // have been lost.
+    server.restart();
+    assert_eq!(next(&mut on_a).await, Invalidation::All);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.save(&session("carol", "node-a")).await.is_err() {
+        assert!(Instant::now() < deadline, "saves resume");
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(next(&mut on_a).await, Invalidation::Session { key, .. } if key == "carol"));
+}
+
+#[tokio::test]
+async fn notices_can_be_turned_off() {
+    let server = RedisServer::start();
+    let quiet = RedisStore::builder(server.url())
+        .notify(false)
+        .build()
+        .await
+        .unwrap();
+    let listener = store(&server).await;
+    let mut notices = listener.subscribe().await.unwrap();
+    quiet.save(&session("k", "a")).await.unwrap();
+    quiet.publish_move("marker", None).await.unwrap();
+    assert_eq!(
+        next(&mut notices).await,
+        Invalidation::Session {
+            key: "marker".into(),
+            backend: None
+        },
+        "the save published nothing"
+    );
+}
