@@ -52,13 +52,14 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep, sleep_until, Instant};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::error::gateway_status;
 use tower_ha::extensions::{Attempts, PeerAddr};
-use tower_ha::failover::{BufferBodyLayer, Exhausted, FailoverLayer, ReplayBody};
+use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
 use tower_ha::health::{HealthChecker, HealthLayer, TcpProbe};
 use tower_ha::http::{HttpBackend, HttpClient, ResponseBody};
 use tower_ha::sticky::{CookieInsert, SessionKey, SessionMoved, StickyLayer};
 use tower_ha::store::{FileStore, SessionStore};
-use tower_ha::{BackendId, BoxError, Health, NoBackend, Pool};
+use tower_ha::{BackendId, BoxError, Health, Pool};
 
 const BACKENDS: [&str; 3] = ["a", "b", "c"];
 const VICTIM: &str = "b";
@@ -259,14 +260,7 @@ fn respond(
         }
         Err(e) => {
             stats.gateway_errors.fetch_add(1, Ordering::Relaxed);
-            let status = if e.is::<NoBackend>()
-                || e.downcast_ref::<Exhausted>()
-                    .is_some_and(|x| x.attempts().is_empty())
-            {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
+            let status = gateway_status(&*e);
             let mut response =
                 Response::new(Either::Right(Full::new(Bytes::from(format!("{e}\n")))));
             *response.status_mut() = status;

@@ -23,7 +23,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -32,12 +32,13 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
 };
+use tower_ha::error::gateway_status;
 use tower_ha::extensions::PeerAddr;
-use tower_ha::failover::{BufferBodyLayer, Exhausted, FailoverLayer, ReplayBody};
+use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
 use tower_ha::health::{HealthChecker, HealthLayer, TcpProbe};
 use tower_ha::http::{HttpBackend, HttpClient, ResponseBody};
 use tower_ha::key::{self, RequestKey};
-use tower_ha::{BoxError, NoBackend, Pool};
+use tower_ha::{BoxError, Pool};
 
 type Body = ReplayBody<Incoming>;
 type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -233,14 +234,7 @@ fn respond(result: Result<Response<ResponseBody>, BoxError>) -> Response<ProxyBo
     match result {
         Ok(response) => response.map(Either::Left),
         Err(e) => {
-            let status = if e.is::<NoBackend>()
-                || e.downcast_ref::<Exhausted>()
-                    .is_some_and(|x| x.attempts().is_empty())
-            {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
+            let status = gateway_status(&*e);
             let mut response =
                 Response::new(Either::Right(Full::new(Bytes::from(format!("{e}\n")))));
             *response.status_mut() = status;

@@ -160,3 +160,75 @@ pub fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Opt
     }
     None
 }
+
+/// The status a gateway should answer for an error of the tower-ha stack,
+/// as the proxies do: `503 Service Unavailable` when no backend could take
+/// the request ([`NoBackend`], attempts that found no backend, a strict
+/// sticky session whose backend is gone), `504 Gateway Timeout` when the
+/// last attempt timed out or the deadline passed, `502 Bad Gateway` for any
+/// other backend failure.
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_ha::error::{gateway_status, BackendError, BoxError, NoBackend};
+///
+/// let none: BoxError = Box::new(NoBackend::default());
+/// assert_eq!(gateway_status(&*none), StatusCode::SERVICE_UNAVAILABLE);
+/// let reset: BoxError = Box::new(BackendError::new("a".into(), "connection reset"));
+/// assert_eq!(gateway_status(&*reset), StatusCode::BAD_GATEWAY);
+/// ```
+pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
+    use crate::failover::{DeadlineExceeded, Exhausted, TimedOut};
+    use crate::sticky::SessionUnavailable;
+    use http::StatusCode;
+
+    let timed_out = |e: &(dyn StdError + 'static)| {
+        find::<TimedOut>(e).is_some() || find::<DeadlineExceeded>(e).is_some()
+    };
+    if find::<NoBackend>(err).is_some() || find::<SessionUnavailable>(err).is_some() {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if let Some(exhausted) = find::<Exhausted>(err) {
+        return match exhausted.attempts().last() {
+            None => match exhausted.reason() {
+                Some(reason) if timed_out(reason) => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Some((_, cause)) if timed_out(&**cause) => StatusCode::GATEWAY_TIMEOUT,
+            Some(_) => StatusCode::BAD_GATEWAY,
+        };
+    }
+    if timed_out(err) {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn gateway_statuses() {
+        use crate::failover::{Exhausted, TimedOut};
+        use std::time::Duration;
+        let boxed = |e: BoxError| gateway_status(&*e);
+        assert_eq!(
+            boxed(Box::new(NoBackend::new())),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let timeout: BoxError = Box::new(TimedOut::new(Duration::from_secs(1)));
+        assert_eq!(
+            boxed(Box::new(BackendError::new("a".into(), timeout))),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        let refused: BoxError = Box::new(NotSent::new("refused"));
+        let exhausted = Exhausted::new(vec![("a".into(), refused)], None);
+        assert_eq!(boxed(Box::new(exhausted)), StatusCode::BAD_GATEWAY);
+        let nothing = Exhausted::new(Vec::new(), Some(Box::new(NoBackend::new())));
+        assert_eq!(boxed(Box::new(nothing)), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(boxed("anything else".into()), StatusCode::BAD_GATEWAY);
+    }
+}
