@@ -44,6 +44,9 @@ pub(crate) trait Backends: Send + Sync + 'static {
     fn status(&self, id: &BackendId) -> Status;
     /// Whether a backend other than `id` may take a request now.
     fn another_available(&self, id: &BackendId) -> bool;
+    /// The pool's own copy of `id`, if it is a member: an `Affinity`
+    /// holding it is resolved by the balancer without hashing.
+    fn member_id(&self, id: &BackendId) -> Option<BackendId>;
 }
 
 impl<S: Send + Sync + 'static> Backends for Pool<S> {
@@ -54,6 +57,12 @@ impl<S: Send + Sync + 'static> Backends for Pool<S> {
             Some(state) if state.is_available() => Status::Available,
             Some(_) => Status::Unavailable,
         }
+    }
+
+    fn member_id(&self, id: &BackendId) -> Option<BackendId> {
+        let snapshot = self.snapshot();
+        let members = snapshot.members();
+        members.index_of(id).map(|i| members[i].id().clone())
     }
 
     fn another_available(&self, id: &BackendId) -> bool {
@@ -161,7 +170,12 @@ pub(crate) enum Start {
 impl Shared {
     pub(crate) fn new(config: Config) -> Self {
         Shared {
-            table: Table::new(config.idle_timeout, config.max_sessions),
+            // The layer's own cookie: every key is a random id it issued.
+            table: Table::new(
+                config.idle_timeout,
+                config.max_sessions,
+                config.key.cookie().is_some(),
+            ),
             config,
             loading: Mutex::new(HashMap::new()),
             counters: Counters::default(),
@@ -184,6 +198,15 @@ impl Shared {
     fn reject(&self, reason: Reject) {
         bump(&self.counters.rejected, 1);
         tracing::debug!(target: TARGET, %reason, "session key rejected");
+    }
+
+    /// `session` with its backend id shared with the pool's (when it is a
+    /// member), for sessions read from a cookie or the store.
+    fn with_member_id(&self, mut session: Session) -> Session {
+        if let Some(id) = self.config.backends.member_id(&session.backend) {
+            session.backend = id;
+        }
+        session
     }
 
     /// The value of the layer's cookie for `key` on `backend`, kept in
@@ -236,7 +259,7 @@ impl Shared {
     }
 
     fn lookup(&self, key: &str) -> Found {
-        let found = self.table.get(key, None);
+        let found = self.table.get(key.as_bytes(), None);
         bump(&self.counters.expired, u64::from(found.expired));
         match found.hit {
             Some(hit) => Found::Hit(hit, None),
@@ -251,10 +274,11 @@ impl Shared {
     /// verified before it is trusted.
     fn lookup_cookie(&self, value: &[u8]) -> Result<Found, Reject> {
         let mut hit = None;
+        // The table compares bytes: a session id that is not UTF-8 is
+        // simply not found.
         if let Some(session) = value
             .get(..SESSION_ID_LEN)
             .filter(|_| value.get(SESSION_ID_LEN) == Some(&b'.'))
-            .and_then(|s| std::str::from_utf8(s).ok())
         {
             let found = self.table.get(session, Some(value));
             bump(&self.counters.expired, u64::from(found.expired));
@@ -301,6 +325,7 @@ impl Shared {
         };
         match session {
             Some(session) => {
+                let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
                 let (hit, dropped) = self.table.insert_if_absent(session, tag);
                 self.count_dropped(dropped);
@@ -393,8 +418,9 @@ impl Shared {
                 .await
                 .clone();
             if let Some(session) = &session {
+                let session = shared.with_member_id(session.clone());
                 let tag = shared.tag(&session.key, &session.backend);
-                let (_, dropped) = shared.table.insert_if_absent(session.clone(), tag);
+                let (_, dropped) = shared.table.insert_if_absent(session, tag);
                 shared.count_dropped(dropped);
             }
             let mut loading = shared.loading.lock();
@@ -624,6 +650,7 @@ impl Shared {
                 }
             }
             report.restored.push(session.key.clone());
+            let session = self.with_member_id(session);
             let tag = self.tag(&session.key, &session.backend);
             let (_, dropped) = self.table.insert(session, tag);
             self.count_dropped(dropped);
