@@ -173,7 +173,7 @@ where
     S: Service<Request<()>>,
     S::Error: std::fmt::Debug,
 {
-    const CHUNK: u64 = 4096;
+    const CHUNK: u64 = 64;
     let mut elapsed = Duration::ZERO;
     let mut done = 0;
     while done < iters {
