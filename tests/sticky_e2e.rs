@@ -514,7 +514,8 @@ mod over_failover {
             }
         }
         // The store follows the moves.
-        for m in moves.lock().iter() {
+        let moved_sessions: Vec<SessionMoved> = moves.lock().clone();
+        for m in &moved_sessions {
             let stored = store.load(&m.session.key).await.unwrap().unwrap();
             assert_eq!(stored.backend, m.session.backend);
         }
@@ -620,12 +621,11 @@ mod over_failover {
         );
         assert_eq!(server("a").requests(), a_before, "a never saw the request");
         assert!(answer.set_cookie);
-        let moves = moves.lock();
-        assert_eq!(moves.len(), 1);
-        assert_eq!(moves[0].from.as_str(), "a");
-        assert_eq!(moves[0].session.backend.as_str(), "c");
-        assert_eq!(moves[0].reason, MoveReason::Failed);
-        drop(moves);
+        let moved: Vec<SessionMoved> = moves.lock().clone();
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved[0].from.as_str(), "a");
+        assert_eq!(moved[0].session.backend.as_str(), "c");
+        assert_eq!(moved[0].reason, MoveReason::Failed);
         server("b").hang_up(false);
         assert_eq!(client.send(&svc, Method::GET).await.unwrap().served, "c");
     }

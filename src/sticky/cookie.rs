@@ -57,8 +57,8 @@ const DOMAIN: &[u8] = b"tower-ha sticky v1\0";
 #[derive(Clone)]
 pub struct CookieInsert {
     name: String,
-    /// Finds the name in a `Cookie` header.
-    finder: memchr::memmem::Finder<'static>,
+    /// Finds the name in a `Cookie` header (shared: it is large).
+    finder: std::sync::Arc<memchr::memmem::Finder<'static>>,
     mac: HmacSha256,
     secure: bool,
     max_age: Option<Duration>,
@@ -159,7 +159,7 @@ impl CookieInsert {
         );
         let mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
         CookieInsert {
-            finder: memchr::memmem::Finder::new(name.as_bytes()).into_owned(),
+            finder: std::sync::Arc::new(memchr::memmem::Finder::new(name.as_bytes()).into_owned()),
             name,
             mac,
             secure: true,
