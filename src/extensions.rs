@@ -120,7 +120,7 @@ pub struct PeerAddr(pub SocketAddr);
 /// [`Balance`](crate::balance::Balance) fills it in `call`, just before it
 /// hands the request to the backend, so the failover layer knows which
 /// backend an abandoned attempt reached, lists it in
-/// [`Attempts`](crate::extensions::Attempts), and never sends the request
+/// [`Attempts`], and never sends the request
 /// there again. The slot also lets the failover layer charge a retry to its
 /// budget only once a backend was picked for it. A balancer of your own
 /// should fill it too; without it, an abandoned attempt names no backend
