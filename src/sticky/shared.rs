@@ -146,11 +146,38 @@ pub(crate) enum Track {
         key: Arc<str>,
         backend: BackendId,
         /// The backend the request's own cookie named (cookie insert).
-        cookie: Option<BackendId>,
+        cookie: Named,
         /// The last request of the session failed: this one was kept off
         /// `backend`.
         failed: bool,
     },
+}
+
+/// The backend a request's own cookie named, for a known session.
+#[derive(Debug)]
+pub(crate) enum Named {
+    /// No cookie of the layer's (another kind of key).
+    Nothing,
+    /// Exactly the value issued for the session's backend: no clone of
+    /// the id is needed to remember it.
+    Current,
+    /// Another backend (a stale cookie), or one not yet compared.
+    Backend(BackendId),
+}
+
+impl Named {
+    fn from_option(named: Option<BackendId>) -> Self {
+        named.map_or(Named::Nothing, Named::Backend)
+    }
+
+    /// The backend named, given the session's `backend`.
+    fn get<'a>(&'a self, backend: &'a BackendId) -> Option<&'a BackendId> {
+        match self {
+            Named::Nothing => None,
+            Named::Current => Some(backend),
+            Named::Backend(named) => Some(named),
+        }
+    }
 }
 
 /// What `call` decided.
@@ -262,7 +289,7 @@ impl Shared {
         let found = self.table.get(key.as_bytes(), None);
         bump(&self.counters.expired, u64::from(found.expired));
         match found.hit {
-            Some(hit) => Found::Hit(hit, None),
+            Some(hit) => Found::Hit(hit, Named::Nothing),
             None => Found::Miss(Arc::from(key), None),
         }
     }
@@ -282,11 +309,10 @@ impl Shared {
         {
             let found = self.table.get(session, Some(value));
             bump(&self.counters.expired, u64::from(found.expired));
-            if let (true, Some(h)) = (found.exact, &found.hit) {
-                let named = h.backend.clone();
-                return Ok(Found::Hit(found.hit.expect("checked"), Some(named)));
+            match found.hit {
+                Some(exact) if found.exact => return Ok(Found::Hit(exact, Named::Current)),
+                other => hit = other,
             }
-            hit = found.hit;
         }
         let cookie = self
             .config
@@ -296,7 +322,7 @@ impl Shared {
         let parsed = Parsed::new(value)?;
         let named = cookie.verify(&parsed)?;
         Ok(match hit {
-            Some(hit) => Found::Hit(hit, Some(named)),
+            Some(hit) => Found::Hit(hit, Named::Backend(named)),
             None => Found::Miss(Arc::from(parsed.session), Some(named)),
         })
     }
@@ -329,7 +355,7 @@ impl Shared {
                 let tag = self.tag(&key, &session.backend);
                 let (hit, dropped) = self.table.insert_if_absent(session, tag);
                 self.count_dropped(dropped);
-                self.pin(req, hit, cookie)
+                self.pin(req, hit, Named::from_option(cookie))
             }
             None => Ok(Track::New { key }),
         }
@@ -345,7 +371,7 @@ impl Shared {
         &self,
         req: &mut Request<B>,
         hit: Hit,
-        cookie: Option<BackendId>,
+        cookie: Named,
     ) -> Result<Track, SessionUnavailable> {
         if self.config.strict {
             if self.config.backends.status(&hit.backend) != Status::Available {
@@ -448,7 +474,7 @@ impl Shared {
         } = &track
         {
             let learns = matches!(self.config.key.kind, Kind::Learn(_));
-            let current = cookie.as_ref().is_none_or(|c| c == backend);
+            let current = cookie.get(backend).is_none_or(|c| c == backend);
             if !learns
                 && current
                 && response
@@ -476,7 +502,7 @@ impl Shared {
                     if failed {
                         self.table.set_failed(&key, &backend, false);
                     }
-                    self.reissue(response, &key, cookie.as_ref(), served);
+                    self.reissue(response, &key, cookie.get(&backend), served);
                 } else if self.config.strict {
                     bump(&self.counters.strict_refusals, 1);
                     return Err(SessionUnavailable::new(&key, backend));
@@ -502,7 +528,7 @@ impl Shared {
                     }
                     // Whoever moved it, the table now names its backend.
                     if let Some(now) = self.table.session(&key) {
-                        self.reissue(response, &key, cookie.as_ref(), &now.backend);
+                        self.reissue(response, &key, cookie.get(&backend), &now.backend);
                     }
                 }
                 current = Some(key);
@@ -669,7 +695,7 @@ impl Shared {
 }
 
 enum Found {
-    Hit(Hit, Option<BackendId>),
+    Hit(Hit, Named),
     Miss(Arc<str>, Option<BackendId>),
 }
 
