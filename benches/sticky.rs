@@ -1,125 +1,265 @@
-//! A sticky hit (cookie parse, MAC verify, table lookup) through
-//! `Sticky → Balance`, against `Balance` alone and tower's `p2c::Balance`,
-//! in the same run. Futures are driven with a no-op waker, not a runtime:
-//! every backend answers at once, so what is measured is the layers.
+//! A sticky hit (cookie scan, comparison with the issued value, table
+//! lookup) through `Sticky → Balance`, and the full `Sticky → Failover →
+//! Balance` success path, against `Balance` alone, `Failover → Balance` and
+//! tower's `p2c::Balance`, in the same run.
+//!
+//! The harness is `benches/balance.rs`'s: futures are driven with a no-op
+//! waker (no runtime), requests are built beforehand in chunks, and the
+//! backend hands the request back in its response, so building and tearing
+//! down requests and responses happens outside the clock for every
+//! contender alike: what is measured is the layers.
+//!
+//! `cargo bench --bench sticky`
+//!
+//! With `STICKY_PROFILE=<contender>` set, the bench instead sends
+//! `STICKY_PROFILE_N` requests (default 100 000) through that contender in
+//! `profiled`, for instruction counts under callgrind:
+//!
+//! ```text
+//! STICKY_PROFILE=sticky_cookie_hit valgrind --tool=callgrind \
+//!     --toggle-collect='*profiled*' target/release/deps/sticky-<hash> --bench
+//! ```
+
+
+// Wall-clock time is what a benchmark measures.
+#![allow(clippy::disallowed_types)]
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{ready, Future, Ready};
 use std::hint::black_box;
-use std::pin::pin;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::Criterion;
 use http::header::{COOKIE, SET_COOKIE};
-use http::{HeaderValue, Request, Response};
-use tower::{Service, ServiceBuilder};
-use tower_ha::balance::{Balance, BalanceLayer, RoundRobin};
+use http::{HeaderName, HeaderValue, Request, Response};
+use tower::{Layer, Service};
+use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::failover::FailoverLayer;
 use tower_ha::sticky::{CookieInsert, SessionKey, StickyLayer};
 use tower_ha::Pool;
 
-fn backend() -> impl Service<
-    Request<()>,
-    Response = Response<()>,
-    Error = Infallible,
-    Future = std::future::Ready<Result<Response<()>, Infallible>>,
-> + Clone
-       + Send
-       + Sync
-       + 'static {
-    tower::service_fn(|_req: Request<()>| std::future::ready(Ok(Response::new(()))))
-}
+const BACKENDS: usize = 3;
+const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
 
-fn block<F: Future>(fut: F) -> F::Output {
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut fut = pin!(fut);
-    loop {
-        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-            return out;
-        }
+/// An always-ready backend that answers without allocating and hands the
+/// request back in the response.
+#[derive(Clone)]
+struct Backend;
+
+impl Service<Request<()>> for Backend {
+    type Response = Response<Request<()>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<Request<()>>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        ready(Ok(Response::new(req)))
     }
 }
 
-fn call<S: Service<Request<()>>>(svc: &mut S, req: Request<()>) -> Result<S::Response, S::Error> {
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if let Poll::Ready(r) = svc.poll_ready(&mut cx) {
-            r?;
-            break;
-        }
-    }
-    block(svc.call(req))
-}
-
-/// The same request for every contender: a browser's `Cookie` header and
-/// an `X-Session-Id` header (each stack reads what it routes by).
+/// The same request for every contender, as a proxy would see it: a few
+/// headers, a browser's `Cookie` header with the session cookie among
+/// three others, and an `X-Session-Id` header (each stack reads what it
+/// routes by).
 fn request(cookie: &HeaderValue) -> Request<()> {
-    let mut req = Request::new(());
-    req.headers_mut().insert(COOKIE, cookie.clone());
-    req.headers_mut()
-        .insert(SESSION_HEADER, HeaderValue::from_static("kernel-0042"));
-    req
+    Request::builder()
+        .uri("/api/items/42")
+        .header("host", "example.com")
+        .header("user-agent", "bench/1.0")
+        .header("accept", "application/json")
+        .header(COOKIE, cookie.clone())
+        .header(SESSION_HEADER, HeaderValue::from_static("kernel-0042"))
+        .body(())
+        .unwrap()
 }
 
-const SESSION_HEADER: http::HeaderName = http::HeaderName::from_static("x-session-id");
+/// Readies `svc`, calls it, and polls the response once (every backend
+/// answers at once).
+fn drive<S>(svc: &mut S, req: Request<()>, cx: &mut Context<'_>) -> S::Response
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    loop {
+        match svc.poll_ready(cx) {
+            Poll::Ready(Ok(())) => break,
+            Poll::Ready(Err(e)) => panic!("{e:?}"),
+            Poll::Pending => {}
+        }
+    }
+    let mut fut = std::pin::pin!(svc.call(req));
+    match fut.as_mut().poll(cx) {
+        Poll::Ready(Ok(resp)) => resp,
+        Poll::Ready(Err(e)) => panic!("{e:?}"),
+        Poll::Pending => panic!("an always-ready backend answers at once"),
+    }
+}
+
+/// The measured loop: `requests` through `svc`, responses kept.
+#[inline(never)]
+fn profiled<S>(svc: &mut S, requests: Vec<Request<()>>, responses: &mut Vec<S::Response>)
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    for req in requests {
+        responses.push(drive(svc, req, &mut cx));
+    }
+}
+
+/// Every contender, built over one pool of `BACKENDS` backends, with its
+/// session (if any) started.
+struct Contenders {
+    cookie: HeaderValue,
+    balance: Balance<Backend, RoundRobin>,
+    sticky_cookie: tower_ha::sticky::Sticky<Balance<Backend, RoundRobin>>,
+    sticky_header: tower_ha::sticky::Sticky<Balance<Backend, RoundRobin>>,
+    failover: tower_ha::failover::Failover<Balance<Backend, RoundRobin>>,
+    sticky_failover:
+        tower_ha::sticky::Sticky<tower_ha::failover::Failover<Balance<Backend, RoundRobin>>>,
+    p2c: tower::balance::p2c::Balance<
+        tower::discover::ServiceList<Vec<tower::load::Constant<Backend, usize>>>,
+        Request<()>,
+    >,
+}
+
+impl Contenders {
+    fn new() -> Contenders {
+        let pool = Pool::new();
+        for i in 0..BACKENDS {
+            pool.insert(format!("backend-{i}"), Backend);
+        }
+        let balance = || Balance::new(pool.clone(), RoundRobin::new());
+        let secret = [7u8; 32];
+        let cookie_key = || SessionKey::insert_cookie(CookieInsert::new("srv", secret));
+        let mut sticky_cookie = StickyLayer::new(&pool, cookie_key()).layer(balance());
+        let mut sticky_failover =
+            StickyLayer::new(&pool, cookie_key()).layer(FailoverLayer::new().layer(balance()));
+        let mut cx = Context::from_waker(Waker::noop());
+
+        // One session, started by a first request without a cookie. The
+        // failover stack's table learns it from the (correctly signed)
+        // cookie on its first request; both see hits from then on.
+        let first = drive(&mut sticky_cookie, Request::new(()), &mut cx);
+        let set = first.headers()[SET_COOKIE].to_str().unwrap();
+        let pair = set.split(';').next().unwrap();
+        // A browser's Cookie header: a few other cookies around ours.
+        let cookie =
+            HeaderValue::try_from(format!("_ga=GA1.2.3456; theme=dark; {pair}; lang=en")).unwrap();
+        drive(&mut sticky_failover, request(&cookie), &mut cx);
+        let mut sticky_header =
+            StickyLayer::new(&pool, SessionKey::header(SESSION_HEADER)).layer(balance());
+        drive(&mut sticky_header, request(&cookie), &mut cx);
+
+        let services: Vec<_> = (0..BACKENDS)
+            .map(|_| tower::load::Constant::new(Backend, 0))
+            .collect();
+        Contenders {
+            balance: balance(),
+            sticky_cookie,
+            sticky_header,
+            failover: FailoverLayer::new().layer(balance()),
+            sticky_failover,
+            p2c: tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services)),
+            cookie,
+        }
+    }
+}
+
+/// Times `iters` requests through `svc` in chunks of prebuilt requests
+/// (`benches/balance.rs`'s harness, with smaller chunks).
+fn time<S>(svc: &mut S, cookie: &HeaderValue, iters: u64) -> Duration
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    // Small chunks keep the prebuilt requests' headers in cache, as they
+    // are in a proxy that has just parsed the request.
+    const CHUNK: u64 = 64;
+    let mut elapsed = Duration::ZERO;
+    let mut done = 0;
+    while done < iters {
+        let batch = CHUNK.min(iters - done);
+        let requests: Vec<_> = (0..batch).map(|_| request(cookie)).collect();
+        let mut responses = Vec::with_capacity(batch as usize);
+        let start = Instant::now();
+        profiled(svc, requests, &mut responses);
+        elapsed += start.elapsed();
+        black_box(&responses);
+        done += batch;
+    }
+    elapsed
+}
 
 fn bench(c: &mut Criterion) {
-    let pool = Pool::new();
-    for name in ["a", "b", "c"] {
-        pool.insert(name, backend());
-    }
-    let mut balance = Balance::new(pool.clone(), RoundRobin::new());
-
-    let cookie = CookieInsert::new("srv", [7u8; 32]).secure(false);
-    let mut sticky = ServiceBuilder::new()
-        .layer(StickyLayer::new(&pool, SessionKey::insert_cookie(cookie)))
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(pool.clone());
-    let first = call(&mut sticky, Request::new(())).unwrap();
-    let set = first.headers()[SET_COOKIE].to_str().unwrap();
-    let pair = set.split(';').next().unwrap();
-    // A browser's Cookie header: a few other cookies around ours.
-    let cookie_header =
-        HeaderValue::try_from(format!("_ga=GA1.2.3456; theme=dark; {pair}; lang=en")).unwrap();
-
-    let mut by_header = ServiceBuilder::new()
-        .layer(StickyLayer::new(&pool, SessionKey::header("x-session-id")))
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(pool.clone());
-    let session_header = http::HeaderName::from_static("x-session-id");
-    let header_req = || {
-        let mut req = request(&cookie_header);
-        req.headers_mut().insert(
-            session_header.clone(),
-            HeaderValue::from_static("kernel-0042"),
-        );
-        req
-    };
-    call(&mut by_header, header_req()).unwrap();
-
-    let services: Vec<_> = (0..3)
-        .map(|_| tower::load::Constant::new(backend(), 0))
-        .collect();
-    let mut p2c = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services));
-
-    let mut group = c.benchmark_group("sticky");
-    group.bench_function("balance_alone", |b| {
-        b.iter(|| black_box(call(&mut balance, request(&cookie_header)).unwrap()))
+    let Contenders {
+        cookie,
+        mut balance,
+        mut sticky_cookie,
+        mut sticky_header,
+        mut failover,
+        mut sticky_failover,
+        mut p2c,
+    } = Contenders::new();
+    let mut g = c.benchmark_group("sticky");
+    g.bench_function("tower_p2c", |b| {
+        b.iter_custom(|n| time(&mut p2c, &cookie, n))
     });
-    group.bench_function("sticky_cookie_hit", |b| {
-        b.iter(|| {
-            let res = call(&mut sticky, request(&cookie_header)).unwrap();
-            debug_assert!(res.headers().get(SET_COOKIE).is_none());
-            black_box(res)
-        })
+    g.bench_function("balance_alone", |b| {
+        b.iter_custom(|n| time(&mut balance, &cookie, n))
     });
-    group.bench_function("sticky_header_hit", |b| {
-        b.iter(|| black_box(call(&mut by_header, request(&cookie_header)).unwrap()))
+    g.bench_function("sticky_cookie_hit", |b| {
+        b.iter_custom(|n| time(&mut sticky_cookie, &cookie, n))
     });
-    group.bench_function("tower_p2c", |b| {
-        b.iter(|| black_box(call(&mut p2c, request(&cookie_header)).unwrap()))
+    g.bench_function("sticky_header_hit", |b| {
+        b.iter_custom(|n| time(&mut sticky_header, &cookie, n))
     });
-    group.finish();
+    g.bench_function("failover_balance", |b| {
+        b.iter_custom(|n| time(&mut failover, &cookie, n))
+    });
+    g.bench_function("sticky_failover_balance", |b| {
+        b.iter_custom(|n| time(&mut sticky_failover, &cookie, n))
+    });
+    g.finish();
 }
 
-criterion_group!(benches, bench);
-criterion_main!(benches);
+/// Sends `n` requests through one contender inside `profiled`, after a
+/// warm-up, for callgrind.
+fn profile(name: &str, n: u64) {
+    let mut c = Contenders::new();
+    let cookie = c.cookie.clone();
+    let mut run = |k: u64| match name {
+        "tower_p2c" => time(&mut c.p2c, &cookie, k),
+        "balance_alone" => time(&mut c.balance, &cookie, k),
+        "sticky_cookie_hit" => time(&mut c.sticky_cookie, &cookie, k),
+        "sticky_header_hit" => time(&mut c.sticky_header, &cookie, k),
+        "failover_balance" => time(&mut c.failover, &cookie, k),
+        "sticky_failover_balance" => time(&mut c.sticky_failover, &cookie, k),
+        other => panic!("unknown contender {other:?}"),
+    };
+    run(1000);
+    run(n);
+}
+
+fn main() {
+    if let Ok(name) = std::env::var("STICKY_PROFILE") {
+        let n = std::env::var("STICKY_PROFILE_N")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(100_000);
+        profile(&name, n);
+        return;
+    }
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50)
+        .configure_from_args();
+    bench(&mut c);
+    c.final_summary();
+}

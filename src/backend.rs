@@ -47,6 +47,12 @@ impl BackendId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether both are clones of one id (which implies they are equal).
+    #[inline]
+    pub(crate) fn same_allocation(&self, other: &BackendId) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl PartialEq for BackendId {

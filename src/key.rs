@@ -34,7 +34,7 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
-use http::header::{HeaderName, COOKIE};
+use http::header::{GetAll, HeaderName, HeaderValue, COOKIE};
 use http::{Extensions, HeaderMap, Method, Request, Uri};
 use twox_hash::XxHash3_64;
 
@@ -139,14 +139,18 @@ impl RequestKey for Cookie {
 /// headers, without allocating. Malformed pairs are skipped; surrounding
 /// double quotes are removed.
 pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+    cookie_in(headers.get_all(COOKIE), name)
+}
+
+/// [`cookie_value`] over `Cookie` header values already looked up.
+pub(crate) fn cookie_in<'h>(values: GetAll<'h, HeaderValue>, name: &str) -> Option<&'h [u8]> {
     let name = name.as_bytes();
     // A pair's key never holds '=' (it ends at the first one).
     if name.contains(&b'=') {
         return None;
     }
-    headers
-        .get_all(COOKIE)
-        .iter()
+    values
+        .into_iter()
         .find_map(|value| find_cookie(value.as_bytes(), name))
 }
 

@@ -48,6 +48,10 @@ impl Member {
     }
 }
 
+/// Up to this many members, `index_of` first looks for the id's own
+/// allocation with a linear scan.
+const SCAN_MAX: usize = 16;
+
 /// The members of one snapshot, in insertion order, with an index by id.
 #[derive(Debug, Clone, Default)]
 pub struct Members {
@@ -88,6 +92,14 @@ impl Members {
     pub fn index_of(&self, id: &BackendId) -> Option<usize> {
         if self.list.is_empty() {
             return None;
+        }
+        // An id this pool handed out (an `Affinity` copied from a
+        // `ServedBy`) shares the member's allocation: in a small pool a
+        // pointer scan finds it without hashing the id.
+        if self.list.len() <= SCAN_MAX {
+            if let Some(i) = self.list.iter().position(|m| m.id.same_allocation(id)) {
+                return Some(i);
+            }
         }
         self.index.get(id).copied()
     }

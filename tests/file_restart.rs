@@ -1,29 +1,41 @@
-//! Enterprise Gateway's own persistence test, for `FileStore`: "save a
-//! variable, `kill -9` the gateway, restart it, the session is back".
+//! Enterprise Gateway's own persistence test, through the sticky layer:
+//! "start a kernel, `kill -9` the gateway, restart it, the kernel's
+//! requests go where they went before".
 //!
-//! A server process assigns sessions to backends and keeps touching them
-//! (as serving requests does) through a `FileStore`; it is killed with
-//! SIGKILL, started again on the same directory, and must restore every
-//! session to the backend it had before, twice in a row.
+//! A server process routes sessions with the real `Sticky` layer in
+//! `Standalone` mode, saving them to a `FileStore`, over a `Pool` of three
+//! backends (`node-a`, `node-b`, `node-c`) that answer their own name and
+//! are picked at random for a new session. On its first start it sends one
+//! request per key (`kernel-00` .. `kernel-39`, in the `x-kernel-id`
+//! header), so each key becomes a session on the backend that answered. It
+//! is killed with SIGKILL, started again on the same directory, calls
+//! `restore()`, and sends one request per key again: every session must be
+//! routed to the backend it had before, and none may be opened anew (which
+//! would also land it on a random backend), three restarts in a row.
 //!
 //! The server is this same test binary, started again with an environment
 //! variable that selects the server role. `harness = false`: `main` is the
 //! test.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Lines};
 use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rand::Rng;
-use serde_json::json;
-use tower_ha::store::{FileStore, Session, SessionStore};
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower_ha::balance::{BalanceLayer, Random};
+use tower_ha::sticky::{Availability, SessionKey, StickyLayer};
+use tower_ha::store::FileStore;
+use tower_ha::Pool;
 
 /// Set in the child: the directory the server keeps its sessions in.
 const SERVER_DIR: &str = "TOWER_HA_RESTART_SERVER_DIR";
 const SESSIONS: usize = 40;
 const BACKENDS: [&str; 3] = ["node-a", "node-b", "node-c"];
+const KEY_HEADER: &str = "x-kernel-id";
 const TEST: &str = "sessions_survive_kill_and_restart";
 
 fn main() {
@@ -48,10 +60,16 @@ fn main() {
     println!("\ntest result: ok. 1 passed; 0 failed");
 }
 
-/// The child: restores what the directory holds (printing `restored key
-/// backend`), opens new sessions if there are none (printing `opened key
-/// backend`), says `ready`, then keeps serving: every few milliseconds a
-/// session is used and its `last_seen` saved.
+fn key(i: usize) -> String {
+    format!("kernel-{i:02}")
+}
+
+/// The child: a sticky layer over three backends, its sessions in a
+/// `FileStore` on `dir`. Restores what the directory holds, then sends one
+/// request per key and prints `restored key backend` for a key the table
+/// knew before the request (restored), `opened key backend` for one it did
+/// not (a new session), with the backend that answered. Says `ready`, then
+/// keeps serving those sessions until it is killed.
 fn server(dir: &Path) -> ! {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -59,29 +77,44 @@ fn server(dir: &Path) -> ! {
         .expect("runtime");
     rt.block_on(async {
         let store = FileStore::open(dir).await.expect("open");
-        let loaded = store.load_all().await.expect("load_all");
-        let mut sessions = loaded.sessions;
-        for s in &sessions {
-            println!("restored {} {}", s.key, s.backend);
+        let pool = Pool::new();
+        for name in BACKENDS {
+            pool.insert(
+                name,
+                service_fn(move |_req: http::Request<()>| async move {
+                    Ok::<_, Infallible>(http::Response::new(name))
+                }),
+            );
         }
-        if sessions.is_empty() {
-            // Round robin over the backends, as a balancer would pick.
-            for i in 0..SESSIONS {
-                let backend = BACKENDS[i % BACKENDS.len()];
-                let s = Session::new(format!("kernel-{i:02}"), backend.into())
-                    .with_data(json!({"kernel": i, "ports": [52000 + i, 52100 + i]}));
-                store.save(&s).await.expect("save");
-                println!("opened {} {}", s.key, s.backend);
-                sessions.push(s);
-            }
+        let layer = StickyLayer::new(&pool, SessionKey::header(KEY_HEADER))
+            .store(store)
+            .availability(Availability::Standalone);
+        let report = layer.restore().await.expect("restore");
+        assert!(report.failed.is_empty() && report.skipped.is_empty());
+        let svc = ServiceBuilder::new()
+            .layer(layer.clone())
+            .layer(BalanceLayer::new(Random::new()))
+            .service(pool);
+        let request = |key: &str| {
+            http::Request::builder()
+                .header(KEY_HEADER, key)
+                .body(())
+                .expect("request")
+        };
+        for i in 0..SESSIONS {
+            let key = key(i);
+            let known = layer.session(&key).is_some();
+            let response = svc.clone().oneshot(request(&key)).await.expect("served");
+            let verb = if known { "restored" } else { "opened" };
+            println!("{verb} {key} {}", response.body());
         }
         println!("ready");
-        let len = sessions.len();
+        // Serve the sessions until killed; a new session started here
+        // would be saved too.
         let mut n = 0usize;
         loop {
-            let s = &mut sessions[n % len];
-            s.last_seen = SystemTime::now();
-            store.save(s).await.expect("save");
+            let key = key(n % SESSIONS);
+            svc.clone().oneshot(request(&key)).await.expect("served");
             n += 1;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -146,6 +179,9 @@ fn sessions_survive_kill_and_restart() {
     );
     let assigned = out.remove("opened").expect("sessions opened");
     assert_eq!(assigned.len(), SESSIONS);
+    let expected: Vec<String> = (0..SESSIONS).map(key).collect();
+    assert!(assigned.keys().eq(expected.iter()), "{assigned:?}");
+    assert!(assigned.values().all(|b| BACKENDS.contains(&b.as_str())));
     // Serve a while, then die in the middle of it.
     std::thread::sleep(Duration::from_millis(rng.random_range(20..120)));
     first.kill();
@@ -160,7 +196,7 @@ fn sessions_survive_kill_and_restart() {
         let restored = out.remove("restored").unwrap_or_default();
         assert_eq!(
             restored, assigned,
-            "restart {restart}: every session is back on the backend it had"
+            "restart {restart}: every session is routed to the backend it had"
         );
         std::thread::sleep(Duration::from_millis(rng.random_range(20..120)));
         again.kill();

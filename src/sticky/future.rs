@@ -37,12 +37,10 @@ pin_project! {
     where
         S: Service<Request<B>>,
     {
+        // Boxed: a load from the store is rare, and the request and the
+        // service it holds would make every response future larger.
         Loading {
-            key: std::sync::Arc<str>,
-            cookie: Option<BackendId>,
-            load: BoxFuture<Option<Session>>,
-            service: Option<S>,
-            request: Option<Request<B>>,
+            loading: Box<Loading<S, B>>,
         },
         Called {
             #[pin]
@@ -57,6 +55,15 @@ pin_project! {
         },
         Done,
     }
+}
+
+/// A request waiting for its session to be loaded from the store.
+struct Loading<S, B> {
+    key: Arc<str>,
+    cookie: Option<BackendId>,
+    load: BoxFuture<Option<Session>>,
+    service: Option<S>,
+    request: Option<Request<B>>,
 }
 
 impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
@@ -78,11 +85,13 @@ impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
     ) -> Self {
         ResponseFuture {
             state: State::Loading {
-                key,
-                cookie,
-                load,
-                service: Some(service),
-                request: Some(request),
+                loading: Box::new(Loading {
+                    key,
+                    cookie,
+                    load,
+                    service: Some(service),
+                    request: Some(request),
+                }),
             },
             shared,
             track: None,
@@ -109,13 +118,14 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Loading {
-                    key,
-                    cookie,
-                    load,
-                    service,
-                    request,
-                } => {
+                StateProj::Loading { loading } => {
+                    let Loading {
+                        key,
+                        cookie,
+                        load,
+                        service,
+                        request,
+                    } = &mut **loading;
                     let stored = ready!(load.as_mut().poll(cx));
                     let mut request = request.take().expect("request taken once");
                     let start =

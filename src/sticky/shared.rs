@@ -44,6 +44,9 @@ pub(crate) trait Backends: Send + Sync + 'static {
     fn status(&self, id: &BackendId) -> Status;
     /// Whether a backend other than `id` may take a request now.
     fn another_available(&self, id: &BackendId) -> bool;
+    /// The pool's own copy of `id`, if it is a member: an `Affinity`
+    /// holding it is resolved by the balancer without hashing.
+    fn member_id(&self, id: &BackendId) -> Option<BackendId>;
 }
 
 impl<S: Send + Sync + 'static> Backends for Pool<S> {
@@ -54,6 +57,12 @@ impl<S: Send + Sync + 'static> Backends for Pool<S> {
             Some(state) if state.is_available() => Status::Available,
             Some(_) => Status::Unavailable,
         }
+    }
+
+    fn member_id(&self, id: &BackendId) -> Option<BackendId> {
+        let snapshot = self.snapshot();
+        let members = snapshot.members();
+        members.index_of(id).map(|i| members[i].id().clone())
     }
 
     fn another_available(&self, id: &BackendId) -> bool {
@@ -143,11 +152,38 @@ pub(crate) enum Track {
         key: Arc<str>,
         backend: BackendId,
         /// The backend the request's own cookie named (cookie insert).
-        cookie: Option<BackendId>,
+        cookie: Named,
         /// The last request of the session failed: this one was kept off
         /// `backend`.
         failed: bool,
     },
+}
+
+/// The backend a request's own cookie named, for a known session.
+#[derive(Debug)]
+pub(crate) enum Named {
+    /// No cookie of the layer's (another kind of key).
+    Nothing,
+    /// Exactly the value issued for the session's backend: no clone of
+    /// the id is needed to remember it.
+    Current,
+    /// Another backend (a stale cookie), or one not yet compared.
+    Backend(BackendId),
+}
+
+impl Named {
+    fn from_option(named: Option<BackendId>) -> Self {
+        named.map_or(Named::Nothing, Named::Backend)
+    }
+
+    /// The backend named, given the session's `backend`.
+    fn get<'a>(&'a self, backend: &'a BackendId) -> Option<&'a BackendId> {
+        match self {
+            Named::Nothing => None,
+            Named::Current => Some(backend),
+            Named::Backend(named) => Some(named),
+        }
+    }
 }
 
 /// What `call` decided.
@@ -167,7 +203,12 @@ pub(crate) enum Start {
 impl Shared {
     pub(crate) fn new(config: Config) -> Self {
         Shared {
-            table: Table::new(config.idle_timeout, config.max_sessions),
+            // The layer's own cookie: every key is a random id it issued.
+            table: Table::new(
+                config.idle_timeout,
+                config.max_sessions,
+                config.key.cookie().is_some(),
+            ),
             config,
             loading: Mutex::new(HashMap::new()),
             forgotten: std::sync::atomic::AtomicU64::new(0),
@@ -191,6 +232,15 @@ impl Shared {
     fn reject(&self, reason: Reject) {
         bump(&self.counters.rejected, 1);
         tracing::debug!(target: TARGET, %reason, "session key rejected");
+    }
+
+    /// `session` with its backend id shared with the pool's (when it is a
+    /// member), for sessions read from a cookie or the store.
+    fn with_member_id(&self, mut session: Session) -> Session {
+        if let Some(id) = self.config.backends.member_id(&session.backend) {
+            session.backend = id;
+        }
+        session
     }
 
     /// The value of the layer's cookie for `key` on `backend`, kept in
@@ -243,10 +293,10 @@ impl Shared {
     }
 
     fn lookup(&self, key: &str) -> Found {
-        let found = self.table.get(key, None);
+        let found = self.table.get(key.as_bytes(), None);
         bump(&self.counters.expired, u64::from(found.expired));
         match found.hit {
-            Some(hit) => Found::Hit(hit, None),
+            Some(hit) => Found::Hit(hit, Named::Nothing),
             None => Found::Miss(Arc::from(key), None),
         }
     }
@@ -258,18 +308,18 @@ impl Shared {
     /// verified before it is trusted.
     fn lookup_cookie(&self, value: &[u8]) -> Result<Found, Reject> {
         let mut hit = None;
+        // The table compares bytes: a session id that is not UTF-8 is
+        // simply not found.
         if let Some(session) = value
             .get(..SESSION_ID_LEN)
             .filter(|_| value.get(SESSION_ID_LEN) == Some(&b'.'))
-            .and_then(|s| std::str::from_utf8(s).ok())
         {
             let found = self.table.get(session, Some(value));
             bump(&self.counters.expired, u64::from(found.expired));
-            if let (true, Some(h)) = (found.exact, &found.hit) {
-                let named = h.backend.clone();
-                return Ok(Found::Hit(found.hit.expect("checked"), Some(named)));
+            match found.hit {
+                Some(exact) if found.exact => return Ok(Found::Hit(exact, Named::Current)),
+                other => hit = other,
             }
-            hit = found.hit;
         }
         let cookie = self
             .config
@@ -279,7 +329,7 @@ impl Shared {
         let parsed = Parsed::new(value)?;
         let named = cookie.verify(&parsed)?;
         Ok(match hit {
-            Some(hit) => Found::Hit(hit, Some(named)),
+            Some(hit) => Found::Hit(hit, Named::Backend(named)),
             None => Found::Miss(Arc::from(parsed.session), Some(named)),
         })
     }
@@ -308,10 +358,11 @@ impl Shared {
         };
         match session {
             Some(session) => {
+                let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
                 let (hit, dropped) = self.table.insert_if_absent(session, tag);
                 self.count_dropped(dropped);
-                self.pin(req, hit, cookie)
+                self.pin(req, hit, Named::from_option(cookie))
             }
             None => Ok(Track::New { key }),
         }
@@ -327,7 +378,7 @@ impl Shared {
         &self,
         req: &mut Request<B>,
         hit: Hit,
-        cookie: Option<BackendId>,
+        cookie: Named,
     ) -> Result<Track, SessionUnavailable> {
         if self.config.strict {
             if self.config.backends.status(&hit.backend) != Status::Available {
@@ -408,8 +459,9 @@ impl Shared {
                 .clone();
             let current = shared.forgotten.load(std::sync::atomic::Ordering::Acquire) == generation;
             if let Some(session) = session.as_ref().filter(|_| current) {
+                let session = shared.with_member_id(session.clone());
                 let tag = shared.tag(&session.key, &session.backend);
-                let (_, dropped) = shared.table.insert_if_absent(session.clone(), tag);
+                let (_, dropped) = shared.table.insert_if_absent(session, tag);
                 shared.count_dropped(dropped);
             }
             let mut loading = shared.loading.lock();
@@ -501,7 +553,7 @@ impl Shared {
         } = &track
         {
             let learns = matches!(self.config.key.kind, Kind::Learn(_));
-            let current = cookie.as_ref().is_none_or(|c| c == backend);
+            let current = cookie.get(backend).is_none_or(|c| c == backend);
             if !learns
                 && current
                 && response
@@ -529,7 +581,7 @@ impl Shared {
                     if failed {
                         self.table.set_failed(&key, &backend, false);
                     }
-                    self.reissue(response, &key, cookie.as_ref(), served);
+                    self.reissue(response, &key, cookie.get(&backend), served);
                 } else if self.config.strict {
                     bump(&self.counters.strict_refusals, 1);
                     return Err(SessionUnavailable::new(&key, backend));
@@ -555,7 +607,7 @@ impl Shared {
                     }
                     // Whoever moved it, the table now names its backend.
                     if let Some(now) = self.table.session(&key) {
-                        self.reissue(response, &key, cookie.as_ref(), &now.backend);
+                        self.reissue(response, &key, cookie.get(&backend), &now.backend);
                     }
                 }
                 current = Some(key);
@@ -703,6 +755,7 @@ impl Shared {
                 }
             }
             report.restored.push(session.key.clone());
+            let session = self.with_member_id(session);
             let tag = self.tag(&session.key, &session.backend);
             let (_, dropped) = self.table.insert(session, tag);
             self.count_dropped(dropped);
@@ -721,7 +774,7 @@ impl Shared {
 }
 
 enum Found {
-    Hit(Hit, Option<BackendId>),
+    Hit(Hit, Named),
     Miss(Arc<str>, Option<BackendId>),
 }
 

@@ -1,8 +1,13 @@
 //! The in-memory session table: key → backend, with idle expiry and a size
 //! bound.
 //!
-//! A `parking_lot::RwLock` around a `HashMap` (SipHash, since keys come
-//! from clients). A hit takes the read lock and updates the entry's
+//! A `parking_lot::RwLock` around a `HashMap`. Keys that clients choose
+//! (headers, learned cookies, closures) are hashed with std's SipHash with
+//! random keys; the layer's own session ids, which are random values
+//! checked against the table or a MAC before anything is inserted, with a
+//! seeded multiply-fold hasher ([`KeyHasher`]). Lookups borrow the key's
+//! bytes, so a hit allocates nothing and validates no UTF-8. A hit takes
+//! the read lock and updates the entry's
 //! last-seen time with a relaxed atomic store, so hits never contend with
 //! each other. Inserts take the write lock. When an insert finds the table
 //! full it evicts the least recently seen eighth of the entries at once
@@ -10,7 +15,10 @@
 //! dropped lazily when looked up and by a sweep that runs at most once per
 //! half idle period, on insert.
 
+use std::borrow::Borrow;
+use std::collections::hash_map::{DefaultHasher, RandomState};
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -59,8 +67,125 @@ pub(crate) struct Moved {
     pub(crate) from: BackendId,
 }
 
+/// A table key: the session key, hashed and compared as bytes so that a
+/// lookup can borrow a `&[u8]` straight from a header.
+#[derive(Clone)]
+struct Key(Arc<str>);
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Exactly `<[u8] as Hash>`, as `Borrow<[u8]>` requires.
+        self.0.as_bytes().hash(state)
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.0.as_bytes() == other.0.as_bytes()
+    }
+}
+
+impl Eq for Key {}
+
+impl Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+/// How the table hashes its keys.
+#[derive(Clone)]
+pub(crate) enum KeyHasher {
+    /// std's SipHash-1-3 with random keys: for keys clients choose.
+    Sip(RandomState),
+    /// A multiply-fold hash seeded with a random value per table: only for
+    /// the layer's own random session ids, which no client can choose.
+    Random(u64),
+}
+
+impl KeyHasher {
+    /// SipHash, or the fast hasher when every key is one of the layer's
+    /// own random session ids.
+    pub(crate) fn new(random_keys: bool) -> Self {
+        if random_keys {
+            KeyHasher::Random(rand::random())
+        } else {
+            KeyHasher::Sip(RandomState::new())
+        }
+    }
+}
+
+impl BuildHasher for KeyHasher {
+    type Hasher = KeyHash;
+
+    fn build_hasher(&self) -> KeyHash {
+        match self {
+            KeyHasher::Sip(state) => KeyHash::Sip(state.build_hasher()),
+            KeyHasher::Random(seed) => KeyHash::Random(*seed),
+        }
+    }
+}
+
+pub(crate) enum KeyHash {
+    Sip(DefaultHasher),
+    Random(u64),
+}
+
+/// An odd constant with well-spread bits (the fractional part of π).
+const MULTIPLIER: u64 = 0x243f_6a88_85a3_08d3;
+
+/// The high and low halves of the full product, folded together.
+#[inline]
+fn fold(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    (product as u64) ^ ((product >> 64) as u64)
+}
+
+impl Hasher for KeyHash {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        match self {
+            KeyHash::Sip(h) => h.write(bytes),
+            KeyHash::Random(state) => {
+                let mut s = *state;
+                let mut chunks = bytes.chunks_exact(8);
+                for chunk in &mut chunks {
+                    let mut word = [0u8; 8];
+                    word.copy_from_slice(chunk);
+                    s = fold(s ^ u64::from_le_bytes(word), MULTIPLIER);
+                }
+                let rest = chunks.remainder();
+                if !rest.is_empty() {
+                    let mut word = [0u8; 8];
+                    word[..rest.len()].copy_from_slice(rest);
+                    s = fold(s ^ u64::from_le_bytes(word), MULTIPLIER);
+                }
+                *state = s;
+            }
+        }
+    }
+
+    #[inline]
+    fn write_usize(&mut self, n: usize) {
+        match self {
+            KeyHash::Sip(h) => h.write_usize(n),
+            KeyHash::Random(state) => *state = fold(*state ^ n as u64, MULTIPLIER),
+        }
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        match self {
+            KeyHash::Sip(h) => h.finish(),
+            KeyHash::Random(state) => *state,
+        }
+    }
+}
+
+type Map = HashMap<Key, Entry, KeyHasher>;
+
 pub(crate) struct Table {
-    map: RwLock<HashMap<Arc<str>, Entry>>,
+    map: RwLock<Map>,
     idle: Duration,
     max: usize,
     epoch: Instant,
@@ -75,9 +200,11 @@ pub(crate) struct Dropped {
 }
 
 impl Table {
-    pub(crate) fn new(idle: Duration, max: usize) -> Self {
+    /// A table whose keys are all the layer's own random session ids
+    /// when `random_keys` (see [`KeyHasher`]).
+    pub(crate) fn new(idle: Duration, max: usize, random_keys: bool) -> Self {
         Table {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(HashMap::with_hasher(KeyHasher::new(random_keys))),
             idle,
             max: max.max(1),
             epoch: Instant::now(),
@@ -96,7 +223,7 @@ impl Table {
     /// Looks `key` up and marks it seen. An idle entry is a miss (and is
     /// removed). `presented`, a cookie value, is compared with the one
     /// issued for the session.
-    pub(crate) fn get(&self, key: &str, presented: Option<&[u8]>) -> Lookup {
+    pub(crate) fn get(&self, key: &[u8], presented: Option<&[u8]>) -> Lookup {
         let now = self.now();
         {
             let map = self.map.read();
@@ -111,7 +238,7 @@ impl Table {
                 };
                 return Lookup {
                     hit: Some(Hit {
-                        key: k.clone(),
+                        key: k.0.clone(),
                         backend: entry.backend.clone(),
                         failed: entry.failed.load(Ordering::Relaxed),
                     }),
@@ -135,7 +262,7 @@ impl Table {
     /// Inserts (or replaces) `session`, seen now.
     pub(crate) fn insert(&self, session: Session, cookie: Option<Box<str>>) -> (Arc<str>, Dropped) {
         let now = self.now();
-        let key: Arc<str> = Arc::from(session.key);
+        let key = Key(Arc::from(session.key));
         let entry = Entry {
             backend: session.backend,
             created: session.created,
@@ -150,7 +277,7 @@ impl Table {
             dropped.evicted += evict_oldest(&mut map, self.max);
         }
         map.insert(key.clone(), entry);
-        (key, dropped)
+        (key.0, dropped)
     }
 
     /// Inserts `session` unless its key is already present; returns the
@@ -160,7 +287,7 @@ impl Table {
         session: Session,
         cookie: Option<Box<str>>,
     ) -> (Hit, Dropped) {
-        if let Some(hit) = self.get(&session.key, None).hit {
+        if let Some(hit) = self.get(session.key.as_bytes(), None).hit {
             return (hit, Dropped::default());
         }
         let backend = session.backend.clone();
@@ -187,7 +314,7 @@ impl Table {
     ) -> Option<Moved> {
         let now = self.now();
         let mut map = self.map.write();
-        let entry = map.get_mut(key)?;
+        let entry = map.get_mut(key.as_bytes())?;
         if &entry.backend != from {
             return None;
         }
@@ -203,7 +330,7 @@ impl Table {
 
     /// Marks the session failed if it is still on `backend`.
     pub(crate) fn set_failed(&self, key: &str, backend: &BackendId, failed: bool) {
-        if let Some(entry) = self.map.read().get(key) {
+        if let Some(entry) = self.map.read().get(key.as_bytes()) {
             if &entry.backend == backend {
                 entry.failed.store(failed, Ordering::Relaxed);
             }
@@ -211,7 +338,7 @@ impl Table {
     }
 
     pub(crate) fn remove(&self, key: &str) -> bool {
-        self.map.write().remove(key).is_some()
+        self.map.write().remove(key.as_bytes()).is_some()
     }
 
     /// Empties the table; returns how many sessions it held.
@@ -224,8 +351,8 @@ impl Table {
 
     pub(crate) fn session(&self, key: &str) -> Option<Session> {
         let map = self.map.read();
-        let (k, entry) = map.get_key_value(key)?;
-        Some(to_session(k, entry))
+        let (k, entry) = map.get_key_value(key.as_bytes())?;
+        Some(to_session(&k.0, entry))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -233,7 +360,7 @@ impl Table {
     }
 
     /// Drops idle entries at most once per half idle period.
-    fn sweep_locked(&self, map: &mut HashMap<Arc<str>, Entry>, now: u64) -> Dropped {
+    fn sweep_locked(&self, map: &mut Map, now: u64) -> Dropped {
         let half = nanos(self.idle) / 2;
         let last = self.last_sweep.load(Ordering::Relaxed);
         if now.saturating_sub(last) < half.max(1) {
@@ -251,9 +378,9 @@ impl Table {
 
 /// Evicts the least recently seen eighth of a full table (at least one
 /// entry). Returns how many were evicted.
-fn evict_oldest(map: &mut HashMap<Arc<str>, Entry>, max: usize) -> u64 {
+fn evict_oldest(map: &mut Map, max: usize) -> u64 {
     let target = (max / 8).max(1).min(map.len());
-    let mut ages: Vec<(u64, Arc<str>)> = map
+    let mut ages: Vec<(u64, Key)> = map
         .iter()
         .map(|(k, e)| (e.last_seen.load(Ordering::Relaxed), k.clone()))
         .collect();
@@ -268,13 +395,24 @@ fn evict_oldest(map: &mut HashMap<Arc<str>, Entry>, max: usize) -> u64 {
 
 /// Compares two byte strings in time that depends only on their lengths
 /// (lengths are public: every issued cookie of one layer has the same
-/// shape). No early exit; the accumulated difference goes through
-/// `black_box` so the comparison is not turned into a branchy `memcmp`.
+/// shape). No early exit: the differences of all the 8-byte words (and of
+/// the last bytes) are or-ed together and go through `black_box`, so the
+/// comparison is not turned into a branchy `memcmp`.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    let word = |chunk: &[u8]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        u64::from_ne_bytes(w)
+    };
+    let (words_a, words_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest = words_a.remainder().iter().zip(words_b.remainder());
+    let diff = words_a
+        .zip(words_b)
+        .fold(0u64, |acc, (x, y)| acc | (word(x) ^ word(y)));
+    let diff = rest.fold(diff, |acc, (x, y)| acc | u64::from(x ^ y));
     std::hint::black_box(diff) == 0
 }
 
@@ -298,33 +436,33 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_entries_expire() {
-        let t = Table::new(Duration::from_secs(10), 100);
+        let t = Table::new(Duration::from_secs(10), 100, false);
         t.insert(session("a", "x"), None);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(t.get("a", None).hit.is_some(), "seen at 6 s");
+        assert!(t.get(b"a", None).hit.is_some(), "seen at 6 s");
         tokio::time::advance(Duration::from_secs(9)).await;
-        assert!(t.get("a", None).hit.is_some(), "9 s after the last hit");
+        assert!(t.get(b"a", None).hit.is_some(), "9 s after the last hit");
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(t.get("a", None).hit.is_none());
+        assert!(t.get(b"a", None).hit.is_none());
         assert_eq!(t.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn full_table_evicts_least_recently_seen() {
-        let t = Table::new(Duration::from_secs(3600), 16);
+        let t = Table::new(Duration::from_secs(3600), 16, true);
         for i in 0..16 {
             t.insert(session(&format!("k{i}"), "x"), None);
             tokio::time::advance(Duration::from_millis(1)).await;
         }
         // Touch the two oldest: they become the most recent.
-        assert!(t.get("k0", None).hit.is_some());
-        assert!(t.get("k1", None).hit.is_some());
+        assert!(t.get(b"k0", None).hit.is_some());
+        assert!(t.get(b"k1", None).hit.is_some());
         let (_, dropped) = t.insert(session("new", "x"), None);
         assert_eq!(dropped.evicted, 2); // 16 / 8
         assert_eq!(t.len(), 15);
-        assert!(t.get("k0", None).hit.is_some() && t.get("k1", None).hit.is_some());
-        assert!(t.get("k2", None).hit.is_none() && t.get("k3", None).hit.is_none());
-        assert!(t.get("k4", None).hit.is_some() && t.get("new", None).hit.is_some());
+        assert!(t.get(b"k0", None).hit.is_some() && t.get(b"k1", None).hit.is_some());
+        assert!(t.get(b"k2", None).hit.is_none() && t.get(b"k3", None).hit.is_none());
+        assert!(t.get(b"k4", None).hit.is_some() && t.get(b"new", None).hit.is_some());
     }
 
     #[test]
@@ -333,11 +471,18 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
         assert!(constant_time_eq(b"", b""));
+        let long = b"0123456789abcdef0123456789abcdef0123456789";
+        assert!(constant_time_eq(long, long));
+        for i in 0..long.len() {
+            let mut other = *long;
+            other[i] ^= 1;
+            assert!(!constant_time_eq(long, &other), "byte {i}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn moves_happen_once() {
-        let t = Table::new(Duration::from_secs(60), 10);
+        let t = Table::new(Duration::from_secs(60), 10, true);
         t.insert(
             session("s", "a").with_data(serde_json::json!({"k": 1})),
             None,
@@ -347,6 +492,6 @@ mod tests {
         assert_eq!(moved.session.backend.as_str(), "b");
         assert_eq!(moved.session.data["k"], 1, "data survives a move");
         assert!(t.move_if("s", &"a".into(), &"c".into(), None).is_none());
-        assert_eq!(t.get("s", None).hit.unwrap().backend.as_str(), "b");
+        assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "b");
     }
 }
