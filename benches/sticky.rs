@@ -20,7 +20,6 @@
 //!     --toggle-collect='*profiled*' target/release/deps/sticky-<hash> --bench
 //! ```
 
-
 // Wall-clock time is what a benchmark measures.
 #![allow(clippy::disallowed_types)]
 

@@ -737,7 +737,8 @@ async fn a_drained_backends_sessions_stay_until_the_deadline_then_move_once() {
     let pool = pool_of(&["a", "b"]);
     let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(30)));
     handle.add_pool("g", pool.clone(), None).unwrap();
-    let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
+    let sticky =
+        StickyLayer::new(&pool, SessionKey::header("x-session")).events(handle.events().clone());
     let svc = ServiceBuilder::new()
         .layer(sticky.clone())
         .layer(BalanceLayer::new(RoundRobin::new()))
@@ -790,4 +791,33 @@ async fn a_drained_backends_sessions_stay_until_the_deadline_then_move_once() {
     );
     assert_eq!(send(on_a).await, "b");
     assert_eq!(sticky.stats().moved, 1, "once");
+    let moves: Vec<_> = handle
+        .events()
+        .history()
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::SessionMoved {
+                session,
+                from,
+                to,
+                reason,
+            } => Some((
+                session.to_string(),
+                from.to_string(),
+                to.to_string(),
+                reason.to_string(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        moves,
+        [(
+            on_a.to_owned(),
+            "a".to_owned(),
+            "b".to_owned(),
+            "unavailable".to_owned()
+        )],
+        "one SessionMoved event, in the stream the handle shares"
+    );
 }

@@ -56,6 +56,7 @@ impl StickyLayer {
             on_move: None,
             on_restore: None,
             lock: None,
+            events: None,
         })
     }
 
@@ -82,6 +83,12 @@ impl StickyLayer {
     /// How sessions come back from the store: see [`Availability`].
     pub fn availability(self, availability: Availability) -> Self {
         self.with(|c| c.availability = availability)
+    }
+
+    /// Also emits every session move into `events`
+    /// ([`Event::SessionMoved`](crate::control::Event::SessionMoved)).
+    pub fn events(self, events: crate::control::Events) -> Self {
+        self.with(|c| c.events = Some(events))
     }
 
     /// When `true`, a session whose backend cannot serve it is never moved:

@@ -84,6 +84,7 @@ pub(crate) struct Config {
     pub(crate) on_move: Option<OnMove>,
     pub(crate) on_restore: Option<OnRestore>,
     pub(crate) lock: Option<Arc<dyn SessionLock>>,
+    pub(crate) events: Option<crate::control::Events>,
 }
 
 impl Clone for Config {
@@ -99,6 +100,7 @@ impl Clone for Config {
             on_move: self.on_move.clone(),
             on_restore: self.on_restore.clone(),
             lock: self.lock.clone(),
+            events: self.events.clone(),
         }
     }
 }
@@ -598,6 +600,14 @@ impl Shared {
                             %reason,
                             "session moved"
                         );
+                        crate::control::emit(self.config.events.as_ref(), || {
+                            crate::control::Event::SessionMoved {
+                                session: key.to_string().into(),
+                                from: moved.from.clone(),
+                                to: served.clone(),
+                                reason: reason.as_str().into(),
+                            }
+                        });
                         work.save.push(moved.session.clone());
                         work.moved = Some(SessionMoved {
                             session: moved.session,
