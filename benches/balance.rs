@@ -151,9 +151,11 @@ fn balancers(c: &mut Criterion) {
     }
 }
 
-/// The key lookup alone: pingora-ketama's and hashring's `node` / `get`
-/// against a strategy's `pick` on the same keys (ours includes reading the
-/// key from the request's headers and hashing it).
+/// Key lookups on the same keys: pingora-ketama's `node` and hashring's
+/// `get` against the ring and Maglev tables' `owner` (hash the key's bytes,
+/// find the owner: the same work), and against a strategy's whole `pick`
+/// (which also reads the key from the request's headers and checks that the
+/// owner is eligible).
 fn lookups(c: &mut Criterion) {
     let keys = keys();
     let requests: Vec<_> = keys.iter().map(|k| request(k)).collect();
@@ -200,6 +202,18 @@ fn lookups(c: &mut Criterion) {
             ),
         ] {
             let table = strategy.build(snapshot.members());
+            // The table lookup alone, as `Continuum::node`: hash the key's
+            // bytes, find its owner.
+            let mut i = 0;
+            c.benchmark_group(name.replace("lookup_", "table_"))
+                .bench_function(BenchmarkId::from_parameter(n), |b| {
+                    b.iter(|| {
+                        i = (i + 1) % KEYS;
+                        black_box(table.owner(key::hash_bytes(keys[i].as_bytes())))
+                    })
+                });
+            // The whole pick: read the key from the request's headers, hash
+            // it, find the first eligible owner.
             let mut i = 0;
             c.benchmark_group(name)
                 .bench_function(BenchmarkId::from_parameter(n), |b| {

@@ -144,6 +144,21 @@ enum Lookup {
     Maglev(Maglev),
 }
 
+impl<T> HashTable<T> {
+    /// The member (index into the snapshot's members) that owns `hash`
+    /// first, ignoring availability and attempts: the plain table lookup,
+    /// for tools that show where keys live. `None` for an empty pool. Hash
+    /// a key the way the built-in keys do with
+    /// [`key::hash_bytes`](crate::key::hash_bytes).
+    #[inline]
+    pub fn owner(&self, hash: u64) -> Option<usize> {
+        match &self.lookup {
+            Lookup::Ring(ring) => ring.owner(hash),
+            Lookup::Maglev(maglev) => maglev.owner(hash),
+        }
+    }
+}
+
 impl<T> fmt::Debug for HashTable<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.lookup {

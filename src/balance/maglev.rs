@@ -85,6 +85,13 @@ impl Maglev {
         &self.table
     }
 
+    /// The owner of `hash`'s slot.
+    #[inline]
+    pub(super) fn owner(&self, hash: u64) -> Option<usize> {
+        let size = self.table.len() as u64;
+        (size != 0).then(|| self.table[(hash % size) as usize] as usize)
+    }
+
     #[inline]
     pub(super) fn pick(&self, hash: u64, pick: &Pick<'_>) -> Option<usize> {
         let size = self.table.len() as u64;

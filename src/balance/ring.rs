@@ -82,6 +82,12 @@ impl Ring {
         }
     }
 
+    /// The owner of the first point at or after `hash`.
+    #[inline]
+    pub(super) fn owner(&self, hash: u64) -> Option<usize> {
+        (!self.hashes.is_empty()).then(|| self.owners[self.position(hash)] as usize)
+    }
+
     /// The owner of the first point at or after `hash` that is eligible,
     /// walking clockwise past ineligible backends.
     #[inline]
