@@ -15,6 +15,12 @@
 //!       timeout: "2s"
 //!       healthy_threshold: 3
 //!       unhealthy_threshold: 2
+//!     failover:                 # optional
+//!       max_attempts: 2
+//!       per_try_timeout: "500ms"
+//!       deadline: "2s"
+//!       retry_ratio: 0.1        # retries as a share of requests
+//!       min_retries_per_second: 5
 //!   - name: "db-servers"
 //!     mode: "normal"
 //!     backends: ["db1", "db2"]
@@ -61,6 +67,7 @@ use crate::backend::BackendId;
 use crate::balance::{Balance, Failback, Priority, RoundRobin};
 use crate::control::{GroupMode, GroupStrategy};
 use crate::error::BoxError;
+use crate::failover::{FailoverLayer, RetryBudget};
 use crate::health::{HealthChecker, Probe};
 use crate::pool::Pool;
 
@@ -121,6 +128,70 @@ pub struct GroupConfig {
     /// Active health checking for the group's backends.
     #[serde(default)]
     pub health_check: Option<HealthCheckConfig>,
+    /// Retrying failed requests on the group's other backends.
+    #[serde(default)]
+    pub failover: Option<FailoverConfig>,
+}
+
+/// Failover settings: how many attempts, how long each may take, and how
+/// many retries the group's backends may be sent. Absent fields keep the
+/// [`FailoverLayer`] defaults.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct FailoverConfig {
+    /// Attempts per request, the first one included (default: every
+    /// available backend once).
+    #[serde(default)]
+    pub max_attempts: Option<usize>,
+    /// An attempt that takes longer is abandoned and the next backend tried
+    /// (default: none).
+    #[serde(
+        default,
+        deserialize_with = "opt_duration",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    /// All attempts of a request end by then (default: none).
+    #[serde(
+        default,
+        deserialize_with = "opt_duration",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub deadline: Option<Duration>,
+    /// Retries as a share of requests (default 0.2).
+    #[serde(default)]
+    pub retry_ratio: Option<f64>,
+    /// Retries allowed per second whatever the traffic (default 3).
+    #[serde(default)]
+    pub min_retries_per_second: Option<u32>,
+    /// Also retry non-idempotent requests that reached a backend (default
+    /// false).
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+}
+
+impl FailoverConfig {
+    /// A failover layer with these settings.
+    pub fn layer(&self) -> FailoverLayer {
+        let mut layer = FailoverLayer::new().retry_non_idempotent(self.retry_non_idempotent);
+        if let Some(n) = self.max_attempts {
+            layer = layer.max_attempts(n);
+        }
+        if let Some(t) = self.per_try_timeout {
+            layer = layer.per_try_timeout(t);
+        }
+        if let Some(d) = self.deadline {
+            layer = layer.deadline(d);
+        }
+        if self.retry_ratio.is_some() || self.min_retries_per_second.is_some() {
+            layer = layer.budget(RetryBudget::new(
+                self.retry_ratio.unwrap_or(0.2),
+                self.min_retries_per_second.unwrap_or(3),
+            ));
+        }
+        layer
+    }
 }
 
 /// Active health checking, in LEBA's terms.
@@ -357,6 +428,32 @@ impl Config {
                     ));
                 }
                 _ => {}
+            }
+            if let Some(f) = &group.failover {
+                if f.max_attempts == Some(0) {
+                    return Err(ConfigError::invalid(
+                        at("failover.max_attempts"),
+                        "must be at least 1",
+                    ));
+                }
+                if f.per_try_timeout.is_some_and(|t| t.is_zero()) {
+                    return Err(ConfigError::invalid(
+                        at("failover.per_try_timeout"),
+                        "must be greater than 0",
+                    ));
+                }
+                if f.deadline.is_some_and(|t| t.is_zero()) {
+                    return Err(ConfigError::invalid(
+                        at("failover.deadline"),
+                        "must be greater than 0",
+                    ));
+                }
+                if f.retry_ratio.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+                    return Err(ConfigError::invalid(
+                        at("failover.retry_ratio"),
+                        "must be between 0 and 1",
+                    ));
+                }
             }
             if let Some(hc) = &group.health_check {
                 if hc.interval.is_zero() {

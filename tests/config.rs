@@ -166,6 +166,63 @@ fn each_invalid_configuration_names_its_field() {
         "failover_groups:\n  - {name: a, mode: normal, backends: [x], health_check: {interval: 0s}}\n",
     );
     assert_eq!(field, "failover_groups[0].health_check.interval");
+
+    for (failover, name) in [
+        ("{max_attempts: 0}", "max_attempts"),
+        ("{per_try_timeout: 0s}", "per_try_timeout"),
+        ("{deadline: 0ms}", "deadline"),
+        ("{retry_ratio: 1.5}", "retry_ratio"),
+    ] {
+        let (field, _) = invalid(&format!(
+            "failover_groups:\n  - {{name: a, mode: normal, backends: [x], failover: {failover}}}\n"
+        ));
+        assert_eq!(field, format!("failover_groups[0].failover.{name}"));
+    }
+}
+
+/// A group's `failover` section builds a layer that behaves as written:
+/// attempts bounded by `max_attempts`, a per-try timeout that moves on.
+#[tokio::test(start_paused = true)]
+async fn failover_settings_build_a_working_layer() {
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+    use tower_ha::balance::{Balance, RoundRobin};
+    use tower_ha::Pool;
+
+    let config = Config::from_yaml(
+        "failover_groups:\n  - name: web\n    mode: normal\n    backends: [slow, bad, good]\n    failover:\n      max_attempts: 2\n      per_try_timeout: 100ms\n      retry_ratio: 1.0\n",
+    )
+    .unwrap();
+    let failover = config.group("web").unwrap().failover.clone().unwrap();
+    assert_eq!(failover.max_attempts, Some(2));
+    assert_eq!(failover.per_try_timeout, Some(Duration::from_millis(100)));
+
+    let pool = Pool::new();
+    for name in ["slow", "bad", "good"] {
+        pool.insert(
+            name,
+            tower::util::BoxCloneSyncService::new(service_fn(
+                move |_req: http::Request<()>| async move {
+                    if name == "slow" {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                    let status = if name == "bad" { 503 } else { 200 };
+                    Ok::<_, tower_ha::BoxError>(
+                        http::Response::builder().status(status).body(name).unwrap(),
+                    )
+                },
+            )),
+        );
+    }
+    let svc = ServiceBuilder::new()
+        .layer(failover.layer())
+        .service(Balance::new(pool, RoundRobin::new()));
+    // Round robin starts at "slow": abandoned after 100 ms, then "bad"
+    // answers 503 and the two attempts are spent.
+    let start = tokio::time::Instant::now();
+    let resp = svc.clone().oneshot(http::Request::new(())).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(*resp.body(), "bad");
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
 }
 
 #[test]
