@@ -34,6 +34,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     for f in "$WORK"/*.pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true; done
+    for f in "$WORK"/*/nginx.pid; do [ -f "$f" ] && kill_nginx "$(dirname "$f")" 2>/dev/null || true; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -68,18 +69,19 @@ http {
 }
 CONF
     "$NGINX" -p "$dir" -c "$dir/nginx.conf"
-    cp "$dir/nginx.pid" "$WORK/backend-$port.pid"
     wait_port "$port"
 }
 
-kill_backend() {
-    local port=$1
-    local master
-    master=$(cat "$WORK/backend-$port.pid")
-    # SIGKILL the master and its worker: connections die mid-flight.
-    pkill -9 -P "$master" 2>/dev/null || true
-    kill -9 "$master" 2>/dev/null || true
+# SIGKILLs an nginx master and its workers (they share its process group):
+# connections die mid-flight. Reads the pid file now, once nginx is up.
+kill_nginx() {
+    local pid pgid
+    pid=$(cat "$1/nginx.pid")
+    pgid=$(ps -o pgid= -p "$pid" | tr -d ' ')
+    kill -9 -- "-$pgid"
 }
+
+kill_backend() { kill_nginx "$WORK/backend-$1"; }
 
 start_backends() { for p in "${BACKEND_PORTS[@]}"; do start_backend "$p"; done; }
 
@@ -100,7 +102,6 @@ start_nginx() {
         echo "}"
     } >"$dir/nginx.conf"
     "$NGINX" -p "$dir" -c "$dir/nginx.conf"
-    cp "$dir/nginx.pid" "$WORK/nginx-proxy.pid"
     wait_port "$NGINX_PORT"
 }
 
@@ -142,7 +143,12 @@ start_tower() {
     wait_port "$TOWER_PORT"
 }
 
-stop() { kill -9 "$(cat "$WORK/$1.pid")" 2>/dev/null || true; pkill -9 -P "$(cat "$WORK/$1.pid")" 2>/dev/null || true; }
+stop() {
+    case $1 in
+    nginx-proxy) kill_nginx "$WORK/nginx-proxy" ;;
+    *) kill -9 "$(cat "$WORK/$1.pid")" ;;
+    esac
+}
 
 # Runs wrk; prints "rps p99 errors".
 load() {
@@ -167,10 +173,16 @@ run() {
     printf '%-10s %-22s %12s %10s %14s\n' "$name" "steady" "$rps" "$p99" "$errors"
     # One backend killed a third of the way into the run.
     ( sleep "$(awk "BEGIN {print $DURATION / 3}")"; kill_backend "${BACKEND_PORTS[1]}" ) &
+    local killer=$!
     read -r rps p99 errors <<<"$(load "$port")"
+    wait "$killer"
+    if (exec 3<>"/dev/tcp/127.0.0.1/${BACKEND_PORTS[1]}") 2>/dev/null; then
+        echo "the killed backend still accepts connections" >&2
+        exit 1
+    fi
     printf '%-10s %-22s %12s %10s %14s\n' "$name" "backend killed" "$rps" "$p99" "$errors"
     stop "$pidname"
-    for p in "${BACKEND_PORTS[@]}"; do kill_backend "$p"; done
+    for p in "${BACKEND_PORTS[0]}" "${BACKEND_PORTS[2]}"; do kill_backend "$p"; done
     sleep 0.5
 }
 
