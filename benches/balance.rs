@@ -8,18 +8,12 @@
 //!
 //! cargo bench --bench balance
 
-// Wall-clock time is what a benchmark measures.
-#![allow(clippy::disallowed_types)]
-
-use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use http::{Request, Response};
+use http::Request;
 use tower::Service;
 use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Pick, Random, RoundRobin, Strategy, WeightedRoundRobin,
@@ -27,29 +21,11 @@ use tower_ha::balance::{
 use tower_ha::key::{self, RequestHead};
 use tower_ha::Pool;
 
+mod support;
+use support::{time_requests, Backend};
+
 const SIZES: [usize; 4] = [3, 100, 1000, 10_000];
 const KEYS: usize = 1024;
-
-/// An always-ready backend that answers without allocating. It hands the
-/// request back in the response, so that tearing down the request and the
-/// response happens outside the timed section, for every balancer alike:
-/// what is measured is the balancer.
-#[derive(Clone)]
-struct Backend;
-
-impl Service<Request<()>> for Backend {
-    type Response = Response<Request<()>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<Request<()>>, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<()>) -> Self::Future {
-        ready(Ok(Response::new(req)))
-    }
-}
 
 fn keys() -> Vec<String> {
     (0..KEYS).map(|i| format!("user-{i:08}")).collect()
@@ -67,58 +43,17 @@ fn request(key: &str) -> Request<()> {
         .unwrap()
 }
 
-fn drive<S, R>(svc: &mut S, req: Request<()>, cx: &mut Context<'_>) -> R
-where
-    S: Service<Request<()>, Response = R>,
-    S::Error: std::fmt::Debug,
-{
-    loop {
-        match svc.poll_ready(cx) {
-            Poll::Ready(Ok(())) => break,
-            Poll::Ready(Err(e)) => panic!("{e:?}"),
-            Poll::Pending => {}
-        }
-    }
-    let mut fut = std::pin::pin!(svc.call(req));
-    match fut.as_mut().poll(cx) {
-        Poll::Ready(Ok(resp)) => resp,
-        Poll::Ready(Err(e)) => panic!("{e:?}"),
-        Poll::Pending => panic!("an always-ready backend answers at once"),
-    }
-}
-
-/// Times `iters` requests through `svc`: requests are built beforehand and
-/// responses kept until the clock stops, in chunks, so that only the
-/// balancer's work is timed (alike for every balancer).
+/// Times requests through `svc` with the shared harness.
 fn run<S>(c: &mut Criterion, group: &str, n: usize, mut svc: S)
 where
-    S: Service<Request<()>, Response = Response<Request<()>>>,
+    S: Service<Request<()>>,
     S::Error: std::fmt::Debug,
 {
-    const CHUNK: u64 = 4096;
     let keys = keys();
-    let waker = std::task::Waker::noop();
-    let mut cx = Context::from_waker(waker);
     let mut g = c.benchmark_group(group);
     g.bench_function(BenchmarkId::from_parameter(n), |b| {
         b.iter_custom(|iters| {
-            let mut elapsed = Duration::ZERO;
-            let mut done = 0;
-            while done < iters {
-                let batch = CHUNK.min(iters - done);
-                let requests: Vec<_> = (0..batch)
-                    .map(|i| request(&keys[(done + i) as usize % KEYS]))
-                    .collect();
-                let mut responses = Vec::with_capacity(batch as usize);
-                let start = Instant::now();
-                for req in requests {
-                    responses.push(drive(&mut svc, req, &mut cx));
-                }
-                elapsed += start.elapsed();
-                black_box(&responses);
-                done += batch;
-            }
-            elapsed
+            time_requests(&mut svc, iters, 4096, |i| request(&keys[i as usize % KEYS]))
         })
     });
     g.finish();

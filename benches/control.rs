@@ -11,68 +11,27 @@
 // Wall-clock time is what a benchmark measures.
 #![allow(clippy::disallowed_types)]
 
-use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
 use std::hint::black_box;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{Request, Response};
-use tower::Service;
+use http::Request;
 use tower_ha::balance::{Balance, Failback, Priority, RoundRobin, Strategy};
 use tower_ha::control::{Event, Events};
 use tower_ha::Pool;
 
-#[derive(Clone)]
-struct Backend;
-
-impl Service<Request<()>> for Backend {
-    type Response = Response<Request<()>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<Request<()>>, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<()>) -> Self::Future {
-        ready(Ok(Response::new(req)))
-    }
-}
+mod support;
+use support::{time_requests, Backend};
 
 fn bench_pick<P: Strategy>(c: &mut Criterion, name: &str, strategy: P) {
-    const CHUNK: u64 = 4096;
     let pool = Pool::new();
     let ids: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
     for id in &ids {
         pool.insert(id.as_str(), Backend);
     }
     let mut balance = Balance::new(pool, strategy);
-    let mut cx = Context::from_waker(std::task::Waker::noop());
     c.bench_function(&format!("pick/{name}"), |b| {
-        b.iter_custom(|iters| {
-            let mut elapsed = Duration::ZERO;
-            let mut done = 0;
-            while done < iters {
-                let batch = CHUNK.min(iters - done);
-                let requests: Vec<_> = (0..batch).map(|_| Request::new(())).collect();
-                let mut responses = Vec::with_capacity(batch as usize);
-                let start = Instant::now();
-                for req in requests {
-                    let _ = balance.poll_ready(&mut cx);
-                    let mut fut = std::pin::pin!(balance.call(req));
-                    match fut.as_mut().poll(&mut cx) {
-                        Poll::Ready(Ok(resp)) => responses.push(resp),
-                        _ => panic!("an always-ready backend answers at once"),
-                    }
-                }
-                elapsed += start.elapsed();
-                black_box(&responses);
-                done += batch;
-            }
-            elapsed
-        })
+        b.iter_custom(|iters| time_requests(&mut balance, iters, 4096, |_| Request::new(())))
     });
 }
 

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use serde_json::json;
 use tokio::runtime::Runtime;
 use tower_ha::store::{RedisStore, Session, SessionStore};
 
@@ -24,26 +23,8 @@ use tower_ha::store::{RedisStore, Session, SessionStore};
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
 
-const SESSIONS: usize = 100;
-
-fn sessions() -> Vec<Session> {
-    (0..SESSIONS)
-        .map(|i| {
-            Session::new(format!("kernel-{i:03}"), format!("node-{}", i % 3).into()).with_data(
-                json!({"kernel": {"id": i, "ports": [52000, 52001, 52002, 52003, 52004]},
-                        "owner": "alice", "launched_with": ["--profile", "default"]}),
-            )
-        })
-        .collect()
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+mod support;
+use support::{runtime, sessions, SESSIONS};
 
 /// Runs `redis-benchmark` and returns (SET/s, GET/s) and the command line.
 fn redis_benchmark(

@@ -20,45 +20,23 @@
 //!     --toggle-collect='*profiled*' target/release/deps/sticky-<hash> --bench
 //! ```
 
-// Wall-clock time is what a benchmark measures.
-#![allow(clippy::disallowed_types)]
-
-use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
-use std::hint::black_box;
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::task::{Context, Waker};
+use std::time::Duration;
 
 use criterion::Criterion;
 use http::header::{COOKIE, SET_COOKIE};
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request};
 use tower::{Layer, Service};
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::failover::FailoverLayer;
 use tower_ha::sticky::{CookieInsert, SessionKey, StickyLayer};
 use tower_ha::Pool;
 
+mod support;
+use support::{drive, time_requests, Backend};
+
 const BACKENDS: usize = 3;
 const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
-
-/// An always-ready backend that answers without allocating and hands the
-/// request back in the response.
-#[derive(Clone)]
-struct Backend;
-
-impl Service<Request<()>> for Backend {
-    type Response = Response<Request<()>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<Request<()>>, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<()>) -> Self::Future {
-        ready(Ok(Response::new(req)))
-    }
-}
 
 /// The same request for every contender, as a proxy would see it: a few
 /// headers, a browser's `Cookie` header with the session cookie among
@@ -74,41 +52,6 @@ fn request(cookie: &HeaderValue) -> Request<()> {
         .header(SESSION_HEADER, HeaderValue::from_static("kernel-0042"))
         .body(())
         .unwrap()
-}
-
-/// Readies `svc`, calls it, and polls the response once (every backend
-/// answers at once).
-fn drive<S>(svc: &mut S, req: Request<()>, cx: &mut Context<'_>) -> S::Response
-where
-    S: Service<Request<()>>,
-    S::Error: std::fmt::Debug,
-{
-    loop {
-        match svc.poll_ready(cx) {
-            Poll::Ready(Ok(())) => break,
-            Poll::Ready(Err(e)) => panic!("{e:?}"),
-            Poll::Pending => {}
-        }
-    }
-    let mut fut = std::pin::pin!(svc.call(req));
-    match fut.as_mut().poll(cx) {
-        Poll::Ready(Ok(resp)) => resp,
-        Poll::Ready(Err(e)) => panic!("{e:?}"),
-        Poll::Pending => panic!("an always-ready backend answers at once"),
-    }
-}
-
-/// The measured loop: `requests` through `svc`, responses kept.
-#[inline(never)]
-fn profiled<S>(svc: &mut S, requests: Vec<Request<()>>, responses: &mut Vec<S::Response>)
-where
-    S: Service<Request<()>>,
-    S::Error: std::fmt::Debug,
-{
-    let mut cx = Context::from_waker(Waker::noop());
-    for req in requests {
-        responses.push(drive(svc, req, &mut cx));
-    }
 }
 
 /// Every contender, built over one pool of `BACKENDS` backends, with its
@@ -170,29 +113,15 @@ impl Contenders {
     }
 }
 
-/// Times `iters` requests through `svc` in chunks of prebuilt requests
-/// (`benches/balance.rs`'s harness, with smaller chunks).
+/// Times `iters` requests through `svc` with the shared harness, in small
+/// chunks: they keep the prebuilt requests' headers in cache, as they are in
+/// a proxy that has just parsed the request.
 fn time<S>(svc: &mut S, cookie: &HeaderValue, iters: u64) -> Duration
 where
     S: Service<Request<()>>,
     S::Error: std::fmt::Debug,
 {
-    // Small chunks keep the prebuilt requests' headers in cache, as they
-    // are in a proxy that has just parsed the request.
-    const CHUNK: u64 = 64;
-    let mut elapsed = Duration::ZERO;
-    let mut done = 0;
-    while done < iters {
-        let batch = CHUNK.min(iters - done);
-        let requests: Vec<_> = (0..batch).map(|_| request(cookie)).collect();
-        let mut responses = Vec::with_capacity(batch as usize);
-        let start = Instant::now();
-        profiled(svc, requests, &mut responses);
-        elapsed += start.elapsed();
-        black_box(&responses);
-        done += batch;
-    }
-    elapsed
+    time_requests(svc, iters, 64, |_| request(cookie))
 }
 
 fn bench(c: &mut Criterion) {

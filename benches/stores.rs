@@ -12,34 +12,15 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use serde_json::json;
 use tokio::runtime::Runtime;
-use tower_ha::store::{FileStore, MemoryStore, Session, SessionStore, WebhookStore};
+use tower_ha::store::{FileStore, MemoryStore, SessionStore, WebhookStore};
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/webhook_server.rs"]
 mod webhook_server;
 
-const SESSIONS: usize = 100;
-
-fn sessions() -> Vec<Session> {
-    (0..SESSIONS)
-        .map(|i| {
-            Session::new(format!("kernel-{i:03}"), format!("node-{}", i % 3).into()).with_data(
-                json!({"kernel": {"id": i, "ports": [52000, 52001, 52002, 52003, 52004]},
-                        "owner": "alice", "launched_with": ["--profile", "default"]}),
-            )
-        })
-        .collect()
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+mod support;
+use support::{runtime, sessions, SESSIONS};
 
 /// save: rewrite one session (cycling over 100); load: read one;
 /// load_all: read all 100.

@@ -1,0 +1,129 @@
+//! What the benches share: an always-ready backend, a driver that polls a
+//! service as a runtime would (with a no-op waker, so no runtime cost is
+//! measured), and a timing loop that builds requests beforehand and keeps
+//! responses until the clock stops, so that only the services' work is
+//! timed, alike for every contender.
+#![allow(dead_code)] // each bench uses a part
+// Wall-clock time is what a benchmark measures.
+#![allow(clippy::disallowed_types)]
+
+use std::convert::Infallible;
+use std::future::{ready, Future, Ready};
+use std::hint::black_box;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use serde_json::json;
+use tokio::runtime::Runtime;
+use tower::Service;
+use tower_ha::store::Session;
+
+/// An always-ready backend that answers without allocating. It hands the
+/// request back in the response, so that tearing down the request and the
+/// response happens outside the timed section.
+#[derive(Clone)]
+pub struct Backend;
+
+impl Service<Request<()>> for Backend {
+    type Response = Response<Request<()>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<Request<()>>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        ready(Ok(Response::new(req)))
+    }
+}
+
+/// Readies `svc`, calls it, and polls the response once (every backend
+/// answers at once).
+pub fn drive<S>(svc: &mut S, req: Request<()>, cx: &mut Context<'_>) -> S::Response
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    loop {
+        match svc.poll_ready(cx) {
+            Poll::Ready(Ok(())) => break,
+            Poll::Ready(Err(e)) => panic!("{e:?}"),
+            Poll::Pending => {}
+        }
+    }
+    let mut fut = std::pin::pin!(svc.call(req));
+    match fut.as_mut().poll(cx) {
+        Poll::Ready(Ok(resp)) => resp,
+        Poll::Ready(Err(e)) => panic!("{e:?}"),
+        Poll::Pending => panic!("an always-ready backend answers at once"),
+    }
+}
+
+/// The measured loop: `requests` through `svc`, responses kept. Not
+/// inlined, so that callgrind can count it alone
+/// (`--toggle-collect='*profiled*'`).
+#[inline(never)]
+pub fn profiled<S>(svc: &mut S, requests: Vec<Request<()>>, responses: &mut Vec<S::Response>)
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    for req in requests {
+        responses.push(drive(svc, req, &mut cx));
+    }
+}
+
+/// Times `iters` requests through `svc`, in chunks of `chunk` requests
+/// built by `make` (given the request's number) before the clock starts.
+pub fn time_requests<S>(
+    svc: &mut S,
+    iters: u64,
+    chunk: u64,
+    mut make: impl FnMut(u64) -> Request<()>,
+) -> Duration
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    let mut elapsed = Duration::ZERO;
+    let mut done = 0;
+    while done < iters {
+        let batch = chunk.min(iters - done);
+        let requests: Vec<_> = (done..done + batch).map(&mut make).collect();
+        let mut responses = Vec::with_capacity(batch as usize);
+        let start = Instant::now();
+        profiled(svc, requests, &mut responses);
+        elapsed += start.elapsed();
+        black_box(&responses);
+        done += batch;
+    }
+    elapsed
+}
+
+/// How many sessions the store benches keep.
+pub const SESSIONS: usize = 100;
+
+/// `SESSIONS` sessions of about 200 bytes of JSON each, as a notebook
+/// gateway would store them.
+pub fn sessions() -> Vec<Session> {
+    (0..SESSIONS)
+        .map(|i| {
+            Session::new(format!("kernel-{i:03}"), format!("node-{}", i % 3).into()).with_data(
+                json!({"kernel": {"id": i, "ports": [52000, 52001, 52002, 52003, 52004]},
+                        "owner": "alice", "launched_with": ["--profile", "default"]}),
+            )
+        })
+        .collect()
+}
+
+/// A runtime with two workers, as the machine has two cores.
+pub fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
