@@ -97,6 +97,11 @@ impl<A: RequestKey, B: RequestKey> RequestKey for Or<A, B> {
 }
 
 /// The first value of a header; absent when missing or empty.
+///
+/// # Panics
+///
+/// When `name` is not a valid header name (a configuration mistake, as with
+/// `HeaderName::from_static`).
 pub fn header(name: impl TryInto<HeaderName, Error: fmt::Debug>) -> Header {
     Header {
         name: name.try_into().expect("invalid header name"),
