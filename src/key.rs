@@ -33,6 +33,7 @@
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::header::{GetAll, HeaderName, HeaderValue, COOKIE};
 use http::{Extensions, HeaderMap, Method, Request, Uri};
@@ -124,62 +125,106 @@ impl RequestKey for Header {
 
 /// The value of the cookie `name`; absent when missing or empty.
 pub fn cookie(name: impl Into<String>) -> Cookie {
-    Cookie { name: name.into() }
+    Cookie {
+        name: CookieName::new(&name.into()),
+    }
 }
 
 /// The key read by [`cookie`].
 #[derive(Debug, Clone)]
 pub struct Cookie {
-    name: String,
+    name: CookieName,
 }
 
 impl RequestKey for Cookie {
     #[inline]
     fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
-        cookie_value(head.headers, &self.name).map(hash_bytes)
+        self.name
+            .find_in(&head.headers.get_all(COOKIE))
+            .map(hash_bytes)
     }
 }
 
 /// Finds the non-empty value of cookie `name` in the request's `Cookie`
 /// headers, without allocating. Malformed pairs are skipped; surrounding
-/// double quotes are removed.
+/// double quotes are removed. (It prepares a search for `name` on each
+/// call; [`cookie`] prepares its own once.)
 pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
-    cookie_in(headers.get_all(COOKIE), name)
+    CookieName::new(name).find_in(&headers.get_all(COOKIE))
 }
 
-/// [`cookie_value`] over `Cookie` header values already looked up.
-pub(crate) fn cookie_in<'h>(values: GetAll<'h, HeaderValue>, name: &str) -> Option<&'h [u8]> {
-    let name = name.as_bytes();
-    // A pair's key never holds '=' (it ends at the first one).
-    if name.contains(&b'=') {
-        return None;
+/// A cookie name with a search for it prepared once: finds the cookie's
+/// value in `Cookie` headers by looking for the name, not by splitting the
+/// headers at every `;`. Clones share the search.
+#[derive(Clone)]
+pub(crate) struct CookieName {
+    name: Arc<str>,
+    finder: Arc<memchr::memmem::Finder<'static>>,
+}
+
+impl fmt::Debug for CookieName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.name, f)
     }
-    values
-        .into_iter()
-        .find_map(|value| find_cookie(value.as_bytes(), name))
 }
 
-/// Scans one `Cookie` header for `name`. Pairs whose key cannot be `name`
-/// are skipped after a prefix comparison, without trimming or searching
-/// for their `=`.
-fn find_cookie<'h>(mut header: &'h [u8], name: &[u8]) -> Option<&'h [u8]> {
-    loop {
-        let end = memchr::memchr(b';', header);
-        let pair = header[..end.unwrap_or(header.len())].trim_ascii_start();
-        if let Some(after) = pair.strip_prefix(name) {
-            if let Some(v) = after.trim_ascii_start().strip_prefix(b"=") {
-                let v = v.trim_ascii();
-                let v = v
-                    .strip_prefix(b"\"")
-                    .and_then(|v| v.strip_suffix(b"\""))
-                    .unwrap_or(v);
-                if !v.is_empty() {
-                    return Some(v);
+impl CookieName {
+    pub(crate) fn new(name: &str) -> Self {
+        CookieName {
+            finder: Arc::new(memchr::memmem::Finder::new(name.as_bytes()).into_owned()),
+            name: name.into(),
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// The cookie's non-empty value in the first of `values` that has one.
+    pub(crate) fn find_in<'h>(&self, values: &GetAll<'h, HeaderValue>) -> Option<&'h [u8]> {
+        // A pair's name never holds '=' (it ends at the first one).
+        if self.name.contains('=') {
+            return None;
+        }
+        values
+            .iter()
+            .find_map(|value| self.find_in_header(value.as_bytes()))
+    }
+
+    fn find_in_header<'h>(&self, header: &'h [u8]) -> Option<&'h [u8]> {
+        let name_len = self.name.len();
+        let mut from = 0;
+        while let Some(offset) = header.get(from..).and_then(|h| self.finder.find(h)) {
+            let at = from + offset;
+            let before = &header[..at];
+            let pair_start = memchr::memrchr(b';', before).map_or(0, |i| i + 1);
+            let rest = &header[at + name_len..];
+            let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+            // A name only starts a pair after the `;` and white space.
+            if before[pair_start..].iter().all(u8::is_ascii_whitespace) {
+                if let Some(v) = rest[..end].trim_ascii_start().strip_prefix(b"=") {
+                    let v = unquote(v.trim_ascii());
+                    if !v.is_empty() {
+                        return Some(v);
+                    }
                 }
+                // The next pair, if any (always forward, even for an
+                // empty name before a `;`).
+                from = (at + name_len + end).max(at + 1);
+            } else {
+                from = at + 1;
             }
         }
-        header = &header[end? + 1..];
+        None
     }
+}
+
+/// A cookie value without the double quotes that may surround it.
+pub(crate) fn unquote(value: &[u8]) -> &[u8] {
+    value
+        .strip_prefix(b"\"")
+        .and_then(|v| v.strip_suffix(b"\""))
+        .unwrap_or(value)
 }
 
 /// A client address from `X-Forwarded-For`.

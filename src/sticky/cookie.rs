@@ -21,6 +21,7 @@ use rand::RngCore;
 use sha2::Sha256;
 
 use crate::backend::BackendId;
+use crate::key::{unquote, CookieName};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -56,9 +57,7 @@ const DOMAIN: &[u8] = b"tower-ha sticky v1\0";
 /// ```
 #[derive(Clone)]
 pub struct CookieInsert {
-    name: String,
-    /// Finds the name in a `Cookie` header (shared: it is large).
-    finder: std::sync::Arc<memchr::memmem::Finder<'static>>,
+    name: CookieName,
     mac: HmacSha256,
     secure: bool,
     max_age: Option<Duration>,
@@ -159,8 +158,7 @@ impl CookieInsert {
         );
         let mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
         CookieInsert {
-            finder: std::sync::Arc::new(memchr::memmem::Finder::new(name.as_bytes()).into_owned()),
-            name,
+            name: CookieName::new(&name),
             mac,
             secure: true,
             max_age: None,
@@ -200,48 +198,18 @@ impl CookieInsert {
 
     /// The cookie's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.name.as_str()
     }
 
-    /// The non-empty value of this cookie in one `Cookie` header: what
-    /// [`cookie_value`](crate::key::cookie_value) finds, but the name is
-    /// searched for with a prebuilt substring finder instead of splitting
-    /// the header at every `;`.
-    pub(crate) fn find_in<'h>(&self, header: &'h [u8]) -> Option<&'h [u8]> {
-        let name_len = self.name.len();
-        let mut from = 0;
-        while let Some(offset) = header.get(from..).and_then(|h| self.finder.find(h)) {
-            let at = from + offset;
-            let before = &header[..at];
-            let pair_start = memchr::memrchr(b';', before).map_or(0, |i| i + 1);
-            let rest = &header[at + name_len..];
-            let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
-            // A name only starts a pair after the `;` and white space
-            // (names hold neither, nor `=`).
-            if before[pair_start..].iter().all(u8::is_ascii_whitespace) {
-                if let Some(v) = rest[..end].trim_ascii_start().strip_prefix(b"=") {
-                    let v = v.trim_ascii();
-                    let v = v
-                        .strip_prefix(b"\"")
-                        .and_then(|v| v.strip_suffix(b"\""))
-                        .unwrap_or(v);
-                    if !v.is_empty() {
-                        return Some(v);
-                    }
-                }
-                // The next pair, if any.
-                from = at + name_len + end;
-            } else {
-                from = at + 1;
-            }
-        }
-        None
+    /// The name, with its search in `Cookie` headers.
+    pub(crate) fn cookie_name(&self) -> &CookieName {
+        &self.name
     }
 
     fn tag(&self, session: &[u8], backend: &[u8]) -> HmacSha256 {
         let mut mac = self.mac.clone();
         mac.update(DOMAIN);
-        mac.update(self.name.as_bytes());
+        mac.update(self.name.as_str().as_bytes());
         mac.update(b"\0");
         mac.update(session);
         mac.update(b"\0");
@@ -284,8 +252,8 @@ impl CookieInsert {
 
     /// The `Set-Cookie` header value for `value`.
     pub(crate) fn set_cookie(&self, value: &str) -> Option<HeaderValue> {
-        let mut header = String::with_capacity(self.name.len() + value.len() + 64);
-        header.push_str(&self.name);
+        let mut header = String::with_capacity(self.name.as_str().len() + value.len() + 64);
+        header.push_str(self.name.as_str());
         header.push('=');
         header.push_str(value);
         header.push_str("; Path=");
@@ -334,10 +302,7 @@ pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h
             continue;
         }
         let value = pair[eq + 1..].trim_ascii();
-        let value = value
-            .strip_prefix(b"\"")
-            .and_then(|v| v.strip_suffix(b"\""))
-            .unwrap_or(value);
+        let value = unquote(value);
         let expired = parts.any(|attr| {
             let attr = attr.trim_ascii();
             attr.len() > 8
@@ -360,7 +325,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn find_in_agrees_with_cookie_value(
+        fn the_layers_cookie_is_read_as_cookie_value_reads_it(
             headers in proptest::collection::vec("[ab= ;\"\t]{0,24}", 0..3),
             name in "[ab]{1,2}",
         ) {
@@ -369,10 +334,7 @@ mod tests {
                 map.append(http::header::COOKIE, h.parse().unwrap());
             }
             let cookie = CookieInsert::new(name.as_str(), [0u8; 32]);
-            let found = map
-                .get_all(http::header::COOKIE)
-                .iter()
-                .find_map(|v| cookie.find_in(v.as_bytes()));
+            let found = cookie.cookie_name().find_in(&map.get_all(http::header::COOKIE));
             proptest::prop_assert_eq!(found, crate::key::cookie_value(&map, &name));
         }
     }

@@ -9,7 +9,7 @@ use http::header::{HeaderName, COOKIE};
 use http::HeaderMap;
 
 use super::cookie::{CookieInsert, Invalid};
-use crate::key::{cookie_in, RequestHead};
+use crate::key::{CookieName, RequestHead};
 
 /// The longest session key accepted from a header, a cookie or a closure,
 /// in bytes. Longer values are rejected as bad input.
@@ -41,7 +41,7 @@ pub struct SessionKey {
 #[derive(Clone)]
 pub(crate) enum Kind {
     Insert(CookieInsert),
-    Learn(String),
+    Learn(CookieName),
     Header(HeaderName),
     Fn(Arc<KeyFn>),
 }
@@ -70,7 +70,7 @@ impl SessionKey {
     /// forgets the session when a response deletes the cookie.
     pub fn learn_cookie(name: impl Into<String>) -> Self {
         SessionKey {
-            kind: Kind::Learn(name.into()),
+            kind: Kind::Learn(CookieName::new(&name.into())),
         }
     }
 
@@ -120,7 +120,7 @@ impl SessionKey {
     pub(crate) fn extract<'r>(&self, head: &RequestHead<'r>) -> Extracted<'r> {
         match &self.kind {
             Kind::Insert(cookie) => {
-                let value = match read_own_cookie(head.headers, cookie) {
+                let value = match read_cookie(head.headers, cookie.cookie_name()) {
                     Ok(Some(v)) => v,
                     Ok(None) => return Extracted::None,
                     Err(r) => return Extracted::Rejected(r),
@@ -209,7 +209,8 @@ impl fmt::Display for Reject {
     }
 }
 
-fn read_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h [u8]>, Reject> {
+/// A cookie's value, rejecting oversized `Cookie` headers.
+fn read_cookie<'h>(headers: &'h HeaderMap, name: &CookieName) -> Result<Option<&'h [u8]>, Reject> {
     // One lookup of the `Cookie` headers, for the size check and the scan.
     let values = headers.get_all(COOKIE);
     let mut total = 0usize;
@@ -219,23 +220,7 @@ fn read_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h [u8]
     if total > MAX_COOKIE_HEADER {
         return Err(Reject::TooLarge);
     }
-    Ok(cookie_in(values, name))
-}
-
-/// The layer's own cookie, under the same size limit as [`read_cookie`].
-fn read_own_cookie<'h>(
-    headers: &'h HeaderMap,
-    cookie: &CookieInsert,
-) -> Result<Option<&'h [u8]>, Reject> {
-    let values = headers.get_all(COOKIE);
-    let mut total = 0usize;
-    for value in &values {
-        total = total.saturating_add(value.len());
-    }
-    if total > MAX_COOKIE_HEADER {
-        return Err(Reject::TooLarge);
-    }
-    Ok(values.iter().find_map(|v| cookie.find_in(v.as_bytes())))
+    Ok(name.find_in(&values))
 }
 
 fn text_key(bytes: &[u8]) -> Extracted<'_> {

@@ -648,7 +648,7 @@ impl Shared {
             (Track::Fresh, None) => {}
         }
         if let Kind::Learn(name) = &self.config.key.kind {
-            match cookie::learn(response.headers(), name) {
+            match cookie::learn(response.headers(), name.as_str()) {
                 Some(Learned::Set(value)) => {
                     if let (Some(k), Some(served)) = (key::response_key(value), &served) {
                         if current.as_deref() != Some(k) {
