@@ -24,7 +24,7 @@ use tower_ha::store::{RedisStore, Session, SessionStore};
 mod redis_server;
 
 mod support;
-use support::{runtime, sessions, SESSIONS};
+use support::{runtime, save_and_load, sessions, SESSIONS};
 
 /// Runs `redis-benchmark` and returns (SET/s, GET/s) and the command line.
 fn redis_benchmark(
@@ -208,19 +208,7 @@ fn redis(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("redis_store");
     group.throughput(Throughput::Elements(1));
-    let mut i = 0usize;
-    group.bench_function("save", |b| {
-        b.iter(|| {
-            i = (i + 1) % SESSIONS;
-            rt.block_on(store.save(&all[i])).expect("save");
-        })
-    });
-    group.bench_function("load", |b| {
-        b.iter(|| {
-            i = (i + 1) % SESSIONS;
-            black_box(rt.block_on(store.load(&all[i].key)).expect("load"));
-        })
-    });
+    save_and_load(&mut group, &rt, &store, &all);
     group.finish();
 }
 

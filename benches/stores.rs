@@ -8,7 +8,6 @@
 //!
 //! `cargo bench --all-features --bench stores -- --warm-up-time 1 --measurement-time 3`
 
-use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -20,7 +19,7 @@ use tower_ha::store::{FileStore, MemoryStore, SessionStore, WebhookStore};
 mod webhook_server;
 
 mod support;
-use support::{runtime, sessions, SESSIONS};
+use support::{runtime, save_and_load, sessions, SESSIONS};
 
 /// save: rewrite one session (cycling over 100); load: read one;
 /// load_all: read all 100.
@@ -33,19 +32,7 @@ fn bench_store(c: &mut Criterion, rt: &Runtime, name: &str, store: Arc<dyn Sessi
     });
     let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(1));
-    let mut i = 0usize;
-    group.bench_function("save", |b| {
-        b.iter(|| {
-            i = (i + 1) % SESSIONS;
-            rt.block_on(store.save(&all[i])).expect("save");
-        })
-    });
-    group.bench_function("load", |b| {
-        b.iter(|| {
-            i = (i + 1) % SESSIONS;
-            black_box(rt.block_on(store.load(&all[i].key)).expect("load"));
-        })
-    });
+    save_and_load(&mut group, rt, &*store, &all);
     group.throughput(Throughput::Elements(SESSIONS as u64));
     group.bench_function("load_all_100", |b| {
         b.iter(|| {

@@ -13,11 +13,13 @@ use std::hint::black_box;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use criterion::measurement::WallTime;
+use criterion::BenchmarkGroup;
 use http::{Request, Response};
 use serde_json::json;
 use tokio::runtime::Runtime;
 use tower::Service;
-use tower_ha::store::Session;
+use tower_ha::store::{Session, SessionStore};
 
 /// An always-ready backend that answers without allocating. It hands the
 /// request back in the response, so that tearing down the request and the
@@ -126,4 +128,27 @@ pub fn runtime() -> Runtime {
         .enable_all()
         .build()
         .expect("runtime")
+}
+
+/// Benches `save` (rewriting one of `all`, in turn) and `load` (reading
+/// one) on `store`, one call at a time.
+pub fn save_and_load<S: SessionStore + ?Sized>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    store: &S,
+    all: &[Session],
+) {
+    let mut i = 0usize;
+    group.bench_function("save", |b| {
+        b.iter(|| {
+            i = (i + 1) % all.len();
+            rt.block_on(store.save(&all[i])).expect("save");
+        })
+    });
+    group.bench_function("load", |b| {
+        b.iter(|| {
+            i = (i + 1) % all.len();
+            black_box(rt.block_on(store.load(&all[i].key)).expect("load"));
+        })
+    });
 }
