@@ -52,6 +52,23 @@ struct State {
     last_failover: Option<Instant>,
 }
 
+impl State {
+    /// A group over `order` that has not switched yet: the configured
+    /// primary is current.
+    fn new(order: &[BackendId]) -> Self {
+        State {
+            known: order.to_vec(),
+            current: order.first().cloned(),
+            current_at: (NO_BUILD, None),
+            forced: None,
+            last_switch: None,
+            primary_available_since: None,
+            failovers: 0,
+            last_failover: None,
+        }
+    }
+}
+
 struct Shared {
     name: Arc<str>,
     order: Vec<BackendId>,
@@ -168,23 +185,13 @@ impl Priority {
                 deduped.push(id);
             }
         }
-        let current = deduped.first().cloned();
         Priority {
             shared: Arc::new(Shared {
                 name: name.into(),
                 failback: Failback::Never,
                 min_dwell: Duration::ZERO,
                 events: OnceLock::new(),
-                state: Mutex::new(State {
-                    known: deduped.clone(),
-                    current,
-                    current_at: (NO_BUILD, None),
-                    forced: None,
-                    last_switch: None,
-                    primary_available_since: None,
-                    failovers: 0,
-                    last_failover: None,
-                }),
+                state: Mutex::new(State::new(&deduped)),
                 order: deduped,
             }),
         }
@@ -201,16 +208,7 @@ impl Priority {
                 failback: shared.failback,
                 min_dwell: shared.min_dwell,
                 events: shared.events.clone(),
-                state: Mutex::new(State {
-                    known: shared.order.clone(),
-                    current: shared.order.first().cloned(),
-                    current_at: (NO_BUILD, None),
-                    forced: None,
-                    last_switch: None,
-                    primary_available_since: None,
-                    failovers: 0,
-                    last_failover: None,
-                }),
+                state: Mutex::new(State::new(&shared.order)),
             },
         };
         edit(&mut shared);
