@@ -4,7 +4,11 @@
 # worker each, loaded by wrk. Prints requests per second and p99 latency,
 # then the same with one backend killed mid-run (errors seen by the client).
 #
-#   benches/proxy/run.sh [seconds per run, default 10]
+#   benches/proxy/run.sh [seconds per run, default 10] [rounds, default 3]
+#
+# Every round runs the three proxies, each in a different position of the
+# order, so that drift of the shared machine does not favour one of them;
+# the summary gives each proxy's median over the rounds.
 #
 # Installs nginx, haproxy and wrk from the distribution's packages when
 # missing. Everything listens on 127.0.0.1 and stops when the script ends.
@@ -12,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DURATION=${1:-10}
+ROUNDS=${2:-3}
 CONNECTIONS=32
 BACKEND_PORTS=(18101 18102 18103)
 NGINX_PORT=18080
@@ -150,27 +155,34 @@ stop() {
     esac
 }
 
-# Runs wrk; prints "rps p99 errors".
+# Runs wrk; prints "rps p99-in-ms errors".
 load() {
     local port=$1 out
     out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/" 2>&1)
     local rps p99 errors non2xx socket
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
+        print (u == "us" ? v / 1000 : (u == "s" ? v * 1000 : v))}' <<<"$out")
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
     socket=$(awk -F'[ ,]+' '/Socket errors/ {print $4+$6+$8+$10}' <<<"$out")
     errors=$(( ${non2xx:-0} + ${socket:-0} ))
     echo "$rps $p99 $errors"
 }
 
-printf '%-10s %-22s %12s %10s %14s\n' proxy scenario "req/s" p99 "client errors"
+RESULTS="$WORK/results"
+row() { # round proxy scenario rps p99 errors
+    printf '%-6s %-10s %-16s %12s %10s %14s\n' "$1" "$2" "$3" "$4" "$5 ms" "$6"
+    echo "$2|$3|$4|$5|$6" >>"$RESULTS"
+}
+
+printf '%-6s %-10s %-16s %12s %10s %14s\n' round proxy scenario "req/s" p99 "client errors"
 run() {
-    local name=$1 port=$2 starter=$3 pidname=$4
+    local round=$1 name=$2 port=$3 starter=$4 pidname=$5
     start_backends
     $starter
     wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1 # warm up
     read -r rps p99 errors <<<"$(load "$port")"
-    printf '%-10s %-22s %12s %10s %14s\n' "$name" "steady" "$rps" "$p99" "$errors"
+    row "$round" "$name" steady "$rps" "$p99" "$errors"
     # One backend killed a third of the way into the run.
     ( sleep "$(awk "BEGIN {print $DURATION / 3}")"; kill_backend "${BACKEND_PORTS[1]}" ) &
     local killer=$!
@@ -180,12 +192,34 @@ run() {
         echo "the killed backend still accepts connections" >&2
         exit 1
     fi
-    printf '%-10s %-22s %12s %10s %14s\n' "$name" "backend killed" "$rps" "$p99" "$errors"
+    row "$round" "$name" "backend killed" "$rps" "$p99" "$errors"
     stop "$pidname"
     for p in "${BACKEND_PORTS[0]}" "${BACKEND_PORTS[2]}"; do kill_backend "$p"; done
     sleep 0.5
 }
 
-run nginx "$NGINX_PORT" start_nginx nginx-proxy
-run haproxy "$HAPROXY_PORT" start_haproxy haproxy
-run tower-ha "$TOWER_PORT" start_tower tower
+PROXIES=("nginx $NGINX_PORT start_nginx nginx-proxy"
+    "haproxy $HAPROXY_PORT start_haproxy haproxy"
+    "tower-ha $TOWER_PORT start_tower tower")
+for round in $(seq 1 "$ROUNDS"); do
+    for i in 0 1 2; do
+        # shellcheck disable=SC2086 # the entry is four words
+        run "$round" ${PROXIES[$(( (i + round - 1) % 3 ))]}
+    done
+done
+
+echo
+echo "median of $ROUNDS round(s); ratios against nginx's median"
+printf '%-10s %-16s %12s %8s %10s %14s\n' proxy scenario "req/s" "ratio" p99 "errors (sum)"
+median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
+for scenario in steady "backend killed"; do
+    base=$(awk -F'|' -v s="$scenario" '$1 == "nginx" && $2 == s {print $3}' "$RESULTS" | median)
+    for name in nginx haproxy tower-ha; do
+        pick() { awk -F'|' -v n="$name" -v s="$scenario" -v c="$1" '$1 == n && $2 == s {print $c}' "$RESULTS"; }
+        rps=$(pick 3 | median)
+        p99=$(pick 4 | median)
+        errors=$(pick 5 | awk '{t += $1} END {print t}')
+        printf '%-10s %-16s %12.0f %7.2fx %7.2f ms %14s\n' "$name" "$scenario" "$rps" \
+            "$(awk -v a="$rps" -v b="$base" 'BEGIN {print a / b}')" "$p99" "$errors"
+    done
+done
