@@ -22,7 +22,7 @@ use tower_ha::key::{self, RequestHead};
 use tower_ha::Pool;
 
 mod support;
-use support::{time_requests, Backend};
+use support::{parsed, time_requests, Backend};
 
 const SIZES: [usize; 4] = [3, 100, 1000, 10_000];
 const KEYS: usize = 1024;
@@ -33,14 +33,10 @@ fn keys() -> Vec<String> {
 
 /// A request with a few headers, as a proxy would see it.
 fn request(key: &str) -> Request<()> {
-    Request::builder()
-        .uri("/api/items/42")
-        .header("host", "example.com")
-        .header("user-agent", "bench/1.0")
-        .header("accept", "application/json")
-        .header("x-user", key)
-        .body(())
-        .unwrap()
+    parsed(&format!(
+        "GET /api/items/42 HTTP/1.1\r\nhost: example.com\r\nuser-agent: bench/1.0\r\n\
+         accept: application/json\r\nx-user: {key}\r\n\r\n"
+    ))
 }
 
 /// Times requests through `svc` with the shared harness.

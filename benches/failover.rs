@@ -20,6 +20,8 @@ use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::failover::FailoverLayer;
 use tower_ha::Pool;
 
+mod support;
+
 const BACKENDS: usize = 8;
 
 type Body = Full<Bytes>;
@@ -43,18 +45,14 @@ impl Service<Request<Body>> for Backend {
 }
 
 fn request() -> Request<Body> {
-    Request::builder()
-        .method("GET")
-        .uri("http://service.internal/api/v1/orders?page=2")
-        .header("host", "service.internal")
-        .header("user-agent", "bench/1.0")
-        .header("accept", "application/json")
-        .header("x-request-id", "7f3c1a2b-0000-4000-8000-000000000042")
-        .body(Full::new(Bytes::from_static(b"{\"order\":42}")))
-        .unwrap()
+    support::parsed(
+        "GET http://service.internal/api/v1/orders?page=2 HTTP/1.1\r\n\
+         host: service.internal\r\nuser-agent: bench/1.0\r\naccept: application/json\r\n\
+         x-request-id: 7f3c1a2b-0000-4000-8000-000000000042\r\n\r\n",
+    )
+    .map(|()| Full::new(Bytes::from_static(b"{\"order\":42}")))
 }
 
-/// Readies `service`, calls it, and polls the response to completion.
 fn drive<S>(service: &mut S, req: Request<Body>) -> S::Response
 where
     S: Service<Request<Body>>,

@@ -24,7 +24,7 @@ use std::task::{Context, Waker};
 use std::time::Duration;
 
 use criterion::Criterion;
-use http::header::{COOKIE, SET_COOKIE};
+use http::header::SET_COOKIE;
 use http::{HeaderName, HeaderValue, Request};
 use tower::{Layer, Service};
 use tower_ha::balance::{Balance, RoundRobin};
@@ -33,7 +33,7 @@ use tower_ha::sticky::{CookieInsert, SessionKey, StickyLayer};
 use tower_ha::Pool;
 
 mod support;
-use support::{drive, time_requests, Backend};
+use support::{drive, parsed, time_requests, Backend};
 
 const BACKENDS: usize = 3;
 const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
@@ -43,15 +43,11 @@ const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
 /// three others, and an `X-Session-Id` header (each stack reads what it
 /// routes by).
 fn request(cookie: &HeaderValue) -> Request<()> {
-    Request::builder()
-        .uri("/api/items/42")
-        .header("host", "example.com")
-        .header("user-agent", "bench/1.0")
-        .header("accept", "application/json")
-        .header(COOKIE, cookie.clone())
-        .header(SESSION_HEADER, HeaderValue::from_static("kernel-0042"))
-        .body(())
-        .unwrap()
+    parsed(&format!(
+        "GET /api/items/42 HTTP/1.1\r\nhost: example.com\r\nuser-agent: bench/1.0\r\n\
+         accept: application/json\r\ncookie: {}\r\nx-session-id: kernel-0042\r\n\r\n",
+        cookie.to_str().expect("an ASCII cookie")
+    ))
 }
 
 /// Every contender, built over one pool of `BACKENDS` backends, with its
