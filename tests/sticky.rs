@@ -430,6 +430,29 @@ async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
 }
 
 #[tokio::test]
+async fn a_learned_cookie_nobody_set_is_not_stored() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let layer =
+        StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID")).store(store.clone());
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    for i in 0..20 {
+        let made_up = format!("JSESSIONID=forged-{i}");
+        let home = send(&svc, with_cookie(&made_up)).await.unwrap().into_body();
+        // Kept in memory, so the client stays where it went...
+        assert_eq!(
+            send(&svc, with_cookie(&made_up)).await.unwrap().body(),
+            &home
+        );
+    }
+    // ...but no made-up value reaches the store.
+    assert!(store.is_empty(), "{} records", store.len());
+}
+
+#[tokio::test]
 async fn header_keys_come_from_requests_or_responses_and_closures_work() {
     let c = cluster();
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"));
@@ -917,9 +940,110 @@ async fn standalone_restore_reports_and_keeps_failed_records() {
         assert_eq!(send(&svc, req("k1")).await.unwrap().body(), "a");
         assert_eq!(send(&svc, req("k3")).await.unwrap().body(), "c");
     }
-    // Standalone never reads the store on a miss.
-    let _ = send(&svc, req("k2")).await.unwrap();
+    // Standalone never reads the store on a miss. The request for k2 is
+    // served, but its record stays as it was for a later restore().
+    let first = send(&svc, req("k2")).await.unwrap().into_body();
+    assert_eq!(send(&svc, req("k2")).await.unwrap().body(), &first);
     assert_eq!(layer.stats().loaded, 0);
+    let kept = store.load("k2").await.unwrap().unwrap();
+    assert_eq!(kept.backend.as_str(), "b");
+    assert_eq!(kept.data["port"], 5000);
+}
+
+#[tokio::test]
+async fn a_record_the_store_cannot_read_is_not_overwritten() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let store = tower_ha::store::FileStore::open(dir.path()).await.unwrap();
+    store
+        .save(&Session::new("s", "b".into()).with_data(serde_json::json!({"port": 1})))
+        .await
+        .unwrap();
+    let file = dir.path().join(tower_ha::store::FileStore::file_name("s"));
+    std::fs::write(&file, b"{\"key\": \"s\", \"backe").unwrap();
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let req = || {
+        Request::builder()
+            .header("x-session-id", "s")
+            .body(())
+            .unwrap()
+    };
+    let home = send(&svc, req()).await.unwrap().into_body();
+    assert_eq!(
+        send(&svc, req()).await.unwrap().body(),
+        &home,
+        "sticky in memory"
+    );
+    assert_eq!(layer.stats().store_errors, 1, "one failed load");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"{\"key\": \"s\", \"backe",
+        "the unreadable record is kept for inspection, not replaced"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_bind_a_session_once() {
+    use tokio::sync::oneshot;
+    // Two backends that answer when told to.
+    let gates: Arc<Mutex<HashMap<&'static str, Vec<oneshot::Sender<()>>>>> = Arc::default();
+    let pool = Pool::new();
+    for name in ["a", "b"] {
+        let gates = gates.clone();
+        pool.insert(
+            name,
+            tower::service_fn(move |_req: Request<()>| {
+                let (tx, rx) = oneshot::channel();
+                gates.lock().entry(name).or_default().push(tx);
+                async move {
+                    rx.await.ok();
+                    Ok::<_, BoxError>(Response::new(name.to_owned()))
+                }
+            }),
+        );
+    }
+    let store = MemoryStore::new();
+    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id")).store(store.clone());
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(pool.clone());
+    let req = || {
+        Request::builder()
+            .header("x-session-id", "s1")
+            .body(())
+            .unwrap()
+    };
+    // Both miss: round robin sends one to each backend.
+    let first = tokio::spawn(send_owned(svc.clone(), req()));
+    let second = tokio::spawn(send_owned(svc.clone(), req()));
+    while gates.lock().values().map(Vec::len).sum::<usize>() < 2 {
+        tokio::task::yield_now().await;
+    }
+    // b answers first and starts the session; a's later answer must not
+    // move it.
+    let release = |name: &str| gates.lock().get_mut(name).unwrap().pop().unwrap().send(());
+    release("b").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while layer.session("s1").is_none() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("b's answer starts the session");
+    release("a").unwrap();
+    let mut bodies = vec![
+        first.await.unwrap().unwrap().into_body(),
+        second.await.unwrap().unwrap().into_body(),
+    ];
+    bodies.sort();
+    assert_eq!(bodies, ["a", "b"]);
+    assert_eq!(layer.session("s1").unwrap().backend.as_str(), "b");
+    assert_eq!(
+        store.load("s1").await.unwrap().unwrap().backend.as_str(),
+        "b"
+    );
+    assert_eq!(layer.stats().created, 1);
 }
 
 #[tokio::test]
@@ -951,7 +1075,9 @@ async fn store_errors_never_fail_requests() {
     let home = send(&svc, req()).await.unwrap().into_body();
     assert_eq!(send(&svc, req()).await.unwrap().body(), &home);
     let stats = layer.stats();
-    assert_eq!(stats.store_errors, 2, "one load, one save: {stats:?}");
+    // The load failed, so nothing is saved over a record the store may
+    // hold.
+    assert_eq!(stats.store_errors, 1, "one load: {stats:?}");
     assert!(layer.restore().await.unwrap_err().is_unavailable());
 }
 

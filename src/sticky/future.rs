@@ -10,10 +10,9 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::shared::{BoxFuture, Shared, Track};
+use super::shared::{BoxFuture, Shared, Stored, Track};
 use crate::backend::BackendId;
 use crate::error::BoxError;
-use crate::store::Session;
 
 pin_project! {
     /// The response future of [`Sticky`](super::Sticky): loads an unknown
@@ -61,7 +60,7 @@ pin_project! {
 struct Loading<S, B> {
     key: Arc<str>,
     cookie: Option<BackendId>,
-    load: BoxFuture<Option<Session>>,
+    load: BoxFuture<Stored>,
     service: Option<S>,
     request: Option<Request<B>>,
 }
@@ -79,7 +78,7 @@ impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
         shared: Arc<Shared>,
         key: Arc<str>,
         cookie: Option<BackendId>,
-        load: BoxFuture<Option<Session>>,
+        load: BoxFuture<Stored>,
         service: S,
         request: Request<B>,
     ) -> Self {

@@ -1,7 +1,7 @@
 //! The state every clone of one sticky layer shares, and the decisions made
 //! on the request and on the response.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -121,7 +121,23 @@ impl fmt::Debug for Config {
     }
 }
 
-type Loading = Mutex<HashMap<Arc<str>, Arc<OnceCell<Option<Session>>>>>;
+/// What the store said about a session.
+#[derive(Debug, Clone)]
+pub(crate) enum Stored {
+    /// Its record.
+    Found(Session),
+    /// No record.
+    Absent,
+    /// The store could not say (an error), or holds a record this instance
+    /// did not take (a failed restore): a session started now is kept in
+    /// memory only, so that it cannot overwrite that record.
+    Unknown,
+}
+
+/// One load from the store shared by concurrent requests: the `forgotten`
+/// generation it started in, and what it read.
+type Cell = Arc<OnceCell<(u64, Stored)>>;
+type Loading = Mutex<HashMap<Arc<str>, Cell>>;
 
 pub(crate) struct Shared {
     pub(crate) config: Config,
@@ -130,6 +146,9 @@ pub(crate) struct Shared {
     /// Bumped by every `forget`, so a load that read the store before an
     /// invalidation does not put its stale result back in the table.
     forgotten: std::sync::atomic::AtomicU64,
+    /// Keys whose stored record `restore` kept after its hook failed
+    /// (standalone mode): never overwritten by a session started here.
+    unrestored: Mutex<HashSet<Arc<str>>>,
     counters: Counters,
 }
 
@@ -147,8 +166,9 @@ impl fmt::Debug for Shared {
 pub(crate) enum Track {
     /// The request names no session: a response may start one.
     Fresh,
-    /// The request names a session nobody knows: its response starts it.
-    New { key: Arc<str> },
+    /// The request names a session nobody knows: its response starts it,
+    /// and saves it when `persist` (the store has no record of it).
+    New { key: Arc<str>, persist: bool },
     /// A known session.
     Known {
         key: Arc<str>,
@@ -196,7 +216,7 @@ pub(crate) enum Start {
     Load {
         key: Arc<str>,
         cookie: Option<BackendId>,
-        load: BoxFuture<Option<Session>>,
+        load: BoxFuture<Stored>,
     },
     /// Refuse the request (strict mode).
     Refuse(SessionUnavailable),
@@ -214,6 +234,7 @@ impl Shared {
             config,
             loading: Mutex::new(HashMap::new()),
             forgotten: std::sync::atomic::AtomicU64::new(0),
+            unrestored: Mutex::new(HashSet::new()),
             counters: Counters::default(),
         }
     }
@@ -284,7 +305,14 @@ impl Shared {
                         let load = self.load(store.clone(), key.clone());
                         return Start::Load { key, cookie, load };
                     }
-                    _ => self.after_load(req, key, cookie, None),
+                    _ => {
+                        let stored = if self.unrestored.lock().contains(&key) {
+                            Stored::Unknown
+                        } else {
+                            Stored::Absent
+                        };
+                        self.after_load(req, key, cookie, stored)
+                    }
                 }
             }
         };
@@ -343,20 +371,21 @@ impl Shared {
         req: &mut Request<B>,
         key: Arc<str>,
         cookie: Option<BackendId>,
-        stored: Option<Session>,
+        stored: Stored,
     ) -> Result<Track, SessionUnavailable> {
         // A stored record is authoritative (it follows moves made on other
         // replicas); without one, a verified cookie names the backend,
         // unless that backend is not in the pool: a session nobody knows
         // on a backend nobody knows is no session.
+        let persist = matches!(stored, Stored::Absent);
         let session = match (stored, &cookie) {
-            (Some(stored), _) => Some(stored),
-            (None, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
+            (Stored::Found(stored), _) => Some(stored),
+            (_, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
                 self.reject(Reject::UnknownBackend);
                 return Ok(Track::Fresh);
             }
-            (None, Some(backend)) => Some(Session::new(&*key, backend.clone())),
-            (None, None) => None,
+            (_, Some(backend)) => Some(Session::new(&*key, backend.clone())),
+            (_, None) => None,
         };
         match session {
             Some(session) => {
@@ -366,7 +395,7 @@ impl Shared {
                 self.count_dropped(dropped);
                 self.pin(req, hit, Named::from_option(cookie))
             }
-            None => Ok(Track::New { key }),
+            None => Ok(Track::New { key, persist }),
         }
     }
 
@@ -423,11 +452,7 @@ impl Shared {
     }
 
     /// Loads `key` from the store, once for all concurrent requests.
-    fn load(
-        self: &Arc<Self>,
-        store: Arc<dyn SessionStore>,
-        key: Arc<str>,
-    ) -> BoxFuture<Option<Session>> {
+    fn load(self: &Arc<Self>, store: Arc<dyn SessionStore>, key: Arc<str>) -> BoxFuture<Stored> {
         let shared = self.clone();
         Box::pin(async move {
             let cell = {
@@ -435,43 +460,75 @@ impl Shared {
                 // A load that finished since this request's lookup has put
                 // the session in the table before leaving the map.
                 if let Some(session) = shared.table.session(&key) {
-                    return Some(session);
+                    return Stored::Found(session);
                 }
                 loading.entry(key.clone()).or_default().clone()
             };
-            let generation = shared.forgotten.load(std::sync::atomic::Ordering::Acquire);
-            let session = cell
+            // Leaves the map when done, or when every request waiting on it
+            // is dropped (a client gone while the store was slow).
+            let registered = Registered {
+                loading: &shared.loading,
+                key: &key,
+                cell: &cell,
+            };
+            let (generation, stored) = cell
                 .get_or_init(|| async {
-                    bump(&shared.counters.loaded, 1);
-                    let session = match store.load(&key).await {
-                        Ok(session) => session.filter(|s| *s.key == *key),
-                        Err(error) => {
-                            shared.store_error(&key, "load", &error);
-                            None
-                        }
-                    };
-                    match (session, &shared.config.lock, &shared.config.on_restore) {
-                        (Some(session), Some(lock), Some(hook)) => {
-                            Some(shared.hydrate(&*store, &**lock, hook, session).await)
-                        }
-                        (session, _, _) => session,
-                    }
+                    let generation = shared.generation();
+                    (generation, shared.read(&*store, &key).await)
                 })
                 .await
                 .clone();
-            let current = shared.forgotten.load(std::sync::atomic::Ordering::Acquire) == generation;
-            if let Some(session) = session.as_ref().filter(|_| current) {
-                let session = shared.with_member_id(session.clone());
-                let tag = shared.tag(&session.key, &session.backend);
-                let (_, dropped) = shared.table.insert_if_absent(session, tag);
-                shared.count_dropped(dropped);
-            }
-            let mut loading = shared.loading.lock();
-            if loading.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                loading.remove(&key);
-            }
-            session
+            let stored = if generation == shared.generation() {
+                shared.remember(&stored, generation);
+                stored
+            } else {
+                // Forgotten while it was read (moved on another replica):
+                // read it again rather than route by the stale record.
+                let generation = shared.generation();
+                let stored = shared.read(&*store, &key).await;
+                shared.remember(&stored, generation);
+                stored
+            };
+            drop(registered);
+            stored
         })
+    }
+
+    fn generation(&self) -> u64 {
+        self.forgotten.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Reads `key` from the store (and restores it, when a lock and a
+    /// restore hook are configured).
+    async fn read(&self, store: &dyn SessionStore, key: &str) -> Stored {
+        bump(&self.counters.loaded, 1);
+        let session = match store.load(key).await {
+            Ok(session) => session.filter(|s| *s.key == *key),
+            Err(error) => {
+                self.store_error(key, "load", &error);
+                return Stored::Unknown;
+            }
+        };
+        match (session, &self.config.lock, &self.config.on_restore) {
+            (Some(session), Some(lock), Some(hook)) => {
+                Stored::Found(self.hydrate(store, &**lock, hook, session).await)
+            }
+            (Some(session), _, _) => Stored::Found(session),
+            (None, _, _) => Stored::Absent,
+        }
+    }
+
+    /// Puts a session read in `generation` in the table, unless it was
+    /// forgotten since.
+    fn remember(&self, stored: &Stored, generation: u64) {
+        if let Stored::Found(session) = stored {
+            if generation == self.generation() {
+                let session = self.with_member_id(session.clone());
+                let tag = self.tag(&session.key, &session.backend);
+                let (_, dropped) = self.table.insert_if_absent(session, tag);
+                self.count_dropped(dropped);
+            }
+        }
     }
 
     /// Restores a session loaded in replication mode, one instance at a
@@ -569,6 +626,9 @@ impl Shared {
         let served = response.extensions().get::<ServedBy>().map(|s| s.0.clone());
         let mut work = Work::default();
         let mut current: Option<Arc<str>> = None;
+        // A session started from the request's own cookie value, not yet
+        // saved (learned cookies).
+        let mut unconfirmed = false;
         match (track, served.as_ref()) {
             (
                 Track::Known {
@@ -623,14 +683,19 @@ impl Shared {
                 current = Some(key);
             }
             (Track::Known { key, .. }, None) => current = Some(key),
-            (Track::New { key }, Some(served)) => {
-                self.create(&mut work, &key, served.clone());
+            (Track::New { key, persist }, Some(served)) => {
+                // An application's session cookie is trusted once the
+                // application sets it: until then the binding stays in
+                // memory, so that made-up values fill no store.
+                let learns = matches!(self.config.key.kind, Kind::Learn(_));
+                unconfirmed = learns;
+                let bound = self.start_new(&mut work, &key, served, persist && !learns);
                 if let Some(c) = self.config.key.cookie() {
-                    set_cookie(response, c, &key, served);
+                    set_cookie(response, c, &key, &bound);
                 }
                 current = Some(key);
             }
-            (Track::New { key }, None) => current = Some(key),
+            (Track::New { key, .. }, None) => current = Some(key),
             (Track::Fresh, Some(served)) => match &self.config.key.kind {
                 Kind::Insert(c) => {
                     let sid = CookieInsert::new_session_id();
@@ -653,6 +718,9 @@ impl Shared {
                     if let (Some(k), Some(served)) = (key::response_key(value), &served) {
                         if current.as_deref() != Some(k) {
                             self.create(&mut work, k, served.clone());
+                        } else if unconfirmed {
+                            // The application confirmed the value: save it.
+                            work.save.extend(self.table.session(k));
                         }
                     }
                 }
@@ -680,6 +748,31 @@ impl Shared {
         }
     }
 
+    /// Starts a session a request named (`Track::New`) on the backend that
+    /// served it, unless a concurrent request started it first; returns the
+    /// session's backend. Saved when `persist`.
+    fn start_new(
+        &self,
+        work: &mut Work,
+        key: &str,
+        served: &BackendId,
+        persist: bool,
+    ) -> BackendId {
+        let session = Session::new(key, served.clone());
+        let (hit, dropped) = self
+            .table
+            .insert_if_absent(session.clone(), self.tag(key, served));
+        self.count_dropped(dropped);
+        if hit.backend == *served {
+            bump(&self.counters.created, 1);
+            if persist {
+                work.save.push(session);
+            }
+        }
+        hit.backend
+    }
+
+    /// Starts (or replaces) the session `key` on `backend`, and saves it.
     fn create(&self, work: &mut Work, key: &str, backend: BackendId) {
         let tag = self.tag(key, &backend);
         let session = Session::new(key, backend);
@@ -756,6 +849,7 @@ impl Shared {
                         %error,
                         "session restore failed; its record is kept"
                     );
+                    self.unrestored.lock().insert(session.key.as_str().into());
                     report.failed.push(RestoreFailure {
                         key: session.key,
                         backend: session.backend,
@@ -764,6 +858,7 @@ impl Shared {
                     continue;
                 }
             }
+            self.unrestored.lock().remove(session.key.as_str());
             report.restored.push(session.key.clone());
             let session = self.with_member_id(session);
             let tag = self.tag(&session.key, &session.backend);
@@ -780,6 +875,27 @@ impl Shared {
             store.delete(&[key.to_owned()]).await?;
         }
         Ok(known)
+    }
+}
+
+/// A request's registration on a shared load (see `Shared::load`).
+struct Registered<'a> {
+    loading: &'a Loading,
+    key: &'a Arc<str>,
+    cell: &'a Cell,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut loading = self.loading.lock();
+        // Done, or the map's and this request's are the last references.
+        let finished = |c: &Cell| c.initialized() || Arc::strong_count(c) <= 2;
+        if loading
+            .get(self.key)
+            .is_some_and(|c| Arc::ptr_eq(c, self.cell) && finished(c))
+        {
+            loading.remove(self.key);
+        }
     }
 }
 

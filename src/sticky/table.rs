@@ -261,27 +261,13 @@ impl Table {
 
     /// Inserts (or replaces) `session`, seen now.
     pub(crate) fn insert(&self, session: Session, cookie: Option<Box<str>>) -> (Arc<str>, Dropped) {
-        let now = self.now();
-        let key = Key(Arc::from(session.key));
-        let entry = Entry {
-            backend: session.backend,
-            created: session.created,
-            data: session.data,
-            last_seen: AtomicU64::new(now),
-            failed: AtomicBool::new(false),
-            cookie,
-        };
-        let mut map = self.map.write();
-        let mut dropped = self.sweep_locked(&mut map, now);
-        if !map.contains_key(&key) && map.len() >= self.max {
-            dropped.evicted += evict_oldest(&mut map, self.max);
-        }
-        map.insert(key.clone(), entry);
-        (key.0, dropped)
+        let (hit, dropped) = self.put(session, cookie, true);
+        (hit.key, dropped)
     }
 
-    /// Inserts `session` unless its key is already present; returns the
-    /// entry now in the table.
+    /// Inserts `session` unless its key is already present (and not idle);
+    /// returns the entry now in the table. Atomic: of concurrent inserts of
+    /// one key, the first wins and the others get its entry.
     pub(crate) fn insert_if_absent(
         &self,
         session: Session,
@@ -290,16 +276,45 @@ impl Table {
         if let Some(hit) = self.get(session.key.as_bytes(), None).hit {
             return (hit, Dropped::default());
         }
-        let backend = session.backend.clone();
-        let (key, dropped) = self.insert(session, cookie);
-        (
-            Hit {
-                key,
-                backend,
-                failed: false,
+        self.put(session, cookie, false)
+    }
+
+    fn put(&self, session: Session, cookie: Option<Box<str>>, replace: bool) -> (Hit, Dropped) {
+        let now = self.now();
+        let key = Key(Arc::from(session.key));
+        let mut map = self.map.write();
+        let mut dropped = self.sweep_locked(&mut map, now);
+        if !replace {
+            if let Some((k, entry)) = map.get_key_value(&key) {
+                entry.last_seen.store(now, Ordering::Relaxed);
+                let hit = Hit {
+                    key: k.0.clone(),
+                    backend: entry.backend.clone(),
+                    failed: entry.failed.load(Ordering::Relaxed),
+                };
+                return (hit, dropped);
+            }
+        }
+        if !map.contains_key(&key) && map.len() >= self.max {
+            dropped.evicted += evict_oldest(&mut map, self.max);
+        }
+        let hit = Hit {
+            key: key.0.clone(),
+            backend: session.backend.clone(),
+            failed: false,
+        };
+        map.insert(
+            key,
+            Entry {
+                backend: session.backend,
+                created: session.created,
+                data: session.data,
+                last_seen: AtomicU64::new(now),
+                failed: AtomicBool::new(false),
+                cookie,
             },
-            dropped,
-        )
+        );
+        (hit, dropped)
     }
 
     /// Moves `key` from `from` to `to`, only if it is still on `from`

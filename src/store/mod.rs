@@ -230,8 +230,9 @@ pub struct Skipped {
 }
 
 fn truncate_to_millis(t: SystemTime) -> SystemTime {
-    let ms = unix_millis::to_millis(t);
-    unix_millis::from_millis(ms)
+    // `t` itself came from milliseconds that fit, or is later than any
+    // representable millisecond count: keep it then.
+    unix_millis::from_millis(unix_millis::to_millis(t)).unwrap_or(t)
 }
 
 /// Timestamps as integer milliseconds since the Unix epoch, the form
@@ -246,8 +247,9 @@ mod unix_millis {
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
-    pub(super) fn from_millis(ms: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(ms)
+    /// `None` past what the platform's clock can represent.
+    pub(super) fn from_millis(ms: u64) -> Option<SystemTime> {
+        UNIX_EPOCH.checked_add(Duration::from_millis(ms))
     }
 
     pub(super) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -255,7 +257,10 @@ mod unix_millis {
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        u64::deserialize(d).map(from_millis)
+        let ms = u64::deserialize(d)?;
+        from_millis(ms).ok_or_else(|| {
+            serde::de::Error::custom(format_args!("timestamp {ms} ms is out of range"))
+        })
     }
 }
 
