@@ -91,12 +91,15 @@ where
     }
 }
 
+/// Words of the status bit set: one bit for each status from 100 to 999.
+const STATUS_WORDS: usize = 900_usize.div_ceil(64);
+
 /// Every error, and the statuses 502, 503 and 504 (configurable), are
 /// failures; everything else is a success.
 #[derive(Debug, Clone)]
 pub struct DefaultClassifier {
-    /// Bit `s - 100` set for each failing status `s`.
-    statuses: [u64; 8],
+    /// Bit `s - 100` set for each failing status `s` (100 to 999).
+    statuses: [u64; STATUS_WORDS],
 }
 
 impl Default for DefaultClassifier {
@@ -108,15 +111,19 @@ impl Default for DefaultClassifier {
 impl DefaultClassifier {
     /// Errors, 502, 503 and 504 are failures.
     pub fn new() -> Self {
-        DefaultClassifier { statuses: [0; 8] }
-            .status(StatusCode::BAD_GATEWAY)
-            .status(StatusCode::SERVICE_UNAVAILABLE)
-            .status(StatusCode::GATEWAY_TIMEOUT)
+        DefaultClassifier {
+            statuses: [0; STATUS_WORDS],
+        }
+        .status(StatusCode::BAD_GATEWAY)
+        .status(StatusCode::SERVICE_UNAVAILABLE)
+        .status(StatusCode::GATEWAY_TIMEOUT)
     }
 
     /// Only errors are failures; no status is.
     pub fn errors_only() -> Self {
-        DefaultClassifier { statuses: [0; 8] }
+        DefaultClassifier {
+            statuses: [0; STATUS_WORDS],
+        }
     }
 
     /// Also counts `status` as a failure.
@@ -162,6 +169,16 @@ mod tests {
         let c = DefaultClassifier::errors_only().status(StatusCode::from_u16(599).unwrap());
         assert!(c.is_failure_status(StatusCode::from_u16(599).unwrap()));
         assert!(!c.is_failure_status(StatusCode::from_u16(503).unwrap()));
+    }
+
+    #[test]
+    fn every_status_from_100_to_999_is_classified() {
+        let c = DefaultClassifier::new();
+        for s in 100..=999 {
+            let status = StatusCode::from_u16(s).unwrap();
+            assert_eq!(c.is_failure_status(status), matches!(s, 502..=504), "{s}");
+            assert!(c.clone().status(status).is_failure_status(status), "{s}");
+        }
     }
 
     #[test]

@@ -800,3 +800,30 @@ async fn failovers_and_exhaustion_are_events_in_the_stream() {
         other => panic!("unexpected events {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn attempts_that_end_on_a_failed_response_are_an_exhaustion_event() {
+    use tower_ha::control::Event;
+    let events = tower_ha::control::Events::new(16, 16);
+    let service = ServiceBuilder::new()
+        .layer(
+            FailoverLayer::new()
+                .no_budget()
+                .max_attempts(2)
+                .events(events.clone()),
+        )
+        .service(Balance::new(
+            failing_fleet(3, Arc::new(AtomicUsize::new(0))),
+            RoundRobin::new(),
+        ));
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(history(&response), ["b0", "b1"]);
+    let last = events.history().last().map(|r| r.event.clone());
+    match last {
+        Some(Event::AttemptsExhausted { tried }) => {
+            assert_eq!(tried, [BackendId::from("b0"), BackendId::from("b1")]);
+        }
+        other => panic!("expected AttemptsExhausted, got {other:?}"),
+    }
+}

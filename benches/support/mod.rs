@@ -61,7 +61,11 @@ pub fn parsed(head: &str) -> Request<()> {
     let mut start = lines.next().expect("a request line").split(' ');
     let method = Method::from_bytes(start.next().expect("a method").as_bytes()).expect("method");
     let uri = Uri::from_maybe_shared(slice(start.next().expect("a target"))).expect("target");
-    let mut req = Request::builder().method(method).uri(uri).body(()).expect("request");
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(())
+        .expect("request");
     for line in lines {
         let (name, value) = line.split_once(':').expect("name: value");
         let name = HeaderName::from_bytes(name.as_bytes()).expect("header name");

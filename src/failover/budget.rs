@@ -45,8 +45,8 @@ pub struct RetryBudget {
 
 #[derive(Debug)]
 struct Window {
-    /// When the current window began; `None` until the first withdrawal.
-    start: Option<Instant>,
+    /// When the current window began.
+    start: Instant,
     /// The request count when the window began.
     requests_at_start: u64,
     /// Retries granted in the window.
@@ -66,8 +66,10 @@ impl RetryBudget {
             floor_per_sec,
             window: Duration::from_secs(10),
             requests: AtomicU64::new(0),
+            // Windows run from now: requests made long before the first
+            // retry are never counted in its window.
             state: Mutex::new(Window {
-                start: None,
+                start: Instant::now(),
                 requests_at_start: 0,
                 retries: 0,
             }),
@@ -99,7 +101,7 @@ impl Budget for RetryBudget {
         let now = Instant::now();
         let requests = self.requests.load(Ordering::Relaxed);
         let mut w = self.state.lock();
-        let start = *w.start.get_or_insert(now);
+        let start = w.start;
         let mut elapsed = now.saturating_duration_since(start);
         if elapsed >= self.window {
             // Start the window `now` falls in, aligned on the first one.
@@ -107,7 +109,7 @@ impl Budget for RetryBudget {
             let skip = self
                 .window
                 .saturating_mul(u32::try_from(windows).unwrap_or(u32::MAX));
-            w.start = Some(start + skip);
+            w.start = start + skip;
             elapsed = elapsed.saturating_sub(skip);
             w.requests_at_start = requests;
             w.retries = 0;
@@ -173,6 +175,20 @@ mod tests {
         assert!(!budget.withdraw());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(!budget.withdraw(), "old requests do not count");
+        budget.deposit();
+        budget.deposit();
+        assert!(budget.withdraw());
+        assert!(!budget.withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_older_than_a_window_fund_no_retry() {
+        let budget = RetryBudget::new(0.5, 0).window(Duration::from_secs(2));
+        for _ in 0..1000 {
+            budget.deposit();
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(!budget.withdraw(), "a minute-old burst funds nothing now");
         budget.deposit();
         budget.deposit();
         assert!(budget.withdraw());

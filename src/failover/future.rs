@@ -292,12 +292,12 @@ where
                     return Verdict::Return(Ok(response));
                 };
                 self.record(id, FailedStatus::new(response.status()).into());
+                self.last_response = Some(response);
                 if self.may_retry(false) {
-                    self.last_response = Some(response);
                     Verdict::Retry
                 } else {
-                    self.last_response = None;
-                    Verdict::Return(Ok(self.with_history(response, false)))
+                    // Returns this response, with the history.
+                    Verdict::Return(self.give_up(None))
                 }
             }
             Err(err) => {
