@@ -359,6 +359,12 @@ impl BackendState {
         (Instant::now() < until).then_some(until)
     }
 
+    /// Whether the last ejection ran out by itself: it has a deadline that
+    /// nobody lifted (it may be in force still).
+    pub(crate) fn has_ejection_deadline(&self) -> bool {
+        self.ejected_until.load(Ordering::Acquire) != 0
+    }
+
     /// Whether an ejection is in force now.
     #[inline]
     pub fn is_ejected(&self) -> bool {

@@ -199,6 +199,22 @@ async fn the_health_layer_and_checker_emit_into_the_event_stream() {
             if backend.as_str() == "good"
     )));
     assert!(events.last_change(&"good".into()).is_some());
+    // "bad" passes its probe: the probe lifts its ejection, and the next
+    // request it fails does not report the end of that ejection again.
+    for _ in 0..4 {
+        let _ = balance.clone().oneshot(Request::new(())).await;
+    }
+    let restored: Vec<_> = events
+        .history()
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::Restored { backend, reason } if backend.as_str() == "bad" => {
+                Some(reason.to_string())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restored, ["probe passed"]);
     checker.shutdown().await;
 }
 

@@ -300,7 +300,9 @@ impl Entry {
                 if health == Health::Healthy {
                     self.ever_healthy = true;
                     self.unhealthy_since = None;
-                    if self.state.uneject() {
+                    // Only an ejection in force is lifted here; one that
+                    // ran out is reported by the health layer.
+                    if self.state.is_ejected() && self.state.uneject() {
                         tracing::info!(
                             backend = %id,
                             from = "ejected",

@@ -2,7 +2,7 @@
 //! layer and the pool-wide cap on ejections.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -103,9 +103,10 @@ impl OutlierConfig {
 pub(crate) struct Ejections {
     /// Backends wrapped by the layer and alive (one per `layer()` call).
     backends: AtomicUsize,
-    /// Backends this layer ejected; pruned of expired or lifted ejections
-    /// whenever a new ejection is considered.
-    ejected: Mutex<Vec<Arc<BackendState>>>,
+    /// Backends this layer ejected; pruned of expired or lifted ejections,
+    /// and of backends gone from every pool, whenever a new ejection is
+    /// considered.
+    ejected: Mutex<Vec<Weak<BackendState>>>,
 }
 
 /// Why an ejection was refused.
@@ -128,7 +129,7 @@ impl Ejections {
         until: Instant,
     ) -> Result<(), Refused> {
         let mut ejected = self.ejected.lock();
-        ejected.retain(|s| s.is_ejected());
+        ejected.retain(|s| s.upgrade().is_some_and(|s| s.is_ejected()));
         if state.is_ejected() {
             return Err(Refused::AlreadyEjected);
         }
@@ -141,7 +142,7 @@ impl Ejections {
             });
         }
         state.eject_until(until);
-        ejected.push(state.clone());
+        ejected.push(Arc::downgrade(state));
         Ok(())
     }
 }
@@ -193,6 +194,9 @@ impl<C> Watch<C> {
         if self.ejected.load(Ordering::Relaxed)
             && !state.is_ejected()
             && self.ejected.swap(false, Ordering::AcqRel)
+            // Lifted early (a passing probe, an operator), the ejection's
+            // end was reported by whoever lifted it.
+            && state.has_ejection_deadline()
         {
             tracing::info!(
                 backend = %target.id(),
@@ -341,6 +345,10 @@ mod tests {
         );
         // A lifted ejection frees its place.
         states[0].uneject();
+        assert_eq!(ejections.try_eject(&states[1], 10, until), Ok(()));
+        // So does a backend that is gone, still ejected.
+        let mut states = states;
+        drop(states.remove(1));
         assert_eq!(ejections.try_eject(&states[1], 10, until), Ok(()));
         drop(watches);
         assert_eq!(ejections.backends.load(Ordering::Relaxed), 0);
