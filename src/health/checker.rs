@@ -160,6 +160,13 @@ where
     /// take traffic only after `rise` passing probes (Panda's rule). By
     /// default they keep the health the pool gave them (healthy), as in
     /// HAProxy, and lose it after `fall` failing probes.
+    ///
+    /// `Balance`'s panic routing still applies: while fewer than its
+    /// threshold of the backends are available (at start, none may be),
+    /// it routes to every enabled backend, as Envoy does. To refuse
+    /// requests until backends pass instead, set
+    /// [`Balance::panic_threshold`](crate::balance::Balance::panic_threshold)
+    /// to `0.0`.
     pub fn start_unhealthy(mut self, start_unhealthy: bool) -> Self {
         self.config.start_unhealthy = start_unhealthy;
         self
