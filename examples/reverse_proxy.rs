@@ -163,8 +163,11 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     for url in &o.backends {
         let backend =
             HttpBackend::new(&client, url.as_str()).unwrap_or_else(|e| usage(&e.to_string()));
-        let authority = url.trim_start_matches("http://").trim_end_matches('/');
-        let addr = authority
+        // `HttpBackend::new` accepted it: an http:// URI with a host.
+        let uri: http::Uri = url.parse().expect("a valid backend URI");
+        let authority = uri.authority().expect("a host").as_str();
+        let host = uri.host().expect("a host").trim_matches(['[', ']']);
+        let addr = (host, uri.port_u16().unwrap_or(80))
             .to_socket_addrs()
             .ok()
             .and_then(|mut a| a.next())

@@ -37,7 +37,14 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let mut out = summary.into_bytes();
     out.extend_from_slice(&body);
-    Ok(Response::new(Full::new(Bytes::from(out))))
+    // Hop-by-hop headers of the backend's own connection.
+    Ok(Response::builder()
+        .header("connection", "x-private")
+        .header("x-private", "1")
+        .header("keep-alive", "timeout=5")
+        .header("x-kept", "1")
+        .body(Full::new(Bytes::from(out)))
+        .unwrap())
 }
 
 async fn serve() -> SocketAddr {
@@ -85,6 +92,11 @@ async fn rewrites_the_target_and_forwards_for_the_client() {
         .insert(PeerAddr("198.51.100.7:40000".parse().unwrap()));
     let resp = backend.oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
+    // Hop-by-hop headers are dropped on the way back too.
+    for name in ["connection", "x-private", "keep-alive"] {
+        assert!(!resp.headers().contains_key(name), "{name}");
+    }
+    assert_eq!(resp.headers()["x-kept"], "1");
     let body = body_of(resp).await;
     assert_eq!(
         body,

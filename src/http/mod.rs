@@ -12,7 +12,9 @@
 //!   which is created when absent;
 //! * hop-by-hop headers (`Connection` and the headers it names,
 //!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`,
-//!   `Upgrade`) are not forwarded;
+//!   `Upgrade`) are not forwarded, in either direction;
+//! * under a base path, dot segments of the request's path are resolved
+//!   before it is appended, so a request cannot leave the base path;
 //! * a failure to connect comes back as [`NotSent`], so the failover layer
 //!   may retry any method on another backend;
 //! * bodies stream both ways.
@@ -210,7 +212,18 @@ impl<B> HttpBackend<B> {
                 None => PathAndQuery::from_static("/"),
             }
         } else {
-            PathAndQuery::try_from(format!("{}{}", self.prefix, path))?
+            // Under a prefix, dot segments are resolved first, so that a
+            // request cannot climb out of it (`/../other`).
+            let (path, query) = path
+                .split_once('?')
+                .map_or((path, None), |(p, q)| (p, Some(q)));
+            let mut joined = self.prefix.clone();
+            push_without_dot_segments(&mut joined, path);
+            if let Some(query) = query {
+                joined.push('?');
+                joined.push_str(query);
+            }
+            PathAndQuery::try_from(joined)?
         };
         let mut parts = ::http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
@@ -236,23 +249,53 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// Appends `ip` to the last `X-Forwarded-For` header, or adds one.
 fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
     let ip = ip.to_canonical().to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(prev) if !prev.is_empty() => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+    let mut v = Vec::new();
+    // Every line of the header, in order, folded into one.
+    for prev in headers.get_all(&X_FORWARDED_FOR) {
+        let prev = prev.as_bytes().trim_ascii();
+        if !prev.is_empty() {
             v.extend_from_slice(prev);
             v.extend_from_slice(b", ");
-            v.extend_from_slice(ip.as_bytes());
-            HeaderValue::from_bytes(&v).ok()
         }
-        _ => HeaderValue::from_str(&ip).ok(),
-    };
-    if let Some(value) = value {
-        // Several X-Forwarded-For headers are folded into one.
+    }
+    v.extend_from_slice(ip.as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&v) {
         headers.insert(&X_FORWARDED_FOR, value);
     }
 }
 
-/// Removes the headers that describe one connection, not the message.
+/// Appends `path` to `out` with its dot segments (`.`, `..`, and their
+/// percent-encoded forms) resolved as RFC 3986 does, never above `out`'s
+/// own content.
+fn push_without_dot_segments(out: &mut String, path: &str) {
+    let base = out.len();
+    let is_dot = |s: &str| s == "." || s.eq_ignore_ascii_case("%2e");
+    let is_dot_dot = |s: &str| {
+        matches!(s.len(), 2 | 4 | 6) && s.to_ascii_lowercase().replace("%2e", ".") == ".."
+    };
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        if is_dot(segment) || is_dot_dot(segment) {
+            if is_dot_dot(segment) {
+                if let Some(cut) = out[base..].rfind('/') {
+                    out.truncate(base + cut);
+                }
+            }
+            // A dot segment at the end leaves a directory: `/a/..` is `/`.
+            if last {
+                out.push('/');
+            }
+            continue;
+        }
+        out.push('/');
+        out.push_str(segment);
+    }
+    if out.len() == base {
+        out.push('/');
+    }
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -338,7 +381,14 @@ impl Future for ResponseFuture {
                 Poll::Ready(Err(NotSent::new(e).into()))
             }
             StateProj::Sent { future } => Poll::Ready(match ready!(future.poll(cx)) {
-                Ok(resp) => Ok(resp.map(ResponseBody::new)),
+                Ok(mut resp) => {
+                    // A backend's `Connection: close` ends its own
+                    // connection, not the client's.
+                    if resp.status() != ::http::StatusCode::SWITCHING_PROTOCOLS {
+                        strip_hop_by_hop(resp.headers_mut());
+                    }
+                    Ok(resp.map(ResponseBody::new))
+                }
                 Err(e) if e.is_connect() => Err(NotSent::new(e).into()),
                 Err(e) => Err(e.into()),
             }),
@@ -357,6 +407,33 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1");
         append_forwarded_for(&mut h, "::ffff:10.0.0.2".parse().unwrap());
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2");
+        // Several lines are folded in order, the peer last.
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static(" 10.0.0.3 "));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static(""));
+        append_forwarded_for(&mut h, "10.0.0.4".parse().unwrap());
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(
+            h[&X_FORWARDED_FOR],
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4"
+        );
+    }
+
+    #[test]
+    fn a_request_cannot_leave_the_base_path() {
+        let resolve = |path: &str| {
+            let mut out = String::from("/app1");
+            push_without_dot_segments(&mut out, path);
+            out
+        };
+        assert_eq!(resolve("/"), "/app1/");
+        assert_eq!(resolve("/x/y"), "/app1/x/y");
+        assert_eq!(resolve("/x/"), "/app1/x/");
+        assert_eq!(resolve("/../app2/secret"), "/app1/app2/secret");
+        assert_eq!(resolve("/a/%2E%2e/%2e/../../b"), "/app1/b");
+        assert_eq!(resolve("/a/.."), "/app1/");
+        assert_eq!(resolve("/a/./b/."), "/app1/a/b/");
+        assert_eq!(resolve("/..."), "/app1/...");
+        assert_eq!(resolve("//x"), "/app1//x");
     }
 
     #[test]
