@@ -8,7 +8,7 @@
 //!     primary: "backend1"
 //!     failback: auto            # optional: never (default) or auto
 //!     failback_after: "30s"     # optional: how long the primary must be stable
-//!     min_dwell: "10s"          # optional: minimum time between switches
+//!     min_dwell: "10s"          # optional: no failback sooner after a switch
 //!     health_check:             # optional
 //!       path: "/health"
 //!       interval: "5s"
@@ -118,7 +118,8 @@ pub struct GroupConfig {
         serialize_with = "ser_opt_duration"
     )]
     pub failback_after: Option<Duration>,
-    /// Minimum time between two switches for a failback (default 0).
+    /// How long the current primary serves, at least, before a failback
+    /// (default 0; with `failback: auto` only).
     #[serde(
         default,
         deserialize_with = "opt_duration",
@@ -428,6 +429,21 @@ impl Config {
                     ));
                 }
                 _ => {}
+            }
+            // Settings that only a failback uses, without one: a mistake
+            // that would silently keep the group from ever failing back.
+            if group.failback == FailbackMode::Never {
+                for (field, set) in [
+                    ("failback_after", group.failback_after.is_some()),
+                    ("min_dwell", group.min_dwell.is_some()),
+                ] {
+                    if set {
+                        return Err(ConfigError::invalid(
+                            at(field),
+                            "only applies with `failback: auto`",
+                        ));
+                    }
+                }
             }
             if let Some(f) = &group.failover {
                 if f.max_attempts == Some(0) {

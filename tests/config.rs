@@ -158,6 +158,14 @@ fn each_invalid_configuration_names_its_field() {
     let (field, _) = invalid("failover_groups:\n  - {name: ' ', mode: normal, backends: [x]}\n");
     assert_eq!(field, "failover_groups[0].name");
 
+    for setting in ["failback_after: 30s", "min_dwell: 10s"] {
+        let (field, msg) = invalid(&format!(
+            "failover_groups:\n  - {{name: a, mode: active-passive, backends: [x, y], primary: x, {setting}}}\n"
+        ));
+        assert_eq!(field, format!("failover_groups[0].{}", setting.split(':').next().unwrap()));
+        assert!(msg.contains("failback: auto"), "{msg}");
+    }
+
     let (field, _) = invalid(
         "failover_groups:\n  - {name: a, mode: normal, backends: [x], health_check: {healthy_threshold: 0}}\n",
     );
