@@ -221,7 +221,14 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    let Some(path) = req.uri().path().strip_prefix(prefix) else {
+    // The prefix ends at a segment boundary: `/api/v1` serves
+    // `/api/v1/groups`, not `/api/v1groups`.
+    let Some(path) = req
+        .uri()
+        .path()
+        .strip_prefix(prefix)
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+    else {
         return error(StatusCode::NOT_FOUND, "no such route");
     };
     let raw: Vec<&str> = path.trim_matches('/').split('/').collect();
