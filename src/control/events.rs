@@ -278,10 +278,14 @@ impl Events {
             record
         };
         if let Some(backend) = record.event.backend() {
-            self.inner
-                .last_change
-                .lock()
-                .insert(backend.clone(), record.time);
+            let mut last_change = self.inner.last_change.lock();
+            // A removed backend is forgotten, so that discovery churn (a
+            // pod address per deploy) does not grow the map forever.
+            if matches!(record.event, Event::BackendRemoved { .. }) {
+                last_change.remove(backend);
+            } else {
+                last_change.insert(backend.clone(), record.time);
+            }
         }
         // No subscriber is not an error.
         let _ = self.inner.tx.send(record);
@@ -361,5 +365,28 @@ impl Subscriber {
 pub(crate) fn emit(events: Option<&Events>, event: impl FnOnce() -> Event) {
     if let Some(events) = events {
         events.emit(event());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_backend_leaves_the_last_change_map() {
+        let events = Events::default();
+        let id = BackendId::from("10.0.0.7:80");
+        events.emit(Event::BackendAdded {
+            group: None,
+            backend: id.clone(),
+        });
+        assert!(events.last_change(&id).is_some());
+        events.emit(Event::BackendRemoved {
+            group: None,
+            backend: id.clone(),
+            reason: "dns".into(),
+        });
+        assert!(events.last_change(&id).is_none());
+        assert_eq!(events.history().len(), 2, "the history keeps both");
     }
 }

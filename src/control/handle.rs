@@ -3,6 +3,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,9 +124,11 @@ pub(super) struct Inner {
     events: Events,
     groups: RwLock<Vec<Arc<Group>>>,
     drain_deadline: Option<Duration>,
-    /// One number per backend, raised by every admin action, so that a
-    /// drain deadline acts only if no later action came.
+    /// The number of each backend's last admin action, so that a drain
+    /// deadline acts only if no later action came.
     epochs: Mutex<HashMap<BackendId, u64>>,
+    /// Where those numbers come from.
+    epoch_seq: AtomicU64,
 }
 
 /// Runtime control of one or more groups: drain, disable and enable
@@ -210,6 +213,7 @@ impl Handle {
                 groups: RwLock::new(Vec::new()),
                 drain_deadline: Some(Duration::from_secs(30)),
                 epochs: Mutex::new(HashMap::new()),
+                epoch_seq: AtomicU64::new(0),
             }),
         }
     }
@@ -228,6 +232,7 @@ impl Handle {
                 groups: RwLock::new(shared.groups.read().clone()),
                 drain_deadline: deadline,
                 epochs: Mutex::new(HashMap::new()),
+                epoch_seq: AtomicU64::new(0),
             },
         };
         Handle {
@@ -343,11 +348,13 @@ impl Handle {
         to: AdminStatus,
     ) -> Result<(Vec<Arc<BackendState>>, u64), ControlError> {
         let states = self.states(id)?;
+        // Unique across backends and removals: a deadline set before a
+        // backend was removed never matches the epoch of its return.
         let epoch = {
             let mut epochs = self.inner.epochs.lock();
-            let epoch = epochs.entry(id.clone()).or_insert(0);
-            *epoch += 1;
-            *epoch
+            let epoch = self.inner.epoch_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            epochs.insert(id.clone(), epoch);
+            epoch
         };
         let mut from = to;
         for state in &states {
@@ -507,6 +514,8 @@ impl Handle {
                 backend: id.to_string(),
             });
         }
+        // A pending drain deadline of the removed backend does nothing now.
+        self.inner.epochs.lock().remove(id);
         self.inner.events.emit(Event::BackendRemoved {
             group: Some(g.name.clone()),
             backend: id.clone(),
