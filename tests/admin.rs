@@ -265,7 +265,11 @@ async fn unknown_routes_and_prefixes() {
     let (status, _) = call(&prefixed, "GET", "/groups/web", "").await;
     assert_eq!(status, 404);
     let (status, _) = call(&prefixed, "GET", "/api/v1groups/web", "").await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "the prefix ends at a segment");
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the prefix ends at a segment"
+    );
 }
 
 #[tokio::test]

@@ -162,7 +162,10 @@ fn each_invalid_configuration_names_its_field() {
         let (field, msg) = invalid(&format!(
             "failover_groups:\n  - {{name: a, mode: active-passive, backends: [x, y], primary: x, {setting}}}\n"
         ));
-        assert_eq!(field, format!("failover_groups[0].{}", setting.split(':').next().unwrap()));
+        assert_eq!(
+            field,
+            format!("failover_groups[0].{}", setting.split(':').next().unwrap())
+        );
         assert!(msg.contains("failback: auto"), "{msg}");
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use tower::{service_fn, BoxError, Service, ServiceExt};
 use tower_ha::balance::{Balance, Failback, Priority, Strategy};
-use tower_ha::control::{Event, Events, Handle, RecvError, SwitchReason};
+use tower_ha::control::{ControlError, Event, Events, Handle, RecvError, SwitchReason};
 use tower_ha::health::HealthLayer;
 use tower_ha::{AdminStatus, BackendId, Health, Pool};
 
@@ -836,4 +836,20 @@ async fn a_drained_backends_sessions_stay_until_the_deadline_then_move_once() {
         )],
         "one SessionMoved event, in the stream the handle shares"
     );
+}
+
+#[tokio::test]
+async fn a_group_emitting_into_another_stream_is_refused() {
+    let handle = Handle::new(Events::default());
+    let elsewhere = Priority::new("g", ["a", "b"]).events(Events::default());
+    let balance = Balance::new(pool_of(&["a", "b"]), elsewhere);
+    assert_eq!(
+        handle.add_group("g", &balance),
+        Err(ControlError::OtherEventStream("g".into()))
+    );
+    // The handle's own stream, given beforehand, is fine.
+    let same = Priority::new("h", ["a", "b"]).events(handle.events().clone());
+    handle
+        .add_group("h", &Balance::new(pool_of(&["a", "b"]), same))
+        .unwrap();
 }

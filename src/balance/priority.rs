@@ -238,8 +238,13 @@ impl Priority {
         self
     }
 
-    pub(crate) fn attach_events(&self, events: &Events) {
-        let _ = self.shared.events.set(events.clone());
+    /// Emits into `events` unless another stream is attached already;
+    /// returns whether switches now go to `events`.
+    pub(crate) fn attach_events(&self, events: &Events) -> bool {
+        self.shared
+            .events
+            .get_or_init(|| events.clone())
+            .same_stream(events)
     }
 
     /// The group's name.

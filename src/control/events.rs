@@ -291,6 +291,11 @@ impl Events {
         let _ = self.inner.tx.send(record);
     }
 
+    /// Whether `self` and `other` are clones of one stream.
+    pub(crate) fn same_stream(&self, other: &Events) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// A new subscriber: it receives every event emitted from now on.
     pub fn subscribe(&self) -> Subscriber {
         Subscriber {

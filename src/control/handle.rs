@@ -67,6 +67,10 @@ pub enum ControlError {
     /// A drain deadline needs a tokio runtime to run on.
     #[error("draining with a deadline needs a tokio runtime")]
     NoRuntime,
+    /// The group's [`Priority`] emits its switches into another event
+    /// stream than the handle's, so the handle would never see them.
+    #[error("group `{0}` emits its primary changes into another event stream")]
+    OtherEventStream(String),
 }
 
 /// What the handle needs of a pool, whatever its service type.
@@ -257,7 +261,8 @@ impl Handle {
 
     /// Registers the group `name`, served by `balance`. A [`Priority`]
     /// strategy makes it active-passive, and its primary switches are
-    /// emitted into this handle's events.
+    /// emitted into this handle's events; a `Priority` given another event
+    /// stream already is refused ([`ControlError::OtherEventStream`]).
     pub fn add_group<S, P>(
         &self,
         name: impl Into<Arc<str>>,
@@ -292,7 +297,9 @@ impl Handle {
             return Err(ControlError::DuplicateGroup(name.to_string()));
         }
         if let Some(p) = &priority {
-            p.attach_events(&self.inner.events);
+            if !p.attach_events(&self.inner.events) {
+                return Err(ControlError::OtherEventStream(name.to_string()));
+            }
         }
         groups.push(Arc::new(Group {
             name,
