@@ -33,8 +33,11 @@ pub(crate) const SESSION_ID_LEN: usize = 22;
 const TAG_BYTES: usize = 16;
 /// The shortest secret accepted, in bytes.
 pub(crate) const MIN_SECRET: usize = 32;
-/// Longest base64url backend id accepted in a cookie (a 192-byte id).
-const MAX_BACKEND_B64: usize = 256;
+/// Longest backend id the cookie names, in bytes: with the session id and
+/// the MAC the value stays well under browsers' 4 KiB cookie limit.
+pub(crate) const MAX_BACKEND_ID: usize = 768;
+/// Longest base64url backend id accepted in a cookie.
+const MAX_BACKEND_B64: usize = MAX_BACKEND_ID / 3 * 4;
 /// Separates the MAC input's fields; it cannot occur in base64url.
 const DOMAIN: &[u8] = b"tower-ha sticky v1\0";
 
@@ -351,6 +354,19 @@ mod tests {
         let parsed = Parsed::new(value.as_bytes()).unwrap();
         assert_eq!(parsed.session, sid);
         assert_eq!(c.verify(&parsed).unwrap().as_str(), "node-a");
+    }
+
+    #[test]
+    fn every_id_the_cookie_may_name_round_trips() {
+        let c = cookie();
+        let sid = CookieInsert::new_session_id();
+        for len in [1, 191, 192, 193, 500, MAX_BACKEND_ID] {
+            let id: BackendId = "b".repeat(len).into();
+            let value = c.value(&sid, &id);
+            let parsed = Parsed::new(value.as_bytes()).unwrap();
+            assert_eq!(c.verify(&parsed).unwrap(), id, "{len}");
+            assert!(c.set_cookie(&value).unwrap().len() < 4096);
+        }
     }
 
     #[test]

@@ -918,6 +918,14 @@ impl Work {
 }
 
 fn set_cookie<RB>(response: &mut Response<RB>, c: &CookieInsert, key: &str, backend: &BackendId) {
+    if backend.as_str().len() > cookie::MAX_BACKEND_ID {
+        tracing::warn!(
+            target: TARGET,
+            %backend,
+            "backend id too long for the sticky cookie; no cookie issued"
+        );
+        return;
+    }
     let value = c.value(key, backend);
     if let Some(header) = c.set_cookie(&value) {
         response.headers_mut().append(SET_COOKIE, header);
