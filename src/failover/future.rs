@@ -162,7 +162,23 @@ where
         loop {
             match this.attempt.as_mut().project() {
                 AttemptProj::Called { future } => {
-                    let polled = future.poll(cx).map_err(Into::into);
+                    let polled = match future.poll(cx) {
+                        // The common case, a first attempt that succeeded,
+                        // is handed back as it is.
+                        Poll::Ready(Ok(response))
+                            if !this.retry.unpaid
+                                && this.retry.failures.is_empty()
+                                && !this
+                                    .retry
+                                    .config
+                                    .classifier
+                                    .is_failure(&Outcome::response(&response)) =>
+                        {
+                            this.attempt.set(Attempt::Done);
+                            return Poll::Ready(Ok(response));
+                        }
+                        polled => polled.map_err(Into::into),
+                    };
                     if this.retry.unpaid {
                         let no_backend =
                             matches!(&polled, Poll::Ready(Err(e)) if e.is::<NoBackend>());
