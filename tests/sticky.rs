@@ -433,12 +433,7 @@ async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
 async fn a_learned_cookie_nobody_set_is_not_stored() {
     let c = cluster();
     let store = MemoryStore::new();
-    let layer =
-        StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID")).store(store.clone());
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let (_, svc) = instance(&c, SessionKey::learn_cookie("JSESSIONID"), store.clone());
     for i in 0..20 {
         let made_up = format!("JSESSIONID=forged-{i}");
         let home = send(&svc, with_cookie(&made_up)).await.unwrap().into_body();
@@ -986,7 +981,8 @@ async fn a_record_the_store_cannot_read_is_not_overwritten() {
 async fn concurrent_first_requests_bind_a_session_once() {
     use tokio::sync::oneshot;
     // Two backends that answer when told to.
-    let gates: Arc<Mutex<HashMap<&'static str, Vec<oneshot::Sender<()>>>>> = Arc::default();
+    type Gates = HashMap<&'static str, Vec<oneshot::Sender<()>>>;
+    let gates: Arc<Mutex<Gates>> = Arc::default();
     let pool = Pool::new();
     for name in ["a", "b"] {
         let gates = gates.clone();

@@ -39,7 +39,7 @@ pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 /// | [`hydrate`](StickyLayer::hydrate) | none: `on_restore` runs in [`restore`](StickyLayer::restore) only |
 #[derive(Clone)]
 pub struct StickyLayer {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl StickyLayer {

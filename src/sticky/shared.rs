@@ -873,6 +873,7 @@ impl Shared {
         let known = self.table.remove(key);
         if let Some(store) = &self.config.store {
             store.delete(&[key.to_owned()]).await?;
+            self.unrestored.lock().remove(key);
         }
         Ok(known)
     }
@@ -929,5 +930,63 @@ fn set_cookie<RB>(response: &mut Response<RB>, c: &CookieInsert, key: &str, back
     let value = c.value(key, backend);
     if let Some(header) = c.set_cookie(&value) {
         response.headers_mut().append(SET_COOKIE, header);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sticky::StickyLayer;
+    use crate::store::{Loaded, StoreFuture};
+    use tower::{Layer, ServiceExt};
+
+    /// A store that never answers a load.
+    struct Stuck;
+
+    impl SessionStore for Stuck {
+        fn load_all(&self) -> StoreFuture<'_, Loaded> {
+            Box::pin(std::future::pending())
+        }
+        fn load<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Option<Session>> {
+            Box::pin(std::future::pending())
+        }
+        fn save<'a>(&'a self, _: &'a Session) -> StoreFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn delete<'a>(&'a self, _: &'a [String]) -> StoreFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_load_every_request_gave_up_on_leaves_the_map() {
+        let pool = Pool::new();
+        pool.insert(
+            "a",
+            tower::service_fn(|_req: Request<()>| async { Ok::<_, BoxError>(Response::new(())) }),
+        );
+        let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"))
+            .store(Stuck)
+            .availability(Availability::Replication);
+        let svc = layer.layer(crate::balance::Balance::new(
+            pool.clone(),
+            crate::balance::RoundRobin::new(),
+        ));
+        for i in 0..10 {
+            let req = Request::builder()
+                .header("x-session-id", format!("s{i}"))
+                .body(())
+                .unwrap();
+            // Both wait on one load; both give up.
+            let a = tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(req));
+            let req = Request::builder()
+                .header("x-session-id", format!("s{i}"))
+                .body(())
+                .unwrap();
+            let b = tokio::time::timeout(Duration::from_secs(2), svc.clone().oneshot(req));
+            let (a, b) = tokio::join!(a, b);
+            assert!(a.is_err() && b.is_err(), "the store never answers");
+        }
+        assert_eq!(layer.shared.loading.lock().len(), 0);
     }
 }
