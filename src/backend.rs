@@ -359,10 +359,38 @@ impl BackendState {
         (Instant::now() < until).then_some(until)
     }
 
-    /// Whether the last ejection ran out by itself: it has a deadline that
-    /// nobody lifted (it may be in force still).
-    pub(crate) fn has_ejection_deadline(&self) -> bool {
-        self.ejected_until.load(Ordering::Acquire) != 0
+    /// Lifts an ejection in force now; returns whether this call lifted
+    /// it. Of this and [`take_expired_ejection`](Self::take_expired_ejection)
+    /// racing over one ejection, exactly one returns `true`, so its end is
+    /// reported once.
+    pub(crate) fn lift_ejection(&self) -> bool {
+        let now = self.nanos_since_epoch(Instant::now());
+        let mut current = self.ejected_until.load(Ordering::Acquire);
+        while current != 0 && now < current {
+            match self.ejected_until.compare_exchange_weak(
+                current,
+                0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+        false
+    }
+
+    /// Clears an ejection that ran out by itself; returns whether this call
+    /// cleared it (see [`lift_ejection`](Self::lift_ejection)).
+    pub(crate) fn take_expired_ejection(&self) -> bool {
+        let now = self.nanos_since_epoch(Instant::now());
+        let current = self.ejected_until.load(Ordering::Acquire);
+        current != 0
+            && now >= current
+            && self
+                .ejected_until
+                .compare_exchange(current, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     /// Whether an ejection is in force now.

@@ -975,6 +975,17 @@ async fn a_record_the_store_cannot_read_is_not_overwritten() {
         b"{\"key\": \"s\", \"backe",
         "the unreadable record is kept for inspection, not replaced"
     );
+    // Its backend fails: the session moves, in memory only.
+    c.fail[home.as_str()].store(true, Ordering::SeqCst);
+    assert!(send(&svc, req()).await.is_err());
+    let moved = send(&svc, req()).await.unwrap().into_body();
+    assert_ne!(moved, home);
+    assert_eq!(layer.stats().moved, 1);
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"{\"key\": \"s\", \"backe",
+        "a move does not replace the unreadable record either"
+    );
 }
 
 #[tokio::test]

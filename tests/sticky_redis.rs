@@ -166,7 +166,14 @@ async fn a_session_started_on_one_replica_goes_to_the_same_backend_through_anoth
             assert_eq!(b.send(&key).await, home, "session {key}");
         }
     }
-    assert_eq!(b.layer.stats().loaded, 6, "B read each session once");
+    // Once each, and again only when A's notice about the new session
+    // reaches B during that read: B cannot tell it from a move made
+    // meanwhile, so it reads the record as it is now.
+    let loaded = b.layer.stats().loaded;
+    assert!(
+        (6..=12).contains(&loaded),
+        "B read each session once or twice: {loaded}"
+    );
     assert_eq!(b.layer.stats().created, 0, "B started none");
     assert_eq!(
         a.layer.stats().store_errors + b.layer.stats().store_errors,
@@ -258,7 +265,13 @@ async fn a_concurrent_hydration_from_two_replicas_restores_a_session_once() {
         5,
         "and counted once"
     );
-    assert!(a.layer.stats().loaded == 5 && b.layer.stats().loaded == 5);
+    // One read per session on each replica, and a second one (without
+    // restoring) when the other replica's notice about that session
+    // arrives during the first: it cannot tell it from a move.
+    for r in [&a, &b] {
+        let loaded = r.layer.stats().loaded;
+        assert!((5..=10).contains(&loaded), "{loaded} reads");
+    }
     assert!(a.layer.stats().store_errors + b.layer.stats().store_errors == 0);
 }
 

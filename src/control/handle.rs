@@ -521,8 +521,11 @@ impl Handle {
                 backend: id.to_string(),
             });
         }
-        // A pending drain deadline of the removed backend does nothing now.
-        self.inner.epochs.lock().remove(id);
+        // Gone from every group, its pending drain deadline does nothing
+        // now (in a group that still holds it, the deadline stands).
+        if self.states(id).is_err() {
+            self.inner.epochs.lock().remove(id);
+        }
         self.inner.events.emit(Event::BackendRemoved {
             group: Some(g.name.clone()),
             backend: id.clone(),

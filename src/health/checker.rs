@@ -309,7 +309,7 @@ impl Entry {
                     self.unhealthy_since = None;
                     // Only an ejection in force is lifted here; one that
                     // ran out is reported by the health layer.
-                    if self.state.is_ejected() && self.state.uneject() {
+                    if self.state.lift_ejection() {
                         tracing::info!(
                             backend = %id,
                             from = "ejected",
@@ -324,7 +324,7 @@ impl Entry {
                     }
                 } else if self.successes >= config.rise {
                     self.state.set_health(Health::Healthy);
-                    self.state.uneject();
+                    let lifted = self.state.lift_ejection();
                     self.ever_healthy = true;
                     self.unhealthy_since = None;
                     self.start_ramp(now, config);
@@ -342,6 +342,12 @@ impl Entry {
                         to: Health::Healthy,
                         reason: "probes passed".into(),
                     });
+                    if lifted {
+                        emit(events, || Event::Restored {
+                            backend: id.clone(),
+                            reason: "probe passed".into(),
+                        });
+                    }
                 }
             }
             Err(error) => {

@@ -194,9 +194,9 @@ impl<C> Watch<C> {
         if self.ejected.load(Ordering::Relaxed)
             && !state.is_ejected()
             && self.ejected.swap(false, Ordering::AcqRel)
-            // Lifted early (a passing probe, an operator), the ejection's
-            // end was reported by whoever lifted it.
-            && state.has_ejection_deadline()
+            // Lifted early (a passing probe), the ejection's end was
+            // reported by whoever lifted it.
+            && state.take_expired_ejection()
         {
             tracing::info!(
                 backend = %target.id(),

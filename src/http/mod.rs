@@ -14,7 +14,8 @@
 //!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`,
 //!   `Upgrade`) are not forwarded, in either direction;
 //! * under a base path, dot segments of the request's path are resolved
-//!   before it is appended, so a request cannot leave the base path;
+//!   before it is appended, and a path hiding a separator (`%2F`, `%5C`, a
+//!   backslash, `..;`) is refused, so a request cannot leave the base path;
 //! * a failure to connect comes back as [`NotSent`], so the failover layer
 //!   may retry any method on another backend;
 //! * bodies stream both ways.
@@ -217,6 +218,11 @@ impl<B> HttpBackend<B> {
             let (path, query) = path
                 .split_once('?')
                 .map_or((path, None), |(p, q)| (p, Some(q)));
+            if hides_a_separator(path) {
+                return Err("the request path hides a separator (%2F, %5C, a backslash \
+                            or `..;`) that could lead out of the backend's base path"
+                    .into());
+            }
             let mut joined = self.prefix.clone();
             push_without_dot_segments(&mut joined, path);
             if let Some(query) = query {
@@ -262,6 +268,22 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
     if let Ok(value) = HeaderValue::from_bytes(&v) {
         headers.insert(&X_FORWARDED_FOR, value);
     }
+}
+
+/// Whether a path holds a separator that a backend may decode or honour
+/// after dot segments are resolved here: an encoded `/` or `\`, a
+/// backslash, or a `..;` segment (path parameters, as Tomcat reads them).
+fn hides_a_separator(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    lower.contains("%2f")
+        || lower.contains("%5c")
+        || path.contains('\\')
+        || lower.split('/').any(|s| {
+            s.starts_with("..;")
+                || s.starts_with("%2e%2e;")
+                || s.starts_with(".%2e;")
+                || s.starts_with("%2e.;")
+        })
 }
 
 /// Appends `path` to `out` with its dot segments (`.`, `..`, and their
@@ -434,6 +456,19 @@ mod tests {
         assert_eq!(resolve("/a/./b/."), "/app1/a/b/");
         assert_eq!(resolve("/..."), "/app1/...");
         assert_eq!(resolve("//x"), "/app1//x");
+        for hidden in [
+            "/..%2Fapp2",
+            "/..%2fx",
+            "/a%5c..",
+            "/a\\..\\b",
+            "/..;/app2",
+            "/%2e%2E;x/y",
+        ] {
+            assert!(hides_a_separator(hidden), "{hidden}");
+        }
+        for plain in ["/", "/a/b", "/a%20b/..", "/a;b", "/%2e%2e/x"] {
+            assert!(!hides_a_separator(plain), "{plain}");
+        }
     }
 
     #[test]

@@ -134,18 +134,21 @@ pub(crate) enum Stored {
     Unknown,
 }
 
-/// One load from the store shared by concurrent requests: the `forgotten`
-/// generation it started in, and what it read.
-type Cell = Arc<OnceCell<(u64, Stored)>>;
+/// One load from the store, shared by the concurrent requests for a key.
+#[derive(Default)]
+struct Load {
+    stored: OnceCell<Stored>,
+    /// The key was forgotten (moved on another replica) while it loaded.
+    stale: std::sync::atomic::AtomicBool,
+}
+
+type Cell = Arc<Load>;
 type Loading = Mutex<HashMap<Arc<str>, Cell>>;
 
 pub(crate) struct Shared {
     pub(crate) config: Config,
     table: Table,
     loading: Loading,
-    /// Bumped by every `forget`, so a load that read the store before an
-    /// invalidation does not put its stale result back in the table.
-    forgotten: std::sync::atomic::AtomicU64,
     /// Keys whose stored record `restore` kept after its hook failed
     /// (standalone mode): never overwritten by a session started here.
     unrestored: Mutex<HashSet<Arc<str>>>,
@@ -233,7 +236,6 @@ impl Shared {
             ),
             config,
             loading: Mutex::new(HashMap::new()),
-            forgotten: std::sync::atomic::AtomicU64::new(0),
             unrestored: Mutex::new(HashSet::new()),
             counters: Counters::default(),
         }
@@ -378,6 +380,7 @@ impl Shared {
         // unless that backend is not in the pool: a session nobody knows
         // on a backend nobody knows is no session.
         let persist = matches!(stored, Stored::Absent);
+        let found = matches!(stored, Stored::Found(_));
         let session = match (stored, &cookie) {
             (Stored::Found(stored), _) => Some(stored),
             (_, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
@@ -391,7 +394,9 @@ impl Shared {
             Some(session) => {
                 let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
-                let (hit, dropped) = self.table.insert_if_absent(session, tag);
+                // A session from a cookie whose stored record could not be
+                // read stays in memory.
+                let (hit, dropped) = self.table.insert_if_absent(session, tag, persist || found);
                 self.count_dropped(dropped);
                 self.pin(req, hit, Named::from_option(cookie))
             }
@@ -471,22 +476,27 @@ impl Shared {
                 key: &key,
                 cell: &cell,
             };
-            let (generation, stored) = cell
-                .get_or_init(|| async {
-                    let generation = shared.generation();
-                    (generation, shared.read(&*store, &key).await)
-                })
+            let stored = cell
+                .stored
+                .get_or_init(|| shared.read(&*store, &key, true))
                 .await
                 .clone();
-            let stored = if generation == shared.generation() {
-                shared.remember(&stored, generation);
-                stored
+            let stale = {
+                // Under the lock `forget` takes to mark loads stale, so a
+                // session forgotten after this check is removed after it is
+                // remembered.
+                let _loading = shared.loading.lock();
+                let stale = cell.stale.load(std::sync::atomic::Ordering::Acquire);
+                if !stale {
+                    shared.remember(&stored);
+                }
+                stale
+            };
+            let stored = if stale {
+                // Moved on another replica while it was read: route by the
+                // record as it is now (restored there already).
+                shared.read(&*store, &key, false).await
             } else {
-                // Forgotten while it was read (moved on another replica):
-                // read it again rather than route by the stale record.
-                let generation = shared.generation();
-                let stored = shared.read(&*store, &key).await;
-                shared.remember(&stored, generation);
                 stored
             };
             drop(registered);
@@ -494,13 +504,9 @@ impl Shared {
         })
     }
 
-    fn generation(&self) -> u64 {
-        self.forgotten.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Reads `key` from the store (and restores it, when a lock and a
-    /// restore hook are configured).
-    async fn read(&self, store: &dyn SessionStore, key: &str) -> Stored {
+    /// Reads `key` from the store (and, with `restore`, restores it when a
+    /// lock and a restore hook are configured).
+    async fn read(&self, store: &dyn SessionStore, key: &str, restore: bool) -> Stored {
         bump(&self.counters.loaded, 1);
         let session = match store.load(key).await {
             Ok(session) => session.filter(|s| *s.key == *key),
@@ -510,7 +516,7 @@ impl Shared {
             }
         };
         match (session, &self.config.lock, &self.config.on_restore) {
-            (Some(session), Some(lock), Some(hook)) => {
+            (Some(session), Some(lock), Some(hook)) if restore => {
                 Stored::Found(self.hydrate(store, &**lock, hook, session).await)
             }
             (Some(session), _, _) => Stored::Found(session),
@@ -518,16 +524,13 @@ impl Shared {
         }
     }
 
-    /// Puts a session read in `generation` in the table, unless it was
-    /// forgotten since.
-    fn remember(&self, stored: &Stored, generation: u64) {
+    /// Puts a session read from the store in the table.
+    fn remember(&self, stored: &Stored) {
         if let Stored::Found(session) = stored {
-            if generation == self.generation() {
-                let session = self.with_member_id(session.clone());
-                let tag = self.tag(&session.key, &session.backend);
-                let (_, dropped) = self.table.insert_if_absent(session, tag);
-                self.count_dropped(dropped);
-            }
+            let session = self.with_member_id(session.clone());
+            let tag = self.tag(&session.key, &session.backend);
+            let (_, dropped) = self.table.insert_if_absent(session, tag, true);
+            self.count_dropped(dropped);
         }
     }
 
@@ -583,15 +586,20 @@ impl Shared {
     /// Drops what the table knows about `key`, keeping its stored record:
     /// the next request for it loads it again (replication mode).
     pub(crate) fn forget(&self, key: &str) -> bool {
-        self.forgotten
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        {
+            let mut loading = self.loading.lock();
+            if let Some(load) = loading.remove(key) {
+                load.stale.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
         self.table.remove(key)
     }
 
     /// Drops every session from the table, keeping the stored records.
     pub(crate) fn forget_all(&self) -> usize {
-        self.forgotten
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        for (_, load) in self.loading.lock().drain() {
+            load.stale.store(true, std::sync::atomic::Ordering::Release);
+        }
         self.table.clear()
     }
 
@@ -668,7 +676,9 @@ impl Shared {
                                 reason: reason.as_str().into(),
                             }
                         });
-                        work.save.push(moved.session.clone());
+                        if moved.saved {
+                            work.save.push(moved.session.clone());
+                        }
                         work.moved = Some(SessionMoved {
                             session: moved.session,
                             from: moved.from,
@@ -688,7 +698,7 @@ impl Shared {
                 // application sets it: until then the binding stays in
                 // memory, so that made-up values fill no store.
                 let learns = matches!(self.config.key.kind, Kind::Learn(_));
-                unconfirmed = learns;
+                unconfirmed = learns && persist;
                 let bound = self.start_new(&mut work, &key, served, persist && !learns);
                 if let Some(c) = self.config.key.cookie() {
                     set_cookie(response, c, &key, &bound);
@@ -720,7 +730,7 @@ impl Shared {
                             self.create(&mut work, k, served.clone());
                         } else if unconfirmed {
                             // The application confirmed the value: save it.
-                            work.save.extend(self.table.session(k));
+                            work.save.extend(self.table.mark_saved(k));
                         }
                     }
                 }
@@ -759,9 +769,9 @@ impl Shared {
         persist: bool,
     ) -> BackendId {
         let session = Session::new(key, served.clone());
-        let (hit, dropped) = self
-            .table
-            .insert_if_absent(session.clone(), self.tag(key, served));
+        let (hit, dropped) =
+            self.table
+                .insert_if_absent(session.clone(), self.tag(key, served), persist);
         self.count_dropped(dropped);
         if hit.backend == *served {
             bump(&self.counters.created, 1);
@@ -890,7 +900,7 @@ impl Drop for Registered<'_> {
     fn drop(&mut self) {
         let mut loading = self.loading.lock();
         // Done, or the map's and this request's are the last references.
-        let finished = |c: &Cell| c.initialized() || Arc::strong_count(c) <= 2;
+        let finished = |c: &Cell| c.stored.initialized() || Arc::strong_count(c) <= 2;
         if loading
             .get(self.key)
             .is_some_and(|c| Arc::ptr_eq(c, self.cell) && finished(c))

@@ -39,6 +39,10 @@ pub(crate) struct Entry {
     failed: AtomicBool,
     /// The value of the layer's cookie for this session on `backend`.
     cookie: Option<Box<str>>,
+    /// Whether the layer saves this session's changes. Off for a session
+    /// kept in memory only: the store holds a record of that key which the
+    /// layer could not read, or the application has not confirmed it.
+    saved: AtomicBool,
 }
 
 /// A table hit: what the request path needs, cheap to clone.
@@ -65,6 +69,8 @@ pub(crate) struct Lookup {
 pub(crate) struct Moved {
     pub(crate) session: Session,
     pub(crate) from: BackendId,
+    /// Whether the session is saved (see `Entry::saved`).
+    pub(crate) saved: bool,
 }
 
 /// A table key: the session key, hashed and compared as bytes so that a
@@ -259,27 +265,43 @@ impl Table {
         }
     }
 
-    /// Inserts (or replaces) `session`, seen now.
+    /// Inserts (or replaces) `session`, seen now, as a saved session.
     pub(crate) fn insert(&self, session: Session, cookie: Option<Box<str>>) -> (Arc<str>, Dropped) {
-        let (hit, dropped) = self.put(session, cookie, true);
+        let (hit, dropped) = self.put(session, cookie, true, true);
         (hit.key, dropped)
     }
 
     /// Inserts `session` unless its key is already present (and not idle);
     /// returns the entry now in the table. Atomic: of concurrent inserts of
-    /// one key, the first wins and the others get its entry.
+    /// one key, the first wins and the others get its entry. `saved` says
+    /// whether the layer saves the session's changes.
     pub(crate) fn insert_if_absent(
         &self,
         session: Session,
         cookie: Option<Box<str>>,
+        saved: bool,
     ) -> (Hit, Dropped) {
         if let Some(hit) = self.get(session.key.as_bytes(), None).hit {
             return (hit, Dropped::default());
         }
-        self.put(session, cookie, false)
+        self.put(session, cookie, false, saved)
     }
 
-    fn put(&self, session: Session, cookie: Option<Box<str>>, replace: bool) -> (Hit, Dropped) {
+    /// Marks a session saved (its key confirmed); returns it.
+    pub(crate) fn mark_saved(&self, key: &str) -> Option<Session> {
+        let map = self.map.read();
+        let entry = map.get(key.as_bytes())?;
+        entry.saved.store(true, Ordering::Relaxed);
+        Some(to_session(key, entry))
+    }
+
+    fn put(
+        &self,
+        session: Session,
+        cookie: Option<Box<str>>,
+        replace: bool,
+        saved: bool,
+    ) -> (Hit, Dropped) {
         let now = self.now();
         let key = Key(Arc::from(session.key));
         let mut map = self.map.write();
@@ -312,6 +334,7 @@ impl Table {
                 last_seen: AtomicU64::new(now),
                 failed: AtomicBool::new(false),
                 cookie,
+                saved: AtomicBool::new(saved),
             },
         );
         (hit, dropped)
@@ -340,6 +363,7 @@ impl Table {
         Some(Moved {
             session: to_session(key, entry),
             from: old,
+            saved: entry.saved.load(Ordering::Relaxed),
         })
     }
 
