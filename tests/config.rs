@@ -283,17 +283,22 @@ async fn a_groups_health_check_settings_drive_the_checker() {
     let balance = group.build(named);
     let pool = balance.pool().clone();
 
-    // "a" fails its probes from the start; probes are counted.
+    // "a" fails its probes from the start; probes are counted. "b"'s
+    // probes never answer: only the configured timeout fails them.
     let up = Arc::new(AtomicBool::new(false));
     let probes = Arc::new(AtomicU32::new(0));
     let probe = probe_fn({
         let (up, probes) = (up.clone(), probes.clone());
         move |id: &BackendId, _svc: &Svc| {
             let fail = id.as_str() == "a" && !up.load(Ordering::SeqCst);
+            let hang = id.as_str() == "b";
             if id.as_str() == "a" {
                 probes.fetch_add(1, Ordering::SeqCst);
             }
             async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
                 if fail {
                     Err::<(), BoxError>("down".into())
                 } else {
@@ -315,9 +320,16 @@ async fn a_groups_health_check_settings_drive_the_checker() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(a.health(), Health::Unhealthy);
     assert_eq!(probes.load(Ordering::SeqCst), 2);
+    // "b"'s probes at 0 s and 5 s time out after 2 s (not the default
+    // 1 s): unhealthy at 7 s, not at 6 s.
+    let b = pool.state(&"b".into()).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_400)).await; // 6.5 s
+    assert_eq!(b.health(), Health::Healthy);
+    tokio::time::sleep(Duration::from_millis(600)).await; // 7.1 s
+    assert_eq!(b.health(), Health::Unhealthy);
     // Healthy again after three passing probes (rise 3): 10, 15, 20 s.
     up.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(9_800)).await; // 14.9 s
+    tokio::time::sleep(Duration::from_millis(7_800)).await; // 14.9 s
     assert_eq!(a.health(), Health::Unhealthy);
     tokio::time::sleep(Duration::from_millis(5_200)).await; // 20.1 s
     assert_eq!(a.health(), Health::Healthy);

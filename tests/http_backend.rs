@@ -1,5 +1,4 @@
 //! `HttpBackend` against real hyper servers on 127.0.0.1.
-#![cfg(feature = "hyper-client")]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -715,7 +715,7 @@ async fn idle_sessions_expire_and_a_restart_keeps_cookie_affinity() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_full_table_evicts_least_recently_used_which_stay_in_the_store() {
     let c = cluster();
     let store = MemoryStore::new();
@@ -733,14 +733,36 @@ async fn a_full_table_evicts_least_recently_used_which_stay_in_the_store() {
             .unwrap()
     };
     let mut homes = Vec::new();
-    for k in 0..20 {
-        homes.push(send(&svc, req(k)).await.unwrap().into_body());
+    let start = |k: usize| {
+        let svc = svc.clone();
+        async move {
+            let home = send(&svc, req(k)).await.unwrap().into_body();
+            // Distinct ages.
+            tokio::time::advance(Duration::from_millis(1)).await;
+            home
+        }
+    };
+    for k in 0..8 {
+        homes.push(start(k).await);
+    }
+    // s0 is used again, so s1 is now the least recently used.
+    start(0).await;
+    homes.push(start(8).await);
+    assert!(
+        layer.session("s0").is_some(),
+        "a recently used session stays"
+    );
+    assert!(
+        layer.session("s1").is_none(),
+        "the least recently used goes"
+    );
+    for k in 9..20 {
+        homes.push(start(k).await);
     }
     let stats = layer.stats();
     assert!(stats.sessions <= 8, "{stats:?}");
     assert!(stats.evicted >= 12, "{stats:?}");
     assert_eq!(store.len(), 20, "evicted sessions stay in the store");
-    assert!(layer.session("s0").is_none());
     // Replication: an evicted session loads back on its next request.
     for (k, home) in homes.iter().enumerate() {
         assert_eq!(send(&svc, req(k)).await.unwrap().body(), home, "s{k}");

@@ -191,7 +191,9 @@ async fn load_all_ignores_writes_in_progress() {
             }
         })
     };
+    let mut during_writes = 0;
     while !writer.is_finished() {
+        during_writes += 1;
         let loaded = store.load_all().await.unwrap();
         assert!(
             loaded.skipped.is_empty(),
@@ -199,6 +201,7 @@ async fn load_all_ignores_writes_in_progress() {
             loaded.skipped
         );
     }
+    assert!(during_writes > 0, "no load_all ran while the writes did");
     writer.await.unwrap();
     assert_eq!(store.load_all().await.unwrap().sessions.len(), 10);
 }
@@ -243,7 +246,6 @@ async fn a_restarted_store_sees_every_session() {
 #[tokio::test(flavor = "current_thread")]
 async fn file_io_never_blocks_the_runtime_thread() {
     use std::time::Duration;
-    use tokio::time::Instant;
 
     let tmp = tempfile::tempdir().unwrap();
     let store = FileStore::open(tmp.path()).await.unwrap();
@@ -251,8 +253,12 @@ async fn file_io_never_blocks_the_runtime_thread() {
     let made = std::process::Command::new("mkfifo").arg(&fifo).status();
     assert!(made.unwrap().success(), "mkfifo");
     let bytes = serde_json::to_vec(&session("slow", "node-a")).unwrap();
+    // The pipe is written when the test says so. (If the runtime's thread
+    // were blocked in the load, the test could never say so: the writer
+    // then gives up waiting after 10 s, and the checks below fail.)
+    let (go, wait) = std::sync::mpsc::channel::<()>();
     let writer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1500));
+        let _ = wait.recv_timeout(Duration::from_secs(10));
         std::fs::write(&fifo, bytes).unwrap();
     });
 
@@ -260,14 +266,14 @@ async fn file_io_never_blocks_the_runtime_thread() {
         let store = store.clone();
         async move { store.load("slow").await }
     });
-    let start = Instant::now();
+    // A timer fires while the load waits on the pipe...
     tokio::time::sleep(Duration::from_millis(20)).await;
+    // ...which nobody has written yet.
     assert!(
-        start.elapsed() < Duration::from_millis(1000),
-        "the runtime's only thread was blocked by file i/o for {:?}",
-        start.elapsed()
+        !load.is_finished(),
+        "the runtime's only thread was blocked by file i/o until the pipe was written"
     );
-    assert!(!load.is_finished(), "the load is still waiting on the pipe");
+    go.send(()).unwrap();
 
     let loaded = load.await.unwrap().unwrap().unwrap();
     assert_eq!(loaded.backend.as_str(), "node-a");

@@ -145,7 +145,8 @@ mod tests {
         }
         let max = *counts.iter().max().unwrap() as f64;
         let mean = 65537.0 / 10.0;
-        assert!(max / mean <= 1.02, "max/mean = {}", max / mean);
+        // Every backend owns 6553 or 6554 slots: far inside the 1.02 asked for.
+        assert!(max / mean <= 1.0002, "max/mean = {}", max / mean);
     }
 
     #[test]

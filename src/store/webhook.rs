@@ -695,9 +695,14 @@ mod tests {
 
     #[test]
     fn debug_hides_credentials() {
+        // The Basic token of `u:secret` is `dTpzZWNyZXQ=`.
         let builder = WebhookStore::builder("http://h/").basic_auth("u", "secret");
+        assert!(!format!("{builder:?}").contains("dTpzZWNyZXQ"));
+        let store = builder.build().unwrap();
+        assert!(!format!("{store:?}").contains("dTpzZWNyZXQ"));
+        let builder = WebhookStore::builder("http://h/").digest_auth("u", "secret");
         assert!(!format!("{builder:?}").contains("secret"));
         let store = builder.build().unwrap();
-        assert!(!format!("{store:?}").contains("c2VjcmV0"));
+        assert!(!format!("{store:?}").contains("secret"));
     }
 }
