@@ -149,10 +149,7 @@ impl Moves {
 async fn cookie_insert_pins_every_client_to_its_first_backend() {
     let c = cluster();
     let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     let mut per_backend = HashMap::new();
     for _ in 0..30 {
         let first = send(&svc, Request::new(())).await.unwrap();
@@ -184,10 +181,7 @@ async fn sessions_move_off_an_unavailable_backend_once_and_do_not_move_back() {
     let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
         .store(store.clone())
         .on_move(moves.hook());
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     let first = send(&svc, Request::new(())).await.unwrap();
     assert_eq!(first.body(), "a");
     let cookie = cookie_of(&first).unwrap();
@@ -231,10 +225,7 @@ async fn a_failed_backend_moves_its_session_on_the_next_request() {
     let c = cluster();
     let moves = Moves::default();
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     let req = || {
         Request::builder()
             .header("x-session-id", "s1")
@@ -349,10 +340,7 @@ async fn strict_mode_answers_session_unavailable_instead_of_moving() {
     let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
         .strict(true)
         .on_move(moves.hook());
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     let first = send(&svc, Request::new(())).await.unwrap();
     let cookie = cookie_of(&first).unwrap();
     let home = first.body().clone();
@@ -391,10 +379,7 @@ async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
     let store = MemoryStore::new();
     let layer =
         StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID")).store(store.clone());
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     // Without the cookie: round robin.
     let bodies: Vec<String> = join_all((0..3).map(|_| send(&svc, Request::new(()))))
         .await
@@ -451,10 +436,7 @@ async fn a_learned_cookie_nobody_set_is_not_stored() {
 async fn header_keys_come_from_requests_or_responses_and_closures_work() {
     let c = cluster();
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"));
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     let assigned = send(
         &svc,
         Request::builder().header("x-assign", "1").body(()).unwrap(),
@@ -483,10 +465,7 @@ async fn header_keys_come_from_requests_or_responses_and_closures_work() {
         (!id.is_empty()).then(|| id.to_owned())
     });
     let layer = StickyLayer::new(&c.pool, kernel);
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     let path = |k: &str, rest: &str| {
         Request::get(format!("/api/kernels/{k}/{rest}"))
             .body(())
@@ -582,10 +561,7 @@ fn sign_with(secret: &[u8], name: &str, sid: &str, backend: &str) -> String {
 async fn bad_input_is_no_session_and_is_counted() {
     let c = cluster();
     let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     let good = cookie_of(&send(&svc, Request::new(())).await.unwrap()).unwrap();
     let good_value = good.strip_prefix("srv=").unwrap().to_owned();
     let sid = "AAAAAAAAAAAAAAAAAAAAAA";
@@ -652,10 +628,7 @@ async fn bad_input_is_no_session_and_is_counted() {
 
     // Header keys: not UTF-8, too long.
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"));
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     for value in [
         HeaderValue::from_bytes(b"\xff\xfe\xfd").unwrap(),
         HeaderValue::try_from("k".repeat(4096)).unwrap(),
@@ -675,10 +648,7 @@ async fn idle_sessions_expire_and_a_restart_keeps_cookie_affinity() {
     let c = cluster();
     let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
         .idle_timeout(Duration::from_secs(60));
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     let _ = send(&svc, Request::new(())).await.unwrap(); // a
     let first = send(&svc, Request::new(())).await.unwrap(); // b
     let cookie = cookie_of(&first).unwrap();
@@ -703,10 +673,7 @@ async fn idle_sessions_expire_and_a_restart_keeps_cookie_affinity() {
 
     // A new instance (a restart) with the same secret and no store.
     let layer2 = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
-    let svc2 = ServiceBuilder::new()
-        .layer(layer2.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc2 = stack(&c.pool, layer2.clone());
     for _ in 0..3 {
         assert_eq!(
             send(&svc2, with_cookie(&cookie)).await.unwrap().body(),
@@ -722,10 +689,7 @@ async fn a_full_table_evicts_least_recently_used_which_stay_in_the_store() {
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
         .store(store.clone())
         .max_sessions(8);
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     let req = |k: usize| {
         Request::builder()
             .header("x-session-id", format!("s{k}"))
@@ -796,6 +760,14 @@ impl SessionStore for SlowStore {
     }
 }
 
+/// `layer` over a round-robin `Balance` of `pool`.
+fn stack<S>(pool: &Pool<S>, layer: StickyLayer) -> Sticky<Balance<S, RoundRobin>>
+where
+    S: Service<Request<()>> + Clone + Send + Sync + 'static,
+{
+    tower::Layer::layer(&layer, Balance::new(pool.clone(), RoundRobin::new()))
+}
+
 fn instance<S>(
     c: &Cluster<S>,
     key: SessionKey,
@@ -805,10 +777,7 @@ where
     S: Service<Request<()>> + Clone + Send + Sync + 'static,
 {
     let layer = StickyLayer::new(&c.pool, key).store(store);
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     (layer, svc)
 }
 
@@ -943,10 +912,7 @@ async fn standalone_restore_reports_and_keeps_failed_records() {
     assert_eq!(report.failed[0].error.to_string(), "kernel gone");
     assert_eq!(store.len(), 3, "a failed restore keeps the stored record");
 
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = stack(&c.pool, layer.clone());
     let req = |k: &str| {
         Request::builder()
             .header("x-session-id", k)
@@ -1033,10 +999,7 @@ async fn concurrent_first_requests_bind_a_session_once() {
     }
     let store = MemoryStore::new();
     let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id")).store(store.clone());
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(pool.clone());
+    let svc = stack(&pool, layer.clone());
     let req = || {
         Request::builder()
             .header("x-session-id", "s1")
@@ -1153,10 +1116,7 @@ async fn a_failed_only_backend_is_tried_again() {
     let pool = Pool::new();
     pool.insert("solo", backend("solo", fail.clone()));
     let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"));
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(pool.clone());
+    let svc = stack(&pool, layer.clone());
     let req = || {
         Request::builder()
             .header("x-session-id", "s")
