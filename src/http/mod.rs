@@ -274,16 +274,37 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
 /// after dot segments are resolved here: an encoded `/` or `\`, a
 /// backslash, or a `..;` segment (path parameters, as Tomcat reads them).
 fn hides_a_separator(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    lower.contains("%2f")
-        || lower.contains("%5c")
-        || path.contains('\\')
-        || lower.split('/').any(|s| {
-            s.starts_with("..;")
-                || s.starts_with("%2e%2e;")
-                || s.starts_with(".%2e;")
-                || s.starts_with("%2e.;")
-        })
+    let encoded = |w: &[u8]| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'f') | (b'5', b'c')
+            )
+    };
+    path.contains('\\')
+        || path.as_bytes().windows(3).any(encoded)
+        || path
+            .split('/')
+            .any(|s| matches!(leading_dots(s), (2, rest) if rest.starts_with(';')))
+}
+
+/// How many dots (`.` or `%2e`, in any case) a segment starts with, and
+/// what follows them.
+fn leading_dots(mut segment: &str) -> (usize, &str) {
+    let mut dots = 0;
+    loop {
+        if let Some(rest) = segment.strip_prefix('.') {
+            segment = rest;
+        } else if segment
+            .get(..3)
+            .is_some_and(|p| p.eq_ignore_ascii_case("%2e"))
+        {
+            segment = &segment[3..];
+        } else {
+            return (dots, segment);
+        }
+        dots += 1;
+    }
 }
 
 /// Appends `path` to `out` with its dot segments (`.`, `..`, and their
@@ -291,27 +312,25 @@ fn hides_a_separator(path: &str) -> bool {
 /// own content.
 fn push_without_dot_segments(out: &mut String, path: &str) {
     let base = out.len();
-    let is_dot = |s: &str| s == "." || s.eq_ignore_ascii_case("%2e");
-    let is_dot_dot = |s: &str| {
-        matches!(s.len(), 2 | 4 | 6) && s.to_ascii_lowercase().replace("%2e", ".") == ".."
-    };
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    for (i, segment) in segments.iter().enumerate() {
-        let last = i + 1 == segments.len();
-        if is_dot(segment) || is_dot_dot(segment) {
-            if is_dot_dot(segment) {
-                if let Some(cut) = out[base..].rfind('/') {
-                    out.truncate(base + cut);
+    let mut segments = path.split('/').skip(1).peekable();
+    while let Some(segment) = segments.next() {
+        match leading_dots(segment) {
+            (dots @ (1 | 2), "") => {
+                if dots == 2 {
+                    if let Some(cut) = out[base..].rfind('/') {
+                        out.truncate(base + cut);
+                    }
+                }
+                // A dot segment at the end leaves a directory: `/a/..` is `/`.
+                if segments.peek().is_none() {
+                    out.push('/');
                 }
             }
-            // A dot segment at the end leaves a directory: `/a/..` is `/`.
-            if last {
+            _ => {
                 out.push('/');
+                out.push_str(segment);
             }
-            continue;
         }
-        out.push('/');
-        out.push_str(segment);
     }
     if out.len() == base {
         out.push('/');
