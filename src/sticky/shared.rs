@@ -379,8 +379,9 @@ impl Shared {
         // replicas); without one, a verified cookie names the backend,
         // unless that backend is not in the pool: a session nobody knows
         // on a backend nobody knows is no session.
-        let persist = matches!(stored, Stored::Absent);
-        let found = matches!(stored, Stored::Found(_));
+        // What this instance starts or learns here is saved unless the
+        // store holds a record it could not read.
+        let persist = !matches!(stored, Stored::Unknown);
         let session = match (stored, &cookie) {
             (Stored::Found(stored), _) => Some(stored),
             (_, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
@@ -394,9 +395,7 @@ impl Shared {
             Some(session) => {
                 let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
-                // A session from a cookie whose stored record could not be
-                // read stays in memory.
-                let (hit, dropped) = self.table.insert_if_absent(session, tag, persist || found);
+                let (hit, dropped) = self.table.insert_if_absent(session, tag, persist);
                 self.count_dropped(dropped);
                 self.pin(req, hit, Named::from_option(cookie))
             }
