@@ -14,6 +14,9 @@ use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::failover::FailoverLayer;
 use tower_ha::{BoxError, NotSent, Pool};
 
+mod support;
+use support::tracing_capture::{Capture, Event};
+
 type Log = Arc<Mutex<Vec<String>>>;
 
 /// Backends that log their name and answer 503, refuse, or answer 200.
@@ -39,44 +42,9 @@ fn fleet(log: &Log) -> Pool<BoxCloneSyncService<Request<Full<Bytes>>, Response<(
     pool
 }
 
-/// Records the events of the failover target as `name=value` lines.
-struct Capture(Arc<Mutex<Vec<String>>>);
-
-struct Fields(String);
-
-impl tracing::field::Visit for Fields {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.push_str(&format!("{}={} ", field.name(), value));
-    }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.push_str(&format!("{}={:?} ", field.name(), value));
-    }
-}
-
-impl tracing::Subscriber for Capture {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        if event.metadata().target() == "tower_ha::failover" {
-            let mut fields = Fields(String::new());
-            event.record(&mut fields);
-            self.0.lock().push(fields.0.trim_end().to_string());
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 #[test]
 fn each_failover_is_an_event_with_from_to_and_cause() {
-    let events = Arc::new(Mutex::new(Vec::new()));
+    let capture = Capture::default();
     let log = Log::default();
     let service = ServiceBuilder::new()
         .layer(FailoverLayer::new())
@@ -88,13 +56,18 @@ fn each_failover_is_an_event_with_from_to_and_cause() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let result = tracing::subscriber::with_default(Capture(events.clone()), || {
+    let result = tracing::subscriber::with_default(capture.clone(), || {
         runtime.block_on(service.oneshot(request))
     });
     let tried = log.lock().clone();
     assert_eq!(result.unwrap().status(), StatusCode::OK);
     assert_eq!(tried, ["a", "b", "c"]);
-    let events = events.lock().clone();
+    let events: Vec<String> = capture
+        .events()
+        .iter()
+        .filter(|e| e.target == "tower_ha::failover")
+        .map(Event::line)
+        .collect();
     assert_eq!(
         events,
         [

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower::Layer;
 use tower_ha::health::{HealthChecker, HealthLayer};
@@ -15,61 +14,12 @@ use tower_ha::BackendState;
 
 mod support;
 use support::health_mock::*;
-
-/// One event: its level and its fields as strings.
-type Event = (tracing::Level, std::collections::HashMap<String, String>);
-
-/// Collects the fields of every event as strings.
-#[derive(Clone, Default)]
-struct Events(Arc<Mutex<Vec<Event>>>);
-
-impl Events {
-    fn find(
-        &self,
-        to: &str,
-    ) -> Option<(tracing::Level, std::collections::HashMap<String, String>)> {
-        self.0
-            .lock()
-            .iter()
-            .find(|(_, f)| f.get("to").map(String::as_str) == Some(to))
-            .cloned()
-    }
-}
-
-struct Fields<'a>(&'a mut std::collections::HashMap<String, String>);
-
-impl tracing::field::Visit for Fields<'_> {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-}
-
-impl tracing::Subscriber for Events {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut fields = std::collections::HashMap::new();
-        event.record(&mut Fields(&mut fields));
-        self.0.lock().push((*event.metadata().level(), fields));
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
+use support::tracing_capture::Capture;
 
 #[tokio::test(start_paused = true)]
 async fn health_changes_are_tracing_events_with_backend_from_to_and_reason() {
-    let events = Events::default();
-    let _guard = tracing::subscriber::set_default(events.clone());
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
 
     let backend = Backend::new();
     let svc = HealthLayer::new()
@@ -96,13 +46,15 @@ async fn health_changes_are_tracing_events_with_backend_from_to_and_reason() {
     at(t0 + ms(1500)).await;
 
     let expect = |to: &str, level: tracing::Level, backend: &str, from: &str, reason: &str| {
-        let (l, f) = events
-            .find(to)
+        let events = capture.events();
+        let e = events
+            .iter()
+            .find(|e| e.get("to") == Some(to))
             .unwrap_or_else(|| panic!("no event to {to}"));
-        assert_eq!(l, level, "{to}");
-        assert_eq!(f["backend"], backend);
-        assert_eq!(f["from"], from);
-        assert_eq!(f["reason"], reason);
+        assert_eq!(e.level, level, "{to}");
+        assert_eq!(e.get("backend"), Some(backend));
+        assert_eq!(e.get("from"), Some(from));
+        assert_eq!(e.get("reason"), Some(reason));
     };
     expect(
         "ejected",

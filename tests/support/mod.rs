@@ -9,5 +9,6 @@ pub mod http;
 pub mod redis_server;
 pub mod sticky_http;
 pub mod store_contract;
+pub mod tracing_capture;
 #[cfg(feature = "webhook")]
 pub mod webhook_server;
