@@ -3,27 +3,19 @@
 //! down, and a client-side backend service that sends requests to one of
 //! them.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use http_body_util::{Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
-use tower::Service;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Default)]
 struct Counters {
@@ -140,47 +132,9 @@ impl Drop for TestServer {
 /// The body of requests sent to [`HttpBackend`].
 pub type ReqBody = Empty<Bytes>;
 
-/// A backend service: sends each request (origin-form URI) to one server
-/// through a pooled hyper client.
-#[derive(Clone)]
-pub struct HttpBackend {
-    client: Client<HttpConnector, ReqBody>,
-    addr: SocketAddr,
-}
-
-impl HttpBackend {
-    /// A backend for the server at `addr`.
-    pub fn new(addr: SocketAddr) -> Self {
-        HttpBackend {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            addr,
-        }
-    }
-}
-
-impl Service<Request<ReqBody>> for HttpBackend {
-    type Response = Response<Incoming>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let uri: Result<Uri, _> = format!("http://{}{}", self.addr, path).parse();
-        let client = self.client.clone();
-        Box::pin(async move {
-            *req.uri_mut() = uri?;
-            Ok(client.request(req).await?)
-        })
-    }
-}
+/// A backend service: sends each request to one server through a pooled
+/// hyper client.
+pub type HttpBackend = super::http::HttpBackend<ReqBody>;
 
 /// Waits until `done` holds, checking every 5 ms, for at most 10 s (a bound
 /// against hanging, not a timing claim).

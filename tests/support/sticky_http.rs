@@ -1,5 +1,5 @@
 //! Real HTTP backends on 127.0.0.1 (hyper 1) and a backend client service
-//! (hyper-util's legacy client) for end-to-end tests.
+//! (over `support::http::HttpBackend`) for end-to-end tests.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -8,15 +8,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tower::Service;
-use tower_ha::{BoxError, NotSent};
+use tower_ha::BoxError;
 
 /// A backend server answering every request with its name.
 pub struct Server {
@@ -77,21 +75,16 @@ impl Server {
     }
 }
 
-/// A backend service: sends the request to one server and answers its
-/// body as a string. Connection failures are marked [`NotSent`].
+/// A backend service: sends the request to one server (without its
+/// extensions) and answers its body as a string. Connection failures are
+/// marked `NotSent`.
 #[derive(Clone)]
-pub struct HttpBackend {
-    client: Client<HttpConnector, Empty<Bytes>>,
-    addr: SocketAddr,
-}
+pub struct HttpBackend(super::http::HttpBackend<Empty<Bytes>>);
 
 impl HttpBackend {
     /// A client of the server at `addr`.
     pub fn new(addr: SocketAddr) -> Self {
-        HttpBackend {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            addr,
-        }
+        HttpBackend(super::http::HttpBackend::new(addr))
     }
 }
 
@@ -105,28 +98,11 @@ impl Service<Request<()>> for HttpBackend {
     }
 
     fn call(&mut self, req: Request<()>) -> Self::Future {
-        let client = self.client.clone();
-        let addr = self.addr;
+        let (mut parts, ()) = req.into_parts();
+        parts.extensions = http::Extensions::new();
+        let response = self.0.call(Request::from_parts(parts, Empty::new()));
         Box::pin(async move {
-            let (mut parts, ()) = req.into_parts();
-            let path = parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
-            parts.uri = Uri::try_from(format!("http://{addr}{path}"))?;
-            parts.extensions = http::Extensions::new();
-            let res = client
-                .request(Request::from_parts(parts, Empty::new()))
-                .await
-                .map_err(|e| -> BoxError {
-                    if e.is_connect() {
-                        NotSent::new(e).into()
-                    } else {
-                        e.into()
-                    }
-                })?;
-            let (parts, body) = res.into_parts();
+            let (parts, body) = response.await?.into_parts();
             let bytes = body.collect().await?.to_bytes();
             Ok(Response::from_parts(
                 parts,
