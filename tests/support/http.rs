@@ -99,9 +99,14 @@ pub async fn hanging() -> (SocketAddr, Arc<Seen>) {
 
 /// An address where nothing listens: connecting is refused.
 pub async fn refused() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    // Bound but not listening: connecting is refused, and no other socket
+    // of the test run (a server, a client's ephemeral port) can take the
+    // port, as it could if it were released. The socket is kept until the
+    // test process ends.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
     addr
 }
 
