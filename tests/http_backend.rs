@@ -2,6 +2,9 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -9,6 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tower_ha::extensions::PeerAddr;
@@ -47,11 +51,19 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
 }
 
 async fn serve() -> SocketAddr {
+    serve_counting().await.0
+}
+
+/// [`serve`], counting the connections it accepts.
+async fn serve_counting() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service_fn(echo))
@@ -59,7 +71,7 @@ async fn serve() -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 async fn body_of(resp: Response<tower_ha::http::ResponseBody>) -> String {
@@ -125,13 +137,11 @@ async fn preserve_host_keeps_the_clients_host_and_xff_is_created() {
 
 #[tokio::test]
 async fn a_refused_connection_is_not_sent() {
-    // Bind then drop a listener: nothing listens on that port any more.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Bound but not listening: connecting is refused, and the port stays
+    // taken for the whole test.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
     let client = HttpClient::<Full<Bytes>>::new();
     let backend = HttpBackend::new(&client, format!("http://127.0.0.1:{port}")).unwrap();
     let err = backend
@@ -176,4 +186,141 @@ async fn large_bodies_stream_both_ways() {
     let prefix = b"PUT /blob|host=";
     assert!(body.starts_with(prefix));
     assert!(body.ends_with(&big), "the 4 MiB body came back intact");
+}
+
+#[tokio::test]
+async fn a_connection_is_reused_once_its_response_is_read() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    for i in 0..20 {
+        let resp = backend
+            .clone()
+            .oneshot(Request::get(format!("/{i}")).body(Full::default()).unwrap())
+            .await
+            .unwrap();
+        assert!(body_of(resp).await.starts_with(&format!("GET /{i}|")));
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one keep-alive connection"
+    );
+
+    // A second backend value for the same address shares the connection.
+    let twin = HttpBackend::new(&client, format!("http://{addr}/")).unwrap();
+    let resp = twin
+        .oneshot(Request::get("/").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    body_of(resp).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // Two responses held at once need two connections.
+    let a = backend
+        .clone()
+        .oneshot(Request::get("/a").body(Full::default()).unwrap());
+    let b = backend
+        .clone()
+        .oneshot(Request::get("/b").body(Full::default()).unwrap());
+    let (a, b) = tokio::join!(a, b);
+    body_of(a.unwrap()).await;
+    body_of(b.unwrap()).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_response_dropped_unread_does_not_lend_its_connection() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let big = Bytes::from(vec![b'x'; 1024 * 1024]);
+    let resp = backend
+        .clone()
+        .oneshot(Request::put("/").body(Full::new(big)).unwrap())
+        .await
+        .unwrap();
+    // One frame of the echoed megabyte, then the rest is abandoned.
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    let resp = backend
+        .oneshot(Request::get("/next").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert!(body_of(resp).await.starts_with("GET /next|"));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the half-read connection was not reused"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_the_backend_closed_while_idle_is_replaced() {
+    // Answers one request per connection, then closes it without saying
+    // so beforehand (as a backend's idle timeout does).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    let read = stream.read(&mut buf).await.unwrap();
+                    if read == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..read]);
+                }
+                let body = format!("conn {n}");
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(response.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    for i in 1..=3 {
+        let resp = backend
+            .clone()
+            .oneshot(Request::get("/").body(Full::default()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(body_of(resp).await, format!("conn {i}"));
+        // Time for the client to see the close (real time: a real socket).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_idle_for_90_s_is_not_reused() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let get = || {
+        backend
+            .clone()
+            .oneshot(Request::get("/").body(Full::default()).unwrap())
+    };
+    body_of(get().await.unwrap()).await;
+    tokio::time::advance(Duration::from_secs(89)).await;
+    body_of(get().await.unwrap()).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused within 90 s");
+    tokio::time::advance(Duration::from_secs(90)).await;
+    body_of(get().await.unwrap()).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "replaced after 90 s idle"
+    );
 }

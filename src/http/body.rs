@@ -5,17 +5,28 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use super::pool::Checkin;
 use crate::error::BoxError;
 
 /// The streaming body of a response from an
 /// [`HttpBackend`](super::HttpBackend).
+///
+/// Its connection goes back to the client's pool once the body has been
+/// read to its end; a body dropped before that closes the connection.
 pub struct ResponseBody {
     inner: hyper::body::Incoming,
+    /// The connection, while the body is still being read from it.
+    pooled: Option<Box<dyn Checkin>>,
+    done: bool,
 }
 
 impl ResponseBody {
-    pub(super) fn new(inner: hyper::body::Incoming) -> Self {
-        ResponseBody { inner }
+    pub(super) fn new(inner: hyper::body::Incoming, pooled: Option<Box<dyn Checkin>>) -> Self {
+        ResponseBody {
+            inner,
+            pooled,
+            done: false,
+        }
     }
 }
 
@@ -33,7 +44,14 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            None => self.done = true,
+            Some(Ok(_)) => self.done = self.inner.is_end_stream(),
+            // The connection is gone with the error.
+            Some(Err(_)) => self.pooled = None,
+        }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -42,5 +60,15 @@ impl Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(pooled) = self.pooled.take() {
+            if self.done || self.inner.is_end_stream() {
+                pooled.checkin();
+            }
+        }
     }
 }

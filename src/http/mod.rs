@@ -40,11 +40,14 @@
 //! ```
 
 mod body;
+mod pool;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use ::http::header::{
     HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
@@ -52,8 +55,6 @@ use ::http::header::{
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use ::http::{HeaderMap, Request, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
@@ -63,19 +64,30 @@ use crate::error::{BoxError, NotSent};
 use crate::extensions::PeerAddr;
 
 /// A pooled HTTP/1.1 client shared by many [`HttpBackend`]s: connections
-/// are kept alive and reused per backend.
+/// are kept alive and reused per backend address.
+///
+/// A request takes the backend's most recently used idle connection, or
+/// opens one when none is idle, so a backend gets about as many connections
+/// as it has requests in flight at the busiest moment. A connection goes
+/// back to the pool as soon as its response has been read to its end; one
+/// whose response body was dropped unread is closed. A request that an
+/// idle connection did not take (the backend had closed it meanwhile) goes
+/// to the next one, so a backend's keep-alive timeout costs no error.
+/// Connections idle for 90 s are closed when their backend is next used,
+/// and all of a backend's when the last [`HttpBackend`] for its address is
+/// dropped.
 ///
 /// `B` is the request body type (for example `http_body_util::Full<Bytes>`,
 /// `hyper::body::Incoming` in a proxy, or the failover layer's replayable
 /// body).
 pub struct HttpClient<B> {
-    client: Client<HttpConnector, B>,
+    upstreams: Arc<pool::Upstreams<B>>,
 }
 
 impl<B> Clone for HttpClient<B> {
     fn clone(&self) -> Self {
         HttpClient {
-            client: self.client.clone(),
+            upstreams: self.upstreams.clone(),
         }
     }
 }
@@ -97,10 +109,9 @@ where
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .build(connector);
-        HttpClient { client }
+        HttpClient {
+            upstreams: Arc::new(pool::Upstreams::new(connector, Duration::from_secs(90))),
+        }
     }
 }
 
@@ -133,8 +144,7 @@ impl std::error::Error for InvalidBackendUri {}
 
 /// Proxies requests to one HTTP server. See the [module docs](self).
 pub struct HttpBackend<B> {
-    client: Client<HttpConnector, B>,
-    scheme: Scheme,
+    upstream: Arc<pool::Upstream<B>>,
     authority: Authority,
     host: HeaderValue,
     /// The base URI's path without its trailing slash; empty for `/`.
@@ -145,8 +155,7 @@ pub struct HttpBackend<B> {
 impl<B> Clone for HttpBackend<B> {
     fn clone(&self) -> Self {
         HttpBackend {
-            client: self.client.clone(),
-            scheme: self.scheme.clone(),
+            upstream: self.upstream.clone(),
             authority: self.authority.clone(),
             host: self.host.clone(),
             prefix: self.prefix.clone(),
@@ -158,7 +167,6 @@ impl<B> Clone for HttpBackend<B> {
 impl<B> fmt::Debug for HttpBackend<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpBackend")
-            .field("scheme", &self.scheme)
             .field("authority", &self.authority)
             .field("prefix", &self.prefix)
             .field("preserve_host", &self.preserve_host)
@@ -189,8 +197,7 @@ impl<B> HttpBackend<B> {
         }
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid("bad host"))?;
         Ok(HttpBackend {
-            client: client.client.clone(),
-            scheme,
+            upstream: client.upstreams.get(&authority),
             authority,
             host,
             prefix: uri.path().trim_end_matches('/').to_owned(),
@@ -231,11 +238,8 @@ impl<B> HttpBackend<B> {
             }
             PathAndQuery::try_from(joined)?
         };
-        let mut parts = ::http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        *req.uri_mut() = Uri::from_parts(parts)?;
+        // Origin form: the connection already names the backend.
+        *req.uri_mut() = Uri::from(path_and_query);
 
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
         let headers = req.headers_mut();
@@ -254,18 +258,38 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Appends `ip` to the last `X-Forwarded-For` header, or adds one.
 fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
-    let ip = ip.to_canonical().to_string();
-    let mut v = Vec::new();
+    use bytes::BufMut;
+    let mut v = bytes::BytesMut::with_capacity(64);
     // Every line of the header, in order, folded into one.
     for prev in headers.get_all(&X_FORWARDED_FOR) {
         let prev = prev.as_bytes().trim_ascii();
         if !prev.is_empty() {
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
+            v.put_slice(prev);
+            v.put_slice(b", ");
         }
     }
-    v.extend_from_slice(ip.as_bytes());
-    if let Ok(value) = HeaderValue::from_bytes(&v) {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(ip) => {
+            // What `Display` writes, without the formatting machinery.
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    v.put_u8(b'.');
+                }
+                if octet >= 100 {
+                    v.put_u8(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    v.put_u8(b'0' + octet / 10 % 10);
+                }
+                v.put_u8(b'0' + octet % 10);
+            }
+        }
+        ip => {
+            use std::fmt::Write;
+            let _ = write!(v, "{ip}");
+        }
+    }
+    if let Ok(value) = HeaderValue::from_maybe_shared(v.freeze()) {
         headers.insert(&X_FORWARDED_FOR, value);
     }
 }
@@ -338,6 +362,15 @@ fn push_without_dot_segments(out: &mut String, path: &str) {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let hop_by_hop = |name: &HeaderName| {
+        [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE].contains(name)
+            || name == "keep-alive"
+            || name == "proxy-connection"
+    };
+    // Most messages carry none: one pass over the names, no lookups.
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -374,7 +407,7 @@ where
         match self.rewrite(&mut req) {
             Ok(()) => ResponseFuture {
                 state: State::Sent {
-                    future: self.client.request(req),
+                    future: Box::pin(self.upstream.clone().send(req)),
                 },
             },
             Err(e) => ResponseFuture {
@@ -396,8 +429,7 @@ pin_project! {
     #[project = StateProj]
     enum State {
         Sent {
-            #[pin]
-            future: hyper_util::client::legacy::ResponseFuture,
+            future: Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>,
         },
         Invalid {
             error: Option<BoxError>,
@@ -421,18 +453,15 @@ impl Future for ResponseFuture {
                 // The request never left: safe to retry elsewhere.
                 Poll::Ready(Err(NotSent::new(e).into()))
             }
-            StateProj::Sent { future } => Poll::Ready(match ready!(future.poll(cx)) {
-                Ok(mut resp) => {
-                    // A backend's `Connection: close` ends its own
-                    // connection, not the client's.
-                    if resp.status() != ::http::StatusCode::SWITCHING_PROTOCOLS {
-                        strip_hop_by_hop(resp.headers_mut());
-                    }
-                    Ok(resp.map(ResponseBody::new))
+            StateProj::Sent { future } => {
+                let mut resp = ready!(future.as_mut().poll(cx))?;
+                // A backend's `Connection: close` ends its own connection,
+                // not the client's.
+                if resp.status() != ::http::StatusCode::SWITCHING_PROTOCOLS {
+                    strip_hop_by_hop(resp.headers_mut());
                 }
-                Err(e) if e.is_connect() => Err(NotSent::new(e).into()),
-                Err(e) => Err(e.into()),
-            }),
+                Poll::Ready(Ok(resp))
+            }
         }
     }
 }
@@ -457,6 +486,17 @@ mod tests {
             h[&X_FORWARDED_FOR],
             "10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4"
         );
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "2001:db8::1",
+            "::1",
+        ] {
+            let mut h = HeaderMap::new();
+            append_forwarded_for(&mut h, ip.parse().unwrap());
+            assert_eq!(h[&X_FORWARDED_FOR], ip);
+        }
     }
 
     #[test]
@@ -500,6 +540,22 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        // Each one alone is found too.
+        for name in [
+            "connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static("x"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name}");
+        }
     }
 
     #[test]
