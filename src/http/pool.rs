@@ -79,18 +79,28 @@ struct Idle<B> {
 }
 
 impl<B> Upstream<B> {
-    /// The most recently used idle connection that is still open, unless
-    /// it has been idle too long (then so have all the others).
+    /// The most recently used idle connection that is ready for a request,
+    /// unless the most recent has been idle too long (then so have all the
+    /// others). Closed connections met on the way are dropped; one still
+    /// busy (the backend answered before the request body was all sent) is
+    /// left for later rather than waited for.
     fn checkout(&self) -> Option<SendRequest<B>> {
         let now = Instant::now();
         let mut idle = self.idle.lock();
-        while let Some(Idle { sender, since }) = idle.pop_back() {
-            if now.duration_since(since) >= self.idle_timeout {
-                idle.clear();
-                return None;
-            }
-            if !sender.is_closed() {
-                return Some(sender);
+        if idle
+            .back()
+            .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
+        {
+            idle.clear();
+            return None;
+        }
+        let mut at = idle.len();
+        while at > 0 {
+            at -= 1;
+            if idle[at].sender.is_closed() {
+                idle.remove(at);
+            } else if idle[at].sender.is_ready() {
+                return idle.remove(at).map(|i| i.sender);
             }
         }
         None
