@@ -324,3 +324,65 @@ async fn a_connection_idle_for_90_s_is_not_reused() {
         "replaced after 90 s idle"
     );
 }
+
+/// A request body that never ends: an upload still in progress.
+struct Endless;
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Pending
+    }
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_its_request_is_not_waited_for() {
+    // Answers as soon as it has a request's head, and keeps every
+    // connection open without reading further.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let read = stream.read(&mut buf).await.unwrap();
+                assert!(read > 0, "the client closed before its request head");
+                head.extend_from_slice(&buf[..read]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+                .await
+                .unwrap();
+            open.push(stream);
+        }
+    });
+    type Body = http_body_util::Either<Full<Bytes>, Endless>;
+    let client = HttpClient::<Body>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let upload = backend
+        .clone()
+        .oneshot(Request::put("/upload").body(Body::Right(Endless)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(body_of(upload).await, "early");
+    // The first connection is still sending the endless body: the next
+    // request gets a connection of its own (a hang here fails the test).
+    let next = backend.oneshot(
+        Request::get("/next")
+            .body(Body::Left(Full::default()))
+            .unwrap(),
+    );
+    let next = tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .expect("the request waited behind the busy connection")
+        .unwrap();
+    assert_eq!(body_of(next).await, "early");
+}
