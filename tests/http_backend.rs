@@ -340,30 +340,42 @@ impl http_body::Body for Endless {
     }
 }
 
-#[tokio::test]
-async fn a_connection_still_sending_its_request_is_not_waited_for() {
-    // Answers as soon as it has a request's head, and keeps every
-    // connection open without reading further.
+/// Answers `early` to each request as soon as it has its head, without
+/// reading any body (a request that has one keeps its connection busy);
+/// counts the connections.
+async fn serve_early() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
-        let mut open = Vec::new();
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let read = stream.read(&mut buf).await.unwrap();
-                assert!(read > 0, "the client closed before its request head");
-                head.extend_from_slice(&buf[..read]);
-            }
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
-                .await
-                .unwrap();
-            open.push(stream);
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                loop {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => head.extend_from_slice(&buf[..read]),
+                        }
+                    }
+                    let response = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly";
+                    if stream.write_all(response).await.is_err() {
+                        return;
+                    }
+                }
+            });
         }
     });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_its_request_is_not_waited_for() {
+    let (addr, _) = serve_early().await;
     type Body = http_body_util::Either<Full<Bytes>, Endless>;
     let client = HttpClient::<Body>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
@@ -385,4 +397,33 @@ async fn a_connection_still_sending_its_request_is_not_waited_for() {
         .expect("the request waited behind the busy connection")
         .unwrap();
     assert_eq!(body_of(next).await, "early");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_old_connection_behind_a_busy_one_is_not_reused() {
+    let (addr, accepted) = serve_early().await;
+    type Body = http_body_util::Either<Full<Bytes>, Endless>;
+    let client = HttpClient::<Body>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let get = || {
+        backend
+            .clone()
+            .oneshot(Request::get("/").body(Body::Left(Full::default())).unwrap())
+    };
+    // Two connections: an endless upload's, whose response is read 85 s
+    // later (it then stays busy), and a GET's, idle from now on.
+    let upload = backend
+        .clone()
+        .oneshot(Request::put("/upload").body(Body::Right(Endless)).unwrap())
+        .await
+        .unwrap();
+    body_of(get().await.unwrap()).await;
+    tokio::time::advance(Duration::from_secs(85)).await;
+    body_of(upload).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // 100 s after the GET's connection went idle, the next request skips
+    // the busy one and does not take the stale one.
+    tokio::time::advance(Duration::from_secs(15)).await;
+    body_of(get().await.unwrap()).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }

@@ -12,7 +12,8 @@
 //!   which is created when absent;
 //! * hop-by-hop headers (`Connection` and the headers it names,
 //!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`,
-//!   `Upgrade`) are not forwarded, in either direction;
+//!   `Upgrade`) are not forwarded, in either direction (so protocol
+//!   upgrades such as WebSocket are not proxied);
 //! * under a base path, dot segments of the request's path are resolved
 //!   before it is appended, and a path hiding a separator (`%2F`, `%5C`, a
 //!   backslash, `..;`) is refused, so a request cannot leave the base path;
@@ -256,7 +257,8 @@ impl<B> HttpBackend<B> {
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// Appends `ip` to the last `X-Forwarded-For` header, or adds one.
+/// Folds every `X-Forwarded-For` line into one and appends `ip`, or adds
+/// the header with `ip` alone.
 fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
     use bytes::BufMut;
     let mut v = bytes::BytesMut::with_capacity(64);
@@ -268,26 +270,10 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
             v.put_slice(b", ");
         }
     }
-    match ip.to_canonical() {
-        std::net::IpAddr::V4(ip) => {
-            // What `Display` writes, without the formatting machinery.
-            for (i, octet) in ip.octets().into_iter().enumerate() {
-                if i > 0 {
-                    v.put_u8(b'.');
-                }
-                if octet >= 100 {
-                    v.put_u8(b'0' + octet / 100);
-                }
-                if octet >= 10 {
-                    v.put_u8(b'0' + octet / 10 % 10);
-                }
-                v.put_u8(b'0' + octet % 10);
-            }
-        }
-        ip => {
-            use std::fmt::Write;
-            let _ = write!(v, "{ip}");
-        }
+    {
+        use std::fmt::Write;
+        // Writing to a `BytesMut` cannot fail.
+        let _ = write!(v, "{}", ip.to_canonical());
     }
     if let Ok(value) = HeaderValue::from_maybe_shared(v.freeze()) {
         headers.insert(&X_FORWARDED_FOR, value);
@@ -457,9 +443,7 @@ impl Future for ResponseFuture {
                 let mut resp = ready!(future.as_mut().poll(cx))?;
                 // A backend's `Connection: close` ends its own connection,
                 // not the client's.
-                if resp.status() != ::http::StatusCode::SWITCHING_PROTOCOLS {
-                    strip_hop_by_hop(resp.headers_mut());
-                }
+                strip_hop_by_hop(resp.headers_mut());
                 Poll::Ready(Ok(resp))
             }
         }

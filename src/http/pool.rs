@@ -79,27 +79,26 @@ struct Idle<B> {
 }
 
 impl<B> Upstream<B> {
-    /// The most recently used idle connection that is ready for a request,
-    /// unless the most recent has been idle too long (then so have all the
-    /// others). Closed connections met on the way are dropped; one still
-    /// busy (the backend answered before the request body was all sent) is
-    /// left for later rather than waited for.
+    /// The most recently used idle connection that is ready for a request.
+    /// Closed connections met on the way are dropped, and so are those idle
+    /// too long (with all older ones); one still busy (the backend answered
+    /// before the request body was all sent) is left for later rather than
+    /// waited for.
     fn checkout(&self) -> Option<SendRequest<B>> {
         let now = Instant::now();
         let mut idle = self.idle.lock();
-        if idle
-            .back()
-            .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
-        {
-            idle.clear();
-            return None;
-        }
         let mut at = idle.len();
         while at > 0 {
             at -= 1;
-            if idle[at].sender.is_closed() {
+            let Idle { sender, since } = &idle[at];
+            if now.duration_since(*since) >= self.idle_timeout {
+                // In order of checkin: everything before is older still.
+                idle.drain(..=at);
+                return None;
+            }
+            if sender.is_closed() {
                 idle.remove(at);
-            } else if idle[at].sender.is_ready() {
+            } else if sender.is_ready() {
                 return idle.remove(at).map(|i| i.sender);
             }
         }
@@ -137,7 +136,7 @@ where
         tokio::spawn(async move {
             // Its end (the backend closed it, or a response was abandoned)
             // shows in the sender, which is then never reused.
-            let _ = connection.with_upgrades().await;
+            let _ = connection.await;
         });
         Ok(sender)
     }
@@ -163,10 +162,7 @@ where
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    let upgrade = resp.status() == ::http::StatusCode::SWITCHING_PROTOCOLS;
-                    let pooled = if upgrade {
-                        None
-                    } else if sender.is_ready() {
+                    let pooled = if sender.is_ready() {
                         // The response is already read to its end.
                         self.checkin(sender);
                         None
