@@ -258,35 +258,7 @@ async fn a_response_dropped_unread_does_not_lend_its_connection() {
 
 #[tokio::test]
 async fn a_connection_the_backend_closed_while_idle_is_replaced() {
-    // Answers one request per connection, then closes it without saying
-    // so beforehand (as a backend's idle timeout does).
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.ends_with(b"\r\n\r\n") {
-                    let read = stream.read(&mut buf).await.unwrap();
-                    if read == 0 {
-                        return;
-                    }
-                    head.extend_from_slice(&buf[..read]);
-                }
-                let body = format!("conn {n}");
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                stream.write_all(response.as_bytes()).await.unwrap();
-            });
-        }
-    });
+    let (addr, accepted) = serve_raw(true).await;
     let client = HttpClient::<Full<Bytes>>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
     for i in 1..=3 {
@@ -340,10 +312,13 @@ impl http_body::Body for Endless {
     }
 }
 
-/// Answers `early` to each request as soon as it has its head, without
-/// reading any body (a request that has one keeps its connection busy);
-/// counts the connections.
-async fn serve_early() -> (SocketAddr, Arc<AtomicUsize>) {
+/// A raw HTTP/1.1 server. It answers `conn N` (the connection's number)
+/// to each request as soon as it has the request's head, reading no body,
+/// so a request with a body that never ends keeps its connection busy.
+/// With `close`, it closes each connection after its first answer without
+/// saying so beforehand (as a backend's idle timeout does). Counts the
+/// connections.
+async fn serve_raw(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -351,7 +326,7 @@ async fn serve_early() -> (SocketAddr, Arc<AtomicUsize>) {
     tokio::spawn(async move {
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 loop {
@@ -362,8 +337,12 @@ async fn serve_early() -> (SocketAddr, Arc<AtomicUsize>) {
                             Ok(read) => head.extend_from_slice(&buf[..read]),
                         }
                     }
-                    let response = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly";
-                    if stream.write_all(response).await.is_err() {
+                    let body = format!("conn {n}");
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(response.as_bytes()).await.is_err() || close {
                         return;
                     }
                 }
@@ -375,7 +354,7 @@ async fn serve_early() -> (SocketAddr, Arc<AtomicUsize>) {
 
 #[tokio::test]
 async fn a_connection_still_sending_its_request_is_not_waited_for() {
-    let (addr, _) = serve_early().await;
+    let (addr, _) = serve_raw(false).await;
     type Body = http_body_util::Either<Full<Bytes>, Endless>;
     let client = HttpClient::<Body>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
@@ -384,7 +363,7 @@ async fn a_connection_still_sending_its_request_is_not_waited_for() {
         .oneshot(Request::put("/upload").body(Body::Right(Endless)).unwrap())
         .await
         .unwrap();
-    assert_eq!(body_of(upload).await, "early");
+    assert_eq!(body_of(upload).await, "conn 1");
     // The first connection is still sending the endless body: the next
     // request gets a connection of its own (a hang here fails the test).
     let next = backend.oneshot(
@@ -396,12 +375,12 @@ async fn a_connection_still_sending_its_request_is_not_waited_for() {
         .await
         .expect("the request waited behind the busy connection")
         .unwrap();
-    assert_eq!(body_of(next).await, "early");
+    assert_eq!(body_of(next).await, "conn 2");
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_old_connection_behind_a_busy_one_is_not_reused() {
-    let (addr, accepted) = serve_early().await;
+    let (addr, accepted) = serve_raw(false).await;
     type Body = http_body_util::Either<Full<Bytes>, Endless>;
     let client = HttpClient::<Body>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
