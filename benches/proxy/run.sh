@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Head-to-head: nginx, HAProxy and tower-ha's reverse_proxy example as
 # round-robin reverse proxies over the same three loopback backends, one
-# worker each, loaded by wrk. Prints requests per second and p99 latency,
-# then the same with one backend killed mid-run (errors seen by the client).
+# worker each, loaded by wrk, with a plain hyper proxy (examples/
+# hyper_proxy.rs: hyper-util's pooled client, no tower-ha) as the baseline
+# of the HTTP stack. Prints requests per second and p99 latency, then the
+# same with one backend killed mid-run (errors seen by the client).
 #
 #   benches/proxy/run.sh [seconds per run, default 10] [rounds, default 3]
 #
-# Every round runs the three proxies, each in a different position of the
+# Every round runs the four proxies, each in a different position of the
 # order, so that drift of the shared machine does not favour one of them;
 # the summary gives each proxy's median over the rounds.
 #
@@ -22,6 +24,7 @@ BACKEND_PORTS=(18101 18102 18103)
 NGINX_PORT=18080
 HAPROXY_PORT=18081
 TOWER_PORT=18082
+HYPER_PORT=18083
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need haproxy || ! need wrk; then
@@ -32,7 +35,7 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
-cargo build --release --example reverse_proxy --features hyper-client -q
+cargo build --release --example reverse_proxy --example hyper_proxy --features hyper-client -q
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -148,6 +151,17 @@ start_tower() {
     wait_port "$TOWER_PORT"
 }
 
+start_hyper() {
+    local args=()
+    for p in "${BACKEND_PORTS[@]}"; do args+=("http://127.0.0.1:$p"); done
+    target/release/examples/hyper_proxy --listen "127.0.0.1:$HYPER_PORT" "${args[@]}" \
+        >"$WORK/hyper.log" 2>&1 &
+    PIDS+=($!)
+    echo $! >"$WORK/hyper.pid"
+    disown
+    wait_port "$HYPER_PORT"
+}
+
 stop() {
     case $1 in
     nginx-proxy) kill_nginx "$WORK/nginx-proxy" ;;
@@ -200,11 +214,12 @@ run() {
 
 PROXIES=("nginx $NGINX_PORT start_nginx nginx-proxy"
     "haproxy $HAPROXY_PORT start_haproxy haproxy"
-    "tower-ha $TOWER_PORT start_tower tower")
+    "tower-ha $TOWER_PORT start_tower tower"
+    "hyper $HYPER_PORT start_hyper hyper")
 for round in $(seq 1 "$ROUNDS"); do
-    for i in 0 1 2; do
+    for i in 0 1 2 3; do
         # shellcheck disable=SC2086 # the entry is four words
-        run "$round" ${PROXIES[$(( (i + round - 1) % 3 ))]}
+        run "$round" ${PROXIES[$(( (i + round - 1) % 4 ))]}
     done
 done
 
@@ -214,7 +229,7 @@ printf '%-10s %-16s %12s %8s %10s %14s\n' proxy scenario "req/s" "ratio" p99 "er
 median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
 for scenario in steady "backend killed"; do
     base=$(awk -F'|' -v s="$scenario" '$1 == "nginx" && $2 == s {print $3}' "$RESULTS" | median)
-    for name in nginx haproxy tower-ha; do
+    for name in nginx haproxy tower-ha hyper; do
         pick() { awk -F'|' -v n="$name" -v s="$scenario" -v c="$1" '$1 == n && $2 == s {print $c}' "$RESULTS"; }
         rps=$(pick 3 | median)
         p99=$(pick 4 | median)

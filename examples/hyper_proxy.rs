@@ -1,0 +1,102 @@
+//! The baseline of the head-to-head benchmark (`benches/proxy/run.sh`): a
+//! round-robin reverse proxy written with hyper's server and hyper-util's
+//! pooled client alone, without tower-ha (no failover, no health checks, no
+//! `X-Forwarded-For`). It shows what the HTTP stack costs by itself.
+//!
+//! ```sh
+//! cargo run --release --features hyper-client --example hyper_proxy -- \
+//!     --listen 127.0.0.1:8080 http://127.0.0.1:9001 http://127.0.0.1:9002
+//! ```
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::uri::{Authority, Uri};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+// The same allocator as `reverse_proxy`, so that the two differ only in
+// what serves the requests.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+fn main() {
+    let mut listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let mut backends = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--listen" {
+            let value = args.next().expect("--listen needs an address");
+            listen = value.parse().expect("a socket address for --listen");
+        } else {
+            let uri: Uri = arg.parse().expect("a backend URL");
+            let authority = uri.authority().expect("a backend URL with a host");
+            backends.push(authority.clone());
+        }
+    }
+    assert!(!backends.is_empty(), "give at least one backend URL");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(serve(listen, backends));
+}
+
+async fn serve(listen: SocketAddr, backends: Vec<Authority>) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<_, Incoming> = Client::builder(TokioExecutor::new()).build(connector);
+    let backends: Arc<[Authority]> = backends.into();
+    let next = Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind(listen).await.expect("the listen address");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (client, backends, next) = (client.clone(), backends.clone(), next.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let backend = &backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
+                let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                let uri = Uri::builder()
+                    .scheme("http")
+                    .authority(backend.clone())
+                    .path_and_query(path)
+                    .build();
+                let host = HeaderValue::from_str(backend.as_str());
+                let client = client.clone();
+                async move {
+                    let (Ok(uri), Ok(host)) = (uri, host) else {
+                        return Ok::<_, Infallible>(status(StatusCode::BAD_REQUEST));
+                    };
+                    *req.uri_mut() = uri;
+                    req.headers_mut().insert(http::header::HOST, host);
+                    Ok(match client.request(req).await {
+                        Ok(resp) => resp.map(|b| b.boxed()),
+                        Err(_) => status(StatusCode::BAD_GATEWAY),
+                    })
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn status(code: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    *resp.status_mut() = code;
+    resp
+}
