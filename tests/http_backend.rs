@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 use tower_ha::extensions::PeerAddr;
 use tower_ha::http::{HttpBackend, HttpClient};
@@ -56,6 +56,22 @@ async fn serve() -> SocketAddr {
 
 /// [`serve`], counting the connections it accepts.
 async fn serve_counting() -> (SocketAddr, Arc<AtomicUsize>) {
+    accept_counting(|stream, _| async move {
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service_fn(echo))
+            .await;
+    })
+    .await
+}
+
+/// Listens on 127.0.0.1 and hands each connection, with its number
+/// (from 1), to a task of its own running `handle`; counts the
+/// connections.
+async fn accept_counting<F, Fut>(handle: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -63,12 +79,8 @@ async fn serve_counting() -> (SocketAddr, Arc<AtomicUsize>) {
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service_fn(echo))
-                    .await;
-            });
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(handle(stream, n));
         }
     });
     (addr, accepted)
@@ -319,37 +331,27 @@ impl http_body::Body for Endless {
 /// saying so beforehand (as a backend's idle timeout does). Counts the
 /// connections.
 async fn serve_raw(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
+    accept_counting(move |mut stream, n| async move {
+        let mut buf = [0u8; 1024];
         loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                loop {
-                    let mut head = Vec::new();
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(read) => head.extend_from_slice(&buf[..read]),
-                        }
-                    }
-                    let body = format!("conn {n}");
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if stream.write_all(response.as_bytes()).await.is_err() || close {
-                        return;
-                    }
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(read) => head.extend_from_slice(&buf[..read]),
                 }
-            });
+            }
+            let body = format!("conn {n}");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if stream.write_all(response.as_bytes()).await.is_err() || close {
+                return;
+            }
         }
-    });
-    (addr, accepted)
+    })
+    .await
 }
 
 #[tokio::test]

@@ -117,6 +117,18 @@ fn served(res: &Response<String>) -> &str {
     res.extensions().get::<ServedBy>().unwrap().0.as_str()
 }
 
+/// A request naming session `id` in `X-Session-Id`.
+fn session<V>(id: V) -> Request<()>
+where
+    HeaderValue: TryFrom<V>,
+    <HeaderValue as TryFrom<V>>::Error: Into<http::Error>,
+{
+    Request::builder()
+        .header("x-session-id", id)
+        .body(())
+        .unwrap()
+}
+
 async fn send<S>(svc: &S, req: Request<()>) -> Result<Response<String>, BoxError>
 where
     S: Service<Request<()>, Response = Response<String>, Error = BoxError> + Clone,
@@ -226,12 +238,7 @@ async fn a_failed_backend_moves_its_session_on_the_next_request() {
     let moves = Moves::default();
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
     let svc = stack(&c.pool, layer.clone());
-    let req = || {
-        Request::builder()
-            .header("x-session-id", "s1")
-            .body(())
-            .unwrap()
-    };
+    let req = || session("s1");
     let home = send(&svc, req()).await.unwrap().body().clone();
 
     c.fail[home.as_str()].store(true, Ordering::SeqCst);
@@ -448,10 +455,7 @@ async fn header_keys_come_from_requests_or_responses_and_closures_work() {
         .unwrap()
         .to_owned();
     for _ in 0..4 {
-        let req = Request::builder()
-            .header("x-session-id", &id)
-            .body(())
-            .unwrap();
+        let req = session(&id);
         assert_eq!(send(&svc, req).await.unwrap().body(), assigned.body());
     }
 
@@ -633,10 +637,7 @@ async fn bad_input_is_no_session_and_is_counted() {
         HeaderValue::from_bytes(b"\xff\xfe\xfd").unwrap(),
         HeaderValue::try_from("k".repeat(4096)).unwrap(),
     ] {
-        let req = Request::builder()
-            .header("x-session-id", value)
-            .body(())
-            .unwrap();
+        let req = session(value);
         send(&svc, req).await.unwrap();
     }
     assert_eq!(layer.stats().rejected, 2);
@@ -690,12 +691,7 @@ async fn a_full_table_evicts_least_recently_used_which_stay_in_the_store() {
         .store(store.clone())
         .max_sessions(8);
     let svc = stack(&c.pool, layer.clone());
-    let req = |k: usize| {
-        Request::builder()
-            .header("x-session-id", format!("s{k}"))
-            .body(())
-            .unwrap()
-    };
+    let req = |k: usize| session(format!("s{k}"));
     let mut homes = Vec::new();
     let start = |k: usize| {
         let svc = svc.clone();
@@ -823,12 +819,7 @@ async fn replication_routes_a_session_started_on_another_instance() {
     let key = SessionKey::header("x-session-id");
     let (_, a) = instance(&c, key.clone(), store.clone());
     let (layer_b, b) = instance(&c, key, store.clone());
-    let req = || {
-        Request::builder()
-            .header("x-session-id", "kernel-7")
-            .body(())
-            .unwrap()
-    };
+    let req = || session("kernel-7");
     let _ = send(&b, Request::new(())).await.unwrap(); // moves B's round robin
     let home = send(&a, req()).await.unwrap().into_body();
     for _ in 0..3 {
@@ -851,12 +842,7 @@ async fn replication_loads_each_key_once_under_concurrent_requests() {
         gate: Arc::new(tokio::sync::Semaphore::new(0)),
     };
     let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), slow.clone());
-    let req = || {
-        Request::builder()
-            .header("x-session-id", "kernel-1")
-            .body(())
-            .unwrap()
-    };
+    let req = || session("kernel-1");
     let pending: Vec<_> = (0..50)
         .map(|_| tokio::spawn(send_owned(svc.clone(), req())))
         .collect();
@@ -913,20 +899,14 @@ async fn standalone_restore_reports_and_keeps_failed_records() {
     assert_eq!(store.len(), 3, "a failed restore keeps the stored record");
 
     let svc = stack(&c.pool, layer.clone());
-    let req = |k: &str| {
-        Request::builder()
-            .header("x-session-id", k)
-            .body(())
-            .unwrap()
-    };
     for _ in 0..3 {
-        assert_eq!(send(&svc, req("k1")).await.unwrap().body(), "a");
-        assert_eq!(send(&svc, req("k3")).await.unwrap().body(), "c");
+        assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "a");
+        assert_eq!(send(&svc, session("k3")).await.unwrap().body(), "c");
     }
     // Standalone never reads the store on a miss. The request for k2 is
     // served, but its record stays as it was for a later restore().
-    let first = send(&svc, req("k2")).await.unwrap().into_body();
-    assert_eq!(send(&svc, req("k2")).await.unwrap().body(), &first);
+    let first = send(&svc, session("k2")).await.unwrap().into_body();
+    assert_eq!(send(&svc, session("k2")).await.unwrap().body(), &first);
     assert_eq!(layer.stats().loaded, 0);
     let kept = store.load("k2").await.unwrap().unwrap();
     assert_eq!(kept.backend.as_str(), "b");
@@ -945,12 +925,7 @@ async fn a_record_the_store_cannot_read_is_not_overwritten() {
     let file = dir.path().join(tower_ha::store::FileStore::file_name("s"));
     std::fs::write(&file, b"{\"key\": \"s\", \"backe").unwrap();
     let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
-    let req = || {
-        Request::builder()
-            .header("x-session-id", "s")
-            .body(())
-            .unwrap()
-    };
+    let req = || session("s");
     let home = send(&svc, req()).await.unwrap().into_body();
     assert_eq!(
         send(&svc, req()).await.unwrap().body(),
@@ -1000,12 +975,7 @@ async fn concurrent_first_requests_bind_a_session_once() {
     let store = MemoryStore::new();
     let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id")).store(store.clone());
     let svc = stack(&pool, layer.clone());
-    let req = || {
-        Request::builder()
-            .header("x-session-id", "s1")
-            .body(())
-            .unwrap()
-    };
+    let req = || session("s1");
     // Both miss: round robin sends one to each backend.
     let first = tokio::spawn(send_owned(svc.clone(), req()));
     let second = tokio::spawn(send_owned(svc.clone(), req()));
@@ -1058,12 +1028,7 @@ async fn store_errors_never_fail_requests() {
     }
     let c = cluster();
     let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), Down);
-    let req = || {
-        Request::builder()
-            .header("x-session-id", "s")
-            .body(())
-            .unwrap()
-    };
+    let req = || session("s");
     let home = send(&svc, req()).await.unwrap().into_body();
     assert_eq!(send(&svc, req()).await.unwrap().body(), &home);
     let stats = layer.stats();
@@ -1117,12 +1082,7 @@ async fn a_failed_only_backend_is_tried_again() {
     pool.insert("solo", backend("solo", fail.clone()));
     let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"));
     let svc = stack(&pool, layer.clone());
-    let req = || {
-        Request::builder()
-            .header("x-session-id", "s")
-            .body(())
-            .unwrap()
-    };
+    let req = || session("s");
     send(&svc, req()).await.unwrap();
     fail.store(true, Ordering::SeqCst);
     assert!(send(&svc, req()).await.is_err());
