@@ -214,18 +214,17 @@ impl<B> HttpBackend<B> {
     }
 
     fn rewrite(&self, req: &mut Request<B>) -> Result<(), BoxError> {
-        let path = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        let original = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let path_and_query = if self.prefix.is_empty() {
-            match req.uri().path_and_query() {
-                Some(pq) => pq.clone(),
-                None => PathAndQuery::from_static("/"),
-            }
+            original
         } else {
             // Under a prefix, dot segments are resolved first, so that a
             // request cannot climb out of it (`/../other`).
-            let (path, query) = path
-                .split_once('?')
-                .map_or((path, None), |(p, q)| (p, Some(q)));
+            let path = original.path();
             if hides_a_separator(path) {
                 return Err("the request path hides a separator (%2F, %5C, a backslash \
                             or `..;`) that could lead out of the backend's base path"
@@ -233,7 +232,7 @@ impl<B> HttpBackend<B> {
             }
             let mut joined = self.prefix.clone();
             push_without_dot_segments(&mut joined, path);
-            if let Some(query) = query {
+            if let Some(query) = original.query() {
                 joined.push('?');
                 joined.push_str(query);
             }
