@@ -326,22 +326,6 @@ pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h
 mod tests {
     use super::*;
 
-    proptest::proptest! {
-        #[test]
-        fn the_layers_cookie_is_read_as_cookie_value_reads_it(
-            headers in proptest::collection::vec("[ab= ;\"\t]{0,24}", 0..3),
-            name in "[ab]{1,2}",
-        ) {
-            let mut map = HeaderMap::new();
-            for h in &headers {
-                map.append(http::header::COOKIE, h.parse().unwrap());
-            }
-            let cookie = CookieInsert::new(name.as_str(), [0u8; 32]);
-            let found = cookie.cookie_name().find_in(&map.get_all(http::header::COOKIE));
-            proptest::prop_assert_eq!(found, crate::key::cookie_value(&map, &name));
-        }
-    }
-
     fn cookie() -> CookieInsert {
         CookieInsert::new("srv", [1u8; 32])
     }
