@@ -308,7 +308,10 @@ impl Shared {
                         return Start::Load { key, cookie, load };
                     }
                     _ => {
-                        let stored = if self.unrestored.lock().contains(&key) {
+                        // Only a store's failed restores are remembered.
+                        let unrestored =
+                            self.config.store.is_some() && self.unrestored.lock().contains(&key);
+                        let stored = if unrestored {
                             Stored::Unknown
                         } else {
                             Stored::Absent
