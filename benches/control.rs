@@ -8,9 +8,6 @@
 //!
 //! Run with `cargo bench --bench control -- --warm-up-time 1 --measurement-time 3`.
 
-// Wall-clock time is what a benchmark measures.
-#![allow(clippy::disallowed_types)]
-
 use std::hint::black_box;
 use std::time::Duration;
 
