@@ -160,6 +160,7 @@ pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> 
 pub(crate) struct CookieName {
     name: Arc<str>,
     finder: Arc<memchr::memmem::Finder<'static>>,
+    matchable: bool,
 }
 
 impl fmt::Debug for CookieName {
@@ -172,6 +173,8 @@ impl CookieName {
     pub(crate) fn new(name: &str) -> Self {
         CookieName {
             finder: Arc::new(memchr::memmem::Finder::new(name.as_bytes()).into_owned()),
+            // A pair's name ends at its first '=': such a name matches none.
+            matchable: !name.contains('='),
             name: name.into(),
         }
     }
@@ -182,8 +185,7 @@ impl CookieName {
 
     /// The cookie's non-empty value in the first of `values` that has one.
     pub(crate) fn find_in<'h>(&self, values: &GetAll<'h, HeaderValue>) -> Option<&'h [u8]> {
-        // A pair's name never holds '=' (it ends at the first one).
-        if self.name.contains('=') {
+        if !self.matchable {
             return None;
         }
         values
@@ -196,12 +198,10 @@ impl CookieName {
         let mut from = 0;
         while let Some(offset) = header.get(from..).and_then(|h| self.finder.find(h)) {
             let at = from + offset;
-            let before = &header[..at];
-            let pair_start = memchr::memrchr(b';', before).map_or(0, |i| i + 1);
-            let rest = &header[at + name_len..];
-            let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
             // A name only starts a pair after the `;` and white space.
-            if before[pair_start..].iter().all(u8::is_ascii_whitespace) {
+            if matches!(header[..at].trim_ascii_end().last(), None | Some(b';')) {
+                let rest = &header[at + name_len..];
+                let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
                 if let Some(v) = rest[..end].trim_ascii_start().strip_prefix(b"=") {
                     let v = unquote(v.trim_ascii());
                     if !v.is_empty() {
