@@ -56,7 +56,13 @@ async fn serve(listen: SocketAddr, backends: Vec<Authority>) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<_, Incoming> = Client::builder(TokioExecutor::new()).build(connector);
-    let backends: Arc<[Authority]> = backends.into();
+    let backends: Arc<[(Authority, HeaderValue)]> = backends
+        .into_iter()
+        .map(|a| {
+            let host = HeaderValue::from_str(a.as_str()).expect("an authority is a valid Host");
+            (a, host)
+        })
+        .collect();
     let next = Arc::new(AtomicUsize::new(0));
     let listener = TcpListener::bind(listen).await.expect("the listen address");
     loop {
@@ -67,22 +73,20 @@ async fn serve(listen: SocketAddr, backends: Vec<Authority>) {
         let (client, backends, next) = (client.clone(), backends.clone(), next.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let backend = &backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
+                let (authority, host) =
+                    &backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
                 let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
                 let uri = Uri::builder()
                     .scheme("http")
-                    .authority(backend.clone())
+                    .authority(authority.clone())
                     .path_and_query(path)
-                    .build();
-                let host = HeaderValue::from_str(backend.as_str());
+                    .build()
+                    .expect("a URI from a valid authority and path");
+                *req.uri_mut() = uri;
+                req.headers_mut().insert(http::header::HOST, host.clone());
                 let client = client.clone();
                 async move {
-                    let (Ok(uri), Ok(host)) = (uri, host) else {
-                        return Ok::<_, Infallible>(status(StatusCode::BAD_REQUEST));
-                    };
-                    *req.uri_mut() = uri;
-                    req.headers_mut().insert(http::header::HOST, host);
-                    Ok(match client.request(req).await {
+                    Ok::<_, Infallible>(match client.request(req).await {
                         Ok(resp) => resp.map(|b| b.boxed()),
                         Err(_) => status(StatusCode::BAD_GATEWAY),
                     })
