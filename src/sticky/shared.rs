@@ -398,7 +398,7 @@ impl Shared {
             Some(session) => {
                 let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
-                let (hit, dropped) = self.table.insert_if_absent(session, tag, persist);
+                let (hit, dropped, _) = self.table.insert_if_absent(session, tag, persist);
                 self.count_dropped(dropped);
                 self.pin(req, hit, Named::from_option(cookie))
             }
@@ -531,7 +531,7 @@ impl Shared {
         if let Stored::Found(session) = stored {
             let session = self.with_member_id(session.clone());
             let tag = self.tag(&session.key, &session.backend);
-            let (_, dropped) = self.table.insert_if_absent(session, tag, true);
+            let (_, dropped, _) = self.table.insert_if_absent(session, tag, true);
             self.count_dropped(dropped);
         }
     }
@@ -771,15 +771,14 @@ impl Shared {
         persist: bool,
     ) -> BackendId {
         let session = Session::new(key, served.clone());
-        let (hit, dropped) =
+        let to_save = persist.then(|| session.clone());
+        let (hit, dropped, inserted) =
             self.table
-                .insert_if_absent(session.clone(), self.tag(key, served), persist);
+                .insert_if_absent(session, self.tag(key, served), persist);
         self.count_dropped(dropped);
-        if hit.backend == *served {
+        if inserted {
             bump(&self.counters.created, 1);
-            if persist {
-                work.save.push(session);
-            }
+            work.save.extend(to_save);
         }
         hit.backend
     }

@@ -267,22 +267,23 @@ impl Table {
 
     /// Inserts (or replaces) `session`, seen now, as a saved session.
     pub(crate) fn insert(&self, session: Session, cookie: Option<Box<str>>) -> (Arc<str>, Dropped) {
-        let (hit, dropped) = self.put(session, cookie, true, true);
+        let (hit, dropped, _) = self.put(session, cookie, true, true);
         (hit.key, dropped)
     }
 
     /// Inserts `session` unless its key is already present (and not idle);
-    /// returns the entry now in the table. Atomic: of concurrent inserts of
-    /// one key, the first wins and the others get its entry. `saved` says
-    /// whether the layer saves the session's changes.
+    /// returns the entry now in the table and whether it is this one.
+    /// Atomic: of concurrent inserts of one key, the first wins and the
+    /// others get its entry. `saved` says whether the layer saves the
+    /// session's changes.
     pub(crate) fn insert_if_absent(
         &self,
         session: Session,
         cookie: Option<Box<str>>,
         saved: bool,
-    ) -> (Hit, Dropped) {
+    ) -> (Hit, Dropped, bool) {
         if let Some(hit) = self.get(session.key.as_bytes(), None).hit {
-            return (hit, Dropped::default());
+            return (hit, Dropped::default(), false);
         }
         self.put(session, cookie, false, saved)
     }
@@ -301,7 +302,7 @@ impl Table {
         cookie: Option<Box<str>>,
         replace: bool,
         saved: bool,
-    ) -> (Hit, Dropped) {
+    ) -> (Hit, Dropped, bool) {
         let now = self.now();
         let key = Key(Arc::from(session.key));
         let mut map = self.map.write();
@@ -314,10 +315,11 @@ impl Table {
                     backend: entry.backend.clone(),
                     failed: entry.failed.load(Ordering::Relaxed),
                 };
-                return (hit, dropped);
+                return (hit, dropped, false);
             }
         }
-        if !map.contains_key(&key) && map.len() >= self.max {
+        // Without `replace` the key is known to be absent by now.
+        if (!replace || !map.contains_key(&key)) && map.len() >= self.max {
             dropped.evicted += evict_oldest(&mut map, self.max);
         }
         let hit = Hit {
@@ -337,7 +339,7 @@ impl Table {
                 saved: AtomicBool::new(saved),
             },
         );
-        (hit, dropped)
+        (hit, dropped, true)
     }
 
     /// Moves `key` from `from` to `to`, only if it is still on `from`
