@@ -343,12 +343,6 @@ impl BackendState {
         self.ejections.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Lifts an ejection now, before its deadline. Returns whether the
-    /// backend was ejected.
-    pub fn uneject(&self) -> bool {
-        self.ejected_until.swap(0, Ordering::AcqRel) != 0
-    }
-
     /// The instant the current ejection ends, if the backend is ejected now.
     pub fn ejected_until(&self) -> Option<Instant> {
         let nanos = self.ejected_until.load(Ordering::Acquire);
@@ -359,11 +353,11 @@ impl BackendState {
         (Instant::now() < until).then_some(until)
     }
 
-    /// Lifts an ejection in force now; returns whether this call lifted
-    /// it. Of this and [`take_expired_ejection`](Self::take_expired_ejection)
-    /// racing over one ejection, exactly one returns `true`, so its end is
-    /// reported once.
-    pub(crate) fn lift_ejection(&self) -> bool {
+    /// Lifts an ejection in force now, before its deadline; returns whether
+    /// this call lifted it. An ejection that has already run out is left
+    /// to end by itself: of this and that end racing over one ejection,
+    /// exactly one happens, so the ejection's end is reported once.
+    pub fn uneject(&self) -> bool {
         let now = self.nanos_since_epoch(Instant::now());
         let mut current = self.ejected_until.load(Ordering::Acquire);
         while current != 0 && now < current {
@@ -381,7 +375,7 @@ impl BackendState {
     }
 
     /// Clears an ejection that ran out by itself; returns whether this call
-    /// cleared it (see [`lift_ejection`](Self::lift_ejection)).
+    /// cleared it (see [`uneject`](Self::uneject)).
     pub(crate) fn take_expired_ejection(&self) -> bool {
         let now = self.nanos_since_epoch(Instant::now());
         let current = self.ejected_until.load(Ordering::Acquire);

@@ -290,6 +290,24 @@ impl Entry {
         }
     }
 
+    /// Lifts an ejection in force and reports it; one that ran out is
+    /// reported by the health layer.
+    fn lift_ejection(&self, id: &BackendId, events: Option<&Events>) {
+        if self.state.uneject() {
+            tracing::info!(
+                backend = %id,
+                from = "ejected",
+                to = "available",
+                reason = "probe passed",
+                "backend restored"
+            );
+            emit(events, || Event::Restored {
+                backend: id.clone(),
+                reason: "probe passed".into(),
+            });
+        }
+    }
+
     fn record(
         &mut self,
         id: &BackendId,
@@ -307,24 +325,9 @@ impl Entry {
                 if health == Health::Healthy {
                     self.ever_healthy = true;
                     self.unhealthy_since = None;
-                    // Only an ejection in force is lifted here; one that
-                    // ran out is reported by the health layer.
-                    if self.state.lift_ejection() {
-                        tracing::info!(
-                            backend = %id,
-                            from = "ejected",
-                            to = "available",
-                            reason = "probe passed",
-                            "backend restored"
-                        );
-                        emit(events, || Event::Restored {
-                            backend: id.clone(),
-                            reason: "probe passed".into(),
-                        });
-                    }
+                    self.lift_ejection(id, events);
                 } else if self.successes >= config.rise {
                     self.state.set_health(Health::Healthy);
-                    let lifted = self.state.lift_ejection();
                     self.ever_healthy = true;
                     self.unhealthy_since = None;
                     self.start_ramp(now, config);
@@ -342,12 +345,7 @@ impl Entry {
                         to: Health::Healthy,
                         reason: "probes passed".into(),
                     });
-                    if lifted {
-                        emit(events, || Event::Restored {
-                            backend: id.clone(),
-                            reason: "probe passed".into(),
-                        });
-                    }
+                    self.lift_ejection(id, events);
                 }
             }
             Err(error) => {
