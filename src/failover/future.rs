@@ -164,10 +164,10 @@ where
                 AttemptProj::Called { future } => {
                     let polled = match future.poll(cx) {
                         // The common case, a first attempt that succeeded,
-                        // is handed back as it is.
+                        // is handed back as it is (no failure yet: nothing
+                        // unpaid either).
                         Poll::Ready(Ok(response))
-                            if !this.retry.unpaid
-                                && this.retry.failures.is_empty()
+                            if this.retry.failures.is_empty()
                                 && !this
                                     .retry
                                     .config
