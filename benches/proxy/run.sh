@@ -6,7 +6,7 @@
 # of the HTTP stack. Prints requests per second and p99 latency, then the
 # same with one backend killed mid-run (errors seen by the client).
 #
-#   benches/proxy/run.sh [seconds per run, default 10] [rounds, default 3]
+#   benches/proxy/run.sh [seconds per run, default 10] [rounds, default 4]
 #
 # Every round runs the four proxies, each in a different position of the
 # order, so that drift of the shared machine does not favour one of them;
@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DURATION=${1:-10}
-ROUNDS=${2:-3}
+ROUNDS=${2:-4}
 CONNECTIONS=32
 BACKEND_PORTS=(18101 18102 18103)
 NGINX_PORT=18080
@@ -85,8 +85,11 @@ CONF
 kill_nginx() {
     local pid pgid
     pid=$(cat "$1/nginx.pid")
+    # SIGKILLed nginx leaves its pid file: remove it, so that the cleanup
+    # never signals a process that has reused the pid.
+    rm -f "$1/nginx.pid"
     pgid=$(ps -o pgid= -p "$pid" | tr -d ' ')
-    kill -9 -- "-$pgid"
+    if [ -n "$pgid" ]; then kill -9 -- "-$pgid"; fi
 }
 
 kill_backend() { kill_nginx "$WORK/backend-$1"; }
@@ -165,21 +168,24 @@ start_hyper() {
 stop() {
     case $1 in
     nginx-proxy) kill_nginx "$WORK/nginx-proxy" ;;
-    *) kill -9 "$(cat "$WORK/$1.pid")" ;;
+    *) kill -9 "$(cat "$WORK/$1.pid")" && rm -f "$WORK/$1.pid" ;;
     esac
 }
 
-# Runs wrk; prints "rps p99-in-ms errors".
+# Runs wrk; prints "rps p99-in-ms errors", where rps counts successful
+# responses only (wrk's own figure counts a 502 as a request served).
 load() {
     local port=$1 out
     out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/" 2>&1)
-    local rps p99 errors non2xx socket
+    local rps p99 errors non2xx socket requests
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
     p99=$(awk '$1 == "99%" {v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
         print (u == "us" ? v / 1000 : (u == "s" ? v * 1000 : v))}' <<<"$out")
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
     socket=$(awk -F'[ ,]+' '/Socket errors/ {print $4+$6+$8+$10}' <<<"$out")
     errors=$(( ${non2xx:-0} + ${socket:-0} ))
+    rps=$(awk -v r="$rps" -v n="$requests" -v e="$errors" 'BEGIN {print (n > 0 ? r * (n - e) / n : 0)}')
     echo "$rps $p99 $errors"
 }
 
