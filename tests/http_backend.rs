@@ -19,6 +19,8 @@ use tower_ha::extensions::PeerAddr;
 use tower_ha::http::{HttpBackend, HttpClient};
 use tower_ha::{BackendError, NotSent};
 
+mod support;
+
 /// Echoes what it received: method, path, Host, X-Forwarded-For, hop-by-hop
 /// leftovers, and the body.
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -149,11 +151,7 @@ async fn preserve_host_keeps_the_clients_host_and_xff_is_created() {
 
 #[tokio::test]
 async fn a_refused_connection_is_not_sent() {
-    // Bound but not listening: connecting is refused, and the port stays
-    // taken for the whole test.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let port = socket.local_addr().unwrap().port();
+    let port = support::http::refused().await.port();
     let client = HttpClient::<Full<Bytes>>::new();
     let backend = HttpBackend::new(&client, format!("http://127.0.0.1:{port}")).unwrap();
     let err = backend
