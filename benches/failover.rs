@@ -6,9 +6,8 @@
 //! then poll the response future until it completes.
 
 use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
+use std::future::{ready, Ready};
 use std::hint::black_box;
-use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -53,25 +52,13 @@ fn request() -> Request<Body> {
     .map(|()| Full::new(Bytes::from_static(b"{\"order\":42}")))
 }
 
+/// [`support::drive`] with a no-op waker.
 fn drive<S>(service: &mut S, req: Request<Body>) -> S::Response
 where
     S: Service<Request<Body>>,
     S::Error: std::fmt::Debug,
 {
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        match service.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => break,
-            Poll::Ready(Err(e)) => panic!("not ready: {e:?}"),
-            Poll::Pending => continue,
-        }
-    }
-    let mut future = pin!(service.call(req));
-    loop {
-        if let Poll::Ready(result) = future.as_mut().poll(&mut cx) {
-            return result.expect("success");
-        }
-    }
+    support::drive(service, req, &mut Context::from_waker(Waker::noop()))
 }
 
 fn pool() -> Pool<Backend> {

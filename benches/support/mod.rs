@@ -77,9 +77,9 @@ pub fn parsed(head: &str) -> Request<()> {
 
 /// Readies `svc`, calls it, and polls the response once (every backend
 /// answers at once).
-pub fn drive<S>(svc: &mut S, req: Request<()>, cx: &mut Context<'_>) -> S::Response
+pub fn drive<S, R>(svc: &mut S, req: R, cx: &mut Context<'_>) -> S::Response
 where
-    S: Service<Request<()>>,
+    S: Service<R>,
     S::Error: std::fmt::Debug,
 {
     loop {
