@@ -1051,12 +1051,7 @@ fn no_input_panics() {
     let learn_layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"));
     let stacks: Vec<_> = [cookie_layer, header_layer, learn_layer]
         .into_iter()
-        .map(|l| {
-            ServiceBuilder::new()
-                .layer(l)
-                .layer(BalanceLayer::new(RoundRobin::new()))
-                .service(c.pool.clone())
-        })
+        .map(|l| stack(&c.pool, l))
         .collect();
     proptest!(ProptestConfig::with_cases(256), |(bytes in proptest::collection::vec(any::<u8>(), 0..2048))| {
         let Ok(value) = HeaderValue::from_bytes(&bytes) else { return Ok(()) };
