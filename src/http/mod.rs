@@ -50,9 +50,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use ::http::header::{
-    HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
+use ::http::header::{HeaderName, HeaderValue, CONNECTION, HOST};
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use ::http::{HeaderMap, Request, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -269,10 +267,31 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
             v.put_slice(b", ");
         }
     }
-    {
-        use std::fmt::Write;
-        // Writing to a `BytesMut` cannot fail.
-        let _ = write!(v, "{}", ip.to_canonical());
+    match ip.to_canonical() {
+        // The usual peer, written directly: the formatting machinery costs
+        // more than the rest of the header.
+        std::net::IpAddr::V4(ip) => {
+            let (mut text, mut len) = ([b'.'; 16], 0);
+            for octet in ip.octets() {
+                if octet >= 100 {
+                    text[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    text[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                text[len] = b'0' + octet % 10;
+                // Past the digits, a dot (already there) before the next.
+                len += 2;
+            }
+            v.put_slice(&text[..len - 1]);
+        }
+        ip => {
+            use std::fmt::Write;
+            // Writing to a `BytesMut` cannot fail.
+            let _ = write!(v, "{ip}");
+        }
     }
     if let Ok(value) = HeaderValue::from_maybe_shared(v.freeze()) {
         headers.insert(&X_FORWARDED_FOR, value);
@@ -346,31 +365,63 @@ fn push_without_dot_segments(out: &mut String, path: &str) {
     }
 }
 
+/// The headers that describe one connection, not the message (RFC 9110
+/// section 7.6.1), with the obsolete `Keep-Alive` and `Proxy-Connection`.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+];
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let hop_by_hop = |name: &HeaderName| {
-        [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE].contains(name)
-            || name == "keep-alive"
-            || name == "proxy-connection"
-    };
-    // Most messages carry none: one pass over the names, no lookups.
-    if !headers.keys().any(hop_by_hop) {
+    // One pass over the names notes which are present (a backend's
+    // `Connection: keep-alive` is the common case), so that only those
+    // are looked up again.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|&h| h == name.as_str()) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present & 1 != 0 {
+        // The headers `Connection` names go too. Its lines are read one at
+        // a time (a cheap clone) so that removing holds no borrow.
+        let mut lines = headers.get_all(CONNECTION).iter();
+        let (first, more) = (lines.next().cloned(), lines.next().is_some());
+        remove_named(headers, first);
+        if more {
+            let mut line = 1;
+            while let Some(value) = headers.get_all(CONNECTION).iter().nth(line).cloned() {
+                remove_named(headers, Some(value));
+                line += 1;
+            }
+        }
     }
-    for name in [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.into_iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+}
+
+/// Removes the headers a `Connection` line names, except the hop-by-hop
+/// ones (removed anyway) and `close`.
+fn remove_named(headers: &mut HeaderMap, connection: Option<HeaderValue>) {
+    let Some(value) = connection else { return };
+    for token in value.to_str().unwrap_or_default().split(',').map(str::trim) {
+        let listed = HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(token));
+        if !listed && !token.eq_ignore_ascii_case("close") {
+            // A token that is no valid header name finds nothing.
+            headers.remove(token);
+        }
+    }
 }
 
 impl<B> Service<Request<B>> for HttpBackend<B>
@@ -472,6 +523,7 @@ mod tests {
         for ip in [
             "0.0.0.0",
             "9.10.99.100",
+            "10.109.200.1",
             "255.255.255.255",
             "2001:db8::1",
             "::1",
@@ -479,6 +531,13 @@ mod tests {
             let mut h = HeaderMap::new();
             append_forwarded_for(&mut h, ip.parse().unwrap());
             assert_eq!(h[&X_FORWARDED_FOR], ip);
+        }
+        // Every octet value, in every position, reads as `Display` has it.
+        for o in 0..=255u8 {
+            let ip = std::net::Ipv4Addr::new(o, 255 - o, o / 3, o.wrapping_mul(7));
+            let mut h = HeaderMap::new();
+            append_forwarded_for(&mut h, ip.into());
+            assert_eq!(h[&X_FORWARDED_FOR], ip.to_string().as_str());
         }
     }
 
@@ -516,8 +575,14 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert(CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.append(
+            CONNECTION,
+            HeaderValue::from_static("x-other ,bad name, TE"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert(::http::header::TE, HeaderValue::from_static("trailers"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
