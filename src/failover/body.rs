@@ -446,6 +446,16 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if req.body().is_end_stream() {
+            // Nothing to read (a GET, usually): the inner service, which
+            // was polled ready, is called at once.
+            let req = req.map(|_| ReplayBody::full(Bytes::new()));
+            return BufferFuture {
+                state: BufferState::Called {
+                    future: self.inner.call(req),
+                },
+            };
+        }
         // Keep the service that was polled ready; leave a clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -610,5 +620,22 @@ mod tests {
         assert!(empty.is_end_stream());
         let full = ReplayBody::<Full<Bytes>>::full(Bytes::from_static(b"x"));
         assert_eq!(full.collect().await.unwrap().to_bytes(), "x");
+    }
+
+    #[tokio::test]
+    async fn buffer_body_passes_empty_and_small_bodies_on_replayable() {
+        use tower::ServiceExt;
+        let inner = tower::service_fn(|req: Request<ReplayBody<Full<Bytes>>>| async move {
+            let body = req.into_body();
+            assert!(body.is_buffered());
+            let again = body.replay().expect("a buffered body replays");
+            Ok::<_, BoxError>(again.collect().await?.to_bytes())
+        });
+        let svc = BufferBody::new(inner);
+        for data in ["", "hello"] {
+            let req = Request::new(Full::new(Bytes::from_static(data.as_bytes())));
+            let echoed = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(echoed, data);
+        }
     }
 }
