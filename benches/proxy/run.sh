@@ -8,6 +8,15 @@
 #
 #   benches/proxy/run.sh [seconds per run, default 10] [rounds, default 4]
 #
+# On a busy machine requests per second move by several per cent between
+# runs. For a figure free of that noise,
+#
+#   benches/proxy/run.sh --instructions [seconds, default 10]
+#
+# counts instead the user-space instructions each proxy (nginx, tower-ha,
+# plain hyper) runs per request, under valgrind's callgrind; the kernel's
+# share (system calls, TCP) is not in it.
+#
 # Every round runs the four proxies, each in a different position of the
 # order, so that drift of the shared machine does not favour one of them;
 # the summary gives each proxy's median over the rounds.
@@ -17,6 +26,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+MODE=load
+if [ "${1:-}" = --instructions ]; then MODE=instructions; shift; fi
 DURATION=${1:-10}
 ROUNDS=${2:-4}
 CONNECTIONS=32
@@ -27,10 +38,10 @@ TOWER_PORT=18082
 HYPER_PORT=18083
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need haproxy || ! need wrk; then
+if ! need nginx || ! need haproxy || ! need wrk || { [ $MODE = instructions ] && ! need valgrind; }; then
     SUDO=; [ "$(id -u)" -ne 0 ] && SUDO=sudo
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx-light haproxy wrk >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx-light haproxy wrk valgrind >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
@@ -47,8 +58,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-    for _ in $(seq 1 100); do
+wait_port() { # port [tries of 50 ms, default 100]
+    for _ in $(seq 1 "${2:-100}"); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.05
     done
@@ -96,11 +107,13 @@ kill_backend() { kill_nginx "$WORK/backend-$1"; }
 
 start_backends() { for p in "${BACKEND_PORTS[@]}"; do start_backend "$p"; done; }
 
-start_nginx() {
+# nginx as the proxy; with an argument, that many extra directives (such as
+# `daemon off; master_process off;`) in place of `daemon on;`.
+nginx_proxy_conf() {
     local dir="$WORK/nginx-proxy"
     mkdir -p "$dir"
     {
-        echo "worker_processes 1; daemon on; pid $dir/nginx.pid; error_log $dir/error.log crit;"
+        echo "worker_processes 1; ${1:-daemon on;} pid $dir/nginx.pid; error_log $dir/error.log crit;"
         echo "events { worker_connections 4096; }"
         echo "http { access_log off; keepalive_requests 1000000;"
         echo "  upstream backends {"
@@ -112,7 +125,11 @@ start_nginx() {
         echo "  }"
         echo "}"
     } >"$dir/nginx.conf"
-    "$NGINX" -p "$dir" -c "$dir/nginx.conf"
+}
+
+start_nginx() {
+    nginx_proxy_conf
+    "$NGINX" -p "$WORK/nginx-proxy" -c "$WORK/nginx-proxy/nginx.conf"
     wait_port "$NGINX_PORT"
 }
 
@@ -143,11 +160,12 @@ start_haproxy() {
     wait_port "$HAPROXY_PORT"
 }
 
+backend_urls() { for p in "${BACKEND_PORTS[@]}"; do echo "http://127.0.0.1:$p"; done; }
+
 start_tower() {
-    local args=()
-    for p in "${BACKEND_PORTS[@]}"; do args+=("http://127.0.0.1:$p"); done
+    # shellcheck disable=SC2046 # one URL per word
     target/release/examples/reverse_proxy --listen "127.0.0.1:$TOWER_PORT" --workers 1 \
-        --strategy round-robin "${args[@]}" >"$WORK/tower.log" 2>&1 &
+        --strategy round-robin $(backend_urls) >"$WORK/tower.log" 2>&1 &
     PIDS+=($!)
     echo $! >"$WORK/tower.pid"
     disown
@@ -155,9 +173,8 @@ start_tower() {
 }
 
 start_hyper() {
-    local args=()
-    for p in "${BACKEND_PORTS[@]}"; do args+=("http://127.0.0.1:$p"); done
-    target/release/examples/hyper_proxy --listen "127.0.0.1:$HYPER_PORT" "${args[@]}" \
+    # shellcheck disable=SC2046 # one URL per word
+    target/release/examples/hyper_proxy --listen "127.0.0.1:$HYPER_PORT" $(backend_urls) \
         >"$WORK/hyper.log" 2>&1 &
     PIDS+=($!)
     echo $! >"$WORK/hyper.pid"
@@ -188,6 +205,40 @@ load() {
     rps=$(awk -v r="$rps" -v n="$requests" -v e="$errors" 'BEGIN {print (n > 0 ? r * (n - e) / n : 0)}')
     echo "$rps $p99 $errors"
 }
+
+# Runs a proxy (the command after name and port) under callgrind and prints
+# its user-space instructions per request over a wrk run.
+instructions() {
+    local name=$1 port=$2 out="$WORK/callgrind.$1"
+    shift 2
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >"$WORK/$name.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_port "$port" 600
+    wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1 # warm up
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    local requests
+    requests=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "http://127.0.0.1:$port/" |
+        awk '/requests in/ {print $1}')
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+    awk -v n="$requests" -v name="$name" '/^summary:/ {printf "%-10s %12d %10d\n", name, n, $2 / n}' "$out.1"
+}
+
+if [ $MODE = instructions ]; then
+    start_backends
+    printf '%-10s %12s %10s\n' proxy requests "instr/req"
+    nginx_proxy_conf "daemon off; master_process off;"
+    instructions nginx "$NGINX_PORT" "$NGINX" -p "$WORK/nginx-proxy" -c "$WORK/nginx-proxy/nginx.conf"
+    # shellcheck disable=SC2046 # one URL per word
+    instructions tower-ha "$TOWER_PORT" target/release/examples/reverse_proxy \
+        --listen "127.0.0.1:$TOWER_PORT" --workers 1 --strategy round-robin $(backend_urls)
+    # shellcheck disable=SC2046
+    instructions hyper "$HYPER_PORT" target/release/examples/hyper_proxy \
+        --listen "127.0.0.1:$HYPER_PORT" $(backend_urls)
+    exit 0
+fi
 
 RESULTS="$WORK/results"
 row() { # round proxy scenario rps p99 errors
