@@ -391,17 +391,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if present & 1 != 0 {
-        // The headers `Connection` names go too. Its lines are read one at
-        // a time (a cheap clone) so that removing holds no borrow.
-        let mut lines = headers.get_all(CONNECTION).iter();
-        let (first, more) = (lines.next().cloned(), lines.next().is_some());
-        remove_named(headers, first);
-        if more {
-            let mut line = 1;
-            while let Some(value) = headers.get_all(CONNECTION).iter().nth(line).cloned() {
-                remove_named(headers, Some(value));
-                line += 1;
-            }
+        // `Connection` (the first): the headers it names go too. Its lines
+        // are read one at a time (a cheap clone), so removing holds no
+        // borrow of the map.
+        let mut line = 0;
+        while let Some(value) = headers.get_all(CONNECTION).iter().nth(line).cloned() {
+            remove_named(headers, &value);
+            line += 1;
         }
     }
     for (i, name) in HOP_BY_HOP.into_iter().enumerate() {
@@ -413,9 +409,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes the headers a `Connection` line names, except the hop-by-hop
 /// ones (removed anyway) and `close`.
-fn remove_named(headers: &mut HeaderMap, connection: Option<HeaderValue>) {
-    let Some(value) = connection else { return };
-    for token in value.to_str().unwrap_or_default().split(',').map(str::trim) {
+fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
+    for token in connection
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+    {
         let listed = HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(token));
         if !listed && !token.eq_ignore_ascii_case("close") {
             // A token that is no valid header name finds nothing.
