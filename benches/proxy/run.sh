@@ -160,27 +160,26 @@ start_haproxy() {
     wait_port "$HAPROXY_PORT"
 }
 
-backend_urls() { for p in "${BACKEND_PORTS[@]}"; do echo "http://127.0.0.1:$p"; done; }
+# The two Rust proxies' command lines.
+URLS=()
+for p in "${BACKEND_PORTS[@]}"; do URLS+=("http://127.0.0.1:$p"); done
+TOWER=(target/release/examples/reverse_proxy --listen "127.0.0.1:$TOWER_PORT" --workers 1
+    --strategy round-robin "${URLS[@]}")
+HYPER=(target/release/examples/hyper_proxy --listen "127.0.0.1:$HYPER_PORT" "${URLS[@]}")
 
-start_tower() {
-    # shellcheck disable=SC2046 # one URL per word
-    target/release/examples/reverse_proxy --listen "127.0.0.1:$TOWER_PORT" --workers 1 \
-        --strategy round-robin $(backend_urls) >"$WORK/tower.log" 2>&1 &
+# Starts a command in the background: name, port, command.
+start_rust() {
+    local name=$1 port=$2
+    shift 2
+    "$@" >"$WORK/$name.log" 2>&1 &
     PIDS+=($!)
-    echo $! >"$WORK/tower.pid"
+    echo $! >"$WORK/$name.pid"
     disown
-    wait_port "$TOWER_PORT"
+    wait_port "$port"
 }
 
-start_hyper() {
-    # shellcheck disable=SC2046 # one URL per word
-    target/release/examples/hyper_proxy --listen "127.0.0.1:$HYPER_PORT" $(backend_urls) \
-        >"$WORK/hyper.log" 2>&1 &
-    PIDS+=($!)
-    echo $! >"$WORK/hyper.pid"
-    disown
-    wait_port "$HYPER_PORT"
-}
+start_tower() { start_rust tower "$TOWER_PORT" "${TOWER[@]}"; }
+start_hyper() { start_rust hyper "$HYPER_PORT" "${HYPER[@]}"; }
 
 stop() {
     case $1 in
@@ -231,12 +230,8 @@ if [ $MODE = instructions ]; then
     printf '%-10s %12s %10s\n' proxy requests "instr/req"
     nginx_proxy_conf "daemon off; master_process off;"
     instructions nginx "$NGINX_PORT" "$NGINX" -p "$WORK/nginx-proxy" -c "$WORK/nginx-proxy/nginx.conf"
-    # shellcheck disable=SC2046 # one URL per word
-    instructions tower-ha "$TOWER_PORT" target/release/examples/reverse_proxy \
-        --listen "127.0.0.1:$TOWER_PORT" --workers 1 --strategy round-robin $(backend_urls)
-    # shellcheck disable=SC2046
-    instructions hyper "$HYPER_PORT" target/release/examples/hyper_proxy \
-        --listen "127.0.0.1:$HYPER_PORT" $(backend_urls)
+    instructions tower-ha "$TOWER_PORT" "${TOWER[@]}"
+    instructions hyper "$HYPER_PORT" "${HYPER[@]}"
     exit 0
 fi
 
