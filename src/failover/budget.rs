@@ -14,9 +14,14 @@ use tower::retry::budget::Budget;
 /// atomic increment, no lock and no clock read, so the budget costs next to
 /// nothing on the success path. Each retry [withdraws](Budget::withdraw):
 /// within a window that started `t` seconds ago and saw `n` requests, at
-/// most `ratio × n + floor × ⌈t⌉` retries are allowed, so over any run of
-/// whole windows the retries never exceed `ratio × requests + floor ×
-/// seconds`. Time is [`tokio::time::Instant`], so paused test time applies.
+/// most `ratio × n + floor × ⌈t⌉` retries are allowed.
+///
+/// Deposits carry no time, so when a window ends the requests made since the
+/// last withdrawal are shared between the old window and the new one in
+/// proportion to the time each covers (as if they came at an even rate):
+/// a burst of requests just before the first failure of a new window funds
+/// retries in it, and requests from long before fund none. Time is
+/// [`tokio::time::Instant`], so paused test time applies.
 ///
 /// Implements tower's [`Budget`], so [`FailoverLayer::budget`](super::FailoverLayer::budget)
 /// accepts it as well as tower's `TpsBudget`.
@@ -47,10 +52,15 @@ pub struct RetryBudget {
 struct Window {
     /// When the current window began.
     start: Instant,
-    /// The request count when the window began.
+    /// The request count when the window began (estimated, see the type's
+    /// docs).
     requests_at_start: u64,
     /// Retries granted in the window.
     retries: u64,
+    /// The last withdrawal (or the budget's creation), and the request
+    /// count then.
+    seen_at: Instant,
+    seen_requests: u64,
 }
 
 impl RetryBudget {
@@ -68,10 +78,15 @@ impl RetryBudget {
             requests: AtomicU64::new(0),
             // Windows run from now: requests made long before the first
             // retry are never counted in its window.
-            state: Mutex::new(Window {
-                start: Instant::now(),
-                requests_at_start: 0,
-                retries: 0,
+            state: Mutex::new({
+                let now = Instant::now();
+                Window {
+                    start: now,
+                    requests_at_start: 0,
+                    retries: 0,
+                    seen_at: now,
+                    seen_requests: 0,
+                }
             }),
         }
     }
@@ -111,9 +126,21 @@ impl Budget for RetryBudget {
                 .saturating_mul(u32::try_from(windows).unwrap_or(u32::MAX));
             w.start = start + skip;
             elapsed = elapsed.saturating_sub(skip);
-            w.requests_at_start = requests;
+            // The requests since the last withdrawal came between then and
+            // now; the share of that span inside the new window funds it.
+            let unseen = requests.saturating_sub(w.seen_requests);
+            let span = now.saturating_duration_since(w.seen_at).as_nanos();
+            let in_new = if span == 0 {
+                unseen
+            } else {
+                let share = (u128::from(unseen) * elapsed.as_nanos()) / span;
+                u64::try_from(share).unwrap_or(unseen).min(unseen)
+            };
+            w.requests_at_start = requests - in_new;
             w.retries = 0;
         }
+        w.seen_at = now;
+        w.seen_requests = requests;
         let in_window = requests.saturating_sub(w.requests_at_start);
         // Whole seconds begun in this window, the current one included.
         let seconds = elapsed.as_secs() + 1;
@@ -193,6 +220,64 @@ mod tests {
         budget.deposit();
         assert!(budget.withdraw());
         assert!(!budget.withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_before_the_first_retry_of_a_window_funds_it() {
+        let budget = RetryBudget::new(0.2, 0).window(Duration::from_secs(10));
+        // Quiet until t = 10 s; 1000 requests at an even rate over the
+        // next 9 s; then every backend fails.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..9 {
+            for _ in 0..111 {
+                budget.deposit();
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let mut granted = 0;
+        while budget.withdraw() {
+            granted += 1;
+        }
+        // 999 requests over [0 s, 19 s] as far as the budget can tell, 9/19
+        // of them in this window: 20 % of 473.
+        assert_eq!(granted, 94);
+        // Requests after the window's first withdrawal count in full.
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        let mut more = 0;
+        while budget.withdraw() {
+            more += 1;
+        }
+        assert_eq!(more, 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_rate_funds_each_window_with_its_own_requests() {
+        let budget = RetryBudget::new(0.2, 0).window(Duration::from_secs(10));
+        let half = Duration::from_millis(500);
+        for window in 0..6 {
+            // 100 requests at the start of each second of the window, and
+            // every backend failing half a second before its end.
+            for second in 0..10 {
+                if second > 0 {
+                    tokio::time::advance(Duration::from_secs(1)).await;
+                }
+                for _ in 0..100 {
+                    budget.deposit();
+                }
+            }
+            tokio::time::advance(half).await;
+            let mut granted = 0;
+            while budget.withdraw() {
+                granted += 1;
+            }
+            // The first window knows its 1000 requests; later ones estimate
+            // 95 % of them (9.5 s of the 10 s since the last withdrawal).
+            let expected = if window == 0 { 200 } else { 190 };
+            assert_eq!(granted, expected, "window {window}");
+            tokio::time::advance(half).await;
+        }
     }
 
     #[test]
