@@ -112,6 +112,65 @@ async fn per_try_timeout_moves_on_at_the_configured_instant() {
     assert_eq!(Instant::now() - start, Duration::from_millis(130));
 }
 
+/// Calls its inner service only when its future is first polled, as a
+/// buffer does: the balancer below picks after `call` has returned.
+#[derive(Clone)]
+struct Deferred<S>(S);
+
+impl<S, R> Service<R> for Deferred<S>
+where
+    S: Service<R> + Clone + Send + 'static,
+    S::Future: Send,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move { inner.oneshot(req).await })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_pick_is_never_taken_for_the_next_attempt() {
+    let (pool, mut handles) = mock_fleet(&["a", "b", "c"]);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
+        .service(Deferred(Balance::new(pool, RoundRobin::new())));
+    let call = tokio::spawn(service.oneshot(Request::new(())));
+
+    let (_, a_reply) = handles[0].next_request().await.expect("a first");
+    a_reply.send_error(io::Error::from(io::ErrorKind::ConnectionReset));
+    // b never answers: abandoned at the per-try timeout.
+    let (to_b, _b_reply) = handles[1].next_request().await.expect("then b");
+    assert_eq!(
+        ids(to_b.extensions().get::<Attempts>().unwrap().as_slice()),
+        ["a"]
+    );
+    let (to_c, c_reply) = handles[2].next_request().await.expect("then c");
+    assert_eq!(
+        ids(to_c.extensions().get::<Attempts>().unwrap().as_slice()),
+        ["a", "b"]
+    );
+    c_reply.send_response(status(200));
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(served_by(&response), "c");
+    assert_eq!(history(&response), ["a", "b", "c"]);
+    assert!(
+        !matches!(handles[1].poll_request(), std::task::Poll::Ready(Some(_))),
+        "b is not tried twice"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn timer_does_not_fire_one_tick_early() {
     let (pool, mut handles) = mock_fleet(&["a", "b"]);

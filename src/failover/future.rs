@@ -295,7 +295,11 @@ where
 {
     /// Decides what an attempt's outcome means: return it, or retry.
     fn judge(&mut self, outcome: Result<Response<RB>, BoxError>) -> Verdict<Response<RB>> {
-        let picked = self.current.take();
+        // A pick made after `call` returned is read now.
+        let picked = self
+            .current
+            .take()
+            .or_else(|| self.picked.as_ref().and_then(Picked::take));
         match outcome {
             Ok(response) => {
                 let classifier = &self.config.classifier;
@@ -409,6 +413,12 @@ where
         let Some(request) = copy(template) else {
             return Poll::Ready(Err(self.give_up(None)));
         };
+        // Whatever the slot still holds belongs to an earlier attempt (an
+        // inner service that picks after `call` returns, behind a buffer,
+        // fills it late): only this attempt's pick may be read from it.
+        if let Some(slot) = &self.picked {
+            slot.take();
+        }
         let future = self.service.call(request);
         self.tried += 1;
         self.current = self.picked.as_ref().and_then(Picked::take);
