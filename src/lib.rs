@@ -88,6 +88,7 @@ pub mod key;
 pub mod pool;
 pub mod sticky;
 pub mod store;
+mod time;
 
 pub use backend::{AdminStatus, BackendId, BackendState, Health};
 pub use error::{BackendError, BoxError, NoBackend, NotSent};

@@ -315,6 +315,24 @@ async fn with_auto_the_primary_returns_only_after_a_whole_stable_interval() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn durations_meaning_never_hold_without_panicking() {
+    let pool = pool_of(&["a", "b"]);
+    let group = Priority::new("g", ["a", "b"])
+        .failback(Failback::Auto {
+            after_stable_for: Duration::MAX,
+        })
+        .min_dwell(Duration::MAX);
+    let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
+    assert_eq!(serve(&balance).await, "a");
+    set_health(&pool, "a", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "b");
+    set_health(&pool, "a", Health::Healthy);
+    tokio::time::advance(Duration::from_secs(86_400)).await;
+    // Neither a day of stability nor the dwell time is "never".
+    assert_eq!(serve(&balance).await, "b");
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_minimum_dwell_holds_when_the_primary_flaps_every_100ms() {
     let pool = pool_of(&["a", "b"]);
     let events = Events::default();

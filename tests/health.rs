@@ -363,6 +363,30 @@ async fn turned_off_and_removed_at_the_configured_times() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn durations_meaning_never_do_not_stop_the_checker() {
+    let (pool, _) = pool_of(&["a", "b"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    script.push("a", &[true, false]);
+    let t0 = Instant::now();
+    let checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .turned_off_after(Duration::MAX)
+        .removed_after(Duration::MAX)
+        .spawn();
+    at(t0 + ms(1500)).await;
+    assert_eq!(state.health(), Health::Unhealthy);
+    // The checker still runs: a passing probe makes a healthy again.
+    script.set("a", true);
+    at(t0 + secs(60)).await;
+    assert_eq!(state.health(), Health::Healthy);
+    assert!(pool.contains(&"a".into()));
+    assert!(!checker.is_finished(), "the checker task did not panic");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_backend_never_seen_healthy_is_neither_turned_off_nor_removed() {
     let (pool, _) = pool_of(&["a"]);
     let state = pool.state(&"a".into()).unwrap();

@@ -415,10 +415,10 @@ impl Priority {
             if let (Some(p), Some(since)) = (table.primary, state.primary_available_since) {
                 // The clock is read only while a failback is pending.
                 if p != cur
-                    && now() >= since + after_stable_for
+                    && crate::time::elapsed(since, now(), after_stable_for)
                     && state
                         .last_switch
-                        .is_none_or(|at| now() >= at + self.shared.min_dwell)
+                        .is_none_or(|at| crate::time::elapsed(at, now(), self.shared.min_dwell))
                 {
                     let to = Some(members[p].id().clone());
                     let event = self.switch(state, to, SwitchReason::Failback);

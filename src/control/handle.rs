@@ -394,7 +394,7 @@ impl Handle {
             let inner = Arc::downgrade(&self.inner);
             let id = id.clone();
             // The deadline counts from now, not from when the task first runs.
-            let until = tokio::time::Instant::now() + deadline;
+            let until = crate::time::later(tokio::time::Instant::now(), deadline);
             runtime.spawn(async move {
                 tokio::time::sleep_until(until).await;
                 let Some(inner) = inner.upgrade() else {

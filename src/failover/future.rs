@@ -273,9 +273,7 @@ fn fired(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
 /// The instant `duration` from now, or about 30 years from now when that
 /// does not fit (as `tokio::time::sleep` does).
 fn deadline_after(duration: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(duration)
-        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
+    crate::time::later(Instant::now(), duration)
 }
 
 /// Arms the timer for `until`, reusing its allocation.

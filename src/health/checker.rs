@@ -9,6 +9,8 @@ use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use crate::time::{elapsed, later};
+
 use super::error::{ProbePanicked, ProbeTimeout};
 use super::probe::Probe;
 use super::slow_start::SlowStart;
@@ -380,7 +382,11 @@ impl Entry {
         } else {
             config.unhealthy_interval.unwrap_or(config.interval)
         };
-        self.next_probe = (self.next_probe + interval + jitter(config.jitter)).max(now);
+        self.next_probe = later(
+            self.next_probe,
+            interval.saturating_add(jitter(config.jitter)),
+        )
+        .max(now);
     }
 
     /// Turns the backend off when due; returns whether it is due for
@@ -406,14 +412,14 @@ impl Entry {
         }
         if config
             .removed_after
-            .is_some_and(|after| now >= since + after)
+            .is_some_and(|after| elapsed(since, now, after))
         {
             return true;
         }
         if health == Health::Unhealthy
             && config
                 .turned_off_after
-                .is_some_and(|after| now >= since + after)
+                .is_some_and(|after| elapsed(since, now, after))
         {
             self.state.set_health(Health::TurnedOff);
             tracing::warn!(
@@ -448,7 +454,7 @@ impl Entry {
         let step = (slow.window() / 20).max(Duration::from_millis(10));
         let steps = elapsed.as_nanos() / step.as_nanos() + 1;
         let next = step.saturating_mul(u32::try_from(steps).unwrap_or(u32::MAX));
-        Some(from + next.min(slow.window()))
+        Some(later(from, next.min(slow.window())))
     }
 
     /// The next instant something is due for this backend.
@@ -462,8 +468,8 @@ impl Entry {
                 let off = config
                     .turned_off_after
                     .filter(|_| health == Health::Unhealthy)
-                    .map(|after| since + after);
-                let removed = config.removed_after.map(|after| since + after);
+                    .map(|after| later(since, after));
+                let removed = config.removed_after.map(|after| later(since, after));
                 match (off, removed) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),

@@ -257,7 +257,7 @@ impl<C> Watch<C> {
         let state = target.state();
         let nth = state.ejections().saturating_add(1);
         let duration = self.config.ejection_time(nth);
-        let until = Instant::now() + duration;
+        let until = crate::time::later(Instant::now(), duration);
         match self
             .ejections
             .try_eject(state, self.config.max_ejection_percent, until)

@@ -294,7 +294,7 @@ impl RedisStore {
         ttl: Duration,
         wait: Duration,
     ) -> Result<Claim, StoreError> {
-        let deadline = Instant::now() + wait;
+        let deadline = crate::time::later(Instant::now(), wait);
         if let Some(lease) = self.try_lease(key, ttl).await? {
             return Ok(Claim::Won(lease));
         }

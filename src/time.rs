@@ -1,0 +1,46 @@
+//! Instant arithmetic that never panics on the durations users configure.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Far enough to mean "never" for anything a balancer schedules, and near
+/// enough to be added to any `Instant` the runtime hands out.
+const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `at + by`, or about thirty years after `at` when `by` is too large to
+/// add (`Duration::MAX` configured as "practically never").
+pub(crate) fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by).unwrap_or_else(|| at + NEVER)
+}
+
+/// Whether at least `span` has passed from `since` to `now`.
+pub(crate) fn elapsed(since: Instant, now: Instant, span: Duration) -> bool {
+    now.saturating_duration_since(since) >= span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_durations_saturate() {
+        let now = Instant::now();
+        assert_eq!(
+            later(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+        assert!(later(now, Duration::MAX) > now + Duration::from_secs(86_400 * 365));
+        assert!(!elapsed(now, now + Duration::from_secs(5), Duration::MAX));
+        assert!(elapsed(
+            now,
+            now + Duration::from_secs(5),
+            Duration::from_secs(5)
+        ));
+        assert!(!elapsed(
+            now + Duration::from_secs(5),
+            now,
+            Duration::ZERO + Duration::from_nanos(1)
+        ));
+    }
+}
