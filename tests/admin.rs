@@ -216,6 +216,36 @@ async fn backend_actions_drain_disable_and_enable() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn percent_escapes_need_exactly_two_hex_digits() {
+    let f = fixture();
+    f.web.insert("web\u{f}", ());
+    f.web.insert("web\u{1}", ());
+    for path in [
+        "/backends/web%+f/disable",
+        "/backends/web%-1/disable",
+        "/backends/web%+1/disable",
+        "/backends/web%f/disable",
+        "/backends/web%/disable",
+    ] {
+        let (status, body) = call(&f.admin, "POST", path, "").await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"], "malformed percent-encoding in the path");
+    }
+    for id in ["web\u{f}", "web\u{1}"] {
+        assert_eq!(
+            f.web.state(&id.into()).unwrap().admin(),
+            AdminStatus::Enabled
+        );
+    }
+    let (status, body) = call(&f.admin, "POST", "/backends/web%0F/disable", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        f.web.state(&"web\u{f}".into()).unwrap().admin(),
+        AdminStatus::Disabled
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn get_events_returns_the_recent_history() {
     let f = fixture();
     call(&f.admin, "POST", "/backends/web1/drain", "").await;

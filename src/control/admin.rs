@@ -34,7 +34,8 @@ use crate::error::BoxError;
 /// backend, 405 (with `Allow`) for a wrong method, 400 for a body that is
 /// not the expected JSON or names a backend outside the group, 409 for
 /// forcing the primary of a group that is not active-passive, 413 for a
-/// body over 64 KiB. Path segments are percent-decoded.
+/// body over 64 KiB. Path segments are percent-decoded; a `%` not
+/// followed by two hex digits is 400.
 ///
 /// The service is always ready; a response is never an `Err`.
 ///
@@ -191,7 +192,12 @@ fn percent_decode(segment: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
+            // Exactly two hex digits: `from_str_radix` alone would also
+            // take a sign (`%+f`).
             let hex = segment.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
