@@ -69,10 +69,13 @@ async fn get(router: &Router, path: &str) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// Calls the admin API. Every `POST` must declare a JSON body, even the
+/// actions that take none.
 async fn admin(admin: &AdminService, method: &str, path: &str, body: &str) -> String {
     let request = Request::builder()
         .method(method)
         .uri(path)
+        .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body.to_owned())))
         .expect("request");
     let response = admin.clone().oneshot(request).await.expect("infallible");
@@ -134,14 +137,14 @@ async fn main() -> Result<(), BoxError> {
     println!("\ndrain api1 through the admin API:");
     println!(
         "  {}",
-        admin(&admin_api, "POST", "/admin/backends/api1/drain", "").await
+        admin(&admin_api, "POST", "/admin/backends/api1/drain", "{}").await
     );
     println!("/api/users   -> {}", get(&router, "/api/users").await);
 
     println!("\nenable api1 again; it takes over after 2 s of stability:");
     println!(
         "  {}",
-        admin(&admin_api, "POST", "/admin/backends/api1/enable", "").await
+        admin(&admin_api, "POST", "/admin/backends/api1/enable", "{}").await
     );
     println!("/api/users   -> {}", get(&router, "/api/users").await);
     tokio::time::sleep(Duration::from_millis(2100)).await;

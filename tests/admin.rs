@@ -42,10 +42,24 @@ fn fixture() -> Fixture {
     }
 }
 
+/// Calls the admin API; a `POST` declares a JSON body, as it must.
 async fn call(admin: &AdminService, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
+    let content_type = (method == "POST").then_some("application/json");
+    call_with(admin, method, path, content_type, body).await
+}
+
+async fn call_with(
+    admin: &AdminService,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &str,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let request = request
         .body(Full::new(Bytes::from(body.to_owned())))
         .unwrap();
     let response: Response<Full<Bytes>> = admin.clone().oneshot(request).await.unwrap();
@@ -245,6 +259,103 @@ async fn percent_escapes_need_exactly_two_hex_digits() {
     );
 }
 
+/// What a cross-site HTML form or a `no-cors` fetch can send without a
+/// preflight must not change anything.
+#[tokio::test(start_paused = true)]
+async fn every_post_requires_a_json_content_type() {
+    let f = fixture();
+    let state = f.web.state(&"web2".into()).unwrap();
+    let refused = [
+        None,
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("text/plain"),
+        Some("text/plain; charset=utf-8"),
+        Some("application/jsonp"),
+        Some(""),
+    ];
+    for content_type in refused {
+        for action in ["drain", "disable", "enable"] {
+            let path = format!("/backends/web2/{action}");
+            let (status, body) = call_with(&f.admin, "POST", &path, content_type, "").await;
+            assert_eq!(status, 415, "{path} {content_type:?}: {body}");
+            let message = body["error"].as_str().unwrap();
+            assert!(
+                message.contains("Content-Type: application/json"),
+                "{message}"
+            );
+        }
+        let (status, body) = call_with(
+            &f.admin,
+            "POST",
+            "/groups/web/primary",
+            content_type,
+            r#"{"backend_id": "web2"}"#,
+        )
+        .await;
+        assert_eq!(status, 415, "primary {content_type:?}: {body}");
+    }
+    let (_, body) = call_with(&f.admin, "POST", "/backends/web2/disable", None, "").await;
+    assert_eq!(
+        body["error"],
+        "POST requires Content-Type: application/json (got none)"
+    );
+    let (_, body) = call_with(
+        &f.admin,
+        "POST",
+        "/backends/web2/disable",
+        Some("text/plain"),
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        body["error"],
+        "POST requires Content-Type: application/json (got `text/plain`)"
+    );
+    assert_eq!(state.admin(), AdminStatus::Enabled);
+    let stats = f.handle.group_stats("web").unwrap();
+    assert_eq!(stats.current_primary.unwrap().as_str(), "web1");
+    assert_eq!(stats.forced_primary, None);
+
+    // A wrong method is still 405, whatever the content type.
+    let (status, _) = call_with(&f.admin, "GET", "/backends/web2/drain", None, "").await;
+    assert_eq!(status, 405);
+
+    // JSON with parameters, in any case, is accepted; a bodiless action
+    // takes no body or `{}`, nothing else.
+    for (content_type, body) in [
+        ("application/json", "{}"),
+        ("Application/JSON; charset=utf-8", ""),
+        ("application/json ;charset=utf-8", " { } "),
+    ] {
+        let (status, answer) = call_with(
+            &f.admin,
+            "POST",
+            "/backends/web2/disable",
+            Some(content_type),
+            body,
+        )
+        .await;
+        assert_eq!(status, 200, "{content_type} {body:?}: {answer}");
+        assert_eq!(answer["admin"], "disabled");
+    }
+    for body in [r#"{"now": true}"#, "not json", "[]"] {
+        let (status, answer) = call(&f.admin, "POST", "/backends/web2/enable", body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let message = answer["error"].as_str().unwrap();
+        assert!(message.contains("expected no body or {}"), "{message}");
+    }
+    assert_eq!(state.admin(), AdminStatus::Disabled);
+    let (status, _) = call(
+        &f.admin,
+        "POST",
+        "/backends/web2/enable",
+        &"x".repeat(70_000),
+    )
+    .await;
+    assert_eq!(status, 413);
+}
+
 #[tokio::test(start_paused = true)]
 async fn get_events_returns_the_recent_history() {
     let f = fixture();
@@ -331,6 +442,7 @@ async fn the_admin_service_answers_over_a_real_hyper_server() {
     tokio::spawn(conn);
     let request = Request::post(format!("http://{addr}/groups/web/primary"))
         .header("host", addr.to_string())
+        .header("content-type", "application/json")
         .body(Full::new(Bytes::from_static(br#"{"backend_id":"web2"}"#)))
         .unwrap();
     let response = sender.send_request(request).await.unwrap();

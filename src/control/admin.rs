@@ -27,15 +27,23 @@ use crate::error::BoxError;
 /// | `GET /groups` | every group's [`GroupStats`](super::GroupStats) |
 /// | `GET /groups/{name}` | one group's stats |
 /// | `POST /groups/{name}/primary` with `{"backend_id": "..."}` | forces the primary |
-/// | `POST /backends/{id}/drain`, `/disable`, `/enable` | the admin action |
+/// | `POST /backends/{id}/drain`, `/disable`, `/enable` with `{}` or no body | the admin action |
 /// | `GET /events?limit=N` | the last N (default 100) recorded events, oldest first |
 ///
+/// Every `POST` must say `Content-Type: application/json` (parameters such
+/// as `charset` allowed), bodiless actions included. A browser sends a
+/// cross-site form or a `no-cors` fetch without asking the server first
+/// only with a form or plain-text content type, so this requirement keeps
+/// a web page the operator visits from draining or disabling backends
+/// through an admin port on `localhost`.
+///
 /// Errors are JSON `{"error": "..."}`: 404 for an unknown route, group or
-/// backend, 405 (with `Allow`) for a wrong method, 400 for a body that is
-/// not the expected JSON or names a backend outside the group, 409 for
-/// forcing the primary of a group that is not active-passive, 413 for a
-/// body over 64 KiB. Path segments are percent-decoded; a `%` not
-/// followed by two hex digits is 400.
+/// backend, 405 (with `Allow`) for a wrong method, 415 for a `POST`
+/// without `Content-Type: application/json`, 400 for a body that is not
+/// the expected JSON or names a backend outside the group, 409 for forcing
+/// the primary of a group that is not active-passive, 413 for a body over
+/// 64 KiB. Path segments are percent-decoded; a `%` not followed by two
+/// hex digits is 400.
 ///
 /// The service is always ready; a response is never an `Err`.
 ///
@@ -57,6 +65,7 @@ use crate::error::BoxError;
 ///
 /// let admin = AdminService::new(handle.clone());
 /// let request = http::Request::post("/groups/db/primary")
+///     .header("content-type", "application/json")
 ///     .body(Full::new(Bytes::from_static(br#"{"backend_id": "db2"}"#)))
 ///     .unwrap();
 /// let response = admin.clone().oneshot(request).await.unwrap();
@@ -208,6 +217,62 @@ fn percent_decode(segment: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// `None` when `req` declares a JSON body (`application/json`, any
+/// parameters); otherwise the 415 answer.
+fn require_json<B>(req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    let declared = req.headers().get(header::CONTENT_TYPE);
+    let is_json = declared
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+    if is_json {
+        return None;
+    }
+    let got = match declared {
+        None => "none".to_owned(),
+        Some(v) => format!("`{}`", String::from_utf8_lossy(v.as_bytes())),
+    };
+    Some(error(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        &format!("POST requires Content-Type: application/json (got {got})"),
+    ))
+}
+
+/// Checks the body of an action that takes no parameters: none, or an
+/// empty JSON object.
+fn no_parameters(body: &[u8]) -> Result<(), String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    match object.keys().next() {
+        None => Ok(()),
+        Some(key) => Err(format!("unknown field `{key}`")),
+    }
+}
+
+/// The whole body, at most 64 KiB.
+async fn read_body<B>(body: B) -> Result<Bytes, Response<Full<Bytes>>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, BODY_LIMIT).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) => {
+            let e: BoxError = e;
+            if e.is::<http_body_util::LengthLimitError>() {
+                return Err(error(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB"));
+            }
+            Err(error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the body: {e}"),
+            ))
+        }
+    }
+}
+
 fn limit_param(query: Option<&str>) -> Result<usize, String> {
     let Some(query) = query else {
         return Ok(100);
@@ -266,22 +331,16 @@ where
             if method != Method::POST {
                 return not_allowed("POST");
             }
-            // The group first: an unknown group is 404 whatever the body.
+            if let Some(refused) = require_json(&req) {
+                return refused;
+            }
+            // The group next: an unknown group is 404 whatever the body.
             if let Err(e) = handle.group_stats(name) {
                 return control_error(&e);
             }
-            let body = match Limited::new(req.into_body(), BODY_LIMIT).collect().await {
-                Ok(body) => body.to_bytes(),
-                Err(e) => {
-                    let e: BoxError = e;
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        return error(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB");
-                    }
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("cannot read the body: {e}"),
-                    );
-                }
+            let body = match read_body(req.into_body()).await {
+                Ok(body) => body,
+                Err(refused) => return refused,
             };
             let set: SetPrimary = match serde_json::from_slice(&body) {
                 Ok(set) => set,
@@ -304,6 +363,19 @@ where
         ["backends", id, action @ ("drain" | "disable" | "enable")] => {
             if method != Method::POST {
                 return not_allowed("POST");
+            }
+            if let Some(refused) = require_json(&req) {
+                return refused;
+            }
+            let body = match read_body(req.into_body()).await {
+                Ok(body) => body,
+                Err(refused) => return refused,
+            };
+            if let Err(message) = no_parameters(&body) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("expected no body or {{}}: {message}"),
+                );
             }
             let id = BackendId::from(*id);
             let result = match *action {
