@@ -9,7 +9,9 @@
 //!
 //! The default, [`DefaultClassifier`], counts every error (connection
 //! errors, timeouts, no backend) and the statuses 502, 503 and 504 as
-//! failures; everything else is a success. Any closure
+//! failures; everything else is a success, and so is an
+//! [`InvalidRequest`], a request the backend refused to send because the
+//! request itself is bad (no other backend would take it either). Any closure
 //! `Fn(&Outcome<'_>) -> bool` is a classifier too:
 //!
 //! ```
@@ -34,6 +36,8 @@
 use std::error::Error as StdError;
 
 use http::{HeaderMap, Response, StatusCode};
+
+use crate::error::{find, InvalidRequest};
 
 /// The outcome of one attempt, as a classifier sees it.
 #[derive(Debug, Clone, Copy)]
@@ -94,8 +98,9 @@ where
 /// Words of the status bit set: one bit for each status from 100 to 999.
 const STATUS_WORDS: usize = 900_usize.div_ceil(64);
 
-/// Every error, and the statuses 502, 503 and 504 (configurable), are
-/// failures; everything else is a success.
+/// Every error but [`InvalidRequest`] (anywhere in its chain of sources),
+/// and the statuses 502, 503 and 504 (configurable), are failures;
+/// everything else is a success.
 #[derive(Debug, Clone)]
 pub struct DefaultClassifier {
     /// Bit `s - 100` set for each failing status `s` (100 to 999).
@@ -109,7 +114,7 @@ impl Default for DefaultClassifier {
 }
 
 impl DefaultClassifier {
-    /// Errors, 502, 503 and 504 are failures.
+    /// Errors (but [`InvalidRequest`]), 502, 503 and 504 are failures.
     pub fn new() -> Self {
         DefaultClassifier {
             statuses: [0; STATUS_WORDS],
@@ -119,7 +124,7 @@ impl DefaultClassifier {
         .status(StatusCode::GATEWAY_TIMEOUT)
     }
 
-    /// Only errors are failures; no status is.
+    /// Only errors (but [`InvalidRequest`]) are failures; no status is.
     pub fn errors_only() -> Self {
         DefaultClassifier {
             statuses: [0; STATUS_WORDS],
@@ -145,7 +150,8 @@ impl Classifier for DefaultClassifier {
     fn is_failure(&self, outcome: &Outcome<'_>) -> bool {
         match outcome {
             Outcome::Response { status, .. } => self.is_failure_status(*status),
-            Outcome::Error(_) => true,
+            // The request's fault, not the backend's.
+            Outcome::Error(e) => find::<InvalidRequest>(*e).is_none(),
         }
     }
 }
@@ -185,5 +191,18 @@ mod tests {
     fn errors_are_failures() {
         let err: crate::BoxError = "boom".into();
         assert!(DefaultClassifier::new().is_failure(&Outcome::Error(&*err)));
+    }
+
+    #[test]
+    fn an_invalid_request_is_no_failure() {
+        use crate::error::{BackendError, NotSent};
+        let c = DefaultClassifier::errors_only();
+        let bare: crate::BoxError = Box::new(InvalidRequest::new("bad path"));
+        assert!(!c.is_failure(&Outcome::Error(&*bare)));
+        let wrapped: crate::BoxError = Box::new(BackendError::new(
+            "a".into(),
+            NotSent::new(InvalidRequest::new("bad path")),
+        ));
+        assert!(!c.is_failure(&Outcome::Error(&*wrapped)));
     }
 }

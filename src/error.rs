@@ -139,6 +139,57 @@ impl StdError for NotSent {
     }
 }
 
+/// A request that a backend service refuses to send because the request
+/// itself is bad (for example a path that would lead out of an
+/// [`HttpBackend`](crate::http::HttpBackend)'s base path).
+///
+/// Every backend would refuse it alike, so it is the client's error, not
+/// the backend's: the [`DefaultClassifier`](crate::classify::DefaultClassifier)
+/// counts it as no failure (the failover layer returns it at once, whatever
+/// the method, and passive health does not count it), and
+/// [`gateway_status`] answers `400 Bad Request` for it. It is not
+/// [`NotSent`]: sending it elsewhere would not help.
+///
+/// ```
+/// use tower_ha::error::{gateway_status, BackendError, InvalidRequest};
+///
+/// let err = BackendError::new("a".into(), InvalidRequest::new("a path hides a separator"));
+/// assert_eq!(gateway_status(&err), http::StatusCode::BAD_REQUEST);
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("invalid request: {reason}")]
+pub struct InvalidRequest {
+    reason: std::borrow::Cow<'static, str>,
+    #[source]
+    source: Option<BoxError>,
+}
+
+impl InvalidRequest {
+    /// A request refused for `reason`.
+    pub fn new(reason: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+        InvalidRequest {
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    /// A request refused for `reason`, found by the error `source`.
+    pub fn with_source(
+        reason: impl Into<std::borrow::Cow<'static, str>>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        InvalidRequest {
+            reason: reason.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Why the request was refused.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
 /// Finds the first error of type `E` in `err`'s chain of sources,
 /// starting with `err` itself.
 ///
@@ -162,7 +213,10 @@ pub fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Opt
 }
 
 /// The status a gateway should answer for an error of the tower-ha stack,
-/// as the proxies do: `503 Service Unavailable` when no backend could take
+/// as the proxies do: `400 Bad Request` for a request refused as
+/// [`InvalidRequest`] (also when the failover layer tried it, with a
+/// classifier that counts it as a failure, until no backend was left),
+/// `503 Service Unavailable` when no backend could take
 /// the request ([`NoBackend`], attempts that found no backend, a strict
 /// sticky session whose backend is gone), `504 Gateway Timeout` when the
 /// last attempt timed out or the deadline passed, `502 Bad Gateway` for any
@@ -185,6 +239,17 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
     let timed_out = |e: &(dyn StdError + 'static)| {
         find::<TimedOut>(e).is_some() || find::<DeadlineExceeded>(e).is_some()
     };
+    let invalid = |e: &(dyn StdError + 'static)| find::<InvalidRequest>(e).is_some();
+    // `Exhausted`'s source is its reason when it has one, so the last
+    // attempt is looked at too.
+    let last_invalid = || {
+        find::<Exhausted>(err)
+            .and_then(|e| e.attempts().last())
+            .is_some_and(|(_, cause)| invalid(&**cause))
+    };
+    if invalid(err) || last_invalid() {
+        return StatusCode::BAD_REQUEST;
+    }
     if find::<NoBackend>(err).is_some() || find::<SessionUnavailable>(err).is_some() {
         return StatusCode::SERVICE_UNAVAILABLE;
     }
@@ -230,5 +295,27 @@ mod tests {
         let nothing = Exhausted::new(Vec::new(), Some(Box::new(NoBackend::new())));
         assert_eq!(boxed(Box::new(nothing)), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(boxed("anything else".into()), StatusCode::BAD_GATEWAY);
+    }
+
+    #[test]
+    fn an_invalid_request_is_a_bad_request_wherever_it_is() {
+        use crate::failover::Exhausted;
+        let boxed = |e: BoxError| gateway_status(&*e);
+        let invalid = || InvalidRequest::with_source("bad path", "a cause");
+        assert_eq!(boxed(Box::new(invalid())), StatusCode::BAD_REQUEST);
+        let wrapped = BackendError::new("a".into(), invalid());
+        assert_eq!(boxed(Box::new(wrapped)), StatusCode::BAD_REQUEST);
+        // Tried on every backend, then none was left.
+        let attempts: Vec<(BackendId, BoxError)> = vec![
+            ("a".into(), Box::new(invalid())),
+            ("b".into(), Box::new(invalid())),
+        ];
+        let exhausted = Exhausted::new(attempts, Some(Box::new(NoBackend::new())));
+        assert_eq!(boxed(Box::new(exhausted)), StatusCode::BAD_REQUEST);
+        let err = invalid();
+        assert_eq!(err.reason(), "bad path");
+        assert_eq!(err.to_string(), "invalid request: bad path");
+        assert_eq!(err.source().unwrap().to_string(), "a cause");
+        assert!(InvalidRequest::new("x").source().is_none());
     }
 }

@@ -7,17 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tower::ServiceExt;
+use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::error::{find, gateway_status, InvalidRequest};
 use tower_ha::extensions::PeerAddr;
+use tower_ha::failover::{Exhausted, FailoverLayer};
+use tower_ha::health::HealthLayer;
 use tower_ha::http::{HttpBackend, HttpClient};
-use tower_ha::{BackendError, NotSent};
+use tower_ha::{BackendError, NotSent, Pool};
 
 mod support;
 
@@ -176,6 +180,55 @@ async fn a_refused_connection_is_not_sent() {
     let err = err.downcast_ref::<BackendError>().unwrap();
     assert_eq!(err.backend().as_str(), "gone");
     assert!(err.is_not_sent());
+}
+
+/// A request the backend refuses to send because of the request itself (a
+/// path that would leave the base path) is the client's fault: a 400, tried
+/// on no other backend whatever its method, and no backend's failure.
+#[tokio::test]
+async fn a_hostile_path_is_a_bad_request_not_a_backend_failure() {
+    let (a, a_accepted) = serve_counting().await;
+    let (b, b_accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let health = HealthLayer::new().consecutive_failures(1);
+    let pool = Pool::new();
+    for (id, addr) in [("a", a), ("b", b)] {
+        let backend = HttpBackend::new(&client, format!("http://{addr}/base")).unwrap();
+        pool.insert(id, health.layer(backend));
+    }
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool.clone(), RoundRobin::new()));
+    for method in [Method::GET, Method::POST, Method::GET, Method::POST] {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri("/..%2Fx")
+            .body(Full::default())
+            .unwrap();
+        let err = service.clone().oneshot(req).await.unwrap_err();
+        assert!(find::<InvalidRequest>(&*err).is_some(), "{method}: {err}");
+        assert!(
+            find::<Exhausted>(&*err).is_none(),
+            "{method} was not failed over: {err}"
+        );
+        assert!(find::<NotSent>(&*err).is_none(), "{method}: {err}");
+        assert_eq!(gateway_status(&*err), StatusCode::BAD_REQUEST);
+    }
+    for id in ["a", "b"] {
+        let state = pool.state(&id.into()).unwrap();
+        assert!(!state.is_ejected(), "{id} is still in the pool");
+        assert_eq!(state.failures(), 0, "{id}");
+    }
+    assert_eq!(a_accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(b_accepted.load(Ordering::SeqCst), 0);
+    // Both backends still serve.
+    for _ in 0..2 {
+        let req = Request::get("/ok").body(Full::default()).unwrap();
+        let resp = service.clone().oneshot(req).await.unwrap();
+        assert!(body_of(resp).await.starts_with("GET /base/ok|"));
+    }
+    assert_eq!(a_accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(b_accepted.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

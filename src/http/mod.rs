@@ -17,8 +17,12 @@
 //! * under a base path, dot segments of the request's path are resolved
 //!   before it is appended, and a path hiding a separator (`%2F`, `%5C`, a
 //!   backslash, `..;`) is refused, so a request cannot leave the base path;
-//! * a failure to connect comes back as [`NotSent`], so the failover layer
-//!   may retry any method on another backend;
+//!   a refused request fails with [`InvalidRequest`], which is the
+//!   client's error (`400 Bad Request` from
+//!   [`gateway_status`](crate::error::gateway_status)), not the backend's:
+//!   it is neither failed over nor counted by passive health;
+//! * a failure to connect comes back as [`NotSent`](crate::NotSent), so
+//!   the failover layer may retry any method on another backend;
 //! * bodies stream both ways.
 //!
 //! ```no_run
@@ -59,7 +63,7 @@ use tower_service::Service;
 
 pub use body::ResponseBody;
 
-use crate::error::{BoxError, NotSent};
+use crate::error::{BoxError, InvalidRequest};
 use crate::extensions::PeerAddr;
 
 /// A pooled HTTP/1.1 client shared by many [`HttpBackend`]s: connections
@@ -211,7 +215,7 @@ impl<B> HttpBackend<B> {
         self
     }
 
-    fn rewrite(&self, req: &mut Request<B>) -> Result<(), BoxError> {
+    fn rewrite(&self, req: &mut Request<B>) -> Result<(), InvalidRequest> {
         let original = req
             .uri()
             .path_and_query()
@@ -224,9 +228,10 @@ impl<B> HttpBackend<B> {
             // request cannot climb out of it (`/../other`).
             let path = original.path();
             if hides_a_separator(path) {
-                return Err("the request path hides a separator (%2F, %5C, a backslash \
-                            or `..;`) that could lead out of the backend's base path"
-                    .into());
+                return Err(InvalidRequest::new(
+                    "the request path hides a separator (%2F, %5C, a backslash \
+                     or `..;`) that could lead out of the backend's base path",
+                ));
             }
             let mut joined = self.prefix.clone();
             push_without_dot_segments(&mut joined, path);
@@ -234,7 +239,9 @@ impl<B> HttpBackend<B> {
                 joined.push('?');
                 joined.push_str(query);
             }
-            PathAndQuery::try_from(joined)?
+            PathAndQuery::try_from(joined).map_err(|e| {
+                InvalidRequest::with_source("the rewritten request target is not valid", e)
+            })?
         };
         // Origin form: the connection already names the backend.
         *req.uri_mut() = Uri::from(path_and_query);
@@ -447,7 +454,9 @@ where
                 },
             },
             Err(e) => ResponseFuture {
-                state: State::Invalid { error: Some(e) },
+                state: State::Invalid {
+                    error: Some(e.into()),
+                },
             },
         }
     }
@@ -486,8 +495,9 @@ impl Future for ResponseFuture {
         match self.project().state.project() {
             StateProj::Invalid { error } => {
                 let e = error.take().expect("polled after completion");
-                // The request never left: safe to retry elsewhere.
-                Poll::Ready(Err(NotSent::new(e).into()))
+                // The request never left, but not `NotSent`: every backend
+                // would refuse it alike.
+                Poll::Ready(Err(e))
             }
             StateProj::Sent { future } => {
                 let mut resp = ready!(future.as_mut().poll(cx))?;
