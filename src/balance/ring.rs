@@ -24,22 +24,29 @@ fn point_hash(id: &str, replica: u64) -> u64 {
     XxHash3_64::oneshot_with_seed(replica, id.as_bytes())
 }
 
+/// How many of its `points` a backend keeps on a ring that wants `total`:
+/// all of them up to the cap; above it, its share of the cap and at least
+/// one (as Envoy's ring scales to its maximum size).
+fn scale(points: u64, total: u128) -> u64 {
+    if total > u128::from(MAX_POINTS) {
+        let scaled = u128::from(points) * u128::from(MAX_POINTS) / total;
+        u64::try_from(scaled).unwrap_or(MAX_POINTS).max(1)
+    } else {
+        points
+    }
+}
+
 impl Ring {
     pub(super) fn build(members: &Members, points_per_weight: u32) -> Ring {
-        let total: u64 = members
-            .iter()
-            .map(|m| u64::from(points_per_weight) * u64::from(m.state().weight()))
-            .sum();
-        let scale = |points: u64| {
-            if total > MAX_POINTS {
-                (points * MAX_POINTS / total).max(1)
-            } else {
-                points
-            }
-        };
-        let mut points: Vec<(u64, &str, u32)> = Vec::with_capacity(total.min(MAX_POINTS) as usize);
+        // Weights and points per weight are u32: a product fits in u64,
+        // their sum and the scaling below only in u128.
+        let wanted =
+            |m: &crate::pool::Member| u64::from(points_per_weight) * u64::from(m.state().weight());
+        let total: u128 = members.iter().map(|m| u128::from(wanted(m))).sum();
+        let mut points: Vec<(u64, &str, u32)> =
+            Vec::with_capacity(total.min(u128::from(MAX_POINTS)) as usize);
         for (i, m) in members.iter().enumerate() {
-            let n = scale(u64::from(points_per_weight) * u64::from(m.state().weight()));
+            let n = scale(wanted(m), total);
             let id = m.id().as_str();
             points.extend((0..n).map(|r| (point_hash(id, r), id, i as u32)));
         }
@@ -112,5 +119,28 @@ impl Ring {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_weights_scale_in_proportion_without_overflow() {
+        // u32::MAX points per weight times a weight of u32::MAX, thrice.
+        let most = u64::from(u32::MAX) * u64::from(u32::MAX);
+        let total = 2 * u128::from(most) + u128::from(most / 2);
+        let kept: Vec<u64> = [most, most, most / 2]
+            .iter()
+            .map(|&p| scale(p, total))
+            .collect();
+        assert!(kept.iter().sum::<u64>() <= MAX_POINTS);
+        assert_eq!(kept[0], MAX_POINTS * 2 / 5);
+        assert_eq!(kept[1], kept[0]);
+        assert_eq!(kept[2], MAX_POINTS / 5);
+        // Under the cap nothing changes; a tiny share keeps one point.
+        assert_eq!(scale(160, 480), 160);
+        assert_eq!(scale(1, total), 1);
     }
 }
