@@ -21,7 +21,7 @@ use tower_ha::sticky::{
     StickyLayer,
 };
 use tower_ha::store::{Loaded, MemoryStore, Session, SessionStore, StoreFuture};
-use tower_ha::{BackendError, BoxError, Health, Pool};
+use tower_ha::{AdminStatus, BackendError, BoxError, Health, Pool};
 
 const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -1085,4 +1085,35 @@ async fn a_failed_only_backend_is_tried_again() {
     // Nowhere else to go: the session's own backend gets the next request.
     assert_eq!(send(&svc, req()).await.unwrap().body(), "solo");
     assert_eq!(layer.stats().moved, 0);
+}
+
+#[tokio::test]
+async fn strict_mode_lets_a_draining_backend_finish_its_sessions() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).strict(true);
+    let svc = stack(&c.pool, layer.clone());
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+    let state = c.pool.state(&home.as_str().into()).unwrap();
+
+    state.set_admin(AdminStatus::Draining);
+    for _ in 0..3 {
+        assert_eq!(send(&svc, session("s1")).await.unwrap().body(), &home);
+    }
+    // No new session starts there.
+    for i in 0..6 {
+        let res = send(&svc, session(format!("new-{i}"))).await.unwrap();
+        assert_ne!(res.body(), &home);
+    }
+    assert_eq!(layer.stats().strict_refusals, 0);
+    assert_eq!(layer.stats().moved, 0);
+
+    // Draining but unhealthy, or disabled: the session cannot finish there.
+    state.set_health(Health::Unhealthy);
+    let err = send(&svc, session("s1")).await.unwrap_err();
+    assert!(err.downcast_ref::<SessionUnavailable>().is_some(), "{err}");
+    state.set_health(Health::Healthy);
+    state.set_admin(AdminStatus::Disabled);
+    let err = send(&svc, session("s1")).await.unwrap_err();
+    assert!(err.downcast_ref::<SessionUnavailable>().is_some(), "{err}");
+    assert_eq!(layer.stats().strict_refusals, 2);
 }

@@ -6,7 +6,7 @@ use std::fmt;
 use crate::backend::BackendId;
 
 /// In `strict` mode, a request's session is bound to a backend that cannot
-/// serve it (unavailable, draining, removed, or a lower layer served the
+/// serve it (unavailable, removed, or a lower layer served the
 /// request elsewhere), and the session is not moved.
 ///
 /// Returned boxed; downcast it from [`BoxError`](crate::BoxError).

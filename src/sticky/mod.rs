@@ -13,9 +13,10 @@
 //! [extensions](crate::extensions): it sets [`Affinity`] for a known session
 //! whose backend is available, and reads [`ServedBy`] on the response. A
 //! session starts on the backend that served its first response and moves
-//! only when that backend is unavailable (unhealthy, ejected, draining,
-//! disabled, removed), failed the last request, or a failover layer had the
-//! request served elsewhere. A moved session is saved, logged as a
+//! only when that backend is unavailable (unhealthy, ejected, disabled,
+//! removed; a draining backend that is healthy finishes its sessions),
+//! failed the last request, or a failover layer had the request served
+//! elsewhere. A moved session is saved, logged as a
 //! `tracing` event (target `tower_ha::sticky`) and handed to the `on_move`
 //! hook; it does not move back when its old backend recovers. In
 //! [`strict`](StickyLayer::strict) mode the request fails with

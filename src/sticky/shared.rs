@@ -35,6 +35,10 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Status {
     Available,
+    /// Draining but healthy and not ejected: it takes no new session, yet
+    /// the balancer still sends it the requests of the sessions bound to
+    /// it, so that they finish there.
+    Draining,
     Unavailable,
     Missing,
 }
@@ -55,6 +59,7 @@ impl<S: Send + Sync + 'static> Backends for Pool<S> {
         match self.state(id) {
             None => Status::Missing,
             Some(state) if state.is_available() => Status::Available,
+            Some(state) if state.is_draining_but_serving() => Status::Draining,
             Some(_) => Status::Unavailable,
         }
     }
@@ -409,9 +414,12 @@ impl Shared {
     /// Pins a request to its session's backend, or lets it go elsewhere.
     ///
     /// Outside strict mode the backend's state is not read here: the
-    /// balancer honours the affinity only when the backend is available,
-    /// and the response tells where the request went. A session whose last
-    /// request failed is kept off that backend through `Attempts`.
+    /// balancer honours the affinity only when the backend is available
+    /// (or draining but healthy), and the response tells where the request
+    /// went. A session whose last request failed is kept off that backend
+    /// through `Attempts`. Strict mode refuses a backend the balancer would
+    /// not honour the affinity for: a draining backend still finishes its
+    /// sessions.
     fn pin<B>(
         &self,
         req: &mut Request<B>,
@@ -419,7 +427,8 @@ impl Shared {
         cookie: Named,
     ) -> Result<Track, SessionUnavailable> {
         if self.config.strict {
-            if self.config.backends.status(&hit.backend) != Status::Available {
+            let status = self.config.backends.status(&hit.backend);
+            if !matches!(status, Status::Available | Status::Draining) {
                 bump(&self.counters.strict_refusals, 1);
                 return Err(SessionUnavailable::new(&hit.key, hit.backend));
             }
@@ -454,7 +463,9 @@ impl Shared {
         match self.config.backends.status(backend) {
             Status::Missing => MoveReason::Removed,
             Status::Unavailable => MoveReason::Unavailable,
-            Status::Available => MoveReason::ServedElsewhere,
+            // The balancer honours the affinity for both: another backend
+            // served the request because a lower layer had it so.
+            Status::Available | Status::Draining => MoveReason::ServedElsewhere,
         }
     }
 
