@@ -903,8 +903,9 @@ async fn standalone_restore_reports_and_keeps_failed_records() {
         assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "a");
         assert_eq!(send(&svc, session("k3")).await.unwrap().body(), "c");
     }
-    // Standalone never reads the store on a miss. The request for k2 is
-    // served, but its record stays as it was for a later restore().
+    // A record whose restore failed is not read on a miss. The request
+    // for k2 is served, but its record stays as it was for a later
+    // restore().
     let first = send(&svc, session("k2")).await.unwrap().into_body();
     assert_eq!(send(&svc, session("k2")).await.unwrap().body(), &first);
     assert_eq!(layer.stats().loaded, 0);
@@ -1116,4 +1117,101 @@ async fn strict_mode_lets_a_draining_backend_finish_its_sessions() {
     let err = send(&svc, session("s1")).await.unwrap_err();
     assert!(err.downcast_ref::<SessionUnavailable>().is_some(), "{err}");
     assert_eq!(layer.stats().strict_refusals, 2);
+}
+
+/// A kernel's record: on `backend`, with the data needed to reconnect.
+fn kernel(key: &str, backend: &str) -> Session {
+    Session::new(key, backend.into()).with_data(serde_json::json!({"port": 5000}))
+}
+
+#[tokio::test(start_paused = true)]
+async fn standalone_reads_the_record_of_a_session_that_went_idle() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let stored = kernel("k1", "c");
+    store.save(&stored).await.unwrap();
+    let restores = Arc::new(AtomicUsize::new(0));
+    let counted = restores.clone();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .idle_timeout(Duration::from_secs(60))
+        .on_move(moves.hook())
+        .on_restore(move |_: Session| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok::<(), BoxError>(()))
+        });
+    assert_eq!(layer.restore().await.unwrap().restored, ["k1"]);
+    let svc = stack(&c.pool, layer.clone());
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "c");
+
+    tokio::time::advance(Duration::from_secs(61)).await;
+    // Gone from the table: the next request reads its record, which is
+    // left as it was.
+    for _ in 0..3 {
+        assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "c");
+    }
+    let kept = store.load("k1").await.unwrap().unwrap();
+    assert_eq!(kept.backend.as_str(), "c");
+    assert_eq!(kept.data["port"], 5000);
+    assert_eq!(kept.created, stored.created);
+    assert_eq!(layer.stats().loaded, 1);
+    assert_eq!(restores.load(Ordering::SeqCst), 1, "restored at start only");
+
+    // It moves with its data.
+    c.set_health("c", Health::Unhealthy);
+    let moved = send(&svc, session("k1")).await.unwrap().into_body();
+    assert_ne!(moved, "c");
+    let kept = store.load("k1").await.unwrap().unwrap();
+    assert_eq!(kept.backend.as_str(), moved);
+    assert_eq!(kept.data["port"], 5000);
+    assert_eq!(kept.created, stored.created);
+    let all = moves.all();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].session.data["port"], 5000);
+}
+
+#[tokio::test]
+async fn standalone_reads_the_records_restore_had_no_room_for() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let sid = |i: usize| format!("{i:0>22}");
+    for i in 0..4 {
+        store.save(&kernel(&sid(i), "b")).await.unwrap();
+    }
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .max_sessions(1)
+        .on_move(moves.hook());
+    assert_eq!(layer.restore().await.unwrap().restored.len(), 4);
+    assert_eq!(layer.stats().sessions, 1, "three were evicted");
+    let svc = stack(&c.pool, layer.clone());
+    let cookie = |i: usize| format!("srv={}", sign("srv", &sid(i), "b"));
+    for i in 0..4 {
+        assert_eq!(
+            send(&svc, with_cookie(&cookie(i))).await.unwrap().body(),
+            "b"
+        );
+    }
+    // Their backend goes: each moves with the data of its record.
+    c.set_health("b", Health::Unhealthy);
+    for i in 0..4 {
+        assert_ne!(
+            send(&svc, with_cookie(&cookie(i))).await.unwrap().body(),
+            "b"
+        );
+    }
+    let all = moves.all();
+    assert_eq!(all.len(), 4);
+    for moved in &all {
+        assert_eq!(moved.session.data["port"], 5000, "{}", moved.session.key);
+    }
+    for i in 0..4 {
+        let kept = store.load(&sid(i)).await.unwrap().unwrap();
+        assert_ne!(kept.backend.as_str(), "b");
+        assert_eq!(kept.data["port"], 5000, "{}", sid(i));
+    }
 }

@@ -100,7 +100,11 @@ pub enum Availability {
     /// One instance at a time: call
     /// [`restore`](Sticky::restore) at start to load every stored session
     /// (and run the `on_restore` hook for each). A request naming a session
-    /// the table does not know never reads the store.
+    /// the table does not know (one that went idle or was evicted since)
+    /// reads its record before it is routed, without running the hook
+    /// again, so the session keeps its backend, its data and its creation
+    /// time; a session whose restore failed is not read until a later
+    /// `restore`.
     Standalone,
     /// Several instances at once (the default): a request naming a session
     /// the table does not know loads it from the store before it is routed

@@ -307,21 +307,23 @@ impl Shared {
             Found::Hit(hit, cookie) => self.pin(req, hit, cookie),
             Found::Miss(key, cookie) => {
                 bump(&self.counters.misses, 1);
-                match (&self.config.store, self.config.availability) {
-                    (Some(store), Availability::Replication) => {
+                match &self.config.store {
+                    None => self.after_load(req, key, cookie, Stored::Absent),
+                    // Standalone: a record whose restore failed is not
+                    // this instance's to take until a later `restore`.
+                    Some(_)
+                        if self.config.availability == Availability::Standalone
+                            && self.unrestored.lock().contains(&key) =>
+                    {
+                        self.after_load(req, key, cookie, Stored::Unknown)
+                    }
+                    // Whatever the mode, a session the table does not know
+                    // (never seen, idle, evicted) is read from the store
+                    // before it is routed, so that its record is followed
+                    // and never written over unread.
+                    Some(store) => {
                         let load = self.load(store.clone(), key.clone());
                         return Start::Load { key, cookie, load };
-                    }
-                    _ => {
-                        // Only a store's failed restores are remembered.
-                        let unrestored =
-                            self.config.store.is_some() && self.unrestored.lock().contains(&key);
-                        let stored = if unrestored {
-                            Stored::Unknown
-                        } else {
-                            Stored::Absent
-                        };
-                        self.after_load(req, key, cookie, stored)
                     }
                 }
             }
@@ -489,9 +491,12 @@ impl Shared {
                 key: &key,
                 cell: &cell,
             };
+            // Standalone mode restored every session at start: one that
+            // left the table since was restored then, and is not again.
+            let restore = shared.config.availability == Availability::Replication;
             let stored = cell
                 .stored
-                .get_or_init(|| shared.read(&*store, &key, true))
+                .get_or_init(|| shared.read(&*store, &key, restore))
                 .await
                 .clone();
             let stale = {
