@@ -29,9 +29,10 @@
 //! Durations are strings such as `"5s"`, `"250ms"`, `"1m30s"` (units `ns`,
 //! `us`, `ms`, `s`, `m`, `h`, `d`). Other top-level keys are ignored, so a
 //! larger application file loads as is; unknown keys inside a group are an
-//! error. Every loader validates: an empty group, an unknown primary,
-//! duplicate names and zero thresholds are a [`ConfigError`] naming the
-//! field (`failover_groups[1].primary`).
+//! error. Every loader validates: an empty group, an unknown primary, a
+//! primary or failback settings in a normal group, duplicate names and
+//! zero thresholds are a [`ConfigError`] naming the field
+//! (`failover_groups[1].primary`).
 //!
 //! With the `config` feature, [`Config::load`] reads a YAML or TOML file in
 //! one call, and [`Config::from_yaml`] / [`Config::from_toml`] parse a
@@ -104,14 +105,14 @@ pub struct GroupConfig {
     /// The members; for an active-passive group, the backup order.
     pub backends: Vec<String>,
     /// The configured primary (required for an active-passive group; one
-    /// of `backends`).
+    /// of `backends`; an error in a normal group).
     #[serde(default)]
     pub primary: Option<String>,
-    /// `never` (default) or `auto`.
+    /// `never` (default) or `auto` (active-passive groups only).
     #[serde(default)]
     pub failback: FailbackMode,
     /// With `failback: auto`: how long the primary must stay available
-    /// (default 30 s).
+    /// (default 30 s; active-passive groups only).
     #[serde(
         default,
         deserialize_with = "opt_duration",
@@ -119,7 +120,7 @@ pub struct GroupConfig {
     )]
     pub failback_after: Option<Duration>,
     /// How long the current primary serves, at least, before a failback
-    /// (default 0; with `failback: auto` only).
+    /// (default 0; with `failback: auto` in an active-passive group only).
     #[serde(
         default,
         deserialize_with = "opt_duration",
@@ -376,8 +377,8 @@ impl std::error::Error for ConfigError {
 impl Config {
     /// Checks what serde cannot: unique group names, non-empty groups,
     /// unique backends within a group, a primary that is a member (and
-    /// present for active-passive groups), non-zero thresholds and
-    /// intervals.
+    /// present for active-passive groups), no primary or failback settings
+    /// in a normal group, non-zero thresholds and intervals.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
         for (i, group) in self.failover_groups.iter().enumerate() {
@@ -410,6 +411,27 @@ impl Config {
                         at(&format!("backends[{j}]")),
                         format!("duplicate backend `{backend}` in group `{}`", group.name),
                     ));
+                }
+            }
+            // A normal group's strategy ignores these: refuse them rather
+            // than let the file promise a primary or a failback that never
+            // happens.
+            if group.mode != GroupMode::ActivePassive {
+                for (field, set) in [
+                    ("primary", group.primary.is_some()),
+                    ("failback", group.failback != FailbackMode::Never),
+                    ("failback_after", group.failback_after.is_some()),
+                    ("min_dwell", group.min_dwell.is_some()),
+                ] {
+                    if set {
+                        return Err(ConfigError::invalid(
+                            at(field),
+                            format!(
+                                "group `{}` is in normal mode; `{field}` only applies with `mode: active-passive`",
+                                group.name
+                            ),
+                        ));
+                    }
                 }
             }
             match (&group.primary, group.mode) {

@@ -37,7 +37,6 @@ failover_groups:
   - name: "db-servers"
     mode: "normal"
     backends: ["db1", "db2"]
-    primary: "db1"
 "#;
 
 #[tokio::test(start_paused = true)]
@@ -120,6 +119,32 @@ interval = "500ms"
             after_stable_for: Duration::from_secs(90)
         }
     );
+}
+
+/// Settings that only an active-passive group uses, in a normal group: the
+/// round robin would ignore them, so they are refused by name.
+#[test]
+fn a_normal_group_refuses_primary_and_failback_settings() {
+    for (setting, field) in [
+        ("primary: x", "primary"),
+        ("failback: auto", "failback"),
+        ("failback_after: 30s", "failback_after"),
+        ("min_dwell: 10s", "min_dwell"),
+        ("failback: auto, failback_after: 30s", "failback"),
+    ] {
+        let (at, msg) = invalid(&format!(
+            "failover_groups:\n  - {{name: app, mode: active-passive, backends: [x], primary: x}}\n  - {{name: db, mode: normal, backends: [x, y], {setting}}}\n"
+        ));
+        assert_eq!(at, format!("failover_groups[1].{field}"), "{setting}");
+        assert!(msg.contains("group `db` is in normal mode"), "{msg}");
+        assert!(msg.contains(&format!("`{field}` only applies")), "{msg}");
+    }
+    // The same settings are fine in an active-passive group, and a normal
+    // group may say `failback: never`, the default.
+    Config::from_yaml(
+        "failover_groups:\n  - {name: app, mode: active-passive, backends: [x, y], primary: y, failback: auto, failback_after: 30s, min_dwell: 10s}\n  - {name: db, mode: normal, backends: [x], failback: never}\n",
+    )
+    .unwrap();
 }
 
 fn invalid(yaml: &str) -> (String, String) {
