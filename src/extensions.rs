@@ -15,6 +15,7 @@
 //! Your own layers may set or read any of them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -141,7 +142,16 @@ pub struct PeerAddr(pub SocketAddr);
 /// assert!(picked.take().is_none());
 /// ```
 #[derive(Debug, Clone, Default)]
-pub struct Picked(Arc<Mutex<Option<BackendId>>>);
+pub struct Picked(Arc<PickedSlot>);
+
+#[derive(Debug, Default)]
+struct PickedSlot {
+    backend: Mutex<Option<BackendId>>,
+    /// Set while the failover layer drops an attempt at its per-try
+    /// timeout, so that a per-backend layer dropped with it can tell a
+    /// timeout from a cancelled request.
+    timing_out: AtomicBool,
+}
 
 impl Picked {
     /// An empty slot.
@@ -151,11 +161,25 @@ impl Picked {
 
     /// Records the picked backend, replacing any earlier one.
     pub fn set(&self, id: BackendId) {
-        *self.0.lock() = Some(id);
+        *self.0.backend.lock() = Some(id);
     }
 
     /// The picked backend, leaving the slot empty.
     pub fn take(&self) -> Option<BackendId> {
-        self.0.lock().take()
+        self.0.backend.lock().take()
+    }
+
+    /// Runs `drop_attempt`, which drops an attempt abandoned at its per-try
+    /// timeout, with the slot saying so.
+    pub(crate) fn timing_out(&self, drop_attempt: impl FnOnce()) {
+        self.0.timing_out.store(true, Ordering::Relaxed);
+        drop_attempt();
+        self.0.timing_out.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the attempt being dropped now was abandoned at its per-try
+    /// timeout.
+    pub(crate) fn is_timing_out(&self) -> bool {
+        self.0.timing_out.load(Ordering::Relaxed)
     }
 }

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::extensions::ServedBy;
+use tower_ha::failover::FailoverLayer;
 use tower_ha::health::{probe_fn, HealthChecker, HealthLayer, SlowStart};
-use tower_ha::{AdminStatus, BackendId, BackendState, Health, Pool};
+use tower_ha::{AdminStatus, BackendId, BackendState, BoxError, Health, Pool};
 
 mod support;
 use support::health_mock::*;
@@ -39,6 +41,53 @@ async fn passive_ejects_after_exactly_n_consecutive_failures() {
     assert!(state.is_ejected(), "not ejected after 5 failures");
     assert_eq!(state.ejections(), 1);
     assert_eq!(state.ejected_until(), Some(now + secs(30)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_abandoned_at_the_per_try_timeout_count_as_failures() {
+    type Boxed = BoxCloneSyncService<Request<()>, http::Response<()>, BoxError>;
+    let layer = HealthLayer::new();
+    let hangs: Boxed = BoxCloneSyncService::new(tower::service_fn(|_req: Request<()>| {
+        std::future::pending::<Result<http::Response<()>, BoxError>>()
+    }));
+    let answers: Boxed = BoxCloneSyncService::new(Backend::new().map_err(BoxError::from));
+    let pool = Pool::new();
+    pool.insert("hangs", layer.layer(hangs));
+    pool.insert("answers", layer.layer(answers));
+    let hangs = pool.state(&"hangs".into()).unwrap();
+    let svc = FailoverLayer::new()
+        .per_try_timeout(ms(100))
+        .layer(Balance::new(pool.clone(), RoundRobin::new()));
+
+    // A request its client drops while it waits on "hangs" is no failure.
+    loop {
+        let mut call = Box::pin(svc.clone().oneshot(Request::new(())));
+        if futures::poll!(call.as_mut()).is_pending() {
+            break;
+        }
+    }
+    assert_eq!(hangs.consecutive_failures(), 0);
+
+    // Every request succeeds (on "answers"), and each attempt abandoned on
+    // "hangs" counts, until five in a row eject it.
+    let mut timeouts = 0;
+    while !hangs.is_ejected() {
+        let start = Instant::now();
+        let response = svc.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(
+            response.extensions().get::<ServedBy>().unwrap().0.as_str(),
+            "answers"
+        );
+        if Instant::now() - start == ms(100) {
+            timeouts += 1;
+            if !hangs.is_ejected() {
+                assert_eq!(hangs.consecutive_failures(), timeouts);
+            }
+        }
+        assert!(timeouts <= 5, "not ejected after {timeouts} timeouts");
+    }
+    assert_eq!(timeouts, 5);
+    assert_eq!(hangs.ejections(), 1);
 }
 
 #[tokio::test(start_paused = true)]

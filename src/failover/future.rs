@@ -187,6 +187,7 @@ where
                             return Poll::Ready(this.retry.give_up(None));
                         }
                     }
+                    let mut timed_out = false;
                     let outcome = match polled {
                         Poll::Ready(result) => result,
                         Poll::Pending => {
@@ -197,13 +198,18 @@ where
                             if !fired(this.timer, cx) {
                                 return Poll::Pending;
                             }
+                            timed_out = true;
                             let after = this.retry.config.per_try_timeout;
                             Err(TimedOut::new(after.unwrap_or_default()).into())
                         }
                     };
                     // Drops the attempt: an abandoned backend gets no more
-                    // of the request.
-                    this.attempt.set(Attempt::Done);
+                    // of the request. A per-backend layer dropped with it
+                    // (passive health) learns that it timed out.
+                    match (&this.retry.picked, timed_out) {
+                        (Some(slot), true) => slot.timing_out(|| this.attempt.set(Attempt::Done)),
+                        _ => this.attempt.set(Attempt::Done),
+                    }
                     match this.retry.judge(outcome) {
                         Verdict::Return(result) => return Poll::Ready(result),
                         Verdict::Retry => {

@@ -12,20 +12,49 @@ use pin_project_lite::pin_project;
 use super::outlier::Watch;
 use crate::classify::{Classifier, Outcome};
 use crate::error::BoxError;
-use crate::extensions::Target;
+use crate::extensions::{Picked, Target};
+
+/// What a response future observes for the health of its backend.
+pub(crate) struct Observed<C> {
+    pub(crate) target: Target,
+    pub(crate) watch: Arc<Watch<C>>,
+    /// The failover layer's slot, which says whether an attempt dropped
+    /// unfinished was abandoned at its per-try timeout.
+    pub(crate) picked: Option<Picked>,
+}
 
 pin_project! {
     /// The response future of [`Health`](super::Health): classifies the
-    /// outcome and records it on the backend's shared state.
-    pub struct ResponseFuture<F, C> {
+    /// outcome and records it on the backend's shared state. Dropped
+    /// unfinished because the failover layer's per-try timeout fired, it
+    /// records a failure; dropped for any other reason (the client went
+    /// away, the overall deadline), nothing.
+    pub struct ResponseFuture<F, C>
+    where
+        C: Classifier,
+    {
         #[pin]
         inner: F,
-        observed: Option<(Target, Arc<Watch<C>>)>,
+        observed: Option<Observed<C>>,
+    }
+
+    impl<F, C> PinnedDrop for ResponseFuture<F, C>
+    where
+        C: Classifier,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(o) = this.observed.take() {
+                if o.picked.as_ref().is_some_and(Picked::is_timing_out) {
+                    o.watch.observe(&o.target, true);
+                }
+            }
+        }
     }
 }
 
-impl<F, C> ResponseFuture<F, C> {
-    pub(crate) fn new(inner: F, observed: Option<(Target, Arc<Watch<C>>)>) -> Self {
+impl<F, C: Classifier> ResponseFuture<F, C> {
+    pub(crate) fn new(inner: F, observed: Option<Observed<C>>) -> Self {
         ResponseFuture { inner, observed }
     }
 }
@@ -41,15 +70,15 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx)).map_err(Into::into);
-        if let Some((target, watch)) = this.observed.take() {
-            let failed = watch.classifier.is_failure(&Outcome::of(&result));
-            watch.observe(&target, failed);
+        if let Some(o) = this.observed.take() {
+            let failed = o.watch.classifier.is_failure(&Outcome::of(&result));
+            o.watch.observe(&o.target, failed);
         }
         Poll::Ready(result)
     }
 }
 
-impl<F, C> fmt::Debug for ResponseFuture<F, C> {
+impl<F, C: Classifier> fmt::Debug for ResponseFuture<F, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

@@ -5,12 +5,12 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::{Observed, ResponseFuture};
 use super::layer::HealthLayer;
 use super::outlier::Watch;
 use crate::classify::{Classifier, DefaultClassifier};
 use crate::error::BoxError;
-use crate::extensions::Target;
+use crate::extensions::{Picked, Target};
 
 /// Watches the outcomes of one backend's requests and ejects the backend
 /// after consecutive failures. Built by [`HealthLayer`].
@@ -95,10 +95,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let observed = req
-            .extensions()
-            .get::<Target>()
-            .map(|target| (target.clone(), self.watch.clone()));
+        let ext = req.extensions();
+        let observed = ext.get::<Target>().map(|target| Observed {
+            target: target.clone(),
+            watch: self.watch.clone(),
+            picked: ext.get::<Picked>().cloned(),
+        });
         ResponseFuture::new(self.inner.call(req), observed)
     }
 }
