@@ -360,6 +360,82 @@ async fn a_connection_idle_for_90_s_is_not_reused() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_idle_timeout_can_be_set() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new().idle_timeout(Duration::from_secs(4));
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let get = || {
+        backend
+            .clone()
+            .oneshot(Request::get("/").body(Full::default()).unwrap())
+    };
+    body_of(get().await.unwrap()).await;
+    tokio::time::advance(Duration::from_secs(3)).await;
+    body_of(get().await.unwrap()).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused within 4 s");
+    tokio::time::advance(Duration::from_secs(4)).await;
+    body_of(get().await.unwrap()).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "replaced after 4 s idle"
+    );
+}
+
+/// The keep-alive timer of the TCP connection from `local` to `remote` on
+/// 127.0.0.1, as Linux shows it in /proc/net/tcp: the time left before the
+/// first probe, or `None` when the socket has no keep-alive timer.
+#[cfg(target_os = "linux")]
+fn keepalive_timer(local: SocketAddr, remote: SocketAddr) -> Option<Duration> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next().unwrap(), 16).unwrap();
+    let row = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|f| port(f[1]) == local.port() && port(f[2]) == remote.port())
+        .expect("the connection is in /proc/net/tcp");
+    // `tr:tm->when`: timer 2 is the keep-alive timer (on an idle
+    // connection), its time left in clock ticks (USER_HZ, 100 a second).
+    let (timer, left) = row[5].split_once(':').unwrap();
+    (timer == "02").then(|| Duration::from_millis(u64::from_str_radix(left, 16).unwrap() * 10))
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn tcp_keepalive_is_set_on_backend_connections() {
+    let (tx, mut peers) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, _) = accept_counting(move |stream, _| {
+        let tx = tx.clone();
+        async move {
+            tx.send(stream.peer_addr().unwrap()).unwrap();
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service_fn(echo))
+                .await;
+        }
+    })
+    .await;
+    let mut timer_of = async |client: HttpClient<Full<Bytes>>| {
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let req = Request::get("/").body(Full::default()).unwrap();
+        body_of(backend.oneshot(req).await.unwrap()).await;
+        keepalive_timer(peers.recv().await.unwrap(), addr)
+    };
+    let default = timer_of(HttpClient::new()).await.expect("on by default");
+    assert!(
+        default > Duration::from_secs(20) && default <= Duration::from_secs(30),
+        "probes after 30 s idle: {default:?}"
+    );
+    let set = HttpClient::new().tcp_keepalive(Some(Duration::from_secs(7)));
+    let set = timer_of(set).await.expect("set");
+    assert!(
+        set > Duration::ZERO && set <= Duration::from_secs(7),
+        "{set:?}"
+    );
+    assert_eq!(timer_of(HttpClient::new().tcp_keepalive(None)).await, None);
+}
+
 /// A request body that never ends: an upload still in progress.
 struct Endless;
 

@@ -75,21 +75,68 @@ use crate::extensions::PeerAddr;
 /// back to the pool as soon as its response has been read to its end; one
 /// whose response body was dropped unread is closed. A request that an
 /// idle connection did not take (the backend had closed it meanwhile) goes
-/// to the next one, so a backend's keep-alive timeout costs no error.
-/// Connections idle for 90 s are closed when their backend is next used,
-/// and all of a backend's when the last [`HttpBackend`] for its address is
-/// dropped.
+/// to the next one. A backend that closes an idle connection just as a
+/// request is written on it fails that request, though, and not as
+/// [`NotSent`](crate::NotSent) (the backend may have read it): the failover
+/// layer retries it only when its method is idempotent. An
+/// [`idle_timeout`](Self::idle_timeout) below the backends' own keep-alive
+/// timeout makes that rare. Connections idle for longer are closed when
+/// their backend is next used, and all of a backend's when the last
+/// [`HttpBackend`] for its address is dropped.
+///
+/// | Setting | Default |
+/// |---|---|
+/// | [`connect_timeout`](Self::connect_timeout) | 5 s |
+/// | [`tcp_keepalive`](Self::tcp_keepalive) | 30 s |
+/// | [`idle_timeout`](Self::idle_timeout) | 90 s |
+///
+/// TCP_NODELAY is set on every connection. The settings apply to the
+/// backends made from the client once they are set: a client changed by
+/// one has a connection pool of its own, which the backends made from it
+/// before do not share.
 ///
 /// `B` is the request body type (for example `http_body_util::Full<Bytes>`,
 /// `hyper::body::Incoming` in a proxy, or the failover layer's replayable
 /// body).
 pub struct HttpClient<B> {
+    settings: Settings,
     upstreams: Arc<pool::Upstreams<B>>,
+}
+
+/// How an [`HttpClient`] opens and keeps its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Settings {
+    connect_timeout: Duration,
+    tcp_keepalive: Option<Duration>,
+    idle_timeout: Duration,
+}
+
+impl Settings {
+    const DEFAULT: Settings = Settings {
+        // Envoy's default `connect_timeout`.
+        connect_timeout: Duration::from_secs(5),
+        // Go's `http.DefaultTransport`'s.
+        tcp_keepalive: Some(Duration::from_secs(30)),
+        idle_timeout: Duration::from_secs(90),
+    };
+
+    fn connector(&self) -> HttpConnector {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        connector.set_connect_timeout(Some(self.connect_timeout));
+        connector.set_keepalive(self.tcp_keepalive);
+        // Probes as often as the idle time before the first, as Go does,
+        // rather than the system's default (75 s on Linux).
+        connector.set_keepalive_interval(self.tcp_keepalive);
+        connector
+    }
 }
 
 impl<B> Clone for HttpClient<B> {
     fn clone(&self) -> Self {
         HttpClient {
+            settings: self.settings,
             upstreams: self.upstreams.clone(),
         }
     }
@@ -97,7 +144,16 @@ impl<B> Clone for HttpClient<B> {
 
 impl<B> fmt::Debug for HttpClient<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpClient").finish_non_exhaustive()
+        let Settings {
+            connect_timeout,
+            tcp_keepalive,
+            idle_timeout,
+        } = &self.settings;
+        f.debug_struct("HttpClient")
+            .field("connect_timeout", connect_timeout)
+            .field("tcp_keepalive", tcp_keepalive)
+            .field("idle_timeout", idle_timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -107,14 +163,59 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// A client with TCP_NODELAY set and idle connections kept for 90 s.
+    /// A client with the default settings (see the table above).
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
+        HttpClient::with_settings(Settings::DEFAULT)
+    }
+
+    fn with_settings(settings: Settings) -> Self {
         HttpClient {
-            upstreams: Arc::new(pool::Upstreams::new(connector, Duration::from_secs(90))),
+            settings,
+            upstreams: Arc::new(pool::Upstreams::new(
+                settings.connector(),
+                settings.idle_timeout,
+            )),
         }
+    }
+
+    /// Gives up opening a connection after `timeout` (default 5 s, as
+    /// Envoy's `connect_timeout`). The time is shared evenly among the
+    /// addresses a backend's host name resolves to; the name's resolution
+    /// is not counted. A connection that timed out fails its request as
+    /// [`NotSent`](crate::NotSent): nothing was sent, so the failover layer
+    /// may retry it on another backend whatever its method.
+    pub fn connect_timeout(self, timeout: Duration) -> Self {
+        HttpClient::with_settings(Settings {
+            connect_timeout: timeout,
+            ..self.settings
+        })
+    }
+
+    /// Sends TCP keep-alive probes on a connection idle for `idle`, and
+    /// again every `idle` while none is answered (the system decides how
+    /// many, 9 on Linux, before the connection is closed); `None` sends
+    /// none. The default, 30 s (as Go's `http.DefaultTransport`), ends a
+    /// connection whose backend vanished without closing it (a crashed
+    /// host, a dropped NAT or firewall entry) within about 5 minutes, where
+    /// a request waiting on it would otherwise wait for ever, and keeps a
+    /// NAT or firewall entry alive while its connection is idle.
+    pub fn tcp_keepalive(self, idle: Option<Duration>) -> Self {
+        HttpClient::with_settings(Settings {
+            tcp_keepalive: idle,
+            ..self.settings
+        })
+    }
+
+    /// Closes a pooled connection once it has been idle for `timeout`
+    /// (default 90 s; zero keeps none). Keep it below the backends' own
+    /// keep-alive timeout (5 s for Apache httpd and Node.js, 75 s for
+    /// nginx), so that a backend seldom closes a connection just as a
+    /// request is written on it.
+    pub fn idle_timeout(self, timeout: Duration) -> Self {
+        HttpClient::with_settings(Settings {
+            idle_timeout: timeout,
+            ..self.settings
+        })
     }
 }
 
@@ -614,6 +715,30 @@ mod tests {
             strip_hop_by_hop(&mut h);
             assert_eq!(h.len(), 1, "{name}");
         }
+    }
+
+    #[test]
+    fn client_settings_reach_the_pool() {
+        type Client = HttpClient<http_body_util::Empty<bytes::Bytes>>;
+        let client = Client::new();
+        assert_eq!(client.settings, Settings::DEFAULT);
+        assert_eq!(client.settings.connect_timeout, Duration::from_secs(5));
+        let secs = Duration::from_secs;
+        let client = client
+            .connect_timeout(secs(1))
+            .tcp_keepalive(None)
+            .idle_timeout(secs(2));
+        let expected = Settings {
+            connect_timeout: secs(1),
+            tcp_keepalive: None,
+            idle_timeout: secs(2),
+        };
+        assert_eq!(client.settings, expected);
+        assert_eq!(client.upstreams.idle_timeout(), secs(2));
+        assert_eq!(
+            format!("{client:?}"),
+            "HttpClient { connect_timeout: 1s, tcp_keepalive: None, idle_timeout: 2s, .. }"
+        );
     }
 
     #[test]

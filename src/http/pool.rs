@@ -41,6 +41,11 @@ impl<B> Upstreams<B> {
         }
     }
 
+    #[cfg(test)]
+    pub(super) fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
     /// The upstream for `authority`, shared by every backend naming it
     /// while any of them lives; its idle connections close with the last.
     pub(super) fn get(&self, authority: &Authority) -> Arc<Upstream<B>> {
