@@ -27,9 +27,12 @@
 //! ```
 //!
 //! Durations are strings such as `"5s"`, `"250ms"`, `"1m30s"` (units `ns`,
-//! `us`, `ms`, `s`, `m`, `h`, `d`). Other top-level keys are ignored, so a
-//! larger application file loads as is; unknown keys inside a group are an
-//! error. Every loader validates: an empty group, an unknown primary, a
+//! `us`, `ms`, `s`, `m`, `h`, `d`). Unknown keys are an error at every
+//! level, the top one included, so a misspelt key is caught rather than
+//! ignored. To keep the groups in a larger application file, deserialize
+//! your own settings type with a `Config` field (under a key of its own, or
+//! `#[serde(flatten)]`) and call [`Config::validate`]. Every loader
+//! validates: no group at all, an empty group, an unknown primary, a
 //! primary or failback settings in a normal group, duplicate names and
 //! zero thresholds are a [`ConfigError`] naming the field
 //! (`failover_groups[1].primary`).
@@ -73,10 +76,16 @@ use crate::health::{HealthChecker, Probe};
 use crate::pool::Pool;
 
 /// The groups of an application.
+///
+/// Unknown keys are an error, at the top level as in every section, so a
+/// misspelt key (`failover-groups:`) cannot load as a configuration
+/// without groups; [`validate`](Self::validate) also refuses a
+/// configuration with no group.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Config {
-    /// The groups, in file order.
+    /// The groups, in file order (at least one).
     #[serde(default)]
     pub failover_groups: Vec<GroupConfig>,
 }
@@ -375,11 +384,18 @@ impl std::error::Error for ConfigError {
 }
 
 impl Config {
-    /// Checks what serde cannot: unique group names, non-empty groups,
-    /// unique backends within a group, a primary that is a member (and
-    /// present for active-passive groups), no primary or failback settings
-    /// in a normal group, non-zero thresholds and intervals.
+    /// Checks what serde cannot: at least one group, unique group names,
+    /// non-empty groups, unique backends within a group, a primary that is
+    /// a member (and present for active-passive groups), no primary or
+    /// failback settings in a normal group, non-zero thresholds and
+    /// intervals.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.failover_groups.is_empty() {
+            return Err(ConfigError::invalid(
+                "failover_groups",
+                "no group: list at least one under `failover_groups`",
+            ));
+        }
         let mut names = HashSet::new();
         for (i, group) in self.failover_groups.iter().enumerate() {
             let at = |field: &str| format!("failover_groups[{i}].{field}");

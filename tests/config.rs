@@ -20,8 +20,7 @@ fn named(id: &BackendId) -> Svc {
 }
 
 const LEBA: &str = r#"
-# The shape of LEBA's config.yaml, plus keys this crate ignores.
-listen: "0.0.0.0:8080"
+# The shape of LEBA's config.yaml.
 failover_groups:
   - name: "app-servers"
     mode: "active-passive"
@@ -145,6 +144,80 @@ fn a_normal_group_refuses_primary_and_failback_settings() {
         "failover_groups:\n  - {name: app, mode: active-passive, backends: [x, y], primary: y, failback: auto, failback_after: 30s, min_dwell: 10s}\n  - {name: db, mode: normal, backends: [x], failback: never}\n",
     )
     .unwrap();
+}
+
+/// A misspelt top-level key is an error, not a file with no groups; so is a
+/// file with no group at all.
+#[test]
+fn unknown_top_level_keys_and_missing_groups_are_refused() {
+    let group = "  - {name: a, mode: normal, backends: [x]}\n";
+    for yaml in [
+        format!("failover-groups:\n{group}"),
+        format!("failover_groups:\n{group}listen: \"0.0.0.0:8080\"\n"),
+    ] {
+        let err = Config::from_yaml(&yaml).unwrap_err();
+        assert!(err.is_parse(), "{yaml}: {err}");
+        assert!(err.field().starts_with("line "), "{}", err.field());
+        let cause = err.source().unwrap().to_string();
+        assert!(cause.contains("unknown field"), "{cause}");
+    }
+    let err = Config::from_toml("[[failover-groups]]\nname = \"a\"\n").unwrap_err();
+    assert!(err.is_parse(), "{err}");
+    assert!(
+        err.source().unwrap().to_string().contains("unknown field"),
+        "{}",
+        err.source().unwrap()
+    );
+
+    for yaml in ["{}", "failover_groups: []"] {
+        let (field, msg) = invalid(yaml);
+        assert_eq!(field, "failover_groups");
+        assert!(msg.contains("no group"), "{msg}");
+    }
+    let err = Config::from_toml("").unwrap_err();
+    assert!(err.is_invalid(), "{err}");
+    assert_eq!(err.field(), "failover_groups");
+    assert!(Config::default().validate().is_err());
+}
+
+/// The groups inside a larger application file: the application's own
+/// settings type holds a `Config`, flattened or under a key.
+#[test]
+fn groups_load_from_a_larger_application_file() {
+    #[derive(serde::Deserialize)]
+    struct Flat {
+        listen: String,
+        #[serde(flatten)]
+        ha: Config,
+    }
+    let text = format!("listen: \"0.0.0.0:8080\"\n{LEBA}");
+    let app: Flat = serde_yaml_ng::from_str(&text).unwrap();
+    app.ha.validate().unwrap();
+    assert_eq!(app.listen, "0.0.0.0:8080");
+    assert_eq!(app.ha.failover_groups.len(), 2);
+    // Flattened, a misspelt key is left to the application, but the
+    // groups are then missing and validation says so.
+    let typo: Flat =
+        serde_yaml_ng::from_str(&text.replace("failover_groups", "failover-groups")).unwrap();
+    assert!(typo
+        .ha
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("no group"));
+
+    #[derive(serde::Deserialize)]
+    struct Nested {
+        #[allow(dead_code)]
+        listen: String,
+        ha: Config,
+    }
+    let nested =
+        "listen: x\nha:\n  failover_groups:\n    - {name: a, mode: normal, backends: [x]}\n";
+    let app: Nested = serde_yaml_ng::from_str(nested).unwrap();
+    app.ha.validate().unwrap();
+    let typo = nested.replace("failover_groups", "groups");
+    assert!(serde_yaml_ng::from_str::<Nested>(&typo).is_err());
 }
 
 fn invalid(yaml: &str) -> (String, String) {
