@@ -1215,3 +1215,68 @@ async fn standalone_reads_the_records_restore_had_no_room_for() {
         assert_eq!(kept.data["port"], 5000, "{}", sid(i));
     }
 }
+
+/// A `MemoryStore` whose loads fail while `down` is set.
+#[derive(Clone)]
+struct FlakyLoads {
+    inner: MemoryStore,
+    down: Arc<AtomicBool>,
+}
+
+impl FlakyLoads {
+    fn new(inner: MemoryStore) -> Self {
+        FlakyLoads {
+            inner,
+            down: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
+impl SessionStore for FlakyLoads {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        self.inner.load_all()
+    }
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) });
+        }
+        self.inner.load(key)
+    }
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        self.inner.save(session)
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        self.inner.delete(keys)
+    }
+}
+
+#[tokio::test]
+async fn a_learned_cookie_deleted_after_a_failed_load_keeps_its_record() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared.save(&kernel("k", "a")).await.unwrap();
+    let store = FlakyLoads::new(shared.clone());
+    let (layer, svc) = instance(&c, SessionKey::learn_cookie("JSESSIONID"), store.clone());
+    // The load fails; the backend that gets the request does not know
+    // the session and clears the cookie.
+    let logout = Request::builder()
+        .header(COOKIE, "JSESSIONID=k")
+        .header("x-logout", "1")
+        .body(())
+        .unwrap();
+    send(&svc, logout).await.unwrap();
+    assert_eq!(layer.stats().sessions, 0, "the binding is dropped");
+    let kept = shared.load("k").await.unwrap().expect("the record is kept");
+    assert_eq!(kept.backend.as_str(), "a");
+    assert_eq!(kept.data["port"], 5000);
+
+    // A session the layer read is ended by the same answer.
+    store.down.store(false, Ordering::SeqCst);
+    let logout = Request::builder()
+        .header(COOKIE, "JSESSIONID=k")
+        .header("x-logout", "1")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&svc, logout).await.unwrap().body(), "a");
+    assert!(shared.load("k").await.unwrap().is_none());
+}

@@ -67,7 +67,8 @@ impl SessionKey {
 
     /// An application's own session cookie: the layer learns value →
     /// backend from the `Set-Cookie` of the response that sets it, and
-    /// forgets the session when a response deletes the cookie.
+    /// forgets the session when a response deletes the cookie (deleting its
+    /// stored record only when the layer read or wrote that record).
     pub fn learn_cookie(name: impl Into<String>) -> Self {
         SessionKey {
             kind: Kind::Learn(CookieName::new(&name.into())),

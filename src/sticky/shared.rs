@@ -753,11 +753,24 @@ impl Shared {
                     }
                 }
                 Some(Learned::Deleted) => {
+                    // The stored record goes only when it is this session's
+                    // as the layer knows it: one it read or wrote. A record
+                    // it could not read (a load error), or never wrote (a
+                    // value the application had not confirmed), may belong
+                    // to a session this backend simply does not know.
                     if let Some(k) = current {
-                        if self.table.remove(&k) {
-                            tracing::debug!(target: TARGET, session = %k, "session ended by the application");
+                        match self.table.take(&k) {
+                            Some(true) => {
+                                tracing::debug!(target: TARGET, session = %k, "session ended by the application");
+                                work.delete.push(k.to_string());
+                            }
+                            Some(false) => tracing::debug!(
+                                target: TARGET,
+                                session = %k,
+                                "session ended by the application; a stored record it never read is kept"
+                            ),
+                            None => {}
                         }
-                        work.delete.push(k.to_string());
                     }
                 }
                 None => {}

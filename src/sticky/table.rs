@@ -382,6 +382,13 @@ impl Table {
         self.map.write().remove(key.as_bytes()).is_some()
     }
 
+    /// Removes `key`; returns whether the session removed was saved (see
+    /// `Entry::saved`), or `None` when the table did not hold it.
+    pub(crate) fn take(&self, key: &str) -> Option<bool> {
+        let entry = self.map.write().remove(key.as_bytes())?;
+        Some(entry.saved.into_inner())
+    }
+
     /// Empties the table; returns how many sessions it held.
     pub(crate) fn clear(&self) -> usize {
         let mut map = self.map.write();
