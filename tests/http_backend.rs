@@ -154,6 +154,44 @@ async fn preserve_host_keeps_the_clients_host_and_xff_is_created() {
 }
 
 #[tokio::test]
+async fn preserve_host_takes_the_authority_of_the_target_first() {
+    let addr = serve().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}"))
+        .unwrap()
+        .preserve_host(true);
+    let host_seen = |req: Request<Full<Bytes>>| {
+        let backend = backend.clone();
+        async move {
+            let body = body_of(backend.oneshot(req).await.unwrap()).await;
+            let host = body.split('|').nth(1).unwrap().to_owned();
+            host.strip_prefix("host=").unwrap().to_owned()
+        }
+    };
+    // An HTTP/1.1 absolute-form target: its authority wins over `Host`
+    // (RFC 9112 section 3.2.2).
+    let absolute = Request::get("http://vhost.example:8080/p")
+        .header("host", "other.example")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(host_seen(absolute).await, "vhost.example:8080");
+    // From an HTTP/2 front end: the `:authority`, and no `Host`.
+    let h2 = Request::get("http://h2.example/p")
+        .version(http::Version::HTTP_2)
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(host_seen(h2).await, "h2.example");
+    // User information is no part of a host.
+    let userinfo = Request::get("http://user:secret@vhost.example/p")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(host_seen(userinfo).await, "vhost.example");
+    // Neither: the backend's own authority.
+    let none = Request::get("/p").body(Full::default()).unwrap();
+    assert_eq!(host_seen(none).await, addr.to_string());
+}
+
+#[tokio::test]
 async fn a_refused_connection_is_not_sent() {
     let port = support::http::refused().await.port();
     let client = HttpClient::<Full<Bytes>>::new();

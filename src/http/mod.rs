@@ -6,8 +6,8 @@
 //!
 //! * the scheme and authority are rewritten to the backend's (a path prefix
 //!   of the base URI is prepended to the request's path);
-//! * `Host` is set to the backend's authority (or kept, with
-//!   [`HttpBackend::preserve_host`]);
+//! * `Host` is set to the backend's authority (or to the host the client
+//!   asked for, with [`HttpBackend::preserve_host`]);
 //! * the client's address ([`PeerAddr`]) is appended to `X-Forwarded-For`,
 //!   which is created when absent;
 //! * hop-by-hop headers (`Connection` and the headers it names,
@@ -309,8 +309,12 @@ impl<B> HttpBackend<B> {
         })
     }
 
-    /// Forwards the client's `Host` header unchanged instead of setting the
-    /// backend's authority (for backends that route by virtual host).
+    /// Forwards the host the client asked for instead of the backend's
+    /// authority (for backends that route by virtual host): the authority
+    /// of the request's target when it has one (an HTTP/2 front end's
+    /// `:authority`, an HTTP/1.1 absolute-form target, whose authority RFC
+    /// 9112 section 3.2.2 puts before `Host`), without user information;
+    /// else its `Host` header; else the backend's authority.
     pub fn preserve_host(mut self, preserve: bool) -> Self {
         self.preserve_host = preserve;
         self
@@ -322,6 +326,10 @@ impl<B> HttpBackend<B> {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let target_host = match req.uri().authority() {
+            Some(authority) if self.preserve_host => host_of(authority),
+            _ => None,
+        };
         let path_and_query = if self.prefix.is_empty() {
             original
         } else {
@@ -350,7 +358,9 @@ impl<B> HttpBackend<B> {
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
-        if !self.preserve_host || !headers.contains_key(HOST) {
+        if let Some(host) = target_host {
+            headers.insert(HOST, host);
+        } else if !self.preserve_host || !headers.contains_key(HOST) {
             headers.insert(HOST, self.host.clone());
         }
         if let Some(ip) = peer {
@@ -358,6 +368,14 @@ impl<B> HttpBackend<B> {
         }
         Ok(())
     }
+}
+
+/// The `Host` value of an authority: its host and port, without user
+/// information.
+fn host_of(authority: &Authority) -> Option<HeaderValue> {
+    let all = authority.as_str();
+    let host = all.rsplit_once('@').map_or(all, |(_, host)| host);
+    HeaderValue::from_str(host).ok()
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
