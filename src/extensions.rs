@@ -151,6 +151,9 @@ struct PickedSlot {
     /// timeout, so that a per-backend layer dropped with it can tell a
     /// timeout from a cancelled request.
     timing_out: AtomicBool,
+    /// Set by `Balance` from its pick until it hands the request to the
+    /// backend: an attempt abandoned meanwhile was never sent.
+    readying: AtomicBool,
 }
 
 impl Picked {
@@ -181,5 +184,18 @@ impl Picked {
     /// timeout.
     pub(crate) fn is_timing_out(&self) -> bool {
         self.0.timing_out.load(Ordering::Relaxed)
+    }
+
+    /// Says whether the picked backend is still being readied: the request
+    /// has not been handed to it yet.
+    pub(crate) fn set_readying(&self, readying: bool) {
+        self.0.readying.store(readying, Ordering::Relaxed);
+    }
+
+    /// Whether the attempt's request was never handed to its backend, as
+    /// far as `Balance` knows (a balancer that does not say so counts as
+    /// having sent it).
+    pub(crate) fn is_readying(&self) -> bool {
+        self.0.readying.load(Ordering::Relaxed)
     }
 }

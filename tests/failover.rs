@@ -172,6 +172,43 @@ async fn a_late_pick_is_never_taken_for_the_next_attempt() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_post_timed_out_before_it_was_sent_is_retried() {
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    // a never becomes ready: its request is never sent.
+    handles[0].allow(0);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
+        .service(Balance::new(pool, RoundRobin::new()));
+    let post = Request::post("/").body(()).unwrap();
+    let call = tokio::spawn(service.clone().oneshot(post));
+    let (to_b, b_reply) = handles[1].next_request().await.expect("retried on b");
+    assert_eq!(
+        ids(to_b.extensions().get::<Attempts>().unwrap().as_slice()),
+        ["a"]
+    );
+    b_reply.send_response(status(200));
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(history(&response), ["a", "b"]);
+
+    // Sent, then timed out: not retried.
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
+        .service(Balance::new(pool, RoundRobin::new()));
+    let post = Request::post("/").body(()).unwrap();
+    let call = tokio::spawn(service.oneshot(post));
+    let (_, _a_reply) = handles[0].next_request().await.expect("a answers nothing");
+    let err = call.await.unwrap().unwrap_err();
+    assert!(!matches!(
+        handles[1].poll_request(),
+        std::task::Poll::Ready(Some(_))
+    ));
+    let tried = exhausted(&err).attempts();
+    assert_eq!(tried.len(), 1);
+    assert!(find::<TimedOut>(&*tried[0].1).is_some());
+}
+
+#[tokio::test(start_paused = true)]
 async fn timer_does_not_fire_one_tick_early() {
     let (pool, mut handles) = mock_fleet(&["a", "b"]);
     let mut service = ServiceBuilder::new()

@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use crate::backend::{BackendId, InFlight};
 use crate::error::{BackendError, BoxError, NoBackend};
-use crate::extensions::ServedBy;
+use crate::extensions::{Picked, ServedBy};
 
 pin_project! {
     /// The response future of [`Balance`](super::Balance): drives the chosen
@@ -38,6 +38,8 @@ pin_project! {
         Ready {
             service: S,
             request: Option<Req>,
+            // The failover layer's slot, told when the request is sent.
+            picked: Option<Picked>,
         },
         Called {
             #[pin]
@@ -48,11 +50,18 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
-    pub(crate) fn new(service: S, request: Req, id: BackendId, in_flight: InFlight) -> Self {
+    pub(crate) fn new(
+        service: S,
+        request: Req,
+        id: BackendId,
+        in_flight: InFlight,
+        picked: Option<Picked>,
+    ) -> Self {
         ResponseFuture {
             state: State::Ready {
                 service,
                 request: Some(request),
+                picked,
             },
             target: Some((id, in_flight)),
         }
@@ -81,13 +90,20 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(Err(NoBackend::new().into()));
                 }
-                StateProj::Ready { service, request } => {
+                StateProj::Ready {
+                    service,
+                    request,
+                    picked,
+                } => {
                     if let Err(e) = ready!(service.poll_ready(cx)) {
                         let (id, _in_flight) = this.target.take().expect("target set");
                         this.state.set(State::Done);
                         return Poll::Ready(Err(BackendError::not_sent(id, e.into()).into()));
                     }
                     let request = request.take().expect("request taken once");
+                    if let Some(picked) = picked {
+                        picked.set_readying(false);
+                    }
                     let future = service.call(request);
                     this.state.set(State::Called { future });
                 }

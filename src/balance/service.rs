@@ -227,9 +227,11 @@ where
         let in_flight = state.track_in_flight();
         // Tell a failover layer which backend this attempt goes to, so it
         // can exclude it even if it abandons the attempt (a timeout).
-        if let Some(picked) = req.extensions().get::<Picked>() {
+        let picked = req.extensions().get::<Picked>().map(|picked| {
             picked.set(id.clone());
-        }
+            picked.set_readying(true);
+            picked.clone()
+        });
         let target = Target::new(id.clone(), state.clone());
         // A replayed attempt already carries a Target: overwrite it in place
         // instead of boxing a new one.
@@ -239,7 +241,7 @@ where
                 req.extensions_mut().insert(target);
             }
         }
-        ResponseFuture::new(service, req, id, in_flight)
+        ResponseFuture::new(service, req, id, in_flight, picked)
     }
 }
 

@@ -334,7 +334,13 @@ where
                 }
                 let (id, not_sent) = match err.downcast_ref::<BackendError>() {
                     Some(e) => (Some(e.backend().clone()), e.is_not_sent()),
-                    None => (picked, find::<NotSent>(&*err).is_some()),
+                    None => {
+                        // Abandoned while its backend was still being
+                        // readied: the request never left.
+                        let never_sent = err.is::<TimedOut>()
+                            && self.picked.as_ref().is_some_and(Picked::is_readying);
+                        (picked, never_sent || find::<NotSent>(&*err).is_some())
+                    }
                 };
                 let Some(id) = id else {
                     return Verdict::Return(Err(Exhausted::new(
@@ -422,6 +428,7 @@ where
         // fills it late): only this attempt's pick may be read from it.
         if let Some(slot) = &self.picked {
             slot.take();
+            slot.set_readying(false);
         }
         let future = self.service.call(request);
         self.tried += 1;
