@@ -603,6 +603,10 @@ impl Config {
 
 /// Parses a duration such as `"5s"`, `"250ms"` or `"1m30s"`.
 ///
+/// Units are `ns`, `us` (or `µs`), `ms`, `s`, `m`, `h` and `d`. Whole
+/// numbers are exact to the nanosecond; a fraction (`"1.5s"`) is rounded to
+/// the nearest nanosecond.
+///
 /// ```
 /// use std::time::Duration;
 /// use tower_ha::config::parse_duration;
@@ -610,6 +614,7 @@ impl Config {
 /// assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
 /// assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
 /// assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+/// assert_eq!(parse_duration("1500us"), Ok(Duration::from_micros(1500)));
 /// assert!(parse_duration("5").is_err());
 /// assert!(parse_duration("5 parsecs").is_err());
 /// ```
@@ -627,30 +632,40 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         if number_len == 0 {
             return Err(format!("`{text}` is not a duration such as \"5s\""));
         }
-        let number: f64 = rest[..number_len]
-            .parse()
-            .map_err(|_| format!("`{text}` is not a duration such as \"5s\""))?;
+        let number = &rest[..number_len];
         rest = &rest[number_len..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(rest.len());
-        let seconds = match rest[..unit_len].trim() {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "d" => 86400.0,
-            unit => {
-                return Err(format!(
-                    "`{text}`: unknown unit `{unit}` (ns, us, ms, s, m, h, d)"
-                ))
-            }
+        let unit = rest[..unit_len].trim();
+        let Some(&(_, unit_nanos)) = UNITS
+            .iter()
+            .find(|(name, _)| *name == unit || (unit == "µs" && *name == "us"))
+        else {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (ns, us, ms, s, m, h, d)"
+            ));
         };
         rest = &rest[unit_len..];
-        let part = Duration::try_from_secs_f64(number * seconds)
-            .map_err(|_| format!("`{text}` is out of range"))?;
+        let not_a_duration = || format!("`{text}` is not a duration such as \"5s\"");
+        let out_of_range = || format!("`{text}` is out of range");
+        let part = if number.contains('.') {
+            let number: f64 = number.parse().map_err(|_| not_a_duration())?;
+            Duration::try_from_secs_f64(number * unit_nanos as f64 / NANOS_PER_SEC as f64)
+                .map_err(|_| out_of_range())?
+        } else {
+            // Whole numbers exactly, whatever their size: what
+            // `format_duration` writes reads back as the same duration.
+            let number: u128 = number.parse().map_err(|_| out_of_range())?;
+            let nanos = number
+                .checked_mul(u128::from(unit_nanos))
+                .ok_or_else(out_of_range)?;
+            let secs =
+                u64::try_from(nanos / u128::from(NANOS_PER_SEC)).map_err(|_| out_of_range())?;
+            // Below one second's nanoseconds: fits.
+            let subsec = (nanos % u128::from(NANOS_PER_SEC)) as u32;
+            Duration::new(secs, subsec)
+        };
         total = total
             .checked_add(part)
             .ok_or_else(|| format!("`{text}` is out of range"))?;
@@ -669,12 +684,31 @@ fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
         .transpose()
 }
 
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// The units [`parse_duration`] reads, largest first, in nanoseconds.
+const UNITS: [(&str, u64); 7] = [
+    ("d", 86_400 * NANOS_PER_SEC),
+    ("h", 3_600 * NANOS_PER_SEC),
+    ("m", 60 * NANOS_PER_SEC),
+    ("s", NANOS_PER_SEC),
+    ("ms", 1_000_000),
+    ("us", 1_000),
+    ("ns", 1),
+];
+
+/// `d` in the largest unit that holds it exactly (`"90s"`, `"1500us"`,
+/// `"250ns"`), so that [`parse_duration`] reads back the same duration.
 fn format_duration(d: &Duration) -> String {
-    if d.subsec_nanos() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
+    let nanos = d.as_nanos();
+    if nanos == 0 {
+        return "0s".to_owned();
     }
+    UNITS
+        .iter()
+        .find(|(_, size)| nanos % u128::from(*size) == 0)
+        .map(|(unit, size)| format!("{}{unit}", nanos / u128::from(*size)))
+        .unwrap_or_else(|| format!("{nanos}ns"))
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -685,5 +719,80 @@ fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<
     match d {
         Some(d) => s.serialize_some(&format_duration(d)),
         None => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(d: Duration) -> Result<Duration, String> {
+        parse_duration(&format_duration(&d))
+    }
+
+    #[test]
+    fn durations_are_written_in_the_largest_exact_unit() {
+        for (d, text) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_nanos(250), "250ns"),
+            (Duration::from_micros(1500), "1500us"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(120), "2m"),
+            (Duration::from_secs(7_200), "2h"),
+            (Duration::from_secs(172_800), "2d"),
+            (Duration::new(86_400, 1), "86400000000001ns"),
+            (Duration::MAX, "18446744073709551615999999999ns"),
+        ] {
+            assert_eq!(format_duration(&d), text);
+            assert_eq!(parse_duration(text), Ok(d), "{text}");
+        }
+    }
+
+    #[test]
+    fn every_small_duration_reads_back_as_written() {
+        for n in 0..20_000u64 {
+            for d in [
+                Duration::from_nanos(n),
+                Duration::from_micros(n),
+                Duration::from_millis(n),
+                Duration::from_secs(n),
+                Duration::from_secs(n * 60),
+            ] {
+                assert_eq!(round_trip(d), Ok(d), "{}", format_duration(&d));
+            }
+        }
+    }
+
+    #[test]
+    fn whole_numbers_out_of_range_are_errors() {
+        assert!(parse_duration("18446744073709551616s").is_err());
+        assert!(parse_duration("18446744073709551616000000000ns").is_err());
+        assert!(parse_duration("999999999999999999999999999999999999999999d").is_err());
+        assert_eq!(
+            parse_duration("18446744073709551615s"),
+            Ok(Duration::from_secs(u64::MAX))
+        );
+    }
+
+    /// Multiples of a unit, then any nanosecond count.
+    fn durations() -> impl Strategy<Value = Duration> {
+        prop_oneof![
+            (any::<u64>(), 0..1_000_000_000u32).prop_map(|(s, n)| Duration::new(s, n)),
+            (any::<u64>(), 0..1_000u32).prop_map(|(s, ms)| Duration::new(s, ms * 1_000_000)),
+            (any::<u64>(), 0..1_000_000u32).prop_map(|(s, us)| Duration::new(s, us * 1_000)),
+            (0..u64::MAX / 86_400).prop_map(|d| Duration::from_secs(d * 86_400)),
+            (0..u64::MAX / 3_600).prop_map(|h| Duration::from_secs(h * 3_600)),
+            (0..u64::MAX / 60).prop_map(|m| Duration::from_secs(m * 60)),
+            any::<u64>().prop_map(Duration::from_secs),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_duration_reads_back_as_written(d in durations()) {
+            prop_assert_eq!(round_trip(d), Ok(d));
+        }
     }
 }
