@@ -14,6 +14,20 @@
 //! A failed resolution changes nothing (a DNS outage does not empty the
 //! pool); an answer with no address removes every backend.
 //!
+//! Give it the pool it feeds with [`DnsDiscover::pool`], as below: each
+//! answer then also puts back an address it still lists that has left the
+//! pool, removed by [`HealthChecker::removed_after`] or
+//! [`Handle::remove_backend`] (a pod restarted on the same IP, say), as
+//! Envoy's `STRICT_DNS` clusters take their hosts from every answer.
+//! Without it, the stream only knows its own previous answer and never
+//! inserts such an address again while DNS keeps listing it. To keep a
+//! listed address out of rotation, disable it
+//! ([`Handle::disable`]) rather than remove it.
+//!
+//! [`HealthChecker::removed_after`]: crate::health::HealthChecker::removed_after
+//! [`Handle::remove_backend`]: crate::control::Handle::remove_backend
+//! [`Handle::disable`]: crate::control::Handle::disable
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 //! use std::net::SocketAddr;
@@ -36,7 +50,8 @@
 //!
 //! let pool: Pool<SocketAddr> = Pool::new();
 //! let discover = DnsDiscover::new(Fixed, "db.default.svc", 5432, |addr| addr)
-//!     .interval(Duration::from_secs(5));
+//!     .interval(Duration::from_secs(5))
+//!     .pool(&pool);
 //! tokio::spawn({
 //!     let pool = pool.clone();
 //!     async move { pool.discover(discover).await }
@@ -63,6 +78,7 @@ use tower::discover::Change;
 
 use crate::backend::BackendId;
 use crate::control::{Event, Events};
+use crate::pool::Pool;
 
 /// The answer of a [`Resolver`].
 pub type ResolveFuture = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>;
@@ -91,6 +107,9 @@ enum Step {
 
 type Make<S> = Box<dyn FnMut(SocketAddr) -> S + Send>;
 
+/// Whether the pool the stream feeds holds a backend.
+type InPool = Box<dyn Fn(&BackendId) -> bool + Send>;
+
 /// A [`Discover`](tower::discover::Discover) stream of the addresses a
 /// host name resolves to; see the [module docs](self).
 ///
@@ -107,6 +126,7 @@ pub struct DnsDiscover<S> {
     pending: VecDeque<Change<BackendId, S>>,
     step: Step,
     events: Option<Events>,
+    in_pool: Option<InPool>,
 }
 
 impl<S> fmt::Debug for DnsDiscover<S> {
@@ -116,6 +136,7 @@ impl<S> fmt::Debug for DnsDiscover<S> {
             .field("port", &self.port)
             .field("interval", &self.interval)
             .field("known", &self.known)
+            .field("pool", &self.in_pool.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -140,6 +161,7 @@ impl<S> DnsDiscover<S> {
             known: BTreeSet::new(),
             pending: VecDeque::new(),
             events: None,
+            in_pool: None,
         }
     }
 
@@ -156,15 +178,42 @@ impl<S> DnsDiscover<S> {
         self
     }
 
+    /// The pool this stream feeds: each answer then also inserts again an
+    /// address it lists that `pool` no longer holds (removed by the health
+    /// checker's `removed_after` or by `Handle::remove_backend`), with a
+    /// new service from `make`, and an address that leaves the answer after
+    /// it left the pool is not removed a second time. See the
+    /// [module docs](self).
+    ///
+    /// A backend put back is a new backend: its state starts afresh, and a
+    /// [`HealthChecker`](crate::health::HealthChecker) on the pool probes
+    /// it at once.
+    pub fn pool(mut self, pool: &Pool<S>) -> Self
+    where
+        S: Send + Sync + 'static,
+    {
+        let pool = pool.clone();
+        self.in_pool = Some(Box::new(move |id| pool.contains(id)));
+        self
+    }
+
     /// The addresses of the last successful resolution.
     pub fn addresses(&self) -> impl Iterator<Item = &SocketAddr> {
         self.known.iter()
+    }
+
+    /// Whether the pool fed holds `id` (true when it was not given).
+    fn in_pool(&self, id: &BackendId) -> bool {
+        self.in_pool.as_ref().is_none_or(|in_pool| in_pool(id))
     }
 
     fn apply(&mut self, addrs: Vec<SocketAddr>) {
         let now: BTreeSet<SocketAddr> = addrs.into_iter().collect();
         for gone in self.known.difference(&now) {
             let id = BackendId::from(gone.to_string());
+            if !self.in_pool(&id) {
+                continue;
+            }
             if let Some(events) = &self.events {
                 events.emit(Event::BackendRemoved {
                     group: None,
@@ -174,8 +223,18 @@ impl<S> DnsDiscover<S> {
             }
             self.pending.push_back(Change::Remove(id));
         }
-        for new in now.difference(&self.known) {
-            let id = BackendId::from(new.to_string());
+        for addr in &now {
+            let id = BackendId::from(addr.to_string());
+            if self.known.contains(addr) {
+                if self.in_pool(&id) {
+                    continue;
+                }
+                tracing::info!(
+                    host = %self.host,
+                    backend = %id,
+                    "address still listed but gone from the pool; inserting it again"
+                );
+            }
             if let Some(events) = &self.events {
                 events.emit(Event::BackendAdded {
                     group: None,
@@ -183,7 +242,7 @@ impl<S> DnsDiscover<S> {
                 });
             }
             self.pending
-                .push_back(Change::Insert(id, (self.make)(*new)));
+                .push_back(Change::Insert(id, (self.make)(*addr)));
         }
         self.known = now;
     }

@@ -133,3 +133,146 @@ async fn the_system_resolver_resolves_localhost() {
         .iter()
         .all(|a| a.port() == 8080 && a.ip().is_loopback()));
 }
+
+/// Spawns discovery into `pool` with a 10 s interval; returns the task.
+fn discover_into(
+    resolver: &Scripted,
+    pool: &Pool<SocketAddr>,
+    events: &Events,
+) -> tokio::task::JoinHandle<Result<(), std::convert::Infallible>> {
+    let discover = DnsDiscover::new(resolver.clone(), "db.default.svc", 5432, |a| a)
+        .interval(Duration::from_secs(10))
+        .events(events.clone())
+        .pool(pool);
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.discover(discover).await })
+}
+
+/// An address removed from the pool by an operator while DNS still lists
+/// it comes back with the next answer, as a new backend; one DNS drops
+/// after that is not removed twice.
+#[tokio::test(start_paused = true)]
+async fn a_listed_address_removed_from_the_pool_comes_back() {
+    use tower_ha::balance::{Balance, RoundRobin};
+    use tower_ha::control::Handle;
+
+    let resolver = Scripted::default();
+    resolver.answer(&[1, 2]);
+    let events = Events::default();
+    let pool: Pool<SocketAddr> = Pool::new();
+    let handle = Handle::new(events.clone());
+    handle
+        .add_group("db", &Balance::new(pool.clone(), RoundRobin::new()))
+        .unwrap();
+    let task = discover_into(&resolver, &pool, &events);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
+
+    let two: BackendId = "10.0.0.2:5432".into();
+    let old_state = pool.state(&two).unwrap();
+    handle.remove_backend("db", &two).unwrap();
+    assert_eq!(ids(&pool), ["10.0.0.1:5432"]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
+    assert!(
+        !std::sync::Arc::ptr_eq(&old_state, &pool.state(&two).unwrap()),
+        "a new backend"
+    );
+    // Unchanged answers change nothing more.
+    let generation = pool.snapshot().generation();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(pool.snapshot().generation(), generation);
+
+    // Removed again, then dropped by DNS: nothing left to remove.
+    handle.remove_backend("db", &two).unwrap();
+    resolver.answer(&[1]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432"]);
+
+    let changes: Vec<String> = events
+        .history()
+        .iter()
+        .map(|r| match &r.event {
+            Event::BackendAdded {
+                group: None,
+                backend,
+            } => format!("+{backend}"),
+            Event::BackendRemoved {
+                group: None,
+                backend,
+                ..
+            } => format!("-{backend}"),
+            Event::BackendRemoved {
+                group: Some(_),
+                backend,
+                ..
+            } => format!("operator -{backend}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "+10.0.0.1:5432",
+            "+10.0.0.2:5432",
+            "operator -10.0.0.2:5432",
+            "+10.0.0.2:5432",
+            "operator -10.0.0.2:5432",
+        ]
+    );
+    task.abort();
+}
+
+/// A backend the health checker removed after `removed_after` returns with
+/// the next answer that still lists it (a pod restarted on the same IP),
+/// and the checker probes it again.
+#[tokio::test(start_paused = true)]
+async fn a_backend_removed_by_the_health_checker_returns_while_listed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tower_ha::health::{probe_fn, HealthChecker};
+    use tower_ha::Health;
+
+    let resolver = Scripted::default();
+    resolver.answer(&[1, 2]);
+    let events = Events::default();
+    let pool: Pool<SocketAddr> = Pool::new();
+    let task = discover_into(&resolver, &pool, &events);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+
+    // 10.0.0.2 passes its first probe, then fails until it restarts.
+    let two_up = Arc::new(AtomicBool::new(true));
+    let probe = probe_fn({
+        let two_up = two_up.clone();
+        move |_id: &BackendId, addr: &SocketAddr| {
+            let up =
+                addr.ip() != std::net::Ipv4Addr::new(10, 0, 0, 2) || two_up.load(Ordering::SeqCst);
+            async move {
+                if up {
+                    Ok(())
+                } else {
+                    Err::<(), tower_ha::BoxError>("refused".into())
+                }
+            }
+        }
+    });
+    let checker = HealthChecker::new(pool.clone(), probe)
+        .interval(Duration::from_secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .removed_after(Duration::from_secs(3))
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    two_up.store(false, Ordering::SeqCst);
+    // Unhealthy at 1 s, removed at 4 s.
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432"]);
+
+    // The pod restarts on the same IP; DNS still lists it.
+    two_up.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(5_600)).await; // 10.1 s
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
+    let two = pool.state(&"10.0.0.2:5432".into()).unwrap();
+    assert_eq!(two.health(), Health::Healthy);
+    checker.shutdown().await;
+    task.abort();
+}
