@@ -191,6 +191,28 @@ async fn preserve_host_takes_the_authority_of_the_target_first() {
     assert_eq!(host_seen(none).await, addr.to_string());
 }
 
+/// `OPTIONS *` asks about the whole server, which a base path does not
+/// give: under one it is refused; without one it is forwarded as it is.
+#[tokio::test]
+async fn options_asterisk_is_refused_under_a_base_path() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let options = || {
+        Request::options("*")
+            .header("host", "public.example")
+            .body(Full::default())
+            .unwrap()
+    };
+    let prefixed = HttpBackend::new(&client, format!("http://{addr}/base")).unwrap();
+    let err = prefixed.oneshot(options()).await.unwrap_err();
+    assert!(err.is::<InvalidRequest>(), "{err}");
+    assert_eq!(gateway_status(&*err), StatusCode::BAD_REQUEST);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was sent");
+    let whole = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let body = body_of(whole.oneshot(options()).await.unwrap()).await;
+    assert!(body.starts_with("OPTIONS *|"), "{body}");
+}
+
 #[tokio::test]
 async fn a_refused_connection_is_not_sent() {
     let port = support::http::refused().await.port();

@@ -17,7 +17,8 @@
 //! * under a base path, dot segments of the request's path are resolved
 //!   before it is appended, and a path hiding a separator (`%2F`, `%5C`, a
 //!   backslash, `..;`) is refused, so a request cannot leave the base path;
-//!   a refused request fails with [`InvalidRequest`], which is the
+//!   `OPTIONS *` is refused there too (without a base path it is forwarded
+//!   as it is); a refused request fails with [`InvalidRequest`], the
 //!   client's error (`400 Bad Request` from
 //!   [`gateway_status`](crate::error::gateway_status)), not the backend's:
 //!   it is neither failed over nor counted by passive health;
@@ -240,7 +241,8 @@ pub struct InvalidBackendUri {
 
 impl fmt::Display for InvalidBackendUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid backend URI {:?}: {}", self.uri, self.reason)
+        // `uri` is already quoted (the `Debug` of what was given).
+        write!(f, "invalid backend URI {}: {}", self.uri, self.reason)
     }
 }
 
@@ -280,7 +282,9 @@ impl<B> fmt::Debug for HttpBackend<B> {
 
 impl<B> HttpBackend<B> {
     /// A backend at `base` (`http://host:port` with an optional path
-    /// prefix), sharing `client`'s connection pool.
+    /// prefix), sharing `client`'s connection pool. A base URI with user
+    /// information (`http://user:password@host`) is refused: it would be
+    /// sent to the backend in `Host`.
     pub fn new<U>(client: &HttpClient<B>, base: U) -> Result<Self, InvalidBackendUri>
     where
         U: TryInto<Uri>,
@@ -296,6 +300,14 @@ impl<B> HttpBackend<B> {
             return Err(invalid("only http:// is supported"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| invalid("no host"))?;
+        if let Some((_, host)) = authority.as_str().rsplit_once('@') {
+            // Shown without the credentials, which would end up in logs.
+            let shown = format!("{scheme}://***@{host}{}", uri.path());
+            return Err(InvalidBackendUri {
+                uri: format!("{shown:?}"),
+                reason: "a base URI has no user information (it would be sent in Host)",
+            });
+        }
         if uri.query().is_some() {
             return Err(invalid("a base URI has no query"));
         }
@@ -332,6 +344,15 @@ impl<B> HttpBackend<B> {
         };
         let path_and_query = if self.prefix.is_empty() {
             original
+        } else if original.as_str() == "*" {
+            // `OPTIONS *` asks about the whole server, of which the base
+            // path gives only a part. Refused, as nginx (400) and Envoy do
+            // with any asterisk-form target, rather than turned into a
+            // request for the base path.
+            return Err(InvalidRequest::new(
+                "an asterisk-form target (`OPTIONS *`) names the whole server, \
+                 not the backend's base path",
+            ));
         } else {
             // Under a prefix, dot segments are resolved first, so that a
             // request cannot climb out of it (`/../other`).
@@ -766,6 +787,18 @@ mod tests {
         assert!(HttpBackend::new(&client, "127.0.0.1:1").is_err());
         assert!(HttpBackend::new(&client, "https://example.com").is_err());
         assert!(HttpBackend::new(&client, "http://a/x?q=1").is_err());
+        // Credentials would be sent in `Host`; the error does not show them.
+        let err = HttpBackend::new(&client, "127.0.0.1:1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid backend URI \"127.0.0.1:1\": no scheme"
+        );
+        let err = HttpBackend::new(&client, "http://user:secret@a:1/api").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid backend URI \"http://***@a:1/api\": a base URI has no user \
+             information (it would be sent in Host)"
+        );
         let b = HttpBackend::new(&client, "http://a:1/api/").unwrap();
         assert_eq!(b.prefix, "/api");
     }
