@@ -130,12 +130,11 @@ impl Budget for RetryBudget {
             // now; the share of that span inside the new window funds it.
             let unseen = requests.saturating_sub(w.seen_requests);
             let span = now.saturating_duration_since(w.seen_at).as_nanos();
-            let in_new = if span == 0 {
-                unseen
-            } else {
-                let share = (u128::from(unseen) * elapsed.as_nanos()) / span;
-                u64::try_from(share).unwrap_or(unseen).min(unseen)
-            };
+            let in_new = (u128::from(unseen) * elapsed.as_nanos())
+                .checked_div(span)
+                .map_or(unseen, |share| {
+                    u64::try_from(share).unwrap_or(unseen).min(unseen)
+                });
             w.requests_at_start = requests - in_new;
             w.retries = 0;
         }
