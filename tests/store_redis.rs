@@ -580,3 +580,35 @@ async fn notices_can_be_turned_off() {
         "the save published nothing"
     );
 }
+
+#[tokio::test]
+async fn a_session_lock_outlives_its_ttl_while_held_and_expires_once_dropped() {
+    use tower_ha::store::SessionLock;
+    let server = RedisServer::start();
+    let a = RedisStore::builder(server.url())
+        .lease(Duration::from_millis(300), Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let b = store(&server).await;
+
+    // A restore that takes three times the lease's TTL keeps the lease.
+    let guard = a.lock("k").await.unwrap().expect("free");
+    sleep(Duration::from_millis(900)).await;
+    assert!(b.is_leased("k").await.unwrap(), "extended while held");
+    guard.release().await.unwrap();
+    assert!(!b.is_leased("k").await.unwrap(), "released at once");
+
+    // A guard dropped unreleased stops extending: the lease expires.
+    let guard = a.lock("k").await.unwrap().expect("free again");
+    drop(guard);
+    let mut expired = false;
+    for _ in 0..200 {
+        if !b.is_leased("k").await.unwrap() {
+            expired = true;
+            break;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert!(expired, "the lease of a dropped guard expires");
+}

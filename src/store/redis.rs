@@ -709,7 +709,10 @@ impl SessionStore for RedisStore {
 }
 
 /// A lease of [`lease`](RedisStoreBuilder::lease)'s TTL, through
-/// [`RedisStore::claim`]; a lost claim answers `None`.
+/// [`RedisStore::claim`]; a lost claim answers `None`. While the guard
+/// lives, a task extends the lease every third of its TTL, so a restore
+/// that takes longer than the TTL keeps it; dropping the guard stops the
+/// extensions and leaves the lease to expire, releasing it ends it at once.
 impl SessionLock for RedisStore {
     fn lock<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<SessionGuard>> {
         Box::pin(async move {
@@ -717,16 +720,62 @@ impl SessionLock for RedisStore {
                 .claim(key, self.inner.lease_ttl, self.inner.lease_wait)
                 .await?;
             Ok(match claim {
-                Claim::Won(lease) => Some(SessionGuard::new(async move {
-                    let key = lease.key().to_owned();
-                    if !lease.release().await? {
-                        tracing::warn!(session = %key, "a session lease expired before it was released");
-                    }
-                    Ok(())
-                })),
+                Claim::Won(lease) => {
+                    let lease = Arc::new(lease);
+                    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                    let keeper = tokio::spawn(keep_alive(
+                        Arc::downgrade(&lease),
+                        self.inner.lease_ttl,
+                        stopped,
+                    ));
+                    Some(SessionGuard::new(async move {
+                        // Stops the extensions, and waits for one under way.
+                        drop(stop);
+                        let _ = keeper.await;
+                        let key = lease.key().to_owned();
+                        let held = match Arc::into_inner(lease) {
+                            Some(lease) => lease.release().await?,
+                            None => false,
+                        };
+                        if !held {
+                            tracing::warn!(session = %key, "a session lease expired before it was released");
+                        }
+                        Ok(())
+                    }))
+                }
                 Claim::Lost(_) => None,
             })
         })
+    }
+}
+
+/// Extends `lease` by `ttl` every third of `ttl` until `stopped` fires (the
+/// guard was released or dropped), the lease is gone, or it was lost.
+async fn keep_alive(
+    lease: std::sync::Weak<Lease>,
+    ttl: Duration,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let period = (ttl / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        let Some(lease) = lease.upgrade() else {
+            return;
+        };
+        match lease.extend(ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(session = %lease.key(), "a session lease was lost while it was held");
+                return;
+            }
+            // Tried again at the next period, while the lease still runs.
+            Err(e) => {
+                tracing::warn!(session = %lease.key(), error = %e, "could not extend a session lease");
+            }
+        }
     }
 }
 
