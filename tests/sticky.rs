@@ -357,7 +357,7 @@ async fn strict_mode_answers_session_unavailable_instead_of_moving() {
     let unavailable = err
         .downcast_ref::<SessionUnavailable>()
         .expect("typed error");
-    assert_eq!(unavailable.backend().as_str(), home);
+    assert_eq!(unavailable.backend().unwrap().as_str(), home);
     assert_eq!(layer.stats().strict_refusals, 1);
 
     // Served elsewhere by a failover layer: still refused, never moved.
@@ -1279,4 +1279,102 @@ async fn a_learned_cookie_deleted_after_a_failed_load_keeps_its_record() {
         .unwrap();
     assert_eq!(send(&svc, logout).await.unwrap().body(), "a");
     assert!(shared.load("k").await.unwrap().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_load_is_tried_again_and_the_record_then_wins() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared.save(&kernel("k", "c")).await.unwrap();
+    let store = FlakyLoads::new(shared.clone());
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .on_move(moves.hook());
+    let svc = stack(&c.pool, layer.clone());
+    // The store is down: kept in memory on round robin's pick.
+    let first = send(&svc, session("k")).await.unwrap().into_body();
+    assert_ne!(first, "c");
+    assert_eq!(send(&svc, session("k")).await.unwrap().body(), &first);
+    assert_eq!(layer.stats().store_errors, 1);
+    // Still down a while later: read again, and still kept where it was.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(send(&svc, session("k")).await.unwrap().body(), &first);
+    assert_eq!(layer.stats().store_errors, 2, "read again");
+    assert_eq!(send(&svc, session("k")).await.unwrap().body(), &first);
+    assert_eq!(layer.stats().store_errors, 2, "not on every request");
+    // The store is back: the record names the session's backend.
+    store.down.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    for _ in 0..3 {
+        assert_eq!(send(&svc, session("k")).await.unwrap().body(), "c");
+    }
+    let kept = shared.load("k").await.unwrap().unwrap();
+    assert_eq!(
+        (kept.backend.as_str(), &kept.data["port"]),
+        ("c", &5000.into())
+    );
+    // Its moves are saved, with its data, and handed to the hook.
+    c.set_health("c", Health::Unhealthy);
+    let moved = send(&svc, session("k")).await.unwrap().into_body();
+    assert_ne!(moved, "c");
+    let kept = shared.load("k").await.unwrap().unwrap();
+    assert_eq!(
+        (kept.backend.as_str(), &kept.data["port"]),
+        (moved.as_str(), &5000.into())
+    );
+    let all = moves.all();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].session.data["port"], 5000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_kept_in_memory_is_saved_once_the_store_has_no_record() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    let store = FlakyLoads::new(shared.clone());
+    let (_, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let first = send(&svc, session("k")).await.unwrap().into_body();
+    assert!(
+        shared.is_empty(),
+        "nothing saved over what the store may hold"
+    );
+    store.down.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // Read again: no record, so the session stays where it is and is saved.
+    assert_eq!(send(&svc, session("k")).await.unwrap().body(), &first);
+    let saved = shared.load("k").await.unwrap().expect("saved");
+    assert_eq!(saved.backend.as_str(), first);
+    assert_eq!(send(&svc, session("k")).await.unwrap().body(), &first);
+}
+
+#[tokio::test]
+async fn strict_mode_refuses_a_session_whose_record_cannot_be_read() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared.save(&kernel("k", "c")).await.unwrap();
+    let store = FlakyLoads::new(shared.clone());
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .strict(true);
+    let svc = stack(&c.pool, layer.clone());
+    for _ in 0..2 {
+        let err = send(&svc, session("k")).await.unwrap_err();
+        let refused = err
+            .downcast_ref::<SessionUnavailable>()
+            .expect("typed error");
+        assert_eq!(refused.key(), "k");
+        assert!(refused.is_unreadable());
+        assert_eq!(refused.backend(), None, "nothing names a backend");
+    }
+    assert_eq!(layer.stats().strict_refusals, 2);
+    assert_eq!(
+        layer.stats().store_errors,
+        2,
+        "each request reads the store"
+    );
+    assert_eq!(layer.stats().sessions, 0);
+    store.down.store(false, Ordering::SeqCst);
+    assert_eq!(send(&svc, session("k")).await.unwrap().body(), "c");
+    assert_eq!(shared.load("k").await.unwrap().unwrap().data["port"], 5000);
 }

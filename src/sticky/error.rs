@@ -6,21 +6,34 @@ use std::fmt;
 use crate::backend::BackendId;
 
 /// In `strict` mode, a request's session is bound to a backend that cannot
-/// serve it (unavailable, removed, or a lower layer served the
-/// request elsewhere), and the session is not moved.
+/// serve it (unavailable, removed, or a lower layer served the request
+/// elsewhere), or its record cannot be read from the store, and the session
+/// is not moved.
 ///
 /// Returned boxed; downcast it from [`BoxError`](crate::BoxError).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionUnavailable {
     key: String,
-    backend: BackendId,
+    backend: Option<BackendId>,
+    unreadable: bool,
 }
 
 impl SessionUnavailable {
     pub(crate) fn new(key: &str, backend: BackendId) -> Self {
         SessionUnavailable {
             key: key.to_owned(),
+            backend: Some(backend),
+            unreadable: false,
+        }
+    }
+
+    /// The store could not be read for session `key`; `backend` is the one
+    /// the request's cookie or this instance's table named, if any.
+    pub(crate) fn unreadable(key: &str, backend: Option<BackendId>) -> Self {
+        SessionUnavailable {
+            key: key.to_owned(),
             backend,
+            unreadable: true,
         }
     }
 
@@ -29,19 +42,30 @@ impl SessionUnavailable {
         &self.key
     }
 
-    /// The backend the session is bound to.
-    pub fn backend(&self) -> &BackendId {
-        &self.backend
+    /// The backend the session is bound to. `None` only when the session's
+    /// record could not be read and nothing else named a backend.
+    pub fn backend(&self) -> Option<&BackendId> {
+        self.backend.as_ref()
+    }
+
+    /// Whether the request was refused because the session's record could
+    /// not be read from the store (the store error is counted in
+    /// `stats().store_errors` and logged), rather than because its backend
+    /// cannot serve it. The next request reads the store again.
+    pub fn is_unreadable(&self) -> bool {
+        self.unreadable
     }
 }
 
 impl fmt::Display for SessionUnavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the backend {} of this session is unavailable",
-            self.backend
-        )
+        match (&self.backend, self.unreadable) {
+            (_, true) => f.write_str("the record of this session cannot be read from the store"),
+            (Some(backend), false) => {
+                write!(f, "the backend {backend} of this session is unavailable")
+            }
+            (None, false) => f.write_str("the backend of this session is unavailable"),
+        }
     }
 }
 

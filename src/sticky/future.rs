@@ -60,6 +60,7 @@ pin_project! {
 struct Loading<S, B> {
     key: Arc<str>,
     cookie: Option<BackendId>,
+    unread: Option<BackendId>,
     load: BoxFuture<Stored>,
     service: Option<S>,
     request: Option<Request<B>>,
@@ -78,6 +79,7 @@ impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
         shared: Arc<Shared>,
         key: Arc<str>,
         cookie: Option<BackendId>,
+        unread: Option<BackendId>,
         load: BoxFuture<Stored>,
         service: S,
         request: Request<B>,
@@ -87,6 +89,7 @@ impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
                 loading: Box::new(Loading {
                     key,
                     cookie,
+                    unread,
                     load,
                     service: Some(service),
                     request: Some(request),
@@ -121,15 +124,20 @@ where
                     let Loading {
                         key,
                         cookie,
+                        unread,
                         load,
                         service,
                         request,
                     } = &mut **loading;
                     let stored = ready!(load.as_mut().poll(cx));
                     let mut request = request.take().expect("request taken once");
-                    let start =
-                        this.shared
-                            .after_load(&mut request, key.clone(), cookie.take(), stored);
+                    let start = this.shared.after_load(
+                        &mut request,
+                        key.clone(),
+                        cookie.take(),
+                        unread.take(),
+                        stored,
+                    );
                     match start {
                         Ok(track) => {
                             *this.track = Some(track);

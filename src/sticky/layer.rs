@@ -93,7 +93,10 @@ impl StickyLayer {
 
     /// When `true`, a session whose backend cannot serve it is never moved:
     /// the request fails with
-    /// [`SessionUnavailable`](super::error::SessionUnavailable) instead.
+    /// [`SessionUnavailable`](super::error::SessionUnavailable) instead. So
+    /// does a request whose session's record the store cannot read (the
+    /// next request reads it again). A backend that is draining but healthy
+    /// still serves its sessions, as the balancer lets it.
     pub fn strict(self, strict: bool) -> Self {
         self.with(|c| c.strict = strict)
     }

@@ -129,10 +129,15 @@ where
                 let future = self.inner.call(req);
                 ResponseFuture::called(self.shared.clone(), track, future)
             }
-            Start::Load { key, cookie, load } => {
+            Start::Load {
+                key,
+                cookie,
+                unread,
+                load,
+            } => {
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::loading(self.shared.clone(), key, cookie, load, ready, req)
+                ResponseFuture::loading(self.shared.clone(), key, cookie, unread, load, ready, req)
             }
             Start::Refuse(error) => ResponseFuture::refused(self.shared.clone(), error.into()),
         }

@@ -18,7 +18,7 @@ use super::error::SessionUnavailable;
 use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, SessionMoved};
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
 use super::stats::{bump, Counters, StickyStats};
-use super::table::{Dropped, Hit, Table};
+use super::table::{Dropped, Hit, Kept, Table};
 use super::Availability;
 use crate::backend::BackendId;
 use crate::error::{find, BackendError, BoxError};
@@ -133,10 +133,26 @@ pub(crate) enum Stored {
     Found(Session),
     /// No record.
     Absent,
-    /// The store could not say (an error), or holds a record this instance
-    /// did not take (a failed restore): a session started now is kept in
-    /// memory only, so that it cannot overwrite that record.
+    /// The store could not say (an error): a session started now is kept
+    /// in memory only, so that it cannot overwrite a record the store may
+    /// hold, and its record is read again after `RELOAD_AFTER`. Strict
+    /// mode refuses the request instead.
     Unknown,
+    /// The store holds a record this instance did not take (standalone
+    /// mode: its restore failed): a session started now is kept in memory
+    /// only, so that it cannot overwrite that record.
+    Unrestored,
+}
+
+impl Stored {
+    /// How a session routed by this answer is kept.
+    fn kept(&self) -> Kept {
+        match self {
+            Stored::Found(_) | Stored::Absent => Kept::Saved,
+            Stored::Unknown => Kept::Unread,
+            Stored::Unrestored => Kept::Memory,
+        }
+    }
 }
 
 /// One load from the store, shared by the concurrent requests for a key.
@@ -175,8 +191,8 @@ pub(crate) enum Track {
     /// The request names no session: a response may start one.
     Fresh,
     /// The request names a session nobody knows: its response starts it,
-    /// and saves it when `persist` (the store has no record of it).
-    New { key: Arc<str>, persist: bool },
+    /// kept as `kept` says (saved when the store has no record of it).
+    New { key: Arc<str>, kept: Kept },
     /// A known session.
     Known {
         key: Arc<str>,
@@ -224,6 +240,9 @@ pub(crate) enum Start {
     Load {
         key: Arc<str>,
         cookie: Option<BackendId>,
+        /// The backend of a session kept in memory whose record is read
+        /// again (see `Lookup::unread`).
+        unread: Option<BackendId>,
         load: BoxFuture<Stored>,
     },
     /// Refuse the request (strict mode).
@@ -305,25 +324,31 @@ impl Shared {
         };
         let routed = match found {
             Found::Hit(hit, cookie) => self.pin(req, hit, cookie),
-            Found::Miss(key, cookie) => {
+            Found::Miss(key, cookie, unread) => {
                 bump(&self.counters.misses, 1);
                 match &self.config.store {
-                    None => self.after_load(req, key, cookie, Stored::Absent),
+                    None => self.after_load(req, key, cookie, unread, Stored::Absent),
                     // Standalone: a record whose restore failed is not
                     // this instance's to take until a later `restore`.
                     Some(_)
                         if self.config.availability == Availability::Standalone
                             && self.unrestored.lock().contains(&key) =>
                     {
-                        self.after_load(req, key, cookie, Stored::Unknown)
+                        self.after_load(req, key, cookie, unread, Stored::Unrestored)
                     }
                     // Whatever the mode, a session the table does not know
-                    // (never seen, idle, evicted) is read from the store
+                    // (never seen, idle, evicted, or kept in memory while
+                    // the store could not be read) is read from the store
                     // before it is routed, so that its record is followed
                     // and never written over unread.
                     Some(store) => {
                         let load = self.load(store.clone(), key.clone());
-                        return Start::Load { key, cookie, load };
+                        return Start::Load {
+                            key,
+                            cookie,
+                            unread,
+                            load,
+                        };
                     }
                 }
             }
@@ -339,7 +364,7 @@ impl Shared {
         bump(&self.counters.expired, u64::from(found.expired));
         match found.hit {
             Some(hit) => Found::Hit(hit, Named::Nothing),
-            None => Found::Miss(Arc::from(key), None),
+            None => Found::Miss(Arc::from(key), None, found.unread),
         }
     }
 
@@ -350,6 +375,7 @@ impl Shared {
     /// verified before it is trusted.
     fn lookup_cookie(&self, value: &[u8]) -> Result<Found, Reject> {
         let mut hit = None;
+        let mut unread = None;
         // The table compares bytes: a session id that is not UTF-8 is
         // simply not found.
         if let Some(session) = value
@@ -360,7 +386,7 @@ impl Shared {
             bump(&self.counters.expired, u64::from(found.expired));
             match found.hit {
                 Some(exact) if found.exact => return Ok(Found::Hit(exact, Named::Current)),
-                other => hit = other,
+                other => (hit, unread) = (other, found.unread),
             }
         }
         let cookie = self
@@ -372,44 +398,63 @@ impl Shared {
         let named = cookie.verify(&parsed)?;
         Ok(match hit {
             Some(hit) => Found::Hit(hit, Named::Backend(named)),
-            None => Found::Miss(Arc::from(parsed.session), Some(named)),
+            None => Found::Miss(Arc::from(parsed.session), Some(named), unread),
         })
     }
 
     /// Routes a request whose session was looked up in the store (or not,
-    /// when there is no store to ask).
+    /// when there is no store to ask). `unread` is the backend of a session
+    /// kept in memory whose record was read again.
     pub(crate) fn after_load<B>(
         &self,
         req: &mut Request<B>,
         key: Arc<str>,
         cookie: Option<BackendId>,
+        unread: Option<BackendId>,
         stored: Stored,
     ) -> Result<Track, SessionUnavailable> {
-        // A stored record is authoritative (it follows moves made on other
-        // replicas); without one, a verified cookie names the backend,
-        // unless that backend is not in the pool: a session nobody knows
-        // on a backend nobody knows is no session.
         // What this instance starts or learns here is saved unless the
-        // store holds a record it could not read.
-        let persist = !matches!(stored, Stored::Unknown);
-        let session = match (stored, &cookie) {
-            (Stored::Found(stored), _) => Some(stored),
-            (_, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
+        // store holds a record it could not read or did not take.
+        let kept = stored.kept();
+        if self.config.strict && kept == Kept::Unread {
+            // Whatever backend the session is on, this instance cannot
+            // tell: routing it anywhere could move it.
+            bump(&self.counters.strict_refusals, 1);
+            return Err(SessionUnavailable::unreadable(&key, unread.or(cookie)));
+        }
+        // A stored record is authoritative (it follows moves made on other
+        // replicas). Without one, a session kept in memory stays where it
+        // is, and a verified cookie names the backend, unless that backend
+        // is not in the pool: a session nobody knows on a backend nobody
+        // knows is no session.
+        let session = match (stored, unread, &cookie) {
+            (Stored::Found(stored), _, _) => Some(stored),
+            // The store holds no record: the session kept in memory starts
+            // now, where it is, and is saved.
+            (Stored::Absent, Some(backend), _) => {
+                let backend = self.config.backends.member_id(&backend).unwrap_or(backend);
+                req.extensions_mut().insert(Affinity(backend));
+                return Ok(Track::New { key, kept });
+            }
+            // Still unread (or not this instance's): it stays in memory
+            // where it is.
+            (_, Some(backend), _) => Some(Session::new(&*key, backend)),
+            (_, None, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
                 self.reject(Reject::UnknownBackend);
                 return Ok(Track::Fresh);
             }
-            (_, Some(backend)) => Some(Session::new(&*key, backend.clone())),
-            (_, None) => None,
+            (_, None, Some(backend)) => Some(Session::new(&*key, backend.clone())),
+            (_, None, None) => None,
         };
         match session {
             Some(session) => {
                 let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
-                let (hit, dropped, _) = self.table.insert_if_absent(session, tag, persist);
+                let (hit, dropped, _) = self.table.insert_if_absent(session, tag, kept);
                 self.count_dropped(dropped);
                 self.pin(req, hit, Named::from_option(cookie))
             }
-            None => Ok(Track::New { key, persist }),
+            None => Ok(Track::New { key, kept }),
         }
     }
 
@@ -478,8 +523,9 @@ impl Shared {
             let cell = {
                 let mut loading = shared.loading.lock();
                 // A load that finished since this request's lookup has put
-                // the session in the table before leaving the map.
-                if let Some(session) = shared.table.session(&key) {
+                // the session in the table before leaving the map (one due
+                // to be read again is not taken for a record).
+                if let Some(session) = shared.table.current(&key) {
                     return Stored::Found(session);
                 }
                 loading.entry(key.clone()).or_default().clone()
@@ -547,7 +593,7 @@ impl Shared {
         if let Stored::Found(session) = stored {
             let session = self.with_member_id(session.clone());
             let tag = self.tag(&session.key, &session.backend);
-            let (_, dropped, _) = self.table.insert_if_absent(session, tag, true);
+            let (_, dropped, _) = self.table.insert_if_absent(session, tag, Kept::Saved);
             self.count_dropped(dropped);
         }
     }
@@ -711,13 +757,14 @@ impl Shared {
                 current = Some(key);
             }
             (Track::Known { key, .. }, None) => current = Some(key),
-            (Track::New { key, persist }, Some(served)) => {
+            (Track::New { key, kept }, Some(served)) => {
                 // An application's session cookie is trusted once the
                 // application sets it: until then the binding stays in
                 // memory, so that made-up values fill no store.
                 let learns = matches!(self.config.key.kind, Kind::Learn(_));
-                unconfirmed = learns && persist;
-                let bound = self.start_new(&mut work, &key, served, persist && !learns);
+                unconfirmed = learns && kept == Kept::Saved;
+                let kept = if unconfirmed { Kept::Memory } else { kept };
+                let bound = self.start_new(&mut work, &key, served, kept);
                 if let Some(c) = self.config.key.cookie() {
                     set_cookie(response, c, &key, &bound);
                 }
@@ -791,19 +838,13 @@ impl Shared {
 
     /// Starts a session a request named (`Track::New`) on the backend that
     /// served it, unless a concurrent request started it first; returns the
-    /// session's backend. Saved when `persist`.
-    fn start_new(
-        &self,
-        work: &mut Work,
-        key: &str,
-        served: &BackendId,
-        persist: bool,
-    ) -> BackendId {
+    /// session's backend. Saved when `kept` says so.
+    fn start_new(&self, work: &mut Work, key: &str, served: &BackendId, kept: Kept) -> BackendId {
         let session = Session::new(key, served.clone());
-        let to_save = persist.then(|| session.clone());
+        let to_save = (kept == Kept::Saved).then(|| session.clone());
         let (hit, dropped, inserted) =
             self.table
-                .insert_if_absent(session, self.tag(key, served), persist);
+                .insert_if_absent(session, self.tag(key, served), kept);
         self.count_dropped(dropped);
         if inserted {
             bump(&self.counters.created, 1);
@@ -942,7 +983,9 @@ impl Drop for Registered<'_> {
 
 enum Found {
     Hit(Hit, Named),
-    Miss(Arc<str>, Option<BackendId>),
+    /// The key, the backend its cookie names, and that of a session kept
+    /// in memory whose record is due to be read again.
+    Miss(Arc<str>, Option<BackendId>, Option<BackendId>),
 }
 
 #[derive(Default)]

@@ -13,7 +13,10 @@
 //! full it evicts the least recently seen eighth of the entries at once
 //! (one `O(n)` selection amortised over `n / 8` inserts); idle entries are
 //! dropped lazily when looked up and by a sweep that runs at most once per
-//! half idle period, on insert.
+//! half idle period, on insert. A session kept in memory because its record
+//! could not be read is due to be read again [`RELOAD_AFTER`] after it was
+//! put in the table: from then on a lookup is a miss that names its
+//! backend, and an insert replaces it.
 
 use std::borrow::Borrow;
 use std::collections::hash_map::{DefaultHasher, RandomState};
@@ -29,6 +32,24 @@ use tokio::time::Instant;
 use crate::backend::BackendId;
 use crate::store::Session;
 
+/// How long a session kept in memory because the store could not be read
+/// is routed from the table before its record is read again.
+pub(crate) const RELOAD_AFTER: Duration = Duration::from_secs(5);
+
+/// How the layer keeps a session it puts in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kept {
+    /// Its changes are saved: the layer read its record (or the store had
+    /// none) or wrote it.
+    Saved,
+    /// In memory only: a value the application has not confirmed, or a
+    /// record this instance did not restore.
+    Memory,
+    /// In memory only because the store could not be read: its record is
+    /// read again [`RELOAD_AFTER`] later.
+    Unread,
+}
+
 pub(crate) struct Entry {
     backend: BackendId,
     created: SystemTime,
@@ -43,6 +64,10 @@ pub(crate) struct Entry {
     /// kept in memory only: the store holds a record of that key which the
     /// layer could not read, or the application has not confirmed it.
     saved: AtomicBool,
+    /// When the record of a session kept in memory because the store could
+    /// not be read is due to be read again, in nanoseconds since the
+    /// table's epoch; 0 for every other session.
+    reload_at: u64,
 }
 
 /// A table hit: what the request path needs, cheap to clone.
@@ -62,6 +87,11 @@ pub(crate) struct Lookup {
     /// The presented cookie value is exactly the one issued for the
     /// session's current backend (compared in constant time).
     pub(crate) exact: bool,
+    /// The key's session is kept in memory because its record could not be
+    /// read, and the record is due to be read again: the session's backend,
+    /// where it stays if the store still cannot be read. The entry stays
+    /// until an insert replaces it.
+    pub(crate) unread: Option<BackendId>,
 }
 
 /// What changed when a session moved.
@@ -226,9 +256,15 @@ impl Table {
         now.saturating_sub(entry.last_seen.load(Ordering::Relaxed)) > nanos(self.idle)
     }
 
+    /// Whether the entry's record is due to be read again (see `Kept::Unread`).
+    fn is_due(entry: &Entry, now: u64) -> bool {
+        entry.reload_at != 0 && now >= entry.reload_at
+    }
+
     /// Looks `key` up and marks it seen. An idle entry is a miss (and is
-    /// removed). `presented`, a cookie value, is compared with the one
-    /// issued for the session.
+    /// removed); so is one due to be read again (it stays, and its backend
+    /// is returned in `unread`). `presented`, a cookie value, is compared
+    /// with the one issued for the session.
     pub(crate) fn get(&self, key: &[u8], presented: Option<&[u8]>) -> Lookup {
         let now = self.now();
         {
@@ -238,6 +274,12 @@ impl Table {
             };
             if !self.is_idle(entry, now) {
                 entry.last_seen.store(now, Ordering::Relaxed);
+                if Table::is_due(entry, now) {
+                    return Lookup {
+                        unread: Some(entry.backend.clone()),
+                        ..Lookup::default()
+                    };
+                }
                 let exact = match (presented, &entry.cookie) {
                     (Some(p), Some(c)) => constant_time_eq(p, c.as_bytes()),
                     _ => false,
@@ -250,6 +292,7 @@ impl Table {
                     }),
                     expired: false,
                     exact,
+                    unread: None,
                 };
             }
         }
@@ -267,25 +310,25 @@ impl Table {
 
     /// Inserts (or replaces) `session`, seen now, as a saved session.
     pub(crate) fn insert(&self, session: Session, cookie: Option<Box<str>>) -> (Arc<str>, Dropped) {
-        let (hit, dropped, _) = self.put(session, cookie, true, true);
+        let (hit, dropped, _) = self.put(session, cookie, true, Kept::Saved);
         (hit.key, dropped)
     }
 
-    /// Inserts `session` unless its key is already present (and not idle);
-    /// returns the entry now in the table and whether it is this one.
-    /// Atomic: of concurrent inserts of one key, the first wins and the
-    /// others get its entry. `saved` says whether the layer saves the
-    /// session's changes.
+    /// Inserts `session` unless its key is already present (and neither
+    /// idle nor due to be read again); returns the entry now in the table
+    /// and whether it is this one. Atomic: of concurrent inserts of one
+    /// key, the first wins and the others get its entry. `kept` says
+    /// whether the layer saves the session's changes.
     pub(crate) fn insert_if_absent(
         &self,
         session: Session,
         cookie: Option<Box<str>>,
-        saved: bool,
+        kept: Kept,
     ) -> (Hit, Dropped, bool) {
         if let Some(hit) = self.get(session.key.as_bytes(), None).hit {
             return (hit, Dropped::default(), false);
         }
-        self.put(session, cookie, false, saved)
+        self.put(session, cookie, false, kept)
     }
 
     /// Marks a session saved (its key confirmed); returns it.
@@ -301,14 +344,15 @@ impl Table {
         session: Session,
         cookie: Option<Box<str>>,
         replace: bool,
-        saved: bool,
+        kept: Kept,
     ) -> (Hit, Dropped, bool) {
         let now = self.now();
         let key = Key(Arc::from(session.key));
         let mut map = self.map.write();
         let mut dropped = self.sweep_locked(&mut map, now);
-        if !replace {
-            if let Some((k, entry)) = map.get_key_value(&key) {
+        let present = match map.get_key_value(&key) {
+            // An entry due to be read again is replaced, as if absent.
+            Some((k, entry)) if !replace && !Table::is_due(entry, now) => {
                 entry.last_seen.store(now, Ordering::Relaxed);
                 let hit = Hit {
                     key: k.0.clone(),
@@ -317,11 +361,15 @@ impl Table {
                 };
                 return (hit, dropped, false);
             }
-        }
-        // Without `replace` the key is known to be absent by now.
-        if (!replace || !map.contains_key(&key)) && map.len() >= self.max {
+            found => found.is_some(),
+        };
+        if !present && map.len() >= self.max {
             dropped.evicted += evict_oldest(&mut map, self.max);
         }
+        let reload_at = match kept {
+            Kept::Unread => now.saturating_add(nanos(RELOAD_AFTER)).max(1),
+            Kept::Saved | Kept::Memory => 0,
+        };
         let hit = Hit {
             key: key.0.clone(),
             backend: session.backend.clone(),
@@ -336,7 +384,8 @@ impl Table {
                 last_seen: AtomicU64::new(now),
                 failed: AtomicBool::new(false),
                 cookie,
-                saved: AtomicBool::new(saved),
+                saved: AtomicBool::new(kept == Kept::Saved),
+                reload_at,
             },
         );
         (hit, dropped, true)
@@ -401,6 +450,16 @@ impl Table {
         let map = self.map.read();
         let (k, entry) = map.get_key_value(key.as_bytes())?;
         Some(to_session(&k.0, entry))
+    }
+
+    /// The session `key` unless it is idle or due to be read again: one a
+    /// request may be routed by without reading the store.
+    pub(crate) fn current(&self, key: &str) -> Option<Session> {
+        let now = self.now();
+        let map = self.map.read();
+        let (k, entry) = map.get_key_value(key.as_bytes())?;
+        let routable = !self.is_idle(entry, now) && !Table::is_due(entry, now);
+        routable.then(|| to_session(&k.0, entry))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -511,6 +570,28 @@ mod tests {
         assert!(t.get(b"k0", None).hit.is_some() && t.get(b"k1", None).hit.is_some());
         assert!(t.get(b"k2", None).hit.is_none() && t.get(b"k3", None).hit.is_none());
         assert!(t.get(b"k4", None).hit.is_some() && t.get(b"new", None).hit.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unread_session_is_due_to_be_read_again_then_replaced() {
+        let t = Table::new(Duration::from_secs(3600), 10, false);
+        let (_, _, inserted) = t.insert_if_absent(session("s", "a"), None, Kept::Unread);
+        assert!(inserted);
+        assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "a");
+        assert!(t.current("s").is_some());
+        tokio::time::advance(RELOAD_AFTER).await;
+        let due = t.get(b"s", None);
+        assert!(due.hit.is_none() && !due.expired);
+        assert_eq!(due.unread.unwrap().as_str(), "a");
+        assert!(t.current("s").is_none(), "not a record to route by");
+        assert_eq!(t.len(), 1, "kept until replaced");
+        // A concurrent insert of the key replaces it, as if absent.
+        let (hit, _, inserted) = t.insert_if_absent(session("s", "b"), None, Kept::Saved);
+        assert!(inserted);
+        assert_eq!(hit.backend.as_str(), "b");
+        tokio::time::advance(RELOAD_AFTER).await;
+        assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "b");
+        assert_eq!(t.take("s"), Some(true), "saved");
     }
 
     #[test]
