@@ -496,6 +496,95 @@ async fn tcp_keepalive_is_set_on_backend_connections() {
     assert_eq!(timer_of(HttpClient::new().tcp_keepalive(None)).await, None);
 }
 
+/// A body of `data` then `trailers`, sent chunked.
+fn with_trailers(
+    data: impl Into<Bytes>,
+    trailers: http::HeaderMap,
+) -> http_body_util::StreamBody<
+    futures::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
+> {
+    let frames = vec![
+        Ok(http_body::Frame::data(data.into())),
+        Ok(http_body::Frame::trailers(trailers)),
+    ];
+    http_body_util::StreamBody::new(futures::stream::iter(frames))
+}
+
+fn one_field(name: &'static str, value: &'static str) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    map.insert(name, http::HeaderValue::from_static(value));
+    map
+}
+
+/// Trailer fields pass through a hyper front end both ways: `Trailer`,
+/// which announces them (and without which hyper does not send them), is
+/// forwarded.
+#[tokio::test]
+async fn trailers_pass_both_ways() {
+    // The backend answers the request's trailer in its body, and sends a
+    // trailer of its own.
+    let backend_addr = accept_counting(|stream, _| async move {
+        let service = service_fn(|req: Request<Incoming>| async move {
+            let announced = req.headers().get("trailer").cloned();
+            let collected = req.into_body().collect().await.unwrap();
+            let sum = collected
+                .trailers()
+                .and_then(|t| t.get("x-request-sum"))
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = format!("announced={announced:?}|sum={sum:?}");
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("trailer", "x-response-sum")
+                    .body(with_trailers(body, one_field("x-response-sum", "2")))
+                    .unwrap(),
+            )
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+    .0;
+    // The front end: a hyper server proxying through `HttpBackend`.
+    let client = HttpClient::<Incoming>::new();
+    let backend = HttpBackend::new(&client, format!("http://{backend_addr}")).unwrap();
+    let front = accept_counting(move |stream, _| {
+        let backend = backend.clone();
+        async move {
+            let service = service_fn(move |req| backend.clone().oneshot(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await
+    .0;
+
+    let stream = TcpStream::connect(front).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let req = Request::post("/")
+        .header("host", "front.example")
+        .header("te", "trailers")
+        .header("trailer", "x-request-sum")
+        .body(with_trailers("payload", one_field("x-request-sum", "1")))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.headers()["trailer"], "x-response-sum");
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("the response's trailers");
+    assert_eq!(trailers["x-response-sum"], "2");
+    assert_eq!(
+        collected.to_bytes(),
+        "announced=Some(\"x-request-sum\")|sum=Some(\"1\")"
+    );
+}
+
 /// A request body that never ends: an upload still in progress.
 struct Endless;
 

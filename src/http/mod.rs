@@ -11,9 +11,10 @@
 //! * the client's address ([`PeerAddr`]) is appended to `X-Forwarded-For`,
 //!   which is created when absent;
 //! * hop-by-hop headers (`Connection` and the headers it names,
-//!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`,
+//!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
 //!   `Upgrade`) are not forwarded, in either direction (so protocol
-//!   upgrades such as WebSocket are not proxied);
+//!   upgrades such as WebSocket are not proxied), but `TE: trailers` is
+//!   sent on, and `Trailer` is forwarded, so trailer fields pass both ways;
 //! * under a base path, dot segments of the request's path are resolved
 //!   before it is appended, and a path hiding a separator (`%2F`, `%5C`, a
 //!   backslash, `..;`) is refused, so a request cannot leave the base path;
@@ -55,7 +56,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use ::http::header::{HeaderName, HeaderValue, CONNECTION, HOST};
+use ::http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE};
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use ::http::{HeaderMap, Request, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -378,7 +379,13 @@ impl<B> HttpBackend<B> {
 
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
         let headers = req.headers_mut();
-        strip_hop_by_hop(headers);
+        if strip_hop_by_hop(headers) {
+            // The client takes trailer fields, and so does this proxy,
+            // which forwards them: say so to the backend (hyper, for one,
+            // sends none unless asked), as Go's `httputil.ReverseProxy`
+            // does.
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
         if let Some(host) = target_host {
             headers.insert(HOST, host);
         } else if !self.preserve_host || !headers.contains_key(HOST) {
@@ -512,19 +519,29 @@ fn push_without_dot_segments(out: &mut String, path: &str) {
     }
 }
 
-/// The headers that describe one connection, not the message (RFC 9110
-/// section 7.6.1), with the obsolete `Keep-Alive` and `Proxy-Connection`.
-const HOP_BY_HOP: [&str; 7] = [
+/// The headers that describe one connection, not the message: `Connection`,
+/// and those RFC 9110 section 7.6.1 says to remove before forwarding
+/// whether or not `Connection` names them.
+///
+/// `Trailer` is not one of them: RFC 9110 (section 6.6.2) has it describe
+/// the message, not the connection, and hyper writes only the trailer
+/// fields that `Trailer` announces, so removing it would drop them all.
+/// (RFC 2616 listed it, and Go's `httputil.ReverseProxy` removes it but
+/// announces the trailers again itself.) A client's `TE: trailers` is sent
+/// on to the backend, as Go does, since a backend may send no trailer
+/// fields without it (hyper does not).
+const HOP_BY_HOP: [&str; 6] = [
     "connection",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
     "keep-alive",
     "proxy-connection",
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes the hop-by-hop headers; returns whether `TE` (one of them)
+/// said that trailer fields are accepted.
+fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // One pass over the names notes which are present (a backend's
     // `Connection: keep-alive` is the common case), so that only those
     // are looked up again.
@@ -535,8 +552,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if present == 0 {
-        return;
+        return false;
     }
+    // `TE` is the second.
+    let trailers = present & 2 != 0
+        && headers.get_all(TE).iter().any(|value| {
+            let tokens = value.to_str().unwrap_or_default().split(',');
+            tokens
+                .map(str::trim)
+                .any(|t| t.eq_ignore_ascii_case("trailers"))
+        });
     if present & 1 != 0 {
         // `Connection` (the first): the headers it names go too. Its lines
         // are read one at a time (a cheap clone), so removing holds no
@@ -552,6 +577,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    trailers
 }
 
 /// Removes the headers a `Connection` line names, except the hop-by-hop
@@ -735,14 +761,15 @@ mod tests {
         h.insert(::http::header::TE, HeaderValue::from_static("trailers"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
+        h.insert("trailer", HeaderValue::from_static("x-sum"));
+        assert!(strip_hop_by_hop(&mut h), "TE: trailers");
+        assert_eq!(h.len(), 2);
         assert!(h.contains_key("x-kept"));
+        assert!(h.contains_key("trailer"), "end to end");
         // Each one alone is found too.
         for name in [
             "connection",
             "te",
-            "trailer",
             "transfer-encoding",
             "upgrade",
             "keep-alive",
@@ -751,8 +778,15 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static("x"));
             h.insert("x-kept", HeaderValue::from_static("1"));
-            strip_hop_by_hop(&mut h);
+            assert!(!strip_hop_by_hop(&mut h), "{name}");
             assert_eq!(h.len(), 1, "{name}");
+        }
+        for (te, trailers) in [("gzip, Trailers ", true), ("gzip", false), ("", false)] {
+            let mut h = HeaderMap::new();
+            h.append(::http::header::TE, HeaderValue::from_static("deflate"));
+            h.append(::http::header::TE, HeaderValue::from_static(te));
+            assert_eq!(strip_hop_by_hop(&mut h), trailers, "{te}");
+            assert!(h.is_empty());
         }
     }
 
