@@ -500,9 +500,7 @@ async fn tcp_keepalive_is_set_on_backend_connections() {
 fn with_trailers(
     data: impl Into<Bytes>,
     trailers: http::HeaderMap,
-) -> http_body_util::StreamBody<
-    futures::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
-> {
+) -> impl http_body::Body<Data = Bytes, Error = Infallible> + Send + 'static {
     let frames = vec![
         Ok(http_body::Frame::data(data.into())),
         Ok(http_body::Frame::trailers(trailers)),
