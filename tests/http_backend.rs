@@ -353,6 +353,29 @@ async fn a_connection_is_reused_once_its_response_is_read() {
 }
 
 #[tokio::test]
+async fn any_client_version_goes_out_as_http_1_1_on_a_kept_connection() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    for version in [
+        http::Version::HTTP_10,
+        http::Version::HTTP_11,
+        http::Version::HTTP_2,
+        http::Version::HTTP_3,
+        http::Version::HTTP_09,
+    ] {
+        let req = Request::get("/v")
+            .version(version)
+            .body(Full::default())
+            .unwrap();
+        let resp = backend.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_11, "{version:?}");
+        assert!(body_of(resp).await.starts_with("GET /v|"), "{version:?}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one kept connection");
+}
+
+#[tokio::test]
 async fn a_response_dropped_unread_does_not_lend_its_connection() {
     let (addr, accepted) = serve_counting().await;
     let client = HttpClient::<Full<Bytes>>::new();

@@ -376,6 +376,12 @@ impl<B> HttpBackend<B> {
         };
         // Origin form: the connection already names the backend.
         *req.uri_mut() = Uri::from(path_and_query);
+        // Backend connections are HTTP/1.1 and kept alive, whatever the
+        // client spoke (as Envoy does): hyper's HTTP/1 client writes no
+        // other version (an HTTP/3 front end's requests would make it
+        // panic), and an HTTP/1.0 request would close the pooled
+        // connection after its response.
+        *req.version_mut() = http::Version::HTTP_11;
 
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
         let headers = req.headers_mut();
