@@ -404,7 +404,9 @@ async fn a_response_dropped_unread_does_not_lend_its_connection() {
 
 #[tokio::test]
 async fn a_connection_the_backend_closed_while_idle_is_replaced() {
-    let (addr, accepted) = serve_raw(true).await;
+    let close = Arc::new(tokio::sync::Notify::new());
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, accepted) = serve_raw_closing(close.clone(), closed_tx).await;
     let client = HttpClient::<Full<Bytes>>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
     for i in 1..=3 {
@@ -413,9 +415,14 @@ async fn a_connection_the_backend_closed_while_idle_is_replaced() {
             .oneshot(Request::get("/").body(Full::default()).unwrap())
             .await
             .unwrap();
+        // Connection `i` answered: the previous one, closed, was not used.
         assert_eq!(body_of(resp).await, format!("conn {i}"));
-        // Time for the client to see the close (real time: a real socket).
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), i);
+        // The response was read to its end: the connection is idle. The
+        // backend closes it, and reports once the client has closed its
+        // end too, that is, once the client has seen the close.
+        close.notify_one();
+        assert_eq!(closed.recv().await, Some(i), "connection {i} closed");
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
@@ -624,28 +631,55 @@ impl http_body::Body for Endless {
 /// A raw HTTP/1.1 server. It answers `conn N` (the connection's number)
 /// to each request as soon as it has the request's head, reading no body,
 /// so a request with a body that never ends keeps its connection busy.
-/// With `close`, it closes each connection after its first answer without
-/// saying so beforehand (as a backend's idle timeout does). Counts the
-/// connections.
-async fn serve_raw(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
-    accept_counting(move |mut stream, n| async move {
-        let mut buf = [0u8; 1024];
-        loop {
-            let mut head = Vec::new();
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(read) => head.extend_from_slice(&buf[..read]),
-                }
-            }
-            let body = format!("conn {n}");
-            let response = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            if stream.write_all(response.as_bytes()).await.is_err() || close {
+/// Counts the connections.
+async fn serve_raw() -> (SocketAddr, Arc<AtomicUsize>) {
+    accept_counting(|mut stream, n| async move {
+        while answer_raw(&mut stream, n).await {}
+    })
+    .await
+}
+
+/// Reads one request head from `stream` and answers `conn N`; false once
+/// the connection is closed or broken.
+async fn answer_raw(stream: &mut TcpStream, n: usize) -> bool {
+    let mut buf = [0u8; 1024];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(read) => head.extend_from_slice(&buf[..read]),
+        }
+    }
+    let body = format!("conn {n}");
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await.is_ok()
+}
+
+/// [`serve_raw`], but each connection answers one request, then waits for
+/// `close` and closes without saying so beforehand (as a backend's idle
+/// timeout does). Once the client has closed its end as well (a read
+/// returns 0 or fails), the connection's number is sent on `closed`.
+async fn serve_raw_closing(
+    close: Arc<tokio::sync::Notify>,
+    closed: tokio::sync::mpsc::UnboundedSender<usize>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    accept_counting(move |mut stream, n| {
+        let close = close.clone();
+        let closed = closed.clone();
+        async move {
+            if !answer_raw(&mut stream, n).await {
                 return;
             }
+            close.notified().await;
+            // Sends the FIN; the client answers with its own once it has
+            // read the end of the stream.
+            let _ = stream.shutdown().await;
+            let mut buf = [0u8; 1024];
+            while let Ok(1..) = stream.read(&mut buf).await {}
+            let _ = closed.send(n);
         }
     })
     .await
@@ -653,7 +687,7 @@ async fn serve_raw(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
 
 #[tokio::test]
 async fn a_connection_still_sending_its_request_is_not_waited_for() {
-    let (addr, _) = serve_raw(false).await;
+    let (addr, _) = serve_raw().await;
     type Body = http_body_util::Either<Full<Bytes>, Endless>;
     let client = HttpClient::<Body>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
@@ -679,7 +713,7 @@ async fn a_connection_still_sending_its_request_is_not_waited_for() {
 
 #[tokio::test(start_paused = true)]
 async fn an_old_connection_behind_a_busy_one_is_not_reused() {
-    let (addr, accepted) = serve_raw(false).await;
+    let (addr, accepted) = serve_raw().await;
     type Body = http_body_util::Either<Full<Bytes>, Endless>;
     let client = HttpClient::<Body>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
