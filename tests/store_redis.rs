@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use support::redis_server::{free_port, RedisServer};
+use support::redis_server::RedisServer;
 use tokio::time::{sleep, timeout, Instant};
 use tower_ha::store::{Claim, Invalidation, RedisStore, Session, SessionStore};
 
@@ -225,8 +225,9 @@ async fn loads_refresh_the_ttl_and_unused_sessions_expire() {
 
 #[tokio::test]
 async fn failures_are_typed() {
-    // Nothing listens: unavailable.
-    let port = free_port();
+    // Nothing listens (the port is bound, so no other test's server can
+    // take it): unavailable.
+    let port = support::http::refused().await.port();
     let err = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
         .build()
         .await

@@ -332,9 +332,7 @@ async fn one_bad_element_is_skipped_while_the_others_load() {
 
 #[tokio::test]
 async fn connection_refused_is_retried_then_unavailable() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let addr = support::http::refused().await;
     let store = WebhookStore::builder(format!("http://{addr}/api/sessions"))
         .retries(2)
         .backoff(Duration::from_millis(1))
