@@ -225,9 +225,11 @@ async fn a_listed_address_removed_from_the_pool_comes_back() {
 
 /// A backend the health checker removed after `removed_after` returns with
 /// the next answer that still lists it (a pod restarted on the same IP),
-/// and the checker probes it again.
+/// and the checker probes it again: it is probed once more, and a failed
+/// probe makes it unhealthy.
 #[tokio::test(start_paused = true)]
 async fn a_backend_removed_by_the_health_checker_returns_while_listed() {
+    use std::collections::HashMap;
     use std::sync::atomic::{AtomicBool, Ordering};
     use tower_ha::health::{probe_fn, HealthChecker};
     use tower_ha::Health;
@@ -240,12 +242,17 @@ async fn a_backend_removed_by_the_health_checker_returns_while_listed() {
     tokio::time::sleep(Duration::from_millis(1)).await;
 
     // 10.0.0.2 passes its first probe, then fails until it restarts.
+    // Probes are counted per address.
+    let two_addr = SocketAddr::from(([10, 0, 0, 2], 5432));
     let two_up = Arc::new(AtomicBool::new(true));
+    let probes: Arc<Mutex<HashMap<SocketAddr, usize>>> = Arc::default();
+    let probes_of = |addr: SocketAddr| probes.lock().unwrap().get(&addr).copied().unwrap_or(0);
     let probe = probe_fn({
         let two_up = two_up.clone();
+        let probes = probes.clone();
         move |_id: &BackendId, addr: &SocketAddr| {
-            let up =
-                addr.ip() != std::net::Ipv4Addr::new(10, 0, 0, 2) || two_up.load(Ordering::SeqCst);
+            *probes.lock().unwrap().entry(*addr).or_default() += 1;
+            let up = *addr != two_addr || two_up.load(Ordering::SeqCst);
             async move {
                 if up {
                     Ok(())
@@ -266,13 +273,33 @@ async fn a_backend_removed_by_the_health_checker_returns_while_listed() {
     // Unhealthy at 1 s, removed at 4 s.
     tokio::time::sleep(Duration::from_millis(4_000)).await;
     assert_eq!(ids(&pool), ["10.0.0.1:5432"]);
+    // Removed, it is probed no more (before DNS lists it again at 10 s).
+    let while_removed = probes_of(two_addr);
+    assert!(while_removed > 0);
+    tokio::time::sleep(Duration::from_millis(5_000)).await; // 9.5 s
+    assert_eq!(probes_of(two_addr), while_removed, "a removed backend is not probed");
 
     // The pod restarts on the same IP; DNS still lists it.
     two_up.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(5_600)).await; // 10.1 s
+    tokio::time::sleep(Duration::from_millis(600)).await; // 10.1 s
     assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
     let two = pool.state(&"10.0.0.2:5432".into()).unwrap();
     assert_eq!(two.health(), Health::Healthy);
+
+    // The checker probes the returned backend again: once more within an
+    // interval, and a failed probe (fall 1) makes it unhealthy.
+    tokio::time::sleep(Duration::from_millis(1_000)).await; // 11.1 s
+    let returned = probes_of(two_addr);
+    assert!(
+        returned > while_removed,
+        "the returned backend was not probed ({returned} probes in all)"
+    );
+    assert_eq!(two.health(), Health::Healthy);
+    two_up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1_000)).await; // 12.1 s
+    assert!(probes_of(two_addr) > returned);
+    assert_eq!(two.health(), Health::Unhealthy, "its failed probe counted");
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
     checker.shutdown().await;
     task.abort();
 }
