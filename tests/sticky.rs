@@ -14,7 +14,7 @@ use http::{HeaderValue, Request, Response};
 use parking_lot::Mutex;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, BalanceLayer, RoundRobin};
-use tower_ha::error::find;
+use tower_ha::error::{find, InvalidRequest};
 use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::sticky::{
     Availability, CookieInsert, MoveReason, SessionKey, SessionMoved, SessionUnavailable, Sticky,
@@ -27,7 +27,9 @@ const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 const NAMES: [&str; 3] = ["a", "b", "c"];
 
 /// One in-process backend: answers its name; fails while `fail` is set;
-/// sets an application cookie or session header when asked.
+/// refuses a request marked `x-invalid` as `InvalidRequest`; sets an
+/// application cookie or session header when asked; answers after
+/// `x-delay-ms` milliseconds of `tokio::time` when asked.
 fn backend(
     name: &'static str,
     fail: Arc<AtomicBool>,
@@ -40,7 +42,18 @@ fn backend(
     tower::service_fn(move |req: Request<()>| {
         let fail = fail.load(Ordering::SeqCst);
         let n = counter.fetch_add(1, Ordering::Relaxed);
+        let delay = req
+            .headers()
+            .get("x-delay-ms")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .map(Duration::from_millis);
         async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            if req.headers().contains_key("x-invalid") {
+                return Err(InvalidRequest::new("a path that leaves the base path").into());
+            }
             if fail {
                 return Err::<_, BoxError>(
                     std::io::Error::from(std::io::ErrorKind::ConnectionReset).into(),
@@ -304,6 +317,31 @@ where
             }
         })
     }
+}
+
+#[tokio::test]
+async fn an_invalid_request_does_not_move_its_session() {
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
+    let svc = stack(&c.pool, layer.clone());
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+    // The backend refuses to send a bad request: that says nothing about
+    // the backend, so the session stays there.
+    let invalid = Request::builder()
+        .header("x-session-id", "s1")
+        .header("x-invalid", "1")
+        .body(())
+        .unwrap();
+    let err = send(&svc, invalid).await.unwrap_err();
+    let failed = find::<BackendError>(&*err).expect("the backend's error");
+    assert_eq!(failed.backend().as_str(), home);
+    assert!(find::<InvalidRequest>(&*err).is_some());
+    for _ in 0..3 {
+        assert_eq!(send(&svc, session("s1")).await.unwrap().body(), &home);
+    }
+    assert!(moves.all().is_empty(), "{:?}", moves.all());
+    assert_eq!(layer.stats().moved, 0);
 }
 
 #[tokio::test]

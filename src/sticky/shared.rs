@@ -21,7 +21,7 @@ use super::stats::{bump, Counters, StickyStats};
 use super::table::{Dropped, Hit, Kept, Table};
 use super::Availability;
 use crate::backend::BackendId;
-use crate::error::{find, BackendError, BoxError};
+use crate::error::{find, BackendError, BoxError, InvalidRequest};
 use crate::extensions::{Affinity, Attempts, ServedBy};
 use crate::key::RequestHead;
 use crate::pool::Pool;
@@ -827,8 +827,13 @@ impl Shared {
     }
 
     /// Records that a request failed; a failure of the session's own
-    /// backend makes the next request move.
+    /// backend makes the next request move. A request the backend refused
+    /// to send because the request itself is bad (`InvalidRequest`) says
+    /// nothing about the backend: every backend would refuse it alike.
     pub(crate) fn on_error(&self, track: &Track, error: &BoxError) {
+        if find::<InvalidRequest>(&**error).is_some() {
+            return;
+        }
         if let Track::Known { key, backend, .. } = track {
             if find::<BackendError>(&**error).is_some_and(|e| e.backend() == backend) {
                 self.table.set_failed(key, backend, true);
