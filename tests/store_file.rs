@@ -1,6 +1,8 @@
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -176,33 +178,64 @@ async fn a_leftover_temporary_file_is_reported_then_removed() {
     assert!(again.skipped.is_empty(), "reported once");
 }
 
+/// The temporary files of writes in progress, by name.
+fn temp_files(dir: &Path) -> BTreeSet<String> {
+    names(dir)
+        .into_iter()
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_all_ignores_writes_in_progress() {
+    // Loads that overlapped a write in progress needed; at most this many
+    // loads tried.
+    const OVERLAPS: usize = 20;
+    const MAX_LOADS: usize = 20_000;
     let tmp = tempfile::tempdir().unwrap();
     let store = FileStore::open(tmp.path()).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let store = store.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            for i in 0..200 {
+            let mut i = 0;
+            // Every one of the 10 keys at least once.
+            while i < 10 || !stop.load(Ordering::SeqCst) {
                 store
                     .save(&session(&format!("w-{}", i % 10), "a"))
                     .await
                     .unwrap();
+                i += 1;
             }
         })
     };
-    let mut during_writes = 0;
-    while !writer.is_finished() {
-        during_writes += 1;
+    // A temporary file listed both before and after a load existed during
+    // the whole load (each write's temporary name is new), so that load's
+    // listing met it.
+    let mut overlaps = 0;
+    let mut loads = 0;
+    while overlaps < OVERLAPS && loads < MAX_LOADS {
+        loads += 1;
+        let before = temp_files(tmp.path());
         let loaded = store.load_all().await.unwrap();
+        let after = temp_files(tmp.path());
         assert!(
             loaded.skipped.is_empty(),
             "a write in progress is not a leftover: {:?}",
             loaded.skipped
         );
+        if before.intersection(&after).next().is_some() {
+            overlaps += 1;
+        }
     }
-    assert!(during_writes > 0, "no load_all ran while the writes did");
+    stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
+    assert!(
+        overlaps >= OVERLAPS,
+        "only {overlaps} of {loads} loads overlapped a write in progress"
+    );
+    assert!(temp_files(tmp.path()).is_empty(), "every write finished");
     assert_eq!(store.load_all().await.unwrap().sessions.len(), 10);
 }
 
