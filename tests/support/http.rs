@@ -16,7 +16,9 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tower::Service;
 use tower_ha::{BoxError, NotSent};
 
@@ -95,6 +97,33 @@ pub async fn hanging() -> (SocketAddr, Arc<Seen>) {
         }
     });
     (addr, seen)
+}
+
+/// A server that reads whatever comes on each connection and never
+/// answers. When the client closes a connection (a read returns 0 or
+/// fails), the number of bytes that came on it is sent on the returned
+/// channel.
+pub async fn silent() -> (SocketAddr, Arc<Seen>, mpsc::UnboundedReceiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let server_seen = seen.clone();
+    let (closed_tx, closed) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            server_seen.connections.fetch_add(1, Ordering::SeqCst);
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let mut received = 0;
+                while let Ok(read @ 1..) = stream.read(&mut buf).await {
+                    received += read;
+                }
+                let _ = closed.send(received);
+            });
+        }
+    });
+    (addr, seen, closed)
 }
 
 /// An address where nothing listens: connecting is refused.
