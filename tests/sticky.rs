@@ -1386,6 +1386,72 @@ async fn a_session_kept_in_memory_is_saved_once_the_store_has_no_record() {
     assert_eq!(send(&svc, session("k")).await.unwrap().body(), &first);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_session_kept_in_memory_moves_as_itself_once_the_store_has_no_record() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    let store = FlakyLoads::new(shared.clone());
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .on_move(moves.hook());
+    let svc = stack(&c.pool, layer.clone());
+    // The store is down: both are kept in memory where round robin sent them.
+    let gone = send(&svc, session("k1")).await.unwrap().into_body();
+    let failing = send(&svc, session("k2")).await.unwrap().into_body();
+    assert_ne!(gone, failing);
+    // k1's backend becomes unavailable; k2's fails its next request.
+    c.fail[failing.as_str()].store(true, Ordering::SeqCst);
+    assert!(send(&svc, session("k2")).await.is_err());
+    c.fail[failing.as_str()].store(false, Ordering::SeqCst);
+    c.set_health(&gone, Health::Unhealthy);
+    // The store is back, with no record of either: each is read again and
+    // moves as the session it is.
+    store.down.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let k1 = send(&svc, session("k1")).await.unwrap().into_body();
+    let k2 = send(&svc, session("k2")).await.unwrap().into_body();
+    assert_ne!(k1, gone);
+    assert_ne!(k2, failing);
+    let all = moves.all();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let reason = |key: &str| all.iter().find(|m| m.session.key == key).unwrap().reason;
+    assert_eq!(reason("k1"), MoveReason::Unavailable);
+    assert_eq!(reason("k2"), MoveReason::Failed);
+    let stats = layer.stats();
+    assert_eq!((stats.moved, stats.created), (2, 2), "{stats:?}");
+    // Saved where they went, and they stay there.
+    for (key, home) in [("k1", &k1), ("k2", &k2)] {
+        let saved = shared.load(key).await.unwrap().expect("saved");
+        assert_eq!(&saved.backend.as_str(), home);
+        assert_eq!(send(&svc, session(key)).await.unwrap().body(), home);
+    }
+    assert_eq!(moves.all().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_kept_in_memory_is_saved_by_its_first_answered_request() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    let store = FlakyLoads::new(shared.clone());
+    let (_, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let home = send(&svc, session("k")).await.unwrap().into_body();
+    store.down.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // Read again, no record: an invalid request fails, so nothing is saved
+    // and the next request reads the store again.
+    let invalid = Request::builder()
+        .header("x-session-id", "k")
+        .header("x-invalid", "1")
+        .body(())
+        .unwrap();
+    assert!(send(&svc, invalid).await.is_err());
+    assert!(shared.is_empty());
+    assert_eq!(send(&svc, session("k")).await.unwrap().body(), &home);
+    let saved = shared.load("k").await.unwrap().expect("saved");
+    assert_eq!(saved.backend.as_str(), home);
+}
+
 #[tokio::test]
 async fn strict_mode_refuses_a_session_whose_record_cannot_be_read() {
     let c = cluster();

@@ -11,6 +11,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::shared::{BoxFuture, Shared, Stored, Track};
+use super::table::Unread;
 use crate::backend::BackendId;
 use crate::error::BoxError;
 
@@ -60,7 +61,7 @@ pin_project! {
 struct Loading<S, B> {
     key: Arc<str>,
     cookie: Option<BackendId>,
-    unread: Option<BackendId>,
+    unread: Option<Unread>,
     load: BoxFuture<Stored>,
     service: Option<S>,
     request: Option<Request<B>>,
@@ -79,7 +80,7 @@ impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
         shared: Arc<Shared>,
         key: Arc<str>,
         cookie: Option<BackendId>,
-        unread: Option<BackendId>,
+        unread: Option<Unread>,
         load: BoxFuture<Stored>,
         service: S,
         request: Request<B>,

@@ -18,7 +18,7 @@ use super::error::SessionUnavailable;
 use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, SessionMoved};
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
 use super::stats::{bump, Counters, StickyStats};
-use super::table::{Dropped, Hit, Kept, Table};
+use super::table::{Dropped, Hit, Kept, Table, Unread};
 use super::Availability;
 use crate::backend::BackendId;
 use crate::error::{find, BackendError, BoxError, InvalidRequest};
@@ -202,6 +202,9 @@ pub(crate) enum Track {
         /// The last request of the session failed: this one was kept off
         /// `backend`.
         failed: bool,
+        /// The store has no record of the session yet (one kept in memory
+        /// while its record could not be read): the response saves it.
+        save: bool,
     },
 }
 
@@ -240,9 +243,9 @@ pub(crate) enum Start {
     Load {
         key: Arc<str>,
         cookie: Option<BackendId>,
-        /// The backend of a session kept in memory whose record is read
-        /// again (see `Lookup::unread`).
-        unread: Option<BackendId>,
+        /// A session kept in memory whose record is read again (see
+        /// `Lookup::unread`).
+        unread: Option<Unread>,
         load: BoxFuture<Stored>,
     },
     /// Refuse the request (strict mode).
@@ -403,14 +406,14 @@ impl Shared {
     }
 
     /// Routes a request whose session was looked up in the store (or not,
-    /// when there is no store to ask). `unread` is the backend of a session
-    /// kept in memory whose record was read again.
+    /// when there is no store to ask). `unread` is a session kept in memory
+    /// whose record was read again.
     pub(crate) fn after_load<B>(
         &self,
         req: &mut Request<B>,
         key: Arc<str>,
         cookie: Option<BackendId>,
-        unread: Option<BackendId>,
+        unread: Option<Unread>,
         stored: Stored,
     ) -> Result<Track, SessionUnavailable> {
         // What this instance starts or learns here is saved unless the
@@ -420,7 +423,8 @@ impl Shared {
             // Whatever backend the session is on, this instance cannot
             // tell: routing it anywhere could move it.
             bump(&self.counters.strict_refusals, 1);
-            return Err(SessionUnavailable::unreadable(&key, unread.or(cookie)));
+            let named = unread.map(|u| u.backend).or(cookie);
+            return Err(SessionUnavailable::unreadable(&key, named));
         }
         // A stored record is authoritative (it follows moves made on other
         // replicas). Without one, a session kept in memory stays where it
@@ -429,16 +433,27 @@ impl Shared {
         // knows is no session.
         let session = match (stored, unread, &cookie) {
             (Stored::Found(stored), _, _) => Some(stored),
-            // The store holds no record: the session kept in memory starts
-            // now, where it is, and is saved.
-            (Stored::Absent, Some(backend), _) => {
-                let backend = self.config.backends.member_id(&backend).unwrap_or(backend);
-                req.extensions_mut().insert(Affinity(backend));
-                return Ok(Track::New { key, kept });
+            // The store holds no record: the session kept in memory is
+            // saved from now on, and routed as any known session (kept off
+            // its backend if its last request failed, moved if that
+            // backend cannot serve it). Its response saves it.
+            (Stored::Absent, Some(unread), _) => {
+                let session = self.with_member_id(Session::new(&*key, unread.backend));
+                let tag = self.tag(&key, &session.backend);
+                let (hit, dropped, kept) = self.table.keep(session, tag, unread.failed);
+                self.count_dropped(dropped);
+                let (key, backend) = (hit.key.clone(), hit.backend.clone());
+                let mut routed = self.pin(req, hit, Named::from_option(cookie));
+                match &mut routed {
+                    Ok(Track::Known { save, .. }) => *save = kept,
+                    Err(_) if kept => self.table.unkeep(&key, &backend),
+                    _ => {}
+                }
+                return routed;
             }
             // Still unread (or not this instance's): it stays in memory
             // where it is.
-            (_, Some(backend), _) => Some(Session::new(&*key, backend)),
+            (_, Some(unread), _) => Some(Session::new(&*key, unread.backend)),
             (_, None, Some(backend)) if self.config.backends.status(backend) == Status::Missing => {
                 self.reject(Reject::UnknownBackend);
                 return Ok(Track::Fresh);
@@ -499,6 +514,7 @@ impl Shared {
             backend: hit.backend,
             cookie,
             failed: hit.failed,
+            save: false,
         })
     }
 
@@ -680,6 +696,7 @@ impl Shared {
             backend,
             cookie,
             failed: false,
+            save: false,
             ..
         } = &track
         {
@@ -708,6 +725,7 @@ impl Shared {
                     backend,
                     cookie,
                     failed,
+                    save,
                 },
                 Some(served),
             ) => {
@@ -715,9 +733,19 @@ impl Shared {
                     if failed {
                         self.table.set_failed(&key, &backend, false);
                     }
+                    if save {
+                        // The session as the table has it now (a
+                        // concurrent request may have moved it since).
+                        let session = self.table.session(&key);
+                        work.save
+                            .push(session.unwrap_or_else(|| Session::new(&*key, backend.clone())));
+                    }
                     self.reissue(response, &key, cookie.get(&backend), served);
                 } else if self.config.strict {
                     bump(&self.counters.strict_refusals, 1);
+                    if save {
+                        self.table.unkeep(&key, &backend);
+                    }
                     return Err(SessionUnavailable::new(&key, backend));
                 } else {
                     let reason = self.reason(&backend, failed);
@@ -831,10 +859,17 @@ impl Shared {
     /// to send because the request itself is bad (`InvalidRequest`) says
     /// nothing about the backend: every backend would refuse it alike.
     pub(crate) fn on_error(&self, track: &Track, error: &BoxError) {
-        if find::<InvalidRequest>(&**error).is_some() {
-            return;
-        }
-        if let Track::Known { key, backend, .. } = track {
+        if let Track::Known {
+            key, backend, save, ..
+        } = track
+        {
+            if *save {
+                // Not saved: its record is read again on the next request.
+                self.table.unkeep(key, backend);
+            }
+            if find::<InvalidRequest>(&**error).is_some() {
+                return;
+            }
             if find::<BackendError>(&**error).is_some_and(|e| e.backend() == backend) {
                 self.table.set_failed(key, backend, true);
             }
@@ -990,7 +1025,7 @@ enum Found {
     Hit(Hit, Named),
     /// The key, the backend its cookie names, and that of a session kept
     /// in memory whose record is due to be read again.
-    Miss(Arc<str>, Option<BackendId>, Option<BackendId>),
+    Miss(Arc<str>, Option<BackendId>, Option<Unread>),
 }
 
 #[derive(Default)]

@@ -78,6 +78,16 @@ pub(crate) struct Hit {
     pub(crate) failed: bool,
 }
 
+/// A session kept in memory because its record could not be read, whose
+/// record is due to be read again.
+#[derive(Debug, Clone)]
+pub(crate) struct Unread {
+    /// Where it stays if the store still cannot be read.
+    pub(crate) backend: BackendId,
+    /// Its last request failed (see `Entry::failed`).
+    pub(crate) failed: bool,
+}
+
 /// What a lookup found.
 #[derive(Debug, Default)]
 pub(crate) struct Lookup {
@@ -88,10 +98,9 @@ pub(crate) struct Lookup {
     /// session's current backend (compared in constant time).
     pub(crate) exact: bool,
     /// The key's session is kept in memory because its record could not be
-    /// read, and the record is due to be read again: the session's backend,
-    /// where it stays if the store still cannot be read. The entry stays
-    /// until an insert replaces it.
-    pub(crate) unread: Option<BackendId>,
+    /// read, and the record is due to be read again. The entry stays until
+    /// an insert replaces it or [`Table::keep`] keeps it.
+    pub(crate) unread: Option<Unread>,
 }
 
 /// What changed when a session moved.
@@ -276,7 +285,10 @@ impl Table {
                 entry.last_seen.store(now, Ordering::Relaxed);
                 if Table::is_due(entry, now) {
                     return Lookup {
-                        unread: Some(entry.backend.clone()),
+                        unread: Some(Unread {
+                            backend: entry.backend.clone(),
+                            failed: entry.failed.load(Ordering::Relaxed),
+                        }),
                         ..Lookup::default()
                     };
                 }
@@ -350,45 +362,99 @@ impl Table {
         let key = Key(Arc::from(session.key));
         let mut map = self.map.write();
         let mut dropped = self.sweep_locked(&mut map, now);
-        let present = match map.get_key_value(&key) {
-            // An entry due to be read again is replaced, as if absent.
-            Some((k, entry)) if !replace && !Table::is_due(entry, now) => {
+        // An entry due to be read again is replaced, as if absent.
+        if let Some((k, entry)) = map.get_key_value(&key) {
+            if !replace && !Table::is_due(entry, now) {
                 entry.last_seen.store(now, Ordering::Relaxed);
-                let hit = Hit {
-                    key: k.0.clone(),
-                    backend: entry.backend.clone(),
-                    failed: entry.failed.load(Ordering::Relaxed),
-                };
-                return (hit, dropped, false);
+                return (hit_of(&k.0, entry), dropped, false);
             }
-            found => found.is_some(),
-        };
-        if !present && map.len() >= self.max {
-            dropped.evicted += evict_oldest(&mut map, self.max);
         }
-        let reload_at = match kept {
-            Kept::Unread => now.saturating_add(nanos(RELOAD_AFTER)).max(1),
-            Kept::Saved | Kept::Memory => 0,
-        };
-        let hit = Hit {
-            key: key.0.clone(),
-            backend: session.backend.clone(),
-            failed: false,
-        };
-        map.insert(
-            key,
-            Entry {
-                backend: session.backend,
-                created: session.created,
-                data: session.data,
-                last_seen: AtomicU64::new(now),
-                failed: AtomicBool::new(false),
-                cookie,
-                saved: AtomicBool::new(kept == Kept::Saved),
-                reload_at,
+        let entry = Entry {
+            backend: session.backend,
+            created: session.created,
+            data: session.data,
+            last_seen: AtomicU64::new(now),
+            failed: AtomicBool::new(false),
+            cookie,
+            saved: AtomicBool::new(kept == Kept::Saved),
+            reload_at: match kept {
+                Kept::Unread => now.saturating_add(nanos(RELOAD_AFTER)).max(1),
+                Kept::Saved | Kept::Memory => 0,
             },
-        );
+        };
+        let hit = self.put_locked(&mut map, &mut dropped, key, entry);
         (hit, dropped, true)
+    }
+
+    /// Inserts or replaces `key`, evicting first when the table is full.
+    fn put_locked(&self, map: &mut Map, dropped: &mut Dropped, key: Key, entry: Entry) -> Hit {
+        if !map.contains_key(&key) && map.len() >= self.max {
+            dropped.evicted += evict_oldest(map, self.max);
+        }
+        let hit = hit_of(&key.0, &entry);
+        map.insert(key, entry);
+        hit
+    }
+
+    /// Keeps a session that was kept in memory because its record could not
+    /// be read, now that the store has no record of it: from now on its
+    /// changes are saved. The entry due to be read again stays as it is
+    /// (backend, data, creation time, whether its last request failed);
+    /// when the table lost it meanwhile, `session` is put back with
+    /// `failed`. Returns the entry now in the table and whether this call
+    /// kept it (false when a concurrent request did first, or an insert
+    /// replaced it): the caller that kept it saves it.
+    pub(crate) fn keep(
+        &self,
+        session: Session,
+        cookie: Option<Box<str>>,
+        failed: bool,
+    ) -> (Hit, Dropped, bool) {
+        let now = self.now();
+        let mut map = self.map.write();
+        let mut dropped = self.sweep_locked(&mut map, now);
+        if let Some(entry) = map.get_mut(session.key.as_bytes()) {
+            if !self.is_idle(entry, now) {
+                let kept = Table::is_due(entry, now);
+                if kept {
+                    entry.reload_at = 0;
+                    entry.saved.store(true, Ordering::Relaxed);
+                }
+                entry.last_seen.store(now, Ordering::Relaxed);
+                let (k, entry) = map
+                    .get_key_value(session.key.as_bytes())
+                    .expect("present under the write lock");
+                return (hit_of(&k.0, entry), dropped, kept);
+            }
+        }
+        let key = Key(Arc::from(session.key));
+        let entry = Entry {
+            backend: session.backend,
+            created: session.created,
+            data: session.data,
+            last_seen: AtomicU64::new(now),
+            failed: AtomicBool::new(failed),
+            cookie,
+            saved: AtomicBool::new(true),
+            reload_at: 0,
+        };
+        let hit = self.put_locked(&mut map, &mut dropped, key, entry);
+        (hit, dropped, true)
+    }
+
+    /// Undoes [`Table::keep`] when the session could not be saved (its
+    /// request failed or was refused): its changes are no longer saved,
+    /// and its record is due to be read again at once. Only while it is
+    /// on `backend`.
+    pub(crate) fn unkeep(&self, key: &str, backend: &BackendId) {
+        let now = self.now();
+        let mut map = self.map.write();
+        if let Some(entry) = map.get_mut(key.as_bytes()) {
+            if &entry.backend == backend && entry.reload_at == 0 {
+                entry.saved.store(false, Ordering::Relaxed);
+                entry.reload_at = now.max(1);
+            }
+        }
     }
 
     /// Moves `key` from `from` to `to`, only if it is still on `from`
@@ -523,6 +589,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+fn hit_of(key: &Arc<str>, entry: &Entry) -> Hit {
+    Hit {
+        key: key.clone(),
+        backend: entry.backend.clone(),
+        failed: entry.failed.load(Ordering::Relaxed),
+    }
+}
+
 fn to_session(key: &str, entry: &Entry) -> Session {
     let mut session = Session::new(key, entry.backend.clone()).with_data(entry.data.clone());
     session.created = entry.created;
@@ -582,7 +656,7 @@ mod tests {
         tokio::time::advance(RELOAD_AFTER).await;
         let due = t.get(b"s", None);
         assert!(due.hit.is_none() && !due.expired);
-        assert_eq!(due.unread.unwrap().as_str(), "a");
+        assert_eq!(due.unread.unwrap().backend.as_str(), "a");
         assert!(t.current("s").is_none(), "not a record to route by");
         assert_eq!(t.len(), 1, "kept until replaced");
         // A concurrent insert of the key replaces it, as if absent.
@@ -591,6 +665,30 @@ mod tests {
         assert_eq!(hit.backend.as_str(), "b");
         tokio::time::advance(RELOAD_AFTER).await;
         assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "b");
+        assert_eq!(t.take("s"), Some(true), "saved");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unread_session_is_kept_once_as_it_is() {
+        let t = Table::new(Duration::from_secs(3600), 10, false);
+        t.insert_if_absent(session("s", "a"), None, Kept::Unread);
+        t.set_failed("s", &"a".into(), true);
+        tokio::time::advance(RELOAD_AFTER).await;
+        let unread = t.get(b"s", None).unread.unwrap();
+        assert!(unread.failed);
+        // The first caller keeps it, failed flag and all; the next finds it.
+        let (hit, _, kept) = t.keep(session("s", "a"), None, unread.failed);
+        assert!(kept && hit.failed);
+        let (hit, _, kept) = t.keep(session("s", "a"), None, false);
+        assert!(!kept && hit.failed);
+        assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "a");
+        // Undone: due again at once, and not saved.
+        t.unkeep("s", &"a".into());
+        assert!(t.get(b"s", None).unread.is_some());
+        // Lost meanwhile: put back with its flag.
+        assert!(t.remove("s"));
+        let (hit, _, kept) = t.keep(session("s", "b"), None, true);
+        assert!(kept && hit.failed);
         assert_eq!(t.take("s"), Some(true), "saved");
     }
 
