@@ -459,6 +459,39 @@ async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
     assert!(store.is_empty());
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_logout_ends_the_record_of_a_session_evicted_meanwhile() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"))
+        .store(store.clone())
+        .max_sessions(1);
+    let svc = stack(&c.pool, layer.clone());
+    let login = || Request::builder().header("x-login", "1").body(()).unwrap();
+    let first = send(&svc, login()).await.unwrap();
+    let value = first.headers()[SET_COOKIE].to_str().unwrap();
+    let value = value.split(';').next().unwrap().to_owned();
+    let key = value.strip_prefix("JSESSIONID=").unwrap().to_owned();
+    assert!(store.load(&key).await.unwrap().is_some());
+    // A slow logout; while it is at its backend another login fills the
+    // table and evicts the session.
+    let logout = Request::builder()
+        .header(COOKIE, &value)
+        .header("x-logout", "1")
+        .header("x-delay-ms", "1000")
+        .body(())
+        .unwrap();
+    let logout = tokio::spawn(send_owned(svc.clone(), logout));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    send(&svc, login()).await.unwrap();
+    assert!(layer.session(&key).is_none(), "evicted");
+    assert_eq!(layer.stats().evicted, 1);
+    // The logout's answer still ends the record the layer had read.
+    assert_eq!(logout.await.unwrap().unwrap().body(), first.body());
+    assert!(store.load(&key).await.unwrap().is_none());
+    assert_eq!(store.len(), 1, "the other session's record stays");
+}
+
 #[tokio::test]
 async fn a_learned_cookie_nobody_set_is_not_stored() {
     let c = cluster();

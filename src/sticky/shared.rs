@@ -205,6 +205,11 @@ pub(crate) enum Track {
         /// The store has no record of the session yet (one kept in memory
         /// while its record could not be read): the response saves it.
         save: bool,
+        /// The layer read or wrote the session's record (see
+        /// `Hit::saved`), as it stood when the request was routed: an
+        /// answer that ends the session deletes that record, even when
+        /// the session left the table meanwhile.
+        saved: bool,
     },
 }
 
@@ -515,6 +520,7 @@ impl Shared {
             cookie,
             failed: hit.failed,
             save: false,
+            saved: hit.saved,
         })
     }
 
@@ -715,6 +721,9 @@ impl Shared {
         let served = response.extensions().get::<ServedBy>().map(|s| s.0.clone());
         let mut work = Work::default();
         let mut current: Option<Arc<str>> = None;
+        // Whether the stored record of `current` is the one the layer read
+        // or wrote for it (see `Track::Known::saved`).
+        let mut owned = false;
         // A session started from the request's own cookie value, not yet
         // saved (learned cookies).
         let mut unconfirmed = false;
@@ -726,6 +735,7 @@ impl Shared {
                     cookie,
                     failed,
                     save,
+                    saved,
                 },
                 Some(served),
             ) => {
@@ -783,8 +793,12 @@ impl Shared {
                     }
                 }
                 current = Some(key);
+                owned = saved;
             }
-            (Track::Known { key, .. }, None) => current = Some(key),
+            (Track::Known { key, saved, .. }, None) => {
+                current = Some(key);
+                owned = saved;
+            }
             (Track::New { key, kept }, Some(served)) => {
                 // An application's session cookie is trusted once the
                 // application sets it: until then the binding stays in
@@ -797,6 +811,7 @@ impl Shared {
                     set_cookie(response, c, &key, &bound);
                 }
                 current = Some(key);
+                owned = kept == Kept::Saved;
             }
             (Track::New { key, .. }, None) => current = Some(key),
             (Track::Fresh, Some(served)) => match &self.config.key.kind {
@@ -829,22 +844,24 @@ impl Shared {
                 }
                 Some(Learned::Deleted) => {
                     // The stored record goes only when it is this session's
-                    // as the layer knows it: one it read or wrote. A record
-                    // it could not read (a load error), or never wrote (a
-                    // value the application had not confirmed), may belong
-                    // to a session this backend simply does not know.
+                    // as the layer knew it when it routed the request: one
+                    // it read or wrote (whether or not the session is still
+                    // in the table). A record it could not read (a load
+                    // error), or never wrote (a value the application had
+                    // not confirmed), may belong to a session this backend
+                    // simply does not know.
                     if let Some(k) = current {
-                        match self.table.take(&k) {
-                            Some(true) => {
-                                tracing::debug!(target: TARGET, session = %k, "session ended by the application");
-                                work.delete.push(k.to_string());
-                            }
-                            Some(false) => tracing::debug!(
+                        self.table.remove(&k);
+                        if owned {
+                            tracing::debug!(target: TARGET, session = %k, "session ended by the application");
+                            work.save.retain(|s| *s.key != *k);
+                            work.delete.push(k.to_string());
+                        } else {
+                            tracing::debug!(
                                 target: TARGET,
                                 session = %k,
                                 "session ended by the application; a stored record it never read is kept"
-                            ),
-                            None => {}
+                            );
                         }
                     }
                 }

@@ -76,6 +76,8 @@ pub(crate) struct Hit {
     pub(crate) key: Arc<str>,
     pub(crate) backend: BackendId,
     pub(crate) failed: bool,
+    /// Whether the layer saves the session's changes (see `Entry::saved`).
+    pub(crate) saved: bool,
 }
 
 /// A session kept in memory because its record could not be read, whose
@@ -297,11 +299,7 @@ impl Table {
                     _ => false,
                 };
                 return Lookup {
-                    hit: Some(Hit {
-                        key: k.0.clone(),
-                        backend: entry.backend.clone(),
-                        failed: entry.failed.load(Ordering::Relaxed),
-                    }),
+                    hit: Some(hit_of(&k.0, entry)),
                     expired: false,
                     exact,
                     unread: None,
@@ -499,6 +497,7 @@ impl Table {
 
     /// Removes `key`; returns whether the session removed was saved (see
     /// `Entry::saved`), or `None` when the table did not hold it.
+    #[cfg(test)]
     pub(crate) fn take(&self, key: &str) -> Option<bool> {
         let entry = self.map.write().remove(key.as_bytes())?;
         Some(entry.saved.into_inner())
@@ -594,6 +593,7 @@ fn hit_of(key: &Arc<str>, entry: &Entry) -> Hit {
         key: key.clone(),
         backend: entry.backend.clone(),
         failed: entry.failed.load(Ordering::Relaxed),
+        saved: entry.saved.load(Ordering::Relaxed),
     }
 }
 
