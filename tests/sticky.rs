@@ -1463,6 +1463,23 @@ async fn a_session_kept_in_memory_moves_as_itself_once_the_store_has_no_record()
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_session_kept_in_memory_leaves_its_failed_backend_when_read_again() {
+    let c = cluster();
+    let store = FlakyLoads::new(MemoryStore::new());
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let home = send(&svc, session("k")).await.unwrap().into_body();
+    c.fail[home.as_str()].store(true, Ordering::SeqCst);
+    assert!(send(&svc, session("k")).await.is_err());
+    // Read again while the store is still down: the session stays in
+    // memory, and off the backend that failed it.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let moved = send(&svc, session("k")).await.unwrap().into_body();
+    assert_ne!(moved, home);
+    assert_eq!(layer.stats().moved, 1);
+    assert_eq!(layer.stats().store_errors, 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_session_kept_in_memory_is_saved_by_its_first_answered_request() {
     let c = cluster();
     let shared = MemoryStore::new();

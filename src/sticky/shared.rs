@@ -431,6 +431,12 @@ impl Shared {
             let named = unread.map(|u| u.backend).or(cookie);
             return Err(SessionUnavailable::unreadable(&key, named));
         }
+        // The backend a session kept in memory failed on: it stays off it
+        // wherever it is routed to it again.
+        let failed_on = unread
+            .as_ref()
+            .filter(|u| u.failed)
+            .map(|u| u.backend.clone());
         // A stored record is authoritative (it follows moves made on other
         // replicas). Without one, a session kept in memory stays where it
         // is, and a verified cookie names the backend, unless that backend
@@ -470,8 +476,12 @@ impl Shared {
             Some(session) => {
                 let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
-                let (hit, dropped, _) = self.table.insert_if_absent(session, tag, kept);
+                let (mut hit, dropped, inserted) = self.table.insert_if_absent(session, tag, kept);
                 self.count_dropped(dropped);
+                if inserted && failed_on.as_ref() == Some(&hit.backend) {
+                    self.table.set_failed(&hit.key, &hit.backend, true);
+                    hit.failed = true;
+                }
                 self.pin(req, hit, Named::from_option(cookie))
             }
             None => Ok(Track::New { key, kept }),
