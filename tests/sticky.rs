@@ -1420,6 +1420,60 @@ async fn a_session_kept_in_memory_is_saved_once_the_store_has_no_record() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn standalone_strict_refuses_only_the_keys_that_may_have_a_record() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared.save(&kernel("k1", "c")).await.unwrap();
+    // Loads fail while `down` is set; restore's load_all works.
+    let store = FlakyLoads::new(shared.clone());
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .strict(true)
+        .idle_timeout(Duration::from_secs(60));
+    let svc = stack(&c.pool, layer.clone());
+    let unreadable = |res: Result<Response<String>, BoxError>| {
+        let err = res.unwrap_err();
+        err.downcast_ref::<SessionUnavailable>()
+            .is_some_and(SessionUnavailable::is_unreadable)
+    };
+    // Before restore() nothing tells a new key from a stored one.
+    assert!(unreadable(send(&svc, session("new-0")).await));
+    layer.restore().await.unwrap();
+    // A session started since restore() is saved.
+    store.down.store(false, Ordering::SeqCst);
+    let s2 = send(&svc, session("s2")).await.unwrap().into_body();
+    assert!(shared.load("s2").await.unwrap().is_some());
+    store.down.store(true, Ordering::SeqCst);
+    // Both leave the table; their records cannot be read: refused.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    for key in ["k1", "s2"] {
+        assert!(unreadable(send(&svc, session(key)).await), "{key}");
+    }
+    // A key this instance never stored is a new session, which no refusal
+    // could keep on its backend: served, in memory only, and kept there
+    // while the store stays down.
+    let mut homes = Vec::new();
+    for i in 0..3 {
+        let home = send(&svc, session(format!("new-{i}"))).await.unwrap();
+        homes.push(home.into_body());
+    }
+    tokio::time::advance(Duration::from_secs(10)).await;
+    for (i, home) in homes.iter().enumerate() {
+        let res = send(&svc, session(format!("new-{i}"))).await.unwrap();
+        assert_eq!(res.body(), home);
+    }
+    let stats = layer.stats();
+    assert_eq!(stats.strict_refusals, 3, "{stats:?}");
+    assert_eq!(stats.moved, 0);
+    assert!(shared.load("new-0").await.unwrap().is_none());
+    // The store is back: the stored sessions go to their backends.
+    store.down.store(false, Ordering::SeqCst);
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "c");
+    assert_eq!(send(&svc, session("s2")).await.unwrap().body(), &s2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_session_kept_in_memory_moves_as_itself_once_the_store_has_no_record() {
     let c = cluster();
     let shared = MemoryStore::new();

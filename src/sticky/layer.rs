@@ -95,8 +95,20 @@ impl StickyLayer {
     /// the request fails with
     /// [`SessionUnavailable`](super::error::SessionUnavailable) instead. So
     /// does a request whose session's record the store cannot read (the
-    /// next request reads it again). A backend that is draining but healthy
-    /// still serves its sessions, as the balancer lets it.
+    /// next request reads it again), since the session may be bound to
+    /// another backend than the one it would reach.
+    ///
+    /// A key that cannot have a record is no session to move, and is not
+    /// refused: in [standalone](Availability::Standalone) mode, once
+    /// [`restore`](StickyLayer::restore) has loaded the store, a key whose
+    /// record this instance neither restored nor saved since (it is the
+    /// only one writing the store) starts a new session while the store
+    /// cannot be read, kept in memory as without strict mode. Before
+    /// `restore`, and in [replication](Availability::Replication) mode,
+    /// where other replicas write the store, any key may have a record.
+    ///
+    /// A backend that is draining but healthy still serves its sessions,
+    /// as the balancer lets it.
     pub fn strict(self, strict: bool) -> Self {
         self.with(|c| c.strict = strict)
     }

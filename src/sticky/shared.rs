@@ -173,7 +173,43 @@ pub(crate) struct Shared {
     /// Keys whose stored record `restore` kept after its hook failed
     /// (standalone mode): never overwritten by a session started here.
     unrestored: Mutex<HashSet<Arc<str>>>,
+    /// The records the store holds as far as this instance knows
+    /// (standalone mode): see `Shared::may_have_record`.
+    records: Mutex<Records>,
     counters: Counters,
+}
+
+/// The keys of the records the store holds, as a standalone instance (the
+/// one instance writing the store) knows them: those `restore` loaded and
+/// every session saved since, less those deleted. Kept as 64-bit hashes
+/// with random keys: a collision can only make a new key look stored.
+#[derive(Default)]
+struct Records {
+    /// `restore` loaded the store: before, any key may have a record.
+    restored: bool,
+    keys: HashSet<u64>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Records {
+    fn hash(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key.as_bytes())
+    }
+
+    fn insert(&mut self, key: &str) {
+        let hash = self.hash(key);
+        self.keys.insert(hash);
+    }
+
+    fn remove(&mut self, key: &str) {
+        let hash = self.hash(key);
+        self.keys.remove(&hash);
+    }
+
+    fn may_hold(&self, key: &str) -> bool {
+        !self.restored || self.keys.contains(&self.hash(key))
+    }
 }
 
 impl fmt::Debug for Shared {
@@ -269,6 +305,7 @@ impl Shared {
             config,
             loading: Mutex::new(HashMap::new()),
             unrestored: Mutex::new(HashSet::new()),
+            records: Mutex::new(Records::default()),
             counters: Counters::default(),
         }
     }
@@ -424,9 +461,11 @@ impl Shared {
         // What this instance starts or learns here is saved unless the
         // store holds a record it could not read or did not take.
         let kept = stored.kept();
-        if self.config.strict && kept == Kept::Unread {
+        if self.config.strict && kept == Kept::Unread && self.may_have_record(&key) {
             // Whatever backend the session is on, this instance cannot
-            // tell: routing it anywhere could move it.
+            // tell: routing it anywhere could move it. A key with no
+            // record is no session to move: it is routed as a new one,
+            // kept in memory (see `may_have_record`).
             bump(&self.counters.strict_refusals, 1);
             let named = unread.map(|u| u.backend).or(cookie);
             return Err(SessionUnavailable::unreadable(&key, named));
@@ -486,6 +525,18 @@ impl Shared {
             }
             None => Ok(Track::New { key, kept }),
         }
+    }
+
+    /// Whether the store may hold a record of `key`. In replication mode
+    /// other instances write the store, so any key may have one. A
+    /// standalone instance is the only one writing it: once `restore` has
+    /// loaded it, a key it neither loaded nor saved since has none.
+    fn may_have_record(&self, key: &str) -> bool {
+        !self.tracks_records() || self.records.lock().may_hold(key)
+    }
+
+    fn tracks_records(&self) -> bool {
+        self.config.availability == Availability::Standalone && self.config.store.is_some()
     }
 
     /// Pins a request to its session's backend, or lets it go elsewhere.
@@ -945,6 +996,13 @@ impl Shared {
     }
 
     fn finish(self: &Arc<Self>, work: Work) -> Option<BoxFuture<()>> {
+        if self.tracks_records() && !work.is_empty() {
+            // Before the response is handed on, so that the next request
+            // for these keys finds them.
+            let mut records = self.records.lock();
+            work.save.iter().for_each(|s| records.insert(&s.key));
+            work.delete.iter().for_each(|k| records.remove(k));
+        }
         let has_hook = work.moved.is_some() && self.config.on_move.is_some();
         if (self.config.store.is_none() || work.is_empty()) && !has_hook {
             return None;
@@ -987,6 +1045,11 @@ impl Shared {
         };
         let loaded = store.load_all().await?;
         report.skipped = loaded.skipped;
+        if self.tracks_records() {
+            let mut records = self.records.lock();
+            loaded.sessions.iter().for_each(|s| records.insert(&s.key));
+            records.restored = true;
+        }
         for session in loaded.sessions {
             if let Some(hook) = &self.config.on_restore {
                 if let Err(error) = hook(session.clone()).await {
@@ -1022,6 +1085,7 @@ impl Shared {
         if let Some(store) = &self.config.store {
             store.delete(&[key.to_owned()]).await?;
             self.unrestored.lock().remove(key);
+            self.records.lock().remove(key);
         }
         Ok(known)
     }
