@@ -25,7 +25,9 @@ pub struct StickyStats {
     /// under a [`SessionLock`](crate::store::SessionLock) (see
     /// [`StickyLayer::hydrate`](super::StickyLayer::hydrate)).
     pub hydrated: u64,
-    /// Store calls that failed (the request went on without them).
+    /// Store calls that failed. The request went on without them, unless
+    /// strict mode refused it because its session's record could not be
+    /// read (counted in `strict_refusals` too).
     pub store_errors: u64,
     /// Sessions dropped from the table after being idle.
     pub expired: u64,
