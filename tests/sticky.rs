@@ -426,12 +426,13 @@ async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
         StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID")).store(store.clone());
     let svc = stack(&c.pool, layer.clone());
     // Without the cookie: round robin.
-    let bodies: Vec<String> = join_all((0..3).map(|_| send(&svc, Request::new(()))))
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().into_body())
-        .collect();
-    assert_eq!(bodies.len(), 3);
+    let bodies: std::collections::BTreeSet<String> =
+        join_all((0..3).map(|_| send(&svc, Request::new(()))))
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().into_body())
+            .collect();
+    assert_eq!(bodies, NAMES.map(String::from).into(), "{bodies:?}");
     let login = send(
         &svc,
         Request::builder().header("x-login", "1").body(()).unwrap(),
