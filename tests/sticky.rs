@@ -802,11 +802,13 @@ async fn a_full_table_evicts_least_recently_used_which_stay_in_the_store() {
     }
 }
 
-/// A store that counts loads and holds each load until released.
+/// A store that counts loads and holds each load until released, counting
+/// the loads waiting to be.
 #[derive(Clone)]
 struct SlowStore {
     inner: MemoryStore,
     loads: Arc<AtomicUsize>,
+    waiting: Arc<AtomicUsize>,
     gate: Arc<tokio::sync::Semaphore>,
 }
 
@@ -817,7 +819,9 @@ impl SessionStore for SlowStore {
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         self.loads.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
             let _permit = self.gate.acquire().await.unwrap();
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
             self.inner.load(key).await
         })
     }
@@ -912,17 +916,39 @@ async fn replication_loads_each_key_once_under_concurrent_requests() {
     let slow = SlowStore {
         inner: shared.clone(),
         loads: Arc::new(AtomicUsize::new(0)),
+        waiting: Arc::new(AtomicUsize::new(0)),
         gate: Arc::new(tokio::sync::Semaphore::new(0)),
     };
     let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), slow.clone());
     let req = || session("kernel-1");
+    // Counts the requests that have been polled and wait: for the load,
+    // as no backend is slow.
+    let waiting = Arc::new(AtomicUsize::new(0));
     let pending: Vec<_> = (0..50)
-        .map(|_| tokio::spawn(send_owned(svc.clone(), req())))
+        .map(|_| {
+            let mut response = Box::pin(send_owned(svc.clone(), req()));
+            let (waiting, mut counted) = (waiting.clone(), false);
+            tokio::spawn(futures::future::poll_fn(move |cx| {
+                let poll = std::future::Future::poll(response.as_mut(), cx);
+                if poll.is_pending() && !counted {
+                    counted = true;
+                    waiting.fetch_add(1, Ordering::SeqCst);
+                }
+                poll
+            }))
+        })
         .collect();
-    // Let every request reach the store before it answers.
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
+    // Every request waits before the store answers: one at the store's
+    // gate, the others on its load.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while waiting.load(Ordering::SeqCst) < 50 || slow.waiting.load(Ordering::SeqCst) < 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("every request waits for the store");
+    assert_eq!(slow.waiting.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.stats().misses, 50);
     slow.gate.add_permits(1000);
     for p in pending {
         assert_eq!(p.await.unwrap().unwrap().body(), "c");
