@@ -1,7 +1,7 @@
 //! Health: passive ejection, active probes, lifecycle, slow start and panic
 //! routing, all on paused tokio time.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,8 +10,12 @@ use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::classify::Outcome;
+use tower_ha::error::{find, InvalidRequest};
 use tower_ha::extensions::ServedBy;
+use tower_ha::extensions::Target;
 use tower_ha::failover::FailoverLayer;
+use tower_ha::failover::TimedOut;
 use tower_ha::health::{probe_fn, HealthChecker, HealthLayer, SlowStart};
 use tower_ha::{AdminStatus, BackendId, BackendState, BoxError, Health, Pool};
 
@@ -43,10 +47,17 @@ async fn passive_ejects_after_exactly_n_consecutive_failures() {
     assert_eq!(state.ejected_until(), Some(now + secs(30)));
 }
 
-#[tokio::test(start_paused = true)]
-async fn attempts_abandoned_at_the_per_try_timeout_count_as_failures() {
-    type Boxed = BoxCloneSyncService<Request<()>, http::Response<()>, BoxError>;
-    let layer = HealthLayer::new();
+type Boxed = BoxCloneSyncService<Request<()>, http::Response<()>, BoxError>;
+
+type Guarded<C> = tower_ha::health::Health<Boxed, C>;
+type Stack<C> = tower_ha::failover::Failover<Balance<Guarded<C>, RoundRobin>>;
+
+/// A pool of "hangs" (never answers) and "answers" (200), each wrapped by
+/// `layer`, behind a failover layer with a 100 ms per-try timeout.
+fn hangs_and_answers<C>(layer: HealthLayer<C>) -> (Pool<Guarded<C>>, Stack<C>)
+where
+    C: tower_ha::classify::Classifier + 'static,
+{
     let hangs: Boxed = BoxCloneSyncService::new(tower::service_fn(|_req: Request<()>| {
         std::future::pending::<Result<http::Response<()>, BoxError>>()
     }));
@@ -54,10 +65,17 @@ async fn attempts_abandoned_at_the_per_try_timeout_count_as_failures() {
     let pool = Pool::new();
     pool.insert("hangs", layer.layer(hangs));
     pool.insert("answers", layer.layer(answers));
-    let hangs = pool.state(&"hangs".into()).unwrap();
     let svc = FailoverLayer::new()
         .per_try_timeout(ms(100))
+        .no_budget()
         .layer(Balance::new(pool.clone(), RoundRobin::new()));
+    (pool, svc)
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_abandoned_at_the_per_try_timeout_count_as_failures() {
+    let (pool, svc) = hangs_and_answers(HealthLayer::new());
+    let hangs = pool.state(&"hangs".into()).unwrap();
 
     // A request its client drops while it waits on "hangs" is no failure.
     loop {
@@ -88,6 +106,72 @@ async fn attempts_abandoned_at_the_per_try_timeout_count_as_failures() {
     }
     assert_eq!(timeouts, 5);
     assert_eq!(hangs.ejections(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_classifier_that_ignores_timeouts_is_obeyed() {
+    let classifier = |outcome: &Outcome<'_>| match outcome {
+        Outcome::Error(e) => find::<TimedOut>(*e).is_none(),
+        Outcome::Response { status, .. } => status.is_server_error(),
+    };
+    let (pool, svc) = hangs_and_answers(HealthLayer::new().classifier(classifier));
+    let hangs = pool.state(&"hangs".into()).unwrap();
+    // Round robin alternates: about every other request waits on "hangs",
+    // which stays in the pool as long as its timeouts do not count.
+    let mut timeouts = 0;
+    for _ in 0..40 {
+        let start = Instant::now();
+        svc.clone().oneshot(Request::new(())).await.unwrap();
+        timeouts += usize::from(Instant::now() - start == ms(100));
+    }
+    assert!(timeouts >= 10, "only {timeouts} attempts reached \"hangs\"");
+    assert_eq!(hangs.consecutive_failures(), 0);
+    assert!(!hangs.is_ejected());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_request_is_neither_a_failure_nor_a_success() {
+    let invalid = Arc::new(AtomicBool::new(false));
+    let backend = {
+        let invalid = invalid.clone();
+        tower::service_fn(move |_req: Request<()>| {
+            let invalid = invalid.load(Ordering::SeqCst);
+            async move {
+                if invalid {
+                    Err(BoxError::from(InvalidRequest::new(
+                        "a path hides a separator",
+                    )))
+                } else {
+                    Ok(http::Response::builder().status(503).body(()).unwrap())
+                }
+            }
+        })
+    };
+    let svc = HealthLayer::new().layer(backend);
+    let state = Arc::new(BackendState::new(1));
+    let send = |svc: &tower_ha::health::Health<_, _>| {
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert(Target::new("a".into(), state.clone()));
+        svc.clone().oneshot(req)
+    };
+    for _ in 0..4 {
+        send(&svc).await.unwrap();
+    }
+    assert_eq!(state.consecutive_failures(), 4);
+    invalid.store(true, Ordering::SeqCst);
+    send(&svc).await.unwrap_err();
+    assert_eq!(
+        state.consecutive_failures(),
+        4,
+        "not reset by a bad request"
+    );
+    invalid.store(false, Ordering::SeqCst);
+    send(&svc).await.unwrap();
+    assert!(
+        state.is_ejected(),
+        "five failures in a row, the bad request aside"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 
 use super::outlier::Watch;
 use crate::classify::{Classifier, Outcome};
-use crate::error::BoxError;
+use crate::error::{find, BoxError, InvalidRequest};
 use crate::extensions::{Picked, Target};
 
 /// What a response future observes for the health of its backend.
@@ -19,7 +19,8 @@ pub(crate) struct Observed<C> {
     pub(crate) target: Target,
     pub(crate) watch: Arc<Watch<C>>,
     /// The failover layer's slot, which says whether an attempt dropped
-    /// unfinished was abandoned at its per-try timeout.
+    /// unfinished was abandoned at its per-try timeout; `None` when the
+    /// classifier does not count timeouts.
     pub(crate) picked: Option<Picked>,
 }
 
@@ -29,19 +30,13 @@ pin_project! {
     /// unfinished because the failover layer's per-try timeout fired, it
     /// records a failure; dropped for any other reason (the client went
     /// away, the overall deadline), nothing.
-    pub struct ResponseFuture<F, C>
-    where
-        C: Classifier,
-    {
+    pub struct ResponseFuture<F, C> {
         #[pin]
         inner: F,
         observed: Option<Observed<C>>,
     }
 
-    impl<F, C> PinnedDrop for ResponseFuture<F, C>
-    where
-        C: Classifier,
-    {
+    impl<F, C> PinnedDrop for ResponseFuture<F, C> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(o) = this.observed.take() {
@@ -53,7 +48,7 @@ pin_project! {
     }
 }
 
-impl<F, C: Classifier> ResponseFuture<F, C> {
+impl<F, C> ResponseFuture<F, C> {
     pub(crate) fn new(inner: F, observed: Option<Observed<C>>) -> Self {
         ResponseFuture { inner, observed }
     }
@@ -71,14 +66,20 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx)).map_err(Into::into);
         if let Some(o) = this.observed.take() {
-            let failed = o.watch.classifier.is_failure(&Outcome::of(&result));
-            o.watch.observe(&o.target, failed);
+            // A request the backend refused to send because the request
+            // itself is bad says nothing of the backend: neither a failure
+            // nor a success.
+            let invalid = matches!(&result, Err(e) if find::<InvalidRequest>(&**e).is_some());
+            if !invalid {
+                let failed = o.watch.classifier.is_failure(&Outcome::of(&result));
+                o.watch.observe(&o.target, failed);
+            }
         }
         Poll::Ready(result)
     }
 }
 
-impl<F, C: Classifier> fmt::Debug for ResponseFuture<F, C> {
+impl<F, C> fmt::Debug for ResponseFuture<F, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

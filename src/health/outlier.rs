@@ -2,7 +2,7 @@
 //! layer and the pool-wide cap on ejections.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -165,6 +165,9 @@ pub(crate) struct Watch<C> {
     window_failures: AtomicU32,
     epoch: Instant,
     events: Option<Events>,
+    /// Whether the classifier counts a per-try timeout as a failure, asked
+    /// once.
+    pub(crate) timeouts_fail: OnceLock<bool>,
 }
 
 impl<C> Watch<C> {
@@ -185,6 +188,7 @@ impl<C> Watch<C> {
             window_failures: AtomicU32::new(0),
             epoch: Instant::now(),
             events,
+            timeouts_fail: OnceLock::new(),
         }
     }
 

@@ -1,6 +1,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
 use tower_service::Service;
@@ -8,9 +9,10 @@ use tower_service::Service;
 use super::future::{Observed, ResponseFuture};
 use super::layer::HealthLayer;
 use super::outlier::Watch;
-use crate::classify::{Classifier, DefaultClassifier};
+use crate::classify::{Classifier, DefaultClassifier, Outcome};
 use crate::error::BoxError;
 use crate::extensions::{Picked, Target};
+use crate::failover::TimedOut;
 
 /// Watches the outcomes of one backend's requests and ejects the backend
 /// after consecutive failures. Built by [`HealthLayer`].
@@ -96,10 +98,22 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let ext = req.extensions();
-        let observed = ext.get::<Target>().map(|target| Observed {
-            target: target.clone(),
-            watch: self.watch.clone(),
-            picked: ext.get::<Picked>().cloned(),
+        let observed = ext.get::<Target>().map(|target| {
+            // Only a failover layer with a per-try timeout puts a slot
+            // that can say an attempt timed out.
+            let picked = ext.get::<Picked>().cloned();
+            let timeouts_fail = picked.is_some()
+                && *self.watch.timeouts_fail.get_or_init(|| {
+                    let timed_out = TimedOut::new(Duration::ZERO);
+                    self.watch
+                        .classifier
+                        .is_failure(&Outcome::Error(&timed_out))
+                });
+            Observed {
+                target: target.clone(),
+                watch: self.watch.clone(),
+                picked: picked.filter(|_| timeouts_fail),
+            }
         });
         ResponseFuture::new(self.inner.call(req), observed)
     }
