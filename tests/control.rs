@@ -330,6 +330,21 @@ async fn durations_meaning_never_hold_without_panicking() {
     tokio::time::advance(Duration::from_secs(86_400)).await;
     // Neither a day of stability nor the dwell time is "never".
     assert_eq!(serve(&balance).await, "b");
+
+    // A primary stable at once, held back by the dwell time alone.
+    let pool = pool_of(&["a", "b"]);
+    let group = Priority::new("g", ["a", "b"])
+        .failback(Failback::Auto {
+            after_stable_for: Duration::ZERO,
+        })
+        .min_dwell(Duration::MAX);
+    let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
+    assert_eq!(serve(&balance).await, "a");
+    set_health(&pool, "a", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "b");
+    set_health(&pool, "a", Health::Healthy);
+    tokio::time::advance(Duration::from_secs(86_400)).await;
+    assert_eq!(serve(&balance).await, "b");
 }
 
 #[tokio::test(start_paused = true)]
