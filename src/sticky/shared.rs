@@ -856,7 +856,21 @@ impl Shared {
                 current = Some(key);
                 owned = saved;
             }
-            (Track::Known { key, saved, .. }, None) => {
+            (
+                Track::Known {
+                    key,
+                    backend,
+                    save,
+                    saved,
+                    ..
+                },
+                None,
+            ) => {
+                if save {
+                    // Nothing says where it was served: not saved, read
+                    // again on the next request.
+                    self.table.unkeep(&key, &backend);
+                }
                 current = Some(key);
                 owned = saved;
             }
