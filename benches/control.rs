@@ -2,16 +2,18 @@
 //!
 //! * `pick/*`: one request through `Balance` over 10 always-ready backends
 //!   with `Priority` (primary available, steady state) against
-//!   `RoundRobin`, the cheapest strategy.
+//!   `RoundRobin`, the cheapest strategy, and tower's `p2c::Balance` over
+//!   10 `load::Constant` backends (the anchor) in the same group.
 //! * `emit/*`: one `Events::emit` with no subscriber, and with a subscriber
 //!   that never reads (its buffer of 1024 is full: every emit overwrites).
 //!
-//! Run with `cargo bench --bench control -- --warm-up-time 1 --measurement-time 3`.
+//! Run with `cargo bench --bench control -- --noplot`.
 
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use http::Request;
 use tower_ha::balance::{Balance, Failback, Priority, RoundRobin, Strategy};
 use tower_ha::control::{Event, Events};
@@ -20,28 +22,45 @@ use tower_ha::Pool;
 mod support;
 use support::{time_requests, Backend};
 
-fn bench_pick<P: Strategy>(c: &mut Criterion, name: &str, strategy: P) {
+const BACKENDS: usize = 10;
+
+/// Times `iters` requests through `svc` with the shared harness.
+fn time<S>(svc: &mut S, iters: u64) -> Duration
+where
+    S: tower::Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    time_requests(svc, iters, 4096, |_| Request::new(()))
+}
+
+fn bench_pick<P: Strategy>(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, strategy: P) {
     let pool = Pool::new();
-    let ids: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
-    for id in &ids {
-        pool.insert(id.as_str(), Backend);
+    for i in 0..BACKENDS {
+        pool.insert(format!("b{i}"), Backend);
     }
     let mut balance = Balance::new(pool, strategy);
-    c.bench_function(&format!("pick/{name}"), |b| {
-        b.iter_custom(|iters| time_requests(&mut balance, iters, 4096, |_| Request::new(())))
-    });
+    group.bench_function(name, |b| b.iter_custom(|iters| time(&mut balance, iters)));
 }
 
 fn picks(c: &mut Criterion) {
-    let order: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
-    bench_pick(c, "round_robin", RoundRobin::new());
+    let mut group = c.benchmark_group("pick");
+    let services: Vec<_> = (0..BACKENDS)
+        .map(|_| tower::load::Constant::new(Backend, 0))
+        .collect();
+    let mut p2c = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services));
+    group.bench_function("tower_p2c", |b| {
+        b.iter_custom(|iters| time(&mut p2c, iters))
+    });
+
+    let order: Vec<String> = (0..BACKENDS).map(|i| format!("b{i}")).collect();
+    bench_pick(&mut group, "round_robin", RoundRobin::new());
     bench_pick(
-        c,
+        &mut group,
         "priority_never",
         Priority::new("g", order.iter().map(String::as_str)),
     );
     bench_pick(
-        c,
+        &mut group,
         "priority_auto",
         Priority::new("g", order.iter().map(String::as_str))
             .failback(Failback::Auto {
@@ -49,6 +68,7 @@ fn picks(c: &mut Criterion) {
             })
             .min_dwell(Duration::from_secs(10)),
     );
+    group.finish();
 }
 
 fn emits(c: &mut Criterion) {
