@@ -277,7 +277,11 @@ async fn a_backend_removed_by_the_health_checker_returns_while_listed() {
     let while_removed = probes_of(two_addr);
     assert!(while_removed > 0);
     tokio::time::sleep(Duration::from_millis(5_000)).await; // 9.5 s
-    assert_eq!(probes_of(two_addr), while_removed, "a removed backend is not probed");
+    assert_eq!(
+        probes_of(two_addr),
+        while_removed,
+        "a removed backend is not probed"
+    );
 
     // The pod restarts on the same IP; DNS still lists it.
     two_up.store(true, Ordering::SeqCst);

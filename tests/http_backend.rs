@@ -633,10 +633,7 @@ impl http_body::Body for Endless {
 /// so a request with a body that never ends keeps its connection busy.
 /// Counts the connections.
 async fn serve_raw() -> (SocketAddr, Arc<AtomicUsize>) {
-    accept_counting(|mut stream, n| async move {
-        while answer_raw(&mut stream, n).await {}
-    })
-    .await
+    accept_counting(|mut stream, n| async move { while answer_raw(&mut stream, n).await {} }).await
 }
 
 /// Reads one request head from `stream` and answers `conn N`; false once
