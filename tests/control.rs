@@ -314,37 +314,28 @@ async fn with_auto_the_primary_returns_only_after_a_whole_stable_interval() {
     assert_eq!(group.failovers(), 1);
 }
 
+/// With `after_stable_for` and `min_dwell`, a primary that failed over to
+/// the backup is still not back a day after it recovered.
+async fn no_failback_within_a_day(after_stable_for: Duration, min_dwell: Duration) {
+    let pool = pool_of(&["a", "b"]);
+    let group = Priority::new("g", ["a", "b"])
+        .failback(Failback::Auto { after_stable_for })
+        .min_dwell(min_dwell);
+    let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
+    assert_eq!(serve(&balance).await, "a");
+    set_health(&pool, "a", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "b");
+    set_health(&pool, "a", Health::Healthy);
+    tokio::time::advance(Duration::from_secs(86_400)).await;
+    assert_eq!(serve(&balance).await, "b");
+}
+
 #[tokio::test(start_paused = true)]
 async fn durations_meaning_never_hold_without_panicking() {
-    let pool = pool_of(&["a", "b"]);
-    let group = Priority::new("g", ["a", "b"])
-        .failback(Failback::Auto {
-            after_stable_for: Duration::MAX,
-        })
-        .min_dwell(Duration::MAX);
-    let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
-    assert_eq!(serve(&balance).await, "a");
-    set_health(&pool, "a", Health::Unhealthy);
-    assert_eq!(serve(&balance).await, "b");
-    set_health(&pool, "a", Health::Healthy);
-    tokio::time::advance(Duration::from_secs(86_400)).await;
     // Neither a day of stability nor the dwell time is "never".
-    assert_eq!(serve(&balance).await, "b");
-
+    no_failback_within_a_day(Duration::MAX, Duration::MAX).await;
     // A primary stable at once, held back by the dwell time alone.
-    let pool = pool_of(&["a", "b"]);
-    let group = Priority::new("g", ["a", "b"])
-        .failback(Failback::Auto {
-            after_stable_for: Duration::ZERO,
-        })
-        .min_dwell(Duration::MAX);
-    let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
-    assert_eq!(serve(&balance).await, "a");
-    set_health(&pool, "a", Health::Unhealthy);
-    assert_eq!(serve(&balance).await, "b");
-    set_health(&pool, "a", Health::Healthy);
-    tokio::time::advance(Duration::from_secs(86_400)).await;
-    assert_eq!(serve(&balance).await, "b");
+    no_failback_within_a_day(Duration::ZERO, Duration::MAX).await;
 }
 
 #[tokio::test(start_paused = true)]

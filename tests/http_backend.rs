@@ -427,10 +427,10 @@ async fn a_connection_the_backend_closed_while_idle_is_replaced() {
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_connection_idle_for_90_s_is_not_reused() {
+/// A connection idle for just under `idle` is reused; one idle for `idle`
+/// is replaced.
+async fn idle_connections_last(client: HttpClient<Full<Bytes>>, idle: Duration) {
     let (addr, accepted) = serve_counting().await;
-    let client = HttpClient::<Full<Bytes>>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
     let get = || {
         backend
@@ -438,39 +438,27 @@ async fn a_connection_idle_for_90_s_is_not_reused() {
             .oneshot(Request::get("/").body(Full::default()).unwrap())
     };
     body_of(get().await.unwrap()).await;
-    tokio::time::advance(Duration::from_secs(89)).await;
+    tokio::time::advance(idle - Duration::from_secs(1)).await;
     body_of(get().await.unwrap()).await;
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused within 90 s");
-    tokio::time::advance(Duration::from_secs(90)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused within {idle:?}");
+    tokio::time::advance(idle).await;
     body_of(get().await.unwrap()).await;
     assert_eq!(
         accepted.load(Ordering::SeqCst),
         2,
-        "replaced after 90 s idle"
+        "replaced after {idle:?} idle"
     );
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_connection_idle_for_90_s_is_not_reused() {
+    idle_connections_last(HttpClient::new(), Duration::from_secs(90)).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_idle_timeout_can_be_set() {
-    let (addr, accepted) = serve_counting().await;
-    let client = HttpClient::<Full<Bytes>>::new().idle_timeout(Duration::from_secs(4));
-    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
-    let get = || {
-        backend
-            .clone()
-            .oneshot(Request::get("/").body(Full::default()).unwrap())
-    };
-    body_of(get().await.unwrap()).await;
-    tokio::time::advance(Duration::from_secs(3)).await;
-    body_of(get().await.unwrap()).await;
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused within 4 s");
-    tokio::time::advance(Duration::from_secs(4)).await;
-    body_of(get().await.unwrap()).await;
-    assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        2,
-        "replaced after 4 s idle"
-    );
+    let client = HttpClient::new().idle_timeout(Duration::from_secs(4));
+    idle_connections_last(client, Duration::from_secs(4)).await;
 }
 
 /// The keep-alive timer of the TCP connection from `local` to `remote` on
