@@ -219,8 +219,9 @@ pub fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Opt
 /// `503 Service Unavailable` when no backend could take
 /// the request ([`NoBackend`], attempts that found no backend, a strict
 /// sticky session whose backend is gone), `504 Gateway Timeout` when the
-/// last attempt timed out or the deadline passed, `502 Bad Gateway` for any
-/// other backend failure.
+/// last attempt timed out (also a connect that timed out, as nginx answers)
+/// or the deadline passed, `502 Bad Gateway` for any other backend
+/// failure.
 ///
 /// ```
 /// use http::StatusCode;
@@ -236,8 +237,12 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
     use crate::sticky::SessionUnavailable;
     use http::StatusCode;
 
+    // A per-try timeout, the deadline, or an I/O timeout (a connect that
+    // timed out, as `HttpClient::connect_timeout` or the kernel reports).
     let timed_out = |e: &(dyn StdError + 'static)| {
-        find::<TimedOut>(e).is_some() || find::<DeadlineExceeded>(e).is_some()
+        find::<TimedOut>(e).is_some()
+            || find::<DeadlineExceeded>(e).is_some()
+            || find::<std::io::Error>(e).is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     };
     let invalid = |e: &(dyn StdError + 'static)| find::<InvalidRequest>(e).is_some();
     // `Exhausted`'s source is its reason when it has one, so the last
@@ -250,6 +255,16 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
     if invalid(err) || last_invalid() {
         return StatusCode::BAD_REQUEST;
     }
+    // Attempts that ended on a timeout, before every backend was tried
+    // (`Exhausted`'s reason then is `NoBackend`), are a gateway timeout.
+    let last_timed_out = || {
+        find::<Exhausted>(err)
+            .and_then(|e| e.attempts().last())
+            .is_some_and(|(_, cause)| timed_out(&**cause))
+    };
+    if last_timed_out() {
+        return StatusCode::GATEWAY_TIMEOUT;
+    }
     if find::<NoBackend>(err).is_some() || find::<SessionUnavailable>(err).is_some() {
         return StatusCode::SERVICE_UNAVAILABLE;
     }
@@ -259,7 +274,6 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
                 Some(reason) if timed_out(reason) => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             },
-            Some((_, cause)) if timed_out(&**cause) => StatusCode::GATEWAY_TIMEOUT,
             Some(_) => StatusCode::BAD_GATEWAY,
         };
     }
@@ -295,6 +309,21 @@ mod tests {
         let nothing = Exhausted::new(Vec::new(), Some(Box::new(NoBackend::new())));
         assert_eq!(boxed(Box::new(nothing)), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(boxed("anything else".into()), StatusCode::BAD_GATEWAY);
+        // A connect that timed out, as hyper-util's connector reports it.
+        let connect = || {
+            let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout");
+            NotSent::new(io)
+        };
+        assert_eq!(
+            boxed(Box::new(BackendError::new("a".into(), connect()))),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        let attempts: Vec<(BackendId, BoxError)> = vec![
+            ("a".into(), Box::new(NotSent::new("refused"))),
+            ("b".into(), Box::new(connect())),
+        ];
+        let exhausted = Exhausted::new(attempts, Some(Box::new(NoBackend::new())));
+        assert_eq!(boxed(Box::new(exhausted)), StatusCode::GATEWAY_TIMEOUT);
     }
 
     #[test]
