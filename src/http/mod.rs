@@ -25,7 +25,19 @@
 //!   it is neither failed over nor counted by passive health;
 //! * a failure to connect comes back as [`NotSent`](crate::NotSent), so
 //!   the failover layer may retry any method on another backend;
+//! * requests go out as HTTP/1.1 on kept-alive connections, whatever
+//!   version the client spoke;
 //! * bodies stream both ways.
+//!
+//! [`HttpClient`]'s defaults: connects time out after 5 s
+//! ([`connect_timeout`](HttpClient::connect_timeout)), TCP keep-alive
+//! probes start after 30 s of silence
+//! ([`tcp_keepalive`](HttpClient::tcp_keepalive)), and a pooled connection
+//! idle for 90 s is not reused ([`idle_timeout`](HttpClient::idle_timeout):
+//! keep it below the backends' own keep-alive timeout). Reading a response
+//! has no timeout of its own: give the failover layer a
+//! [`per_try_timeout`](crate::failover::FailoverLayer::per_try_timeout) so
+//! that a backend that stops answering mid-request is left for the next.
 //!
 //! ```no_run
 //! # async fn doc() -> Result<(), tower_ha::BoxError> {
