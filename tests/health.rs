@@ -108,6 +108,65 @@ async fn attempts_abandoned_at_the_per_try_timeout_count_as_failures() {
     assert_eq!(hangs.ejections(), 1);
 }
 
+/// Ready, or failing to get ready (a connection it cannot make) once told
+/// to; answers 200.
+#[derive(Clone)]
+struct Unready(Arc<AtomicBool>);
+
+impl tower::Service<Request<()>> for Unready {
+    type Response = http::Response<()>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<http::Response<()>, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(if self.0.load(Ordering::SeqCst) {
+            Err("connection refused".into())
+        } else {
+            Ok(())
+        })
+    }
+
+    fn call(&mut self, _req: Request<()>) -> Self::Future {
+        std::future::ready(Ok(http::Response::new(())))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_cannot_get_ready_is_ejected() {
+    let down = Arc::new(AtomicBool::new(false));
+    let layer = HealthLayer::new();
+    let pool = Pool::new();
+    pool.insert("flaky", layer.layer(Unready(down.clone())));
+    pool.insert(
+        "steady",
+        layer.layer(Unready(Arc::new(AtomicBool::new(false)))),
+    );
+    let flaky = pool.state(&"flaky".into()).unwrap();
+    let svc = FailoverLayer::new()
+        .no_budget()
+        .layer(Balance::new(pool.clone(), RoundRobin::new()));
+    for _ in 0..2 {
+        svc.clone().oneshot(Request::new(())).await.unwrap();
+    }
+    // "flaky" now refuses every connection: each request that picks it
+    // fails over to "steady", and five in a row eject it.
+    down.store(true, Ordering::SeqCst);
+    let mut requests = 0;
+    while !flaky.is_ejected() {
+        let response = svc.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(
+            response.extensions().get::<ServedBy>().unwrap().0.as_str(),
+            "steady"
+        );
+        requests += 1;
+        assert!(requests <= 20, "not ejected after {requests} requests");
+    }
+    assert_eq!(flaky.ejections(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_classifier_that_ignores_timeouts_is_obeyed() {
     let classifier = |outcome: &Outcome<'_>| match outcome {

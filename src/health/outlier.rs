@@ -168,6 +168,10 @@ pub(crate) struct Watch<C> {
     /// Whether the classifier counts a per-try timeout as a failure, asked
     /// once.
     pub(crate) timeouts_fail: OnceLock<bool>,
+    /// The backend this watch observes, learned from the first request's
+    /// `Target`, so that readiness failures (which carry no request) can be
+    /// counted too.
+    pub(crate) target: OnceLock<Target>,
 }
 
 impl<C> Watch<C> {
@@ -189,6 +193,7 @@ impl<C> Watch<C> {
             epoch: Instant::now(),
             events,
             timeouts_fail: OnceLock::new(),
+            target: OnceLock::new(),
         }
     }
 

@@ -1,6 +1,6 @@
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -10,7 +10,7 @@ use super::future::{Observed, ResponseFuture};
 use super::layer::HealthLayer;
 use super::outlier::Watch;
 use crate::classify::{Classifier, DefaultClassifier, Outcome};
-use crate::error::BoxError;
+use crate::error::{find, BoxError, InvalidRequest};
 use crate::extensions::{Picked, Target};
 use crate::failover::TimedOut;
 
@@ -93,12 +93,26 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        let err: BoxError = match ready!(self.inner.poll_ready(cx)) {
+            Ok(()) => return Poll::Ready(Ok(())),
+            Err(e) => e.into(),
+        };
+        // A backend that cannot get ready (a connection it cannot make)
+        // fails like one that fails a request, once the layer knows which
+        // backend it wraps.
+        if let Some(target) = self.watch.target.get() {
+            if find::<InvalidRequest>(&*err).is_none() {
+                let failed = self.watch.classifier.is_failure(&Outcome::Error(&*err));
+                self.watch.observe(target, failed);
+            }
+        }
+        Poll::Ready(Err(err))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let ext = req.extensions();
         let observed = ext.get::<Target>().map(|target| {
+            self.watch.target.get_or_init(|| target.clone());
             // Only a failover layer with a per-try timeout puts a slot
             // that can say an attempt timed out.
             let picked = ext.get::<Picked>().cloned();
