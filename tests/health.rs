@@ -165,6 +165,32 @@ async fn a_backend_that_cannot_get_ready_is_ejected() {
         assert!(requests <= 20, "not ejected after {requests} requests");
     }
     assert_eq!(flaky.ejections(), 1);
+
+    // The same service inserted again has a new state: its readiness
+    // failures count there.
+    let service = {
+        let snapshot = pool.snapshot();
+        let index = snapshot.members().index_of(&"flaky".into()).unwrap();
+        snapshot.service(index).unwrap().clone()
+    };
+    assert!(pool.remove(&"flaky".into()));
+    down.store(false, Ordering::SeqCst);
+    pool.insert("flaky", service);
+    let again = pool.state(&"flaky".into()).unwrap();
+    assert!(!Arc::ptr_eq(&again, &flaky));
+    // Gone from the pool, the old state counts no more against the
+    // ejection cap once nothing holds it.
+    drop(flaky);
+    for _ in 0..2 {
+        svc.clone().oneshot(Request::new(())).await.unwrap();
+    }
+    down.store(true, Ordering::SeqCst);
+    let mut requests = 0;
+    while !again.is_ejected() {
+        svc.clone().oneshot(Request::new(())).await.unwrap();
+        requests += 1;
+        assert!(requests <= 20, "not ejected after {requests} requests");
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 
 use super::outlier::Watch;
 use crate::classify::{Classifier, Outcome};
-use crate::error::{find, BoxError, InvalidRequest};
+use crate::error::BoxError;
 use crate::extensions::{Picked, Target};
 
 /// What a response future observes for the health of its backend.
@@ -66,14 +66,7 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx)).map_err(Into::into);
         if let Some(o) = this.observed.take() {
-            // A request the backend refused to send because the request
-            // itself is bad says nothing of the backend: neither a failure
-            // nor a success.
-            let invalid = matches!(&result, Err(e) if find::<InvalidRequest>(&**e).is_some());
-            if !invalid {
-                let failed = o.watch.classifier.is_failure(&Outcome::of(&result));
-                o.watch.observe(&o.target, failed);
-            }
+            o.watch.record(&o.target, &Outcome::of(&result));
         }
         Poll::Ready(result)
     }

@@ -9,7 +9,9 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::backend::BackendState;
+use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event, Events};
+use crate::error::{find, InvalidRequest};
 use crate::extensions::Target;
 
 /// The passive detection settings, copied into every wrapped backend.
@@ -168,10 +170,13 @@ pub(crate) struct Watch<C> {
     /// Whether the classifier counts a per-try timeout as a failure, asked
     /// once.
     pub(crate) timeouts_fail: OnceLock<bool>,
-    /// The backend this watch observes, learned from the first request's
-    /// `Target`, so that readiness failures (which carry no request) can be
-    /// counted too.
-    pub(crate) target: OnceLock<Target>,
+    /// The backend this watch observes, as the last request's `Target`
+    /// named it, so that readiness failures (which carry no request) can be
+    /// counted too; `target_key` is its state's address, compared on each
+    /// request so that the lock is taken only when the backend changes (a
+    /// service inserted again under a new state).
+    target: Mutex<Option<Target>>,
+    target_key: AtomicUsize,
 }
 
 impl<C> Watch<C> {
@@ -193,8 +198,26 @@ impl<C> Watch<C> {
             epoch: Instant::now(),
             events,
             timeouts_fail: OnceLock::new(),
-            target: OnceLock::new(),
+            target: Mutex::new(None),
+            target_key: AtomicUsize::new(0),
         }
+    }
+
+    /// Notes the backend a request was sent to.
+    #[inline]
+    pub(crate) fn learn(&self, target: &Target) {
+        // The stored `Target` keeps its state alive, so no other state can
+        // reuse its address meanwhile.
+        let key = Arc::as_ptr(target.state()) as usize;
+        if self.target_key.load(Ordering::Relaxed) != key {
+            *self.target.lock() = Some(target.clone());
+            self.target_key.store(key, Ordering::Relaxed);
+        }
+    }
+
+    /// The backend the last request was sent to, if any.
+    pub(crate) fn known_target(&self) -> Option<Target> {
+        self.target.lock().clone()
     }
 
     /// Records the outcome of one request sent to `target`.
@@ -303,6 +326,21 @@ impl<C> Watch<C> {
             }
             Err(Refused::AlreadyEjected) => {}
         }
+    }
+}
+
+impl<C: Classifier> Watch<C> {
+    /// Records an outcome of a request sent to `target` as the classifier
+    /// judges it. A request refused as [`InvalidRequest`] (the request's
+    /// fault, not the backend's) records nothing, neither a failure nor a
+    /// success.
+    pub(crate) fn record(&self, target: &Target, outcome: &Outcome<'_>) {
+        if let Outcome::Error(e) = outcome {
+            if find::<InvalidRequest>(*e).is_some() {
+                return;
+            }
+        }
+        self.observe(target, self.classifier.is_failure(outcome));
     }
 }
 

@@ -10,7 +10,7 @@ use super::future::{Observed, ResponseFuture};
 use super::layer::HealthLayer;
 use super::outlier::Watch;
 use crate::classify::{Classifier, DefaultClassifier, Outcome};
-use crate::error::{find, BoxError, InvalidRequest};
+use crate::error::BoxError;
 use crate::extensions::{Picked, Target};
 use crate::failover::TimedOut;
 
@@ -100,11 +100,8 @@ where
         // A backend that cannot get ready (a connection it cannot make)
         // fails like one that fails a request, once the layer knows which
         // backend it wraps.
-        if let Some(target) = self.watch.target.get() {
-            if find::<InvalidRequest>(&*err).is_none() {
-                let failed = self.watch.classifier.is_failure(&Outcome::Error(&*err));
-                self.watch.observe(target, failed);
-            }
+        if let Some(target) = self.watch.known_target() {
+            self.watch.record(&target, &Outcome::Error(&*err));
         }
         Poll::Ready(Err(err))
     }
@@ -112,7 +109,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let ext = req.extensions();
         let observed = ext.get::<Target>().map(|target| {
-            self.watch.target.get_or_init(|| target.clone());
+            self.watch.learn(target);
             // Only a failover layer with a per-try timeout puts a slot
             // that can say an attempt timed out.
             let picked = ext.get::<Picked>().cloned();
