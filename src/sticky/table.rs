@@ -70,6 +70,34 @@ pub(crate) struct Entry {
     reload_at: u64,
 }
 
+impl Entry {
+    /// The table's key and entry for `session`, seen `now`, kept as `kept`
+    /// says (one kept `Unread` is due to be read again `RELOAD_AFTER` from
+    /// now).
+    fn new(
+        session: Session,
+        cookie: Option<Box<str>>,
+        now: u64,
+        failed: bool,
+        kept: Kept,
+    ) -> (Key, Entry) {
+        let entry = Entry {
+            backend: session.backend,
+            created: session.created,
+            data: session.data,
+            last_seen: AtomicU64::new(now),
+            failed: AtomicBool::new(failed),
+            cookie,
+            saved: AtomicBool::new(kept == Kept::Saved),
+            reload_at: match kept {
+                Kept::Unread => now.saturating_add(nanos(RELOAD_AFTER)).max(1),
+                Kept::Saved | Kept::Memory => 0,
+            },
+        };
+        (Key(Arc::from(session.key)), entry)
+    }
+}
+
 /// A table hit: what the request path needs, cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct Hit {
@@ -357,29 +385,16 @@ impl Table {
         kept: Kept,
     ) -> (Hit, Dropped, bool) {
         let now = self.now();
-        let key = Key(Arc::from(session.key));
         let mut map = self.map.write();
         let mut dropped = self.sweep_locked(&mut map, now);
         // An entry due to be read again is replaced, as if absent.
-        if let Some((k, entry)) = map.get_key_value(&key) {
+        if let Some((k, entry)) = map.get_key_value(session.key.as_bytes()) {
             if !replace && !Table::is_due(entry, now) {
                 entry.last_seen.store(now, Ordering::Relaxed);
                 return (hit_of(&k.0, entry), dropped, false);
             }
         }
-        let entry = Entry {
-            backend: session.backend,
-            created: session.created,
-            data: session.data,
-            last_seen: AtomicU64::new(now),
-            failed: AtomicBool::new(false),
-            cookie,
-            saved: AtomicBool::new(kept == Kept::Saved),
-            reload_at: match kept {
-                Kept::Unread => now.saturating_add(nanos(RELOAD_AFTER)).max(1),
-                Kept::Saved | Kept::Memory => 0,
-            },
-        };
+        let (key, entry) = Entry::new(session, cookie, now, false, kept);
         let hit = self.put_locked(&mut map, &mut dropped, key, entry);
         (hit, dropped, true)
     }
@@ -425,17 +440,7 @@ impl Table {
                 return (hit_of(&k.0, entry), dropped, kept);
             }
         }
-        let key = Key(Arc::from(session.key));
-        let entry = Entry {
-            backend: session.backend,
-            created: session.created,
-            data: session.data,
-            last_seen: AtomicU64::new(now),
-            failed: AtomicBool::new(failed),
-            cookie,
-            saved: AtomicBool::new(true),
-            reload_at: 0,
-        };
+        let (key, entry) = Entry::new(session, cookie, now, failed, Kept::Saved);
         let hit = self.put_locked(&mut map, &mut dropped, key, entry);
         (hit, dropped, true)
     }
