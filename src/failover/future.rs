@@ -221,7 +221,7 @@ where
                             if pause.is_zero() {
                                 this.attempt.set(Attempt::Ready);
                             } else {
-                                set_timer(this.timer, deadline_after(pause));
+                                set_timer(this.timer, pause);
                                 this.attempt.set(Attempt::Backoff);
                             }
                         }
@@ -252,7 +252,7 @@ where
                     this.attempt.set(Attempt::Called { future });
                     match this.retry.config.per_try_timeout {
                         Some(timeout) => {
-                            set_timer(this.timer, deadline_after(timeout));
+                            set_timer(this.timer, timeout);
                         }
                         // The timer served a backoff pause: no per-try timeout.
                         None => *this.timer = None,
@@ -276,14 +276,10 @@ fn fired(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
         .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
 }
 
-/// The instant `duration` from now, or about 30 years from now when that
-/// does not fit (as `tokio::time::sleep` does).
-fn deadline_after(duration: Duration) -> Instant {
-    crate::time::later(Instant::now(), duration)
-}
-
-/// Arms the timer for `until`, reusing its allocation.
-fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, until: Instant) {
+/// Arms the timer to fire `after` from now (about 30 years at most, as
+/// `tokio::time::sleep` does), reusing its allocation.
+fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, after: Duration) {
+    let until = crate::time::later(Instant::now(), after);
     match timer {
         Some(timer) => timer.as_mut().reset(until),
         None => *timer = Some(Box::pin(tokio::time::sleep_until(until))),
