@@ -245,40 +245,23 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
             || find::<std::io::Error>(e).is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     };
     let invalid = |e: &(dyn StdError + 'static)| find::<InvalidRequest>(e).is_some();
-    // `Exhausted`'s source is its reason when it has one, so the last
-    // attempt is looked at too.
-    let last_invalid = || {
-        find::<Exhausted>(err)
-            .and_then(|e| e.attempts().last())
-            .is_some_and(|(_, cause)| invalid(&**cause))
+    // Of attempts the failover layer gave up on, the last one's cause
+    // decides (`Exhausted`'s source is only its reason, such as the
+    // `NoBackend` met once every backend was tried); else the error itself.
+    let exhausted = find::<Exhausted>(err);
+    let decisive = match exhausted.and_then(|e| e.attempts().last()) {
+        Some((_, cause)) => &**cause as &(dyn StdError + 'static),
+        None => err,
     };
-    if invalid(err) || last_invalid() {
-        return StatusCode::BAD_REQUEST;
-    }
-    // Attempts that ended on a timeout, before every backend was tried
-    // (`Exhausted`'s reason then is `NoBackend`), are a gateway timeout.
-    let last_timed_out = || {
-        find::<Exhausted>(err)
-            .and_then(|e| e.attempts().last())
-            .is_some_and(|(_, cause)| timed_out(&**cause))
-    };
-    if last_timed_out() {
-        return StatusCode::GATEWAY_TIMEOUT;
-    }
-    if find::<NoBackend>(err).is_some() || find::<SessionUnavailable>(err).is_some() {
-        return StatusCode::SERVICE_UNAVAILABLE;
-    }
-    if let Some(exhausted) = find::<Exhausted>(err) {
-        return match exhausted.attempts().last() {
-            None => match exhausted.reason() {
-                Some(reason) if timed_out(reason) => StatusCode::GATEWAY_TIMEOUT,
-                _ => StatusCode::SERVICE_UNAVAILABLE,
-            },
-            Some(_) => StatusCode::BAD_GATEWAY,
-        };
-    }
-    if timed_out(err) {
+    if invalid(decisive) || invalid(err) {
+        StatusCode::BAD_REQUEST
+    } else if timed_out(decisive) {
         StatusCode::GATEWAY_TIMEOUT
+    } else if find::<NoBackend>(err).is_some()
+        || find::<SessionUnavailable>(err).is_some()
+        || exhausted.is_some_and(|e| e.attempts().is_empty())
+    {
+        StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::BAD_GATEWAY
     }
