@@ -721,23 +721,20 @@ impl SessionLock for RedisStore {
                 .await?;
             Ok(match claim {
                 Claim::Won(lease) => {
-                    let lease = Arc::new(lease);
                     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                    let keeper = tokio::spawn(keep_alive(
-                        Arc::downgrade(&lease),
-                        self.inner.lease_ttl,
-                        stopped,
-                    ));
+                    let keeper = tokio::spawn(keep_alive(lease, self.inner.lease_ttl, stopped));
                     Some(SessionGuard::new(async move {
-                        // Stops the extensions, and waits for one under way.
+                        // Stops the extensions (after one under way) and
+                        // takes the lease back. A guard dropped unreleased
+                        // drops `stop` too: the keeper ends, and so does the
+                        // lease, at its expiry.
                         drop(stop);
-                        let _ = keeper.await;
-                        let key = lease.key().to_owned();
-                        let held = match Arc::into_inner(lease) {
-                            Some(lease) => lease.release().await?,
-                            None => false,
+                        let Ok(lease) = keeper.await else {
+                            // The keeper panicked: the lease expires.
+                            return Ok(());
                         };
-                        if !held {
+                        let key = lease.key().to_owned();
+                        if !lease.release().await? {
                             tracing::warn!(session = %key, "a session lease expired before it was released");
                         }
                         Ok(())
@@ -750,26 +747,25 @@ impl SessionLock for RedisStore {
 }
 
 /// Extends `lease` by `ttl` every third of `ttl` until `stopped` fires (the
-/// guard was released or dropped), the lease is gone, or it was lost.
+/// guard was released or dropped), then hands the lease back. Stops
+/// extending a lease found lost.
 async fn keep_alive(
-    lease: std::sync::Weak<Lease>,
+    lease: Lease,
     ttl: Duration,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
-) {
+) -> Lease {
     let period = (ttl / 3).max(Duration::from_millis(1));
+    let mut held = true;
     loop {
         tokio::select! {
-            _ = &mut stopped => return,
-            () = tokio::time::sleep(period) => {}
+            _ = &mut stopped => return lease,
+            () = tokio::time::sleep(period), if held => {}
         }
-        let Some(lease) = lease.upgrade() else {
-            return;
-        };
         match lease.extend(ttl).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(session = %lease.key(), "a session lease was lost while it was held");
-                return;
+                held = false;
             }
             // Tried again at the next period, while the lease still runs.
             Err(e) => {
