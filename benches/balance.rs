@@ -61,11 +61,7 @@ fn bench_balance<P: Strategy>(c: &mut Criterion, group: &str, n: usize, strategy
 }
 
 fn bench_p2c(c: &mut Criterion, n: usize) {
-    let services: Vec<_> = (0..n)
-        .map(|_| tower::load::Constant::new(Backend, 0))
-        .collect();
-    let p2c = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services));
-    run(c, "tower_p2c", n, p2c);
+    run(c, "tower_p2c", n, support::p2c(n, Backend));
 }
 
 fn balancers(c: &mut Criterion) {

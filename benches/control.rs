@@ -44,10 +44,7 @@ fn bench_pick<P: Strategy>(group: &mut BenchmarkGroup<'_, WallTime>, name: &str,
 
 fn picks(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
-    let services: Vec<_> = (0..BACKENDS)
-        .map(|_| tower::load::Constant::new(Backend, 0))
-        .collect();
-    let mut p2c = tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services));
+    let mut p2c = support::p2c(BACKENDS, Backend);
     group.bench_function("tower_p2c", |b| {
         b.iter_custom(|iters| time(&mut p2c, iters))
     });

@@ -60,10 +60,7 @@ struct Contenders {
     failover: tower_ha::failover::Failover<Balance<Backend, RoundRobin>>,
     sticky_failover:
         tower_ha::sticky::Sticky<tower_ha::failover::Failover<Balance<Backend, RoundRobin>>>,
-    p2c: tower::balance::p2c::Balance<
-        tower::discover::ServiceList<Vec<tower::load::Constant<Backend, usize>>>,
-        Request<()>,
-    >,
+    p2c: support::P2c,
 }
 
 impl Contenders {
@@ -94,16 +91,13 @@ impl Contenders {
             StickyLayer::new(&pool, SessionKey::header(SESSION_HEADER)).layer(balance());
         drive(&mut sticky_header, request(&cookie), &mut cx);
 
-        let services: Vec<_> = (0..BACKENDS)
-            .map(|_| tower::load::Constant::new(Backend, 0))
-            .collect();
         Contenders {
             balance: balance(),
             sticky_cookie,
             sticky_header,
             failover: FailoverLayer::new().layer(balance()),
             sticky_failover,
-            p2c: tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services)),
+            p2c: support::p2c(BACKENDS, Backend),
             cookie,
         }
     }

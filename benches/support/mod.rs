@@ -42,6 +42,26 @@ impl Service<Request<()>> for Backend {
     }
 }
 
+/// The anchor: tower's `p2c::Balance` over always-ready `S` backends (each
+/// with a constant load, so that it measures the balancer, not a load
+/// metric), for requests `R`.
+pub type P2c<S = Backend, R = Request<()>> = tower::balance::p2c::Balance<
+    tower::discover::ServiceList<Vec<tower::load::Constant<S, usize>>>,
+    R,
+>;
+
+/// [`P2c`] over `n` clones of `backend`.
+pub fn p2c<S, R>(n: usize, backend: S) -> P2c<S, R>
+where
+    S: Service<R> + Clone,
+    S::Error: Into<tower::BoxError>,
+{
+    let services: Vec<_> = (0..n)
+        .map(|_| tower::load::Constant::new(backend.clone(), 0))
+        .collect();
+    tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services))
+}
+
 /// A request as hyper's HTTP/1 server hands it over, from the text of its
 /// head (`"GET /path HTTP/1.1\r\nname: value\r\n..."`): the URI and every
 /// header value are slices of one shared read buffer, so cloning one bumps
