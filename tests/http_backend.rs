@@ -724,3 +724,143 @@ async fn an_old_connection_behind_a_busy_one_is_not_reused() {
     body_of(get().await.unwrap()).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
+
+/// A connector of the test's own: opens a Unix socket at `path` whatever
+/// the backend's URI, and records every URI it is asked for.
+#[cfg(unix)]
+#[derive(Clone)]
+struct UnixConnector {
+    path: std::path::PathBuf,
+    asked: Arc<std::sync::Mutex<Vec<http::Uri>>>,
+}
+
+#[cfg(unix)]
+impl tower::Service<http::Uri> for UnixConnector {
+    type Response = TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        self.asked.lock().unwrap().push(uri);
+        let path = self.path.clone();
+        Box::pin(async move {
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map(TokioIo::new)
+        })
+    }
+}
+
+/// Serves [`echo`] on a Unix socket at `path`, counting the connections.
+#[cfg(unix)]
+fn serve_unix(path: &std::path::Path) -> Arc<AtomicUsize> {
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service_fn(echo))
+                    .await;
+            });
+        }
+    });
+    accepted
+}
+
+/// Backends reached through a connector of the user's: requests are
+/// rewritten as for TCP backends, connections are pooled per scheme and
+/// authority, and `https://` backends are allowed (the connector's job is
+/// then TLS; this one only records that it was asked for `https`).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_custom_connector_carries_the_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.sock");
+    let accepted = serve_unix(&path);
+    let connector = UnixConnector {
+        path: path.clone(),
+        asked: Arc::default(),
+    };
+    let client = HttpClient::<Full<Bytes>>::with_connector(connector.clone());
+    let plain = HttpBackend::new(&client, "http://app.internal/api").unwrap();
+    // The same authority under another scheme is another backend.
+    let secure = HttpBackend::new(&client, "https://app.internal").unwrap();
+    for _ in 0..3 {
+        let resp = plain
+            .clone()
+            .oneshot(Request::get("/x?y=1").body(Full::default()).unwrap());
+        let body = body_of(resp.await.unwrap()).await;
+        assert!(
+            body.starts_with("GET /api/x?y=1|host=app.internal|"),
+            "{body}"
+        );
+    }
+    let body = body_of(
+        secure
+            .clone()
+            .oneshot(Request::get("/").body(Full::default()).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(body.starts_with("GET /|host=app.internal|"), "{body}");
+    // One connection for three sequential requests to one backend, and one
+    // of its own for the other scheme.
+    let asked: Vec<String> = connector
+        .asked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|u| u.to_string())
+        .collect();
+    assert_eq!(asked, ["http://app.internal/", "https://app.internal/"]);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // Without a connector of its own, a client cannot reach https://.
+    let err =
+        HttpBackend::new(&HttpClient::<Full<Bytes>>::new(), "https://app.internal").unwrap_err();
+    assert!(err.to_string().contains("with_connector"), "{err}");
+
+    // A connector that fails has sent nothing: failover may retry a POST.
+    std::fs::remove_file(&path).unwrap();
+    let fresh = HttpBackend::new(&client, "http://elsewhere.internal").unwrap();
+    let err = fresh
+        .oneshot(Request::post("/").body(Full::default()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.is::<NotSent>(), "{err}");
+}
+
+/// A connector that never finishes (a TLS handshake with a backend that
+/// stopped answering) is given up at the connect timeout, as not sent, and
+/// the client is told the gateway timed out.
+#[tokio::test(start_paused = true)]
+async fn a_connector_that_hangs_is_given_up_at_the_connect_timeout() {
+    let hanging = tower::service_fn(|_: http::Uri| {
+        std::future::pending::<std::io::Result<TokioIo<TcpStream>>>()
+    });
+    let client =
+        HttpClient::<Full<Bytes>>::with_connector(hanging).connect_timeout(Duration::from_secs(2));
+    let backend = HttpBackend::new(&client, "https://slow.internal").unwrap();
+    let start = tokio::time::Instant::now();
+    let sent = backend.oneshot(Request::post("/").body(Full::default()).unwrap());
+    let err = tokio::time::timeout(Duration::from_secs(60), sent)
+        .await
+        .expect("given up within a minute")
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert!(err.is::<NotSent>(), "{err}");
+    assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
+}

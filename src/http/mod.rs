@@ -2,7 +2,10 @@
 //! that turns tower-ha into a reverse proxy (feature `hyper-client`).
 //!
 //! [`HttpBackend`] sends each request to one base URI over a shared,
-//! pooled HTTP/1.1 client ([`HttpClient`]):
+//! pooled HTTP/1.1 client ([`HttpClient`]), on plain TCP connections by
+//! default, or on whatever a connector of yours opens
+//! ([`HttpClient::with_connector`]: TLS for `https://` backends, a Unix
+//! socket, ...):
 //!
 //! * the scheme and authority are rewritten to the backend's (a path prefix
 //!   of the base URI is prepended to the request's path);
@@ -104,7 +107,9 @@ use crate::extensions::PeerAddr;
 /// | [`tcp_keepalive`](Self::tcp_keepalive) | 30 s |
 /// | [`idle_timeout`](Self::idle_timeout) | 90 s |
 ///
-/// TCP_NODELAY is set on every connection. The settings apply to the
+/// TCP_NODELAY is set on every connection the client opens itself (a
+/// client [`with_connector`](Self::with_connector) leaves socket options
+/// to its connector). The settings apply to the
 /// backends made from the client once they are set: a client changed by
 /// one has a connection pool of its own, which the backends made from it
 /// before do not share.
@@ -114,6 +119,9 @@ use crate::extensions::PeerAddr;
 /// body).
 pub struct HttpClient<B> {
     settings: Settings,
+    /// The connector given to [`with_connector`](Self::with_connector),
+    /// without the connect timeout; `None` for hyper-util's `HttpConnector`.
+    custom: Option<pool::Connect<B>>,
     upstreams: Arc<pool::Upstreams<B>>,
 }
 
@@ -134,7 +142,7 @@ impl Settings {
         idle_timeout: Duration::from_secs(90),
     };
 
-    fn connector(&self) -> HttpConnector {
+    fn http_connector(&self) -> HttpConnector {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.enforce_http(true);
@@ -151,6 +159,7 @@ impl<B> Clone for HttpClient<B> {
     fn clone(&self) -> Self {
         HttpClient {
             settings: self.settings,
+            custom: self.custom.clone(),
             upstreams: self.upstreams.clone(),
         }
     }
@@ -163,10 +172,13 @@ impl<B> fmt::Debug for HttpClient<B> {
             tcp_keepalive,
             idle_timeout,
         } = &self.settings;
-        f.debug_struct("HttpClient")
-            .field("connect_timeout", connect_timeout)
-            .field("tcp_keepalive", tcp_keepalive)
-            .field("idle_timeout", idle_timeout)
+        let mut f = f.debug_struct("HttpClient");
+        f.field("connect_timeout", connect_timeout);
+        match self.custom {
+            None => f.field("tcp_keepalive", tcp_keepalive),
+            Some(_) => f.field("connector", &"custom"),
+        };
+        f.field("idle_timeout", idle_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -177,18 +189,67 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// A client with the default settings (see the table above).
+    /// A client with the default settings (see the table above), which
+    /// opens plain TCP connections with hyper-util's `HttpConnector`.
     pub fn new() -> Self {
-        HttpClient::with_settings(Settings::DEFAULT)
+        HttpClient::with_settings(Settings::DEFAULT, None)
     }
 
-    fn with_settings(settings: Settings) -> Self {
+    /// A client that opens its connections with `connector`: any tower
+    /// service from a backend's URI (its scheme and authority, path `/`)
+    /// to a byte stream, such as a TLS connector (hyper-rustls's or
+    /// hyper-tls's `HttpsConnector`) for `https://` backends, or a
+    /// connection over a Unix socket. HTTP/1.1 is spoken on what it opens,
+    /// so a TLS connector must offer HTTP/1.1 alone in ALPN (hyper-rustls:
+    /// `enable_http1()` without `enable_http2()`).
+    ///
+    /// Backends made from such a client may be `http://` or `https://`. The
+    /// [`connect_timeout`](Self::connect_timeout) (default 5 s) bounds the
+    /// connector's whole call, a TLS handshake included, and a connector
+    /// that fails or times out fails its request as
+    /// [`NotSent`](crate::NotSent). [`tcp_keepalive`](Self::tcp_keepalive)
+    /// is the connector's to set, and is ignored here.
+    ///
+    /// ```
+    /// # #[cfg(unix)] fn doc() -> Result<(), tower_ha::http::InvalidBackendUri> {
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use hyper_util::rt::TokioIo;
+    /// use tokio::net::UnixStream;
+    /// use tower_ha::http::{HttpBackend, HttpClient};
+    ///
+    /// // An application server listening on a Unix socket.
+    /// let client = HttpClient::<Full<Bytes>>::with_connector(tower::service_fn(
+    ///     |_backend: http::Uri| async {
+    ///         UnixStream::connect("/run/app/http.sock").await.map(TokioIo::new)
+    ///     },
+    /// ));
+    /// // The authority is what the backend is sent in `Host`.
+    /// let backend = HttpBackend::new(&client, "http://app.internal")?;
+    /// # drop(backend); Ok(()) }
+    /// ```
+    pub fn with_connector<C>(connector: C) -> Self
+    where
+        C: Service<Uri> + Clone + Send + Sync + 'static,
+        C::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        C::Future: Send + 'static,
+        C::Error: Into<BoxError>,
+    {
+        let custom = pool::connect_with(connector);
+        HttpClient::with_settings(Settings::DEFAULT, Some(custom))
+    }
+
+    fn with_settings(settings: Settings, custom: Option<pool::Connect<B>>) -> Self {
+        let connect = match &custom {
+            // `HttpConnector` shares the connect timeout among the
+            // addresses a name resolves to.
+            None => pool::connect_with(settings.http_connector()),
+            Some(custom) => pool::within(custom.clone(), settings.connect_timeout),
+        };
         HttpClient {
             settings,
-            upstreams: Arc::new(pool::Upstreams::new(
-                settings.connector(),
-                settings.idle_timeout,
-            )),
+            custom,
+            upstreams: Arc::new(pool::Upstreams::new(connect, settings.idle_timeout)),
         }
     }
 
@@ -199,10 +260,13 @@ where
     /// [`NotSent`](crate::NotSent): nothing was sent, so the failover layer
     /// may retry it on another backend whatever its method.
     pub fn connect_timeout(self, timeout: Duration) -> Self {
-        HttpClient::with_settings(Settings {
-            connect_timeout: timeout,
-            ..self.settings
-        })
+        HttpClient::with_settings(
+            Settings {
+                connect_timeout: timeout,
+                ..self.settings
+            },
+            self.custom,
+        )
     }
 
     /// Sends TCP keep-alive probes on a connection idle for `idle`, and
@@ -214,10 +278,13 @@ where
     /// a request waiting on it would otherwise wait for ever, and keeps a
     /// NAT or firewall entry alive while its connection is idle.
     pub fn tcp_keepalive(self, idle: Option<Duration>) -> Self {
-        HttpClient::with_settings(Settings {
-            tcp_keepalive: idle,
-            ..self.settings
-        })
+        HttpClient::with_settings(
+            Settings {
+                tcp_keepalive: idle,
+                ..self.settings
+            },
+            self.custom,
+        )
     }
 
     /// Closes a pooled connection once it has been idle for `timeout`
@@ -226,10 +293,13 @@ where
     /// nginx), so that a backend seldom closes a connection just as a
     /// request is written on it.
     pub fn idle_timeout(self, timeout: Duration) -> Self {
-        HttpClient::with_settings(Settings {
-            idle_timeout: timeout,
-            ..self.settings
-        })
+        HttpClient::with_settings(
+            Settings {
+                idle_timeout: timeout,
+                ..self.settings
+            },
+            self.custom,
+        )
     }
 }
 
@@ -295,9 +365,11 @@ impl<B> fmt::Debug for HttpBackend<B> {
 
 impl<B> HttpBackend<B> {
     /// A backend at `base` (`http://host:port` with an optional path
-    /// prefix), sharing `client`'s connection pool. A base URI with user
-    /// information (`http://user:password@host`) is refused: it would be
-    /// sent to the backend in `Host`.
+    /// prefix), sharing `client`'s connection pool. `https://` needs a
+    /// client with a TLS connector
+    /// ([`HttpClient::with_connector`]). A base URI with user information
+    /// (`http://user:password@host`) is refused: it would be sent to the
+    /// backend in `Host`.
     pub fn new<U>(client: &HttpClient<B>, base: U) -> Result<Self, InvalidBackendUri>
     where
         U: TryInto<Uri>,
@@ -309,8 +381,13 @@ impl<B> HttpBackend<B> {
         };
         let uri: Uri = base.clone().try_into().map_err(|_| invalid("not a URI"))?;
         let scheme = uri.scheme().cloned().ok_or_else(|| invalid("no scheme"))?;
-        if scheme != Scheme::HTTP {
-            return Err(invalid("only http:// is supported"));
+        if scheme == Scheme::HTTPS && client.custom.is_none() {
+            return Err(invalid(
+                "https:// needs a client with a TLS connector (HttpClient::with_connector)",
+            ));
+        }
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(invalid("only http:// and https:// are supported"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| invalid("no host"))?;
         if let Some((_, host)) = authority.as_str().rsplit_once('@') {
@@ -326,7 +403,7 @@ impl<B> HttpBackend<B> {
         }
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid("bad host"))?;
         Ok(HttpBackend {
-            upstream: client.upstreams.get(&authority),
+            upstream: client.upstreams.get(&scheme, &authority),
             authority,
             host,
             prefix: uri.path().trim_end_matches('/').to_owned(),
@@ -837,7 +914,13 @@ mod tests {
         let client = HttpClient::<http_body_util::Empty<bytes::Bytes>>::new();
         assert!(HttpBackend::new(&client, "http://127.0.0.1:1").is_ok());
         assert!(HttpBackend::new(&client, "127.0.0.1:1").is_err());
-        assert!(HttpBackend::new(&client, "https://example.com").is_err());
+        let err = HttpBackend::new(&client, "https://example.com").unwrap_err();
+        assert!(err.to_string().contains("TLS connector"), "{err}");
+        let err = HttpBackend::new(&client, "ftp://example.com").unwrap_err();
+        assert!(
+            err.to_string().contains("only http:// and https://"),
+            "{err}"
+        );
         assert!(HttpBackend::new(&client, "http://a/x?q=1").is_err());
         // Credentials would be sent in `Host`; the error does not show them.
         let err = HttpBackend::new(&client, "127.0.0.1:1").unwrap_err();
@@ -853,5 +936,20 @@ mod tests {
         );
         let b = HttpBackend::new(&client, "http://a:1/api/").unwrap();
         assert_eq!(b.prefix, "/api");
+    }
+
+    #[test]
+    fn a_client_with_a_connector_of_its_own() {
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = HttpClient::<http_body_util::Empty<bytes::Bytes>>::with_connector(connector)
+            .connect_timeout(Duration::from_secs(3));
+        assert!(client.custom.is_some(), "settings keep the connector");
+        assert!(HttpBackend::new(&client, "https://example.com").is_ok());
+        assert!(HttpBackend::new(&client, "http://example.com").is_ok());
+        assert!(HttpBackend::new(&client, "ftp://example.com").is_err());
+        assert_eq!(
+            format!("{client:?}"),
+            "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 90s, .. }"
+        );
     }
 }

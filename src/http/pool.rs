@@ -2,7 +2,7 @@
 //!
 //! Each backend address has one [`Upstream`]: a stack of idle connections
 //! (the most recently used is taken first, so a few hot connections carry
-//! the load and the rest age out) and the connector that opens new ones.
+//! the load and the rest age out) and the [`Connect`] that opens new ones.
 //! A request takes an idle connection, or opens one when none is idle, and
 //! its connection goes back on the stack as soon as the response has been
 //! read to its end: at once when the response has no body left to read,
@@ -11,13 +11,15 @@
 //! next response would start.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use ::http::uri::{Authority, Uri};
+use ::http::uri::{Authority, Scheme, Uri};
 use ::http::{Request, Response};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::rt::{Read, Write};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -25,19 +27,78 @@ use tower_service::Service;
 use super::body::ResponseBody;
 use crate::error::{BoxError, NotSent};
 
-/// The upstreams of one [`HttpClient`](super::HttpClient), by authority.
+/// Opens a new connection to the backend a URI names (its scheme and
+/// authority) and hands back its sender; the connection itself runs on a
+/// task of its own.
+pub(super) type Connect<B> = Arc<
+    dyn Fn(Uri) -> Pin<Box<dyn Future<Output = Result<SendRequest<B>, BoxError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A [`Connect`] that opens connections with `connector` (any tower
+/// service from a URI to a byte stream, such as hyper-util's
+/// `HttpConnector`) and speaks HTTP/1.1 on them.
+pub(super) fn connect_with<B, C>(connector: C) -> Connect<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    C: Service<Uri> + Clone + Send + Sync + 'static,
+    C::Response: Read + Write + Unpin + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    Arc::new(move |uri| {
+        let mut connector = connector.clone();
+        Box::pin(async move {
+            poll_fn(|cx| connector.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            let io = connector.call(uri).await.map_err(Into::into)?;
+            let (sender, connection) = http1::handshake(io).await?;
+            tokio::spawn(async move {
+                // Its end (the backend closed it, or a response was
+                // abandoned) shows in the sender, which is then never reused.
+                let _ = connection.await;
+            });
+            Ok(sender)
+        })
+    })
+}
+
+/// `connect`, failing with a timed-out I/O error when it takes longer than
+/// `limit`.
+pub(super) fn within<B: 'static>(connect: Connect<B>, limit: Duration) -> Connect<B> {
+    Arc::new(move |uri| {
+        let opening = connect(uri);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, opening).await {
+                Ok(opened) => opened,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting took longer than {limit:?}"),
+                )
+                .into()),
+            }
+        })
+    })
+}
+
+/// The upstreams of one [`HttpClient`](super::HttpClient), by the URI of
+/// their scheme and authority.
 pub(super) struct Upstreams<B> {
-    connector: HttpConnector,
+    connect: Connect<B>,
     idle_timeout: Duration,
-    by_authority: Mutex<HashMap<Authority, Weak<Upstream<B>>>>,
+    by_target: Mutex<HashMap<Uri, Weak<Upstream<B>>>>,
 }
 
 impl<B> Upstreams<B> {
-    pub(super) fn new(connector: HttpConnector, idle_timeout: Duration) -> Self {
+    pub(super) fn new(connect: Connect<B>, idle_timeout: Duration) -> Self {
         Upstreams {
-            connector,
+            connect,
             idle_timeout,
-            by_authority: Mutex::new(HashMap::new()),
+            by_target: Mutex::new(HashMap::new()),
         }
     }
 
@@ -46,33 +107,35 @@ impl<B> Upstreams<B> {
         self.idle_timeout
     }
 
-    /// The upstream for `authority`, shared by every backend naming it
-    /// while any of them lives; its idle connections close with the last.
-    pub(super) fn get(&self, authority: &Authority) -> Arc<Upstream<B>> {
-        let mut map = self.by_authority.lock();
-        if let Some(upstream) = map.get(authority).and_then(Weak::upgrade) {
+    /// The upstream for `scheme://authority`, shared by every backend
+    /// naming it while any of them lives; its idle connections close with
+    /// the last.
+    pub(super) fn get(&self, scheme: &Scheme, authority: &Authority) -> Arc<Upstream<B>> {
+        let target = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("a URI from a valid scheme and authority");
+        let mut map = self.by_target.lock();
+        if let Some(upstream) = map.get(&target).and_then(Weak::upgrade) {
             return upstream;
         }
         map.retain(|_, u| u.strong_count() > 0);
         let upstream = Arc::new(Upstream {
-            connector: self.connector.clone(),
-            target: Uri::builder()
-                .scheme("http")
-                .authority(authority.clone())
-                .path_and_query("/")
-                .build()
-                .expect("an http URI from a valid authority"),
+            connect: self.connect.clone(),
+            target: target.clone(),
             idle_timeout: self.idle_timeout,
             idle: Mutex::new(VecDeque::new()),
         });
-        map.insert(authority.clone(), Arc::downgrade(&upstream));
+        map.insert(target, Arc::downgrade(&upstream));
         upstream
     }
 }
 
 /// One backend address: its idle connections and how to open more.
 pub(super) struct Upstream<B> {
-    connector: HttpConnector,
+    connect: Connect<B>,
     target: Uri,
     idle_timeout: Duration,
     idle: Mutex<VecDeque<Idle<B>>>,
@@ -135,17 +198,6 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    async fn connect(&self) -> Result<SendRequest<B>, BoxError> {
-        let io = self.connector.clone().call(self.target.clone()).await?;
-        let (sender, connection) = http1::handshake(io).await?;
-        tokio::spawn(async move {
-            // Its end (the backend closed it, or a response was abandoned)
-            // shows in the sender, which is then never reused.
-            let _ = connection.await;
-        });
-        Ok(sender)
-    }
-
     /// Sends `req` (origin-form, with its `Host`) on an idle connection, or
     /// on a new one. A request that an idle connection did not take (the
     /// backend had closed it meanwhile) is given to the next connection; a
@@ -157,7 +209,12 @@ where
         loop {
             let (mut sender, fresh) = match self.checkout() {
                 Some(sender) => (sender, false),
-                None => (self.connect().await.map_err(NotSent::new)?, true),
+                None => (
+                    (self.connect)(self.target.clone())
+                        .await
+                        .map_err(NotSent::new)?,
+                    true,
+                ),
             };
             if let Err(e) = sender.ready().await {
                 if fresh {
