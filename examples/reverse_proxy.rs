@@ -1,6 +1,6 @@
 //! A real reverse proxy built from tower-ha: hyper's HTTP/1.1 server in
-//! front of `BufferBody → Failover → Balance → [Health → HttpBackend]`, with
-//! active TCP health checks.
+//! front of `[Sticky →] BufferBody → Failover → Balance → [Health →
+//! HttpBackend]`, with active TCP health checks.
 //!
 //! ```sh
 //! cargo run --release --features hyper-client --example reverse_proxy -- \
@@ -15,6 +15,13 @@
 //! * `--strategy round-robin | random | least-request | weighted | ring | maglev`
 //! * `--hash-key header:NAME | cookie:NAME | client-ip` for `ring` and `maglev`
 //!   (default `client-ip`: `X-Forwarded-For`, else the peer address)
+//! * `--sticky cookie:NAME | learn:NAME | header:NAME` keeps each client's
+//!   session on one backend: `cookie` issues a signed cookie `NAME` naming
+//!   the backend (the secret is `TOWER_HA_STICKY_SECRET`, at least 32
+//!   bytes, else a random one, so cookies end with the process), `learn`
+//!   follows the application's own session cookie `NAME` (`JSESSIONID`),
+//!   `header` a session header. A session moves only when its backend
+//!   cannot serve it.
 //! * `--no-health` turns off passive ejection and active TCP probes
 //! * `--probe-interval MS` (default 500)
 
@@ -38,6 +45,7 @@ use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
 use tower_ha::health::{HealthChecker, HealthLayer, TcpProbe};
 use tower_ha::http::{HttpBackend, HttpClient, ResponseBody};
 use tower_ha::key::{self, RequestKey};
+use tower_ha::sticky::{CookieInsert, SessionKey, StickyLayer};
 use tower_ha::{BoxError, Pool};
 
 type Body = ReplayBody<Incoming>;
@@ -56,6 +64,7 @@ struct Options {
     workers: usize,
     strategy: String,
     hash_key: String,
+    sticky: Option<String>,
     health: bool,
     probe_interval: Duration,
     backends: Vec<String>,
@@ -65,7 +74,8 @@ fn usage(problem: &str) -> ! {
     eprintln!("error: {problem}");
     eprintln!(
         "usage: reverse_proxy [--listen ADDR] [--workers N] [--strategy NAME] \
-         [--hash-key header:NAME|cookie:NAME|client-ip] [--no-health] \
+         [--hash-key header:NAME|cookie:NAME|client-ip] \
+         [--sticky cookie:NAME|learn:NAME|header:NAME] [--no-health] \
          [--probe-interval MS] BACKEND_URL..."
     );
     std::process::exit(2)
@@ -77,6 +87,7 @@ fn options() -> Options {
         workers: 1,
         strategy: "round-robin".into(),
         hash_key: "client-ip".into(),
+        sticky: None,
         health: true,
         probe_interval: Duration::from_millis(500),
         backends: Vec::new(),
@@ -102,6 +113,7 @@ fn options() -> Options {
             }
             "--strategy" => o.strategy = value("--strategy"),
             "--hash-key" => o.hash_key = value("--hash-key"),
+            "--sticky" => o.sticky = Some(value("--sticky")),
             "--no-health" => o.health = false,
             "--probe-interval" => {
                 let ms: u64 = value("--probe-interval")
@@ -146,6 +158,36 @@ fn main() {
     }
     .expect("a tokio runtime");
     runtime.block_on(run(o));
+}
+
+/// The session key `--sticky` names.
+fn session_key(spec: &str) -> SessionKey {
+    let name = match spec.split_once(':') {
+        Some((_, name))
+            if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+        {
+            name
+        }
+        _ => usage(&format!("bad --sticky {spec}")),
+    };
+    match spec.split_once(':').map(|(kind, _)| kind) {
+        Some("cookie") => {
+            let secret = match std::env::var("TOWER_HA_STICKY_SECRET") {
+                Ok(secret) if secret.len() >= 32 => secret.into_bytes(),
+                Ok(_) => usage("TOWER_HA_STICKY_SECRET needs at least 32 bytes"),
+                Err(_) => rand::random::<[u8; 32]>().to_vec(),
+            };
+            // This proxy speaks plain HTTP: a `Secure` cookie would not
+            // come back.
+            SessionKey::insert_cookie(CookieInsert::new(name, secret).secure(false))
+        }
+        Some("learn") => SessionKey::learn_cookie(name),
+        Some("header") => SessionKey::header(name),
+        _ => usage(&format!("unknown --sticky {spec}")),
+    }
 }
 
 async fn run(o: Options) {
@@ -201,7 +243,12 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
             .spawn()
     });
 
+    let sticky = o
+        .sticky
+        .as_deref()
+        .map(|spec| StickyLayer::new(&pool, session_key(spec)));
     let stack = ServiceBuilder::new()
+        .option_layer(sticky)
         .layer(BufferBodyLayer::new())
         .layer(FailoverLayer::new())
         .service(Balance::new(pool, strategy));
@@ -210,10 +257,14 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         .await
         .unwrap_or_else(|e| usage(&format!("cannot listen on {}: {e}", o.listen)));
     eprintln!(
-        "proxying {} to {} backend(s) with {}",
+        "proxying {} to {} backend(s) with {}{}",
         o.listen,
         o.backends.len(),
-        o.strategy
+        o.strategy,
+        o.sticky
+            .as_deref()
+            .map(|spec| format!(", sticky by {spec}"))
+            .unwrap_or_default()
     );
     loop {
         let (stream, peer) = match listener.accept().await {
