@@ -864,3 +864,158 @@ async fn a_connector_that_hangs_is_given_up_at_the_connect_timeout() {
     assert!(err.is::<NotSent>(), "{err}");
     assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
 }
+
+/// HTTP/2 to backends (feature `http2`).
+#[cfg(feature = "http2")]
+mod http2 {
+    use super::*;
+    use http_body_util::combinators::BoxBody;
+
+    /// Answers with what HTTP/2 delivered: version, target, `Host`.
+    async fn h2_echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let host = req.headers().get("host").cloned();
+        let body = format!("{:?} {} host={host:?}", req.version(), req.uri());
+        Ok(Response::new(Full::new(Bytes::from(body))))
+    }
+
+    /// Serves `h2_echo` with hyper-util's server, which takes HTTP/2 with
+    /// prior knowledge; counts the connections.
+    async fn serve_h2() -> (SocketAddr, Arc<AtomicUsize>) {
+        accept_counting(|stream, _| async move {
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service_fn(h2_echo))
+                .await;
+        })
+        .await
+    }
+
+    fn get(path: &str) -> Request<Full<Bytes>> {
+        Request::get(path).body(Full::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_connection() {
+        let (addr, accepted) = serve_h2().await;
+        let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
+        let backend = HttpBackend::new(&client, format!("http://{addr}/api")).unwrap();
+        let sent = (0..20).map(|i| backend.clone().oneshot(get(&format!("/x/{i}?q=1"))));
+        let responses = futures::future::join_all(sent).await;
+        for (i, resp) in responses.into_iter().enumerate() {
+            let body = body_of(resp.unwrap()).await;
+            assert_eq!(
+                body,
+                format!("HTTP/2.0 http://{addr}/api/x/{i}?q=1 host=None")
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+        // The client's host, as `:authority`, with `preserve_host`.
+        let backend = backend.preserve_host(true);
+        let mut req = get("/y");
+        req.headers_mut()
+            .insert("host", "front.example".parse().unwrap());
+        let body = body_of(backend.oneshot(req).await.unwrap()).await;
+        assert_eq!(body, "HTTP/2.0 http://front.example/api/y host=None");
+    }
+
+    /// gRPC's way: data, then trailer fields, in both directions.
+    #[tokio::test]
+    async fn trailers_pass_both_ways() {
+        let (addr, _) = accept_counting(|stream, _| async move {
+            let service = service_fn(|req: Request<Incoming>| async move {
+                let collected = req.into_body().collect().await.unwrap();
+                let sent = collected.trailers().cloned().unwrap_or_default();
+                let body = format!(
+                    "{}|{:?}",
+                    String::from_utf8_lossy(&collected.to_bytes()),
+                    sent.get("x-request-sum")
+                );
+                Ok::<_, Infallible>(Response::new(with_trailers(
+                    body,
+                    one_field("grpc-status", "0"),
+                )))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await;
+        let client = HttpClient::<BoxBody<Bytes, Infallible>>::new().http2_only(true);
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let req = Request::post("/pkg.Service/Method")
+            .body(with_trailers("message", one_field("x-request-sum", "1")).boxed())
+            .unwrap();
+        let collected = backend
+            .oneshot(req)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "message|Some(\"1\")");
+    }
+
+    /// A backend that closes its connection (a restart, an idle timeout):
+    /// the next request opens a new one and succeeds.
+    #[tokio::test]
+    async fn a_closed_connection_is_replaced() {
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        let closed_tx = Arc::new(std::sync::Mutex::new(Some(closed_tx)));
+        let (addr, accepted) = accept_counting(move |stream, n| {
+            let closed_tx = closed_tx.clone();
+            async move {
+                let served = Arc::new(tokio::sync::Notify::new());
+                let notify = served.clone();
+                let service = service_fn(move |req| {
+                    notify.notify_one();
+                    h2_echo(req)
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                if n == 1 {
+                    // Serve one request, then close (GOAWAY) gracefully.
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = served.notified() => conn.as_mut().graceful_shutdown(),
+                    }
+                    let _ = conn.await;
+                    if let Some(tx) = closed_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                } else {
+                    let _ = conn.await;
+                }
+            }
+        })
+        .await;
+        let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let first = backend.clone().oneshot(get("/1")).await.unwrap();
+        assert!(body_of(first).await.ends_with("/1 host=None"));
+        closed_rx.await.unwrap();
+        for i in 2..5 {
+            let resp = backend
+                .clone()
+                .oneshot(get(&format!("/{i}")))
+                .await
+                .unwrap();
+            assert!(body_of(resp).await.ends_with(&format!("/{i} host=None")));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_not_sent() {
+        let port = support::http::refused().await.port();
+        let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
+        let backend = HttpBackend::new(&client, format!("http://127.0.0.1:{port}")).unwrap();
+        let err = backend
+            .oneshot(Request::post("/").body(Full::default()).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.is::<NotSent>(), "{err}");
+    }
+}

@@ -29,7 +29,9 @@
 //! * a failure to connect comes back as [`NotSent`](crate::NotSent), so
 //!   the failover layer may retry any method on another backend;
 //! * requests go out as HTTP/1.1 on kept-alive connections, whatever
-//!   version the client spoke;
+//!   version the client spoke, or as HTTP/2 on one multiplexed connection
+//!   per backend ([`HttpClient::http2_only`], feature `http2`: gRPC
+//!   backends, for one);
 //! * bodies stream both ways.
 //!
 //! [`HttpClient`]'s defaults: connects time out after 5 s
@@ -121,7 +123,7 @@ pub struct HttpClient<B> {
     settings: Settings,
     /// The connector given to [`with_connector`](Self::with_connector),
     /// without the connect timeout; `None` for hyper-util's `HttpConnector`.
-    custom: Option<pool::Connect<B>>,
+    custom: Option<pool::Open>,
     upstreams: Arc<pool::Upstreams<B>>,
 }
 
@@ -131,6 +133,7 @@ struct Settings {
     connect_timeout: Duration,
     tcp_keepalive: Option<Duration>,
     idle_timeout: Duration,
+    http2: bool,
 }
 
 impl Settings {
@@ -140,6 +143,7 @@ impl Settings {
         // Go's `http.DefaultTransport`'s.
         tcp_keepalive: Some(Duration::from_secs(30)),
         idle_timeout: Duration::from_secs(90),
+        http2: false,
     };
 
     fn http_connector(&self) -> HttpConnector {
@@ -171,6 +175,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             connect_timeout,
             tcp_keepalive,
             idle_timeout,
+            http2,
         } = &self.settings;
         let mut f = f.debug_struct("HttpClient");
         f.field("connect_timeout", connect_timeout);
@@ -179,6 +184,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             Some(_) => f.field("connector", &"custom"),
         };
         f.field("idle_timeout", idle_timeout)
+            .field("http2", http2)
             .finish_non_exhaustive()
     }
 }
@@ -235,21 +241,25 @@ where
         C::Future: Send + 'static,
         C::Error: Into<BoxError>,
     {
-        let custom = pool::connect_with(connector);
+        let custom = pool::open_with(connector);
         HttpClient::with_settings(Settings::DEFAULT, Some(custom))
     }
 
-    fn with_settings(settings: Settings, custom: Option<pool::Connect<B>>) -> Self {
-        let connect = match &custom {
+    fn with_settings(settings: Settings, custom: Option<pool::Open>) -> Self {
+        let open = match &custom {
             // `HttpConnector` shares the connect timeout among the
             // addresses a name resolves to.
-            None => pool::connect_with(settings.http_connector()),
+            None => pool::open_with(settings.http_connector()),
             Some(custom) => pool::within(custom.clone(), settings.connect_timeout),
         };
         HttpClient {
             settings,
             custom,
-            upstreams: Arc::new(pool::Upstreams::new(connect, settings.idle_timeout)),
+            upstreams: Arc::new(pool::Upstreams::new(
+                open,
+                settings.http2,
+                settings.idle_timeout,
+            )),
         }
     }
 
@@ -301,6 +311,32 @@ where
             self.custom,
         )
     }
+
+    /// Speaks HTTP/2 to every backend (feature `http2`; default HTTP/1.1):
+    /// with prior knowledge over plain TCP (`h2c`, as gRPC servers accept
+    /// it), or over what a [connector](Self::with_connector) opens, such as
+    /// TLS that negotiated `h2` in ALPN. Each backend gets one connection
+    /// that carries all its requests at once, opened when the first
+    /// request needs it and again when the backend closes it (a request
+    /// the closing connection did not take goes to the new one). The
+    /// [`idle_timeout`](Self::idle_timeout) does not apply to it; keep the
+    /// [`tcp_keepalive`](Self::tcp_keepalive) so that a connection to a
+    /// vanished backend ends.
+    ///
+    /// Requests go out with the backend's authority as `:authority` (or
+    /// the client's host, with [`HttpBackend::preserve_host`]) and no
+    /// `Host`.
+    #[cfg(feature = "http2")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
+    pub fn http2_only(self, http2: bool) -> Self {
+        HttpClient::with_settings(
+            Settings {
+                http2,
+                ..self.settings
+            },
+            self.custom,
+        )
+    }
 }
 
 impl<B> Default for HttpClient<B>
@@ -334,6 +370,8 @@ impl std::error::Error for InvalidBackendUri {}
 /// Proxies requests to one HTTP server. See the [module docs](self).
 pub struct HttpBackend<B> {
     upstream: Arc<pool::Upstream<B>>,
+    scheme: Scheme,
+    http2: bool,
     authority: Authority,
     host: HeaderValue,
     /// The base URI's path without its trailing slash; empty for `/`.
@@ -345,6 +383,8 @@ impl<B> Clone for HttpBackend<B> {
     fn clone(&self) -> Self {
         HttpBackend {
             upstream: self.upstream.clone(),
+            scheme: self.scheme.clone(),
+            http2: self.http2,
             authority: self.authority.clone(),
             host: self.host.clone(),
             prefix: self.prefix.clone(),
@@ -404,6 +444,8 @@ impl<B> HttpBackend<B> {
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid("bad host"))?;
         Ok(HttpBackend {
             upstream: client.upstreams.get(&scheme, &authority),
+            scheme,
+            http2: client.settings.http2,
             authority,
             host,
             prefix: uri.path().trim_end_matches('/').to_owned(),
@@ -463,15 +505,6 @@ impl<B> HttpBackend<B> {
                 InvalidRequest::with_source("the rewritten request target is not valid", e)
             })?
         };
-        // Origin form: the connection already names the backend.
-        *req.uri_mut() = Uri::from(path_and_query);
-        // Backend connections are HTTP/1.1 and kept alive, whatever the
-        // client spoke (as Envoy does): hyper's HTTP/1 client writes no
-        // other version (an HTTP/3 front end's requests would make it
-        // panic), and an HTTP/1.0 request would close the pooled
-        // connection after its response.
-        *req.version_mut() = http::Version::HTTP_11;
-
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
         let headers = req.headers_mut();
         if strip_hop_by_hop(headers) {
@@ -481,13 +514,43 @@ impl<B> HttpBackend<B> {
             // does.
             headers.insert(TE, HeaderValue::from_static("trailers"));
         }
-        if let Some(host) = target_host {
-            headers.insert(HOST, host);
-        } else if !self.preserve_host || !headers.contains_key(HOST) {
-            headers.insert(HOST, self.host.clone());
-        }
         if let Some(ip) = peer {
             append_forwarded_for(headers, ip);
+        }
+        let host = match target_host {
+            Some(host) => host,
+            None if self.preserve_host => match headers.get(HOST) {
+                Some(host) => host.clone(),
+                None => self.host.clone(),
+            },
+            None => self.host.clone(),
+        };
+        if self.http2 {
+            // Absolute form: HTTP/2 names the host in `:authority`, and a
+            // `Host` beside it could only disagree.
+            headers.remove(HOST);
+            let authority = Authority::try_from(host.as_bytes()).map_err(|e| {
+                InvalidRequest::with_source("the request's host is not a valid authority", e)
+            })?;
+            *req.uri_mut() = Uri::builder()
+                .scheme(self.scheme.clone())
+                .authority(authority)
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|e| {
+                    InvalidRequest::with_source("the rewritten request target is not valid", e)
+                })?;
+            *req.version_mut() = http::Version::HTTP_2;
+        } else {
+            headers.insert(HOST, host);
+            // Origin form: the connection already names the backend.
+            *req.uri_mut() = Uri::from(path_and_query);
+            // Backend connections are HTTP/1.1 and kept alive, whatever the
+            // client spoke (as Envoy does): hyper's HTTP/1 client writes no
+            // other version (an HTTP/3 front end's requests would make it
+            // panic), and an HTTP/1.0 request would close the pooled
+            // connection after its response.
+            *req.version_mut() = http::Version::HTTP_11;
         }
         Ok(())
     }
@@ -900,12 +963,13 @@ mod tests {
             connect_timeout: secs(1),
             tcp_keepalive: None,
             idle_timeout: secs(2),
+            http2: false,
         };
         assert_eq!(client.settings, expected);
         assert_eq!(client.upstreams.idle_timeout(), secs(2));
         assert_eq!(
             format!("{client:?}"),
-            "HttpClient { connect_timeout: 1s, tcp_keepalive: None, idle_timeout: 2s, .. }"
+            "HttpClient { connect_timeout: 1s, tcp_keepalive: None, idle_timeout: 2s, http2: false, .. }"
         );
     }
 
@@ -949,7 +1013,7 @@ mod tests {
         assert!(HttpBackend::new(&client, "ftp://example.com").is_err());
         assert_eq!(
             format!("{client:?}"),
-            "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 90s, .. }"
+            "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 90s, http2: false, .. }"
         );
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Each backend address has one [`Upstream`]: a stack of idle connections
 //! (the most recently used is taken first, so a few hot connections carry
-//! the load and the rest age out) and the [`Connect`] that opens new ones.
+//! the load and the rest age out) and the [`Open`] that opens new ones.
 //! A request takes an idle connection, or opens one when none is idle, and
 //! its connection goes back on the stack as soon as the response has been
 //! read to its end: at once when the response has no body left to read,
@@ -19,6 +19,8 @@ use std::time::Duration;
 use ::http::uri::{Authority, Scheme, Uri};
 use ::http::{Request, Response};
 use hyper::client::conn::http1::{self, SendRequest};
+#[cfg(feature = "http2")]
+use hyper::client::conn::http2;
 use hyper::rt::{Read, Write};
 use parking_lot::Mutex;
 use tokio::time::Instant;
@@ -27,23 +29,23 @@ use tower_service::Service;
 use super::body::ResponseBody;
 use crate::error::{BoxError, NotSent};
 
-/// Opens a new connection to the backend a URI names (its scheme and
-/// authority) and hands back its sender; the connection itself runs on a
-/// task of its own.
-pub(super) type Connect<B> = Arc<
-    dyn Fn(Uri) -> Pin<Box<dyn Future<Output = Result<SendRequest<B>, BoxError>> + Send>>
+/// A byte stream to a backend, as a connector opened it.
+pub(super) trait Io: Read + Write + Unpin + Send + 'static {}
+
+impl<T: Read + Write + Unpin + Send + 'static> Io for T {}
+
+/// Opens a new byte stream to the backend a URI names (its scheme and
+/// authority).
+pub(super) type Open = Arc<
+    dyn Fn(Uri) -> Pin<Box<dyn Future<Output = Result<Box<dyn Io>, BoxError>> + Send>>
         + Send
         + Sync,
 >;
 
-/// A [`Connect`] that opens connections with `connector` (any tower
-/// service from a URI to a byte stream, such as hyper-util's
-/// `HttpConnector`) and speaks HTTP/1.1 on them.
-pub(super) fn connect_with<B, C>(connector: C) -> Connect<B>
+/// An [`Open`] that calls `connector`: any tower service from a URI to a
+/// byte stream, such as hyper-util's `HttpConnector`.
+pub(super) fn open_with<C>(connector: C) -> Open
 where
-    B: http_body::Body + Send + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
     C: Service<Uri> + Clone + Send + Sync + 'static,
     C::Response: Read + Write + Unpin + Send + 'static,
     C::Future: Send + 'static,
@@ -56,22 +58,16 @@ where
                 .await
                 .map_err(Into::into)?;
             let io = connector.call(uri).await.map_err(Into::into)?;
-            let (sender, connection) = http1::handshake(io).await?;
-            tokio::spawn(async move {
-                // Its end (the backend closed it, or a response was
-                // abandoned) shows in the sender, which is then never reused.
-                let _ = connection.await;
-            });
-            Ok(sender)
+            Ok(Box::new(io) as Box<dyn Io>)
         })
     })
 }
 
-/// `connect`, failing with a timed-out I/O error when it takes longer than
+/// `open`, failing with a timed-out I/O error when it takes longer than
 /// `limit`.
-pub(super) fn within<B: 'static>(connect: Connect<B>, limit: Duration) -> Connect<B> {
+pub(super) fn within(open: Open, limit: Duration) -> Open {
     Arc::new(move |uri| {
-        let opening = connect(uri);
+        let opening = open(uri);
         Box::pin(async move {
             match tokio::time::timeout(limit, opening).await {
                 Ok(opened) => opened,
@@ -88,15 +84,21 @@ pub(super) fn within<B: 'static>(connect: Connect<B>, limit: Duration) -> Connec
 /// The upstreams of one [`HttpClient`](super::HttpClient), by the URI of
 /// their scheme and authority.
 pub(super) struct Upstreams<B> {
-    connect: Connect<B>,
+    open: Open,
+    // Only `HttpClient::http2_only` (feature `http2`) sets it.
+    #[cfg_attr(not(feature = "http2"), allow(dead_code))]
+    http2: bool,
     idle_timeout: Duration,
     by_target: Mutex<HashMap<Uri, Weak<Upstream<B>>>>,
 }
 
 impl<B> Upstreams<B> {
-    pub(super) fn new(connect: Connect<B>, idle_timeout: Duration) -> Self {
+    /// Upstreams whose connections `open` opens, speaking HTTP/2 if `http2`
+    /// (else HTTP/1.1).
+    pub(super) fn new(open: Open, http2: bool, idle_timeout: Duration) -> Self {
         Upstreams {
-            connect,
+            open,
+            http2,
             idle_timeout,
             by_target: Mutex::new(HashMap::new()),
         }
@@ -123,10 +125,12 @@ impl<B> Upstreams<B> {
         }
         map.retain(|_, u| u.strong_count() > 0);
         let upstream = Arc::new(Upstream {
-            connect: self.connect.clone(),
+            open: self.open.clone(),
             target: target.clone(),
             idle_timeout: self.idle_timeout,
             idle: Mutex::new(VecDeque::new()),
+            #[cfg(feature = "http2")]
+            http2: self.http2.then(Http2::default),
         });
         map.insert(target, Arc::downgrade(&upstream));
         upstream
@@ -135,10 +139,14 @@ impl<B> Upstreams<B> {
 
 /// One backend address: its idle connections and how to open more.
 pub(super) struct Upstream<B> {
-    connect: Connect<B>,
+    open: Open,
     target: Uri,
     idle_timeout: Duration,
+    /// Idle HTTP/1.1 connections, the most recently used last.
     idle: Mutex<VecDeque<Idle<B>>>,
+    /// The shared connection, when the client speaks HTTP/2.
+    #[cfg(feature = "http2")]
+    http2: Option<Http2<B>>,
 }
 
 struct Idle<B> {
@@ -198,23 +206,35 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// Sends `req` (origin-form, with its `Host`) on an idle connection, or
-    /// on a new one. A request that an idle connection did not take (the
-    /// backend had closed it meanwhile) is given to the next connection; a
-    /// failure to open or use a new connection is [`NotSent`].
+    /// Opens a new HTTP/1.1 connection, run by a task of its own.
+    async fn connect(&self) -> Result<SendRequest<B>, BoxError> {
+        let io = (self.open)(self.target.clone()).await?;
+        let (sender, connection) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            // Its end (the backend closed it, or a response was abandoned)
+            // shows in the sender, which is then never reused.
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` (origin-form, with its `Host`; absolute-form for
+    /// HTTP/2) on an idle connection, or on a new one. A request that an
+    /// idle connection did not take (the backend had closed it meanwhile)
+    /// is given to the next connection; a failure to open or use a new
+    /// connection is [`NotSent`].
     pub(super) async fn send(
         self: Arc<Self>,
         mut req: Request<B>,
     ) -> Result<Response<ResponseBody>, BoxError> {
+        #[cfg(feature = "http2")]
+        if let Some(http2) = &self.http2 {
+            return http2.send(&self, req).await;
+        }
         loop {
             let (mut sender, fresh) = match self.checkout() {
                 Some(sender) => (sender, false),
-                None => (
-                    (self.connect)(self.target.clone())
-                        .await
-                        .map_err(NotSent::new)?,
-                    true,
-                ),
+                None => (self.connect().await.map_err(NotSent::new)?, true),
             };
             if let Err(e) = sender.ready().await {
                 if fresh {
@@ -260,5 +280,107 @@ pub(super) trait Checkin: Send + Sync {
 impl<B: Send + 'static> Checkin for Pooled<B> {
     fn checkin(self: Box<Self>) {
         self.upstream.checkin(self.sender);
+    }
+}
+
+/// The connection an HTTP/2 upstream multiplexes its requests on.
+#[cfg(feature = "http2")]
+struct Http2<B> {
+    /// The connection, numbered so that a request that saw it fail
+    /// drops that one and not a newer one.
+    shared: Mutex<Option<(u64, http2::SendRequest<B>)>>,
+    /// Held while a connection is opened, so that requests arriving
+    /// meanwhile wait for it rather than open their own.
+    opening: tokio::sync::Mutex<u64>,
+}
+
+#[cfg(feature = "http2")]
+impl<B> Default for Http2<B> {
+    fn default() -> Self {
+        Http2 {
+            shared: Mutex::new(None),
+            opening: tokio::sync::Mutex::new(0),
+        }
+    }
+}
+
+#[cfg(feature = "http2")]
+impl<B> Http2<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// The shared connection unless it has closed.
+    fn current(&self) -> Option<(u64, http2::SendRequest<B>)> {
+        let shared = self.shared.lock();
+        shared
+            .as_ref()
+            .filter(|(_, sender)| !sender.is_closed())
+            .map(|(n, sender)| (*n, sender.clone()))
+    }
+
+    /// The shared connection, opened now if there is none; whether this
+    /// call opened it.
+    async fn connection(
+        &self,
+        upstream: &Upstream<B>,
+    ) -> Result<(u64, http2::SendRequest<B>, bool), BoxError> {
+        if let Some((n, sender)) = self.current() {
+            return Ok((n, sender, false));
+        }
+        let mut opened = self.opening.lock().await;
+        // Another request may have opened one while this one waited.
+        if let Some((n, sender)) = self.current() {
+            return Ok((n, sender, false));
+        }
+        let io = (upstream.open)(upstream.target.clone()).await?;
+        let (sender, connection) =
+            http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        *opened += 1;
+        *self.shared.lock() = Some((*opened, sender.clone()));
+        Ok((*opened, sender, true))
+    }
+
+    /// Forgets connection `n` if it is still the shared one.
+    fn forget(&self, n: u64) {
+        let mut shared = self.shared.lock();
+        if shared.as_ref().is_some_and(|(current, _)| *current == n) {
+            *shared = None;
+        }
+    }
+
+    /// Sends `req` on the shared connection. A request the connection did
+    /// not take (it was closing) goes to a new one; a failure to open or
+    /// use a new connection is [`NotSent`].
+    async fn send(
+        &self,
+        upstream: &Upstream<B>,
+        mut req: Request<B>,
+    ) -> Result<Response<ResponseBody>, BoxError> {
+        loop {
+            let (n, mut sender, fresh) = self.connection(upstream).await.map_err(NotSent::new)?;
+            if let Err(e) = sender.ready().await {
+                self.forget(n);
+                if fresh {
+                    return Err(NotSent::new(e).into());
+                }
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|body| ResponseBody::new(body, None))),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !fresh => {
+                        self.forget(n);
+                        req = back;
+                    }
+                    Some(_) => return Err(NotSent::new(e.into_error()).into()),
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
     }
 }
