@@ -878,11 +878,11 @@ mod http2 {
         Ok(Response::new(Full::new(Bytes::from(body))))
     }
 
-    /// Serves `h2_echo` with hyper-util's server, which takes HTTP/2 with
-    /// prior knowledge; counts the connections.
+    /// Serves `h2_echo` over HTTP/2 with prior knowledge; counts the
+    /// connections.
     async fn serve_h2() -> (SocketAddr, Arc<AtomicUsize>) {
         accept_counting(|stream, _| async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service_fn(h2_echo))
                 .await;
         })
