@@ -1007,6 +1007,40 @@ mod http2 {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
+    /// A gRPC-style POST through the whole stack: the backend that
+    /// refuses connections is failed over, whatever the method, since
+    /// nothing was sent.
+    #[tokio::test]
+    async fn a_post_fails_over_from_a_refused_backend() {
+        use tower_ha::extensions::ServedBy;
+        use tower_ha::failover::{BufferBodyLayer, ReplayBody};
+
+        let (addr, _) = serve_h2().await;
+        let down = support::http::refused().await.port();
+        let client = HttpClient::<ReplayBody<Full<Bytes>>>::new().http2_only(true);
+        let pool = Pool::new();
+        let backend = |url: String| HttpBackend::new(&client, url).unwrap();
+        pool.insert("down", backend(format!("http://127.0.0.1:{down}")));
+        pool.insert("up", backend(format!("http://{addr}")));
+        let stack = ServiceBuilder::new()
+            .layer(BufferBodyLayer::new())
+            .layer(FailoverLayer::new())
+            .service(Balance::new(pool, RoundRobin::new()));
+        // Round robin starts half of them on "down".
+        for _ in 0..4 {
+            let req = Request::post("/pkg.Service/Method")
+                .body(Full::new(Bytes::from_static(b"message")))
+                .unwrap();
+            let resp = stack.clone().oneshot(req).await.unwrap();
+            assert_eq!(
+                resp.extensions().get::<ServedBy>().unwrap().0.as_str(),
+                "up"
+            );
+            let body = body_of(resp).await;
+            assert!(body.ends_with("/pkg.Service/Method host=None"), "{body}");
+        }
+    }
+
     #[tokio::test]
     async fn a_refused_connection_is_not_sent() {
         let port = support::http::refused().await.port();
