@@ -35,7 +35,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
 };
@@ -248,7 +248,6 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         .as_deref()
         .map(|spec| StickyLayer::new(&pool, session_key(spec)));
     let stack = ServiceBuilder::new()
-        .option_layer(sticky)
         .layer(BufferBodyLayer::new())
         .layer(FailoverLayer::new())
         .service(Balance::new(pool, strategy));
@@ -266,6 +265,23 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
             .map(|spec| format!(", sticky by {spec}"))
             .unwrap_or_default()
     );
+    // Two stacks rather than an optional layer: each request's future
+    // stays as small as the stack it runs through.
+    match sticky {
+        Some(sticky) => accept(listener, sticky.layer(stack)).await,
+        None => accept(listener, stack).await,
+    }
+}
+
+/// Serves each connection `listener` accepts with `stack`.
+async fn accept<S>(listener: TcpListener, stack: S) -> !
+where
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,

@@ -241,7 +241,7 @@ where
         C::Future: Send + 'static,
         C::Error: Into<BoxError>,
     {
-        let custom = pool::open_with(connector);
+        let custom = pool::open_other(connector);
         HttpClient::with_settings(Settings::DEFAULT, Some(custom))
     }
 
@@ -249,7 +249,7 @@ where
         let open = match &custom {
             // `HttpConnector` shares the connect timeout among the
             // addresses a name resolves to.
-            None => pool::open_with(settings.http_connector()),
+            None => pool::open_tcp(settings.http_connector()),
             Some(custom) => pool::within(custom.clone(), settings.connect_timeout),
         };
         HttpClient {

@@ -12,8 +12,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ::http::uri::{Authority, Scheme, Uri};
@@ -21,8 +23,11 @@ use ::http::{Request, Response};
 use hyper::client::conn::http1::{self, SendRequest};
 #[cfg(feature = "http2")]
 use hyper::client::conn::http2;
-use hyper::rt::{Read, Write};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -34,20 +39,25 @@ pub(super) trait Io: Read + Write + Unpin + Send + 'static {}
 
 impl<T: Read + Write + Unpin + Send + 'static> Io for T {}
 
-/// Opens a new byte stream to the backend a URI names (its scheme and
+/// A connection's byte stream: a TCP stream that the client's own
+/// `HttpConnector` opened (read and written without dynamic dispatch, on
+/// the proxy's hot path), or what a connector of the user's opened.
+pub(super) enum Stream {
+    Tcp(TokioIo<TcpStream>),
+    Other(Box<dyn Io>),
+}
+
+/// Opens a new [`Stream`] to the backend a URI names (its scheme and
 /// authority).
 pub(super) type Open = Arc<
-    dyn Fn(Uri) -> Pin<Box<dyn Future<Output = Result<Box<dyn Io>, BoxError>> + Send>>
-        + Send
-        + Sync,
+    dyn Fn(Uri) -> Pin<Box<dyn Future<Output = Result<Stream, BoxError>> + Send>> + Send + Sync,
 >;
 
-/// An [`Open`] that calls `connector`: any tower service from a URI to a
-/// byte stream, such as hyper-util's `HttpConnector`.
-pub(super) fn open_with<C>(connector: C) -> Open
+/// An [`Open`] that calls `connector`, any tower service from a URI to a
+/// byte stream, and wraps what it opens with `stream`.
+fn open_with<C>(connector: C, stream: fn(C::Response) -> Stream) -> Open
 where
     C: Service<Uri> + Clone + Send + Sync + 'static,
-    C::Response: Read + Write + Unpin + Send + 'static,
     C::Future: Send + 'static,
     C::Error: Into<BoxError>,
 {
@@ -58,9 +68,83 @@ where
                 .await
                 .map_err(Into::into)?;
             let io = connector.call(uri).await.map_err(Into::into)?;
-            Ok(Box::new(io) as Box<dyn Io>)
+            Ok(stream(io))
         })
     })
+}
+
+/// An [`Open`] with hyper-util's `HttpConnector`.
+pub(super) fn open_tcp(connector: HttpConnector) -> Open {
+    open_with(connector, Stream::Tcp)
+}
+
+/// An [`Open`] with a connector of the user's.
+pub(super) fn open_other<C>(connector: C) -> Open
+where
+    C: Service<Uri> + Clone + Send + Sync + 'static,
+    C::Response: Read + Write + Unpin + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    open_with(connector, |io| Stream::Other(Box::new(io)))
+}
+
+impl Read for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Stream::Other(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            Stream::Other(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Stream::Other(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(io) => io.is_write_vectored(),
+            Stream::Other(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Stream::Other(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Stream::Other(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
 }
 
 /// `open`, failing with a timed-out I/O error when it takes longer than
