@@ -86,7 +86,9 @@ use crate::error::{BoxError, InvalidRequest};
 use crate::extensions::PeerAddr;
 
 /// A pooled HTTP/1.1 client shared by many [`HttpBackend`]s: connections
-/// are kept alive and reused per backend address.
+/// are kept alive and reused per backend address. (With
+/// [`http2_only`](Self::http2_only), each backend has one HTTP/2
+/// connection instead, see there.)
 ///
 /// A request takes the backend's most recently used idle connection, or
 /// opens one when none is idle, so a backend gets about as many connections
@@ -205,9 +207,10 @@ where
     /// service from a backend's URI (its scheme and authority, path `/`)
     /// to a byte stream, such as a TLS connector (hyper-rustls's or
     /// hyper-tls's `HttpsConnector`) for `https://` backends, or a
-    /// connection over a Unix socket. HTTP/1.1 is spoken on what it opens,
-    /// so a TLS connector must offer HTTP/1.1 alone in ALPN (hyper-rustls:
-    /// `enable_http1()` without `enable_http2()`).
+    /// connection over a Unix socket. The client speaks HTTP/1.1 on what
+    /// it opens (HTTP/2 with [`http2_only`](Self::http2_only)), so a TLS
+    /// connector must offer that protocol alone in ALPN (hyper-rustls:
+    /// `enable_http1()` or `enable_http2()`, not both).
     ///
     /// Backends made from such a client may be `http://` or `https://`. The
     /// [`connect_timeout`](Self::connect_timeout) (default 5 s) bounds the

@@ -1,14 +1,15 @@
-//! Keep-alive HTTP/1.1 connections to one backend.
+//! Keep-alive connections to backends.
 //!
-//! Each backend address has one [`Upstream`]: a stack of idle connections
+//! Each backend address has one [`Upstream`], with the [`Open`] that opens
+//! its connections. Over HTTP/1.1 it keeps a stack of idle connections
 //! (the most recently used is taken first, so a few hot connections carry
-//! the load and the rest age out) and the [`Open`] that opens new ones.
-//! A request takes an idle connection, or opens one when none is idle, and
-//! its connection goes back on the stack as soon as the response has been
-//! read to its end: at once when the response has no body left to read,
-//! else when the response body is finished. A connection whose response
-//! was not read to its end is closed, since HTTP/1.1 cannot tell where the
-//! next response would start.
+//! the load and the rest age out). A request takes an idle connection, or
+//! opens one when none is idle, and its connection goes back on the stack
+//! as soon as the response has been read to its end: at once when the
+//! response has no body left to read, else when the response body is
+//! finished. A connection whose response was not read to its end is
+//! closed, since HTTP/1.1 cannot tell where the next response would start.
+//! Over HTTP/2 every request shares one connection.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
