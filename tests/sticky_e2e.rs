@@ -331,7 +331,7 @@ mod over_failover {
                 servers: HashMap::new(),
             };
             for name in ["a", "b", "c"] {
-                cluster.serve(name, "127.0.0.1:0".parse().unwrap()).await;
+                cluster.serve(name, crate::support::restartable_addr()).await;
             }
             cluster
         }

@@ -37,11 +37,12 @@ pub struct ChaosServer {
 }
 
 impl ChaosServer {
-    /// Starts backend `name` on a free port of 127.0.0.1.
+    /// Starts backend `name` on a free port of 127.0.0.1, which it gets
+    /// back when it is restarted.
     pub async fn start(name: &'static str) -> ChaosServer {
         let mut server = ChaosServer {
             name,
-            addr: "127.0.0.1:0".parse().unwrap(),
+            addr: super::restartable_addr(),
             shared: Arc::default(),
             held: watch::channel(0).0,
             task: None,

@@ -3,7 +3,7 @@
 //! (`appendonly yes`, `appendfsync always`). Killed when dropped.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -25,16 +25,23 @@ impl RedisServer {
     /// Starts a server with extra configuration, e.g.
     /// `["--requirepass", "secret"]`.
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        let port = free_port();
         let dir = tempfile::tempdir().expect("temporary directory for redis-server");
         let mut server = RedisServer {
-            port,
+            port: free_port(),
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
-        server.spawn();
-        server
+        // Another test may bind the port between `free_port` and the
+        // server's own bind: the server then exits, and another port is
+        // tried.
+        for _ in 0..5 {
+            if server.spawn() {
+                return server;
+            }
+            server.port = free_port();
+        }
+        panic!("redis-server exited at start on five ports in a row")
     }
 
     pub fn port(&self) -> u16 {
@@ -62,7 +69,11 @@ impl RedisServer {
     /// what it appended before.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "redis-server exited at restart on port {}",
+            self.port
+        );
     }
 
     /// Sends one command (inline protocol) and returns the raw answer.
@@ -80,7 +91,9 @@ impl RedisServer {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server and waits until it answers; false if it exited
+    /// at start instead (its port was taken).
+    fn spawn(&mut self) -> bool {
         let binary = binary();
         let child = Command::new(&binary)
             .args(["--port", &self.port.to_string()])
@@ -99,14 +112,16 @@ impl RedisServer {
         self.child = Some(child);
         // About 10 s at most: 1000 attempts 10 ms apart.
         for _ in 0..1000 {
-            if self.ping() {
-                return;
+            // Its own answer, not that of a server of another test that
+            // took the port first: the child must still be running.
+            let exited = matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(Some(_))));
+            if exited {
+                self.child = None;
+                return false;
             }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!(
-                    "redis-server exited at start ({status}) on port {}",
-                    self.port
-                );
+            if self.ping() && !matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(Some(_))))
+            {
+                return true;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -156,10 +171,9 @@ fn binary() -> PathBuf {
     )
 }
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, below the ephemeral range, so
+/// that no client connection takes it while the server is down (see
+/// [`super::restartable_addr`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    super::restartable_addr().port()
 }

@@ -54,7 +54,7 @@ impl Server {
 
     /// Starts backend `name` on a free port.
     pub async fn start_any(name: &'static str) -> Server {
-        Server::start(name, "127.0.0.1:0".parse().unwrap()).await
+        Server::start(name, super::restartable_addr()).await
     }
 
     /// The address it listens on.
