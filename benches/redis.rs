@@ -19,6 +19,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tokio::runtime::Runtime;
 use tower_ha::store::{RedisStore, Session, SessionStore};
 
+#[path = "../tests/support/ports.rs"]
+mod ports;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;

@@ -173,7 +173,7 @@ fn binary() -> PathBuf {
 
 /// A port nothing listens on right now, below the ephemeral range, so
 /// that no client connection takes it while the server is down (see
-/// [`super::restartable_addr`]).
+/// [`super::ports::restartable_addr`]).
 pub fn free_port() -> u16 {
-    super::restartable_addr().port()
+    super::ports::restartable_addr().port()
 }
