@@ -146,11 +146,18 @@ async fn preserve_host_keeps_the_clients_host_and_xff_is_created() {
         .unwrap();
     req.extensions_mut()
         .insert(PeerAddr("[::1]:1".parse().unwrap()));
-    let body = body_of(backend.oneshot(req).await.unwrap()).await;
+    let body = body_of(backend.clone().oneshot(req).await.unwrap()).await;
     assert_eq!(
         body,
         "GET /p|host=vhost.example|xff=::1|keepalive=|secret=|"
     );
+    // User information has no place in `Host`: it is not passed on.
+    let req = Request::get("/p")
+        .header("host", "user:pw@vhost.example:81")
+        .body(Full::default())
+        .unwrap();
+    let body = body_of(backend.oneshot(req).await.unwrap()).await;
+    assert!(body.starts_with("GET /p|host=vhost.example:81|"), "{body}");
 }
 
 #[tokio::test]
@@ -1039,6 +1046,190 @@ mod http2 {
             let body = body_of(resp).await;
             assert!(body.ends_with("/pkg.Service/Method host=None"), "{body}");
         }
+    }
+
+    /// A backend that closes each connection gracefully once it has
+    /// received `per_connection` requests (as servers do after a number
+    /// of requests, or when they restart): it sends `GOAWAY`, finishes the
+    /// streams it took, and refuses those the client opened meanwhile.
+    /// Counts the requests it processed.
+    async fn going_away(per_connection: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        let processed = Arc::new(AtomicUsize::new(0));
+        let count = processed.clone();
+        let (addr, _) = accept_counting(move |stream, _| {
+            let count = count.clone();
+            async move {
+                let received = Arc::new(AtomicUsize::new(0));
+                let enough = Arc::new(tokio::sync::Notify::new());
+                let (seen, notify) = (received.clone(), enough.clone());
+                let service = service_fn(move |_req: Request<Incoming>| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    if seen.fetch_add(1, Ordering::SeqCst) + 1 == per_connection {
+                        notify.notify_one();
+                    }
+                    async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("done")))) }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = enough.notified() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
+            }
+        })
+        .await;
+        (addr, processed)
+    }
+
+    /// POSTs racing a backend's `GOAWAY`: some fail (the failover layer
+    /// cannot know whether the backend got them), but none is sent again
+    /// after the backend processed it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn posts_racing_a_goaway_are_never_processed_twice() {
+        use tower_ha::failover::{BufferBodyLayer, ReplayBody};
+
+        let (a, processed_a) = going_away(3).await;
+        let (b, processed_b) = going_away(3).await;
+        let client = HttpClient::<ReplayBody<Full<Bytes>>>::new().http2_only(true);
+        let pool = Pool::new();
+        pool.insert(
+            "a",
+            HttpBackend::new(&client, format!("http://{a}")).unwrap(),
+        );
+        pool.insert(
+            "b",
+            HttpBackend::new(&client, format!("http://{b}")).unwrap(),
+        );
+        let stack = ServiceBuilder::new()
+            .layer(BufferBodyLayer::new())
+            .layer(FailoverLayer::new())
+            .service(Balance::new(pool, RoundRobin::new()));
+        let (mut ok, mut failed) = (0, 0);
+        for _ in 0..30 {
+            let sent = (0..10).map(|_| {
+                let req = Request::post("/").body(Full::new(Bytes::from_static(b"x")));
+                stack.clone().oneshot(req.unwrap())
+            });
+            for result in futures::future::join_all(sent).await {
+                match result {
+                    Ok(resp) => {
+                        assert_eq!(body_of(resp).await, "done");
+                        ok += 1;
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+        }
+        let processed = processed_a.load(Ordering::SeqCst) + processed_b.load(Ordering::SeqCst);
+        assert!(ok > 0);
+        assert!(
+            (ok..=ok + failed).contains(&processed),
+            "{processed} processed for {ok} answered and {failed} failed"
+        );
+    }
+
+    /// `REFUSED_STREAM`: the backend did not process the request.
+    #[tokio::test]
+    async fn a_refused_stream_is_not_sent() {
+        let (addr, _) = accept_counting(|stream, _| async move {
+            let mut conn = h2::server::handshake(stream).await.unwrap();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            }
+        })
+        .await;
+        let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        for _ in 0..2 {
+            let req = Request::post("/").body(Full::default()).unwrap();
+            let err = backend.clone().oneshot(req).await.unwrap_err();
+            assert!(err.is::<NotSent>(), "{err:?}");
+        }
+        // Any other reset says nothing of the kind.
+        let (addr, _) = accept_counting(|stream, _| async move {
+            let mut conn = h2::server::handshake(stream).await.unwrap();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                respond.send_reset(h2::Reason::INTERNAL_ERROR);
+            }
+        })
+        .await;
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let req = Request::post("/").body(Full::default()).unwrap();
+        let err = backend.oneshot(req).await.unwrap_err();
+        assert!(!err.is::<NotSent>(), "{err:?}");
+    }
+
+    /// Requests that arrive while the connection is being opened share
+    /// that attempt: when it times out, they all fail with it, at once.
+    #[tokio::test(start_paused = true)]
+    async fn requests_waiting_for_a_connection_share_its_failure() {
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let counted = attempts.clone();
+        let hanging = tower::service_fn(move |_: http::Uri| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<std::io::Result<TokioIo<TcpStream>>>()
+        });
+        let client = HttpClient::<Full<Bytes>>::with_connector(hanging)
+            .connect_timeout(Duration::from_secs(2))
+            .http2_only(true);
+        let backend = HttpBackend::new(&client, "https://slow.internal").unwrap();
+        let start = tokio::time::Instant::now();
+        let sent = (0..5).map(|_| {
+            let backend = backend.clone();
+            async move {
+                let err = backend.oneshot(get("/")).await.unwrap_err();
+                assert!(err.is::<NotSent>(), "{err}");
+                assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
+                start.elapsed()
+            }
+        });
+        let waited = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(sent))
+            .await
+            .expect("all given up within a minute");
+        assert_eq!(waited, vec![Duration::from_secs(2); 5]);
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+    }
+
+    /// A connection that stops answering without closing (its backend's
+    /// host gone, a NAT entry dropped): an unanswered PING ends it, and the
+    /// next request opens a new one.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_found_by_keep_alive_pings() {
+        // The first connection is accepted and then never answered; the
+        // next ones are served.
+        let (addr, accepted) = accept_counting(|stream, n| async move {
+            if n == 1 {
+                let mut stream = stream;
+                let mut sink = Vec::new();
+                let _ = stream.read_to_end(&mut sink).await;
+                return;
+            }
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service_fn(h2_echo))
+                .await;
+        })
+        .await;
+        let client = HttpClient::<Full<Bytes>>::new()
+            .http2_only(true)
+            .http2_keep_alive(Some(Duration::from_secs(10)));
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let start = tokio::time::Instant::now();
+        let first =
+            tokio::time::timeout(Duration::from_secs(300), backend.clone().oneshot(get("/1")))
+                .await
+                .expect("a silent connection is given up");
+        assert!(first.is_err());
+        // 10 s of silence, then 20 s for the PING's answer.
+        assert!(
+            start.elapsed() <= Duration::from_secs(31),
+            "{:?}",
+            start.elapsed()
+        );
+        let body = body_of(backend.oneshot(get("/2")).await.unwrap()).await;
+        assert!(body.ends_with("/2 host=None"), "{body}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

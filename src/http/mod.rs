@@ -64,6 +64,8 @@
 //! ```
 
 mod body;
+#[cfg(feature = "http2")]
+mod http2;
 mod pool;
 
 use std::fmt;
@@ -136,6 +138,9 @@ struct Settings {
     tcp_keepalive: Option<Duration>,
     idle_timeout: Duration,
     http2: bool,
+    /// With HTTP/2: the silence after which a PING is sent.
+    #[cfg_attr(not(feature = "http2"), allow(dead_code))]
+    http2_keep_alive: Option<Duration>,
 }
 
 impl Settings {
@@ -146,6 +151,7 @@ impl Settings {
         tcp_keepalive: Some(Duration::from_secs(30)),
         idle_timeout: Duration::from_secs(90),
         http2: false,
+        http2_keep_alive: Some(Duration::from_secs(30)),
     };
 
     fn http_connector(&self) -> HttpConnector {
@@ -178,6 +184,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             tcp_keepalive,
             idle_timeout,
             http2,
+            http2_keep_alive: _,
         } = &self.settings;
         let mut f = f.debug_struct("HttpClient");
         f.field("connect_timeout", connect_timeout);
@@ -239,7 +246,7 @@ where
     /// ```
     pub fn with_connector<C>(connector: C) -> Self
     where
-        C: Service<Uri> + Clone + Send + Sync + 'static,
+        C: Service<Uri> + Clone + Send + 'static,
         C::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
         C::Future: Send + 'static,
         C::Error: Into<BoxError>,
@@ -258,11 +265,7 @@ where
         HttpClient {
             settings,
             custom,
-            upstreams: Arc::new(pool::Upstreams::new(
-                open,
-                settings.http2,
-                settings.idle_timeout,
-            )),
+            upstreams: Arc::new(pool::Upstreams::new(open, settings)),
         }
     }
 
@@ -318,13 +321,27 @@ where
     /// Speaks HTTP/2 to every backend (feature `http2`; default HTTP/1.1):
     /// with prior knowledge over plain TCP (`h2c`, as gRPC servers accept
     /// it), or over what a [connector](Self::with_connector) opens, such as
-    /// TLS that negotiated `h2` in ALPN. Each backend gets one connection
-    /// that carries all its requests at once, opened when the first
-    /// request needs it and again when the backend closes it (a request
-    /// the closing connection did not take goes to the new one). The
-    /// [`idle_timeout`](Self::idle_timeout) does not apply to it; keep the
-    /// [`tcp_keepalive`](Self::tcp_keepalive) so that a connection to a
-    /// vanished backend ends.
+    /// TLS that negotiated `h2` in ALPN.
+    ///
+    /// Each backend gets one connection for all its requests, opened when
+    /// the first request needs it; requests arriving meanwhile wait for
+    /// that attempt and share its outcome. Beyond the number of streams
+    /// the backend allows at once (`SETTINGS_MAX_CONCURRENT_STREAMS`,
+    /// often 100 to 250), requests wait for a stream to finish. A new
+    /// connection is opened when the backend closes the old one, when a
+    /// keep-alive PING goes unanswered (see
+    /// [`http2_keep_alive`](Self::http2_keep_alive)), and when none of
+    /// its requests was sent for the [`idle_timeout`](Self::idle_timeout).
+    ///
+    /// A request the backend did not process comes back as
+    /// [`NotSent`](crate::NotSent), so the failover layer may send it,
+    /// whatever its method, to another backend: one the connection did not
+    /// take because it was closing, and one refused with `REFUSED_STREAM`
+    /// (RFC 9113, section 8.7). A request that meets the backend's
+    /// `GOAWAY` (a server closing its connection gracefully), or that was
+    /// still waiting for a free stream when the connection ended, fails
+    /// with hyper's error, which does not say whether the backend got it:
+    /// the failover layer retries it only when its method is idempotent.
     ///
     /// Requests go out with the backend's authority as `:authority` (or
     /// the client's host, with [`HttpBackend::preserve_host`]) and no
@@ -335,6 +352,28 @@ where
         HttpClient::with_settings(
             Settings {
                 http2,
+                ..self.settings
+            },
+            self.custom,
+        )
+    }
+
+    /// With [`http2_only`](Self::http2_only): sends a PING when nothing
+    /// has been received on a connection with requests in flight for
+    /// `interval` (default 30 s), and closes the connection when the
+    /// answer does not come within 20 s, failing its requests; the next
+    /// request opens a new one. This finds a connection that died without
+    /// closing (a backend host gone, a NAT or firewall entry dropped)
+    /// where TCP keep-alive cannot (it is the connector's to set, and
+    /// waits while data is unacknowledged). `None` sends no PING. gRPC
+    /// servers accept PINGs this rare while calls are in flight; no PING
+    /// is sent on an idle connection.
+    #[cfg(feature = "http2")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
+    pub fn http2_keep_alive(self, interval: Option<Duration>) -> Self {
+        HttpClient::with_settings(
+            Settings {
+                http2_keep_alive: interval,
                 ..self.settings
             },
             self.custom,
@@ -523,7 +562,7 @@ impl<B> HttpBackend<B> {
         let host = match target_host {
             Some(host) => host,
             None if self.preserve_host => match headers.get(HOST) {
-                Some(host) => host.clone(),
+                Some(host) => without_userinfo(host),
                 None => self.host.clone(),
             },
             None => self.host.clone(),
@@ -565,6 +604,18 @@ fn host_of(authority: &Authority) -> Option<HeaderValue> {
     let all = authority.as_str();
     let host = all.rsplit_once('@').map_or(all, |(_, host)| host);
     HeaderValue::from_str(host).ok()
+}
+
+/// A `Host` value without the user information a client may have put in
+/// it (which a `Host` never holds, and an HTTP/2 `:authority` must not).
+fn without_userinfo(host: &HeaderValue) -> HeaderValue {
+    if !host.as_bytes().contains(&b'@') {
+        return host.clone();
+    }
+    Authority::try_from(host.as_bytes())
+        .ok()
+        .and_then(|authority| host_of(&authority))
+        .unwrap_or_else(|| host.clone())
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -967,6 +1018,7 @@ mod tests {
             tcp_keepalive: None,
             idle_timeout: secs(2),
             http2: false,
+            http2_keep_alive: Some(secs(30)),
         };
         assert_eq!(client.settings, expected);
         assert_eq!(client.upstreams.idle_timeout(), secs(2));

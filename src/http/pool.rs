@@ -22,8 +22,6 @@ use std::time::Duration;
 use ::http::uri::{Authority, Scheme, Uri};
 use ::http::{Request, Response};
 use hyper::client::conn::http1::{self, SendRequest};
-#[cfg(feature = "http2")]
-use hyper::client::conn::http2;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
@@ -33,6 +31,9 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::ResponseBody;
+#[cfg(feature = "http2")]
+use super::http2::Http2;
+use super::Settings;
 use crate::error::{BoxError, NotSent};
 
 /// A byte stream to a backend, as a connector opened it.
@@ -54,16 +55,18 @@ pub(super) type Open = Arc<
     dyn Fn(Uri) -> Pin<Box<dyn Future<Output = Result<Stream, BoxError>> + Send>> + Send + Sync,
 >;
 
-/// An [`Open`] that calls `connector`, any tower service from a URI to a
-/// byte stream, and wraps what it opens with `stream`.
+/// An [`Open`] that calls (a clone of) `connector`, any tower service
+/// from a URI to a byte stream, and wraps what it opens with `stream`.
 fn open_with<C>(connector: C, stream: fn(C::Response) -> Stream) -> Open
 where
-    C: Service<Uri> + Clone + Send + Sync + 'static,
+    C: Service<Uri> + Clone + Send + 'static,
     C::Future: Send + 'static,
     C::Error: Into<BoxError>,
 {
+    // Behind a lock, so that a connector that is not `Sync` will do.
+    let connector = Mutex::new(connector);
     Arc::new(move |uri| {
-        let mut connector = connector.clone();
+        let mut connector = connector.lock().clone();
         Box::pin(async move {
             poll_fn(|cx| connector.poll_ready(cx))
                 .await
@@ -82,7 +85,7 @@ pub(super) fn open_tcp(connector: HttpConnector) -> Open {
 /// An [`Open`] with a connector of the user's.
 pub(super) fn open_other<C>(connector: C) -> Open
 where
-    C: Service<Uri> + Clone + Send + Sync + 'static,
+    C: Service<Uri> + Clone + Send + 'static,
     C::Response: Read + Write + Unpin + Send + 'static,
     C::Future: Send + 'static,
     C::Error: Into<BoxError>,
@@ -170,28 +173,23 @@ pub(super) fn within(open: Open, limit: Duration) -> Open {
 /// their scheme and authority.
 pub(super) struct Upstreams<B> {
     open: Open,
-    // Only `HttpClient::http2_only` (feature `http2`) sets it.
-    #[cfg_attr(not(feature = "http2"), allow(dead_code))]
-    http2: bool,
-    idle_timeout: Duration,
+    settings: Settings,
     by_target: Mutex<HashMap<Uri, Weak<Upstream<B>>>>,
 }
 
 impl<B> Upstreams<B> {
-    /// Upstreams whose connections `open` opens, speaking HTTP/2 if `http2`
-    /// (else HTTP/1.1).
-    pub(super) fn new(open: Open, http2: bool, idle_timeout: Duration) -> Self {
+    /// Upstreams whose connections `open` opens, kept as `settings` say.
+    pub(super) fn new(open: Open, settings: Settings) -> Self {
         Upstreams {
             open,
-            http2,
-            idle_timeout,
+            settings,
             by_target: Mutex::new(HashMap::new()),
         }
     }
 
     #[cfg(test)]
     pub(super) fn idle_timeout(&self) -> Duration {
-        self.idle_timeout
+        self.settings.idle_timeout
     }
 
     /// The upstream for `scheme://authority`, shared by every backend
@@ -212,10 +210,13 @@ impl<B> Upstreams<B> {
         let upstream = Arc::new(Upstream {
             open: self.open.clone(),
             target: target.clone(),
-            idle_timeout: self.idle_timeout,
+            idle_timeout: self.settings.idle_timeout,
             idle: Mutex::new(VecDeque::new()),
             #[cfg(feature = "http2")]
-            http2: self.http2.then(Http2::default),
+            http2: self
+                .settings
+                .http2
+                .then(|| Http2::new(self.settings.http2_keep_alive, self.settings.idle_timeout)),
         });
         map.insert(target, Arc::downgrade(&upstream));
         upstream
@@ -314,7 +315,7 @@ where
     ) -> Result<Response<ResponseBody>, BoxError> {
         #[cfg(feature = "http2")]
         if let Some(http2) = &self.http2 {
-            return http2.send(&self, req).await;
+            return http2.send(&self.open, &self.target, req).await;
         }
         loop {
             let (mut sender, fresh) = match self.checkout() {
@@ -365,107 +366,5 @@ pub(super) trait Checkin: Send + Sync {
 impl<B: Send + 'static> Checkin for Pooled<B> {
     fn checkin(self: Box<Self>) {
         self.upstream.checkin(self.sender);
-    }
-}
-
-/// The connection an HTTP/2 upstream multiplexes its requests on.
-#[cfg(feature = "http2")]
-struct Http2<B> {
-    /// The connection, numbered so that a request that saw it fail
-    /// drops that one and not a newer one.
-    shared: Mutex<Option<(u64, http2::SendRequest<B>)>>,
-    /// Held while a connection is opened, so that requests arriving
-    /// meanwhile wait for it rather than open their own.
-    opening: tokio::sync::Mutex<u64>,
-}
-
-#[cfg(feature = "http2")]
-impl<B> Default for Http2<B> {
-    fn default() -> Self {
-        Http2 {
-            shared: Mutex::new(None),
-            opening: tokio::sync::Mutex::new(0),
-        }
-    }
-}
-
-#[cfg(feature = "http2")]
-impl<B> Http2<B>
-where
-    B: http_body::Body + Send + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    /// The shared connection unless it has closed.
-    fn current(&self) -> Option<(u64, http2::SendRequest<B>)> {
-        let shared = self.shared.lock();
-        shared
-            .as_ref()
-            .filter(|(_, sender)| !sender.is_closed())
-            .map(|(n, sender)| (*n, sender.clone()))
-    }
-
-    /// The shared connection, opened now if there is none; whether this
-    /// call opened it.
-    async fn connection(
-        &self,
-        upstream: &Upstream<B>,
-    ) -> Result<(u64, http2::SendRequest<B>, bool), BoxError> {
-        if let Some((n, sender)) = self.current() {
-            return Ok((n, sender, false));
-        }
-        let mut opened = self.opening.lock().await;
-        // Another request may have opened one while this one waited.
-        if let Some((n, sender)) = self.current() {
-            return Ok((n, sender, false));
-        }
-        let io = (upstream.open)(upstream.target.clone()).await?;
-        let (sender, connection) =
-            http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        *opened += 1;
-        *self.shared.lock() = Some((*opened, sender.clone()));
-        Ok((*opened, sender, true))
-    }
-
-    /// Forgets connection `n` if it is still the shared one.
-    fn forget(&self, n: u64) {
-        let mut shared = self.shared.lock();
-        if shared.as_ref().is_some_and(|(current, _)| *current == n) {
-            *shared = None;
-        }
-    }
-
-    /// Sends `req` on the shared connection. A request the connection did
-    /// not take (it was closing) goes to a new one; a failure to open or
-    /// use a new connection is [`NotSent`].
-    async fn send(
-        &self,
-        upstream: &Upstream<B>,
-        mut req: Request<B>,
-    ) -> Result<Response<ResponseBody>, BoxError> {
-        loop {
-            let (n, mut sender, fresh) = self.connection(upstream).await.map_err(NotSent::new)?;
-            if let Err(e) = sender.ready().await {
-                self.forget(n);
-                if fresh {
-                    return Err(NotSent::new(e).into());
-                }
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|body| ResponseBody::new(body, None))),
-                Err(mut e) => match e.take_message() {
-                    Some(back) if !fresh => {
-                        self.forget(n);
-                        req = back;
-                    }
-                    Some(_) => return Err(NotSent::new(e.into_error()).into()),
-                    None => return Err(e.into_error().into()),
-                },
-            }
-        }
     }
 }

@@ -1,0 +1,270 @@
+//! One shared HTTP/2 connection per backend (feature `http2`).
+//!
+//! Every request to a backend goes on its one connection. The first
+//! request that finds none starts opening one on a task of its own, and
+//! every request arriving meanwhile waits for that same attempt: its
+//! success or its failure is theirs too, so a backend that cannot be
+//! reached costs each of them one connect timeout, not one each in turn.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::http::uri::Uri;
+use ::http::{Request, Response};
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::body::ResponseBody;
+use super::pool::Open;
+use crate::error::{find, BoxError, NotSent};
+
+/// How long a keep-alive PING may go unanswered before the connection is
+/// closed (hyper's default).
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The outcome of one attempt to open the connection, shared by every
+/// request that waited for it.
+type Opened<B> = Option<Result<SendRequest<B>, ConnectFailed>>;
+
+/// An upstream's HTTP/2 connection.
+pub(super) struct Http2<B> {
+    state: Mutex<State<B>>,
+    keep_alive: Option<Duration>,
+    idle_timeout: Duration,
+}
+
+struct State<B> {
+    /// How many connections were opened (numbers them).
+    opened: u64,
+    conn: Conn<B>,
+}
+
+enum Conn<B> {
+    None,
+    Opening(watch::Receiver<Opened<B>>),
+    Open {
+        n: u64,
+        sender: SendRequest<B>,
+        last_used: Instant,
+    },
+}
+
+impl<B> Http2<B> {
+    /// A connection that is not open yet; `keep_alive` is the silence
+    /// after which a PING is sent while requests are in flight, and a
+    /// connection unused for `idle_timeout` is replaced.
+    pub(super) fn new(keep_alive: Option<Duration>, idle_timeout: Duration) -> Self {
+        Http2 {
+            state: Mutex::new(State {
+                opened: 0,
+                conn: Conn::None,
+            }),
+            keep_alive,
+            idle_timeout,
+        }
+    }
+}
+
+impl<B> Http2<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// The open connection (its number and its sender), or the attempt
+    /// to open one to wait for, started now if there is none.
+    fn current(&self, open: &Open, target: &Uri) -> Result<(u64, SendRequest<B>), Waiting<B>> {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        match &mut state.conn {
+            Conn::Open {
+                n,
+                sender,
+                last_used,
+            } if !sender.is_closed() && now.duration_since(*last_used) < self.idle_timeout => {
+                *last_used = now;
+                return Ok((*n, sender.clone()));
+            }
+            Conn::Opening(done) => return Err(Waiting(done.clone())),
+            // None, closed, or idle for too long (the backend may have
+            // forgotten it): open another. The old one closes once its
+            // last request is done.
+            _ => {}
+        }
+        let (tell, done) = watch::channel(None);
+        state.conn = Conn::Opening(done.clone());
+        let (open, target, keep_alive) = (open.clone(), target.clone(), self.keep_alive);
+        // On a task of its own: a request that gives up waiting does not
+        // abandon the attempt the others wait for.
+        tokio::spawn(async move {
+            let opened = connect(&open, target, keep_alive).await;
+            tell.send_replace(Some(opened.map_err(|e| ConnectFailed(Arc::new(e)))));
+        });
+        Err(Waiting(done))
+    }
+
+    /// The connection, opened now if there is none.
+    async fn connection(
+        &self,
+        open: &Open,
+        target: &Uri,
+    ) -> Result<(u64, SendRequest<B>, bool), BoxError> {
+        let Waiting(mut done) = match self.current(open, target) {
+            Ok((n, sender)) => return Ok((n, sender, false)),
+            Err(waiting) => waiting,
+        };
+        let opened = match done.wait_for(Option::is_some).await {
+            Ok(opened) => opened.clone().expect("waited for an outcome"),
+            // The attempt's task is gone (the runtime is shutting down).
+            Err(_) => Err(ConnectFailed(Arc::new(
+                "the connection attempt was dropped".into(),
+            ))),
+        };
+        let mut state = self.state.lock();
+        let ours = matches!(&state.conn, Conn::Opening(d) if d.same_channel(&done));
+        match opened {
+            Ok(sender) => {
+                if ours {
+                    state.opened += 1;
+                    state.conn = Conn::Open {
+                        n: state.opened,
+                        sender: sender.clone(),
+                        last_used: Instant::now(),
+                    };
+                }
+                let n = match &state.conn {
+                    Conn::Open { n, .. } => *n,
+                    _ => 0,
+                };
+                Ok((n, sender, true))
+            }
+            Err(failed) => {
+                if ours {
+                    state.conn = Conn::None;
+                }
+                Err(NotSent::new(failed).into())
+            }
+        }
+    }
+
+    /// Forgets connection `n` if it is still the shared one.
+    fn forget(&self, n: u64) {
+        let mut state = self.state.lock();
+        if matches!(state.conn, Conn::Open { n: current, .. } if current == n) {
+            state.conn = Conn::None;
+        }
+    }
+
+    /// Sends `req` (absolute-form) on the shared connection. A request the
+    /// connection did not take (it was closing) goes to a new one. A
+    /// failure to open or use a new connection is [`NotSent`], and so is a
+    /// stream the backend refused with `REFUSED_STREAM`, which HTTP/2
+    /// guarantees it did not process (RFC 9113, section 8.7).
+    ///
+    /// A `GOAWAY` does not make a request [`NotSent`], even one whose
+    /// stream it left out: hyper reports the connection's `GOAWAY` to
+    /// requests it had already sent as well, which the backend may be
+    /// processing.
+    pub(super) async fn send(
+        &self,
+        open: &Open,
+        target: &Uri,
+        mut req: Request<B>,
+    ) -> Result<Response<ResponseBody>, BoxError> {
+        loop {
+            let (n, mut sender, fresh) = self.connection(open, target).await?;
+            if let Err(e) = sender.ready().await {
+                self.forget(n);
+                if fresh {
+                    return Err(NotSent::new(e).into());
+                }
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|body| ResponseBody::new(body, None))),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !fresh => {
+                        self.forget(n);
+                        req = back;
+                    }
+                    Some(_) => return Err(NotSent::new(e.into_error()).into()),
+                    None => {
+                        let e = e.into_error();
+                        let h2 = find::<h2::Error>(&e).filter(|h2| h2.is_remote());
+                        if h2.is_some_and(h2::Error::is_go_away) {
+                            // The connection is going away: later requests
+                            // go to a new one.
+                            self.forget(n);
+                        }
+                        let refused = h2.is_some_and(|h2| {
+                            h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                        });
+                        return Err(if refused {
+                            NotSent::new(e).into()
+                        } else {
+                            e.into()
+                        });
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// An attempt to open the connection that others wait for.
+struct Waiting<B>(watch::Receiver<Opened<B>>);
+
+/// Opens a connection to `target` and starts its task.
+async fn connect<B>(
+    open: &Open,
+    target: Uri,
+    keep_alive: Option<Duration>,
+) -> Result<SendRequest<B>, BoxError>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let io = open(target).await?;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    if let Some(interval) = keep_alive {
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(PING_TIMEOUT);
+    }
+    let (sender, connection) = builder.handshake(io).await?;
+    tokio::spawn(async move {
+        // Its end shows in the sender, which is then never used again.
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// A failure to open a connection, shared by the requests that waited for
+/// it.
+#[derive(Clone)]
+struct ConnectFailed(Arc<BoxError>);
+
+impl fmt::Debug for ConnectFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ConnectFailed").field(&self.0).finish()
+    }
+}
+
+impl fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("could not open an HTTP/2 connection")
+    }
+}
+
+impl StdError for ConnectFailed {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&**self.0)
+    }
+}
