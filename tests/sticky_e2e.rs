@@ -331,7 +331,9 @@ mod over_failover {
                 servers: HashMap::new(),
             };
             for name in ["a", "b", "c"] {
-                cluster.serve(name, crate::support::restartable_addr()).await;
+                cluster
+                    .serve(name, crate::support::restartable_addr())
+                    .await;
             }
             cluster
         }
