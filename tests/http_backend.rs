@@ -1048,26 +1048,28 @@ mod http2 {
         }
     }
 
+    /// How many times a backend processed each request (by `x-id`).
+    type Processed = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
     /// A backend that closes each connection gracefully once it has
     /// received `per_connection` requests (as servers do after a number
     /// of requests, or when they restart): it sends `GOAWAY`, finishes the
     /// streams it took, and refuses those the client opened meanwhile.
-    /// Counts the requests it processed.
-    async fn going_away(per_connection: usize) -> (SocketAddr, Arc<AtomicUsize>) {
-        let processed = Arc::new(AtomicUsize::new(0));
-        let count = processed.clone();
+    /// Answers with the request's `x-id`.
+    async fn going_away(per_connection: usize, processed: Processed) -> SocketAddr {
         let (addr, _) = accept_counting(move |stream, _| {
-            let count = count.clone();
+            let processed = processed.clone();
             async move {
                 let received = Arc::new(AtomicUsize::new(0));
                 let enough = Arc::new(tokio::sync::Notify::new());
                 let (seen, notify) = (received.clone(), enough.clone());
-                let service = service_fn(move |_req: Request<Incoming>| {
-                    count.fetch_add(1, Ordering::SeqCst);
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let id = req.headers()["x-id"].to_str().unwrap().to_owned();
+                    *processed.lock().unwrap().entry(id.clone()).or_insert(0) += 1;
                     if seen.fetch_add(1, Ordering::SeqCst) + 1 == per_connection {
                         notify.notify_one();
                     }
-                    async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("done")))) }
+                    async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(id)))) }
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service);
@@ -1080,18 +1082,20 @@ mod http2 {
             }
         })
         .await;
-        (addr, processed)
+        addr
     }
 
     /// POSTs racing a backend's `GOAWAY`: some fail (the failover layer
     /// cannot know whether the backend got them), but none is sent again
-    /// after the backend processed it.
+    /// after the backend processed it, and each one answered was
+    /// processed once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn posts_racing_a_goaway_are_never_processed_twice() {
         use tower_ha::failover::{BufferBodyLayer, ReplayBody};
 
-        let (a, processed_a) = going_away(3).await;
-        let (b, processed_b) = going_away(3).await;
+        let processed = Processed::default();
+        let a = going_away(3, processed.clone()).await;
+        let b = going_away(3, processed.clone()).await;
         let client = HttpClient::<ReplayBody<Full<Bytes>>>::new().http2_only(true);
         let pool = Pool::new();
         pool.insert(
@@ -1106,28 +1110,25 @@ mod http2 {
             .layer(BufferBodyLayer::new())
             .layer(FailoverLayer::new())
             .service(Balance::new(pool, RoundRobin::new()));
-        let (mut ok, mut failed) = (0, 0);
-        for _ in 0..30 {
-            let sent = (0..10).map(|_| {
-                let req = Request::post("/").body(Full::new(Bytes::from_static(b"x")));
+        let mut answered = Vec::new();
+        for round in 0..100 {
+            let sent = (0..10).map(|i| {
+                let req = Request::post("/")
+                    .header("x-id", format!("{round}.{i}"))
+                    .body(Full::new(Bytes::from_static(b"x")));
                 stack.clone().oneshot(req.unwrap())
             });
-            for result in futures::future::join_all(sent).await {
-                match result {
-                    Ok(resp) => {
-                        assert_eq!(body_of(resp).await, "done");
-                        ok += 1;
-                    }
-                    Err(_) => failed += 1,
-                }
+            for resp in futures::future::join_all(sent).await.into_iter().flatten() {
+                answered.push(body_of(resp).await);
             }
         }
-        let processed = processed_a.load(Ordering::SeqCst) + processed_b.load(Ordering::SeqCst);
-        assert!(ok > 0);
-        assert!(
-            (ok..=ok + failed).contains(&processed),
-            "{processed} processed for {ok} answered and {failed} failed"
-        );
+        let processed = processed.lock().unwrap();
+        assert!(!answered.is_empty());
+        for id in &answered {
+            assert_eq!(processed.get(id), Some(&1), "request {id}");
+        }
+        let twice: Vec<_> = processed.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "processed more than once: {twice:?}");
     }
 
     /// `REFUSED_STREAM`: the backend did not process the request.
@@ -1222,14 +1223,141 @@ mod http2 {
                 .expect("a silent connection is given up");
         assert!(first.is_err());
         // 10 s of silence, then 20 s for the PING's answer.
-        assert!(
-            start.elapsed() <= Duration::from_secs(31),
-            "{:?}",
-            start.elapsed()
-        );
+        assert_eq!(start.elapsed().as_secs(), 30, "{:?}", start.elapsed());
         let body = body_of(backend.oneshot(get("/2")).await.unwrap()).await;
         assert!(body.ends_with("/2 host=None"), "{body}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A connector whose first call ends after 300 ms as `first` says
+    /// (`"fail"` or `"panic"`); later calls connect to `addr`. Counts its
+    /// calls.
+    fn first_call(
+        addr: SocketAddr,
+        first: &'static str,
+        calls: Arc<AtomicUsize>,
+    ) -> impl tower::Service<
+        http::Uri,
+        Response = TokioIo<TcpStream>,
+        Error = std::io::Error,
+        Future = impl std::future::Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send,
+    > + Clone {
+        tower::service_fn(move |_: http::Uri| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                if n == 1 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    match first {
+                        "fail" => return Err(std::io::ErrorKind::ConnectionRefused.into()),
+                        "panic" => panic!("the connector's first call panics"),
+                        _ => {}
+                    }
+                }
+                TcpStream::connect(addr).await.map(TokioIo::new)
+            }
+        })
+    }
+
+    /// An attempt to connect whose requests all gave up (a per-try
+    /// timeout shorter than the connect) is not handed to a request that
+    /// comes later: that one tries again, and succeeds.
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_nobody_waits_for_is_not_handed_on() {
+        for first in ["fail", "panic"] {
+            let (addr, _) = serve_h2().await;
+            let calls = Arc::new(AtomicUsize::new(0));
+            let connector = first_call(addr, first, calls.clone());
+            // No PING timer: paused time would run it out while the
+            // loopback socket is being answered.
+            let client = HttpClient::<Full<Bytes>>::with_connector(connector)
+                .http2_only(true)
+                .http2_keep_alive(None);
+            let backend = HttpBackend::new(&client, "http://b.internal").unwrap();
+            let given_up = tokio::time::timeout(
+                Duration::from_millis(50),
+                backend.clone().oneshot(get("/1")),
+            );
+            assert!(given_up.await.is_err(), "{first}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let body = body_of(backend.oneshot(get("/2")).await.unwrap()).await;
+            assert!(body.ends_with("/2 host=None"), "{first}: {body}");
+            assert_eq!(calls.load(Ordering::SeqCst), 2, "{first}");
+        }
+    }
+
+    /// A request that waited for connection 1 but runs only after it
+    /// closed and connection 2 replaced it fails over to a new attempt,
+    /// and leaves connection 2 alone.
+    #[tokio::test]
+    async fn a_late_waiter_leaves_a_newer_connection_alone() {
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        let closed_tx = Arc::new(std::sync::Mutex::new(Some(closed_tx)));
+        let (addr, accepted) = accept_counting(move |stream, n| {
+            let closed_tx = closed_tx.clone();
+            async move {
+                let served = Arc::new(tokio::sync::Notify::new());
+                let notify = served.clone();
+                let service = service_fn(move |req| {
+                    notify.notify_one();
+                    h2_echo(req)
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                if n == 1 {
+                    // Serves one request, then closes.
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = served.notified() => conn.as_mut().graceful_shutdown(),
+                    }
+                    let _ = conn.await;
+                    if let Some(tx) = closed_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                } else {
+                    let _ = conn.await;
+                }
+            }
+        })
+        .await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let client = HttpClient::<Full<Bytes>>::with_connector(first_call(addr, "slow", calls))
+            .http2_only(true);
+        let backend = HttpBackend::new(&client, "http://b.internal").unwrap();
+        // Both wait for the first connection.
+        let mut a = Box::pin(backend.clone().oneshot(get("/a")));
+        assert!(futures::poll!(&mut a).is_pending());
+        let mut late = Box::pin(backend.clone().oneshot(get("/late")));
+        assert!(futures::poll!(&mut late).is_pending());
+        body_of(a.await.unwrap()).await;
+        closed_rx.await.unwrap();
+        // The client sees connection 1 closed once it reads its end.
+        while accepted.load(Ordering::SeqCst) < 2 {
+            body_of(backend.clone().oneshot(get("/c")).await.unwrap()).await;
+        }
+        let _ = late.await;
+        body_of(backend.oneshot(get("/d")).await.unwrap()).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "connection 2 was dropped"
+        );
+    }
+
+    /// A connection unused for the idle timeout is replaced.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_replaced() {
+        let (addr, accepted) = serve_h2().await;
+        let client = HttpClient::<Full<Bytes>>::new()
+            .http2_only(true)
+            .http2_keep_alive(None)
+            .idle_timeout(Duration::from_secs(2));
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        for (path, wait, connections) in [("/1", 0, 1), ("/2", 1, 1), ("/3", 3, 2)] {
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            body_of(backend.clone().oneshot(get(path)).await.unwrap()).await;
+            assert_eq!(accepted.load(Ordering::SeqCst), connections, "{path}");
+        }
     }
 
     #[tokio::test]

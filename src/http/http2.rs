@@ -33,20 +33,21 @@ type Opened<B> = Option<Result<SendRequest<B>, ConnectFailed>>;
 
 /// An upstream's HTTP/2 connection.
 pub(super) struct Http2<B> {
-    state: Mutex<State<B>>,
+    state: Arc<Mutex<State<B>>>,
     keep_alive: Option<Duration>,
     idle_timeout: Duration,
 }
 
 struct State<B> {
-    /// How many connections were opened (numbers them).
+    /// How many attempts to open a connection were started (numbers
+    /// the attempts and the connections they open).
     opened: u64,
     conn: Conn<B>,
 }
 
 enum Conn<B> {
     None,
-    Opening(watch::Receiver<Opened<B>>),
+    Opening(u64, watch::Receiver<Opened<B>>),
     Open {
         n: u64,
         sender: SendRequest<B>,
@@ -60,10 +61,10 @@ impl<B> Http2<B> {
     /// connection unused for `idle_timeout` is replaced.
     pub(super) fn new(keep_alive: Option<Duration>, idle_timeout: Duration) -> Self {
         Http2 {
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 opened: 0,
                 conn: Conn::None,
-            }),
+            })),
             keep_alive,
             idle_timeout,
         }
@@ -90,22 +91,45 @@ where
                 *last_used = now;
                 return Ok((*n, sender.clone()));
             }
-            Conn::Opening(done) => return Err(Waiting(done.clone())),
+            // Still opening: wait for it. (An attempt whose task is gone
+            // without a word, having panicked, is replaced.)
+            Conn::Opening(n, done) if done.has_changed().is_ok() => {
+                return Err(Waiting(*n, done.clone()))
+            }
             // None, closed, or idle for too long (the backend may have
             // forgotten it): open another. The old one closes once its
             // last request is done.
             _ => {}
         }
         let (tell, done) = watch::channel(None);
-        state.conn = Conn::Opening(done.clone());
+        state.opened += 1;
+        let n = state.opened;
+        state.conn = Conn::Opening(n, done.clone());
         let (open, target, keep_alive) = (open.clone(), target.clone(), self.keep_alive);
-        // On a task of its own: a request that gives up waiting does not
-        // abandon the attempt the others wait for.
+        let shared = Arc::downgrade(&self.state);
+        // On a task of its own, which installs the outcome itself: a
+        // request that gives up waiting abandons nothing, and a later one
+        // never gets an old outcome.
         tokio::spawn(async move {
-            let opened = connect(&open, target, keep_alive).await;
-            tell.send_replace(Some(opened.map_err(|e| ConnectFailed(Arc::new(e)))));
+            let opened = connect(&open, target, keep_alive)
+                .await
+                .map_err(|e| ConnectFailed(Arc::new(e)));
+            if let Some(shared) = shared.upgrade() {
+                let mut state = shared.lock();
+                if matches!(state.conn, Conn::Opening(m, _) if m == n) {
+                    state.conn = match &opened {
+                        Ok(sender) => Conn::Open {
+                            n,
+                            sender: sender.clone(),
+                            last_used: Instant::now(),
+                        },
+                        Err(_) => Conn::None,
+                    };
+                }
+            }
+            tell.send_replace(Some(opened));
         });
-        Err(Waiting(done))
+        Err(Waiting(n, done))
     }
 
     /// The connection, opened now if there is none.
@@ -114,37 +138,23 @@ where
         open: &Open,
         target: &Uri,
     ) -> Result<(u64, SendRequest<B>, bool), BoxError> {
-        let Waiting(mut done) = match self.current(open, target) {
+        let Waiting(n, mut done) = match self.current(open, target) {
             Ok((n, sender)) => return Ok((n, sender, false)),
             Err(waiting) => waiting,
         };
         let opened = match done.wait_for(Option::is_some).await {
             Ok(opened) => opened.clone().expect("waited for an outcome"),
-            // The attempt's task is gone (the runtime is shutting down).
+            // The attempt's task is gone (it panicked, or the runtime is
+            // shutting down).
             Err(_) => Err(ConnectFailed(Arc::new(
                 "the connection attempt was dropped".into(),
             ))),
         };
-        let mut state = self.state.lock();
-        let ours = matches!(&state.conn, Conn::Opening(d) if d.same_channel(&done));
         match opened {
-            Ok(sender) => {
-                if ours {
-                    state.opened += 1;
-                    state.conn = Conn::Open {
-                        n: state.opened,
-                        sender: sender.clone(),
-                        last_used: Instant::now(),
-                    };
-                }
-                let n = match &state.conn {
-                    Conn::Open { n, .. } => *n,
-                    _ => 0,
-                };
-                Ok((n, sender, true))
-            }
+            Ok(sender) => Ok((n, sender, true)),
             Err(failed) => {
-                if ours {
+                let mut state = self.state.lock();
+                if matches!(state.conn, Conn::Opening(m, _) if m == n) {
                     state.conn = Conn::None;
                 }
                 Err(NotSent::new(failed).into())
@@ -217,7 +227,7 @@ where
 }
 
 /// An attempt to open the connection that others wait for.
-struct Waiting<B>(watch::Receiver<Opened<B>>);
+struct Waiting<B>(u64, watch::Receiver<Opened<B>>);
 
 /// Opens a connection to `target` and starts its task.
 async fn connect<B>(
