@@ -964,10 +964,14 @@ mod http2 {
         assert_eq!(collected.to_bytes(), "message|Some(\"1\")");
     }
 
-    /// A backend that closes its connection (a restart, an idle timeout):
-    /// the next request opens a new one and succeeds.
-    #[tokio::test]
-    async fn a_closed_connection_is_replaced() {
+    /// Serves [`h2_echo`]; its first connection serves one request, then
+    /// closes gracefully (`GOAWAY`) and says so on the receiver. Counts the
+    /// connections.
+    async fn closing_after_one() -> (
+        SocketAddr,
+        Arc<AtomicUsize>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
         let closed_tx = Arc::new(std::sync::Mutex::new(Some(closed_tx)));
         let (addr, accepted) = accept_counting(move |stream, n| {
@@ -998,6 +1002,14 @@ mod http2 {
             }
         })
         .await;
+        (addr, accepted, closed_rx)
+    }
+
+    /// A backend that closes its connection (a restart, an idle timeout):
+    /// the next request opens a new one and succeeds.
+    #[tokio::test]
+    async fn a_closed_connection_is_replaced() {
+        let (addr, accepted, closed_rx) = closing_after_one().await;
         let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
         let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
         let first = backend.clone().oneshot(get("/1")).await.unwrap();
@@ -1290,36 +1302,7 @@ mod http2 {
     /// and leaves connection 2 alone.
     #[tokio::test]
     async fn a_late_waiter_leaves_a_newer_connection_alone() {
-        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
-        let closed_tx = Arc::new(std::sync::Mutex::new(Some(closed_tx)));
-        let (addr, accepted) = accept_counting(move |stream, n| {
-            let closed_tx = closed_tx.clone();
-            async move {
-                let served = Arc::new(tokio::sync::Notify::new());
-                let notify = served.clone();
-                let service = service_fn(move |req| {
-                    notify.notify_one();
-                    h2_echo(req)
-                });
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                if n == 1 {
-                    // Serves one request, then closes.
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = served.notified() => conn.as_mut().graceful_shutdown(),
-                    }
-                    let _ = conn.await;
-                    if let Some(tx) = closed_tx.lock().unwrap().take() {
-                        let _ = tx.send(());
-                    }
-                } else {
-                    let _ = conn.await;
-                }
-            }
-        })
-        .await;
+        let (addr, accepted, closed_rx) = closing_after_one().await;
         let calls = Arc::new(AtomicUsize::new(0));
         let client = HttpClient::<Full<Bytes>>::with_connector(first_call(addr, "slow", calls))
             .http2_only(true);
