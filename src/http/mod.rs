@@ -364,8 +364,8 @@ where
     /// answer does not come within 20 s, failing its requests; the next
     /// request opens a new one. This finds a connection that died without
     /// closing (a backend host gone, a NAT or firewall entry dropped)
-    /// where TCP keep-alive cannot (it is the connector's to set, and
-    /// waits while data is unacknowledged). `None` sends no PING. gRPC
+    /// where TCP keep-alive cannot (a connector of yours may not set it,
+    /// and it waits while data is unacknowledged). `None` sends no PING. gRPC
     /// servers accept PINGs this rare while calls are in flight; no PING
     /// is sent on an idle connection.
     #[cfg(feature = "http2")]
