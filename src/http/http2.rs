@@ -150,15 +150,11 @@ where
                 "the connection attempt was dropped".into(),
             ))),
         };
+        // The attempt's task installed its outcome already (or died, and
+        // the next request starts another).
         match opened {
             Ok(sender) => Ok((n, sender, true)),
-            Err(failed) => {
-                let mut state = self.state.lock();
-                if matches!(state.conn, Conn::Opening(m, _) if m == n) {
-                    state.conn = Conn::None;
-                }
-                Err(NotSent::new(failed).into())
-            }
+            Err(failed) => Err(NotSent::new(failed).into()),
         }
     }
 

@@ -412,8 +412,6 @@ impl std::error::Error for InvalidBackendUri {}
 /// Proxies requests to one HTTP server. See the [module docs](self).
 pub struct HttpBackend<B> {
     upstream: Arc<pool::Upstream<B>>,
-    scheme: Scheme,
-    http2: bool,
     authority: Authority,
     host: HeaderValue,
     /// The base URI's path without its trailing slash; empty for `/`.
@@ -425,8 +423,6 @@ impl<B> Clone for HttpBackend<B> {
     fn clone(&self) -> Self {
         HttpBackend {
             upstream: self.upstream.clone(),
-            scheme: self.scheme.clone(),
-            http2: self.http2,
             authority: self.authority.clone(),
             host: self.host.clone(),
             prefix: self.prefix.clone(),
@@ -486,8 +482,6 @@ impl<B> HttpBackend<B> {
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid("bad host"))?;
         Ok(HttpBackend {
             upstream: client.upstreams.get(&scheme, &authority),
-            scheme,
-            http2: client.settings.http2,
             authority,
             host,
             prefix: uri.path().trim_end_matches('/').to_owned(),
@@ -567,7 +561,7 @@ impl<B> HttpBackend<B> {
             },
             None => self.host.clone(),
         };
-        if self.http2 {
+        if self.upstream.speaks_http2() {
             // Absolute form: HTTP/2 names the host in `:authority`, and a
             // `Host` beside it could only disagree.
             headers.remove(HOST);
@@ -575,7 +569,7 @@ impl<B> HttpBackend<B> {
                 InvalidRequest::with_source("the request's host is not a valid authority", e)
             })?;
             *req.uri_mut() = Uri::builder()
-                .scheme(self.scheme.clone())
+                .scheme(self.upstream.scheme().clone())
                 .authority(authority)
                 .path_and_query(path_and_query)
                 .build()

@@ -241,6 +241,19 @@ struct Idle<B> {
 }
 
 impl<B> Upstream<B> {
+    /// The backend's scheme.
+    pub(super) fn scheme(&self) -> &Scheme {
+        self.target.scheme().expect("a target built with a scheme")
+    }
+
+    /// Whether requests go out as HTTP/2.
+    pub(super) fn speaks_http2(&self) -> bool {
+        #[cfg(feature = "http2")]
+        return self.http2.is_some();
+        #[cfg(not(feature = "http2"))]
+        false
+    }
+
     /// The most recently used idle connection that is ready for a request.
     /// Closed connections met on the way are dropped, and so are those idle
     /// too long (with all older ones); one still busy (the backend answered
