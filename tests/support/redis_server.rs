@@ -112,15 +112,14 @@ impl RedisServer {
         self.child = Some(child);
         // About 10 s at most: 1000 attempts 10 ms apart.
         for _ in 0..1000 {
+            let answered = self.ping();
             // Its own answer, not that of a server of another test that
             // took the port first: the child must still be running.
-            let exited = matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(Some(_))));
-            if exited {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
                 self.child = None;
                 return false;
             }
-            if self.ping() && !matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(Some(_))))
-            {
+            if answered {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
