@@ -1,6 +1,7 @@
 //! A real reverse proxy built from tower-ha: hyper's HTTP/1.1 server in
 //! front of `[Sticky →] BufferBody → Failover → Balance → [Health →
-//! HttpBackend]`, with active TCP health checks.
+//! HttpBackend]`, with active TCP health checks. WebSocket connections
+//! (and other protocol upgrades) are proxied too.
 //!
 //! ```sh
 //! cargo run --release --features hyper-client --example reverse_proxy -- \
@@ -301,6 +302,8 @@ where
             let _ = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
+                // WebSocket and other protocol switches go through.
+                .with_upgrades()
                 .await;
         });
     }

@@ -15,9 +15,13 @@
 //!   which is created when absent;
 //! * hop-by-hop headers (`Connection` and the headers it names,
 //!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
-//!   `Upgrade`) are not forwarded, in either direction (so protocol
-//!   upgrades such as WebSocket are not proxied), but `TE: trailers` is
-//!   sent on, and `Trailer` is forwarded, so trailer fields pass both ways;
+//!   `Upgrade`) are not forwarded, in either direction, but `TE: trailers`
+//!   is sent on, and `Trailer` is forwarded, so trailer fields pass both
+//!   ways;
+//! * protocol upgrades (WebSocket, for one) are proxied: see
+//!   [below](#protocol-upgrades-websocket);
+//! * `CONNECT` is refused with [`InvalidRequest`]: it asks a forward
+//!   proxy for a tunnel to another host;
 //! * under a base path, dot segments of the request's path are resolved
 //!   before it is appended, and a path hiding a separator (`%2F`, `%5C`, a
 //!   backslash, `..;`) is refused, so a request cannot leave the base path;
@@ -62,6 +66,32 @@
 //! println!("{}", resp.status());
 //! # Ok(()) }
 //! ```
+//!
+//! # Protocol upgrades (WebSocket)
+//!
+//! An HTTP/1.1 request asking to switch protocols (`Upgrade: websocket`
+//! with `Connection: upgrade`) is sent on with those two headers, on a
+//! new connection of its own. When the backend agrees (`101 Switching
+//! Protocols`), the client's connection and the backend's are joined, and
+//! bytes are copied both ways until both ends have closed; an end closed
+//! on one side is closed on the other. When it declines, its response
+//! goes back as any other, and the client's connection stays HTTP.
+//!
+//! * The client's connection must be hyper's, served with upgrades
+//!   (hyper's `serve_connection(..).with_upgrades()`, as axum serves):
+//!   hyper puts in the request what hands that connection over (an
+//!   `OnUpgrade` extension). A request without it (an in-process caller)
+//!   goes on as a plain request, without `Upgrade`.
+//! * Balancing, failover, stickiness and health apply to the request
+//!   that asks for the switch: a backend that refuses the connection is
+//!   failed over from, a WebSocket session keyed by a cookie goes to its
+//!   backend. Once switched, the tunnel is no longer a request in flight:
+//!   least-request does not count it, a per-try timeout does not end it,
+//!   and removing or draining its backend leaves it open. It ends when its
+//!   client or its backend closes it (TCP keep-alive,
+//!   [`HttpClient::tcp_keepalive`], finds a backend that vanished).
+//! * An HTTP/2 client ([`HttpClient::http2_only`]) sends such a request on
+//!   as a plain one (RFC 8441's WebSocket over HTTP/2 is not spoken).
 
 mod body;
 #[cfg(feature = "http2")]
@@ -75,9 +105,10 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use ::http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE};
+use ::http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, UPGRADE};
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use ::http::{HeaderMap, Request, Response};
+use ::http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -500,7 +531,28 @@ impl<B> HttpBackend<B> {
         self
     }
 
-    fn rewrite(&self, req: &mut Request<B>) -> Result<(), InvalidRequest> {
+    /// Rewrites `req` for the backend; returns the client's side of a
+    /// protocol upgrade it asks for, when it can be proxied.
+    fn rewrite(&self, req: &mut Request<B>) -> Result<Option<OnUpgrade>, InvalidRequest> {
+        if req.method() == Method::CONNECT {
+            // A forward proxy's method: its target is a host to tunnel to,
+            // not a resource of the backend.
+            return Err(InvalidRequest::new(
+                "CONNECT asks for a tunnel to another host, which a reverse proxy does not open",
+            ));
+        }
+        let present = hop_by_hop(req.headers());
+        let upgrade = if present & UPGRADE_PRESENT != 0
+            && req.version() == Version::HTTP_11
+            && !self.upstream.speaks_http2()
+            && names(req.headers(), "upgrade")
+        {
+            // Present when the client's connection is hyper's, which can
+            // hand it over once the backend agrees.
+            req.extensions_mut().remove::<OnUpgrade>()
+        } else {
+            None
+        };
         let original = req
             .uri()
             .path_and_query()
@@ -543,7 +595,11 @@ impl<B> HttpBackend<B> {
         };
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
         let headers = req.headers_mut();
-        if strip_hop_by_hop(headers) {
+        let trailers = match upgrade {
+            Some(_) => strip_all_but_upgrade(headers),
+            None => strip_present(headers, present),
+        };
+        if trailers {
             // The client takes trailer fields, and so does this proxy,
             // which forwards them: say so to the backend (hyper, for one,
             // sends none unless asked), as Go's `httputil.ReverseProxy`
@@ -576,7 +632,7 @@ impl<B> HttpBackend<B> {
                 .map_err(|e| {
                     InvalidRequest::with_source("the rewritten request target is not valid", e)
                 })?;
-            *req.version_mut() = http::Version::HTTP_2;
+            *req.version_mut() = Version::HTTP_2;
         } else {
             headers.insert(HOST, host);
             // Origin form: the connection already names the backend.
@@ -586,9 +642,9 @@ impl<B> HttpBackend<B> {
             // other version (an HTTP/3 front end's requests would make it
             // panic), and an HTTP/1.0 request would close the pooled
             // connection after its response.
-            *req.version_mut() = http::Version::HTTP_11;
+            *req.version_mut() = Version::HTTP_11;
         }
-        Ok(())
+        Ok(upgrade)
     }
 }
 
@@ -748,28 +804,41 @@ const HOP_BY_HOP: [&str; 6] = [
 /// Removes the hop-by-hop headers; returns whether `TE` (one of them)
 /// said that trailer fields are accepted.
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
-    // One pass over the names notes which are present (a backend's
-    // `Connection: keep-alive` is the common case), so that only those
-    // are looked up again.
+    strip_present(headers, hop_by_hop(headers))
+}
+
+/// Bits of [`hop_by_hop`]'s answer: `Connection`, `TE` and `Upgrade`.
+const CONNECTION_PRESENT: u8 = 1 << 0;
+const TE_PRESENT: u8 = 1 << 1;
+const UPGRADE_PRESENT: u8 = 1 << 3;
+
+/// Which of the [`HOP_BY_HOP`] headers are present, a bit for each, in
+/// one pass over the names (a backend's `Connection: keep-alive` is the
+/// common case), so that only those are looked up again.
+fn hop_by_hop(headers: &HeaderMap) -> u8 {
     let mut present = 0u8;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|&h| h == name.as_str()) {
             present |= 1 << i;
         }
     }
+    present
+}
+
+/// [`strip_hop_by_hop`], knowing which are `present`.
+fn strip_present(headers: &mut HeaderMap, present: u8) -> bool {
     if present == 0 {
         return false;
     }
-    // `TE` is the second.
-    let trailers = present & 2 != 0
+    let trailers = present & TE_PRESENT != 0
         && headers.get_all(TE).iter().any(|value| {
             let tokens = value.to_str().unwrap_or_default().split(',');
             tokens
                 .map(str::trim)
                 .any(|t| t.eq_ignore_ascii_case("trailers"))
         });
-    if present & 1 != 0 {
-        // `Connection` (the first): the headers it names go too. Its lines
+    if present & CONNECTION_PRESENT != 0 {
+        // The headers `Connection` names go too. Its lines
         // are read one at a time (a cheap clone), so removing holds no
         // borrow of the map.
         let mut line = 0;
@@ -784,6 +853,28 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
         }
     }
     trailers
+}
+
+/// [`strip_hop_by_hop`], but keeping what asks for or agrees to a switch
+/// of protocols: `Upgrade` and `Connection: upgrade`.
+fn strip_all_but_upgrade(headers: &mut HeaderMap) -> bool {
+    let protocols: Vec<HeaderValue> = headers.get_all(UPGRADE).iter().cloned().collect();
+    let trailers = strip_hop_by_hop(headers);
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    for protocol in protocols {
+        headers.append(UPGRADE, protocol);
+    }
+    trailers
+}
+
+/// Whether a `Connection` line names `option`.
+fn names(headers: &HeaderMap, option: &str) -> bool {
+    headers.get_all(CONNECTION).iter().any(|line| {
+        line.to_str()
+            .unwrap_or_default()
+            .split(',')
+            .any(|token| token.trim().eq_ignore_ascii_case(option))
+    })
 }
 
 /// Removes the headers a `Connection` line names, except the hop-by-hop
@@ -820,9 +911,14 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> ResponseFuture {
         match self.rewrite(&mut req) {
-            Ok(()) => ResponseFuture {
+            Ok(None) => ResponseFuture {
                 state: State::Sent {
                     future: Box::pin(self.upstream.clone().send(req)),
+                },
+            },
+            Ok(Some(client)) => ResponseFuture {
+                state: State::Sent {
+                    future: Box::pin(self.upstream.clone().upgrade(req, client)),
                 },
             },
             Err(e) => ResponseFuture {
@@ -874,8 +970,13 @@ impl Future for ResponseFuture {
             StateProj::Sent { future } => {
                 let mut resp = ready!(future.as_mut().poll(cx))?;
                 // A backend's `Connection: close` ends its own connection,
-                // not the client's.
-                strip_hop_by_hop(resp.headers_mut());
+                // not the client's. A switch of protocols (which only an
+                // upgrade request gets) is the client's too.
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    strip_all_but_upgrade(resp.headers_mut());
+                } else {
+                    strip_hop_by_hop(resp.headers_mut());
+                }
                 Poll::Ready(Ok(resp))
             }
         }
@@ -972,7 +1073,13 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert!(h.contains_key("x-kept"));
         assert!(h.contains_key("trailer"), "end to end");
-        // Each one alone is found too.
+        // Each one alone is found too, with its bit.
+        assert_eq!(HOP_BY_HOP[0], "connection");
+        assert_eq!(HOP_BY_HOP[1], "te");
+        assert_eq!(HOP_BY_HOP[3], "upgrade");
+        let mut only = HeaderMap::new();
+        only.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(hop_by_hop(&only), UPGRADE_PRESENT);
         for name in [
             "connection",
             "te",

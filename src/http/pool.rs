@@ -20,9 +20,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ::http::uri::{Authority, Scheme, Uri};
-use ::http::{Request, Response};
+use ::http::{Request, Response, StatusCode};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
@@ -362,6 +363,58 @@ where
                 },
             }
         }
+    }
+}
+
+impl<B> Upstream<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// Sends `req`, which asks to switch protocols, on a new connection of
+    /// its own (after a switch it carries the new protocol, never another
+    /// request). When the backend agrees (`101 Switching Protocols`), a
+    /// task joins the client's connection, once hyper hands it over, to
+    /// the backend's, and copies bytes both ways until both ends have
+    /// closed. A failure to open the connection is [`NotSent`].
+    pub(super) async fn upgrade(
+        self: Arc<Self>,
+        req: Request<B>,
+        client: OnUpgrade,
+    ) -> Result<Response<ResponseBody>, BoxError> {
+        let io = (self.open)(self.target.clone())
+            .await
+            .map_err(NotSent::new)?;
+        let (mut sender, connection) = http1::handshake(io).await.map_err(NotSent::new)?;
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        sender.ready().await.map_err(NotSent::new)?;
+        let mut resp = match sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => {
+                return Err(match e.take_message() {
+                    Some(_) => NotSent::new(e.into_error()).into(),
+                    None => e.into_error().into(),
+                })
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let backend = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                // Either side fails when its connection ended before the
+                // switch (the client's, when the response was not sent):
+                // the other is dropped, and closed.
+                if let (Ok(client), Ok(backend)) = tokio::join!(client, backend) {
+                    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                }
+            });
+        }
+        // Declined, the connection closes after this response: its sender
+        // is dropped here.
+        Ok(resp.map(|body| ResponseBody::new(body, None)))
     }
 }
 

@@ -1,0 +1,503 @@
+//! Protocol upgrades (WebSocket and the like) through `HttpBackend`: real
+//! hyper servers on 127.0.0.1 behind a hyper server that serves the
+//! balanced stack, and clients speaking HTTP/1.1 on raw TCP.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::error::gateway_status;
+use tower_ha::extensions::PeerAddr;
+use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
+use tower_ha::http::{HttpBackend, HttpClient};
+use tower_ha::{BoxError, Pool};
+
+mod support;
+
+use support::health_http::eventually;
+
+/// What an upgrading backend saw.
+#[derive(Default)]
+struct Seen {
+    connections: AtomicUsize,
+    /// The headers of each upgrade request, as `name: value` lines.
+    upgrade_heads: Mutex<Vec<String>>,
+    /// Plain requests answered.
+    plain: AtomicUsize,
+    /// Tunnels whose client side ended (EOF or error).
+    closed: AtomicUsize,
+}
+
+/// How a backend answers an upgrade request.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// `101`, then greets with its name and echoes what it reads; `die`
+    /// drops the connection at once.
+    Echo,
+    /// `426 Upgrade Required`: stays HTTP.
+    Decline,
+}
+
+/// A hyper server that switches to the `echo` protocol when asked.
+async fn backend(name: &'static str, mode: Mode) -> (SocketAddr, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let server_seen = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            server_seen.connections.fetch_add(1, Ordering::SeqCst);
+            let seen = server_seen.clone();
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    if !req.headers().contains_key("upgrade") {
+                        seen.plain.fetch_add(1, Ordering::SeqCst);
+                        let body = format!("{name} plain");
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))));
+                    }
+                    let mut head: Vec<String> = req
+                        .headers()
+                        .iter()
+                        .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                        .collect();
+                    head.sort();
+                    seen.upgrade_heads.lock().push(head.join("\n"));
+                    if mode == Mode::Decline {
+                        let mut resp = Response::new(Full::new(Bytes::from("use plain HTTP")));
+                        *resp.status_mut() = StatusCode::UPGRADE_REQUIRED;
+                        return Ok(resp);
+                    }
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let mut io = TokioIo::new(on.await.unwrap());
+                        io.write_all(format!("{name}\n").as_bytes()).await.unwrap();
+                        let mut buf = vec![0; 64 * 1024];
+                        loop {
+                            match io.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(_) if buf.starts_with(b"die") => break,
+                                Ok(n) => {
+                                    if io.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        seen.closed.fetch_add(1, Ordering::SeqCst);
+                        // Dropped: the connection closes.
+                    });
+                    Ok(Response::builder()
+                        .status(StatusCode::SWITCHING_PROTOCOLS)
+                        .header("upgrade", "echo")
+                        .header("connection", "upgrade, x-private")
+                        .header("x-private", "1")
+                        .header("keep-alive", "timeout=5")
+                        .header("x-backend", name)
+                        .body(Full::default())
+                        .unwrap())
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+type Body = ReplayBody<Incoming>;
+
+/// The proxy's stack: `BufferBody → Failover → Balance` (round robin) over
+/// `HttpBackend`s, as `examples/reverse_proxy.rs` builds it.
+fn stack(
+    client: HttpClient<Body>,
+    addrs: &[SocketAddr],
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<tower_ha::http::ResponseBody>,
+    Error = BoxError,
+    Future: Send,
+> + Clone
+       + Send
+       + 'static {
+    let pool = Pool::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        pool.insert(format!("b{}", i + 1), backend);
+    }
+    ServiceBuilder::new()
+        .layer(BufferBodyLayer::new())
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool, RoundRobin::new()))
+}
+
+/// A hyper server (with upgrades, as axum serves) in front of `addrs`.
+async fn proxy(addrs: &[SocketAddr]) -> SocketAddr {
+    proxy_with(HttpClient::new(), addrs).await
+}
+
+/// [`proxy`], with the client's settings given.
+async fn proxy_with(client: HttpClient<Body>, addrs: &[SocketAddr]) -> SocketAddr {
+    let stack = stack(client, addrs);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = listener.accept().await.unwrap();
+            let stack = stack.clone();
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                let stack = stack.clone();
+                async move {
+                    let resp: Response<BoxBody<Bytes, BoxError>> = match stack.oneshot(req).await {
+                        Ok(resp) => resp.map(BodyExt::boxed),
+                        Err(e) => {
+                            let mut resp = Response::new(
+                                Full::from(e.to_string()).map_err(|e| match e {}).boxed(),
+                            );
+                            *resp.status_mut() = gateway_status(&*e);
+                            resp
+                        }
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+const UPGRADE: &str = "GET /chat HTTP/1.1\r\nHost: front\r\nUpgrade: echo\r\n\
+    Connection: keep-alive, Upgrade, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=9\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// Reads a response head; returns it and what came after it.
+async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before the head ended: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(at + 4);
+            return (String::from_utf8(buf).unwrap().to_ascii_lowercase(), rest);
+        }
+    }
+}
+
+/// Reads until `want` bytes (counting `already`) have come.
+async fn read_exactly(
+    stream: &mut (impl AsyncRead + Unpin),
+    mut already: Vec<u8>,
+    want: usize,
+) -> Vec<u8> {
+    let mut chunk = vec![0; 64 * 1024];
+    while already.len() < want {
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed after {} of {want} bytes", already.len());
+        already.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(already.len(), want, "more than asked for");
+    already
+}
+
+/// Opens a tunnel through `proxy`; returns the stream, the response head,
+/// and the backend's greeting (its name).
+async fn open_tunnel(proxy: SocketAddr) -> (TcpStream, String, String) {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    let mut greeting = rest;
+    while !greeting.contains(&b'\n') {
+        let mut chunk = [0; 64];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "no greeting");
+        greeting.extend_from_slice(&chunk[..n]);
+    }
+    let greeting = String::from_utf8(greeting).unwrap();
+    let name = greeting
+        .strip_suffix('\n')
+        .expect("the greeting alone")
+        .to_owned();
+    (stream, head, name)
+}
+
+#[tokio::test]
+async fn a_switch_of_protocols_is_proxied_both_ways() {
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let front = proxy(&[b1]).await;
+    let (mut stream, head, name) = open_tunnel(front).await;
+    assert_eq!(name, "b1");
+
+    // The client sees the backend's switch, without the backend's own
+    // hop-by-hop headers.
+    assert!(head.contains("\r\nupgrade: echo"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade"), "{head}");
+    assert!(head.contains("\r\nx-backend: b1"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
+    assert!(!head.contains("x-private"), "{head}");
+
+    // The backend saw the request for the switch, without the client's
+    // other hop-by-hop headers.
+    let heads = seen.upgrade_heads.lock().clone();
+    assert_eq!(heads.len(), 1);
+    let lines: Vec<&str> = heads[0].lines().collect();
+    assert!(lines.contains(&"connection: upgrade"), "{lines:?}");
+    assert!(lines.contains(&"upgrade: echo"), "{lines:?}");
+    assert!(
+        lines.contains(&"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ=="),
+        "{lines:?}"
+    );
+    assert!(lines.contains(&"x-forwarded-for: 127.0.0.1"), "{lines:?}");
+    assert!(
+        lines.iter().all(|l| !l.starts_with("keep-alive")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().all(|l| !l.starts_with("x-secret")),
+        "{lines:?}"
+    );
+
+    // Bytes flow both ways, a MiB at once while it is echoed back.
+    let payload: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let (mut read, mut write) = stream.split();
+    let sent = payload.clone();
+    let (echoed, ()) = tokio::join!(read_exactly(&mut read, Vec::new(), payload.len()), async {
+        write.write_all(&sent).await.unwrap();
+    });
+    assert!(echoed == payload, "the echo differs from what was sent");
+
+    // The client ends its side: the backend sees the end and closes, and
+    // so the client sees the end too.
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    eventually("the backend saw the tunnel end", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_upgrade_fails_over_when_a_backend_refuses_the_connection() {
+    let refused = support::http::refused().await;
+    let (b2, seen) = backend("b2", Mode::Echo).await;
+    // Round robin starts at the refusing one.
+    let front = proxy(&[refused, b2]).await;
+    let (mut stream, _, name) = open_tunnel(front).await;
+    assert_eq!(
+        name, "b2",
+        "the failover's second attempt carries the switch"
+    );
+    stream.write_all(b"ping").await.unwrap();
+    assert_eq!(read_exactly(&mut stream, Vec::new(), 4).await, b"ping");
+    assert_eq!(seen.upgrade_heads.lock().len(), 1);
+}
+
+#[tokio::test]
+async fn a_declined_upgrade_is_an_ordinary_response() {
+    let (b1, seen) = backend("b1", Mode::Decline).await;
+    let front = proxy(&[b1]).await;
+    let mut stream = TcpStream::connect(front).await.unwrap();
+    stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 426 "), "{head}");
+    assert!(head.contains("content-length: 14"), "{head}");
+    assert_eq!(read_exactly(&mut stream, rest, 14).await, b"use plain HTTP");
+    // The client's connection still speaks HTTP.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    assert_eq!(read_exactly(&mut stream, rest, 8).await, b"b1 plain");
+    assert_eq!(seen.upgrade_heads.lock().len(), 1);
+    assert_eq!(seen.plain.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_tunnel_has_a_connection_of_its_own() {
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let front = proxy(&[b1]).await;
+    let plain = |front| async move {
+        let mut stream = TcpStream::connect(front).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut all = String::new();
+        stream.read_to_string(&mut all).await.unwrap();
+        assert!(all.starts_with("HTTP/1.1 200 "), "{all}");
+        assert!(all.ends_with("b1 plain"), "{all}");
+    };
+    plain(front).await;
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+    let (mut tunnel, _, _) = open_tunnel(front).await;
+    assert_eq!(
+        seen.connections.load(Ordering::SeqCst),
+        2,
+        "a new connection"
+    );
+    // Plain requests keep to the pooled connection, the tunnel to its own.
+    plain(front).await;
+    tunnel.write_all(b"still here").await.unwrap();
+    assert_eq!(
+        read_exactly(&mut tunnel, Vec::new(), 10).await,
+        b"still here"
+    );
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.plain.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tunnels_at_once_keep_to_their_own_bytes() {
+    let mut addrs = Vec::new();
+    let mut seens = Vec::new();
+    for name in ["b1", "b2", "b3"] {
+        let (addr, seen) = backend(name, Mode::Echo).await;
+        addrs.push(addr);
+        seens.push(seen);
+    }
+    let front = proxy(&addrs).await;
+    let clients = (0..30).map(|client| {
+        tokio::spawn(async move {
+            let (mut stream, _, name) = open_tunnel(front).await;
+            for round in 0..10 {
+                let message = format!("client {client} round {round};");
+                stream.write_all(message.as_bytes()).await.unwrap();
+                let echoed = read_exactly(&mut stream, Vec::new(), message.len()).await;
+                assert_eq!(echoed, message.as_bytes());
+            }
+            name
+        })
+    });
+    let mut names = Vec::new();
+    for client in clients {
+        names.push(client.await.unwrap());
+    }
+    for (name, seen) in ["b1", "b2", "b3"].into_iter().zip(&seens) {
+        let n = names.iter().filter(|n| *n == name).count();
+        assert_eq!(n, 10, "round robin spreads tunnels: {names:?}");
+        assert_eq!(seen.upgrade_heads.lock().len(), 10);
+    }
+}
+
+#[tokio::test]
+async fn a_backend_ending_a_tunnel_ends_the_client_side() {
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let front = proxy(&[b1]).await;
+    let (mut stream, _, _) = open_tunnel(front).await;
+    stream.write_all(b"die").await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
+    // The bound only guards against hanging; closing is what is checked.
+    read.await
+        .expect("the client side was never closed")
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(seen.closed.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_client_going_away_ends_the_backend_side() {
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let front = proxy(&[b1]).await;
+    let (stream, _, _) = open_tunnel(front).await;
+    drop(stream);
+    eventually("the backend saw the client go", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_a_hyper_connection_to_hand_over_the_request_goes_as_a_plain_one() {
+    // Called directly, as an in-process caller would: nothing can switch
+    // protocols on the client's side, so nothing asks the backend to.
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let client = HttpClient::<Empty<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{b1}")).unwrap();
+    let req = Request::builder()
+        .uri("/chat")
+        .header("upgrade", "echo")
+        .header("connection", "upgrade")
+        .body(Empty::new())
+        .unwrap();
+    let resp = backend.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "b1 plain");
+    assert_eq!(seen.upgrade_heads.lock().len(), 0);
+}
+
+#[tokio::test]
+async fn connect_is_refused_without_reaching_a_backend() {
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let front = proxy(&[b1]).await;
+    let mut stream = TcpStream::connect(front).await.unwrap();
+    stream
+        .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 400 "), "{head}");
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 0);
+}
+
+#[cfg(feature = "http2")]
+#[tokio::test]
+async fn an_http2_client_sends_an_upgrade_request_as_a_plain_one() {
+    // HTTP/2 has no `Upgrade`: the backend gets the request without it.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h2 = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = service_fn(|req: Request<Incoming>| async move {
+                let upgrade = req.headers().contains_key("upgrade");
+                let body = format!("{:?} upgrade={upgrade}", req.version());
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    let front = proxy_with(HttpClient::new().http2_only(true), &[h2]).await;
+    let mut stream = TcpStream::connect(front).await.unwrap();
+    stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    let body = read_exactly(&mut stream, rest, 22).await;
+    assert_eq!(body, b"HTTP/2.0 upgrade=false");
+}
