@@ -501,3 +501,25 @@ async fn an_http2_client_sends_an_upgrade_request_as_a_plain_one() {
     let body = read_exactly(&mut stream, rest, 22).await;
     assert_eq!(body, b"HTTP/2.0 upgrade=false");
 }
+
+#[tokio::test]
+async fn a_switch_to_http2_is_not_asked_of_the_backend() {
+    // Switched, the connection would carry HTTP/2 requests the proxy never
+    // sees: the request goes on as plain HTTP/1.1 and the client's
+    // connection stays HTTP/1.1.
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let front = proxy(&[b1]).await;
+    let mut stream = TcpStream::connect(front).await.unwrap();
+    stream
+        .write_all(
+            b"GET / HTTP/1.1\r\nHost: front\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    assert_eq!(read_exactly(&mut stream, rest, 8).await, b"b1 plain");
+    assert_eq!(seen.upgrade_heads.lock().len(), 0);
+    assert_eq!(seen.plain.load(Ordering::SeqCst), 1);
+}

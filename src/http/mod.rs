@@ -81,7 +81,9 @@
 //!   (hyper's `serve_connection(..).with_upgrades()`, as axum serves):
 //!   hyper puts in the request what hands that connection over (an
 //!   `OnUpgrade` extension). A request without it (an in-process caller)
-//!   goes on as a plain request, without `Upgrade`.
+//!   goes on as a plain request, without `Upgrade`, and so does one
+//!   offering `h2c` (a switch to HTTP/2 would hide the requests that
+//!   follow from the proxy).
 //! * Balancing, failover, stickiness and health apply to the request
 //!   that asks for the switch: a backend that refuses the connection is
 //!   failed over from, a WebSocket session keyed by a cookie goes to its
@@ -546,6 +548,7 @@ impl<B> HttpBackend<B> {
             && req.version() == Version::HTTP_11
             && !self.upstream.speaks_http2()
             && names(req.headers(), "upgrade")
+            && !asks_for_h2c(req.headers())
         {
             // Present when the client's connection is hyper's, which can
             // hand it over once the backend agrees.
@@ -865,6 +868,18 @@ fn strip_all_but_upgrade(headers: &mut HeaderMap) -> bool {
         headers.append(UPGRADE, protocol);
     }
     trailers
+}
+
+/// Whether `Upgrade` offers HTTP/2 (`h2c`): that switch would turn the
+/// connection into one the proxy no longer sees requests on, so the
+/// request goes on as plain HTTP/1.1 (as Envoy and nginx send it).
+fn asks_for_h2c(headers: &HeaderMap) -> bool {
+    headers.get_all(UPGRADE).iter().any(|line| {
+        line.to_str()
+            .unwrap_or_default()
+            .split(',')
+            .any(|protocol| protocol.trim().eq_ignore_ascii_case("h2c"))
+    })
 }
 
 /// Whether a `Connection` line names `option`.
