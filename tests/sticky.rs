@@ -1622,3 +1622,96 @@ async fn strict_mode_refuses_a_session_whose_record_cannot_be_read() {
     assert_eq!(send(&svc, session("k")).await.unwrap().body(), "c");
     assert_eq!(shared.load("k").await.unwrap().unwrap().data["port"], 5000);
 }
+
+/// A memory store whose saves naming backend `a` each wait for a permit,
+/// as a slow store (a webhook backing off) would.
+#[derive(Clone)]
+struct SlowSavesOfA {
+    inner: MemoryStore,
+    permits: Arc<tokio::sync::Semaphore>,
+    started: Arc<AtomicUsize>,
+}
+
+impl SlowSavesOfA {
+    fn new() -> Self {
+        SlowSavesOfA {
+            inner: MemoryStore::new(),
+            permits: Arc::new(tokio::sync::Semaphore::new(0)),
+            started: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Yields until a save of `a` has started.
+    async fn a_save_started(&self) {
+        while self.started.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+impl SessionStore for SlowSavesOfA {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        self.inner.load_all()
+    }
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        self.inner.load(key)
+    }
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            if session.backend.as_str() == "a" {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                self.permits.acquire().await.unwrap().forget();
+            }
+            self.inner.save(session).await
+        })
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        self.inner.delete(keys)
+    }
+}
+
+#[tokio::test]
+async fn a_move_saved_while_the_start_is_still_saving_lands_last() {
+    let c = cluster();
+    let store = SlowSavesOfA::new();
+    let (_, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    // The session starts on `a`, whose save is slow.
+    let start = tokio::spawn(send_owned(svc.clone(), session("k")));
+    store.a_save_started().await;
+    // Meanwhile `a` goes down: the next request moves the session to `b`.
+    c.set_health("a", Health::Unhealthy);
+    let moved = tokio::spawn(send_owned(svc.clone(), session("k")));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!moved.is_finished(), "the move's save waits for the start's");
+    store.permits.add_permits(1);
+    assert_eq!(start.await.unwrap().unwrap().body(), "a");
+    assert_eq!(moved.await.unwrap().unwrap().body(), "b");
+    // The record names where the session is, not where it started.
+    let record = store.inner.load("k").await.unwrap().unwrap();
+    assert_eq!(record.backend.as_str(), "b");
+}
+
+#[tokio::test]
+async fn a_save_outlives_the_request_that_made_it() {
+    let c = cluster();
+    let store = SlowSavesOfA::new();
+    let (_, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let request = tokio::spawn(send_owned(svc.clone(), session("k")));
+    store.a_save_started().await;
+    // The client goes away while its session is being saved.
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    store.permits.add_permits(1);
+    let mut record = None;
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+        record = store.inner.load("k").await.unwrap();
+        if record.is_some() {
+            break;
+        }
+    }
+    let record = record.expect("the save landed after the request was gone");
+    assert_eq!(record.backend.as_str(), "a");
+}

@@ -81,6 +81,7 @@ mod service;
 mod shared;
 mod stats;
 mod table;
+mod writes;
 
 pub use cookie::CookieInsert;
 pub use error::SessionUnavailable;

@@ -19,6 +19,7 @@ use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport,
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
 use super::stats::{bump, Counters, StickyStats};
 use super::table::{Dropped, Hit, Kept, Table, Unread};
+use super::writes::{landed, Owner, Write, Writes};
 use super::Availability;
 use crate::backend::BackendId;
 use crate::error::{find, BackendError, BoxError, InvalidRequest};
@@ -176,6 +177,8 @@ pub(crate) struct Shared {
     /// The records the store holds as far as this instance knows
     /// (standalone mode): see `Shared::may_have_record`.
     records: Mutex<Records>,
+    /// Writes to the store, in order per key.
+    writes: Writes,
     counters: Counters,
 }
 
@@ -306,6 +309,7 @@ impl Shared {
             loading: Mutex::new(HashMap::new()),
             unrestored: Mutex::new(HashSet::new()),
             records: Mutex::new(Records::default()),
+            writes: Writes::default(),
             counters: Counters::default(),
         }
     }
@@ -1021,21 +1025,21 @@ impl Shared {
         if (self.config.store.is_none() || work.is_empty()) && !has_hook {
             return None;
         }
-        let store = self.config.store.clone();
+        // Queued now, in the order decided (see `Writes`); the response
+        // waits for them to land.
+        let mut writes = Vec::new();
+        if let Some(store) = &self.config.store {
+            let saves = work.save.into_iter().map(Write::Save);
+            let deletes = work.delete.into_iter().map(Write::Delete);
+            for write in saves.chain(deletes) {
+                writes.push(Writes::submit(self, store, write));
+            }
+        }
         let hook = work.moved.as_ref().and(self.config.on_move.clone());
-        let shared = self.clone();
         Some(Box::pin(async move {
-            if let Some(store) = store {
-                for session in &work.save {
-                    if let Err(error) = store.save(session).await {
-                        shared.store_error(&session.key, "save", &error);
-                    }
-                }
-                if !work.delete.is_empty() {
-                    if let Err(error) = store.delete(&work.delete).await {
-                        shared.store_error(&work.delete[0], "delete", &error);
-                    }
-                }
+            // A failure was counted and logged where it happened.
+            for done in writes {
+                let _ = landed(done).await;
             }
             if let (Some(hook), Some(moved)) = (hook, work.moved) {
                 let key = moved.session.key.clone();
@@ -1094,14 +1098,24 @@ impl Shared {
     }
 
     /// Ends a session: forgets it and deletes its stored record.
-    pub(crate) async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+    pub(crate) async fn remove(self: &Arc<Self>, key: &str) -> Result<bool, StoreError> {
         let known = self.table.remove(key);
         if let Some(store) = &self.config.store {
-            store.delete(&[key.to_owned()]).await?;
+            landed(Writes::submit(self, store, Write::Delete(key.to_owned()))).await?;
             self.unrestored.lock().remove(key);
             self.records.lock().remove(key);
         }
         Ok(known)
+    }
+}
+
+impl Owner for Shared {
+    fn writes(&self) -> &Writes {
+        &self.writes
+    }
+
+    fn failed(&self, key: &str, op: &'static str, error: &StoreError) {
+        self.store_error(key, op, error);
     }
 }
 

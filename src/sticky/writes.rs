@@ -1,0 +1,287 @@
+//! The layer's writes to its session store, one key at a time in the order
+//! they were decided.
+//!
+//! Two requests of one session may each write its record (one starts it,
+//! the next moves it after its backend failed), and a store may take its
+//! time over one write (a webhook store backs off and retries). Sent side
+//! by side, the older write could land last and leave the record naming
+//! the backend the session left. So the writes of a key form a queue that
+//! one task works through in order; writes of different keys still run
+//! side by side. The task is not the request's: a request whose client
+//! goes away does not cancel what it had to write.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::store::{Session, SessionStore, StoreError};
+
+/// One write of a key's record.
+pub(crate) enum Write {
+    Save(Session),
+    Delete(String),
+}
+
+impl Write {
+    fn key(&self) -> &str {
+        match self {
+            Write::Save(session) => &session.key,
+            Write::Delete(key) => key,
+        }
+    }
+}
+
+/// Who owns a [`Writes`] and hears of the writes that fail.
+pub(crate) trait Owner: Send + Sync + 'static {
+    fn writes(&self) -> &Writes;
+    /// `op` (`save` or `delete`) of `key` failed.
+    fn failed(&self, key: &str, op: &'static str, error: &StoreError);
+}
+
+/// A write waiting for its turn, and who waits for its result.
+struct Queued {
+    write: Write,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The keys with writes under way, each with those waiting behind the one
+/// in flight.
+#[derive(Default)]
+pub(crate) struct Writes {
+    queues: Mutex<HashMap<String, VecDeque<Queued>>>,
+}
+
+/// The result of a write, once it has landed (or failed).
+pub(crate) type Done = oneshot::Receiver<Result<(), StoreError>>;
+
+/// Waits for a write's result.
+pub(crate) async fn landed(done: Done) -> Result<(), StoreError> {
+    done.await
+        .unwrap_or_else(|_| Err(StoreError::other("the session store panicked")))
+}
+
+impl Writes {
+    /// Queues `write` behind those of its key already decided, on `store`;
+    /// `owner` hears of it if it fails. Must be called within a tokio
+    /// runtime.
+    pub(crate) fn submit<O: Owner>(
+        owner: &Arc<O>,
+        store: &Arc<dyn SessionStore>,
+        write: Write,
+    ) -> Done {
+        let (done, result) = oneshot::channel();
+        let queued = Queued { write, done };
+        let mut queues = owner.writes().queues.lock();
+        match queues.get_mut(queued.write.key()) {
+            // Its task will come to it.
+            Some(queue) => queue.push_back(queued),
+            None => {
+                let key = queued.write.key().to_owned();
+                queues.insert(key.clone(), VecDeque::new());
+                drop(queues);
+                let worker = Worker {
+                    owner: owner.clone(),
+                    key,
+                    finished: false,
+                };
+                tokio::spawn(worker.run(store.clone(), queued));
+            }
+        }
+        result
+    }
+}
+
+/// The task that writes one key's queue.
+struct Worker<O: Owner> {
+    owner: Arc<O>,
+    key: String,
+    /// Set once the queue is removed; until then, dropping the worker (a
+    /// store that panicked) removes it, so that the key's next write
+    /// starts a task again.
+    finished: bool,
+}
+
+impl<O: Owner> Worker<O> {
+    async fn run(mut self, store: Arc<dyn SessionStore>, first: Queued) {
+        let mut next = first;
+        loop {
+            let (op, result) = match &next.write {
+                Write::Save(session) => ("save", store.save(session).await),
+                Write::Delete(key) => ("delete", store.delete(std::slice::from_ref(key)).await),
+            };
+            if let Err(error) = &result {
+                self.owner.failed(&self.key, op, error);
+            }
+            let _ = next.done.send(result);
+            let mut queues = self.owner.writes().queues.lock();
+            let queue = queues
+                .get_mut(&self.key)
+                .expect("a key's queue lives while its task does");
+            match queue.pop_front() {
+                Some(queued) => next = queued,
+                None => {
+                    queues.remove(&self.key);
+                    self.finished = true;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl<O: Owner> Drop for Worker<O> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Those waiting learn it from their closed channel.
+            self.owner.writes().queues.lock().remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Loaded, MemoryStore, StoreFuture};
+    use tokio::sync::Semaphore;
+
+    /// A memory store whose saves each wait for a permit.
+    struct Gated {
+        inner: MemoryStore,
+        permits: Arc<Semaphore>,
+    }
+
+    impl SessionStore for Gated {
+        fn load_all(&self) -> StoreFuture<'_, Loaded> {
+            self.inner.load_all()
+        }
+        fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+            self.inner.load(key)
+        }
+        fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+            Box::pin(async move {
+                self.permits.acquire().await.unwrap().forget();
+                match session.backend.as_str() {
+                    "panic" => panic!("a store that panics"),
+                    "down" => return Err(StoreError::unavailable("down")),
+                    _ => {}
+                }
+                self.inner.save(session).await
+            })
+        }
+        fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+            self.inner.delete(keys)
+        }
+    }
+
+    /// Owns the writes and keeps the failures it hears of.
+    #[derive(Default)]
+    struct Log {
+        writes: Writes,
+        failed: parking_lot::Mutex<Vec<String>>,
+    }
+
+    impl Owner for Log {
+        fn writes(&self) -> &Writes {
+            &self.writes
+        }
+        fn failed(&self, key: &str, op: &'static str, _: &StoreError) {
+            self.failed.lock().push(format!("{op} {key}"));
+        }
+    }
+
+    fn gated() -> (Arc<dyn SessionStore>, MemoryStore, Arc<Semaphore>) {
+        let inner = MemoryStore::new();
+        let permits = Arc::new(Semaphore::new(0));
+        let store = Gated {
+            inner: inner.clone(),
+            permits: permits.clone(),
+        };
+        (Arc::new(store), inner, permits)
+    }
+
+    #[tokio::test]
+    async fn the_writes_of_a_key_land_in_the_order_decided() {
+        let (store, inner, permits) = gated();
+        let log = Arc::new(Log::default());
+        let a = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
+        let b = Writes::submit(&log, &store, Write::Save(Session::new("k", "b".into())));
+        let gone = Writes::submit(&log, &store, Write::Delete("k".into()));
+        let c = Writes::submit(&log, &store, Write::Save(Session::new("k", "c".into())));
+        // Another key's write does not wait behind them.
+        let other = Writes::submit(&log, &store, Write::Save(Session::new("x", "b".into())));
+        permits.add_permits(4);
+        let mut results = vec![];
+        for done in [a, b, gone, c] {
+            results.push(done.await.unwrap());
+        }
+        other.await.unwrap().unwrap();
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(
+            inner.load("k").await.unwrap().unwrap().backend.as_str(),
+            "c"
+        );
+        assert!(log.writes.queues.lock().is_empty());
+        assert!(log.failed.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_later_write_waits_for_a_slow_earlier_one() {
+        let (store, inner, permits) = gated();
+        let log = Arc::new(Log::default());
+        let mut a = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
+        let mut b = Writes::submit(&log, &store, Write::Save(Session::new("k", "b".into())));
+        tokio::task::yield_now().await;
+        // One permit: the first save lands, the second has not started.
+        permits.add_permits(1);
+        (&mut a).await.unwrap().unwrap();
+        assert!(b.try_recv().is_err(), "the second waits for its permit");
+        assert_eq!(
+            inner.load("k").await.unwrap().unwrap().backend.as_str(),
+            "a"
+        );
+        permits.add_permits(1);
+        b.await.unwrap().unwrap();
+        assert_eq!(
+            inner.load("k").await.unwrap().unwrap().backend.as_str(),
+            "b"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_heard_of_even_when_nobody_waits() {
+        let (store, inner, permits) = gated();
+        let log = Arc::new(Log::default());
+        permits.add_permits(10);
+        let failed = Writes::submit(&log, &store, Write::Save(Session::new("k", "down".into())));
+        assert!(landed(failed).await.unwrap_err().is_unavailable());
+        drop(Writes::submit(
+            &log,
+            &store,
+            Write::Save(Session::new("j", "down".into())),
+        ));
+        let after = Writes::submit(&log, &store, Write::Save(Session::new("j", "a".into())));
+        landed(after).await.unwrap();
+        assert_eq!(*log.failed.lock(), ["save k", "save j"]);
+        assert_eq!(
+            inner.load("j").await.unwrap().unwrap().backend.as_str(),
+            "a"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_that_panics_does_not_stop_the_key_for_good() {
+        let (store, inner, permits) = gated();
+        let log = Arc::new(Log::default());
+        permits.add_permits(10);
+        let panicked = Writes::submit(&log, &store, Write::Save(Session::new("k", "panic".into())));
+        assert!(panicked.await.is_err(), "its waiter learns it");
+        let after = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
+        after.await.unwrap().unwrap();
+        assert_eq!(
+            inner.load("k").await.unwrap().unwrap().backend.as_str(),
+            "a"
+        );
+    }
+}
