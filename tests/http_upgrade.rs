@@ -157,7 +157,21 @@ async fn proxy(addrs: &[SocketAddr]) -> SocketAddr {
 
 /// [`proxy`], with the client's settings given.
 async fn proxy_with(client: HttpClient<Body>, addrs: &[SocketAddr]) -> SocketAddr {
-    let stack = stack(client, addrs);
+    serve_stack(stack(client, addrs)).await
+}
+
+/// Serves `stack` as [`proxy`] does.
+async fn serve_stack<S>(stack: S) -> SocketAddr
+where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<tower_ha::http::ResponseBody>,
+            Error = BoxError,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -522,4 +536,39 @@ async fn a_switch_to_http2_is_not_asked_of_the_backend() {
     assert_eq!(read_exactly(&mut stream, rest, 8).await, b"b1 plain");
     assert_eq!(seen.upgrade_heads.lock().len(), 0);
     assert_eq!(seen.plain.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_open_tunnel_counts_as_in_flight_on_its_backend() {
+    use tower_ha::balance::LeastRequest;
+    let (b1, _) = backend("b1", Mode::Echo).await;
+    let (b2, _) = backend("b2", Mode::Echo).await;
+    let client = HttpClient::<Body>::new();
+    let pool = Pool::new();
+    for (id, addr) in [("b1", b1), ("b2", b2)] {
+        pool.insert(
+            id,
+            HttpBackend::new(&client, format!("http://{addr}")).unwrap(),
+        );
+    }
+    let in_flight = |id: &str| pool.state(&id.into()).unwrap().in_flight();
+    let stack = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new())
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool.clone(), LeastRequest::new()));
+    let front = serve_stack(stack).await;
+    // Least request sends each new tunnel to the backend with fewer open.
+    let (first, _, on) = open_tunnel(front).await;
+    assert_eq!(in_flight(&on), 1, "the open tunnel counts");
+    let other = if on == "b1" { "b2" } else { "b1" };
+    assert_eq!(in_flight(other), 0);
+    let (second, _, next) = open_tunnel(front).await;
+    assert_eq!(next, other, "the backend without a tunnel gets the next");
+    assert_eq!((in_flight("b1"), in_flight("b2")), (1, 1));
+    // A tunnel that ends is no longer counted.
+    drop(first);
+    eventually("the closed tunnel is not counted", || in_flight(&on) == 0).await;
+    assert_eq!(in_flight(other), 1);
+    drop(second);
+    eventually("no tunnel is counted", || in_flight(other) == 0).await;
 }

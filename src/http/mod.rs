@@ -87,9 +87,12 @@
 //! * Balancing, failover, stickiness and health apply to the request
 //!   that asks for the switch: a backend that refuses the connection is
 //!   failed over from, a WebSocket session keyed by a cookie goes to its
-//!   backend. Once switched, the tunnel is no longer a request in flight:
-//!   least-request does not count it, a per-try timeout does not end it,
-//!   and removing or draining its backend leaves it open. It ends when its
+//!   backend. Once switched, the tunnel counts as a request in flight on
+//!   its backend until it ends (the response carries an
+//!   [`Ongoing`](crate::extensions::Ongoing) in which `Balance` keeps the
+//!   count), so least-request balancing spreads open WebSockets as nginx's
+//!   `least_conn` does. A per-try timeout does not end a tunnel, and
+//!   removing or draining its backend leaves it open. It ends when its
 //!   client or its backend closes it (TCP keep-alive,
 //!   [`HttpClient::tcp_keepalive`], finds a backend that vanished).
 //! * An HTTP/2 client ([`HttpClient::http2_only`]) sends such a request on

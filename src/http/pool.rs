@@ -36,6 +36,7 @@ use super::body::ResponseBody;
 use super::http2::Http2;
 use super::Settings;
 use crate::error::{BoxError, NotSent};
+use crate::extensions::Ongoing;
 
 /// A byte stream to a backend, as a connector opened it.
 pub(super) trait Io: Read + Write + Unpin + Send + 'static {}
@@ -402,7 +403,11 @@ where
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let backend = hyper::upgrade::on(&mut resp);
+            // The balancer keeps the tunnel in flight while this lives.
+            let ongoing = Ongoing::new();
+            resp.extensions_mut().insert(ongoing.clone());
             tokio::spawn(async move {
+                let _ongoing = ongoing;
                 // Either side fails when its connection ended before the
                 // switch (the client's, when the response was not sent):
                 // the other is dropped, and closed.
