@@ -1684,7 +1684,10 @@ async fn a_move_saved_while_the_start_is_still_saving_lands_last() {
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
-    assert!(!moved.is_finished(), "the move's save waits for the start's");
+    assert!(
+        !moved.is_finished(),
+        "the move's save waits for the start's"
+    );
     store.permits.add_permits(1);
     assert_eq!(start.await.unwrap().unwrap().body(), "a");
     assert_eq!(moved.await.unwrap().unwrap().body(), "b");
