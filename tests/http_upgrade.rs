@@ -241,6 +241,17 @@ async fn read_exactly(
     already
 }
 
+/// Reads a `200` from `backend` for a plain request.
+async fn expect_plain_answer(stream: &mut TcpStream, backend: &str) {
+    let (head, rest) = read_head(stream).await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    let body = format!("{backend} plain");
+    assert_eq!(
+        read_exactly(stream, rest, body.len()).await,
+        body.as_bytes()
+    );
+}
+
 /// Opens a tunnel through `proxy`; returns the stream, the response head,
 /// and the backend's greeting (its name).
 async fn open_tunnel(proxy: SocketAddr) -> (TcpStream, String, String) {
@@ -351,9 +362,7 @@ async fn a_declined_upgrade_is_an_ordinary_response() {
         .write_all(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n")
         .await
         .unwrap();
-    let (head, rest) = read_head(&mut stream).await;
-    assert!(head.starts_with("http/1.1 200 "), "{head}");
-    assert_eq!(read_exactly(&mut stream, rest, 8).await, b"b1 plain");
+    expect_plain_answer(&mut stream, "b1").await;
     assert_eq!(seen.upgrade_heads.lock().len(), 1);
     assert_eq!(seen.plain.load(Ordering::SeqCst), 1);
 }
@@ -531,9 +540,7 @@ async fn a_switch_to_http2_is_not_asked_of_the_backend() {
         )
         .await
         .unwrap();
-    let (head, rest) = read_head(&mut stream).await;
-    assert!(head.starts_with("http/1.1 200 "), "{head}");
-    assert_eq!(read_exactly(&mut stream, rest, 8).await, b"b1 plain");
+    expect_plain_answer(&mut stream, "b1").await;
     assert_eq!(seen.upgrade_heads.lock().len(), 0);
     assert_eq!(seen.plain.load(Ordering::SeqCst), 1);
 }
