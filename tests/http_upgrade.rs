@@ -50,6 +50,10 @@ enum Mode {
     Echo,
     /// `426 Upgrade Required`: stays HTTP.
     Decline,
+    /// `101` without `Upgrade`, then nothing.
+    Unnamed,
+    /// `101` naming `h2c`, which nobody offered, then nothing.
+    Unoffered,
 }
 
 /// A hyper server that switches to the `echo` protocol when asked.
@@ -81,6 +85,14 @@ async fn backend(name: &'static str, mode: Mode) -> (SocketAddr, Arc<Seen>) {
                     if mode == Mode::Decline {
                         let mut resp = Response::new(Full::new(Bytes::from("use plain HTTP")));
                         *resp.status_mut() = StatusCode::UPGRADE_REQUIRED;
+                        return Ok(resp);
+                    }
+                    if matches!(mode, Mode::Unnamed | Mode::Unoffered) {
+                        let mut resp = Response::new(Full::default());
+                        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        if mode == Mode::Unoffered {
+                            resp.headers_mut().insert("upgrade", "h2c".parse().unwrap());
+                        }
                         return Ok(resp);
                     }
                     let on = hyper::upgrade::on(&mut req);
@@ -541,8 +553,26 @@ async fn a_switch_to_http2_is_not_asked_of_the_backend() {
         .await
         .unwrap();
     expect_plain_answer(&mut stream, "b1").await;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n")
+        .await
+        .unwrap();
+    expect_plain_answer(&mut stream, "b1").await;
     assert_eq!(seen.upgrade_heads.lock().len(), 0);
-    assert_eq!(seen.plain.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.plain.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_switch_the_request_did_not_offer_is_a_bad_gateway() {
+    for mode in [Mode::Unnamed, Mode::Unoffered] {
+        let (b1, seen) = backend("b1", mode).await;
+        let front = proxy(&[b1]).await;
+        let mut stream = TcpStream::connect(front).await.unwrap();
+        stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+        let (head, _) = read_head(&mut stream).await;
+        assert!(head.starts_with("http/1.1 502 "), "{head}");
+        assert_eq!(seen.upgrade_heads.lock().len(), 1);
+    }
 }
 
 #[tokio::test]
@@ -562,7 +592,8 @@ async fn an_open_tunnel_counts_as_in_flight_on_its_backend() {
     let stack = ServiceBuilder::new()
         .layer(BufferBodyLayer::new())
         .layer(FailoverLayer::new())
-        .service(Balance::new(pool.clone(), LeastRequest::new()));
+        // As many choices as it takes to see both backends every time.
+        .service(Balance::new(pool.clone(), LeastRequest::new().choices(64)));
     let front = serve_stack(stack).await;
     // Least request sends each new tunnel to the backend with fewer open.
     let (first, _, on) = open_tunnel(front).await;

@@ -15,9 +15,9 @@
 //!   which is created when absent;
 //! * hop-by-hop headers (`Connection` and the headers it names,
 //!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
-//!   `Upgrade`) are not forwarded, in either direction, but `TE: trailers`
-//!   is sent on, and `Trailer` is forwarded, so trailer fields pass both
-//!   ways;
+//!   `Upgrade`) are not forwarded, in either direction (but for what
+//!   a proxied protocol upgrade needs), but `TE: trailers` is sent on, and
+//!   `Trailer` is forwarded, so trailer fields pass both ways;
 //! * protocol upgrades (WebSocket, for one) are proxied: see
 //!   [below](#protocol-upgrades-websocket);
 //! * `CONNECT` is refused with [`InvalidRequest`]: it asks a forward
@@ -75,15 +75,24 @@
 //! Protocols`), the client's connection and the backend's are joined, and
 //! bytes are copied both ways until both ends have closed; an end closed
 //! on one side is closed on the other. When it declines, its response
-//! goes back as any other, and the client's connection stays HTTP.
+//! goes back as any other, and the client's connection stays HTTP. A
+//! `101` that names no protocol, or one the request did not offer, fails
+//! the request (`502 Bad Gateway` from
+//! [`gateway_status`](crate::error::gateway_status)), and so does a `101`
+//! to a request that did not ask for a switch.
 //!
 //! * The client's connection must be hyper's, served with upgrades
-//!   (hyper's `serve_connection(..).with_upgrades()`, as axum serves):
-//!   hyper puts in the request what hands that connection over (an
-//!   `OnUpgrade` extension). A request without it (an in-process caller)
-//!   goes on as a plain request, without `Upgrade`, and so does one
-//!   offering `h2c` (a switch to HTTP/2 would hide the requests that
-//!   follow from the proxy).
+//!   (hyper's `serve_connection(..).with_upgrades()`, hyper-util's
+//!   `serve_connection_with_upgrades`, as axum serves): hyper puts in the
+//!   request what hands that connection over (an `OnUpgrade` extension).
+//!   It does so on a connection served without upgrades too, where the
+//!   client then gets the `101` and its connection closes: serve with
+//!   upgrades. A request without it (an in-process caller) goes on as a
+//!   plain request, without `Upgrade`, and so does one offering `h2c` (a
+//!   switch to HTTP/2 would hide the requests that follow from the
+//!   proxy).
+//! * When the `101` does not reach the client (a layer above answered
+//!   something else), the backend's connection is closed 10 s later.
 //! * Balancing, failover, stickiness and health apply to the request
 //!   that asks for the switch: a backend that refuses the connection is
 //!   failed over from, a WebSocket session keyed by a cookie goes to its
@@ -93,8 +102,10 @@
 //!   count), so least-request balancing spreads open WebSockets as nginx's
 //!   `least_conn` does. A per-try timeout does not end a tunnel, and
 //!   removing or draining its backend leaves it open. It ends when its
-//!   client or its backend closes it (TCP keep-alive,
-//!   [`HttpClient::tcp_keepalive`], finds a backend that vanished).
+//!   client or its backend closes it. TCP keep-alive
+//!   ([`HttpClient::tcp_keepalive`]) finds a backend that vanished without
+//!   closing; a client that did is found only by keep-alive on the
+//!   connection your server accepted, which is your server's to set.
 //! * An HTTP/2 client ([`HttpClient::http2_only`]) sends such a request on
 //!   as a plain one (RFC 8441's WebSocket over HTTP/2 is not spoken).
 
@@ -873,16 +884,29 @@ fn strip_all_but_upgrade(headers: &mut HeaderMap) -> bool {
     trailers
 }
 
+/// The protocols `Upgrade` lines name.
+fn protocols<'a>(
+    lines: impl IntoIterator<Item = &'a HeaderValue>,
+) -> impl Iterator<Item = &'a str> {
+    lines
+        .into_iter()
+        .flat_map(|line| line.to_str().unwrap_or_default().split(','))
+        .map(str::trim)
+        .filter(|protocol| !protocol.is_empty())
+}
+
+/// Whether a `101` response names, in `Upgrade`, only protocols the
+/// request `offered` (RFC 9110, section 7.8).
+fn switch_agrees(offered: &[HeaderValue], response: &HeaderMap) -> bool {
+    let mut chosen = protocols(response.get_all(UPGRADE)).peekable();
+    chosen.peek().is_some() && chosen.all(|c| protocols(offered).any(|o| o.eq_ignore_ascii_case(c)))
+}
+
 /// Whether `Upgrade` offers HTTP/2 (`h2c`): that switch would turn the
 /// connection into one the proxy no longer sees requests on, so the
 /// request goes on as plain HTTP/1.1 (as Envoy and nginx send it).
 fn asks_for_h2c(headers: &HeaderMap) -> bool {
-    headers.get_all(UPGRADE).iter().any(|line| {
-        line.to_str()
-            .unwrap_or_default()
-            .split(',')
-            .any(|protocol| protocol.trim().eq_ignore_ascii_case("h2c"))
-    })
+    protocols(headers.get_all(UPGRADE)).any(|p| p.eq_ignore_ascii_case("h2c"))
 }
 
 /// Whether a `Connection` line names `option`.
@@ -1119,6 +1143,29 @@ mod tests {
             assert_eq!(strip_hop_by_hop(&mut h), trailers, "{te}");
             assert!(h.is_empty());
         }
+    }
+
+    #[test]
+    fn a_switch_names_only_protocols_offered() {
+        let offered = [
+            HeaderValue::from_static("websocket, echo/2"),
+            HeaderValue::from_static("chat"),
+        ];
+        let answer = |lines: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for line in lines {
+                h.append(UPGRADE, HeaderValue::from_static(line));
+            }
+            switch_agrees(&offered, &h)
+        };
+        assert!(answer(&["WebSocket"]));
+        assert!(answer(&["echo/2"]));
+        assert!(answer(&["chat, websocket"]));
+        assert!(!answer(&[]), "a switch names its protocol");
+        assert!(!answer(&[" , "]));
+        assert!(!answer(&["h2c"]));
+        assert!(!answer(&["echo"]), "another version");
+        assert!(!answer(&["websocket", "h2c"]));
     }
 
     #[test]

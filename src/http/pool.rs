@@ -19,6 +19,7 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use ::http::header::{HeaderValue, UPGRADE};
 use ::http::uri::{Authority, Scheme, Uri};
 use ::http::{Request, Response, StatusCode};
 use hyper::client::conn::http1::{self, SendRequest};
@@ -344,6 +345,13 @@ where
                 continue;
             }
             match sender.try_send_request(req).await {
+                Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    // Nothing asked for a switch here, and nothing could
+                    // join the connections: the connection is dropped.
+                    return Err(
+                        "the backend switched protocols though the request did not ask to".into(),
+                    );
+                }
                 Ok(resp) => {
                     let pooled = if sender.is_ready() {
                         // The response is already read to its end.
@@ -392,6 +400,7 @@ where
             let _ = connection.with_upgrades().await;
         });
         sender.ready().await.map_err(NotSent::new)?;
+        let offered: Vec<HeaderValue> = req.headers().get_all(UPGRADE).iter().cloned().collect();
         let mut resp = match sender.try_send_request(req).await {
             Ok(resp) => resp,
             Err(mut e) => {
@@ -402,19 +411,26 @@ where
             }
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if !super::switch_agrees(&offered, resp.headers()) {
+                return Err("the backend switched to a protocol the request did not offer                      (RFC 9110, section 7.8)"
+                    .into());
+            }
             let backend = hyper::upgrade::on(&mut resp);
             // The balancer keeps the tunnel in flight while this lives.
             let ongoing = Ongoing::new();
             resp.extensions_mut().insert(ongoing.clone());
             tokio::spawn(async move {
                 let _ongoing = ongoing;
-                // Either side fails when its connection ended before the
-                // switch (the client's, when the response was not sent):
-                // the other is dropped, and closed.
-                if let (Ok(client), Ok(backend)) = tokio::join!(client, backend) {
-                    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
-                }
+                // The backend's side is ready at once. The client's is
+                // handed over as soon as the `101` is written; one that
+                // does not come (a layer above answered something else,
+                // the client left) ends the tunnel, closing the backend's.
+                let Ok(backend) = backend.await else { return };
+                let Ok(Ok(client)) = tokio::time::timeout(HANDOVER, client).await else {
+                    return;
+                };
+                let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
             });
         }
         // Declined, the connection closes after this response: its sender
@@ -422,6 +438,10 @@ where
         Ok(resp.map(|body| ResponseBody::new(body, None)))
     }
 }
+
+/// How long a tunnel waits for the client's connection once the backend
+/// has switched protocols.
+const HANDOVER: Duration = Duration::from_secs(10);
 
 /// A connection lent to a response body until it is read to its end.
 struct Pooled<B> {
