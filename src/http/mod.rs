@@ -87,10 +87,10 @@
 //!   request what hands that connection over (an `OnUpgrade` extension).
 //!   It does so on a connection served without upgrades too, where the
 //!   client then gets the `101` and its connection closes: serve with
-//!   upgrades. A request without it (an in-process caller) goes on as a
-//!   plain request, without `Upgrade`, and so does one offering `h2c` (a
-//!   switch to HTTP/2 would hide the requests that follow from the
-//!   proxy).
+//!   upgrades. A request without `OnUpgrade` (an in-process caller's)
+//!   goes on as a plain request, without `Upgrade`, and so does one
+//!   offering `h2c` (a switch to HTTP/2 would hide the requests that
+//!   follow from the proxy).
 //! * When the `101` does not reach the client (a layer above answered
 //!   something else), the backend's connection is closed 10 s later.
 //! * Balancing, failover, stickiness and health apply to the request
@@ -103,8 +103,8 @@
 //!   `least_conn` does. A per-try timeout does not end a tunnel, and
 //!   removing or draining its backend leaves it open. It ends when its
 //!   client or its backend closes it. TCP keep-alive
-//!   ([`HttpClient::tcp_keepalive`]) finds a backend that vanished without
-//!   closing; a client that did is found only by keep-alive on the
+//!   ([`HttpClient::tcp_keepalive`], or a connector's own) finds a backend
+//!   that vanished without closing; a client that did is found only by keep-alive on the
 //!   connection your server accepted, which is your server's to set.
 //! * An HTTP/2 client ([`HttpClient::http2_only`]) sends such a request on
 //!   as a plain one (RFC 8441's WebSocket over HTTP/2 is not spoken).
