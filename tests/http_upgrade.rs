@@ -264,6 +264,16 @@ async fn expect_plain_answer(stream: &mut TcpStream, backend: &str) {
     );
 }
 
+/// Sends a plain request on `stream` and reads `backend`'s answer: the
+/// connection still speaks HTTP.
+async fn still_http(stream: &mut TcpStream, backend: &str) {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n")
+        .await
+        .unwrap();
+    expect_plain_answer(stream, backend).await;
+}
+
 /// Opens a tunnel through `proxy`; returns the stream, the response head,
 /// and the backend's greeting (its name).
 async fn open_tunnel(proxy: SocketAddr) -> (TcpStream, String, String) {
@@ -370,11 +380,7 @@ async fn a_declined_upgrade_is_an_ordinary_response() {
     assert!(head.contains("content-length: 14"), "{head}");
     assert_eq!(read_exactly(&mut stream, rest, 14).await, b"use plain HTTP");
     // The client's connection still speaks HTTP.
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n")
-        .await
-        .unwrap();
-    expect_plain_answer(&mut stream, "b1").await;
+    still_http(&mut stream, "b1").await;
     assert_eq!(seen.upgrade_heads.lock().len(), 1);
     assert_eq!(seen.plain.load(Ordering::SeqCst), 1);
 }
@@ -553,11 +559,7 @@ async fn a_switch_to_http2_is_not_asked_of_the_backend() {
         .await
         .unwrap();
     expect_plain_answer(&mut stream, "b1").await;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n")
-        .await
-        .unwrap();
-    expect_plain_answer(&mut stream, "b1").await;
+    still_http(&mut stream, "b1").await;
     assert_eq!(seen.upgrade_heads.lock().len(), 0);
     assert_eq!(seen.plain.load(Ordering::SeqCst), 2);
 }
