@@ -104,8 +104,9 @@
 //!   removing or draining its backend leaves it open. It ends when its
 //!   client or its backend closes it. TCP keep-alive
 //!   ([`HttpClient::tcp_keepalive`], or a connector's own) finds a backend
-//!   that vanished without closing; a client that did is found only by keep-alive on the
-//!   connection your server accepted, which is your server's to set.
+//!   that vanished without closing; a client that did is found only by
+//!   keep-alive on the connection your server accepted, which is your
+//!   server's to set.
 //! * An HTTP/2 client ([`HttpClient::http2_only`]) sends such a request on
 //!   as a plain one (RFC 8441's WebSocket over HTTP/2 is not spoken).
 
@@ -561,8 +562,11 @@ impl<B> HttpBackend<B> {
         let upgrade = if present & UPGRADE_PRESENT != 0
             && req.version() == Version::HTTP_11
             && !self.upstream.speaks_http2()
-            && names(req.headers(), "upgrade")
-            && !asks_for_h2c(req.headers())
+            && lists(req.headers().get_all(CONNECTION), "upgrade")
+            // A switch to HTTP/2 would turn the connection into one the
+            // proxy no longer sees requests on: such a request goes on as
+            // plain HTTP/1.1 (as Envoy and nginx send it).
+            && !lists(req.headers().get_all(UPGRADE), "h2c")
         {
             // Present when the client's connection is hyper's, which can
             // hand it over once the backend agrees.
@@ -847,13 +851,7 @@ fn strip_present(headers: &mut HeaderMap, present: u8) -> bool {
     if present == 0 {
         return false;
     }
-    let trailers = present & TE_PRESENT != 0
-        && headers.get_all(TE).iter().any(|value| {
-            let tokens = value.to_str().unwrap_or_default().split(',');
-            tokens
-                .map(str::trim)
-                .any(|t| t.eq_ignore_ascii_case("trailers"))
-        });
+    let trailers = present & TE_PRESENT != 0 && lists(headers.get_all(TE), "trailers");
     if present & CONNECTION_PRESENT != 0 {
         // The headers `Connection` names go too. Its lines
         // are read one at a time (a cheap clone), so removing holds no
@@ -884,50 +882,32 @@ fn strip_all_but_upgrade(headers: &mut HeaderMap) -> bool {
     trailers
 }
 
-/// The protocols `Upgrade` lines name.
-fn protocols<'a>(
-    lines: impl IntoIterator<Item = &'a HeaderValue>,
-) -> impl Iterator<Item = &'a str> {
+/// The elements of a list header's `lines` (RFC 9110, section 5.6.1):
+/// separated by commas, trimmed, empty ones skipped.
+fn elements<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>) -> impl Iterator<Item = &'a str> {
     lines
         .into_iter()
         .flat_map(|line| line.to_str().unwrap_or_default().split(','))
         .map(str::trim)
-        .filter(|protocol| !protocol.is_empty())
+        .filter(|element| !element.is_empty())
+}
+
+/// Whether a list header's `lines` hold `element`, in any case.
+fn lists<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>, element: &str) -> bool {
+    elements(lines).any(|e| e.eq_ignore_ascii_case(element))
 }
 
 /// Whether a `101` response names, in `Upgrade`, only protocols the
 /// request `offered` (RFC 9110, section 7.8).
 fn switch_agrees(offered: &[HeaderValue], response: &HeaderMap) -> bool {
-    let mut chosen = protocols(response.get_all(UPGRADE)).peekable();
-    chosen.peek().is_some() && chosen.all(|c| protocols(offered).any(|o| o.eq_ignore_ascii_case(c)))
-}
-
-/// Whether `Upgrade` offers HTTP/2 (`h2c`): that switch would turn the
-/// connection into one the proxy no longer sees requests on, so the
-/// request goes on as plain HTTP/1.1 (as Envoy and nginx send it).
-fn asks_for_h2c(headers: &HeaderMap) -> bool {
-    protocols(headers.get_all(UPGRADE)).any(|p| p.eq_ignore_ascii_case("h2c"))
-}
-
-/// Whether a `Connection` line names `option`.
-fn names(headers: &HeaderMap, option: &str) -> bool {
-    headers.get_all(CONNECTION).iter().any(|line| {
-        line.to_str()
-            .unwrap_or_default()
-            .split(',')
-            .any(|token| token.trim().eq_ignore_ascii_case(option))
-    })
+    let mut chosen = elements(response.get_all(UPGRADE)).peekable();
+    chosen.peek().is_some() && chosen.all(|c| lists(offered, c))
 }
 
 /// Removes the headers a `Connection` line names, except the hop-by-hop
 /// ones (removed anyway) and `close`.
 fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
-    for token in connection
-        .to_str()
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-    {
+    for token in elements([connection]) {
         let listed = HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(token));
         if !listed && !token.eq_ignore_ascii_case("close") {
             // A token that is no valid header name finds nothing.

@@ -308,15 +308,18 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// Opens a new HTTP/1.1 connection, run by a task of its own.
-    async fn connect(&self) -> Result<SendRequest<B>, BoxError> {
+    /// Opens a new HTTP/1.1 connection, run by a task of its own; one
+    /// `for_upgrade` hands its byte stream over after a `101`.
+    async fn connect(&self, for_upgrade: bool) -> Result<SendRequest<B>, BoxError> {
         let io = (self.open)(self.target.clone()).await?;
         let (sender, connection) = http1::handshake(io).await?;
-        tokio::spawn(async move {
-            // Its end (the backend closed it, or a response was abandoned)
-            // shows in the sender, which is then never reused.
-            let _ = connection.await;
-        });
+        // Its end (the backend closed it, or a response was abandoned)
+        // shows in the sender, which is then never reused.
+        if for_upgrade {
+            tokio::spawn(async move { connection.with_upgrades().await });
+        } else {
+            tokio::spawn(connection);
+        }
         Ok(sender)
     }
 
@@ -336,7 +339,7 @@ where
         loop {
             let (mut sender, fresh) = match self.checkout() {
                 Some(sender) => (sender, false),
-                None => (self.connect().await.map_err(NotSent::new)?, true),
+                None => (self.connect(false).await.map_err(NotSent::new)?, true),
             };
             if let Err(e) = sender.ready().await {
                 if fresh {
@@ -392,13 +395,7 @@ where
         req: Request<B>,
         client: OnUpgrade,
     ) -> Result<Response<ResponseBody>, BoxError> {
-        let io = (self.open)(self.target.clone())
-            .await
-            .map_err(NotSent::new)?;
-        let (mut sender, connection) = http1::handshake(io).await.map_err(NotSent::new)?;
-        tokio::spawn(async move {
-            let _ = connection.with_upgrades().await;
-        });
+        let mut sender = self.connect(true).await.map_err(NotSent::new)?;
         sender.ready().await.map_err(NotSent::new)?;
         let offered: Vec<HeaderValue> = req.headers().get_all(UPGRADE).iter().cloned().collect();
         let mut resp = match sender.try_send_request(req).await {
@@ -412,8 +409,11 @@ where
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if !super::switch_agrees(&offered, resp.headers()) {
-                return Err("the backend switched to a protocol the request did not offer                      (RFC 9110, section 7.8)"
-                    .into());
+                return Err(
+                    "the backend switched to a protocol the request did not offer \
+                     (RFC 9110, section 7.8)"
+                        .into(),
+                );
             }
             let backend = hyper::upgrade::on(&mut resp);
             // The balancer keeps the tunnel in flight while this lives.
