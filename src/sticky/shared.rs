@@ -1039,7 +1039,7 @@ impl Shared {
         Some(Box::pin(async move {
             // A failure was counted and logged where it happened.
             for done in writes {
-                let _ = landed(done).await;
+                let _ = done.await;
             }
             if let (Some(hook), Some(moved)) = (hook, work.moved) {
                 let key = moved.session.key.clone();
