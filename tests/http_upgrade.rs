@@ -253,6 +253,13 @@ async fn read_exactly(
     already
 }
 
+/// Connects to `proxy` and sends `request` as it is.
+async fn send_raw(proxy: SocketAddr, request: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    stream
+}
+
 /// Reads a `200` from `backend` for a plain request.
 async fn expect_plain_answer(stream: &mut TcpStream, backend: &str) {
     let (head, rest) = read_head(stream).await;
@@ -277,8 +284,7 @@ async fn still_http(stream: &mut TcpStream, backend: &str) {
 /// Opens a tunnel through `proxy`; returns the stream, the response head,
 /// and the backend's greeting (its name).
 async fn open_tunnel(proxy: SocketAddr) -> (TcpStream, String, String) {
-    let mut stream = TcpStream::connect(proxy).await.unwrap();
-    stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let mut stream = send_raw(proxy, UPGRADE.as_bytes()).await;
     let (head, rest) = read_head(&mut stream).await;
     assert!(head.starts_with("http/1.1 101 "), "{head}");
     let mut greeting = rest;
@@ -373,8 +379,7 @@ async fn an_upgrade_fails_over_when_a_backend_refuses_the_connection() {
 async fn a_declined_upgrade_is_an_ordinary_response() {
     let (b1, seen) = backend("b1", Mode::Decline).await;
     let front = proxy(&[b1]).await;
-    let mut stream = TcpStream::connect(front).await.unwrap();
-    stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let mut stream = send_raw(front, UPGRADE.as_bytes()).await;
     let (head, rest) = read_head(&mut stream).await;
     assert!(head.starts_with("http/1.1 426 "), "{head}");
     assert!(head.contains("content-length: 14"), "{head}");
@@ -390,11 +395,11 @@ async fn a_tunnel_has_a_connection_of_its_own() {
     let (b1, seen) = backend("b1", Mode::Echo).await;
     let front = proxy(&[b1]).await;
     let plain = |front| async move {
-        let mut stream = TcpStream::connect(front).await.unwrap();
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
+        let mut stream = send_raw(
+            front,
+            b"GET / HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         let mut all = String::new();
         stream.read_to_string(&mut all).await.unwrap();
         assert!(all.starts_with("HTTP/1.1 200 "), "{all}");
@@ -504,11 +509,11 @@ async fn without_a_hyper_connection_to_hand_over_the_request_goes_as_a_plain_one
 async fn connect_is_refused_without_reaching_a_backend() {
     let (b1, seen) = backend("b1", Mode::Echo).await;
     let front = proxy(&[b1]).await;
-    let mut stream = TcpStream::connect(front).await.unwrap();
-    stream
-        .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = send_raw(
+        front,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
     let (head, _) = read_head(&mut stream).await;
     assert!(head.starts_with("http/1.1 400 "), "{head}");
     assert_eq!(seen.connections.load(Ordering::SeqCst), 0);
@@ -535,8 +540,7 @@ async fn an_http2_client_sends_an_upgrade_request_as_a_plain_one() {
         }
     });
     let front = proxy_with(HttpClient::new().http2_only(true), &[h2]).await;
-    let mut stream = TcpStream::connect(front).await.unwrap();
-    stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let mut stream = send_raw(front, UPGRADE.as_bytes()).await;
     let (head, rest) = read_head(&mut stream).await;
     assert!(head.starts_with("http/1.1 200 "), "{head}");
     let body = read_exactly(&mut stream, rest, 22).await;
@@ -550,14 +554,12 @@ async fn a_switch_to_http2_is_not_asked_of_the_backend() {
     // connection stays HTTP/1.1.
     let (b1, seen) = backend("b1", Mode::Echo).await;
     let front = proxy(&[b1]).await;
-    let mut stream = TcpStream::connect(front).await.unwrap();
-    stream
-        .write_all(
-            b"GET / HTTP/1.1\r\nHost: front\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+    let mut stream = send_raw(
+        front,
+        b"GET / HTTP/1.1\r\nHost: front\r\nConnection: Upgrade, HTTP2-Settings\r\n\
               Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     expect_plain_answer(&mut stream, "b1").await;
     still_http(&mut stream, "b1").await;
     assert_eq!(seen.upgrade_heads.lock().len(), 0);
@@ -569,8 +571,7 @@ async fn a_switch_the_request_did_not_offer_is_a_bad_gateway() {
     for mode in [Mode::Unnamed, Mode::Unoffered] {
         let (b1, seen) = backend("b1", mode).await;
         let front = proxy(&[b1]).await;
-        let mut stream = TcpStream::connect(front).await.unwrap();
-        stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+        let mut stream = send_raw(front, UPGRADE.as_bytes()).await;
         let (head, _) = read_head(&mut stream).await;
         assert!(head.starts_with("http/1.1 502 "), "{head}");
         assert_eq!(seen.upgrade_heads.lock().len(), 1);
