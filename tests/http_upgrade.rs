@@ -613,3 +613,86 @@ async fn an_open_tunnel_counts_as_in_flight_on_its_backend() {
     drop(second);
     eventually("no tunnel is counted", || in_flight(other) == 0).await;
 }
+
+/// The stack of [`stack`] over one backend, with a client whose tunnels
+/// close after 1 s without traffic, and the pool to watch.
+fn quiet_stack(
+    addr: SocketAddr,
+) -> (
+    Pool<HttpBackend<Body>>,
+    impl Service<
+            Request<Incoming>,
+            Response = Response<tower_ha::http::ResponseBody>,
+            Error = BoxError,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static,
+) {
+    let client = HttpClient::<Body>::new().tunnel_idle_timeout(Some(Duration::from_secs(1)));
+    let pool = Pool::new();
+    pool.insert(
+        "b1",
+        HttpBackend::new(&client, format!("http://{addr}")).unwrap(),
+    );
+    let stack = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new())
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool.clone(), RoundRobin::new()));
+    (pool, stack)
+}
+
+#[tokio::test]
+async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let (pool, stack) = quiet_stack(b1);
+    let front = serve_stack(stack).await;
+    let (mut stream, _, _) = open_tunnel(front).await;
+    stream.write_all(b"hello").await.unwrap();
+    assert_eq!(read_exactly(&mut stream, Vec::new(), 5).await, b"hello");
+    assert_eq!(pool.state(&"b1".into()).unwrap().in_flight(), 1);
+    // Then nothing: the proxy closes both sides.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
+    // The bound only guards against hanging; closing is what is checked.
+    read.await
+        .expect("the quiet tunnel was never closed")
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    eventually("the backend saw its side closed", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    eventually("the tunnel is no longer in flight", || {
+        pool.state(&"b1".into()).unwrap().in_flight() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_switch_that_never_reaches_the_client_releases_the_backend() {
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let (pool, stack) = quiet_stack(b1);
+    // A layer above answers something else than the backend's `101`.
+    let stack = ServiceBuilder::new()
+        .map_result(|result: Result<Response<_>, BoxError>| match result {
+            Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                Err("answered by a layer above".into())
+            }
+            other => other,
+        })
+        .service(stack);
+    let front = serve_stack(stack).await;
+    let mut stream = send_raw(front, UPGRADE.as_bytes()).await;
+    let (head, _) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 502 "), "{head}");
+    assert_eq!(seen.upgrade_heads.lock().len(), 1, "the backend switched");
+    eventually("the backend's side was closed", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    eventually("the tunnel is no longer in flight", || {
+        pool.state(&"b1".into()).unwrap().in_flight() == 0
+    })
+    .await;
+}

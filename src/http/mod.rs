@@ -92,7 +92,9 @@
 //!   offering `h2c` (a switch to HTTP/2 would hide the requests that
 //!   follow from the proxy).
 //! * When the `101` does not reach the client (a layer above answered
-//!   something else), the backend's connection is closed 10 s later.
+//!   something else), the backend's connection is closed 10 s later
+//!   (or after the [`tunnel_idle_timeout`](HttpClient::tunnel_idle_timeout),
+//!   when shorter).
 //! * Balancing, failover, stickiness and health apply to the request
 //!   that asks for the switch: a backend that refuses the connection is
 //!   failed over from, a WebSocket session keyed by a cookie goes to its
@@ -102,11 +104,11 @@
 //!   count), so least-request balancing spreads open WebSockets as nginx's
 //!   `least_conn` does. A per-try timeout does not end a tunnel, and
 //!   removing or draining its backend leaves it open. It ends when its
-//!   client or its backend closes it. TCP keep-alive
-//!   ([`HttpClient::tcp_keepalive`], or a connector's own) finds a backend
-//!   that vanished without closing; a client that did is found only by
-//!   keep-alive on the connection your server accepted, which is your
-//!   server's to set.
+//!   client or its backend closes it, or when nothing has moved either way
+//!   for the [`tunnel_idle_timeout`](HttpClient::tunnel_idle_timeout)
+//!   (default 1 h), which also ends a tunnel whose client vanished without
+//!   closing. TCP keep-alive ([`HttpClient::tcp_keepalive`], or a
+//!   connector's own) finds a backend that vanished sooner.
 //! * An HTTP/2 client ([`HttpClient::http2_only`]) sends such a request on
 //!   as a plain one (RFC 8441's WebSocket over HTTP/2 is not spoken).
 
@@ -114,6 +116,7 @@ mod body;
 #[cfg(feature = "http2")]
 mod http2;
 mod pool;
+mod tunnel;
 
 use std::fmt;
 use std::future::Future;
@@ -160,6 +163,7 @@ use crate::extensions::PeerAddr;
 /// | [`connect_timeout`](Self::connect_timeout) | 5 s |
 /// | [`tcp_keepalive`](Self::tcp_keepalive) | 30 s |
 /// | [`idle_timeout`](Self::idle_timeout) | 90 s |
+/// | [`tunnel_idle_timeout`](Self::tunnel_idle_timeout) | 1 h |
 ///
 /// TCP_NODELAY is set on every connection the client opens itself (a
 /// client [`with_connector`](Self::with_connector) leaves socket options
@@ -185,6 +189,7 @@ struct Settings {
     connect_timeout: Duration,
     tcp_keepalive: Option<Duration>,
     idle_timeout: Duration,
+    tunnel_idle_timeout: Option<Duration>,
     http2: bool,
     /// With HTTP/2: the silence after which a PING is sent.
     #[cfg_attr(not(feature = "http2"), allow(dead_code))]
@@ -198,6 +203,8 @@ impl Settings {
         // Go's `http.DefaultTransport`'s.
         tcp_keepalive: Some(Duration::from_secs(30)),
         idle_timeout: Duration::from_secs(90),
+        // HAProxy's documented `timeout tunnel` for WebSockets.
+        tunnel_idle_timeout: Some(Duration::from_secs(3600)),
         http2: false,
         http2_keep_alive: Some(Duration::from_secs(30)),
     };
@@ -231,6 +238,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             connect_timeout,
             tcp_keepalive,
             idle_timeout,
+            tunnel_idle_timeout,
             http2,
             http2_keep_alive: _,
         } = &self.settings;
@@ -241,6 +249,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             Some(_) => f.field("connector", &"custom"),
         };
         f.field("idle_timeout", idle_timeout)
+            .field("tunnel_idle_timeout", tunnel_idle_timeout)
             .field("http2", http2)
             .finish_non_exhaustive()
     }
@@ -360,6 +369,31 @@ where
         HttpClient::with_settings(
             Settings {
                 idle_timeout: timeout,
+                ..self.settings
+            },
+            self.custom,
+        )
+    }
+
+    /// Closes a tunnel (a connection switched to another protocol, such as
+    /// a WebSocket: see [the module's documentation](self#protocol-upgrades-websocket))
+    /// once no byte has come from its client or its backend for `timeout`
+    /// (default 1 h, as HAProxy's documentation sets `timeout tunnel`);
+    /// `None` leaves tunnels open until an end closes them. This ends
+    /// tunnels whose client vanished without closing, which nothing else
+    /// here would notice, so that they stop holding a backend connection
+    /// and counting as in flight. Keep it above the interval at which the
+    /// protocol pings (WebSocket applications commonly ping every 30 to 60
+    /// s); nginx's 60 s default (`proxy_read_timeout`) closes quiet
+    /// WebSockets that ping less often.
+    ///
+    /// Waiting for the client's side of a tunnel after the backend has
+    /// switched (see the module's documentation) is bounded by the shorter
+    /// of this and 10 s.
+    pub fn tunnel_idle_timeout(self, timeout: Option<Duration>) -> Self {
+        HttpClient::with_settings(
+            Settings {
+                tunnel_idle_timeout: timeout,
                 ..self.settings
             },
             self.custom,
@@ -1158,11 +1192,13 @@ mod tests {
         let client = client
             .connect_timeout(secs(1))
             .tcp_keepalive(None)
-            .idle_timeout(secs(2));
+            .idle_timeout(secs(2))
+            .tunnel_idle_timeout(Some(secs(3)));
         let expected = Settings {
             connect_timeout: secs(1),
             tcp_keepalive: None,
             idle_timeout: secs(2),
+            tunnel_idle_timeout: Some(secs(3)),
             http2: false,
             http2_keep_alive: Some(secs(30)),
         };
@@ -1170,7 +1206,8 @@ mod tests {
         assert_eq!(client.upstreams.idle_timeout(), secs(2));
         assert_eq!(
             format!("{client:?}"),
-            "HttpClient { connect_timeout: 1s, tcp_keepalive: None, idle_timeout: 2s, http2: false, .. }"
+            "HttpClient { connect_timeout: 1s, tcp_keepalive: None, idle_timeout: 2s, \
+             tunnel_idle_timeout: Some(3s), http2: false, .. }"
         );
     }
 
@@ -1214,7 +1251,8 @@ mod tests {
         assert!(HttpBackend::new(&client, "ftp://example.com").is_err());
         assert_eq!(
             format!("{client:?}"),
-            "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 90s, http2: false, .. }"
+            "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 90s, \
+             tunnel_idle_timeout: Some(3600s), http2: false, .. }"
         );
     }
 }

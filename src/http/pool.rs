@@ -214,6 +214,7 @@ impl<B> Upstreams<B> {
             open: self.open.clone(),
             target: target.clone(),
             idle_timeout: self.settings.idle_timeout,
+            tunnel_idle_timeout: self.settings.tunnel_idle_timeout,
             idle: Mutex::new(VecDeque::new()),
             #[cfg(feature = "http2")]
             http2: self
@@ -231,6 +232,9 @@ pub(super) struct Upstream<B> {
     open: Open,
     target: Uri,
     idle_timeout: Duration,
+    /// How long a switched connection may carry nothing before it is
+    /// closed.
+    tunnel_idle_timeout: Option<Duration>,
     /// Idle HTTP/1.1 connections, the most recently used last.
     idle: Mutex<VecDeque<Idle<B>>>,
     /// The shared connection, when the client speaks HTTP/2.
@@ -419,6 +423,7 @@ where
             // The balancer keeps the tunnel in flight while this lives.
             let ongoing = Ongoing::new();
             resp.extensions_mut().insert(ongoing.clone());
+            let idle = self.tunnel_idle_timeout;
             tokio::spawn(async move {
                 let _ongoing = ongoing;
                 // The backend's side is ready at once. The client's is
@@ -426,11 +431,8 @@ where
                 // does not come (a layer above answered something else,
                 // the client left) ends the tunnel, closing the backend's.
                 let Ok(backend) = backend.await else { return };
-                let Ok(Ok(client)) = tokio::time::timeout(HANDOVER, client).await else {
-                    return;
-                };
-                let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                let client = async { client.await.map(TokioIo::new) };
+                super::tunnel::join(client, TokioIo::new(backend), idle).await;
             });
         }
         // Declined, the connection closes after this response: its sender
@@ -438,10 +440,6 @@ where
         Ok(resp.map(|body| ResponseBody::new(body, None)))
     }
 }
-
-/// How long a tunnel waits for the client's connection once the backend
-/// has switched protocols.
-const HANDOVER: Duration = Duration::from_secs(10);
 
 /// A connection lent to a response body until it is read to its end.
 struct Pooled<B> {
