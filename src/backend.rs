@@ -197,6 +197,9 @@ pub struct BackendState {
     /// answers "may this backend take traffic?" in the common case.
     status: AtomicU8,
     in_flight: AtomicUsize,
+    /// The most requests a balancer's strategy may have in flight here;
+    /// `usize::MAX` for no limit.
+    max_in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     requests: AtomicU64,
     failures: AtomicU64,
@@ -218,6 +221,7 @@ impl BackendState {
         BackendState {
             status: AtomicU8::new(0),
             in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(usize::MAX),
             consecutive_failures: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -299,6 +303,56 @@ impl BackendState {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Counts one more request sent and in flight, as
+    /// [`track_in_flight`](Self::track_in_flight) does, unless the backend
+    /// already has its [`max_in_flight`](Self::max_in_flight): then `None`.
+    /// The check and the count are one atomic step, so concurrent callers
+    /// never exceed the limit together.
+    #[inline]
+    pub fn try_track_in_flight(self: &Arc<Self>) -> Option<InFlight> {
+        let max = self.max_in_flight.load(Ordering::Relaxed);
+        if max != usize::MAX {
+            self.in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .ok()?;
+        } else {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(self.clone()))
+    }
+
+    /// The most requests a balancer's strategy sends to this backend at
+    /// once, if limited (see [`set_max_in_flight`](Self::set_max_in_flight)).
+    pub fn max_in_flight(&self) -> Option<usize> {
+        match self.max_in_flight.load(Ordering::Relaxed) {
+            usize::MAX => None,
+            max => Some(max),
+        }
+    }
+
+    /// Limits the requests a balancer's strategy sends to this backend at
+    /// once (as nginx's `max_conns` and HAProxy's `maxconn` do; no limit by
+    /// default; a limit of 0 counts as 1). A backend at its limit is skipped
+    /// as if it were unavailable, until one of its requests ends; when
+    /// every available backend is at its limit, a request fails at once
+    /// with [`NoBackend`](crate::error::NoBackend). A request for a session
+    /// bound to this backend (an [`Affinity`](crate::extensions::Affinity))
+    /// still reaches it: moving a session for a burst would lose its
+    /// state. Requests already in flight count against a new limit.
+    pub fn set_max_in_flight(&self, max: Option<usize>) {
+        let max = max.map_or(usize::MAX, |m| m.max(1));
+        self.max_in_flight.store(max, Ordering::Relaxed);
+    }
+
+    /// Whether the backend is below its [`max_in_flight`](Self::max_in_flight).
+    #[inline]
+    pub fn has_room(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) < self.max_in_flight.load(Ordering::Relaxed)
     }
 
     /// Failures observed in a row since the last success.
@@ -441,6 +495,7 @@ impl fmt::Debug for BackendState {
             .field("admin", &self.admin())
             .field("health", &self.health())
             .field("in_flight", &self.in_flight())
+            .field("max_in_flight", &self.max_in_flight())
             .field("consecutive_failures", &self.consecutive_failures())
             .field("ejected_until", &self.ejected_until())
             .field("weight", &self.weight())
@@ -504,6 +559,42 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_limit_of_requests_in_flight_is_never_exceeded() {
+        let s = Arc::new(BackendState::new(1));
+        assert_eq!(s.max_in_flight(), None);
+        let unlimited: Vec<_> = (0..5).map(|_| s.try_track_in_flight().unwrap()).collect();
+        // A new limit counts what is already in flight.
+        s.set_max_in_flight(Some(3));
+        assert!(!s.has_room());
+        assert!(s.try_track_in_flight().is_none());
+        drop(unlimited);
+        assert!(s.has_room());
+        assert_eq!(s.requests(), 5, "a refused request is not counted");
+        // Eight threads race for three places, many times over.
+        for _ in 0..200 {
+            let held = std::sync::Mutex::new(Vec::new());
+            let barrier = std::sync::Barrier::new(8);
+            std::thread::scope(|scope| {
+                for _ in 0..8 {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        if let Some(guard) = s.try_track_in_flight() {
+                            held.lock().unwrap().push(guard);
+                        }
+                    });
+                }
+            });
+            assert_eq!(held.lock().unwrap().len(), 3);
+            assert_eq!(s.in_flight(), 3);
+        }
+        assert_eq!(s.in_flight(), 0);
+        s.set_max_in_flight(Some(0));
+        assert_eq!(s.max_in_flight(), Some(1));
+        s.set_max_in_flight(None);
+        assert_eq!(s.max_in_flight(), None);
     }
 
     #[test]

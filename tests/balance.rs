@@ -14,6 +14,7 @@ use futures::executor::block_on;
 use http::{Request, Response};
 use proptest::prelude::*;
 use tower::{service_fn, Service, ServiceExt};
+use tower_ha::backend::InFlight;
 use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
 };
@@ -135,10 +136,11 @@ fn kinds() -> impl Strategy_<Value = Kind> {
 
 use proptest::strategy::Strategy as Strategy_;
 
-/// Makes backend `i` unavailable in one of the ways a backend can be.
-fn make_unavailable(pool: &Pool<Svc>, i: usize, how: u8) {
+/// Makes backend `i` unavailable in one of the ways a backend can be; the
+/// requests that keep it at its limit, for the last way.
+fn make_unavailable(pool: &Pool<Svc>, i: usize, how: u8) -> Vec<InFlight> {
     let state = pool.state(&format!("b{i}").into()).unwrap();
-    match how % 4 {
+    match how % 5 {
         0 => {
             state.set_health(Health::Unhealthy);
         }
@@ -148,8 +150,13 @@ fn make_unavailable(pool: &Pool<Svc>, i: usize, how: u8) {
         2 => {
             state.set_admin(AdminStatus::Draining);
         }
-        _ => state.eject_until(tokio::time::Instant::now() + Duration::from_secs(3600)),
+        3 => state.eject_until(tokio::time::Instant::now() + Duration::from_secs(3600)),
+        _ => {
+            state.set_max_in_flight(Some(2));
+            return (0..2).map(|_| state.track_in_flight()).collect();
+        }
     }
+    Vec::new()
 }
 
 proptest! {
@@ -170,9 +177,10 @@ proptest! {
             pool.set_weight(&format!("b{i}").into(), *w);
         }
         let mut down = BTreeSet::new();
+        let mut _held = Vec::new();
         for (i, how) in unavailable {
             if i < n {
-                make_unavailable(&pool, i, how);
+                _held.extend(make_unavailable(&pool, i, how));
                 down.insert(format!("b{i}"));
             }
         }
@@ -205,6 +213,11 @@ proptest! {
         let tried = check_exhaustion(kind, &pool, key.as_deref(), 0.5);
         prop_assert_eq!(tried.len(), n - 1);
         prop_assert!(!tried.contains(&BackendId::from("b1")));
+        // Nor one at its limit of requests in flight.
+        let _held = make_unavailable(&pool, 2, 4);
+        let tried = check_exhaustion(kind, &pool, key.as_deref(), 0.5);
+        prop_assert_eq!(tried.len(), n - 2);
+        prop_assert!(!tried.contains(&BackendId::from("b2")));
     }
 
     /// Smooth weighted round robin gives each backend exactly its weight in
@@ -439,6 +452,84 @@ fn affinity_is_honoured_only_when_eligible() {
     // which spreads requests over the eligible backends.
     let served: BTreeSet<String> = (0..4).map(|_| send("nobody", Attempts::new())).collect();
     assert_eq!(served, BTreeSet::from(["b0".into(), "b1".into()]));
+}
+
+#[test]
+fn a_backend_at_its_limit_takes_only_its_sessions_until_a_request_ends() {
+    let pool = pool_of(2);
+    let b1 = pool.state(&"b1".into()).unwrap();
+    b1.set_max_in_flight(Some(1));
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let held = b1.track_in_flight();
+    for _ in 0..4 {
+        assert_eq!(
+            attempt(&balance, None, &Attempts::new()).unwrap().as_str(),
+            "b0"
+        );
+    }
+    // Full, b1 still serves the sessions bound to it.
+    let mut req = request(None);
+    req.extensions_mut().insert(Affinity("b1".into()));
+    assert_eq!(block_on(balance.clone().oneshot(req)).unwrap().body(), "b1");
+    // Every backend full: no backend, at once.
+    pool.state(&"b0".into()).unwrap().set_max_in_flight(Some(1));
+    let _b0_held = pool.state(&"b0".into()).unwrap().track_in_flight();
+    assert_eq!(attempt(&balance, None, &Attempts::new()), None);
+    // A request ending makes room.
+    drop(held);
+    assert_eq!(
+        attempt(&balance, None, &Attempts::new()).unwrap().as_str(),
+        "b1"
+    );
+}
+
+#[test]
+fn concurrent_requests_never_exceed_a_backends_limit() {
+    // Eight threads call at once for four places (one per backend); the
+    // futures hold their places until dropped.
+    let pool = pool_of(4);
+    for i in 0..4 {
+        pool.state(&format!("b{i}").into())
+            .unwrap()
+            .set_max_in_flight(Some(1));
+    }
+    for kind in 0..2 {
+        let balance = match kind {
+            0 => {
+                tower::util::BoxCloneSyncService::new(Balance::new(pool.clone(), RoundRobin::new()))
+            }
+            _ => tower::util::BoxCloneSyncService::new(Balance::new(
+                pool.clone(),
+                LeastRequest::new(),
+            )),
+        };
+        for _ in 0..300 {
+            let barrier = std::sync::Barrier::new(8);
+            let futures: Vec<_> = std::thread::scope(|scope| {
+                let calls: Vec<_> = (0..8)
+                    .map(|_| {
+                        let mut balance = balance.clone();
+                        let barrier = &barrier;
+                        scope.spawn(move || {
+                            block_on(balance.ready()).unwrap();
+                            barrier.wait();
+                            balance.call(request(None))
+                        })
+                    })
+                    .collect();
+                calls.into_iter().map(|c| c.join().unwrap()).collect()
+            });
+            for i in 0..4 {
+                assert_eq!(pool.state(&format!("b{i}").into()).unwrap().in_flight(), 1);
+            }
+            let refused = futures
+                .into_iter()
+                .map(block_on)
+                .filter(|r| r.as_ref().is_err_and(|e| e.is::<NoBackend>()))
+                .count();
+            assert_eq!(refused, 4);
+        }
+    }
 }
 
 #[test]

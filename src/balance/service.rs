@@ -204,17 +204,29 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let view = self.shared.view.load();
         let members = view.snapshot.members();
-        let chosen = {
+        let (i, in_flight) = {
             let ext = req.extensions();
             let pick = Pick::new(RequestHead::from(&req), members, ext.get::<Attempts>())
                 .with_panic(&self.shared.panic);
-            ext.get::<Affinity>()
+            let pinned = ext
+                .get::<Affinity>()
                 .and_then(|a| members.index_of(&a.0))
-                .filter(|&i| pick.is_eligible_for_affinity(i))
-                .or_else(|| self.shared.strategy.pick(&view.table, &pick))
-        };
-        let Some(i) = chosen else {
-            return ResponseFuture::no_backend();
+                .filter(|&i| pick.is_eligible_for_affinity(i));
+            match pinned {
+                // A session's backend takes it even at its limit.
+                Some(i) => (i, members[i].state().track_in_flight()),
+                None => loop {
+                    let Some(i) = self.shared.strategy.pick(&view.table, &pick) else {
+                        return ResponseFuture::no_backend();
+                    };
+                    // `None`: a concurrent request took the backend's last
+                    // place after the pick saw it; it is full now, so the
+                    // next pick passes it by.
+                    if let Some(in_flight) = members[i].state().try_track_in_flight() {
+                        break (i, in_flight);
+                    }
+                },
+            }
         };
         let member = &members[i];
         let service = view
@@ -224,7 +236,6 @@ where
             .clone();
         let id = member.id().clone();
         let state = member.state();
-        let in_flight = state.track_in_flight();
         // Tell a failover layer which backend this attempt goes to, so it
         // can exclude it even if it abandons the attempt (a timeout).
         let picked = req.extensions().get::<Picked>().map(|picked| {

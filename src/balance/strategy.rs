@@ -3,7 +3,7 @@
 use std::cell::Cell;
 
 use super::panic::PanicMode;
-use crate::backend::BackendId;
+use crate::backend::{BackendId, BackendState};
 use crate::extensions::Attempts;
 use crate::key::RequestHead;
 use crate::pool::{Member, Members};
@@ -142,25 +142,33 @@ impl<'a> Pick<'a> {
     }
 
     /// Whether the member at `index` may take this request: available
-    /// (enabled, healthy, not ejected) and not tried yet. While the pool
-    /// [is in panic](Pick::is_panicking), health and ejections are ignored
-    /// and only the operator's status counts.
+    /// (enabled, healthy, not ejected), below its
+    /// [limit of requests in flight](crate::BackendState::set_max_in_flight)
+    /// and not tried yet. While the pool [is in panic](Pick::is_panicking),
+    /// health and ejections are ignored and only the operator's status
+    /// counts.
     #[inline]
     pub fn is_eligible(&self, index: usize) -> bool {
         let state = self.members[index].state();
-        (state.is_available() || (state.is_enabled() && self.is_panicking()))
-            && !self.is_tried(index)
+        self.may_take(state) && state.has_room() && !self.is_tried(index)
     }
 
     /// Whether the member at `index` may take a request that names it in an
     /// [`Affinity`](crate::extensions::Affinity): as
-    /// [`is_eligible`](Pick::is_eligible), and also while it is draining
-    /// (healthy and not ejected), so that existing sessions finish there while
-    /// no new request reaches it.
+    /// [`is_eligible`](Pick::is_eligible), but also at its limit of requests
+    /// in flight and while it is draining (healthy and not ejected), so that
+    /// existing sessions stay and finish there while no new request
+    /// reaches it.
     #[inline]
     pub fn is_eligible_for_affinity(&self, index: usize) -> bool {
         let state = self.members[index].state();
-        (self.is_eligible(index) || state.is_draining_but_serving()) && !self.is_tried(index)
+        (self.may_take(state) || state.is_draining_but_serving()) && !self.is_tried(index)
+    }
+
+    /// Available, or enabled while the pool is in panic.
+    #[inline]
+    fn may_take(&self, state: &BackendState) -> bool {
+        state.is_available() || (state.is_enabled() && self.is_panicking())
     }
 
     /// The position of the most recently tried backend, if it is still a
