@@ -23,6 +23,9 @@
 //!   follows the application's own session cookie `NAME` (`JSESSIONID`),
 //!   `header` a session header. A session moves only when its backend
 //!   cannot serve it.
+//! * `--max-in-flight N` sends each backend at most N requests at once
+//!   (default: no limit); with every backend full, a request is answered
+//!   503 at once
 //! * `--no-health` turns off passive ejection and active TCP probes
 //! * `--probe-interval MS` (default 500)
 
@@ -66,6 +69,7 @@ struct Options {
     strategy: String,
     hash_key: String,
     sticky: Option<String>,
+    max_in_flight: Option<usize>,
     health: bool,
     probe_interval: Duration,
     backends: Vec<String>,
@@ -76,7 +80,7 @@ fn usage(problem: &str) -> ! {
     eprintln!(
         "usage: reverse_proxy [--listen ADDR] [--workers N] [--strategy NAME] \
          [--hash-key header:NAME|cookie:NAME|client-ip] \
-         [--sticky cookie:NAME|learn:NAME|header:NAME] [--no-health] \
+         [--sticky cookie:NAME|learn:NAME|header:NAME] [--max-in-flight N] [--no-health] \
          [--probe-interval MS] BACKEND_URL..."
     );
     std::process::exit(2)
@@ -89,6 +93,7 @@ fn options() -> Options {
         strategy: "round-robin".into(),
         hash_key: "client-ip".into(),
         sticky: None,
+        max_in_flight: None,
         health: true,
         probe_interval: Duration::from_millis(500),
         backends: Vec::new(),
@@ -115,6 +120,12 @@ fn options() -> Options {
             "--strategy" => o.strategy = value("--strategy"),
             "--hash-key" => o.hash_key = value("--hash-key"),
             "--sticky" => o.sticky = Some(value("--sticky")),
+            "--max-in-flight" => {
+                let n = value("--max-in-flight")
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --max-in-flight"));
+                o.max_in_flight = Some(n);
+            }
             "--no-health" => o.health = false,
             "--probe-interval" => {
                 let ms: u64 = value("--probe-interval")
@@ -233,6 +244,9 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
             authority,
             ServiceBuilder::new().layer(layer).service(backend),
         );
+        if let Some(state) = pool.state(&authority.into()) {
+            state.set_max_in_flight(o.max_in_flight);
+        }
         addresses.push((authority.to_owned(), addr));
     }
     let _checker = o.health.then(|| {
