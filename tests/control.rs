@@ -679,6 +679,10 @@ async fn stats_count_requests_failures_and_failovers() {
     assert_eq!(stats.since_last_failover, None);
     let p = &stats.backends[0];
     assert_eq!((p.requests, p.failures, p.in_flight), (3, 3, 0));
+    assert_eq!(p.max_in_flight, None);
+    pool.state(&"p".into()).unwrap().set_max_in_flight(Some(8));
+    let stats = handle.group_stats("g").unwrap();
+    assert_eq!(stats.backends[0].max_in_flight, Some(8));
 
     set_health(&pool, "p", Health::Unhealthy);
     assert_eq!(serve(&balance).await, "b");

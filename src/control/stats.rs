@@ -35,6 +35,9 @@ pub struct BackendStats {
     pub failures: u64,
     /// Requests in flight now.
     pub in_flight: usize,
+    /// Its limit of requests in flight, if any
+    /// ([`BackendState::set_max_in_flight`]).
+    pub max_in_flight: Option<usize>,
     /// How many times it was ejected.
     pub ejections: u32,
     /// Whether it is ejected now.
@@ -61,6 +64,7 @@ impl BackendStats {
             requests: state.requests(),
             failures: state.failures(),
             in_flight: state.in_flight(),
+            max_in_flight: state.max_in_flight(),
             ejections: state.ejections(),
             ejected: state.is_ejected(),
             health: state.health(),
