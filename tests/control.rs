@@ -589,6 +589,11 @@ async fn handle_actions_are_events_and_bad_names_are_errors() {
     handle.enable(&"shared".into()).unwrap();
     handle.set_weight(&"a1".into(), 7).unwrap();
     assert_eq!(api.state(&"a1".into()).unwrap().weight(), 7);
+    handle.set_max_in_flight(&"shared".into(), Some(0)).unwrap();
+    for pool in [&web, &api] {
+        let shared = pool.state(&"shared".into()).unwrap();
+        assert_eq!(shared.max_in_flight(), Some(1));
+    }
     handle.force_primary("web", &"w2".into()).unwrap();
     assert_eq!(serve(&web_balance).await, "w2");
     handle
@@ -605,6 +610,10 @@ async fn handle_actions_are_events_and_bad_names_are_errors() {
         .map(|r| match &r.event {
             Event::AdminChanged { .. } => "admin",
             Event::WeightChanged { .. } => "weight",
+            Event::LimitChanged {
+                max_in_flight: Some(1),
+                ..
+            } => "limit",
             Event::PrimaryChanged { .. } => "primary",
             Event::BackendAdded { .. } => "added",
             Event::BackendRemoved { .. } => "removed",
@@ -613,11 +622,15 @@ async fn handle_actions_are_events_and_bad_names_are_errors() {
         .collect();
     assert_eq!(
         kinds,
-        ["admin", "admin", "weight", "primary", "added", "removed"]
+        ["admin", "admin", "weight", "limit", "primary", "added", "removed"]
     );
 
     assert_eq!(
         handle.drain(&"nope".into()),
+        Err(ControlError::UnknownBackend("nope".into()))
+    );
+    assert_eq!(
+        handle.set_max_in_flight(&"nope".into(), None),
         Err(ControlError::UnknownBackend("nope".into()))
     );
     assert_eq!(

@@ -74,6 +74,13 @@ pub enum Event {
         /// The weight now.
         weight: u32,
     },
+    /// An operator changed a backend's limit of requests in flight.
+    LimitChanged {
+        /// The backend.
+        backend: BackendId,
+        /// The limit now (`None`: no limit).
+        max_in_flight: Option<usize>,
+    },
     /// Active health checking changed a backend's health.
     HealthChanged {
         /// The backend.
@@ -150,6 +157,7 @@ impl Event {
             | Event::BackendRemoved { backend, .. }
             | Event::AdminChanged { backend, .. }
             | Event::WeightChanged { backend, .. }
+            | Event::LimitChanged { backend, .. }
             | Event::HealthChanged { backend, .. }
             | Event::Ejected { backend, .. }
             | Event::Restored { backend, .. } => Some(backend),

@@ -451,6 +451,24 @@ impl Handle {
         Ok(())
     }
 
+    /// Sets the limit of requests in flight of backend `id` in every group
+    /// (see [`BackendState::set_max_in_flight`]; `None` lifts it, 0 counts
+    /// as 1).
+    pub fn set_max_in_flight(
+        &self,
+        id: &BackendId,
+        max_in_flight: Option<usize>,
+    ) -> Result<(), ControlError> {
+        for state in self.states(id)? {
+            state.set_max_in_flight(max_in_flight);
+        }
+        self.inner.events.emit(Event::LimitChanged {
+            backend: id.clone(),
+            max_in_flight: max_in_flight.map(|m| m.max(1)),
+        });
+        Ok(())
+    }
+
     /// Forces the primary of active-passive group `group` to `id` (see
     /// [`Priority::force_primary`]).
     pub fn force_primary(&self, group: &str, id: &BackendId) -> Result<(), ControlError> {
