@@ -14,23 +14,39 @@ use crate::backend::BackendId;
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// No backend may take this request: the pool is empty, every backend is
-/// unavailable, or every available one was already tried.
+/// unavailable, at its [limit of requests in
+/// flight](crate::BackendState::set_max_in_flight), or already tried.
 ///
 /// Returned at once, never after waiting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NoBackend {
-    _priv: (),
+    at_limit: bool,
 }
 
 impl NoBackend {
     pub(crate) fn new() -> Self {
-        NoBackend { _priv: () }
+        NoBackend { at_limit: false }
+    }
+
+    pub(crate) fn at_limit() -> Self {
+        NoBackend { at_limit: true }
+    }
+
+    /// Whether some backend could have taken the request but for its limit
+    /// of requests in flight: the backends are busy rather than down.
+    pub fn is_at_limit(&self) -> bool {
+        self.at_limit
     }
 }
 
 impl fmt::Display for NoBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("no available backend")
+        f.write_str(match self.at_limit {
+            false => "no available backend",
+            true => {
+                "every backend that could take the request is at its limit of requests in flight"
+            }
+        })
     }
 }
 

@@ -474,7 +474,21 @@ fn a_backend_at_its_limit_takes_only_its_sessions_until_a_request_ends() {
     // Every backend full: no backend, at once.
     pool.state(&"b0".into()).unwrap().set_max_in_flight(Some(1));
     let _b0_held = pool.state(&"b0".into()).unwrap().track_in_flight();
-    assert_eq!(attempt(&balance, None, &Attempts::new()), None);
+    let err = block_on(balance.clone().oneshot(request(None))).unwrap_err();
+    let none = err.downcast_ref::<NoBackend>().unwrap();
+    assert!(none.is_at_limit(), "busy rather than down: {none}");
+    // Once the full ones are tried or down, it is no longer about limits.
+    pool.state(&"b0".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
+    let mut req = request(None);
+    req.extensions_mut()
+        .insert(["b1".into()].into_iter().collect::<Attempts>());
+    let err = block_on(balance.clone().oneshot(req)).unwrap_err();
+    assert!(!err.downcast_ref::<NoBackend>().unwrap().is_at_limit());
+    pool.state(&"b0".into())
+        .unwrap()
+        .set_health(Health::Healthy);
     // A request ending makes room.
     drop(held);
     assert_eq!(

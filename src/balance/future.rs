@@ -34,7 +34,7 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        NoBackend,
+        NoBackend { error: NoBackend },
         Ready {
             service: S,
             request: Option<Req>,
@@ -67,9 +67,9 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
-    pub(crate) fn no_backend() -> Self {
+    pub(crate) fn no_backend(error: NoBackend) -> Self {
         ResponseFuture {
-            state: State::NoBackend,
+            state: State::NoBackend { error },
             target: None,
         }
     }
@@ -86,9 +86,10 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::NoBackend => {
+                StateProj::NoBackend { error } => {
+                    let error = *error;
                     this.state.set(State::Done);
-                    return Poll::Ready(Err(NoBackend::new().into()));
+                    return Poll::Ready(Err(error.into()));
                 }
                 StateProj::Ready {
                     service,

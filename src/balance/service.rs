@@ -10,6 +10,7 @@ use tower_service::Service;
 use super::future::ResponseFuture;
 use super::panic::{PanicMode, DEFAULT_PANIC_PERMILLE};
 use super::strategy::{Pick, Strategy};
+use crate::error::NoBackend;
 use crate::extensions::Picked;
 use crate::extensions::{Affinity, Attempts, Target};
 use crate::key::RequestHead;
@@ -217,7 +218,13 @@ where
                 Some(i) => (i, members[i].state().track_in_flight()),
                 None => loop {
                     let Some(i) = self.shared.strategy.pick(&view.table, &pick) else {
-                        return ResponseFuture::no_backend();
+                        let full = (0..members.len()).any(|i| pick.is_full(i));
+                        let error = if full {
+                            NoBackend::at_limit()
+                        } else {
+                            NoBackend::new()
+                        };
+                        return ResponseFuture::no_backend(error);
                     };
                     // `None`: a concurrent request took the backend's last
                     // place after the pick saw it; it is full now, so the

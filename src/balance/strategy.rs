@@ -165,6 +165,13 @@ impl<'a> Pick<'a> {
         (self.may_take(state) || state.is_draining_but_serving()) && !self.is_tried(index)
     }
 
+    /// Whether the member at `index` would be eligible but for its limit of
+    /// requests in flight.
+    pub(crate) fn is_full(&self, index: usize) -> bool {
+        let state = self.members[index].state();
+        !state.has_room() && self.may_take(state) && !self.is_tried(index)
+    }
+
     /// Available, or enabled while the pool is in panic.
     #[inline]
     fn may_take(&self, state: &BackendState) -> bool {
