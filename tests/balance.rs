@@ -498,6 +498,26 @@ fn a_backend_at_its_limit_takes_only_its_sessions_until_a_request_ends() {
 }
 
 #[test]
+fn a_strategy_that_picks_a_full_backend_gets_no_backend_rather_than_a_spin() {
+    /// Always the first member, eligible or not.
+    struct Stubborn;
+    impl Strategy for Stubborn {
+        type Table = ();
+        fn build(&self, _: &tower_ha::pool::Members) {}
+        fn pick(&self, _: &(), pick: &tower_ha::balance::Pick<'_>) -> Option<usize> {
+            (!pick.is_empty()).then_some(0)
+        }
+    }
+    let pool = pool_of(2);
+    let b0 = pool.state(&"b0".into()).unwrap();
+    b0.set_max_in_flight(Some(1));
+    let _held = b0.track_in_flight();
+    let balance = Balance::new(pool, Stubborn);
+    let err = block_on(balance.oneshot(request(None))).unwrap_err();
+    assert!(err.downcast_ref::<NoBackend>().unwrap().is_at_limit());
+}
+
+#[test]
 fn concurrent_requests_never_exceed_a_backends_limit() {
     // Eight threads call at once for four places (one per backend); the
     // futures hold their places until dropped.

@@ -43,8 +43,10 @@ impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
 ///
 /// `Balance` picks in `call`, where the request is known: it honours an
 /// [`Affinity`] when that backend is eligible (or draining but healthy: the
-/// sessions bound to it finish there, while no new request reaches it),
-/// never picks a backend listed
+/// sessions bound to it finish there, while no new request reaches it; or
+/// at its [limit of requests in
+/// flight](crate::BackendState::set_max_in_flight), which holds only new
+/// requests off), never picks a backend listed
 /// in the request's [`Attempts`], sets [`Target`] on the request (and
 /// records its pick in the request's [`Picked`] slot, if any), calls a
 /// clone of the chosen backend's service once it is ready, and sets
@@ -216,23 +218,29 @@ where
             match pinned {
                 // A session's backend takes it even at its limit.
                 Some(i) => (i, members[i].state().track_in_flight()),
-                None => loop {
-                    let Some(i) = self.shared.strategy.pick(&view.table, &pick) else {
-                        let full = (0..members.len()).any(|i| pick.is_full(i));
-                        let error = if full {
-                            NoBackend::at_limit()
-                        } else {
-                            NoBackend::new()
+                None => {
+                    // A place lost to a concurrent request means a pick
+                    // again (the backend is full now, so the next pick
+                    // passes it by); bounded, for a strategy that returns
+                    // a full backend.
+                    let mut placed = None;
+                    for _ in 0..=members.len() {
+                        let Some(i) = self.shared.strategy.pick(&view.table, &pick) else {
+                            break;
                         };
-                        return ResponseFuture::no_backend(error);
-                    };
-                    // `None`: a concurrent request took the backend's last
-                    // place after the pick saw it; it is full now, so the
-                    // next pick passes it by.
-                    if let Some(in_flight) = members[i].state().try_track_in_flight() {
-                        break (i, in_flight);
+                        if let Some(in_flight) = members[i].state().try_track_in_flight() {
+                            placed = Some((i, in_flight));
+                            break;
+                        }
                     }
-                },
+                    match placed {
+                        Some(placed) => placed,
+                        None if (0..members.len()).any(|i| pick.is_full(i)) => {
+                            return ResponseFuture::no_backend(NoBackend::at_limit());
+                        }
+                        None => return ResponseFuture::no_backend(NoBackend::new()),
+                    }
+                }
             }
         };
         let member = &members[i];

@@ -75,7 +75,7 @@ impl<S: Send + Sync + 'static> Backends for Pool<S> {
         self.snapshot()
             .members()
             .iter()
-            .any(|m| m.id() != id && m.state().is_available())
+            .any(|m| m.id() != id && m.state().is_available() && m.state().has_room())
     }
 }
 
