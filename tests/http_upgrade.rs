@@ -674,6 +674,10 @@ async fn a_switch_that_never_reaches_the_client_releases_the_backend() {
     let (b1, seen) = backend("b1", Mode::Echo).await;
     let (pool, stack) = quiet_stack(b1);
     // A layer above answers something else than the backend's `101`.
+    // hyper then fails the client side's handover at once, so this checks
+    // that the tunnel lets go of the backend, not how long it would wait
+    // for a handover that never ends (the unit tests of the tunnel do, in
+    // paused time).
     let stack = ServiceBuilder::new()
         .map_result(|result: Result<Response<_>, BoxError>| match result {
             Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {

@@ -379,7 +379,8 @@ where
     /// a WebSocket: see [the module's documentation](self#protocol-upgrades-websocket))
     /// once no byte has come from its client or its backend for `timeout`
     /// (default 1 h, as HAProxy's documentation sets `timeout tunnel`);
-    /// `None` leaves tunnels open until an end closes them. This ends
+    /// `None` (or zero) leaves tunnels open until an end closes them. This
+    /// ends
     /// tunnels whose client vanished without closing, which nothing else
     /// here would notice, so that they stop holding a backend connection
     /// and counting as in flight. Keep it above the interval at which the
@@ -393,7 +394,7 @@ where
     pub fn tunnel_idle_timeout(self, timeout: Option<Duration>) -> Self {
         HttpClient::with_settings(
             Settings {
-                tunnel_idle_timeout: timeout,
+                tunnel_idle_timeout: timeout.filter(|t| !t.is_zero()),
                 ..self.settings
             },
             self.custom,
@@ -1193,7 +1194,9 @@ mod tests {
             .connect_timeout(secs(1))
             .tcp_keepalive(None)
             .idle_timeout(secs(2))
-            .tunnel_idle_timeout(Some(secs(3)));
+            .tunnel_idle_timeout(Some(Duration::ZERO));
+        assert_eq!(client.settings.tunnel_idle_timeout, None, "zero is none");
+        let client = client.tunnel_idle_timeout(Some(secs(3)));
         let expected = Settings {
             connect_timeout: secs(1),
             tcp_keepalive: None,

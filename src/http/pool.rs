@@ -392,8 +392,10 @@ where
     /// its own (after a switch it carries the new protocol, never another
     /// request). When the backend agrees (`101 Switching Protocols`), a
     /// task joins the client's connection, once hyper hands it over, to
-    /// the backend's, and copies bytes both ways until both ends have
-    /// closed. A failure to open the connection is [`NotSent`].
+    /// the backend's (see [`tunnel::join`](super::tunnel::join): until both
+    /// ends have closed, or the tunnel has been idle for the client's
+    /// `tunnel_idle_timeout`). A failure to open the connection is
+    /// [`NotSent`].
     pub(super) async fn upgrade(
         self: Arc<Self>,
         req: Request<B>,

@@ -46,7 +46,14 @@ where
     let quiet = async {
         loop {
             let seen = last.load(Ordering::Relaxed);
-            tokio::time::sleep_until(start + Duration::from_nanos(seen) + idle).await;
+            let deadline = start
+                .checked_add(Duration::from_nanos(seen))
+                .and_then(|at| at.checked_add(idle));
+            // An idle time too long for the clock: never.
+            let Some(deadline) = deadline else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep_until(deadline).await;
             if last.load(Ordering::Relaxed) == seen {
                 return;
             }
@@ -165,19 +172,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn without_an_idle_time_a_tunnel_lasts_until_both_ends_close() {
-        let (mut client, mut backend, running) = tunnel(None);
-        sleep(Duration::from_secs(24 * 3600)).await;
-        pass(&mut client, &mut backend, b"still there").await;
-        // The client stops sending: the backend reads the end, and can
-        // still answer.
-        client.shutdown().await.unwrap();
-        closed(&mut backend).await;
-        pass(&mut backend, &mut client, b"last words").await;
-        assert!(!running.is_finished());
-        drop(backend);
-        running.await.unwrap();
-        closed(&mut client).await;
+    async fn a_tunnel_lasts_until_both_ends_close_within_its_idle_time() {
+        let day = Duration::from_secs(24 * 3600);
+        for idle in [None, Some(day), Some(Duration::MAX)] {
+            let (mut client, mut backend, running) = tunnel(idle);
+            sleep(day - Duration::from_secs(1)).await;
+            pass(&mut client, &mut backend, b"still there").await;
+            // The client stops sending: the backend reads the end, and
+            // can still answer.
+            client.shutdown().await.unwrap();
+            closed(&mut backend).await;
+            sleep(day - Duration::from_secs(1)).await;
+            pass(&mut backend, &mut client, b"last words").await;
+            assert!(!running.is_finished(), "{idle:?}");
+            drop(backend);
+            running.await.unwrap();
+            closed(&mut client).await;
+        }
     }
 
     #[tokio::test(start_paused = true)]
