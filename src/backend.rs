@@ -336,14 +336,24 @@ impl BackendState {
     }
 
     /// Limits the requests a balancer's strategy sends to this backend at
-    /// once (as nginx's `max_conns` and HAProxy's `maxconn` do; no limit by
-    /// default; a limit of 0 counts as 1). A backend at its limit is skipped
-    /// as if it were unavailable, until one of its requests ends; when
-    /// every available backend is at its limit, a request fails at once
-    /// with [`NoBackend`](crate::error::NoBackend). A request for a session
+    /// once (no limit by default; a limit of 0 counts as 1). A backend at
+    /// its limit is skipped as if it were unavailable, until one of its
+    /// requests is no longer in flight; when every available backend is at
+    /// its limit, a request fails at once with
+    /// [`NoBackend`](crate::error::NoBackend). A request for a session
     /// bound to this backend (an [`Affinity`](crate::extensions::Affinity))
     /// still reaches it: moving a session for a burst would lose its
     /// state. Requests already in flight count against a new limit.
+    ///
+    /// A request is in flight, as [`in_flight`](Self::in_flight) counts it,
+    /// until its response's head has come (or its error), and a tunnel such
+    /// as a WebSocket until it closes: a response body streamed after its
+    /// head does not count. nginx's `max_conns` and HAProxy's `maxconn`
+    /// count connections until the whole response is sent, so for long
+    /// streamed responses this limit protects less than theirs.
+    ///
+    /// The limit belongs to this state: a backend in two pools, each with
+    /// its own state, has a limit, and a count, in each.
     pub fn set_max_in_flight(&self, max: Option<usize>) {
         let max = max.map_or(usize::MAX, |m| m.max(1));
         self.max_in_flight.store(max, Ordering::Relaxed);
