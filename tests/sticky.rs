@@ -1196,6 +1196,28 @@ async fn a_failed_only_backend_is_tried_again() {
 }
 
 #[tokio::test]
+async fn a_failed_backend_is_tried_again_when_the_others_are_full() {
+    let fail = Arc::new(AtomicBool::new(false));
+    let pool = Pool::new();
+    pool.insert("home", backend("home", fail.clone()));
+    pool.insert("busy", backend("busy", Arc::new(AtomicBool::new(false))));
+    let busy = pool.state(&"busy".into()).unwrap();
+    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"));
+    let svc = stack(&pool, layer.clone());
+    // Start the session on "home": "busy" is full meanwhile.
+    busy.set_max_in_flight(Some(1));
+    let _held = busy.track_in_flight();
+    assert_eq!(send(&svc, session("s")).await.unwrap().body(), "home");
+    fail.store(true, Ordering::SeqCst);
+    assert!(send(&svc, session("s")).await.is_err());
+    fail.store(false, Ordering::SeqCst);
+    // The only other backend has no room: the session's own backend gets
+    // the next request rather than nobody.
+    assert_eq!(send(&svc, session("s")).await.unwrap().body(), "home");
+    assert_eq!(layer.stats().moved, 0);
+}
+
+#[tokio::test]
 async fn strict_mode_lets_a_draining_backend_finish_its_sessions() {
     let c = cluster();
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).strict(true);
