@@ -642,6 +642,19 @@ fn quiet_stack(
     (pool, stack)
 }
 
+/// Waits until the backend `b1` of `pool` has seen its tunnel's side
+/// closed and the tunnel no longer counts as in flight.
+async fn let_go(seen: &Seen, pool: &Pool<HttpBackend<Body>>) {
+    eventually("the backend's side was closed", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    eventually("the tunnel is no longer in flight", || {
+        pool.state(&"b1".into()).unwrap().in_flight() == 0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
     let (b1, seen) = backend("b1", Mode::Echo).await;
@@ -659,14 +672,7 @@ async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
         .expect("the quiet tunnel was never closed")
         .unwrap();
     assert!(rest.is_empty(), "{rest:?}");
-    eventually("the backend saw its side closed", || {
-        seen.closed.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    eventually("the tunnel is no longer in flight", || {
-        pool.state(&"b1".into()).unwrap().in_flight() == 0
-    })
-    .await;
+    let_go(&seen, &pool).await;
 }
 
 #[tokio::test]
@@ -691,12 +697,5 @@ async fn a_switch_that_never_reaches_the_client_releases_the_backend() {
     let (head, _) = read_head(&mut stream).await;
     assert!(head.starts_with("http/1.1 502 "), "{head}");
     assert_eq!(seen.upgrade_heads.lock().len(), 1, "the backend switched");
-    eventually("the backend's side was closed", || {
-        seen.closed.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    eventually("the tunnel is no longer in flight", || {
-        pool.state(&"b1".into()).unwrap().in_flight() == 0
-    })
-    .await;
+    let_go(&seen, &pool).await;
 }
