@@ -90,6 +90,7 @@ async fn stats_are_published_through_the_metrics_facade() {
         .set_health(Health::Unhealthy);
     balance.clone().oneshot(Request::new(())).await.unwrap();
     tokio::time::advance(std::time::Duration::from_secs(2)).await;
+    pool.state(&"b".into()).unwrap().set_max_in_flight(Some(64));
 
     let recorder = Last::default();
     metrics::with_local_recorder(&recorder, || handle.publish_metrics());
@@ -108,6 +109,11 @@ async fn stats_are_published_through_the_metrics_facade() {
         1.0
     );
     assert_eq!(get("tower_ha_backend_in_flight{backend=p,group=db}"), 0.0);
+    assert_eq!(
+        get("tower_ha_backend_max_in_flight{backend=b,group=db}"),
+        64.0
+    );
+    assert!(!last.contains_key("tower_ha_backend_max_in_flight{backend=p,group=db}"));
     assert_eq!(get("tower_ha_backend_healthy{backend=p,group=db}"), 0.0);
     assert_eq!(get("tower_ha_backend_healthy{backend=b,group=db}"), 1.0);
     assert_eq!(get("tower_ha_group_primary{backend=b,group=db}"), 1.0);

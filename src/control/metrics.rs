@@ -13,7 +13,8 @@ impl Handle {
     /// Per backend, labelled `group` and `backend`:
     /// `tower_ha_backend_requests_total`, `tower_ha_backend_failures_total`,
     /// `tower_ha_backend_ejections_total` (counters),
-    /// `tower_ha_backend_in_flight`, `tower_ha_backend_healthy` (1 or 0) and
+    /// `tower_ha_backend_in_flight`, `tower_ha_backend_max_in_flight` (only
+    /// for a backend with a limit), `tower_ha_backend_healthy` (1 or 0) and
     /// `tower_ha_backend_available` (1 or 0) (gauges). Per group, labelled
     /// `group`: `tower_ha_group_failovers_total` (counter),
     /// `tower_ha_group_seconds_since_failover` (gauge, absent before the
@@ -61,6 +62,9 @@ fn publish(group: &GroupStats) {
         metrics::counter!("tower_ha_backend_ejections_total", &labels)
             .absolute(u64::from(b.ejections));
         metrics::gauge!("tower_ha_backend_in_flight", &labels).set(b.in_flight as f64);
+        if let Some(max) = b.max_in_flight {
+            metrics::gauge!("tower_ha_backend_max_in_flight", &labels).set(max as f64);
+        }
         metrics::gauge!("tower_ha_backend_healthy", &labels)
             .set(f64::from(u8::from(b.is_healthy())));
         metrics::gauge!("tower_ha_backend_available", &labels)
