@@ -305,6 +305,21 @@ impl BackendState {
         InFlight(self.clone())
     }
 
+    /// Counts one more request in flight, not as one more sent, until the
+    /// guard is dropped: for a backend service whose exchange goes on after
+    /// it has handed back the response's head, such as a streamed body or
+    /// a WebSocket, so that least-request balancing and
+    /// [limits](Self::set_max_in_flight) see it. Take the state from the
+    /// request's [`Target`](crate::extensions::Target) and the guard before
+    /// handing the head back, so that the count never drops in between.
+    /// `http::HttpBackend` (feature `hyper-client`) holds one for every
+    /// response body until it has been read or dropped, and for every
+    /// tunnel until it closes.
+    pub fn hold_in_flight(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
     /// Counts one more request sent and in flight, as
     /// [`track_in_flight`](Self::track_in_flight) does, unless the backend
     /// already has its [`max_in_flight`](Self::max_in_flight): then `None`.
@@ -346,11 +361,12 @@ impl BackendState {
     /// state. Requests already in flight count against a new limit.
     ///
     /// A request is in flight, as [`in_flight`](Self::in_flight) counts it,
-    /// until its response's head has come (or its error), and a tunnel such
-    /// as a WebSocket until it closes: a response body streamed after its
-    /// head does not count. nginx's `max_conns` and HAProxy's `maxconn`
-    /// count connections until the whole response is sent, so for long
-    /// streamed responses this limit protects less than theirs.
+    /// until its response's head has come (or its error), and for as long
+    /// after as its backend service [holds](Self::hold_in_flight) it:
+    /// `http::HttpBackend` does until the response's body has been read or
+    /// dropped, and a tunnel such as a WebSocket until it closes, as
+    /// nginx's `max_conns` and HAProxy's `maxconn` count connections until
+    /// the response is sent.
     ///
     /// The limit belongs to this state: a backend in two pools, each with
     /// its own state, has a limit, and a count, in each.

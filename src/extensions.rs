@@ -11,7 +11,6 @@
 //! | [`Picked`] | request | `Failover` inserts it, `Balance` fills it | `Failover`: who an abandoned attempt reached |
 //! | [`ServedBy`] | response | `Balance` | `Sticky`, `Failover`, you |
 //! | [`PeerAddr`] | request | your server | keys such as [`key::peer_ip`](crate::key::peer_ip) |
-//! | [`Ongoing`] | response | a backend service (`HttpBackend` on a WebSocket) | `Balance`: keeps the exchange in flight |
 //!
 //! Your own layers may set or read any of them.
 
@@ -21,7 +20,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::backend::{BackendId, BackendState, InFlight};
+use crate::backend::{BackendId, BackendState};
 
 /// "Try this backend first": set on a request by the sticky layer (or by
 /// you). `Balance` honours it when that backend is in the pool, available and
@@ -82,7 +81,10 @@ impl FromIterator<BackendId> for Attempts {
 
 /// The backend a request is being sent to, set by `Balance` just before it
 /// calls the backend, so that a per-backend layer (the health layer, your
-/// metrics) knows whose outcome it observes.
+/// metrics) knows whose outcome it observes. A backend service whose
+/// exchange goes on after the response's head (a streamed body, a
+/// WebSocket) holds the backend in flight meanwhile with its state's
+/// [`hold_in_flight`](BackendState::hold_in_flight).
 #[derive(Debug, Clone)]
 pub struct Target {
     id: BackendId,
@@ -114,45 +116,6 @@ pub struct ServedBy(pub BackendId);
 /// client address. Your server inserts it; tower-ha never guesses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub SocketAddr);
-
-/// Set by a backend service on a response whose exchange goes on after it,
-/// such as a protocol switch (`101`, a WebSocket) that
-/// [`HttpBackend`](crate::http::HttpBackend) marks so: the balancer keeps
-/// the request's in-flight count in it, so the exchange counts as in
-/// flight on its backend (for least-request balancing and the stats) until
-/// the backend service drops the last clone it kept, when the exchange
-/// ends.
-///
-/// Clones share the slot.
-///
-/// ```
-/// use std::sync::Arc;
-/// use tower_ha::extensions::Ongoing;
-/// use tower_ha::BackendState;
-///
-/// let state = Arc::new(BackendState::new(1));
-/// let ongoing = Ongoing::new();
-/// // What a balancer does with a response that carries it:
-/// ongoing.clone().keep(state.track_in_flight());
-/// assert_eq!(state.in_flight(), 1);
-/// // The backend service drops its clone when the exchange ends.
-/// drop(ongoing);
-/// assert_eq!(state.in_flight(), 0);
-/// ```
-#[derive(Debug, Clone, Default)]
-pub struct Ongoing(Arc<Mutex<Vec<InFlight>>>);
-
-impl Ongoing {
-    /// An empty slot.
-    pub fn new() -> Self {
-        Ongoing::default()
-    }
-
-    /// Keeps `in_flight` until every clone of the slot is dropped.
-    pub fn keep(&self, in_flight: InFlight) {
-        self.0.lock().push(in_flight);
-    }
-}
 
 /// A slot in which a balancer records the backend it picks for an attempt.
 ///

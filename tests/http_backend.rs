@@ -1355,3 +1355,93 @@ mod http2 {
         assert!(err.is::<NotSent>(), "{err}");
     }
 }
+
+/// A backend that answers every request with the head and a first chunk at
+/// once, and the rest of the body when `release` is notified.
+async fn serve_streaming(release: Arc<tokio::sync::Notify>) -> SocketAddr {
+    accept_counting(move |stream, _| {
+        let release = release.clone();
+        async move {
+            let service = service_fn(move |_req: Request<Incoming>| {
+                let release = release.clone();
+                let frames = futures::stream::unfold(0, move |sent| {
+                    let release = release.clone();
+                    async move {
+                        let chunk = match sent {
+                            0 => "first ",
+                            1 => {
+                                release.notified().await;
+                                "rest"
+                            }
+                            _ => return None,
+                        };
+                        let frame = http_body::Frame::data(Bytes::from(chunk));
+                        Some((Ok::<_, Infallible>(frame), sent + 1))
+                    }
+                });
+                async move {
+                    Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(frames)))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await
+    .0
+}
+
+#[tokio::test]
+async fn a_streamed_body_counts_as_in_flight_until_it_is_read_or_dropped() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let streaming = serve_streaming(release.clone()).await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let pool = Pool::new();
+    pool.insert(
+        "streaming",
+        HttpBackend::new(&client, format!("http://{streaming}")).unwrap(),
+    );
+    let state = pool.state(&"streaming".into()).unwrap();
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let get = || balance.clone().oneshot(Request::new(Full::default()));
+
+    // Read to its end: counted while it streams, not after.
+    let resp = get().await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first ");
+    assert_eq!(
+        state.in_flight(),
+        1,
+        "the rest of the body is still to come"
+    );
+    release.notify_one();
+    let rest = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(rest, "rest");
+    assert!(body.frame().await.is_none());
+    assert_eq!(state.in_flight(), 0, "read to its end, though not dropped");
+    drop(body);
+
+    // Dropped unread: no longer counted.
+    let resp = get().await.unwrap();
+    assert_eq!(state.in_flight(), 1);
+    drop(resp);
+    assert_eq!(state.in_flight(), 0);
+
+    // A backend at its limit while a body streams is passed by.
+    state.set_max_in_flight(Some(1));
+    let streaming_resp = get().await.unwrap();
+    pool.insert(
+        "plain",
+        HttpBackend::new(&client, format!("http://{}", serve().await)).unwrap(),
+    );
+    for _ in 0..3 {
+        let resp = get().await.unwrap();
+        let served = resp.extensions().get::<tower_ha::extensions::ServedBy>();
+        assert_eq!(served.unwrap().0.as_str(), "plain");
+        body_of(resp).await;
+    }
+    drop(streaming_resp);
+    assert_eq!(state.in_flight(), 0);
+}

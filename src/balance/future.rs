@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use crate::backend::{BackendId, InFlight};
 use crate::error::{BackendError, BoxError, NoBackend};
-use crate::extensions::{Ongoing, Picked, ServedBy};
+use crate::extensions::{Picked, ServedBy};
 
 pin_project! {
     /// The response future of [`Balance`](super::Balance): drives the chosen
@@ -110,15 +110,13 @@ where
                 }
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx));
-                    let (id, in_flight) = this.target.take().expect("target set");
+                    // The request is no longer in flight once its response's
+                    // head is here: a backend whose exchange goes on holds
+                    // its own count (`BackendState::hold_in_flight`).
+                    let (id, _in_flight) = this.target.take().expect("target set");
                     this.state.set(State::Done);
                     return Poll::Ready(match result {
                         Ok(mut response) => {
-                            // A plain response has no extensions yet: this
-                            // costs a check for the map.
-                            if let Some(ongoing) = response.extensions().get::<Ongoing>() {
-                                ongoing.keep(in_flight);
-                            }
                             response.extensions_mut().insert(ServedBy(id));
                             Ok(response)
                         }

@@ -6,17 +6,22 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::pool::Checkin;
+use crate::backend::InFlight;
 use crate::error::BoxError;
 
 /// The streaming body of a response from an
 /// [`HttpBackend`](super::HttpBackend).
 ///
 /// Its connection goes back to the client's pool once the body has been
-/// read to its end; a body dropped before that closes the connection.
+/// read to its end; a body dropped before that closes the connection. Until
+/// then the request counts as in flight on the backend a balancer sent it
+/// to (see [`BackendState::hold_in_flight`](crate::BackendState::hold_in_flight)).
 pub struct ResponseBody {
     inner: hyper::body::Incoming,
     /// The connection, while the body is still being read from it.
     pooled: Option<Box<dyn Checkin>>,
+    /// The request's count in flight, while the body is still being read.
+    in_flight: Option<InFlight>,
     done: bool,
 }
 
@@ -25,8 +30,14 @@ impl ResponseBody {
         ResponseBody {
             inner,
             pooled,
+            in_flight: None,
             done: false,
         }
+    }
+
+    /// Holds `in_flight` until the body has been read or dropped.
+    pub(super) fn hold(&mut self, in_flight: InFlight) {
+        self.in_flight = Some(in_flight);
     }
 }
 
@@ -49,7 +60,13 @@ impl Body for ResponseBody {
             None => self.done = true,
             Some(Ok(_)) => self.done = self.inner.is_end_stream(),
             // The connection is gone with the error.
-            Some(Err(_)) => self.pooled = None,
+            Some(Err(_)) => {
+                self.pooled = None;
+                self.in_flight = None;
+            }
+        }
+        if self.done {
+            self.in_flight = None;
         }
         Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }

@@ -99,9 +99,9 @@
 //!   that asks for the switch: a backend that refuses the connection is
 //!   failed over from, a WebSocket session keyed by a cookie goes to its
 //!   backend. Once switched, the tunnel counts as a request in flight on
-//!   its backend until it ends (the response carries an
-//!   [`Ongoing`](crate::extensions::Ongoing) in which `Balance` keeps the
-//!   count), so least-request balancing spreads open WebSockets as nginx's
+//!   its backend until it ends (see
+//!   [`BackendState::hold_in_flight`](crate::BackendState::hold_in_flight)),
+//!   so least-request balancing spreads open WebSockets as nginx's
 //!   `least_conn` does. A per-try timeout does not end a tunnel, and
 //!   removing or draining its backend leaves it open. It ends when its
 //!   client or its backend closes it, or when nothing has moved either way
@@ -135,8 +135,9 @@ use tower_service::Service;
 
 pub use body::ResponseBody;
 
+use crate::backend::BackendState;
 use crate::error::{BoxError, InvalidRequest};
-use crate::extensions::PeerAddr;
+use crate::extensions::{PeerAddr, Target};
 
 /// A pooled HTTP/1.1 client shared by many [`HttpBackend`]s: connections
 /// are kept alive and reused per backend address. (With
@@ -967,23 +968,21 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> ResponseFuture {
-        match self.rewrite(&mut req) {
-            Ok(None) => ResponseFuture {
-                state: State::Sent {
-                    future: Box::pin(self.upstream.clone().send(req)),
-                },
+        // The backend a balancer sent this to, held in flight while the
+        // response's body streams (or its tunnel lasts).
+        let backend = req.extensions().get::<Target>().map(|t| t.state().clone());
+        let state = match self.rewrite(&mut req) {
+            Ok(None) => State::Sent {
+                future: Box::pin(self.upstream.clone().send(req)),
             },
-            Ok(Some(client)) => ResponseFuture {
-                state: State::Sent {
-                    future: Box::pin(self.upstream.clone().upgrade(req, client)),
-                },
+            Ok(Some(client)) => State::Sent {
+                future: Box::pin(self.upstream.clone().upgrade(req, client, backend.clone())),
             },
-            Err(e) => ResponseFuture {
-                state: State::Invalid {
-                    error: Some(e.into()),
-                },
+            Err(e) => State::Invalid {
+                error: Some(e.into()),
             },
-        }
+        };
+        ResponseFuture { state, backend }
     }
 }
 
@@ -992,6 +991,7 @@ pin_project! {
     pub struct ResponseFuture {
         #[pin]
         state: State,
+        backend: Option<Arc<BackendState>>,
     }
 }
 
@@ -1017,7 +1017,8 @@ impl Future for ResponseFuture {
     type Output = Result<Response<ResponseBody>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
+        let this = self.project();
+        match this.state.project() {
             StateProj::Invalid { error } => {
                 let e = error.take().expect("polled after completion");
                 // The request never left, but not `NotSent`: every backend
@@ -1033,6 +1034,11 @@ impl Future for ResponseFuture {
                     strip_all_but_upgrade(resp.headers_mut());
                 } else {
                     strip_hop_by_hop(resp.headers_mut());
+                }
+                if let Some(backend) = this.backend.take() {
+                    if !http_body::Body::is_end_stream(resp.body()) {
+                        resp.body_mut().hold(backend.hold_in_flight());
+                    }
                 }
                 Poll::Ready(Ok(resp))
             }

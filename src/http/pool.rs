@@ -36,8 +36,8 @@ use super::body::ResponseBody;
 #[cfg(feature = "http2")]
 use super::http2::Http2;
 use super::Settings;
+use crate::backend::BackendState;
 use crate::error::{BoxError, NotSent};
-use crate::extensions::Ongoing;
 
 /// A byte stream to a backend, as a connector opened it.
 pub(super) trait Io: Read + Write + Unpin + Send + 'static {}
@@ -400,6 +400,7 @@ where
         self: Arc<Self>,
         req: Request<B>,
         client: OnUpgrade,
+        backend_state: Option<Arc<BackendState>>,
     ) -> Result<Response<ResponseBody>, BoxError> {
         let mut sender = self.connect(true).await.map_err(NotSent::new)?;
         sender.ready().await.map_err(NotSent::new)?;
@@ -422,12 +423,11 @@ where
                 );
             }
             let backend = hyper::upgrade::on(&mut resp);
-            // The balancer keeps the tunnel in flight while this lives.
-            let ongoing = Ongoing::new();
-            resp.extensions_mut().insert(ongoing.clone());
+            // The tunnel counts as in flight on its backend while it lasts.
+            let in_flight = backend_state.map(|state| state.hold_in_flight());
             let idle = self.tunnel_idle_timeout;
             tokio::spawn(async move {
-                let _ongoing = ongoing;
+                let _in_flight = in_flight;
                 // The backend's side is ready at once. The client's is
                 // handed over as soon as the `101` is written; one that
                 // does not come (a layer above answered something else,
