@@ -139,27 +139,32 @@ async fn backend(name: &'static str, mode: Mode) -> (SocketAddr, Arc<Seen>) {
 type Body = ReplayBody<Incoming>;
 
 /// The proxy's stack: `BufferBody → Failover → Balance` (round robin) over
-/// `HttpBackend`s, as `examples/reverse_proxy.rs` builds it.
+/// `HttpBackend`s named `b1`, `b2`, ..., as `examples/reverse_proxy.rs`
+/// builds it; and its pool.
 fn stack(
     client: HttpClient<Body>,
     addrs: &[SocketAddr],
-) -> impl Service<
-    Request<Incoming>,
-    Response = Response<tower_ha::http::ResponseBody>,
-    Error = BoxError,
-    Future: Send,
-> + Clone
-       + Send
-       + 'static {
+) -> (
+    Pool<HttpBackend<Body>>,
+    impl Service<
+            Request<Incoming>,
+            Response = Response<tower_ha::http::ResponseBody>,
+            Error = BoxError,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static,
+) {
     let pool = Pool::new();
     for (i, addr) in addrs.iter().enumerate() {
         let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
         pool.insert(format!("b{}", i + 1), backend);
     }
-    ServiceBuilder::new()
+    let stack = ServiceBuilder::new()
         .layer(BufferBodyLayer::new())
         .layer(FailoverLayer::new())
-        .service(Balance::new(pool, RoundRobin::new()))
+        .service(Balance::new(pool.clone(), RoundRobin::new()));
+    (pool, stack)
 }
 
 /// A hyper server (with upgrades, as axum serves) in front of `addrs`.
@@ -169,7 +174,7 @@ async fn proxy(addrs: &[SocketAddr]) -> SocketAddr {
 
 /// [`proxy`], with the client's settings given.
 async fn proxy_with(client: HttpClient<Body>, addrs: &[SocketAddr]) -> SocketAddr {
-    serve_stack(stack(client, addrs)).await
+    serve_stack(stack(client, addrs).1).await
 }
 
 /// Serves `stack` as [`proxy`] does.
@@ -614,32 +619,9 @@ async fn an_open_tunnel_counts_as_in_flight_on_its_backend() {
     eventually("no tunnel is counted", || in_flight(other) == 0).await;
 }
 
-/// The stack of [`stack`] over one backend, with a client whose tunnels
-/// close after 1 s without traffic, and the pool to watch.
-fn quiet_stack(
-    addr: SocketAddr,
-) -> (
-    Pool<HttpBackend<Body>>,
-    impl Service<
-            Request<Incoming>,
-            Response = Response<tower_ha::http::ResponseBody>,
-            Error = BoxError,
-            Future: Send,
-        > + Clone
-        + Send
-        + 'static,
-) {
-    let client = HttpClient::<Body>::new().tunnel_idle_timeout(Some(Duration::from_secs(1)));
-    let pool = Pool::new();
-    pool.insert(
-        "b1",
-        HttpBackend::new(&client, format!("http://{addr}")).unwrap(),
-    );
-    let stack = ServiceBuilder::new()
-        .layer(BufferBodyLayer::new())
-        .layer(FailoverLayer::new())
-        .service(Balance::new(pool.clone(), RoundRobin::new()));
-    (pool, stack)
+/// A client whose tunnels close after 1 s without traffic.
+fn quiet_client() -> HttpClient<Body> {
+    HttpClient::new().tunnel_idle_timeout(Some(Duration::from_secs(1)))
 }
 
 /// Waits until the backend `b1` of `pool` has seen its tunnel's side
@@ -658,7 +640,7 @@ async fn let_go(seen: &Seen, pool: &Pool<HttpBackend<Body>>) {
 #[tokio::test]
 async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
     let (b1, seen) = backend("b1", Mode::Echo).await;
-    let (pool, stack) = quiet_stack(b1);
+    let (pool, stack) = stack(quiet_client(), &[b1]);
     let front = serve_stack(stack).await;
     let (mut stream, _, _) = open_tunnel(front).await;
     stream.write_all(b"hello").await.unwrap();
@@ -678,7 +660,7 @@ async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn a_switch_that_never_reaches_the_client_releases_the_backend() {
     let (b1, seen) = backend("b1", Mode::Echo).await;
-    let (pool, stack) = quiet_stack(b1);
+    let (pool, stack) = stack(quiet_client(), &[b1]);
     // A layer above answers something else than the backend's `101`.
     // hyper then fails the client side's handover at once, so this checks
     // that the tunnel lets go of the backend, not how long it would wait
