@@ -313,8 +313,10 @@ impl BackendState {
     /// request's [`Target`](crate::extensions::Target) and the guard before
     /// handing the head back, so that the count never drops in between.
     /// `http::HttpBackend` (feature `hyper-client`) holds one for every
-    /// response body until it has been read or dropped, and for every
-    /// tunnel until it closes.
+    /// response body until it has been read or dropped (a failed response
+    /// that the failover layer keeps while it retries included), and for
+    /// every tunnel until it closes. Behind nested balancers, the backend
+    /// held is the innermost one's (the last `Target` set).
     pub fn hold_in_flight(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())

@@ -304,6 +304,9 @@ where
             Ok(response) => {
                 let classifier = &self.config.classifier;
                 if !classifier.is_failure(&Outcome::response(&response)) {
+                    // A failed response kept in case every attempt failed
+                    // lets go of its backend now.
+                    self.last_response = None;
                     return Verdict::Return(Ok(self.with_history(response, true)));
                 }
                 let served = response.extensions().get::<ServedBy>().map(|s| s.0.clone());
