@@ -1445,3 +1445,35 @@ async fn a_streamed_body_counts_as_in_flight_until_it_is_read_or_dropped() {
     drop(streaming_resp);
     assert_eq!(state.in_flight(), 0);
 }
+
+#[tokio::test]
+async fn a_sized_body_is_released_with_its_last_bytes_and_an_empty_one_at_once() {
+    let client = HttpClient::<Full<Bytes>>::new();
+    let pool = Pool::new();
+    pool.insert(
+        "echo",
+        HttpBackend::new(&client, format!("http://{}", serve().await)).unwrap(),
+    );
+    let state = pool.state(&"echo".into()).unwrap();
+    let balance = Balance::new(pool, RoundRobin::new());
+    // `echo` answers with a `Content-Length`: once its bytes are read the
+    // body is at its end, without waiting for a last poll.
+    let resp = balance
+        .clone()
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert!(resp.headers().contains_key(http::header::CONTENT_LENGTH));
+    assert_eq!(state.in_flight(), 1);
+    let mut body = resp.into_body();
+    while !http_body::Body::is_end_stream(&body) {
+        body.frame().await.unwrap().unwrap();
+    }
+    assert_eq!(state.in_flight(), 0);
+    drop(body);
+    // A response to HEAD has no body to wait for.
+    let head = Request::head("/").body(Full::default()).unwrap();
+    let resp = balance.oneshot(head).await.unwrap();
+    assert_eq!(state.in_flight(), 0);
+    drop(resp);
+}
