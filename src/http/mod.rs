@@ -381,10 +381,9 @@ where
     /// once no byte has come from its client or its backend for `timeout`
     /// (default 1 h, as HAProxy's documentation sets `timeout tunnel`);
     /// `None` (or zero) leaves tunnels open until an end closes them. This
-    /// ends
-    /// tunnels whose client vanished without closing, which nothing else
-    /// here would notice, so that they stop holding a backend connection
-    /// and counting as in flight. Keep it above the interval at which the
+    /// ends tunnels whose client vanished without closing, which nothing
+    /// else here would notice, so that they stop holding a backend
+    /// connection and counting as in flight. Keep it above the interval at which the
     /// protocol pings (WebSocket applications commonly ping every 30 to 60
     /// s); nginx's 60 s default (`proxy_read_timeout`) closes quiet
     /// WebSockets that ping less often.

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,23 +32,19 @@ where
     let Ok(Ok(client)) = tokio::time::timeout(wait, client).await else {
         return;
     };
-    let Some(idle) = idle else {
-        let (mut client, mut backend) = (client, backend);
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
-        return;
-    };
     let start = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
+    let last = AtomicU64::new(0);
     let mut client = Active::new(client, start, &last);
     let mut backend = Active::new(backend, start, &last);
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
     let quiet = async {
         loop {
             let seen = last.load(Ordering::Relaxed);
-            let deadline = start
-                .checked_add(Duration::from_nanos(seen))
-                .and_then(|at| at.checked_add(idle));
-            // An idle time too long for the clock: never.
+            let deadline = idle.and_then(|idle| {
+                start
+                    .checked_add(Duration::from_nanos(seen))?
+                    .checked_add(idle)
+            });
+            // No idle time, or one too long for the clock: never.
             let Some(deadline) = deadline else {
                 return std::future::pending().await;
             };
@@ -60,30 +55,26 @@ where
         }
     };
     tokio::select! {
-        _ = copy => {}
+        _ = tokio::io::copy_bidirectional(&mut client, &mut backend) => {}
         () = quiet => {}
     }
 }
 
 /// A byte stream that notes when it last read something: nanoseconds since
 /// `start`, shared by both sides of a tunnel.
-struct Active<T> {
+struct Active<'a, T> {
     io: T,
     start: Instant,
-    last: Arc<AtomicU64>,
+    last: &'a AtomicU64,
 }
 
-impl<T> Active<T> {
-    fn new(io: T, start: Instant, last: &Arc<AtomicU64>) -> Self {
-        Active {
-            io,
-            start,
-            last: last.clone(),
-        }
+impl<'a, T> Active<'a, T> {
+    fn new(io: T, start: Instant, last: &'a AtomicU64) -> Self {
+        Active { io, start, last }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Active<'_, T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -101,7 +92,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Active<'_, T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
