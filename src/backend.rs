@@ -301,8 +301,7 @@ impl BackendState {
     #[inline]
     pub fn track_in_flight(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        self.hold_in_flight()
     }
 
     /// Counts one more request in flight, not as one more sent, until the
@@ -317,6 +316,7 @@ impl BackendState {
     /// that the failover layer keeps while it retries included), and for
     /// every tunnel until it closes. Behind nested balancers, the backend
     /// held is the innermost one's (the last `Target` set).
+    #[inline]
     pub fn hold_in_flight(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
@@ -330,15 +330,14 @@ impl BackendState {
     #[inline]
     pub fn try_track_in_flight(self: &Arc<Self>) -> Option<InFlight> {
         let max = self.max_in_flight.load(Ordering::Relaxed);
-        if max != usize::MAX {
-            self.in_flight
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    (n < max).then_some(n + 1)
-                })
-                .ok()?;
-        } else {
-            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if max == usize::MAX {
+            return Some(self.track_in_flight());
         }
+        self.in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
         self.requests.fetch_add(1, Ordering::Relaxed);
         Some(InFlight(self.clone()))
     }
