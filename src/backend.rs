@@ -12,11 +12,13 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+
+use crate::balance::queue::Room;
 
 /// The stable name of a backend.
 ///
@@ -212,6 +214,9 @@ pub struct BackendState {
     /// weight); below 1000 during slow start.
     weight_permille: AtomicU32,
     epoch: Instant,
+    /// The queue of the pool this backend serves, once a balancer over it
+    /// lets requests wait for a place.
+    room: OnceLock<Arc<Room>>,
 }
 
 impl BackendState {
@@ -230,6 +235,7 @@ impl BackendState {
             weight: AtomicU32::new(weight.max(1)),
             weight_permille: AtomicU32::new(1000),
             epoch: Instant::now(),
+            room: OnceLock::new(),
         }
     }
 
@@ -265,6 +271,7 @@ impl BackendState {
     /// Sets the operator's status; returns the previous one.
     pub fn set_admin(&self, admin: AdminStatus) -> AdminStatus {
         let prev = self.update_nibble(ADMIN_SHIFT, admin.to_bits());
+        self.wake_waiting();
         AdminStatus::from_bits(prev)
     }
 
@@ -276,6 +283,7 @@ impl BackendState {
     /// Sets the health; returns the previous value.
     pub fn set_health(&self, health: Health) -> Health {
         let prev = self.update_nibble(HEALTH_SHIFT, health.to_bits());
+        self.wake_waiting();
         Health::from_bits(prev)
     }
 
@@ -374,6 +382,21 @@ impl BackendState {
     pub fn set_max_in_flight(&self, max: Option<usize>) {
         let max = max.map_or(usize::MAX, |m| m.max(1));
         self.max_in_flight.store(max, Ordering::Relaxed);
+        self.wake_waiting();
+    }
+
+    /// Links this backend to the queue of a pool it serves (the first one
+    /// only, for a state shared by several pools).
+    pub(crate) fn link_room(&self, room: &Arc<Room>) {
+        let _ = self.room.set(room.clone());
+    }
+
+    /// Lets the requests waiting for a place pick again, after a change
+    /// that may have made room here.
+    fn wake_waiting(&self) {
+        if let Some(room) = self.room.get() {
+            room.wake_all();
+        }
     }
 
     /// Whether the backend is below its [`max_in_flight`](Self::max_in_flight).
@@ -448,7 +471,10 @@ impl BackendState {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return true,
+                Ok(_) => {
+                    self.wake_waiting();
+                    return true;
+                }
                 Err(seen) => current = seen,
             }
         }
@@ -460,12 +486,16 @@ impl BackendState {
     pub(crate) fn take_expired_ejection(&self) -> bool {
         let now = self.nanos_since_epoch(Instant::now());
         let current = self.ejected_until.load(Ordering::Acquire);
-        current != 0
+        let taken = current != 0
             && now >= current
             && self
                 .ejected_until
                 .compare_exchange(current, 0, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+                .is_ok();
+        if taken {
+            self.wake_waiting();
+        }
+        taken
     }
 
     /// Whether an ejection is in force now.
@@ -535,9 +565,20 @@ impl fmt::Debug for BackendState {
 #[derive(Debug)]
 pub struct InFlight(Arc<BackendState>);
 
+impl InFlight {
+    /// The state of the backend this request is in flight on.
+    pub(crate) fn state(&self) -> &Arc<BackendState> {
+        &self.0
+    }
+}
+
 impl Drop for InFlight {
+    #[inline]
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(room) = self.0.room.get() {
+            room.released(&self.0);
+        }
     }
 }
 

@@ -17,19 +17,34 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// unavailable, at its [limit of requests in
 /// flight](crate::BackendState::set_max_in_flight), or already tried.
 ///
-/// Returned at once, never after waiting.
+/// Returned at once, unless the balancer lets requests
+/// [wait for a place](crate::balance::Balance::queue): then a request that
+/// found every backend at its limit fails when its wait is over
+/// ([`is_queue_timeout`](Self::is_queue_timeout)), or at once if the queue
+/// is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NoBackend {
     at_limit: bool,
+    waited: bool,
 }
 
 impl NoBackend {
     pub(crate) fn new() -> Self {
-        NoBackend { at_limit: false }
+        NoBackend::default()
     }
 
     pub(crate) fn at_limit() -> Self {
-        NoBackend { at_limit: true }
+        NoBackend {
+            at_limit: true,
+            waited: false,
+        }
+    }
+
+    pub(crate) fn queue_timeout() -> Self {
+        NoBackend {
+            at_limit: true,
+            waited: true,
+        }
     }
 
     /// Whether some backend could have taken the request but for its limit
@@ -37,14 +52,24 @@ impl NoBackend {
     pub fn is_at_limit(&self) -> bool {
         self.at_limit
     }
+
+    /// Whether the request waited in the balancer's queue for as long as
+    /// it may and no place came free (it is also
+    /// [at the limit](Self::is_at_limit)).
+    pub fn is_queue_timeout(&self) -> bool {
+        self.waited
+    }
 }
 
 impl fmt::Display for NoBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self.at_limit {
-            false => "no available backend",
-            true => {
+        f.write_str(match (self.at_limit, self.waited) {
+            (false, _) => "no available backend",
+            (true, false) => {
                 "every backend that could take the request is at its limit of requests in flight"
+            }
+            (true, true) => {
+                "every backend that could take the request stayed at its limit of requests in flight for as long as the request could wait"
             }
         })
     }

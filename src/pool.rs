@@ -13,13 +13,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::poll_fn;
 use std::pin::pin;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tower::discover::{Change, Discover};
 
 use crate::backend::{BackendId, BackendState};
+use crate::balance::queue::Room;
 
 /// The id index. SipHash (std's) rather than streaming XXH3: ids are
 /// short, and XXH3's streaming hasher costs several times more to set up
@@ -186,6 +187,8 @@ struct Shared<S> {
     /// Serializes writers and holds the listeners, so that every listener
     /// sees every snapshot, in order.
     writer: Mutex<Vec<Weak<dyn Rebuild<S>>>>,
+    /// The requests waiting for a place, once a balancer lets them wait.
+    room: OnceLock<Arc<Room>>,
 }
 
 /// The set of backends: ids, services, weights and shared state.
@@ -244,6 +247,7 @@ impl<S> Pool<S> {
                     generation: 0,
                 }),
                 writer: Mutex::new(Vec::new()),
+                room: OnceLock::new(),
             }),
         }
     }
@@ -278,6 +282,20 @@ impl<S> Pool<S> {
     /// Whether backend `id` is in the pool.
     pub fn contains(&self, id: &BackendId) -> bool {
         self.shared.current.load().members.index_of(id).is_some()
+    }
+
+    /// The queue of requests waiting for a place on this pool's backends,
+    /// created with the first balancer that lets requests wait.
+    pub(crate) fn room(&self) -> Arc<Room> {
+        let _writer = self.shared.writer.lock();
+        let room = self.shared.room.get_or_init(Arc::default);
+        link(room, &self.shared.current.load().members);
+        room.clone()
+    }
+
+    /// The queue, if a balancer has made one.
+    pub(crate) fn existing_room(&self) -> Option<&Arc<Room>> {
+        self.shared.room.get()
     }
 }
 
@@ -427,6 +445,18 @@ impl<S: Clone> Pool<S> {
             }
             None => false,
         });
+        if let Some(room) = self.shared.room.get() {
+            // A new backend is a new place to wait for, once the
+            // balancers know it.
+            link(room, &next.members);
+            room.wake_all();
+        }
+    }
+}
+
+fn link(room: &Arc<Room>, members: &Members) {
+    for member in members.iter() {
+        member.state.link_room(room);
     }
 }
 

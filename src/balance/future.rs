@@ -13,6 +13,8 @@ use crate::backend::{BackendId, InFlight};
 use crate::error::{BackendError, BoxError, NoBackend};
 use crate::extensions::{Picked, ServedBy};
 
+use super::queue::Wait;
+
 pin_project! {
     /// The response future of [`Balance`](super::Balance): drives the chosen
     /// backend to readiness, calls it, and labels the response.
@@ -35,6 +37,10 @@ pin_project! {
         S: Service<Req>,
     {
         NoBackend { error: NoBackend },
+        Queued {
+            request: Option<Req>,
+            wait: Box<Wait<S, Req>>,
+        },
         Ready {
             service: S,
             request: Option<Req>,
@@ -67,6 +73,16 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
+    pub(crate) fn queued(request: Req, wait: Box<Wait<S, Req>>) -> Self {
+        ResponseFuture {
+            state: State::Queued {
+                request: Some(request),
+                wait,
+            },
+            target: None,
+        }
+    }
+
     pub(crate) fn no_backend(error: NoBackend) -> Self {
         ResponseFuture {
             state: State::NoBackend { error },
@@ -90,6 +106,24 @@ where
                     let error = *error;
                     this.state.set(State::Done);
                     return Poll::Ready(Err(error.into()));
+                }
+                StateProj::Queued { request, wait } => {
+                    let req = request.as_mut().expect("request kept while waiting");
+                    match ready!(wait.poll_place(cx, req)) {
+                        Ok(placed) => {
+                            let request = request.take();
+                            *this.target = Some((placed.id, placed.in_flight));
+                            this.state.set(State::Ready {
+                                service: placed.service,
+                                request,
+                                picked: placed.picked,
+                            });
+                        }
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                    }
                 }
                 StateProj::Ready {
                     service,

@@ -32,6 +32,7 @@ mod least_request;
 mod maglev;
 mod panic;
 mod priority;
+pub(crate) mod queue;
 pub(crate) use panic::share_to_permille;
 mod random;
 mod ring;

@@ -1,15 +1,20 @@
 use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
+use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::panic::{PanicMode, DEFAULT_PANIC_PERMILLE};
+use super::queue::{Placed, Wait};
 use super::strategy::{Pick, Strategy};
+use crate::backend::InFlight;
 use crate::error::NoBackend;
 use crate::extensions::Picked;
 use crate::extensions::{Affinity, Attempts, Target};
@@ -26,6 +31,15 @@ struct Shared<S, P: Strategy> {
     strategy: P,
     view: ArcSwap<View<S, P::Table>>,
     panic: PanicMode,
+    queue: QueueLimits,
+}
+
+/// How many requests may wait for a place, and for how long; no queue
+/// while `max` is 0.
+#[derive(Default)]
+struct QueueLimits {
+    max: AtomicUsize,
+    timeout_nanos: AtomicU64,
 }
 
 impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
@@ -124,6 +138,7 @@ where
                 table,
             }),
             panic: PanicMode::new(DEFAULT_PANIC_PERMILLE),
+            queue: QueueLimits::default(),
         });
         let weak = Arc::downgrade(&shared);
         pool.subscribe(weak as std::sync::Weak<dyn Rebuild<S>>);
@@ -148,6 +163,57 @@ impl<S, P: Strategy> Balance<S, P> {
     pub fn panic_threshold(self, share: f64) -> Self {
         self.shared.panic.set_threshold(share);
         self
+    }
+
+    /// Lets up to `max_waiting` requests wait, each for at most `timeout`,
+    /// for a place when every backend they may use is at its [limit of
+    /// requests in flight](crate::BackendState::set_max_in_flight), as
+    /// HAProxy's queue and `timeout queue` do; by default there is no queue
+    /// and such a request fails at once with
+    /// [`NoBackend`](crate::error::NoBackend). A request that waits longer
+    /// fails with a `NoBackend` whose
+    /// [`is_queue_timeout`](crate::error::NoBackend::is_queue_timeout) is
+    /// true; one that finds `max_waiting` requests waiting fails at once.
+    /// A `max_waiting` or `timeout` of zero turns the queue off.
+    ///
+    /// Waiting requests are served in the order they came: a request that
+    /// ends hands its place straight to the first waiting request that may
+    /// use its backend (not one it already tried), so a request arriving
+    /// meanwhile cannot overtake them. A limit raised, a backend back in
+    /// service (an ejection that ends by its deadline included, once the
+    /// health layer notices) or a backend joining the pool lets every
+    /// waiting request pick again. A request whose every backend becomes
+    /// unavailable stops waiting and fails with `NoBackend`. A waiting
+    /// request goes to whichever backend a place opens up on, whatever the
+    /// strategy would have preferred (under a limit, every backend it may
+    /// use was full when it came).
+    ///
+    /// The queue belongs to the pool: the balancers over one pool share
+    /// its waiting requests and their places; the number and the wait are
+    /// each balancer's own. A failover layer's per-try timeout and deadline
+    /// count the time spent waiting. Applies to every clone of this
+    /// balancer.
+    pub fn queue(self, max_waiting: usize, timeout: Duration) -> Self {
+        let max = match timeout.is_zero() {
+            true => 0,
+            false => max_waiting,
+        };
+        if max > 0 {
+            self.pool.room();
+        }
+        let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        self.shared
+            .queue
+            .timeout_nanos
+            .store(nanos, Ordering::Relaxed);
+        self.shared.queue.max.store(max, Ordering::Relaxed);
+        self
+    }
+
+    /// How many requests are waiting for a place on this balancer's pool
+    /// (see [`queue`](Self::queue)).
+    pub fn waiting(&self) -> usize {
+        self.pool.existing_room().map_or(0, |room| room.waiting())
     }
 
     /// The pool this balancer picks from.
@@ -205,11 +271,22 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        match self.pick_place(&mut req) {
+            Ok(p) => ResponseFuture::new(p.service, req, p.id, p.in_flight, p.picked),
+            Err(e) if e.is_at_limit() => self.wait(req),
+            Err(e) => ResponseFuture::no_backend(e),
+        }
+    }
+}
+
+impl<S: Clone, P: Strategy> Balance<S, P> {
+    /// Picks a backend for `req` and takes a place on it.
+    fn pick_place<B>(&self, req: &mut Request<B>) -> Result<Placed<S>, NoBackend> {
         let view = self.shared.view.load();
         let members = view.snapshot.members();
         let (i, in_flight) = {
             let ext = req.extensions();
-            let pick = Pick::new(RequestHead::from(&req), members, ext.get::<Attempts>())
+            let pick = Pick::new(RequestHead::from(&*req), members, ext.get::<Attempts>())
                 .with_panic(&self.shared.panic);
             let pinned = ext
                 .get::<Affinity>()
@@ -236,38 +313,88 @@ where
                     match placed {
                         Some(placed) => placed,
                         None if (0..members.len()).any(|i| pick.is_full(i)) => {
-                            return ResponseFuture::no_backend(NoBackend::at_limit());
+                            return Err(NoBackend::at_limit());
                         }
-                        None => return ResponseFuture::no_backend(NoBackend::new()),
+                        None => return Err(NoBackend::new()),
                     }
                 }
             }
         };
-        let member = &members[i];
-        let service = view
-            .snapshot
-            .service(i)
-            .expect("index within snapshot")
-            .clone();
-        let id = member.id().clone();
-        let state = member.state();
-        // Tell a failover layer which backend this attempt goes to, so it
-        // can exclude it even if it abandons the attempt (a timeout).
-        let picked = req.extensions().get::<Picked>().map(|picked| {
-            picked.set(id.clone());
-            picked.set_readying(true);
-            picked.clone()
-        });
-        let target = Target::new(id.clone(), state.clone());
-        // A replayed attempt already carries a Target: overwrite it in place
-        // instead of boxing a new one.
-        match req.extensions_mut().get_mut::<Target>() {
-            Some(slot) => *slot = target,
-            None => {
-                req.extensions_mut().insert(target);
-            }
+        Ok(settle(&view.snapshot, i, in_flight, req))
+    }
+
+    /// Queues `req` for a place, or fails it with [`NoBackend`] if this
+    /// balancer has no queue or its queue is full.
+    fn wait<B>(&self, req: Request<B>) -> ResponseFuture<S, Request<B>>
+    where
+        S: Service<Request<B>>,
+    {
+        let max = self.shared.queue.max.load(Ordering::Relaxed);
+        let room = match self.pool.existing_room() {
+            Some(room) if max > 0 => room,
+            _ => return ResponseFuture::no_backend(NoBackend::at_limit()),
+        };
+        let view = self.shared.view.load();
+        let members = view.snapshot.members();
+        let excluded = req
+            .extensions()
+            .get::<Attempts>()
+            .map_or_else(Box::default, |a| {
+                a.as_slice()
+                    .iter()
+                    .filter_map(|id| members.index_of(id))
+                    .map(|i| members[i].state().clone())
+                    .collect()
+            });
+        let panic = self.shared.panic.engaged(members);
+        let Some(ticket) = room.join(max, excluded, panic) else {
+            return ResponseFuture::no_backend(NoBackend::at_limit());
+        };
+        let timeout = Duration::from_nanos(self.shared.queue.timeout_nanos.load(Ordering::Relaxed));
+        let now = Instant::now();
+        // A wait too long for the clock is as good as no end.
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+        let wait = Wait::new(self.pool.clone(), settle::<S, B>, ticket, deadline);
+        ResponseFuture::queued(req, Box::new(wait))
+    }
+}
+
+/// Sends `req` to the backend at `i` of `snapshot`, where `in_flight` holds
+/// its place: labels the request with its `Target` and tells a failover
+/// layer's `Picked` slot.
+fn settle<S: Clone, B>(
+    snapshot: &Snapshot<S>,
+    i: usize,
+    in_flight: InFlight,
+    req: &mut Request<B>,
+) -> Placed<S> {
+    let member = &snapshot.members()[i];
+    let service = snapshot.service(i).expect("index within snapshot").clone();
+    let id = member.id().clone();
+    let state = member.state();
+    // Tell a failover layer which backend this attempt goes to, so it
+    // can exclude it even if it abandons the attempt (a timeout).
+    let picked = req.extensions().get::<Picked>().map(|picked| {
+        picked.set(id.clone());
+        picked.set_readying(true);
+        picked.clone()
+    });
+    let target = Target::new(id.clone(), state.clone());
+    // A replayed attempt already carries a Target: overwrite it in place
+    // instead of boxing a new one.
+    match req.extensions_mut().get_mut::<Target>() {
+        Some(slot) => *slot = target,
+        None => {
+            req.extensions_mut().insert(target);
         }
-        ResponseFuture::new(service, req, id, in_flight, picked)
+    }
+    Placed {
+        service,
+        id,
+        in_flight,
+        picked,
     }
 }
 
@@ -290,6 +417,7 @@ where
 pub struct BalanceLayer<P> {
     strategy: P,
     panic_threshold: f64,
+    queue: (usize, Duration),
 }
 
 impl<P> BalanceLayer<P> {
@@ -298,12 +426,19 @@ impl<P> BalanceLayer<P> {
         BalanceLayer {
             strategy,
             panic_threshold: f64::from(DEFAULT_PANIC_PERMILLE) / 1000.0,
+            queue: (0, Duration::ZERO),
         }
     }
 
     /// See [`Balance::panic_threshold`].
     pub fn panic_threshold(mut self, share: f64) -> Self {
         self.panic_threshold = share;
+        self
+    }
+
+    /// See [`Balance::queue`].
+    pub fn queue(mut self, max_waiting: usize, timeout: Duration) -> Self {
+        self.queue = (max_waiting, timeout);
         self
     }
 }
@@ -316,7 +451,10 @@ where
     type Service = Balance<S, P>;
 
     fn layer(&self, pool: Pool<S>) -> Balance<S, P> {
-        Balance::new(pool, self.strategy.clone()).panic_threshold(self.panic_threshold)
+        let (max_waiting, timeout) = self.queue;
+        Balance::new(pool, self.strategy.clone())
+            .panic_threshold(self.panic_threshold)
+            .queue(max_waiting, timeout)
     }
 }
 

@@ -1,0 +1,313 @@
+//! Requests that wait for a place when every backend they may use is at its
+//! limit of requests in flight (see [`Balance::queue`](super::Balance::queue)).
+//!
+//! One [`Room`] per pool holds the waiting requests in arrival order. Every
+//! backend state of the pool links to it, so that a request that stops
+//! being in flight hands its place straight to the first waiter that may
+//! use that backend: a request arriving meanwhile cannot take it first, and
+//! the queue is served in order. Other ways a place opens up (a limit
+//! raised, a backend back in service or joining the pool) wake every
+//! waiter to pick again.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use parking_lot::Mutex;
+use tokio::time::{Instant, Sleep};
+
+use crate::backend::{BackendId, BackendState, InFlight};
+use crate::error::NoBackend;
+use crate::extensions::Picked;
+use crate::pool::{Pool, Snapshot};
+
+/// The requests waiting for a place on one pool's backends.
+#[derive(Default)]
+pub(crate) struct Room {
+    /// The length of `queue`, readable without its lock.
+    waiting: AtomicUsize,
+    queue: Mutex<VecDeque<Arc<Waiter>>>,
+}
+
+/// One waiting request.
+struct Waiter {
+    /// The backends the request may not go to: those it already tried.
+    excluded: Box<[Arc<BackendState>]>,
+    /// Whether the pool was in panic when the request began to wait: then
+    /// a backend will do if it is enabled, healthy or not.
+    panic: bool,
+    /// Whether the waiter is in its room's queue; changed only under the
+    /// queue's lock.
+    queued: AtomicBool,
+    turn: Mutex<TurnState>,
+}
+
+#[derive(Default)]
+struct TurnState {
+    waker: Option<Waker>,
+    /// A place handed over by a request that ended.
+    given: Option<InFlight>,
+    /// Whether to pick again: a place may have opened up elsewhere.
+    recheck: bool,
+}
+
+/// What a waiting request does next.
+pub(crate) enum Turn {
+    /// Go to the backend whose place this is.
+    Given(InFlight),
+    /// Pick again.
+    Recheck,
+    /// Keep waiting.
+    Wait,
+}
+
+impl Room {
+    /// How many requests are waiting.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Puts a request at the end of the queue, unless `max` are waiting
+    /// already. The request must pick once more after joining (its first
+    /// [`Ticket::turn`] says so): a place that opened up just before it
+    /// joined was not handed to it.
+    pub(crate) fn join(
+        self: &Arc<Self>,
+        max: usize,
+        excluded: Box<[Arc<BackendState>]>,
+        panic: bool,
+    ) -> Option<Ticket> {
+        let waiter = Arc::new(Waiter {
+            excluded,
+            panic,
+            queued: AtomicBool::new(false),
+            turn: Mutex::new(TurnState {
+                recheck: true,
+                ..TurnState::default()
+            }),
+        });
+        {
+            let mut queue = self.queue.lock();
+            if queue.len() >= max {
+                return None;
+            }
+            self.push(&mut queue, waiter.clone());
+        }
+        // Pairs with the fence in `released`: either that release sees
+        // this waiter, or this waiter's next pick sees the free place.
+        fence(Ordering::SeqCst);
+        Some(Ticket {
+            room: self.clone(),
+            waiter,
+        })
+    }
+
+    fn push(&self, queue: &mut VecDeque<Arc<Waiter>>, waiter: Arc<Waiter>) {
+        waiter.queued.store(true, Ordering::Relaxed);
+        queue.push_back(waiter);
+        self.waiting.store(queue.len(), Ordering::Relaxed);
+    }
+
+    /// Called once one of `state`'s requests is no longer in flight: hands
+    /// the place to the first waiter that may use `state`'s backend.
+    pub(crate) fn released(&self, state: &Arc<BackendState>) {
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut queue = self.queue.lock();
+        while let Some(i) = queue.iter().position(|w| w.accepts(state)) {
+            // A request that arrived between the release and this lock may
+            // have taken the place; then there is nothing to hand over.
+            let Some(place) = state.try_track_in_flight() else {
+                break;
+            };
+            let waiter = queue.remove(i).expect("index within the queue");
+            waiter.queued.store(false, Ordering::Relaxed);
+            self.waiting.store(queue.len(), Ordering::Relaxed);
+            let mut turn = waiter.turn.lock();
+            turn.given = Some(place);
+            if let Some(waker) = turn.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Wakes every waiter to pick again: a place may have opened up in a
+    /// way no request's end announces.
+    pub(crate) fn wake_all(&self) {
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        for waiter in self.queue.lock().iter() {
+            let mut turn = waiter.turn.lock();
+            turn.recheck = true;
+            if let Some(waker) = turn.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+impl Waiter {
+    fn accepts(&self, state: &Arc<BackendState>) -> bool {
+        let usable = match self.panic {
+            true => state.is_enabled(),
+            false => state.is_available(),
+        };
+        usable && !self.excluded.iter().any(|s| Arc::ptr_eq(s, state))
+    }
+}
+
+/// A request's membership of a [`Room`]'s queue; leaves the queue when
+/// dropped, releasing a place handed over meanwhile.
+pub(crate) struct Ticket {
+    room: Arc<Room>,
+    waiter: Arc<Waiter>,
+}
+
+impl Ticket {
+    /// Registers `cx`'s task to be woken, and says what to do now.
+    pub(crate) fn turn(&self, cx: &Context<'_>) -> Turn {
+        let mut turn = self.waiter.turn.lock();
+        match &turn.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => turn.waker = Some(cx.waker().clone()),
+        }
+        if let Some(place) = turn.given.take() {
+            return Turn::Given(place);
+        }
+        match std::mem::take(&mut turn.recheck) {
+            true => Turn::Recheck,
+            false => Turn::Wait,
+        }
+    }
+
+    /// Joins the end of the queue again, after a place handed over could
+    /// not be used (its backend left the pool); picks once more first.
+    pub(crate) fn rejoin(&self) {
+        {
+            let mut queue = self.room.queue.lock();
+            if !self.waiter.queued.load(Ordering::Relaxed) {
+                self.room.push(&mut queue, self.waiter.clone());
+            }
+        }
+        fence(Ordering::SeqCst);
+        self.waiter.turn.lock().recheck = true;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        {
+            let mut queue = self.room.queue.lock();
+            if self.waiter.queued.load(Ordering::Relaxed) {
+                if let Some(i) = queue.iter().position(|w| Arc::ptr_eq(w, &self.waiter)) {
+                    queue.remove(i);
+                }
+                self.waiter.queued.store(false, Ordering::Relaxed);
+                self.room.waiting.store(queue.len(), Ordering::Relaxed);
+            }
+        }
+        // Out of the queue, nothing more is handed over. A place handed
+        // over but not taken goes to the next waiter, outside the locks.
+        let given = self.waiter.turn.lock().given.take();
+        drop(given);
+    }
+}
+
+/// A request placed on a backend: the backend's service, id, and the
+/// request's place on it.
+pub(crate) struct Placed<S> {
+    pub(crate) service: S,
+    pub(crate) id: BackendId,
+    pub(crate) in_flight: InFlight,
+    pub(crate) picked: Option<Picked>,
+}
+
+/// Labels a request placed on the backend at an index of a snapshot.
+pub(crate) type Settle<S, Req> = fn(&Snapshot<S>, usize, InFlight, &mut Req) -> Placed<S>;
+
+/// A request waiting for a place, in a balancer's response future.
+pub(crate) struct Wait<S, Req> {
+    pool: Pool<S>,
+    settle: Settle<S, Req>,
+    ticket: Ticket,
+    deadline: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S, Req> Wait<S, Req> {
+    pub(crate) fn new(
+        pool: Pool<S>,
+        settle: Settle<S, Req>,
+        ticket: Ticket,
+        deadline: Instant,
+    ) -> Self {
+        Wait {
+            pool,
+            settle,
+            ticket,
+            deadline,
+            sleep: None,
+        }
+    }
+
+    /// Places `request` once a place is handed over or found, or fails
+    /// when the wait is over (or when no backend could take it any more,
+    /// full or not).
+    pub(crate) fn poll_place(
+        &mut self,
+        cx: &mut Context<'_>,
+        request: &mut Req,
+    ) -> Poll<Result<Placed<S>, NoBackend>> {
+        loop {
+            let snapshot = self.pool.snapshot();
+            let members = snapshot.members();
+            match self.ticket.turn(cx) {
+                Turn::Given(place) => {
+                    let Some(i) = members
+                        .iter()
+                        .position(|m| Arc::ptr_eq(m.state(), place.state()))
+                    else {
+                        // Its backend has left the pool: let the place go.
+                        drop(place);
+                        self.ticket.rejoin();
+                        continue;
+                    };
+                    return Poll::Ready(Ok((self.settle)(&snapshot, i, place, request)));
+                }
+                Turn::Recheck => {
+                    let mut usable = false;
+                    for (i, member) in members.iter().enumerate() {
+                        if !self.ticket.waiter.accepts(member.state()) {
+                            continue;
+                        }
+                        usable = true;
+                        if let Some(place) = member.state().try_track_in_flight() {
+                            return Poll::Ready(Ok((self.settle)(&snapshot, i, place, request)));
+                        }
+                    }
+                    if !usable {
+                        // Nothing to wait for: no backend is merely busy.
+                        return Poll::Ready(Err(NoBackend::new()));
+                    }
+                }
+                Turn::Wait => {}
+            }
+            break;
+        }
+        let deadline = self.deadline;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(NoBackend::queue_timeout())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! `Balance::queue`: requests that wait for a place when every backend is at
+//! its limit of requests in flight. Time is paused: instants are exact.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use http::{Request, Response};
+use tokio::task::JoinHandle;
+use tower::{Layer, Service, ServiceExt};
+use tower_ha::backend::InFlight;
+use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::extensions::{Attempts, ServedBy};
+use tower_ha::failover::{Exhausted, FailoverLayer};
+use tower_ha::{error::find, BackendId, BoxError, Health, NoBackend, Pool};
+
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// A backend that answers at once with its name, after writing down the
+/// request's body (its label).
+#[derive(Clone)]
+struct Recording {
+    name: &'static str,
+    seen: Seen,
+}
+
+impl Service<Request<String>> for Recording {
+    type Response = Response<&'static str>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<String>) -> Self::Future {
+        self.seen.lock().unwrap().push(req.into_body());
+        std::future::ready(Ok(Response::new(self.name)))
+    }
+}
+
+fn recording(name: &'static str, seen: Seen) -> Recording {
+    Recording { name, seen }
+}
+
+fn request(label: &str) -> Request<String> {
+    Request::new(label.to_owned())
+}
+
+type Answer = Result<Response<&'static str>, BoxError>;
+
+fn send<S>(balance: &S, label: &str) -> JoinHandle<Answer>
+where
+    S: Service<Request<String>, Response = Response<&'static str>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    tokio::spawn(balance.clone().oneshot(request(label)))
+}
+
+/// Lets every spawned task run until it waits.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn served_by(answer: &Answer) -> &str {
+    answer
+        .as_ref()
+        .unwrap()
+        .extensions()
+        .get::<ServedBy>()
+        .unwrap()
+        .0
+        .as_str()
+}
+
+fn no_backend(answer: &Answer) -> NoBackend {
+    match answer {
+        Ok(_) => panic!("served, not refused"),
+        Err(e) => *find::<NoBackend>(&**e).expect("a NoBackend"),
+    }
+}
+
+/// A pool of `names`, each limited to one request in flight and each with
+/// that place taken by the test.
+fn full_pool(names: &[&'static str], seen: &Seen) -> (Pool<Recording>, Vec<InFlight>) {
+    let pool = Pool::new();
+    let mut held = Vec::new();
+    for &name in names {
+        pool.insert(name, recording(name, seen.clone()));
+        let state = pool.state(&name.into()).unwrap();
+        state.set_max_in_flight(Some(1));
+        held.push(state.try_track_in_flight().unwrap());
+    }
+    (pool, held)
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_requests_are_served_in_the_order_they_came() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a"], &seen);
+    let balance = Balance::new(pool, RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let mut waiting = Vec::new();
+    for label in ["1", "2", "3"] {
+        waiting.push(send(&balance, label));
+        settle().await;
+    }
+    assert_eq!(balance.waiting(), 3);
+    assert!(seen.lock().unwrap().is_empty());
+
+    // One place: each request hands it on to the next when it ends.
+    drop(held.pop());
+    settle().await;
+    assert_eq!(*seen.lock().unwrap(), ["1", "2", "3"]);
+    for task in waiting {
+        assert_eq!(served_by(&task.await.unwrap()), "a");
+    }
+    assert_eq!(balance.waiting(), 0);
+    let state = balance.pool().state(&"a".into()).unwrap();
+    assert_eq!(state.in_flight(), 0);
+    assert_eq!(state.requests(), 4, "the test's place and three requests");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_place_that_comes_free_goes_to_the_waiting_request_not_a_newcomer() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a"], &seen);
+    let mut balance = Balance::new(pool, RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let waiter = send(&balance, "waiter");
+    settle().await;
+
+    // The place comes free and is handed over before the waiter runs; a
+    // request arriving now finds no place and waits behind it.
+    drop(held.pop());
+    let state = balance.pool().state(&"a".into()).unwrap();
+    assert_eq!(state.in_flight(), 1, "handed over, not freed");
+    let mut newcomer = pin!(balance.call(request("newcomer")));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(newcomer.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(balance.waiting(), 1, "the newcomer waits");
+
+    assert_eq!(served_by(&waiter.await.unwrap()), "a");
+    assert_eq!(*seen.lock().unwrap(), ["waiter"]);
+    let Poll::Ready(answer) = newcomer.as_mut().poll(&mut cx) else {
+        panic!("the newcomer got the place the waiter freed");
+    };
+    assert_eq!(served_by(&answer), "a");
+    assert_eq!(*seen.lock().unwrap(), ["waiter", "newcomer"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waits_exactly_its_timeout_then_fails_as_a_queue_timeout() {
+    let seen = Seen::default();
+    let (pool, _held) = full_pool(&["a"], &seen);
+    let balance = Balance::new(pool, RoundRobin::new()).queue(10, Duration::from_millis(100));
+    let waiter = send(&balance, "waiter");
+    settle().await;
+    tokio::time::advance(Duration::from_millis(99)).await;
+    settle().await;
+    assert!(!waiter.is_finished(), "still waiting at 99 ms");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    settle().await;
+    assert!(waiter.is_finished(), "given up at 100 ms");
+    let refused = no_backend(&waiter.await.unwrap());
+    assert!(refused.is_at_limit() && refused.is_queue_timeout());
+    assert_eq!(balance.waiting(), 0);
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_or_no_queue_refuses_at_once() {
+    let seen = Seen::default();
+    let (pool, _held) = full_pool(&["a"], &seen);
+    let queued = Balance::new(pool.clone(), RoundRobin::new()).queue(1, Duration::from_secs(5));
+    let first = send(&queued, "first");
+    settle().await;
+    assert_eq!(queued.waiting(), 1);
+
+    let mut cx = Context::from_waker(Waker::noop());
+    for mut balance in [
+        queued.clone(),
+        // Over the same pool, without a queue of its own.
+        Balance::new(pool.clone(), RoundRobin::new()),
+        // A queue turned off with a zero wait.
+        Balance::new(pool, RoundRobin::new()).queue(10, Duration::ZERO),
+    ] {
+        let mut second = pin!(balance.call(request("second")));
+        let Poll::Ready(answer) = second.as_mut().poll(&mut cx) else {
+            panic!("waited");
+        };
+        let refused = no_backend(&answer);
+        assert!(refused.is_at_limit() && !refused.is_queue_timeout());
+    }
+    assert_eq!(queued.waiting(), 1);
+    assert!(!first.is_finished());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_place_goes_to_the_first_waiting_request_that_may_use_it() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a", "b"], &seen);
+    let balance = Balance::new(pool, RoundRobin::new()).queue(10, Duration::from_secs(5));
+    // A retry that already tried "a" waits first.
+    let mut retry = request("retry");
+    let mut tried = Attempts::new();
+    tried.push(BackendId::from("a"));
+    retry.extensions_mut().insert(tried);
+    let retry = tokio::spawn(balance.clone().oneshot(retry));
+    settle().await;
+    let plain = send(&balance, "plain");
+    settle().await;
+
+    let b = held.pop();
+    drop(held.pop()); // "a" comes free: the retry may not go there.
+    settle().await;
+    assert_eq!(served_by(&plain.await.unwrap()), "a");
+    assert!(!retry.is_finished());
+    drop(b);
+    assert_eq!(served_by(&retry.await.unwrap()), "b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_raised_limit_or_a_new_backend_lets_waiting_requests_in() {
+    let seen = Seen::default();
+    let (pool, _held) = full_pool(&["a"], &seen);
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let first = send(&balance, "first");
+    let second = send(&balance, "second");
+    settle().await;
+    assert_eq!(balance.waiting(), 2);
+
+    pool.state(&"a".into()).unwrap().set_max_in_flight(Some(2));
+    assert_eq!(served_by(&first.await.unwrap()), "a");
+    // "a" is full again only while "first" is in flight: "second" got its
+    // place when "first" ended.
+    assert_eq!(served_by(&second.await.unwrap()), "a");
+
+    pool.state(&"a".into()).unwrap().set_max_in_flight(Some(1));
+    let _held_again = pool.state(&"a".into()).unwrap().track_in_flight();
+    let third = send(&balance, "third");
+    settle().await;
+    assert_eq!(balance.waiting(), 1);
+    pool.insert("b", recording("b", seen.clone()));
+    assert_eq!(served_by(&third.await.unwrap()), "b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_stops_waiting_when_no_backend_could_take_it() {
+    let seen = Seen::default();
+    let (pool, _held) = full_pool(&["a"], &seen);
+    let balance = Balance::new(pool.clone(), RoundRobin::new())
+        .panic_threshold(0.0)
+        .queue(10, Duration::from_secs(5));
+    let waiter = send(&balance, "waiter");
+    settle().await;
+    pool.state(&"a".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
+    settle().await;
+    assert!(waiter.is_finished(), "refused when its backend went down");
+    let refused = no_backend(&waiter.await.unwrap());
+    assert!(!refused.is_at_limit());
+    assert_eq!(balance.waiting(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_dropped_after_its_place_was_handed_over_passes_it_on() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a"], &seen);
+    let mut balance = Balance::new(pool, RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut first = Box::pin(balance.call(request("first")));
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    let second = send(&balance, "second");
+    settle().await;
+    assert_eq!(balance.waiting(), 2);
+
+    drop(held.pop()); // Handed to "first", which its client then drops.
+    assert_eq!(balance.waiting(), 1);
+    drop(first);
+    assert_eq!(served_by(&second.await.unwrap()), "a");
+    assert_eq!(*seen.lock().unwrap(), ["second"]);
+    assert_eq!(balance.pool().state(&"a".into()).unwrap().in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_place_on_a_backend_that_left_the_pool_is_let_go() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a", "b"], &seen);
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let waiter = send(&balance, "waiter");
+    settle().await;
+    let a = pool.state(&"a".into()).unwrap();
+    assert!(pool.remove(&"a".into()));
+    settle().await;
+    assert!(!waiter.is_finished(), "\"b\" is still full");
+
+    let b = held.pop();
+    drop(held.pop()); // "a"'s place, handed over, but "a" is gone.
+    settle().await;
+    assert!(!waiter.is_finished());
+    assert_eq!(a.in_flight(), 0, "let go");
+    assert_eq!(balance.waiting(), 1, "waits again");
+    drop(b);
+    assert_eq!(served_by(&waiter.await.unwrap()), "b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failover_per_try_timeout_counts_the_wait() {
+    let seen = Seen::default();
+    let (pool, _held) = full_pool(&["a"], &seen);
+    let balance = Balance::new(pool, RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let failover = FailoverLayer::new()
+        .per_try_timeout(Duration::from_millis(50))
+        .layer(balance.clone());
+    let started = tokio::time::Instant::now();
+    let answer = failover.oneshot(request("r")).await;
+    assert_eq!(started.elapsed(), Duration::from_millis(50));
+    let err = answer.unwrap_err();
+    assert!(err.is::<Exhausted>(), "{err}");
+    assert_eq!(balance.waiting(), 0, "left the queue when abandoned");
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+/// A backend that takes a few turns of the scheduler to answer, and
+/// records the most requests it ever had at once.
+#[derive(Clone)]
+struct Busy {
+    name: &'static str,
+    now: Arc<AtomicUsize>,
+    busiest: Arc<AtomicUsize>,
+}
+
+impl Service<Request<String>> for Busy {
+    type Response = Response<&'static str>;
+    type Error = Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<String>) -> Self::Future {
+        let Busy { name, now, busiest } = self.clone();
+        Box::pin(async move {
+            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+            busiest.fetch_max(n, Ordering::SeqCst);
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            now.fetch_sub(1, Ordering::SeqCst);
+            Ok(Response::new(name))
+        })
+    }
+}
+
+/// Many threads through a queue in front of two backends limited to two
+/// requests each: every request is served, and no backend ever has more
+/// than its limit at once. A lost wake-up would leave requests waiting
+/// until their (long) timeout, and the hang guard would fail the test.
+#[test]
+fn concurrent_waiting_requests_are_all_served_within_the_limits() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let pool = Pool::new();
+    let busiest = Arc::new(AtomicUsize::new(0));
+    for name in ["a", "b"] {
+        pool.insert(
+            name,
+            Busy {
+                name,
+                now: Arc::new(AtomicUsize::new(0)),
+                busiest: busiest.clone(),
+            },
+        );
+        pool.state(&name.into()).unwrap().set_max_in_flight(Some(2));
+    }
+    let balance = Balance::new(pool, RoundRobin::new()).queue(1000, Duration::from_secs(3600));
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..16)
+            .map(|t| {
+                let balance = balance.clone();
+                tokio::spawn(async move {
+                    for i in 0..200 {
+                        let answer = balance.clone().oneshot(request(&format!("{t}-{i}"))).await;
+                        assert!(answer.is_ok(), "{:?}", answer.err());
+                    }
+                })
+            })
+            .collect();
+        let all = futures::future::try_join_all(tasks);
+        tokio::time::timeout(Duration::from_secs(120), all)
+            .await
+            .expect("every request served")
+            .unwrap();
+    });
+    assert!(busiest.load(Ordering::SeqCst) <= 2);
+    assert_eq!(balance.waiting(), 0);
+    for name in ["a", "b"] {
+        assert_eq!(balance.pool().state(&name.into()).unwrap().in_flight(), 0);
+    }
+}
