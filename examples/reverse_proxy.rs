@@ -26,6 +26,8 @@
 //! * `--max-in-flight N` sends each backend at most N requests at once
 //!   (default: no limit); with every backend full, a request is answered
 //!   503 at once
+//! * `--queue N,MS` lets up to N requests wait up to MS milliseconds for
+//!   a place when every backend is full (with `--max-in-flight`)
 //! * `--no-health` turns off passive ejection and active TCP probes
 //! * `--probe-interval MS` (default 500)
 
@@ -70,6 +72,7 @@ struct Options {
     hash_key: String,
     sticky: Option<String>,
     max_in_flight: Option<usize>,
+    queue: (usize, Duration),
     health: bool,
     probe_interval: Duration,
     backends: Vec<String>,
@@ -80,8 +83,8 @@ fn usage(problem: &str) -> ! {
     eprintln!(
         "usage: reverse_proxy [--listen ADDR] [--workers N] [--strategy NAME] \
          [--hash-key header:NAME|cookie:NAME|client-ip] \
-         [--sticky cookie:NAME|learn:NAME|header:NAME] [--max-in-flight N] [--no-health] \
-         [--probe-interval MS] BACKEND_URL..."
+         [--sticky cookie:NAME|learn:NAME|header:NAME] [--max-in-flight N] [--queue N,MS] \
+         [--no-health] [--probe-interval MS] BACKEND_URL..."
     );
     std::process::exit(2)
 }
@@ -94,6 +97,7 @@ fn options() -> Options {
         hash_key: "client-ip".into(),
         sticky: None,
         max_in_flight: None,
+        queue: (0, Duration::ZERO),
         health: true,
         probe_interval: Duration::from_millis(500),
         backends: Vec::new(),
@@ -125,6 +129,13 @@ fn options() -> Options {
                     .parse()
                     .unwrap_or_else(|_| usage("bad --max-in-flight"));
                 o.max_in_flight = Some(n);
+            }
+            "--queue" => {
+                let spec = value("--queue");
+                let parsed = spec.split_once(',').and_then(|(n, ms)| {
+                    Some((n.parse().ok()?, Duration::from_millis(ms.parse().ok()?)))
+                });
+                o.queue = parsed.unwrap_or_else(|| usage("bad --queue (want N,MS)"));
             }
             "--no-health" => o.health = false,
             "--probe-interval" => {
@@ -265,7 +276,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     let stack = ServiceBuilder::new()
         .layer(BufferBodyLayer::new())
         .layer(FailoverLayer::new())
-        .service(Balance::new(pool, strategy));
+        .service(Balance::new(pool, strategy).queue(o.queue.0, o.queue.1));
 
     let listener = TcpListener::bind(o.listen)
         .await

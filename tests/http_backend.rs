@@ -1477,3 +1477,46 @@ async fn a_sized_body_is_released_with_its_last_bytes_and_an_empty_one_at_once()
     assert_eq!(state.in_flight(), 0);
     drop(resp);
 }
+
+#[tokio::test]
+async fn a_waiting_request_gets_the_place_of_a_streamed_body_once_it_is_read() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let streaming = serve_streaming(release.clone()).await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let pool = Pool::new();
+    pool.insert(
+        "streaming",
+        HttpBackend::new(&client, format!("http://{streaming}")).unwrap(),
+    );
+    let state = pool.state(&"streaming".into()).unwrap();
+    state.set_max_in_flight(Some(1));
+    let balance = Balance::new(pool, RoundRobin::new()).queue(4, Duration::from_secs(60));
+    let get = || balance.clone().oneshot(Request::new(Full::default()));
+
+    let mut first = get().await.unwrap().into_body();
+    assert_eq!(
+        first.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "first "
+    );
+    let second = tokio::spawn(get());
+    while balance.waiting() == 0 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!second.is_finished());
+
+    // The first body's end hands its place to the waiting request.
+    release.notify_one();
+    while first.frame().await.is_some() {}
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(balance.waiting(), 0);
+    assert_eq!(state.in_flight(), 1, "the second body streams now");
+    assert_eq!(state.requests(), 2);
+    release.notify_one();
+    let mut body = second.into_body();
+    assert_eq!(
+        body.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "first "
+    );
+    while body.frame().await.is_some() {}
+    assert_eq!(state.in_flight(), 0);
+}
