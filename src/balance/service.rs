@@ -281,6 +281,7 @@ where
 
 impl<S: Clone, P: Strategy> Balance<S, P> {
     /// Picks a backend for `req` and takes a place on it.
+    #[inline]
     fn pick_place<B>(&self, req: &mut Request<B>) -> Result<Placed<S>, NoBackend> {
         let view = self.shared.view.load();
         let members = view.snapshot.members();
@@ -364,6 +365,7 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
 /// Sends `req` to the backend at `i` of `snapshot`, where `in_flight` holds
 /// its place: labels the request with its `Target` and tells a failover
 /// layer's `Picked` slot.
+#[inline(always)]
 fn settle<S: Clone, B>(
     snapshot: &Snapshot<S>,
     i: usize,
