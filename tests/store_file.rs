@@ -165,6 +165,16 @@ async fn a_leftover_temporary_file_is_reported_then_removed() {
     // What a crash between write and rename leaves behind.
     let temp = ".k_k.json.4242-7.tmp";
     std::fs::write(tmp.path().join(temp), b"{\"key\": \"k\", \"back").unwrap();
+    // Other programs' temporary files are not the store's to remove.
+    let foreign = [
+        "notes.tmp",
+        ".notes.tmp",
+        ".k_k.json.tmp",
+        ".x_k.json.1-2.tmp",
+    ];
+    for name in foreign {
+        std::fs::write(tmp.path().join(name), b"not a session").unwrap();
+    }
 
     let loaded = store.load_all().await.unwrap();
     assert_eq!(loaded.sessions.len(), 1);
@@ -173,6 +183,9 @@ async fn a_leftover_temporary_file_is_reported_then_removed() {
     assert_eq!(loaded.skipped[0].record, temp);
     assert!(loaded.skipped[0].error.is_corrupt());
     assert!(!tmp.path().join(temp).exists(), "the leftover is removed");
+    for name in foreign {
+        assert!(tmp.path().join(name).exists(), "{name} left alone");
+    }
 
     let again = store.load_all().await.unwrap();
     assert!(again.skipped.is_empty(), "reported once");

@@ -18,6 +18,31 @@ const RECORD_SUFFIX: &str = ".json";
 /// The suffix of a file being written (renamed to its record name when
 /// complete).
 const TEMP_SUFFIX: &str = ".tmp";
+/// Whether `name` is one of this store's temporary names:
+/// `.{record}.{pid}-{n}.tmp`, where the record's name has one of the
+/// prefixes and the record suffix. Another program's `*.tmp` files in the
+/// same directory are none of its business.
+fn is_temp_name(name: &str) -> bool {
+    let Some(inner) = name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(TEMP_SUFFIX))
+    else {
+        return false;
+    };
+    let Some((record, writer)) = inner.rsplit_once('.') else {
+        return false;
+    };
+    let ours = writer
+        .split_once('-')
+        .is_some_and(|(pid, n)| is_digits(pid) && is_digits(n));
+    ours && record.ends_with(RECORD_SUFFIX)
+        && (record.starts_with(ENCODED_PREFIX) || record.starts_with(HASHED_PREFIX))
+}
+
+fn is_digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Prefix of names that hold the key itself, percent-encoded.
 const ENCODED_PREFIX: &str = "k_";
 /// Prefix of names that hold the SHA-256 of a key too long to encode.
@@ -52,7 +77,8 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// * **Corruption is contained**: a file that is truncated, not JSON, not a
 ///   session, or stored under a name that does not match its key is skipped
 ///   and reported in [`Loaded::skipped`]; its siblings load normally.
-/// * **Leftovers of a crash**: a temporary file (`*.tmp`) left by a write
+/// * **Leftovers of a crash**: a temporary file (`.k_….json.PID-N.tmp`, never
+///   another program's `*.tmp`) left by a write
 ///   that was interrupted is reported in [`Loaded::skipped`] (as a
 ///   [`corrupt`](StoreError::is_corrupt) record whose name ends in `.tmp`)
 ///   and removed by that same `load_all`; the previous version of its
@@ -374,7 +400,7 @@ fn load_all(dir: &Path) -> Result<Loaded, StoreError> {
             continue; // never a name this store writes
         };
         let path = entry.path();
-        if name.ends_with(TEMP_SUFFIX) {
+        if is_temp_name(&name) {
             if IN_FLIGHT.lock().contains(&name) {
                 continue; // a write of this process, in progress
             }
