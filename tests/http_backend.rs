@@ -1520,3 +1520,62 @@ async fn a_waiting_request_gets_the_place_of_a_streamed_body_once_it_is_read() {
     while body.frame().await.is_some() {}
     assert_eq!(state.in_flight(), 0);
 }
+
+/// Answers with the request's `Cookie` lines, one per line, and whether
+/// it carried `Proxy-Authorization`.
+async fn serve_cookie_lines() -> SocketAddr {
+    accept_counting(|stream, _| async move {
+        let service = service_fn(|req: Request<Incoming>| async move {
+            let mut out = String::new();
+            for line in req.headers().get_all(http::header::COOKIE) {
+                out.push_str(line.to_str().unwrap());
+                out.push('\n');
+            }
+            let proxy_auth = req
+                .headers()
+                .contains_key(http::header::PROXY_AUTHORIZATION);
+            out.push_str(&format!("proxy-authorization={proxy_auth}"));
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(out))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+    .0
+}
+
+#[tokio::test]
+async fn an_http2_clients_cookies_reach_an_http1_backend_as_one_line() {
+    let backend = serve_cookie_lines().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let service = HttpBackend::new(&client, format!("http://{backend}")).unwrap();
+    let request = |version| {
+        Request::builder()
+            .version(version)
+            .uri("http://proxy.example/")
+            .header("cookie", "a=1")
+            .header("cookie", "sess=xyz; c=3")
+            .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+            .body(Full::default())
+            .unwrap()
+    };
+    let resp = service
+        .clone()
+        .oneshot(request(http::Version::HTTP_2))
+        .await
+        .unwrap();
+    assert_eq!(
+        body_of(resp).await,
+        "a=1; sess=xyz; c=3\nproxy-authorization=false"
+    );
+    // An HTTP/1.1 client's lines go on as they came.
+    let resp = service
+        .oneshot(request(http::Version::HTTP_11))
+        .await
+        .unwrap();
+    assert_eq!(
+        body_of(resp).await,
+        "a=1\nsess=xyz; c=3\nproxy-authorization=false"
+    );
+}

@@ -15,7 +15,8 @@
 //!   which is created when absent;
 //! * hop-by-hop headers (`Connection` and the headers it names,
 //!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
-//!   `Upgrade`) are not forwarded, in either direction (but for what
+//!   `Upgrade`, and the next proxy's credentials `Proxy-Authorization`
+//!   and `Proxy-Authenticate`) are not forwarded, in either direction (but for what
 //!   a proxied protocol upgrade needs), but `TE: trailers` is sent on, and
 //!   `Trailer` is forwarded, so trailer fields pass both ways;
 //! * protocol upgrades (WebSocket, for one) are proxied: see
@@ -125,7 +126,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use ::http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, UPGRADE};
+use ::http::header::{HeaderName, HeaderValue, CONNECTION, COOKIE, HOST, TE, UPGRADE};
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use ::http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
@@ -691,6 +692,9 @@ impl<B> HttpBackend<B> {
             *req.version_mut() = Version::HTTP_2;
         } else {
             headers.insert(HOST, host);
+            if req.version() >= Version::HTTP_2 {
+                join_cookies(req.headers_mut());
+            }
             // Origin form: the connection already names the backend.
             *req.uri_mut() = Uri::from(path_and_query);
             // Backend connections are HTTP/1.1 and kept alive, whatever the
@@ -701,6 +705,28 @@ impl<B> HttpBackend<B> {
             *req.version_mut() = Version::HTTP_11;
         }
         Ok(upgrade)
+    }
+}
+
+/// Joins the `Cookie` fields of an HTTP/2 or HTTP/3 request into one, as
+/// RFC 9113 section 8.2.3 requires before it goes on over HTTP/1.1: such
+/// clients may send each cookie in a field of its own, and an HTTP/1.1
+/// application may read only the first `Cookie` line.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut lines = headers.get_all(COOKIE).iter();
+    if lines.next().is_none() || lines.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for line in headers.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(line.as_bytes());
+    }
+    // Made of valid values and "; ", so valid.
+    if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, joined);
     }
 }
 
@@ -848,13 +874,19 @@ fn push_without_dot_segments(out: &mut String, path: &str) {
 /// announces the trailers again itself.) A client's `TE: trailers` is sent
 /// on to the backend, as Go does, since a backend may send no trailer
 /// fields without it (hyper does not).
-const HOP_BY_HOP: [&str; 6] = [
+///
+/// `Proxy-Authorization` and `Proxy-Authenticate` are credentials between
+/// a client and the next proxy (RFC 9110 section 11.7), which this one is:
+/// they are not passed on (as Go's `httputil.ReverseProxy` does not).
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "te",
     "transfer-encoding",
     "upgrade",
     "keep-alive",
     "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
 ];
 
 /// Removes the hop-by-hop headers; returns whether `TE` (one of them)
@@ -1149,6 +1181,8 @@ mod tests {
             "upgrade",
             "keep-alive",
             "proxy-connection",
+            "proxy-authorization",
+            "proxy-authenticate",
         ] {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static("x"));
