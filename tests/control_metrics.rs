@@ -9,7 +9,7 @@ use metrics::{
     Unit,
 };
 use tower::{service_fn, ServiceExt};
-use tower_ha::balance::{Balance, Priority};
+use tower_ha::balance::{Balance, Priority, RoundRobin};
 use tower_ha::control::{Events, Handle};
 use tower_ha::{Health, Pool};
 
@@ -113,7 +113,11 @@ async fn stats_are_published_through_the_metrics_facade() {
         get("tower_ha_backend_max_in_flight{backend=b,group=db}"),
         64.0
     );
-    assert!(!last.contains_key("tower_ha_backend_max_in_flight{backend=p,group=db}"));
+    assert_eq!(
+        get("tower_ha_backend_max_in_flight{backend=p,group=db}"),
+        0.0,
+        "no limit"
+    );
     assert_eq!(get("tower_ha_backend_healthy{backend=p,group=db}"), 0.0);
     assert_eq!(get("tower_ha_backend_healthy{backend=b,group=db}"), 1.0);
     assert_eq!(get("tower_ha_group_primary{backend=b,group=db}"), 1.0);
@@ -134,4 +138,68 @@ async fn the_metrics_task_stops_when_the_handle_is_gone() {
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     tokio::task::yield_now().await;
     assert!(task.is_finished());
+}
+
+#[tokio::test(start_paused = true)]
+async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
+    let backend = |name: &'static str| {
+        service_fn(move |_req: Request<()>| async move {
+            Ok::<_, std::convert::Infallible>(Response::new(name))
+        })
+    };
+    let pool = Pool::new();
+    pool.insert("a", backend("a"));
+    pool.insert("b", backend("b"));
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let handle = Handle::new(Events::default());
+    handle.add_group("web", &balance).unwrap();
+    let recorder = Last::default();
+    let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
+    let send = |n| {
+        let balance = balance.clone();
+        async move {
+            for _ in 0..n {
+                balance.clone().oneshot(Request::new(())).await.unwrap();
+            }
+        }
+    };
+    let a_requests = "tower_ha_backend_requests_total{backend=a,group=web}";
+
+    send(6).await;
+    publish();
+    assert_eq!(get(a_requests), Some(3.0));
+    send(2).await;
+    publish();
+    assert_eq!(get(a_requests), Some(4.0));
+
+    // Removed and added again: its state, and its counts, start afresh.
+    pool.remove(&"a".into());
+    pool.insert("a", backend("a"));
+    send(4).await;
+    let fresh = pool.state(&"a".into()).unwrap().requests();
+    assert!(fresh > 0 && fresh < 4);
+    publish();
+    assert_eq!(get(a_requests), Some(4.0 + fresh as f64), "still counting up");
+
+    // Gone from the group, with a request in flight: its gauges go to 0.
+    let b = pool.state(&"b".into()).unwrap();
+    let _in_flight = b.track_in_flight();
+    publish();
+    assert_eq!(get("tower_ha_backend_in_flight{backend=b,group=web}"), Some(1.0));
+    assert_eq!(get("tower_ha_backend_available{backend=b,group=web}"), Some(1.0));
+    pool.remove(&"b".into());
+    publish();
+    assert_eq!(get("tower_ha_backend_in_flight{backend=b,group=web}"), Some(0.0));
+    assert_eq!(get("tower_ha_backend_available{backend=b,group=web}"), Some(0.0));
+    assert_eq!(get("tower_ha_backend_healthy{backend=b,group=web}"), Some(0.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_interval_publishes_every_millisecond_instead_of_panicking() {
+    let handle = Handle::new(Events::default());
+    let task = handle.spawn_metrics(std::time::Duration::ZERO);
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    assert!(!task.is_finished(), "still publishing");
+    task.abort();
 }

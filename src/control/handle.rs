@@ -133,6 +133,9 @@ pub(super) struct Inner {
     epochs: Mutex<HashMap<BackendId, u64>>,
     /// Where those numbers come from.
     epoch_seq: AtomicU64,
+    /// What was last published through the `metrics` facade.
+    #[cfg(feature = "metrics")]
+    published: Mutex<super::metrics::Published>,
 }
 
 /// Runtime control of one or more groups: drain, disable and enable
@@ -218,6 +221,8 @@ impl Handle {
                 drain_deadline: Some(Duration::from_secs(30)),
                 epochs: Mutex::new(HashMap::new()),
                 epoch_seq: AtomicU64::new(0),
+                #[cfg(feature = "metrics")]
+                published: Mutex::default(),
             }),
         }
     }
@@ -237,11 +242,18 @@ impl Handle {
                 drain_deadline: deadline,
                 epochs: Mutex::new(HashMap::new()),
                 epoch_seq: AtomicU64::new(0),
+                #[cfg(feature = "metrics")]
+                published: Mutex::default(),
             },
         };
         Handle {
             inner: Arc::new(inner),
         }
+    }
+
+    #[cfg(feature = "metrics")]
+    pub(super) fn published(&self) -> &Mutex<super::metrics::Published> {
+        &self.inner.published
     }
 
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]

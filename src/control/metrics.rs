@@ -1,9 +1,11 @@
 //! Publishing the stats through the `metrics` facade.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::handle::Handle;
 use super::stats::GroupStats;
+use crate::backend::BackendId;
 
 impl Handle {
     /// Publishes a snapshot of every group's stats through the
@@ -13,9 +15,12 @@ impl Handle {
     /// Per backend, labelled `group` and `backend`:
     /// `tower_ha_backend_requests_total`, `tower_ha_backend_failures_total`,
     /// `tower_ha_backend_ejections_total` (counters),
-    /// `tower_ha_backend_in_flight`, `tower_ha_backend_max_in_flight` (only
-    /// for a backend with a limit), `tower_ha_backend_healthy` (1 or 0) and
-    /// `tower_ha_backend_available` (1 or 0) (gauges). Per group, labelled
+    /// `tower_ha_backend_in_flight`, `tower_ha_backend_max_in_flight` (0
+    /// for a backend without a limit), `tower_ha_backend_healthy` (1 or 0)
+    /// and `tower_ha_backend_available` (1 or 0) (gauges). A backend
+    /// removed and added again (its counts start afresh) keeps its
+    /// counters going up; a backend gone from its group has its gauges set
+    /// to 0 once. Per group, labelled
     /// `group`: `tower_ha_group_failovers_total` (counter),
     /// `tower_ha_group_seconds_since_failover` (gauge, absent before the
     /// first failover), `tower_ha_group_healthy_backends`,
@@ -25,20 +30,38 @@ impl Handle {
     ///
     /// Call it periodically, or run [`spawn_metrics`](Handle::spawn_metrics).
     pub fn publish_metrics(&self) {
+        let mut published = self.published().lock();
+        let mut seen = HashSet::new();
         for group in self.stats() {
-            publish(&group);
+            publish(&group, &mut published, &mut seen);
         }
+        // A backend gone from its group: its gauges go to zero, so that it
+        // counts as neither in flight, available nor primary any more.
+        published.retain(|(group, backend), last| {
+            if seen.contains(&(group.clone(), backend.clone())) {
+                return true;
+            }
+            let labels = [("group", group.clone()), ("backend", backend.to_string())];
+            for gauge in BACKEND_GAUGES {
+                metrics::gauge!(gauge, &labels).set(0.0);
+            }
+            if last.primary {
+                metrics::gauge!("tower_ha_group_primary", &labels).set(0.0);
+            }
+            false
+        });
     }
 
-    /// Publishes the metrics every `interval` on the current tokio runtime
-    /// until the returned task is aborted or every other clone of the
-    /// handle is dropped.
+    /// Publishes the metrics every `interval` (at least a millisecond) on
+    /// the current tokio runtime until the returned task is aborted or
+    /// every other clone of the handle is dropped.
     ///
     /// # Panics
     ///
     /// When called outside a tokio runtime, as [`tokio::spawn`] does.
     pub fn spawn_metrics(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
         let weak = self.downgrade();
+        let interval = interval.max(Duration::from_millis(1));
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -53,18 +76,87 @@ impl Handle {
     }
 }
 
-fn publish(group: &GroupStats) {
+/// What was last published for one backend of one group, by group name and
+/// backend id.
+pub(super) type Published = HashMap<(String, BackendId), Last>;
+
+/// The last counts published for one backend, and of which state.
+#[derive(Debug, Default)]
+pub(super) struct Last {
+    state: usize,
+    requests: u64,
+    failures: u64,
+    ejections: u64,
+    primary: bool,
+}
+
+/// The per-backend gauges, zeroed when the backend leaves its group.
+const BACKEND_GAUGES: [&str; 4] = [
+    "tower_ha_backend_in_flight",
+    "tower_ha_backend_max_in_flight",
+    "tower_ha_backend_healthy",
+    "tower_ha_backend_available",
+];
+
+/// Publishes one counter: the count itself the first time, then what it
+/// grew by. A backend whose state was replaced (removed and added again:
+/// its counts start afresh) adds its new count, so the published counter
+/// never goes back, as counters must not.
+fn count(
+    name: &'static str,
+    labels: &[(&'static str, String); 2],
+    last: &mut u64,
+    now: u64,
+    first: bool,
+    fresh: bool,
+) {
+    let counter = metrics::counter!(name, labels);
+    if first {
+        counter.absolute(now);
+    } else if fresh || now < *last {
+        counter.increment(now);
+    } else {
+        counter.increment(now - *last);
+    }
+    *last = now;
+}
+
+fn publish(group: &GroupStats, published: &mut Published, seen: &mut HashSet<(String, BackendId)>) {
     let name = group.name.to_string();
     for b in &group.backends {
         let labels = [("group", name.clone()), ("backend", b.id.to_string())];
-        metrics::counter!("tower_ha_backend_requests_total", &labels).absolute(b.requests);
-        metrics::counter!("tower_ha_backend_failures_total", &labels).absolute(b.failures);
-        metrics::counter!("tower_ha_backend_ejections_total", &labels)
-            .absolute(u64::from(b.ejections));
+        let key = (name.clone(), b.id.clone());
+        let first = !published.contains_key(&key);
+        let last = published.entry(key.clone()).or_default();
+        let fresh = std::mem::replace(&mut last.state, b.state) != b.state;
+        count(
+            "tower_ha_backend_requests_total",
+            &labels,
+            &mut last.requests,
+            b.requests,
+            first,
+            fresh,
+        );
+        count(
+            "tower_ha_backend_failures_total",
+            &labels,
+            &mut last.failures,
+            b.failures,
+            first,
+            fresh,
+        );
+        let ejections = u64::from(b.ejections);
+        count(
+            "tower_ha_backend_ejections_total",
+            &labels,
+            &mut last.ejections,
+            ejections,
+            first,
+            fresh,
+        );
         metrics::gauge!("tower_ha_backend_in_flight", &labels).set(b.in_flight as f64);
-        if let Some(max) = b.max_in_flight {
-            metrics::gauge!("tower_ha_backend_max_in_flight", &labels).set(max as f64);
-        }
+        let max = b.max_in_flight.map_or(0.0, |max| max as f64);
+        metrics::gauge!("tower_ha_backend_max_in_flight", &labels).set(max);
         metrics::gauge!("tower_ha_backend_healthy", &labels)
             .set(f64::from(u8::from(b.is_healthy())));
         metrics::gauge!("tower_ha_backend_available", &labels)
@@ -72,7 +164,9 @@ fn publish(group: &GroupStats) {
         if group.configured_primary.is_some() {
             let primary = group.current_primary.as_ref() == Some(&b.id);
             metrics::gauge!("tower_ha_group_primary", &labels).set(f64::from(u8::from(primary)));
+            last.primary = true;
         }
+        seen.insert(key);
     }
     let labels = [("group", name)];
     metrics::counter!("tower_ha_group_failovers_total", &labels).absolute(group.failovers);

@@ -54,6 +54,10 @@ pub struct BackendStats {
     /// Unix epoch in JSON, `time_ms`).
     #[serde(rename = "last_change_ms", serialize_with = "opt_unix_millis")]
     pub last_change: Option<SystemTime>,
+    /// Which state these counts are of: a backend removed and added again
+    /// has a new one, whose counts start from zero.
+    #[serde(skip)]
+    pub(crate) state: usize,
 }
 
 impl BackendStats {
@@ -71,6 +75,7 @@ impl BackendStats {
             admin: state.admin(),
             weight: state.weight(),
             available: state.is_available(),
+            state: std::ptr::from_ref(state) as usize,
         }
     }
 
