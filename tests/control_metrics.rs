@@ -180,19 +180,38 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
     let fresh = pool.state(&"a".into()).unwrap().requests();
     assert!(fresh > 0 && fresh < 4);
     publish();
-    assert_eq!(get(a_requests), Some(4.0 + fresh as f64), "still counting up");
+    assert_eq!(
+        get(a_requests),
+        Some(4.0 + fresh as f64),
+        "still counting up"
+    );
 
     // Gone from the group, with a request in flight: its gauges go to 0.
     let b = pool.state(&"b".into()).unwrap();
     let _in_flight = b.track_in_flight();
     publish();
-    assert_eq!(get("tower_ha_backend_in_flight{backend=b,group=web}"), Some(1.0));
-    assert_eq!(get("tower_ha_backend_available{backend=b,group=web}"), Some(1.0));
+    assert_eq!(
+        get("tower_ha_backend_in_flight{backend=b,group=web}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        get("tower_ha_backend_available{backend=b,group=web}"),
+        Some(1.0)
+    );
     pool.remove(&"b".into());
     publish();
-    assert_eq!(get("tower_ha_backend_in_flight{backend=b,group=web}"), Some(0.0));
-    assert_eq!(get("tower_ha_backend_available{backend=b,group=web}"), Some(0.0));
-    assert_eq!(get("tower_ha_backend_healthy{backend=b,group=web}"), Some(0.0));
+    assert_eq!(
+        get("tower_ha_backend_in_flight{backend=b,group=web}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        get("tower_ha_backend_available{backend=b,group=web}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        get("tower_ha_backend_healthy{backend=b,group=web}"),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -281,6 +281,47 @@ async fn a_concurrent_hydration_from_two_replicas_restores_a_session_once() {
     assert!(a.layer.stats().store_errors + b.layer.stats().store_errors == 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_goes_on_when_its_client_leaves_and_releases_its_lease() {
+    let server = RedisServer::start();
+    let a = replica(
+        &server,
+        Options {
+            restore_takes: Duration::from_millis(300),
+            ..Options::default()
+        },
+    )
+    .await;
+    let earlier = RedisStore::builder(server.url()).build().await.unwrap();
+    earlier
+        .save(&Session::new("kernel", NAMES[1].into()))
+        .await
+        .unwrap();
+
+    // The client gives up while the session is being restored.
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), a.send("kernel")).await;
+    assert!(
+        gave_up.is_err(),
+        "the restore takes longer than the client waits"
+    );
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while a.restores.lock().get("kernel").copied().unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the restore was abandoned with its client"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    // Released once restored, not left to expire (the lease lasts 5 s).
+    while earlier.is_leased("kernel").await.unwrap() {
+        assert!(Instant::now() < deadline, "the lease was left to expire");
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.send("kernel").await, NAMES[1]);
+    assert_eq!(a.restores.lock()["kernel"], 1, "restored once");
+    assert_eq!(a.layer.stats().hydrated, 1);
+}
+
 /// Redis is killed with SIGKILL and restarted while a replica serves:
 /// known sessions keep their backend from the in-memory table, saves fail
 /// while Redis is down and resume once it is back, and every session whose

@@ -629,24 +629,14 @@ impl Shared {
             let restore = shared.config.availability == Availability::Replication;
             let stored = cell
                 .stored
-                .get_or_init(|| shared.read(&*store, &key, restore))
+                .get_or_init(|| shared.read(&store, &key, restore.then_some(&cell)))
                 .await
                 .clone();
-            let stale = {
-                // Under the lock `forget` takes to mark loads stale, so a
-                // session forgotten after this check is removed after it is
-                // remembered.
-                let _loading = shared.loading.lock();
-                let stale = cell.stale.load(std::sync::atomic::Ordering::Acquire);
-                if !stale {
-                    shared.remember(&stored);
-                }
-                stale
-            };
+            let stale = !shared.remember_unless_stale(&stored, &cell);
             let stored = if stale {
                 // Moved on another replica while it was read: route by the
                 // record as it is now (restored there already).
-                shared.read(&*store, &key, false).await
+                shared.read(&store, &key, None).await
             } else {
                 stored
             };
@@ -655,9 +645,27 @@ impl Shared {
         })
     }
 
-    /// Reads `key` from the store (and, with `restore`, restores it when a
-    /// lock and a restore hook are configured).
-    async fn read(&self, store: &dyn SessionStore, key: &str, restore: bool) -> Stored {
+    /// Remembers a session loaded by `cell`'s load unless it was forgotten
+    /// meanwhile; returns whether it was not.
+    fn remember_unless_stale(&self, stored: &Stored, cell: &Cell) -> bool {
+        // Under the lock `forget` takes to mark loads stale, so a session
+        // forgotten after this check is removed after it is remembered.
+        let _loading = self.loading.lock();
+        let stale = cell.stale.load(std::sync::atomic::Ordering::Acquire);
+        if !stale {
+            self.remember(stored);
+        }
+        !stale
+    }
+
+    /// Reads `key` from the store (and, for `restore`'s load, restores it
+    /// when a lock and a restore hook are configured).
+    async fn read(
+        self: &Arc<Self>,
+        store: &Arc<dyn SessionStore>,
+        key: &str,
+        restore: Option<&Cell>,
+    ) -> Stored {
         bump(&self.counters.loaded, 1);
         let session = match store.load(key).await {
             Ok(session) => session.filter(|s| *s.key == *key),
@@ -667,8 +675,25 @@ impl Shared {
             }
         };
         match (session, &self.config.lock, &self.config.on_restore) {
-            (Some(session), Some(lock), Some(hook)) if restore => {
-                Stored::Found(self.hydrate(store, &**lock, hook, session).await)
+            (Some(session), Some(lock), Some(hook)) if restore.is_some() => {
+                // In a task of its own: a client gone meanwhile must not
+                // stop a restore half-way, nor leave its lock to expire
+                // while every other request for the session waits on it;
+                // and the restored session is remembered even then.
+                let (shared, store) = (self.clone(), store.clone());
+                let (lock, hook) = (lock.clone(), hook.clone());
+                let cell = restore.cloned().expect("restoring");
+                let fallback = session.clone();
+                let restoring = tokio::spawn(async move {
+                    let session = shared.hydrate(&*store, &*lock, &hook, session).await;
+                    let stored = Stored::Found(session.clone());
+                    shared.remember_unless_stale(&stored, &cell);
+                    session
+                });
+                Stored::Found(restoring.await.unwrap_or_else(|error| {
+                    tracing::warn!(target: TARGET, session = %fallback.key, %error, "session restore panicked; its record is kept");
+                    fallback
+                }))
             }
             (Some(session), _, _) => Stored::Found(session),
             (None, _, _) => Stored::Absent,
