@@ -1740,3 +1740,76 @@ async fn a_save_outlives_the_request_that_made_it() {
     let record = record.expect("the save landed after the request was gone");
     assert_eq!(record.backend.as_str(), "a");
 }
+
+/// A store that counts saves and whose records would expire unless saved
+/// again every `every`.
+#[derive(Clone)]
+struct Expiring {
+    inner: MemoryStore,
+    saves: Arc<AtomicUsize>,
+    every: Option<Duration>,
+}
+
+impl SessionStore for Expiring {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        self.inner.load_all()
+    }
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        self.inner.load(key)
+    }
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        self.saves.fetch_add(1, Ordering::SeqCst);
+        self.inner.save(session)
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        self.inner.delete(keys)
+    }
+    fn refresh_interval(&self) -> Option<Duration> {
+        self.every
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_in_use_is_saved_again_as_often_as_its_store_asks() {
+    let c = cluster();
+    let store = |every| Expiring {
+        inner: MemoryStore::new(),
+        saves: Arc::default(),
+        every,
+    };
+    let expiring = store(Some(Duration::from_secs(60)));
+    let (_, svc) = instance(&c, SessionKey::header("x-session-id"), expiring.clone());
+    let lasting = store(None);
+    let (_, plain) = instance(&c, SessionKey::header("x-session-id"), lasting.clone());
+    let off = store(Some(Duration::from_secs(60)));
+    let (_, turned_off) = {
+        let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+            .store(off.clone())
+            .refresh_every(Duration::ZERO);
+        (layer.clone(), stack(&c.pool, layer))
+    };
+    let all = [(&expiring, &svc), (&lasting, &plain), (&off, &turned_off)];
+    let send_all = || async {
+        for (_, svc) in all {
+            let served = send(svc, session("s")).await.unwrap();
+            assert_eq!(served.body(), "a");
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    };
+    let saves = || all.map(|(store, _)| store.saves.load(Ordering::SeqCst));
+
+    send_all().await;
+    assert_eq!(saves(), [1, 1, 1], "started");
+    tokio::time::advance(Duration::from_secs(59)).await;
+    send_all().await;
+    assert_eq!(saves(), [1, 1, 1]);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    send_all().await;
+    assert_eq!(saves(), [2, 1, 1], "saved again, once, in the background");
+    send_all().await;
+    assert_eq!(saves(), [2, 1, 1]);
+    let record = expiring.inner.load("s").await.unwrap().unwrap();
+    assert_eq!(record.backend.as_str(), "a");
+}

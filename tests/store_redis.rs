@@ -47,6 +47,9 @@ async fn redis_store_passes_the_contract_on_a_multi_thread_runtime_with_a_ttl() 
         .build()
         .await
         .unwrap();
+    // Sessions in use are saved again before they can expire.
+    assert_eq!(store.refresh_interval(), Some(Duration::from_secs(30)));
+    assert_eq!(self::store(&server).await.refresh_interval(), None);
     support::store_contract::run(Arc::new(store)).await;
 }
 

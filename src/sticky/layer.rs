@@ -54,6 +54,7 @@ impl StickyLayer {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_sessions: DEFAULT_MAX_SESSIONS,
             on_move: None,
+            refresh: None,
             on_restore: None,
             lock: None,
             events: None,
@@ -117,6 +118,17 @@ impl StickyLayer {
     /// stays in the store). Measured with `tokio::time`.
     pub fn idle_timeout(self, idle: Duration) -> Self {
         self.with(|c| c.idle_timeout = idle)
+    }
+
+    /// How often a session in use is saved again, so that a store whose
+    /// records expire when left alone keeps them (in the background, at
+    /// most once per `every` per session, with its `last_seen` time).
+    /// Default: as the store asks
+    /// ([`SessionStore::refresh_interval`](crate::store::SessionStore::refresh_interval):
+    /// half the `RedisStore`'s `ttl`, never for the other stores). Zero
+    /// turns it off.
+    pub fn refresh_every(self, every: Duration) -> Self {
+        self.with(|c| c.refresh = Some(every))
     }
 
     /// The most sessions the table holds (at least 1). A full table evicts

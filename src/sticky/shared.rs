@@ -18,7 +18,7 @@ use super::error::SessionUnavailable;
 use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, SessionMoved};
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
 use super::stats::{bump, Counters, StickyStats};
-use super::table::{Dropped, Hit, Kept, Table, Unread};
+use super::table::{Dropped, Hit, Kept, Lookup, Table, Unread};
 use super::writes::{landed, Owner, Write, Writes};
 use super::Availability;
 use crate::backend::BackendId;
@@ -87,6 +87,9 @@ pub(crate) struct Config {
     pub(crate) strict: bool,
     pub(crate) idle_timeout: Duration,
     pub(crate) max_sessions: usize,
+    /// How often a session in use is saved again; `None`: as the store
+    /// asks ([`SessionStore::refresh_interval`]).
+    pub(crate) refresh: Option<Duration>,
     pub(crate) on_move: Option<OnMove>,
     pub(crate) on_restore: Option<OnRestore>,
     pub(crate) lock: Option<Arc<dyn SessionLock>>,
@@ -103,6 +106,7 @@ impl Clone for Config {
             strict: self.strict,
             idle_timeout: self.idle_timeout,
             max_sessions: self.max_sessions,
+            refresh: self.refresh,
             on_move: self.on_move.clone(),
             on_restore: self.on_restore.clone(),
             lock: self.lock.clone(),
@@ -120,6 +124,7 @@ impl fmt::Debug for Config {
             .field("strict", &self.strict)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_sessions", &self.max_sessions)
+            .field("refresh", &self.refresh)
             .field("on_move", &self.on_move.is_some())
             .field("on_restore", &self.on_restore.is_some())
             .field("lock", &self.lock.is_some())
@@ -304,7 +309,13 @@ impl Shared {
                 config.idle_timeout,
                 config.max_sessions,
                 config.key.cookie().is_some(),
-            ),
+            )
+            .with_refresh(config.store.as_ref().and_then(|store| {
+                config
+                    .refresh
+                    .or_else(|| store.refresh_interval())
+                    .filter(|every| !every.is_zero())
+            })),
             config,
             loading: Mutex::new(HashMap::new()),
             unrestored: Mutex::new(HashSet::new()),
@@ -408,9 +419,10 @@ impl Shared {
         }
     }
 
-    fn lookup(&self, key: &str) -> Found {
+    fn lookup(self: &Arc<Self>, key: &str) -> Found {
         let found = self.table.get(key.as_bytes(), None);
         bump(&self.counters.expired, u64::from(found.expired));
+        self.refresh(&found);
         match found.hit {
             Some(hit) => Found::Hit(hit, Named::Nothing),
             None => Found::Miss(Arc::from(key), None, found.unread),
@@ -422,7 +434,7 @@ impl Shared {
     /// constant-time comparison with the value kept in the table, without
     /// decoding or computing a MAC; any other value is parsed and its MAC
     /// verified before it is trusted.
-    fn lookup_cookie(&self, value: &[u8]) -> Result<Found, Reject> {
+    fn lookup_cookie(self: &Arc<Self>, value: &[u8]) -> Result<Found, Reject> {
         let mut hit = None;
         let mut unread = None;
         // The table compares bytes: a session id that is not UTF-8 is
@@ -433,6 +445,7 @@ impl Shared {
         {
             let found = self.table.get(session, Some(value));
             bump(&self.counters.expired, u64::from(found.expired));
+            self.refresh(&found);
             match found.hit {
                 Some(exact) if found.exact => return Ok(Found::Hit(exact, Named::Current)),
                 other => (hit, unread) = (other, found.unread),
@@ -449,6 +462,19 @@ impl Shared {
             Some(hit) => Found::Hit(hit, Named::Backend(named)),
             None => Found::Miss(Arc::from(parsed.session), Some(named), unread),
         })
+    }
+
+    /// Saves a hit's session again if its record is due a refresh, in the
+    /// background: the request does not wait for it.
+    #[inline]
+    fn refresh(self: &Arc<Self>, found: &Lookup) {
+        if let (true, Some(hit), Some(store)) = (found.refresh, &found.hit, &self.config.store) {
+            drop(Writes::submit(
+                self,
+                store,
+                Write::Refresh(hit.key.to_string()),
+            ));
+        }
     }
 
     /// Routes a request whose session was looked up in the store (or not,
@@ -1141,6 +1167,10 @@ impl Owner for Shared {
 
     fn failed(&self, key: &str, op: &'static str, error: &StoreError) {
         self.store_error(key, op, error);
+    }
+
+    fn saved(&self, key: &str) -> Option<Session> {
+        self.table.saved(key)
     }
 }
 

@@ -56,6 +56,9 @@ pub(crate) struct Entry {
     data: serde_json::Value,
     /// Nanoseconds since the table's epoch.
     last_seen: AtomicU64,
+    /// When its record was last written or due a refresh, in nanoseconds
+    /// since the table's epoch (see `Table::with_refresh`).
+    refreshed_at: AtomicU64,
     /// The last request sent to `backend` for this session failed.
     failed: AtomicBool,
     /// The value of the layer's cookie for this session on `backend`.
@@ -86,6 +89,7 @@ impl Entry {
             created: session.created,
             data: session.data,
             last_seen: AtomicU64::new(now),
+            refreshed_at: AtomicU64::new(now),
             failed: AtomicBool::new(failed),
             cookie,
             saved: AtomicBool::new(kept == Kept::Saved),
@@ -131,6 +135,9 @@ pub(crate) struct Lookup {
     /// read, and the record is due to be read again. The entry stays until
     /// an insert replaces it or [`Table::keep`] keeps it.
     pub(crate) unread: Option<Unread>,
+    /// The hit's record is due to be saved again (see `Table::with_refresh`);
+    /// told to one request per refresh.
+    pub(crate) refresh: bool,
 }
 
 /// What changed when a session moved.
@@ -265,6 +272,9 @@ pub(crate) struct Table {
     max: usize,
     epoch: Instant,
     last_sweep: AtomicU64,
+    /// How often a saved session's record is due to be saved again, in
+    /// nanoseconds; 0 for never.
+    refresh: u64,
 }
 
 /// Counts of what a table operation dropped.
@@ -284,7 +294,29 @@ impl Table {
             max: max.max(1),
             epoch: Instant::now(),
             last_sweep: AtomicU64::new(0),
+            refresh: 0,
         }
+    }
+
+    /// Tells a hit, at most once every `every`, that its saved session's
+    /// record is due to be saved again (a store whose records expire).
+    pub(crate) fn with_refresh(mut self, every: Option<Duration>) -> Self {
+        self.refresh = every.map_or(0, |every| nanos(every).max(1));
+        self
+    }
+
+    /// Whether `entry`'s record is due to be saved again `now`; claims the
+    /// refresh, so that one request of many tells it.
+    fn take_refresh(&self, entry: &Entry, now: u64) -> bool {
+        if self.refresh == 0 || !entry.saved.load(Ordering::Relaxed) {
+            return false;
+        }
+        let at = entry.refreshed_at.load(Ordering::Relaxed);
+        now.saturating_sub(at) >= self.refresh
+            && entry
+                .refreshed_at
+                .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     fn now(&self) -> u64 {
@@ -331,6 +363,7 @@ impl Table {
                     expired: false,
                     exact,
                     unread: None,
+                    refresh: self.take_refresh(entry, now),
                 };
             }
         }
@@ -520,6 +553,17 @@ impl Table {
         let map = self.map.read();
         let (k, entry) = map.get_key_value(key.as_bytes())?;
         Some(to_session(&k.0, entry))
+    }
+
+    /// The session `key` if its changes are saved: what refreshing its
+    /// record writes.
+    pub(crate) fn saved(&self, key: &str) -> Option<Session> {
+        let map = self.map.read();
+        let (k, entry) = map.get_key_value(key.as_bytes())?;
+        entry
+            .saved
+            .load(Ordering::Relaxed)
+            .then(|| to_session(&k.0, entry))
     }
 
     /// The session `key` unless it is idle or due to be read again: one a

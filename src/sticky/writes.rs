@@ -22,13 +22,16 @@ use crate::store::{Session, SessionStore, StoreError};
 pub(crate) enum Write {
     Save(Session),
     Delete(String),
+    /// Saves the key's session as the owner knows it when its turn comes,
+    /// if it still keeps it: a refresh of a record that would expire.
+    Refresh(String),
 }
 
 impl Write {
     fn key(&self) -> &str {
         match self {
             Write::Save(session) => &session.key,
-            Write::Delete(key) => key,
+            Write::Delete(key) | Write::Refresh(key) => key,
         }
     }
 }
@@ -38,6 +41,9 @@ pub(crate) trait Owner: Send + Sync + 'static {
     fn writes(&self) -> &Writes;
     /// `op` (`save` or `delete`) of `key` failed.
     fn failed(&self, key: &str, op: &'static str, error: &StoreError);
+    /// The session `key` as it is to be saved now, if the owner still keeps
+    /// it (see [`Write::Refresh`]).
+    fn saved(&self, key: &str) -> Option<Session>;
 }
 
 /// A write waiting for its turn, and who waits for its result.
@@ -110,6 +116,10 @@ impl<O: Owner> Worker<O> {
             let (op, result) = match &next.write {
                 Write::Save(session) => ("save", store.save(session).await),
                 Write::Delete(key) => ("delete", store.delete(std::slice::from_ref(key)).await),
+                Write::Refresh(key) => match self.owner.saved(key) {
+                    Some(session) => ("save", store.save(&session).await),
+                    None => ("save", Ok(())),
+                },
             };
             if let Err(error) = &result {
                 self.owner.failed(&self.key, op, error);
@@ -188,6 +198,9 @@ mod tests {
         }
         fn failed(&self, key: &str, op: &'static str, _: &StoreError) {
             self.failed.lock().push(format!("{op} {key}"));
+        }
+        fn saved(&self, _: &str) -> Option<Session> {
+            None
         }
     }
 

@@ -40,7 +40,7 @@ mod webhook;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -78,6 +78,15 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Deletes the sessions stored under `keys`; absent keys are ignored.
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()>;
+
+    /// How often a session in use should be saved again to keep its record
+    /// alive, for a store whose records expire when left alone (`None`,
+    /// the default: records stay until deleted). The sticky layer saves a
+    /// session it serves at most this often (see
+    /// [`StickyLayer::refresh_every`](crate::sticky::StickyLayer::refresh_every)).
+    fn refresh_interval(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl<T: SessionStore + ?Sized> SessionStore for std::sync::Arc<T> {
@@ -95,6 +104,10 @@ impl<T: SessionStore + ?Sized> SessionStore for std::sync::Arc<T> {
 
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         (**self).delete(keys)
+    }
+
+    fn refresh_interval(&self) -> Option<Duration> {
+        (**self).refresh_interval()
     }
 }
 

@@ -352,7 +352,9 @@ impl RedisStoreBuilder {
     }
 
     /// Sessions expire after `ttl` without a save or a load (each refreshes
-    /// it). Default: sessions never expire; delete them.
+    /// it). The sticky layer saves a session it serves again every half
+    /// `ttl` (see [`SessionStore::refresh_interval`]), so only sessions
+    /// nobody uses expire. Default: sessions never expire; delete them.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
@@ -586,6 +588,12 @@ fn redact(url: &str) -> String {
 }
 
 impl SessionStore for RedisStore {
+    /// Half the [`ttl`](RedisStoreBuilder::ttl), if any: a session in use
+    /// is saved again before its record can expire.
+    fn refresh_interval(&self) -> Option<Duration> {
+        self.inner.ttl.map(|ttl| ttl / 2)
+    }
+
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         Box::pin(async move {
             let inner = &*self.inner;
