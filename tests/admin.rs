@@ -190,6 +190,31 @@ async fn post_primary_forces_it_and_rejects_bad_bodies() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn delete_primary_releases_a_forced_one() {
+    let f = fixture();
+    let (status, body) = call(
+        &f.admin,
+        "POST",
+        "/groups/web/primary",
+        r#"{"backend_id": "web2"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["forced_primary"], "web2");
+    let (status, body) = call(&f.admin, "DELETE", "/groups/web/primary", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["forced_primary"], Value::Null);
+    assert_eq!(f.handle.group_stats("web").unwrap().forced_primary, None);
+
+    let (status, _) = call(&f.admin, "DELETE", "/groups/nope/primary", "").await;
+    assert_eq!(status, 404);
+    let (status, _) = call(&f.admin, "DELETE", "/groups/api/primary", "").await;
+    assert_eq!(status, 409);
+    let (status, _) = call(&f.admin, "PUT", "/groups/web/primary", "").await;
+    assert_eq!(status, 405);
+}
+
+#[tokio::test(start_paused = true)]
 async fn backend_actions_drain_disable_and_enable() {
     let f = fixture();
     let state = f.web.state(&"web2".into()).unwrap();

@@ -27,6 +27,7 @@ use crate::error::BoxError;
 /// | `GET /groups` | every group's [`GroupStats`](super::GroupStats) |
 /// | `GET /groups/{name}` | one group's stats |
 /// | `POST /groups/{name}/primary` with `{"backend_id": "..."}` | forces the primary |
+/// | `DELETE /groups/{name}/primary` | releases a forced primary: the group's failback rule applies again |
 /// | `POST /backends/{id}/drain`, `/disable`, `/enable` with `{}` or no body | the admin action |
 /// | `GET /events?limit=N` | the last N (default 100) recorded events, oldest first |
 ///
@@ -327,9 +328,20 @@ where
             },
             _ => not_allowed("GET"),
         },
+        ["groups", name, "primary"] if method == Method::DELETE => {
+            // No body, and a method a web page cannot send across sites
+            // without asking the server first: no content type to check.
+            match handle
+                .release_primary(name)
+                .and_then(|()| handle.group_stats(name))
+            {
+                Ok(stats) => json(StatusCode::OK, &stats),
+                Err(e) => control_error(&e),
+            }
+        }
         ["groups", name, "primary"] => {
             if method != Method::POST {
-                return not_allowed("POST");
+                return not_allowed("POST, DELETE");
             }
             if let Some(refused) = require_json(&req) {
                 return refused;
