@@ -847,3 +847,33 @@ async fn success_rate_ejection_catches_failures_that_never_come_in_a_row() {
     }
     assert!(!few_state.is_ejected());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_one() {
+    let pool = Pool::new();
+    pool.insert("a", 0u8);
+    // The first backend's probe panics half a second in; the new one's pass.
+    let probe = probe_fn(|_id: &BackendId, generation: &u8| {
+        let old = *generation == 0;
+        async move {
+            if old {
+                tokio::time::sleep(ms(500)).await;
+                panic!("the probe of the replaced backend");
+            }
+            Ok::<(), BoxError>(())
+        }
+    });
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), probe)
+        .interval(secs(2))
+        .timeout(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .spawn();
+    at(t0 + ms(100)).await;
+    let fresh = Arc::new(BackendState::new(1));
+    pool.insert_with_state("a", 1u8, fresh.clone());
+    at(t0 + ms(600)).await;
+    assert_eq!(fresh.health(), Health::Healthy);
+    assert_eq!(fresh.consecutive_failures(), 0);
+}

@@ -491,8 +491,6 @@ fn jitter(max: Duration) -> Duration {
     Duration::from_nanos(crate::balance::random_below(nanos + 1) as u64)
 }
 
-type ProbeResult = (BackendId, Arc<BackendState>, Result<(), BoxError>);
-
 struct Task<S, P> {
     pool: Pool<S>,
     probe: Arc<P>,
@@ -508,8 +506,10 @@ where
     P: Probe<S>,
 {
     async fn run(mut self) {
-        let mut probes: JoinSet<ProbeResult> = JoinSet::new();
-        let mut running: HashMap<tokio::task::Id, BackendId> = HashMap::new();
+        let mut probes: JoinSet<Result<(), BoxError>> = JoinSet::new();
+        // Each probe's backend, and the state it probes: a backend replaced
+        // meanwhile has a new state, which the probe's result is not about.
+        let mut running: HashMap<tokio::task::Id, (BackendId, Arc<BackendState>)> = HashMap::new();
         let mut generation = None;
         loop {
             let now = Instant::now();
@@ -557,19 +557,14 @@ where
                 entry.probing = true;
                 entry.next_probe = now;
                 let probe = self.probe.probe(member.id(), service);
-                let (id, state, timeout) = (
-                    member.id().clone(),
-                    member.state().clone(),
-                    self.config.timeout,
-                );
+                let timeout = self.config.timeout;
                 let handle = probes.spawn(async move {
-                    let result = match tokio::time::timeout(timeout, probe).await {
+                    match tokio::time::timeout(timeout, probe).await {
                         Ok(result) => result,
                         Err(_) => Err(ProbeTimeout::new(timeout).into()),
-                    };
-                    (id, state, result)
+                    }
                 });
-                running.insert(handle.id(), member.id().clone());
+                running.insert(handle.id(), (member.id().clone(), member.state().clone()));
             }
             drop(snapshot);
             for entry in self.entries.values() {
@@ -588,17 +583,15 @@ where
                 biased;
                 Some(joined) = probes.join_next_with_id(), if !probes.is_empty() => {
                     let (task, result) = match joined {
-                        Ok((task, (id, state, result))) => (task, Some((id, state, result))),
-                        Err(error) => (error.id(), None),
+                        Ok((task, result)) => (task, result),
+                        Err(error) => (error.id(), Err(ProbePanicked::default().into())),
                     };
-                    let Some(id) = running.remove(&task) else { continue };
+                    let Some((id, state)) = running.remove(&task) else { continue };
                     let Some(entry) = self.entries.get_mut(&id) else { continue };
-                    match result {
-                        // A probe of a backend that was replaced meanwhile.
-                        // (The new entry schedules its own probes.)
-                        Some((_, state, _)) if !Arc::ptr_eq(&state, &entry.state) => {}
-                        Some((_, _, result)) => entry.record(&id, result, &self.config, self.events.as_ref()),
-                        None => entry.record(&id, Err(ProbePanicked::default().into()), &self.config, self.events.as_ref()),
+                    // A probe of a backend that was replaced meanwhile, which
+                    // ended or panicked: the new entry schedules its own.
+                    if Arc::ptr_eq(&state, &entry.state) {
+                        entry.record(&id, result, &self.config, self.events.as_ref());
                     }
                 }
                 () = self.changed.0.notified() => {}
