@@ -711,9 +711,8 @@ impl Shared {
                 let cell = restore.cloned().expect("restoring");
                 let fallback = session.clone();
                 let restoring = tokio::spawn(async move {
-                    let session = shared.hydrate(&*store, &*lock, &hook, session).await;
-                    let stored = Stored::Found(session.clone());
-                    shared.remember_unless_stale(&stored, &cell);
+                    let session = shared.hydrate(&*store, &*lock, &hook, session, &cell).await;
+                    shared.remember_unless_stale(&Stored::Found(session.clone()), &cell);
                     session
                 });
                 Stored::Found(restoring.await.unwrap_or_else(|error| {
@@ -747,6 +746,7 @@ impl Shared {
         lock: &dyn SessionLock,
         hook: &OnRestore,
         loaded: Session,
+        cell: &Cell,
     ) -> Session {
         let key = loaded.key.clone();
         let reread = |fallback: Session| async move {
@@ -772,6 +772,10 @@ impl Shared {
                         "session restore failed; its record is kept"
                     ),
                 }
+                // Known here before the lock says the restore is done, so
+                // that this instance's next request for it does not
+                // restore it again.
+                self.remember_unless_stale(&Stored::Found(session.clone()), cell);
                 if let Err(error) = guard.release().await {
                     self.store_error(&session.key, "unlock", &error);
                 }

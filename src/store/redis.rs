@@ -34,10 +34,28 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 /// Pending notices a subscriber holds before Redis has to buffer them.
 const NOTICE_BUFFER: usize = 1024;
 
-/// Releases a lease only when the caller still owns it.
+/// What a released lease holds for [`DONE_FOR`]: the work it guarded was
+/// done. (A token is hexadecimal, never this.)
+const DONE: &str = "done";
+/// How long a released lease says so, for those still waiting on it.
+const DONE_FOR: Duration = Duration::from_secs(60);
+
+/// Takes a lease that nobody holds: absent, or released (`done`).
+const TAKE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == false or v == 'done' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0";
+
+/// Releases a lease only when the caller still owns it, leaving `done` in
+/// its place for a while, so that those waiting on it can tell a finished
+/// restore from a holder that died (whose lease just expires).
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[1], 'done', 'PX', ARGV[2])
+  return 1
 end
 return 0";
 
@@ -146,6 +164,7 @@ struct Inner {
     lease_wait: Duration,
     /// Tells this store's own notices from other replicas'.
     origin: String,
+    take: Script,
     release: Script,
     extend: Script,
 }
@@ -219,9 +238,9 @@ impl RedisStore {
         self.inner.key(b"l:", key)
     }
 
-    /// Takes the lease on session `key` for `ttl` if nobody holds it
-    /// (`SET NX PX` with a random token): `None` when another owner holds
-    /// it. The lease ends when released or when `ttl` runs out, whichever
+    /// Takes the lease on session `key` for `ttl` if nobody holds it (a
+    /// Lua script that sets a random token with an expiry when the lease is
+    /// absent or released): `None` when another owner holds it. The lease ends when released or when `ttl` runs out, whichever
     /// comes first, so a replica that dies holding it blocks the others for
     /// at most `ttl`.
     ///
@@ -230,38 +249,51 @@ impl RedisStore {
     pub async fn try_lease(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
         let token = random_token();
         let redis_key = self.lease_key(key);
-        let mut cmd = ::redis::cmd("SET");
-        cmd.arg(&redis_key)
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl));
-        let answer: Value = self.inner.run(&cmd, "take a lease").await?;
-        Ok(match answer {
-            Value::Nil => None,
-            _ => Some(Lease {
-                store: self.clone(),
-                key: key.to_owned(),
-                redis_key,
-                token,
-            }),
-        })
+        let ttl = millis(ttl).to_string();
+        let taken = self
+            .inner
+            .run_script(
+                &self.inner.take,
+                &redis_key,
+                &[token.as_bytes(), ttl.as_bytes()],
+                "take a lease",
+            )
+            .await?;
+        Ok((taken == 1).then(|| Lease {
+            store: self.clone(),
+            key: key.to_owned(),
+            redis_key,
+            token,
+        }))
     }
 
     /// Whether someone holds the lease on session `key`.
     pub async fn is_leased(&self, key: &str) -> Result<bool, StoreError> {
-        let mut cmd = ::redis::cmd("EXISTS");
+        Ok(self.lease_state(key).await? == LeaseState::Held)
+    }
+
+    async fn lease_state(&self, key: &str) -> Result<LeaseState, StoreError> {
+        let mut cmd = ::redis::cmd("GET");
         cmd.arg(self.lease_key(key));
-        let n: i64 = self.inner.run(&cmd, "look up a lease").await?;
-        Ok(n > 0)
+        let value: Option<Vec<u8>> = self.inner.run(&cmd, "look up a lease").await?;
+        Ok(match value.as_deref() {
+            None => LeaseState::Free,
+            Some(v) if v == DONE.as_bytes() => LeaseState::Done,
+            Some(_) => LeaseState::Held,
+        })
     }
 
     /// Decides which replica restores session `key`: takes the lease for
     /// `ttl` ([`Claim::Won`]: restore, save the result, then release), or,
     /// when another replica holds it, waits until that replica releases it
-    /// (or its lease expires) and reads the session it saved
-    /// ([`Claim::Lost`]). Fails with a [`timeout`](StoreError::is_timeout)
-    /// error when the lease is still held after `wait`.
+    /// and reads the session it saved ([`Claim::Lost`]). A lease that
+    /// expires unreleased (its holder died before it was done) is taken by
+    /// one of those waiting, which then wins. Fails with a
+    /// [`timeout`](StoreError::is_timeout) error when the lease is still
+    /// held after `wait`.
+    ///
+    /// A released lease says `done` for a minute, so that those waiting can
+    /// tell it from one that expired; a claim meanwhile takes it as free.
     ///
     /// Two replicas that claim a session at once never both win; a replica
     /// that claims it after the winner released it wins again and finds
@@ -295,17 +327,24 @@ impl RedisStore {
         wait: Duration,
     ) -> Result<Claim, StoreError> {
         let deadline = crate::time::later(Instant::now(), wait);
-        if let Some(lease) = self.try_lease(key, ttl).await? {
-            return Ok(Claim::Won(lease));
-        }
-        while self.is_leased(key).await? {
-            if Instant::now() >= deadline {
-                return Err(StoreError::timeout(LeaseHeld(key.to_owned()))
-                    .with_message(format!("the lease was still held after {wait:?}")));
+        loop {
+            if let Some(lease) = self.try_lease(key, ttl).await? {
+                return Ok(Claim::Won(lease));
             }
-            tokio::time::sleep(LEASE_POLL).await;
+            loop {
+                match self.lease_state(key).await? {
+                    LeaseState::Done => return Ok(Claim::Lost(self.load(key).await?)),
+                    // Expired unreleased: its holder died before it was
+                    // done, so the restore is still to do; try to take it.
+                    LeaseState::Free => break,
+                    LeaseState::Held if Instant::now() >= deadline => {
+                        return Err(StoreError::timeout(LeaseHeld(key.to_owned()))
+                            .with_message(format!("the lease was still held after {wait:?}")));
+                    }
+                    LeaseState::Held => tokio::time::sleep(LEASE_POLL).await,
+                }
+            }
         }
-        Ok(Claim::Lost(self.load(key).await?))
     }
 
     /// Publishes that session `key` is now on `backend` (`None`: it ended)
@@ -415,6 +454,7 @@ impl RedisStoreBuilder {
             lease_ttl: self.lease_ttl,
             lease_wait: self.lease_wait,
             origin: random_token(),
+            take: Script::new(TAKE),
             release: Script::new(RELEASE),
             extend: Script::new(EXTEND),
         };
@@ -824,6 +864,17 @@ pub struct Lease {
     token: String,
 }
 
+/// The state of a session's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseState {
+    /// Nobody holds it: never taken, or expired unreleased.
+    Free,
+    /// Someone holds it.
+    Held,
+    /// Released a moment ago: the work it guarded is done.
+    Done,
+}
+
 impl Lease {
     /// The session key the lease is on.
     pub fn key(&self) -> &str {
@@ -834,13 +885,14 @@ impl Lease {
     /// in one Lua script, so a lease that expired and was taken by another
     /// replica is left alone). Returns whether it was still held.
     pub async fn release(self) -> Result<bool, StoreError> {
+        let done_for = millis(DONE_FOR).to_string();
         let n = self
             .store
             .inner
             .run_script(
                 &self.store.inner.release,
                 &self.redis_key,
-                &[self.token.as_bytes()],
+                &[self.token.as_bytes(), done_for.as_bytes()],
                 "release a lease",
             )
             .await?;
