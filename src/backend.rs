@@ -445,6 +445,8 @@ impl BackendState {
         let nanos = self.nanos_since_epoch(until).max(1);
         self.ejected_until.store(nanos, Ordering::Release);
         self.ejections.fetch_add(1, Ordering::AcqRel);
+        // Those waiting for a place may have no backend left to wait for.
+        self.wake_waiting();
     }
 
     /// The instant the current ejection ends, if the backend is ejected now.
@@ -569,6 +571,12 @@ impl InFlight {
     /// The state of the backend this request is in flight on.
     pub(crate) fn state(&self) -> &Arc<BackendState> {
         &self.0
+    }
+
+    /// Lets go of a place taken for a request that will not use it: not
+    /// counted as a request sent, and passed on to a waiting request.
+    pub(crate) fn unused(self) {
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -288,7 +288,13 @@ async fn a_waiter_dropped_after_its_place_was_handed_over_passes_it_on() {
     drop(first);
     assert_eq!(served_by(&second.await.unwrap()), "a");
     assert_eq!(*seen.lock().unwrap(), ["second"]);
-    assert_eq!(balance.pool().state(&"a".into()).unwrap().in_flight(), 0);
+    let a = balance.pool().state(&"a".into()).unwrap();
+    assert_eq!(a.in_flight(), 0);
+    assert_eq!(
+        a.requests(),
+        2,
+        "the test's place and \"second\"; not the dropped one"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -296,21 +302,50 @@ async fn a_place_on_a_backend_that_left_the_pool_is_let_go() {
     let seen = Seen::default();
     let (pool, mut held) = full_pool(&["a", "b"], &seen);
     let balance = Balance::new(pool.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
-    let waiter = send(&balance, "waiter");
+    let first = send(&balance, "first");
+    settle().await;
+    let second = send(&balance, "second");
     settle().await;
     let a = pool.state(&"a".into()).unwrap();
     assert!(pool.remove(&"a".into()));
     settle().await;
-    assert!(!waiter.is_finished(), "\"b\" is still full");
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "\"b\" is still full"
+    );
 
+    // "a"'s place comes free: handed to each waiter in turn, which lets it
+    // go (once each: not back and forth) and waits on.
     let b = held.pop();
-    drop(held.pop()); // "a"'s place, handed over, but "a" is gone.
+    drop(held.pop());
     settle().await;
-    assert!(!waiter.is_finished());
+    assert_eq!(balance.waiting(), 2, "both wait again");
     assert_eq!(a.in_flight(), 0, "let go");
-    assert_eq!(balance.waiting(), 1, "waits again");
+    assert_eq!(
+        a.requests(),
+        1,
+        "only the test's own place counted as a request"
+    );
     drop(b);
-    assert_eq!(served_by(&waiter.await.unwrap()), "b");
+    assert_eq!(served_by(&first.await.unwrap()), "b");
+    assert_eq!(served_by(&second.await.unwrap()), "b");
+    assert_eq!(*seen.lock().unwrap(), ["first", "second"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_stops_waiting_when_its_backend_is_ejected() {
+    let seen = Seen::default();
+    let (pool, _held) = full_pool(&["a"], &seen);
+    let balance = Balance::new(pool.clone(), RoundRobin::new())
+        .panic_threshold(0.0)
+        .queue(10, Duration::from_secs(5));
+    let waiter = send(&balance, "waiter");
+    settle().await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    pool.state(&"a".into()).unwrap().eject_until(until);
+    settle().await;
+    assert!(waiter.is_finished(), "refused when its backend was ejected");
+    assert!(!no_backend(&waiter.await.unwrap()).is_at_limit());
 }
 
 #[tokio::test(start_paused = true)]

@@ -34,8 +34,9 @@ pub(crate) struct Room {
 
 /// One waiting request.
 struct Waiter {
-    /// The backends the request may not go to: those it already tried.
-    excluded: Box<[Arc<BackendState>]>,
+    /// The backends the request may not go to: those it already tried,
+    /// and any it was handed a place on after it had left the pool.
+    excluded: Vec<Arc<BackendState>>,
     /// Whether the pool was in panic when the request began to wait: then
     /// a backend will do if it is enabled, healthy or not.
     panic: bool,
@@ -77,7 +78,7 @@ impl Room {
     pub(crate) fn join(
         self: &Arc<Self>,
         max: usize,
-        excluded: Box<[Arc<BackendState>]>,
+        excluded: Vec<Arc<BackendState>>,
         panic: bool,
     ) -> Option<Ticket> {
         let waiter = Arc::new(Waiter {
@@ -187,9 +188,14 @@ impl Ticket {
         }
     }
 
-    /// Joins the end of the queue again, after a place handed over could
-    /// not be used (its backend left the pool); picks once more first.
-    pub(crate) fn rejoin(&self) {
+    /// Joins the end of the queue again, after a place handed over on
+    /// `unusable`'s backend could not be used (it left the pool): never
+    /// handed one there again. Picks once more first.
+    pub(crate) fn rejoin(&mut self, unusable: &Arc<BackendState>) {
+        // Out of the queue, the ticket holds the only reference.
+        if let Some(waiter) = Arc::get_mut(&mut self.waiter) {
+            waiter.excluded.push(unusable.clone());
+        }
         {
             let mut queue = self.room.queue.lock();
             if !self.waiter.queued.load(Ordering::Relaxed) {
@@ -216,7 +222,9 @@ impl Drop for Ticket {
         // Out of the queue, nothing more is handed over. A place handed
         // over but not taken goes to the next waiter, outside the locks.
         let given = self.waiter.turn.lock().given.take();
-        drop(given);
+        if let Some(place) = given {
+            place.unused();
+        }
     }
 }
 
@@ -266,17 +274,20 @@ impl<S, Req> Wait<S, Req> {
         request: &mut Req,
     ) -> Poll<Result<Placed<S>, NoBackend>> {
         loop {
+            let turn = self.ticket.turn(cx);
+            // After the turn: a backend that joined before the wake-up is in it.
             let snapshot = self.pool.snapshot();
             let members = snapshot.members();
-            match self.ticket.turn(cx) {
+            match turn {
                 Turn::Given(place) => {
                     let Some(i) = members
                         .iter()
                         .position(|m| Arc::ptr_eq(m.state(), place.state()))
                     else {
-                        // Its backend has left the pool: let the place go.
-                        drop(place);
-                        self.ticket.rejoin();
+                        // Its backend has left the pool: let the place go,
+                        // to a request that may still use it.
+                        self.ticket.rejoin(place.state());
+                        place.unused();
                         continue;
                     };
                     return Poll::Ready(Ok((self.settle)(&snapshot, i, place, request)));

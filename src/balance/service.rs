@@ -190,7 +190,9 @@ impl<S, P: Strategy> Balance<S, P> {
     ///
     /// The queue belongs to the pool: the balancers over one pool share
     /// its waiting requests and their places; the number and the wait are
-    /// each balancer's own. A failover layer's per-try timeout and deadline
+    /// each balancer's own. A backend state shared by several pools
+    /// ([`Pool::insert_with_state`]) hands its places only to the queue of
+    /// the first of them to have one. A failover layer's per-try timeout and deadline
     /// count the time spent waiting. Applies to every clone of this
     /// balancer.
     pub fn queue(self, max_waiting: usize, timeout: Duration) -> Self {
@@ -340,7 +342,7 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
         let excluded = req
             .extensions()
             .get::<Attempts>()
-            .map_or_else(Box::default, |a| {
+            .map_or_else(Vec::new, |a| {
                 a.as_slice()
                     .iter()
                     .filter_map(|id| members.index_of(id))
