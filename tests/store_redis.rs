@@ -516,6 +516,49 @@ async fn next(inv: &mut tower_ha::store::Invalidations) -> Invalidation {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_renews_the_expiry_only_and_tells_nobody() {
+    let server = RedisServer::start();
+    let build = || async {
+        RedisStore::builder(server.url())
+            .ttl(Duration::from_secs(60))
+            .build()
+            .await
+            .unwrap()
+    };
+    let (a, b) = (build().await, build().await);
+    let mut on_b = b.subscribe().await.unwrap();
+    let mut conn = raw(&server);
+    let pttl = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("PTTL")
+            .arg(a.session_key("k"))
+            .query(conn)
+            .unwrap()
+    };
+
+    let old = session("k", "node-a");
+    a.save(&old).await.unwrap();
+    assert!(matches!(next(&mut on_b).await, Invalidation::Session { key, .. } if key == "k"));
+    // b moves it; a, which still thinks it is on node-a, refreshes it.
+    b.save(&session("k", "node-b")).await.unwrap();
+    let _: i64 = redis::cmd("PEXPIRE")
+        .arg(a.session_key("k"))
+        .arg(1000)
+        .query(&mut conn)
+        .unwrap();
+    a.refresh(&old).await.unwrap();
+    assert!(pttl(&mut conn) > 50_000, "the expiry renewed");
+    let stored = a.load("k").await.unwrap().unwrap();
+    assert_eq!(
+        stored.backend.as_str(),
+        "node-b",
+        "the record left as it was"
+    );
+    // No notice of the refresh: the next b hears is this one.
+    a.save(&session("marker", "node-a")).await.unwrap();
+    assert!(matches!(next(&mut on_b).await, Invalidation::Session { key, .. } if key == "marker"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saves_and_deletes_reach_the_other_replicas() {
     let mut server = RedisServer::start();
     let a = store(&server).await;

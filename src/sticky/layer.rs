@@ -120,9 +120,11 @@ impl StickyLayer {
         self.with(|c| c.idle_timeout = idle)
     }
 
-    /// How often a session in use is saved again, so that a store whose
-    /// records expire when left alone keeps them (in the background, at
-    /// most once per `every` per session, with its `last_seen` time).
+    /// How often the record of a session in use is
+    /// [refreshed](crate::store::SessionStore::refresh), so that a store
+    /// whose records expire when left alone keeps them (in the background,
+    /// at most once per `every` per session; a save with its `last_seen`
+    /// time unless the store does otherwise).
     /// Default: as the store asks
     /// ([`SessionStore::refresh_interval`](crate::store::SessionStore::refresh_interval):
     /// half the `RedisStore`'s `ttl`, never for the other stores). Zero

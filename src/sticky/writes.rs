@@ -22,8 +22,9 @@ use crate::store::{Session, SessionStore, StoreError};
 pub(crate) enum Write {
     Save(Session),
     Delete(String),
-    /// Saves the key's session as the owner knows it when its turn comes,
-    /// if it still keeps it: a refresh of a record that would expire.
+    /// Refreshes the key's record (see `SessionStore::refresh`) with the
+    /// session as the owner knows it when its turn comes, if it still
+    /// keeps it: a record that would expire is in use.
     Refresh(String),
 }
 
@@ -39,7 +40,7 @@ impl Write {
 /// Who owns a [`Writes`] and hears of the writes that fail.
 pub(crate) trait Owner: Send + Sync + 'static {
     fn writes(&self) -> &Writes;
-    /// `op` (`save` or `delete`) of `key` failed.
+    /// `op` (`save`, `delete` or `refresh`) of `key` failed.
     fn failed(&self, key: &str, op: &'static str, error: &StoreError);
     /// The session `key` as it is to be saved now, if the owner still keeps
     /// it (see [`Write::Refresh`]).
@@ -117,8 +118,8 @@ impl<O: Owner> Worker<O> {
                 Write::Save(session) => ("save", store.save(session).await),
                 Write::Delete(key) => ("delete", store.delete(std::slice::from_ref(key)).await),
                 Write::Refresh(key) => match self.owner.saved(key) {
-                    Some(session) => ("save", store.save(&session).await),
-                    None => ("save", Ok(())),
+                    Some(session) => ("refresh", store.refresh(&session).await),
+                    None => ("refresh", Ok(())),
                 },
             };
             if let Err(error) = &result {

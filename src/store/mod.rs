@@ -79,13 +79,22 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Deletes the sessions stored under `keys`; absent keys are ignored.
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()>;
 
-    /// How often a session in use should be saved again to keep its record
-    /// alive, for a store whose records expire when left alone (`None`,
-    /// the default: records stay until deleted). The sticky layer saves a
-    /// session it serves at most this often (see
+    /// How often a session in use should be [refreshed](Self::refresh) to
+    /// keep its record alive, for a store whose records expire when left
+    /// alone (`None`, the default: records stay until deleted). The sticky
+    /// layer refreshes a session it serves at most this often (see
     /// [`StickyLayer::refresh_every`](crate::sticky::StickyLayer::refresh_every)).
     fn refresh_interval(&self) -> Option<Duration> {
         None
+    }
+
+    /// Keeps `session`'s record alive: it is in use. By default a
+    /// [`save`](Self::save) (which also brings its `last_seen` time up to
+    /// date); a store whose saves tell other replicas about a change
+    /// should only renew the record's expiry here, as `RedisStore` does,
+    /// since nothing about the session changed.
+    fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        self.save(session)
     }
 }
 
@@ -108,6 +117,10 @@ impl<T: SessionStore + ?Sized> SessionStore for std::sync::Arc<T> {
 
     fn refresh_interval(&self) -> Option<Duration> {
         (**self).refresh_interval()
+    }
+
+    fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        (**self).refresh(session)
     }
 }
 

@@ -391,9 +391,9 @@ impl RedisStoreBuilder {
     }
 
     /// Sessions expire after `ttl` without a save or a load (each refreshes
-    /// it). The sticky layer saves a session it serves again every half
-    /// `ttl` (see [`SessionStore::refresh_interval`]), so only sessions
-    /// nobody uses expire. Default: sessions never expire; delete them.
+    /// it). The sticky layer renews the expiry of a session it serves every
+    /// half `ttl` (see [`SessionStore::refresh_interval`]), so only
+    /// sessions nobody uses expire. Default: sessions never expire; delete them.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
@@ -629,9 +629,24 @@ fn redact(url: &str) -> String {
 
 impl SessionStore for RedisStore {
     /// Half the [`ttl`](RedisStoreBuilder::ttl), if any: a session in use
-    /// is saved again before its record can expire.
+    /// is refreshed before its record can expire.
     fn refresh_interval(&self) -> Option<Duration> {
         self.inner.ttl.map(|ttl| ttl / 2)
+    }
+
+    /// Renews the record's expiry (`PEXPIRE`), without writing it or
+    /// telling the other replicas: nothing about the session changed, and
+    /// another replica may have moved it meanwhile.
+    fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let Some(ttl) = self.inner.ttl else {
+                return Ok(());
+            };
+            let mut cmd = ::redis::cmd("PEXPIRE");
+            cmd.arg(self.session_key(&session.key)).arg(millis(ttl));
+            let _renewed: i64 = self.inner.run(&cmd, "refresh").await?;
+            Ok(())
+        })
     }
 
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
