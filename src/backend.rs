@@ -217,7 +217,13 @@ pub struct BackendState {
     /// The queue of the pool this backend serves, once a balancer over it
     /// lets requests wait for a place.
     room: OnceLock<Arc<Room>>,
+    /// Tells this state from any other of the process, as its address
+    /// cannot once it is freed.
+    serial: u64,
 }
+
+/// Where `BackendState::serial` comes from.
+static SERIALS: AtomicU64 = AtomicU64::new(0);
 
 impl BackendState {
     /// A new backend: enabled, healthy, not ejected, with the given weight
@@ -236,6 +242,7 @@ impl BackendState {
             weight_permille: AtomicU32::new(1000),
             epoch: Instant::now(),
             room: OnceLock::new(),
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -383,6 +390,11 @@ impl BackendState {
         let max = max.map_or(usize::MAX, |m| m.max(1));
         self.max_in_flight.store(max, Ordering::Relaxed);
         self.wake_waiting();
+    }
+
+    /// A number no other state of this process has.
+    pub(crate) fn serial(&self) -> u64 {
+        self.serial
     }
 
     /// Links this backend to the queue of a pool it serves (the first one

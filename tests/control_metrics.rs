@@ -212,6 +212,21 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
         get("tower_ha_backend_healthy{backend=b,group=web}"),
         Some(0.0)
     );
+
+    // Back after a publication without it: its counter goes on up.
+    let b_requests = "tower_ha_backend_requests_total{backend=b,group=web}";
+    let before = get(b_requests).unwrap();
+    publish();
+    pool.insert("b", backend("b"));
+    send(4).await;
+    let fresh = pool.state(&"b".into()).unwrap().requests();
+    assert!(fresh > 0 && (fresh as f64) < before);
+    publish();
+    assert_eq!(get(b_requests), Some(before + fresh as f64));
+    assert_eq!(
+        get("tower_ha_backend_available{backend=b,group=web}"),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(start_paused = true)]

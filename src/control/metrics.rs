@@ -36,10 +36,11 @@ impl Handle {
             publish(&group, &mut published, &mut seen);
         }
         // A backend gone from its group: its gauges go to zero, so that it
-        // counts as neither in flight, available nor primary any more.
-        published.retain(|(group, backend), last| {
-            if seen.contains(&(group.clone(), backend.clone())) {
-                return true;
+        // counts as neither in flight, available nor primary any more. Its
+        // last counts stay, in case it comes back.
+        for ((group, backend), last) in published.iter_mut() {
+            if last.gone || seen.contains(&(group.clone(), backend.clone())) {
+                continue;
             }
             let labels = [("group", group.clone()), ("backend", backend.to_string())];
             for gauge in BACKEND_GAUGES {
@@ -48,8 +49,8 @@ impl Handle {
             if last.primary {
                 metrics::gauge!("tower_ha_group_primary", &labels).set(0.0);
             }
-            false
-        });
+            last.gone = true;
+        }
     }
 
     /// Publishes the metrics every `interval` (at least a millisecond) on
@@ -83,7 +84,9 @@ pub(super) type Published = HashMap<(String, BackendId), Last>;
 /// The last counts published for one backend, and of which state.
 #[derive(Debug, Default)]
 pub(super) struct Last {
-    state: usize,
+    state: u64,
+    /// Gone from its group at the last publication (its gauges zeroed).
+    gone: bool,
     requests: u64,
     failures: u64,
     ejections: u64,
@@ -129,6 +132,7 @@ fn publish(group: &GroupStats, published: &mut Published, seen: &mut HashSet<(St
         let first = !published.contains_key(&key);
         let last = published.entry(key.clone()).or_default();
         let fresh = std::mem::replace(&mut last.state, b.state) != b.state;
+        last.gone = false;
         count(
             "tower_ha_backend_requests_total",
             &labels,

@@ -57,7 +57,7 @@ pub struct BackendStats {
     /// Which state these counts are of: a backend removed and added again
     /// has a new one, whose counts start from zero.
     #[serde(skip)]
-    pub(crate) state: usize,
+    pub(crate) state: u64,
 }
 
 impl BackendStats {
@@ -75,7 +75,7 @@ impl BackendStats {
             admin: state.admin(),
             weight: state.weight(),
             available: state.is_available(),
-            state: std::ptr::from_ref(state) as usize,
+            state: state.serial(),
         }
     }
 

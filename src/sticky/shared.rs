@@ -709,10 +709,18 @@ impl Shared {
                 let (shared, store) = (self.clone(), store.clone());
                 let (lock, hook) = (lock.clone(), hook.clone());
                 let cell = restore.cloned().expect("restoring");
+                let key: Arc<str> = Arc::from(key);
                 let fallback = session.clone();
                 let restoring = tokio::spawn(async move {
                     let session = shared.hydrate(&*store, &*lock, &hook, session, &cell).await;
                     shared.remember_unless_stale(&Stored::Found(session.clone()), &cell);
+                    // The load leaves the map if its requests have gone.
+                    let loading = &shared.loading;
+                    drop(Registered {
+                        loading,
+                        key: &key,
+                        cell: &cell,
+                    });
                     session
                 });
                 Stored::Found(restoring.await.unwrap_or_else(|error| {

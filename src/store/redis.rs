@@ -944,8 +944,9 @@ pub enum Claim {
     /// This replica holds the lease: restore the session, save the result,
     /// then [`release`](Lease::release) it.
     Won(Lease),
-    /// Another replica held the lease and has released it (or its lease
-    /// expired): the session as it saved it, if any.
+    /// Another replica held the lease and has released it, its work done
+    /// (a lease that expires unreleased is taken over instead): the
+    /// session as it saved it, if any.
     Lost(Option<Session>),
 }
 
