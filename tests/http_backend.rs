@@ -1392,9 +1392,15 @@ async fn serve_streaming(release: Arc<tokio::sync::Notify>) -> SocketAddr {
     .0
 }
 
-#[tokio::test]
-async fn a_streamed_body_counts_as_in_flight_until_it_is_read_or_dropped() {
-    let release = Arc::new(tokio::sync::Notify::new());
+/// A pool of one backend, "streaming" ([`serve_streaming`]), its client
+/// and its state.
+async fn streaming_pool(
+    release: &Arc<tokio::sync::Notify>,
+) -> (
+    HttpClient<Full<Bytes>>,
+    Pool<HttpBackend<Full<Bytes>>>,
+    Arc<tower_ha::BackendState>,
+) {
     let streaming = serve_streaming(release.clone()).await;
     let client = HttpClient::<Full<Bytes>>::new();
     let pool = Pool::new();
@@ -1403,6 +1409,13 @@ async fn a_streamed_body_counts_as_in_flight_until_it_is_read_or_dropped() {
         HttpBackend::new(&client, format!("http://{streaming}")).unwrap(),
     );
     let state = pool.state(&"streaming".into()).unwrap();
+    (client, pool, state)
+}
+
+#[tokio::test]
+async fn a_streamed_body_counts_as_in_flight_until_it_is_read_or_dropped() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (client, pool, state) = streaming_pool(&release).await;
     let balance = Balance::new(pool.clone(), RoundRobin::new());
     let get = || balance.clone().oneshot(Request::new(Full::default()));
 
@@ -1481,14 +1494,7 @@ async fn a_sized_body_is_released_with_its_last_bytes_and_an_empty_one_at_once()
 #[tokio::test]
 async fn a_waiting_request_gets_the_place_of_a_streamed_body_once_it_is_read() {
     let release = Arc::new(tokio::sync::Notify::new());
-    let streaming = serve_streaming(release.clone()).await;
-    let client = HttpClient::<Full<Bytes>>::new();
-    let pool = Pool::new();
-    pool.insert(
-        "streaming",
-        HttpBackend::new(&client, format!("http://{streaming}")).unwrap(),
-    );
-    let state = pool.state(&"streaming".into()).unwrap();
+    let (_client, pool, state) = streaming_pool(&release).await;
     state.set_max_in_flight(Some(1));
     let balance = Balance::new(pool, RoundRobin::new()).queue(4, Duration::from_secs(60));
     let get = || balance.clone().oneshot(Request::new(Full::default()));

@@ -252,23 +252,34 @@ async fn a_raised_limit_or_a_new_backend_lets_waiting_requests_in() {
     assert_eq!(served_by(&third.await.unwrap()), "b");
 }
 
+/// One way to take a backend out of service.
+type MakeUnavailable = fn(&tower_ha::BackendState);
+
 #[tokio::test(start_paused = true)]
 async fn a_request_stops_waiting_when_no_backend_could_take_it() {
-    let seen = Seen::default();
-    let (pool, _held) = full_pool(&["a"], &seen);
-    let balance = Balance::new(pool.clone(), RoundRobin::new())
-        .panic_threshold(0.0)
-        .queue(10, Duration::from_secs(5));
-    let waiter = send(&balance, "waiter");
-    settle().await;
-    pool.state(&"a".into())
-        .unwrap()
-        .set_health(Health::Unhealthy);
-    settle().await;
-    assert!(waiter.is_finished(), "refused when its backend went down");
-    let refused = no_backend(&waiter.await.unwrap());
-    assert!(!refused.is_at_limit());
-    assert_eq!(balance.waiting(), 0);
+    let ways: [(&str, MakeUnavailable); 2] = [
+        ("unhealthy", |state| {
+            state.set_health(Health::Unhealthy);
+        }),
+        ("ejected", |state| {
+            state.eject_until(tokio::time::Instant::now() + Duration::from_secs(30));
+        }),
+    ];
+    for (how, make_unavailable) in ways {
+        let seen = Seen::default();
+        let (pool, _held) = full_pool(&["a"], &seen);
+        let balance = Balance::new(pool.clone(), RoundRobin::new())
+            .panic_threshold(0.0)
+            .queue(10, Duration::from_secs(5));
+        let waiter = send(&balance, "waiter");
+        settle().await;
+        make_unavailable(&pool.state(&"a".into()).unwrap());
+        settle().await;
+        assert!(waiter.is_finished(), "refused when its backend was {how}");
+        let refused = no_backend(&waiter.await.unwrap());
+        assert!(!refused.is_at_limit(), "{how}");
+        assert_eq!(balance.waiting(), 0, "{how}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -330,22 +341,6 @@ async fn a_place_on_a_backend_that_left_the_pool_is_let_go() {
     assert_eq!(served_by(&first.await.unwrap()), "b");
     assert_eq!(served_by(&second.await.unwrap()), "b");
     assert_eq!(*seen.lock().unwrap(), ["first", "second"]);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_request_stops_waiting_when_its_backend_is_ejected() {
-    let seen = Seen::default();
-    let (pool, _held) = full_pool(&["a"], &seen);
-    let balance = Balance::new(pool.clone(), RoundRobin::new())
-        .panic_threshold(0.0)
-        .queue(10, Duration::from_secs(5));
-    let waiter = send(&balance, "waiter");
-    settle().await;
-    let until = tokio::time::Instant::now() + Duration::from_secs(30);
-    pool.state(&"a".into()).unwrap().eject_until(until);
-    settle().await;
-    assert!(waiter.is_finished(), "refused when its backend was ejected");
-    assert!(!no_backend(&waiter.await.unwrap()).is_at_limit());
 }
 
 #[tokio::test(start_paused = true)]
