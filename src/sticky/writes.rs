@@ -91,9 +91,10 @@ impl Writes {
                 let worker = Worker {
                     owner: owner.clone(),
                     key,
+                    store: store.clone(),
                     finished: false,
                 };
-                tokio::spawn(worker.run(store.clone(), queued));
+                tokio::spawn(worker.run(queued));
             }
         }
         result
@@ -104,14 +105,16 @@ impl Writes {
 struct Worker<O: Owner> {
     owner: Arc<O>,
     key: String,
+    store: Arc<dyn SessionStore>,
     /// Set once the queue is removed; until then, dropping the worker (a
-    /// store that panicked) removes it, so that the key's next write
-    /// starts a task again.
+    /// store that panicked) hands the rest of the queue to a new task, or
+    /// removes it, so that the key's next write starts a task again.
     finished: bool,
 }
 
 impl<O: Owner> Worker<O> {
-    async fn run(mut self, store: Arc<dyn SessionStore>, first: Queued) {
+    async fn run(mut self, first: Queued) {
+        let store = self.store.clone();
         let mut next = first;
         loop {
             let (op, result) = match &next.write {
@@ -144,9 +147,34 @@ impl<O: Owner> Worker<O> {
 
 impl<O: Owner> Drop for Worker<O> {
     fn drop(&mut self) {
-        if !self.finished {
-            // Those waiting learn it from their closed channel.
-            self.owner.writes().queues.lock().remove(&self.key);
+        if self.finished {
+            return;
+        }
+        // The write under way's waiter learns it from its closed channel.
+        let panicked = std::thread::panicking();
+        if panicked {
+            let error = StoreError::other("the session store panicked");
+            self.owner.failed(&self.key, "write", &error);
+        }
+        let mut queues = self.owner.writes().queues.lock();
+        let next = queues.get_mut(&self.key).and_then(VecDeque::pop_front);
+        match (next, tokio::runtime::Handle::try_current()) {
+            // The writes decided after it still land, in order (a delete
+            // behind a save that panicked included).
+            (Some(next), Ok(runtime)) if panicked => {
+                drop(queues);
+                let worker = Worker {
+                    owner: self.owner.clone(),
+                    key: std::mem::take(&mut self.key),
+                    store: self.store.clone(),
+                    finished: false,
+                };
+                runtime.spawn(worker.run(next));
+            }
+            // Cancelled with its runtime: the rest go with it.
+            _ => {
+                queues.remove(&self.key);
+            }
         }
     }
 }
@@ -289,8 +317,14 @@ mod tests {
         let (store, inner, permits) = gated();
         let log = Arc::new(Log::default());
         permits.add_permits(10);
+        inner.save(&Session::new("k", "old".into())).await.unwrap();
         let panicked = Writes::submit(&log, &store, Write::Save(Session::new("k", "panic".into())));
+        // Decided after the write that panics: still lands.
+        let delete = Writes::submit(&log, &store, Write::Delete("k".into()));
         assert!(panicked.await.is_err(), "its waiter learns it");
+        landed(delete).await.unwrap();
+        assert!(inner.load("k").await.unwrap().is_none(), "deleted");
+        assert_eq!(*log.failed.lock(), ["write k"]);
         let after = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
         after.await.unwrap().unwrap();
         assert_eq!(
