@@ -190,29 +190,45 @@ impl CookieName {
         }
         values
             .iter()
-            .find_map(|value| self.find_in_header(value.as_bytes()))
+            .find_map(|value| self.next_in_header(value.as_bytes(), &mut 0))
     }
 
-    fn find_in_header<'h>(&self, header: &'h [u8]) -> Option<&'h [u8]> {
+    /// The cookie's non-empty values in `values`, in order: a client may
+    /// send several of one name (set for different paths or domains).
+    pub(crate) fn all_in<'a, 'h: 'a>(
+        &'a self,
+        values: &GetAll<'h, HeaderValue>,
+    ) -> impl Iterator<Item = &'h [u8]> + 'a {
+        values
+            .iter()
+            .filter(|_| self.matchable)
+            .flat_map(move |value| {
+                let (header, mut from) = (value.as_bytes(), 0);
+                std::iter::from_fn(move || self.next_in_header(header, &mut from))
+            })
+    }
+
+    /// The cookie's next non-empty value in `header` at or after `from`,
+    /// which it moves past the value.
+    fn next_in_header<'h>(&self, header: &'h [u8], from: &mut usize) -> Option<&'h [u8]> {
         let name_len = self.name.len();
-        let mut from = 0;
-        while let Some(offset) = header.get(from..).and_then(|h| self.finder.find(h)) {
-            let at = from + offset;
+        while let Some(offset) = header.get(*from..).and_then(|h| self.finder.find(h)) {
+            let at = *from + offset;
             // A name only starts a pair after the `;` and white space.
             if matches!(header[..at].trim_ascii_end().last(), None | Some(b';')) {
                 let rest = &header[at + name_len..];
                 let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+                // The next pair, if any (always forward, even for an
+                // empty name before a `;`).
+                *from = (at + name_len + end).max(at + 1);
                 if let Some(v) = rest[..end].trim_ascii_start().strip_prefix(b"=") {
                     let v = unquote(v.trim_ascii());
                     if !v.is_empty() {
                         return Some(v);
                     }
                 }
-                // The next pair, if any (always forward, even for an
-                // empty name before a `;`).
-                from = (at + name_len + end).max(at + 1);
             } else {
-                from = at + 1;
+                *from = at + 1;
             }
         }
         None

@@ -1813,3 +1813,39 @@ async fn a_session_in_use_is_saved_again_as_often_as_its_store_asks() {
     let record = expiring.inner.load("s").await.unwrap().unwrap();
     assert_eq!(record.backend.as_str(), "a");
 }
+
+#[tokio::test]
+async fn the_layers_cookie_is_found_behind_a_foreign_one_of_the_same_name() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
+    let svc = stack(&c.pool, layer.clone());
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let ours = cookie_of(&first).unwrap();
+    // A cookie of the same name set for a sibling domain or a longer path
+    // comes first in the browser's header.
+    let foreign = "srv=set-by-another-app";
+    for header in [
+        format!("{foreign}; {ours}"),
+        format!("a=1; {foreign}; b=2; {ours}; c=3"),
+    ] {
+        let res = send(&svc, with_cookie(&header)).await.unwrap();
+        assert_eq!(res.body(), first.body(), "{header}");
+        assert!(cookie_of(&res).is_none(), "no new session: {header}");
+    }
+    // In a second Cookie line too.
+    let req = Request::builder()
+        .header(COOKIE, foreign)
+        .header(COOKIE, ours.as_str())
+        .body(())
+        .unwrap();
+    let res = send(&svc, req).await.unwrap();
+    assert_eq!(res.body(), first.body());
+    assert_eq!(layer.stats().created, 1);
+    assert_eq!(layer.stats().rejected, 0, "not counted while ours is found");
+
+    // Only a few are looked at: each costs a MAC.
+    let many = format!("{foreign}; {foreign}; {foreign}; {foreign}; {ours}");
+    let res = send(&svc, with_cookie(&many)).await.unwrap();
+    assert!(cookie_of(&res).is_some(), "a new session");
+    assert_eq!(layer.stats().rejected, 1);
+}

@@ -20,6 +20,10 @@ pub const MAX_KEY_LEN: usize = 512;
 /// bad input before any parsing.
 pub const MAX_COOKIE_HEADER: usize = 8 * 1024;
 
+/// How many more cookies of the layer's name are looked at when the first
+/// is not one of its own: each costs a MAC.
+const MORE_COOKIES: usize = 3;
+
 type KeyFn = dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync;
 
 /// What names a session.
@@ -118,6 +122,25 @@ impl SessionKey {
     }
 
     /// Reads the key from a request head.
+    /// The values after the first of the layer's own cookie (for a key
+    /// that inserts one), at most [`MORE_COOKIES`] of them: a client may
+    /// send another cookie of the same name first (one a sibling domain
+    /// or a longer path set).
+    pub(crate) fn more_cookies<'a, 'r: 'a>(
+        &'a self,
+        head: &RequestHead<'r>,
+    ) -> impl Iterator<Item = &'r [u8]> + 'a {
+        let values = head.headers.get_all(COOKIE);
+        let name = match &self.kind {
+            Kind::Insert(cookie) => Some(cookie.cookie_name()),
+            _ => None,
+        };
+        name.into_iter()
+            .flat_map(move |name| name.all_in(&values))
+            .skip(1)
+            .take(MORE_COOKIES)
+    }
+
     pub(crate) fn extract<'r>(&self, head: &RequestHead<'r>) -> Extracted<'r> {
         match &self.kind {
             Kind::Insert(cookie) => {

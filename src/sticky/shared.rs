@@ -375,10 +375,21 @@ impl Shared {
                 Extracted::Key(key) => self.lookup(&key),
                 Extracted::Cookie(value) => match self.lookup_cookie(value) {
                     Ok(found) => found,
-                    Err(reason) => {
-                        self.reject(reason);
-                        return Start::Call(Track::Fresh);
-                    }
+                    // Another cookie of the name, sent after this one (a
+                    // sibling domain's or a longer path's comes first),
+                    // may be the layer's own.
+                    Err(reason) => match self
+                        .config
+                        .key
+                        .more_cookies(&head)
+                        .find_map(|value| self.lookup_cookie(value).ok())
+                    {
+                        Some(found) => found,
+                        None => {
+                            self.reject(reason);
+                            return Start::Call(Track::Fresh);
+                        }
+                    },
                 },
             }
         };
