@@ -176,8 +176,10 @@ impl CookieInsert {
         self
     }
 
-    /// Sends `Max-Age` (whole seconds), so the cookie outlives the browser
-    /// session. Without it (the default) the cookie ends with the browser
+    /// Sends `Max-Age` (whole seconds, rounded up, at least 1), so the
+    /// cookie outlives the browser session. The cookie is sent again only
+    /// when its session moves, so `Max-Age` counts from the session's start
+    /// (or last move), not from its last request. Without it (the default) the cookie ends with the browser
     /// session.
     pub fn max_age(mut self, max_age: Duration) -> Self {
         self.max_age = Some(max_age);
@@ -262,8 +264,10 @@ impl CookieInsert {
         header.push_str("; Path=");
         header.push_str(&self.path);
         if let Some(max_age) = self.max_age {
+            // Rounded up: `Max-Age=0` would delete the cookie at once.
+            let secs = max_age.as_secs() + u64::from(max_age.subsec_nanos() > 0);
             header.push_str("; Max-Age=");
-            header.push_str(&max_age.as_secs().to_string());
+            header.push_str(&secs.max(1).to_string());
         }
         header.push_str("; HttpOnly; SameSite=Lax");
         if self.secure {
@@ -292,6 +296,26 @@ pub(crate) enum Learned<'a> {
 }
 
 /// Finds what the last `Set-Cookie` for `name` in `headers` does.
+/// Whether a `Set-Cookie` attribute is a `Max-Age` that ends the cookie at
+/// once: an integer of at most zero (RFC 6265 section 5.2.2: `0`, `00`,
+/// `-1`, with white space around the `=`).
+fn deletes(attr: &[u8]) -> bool {
+    let Some(eq) = attr.iter().position(|&b| b == b'=') else {
+        return false;
+    };
+    if !attr[..eq].trim_ascii().eq_ignore_ascii_case(b"max-age") {
+        return false;
+    }
+    let value = attr[eq + 1..].trim_ascii();
+    let (negative, digits) = match value.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, value),
+    };
+    !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && (negative || digits.iter().all(|&d| d == b'0'))
+}
+
 pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h>> {
     let name = name.as_bytes();
     let mut found = None;
@@ -306,13 +330,7 @@ pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h
         }
         let value = pair[eq + 1..].trim_ascii();
         let value = unquote(value);
-        let expired = parts.any(|attr| {
-            let attr = attr.trim_ascii();
-            attr.len() > 8
-                && attr[..8].eq_ignore_ascii_case(b"max-age=")
-                && attr[8..].trim_ascii().first() == Some(&b'-')
-                || attr.eq_ignore_ascii_case(b"max-age=0")
-        });
+        let expired = parts.any(deletes);
         found = Some(if value.is_empty() || expired {
             Learned::Deleted
         } else {
@@ -419,5 +437,41 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(SET_COOKIE, HeaderValue::from_static("JSESSIONID=; Path=/"));
         assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted));
+        for attrs in ["Max-Age=00", "max-age = 0", "Max-Age=-1", "Max-Age= -30"] {
+            let line = format!("JSESSIONID=abc; Path=/; {attrs}");
+            let mut h = HeaderMap::new();
+            h.append(SET_COOKIE, HeaderValue::from_str(&line).unwrap());
+            assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted), "{attrs}");
+        }
+        for attrs in [
+            "Max-Age=10",
+            "Max-Age=0x",
+            "Max-Age=",
+            "Max-Age=-",
+            "MaxAge=0",
+        ] {
+            let line = format!("JSESSIONID=abc; {attrs}");
+            let mut h = HeaderMap::new();
+            h.append(SET_COOKIE, HeaderValue::from_str(&line).unwrap());
+            assert_eq!(
+                learn(&h, "JSESSIONID"),
+                Some(Learned::Set(b"abc")),
+                "{attrs}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_age_is_whole_seconds_and_never_zero() {
+        let with = |max_age| {
+            let header = CookieInsert::new("srv", &[7u8; 32][..])
+                .max_age(max_age)
+                .set_cookie("v")
+                .unwrap();
+            header.to_str().unwrap().to_owned()
+        };
+        assert!(with(Duration::from_millis(500)).contains("; Max-Age=1;"));
+        assert!(with(Duration::from_millis(1500)).contains("; Max-Age=2;"));
+        assert!(with(Duration::from_secs(3600)).contains("; Max-Age=3600;"));
     }
 }
