@@ -65,6 +65,11 @@ fn backend(
                 res.headers_mut()
                     .append(SET_COOKIE, HeaderValue::try_from(v).unwrap());
             }
+            if req.headers().contains_key("x-confirm") {
+                // Sets again the session cookie the client sent.
+                let sent = req.headers()[COOKIE].clone();
+                res.headers_mut().append(SET_COOKIE, sent);
+            }
             if req.headers().contains_key("x-logout") {
                 res.headers_mut().append(
                     SET_COOKIE,
@@ -509,6 +514,23 @@ async fn a_learned_cookie_nobody_set_is_not_stored() {
     }
     // ...but no made-up value reaches the store.
     assert!(store.is_empty(), "{} records", store.len());
+
+    // Until the application sets it, on any later response.
+    let value = "JSESSIONID=forged-3";
+    let home = send(&svc, with_cookie(value)).await.unwrap().into_body();
+    let confirm = Request::builder()
+        .header(COOKIE, value)
+        .header("x-confirm", "1")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&svc, confirm).await.unwrap().body(), &home);
+    let stored = store
+        .load("forged-3")
+        .await
+        .unwrap()
+        .expect("saved once confirmed");
+    assert_eq!(stored.backend.as_str(), home);
+    assert_eq!(store.len(), 1);
 }
 
 #[tokio::test]

@@ -931,6 +931,10 @@ impl Shared {
                         self.reissue(response, &key, cookie.get(&backend), &now.backend);
                     }
                 }
+                // A value the application had not confirmed when it was
+                // first seen may be confirmed now; a record this instance
+                // did not restore stays the restore's.
+                unconfirmed = !saved && !self.unrestored.lock().contains(&key);
                 current = Some(key);
                 owned = saved;
             }

@@ -402,11 +402,15 @@ impl Table {
         self.put(session, cookie, false, kept)
     }
 
-    /// Marks a session saved (its key confirmed); returns it.
+    /// Marks a session kept in memory only saved (its key confirmed);
+    /// returns it if it was not saved before. Not one whose record could
+    /// not be read (due to be read again).
     pub(crate) fn mark_saved(&self, key: &str) -> Option<Session> {
         let map = self.map.read();
         let entry = map.get(key.as_bytes())?;
-        entry.saved.store(true, Ordering::Relaxed);
+        if entry.reload_at != 0 || entry.saved.swap(true, Ordering::Relaxed) {
+            return None;
+        }
         Some(to_session(key, entry))
     }
 
