@@ -294,9 +294,13 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
         Some((_, cause)) => &**cause as &(dyn StdError + 'static),
         None => err,
     };
+    // The deadline may also pass between attempts (during a backoff).
+    let deadline_passed = exhausted
+        .and_then(Exhausted::reason)
+        .is_some_and(|reason| find::<DeadlineExceeded>(reason).is_some());
     if invalid(decisive) || invalid(err) {
         StatusCode::BAD_REQUEST
-    } else if timed_out(decisive) {
+    } else if timed_out(decisive) || deadline_passed {
         StatusCode::GATEWAY_TIMEOUT
     } else if find::<NoBackend>(err).is_some()
         || find::<SessionUnavailable>(err).is_some()

@@ -175,6 +175,11 @@ impl Picked {
         self.0.backend.lock().take()
     }
 
+    /// Whether a backend has been recorded (and not taken).
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.backend.lock().is_some()
+    }
+
     /// Runs `drop_attempt`, which drops an attempt abandoned at its per-try
     /// timeout, with the slot saying so.
     pub(crate) fn timing_out(&self, drop_attempt: impl FnOnce()) {

@@ -171,6 +171,69 @@ async fn a_late_pick_is_never_taken_for_the_next_attempt() {
     );
 }
 
+/// A budget with nothing in it.
+struct Spent;
+
+impl tower::retry::budget::Budget for Spent {
+    fn deposit(&self) {}
+    fn withdraw(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_pick_already_sent_runs_to_its_end_when_the_budget_is_spent() {
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    let events = tower_ha::control::Events::default();
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().budget(Spent).events(events.clone()))
+        .service(Deferred(Balance::new(pool, RoundRobin::new())));
+    let call = tokio::spawn(service.oneshot(Request::new(())));
+    let (_, a_reply) = handles[0].next_request().await.expect("a first");
+    a_reply.send_error(io::Error::from(io::ErrorKind::ConnectionReset));
+    // b has the request (picked and sent on the retry's first poll) when
+    // the budget says no: b may act on it, so its answer is waited for.
+    let (_, b_reply) = handles[1].next_request().await.expect("then b");
+    tokio::task::yield_now().await;
+    assert!(!call.is_finished(), "not cut off while b has it");
+    b_reply.send_response(status(200));
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(served_by(&response), "b");
+    assert_eq!(history(&response), ["a", "b"]);
+    // And announced as a failover, though picked after `call`.
+    let failovers = events
+        .history()
+        .iter()
+        .filter(|e| matches!(e.event, tower_ha::control::Event::FailoverAttempt { .. }))
+        .count();
+    assert_eq!(failovers, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_names_a_late_picked_attempt_and_answers_504() {
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().deadline(Duration::from_millis(100)))
+        .service(Deferred(Balance::new(pool, RoundRobin::new())));
+    let call = tokio::spawn(service.oneshot(Request::new(())));
+    let (_, a_reply) = handles[0].next_request().await.expect("a first");
+    a_reply.send_error(io::Error::from(io::ErrorKind::ConnectionReset));
+    let (_, _b_never_answers) = handles[1].next_request().await.expect("then b");
+    let err = call.await.unwrap().unwrap_err();
+    let exhausted = find::<Exhausted>(&*err).expect("exhausted");
+    let tried: Vec<&str> = exhausted
+        .attempts()
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert_eq!(tried, ["a", "b"]);
+    assert!(find::<DeadlineExceeded>(&*exhausted.attempts()[1].1).is_some());
+    assert_eq!(
+        tower_ha::error::gateway_status(&*err),
+        StatusCode::GATEWAY_TIMEOUT
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_post_timed_out_before_it_was_sent_is_retried() {
     let (pool, mut handles) = mock_fleet(&["a", "b"]);

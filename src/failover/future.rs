@@ -79,6 +79,9 @@ where
     /// Whether the attempt in flight is a retry not yet taken from the
     /// budget.
     unpaid: bool,
+    /// The budget refused the attempt in flight after it had reached its
+    /// backend: it runs to its end, and no retry follows.
+    over_budget: bool,
 }
 
 enum Verdict<R> {
@@ -131,6 +134,7 @@ where
                 tried: 1,
                 any_failure,
                 unpaid: false,
+                over_budget: false,
             },
         }
     }
@@ -182,9 +186,23 @@ where
                     if this.retry.unpaid {
                         let no_backend =
                             matches!(&polled, Poll::Ready(Err(e)) if e.is::<NoBackend>());
-                        if !no_backend && !this.retry.pay() && polled.is_pending() {
-                            this.attempt.set(Attempt::Done);
-                            return Poll::Ready(this.retry.give_up(None));
+                        if !no_backend {
+                            if !this.retry.pay() && polled.is_pending() {
+                                // Picked late (behind a buffer or a queue):
+                                // one already handed to its backend may have
+                                // acted on the request, so it is not cut off.
+                                let sent = this
+                                    .retry
+                                    .picked
+                                    .as_ref()
+                                    .is_some_and(|p| p.is_set() && !p.is_readying());
+                                if !sent {
+                                    this.attempt.set(Attempt::Done);
+                                    return Poll::Ready(this.retry.give_up(None));
+                                }
+                                this.retry.over_budget = true;
+                            }
+                            this.retry.announce();
                         }
                     }
                     let mut timed_out = false;
@@ -378,7 +396,10 @@ where
     /// Whether one more attempt is allowed after the failure just recorded
     /// (the budget is checked once the next backend is known).
     fn may_retry(&mut self, not_sent: bool) -> bool {
-        if self.tried >= self.config.max_attempts || !(self.any_failure || not_sent) {
+        if self.over_budget
+            || self.tried >= self.config.max_attempts
+            || !(self.any_failure || not_sent)
+        {
             return false;
         }
         self.template
@@ -454,16 +475,24 @@ where
                 "failing over"
             );
             // Only a retry that reached a backend is a failover; the last
-            // call, which finds every backend tried, is not.
+            // call, which finds every backend tried, is not. A balancer
+            // that picks later is announced at the attempt's first poll.
             if self.current.is_some() {
-                emit(self.config.events.as_ref(), || Event::FailoverAttempt {
-                    attempt: u32::try_from(self.tried).unwrap_or(u32::MAX),
-                    failed: from.clone(),
-                    reason: cause.to_string().into(),
-                });
+                self.announce();
             }
         }
         Poll::Ready(Ok(future))
+    }
+
+    /// Emits the failover to the attempt in flight.
+    fn announce(&self) {
+        if let Some((from, cause)) = self.failures.last() {
+            emit(self.config.events.as_ref(), || Event::FailoverAttempt {
+                attempt: u32::try_from(self.tried).unwrap_or(u32::MAX),
+                failed: from.clone(),
+                reason: cause.to_string().into(),
+            });
+        }
     }
 
     /// Ends the attempts: the last failed response if the last failure was
@@ -489,7 +518,10 @@ where
     /// The overall deadline passed during an attempt or between attempts.
     fn deadline_exceeded(&mut self) -> Result<Response<RB>, BoxError> {
         let deadline = self.config.deadline.unwrap_or_default();
-        match self.current.take() {
+        // A balancer that picks after `call` (behind a buffer or a queue)
+        // names the attempt's backend in the slot.
+        let current = self.current.take();
+        match current.or_else(|| self.picked.as_ref().and_then(Picked::take)) {
             Some(id) => {
                 self.record(id, DeadlineExceeded::new(deadline).into());
                 self.last_response = None;
