@@ -576,8 +576,13 @@ impl Shared {
         !self.tracks_records() || self.records.lock().may_hold(key)
     }
 
+    /// Whether the keys of the stored records are kept: only strict mode
+    /// asks (see `after_load`), and the set grows with every session
+    /// saved.
     fn tracks_records(&self) -> bool {
-        self.config.availability == Availability::Standalone && self.config.store.is_some()
+        self.config.strict
+            && self.config.availability == Availability::Standalone
+            && self.config.store.is_some()
     }
 
     /// Pins a request to its session's backend, or lets it go elsewhere.
