@@ -109,7 +109,9 @@ impl StickyLayer {
     /// where other replicas write the store, any key may have a record.
     ///
     /// A backend that is draining but healthy still serves its sessions,
-    /// as the balancer lets it.
+    /// as the balancer lets it. One that is unhealthy does not, even while
+    /// the balancer's panic routing (most backends unhealthy) would send
+    /// requests to it: strict mode refuses its sessions then.
     pub fn strict(self, strict: bool) -> Self {
         self.with(|c| c.strict = strict)
     }

@@ -18,8 +18,10 @@ pub struct StickyStats {
     /// malformed, unknown backend, too long, not UTF-8, oversized `Cookie`
     /// headers) and treated as naming no session.
     pub rejected: u64,
-    /// Sessions loaded from the store on a miss: in replication mode, and
-    /// in standalone mode for a session that left the table.
+    /// Reads of the store on a miss, whether they found a record or not:
+    /// in replication mode, and in standalone mode for a session that left
+    /// the table (a read made again because the session moved meanwhile
+    /// counts again).
     pub loaded: u64,
     /// Loaded sessions this instance restored with the `on_restore` hook
     /// under a [`SessionLock`](crate::store::SessionLock) (see
