@@ -1871,3 +1871,40 @@ async fn the_layers_cookie_is_found_behind_a_foreign_one_of_the_same_name() {
     assert!(cookie_of(&res).is_some(), "a new session");
     assert_eq!(layer.stats().rejected, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cookie_with_a_max_age_is_sent_again_while_its_session_is_used() {
+    let c = cluster();
+    let cookie = insert_cookie().max_age(Duration::from_secs(60));
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(cookie));
+    let svc = stack(&c.pool, layer.clone());
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let value = cookie_of(&first).unwrap();
+    let set_cookie = |res: &Response<String>| {
+        res.headers()
+            .get(SET_COOKIE)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    tokio::time::advance(Duration::from_secs(29)).await;
+    let res = send(&svc, with_cookie(&value)).await.unwrap();
+    assert_eq!(set_cookie(&res), None, "not yet half its Max-Age old");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let res = send(&svc, with_cookie(&value)).await.unwrap();
+    assert_eq!(res.body(), first.body());
+    let renewed = set_cookie(&res).expect("sent again past half its Max-Age");
+    assert!(renewed.starts_with(&format!("{value}; ")), "{renewed}");
+    assert!(renewed.contains("Max-Age=60"));
+    // Once per half Max-Age.
+    let res = send(&svc, with_cookie(&value)).await.unwrap();
+    assert_eq!(set_cookie(&res), None);
+    assert_eq!(layer.stats().created, 1);
+
+    // Without a Max-Age (a browser-session cookie), never.
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
+    let svc = stack(&c.pool, layer);
+    let value = cookie_of(&send(&svc, Request::new(())).await.unwrap()).unwrap();
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let res = send(&svc, with_cookie(&value)).await.unwrap();
+    assert_eq!(set_cookie(&res), None);
+}

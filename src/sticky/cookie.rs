@@ -177,9 +177,10 @@ impl CookieInsert {
     }
 
     /// Sends `Max-Age` (whole seconds, rounded up, at least 1), so the
-    /// cookie outlives the browser session. The cookie is sent again only
-    /// when its session moves, so `Max-Age` counts from the session's start
-    /// (or last move), not from its last request. Without it (the default) the cookie ends with the browser
+    /// cookie outlives the browser session. A request that presents the
+    /// cookie half its `Max-Age` or more after it was last sent gets it
+    /// again, so a session in use keeps its cookie: it expires after
+    /// between half and all of `Max-Age` without a request. Without it (the default) the cookie ends with the browser
     /// session.
     pub fn max_age(mut self, max_age: Duration) -> Self {
         self.max_age = Some(max_age);
@@ -253,6 +254,12 @@ impl CookieInsert {
             .verify_truncated_left(&parsed.tag)
             .map_err(|_| Invalid::Signature)?;
         Ok(BackendId::from(backend))
+    }
+
+    /// How long after it was sent the cookie is sent again on a request
+    /// that presents it: half its `Max-Age`, if any.
+    pub(crate) fn renew_after(&self) -> Option<Duration> {
+        self.max_age.map(|max_age| max_age / 2)
     }
 
     /// The `Set-Cookie` header value for `value`.

@@ -265,6 +265,9 @@ pub(crate) enum Named {
     /// Exactly the value issued for the session's backend: no clone of
     /// the id is needed to remember it.
     Current,
+    /// That value, due to be sent again so that its `Max-Age` counts from
+    /// now.
+    Renew,
     /// Another backend (a stale cookie), or one not yet compared.
     Backend(BackendId),
 }
@@ -277,7 +280,7 @@ impl Named {
     /// The backend named, given the session's `backend`.
     fn get<'a>(&'a self, backend: &'a BackendId) -> Option<&'a BackendId> {
         match self {
-            Named::Nothing => None,
+            Named::Nothing | Named::Renew => None,
             Named::Current => Some(backend),
             Named::Backend(named) => Some(named),
         }
@@ -310,6 +313,7 @@ impl Shared {
                 config.max_sessions,
                 config.key.cookie().is_some(),
             )
+            .with_cookie_renewal(config.key.cookie().and_then(CookieInsert::renew_after))
             .with_refresh(config.store.as_ref().and_then(|store| {
                 config
                     .refresh
@@ -458,7 +462,14 @@ impl Shared {
             bump(&self.counters.expired, u64::from(found.expired));
             self.refresh(&found);
             match found.hit {
-                Some(exact) if found.exact => return Ok(Found::Hit(exact, Named::Current)),
+                Some(exact) if found.exact => {
+                    let named = if found.renew {
+                        Named::Renew
+                    } else {
+                        Named::Current
+                    };
+                    return Ok(Found::Hit(exact, named));
+                }
                 other => (hit, unread) = (other, found.unread),
             }
         }
@@ -851,7 +862,9 @@ impl Shared {
         } = &track
         {
             let learns = matches!(self.config.key.kind, Kind::Learn(_));
-            let current = cookie.get(backend).is_none_or(|c| c == backend);
+            // Its cookie names its backend, and is not due to be sent again.
+            let current =
+                !matches!(cookie, Named::Renew) && cookie.get(backend).is_none_or(|c| c == backend);
             if !learns
                 && current
                 && response

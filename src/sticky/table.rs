@@ -59,6 +59,9 @@ pub(crate) struct Entry {
     /// When its record was last written or due a refresh, in nanoseconds
     /// since the table's epoch (see `Table::with_refresh`).
     refreshed_at: AtomicU64,
+    /// When the layer's cookie was last sent for it, in nanoseconds since
+    /// the table's epoch (see `Table::with_cookie_renewal`).
+    cookie_at: AtomicU64,
     /// The last request sent to `backend` for this session failed.
     failed: AtomicBool,
     /// The value of the layer's cookie for this session on `backend`.
@@ -90,6 +93,7 @@ impl Entry {
             data: session.data,
             last_seen: AtomicU64::new(now),
             refreshed_at: AtomicU64::new(now),
+            cookie_at: AtomicU64::new(now),
             failed: AtomicBool::new(failed),
             cookie,
             saved: AtomicBool::new(kept == Kept::Saved),
@@ -138,6 +142,9 @@ pub(crate) struct Lookup {
     /// The hit's record is due to be saved again (see `Table::with_refresh`);
     /// told to one request per refresh.
     pub(crate) refresh: bool,
+    /// The exact cookie presented is due to be sent again (see
+    /// `Table::with_cookie_renewal`); told to one request per renewal.
+    pub(crate) renew: bool,
 }
 
 /// What changed when a session moved.
@@ -275,6 +282,9 @@ pub(crate) struct Table {
     /// How often a saved session's record is due to be saved again, in
     /// nanoseconds; 0 for never.
     refresh: u64,
+    /// How long after it was sent a session's cookie is due to be sent
+    /// again, in nanoseconds; 0 for never.
+    renew: u64,
 }
 
 /// Counts of what a table operation dropped.
@@ -295,7 +305,28 @@ impl Table {
             epoch: Instant::now(),
             last_sweep: AtomicU64::new(0),
             refresh: 0,
+            renew: 0,
         }
+    }
+
+    /// Tells a hit whose exact cookie was presented, at most once every
+    /// `every`, that the cookie is due to be sent again (so that a
+    /// `Max-Age` counts from the session's recent use).
+    pub(crate) fn with_cookie_renewal(mut self, every: Option<Duration>) -> Self {
+        self.renew = every.map_or(0, |every| nanos(every).max(1));
+        self
+    }
+
+    /// Whether `at` (a time in nanoseconds since the epoch) is `every` or
+    /// more before `now`; if so, claims it by setting it to `now`, so that
+    /// one request of many is told.
+    fn take_due(at: &AtomicU64, every: u64, now: u64) -> bool {
+        let then = at.load(Ordering::Relaxed);
+        every != 0
+            && now.saturating_sub(then) >= every
+            && at
+                .compare_exchange(then, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Tells a hit, at most once every `every`, that its saved session's
@@ -308,15 +339,9 @@ impl Table {
     /// Whether `entry`'s record is due to be saved again `now`; claims the
     /// refresh, so that one request of many tells it.
     fn take_refresh(&self, entry: &Entry, now: u64) -> bool {
-        if self.refresh == 0 || !entry.saved.load(Ordering::Relaxed) {
-            return false;
-        }
-        let at = entry.refreshed_at.load(Ordering::Relaxed);
-        now.saturating_sub(at) >= self.refresh
-            && entry
-                .refreshed_at
-                .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+        self.refresh != 0
+            && entry.saved.load(Ordering::Relaxed)
+            && Table::take_due(&entry.refreshed_at, self.refresh, now)
     }
 
     fn now(&self) -> u64 {
@@ -364,6 +389,7 @@ impl Table {
                     exact,
                     unread: None,
                     refresh: self.take_refresh(entry, now),
+                    renew: exact && Table::take_due(&entry.cookie_at, self.renew, now),
                 };
             }
         }
@@ -515,6 +541,8 @@ impl Table {
         }
         let old = std::mem::replace(&mut entry.backend, to.clone());
         entry.cookie = cookie;
+        // The response that moves it sends the new cookie.
+        entry.cookie_at.store(now, Ordering::Relaxed);
         entry.failed.store(false, Ordering::Relaxed);
         entry.last_seen.store(now, Ordering::Relaxed);
         Some(Moved {
