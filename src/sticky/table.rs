@@ -320,10 +320,13 @@ impl Table {
     /// Whether `at` (a time in nanoseconds since the epoch) is `every` or
     /// more before `now`; if so, claims it by setting it to `now`, so that
     /// one request of many is told.
+    #[inline]
     fn take_due(at: &AtomicU64, every: u64, now: u64) -> bool {
+        if every == 0 {
+            return false;
+        }
         let then = at.load(Ordering::Relaxed);
-        every != 0
-            && now.saturating_sub(then) >= every
+        now.saturating_sub(then) >= every
             && at
                 .compare_exchange(then, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
