@@ -34,9 +34,6 @@ pub(crate) struct Room {
 
 /// One waiting request.
 struct Waiter {
-    /// The backends the request may not go to: those it already tried,
-    /// and any it was handed a place on after it had left the pool.
-    excluded: Vec<Arc<BackendState>>,
     /// Whether the pool was in panic when the request began to wait: then
     /// a backend will do if it is enabled, healthy or not.
     panic: bool,
@@ -48,6 +45,9 @@ struct Waiter {
 
 #[derive(Default)]
 struct TurnState {
+    /// The backends the request may not go to: those it already tried,
+    /// and any it was handed a place on after it had left the pool.
+    excluded: Vec<Arc<BackendState>>,
     waker: Option<Waker>,
     /// A place handed over by a request that ended.
     given: Option<InFlight>,
@@ -82,10 +82,10 @@ impl Room {
         panic: bool,
     ) -> Option<Ticket> {
         let waiter = Arc::new(Waiter {
-            excluded,
             panic,
             queued: AtomicBool::new(false),
             turn: Mutex::new(TurnState {
+                excluded,
                 recheck: true,
                 ..TurnState::default()
             }),
@@ -160,7 +160,13 @@ impl Waiter {
             true => state.is_enabled(),
             false => state.is_available(),
         };
-        usable && !self.excluded.iter().any(|s| Arc::ptr_eq(s, state))
+        usable
+            && !self
+                .turn
+                .lock()
+                .excluded
+                .iter()
+                .any(|s| Arc::ptr_eq(s, state))
     }
 }
 
@@ -191,11 +197,8 @@ impl Ticket {
     /// Joins the end of the queue again, after a place handed over on
     /// `unusable`'s backend could not be used (it left the pool): never
     /// handed one there again. Picks once more first.
-    pub(crate) fn rejoin(&mut self, unusable: &Arc<BackendState>) {
-        // Out of the queue, the ticket holds the only reference.
-        if let Some(waiter) = Arc::get_mut(&mut self.waiter) {
-            waiter.excluded.push(unusable.clone());
-        }
+    pub(crate) fn rejoin(&self, unusable: &Arc<BackendState>) {
+        self.waiter.turn.lock().excluded.push(unusable.clone());
         {
             let mut queue = self.room.queue.lock();
             if !self.waiter.queued.load(Ordering::Relaxed) {
