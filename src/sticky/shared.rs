@@ -486,8 +486,9 @@ impl Shared {
         })
     }
 
-    /// Saves a hit's session again if its record is due a refresh, in the
-    /// background: the request does not wait for it.
+    /// Refreshes a hit's record if it is due (see
+    /// `SessionStore::refresh`), in the background: the request does not
+    /// wait for it.
     #[inline]
     fn refresh(self: &Arc<Self>, found: &Lookup) {
         if let (true, Some(hit), Some(store)) = (found.refresh, &found.hit, &self.config.store) {
@@ -727,15 +728,15 @@ impl Shared {
                 return Stored::Unknown;
             }
         };
-        match (session, &self.config.lock, &self.config.on_restore) {
-            (Some(session), Some(lock), Some(hook)) if restore.is_some() => {
+        match (session, &self.config.lock, &self.config.on_restore, restore) {
+            (Some(session), Some(lock), Some(hook), Some(cell)) => {
                 // In a task of its own: a client gone meanwhile must not
                 // stop a restore half-way, nor leave its lock to expire
                 // while every other request for the session waits on it;
                 // and the restored session is remembered even then.
                 let (shared, store) = (self.clone(), store.clone());
                 let (lock, hook) = (lock.clone(), hook.clone());
-                let cell = restore.cloned().expect("restoring");
+                let cell = cell.clone();
                 let key: Arc<str> = Arc::from(key);
                 let fallback = session.clone();
                 let restoring = tokio::spawn(async move {
@@ -755,8 +756,8 @@ impl Shared {
                     fallback
                 }))
             }
-            (Some(session), _, _) => Stored::Found(session),
-            (None, _, _) => Stored::Absent,
+            (Some(session), _, _, _) => Stored::Found(session),
+            (None, _, _, _) => Stored::Absent,
         }
     }
 
