@@ -77,7 +77,10 @@ impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
 /// nothing to any backend (the failover layer relies on this when its retry
 /// budget is spent). When no backend is eligible the response future
 /// fails at once with [`NoBackend`](crate::error::NoBackend); it is never
-/// pending for lack of backends.
+/// pending for lack of backends, unless every backend the request may use
+/// is at its limit of requests in flight and the balancer has a
+/// [queue](Balance::queue): then it waits for a place, at most the queue's
+/// timeout.
 ///
 /// # Hot path
 ///
