@@ -298,31 +298,47 @@ fn is_token_byte(b: u8) -> bool {
 pub(crate) enum Learned<'a> {
     /// The cookie is set to this value.
     Set(&'a [u8]),
-    /// The cookie is deleted (empty value or `Max-Age` of 0 or less).
+    /// The cookie is deleted (empty value, `Max-Age` of 0 or less, or an
+    /// `Expires` that has passed, without a `Max-Age`).
     Deleted,
 }
 
-/// Finds what the last `Set-Cookie` for `name` in `headers` does.
-/// Whether a `Set-Cookie` attribute is a `Max-Age` that ends the cookie at
-/// once: an integer of at most zero (RFC 6265 section 5.2.2: `0`, `00`,
-/// `-1`, with white space around the `=`).
-fn deletes(attr: &[u8]) -> bool {
-    let Some(eq) = attr.iter().position(|&b| b == b'=') else {
-        return false;
-    };
-    if !attr[..eq].trim_ascii().eq_ignore_ascii_case(b"max-age") {
-        return false;
-    }
-    let value = attr[eq + 1..].trim_ascii();
-    let (negative, digits) = match value.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, value),
-    };
-    !digits.is_empty()
-        && digits.iter().all(u8::is_ascii_digit)
-        && (negative || digits.iter().all(|&d| d == b'0'))
+/// What a `Set-Cookie` attribute says about the cookie's end, if it is a
+/// valid `Max-Age` or `Expires` (RFC 6265 section 5.2).
+enum Ends {
+    /// `Max-Age`: whether it ends the cookie at once (an integer of at most
+    /// zero: `0`, `00`, `-1`, white space around the `=` allowed).
+    MaxAge(bool),
+    /// `Expires`: whether the date has passed.
+    Expires(bool),
 }
 
+fn ends(attr: &[u8]) -> Option<Ends> {
+    let eq = attr.iter().position(|&b| b == b'=')?;
+    let (name, value) = (attr[..eq].trim_ascii(), attr[eq + 1..].trim_ascii());
+    if name.eq_ignore_ascii_case(b"max-age") {
+        let (negative, digits) = match value.split_first() {
+            Some((b'-', rest)) => (true, rest),
+            _ => (false, value),
+        };
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        return Some(Ends::MaxAge(negative || digits.iter().all(|&d| d == b'0')));
+    }
+    if name.eq_ignore_ascii_case(b"expires") {
+        let date = std::str::from_utf8(value).ok()?;
+        // The legacy `Thu, 01-Jan-1970` form is the HTTP date
+        // `Thu, 01 Jan 1970`.
+        let at = httpdate::parse_http_date(date)
+            .or_else(|_| httpdate::parse_http_date(&date.replace('-', " ")))
+            .ok()?;
+        return Some(Ends::Expires(at <= std::time::SystemTime::now()));
+    }
+    None
+}
+
+/// Finds what the last `Set-Cookie` for `name` in `headers` does.
 pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h>> {
     let name = name.as_bytes();
     let mut found = None;
@@ -337,7 +353,16 @@ pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h
         }
         let value = pair[eq + 1..].trim_ascii();
         let value = unquote(value);
-        let expired = parts.any(deletes);
+        // `Max-Age` wins over `Expires`, wherever they are.
+        let (mut max_age, mut expires) = (None, false);
+        for attr in parts {
+            match ends(attr) {
+                Some(Ends::MaxAge(now)) => max_age = Some(now),
+                Some(Ends::Expires(past)) => expires = past,
+                None => {}
+            }
+        }
+        let expired = max_age.unwrap_or(expires);
         found = Some(if value.is_empty() || expired {
             Learned::Deleted
         } else {
@@ -451,11 +476,25 @@ mod tests {
             assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted), "{attrs}");
         }
         for attrs in [
+            "Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+            "expires=Thu, 01-Jan-1970 00:00:01 GMT",
+            "Path=/; Expires=Sunday, 06-Nov-94 08:49:37 GMT",
+            "Max-Age=0; Expires=Fri, 01 Jan 2100 00:00:00 GMT",
+        ] {
+            let line = format!("JSESSIONID=abc; {attrs}");
+            let mut h = HeaderMap::new();
+            h.append(SET_COOKIE, HeaderValue::from_str(&line).unwrap());
+            assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted), "{attrs}");
+        }
+        for attrs in [
             "Max-Age=10",
             "Max-Age=0x",
             "Max-Age=",
             "Max-Age=-",
             "MaxAge=0",
+            "Expires=Fri, 01 Jan 2100 00:00:00 GMT",
+            "Expires=not a date",
+            "Max-Age=60; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
         ] {
             let line = format!("JSESSIONID=abc; {attrs}");
             let mut h = HeaderMap::new();
