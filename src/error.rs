@@ -24,8 +24,18 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NoBackend {
-    at_limit: bool,
-    waited: bool,
+    why: Why,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Why {
+    /// Unavailable or already tried, every one of them.
+    #[default]
+    Unavailable,
+    /// Some could take it but for their limit of requests in flight.
+    AtLimit,
+    /// Still at their limits when the request's wait in the queue ended.
+    QueueTimeout,
 }
 
 impl NoBackend {
@@ -34,41 +44,37 @@ impl NoBackend {
     }
 
     pub(crate) fn at_limit() -> Self {
-        NoBackend {
-            at_limit: true,
-            waited: false,
-        }
+        NoBackend { why: Why::AtLimit }
     }
 
     pub(crate) fn queue_timeout() -> Self {
         NoBackend {
-            at_limit: true,
-            waited: true,
+            why: Why::QueueTimeout,
         }
     }
 
     /// Whether some backend could have taken the request but for its limit
     /// of requests in flight: the backends are busy rather than down.
     pub fn is_at_limit(&self) -> bool {
-        self.at_limit
+        self.why != Why::Unavailable
     }
 
     /// Whether the request waited in the balancer's queue for as long as
     /// it may and no place came free (it is also
     /// [at the limit](Self::is_at_limit)).
     pub fn is_queue_timeout(&self) -> bool {
-        self.waited
+        self.why == Why::QueueTimeout
     }
 }
 
 impl fmt::Display for NoBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match (self.at_limit, self.waited) {
-            (false, _) => "no available backend",
-            (true, false) => {
+        f.write_str(match self.why {
+            Why::Unavailable => "no available backend",
+            Why::AtLimit => {
                 "every backend that could take the request is at its limit of requests in flight"
             }
-            (true, true) => {
+            Why::QueueTimeout => {
                 "every backend that could take the request stayed at its limit of requests in flight for as long as the request could wait"
             }
         })

@@ -185,12 +185,7 @@ impl CookieName {
 
     /// The cookie's non-empty value in the first of `values` that has one.
     pub(crate) fn find_in<'h>(&self, values: &GetAll<'h, HeaderValue>) -> Option<&'h [u8]> {
-        if !self.matchable {
-            return None;
-        }
-        values
-            .iter()
-            .find_map(|value| self.next_in_header(value.as_bytes(), &mut 0))
+        self.all_in(values).next()
     }
 
     /// The cookie's non-empty values in `values`, in order: a client may

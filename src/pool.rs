@@ -284,17 +284,16 @@ impl<S> Pool<S> {
         self.shared.current.load().members.index_of(id).is_some()
     }
 
-    /// The queue of requests waiting for a place on this pool's backends,
-    /// created with the first balancer that lets requests wait.
-    pub(crate) fn room(&self) -> Arc<Room> {
+    /// Makes the queue of requests waiting for a place on this pool's
+    /// backends, if no balancer that lets requests wait made it already.
+    pub(crate) fn open_room(&self) {
         let _writer = self.shared.writer.lock();
         let room = self.shared.room.get_or_init(Arc::default);
         link(room, &self.shared.current.load().members);
-        room.clone()
     }
 
-    /// The queue, if a balancer has made one.
-    pub(crate) fn existing_room(&self) -> Option<&Arc<Room>> {
+    /// The queue, once a balancer has opened it.
+    pub(crate) fn room(&self) -> Option<&Arc<Room>> {
         self.shared.room.get()
     }
 }

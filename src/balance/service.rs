@@ -195,16 +195,16 @@ impl<S, P: Strategy> Balance<S, P> {
     /// its waiting requests and their places; the number and the wait are
     /// each balancer's own. A backend state shared by several pools
     /// ([`Pool::insert_with_state`]) hands its places only to the queue of
-    /// the first of them to have one. A failover layer's per-try timeout and deadline
-    /// count the time spent waiting. Applies to every clone of this
-    /// balancer.
+    /// the first of them to have one. A failover layer's per-try timeout
+    /// and deadline count the time spent waiting. Applies to every clone of
+    /// this balancer.
     pub fn queue(self, max_waiting: usize, timeout: Duration) -> Self {
         let max = match timeout.is_zero() {
             true => 0,
             false => max_waiting,
         };
         if max > 0 {
-            self.pool.room();
+            self.pool.open_room();
         }
         let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
         self.shared
@@ -218,7 +218,7 @@ impl<S, P: Strategy> Balance<S, P> {
     /// How many requests are waiting for a place on this balancer's pool
     /// (see [`queue`](Self::queue)).
     pub fn waiting(&self) -> usize {
-        self.pool.existing_room().map_or(0, |room| room.waiting())
+        self.pool.room().map_or(0, |room| room.waiting())
     }
 
     /// The pool this balancer picks from.
@@ -336,7 +336,7 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
         S: Service<Request<B>>,
     {
         let max = self.shared.queue.max.load(Ordering::Relaxed);
-        let room = match self.pool.existing_room() {
+        let room = match self.pool.room() {
             Some(room) if max > 0 => room,
             _ => return ResponseFuture::no_backend(NoBackend::at_limit()),
         };
@@ -357,11 +357,7 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
             return ResponseFuture::no_backend(NoBackend::at_limit());
         };
         let timeout = Duration::from_nanos(self.shared.queue.timeout_nanos.load(Ordering::Relaxed));
-        let now = Instant::now();
-        // A wait too long for the clock is as good as no end.
-        let deadline = now
-            .checked_add(timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+        let deadline = crate::time::later(Instant::now(), timeout);
         let wait = Wait::new(self.pool.clone(), settle::<S, B>, ticket, deadline);
         ResponseFuture::queued(req, Box::new(wait))
     }

@@ -313,7 +313,7 @@ impl Table {
     /// `every`, that the cookie is due to be sent again (so that a
     /// `Max-Age` counts from the session's recent use).
     pub(crate) fn with_cookie_renewal(mut self, every: Option<Duration>) -> Self {
-        self.renew = every.map_or(0, |every| nanos(every).max(1));
+        self.renew = interval(every);
         self
     }
 
@@ -335,7 +335,7 @@ impl Table {
     /// Tells a hit, at most once every `every`, that its saved session's
     /// record is due to be saved again (a store whose records expire).
     pub(crate) fn with_refresh(mut self, every: Option<Duration>) -> Self {
-        self.refresh = every.map_or(0, |every| nanos(every).max(1));
+        self.refresh = interval(every);
         self
     }
 
@@ -685,6 +685,11 @@ fn to_session(key: &str, entry: &Entry) -> Session {
     let mut session = Session::new(key, entry.backend.clone()).with_data(entry.data.clone());
     session.created = entry.created;
     session
+}
+
+/// An interval in nanoseconds, at least 1; 0 for none.
+fn interval(every: Option<Duration>) -> u64 {
+    every.map_or(0, |every| nanos(every).max(1))
 }
 
 fn nanos(d: Duration) -> u64 {
