@@ -180,8 +180,8 @@ impl CookieInsert {
     /// cookie outlives the browser session. A request that presents the
     /// cookie half its `Max-Age` or more after it was last sent gets it
     /// again, so a session in use keeps its cookie: it expires after
-    /// between half and all of `Max-Age` without a request. Without it (the default) the cookie ends with the browser
-    /// session.
+    /// between half and all of `Max-Age` without a request. Without it (the
+    /// default) the cookie ends with the browser session.
     pub fn max_age(mut self, max_age: Duration) -> Self {
         self.max_age = Some(max_age);
         self
@@ -469,22 +469,27 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(SET_COOKIE, HeaderValue::from_static("JSESSIONID=; Path=/"));
         assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted));
-        for attrs in ["Max-Age=00", "max-age = 0", "Max-Age=-1", "Max-Age= -30"] {
-            let line = format!("JSESSIONID=abc; Path=/; {attrs}");
+        // What learning says of `JSESSIONID=abc; {attrs}`.
+        let learned = |attrs: &str| {
+            let line = format!("JSESSIONID=abc; {attrs}");
             let mut h = HeaderMap::new();
             h.append(SET_COOKIE, HeaderValue::from_str(&line).unwrap());
-            assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted), "{attrs}");
-        }
+            learn(&h, "JSESSIONID").map(|l| match l {
+                Learned::Set(v) => Some(v.to_vec()),
+                Learned::Deleted => None,
+            })
+        };
         for attrs in [
+            "Path=/; Max-Age=00",
+            "Path=/; max-age = 0",
+            "Path=/; Max-Age=-1",
+            "Path=/; Max-Age= -30",
             "Expires=Thu, 01 Jan 1970 00:00:00 GMT",
             "expires=Thu, 01-Jan-1970 00:00:01 GMT",
             "Path=/; Expires=Sunday, 06-Nov-94 08:49:37 GMT",
             "Max-Age=0; Expires=Fri, 01 Jan 2100 00:00:00 GMT",
         ] {
-            let line = format!("JSESSIONID=abc; {attrs}");
-            let mut h = HeaderMap::new();
-            h.append(SET_COOKIE, HeaderValue::from_str(&line).unwrap());
-            assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted), "{attrs}");
+            assert_eq!(learned(attrs), Some(None), "deleted: {attrs}");
         }
         for attrs in [
             "Max-Age=10",
@@ -496,14 +501,7 @@ mod tests {
             "Expires=not a date",
             "Max-Age=60; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
         ] {
-            let line = format!("JSESSIONID=abc; {attrs}");
-            let mut h = HeaderMap::new();
-            h.append(SET_COOKIE, HeaderValue::from_str(&line).unwrap());
-            assert_eq!(
-                learn(&h, "JSESSIONID"),
-                Some(Learned::Set(b"abc")),
-                "{attrs}"
-            );
+            assert_eq!(learned(attrs), Some(Some(b"abc".to_vec())), "set: {attrs}");
         }
     }
 

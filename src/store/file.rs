@@ -18,6 +18,20 @@ const RECORD_SUFFIX: &str = ".json";
 /// The suffix of a file being written (renamed to its record name when
 /// complete).
 const TEMP_SUFFIX: &str = ".tmp";
+/// Prefix of names that hold the key itself, percent-encoded.
+const ENCODED_PREFIX: &str = "k_";
+/// Prefix of names that hold the SHA-256 of a key too long to encode.
+const HASHED_PREFIX: &str = "h_";
+/// Longest encoded file name; longer keys are named by their hash. File
+/// systems allow 255 bytes, and the temporary name adds to it.
+const MAX_ENCODED_NAME: usize = 200;
+
+/// Temporary files this process is writing right now (in any store), so
+/// `load_all` neither reports nor removes a write in progress.
+static IN_FLIGHT: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+/// Makes temporary names unique within this process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
 /// Whether `name` is one of this store's temporary names:
 /// `.{record}.{pid}-{n}.tmp`, where the record's name has one of the
 /// prefixes and the record suffix. Another program's `*.tmp` files in the
@@ -42,20 +56,6 @@ fn is_temp_name(name: &str) -> bool {
 fn is_digits(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
-
-/// Prefix of names that hold the key itself, percent-encoded.
-const ENCODED_PREFIX: &str = "k_";
-/// Prefix of names that hold the SHA-256 of a key too long to encode.
-const HASHED_PREFIX: &str = "h_";
-/// Longest encoded file name; longer keys are named by their hash. File
-/// systems allow 255 bytes, and the temporary name adds to it.
-const MAX_ENCODED_NAME: usize = 200;
-
-/// Temporary files this process is writing right now (in any store), so
-/// `load_all` neither reports nor removes a write in progress.
-static IN_FLIGHT: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
-/// Makes temporary names unique within this process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Sessions as JSON files in one directory: the embedded default store.
 ///

@@ -240,9 +240,9 @@ impl RedisStore {
 
     /// Takes the lease on session `key` for `ttl` if nobody holds it (a
     /// Lua script that sets a random token with an expiry when the lease is
-    /// absent or released): `None` when another owner holds it. The lease ends when released or when `ttl` runs out, whichever
-    /// comes first, so a replica that dies holding it blocks the others for
-    /// at most `ttl`.
+    /// absent or released): `None` when another owner holds it. The lease
+    /// ends when released or when `ttl` runs out, whichever comes first, so
+    /// a replica that dies holding it blocks the others for at most `ttl`.
     ///
     /// Keep `ttl` longer than the work the lease guards (a restore), or
     /// [`extend`](Lease::extend) it while working.
