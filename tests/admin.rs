@@ -171,6 +171,21 @@ async fn post_primary_forces_it_and_rejects_bad_bodies() {
         let message = body["error"].as_str().unwrap();
         assert!(message.contains(needle), "{path} {payload}: {message}");
     }
+    // A backend that cannot serve is not made the primary: the group would
+    // fail over from it at its next request.
+    f.web.state(&"web2".into()).unwrap().set_health(Health::Unhealthy);
+    let (status, body) = call(
+        &f.admin,
+        "POST",
+        "/groups/web/primary",
+        r#"{"backend_id": "web2"}"#,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("not available"));
+    let (_, body) = call(&f.admin, "GET", "/groups/web", "").await;
+    assert_eq!(body["forced_primary"], "web 3");
+
     let (status, _) = call(&f.admin, "GET", "/groups/web/primary", "").await;
     assert_eq!(status, 405);
 
@@ -435,6 +450,79 @@ async fn unknown_routes_and_prefixes() {
         status,
         StatusCode::NOT_FOUND,
         "the prefix ends at a segment"
+    );
+    let (status, _) = call(&f.admin.clone().prefix("api"), "GET", "/api/groups", "").await;
+    assert_eq!(status, 200, "a prefix without its leading `/`");
+}
+
+/// The status of `GET /groups` addressed to `uri` (absolute or not) with
+/// `host` as its `Host` header, if any.
+async fn status_for(admin: &AdminService, uri: &str, host: Option<&str>) -> StatusCode {
+    let mut request = Request::builder().uri(uri);
+    if let Some(host) = host {
+        request = request.header("host", host);
+    }
+    let request = request.body(Full::new(Bytes::new())).unwrap();
+    admin.clone().oneshot(request).await.unwrap().status()
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_addresses_localhost_and_allowed_names_are_served() {
+    let f = fixture();
+    for host in [
+        "127.0.0.1:9000",
+        "127.0.0.1",
+        "[::1]:9000",
+        "10.1.2.3:80",
+        "localhost:9000",
+        "LocalHost",
+    ] {
+        assert_eq!(status_for(&f.admin, "/groups", Some(host)).await, 200, "{host}");
+    }
+    // A name of the page's own pointed at 127.0.0.1 (DNS rebinding).
+    for host in ["evil.example:9000", "admin.internal", "localhost.evil.example"] {
+        assert_eq!(status_for(&f.admin, "/groups", Some(host)).await, 403, "{host}");
+    }
+    assert_eq!(
+        status_for(&f.admin, "http://evil.example:9000/groups", None).await,
+        403,
+        "the authority of an absolute URI counts"
+    );
+    assert_eq!(
+        status_for(&f.admin, "/groups", Some("bad host/")).await,
+        400
+    );
+    // Without `Host` (HTTP/1.0): no browser sends that.
+    assert_eq!(status_for(&f.admin, "/groups", None).await, 200);
+
+    let named = f.admin.clone().allow_host("Admin.Internal");
+    assert_eq!(
+        status_for(&named, "/groups", Some("admin.internal:9000")).await,
+        200
+    );
+    assert_eq!(
+        status_for(&named, "/groups", Some("evil.example")).await,
+        403
+    );
+    let any = f.admin.clone().allow_any_host();
+    assert_eq!(
+        status_for(&any, "/groups", Some("evil.example")).await,
+        200
+    );
+    let request = Request::builder()
+        .uri("/groups")
+        .header("host", "evil.example")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = f.admin.clone().oneshot(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("host `evil.example` is not allowed"),
+        "{body}"
     );
 }
 

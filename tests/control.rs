@@ -649,6 +649,12 @@ async fn handle_actions_are_events_and_bad_names_are_errors() {
         handle.force_primary("web", &"a1".into()),
         Err(ControlError::NotInGroup { .. })
     ));
+    handle.disable(&"w1".into()).unwrap();
+    assert!(matches!(
+        handle.force_primary("web", &"w1".into()),
+        Err(ControlError::Unavailable { .. })
+    ));
+    assert_eq!(serve(&web_balance).await, "w2", "still forced on w2");
     assert_eq!(
         handle.add_backend("api", "x", 5u8),
         Err(ControlError::ServiceType("api".into()))

@@ -291,7 +291,11 @@ impl Priority {
     /// Makes `id` the primary now, whatever the failback rule and the
     /// minimum dwell; it stays the primary until it becomes unavailable or
     /// [`release`](Priority::release) is called. Returns `false` (and
-    /// changes nothing) when `id` is not a member of the group.
+    /// changes nothing) when `id` is not a member of the group. A backend
+    /// that is not available when forced stays the primary only until the
+    /// next request, which fails over from it
+    /// ([`Handle::force_primary`](crate::control::Handle::force_primary)
+    /// refuses such a backend).
     pub fn force_primary(&self, id: &BackendId) -> bool {
         let mut state = self.shared.state.lock();
         if !state.known.contains(id) {

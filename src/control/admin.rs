@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::uri::Authority;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
@@ -36,13 +37,19 @@ use crate::error::BoxError;
 /// cross-site form or a `no-cors` fetch without asking the server first
 /// only with a form or plain-text content type, so this requirement keeps
 /// a web page the operator visits from draining or disabling backends
-/// through an admin port on `localhost`.
+/// through an admin port on `localhost`. And only requests addressed to an
+/// IP address or `localhost` are answered unless
+/// [`allow_host`](Self::allow_host) names more, so that a page cannot point
+/// a name of its own at 127.0.0.1 (DNS rebinding) and call the API as a
+/// page of its own origin.
 ///
 /// Errors are JSON `{"error": "..."}`: 404 for an unknown route, group or
-/// backend, 405 (with `Allow`) for a wrong method, 415 for a `POST`
+/// backend, 403 for a request addressed to a host name not allowed, 405
+/// (with `Allow`) for a wrong method, 415 for a `POST`
 /// without `Content-Type: application/json`, 400 for a body that is not
 /// the expected JSON or names a backend outside the group, 409 for forcing
-/// the primary of a group that is not active-passive, 413 for a body over
+/// the primary of a group that is not active-passive or onto a backend that
+/// cannot serve, 413 for a body over
 /// 64 KiB. Path segments are percent-decoded; a `%` not followed by two
 /// hex digits is 400.
 ///
@@ -85,14 +92,23 @@ use crate::error::BoxError;
 #[derive(Clone)]
 pub struct AdminService {
     handle: Handle,
-    prefix: Arc<str>,
+    settings: Arc<Settings>,
+}
+
+/// What an [`AdminService`] serves, and to whom.
+#[derive(Debug, Clone)]
+struct Settings {
+    prefix: String,
+    /// `None`: any `Host`.
+    hosts: Option<Vec<String>>,
 }
 
 impl fmt::Debug for AdminService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdminService")
             .field("handle", &self.handle)
-            .field("prefix", &self.prefix)
+            .field("prefix", &self.settings.prefix)
+            .field("hosts", &self.settings.hosts)
             .finish()
     }
 }
@@ -100,24 +116,73 @@ impl fmt::Debug for AdminService {
 const BODY_LIMIT: usize = 64 * 1024;
 
 impl AdminService {
-    /// The admin API over `handle`, at the root of the paths it receives.
+    /// The admin API over `handle`, at the root of the paths it receives,
+    /// answering requests addressed to an IP address or `localhost` (see
+    /// [`allow_host`](Self::allow_host)).
     pub fn new(handle: Handle) -> Self {
         AdminService {
             handle,
-            prefix: Arc::from(""),
+            settings: Arc::new(Settings {
+                prefix: String::new(),
+                hosts: Some(Vec::new()),
+            }),
         }
     }
 
+    fn settings(&mut self) -> &mut Settings {
+        Arc::make_mut(&mut self.settings)
+    }
+
     /// Serves the routes under `prefix` (for example `/api/v1`, LEBA's
-    /// paths); other paths are 404.
+    /// paths; a missing leading `/` is added); other paths are 404.
     pub fn prefix(mut self, prefix: &str) -> Self {
-        self.prefix = Arc::from(prefix.trim_end_matches('/'));
+        let prefix = prefix.trim_matches('/');
+        self.settings().prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("/{prefix}")
+        };
+        self
+    }
+
+    /// Also answers requests addressed (by `Host`, or the URI's authority)
+    /// to the name `host` (without a port; compared without regard to
+    /// case), for an admin API reached through a DNS name.
+    ///
+    /// By default only IP addresses and `localhost` are answered, and any
+    /// other name is 403 Forbidden. Otherwise a web page the operator
+    /// visits could point its own name at 127.0.0.1 (DNS rebinding) and
+    /// then call the admin API as a page of its own origin.
+    pub fn allow_host(mut self, host: &str) -> Self {
+        if let Some(hosts) = &mut self.settings().hosts {
+            hosts.push(host.to_ascii_lowercase());
+        }
+        self
+    }
+
+    /// Answers requests whatever their `Host`: for an admin API behind a
+    /// proxy or an authentication layer of its own that checks it.
+    pub fn allow_any_host(mut self) -> Self {
+        self.settings().hosts = None;
         self
     }
 
     /// The handle.
     pub fn get_ref(&self) -> &Handle {
         &self.handle
+    }
+}
+
+impl Settings {
+    /// Whether a request with this `Host` (or authority) is answered.
+    fn allows(&self, host: &str) -> bool {
+        let Some(names) = &self.hosts else {
+            return true;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.parse::<std::net::IpAddr>().is_ok()
+            || host.eq_ignore_ascii_case("localhost")
+            || names.iter().any(|name| host.eq_ignore_ascii_case(name))
     }
 }
 
@@ -151,8 +216,23 @@ where
 
     fn call(&mut self, req: Request<B>) -> AdminFuture {
         let handle = self.handle.clone();
-        let prefix = self.prefix.clone();
-        Box::pin(async move { Ok(route(&handle, &prefix, req).await) })
+        let settings = self.settings.clone();
+        Box::pin(async move { Ok(route(&handle, &settings, req).await) })
+    }
+}
+
+/// The authority a request was addressed to: the URI's (HTTP/2, or an
+/// absolute URI), else `Host`; `None` when it has neither (no browser sends
+/// such a request), `Err` for a malformed `Host`.
+fn addressed_to<B>(req: &Request<B>) -> Result<Option<Authority>, ()> {
+    if let Some(authority) = req.uri().authority() {
+        return Ok(Some(authority.clone()));
+    }
+    match req.headers().get(header::HOST) {
+        None => Ok(None),
+        Some(value) => Authority::try_from(value.as_bytes())
+            .map(Some)
+            .map_err(drop),
     }
 }
 
@@ -188,7 +268,9 @@ fn control_error(e: &ControlError) -> Response<Full<Bytes>> {
     let status = match e {
         ControlError::UnknownGroup(_) | ControlError::UnknownBackend(_) => StatusCode::NOT_FOUND,
         ControlError::NotActivePassive(_) | ControlError::DuplicateGroup(_) => StatusCode::CONFLICT,
-        ControlError::DuplicateBackend { .. } => StatusCode::CONFLICT,
+        ControlError::DuplicateBackend { .. } | ControlError::Unavailable { .. } => {
+            StatusCode::CONFLICT
+        }
         ControlError::NoRuntime => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     };
@@ -288,17 +370,29 @@ fn limit_param(query: Option<&str>) -> Result<usize, String> {
     Ok(100)
 }
 
-async fn route<B>(handle: &Handle, prefix: &str, req: Request<B>) -> Response<Full<Bytes>>
+async fn route<B>(handle: &Handle, settings: &Settings, req: Request<B>) -> Response<Full<Bytes>>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
+    match addressed_to(&req) {
+        Err(()) => return error(StatusCode::BAD_REQUEST, "malformed Host header"),
+        Ok(Some(authority)) if !settings.allows(authority.host()) => {
+            let message = format!(
+                "host `{}` is not allowed: address the admin API by IP address or \
+                 `localhost`, or allow the name with `AdminService::allow_host`",
+                authority.host()
+            );
+            return error(StatusCode::FORBIDDEN, &message);
+        }
+        Ok(_) => {}
+    }
     // The prefix ends at a segment boundary: `/api/v1` serves
     // `/api/v1/groups`, not `/api/v1groups`.
     let Some(path) = req
         .uri()
         .path()
-        .strip_prefix(prefix)
+        .strip_prefix(settings.prefix.as_str())
         .filter(|rest| rest.is_empty() || rest.starts_with('/'))
     else {
         return error(StatusCode::NOT_FOUND, "no such route");

@@ -39,9 +39,21 @@ pub enum ControlError {
     /// No group has this backend.
     #[error("unknown backend `{0}`")]
     UnknownBackend(String),
-    /// The group is not in the group, for an action on one group.
+    /// The backend is not in the group, for an action on one group.
     #[error("backend `{backend}` is not a member of group `{group}`")]
     NotInGroup {
+        /// The group.
+        group: String,
+        /// The backend.
+        backend: String,
+    },
+    /// The backend cannot take requests now (disabled, draining, unhealthy
+    /// or ejected), so it cannot be made the group's primary.
+    #[error(
+        "backend `{backend}` of group `{group}` is not available \
+         (disabled, draining, unhealthy or ejected) and cannot be the primary"
+    )]
+    Unavailable {
         /// The group.
         group: String,
         /// The backend.
@@ -484,18 +496,29 @@ impl Handle {
     }
 
     /// Forces the primary of active-passive group `group` to `id` (see
-    /// [`Priority::force_primary`]).
+    /// [`Priority::force_primary`]); refused when `id` is not available
+    /// now.
     pub fn force_primary(&self, group: &str, id: &BackendId) -> Result<(), ControlError> {
         let g = self.group(group)?;
         let priority = g
             .priority
             .as_ref()
             .ok_or_else(|| ControlError::NotActivePassive(group.to_owned()))?;
-        if g.pool.state(id).is_none() || !priority.force_primary(id) {
-            return Err(ControlError::NotInGroup {
+        let in_group = || ControlError::NotInGroup {
+            group: group.to_owned(),
+            backend: id.to_string(),
+        };
+        let state = g.pool.state(id).ok_or_else(in_group)?;
+        // Forced onto a backend that cannot serve, the group would fail
+        // over again at its next request.
+        if !state.is_available() {
+            return Err(ControlError::Unavailable {
                 group: group.to_owned(),
                 backend: id.to_string(),
             });
+        }
+        if !priority.force_primary(id) {
+            return Err(in_group());
         }
         Ok(())
     }

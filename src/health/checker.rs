@@ -19,6 +19,9 @@ use crate::control::{emit, Event, Events};
 use crate::error::BoxError;
 use crate::pool::{Pool, Rebuild, Snapshot};
 
+/// The shortest time between two probes of one backend.
+const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
 /// The active checking settings.
 #[derive(Debug, Clone, Copy)]
 struct CheckConfig {
@@ -94,17 +97,17 @@ where
     }
 
     /// Time between the starts of two probes of a healthy backend (default
-    /// 2 s).
+    /// 2 s; at least 1 ms).
     pub fn interval(mut self, interval: Duration) -> Self {
-        self.config.interval = interval;
+        self.config.interval = interval.max(MIN_INTERVAL);
         self
     }
 
     /// Time between probes of a backend that is not healthy, usually
     /// shorter so that it comes back sooner (HAProxy's `downinter`; default:
-    /// the interval).
+    /// the interval; at least 1 ms).
     pub fn unhealthy_interval(mut self, interval: Duration) -> Self {
-        self.config.unhealthy_interval = Some(interval);
+        self.config.unhealthy_interval = Some(interval.max(MIN_INTERVAL));
         self
     }
 
@@ -487,8 +490,10 @@ fn jitter(max: Duration) -> Duration {
     if max.is_zero() {
         return Duration::ZERO;
     }
-    let nanos = usize::try_from(max.as_nanos()).unwrap_or(usize::MAX - 1);
-    Duration::from_nanos(crate::balance::random_below(nanos + 1) as u64)
+    let nanos = usize::try_from(max.as_nanos())
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    Duration::from_nanos(crate::balance::random_below(nanos) as u64)
 }
 
 struct Task<S, P> {
@@ -556,10 +561,14 @@ where
                 }
                 entry.probing = true;
                 entry.next_probe = now;
-                let probe = self.probe.probe(member.id(), service);
+                // The probe is called inside its task, so that a probe
+                // that panics when called (not only in its future) fails
+                // this probe rather than ending the checker.
+                let (probe, id, service) =
+                    (self.probe.clone(), member.id().clone(), service.clone());
                 let timeout = self.config.timeout;
                 let handle = probes.spawn(async move {
-                    match tokio::time::timeout(timeout, probe).await {
+                    match tokio::time::timeout(timeout, probe.probe(&id, &service)).await {
                         Ok(result) => result,
                         Err(_) => Err(ProbeTimeout::new(timeout).into()),
                     }
