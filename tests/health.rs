@@ -877,3 +877,38 @@ async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_o
     assert_eq!(fresh.health(), Health::Healthy);
     assert_eq!(fresh.consecutive_failures(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_panics_when_called_fails_its_backend_and_checks_go_on() {
+    use std::sync::atomic::AtomicUsize;
+    let pool = Pool::new();
+    pool.insert("known", ());
+    // A probe whose address book does not have a backend added later: it
+    // panics when called, before it returns a future.
+    let probes = Arc::new(AtomicUsize::new(0));
+    let counted = probes.clone();
+    let probe = probe_fn(move |id: &BackendId, _: &()| {
+        assert_eq!(id.as_str(), "known", "no address for {id}");
+        counted.fetch_add(1, Ordering::Relaxed);
+        async { Ok::<(), BoxError>(()) }
+    });
+    let t0 = Instant::now();
+    let checker = HealthChecker::new(pool.clone(), probe)
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .spawn();
+    at(t0 + ms(100)).await;
+    assert_eq!(probes.load(Ordering::Relaxed), 1);
+    pool.insert("added", ());
+    let added = pool.state(&"added".into()).unwrap();
+    at(t0 + ms(200)).await;
+    assert_eq!(added.health(), Health::Unhealthy);
+    // The checker still runs: the other backend is probed every second,
+    // and the failing one again.
+    at(t0 + ms(3100)).await;
+    assert!(!checker.is_finished());
+    assert_eq!(probes.load(Ordering::Relaxed), 4);
+    assert_eq!(added.health(), Health::Unhealthy);
+    assert_eq!(pool.state(&"known".into()).unwrap().health(), Health::Healthy);
+}
