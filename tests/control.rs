@@ -900,3 +900,36 @@ async fn a_group_emitting_into_another_stream_is_refused() {
         .add_group("h", &Balance::new(pool_of(&["a", "b"]), same))
         .unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_primary_that_joins_after_its_backups_takes_over_without_a_failover() {
+    let events = Events::default();
+    // Discovery fills the pool in its own order: a backup first.
+    let pool = pool_of(&["db2"]);
+    let group = Priority::new("db", ["db1", "db2"]).events(events.clone());
+    let balance = Balance::new(pool.clone(), group.clone());
+    assert_eq!(serve(&balance).await, "db2");
+    pool.insert("db1", named("db1", Duration::ZERO));
+    assert_eq!(serve(&balance).await, "db1");
+    assert_eq!(group.current(), Some("db1".into()));
+    assert_eq!(group.failovers(), 0);
+    assert!(events.history().is_empty(), "{:?}", events.history());
+    // From then on it is a primary like any other.
+    set_health(&pool, "db1", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "db2");
+    assert_eq!(group.failovers(), 1);
+
+    // Without a configured order, the first available backend is the
+    // primary, and taking it is no failover either.
+    let pool = pool_of(&["x", "y"]);
+    let group = Priority::new("any", Vec::<BackendId>::new());
+    let balance = Balance::new(pool.clone(), group.clone());
+    assert_eq!(serve(&balance).await, "x");
+    assert_eq!(group.current(), Some("x".into()));
+    assert_eq!(group.failovers(), 0);
+    set_health(&pool, "x", Health::Unhealthy);
+    assert_eq!(serve(&balance).await, "y");
+    set_health(&pool, "x", Health::Healthy);
+    assert_eq!(serve(&balance).await, "y", "no failback by default");
+    assert_eq!(group.failovers(), 1);
+}

@@ -44,6 +44,9 @@ struct State {
     /// number, so that a steady pick does not look it up by name.
     current_at: (u64, Option<usize>),
     forced: Option<BackendId>,
+    /// Whether `current` has been a member of the pool: until then (a pool
+    /// that discovery fills, member by member), nothing fails over from it.
+    current_seen: bool,
     last_switch: Option<Instant>,
     /// Since when the configured primary has been available, as seen by
     /// picks.
@@ -61,6 +64,7 @@ impl State {
             current: order.first().cloned(),
             current_at: (NO_BUILD, None),
             forced: None,
+            current_seen: false,
             last_switch: None,
             primary_available_since: None,
             failovers: 0,
@@ -96,6 +100,12 @@ struct Shared {
 /// * Failover attempts of one request (the request's
 ///   [`Attempts`](crate::extensions::Attempts)) go to the next available
 ///   backend in configured order without changing the primary.
+/// * A primary at its limit of requests in flight
+///   ([`BackendState::set_max_in_flight`](crate::BackendState::set_max_in_flight))
+///   stays the primary, and a request it has no room for goes to the next
+///   backend in configured order that has room (or, when none has, waits
+///   in the [queue](crate::balance::Balance::queue) if there is one). For a group whose backups must take no
+///   requests while the primary serves, leave the primary unlimited.
 ///
 /// Every switch emits exactly one [`Event::PrimaryChanged`] into the
 /// [`Events`] attached with [`events`](Priority::events) (a
@@ -390,10 +400,25 @@ impl Priority {
             state.current_at = (table.build, i);
             i
         };
+        state.current_seen |= current.is_some();
         let current_ok = current.filter(|&i| available(i));
         let first_available = || table.order.iter().copied().find(|&i| available(i));
 
         let Some(cur) = current_ok else {
+            if !state.current_seen {
+                // The configured primary has not joined the pool yet:
+                // requests go to the first available backend in order, and
+                // nothing switches, so the primary takes over when it
+                // joins. A group without a configured order takes its
+                // first available backend as its primary.
+                let next = first_available();
+                if state.current.is_none() {
+                    state.current = next.map(|i| members[i].id().clone());
+                    state.current_at = (table.build, next);
+                    state.current_seen = next.is_some();
+                }
+                return (next, None);
+            }
             // Fail over (never waits for the dwell).
             state.forced = None;
             let reason = if current.is_none() && state.current.is_some() {
@@ -444,11 +469,11 @@ impl Strategy for Priority {
             .iter()
             .filter_map(|id| members.index_of(id))
             .collect();
-        for i in 0..members.len() {
-            if !order.contains(&i) {
-                order.push(i);
-            }
+        let mut placed = vec![false; members.len()];
+        for &i in &order {
+            placed[i] = true;
         }
+        order.extend((0..members.len()).filter(|&i| !placed[i]));
         let mut state = self.shared.state.lock();
         state.known = order.iter().map(|&i| members[i].id().clone()).collect();
         PriorityTable {
