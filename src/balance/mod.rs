@@ -9,7 +9,7 @@
 //! | [`Random`] | uniformly among eligible backends | O(1) |
 //! | [`LeastRequest`] | the less loaded of two (or k) random backends | O(k) |
 //! | [`WeightedRoundRobin`] | in proportion to weights, smoothly interleaved | O(1) |
-//! | [`ConsistentHash`] | by a request key, on a ring or a Maglev table | O(log N) / O(1) |
+//! | [`ConsistentHash`] | by a request key, on a ring or a Maglev table | ring: O(1) expected (bucketed); Maglev: O(1) |
 //! | [`Priority`] | the group's primary; backups in configured order (active-passive) | O(1) while the primary is available |
 //!
 //! Every strategy skips unavailable backends (disabled, draining, unhealthy,

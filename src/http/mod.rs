@@ -476,8 +476,10 @@ where
     }
 }
 
-/// The base URI given to [`HttpBackend::new`] is not an absolute `http://`
-/// URI.
+/// The base URI given to [`HttpBackend::new`] is refused: it is not an
+/// absolute `http://` URI (or `https://`, for a client with a TLS
+/// connector: [`HttpClient::with_connector`]), or it has user information
+/// or a query.
 #[derive(Debug)]
 pub struct InvalidBackendUri {
     uri: String,

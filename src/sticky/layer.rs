@@ -73,8 +73,12 @@ impl StickyLayer {
         StickyLayer::from_config(config)
     }
 
-    /// Saves sessions to `store` when they start or move (never on a plain
-    /// hit), so they survive a restart and reach other replicas. Takes any
+    /// Saves sessions to `store` when they start or move, so they survive a
+    /// restart and reach other replicas. A plain hit writes nothing, apart
+    /// from a periodic refresh in the background, at most once per interval
+    /// per session, when the store asks for it
+    /// ([`SessionStore::refresh_interval`](crate::store::SessionStore::refresh_interval))
+    /// or [`refresh_every`](StickyLayer::refresh_every) is set. Takes any
     /// store, including an `Arc<dyn SessionStore>`.
     pub fn store(self, store: impl SessionStore) -> Self {
         let store: Arc<dyn SessionStore> = Arc::new(store);

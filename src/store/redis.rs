@@ -122,8 +122,10 @@ return 0";
 /// # Several replicas
 ///
 /// * [`try_lease`](RedisStore::try_lease) and [`claim`](RedisStore::claim):
-///   a short ownership lease (`SET NX PX`) so one replica restores a
-///   session while the others wait and read its result.
+///   a short ownership lease (a Lua script sets a random token with a `PX`
+///   expiry when no lease is held or its last holder marked it `done`) so
+///   one replica restores a session while the others wait and read its
+///   result.
 /// * [`subscribe`](RedisStore::subscribe): the other replicas' saves and
 ///   deletes, so each can drop what it cached about a session that moved.
 ///
