@@ -110,14 +110,18 @@ impl Maglev {
                 return Some(owner);
             }
         }
-        // Few eligible backends left: scan the table, then the members (a
-        // backend may own no slot when there are more backends than slots).
+        // Few eligible backends left, or none (every backend full, down or
+        // tried): a pass over the members says which, before a scan of the
+        // whole table.
+        let any = pick.first_eligible_from(first)?;
+        // Scan the table, then take the member found (a backend may own no
+        // slot when there are more backends than slots).
         let start = (hash % size) as usize;
         (start..self.table.len())
             .chain(0..start)
             .map(|s| self.table[s] as usize)
             .find(|&i| pick.is_eligible(i))
-            .or_else(|| pick.first_eligible_from(first))
+            .or(Some(any))
     }
 }
 

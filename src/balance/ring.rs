@@ -9,6 +9,10 @@ use crate::pool::Members;
 /// its ring at 8 Mi entries too).
 const MAX_POINTS: u64 = 1 << 23;
 
+/// Ineligible owners passed on the walk before a pass over the members
+/// checks that any backend is eligible at all.
+const WALK_BEFORE_CHECK: u32 = 16;
+
 /// Points sorted by hash, with a direct index on the hash's top bits so a
 /// lookup is one or two cache lines instead of a full binary search.
 pub(super) struct Ring {
@@ -108,6 +112,7 @@ impl Ring {
             return Some(first);
         }
         let mut rejected = first;
+        let mut checks = 0;
         let n = self.owners.len();
         for step in 1..n {
             let owner = self.owners[(start + step) % n] as usize;
@@ -116,6 +121,14 @@ impl Ring {
                     return Some(owner);
                 }
                 rejected = owner;
+                checks += 1;
+                // Many ineligible backends in a row: a pass over the
+                // members says whether any is left before the walk goes
+                // round the whole ring (every backend full, down or
+                // tried).
+                if checks == WALK_BEFORE_CHECK && pick.first_eligible_from(owner).is_none() {
+                    return None;
+                }
             }
         }
         None
