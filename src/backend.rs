@@ -592,11 +592,34 @@ impl InFlight {
     }
 }
 
+impl BackendState {
+    /// The place of a request that is ending, for another request: counted
+    /// as one more request sent, and still in flight. `None` when the
+    /// limit was lowered below the requests in flight: then the place is
+    /// given up.
+    pub(crate) fn pass_place(self: &Arc<Self>) -> Option<InFlight> {
+        let (in_flight, max) = (
+            self.in_flight.load(Ordering::Relaxed),
+            self.max_in_flight.load(Ordering::Relaxed),
+        );
+        (in_flight <= max).then(|| {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            InFlight(self.clone())
+        })
+    }
+}
+
 impl Drop for InFlight {
     #[inline]
     fn drop(&mut self) {
+        let room = self.0.room.get();
+        // The place goes straight to a waiting request, never free in
+        // between, so that a request arriving now cannot take it first.
+        if room.is_some_and(|room| room.take_over(&self.0)) {
+            return;
+        }
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if let Some(room) = self.0.room.get() {
+        if let Some(room) = room {
             room.released(&self.0);
         }
     }

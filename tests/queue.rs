@@ -344,6 +344,49 @@ async fn a_place_on_a_backend_that_left_the_pool_is_let_go() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_tried_backend_that_joins_the_pool_again_is_still_tried() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a", "b"], &seen);
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    // A retry that tried "c", which has left the pool meanwhile (a DNS
+    // answer without it).
+    let mut retry = request("retry");
+    let mut tried = Attempts::new();
+    tried.push(BackendId::from("c"));
+    retry.extensions_mut().insert(tried);
+    let retry = tokio::spawn(balance.clone().oneshot(retry));
+    settle().await;
+    assert_eq!(balance.waiting(), 1);
+
+    // "c" comes back, with a new state and room: still not for this
+    // request.
+    pool.insert("c", recording("c", seen.clone()));
+    settle().await;
+    assert!(!retry.is_finished(), "sent to the backend it tried");
+    assert_eq!(balance.waiting(), 1);
+    drop(held.pop());
+    assert_eq!(served_by(&retry.await.unwrap()), "b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_follows_the_pool_into_panic() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a", "b"], &seen);
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let waiter = send(&balance, "waiter");
+    settle().await;
+    // Every backend unhealthy: below the panic threshold, requests go to
+    // them anyway, and so does the one waiting for a place.
+    for id in ["a", "b"] {
+        pool.state(&id.into()).unwrap().set_health(Health::Unhealthy);
+    }
+    settle().await;
+    assert!(!waiter.is_finished(), "refused, though the pool panics");
+    drop(held.pop());
+    assert_eq!(served_by(&waiter.await.unwrap()), "b");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failover_per_try_timeout_counts_the_wait() {
     let seen = Seen::default();
     let (pool, _held) = full_pool(&["a"], &seen);

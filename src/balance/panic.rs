@@ -88,6 +88,12 @@ impl PanicMode {
         panic
     }
 
+    /// [`engaged`](Self::engaged), counted now whatever is cached.
+    pub(crate) fn recount(&self, members: &Members) -> bool {
+        self.invalidate();
+        self.engaged(members)
+    }
+
     fn nanos(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }

@@ -22,21 +22,36 @@ use tokio::time::{Instant, Sleep};
 use crate::backend::{BackendId, BackendState, InFlight};
 use crate::error::NoBackend;
 use crate::extensions::Picked;
-use crate::pool::{Pool, Snapshot};
+use crate::pool::{Member, Pool, Snapshot};
+
+use super::panic::PanicMode;
 
 /// The requests waiting for a place on one pool's backends.
 #[derive(Default)]
 pub(crate) struct Room {
-    /// The length of `queue`, readable without its lock.
+    /// The length of the queue, readable without its lock.
     waiting: AtomicUsize,
-    queue: Mutex<VecDeque<Arc<Waiter>>>,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// In arrival order.
+    waiters: VecDeque<Arc<Waiter>>,
+    /// The arrival number of the next request to join.
+    next: u64,
 }
 
 /// One waiting request.
 struct Waiter {
-    /// Whether the pool was in panic when the request began to wait: then
-    /// a backend will do if it is enabled, healthy or not.
-    panic: bool,
+    /// Its arrival number: a request that joins again keeps its place.
+    arrival: u64,
+    /// Whether the pool was in panic when the request last picked: then a
+    /// backend will do if it is enabled, healthy or not.
+    panic: AtomicBool,
+    /// The backends the request tried already, by name: a backend may
+    /// leave the pool and join it again with a new state.
+    tried: Vec<BackendId>,
     /// Whether the waiter is in its room's queue; changed only under the
     /// queue's lock.
     queued: AtomicBool,
@@ -71,32 +86,38 @@ impl Room {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Puts a request at the end of the queue, unless `max` are waiting
+    /// Puts a request that tried `tried` (whose states in the pool are
+    /// `excluded`) at the end of the queue, unless `max` are waiting
     /// already. The request must pick once more after joining (its first
     /// [`Ticket::turn`] says so): a place that opened up just before it
     /// joined was not handed to it.
     pub(crate) fn join(
         self: &Arc<Self>,
         max: usize,
+        tried: Vec<BackendId>,
         excluded: Vec<Arc<BackendState>>,
         panic: bool,
     ) -> Option<Ticket> {
-        let waiter = Arc::new(Waiter {
-            panic,
-            queued: AtomicBool::new(false),
-            turn: Mutex::new(TurnState {
-                excluded,
-                recheck: true,
-                ..TurnState::default()
-            }),
-        });
-        {
+        let waiter = {
             let mut queue = self.queue.lock();
-            if queue.len() >= max {
+            if queue.waiters.len() >= max {
                 return None;
             }
-            self.push(&mut queue, waiter.clone());
-        }
+            let waiter = Arc::new(Waiter {
+                arrival: queue.next,
+                panic: AtomicBool::new(panic),
+                tried,
+                queued: AtomicBool::new(false),
+                turn: Mutex::new(TurnState {
+                    excluded,
+                    recheck: true,
+                    ..TurnState::default()
+                }),
+            });
+            queue.next += 1;
+            self.enqueue(&mut queue, waiter.clone());
+            waiter
+        };
         // Pairs with the fence in `released`: either that release sees
         // this waiter, or this waiter's next pick sees the free place.
         fence(Ordering::SeqCst);
@@ -106,35 +127,76 @@ impl Room {
         })
     }
 
-    fn push(&self, queue: &mut VecDeque<Arc<Waiter>>, waiter: Arc<Waiter>) {
+    /// Puts `waiter` in the queue at its place in arrival order.
+    fn enqueue(&self, queue: &mut Queue, waiter: Arc<Waiter>) {
         waiter.queued.store(true, Ordering::Relaxed);
-        queue.push_back(waiter);
-        self.waiting.store(queue.len(), Ordering::Relaxed);
+        let at = queue
+            .waiters
+            .partition_point(|w| w.arrival < waiter.arrival);
+        queue.waiters.insert(at, waiter);
+        self.waiting.store(queue.waiters.len(), Ordering::Relaxed);
     }
 
-    /// Called once one of `state`'s requests is no longer in flight: hands
-    /// the place to the first waiter that may use `state`'s backend.
+    /// Takes the first waiter that may use `state`'s backend out of the
+    /// queue, with `place`; returns its waker.
+    fn give(
+        &self,
+        queue: &mut Queue,
+        state: &Arc<BackendState>,
+        place: impl FnOnce() -> Option<InFlight>,
+    ) -> Result<Option<Waker>, ()> {
+        let i = queue
+            .waiters
+            .iter()
+            .position(|w| w.accepts(state))
+            .ok_or(())?;
+        let place = place().ok_or(())?;
+        let waiter = queue.waiters.remove(i).expect("index within the queue");
+        waiter.queued.store(false, Ordering::Relaxed);
+        self.waiting.store(queue.waiters.len(), Ordering::Relaxed);
+        let mut turn = waiter.turn.lock();
+        turn.given = Some(place);
+        Ok(turn.waker.take())
+    }
+
+    /// Called as one of `state`'s requests stops being in flight: hands its
+    /// place, still counted in flight, to the first waiter that may use
+    /// `state`'s backend. `false` when none may (the place is then freed).
+    #[inline]
+    pub(crate) fn take_over(&self, state: &Arc<BackendState>) -> bool {
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let given = self.give(&mut self.queue.lock(), state, || state.pass_place());
+        match given {
+            Ok(waker) => {
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+                true
+            }
+            Err(()) => false,
+        }
+    }
+
+    /// Called once one of `state`'s places is free: hands it to the first
+    /// waiter that may use `state`'s backend, one that joined as the place
+    /// was freed.
     pub(crate) fn released(&self, state: &Arc<BackendState>) {
         fence(Ordering::SeqCst);
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let mut queue = self.queue.lock();
-        while let Some(i) = queue.iter().position(|w| w.accepts(state)) {
-            // A request that arrived between the release and this lock may
-            // have taken the place; then there is nothing to hand over.
-            let Some(place) = state.try_track_in_flight() else {
-                break;
-            };
-            let waiter = queue.remove(i).expect("index within the queue");
-            waiter.queued.store(false, Ordering::Relaxed);
-            self.waiting.store(queue.len(), Ordering::Relaxed);
-            let mut turn = waiter.turn.lock();
-            turn.given = Some(place);
-            if let Some(waker) = turn.waker.take() {
-                waker.wake();
+        let mut wakers = Vec::new();
+        {
+            let mut queue = self.queue.lock();
+            // A request that arrived since may have taken the place; then
+            // there is nothing to hand over.
+            while let Ok(waker) = self.give(&mut queue, state, || state.try_track_in_flight()) {
+                wakers.extend(waker);
             }
         }
+        wakers.into_iter().for_each(Waker::wake);
     }
 
     /// Wakes every waiter to pick again: a place may have opened up in a
@@ -144,19 +206,24 @@ impl Room {
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return;
         }
-        for waiter in self.queue.lock().iter() {
-            let mut turn = waiter.turn.lock();
-            turn.recheck = true;
-            if let Some(waker) = turn.waker.take() {
-                waker.wake();
-            }
-        }
+        let wakers: Vec<Waker> = self
+            .queue
+            .lock()
+            .waiters
+            .iter()
+            .filter_map(|waiter| {
+                let mut turn = waiter.turn.lock();
+                turn.recheck = true;
+                turn.waker.take()
+            })
+            .collect();
+        wakers.into_iter().for_each(Waker::wake);
     }
 }
 
 impl Waiter {
     fn accepts(&self, state: &Arc<BackendState>) -> bool {
-        let usable = match self.panic {
+        let usable = match self.panic.load(Ordering::Relaxed) {
             true => state.is_enabled(),
             false => state.is_available(),
         };
@@ -194,15 +261,28 @@ impl Ticket {
         }
     }
 
-    /// Joins the end of the queue again, after a place handed over on
-    /// `unusable`'s backend could not be used (it left the pool): never
-    /// handed one there again. Picks once more first.
+    /// Notes whether the pool is in panic now, for the backends the request
+    /// may use from now on.
+    fn set_panic(&self, panic: bool) {
+        self.waiter.panic.store(panic, Ordering::Relaxed);
+    }
+
+    /// Whether the request may go to the backend `member` of the pool:
+    /// usable, neither tried nor excluded.
+    fn may_use(&self, member: &Member) -> bool {
+        self.waiter.accepts(member.state()) && !self.waiter.tried.contains(member.id())
+    }
+
+    /// Takes its place in the queue again, after a place handed over on
+    /// `unusable`'s backend could not be used (it left the pool, or the
+    /// request tried a backend of that name): never handed one there
+    /// again. Picks once more first.
     pub(crate) fn rejoin(&self, unusable: &Arc<BackendState>) {
         self.waiter.turn.lock().excluded.push(unusable.clone());
         {
             let mut queue = self.room.queue.lock();
             if !self.waiter.queued.load(Ordering::Relaxed) {
-                self.room.push(&mut queue, self.waiter.clone());
+                self.room.enqueue(&mut queue, self.waiter.clone());
             }
         }
         fence(Ordering::SeqCst);
@@ -215,11 +295,17 @@ impl Drop for Ticket {
         {
             let mut queue = self.room.queue.lock();
             if self.waiter.queued.load(Ordering::Relaxed) {
-                if let Some(i) = queue.iter().position(|w| Arc::ptr_eq(w, &self.waiter)) {
-                    queue.remove(i);
+                if let Some(i) = queue
+                    .waiters
+                    .iter()
+                    .position(|w| Arc::ptr_eq(w, &self.waiter))
+                {
+                    queue.waiters.remove(i);
                 }
                 self.waiter.queued.store(false, Ordering::Relaxed);
-                self.room.waiting.store(queue.len(), Ordering::Relaxed);
+                self.room
+                    .waiting
+                    .store(queue.waiters.len(), Ordering::Relaxed);
             }
         }
         // Out of the queue, nothing more is handed over. A place handed
@@ -246,6 +332,7 @@ pub(crate) type Settle<S, Req> = fn(&Snapshot<S>, usize, InFlight, &mut Req) -> 
 /// A request waiting for a place, in a balancer's response future.
 pub(crate) struct Wait<S, Req> {
     pool: Pool<S>,
+    panic: Arc<PanicMode>,
     settle: Settle<S, Req>,
     ticket: Ticket,
     deadline: Instant,
@@ -255,12 +342,14 @@ pub(crate) struct Wait<S, Req> {
 impl<S, Req> Wait<S, Req> {
     pub(crate) fn new(
         pool: Pool<S>,
+        panic: Arc<PanicMode>,
         settle: Settle<S, Req>,
         ticket: Ticket,
         deadline: Instant,
     ) -> Self {
         Wait {
             pool,
+            panic,
             settle,
             ticket,
             deadline,
@@ -286,9 +375,11 @@ impl<S, Req> Wait<S, Req> {
                     let Some(i) = members
                         .iter()
                         .position(|m| Arc::ptr_eq(m.state(), place.state()))
+                        .filter(|&i| !self.ticket.waiter.tried.contains(members[i].id()))
                     else {
-                        // Its backend has left the pool: let the place go,
-                        // to a request that may still use it.
+                        // Its backend has left the pool (or left it and
+                        // joined it again after the request tried it): let
+                        // the place go, to a request that may still use it.
                         self.ticket.rejoin(place.state());
                         place.unused();
                         continue;
@@ -296,17 +387,31 @@ impl<S, Req> Wait<S, Req> {
                     return Poll::Ready(Ok((self.settle)(&snapshot, i, place, request)));
                 }
                 Turn::Recheck => {
-                    let mut usable = false;
-                    for (i, member) in members.iter().enumerate() {
-                        if !self.ticket.waiter.accepts(member.state()) {
+                    let mut panic = self.panic.engaged(members);
+                    loop {
+                        self.ticket.set_panic(panic);
+                        let mut usable = false;
+                        for (i, member) in members.iter().enumerate() {
+                            if !self.ticket.may_use(member) {
+                                continue;
+                            }
+                            usable = true;
+                            if let Some(place) = member.state().try_track_in_flight() {
+                                return Poll::Ready(Ok((self.settle)(
+                                    &snapshot, i, place, request,
+                                )));
+                            }
+                        }
+                        if usable {
+                            break;
+                        }
+                        // Before giving up, a count of the pool as it is
+                        // now, not as cached: the change that woke this
+                        // request may have put the pool in panic.
+                        if !panic && self.panic.recount(members) {
+                            panic = true;
                             continue;
                         }
-                        usable = true;
-                        if let Some(place) = member.state().try_track_in_flight() {
-                            return Poll::Ready(Ok((self.settle)(&snapshot, i, place, request)));
-                        }
-                    }
-                    if !usable {
                         // Nothing to wait for: no backend is merely busy.
                         return Poll::Ready(Err(NoBackend::new()));
                     }

@@ -30,7 +30,7 @@ struct View<S, T> {
 struct Shared<S, P: Strategy> {
     strategy: P,
     view: ArcSwap<View<S, P::Table>>,
-    panic: PanicMode,
+    panic: Arc<PanicMode>,
     queue: QueueLimits,
 }
 
@@ -140,7 +140,7 @@ where
                 snapshot: empty,
                 table,
             }),
-            panic: PanicMode::new(DEFAULT_PANIC_PERMILLE),
+            panic: Arc::new(PanicMode::new(DEFAULT_PANIC_PERMILLE)),
             queue: QueueLimits::default(),
         });
         let weak = Arc::downgrade(&shared);
@@ -308,10 +308,17 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
                     // a full backend.
                     let mut placed = None;
                     for _ in 0..=members.len() {
-                        let Some(i) = self.shared.strategy.pick(&view.table, &pick) else {
+                        // An index out of range (a strategy's bug) is no
+                        // pick rather than a panic.
+                        let Some((i, member)) = self
+                            .shared
+                            .strategy
+                            .pick(&view.table, &pick)
+                            .and_then(|i| Some((i, members.get(i)?)))
+                        else {
                             break;
                         };
-                        if let Some(in_flight) = members[i].state().try_track_in_flight() {
+                        if let Some(in_flight) = member.state().try_track_in_flight() {
                             placed = Some((i, in_flight));
                             break;
                         }
@@ -342,23 +349,28 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
         };
         let view = self.shared.view.load();
         let members = view.snapshot.members();
-        let excluded = req
+        let tried = req
             .extensions()
             .get::<Attempts>()
-            .map_or_else(Vec::new, |a| {
-                a.as_slice()
-                    .iter()
-                    .filter_map(|id| members.index_of(id))
-                    .map(|i| members[i].state().clone())
-                    .collect()
-            });
+            .map_or_else(Vec::new, |a| a.as_slice().to_vec());
+        let excluded = tried
+            .iter()
+            .filter_map(|id| members.index_of(id))
+            .map(|i| members[i].state().clone())
+            .collect();
         let panic = self.shared.panic.engaged(members);
-        let Some(ticket) = room.join(max, excluded, panic) else {
+        let Some(ticket) = room.join(max, tried, excluded, panic) else {
             return ResponseFuture::no_backend(NoBackend::at_limit());
         };
         let timeout = Duration::from_nanos(self.shared.queue.timeout_nanos.load(Ordering::Relaxed));
         let deadline = crate::time::later(Instant::now(), timeout);
-        let wait = Wait::new(self.pool.clone(), settle::<S, B>, ticket, deadline);
+        let wait = Wait::new(
+            self.pool.clone(),
+            self.shared.panic.clone(),
+            settle::<S, B>,
+            ticket,
+            deadline,
+        );
         ResponseFuture::queued(req, Box::new(wait))
     }
 }
