@@ -437,7 +437,15 @@ impl BackendState {
     /// Records a failure; returns the new count of consecutive failures.
     pub fn record_failure(&self) -> u32 {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1
+        // Saturating: a backend failing for ever (ejection refused by the
+        // cap, or panic routing) must not wrap to 0.
+        let before = self
+            .consecutive_failures
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(1))
+            })
+            .unwrap_or(u32::MAX);
+        before.saturating_add(1)
     }
 
     /// Records a success: the consecutive failure count starts again at 0.

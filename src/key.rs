@@ -32,7 +32,7 @@
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::header::{GetAll, HeaderName, HeaderValue, COOKIE};
@@ -257,7 +257,11 @@ impl ForwardedFor {
     /// The number of proxies of yours that append to `X-Forwarded-For` in
     /// front of this one. With `n > 0` the key is the `n`-th entry from the
     /// right (the address that your outermost proxy saw), which a client
-    /// cannot forge; with 0 (the default) the leftmost entry.
+    /// cannot forge, and a request with fewer than `n` entries (one that
+    /// did not come through all of your proxies) has no key, so that
+    /// [`or`](RequestKey::or) falls back, as Envoy's `xff_num_trusted_hops`
+    /// falls back to the peer's address; with 0 (the default) the leftmost
+    /// entry.
     pub fn trusted_hops(mut self, n: usize) -> Self {
         self.trusted_hops = n;
         self
@@ -275,8 +279,7 @@ impl ForwardedFor {
         if self.trusted_hops == 0 {
             return entries().next();
         }
-        let count = entries().count();
-        let skip = count.saturating_sub(self.trusted_hops);
+        let skip = entries().count().checked_sub(self.trusted_hops)?;
         entries().nth(skip)
     }
 }
@@ -284,12 +287,14 @@ impl ForwardedFor {
 impl RequestKey for ForwardedFor {
     fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
         let entry = self.entry(head.headers)?;
-        Some(
-            std::str::from_utf8(entry)
+        // An address, with a port (`1.2.3.4:80`, `[::1]:80`) or without,
+        // keys as the peer's does.
+        let ip = std::str::from_utf8(entry).ok().and_then(|s| {
+            s.parse::<IpAddr>()
                 .ok()
-                .and_then(|s| s.parse::<IpAddr>().ok())
-                .map_or_else(|| hash_bytes(entry), hash_ip),
-        )
+                .or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        });
+        Some(ip.map_or_else(|| hash_bytes(entry), hash_ip))
     }
 }
 
@@ -462,9 +467,18 @@ mod tests {
             key_of(&forwarded_for().trusted_hops(2), &req),
             ip("2.2.2.2")
         );
+        // Fewer entries than trusted proxies: the request did not come
+        // through them all, and every entry may be the client's own.
+        assert_eq!(key_of(&forwarded_for().trusted_hops(9), &req), None);
         assert_eq!(
-            key_of(&forwarded_for().trusted_hops(9), &req),
+            key_of(&forwarded_for().trusted_hops(3), &req),
             ip("1.1.1.1")
+        );
+        let with_ports = head_with(&[("x-forwarded-for", "1.1.1.1:443, [2001:db8::1]:80")]);
+        assert_eq!(key_of(&forwarded_for(), &with_ports), ip("1.1.1.1"));
+        assert_eq!(
+            key_of(&forwarded_for().trusted_hops(1), &with_ports),
+            ip("2001:db8::1")
         );
         assert_eq!(key_of(&forwarded_for(), &head_with(&[])), None);
     }

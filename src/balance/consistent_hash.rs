@@ -88,11 +88,12 @@ impl<K, F> ConsistentHash<K, F> {
         self
     }
 
-    /// The Maglev table size (Maglev only), rounded up to the next prime.
-    /// Keep it well above 100 × the number of backends for good balance.
+    /// The Maglev table size (Maglev only), rounded up to the next prime;
+    /// at most 2^24 (about 16.7 million slots) before rounding. Keep it well
+    /// above 100 × the number of backends for good balance.
     pub fn table_size(mut self, size: u64) -> Self {
         if let Method::Maglev { table_size } = &mut self.method {
-            *table_size = next_prime(size.max(2));
+            *table_size = next_prime(size.clamp(2, MAX_TABLE_SIZE));
         }
         self
     }
@@ -210,6 +211,9 @@ fn is_prime(n: u64) -> bool {
     true
 }
 
+/// The largest Maglev table asked for (before rounding up to a prime).
+const MAX_TABLE_SIZE: u64 = 1 << 24;
+
 fn next_prime(mut n: u64) -> u64 {
     while !is_prime(n) {
         n += 1;
@@ -228,5 +232,7 @@ mod tests {
         assert_eq!(next_prime(100), 101);
         let ch = ConsistentHash::maglev(crate::key::header("x")).table_size(1000);
         assert!(matches!(ch.method, Method::Maglev { table_size: 1009 }));
+        let huge = ConsistentHash::maglev(crate::key::header("x")).table_size(u64::MAX);
+        assert!(matches!(huge.method, Method::Maglev { table_size: 16_777_259 }));
     }
 }
