@@ -180,6 +180,8 @@ async fn accept(
     let mut connections = JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, most likely: do not spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -220,6 +222,8 @@ where
 {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
+            // Out of file descriptors, most likely: do not spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);

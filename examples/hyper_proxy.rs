@@ -30,21 +30,39 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
+/// Prints what went wrong and how to call the example, and exits.
+fn usage(problem: &str) -> ! {
+    eprintln!("{problem}\nusage: hyper_proxy [--listen ADDR] http://HOST:PORT...");
+    std::process::exit(2);
+}
+
 fn main() {
     let mut listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
     let mut backends = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        if arg == "--listen" {
-            let value = args.next().expect("--listen needs an address");
-            listen = value.parse().expect("a socket address for --listen");
-        } else {
-            let uri: Uri = arg.parse().expect("a backend URL");
-            let authority = uri.authority().expect("a backend URL with a host");
-            backends.push(authority.clone());
+        match arg.as_str() {
+            "--listen" => {
+                listen = args
+                    .next()
+                    .and_then(|value| value.parse().ok())
+                    .unwrap_or_else(|| usage("--listen needs a socket address"));
+            }
+            "-h" | "--help" => usage("help requested"),
+            _ => {
+                let authority = arg
+                    .parse::<Uri>()
+                    .ok()
+                    .filter(|uri| uri.scheme_str() == Some("http"))
+                    .and_then(|uri| uri.into_parts().authority)
+                    .unwrap_or_else(|| usage(&format!("not a backend URL: {arg}")));
+                backends.push(authority);
+            }
         }
     }
-    assert!(!backends.is_empty(), "give at least one backend URL");
+    if backends.is_empty() {
+        usage("give at least one backend URL");
+    }
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -64,9 +82,14 @@ async fn serve(listen: SocketAddr, backends: Vec<Authority>) {
         })
         .collect();
     let next = Arc::new(AtomicUsize::new(0));
-    let listener = TcpListener::bind(listen).await.expect("the listen address");
+    let listener = TcpListener::bind(listen)
+        .await
+        .unwrap_or_else(|e| usage(&format!("cannot listen on {listen}: {e}")));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, most likely: retrying at once would
+            // spin.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);

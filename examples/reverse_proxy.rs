@@ -160,7 +160,10 @@ fn hash_key(spec: &str) -> KeyFn {
         Box::new(move |head| k.key(head))
     }
     match spec.split_once(':') {
-        Some(("header", name)) => boxed(key::header(name.to_owned())),
+        Some(("header", name)) => match http::HeaderName::try_from(name) {
+            Ok(name) => boxed(key::header(name)),
+            Err(_) => usage(&format!("bad header name in --hash-key {spec}")),
+        },
         Some(("cookie", name)) => boxed(key::cookie(name)),
         _ if spec == "client-ip" => boxed(key::forwarded_for().or(key::peer_ip())),
         _ => usage(&format!("unknown --hash-key {spec}")),
@@ -198,10 +201,10 @@ fn session_key(spec: &str) -> SessionKey {
     };
     match spec.split_once(':').map(|(kind, _)| kind) {
         Some("cookie") => {
-            let secret = match std::env::var("TOWER_HA_STICKY_SECRET") {
-                Ok(secret) if secret.len() >= 32 => secret.into_bytes(),
-                Ok(_) => usage("TOWER_HA_STICKY_SECRET needs at least 32 bytes"),
-                Err(_) => rand::random::<[u8; 32]>().to_vec(),
+            let secret = match std::env::var_os("TOWER_HA_STICKY_SECRET") {
+                Some(secret) if secret.len() >= 32 => secret.into_encoded_bytes(),
+                Some(_) => usage("TOWER_HA_STICKY_SECRET needs at least 32 bytes"),
+                None => rand::random::<[u8; 32]>().to_vec(),
             };
             // This proxy speaks plain HTTP: a `Secure` cookie would not
             // come back.
@@ -232,13 +235,19 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     let passive = HealthLayer::new();
     let pool = Pool::new();
     let mut addresses = Vec::new();
-    for url in &o.backends {
+    for (i, url) in o.backends.iter().enumerate() {
+        if o.backends[..i].contains(url) {
+            usage(&format!("backend {url} given twice"));
+        }
         let backend =
             HttpBackend::new(&client, url.as_str()).unwrap_or_else(|e| usage(&e.to_string()));
         // `HttpBackend::new` accepted it: an http:// URI with a host.
         let uri: http::Uri = url.parse().expect("a valid backend URI");
         let authority = uri.authority().expect("a host").as_str();
         let host = uri.host().expect("a host").trim_matches(['[', ']']);
+        if pool.contains(&authority.into()) {
+            usage(&format!("two backends at {authority}"));
+        }
         let addr = (host, uri.port_u16().unwrap_or(80))
             .to_socket_addrs()
             .ok()
@@ -312,7 +321,10 @@ where
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
+                // Out of file descriptors, most likely: retrying at once
+                // would spin.
                 eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
