@@ -12,7 +12,9 @@
 //! service registries provide their own.
 //!
 //! A failed resolution changes nothing (a DNS outage does not empty the
-//! pool); an answer with no address removes every backend.
+//! pool), nor does one that takes longer than its
+//! [`timeout`](DnsDiscover::timeout); an answer with no address removes
+//! every backend.
 //!
 //! Give it the pool it feeds with [`DnsDiscover::pool`], as below: each
 //! answer then also puts back an address it still lists that has left the
@@ -73,12 +75,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
-use tokio::time::Sleep;
+use tokio::time::{Sleep, Timeout};
 use tower::discover::Change;
 
 use crate::backend::BackendId;
 use crate::control::{Event, Events};
 use crate::pool::Pool;
+
+/// How long a resolution may take by default.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The answer of a [`Resolver`].
 pub type ResolveFuture = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>;
@@ -101,7 +106,7 @@ impl Resolver for SystemResolver {
 }
 
 enum Step {
-    Resolving(ResolveFuture),
+    Resolving(Pin<Box<Timeout<ResolveFuture>>>),
     Waiting(Pin<Box<Sleep>>),
 }
 
@@ -121,6 +126,7 @@ pub struct DnsDiscover<S> {
     host: Arc<str>,
     port: u16,
     interval: Duration,
+    timeout: Duration,
     make: Make<S>,
     known: BTreeSet<SocketAddr>,
     pending: VecDeque<Change<BackendId, S>>,
@@ -135,6 +141,7 @@ impl<S> fmt::Debug for DnsDiscover<S> {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
             .field("known", &self.known)
             .field("pool", &self.in_pool.is_some())
             .finish_non_exhaustive()
@@ -143,7 +150,8 @@ impl<S> fmt::Debug for DnsDiscover<S> {
 
 impl<S> DnsDiscover<S> {
     /// Resolves `host` (with `port`) with `resolver` at once and then every
-    /// 5 s, making one service per address with `make`.
+    /// 5 s, making one service per address with `make`. A resolution that
+    /// takes more than 10 s fails (see [`timeout`](Self::timeout)).
     pub fn new<R, F>(resolver: R, host: impl Into<Arc<str>>, port: u16, make: F) -> Self
     where
         R: Resolver,
@@ -151,12 +159,17 @@ impl<S> DnsDiscover<S> {
     {
         let resolver: Arc<dyn Resolver> = Arc::new(resolver);
         let host = host.into();
+        let timeout = DEFAULT_TIMEOUT;
         DnsDiscover {
-            step: Step::Resolving(resolver.resolve(&host, port)),
+            step: Step::Resolving(Box::pin(tokio::time::timeout(
+                timeout,
+                resolver.resolve(&host, port),
+            ))),
             resolver,
             host,
             port,
             interval: Duration::from_secs(5),
+            timeout,
             make: Box::new(make),
             known: BTreeSet::new(),
             pending: VecDeque::new(),
@@ -168,6 +181,15 @@ impl<S> DnsDiscover<S> {
     /// Time between two resolutions (default 5 s; at least 1 ms).
     pub fn interval(mut self, interval: Duration) -> Self {
         self.interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a resolution may take before it fails (default 10 s; at
+    /// least 1 ms): a resolver that never answers would otherwise stop
+    /// every later resolution. A failed resolution keeps the backends.
+    /// Applies from the next resolution on.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -264,18 +286,34 @@ impl<S> Stream for DnsDiscover<S> {
                 Step::Resolving(fut) => {
                     let result = std::task::ready!(fut.as_mut().poll(cx));
                     match result {
-                        Ok(addrs) => this.apply(addrs),
-                        Err(error) => tracing::warn!(
+                        Ok(Ok(addrs)) => {
+                            if addrs.is_empty() && !this.known.is_empty() {
+                                tracing::warn!(
+                                    host = %this.host,
+                                    "DNS answered no address; removing every backend"
+                                );
+                            }
+                            this.apply(addrs);
+                        }
+                        Ok(Err(error)) => tracing::warn!(
                             host = %this.host,
                             error = %error,
                             "DNS resolution failed; keeping the current backends"
+                        ),
+                        Err(_) => tracing::warn!(
+                            host = %this.host,
+                            timeout = ?this.timeout,
+                            "DNS resolution timed out; keeping the current backends"
                         ),
                     }
                     this.step = Step::Waiting(Box::pin(tokio::time::sleep(this.interval)));
                 }
                 Step::Waiting(sleep) => {
                     std::task::ready!(sleep.as_mut().poll(cx));
-                    this.step = Step::Resolving(this.resolver.resolve(&this.host, this.port));
+                    this.step = Step::Resolving(Box::pin(tokio::time::timeout(
+                        this.timeout,
+                        this.resolver.resolve(&this.host, this.port),
+                    )));
                 }
             }
         }

@@ -307,3 +307,50 @@ async fn a_backend_removed_by_the_health_checker_returns_while_listed() {
     checker.shutdown().await;
     task.abort();
 }
+
+/// Never answers its second question; answers `10.0.0.{n}` to the n-th
+/// otherwise.
+#[derive(Clone, Default)]
+struct HangsOnce {
+    asked: Arc<Mutex<u8>>,
+}
+
+impl Resolver for HangsOnce {
+    fn resolve(&self, _host: &str, port: u16) -> ResolveFuture {
+        let n = {
+            let mut asked = self.asked.lock().unwrap();
+            *asked += 1;
+            *asked
+        };
+        Box::pin(async move {
+            if n == 2 {
+                std::future::pending::<()>().await;
+            }
+            Ok(vec![SocketAddr::from(([10, 0, 0, n], port))])
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resolution_that_never_answers_times_out_and_the_next_one_runs() {
+    let resolver = HangsOnce::default();
+    let pool: Pool<SocketAddr> = Pool::new();
+    let discover = DnsDiscover::new(resolver.clone(), "db", 5432, |a| a)
+        .interval(Duration::from_secs(10))
+        .timeout(Duration::from_secs(2));
+    let task = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.discover(discover).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432"]);
+    // The second question hangs from 10 s, fails at 12 s (keeping the
+    // pool); the third, at 22 s, is answered.
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    assert_eq!(*resolver.asked.lock().unwrap(), 2);
+    assert_eq!(ids(&pool), ["10.0.0.1:5432"]);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(*resolver.asked.lock().unwrap(), 3);
+    assert_eq!(ids(&pool), ["10.0.0.3:5432"]);
+    task.abort();
+}
