@@ -566,9 +566,21 @@ impl Config {
 
     /// Parses and validates TOML (`[[failover_groups]]` tables).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
-            field: String::new(),
-            kind: ErrorKind::Parse(e.into()),
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // Where, as the YAML parser says it: line and column from 1.
+            let field = e
+                .span()
+                .map(|span| {
+                    let before = &text.as_bytes()[..span.start.min(text.len())];
+                    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+                    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+                    format!("line {line} column {column}")
+                })
+                .unwrap_or_default();
+            ConfigError {
+                field,
+                kind: ErrorKind::Parse(e.into()),
+            }
         })?;
         config.validate()?;
         Ok(config)
