@@ -933,3 +933,77 @@ async fn a_primary_that_joins_after_its_backups_takes_over_without_a_failover() 
     assert_eq!(serve(&balance).await, "y", "no failback by default");
     assert_eq!(group.failovers(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_action_on_a_backend_whose_groups_disagree_is_one_event() {
+    let web = pool_of(&["x", "w"]);
+    let api = pool_of(&["x", "a"]);
+    let handle = Handle::new(Events::default());
+    handle
+        .add_group("web", &Balance::new(web.clone(), Priority::new("web", ["x", "w"])))
+        .unwrap();
+    handle
+        .add_group(
+            "api",
+            &Balance::new(api.clone(), tower_ha::balance::RoundRobin::new()),
+        )
+        .unwrap();
+    handle.disable(&"x".into()).unwrap();
+    // Back in one group only, enabled there: the groups now disagree.
+    handle.remove_backend("api", &"x".into()).unwrap();
+    handle
+        .add_backend("api", "x", named("x", Duration::ZERO))
+        .unwrap();
+    handle.enable(&"x".into()).unwrap();
+    let changes: Vec<(AdminStatus, AdminStatus)> = handle
+        .events()
+        .history()
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::AdminChanged { from, to, .. } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            (AdminStatus::Enabled, AdminStatus::Disabled),
+            (AdminStatus::Disabled, AdminStatus::Enabled)
+        ]
+    );
+    assert_eq!(
+        web.state(&"x".into()).unwrap().admin(),
+        AdminStatus::Enabled
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeated_drains_keep_one_deadline_timer() {
+    let pool = pool_of(&["a", "b"]);
+    let balance = Balance::new(pool.clone(), tower_ha::balance::RoundRobin::new());
+    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(60)));
+    handle.add_group("g", &balance).unwrap();
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    for _ in 0..100 {
+        handle.drain(&"a".into()).unwrap();
+    }
+    // Let the runtime drop the timers ended.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(metrics.num_alive_tasks(), before + 1);
+    // An enable ends the last one too; the deadline then does nothing.
+    handle.enable(&"a".into()).unwrap();
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(metrics.num_alive_tasks(), before);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(pool.state(&"a".into()).unwrap().admin(), AdminStatus::Enabled);
+    // A drain left alone still ends in a disable at its deadline.
+    handle.drain(&"b".into()).unwrap();
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(pool.state(&"b".into()).unwrap().admin(), AdminStatus::Disabled);
+    assert_eq!(metrics.num_alive_tasks(), before);
+}

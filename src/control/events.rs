@@ -242,6 +242,9 @@ impl fmt::Debug for Events {
     }
 }
 
+/// The largest buffer of events per subscriber.
+const MAX_CHANNEL_CAPACITY: usize = 1 << 16;
+
 impl Default for Events {
     /// 1024 events buffered per subscriber, 1000 kept in the history.
     fn default() -> Self {
@@ -251,10 +254,11 @@ impl Default for Events {
 
 impl Events {
     /// A stream that buffers up to `channel_capacity` events for each
-    /// subscriber (at least 1) and keeps the last `history_capacity` in the
-    /// audit history (0 keeps none).
+    /// subscriber (at least 1, at most 65,536: the buffer is allocated
+    /// whole) and keeps the last `history_capacity` in the audit history
+    /// (0 keeps none).
     pub fn new(channel_capacity: usize, history_capacity: usize) -> Self {
-        let (tx, _) = broadcast::channel(channel_capacity.max(1));
+        let (tx, _) = broadcast::channel(channel_capacity.clamp(1, MAX_CHANNEL_CAPACITY));
         Events {
             inner: Arc::new(Inner {
                 tx,

@@ -136,14 +136,30 @@ impl Group {
     }
 }
 
+/// A drain waiting for its deadline.
+struct PendingDrain {
+    /// Unique across backends and removals: a deadline set before a
+    /// backend was removed never matches a drain after its return.
+    epoch: u64,
+    timer: Option<tokio::task::AbortHandle>,
+}
+
+impl PendingDrain {
+    fn end(self) {
+        if let Some(timer) = self.timer {
+            timer.abort();
+        }
+    }
+}
+
 pub(super) struct Inner {
     events: Events,
     groups: RwLock<Vec<Arc<Group>>>,
     drain_deadline: Option<Duration>,
-    /// The number of each backend's last admin action, so that a drain
-    /// deadline acts only if no later action came.
-    epochs: Mutex<HashMap<BackendId, u64>>,
-    /// Where those numbers come from.
+    /// The drains whose deadline is pending, by backend: a later action
+    /// on the backend ends its timer.
+    drains: Mutex<HashMap<BackendId, PendingDrain>>,
+    /// Where the drains' numbers come from.
     epoch_seq: AtomicU64,
     /// What was last published through the `metrics` facade.
     #[cfg(feature = "metrics")]
@@ -231,7 +247,7 @@ impl Handle {
                 events,
                 groups: RwLock::new(Vec::new()),
                 drain_deadline: Some(Duration::from_secs(30)),
-                epochs: Mutex::new(HashMap::new()),
+                drains: Mutex::new(HashMap::new()),
                 epoch_seq: AtomicU64::new(0),
                 #[cfg(feature = "metrics")]
                 published: Mutex::default(),
@@ -252,7 +268,7 @@ impl Handle {
                 events: shared.events.clone(),
                 groups: RwLock::new(shared.groups.read().clone()),
                 drain_deadline: deadline,
-                epochs: Mutex::new(HashMap::new()),
+                drains: Mutex::new(HashMap::new()),
                 epoch_seq: AtomicU64::new(0),
                 #[cfg(feature = "metrics")]
                 published: Mutex::default(),
@@ -379,19 +395,34 @@ impl Handle {
         to: AdminStatus,
     ) -> Result<(Vec<Arc<BackendState>>, u64), ControlError> {
         let states = self.states(id)?;
-        // Unique across backends and removals: a deadline set before a
-        // backend was removed never matches the epoch of its return.
-        let epoch = {
-            let mut epochs = self.inner.epochs.lock();
-            let epoch = self.inner.epoch_seq.fetch_add(1, Ordering::Relaxed) + 1;
-            epochs.insert(id.clone(), epoch);
-            epoch
+        // This action ends a drain's pending deadline; a drain starts one.
+        let epoch = self.inner.epoch_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let ended = {
+            let mut drains = self.inner.drains.lock();
+            match to {
+                AdminStatus::Draining => drains.insert(
+                    id.clone(),
+                    PendingDrain {
+                        epoch,
+                        timer: None,
+                    },
+                ),
+                _ => drains.remove(id),
+            }
         };
-        let mut from = to;
-        for state in &states {
-            from = state.set_admin(to);
+        if let Some(ended) = ended {
+            ended.end();
         }
-        if from != to {
+        // The backend's states in several groups may have differed: the
+        // event says what the first that changed was.
+        let mut from = None;
+        for state in &states {
+            let was = state.set_admin(to);
+            if was != to {
+                from = from.or(Some(was));
+            }
+        }
+        if let Some(from) = from {
             self.inner.events.emit(Event::AdminChanged {
                 backend: id.clone(),
                 from,
@@ -416,16 +447,21 @@ impl Handle {
         let (states, epoch) = self.set_admin(id, AdminStatus::Draining)?;
         if let (Some(deadline), Some(runtime)) = (self.inner.drain_deadline, runtime) {
             let inner = Arc::downgrade(&self.inner);
-            let id = id.clone();
+            let backend = id.clone();
             // The deadline counts from now, not from when the task first runs.
             let until = crate::time::later(tokio::time::Instant::now(), deadline);
-            runtime.spawn(async move {
+            let timer = runtime.spawn(async move {
                 tokio::time::sleep_until(until).await;
                 let Some(inner) = inner.upgrade() else {
                     return;
                 };
-                if inner.epochs.lock().get(&id) != Some(&epoch) {
-                    return; // a later action decides
+                let id = backend;
+                {
+                    let mut drains = inner.drains.lock();
+                    if drains.get(&id).map(|d| d.epoch) != Some(epoch) {
+                        return; // a later action decides
+                    }
+                    drains.remove(&id);
                 }
                 let mut changed = false;
                 for state in &states {
@@ -443,6 +479,11 @@ impl Handle {
                     });
                 }
             });
+            // Unless a later action came meanwhile, it ends the timer.
+            match self.inner.drains.lock().get_mut(id) {
+                Some(drain) if drain.epoch == epoch => drain.timer = Some(timer.abort_handle()),
+                _ => timer.abort(),
+            }
         }
         Ok(())
     }
@@ -579,7 +620,10 @@ impl Handle {
         // Gone from every group, its pending drain deadline does nothing
         // now (in a group that still holds it, the deadline stands).
         if self.states(id).is_err() {
-            self.inner.epochs.lock().remove(id);
+            let ended = self.inner.drains.lock().remove(id);
+            if let Some(ended) = ended {
+                ended.end();
+            }
         }
         self.inner.events.emit(Event::BackendRemoved {
             group: Some(g.name.clone()),
