@@ -173,7 +173,10 @@ async fn post_primary_forces_it_and_rejects_bad_bodies() {
     }
     // A backend that cannot serve is not made the primary: the group would
     // fail over from it at its next request.
-    f.web.state(&"web2".into()).unwrap().set_health(Health::Unhealthy);
+    f.web
+        .state(&"web2".into())
+        .unwrap()
+        .set_health(Health::Unhealthy);
     let (status, body) = call(
         &f.admin,
         "POST",
@@ -477,11 +480,23 @@ async fn only_addresses_localhost_and_allowed_names_are_served() {
         "localhost:9000",
         "LocalHost",
     ] {
-        assert_eq!(status_for(&f.admin, "/groups", Some(host)).await, 200, "{host}");
+        assert_eq!(
+            status_for(&f.admin, "/groups", Some(host)).await,
+            200,
+            "{host}"
+        );
     }
     // A name of the page's own pointed at 127.0.0.1 (DNS rebinding).
-    for host in ["evil.example:9000", "admin.internal", "localhost.evil.example"] {
-        assert_eq!(status_for(&f.admin, "/groups", Some(host)).await, 403, "{host}");
+    for host in [
+        "evil.example:9000",
+        "admin.internal",
+        "localhost.evil.example",
+    ] {
+        assert_eq!(
+            status_for(&f.admin, "/groups", Some(host)).await,
+            403,
+            "{host}"
+        );
     }
     assert_eq!(
         status_for(&f.admin, "http://evil.example:9000/groups", None).await,
@@ -505,10 +520,7 @@ async fn only_addresses_localhost_and_allowed_names_are_served() {
         403
     );
     let any = f.admin.clone().allow_any_host();
-    assert_eq!(
-        status_for(&any, "/groups", Some("evil.example")).await,
-        200
-    );
+    assert_eq!(status_for(&any, "/groups", Some("evil.example")).await, 200);
     let request = Request::builder()
         .uri("/groups")
         .header("host", "evil.example")

@@ -166,7 +166,10 @@ fn unknown_top_level_keys_and_missing_groups_are_refused() {
     assert_eq!(err.field(), "line 1 column 3", "{err}");
     let typed = Config::from_toml("\n[[failover_groups]]\nname = \"a\"\nmode = 7\n").unwrap_err();
     assert_eq!(typed.field(), "line 4 column 8", "{typed}");
-    assert_eq!(typed.to_string(), "invalid configuration in line 4 column 8");
+    assert_eq!(
+        typed.to_string(),
+        "invalid configuration in line 4 column 8"
+    );
     assert!(
         err.source().unwrap().to_string().contains("unknown field"),
         "{}",

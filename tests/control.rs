@@ -940,7 +940,10 @@ async fn an_action_on_a_backend_whose_groups_disagree_is_one_event() {
     let api = pool_of(&["x", "a"]);
     let handle = Handle::new(Events::default());
     handle
-        .add_group("web", &Balance::new(web.clone(), Priority::new("web", ["x", "w"])))
+        .add_group(
+            "web",
+            &Balance::new(web.clone(), Priority::new("web", ["x", "w"])),
+        )
         .unwrap();
     handle
         .add_group(
@@ -1000,10 +1003,16 @@ async fn repeated_drains_keep_one_deadline_timer() {
     }
     assert_eq!(metrics.num_alive_tasks(), before);
     tokio::time::sleep(Duration::from_secs(61)).await;
-    assert_eq!(pool.state(&"a".into()).unwrap().admin(), AdminStatus::Enabled);
+    assert_eq!(
+        pool.state(&"a".into()).unwrap().admin(),
+        AdminStatus::Enabled
+    );
     // A drain left alone still ends in a disable at its deadline.
     handle.drain(&"b".into()).unwrap();
     tokio::time::sleep(Duration::from_secs(61)).await;
-    assert_eq!(pool.state(&"b".into()).unwrap().admin(), AdminStatus::Disabled);
+    assert_eq!(
+        pool.state(&"b".into()).unwrap().admin(),
+        AdminStatus::Disabled
+    );
     assert_eq!(metrics.num_alive_tasks(), before);
 }

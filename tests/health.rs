@@ -910,5 +910,8 @@ async fn a_probe_that_panics_when_called_fails_its_backend_and_checks_go_on() {
     assert!(!checker.is_finished());
     assert_eq!(probes.load(Ordering::Relaxed), 4);
     assert_eq!(added.health(), Health::Unhealthy);
-    assert_eq!(pool.state(&"known".into()).unwrap().health(), Health::Healthy);
+    assert_eq!(
+        pool.state(&"known".into()).unwrap().health(),
+        Health::Healthy
+    );
 }

@@ -378,7 +378,9 @@ async fn a_waiting_request_follows_the_pool_into_panic() {
     // Every backend unhealthy: below the panic threshold, requests go to
     // them anyway, and so does the one waiting for a place.
     for id in ["a", "b"] {
-        pool.state(&id.into()).unwrap().set_health(Health::Unhealthy);
+        pool.state(&id.into())
+            .unwrap()
+            .set_health(Health::Unhealthy);
     }
     settle().await;
     assert!(!waiter.is_finished(), "refused, though the pool panics");

@@ -233,6 +233,11 @@ mod tests {
         let ch = ConsistentHash::maglev(crate::key::header("x")).table_size(1000);
         assert!(matches!(ch.method, Method::Maglev { table_size: 1009 }));
         let huge = ConsistentHash::maglev(crate::key::header("x")).table_size(u64::MAX);
-        assert!(matches!(huge.method, Method::Maglev { table_size: 16_777_259 }));
+        assert!(matches!(
+            huge.method,
+            Method::Maglev {
+                table_size: 16_777_259
+            }
+        ));
     }
 }

@@ -400,13 +400,9 @@ impl Handle {
         let ended = {
             let mut drains = self.inner.drains.lock();
             match to {
-                AdminStatus::Draining => drains.insert(
-                    id.clone(),
-                    PendingDrain {
-                        epoch,
-                        timer: None,
-                    },
-                ),
+                AdminStatus::Draining => {
+                    drains.insert(id.clone(), PendingDrain { epoch, timer: None })
+                }
                 _ => drains.remove(id),
             }
         };
