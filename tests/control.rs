@@ -757,16 +757,24 @@ async fn concurrent_picks_record_each_switch_once_and_in_order() {
             }
         }));
     }
-    // Flap a and b while requests run on both worker threads.
-    for i in 0..400 {
-        let (a, b) = match i % 3 {
-            0 => (Health::Unhealthy, Health::Healthy),
-            1 => (Health::Healthy, Health::Unhealthy),
-            _ => (Health::Unhealthy, Health::Unhealthy),
-        };
-        set("a", a);
-        set("b", b);
-        // One pick here too, so switches happen however the tasks run.
+    // While requests run on both worker threads, leave one backend
+    // available at a time, in turn: b, c, a, b, ... The primary must move
+    // at every step, whatever the tasks do.
+    let steps = 400;
+    for i in 0..steps {
+        let up = ["a", "b", "c"][(i + 1) % 3];
+        for name in ["a", "b", "c"] {
+            set(
+                name,
+                if name == up {
+                    Health::Healthy
+                } else {
+                    Health::Unhealthy
+                },
+            );
+        }
+        // One pick here too, so the step's switch happens however the tasks
+        // run.
         let _ = balance.clone().oneshot(Request::new(())).await;
         tokio::task::yield_now().await;
     }
@@ -774,7 +782,8 @@ async fn concurrent_picks_record_each_switch_once_and_in_order() {
         task.await.unwrap();
     }
     let changes = primary_changes(&events);
-    assert!(!changes.is_empty());
+    // At least one switch a step (more when a pick saw a step half set).
+    assert!(changes.len() >= steps, "{} switches", changes.len());
     assert_eq!(changes.len() as u64, group.failovers());
     // Each switch starts where the one before it ended: none lost, none
     // doubled, none out of order.
