@@ -803,8 +803,11 @@ async fn panic_routing_follows_expiring_ejections() {
 #[tokio::test(start_paused = true)]
 async fn success_rate_ejection_catches_failures_that_never_come_in_a_row() {
     use tower_ha::health::SuccessRate;
-    let layer =
-        HealthLayer::new().success_rate(SuccessRate::new(0.9).min_requests(30).window(secs(10)));
+    // No cap on ejections, so that nothing but its success rate keeps
+    // `fine` in.
+    let layer = HealthLayer::new()
+        .max_ejection_percent(100)
+        .success_rate(SuccessRate::new(0.9).min_requests(30).window(secs(10)));
     let (flaky, fine) = (Backend::new(), Backend::new());
     let (flaky_svc, fine_svc) = (layer.layer(flaky.clone()), layer.layer(fine.clone()));
     let (flaky_state, fine_state) = (
@@ -837,15 +840,33 @@ async fn success_rate_ejection_catches_failures_that_never_come_in_a_row() {
     assert!(!fine_state.is_ejected());
     assert_eq!(fine_state.ejections(), 0);
 
-    // Too few requests in a window to judge: no ejection.
-    let few = layer.layer(flaky.clone());
-    let few_state = Arc::new(BackendState::new(1));
-    flaky.set(StatusCode::BAD_GATEWAY);
-    for _ in 0..3 {
+    // Too few requests in a window to judge: no ejection. Only failures,
+    // but never enough in a row to eject for that.
+    let layer = HealthLayer::new()
+        .consecutive_failures(1_000)
+        .max_ejection_percent(100)
+        .success_rate(SuccessRate::new(0.9).min_requests(30).window(secs(10)));
+    let failing = Backend::new();
+    failing.set(StatusCode::BAD_GATEWAY);
+    let (few, enough) = (layer.layer(failing.clone()), layer.layer(failing.clone()));
+    let (few_state, enough_state) = (
+        Arc::new(BackendState::new(1)),
+        Arc::new(BackendState::new(1)),
+    );
+    // 29 and 30 requests in the first window, counting the one at 10 s that
+    // closes it.
+    for _ in 0..28 {
         send(&few, "few", &few_state).await;
-        tokio::time::advance(secs(11)).await;
+        send(&enough, "enough", &enough_state).await;
+        tokio::time::advance(ms(100)).await;
     }
+    send(&enough, "enough", &enough_state).await;
+    tokio::time::advance(secs(10)).await;
+    send(&few, "few", &few_state).await;
+    send(&enough, "enough", &enough_state).await;
     assert!(!few_state.is_ejected());
+    assert_eq!(few_state.ejections(), 0);
+    assert!(enough_state.is_ejected());
 }
 
 #[tokio::test(start_paused = true)]
