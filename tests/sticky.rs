@@ -816,12 +816,21 @@ async fn a_full_table_evicts_least_recently_used_which_stay_in_the_store() {
     // Each of the 12 sessions started into the full table (s8 to s19)
     // evicted one (8 / 8).
     let stats = layer.stats();
-    assert_eq!((stats.sessions, stats.evicted), (8, 12), "{stats:?}");
+    assert_eq!(
+        (stats.sessions, stats.evicted, stats.created),
+        (8, 12, 20),
+        "{stats:?}"
+    );
     assert_eq!(store.len(), 20, "evicted sessions stay in the store");
     // Replication: an evicted session loads back on its next request.
     for (k, home) in homes.iter().enumerate() {
         assert_eq!(send(&svc, req(k)).await.unwrap().body(), home, "s{k}");
     }
+    // Read back from the store, every one of them, not started again on
+    // a backend round robin happened to pick again.
+    let after = layer.stats();
+    assert_eq!(after.created, 20, "{after:?}");
+    assert!(after.loaded - stats.loaded >= stats.evicted, "{after:?}");
 }
 
 /// A store that counts loads and holds each load until released, counting
