@@ -203,7 +203,7 @@ async fn cookie_insert_pins_every_client_to_its_first_backend() {
     assert_eq!(layer.stats().sessions, 30);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn sessions_move_off_an_unavailable_backend_once_and_do_not_move_back() {
     let c = cluster();
     let moves = Moves::default();
@@ -217,22 +217,40 @@ async fn sessions_move_off_an_unavailable_backend_once_and_do_not_move_back() {
     let cookie = cookie_of(&first).unwrap();
 
     c.set_health("a", Health::Unhealthy);
-    // Concurrent requests of one session: it moves once.
-    let results = join_all((0..20).map(|_| send(&svc, with_cookie(&cookie)))).await;
-    let mut moved_to = None;
-    for res in &results {
-        let res = res.as_ref().unwrap();
-        assert_ne!(res.body(), "a");
-        if let Some(new_cookie) = cookie_of(res) {
-            moved_to.get_or_insert_with(|| new_cookie.clone());
-        }
-    }
-    let new_cookie = moved_to.expect("the move reissues the cookie");
+    // Concurrent requests of one session, all routed before the first
+    // answer (the backends answer 10 ms later): it moves once.
+    let delayed = || {
+        let mut req = with_cookie(&cookie);
+        req.headers_mut()
+            .insert("x-delay-ms", HeaderValue::from_static("10"));
+        req
+    };
+    let results = join_all((0..20).map(|_| send(&svc, delayed()))).await;
     let all = moves.all();
     assert_eq!(all.len(), 1, "one move, one hook call");
     assert_eq!(all[0].from.as_str(), "a");
     assert_eq!(all[0].reason, MoveReason::Unavailable);
     let to = all[0].session.backend.clone();
+    let mut served_by = Vec::new();
+    let mut cookies = Vec::new();
+    for res in &results {
+        let res = res.as_ref().unwrap();
+        served_by.push(res.body().clone());
+        cookies.push(cookie_of(res).expect("every answer moves the client"));
+    }
+    // Routed before the move was known, the requests went to both other
+    // backends; every answer sends its client to where the session went.
+    served_by.sort();
+    served_by.dedup();
+    assert_eq!(served_by, ["b", "c"]);
+    cookies.sort();
+    cookies.dedup();
+    assert_eq!(cookies.len(), 1, "{cookies:?}");
+    let new_cookie = cookies.pop().unwrap();
+    // It names that backend: a request with it is not sent a new one.
+    let res = send(&svc, with_cookie(&new_cookie)).await.unwrap();
+    assert_eq!(res.body(), to.as_str());
+    assert_eq!(cookie_of(&res), None);
     assert_eq!(layer.stats().moved, 1);
     // The store holds the move.
     let sid = all[0].session.key.clone();
