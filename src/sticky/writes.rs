@@ -243,22 +243,36 @@ mod tests {
         (Arc::new(store), inner, permits)
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_writes_of_a_key_land_in_the_order_decided() {
         let (store, inner, permits) = gated();
         let log = Arc::new(Log::default());
         let a = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
-        let b = Writes::submit(&log, &store, Write::Save(Session::new("k", "b".into())));
+        let mut b = Writes::submit(&log, &store, Write::Save(Session::new("k", "b".into())));
         let gone = Writes::submit(&log, &store, Write::Delete("k".into()));
-        let c = Writes::submit(&log, &store, Write::Save(Session::new("k", "c".into())));
-        // Another key's write does not wait behind them.
+        let mut c = Writes::submit(&log, &store, Write::Save(Session::new("k", "c".into())));
+        // Another key's write does not wait behind them: with k's first
+        // save and it waiting for a permit, two permits let both land and
+        // hold k's next save.
         let other = Writes::submit(&log, &store, Write::Save(Session::new("x", "b".into())));
-        permits.add_permits(4);
+        tokio::task::yield_now().await;
+        permits.add_permits(2);
+        tokio::time::timeout(std::time::Duration::from_secs(60), other)
+            .await
+            .expect("the other key's save waited behind k's")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            inner.load("x").await.unwrap().unwrap().backend.as_str(),
+            "b"
+        );
+        assert!(b.try_recv().is_err(), "k's second save waits for a permit");
+        assert!(c.try_recv().is_err());
+        permits.add_permits(2);
         let mut results = vec![];
         for done in [a, b, gone, c] {
             results.push(done.await.unwrap());
         }
-        other.await.unwrap().unwrap();
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(
             inner.load("k").await.unwrap().unwrap().backend.as_str(),
