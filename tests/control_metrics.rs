@@ -1,6 +1,7 @@
 //! The `metrics` feature: stats published through the facade.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::{Request, Response};
@@ -229,11 +230,54 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
     );
 }
 
+/// Counts the publications of the groups: the sets of their
+/// `tower_ha_group_healthy_backends` gauge.
+#[derive(Default, Clone)]
+struct Publications(Arc<AtomicUsize>);
+
+impl GaugeFn for Publications {
+    fn increment(&self, _: f64) {}
+    fn decrement(&self, _: f64) {}
+    fn set(&self, _: f64) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Recorder for Publications {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::noop()
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        if key.name() == "tower_ha_group_healthy_backends" {
+            Gauge::from_arc(Arc::new(self.clone()))
+        } else {
+            Gauge::noop()
+        }
+    }
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_zero_interval_publishes_every_millisecond_instead_of_panicking() {
     let handle = Handle::new(Events::default());
+    let pool = Pool::new();
+    pool.insert("a", ());
+    handle.add_pool("g", pool, None).unwrap();
+    // The task runs on this thread (a current-thread runtime), so it
+    // publishes to this thread's recorder.
+    let publications = Publications::default();
+    let _recorder = metrics::set_default_local_recorder(&publications);
     let task = handle.spawn_metrics(std::time::Duration::ZERO);
-    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(!task.is_finished(), "still publishing");
     task.abort();
+    // At once, then every millisecond (the last one may or may not have
+    // run when the sleep ended).
+    let published = publications.0.load(Ordering::SeqCst);
+    assert!((100..=101).contains(&published), "{published} publications");
 }
