@@ -329,22 +329,50 @@ async fn file_io_never_blocks_the_runtime_thread() {
 proptest::proptest! {
     /// Every key gets a plain file name inside the directory, short enough
     /// for any file system, and two keys never share one, even on a
-    /// case-insensitive file system.
+    /// case-insensitive file system: keys that differ only in case
+    /// included, short ones and those over 200 bytes (named by their hash).
     #[test]
-    fn file_names_are_safe_and_distinct(a in "\\PC{0,120}", b in "\\PC{0,120}") {
-        for key in [&a, &b] {
+    fn file_names_are_safe_and_distinct(
+        a in "\\PC{0,120}|[a-zA-Z0-9]{150,300}",
+        b in "\\PC{0,120}",
+    ) {
+        let swapped: String = a
+            .chars()
+            .map(|c| {
+                if c.is_ascii_uppercase() {
+                    c.to_ascii_lowercase()
+                } else {
+                    c.to_ascii_uppercase()
+                }
+            })
+            .collect();
+        let keys = [
+            a.clone(),
+            b,
+            a.to_ascii_uppercase(),
+            a.to_ascii_lowercase(),
+            a.to_uppercase(),
+            a.to_lowercase(),
+            swapped,
+        ];
+        for key in &keys {
             let name = FileStore::file_name(key);
             proptest::prop_assert!(name.ends_with(".json"));
             proptest::prop_assert!(name.len() <= 200);
             proptest::prop_assert!(name.starts_with("k_") || name.starts_with("h_"));
             proptest::prop_assert!(!name.contains(['/', '\\', '\0']));
             proptest::prop_assert!(name.is_ascii());
+            if key.len() > 200 {
+                proptest::prop_assert!(name.starts_with("h_"), "{name}");
+            }
         }
-        if a != b {
-            proptest::prop_assert_ne!(
-                FileStore::file_name(&a).to_lowercase(),
-                FileStore::file_name(&b).to_lowercase()
-            );
+        for (i, x) in keys.iter().enumerate() {
+            for y in keys[i + 1..].iter().filter(|y| *y != x) {
+                proptest::prop_assert_ne!(
+                    FileStore::file_name(x).to_lowercase(),
+                    FileStore::file_name(y).to_lowercase()
+                );
+            }
         }
     }
 }
