@@ -189,6 +189,22 @@ where
         + Send
         + 'static,
 {
+    serve_stack_with(stack, true).await
+}
+
+/// [`serve_stack`], with or without hyper's upgrades: without them, hyper
+/// fails every handover when the connection ends.
+async fn serve_stack_with<S>(stack: S, upgrades: bool) -> SocketAddr
+where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<tower_ha::http::ResponseBody>,
+            Error = BoxError,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -213,10 +229,13 @@ where
                 }
             });
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
-                    .await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                if upgrades {
+                    let _ = conn.with_upgrades().await;
+                } else {
+                    let _ = conn.await;
+                }
             });
         }
     });
@@ -660,12 +679,17 @@ async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn a_switch_that_never_reaches_the_client_releases_the_backend() {
     let (b1, seen) = backend("b1", Mode::Echo).await;
-    let (pool, stack) = stack(quiet_client(), &[b1]);
-    // A layer above answers something else than the backend's `101`.
-    // hyper then fails the client side's handover at once, so this checks
-    // that the tunnel lets go of the backend, not how long it would wait
-    // for a handover that never ends (the unit tests of the tunnel do, in
-    // paused time).
+    // No idle timeout to end the tunnel: it waits 10 s for the client's
+    // side, so a backend let go sooner was let go because the failed
+    // handover was noticed.
+    let (pool, stack) = stack(HttpClient::new(), &[b1]);
+    // A layer above answers something else than the backend's `101`, and
+    // the client leaves. The front serves without upgrades, so hyper fails
+    // the client side's handover as the connection ends. (With upgrades it
+    // would hand over the closed connection instead, and the tunnel would
+    // end on that.) This checks that the tunnel lets go of the backend,
+    // not how long it would wait for a handover that never ends (the unit
+    // tests of the tunnel do, in paused time).
     let stack = ServiceBuilder::new()
         .map_result(|result: Result<Response<_>, BoxError>| match result {
             Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -674,10 +698,15 @@ async fn a_switch_that_never_reaches_the_client_releases_the_backend() {
             other => other,
         })
         .service(stack);
-    let front = serve_stack(stack).await;
+    let front = serve_stack_with(stack, false).await;
+    // Before the request: the wait for the handover starts later.
+    let sent = tokio::time::Instant::now();
     let mut stream = send_raw(front, UPGRADE.as_bytes()).await;
     let (head, _) = read_head(&mut stream).await;
     assert!(head.starts_with("http/1.1 502 "), "{head}");
     assert_eq!(seen.upgrade_heads.lock().len(), 1, "the backend switched");
-    let_go(&seen, &pool).await;
+    drop(stream);
+    tokio::time::timeout_at(sent + Duration::from_secs(9), let_go(&seen, &pool))
+        .await
+        .expect("the backend was held until the wait for the handover ran out");
 }
