@@ -1298,8 +1298,8 @@ mod http2 {
     }
 
     /// A request that waited for connection 1 but runs only after it
-    /// closed and connection 2 replaced it fails over to a new attempt,
-    /// and leaves connection 2 alone.
+    /// closed and connection 2 replaced it fails as not sent (so that the
+    /// failover layer makes a new attempt), and leaves connection 2 alone.
     #[tokio::test]
     async fn a_late_waiter_leaves_a_newer_connection_alone() {
         let (addr, accepted, closed_rx) = closing_after_one().await;
@@ -1318,7 +1318,8 @@ mod http2 {
         while accepted.load(Ordering::SeqCst) < 2 {
             body_of(backend.clone().oneshot(get("/c")).await.unwrap()).await;
         }
-        let _ = late.await;
+        let err = late.await.unwrap_err();
+        assert!(err.is::<NotSent>(), "{err}");
         body_of(backend.oneshot(get("/d")).await.unwrap()).await;
         assert_eq!(
             accepted.load(Ordering::SeqCst),
