@@ -1099,15 +1099,24 @@ mod http2 {
 
     /// POSTs racing a backend's `GOAWAY`: some fail (the failover layer
     /// cannot know whether the backend got them), but none is sent again
-    /// after the backend processed it, and each one answered was
-    /// processed once.
+    /// after the backend processed it, each one answered was processed
+    /// once, and none reported as never sent was processed.
+    ///
+    /// Whether a request meets a `GOAWAY` is up to timing, so the race is
+    /// not guaranteed to happen: closing each connection after a single
+    /// request makes it frequent (a few percent of the requests failed or
+    /// were answered by a second backend, in runs on a loaded machine).
+    /// What is asserted holds however the requests fell; a request the
+    /// backend processed before its stream met the `GOAWAY` comes up in
+    /// about half the runs, so a failover that sent such a request again
+    /// is caught in those.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn posts_racing_a_goaway_are_never_processed_twice() {
         use tower_ha::failover::{BufferBodyLayer, ReplayBody};
 
         let processed = Processed::default();
-        let a = going_away(3, processed.clone()).await;
-        let b = going_away(3, processed.clone()).await;
+        let a = going_away(1, processed.clone()).await;
+        let b = going_away(1, processed.clone()).await;
         let client = HttpClient::<ReplayBody<Full<Bytes>>>::new().http2_only(true);
         let pool = Pool::new();
         pool.insert(
@@ -1122,22 +1131,36 @@ mod http2 {
             .layer(BufferBodyLayer::new())
             .layer(FailoverLayer::new())
             .service(Balance::new(pool, RoundRobin::new()));
-        let mut answered = Vec::new();
+        let (mut answered, mut never_sent) = (Vec::new(), Vec::new());
         for round in 0..100 {
             let sent = (0..10).map(|i| {
+                let id = format!("{round}.{i}");
                 let req = Request::post("/")
-                    .header("x-id", format!("{round}.{i}"))
+                    .header("x-id", &id)
                     .body(Full::new(Bytes::from_static(b"x")));
-                stack.clone().oneshot(req.unwrap())
+                let sent = stack.clone().oneshot(req.unwrap());
+                async move { (id, sent.await) }
             });
-            for resp in futures::future::join_all(sent).await.into_iter().flatten() {
-                answered.push(body_of(resp).await);
+            for (id, result) in futures::future::join_all(sent).await {
+                match result {
+                    Ok(resp) => answered.push(body_of(resp).await),
+                    Err(e) => {
+                        let tried = find::<Exhausted>(&*e).expect("the failover layer's error");
+                        let mut attempts = tried.attempts().iter();
+                        if attempts.all(|(_, cause)| find::<NotSent>(&**cause).is_some()) {
+                            never_sent.push(id);
+                        }
+                    }
+                }
             }
         }
         let processed = processed.lock().unwrap();
         assert!(!answered.is_empty());
         for id in &answered {
             assert_eq!(processed.get(id), Some(&1), "request {id}");
+        }
+        for id in &never_sent {
+            assert_eq!(processed.get(id), None, "request {id} was sent");
         }
         let twice: Vec<_> = processed.iter().filter(|(_, n)| **n > 1).collect();
         assert!(twice.is_empty(), "processed more than once: {twice:?}");
