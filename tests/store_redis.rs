@@ -480,22 +480,24 @@ async fn a_dead_winners_lease_expires_and_a_waiting_claim_takes_it_over() {
     a.save(&session("k", "node-a")).await.unwrap();
     // a takes the lease and never releases it.
     std::mem::forget(
-        a.try_lease("k", Duration::from_secs(1))
+        a.try_lease("k", Duration::from_secs(3))
             .await
             .unwrap()
             .unwrap(),
     );
     let claim = tokio::spawn(async move {
-        b.claim("k", Duration::from_secs(5), Duration::from_secs(5))
+        b.claim("k", Duration::from_secs(5), Duration::from_secs(10))
             .await
     });
-    // While the dead winner's lease lives, the claim waits.
+    // While the dead winner's lease lives, the claim waits: it has had
+    // time to try, and the lease still held after the look shows that the
+    // claim did not return because it had expired.
     sleep(Duration::from_millis(200)).await;
-    assert!(a.is_leased("k").await.unwrap());
     assert!(
         !claim.is_finished(),
         "the claim returned while the lease was held"
     );
+    assert!(a.is_leased("k").await.unwrap());
     // Once it expires unreleased, the restore is still to do: the claim
     // takes the lease itself.
     match claim.await.unwrap().unwrap() {
@@ -640,16 +642,35 @@ async fn notices_can_be_turned_off() {
 async fn a_session_lock_outlives_its_ttl_while_held_and_expires_once_dropped() {
     use tower_ha::store::SessionLock;
     let server = RedisServer::start();
+    let ttl = Duration::from_secs(3);
     let a = RedisStore::builder(server.url())
-        .lease(Duration::from_millis(300), Duration::from_secs(5))
+        .lease(ttl, Duration::from_secs(5))
         .build()
         .await
         .unwrap();
     let b = store(&server).await;
+    let mut conn = raw(&server);
+    let lease_key = a.lease_key("k");
+    let pttl = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("PTTL").arg(&lease_key).query(conn).unwrap()
+    };
 
-    // A restore that takes three times the lease's TTL keeps the lease.
+    // A held guard extends its lease (every third of its TTL): the time
+    // it has left goes back up, and it is still held once its first TTL
+    // has passed.
     let guard = a.lock("k").await.unwrap().expect("free");
-    sleep(Duration::from_millis(900)).await;
+    let locked = Instant::now();
+    let deadline = locked + Duration::from_secs(20);
+    let mut last = pttl(&mut conn);
+    let mut extended = 0;
+    while extended < 2 || locked.elapsed() <= ttl {
+        assert!(Instant::now() < deadline, "never extended ({extended})");
+        sleep(Duration::from_millis(50)).await;
+        let now = pttl(&mut conn);
+        assert!(now > 0, "the held lease expired");
+        extended += usize::from(now > last);
+        last = now;
+    }
     assert!(b.is_leased("k").await.unwrap(), "extended while held");
     guard.release().await.unwrap();
     assert!(!b.is_leased("k").await.unwrap(), "released at once");
@@ -657,13 +678,12 @@ async fn a_session_lock_outlives_its_ttl_while_held_and_expires_once_dropped() {
     // A guard dropped unreleased stops extending: the lease expires.
     let guard = a.lock("k").await.unwrap().expect("free again");
     drop(guard);
-    let mut expired = false;
-    for _ in 0..200 {
-        if !b.is_leased("k").await.unwrap() {
-            expired = true;
-            break;
-        }
-        sleep(Duration::from_millis(10)).await;
+    let deadline = Instant::now() + ttl + Duration::from_secs(10);
+    while b.is_leased("k").await.unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "the lease of a dropped guard expires"
+        );
+        sleep(Duration::from_millis(50)).await;
     }
-    assert!(expired, "the lease of a dropped guard expires");
 }
