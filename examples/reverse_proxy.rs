@@ -235,10 +235,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     let passive = HealthLayer::new();
     let pool = Pool::new();
     let mut addresses = Vec::new();
-    for (i, url) in o.backends.iter().enumerate() {
-        if o.backends[..i].contains(url) {
-            usage(&format!("backend {url} given twice"));
-        }
+    for url in &o.backends {
         let backend =
             HttpBackend::new(&client, url.as_str()).unwrap_or_else(|e| usage(&e.to_string()));
         // `HttpBackend::new` accepted it: an http:// URI with a host.

@@ -357,6 +357,21 @@ impl BackendState {
         Some(InFlight(self.clone()))
     }
 
+    /// The place of a request that is ending, for another request: counted
+    /// as one more request sent, and still in flight. `None` when the
+    /// limit was lowered below the requests in flight: then the place is
+    /// given up.
+    pub(crate) fn pass_place(self: &Arc<Self>) -> Option<InFlight> {
+        let (in_flight, max) = (
+            self.in_flight.load(Ordering::Relaxed),
+            self.max_in_flight.load(Ordering::Relaxed),
+        );
+        (in_flight <= max).then(|| {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            InFlight(self.clone())
+        })
+    }
+
     /// The most requests a balancer's strategy sends to this backend at
     /// once, if limited (see [`set_max_in_flight`](Self::set_max_in_flight)).
     pub fn max_in_flight(&self) -> Option<usize> {
@@ -444,7 +459,7 @@ impl BackendState {
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 Some(n.saturating_add(1))
             })
-            .unwrap_or(u32::MAX);
+            .unwrap_or_else(|n| n);
         before.saturating_add(1)
     }
 
@@ -597,23 +612,6 @@ impl InFlight {
     /// counted as a request sent, and passed on to a waiting request.
     pub(crate) fn unused(self) {
         self.0.requests.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl BackendState {
-    /// The place of a request that is ending, for another request: counted
-    /// as one more request sent, and still in flight. `None` when the
-    /// limit was lowered below the requests in flight: then the place is
-    /// given up.
-    pub(crate) fn pass_place(self: &Arc<Self>) -> Option<InFlight> {
-        let (in_flight, max) = (
-            self.in_flight.load(Ordering::Relaxed),
-            self.max_in_flight.load(Ordering::Relaxed),
-        );
-        (in_flight <= max).then(|| {
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            InFlight(self.clone())
-        })
     }
 }
 

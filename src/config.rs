@@ -571,9 +571,14 @@ impl Config {
             let field = e
                 .span()
                 .map(|span| {
-                    let before = &text.as_bytes()[..span.start.min(text.len())];
-                    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-                    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+                    let start = (0..=span.start.min(text.len()))
+                        .rev()
+                        .find(|&i| text.is_char_boundary(i))
+                        .unwrap_or(0);
+                    let before = &text[..start];
+                    let line = before.matches('\n').count() + 1;
+                    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                    let column = before[line_start..].chars().count() + 1;
                     format!("line {line} column {column}")
                 })
                 .unwrap_or_default();

@@ -106,6 +106,9 @@ impl Resolver for SystemResolver {
 }
 
 enum Step {
+    /// Not polled yet: the first resolution starts on the first poll, with
+    /// the settings as built.
+    Start,
     Resolving(Pin<Box<Timeout<ResolveFuture>>>),
     Waiting(Pin<Box<Sleep>>),
 }
@@ -149,9 +152,10 @@ impl<S> fmt::Debug for DnsDiscover<S> {
 }
 
 impl<S> DnsDiscover<S> {
-    /// Resolves `host` (with `port`) with `resolver` at once and then every
-    /// 5 s, making one service per address with `make`. A resolution that
-    /// takes more than 10 s fails (see [`timeout`](Self::timeout)).
+    /// Resolves `host` (with `port`) with `resolver` when first polled and
+    /// then every 5 s, making one service per address with `make`. A
+    /// resolution that takes more than 10 s fails (see
+    /// [`timeout`](Self::timeout)).
     pub fn new<R, F>(resolver: R, host: impl Into<Arc<str>>, port: u16, make: F) -> Self
     where
         R: Resolver,
@@ -159,17 +163,13 @@ impl<S> DnsDiscover<S> {
     {
         let resolver: Arc<dyn Resolver> = Arc::new(resolver);
         let host = host.into();
-        let timeout = DEFAULT_TIMEOUT;
         DnsDiscover {
-            step: Step::Resolving(Box::pin(tokio::time::timeout(
-                timeout,
-                resolver.resolve(&host, port),
-            ))),
+            step: Step::Start,
             resolver,
             host,
             port,
             interval: Duration::from_secs(5),
-            timeout,
+            timeout: DEFAULT_TIMEOUT,
             make: Box::new(make),
             known: BTreeSet::new(),
             pending: VecDeque::new(),
@@ -187,7 +187,6 @@ impl<S> DnsDiscover<S> {
     /// How long a resolution may take before it fails (default 10 s; at
     /// least 1 ms): a resolver that never answers would otherwise stop
     /// every later resolution. A failed resolution keeps the backends.
-    /// Applies from the next resolution on.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_millis(1));
         self
@@ -222,6 +221,12 @@ impl<S> DnsDiscover<S> {
     /// The addresses of the last successful resolution.
     pub fn addresses(&self) -> impl Iterator<Item = &SocketAddr> {
         self.known.iter()
+    }
+
+    /// The step of a resolution starting now.
+    fn resolve(&self) -> Step {
+        let answer = self.resolver.resolve(&self.host, self.port);
+        Step::Resolving(Box::pin(tokio::time::timeout(self.timeout, answer)))
     }
 
     /// Whether the pool fed holds `id` (true when it was not given).
@@ -283,6 +288,7 @@ impl<S> Stream for DnsDiscover<S> {
                 return Poll::Ready(Some(Ok(change)));
             }
             match &mut this.step {
+                Step::Start => this.step = this.resolve(),
                 Step::Resolving(fut) => {
                     let result = std::task::ready!(fut.as_mut().poll(cx));
                     match result {
@@ -310,10 +316,7 @@ impl<S> Stream for DnsDiscover<S> {
                 }
                 Step::Waiting(sleep) => {
                     std::task::ready!(sleep.as_mut().poll(cx));
-                    this.step = Step::Resolving(Box::pin(tokio::time::timeout(
-                        this.timeout,
-                        this.resolver.resolve(&this.host, this.port),
-                    )));
+                    this.step = this.resolve();
                 }
             }
         }

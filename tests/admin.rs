@@ -503,8 +503,12 @@ async fn only_addresses_localhost_and_allowed_names_are_served() {
         403,
         "the authority of an absolute URI counts"
     );
+    for bad in ["bad host/", "evil@127.0.0.1", "[localhost]", "[127.0.0.1]"] {
+        let status = status_for(&f.admin, "/groups", Some(bad)).await;
+        assert!(status == 400 || status == 403, "{bad}: {status}");
+    }
     assert_eq!(
-        status_for(&f.admin, "/groups", Some("bad host/")).await,
+        status_for(&f.admin, "/groups", Some("evil@127.0.0.1")).await,
         400
     );
     // Without `Host` (HTTP/1.0): no browser sends that.

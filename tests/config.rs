@@ -170,6 +170,11 @@ fn unknown_top_level_keys_and_missing_groups_are_refused() {
         typed.to_string(),
         "invalid configuration in line 4 column 8"
     );
+    // Columns count characters, as YAML's do.
+    let typed =
+        Config::from_toml("[[failover_groups]]\nname = \"é\"\ntag = \"é\" x\n").unwrap_err();
+    assert!(typed.is_parse());
+    assert_eq!(typed.field(), "line 3 column 11", "{typed}");
     assert!(
         err.source().unwrap().to_string().contains("unknown field"),
         "{}",

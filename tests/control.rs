@@ -941,6 +941,17 @@ async fn a_primary_that_joins_after_its_backups_takes_over_without_a_failover() 
     set_health(&pool, "x", Health::Healthy);
     assert_eq!(serve(&balance).await, "y", "no failback by default");
     assert_eq!(group.failovers(), 1);
+
+    // A primary forced before the configured one joined is a primary like
+    // any other: its removal, even before it served, is a failover.
+    let pool = pool_of(&["b", "c"]);
+    let group = Priority::new("late", ["a", "b", "c"]);
+    let balance = Balance::new(pool.clone(), group.clone());
+    assert!(group.force_primary(&"c".into()));
+    pool.remove(&"c".into());
+    assert_eq!(serve(&balance).await, "b");
+    assert_eq!(group.current(), Some("b".into()));
+    assert_eq!(group.failovers(), 1);
 }
 
 #[tokio::test(start_paused = true)]

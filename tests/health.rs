@@ -853,8 +853,8 @@ async fn success_rate_ejection_catches_failures_that_never_come_in_a_row() {
         Arc::new(BackendState::new(1)),
         Arc::new(BackendState::new(1)),
     );
-    // 29 and 30 requests in the first window, counting the one at 10 s that
-    // closes it.
+    // 29 and 30 requests in the first window, counting the one after it
+    // that closes it.
     for _ in 0..28 {
         send(&few, "few", &few_state).await;
         send(&enough, "enough", &enough_state).await;

@@ -335,6 +335,8 @@ impl Priority {
         }
         let now = Instant::now();
         let from = std::mem::replace(&mut state.current, to.clone());
+        // Every switch is to a member.
+        state.current_seen = to.is_some();
         state.current_at = (NO_BUILD, None);
         state.last_switch = Some(now);
         if reason == SwitchReason::Failover || reason == SwitchReason::Removed {

@@ -60,8 +60,10 @@ struct Waiter {
 
 #[derive(Default)]
 struct TurnState {
-    /// The backends the request may not go to: those it already tried,
-    /// and any it was handed a place on after it had left the pool.
+    /// The states the request may not go to: those of the backends it had
+    /// tried that were in the pool when it joined (the names in
+    /// `Waiter::tried` cover the rest), and any it was handed a place on
+    /// that it could not use.
     excluded: Vec<Arc<BackendState>>,
     waker: Option<Waker>,
     /// A place handed over by a request that ended.
@@ -155,6 +157,9 @@ impl Room {
         waiter.queued.store(false, Ordering::Relaxed);
         self.waiting.store(queue.waiters.len(), Ordering::Relaxed);
         let mut turn = waiter.turn.lock();
+        // A waiter in the queue holds no place: dropping one here would
+        // release it under the queue's lock.
+        debug_assert!(turn.given.is_none());
         turn.given = Some(place);
         Ok(turn.waker.take())
     }
@@ -164,6 +169,8 @@ impl Room {
     /// `state`'s backend. `false` when none may (the place is then freed).
     #[inline]
     pub(crate) fn take_over(&self, state: &Arc<BackendState>) -> bool {
+        // Without a fence: a waiter missed here is found by `released`,
+        // after the place is freed and a fence is passed.
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return false;
         }

@@ -146,8 +146,10 @@ impl AdminService {
     }
 
     /// Also answers requests addressed (by `Host`, or the URI's authority)
-    /// to the name `host` (without a port; compared without regard to
-    /// case), for an admin API reached through a DNS name.
+    /// to the name `host` (a name without a port, which is not compared;
+    /// compared without regard to case), for an admin API reached through
+    /// a DNS name. Has no effect after
+    /// [`allow_any_host`](Self::allow_any_host).
     ///
     /// By default only IP addresses and `localhost` are answered, and any
     /// other name is 403 Forbidden. Otherwise a web page the operator
@@ -155,7 +157,7 @@ impl AdminService {
     /// then call the admin API as a page of its own origin.
     pub fn allow_host(mut self, host: &str) -> Self {
         if let Some(hosts) = &mut self.settings().hosts {
-            hosts.push(host.to_ascii_lowercase());
+            hosts.push(host.to_owned());
         }
         self
     }
@@ -179,9 +181,11 @@ impl Settings {
         let Some(names) = &self.hosts else {
             return true;
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        host.parse::<std::net::IpAddr>().is_ok()
-            || host.eq_ignore_ascii_case("localhost")
+        let ip = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => host.parse::<std::net::Ipv4Addr>().is_ok(),
+        };
+        ip || host.eq_ignore_ascii_case("localhost")
             || names.iter().any(|name| host.eq_ignore_ascii_case(name))
     }
 }
@@ -225,14 +229,17 @@ where
 /// absolute URI), else `Host`; `None` when it has neither (no browser sends
 /// such a request), `Err` for a malformed `Host`.
 fn addressed_to<B>(req: &Request<B>) -> Result<Option<Authority>, ()> {
-    if let Some(authority) = req.uri().authority() {
-        return Ok(Some(authority.clone()));
-    }
-    match req.headers().get(header::HOST) {
-        None => Ok(None),
-        Some(value) => Authority::try_from(value.as_bytes())
-            .map(Some)
-            .map_err(drop),
+    let authority = match req.uri().authority() {
+        Some(authority) => authority.clone(),
+        None => match req.headers().get(header::HOST) {
+            None => return Ok(None),
+            Some(value) => Authority::try_from(value.as_bytes()).map_err(drop)?,
+        },
+    };
+    // A host, with a port or not: user information has no place here.
+    match authority.as_str().contains('@') {
+        true => Err(()),
+        false => Ok(Some(authority)),
     }
 }
 

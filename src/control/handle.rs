@@ -397,8 +397,19 @@ impl Handle {
         let states = self.states(id)?;
         // This action ends a drain's pending deadline; a drain starts one.
         let epoch = self.inner.epoch_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        // The backend's states in several groups may have differed: the
+        // event says what the first that changed was.
+        let mut from = None;
         let ended = {
+            // The states change under the lock a drain's deadline takes,
+            // so that actions and deadlines apply in one order.
             let mut drains = self.inner.drains.lock();
+            for state in &states {
+                let was = state.set_admin(to);
+                if was != to {
+                    from = from.or(Some(was));
+                }
+            }
             match to {
                 AdminStatus::Draining => {
                     drains.insert(id.clone(), PendingDrain { epoch, timer: None })
@@ -408,15 +419,6 @@ impl Handle {
         };
         if let Some(ended) = ended {
             ended.end();
-        }
-        // The backend's states in several groups may have differed: the
-        // event says what the first that changed was.
-        let mut from = None;
-        for state in &states {
-            let was = state.set_admin(to);
-            if was != to {
-                from = from.or(Some(was));
-            }
         }
         if let Some(from) = from {
             self.inner.events.emit(Event::AdminChanged {
@@ -452,18 +454,20 @@ impl Handle {
                     return;
                 };
                 let id = backend;
+                let mut changed = false;
                 {
+                    // Under the lock an action takes too: none can come
+                    // between the check and the disable.
                     let mut drains = inner.drains.lock();
                     if drains.get(&id).map(|d| d.epoch) != Some(epoch) {
                         return; // a later action decides
                     }
                     drains.remove(&id);
-                }
-                let mut changed = false;
-                for state in &states {
-                    if state.admin() == AdminStatus::Draining {
-                        state.set_admin(AdminStatus::Disabled);
-                        changed = true;
+                    for state in &states {
+                        if state.admin() == AdminStatus::Draining {
+                            state.set_admin(AdminStatus::Disabled);
+                            changed = true;
+                        }
                     }
                 }
                 if changed {
