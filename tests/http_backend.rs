@@ -21,7 +21,7 @@ use tower_ha::extensions::PeerAddr;
 use tower_ha::failover::{Exhausted, FailoverLayer};
 use tower_ha::health::HealthLayer;
 use tower_ha::http::{HttpBackend, HttpClient};
-use tower_ha::{BackendError, NotSent, Pool};
+use tower_ha::{BackendError, BoxError, NotSent, Pool};
 
 mod support;
 
@@ -677,6 +677,105 @@ async fn serve_raw_closing(
     .await
 }
 
+/// Serves each connection one raw `response` after the request's head.
+async fn serve_once(response: &'static str) -> SocketAddr {
+    accept_counting(move |mut stream, _| async move {
+        let mut buf = [0u8; 1024];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => head.extend_from_slice(&buf[..read]),
+            }
+        }
+        let _ = stream.write_all(response.as_bytes()).await;
+    })
+    .await
+    .0
+}
+
+/// A response framed by its chunks and with a `Content-Length` too (RFC
+/// 9112 section 6.3): the length, which would frame it for the client,
+/// is not passed on; a coding hyper does not take off is a failure.
+#[tokio::test]
+async fn a_response_framed_by_chunks_loses_its_content_length() {
+    let addr = serve_once(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n\
+         5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let resp = backend
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert!(!resp.headers().contains_key("content-length"));
+    assert!(!resp.headers().contains_key("transfer-encoding"));
+    assert_eq!(body_of(resp).await, "hello");
+
+    let addr = serve_once(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let err = backend
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("transfer coding"), "{err}");
+}
+
+/// A body whose length is not known: one chunk, then more.
+type Streamed = http_body_util::StreamBody<
+    futures::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, BoxError>>>,
+>;
+
+fn streamed(frames: Vec<Result<http_body::Frame<Bytes>, BoxError>>) -> Streamed {
+    http_body_util::StreamBody::new(futures::stream::iter(frames))
+}
+
+#[tokio::test]
+async fn a_get_with_a_body_of_unknown_length_sends_it() {
+    let addr = serve().await;
+    let client = HttpClient::<Streamed>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let body = streamed(vec![
+        Ok(http_body::Frame::data(Bytes::from_static(b"{\"query\":"))),
+        Ok(http_body::Frame::data(Bytes::from_static(b"1}"))),
+    ]);
+    let resp = backend
+        .oneshot(Request::get("/search").body(body).unwrap())
+        .await
+        .unwrap();
+    assert!(body_of(resp).await.ends_with("|{\"query\":1}"));
+}
+
+/// A client that goes away in the middle of its upload: the request's
+/// failure, not the backend's.
+#[tokio::test]
+async fn an_upload_that_fails_midway_is_the_requests_failure() {
+    // A backend that reads what comes and never answers.
+    let (addr, _) = accept_counting(|mut stream, _| async move {
+        let mut buf = [0u8; 1024];
+        while let Ok(1..) = stream.read(&mut buf).await {}
+    })
+    .await;
+    let client = HttpClient::<Streamed>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let body = streamed(vec![
+        Ok(http_body::Frame::data(Bytes::from_static(b"part"))),
+        Err("the client went away".into()),
+    ]);
+    let err = backend
+        .oneshot(Request::put("/upload").body(body).unwrap())
+        .await
+        .unwrap_err();
+    assert!(find::<InvalidRequest>(&*err).is_some(), "{err:?}");
+    assert!(find::<NotSent>(&*err).is_none(), "{err:?}");
+    assert_eq!(gateway_status(&*err), StatusCode::BAD_REQUEST);
+}
+
 #[tokio::test]
 async fn a_connection_still_sending_its_request_is_not_waited_for() {
     let (addr, _) = serve_raw().await;
@@ -921,8 +1020,15 @@ mod http2 {
         let mut req = get("/y");
         req.headers_mut()
             .insert("host", "front.example".parse().unwrap());
-        let body = body_of(backend.oneshot(req).await.unwrap()).await;
+        let body = body_of(backend.clone().oneshot(req).await.unwrap()).await;
         assert_eq!(body, "HTTP/2.0 http://front.example/api/y host=None");
+
+        // An absolute-form target without a path: `:path` must start with
+        // `/` (RFC 9113 section 8.3.1).
+        let plain = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let req = get("http://front.example?q=1");
+        let body = body_of(plain.oneshot(req).await.unwrap()).await;
+        assert_eq!(body, format!("HTTP/2.0 http://{addr}/?q=1 host=None"));
     }
 
     /// gRPC's way: data, then trailer fields, in both directions.

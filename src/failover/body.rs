@@ -217,6 +217,17 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
+            // With trailers, no exact size: an HTTP/1 client would frame
+            // the body by `Content-Length` and leave them out.
+            Kind::Buffered {
+                len,
+                trailers: Some(_),
+                ..
+            } => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(*len);
+                hint
+            }
             Kind::Buffered { len, .. } => SizeHint::with_exact(*len),
             Kind::Once { hint, .. } => *hint,
         }
@@ -565,6 +576,25 @@ mod tests {
         fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<I::Item>> {
             Poll::Ready(self.0.next())
         }
+    }
+
+    #[tokio::test]
+    async fn buffered_trailers_leave_the_size_open_so_they_are_sent() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-sum", http::HeaderValue::from_static("1"));
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"hello"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = ReplayBody::buffer(StreamBody::new(futures_util_stream(frames.into_iter())), 64)
+            .await
+            .unwrap();
+        assert!(body.is_buffered());
+        let hint = body.size_hint();
+        assert_eq!((hint.lower(), hint.upper()), (5, None));
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-sum"], "1");
+        assert_eq!(collected.to_bytes(), "hello");
     }
 
     #[tokio::test]

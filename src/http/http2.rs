@@ -213,7 +213,7 @@ where
                         return Err(if refused {
                             NotSent::new(e).into()
                         } else {
-                            e.into()
+                            super::pool::sent_error(e)
                         });
                     }
                 },

@@ -126,7 +126,10 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use ::http::header::{HeaderName, HeaderValue, CONNECTION, COOKIE, HOST, TE, UPGRADE};
+use ::http::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TE, TRANSFER_ENCODING,
+    UPGRADE,
+};
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use ::http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
@@ -612,11 +615,24 @@ impl<B> HttpBackend<B> {
         } else {
             None
         };
-        let original = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if present & TRANSFER_ENCODING_PRESENT != 0
+            && !only_chunked(req.headers().get_all(TRANSFER_ENCODING))
+        {
+            return Err(InvalidRequest::new(
+                "a transfer coding other than chunked, which this proxy does not decode",
+            ));
+        }
+        let original = match req.uri().path_and_query() {
+            // An absolute-form target without a path (`http://host?q`):
+            // its path is `/` (RFC 9112 section 3.2.2).
+            Some(pq) if !pq.as_str().starts_with(['/', '*']) => {
+                PathAndQuery::try_from(format!("/{}", pq.as_str())).map_err(|e| {
+                    InvalidRequest::with_source("the request target is not valid", e)
+                })?
+            }
+            Some(pq) => pq.clone(),
+            None => PathAndQuery::from_static("/"),
+        };
         let target_host = match req.uri().authority() {
             Some(authority) if self.preserve_host => host_of(authority),
             _ => None,
@@ -897,10 +913,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     strip_present(headers, hop_by_hop(headers))
 }
 
-/// Bits of [`hop_by_hop`]'s answer: `Connection`, `TE` and `Upgrade`.
+/// Bits of [`hop_by_hop`]'s answer: `Connection`, `TE`,
+/// `Transfer-Encoding` and `Upgrade`.
 const CONNECTION_PRESENT: u8 = 1 << 0;
 const TE_PRESENT: u8 = 1 << 1;
+const TRANSFER_ENCODING_PRESENT: u8 = 1 << 2;
 const UPGRADE_PRESENT: u8 = 1 << 3;
+
+/// Whether `Transfer-Encoding` says `chunked` and nothing else: the one
+/// coding hyper takes off, so the only one a body can be passed on under.
+fn only_chunked<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>) -> bool {
+    let mut codings = elements(lines);
+    codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+        && codings.next().is_none()
+}
 
 /// Which of the [`HOP_BY_HOP`] headers are present, a bit for each, in
 /// one pass over the names (a backend's `Connection: keep-alive` is the
@@ -1004,7 +1032,18 @@ where
         // The backend a balancer sent this to, held in flight while the
         // response's body streams (or its tunnel lasts).
         let backend = req.extensions().get::<Target>().map(|t| t.state().clone());
-        let state = match self.rewrite(&mut req) {
+        let rewritten = self.rewrite(&mut req);
+        let body = req.body();
+        if !self.upstream.speaks_http2()
+            && !body.is_end_stream()
+            && body.size_hint().exact().is_none()
+        {
+            // A body of unknown length goes chunked: hyper would send a GET
+            // or HEAD without one.
+            req.headers_mut()
+                .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
+        let state = match rewritten {
             Ok(None) => State::Sent {
                 future: Box::pin(self.upstream.clone().send(req)),
             },
@@ -1060,6 +1099,19 @@ impl Future for ResponseFuture {
             }
             StateProj::Sent { future } => {
                 let mut resp = ready!(future.as_mut().poll(cx))?;
+                if resp.headers().contains_key(TRANSFER_ENCODING) {
+                    // Framed by its chunks, not by a `Content-Length` beside
+                    // them, which is passed on only when it is the framing
+                    // (RFC 9112 section 6.3); and a coding hyper left on the
+                    // body could not be passed on without its name.
+                    if !only_chunked(resp.headers().get_all(TRANSFER_ENCODING)) {
+                        return Poll::Ready(Err(
+                            "the backend's response has a transfer coding other than chunked"
+                                .into(),
+                        ));
+                    }
+                    resp.headers_mut().remove(CONTENT_LENGTH);
+                }
                 // A backend's `Connection: close` ends its own connection,
                 // not the client's. A switch of protocols (which only an
                 // upgrade request gets) is the client's too.

@@ -37,7 +37,7 @@ use super::body::ResponseBody;
 use super::http2::Http2;
 use super::Settings;
 use crate::backend::BackendState;
-use crate::error::{BoxError, NotSent};
+use crate::error::{BoxError, InvalidRequest, NotSent};
 
 /// A byte stream to a backend, as a connector opened it.
 pub(super) trait Io: Read + Write + Unpin + Send + 'static {}
@@ -247,6 +247,20 @@ struct Idle<B> {
     since: Instant,
 }
 
+/// The error of a request that went (at least in part) to the backend. A
+/// failure of the request's own body, such as a client that went away in
+/// the middle of its upload, is the request's, not the backend's: an
+/// [`InvalidRequest`], which neither counts against the backend's health
+/// nor is answered as the backend's failure. On a client connection,
+/// hyper gives a cause to no other error of the caller's.
+pub(super) fn sent_error(e: hyper::Error) -> BoxError {
+    if e.is_user() && std::error::Error::source(&e).is_some() {
+        InvalidRequest::with_source("the request's body failed while it was sent", e).into()
+    } else {
+        e.into()
+    }
+}
+
 impl<B> Upstream<B> {
     /// The backend's scheme.
     pub(super) fn scheme(&self) -> &Scheme {
@@ -375,7 +389,7 @@ where
                 Err(mut e) => match e.take_message() {
                     Some(back) if !fresh => req = back,
                     Some(_) => return Err(NotSent::new(e.into_error()).into()),
-                    None => return Err(e.into_error().into()),
+                    None => return Err(sent_error(e.into_error())),
                 },
             }
         }
@@ -410,7 +424,7 @@ where
             Err(mut e) => {
                 return Err(match e.take_message() {
                     Some(_) => NotSent::new(e.into_error()).into(),
-                    None => e.into_error().into(),
+                    None => sent_error(e.into_error()),
                 })
             }
         };
