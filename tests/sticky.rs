@@ -21,7 +21,7 @@ use tower_ha::sticky::{
     StickyLayer,
 };
 use tower_ha::store::{Loaded, MemoryStore, Session, SessionStore, StoreFuture};
-use tower_ha::{AdminStatus, BackendError, BoxError, Health, Pool};
+use tower_ha::{AdminStatus, BackendError, BackendId, BoxError, Health, Pool};
 
 const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -1934,4 +1934,64 @@ async fn a_cookie_with_a_max_age_is_sent_again_while_its_session_is_used() {
     tokio::time::advance(Duration::from_secs(3600)).await;
     let res = send(&svc, with_cookie(&value)).await.unwrap();
     assert_eq!(set_cookie(&res), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_whose_saving_request_was_dropped_is_saved_by_the_next() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    let store = FlakyLoads::new(shared.clone());
+    let (_, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let home = send(&svc, session("k")).await.unwrap().into_body();
+    store.down.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // Read again, no record: the request that was to save the session is
+    // dropped before its answer (its client went away).
+    let slow = Request::builder()
+        .header("x-session-id", "k")
+        .header("x-delay-ms", "1000")
+        .body(())
+        .unwrap();
+    let dropped = tokio::time::timeout(Duration::from_millis(10), send(&svc, slow)).await;
+    assert!(dropped.is_err(), "answered before it was dropped");
+    assert!(shared.is_empty());
+    // The next request reads the store again, and saves the session.
+    assert_eq!(send(&svc, session("k")).await.unwrap().body(), &home);
+    let saved = shared.load("k").await.unwrap().expect("saved");
+    assert_eq!(saved.backend.as_str(), home);
+}
+
+/// A store that answers the record of another key.
+#[derive(Clone)]
+struct Mislabelled(MemoryStore);
+
+impl SessionStore for Mislabelled {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        self.0.load_all()
+    }
+    fn load<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        self.0.load("other")
+    }
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        self.0.save(session)
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        self.0.delete(keys)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_of_another_key_is_an_error_not_an_absent_record() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared.save(&Session::new("other", BackendId::from("c"))).await.unwrap();
+    let (layer, svc) = instance(
+        &c,
+        SessionKey::header("x-session-id"),
+        Mislabelled(shared.clone()),
+    );
+    send(&svc, session("k")).await.unwrap();
+    assert_eq!(layer.stats().store_errors, 1);
+    // Nothing was written for `k` over what the store may hold.
+    assert!(shared.load("k").await.unwrap().is_none());
 }

@@ -29,6 +29,20 @@ pin_project! {
         shared: Arc<Shared>,
         track: Option<Track>,
     }
+
+    impl<S, B> PinnedDrop for ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before its response came (the client went away): a
+            // session it started is not saved, so it is not marked saved.
+            let this = this.project();
+            if let Some(track) = this.track.take() {
+                this.shared.unsaved(&track);
+            }
+        }
+    }
 }
 
 pin_project! {

@@ -722,7 +722,16 @@ impl Shared {
     ) -> Stored {
         bump(&self.counters.loaded, 1);
         let session = match store.load(key).await {
-            Ok(session) => session.filter(|s| *s.key == *key),
+            Ok(Some(session)) if *session.key != *key => {
+                // Another key's record: unreadable as this one's, and kept.
+                let error = StoreError::corrupt(format!(
+                    "the store answered the record of `{}` for another key",
+                    session.key
+                ));
+                self.store_error(key, "load", &error);
+                return Stored::Unknown;
+            }
+            Ok(session) => session,
             Err(error) => {
                 self.store_error(key, "load", &error);
                 return Stored::Unknown;
@@ -903,10 +912,11 @@ impl Shared {
                     }
                     if save {
                         // The session as the table has it now (a
-                        // concurrent request may have moved it since).
-                        let session = self.table.session(&key);
-                        work.save
-                            .push(session.unwrap_or_else(|| Session::new(&*key, backend.clone())));
+                        // concurrent request may have moved it since); a
+                        // session that left the table meanwhile (ended, or
+                        // forgotten on another replica's notice) is not
+                        // written back.
+                        work.save.extend(self.table.session(&key));
                     }
                     self.reissue(response, &key, cookie.get(&backend), served);
                 } else if self.config.strict {
@@ -1052,20 +1062,28 @@ impl Shared {
     /// to send because the request itself is bad (`InvalidRequest`) says
     /// nothing about the backend: every backend would refuse it alike.
     pub(crate) fn on_error(&self, track: &Track, error: &BoxError) {
-        if let Track::Known {
-            key, backend, save, ..
-        } = track
-        {
-            if *save {
-                // Not saved: its record is read again on the next request.
-                self.table.unkeep(key, backend);
-            }
+        self.unsaved(track);
+        if let Track::Known { key, backend, .. } = track {
             if find::<InvalidRequest>(&**error).is_some() {
                 return;
             }
             if find::<BackendError>(&**error).is_some_and(|e| e.backend() == backend) {
                 self.table.set_failed(key, backend, true);
             }
+        }
+    }
+
+    /// A request that will not save the session it was to save (it failed
+    /// or was dropped): its record is read again on the next request.
+    pub(crate) fn unsaved(&self, track: &Track) {
+        if let Track::Known {
+            key,
+            backend,
+            save: true,
+            ..
+        } = track
+        {
+            self.table.unkeep(key, backend);
         }
     }
 

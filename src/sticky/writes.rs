@@ -71,14 +71,20 @@ pub(crate) async fn landed(done: Done) -> Result<(), StoreError> {
 
 impl Writes {
     /// Queues `write` behind those of its key already decided, on `store`;
-    /// `owner` hears of it if it fails. Must be called within a tokio
-    /// runtime.
+    /// `owner` hears of it if it fails. Outside a tokio runtime, the write
+    /// fails at once (its key's queue would have no task).
     pub(crate) fn submit<O: Owner>(
         owner: &Arc<O>,
         store: &Arc<dyn SessionStore>,
         write: Write,
     ) -> Done {
         let (done, result) = oneshot::channel();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            let _ = done.send(Err(StoreError::other(
+                "writing to the session store needs a tokio runtime",
+            )));
+            return result;
+        };
         let queued = Queued { write, done };
         let mut queues = owner.writes().queues.lock();
         match queues.get_mut(queued.write.key()) {
@@ -94,7 +100,7 @@ impl Writes {
                     store: store.clone(),
                     finished: false,
                 };
-                tokio::spawn(worker.run(queued));
+                runtime.spawn(worker.run(queued));
             }
         }
         result
