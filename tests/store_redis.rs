@@ -555,7 +555,19 @@ async fn a_refresh_renews_the_expiry_only_and_tells_nobody() {
         "node-b",
         "the record left as it was"
     );
-    // No notice of the refresh: the next b hears is this one.
+    // A record that expired all the same is written again, as a knows
+    // it, with the TTL; still without a notice.
+    let _: i64 = redis::cmd("DEL")
+        .arg(a.session_key("k"))
+        .query(&mut conn)
+        .unwrap();
+    a.refresh(&old).await.unwrap();
+    assert!(pttl(&mut conn) > 50_000, "written again with its TTL");
+    assert_eq!(
+        a.load("k").await.unwrap().unwrap().backend.as_str(),
+        "node-a"
+    );
+    // No notice of the refreshes: the next b hears is this one.
     a.save(&session("marker", "node-a")).await.unwrap();
     assert!(matches!(next(&mut on_b).await, Invalidation::Session { key, .. } if key == "marker"));
 }

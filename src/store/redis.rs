@@ -629,6 +629,12 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// A session's record: its JSON.
+fn encode(session: &Session) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(session)
+        .map_err(|e| StoreError::other(e).with_message("session cannot be encoded as JSON"))
+}
+
 impl SessionStore for RedisStore {
     /// Half the [`ttl`](RedisStoreBuilder::ttl), if any: a session in use
     /// is refreshed before its record can expire.
@@ -638,15 +644,26 @@ impl SessionStore for RedisStore {
 
     /// Renews the record's expiry (`PEXPIRE`), without writing it or
     /// telling the other replicas: nothing about the session changed, and
-    /// another replica may have moved it meanwhile.
+    /// another replica may have moved it meanwhile. A record that expired
+    /// all the same (the session went unused for more than half the TTL,
+    /// then came back before it left this replica's table) is written
+    /// again as this replica knows it, unless a record appeared meanwhile
+    /// (`SET NX`).
     fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let Some(ttl) = self.inner.ttl else {
                 return Ok(());
             };
+            let key = self.session_key(&session.key);
             let mut cmd = ::redis::cmd("PEXPIRE");
-            cmd.arg(self.session_key(&session.key)).arg(millis(ttl));
-            let _renewed: i64 = self.inner.run(&cmd, "refresh").await?;
+            cmd.arg(&key).arg(millis(ttl));
+            let renewed: i64 = self.inner.run(&cmd, "refresh").await?;
+            if renewed == 0 {
+                let json = encode(session)?;
+                let mut cmd = ::redis::cmd("SET");
+                cmd.arg(&key).arg(json).arg("NX").arg("PX").arg(millis(ttl));
+                let _: Option<String> = self.inner.run(&cmd, "refresh").await?;
+            }
             Ok(())
         })
     }
@@ -726,9 +743,7 @@ impl SessionStore for RedisStore {
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let inner = &*self.inner;
-            let json = serde_json::to_vec(session).map_err(|e| {
-                StoreError::other(e).with_message("session cannot be encoded as JSON")
-            })?;
+            let json = encode(session)?;
             let mut pipe = ::redis::pipe();
             let set = pipe
                 .cmd("SET")
