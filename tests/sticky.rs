@@ -1984,7 +1984,10 @@ impl SessionStore for Mislabelled {
 async fn a_record_of_another_key_is_an_error_not_an_absent_record() {
     let c = cluster();
     let shared = MemoryStore::new();
-    shared.save(&Session::new("other", BackendId::from("c"))).await.unwrap();
+    shared
+        .save(&Session::new("other", BackendId::from("c")))
+        .await
+        .unwrap();
     let (layer, svc) = instance(
         &c,
         SessionKey::header("x-session-id"),
