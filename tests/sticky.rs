@@ -1998,3 +1998,30 @@ async fn a_record_of_another_key_is_an_error_not_an_absent_record() {
     // Nothing was written for `k` over what the store may hold.
     assert!(shared.load("k").await.unwrap().is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_move_hook_runs_to_its_end_when_the_client_goes_away() {
+    let c = cluster();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let done = finished.clone();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
+        .store(MemoryStore::new())
+        .on_move(move |_moved: SessionMoved| {
+            let done = done.clone();
+            async move {
+                // Rebuilding the session's state takes a second.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                done.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), BoxError>(())
+            }
+        });
+    let svc = stack(&c.pool, layer);
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let cookie = cookie_of(&first).unwrap();
+    c.set_health(first.body(), Health::Unhealthy);
+    // The request that moves the session is dropped while its hook runs.
+    let moving = tokio::time::timeout(Duration::from_millis(100), send(&svc, with_cookie(&cookie)));
+    assert!(moving.await.is_err(), "answered before the hook ended");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(finished.load(Ordering::SeqCst), 1, "the hook was cut off");
+}

@@ -61,13 +61,39 @@ pin_project! {
             future: S::Future,
         },
         Finishing {
-            work: BoxFuture<()>,
+            work: Finishing,
             response: Option<S::Response>,
         },
         Refused {
             error: Option<BoxError>,
         },
         Done,
+    }
+}
+
+/// The writes and hooks of a response, run to their end in a task of
+/// their own (so that a client gone meanwhile does not stop an `on_move`
+/// hook half-way), or in the response's future outside a runtime.
+enum Finishing {
+    Spawned(tokio::task::JoinHandle<()>),
+    Inline(BoxFuture<()>),
+}
+
+impl Finishing {
+    fn new(work: BoxFuture<()>) -> Self {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => Finishing::Spawned(runtime.spawn(work)),
+            Err(_) => Finishing::Inline(work),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            // A hook that panicked has been reported by its task; the
+            // response goes on, as after a hook's error.
+            Finishing::Spawned(task) => Pin::new(task).poll(cx).map(drop),
+            Finishing::Inline(work) => work.as_mut().poll(cx),
+        }
     }
 }
 
@@ -177,7 +203,7 @@ where
                                 return Poll::Ready(Ok(response));
                             }
                             Ok(Some(work)) => this.state.set(State::Finishing {
-                                work,
+                                work: Finishing::new(work),
                                 response: Some(response),
                             }),
                             Err(error) => {
@@ -194,7 +220,7 @@ where
                     }
                 }
                 StateProj::Finishing { work, response } => {
-                    ready!(work.as_mut().poll(cx));
+                    ready!(work.poll(cx));
                     let response = response.take().expect("response taken once");
                     this.state.set(State::Done);
                     return Poll::Ready(Ok(response));

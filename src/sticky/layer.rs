@@ -147,8 +147,9 @@ impl StickyLayer {
 
     /// Calls `hook` after a session moved and its record was saved, before
     /// the response that moved it is handed on, so the application can
-    /// rebuild the session's state on its new backend. A hook error is
-    /// logged; the response is still returned.
+    /// rebuild the session's state on its new backend. The hook runs in a
+    /// task of its own, to its end even if the client goes away meanwhile.
+    /// A hook error is logged; the response is still returned.
     pub fn on_move<F, Fut>(self, hook: F) -> Self
     where
         F: Fn(SessionMoved) -> Fut + Send + Sync + 'static,
