@@ -174,27 +174,12 @@ async fn proxy(addrs: &[SocketAddr]) -> SocketAddr {
 
 /// [`proxy`], with the client's settings given.
 async fn proxy_with(client: HttpClient<Body>, addrs: &[SocketAddr]) -> SocketAddr {
-    serve_stack(stack(client, addrs).1).await
+    serve_stack(stack(client, addrs).1, true).await
 }
 
-/// Serves `stack` as [`proxy`] does.
-async fn serve_stack<S>(stack: S) -> SocketAddr
-where
-    S: Service<
-            Request<Incoming>,
-            Response = Response<tower_ha::http::ResponseBody>,
-            Error = BoxError,
-            Future: Send,
-        > + Clone
-        + Send
-        + 'static,
-{
-    serve_stack_with(stack, true).await
-}
-
-/// [`serve_stack`], with or without hyper's upgrades: without them, hyper
-/// fails every handover when the connection ends.
-async fn serve_stack_with<S>(stack: S, upgrades: bool) -> SocketAddr
+/// Serves `stack` as [`proxy`] does, with or without hyper's upgrades:
+/// without them, hyper fails every handover when the connection ends.
+async fn serve_stack<S>(stack: S, upgrades: bool) -> SocketAddr
 where
     S: Service<
             Request<Incoming>,
@@ -621,7 +606,7 @@ async fn an_open_tunnel_counts_as_in_flight_on_its_backend() {
         .layer(FailoverLayer::new())
         // As many choices as it takes to see both backends every time.
         .service(Balance::new(pool.clone(), LeastRequest::new().choices(64)));
-    let front = serve_stack(stack).await;
+    let front = serve_stack(stack, true).await;
     // Least request sends each new tunnel to the backend with fewer open.
     let (first, _, on) = open_tunnel(front).await;
     assert_eq!(in_flight(&on), 1, "the open tunnel counts");
@@ -660,7 +645,7 @@ async fn let_go(seen: &Seen, pool: &Pool<HttpBackend<Body>>) {
 async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
     let (b1, seen) = backend("b1", Mode::Echo).await;
     let (pool, stack) = stack(quiet_client(), &[b1]);
-    let front = serve_stack(stack).await;
+    let front = serve_stack(stack, true).await;
     let (mut stream, _, _) = open_tunnel(front).await;
     stream.write_all(b"hello").await.unwrap();
     assert_eq!(read_exactly(&mut stream, Vec::new(), 5).await, b"hello");
@@ -698,7 +683,7 @@ async fn a_switch_that_never_reaches_the_client_releases_the_backend() {
             other => other,
         })
         .service(stack);
-    let front = serve_stack_with(stack, false).await;
+    let front = serve_stack(stack, false).await;
     // Before the request: the wait for the handover starts later.
     let sent = tokio::time::Instant::now();
     let mut stream = send_raw(front, UPGRADE.as_bytes()).await;
