@@ -180,7 +180,7 @@ impl<S> DnsDiscover<S> {
 
     /// Time between two resolutions (default 5 s; at least 1 ms).
     pub fn interval(mut self, interval: Duration) -> Self {
-        self.interval = interval.max(Duration::from_millis(1));
+        self.interval = interval.max(crate::time::SHORTEST);
         self
     }
 
@@ -188,7 +188,7 @@ impl<S> DnsDiscover<S> {
     /// least 1 ms): a resolver that never answers would otherwise stop
     /// every later resolution. A failed resolution keeps the backends.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout.max(Duration::from_millis(1));
+        self.timeout = timeout.max(crate::time::SHORTEST);
         self
     }
 

@@ -8,6 +8,10 @@ use tokio::time::Instant;
 /// enough to be added to any `Instant` the runtime hands out.
 const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
 
+/// The shortest period the crate schedules anything at: a configured zero
+/// would spin.
+pub(crate) const SHORTEST: Duration = Duration::from_millis(1);
+
 /// `at + by`, or about thirty years after `at` when `by` is too large to
 /// add (`Duration::MAX` configured as "practically never").
 pub(crate) fn later(at: Instant, by: Duration) -> Instant {

@@ -62,7 +62,7 @@ impl Handle {
     /// When called outside a tokio runtime, as [`tokio::spawn`] does.
     pub fn spawn_metrics(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
         let weak = self.downgrade();
-        let interval = interval.max(Duration::from_millis(1));
+        let interval = interval.max(crate::time::SHORTEST);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

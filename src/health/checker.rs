@@ -18,9 +18,7 @@ use crate::backend::{BackendId, BackendState, Health};
 use crate::control::{emit, Event, Events};
 use crate::error::BoxError;
 use crate::pool::{Pool, Rebuild, Snapshot};
-
-/// The shortest time between two probes of one backend.
-const MIN_INTERVAL: Duration = Duration::from_millis(1);
+use crate::time::SHORTEST;
 
 /// The active checking settings.
 #[derive(Debug, Clone, Copy)]
@@ -99,7 +97,7 @@ where
     /// Time between the starts of two probes of a healthy backend (default
     /// 2 s; at least 1 ms).
     pub fn interval(mut self, interval: Duration) -> Self {
-        self.config.interval = interval.max(MIN_INTERVAL);
+        self.config.interval = interval.max(SHORTEST);
         self
     }
 
@@ -107,7 +105,7 @@ where
     /// shorter so that it comes back sooner (HAProxy's `downinter`; default:
     /// the interval; at least 1 ms).
     pub fn unhealthy_interval(mut self, interval: Duration) -> Self {
-        self.config.unhealthy_interval = Some(interval.max(MIN_INTERVAL));
+        self.config.unhealthy_interval = Some(interval.max(SHORTEST));
         self
     }
 

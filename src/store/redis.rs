@@ -834,7 +834,7 @@ async fn keep_alive(
     ttl: Duration,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) -> Lease {
-    let period = (ttl / 3).max(Duration::from_millis(1));
+    let period = (ttl / 3).max(crate::time::SHORTEST);
     let mut held = true;
     loop {
         tokio::select! {
