@@ -104,8 +104,9 @@ struct Shared {
 ///   ([`BackendState::set_max_in_flight`](crate::BackendState::set_max_in_flight))
 ///   stays the primary, and a request it has no room for goes to the next
 ///   backend in configured order that has room (or, when none has, waits
-///   in the [queue](crate::balance::Balance::queue) if there is one). For a group whose backups must take no
-///   requests while the primary serves, leave the primary unlimited.
+///   in the [queue](crate::balance::Balance::queue) if there is one). For
+///   a group whose backups must take no requests while the primary
+///   serves, leave the primary unlimited.
 ///
 /// Every switch emits exactly one [`Event::PrimaryChanged`] into the
 /// [`Events`] attached with [`events`](Priority::events) (a

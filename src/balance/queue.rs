@@ -174,16 +174,13 @@ impl Room {
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        let given = self.give(&mut self.queue.lock(), state, || state.pass_place());
-        match given {
-            Ok(waker) => {
-                if let Some(waker) = waker {
-                    waker.wake();
-                }
-                true
-            }
-            Err(()) => false,
+        let Ok(waker) = self.give(&mut self.queue.lock(), state, || state.pass_place()) else {
+            return false;
+        };
+        if let Some(waker) = waker {
+            waker.wake();
         }
+        true
     }
 
     /// Called once one of `state`'s places is free: hands it to the first

@@ -16,9 +16,10 @@
 //! * hop-by-hop headers (`Connection` and the headers it names,
 //!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
 //!   `Upgrade`, and the next proxy's credentials `Proxy-Authorization`
-//!   and `Proxy-Authenticate`) are not forwarded, in either direction (but for what
-//!   a proxied protocol upgrade needs), but `TE: trailers` is sent on, and
-//!   `Trailer` is forwarded, so trailer fields pass both ways;
+//!   and `Proxy-Authenticate`) are not forwarded, in either direction
+//!   (but for what a proxied protocol upgrade needs), but `TE: trailers`
+//!   is sent on, and `Trailer` is forwarded, so trailer fields pass both
+//!   ways;
 //! * protocol upgrades (WebSocket, for one) are proxied: see
 //!   [below](#protocol-upgrades-websocket);
 //! * `CONNECT` is refused with [`InvalidRequest`]: it asks a forward
@@ -387,10 +388,10 @@ where
     /// `None` (or zero) leaves tunnels open until an end closes them. This
     /// ends tunnels whose client vanished without closing, which nothing
     /// else here would notice, so that they stop holding a backend
-    /// connection and counting as in flight. Keep it above the interval at which the
-    /// protocol pings (WebSocket applications commonly ping every 30 to 60
-    /// s); nginx's 60 s default (`proxy_read_timeout`) closes quiet
-    /// WebSockets that ping less often.
+    /// connection and counting as in flight. Keep it above the interval at
+    /// which the protocol pings (WebSocket applications commonly ping every
+    /// 30 to 60 s); nginx's 60 s default (`proxy_read_timeout`) closes
+    /// quiet WebSockets that ping less often.
     ///
     /// Waiting for the client's side of a tunnel after the backend has
     /// switched (see the module's documentation) is bounded by the shorter
