@@ -226,10 +226,24 @@ async fn other_client_errors_are_rejected_without_retries() {
 async fn other_successes_are_accepted() {
     let server = Server::start(Auth::None).await;
     let store = store(&server);
-    for status in [200, 201, 202] {
+    for status in [200, 201] {
         server.set_mode(Mode::Fixed(status, ""));
         store.save(&session("k", "a")).await.unwrap();
         store.delete(&["k".into()]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_success_that_does_not_say_done_is_rejected() {
+    let server = Server::start(Auth::None).await;
+    let store = store(&server);
+    for status in [202, 205, 206] {
+        server.set_mode(Mode::Fixed(status, ""));
+        let err = store.save(&session("k", "a")).await.unwrap_err();
+        assert!(err.is_rejected(), "{status}: {err:?}");
+        assert!(err.to_string().contains(&status.to_string()), "{err}");
+        let err = store.delete(&["k".into()]).await.unwrap_err();
+        assert!(err.is_rejected(), "{status}: {err:?}");
     }
 }
 

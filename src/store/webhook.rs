@@ -36,8 +36,8 @@ const SESSION_FIELD: &str = "kernel_session";
 ///
 /// | call | request | success |
 /// |---|---|---|
-/// | [`save`](SessionStore::save) | `POST {url}/{id}`, body `{"<id>": session}` | any 2xx (Enterprise Gateway expects 204) |
-/// | [`delete`](SessionStore::delete) | `DELETE {url}`, body `["<id>", ...]` | any 2xx (204 expected) |
+/// | [`save`](SessionStore::save) | `POST {url}/{id}`, body `{"<id>": session}` | 204 (as Enterprise Gateway expects), 200 or 201 |
+/// | [`delete`](SessionStore::delete) | `DELETE {url}`, body `["<id>", ...]` | 204, 200 or 201 |
 /// | [`load_all`](SessionStore::load_all) | `GET {url}` | 200, `[{"kernel_session": {"<id>": session}}, ...]` |
 /// | [`load`](SessionStore::load) | `GET {url}/{id}` | 200, `{"kernel_session": {"<id>": session}}`; 404 is "no such session" |
 ///
@@ -538,12 +538,14 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
         .min(MAX_BACKOFF)
 }
 
-/// Maps every non-success status to its error.
+/// Maps every status but 200, 201 and 204 to its error. Another 2xx
+/// (`202 Accepted`, `206 Partial Content`, ...) does not say the call took
+/// effect, so it is an error too rather than a log line.
 fn expect_success(status: StatusCode, body: &[u8], what: &str) -> Result<(), StoreError> {
-    if status.is_success() {
-        if status != StatusCode::OK && status != StatusCode::NO_CONTENT {
-            tracing::debug!(%status, "unexpected success status from the webhook");
-        }
+    if matches!(
+        status,
+        StatusCode::OK | StatusCode::CREATED | StatusCode::NO_CONTENT
+    ) {
         return Ok(());
     }
     let error = StatusError::new(status, body);
