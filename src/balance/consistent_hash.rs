@@ -39,8 +39,10 @@ use crate::pool::Members;
 /// // Route by user, spread anonymous requests randomly.
 /// let by_user = ConsistentHash::ring(key::header("x-user")).fallback(Random::new());
 /// // FastWS / nginx compatibility: hash a cookie, round robin without it.
-/// let compat = ConsistentHash::maglev(key::cookie("StickyStr"));
-/// # let _ = (by_user, compat);
+/// let compat = ConsistentHash::ring(key::cookie("StickyStr"));
+/// // Even spread and a flat lookup cost for many backends.
+/// let spread = ConsistentHash::maglev(key::header("x-tenant"));
+/// # let _ = (by_user, compat, spread);
 /// ```
 pub struct ConsistentHash<K, F = RoundRobin> {
     key: K,

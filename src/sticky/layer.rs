@@ -85,7 +85,10 @@ impl StickyLayer {
         self.with(|c| c.store = Some(store))
     }
 
-    /// How sessions come back from the store: see [`Availability`].
+    /// How sessions come back from the store: see [`Availability`]. Only
+    /// with a [`store`](StickyLayer::store): without one, sessions live in
+    /// this instance's table alone and [`restore`](super::Sticky::restore)
+    /// finds nothing.
     pub fn availability(self, availability: Availability) -> Self {
         self.with(|c| c.availability = availability)
     }

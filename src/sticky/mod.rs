@@ -94,7 +94,9 @@ pub use stats::StickyStats;
 use crate::balance::ConsistentHash;
 
 /// How sessions come back from the [`SessionStore`](crate::store::SessionStore),
-/// after Jupyter Enterprise Gateway's availability modes.
+/// after Jupyter Enterprise Gateway's availability modes. A mode applies
+/// only with a [store](StickyLayer::store): unlike Enterprise Gateway,
+/// where setting a mode turns persistence on, here the store does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Availability {

@@ -1174,6 +1174,7 @@ impl Shared {
     pub(crate) async fn restore(&self) -> Result<RestoreReport, StoreError> {
         let mut report = RestoreReport::default();
         let Some(store) = &self.config.store else {
+            tracing::warn!(target: TARGET, "restore without a session store: nothing to load");
             return Ok(report);
         };
         let loaded = store.load_all().await?;
