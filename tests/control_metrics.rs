@@ -130,6 +130,35 @@ async fn stats_are_published_through_the_metrics_facade() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_active_passive_group_without_an_order_publishes_its_primary() {
+    let pool = Pool::new();
+    for name in ["x", "y"] {
+        pool.insert(
+            name,
+            service_fn(move |_req: Request<()>| async move {
+                Ok::<_, std::convert::Infallible>(Response::new(name))
+            }),
+        );
+    }
+    let balance = Balance::new(pool, Priority::new("db", Vec::<&str>::new()));
+    let handle = Handle::new(Events::default());
+    handle.add_group("db", &balance).unwrap();
+    let served = balance.clone().oneshot(Request::new(())).await.unwrap();
+    let primary = *served.body();
+    let other = if primary == "x" { "y" } else { "x" };
+
+    let recorder = Last::default();
+    metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    let last = recorder.0.lock().unwrap().clone();
+    let gauge = |b: &str| {
+        last.get(&format!("tower_ha_group_primary{{backend={b},group=db}}"))
+            .copied()
+    };
+    assert_eq!(gauge(primary), Some(1.0), "{last:?}");
+    assert_eq!(gauge(other), Some(0.0), "{last:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_metrics_task_stops_when_the_handle_is_gone() {
     let handle = Handle::new(Events::default());
     let task = handle.spawn_metrics(std::time::Duration::from_secs(1));

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use super::handle::Handle;
+use super::handle::{GroupMode, Handle};
 use super::stats::GroupStats;
 use crate::backend::BackendId;
 
@@ -165,7 +165,7 @@ fn publish(group: &GroupStats, published: &mut Published, seen: &mut HashSet<(St
             .set(f64::from(u8::from(b.is_healthy())));
         metrics::gauge!("tower_ha_backend_available", &labels)
             .set(f64::from(u8::from(b.available)));
-        if group.configured_primary.is_some() {
+        if group.mode == GroupMode::ActivePassive {
             let primary = group.current_primary.as_ref() == Some(&b.id);
             metrics::gauge!("tower_ha_group_primary", &labels).set(f64::from(u8::from(primary)));
             last.primary = true;
