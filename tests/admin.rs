@@ -104,8 +104,24 @@ async fn get_one_group_and_unknown_groups() {
     let (status, body) = call(&f.admin, "GET", "/groups/nope", "").await;
     assert_eq!(status, 404);
     assert_eq!(body["error"], "unknown group `nope`");
-    let (status, _) = call(&f.admin, "DELETE", "/groups/web", "").await;
+    let (status, _) = call(&f.admin, "PUT", "/groups/web", "").await;
     assert_eq!(status, 405);
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_group_unregisters_it() {
+    let f = fixture();
+    let (status, body) = call(&f.admin, "DELETE", "/groups/api", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["name"], "api");
+    let (status, body) = call(&f.admin, "GET", "/groups", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body.as_array().unwrap().len(), 1);
+    assert_eq!(body[0]["name"], "web");
+    assert_eq!(f.handle.group_names().len(), 1);
+    let (status, body) = call(&f.admin, "DELETE", "/groups/api", "").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "unknown group `api`");
 }
 
 #[tokio::test(start_paused = true)]

@@ -561,6 +561,61 @@ async fn enabling_before_the_deadline_cancels_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn removing_a_group_unregisters_it_and_ends_drains_of_its_own_backends() {
+    let web = pool_of(&["w1", "shared"]);
+    let api = pool_of(&["a1", "shared"]);
+    let web_balance = Balance::new(web.clone(), Priority::new("web", ["w1", "shared"]));
+    let api_balance = Balance::new(api.clone(), tower_ha::balance::RoundRobin::new());
+    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(10)));
+    handle.add_group("web", &web_balance).unwrap();
+    handle.add_group("api", &api_balance).unwrap();
+    handle.drain(&"a1".into()).unwrap();
+    handle.drain(&"shared".into()).unwrap();
+
+    handle.remove_group("api").unwrap();
+    assert_eq!(
+        handle.group_names(),
+        ["web".into()] as [std::sync::Arc<str>; 1]
+    );
+    assert_eq!(
+        handle.group_stats("api").unwrap_err(),
+        ControlError::UnknownGroup("api".into())
+    );
+    assert_eq!(
+        handle.remove_group("api"),
+        Err(ControlError::UnknownGroup("api".into()))
+    );
+    // Not controlled any more: a1 is in no group of the handle.
+    assert_eq!(
+        handle.disable(&"a1".into()),
+        Err(ControlError::UnknownBackend("a1".into()))
+    );
+    assert!(matches!(
+        handle.events().history().last().unwrap().event,
+        Event::GroupRemoved { ref group } if &**group == "api"
+    ));
+
+    // The drain of a1 (only in the removed group) ends; the drain of
+    // `shared` (still in web) keeps its deadline, in both pools.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        api.state(&"a1".into()).unwrap().admin(),
+        AdminStatus::Draining
+    );
+    assert_eq!(
+        web.state(&"shared".into()).unwrap().admin(),
+        AdminStatus::Disabled
+    );
+    // The balancer still serves; the name can be registered again.
+    api.state(&"a1".into())
+        .unwrap()
+        .set_admin(AdminStatus::Enabled);
+    assert_eq!(serve(&api_balance).await.len(), 2);
+    handle.add_group("api", &api_balance).unwrap();
+    assert_eq!(handle.group_names().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn handle_actions_are_events_and_bad_names_are_errors() {
     use tower_ha::control::ControlError;
     let web = pool_of(&["w1", "w2"]);

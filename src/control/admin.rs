@@ -27,6 +27,7 @@ use crate::error::BoxError;
 /// |---|---|
 /// | `GET /groups` | every group's [`GroupStats`](super::GroupStats) |
 /// | `GET /groups/{name}` | one group's stats |
+/// | `DELETE /groups/{name}` | unregisters the group ([`Handle::remove_group`]); answers its last stats |
 /// | `POST /groups/{name}/primary` with `{"backend_id": "..."}` | forces the primary |
 /// | `DELETE /groups/{name}/primary` | releases a forced primary: the group's failback rule applies again |
 /// | `POST /backends/{id}/drain`, `/disable`, `/enable` with `{}` or no body | the admin action |
@@ -427,7 +428,16 @@ where
                 Ok(stats) => json(StatusCode::OK, &stats),
                 Err(e) => control_error(&e),
             },
-            _ => not_allowed("GET"),
+            // Bodiless, and not sendable across sites without asking the
+            // server first, like releasing a primary.
+            Method::DELETE => match handle.group_stats(name) {
+                Ok(stats) => match handle.remove_group(name) {
+                    Ok(()) => json(StatusCode::OK, &stats),
+                    Err(e) => control_error(&e),
+                },
+                Err(e) => control_error(&e),
+            },
+            _ => not_allowed("GET, DELETE"),
         },
         ["groups", name, "primary"] if method == Method::DELETE => {
             // No body, and a method a web page cannot send across sites

@@ -55,6 +55,11 @@ pub enum Event {
         /// Why: `"operator"`, `"unhealthy too long"`, `"dns"`, …
         reason: Arc<str>,
     },
+    /// An operator unregistered a group from its [`Handle`](super::Handle).
+    GroupRemoved {
+        /// The group.
+        group: Arc<str>,
+    },
     /// An operator drained, disabled or enabled a backend, or a drain
     /// deadline passed.
     AdminChanged {
@@ -164,7 +169,7 @@ impl Event {
             Event::PrimaryChanged { to, .. } => to.as_ref(),
             Event::SessionMoved { to, .. } => Some(to),
             Event::FailoverAttempt { failed, .. } => Some(failed),
-            Event::AttemptsExhausted { .. } => None,
+            Event::AttemptsExhausted { .. } | Event::GroupRemoved { .. } => None,
         }
     }
 }

@@ -349,6 +349,34 @@ impl Handle {
         Ok(())
     }
 
+    /// Unregisters group `name`: the handle no longer lists, controls or
+    /// reports it (LEBA's "delete group"). Its `Balance` still serves its
+    /// pool for whoever holds it; a pending drain deadline of a backend that
+    /// was in no other group ends, as when the backend is removed. The name
+    /// can be registered again.
+    pub fn remove_group(&self, name: &str) -> Result<(), ControlError> {
+        let removed = {
+            let mut groups = self.inner.groups.write();
+            let at = groups
+                .iter()
+                .position(|g| &*g.name == name)
+                .ok_or_else(|| ControlError::UnknownGroup(name.to_owned()))?;
+            groups.remove(at)
+        };
+        for id in removed.pool.ids() {
+            if self.states(&id).is_err() {
+                let ended = self.inner.drains.lock().remove(&id);
+                if let Some(ended) = ended {
+                    ended.end();
+                }
+            }
+        }
+        self.inner.events.emit(Event::GroupRemoved {
+            group: removed.name.clone(),
+        });
+        Ok(())
+    }
+
     pub(super) fn groups(&self) -> Vec<Arc<Group>> {
         self.inner.groups.read().clone()
     }
