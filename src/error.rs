@@ -188,7 +188,7 @@ impl StdError for NotSent {
 
 /// A request that a backend service refuses to send because the request
 /// itself is bad (for example a path that would lead out of an
-/// [`HttpBackend`](crate::http::HttpBackend)'s base path).
+/// `HttpBackend`'s base path, feature `hyper-client`).
 ///
 /// Every backend would refuse it alike, so it is the client's error, not
 /// the backend's: the [`DefaultClassifier`](crate::classify::DefaultClassifier)

@@ -51,7 +51,7 @@ pub struct BackendStats {
     /// Whether it takes new requests now.
     pub available: bool,
     /// When an event about it was last emitted (milliseconds since the
-    /// Unix epoch in JSON, `time_ms`).
+    /// Unix epoch in JSON, `last_change_ms`).
     #[serde(rename = "last_change_ms", serialize_with = "opt_unix_millis")]
     pub last_change: Option<SystemTime>,
     /// Which state these counts are of: a backend removed and added again
