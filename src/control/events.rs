@@ -34,7 +34,8 @@ pub enum SwitchReason {
 /// Something that happened to a backend or a group.
 ///
 /// Serialized as an object with a `kind` field (`"backend_added"`,
-/// `"primary_changed"`, …); durations as milliseconds.
+/// `"primary_changed"`, …); durations as milliseconds, in fields named
+/// `…_ms` (`Ejected`'s `duration` is `duration_ms`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -105,8 +106,8 @@ pub enum Event {
         reason: Arc<str>,
         /// The how-manieth ejection of this backend.
         ejection: u32,
-        /// How long it lasts.
-        #[serde(serialize_with = "millis")]
+        /// How long it lasts (`duration_ms` in JSON).
+        #[serde(rename = "duration_ms", serialize_with = "millis")]
         duration: Duration,
     },
     /// An ejected backend takes traffic again.
@@ -187,6 +188,7 @@ fn unix_millis<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
 
 /// One event as recorded: a sequence number and when it happened.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Record {
     /// Increases by one per event emitted through one [`Events`].
     pub seq: u64,
