@@ -635,7 +635,16 @@ impl Config {
 /// assert!(parse_duration("5").is_err());
 /// assert!(parse_duration("5 parsecs").is_err());
 /// ```
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    parse(text).map_err(DurationError)
+}
+
+/// Why [`parse_duration`] refused a text: it says what was wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DurationError(String);
+
+fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
         return Err("empty duration".into());
@@ -744,7 +753,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn round_trip(d: Duration) -> Result<Duration, String> {
+    fn round_trip(d: Duration) -> Result<Duration, DurationError> {
         parse_duration(&format_duration(&d))
     }
 
