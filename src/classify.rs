@@ -20,12 +20,12 @@
 //!
 //! let default = DefaultClassifier::new();
 //! let headers = http::HeaderMap::new();
-//! let unavailable = Outcome::Response { status: StatusCode::SERVICE_UNAVAILABLE, headers: &headers };
+//! let unavailable = Outcome::from_status(StatusCode::SERVICE_UNAVAILABLE, &headers);
 //! assert!(default.is_failure(&unavailable));
 //!
 //! // Also treat 429 as a failure.
 //! let with_429 = DefaultClassifier::new().status(StatusCode::TOO_MANY_REQUESTS);
-//! let busy = Outcome::Response { status: StatusCode::TOO_MANY_REQUESTS, headers: &headers };
+//! let busy = Outcome::from_status(StatusCode::TOO_MANY_REQUESTS, &headers);
 //! assert!(with_429.is_failure(&busy));
 //!
 //! // Or decide with a closure: only errors, never a status.
@@ -40,9 +40,15 @@ use http::{HeaderMap, Response, StatusCode};
 use crate::error::{find, InvalidRequest};
 
 /// The outcome of one attempt, as a classifier sees it.
+///
+/// More kinds of outcome, and more fields of a response, may come: match
+/// with `..` and a catch-all arm, and build one with
+/// [`from_status`](Outcome::from_status) or [`response`](Outcome::response).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub enum Outcome<'a> {
     /// The backend answered.
+    #[non_exhaustive]
     Response {
         /// The response's status.
         status: StatusCode,
@@ -55,6 +61,11 @@ pub enum Outcome<'a> {
 }
 
 impl<'a> Outcome<'a> {
+    /// The outcome of a response with `status` and `headers`.
+    pub fn from_status(status: StatusCode, headers: &'a HeaderMap) -> Self {
+        Outcome::Response { status, headers }
+    }
+
     /// The outcome of a response.
     pub fn response<B>(response: &'a Response<B>) -> Self {
         Outcome::Response {

@@ -48,7 +48,11 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
 }
 
 /// A borrowed view of a request's head: what keys and strategies may read.
+///
+/// Built from a request with `RequestHead::from(&request)`; more parts of
+/// the head may be added.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct RequestHead<'a> {
     /// The method.
     pub method: &'a Method,

@@ -91,7 +91,7 @@ pub mod store;
 mod time;
 
 pub use backend::{AdminStatus, BackendId, BackendState, Health};
-pub use error::{BackendError, BoxError, NoBackend, NotSent};
+pub use error::{BackendError, BoxError, InvalidRequest, NoBackend, NotSent};
 pub use pool::Pool;
 
 #[cfg(doctest)]

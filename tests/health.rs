@@ -197,7 +197,7 @@ async fn a_backend_that_cannot_get_ready_is_ejected() {
 async fn a_classifier_that_ignores_timeouts_is_obeyed() {
     let classifier = |outcome: &Outcome<'_>| match outcome {
         Outcome::Error(e) => find::<TimedOut>(*e).is_none(),
-        Outcome::Response { status, .. } => status.is_server_error(),
+        other => other.status().is_some_and(|s| s.is_server_error()),
     };
     let (pool, svc) = hangs_and_answers(HealthLayer::new().classifier(classifier));
     let hangs = pool.state(&"hangs".into()).unwrap();
