@@ -457,6 +457,49 @@ async fn idle_connections_last(client: HttpClient<Full<Bytes>>, idle: Duration) 
     );
 }
 
+/// Each connection answers one request, then reports its number on
+/// `closed` once the client closes it.
+async fn serve_raw_reporting_close(
+    closed: tokio::sync::mpsc::UnboundedSender<usize>,
+) -> SocketAddr {
+    accept_counting(move |mut stream, n| {
+        let closed = closed.clone();
+        async move {
+            if !answer_raw(&mut stream, n).await {
+                return;
+            }
+            let mut buf = [0u8; 1024];
+            while let Ok(1..) = stream.read(&mut buf).await {}
+            let _ = closed.send(n);
+        }
+    })
+    .await
+    .0
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_connection_closes_after_the_idle_timeout_without_traffic() {
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let addr = serve_raw_reporting_close(closed_tx).await;
+    let client = HttpClient::<Full<Bytes>>::new().idle_timeout(Duration::from_secs(4));
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let resp = backend
+        .clone()
+        .oneshot(Request::get("/").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(body_of(resp).await, "conn 1");
+    // No request comes after it; the client and the backend stay.
+    let at = tokio::time::Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(3600), closed.recv()).await;
+    assert_eq!(first, Ok(Some(1)), "closed while idle");
+    assert!(
+        at.elapsed() >= Duration::from_secs(4),
+        "not before the idle timeout"
+    );
+    drop((client, backend));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_connection_idle_for_90_s_is_not_reused() {
     idle_connections_last(HttpClient::new(), Duration::from_secs(90)).await;

@@ -44,7 +44,7 @@
 //! ([`connect_timeout`](HttpClient::connect_timeout)), TCP keep-alive
 //! probes start after 30 s of silence
 //! ([`tcp_keepalive`](HttpClient::tcp_keepalive)), and a pooled connection
-//! idle for 90 s is not reused ([`idle_timeout`](HttpClient::idle_timeout):
+//! idle for 90 s is closed ([`idle_timeout`](HttpClient::idle_timeout):
 //! keep it below the backends' own keep-alive timeout). Reading a response
 //! has no timeout of its own: give the failover layer a
 //! [`per_try_timeout`](crate::failover::FailoverLayer::per_try_timeout) so

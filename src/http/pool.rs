@@ -215,7 +215,10 @@ impl<B> Upstreams<B> {
             target: target.clone(),
             idle_timeout: self.settings.idle_timeout,
             tunnel_idle_timeout: self.settings.tunnel_idle_timeout,
-            idle: Mutex::new(VecDeque::new()),
+            idle: Mutex::new(IdleConnections {
+                stack: VecDeque::new(),
+                swept: false,
+            }),
             #[cfg(feature = "http2")]
             http2: self
                 .settings
@@ -235,8 +238,10 @@ pub(super) struct Upstream<B> {
     /// How long a switched connection may carry nothing before it is
     /// closed.
     tunnel_idle_timeout: Option<Duration>,
-    /// Idle HTTP/1.1 connections, the most recently used last.
-    idle: Mutex<VecDeque<Idle<B>>>,
+    /// Idle HTTP/1.1 connections, the most recently used last, and
+    /// whether a task closes them once idle too long (set and cleared
+    /// under the same lock).
+    idle: Mutex<IdleConnections<B>>,
     /// The shared connection, when the client speaks HTTP/2.
     #[cfg(feature = "http2")]
     http2: Option<Http2<B>>,
@@ -245,6 +250,25 @@ pub(super) struct Upstream<B> {
 struct Idle<B> {
     sender: SendRequest<B>,
     since: Instant,
+}
+
+struct IdleConnections<B> {
+    stack: VecDeque<Idle<B>>,
+    swept: bool,
+}
+
+impl<B> IdleConnections<B> {
+    /// Drops the connections idle for `timeout` at `now` (they are at the
+    /// bottom).
+    fn prune(&mut self, now: Instant, timeout: Duration) {
+        while self
+            .stack
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) >= timeout)
+        {
+            self.stack.pop_front();
+        }
+    }
 }
 
 /// The error of a request that went (at least in part) to the backend. A
@@ -282,7 +306,8 @@ impl<B> Upstream<B> {
     /// waited for.
     fn checkout(&self) -> Option<SendRequest<B>> {
         let now = Instant::now();
-        let mut idle = self.idle.lock();
+        let mut guard = self.idle.lock();
+        let idle = &mut guard.stack;
         let mut at = idle.len();
         while at > 0 {
             at -= 1;
@@ -303,20 +328,52 @@ impl<B> Upstream<B> {
 
     /// Puts a connection whose last response was read to its end back on
     /// the stack, and closes those idle for longer than the idle timeout
-    /// (they are at the bottom).
-    fn checkin(&self, sender: SendRequest<B>) {
+    /// (they are at the bottom). While any is idle, a task closes them
+    /// once idle too long, so that they do not outlive the idle timeout
+    /// when no request comes.
+    fn checkin(self: &Arc<Self>, sender: SendRequest<B>)
+    where
+        B: Send + 'static,
+    {
         if sender.is_closed() {
             return;
         }
         let now = Instant::now();
         let mut idle = self.idle.lock();
-        while idle
-            .front()
-            .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
-        {
-            idle.pop_front();
+        idle.prune(now, self.idle_timeout);
+        idle.stack.push_back(Idle { sender, since: now });
+        if !idle.swept {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                idle.swept = true;
+                runtime.spawn(sweep(
+                    Arc::downgrade(self),
+                    crate::time::later(now, self.idle_timeout),
+                ));
+            }
         }
-        idle.push_back(Idle { sender, since: now });
+    }
+}
+
+/// Closes an upstream's idle connections as their idle timeout passes,
+/// from `next` on; ends when none is left idle or the upstream is gone.
+async fn sweep<B>(upstream: Weak<Upstream<B>>, mut next: Instant) {
+    loop {
+        tokio::time::sleep_until(next).await;
+        let Some(upstream) = upstream.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut idle = upstream.idle.lock();
+        idle.prune(now, upstream.idle_timeout);
+        // Those the backend closed go too (a checkout passes them by).
+        idle.stack.retain(|i| !i.sender.is_closed());
+        match idle.stack.front() {
+            Some(oldest) => next = crate::time::later(oldest.since, upstream.idle_timeout),
+            None => {
+                idle.swept = false;
+                return;
+            }
+        }
     }
 }
 
