@@ -39,6 +39,10 @@ pub trait Strategy: Send + Sync + 'static {
     type Table: Send + Sync + 'static;
 
     /// Builds the table for `members`.
+    ///
+    /// Called while the pool applies a change, so that every balancer sees
+    /// the changes in order: it must not change the pool itself (insert,
+    /// remove, set a weight), which would wait for itself.
     fn build(&self, members: &Members) -> Self::Table;
 
     /// The index of the backend to try, or `None` when no eligible backend
