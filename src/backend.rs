@@ -498,6 +498,11 @@ impl BackendState {
     /// this call lifted it. An ejection that has already run out is left
     /// to end by itself: of this and that end racing over one ejection,
     /// exactly one happens, so the ejection's end is reported once.
+    ///
+    /// The ejection's end starts the count of
+    /// [consecutive failures](Self::consecutive_failures) again: failures
+    /// of requests that were in flight, or sent by panic routing, while the
+    /// backend was ejected do not count towards its next ejection.
     pub fn uneject(&self) -> bool {
         let now = self.nanos_since_epoch(Instant::now());
         let mut current = self.ejected_until.load(Ordering::Acquire);
@@ -509,6 +514,7 @@ impl BackendState {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
+                    self.consecutive_failures.store(0, Ordering::Release);
                     self.wake_waiting();
                     return true;
                 }
@@ -519,7 +525,8 @@ impl BackendState {
     }
 
     /// Clears an ejection that ran out by itself; returns whether this call
-    /// cleared it (see [`uneject`](Self::uneject)).
+    /// cleared it (see [`uneject`](Self::uneject)). Like `uneject`, it
+    /// starts the count of consecutive failures again when it does.
     pub(crate) fn take_expired_ejection(&self) -> bool {
         let now = self.nanos_since_epoch(Instant::now());
         let current = self.ejected_until.load(Ordering::Acquire);
@@ -530,6 +537,7 @@ impl BackendState {
                 .compare_exchange(current, 0, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok();
         if taken {
+            self.consecutive_failures.store(0, Ordering::Release);
             self.wake_waiting();
         }
         taken

@@ -371,6 +371,45 @@ async fn ejection_time_grows_with_each_ejection_and_is_capped() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn failures_during_an_ejection_do_not_count_towards_the_next() {
+    let backend = Backend::new();
+    let svc = HealthLayer::new().layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    async fn eject_and_fail_on(svc: &tower_ha::health::Health<Backend>, state: &Arc<BackendState>) {
+        for _ in 0..5 {
+            send(svc, "a", state).await;
+        }
+        assert!(state.is_ejected());
+        // Requests in flight when it was ejected, or sent by panic
+        // routing, fail meanwhile.
+        for _ in 0..5 {
+            send(svc, "a", state).await;
+        }
+    }
+
+    // The ejection runs out: one failure after it is not enough.
+    eject_and_fail_on(&svc, &state).await;
+    tokio::time::advance(secs(30)).await;
+    send(&svc, "a", &state).await;
+    assert!(!state.is_ejected(), "ejected again by one failure");
+    assert_eq!(state.consecutive_failures(), 1);
+    for _ in 0..4 {
+        send(&svc, "a", &state).await;
+    }
+    assert!(state.is_ejected(), "five new failures in a row eject it");
+
+    // A probe lifts the ejection: the same.
+    tokio::time::advance(secs(60)).await;
+    eject_and_fail_on(&svc, &state).await;
+    assert!(state.uneject());
+    assert_eq!(state.consecutive_failures(), 0);
+    send(&svc, "a", &state).await;
+    assert!(!state.is_ejected(), "ejected again by one failure");
+    assert_eq!(state.ejections(), 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn at_most_the_configured_share_of_the_pool_is_ejected() {
     let health = HealthLayer::new().consecutive_failures(1);
     let backend = Backend::new();
