@@ -410,6 +410,70 @@ async fn failures_during_an_ejection_do_not_count_towards_the_next() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_ejection_time_multiplier_decays_while_a_backend_stays_in() {
+    use tower_ha::control::{Event, Events};
+    let events = Events::default();
+    let backend = Backend::new();
+    let svc = HealthLayer::new()
+        .events(events.clone())
+        .layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    // Ejects the backend after `clean` more of not being ejected; returns
+    // how long the ejection lasts, and waits until it is over.
+    let eject_after = |clean: Duration| {
+        let (svc, state) = (&svc, &state);
+        async move {
+            tokio::time::advance(clean).await;
+            for _ in 0..5 {
+                send(svc, "a", state).await;
+            }
+            let lasts = state.ejected_until().expect("ejected") - Instant::now();
+            tokio::time::advance(lasts).await;
+            lasts
+        }
+    };
+    // Ejected again as soon as it is back: 30 s, then 60 s.
+    assert_eq!(eject_after(Duration::ZERO).await, secs(30));
+    assert_eq!(eject_after(Duration::ZERO).await, secs(60));
+    // One whole decay interval (10 s) clean takes one off: 60 s again.
+    assert_eq!(eject_after(secs(19)).await, secs(60));
+    // After a long clean period, back to the base time.
+    assert_eq!(eject_after(secs(120)).await, secs(30));
+
+    // The events count every ejection and carry the time it lasts.
+    let ejected: Vec<_> = events
+        .history()
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::Ejected {
+                ejection, duration, ..
+            } => Some((*ejection, duration.as_secs())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ejected, [(1, 30), (2, 60), (3, 60), (4, 30)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_decay_interval_is_configurable() {
+    let backend = Backend::new();
+    let svc = HealthLayer::new()
+        .consecutive_failures(1)
+        .ejection_decay_interval(secs(60))
+        .layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    for (clean, expected) in [(0, 30), (0, 60), (59, 90), (60, 90), (180, 30)] {
+        tokio::time::advance(secs(clean)).await;
+        send(&svc, "a", &state).await;
+        let lasts = state.ejected_until().expect("ejected") - Instant::now();
+        assert_eq!(lasts, secs(expected), "after {clean} s clean");
+        tokio::time::advance(lasts).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn at_most_the_configured_share_of_the_pool_is_ejected() {
     let health = HealthLayer::new().consecutive_failures(1);
     let backend = Backend::new();

@@ -7,13 +7,16 @@ use super::outlier::{Ejections, OutlierConfig, SuccessRate, Watch};
 use super::service::Health;
 use crate::classify::DefaultClassifier;
 use crate::control::Events;
+use crate::time::SHORTEST;
 
 /// Passive outlier detection for the backends of a pool: builds
 /// [`Health`] around each backend's service.
 ///
 /// Defaults (Envoy's): eject after 5 consecutive failures, for 30 s times
-/// the backend's ejection count, at most 300 s; at most 10 % of the
-/// backends ejected at once, but always at least one. What counts as a
+/// a multiplier that grows by one with each ejection and shrinks by one
+/// for every 10 s the backend spends not ejected, at most 300 s; at most
+/// 10 % of the backends ejected at once, but always at least one. What
+/// counts as a
 /// failure is decided by the shared [`Classifier`](crate::classify::Classifier)
 /// (by default [`DefaultClassifier`]: errors, 502, 503, 504).
 ///
@@ -78,8 +81,14 @@ impl<C> HealthLayer<C> {
         self
     }
 
-    /// The first ejection of a backend lasts this long; the n-th lasts n
-    /// times as long (default 30 s).
+    /// An ejection lasts this long times the backend's multiplier (default
+    /// 30 s), as in Envoy: each ejection adds one to the
+    /// multiplier (unless the time it gives has reached
+    /// [`max_ejection_time`](Self::max_ejection_time)), and every
+    /// [`ejection_decay_interval`](Self::ejection_decay_interval) the
+    /// backend spends not ejected takes one off. So a backend's first
+    /// ejection lasts 30 s, one ejected again soon after its return 60 s,
+    /// and one that stayed out of trouble long enough 30 s again.
     pub fn base_ejection_time(mut self, time: Duration) -> Self {
         self.config.base_ejection_time = time;
         self
@@ -88,6 +97,17 @@ impl<C> HealthLayer<C> {
     /// No ejection lasts longer than this (default 300 s).
     pub fn max_ejection_time(mut self, time: Duration) -> Self {
         self.config.max_ejection_time = time;
+        self
+    }
+
+    /// Every this long a backend spends not ejected, the multiplier of its
+    /// ejection time drops by one (default 10 s, Envoy's outlier detection
+    /// `interval`; at least 1 ms). The decay is counted when the backend is
+    /// ejected again, in whole intervals from the deadline of its previous
+    /// ejection (an ejection lifted early by a probe counts as lasting to
+    /// its deadline).
+    pub fn ejection_decay_interval(mut self, interval: Duration) -> Self {
+        self.config.ejection_decay = interval.max(SHORTEST);
         self
     }
 

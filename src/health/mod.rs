@@ -61,12 +61,15 @@
 //! with the shared [`Classifier`](crate::classify::Classifier), and counts
 //! failures *in a row*: a success starts the count again (Panda counted
 //! failures cumulatively, so a backend failing 1 request in 100 was
-//! eventually ejected). The n-th ejection of a backend lasts n times the
-//! base ejection time, capped; it ends exactly at its deadline, without a
-//! task. At most a share of the pool (10 %) is ejected at once, always
-//! allowing one: the layer's clones share a count of the backends they wrap
-//! and of those they ejected. Optionally, a [`SuccessRate`] also ejects a
-//! backend whose share of successes over a window falls too low.
+//! eventually ejected). An ejection lasts the base ejection time times a
+//! multiplier, capped, as in Envoy: one more on each ejection, one less for
+//! every decay interval (10 s) the backend spends not ejected. It ends
+//! exactly at its deadline, without a task, and its end starts the count of
+//! failures in a row again. At most a share of the pool (10 %) is ejected
+//! at once, always allowing one: the layer's clones share a count of the
+//! backends they wrap and of those they ejected. Optionally, a
+//! [`SuccessRate`] also ejects a backend whose share of successes over a
+//! window falls too low.
 //!
 //! # Active probes
 //!

@@ -22,6 +22,9 @@ pub(crate) struct OutlierConfig {
     pub(crate) max_ejection_time: Duration,
     pub(crate) max_ejection_percent: u32,
     pub(crate) success_rate: Option<SuccessRate>,
+    /// Every this long a backend spends not ejected, the multiplier of its
+    /// next ejection time drops by one.
+    pub(crate) ejection_decay: Duration,
 }
 
 /// Success-rate ejection: ejects a backend whose share of successful
@@ -86,16 +89,49 @@ impl Default for OutlierConfig {
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 10,
             success_rate: None,
+            ejection_decay: Duration::from_secs(10),
         }
     }
 }
 
 impl OutlierConfig {
-    /// How long the `nth` ejection (1-based) of a backend lasts.
-    pub(crate) fn ejection_time(&self, nth: u32) -> Duration {
+    /// How long an ejection lasts with multiplier `backoff` (at least 1):
+    /// `min(base × backoff, max)`.
+    pub(crate) fn ejection_time(&self, backoff: u32) -> Duration {
         self.base_ejection_time
-            .saturating_mul(nth.max(1))
+            .saturating_mul(backoff.max(1))
             .min(self.max_ejection_time)
+    }
+}
+
+/// The multiplier of a backend's ejection time, after Envoy's per-host
+/// `eject_time_backoff`: one more on each ejection (until the time it
+/// gives reaches the maximum), one less for every decay interval the
+/// backend spends not ejected. Envoy decrements it on a timer; here the
+/// decay is counted when the next ejection comes, from the deadline of the
+/// previous one.
+#[derive(Debug, Default)]
+struct Backoff {
+    multiplier: u32,
+    /// The deadline of the previous ejection, if any.
+    last_until: Option<Instant>,
+}
+
+impl Backoff {
+    /// The multiplier, and the duration, of an ejection that starts at
+    /// `now`.
+    fn next(&self, now: Instant, config: &OutlierConfig) -> (u32, Duration) {
+        let mut multiplier = self.multiplier;
+        if let Some(until) = self.last_until {
+            let clean = now.saturating_duration_since(until).as_nanos();
+            let intervals = clean / config.ejection_decay.as_nanos().max(1);
+            multiplier = multiplier.saturating_sub(u32::try_from(intervals).unwrap_or(u32::MAX));
+        }
+        let (base, max) = (config.base_ejection_time, config.max_ejection_time);
+        if base.saturating_mul(multiplier) < max.saturating_add(base) {
+            multiplier = multiplier.saturating_add(1);
+        }
+        (multiplier, config.ejection_time(multiplier))
     }
 }
 
@@ -160,6 +196,8 @@ pub(crate) struct Watch<C> {
     /// seen after the ejection ended: that is when the restoration is
     /// reported.
     ejected: AtomicBool,
+    /// The multiplier of the next ejection's time.
+    backoff: Mutex<Backoff>,
     /// Success-rate window: its start (nanoseconds since `epoch`), and the
     /// requests and failures seen in it.
     window_start: AtomicU64,
@@ -192,6 +230,7 @@ impl<C> Watch<C> {
             classifier,
             ejections,
             ejected: AtomicBool::new(false),
+            backoff: Mutex::new(Backoff::default()),
             window_start: AtomicU64::new(0),
             window_requests: AtomicU32::new(0),
             window_failures: AtomicU32::new(0),
@@ -288,13 +327,20 @@ impl<C> Watch<C> {
     fn eject(&self, target: &Target, reason: &'static str, failures: u32) {
         let state = target.state();
         let nth = state.ejections().saturating_add(1);
-        let duration = self.config.ejection_time(nth);
-        let until = crate::time::later(Instant::now(), duration);
+        let now = Instant::now();
+        let mut backoff = self.backoff.lock();
+        let (multiplier, duration) = backoff.next(now, &self.config);
+        let until = crate::time::later(now, duration);
         match self
             .ejections
             .try_eject(state, self.config.max_ejection_percent, until)
         {
             Ok(()) => {
+                *backoff = Backoff {
+                    multiplier,
+                    last_until: Some(until),
+                };
+                drop(backoff);
                 // The next ejection needs as many new failures in a row.
                 state.record_success();
                 self.ejected.store(true, Ordering::Release);
@@ -361,6 +407,37 @@ mod tests {
         assert_eq!(c.ejection_time(3), Duration::from_secs(90));
         assert_eq!(c.ejection_time(10), Duration::from_secs(300));
         assert_eq!(c.ejection_time(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_multiplier_stops_growing_at_the_maximum_and_decays() {
+        let c = OutlierConfig {
+            max_ejection_time: Duration::from_secs(100),
+            ..OutlierConfig::default()
+        };
+        let now = Instant::now();
+        let mut backoff = Backoff::default();
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let (multiplier, duration) = backoff.next(now, &c);
+            seen.push((multiplier, duration.as_secs()));
+            backoff = Backoff {
+                multiplier,
+                last_until: Some(now),
+            };
+        }
+        // Grows while 30 × m < 100 + 30, then stays.
+        assert_eq!(
+            seen,
+            [(1, 30), (2, 60), (3, 90), (4, 100), (5, 100), (5, 100)]
+        );
+        // One less per whole 10 s since the previous deadline, before the
+        // ejection adds one.
+        let later = |s| now + Duration::from_secs(s);
+        assert_eq!(backoff.next(later(9), &c).0, 5);
+        assert_eq!(backoff.next(later(10), &c).0, 5);
+        assert_eq!(backoff.next(later(39), &c).0, 3);
+        assert_eq!(backoff.next(later(1_000), &c).0, 1);
     }
 
     #[tokio::test(start_paused = true)]
