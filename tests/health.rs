@@ -474,6 +474,20 @@ async fn the_decay_interval_is_configurable() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_zero_base_ejection_time_still_ejects() {
+    let backend = Backend::new();
+    let svc = HealthLayer::new()
+        .consecutive_failures(1)
+        .base_ejection_time(Duration::ZERO)
+        .layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    send(&svc, "a", &state).await;
+    assert!(state.is_ejected());
+    assert_eq!(state.ejected_until(), Some(Instant::now() + ms(1)));
+}
+
+#[tokio::test(start_paused = true)]
 async fn at_most_the_configured_share_of_the_pool_is_ejected() {
     let health = HealthLayer::new().consecutive_failures(1);
     let backend = Backend::new();
@@ -1000,6 +1014,27 @@ async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_o
     at(t0 + ms(600)).await;
     assert_eq!(fresh.health(), Health::Healthy);
     assert_eq!(fresh.consecutive_failures(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_probe_timeout_still_lets_a_probe_answer() {
+    let pool = Pool::new();
+    pool.insert("a", ());
+    let state = pool.state(&"a".into()).unwrap();
+    // Answers after yielding once: not at the first poll.
+    let probe = probe_fn(|_id: &BackendId, _: &()| async {
+        tokio::task::yield_now().await;
+        Ok::<(), BoxError>(())
+    });
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), probe)
+        .interval(secs(1))
+        .timeout(Duration::ZERO)
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .spawn();
+    at(t0 + secs(3) + ms(500)).await;
+    assert_eq!(state.health(), Health::Healthy);
 }
 
 #[tokio::test(start_paused = true)]

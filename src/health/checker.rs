@@ -109,9 +109,10 @@ where
         self
     }
 
-    /// A probe that takes longer fails (default 1 s).
+    /// A probe that takes longer fails (default 1 s; at least 1 ms, so
+    /// that a zero does not fail every probe that is not ready at once).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.config.timeout = timeout;
+        self.config.timeout = timeout.max(SHORTEST);
         self
     }
 

@@ -82,7 +82,7 @@ impl<C> HealthLayer<C> {
     }
 
     /// An ejection lasts this long times the backend's multiplier (default
-    /// 30 s), as in Envoy: each ejection adds one to the
+    /// 30 s; at least 1 ms), as in Envoy: each ejection adds one to the
     /// multiplier (unless the time it gives has reached
     /// [`max_ejection_time`](Self::max_ejection_time)), and every
     /// [`ejection_decay_interval`](Self::ejection_decay_interval) the
@@ -90,7 +90,7 @@ impl<C> HealthLayer<C> {
     /// ejection lasts 30 s, one ejected again soon after its return 60 s,
     /// and one that stayed out of trouble long enough 30 s again.
     pub fn base_ejection_time(mut self, time: Duration) -> Self {
-        self.config.base_ejection_time = time;
+        self.config.base_ejection_time = time.max(SHORTEST);
         self
     }
 
