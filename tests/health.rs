@@ -1017,6 +1017,55 @@ async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_o
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_probe_started_before_a_backend_left_does_not_count_once_it_is_back() {
+    use std::sync::atomic::AtomicUsize;
+    let pool = Pool::new();
+    pool.insert("a", 0u8);
+    let state = pool.state(&"a".into()).unwrap();
+    // The probe of the first membership fails after 500 ms; once the
+    // backend is back, its probe takes 1 s and passes.
+    let probes = Arc::new(AtomicUsize::new(0));
+    let counted = probes.clone();
+    let probe = probe_fn(move |_id: &BackendId, generation: &u8| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let old = *generation == 0;
+        async move {
+            if old {
+                tokio::time::sleep(ms(500)).await;
+                Err::<(), BoxError>("the probe of the first membership".into())
+            } else {
+                tokio::time::sleep(secs(1)).await;
+                Ok(())
+            }
+        }
+    });
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), probe)
+        .interval(ms(200))
+        .timeout(secs(2))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .spawn();
+    at(t0 + ms(100)).await;
+    assert_eq!(probes.load(Ordering::SeqCst), 1);
+    // Removed, then back with the same state: a new probe starts.
+    assert!(pool.remove(&"a".into()));
+    settle().await;
+    pool.insert_with_state("a", 1u8, state.clone());
+    at(t0 + ms(200)).await;
+    assert_eq!(probes.load(Ordering::SeqCst), 2);
+    // The first probe fails at 500 ms: not this membership's result, and
+    // no end of the probe in flight (which would let another start).
+    at(t0 + ms(1000)).await;
+    assert_eq!(state.health(), Health::Healthy);
+    assert_eq!(probes.load(Ordering::SeqCst), 2, "two probes at once");
+    // The probe in flight passes at 1.1 s; the next starts then.
+    at(t0 + ms(1100)).await;
+    assert_eq!(probes.load(Ordering::SeqCst), 3);
+    assert_eq!(state.health(), Health::Healthy);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_zero_probe_timeout_still_lets_a_probe_answer() {
     let pool = Pool::new();
     pool.insert("a", ());

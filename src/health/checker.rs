@@ -200,6 +200,7 @@ where
             events: self.events,
             changed,
             entries: HashMap::new(),
+            next_serial: 0,
         };
         CheckerHandle {
             task: Some(tokio::spawn(task.run())),
@@ -251,6 +252,9 @@ impl<S> Rebuild<S> for Changed {
 #[derive(Debug)]
 struct Entry {
     state: Arc<BackendState>,
+    /// Tells this entry from an earlier one of the same backend (removed,
+    /// then added back with the same state) whose probe may still run.
+    serial: u64,
     successes: u32,
     failures: u32,
     /// Whether a probe has found it healthy (only such backends are turned
@@ -273,9 +277,10 @@ const fn health_name(health: Health) -> &'static str {
 }
 
 impl Entry {
-    fn new(state: Arc<BackendState>, now: Instant) -> Self {
+    fn new(state: Arc<BackendState>, serial: u64, now: Instant) -> Self {
         Entry {
             state,
+            serial,
             successes: 0,
             failures: 0,
             ever_healthy: false,
@@ -502,6 +507,8 @@ struct Task<S, P> {
     events: Option<Events>,
     changed: Arc<Changed>,
     entries: HashMap<BackendId, Entry>,
+    /// The serial of the next entry.
+    next_serial: u64,
 }
 
 impl<S, P> Task<S, P>
@@ -511,9 +518,10 @@ where
 {
     async fn run(mut self) {
         let mut probes: JoinSet<Result<(), BoxError>> = JoinSet::new();
-        // Each probe's backend, and the state it probes: a backend replaced
-        // meanwhile has a new state, which the probe's result is not about.
-        let mut running: HashMap<tokio::task::Id, (BackendId, Arc<BackendState>)> = HashMap::new();
+        // Each probe's backend, and the serial of the entry that started
+        // it: a backend replaced, or removed and added back, meanwhile has
+        // a new entry, which the probe's result is not about.
+        let mut running: HashMap<tokio::task::Id, (BackendId, u64)> = HashMap::new();
         let mut generation = None;
         loop {
             let now = Instant::now();
@@ -572,7 +580,7 @@ where
                         Err(_) => Err(ProbeTimeout::new(timeout).into()),
                     }
                 });
-                running.insert(handle.id(), (member.id().clone(), member.state().clone()));
+                running.insert(handle.id(), (member.id().clone(), entry.serial));
             }
             drop(snapshot);
             for entry in self.entries.values() {
@@ -594,11 +602,12 @@ where
                         Ok((task, result)) => (task, result),
                         Err(error) => (error.id(), Err(ProbePanicked::default().into())),
                     };
-                    let Some((id, state)) = running.remove(&task) else { continue };
+                    let Some((id, serial)) = running.remove(&task) else { continue };
                     let Some(entry) = self.entries.get_mut(&id) else { continue };
-                    // A probe of a backend that was replaced meanwhile, which
-                    // ended or panicked: the new entry schedules its own.
-                    if Arc::ptr_eq(&state, &entry.state) {
+                    // A probe of a backend that was replaced, or removed and
+                    // added back, meanwhile, which ended or panicked: the new
+                    // entry schedules its own.
+                    if entry.serial == serial {
                         entry.record(&id, result, &self.config, self.events.as_ref());
                     }
                 }
@@ -621,7 +630,9 @@ where
             if self.entries.contains_key(member.id()) {
                 continue;
             }
-            let mut entry = Entry::new(member.state().clone(), now);
+            let serial = self.next_serial;
+            self.next_serial += 1;
+            let mut entry = Entry::new(member.state().clone(), serial, now);
             if self.config.start_unhealthy {
                 member.state().set_health(Health::Unhealthy);
             } else if !initial && member.state().health() == Health::Healthy {
