@@ -842,6 +842,54 @@ async fn a_ramp_cut_short_by_shutdown_ends_at_full_weight() {
     assert_eq!(b.weight_permille(), 1000);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_ramp_cut_short_by_failing_probes_ends_at_full_weight() {
+    let (pool, _) = pool_of(&["a"]);
+    let script = Script::default();
+    let t0 = Instant::now();
+    let checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .slow_start(SlowStart::new(secs(10)).min_weight(0.2))
+        .spawn();
+    settle().await;
+    pool.insert("b", Backend::new());
+    settle().await;
+    let b = pool.state(&"b".into()).unwrap();
+    at(t0 + ms(2500)).await;
+    assert!(b.weight_permille() < 1000, "ramping");
+    // The probe at 3 s fails: the ramp is over, and no weight is left
+    // partial for when the checker stops (or someone else makes it
+    // healthy).
+    script.set("b", false);
+    at(t0 + ms(3500)).await;
+    assert_eq!(b.health(), Health::Unhealthy);
+    assert_eq!(b.weight_permille(), 1000);
+    drop(checker);
+    settle().await;
+    assert_eq!(b.weight_permille(), 1000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_removed_while_it_ramps_keeps_no_partial_weight() {
+    let (pool, _) = pool_of(&["a"]);
+    let _checker = HealthChecker::new(pool.clone(), Script::default().probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .slow_start(SlowStart::new(secs(10)).min_weight(0.2))
+        .spawn();
+    settle().await;
+    pool.insert("b", Backend::new());
+    settle().await;
+    let b = pool.state(&"b".into()).unwrap();
+    assert_eq!(b.weight_permille(), 200);
+    // The state lives on: it may serve another pool, or come back.
+    assert!(pool.remove(&"b".into()));
+    settle().await;
+    assert_eq!(b.weight_permille(), 1000);
+}
+
 // ---------------------------------------------------------------------------
 // Panic routing
 // ---------------------------------------------------------------------------

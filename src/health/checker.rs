@@ -299,6 +299,14 @@ impl Entry {
         }
     }
 
+    /// Abandons a ramp in progress at full weight: a weight the checker no
+    /// longer advances must not stay partial.
+    fn end_ramp(&mut self) {
+        if self.ramp_from.take().is_some() {
+            self.state.set_weight_permille(1000);
+        }
+    }
+
     /// Lifts an ejection in force and reports it; one that ran out is
     /// reported by the health layer.
     fn lift_ejection(&self, id: &BackendId, events: Option<&Events>) {
@@ -363,7 +371,7 @@ impl Entry {
                 if health == Health::Healthy && self.failures >= config.fall {
                     self.state.set_health(Health::Unhealthy);
                     self.unhealthy_since = Some(now);
-                    self.ramp_from = None;
+                    self.end_ramp();
                     tracing::warn!(
                         backend = %id,
                         from = "healthy",
@@ -622,9 +630,14 @@ where
     fn sync(&mut self, snapshot: &Snapshot<S>, now: Instant, initial: bool) {
         let members = snapshot.members();
         self.entries.retain(|id, entry| {
-            members
+            let kept = members
                 .index_of(id)
-                .is_some_and(|i| Arc::ptr_eq(members[i].state(), &entry.state))
+                .is_some_and(|i| Arc::ptr_eq(members[i].state(), &entry.state));
+            if !kept {
+                // Its state may live on (in another pool, or added back).
+                entry.end_ramp();
+            }
+            kept
         });
         for member in members.iter() {
             if self.entries.contains_key(member.id()) {
@@ -646,10 +659,8 @@ where
 impl<S, P> Drop for Task<S, P> {
     fn drop(&mut self) {
         // A ramp that can no longer advance ends at full weight.
-        for entry in self.entries.values() {
-            if entry.ramp_from.is_some() {
-                entry.state.set_weight_permille(1000);
-            }
+        for entry in self.entries.values_mut() {
+            entry.end_ramp();
         }
     }
 }
