@@ -367,6 +367,23 @@ impl<S: Clone> Pool<S> {
         removed
     }
 
+    /// Removes backend `id` only if its state is still `state` (not another
+    /// backend inserted under the same id since); returns whether it did.
+    pub(crate) fn remove_if_state(&self, id: &BackendId, state: &Arc<BackendState>) -> bool {
+        let mut removed = false;
+        self.change(|members, services| {
+            if let Some(i) = members
+                .iter()
+                .position(|m| &m.id == id && Arc::ptr_eq(&m.state, state))
+            {
+                members.remove(i);
+                services.remove(i);
+                removed = true;
+            }
+        });
+        removed
+    }
+
     /// Sets the weight of backend `id` (0 counts as 1); returns whether it
     /// was present. Strategies that depend on weights rebuild their tables.
     pub fn set_weight(&self, id: &BackendId, weight: u32) -> bool {
@@ -537,5 +554,18 @@ mod tests {
         let snap = pool.snapshot();
         assert_eq!(snap.members().index_of(&"c".into()), Some(1));
         assert_eq!(snap.service(1), Some(&3));
+    }
+
+    #[test]
+    fn remove_if_state_spares_a_backend_inserted_since() {
+        let pool: Pool<u8> = Pool::new();
+        pool.insert("a", 1);
+        let old = pool.state(&"a".into()).unwrap();
+        let new = Arc::new(BackendState::new(1));
+        pool.insert_with_state("a", 2, new.clone());
+        assert!(!pool.remove_if_state(&"a".into(), &old));
+        assert!(pool.contains(&"a".into()));
+        assert!(pool.remove_if_state(&"a".into(), &new));
+        assert!(!pool.contains(&"a".into()));
     }
 }

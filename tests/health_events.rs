@@ -85,3 +85,90 @@ async fn health_changes_are_tracing_events_with_backend_from_to_and_reason() {
         "probes passed",
     );
 }
+
+/// Runs `hook` on every event, with its `backend` and `to` fields.
+struct Hook<F>(F);
+
+#[derive(Default)]
+struct Fields {
+    backend: Option<String>,
+    to: Option<String>,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.record_debug(field, &value);
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let value = format!("{value:?}").trim_matches('"').to_owned();
+        match field.name() {
+            "backend" => self.backend = Some(value),
+            "to" => self.to = Some(value),
+            _ => {}
+        }
+    }
+}
+
+impl<F: Fn(&str, &str) + Send + Sync + 'static> tracing::Subscriber for Hook<F> {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        if let (Some(backend), Some(to)) = (fields.backend, fields.to) {
+            (self.0)(&backend, &to);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn removing_a_backend_unhealthy_too_long_spares_one_added_under_its_id_since() {
+    let (pool, _) = pool_of(&["a", "b"]);
+    let fresh = Arc::new(BackendState::new(1));
+    // When "a" is turned off, another "b" replaces the one due for removal
+    // at the same instant, before the checker removes it.
+    let _guard = tracing::subscriber::set_default(Hook({
+        let (pool, fresh) = (pool.clone(), fresh.clone());
+        move |backend: &str, to: &str| {
+            if backend == "a" && to == "turned_off" {
+                pool.insert_with_state("b", Backend::new(), fresh.clone());
+            }
+        }
+    }));
+    let script = Script::default();
+    // "b" fails from its probe at 1 s on (removal due at 21 s); "a" from
+    // its probe at 11 s on (turned off at 21 s).
+    script.push("b", &[true, false]);
+    script.push("a", &[true; 11]);
+    script.push("a", &[false]);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .unhealthy_interval(secs(100))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .turned_off_after(secs(10))
+        .removed_after(secs(20))
+        .spawn();
+    at(t0 + secs(21) - ms(1)).await;
+    assert_eq!(
+        pool.state(&"a".into()).unwrap().health(),
+        tower_ha::Health::Unhealthy
+    );
+    at(t0 + secs(21)).await;
+    assert_eq!(
+        pool.state(&"a".into()).unwrap().health(),
+        tower_ha::Health::TurnedOff
+    );
+    let b = pool.state(&"b".into()).expect("the new \"b\" was removed");
+    assert!(Arc::ptr_eq(&b, &fresh));
+}

@@ -549,8 +549,12 @@ where
                 wake = [wake, ramp].into_iter().flatten().min();
             }
             for id in removals {
-                self.entries.remove(&id);
-                if self.pool.remove(&id) {
+                let Some(entry) = self.entries.remove(&id) else {
+                    continue;
+                };
+                // Only the backend judged: the pool may hold another one
+                // under this id by now.
+                if self.pool.remove_if_state(&id, &entry.state) {
                     tracing::warn!(
                         backend = %id,
                         from = "unhealthy",
