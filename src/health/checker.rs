@@ -210,6 +210,7 @@ where
 
 /// The running checker: stops it when dropped.
 #[derive(Debug)]
+#[must_use = "the checker stops when this handle is dropped"]
 pub struct CheckerHandle {
     task: Option<JoinHandle<()>>,
 }
