@@ -1171,3 +1171,19 @@ async fn a_probe_that_panics_when_called_fails_its_backend_and_checks_go_on() {
         Health::Healthy
     );
 }
+
+/// A classifier that is neither `Clone` nor `Debug`.
+struct Opaque;
+
+impl tower_ha::classify::Classifier for Opaque {
+    fn is_failure(&self, _outcome: &Outcome<'_>) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_layer_clones_and_prints_whatever_its_classifier() {
+    let layer = HealthLayer::new().classifier(Opaque);
+    let copy = layer.clone();
+    assert!(format!("{copy:?}").starts_with("HealthLayer"));
+}

@@ -1,3 +1,4 @@
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,12 +29,34 @@ use crate::time::SHORTEST;
 /// backend for as long as the service it returned, or a clone of it, lives;
 /// so build each backend's service with its own `layer` call, as
 /// `pool.insert(id, layer.layer(service))` does.
-#[derive(Debug, Clone)]
 pub struct HealthLayer<C = DefaultClassifier> {
     config: OutlierConfig,
     classifier: Arc<C>,
     ejections: Arc<Ejections>,
     events: Option<Events>,
+}
+
+// By hand: the classifier is shared behind an `Arc`, so the layer clones
+// and prints whatever the classifier is.
+impl<C> Clone for HealthLayer<C> {
+    fn clone(&self) -> Self {
+        HealthLayer {
+            config: self.config,
+            classifier: self.classifier.clone(),
+            ejections: self.ejections.clone(),
+            events: self.events.clone(),
+        }
+    }
+}
+
+impl<C> fmt::Debug for HealthLayer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthLayer")
+            .field("config", &self.config)
+            .field("ejections", &self.ejections)
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for HealthLayer {
