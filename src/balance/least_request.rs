@@ -55,14 +55,17 @@ impl Strategy for LeastRequest {
     }
 }
 
-/// `in_flight(a) / weight(a) < in_flight(b) / weight(b)` with effective
-/// weights (the configured weight scaled down during slow start), without
-/// division.
+/// `(in_flight(a) + 1) / weight(a) < (in_flight(b) + 1) / weight(b)` with
+/// effective weights (the configured weight scaled down during slow start),
+/// without division. The request being placed counts (Envoy's
+/// `active + 1`), so that weights still tell two idle backends apart: a
+/// warming backend with nothing in flight does not win every comparison.
 #[inline]
 fn less_loaded(pick: &Pick<'_>, a: usize, b: usize) -> bool {
     let (a, b) = (pick.member(a).state(), pick.member(b).state());
     let weight = |s: &crate::BackendState| u128::from(s.weight()) * u128::from(s.weight_permille());
-    let load = |s: &crate::BackendState, w: &crate::BackendState| s.in_flight() as u128 * weight(w);
+    let load =
+        |s: &crate::BackendState, w: &crate::BackendState| (s.in_flight() as u128 + 1) * weight(w);
     load(a, b) < load(b, a)
 }
 
@@ -85,8 +88,23 @@ mod tests {
         let pick = Pick::new(RequestHead::from(&req), snap.members(), None);
         // Full weights: 1 in flight is less load than 2.
         assert!(less_loaded(&pick, 1, 0));
-        // At 10 % of its weight, 1 in flight weighs like 10.
+        // At 10 % of its weight, 1 in flight (2 with the new request)
+        // weighs like 20.
         new.set_weight_permille(100);
+        assert!(less_loaded(&pick, 0, 1));
+        assert!(!less_loaded(&pick, 1, 0));
+    }
+
+    #[test]
+    fn weights_tell_idle_backends_apart() {
+        let pool: Pool<()> = Pool::new();
+        pool.insert("warm", ());
+        pool.insert("new", ());
+        let snap = pool.snapshot();
+        snap.members()[1].state().set_weight_permille(100);
+        let req = http::Request::new(());
+        let pick = Pick::new(RequestHead::from(&req), snap.members(), None);
+        // Nothing in flight anywhere: the full weight is less loaded.
         assert!(less_loaded(&pick, 0, 1));
         assert!(!less_loaded(&pick, 1, 0));
     }
