@@ -1135,6 +1135,30 @@ async fn a_zero_probe_timeout_still_lets_a_probe_answer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_probe_that_cannot_get_a_health_service_ready_is_a_passive_failure() {
+    use tower_ha::health::HttpProbe;
+    let down = Arc::new(AtomicBool::new(false));
+    let pool = Pool::new();
+    pool.insert("a", HealthLayer::new().layer(Unready(down.clone())));
+    let state = pool.state(&"a".into()).unwrap();
+    // One request with a `Target` tells the layer which backend it wraps.
+    let svc = pool.snapshot().service(0).unwrap().clone();
+    send(&svc, "a", &state).await;
+    down.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), HttpProbe::<()>::new("/healthz"))
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .spawn();
+    at(t0 + ms(500)).await;
+    assert_eq!(state.consecutive_failures(), 1);
+    // A probe's response, on the other hand, is not observed.
+    down.store(false, Ordering::SeqCst);
+    at(t0 + secs(1) + ms(500)).await;
+    assert_eq!(state.consecutive_failures(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_probe_that_panics_when_called_fails_its_backend_and_checks_go_on() {
     use std::sync::atomic::AtomicUsize;
     let pool = Pool::new();

@@ -22,7 +22,11 @@ use crate::failover::TimedOut;
 /// (sent to the service directly, or a health probe) passes through
 /// unobserved.
 ///
-/// `poll_ready` is the inner service's; errors are boxed.
+/// `poll_ready` is the inner service's; errors are boxed. A readiness
+/// error counts as a failure of the backend the last request with a
+/// `Target` named, whoever polled: a health probe sent through this
+/// service (as [`HttpProbe`](super::HttpProbe) does) that cannot get it
+/// ready counts too.
 pub struct Health<S, C = DefaultClassifier> {
     inner: S,
     watch: Arc<Watch<C>>,
