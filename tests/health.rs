@@ -305,12 +305,25 @@ async fn the_shared_classifier_decides_what_fails() {
 async fn requests_without_a_target_are_not_observed() {
     let backend = Backend::new();
     let svc = HealthLayer::new()
-        .consecutive_failures(1)
+        .consecutive_failures(3)
         .layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    // The layer knows its backend from one request with a `Target`.
     backend.set(StatusCode::SERVICE_UNAVAILABLE);
-    let response = svc.oneshot(Request::new(())).await.unwrap();
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(backend.calls(), 1);
+    send(&svc, "a", &state).await;
+    assert_eq!(state.consecutive_failures(), 1);
+    for _ in 0..5 {
+        let response = svc.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(backend.calls(), 6);
+    assert_eq!(
+        state.consecutive_failures(),
+        1,
+        "untargeted failures counted"
+    );
+    assert_eq!(state.failures(), 1);
+    assert!(!state.is_ejected());
 }
 
 #[tokio::test(start_paused = true)]
@@ -509,16 +522,23 @@ async fn at_most_the_configured_share_of_the_pool_is_ejected() {
     assert_eq!(states.iter().filter(|s| s.is_ejected()).count(), 2);
     assert_eq!(states.iter().map(|s| s.ejections()).sum::<u32>(), 4);
 
-    // With 3 backends 10 % is less than one, and one is always allowed.
-    let health = HealthLayer::new()
-        .consecutive_failures(1)
-        .max_ejection_percent(0);
-    let services: Vec<_> = (0..3).map(|_| health.layer(backend.clone())).collect();
-    let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
-    for (svc, state) in services.iter().zip(&states) {
-        send(svc, "x", state).await;
+    // With 3 backends 10 % is less than one, and so is 0 %: one is always
+    // allowed.
+    for percent in [10, 0] {
+        let health = HealthLayer::new()
+            .consecutive_failures(1)
+            .max_ejection_percent(percent);
+        let services: Vec<_> = (0..3).map(|_| health.layer(backend.clone())).collect();
+        let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
+        for (svc, state) in services.iter().zip(&states) {
+            send(svc, "x", state).await;
+        }
+        assert_eq!(
+            states.iter().filter(|s| s.is_ejected()).count(),
+            1,
+            "{percent} %"
+        );
     }
-    assert_eq!(states.iter().filter(|s| s.is_ejected()).count(), 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -945,24 +965,23 @@ async fn panic_routing_engages_below_the_threshold() {
 
 #[tokio::test(start_paused = true)]
 async fn panic_routing_follows_expiring_ejections() {
-    let (pool, _) = pool_of(&["a", "b", "c"]);
+    let (pool, _) = pool_of(&["a", "b", "c", "d"]);
     let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let state = |id: &str| pool.state(&id.into()).unwrap();
+    state("d").set_health(Health::Unhealthy);
     for id in ["a", "b"] {
-        pool.state(&id.into())
-            .unwrap()
-            .eject_until(Instant::now() + secs(10));
+        state(id).eject_until(Instant::now() + secs(10));
     }
-    // 1 of 3 available: panic.
-    assert_eq!(served(&balance, 6).await, ["a", "b", "c"]);
-    // The ejections end: nothing is unavailable, no panic, all serve.
+    // 1 of 4 available: panic, every enabled backend serves.
+    assert_eq!(served(&balance, 8).await, ["a", "b", "c", "d"]);
+    // The ejections end: 3 of 4 available, no panic, so the unhealthy
+    // backend no longer serves.
     tokio::time::advance(secs(10)).await;
-    assert_eq!(served(&balance, 6).await, ["a", "b", "c"]);
-    // One backend unhealthy, 2 of 3 available: no panic.
-    pool.state(&"a".into())
-        .unwrap()
-        .set_health(Health::Unhealthy);
+    assert_eq!(served(&balance, 8).await, ["a", "b", "c"]);
+    // Another one unhealthy, 2 of 4 available: still no panic.
+    state("a").set_health(Health::Unhealthy);
     tokio::time::advance(ms(1)).await;
-    assert_eq!(served(&balance, 6).await, ["b", "c"]);
+    assert_eq!(served(&balance, 8).await, ["b", "c"]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1050,7 +1069,7 @@ async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_o
         }
     });
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), probe)
+    let checker = HealthChecker::new(pool.clone(), probe)
         .interval(secs(2))
         .timeout(secs(1))
         .jitter(Duration::ZERO)
@@ -1060,8 +1079,10 @@ async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_o
     let fresh = Arc::new(BackendState::new(1));
     pool.insert_with_state("a", 1u8, fresh.clone());
     at(t0 + ms(600)).await;
+    // With `fall(1)`, the panic counted against it would have made it
+    // unhealthy.
     assert_eq!(fresh.health(), Health::Healthy);
-    assert_eq!(fresh.consecutive_failures(), 0);
+    assert!(!checker.is_finished());
 }
 
 #[tokio::test(start_paused = true)]
