@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -167,6 +168,10 @@ struct Load {
     stored: OnceCell<Stored>,
     /// The key was forgotten (moved on another replica) while it loaded.
     stale: std::sync::atomic::AtomicBool,
+    /// Its registrations (see `Registered`): the requests waiting for it
+    /// and the restore task finishing it. Changed under the `Loading` lock
+    /// only.
+    registered: std::sync::atomic::AtomicUsize,
 }
 
 type Cell = Arc<Load>;
@@ -669,10 +674,15 @@ impl Shared {
                 if let Some(session) = shared.table.current(&key) {
                     return Stored::Found(session);
                 }
-                loading.entry(key.clone()).or_default().clone()
+                let cell = loading.entry(key.clone()).or_default().clone();
+                // Under the lock that found it, so that the load cannot
+                // leave the map before this request counts.
+                cell.registered.fetch_add(1, Ordering::Relaxed);
+                cell
             };
             // Leaves the map when done, or when every request waiting on it
-            // is dropped (a client gone while the store was slow).
+            // is dropped (a client gone while the store was slow) and its
+            // restore task, if any, has ended.
             let registered = Registered {
                 loading: &shared.loading,
                 key: &key,
@@ -743,21 +753,18 @@ impl Shared {
                 // stop a restore half-way, nor leave its lock to expire
                 // while every other request for the session waits on it;
                 // and the restored session is remembered even then.
-                let (shared, store) = (self.clone(), store.clone());
+                let store = store.clone();
                 let (lock, hook) = (lock.clone(), hook.clone());
-                let cell = cell.clone();
-                let key: Arc<str> = Arc::from(key);
+                // Registered before the task starts, so that the load stays
+                // in the map while the task runs, whoever gives up on it;
+                // it leaves the map when the task ends if its requests have
+                // gone.
+                let task = Task::register(self.clone(), Arc::from(key), cell.clone());
                 let fallback = session.clone();
                 let restoring = tokio::spawn(async move {
-                    let session = shared.hydrate(&*store, &*lock, &hook, session, &cell).await;
-                    shared.remember_unless_stale(&Stored::Found(session.clone()), &cell);
-                    // The load leaves the map if its requests have gone.
-                    let loading = &shared.loading;
-                    drop(Registered {
-                        loading,
-                        key: &key,
-                        cell: &cell,
-                    });
+                    let Task { shared, cell, .. } = &task;
+                    let session = shared.hydrate(&*store, &*lock, &hook, session, cell).await;
+                    shared.remember_unless_stale(&Stored::Found(session.clone()), cell);
                     session
                 });
                 Stored::Found(restoring.await.unwrap_or_else(|error| {
@@ -1239,7 +1246,8 @@ impl Owner for Shared {
     }
 }
 
-/// A request's registration on a shared load (see `Shared::load`).
+/// A request's registration on a shared load (see `Shared::load`),
+/// counted in `Load::registered` when it was made.
 struct Registered<'a> {
     loading: &'a Loading,
     key: &'a Arc<str>,
@@ -1248,15 +1256,43 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        let mut loading = self.loading.lock();
-        // Done, or the map's and this request's are the last references.
-        let finished = |c: &Cell| c.stored.initialized() || Arc::strong_count(c) <= 2;
-        if loading
-            .get(self.key)
-            .is_some_and(|c| Arc::ptr_eq(c, self.cell) && finished(c))
+        unregister(self.loading, self.key, self.cell);
+    }
+}
+
+/// The registration of the task that restores a load's session (see
+/// `Shared::read`): it ends with the task, even one that panicked.
+struct Task {
+    shared: Arc<Shared>,
+    key: Arc<str>,
+    cell: Cell,
+}
+
+impl Task {
+    fn register(shared: Arc<Shared>, key: Arc<str>, cell: Cell) -> Self {
         {
-            loading.remove(self.key);
+            let _loading = shared.loading.lock();
+            cell.registered.fetch_add(1, Ordering::Relaxed);
         }
+        Task { shared, key, cell }
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        unregister(&self.shared.loading, &self.key, &self.cell);
+    }
+}
+
+/// Ends a registration on `cell`, the load of `key`: the load leaves the
+/// map once it is done or its last registration has ended.
+fn unregister(loading: &Loading, key: &Arc<str>, cell: &Cell) {
+    let mut loading = loading.lock();
+    let left = cell.registered.fetch_sub(1, Ordering::Relaxed) - 1;
+    if (cell.stored.initialized() || left == 0)
+        && loading.get(key).is_some_and(|c| Arc::ptr_eq(c, cell))
+    {
+        loading.remove(key);
     }
 }
 
@@ -1350,5 +1386,32 @@ mod tests {
             assert!(a.is_err() && b.is_err(), "the store never answers");
         }
         assert_eq!(layer.shared.loading.lock().len(), 0);
+    }
+
+    /// A restore task ends its registration while a request still waits on
+    /// the load; the request then gives up while the task still holds the
+    /// load (its future has yet to be dropped): the load leaves the map.
+    #[tokio::test]
+    async fn a_load_leaves_the_map_when_its_last_registration_ends() {
+        let pool = Pool::<()>::new();
+        let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id")).store(Stuck);
+        let shared = &layer.shared;
+        let key: Arc<str> = Arc::from("s");
+        let cell = Cell::default();
+        shared.loading.lock().insert(key.clone(), cell.clone());
+        // A request registers as `load` does, then the restore task.
+        cell.registered.fetch_add(1, Ordering::Relaxed);
+        let request = Registered {
+            loading: &shared.loading,
+            key: &key,
+            cell: &cell,
+        };
+        let task = Task::register(shared.clone(), key.clone(), cell.clone());
+        let held_by_the_task = task.cell.clone();
+        drop(task);
+        assert_eq!(shared.loading.lock().len(), 1, "a request still waits");
+        drop(request);
+        assert_eq!(shared.loading.lock().len(), 0);
+        drop(held_by_the_task);
     }
 }
