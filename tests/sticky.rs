@@ -20,7 +20,9 @@ use tower_ha::sticky::{
     Availability, CookieInsert, MoveReason, SessionKey, SessionMoved, SessionUnavailable, Sticky,
     StickyLayer,
 };
-use tower_ha::store::{Loaded, MemoryStore, Session, SessionStore, StoreFuture};
+use tower_ha::store::{
+    Loaded, MemoryStore, Session, SessionGuard, SessionLock, SessionStore, StoreFuture,
+};
 use tower_ha::{AdminStatus, BackendError, BackendId, BoxError, Health, Pool};
 
 const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
@@ -2024,4 +2026,48 @@ async fn a_move_hook_runs_to_its_end_when_the_client_goes_away() {
     assert!(moving.await.is_err(), "answered before the hook ended");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(finished.load(Ordering::SeqCst), 1, "the hook was cut off");
+}
+
+/// A lock every caller takes at once, counting the locks released.
+#[derive(Clone, Default)]
+struct Granted {
+    released: Arc<AtomicUsize>,
+}
+
+impl SessionLock for Granted {
+    fn lock<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<SessionGuard>> {
+        let released = self.released.clone();
+        Box::pin(async move {
+            Ok(Some(SessionGuard::new(async move {
+                released.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })))
+        })
+    }
+}
+
+#[test]
+fn a_session_restored_on_a_miss_needs_no_tokio_runtime() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let lock = Granted::default();
+    let hooked = Arc::new(AtomicUsize::new(0));
+    let seen = hooked.clone();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .hydrate(lock.clone())
+        .on_restore(move |_: Session| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok::<(), BoxError>(()))
+        });
+    let svc = stack(&c.pool, layer.clone());
+    // Driven by an executor that is not tokio's.
+    futures::executor::block_on(async {
+        store.save(&kernel("k1", "b")).await.unwrap();
+        let res = send(&svc, session("k1")).await.unwrap();
+        assert_eq!(res.body(), "b");
+    });
+    assert_eq!(hooked.load(Ordering::SeqCst), 1);
+    assert_eq!(lock.released.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.stats().hydrated, 1);
 }

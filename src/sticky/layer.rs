@@ -186,6 +186,10 @@ impl StickyLayer {
     /// The session is routed to its stored backend even when the hook
     /// fails (the failure is logged, the record kept) or the lock cannot be
     /// taken (counted in `store_errors`).
+    ///
+    /// The restore runs in a tokio task of its own, to its end even when
+    /// the requests waiting for it go away. Outside a tokio runtime the
+    /// request that loads the session runs it, and stops it if dropped.
     pub fn hydrate(self, lock: impl SessionLock) -> Self {
         let lock: Arc<dyn SessionLock> = Arc::new(lock);
         self.with(|c| c.lock = Some(lock))

@@ -753,6 +753,8 @@ impl Shared {
                 // stop a restore half-way, nor leave its lock to expire
                 // while every other request for the session waits on it;
                 // and the restored session is remembered even then.
+                // Outside a tokio runtime there is no task to hand it to:
+                // the request runs it itself.
                 let store = store.clone();
                 let (lock, hook) = (lock.clone(), hook.clone());
                 // Registered before the task starts, so that the load stays
@@ -761,13 +763,16 @@ impl Shared {
                 // gone.
                 let task = Task::register(self.clone(), Arc::from(key), cell.clone());
                 let fallback = session.clone();
-                let restoring = tokio::spawn(async move {
+                let restoring = async move {
                     let Task { shared, cell, .. } = &task;
                     let session = shared.hydrate(&*store, &*lock, &hook, session, cell).await;
                     shared.remember_unless_stale(&Stored::Found(session.clone()), cell);
                     session
-                });
-                Stored::Found(restoring.await.unwrap_or_else(|error| {
+                };
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return Stored::Found(restoring.await);
+                };
+                Stored::Found(runtime.spawn(restoring).await.unwrap_or_else(|error| {
                     tracing::warn!(target: TARGET, session = %fallback.key, %error, "session restore panicked; its record is kept");
                     fallback
                 }))
