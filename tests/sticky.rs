@@ -17,8 +17,8 @@ use tower_ha::balance::{Balance, BalanceLayer, RoundRobin};
 use tower_ha::error::{find, InvalidRequest};
 use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::sticky::{
-    Availability, CookieInsert, MoveReason, SessionKey, SessionMoved, SessionUnavailable, Sticky,
-    StickyLayer,
+    Availability, CookieInsert, MoveReason, RestoreTimedOut, SessionKey, SessionMoved,
+    SessionUnavailable, Sticky, StickyLayer, DEFAULT_RESTORE_TIMEOUT,
 };
 use tower_ha::store::{
     Loaded, MemoryStore, Session, SessionGuard, SessionLock, SessionStore, StoreFuture,
@@ -2070,4 +2070,106 @@ fn a_session_restored_on_a_miss_needs_no_tokio_runtime() {
     assert_eq!(hooked.load(Ordering::SeqCst), 1);
     assert_eq!(lock.released.load(Ordering::SeqCst), 1);
     assert_eq!(layer.stats().hydrated, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_hook_over_its_time_limit_fails_and_keeps_the_record() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&kernel("k1", "a")).await.unwrap();
+    store.save(&kernel("k2", "b")).await.unwrap();
+    // k2's kernel never answers.
+    let hook = |s: Session| async move {
+        if s.key == "k2" {
+            std::future::pending::<()>().await;
+        }
+        Ok::<(), BoxError>(())
+    };
+    let standalone = || {
+        StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+            .store(store.clone())
+            .availability(Availability::Standalone)
+            .on_restore(hook)
+    };
+    for (layer, limit) in [
+        (standalone(), DEFAULT_RESTORE_TIMEOUT),
+        (
+            standalone().restore_timeout(Duration::from_secs(5)),
+            Duration::from_secs(5),
+        ),
+    ] {
+        let started = tokio::time::Instant::now();
+        let report = tokio::time::timeout(Duration::from_secs(600), layer.restore())
+            .await
+            .expect("the hook's time limit ends the restore")
+            .unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= limit && took < limit + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert_eq!(report.restored, ["k1"]);
+        assert_eq!(report.failed.len(), 1);
+        assert_eq!(report.failed[0].key, "k2");
+        let error = report.failed[0].error.downcast_ref::<RestoreTimedOut>();
+        assert_eq!(error.expect("timed out").after(), limit);
+        assert!(layer.session("k1").is_some());
+        assert!(layer.session("k2").is_none());
+        let kept = store.load("k2").await.unwrap().unwrap();
+        assert_eq!(kept.backend.as_str(), "b", "its record is kept");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hydrating_hook_over_its_time_limit_lets_the_session_go_to_its_backend() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&kernel("k1", "b")).await.unwrap();
+    let lock = Granted::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .hydrate(lock.clone())
+        .restore_timeout(Duration::from_secs(5))
+        .on_restore(|_: Session| std::future::pending::<Result<(), BoxError>>());
+    let svc = stack(&c.pool, layer.clone());
+    let started = tokio::time::Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(600), send(&svc, session("k1")))
+        .await
+        .expect("the hook's time limit ends the restore")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert_eq!(res.body(), "b");
+    assert_eq!(
+        lock.released.load(Ordering::SeqCst),
+        1,
+        "the lock is released"
+    );
+    assert_eq!(layer.stats().hydrated, 0, "a restore that timed out failed");
+    // Known now: routed without running the hook again.
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "b");
+    assert_eq!(started.elapsed(), took);
+    assert_eq!(
+        store.load("k1").await.unwrap().unwrap().backend.as_str(),
+        "b"
+    );
+}
+
+#[test]
+fn a_restore_needs_no_tokio_runtime() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .on_restore(|_: Session| std::future::ready(Ok::<(), BoxError>(())));
+    let report = futures::executor::block_on(async {
+        store.save(&kernel("k1", "b")).await.unwrap();
+        layer.restore().await.unwrap()
+    });
+    assert_eq!(report.restored, ["k1"]);
+    assert_eq!(layer.session("k1").unwrap().backend.as_str(), "b");
 }

@@ -1,7 +1,8 @@
-//! The sticky layer's error.
+//! The sticky layer's errors.
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::time::Duration;
 
 use crate::backend::BackendId;
 
@@ -70,3 +71,33 @@ impl fmt::Display for SessionUnavailable {
 }
 
 impl StdError for SessionUnavailable {}
+
+/// An `on_restore` hook ran longer than the layer's
+/// [`restore_timeout`](super::StickyLayer::restore_timeout): it was dropped,
+/// and the session's restore failed (its record is kept).
+///
+/// The error of a [`RestoreFailure`](super::RestoreFailure), and the one a
+/// hydrating restore logs; downcast it from [`BoxError`](crate::BoxError).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreTimedOut {
+    after: Duration,
+}
+
+impl RestoreTimedOut {
+    pub(crate) fn new(after: Duration) -> Self {
+        RestoreTimedOut { after }
+    }
+
+    /// The time limit that elapsed.
+    pub fn after(&self) -> Duration {
+        self.after
+    }
+}
+
+impl fmt::Display for RestoreTimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the on_restore hook timed out after {:?}", self.after)
+    }
+}
+
+impl StdError for RestoreTimedOut {}

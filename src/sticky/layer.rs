@@ -21,6 +21,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The default maximum number of sessions in the table.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
+/// The default time limit of the `on_restore` hook, per session.
+pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Builds [`Sticky`] services that share one session table.
 ///
 /// `new` takes the [`Pool`] the balancer below picks from, to know whether
@@ -37,6 +40,7 @@ pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 /// | [`max_sessions`](StickyLayer::max_sessions) | 100 000 |
 /// | [`on_move`](StickyLayer::on_move), [`on_restore`](StickyLayer::on_restore) | none |
 /// | [`hydrate`](StickyLayer::hydrate) | none: `on_restore` runs in [`restore`](StickyLayer::restore) only |
+/// | [`restore_timeout`](StickyLayer::restore_timeout) | 30 seconds per session |
 #[derive(Clone)]
 pub struct StickyLayer {
     pub(super) shared: Arc<Shared>,
@@ -56,6 +60,7 @@ impl StickyLayer {
             on_move: None,
             refresh: None,
             on_restore: None,
+            restore_timeout: DEFAULT_RESTORE_TIMEOUT,
             lock: None,
             events: None,
         })
@@ -164,8 +169,9 @@ impl StickyLayer {
 
     /// Calls `hook` for each stored session during
     /// [`restore`](StickyLayer::restore): the application reconnects to the
-    /// session's state. A session whose hook fails is not routed and keeps
-    /// its stored record.
+    /// session's state. A session whose hook fails, or runs past
+    /// [`restore_timeout`](StickyLayer::restore_timeout), is not routed and
+    /// keeps its stored record.
     pub fn on_restore<F, Fut>(self, hook: F) -> Self
     where
         F: Fn(Session) -> Fut + Send + Sync + 'static,
@@ -173,6 +179,23 @@ impl StickyLayer {
     {
         let hook = hooks::on_restore(hook);
         self.with(|c| c.on_restore = Some(hook))
+    }
+
+    /// The longest the `on_restore` hook may run for one session (default
+    /// [30 seconds](DEFAULT_RESTORE_TIMEOUT)). A hook still running then is
+    /// dropped, and the session's restore has failed with
+    /// [`RestoreTimedOut`](super::RestoreTimedOut), as if the hook had
+    /// returned it: [`restore`](StickyLayer::restore) reports it in
+    /// `failed` and keeps the record; a [hydrating](StickyLayer::hydrate)
+    /// load logs it, releases the lock and routes the session to its
+    /// stored backend. So a hook that hangs holds neither the session nor
+    /// the replicas waiting for its lock for good.
+    ///
+    /// Measured with `tokio::time` (the runtime's timer must be enabled,
+    /// as `#[tokio::main]` does); outside a tokio runtime the hook runs
+    /// without a limit.
+    pub fn restore_timeout(self, limit: Duration) -> Self {
+        self.with(|c| c.restore_timeout = limit)
     }
 
     /// Restores the sessions loaded from the store in

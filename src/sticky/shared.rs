@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
 use super::cookie::{self, CookieInsert, Learned, Parsed, SESSION_ID_LEN};
-use super::error::SessionUnavailable;
+use super::error::{RestoreTimedOut, SessionUnavailable};
 use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, SessionMoved};
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
 use super::stats::{bump, Counters, StickyStats};
@@ -93,6 +93,8 @@ pub(crate) struct Config {
     pub(crate) refresh: Option<Duration>,
     pub(crate) on_move: Option<OnMove>,
     pub(crate) on_restore: Option<OnRestore>,
+    /// How long `on_restore` may run for one session.
+    pub(crate) restore_timeout: Duration,
     pub(crate) lock: Option<Arc<dyn SessionLock>>,
     pub(crate) events: Option<crate::control::Events>,
 }
@@ -110,6 +112,7 @@ impl Clone for Config {
             refresh: self.refresh,
             on_move: self.on_move.clone(),
             on_restore: self.on_restore.clone(),
+            restore_timeout: self.restore_timeout,
             lock: self.lock.clone(),
             events: self.events.clone(),
         }
@@ -128,6 +131,7 @@ impl fmt::Debug for Config {
             .field("refresh", &self.refresh)
             .field("on_move", &self.on_move.is_some())
             .field("on_restore", &self.on_restore.is_some())
+            .field("restore_timeout", &self.restore_timeout)
             .field("lock", &self.lock.is_some())
             .finish()
     }
@@ -819,7 +823,7 @@ impl Shared {
         match lock.lock(&loaded.key).await {
             Ok(Some(guard)) => {
                 let session = reread(loaded).await;
-                match hook(session.clone()).await {
+                match self.run_restore_hook(hook, session.clone()).await {
                     Ok(()) => bump(&self.counters.hydrated, 1),
                     Err(error) => tracing::warn!(
                         target: TARGET,
@@ -844,6 +848,21 @@ impl Shared {
                 loaded
             }
         }
+    }
+
+    /// Runs the `on_restore` hook for `session` within the configured time
+    /// limit: a hook still running then is dropped and fails with
+    /// `RestoreTimedOut`. Outside a tokio runtime, with no timer to
+    /// measure it, without a limit.
+    async fn run_restore_hook(&self, hook: &OnRestore, session: Session) -> Result<(), BoxError> {
+        let hook = hook(session);
+        if tokio::runtime::Handle::try_current().is_err() {
+            return hook.await;
+        }
+        let limit = self.config.restore_timeout;
+        tokio::time::timeout(limit, hook)
+            .await
+            .unwrap_or_else(|_| Err(RestoreTimedOut::new(limit).into()))
     }
 
     /// Drops what the table knows about `key`, keeping its stored record:
@@ -1198,7 +1217,7 @@ impl Shared {
         }
         for session in loaded.sessions {
             if let Some(hook) = &self.config.on_restore {
-                if let Err(error) = hook(session.clone()).await {
+                if let Err(error) = self.run_restore_hook(hook, session.clone()).await {
                     tracing::warn!(
                         target: TARGET,
                         session = %session.key,
