@@ -2173,3 +2173,118 @@ fn a_restore_needs_no_tokio_runtime() {
     assert_eq!(report.restored, ["k1"]);
     assert_eq!(layer.session("k1").unwrap().backend.as_str(), "b");
 }
+
+#[tokio::test]
+async fn a_request_served_during_restore_is_not_undone_by_it() {
+    for availability in [Availability::Standalone, Availability::Replication] {
+        let c = cluster();
+        let store = MemoryStore::new();
+        store.save(&kernel("k1", "a")).await.unwrap();
+        // The hook runs until let go.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let running = Arc::new(AtomicBool::new(false));
+        let (held, started) = (gate.clone(), running.clone());
+        let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+            .store(store.clone())
+            .availability(availability)
+            .on_restore(move |_: Session| {
+                let (held, started) = (held.clone(), started.clone());
+                async move {
+                    started.store(true, Ordering::SeqCst);
+                    held.acquire().await.unwrap().forget();
+                    Ok::<(), BoxError>(())
+                }
+            });
+        let svc = stack(&c.pool, layer.clone());
+        let restoring = tokio::spawn({
+            let layer = layer.clone();
+            async move { layer.restore().await }
+        });
+        while !running.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        // k1's backend goes down while its restore runs; a request for it
+        // is served elsewhere.
+        c.set_health("a", Health::Unhealthy);
+        let during = send(&svc, session("k1")).await.unwrap();
+        assert_ne!(during.body(), "a");
+        gate.add_permits(1);
+        assert_eq!(restoring.await.unwrap().unwrap().restored, ["k1"]);
+        let routed = layer.session("k1").unwrap().backend;
+        let stored = store.load("k1").await.unwrap().unwrap().backend;
+        assert_eq!(
+            routed, stored,
+            "{availability:?}: the table and the store agree"
+        );
+        let stats = layer.stats();
+        match availability {
+            // The record under restore was neither read nor written over
+            // meanwhile: the restore puts the session where it says.
+            Availability::Standalone => {
+                assert_eq!(stats.loaded, 0);
+                assert_eq!(stats.moved, 0);
+                assert_eq!(routed.as_str(), "a");
+            }
+            // The request read the record and moved the session: the
+            // restore does not put it back.
+            _ => {
+                assert_eq!(stats.moved, 1);
+                assert_eq!(routed.as_str(), during.body());
+            }
+        }
+        // From now on it moves off `a` as any session does, saved.
+        let next = send(&svc, session("k1")).await.unwrap();
+        assert_ne!(next.body(), "a");
+        assert_eq!(layer.session("k1").unwrap().backend.as_str(), next.body());
+        let stored = store.load("k1").await.unwrap().unwrap().backend;
+        assert_eq!(stored.as_str(), next.body());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_dropped_part_way_leaves_its_records_to_a_later_one() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&kernel("k1", "a")).await.unwrap();
+    store.save(&kernel("k2", "b")).await.unwrap();
+    let hang = Arc::new(AtomicBool::new(true));
+    let hangs = hang.clone();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .on_restore(move |_: Session| {
+            let hangs = hangs.load(Ordering::SeqCst);
+            async move {
+                if hangs {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<(), BoxError>(())
+            }
+        });
+    // Given up on while its first hook runs.
+    let gave_up = tokio::time::timeout(Duration::from_secs(1), layer.restore()).await;
+    assert!(gave_up.is_err());
+    // Neither record is read, nor written over: they are not this
+    // instance's until a restore takes them.
+    let svc = stack(&c.pool, layer.clone());
+    for key in ["k1", "k2"] {
+        send(&svc, session(key)).await.unwrap();
+    }
+    assert_eq!(layer.stats().loaded, 0);
+    assert_eq!(
+        store.load("k1").await.unwrap().unwrap().backend.as_str(),
+        "a"
+    );
+    assert_eq!(
+        store.load("k2").await.unwrap().unwrap().backend.as_str(),
+        "b"
+    );
+    // A later restore takes both.
+    hang.store(false, Ordering::SeqCst);
+    let mut restored = layer.restore().await.unwrap().restored;
+    restored.sort();
+    assert_eq!(restored, ["k1", "k2"]);
+    for (key, home) in [("k1", "a"), ("k2", "b")] {
+        assert_eq!(send(&svc, session(key)).await.unwrap().body(), home);
+    }
+}

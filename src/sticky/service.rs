@@ -80,6 +80,13 @@ impl<S> Sticky<S> {
     /// hook for each (when one is set) and routes those that succeed to
     /// their backend. A session whose hook fails keeps its stored record.
     /// What standalone availability runs at start.
+    ///
+    /// Requests may be served meanwhile. In standalone mode, until its hook
+    /// has run, a session loaded here is routed as one whose restore failed
+    /// (its record neither read nor written); if the future is dropped
+    /// part-way, the sessions not yet restored stay so until a later
+    /// `restore`. A session the table read or saved since the load is kept
+    /// rather than the older record.
     pub async fn restore(&self) -> Result<RestoreReport, StoreError> {
         self.shared.restore().await
     }

@@ -1215,6 +1215,14 @@ impl Shared {
             loaded.sessions.iter().for_each(|s| records.insert(&s.key));
             records.restored = true;
         }
+        // Until its hook has run, a loaded record is not this instance's to
+        // read on a miss (standalone mode), as if its restore had failed: a
+        // request meanwhile cannot route, move and save the session only
+        // for the restore to put it back as loaded. Records left over by a
+        // restore dropped part-way stay so until a later `restore`.
+        self.unrestored
+            .lock()
+            .extend(loaded.sessions.iter().map(|s| Arc::from(s.key.as_str())));
         for session in loaded.sessions {
             if let Some(hook) = &self.config.on_restore {
                 if let Err(error) = self.run_restore_hook(hook, session.clone()).await {
@@ -1225,7 +1233,6 @@ impl Shared {
                         %error,
                         "session restore failed; its record is kept"
                     );
-                    self.unrestored.lock().insert(session.key.as_str().into());
                     report.failed.push(RestoreFailure {
                         key: session.key,
                         backend: session.backend,
@@ -1234,12 +1241,16 @@ impl Shared {
                     continue;
                 }
             }
-            self.unrestored.lock().remove(session.key.as_str());
-            report.restored.push(session.key.clone());
+            let key = session.key.clone();
             let session = self.with_member_id(session);
             let tag = self.tag(&session.key, &session.backend);
-            let (_, dropped) = self.table.insert(session, tag);
+            // A session the table read or saved since the load is newer
+            // than the record restored (replication mode, or a miss read
+            // before this restore began).
+            let (_, dropped) = self.table.restore(session, tag);
             self.count_dropped(dropped);
+            self.unrestored.lock().remove(key.as_str());
+            report.restored.push(key);
         }
         Ok(report)
     }

@@ -431,6 +431,25 @@ impl Table {
         self.put(session, cookie, false, kept)
     }
 
+    /// Puts `session`, just restored from its record, in the table, unless
+    /// the table holds a saved session of its key: one read from the store
+    /// or saved since the record was loaded, which is newer. A session kept
+    /// in memory only (the record was not this instance's to read until
+    /// now) is replaced. Returns whether `session` was put.
+    pub(crate) fn restore(&self, session: Session, cookie: Option<Box<str>>) -> (bool, Dropped) {
+        let now = self.now();
+        let mut map = self.map.write();
+        let mut dropped = self.sweep_locked(&mut map, now);
+        if let Some(entry) = map.get(session.key.as_bytes()) {
+            if entry.saved.load(Ordering::Relaxed) && !self.is_idle(entry, now) {
+                return (false, dropped);
+            }
+        }
+        let (key, entry) = Entry::new(session, cookie, now, false, Kept::Saved);
+        self.put_locked(&mut map, &mut dropped, key, entry);
+        (true, dropped)
+    }
+
     /// Marks a session kept in memory only saved (its key confirmed);
     /// returns it if it was not saved before. Not one whose record could
     /// not be read (due to be read again).
@@ -779,6 +798,20 @@ mod tests {
         let (hit, _, kept) = t.keep(session("s", "b"), None, true);
         assert!(kept && hit.failed);
         assert_eq!(t.take("s"), Some(true), "saved");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_session_replaces_only_one_kept_in_memory() {
+        let t = Table::new(Duration::from_secs(60), 10, false);
+        t.insert_if_absent(session("m", "x"), None, Kept::Memory);
+        assert!(t.restore(session("m", "a"), None).0);
+        assert_eq!(t.get(b"m", None).hit.unwrap().backend.as_str(), "a");
+        assert_eq!(t.take("m"), Some(true), "saved");
+        // A saved session is newer than the record restored.
+        t.insert(session("s", "b"), None);
+        assert!(!t.restore(session("s", "a"), None).0);
+        assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "b");
+        assert!(t.restore(session("new", "a"), None).0);
     }
 
     #[test]
