@@ -1370,7 +1370,7 @@ fn set_cookie<RB>(response: &mut Response<RB>, c: &CookieInsert, key: &str, back
 mod tests {
     use super::*;
     use crate::sticky::StickyLayer;
-    use crate::store::{Loaded, StoreFuture};
+    use crate::store::{Loaded, MemoryStore, StoreFuture};
     use tower::{Layer, ServiceExt};
 
     /// A store that never answers a load.
@@ -1448,5 +1448,31 @@ mod tests {
         drop(request);
         assert_eq!(shared.loading.lock().len(), 0);
         drop(held_by_the_task);
+    }
+
+    /// A session moved twice, whose first move's save is queued after the
+    /// second's (its request was preempted between the move and the save):
+    /// the store ends where the table says.
+    #[tokio::test]
+    async fn a_save_queued_late_does_not_land_an_older_move() {
+        let pool = Pool::<()>::new();
+        let store = MemoryStore::new();
+        let layer =
+            StickyLayer::new(&pool, SessionKey::header("x-session-id")).store(store.clone());
+        let shared = &layer.shared;
+        shared.table.insert(Session::new("s", "a".into()), None);
+        let (a, b, c) = ("a".into(), "b".into(), "c".into());
+        let first = shared.table.move_if("s", &a, &b, None).unwrap();
+        let second = shared.table.move_if("s", &b, &c, None).unwrap();
+        let save = |session: Session| Work {
+            save: vec![session],
+            ..Work::default()
+        };
+        let second = shared.finish(save(second.session)).unwrap();
+        let first = shared.finish(save(first.session)).unwrap();
+        second.await;
+        first.await;
+        let stored = store.load("s").await.unwrap().unwrap();
+        assert_eq!(stored.backend.as_str(), "c");
     }
 }

@@ -6,9 +6,11 @@
 //! time over one write (a webhook store backs off and retries). Sent side
 //! by side, the older write could land last and leave the record naming
 //! the backend the session left. So the writes of a key form a queue that
-//! one task works through in order; writes of different keys still run
-//! side by side. The task is not the request's: a request whose client
-//! goes away does not cancel what it had to write.
+//! one task works through in order, and a save writes the session as the
+//! owner keeps it when its turn comes (a request may queue its save after
+//! a later change's); writes of different keys still run side by side.
+//! The task is not the request's: a request whose client goes away does
+//! not cancel what it had to write.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -20,6 +22,11 @@ use crate::store::{Session, SessionStore, StoreError};
 
 /// One write of a key's record.
 pub(crate) enum Write {
+    /// Saves the key's session as the owner keeps it when its turn comes
+    /// (see `Owner::saved`), or as decided when the owner keeps it no
+    /// more. A request may queue its save after another that changed the
+    /// session since (it was preempted between its change and its save):
+    /// the older session does not land last.
     Save(Session),
     Delete(String),
     /// Refreshes the key's record (see `SessionStore::refresh`) with the
@@ -43,7 +50,7 @@ pub(crate) trait Owner: Send + Sync + 'static {
     /// `op` (`save`, `delete` or `refresh`) of `key` failed.
     fn failed(&self, key: &str, op: &'static str, error: &StoreError);
     /// The session `key` as it is to be saved now, if the owner still keeps
-    /// it (see [`Write::Refresh`]).
+    /// it (see [`Write::Save`] and [`Write::Refresh`]).
     fn saved(&self, key: &str) -> Option<Session>;
 }
 
@@ -124,7 +131,10 @@ impl<O: Owner> Worker<O> {
         let mut next = first;
         loop {
             let (op, result) = match &next.write {
-                Write::Save(session) => ("save", store.save(session).await),
+                Write::Save(decided) => {
+                    let now = self.owner.saved(&decided.key);
+                    ("save", store.save(now.as_ref().unwrap_or(decided)).await)
+                }
                 Write::Delete(key) => ("delete", store.delete(std::slice::from_ref(key)).await),
                 Write::Refresh(key) => match self.owner.saved(key) {
                     Some(session) => ("refresh", store.refresh(&session).await),
