@@ -210,6 +210,28 @@ async fn a_late_pick_already_sent_runs_to_its_end_when_the_budget_is_spent() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_late_pick_that_failed_at_once_is_the_last_when_the_budget_is_spent() {
+    // Every backend fails at once: the retry on b has already failed when
+    // its first poll finds the budget spent. It counts, but no other
+    // retry follows.
+    use Kind::Reset;
+    let log = Log::default();
+    let kinds = [("a", Reset), ("b", Reset), ("c", Reset), ("d", Reset)];
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().budget(Spent))
+        .service(Deferred(Balance::new(
+            fleet(&kinds, &log),
+            RoundRobin::new(),
+        )));
+    let err = service.oneshot(request(Method::GET)).await.unwrap_err();
+    assert_eq!(*log.lock(), ["a", "b"]);
+    assert_eq!(
+        ids(&exhausted(&err).backends().cloned().collect::<Vec<_>>()),
+        ["a", "b"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_deadline_names_a_late_picked_attempt_and_answers_504() {
     let (pool, mut handles) = mock_fleet(&["a", "b"]);
     let service = ServiceBuilder::new()

@@ -187,15 +187,18 @@ where
                         let no_backend =
                             matches!(&polled, Poll::Ready(Err(e)) if e.is::<NoBackend>());
                         if !no_backend {
-                            if !this.retry.pay() && polled.is_pending() {
+                            if !this.retry.pay() {
                                 // Picked late (behind a buffer or a queue):
                                 // one already handed to its backend may have
-                                // acted on the request, so it is not cut off.
-                                let sent = this
-                                    .retry
-                                    .picked
-                                    .as_ref()
-                                    .is_some_and(|p| p.is_set() && !p.is_readying());
+                                // acted on the request, so it is not cut off;
+                                // one already over runs to its end too. Either
+                                // way it is the last attempt.
+                                let sent = polled.is_ready()
+                                    || this
+                                        .retry
+                                        .picked
+                                        .as_ref()
+                                        .is_some_and(|p| p.is_set() && !p.is_readying());
                                 if !sent {
                                     this.attempt.set(Attempt::Done);
                                     return Poll::Ready(this.retry.give_up(None));
