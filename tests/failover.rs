@@ -799,6 +799,45 @@ async fn a_body_over_the_limit_is_not_retried_once_read() {
 }
 
 #[tokio::test]
+async fn a_body_over_the_limit_in_one_frame_is_sent_intact_and_not_copied() {
+    static BODY: [u8; 64 * 1024] = [9; 64 * 1024];
+    let frames: Arc<Mutex<Vec<(String, Bytes)>>> = Arc::default();
+    let pool = Pool::new();
+    for (name, code) in [("a", 503), ("b", 200)] {
+        let frames = frames.clone();
+        let service = service_fn(move |req: Request<ReplayBody<BoxBody>>| {
+            let frames = frames.clone();
+            async move {
+                let mut body = req.into_body();
+                while let Some(frame) = body.frame().await {
+                    if let Ok(data) = frame?.into_data() {
+                        frames.lock().push((name.to_string(), data));
+                    }
+                }
+                Ok::<_, BoxError>(status(code))
+            }
+        });
+        pool.insert(name, BoxCloneSyncService::new(service));
+    }
+    let service = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new().limit(1024))
+        .layer(FailoverLayer::new().retry_non_idempotent(true))
+        .service(Balance::new(pool, RoundRobin::new()));
+    let body = Full::new(Bytes::from_static(&BODY)).boxed();
+    let req = Request::post("/upload").body(body).unwrap();
+    let response = service.oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(history(&response), ["a"]);
+    let frames = frames.lock();
+    assert_eq!(frames.len(), 1, "one frame, to a only");
+    let (to, data) = &frames[0];
+    assert_eq!(to, "a");
+    assert_eq!(&data[..], &BODY[..]);
+    // Handed on as it came, not copied into a buffer first.
+    assert_eq!(data.as_ptr(), BODY.as_ptr());
+}
+
+#[tokio::test]
 async fn a_body_over_the_limit_is_retried_while_unread() {
     let log: Log = Log::default();
     let pool = Pool::new();

@@ -10,7 +10,8 @@
 //!   first attempt and replayed from there; a larger body is streamed to the
 //!   first backend that asks for it and sent only once. Such a request may
 //!   still be retried while no backend has started to read its body (a
-//!   refused connection), never after.
+//!   refused connection), never after. At most the limit is copied: the
+//!   frame that would pass it is handed on as it came.
 
 use std::fmt;
 use std::future::Future;
@@ -72,7 +73,10 @@ enum Kind<B> {
 }
 
 struct Rest<B> {
+    /// The bytes read before the limit was reached.
     prefix: Option<Bytes>,
+    /// The frame that would have passed the limit, as it was read.
+    held: Option<Bytes>,
     body: Pin<Box<B>>,
 }
 
@@ -191,8 +195,8 @@ where
                 let Some(rest) = taken.as_mut() else {
                     return Poll::Ready(None);
                 };
-                if let Some(prefix) = rest.prefix.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
+                if let Some(piece) = rest.prefix.take().or_else(|| rest.held.take()) {
+                    return Poll::Ready(Some(Ok(Frame::data(piece))));
                 }
                 match ready!(rest.body.as_mut().poll_frame(cx)) {
                     Some(Ok(frame)) => Poll::Ready(Some(Ok(
@@ -209,7 +213,9 @@ where
         match &self.kind {
             Kind::Buffered { data, trailers, .. } => data.is_none() && trailers.is_none(),
             Kind::Once { taken, .. } => match taken {
-                Some(rest) => rest.prefix.is_none() && rest.body.is_end_stream(),
+                Some(rest) => {
+                    rest.prefix.is_none() && rest.held.is_none() && rest.body.is_end_stream()
+                }
                 None => false,
             },
         }
@@ -291,26 +297,19 @@ where
                 Some(Err(e)) => return Poll::Ready(Err(e.into())),
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(mut data) => {
+                        let len = data.remaining();
+                        if self.chunks.len().saturating_add(len) > self.limit {
+                            // Past the limit: the frame is kept as it came
+                            // (`Bytes` are not copied), to be sent after
+                            // what was read before it.
+                            let held = data.copy_to_bytes(len);
+                            return Poll::Ready(Ok(self.once(held)));
+                        }
                         while data.has_remaining() {
                             let chunk = data.chunk();
                             self.chunks.extend_from_slice(chunk);
                             let n = chunk.len();
                             data.advance(n);
-                        }
-                        if self.chunks.len() > self.limit {
-                            let body = self.body.take().expect("body present");
-                            let prefix = std::mem::take(&mut self.chunks).freeze();
-                            let rest = Rest {
-                                prefix: Some(prefix),
-                                body,
-                            };
-                            return Poll::Ready(Ok(ReplayBody {
-                                kind: Kind::Once {
-                                    shared: Arc::new(Mutex::new(Some(rest))),
-                                    hint: self.hint,
-                                    taken: None,
-                                },
-                            }));
                         }
                     }
                     Err(frame) => {
@@ -323,6 +322,25 @@ where
                     }
                 },
             }
+        }
+    }
+
+    /// The body to send once: what was read, the frame `held` that would
+    /// have passed the limit, and the rest of the body.
+    fn once(&mut self, held: Bytes) -> ReplayBody<B> {
+        let body = self.body.take().expect("body present");
+        let prefix = std::mem::take(&mut self.chunks).freeze();
+        let rest = Rest {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            held: (!held.is_empty()).then_some(held),
+            body,
+        };
+        ReplayBody {
+            kind: Kind::Once {
+                shared: Arc::new(Mutex::new(Some(rest))),
+                hint: self.hint,
+                taken: None,
+            },
         }
     }
 
@@ -624,6 +642,31 @@ mod tests {
         assert!(body.replay().is_none());
         let err = body.collect().await.unwrap_err();
         assert_eq!(err.to_string(), "request body already sent");
+    }
+
+    #[tokio::test]
+    async fn a_frame_past_the_limit_is_not_copied() {
+        let big = Bytes::from(vec![3u8; 4096]);
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"head"))),
+            Ok(Frame::data(big.clone())),
+            Ok(Frame::data(Bytes::from_static(b"tail"))),
+        ];
+        let body = ReplayBody::buffer(StreamBody::new(IterStream(frames.into_iter())), 64)
+            .await
+            .unwrap();
+        assert!(!body.is_buffered());
+        let mut copy = body.replay().unwrap();
+        let mut sent = Vec::new();
+        while let Some(frame) = copy.frame().await {
+            sent.push(frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(sent.len(), 3);
+        assert_eq!(sent[0], "head");
+        // The frame itself, not a copy of it.
+        assert_eq!(sent[1].as_ptr(), big.as_ptr());
+        assert_eq!(sent[1].len(), 4096);
+        assert_eq!(sent[2], "tail");
     }
 
     #[tokio::test]
