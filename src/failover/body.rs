@@ -221,8 +221,13 @@ where
         }
     }
 
+    /// What is left to send: it shrinks as the body is read.
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
+            // The data was sent: at most trailers are left.
+            Kind::Buffered {
+                data: None, len, ..
+            } if *len > 0 => SizeHint::with_exact(0),
             // With trailers, no exact size: an HTTP/1 client would frame
             // the body by `Content-Length` and leave them out.
             Kind::Buffered {
@@ -235,9 +240,33 @@ where
                 hint
             }
             Kind::Buffered { len, .. } => SizeHint::with_exact(*len),
-            Kind::Once { hint, .. } => *hint,
+            Kind::Once {
+                taken: Some(rest), ..
+            } => {
+                let unsent = [&rest.prefix, &rest.held]
+                    .into_iter()
+                    .flatten()
+                    .map(|piece| piece.len() as u64)
+                    .sum();
+                plus(rest.body.size_hint(), unsent)
+            }
+            Kind::Once { shared, hint, .. } => match shared.lock().as_ref() {
+                Some(_) => *hint,
+                // Another copy was sent: this one sends nothing.
+                None => SizeHint::with_exact(0),
+            },
         }
     }
+}
+
+/// `hint` with `n` more bytes.
+fn plus(hint: SizeHint, n: u64) -> SizeHint {
+    let mut sum = SizeHint::new();
+    sum.set_lower(hint.lower().saturating_add(n));
+    if let Some(upper) = hint.upper() {
+        sum.set_upper(upper.saturating_add(n));
+    }
+    sum
 }
 
 impl<B> fmt::Debug for ReplayBody<B> {
@@ -667,6 +696,62 @@ mod tests {
         assert_eq!(sent[1].as_ptr(), big.as_ptr());
         assert_eq!(sent[1].len(), 4096);
         assert_eq!(sent[2], "tail");
+    }
+
+    /// A body of chunks that says exactly how much is left.
+    struct Chunks(std::collections::VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(c))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.0.iter().map(|c| c.len() as u64).sum())
+        }
+    }
+
+    fn chunks(list: &[&'static str]) -> Chunks {
+        Chunks(
+            list.iter()
+                .map(|c| Bytes::from_static(c.as_bytes()))
+                .collect(),
+        )
+    }
+
+    async fn left_after_each_frame(mut body: ReplayBody<Chunks>) -> Vec<Option<u64>> {
+        let mut left = vec![body.size_hint().exact()];
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+            left.push(body.size_hint().exact());
+        }
+        left
+    }
+
+    #[tokio::test]
+    async fn the_size_hint_is_what_is_left_to_send() {
+        let buffered = ReplayBody::buffer(chunks(&["he", "llo"]), 8).await.unwrap();
+        assert!(buffered.is_buffered());
+        let copy = buffered.replay().unwrap();
+        assert_eq!(left_after_each_frame(buffered).await, [Some(5), Some(0)]);
+        assert_eq!(copy.size_hint().exact(), Some(5), "a copy is whole");
+
+        let once = ReplayBody::buffer(chunks(&["0123", "4567", "89"]), 6)
+            .await
+            .unwrap();
+        assert!(!once.is_buffered());
+        let copy = once.replay().unwrap();
+        assert_eq!(copy.size_hint().exact(), Some(10));
+        let left = left_after_each_frame(copy).await;
+        assert_eq!(left, [Some(10), Some(6), Some(2), Some(0)]);
+        // Its other copy has nothing left to send.
+        assert_eq!(once.size_hint().exact(), Some(0));
     }
 
     #[tokio::test]
