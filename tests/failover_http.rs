@@ -190,3 +190,47 @@ async fn a_silent_backend_is_left_for_the_next_and_its_connection_closed() {
     assert!(received > 0, "the request reached the silent backend");
     assert_eq!(silent_seen.connections(), 1, "and it was not tried again");
 }
+
+/// A backend of the application's own on hyper-util's client, which passes
+/// the client's errors on as they are: a refused connection is an I/O error
+/// in the chain, not a `NotSent`.
+fn own_backend(
+    addr: SocketAddr,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = http::Response<hyper::body::Incoming>,
+    Error = hyper_util::client::legacy::Error,
+    Future = impl Send,
+> + Clone {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    tower::service_fn(move |mut req: Request<Full<Bytes>>| {
+        let client = client.clone();
+        *req.uri_mut() = format!("http://{addr}{}", req.uri().path())
+            .parse()
+            .unwrap();
+        async move { client.request(req).await }
+    })
+}
+
+#[tokio::test]
+async fn post_is_retried_after_a_refused_connection_of_a_hyper_util_client() {
+    let down = refused().await;
+    let (healthy, healthy_seen) = serve("healthy", StatusCode::OK).await;
+    let pool = Pool::new();
+    pool.insert("down", own_backend(down));
+    pool.insert("healthy", own_backend(healthy));
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool, RoundRobin::new()));
+
+    let response = service
+        .oneshot(request(Method::POST, "{\"qty\":1}"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(history(&response), ["down", "healthy"]);
+    assert_eq!(healthy_seen.requests(), 1);
+    assert_eq!(healthy_seen.body_bytes(), 9);
+}

@@ -15,11 +15,11 @@ use tower_service::Service;
 use super::body::Replay;
 use super::error::{DeadlineExceeded, Exhausted, FailedStatus, TimedOut};
 use super::layer::Config;
-use super::policy::{is_idempotent, RetryNonIdempotent};
+use super::policy::{is_idempotent, is_not_sent, RetryNonIdempotent};
 use crate::backend::BackendId;
 use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event};
-use crate::error::{find, BackendError, BoxError, NoBackend, NotSent};
+use crate::error::{BackendError, BoxError, NoBackend};
 use crate::extensions::Picked;
 use crate::extensions::{Attempts, ServedBy};
 
@@ -353,13 +353,13 @@ where
                     return Verdict::Return(Err(err));
                 }
                 let (id, not_sent) = match err.downcast_ref::<BackendError>() {
-                    Some(e) => (Some(e.backend().clone()), e.is_not_sent()),
+                    Some(e) => (Some(e.backend().clone()), is_not_sent(&*err)),
                     None => {
                         // Abandoned while its backend was still being
                         // readied: the request never left.
                         let never_sent = err.is::<TimedOut>()
                             && self.picked.as_ref().is_some_and(Picked::is_readying);
-                        (picked, never_sent || find::<NotSent>(&*err).is_some())
+                        (picked, never_sent || is_not_sent(&*err))
                     }
                 };
                 let Some(id) = id else {

@@ -23,7 +23,8 @@
 //!    `TRACE`, `PUT`, `DELETE`) are retried after any failure. Other methods
 //!    only when the request is known not to have reached the backend
 //!    ([`BackendError::is_not_sent`](crate::BackendError::is_not_sent), a
-//!    [`NotSent`](crate::NotSent) error such as a refused connection), unless
+//!    [`NotSent`](crate::NotSent) error, or an I/O error of kind
+//!    `ConnectionRefused` anywhere in the error's chain of sources), unless
 //!    the request carries [`RetryNonIdempotent`] or the layer is built with
 //!    [`retry_non_idempotent`](FailoverLayer::retry_non_idempotent). So a
 //!    `POST` answered 503 gets that 503; a `POST` whose connection was
