@@ -46,8 +46,9 @@ fn fleet(log: &Log) -> Pool<BoxCloneSyncService<Request<Full<Bytes>>, Response<(
 fn each_failover_is_an_event_with_from_to_and_cause() {
     let capture = Capture::default();
     let log = Log::default();
+    let stream = tower_ha::control::Events::new(16, 16);
     let service = ServiceBuilder::new()
-        .layer(FailoverLayer::new())
+        .layer(FailoverLayer::new().events(stream.clone()))
         .service(Balance::new(fleet(&log), RoundRobin::new()));
     let request = Request::builder()
         .method(Method::GET)
@@ -72,7 +73,33 @@ fn each_failover_is_an_event_with_from_to_and_cause() {
         events,
         [
             "message=failing over from=a to=b cause=backend answered 503 Service Unavailable attempt=2",
-            "message=failing over from=b to=c cause=backend b failed before the request was sent attempt=3",
+            "message=failing over from=b to=c cause=backend b failed before the request was sent: request not sent: connection refused attempt=3",
+        ]
+    );
+    // The event stream says why too.
+    let reasons: Vec<(String, String)> = stream
+        .history()
+        .iter()
+        .filter_map(|record| match &record.event {
+            tower_ha::control::Event::FailoverAttempt { failed, reason, .. } => {
+                Some((failed.to_string(), reason.to_string()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (
+                "a".into(),
+                "backend answered 503 Service Unavailable".into()
+            ),
+            (
+                "b".into(),
+                "backend b failed before the request was sent: request not sent: \
+                 connection refused"
+                    .into()
+            ),
         ]
     );
 }

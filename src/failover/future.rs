@@ -473,7 +473,7 @@ where
                 target: "tower_ha::failover",
                 from = %from,
                 to = self.current.as_ref().map(BackendId::as_str),
-                cause = %cause,
+                cause = %Chain(&**cause),
                 attempt = self.tried,
                 "failing over"
             );
@@ -493,7 +493,7 @@ where
             emit(self.config.events.as_ref(), || Event::FailoverAttempt {
                 attempt: u32::try_from(self.tried).unwrap_or(u32::MAX),
                 failed: from.clone(),
-                reason: cause.to_string().into(),
+                reason: Chain(&**cause).to_string().into(),
             });
         }
     }
@@ -551,6 +551,28 @@ where
         }
         response.extensions_mut().insert(attempts);
         response
+    }
+}
+
+/// An error followed by its chain of sources (`outer: inner: innermost`),
+/// for events and traces: a [`BackendError`] alone says only which backend
+/// failed, its sources say why.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = self.0.to_string();
+        let mut next = self.0.source();
+        while let Some(err) = next {
+            let text = err.to_string();
+            // A source that its error already prints is not repeated.
+            if !shown.ends_with(&text) {
+                shown.push_str(": ");
+                shown.push_str(&text);
+            }
+            next = err.source();
+        }
+        f.write_str(&shown)
     }
 }
 

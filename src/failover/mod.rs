@@ -48,7 +48,8 @@
 //!    tried and why. A response that succeeded after failures carries the
 //!    history too (the backend that answered last).
 //! 9. Each failover emits a `tracing` event (target `tower_ha::failover`)
-//!    with the backend it leaves, the one it goes to, and the cause.
+//!    with the backend it leaves, the one it goes to, and the cause (the
+//!    error followed by its chain of sources).
 //!
 //! See `docs/failover.md` for a longer guide.
 //!
