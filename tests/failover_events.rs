@@ -9,7 +9,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use parking_lot::Mutex;
 use tower::util::BoxCloneSyncService;
-use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::failover::FailoverLayer;
 use tower_ha::{BoxError, NotSent, Pool};
@@ -19,10 +19,17 @@ use support::tracing_capture::{Capture, Event};
 
 type Log = Arc<Mutex<Vec<String>>>;
 
+type Backend = BoxCloneSyncService<Request<Full<Bytes>>, Response<()>, BoxError>;
+
 /// Backends that log their name and answer 503, refuse, or answer 200.
-fn fleet(log: &Log) -> Pool<BoxCloneSyncService<Request<Full<Bytes>>, Response<()>, BoxError>> {
+fn fleet(log: &Log) -> Pool<Backend> {
+    fleet_of(log, &[("a", 503), ("b", 0), ("c", 200)])
+}
+
+/// Backends that log their name and answer their status, or refuse for 0.
+fn fleet_of(log: &Log, backends: &[(&'static str, u16)]) -> Pool<Backend> {
     let pool = Pool::new();
-    for (name, code) in [("a", 503u16), ("b", 0), ("c", 200)] {
+    for &(name, code) in backends {
         let log = log.clone();
         let service = service_fn(move |_req: Request<Full<Bytes>>| {
             log.lock().push(name.to_string());
@@ -102,4 +109,74 @@ fn each_failover_is_an_event_with_from_to_and_cause() {
             ),
         ]
     );
+}
+
+/// Calls its inner service only when its future is first polled, as a
+/// buffer does: the balancer below picks after `call` has returned.
+#[derive(Clone)]
+struct Deferred<S>(S);
+
+impl<S, R> Service<R> for Deferred<S>
+where
+    S: Service<R> + Clone + Send + 'static,
+    S::Future: Send,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move { inner.oneshot(req).await })
+    }
+}
+
+/// The `failing over` lines traced while `service` serves one `GET`.
+fn failovers<S>(service: S) -> Vec<String>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<()>, Error = BoxError>,
+{
+    let capture = Capture::default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _ = tracing::subscriber::with_default(capture.clone(), || {
+        runtime.block_on(service.oneshot(Request::new(Full::new(Bytes::new()))))
+    });
+    capture
+        .events()
+        .iter()
+        .filter(|e| e.target == "tower_ha::failover" && e.get("message") == Some("failing over"))
+        .map(|e| {
+            format!(
+                "{} -> {}",
+                e.get("from").unwrap(),
+                e.get("to").unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_failover_is_traced_once_its_next_backend_is_known() {
+    let log = Log::default();
+    // Every backend fails: the call that finds none left is no failover.
+    let all_fail = fleet_of(&log, &[("a", 503), ("b", 0)]);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().no_budget())
+        .service(Balance::new(all_fail, RoundRobin::new()));
+    assert_eq!(failovers(service), ["a -> b"]);
+    // Picked after `call` returned: traced with the backend it went to.
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().no_budget())
+        .service(Deferred(Balance::new(fleet(&log), RoundRobin::new())));
+    assert_eq!(failovers(service), ["a -> b", "b -> c"]);
 }

@@ -82,6 +82,9 @@ where
     /// The budget refused the attempt in flight after it had reached its
     /// backend: it runs to its end, and no retry follows.
     over_budget: bool,
+    /// The attempt in flight is a retry whose backend was not known when it
+    /// was called: it is announced once it is.
+    unannounced: bool,
 }
 
 enum Verdict<R> {
@@ -135,6 +138,7 @@ where
                 any_failure,
                 unpaid: false,
                 over_budget: false,
+                unannounced: false,
             },
         }
     }
@@ -186,27 +190,27 @@ where
                     if this.retry.unpaid {
                         let no_backend =
                             matches!(&polled, Poll::Ready(Err(e)) if e.is::<NoBackend>());
-                        if !no_backend {
-                            if !this.retry.pay() {
-                                // Picked late (behind a buffer or a queue):
-                                // one already handed to its backend may have
-                                // acted on the request, so it is not cut off;
-                                // one already over runs to its end too. Either
-                                // way it is the last attempt.
-                                let sent = polled.is_ready()
-                                    || this
-                                        .retry
-                                        .picked
-                                        .as_ref()
-                                        .is_some_and(|p| p.is_set() && !p.is_readying());
-                                if !sent {
-                                    this.attempt.set(Attempt::Done);
-                                    return Poll::Ready(this.retry.give_up(None));
-                                }
-                                this.retry.over_budget = true;
+                        if !no_backend && !this.retry.pay() {
+                            // Picked late (behind a buffer or a queue):
+                            // one already handed to its backend may have
+                            // acted on the request, so it is not cut off;
+                            // one already over runs to its end too. Either
+                            // way it is the last attempt.
+                            let sent = polled.is_ready()
+                                || this
+                                    .retry
+                                    .picked
+                                    .as_ref()
+                                    .is_some_and(|p| p.is_set() && !p.is_readying());
+                            if !sent {
+                                this.attempt.set(Attempt::Done);
+                                return Poll::Ready(this.retry.give_up(None));
                             }
-                            this.retry.announce();
+                            this.retry.over_budget = true;
                         }
+                    }
+                    if this.retry.unannounced {
+                        this.retry.announce_late(&polled);
                     }
                     let mut timed_out = false;
                     let outcome = match polled {
@@ -468,28 +472,54 @@ where
         } else {
             self.unpaid = true;
         }
-        if let Some((from, cause)) = self.failures.last() {
-            tracing::info!(
-                target: "tower_ha::failover",
-                from = %from,
-                to = self.current.as_ref().map(BackendId::as_str),
-                cause = %Chain(&**cause),
-                attempt = self.tried,
-                "failing over"
-            );
-            // Only a retry that reached a backend is a failover; the last
-            // call, which finds every backend tried, is not. A balancer
-            // that picks later is announced at the attempt's first poll.
-            if self.current.is_some() {
-                self.announce();
-            }
+        // Only a retry that reached a backend is a failover; the last
+        // call, which finds every backend tried, is not. A balancer that
+        // picks later is announced once it has picked.
+        self.unannounced = self.current.is_none();
+        if let Some(to) = &self.current {
+            self.announce(Some(to));
         }
         Poll::Ready(Ok(future))
     }
 
-    /// Emits the failover to the attempt in flight.
-    fn announce(&self) {
+    /// Announces the retry in flight, called before its backend was known,
+    /// once it is: picked after `call` (behind a buffer or a queue), or
+    /// named by the outcome of an inner service that does not say when it
+    /// picks. A retry that found no backend is no failover.
+    fn announce_late(&mut self, polled: &Poll<Result<Response<RB>, BoxError>>) {
+        if self.current.is_none() {
+            self.current = self.picked.as_ref().and_then(Picked::take);
+        }
+        let to = match (&self.current, polled) {
+            (Some(to), _) => Some(to.clone()),
+            (None, Poll::Pending) => return,
+            (None, Poll::Ready(Err(e))) if e.is::<NoBackend>() => {
+                self.unannounced = false;
+                return;
+            }
+            (None, Poll::Ready(Ok(response))) => {
+                response.extensions().get::<ServedBy>().map(|s| s.0.clone())
+            }
+            (None, Poll::Ready(Err(e))) => e
+                .downcast_ref::<BackendError>()
+                .map(|e| e.backend().clone()),
+        };
+        self.unannounced = false;
+        self.announce(to.as_ref());
+    }
+
+    /// Says that the attempt in flight fails over from the last failed
+    /// backend to `to`: a `tracing` event and an [`Event::FailoverAttempt`].
+    fn announce(&self, to: Option<&BackendId>) {
         if let Some((from, cause)) = self.failures.last() {
+            tracing::info!(
+                target: "tower_ha::failover",
+                from = %from,
+                to = to.map(BackendId::as_str),
+                cause = %Chain(&**cause),
+                attempt = self.tried,
+                "failing over"
+            );
             emit(self.config.events.as_ref(), || Event::FailoverAttempt {
                 attempt: u32::try_from(self.tried).unwrap_or(u32::MAX),
                 failed: from.clone(),
