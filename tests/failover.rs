@@ -986,6 +986,65 @@ async fn works_over_any_service_that_honours_attempts_and_names_backends() {
     assert_eq!(history(&response), ["x", "y"]);
 }
 
+/// Answers with a `BackendError` from "x", then with `then`, an error that
+/// names no backend.
+fn naming_x_then(
+    then: io::ErrorKind,
+) -> impl Service<Request<()>, Response = Response<()>, Error = BoxError, Future = impl Send> + Clone
+{
+    use tower_ha::BackendError;
+    service_fn(move |req: Request<()>| async move {
+        if req.extensions().get::<Attempts>().is_none() {
+            let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+            return Err::<Response<()>, BoxError>(BackendError::new("x".into(), reset).into());
+        }
+        Err(io::Error::from(then).into())
+    })
+}
+
+#[tokio::test]
+async fn an_error_naming_no_backend_ends_the_attempts_as_any_other_failure() {
+    use tower_ha::control::Event;
+    let events = tower_ha::control::Events::new(16, 16);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().no_budget().events(events.clone()))
+        .service(naming_x_then(io::ErrorKind::ConnectionAborted));
+    let err = service.oneshot(Request::new(())).await.unwrap_err();
+    let err = exhausted(&err);
+    assert_eq!(ids(&err.backends().cloned().collect::<Vec<_>>()), ["x"]);
+    let reason = err.reason().expect("the error is the reason");
+    assert_eq!(
+        reason.downcast_ref::<io::Error>().unwrap().kind(),
+        io::ErrorKind::ConnectionAborted
+    );
+    match events.history().last().map(|r| r.event.clone()) {
+        Some(Event::AttemptsExhausted { tried }) => assert_eq!(tried, [BackendId::from("x")]),
+        other => panic!("expected AttemptsExhausted, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_error_naming_no_backend_on_the_first_attempt_is_returned_as_it_is() {
+    let own = service_fn(|_req: Request<()>| async {
+        Err::<Response<()>, BoxError>(io::Error::from(io::ErrorKind::ConnectionReset).into())
+    });
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(own);
+    let err = service.oneshot(Request::new(())).await.unwrap_err();
+    // Not an `Exhausted` with nothing tried: nothing was failed over, and
+    // no backend was found missing.
+    assert_eq!(
+        err.downcast_ref::<io::Error>().map(io::Error::kind),
+        Some(io::ErrorKind::ConnectionReset),
+        "{err}"
+    );
+    assert_eq!(
+        tower_ha::error::gateway_status(&*err),
+        StatusCode::BAD_GATEWAY
+    );
+}
+
 #[tokio::test]
 async fn failovers_and_exhaustion_are_events_in_the_stream() {
     let events = tower_ha::control::Events::new(16, 16);

@@ -129,9 +129,13 @@ impl Exhausted {
 
     /// Why the attempts ended when that is not a failure of a known backend:
     /// [`NoBackend`](crate::NoBackend) before any backend was tried,
-    /// [`DeadlineExceeded`] between attempts (during a backoff pause), or an
-    /// error that named no backend (including the inner service's
-    /// `poll_ready` error).
+    /// [`DeadlineExceeded`] between attempts (during a backoff pause) or
+    /// before any backend was picked, [`TimedOut`] for a first attempt
+    /// abandoned before any backend was picked (waiting in a balancer's
+    /// queue), or an error that named no backend after earlier failures
+    /// (including the inner service's `poll_ready` error). Such an error on
+    /// the first attempt is returned as it is, not as `Exhausted`: nothing
+    /// was failed over.
     pub fn reason(&self) -> Option<&(dyn StdError + Send + Sync + 'static)> {
         self.reason.as_deref()
     }

@@ -367,11 +367,15 @@ where
                     }
                 };
                 let Some(id) = id else {
-                    return Verdict::Return(Err(Exhausted::new(
-                        std::mem::take(&mut self.failures),
-                        Some(err),
-                    )
-                    .into()));
+                    // No backend to exclude from a retry: the attempts end.
+                    // On the first one nothing was failed over, and the
+                    // error is returned as it is, unless the attempt was
+                    // abandoned before any backend was picked.
+                    if self.failures.is_empty() && !err.is::<TimedOut>() {
+                        return Verdict::Return(Err(err));
+                    }
+                    self.last_response = None;
+                    return Verdict::Return(self.give_up(Some(err)));
                 };
                 self.record(id, err);
                 self.last_response = None;

@@ -45,8 +45,12 @@
 //!    a failed response (say a 503) is returned with the
 //!    [`Attempts`](crate::extensions::Attempts) history in its extensions; an
 //!    error becomes [`Exhausted`], which lists every backend
-//!    tried and why. A response that succeeded after failures carries the
-//!    history too (the backend that answered last).
+//!    tried and why. An error that names no backend (from
+//!    an inner service that does not name its backends) ends the attempts,
+//!    as there is no backend to exclude: after failures it is the
+//!    `Exhausted`'s [`reason`](Exhausted::reason); on the first attempt it is
+//!    returned as it is. A response that succeeded after failures carries
+//!    the history too (the backend that answered last).
 //! 9. Each failover emits a `tracing` event (target `tower_ha::failover`)
 //!    with the backend it leaves, the one it goes to, and the cause (the
 //!    error followed by its chain of sources).
