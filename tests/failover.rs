@@ -229,6 +229,31 @@ async fn a_late_pick_that_failed_at_once_is_the_last_when_the_budget_is_spent() 
         ids(&exhausted(&err).backends().cloned().collect::<Vec<_>>()),
         ["a", "b"]
     );
+    assert!(exhausted(&err).is_budget_spent());
+}
+
+#[tokio::test]
+async fn attempts_stopped_by_the_budget_say_so() {
+    use Kind::*;
+    let kinds = [("a", Reset), ("b", Ok)];
+    let (result, tried) = send(
+        FailoverLayer::new().budget(Spent),
+        &kinds,
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(tried, ["a"]);
+    let err = result.unwrap_err();
+    assert!(exhausted(&err).is_budget_spent());
+    assert!(err.to_string().ends_with(" (retry budget spent)"), "{err}");
+
+    // Every backend failed: the budget had nothing to do with it.
+    let kinds = [("a", Reset), ("b", Reset)];
+    let (result, tried) = send(FailoverLayer::new(), &kinds, request(Method::GET)).await;
+    assert_eq!(tried, ["a", "b"]);
+    let err = result.unwrap_err();
+    assert!(!exhausted(&err).is_budget_spent());
+    assert!(!err.to_string().contains("budget"), "{err}");
 }
 
 #[tokio::test(start_paused = true)]

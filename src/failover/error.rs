@@ -106,15 +106,38 @@ impl StdError for FailedStatus {}
 /// When no backend could be tried at all, the list is empty and
 /// [`reason`](Exhausted::reason) holds why (usually
 /// [`NoBackend`](crate::NoBackend)).
+///
+/// When the attempts stopped because the retry budget refused one more,
+/// [`is_budget_spent`](Exhausted::is_budget_spent) says so, and so does the
+/// message ("... (retry budget spent)").
 #[derive(Debug)]
 pub struct Exhausted {
     attempts: Vec<(BackendId, BoxError)>,
     reason: Option<BoxError>,
+    budget_spent: bool,
 }
 
 impl Exhausted {
     pub(crate) fn new(attempts: Vec<(BackendId, BoxError)>, reason: Option<BoxError>) -> Self {
-        Exhausted { attempts, reason }
+        Exhausted {
+            attempts,
+            reason,
+            budget_spent: false,
+        }
+    }
+
+    /// Marks the attempts as stopped by the retry budget.
+    pub(crate) fn budget_spent(mut self) -> Self {
+        self.budget_spent = true;
+        self
+    }
+
+    /// Whether the attempts stopped because the retry budget refused one
+    /// more, rather than because every backend the request could try had
+    /// failed, the attempt limit was reached, or the request could not be
+    /// sent again.
+    pub fn is_budget_spent(&self) -> bool {
+        self.budget_spent
     }
 
     /// The backends tried, oldest first, each with why its attempt failed.
@@ -164,6 +187,9 @@ impl fmt::Display for Exhausted {
                 "; then "
             };
             write!(f, "{sep}{reason}")?;
+        }
+        if self.budget_spent {
+            f.write_str(" (retry budget spent)")?;
         }
         Ok(())
     }

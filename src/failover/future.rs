@@ -85,6 +85,8 @@ where
     /// The attempt in flight is a retry whose backend was not known when it
     /// was called: it is announced once it is.
     unannounced: bool,
+    /// The budget refused a retry that would otherwise have been made.
+    budget_spent: bool,
 }
 
 enum Verdict<R> {
@@ -139,6 +141,7 @@ where
                 unpaid: false,
                 over_budget: false,
                 unannounced: false,
+                budget_spent: false,
             },
         }
     }
@@ -204,6 +207,7 @@ where
                                     .is_some_and(|p| p.is_set() && !p.is_readying());
                             if !sent {
                                 this.attempt.set(Attempt::Done);
+                                this.retry.budget_spent = true;
                                 return Poll::Ready(this.retry.give_up(None));
                             }
                             this.retry.over_budget = true;
@@ -407,15 +411,17 @@ where
     /// Whether one more attempt is allowed after the failure just recorded
     /// (the budget is checked once the next backend is known).
     fn may_retry(&mut self, not_sent: bool) -> bool {
-        if self.over_budget
-            || self.tried >= self.config.max_attempts
-            || !(self.any_failure || not_sent)
-        {
+        let allowed = self.tried < self.config.max_attempts
+            && (self.any_failure || not_sent)
+            && self
+                .template
+                .as_ref()
+                .is_some_and(|t| t.body().replay().is_some());
+        if allowed && self.over_budget {
+            self.budget_spent = true;
             return false;
         }
-        self.template
-            .as_ref()
-            .is_some_and(|t| t.body().replay().is_some())
+        allowed
     }
 
     /// Takes a retry from the budget; `false` when it is spent.
@@ -471,6 +477,7 @@ where
             if !self.pay() {
                 // Dropped before it was polled: no backend saw the request.
                 drop(future);
+                self.budget_spent = true;
                 return Poll::Ready(Err(self.give_up(None)));
             }
         } else {
@@ -549,7 +556,12 @@ where
         } else {
             reason.filter(|r| !r.is::<NoBackend>())
         };
-        Err(Exhausted::new(failures, reason).into())
+        let exhausted = Exhausted::new(failures, reason);
+        Err(if self.budget_spent {
+            exhausted.budget_spent().into()
+        } else {
+            exhausted.into()
+        })
     }
 
     /// The overall deadline passed during an attempt or between attempts.

@@ -45,7 +45,8 @@
 //!    a failed response (say a 503) is returned with the
 //!    [`Attempts`](crate::extensions::Attempts) history in its extensions; an
 //!    error becomes [`Exhausted`], which lists every backend
-//!    tried and why. An error that names no backend (from
+//!    tried and why, and says when the retry budget stopped the attempts
+//!    ([`Exhausted::is_budget_spent`]). An error that names no backend (from
 //!    an inner service that does not name its backends) ends the attempts,
 //!    as there is no backend to exclude: after failures it is the
 //!    `Exhausted`'s [`reason`](Exhausted::reason); on the first attempt it is
