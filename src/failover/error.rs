@@ -98,13 +98,14 @@ impl StdError for FailedStatus {}
 /// Every attempt failed, or the attempts had to stop: lists each backend
 /// tried, in order, with the reason it failed.
 ///
-/// [`source`](StdError::source) is the last cause, so
+/// [`source`](StdError::source) is the last attempt's cause, so
 /// [`find`](crate::error::find) reaches the last backend's error (for
 /// example [`NotSent`](crate::NotSent), [`TimedOut`] or
-/// [`DeadlineExceeded`]).
+/// [`DeadlineExceeded`]), also when a [`reason`](Exhausted::reason) ended
+/// the attempts after it (read that one with `reason`).
 ///
-/// When no backend could be tried at all, the list is empty and
-/// [`reason`](Exhausted::reason) holds why (usually
+/// When no backend could be tried at all, the list is empty, and
+/// [`reason`](Exhausted::reason), then the source, holds why (usually
 /// [`NoBackend`](crate::NoBackend)).
 ///
 /// When the attempts stopped because the retry budget refused one more,
@@ -197,12 +198,12 @@ impl fmt::Display for Exhausted {
 
 impl StdError for Exhausted {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        match &self.reason {
-            Some(reason) => Some(&**reason),
+        match self.attempts.last() {
+            Some((_, cause)) => Some(&**cause),
             None => self
-                .attempts
-                .last()
-                .map(|(_, cause)| &**cause as &(dyn StdError + 'static)),
+                .reason
+                .as_deref()
+                .map(|reason| reason as &(dyn StdError + 'static)),
         }
     }
 }
@@ -237,6 +238,22 @@ mod tests {
         assert_eq!(ids, ["a", "b"]);
         assert!(find::<NotSent>(&err).is_some());
         assert!(find::<std::io::Error>(&err).is_some());
+    }
+
+    #[test]
+    fn the_last_backend_error_is_found_also_after_a_reason() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let deadline = DeadlineExceeded::new(Duration::from_secs(1));
+        let err = Exhausted::new(
+            vec![(
+                "a".into(),
+                BackendError::new("a".into(), NotSent::new(refused)).into(),
+            )],
+            Some(deadline.into()),
+        );
+        assert!(find::<NotSent>(&err).is_some());
+        assert_eq!(find::<BackendError>(&err).unwrap().backend().as_str(), "a");
+        assert!(err.reason().unwrap().is::<DeadlineExceeded>());
     }
 
     #[test]
