@@ -14,7 +14,12 @@ use tower::retry::budget::Budget;
 /// atomic increment, no lock and no clock read, so the budget costs next to
 /// nothing on the success path. Each retry [withdraws](Budget::withdraw):
 /// within a window that started `t` seconds ago and saw `n` requests, at
-/// most `ratio × n + floor × ⌈t⌉` retries are allowed.
+/// most `ratio × n + floor × (⌊t⌋ + 1)` retries are allowed, the floor
+/// counting every second begun in the window, the current one included
+/// (so it funds retries from the window's first instant). The floor thus
+/// accrues over the window rather than capping each second: retries it did
+/// not fund early in a window may all be taken at once later in it (30 at
+/// the end of a quiet 10 s window with the default floor of 3).
 ///
 /// Deposits carry no time, so when a window ends the requests made since the
 /// last withdrawal are shared between the old window and the new one in
@@ -65,7 +70,8 @@ struct Window {
 
 impl RetryBudget {
     /// Retries may add `ratio` of the requests (0.2 for 20 %; negative or
-    /// not finite counts as 0) plus `floor_per_sec` retries per second.
+    /// not finite counts as 0) plus `floor_per_sec` retries per second,
+    /// accrued over the window (see the type's docs).
     pub fn new(ratio: f64, floor_per_sec: u32) -> Self {
         RetryBudget {
             ratio: if ratio.is_finite() {

@@ -11,8 +11,9 @@ use super::service::Failover;
 use crate::classify::{Classifier, DefaultClassifier};
 use crate::control::Events;
 
-/// The default retry budget: retries may add 20 % to the requests, plus 3
-/// retries per second whatever the traffic.
+/// The default retry budget: retries may add 20 % to the requests, plus a
+/// floor of 3 retries per second whatever the traffic, accrued over 10 s
+/// windows (see [`RetryBudget`]).
 pub(crate) fn default_budget() -> Arc<dyn Budget + Send + Sync> {
     Arc::new(RetryBudget::default())
 }
@@ -75,7 +76,7 @@ impl<C: fmt::Debug> fmt::Debug for Config<C> {
 /// | [`max_attempts`](Self::max_attempts) | every available backend once |
 /// | [`per_try_timeout`](Self::per_try_timeout) | none |
 /// | [`deadline`](Self::deadline) | none |
-/// | [`budget`](Self::budget) | [`RetryBudget::default`]: 20 % of requests plus 3 retries per second |
+/// | [`budget`](Self::budget) | [`RetryBudget::default`]: 20 % of requests plus 3 retries per second, accrued over 10 s windows |
 /// | [`backoff`](Self::backoff) | none |
 /// | [`retry_non_idempotent`](Self::retry_non_idempotent) | `false` |
 ///

@@ -32,9 +32,11 @@
 //! 4. A per-try timeout drops the attempt (the backend gets no more of the
 //!    request) and tries the next backend; a deadline bounds all attempts.
 //! 5. A retry [budget](FailoverLayer::budget) keeps a failing fleet from a
-//!    retry storm: by default a [`RetryBudget`] of 20 % of requests plus 3
-//!    retries per second (any tower
-//!    [`Budget`](tower::retry::budget::Budget) fits).
+//!    retry storm: by default a [`RetryBudget`] of 20 % of requests plus a
+//!    floor of 3 retries per second. Both are counted over 10 s windows, so
+//!    the floor accrues: retries it did not fund early in a window (up to
+//!    30) may be taken in one burst later in it. Any tower
+//!    [`Budget`](tower::retry::budget::Budget) fits.
 //! 6. An optional [`Backoff`] pauses between attempts (none by default: the
 //!    next attempt goes to another backend).
 //! 7. Bodies: a `Clone` body is replayed as is; [`BufferBodyLayer`] makes
