@@ -132,6 +132,11 @@ impl<C> FailoverLayer<C> {
     /// future is dropped, so the backend gets no more of the request, and
     /// the next backend is tried. Requests must then be called within a
     /// Tokio runtime with its time driver enabled.
+    ///
+    /// The timeout runs until the response head: once a backend has
+    /// answered with its status and headers, the response is returned and
+    /// its body is not timed (a backend that stalls in the middle of its
+    /// body is not bounded by this layer).
     pub fn per_try_timeout(mut self, timeout: Duration) -> Self {
         self.config.per_try_timeout = Some(timeout);
         self
@@ -140,6 +145,9 @@ impl<C> FailoverLayer<C> {
     /// Gives up once `deadline` has passed since the request was called,
     /// whatever the attempts left. Requests must then be called within a
     /// Tokio runtime with its time driver enabled.
+    ///
+    /// The deadline runs until the response head, like the per-try timeout:
+    /// the body of a response already returned is not bounded by it.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.config.deadline = Some(deadline);
         self

@@ -31,6 +31,9 @@
 //!    refused goes to the next backend.
 //! 4. A per-try timeout drops the attempt (the backend gets no more of the
 //!    request) and tries the next backend; a deadline bounds all attempts.
+//!    Both run until the response head: the body of a response already
+//!    returned is not timed, so a backend that sends its head then stalls
+//!    its body is not bounded by this layer.
 //! 5. A retry [budget](FailoverLayer::budget) keeps a failing fleet from a
 //!    retry storm: by default a [`RetryBudget`] of 20 % of requests plus a
 //!    floor of 3 retries per second. Both are counted over 10 s windows, so
