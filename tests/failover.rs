@@ -141,7 +141,7 @@ where
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_late_pick_is_never_taken_for_the_next_attempt() {
+async fn a_late_picked_attempt_abandoned_at_its_timeout_is_not_tried_again() {
     let (pool, mut handles) = mock_fleet(&["a", "b", "c"]);
     let service = ServiceBuilder::new()
         .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
@@ -169,6 +169,83 @@ async fn a_late_pick_is_never_taken_for_the_next_attempt() {
         !matches!(handles[1].poll_request(), std::task::Poll::Ready(Some(_))),
         "b is not tried twice"
     );
+}
+
+/// Picks the first of a, b and c that the request has not tried when its
+/// future is first polled (as a balancer behind a buffer does), fills the
+/// `Picked` slot then, and keeps the slot so that a test can fill it late,
+/// as a buffer's worker that picks for an attempt already abandoned would.
+/// Only c answers.
+#[derive(Clone, Default)]
+struct LatePicker {
+    slot: Arc<Mutex<Option<tower_ha::failover::Picked>>>,
+    log: Log,
+}
+
+impl Service<Request<()>> for LatePicker {
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Response<()>, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        let (slot, log) = (self.slot.clone(), self.log.clone());
+        Box::pin(async move {
+            let tried = req
+                .extensions()
+                .get::<Attempts>()
+                .cloned()
+                .unwrap_or_default();
+            let id = ["a", "b", "c"]
+                .into_iter()
+                .map(BackendId::from)
+                .find(|id| !tried.contains(id))
+                .ok_or_else(|| BoxError::from(NoBackend::default()))?;
+            if let Some(picked) = req.extensions().get::<tower_ha::failover::Picked>() {
+                picked.set(id.clone());
+                *slot.lock() = Some(picked.clone());
+            }
+            log.lock().push(id.to_string());
+            if id.as_str() != "c" {
+                std::future::pending::<()>().await;
+            }
+            let mut response = status(200);
+            response.extensions_mut().insert(ServedBy(id));
+            Ok(response)
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_pick_of_an_abandoned_attempt_is_never_taken_for_the_next() {
+    let picker = LatePicker::default();
+    let service = ServiceBuilder::new()
+        .layer(
+            FailoverLayer::new()
+                .no_budget()
+                .per_try_timeout(Duration::from_millis(100))
+                .backoff(Backoff::constant(Duration::from_secs(1))),
+        )
+        .service(picker.clone());
+    let call = tokio::spawn(service.oneshot(Request::new(())));
+    // a is abandoned at 100 ms; the pause before the retry lasts at least
+    // 500 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(*picker.log.lock(), ["a"]);
+    // Meanwhile a pick for the abandoned attempt lands in the slot.
+    let slot = picker.slot.lock().clone().expect("a was picked");
+    slot.set("a".into());
+    // The retry goes to b, which is abandoned too (and named as such, not
+    // as a), then c answers.
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(*picker.log.lock(), ["a", "b", "c"]);
+    assert_eq!(history(&response), ["a", "b", "c"]);
 }
 
 /// A budget with nothing in it.
