@@ -382,3 +382,44 @@ async fn a_url_with_a_trailing_slash_works() {
     assert_eq!(store.load_all().await.unwrap().sessions.len(), 1);
     assert_eq!(server.state.seen.lock()[0].path, "/api/sessions/k");
 }
+
+#[test]
+fn the_test_service_normalises_paths_as_rfc_3986_says() {
+    use support::webhook_server::normalise;
+    assert_eq!(normalise("/api/sessions/%2E%2E"), "/api/");
+    assert_eq!(normalise("/api/sessions/%2e"), "/api/sessions/");
+    assert_eq!(normalise("/api/sessions/"), "/api/sessions/");
+    assert_eq!(
+        normalise("/api/sessions/%2E%2E%2Fetc"),
+        "/api/sessions/..%2Fetc",
+        "an encoded slash keeps the key one segment"
+    );
+    assert_eq!(
+        normalise("/api/sessions/a%2Eb%20c"),
+        "/api/sessions/a.b%20c"
+    );
+}
+
+/// `""`, `.` and `..` would reach `{url}/` or `{url}/..` on a server that
+/// normalises paths (as `normalise` does): they are refused, and nothing
+/// is sent.
+#[tokio::test]
+async fn keys_that_name_another_endpoint_are_invalid_and_never_sent() {
+    let server = Server::start(Auth::None).await;
+    let store = store(&server);
+    store.save(&session("neighbour", "a")).await.unwrap();
+    let before = server.requests();
+    for key in ["", ".", ".."] {
+        let err = store.save(&session(key, "a")).await.unwrap_err();
+        assert!(err.is_invalid_key(), "save {key:?}: {err:?}");
+        let err = store.load(key).await.unwrap_err();
+        assert!(err.is_invalid_key(), "load {key:?}: {err:?}");
+    }
+    assert_eq!(server.requests(), before, "no request was sent");
+    // Deleting names the keys in the body: nothing to refuse there.
+    store
+        .delete(&["".into(), ".".into(), "..".into()])
+        .await
+        .unwrap();
+    assert_eq!(store.load_all().await.unwrap().sessions.len(), 1);
+}

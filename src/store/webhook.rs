@@ -44,7 +44,10 @@ const SESSION_FIELD: &str = "kernel_session";
 /// `{id}` is the session key, percent-encoded as one path segment; bodies
 /// are JSON (`Content-Type: application/json`); `session` is the
 /// [`Session`] as JSON (times in Unix milliseconds). Deleting nothing sends
-/// no request.
+/// no request. The keys `""`, `.` and `..` cannot be a segment of their
+/// own (a server that normalises the path reads them as `{url}/` or
+/// `{url}/..`): saving or loading them fails with
+/// [`is_invalid_key`](StoreError::is_invalid_key).
 ///
 /// # Failures
 ///
@@ -296,7 +299,7 @@ impl SessionStore for WebhookStore {
 
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         Box::pin(async move {
-            let path = self.inner.session_path(key);
+            let path = self.inner.session_path(key)?;
             let (status, body) = self.inner.call(Method::GET, &path, None).await?;
             if status == StatusCode::NOT_FOUND {
                 return Ok(None);
@@ -323,7 +326,7 @@ impl SessionStore for WebhookStore {
             })?;
             body.insert(session.key.clone(), record);
             let body = serde_json::to_vec(&body).map_err(StoreError::other)?;
-            let path = self.inner.session_path(&session.key);
+            let path = self.inner.session_path(&session.key)?;
             let (status, answer) = self
                 .inner
                 .call(Method::POST, &path, Some(Bytes::from(body)))
@@ -350,7 +353,19 @@ impl SessionStore for WebhookStore {
 
 impl Inner {
     /// `{path}/{id}` with `id` as one percent-encoded segment.
-    fn session_path(&self, key: &str) -> String {
+    ///
+    /// The keys `""`, `.` and `..` are refused as
+    /// [`invalid_key`](StoreError::invalid_key): whatever their encoding,
+    /// they name `{url}/` (the load-all endpoint) or `{url}/..` (another
+    /// endpoint) once a server or proxy normalises the path, since RFC 3986
+    /// reads `%2E` as `.` (sections 2.3 and 6.2.2).
+    fn session_path(&self, key: &str) -> Result<String, StoreError> {
+        if matches!(key, "" | "." | "..") {
+            return Err(StoreError::invalid_key(format!(
+                "{key:?} cannot be a path segment of its own"
+            ))
+            .with_message(format!("the webhook cannot hold session key {key:?}")));
+        }
         let mut path = String::with_capacity(self.path.len() + 1 + key.len());
         path.push_str(&self.path);
         path.push('/');
@@ -364,7 +379,7 @@ impl Inner {
                 path.push(char::from(HEX[usize::from(b & 0xf)]));
             }
         }
-        path
+        Ok(path)
     }
 
     /// One call: attempts with timeout, retries on connection errors and
@@ -671,12 +686,27 @@ mod tests {
         let store = WebhookStore::builder("http://127.0.0.1:1/api/sessions/")
             .build()
             .unwrap();
+        // `/` is encoded, so the key stays one segment, and that segment
+        // is not a dot segment. (Encoding the dots changes nothing there:
+        // a server may decode `%2E` back to `.`.)
         assert_eq!(
-            store.inner.session_path("../a b/%"),
+            store.inner.session_path("../a b/%").unwrap(),
             "/api/sessions/%2E%2E%2Fa%20b%2F%25",
-            "dots are encoded so no server folds `..` away"
         );
         assert_eq!(store.url(), "http://127.0.0.1:1/api/sessions");
+    }
+
+    #[test]
+    fn keys_that_are_dot_segments_or_empty_are_invalid() {
+        let store = WebhookStore::builder("http://127.0.0.1:1/api/sessions")
+            .build()
+            .unwrap();
+        for key in ["", ".", ".."] {
+            let err = store.inner.session_path(key).unwrap_err();
+            assert!(err.is_invalid_key(), "{key:?}: {err:?}");
+        }
+        assert!(store.inner.session_path("...").is_ok());
+        assert!(store.inner.session_path(".a").is_ok());
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub fn hostile_keys() -> Vec<String> {
         "/etc/passwd".into(),
         "..".into(),
         ".".into(),
+        "".into(),
         "a/b".into(),
         "a\\b".into(),
         "nul\0byte".into(),
@@ -140,13 +141,27 @@ async fn delete_many_ignores_absent_keys(store: &dyn SessionStore) {
 
 async fn hostile_keys_stay_apart(store: &dyn SessionStore) {
     let mut stored = Vec::new();
+    let mut rejected = Vec::new();
     for (i, key) in hostile_keys().into_iter().enumerate() {
         let s = session(&key, &format!("node-{i}"));
         match store.save(&s).await {
             Ok(()) => stored.push(s),
+            Err(e) => {
+                assert!(
+                    e.is_invalid_key(),
+                    "a key a store cannot hold must be rejected as invalid, got {e:?} for {key:?}"
+                );
+                rejected.push(key);
+            }
+        }
+    }
+    for key in &rejected {
+        match store.load(key).await {
+            Ok(None) => {}
+            Ok(Some(s)) => panic!("rejected key {key:?} loads a session: {s:?}"),
             Err(e) => assert!(
                 e.is_invalid_key(),
-                "a key a store cannot hold must be rejected as invalid, got {e:?} for {key:?}"
+                "a key a store cannot hold is absent or invalid on load, got {e:?} for {key:?}"
             ),
         }
     }

@@ -234,6 +234,51 @@ fn decode(segment: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// `path` as RFC 3986 normalises it (sections 6.2.2.2 and 5.2.4):
+/// percent-encoded unreserved characters decoded (`%2E` is `.`), then dot
+/// segments removed.
+pub fn normalise(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let unreserved = bytes
+            .get(i + 1..i + 3)
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok())
+            .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+        match unreserved {
+            Some(b) => {
+                decoded.push(char::from(b));
+                i += 3;
+            }
+            None => {
+                decoded.push(char::from(bytes[i]));
+                i += 1;
+            }
+        }
+    }
+    let parts: Vec<&str> = decoded.split('/').skip(1).collect();
+    let mut out: Vec<&str> = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        match *part {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            part => {
+                out.push(part);
+                continue;
+            }
+        }
+        if last {
+            out.push(""); // `a/.` and `a/..` end in a slash
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
 async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
@@ -262,6 +307,8 @@ async fn handle(
     }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    // Routed as a server or proxy that normalises paths would.
+    let route = normalise(&path);
     let content_type = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -280,11 +327,13 @@ async fn handle(
     if let (&Method::GET, Mode::GetBody(raw)) = (&method, &mode) {
         return Ok(answer(200, raw.clone()));
     }
-    let Some(rest) = path.strip_prefix(PREFIX) else {
+    let Some(rest) = route.strip_prefix(PREFIX) else {
         return Ok(answer(404, "no such endpoint"));
     };
     let id = match rest.strip_prefix('/') {
         None if rest.is_empty() => None,
+        // `{url}/` is `{url}`, as for most servers.
+        Some("") => None,
         Some(segment) if !segment.contains('/') => match decode(segment) {
             Some(id) => Some(id),
             None => return Ok(answer(400, "bad id")),
