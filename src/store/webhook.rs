@@ -74,7 +74,9 @@ const SESSION_FIELD: &str = "kernel_session";
 /// Basic sends the credentials with every request. Digest (RFC 7616, MD5 or
 /// SHA-256, `qop=auth`) answers the service's challenge and reuses it for
 /// the following requests, answering a fresh challenge when the service
-/// sends one (a stale nonce).
+/// sends one (a stale nonce). Credentials in the URL
+/// (`http://user:password@host/...`) are not sent: such a URL is refused
+/// by [`build`](WebhookStoreBuilder::build).
 ///
 /// Only `http://` URLs are supported: put the service on a private network
 /// or behind a local TLS proxy.
@@ -215,14 +217,17 @@ impl WebhookStoreBuilder {
     }
 
     /// The store. Fails with an [`other`](StoreError::is_other) error if the
-    /// URL cannot be parsed or is not an `http://` URL.
+    /// URL cannot be parsed, is not an `http://` URL, or holds credentials
+    /// (`http://user:password@host/...`, which would not be sent: use
+    /// [`basic_auth`](Self::basic_auth) or [`digest_auth`](Self::digest_auth)).
     pub fn build(self) -> Result<WebhookStore, StoreError> {
+        let shown = redact(&self.url);
         let uri: Uri = self
             .url
             .parse()
-            .map_err(|e| StoreError::other(e).with_message(format!("bad URL {:?}", self.url)))?;
+            .map_err(|e| StoreError::other(e).with_message(format!("bad URL {shown:?}")))?;
         let bad = |why: &str| {
-            StoreError::other(ConfigError(format!("{why}: {:?}", self.url)))
+            StoreError::other(ConfigError(format!("{why}: {shown:?}")))
                 .with_message("bad webhook URL")
         };
         match uri.scheme_str() {
@@ -233,6 +238,11 @@ impl WebhookStoreBuilder {
         let Some(authority) = uri.authority() else {
             return Err(bad("the URL needs a host"));
         };
+        if authority.as_str().contains('@') {
+            let why = "credentials in the URL are not sent; \
+                       use .basic_auth(user, password) or .digest_auth(user, password)";
+            return Err(bad(why));
+        }
         let path = uri.path().trim_end_matches('/').to_owned();
         let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let client = Client::builder(TokioExecutor::new()).build_http();
@@ -267,7 +277,7 @@ impl fmt::Debug for WebhookStore {
 impl fmt::Debug for WebhookStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookStoreBuilder")
-            .field("url", &self.url)
+            .field("url", &redact(&self.url))
             .field("auth", &self.auth)
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
@@ -548,6 +558,19 @@ enum Failure {
     Fatal(StoreError),
 }
 
+/// `url` with the user information of its authority, if any, replaced by
+/// `***`, so that no password is shown.
+fn redact(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
+}
+
 fn backoff(base: Duration, attempt: u32) -> Duration {
     base.saturating_mul(1u32 << attempt.min(16))
         .min(MAX_BACKOFF)
@@ -715,6 +738,30 @@ mod tests {
             let err = WebhookStore::builder(url).build().unwrap_err();
             assert!(err.is_other(), "{url}: {err:?}");
         }
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_refused_and_never_shown() {
+        for url in [
+            "http://gateway:s3cret@h:8080/api",
+            "http://gateway@h/api",
+            "http://:s3cret@h",
+        ] {
+            let builder = WebhookStore::builder(url);
+            assert!(!format!("{builder:?}").contains("s3cret"), "{builder:?}");
+            let err = builder.build().unwrap_err();
+            assert!(err.is_other(), "{url}: {err:?}");
+            let shown = format!("{err} {err:?}");
+            assert!(shown.contains(".basic_auth"), "{shown}");
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
+        // A bad URL is shown without its password too.
+        let err = WebhookStore::builder("http://u:s3cret@h/a b")
+            .build()
+            .unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("s3cret"), "{err:?}");
+        assert_eq!(redact("http://h/a@b"), "http://h/a@b");
+        assert_eq!(redact("http://u:p@h/x"), "http://***@h/x");
     }
 
     #[test]
