@@ -270,6 +270,50 @@ async fn server_errors_are_retried_exactly_up_to_the_bound() {
     assert_eq!(server.requests() - before, 1);
 }
 
+/// 408 and 429 say "try later", as a 5xx does.
+#[tokio::test]
+async fn request_timeout_and_too_many_requests_are_retried_then_unavailable() {
+    let server = Server::start(Auth::None).await;
+    let store = WebhookStore::builder(server.url())
+        .retries(2)
+        .backoff(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    for status in [408, 429] {
+        server.set_mode(Mode::Fixed(status, "later"));
+        let before = server.requests();
+        let err = store.save(&session("k", "a")).await.unwrap_err();
+        assert!(
+            err.is_unavailable() && err.is_transient(),
+            "{status}: {err:?}"
+        );
+        assert_eq!(server.requests() - before, 3, "{status} is retried");
+
+        server.set_mode(Mode::FailFirst(1, status));
+        store.save(&session("k", "a")).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_retry_waits_as_long_as_retry_after_asks() {
+    let server = Server::start(Auth::None).await;
+    server.set_mode(Mode::FailFirst(1, 429));
+    server.set_retry_after(Some("1"));
+    let store = WebhookStore::builder(server.url())
+        .retries(1)
+        .backoff(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    store.save(&session("k", "a")).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "retried after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.requests(), 2);
+}
+
 #[tokio::test]
 async fn a_transient_failure_recovers_within_the_bound() {
     let server = Server::start(Auth::None).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -56,14 +56,18 @@ const SESSION_FIELD: &str = "kernel_session";
 /// * 401 and 403: [`is_unauthorized`](StoreError::is_unauthorized);
 /// * 404 (except when loading one session):
 ///   [`is_not_found`](StoreError::is_not_found), the endpoint is missing;
-/// * any other status that is not a success or a 5xx:
-///   [`is_rejected`](StoreError::is_rejected);
+/// * any other status that is not a success, a 5xx, 408 or 429:
+///   [`is_rejected`](StoreError::is_rejected), and so is an answer
+///   larger than 64 MiB;
 /// * a body that is not JSON or has the wrong shape:
 ///   [`is_corrupt`](StoreError::is_corrupt); in `load_all`, one bad element
 ///   is skipped and reported in [`Loaded::skipped`] while the others load;
-/// * connection errors and 5xx answers are retried up to
+/// * connection errors, 5xx answers, `408 Request Timeout` and `429 Too
+///   Many Requests` are retried up to
 ///   [`retries`](WebhookStoreBuilder::retries) times with exponential
-///   backoff, then fail as [`is_unavailable`](StoreError::is_unavailable);
+///   backoff (waiting longer when the answer's `Retry-After` asks for it
+///   in seconds, at most 10 s), then fail as
+///   [`is_unavailable`](StoreError::is_unavailable);
 /// * an attempt that takes longer than the
 ///   [`timeout`](WebhookStoreBuilder::timeout) fails as
 ///   [`is_timeout`](StoreError::is_timeout) and is not retried (the service
@@ -201,16 +205,17 @@ impl WebhookStoreBuilder {
         self
     }
 
-    /// How many times a call is retried after a connection error or a 5xx
-    /// answer (0: never), so the service sees at most `retries + 1`
-    /// requests per call.
+    /// How many times a call is retried after a connection error or an
+    /// answer that says to try later (a 5xx, 408 or 429) (0: never), so
+    /// the service sees at most `retries + 1` requests per call.
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self
     }
 
     /// The wait before the first retry, doubled before each next one (at
-    /// most 10 s).
+    /// most 10 s). An answer whose `Retry-After` header asks for a longer
+    /// wait, in seconds, gets it, up to 10 s.
     pub fn backoff(mut self, backoff: Duration) -> Self {
         self.backoff = backoff;
         self
@@ -393,7 +398,8 @@ impl Inner {
     }
 
     /// One call: attempts with timeout, retries on connection errors and
-    /// 5xx. Returns the first answer that is not a 5xx.
+    /// answers that say to try later (see [`try_later`]). Returns the first
+    /// other answer.
     async fn call(
         &self,
         method: Method,
@@ -412,7 +418,7 @@ impl Inner {
                 self.exchange(&method, &path_and_query, body.clone()),
             )
             .await;
-            let failure = match outcome {
+            let (failure, asked) = match outcome {
                 Err(elapsed) => {
                     return Err(StoreError::timeout(elapsed).with_message(format!(
                         "{method} {path_and_query}: no answer within {:?}",
@@ -420,11 +426,12 @@ impl Inner {
                     )))
                 }
                 Ok(Err(Failure::Fatal(e))) => return Err(e),
-                Ok(Err(Failure::Retry(e))) => e,
-                Ok(Ok((status, answer))) if status.is_server_error() => {
-                    StoreError::unavailable(StatusError::new(status, &answer))
-                }
-                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(Failure::Retry(e))) => (e, None),
+                Ok(Ok((status, headers, answer))) if try_later(status) => (
+                    StoreError::unavailable(StatusError::new(status, &answer)),
+                    retry_after(&headers),
+                ),
+                Ok(Ok((status, _, answer))) => return Ok((status, answer)),
             };
             if attempt >= self.retries {
                 let message = format!(
@@ -434,7 +441,7 @@ impl Inner {
                 return Err(failure.with_message(message));
             }
             tracing::debug!(%method, path = %path_and_query, attempt, error = %failure, "webhook call failed, retrying");
-            tokio::time::sleep(backoff(self.backoff, attempt)).await;
+            tokio::time::sleep(wait(self.backoff, attempt, asked)).await;
             attempt += 1;
         }
     }
@@ -445,7 +452,7 @@ impl Inner {
         method: &Method,
         path_and_query: &str,
         body: Option<Bytes>,
-    ) -> Result<(StatusCode, Bytes), Failure> {
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), Failure> {
         let mut answered_fresh_challenge = false;
         loop {
             let authorization = self.authorization(method, path_and_query, body.as_deref())?;
@@ -472,7 +479,7 @@ impl Inner {
                     }
                 }
             }
-            return Ok((status, answer));
+            return Ok((status, headers, answer));
         }
     }
 
@@ -576,6 +583,38 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
         .min(MAX_BACKOFF)
 }
 
+/// The wait before the retry that follows `attempt`: the backoff, or
+/// longer when the service asked for it (`Retry-After`), at most
+/// [`MAX_BACKOFF`].
+fn wait(base: Duration, attempt: u32, asked: Option<Duration>) -> Duration {
+    backoff(base, attempt)
+        .max(asked.unwrap_or_default())
+        .min(MAX_BACKOFF)
+}
+
+/// Whether an answer says "try again later": a 5xx, `408 Request Timeout`
+/// or `429 Too Many Requests`. Such answers are retried and end as
+/// [`unavailable`](StoreError::is_unavailable).
+fn try_later(status: StatusCode) -> bool {
+    status.is_server_error()
+        || matches!(
+            status,
+            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
+        )
+}
+
+/// The wait a `Retry-After` header asks for, when given in seconds.
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let seconds = headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
 /// Maps every status but 200, 201 and 204 to its error. Another 2xx
 /// (`202 Accepted`, `206 Partial Content`, ...) does not say the call took
 /// effect, so it is an error too rather than a log line.
@@ -590,7 +629,7 @@ fn expect_success(status: StatusCode, body: &[u8], what: &str) -> Result<(), Sto
     let error = match status {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => StoreError::unauthorized(error),
         StatusCode::NOT_FOUND => StoreError::not_found(error),
-        s if s.is_server_error() => StoreError::unavailable(error),
+        s if try_later(s) => StoreError::unavailable(error),
         _ => StoreError::rejected(error),
     };
     Err(error.with_message(format!("{what}: the webhook answered {status}")))
@@ -770,6 +809,30 @@ mod tests {
         assert_eq!(backoff(base, 0), base);
         assert_eq!(backoff(base, 2), Duration::from_millis(400));
         assert_eq!(backoff(base, 40), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn retry_after_lengthens_the_wait_up_to_the_cap() {
+        let base = Duration::from_millis(100);
+        assert_eq!(wait(base, 1, None), Duration::from_millis(200));
+        assert_eq!(
+            wait(base, 1, Some(Duration::ZERO)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            wait(base, 0, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+        assert_eq!(wait(base, 0, Some(Duration::from_secs(3600))), MAX_BACKOFF);
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, http::HeaderValue::from_static(" 7 "));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(
+            RETRY_AFTER,
+            http::HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&headers), None, "only seconds are read");
     }
 
     #[test]

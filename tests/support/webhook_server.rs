@@ -68,6 +68,8 @@ pub struct State {
     pub refused: AtomicUsize,
     /// Authenticated requests, in order.
     pub seen: Mutex<Vec<Seen>>,
+    /// The `Retry-After` header of the `Fixed` and `FailFirst` answers.
+    pub retry_after: Mutex<Option<&'static str>>,
 }
 
 pub struct Server {
@@ -94,6 +96,7 @@ impl Server {
             requests: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
+            retry_after: Mutex::new(None),
         });
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -120,6 +123,11 @@ impl Server {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.state.mode.lock() = mode;
+    }
+
+    /// Sends `Retry-After: {value}` with the `Fixed` and `FailFirst` answers.
+    pub fn set_retry_after(&self, value: Option<&'static str>) {
+        *self.state.retry_after.lock() = value;
     }
 
     pub fn requests(&self) -> usize {
@@ -289,9 +297,19 @@ async fn handle(
         return Ok(refusal);
     }
     let mode = state.mode.lock().clone();
+    let failure = |status, body| {
+        let mut response = answer(status, body);
+        if let Some(value) = *state.retry_after.lock() {
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static(value),
+            );
+        }
+        response
+    };
     match mode {
         Mode::Normal | Mode::GetBody(_) => {}
-        Mode::Fixed(status, body) => return Ok(answer(status, body)),
+        Mode::Fixed(status, body) => return Ok(failure(status, body)),
         Mode::FailFirst(n, status) => {
             let mut mode = state.mode.lock();
             *mode = if n > 1 {
@@ -299,7 +317,7 @@ async fn handle(
             } else {
                 Mode::Normal
             };
-            return Ok(answer(status, "failing"));
+            return Ok(failure(status, "failing"));
         }
         Mode::Hang => {
             std::future::pending::<()>().await;
