@@ -64,7 +64,9 @@ fn is_digits(s: &str) -> bool {
 /// * **Atomic writes**: a session is written to a temporary file in the same
 ///   directory, flushed to disk (`fsync`), renamed over the previous version
 ///   and the directory is flushed too. A crash at any moment leaves either
-///   the previous or the new complete version, never a mix.
+///   the previous or the new complete version, never a mix. That holds for
+///   a power loss on Unix; on other platforms directories cannot be
+///   flushed, and a rename is as durable as the platform makes it.
 /// * **Safe names**: no key can name a path outside the directory. A key is
 ///   percent-encoded into the file name (`k_<encoded>.json`, every byte
 ///   outside `[a-z0-9_-]` written as `%XX`, so names differ even on
@@ -115,14 +117,16 @@ pub struct FileStore {
 
 impl FileStore {
     /// A store in `dir`, creating the directory (and its parents) if it is
-    /// missing.
+    /// missing. On Unix, each directory created is flushed to disk in its
+    /// parent (`fsync`), so a power loss cannot take it away with the
+    /// sessions saved in it afterwards.
     ///
     /// Fails with an [`io`](StoreError::is_io) error if the directory cannot
     /// be created or `dir` is not a directory.
     pub async fn open(dir: impl Into<PathBuf>) -> Result<FileStore, StoreError> {
         let dir: PathBuf = dir.into();
         let dir = blocking(move || {
-            create_dir(&dir).map_err(|e| {
+            create_dir_durably(&dir).map_err(|e| {
                 StoreError::io(e).with_message(format!("cannot create {}", dir.display()))
             })?;
             let meta = fs::metadata(&dir).map_err(StoreError::io)?;
@@ -263,6 +267,28 @@ fn create_dir(dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new().recursive(true).create(dir)
 }
 
+/// Creates `dir` and its missing parents, then flushes the entry of each
+/// directory created into its parent: until then, a power loss may undo
+/// the creation, and every file written in the directory with it.
+fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| {
+            !d.as_os_str().is_empty()
+                && matches!(fs::symlink_metadata(d), Err(e) if e.kind() == io::ErrorKind::NotFound)
+        })
+        .collect();
+    create_dir(dir)?;
+    for created in missing.iter().rev() {
+        match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+            Some(_) => sync_dir(Path::new("."))?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
 fn create_private(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
     options.write(true).create_new(true);
@@ -274,9 +300,12 @@ fn create_private(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
-/// Flushes the directory entry changes (a rename, a removal) to disk.
+/// Flushes the directory entry changes (a rename, a removal, a directory
+/// created) to disk.
 #[cfg(unix)]
 fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    tests::SYNCED.lock().push(dir.to_owned());
     File::open(dir)?.sync_all()
 }
 
@@ -450,6 +479,35 @@ fn load_all(dir: &Path) -> Result<Loaded, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every directory `sync_dir` flushed, in order.
+    #[cfg(unix)]
+    pub(super) static SYNCED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn created_directories_are_flushed_into_their_parents() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let dir = root.join("a/b/c");
+        FileStore::open(&dir).await.unwrap();
+        let synced = |under: &Path| -> Vec<PathBuf> {
+            SYNCED
+                .lock()
+                .iter()
+                .filter(|p| p.starts_with(under))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            synced(&root),
+            [root.clone(), root.join("a"), root.join("a/b")],
+            "each new directory's entry is flushed"
+        );
+        // Opening an existing directory creates nothing to flush.
+        FileStore::open(&dir).await.unwrap();
+        assert_eq!(synced(&root).len(), 3);
+    }
 
     #[test]
     fn names_stay_inside_and_apart() {
