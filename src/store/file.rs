@@ -29,8 +29,13 @@ const MAX_ENCODED_NAME: usize = 200;
 /// Temporary files this process is writing right now (in any store), so
 /// `load_all` neither reports nor removes a write in progress.
 static IN_FLIGHT: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
-/// Makes temporary names unique within this process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Makes temporary names unique within this process. It starts at random,
+/// so that a process that gets the pid of an earlier one (a container
+/// restarted as PID 1 on the same volume) rarely meets its names again.
+static TEMP_COUNTER: LazyLock<AtomicU64> =
+    LazyLock::new(|| AtomicU64::new(u64::from(rand::random::<u32>())));
+/// How many temporary names a save tries when the first ones are taken.
+const TEMP_ATTEMPTS: usize = 8;
 
 /// Whether `name` is one of this store's temporary names:
 /// `.{record}.{pid}-{n}.tmp`, where the record's name has one of the
@@ -334,16 +339,32 @@ impl Drop for InFlight {
 }
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    // Unique in this process (counter) and among processes (pid).
-    let temp_name = format!(".{name}.{}-{n}{TEMP_SUFFIX}", std::process::id());
-    let temp = dir.join(&temp_name);
     let target = dir.join(name);
-    // Registered before the file exists and released after the rename, so
-    // a listing that sees the file also sees the registration.
-    let guard = InFlight::register(temp_name);
+    let mut attempt = 1;
+    let (temp, guard, mut file) = loop {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        // Unique in this process (counter) and, nearly always, among
+        // processes (pid, and a counter that starts at random).
+        let temp_name = format!(".{name}.{}-{n}{TEMP_SUFFIX}", std::process::id());
+        let temp = dir.join(&temp_name);
+        // Registered before the file exists and released after the rename,
+        // so a listing that sees the file also sees the registration.
+        let guard = InFlight::register(temp_name);
+        match create_private(&temp) {
+            Ok(file) => break (temp, guard, file),
+            // Left by a crashed process that had this pid, or another
+            // process's write: not this write's to remove. Take another.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < TEMP_ATTEMPTS => {
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(
+                    StoreError::io(e).with_message(format!("cannot write {}", target.display()))
+                )
+            }
+        }
+    };
     let written = (|| {
-        let mut file = create_private(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
@@ -534,6 +555,38 @@ mod tests {
         let long = file_name(&"é".repeat(100));
         assert!(long.starts_with(HASHED_PREFIX) && long.len() == 2 + 64 + 5);
         assert_ne!(file_name(&"x".repeat(300)), file_name(&"x".repeat(301)));
+    }
+
+    /// A process restarted with the pid of one that crashed mid-write (PID
+    /// 1 in a container, on the same volume) may meet the temporary names
+    /// it left behind.
+    #[tokio::test]
+    async fn a_leftover_under_the_next_temporary_name_does_not_fail_a_save() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).await.unwrap();
+        let name = file_name("k");
+        // The names the next saves in this process take (another test may
+        // take some of them first).
+        let next = TEMP_COUNTER.load(Ordering::Relaxed);
+        let leftovers: Vec<String> = (next..next + 4)
+            .map(|n| format!(".{name}.{}-{n}{TEMP_SUFFIX}", std::process::id()))
+            .collect();
+        for leftover in &leftovers {
+            fs::write(tmp.path().join(leftover), b"{\"key\": \"k\", \"ba").unwrap();
+        }
+        let session = Session::new("k", "node-a".into());
+        store.save(&session).await.unwrap();
+        assert_eq!(store.load("k").await.unwrap(), Some(session));
+        for leftover in &leftovers {
+            assert!(
+                tmp.path().join(leftover).exists(),
+                "a save leaves {leftover} alone"
+            );
+        }
+        // The next listing reports and removes them, as any leftover.
+        let loaded = store.load_all().await.unwrap();
+        assert_eq!(loaded.sessions.len(), 1);
+        assert_eq!(loaded.skipped.len(), leftovers.len());
     }
 
     #[test]
