@@ -376,3 +376,31 @@ proptest::proptest! {
         }
     }
 }
+
+/// A directory deleted (or unmounted) under a running store: a load must
+/// not answer "no such session", which would start every session anew
+/// while saves fail.
+#[tokio::test]
+async fn a_missing_directory_is_not_found_not_an_empty_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sessions");
+    let store = FileStore::open(&dir).await.unwrap();
+    store.save(&session("k", "a")).await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let err = store.load("k").await.unwrap_err();
+    assert!(err.is_not_found(), "load: {err:?}");
+    let err = store.load_all().await.unwrap_err();
+    assert!(err.is_not_found(), "load_all: {err:?}");
+    let err = store.save(&session("k", "b")).await.unwrap_err();
+    assert!(err.is_not_found(), "save: {err:?}");
+    store
+        .delete(&["k".into()])
+        .await
+        .expect("nothing to delete is not an error");
+
+    // Back (remounted, or made again): the store works again.
+    std::fs::create_dir(&dir).unwrap();
+    assert_eq!(store.load("k").await.unwrap(), None);
+    store.save(&session("k", "b")).await.unwrap();
+}

@@ -90,6 +90,10 @@ fn is_digits(s: &str) -> bool {
 ///   [`corrupt`](StoreError::is_corrupt) record whose name ends in `.tmp`)
 ///   and removed by that same `load_all`; the previous version of its
 ///   session is intact. Writes in progress in this process are left alone.
+/// * **A missing directory is an error**: if the directory disappears after
+///   [`open`](FileStore::open) (deleted, or its volume unmounted), `load`,
+///   `load_all` and `save` fail with [`is_not_found`](StoreError::is_not_found)
+///   instead of answering "no such session".
 /// * **Never blocks the runtime**: every file operation runs on tokio's
 ///   blocking thread pool ([`tokio::task::spawn_blocking`]), so a store must
 ///   be used inside a tokio runtime; outside one, calls fail with an
@@ -358,9 +362,11 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> 
                 attempt += 1;
             }
             Err(e) => {
-                return Err(
-                    StoreError::io(e).with_message(format!("cannot write {}", target.display()))
-                )
+                return Err(io_error(
+                    dir,
+                    e,
+                    format!("cannot write {}", target.display()),
+                ))
             }
         }
     };
@@ -433,13 +439,37 @@ fn load_one(dir: &Path, key: &str) -> Result<Option<Session>, StoreError> {
             "stored key differs from the requested key",
         ))
         .with_message(format!("{name} holds another key's session"))),
+        // Not "no such session" when there is no directory to hold one.
+        None if !dir.is_dir() => Err(missing_dir(
+            dir,
+            io::Error::new(io::ErrorKind::NotFound, "the directory is gone"),
+        )),
         None => Ok(None),
+    }
+}
+
+/// The error for a store whose directory is gone (deleted, or on a volume
+/// that was unmounted) since it was opened.
+fn missing_dir(dir: &Path, source: io::Error) -> StoreError {
+    StoreError::not_found(source).with_message(format!(
+        "the session directory {} is missing",
+        dir.display()
+    ))
+}
+
+/// `e`, met on `dir` or a file in it, as a [`not_found`](StoreError::is_not_found)
+/// error when `dir` is gone, else an [`io`](StoreError::is_io) one.
+fn io_error(dir: &Path, e: io::Error, message: String) -> StoreError {
+    if e.kind() == io::ErrorKind::NotFound && !dir.is_dir() {
+        missing_dir(dir, e)
+    } else {
+        StoreError::io(e).with_message(message)
     }
 }
 
 fn load_all(dir: &Path) -> Result<Loaded, StoreError> {
     let entries = fs::read_dir(dir)
-        .map_err(|e| StoreError::io(e).with_message(format!("cannot list {}", dir.display())))?;
+        .map_err(|e| io_error(dir, e, format!("cannot list {}", dir.display())))?;
     let mut loaded = Loaded::default();
     let mut removed_temp = false;
     for entry in entries {
