@@ -182,7 +182,12 @@ fn sessions_survive_kill_and_restart() {
     let expected: Vec<String> = (0..SESSIONS).map(key).collect();
     assert!(assigned.keys().eq(expected.iter()), "{assigned:?}");
     assert!(assigned.values().all(|b| BACKENDS.contains(&b.as_str())));
-    // Serve a while, then die in the middle of it.
+    // Serve a while, then die by SIGKILL while serving. What it serves
+    // then are hits on known sessions, which write nothing to a
+    // `FileStore`, so no save is in flight at the kill: what this checks
+    // is that the saves made before `ready` (each awaited before its
+    // response) outlive a process that dies without shutting down. Saves
+    // cut short by a kill are `tests/file_crash.rs`'s part.
     std::thread::sleep(Duration::from_millis(rng.random_range(20..120)));
     first.kill();
 
