@@ -161,18 +161,75 @@ async fn unreadable_records_are_skipped_and_reported() {
     set(b"tower-ha:s:shape", b"[1, 2, 3]");
     set(b"tower-ha:s:moved", &good);
     set(b"tower-ha:s:\xff\xfe", &good);
+    // Keys that are not strings at all: `MGET` answers nil for them, as
+    // for a key deleted since the scan.
+    let _: () = redis::cmd("HSET")
+        .arg("tower-ha:s:hash")
+        .arg("key")
+        .arg("hash")
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg("tower-ha:s:list")
+        .arg(&good)
+        .query(&mut conn)
+        .unwrap();
 
     let loaded = store.load_all().await.unwrap();
     let mut keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.clone()).collect();
     keys.sort();
     assert_eq!(keys, ["good-0", "good-1", "good-2"]);
-    assert_eq!(loaded.skipped.len(), 4, "{:?}", loaded.skipped);
+    assert_eq!(loaded.skipped.len(), 6, "{:?}", loaded.skipped);
     for skipped in &loaded.skipped {
         assert!(skipped.error.is_corrupt(), "{:?}", skipped.error);
         assert!(skipped.record.starts_with("tower-ha:s:"));
     }
+    let mut skipped: Vec<_> = loaded.skipped.iter().map(|s| s.record.clone()).collect();
+    skipped.sort();
+    assert!(
+        skipped.contains(&"tower-ha:s:hash".to_owned()),
+        "{skipped:?}"
+    );
+    assert!(
+        skipped.contains(&"tower-ha:s:list".to_owned()),
+        "{skipped:?}"
+    );
     assert!(store.load("garbage").await.unwrap_err().is_corrupt());
     assert!(store.load("moved").await.unwrap_err().is_corrupt());
+    let err = store.load("hash").await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+}
+
+/// A server out of memory or out of connections serves again once
+/// sessions expire or clients leave: try later, not a refusal.
+#[tokio::test]
+async fn a_full_server_is_unavailable_not_a_refusal() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let mut conn = raw(&server);
+    let config = |conn: &mut redis::Connection, name: &str, value: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(conn)
+            .unwrap();
+    };
+    // `maxmemory` reached with the default `noeviction` policy: writes
+    // answer `OOM`.
+    config(&mut conn, "maxmemory", "1");
+    let err = store.save(&session("k", "a")).await.unwrap_err();
+    assert!(err.is_unavailable() && err.is_transient(), "{err:?}");
+    config(&mut conn, "maxmemory", "0");
+    store.save(&session("k", "a")).await.unwrap();
+
+    // No connection left: Redis tells a new client `ERR max number of
+    // clients reached` and closes the connection, so the client sees
+    // that answer or a broken connection (the mapping of the answer
+    // itself is checked in `map_error`'s unit tests).
+    config(&mut conn, "maxclients", "1");
+    let err = RedisStore::builder(server.url()).build().await.unwrap_err();
+    assert!(err.is_unavailable() && err.is_transient(), "{err:?}");
 }
 
 #[tokio::test]

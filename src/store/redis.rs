@@ -95,19 +95,22 @@ return 0";
 ///   session in use never expires (Redis 6.2 or later).
 /// * [`load_all`](SessionStore::load_all): `SCAN MATCH` (never `KEYS`, which
 ///   blocks the server) with the prefix's glob characters escaped, then
-///   `MGET` in batches. Records that are not JSON, not a session, or hold
-///   another key's session are skipped and reported.
+///   `MGET` in batches. Records that are not JSON, not a session, hold
+///   another key's session, or are not strings at all (`TYPE` tells those
+///   from a key deleted since the scan) are skipped and reported.
 /// * [`delete`](SessionStore::delete): `DEL` in batches.
 ///
 /// # Failures
 ///
 /// Every failure is a [`StoreError`]: connection refused, reset or dropped,
-/// and a server that is loading or read-only:
+/// and a server that is loading, read-only, out of memory (`OOM`) or out of
+/// connections (`max number of clients reached`):
 /// [`is_unavailable`](StoreError::is_unavailable); no answer within the
 /// [`timeout`](RedisStoreBuilder::timeout):
 /// [`is_timeout`](StoreError::is_timeout); a refused password or missing
 /// permission: [`is_unauthorized`](StoreError::is_unauthorized); a record
-/// that is not a session: [`is_corrupt`](StoreError::is_corrupt). A write
+/// that is not a session (not JSON, or a hash, a list, ... where a string
+/// should be): [`is_corrupt`](StoreError::is_corrupt). A write
 /// that fails is reported, never dropped: the caller may retry it, and the
 /// connection is re-established in the background.
 ///
@@ -566,7 +569,7 @@ fn flatten<T>(
 
 /// Maps a client error to the store's kinds, keeping it as the cause.
 fn map_error(e: RedisError, what: &str) -> StoreError {
-    let code = e.code().unwrap_or_default().to_owned();
+    let (code, detail) = server_error(&e);
     let error = if e.is_timeout() {
         StoreError::timeout(e)
     } else if e.kind() == ErrorKind::AuthenticationFailed
@@ -576,12 +579,18 @@ fn map_error(e: RedisError, what: &str) -> StoreError {
     } else if e.is_io_error()
         || e.is_connection_refusal()
         || e.is_connection_dropped()
+        // A server out of memory (`maxmemory` with `noeviction`) or out of
+        // connections serves again once sessions expire or clients leave.
         || matches!(
             code.as_str(),
-            "LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN"
+            "LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN" | "OOM"
         )
+        || (code == "ERR" && detail.starts_with("max number of clients reached"))
     {
         StoreError::unavailable(e)
+    } else if code == "WRONGTYPE" {
+        // A session or lease key that holds a hash, a list, ...
+        StoreError::corrupt(e)
     } else if e.kind() == ErrorKind::InvalidClientConfig {
         StoreError::other(e)
     } else if matches!(e.kind(), ErrorKind::Server(_)) || !code.is_empty() {
@@ -590,6 +599,25 @@ fn map_error(e: RedisError, what: &str) -> StoreError {
         StoreError::other(e)
     };
     error.with_message(format!("Redis: {what}"))
+}
+
+/// The code and detail of the error the server answered, if any: of the
+/// first command that failed, in a pipeline or a transaction.
+fn server_error(e: &RedisError) -> (String, String) {
+    let first = e.clone().into_server_errors().and_then(|errors| {
+        errors.first().map(|(_, error)| {
+            (
+                error.code().to_owned(),
+                error.details().unwrap_or_default().to_owned(),
+            )
+        })
+    });
+    first.unwrap_or_else(|| {
+        (
+            e.code().unwrap_or_default().to_owned(),
+            e.detail().unwrap_or_default().to_owned(),
+        )
+    })
 }
 
 fn millis(d: Duration) -> u64 {
@@ -701,9 +729,14 @@ impl SessionStore for RedisStore {
                     cmd.arg(key);
                 }
                 let values: Vec<Option<Vec<u8>>> = inner.run(&cmd, "read sessions").await?;
+                let mut absent = Vec::new();
                 for (redis_key, value) in chunk.iter().zip(values) {
-                    // Deleted or expired since the scan.
-                    let Some(value) = value else { continue };
+                    let Some(value) = value else {
+                        // Deleted or expired since the scan, or not a
+                        // string (`MGET` answers nil for a hash too).
+                        absent.push(redis_key);
+                        continue;
+                    };
                     let name = String::from_utf8_lossy(redis_key).into_owned();
                     let parsed = std::str::from_utf8(redis_key.get(start..).unwrap_or_default())
                         .map_err(|e| StoreError::corrupt(e).with_message("the key is not UTF-8"))
@@ -715,6 +748,27 @@ impl SessionStore for RedisStore {
                             loaded.skip(name, e);
                         }
                     }
+                }
+                if absent.is_empty() {
+                    continue;
+                }
+                let mut pipe = ::redis::pipe();
+                for redis_key in &absent {
+                    pipe.cmd("TYPE").arg(redis_key);
+                }
+                let types: Vec<String> = inner.run_pipe(&pipe, "read sessions").await?;
+                for (redis_key, kind) in absent.into_iter().zip(types) {
+                    // Deleted or expired since the scan; or saved again
+                    // since the `MGET`, like any key written after the
+                    // scan began, which a listing may miss.
+                    if kind == "none" || kind == "string" {
+                        continue;
+                    }
+                    let name = String::from_utf8_lossy(redis_key).into_owned();
+                    let e = StoreError::corrupt(WrongType(kind))
+                        .with_message("the record is not a string");
+                    tracing::warn!(record = %name, error = %e, "skipping unreadable Redis session");
+                    loaded.skip(name, e);
                 }
             }
             Ok(loaded)
@@ -1116,6 +1170,18 @@ impl fmt::Display for LeaseHeld {
 
 impl StdError for LeaseHeld {}
 
+/// A session key that holds another type of value than a string.
+#[derive(Debug)]
+struct WrongType(String);
+
+impl fmt::Display for WrongType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the key holds a {}, not a session's JSON", self.0)
+    }
+}
+
+impl StdError for WrongType {}
+
 /// A record stored under one key that holds another key's session.
 #[derive(Debug)]
 struct Misplaced {
@@ -1160,6 +1226,36 @@ mod tests {
         let (a, b) = (random_token(), random_token());
         assert_eq!(a.len(), 32);
         assert_ne!(a, b);
+    }
+
+    fn server_says(reply: &[u8]) -> RedisError {
+        ::redis::parse_redis_value(reply)
+            .unwrap()
+            .extract_error()
+            .unwrap_err()
+    }
+
+    #[test]
+    fn server_errors_map_to_their_kinds() {
+        // Full of memory or of clients: serves again later.
+        for reply in [
+            &b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"[..],
+            b"-ERR max number of clients reached\r\n",
+            b"-LOADING Redis is loading the dataset in memory\r\n",
+        ] {
+            let e = map_error(server_says(reply), "save");
+            let reply = String::from_utf8_lossy(reply);
+            assert!(e.is_unavailable() && e.is_transient(), "{reply}: {e:?}");
+        }
+        let e = map_error(
+            server_says(b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"),
+            "load",
+        );
+        assert!(e.is_corrupt(), "{e:?}");
+        let e = map_error(server_says(b"-ERR unknown command 'GETEX'\r\n"), "load");
+        assert!(e.is_rejected(), "{e:?}");
+        let e = map_error(server_says(b"-NOPERM no permission\r\n"), "load");
+        assert!(e.is_unauthorized(), "{e:?}");
     }
 
     #[test]
