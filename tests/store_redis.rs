@@ -5,12 +5,14 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use support::redis_server::RedisServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{sleep, timeout, Instant};
 use tower_ha::store::{Claim, Invalidation, RedisStore, Session, SessionStore};
 
@@ -755,4 +757,111 @@ async fn a_session_lock_outlives_its_ttl_while_held_and_expires_once_dropped() {
         );
         sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A TCP proxy to a Redis on `port` that cuts the first connection on
+/// which a `PUBLISH` is sent, just before it: what came before reaches
+/// Redis, the `PUBLISH` and what follows never do, and both sides see
+/// the connection close. Later connections pass through.
+async fn proxy_cutting_before_a_publish(port: u16) -> SocketAddr {
+    const PUBLISH: &[u8] = b"*3\r\n$7\r\nPUBLISH\r\n";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let cut = cut.clone();
+            tokio::spawn(async move {
+                let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_redis, mut to_redis) = upstream.into_split();
+                let answers = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_redis, &mut to_client).await;
+                });
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match from_client.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&buf[..n]);
+                    if !cut.load(Ordering::SeqCst) {
+                        if let Some(at) = pending.windows(PUBLISH.len()).position(|w| w == PUBLISH)
+                        {
+                            cut.store(true, Ordering::SeqCst);
+                            let _ = to_redis.write_all(&pending[..at]).await;
+                            // Redis applies what it got before the cut.
+                            sleep(Duration::from_millis(200)).await;
+                            break;
+                        }
+                    }
+                    // Hold back what may be the start of a `PUBLISH`.
+                    let held = if cut.load(Ordering::SeqCst) {
+                        0
+                    } else {
+                        (1..PUBLISH.len())
+                            .rev()
+                            .find(|&k| pending.ends_with(&PUBLISH[..k]))
+                            .unwrap_or(0)
+                    };
+                    let send = pending.len() - held;
+                    if to_redis.write_all(&pending[..send]).await.is_err() {
+                        break;
+                    }
+                    pending.drain(..send);
+                }
+                answers.abort();
+            });
+        }
+    });
+    addr
+}
+
+/// The connection drops after Redis got a save's `SET` and before its
+/// `PUBLISH`: the session must not be stored without its notice (the
+/// other replicas would keep routing it to its old backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_cut_off_before_its_notice_is_not_stored_either() {
+    let server = RedisServer::start();
+    let proxy = proxy_cutting_before_a_publish(server.port()).await;
+    let saver = RedisStore::builder(format!("redis://{proxy}"))
+        .build()
+        .await
+        .unwrap();
+    let other = store(&server).await;
+    let mut notices = other.subscribe().await.unwrap();
+
+    let err = saver.save(&session("k", "node-b")).await.unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    assert_eq!(
+        other.load("k").await.unwrap(),
+        None,
+        "the save was stored, but its notice never sent"
+    );
+
+    // Once reconnected, saves land with their notices.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = saver.save(&session("k", "node-c")).await {
+        assert!(e.is_transient(), "{e:?}");
+        assert!(Instant::now() < deadline, "saves did not resume: {e:?}");
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        next(&mut notices).await,
+        Invalidation::Session {
+            key: "k".into(),
+            backend: Some("node-c".into())
+        },
+        "the first notice is that of the save that was stored"
+    );
+    assert_eq!(
+        other.load("k").await.unwrap().unwrap().backend.as_str(),
+        "node-c"
+    );
 }

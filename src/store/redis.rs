@@ -89,8 +89,9 @@ return 0";
 ///
 /// * [`save`](SessionStore::save): `SET` (with `PX` when a
 ///   [`ttl`](RedisStoreBuilder::ttl) is set), and a `PUBLISH` on the
-///   move channel in the same round trip when
-///   [`notify`](RedisStoreBuilder::notify) is on.
+///   move channel when [`notify`](RedisStoreBuilder::notify) is on, in
+///   one transaction (`MULTI`/`EXEC`, one round trip): a session is never
+///   stored without its notice.
 /// * [`load`](SessionStore::load): `GET`, or `GETEX PX` with a TTL, so a
 ///   session in use never expires (Redis 6.2 or later).
 /// * [`load_all`](SessionStore::load_all): `SCAN MATCH` (never `KEYS`, which
@@ -98,7 +99,8 @@ return 0";
 ///   `MGET` in batches. Records that are not JSON, not a session, hold
 ///   another key's session, or are not strings at all (`TYPE` tells those
 ///   from a key deleted since the scan) are skipped and reported.
-/// * [`delete`](SessionStore::delete): `DEL` in batches.
+/// * [`delete`](SessionStore::delete): `DEL` in batches, each with its
+///   notices in one transaction.
 ///
 /// # Failures
 ///
@@ -798,7 +800,10 @@ impl SessionStore for RedisStore {
         Box::pin(async move {
             let inner = &*self.inner;
             let json = encode(session)?;
+            // One transaction (`MULTI`/`EXEC`): a connection lost between
+            // the two must not leave a move stored but never announced.
             let mut pipe = ::redis::pipe();
+            pipe.atomic();
             let set = pipe
                 .cmd("SET")
                 .arg(self.session_key(&session.key))
@@ -821,7 +826,10 @@ impl SessionStore for RedisStore {
         Box::pin(async move {
             let inner = &*self.inner;
             for chunk in keys.chunks(BATCH) {
+                // One transaction, as for a save: deleted and announced,
+                // or neither.
                 let mut pipe = ::redis::pipe();
+                pipe.atomic();
                 let del = pipe.cmd("DEL");
                 for key in chunk {
                     del.arg(self.session_key(key));
