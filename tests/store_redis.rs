@@ -631,6 +631,79 @@ async fn a_refresh_renews_the_expiry_only_and_tells_nobody() {
     assert!(matches!(next(&mut on_b).await, Invalidation::Session { key, .. } if key == "marker"));
 }
 
+/// Replica a refreshes a session b has just ended (a has not heard of
+/// the delete yet): the refresh must not write it back, while a record
+/// that merely expired still is, and a new session under the same key is
+/// saved and refreshed as any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_does_not_bring_back_a_session_another_replica_deleted() {
+    let server = RedisServer::start();
+    let ttl = Duration::from_secs(60);
+    let build = || async {
+        RedisStore::builder(server.url())
+            .ttl(ttl)
+            .build()
+            .await
+            .unwrap()
+    };
+    let (a, b) = (build().await, build().await);
+    let mut conn = raw(&server);
+    let pttl = |conn: &mut redis::Connection, key: &str| -> i64 {
+        redis::cmd("PTTL").arg(key).query(conn).unwrap()
+    };
+
+    let old = session("k", "node-a");
+    a.save(&old).await.unwrap();
+    b.delete(&["k".into()]).await.unwrap();
+    let left = pttl(&mut conn, "tower-ha:d:k");
+    assert!(
+        left > 50_000 && left <= 60_000,
+        "a tombstone for one TTL: {left}"
+    );
+    // Let the tombstone run down a little: a blocked refresh renews it.
+    let _: i64 = redis::cmd("PEXPIRE")
+        .arg("tower-ha:d:k")
+        .arg(5_000)
+        .query(&mut conn)
+        .unwrap();
+    a.refresh(&old).await.unwrap();
+    assert_eq!(
+        a.load("k").await.unwrap(),
+        None,
+        "the refresh wrote a deleted session back"
+    );
+    assert!(
+        pttl(&mut conn, "tower-ha:d:k") > 50_000,
+        "tombstone renewed"
+    );
+    assert!(a.load_all().await.unwrap().sessions.is_empty());
+
+    // A new session under that key: saved as usual, the tombstone gone.
+    let new = session("k", "node-c");
+    b.save(&new).await.unwrap();
+    assert_eq!(pttl(&mut conn, "tower-ha:d:k"), -2, "the save removed it");
+    a.refresh(&old).await.unwrap();
+    assert_eq!(
+        a.load("k").await.unwrap().unwrap().backend.as_str(),
+        "node-c",
+        "a refresh renews, it does not overwrite"
+    );
+    // It expires unused, then comes back in use: written again.
+    let _: i64 = redis::cmd("DEL")
+        .arg("tower-ha:s:k")
+        .query(&mut conn)
+        .unwrap();
+    a.refresh(&new).await.unwrap();
+    assert_eq!(a.load("k").await.unwrap(), Some(new));
+    assert!(pttl(&mut conn, "tower-ha:s:k") > 50_000);
+
+    // Without a TTL nothing is refreshed, so nothing is left behind.
+    let plain = store(&server).await;
+    plain.save(&session("p", "node-a")).await.unwrap();
+    plain.delete(&["p".into()]).await.unwrap();
+    assert_eq!(pttl(&mut conn, "tower-ha:d:p"), -2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saves_and_deletes_reach_the_other_replicas() {
     let mut server = RedisServer::start();

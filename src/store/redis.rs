@@ -66,6 +66,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
+/// Refreshes a session record (`KEYS[1]`) for `ARGV[1]` ms: renews its
+/// expiry (1); or, when it is gone, keeps the tombstone (`KEYS[2]`) a
+/// delete left for as long (0), or else writes the record `ARGV[2]` again
+/// (2).
+const REFRESH: &str = r"
+if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 1 then
+  return 1
+end
+if redis.call('PEXPIRE', KEYS[2], ARGV[1]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+return 2";
+
 /// Sessions in Redis, shared by every replica that points at the same
 /// server and prefix.
 ///
@@ -81,17 +95,20 @@ return 0";
 /// |---|---|---|
 /// | a session | string key `p` `s:` *session key* | the [`Session`] as JSON (times in Unix milliseconds); optional expiry |
 /// | a lease | string key `p` `l:` *session key* | a random token, with an expiry |
+/// | a deleted session (with a [`ttl`](RedisStoreBuilder::ttl)) | string key `p` `d:` *session key* | `deleted`, for one TTL |
 /// | move notices | channel `p` `moves` | `{"key": ..., "backend": ... or null, "origin": ...}` |
 ///
 /// Session keys are used as bytes, so any string is a valid key (`/`,
-/// `*`, NUL, ...) and no key can reach another's record. Session and lease
-/// keys never share a prefix, so listing sessions never sees a lease.
+/// `*`, NUL, ...) and no key can reach another's record. Session, lease
+/// and tombstone keys never share a prefix, so listing sessions sees
+/// neither of the others.
 ///
 /// * [`save`](SessionStore::save): `SET` (with `PX` when a
 ///   [`ttl`](RedisStoreBuilder::ttl) is set), and a `PUBLISH` on the
 ///   move channel when [`notify`](RedisStoreBuilder::notify) is on, in
 ///   one transaction (`MULTI`/`EXEC`, one round trip): a session is never
-///   stored without its notice.
+///   stored without its notice. The transaction also removes the
+///   session's tombstone, if any.
 /// * [`load`](SessionStore::load): `GET`, or `GETEX PX` with a TTL, so a
 ///   session in use never expires (Redis 6.2 or later).
 /// * [`load_all`](SessionStore::load_all): `SCAN MATCH` (never `KEYS`, which
@@ -100,7 +117,12 @@ return 0";
 ///   another key's session, or are not strings at all (`TYPE` tells those
 ///   from a key deleted since the scan) are skipped and reported.
 /// * [`delete`](SessionStore::delete): `DEL` in batches, each with its
-///   notices in one transaction.
+///   notices in one transaction and, with a TTL, a tombstone per session
+///   (`SET PX` the TTL), so that a refresh from a replica that has not
+///   heard of the delete yet does not write the session back.
+/// * [`refresh`](SessionStore::refresh), with a TTL: a Lua script that
+///   renews the record's expiry, or writes it again if it expired, unless
+///   a tombstone says it was deleted (the tombstone is then renewed).
 ///
 /// # Failures
 ///
@@ -174,6 +196,7 @@ struct Inner {
     take: Script,
     release: Script,
     extend: Script,
+    refresh: Script,
 }
 
 /// Builds a [`RedisStore`]; made by [`RedisStore::builder`].
@@ -245,6 +268,11 @@ impl RedisStore {
         self.inner.key(b"l:", key)
     }
 
+    /// The Redis key that says session `key` was deleted, for a while.
+    fn tombstone_key(&self, key: &str) -> Vec<u8> {
+        self.inner.key(b"d:", key)
+    }
+
     /// Takes the lease on session `key` for `ttl` if nobody holds it (a
     /// Lua script that sets a random token with an expiry when the lease is
     /// absent or released): `None` when another owner holds it. The lease
@@ -261,7 +289,7 @@ impl RedisStore {
             .inner
             .run_script(
                 &self.inner.take,
-                &redis_key,
+                &[&redis_key],
                 &[token.as_bytes(), ttl.as_bytes()],
                 "take a lease",
             )
@@ -464,6 +492,7 @@ impl RedisStoreBuilder {
             take: Script::new(TAKE),
             release: Script::new(RELEASE),
             extend: Script::new(EXTEND),
+            refresh: Script::new(REFRESH),
         };
         let _: Value = inner.run(&::redis::cmd("PING"), "connect").await?;
         Ok(RedisStore {
@@ -513,11 +542,14 @@ impl Inner {
     async fn run_script(
         &self,
         script: &Script,
-        key: &[u8],
+        keys: &[&[u8]],
         args: &[&[u8]],
         what: &str,
     ) -> Result<i64, StoreError> {
-        let mut invocation = script.key(key);
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(*key);
+        }
         for arg in args {
             invocation.arg(*arg);
         }
@@ -677,22 +709,30 @@ impl SessionStore for RedisStore {
     /// another replica may have moved it meanwhile. A record that expired
     /// all the same (the session went unused for more than half the TTL,
     /// then came back before it left this replica's table) is written
-    /// again as this replica knows it, unless a record appeared meanwhile
-    /// (`SET NX`).
+    /// again as this replica knows it, but a record another replica
+    /// deleted is not: the delete leaves a tombstone for one TTL, which a
+    /// refresh that finds it renews instead. One Lua script does all of
+    /// it, so no save or delete lands in between.
     fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let Some(ttl) = self.inner.ttl else {
                 return Ok(());
             };
             let key = self.session_key(&session.key);
-            let mut cmd = ::redis::cmd("PEXPIRE");
-            cmd.arg(&key).arg(millis(ttl));
-            let renewed: i64 = self.inner.run(&cmd, "refresh").await?;
-            if renewed == 0 {
-                let json = encode(session)?;
-                let mut cmd = ::redis::cmd("SET");
-                cmd.arg(&key).arg(json).arg("NX").arg("PX").arg(millis(ttl));
-                let _: Option<String> = self.inner.run(&cmd, "refresh").await?;
+            let tombstone = self.tombstone_key(&session.key);
+            let ttl = millis(ttl).to_string();
+            let json = encode(session)?;
+            let outcome = self
+                .inner
+                .run_script(
+                    &self.inner.refresh,
+                    &[&key, &tombstone],
+                    &[ttl.as_bytes(), &json],
+                    "refresh",
+                )
+                .await?;
+            if outcome == 0 {
+                tracing::debug!(session = %session.key, "not refreshed: another replica deleted it");
             }
             Ok(())
         })
@@ -812,6 +852,11 @@ impl SessionStore for RedisStore {
                 set.arg("PX").arg(millis(ttl));
             }
             set.ignore();
+            // A session saved again (a new one under the key of one that
+            // ended) is no longer deleted: refreshes may write it back.
+            pipe.cmd("DEL")
+                .arg(self.tombstone_key(&session.key))
+                .ignore();
             if inner.notify {
                 pipe.cmd("PUBLISH")
                     .arg(&inner.channel)
@@ -835,6 +880,18 @@ impl SessionStore for RedisStore {
                     del.arg(self.session_key(key));
                 }
                 del.ignore();
+                // Only refreshes write a record back, and only with a TTL:
+                // the tombstone tells them the session ended.
+                if let Some(ttl) = inner.ttl {
+                    for key in chunk {
+                        pipe.cmd("SET")
+                            .arg(self.tombstone_key(key))
+                            .arg("deleted")
+                            .arg("PX")
+                            .arg(millis(ttl))
+                            .ignore();
+                    }
+                }
                 if inner.notify {
                     for key in chunk {
                         pipe.cmd("PUBLISH")
@@ -985,7 +1042,7 @@ impl Lease {
             .inner
             .run_script(
                 &self.store.inner.release,
-                &self.redis_key,
+                &[&self.redis_key],
                 &[self.token.as_bytes(), done_for.as_bytes()],
                 "release a lease",
             )
@@ -1002,7 +1059,7 @@ impl Lease {
             .inner
             .run_script(
                 &self.store.inner.extend,
-                &self.redis_key,
+                &[&self.redis_key],
                 &[self.token.as_bytes(), ttl.as_bytes()],
                 "extend a lease",
             )
