@@ -293,8 +293,8 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
     };
     let invalid = |e: &(dyn StdError + 'static)| find::<InvalidRequest>(e).is_some();
     // Of attempts the failover layer gave up on, the last one's cause
-    // decides (`Exhausted`'s source is only its reason, such as the
-    // `NoBackend` met once every backend was tried); else the error itself.
+    // decides (not the reason that ended them, such as the `NoBackend` met
+    // once every backend was tried); else the error itself.
     let exhausted = find::<Exhausted>(err);
     let decisive = match exhausted.and_then(|e| e.attempts().last()) {
         Some((_, cause)) => &**cause as &(dyn StdError + 'static),
