@@ -59,7 +59,7 @@ use tower_ha::health::{HealthChecker, HealthLayer, TcpProbe};
 use tower_ha::http::{HttpBackend, HttpClient, ResponseBody};
 use tower_ha::sticky::{CookieInsert, SessionKey, SessionMoved, StickyLayer};
 use tower_ha::store::{FileStore, SessionStore};
-use tower_ha::{BackendId, BoxError, Health, Pool};
+use tower_ha::{BackendId, BoxError, HealthStatus, Pool};
 
 const BACKENDS: [&str; 3] = ["a", "b", "c"];
 const VICTIM: &str = "b";
@@ -347,7 +347,7 @@ async fn get(
 
 /// Prints a backend's health changes as the pool sees them.
 async fn watch(pool: Pool<tower_ha::health::Health<HttpBackend<Body>>>, timeline: Timeline) {
-    let mut last: BTreeMap<BackendId, (Health, bool)> = BTreeMap::new();
+    let mut last: BTreeMap<BackendId, (HealthStatus, bool)> = BTreeMap::new();
     loop {
         for id in pool.ids() {
             let Some(state) = pool.state(&id) else {
@@ -365,10 +365,10 @@ async fn watch(pool: Pool<tower_ha::health::Health<HttpBackend<Body>>>, timeline
             }
             if before.0 != now.0 {
                 match now.0 {
-                    Health::Unhealthy => timeline.log(format!(
+                    HealthStatus::Unhealthy => timeline.log(format!(
                         "{id} marked unhealthy by the active TCP probe (fall 2)"
                     )),
-                    Health::Healthy => timeline.log(format!(
+                    HealthStatus::Healthy => timeline.log(format!(
                         "{id} marked healthy by the active TCP probe (rise 2)"
                     )),
                     other => timeline.log(format!("{id} is now {other:?}")),

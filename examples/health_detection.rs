@@ -179,7 +179,11 @@ async fn active_run(run: usize) -> f64 {
     checker.shutdown().await;
     let last = backends[0].last_call.lock().expect("b0 was called");
     let unhealthy = pool.state(&"b0".into()).expect("b0").health();
-    assert_eq!(unhealthy, tower_ha::Health::Unhealthy, "b0 not detected");
+    assert_eq!(
+        unhealthy,
+        tower_ha::HealthStatus::Unhealthy,
+        "b0 not detected"
+    );
     last.saturating_duration_since(death).as_secs_f64() * 1000.0
 }
 

@@ -12,7 +12,7 @@ use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
 };
 use tower_ha::extensions::ServedBy;
-use tower_ha::{key, BackendId, Health, Pool};
+use tower_ha::{key, BackendId, HealthStatus, Pool};
 
 type Backend = tower::util::BoxCloneSyncService<Request<()>, Response<()>, Infallible>;
 
@@ -57,7 +57,7 @@ async fn report<P: Strategy>(name: &str, strategy: P) {
     // Backend "c" goes down: who moves?
     pool.state(&"c".into())
         .unwrap()
-        .set_health(Health::Unhealthy);
+        .set_health(HealthStatus::Unhealthy);
     let mut moved = 0;
     for (user, was) in before.iter().enumerate() {
         if &route(&balance, user).await != was {

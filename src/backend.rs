@@ -138,7 +138,7 @@ pub enum AdminStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
-pub enum Health {
+pub enum HealthStatus {
     /// Serving. The state of every backend no health check has judged yet.
     Healthy,
     /// Failing its checks: no traffic.
@@ -170,20 +170,20 @@ impl AdminStatus {
     }
 }
 
-impl Health {
+impl HealthStatus {
     fn to_bits(self) -> u8 {
         match self {
-            Health::Healthy => 0,
-            Health::Unhealthy => 1,
-            Health::TurnedOff => 2,
+            HealthStatus::Healthy => 0,
+            HealthStatus::Unhealthy => 1,
+            HealthStatus::TurnedOff => 2,
         }
     }
 
     fn from_bits(bits: u8) -> Self {
         match bits {
-            0 => Health::Healthy,
-            1 => Health::Unhealthy,
-            _ => Health::TurnedOff,
+            0 => HealthStatus::Healthy,
+            1 => HealthStatus::Unhealthy,
+            _ => HealthStatus::TurnedOff,
         }
     }
 }
@@ -283,15 +283,15 @@ impl BackendState {
     }
 
     /// The health as judged by checks.
-    pub fn health(&self) -> Health {
-        Health::from_bits((self.status.load(Ordering::Acquire) >> HEALTH_SHIFT) & NIBBLE)
+    pub fn health(&self) -> HealthStatus {
+        HealthStatus::from_bits((self.status.load(Ordering::Acquire) >> HEALTH_SHIFT) & NIBBLE)
     }
 
     /// Sets the health; returns the previous value.
-    pub fn set_health(&self, health: Health) -> Health {
+    pub fn set_health(&self, health: HealthStatus) -> HealthStatus {
         let prev = self.update_nibble(HEALTH_SHIFT, health.to_bits());
         self.wake_waiting();
-        Health::from_bits(prev)
+        HealthStatus::from_bits(prev)
     }
 
     fn update_nibble(&self, shift: u8, bits: u8) -> u8 {
@@ -647,13 +647,13 @@ mod tests {
     fn status_nibbles_are_independent() {
         let s = BackendState::new(1);
         assert!(s.is_available());
-        assert_eq!(s.set_health(Health::Unhealthy), Health::Healthy);
+        assert_eq!(s.set_health(HealthStatus::Unhealthy), HealthStatus::Healthy);
         assert!(!s.is_available());
         assert!(s.is_enabled());
         assert_eq!(s.set_admin(AdminStatus::Draining), AdminStatus::Enabled);
-        assert_eq!(s.health(), Health::Unhealthy);
+        assert_eq!(s.health(), HealthStatus::Unhealthy);
         assert_eq!(s.admin(), AdminStatus::Draining);
-        s.set_health(Health::Healthy);
+        s.set_health(HealthStatus::Healthy);
         assert!(!s.is_available());
         assert!(!s.is_enabled());
         s.set_admin(AdminStatus::Enabled);

@@ -90,7 +90,7 @@ pub mod sticky;
 pub mod store;
 mod time;
 
-pub use backend::{AdminStatus, BackendId, BackendState, Health};
+pub use backend::{AdminStatus, BackendId, BackendState, HealthStatus};
 pub use error::{BackendError, BoxError, InvalidRequest, NoBackend, NotSent};
 pub use pool::Pool;
 

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 use tower_ha::balance::{Balance, Priority, RoundRobin};
 use tower_ha::control::{AdminService, Events, Handle};
-use tower_ha::{AdminStatus, Health, Pool};
+use tower_ha::{AdminStatus, HealthStatus, Pool};
 
 struct Fixture {
     admin: AdminService,
@@ -93,7 +93,7 @@ async fn get_one_group_and_unknown_groups() {
     f.web
         .state(&"web2".into())
         .unwrap()
-        .set_health(Health::Unhealthy);
+        .set_health(HealthStatus::Unhealthy);
     let (status, body) = call(&f.admin, "GET", "/groups/web", "").await;
     assert_eq!(status, 200);
     assert_eq!(body["healthy"], json!(["web1", "web 3"]));
@@ -192,7 +192,7 @@ async fn post_primary_forces_it_and_rejects_bad_bodies() {
     f.web
         .state(&"web2".into())
         .unwrap()
-        .set_health(Health::Unhealthy);
+        .set_health(HealthStatus::Unhealthy);
     let (status, body) = call(
         &f.admin,
         "POST",

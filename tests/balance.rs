@@ -19,7 +19,9 @@ use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
 };
 use tower_ha::extensions::{Affinity, Attempts, ServedBy, Target};
-use tower_ha::{key, AdminStatus, BackendError, BackendId, BoxError, Health, NoBackend, Pool};
+use tower_ha::{
+    key, AdminStatus, BackendError, BackendId, BoxError, HealthStatus, NoBackend, Pool,
+};
 
 type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
 
@@ -142,7 +144,7 @@ fn make_unavailable(pool: &Pool<Svc>, i: usize, how: u8) -> Vec<InFlight> {
     let state = pool.state(&format!("b{i}").into()).unwrap();
     match how % 5 {
         0 => {
-            state.set_health(Health::Unhealthy);
+            state.set_health(HealthStatus::Unhealthy);
         }
         1 => {
             state.set_admin(AdminStatus::Disabled);
@@ -326,7 +328,7 @@ fn unavailability_moves_only_its_keys<P: Strategy>(strategy: P) {
     let keys = keys(20_000);
     let before = owners(&balance, &keys);
     let state = pool.state(&"b7".into()).unwrap();
-    state.set_health(Health::Unhealthy);
+    state.set_health(HealthStatus::Unhealthy);
     let during = owners(&balance, &keys);
     let mut moved_to = HashMap::new();
     for (b, d) in before.iter().zip(&during) {
@@ -339,7 +341,7 @@ fn unavailability_moves_only_its_keys<P: Strategy>(strategy: P) {
     }
     assert!(!moved_to.is_empty());
     // Recovery restores the original mapping exactly.
-    state.set_health(Health::Healthy);
+    state.set_health(HealthStatus::Healthy);
     assert_eq!(owners(&balance, &keys), before);
 }
 
@@ -356,7 +358,7 @@ fn maglev_unavailability_moves_only_its_keys_and_spreads_them() {
     let before = owners(&balance, &keys);
     pool.state(&"b7".into())
         .unwrap()
-        .set_health(Health::Unhealthy);
+        .set_health(HealthStatus::Unhealthy);
     let during = owners(&balance, &keys);
     let mut receivers = BTreeSet::new();
     for (b, d) in before.iter().zip(&during) {
@@ -443,9 +445,9 @@ fn affinity_is_honoured_only_when_eligible() {
         assert_ne!(resp.body(), "b2", "a draining backend takes no new request");
     }
     // Draining and unhealthy, disabled, or unknown: ignored.
-    b2.set_health(Health::Unhealthy);
+    b2.set_health(HealthStatus::Unhealthy);
     assert_ne!(send("b2", Attempts::new()), "b2");
-    b2.set_health(Health::Healthy);
+    b2.set_health(HealthStatus::Healthy);
     b2.set_admin(AdminStatus::Disabled);
     assert_ne!(send("b2", Attempts::new()), "b2");
     // b2 is disabled: an unknown affinity leaves the pick to the strategy,
@@ -480,7 +482,7 @@ fn a_backend_at_its_limit_takes_only_its_sessions_until_a_request_ends() {
     // Once the full ones are tried or down, it is no longer about limits.
     pool.state(&"b0".into())
         .unwrap()
-        .set_health(Health::Unhealthy);
+        .set_health(HealthStatus::Unhealthy);
     let mut req = request(None);
     req.extensions_mut()
         .insert(["b1".into()].into_iter().collect::<Attempts>());
@@ -488,7 +490,7 @@ fn a_backend_at_its_limit_takes_only_its_sessions_until_a_request_ends() {
     assert!(!err.downcast_ref::<NoBackend>().unwrap().is_at_limit());
     pool.state(&"b0".into())
         .unwrap()
-        .set_health(Health::Healthy);
+        .set_health(HealthStatus::Healthy);
     // A request ending makes room.
     drop(held);
     assert_eq!(
@@ -815,7 +817,7 @@ fn round_robin_shares_an_unavailable_backends_turns_evenly() {
     let pool = pool_of(3);
     pool.state(&"b1".into())
         .unwrap()
-        .set_health(Health::Unhealthy);
+        .set_health(HealthStatus::Unhealthy);
     let balance = Balance::new(pool, RoundRobin::new()).panic_threshold(0.0);
     let mut counts: HashMap<String, u32> = HashMap::new();
     for _ in 0..3000 {
@@ -836,7 +838,7 @@ fn weighted_round_robin_shares_an_unavailable_backends_slots_by_weight() {
     }
     pool.state(&"b1".into())
         .unwrap()
-        .set_health(Health::Unhealthy);
+        .set_health(HealthStatus::Unhealthy);
     let balance = Balance::new(pool, WeightedRoundRobin::new()).panic_threshold(0.0);
     let mut counts: HashMap<String, u32> = HashMap::new();
     for _ in 0..4000 {

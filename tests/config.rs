@@ -7,7 +7,7 @@ use http::{Request, Response};
 use tower::{service_fn, BoxError, ServiceExt};
 use tower_ha::config::Config;
 use tower_ha::control::{Events, GroupMode, Handle};
-use tower_ha::{BackendId, Health};
+use tower_ha::{BackendId, HealthStatus};
 
 type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
 
@@ -66,7 +66,7 @@ async fn a_leba_yaml_file_loads_and_builds_working_groups() {
         .pool()
         .state(&"backend2".into())
         .unwrap()
-        .set_health(Health::Unhealthy);
+        .set_health(HealthStatus::Unhealthy);
     assert_eq!(serve(&app_balance).await.unwrap().into_body(), "backend1");
     let stats = handle.group_stats("app-servers").unwrap();
     assert_eq!(stats.configured_primary.unwrap().as_str(), "backend2");
@@ -426,23 +426,23 @@ async fn a_groups_health_check_settings_drive_the_checker() {
     let a = pool.state(&"a".into()).unwrap();
     // Probes at 0 s and 5 s: unhealthy after the second (fall 2).
     tokio::time::sleep(Duration::from_millis(4_900)).await;
-    assert_eq!(a.health(), Health::Healthy);
+    assert_eq!(a.health(), HealthStatus::Healthy);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(a.health(), Health::Unhealthy);
+    assert_eq!(a.health(), HealthStatus::Unhealthy);
     assert_eq!(probes.load(Ordering::SeqCst), 2);
     // "b"'s probes at 0 s and 5 s time out after 2 s (not the default
     // 1 s): unhealthy at 7 s, not at 6 s.
     let b = pool.state(&"b".into()).unwrap();
     tokio::time::sleep(Duration::from_millis(1_400)).await; // 6.5 s
-    assert_eq!(b.health(), Health::Healthy);
+    assert_eq!(b.health(), HealthStatus::Healthy);
     tokio::time::sleep(Duration::from_millis(600)).await; // 7.1 s
-    assert_eq!(b.health(), Health::Unhealthy);
+    assert_eq!(b.health(), HealthStatus::Unhealthy);
     // Healthy again after three passing probes (rise 3): 10, 15, 20 s.
     up.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(7_800)).await; // 14.9 s
-    assert_eq!(a.health(), Health::Unhealthy);
+    assert_eq!(a.health(), HealthStatus::Unhealthy);
     tokio::time::sleep(Duration::from_millis(5_200)).await; // 20.1 s
-    assert_eq!(a.health(), Health::Healthy);
+    assert_eq!(a.health(), HealthStatus::Healthy);
     checker.shutdown().await;
 }
 

@@ -8,7 +8,7 @@ use tower::{service_fn, BoxError, Service, ServiceExt};
 use tower_ha::balance::{Balance, Failback, Priority, Strategy};
 use tower_ha::control::{ControlError, Event, Events, Handle, RecvError, SwitchReason};
 use tower_ha::health::HealthLayer;
-use tower_ha::{AdminStatus, BackendId, Health, Pool};
+use tower_ha::{AdminStatus, BackendId, HealthStatus, Pool};
 
 type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
 
@@ -39,7 +39,7 @@ async fn serve<P: Strategy>(balance: &Balance<Svc, P>) -> String {
         .into_body()
 }
 
-fn set_health(pool: &Pool<Svc>, id: &str, health: Health) {
+fn set_health(pool: &Pool<Svc>, id: &str, health: HealthStatus) {
     pool.state(&id.into()).unwrap().set_health(health);
 }
 
@@ -195,7 +195,7 @@ async fn the_health_layer_and_checker_emit_into_the_event_stream() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(events.history().iter().any(|r| matches!(
         &r.event,
-        Event::HealthChanged { backend, from: Health::Healthy, to: Health::Unhealthy, .. }
+        Event::HealthChanged { backend, from: HealthStatus::Healthy, to: HealthStatus::Unhealthy, .. }
             if backend.as_str() == "good"
     )));
     assert!(events.last_change(&"good".into()).is_some());
@@ -230,8 +230,8 @@ async fn the_first_available_backup_in_configured_order_takes_over() {
     for _ in 0..5 {
         assert_eq!(serve(&balance).await, "a");
     }
-    set_health(&pool, "d", Health::Unhealthy);
-    set_health(&pool, "a", Health::Unhealthy);
+    set_health(&pool, "d", HealthStatus::Unhealthy);
+    set_health(&pool, "a", HealthStatus::Unhealthy);
     // Deterministically "c" (d is down), every time.
     for _ in 0..20 {
         assert_eq!(serve(&balance).await, "c");
@@ -251,15 +251,15 @@ async fn with_never_the_recovered_primary_stays_a_backup() {
     let group = Priority::new("g", ["a", "b", "c"]).events(events.clone());
     let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
     assert_eq!(serve(&balance).await, "a");
-    set_health(&pool, "a", Health::Unhealthy);
+    set_health(&pool, "a", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "b");
-    set_health(&pool, "a", Health::Healthy);
+    set_health(&pool, "a", HealthStatus::Healthy);
     for _ in 0..10 {
         tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!(serve(&balance).await, "b");
     }
     // When b fails, the order decides again: a is first.
-    set_health(&pool, "b", Health::Unhealthy);
+    set_health(&pool, "b", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "a");
     assert_eq!(
         primary_changes(&events),
@@ -281,20 +281,20 @@ async fn with_auto_the_primary_returns_only_after_a_whole_stable_interval() {
         .events(events.clone());
     let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
     assert_eq!(serve(&balance).await, "a");
-    set_health(&pool, "a", Health::Unhealthy);
+    set_health(&pool, "a", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "b");
 
     // a recovers at t0; picks every second see it.
-    set_health(&pool, "a", Health::Healthy);
+    set_health(&pool, "a", HealthStatus::Healthy);
     assert_eq!(serve(&balance).await, "b");
     for _ in 0..6 {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(serve(&balance).await, "b");
     }
     // A flap at t0+6 s resets the clock.
-    set_health(&pool, "a", Health::Unhealthy);
+    set_health(&pool, "a", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "b");
-    set_health(&pool, "a", Health::Healthy);
+    set_health(&pool, "a", HealthStatus::Healthy);
     assert_eq!(serve(&balance).await, "b"); // available again since t1
     for _ in 0..9 {
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -323,9 +323,9 @@ async fn no_failback_within_a_day(after_stable_for: Duration, min_dwell: Duratio
         .min_dwell(min_dwell);
     let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
     assert_eq!(serve(&balance).await, "a");
-    set_health(&pool, "a", Health::Unhealthy);
+    set_health(&pool, "a", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "b");
-    set_health(&pool, "a", Health::Healthy);
+    set_health(&pool, "a", HealthStatus::Healthy);
     tokio::time::advance(Duration::from_secs(86_400)).await;
     assert_eq!(serve(&balance).await, "b");
 }
@@ -357,9 +357,9 @@ async fn the_minimum_dwell_holds_when_the_primary_flaps_every_100ms() {
             &pool,
             "a",
             if a_up {
-                Health::Healthy
+                HealthStatus::Healthy
             } else {
-                Health::Unhealthy
+                HealthStatus::Unhealthy
             },
         );
         let served = serve(&balance).await;
@@ -420,7 +420,7 @@ async fn a_forced_primary_holds_until_it_fails_or_is_released() {
     assert_eq!(serve(&balance).await, "a", "released: failback applies");
     // A forced primary that fails is failed over like any other.
     assert!(group.force_primary(&"b".into()));
-    set_health(&pool, "b", Health::Unhealthy);
+    set_health(&pool, "b", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "a");
     assert_eq!(group.forced(), None);
     assert_eq!(
@@ -466,7 +466,7 @@ async fn a_removed_primary_is_replaced_and_a_new_member_joins_last() {
     pool.insert("z", named("z", Duration::ZERO));
     pool.remove(&"a".into());
     assert_eq!(serve(&balance).await, "b");
-    set_health(&pool, "b", Health::Unhealthy);
+    set_health(&pool, "b", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "z");
     assert_eq!(
         primary_changes(&events),
@@ -758,7 +758,7 @@ async fn stats_count_requests_failures_and_failovers() {
     let stats = handle.group_stats("g").unwrap();
     assert_eq!(stats.backends[0].max_in_flight, Some(8));
 
-    set_health(&pool, "p", Health::Unhealthy);
+    set_health(&pool, "p", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "b");
     tokio::time::advance(Duration::from_secs(4)).await;
     let stats = handle.group_stats("g").unwrap();
@@ -796,7 +796,7 @@ async fn concurrent_picks_record_each_switch_once_and_in_order() {
             ),
         );
     }
-    let set = |id: &str, health: Health| {
+    let set = |id: &str, health: HealthStatus| {
         pool.state(&id.into()).unwrap().set_health(health);
     };
     let events = Events::default();
@@ -822,9 +822,9 @@ async fn concurrent_picks_record_each_switch_once_and_in_order() {
             set(
                 name,
                 if name == up {
-                    Health::Healthy
+                    HealthStatus::Healthy
                 } else {
-                    Health::Unhealthy
+                    HealthStatus::Unhealthy
                 },
             );
         }
@@ -979,7 +979,7 @@ async fn a_primary_that_joins_after_its_backups_takes_over_without_a_failover() 
     assert_eq!(group.failovers(), 0);
     assert!(events.history().is_empty(), "{:?}", events.history());
     // From then on it is a primary like any other.
-    set_health(&pool, "db1", Health::Unhealthy);
+    set_health(&pool, "db1", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "db2");
     assert_eq!(group.failovers(), 1);
 
@@ -991,9 +991,9 @@ async fn a_primary_that_joins_after_its_backups_takes_over_without_a_failover() 
     assert_eq!(serve(&balance).await, "x");
     assert_eq!(group.current(), Some("x".into()));
     assert_eq!(group.failovers(), 0);
-    set_health(&pool, "x", Health::Unhealthy);
+    set_health(&pool, "x", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "y");
-    set_health(&pool, "x", Health::Healthy);
+    set_health(&pool, "x", HealthStatus::Healthy);
     assert_eq!(serve(&balance).await, "y", "no failback by default");
     assert_eq!(group.failovers(), 1);
 

@@ -12,7 +12,7 @@ use metrics::{
 use tower::{service_fn, ServiceExt};
 use tower_ha::balance::{Balance, Priority, RoundRobin};
 use tower_ha::control::{Events, Handle};
-use tower_ha::{Health, Pool};
+use tower_ha::{HealthStatus, Pool};
 
 /// Records the last value of every metric, by name and sorted labels.
 #[derive(Default, Clone)]
@@ -88,7 +88,7 @@ async fn stats_are_published_through_the_metrics_facade() {
     }
     pool.state(&"p".into())
         .unwrap()
-        .set_health(Health::Unhealthy);
+        .set_health(HealthStatus::Unhealthy);
     balance.clone().oneshot(Request::new(())).await.unwrap();
     tokio::time::advance(std::time::Duration::from_secs(2)).await;
     pool.state(&"b".into()).unwrap().set_max_in_flight(Some(64));

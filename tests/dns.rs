@@ -232,7 +232,7 @@ async fn a_backend_removed_by_the_health_checker_returns_while_listed() {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicBool, Ordering};
     use tower_ha::health::{probe_fn, HealthChecker};
-    use tower_ha::Health;
+    use tower_ha::HealthStatus;
 
     let resolver = Scripted::default();
     resolver.answer(&[1, 2]);
@@ -288,7 +288,7 @@ async fn a_backend_removed_by_the_health_checker_returns_while_listed() {
     tokio::time::sleep(Duration::from_millis(600)).await; // 10.1 s
     assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
     let two = pool.state(&"10.0.0.2:5432".into()).unwrap();
-    assert_eq!(two.health(), Health::Healthy);
+    assert_eq!(two.health(), HealthStatus::Healthy);
 
     // The checker probes the returned backend again: once more within an
     // interval, and a failed probe (fall 1) makes it unhealthy.
@@ -298,11 +298,15 @@ async fn a_backend_removed_by_the_health_checker_returns_while_listed() {
         returned > while_removed,
         "the returned backend was not probed ({returned} probes in all)"
     );
-    assert_eq!(two.health(), Health::Healthy);
+    assert_eq!(two.health(), HealthStatus::Healthy);
     two_up.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1_000)).await; // 12.1 s
     assert!(probes_of(two_addr) > returned);
-    assert_eq!(two.health(), Health::Unhealthy, "its failed probe counted");
+    assert_eq!(
+        two.health(),
+        HealthStatus::Unhealthy,
+        "its failed probe counted"
+    );
     assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
     checker.shutdown().await;
     task.abort();

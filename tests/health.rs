@@ -17,7 +17,7 @@ use tower_ha::extensions::Target;
 use tower_ha::failover::FailoverLayer;
 use tower_ha::failover::TimedOut;
 use tower_ha::health::{probe_fn, HealthChecker, HealthLayer, SlowStart};
-use tower_ha::{AdminStatus, BackendId, BackendState, BoxError, Health, Pool};
+use tower_ha::{AdminStatus, BackendId, BackendState, BoxError, HealthStatus, Pool};
 
 mod support;
 use support::health_mock::*;
@@ -570,7 +570,7 @@ async fn rise_and_fall_count_consecutive_probe_results() {
         at(t0 + secs(k) + ms(500)).await;
         seen.push(state.health());
     }
-    use Health::{Healthy as H, Unhealthy as U};
+    use HealthStatus::{Healthy as H, Unhealthy as U};
     assert_eq!(seen, [H, H, H, H, H, H, U, U, U, U, H]);
     assert_eq!(script.probes.load(Ordering::SeqCst), 11);
 }
@@ -589,7 +589,7 @@ async fn probes_come_faster_while_unhealthy() {
         .fall(1)
         .spawn();
     at(t0 + ms(500)).await;
-    assert_eq!(state.health(), Health::Unhealthy);
+    assert_eq!(state.health(), HealthStatus::Unhealthy);
     assert_eq!(script.probes.load(Ordering::SeqCst), 1);
     at(t0 + ms(5500)).await;
     assert_eq!(script.probes.load(Ordering::SeqCst), 6);
@@ -610,9 +610,9 @@ async fn a_probe_that_hangs_fails_at_its_timeout() {
         .spawn();
     // Probes start at 0 s and 2 s and time out at 1 s and 3 s.
     at(t0 + secs(3) - ms(1)).await;
-    assert_eq!(state.health(), Health::Healthy);
+    assert_eq!(state.health(), HealthStatus::Healthy);
     at(t0 + secs(3)).await;
-    assert_eq!(state.health(), Health::Unhealthy);
+    assert_eq!(state.health(), HealthStatus::Unhealthy);
 }
 
 #[tokio::test(start_paused = true)]
@@ -628,9 +628,9 @@ async fn start_unhealthy_waits_for_rise_passing_probes() {
         .start_unhealthy(true)
         .spawn();
     at(t0 + ms(1500)).await;
-    assert_eq!(state.health(), Health::Unhealthy);
+    assert_eq!(state.health(), HealthStatus::Unhealthy);
     at(t0 + ms(2500)).await;
-    assert_eq!(state.health(), Health::Healthy);
+    assert_eq!(state.health(), HealthStatus::Healthy);
 }
 
 #[tokio::test(start_paused = true)]
@@ -705,11 +705,11 @@ async fn turned_off_and_removed_at_the_configured_times() {
         .removed_after(secs(30))
         .spawn();
     at(t0 + ms(1500)).await;
-    assert_eq!(state.health(), Health::Unhealthy);
+    assert_eq!(state.health(), HealthStatus::Unhealthy);
     at(t0 + secs(11) - ms(1)).await;
-    assert_eq!(state.health(), Health::Unhealthy);
+    assert_eq!(state.health(), HealthStatus::Unhealthy);
     at(t0 + secs(11)).await;
-    assert_eq!(state.health(), Health::TurnedOff);
+    assert_eq!(state.health(), HealthStatus::TurnedOff);
     at(t0 + secs(31) - ms(1)).await;
     assert!(pool.contains(&"a".into()));
     at(t0 + secs(31)).await;
@@ -732,11 +732,11 @@ async fn durations_meaning_never_do_not_stop_the_checker() {
         .removed_after(Duration::MAX)
         .spawn();
     at(t0 + ms(1500)).await;
-    assert_eq!(state.health(), Health::Unhealthy);
+    assert_eq!(state.health(), HealthStatus::Unhealthy);
     // The checker still runs: a passing probe makes a healthy again.
     script.set("a", true);
     at(t0 + secs(60)).await;
-    assert_eq!(state.health(), Health::Healthy);
+    assert_eq!(state.health(), HealthStatus::Healthy);
     assert!(pool.contains(&"a".into()));
     assert!(!checker.is_finished(), "the checker task did not panic");
 }
@@ -756,7 +756,7 @@ async fn a_backend_never_seen_healthy_is_neither_turned_off_nor_removed() {
         .removed_after(secs(4))
         .spawn();
     at(t0 + secs(60)).await;
-    assert_eq!(state.health(), Health::Unhealthy);
+    assert_eq!(state.health(), HealthStatus::Unhealthy);
     assert!(pool.contains(&"a".into()));
     assert!(script.probes.load(Ordering::SeqCst) > 50, "still probed");
 }
@@ -777,7 +777,7 @@ async fn a_turned_off_backend_recovers_on_its_own() {
         .turned_off_after(secs(5))
         .spawn();
     at(t0 + secs(10)).await;
-    assert_eq!(state.health(), Health::TurnedOff);
+    assert_eq!(state.health(), HealthStatus::TurnedOff);
     for _ in 0..4 {
         balance.clone().oneshot(Request::new(())).await.unwrap();
     }
@@ -785,9 +785,9 @@ async fn a_turned_off_backend_recovers_on_its_own() {
     // The backend comes back: two passing probes (at 11 s and 12 s).
     script.set("a", true);
     at(t0 + secs(11) + ms(500)).await;
-    assert_eq!(state.health(), Health::TurnedOff);
+    assert_eq!(state.health(), HealthStatus::TurnedOff);
     at(t0 + secs(12) + ms(500)).await;
-    assert_eq!(state.health(), Health::Healthy);
+    assert_eq!(state.health(), HealthStatus::Healthy);
     for _ in 0..4 {
         balance.clone().oneshot(Request::new(())).await.unwrap();
     }
@@ -835,9 +835,9 @@ async fn slow_start_ramps_new_and_recovered_backends() {
     script.push("a", &[false, true]);
     let next_probe = t1 - ms(300) + secs(11);
     at(next_probe).await;
-    assert_eq!(a.health(), Health::Unhealthy);
+    assert_eq!(a.health(), HealthStatus::Unhealthy);
     at(next_probe + secs(1)).await;
-    assert_eq!(a.health(), Health::Healthy);
+    assert_eq!(a.health(), HealthStatus::Healthy);
     assert_eq!(a.weight_permille(), 100);
     at(next_probe + secs(6)).await;
     assert_eq!(a.weight_permille(), 550);
@@ -884,7 +884,7 @@ async fn a_ramp_cut_short_by_failing_probes_ends_at_full_weight() {
     // healthy).
     script.set("b", false);
     at(t0 + ms(3500)).await;
-    assert_eq!(b.health(), Health::Unhealthy);
+    assert_eq!(b.health(), HealthStatus::Unhealthy);
     assert_eq!(b.weight_permille(), 1000);
     drop(checker);
     settle().await;
@@ -932,12 +932,12 @@ async fn panic_routing_engages_below_the_threshold() {
     let state = |id: &str| pool.state(&id.into()).unwrap();
 
     // 2 of 4 available: 50 % is not below 50 %.
-    state("a").set_health(Health::Unhealthy);
+    state("a").set_health(HealthStatus::Unhealthy);
     state("b").eject_until(Instant::now() + secs(60));
     assert_eq!(served(&balance, 8).await, ["c", "d"]);
 
     // 1 of 4 available: panic, every enabled backend serves.
-    state("c").set_health(Health::Unhealthy);
+    state("c").set_health(HealthStatus::Unhealthy);
     tokio::time::advance(ms(1)).await;
     assert_eq!(served(&balance, 8).await, ["a", "b", "c", "d"]);
 
@@ -948,16 +948,16 @@ async fn panic_routing_engages_below_the_threshold() {
     state("d").set_admin(AdminStatus::Enabled);
 
     // Back above the threshold: only available backends again.
-    state("a").set_health(Health::Healthy);
+    state("a").set_health(HealthStatus::Healthy);
     tokio::time::advance(ms(1)).await;
     assert_eq!(served(&balance, 8).await, ["a", "d"]);
 
     // Threshold 0 disables panic routing; 1.0 panics unless all are up.
-    state("a").set_health(Health::Unhealthy);
+    state("a").set_health(HealthStatus::Unhealthy);
     let strict = balance.clone().panic_threshold(0.0);
     assert_eq!(served(&strict, 8).await, ["d"]);
     let eager = balance.panic_threshold(1.0);
-    state("a").set_health(Health::Healthy);
+    state("a").set_health(HealthStatus::Healthy);
     state("b").uneject();
     tokio::time::advance(ms(1)).await;
     assert_eq!(served(&eager, 8).await, ["a", "b", "c", "d"]);
@@ -968,7 +968,7 @@ async fn panic_routing_follows_expiring_ejections() {
     let (pool, _) = pool_of(&["a", "b", "c", "d"]);
     let balance = Balance::new(pool.clone(), RoundRobin::new());
     let state = |id: &str| pool.state(&id.into()).unwrap();
-    state("d").set_health(Health::Unhealthy);
+    state("d").set_health(HealthStatus::Unhealthy);
     for id in ["a", "b"] {
         state(id).eject_until(Instant::now() + secs(10));
     }
@@ -979,7 +979,7 @@ async fn panic_routing_follows_expiring_ejections() {
     tokio::time::advance(secs(10)).await;
     assert_eq!(served(&balance, 8).await, ["a", "b", "c"]);
     // Another one unhealthy, 2 of 4 available: still no panic.
-    state("a").set_health(Health::Unhealthy);
+    state("a").set_health(HealthStatus::Unhealthy);
     tokio::time::advance(ms(1)).await;
     assert_eq!(served(&balance, 8).await, ["b", "c"]);
 }
@@ -1081,7 +1081,7 @@ async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_o
     at(t0 + ms(600)).await;
     // With `fall(1)`, the panic counted against it would have made it
     // unhealthy.
-    assert_eq!(fresh.health(), Health::Healthy);
+    assert_eq!(fresh.health(), HealthStatus::Healthy);
     assert!(!checker.is_finished());
 }
 
@@ -1126,12 +1126,12 @@ async fn a_probe_started_before_a_backend_left_does_not_count_once_it_is_back() 
     // The first probe fails at 500 ms: not this membership's result, and
     // no end of the probe in flight (which would let another start).
     at(t0 + ms(1000)).await;
-    assert_eq!(state.health(), Health::Healthy);
+    assert_eq!(state.health(), HealthStatus::Healthy);
     assert_eq!(probes.load(Ordering::SeqCst), 2, "two probes at once");
     // The probe in flight passes at 1.1 s; the next starts then.
     at(t0 + ms(1100)).await;
     assert_eq!(probes.load(Ordering::SeqCst), 3);
-    assert_eq!(state.health(), Health::Healthy);
+    assert_eq!(state.health(), HealthStatus::Healthy);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1152,7 +1152,7 @@ async fn a_zero_probe_timeout_still_lets_a_probe_answer() {
         .fall(1)
         .spawn();
     at(t0 + secs(3) + ms(500)).await;
-    assert_eq!(state.health(), Health::Healthy);
+    assert_eq!(state.health(), HealthStatus::Healthy);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1204,16 +1204,16 @@ async fn a_probe_that_panics_when_called_fails_its_backend_and_checks_go_on() {
     pool.insert("added", ());
     let added = pool.state(&"added".into()).unwrap();
     at(t0 + ms(200)).await;
-    assert_eq!(added.health(), Health::Unhealthy);
+    assert_eq!(added.health(), HealthStatus::Unhealthy);
     // The checker still runs: the other backend is probed every second,
     // and the failing one again.
     at(t0 + ms(3100)).await;
     assert!(!checker.is_finished());
     assert_eq!(probes.load(Ordering::Relaxed), 4);
-    assert_eq!(added.health(), Health::Unhealthy);
+    assert_eq!(added.health(), HealthStatus::Unhealthy);
     assert_eq!(
         pool.state(&"known".into()).unwrap().health(),
-        Health::Healthy
+        HealthStatus::Healthy
     );
 }
 

@@ -162,12 +162,12 @@ async fn removing_a_backend_unhealthy_too_long_spares_one_added_under_its_id_sin
     at(t0 + secs(21) - ms(1)).await;
     assert_eq!(
         pool.state(&"a".into()).unwrap().health(),
-        tower_ha::Health::Unhealthy
+        tower_ha::HealthStatus::Unhealthy
     );
     at(t0 + secs(21)).await;
     assert_eq!(
         pool.state(&"a".into()).unwrap().health(),
-        tower_ha::Health::TurnedOff
+        tower_ha::HealthStatus::TurnedOff
     );
     let b = pool.state(&"b".into()).expect("the new \"b\" was removed");
     assert!(Arc::ptr_eq(&b, &fresh));

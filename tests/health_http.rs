@@ -9,7 +9,7 @@ use tower::ServiceExt;
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::extensions::ServedBy;
 use tower_ha::health::{HealthChecker, HttpProbe, TcpProbe};
-use tower_ha::{Health, Pool};
+use tower_ha::{HealthStatus, Pool};
 
 use support::health_http::{eventually, HttpBackend, ReqBody, TestServer};
 
@@ -57,7 +57,7 @@ async fn a_backend_whose_healthz_fails_leaves_after_fall_probes_and_returns_afte
 
     a.set_healthz(500);
     eventually("a is marked unhealthy", || {
-        state.health() == Health::Unhealthy
+        state.health() == HealthStatus::Unhealthy
     })
     .await;
     assert!(
@@ -71,7 +71,10 @@ async fn a_backend_whose_healthz_fails_leaves_after_fall_probes_and_returns_afte
 
     let passed_before = a.probes_ok();
     a.set_healthz(200);
-    eventually("a is healthy again", || state.health() == Health::Healthy).await;
+    eventually("a is healthy again", || {
+        state.health() == HealthStatus::Healthy
+    })
+    .await;
     assert!(a.probes_ok() - passed_before >= 2);
     assert_eq!(spread(&balance, 10).await, (5, 5));
 }
@@ -88,7 +91,7 @@ async fn a_backend_whose_listener_is_shut_down_is_marked_unhealthy() {
     eventually("a first probe passes", || a.probes_ok() >= 1).await;
     a.shutdown().await;
     eventually("a is marked unhealthy", || {
-        state.health() == Health::Unhealthy
+        state.health() == HealthStatus::Unhealthy
     })
     .await;
     let served_by_b = b.hits();
@@ -115,13 +118,16 @@ async fn a_tcp_probe_marks_a_closed_listener_unhealthy() {
     }
     assert_eq!(
         (sa.health(), sb.health()),
-        (Health::Unhealthy, Health::Unhealthy)
+        (HealthStatus::Unhealthy, HealthStatus::Unhealthy)
     );
     eventually("both pass their first probes", || {
-        sa.health() == Health::Healthy && sb.health() == Health::Healthy
+        sa.health() == HealthStatus::Healthy && sb.health() == HealthStatus::Healthy
     })
     .await;
     a.shutdown().await;
-    eventually("a is marked unhealthy", || sa.health() == Health::Unhealthy).await;
-    assert_eq!(sb.health(), Health::Healthy);
+    eventually("a is marked unhealthy", || {
+        sa.health() == HealthStatus::Unhealthy
+    })
+    .await;
+    assert_eq!(sb.health(), HealthStatus::Healthy);
 }

@@ -16,7 +16,7 @@ use tower_ha::backend::InFlight;
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::failover::{Exhausted, FailoverLayer};
-use tower_ha::{error::find, BackendId, BoxError, Health, NoBackend, Pool};
+use tower_ha::{error::find, BackendId, BoxError, HealthStatus, NoBackend, Pool};
 
 type Seen = Arc<Mutex<Vec<String>>>;
 
@@ -259,7 +259,7 @@ type MakeUnavailable = fn(&tower_ha::BackendState);
 async fn a_request_stops_waiting_when_no_backend_could_take_it() {
     let ways: [(&str, MakeUnavailable); 2] = [
         ("unhealthy", |state| {
-            state.set_health(Health::Unhealthy);
+            state.set_health(HealthStatus::Unhealthy);
         }),
         ("ejected", |state| {
             state.eject_until(tokio::time::Instant::now() + Duration::from_secs(30));
@@ -380,7 +380,7 @@ async fn a_waiting_request_follows_the_pool_into_panic() {
     for id in ["a", "b"] {
         pool.state(&id.into())
             .unwrap()
-            .set_health(Health::Unhealthy);
+            .set_health(HealthStatus::Unhealthy);
     }
     settle().await;
     assert!(!waiter.is_finished(), "refused, though the pool panics");

@@ -23,7 +23,7 @@ use tower_ha::sticky::{
 use tower_ha::store::{
     Loaded, MemoryStore, Session, SessionGuard, SessionLock, SessionStore, StoreFuture,
 };
-use tower_ha::{AdminStatus, BackendError, BackendId, BoxError, Health, Pool};
+use tower_ha::{AdminStatus, BackendError, BackendId, BoxError, HealthStatus, Pool};
 
 const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -111,7 +111,7 @@ fn cluster() -> Cluster<
 }
 
 impl<S> Cluster<S> {
-    fn set_health(&self, name: &str, health: Health) {
+    fn set_health(&self, name: &str, health: HealthStatus) {
         self.pool.state(&name.into()).unwrap().set_health(health);
     }
 }
@@ -218,7 +218,7 @@ async fn sessions_move_off_an_unavailable_backend_once_and_do_not_move_back() {
     assert_eq!(first.body(), "a");
     let cookie = cookie_of(&first).unwrap();
 
-    c.set_health("a", Health::Unhealthy);
+    c.set_health("a", HealthStatus::Unhealthy);
     // Concurrent requests of one session, all routed before the first
     // answer (the backends answer 10 ms later): it moves once.
     let delayed = || {
@@ -260,7 +260,7 @@ async fn sessions_move_off_an_unavailable_backend_once_and_do_not_move_back() {
 
     // The old backend recovers: the session stays where it went, with the
     // new cookie and with the stale one alike.
-    c.set_health("a", Health::Healthy);
+    c.set_health("a", HealthStatus::Healthy);
     for cookie in [&new_cookie, &cookie] {
         for _ in 0..5 {
             let res = send(&svc, with_cookie(cookie)).await.unwrap();
@@ -415,7 +415,7 @@ async fn strict_mode_answers_session_unavailable_instead_of_moving() {
     let cookie = cookie_of(&first).unwrap();
     let home = first.body().clone();
 
-    c.set_health(&home, Health::Unhealthy);
+    c.set_health(&home, HealthStatus::Unhealthy);
     let err = send(&svc, with_cookie(&cookie)).await.unwrap_err();
     let unavailable = err
         .downcast_ref::<SessionUnavailable>()
@@ -429,7 +429,7 @@ async fn strict_mode_answers_session_unavailable_instead_of_moving() {
         .layer_fn(RetryElsewhere)
         .layer(BalanceLayer::new(RoundRobin::new()))
         .service(c.pool.clone());
-    c.set_health(&home, Health::Healthy);
+    c.set_health(&home, HealthStatus::Healthy);
     c.fail[home.as_str()].store(true, Ordering::SeqCst);
     let err = send(&svc2, with_cookie(&cookie)).await.unwrap_err();
     assert!(err.downcast_ref::<SessionUnavailable>().is_some(), "{err}");
@@ -928,10 +928,10 @@ async fn replication_routes_a_session_started_on_another_instance() {
     }
     // Move the first one on A; its client keeps the stale cookie.
     let (stale, old_home) = cookies[0].clone();
-    c.set_health(&old_home, Health::Unhealthy);
+    c.set_health(&old_home, HealthStatus::Unhealthy);
     let moved = send(&a, with_cookie(&stale)).await.unwrap().into_body();
     assert_ne!(moved, old_home);
-    c.set_health(&old_home, Health::Healthy);
+    c.set_health(&old_home, HealthStatus::Healthy);
     cookies[0].1 = moved;
 
     // On B each session lands on its backend as the store knows it (not as
@@ -1289,10 +1289,10 @@ async fn strict_mode_lets_a_draining_backend_finish_its_sessions() {
     assert_eq!(layer.stats().moved, 0);
 
     // Draining but unhealthy, or disabled: the session cannot finish there.
-    state.set_health(Health::Unhealthy);
+    state.set_health(HealthStatus::Unhealthy);
     let err = send(&svc, session("s1")).await.unwrap_err();
     assert!(err.downcast_ref::<SessionUnavailable>().is_some(), "{err}");
-    state.set_health(Health::Healthy);
+    state.set_health(HealthStatus::Healthy);
     state.set_admin(AdminStatus::Disabled);
     let err = send(&svc, session("s1")).await.unwrap_err();
     assert!(err.downcast_ref::<SessionUnavailable>().is_some(), "{err}");
@@ -1340,7 +1340,7 @@ async fn standalone_reads_the_record_of_a_session_that_went_idle() {
     assert_eq!(restores.load(Ordering::SeqCst), 1, "restored at start only");
 
     // It moves with its data.
-    c.set_health("c", Health::Unhealthy);
+    c.set_health("c", HealthStatus::Unhealthy);
     let moved = send(&svc, session("k1")).await.unwrap().into_body();
     assert_ne!(moved, "c");
     let kept = store.load("k1").await.unwrap().unwrap();
@@ -1377,7 +1377,7 @@ async fn standalone_reads_the_records_restore_had_no_room_for() {
         );
     }
     // Their backend goes: each moves with the data of its record.
-    c.set_health("b", Health::Unhealthy);
+    c.set_health("b", HealthStatus::Unhealthy);
     for i in 0..4 {
         assert_ne!(
             send(&svc, with_cookie(&cookie(i))).await.unwrap().body(),
@@ -1495,7 +1495,7 @@ async fn a_failed_load_is_tried_again_and_the_record_then_wins() {
         ("c", &5000.into())
     );
     // Its moves are saved, with its data, and handed to the hook.
-    c.set_health("c", Health::Unhealthy);
+    c.set_health("c", HealthStatus::Unhealthy);
     let moved = send(&svc, session("k")).await.unwrap().into_body();
     assert_ne!(moved, "c");
     let kept = shared.load("k").await.unwrap().unwrap();
@@ -1600,7 +1600,7 @@ async fn a_session_kept_in_memory_moves_as_itself_once_the_store_has_no_record()
     c.fail[failing.as_str()].store(true, Ordering::SeqCst);
     assert!(send(&svc, session("k2")).await.is_err());
     c.fail[failing.as_str()].store(false, Ordering::SeqCst);
-    c.set_health(&gone, Health::Unhealthy);
+    c.set_health(&gone, HealthStatus::Unhealthy);
     // The store is back, with no record of either: each is read again and
     // moves as the session it is.
     store.down.store(false, Ordering::SeqCst);
@@ -1752,7 +1752,7 @@ async fn a_move_saved_while_the_start_is_still_saving_lands_last() {
     let start = tokio::spawn(send_owned(svc.clone(), session("k")));
     store.a_save_started().await;
     // Meanwhile `a` goes down: the next request moves the session to `b`.
-    c.set_health("a", Health::Unhealthy);
+    c.set_health("a", HealthStatus::Unhealthy);
     let moved = tokio::spawn(send_owned(svc.clone(), session("k")));
     for _ in 0..10 {
         tokio::task::yield_now().await;
@@ -2020,7 +2020,7 @@ async fn a_move_hook_runs_to_its_end_when_the_client_goes_away() {
     let svc = stack(&c.pool, layer);
     let first = send(&svc, Request::new(())).await.unwrap();
     let cookie = cookie_of(&first).unwrap();
-    c.set_health(first.body(), Health::Unhealthy);
+    c.set_health(first.body(), HealthStatus::Unhealthy);
     // The request that moves the session is dropped while its hook runs.
     let moving = tokio::time::timeout(Duration::from_millis(100), send(&svc, with_cookie(&cookie)));
     assert!(moving.await.is_err(), "answered before the hook ended");
@@ -2205,7 +2205,7 @@ async fn a_request_served_during_restore_is_not_undone_by_it() {
         }
         // k1's backend goes down while its restore runs; a request for it
         // is served elsewhere.
-        c.set_health("a", Health::Unhealthy);
+        c.set_health("a", HealthStatus::Unhealthy);
         let during = send(&svc, session("k1")).await.unwrap();
         assert_ne!(during.body(), "a");
         gate.add_permits(1);

@@ -16,7 +16,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, BalanceLayer, RoundRobin};
 use tower_ha::sticky::{CookieInsert, SessionKey, SessionUnavailable, Sticky, StickyLayer};
 use tower_ha::store::MemoryStore;
-use tower_ha::{BoxError, Health, Pool};
+use tower_ha::{BoxError, HealthStatus, Pool};
 
 const SECRET: [u8; 32] = *b"an end-to-end secret of 32 bytes";
 const CLIENTS: usize = 200;
@@ -47,7 +47,7 @@ impl Cluster {
         self.pool
             .state(&name.into())
             .unwrap()
-            .set_health(Health::Unhealthy);
+            .set_health(HealthStatus::Unhealthy);
         addr
     }
 
@@ -57,7 +57,7 @@ impl Cluster {
         self.pool
             .state(&name.into())
             .unwrap()
-            .set_health(Health::Healthy);
+            .set_health(HealthStatus::Healthy);
     }
 
     fn stack(&self, layer: StickyLayer) -> Stack {

@@ -19,7 +19,7 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{BalanceLayer, RoundRobin};
 use tower_ha::sticky::{SessionKey, StickyLayer};
 use tower_ha::store::{Invalidation, RedisStore, Session, SessionStore};
-use tower_ha::{BoxError, Health, Pool};
+use tower_ha::{BoxError, HealthStatus, Pool};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
 
@@ -137,7 +137,7 @@ impl Replica {
         svc.call(Request::new(())).await.unwrap().into_body()
     }
 
-    fn set_health(&self, name: &str, health: Health) {
+    fn set_health(&self, name: &str, health: HealthStatus) {
         self.pool.state(&name.into()).unwrap().set_health(health);
     }
 
@@ -206,7 +206,7 @@ async fn a_move_on_one_replica_reaches_the_others() {
     // The session's backend dies; B notices first (A's and the deaf
     // replica's checks have not run yet), and B's next request for the
     // session moves it.
-    b.set_health(&home, Health::Unhealthy);
+    b.set_health(&home, HealthStatus::Unhealthy);
     let moved_to = b.send("s").await;
     assert_ne!(moved_to, home, "B moved the session off the dead backend");
     assert_eq!(b.layer.stats().moved, 1);

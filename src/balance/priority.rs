@@ -124,7 +124,7 @@ struct Shared {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// use tower::{service_fn, ServiceExt};
 /// use tower_ha::balance::{Balance, Priority};
-/// use tower_ha::{Health, Pool};
+/// use tower_ha::{HealthStatus, Pool};
 ///
 /// let backend = |name: &'static str| {
 ///     service_fn(move |_req: http::Request<()>| async move {
@@ -141,13 +141,13 @@ struct Shared {
 /// let served = balance.clone().oneshot(http::Request::new(())).await.unwrap();
 /// assert_eq!(*served.body(), "db1");
 ///
-/// pool.state(&"db1".into()).unwrap().set_health(Health::Unhealthy);
+/// pool.state(&"db1".into()).unwrap().set_health(HealthStatus::Unhealthy);
 /// let served = balance.clone().oneshot(http::Request::new(())).await.unwrap();
 /// assert_eq!(*served.body(), "db2"); // the first backup in order
 /// assert_eq!(group.current().unwrap().as_str(), "db2");
 ///
 /// // The recovered primary stays a backup (Failback::Never).
-/// pool.state(&"db1".into()).unwrap().set_health(Health::Healthy);
+/// pool.state(&"db1".into()).unwrap().set_health(HealthStatus::Healthy);
 /// let served = balance.oneshot(http::Request::new(())).await.unwrap();
 /// assert_eq!(*served.body(), "db2");
 /// # }

@@ -11,7 +11,7 @@ use serde::{Serialize, Serializer};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::backend::{AdminStatus, BackendId, Health};
+use crate::backend::{AdminStatus, BackendId, HealthStatus};
 use crate::pool::FastMap;
 
 /// Why a group's primary changed.
@@ -92,9 +92,9 @@ pub enum Event {
         /// The backend.
         backend: BackendId,
         /// The health before.
-        from: Health,
+        from: HealthStatus,
         /// The health now.
-        to: Health,
+        to: HealthStatus,
         /// Why: `"probes failed"`, `"probes passed"`, `"unhealthy too long"`.
         reason: Arc<str>,
     },

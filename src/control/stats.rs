@@ -7,7 +7,7 @@ use serde::{Serialize, Serializer};
 
 use super::events::Events;
 use super::handle::{Group, GroupMode};
-use crate::backend::{AdminStatus, BackendId, BackendState, Health};
+use crate::backend::{AdminStatus, BackendId, BackendState, HealthStatus};
 
 fn opt_unix_millis<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     match t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
@@ -43,7 +43,7 @@ pub struct BackendStats {
     /// Whether it is ejected now.
     pub ejected: bool,
     /// Its health.
-    pub health: Health,
+    pub health: HealthStatus,
     /// Its admin status.
     pub admin: AdminStatus,
     /// Its configured weight.
@@ -82,7 +82,7 @@ impl BackendStats {
     /// Whether health checking counts it as serving: healthy and not
     /// ejected (whatever its admin status).
     pub fn is_healthy(&self) -> bool {
-        self.health == Health::Healthy && !self.ejected
+        self.health == HealthStatus::Healthy && !self.ejected
     }
 }
 

@@ -14,7 +14,7 @@ use crate::time::{elapsed, later};
 use super::error::{ProbePanicked, ProbeTimeout};
 use super::probe::Probe;
 use super::slow_start::SlowStart;
-use crate::backend::{BackendId, BackendState, Health};
+use crate::backend::{BackendId, BackendState, HealthStatus};
 use crate::control::{emit, Event, Events};
 use crate::error::BoxError;
 use crate::pool::{Pool, Rebuild, Snapshot};
@@ -53,7 +53,7 @@ impl Default for CheckConfig {
 }
 
 /// Probes every backend of a [`Pool`] in the background and keeps their
-/// [`Health`] up to date; see the [module docs](super) for the rules.
+/// [`HealthStatus`](crate::HealthStatus) up to date; see the [module docs](super) for the rules.
 ///
 /// Defaults (HAProxy's `inter 2s rise 2 fall 3`): a probe every 2 s (plus up
 /// to 100 ms of jitter), a 1 s timeout, healthy after 2 passing probes in a
@@ -138,7 +138,7 @@ where
         self
     }
 
-    /// Marks a backend [`TurnedOff`](Health::TurnedOff) once it has been
+    /// Marks a backend [`TurnedOff`](HealthStatus::TurnedOff) once it has been
     /// unhealthy this long, if it was healthy at least once. It keeps being
     /// probed and comes back after `rise` passing probes. Off by default.
     pub fn turned_off_after(mut self, after: Duration) -> Self {
@@ -271,11 +271,11 @@ struct Entry {
     ramp_from: Option<Instant>,
 }
 
-const fn health_name(health: Health) -> &'static str {
+const fn health_name(health: HealthStatus) -> &'static str {
     match health {
-        Health::Healthy => "healthy",
-        Health::Unhealthy => "unhealthy",
-        Health::TurnedOff => "turned_off",
+        HealthStatus::Healthy => "healthy",
+        HealthStatus::Unhealthy => "unhealthy",
+        HealthStatus::TurnedOff => "turned_off",
     }
 }
 
@@ -342,12 +342,12 @@ impl Entry {
             Ok(()) => {
                 self.successes = self.successes.saturating_add(1);
                 self.failures = 0;
-                if health == Health::Healthy {
+                if health == HealthStatus::Healthy {
                     self.ever_healthy = true;
                     self.unhealthy_since = None;
                     self.lift_ejection(id, events);
                 } else if self.successes >= config.rise {
-                    self.state.set_health(Health::Healthy);
+                    self.state.set_health(HealthStatus::Healthy);
                     self.ever_healthy = true;
                     self.unhealthy_since = None;
                     self.start_ramp(now, config);
@@ -362,7 +362,7 @@ impl Entry {
                     emit(events, || Event::HealthChanged {
                         backend: id.clone(),
                         from: health,
-                        to: Health::Healthy,
+                        to: HealthStatus::Healthy,
                         reason: "probes passed".into(),
                     });
                     self.lift_ejection(id, events);
@@ -371,8 +371,8 @@ impl Entry {
             Err(error) => {
                 self.failures = self.failures.saturating_add(1);
                 self.successes = 0;
-                if health == Health::Healthy && self.failures >= config.fall {
-                    self.state.set_health(Health::Unhealthy);
+                if health == HealthStatus::Healthy && self.failures >= config.fall {
+                    self.state.set_health(HealthStatus::Unhealthy);
                     self.unhealthy_since = Some(now);
                     self.end_ramp();
                     tracing::warn!(
@@ -386,8 +386,8 @@ impl Entry {
                     );
                     emit(events, || Event::HealthChanged {
                         backend: id.clone(),
-                        from: Health::Healthy,
-                        to: Health::Unhealthy,
+                        from: HealthStatus::Healthy,
+                        to: HealthStatus::Unhealthy,
                         reason: "probes failed".into(),
                     });
                 } else {
@@ -395,7 +395,7 @@ impl Entry {
                 }
             }
         }
-        let interval = if self.state.health() == Health::Healthy {
+        let interval = if self.state.health() == HealthStatus::Healthy {
             config.interval
         } else {
             config.unhealthy_interval.unwrap_or(config.interval)
@@ -420,7 +420,7 @@ impl Entry {
             return false;
         };
         let health = self.state.health();
-        if health == Health::Healthy {
+        if health == HealthStatus::Healthy {
             // Made healthy by someone else: the clock starts again.
             self.unhealthy_since = None;
             return false;
@@ -434,12 +434,12 @@ impl Entry {
         {
             return true;
         }
-        if health == Health::Unhealthy
+        if health == HealthStatus::Unhealthy
             && config
                 .turned_off_after
                 .is_some_and(|after| elapsed(since, now, after))
         {
-            self.state.set_health(Health::TurnedOff);
+            self.state.set_health(HealthStatus::TurnedOff);
             tracing::warn!(
                 backend = %id,
                 from = "unhealthy",
@@ -449,8 +449,8 @@ impl Entry {
             );
             emit(events, || Event::HealthChanged {
                 backend: id.clone(),
-                from: Health::Unhealthy,
-                to: Health::TurnedOff,
+                from: HealthStatus::Unhealthy,
+                to: HealthStatus::TurnedOff,
                 reason: "unhealthy too long".into(),
             });
         }
@@ -485,7 +485,7 @@ impl Entry {
                 let health = self.state.health();
                 let off = config
                     .turned_off_after
-                    .filter(|_| health == Health::Unhealthy)
+                    .filter(|_| health == HealthStatus::Unhealthy)
                     .map(|after| later(since, after));
                 let removed = config.removed_after.map(|after| later(since, after));
                 match (off, removed) {
@@ -654,8 +654,8 @@ where
             self.next_serial += 1;
             let mut entry = Entry::new(member.state().clone(), serial, now);
             if self.config.start_unhealthy {
-                member.state().set_health(Health::Unhealthy);
-            } else if !initial && member.state().health() == Health::Healthy {
+                member.state().set_health(HealthStatus::Unhealthy);
+            } else if !initial && member.state().health() == HealthStatus::Healthy {
                 entry.start_ramp(now, &self.config);
             }
             self.entries.insert(member.id().clone(), entry);
