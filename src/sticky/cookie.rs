@@ -20,6 +20,7 @@ use http::{HeaderMap, HeaderValue};
 use rand::RngCore;
 use sha2::Sha256;
 
+use super::error::CookieConfigError;
 use crate::backend::BackendId;
 use crate::key::{unquote, CookieName};
 
@@ -149,24 +150,35 @@ impl CookieInsert {
     /// cookie name (empty, or with separators, spaces or controls): both
     /// are configuration mistakes.
     pub fn new(name: impl Into<String>, secret: impl AsRef<[u8]>) -> Self {
+        Self::try_new(name, secret).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`new`](Self::new) for settings read at run time: an error instead
+    /// of a panic when `secret` is shorter than 32 bytes or `name` is not a
+    /// valid cookie name.
+    pub fn try_new(
+        name: impl Into<String>,
+        secret: impl AsRef<[u8]>,
+    ) -> Result<Self, CookieConfigError> {
         let name = name.into();
         let secret = secret.as_ref();
-        assert!(
-            secret.len() >= MIN_SECRET,
-            "the sticky cookie secret must be at least {MIN_SECRET} bytes"
-        );
-        assert!(
-            !name.is_empty() && name.bytes().all(is_token_byte),
-            "invalid cookie name {name:?}"
-        );
+        if secret.len() < MIN_SECRET {
+            return Err(CookieConfigError::ShortSecret {
+                min: MIN_SECRET,
+                got: secret.len(),
+            });
+        }
+        if name.is_empty() || !name.bytes().all(is_token_byte) {
+            return Err(CookieConfigError::InvalidName(name));
+        }
         let mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
-        CookieInsert {
+        Ok(CookieInsert {
             name: CookieName::new(&name),
             mac,
             secure: true,
             max_age: None,
             path: "/".to_owned(),
-        }
+        })
     }
 
     /// Whether to send `Secure` (default `true`). Turn it off only for
@@ -449,6 +461,21 @@ mod tests {
     #[should_panic(expected = "at least 32 bytes")]
     fn short_secret_is_refused() {
         let _ = CookieInsert::new("srv", b"short");
+    }
+
+    #[test]
+    fn try_new_reports_what_new_refuses() {
+        assert_eq!(
+            CookieInsert::try_new("srv", b"short").unwrap_err(),
+            CookieConfigError::ShortSecret { min: 32, got: 5 }
+        );
+        for name in ["", "a b", "a;b", "a=b"] {
+            assert_eq!(
+                CookieInsert::try_new(name, [7u8; 32]).unwrap_err(),
+                CookieConfigError::InvalidName(name.to_owned())
+            );
+        }
+        assert!(CookieInsert::try_new("srv", [7u8; 32]).is_ok());
     }
 
     #[test]

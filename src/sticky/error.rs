@@ -101,3 +101,21 @@ impl fmt::Display for RestoreTimedOut {
 }
 
 impl StdError for RestoreTimedOut {}
+
+/// Why [`CookieInsert::try_new`](super::CookieInsert::try_new) refused its
+/// settings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CookieConfigError {
+    /// The secret is shorter than 32 bytes.
+    #[error("the sticky cookie secret must be at least {min} bytes, got {got}")]
+    ShortSecret {
+        /// The least length accepted.
+        min: usize,
+        /// The secret's length.
+        got: usize,
+    },
+    /// The name is empty or holds separators, spaces or controls.
+    #[error("invalid cookie name {0:?}")]
+    InvalidName(String),
+}

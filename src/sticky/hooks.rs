@@ -11,7 +11,7 @@ use crate::error::BoxError;
 use crate::store::{Session, Skipped};
 
 /// The boxed future a hook returns.
-pub type HookFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'static>>;
+pub(crate) type HookFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'static>>;
 
 pub(crate) type OnMove = Arc<dyn Fn(SessionMoved) -> HookFuture + Send + Sync>;
 pub(crate) type OnRestore = Arc<dyn Fn(Session) -> HookFuture + Send + Sync>;

@@ -186,7 +186,7 @@ pub(crate) enum Extracted<'r> {
 /// Why a request's session key was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Reject {
+pub(crate) enum Reject {
     /// The layer's cookie is not of the form it issues.
     Malformed,
     /// The layer's cookie carries a tag that does not verify: forged,
@@ -215,7 +215,7 @@ impl From<Invalid> for Reject {
 
 impl Reject {
     /// A short name for logs and metrics.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reject::Malformed => "malformed",
             Reject::Signature => "bad_signature",

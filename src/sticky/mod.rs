@@ -84,9 +84,9 @@ mod table;
 mod writes;
 
 pub use cookie::CookieInsert;
-pub use error::{RestoreTimedOut, SessionUnavailable};
-pub use hooks::{HookFuture, MoveReason, RestoreFailure, RestoreReport, SessionMoved};
-pub use key::{Reject, SessionKey, MAX_COOKIE_HEADER, MAX_KEY_LEN};
+pub use error::{CookieConfigError, RestoreTimedOut, SessionUnavailable};
+pub use hooks::{MoveReason, RestoreFailure, RestoreReport, SessionMoved};
+pub use key::{SessionKey, MAX_COOKIE_HEADER, MAX_KEY_LEN};
 pub use layer::{StickyLayer, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, DEFAULT_RESTORE_TIMEOUT};
 pub use service::Sticky;
 pub use stats::StickyStats;
