@@ -250,11 +250,11 @@ where
                     .sum();
                 plus(rest.body.size_hint(), unsent)
             }
-            Kind::Once { shared, hint, .. } => match shared.lock().as_ref() {
-                Some(_) => *hint,
-                // Another copy was sent: this one sends nothing.
-                None => SizeHint::with_exact(0),
-            },
+            // Not sent yet, or another copy took the body: the whole body's
+            // hint either way. A copy whose body is gone must not look empty
+            // (a client would send an empty body without polling it); polled,
+            // it fails.
+            Kind::Once { hint, .. } => *hint,
         }
     }
 }
@@ -750,8 +750,9 @@ mod tests {
         assert_eq!(copy.size_hint().exact(), Some(10));
         let left = left_after_each_frame(copy).await;
         assert_eq!(left, [Some(10), Some(6), Some(2), Some(0)]);
-        // Its other copy has nothing left to send.
-        assert_eq!(once.size_hint().exact(), Some(0));
+        // Its other copy does not look like an empty body: sent, it fails.
+        assert_eq!(once.size_hint().exact(), Some(10));
+        assert!(once.collect().await.is_err());
     }
 
     #[tokio::test]
