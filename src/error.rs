@@ -95,7 +95,7 @@ impl BackendError {
     /// Wraps `source`, the error of backend `id`.
     pub fn new(id: BackendId, source: impl Into<BoxError>) -> Self {
         let source = source.into();
-        let not_sent = find::<NotSent>(&*source).is_some();
+        let not_sent = never_sent(&*source);
         BackendError {
             id,
             not_sent,
@@ -119,8 +119,12 @@ impl BackendError {
     }
 
     /// Whether the request is known not to have reached the backend: it
-    /// failed while the backend became ready, or the backend said so with
-    /// [`NotSent`]. Such a request is safe to retry whatever its method.
+    /// failed while the backend became ready, the backend said so with
+    /// [`NotSent`], or its error holds a refused connection
+    /// (`io::ErrorKind::ConnectionRefused`). Such a request is safe to
+    /// retry whatever its method, so a backend service that acts before it
+    /// connects somewhere must not pass a refused connection up as its
+    /// error (wrap it in an error of its own, without `source`).
     pub fn is_not_sent(&self) -> bool {
         self.not_sent
     }
@@ -235,6 +239,24 @@ impl InvalidRequest {
     pub fn reason(&self) -> &str {
         &self.reason
     }
+}
+
+/// Whether `err` says its request never reached the backend: a [`NotSent`]
+/// anywhere in its chain of sources, or an I/O error of kind
+/// `ConnectionRefused` anywhere in it (how hyper-util's client and
+/// `TcpStream::connect` report a refused connection).
+pub(crate) fn never_sent(err: &(dyn StdError + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<NotSent>()
+            || e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Finds the first error of type `E` in `err`'s chain of sources,

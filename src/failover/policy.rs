@@ -3,13 +3,12 @@
 //! slot that learns which backend an attempt went to.
 
 use std::error::Error as StdError;
-use std::io;
 use std::time::Duration;
 
 use http::Method;
 use rand::Rng;
 
-use crate::error::{find, BackendError, NotSent};
+use crate::error::{find, never_sent, BackendError};
 
 /// Whether `method` may be sent twice with the effect of once (RFC 9110,
 /// section 9.2.2): `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT` and `DELETE`.
@@ -34,24 +33,10 @@ pub fn is_idempotent(method: &Method) -> bool {
 
 /// Whether `err` says that the request never reached its backend, so that it
 /// may be sent elsewhere whatever its method: a [`BackendError`] that says
-/// so, a [`NotSent`] anywhere in its chain of sources, or an I/O error of
-/// kind `ConnectionRefused` anywhere in it (how hyper-util's client, and
-/// `TcpStream::connect`, report a refused connection).
+/// so, or anything in its chain that [`BackendError::is_not_sent`] looks
+/// for.
 pub(crate) fn is_not_sent(err: &(dyn StdError + 'static)) -> bool {
-    if find::<BackendError>(err).is_some_and(BackendError::is_not_sent)
-        || find::<NotSent>(err).is_some()
-    {
-        return true;
-    }
-    let mut next = Some(err);
-    while let Some(e) = next {
-        let refused = e.downcast_ref::<io::Error>();
-        if refused.is_some_and(|io| io.kind() == io::ErrorKind::ConnectionRefused) {
-            return true;
-        }
-        next = e.source();
-    }
-    false
+    find::<BackendError>(err).is_some_and(BackendError::is_not_sent) || never_sent(err)
 }
 
 /// A request extension that lets the failover layer retry this request
@@ -145,6 +130,8 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::NotSent;
+    use std::io;
 
     #[test]
     fn idempotent_methods() {
