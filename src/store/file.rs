@@ -393,11 +393,15 @@ fn delete(dir: &Path, names: &[String]) -> Result<(), StoreError> {
         let path = dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => removed = true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // An absent record is deleted already, unless the whole
+            // directory is gone (an unmounted volume would bring it back).
+            Err(e) if e.kind() == io::ErrorKind::NotFound && dir.is_dir() => {}
             Err(e) => {
-                return Err(
-                    StoreError::io(e).with_message(format!("cannot remove {}", path.display()))
-                )
+                return Err(io_error(
+                    dir,
+                    e,
+                    format!("cannot remove {}", path.display()),
+                ))
             }
         }
     }
