@@ -561,7 +561,7 @@ async fn enabling_before_the_deadline_cancels_it() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn removing_a_group_unregisters_it_and_ends_drains_of_its_own_backends() {
+async fn removing_a_group_unregisters_it_and_lets_drains_under_way_end() {
     let web = pool_of(&["w1", "shared"]);
     let api = pool_of(&["a1", "shared"]);
     let web_balance = Balance::new(web.clone(), Priority::new("web", ["w1", "shared"]));
@@ -595,12 +595,12 @@ async fn removing_a_group_unregisters_it_and_ends_drains_of_its_own_backends() {
         Event::GroupRemoved { ref group } if &**group == "api"
     ));
 
-    // The drain of a1 (only in the removed group) ends; the drain of
-    // `shared` (still in web) keeps its deadline, in both pools.
+    // The group still serves: the drains under way reach their deadline,
+    // a1's (only in the removed group) as `shared`'s (still in web).
     tokio::time::sleep(Duration::from_secs(11)).await;
     assert_eq!(
         api.state(&"a1".into()).unwrap().admin(),
-        AdminStatus::Draining
+        AdminStatus::Disabled
     );
     assert_eq!(
         web.state(&"shared".into()).unwrap().admin(),

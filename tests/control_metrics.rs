@@ -156,6 +156,25 @@ async fn an_active_passive_group_without_an_order_publishes_its_primary() {
     };
     assert_eq!(gauge(primary), Some(1.0), "{last:?}");
     assert_eq!(gauge(other), Some(0.0), "{last:?}");
+
+    // Removed from the handle: its gauges, and its backends', go to 0.
+    handle.remove_group("db").unwrap();
+    metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    let last = recorder.0.lock().unwrap().clone();
+    let get = |k: &str| last.get(k).copied();
+    assert_eq!(get("tower_ha_group_healthy_backends{group=db}"), Some(0.0));
+    assert_eq!(
+        get(&format!(
+            "tower_ha_group_primary{{backend={primary},group=db}}"
+        )),
+        Some(0.0)
+    );
+    assert_eq!(
+        get(&format!(
+            "tower_ha_backend_available{{backend={primary},group=db}}"
+        )),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(start_paused = true)]

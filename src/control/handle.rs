@@ -351,9 +351,8 @@ impl Handle {
 
     /// Unregisters group `name`: the handle no longer lists, controls or
     /// reports it (LEBA's "delete group"). Its `Balance` still serves its
-    /// pool for whoever holds it; a pending drain deadline of a backend that
-    /// was in no other group ends, as when the backend is removed. The name
-    /// can be registered again.
+    /// pool for whoever holds it, so a drain under way still ends in a
+    /// disable at its deadline. The name can be registered again.
     pub fn remove_group(&self, name: &str) -> Result<(), ControlError> {
         let removed = {
             let mut groups = self.inner.groups.write();
@@ -363,14 +362,6 @@ impl Handle {
                 .ok_or_else(|| ControlError::UnknownGroup(name.to_owned()))?;
             groups.remove(at)
         };
-        for id in removed.pool.ids() {
-            if self.states(&id).is_err() {
-                let ended = self.inner.drains.lock().remove(&id);
-                if let Some(ended) = ended {
-                    ended.end();
-                }
-            }
-        }
         self.inner.events.emit(Event::GroupRemoved {
             group: removed.name.clone(),
         });

@@ -26,19 +26,35 @@ impl Handle {
     /// first failover), `tower_ha_group_healthy_backends`,
     /// `tower_ha_group_failed_backends` (gauges) and
     /// `tower_ha_group_primary` (a gauge labelled `group` and `backend`, 1
-    /// for the current primary and 0 for the others).
+    /// for the current primary and 0 for the others). A group
+    /// [removed](Handle::remove_group) has its gauges, and its backends',
+    /// set to 0 once.
     ///
     /// Call it periodically, or run [`spawn_metrics`](Handle::spawn_metrics).
     pub fn publish_metrics(&self) {
         let mut published = self.published().lock();
+        let Published { backends, groups } = &mut *published;
         let mut seen = HashSet::new();
-        for group in self.stats() {
-            publish(&group, &mut published, &mut seen);
+        let stats = self.stats();
+        for group in &stats {
+            publish(group, backends, &mut seen);
+            groups.insert(group.name.to_string());
         }
+        // A group no longer registered: its gauges go to zero, once.
+        groups.retain(|name| {
+            if stats.iter().any(|g| &*g.name == name) {
+                return true;
+            }
+            let labels = [("group", name.clone())];
+            for gauge in GROUP_GAUGES {
+                metrics::gauge!(gauge, &labels).set(0.0);
+            }
+            false
+        });
         // A backend gone from its group: its gauges go to zero, so that it
         // counts as neither in flight, available nor primary any more. Its
         // last counts stay, in case it comes back.
-        for ((group, backend), last) in published.iter_mut() {
+        for ((group, backend), last) in backends.iter_mut() {
             if last.gone || seen.contains(&(group.clone(), backend.clone())) {
                 continue;
             }
@@ -77,9 +93,20 @@ impl Handle {
     }
 }
 
-/// What was last published for one backend of one group, by group name and
-/// backend id.
-pub(super) type Published = HashMap<(String, BackendId), Last>;
+/// What was last published: for one backend of one group, by group name
+/// and backend id; and the groups published.
+#[derive(Debug, Default)]
+pub(super) struct Published {
+    backends: HashMap<(String, BackendId), Last>,
+    groups: HashSet<String>,
+}
+
+/// The per-group gauges, zeroed when the group is removed.
+const GROUP_GAUGES: [&str; 3] = [
+    "tower_ha_group_seconds_since_failover",
+    "tower_ha_group_healthy_backends",
+    "tower_ha_group_failed_backends",
+];
 
 /// The last counts published for one backend, and of which state.
 #[derive(Debug, Default)]
@@ -124,7 +151,11 @@ fn count(
     *last = now;
 }
 
-fn publish(group: &GroupStats, published: &mut Published, seen: &mut HashSet<(String, BackendId)>) {
+fn publish(
+    group: &GroupStats,
+    published: &mut HashMap<(String, BackendId), Last>,
+    seen: &mut HashSet<(String, BackendId)>,
+) {
     let name = group.name.to_string();
     for b in &group.backends {
         let labels = [("group", name.clone()), ("backend", b.id.to_string())];
