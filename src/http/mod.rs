@@ -43,8 +43,9 @@
 //! [`HttpClient`]'s defaults: connects time out after 5 s
 //! ([`connect_timeout`](HttpClient::connect_timeout)), TCP keep-alive
 //! probes start after 30 s of silence
-//! ([`tcp_keepalive`](HttpClient::tcp_keepalive)), and a pooled connection
-//! idle for 90 s is closed ([`idle_timeout`](HttpClient::idle_timeout):
+//! ([`tcp_keepalive`](HttpClient::tcp_keepalive)), and a pooled HTTP/1
+//! connection idle for 90 s is closed (an HTTP/2 one is replaced at its
+//! next use; [`idle_timeout`](HttpClient::idle_timeout):
 //! keep it below the backends' own keep-alive timeout). Reading a response
 //! has no timeout of its own: give the failover layer a
 //! [`per_try_timeout`](crate::failover::FailoverLayer::per_try_timeout) so
@@ -160,9 +161,10 @@ use crate::extensions::{PeerAddr, Target};
 /// [`NotSent`](crate::NotSent) (the backend may have read it): the failover
 /// layer retries it only when its method is idempotent. An
 /// [`idle_timeout`](Self::idle_timeout) below the backends' own keep-alive
-/// timeout makes that rare. Connections idle for longer are closed when
-/// their backend is next used, and all of a backend's when the last
-/// [`HttpBackend`] for its address is dropped.
+/// timeout makes that rare. HTTP/1 connections idle for longer are closed
+/// as their time passes (an HTTP/2 connection idle that long is replaced at
+/// its next use), and all of a backend's when the last [`HttpBackend`] for
+/// its address is dropped.
 ///
 /// | Setting | Default |
 /// |---|---|

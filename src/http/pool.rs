@@ -335,7 +335,8 @@ impl<B> Upstream<B> {
     where
         B: Send + 'static,
     {
-        if sender.is_closed() {
+        // A zero idle timeout keeps nothing.
+        if sender.is_closed() || self.idle_timeout.is_zero() {
             return;
         }
         let now = Instant::now();
@@ -357,9 +358,27 @@ impl<B> Upstream<B> {
 /// Closes an upstream's idle connections as their idle timeout passes,
 /// from `next` on; ends when none is left idle or the upstream is gone.
 async fn sweep<B>(upstream: Weak<Upstream<B>>, mut next: Instant) {
+    /// Lets the next checkin start a sweep again should this one be
+    /// dropped before its end (its runtime shut down).
+    struct Sweeping<B> {
+        upstream: Weak<Upstream<B>>,
+        ended: bool,
+    }
+    impl<B> Drop for Sweeping<B> {
+        fn drop(&mut self) {
+            if let Some(upstream) = self.upstream.upgrade().filter(|_| !self.ended) {
+                upstream.idle.lock().swept = false;
+            }
+        }
+    }
+
+    let mut sweeping = Sweeping {
+        upstream,
+        ended: false,
+    };
     loop {
         tokio::time::sleep_until(next).await;
-        let Some(upstream) = upstream.upgrade() else {
+        let Some(upstream) = sweeping.upstream.upgrade() else {
             return;
         };
         let now = Instant::now();
@@ -370,7 +389,10 @@ async fn sweep<B>(upstream: Weak<Upstream<B>>, mut next: Instant) {
         match idle.stack.front() {
             Some(oldest) => next = crate::time::later(oldest.since, upstream.idle_timeout),
             None => {
+                // Ended under the lock a checkin takes: one that comes
+                // next starts a new sweep.
                 idle.swept = false;
+                sweeping.ended = true;
                 return;
             }
         }
