@@ -77,6 +77,9 @@ end
 if redis.call('PEXPIRE', KEYS[2], ARGV[1]) == 1 then
   return 0
 end
+if ARGV[2] == nil then
+  return 3
+end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
 return 2";
 
@@ -721,16 +724,21 @@ impl SessionStore for RedisStore {
             let key = self.session_key(&session.key);
             let tombstone = self.tombstone_key(&session.key);
             let ttl = millis(ttl).to_string();
-            let json = encode(session)?;
-            let outcome = self
+            let keys: [&[u8]; 2] = [&key, &tombstone];
+            let script = &self.inner.refresh;
+            // The record goes over the wire only when it has to be written
+            // back (3: neither the record nor a tombstone is there).
+            let mut outcome = self
                 .inner
-                .run_script(
-                    &self.inner.refresh,
-                    &[&key, &tombstone],
-                    &[ttl.as_bytes(), &json],
-                    "refresh",
-                )
+                .run_script(script, &keys, &[ttl.as_bytes()], "refresh")
                 .await?;
+            if outcome == 3 {
+                let json = encode(session)?;
+                outcome = self
+                    .inner
+                    .run_script(script, &keys, &[ttl.as_bytes(), &json], "refresh")
+                    .await?;
+            }
             if outcome == 0 {
                 tracing::debug!(session = %session.key, "not refreshed: another replica deleted it");
             }
