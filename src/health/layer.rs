@@ -105,9 +105,10 @@ impl<C> HealthLayer<C> {
     }
 
     /// An ejection lasts this long times the backend's multiplier (default
-    /// 30 s; at least 1 ms), as in Envoy: each ejection adds one to the
-    /// multiplier (unless the time it gives has reached
-    /// [`max_ejection_time`](Self::max_ejection_time)), and every
+    /// 30 s; at least 1 ms), capped at
+    /// [`max_ejection_time`](Self::max_ejection_time), as in Envoy: each
+    /// ejection adds one to the multiplier while base × multiplier is below
+    /// max + base (so it stops one step past the cap), and every
     /// [`ejection_decay_interval`](Self::ejection_decay_interval) the
     /// backend spends not ejected takes one off. So a backend's first
     /// ejection lasts 30 s, one ejected again soon after its return 60 s,

@@ -185,7 +185,6 @@ pub(crate) enum Extracted<'r> {
 
 /// Why a request's session key was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub(crate) enum Reject {
     /// The layer's cookie is not of the form it issues.
     Malformed,
