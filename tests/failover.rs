@@ -25,6 +25,9 @@ use tower_ha::failover::{
 use tower_ha::{BackendId, BoxError, NoBackend, NotSent, Pool};
 use tower_test::mock;
 
+mod support;
+use support::deferred::Deferred;
+
 type Mock = mock::Mock<Request<()>, Response<()>>;
 type Handle = mock::Handle<Request<()>, Response<()>>;
 
@@ -110,34 +113,6 @@ async fn per_try_timeout_moves_on_at_the_configured_instant() {
     assert_eq!(served_by(&response), "b");
     assert_eq!(history(&response), ["a", "b"]);
     assert_eq!(Instant::now() - start, Duration::from_millis(130));
-}
-
-/// Calls its inner service only when its future is first polled, as a
-/// buffer does: the balancer below picks after `call` has returned.
-#[derive(Clone)]
-struct Deferred<S>(S);
-
-impl<S, R> Service<R> for Deferred<S>
-where
-    S: Service<R> + Clone + Send + 'static,
-    S::Future: Send,
-    R: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
-        let inner = self.0.clone();
-        Box::pin(async move { inner.oneshot(req).await })
-    }
 }
 
 #[tokio::test(start_paused = true)]

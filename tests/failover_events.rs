@@ -15,6 +15,7 @@ use tower_ha::failover::FailoverLayer;
 use tower_ha::{BoxError, NotSent, Pool};
 
 mod support;
+use support::deferred::Deferred;
 use support::tracing_capture::{Capture, Event};
 
 type Log = Arc<Mutex<Vec<String>>>;
@@ -109,34 +110,6 @@ fn each_failover_is_an_event_with_from_to_and_cause() {
             ),
         ]
     );
-}
-
-/// Calls its inner service only when its future is first polled, as a
-/// buffer does: the balancer below picks after `call` has returned.
-#[derive(Clone)]
-struct Deferred<S>(S);
-
-impl<S, R> Service<R> for Deferred<S>
-where
-    S: Service<R> + Clone + Send + 'static,
-    S::Future: Send,
-    R: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
-        let inner = self.0.clone();
-        Box::pin(async move { inner.oneshot(req).await })
-    }
 }
 
 /// The `failing over` lines traced while `service` serves one `GET`.

@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod chaos_http;
+pub mod deferred;
 pub mod health_http;
 pub mod health_mock;
 pub mod http;
