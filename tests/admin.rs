@@ -73,6 +73,12 @@ async fn call_with(
     (status, serde_json::from_slice(&bytes).unwrap())
 }
 
+/// Forces backend `id` as group "web"'s primary.
+async fn force(admin: &AdminService, id: &str) -> (StatusCode, Value) {
+    let body = json!({ "backend_id": id }).to_string();
+    call(admin, "POST", "/groups/web/primary", &body).await
+}
+
 #[tokio::test(start_paused = true)]
 async fn get_groups_lists_every_group_with_its_stats() {
     let f = fixture();
@@ -127,13 +133,7 @@ async fn delete_group_unregisters_it() {
 #[tokio::test(start_paused = true)]
 async fn post_primary_forces_it_and_rejects_bad_bodies() {
     let f = fixture();
-    let (status, body) = call(
-        &f.admin,
-        "POST",
-        "/groups/web/primary",
-        r#"{"backend_id": "web 3"}"#,
-    )
-    .await;
+    let (status, body) = force(&f.admin, "web 3").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["current_primary"], "web 3");
     assert_eq!(body["forced_primary"], "web 3");
@@ -193,13 +193,7 @@ async fn post_primary_forces_it_and_rejects_bad_bodies() {
         .state(&"web2".into())
         .unwrap()
         .set_health(HealthStatus::Unhealthy);
-    let (status, body) = call(
-        &f.admin,
-        "POST",
-        "/groups/web/primary",
-        r#"{"backend_id": "web2"}"#,
-    )
-    .await;
+    let (status, body) = force(&f.admin, "web2").await;
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("not available"));
     let (_, body) = call(&f.admin, "GET", "/groups/web", "").await;
@@ -226,13 +220,7 @@ async fn post_primary_forces_it_and_rejects_bad_bodies() {
 #[tokio::test(start_paused = true)]
 async fn delete_primary_releases_a_forced_one() {
     let f = fixture();
-    let (status, body) = call(
-        &f.admin,
-        "POST",
-        "/groups/web/primary",
-        r#"{"backend_id": "web2"}"#,
-    )
-    .await;
+    let (status, body) = force(&f.admin, "web2").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["forced_primary"], "web2");
     let (status, body) = call(&f.admin, "DELETE", "/groups/web/primary", "").await;
@@ -419,13 +407,7 @@ async fn every_post_requires_a_json_content_type() {
 async fn get_events_returns_the_recent_history() {
     let f = fixture();
     call(&f.admin, "POST", "/backends/web1/drain", "").await;
-    call(
-        &f.admin,
-        "POST",
-        "/groups/web/primary",
-        r#"{"backend_id":"web2"}"#,
-    )
-    .await;
+    force(&f.admin, "web2").await;
     call(&f.admin, "POST", "/backends/web1/enable", "").await;
     let (status, body) = call(&f.admin, "GET", "/events", "").await;
     assert_eq!(status, 200);

@@ -14,7 +14,7 @@ use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
 use tower_ha::Pool;
 
-use support::http::{refused, serve, silent, text, BoxBody, HttpBackend};
+use support::http::{refused, serve, silent, text, BoxBody, HttpBackend, Seen};
 
 fn pool<B>(backends: &[(&str, SocketAddr)]) -> Pool<HttpBackend<B>>
 where
@@ -102,6 +102,23 @@ async fn post_is_not_retried_after_a_503() {
     assert_eq!(healthy_seen.requests(), 0);
 }
 
+/// Sends a small `POST` through `service`, whose backend "down" refuses
+/// connections: "healthy" answers it, having read it whole, once.
+async fn a_post_moves_on<S, B>(service: S, healthy_seen: &Seen)
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    let response = service
+        .oneshot(request(Method::POST, "{\"qty\":1}"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(history(&response), ["down", "healthy"]);
+    assert_eq!(healthy_seen.requests(), 1);
+    assert_eq!(healthy_seen.body_bytes(), 9);
+}
+
 #[tokio::test]
 async fn post_is_retried_after_a_refused_connection() {
     let down = refused().await;
@@ -112,15 +129,7 @@ async fn post_is_retried_after_a_refused_connection() {
             pool(&[("down", down), ("healthy", healthy)]),
             RoundRobin::new(),
         ));
-
-    let response = service
-        .oneshot(request(Method::POST, "{\"qty\":1}"))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(history(&response), ["down", "healthy"]);
-    assert_eq!(healthy_seen.requests(), 1);
-    assert_eq!(healthy_seen.body_bytes(), 9);
+    a_post_moves_on(service, &healthy_seen).await;
 }
 
 /// Sends a `POST` whose body is not `Clone` to a 503 backend then a healthy
@@ -224,13 +233,5 @@ async fn post_is_retried_after_a_refused_connection_of_a_hyper_util_client() {
     let service = ServiceBuilder::new()
         .layer(FailoverLayer::new())
         .service(Balance::new(pool, RoundRobin::new()));
-
-    let response = service
-        .oneshot(request(Method::POST, "{\"qty\":1}"))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(history(&response), ["down", "healthy"]);
-    assert_eq!(healthy_seen.requests(), 1);
-    assert_eq!(healthy_seen.body_bytes(), 9);
+    a_post_moves_on(service, &healthy_seen).await;
 }

@@ -16,7 +16,7 @@ use tower_ha::extensions::ServedBy;
 use tower_ha::extensions::Target;
 use tower_ha::failover::FailoverLayer;
 use tower_ha::failover::TimedOut;
-use tower_ha::health::{probe_fn, HealthChecker, HealthLayer, SlowStart};
+use tower_ha::health::{probe_fn, CheckerHandle, HealthChecker, HealthLayer, SlowStart};
 use tower_ha::{AdminStatus, BackendId, BackendState, BoxError, HealthStatus, Pool};
 
 mod support;
@@ -845,18 +845,30 @@ async fn slow_start_ramps_new_and_recovered_backends() {
     assert_eq!(a.weight_permille(), 1000);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_ramp_cut_short_by_shutdown_ends_at_full_weight() {
+/// A checker probing every second (turning a backend unhealthy after
+/// `fall` failures) with a slow start from 20 % over 10 s, and backend `b`,
+/// which has just joined and starts its ramp.
+async fn b_ramping(
+    script: &Script,
+    fall: u32,
+) -> (Pool<Backend>, CheckerHandle, Arc<BackendState>) {
     let (pool, _) = pool_of(&["a"]);
-    let checker = HealthChecker::new(pool.clone(), Script::default().probe())
+    let checker = HealthChecker::new(pool.clone(), script.probe())
         .interval(secs(1))
         .jitter(Duration::ZERO)
+        .fall(fall)
         .slow_start(SlowStart::new(secs(10)).min_weight(0.2))
         .spawn();
     settle().await;
     pool.insert("b", Backend::new());
     settle().await;
     let b = pool.state(&"b".into()).unwrap();
+    (pool, checker, b)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ramp_cut_short_by_shutdown_ends_at_full_weight() {
+    let (_pool, checker, b) = b_ramping(&Script::default(), 3).await;
     assert_eq!(b.weight_permille(), 200);
     checker.shutdown().await;
     assert_eq!(b.weight_permille(), 1000);
@@ -864,19 +876,9 @@ async fn a_ramp_cut_short_by_shutdown_ends_at_full_weight() {
 
 #[tokio::test(start_paused = true)]
 async fn a_ramp_cut_short_by_failing_probes_ends_at_full_weight() {
-    let (pool, _) = pool_of(&["a"]);
     let script = Script::default();
     let t0 = Instant::now();
-    let checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
-        .fall(1)
-        .slow_start(SlowStart::new(secs(10)).min_weight(0.2))
-        .spawn();
-    settle().await;
-    pool.insert("b", Backend::new());
-    settle().await;
-    let b = pool.state(&"b".into()).unwrap();
+    let (_pool, checker, b) = b_ramping(&script, 1).await;
     at(t0 + ms(2500)).await;
     assert!(b.weight_permille() < 1000, "ramping");
     // The probe at 3 s fails: the ramp is over, and no weight is left
@@ -893,16 +895,7 @@ async fn a_ramp_cut_short_by_failing_probes_ends_at_full_weight() {
 
 #[tokio::test(start_paused = true)]
 async fn a_backend_removed_while_it_ramps_keeps_no_partial_weight() {
-    let (pool, _) = pool_of(&["a"]);
-    let _checker = HealthChecker::new(pool.clone(), Script::default().probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
-        .slow_start(SlowStart::new(secs(10)).min_weight(0.2))
-        .spawn();
-    settle().await;
-    pool.insert("b", Backend::new());
-    settle().await;
-    let b = pool.state(&"b".into()).unwrap();
+    let (pool, _checker, b) = b_ramping(&Script::default(), 3).await;
     assert_eq!(b.weight_permille(), 200);
     // The state lives on: it may serve another pool, or come back.
     assert!(pool.remove(&"b".into()));

@@ -1642,15 +1642,32 @@ async fn a_session_kept_in_memory_leaves_its_failed_backend_when_read_again() {
     assert_eq!(layer.stats().store_errors, 2);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_session_kept_in_memory_is_saved_by_its_first_answered_request() {
-    let c = cluster();
+/// Session `k`, started by header while the store could not be read, so
+/// kept in memory only; the store reads again and 10 s have passed. The
+/// store (behind the loads that failed), the layer's service and the
+/// session's backend.
+async fn kept_in_memory<S>(c: &Cluster<S>) -> (MemoryStore, Sticky<Balance<S, RoundRobin>>, String)
+where
+    S: Service<Request<()>, Response = Response<String>, Error = BoxError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+{
     let shared = MemoryStore::new();
     let store = FlakyLoads::new(shared.clone());
-    let (_, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let (_, svc) = instance(c, SessionKey::header("x-session-id"), store.clone());
     let home = send(&svc, session("k")).await.unwrap().into_body();
     store.down.store(false, Ordering::SeqCst);
     tokio::time::advance(Duration::from_secs(10)).await;
+    (shared, svc, home)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_kept_in_memory_is_saved_by_its_first_answered_request() {
+    let c = cluster();
+    let (shared, svc, home) = kept_in_memory(&c).await;
     // Read again, no record: an invalid request fails, so nothing is saved
     // and the next request reads the store again.
     let invalid = Request::builder()
@@ -1941,12 +1958,7 @@ async fn a_cookie_with_a_max_age_is_sent_again_while_its_session_is_used() {
 #[tokio::test(start_paused = true)]
 async fn a_session_whose_saving_request_was_dropped_is_saved_by_the_next() {
     let c = cluster();
-    let shared = MemoryStore::new();
-    let store = FlakyLoads::new(shared.clone());
-    let (_, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
-    let home = send(&svc, session("k")).await.unwrap().into_body();
-    store.down.store(false, Ordering::SeqCst);
-    tokio::time::advance(Duration::from_secs(10)).await;
+    let (shared, svc, home) = kept_in_memory(&c).await;
     // Read again, no record: the request that was to save the session is
     // dropped before its answer (its client went away).
     let slow = Request::builder()
