@@ -231,12 +231,21 @@ const UPGRADE: &str = "GET /chat HTTP/1.1\r\nHost: front\r\nUpgrade: echo\r\n\
     Connection: keep-alive, Upgrade, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=9\r\n\
     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
+/// Reads what comes next on `stream`, failing the test (rather than
+/// hanging it) if nothing comes for 10 s.
+async fn read_some(stream: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> usize {
+    tokio::time::timeout(Duration::from_secs(10), stream.read(buf))
+        .await
+        .expect("nothing read for 10 s")
+        .unwrap()
+}
+
 /// Reads a response head; returns it and what came after it.
 async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
     let mut chunk = [0; 4096];
     loop {
-        let n = stream.read(&mut chunk).await.unwrap();
+        let n = read_some(stream, &mut chunk).await;
         assert!(n > 0, "closed before the head ended: {buf:?}");
         buf.extend_from_slice(&chunk[..n]);
         if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -254,7 +263,7 @@ async fn read_exactly(
 ) -> Vec<u8> {
     let mut chunk = vec![0; 64 * 1024];
     while already.len() < want {
-        let n = stream.read(&mut chunk).await.unwrap();
+        let n = read_some(stream, &mut chunk).await;
         assert!(n > 0, "closed after {} of {want} bytes", already.len());
         already.extend_from_slice(&chunk[..n]);
     }
@@ -299,7 +308,7 @@ async fn open_tunnel(proxy: SocketAddr) -> (TcpStream, String, String) {
     let mut greeting = rest;
     while !greeting.contains(&b'\n') {
         let mut chunk = [0; 64];
-        let n = stream.read(&mut chunk).await.unwrap();
+        let n = read_some(&mut stream, &mut chunk).await;
         assert!(n > 0, "no greeting");
         greeting.extend_from_slice(&chunk[..n]);
     }
@@ -360,7 +369,10 @@ async fn a_switch_of_protocols_is_proxied_both_ways() {
     // so the client sees the end too.
     stream.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    stream.read_to_end(&mut rest).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel's end within 10 s")
+        .unwrap();
     assert!(rest.is_empty(), "{rest:?}");
     eventually("the backend saw the tunnel end", || {
         seen.closed.load(Ordering::SeqCst) == 1
