@@ -10,7 +10,11 @@
 //! owner keeps it when its turn comes (a request may queue its save after
 //! a later change's); writes of different keys still run side by side.
 //! The task is not the request's: a request whose client goes away does
-//! not cancel what it had to write.
+//! not cancel what it had to write. A write that would repeat the one
+//! waiting last in its key's queue joins it instead (a save behind a
+//! waiting save or refresh, a refresh behind either, a delete behind a
+//! delete), so a key's queue stays short however fast its writes come
+//! while the store is slow.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -58,6 +62,38 @@ pub(crate) trait Owner: Send + Sync + 'static {
 struct Queued {
     write: Write,
     done: oneshot::Sender<Result<(), StoreError>>,
+    /// The waiters of the writes that joined this one.
+    joined: Vec<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+impl Queued {
+    /// Takes `write` (of the same key) into this one if it would only
+    /// repeat it once this one has landed: a save writes the session as the
+    /// owner keeps it at its turn, which a refresh or a second save would
+    /// write again. A later save's session replaces the one decided, for
+    /// when the owner keeps it no more. Gives `write` back otherwise.
+    fn join(&mut self, write: Write) -> Result<(), Write> {
+        match (&self.write, write) {
+            (Write::Save(_) | Write::Refresh(_), Write::Refresh(_))
+            | (Write::Delete(_), Write::Delete(_)) => Ok(()),
+            (Write::Save(_) | Write::Refresh(_), save @ Write::Save(_)) => {
+                self.write = save;
+                Ok(())
+            }
+            (_, write) => Err(write),
+        }
+    }
+
+    /// Tells every waiter the write's `result`.
+    fn finish(self, result: Result<(), StoreError>) {
+        for joined in self.joined {
+            let _ = joined.send(match &result {
+                Ok(()) => Ok(()),
+                Err(error) => Err(error.duplicate()),
+            });
+        }
+        let _ = self.done.send(result);
+    }
 }
 
 /// The keys with writes under way, each with those waiting behind the one
@@ -92,12 +128,32 @@ impl Writes {
             )));
             return result;
         };
-        let queued = Queued { write, done };
         let mut queues = owner.writes().queues.lock();
-        match queues.get_mut(queued.write.key()) {
+        match queues.get_mut(write.key()) {
             // Its task will come to it.
-            Some(queue) => queue.push_back(queued),
+            Some(queue) => {
+                let write = match queue.back_mut() {
+                    Some(last) => match last.join(write) {
+                        Ok(()) => {
+                            last.joined.push(done);
+                            return result;
+                        }
+                        Err(write) => write,
+                    },
+                    None => write,
+                };
+                queue.push_back(Queued {
+                    write,
+                    done,
+                    joined: Vec::new(),
+                });
+            }
             None => {
+                let queued = Queued {
+                    write,
+                    done,
+                    joined: Vec::new(),
+                };
                 let key = queued.write.key().to_owned();
                 queues.insert(key.clone(), VecDeque::new());
                 drop(queues);
@@ -144,7 +200,7 @@ impl<O: Owner> Worker<O> {
             if let Err(error) = &result {
                 self.owner.failed(&self.key, op, error);
             }
-            let _ = next.done.send(result);
+            next.finish(result);
             let mut queues = self.owner.writes().queues.lock();
             let queue = queues
                 .get_mut(&self.key)
@@ -319,6 +375,60 @@ mod tests {
             inner.load("k").await.unwrap().unwrap().backend.as_str(),
             "b"
         );
+    }
+
+    #[tokio::test]
+    async fn writes_that_would_repeat_the_last_waiting_one_join_it() {
+        let (store, inner, permits) = gated();
+        let log = Arc::new(Log::default());
+        let save = |backend: &str| Write::Save(Session::new("k", backend.into()));
+        let first = Writes::submit(&log, &store, save("a"));
+        let mut waiting = vec![
+            Writes::submit(&log, &store, save("b")),
+            Writes::submit(&log, &store, Write::Refresh("k".into())),
+            Writes::submit(&log, &store, save("c")),
+        ];
+        let queued = |log: &Log| log.writes.queues.lock().get("k").map(VecDeque::len);
+        assert_eq!(queued(&log), Some(1), "one save waits, for all three");
+        // A delete does not repeat a save: it waits behind it, and the
+        // deletes after it join it.
+        waiting.push(Writes::submit(&log, &store, Write::Delete("k".into())));
+        waiting.push(Writes::submit(&log, &store, Write::Delete("k".into())));
+        waiting.push(Writes::submit(&log, &store, save("d")));
+        assert_eq!(queued(&log), Some(3));
+        // Three saves land: the first, the joined one, and the last.
+        permits.add_permits(3);
+        landed(first).await.unwrap();
+        for done in waiting {
+            landed(done).await.unwrap();
+        }
+        assert_eq!(
+            inner.load("k").await.unwrap().unwrap().backend.as_str(),
+            "d"
+        );
+        assert_eq!(permits.available_permits(), 0, "each save took one");
+        assert!(log.writes.queues.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_writes_that_joined_a_failed_one_learn_its_error() {
+        let (store, _, permits) = gated();
+        let log = Arc::new(Log::default());
+        let down = || Write::Save(Session::new("k", "down".into()));
+        let first = Writes::submit(&log, &store, down());
+        let joined = [
+            Writes::submit(&log, &store, down()),
+            Writes::submit(&log, &store, Write::Refresh("k".into())),
+        ];
+        permits.add_permits(2);
+        assert!(landed(first).await.unwrap_err().is_unavailable());
+        for done in joined {
+            let error = landed(done).await.unwrap_err();
+            assert!(error.is_unavailable(), "{error}");
+            let cause = std::error::Error::source(&error).expect("its cause");
+            assert_eq!(cause.to_string(), "down");
+        }
+        assert_eq!(*log.failed.lock(), ["save k", "save k"]);
     }
 
     #[tokio::test]

@@ -95,6 +95,26 @@ impl StoreError {
         self
     }
 
+    /// An error of the same kind and message, its cause's chain kept as
+    /// text (a cause cannot be shared): for those who waited on one write
+    /// together.
+    pub(crate) fn duplicate(&self) -> StoreError {
+        let mut chain = String::new();
+        let mut next = self.source();
+        while let Some(cause) = next {
+            if !chain.is_empty() {
+                chain.push_str(": ");
+            }
+            chain.push_str(&cause.to_string());
+            next = cause.source();
+        }
+        StoreError {
+            kind: self.kind,
+            message: self.message.clone(),
+            source: (!chain.is_empty()).then(|| chain.into()),
+        }
+    }
+
     /// Whether retrying the same call later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self.kind, Kind::Unavailable | Kind::Timeout)
