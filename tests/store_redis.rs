@@ -938,3 +938,52 @@ async fn a_save_cut_off_before_its_notice_is_not_stored_either() {
         "node-c"
     );
 }
+
+/// A lease taken while Redis is too slow to answer in time: the caller
+/// gets the timeout, and the lease it may have taken regardless does not
+/// hold the others off for its whole ttl.
+#[tokio::test]
+async fn a_lease_whose_reply_came_too_late_is_not_left_behind() {
+    let server = RedisServer::start();
+    let slow = RedisStore::builder(server.url())
+        .timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    // The scripts loaded, as on a store in use (a script unknown to the
+    // server takes a second round trip, which a timeout cuts short).
+    let warm = slow
+        .try_lease("warm", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(warm.unwrap().extend(Duration::from_secs(1)).await.unwrap());
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1000)
+        .arg("ALL")
+        .query(&mut raw(&server))
+        .unwrap();
+    let err = slow
+        .try_lease("k", Duration::from_secs(3600))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    // The store's own connection runs its commands in order: its first
+    // answer after the pause comes after the take, and after whatever
+    // followed the take.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        match slow.is_leased("k").await {
+            Ok(held) => break held,
+            Err(e) => assert!(e.is_timeout(), "{e:?}"),
+        }
+        assert!(Instant::now() < deadline, "Redis still paused");
+    };
+    assert!(!held, "the lease is still held");
+    let other = store(&server).await;
+    assert!(other
+        .try_lease("k", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_some());
+}

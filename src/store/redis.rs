@@ -296,7 +296,28 @@ impl RedisStore {
                 &[token.as_bytes(), ttl.as_bytes()],
                 "take a lease",
             )
-            .await?;
+            .await;
+        let taken = match taken {
+            Ok(taken) => taken,
+            // The take may still have landed (a reply that came too late):
+            // a lease nobody knows it holds would hold the others off for
+            // its whole `ttl`. Its token ends it at once if it is there (an
+            // expiry of 0 deletes it); the command follows the take on the
+            // connection.
+            Err(error) if error.is_transient() => {
+                let _ = self
+                    .inner
+                    .run_script(
+                        &self.inner.extend,
+                        &[&redis_key],
+                        &[token.as_bytes(), b"0"],
+                        "give up a lease",
+                    )
+                    .await;
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
         Ok((taken == 1).then(|| Lease {
             store: self.clone(),
             key: key.to_owned(),
