@@ -284,6 +284,10 @@ impl RedisStore {
     ///
     /// Keep `ttl` longer than the work the lease guards (a restore), or
     /// [`extend`](Lease::extend) it while working.
+    ///
+    /// When the answer does not come in time (or the connection fails),
+    /// the lease may still have been taken: its token gives it up at once,
+    /// before the error is returned, so that nobody waits out its `ttl`.
     pub async fn try_lease(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
         let token = random_token();
         let redis_key = self.lease_key(key);
