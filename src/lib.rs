@@ -109,3 +109,7 @@ struct GroupsGuideDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/control.md")]
 struct ControlGuideDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/architecture.md")]
+struct ArchitectureGuideDoctests;
