@@ -25,6 +25,11 @@
 //!   TOML (feature `config`).
 //! * [`dns`]: backends from the addresses a host name resolves to,
 //!   re-resolved periodically.
+//! * `http` (feature `hyper-client`): `HttpBackend`, a backend service
+//!   that proxies requests to an HTTP server (HTTP/1.1, or HTTP/2 with
+//!   feature `http2`; WebSocket included), over `HttpClient`, a pool of
+//!   kept-alive connections that its backends share: what makes the stack
+//!   a reverse proxy.
 //! * [`extensions`]: the typed request and response extensions the layers use
 //!   to talk to each other (and that your own layers may use).
 //! * [`store`]: durable sessions behind the [`SessionStore`](store::SessionStore)
@@ -113,3 +118,7 @@ struct ControlGuideDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/architecture.md")]
 struct ArchitectureGuideDoctests;
+
+#[cfg(all(doctest, feature = "hyper-client"))]
+#[doc = include_str!("../docs/http.md")]
+struct HttpGuideDoctests;
