@@ -21,8 +21,9 @@
 //! * [`control`]: a [`Handle`](control::Handle) to drain, disable and enable
 //!   backends, set weights and force a group's primary at run time; an
 //!   event stream with an audit history; stats snapshots.
-//! * [`config`]: groups in LEBA's `failover_groups` shape, from YAML or
-//!   TOML (feature `config`).
+//! * [`config`]: groups in the `failover_groups` shape of LEBA (a load
+//!   balancer with active-passive failover groups), from YAML or TOML
+//!   (feature `config`).
 //! * [`dns`]: backends from the addresses a host name resolves to,
 //!   re-resolved periodically.
 //! * `http` (feature `hyper-client`): `HttpBackend`, a backend service
