@@ -1,7 +1,8 @@
 //! DNS discovery: backends from the addresses a host name resolves to.
 //!
 //! [`DnsDiscover`] re-resolves a host name every interval (a Kubernetes
-//! headless service, a round-robin DNS record, LEBA's `dns_backends`) and
+//! headless service, a round-robin DNS record, the `dns_backends` of LEBA's
+//! failover groups) and
 //! yields a [`Change::Insert`] for every address that appears and a
 //! [`Change::Remove`] for every address that goes away. Feed it to
 //! [`Pool::discover`](crate::Pool::discover). The backend id of an address

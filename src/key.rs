@@ -14,7 +14,8 @@
 //! | [`from_fn`] | any closure |
 //!
 //! Combine them with [`RequestKey::or`]: `forwarded_for().or(peer_ip())` is
-//! Panda's hash key.
+//! the client's address as the Panda API gateway hashes it (the forwarded
+//! client, else the peer).
 //!
 //! ```
 //! use tower_ha::key::{self, RequestHead, RequestKey};

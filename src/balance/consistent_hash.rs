@@ -38,7 +38,8 @@ use crate::pool::Members;
 ///
 /// // Route by user, spread anonymous requests randomly.
 /// let by_user = ConsistentHash::ring(key::header("x-user")).fallback(Random::new());
-/// // FastWS / nginx compatibility: hash a cookie, round robin without it.
+/// // nginx's sticky hash on a cookie (as FastWS deploys it): hash the
+/// // cookie's value, round robin without it.
 /// let compat = ConsistentHash::ring(key::cookie("StickyStr"));
 /// // Even spread and a flat lookup cost for many backends.
 /// let spread = ConsistentHash::maglev(key::header("x-tenant"));

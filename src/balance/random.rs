@@ -8,7 +8,8 @@ const DRAWS: usize = 4;
 ///
 /// Each attempt of a request draws uniformly among the backends that are
 /// available and not yet tried, so a request visits each backend at most
-/// once (Panda's random failover, without building a shuffled queue).
+/// once (as the Panda API gateway's random balancer fails over, without
+/// building a shuffled queue).
 ///
 /// Pick it when many independent balancers share backends and a shared
 /// round-robin order would synchronize them.

@@ -7,8 +7,8 @@ use crate::pool::Members;
 /// Round robin: one tick of a shared counter per request.
 ///
 /// Attempts of one request continue from the backend tried last: start,
-/// start+1, … wrapping around, each backend at most once (Panda's failover
-/// semantics). The turn of an unavailable backend goes to a random eligible
+/// start+1, … wrapping around, each backend at most once (the failover
+/// semantics of the Panda API gateway's round robin). The turn of an unavailable backend goes to a random eligible
 /// one, so the remaining backends share its load evenly instead of its
 /// successor taking all of it.
 ///

@@ -10,8 +10,8 @@
 //!    the request's [`Attempts`](crate::extensions::Attempts), so the next
 //!    attempt goes to a backend the request has not reached. By default every
 //!    available backend is tried once: the attempts end when the balancer
-//!    answers [`NoBackend`](crate::NoBackend) (Panda's round-robin and random
-//!    failover).
+//!    answers [`NoBackend`](crate::NoBackend) (as the Panda API gateway's
+//!    round-robin and random balancers fail over).
 //! 2. A [`Classifier`](crate::classify::Classifier) says which attempts
 //!    failed; the default counts every error (connection errors, per-try
 //!    timeouts, `NoBackend`) except an

@@ -161,11 +161,11 @@ where
     }
 
     /// Marks backends the checker has not seen pass yet unhealthy, so they
-    /// take traffic only after `rise` passing probes in a row (Panda started
-    /// them unhealthy too, but needed one pass: `rise(1)`; Envoy likewise
-    /// needs one pass for a new host). By default they keep the health the
-    /// pool gave them (healthy), as in HAProxy, and lose it after `fall`
-    /// failing probes.
+    /// take traffic only after `rise` passing probes in a row (the Panda API
+    /// gateway started them unhealthy too, but needed one pass: `rise(1)`;
+    /// Envoy likewise needs one pass for a new host). By default they keep
+    /// the health the pool gave them (healthy), as in HAProxy, and lose it
+    /// after `fall` failing probes.
     ///
     /// `Balance`'s panic routing still applies: while fewer than its
     /// threshold of the backends are available (at start, none may be),

@@ -11,8 +11,9 @@
 //!   consecutive failures, as Envoy's outlier detection does.
 //! * [`HealthChecker`] probes every backend of a pool from one background
 //!   task ([`HttpProbe`], [`TcpProbe`] or your own [`Probe`]), with HAProxy's
-//!   rise and fall thresholds, Panda's lifecycle (unhealthy → turned off →
-//!   removed, fixed so that turned-off backends recover) and slow start.
+//!   rise and fall thresholds, the Panda API gateway's lifecycle (unhealthy
+//!   → turned off → removed, with turned-off backends that recover) and
+//!   slow start.
 //!
 //! Every change of health, ejection and restoration is a `tracing` event
 //! (`info` or `warn`) with the fields `backend`, `from`, `to` and `reason`.
@@ -59,8 +60,8 @@
 //! [`Health`] reads the request's [`Target`](crate::extensions::Target) (set
 //! by `Balance`) to learn whose outcome it observes, classifies the outcome
 //! with the shared [`Classifier`](crate::classify::Classifier), and counts
-//! failures *in a row*: a success starts the count again (Panda counted
-//! failures cumulatively, so a backend failing 1 request in 100 was
+//! failures *in a row*: a success starts the count again (the Panda API
+//! gateway counted failures cumulatively, so a backend failing 1 request in 100 was
 //! eventually ejected). An ejection lasts the base ejection time times a
 //! multiplier, capped, as in Envoy: one more on each ejection, one less for
 //! every decay interval (10 s) the backend spends not ejected. It ends

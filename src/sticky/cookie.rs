@@ -6,8 +6,10 @@
 //! * `session`: 16 random bytes, base64url without padding (22 characters);
 //!   the session's key in the table and in the store;
 //! * `backend`: the id of the backend that serves the session, base64url;
-//! * `tag`: the first 16 bytes of HMAC-SHA256 over a domain label, the
-//!   cookie's name, the session and the backend, base64url (22 characters).
+//! * `tag`: the first 16 bytes of HMAC-SHA256, keyed with the secret, over
+//!   `"tower-ha sticky v1\0" name "\0" session "\0" backend_id` (the
+//!   session as it appears in the cookie, the backend id's own bytes, not
+//!   their base64url), base64url (22 characters).
 
 use std::fmt;
 use std::time::Duration;
@@ -47,8 +49,9 @@ const DOMAIN: &[u8] = b"tower-ha sticky v1\0";
 ///
 /// The value names the session and the backend that served it and carries
 /// an HMAC-SHA256 tag over both, so a forged, tampered or foreign value is
-/// ignored. Attributes: `Path=/`, `HttpOnly`, `SameSite=Lax` and `Secure`
-/// by default; a `Max-Age` when configured.
+/// ignored. Attributes: `Path=/` (see [`path`](CookieInsert::path)),
+/// `HttpOnly`, `SameSite=Lax` and `Secure` by default; a `Max-Age` when
+/// configured.
 ///
 /// ```
 /// use std::time::Duration;

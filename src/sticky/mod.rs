@@ -25,9 +25,10 @@
 //! Session keys ([`SessionKey`]): the layer's own HMAC-SHA256-signed cookie
 //! ([`CookieInsert`], HAProxy's `cookie insert`), an application's cookie
 //! learned from `Set-Cookie` (HAProxy's `cookie ... prefix`/stick tables,
-//! Envoy's stateful session), a header, or a closure. The FastWS / nginx
-//! behaviour (hash a cookie's value, round robin without it) needs no
-//! session table: use [`hash_cookie`] as the balancer's strategy.
+//! Envoy's stateful session), a header, or a closure. nginx's sticky hash
+//! on a cookie, as FastWS deploys it (hash the cookie's value, round robin
+//! without it), needs no session table: use [`hash_cookie`] as the
+//! balancer's strategy.
 //!
 //! Sessions persist through a [`SessionStore`](crate::store::SessionStore)
 //! with the availability modes of Jupyter Enterprise Gateway
@@ -126,9 +127,9 @@ pub enum Availability {
     Replication,
 }
 
-/// The FastWS / nginx compatibility strategy: a consistent hash of cookie
-/// `name`'s value, round robin when the cookie is absent or empty. Use it
-/// as the balancer's strategy (no sticky layer needed).
+/// nginx's sticky hash on a cookie, as FastWS deploys it: a consistent
+/// hash of cookie `name`'s value, round robin when the cookie is absent or
+/// empty. Use it as the balancer's strategy (no sticky layer needed).
 ///
 /// Unlike the layer's own cookie it does not send a client back to the
 /// backend that served it first, and it follows no health change of its

@@ -612,9 +612,11 @@ impl Shared {
     /// balancer honours the affinity only when the backend is available
     /// (or draining but healthy), and the response tells where the request
     /// went. A session whose last request failed is kept off that backend
-    /// through `Attempts`. Strict mode refuses a backend the balancer would
-    /// not honour the affinity for: a draining backend still finishes its
-    /// sessions.
+    /// through `Attempts`. Strict mode refuses a backend that is neither
+    /// available nor draining (a draining backend still finishes its
+    /// sessions). It cannot tell whether the balancer is in panic routing,
+    /// where an enabled backend out of health would keep its sessions, and
+    /// refuses rather than send a session to a backend out of health.
     fn pin<B>(
         &self,
         req: &mut Request<B>,
