@@ -10,6 +10,9 @@ use tower_ha::control::{ControlError, Event, Events, Handle, RecvError, SwitchRe
 use tower_ha::health::HealthLayer;
 use tower_ha::{AdminStatus, BackendId, HealthStatus, Pool};
 
+mod support;
+use support::wait::bounded;
+
 type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
 
 /// A backend that answers its name, after `delay`.
@@ -102,8 +105,8 @@ async fn a_subscriber_that_never_reads_does_not_slow_emitters_and_learns_what_it
 #[tokio::test(start_paused = true)]
 async fn requests_do_not_wait_for_an_idle_subscriber_to_a_full_channel() {
     // A health layer emitting into a channel of 1 with an idle subscriber:
-    // every request still completes at once (time is paused: any wait
-    // would hang the test).
+    // every request still completes at once (time is paused: a request
+    // that waited would run into its bound).
     let events = Events::new(1, 4);
     let _idle = events.subscribe();
     let layer = HealthLayer::new()
@@ -127,7 +130,8 @@ async fn requests_do_not_wait_for_an_idle_subscriber_to_a_full_channel() {
     let start = tokio::time::Instant::now();
     let mut served = 0;
     for _ in 0..200 {
-        if balance.clone().oneshot(Request::new(())).await.is_ok() {
+        let sent = balance.clone().oneshot(Request::new(()));
+        if bounded("a request completes", sent).await.is_ok() {
             served += 1;
         }
         tokio::time::advance(Duration::from_millis(2)).await;

@@ -27,6 +27,7 @@ use tower_test::mock;
 
 mod support;
 use support::deferred::Deferred;
+use support::wait::bounded;
 
 type Mock = mock::Mock<Request<()>, Response<()>>;
 type Handle = mock::Handle<Request<()>, Response<()>>;
@@ -72,6 +73,14 @@ fn mock_fleet(names: &[&str]) -> (Pool<Mock>, Vec<Handle>) {
     (pool, handles)
 }
 
+/// The next request `handle` receives, and its reply slot; fails (rather
+/// than hangs) when none comes.
+async fn next(handle: &mut Handle, what: &str) -> (Request<()>, mock::SendResponse<Response<()>>) {
+    bounded(what, handle.next_request())
+        .await
+        .unwrap_or_else(|| panic!("{what}: the service is gone"))
+}
+
 fn status(code: u16) -> Response<()> {
     let mut response = Response::new(());
     *response.status_mut() = StatusCode::from_u16(code).unwrap();
@@ -91,11 +100,11 @@ async fn per_try_timeout_moves_on_at_the_configured_instant() {
     let start = Instant::now();
     let call = tokio::spawn(service.oneshot(Request::new(())));
 
-    let (_, a_reply) = handles[0].next_request().await.expect("a is tried first");
+    let (_, a_reply) = next(&mut handles[0], "a is tried first").await;
     assert_eq!(Instant::now(), start);
     assert_eq!(pool.state(&"a".into()).unwrap().in_flight(), 1);
 
-    let (to_b, b_reply) = handles[1].next_request().await.expect("then b");
+    let (to_b, b_reply) = next(&mut handles[1], "then b").await;
     assert_eq!(Instant::now() - start, Duration::from_millis(100));
     // The attempt on a was dropped: a holds no request any more, and b was
     // told not to come back to a.
@@ -123,15 +132,15 @@ async fn a_late_picked_attempt_abandoned_at_its_timeout_is_not_tried_again() {
         .service(Deferred(Balance::new(pool, RoundRobin::new())));
     let call = tokio::spawn(service.oneshot(Request::new(())));
 
-    let (_, a_reply) = handles[0].next_request().await.expect("a first");
+    let (_, a_reply) = next(&mut handles[0], "a first").await;
     a_reply.send_error(io::Error::from(io::ErrorKind::ConnectionReset));
     // b never answers: abandoned at the per-try timeout.
-    let (to_b, _b_reply) = handles[1].next_request().await.expect("then b");
+    let (to_b, _b_reply) = next(&mut handles[1], "then b").await;
     assert_eq!(
         ids(to_b.extensions().get::<Attempts>().unwrap().as_slice()),
         ["a"]
     );
-    let (to_c, c_reply) = handles[2].next_request().await.expect("then c");
+    let (to_c, c_reply) = next(&mut handles[2], "then c").await;
     assert_eq!(
         ids(to_c.extensions().get::<Attempts>().unwrap().as_slice()),
         ["a", "b"]
@@ -241,11 +250,11 @@ async fn a_late_pick_already_sent_runs_to_its_end_when_the_budget_is_spent() {
         .layer(FailoverLayer::new().budget(Spent).events(events.clone()))
         .service(Deferred(Balance::new(pool, RoundRobin::new())));
     let call = tokio::spawn(service.oneshot(Request::new(())));
-    let (_, a_reply) = handles[0].next_request().await.expect("a first");
+    let (_, a_reply) = next(&mut handles[0], "a first").await;
     a_reply.send_error(io::Error::from(io::ErrorKind::ConnectionReset));
     // b has the request (picked and sent on the retry's first poll) when
     // the budget says no: b may act on it, so its answer is waited for.
-    let (_, b_reply) = handles[1].next_request().await.expect("then b");
+    let (_, b_reply) = next(&mut handles[1], "then b").await;
     tokio::task::yield_now().await;
     assert!(!call.is_finished(), "not cut off while b has it");
     b_reply.send_response(status(200));
@@ -315,9 +324,9 @@ async fn the_deadline_names_a_late_picked_attempt_and_answers_504() {
         .layer(FailoverLayer::new().deadline(Duration::from_millis(100)))
         .service(Deferred(Balance::new(pool, RoundRobin::new())));
     let call = tokio::spawn(service.oneshot(Request::new(())));
-    let (_, a_reply) = handles[0].next_request().await.expect("a first");
+    let (_, a_reply) = next(&mut handles[0], "a first").await;
     a_reply.send_error(io::Error::from(io::ErrorKind::ConnectionReset));
-    let (_, _b_never_answers) = handles[1].next_request().await.expect("then b");
+    let (_, _b_never_answers) = next(&mut handles[1], "then b").await;
     let err = call.await.unwrap().unwrap_err();
     let exhausted = find::<Exhausted>(&*err).expect("exhausted");
     let tried: Vec<&str> = exhausted
@@ -343,7 +352,7 @@ async fn a_post_timed_out_before_it_was_sent_is_retried() {
         .service(Balance::new(pool, RoundRobin::new()));
     let post = Request::post("/").body(()).unwrap();
     let call = tokio::spawn(service.clone().oneshot(post));
-    let (to_b, b_reply) = handles[1].next_request().await.expect("retried on b");
+    let (to_b, b_reply) = next(&mut handles[1], "retried on b").await;
     assert_eq!(
         ids(to_b.extensions().get::<Attempts>().unwrap().as_slice()),
         ["a"]
@@ -359,7 +368,7 @@ async fn a_post_timed_out_before_it_was_sent_is_retried() {
         .service(Balance::new(pool, RoundRobin::new()));
     let post = Request::post("/").body(()).unwrap();
     let call = tokio::spawn(service.oneshot(post));
-    let (_, _a_reply) = handles[0].next_request().await.expect("a answers nothing");
+    let (_, _a_reply) = next(&mut handles[0], "a answers nothing").await;
     let err = call.await.unwrap().unwrap_err();
     assert!(!matches!(
         handles[1].poll_request(),
@@ -380,7 +389,7 @@ async fn timer_does_not_fire_one_tick_early() {
     service.ready().await.unwrap();
     let mut call = Box::pin(service.call(Request::new(())));
     assert!(futures::poll!(call.as_mut()).is_pending());
-    let (_, _a_reply) = handles[0].next_request().await.unwrap();
+    let (_, _a_reply) = next(&mut handles[0], "a request to a").await;
 
     tokio::time::advance(Duration::from_millis(99)).await;
     assert!(futures::poll!(call.as_mut()).is_pending());
@@ -388,7 +397,7 @@ async fn timer_does_not_fire_one_tick_early() {
 
     tokio::time::advance(Duration::from_millis(1)).await;
     assert!(futures::poll!(call.as_mut()).is_pending());
-    let (_, b_reply) = handles[1].next_request().await.expect("b tried at 100 ms");
+    let (_, b_reply) = next(&mut handles[1], "b tried at 100 ms").await;
     assert_eq!(Instant::now() - start, Duration::from_millis(100));
     b_reply.send_response(status(204));
     let response = call.await.unwrap();
@@ -414,7 +423,7 @@ async fn deadline_ends_the_attempts_at_the_configured_instant() {
 
     let mut replies = Vec::new();
     for (handle, at) in handles.iter_mut().zip([0, 100, 200]) {
-        let (_, reply) = handle.next_request().await.unwrap();
+        let (_, reply) = next(handle, "the next backend is tried").await;
         assert_eq!(Instant::now() - start, Duration::from_millis(at));
         replies.push(reply);
     }
@@ -454,10 +463,10 @@ async fn backoff_pauses_between_attempts_within_its_jitter() {
         .service(Balance::new(pool, RoundRobin::new()));
     let call = tokio::spawn(service.oneshot(Request::new(())));
 
-    let (_, a_reply) = handles[0].next_request().await.unwrap();
+    let (_, a_reply) = next(&mut handles[0], "a request to a").await;
     let failed_at = Instant::now();
     a_reply.send_response(status(503));
-    let (_, b_reply) = handles[1].next_request().await.unwrap();
+    let (_, b_reply) = next(&mut handles[1], "a request to b").await;
     let pause = Instant::now() - failed_at;
     assert!(
         pause >= Duration::from_millis(40) && pause <= Duration::from_millis(80),

@@ -12,6 +12,7 @@ pub mod redis_server;
 pub mod sticky_http;
 pub mod store_contract;
 pub mod tracing_capture;
+pub mod wait;
 #[cfg(feature = "webhook")]
 pub mod webhook_server;
 
