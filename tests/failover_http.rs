@@ -15,6 +15,7 @@ use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
 use tower_ha::Pool;
 
 use support::http::{refused, serve, silent, text, BoxBody, HttpBackend, Seen};
+use support::wait::bounded_real;
 
 fn pool<B>(backends: &[(&str, SocketAddr)]) -> Pool<HttpBackend<B>>
 where
@@ -195,7 +196,12 @@ async fn a_silent_backend_is_left_for_the_next_and_its_connection_closed() {
     assert_eq!(text(response).await, "healthy");
     assert_eq!(healthy_seen.requests(), 1);
     // The silent backend's connection ends: the client closed it.
-    let received = closed.recv().await.expect("the silent server runs");
+    let received = bounded_real(
+        "the connection to the silent backend is closed",
+        closed.recv(),
+    )
+    .await
+    .expect("the silent server runs");
     assert!(received > 0, "the request reached the silent backend");
     assert_eq!(silent_seen.connections(), 1, "and it was not tried again");
 }

@@ -25,6 +25,8 @@ use tower_ha::store::{
 };
 use tower_ha::{AdminStatus, BackendError, BackendId, BoxError, HealthStatus, Pool};
 
+use support::wait::spin_until;
+
 const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 const NAMES: [&str; 3] = ["a", "b", "c"];
 
@@ -1130,9 +1132,10 @@ async fn concurrent_first_requests_bind_a_session_once() {
     // Both miss: round robin sends one to each backend.
     let first = tokio::spawn(send_owned(svc.clone(), req()));
     let second = tokio::spawn(send_owned(svc.clone(), req()));
-    while gates.lock().values().map(Vec::len).sum::<usize>() < 2 {
-        tokio::task::yield_now().await;
-    }
+    spin_until("both requests reach a backend", || {
+        gates.lock().values().map(Vec::len).sum::<usize>() >= 2
+    })
+    .await;
     // b answers first and starts the session; a's later answer must not
     // move it.
     let release = |name: &str| gates.lock().get_mut(name).unwrap().pop().unwrap().send(());
@@ -1733,9 +1736,10 @@ impl SlowSavesOfA {
 
     /// Yields until a save of `a` has started.
     async fn a_save_started(&self) {
-        while self.started.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        spin_until("a save of a starts", || {
+            self.started.load(Ordering::SeqCst) > 0
+        })
+        .await;
     }
 }
 
@@ -2212,9 +2216,7 @@ async fn a_request_served_during_restore_is_not_undone_by_it() {
             let layer = layer.clone();
             async move { layer.restore().await }
         });
-        while !running.load(Ordering::SeqCst) {
-            tokio::task::yield_now().await;
-        }
+        spin_until("the restore hook runs", || running.load(Ordering::SeqCst)).await;
         // k1's backend goes down while its restore runs; a request for it
         // is served elsewhere.
         c.set_health("a", HealthStatus::Unhealthy);

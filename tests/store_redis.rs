@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::redis_server::RedisServer;
+use support::wait::bounded_real;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{sleep, timeout, Instant};
 use tower_ha::store::{Claim, Invalidation, RedisStore, Session, SessionStore};
@@ -271,9 +272,12 @@ async fn loads_refresh_the_ttl_and_unused_sessions_expire() {
 
     // A session whose TTL runs out is gone (Redis expires it).
     pexpire(&mut conn, "idle", 1);
-    while pttl(&mut conn, "idle") != -2 {
-        sleep(Duration::from_millis(5)).await;
-    }
+    bounded_real("Redis expires the idle session", async {
+        while pttl(&mut conn, "idle") != -2 {
+            sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     assert_eq!(
         store.load("idle").await.unwrap(),
         None,
