@@ -19,9 +19,10 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Lines};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 use rand::Rng;
@@ -122,9 +123,17 @@ fn server(dir: &Path) -> ! {
     unreachable!("the server runs until it is killed")
 }
 
+/// How long the server may take to print its next line before `ready`
+/// (it starts, restores, then prints a line per session it serves): a
+/// bound against hanging, not a timing claim.
+const NEXT_LINE_WITHIN: Duration = Duration::from_secs(60);
+
+/// A server child, killed when dropped (a failed check does not leave it
+/// running).
 struct Server {
     child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
+    /// The lines it prints, read on a thread of their own.
+    lines: mpsc::Receiver<String>,
 }
 
 impl Server {
@@ -136,15 +145,34 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn the server");
-        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         Server { child, lines }
     }
 
     /// The `verb key backend` lines printed before `ready`.
     fn until_ready(&mut self) -> BTreeMap<String, BTreeMap<String, String>> {
         let mut seen: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        for line in self.lines.by_ref() {
-            let line = line.expect("server output");
+        loop {
+            let line = match self.lines.recv_timeout(NEXT_LINE_WITHIN) {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "the server printed nothing for {NEXT_LINE_WITHIN:?} before it was ready"
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("the server exited before it was ready")
+                }
+            };
             if line == "ready" {
                 return seen;
             }
@@ -157,13 +185,20 @@ impl Server {
                 .or_default()
                 .insert(key.to_owned(), backend.to_owned());
         }
-        panic!("the server exited before it was ready");
     }
 
     fn kill(mut self) {
         self.child.kill().expect("SIGKILL"); // std sends SIGKILL on Unix
         let status = self.child.wait().expect("wait");
         assert!(!status.success(), "the server was killed");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Already gone after `kill`: both calls then do nothing.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
