@@ -623,6 +623,43 @@ mod tests {
         assert_eq!(loaded.skipped.len(), leftovers.len());
     }
 
+    /// `load_all` passes over the temporary file of a write this process
+    /// has in progress, then reports and removes it as a leftover once no
+    /// write holds it.
+    #[tokio::test]
+    async fn load_all_leaves_a_write_in_progress_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).await.unwrap();
+        store.save(&Session::new("k", "old".into())).await.unwrap();
+        // A temporary name of `k`'s record that no save of this process
+        // takes (the counter is far from it), held as `write_atomic` holds
+        // its own from before the file exists until after the rename.
+        let temp = format!(".{}.{}-0{TEMP_SUFFIX}", file_name("k"), std::process::id());
+        assert!(is_temp_name(&temp));
+        let in_flight = InFlight::register(temp.clone());
+        fs::write(tmp.path().join(&temp), b"{\"key\": \"k\", \"ba").unwrap();
+
+        let loaded = store.load_all().await.unwrap();
+        assert!(loaded.skipped.is_empty(), "{:?}", loaded.skipped);
+        assert_eq!(loaded.sessions.len(), 1);
+        assert_eq!(loaded.sessions[0].backend.as_str(), "old");
+        assert!(
+            tmp.path().join(&temp).exists(),
+            "a write in progress is kept"
+        );
+
+        // The write is over without renaming its file (the process died,
+        // as far as a later listing can tell): a leftover.
+        drop(in_flight);
+        let loaded = store.load_all().await.unwrap();
+        assert_eq!(loaded.skipped.len(), 1);
+        assert_eq!(loaded.skipped[0].record, temp);
+        assert!(loaded.skipped[0].error.is_corrupt());
+        assert!(!tmp.path().join(&temp).exists(), "the leftover is removed");
+        assert_eq!(loaded.sessions.len(), 1);
+        assert_eq!(loaded.sessions[0].backend.as_str(), "old");
+    }
+
     #[test]
     fn names_fit_the_file_system() {
         for len in 0..400 {
