@@ -107,7 +107,8 @@ fn is_digits(s: &str) -> bool {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// use tower_ha::store::{FileStore, Session, SessionStore};
 ///
-/// let dir = std::env::temp_dir().join(format!("tower-ha-doc-{}", std::process::id()));
+/// # let tmp = tempfile::tempdir().unwrap();
+/// # let dir = tmp.path().join("sessions");
 /// let store = FileStore::open(&dir).await.unwrap();
 /// store.save(&Session::new("../../etc/passwd", "node-a".into())).await.unwrap();
 ///
@@ -116,7 +117,6 @@ fn is_digits(s: &str) -> bool {
 /// let loaded = again.load_all().await.unwrap();
 /// assert_eq!(loaded.sessions[0].key, "../../etc/passwd");
 /// assert_eq!(loaded.sessions[0].backend.as_str(), "node-a");
-/// # std::fs::remove_dir_all(&dir).unwrap();
 /// # }
 /// ```
 #[derive(Clone)]
