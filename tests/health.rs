@@ -1,7 +1,7 @@
 //! Health: passive ejection, active probes, lifecycle, slow start and panic
 //! routing, all on paused tokio time.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1080,7 +1080,6 @@ async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_o
 
 #[tokio::test(start_paused = true)]
 async fn a_probe_started_before_a_backend_left_does_not_count_once_it_is_back() {
-    use std::sync::atomic::AtomicUsize;
     let pool = Pool::new();
     pool.insert("a", 0u8);
     let state = pool.state(&"a".into()).unwrap();
@@ -1132,19 +1131,34 @@ async fn a_zero_probe_timeout_still_lets_a_probe_answer() {
     let pool = Pool::new();
     pool.insert("a", ());
     let state = pool.state(&"a".into()).unwrap();
-    // Answers after yielding once: not at the first poll.
-    let probe = probe_fn(|_id: &BackendId, _: &()| async {
-        tokio::task::yield_now().await;
-        Ok::<(), BoxError>(())
+    // Answers after yielding once: not at the first poll. Counts the
+    // probes that got to answer.
+    let answered = Arc::new(AtomicUsize::new(0));
+    let probe = probe_fn({
+        let answered = answered.clone();
+        move |_id: &BackendId, _: &()| {
+            let answered = answered.clone();
+            async move {
+                tokio::task::yield_now().await;
+                answered.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), BoxError>(())
+            }
+        }
     });
     let t0 = Instant::now();
+    // Unhealthy until a probe passes; one that fails makes it unhealthy
+    // again.
     let _checker = HealthChecker::new(pool.clone(), probe)
         .interval(secs(1))
         .timeout(Duration::ZERO)
         .jitter(Duration::ZERO)
+        .start_unhealthy(true)
+        .rise(1)
         .fall(1)
         .spawn();
     at(t0 + secs(3) + ms(500)).await;
+    // Probes at 0, 1, 2 and 3 s: each answered.
+    assert_eq!(answered.load(Ordering::SeqCst), 4);
     assert_eq!(state.health(), HealthStatus::Healthy);
 }
 
