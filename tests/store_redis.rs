@@ -453,6 +453,14 @@ async fn a_lease_has_one_owner_and_only_the_owner_releases_it() {
     assert!(!stale.release().await.unwrap(), "not the owner any more");
     assert!(a.is_leased("k").await.unwrap(), "b's lease stands");
     assert!(current.extend(Duration::from_millis(200)).await.unwrap());
+    let left: i64 = redis::cmd("PTTL")
+        .arg(a.lease_key("k"))
+        .query(&mut raw(&server))
+        .unwrap();
+    assert!(
+        left > 0 && left <= 200,
+        "extended to 200 ms from 30 s: {left} ms left"
+    );
     sleep(Duration::from_millis(500)).await;
     assert!(
         !a.is_leased("k").await.unwrap(),
