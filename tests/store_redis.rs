@@ -321,7 +321,9 @@ async fn failures_are_typed() {
     store.save(&session("k", "a")).await.unwrap();
     assert!(!format!("{store:?}").contains("s3cret"));
 
-    // A server that does not answer in time.
+    // A server that does not answer in time: paused far longer than the
+    // store waits, however slowly the test runs. Nothing else uses this
+    // server, which is killed (not unpaused) when the test ends.
     let server = RedisServer::start();
     let store = RedisStore::builder(server.url())
         .timeout(Duration::from_millis(300))
@@ -331,7 +333,7 @@ async fn failures_are_typed() {
     let mut conn = raw(&server);
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
-        .arg(1500)
+        .arg(60_000)
         .arg("ALL")
         .query(&mut conn)
         .unwrap();
