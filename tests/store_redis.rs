@@ -796,7 +796,9 @@ async fn notices_can_be_turned_off() {
     );
 }
 
-#[tokio::test]
+/// On a multi-thread runtime: the guard's extender runs while the test
+/// blocks its own thread on synchronous `PTTL` calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_lock_outlives_its_ttl_while_held_and_expires_once_dropped() {
     use tower_ha::store::SessionLock;
     let server = RedisServer::start();
