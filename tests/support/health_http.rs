@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 
 #[derive(Default)]
 struct Counters {
@@ -30,7 +30,10 @@ struct Counters {
 pub struct TestServer {
     addr: SocketAddr,
     counters: Arc<Counters>,
-    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+    /// The task that accepts connections.
+    accept: Mutex<Option<JoinHandle<()>>>,
+    /// A task per connection.
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl TestServer {
@@ -40,9 +43,9 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let counters = Arc::new(Counters::default());
         counters.healthz.store(200, Ordering::SeqCst);
-        let tasks = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(Mutex::new(Vec::new()));
         let accept = {
-            let (counters, tasks) = (counters.clone(), tasks.clone());
+            let (counters, connections) = (counters.clone(), connections.clone());
             tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
@@ -74,15 +77,15 @@ impl TestServer {
                             .serve_connection(TokioIo::new(stream), service)
                             .await;
                     });
-                    tasks.lock().push(conn.abort_handle());
+                    connections.lock().push(conn);
                 }
             })
         };
-        tasks.lock().push(accept.abort_handle());
         TestServer {
             addr,
             counters,
-            tasks,
+            accept: Mutex::new(Some(accept)),
+            connections,
         }
     }
 
@@ -111,20 +114,32 @@ impl TestServer {
         self.counters.probes_failed.load(Ordering::SeqCst)
     }
 
-    /// Closes the listener and every open connection.
+    /// Closes the listener and every open connection, and waits until
+    /// their tasks (and sockets) are gone.
     pub async fn shutdown(&self) {
-        for task in self.tasks.lock().drain(..) {
-            task.abort();
+        // The listener first: no connection starts after the others end.
+        let accept = self.accept.lock().take();
+        if let Some(accept) = accept {
+            accept.abort();
+            let _ = accept.await;
         }
-        // Let the runtime drop the aborted tasks (and their sockets).
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let connections: Vec<_> = self.connections.lock().drain(..).collect();
+        for conn in &connections {
+            conn.abort();
+        }
+        for conn in connections {
+            let _ = conn.await;
+        }
     }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        for task in self.tasks.lock().drain(..) {
-            task.abort();
+        if let Some(accept) = self.accept.lock().take() {
+            accept.abort();
+        }
+        for conn in self.connections.lock().drain(..) {
+            conn.abort();
         }
     }
 }
