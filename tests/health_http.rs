@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use tower::ServiceExt;
 use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::control::{Event, Events};
 use tower_ha::extensions::ServedBy;
 use tower_ha::health::{HealthChecker, HttpProbe, TcpProbe};
 use tower_ha::{HealthStatus, Pool};
@@ -107,27 +108,51 @@ async fn a_tcp_probe_marks_a_closed_listener_unhealthy() {
         pool.state(&"a".into()).unwrap(),
         pool.state(&"b".into()).unwrap(),
     );
+    let events = Events::default();
     let _checker = HealthChecker::new(pool.clone(), probe)
         .interval(Duration::from_millis(50))
         .jitter(Duration::ZERO)
         .fall(2)
         .start_unhealthy(true)
+        .events(events.clone())
         .spawn();
-    for _ in 0..5 {
-        tokio::task::yield_now().await;
+    // Each starts unhealthy and is made healthy by passing probes,
+    // whenever those come (the states start healthy, before the checker
+    // runs: its events tell the order).
+    eventually("both pass their first probes", || {
+        !health_changes(&events, "a").is_empty() && !health_changes(&events, "b").is_empty()
+    })
+    .await;
+    for id in ["a", "b"] {
+        let changes = health_changes(&events, id);
+        assert_eq!(
+            changes,
+            [(HealthStatus::Unhealthy, HealthStatus::Healthy)],
+            "{id}"
+        );
     }
     assert_eq!(
         (sa.health(), sb.health()),
-        (HealthStatus::Unhealthy, HealthStatus::Unhealthy)
+        (HealthStatus::Healthy, HealthStatus::Healthy)
     );
-    eventually("both pass their first probes", || {
-        sa.health() == HealthStatus::Healthy && sb.health() == HealthStatus::Healthy
-    })
-    .await;
     a.shutdown().await;
     eventually("a is marked unhealthy", || {
         sa.health() == HealthStatus::Unhealthy
     })
     .await;
     assert_eq!(sb.health(), HealthStatus::Healthy);
+}
+
+/// The health changes recorded for backend `id`, oldest first.
+fn health_changes(events: &Events, id: &str) -> Vec<(HealthStatus, HealthStatus)> {
+    events
+        .history()
+        .iter()
+        .filter_map(|record| match &record.event {
+            Event::HealthChanged {
+                backend, from, to, ..
+            } if backend.as_str() == id => Some((*from, *to)),
+            _ => None,
+        })
+        .collect()
 }
