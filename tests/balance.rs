@@ -850,3 +850,110 @@ fn weighted_round_robin_shares_an_unavailable_backends_slots_by_weight() {
     assert_eq!(b0 + b2, 4000);
     assert!((1200..=1470).contains(&b0), "b0 {b0}, b2 {b2}");
 }
+
+/// How many of `n` keyless picks each backend got.
+fn shares<P: Strategy>(balance: &Balance<Svc, P>, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let id = attempt(balance, None, &Attempts::new()).unwrap();
+        *counts.entry(id.to_string()).or_default() += 1;
+    }
+    counts
+}
+
+/// How many of `keys` each backend owns.
+fn key_shares<P: Strategy>(balance: &Balance<Svc, P>, keys: &[String]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for id in owners(balance, keys) {
+        *counts.entry(id.to_string()).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn a_weight_set_at_runtime_changes_weighted_round_robin_shares() {
+    let pool = pool_of(2);
+    let balance = Balance::new(pool.clone(), WeightedRoundRobin::new());
+    let before = shares(&balance, 400);
+    assert_eq!((before["b0"], before["b1"]), (200, 200));
+    assert!(pool.set_weight(&"b0".into(), 3));
+    // 3:1 from the next pick on; a cycle cut short by the change may
+    // shift one pick.
+    let after = shares(&balance, 400);
+    assert!((299..=301).contains(&after["b0"]), "{after:?}");
+    assert_eq!(after["b0"] + after["b1"], 400);
+    // And back.
+    assert!(pool.set_weight(&"b0".into(), 1));
+    let again = shares(&balance, 400);
+    assert!((199..=201).contains(&again["b0"]), "{again:?}");
+}
+
+#[test]
+fn a_weight_set_through_the_control_handle_changes_maglev_shares() {
+    let pool = pool_of(2);
+    let balance = Balance::new(pool.clone(), ConsistentHash::maglev(key::header("x-key")));
+    let handle = tower_ha::control::Handle::new(tower_ha::control::Events::default());
+    handle.add_group("web", &balance).unwrap();
+    let keys = keys(20_000);
+    let before = key_shares(&balance, &keys);
+    // Even, to within the sample's spread (about 70 keys).
+    assert!((9_400..=10_600).contains(&before["b0"]), "{before:?}");
+    handle.set_weight(&"b0".into(), 3).unwrap();
+    // 3:1: b0 owns three quarters of the table, so of the keys too.
+    let after = key_shares(&balance, &keys);
+    assert!((14_400..=15_600).contains(&after["b0"]), "{after:?}");
+}
+
+#[test]
+fn ring_weights_give_keys_in_proportion_and_a_change_moves_only_that_backends_keys() {
+    let pool = Pool::new();
+    for (name, weight) in [("b0", 3), ("b1", 1), ("b2", 1)] {
+        pool.insert_weighted(name, named(name.into()), weight);
+    }
+    let balance = Balance::new(pool.clone(), ConsistentHash::ring(key::header("x-key")));
+    let keys = keys(20_000);
+    let before = owners(&balance, &keys);
+    let counts = key_shares(&balance, &keys);
+    // b0 has 3/5 of the points, the others 1/5 each: about 12,000 and
+    // 4,000 keys. The ring's arcs vary more than Maglev's slots do, so
+    // the bounds are wide, and still far from the 1:1:1 of equal weights.
+    assert!((10_000..=14_000).contains(&counts["b0"]), "{counts:?}");
+    for b in ["b1", "b2"] {
+        assert!((2_800..=5_200).contains(&counts[b]), "{counts:?}");
+    }
+    let ratio = counts["b0"] as f64 / ((counts["b1"] + counts["b2"]) as f64 / 2.0);
+    assert!(
+        (2.3..=3.8).contains(&ratio),
+        "b0 gets {ratio:.2}x the others"
+    );
+
+    // b1 heavier: it takes keys from the others, which keep the rest.
+    assert!(pool.set_weight(&"b1".into(), 3));
+    let heavier = owners(&balance, &keys);
+    let mut gained = 0;
+    for (b, h) in before.iter().zip(&heavier) {
+        if b != h {
+            assert_eq!(h.as_str(), "b1", "a key moved from {b} to {h}, not to b1");
+            gained += 1;
+        }
+    }
+    // b1 goes from 1/5 to 3/7 of the points: about 4,600 more keys.
+    assert!((3_000..=6_500).contains(&gained), "b1 gained {gained} keys");
+
+    // Back to 1: exactly the keys it gained go back where they were.
+    assert!(pool.set_weight(&"b1".into(), 1));
+    assert_eq!(owners(&balance, &keys), before);
+
+    // b0 lighter: only its keys move, and only away from it.
+    assert!(pool.set_weight(&"b0".into(), 1));
+    let lighter = owners(&balance, &keys);
+    let mut lost = 0;
+    for (b, l) in before.iter().zip(&lighter) {
+        if b != l {
+            assert_eq!(b.as_str(), "b0", "a key moved from {b} to {l}, not from b0");
+            lost += 1;
+        }
+    }
+    // b0 goes from 3/5 of the points to 1/3: about 5,300 fewer keys.
+    assert!((3_500..=7_000).contains(&lost), "b0 lost {lost} keys");
+}
