@@ -957,3 +957,28 @@ fn ring_weights_give_keys_in_proportion_and_a_change_moves_only_that_backends_ke
     // b0 goes from 3/5 of the points to 1/3: about 5,300 fewer keys.
     assert!((3_500..=7_000).contains(&lost), "b0 lost {lost} keys");
 }
+
+#[test]
+fn random_spreads_its_picks_over_every_backend() {
+    let pool = pool_of(3);
+    let balance = Balance::new(pool, Random::new());
+    let counts = shares(&balance, 3000);
+    // 1,000 each expected, with a standard deviation of about 26: 600 to
+    // 1,410 is more than 15 of them away, never reached by chance.
+    for b in ["b0", "b1", "b2"] {
+        let got = counts.get(b).copied().unwrap_or(0);
+        assert!(
+            (600..=1410).contains(&got),
+            "{b}: {got} of 3000 ({counts:?})"
+        );
+    }
+    // Not a fixed rotation in disguise: some backend is picked twice in a
+    // row (a rotation never does; chance does about a third of the time).
+    let picks: Vec<_> = (0..300)
+        .map(|_| attempt(&balance, None, &Attempts::new()).unwrap())
+        .collect();
+    assert!(
+        picks.windows(2).any(|w| w[0] == w[1]),
+        "never the same twice in a row"
+    );
+}
