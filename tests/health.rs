@@ -595,6 +595,50 @@ async fn probes_come_faster_while_unhealthy() {
     assert_eq!(script.probes.load(Ordering::SeqCst), 6);
 }
 
+/// With the default settings (2 s apart, up to 100 ms of jitter), each
+/// backend's probes start at once, then come 2 s to 2.1 s apart (plus
+/// under a millisecond: tokio's timers fire on whole milliseconds): never
+/// sooner, never in a burst, and spread over that window rather than
+/// all at one spacing.
+#[tokio::test(start_paused = true)]
+async fn default_jitter_spaces_probes_by_the_interval_plus_at_most_100_ms() {
+    let (pool, _) = pool_of(&["a", "b"]);
+    let started: Arc<parking_lot::Mutex<Vec<(BackendId, Instant)>>> = Arc::default();
+    let probe = probe_fn({
+        let started = started.clone();
+        move |id: &BackendId, _: &Backend| {
+            started.lock().push((id.clone(), Instant::now()));
+            async { Ok::<(), BoxError>(()) }
+        }
+    });
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), probe).spawn();
+    at(t0 + secs(250)).await;
+    let started = started.lock().clone();
+    for id in ["a", "b"] {
+        let times: Vec<Instant> = started
+            .iter()
+            .filter(|(of, _)| of.as_str() == id)
+            .map(|(_, at)| *at)
+            .collect();
+        assert_eq!(times.first(), Some(&t0), "{id}: probed at once");
+        // 250 s hold at least 250 / 2.1 probes.
+        assert!(times.len() >= 119, "{id}: {} probes", times.len());
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        for gap in &gaps {
+            assert!(
+                *gap >= secs(2) && *gap < secs(2) + ms(101),
+                "{id}: probes {gap:?} apart"
+            );
+        }
+        let (min, max) = (gaps.iter().min().unwrap(), gaps.iter().max().unwrap());
+        assert!(
+            *max - *min >= ms(50),
+            "{id}: the jitter spreads the gaps, yet they are {min:?} to {max:?}"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_probe_that_hangs_fails_at_its_timeout() {
     let pool = Pool::new();
