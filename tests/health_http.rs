@@ -4,15 +4,17 @@ mod support;
 
 use std::time::Duration;
 
+use http::header::{HeaderValue, AUTHORIZATION};
 use http::{Request, StatusCode};
 use tower::ServiceExt;
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::control::{Event, Events};
 use tower_ha::extensions::ServedBy;
-use tower_ha::health::{HealthChecker, HttpProbe, TcpProbe};
-use tower_ha::{HealthStatus, Pool};
+use tower_ha::health::{HealthChecker, HttpProbe, Probe, TcpProbe, UnexpectedStatus};
+use tower_ha::{BoxError, HealthStatus, Pool};
 
 use support::health_http::{eventually, HttpBackend, ReqBody, TestServer};
+use support::wait::bounded_real;
 
 type Lb = Balance<HttpBackend, RoundRobin>;
 
@@ -155,4 +157,98 @@ fn health_changes(events: &Events, id: &str) -> Vec<(HealthStatus, HealthStatus)
             _ => None,
         })
         .collect()
+}
+
+/// Probes `server` once with `probe` through a real client.
+async fn probe_once(probe: &HttpProbe<ReqBody>, server: &TestServer) -> Result<(), BoxError> {
+    let backend = HttpBackend::new(server.addr());
+    bounded_real("the probe answers", probe.probe(&"a".into(), &backend)).await
+}
+
+/// The status a failed probe saw.
+fn unexpected(result: Result<(), BoxError>) -> StatusCode {
+    let err = result.expect_err("the probe fails");
+    err.downcast_ref::<UnexpectedStatus>()
+        .unwrap_or_else(|| panic!("not an unexpected status: {err}"))
+        .status()
+}
+
+#[tokio::test]
+async fn an_http_probe_passes_on_the_statuses_it_expects() {
+    let server = TestServer::start().await;
+    let default = HttpProbe::<ReqBody>::new("/healthz");
+    let only_200 = HttpProbe::<ReqBody>::new("/healthz").expected_statuses([200..=200]);
+    let also_401 = HttpProbe::<ReqBody>::new("/healthz").expected_statuses([200..=299, 401..=401]);
+
+    // Any 2xx by default; only what is listed otherwise.
+    server.set_healthz(204);
+    probe_once(&default, &server).await.unwrap();
+    assert_eq!(unexpected(probe_once(&only_200, &server).await), 204);
+    probe_once(&also_401, &server).await.unwrap();
+
+    server.set_healthz(401);
+    assert_eq!(unexpected(probe_once(&default, &server).await), 401);
+    probe_once(&also_401, &server).await.unwrap();
+    server.set_healthz(503);
+    assert_eq!(unexpected(probe_once(&also_401, &server).await), 503);
+    assert_eq!(server.probes_ok() + server.probes_failed(), 6);
+
+    // `is_expected` says the same without a request.
+    for (status, by_default, by_200, by_also_401) in [
+        (200, true, true, true),
+        (204, true, false, true),
+        (299, true, false, true),
+        (199, false, false, false),
+        (300, false, false, false),
+        (401, false, false, true),
+        (503, false, false, false),
+    ] {
+        let status = StatusCode::from_u16(status).unwrap();
+        assert_eq!(default.is_expected(status), by_default, "{status}");
+        assert_eq!(only_200.is_expected(status), by_200, "{status}");
+        assert_eq!(also_401.is_expected(status), by_also_401, "{status}");
+    }
+}
+
+#[tokio::test]
+async fn an_http_probe_sends_its_headers() {
+    let server = TestServer::start().await;
+    let token = HeaderValue::from_static("Bearer probe-token");
+    server.require_header(AUTHORIZATION, token.clone());
+    let bare = HttpProbe::<ReqBody>::new("/healthz");
+    assert_eq!(unexpected(probe_once(&bare, &server).await), 401);
+    let wrong = HttpProbe::<ReqBody>::new("/healthz")
+        .header(AUTHORIZATION, HeaderValue::from_static("Bearer other"));
+    assert_eq!(unexpected(probe_once(&wrong, &server).await), 401);
+    let with_token = HttpProbe::<ReqBody>::new("/healthz").header(AUTHORIZATION, token);
+    probe_once(&with_token, &server).await.unwrap();
+    assert_eq!(server.probes_ok(), 1);
+
+    // And through the checker: the backend passes its probes.
+    let pool = Pool::new();
+    pool.insert("a", HttpBackend::new(server.addr()));
+    let state = pool.state(&"a".into()).unwrap();
+    let events = Events::default();
+    let _checker = HealthChecker::new(pool.clone(), with_token)
+        .interval(Duration::from_millis(50))
+        .jitter(Duration::ZERO)
+        .rise(2)
+        .start_unhealthy(true)
+        .events(events.clone())
+        .spawn();
+    eventually("a passes its probes", || {
+        !health_changes(&events, "a").is_empty()
+    })
+    .await;
+    assert_eq!(
+        health_changes(&events, "a"),
+        [(HealthStatus::Unhealthy, HealthStatus::Healthy)]
+    );
+    assert_eq!(state.health(), HealthStatus::Healthy);
+    assert!(server.probes_ok() >= 3, "{}", server.probes_ok());
+    assert_eq!(
+        server.probes_failed(),
+        2,
+        "only the probes without the token"
+    );
 }

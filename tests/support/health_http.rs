@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{Empty, Full};
 use hyper::body::Incoming;
@@ -20,6 +21,8 @@ use tokio::task::JoinHandle;
 #[derive(Default)]
 struct Counters {
     healthz: AtomicU16,
+    /// A header `/healthz` requires: without it, it answers 401.
+    required: Mutex<Option<(HeaderName, HeaderValue)>>,
     hits: AtomicUsize,
     probes_ok: AtomicUsize,
     probes_failed: AtomicUsize,
@@ -56,7 +59,15 @@ impl TestServer {
                         let c = counters.clone();
                         async move {
                             let status = if req.uri().path() == "/healthz" {
-                                let s = c.healthz.load(Ordering::SeqCst);
+                                let refused =
+                                    c.required.lock().as_ref().is_some_and(|(name, value)| {
+                                        req.headers().get(name) != Some(value)
+                                    });
+                                let s = if refused {
+                                    401
+                                } else {
+                                    c.healthz.load(Ordering::SeqCst)
+                                };
                                 if (200..300).contains(&s) {
                                     c.probes_ok.fetch_add(1, Ordering::SeqCst);
                                 } else {
@@ -97,6 +108,11 @@ impl TestServer {
     /// Makes `/healthz` answer `status`.
     pub fn set_healthz(&self, status: u16) {
         self.counters.healthz.store(status, Ordering::SeqCst);
+    }
+
+    /// Makes `/healthz` answer 401 to requests without this header.
+    pub fn require_header(&self, name: HeaderName, value: HeaderValue) {
+        *self.counters.required.lock() = Some((name, value));
     }
 
     /// Requests served outside `/healthz`.
