@@ -279,23 +279,22 @@ impl Events {
 
     /// Records `event` and sends it to every subscriber. Never waits.
     pub fn emit(&self, event: Event) {
-        let record = {
-            let mut history = self.inner.history.lock();
-            // Numbered under the lock, so the history is in order.
-            let record = Arc::new(Record {
-                seq: self.inner.seq.fetch_add(1, Ordering::Relaxed),
-                at: Instant::now(),
-                time: SystemTime::now(),
-                event,
-            });
-            if self.inner.history_capacity > 0 {
-                if history.len() == self.inner.history_capacity {
-                    history.pop_front();
-                }
-                history.push_back(record.clone());
+        let mut history = self.inner.history.lock();
+        // Numbered, recorded and sent under one lock: the history, the last
+        // changes and every subscriber see the events in sequence order.
+        // Sending on a broadcast channel never waits.
+        let record = Arc::new(Record {
+            seq: self.inner.seq.fetch_add(1, Ordering::Relaxed),
+            at: Instant::now(),
+            time: SystemTime::now(),
+            event,
+        });
+        if self.inner.history_capacity > 0 {
+            if history.len() == self.inner.history_capacity {
+                history.pop_front();
             }
-            record
-        };
+            history.push_back(record.clone());
+        }
         if let Some(backend) = record.event.backend() {
             let mut last_change = self.inner.last_change.lock();
             // A removed backend is forgotten, so that discovery churn (a
@@ -308,6 +307,7 @@ impl Events {
         }
         // No subscriber is not an error.
         let _ = self.inner.tx.send(record);
+        drop(history);
     }
 
     /// Whether `self` and `other` are clones of one stream.
