@@ -279,6 +279,19 @@ impl Events {
 
     /// Records `event` and sends it to every subscriber. Never waits.
     pub fn emit(&self, event: Event) {
+        self.record(event, true);
+    }
+
+    /// Emits `event`, an [`Event::BackendRemoved`] of a backend that
+    /// another group still holds: its last change is recorded, not
+    /// forgotten, for that group's stats.
+    pub(crate) fn emit_still_held(&self, event: Event) {
+        self.record(event, false);
+    }
+
+    /// Records and sends `event`. When `forget_removed`, an
+    /// [`Event::BackendRemoved`] forgets the backend's last change.
+    fn record(&self, event: Event, forget_removed: bool) {
         let mut history = self.inner.history.lock();
         // Numbered, recorded and sent under one lock: the history, the last
         // changes and every subscriber see the events in sequence order.
@@ -299,7 +312,7 @@ impl Events {
             let mut last_change = self.inner.last_change.lock();
             // A removed backend is forgotten, so that discovery churn (a
             // pod address per deploy) does not grow the map forever.
-            if matches!(record.event, Event::BackendRemoved { .. }) {
+            if forget_removed && matches!(record.event, Event::BackendRemoved { .. }) {
                 last_change.remove(backend);
             } else {
                 last_change.insert(backend.clone(), record.time);

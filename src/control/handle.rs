@@ -636,19 +636,23 @@ impl Handle {
                 backend: id.to_string(),
             });
         }
+        let event = Event::BackendRemoved {
+            group: Some(g.name.clone()),
+            backend: id.clone(),
+            reason: "operator".into(),
+        };
         // Gone from every group, its pending drain deadline does nothing
-        // now (in a group that still holds it, the deadline stands).
+        // now, and its last change is forgotten. In a group that still
+        // holds it, both stand.
         if self.states(id).is_err() {
             let ended = self.inner.drains.lock().remove(id);
             if let Some(ended) = ended {
                 ended.end();
             }
+            self.inner.events.emit(event);
+        } else {
+            self.inner.events.emit_still_held(event);
         }
-        self.inner.events.emit(Event::BackendRemoved {
-            group: Some(g.name.clone()),
-            backend: id.clone(),
-            reason: "operator".into(),
-        });
         Ok(())
     }
 
