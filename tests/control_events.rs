@@ -1,7 +1,9 @@
-//! The event stream under concurrent emitters, and what the stats learn
-//! from it.
+//! The event stream and the stats under concurrent use.
 
-use tower_ha::balance::{Balance, RoundRobin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tower_ha::balance::{Balance, Priority, RoundRobin};
 use tower_ha::control::{Event, Events, Handle};
 use tower_ha::{BackendId, Pool};
 
@@ -78,4 +80,45 @@ async fn a_backend_removed_from_one_group_keeps_its_last_change_in_another() {
     // Gone from every group: forgotten.
     handle.remove_backend("api", &a).unwrap();
     assert_eq!(handle.events().last_change(&a), None);
+}
+
+/// A group's stats are of one moment: while an operator forces one backend
+/// after the other, every snapshot's forced primary is its current primary.
+#[test]
+fn group_stats_never_mix_before_and_after_a_switch() {
+    const SWITCHES: usize = 100_000;
+    let pool = Pool::new();
+    pool.insert("a", ());
+    pool.insert("b", ());
+    let handle = Handle::new(Events::new(1, 0));
+    handle
+        .add_group("db", &Balance::new(pool, Priority::new("db", ["a", "b"])))
+        .unwrap();
+    handle.force_primary("db", &"a".into()).unwrap();
+    let switching = Arc::new(AtomicBool::new(true));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let handle = handle.clone();
+            let switching = switching.clone();
+            std::thread::spawn(move || {
+                let mut mixed = 0;
+                while switching.load(Ordering::Relaxed) {
+                    let stats = handle.group_stats("db").unwrap();
+                    if stats.forced_primary.is_none()
+                        || stats.forced_primary != stats.current_primary
+                    {
+                        mixed += 1;
+                    }
+                }
+                mixed
+            })
+        })
+        .collect();
+    let ids = [BackendId::from("a"), BackendId::from("b")];
+    for id in ids.iter().cycle().take(SWITCHES) {
+        handle.force_primary("db", id).unwrap();
+    }
+    switching.store(false, Ordering::Relaxed);
+    let mixed: u32 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert_eq!(mixed, 0, "snapshots mixed two moments");
 }

@@ -169,6 +169,15 @@ impl fmt::Debug for Priority {
     }
 }
 
+/// A group's state at one moment, for the stats.
+#[derive(Debug, Clone)]
+pub(crate) struct PrioritySnapshot {
+    pub(crate) current: Option<BackendId>,
+    pub(crate) forced: Option<BackendId>,
+    pub(crate) failovers: u64,
+    pub(crate) last_failover: Option<Instant>,
+}
+
 /// A table: preference order as member indices.
 #[derive(Debug, Clone, Default)]
 pub struct PriorityTable {
@@ -297,6 +306,18 @@ impl Priority {
     /// When the last failover happened.
     pub fn last_failover(&self) -> Option<Instant> {
         self.shared.state.lock().last_failover
+    }
+
+    /// The current and forced primaries and the failovers, read at one
+    /// moment.
+    pub(crate) fn snapshot(&self) -> PrioritySnapshot {
+        let state = self.shared.state.lock();
+        PrioritySnapshot {
+            current: state.current.clone(),
+            forced: state.forced.clone(),
+            failovers: state.failovers,
+            last_failover: state.last_failover,
+        }
     }
 
     /// Makes `id` the primary now, whatever the failback rule and the

@@ -127,15 +127,19 @@ impl GroupStats {
             .iter()
             .partition::<Vec<&BackendStats>, _>(|b| b.is_healthy());
         let priority = group.priority.as_ref();
+        // Read under one lock: the primaries and the failover count are of
+        // one moment, not before and after a switch.
+        let snapshot = priority.map(|p| p.snapshot());
+        let snapshot = snapshot.as_ref();
         GroupStats {
             name: group.name.clone(),
             mode: group.mode(),
             configured_primary: priority.and_then(|p| p.configured_primary().cloned()),
-            current_primary: priority.and_then(|p| p.current()),
-            forced_primary: priority.and_then(|p| p.forced()),
-            failovers: priority.map_or(0, |p| p.failovers()),
-            since_last_failover: priority
-                .and_then(|p| p.last_failover())
+            current_primary: snapshot.and_then(|s| s.current.clone()),
+            forced_primary: snapshot.and_then(|s| s.forced.clone()),
+            failovers: snapshot.map_or(0, |s| s.failovers),
+            since_last_failover: snapshot
+                .and_then(|s| s.last_failover)
                 .map(|at| at.elapsed()),
             healthy: healthy.into_iter().map(|b| b.id.clone()).collect(),
             failed: failed.into_iter().map(|b| b.id.clone()).collect(),
