@@ -1,8 +1,10 @@
 //! The `metrics` feature: stats published through the facade.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{Request, Response};
 use metrics::{
@@ -328,4 +330,51 @@ async fn a_zero_interval_publishes_every_millisecond_instead_of_panicking() {
     // run when the sleep ended).
     let published = publications.0.load(Ordering::SeqCst);
     assert!((100..=101).contains(&published), "{published} publications");
+}
+
+type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<&'static str>, Infallible>;
+
+/// Active-passive group "db": primary "p", backup "b".
+fn db() -> (Pool<Svc>, Balance<Svc, Priority>) {
+    let pool = Pool::new();
+    for name in ["p", "b"] {
+        pool.insert(
+            name,
+            Svc::new(service_fn(move |_req: Request<()>| async move {
+                Ok(Response::new(name))
+            })),
+        );
+    }
+    let balance = Balance::new(pool.clone(), Priority::new("db", ["p", "b"]));
+    (pool, balance)
+}
+
+/// "p" fails and the next request fails over to "b".
+async fn fail_over(pool: &Pool<Svc>, balance: &Balance<Svc, Priority>) {
+    pool.state(&"p".into())
+        .unwrap()
+        .set_health(HealthStatus::Unhealthy);
+    let served = balance.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(*served.body(), "b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_group_keeps_its_time_since_the_last_failover() {
+    let handle = Handle::new(Events::default());
+    let recorder = Last::default();
+    let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
+    let since = "tower_ha_group_seconds_since_failover{group=db}";
+    let (pool, balance) = db();
+    handle.add_group("db", &balance).unwrap();
+    fail_over(&pool, &balance).await;
+    tokio::time::advance(Duration::from_secs(5)).await;
+    publish();
+    assert_eq!(get(since), Some(5.0));
+
+    // 0 would read as a failover just now.
+    handle.remove_group("db").unwrap();
+    publish();
+    assert_eq!(get(since), Some(5.0));
+    assert_eq!(get("tower_ha_group_healthy_backends{group=db}"), Some(0.0));
 }

@@ -28,7 +28,8 @@ impl Handle {
     /// `tower_ha_group_primary` (a gauge labelled `group` and `backend`, 1
     /// for the current primary and 0 for the others). A group
     /// [removed](Handle::remove_group) has its gauges, and its backends',
-    /// set to 0 once.
+    /// set to 0 once, except `tower_ha_group_seconds_since_failover`,
+    /// which keeps its last value: 0 would read as a failover just now.
     ///
     /// Call it periodically, or run [`spawn_metrics`](Handle::spawn_metrics).
     pub fn publish_metrics(&self) {
@@ -101,9 +102,10 @@ pub(super) struct Published {
     groups: HashSet<String>,
 }
 
-/// The per-group gauges, zeroed when the group is removed.
-const GROUP_GAUGES: [&str; 3] = [
-    "tower_ha_group_seconds_since_failover",
+/// The per-group gauges zeroed when the group is removed. Not
+/// `tower_ha_group_seconds_since_failover`: 0 would read as a failover
+/// just now.
+const GROUP_GAUGES: [&str; 2] = [
     "tower_ha_group_healthy_backends",
     "tower_ha_group_failed_backends",
 ];
