@@ -378,3 +378,42 @@ async fn a_removed_group_keeps_its_time_since_the_last_failover() {
     assert_eq!(get(since), Some(5.0));
     assert_eq!(get("tower_ha_group_healthy_backends{group=db}"), Some(0.0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_group_registered_again_keeps_its_failover_counter_going_up() {
+    let handle = Handle::new(Events::default());
+    let recorder = Last::default();
+    let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
+    let failovers = "tower_ha_group_failovers_total{group=db}";
+    let (pool, balance) = db();
+    handle.add_group("db", &balance).unwrap();
+    fail_over(&pool, &balance).await;
+    publish();
+    assert_eq!(get(failovers), Some(1.0));
+
+    // Rebuilt (a configuration reload) and registered again: its new
+    // count starts from zero, the published counter goes on from 1.
+    handle.remove_group("db").unwrap();
+    publish();
+    let (pool, balance) = db();
+    handle.add_group("db", &balance).unwrap();
+    publish();
+    assert_eq!(get(failovers), Some(1.0));
+    fail_over(&pool, &balance).await;
+    assert_eq!(handle.group_stats("db").unwrap().failovers, 1);
+    publish();
+    assert_eq!(get(failovers), Some(2.0));
+
+    // The same group registered again counts on from its own count.
+    handle.remove_group("db").unwrap();
+    handle.add_group("db", &balance).unwrap();
+    pool.state(&"p".into())
+        .unwrap()
+        .set_health(HealthStatus::Healthy);
+    handle.force_primary("db", &"p".into()).unwrap();
+    fail_over(&pool, &balance).await;
+    assert_eq!(handle.group_stats("db").unwrap().failovers, 2);
+    publish();
+    assert_eq!(get(failovers), Some(3.0));
+}

@@ -17,6 +17,10 @@ use crate::pool::Members;
 static NEXT_BUILD: AtomicU64 = AtomicU64::new(1);
 const NO_BUILD: u64 = 0;
 
+/// Numbers group states: each `Priority::new`, and each builder call that
+/// gives an already shared group a state of its own, takes the next.
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
+
 /// When a recovered configured primary takes over again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -74,6 +78,8 @@ impl State {
 }
 
 struct Shared {
+    /// Which group state this is: its failover count starts from zero.
+    serial: u64,
     name: Arc<str>,
     order: Vec<BackendId>,
     failback: Failback,
@@ -207,6 +213,7 @@ impl Priority {
         }
         Priority {
             shared: Arc::new(Shared {
+                serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
                 name: name.into(),
                 failback: Failback::Never,
                 min_dwell: Duration::ZERO,
@@ -223,6 +230,7 @@ impl Priority {
         let mut shared = match Arc::try_unwrap(self.shared) {
             Ok(shared) => shared,
             Err(shared) => Shared {
+                serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
                 name: shared.name.clone(),
                 order: shared.order.clone(),
                 failback: shared.failback,
@@ -306,6 +314,12 @@ impl Priority {
     /// When the last failover happened.
     pub fn last_failover(&self) -> Option<Instant> {
         self.shared.state.lock().last_failover
+    }
+
+    /// Which group state this is: another `Priority` (not a clone) has
+    /// another serial, and counts its failovers from zero.
+    pub(crate) fn serial(&self) -> u64 {
+        self.shared.serial
     }
 
     /// The current and forced primaries and the failovers, read at one

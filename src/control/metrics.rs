@@ -26,7 +26,9 @@ impl Handle {
     /// first failover), `tower_ha_group_healthy_backends`,
     /// `tower_ha_group_failed_backends` (gauges) and
     /// `tower_ha_group_primary` (a gauge labelled `group` and `backend`, 1
-    /// for the current primary and 0 for the others). A group
+    /// for the current primary and 0 for the others). A group registered
+    /// again with a new [`Priority`](crate::balance::Priority) (its count
+    /// starts afresh) keeps its failover counter going up. A group
     /// [removed](Handle::remove_group) has its gauges, and its backends',
     /// set to 0 once, except `tower_ha_group_seconds_since_failover`,
     /// which keeps its last value: 0 would read as a failover just now.
@@ -34,11 +36,16 @@ impl Handle {
     /// Call it periodically, or run [`spawn_metrics`](Handle::spawn_metrics).
     pub fn publish_metrics(&self) {
         let mut published = self.published().lock();
-        let Published { backends, groups } = &mut *published;
+        let Published {
+            backends,
+            groups,
+            failovers,
+        } = &mut *published;
         let mut seen = HashSet::new();
         let stats = self.stats();
         for group in &stats {
             publish(group, backends, &mut seen);
+            publish_failovers(group, failovers);
             groups.insert(group.name.to_string());
         }
         // A group no longer registered: its gauges go to zero, once.
@@ -95,11 +102,13 @@ impl Handle {
 }
 
 /// What was last published: for one backend of one group, by group name
-/// and backend id; and the groups published.
+/// and backend id; the groups published; and each group's failover count,
+/// kept after the group is removed in case it comes back.
 #[derive(Debug, Default)]
 pub(super) struct Published {
     backends: HashMap<(String, BackendId), Last>,
     groups: HashSet<String>,
+    failovers: HashMap<String, LastFailovers>,
 }
 
 /// The per-group gauges zeroed when the group is removed. Not
@@ -109,6 +118,14 @@ const GROUP_GAUGES: [&str; 2] = [
     "tower_ha_group_healthy_backends",
     "tower_ha_group_failed_backends",
 ];
+
+/// The failover count last published for one group, and of which
+/// [`Priority`](crate::balance::Priority).
+#[derive(Debug)]
+pub(super) struct LastFailovers {
+    priority: Option<u64>,
+    failovers: u64,
+}
 
 /// The last counts published for one backend, and of which state.
 #[derive(Debug, Default)]
@@ -136,7 +153,7 @@ const BACKEND_GAUGES: [&str; 4] = [
 /// never goes back, as counters must not.
 fn count(
     name: &'static str,
-    labels: &[(&'static str, String); 2],
+    labels: &[(&'static str, String)],
     last: &mut u64,
     now: u64,
     first: bool,
@@ -206,10 +223,32 @@ fn publish(
         seen.insert(key);
     }
     let labels = [("group", name)];
-    metrics::counter!("tower_ha_group_failovers_total", &labels).absolute(group.failovers);
     if let Some(since) = group.since_last_failover {
         metrics::gauge!("tower_ha_group_seconds_since_failover", &labels).set(since.as_secs_f64());
     }
     metrics::gauge!("tower_ha_group_healthy_backends", &labels).set(group.healthy.len() as f64);
     metrics::gauge!("tower_ha_group_failed_backends", &labels).set(group.failed.len() as f64);
+}
+
+/// Publishes a group's failover counter, which only goes up: a group
+/// registered again with a new `Priority` (its count starts afresh) adds
+/// its new count.
+fn publish_failovers(group: &GroupStats, published: &mut HashMap<String, LastFailovers>) {
+    let labels = [("group", group.name.to_string())];
+    let first = !published.contains_key(&*group.name);
+    let last = published
+        .entry(group.name.to_string())
+        .or_insert(LastFailovers {
+            priority: group.priority,
+            failovers: 0,
+        });
+    let fresh = std::mem::replace(&mut last.priority, group.priority) != group.priority;
+    count(
+        "tower_ha_group_failovers_total",
+        &labels,
+        &mut last.failovers,
+        group.failovers,
+        first,
+        fresh,
+    );
 }

@@ -111,6 +111,11 @@ pub struct GroupStats {
     pub failed: Vec<BackendId>,
     /// Every member, in pool order.
     pub backends: Vec<BackendStats>,
+    /// Which [`Priority`](crate::balance::Priority) the failovers are
+    /// counted by: a group registered again with a new one has another,
+    /// whose count starts from zero.
+    #[serde(skip)]
+    pub(crate) priority: Option<u64>,
 }
 
 impl GroupStats {
@@ -144,6 +149,7 @@ impl GroupStats {
             healthy: healthy.into_iter().map(|b| b.id.clone()).collect(),
             failed: failed.into_iter().map(|b| b.id.clone()).collect(),
             backends,
+            priority: priority.map(|p| p.serial()),
         }
     }
 }
