@@ -122,3 +122,56 @@ fn group_stats_never_mix_before_and_after_a_switch() {
     let mixed: u32 = readers.into_iter().map(|r| r.join().unwrap()).sum();
     assert_eq!(mixed, 0, "snapshots mixed two moments");
 }
+
+/// Releasing a forced primary is an event, whether through the handle or
+/// the group's `Priority`; releasing when nothing is forced is none.
+#[tokio::test(start_paused = true)]
+async fn releasing_a_forced_primary_is_an_event() {
+    let released = |events: &Events| -> Vec<(String, String)> {
+        events
+            .history()
+            .iter()
+            .filter_map(|r| match &r.event {
+                Event::PrimaryReleased { group, backend } => {
+                    Some((group.to_string(), backend.to_string()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let pool = Pool::new();
+    pool.insert("a", ());
+    pool.insert("b", ());
+    let priority = Priority::new("db", ["a", "b"]);
+    let handle = Handle::new(Events::default());
+    handle
+        .add_group("db", &Balance::new(pool, priority.clone()))
+        .unwrap();
+    handle.force_primary("db", &"b".into()).unwrap();
+    handle.release_primary("db").unwrap();
+    assert_eq!(released(handle.events()), [("db".into(), "b".into())]);
+    let last = handle.events().history().pop().unwrap();
+    assert_eq!(
+        serde_json::to_value(&last.event).unwrap(),
+        serde_json::json!({"kind": "primary_released", "group": "db", "backend": "b"})
+    );
+    // The primary stays until the failback rule moves it.
+    assert_eq!(
+        handle.group_stats("db").unwrap().current_primary,
+        Some("b".into())
+    );
+    assert_eq!(
+        handle.backend_stats(&"b".into()).unwrap().last_change,
+        Some(last.time)
+    );
+
+    handle.release_primary("db").unwrap();
+    assert_eq!(released(handle.events()).len(), 1, "nothing was forced");
+
+    handle.force_primary("db", &"a".into()).unwrap();
+    priority.release();
+    assert_eq!(
+        released(handle.events()),
+        [("db".into(), "b".into()), ("db".into(), "a".into())]
+    );
+}

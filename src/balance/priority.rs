@@ -114,8 +114,9 @@ struct Shared {
 ///   a group whose backups must take no requests while the primary
 ///   serves, leave the primary unlimited.
 ///
-/// Every switch emits exactly one [`Event::PrimaryChanged`] into the
-/// [`Events`] attached with [`events`](Priority::events) (a
+/// Every switch emits exactly one [`Event::PrimaryChanged`], and releasing
+/// a forced primary an [`Event::PrimaryReleased`], into the [`Events`]
+/// attached with [`events`](Priority::events) (a
 /// [`Handle`](crate::control::Handle) attaches its own).
 ///
 /// The group's state (current primary, last switch, since when the
@@ -259,8 +260,9 @@ impl Priority {
         self.rebuild_with(|s| s.min_dwell = dwell)
     }
 
-    /// Emits a [`Event::PrimaryChanged`] into `events` on every switch.
-    /// The first stream attached stays.
+    /// Emits a [`Event::PrimaryChanged`] into `events` on every switch, and
+    /// a [`Event::PrimaryReleased`] when a forced primary is released. The
+    /// first stream attached stays.
     pub fn events(self, events: Events) -> Self {
         let _ = self.shared.events.set(events);
         self
@@ -354,9 +356,18 @@ impl Priority {
         true
     }
 
-    /// Ends a forced primary: the failback rule applies again.
+    /// Ends a forced primary: the failback rule applies again. Emits an
+    /// [`Event::PrimaryReleased`] when a primary was forced; the primary
+    /// itself stays until a failover or a failback moves it.
     pub fn release(&self) {
-        self.shared.state.lock().forced = None;
+        let mut state = self.shared.state.lock();
+        let released = state.forced.take().map(|backend| Event::PrimaryReleased {
+            group: self.shared.name.clone(),
+            backend,
+        });
+        // Emitted under the group's lock, so events follow the group's
+        // changes in order.
+        self.emit(released);
     }
 
     /// Records a switch; returns the event to emit once the lock is gone.
@@ -389,7 +400,12 @@ impl Priority {
 
     fn emit(&self, event: Option<Event>) {
         if let Some(event) = event {
-            tracing::info!(group = %self.shared.name, ?event, "primary changed");
+            match event {
+                Event::PrimaryReleased { .. } => {
+                    tracing::info!(group = %self.shared.name, ?event, "forced primary released");
+                }
+                _ => tracing::info!(group = %self.shared.name, ?event, "primary changed"),
+            }
             if let Some(events) = self.shared.events.get() {
                 events.emit(event);
             }

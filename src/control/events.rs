@@ -128,6 +128,15 @@ pub enum Event {
         /// Why.
         reason: SwitchReason,
     },
+    /// An operator released a group's forced primary: the group's failback
+    /// rule applies again. The primary stays the same until a failover or a
+    /// failback moves it (a [`PrimaryChanged`](Event::PrimaryChanged) then).
+    PrimaryReleased {
+        /// The group.
+        group: Arc<str>,
+        /// The backend that was forced.
+        backend: BackendId,
+    },
     /// A sticky session moved to another backend.
     SessionMoved {
         /// The session key.
@@ -166,7 +175,8 @@ impl Event {
             | Event::LimitChanged { backend, .. }
             | Event::HealthChanged { backend, .. }
             | Event::Ejected { backend, .. }
-            | Event::Restored { backend, .. } => Some(backend),
+            | Event::Restored { backend, .. }
+            | Event::PrimaryReleased { backend, .. } => Some(backend),
             Event::PrimaryChanged { to, .. } => to.as_ref(),
             Event::SessionMoved { to, .. } => Some(to),
             Event::FailoverAttempt { failed, .. } => Some(failed),

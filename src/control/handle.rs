@@ -584,7 +584,8 @@ impl Handle {
     }
 
     /// Ends a forced primary in group `group`: its failback rule applies
-    /// again.
+    /// again. Emits an [`Event::PrimaryReleased`] when a primary was forced
+    /// (see [`Priority::release`]).
     pub fn release_primary(&self, group: &str) -> Result<(), ControlError> {
         let g = self.group(group)?;
         let priority = g

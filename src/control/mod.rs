@@ -2,6 +2,7 @@
 //!
 //! * [`Events`]: one stream of [`Event`]s (backend added or removed, admin
 //!   and health changes, ejections and restorations, primary changes,
+//!   forced primaries released,
 //!   sessions moved, failover attempts) to any number of subscribers
 //!   through a bounded broadcast channel (a slow subscriber learns how
 //!   many events it missed; emitting never waits), plus a bounded audit
