@@ -456,6 +456,61 @@ async fn unknown_routes_and_prefixes() {
     assert_eq!(status, 200, "a prefix without its leading `/`");
 }
 
+/// Sends `method path` with no body: the status, the headers and the body.
+async fn raw(
+    admin: &AdminService,
+    method: &str,
+    path: &str,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = admin.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+#[tokio::test(start_paused = true)]
+async fn head_is_answered_as_get_without_the_body() {
+    let f = fixture();
+    for path in ["/groups", "/groups/web", "/groups/nope", "/events?limit=2"] {
+        let (get_status, get_headers, get_body) = raw(&f.admin, "GET", path).await;
+        let (status, headers, body) = raw(&f.admin, "HEAD", path).await;
+        assert_eq!(status, get_status, "{path}");
+        assert_eq!(headers, get_headers, "{path}");
+        assert_eq!(
+            headers["content-length"],
+            get_body.len().to_string().as_str(),
+            "{path}"
+        );
+        assert!(body.is_empty(), "{path}: {body:?}");
+    }
+
+    // HEAD is no way around an action's method, and has no body either.
+    let (status, headers, body) = raw(&f.admin, "HEAD", "/backends/web1/drain").await;
+    assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "POST");
+    assert!(body.is_empty());
+    assert_eq!(
+        f.handle.backend_stats(&"web1".into()).unwrap().admin,
+        AdminStatus::Enabled
+    );
+
+    for (method, path, allow) in [
+        ("OPTIONS", "/groups", "GET, HEAD"),
+        ("POST", "/groups", "GET, HEAD"),
+        ("PUT", "/groups/web", "GET, HEAD, DELETE"),
+        ("OPTIONS", "/events", "GET, HEAD"),
+    ] {
+        let (status, headers, _) = raw(&f.admin, method, path).await;
+        assert_eq!(status, 405, "{method} {path}");
+        assert_eq!(headers["allow"], allow, "{method} {path}");
+    }
+}
+
 /// The status of `GET /groups` addressed to `uri` (absolute or not) with
 /// `host` as its `Host` header, if any.
 async fn status_for(admin: &AdminService, uri: &str, host: Option<&str>) -> StatusCode {
@@ -586,5 +641,26 @@ async fn the_admin_service_answers_over_a_real_hyper_server() {
             .as_str(),
         "web2"
     );
+
+    // HEAD: GET's headers, its length included, and no body.
+    let mut answers = Vec::new();
+    for method in ["GET", "HEAD"] {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}/groups/web"))
+            .header("host", addr.to_string())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "{method}");
+        let length = response.headers()["content-length"].clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        answers.push((length, body.len()));
+    }
+    let (get_length, get_body) = &answers[0];
+    let (head_length, head_body) = &answers[1];
+    assert_eq!(get_length, &get_body.to_string());
+    assert_eq!(head_length, get_length);
+    assert_eq!(*head_body, 0);
     server.abort();
 }

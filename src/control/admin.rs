@@ -44,6 +44,9 @@ use crate::error::BoxError;
 /// a name of its own at 127.0.0.1 (DNS rebinding) and call the API as a
 /// page of its own origin.
 ///
+/// Every `GET` route answers `HEAD` too: the same status and headers
+/// (`Content-Length` included), without the body.
+///
 /// Errors are JSON `{"error": "..."}`: 404 for an unknown route, group or
 /// backend, 403 for a request addressed to a host name not allowed, 405
 /// (with `Allow`) for a wrong method, 415 for a `POST`
@@ -222,7 +225,16 @@ where
     fn call(&mut self, req: Request<B>) -> AdminFuture {
         let handle = self.handle.clone();
         let settings = self.settings.clone();
-        Box::pin(async move { Ok(route(&handle, &settings, req).await) })
+        Box::pin(async move {
+            let head = req.method() == Method::HEAD;
+            let mut response = route(&handle, &settings, req).await;
+            if head {
+                // The answer to GET, headers and all (its `Content-Length`
+                // included), without the body.
+                *response.body_mut() = Full::default();
+            }
+            Ok(response)
+        })
     }
 }
 
@@ -246,20 +258,23 @@ fn addressed_to<B>(req: &Request<B>) -> Result<Option<Authority>, ()> {
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec(value) {
-        Ok(body) => Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::from(body))
-            .unwrap_or_else(|_| Response::new(Full::default())),
+        Ok(body) => json_body(status, body),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(&ErrorBody { error: message }).unwrap_or_default();
+    json_body(status, body)
+}
+
+/// A JSON answer whose length is in its headers, so that the answer to a
+/// `HEAD`, whose body is dropped, still says it.
+fn json_body(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
         .body(Full::from(body))
         .unwrap_or_else(|_| Response::new(Full::default()))
 }
@@ -417,11 +432,16 @@ where
         );
     };
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let method = req.method().clone();
+    // HEAD is answered as GET, whose routes change nothing; the body is
+    // dropped afterwards.
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        method => method.clone(),
+    };
     match segments.as_slice() {
         ["groups"] => match method {
             Method::GET => json(StatusCode::OK, &handle.stats()),
-            _ => not_allowed("GET"),
+            _ => not_allowed("GET, HEAD"),
         },
         ["groups", name] => match method {
             Method::GET => match handle.group_stats(name) {
@@ -437,7 +457,7 @@ where
                 },
                 Err(e) => control_error(&e),
             },
-            _ => not_allowed("GET, DELETE"),
+            _ => not_allowed("GET, HEAD, DELETE"),
         },
         ["groups", name, "primary"] if method == Method::DELETE => {
             // No body, and a method a web page cannot send across sites
@@ -513,7 +533,7 @@ where
         }
         ["events"] => {
             if method != Method::GET {
-                return not_allowed("GET");
+                return not_allowed("GET, HEAD");
             }
             match limit_param(req.uri().query()) {
                 Ok(limit) => json(StatusCode::OK, &handle.events().recent(limit)),
