@@ -318,6 +318,12 @@ impl GroupConfig {
 }
 
 /// Invalid or unreadable configuration.
+///
+/// Its message says where (the field, or the line and column) and, for an
+/// invalid value or a file that does not parse, what is wrong:
+/// `invalid configuration in line 2 column 21: failover_groups[0].mode:
+/// unknown variant ...`. A parse error's [`source`](std::error::Error::source)
+/// is the parser's own error, a read error's the I/O error.
 #[derive(Debug)]
 pub struct ConfigError {
     field: String,
@@ -328,7 +334,9 @@ pub struct ConfigError {
 #[cfg_attr(not(feature = "config"), allow(dead_code))]
 enum ErrorKind {
     Invalid(String),
-    Parse(BoxError),
+    /// The parser's message, without the location (in `field`), and its
+    /// error.
+    Parse(String, BoxError),
     Io(std::io::Error),
 }
 
@@ -348,7 +356,7 @@ impl ConfigError {
 
     /// Whether the file could not be parsed (syntax, types, unknown keys).
     pub fn is_parse(&self) -> bool {
-        matches!(self.kind, ErrorKind::Parse(_))
+        matches!(self.kind, ErrorKind::Parse(..))
     }
 
     /// Whether the file parsed but a value is not acceptable.
@@ -366,8 +374,12 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             ErrorKind::Invalid(message) => write!(f, "{}: {message}", self.field),
-            ErrorKind::Parse(_) if self.field.is_empty() => f.write_str("invalid configuration"),
-            ErrorKind::Parse(_) => write!(f, "invalid configuration in {}", self.field),
+            ErrorKind::Parse(message, _) if self.field.is_empty() => {
+                write!(f, "invalid configuration: {message}")
+            }
+            ErrorKind::Parse(message, _) => {
+                write!(f, "invalid configuration in {}: {message}", self.field)
+            }
             ErrorKind::Io(_) => write!(f, "cannot read {}", self.field),
         }
     }
@@ -377,7 +389,7 @@ impl std::error::Error for ConfigError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
             ErrorKind::Invalid(_) => None,
-            ErrorKind::Parse(e) => Some(&**e),
+            ErrorKind::Parse(_, e) => Some(&**e),
             ErrorKind::Io(e) => Some(e),
         }
     }
@@ -555,9 +567,11 @@ impl Config {
                 .location()
                 .map(|l| format!("line {} column {}", l.line(), l.column()))
                 .unwrap_or_default();
+            // The parser's message says where too: once is enough.
+            let message = e.to_string().replacen(&format!(" at {field}"), "", 1);
             ConfigError {
                 field,
-                kind: ErrorKind::Parse(e.into()),
+                kind: ErrorKind::Parse(message, e.into()),
             }
         })?;
         config.validate()?;
@@ -582,9 +596,10 @@ impl Config {
                     format!("line {line} column {column}")
                 })
                 .unwrap_or_default();
+            let message = e.message().trim_end().to_owned();
             ConfigError {
                 field,
-                kind: ErrorKind::Parse(e.into()),
+                kind: ErrorKind::Parse(message, e.into()),
             }
         })?;
         config.validate()?;

@@ -166,9 +166,11 @@ fn unknown_top_level_keys_and_missing_groups_are_refused() {
     assert_eq!(err.field(), "line 1 column 3", "{err}");
     let typed = Config::from_toml("\n[[failover_groups]]\nname = \"a\"\nmode = 7\n").unwrap_err();
     assert_eq!(typed.field(), "line 4 column 8", "{typed}");
-    assert_eq!(
-        typed.to_string(),
-        "invalid configuration in line 4 column 8"
+    assert!(
+        typed
+            .to_string()
+            .starts_with("invalid configuration in line 4 column 8: "),
+        "{typed}"
     );
     // Columns count characters, as YAML's do.
     let typed =
@@ -377,6 +379,63 @@ fn bad_syntax_types_and_durations_are_parse_errors_with_a_location() {
     let err = Config::load("/nonexistent/groups.yaml").unwrap_err();
     assert!(err.is_io());
     assert_eq!(err.field(), "/nonexistent/groups.yaml");
+}
+
+/// A parse error's message says what is wrong, as well as where, so that
+/// printing it is enough; the parser's error stays its source.
+#[test]
+fn a_parse_error_says_what_is_wrong() {
+    let err = Config::from_yaml(
+        "failover_groups:\n  - {name: a, mode: Active-Passive, backends: [x], primary: x}\n",
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.starts_with("invalid configuration in line 2 column 21: "),
+        "{message}"
+    );
+    assert!(
+        message.contains("unknown variant `Active-Passive`, expected `active-passive` or `normal`"),
+        "{message}"
+    );
+    assert_eq!(message.matches("line 2").count(), 1, "{message}");
+    assert!(err.source().is_some());
+
+    let err = Config::from_yaml("failover-groups:\n  - {name: a, mode: normal, backends: [x]}\n")
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("unknown field `failover-groups`"),
+        "{err}"
+    );
+
+    let err = Config::from_toml("[[failover-groups]]\nname = \"a\"\n").unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.starts_with("invalid configuration in line 1 column 3: "),
+        "{message}"
+    );
+    assert!(
+        message.contains("unknown field `failover-groups`"),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "one line: {message}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("groups.yaml");
+    std::fs::write(
+        &path,
+        "failover_groups:\n  - {name: a, mode: sideways, backends: [x]}\n",
+    )
+    .unwrap();
+    let message = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        message.starts_with(&format!(
+            "invalid configuration in {} line 2 column 21: ",
+            path.display()
+        )),
+        "{message}"
+    );
+    assert!(message.contains("unknown variant `sideways`"), "{message}");
 }
 
 #[tokio::test(start_paused = true)]
