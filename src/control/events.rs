@@ -272,7 +272,7 @@ impl Default for Events {
 impl Events {
     /// A stream that buffers up to `channel_capacity` events for each
     /// subscriber (at least 1, at most 65,536: the buffer is allocated
-    /// whole) and keeps the last `history_capacity` in the audit history
+    /// whole; tokio rounds it up to a power of two) and keeps the last `history_capacity` in the audit history
     /// (0 keeps none).
     pub fn new(channel_capacity: usize, history_capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(channel_capacity.clamp(1, MAX_CHANNEL_CAPACITY));
