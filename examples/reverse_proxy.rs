@@ -238,7 +238,8 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     for url in &o.backends {
         let backend =
             HttpBackend::new(&client, url.as_str()).unwrap_or_else(|e| usage(&e.to_string()));
-        // `HttpBackend::new` accepted it: an http:// URI with a host.
+        // `HttpBackend::new` accepted it: an http:// URI with a host, and a
+        // port that is a number from 0 to 65535 when it has one.
         let uri: http::Uri = url.parse().expect("a valid backend URI");
         let authority = uri.authority().expect("a host").as_str();
         let host = uri.host().expect("a host").trim_matches(['[', ']']);

@@ -484,8 +484,9 @@ where
 
 /// The base URI given to [`HttpBackend::new`] is refused: it is not an
 /// absolute `http://` URI (or `https://`, for a client with a TLS
-/// connector: [`HttpClient::with_connector`]), or it has user information
-/// or a query.
+/// connector: [`HttpClient::with_connector`]), its host is empty, its port
+/// is not a number from 0 to 65535, or it has user information or a
+/// query.
 #[derive(Debug)]
 pub struct InvalidBackendUri {
     uri: String,
@@ -539,7 +540,9 @@ impl<B> HttpBackend<B> {
     /// client with a TLS connector
     /// ([`HttpClient::with_connector`]). A base URI with user information
     /// (`http://user:password@host`) is refused: it would be sent to the
-    /// backend in `Host`.
+    /// backend in `Host`. So is one with an empty host (`http://:80`) or a
+    /// port that is not a number from 0 to 65535 (`http://host:65616`),
+    /// which would otherwise be taken for no port at all.
     pub fn new<U>(client: &HttpClient<B>, base: U) -> Result<Self, InvalidBackendUri>
     where
         U: TryInto<Uri>,
@@ -570,6 +573,17 @@ impl<B> HttpBackend<B> {
         }
         if uri.query().is_some() {
             return Err(invalid("a base URI has no query"));
+        }
+        if authority.host().is_empty() {
+            return Err(invalid("no host"));
+        }
+        // Without user information, the authority is the host, then the
+        // port, if any. A port that is no number from 0 to 65535 would
+        // otherwise be taken for none (port 80 or 443).
+        let port = authority.as_str()[authority.host().len()..].trim_start_matches(':');
+        let a_port = port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok();
+        if !(port.is_empty() || a_port) {
+            return Err(invalid("the port is not a number from 0 to 65535"));
         }
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid("bad host"))?;
         Ok(HttpBackend {
@@ -1337,6 +1351,38 @@ mod tests {
         );
         let b = HttpBackend::new(&client, "http://a:1/api/").unwrap();
         assert_eq!(b.prefix, "/api");
+        // A port out of range, or not a number, is not taken for none.
+        for uri in [
+            "http://10.0.0.5:65616",
+            "http://a:99999999999999999999",
+            "http://[::1]:65536",
+            "http://a:+80",
+            "http://a:-1",
+            "http://a:8x",
+        ] {
+            let err = HttpBackend::new(&client, uri).unwrap_err();
+            assert!(
+                err.to_string()
+                    .ends_with("the port is not a number from 0 to 65535"),
+                "{err}"
+            );
+        }
+        for uri in ["http://:80", "http://:", "http://:80/api"] {
+            let err = HttpBackend::new(&client, uri).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("invalid backend URI {uri:?}: no host")
+            );
+        }
+        for uri in [
+            "http://a:65535",
+            "http://[::1]:8080/x",
+            "http://a:080",
+            "http://a:",
+            "http://a",
+        ] {
+            assert!(HttpBackend::new(&client, uri).is_ok(), "{uri}");
+        }
     }
 
     #[test]
