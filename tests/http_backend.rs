@@ -1817,3 +1817,76 @@ async fn an_http2_clients_cookies_reach_an_http1_backend_as_one_line() {
         "a=1\nsess=xyz; c=3\nproxy-authorization=false"
     );
 }
+
+/// Reads one request from `stream`, its body framed by `Content-Length`
+/// or by chunks, and returns all its bytes; `None` once the connection is
+/// closed or broken.
+async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 1024];
+    let mut read = Vec::new();
+    let end_of_head = loop {
+        if let Some(at) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => read.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&read[..end_of_head]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map(|n| n.trim().parse::<usize>().unwrap());
+    let complete = |read: &[u8]| match length {
+        _ if head.contains("transfer-encoding: chunked") => read.ends_with(b"\r\n0\r\n\r\n"),
+        Some(n) => read.len() >= end_of_head + n,
+        None => true,
+    };
+    while !complete(&read) {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => read.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(read)
+}
+
+/// Answers each request with the bytes it came in, head and body.
+async fn serve_recording() -> SocketAddr {
+    accept_counting(|mut stream, _| async move {
+        while let Some(request) = read_request(&mut stream).await {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                request.len()
+            );
+            if stream.write_all(head.as_bytes()).await.is_err()
+                || stream.write_all(&request).await.is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .0
+}
+
+/// A request framed by chunks goes on without the `Content-Length` it
+/// carried too (RFC 9112 section 6.3), which would have framed, and cut
+/// short, the body the backend gets.
+#[tokio::test]
+async fn a_request_framed_by_chunks_loses_its_content_length() {
+    let addr = serve_recording().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let request = Request::post("/upload")
+        .header("content-length", "3")
+        .header("transfer-encoding", "chunked")
+        .body(Full::new(Bytes::from_static(b"hello world")))
+        .unwrap();
+    let received = body_of(backend.oneshot(request).await.unwrap()).await;
+    let (head, body) = received.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(!head.contains("content-length: 3"), "{received}");
+    assert_eq!(body, "hello world", "{received}");
+}

@@ -20,6 +20,9 @@
 //!   (but for what a proxied protocol upgrade needs), but `TE: trailers`
 //!   is sent on, and `Trailer` is forwarded, so trailer fields pass both
 //!   ways;
+//! * a message framed by chunks (`Transfer-Encoding: chunked`) goes on
+//!   without a `Content-Length` beside them, in either direction (RFC 9112
+//!   section 6.3);
 //! * protocol upgrades (WebSocket, for one) are proxied: see
 //!   [below](#protocol-upgrades-websocket);
 //! * `CONNECT` is refused with [`InvalidRequest`]: it asks a forward
@@ -632,12 +635,17 @@ impl<B> HttpBackend<B> {
         } else {
             None
         };
-        if present & TRANSFER_ENCODING_PRESENT != 0
-            && !only_chunked(req.headers().get_all(TRANSFER_ENCODING))
-        {
-            return Err(InvalidRequest::new(
-                "a transfer coding other than chunked, which this proxy does not decode",
-            ));
+        if present & TRANSFER_ENCODING_PRESENT != 0 {
+            if !only_chunked(req.headers().get_all(TRANSFER_ENCODING)) {
+                return Err(InvalidRequest::new(
+                    "a transfer coding other than chunked, which this proxy does not decode",
+                ));
+            }
+            // Framed by its chunks, the body has no use for a
+            // `Content-Length` beside them, which a proxy must remove (RFC
+            // 9112 section 6.3): left on, it would frame what goes on to
+            // the backend, cutting the body short.
+            req.headers_mut().remove(CONTENT_LENGTH);
         }
         let original = match req.uri().path_and_query() {
             // An absolute-form target without a path (`http://host?q`):
