@@ -1510,11 +1510,12 @@ mod http2 {
             let (addr, _) = serve_h2().await;
             let calls = Arc::new(AtomicUsize::new(0));
             let connector = first_call(addr, first, calls.clone());
-            // No PING timer: paused time would run it out while the
-            // loopback socket is being answered.
+            // No PING timer nor read timeout: paused time would run them
+            // out while the loopback socket is being answered.
             let client = HttpClient::<Full<Bytes>>::with_connector(connector)
                 .http2_only(true)
-                .http2_keep_alive(None);
+                .http2_keep_alive(None)
+                .read_timeout(None);
             let backend = HttpBackend::new(&client, "http://b.internal").unwrap();
             let given_up = tokio::time::timeout(
                 Duration::from_millis(50),
@@ -1821,7 +1822,7 @@ async fn an_http2_clients_cookies_reach_an_http1_backend_as_one_line() {
 /// Reads one request from `stream`, its body framed by `Content-Length`
 /// or by chunks, and returns all its bytes; `None` once the connection is
 /// closed or broken.
-async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+async fn read_request<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Option<Vec<u8>> {
     let mut buf = [0u8; 1024];
     let mut read = Vec::new();
     let end_of_head = loop {
@@ -1889,4 +1890,228 @@ async fn a_request_framed_by_chunks_loses_its_content_length() {
     let head = head.to_ascii_lowercase();
     assert!(!head.contains("content-length: 3"), "{received}");
     assert_eq!(body, "hello world", "{received}");
+}
+
+/// Whether `err` holds an I/O error of kind `TimedOut`.
+fn is_timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    find::<std::io::Error>(err).is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+}
+
+/// Answers each connection's first request with `response`, then stays
+/// silent, the connection open, until the client closes it. Counts the
+/// connections.
+async fn serve_stalling(response: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    accept_counting(move |mut stream, _| async move {
+        if read_request(&mut stream).await.is_none()
+            || stream.write_all(response.as_bytes()).await.is_err()
+        {
+            return;
+        }
+        let mut buf = [0u8; 1024];
+        while let Ok(1..) = stream.read(&mut buf).await {}
+    })
+    .await
+}
+
+/// A backend that sends a head and part of its body, then nothing, is
+/// given up at the read timeout: the body fails with a timeout, no longer
+/// counts as in flight, and its connection is not reused.
+#[tokio::test]
+async fn a_body_that_stalls_fails_at_the_read_timeout() {
+    let (addr, accepted) =
+        serve_stalling("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello").await;
+    let client = HttpClient::<Full<Bytes>>::new().read_timeout(Some(Duration::from_millis(200)));
+    let pool = Pool::new();
+    pool.insert(
+        "stalling",
+        HttpBackend::new(&client, format!("http://{addr}")).unwrap(),
+    );
+    let state = pool.state(&"stalling".into()).unwrap();
+    let balance = Balance::new(pool, RoundRobin::new());
+    let resp = balance
+        .clone()
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert_eq!(state.in_flight(), 1);
+    let mut body = resp.into_body();
+    let mut read = Vec::new();
+    let err = loop {
+        // A generous bound: only the kind of the outcome is asserted.
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("given up at the read timeout");
+        match frame {
+            Some(Ok(frame)) => read.extend_from_slice(&frame.into_data().unwrap()),
+            Some(Err(e)) => break e,
+            None => panic!("the body ended: {read:?}"),
+        }
+    };
+    assert_eq!(read, b"hello");
+    assert!(is_timed_out(&*err), "{err}");
+    assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(state.in_flight(), 0, "no longer in flight");
+    drop(body);
+    // The next request does not get that connection.
+    let resp = balance
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    drop(resp);
+}
+
+/// A response head that does not come within the read timeout fails the
+/// request with a timeout, which is not `NotSent` (the backend has the
+/// request); a GET goes on to the next backend, and the connection is not
+/// reused.
+#[tokio::test]
+async fn a_response_head_that_does_not_come_fails_at_the_read_timeout() {
+    let (addr, accepted) = serve_stalling("").await;
+    let client = HttpClient::<Full<Bytes>>::new().read_timeout(Some(Duration::from_millis(200)));
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    for _ in 0..2 {
+        let post = Request::post("/")
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .unwrap();
+        let sent = backend.clone().oneshot(post);
+        let err = tokio::time::timeout(Duration::from_secs(10), sent)
+            .await
+            .expect("given up at the read timeout")
+            .unwrap_err();
+        assert!(is_timed_out(&*err), "{err}");
+        assert!(find::<NotSent>(&*err).is_none(), "{err}");
+        assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a connection each");
+
+    // Behind the failover layer, a GET is answered by the other backend.
+    let pool = Pool::new();
+    pool.insert("stalling", backend);
+    pool.insert(
+        "echo",
+        HttpBackend::new(&client, format!("http://{}", serve().await)).unwrap(),
+    );
+    let stack = FailoverLayer::new().layer(Balance::new(pool, RoundRobin::new()));
+    for _ in 0..2 {
+        let get = stack.clone().oneshot(Request::new(Full::default()));
+        let resp = tokio::time::timeout(Duration::from_secs(10), get)
+            .await
+            .expect("failed over at the read timeout")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        body_of(resp).await;
+    }
+}
+
+type Trickled = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// A client whose connections are in-memory pipes: each connection it opens
+/// hands its far end to the receiver, which plays the backend. Under paused
+/// time, nothing else moves the clock.
+fn piped(
+    read_timeout: Option<Duration>,
+) -> (
+    HttpBackend<Trickled>,
+    tokio::sync::mpsc::UnboundedReceiver<tokio::io::DuplexStream>,
+) {
+    let (far_ends, opened) = tokio::sync::mpsc::unbounded_channel();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let sent = far_ends.send(far);
+        async move {
+            sent.map_err(|_| std::io::Error::other("the test is over"))?;
+            Ok::<_, std::io::Error>(TokioIo::new(near))
+        }
+    });
+    let client = HttpClient::with_connector(connector).read_timeout(read_timeout);
+    (
+        HttpBackend::new(&client, "http://app.internal").unwrap(),
+        opened,
+    )
+}
+
+/// A body of `frames`, each sent `every` after the one before.
+fn trickle(frames: &'static [&'static str], every: Duration) -> Trickled {
+    use futures::StreamExt as _;
+    let frames = futures::stream::iter(frames).then(move |frame| async move {
+        tokio::time::sleep(every).await;
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(frame.as_bytes())))
+    });
+    http_body_util::StreamBody::new(frames).boxed_unsync()
+}
+
+/// The silence the read timeout measures: from the end of the request
+/// (a slow upload is no silence), and from each wait for a body frame.
+#[tokio::test(start_paused = true)]
+async fn the_read_timeout_counts_silence_not_time() {
+    let five = Duration::from_secs(5);
+    let (backend, mut opened) = piped(Some(five));
+    let start = tokio::time::Instant::now();
+
+    // An upload of 12 s, answered 4 s after its end.
+    let upload = Request::post("/").body(trickle(&["a", "b", "c"], Duration::from_secs(4)));
+    let answering = tokio::spawn(async move {
+        let mut conn = opened.recv().await.unwrap();
+        let request = read_request(&mut conn).await.unwrap();
+        assert!(request.ends_with(b"\r\n0\r\n\r\n"));
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        conn.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        // Then a chunk every 4 s, and nothing after the third.
+        for chunk in ["1\r\nx\r\n"; 3] {
+            conn.write_all(chunk.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+        (conn, opened)
+    });
+    let resp = backend.clone().oneshot(upload.unwrap()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(16));
+    let mut body = resp.into_body();
+    for _ in 0..3 {
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "x"
+        );
+    }
+    let last = tokio::time::Instant::now();
+    let hour = Duration::from_secs(3600);
+    let err = tokio::time::timeout(hour, body.frame())
+        .await
+        .expect("given up at the read timeout")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(last.elapsed(), five, "{err}");
+    assert!(is_timed_out(&*err), "{err}");
+    let (_stalled, mut opened) = answering.await.unwrap();
+
+    // A response head that does not come, on a new connection.
+    let get = backend.clone().oneshot(Request::new(trickle(&[], five)));
+    let silent = tokio::spawn(async move {
+        let mut conn = opened.recv().await.unwrap();
+        read_request(&mut conn).await.unwrap();
+        (conn, opened)
+    });
+    let sent = tokio::time::Instant::now();
+    let err = tokio::time::timeout(hour, get)
+        .await
+        .expect("given up at the read timeout")
+        .unwrap_err();
+    assert_eq!(sent.elapsed(), five);
+    assert!(is_timed_out(&*err), "{err}");
+    let (_silent, mut opened) = silent.await.unwrap();
+
+    // Without a read timeout, a silent backend is waited for.
+    let (backend, mut others) = piped(None);
+    let get = backend.oneshot(Request::new(trickle(&[], five)));
+    let silent = tokio::spawn(async move {
+        let mut conn = others.recv().await.unwrap();
+        read_request(&mut conn).await.unwrap();
+        conn
+    });
+    let day = Duration::from_secs(86_400);
+    assert!(tokio::time::timeout(day, get).await.is_err());
+    drop(silent);
+    assert!(opened.try_recv().is_err(), "no other connection");
 }

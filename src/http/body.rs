@@ -1,11 +1,14 @@
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
 
 use super::pool::Checkin;
+use super::timeout::{self, Timer};
 use crate::backend::InFlight;
 use crate::error::BoxError;
 
@@ -16,21 +19,43 @@ use crate::error::BoxError;
 /// read to its end; a body dropped before that closes the connection. Until
 /// then the request counts as in flight on the backend a balancer sent it
 /// to (see [`BackendState::hold_in_flight`](crate::BackendState::hold_in_flight)).
+///
+/// A wait for the next frame that lasts the client's
+/// [`read_timeout`](super::HttpClient::read_timeout) (default 60 s) fails
+/// the body with an I/O error of kind `TimedOut`: the connection is not
+/// reused, and the request no longer counts as in flight. Only waits count:
+/// a body read slowly (its client is slow) does not time out.
 pub struct ResponseBody {
     inner: hyper::body::Incoming,
     /// The connection, while the body is still being read from it.
     pooled: Option<Box<dyn Checkin>>,
     /// The request's count in flight, while the body is still being read.
     in_flight: Option<InFlight>,
+    /// The longest wait for a frame; `None` for no limit.
+    read_timeout: Option<Duration>,
+    /// The timer of the waits for a frame: the connection's (given back
+    /// with it), else made at the body's first wait (a body read without
+    /// one never has it).
+    timer: Timer,
+    /// When the current wait for a frame started.
+    since: Option<Instant>,
     done: bool,
 }
 
 impl ResponseBody {
-    pub(super) fn new(inner: hyper::body::Incoming, pooled: Option<Box<dyn Checkin>>) -> Self {
+    pub(super) fn new(
+        inner: hyper::body::Incoming,
+        pooled: Option<Box<dyn Checkin>>,
+        read_timeout: Option<Duration>,
+        timer: Timer,
+    ) -> Self {
         ResponseBody {
             inner,
             pooled,
             in_flight: None,
+            read_timeout,
+            timer,
+            since: None,
             done: false,
         }
     }
@@ -38,6 +63,29 @@ impl ResponseBody {
     /// Holds `in_flight` until the body has been read or dropped.
     pub(super) fn hold(&mut self, in_flight: InFlight) {
         self.in_flight = Some(in_flight);
+    }
+}
+
+impl ResponseBody {
+    /// Waits for the next frame, for at most the read timeout: fails the
+    /// body, giving its connection up, when the timeout passes.
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(timeout) = self.read_timeout else {
+            return Poll::Pending;
+        };
+        let since = match self.since {
+            Some(since) => since,
+            None => *self.since.insert(timeout::start(&mut self.timer, timeout)),
+        };
+        std::task::ready!(timeout::passed(&mut self.timer, since, timeout, cx));
+        // The connection is in an unknown state, and the request over.
+        self.pooled = None;
+        self.in_flight = None;
+        Poll::Ready(Some(Err(timeout::timed_out(
+            "the backend sent nothing more of the response body",
+            timeout,
+        )
+        .into())))
     }
 }
 
@@ -55,7 +103,11 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => return self.wait(cx),
+        };
+        self.since = None;
         match &frame {
             None => self.done = true,
             Some(Ok(_)) => self.done = self.inner.is_end_stream(),
@@ -84,7 +136,7 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         if let Some(pooled) = self.pooled.take() {
             if self.done || self.inner.is_end_stream() {
-                pooled.checkin();
+                pooled.checkin(self.timer.take());
             }
         }
     }

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use super::body::ResponseBody;
 use super::pool::Open;
+use super::timeout::{self, Failed, Sent};
 use crate::error::{find, BoxError, NotSent};
 
 /// How long a keep-alive PING may go unanswered before the connection is
@@ -176,11 +177,17 @@ where
     /// stream it left out: hyper reports the connection's `GOAWAY` to
     /// requests it had already sent as well, which the backend may be
     /// processing.
+    ///
+    /// A response head that does not come within `read_timeout` of the
+    /// request's end (`sent` says when its body was sent) fails the
+    /// request, resetting its stream.
     pub(super) async fn send(
         &self,
         open: &Open,
         target: &Uri,
         mut req: Request<B>,
+        read_timeout: Option<Duration>,
+        sent: &Sent,
     ) -> Result<Response<ResponseBody>, BoxError> {
         loop {
             let (n, mut sender, fresh) = self.connection(open, target).await?;
@@ -191,9 +198,15 @@ where
                 }
                 continue;
             }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|body| ResponseBody::new(body, None))),
-                Err(mut e) => match e.take_message() {
+            let response = sender.try_send_request(req);
+            // A timer of its own: the connection carries many requests.
+            let mut timer = None;
+            match timeout::head(response, read_timeout, sent, &mut timer).await {
+                Ok(resp) => {
+                    return Ok(resp.map(|body| ResponseBody::new(body, None, read_timeout, timer)))
+                }
+                Err(Failed::TimedOut(e)) => return Err(e.into()),
+                Err(Failed::Sent(mut e)) => match e.take_message() {
                     Some(back) if !fresh => {
                         self.forget(n);
                         req = back;

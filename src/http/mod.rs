@@ -49,10 +49,15 @@
 //! ([`tcp_keepalive`](HttpClient::tcp_keepalive)), and a pooled HTTP/1
 //! connection idle for 90 s is closed (an HTTP/2 one is replaced at its
 //! next use; [`idle_timeout`](HttpClient::idle_timeout):
-//! keep it below the backends' own keep-alive timeout). Reading a response
-//! has no timeout of its own: give the failover layer a
-//! [`per_try_timeout`](crate::failover::FailoverLayer::per_try_timeout) so
-//! that a backend that stops answering mid-request is left for the next.
+//! keep it below the backends' own keep-alive timeout), and a backend that
+//! sends nothing for 60 s while its response is awaited, its head or the
+//! rest of its body, fails the request with a timeout
+//! ([`read_timeout`](HttpClient::read_timeout)). The failover layer's
+//! [`per_try_timeout`](crate::failover::FailoverLayer::per_try_timeout) and
+//! [`deadline`](crate::failover::FailoverLayer::deadline) end at the
+//! response head: only the read timeout bounds a backend that stops in the
+//! middle of a response body, and such a response, already returned, is
+//! not failed over (its client gets it cut short).
 //!
 //! ```no_run
 //! # async fn doc() -> Result<(), tower_ha::BoxError> {
@@ -122,6 +127,7 @@ mod body;
 #[cfg(feature = "http2")]
 mod http2;
 mod pool;
+mod timeout;
 mod tunnel;
 
 use std::fmt;
@@ -174,6 +180,7 @@ use crate::extensions::{PeerAddr, Target};
 /// | [`connect_timeout`](Self::connect_timeout) | 5 s |
 /// | [`tcp_keepalive`](Self::tcp_keepalive) | 30 s |
 /// | [`idle_timeout`](Self::idle_timeout) | 90 s |
+/// | [`read_timeout`](Self::read_timeout) | 60 s |
 /// | [`tunnel_idle_timeout`](Self::tunnel_idle_timeout) | 1 h |
 ///
 /// TCP_NODELAY is set on every connection the client opens itself (a
@@ -200,6 +207,7 @@ struct Settings {
     connect_timeout: Duration,
     tcp_keepalive: Option<Duration>,
     idle_timeout: Duration,
+    read_timeout: Option<Duration>,
     tunnel_idle_timeout: Option<Duration>,
     http2: bool,
     /// With HTTP/2: the silence after which a PING is sent.
@@ -214,6 +222,8 @@ impl Settings {
         // Go's `http.DefaultTransport`'s.
         tcp_keepalive: Some(Duration::from_secs(30)),
         idle_timeout: Duration::from_secs(90),
+        // nginx's `proxy_read_timeout`.
+        read_timeout: Some(Duration::from_secs(60)),
         // HAProxy's documented `timeout tunnel` for WebSockets.
         tunnel_idle_timeout: Some(Duration::from_secs(3600)),
         http2: false,
@@ -249,6 +259,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             connect_timeout,
             tcp_keepalive,
             idle_timeout,
+            read_timeout,
             tunnel_idle_timeout,
             http2,
             http2_keep_alive: _,
@@ -260,6 +271,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             Some(_) => f.field("connector", &"custom"),
         };
         f.field("idle_timeout", idle_timeout)
+            .field("read_timeout", read_timeout)
             .field("tunnel_idle_timeout", tunnel_idle_timeout)
             .field("http2", http2)
             .finish_non_exhaustive()
@@ -380,6 +392,43 @@ where
         HttpClient::with_settings(
             Settings {
                 idle_timeout: timeout,
+                ..self.settings
+            },
+            self.custom,
+        )
+    }
+
+    /// Gives up on a backend that sends nothing for `timeout` while its
+    /// response is awaited (default 60 s, as nginx's `proxy_read_timeout`;
+    /// `None`, or zero, waits without limit): the response head, counted
+    /// from the end of the request (its body sent), and each frame of the
+    /// response body, counted from the moment the body is polled and its
+    /// next frame is not there yet. A backend that stops in the middle of
+    /// a response is then left, instead of holding the connection, the
+    /// body's reader and the request's count in flight (see
+    /// [`BackendState::hold_in_flight`](crate::BackendState::hold_in_flight))
+    /// for as long as it stays silent.
+    ///
+    /// When it passes, the request (or the response body) fails with an
+    /// I/O error of kind `TimedOut` in its chain of sources, which
+    /// [`gateway_status`](crate::error::gateway_status) answers with
+    /// `504 Gateway Timeout`; a response head that timed out is not
+    /// [`NotSent`](crate::NotSent) (the backend has the request), so the
+    /// failover layer retries it only when its method is idempotent. The
+    /// connection is closed, never reused. A body that has already been
+    /// returned cannot be failed over: its client gets a response cut short.
+    ///
+    /// Keep it above the longest time a backend may think before it
+    /// answers (a slow report, a long poll); the failover layer's
+    /// [`per_try_timeout`](crate::failover::FailoverLayer::per_try_timeout)
+    /// and [`deadline`](crate::failover::FailoverLayer::deadline) bound the
+    /// wait for a response head as a whole, this the silence within it
+    /// and within its body. A switched connection (a WebSocket) has the
+    /// [`tunnel_idle_timeout`](Self::tunnel_idle_timeout) instead.
+    pub fn read_timeout(self, timeout: Option<Duration>) -> Self {
+        HttpClient::with_settings(
+            Settings {
+                read_timeout: timeout.filter(|t| !t.is_zero()),
                 ..self.settings
             },
             self.custom,
@@ -1069,9 +1118,12 @@ where
                 .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         }
         let state = match rewritten {
-            Ok(None) => State::Sent {
-                future: Box::pin(self.upstream.clone().send(req)),
-            },
+            Ok(None) => {
+                let (req, sent) = timeout::Upload::wrap(req);
+                State::Sent {
+                    future: Box::pin(self.upstream.clone().send(req, sent)),
+                }
+            }
             Ok(Some(client)) => State::Sent {
                 future: Box::pin(self.upstream.clone().upgrade(req, client, backend.clone())),
             },
@@ -1312,13 +1364,18 @@ mod tests {
             .connect_timeout(secs(1))
             .tcp_keepalive(None)
             .idle_timeout(secs(2))
+            .read_timeout(Some(Duration::ZERO))
             .tunnel_idle_timeout(Some(Duration::ZERO));
         assert_eq!(client.settings.tunnel_idle_timeout, None, "zero is none");
-        let client = client.tunnel_idle_timeout(Some(secs(3)));
+        assert_eq!(client.settings.read_timeout, None, "zero is none");
+        let client = client
+            .tunnel_idle_timeout(Some(secs(3)))
+            .read_timeout(Some(secs(4)));
         let expected = Settings {
             connect_timeout: secs(1),
             tcp_keepalive: None,
             idle_timeout: secs(2),
+            read_timeout: Some(secs(4)),
             tunnel_idle_timeout: Some(secs(3)),
             http2: false,
             http2_keep_alive: Some(secs(30)),
@@ -1328,7 +1385,7 @@ mod tests {
         assert_eq!(
             format!("{client:?}"),
             "HttpClient { connect_timeout: 1s, tcp_keepalive: None, idle_timeout: 2s, \
-             tunnel_idle_timeout: Some(3s), http2: false, .. }"
+             read_timeout: Some(4s), tunnel_idle_timeout: Some(3s), http2: false, .. }"
         );
     }
 
@@ -1405,7 +1462,7 @@ mod tests {
         assert_eq!(
             format!("{client:?}"),
             "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 90s, \
-             tunnel_idle_timeout: Some(3600s), http2: false, .. }"
+             read_timeout: Some(60s), tunnel_idle_timeout: Some(3600s), http2: false, .. }"
         );
     }
 }

@@ -35,6 +35,7 @@ use tower_service::Service;
 use super::body::ResponseBody;
 #[cfg(feature = "http2")]
 use super::http2::Http2;
+use super::timeout::{self, Failed, Sent, Timer, Upload};
 use super::Settings;
 use crate::backend::BackendState;
 use crate::error::{BoxError, InvalidRequest, NotSent};
@@ -214,6 +215,7 @@ impl<B> Upstreams<B> {
             open: self.open.clone(),
             target: target.clone(),
             idle_timeout: self.settings.idle_timeout,
+            read_timeout: self.settings.read_timeout,
             tunnel_idle_timeout: self.settings.tunnel_idle_timeout,
             idle: Mutex::new(IdleConnections {
                 stack: VecDeque::new(),
@@ -235,6 +237,9 @@ pub(super) struct Upstream<B> {
     open: Open,
     target: Uri,
     idle_timeout: Duration,
+    /// How long the backend may send nothing while a response (its head
+    /// or the next frame of its body) is awaited.
+    read_timeout: Option<Duration>,
     /// How long a switched connection may carry nothing before it is
     /// closed.
     tunnel_idle_timeout: Option<Duration>,
@@ -244,11 +249,12 @@ pub(super) struct Upstream<B> {
     idle: Mutex<IdleConnections<B>>,
     /// The shared connection, when the client speaks HTTP/2.
     #[cfg(feature = "http2")]
-    http2: Option<Http2<B>>,
+    http2: Option<Http2<Upload<B>>>,
 }
 
 struct Idle<B> {
-    sender: SendRequest<B>,
+    sender: SendRequest<Upload<B>>,
+    timer: Timer,
     since: Instant,
 }
 
@@ -304,14 +310,14 @@ impl<B> Upstream<B> {
     /// too long (with all older ones); one still busy (the backend answered
     /// before the request body was all sent) is left for later rather than
     /// waited for.
-    fn checkout(&self) -> Option<SendRequest<B>> {
+    fn checkout(&self) -> Option<(SendRequest<Upload<B>>, Timer)> {
         let now = Instant::now();
         let mut guard = self.idle.lock();
         let idle = &mut guard.stack;
         let mut at = idle.len();
         while at > 0 {
             at -= 1;
-            let Idle { sender, since } = &idle[at];
+            let Idle { sender, since, .. } = &idle[at];
             if now.duration_since(*since) >= self.idle_timeout {
                 // In order of checkin: everything before is older still.
                 idle.drain(..=at);
@@ -320,7 +326,7 @@ impl<B> Upstream<B> {
             if sender.is_closed() {
                 idle.remove(at);
             } else if sender.is_ready() {
-                return idle.remove(at).map(|i| i.sender);
+                return idle.remove(at).map(|i| (i.sender, i.timer));
             }
         }
         None
@@ -331,7 +337,7 @@ impl<B> Upstream<B> {
     /// (they are at the bottom). While any is idle, a task closes them
     /// once idle too long, so that they do not outlive the idle timeout
     /// when no request comes.
-    fn checkin(self: &Arc<Self>, sender: SendRequest<B>)
+    fn checkin(self: &Arc<Self>, sender: SendRequest<Upload<B>>, timer: Timer)
     where
         B: Send + 'static,
     {
@@ -342,7 +348,11 @@ impl<B> Upstream<B> {
         let now = Instant::now();
         let mut idle = self.idle.lock();
         idle.prune(now, self.idle_timeout);
-        idle.stack.push_back(Idle { sender, since: now });
+        idle.stack.push_back(Idle {
+            sender,
+            timer,
+            since: now,
+        });
         if !idle.swept {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 idle.swept = true;
@@ -407,7 +417,7 @@ where
 {
     /// Opens a new HTTP/1.1 connection, run by a task of its own; one
     /// `for_upgrade` hands its byte stream over after a `101`.
-    async fn connect(&self, for_upgrade: bool) -> Result<SendRequest<B>, BoxError> {
+    async fn connect(&self, for_upgrade: bool) -> Result<SendRequest<Upload<B>>, BoxError> {
         let io = (self.open)(self.target.clone()).await?;
         let (sender, connection) = http1::handshake(io).await?;
         // Its end (the backend closed it, or a response was abandoned)
@@ -424,19 +434,26 @@ where
     /// HTTP/2) on an idle connection, or on a new one. A request that an
     /// idle connection did not take (the backend had closed it meanwhile)
     /// is given to the next connection; a failure to open or use a new
-    /// connection is [`NotSent`].
+    /// connection is [`NotSent`]. A response head that does not come
+    /// within the read timeout of the request's end fails it (not as
+    /// [`NotSent`]: the backend has the request).
+    ///
+    /// `sent` says when the request's body was sent ([`Upload::wrap`]).
     pub(super) async fn send(
         self: Arc<Self>,
-        mut req: Request<B>,
+        mut req: Request<Upload<B>>,
+        sent: Sent,
     ) -> Result<Response<ResponseBody>, BoxError> {
         #[cfg(feature = "http2")]
         if let Some(http2) = &self.http2 {
-            return http2.send(&self.open, &self.target, req).await;
+            return http2
+                .send(&self.open, &self.target, req, self.read_timeout, &sent)
+                .await;
         }
         loop {
-            let (mut sender, fresh) = match self.checkout() {
-                Some(sender) => (sender, false),
-                None => (self.connect(false).await.map_err(NotSent::new)?, true),
+            let (mut sender, mut timer, fresh) = match self.checkout() {
+                Some((sender, timer)) => (sender, timer, false),
+                None => (self.connect(false).await.map_err(NotSent::new)?, None, true),
             };
             if let Err(e) = sender.ready().await {
                 if fresh {
@@ -444,7 +461,10 @@ where
                 }
                 continue;
             }
-            match sender.try_send_request(req).await {
+            let response = sender.try_send_request(req);
+            // Dropped with its connection when it times out: the backend
+            // may still answer, and the connection would be out of step.
+            match timeout::head(response, self.read_timeout, &sent, &mut timer).await {
                 Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     // Nothing asked for a switch here, and nothing could
                     // join the connections: the connection is dropped.
@@ -453,19 +473,25 @@ where
                     );
                 }
                 Ok(resp) => {
-                    let pooled = if sender.is_ready() {
+                    let read_timeout = self.read_timeout;
+                    let (pooled, timer) = if sender.is_ready() {
                         // The response is already read to its end.
-                        self.checkin(sender);
-                        None
+                        self.checkin(sender, timer);
+                        (None, None)
                     } else {
-                        Some(Box::new(Pooled {
+                        // The body's waits take the connection's timer.
+                        let pooled = Pooled {
                             upstream: self,
                             sender,
-                        }) as Box<dyn Checkin>)
+                        };
+                        (Some(Box::new(pooled) as Box<dyn Checkin>), timer)
                     };
-                    return Ok(resp.map(|body| ResponseBody::new(body, pooled)));
+                    return Ok(
+                        resp.map(|body| ResponseBody::new(body, pooled, read_timeout, timer))
+                    );
                 }
-                Err(mut e) => match e.take_message() {
+                Err(Failed::TimedOut(e)) => return Err(e.into()),
+                Err(Failed::Sent(mut e)) => match e.take_message() {
                     Some(back) if !fresh => req = back,
                     Some(_) => return Err(NotSent::new(e.into_error()).into()),
                     None => return Err(sent_error(e.into_error())),
@@ -498,9 +524,13 @@ where
         let mut sender = self.connect(true).await.map_err(NotSent::new)?;
         sender.ready().await.map_err(NotSent::new)?;
         let offered: Vec<HeaderValue> = req.headers().get_all(UPGRADE).iter().cloned().collect();
-        let mut resp = match sender.try_send_request(req).await {
+        let (req, sent) = Upload::wrap(req);
+        let response = sender.try_send_request(req);
+        let mut timer = None;
+        let mut resp = match timeout::head(response, self.read_timeout, &sent, &mut timer).await {
             Ok(resp) => resp,
-            Err(mut e) => {
+            Err(Failed::TimedOut(e)) => return Err(e.into()),
+            Err(Failed::Sent(mut e)) => {
                 return Err(match e.take_message() {
                     Some(_) => NotSent::new(e.into_error()).into(),
                     None => sent_error(e.into_error()),
@@ -532,23 +562,25 @@ where
         }
         // Declined, the connection closes after this response: its sender
         // is dropped here.
-        Ok(resp.map(|body| ResponseBody::new(body, None)))
+        let read_timeout = self.read_timeout;
+        Ok(resp.map(|body| ResponseBody::new(body, None, read_timeout, timer)))
     }
 }
 
 /// A connection lent to a response body until it is read to its end.
 struct Pooled<B> {
     upstream: Arc<Upstream<B>>,
-    sender: SendRequest<B>,
+    sender: SendRequest<Upload<B>>,
 }
 
-/// What a [`ResponseBody`] holds to give its connection back.
+/// What a [`ResponseBody`] holds to give its connection back, with the
+/// connection's timer.
 pub(super) trait Checkin: Send + Sync {
-    fn checkin(self: Box<Self>);
+    fn checkin(self: Box<Self>, timer: Timer);
 }
 
 impl<B: Send + 'static> Checkin for Pooled<B> {
-    fn checkin(self: Box<Self>) {
-        self.upstream.checkin(self.sender);
+    fn checkin(self: Box<Self>, timer: Timer) {
+        self.upstream.checkin(self.sender, timer);
     }
 }

@@ -1,0 +1,209 @@
+//! The read timeout: how long the client waits for a backend to send
+//! something, for a response head (counted once the request has been sent,
+//! its body included) and between the frames of a response body (see
+//! [`ResponseBody`](super::ResponseBody)).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use ::http::Request;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::time::later;
+
+/// When a request's body was all sent (taken by the connection, or dropped
+/// by it); `None` for a request with no body to send.
+pub(super) type Sent = Option<Arc<OnceLock<Instant>>>;
+
+/// A request body that notes when the connection is done with it, so that
+/// the wait for the response head counts from there: a backend that reads
+/// a long upload is not silent.
+pub(super) struct Upload<B> {
+    inner: B,
+    sent: Sent,
+}
+
+impl<B: Body> Upload<B> {
+    /// `req` with its body wrapped, and what says when that body was sent.
+    // Inlined, so that the request's head is not copied out and back on
+    // the proxy's path.
+    #[inline(always)]
+    pub(super) fn wrap(req: Request<B>) -> (Request<Upload<B>>, Sent) {
+        let (parts, inner) = req.into_parts();
+        // A body at its end (a GET's, and any empty one) is sent with the
+        // head: nothing to watch, nothing to allocate.
+        let sent = (!inner.is_end_stream() && inner.size_hint().exact() != Some(0))
+            .then(|| Arc::new(OnceLock::new()));
+        let body = Upload {
+            inner,
+            sent: sent.clone(),
+        };
+        (Request::from_parts(parts, body), sent)
+    }
+}
+
+impl<B: Body + Unpin> Body for Upload<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Upload<B> {
+    /// hyper drops a request's body once it has sent its last frame (or
+    /// given up on it).
+    fn drop(&mut self) {
+        if let Some(sent) = &self.sent {
+            let _ = sent.set(Instant::now());
+        }
+    }
+}
+
+/// The timer of a connection's waits for its backend, made at the first
+/// wait. It goes with its HTTP/1.1 connection from request to request, and
+/// from the wait for a response head to the waits for its body's frames;
+/// its deadline is moved only when it passes before the end of the wait
+/// at hand (which started after it was set). A wait on a kept-alive
+/// connection then costs a reading of the clock and the registration of
+/// its task with the timer, not a timer of its own.
+pub(super) type Timer = Option<Pin<Box<Sleep>>>;
+
+/// Starts a wait on `timer` (made now, ending `timeout` from now, if the
+/// connection has none yet); returns when it started.
+pub(super) fn start(timer: &mut Timer, timeout: Duration) -> Instant {
+    let now = Instant::now();
+    if timer.is_none() {
+        *timer = Some(Box::pin(tokio::time::sleep_until(later(now, timeout))));
+    }
+    now
+}
+
+/// Ready once `timeout` has passed `since` the start of a wait on `timer`
+/// (see [`start`]).
+pub(super) fn passed(
+    timer: &mut Timer,
+    since: Instant,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let timer = timer.as_mut().expect("a wait started");
+    let end = later(since, timeout);
+    loop {
+        ready!(timer.as_mut().poll(cx));
+        if timer.deadline() >= end {
+            return Poll::Ready(());
+        }
+        // Set for an earlier wait.
+        timer.as_mut().reset(end);
+    }
+}
+
+pin_project! {
+    /// A response head awaited for at most the read timeout after the
+    /// request was sent: the timer starts at the first wait (a response
+    /// already there costs none), and is pushed back to a read timeout
+    /// after the end of the request's body when that comes later.
+    pub(super) struct Head<'a, F> {
+        #[pin]
+        response: F,
+        timer: &'a mut Timer,
+        // When the backend's silence started, once the response is waited for.
+        since: Option<Instant>,
+        read_timeout: Option<Duration>,
+        sent: &'a Sent,
+    }
+}
+
+/// Waits for `response`, a response head, for at most `read_timeout` (see
+/// [`Head`]) on the connection's `timer`; `sent` says when the request's
+/// body was sent.
+pub(super) fn head<'a, F>(
+    response: F,
+    read_timeout: Option<Duration>,
+    sent: &'a Sent,
+    timer: &'a mut Timer,
+) -> Head<'a, F> {
+    Head {
+        response,
+        timer,
+        since: None,
+        read_timeout,
+        sent,
+    }
+}
+
+/// Why a response head did not come: the request failed, or the read
+/// timeout passed first.
+pub(super) enum Failed<E> {
+    Sent(E),
+    TimedOut(io::Error),
+}
+
+impl<F, T, E> Future for Head<'_, F>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    type Output = Result<T, Failed<E>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(response) = this.response.poll(cx) {
+            return Poll::Ready(response.map_err(Failed::Sent));
+        }
+        let Some(timeout) = *this.read_timeout else {
+            return Poll::Pending;
+        };
+        let mut since = match *this.since {
+            Some(since) => since,
+            None => *this.since.insert(start(this.timer, timeout)),
+        };
+        loop {
+            ready!(passed(this.timer, since, timeout, cx));
+            let resumed = match this.sent.as_deref() {
+                None => None,
+                // Still sending: the backend is reading, not silent.
+                Some(sent) => match sent.get() {
+                    None => Some(Instant::now()),
+                    Some(&at) => Some(at).filter(|&at| at > since),
+                },
+            };
+            match resumed {
+                Some(at) => {
+                    since = at;
+                    *this.since = Some(at);
+                }
+                None => {
+                    let e = timed_out("the backend sent no response", timeout);
+                    return Poll::Ready(Err(Failed::TimedOut(e)));
+                }
+            }
+        }
+    }
+}
+
+/// The error of a read timeout that passed: `what` happened for `timeout`.
+pub(super) fn timed_out(what: &str, timeout: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{what} for the read timeout ({timeout:?})"),
+    )
+}
