@@ -506,8 +506,10 @@ async fn an_idle_connection_closes_after_the_idle_timeout_without_traffic() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_connection_idle_for_90_s_is_not_reused() {
-    idle_connections_last(HttpClient::new(), Duration::from_secs(90)).await;
+async fn a_connection_idle_for_60_s_is_not_reused() {
+    // `echo` announces a keep-alive of its own, which would come first.
+    let (addr, accepted) = serve_raw().await;
+    reused_until(HttpClient::new(), addr, &accepted, Duration::from_secs(60)).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -2114,4 +2116,83 @@ async fn the_read_timeout_counts_silence_not_time() {
     assert!(tokio::time::timeout(day, get).await.is_err());
     drop(silent);
     assert!(opened.try_recv().is_err(), "no other connection");
+}
+
+/// A connection to `addr` idle for just under `idle` is reused; one idle for
+/// `idle` is replaced (`accepted` counts the backend's connections).
+async fn reused_until(
+    client: HttpClient<Full<Bytes>>,
+    addr: SocketAddr,
+    accepted: &AtomicUsize,
+    idle: Duration,
+) {
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let get = || {
+        backend
+            .clone()
+            .oneshot(Request::get("/").body(Full::default()).unwrap())
+    };
+    let before = accepted.load(Ordering::SeqCst);
+    body_of(get().await.unwrap()).await;
+    tokio::time::advance(idle - Duration::from_millis(500)).await;
+    body_of(get().await.unwrap()).await;
+    let opened = accepted.load(Ordering::SeqCst) - before;
+    assert_eq!(opened, 1, "reused within {idle:?}");
+    tokio::time::advance(idle).await;
+    body_of(get().await.unwrap()).await;
+    let opened = accepted.load(Ordering::SeqCst) - before;
+    assert_eq!(opened, 2, "replaced after {idle:?} idle");
+}
+
+/// A backend that answers every request with `Keep-Alive: {keep_alive}`,
+/// counting its connections (it closes none itself).
+async fn serve_announcing(keep_alive: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    accept_counting(move |stream, _| async move {
+        let service = service_fn(move |_req: Request<Incoming>| async move {
+            let response = Response::builder()
+                .header("keep-alive", keep_alive)
+                .body(Full::new(Bytes::from_static(b"ok")))
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+}
+
+/// The keep-alive timeout a backend announces (`Keep-Alive: timeout=N`)
+/// is heeded: its connections are not reused after N - 1 s idle (nor
+/// kept at all for N of 1), when that comes before the idle timeout.
+#[tokio::test(start_paused = true)]
+async fn a_keep_alive_timeout_the_backend_announces_is_heeded() {
+    let secs = Duration::from_secs;
+    let (addr, accepted) = serve_announcing("timeout=3, max=100").await;
+    reused_until(HttpClient::new(), addr, &accepted, secs(2)).await;
+
+    // The idle timeout still holds when it is the shorter.
+    let (addr, accepted) = serve_announcing("timeout=600").await;
+    reused_until(
+        HttpClient::new().idle_timeout(secs(4)),
+        addr,
+        &accepted,
+        secs(4),
+    )
+    .await;
+
+    // Announced 1 s: too short to reuse without meeting the close.
+    let (addr, accepted) = serve_announcing("timeout=1").await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    for n in 1..=3 {
+        let resp = backend
+            .clone()
+            .oneshot(Request::get("/").body(Full::default()).unwrap())
+            .await
+            .unwrap();
+        assert!(!resp.headers().contains_key("keep-alive"));
+        assert_eq!(body_of(resp).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), n, "a connection each");
+    }
 }

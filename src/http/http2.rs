@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::http::uri::Uri;
-use ::http::{Request, Response};
+use ::http::Request;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use parking_lot::Mutex;
@@ -188,7 +188,7 @@ where
         mut req: Request<B>,
         read_timeout: Option<Duration>,
         sent: &Sent,
-    ) -> Result<Response<ResponseBody>, BoxError> {
+    ) -> Result<super::Received, BoxError> {
         loop {
             let (n, mut sender, fresh) = self.connection(open, target).await?;
             if let Err(e) = sender.ready().await {
@@ -203,7 +203,9 @@ where
             let mut timer = None;
             match timeout::head(response, read_timeout, sent, &mut timer).await {
                 Ok(resp) => {
-                    return Ok(resp.map(|body| ResponseBody::new(body, None, read_timeout, timer)))
+                    let present = super::hop_by_hop(resp.headers());
+                    let resp = resp.map(|body| ResponseBody::new(body, None, read_timeout, timer));
+                    return Ok((resp, present));
                 }
                 Err(Failed::TimedOut(e)) => return Err(e.into()),
                 Err(Failed::Sent(mut e)) => match e.take_message() {

@@ -46,10 +46,12 @@
 //! [`HttpClient`]'s defaults: connects time out after 5 s
 //! ([`connect_timeout`](HttpClient::connect_timeout)), TCP keep-alive
 //! probes start after 30 s of silence
-//! ([`tcp_keepalive`](HttpClient::tcp_keepalive)), and a pooled HTTP/1
-//! connection idle for 90 s is closed (an HTTP/2 one is replaced at its
+//! ([`tcp_keepalive`](HttpClient::tcp_keepalive)), a pooled HTTP/1
+//! connection idle for 60 s is closed (an HTTP/2 one is replaced at its
 //! next use; [`idle_timeout`](HttpClient::idle_timeout):
-//! keep it below the backends' own keep-alive timeout), and a backend that
+//! keep it below the backends' own keep-alive timeout), or one second
+//! before the keep-alive timeout a backend announces
+//! (`Keep-Alive: timeout=N`) when that comes first, and a backend that
 //! sends nothing for 60 s while its response is awaited, its head or the
 //! rest of its body, fails the request with a timeout
 //! ([`read_timeout`](HttpClient::read_timeout)). The failover layer's
@@ -170,16 +172,18 @@ use crate::extensions::{PeerAddr, Target};
 /// [`NotSent`](crate::NotSent) (the backend may have read it): the failover
 /// layer retries it only when its method is idempotent. An
 /// [`idle_timeout`](Self::idle_timeout) below the backends' own keep-alive
-/// timeout makes that rare. HTTP/1 connections idle for longer are closed
-/// as their time passes (an HTTP/2 connection idle that long is replaced at
-/// its next use), and all of a backend's when the last [`HttpBackend`] for
-/// its address is dropped.
+/// timeout makes that rare, and so does heeding the timeout a backend
+/// announces (`Keep-Alive: timeout=N`, see
+/// [`idle_timeout`](Self::idle_timeout)). HTTP/1 connections idle for
+/// longer are closed as their time passes (an HTTP/2 connection idle that
+/// long is replaced at its next use), and all of a backend's when the last
+/// [`HttpBackend`] for its address is dropped.
 ///
 /// | Setting | Default |
 /// |---|---|
 /// | [`connect_timeout`](Self::connect_timeout) | 5 s |
 /// | [`tcp_keepalive`](Self::tcp_keepalive) | 30 s |
-/// | [`idle_timeout`](Self::idle_timeout) | 90 s |
+/// | [`idle_timeout`](Self::idle_timeout) | 60 s |
 /// | [`read_timeout`](Self::read_timeout) | 60 s |
 /// | [`tunnel_idle_timeout`](Self::tunnel_idle_timeout) | 1 h |
 ///
@@ -221,7 +225,9 @@ impl Settings {
         connect_timeout: Duration::from_secs(5),
         // Go's `http.DefaultTransport`'s.
         tcp_keepalive: Some(Duration::from_secs(30)),
-        idle_timeout: Duration::from_secs(90),
+        // Below nginx's `keepalive_timeout` (75 s), which it does not
+        // announce.
+        idle_timeout: Duration::from_secs(60),
         // nginx's `proxy_read_timeout`.
         read_timeout: Some(Duration::from_secs(60)),
         // HAProxy's documented `timeout tunnel` for WebSockets.
@@ -384,10 +390,15 @@ where
     }
 
     /// Closes a pooled connection once it has been idle for `timeout`
-    /// (default 90 s; zero keeps none). Keep it below the backends' own
-    /// keep-alive timeout (5 s for Apache httpd and Node.js, 75 s for
-    /// nginx), so that a backend seldom closes a connection just as a
-    /// request is written on it.
+    /// (default 60 s; zero keeps none). Keep it below the backends' own
+    /// keep-alive timeout (75 s for nginx), so that a backend seldom closes
+    /// a connection just as a request is written on it.
+    ///
+    /// A backend that announces its keep-alive timeout in a response
+    /// (`Keep-Alive: timeout=N`, as Apache httpd and Node.js do, with N = 5
+    /// by default) has that connection kept one second less than it
+    /// announced, when that is shorter than `timeout`, and not at all when
+    /// it announced 1 s or less (HTTP/1.1 only).
     pub fn idle_timeout(self, timeout: Duration) -> Self {
         HttpClient::with_settings(
             Settings {
@@ -993,6 +1004,25 @@ const CONNECTION_PRESENT: u8 = 1 << 0;
 const TE_PRESENT: u8 = 1 << 1;
 const TRANSFER_ENCODING_PRESENT: u8 = 1 << 2;
 const UPGRADE_PRESENT: u8 = 1 << 3;
+const KEEP_ALIVE_PRESENT: u8 = 1 << 4;
+
+/// A backend's response, and which of the [`HOP_BY_HOP`] headers it has
+/// (see [`hop_by_hop`]), found by the pool, which reads a `Keep-Alive`
+/// among them.
+type Received = (Response<ResponseBody>, u8);
+
+/// The `timeout` a backend's `Keep-Alive` header announces, in seconds:
+/// how long it keeps an idle connection open (RFC 2068 section 19.7.1.1,
+/// as Apache httpd, Node.js and nginx send it).
+fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
+    elements(headers.get_all("keep-alive")).find_map(|parameter| {
+        let (name, value) = parameter.split_once('=')?;
+        if !name.trim_end().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        value.trim_start().trim_matches('"').parse().ok()
+    })
+}
 
 /// Whether `Transfer-Encoding` says `chunked` and nothing else: the one
 /// coding hyper takes off, so the only one a body can be passed on under.
@@ -1148,7 +1178,7 @@ pin_project! {
     #[project = StateProj]
     enum State {
         Sent {
-            future: Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>,
+            future: Pin<Box<dyn Future<Output = Result<Received, BoxError>> + Send>>,
         },
         Invalid {
             error: Option<BoxError>,
@@ -1175,8 +1205,8 @@ impl Future for ResponseFuture {
                 Poll::Ready(Err(e))
             }
             StateProj::Sent { future } => {
-                let mut resp = ready!(future.as_mut().poll(cx))?;
-                if resp.headers().contains_key(TRANSFER_ENCODING) {
+                let (mut resp, present) = ready!(future.as_mut().poll(cx))?;
+                if present & TRANSFER_ENCODING_PRESENT != 0 {
                     // Framed by its chunks, not by a `Content-Length` beside
                     // them, which is passed on only when it is the framing
                     // (RFC 9112 section 6.3); and a coding hyper left on the
@@ -1195,7 +1225,7 @@ impl Future for ResponseFuture {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     strip_all_but_upgrade(resp.headers_mut());
                 } else {
-                    strip_hop_by_hop(resp.headers_mut());
+                    strip_present(resp.headers_mut(), present);
                 }
                 if let Some(backend) = this.backend.take() {
                     if !http_body::Body::is_end_stream(resp.body()) {
@@ -1302,6 +1332,8 @@ mod tests {
         assert_eq!(HOP_BY_HOP[0], "connection");
         assert_eq!(HOP_BY_HOP[1], "te");
         assert_eq!(HOP_BY_HOP[3], "upgrade");
+        assert_eq!(HOP_BY_HOP[4], "keep-alive");
+        assert_eq!(KEEP_ALIVE_PRESENT, 1 << 4);
         let mut only = HeaderMap::new();
         only.insert(UPGRADE, HeaderValue::from_static("websocket"));
         assert_eq!(hop_by_hop(&only), UPGRADE_PRESENT);
@@ -1327,6 +1359,32 @@ mod tests {
             h.append(::http::header::TE, HeaderValue::from_static(te));
             assert_eq!(strip_hop_by_hop(&mut h), trailers, "{te}");
             assert!(h.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_keep_alive_timeout_is_read() {
+        let timeout = |lines: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for line in lines {
+                h.append("keep-alive", HeaderValue::from_static(line));
+            }
+            keep_alive_timeout(&h)
+        };
+        assert_eq!(timeout(&["timeout=5"]), Some(5));
+        assert_eq!(timeout(&["timeout=5, max=1000"]), Some(5));
+        assert_eq!(timeout(&["max=100, Timeout = 15"]), Some(15));
+        assert_eq!(timeout(&["max=100", "timeout=\"20\""]), Some(20));
+        assert_eq!(timeout(&["timeout=0"]), Some(0));
+        for none in [
+            &[][..],
+            &["max=5"],
+            &["timeout"],
+            &["timeout=-1"],
+            &["timeout=5s"],
+            &[""],
+        ] {
+            assert_eq!(timeout(none), None, "{none:?}");
         }
     }
 
@@ -1461,7 +1519,7 @@ mod tests {
         assert!(HttpBackend::new(&client, "ftp://example.com").is_err());
         assert_eq!(
             format!("{client:?}"),
-            "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 90s, \
+            "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 60s, \
              read_timeout: Some(60s), tunnel_idle_timeout: Some(3600s), http2: false, .. }"
         );
     }

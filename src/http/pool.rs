@@ -19,9 +19,9 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ::http::header::{HeaderValue, UPGRADE};
+use ::http::header::{HeaderMap, HeaderValue, UPGRADE};
 use ::http::uri::{Authority, Scheme, Uri};
-use ::http::{Request, Response, StatusCode};
+use ::http::{Request, StatusCode};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::upgrade::OnUpgrade;
@@ -36,7 +36,7 @@ use super::body::ResponseBody;
 #[cfg(feature = "http2")]
 use super::http2::Http2;
 use super::timeout::{self, Failed, Sent, Timer, Upload};
-use super::Settings;
+use super::{Received, Settings};
 use crate::backend::BackendState;
 use crate::error::{BoxError, InvalidRequest, NotSent};
 
@@ -256,6 +256,15 @@ struct Idle<B> {
     sender: SendRequest<Upload<B>>,
     timer: Timer,
     since: Instant,
+    /// How long it may stay idle: the idle timeout, or less when the
+    /// backend announced a shorter keep-alive.
+    life: Duration,
+}
+
+impl<B> Idle<B> {
+    fn expired(&self, now: Instant) -> bool {
+        crate::time::elapsed(self.since, now, self.life)
+    }
 }
 
 struct IdleConnections<B> {
@@ -264,14 +273,10 @@ struct IdleConnections<B> {
 }
 
 impl<B> IdleConnections<B> {
-    /// Drops the connections idle for `timeout` at `now` (they are at the
-    /// bottom).
-    fn prune(&mut self, now: Instant, timeout: Duration) {
-        while self
-            .stack
-            .front()
-            .is_some_and(|i| now.duration_since(i.since) >= timeout)
-        {
+    /// Drops the connections at the bottom that have been idle for their
+    /// time at `now` (for the most part the oldest are at the bottom).
+    fn prune(&mut self, now: Instant) {
+        while self.stack.front().is_some_and(|i| i.expired(now)) {
             self.stack.pop_front();
         }
     }
@@ -307,9 +312,9 @@ impl<B> Upstream<B> {
 
     /// The most recently used idle connection that is ready for a request.
     /// Closed connections met on the way are dropped, and so are those idle
-    /// too long (with all older ones); one still busy (the backend answered
-    /// before the request body was all sent) is left for later rather than
-    /// waited for.
+    /// too long (with all older ones, when it is the idle timeout that has
+    /// passed); one still busy (the backend answered before the request
+    /// body was all sent) is left for later rather than waited for.
     fn checkout(&self) -> Option<(SendRequest<Upload<B>>, Timer)> {
         let now = Instant::now();
         let mut guard = self.idle.lock();
@@ -317,49 +322,68 @@ impl<B> Upstream<B> {
         let mut at = idle.len();
         while at > 0 {
             at -= 1;
-            let Idle { sender, since, .. } = &idle[at];
-            if now.duration_since(*since) >= self.idle_timeout {
+            let connection = &idle[at];
+            let expired = connection.expired(now);
+            if expired && connection.life >= self.idle_timeout {
                 // In order of checkin: everything before is older still.
                 idle.drain(..=at);
                 return None;
             }
-            if sender.is_closed() {
+            if expired || connection.sender.is_closed() {
                 idle.remove(at);
-            } else if sender.is_ready() {
+            } else if connection.sender.is_ready() {
                 return idle.remove(at).map(|i| (i.sender, i.timer));
             }
         }
         None
     }
 
+    /// How long a connection may stay idle after a response whose headers
+    /// are `headers` (with the hop-by-hop ones `present`): the idle
+    /// timeout, or less when the backend announced that it keeps idle
+    /// connections for N seconds (`Keep-Alive: timeout=N`): one second
+    /// less, so that a request does not meet the backend's close, and none
+    /// at all for N of 1 or less.
+    fn idle_life(&self, headers: &HeaderMap, present: u8) -> Duration {
+        if present & super::KEEP_ALIVE_PRESENT == 0 {
+            return self.idle_timeout;
+        }
+        match super::keep_alive_timeout(headers) {
+            Some(secs) => self
+                .idle_timeout
+                .min(Duration::from_secs(secs.saturating_sub(1))),
+            None => self.idle_timeout,
+        }
+    }
+
     /// Puts a connection whose last response was read to its end back on
-    /// the stack, and closes those idle for longer than the idle timeout
-    /// (they are at the bottom). While any is idle, a task closes them
-    /// once idle too long, so that they do not outlive the idle timeout
-    /// when no request comes.
-    fn checkin(self: &Arc<Self>, sender: SendRequest<Upload<B>>, timer: Timer)
+    /// the stack, to be reused within `life` at most (see
+    /// [`idle_life`](Self::idle_life)), and closes those at the bottom that
+    /// have been idle for their time. While any is idle, a task closes them
+    /// as their time passes, so that they do not outlive it when no request
+    /// comes (one whose backend announced a shorter keep-alive may wait for
+    /// the task's next round, but its backend closes it meanwhile).
+    fn checkin(self: &Arc<Self>, sender: SendRequest<Upload<B>>, timer: Timer, life: Duration)
     where
         B: Send + 'static,
     {
-        // A zero idle timeout keeps nothing.
-        if sender.is_closed() || self.idle_timeout.is_zero() {
+        // A zero idle timeout (or keep-alive) keeps nothing.
+        if sender.is_closed() || life.is_zero() {
             return;
         }
         let now = Instant::now();
         let mut idle = self.idle.lock();
-        idle.prune(now, self.idle_timeout);
+        idle.prune(now);
         idle.stack.push_back(Idle {
             sender,
             timer,
             since: now,
+            life,
         });
         if !idle.swept {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 idle.swept = true;
-                runtime.spawn(sweep(
-                    Arc::downgrade(self),
-                    crate::time::later(now, self.idle_timeout),
-                ));
+                runtime.spawn(sweep(Arc::downgrade(self), crate::time::later(now, life)));
             }
         }
     }
@@ -393,11 +417,16 @@ async fn sweep<B>(upstream: Weak<Upstream<B>>, mut next: Instant) {
         };
         let now = Instant::now();
         let mut idle = upstream.idle.lock();
-        idle.prune(now, upstream.idle_timeout);
         // Those the backend closed go too (a checkout passes them by).
-        idle.stack.retain(|i| !i.sender.is_closed());
-        match idle.stack.front() {
-            Some(oldest) => next = crate::time::later(oldest.since, upstream.idle_timeout),
+        idle.stack
+            .retain(|i| !i.expired(now) && !i.sender.is_closed());
+        let first_to_expire = idle
+            .stack
+            .iter()
+            .map(|i| crate::time::later(i.since, i.life))
+            .min();
+        match first_to_expire {
+            Some(at) => next = at,
             None => {
                 // Ended under the lock a checkin takes: one that comes
                 // next starts a new sweep.
@@ -443,7 +472,7 @@ where
         self: Arc<Self>,
         mut req: Request<Upload<B>>,
         sent: Sent,
-    ) -> Result<Response<ResponseBody>, BoxError> {
+    ) -> Result<Received, BoxError> {
         #[cfg(feature = "http2")]
         if let Some(http2) = &self.http2 {
             return http2
@@ -474,21 +503,26 @@ where
                 }
                 Ok(resp) => {
                     let read_timeout = self.read_timeout;
+                    // The one pass over the header names, whose answer
+                    // the caller strips the hop-by-hop headers with.
+                    let present = super::hop_by_hop(resp.headers());
+                    let life = self.idle_life(resp.headers(), present);
                     let (pooled, timer) = if sender.is_ready() {
                         // The response is already read to its end.
-                        self.checkin(sender, timer);
+                        self.checkin(sender, timer, life);
                         (None, None)
                     } else {
                         // The body's waits take the connection's timer.
                         let pooled = Pooled {
                             upstream: self,
                             sender,
+                            life,
                         };
                         (Some(Box::new(pooled) as Box<dyn Checkin>), timer)
                     };
-                    return Ok(
-                        resp.map(|body| ResponseBody::new(body, pooled, read_timeout, timer))
-                    );
+                    let resp =
+                        resp.map(|body| ResponseBody::new(body, pooled, read_timeout, timer));
+                    return Ok((resp, present));
                 }
                 Err(Failed::TimedOut(e)) => return Err(e.into()),
                 Err(Failed::Sent(mut e)) => match e.take_message() {
@@ -520,7 +554,7 @@ where
         req: Request<B>,
         client: OnUpgrade,
         backend_state: Option<Arc<BackendState>>,
-    ) -> Result<Response<ResponseBody>, BoxError> {
+    ) -> Result<Received, BoxError> {
         let mut sender = self.connect(true).await.map_err(NotSent::new)?;
         sender.ready().await.map_err(NotSent::new)?;
         let offered: Vec<HeaderValue> = req.headers().get_all(UPGRADE).iter().cloned().collect();
@@ -563,7 +597,9 @@ where
         // Declined, the connection closes after this response: its sender
         // is dropped here.
         let read_timeout = self.read_timeout;
-        Ok(resp.map(|body| ResponseBody::new(body, None, read_timeout, timer)))
+        let present = super::hop_by_hop(resp.headers());
+        let resp = resp.map(|body| ResponseBody::new(body, None, read_timeout, timer));
+        Ok((resp, present))
     }
 }
 
@@ -571,6 +607,8 @@ where
 struct Pooled<B> {
     upstream: Arc<Upstream<B>>,
     sender: SendRequest<Upload<B>>,
+    /// How long it may stay idle once back.
+    life: Duration,
 }
 
 /// What a [`ResponseBody`] holds to give its connection back, with the
@@ -581,6 +619,6 @@ pub(super) trait Checkin: Send + Sync {
 
 impl<B: Send + 'static> Checkin for Pooled<B> {
     fn checkin(self: Box<Self>, timer: Timer) {
-        self.upstream.checkin(self.sender, timer);
+        self.upstream.checkin(self.sender, timer, self.life);
     }
 }
