@@ -30,6 +30,20 @@
 //!   a place when every backend is full (with `--max-in-flight`)
 //! * `--no-health` turns off passive ejection and active TCP probes
 //! * `--probe-interval MS` (default 500)
+//! * `--per-try-timeout MS` gives up on a backend whose response head has
+//!   not come within MS milliseconds and tries the next (default 15000;
+//!   0 for none)
+//! * `--deadline MS` gives up on a request, whatever the attempts left,
+//!   once MS milliseconds have passed without a response head (default
+//!   30000; 0 for none)
+//! * `--header-read-timeout MS` closes a client connection that has not
+//!   sent a whole request head within MS milliseconds, an idle kept-alive
+//!   one included (default 30000; 0 for none)
+//!
+//! A backend that stops in the middle of a response body is left after the
+//! client's read timeout (`HttpClient::read_timeout`, 60 s). A failed
+//! request is answered 400, 502, 503 or 504 with the status's name alone;
+//! what failed (backend addresses, system errors) goes to standard error.
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -39,7 +53,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{
@@ -75,6 +89,9 @@ struct Options {
     queue: (usize, Duration),
     health: bool,
     probe_interval: Duration,
+    per_try_timeout: Option<Duration>,
+    deadline: Option<Duration>,
+    header_read_timeout: Option<Duration>,
     backends: Vec<String>,
 }
 
@@ -84,7 +101,8 @@ fn usage(problem: &str) -> ! {
         "usage: reverse_proxy [--listen ADDR] [--workers N] [--strategy NAME] \
          [--hash-key header:NAME|cookie:NAME|client-ip] \
          [--sticky cookie:NAME|learn:NAME|header:NAME] [--max-in-flight N] [--queue N,MS] \
-         [--no-health] [--probe-interval MS] BACKEND_URL..."
+         [--no-health] [--probe-interval MS] [--per-try-timeout MS] [--deadline MS] \
+         [--header-read-timeout MS] BACKEND_URL..."
     );
     std::process::exit(2)
 }
@@ -100,7 +118,17 @@ fn options() -> Options {
         queue: (0, Duration::ZERO),
         health: true,
         probe_interval: Duration::from_millis(500),
+        per_try_timeout: Some(Duration::from_secs(15)),
+        deadline: Some(Duration::from_secs(30)),
+        header_read_timeout: Some(Duration::from_secs(30)),
         backends: Vec::new(),
+    };
+    // Milliseconds, 0 for none.
+    let millis = |value: String, flag: &str| {
+        let ms: u64 = value
+            .parse()
+            .unwrap_or_else(|_| usage(&format!("bad {flag}")));
+        (ms > 0).then(|| Duration::from_millis(ms))
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -143,6 +171,14 @@ fn options() -> Options {
                     .parse()
                     .unwrap_or_else(|_| usage("bad --probe-interval"));
                 o.probe_interval = Duration::from_millis(ms.max(1));
+            }
+            "--per-try-timeout" => {
+                o.per_try_timeout = millis(value("--per-try-timeout"), "--per-try-timeout")
+            }
+            "--deadline" => o.deadline = millis(value("--deadline"), "--deadline"),
+            "--header-read-timeout" => {
+                o.header_read_timeout =
+                    millis(value("--header-read-timeout"), "--header-read-timeout")
             }
             "-h" | "--help" => usage("help requested"),
             flag if flag.starts_with("--") => usage(&format!("unknown flag {flag}")),
@@ -280,9 +316,16 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         .sticky
         .as_deref()
         .map(|spec| StickyLayer::new(&pool, session_key(spec)));
+    let mut failover = FailoverLayer::new();
+    if let Some(timeout) = o.per_try_timeout {
+        failover = failover.per_try_timeout(timeout);
+    }
+    if let Some(deadline) = o.deadline {
+        failover = failover.deadline(deadline);
+    }
     let stack = ServiceBuilder::new()
         .layer(BufferBodyLayer::new())
-        .layer(FailoverLayer::new())
+        .layer(failover)
         .service(Balance::new(pool, strategy).queue(o.queue.0, o.queue.1));
 
     let listener = TcpListener::bind(o.listen)
@@ -300,14 +343,16 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     );
     // Two stacks rather than an optional layer: each request's future
     // stays as small as the stack it runs through.
+    let header_read_timeout = o.header_read_timeout;
     match sticky {
-        Some(sticky) => accept(listener, sticky.layer(stack)).await,
-        None => accept(listener, stack).await,
+        Some(sticky) => accept(listener, sticky.layer(stack), header_read_timeout).await,
+        None => accept(listener, stack, header_read_timeout).await,
     }
 }
 
-/// Serves each connection `listener` accepts with `stack`.
-async fn accept<S>(listener: TcpListener, stack: S) -> !
+/// Serves each connection `listener` accepts with `stack`, closing those
+/// that send no whole request head within `header_read_timeout`.
+async fn accept<S>(listener: TcpListener, stack: S, header_read_timeout: Option<Duration>) -> !
 where
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = BoxError>
         + Clone
@@ -336,6 +381,10 @@ where
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
+                // Without a timer hyper enforces no header read timeout
+                // (and warns on every connection).
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 // WebSocket and other protocol switches go through.
                 .with_upgrades()
@@ -344,14 +393,25 @@ where
     }
 }
 
-/// The backend's response, or a gateway error that says why.
+/// The backend's response, or a gateway error. Why it failed is logged,
+/// not sent: it names backends and system errors, which are no business of
+/// the client's.
 fn respond(result: Result<Response<ResponseBody>, BoxError>) -> Response<ProxyBody> {
     match result {
         Ok(response) => response.map(Either::Left),
         Err(e) => {
             let status = gateway_status(&*e);
-            let mut response =
-                Response::new(Either::Right(Full::new(Bytes::from(format!("{e}\n")))));
+            let mut cause = e.to_string();
+            let mut source = e.source();
+            while let Some(e) = source {
+                cause.push_str(": ");
+                cause.push_str(&e.to_string());
+                source = e.source();
+            }
+            eprintln!("{status}: {cause}");
+            let reason = status.canonical_reason().unwrap_or("Error");
+            let body = Full::new(Bytes::from(format!("{reason}\n")));
+            let mut response = Response::new(Either::Right(body));
             *response.status_mut() = status;
             response
         }
