@@ -455,6 +455,63 @@ async fn deadline_ends_the_attempts_at_the_configured_instant() {
     assert!(find::<DeadlineExceeded>(err).is_some());
 }
 
+/// Ready for one call only; never again after it.
+#[derive(Clone)]
+struct OneCall<S>(S, Arc<AtomicUsize>);
+
+impl<S: Service<R>, R> Service<R> for OneCall<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        if self.1.load(Ordering::SeqCst) > 0 {
+            return std::task::Poll::Pending;
+        }
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> S::Future {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.call(req)
+    }
+}
+
+/// An attempt abandoned at its per-try timeout, then a wait for the
+/// service to be ready for the next one: the deadline still ends the wait,
+/// at its instant.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_ends_a_wait_for_readiness_between_attempts() {
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    let service = ServiceBuilder::new()
+        .layer(
+            FailoverLayer::new()
+                .per_try_timeout(Duration::from_secs(1))
+                .deadline(Duration::from_secs(3)),
+        )
+        .service(OneCall(
+            Balance::new(pool.clone(), RoundRobin::new()),
+            Arc::default(),
+        ));
+    let start = Instant::now();
+    let call = tokio::spawn(service.oneshot(Request::new(())));
+    let (_, _a_never_answers) = next(&mut handles[0], "a first").await;
+    let err = bounded("the deadline's answer", call)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(3), "{err}");
+    let tried = exhausted(&err).attempts();
+    assert_eq!(tried.len(), 1, "{err}");
+    assert!(tried[0].1.is::<TimedOut>(), "{err}");
+    let reason = exhausted(&err).reason().expect("why it gave up");
+    assert!(reason.is::<DeadlineExceeded>(), "{err}");
+    assert!(handles[1].poll_request().is_pending(), "b never tried");
+}
+
 #[tokio::test(start_paused = true)]
 async fn backoff_pauses_between_attempts_within_its_jitter() {
     let (pool, mut handles) = mock_fleet(&["a", "b"]);

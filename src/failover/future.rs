@@ -5,7 +5,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -32,10 +31,12 @@ pin_project! {
     {
         #[pin]
         attempt: Attempt<S::Future>,
-        // The per-try timeout, also the timer of a backoff pause. Boxed, so
+        // One timer for the per-try timeout, a backoff pause and the
+        // overall deadline, set to the earliest that applies. Boxed, so
         // that the future stays small when no timer is configured.
         timer: Option<Pin<Box<Sleep>>>,
-        deadline: Option<Pin<Box<Sleep>>>,
+        // When the overall deadline passes.
+        deadline: Option<Instant>,
         retry: Retry<S, B, C>,
     }
 }
@@ -120,10 +121,13 @@ where
         };
         let future = service.call(req);
         let current = picked.as_ref().and_then(Picked::take);
-        let timer = config
-            .per_try_timeout
-            .map(|d| Box::pin(tokio::time::sleep(d)));
-        let deadline = config.deadline.map(|d| Box::pin(tokio::time::sleep(d)));
+        let (mut timer, mut deadline) = (None, None);
+        if picked.is_some() {
+            let now = Instant::now();
+            deadline = config.deadline.map(|d| crate::time::later(now, d));
+            let per_try = config.per_try_timeout.map(|d| crate::time::later(now, d));
+            set_timer(&mut timer, earliest(per_try, deadline));
+        }
         ResponseFuture {
             attempt: Attempt::Called { future },
             timer,
@@ -220,12 +224,13 @@ where
                     let outcome = match polled {
                         Poll::Ready(result) => result,
                         Poll::Pending => {
-                            if fired(this.deadline, cx) {
-                                this.attempt.set(Attempt::Done);
-                                return Poll::Ready(this.retry.deadline_exceeded());
-                            }
-                            if !fired(this.timer, cx) {
-                                return Poll::Pending;
+                            match fired(this.timer, *this.deadline, cx) {
+                                Fired::No => return Poll::Pending,
+                                Fired::Deadline => {
+                                    this.attempt.set(Attempt::Done);
+                                    return Poll::Ready(this.retry.deadline_exceeded());
+                                }
+                                Fired::Timer => {}
                             }
                             timed_out = true;
                             let after = this.retry.config.per_try_timeout;
@@ -250,26 +255,30 @@ where
                             if pause.is_zero() {
                                 this.attempt.set(Attempt::Ready);
                             } else {
-                                set_timer(this.timer, pause);
+                                let until = crate::time::later(Instant::now(), pause);
+                                set_timer(this.timer, earliest(Some(until), *this.deadline));
                                 this.attempt.set(Attempt::Backoff);
                             }
                         }
                     }
                 }
-                AttemptProj::Backoff => {
-                    if fired(this.deadline, cx) {
+                AttemptProj::Backoff => match fired(this.timer, *this.deadline, cx) {
+                    Fired::No => return Poll::Pending,
+                    Fired::Deadline => {
                         this.attempt.set(Attempt::Done);
                         return Poll::Ready(this.retry.deadline_exceeded());
                     }
-                    if let Some(timer) = this.timer {
-                        ready!(timer.as_mut().poll(cx));
-                    }
-                    this.attempt.set(Attempt::Ready);
-                }
+                    Fired::Timer => this.attempt.set(Attempt::Ready),
+                },
                 AttemptProj::Ready => {
-                    if fired(this.deadline, cx) {
-                        this.attempt.set(Attempt::Done);
-                        return Poll::Ready(this.retry.deadline_exceeded());
+                    if this.deadline.is_some() {
+                        // The deadline alone watches the wait for the next
+                        // pick.
+                        set_timer(this.timer, *this.deadline);
+                        if let Fired::Deadline = fired(this.timer, *this.deadline, cx) {
+                            this.attempt.set(Attempt::Done);
+                            return Poll::Ready(this.retry.deadline_exceeded());
+                        }
                     }
                     let future = match ready!(this.retry.poll_next(cx)) {
                         Ok(future) => future,
@@ -279,13 +288,9 @@ where
                         }
                     };
                     this.attempt.set(Attempt::Called { future });
-                    match this.retry.config.per_try_timeout {
-                        Some(timeout) => {
-                            set_timer(this.timer, timeout);
-                        }
-                        // The timer served a backoff pause: no per-try timeout.
-                        None => *this.timer = None,
-                    }
+                    let per_try = (this.retry.config.per_try_timeout)
+                        .map(|d| crate::time::later(Instant::now(), d));
+                    set_timer(this.timer, earliest(per_try, *this.deadline));
                 }
                 AttemptProj::Done => panic!("failover ResponseFuture polled after completion"),
             }
@@ -298,20 +303,54 @@ fn retry_number(tried: usize) -> u32 {
     u32::try_from(tried).unwrap_or(u32::MAX)
 }
 
-/// Whether an optional timer has fired.
-fn fired(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
-    timer
-        .as_mut()
-        .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+/// What the request's timer says.
+enum Fired {
+    /// Not fired, or none set: the task is woken when it fires.
+    No,
+    /// The overall deadline passed.
+    Deadline,
+    /// The per-try timeout or the backoff pause it was set to ended.
+    Timer,
 }
 
-/// Arms the timer to fire `after` from now (about 30 years at most, as
-/// `tokio::time::sleep` does), reusing its allocation.
-fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, after: Duration) {
-    let until = crate::time::later(Instant::now(), after);
-    match timer {
-        Some(timer) => timer.as_mut().reset(until),
-        None => *timer = Some(Box::pin(tokio::time::sleep_until(until))),
+/// Polls the request's timer, set to the earliest of what applies; tells
+/// the overall deadline (when the timer was set to it) from the rest.
+fn fired(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    deadline: Option<Instant>,
+    cx: &mut Context<'_>,
+) -> Fired {
+    let Some(timer) = timer else {
+        return Fired::No;
+    };
+    if timer.as_mut().poll(cx).is_pending() {
+        return Fired::No;
+    }
+    match deadline {
+        Some(deadline) if timer.deadline() >= deadline => Fired::Deadline,
+        _ => Fired::Timer,
+    }
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Arms the timer to fire at `until` (none: no timer), reusing its
+/// allocation.
+fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, until: Option<Instant>) {
+    match (timer.as_mut(), until) {
+        (Some(timer), Some(until)) => {
+            if timer.deadline() != until {
+                timer.as_mut().reset(until);
+            }
+        }
+        (None, Some(until)) => *timer = Some(Box::pin(tokio::time::sleep_until(until))),
+        (_, None) => *timer = None,
     }
 }
 
