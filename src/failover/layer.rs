@@ -136,7 +136,8 @@ impl<C> FailoverLayer<C> {
     /// The timeout runs until the response head: once a backend has
     /// answered with its status and headers, the response is returned and
     /// its body is not timed (a backend that stalls in the middle of its
-    /// body is not bounded by this layer).
+    /// body is not bounded by this layer; `HttpBackend` bounds it with its
+    /// client's `read_timeout`).
     pub fn per_try_timeout(mut self, timeout: Duration) -> Self {
         self.config.per_try_timeout = Some(timeout);
         self

@@ -33,7 +33,8 @@
 //!    request) and tries the next backend; a deadline bounds all attempts.
 //!    Both run until the response head: the body of a response already
 //!    returned is not timed, so a backend that sends its head then stalls
-//!    its body is not bounded by this layer.
+//!    its body is not bounded by this layer (`HttpBackend` bounds it with
+//!    its client's `read_timeout`).
 //! 5. A retry [budget](FailoverLayer::budget) keeps a failing fleet from a
 //!    retry storm: by default a [`RetryBudget`] of 20 % of requests plus a
 //!    floor of 3 retries per second. Both are counted over 10 s windows, so
