@@ -704,21 +704,21 @@ fn target_is_set_and_in_flight_is_counted() {
 }
 
 #[test]
-fn least_request_prefers_the_less_loaded() {
+fn least_request_compares_two_distinct_backends() {
     let pool = pool_of(2);
-    pool.state(&"b0".into()).unwrap();
     // Hold 5 requests in flight on b0.
     let b0 = pool.state(&"b0".into()).unwrap();
     let _held: Vec<_> = (0..5).map(|_| b0.track_in_flight()).collect();
-    let balance = Balance::new(pool, LeastRequest::new());
-    let mut to_b1 = 0;
-    for _ in 0..1000 {
-        if attempt(&balance, None, &Attempts::new()).unwrap().as_str() == "b1" {
-            to_b1 += 1;
-        }
-    }
-    // b0 is chosen only when both draws land on it (1/4 of the time).
-    assert!((650..850).contains(&to_b1), "b1 got {to_b1} of 1000");
+    let balance = Balance::new(pool.clone(), LeastRequest::new());
+    // Both draws never land on b0: it gets no pick while b1 is eligible.
+    let counts = shares(&balance, 1000);
+    assert_eq!(counts.get("b1"), Some(&1000), "{counts:?}");
+    // With b1 out of service, the only eligible backend is picked.
+    pool.state(&"b1".into())
+        .unwrap()
+        .set_admin(AdminStatus::Disabled);
+    let counts = shares(&balance, 100);
+    assert_eq!(counts.get("b0"), Some(&100), "{counts:?}");
 }
 
 #[test]
@@ -727,16 +727,10 @@ fn least_request_weighs_idle_backends_by_their_weight() {
     // "b0" warms up at 10 % of its weight; nothing is ever in flight.
     pool.state(&"b0".into()).unwrap().set_weight_permille(100);
     let balance = Balance::new(pool, LeastRequest::new());
-    let mut to_b0 = 0;
-    for _ in 0..4000 {
-        if attempt(&balance, None, &Attempts::new()).unwrap().as_str() == "b0" {
-            to_b0 += 1;
-        }
-    }
-    // "b0" wins only when both draws land on it (1/4 of the time, about
-    // 1000 ± 27); comparing bare in-flight counts, a tie every time, it
-    // got half.
-    assert!(to_b0 < 1400, "b0 got {to_b0} of 4000");
+    // Every pick compares b0 with b1, and b1's full weight wins; comparing
+    // bare in-flight counts, a tie every time, b0 got half.
+    let counts = shares(&balance, 1000);
+    assert_eq!(counts.get("b1"), Some(&1000), "{counts:?}");
 }
 
 #[test]

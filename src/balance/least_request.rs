@@ -1,10 +1,16 @@
-use super::random::uniform_eligible;
+use super::random::{uniform_eligible, uniform_eligible_except};
 use super::strategy::{Pick, Strategy};
 use crate::pool::Members;
 
 /// Least request by the power of choices: draw `choices` eligible backends
 /// at random and take the one with the fewest requests in flight relative
 /// to its weight.
+///
+/// Each candidate after the first is drawn among the eligible backends
+/// other than the best one so far, so two choices compare two distinct
+/// backends whenever two are eligible (with one, it is picked). With more
+/// than two choices a backend that already lost a comparison may be drawn
+/// again; it never wins, the pick just compares fewer distinct backends.
 ///
 /// With two choices (the default) this avoids the herd behaviour of a global
 /// "least loaded" pick while staying O(1) (Mitzenmacher, *The Power of Two
@@ -23,12 +29,13 @@ impl Default for LeastRequest {
 }
 
 impl LeastRequest {
-    /// Power of two choices.
+    /// Power of two choices: compares two random backends.
     pub fn new() -> Self {
         LeastRequest::default()
     }
 
-    /// How many random backends to compare (at least 1; 1 is plain random).
+    /// How many random backends to compare (default 2; at least 1; 1 is
+    /// plain random).
     pub fn choices(mut self, choices: usize) -> Self {
         self.choices = choices.max(1);
         self
@@ -44,7 +51,10 @@ impl Strategy for LeastRequest {
     fn pick(&self, _table: &(), pick: &Pick<'_>) -> Option<usize> {
         let mut best = uniform_eligible(pick)?;
         for _ in 1..self.choices {
-            let Some(other) = uniform_eligible(pick) else {
+            // Never the current best again: with two choices the two
+            // candidates are distinct, so a backend loaded far beyond the
+            // other is never picked while the other is eligible.
+            let Some(other) = uniform_eligible_except(pick, best) else {
                 break;
             };
             if less_loaded(pick, other, best) {

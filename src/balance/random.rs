@@ -57,3 +57,30 @@ pub(crate) fn uniform_eligible(pick: &Pick<'_>) -> Option<usize> {
     let nth = super::random_below(eligible);
     (0..n).filter(|&i| pick.is_eligible(i)).nth(nth)
 }
+
+/// A uniform draw among the eligible members other than `except`, as
+/// [`uniform_eligible`] does: a draw among the other `n - 1` indices skips
+/// over `except`, so no draw is spent on it.
+pub(crate) fn uniform_eligible_except(pick: &Pick<'_>, except: usize) -> Option<usize> {
+    let n = pick.len();
+    if n <= 1 {
+        return None;
+    }
+    let other = |i: usize| if i >= except { i + 1 } else { i };
+    for _ in 0..DRAWS {
+        let i = other(super::random_below(n - 1));
+        if pick.is_eligible(i) {
+            return Some(i);
+        }
+    }
+    let eligible = (0..n)
+        .filter(|&i| i != except && pick.is_eligible(i))
+        .count();
+    if eligible == 0 {
+        return None;
+    }
+    let nth = super::random_below(eligible);
+    (0..n)
+        .filter(|&i| i != except && pick.is_eligible(i))
+        .nth(nth)
+}
