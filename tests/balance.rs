@@ -13,10 +13,11 @@ use std::time::Duration;
 use futures::executor::block_on;
 use http::{Request, Response};
 use proptest::prelude::*;
-use tower::{service_fn, Service, ServiceExt};
+use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_ha::backend::InFlight;
 use tower_ha::balance::{
-    Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
+    Balance, BalanceLayer, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy,
+    WeightedRoundRobin,
 };
 use tower_ha::extensions::{Affinity, Attempts, ServedBy, Target};
 use tower_ha::{
@@ -223,14 +224,22 @@ proptest! {
     }
 
     /// Smooth weighted round robin gives each backend exactly its weight in
-    /// every cycle of sum(weights) picks.
+    /// every cycle of sum(weights) picks, from wherever in the cycle it
+    /// starts (a layer's balancer starts at a random slot).
     #[test]
-    fn smooth_wrr_gives_exact_weights_per_cycle(weights in proptest::collection::vec(1u32..8, 1..8)) {
+    fn smooth_wrr_gives_exact_weights_per_cycle(
+        weights in proptest::collection::vec(1u32..8, 1..8),
+        layered: bool,
+    ) {
         let pool = Pool::new();
         for (i, w) in weights.iter().enumerate() {
             pool.insert_weighted(format!("b{i}"), named(format!("b{i}")), *w);
         }
-        let balance = Balance::new(pool, WeightedRoundRobin::new());
+        let balance = if layered {
+            BalanceLayer::new(WeightedRoundRobin::new()).layer(pool)
+        } else {
+            Balance::new(pool, WeightedRoundRobin::new())
+        };
         let g = weights.iter().copied().fold(0, gcd);
         let cycle: u32 = weights.iter().map(|w| w / g).sum();
         for _ in 0..3 {
@@ -419,6 +428,29 @@ fn round_robin_continues_after_the_last_attempt() {
     let order = exhaust(&balance, None);
     let names: Vec<&str> = order.iter().map(|b| b.as_str()).collect();
     assert_eq!(names, ["b1", "b2", "b3", "b4", "b0"]);
+}
+
+#[test]
+fn a_layers_balancers_start_their_turns_at_random_backends() {
+    fn first_picks<P: Strategy + Clone>(pool: &Pool<Svc>, strategy: P) -> BTreeSet<BackendId> {
+        let layer = BalanceLayer::new(strategy);
+        (0..40)
+            .map(|_| attempt(&layer.layer(pool.clone()), None, &Attempts::new()).unwrap())
+            .collect()
+    }
+    // 40 balancers over 3 backends all starting at the same one by chance:
+    // 3 / 3^40, about 3e-19.
+    let pool = pool_of(3);
+    let rr = first_picks(&pool, RoundRobin::new());
+    assert!(rr.len() > 1, "every balancer started at {rr:?}");
+    let wrr = first_picks(&pool, WeightedRoundRobin::new());
+    assert!(wrr.len() > 1, "every balancer started at {wrr:?}");
+    // Each still takes its turns in order from there.
+    let balance = BalanceLayer::new(RoundRobin::new()).layer(pool);
+    let first = attempt(&balance, None, &Attempts::new()).unwrap();
+    let second = attempt(&balance, None, &Attempts::new()).unwrap();
+    let next = |id: &BackendId| (id.as_str()[1..].parse::<usize>().unwrap() + 1) % 3;
+    assert_eq!(second.as_str(), format!("b{}", next(&first)));
 }
 
 #[test]

@@ -14,6 +14,11 @@ use crate::pool::Members;
 ///
 /// Pick it for uniform backends and uniform requests: it is the cheapest
 /// strategy and spreads load evenly.
+///
+/// [`RoundRobin::new`] starts at the first backend. A clone starts at a
+/// random one, so that the balancers a [`BalanceLayer`](super::BalanceLayer)
+/// builds (one per service, each with a clone of its strategy) do not all
+/// send their first request to the same backend.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     next: AtomicUsize,
@@ -27,9 +32,12 @@ impl RoundRobin {
 }
 
 impl Clone for RoundRobin {
-    /// A new round robin with its own counter.
+    /// A new round robin with its own counter, starting at a random
+    /// backend.
     fn clone(&self) -> Self {
-        RoundRobin::new()
+        RoundRobin {
+            next: AtomicUsize::new(super::random_start()),
+        }
     }
 }
 

@@ -33,6 +33,13 @@ const MAX_CYCLE: u64 = 1 << 22;
 /// `permille / 1000` of its configured share, ramping without rebuilding
 /// the cycle.
 ///
+/// [`WeightedRoundRobin::new`] starts at the beginning of the cycle. A
+/// clone starts at a random slot of it, so that the balancers a
+/// [`BalanceLayer`](super::BalanceLayer) builds (one per service, each with
+/// a clone of its strategy) do not all send their first request to the
+/// same backend; any `sum(weights)` consecutive picks still cover the cycle
+/// once, so each backend still gets exactly its weight in them.
+///
 /// Pick it for backends of unequal capacity.
 #[derive(Debug, Default)]
 pub struct WeightedRoundRobin {
@@ -40,16 +47,19 @@ pub struct WeightedRoundRobin {
 }
 
 impl WeightedRoundRobin {
-    /// A smooth weighted round robin.
+    /// A smooth weighted round robin, starting at the beginning of the
+    /// cycle.
     pub fn new() -> Self {
         WeightedRoundRobin::default()
     }
 }
 
 impl Clone for WeightedRoundRobin {
-    /// A new strategy with its own position in the cycle.
+    /// A new strategy with its own position in the cycle, a random one.
     fn clone(&self) -> Self {
-        WeightedRoundRobin::new()
+        WeightedRoundRobin {
+            next: AtomicUsize::new(super::random_start()),
+        }
     }
 }
 
