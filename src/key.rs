@@ -33,7 +33,7 @@
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use http::header::{GetAll, HeaderName, HeaderValue, COOKIE};
@@ -248,6 +248,11 @@ pub(crate) fn unquote(value: &[u8]) -> &[u8] {
 /// By default the leftmost non-empty entry, which the client itself can
 /// forge. Behind proxies you run, set [`ForwardedFor::trusted_hops`] to their
 /// number so that the address your outermost proxy saw is used instead.
+///
+/// An entry that is an address, with or without a port, brackets or an IPv6
+/// zone (`1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]`,
+/// `[2001:db8::1]:80`, `fe80::1%eth0`), keys as [`peer_ip`] keys that
+/// address; any other entry keys as its text.
 pub fn forwarded_for() -> ForwardedFor {
     ForwardedFor { trusted_hops: 0 }
 }
@@ -292,15 +297,38 @@ impl ForwardedFor {
 impl RequestKey for ForwardedFor {
     fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
         let entry = self.entry(head.headers)?;
-        // An address, with a port (`1.2.3.4:80`, `[::1]:80`) or without,
-        // keys as the peer's does.
-        let ip = std::str::from_utf8(entry).ok().and_then(|s| {
-            s.parse::<IpAddr>()
-                .ok()
-                .or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip()))
-        });
+        let ip = std::str::from_utf8(entry).ok().and_then(forwarded_ip);
         Some(ip.map_or_else(|| hash_bytes(entry), hash_ip))
     }
+}
+
+/// The address in an `X-Forwarded-For` entry, with a port (`1.2.3.4:80`,
+/// `[::1]:80`) or without (`1.2.3.4`, `::1`, `[::1]`), an IPv6 zone
+/// (`fe80::1%eth0`, `[fe80::1%eth0]:80`) dropped, so that it keys as the
+/// peer's address does; `None` for anything else, which keys as text.
+fn forwarded_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Some(addr.ip());
+    }
+    let host = match s.strip_prefix('[') {
+        Some(rest) => {
+            let (host, port) = rest.split_once(']')?;
+            if !port.is_empty() {
+                port.strip_prefix(':')?.parse::<u16>().ok()?;
+            }
+            host
+        }
+        None => s,
+    };
+    let addr = match host.split_once('%') {
+        Some((addr, zone)) if !zone.is_empty() => addr,
+        Some(_) => return None,
+        None => host,
+    };
+    addr.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
 }
 
 /// The client's IP address from the [`PeerAddr`] extension.
@@ -497,6 +525,33 @@ mod tests {
         let k = forwarded_for().or(peer_ip());
         assert_eq!(key_of(&k, &req), key_of(&k, &xff));
         assert!(key_of(&k, &req).is_some());
+    }
+
+    #[test]
+    fn bracketed_and_zoned_ipv6_entries_key_as_the_peer() {
+        let mut direct = head_with(&[]);
+        let addr: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        direct.extensions_mut().insert(PeerAddr(addr));
+        let peer = key_of(&peer_ip(), &direct);
+        assert!(peer.is_some());
+        for entry in [
+            "[2001:db8::1]",
+            "[2001:db8::1]:80",
+            "2001:db8::1%eth0",
+            "[2001:db8::1%eth0]",
+            "[2001:db8::1%eth0]:80",
+        ] {
+            let xff = head_with(&[("x-forwarded-for", entry)]);
+            assert_eq!(key_of(&forwarded_for(), &xff), peer, "{entry}");
+        }
+        // Not an address: keyed as text, not as the address inside.
+        for entry in ["[2001:db8::1]x", "[2001:db8::1]:http", "2001:db8::1%"] {
+            let xff = head_with(&[("x-forwarded-for", entry)]);
+            assert_eq!(
+                key_of(&forwarded_for(), &xff),
+                Some(hash_bytes(entry.as_bytes()))
+            );
+        }
     }
 
     #[test]
