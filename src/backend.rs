@@ -418,11 +418,11 @@ impl BackendState {
         let _ = self.room.set(room.clone());
     }
 
-    /// Lets the requests waiting for a place pick again, after a change
-    /// that may have made room here.
+    /// Hands the places a change may have made here to the requests
+    /// waiting for one, in order, and lets the others pick again.
     fn wake_waiting(&self) {
         if let Some(room) = self.room.get() {
-            room.wake_all();
+            room.wake_all(Some(self));
         }
     }
 

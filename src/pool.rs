@@ -465,7 +465,7 @@ impl<S: Clone> Pool<S> {
             // A new backend is a new place to wait for, once the
             // balancers know it.
             link(room, &next.members);
-            room.wake_all();
+            room.wake_all(None);
         }
     }
 }
@@ -474,6 +474,7 @@ fn link(room: &Arc<Room>, members: &Members) {
     for member in members.iter() {
         member.state.link_room(room);
     }
+    room.set_members(members);
 }
 
 impl<S: 'static> Pool<S> {

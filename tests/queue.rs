@@ -252,6 +252,70 @@ async fn a_raised_limit_or_a_new_backend_lets_waiting_requests_in() {
     assert_eq!(served_by(&third.await.unwrap()), "b");
 }
 
+/// A change that opens one place without a request ending.
+type OpenPlace = fn(&Pool<Recording>, &Seen);
+
+#[tokio::test(start_paused = true)]
+async fn a_place_opened_by_a_change_goes_to_the_oldest_waiter_whoever_polls_first() {
+    // "b" is out of service, or not in the pool yet, until the change.
+    let ways: [(&str, OpenPlace); 4] = [
+        ("a raised limit", |pool, _| {
+            pool.state(&"a".into()).unwrap().set_max_in_flight(Some(2));
+        }),
+        ("a backend joining", |pool, seen| {
+            let state = Arc::new(tower_ha::BackendState::new(1));
+            state.set_max_in_flight(Some(1));
+            pool.insert_with_state("b", recording("b", seen.clone()), state);
+        }),
+        ("a backend recovering", |pool, _| {
+            pool.state(&"b".into())
+                .unwrap()
+                .set_health(HealthStatus::Healthy);
+        }),
+        ("an ejection lifted", |pool, _| {
+            assert!(pool.state(&"b".into()).unwrap().uneject());
+        }),
+    ];
+    for (i, (how, open)) in ways.into_iter().enumerate() {
+        let seen = Seen::default();
+        let (pool, _held) = full_pool(&["a"], &seen);
+        if i >= 2 {
+            pool.insert("b", recording("b", seen.clone()));
+            let b = pool.state(&"b".into()).unwrap();
+            b.set_max_in_flight(Some(1));
+            if i == 2 {
+                b.set_health(HealthStatus::Unhealthy);
+            } else {
+                b.eject_until(tokio::time::Instant::now() + Duration::from_secs(30));
+            }
+        }
+        let mut balance = Balance::new(pool.clone(), RoundRobin::new())
+            .panic_threshold(0.0)
+            .queue(10, Duration::from_secs(5));
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut older = pin!(balance.call(request("older")));
+        assert!(older.as_mut().poll(&mut cx).is_pending(), "{how}");
+        let mut newer = pin!(balance.call(request("newer")));
+        assert!(newer.as_mut().poll(&mut cx).is_pending(), "{how}");
+        assert_eq!(balance.waiting(), 2, "{how}");
+
+        open(&pool, &seen);
+        // The newer request runs first, as a scheduler may run it.
+        assert!(
+            newer.as_mut().poll(&mut cx).is_pending(),
+            "{how}: the newer request took the place"
+        );
+        let Poll::Ready(answer) = older.as_mut().poll(&mut cx) else {
+            panic!("{how}: the older request did not get the place");
+        };
+        answer.unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["older"], "{how}");
+        // Its end hands the place on.
+        assert!(newer.as_mut().poll(&mut cx).is_ready(), "{how}");
+        assert_eq!(*seen.lock().unwrap(), ["older", "newer"], "{how}");
+    }
+}
+
 /// One way to take a backend out of service.
 type MakeUnavailable = fn(&tower_ha::BackendState);
 

@@ -6,14 +6,16 @@
 //! being in flight hands its place straight to the first waiter that may
 //! use that backend: a request arriving meanwhile cannot take it first, and
 //! the queue is served in order. Other ways a place opens up (a limit
-//! raised, a backend back in service or joining the pool) wake every
-//! waiter to pick again.
+//! raised, a backend back in service or joining the pool) hand the free
+//! places on the changed backends to the waiters in order too, under the
+//! queue's lock, and then wake the others to pick again (a change may also
+//! put the pool in panic, which lets them use other backends).
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
 use parking_lot::Mutex;
@@ -22,7 +24,7 @@ use tokio::time::{Instant, Sleep};
 use crate::backend::{BackendId, BackendState, InFlight};
 use crate::error::NoBackend;
 use crate::extensions::Picked;
-use crate::pool::{Member, Pool, Snapshot};
+use crate::pool::{Member, Members, Pool, Snapshot};
 
 use super::panic::PanicMode;
 
@@ -40,6 +42,10 @@ struct Queue {
     waiters: VecDeque<Arc<Waiter>>,
     /// The arrival number of the next request to join.
     next: u64,
+    /// The pool's backends, as of its last change: where a change that
+    /// opens up places hands them over. Weak, as each state links to its
+    /// room.
+    members: Vec<(BackendId, Weak<BackendState>)>,
 }
 
 /// One waiting request.
@@ -139,19 +145,15 @@ impl Room {
         self.waiting.store(queue.waiters.len(), Ordering::Relaxed);
     }
 
-    /// Takes the first waiter that may use `state`'s backend out of the
+    /// Takes the first waiter that `may` use `state`'s backend out of the
     /// queue, with `place`; returns its waker.
     fn give(
         &self,
         queue: &mut Queue,
-        state: &Arc<BackendState>,
+        may: impl Fn(&Waiter) -> bool,
         place: impl FnOnce() -> Option<InFlight>,
     ) -> Result<Option<Waker>, ()> {
-        let i = queue
-            .waiters
-            .iter()
-            .position(|w| w.accepts(state))
-            .ok_or(())?;
+        let i = queue.waiters.iter().position(|w| may(w)).ok_or(())?;
         let place = place().ok_or(())?;
         let waiter = queue.waiters.remove(i).expect("index within the queue");
         waiter.queued.store(false, Ordering::Relaxed);
@@ -174,7 +176,11 @@ impl Room {
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        let Ok(waker) = self.give(&mut self.queue.lock(), state, || state.pass_place()) else {
+        let Ok(waker) = self.give(
+            &mut self.queue.lock(),
+            |w| w.accepts(state),
+            || state.pass_place(),
+        ) else {
             return false;
         };
         if let Some(waker) = waker {
@@ -196,31 +202,64 @@ impl Room {
             let mut queue = self.queue.lock();
             // A request that arrived since may have taken the place; then
             // there is nothing to hand over.
-            while let Ok(waker) = self.give(&mut queue, state, || state.try_track_in_flight()) {
+            while let Ok(waker) = self.give(
+                &mut queue,
+                |w| w.accepts(state),
+                || state.try_track_in_flight(),
+            ) {
                 wakers.extend(waker);
             }
         }
         wakers.into_iter().for_each(Waker::wake);
     }
 
-    /// Wakes every waiter to pick again: a place may have opened up in a
-    /// way no request's end announces.
-    pub(crate) fn wake_all(&self) {
+    /// Notes the pool's backends after a change of its membership.
+    pub(crate) fn set_members(&self, members: &Members) {
+        let mut queue = self.queue.lock();
+        queue.members.clear();
+        queue.members.extend(
+            members
+                .iter()
+                .map(|m| (m.id().clone(), Arc::downgrade(m.state()))),
+        );
+    }
+
+    /// After a change that may have opened up places in a way no request's
+    /// end announces (on the backend whose state is `changed`, or on any
+    /// backend of the pool for `None`): hands the free places on those
+    /// backends to the waiters that may use them, in the order they came,
+    /// then wakes every other waiter to pick again.
+    pub(crate) fn wake_all(&self, changed: Option<&BackendState>) {
         fence(Ordering::SeqCst);
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let wakers: Vec<Waker> = self
-            .queue
-            .lock()
-            .waiters
-            .iter()
-            .filter_map(|waiter| {
+        let mut wakers = Vec::new();
+        {
+            let mut queue = self.queue.lock();
+            let members = std::mem::take(&mut queue.members);
+            let changed = members
+                .iter()
+                .filter(|(_, s)| changed.is_none_or(|c| std::ptr::eq(s.as_ptr(), c)));
+            for (id, state) in changed {
+                let Some(state) = state.upgrade() else {
+                    continue;
+                };
+                while state.has_room() {
+                    let may = |w: &Waiter| w.accepts(&state) && !w.tried.contains(id);
+                    match self.give(&mut queue, may, || state.try_track_in_flight()) {
+                        Ok(waker) => wakers.extend(waker),
+                        Err(()) => break,
+                    }
+                }
+            }
+            queue.members = members;
+            wakers.extend(queue.waiters.iter().filter_map(|waiter| {
                 let mut turn = waiter.turn.lock();
                 turn.recheck = true;
                 turn.waker.take()
-            })
-            .collect();
+            }));
+        }
         wakers.into_iter().for_each(Waker::wake);
     }
 }

@@ -184,8 +184,10 @@ impl<S, P: Strategy> Balance<S, P> {
     /// use its backend (not one it already tried), so a request arriving
     /// meanwhile cannot overtake them. A limit raised, a backend back in
     /// service (an ejection that ends by its deadline included, once the
-    /// health layer notices) or a backend joining the pool lets every
-    /// waiting request pick again. A request whose every backend becomes
+    /// health layer notices) or a backend joining the pool hands the places
+    /// it opens to the waiting requests that may use them, in the same
+    /// order, and then lets every other waiting request pick again (the
+    /// change may have put the pool in panic). A request whose every backend becomes
     /// unavailable stops waiting and fails with `NoBackend`. A waiting
     /// request goes to whichever backend a place opens up on, whatever the
     /// strategy would have preferred (under a limit, every backend it may
