@@ -9,14 +9,16 @@
 //! Membership can also come from any [`tower::discover::Discover`] stream
 //! with [`Pool::discover`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
 use std::pin::pin;
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use tokio::time::Instant;
 use tower::discover::{Change, Discover};
 
 use crate::backend::{BackendId, BackendState};
@@ -189,6 +191,55 @@ struct Shared<S> {
     writer: Mutex<Vec<Weak<dyn Rebuild<S>>>>,
     /// The requests waiting for a place, once a balancer lets them wait.
     room: OnceLock<Arc<Room>>,
+    /// The states of backends a discovery stream removed, for their return.
+    kept: Mutex<Kept>,
+}
+
+/// How long [`Pool::discover`] keeps the state of a backend its stream
+/// removed, by default: see [`Pool::keep_removed_for`].
+pub const DEFAULT_KEEP_REMOVED_FOR: Duration = Duration::from_secs(60);
+
+/// The most removed backends a pool keeps the state of; beyond it the
+/// oldest removal is forgotten first.
+pub const KEEP_REMOVED_MAX: usize = 1024;
+
+/// The states of removed backends, oldest removal first.
+struct Kept {
+    window: Duration,
+    states: VecDeque<(BackendId, Arc<BackendState>, Instant)>,
+}
+
+impl Kept {
+    fn forget_expired(&mut self, now: Instant) {
+        while let Some((_, _, at)) = self.states.front() {
+            if !crate::time::elapsed(*at, now, self.window) {
+                break;
+            }
+            self.states.pop_front();
+        }
+    }
+
+    fn keep(&mut self, id: BackendId, state: Arc<BackendState>) {
+        if self.window.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        self.forget_expired(now);
+        self.states.retain(|(kept, _, _)| kept != &id);
+        if self.states.len() >= KEEP_REMOVED_MAX {
+            self.states.pop_front();
+        }
+        self.states.push_back((id, state, now));
+    }
+
+    fn take(&mut self, id: &BackendId) -> Option<Arc<BackendState>> {
+        if self.states.is_empty() {
+            return None;
+        }
+        self.forget_expired(Instant::now());
+        let i = self.states.iter().position(|(kept, _, _)| kept == id)?;
+        self.states.remove(i).map(|(_, state, _)| state)
+    }
 }
 
 /// The set of backends: ids, services, weights and shared state.
@@ -248,8 +299,34 @@ impl<S> Pool<S> {
                 }),
                 writer: Mutex::new(Vec::new()),
                 room: OnceLock::new(),
+                kept: Mutex::new(Kept {
+                    window: DEFAULT_KEEP_REMOVED_FOR,
+                    states: VecDeque::new(),
+                }),
             }),
         }
+    }
+
+    /// How long the pool keeps the state of a backend that a
+    /// [`discover`](Self::discover) stream removed (default
+    /// [`DEFAULT_KEEP_REMOVED_FOR`], 60 s; zero keeps none), for at most
+    /// [`KEEP_REMOVED_MAX`] backends, the oldest removal forgotten first.
+    ///
+    /// An insert of the same id within that time gets the state back, so a
+    /// backend that leaves and returns (a DNS answer that drops an address
+    /// for one refresh) keeps its operator's status (disabled or
+    /// draining), its limit of requests in flight, its ejection, its
+    /// weight, and the count of its requests still in flight. A backend
+    /// removed with [`remove`](Self::remove) is forgotten at once. Applies
+    /// to every handle of this pool.
+    pub fn keep_removed_for(self, window: Duration) -> Self {
+        let mut kept = self.shared.kept.lock();
+        kept.window = window;
+        if window.is_zero() {
+            kept.states.clear();
+        }
+        drop(kept);
+        self
     }
 
     /// The current snapshot.
@@ -301,12 +378,18 @@ impl<S> Pool<S> {
 impl<S: Clone> Pool<S> {
     /// Adds a backend with weight 1, or replaces the service of an existing
     /// backend with the same id (keeping its state and weight).
+    ///
+    /// A backend that a [`discover`](Self::discover) stream removed less
+    /// than [`keep_removed_for`](Self::keep_removed_for) ago comes back
+    /// with its state (its weight included).
     pub fn insert(&self, id: impl Into<BackendId>, service: S) {
         self.upsert(id.into(), service, None);
     }
 
     /// Adds a backend with `weight` (0 counts as 1), or replaces the service
-    /// and weight of an existing one (keeping its state).
+    /// and weight of an existing one (keeping its state). A backend that a
+    /// discovery stream removed recently comes back with its state, as
+    /// with [`insert`](Self::insert), and `weight`.
     pub fn insert_weighted(&self, id: impl Into<BackendId>, service: S, weight: u32) {
         self.upsert(id.into(), service, Some(weight));
     }
@@ -321,8 +404,9 @@ impl<S: Clone> Pool<S> {
         state: Arc<BackendState>,
     ) {
         let id = id.into();
-        self.change(
-            |members, services| match members.iter().position(|m| m.id == id) {
+        self.change(|members, services| {
+            self.shared.kept.lock().take(&id);
+            match members.iter().position(|m| m.id == id) {
                 Some(i) => {
                     members[i].state = state;
                     services[i] = service;
@@ -331,8 +415,8 @@ impl<S: Clone> Pool<S> {
                     members.push(Member { id, state });
                     services.push(service);
                 }
-            },
-        );
+            }
+        });
     }
 
     fn upsert(&self, id: BackendId, service: S, weight: Option<u32>) {
@@ -345,7 +429,15 @@ impl<S: Clone> Pool<S> {
                     services[i] = service;
                 }
                 None => {
-                    let state = Arc::new(BackendState::new(weight.unwrap_or(1)));
+                    let state = match self.shared.kept.lock().take(&id) {
+                        Some(state) => {
+                            if let Some(w) = weight {
+                                state.store_weight(w);
+                            }
+                            state
+                        }
+                        None => Arc::new(BackendState::new(weight.unwrap_or(1))),
+                    };
                     members.push(Member { id, state });
                     services.push(service);
                 }
@@ -355,12 +447,27 @@ impl<S: Clone> Pool<S> {
 
     /// Removes backend `id`; returns whether it was present. Requests
     /// already sent to it finish.
+    ///
+    /// Its state is forgotten: inserted again, the backend starts afresh
+    /// (enabled, healthy, no limit). A [`discover`](Self::discover)
+    /// stream's removal keeps the state for a while instead (see
+    /// [`keep_removed_for`](Self::keep_removed_for)).
     pub fn remove(&self, id: &BackendId) -> bool {
+        self.remove_and(id, false)
+    }
+
+    /// Removes backend `id`, keeping its state for an insert of the same
+    /// id within the pool's [`keep_removed_for`](Self::keep_removed_for)
+    /// window if `keep`.
+    fn remove_and(&self, id: &BackendId, keep: bool) -> bool {
         let mut removed = false;
         self.change(|members, services| {
             if let Some(i) = members.iter().position(|m| &m.id == id) {
-                members.remove(i);
+                let member = members.remove(i);
                 services.remove(i);
+                if keep {
+                    self.shared.kept.lock().keep(member.id, member.state);
+                }
                 removed = true;
             }
         });
@@ -400,6 +507,12 @@ impl<S: Clone> Pool<S> {
     /// Applies every change of a [`Discover`] stream to this pool until the
     /// stream ends (`Ok`) or fails (the stream's error).
     ///
+    /// The state of a backend the stream removes is kept for
+    /// [`keep_removed_for`](Self::keep_removed_for) (60 s by default): if
+    /// the stream (or anyone) inserts the same id within that time, the
+    /// backend comes back as it was, rather than as a new backend that
+    /// forgot its operator's status, limit and requests in flight.
+    ///
     /// Run it as a task beside the balancer:
     ///
     /// ```
@@ -432,7 +545,7 @@ impl<S: Clone> Pool<S> {
             match change? {
                 Change::Insert(key, service) => self.insert(key, service),
                 Change::Remove(key) => {
-                    self.remove(&key.into());
+                    self.remove_and(&key.into(), true);
                 }
             }
         }
@@ -555,6 +668,33 @@ mod tests {
         let snap = pool.snapshot();
         assert_eq!(snap.members().index_of(&"c".into()), Some(1));
         assert_eq!(snap.service(1), Some(&3));
+    }
+
+    #[test]
+    fn a_discovered_removal_keeps_the_state_for_its_return() {
+        let leave_and_return = |pool: &Pool<u8>| {
+            let changes = futures::stream::iter([
+                Ok::<_, std::convert::Infallible>(Change::Remove("a")),
+                Ok(Change::Insert("a", 2)),
+            ]);
+            futures::executor::block_on(pool.discover(changes)).unwrap();
+        };
+        let pool: Pool<u8> = Pool::new();
+        pool.insert_weighted("a", 1, 3);
+        let state = pool.state(&"a".into()).unwrap();
+        leave_and_return(&pool);
+        assert!(Arc::ptr_eq(&state, &pool.state(&"a".into()).unwrap()));
+        assert_eq!(state.weight(), 3);
+        // A removal by hand forgets it.
+        assert!(pool.remove(&"a".into()));
+        pool.insert("a", 3);
+        let fresh = pool.state(&"a".into()).unwrap();
+        assert!(!Arc::ptr_eq(&state, &fresh));
+        assert_eq!(fresh.weight(), 1);
+        // A window of zero keeps nothing.
+        let pool = pool.keep_removed_for(Duration::ZERO);
+        leave_and_return(&pool);
+        assert!(!Arc::ptr_eq(&fresh, &pool.state(&"a".into()).unwrap()));
     }
 
     #[test]

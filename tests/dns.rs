@@ -223,6 +223,56 @@ async fn a_listed_address_removed_from_the_pool_comes_back() {
     task.abort();
 }
 
+/// An address missing from one answer comes back with the state it had:
+/// its operator's status, its limit and its request still in flight. One
+/// that stays away longer than the pool keeps removed states returns as a
+/// new backend.
+#[tokio::test(start_paused = true)]
+async fn an_address_missing_from_one_answer_comes_back_as_it_was() {
+    use tower_ha::pool::DEFAULT_KEEP_REMOVED_FOR;
+    use tower_ha::AdminStatus;
+
+    let resolver = Scripted::default();
+    resolver.answer(&[1, 2]);
+    let events = Events::default();
+    let pool: Pool<SocketAddr> = Pool::new();
+    let task = discover_into(&resolver, &pool, &events);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let two: BackendId = "10.0.0.2:5432".into();
+    let state = pool.state(&two).unwrap();
+    state.set_admin(AdminStatus::Disabled);
+    state.set_max_in_flight(Some(3));
+    let held = state.track_in_flight();
+
+    resolver.answer(&[1]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432"]);
+    resolver.answer(&[1, 2]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
+    let back = pool.state(&two).unwrap();
+    assert!(Arc::ptr_eq(&back, &state), "a new backend");
+    assert_eq!(back.admin(), AdminStatus::Disabled);
+    assert_eq!(back.max_in_flight(), Some(3));
+    assert_eq!(back.in_flight(), 1);
+    drop(held);
+    assert_eq!(back.in_flight(), 0);
+
+    // Away for longer than the pool keeps its state: a new backend.
+    resolver.answer(&[1]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432"]);
+    tokio::time::sleep(DEFAULT_KEEP_REMOVED_FOR).await;
+    resolver.answer(&[1, 2]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
+    let fresh = pool.state(&two).unwrap();
+    assert!(!Arc::ptr_eq(&fresh, &state), "the old state");
+    assert_eq!(fresh.admin(), AdminStatus::Enabled);
+    assert_eq!(fresh.max_in_flight(), None);
+    task.abort();
+}
+
 /// A backend the health checker removed after `removed_after` returns with
 /// the next answer that still lists it (a pod restarted on the same IP),
 /// and the checker probes it again: it is probed once more, and a failed
