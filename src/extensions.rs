@@ -23,8 +23,12 @@ use parking_lot::Mutex;
 use crate::backend::{BackendId, BackendState};
 
 /// "Try this backend first": set on a request by the sticky layer (or by
-/// you). `Balance` honours it when that backend is in the pool, available and
-/// not already listed in [`Attempts`]; otherwise it picks as usual.
+/// you). `Balance` honours it when that backend is in the pool, not already
+/// listed in [`Attempts`], and available, or draining while healthy and not
+/// ejected (the sessions bound to it finish there), or enabled while the
+/// pool is in panic; even at its
+/// [limit of requests in flight](crate::BackendState::set_max_in_flight).
+/// Otherwise it picks as usual.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Affinity(pub BackendId);
 

@@ -8,8 +8,11 @@ use std::time::Duration;
 /// [`BackendState::set_weight_permille`](crate::BackendState::set_weight_permille).
 /// Strategies that use weights honour it: [`LeastRequest`] compares loads by
 /// effective weight, and [`WeightedRoundRobin`] admits a warming backend to
-/// its slot with probability equal to its share. [`RoundRobin`], [`Random`]
-/// and [`ConsistentHash`] ignore weights, and so slow start.
+/// its slot with probability equal to its share. [`RoundRobin`] and
+/// [`Random`] ignore weights, and so slow start. [`ConsistentHash`] honours
+/// configured weights (ring points, Maglev turns) but not slow start: its
+/// tables are built from the configured weight, so a warming backend takes
+/// its full share of keys at once.
 ///
 /// [`LeastRequest`]: crate::balance::LeastRequest
 /// [`WeightedRoundRobin`]: crate::balance::WeightedRoundRobin
