@@ -225,21 +225,21 @@ proptest! {
 
     /// Smooth weighted round robin gives each backend exactly its weight in
     /// every cycle of sum(weights) picks, from wherever in the cycle it
-    /// starts (a layer's balancer starts at a random slot).
+    /// starts (a layer's `k`-th balancer starts `k` slots on).
     #[test]
     fn smooth_wrr_gives_exact_weights_per_cycle(
         weights in proptest::collection::vec(1u32..8, 1..8),
-        layered: bool,
+        earlier_balancers in 0usize..40,
     ) {
         let pool = Pool::new();
         for (i, w) in weights.iter().enumerate() {
             pool.insert_weighted(format!("b{i}"), named(format!("b{i}")), *w);
         }
-        let balance = if layered {
-            BalanceLayer::new(WeightedRoundRobin::new()).layer(pool)
-        } else {
-            Balance::new(pool, WeightedRoundRobin::new())
-        };
+        let layer = BalanceLayer::new(WeightedRoundRobin::new());
+        for _ in 0..earlier_balancers {
+            layer.layer(pool.clone());
+        }
+        let balance = layer.layer(pool);
         let g = weights.iter().copied().fold(0, gcd);
         let cycle: u32 = weights.iter().map(|w| w / g).sum();
         for _ in 0..3 {
@@ -431,26 +431,34 @@ fn round_robin_continues_after_the_last_attempt() {
 }
 
 #[test]
-fn a_layers_balancers_start_their_turns_at_random_backends() {
-    fn first_picks<P: Strategy + Clone>(pool: &Pool<Svc>, strategy: P) -> BTreeSet<BackendId> {
+fn a_layers_balancers_start_their_turns_at_successive_backends() {
+    fn first_picks<P: Strategy + Clone>(pool: &Pool<Svc>, strategy: P) -> Vec<String> {
         let layer = BalanceLayer::new(strategy);
-        (0..40)
-            .map(|_| attempt(&layer.layer(pool.clone()), None, &Attempts::new()).unwrap())
+        (0..6)
+            .map(|_| {
+                let balance = layer.layer(pool.clone());
+                attempt(&balance, None, &Attempts::new())
+                    .unwrap()
+                    .to_string()
+            })
             .collect()
     }
-    // 40 balancers over 3 backends all starting at the same one by chance:
-    // 3 / 3^40, about 3e-19.
     let pool = pool_of(3);
-    let rr = first_picks(&pool, RoundRobin::new());
-    assert!(rr.len() > 1, "every balancer started at {rr:?}");
-    let wrr = first_picks(&pool, WeightedRoundRobin::new());
-    assert!(wrr.len() > 1, "every balancer started at {wrr:?}");
-    // Each still takes its turns in order from there.
-    let balance = BalanceLayer::new(RoundRobin::new()).layer(pool);
-    let first = attempt(&balance, None, &Attempts::new()).unwrap();
-    let second = attempt(&balance, None, &Attempts::new()).unwrap();
-    let next = |id: &BackendId| (id.as_str()[1..].parse::<usize>().unwrap() + 1) % 3;
-    assert_eq!(second.as_str(), format!("b{}", next(&first)));
+    let spread = ["b0", "b1", "b2", "b0", "b1", "b2"];
+    assert_eq!(first_picks(&pool, RoundRobin::new()), spread);
+    assert_eq!(first_picks(&pool, WeightedRoundRobin::new()), spread);
+    // Each takes its turns in order from there.
+    let layer = BalanceLayer::new(RoundRobin::new());
+    layer.layer(pool.clone());
+    let second = layer.layer(pool);
+    let order: Vec<String> = (0..4)
+        .map(|_| {
+            attempt(&second, None, &Attempts::new())
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(order, ["b1", "b2", "b0", "b1"]);
 }
 
 #[test]

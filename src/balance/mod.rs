@@ -64,10 +64,3 @@ thread_local! {
 pub(crate) fn random_below(n: usize) -> usize {
     RNG.with(|rng| rng.borrow_mut().random_range(0..n))
 }
-
-/// A random starting value for a strategy's turn counter: a uniform start
-/// modulo any pool size, far enough from `usize::MAX` that the counter does
-/// not wrap around in practice.
-pub(crate) fn random_start() -> usize {
-    random_below(usize::MAX >> 1)
-}

@@ -15,13 +15,17 @@ use crate::pool::Members;
 /// Pick it for uniform backends and uniform requests: it is the cheapest
 /// strategy and spreads load evenly.
 ///
-/// [`RoundRobin::new`] starts at the first backend. A clone starts at a
-/// random one, so that the balancers a [`BalanceLayer`](super::BalanceLayer)
-/// builds (one per service, each with a clone of its strategy) do not all
-/// send their first request to the same backend.
+/// [`RoundRobin::new`] starts at the first backend. The `k`-th clone of a
+/// round robin (counting from 0) starts `k` backends further on, so that
+/// the balancers a [`BalanceLayer`](super::BalanceLayer) builds (one per
+/// service, such as one per connection, each with a clone of its strategy)
+/// send their first requests to successive backends rather than all to
+/// the first.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     next: AtomicUsize,
+    /// How many clones were made of this one: where the next one starts.
+    clones: AtomicUsize,
 }
 
 impl RoundRobin {
@@ -32,11 +36,12 @@ impl RoundRobin {
 }
 
 impl Clone for RoundRobin {
-    /// A new round robin with its own counter, starting at a random
-    /// backend.
+    /// A new round robin with its own counter, starting one backend
+    /// further on than the previous clone of this one.
     fn clone(&self) -> Self {
         RoundRobin {
-            next: AtomicUsize::new(super::random_start()),
+            next: AtomicUsize::new(self.clones.fetch_add(1, Ordering::Relaxed)),
+            clones: AtomicUsize::new(0),
         }
     }
 }

@@ -33,17 +33,20 @@ const MAX_CYCLE: u64 = 1 << 22;
 /// `permille / 1000` of its configured share, ramping without rebuilding
 /// the cycle.
 ///
-/// [`WeightedRoundRobin::new`] starts at the beginning of the cycle. A
-/// clone starts at a random slot of it, so that the balancers a
-/// [`BalanceLayer`](super::BalanceLayer) builds (one per service, each with
-/// a clone of its strategy) do not all send their first request to the
-/// same backend; any `sum(weights)` consecutive picks still cover the cycle
-/// once, so each backend still gets exactly its weight in them.
+/// [`WeightedRoundRobin::new`] starts at the beginning of the cycle. The
+/// `k`-th clone of one (counting from 0) starts `k` slots further on, so
+/// that the balancers a [`BalanceLayer`](super::BalanceLayer) builds (one
+/// per service, such as one per connection, each with a clone of its
+/// strategy) do not all send their first request to the same backend; any
+/// `sum(weights)` consecutive picks still cover the cycle once, so each
+/// backend still gets exactly its weight in them.
 ///
 /// Pick it for backends of unequal capacity.
 #[derive(Debug, Default)]
 pub struct WeightedRoundRobin {
     next: AtomicUsize,
+    /// How many clones were made of this one: where the next one starts.
+    clones: AtomicUsize,
 }
 
 impl WeightedRoundRobin {
@@ -55,10 +58,12 @@ impl WeightedRoundRobin {
 }
 
 impl Clone for WeightedRoundRobin {
-    /// A new strategy with its own position in the cycle, a random one.
+    /// A new strategy with its own position in the cycle, one slot
+    /// further on than the previous clone of this one.
     fn clone(&self) -> Self {
         WeightedRoundRobin {
-            next: AtomicUsize::new(super::random_start()),
+            next: AtomicUsize::new(self.clones.fetch_add(1, Ordering::Relaxed)),
+            clones: AtomicUsize::new(0),
         }
     }
 }
