@@ -2118,6 +2118,34 @@ async fn the_read_timeout_counts_silence_not_time() {
     assert!(opened.try_recv().is_err(), "no other connection");
 }
 
+/// An upload that stands still (its client sends nothing more, or the
+/// connection will never take more) is no backend busy reading: the wait
+/// for the response head times out, within two read timeouts of the last
+/// frame taken.
+#[tokio::test(start_paused = true)]
+async fn an_upload_that_stands_still_times_out() {
+    use futures::StreamExt as _;
+    let five = Duration::from_secs(5);
+    let (backend, mut opened) = piped(Some(five));
+    let frames = futures::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(
+        Bytes::from_static(b"a"),
+    ))])
+    .chain(futures::stream::pending());
+    let upload = Request::post("/")
+        .body(http_body_util::StreamBody::new(frames).boxed_unsync())
+        .unwrap();
+    let backend_side = tokio::spawn(async move { opened.recv().await.unwrap() });
+    let start = tokio::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(3600), backend.oneshot(upload))
+        .await
+        .expect("given up at the read timeout")
+        .unwrap_err();
+    assert!(is_timed_out(&*err), "{err}");
+    let waited = start.elapsed();
+    assert!(waited >= five && waited <= 2 * five, "{waited:?}");
+    drop(backend_side);
+}
+
 /// A connection to `addr` idle for just under `idle` is reused; one idle for
 /// `idle` is replaced (`accepted` counts the backend's connections).
 async fn reused_until(

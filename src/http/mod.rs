@@ -412,7 +412,9 @@ where
     /// Gives up on a backend that sends nothing for `timeout` while its
     /// response is awaited (default 60 s, as nginx's `proxy_read_timeout`;
     /// `None`, or zero, waits without limit): the response head, counted
-    /// from the end of the request (its body sent), and each frame of the
+    /// from the end of the request (its body sent; while the upload still
+    /// moves, from its latest frame taken, so an upload that stands still
+    /// times out within two timeouts), and each frame of the
     /// response body, counted from the moment the body is polled and its
     /// next frame is not there yet. A backend that stops in the middle of
     /// a response is then left, instead of holding the connection, the

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -17,9 +18,19 @@ use tokio::time::{Instant, Sleep};
 
 use crate::time::later;
 
-/// When a request's body was all sent (taken by the connection, or dropped
-/// by it); `None` for a request with no body to send.
-pub(super) type Sent = Option<Arc<OnceLock<Instant>>>;
+/// How the upload of a request's body goes; `None` for a request with no
+/// body to send.
+pub(super) type Sent = Option<Arc<Progress>>;
+
+/// The progress of an upload, as the wait for the response head sees it.
+#[derive(Default)]
+pub(super) struct Progress {
+    /// When the body was all sent (taken by the connection, or dropped by
+    /// it).
+    ended: OnceLock<Instant>,
+    /// Frames the connection has taken so far.
+    frames: AtomicU64,
+}
 
 /// A request body that notes when the connection is done with it, so that
 /// the wait for the response head counts from there: a backend that reads
@@ -38,8 +49,8 @@ impl<B: Body> Upload<B> {
         let (parts, inner) = req.into_parts();
         // A body at its end (a GET's, and any empty one) is sent with the
         // head: nothing to watch, nothing to allocate.
-        let sent = (!inner.is_end_stream() && inner.size_hint().exact() != Some(0))
-            .then(|| Arc::new(OnceLock::new()));
+        let sent =
+            (!inner.is_end_stream() && inner.size_hint().exact() != Some(0)).then(Arc::default);
         let body = Upload {
             inner,
             sent: sent.clone(),
@@ -56,7 +67,11 @@ impl<B: Body + Unpin> Body for Upload<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Poll::Ready(Some(_)), Some(sent)) = (&frame, &self.sent) {
+            sent.frames.fetch_add(1, Ordering::Relaxed);
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -73,7 +88,7 @@ impl<B> Drop for Upload<B> {
     /// given up on it).
     fn drop(&mut self) {
         if let Some(sent) = &self.sent {
-            let _ = sent.set(Instant::now());
+            let _ = sent.ended.set(Instant::now());
         }
     }
 }
@@ -121,13 +136,19 @@ pin_project! {
     /// A response head awaited for at most the read timeout after the
     /// request was sent: the timer starts at the first wait (a response
     /// already there costs none), and is pushed back to a read timeout
-    /// after the end of the request's body when that comes later.
+    /// after the end of the request's body when that comes later, or
+    /// after now while the body's upload still moves (a frame taken since
+    /// the last look). An upload that stands still for the read timeout
+    /// (the backend reads none of it, or the connection will never take
+    /// more) times out like a silent backend.
     pub(super) struct Head<'a, F> {
         #[pin]
         response: F,
         timer: &'a mut Timer,
         // When the backend's silence started, once the response is waited for.
         since: Option<Instant>,
+        // The upload's frames taken, at the last look.
+        frames: u64,
         read_timeout: Option<Duration>,
         sent: &'a Sent,
     }
@@ -146,6 +167,7 @@ pub(super) fn head<'a, F>(
         response,
         timer,
         since: None,
+        frames: 0,
         read_timeout,
         sent,
     }
@@ -180,10 +202,16 @@ where
             ready!(passed(this.timer, since, timeout, cx));
             let resumed = match this.sent.as_deref() {
                 None => None,
-                // Still sending: the backend is reading, not silent.
-                Some(sent) => match sent.get() {
-                    None => Some(Instant::now()),
+                Some(sent) => match sent.ended.get() {
                     Some(&at) => Some(at).filter(|&at| at > since),
+                    // Still sending, and the upload moved: the backend is
+                    // reading, not silent.
+                    None => {
+                        let frames = sent.frames.load(Ordering::Relaxed);
+                        let moved = frames != *this.frames;
+                        *this.frames = frames;
+                        moved.then(Instant::now)
+                    }
                 },
             };
             match resumed {
