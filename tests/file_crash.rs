@@ -7,7 +7,7 @@
 //! target). `harness = false`: `main` is the test.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -17,6 +17,10 @@ use std::time::Duration;
 use rand::Rng;
 use serde_json::json;
 use tower_ha::store::{FileStore, Session, SessionStore};
+
+#[path = "support/lines.rs"]
+mod lines;
+use lines::lines;
 
 /// Set in the child: the directory to write in.
 const WRITER_DIR: &str = "TOWER_HA_CRASH_WRITER_DIR";
@@ -183,16 +187,7 @@ fn killed_writer_leaves_previous_or_new_version() {
 
     for round in 0..KILLS {
         let mut writer = spawn_writer(dir);
-        let stdout = writer.0.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = lines(writer.0.stdout.take().expect("stdout"));
         let ready = next_line(&lines, round, "the writer starts");
         assert_eq!(ready, "ready", "round {round}: the writer's first line");
         // Killed once it has acknowledged a random number of writes (at

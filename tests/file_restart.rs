@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -31,6 +30,10 @@ use tower_ha::balance::{BalanceLayer, Random};
 use tower_ha::sticky::{Availability, SessionKey, StickyLayer};
 use tower_ha::store::FileStore;
 use tower_ha::Pool;
+
+#[path = "support/lines.rs"]
+mod lines;
+use lines::lines;
 
 /// Set in the child: the directory the server keeps its sessions in.
 const SERVER_DIR: &str = "TOWER_HA_RESTART_SERVER_DIR";
@@ -145,16 +148,7 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn the server");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = lines(child.stdout.take().expect("stdout"));
         Server { child, lines }
     }
 

@@ -6,6 +6,7 @@ pub mod deferred;
 pub mod health_http;
 pub mod health_mock;
 pub mod http;
+pub mod lines;
 pub mod ports;
 #[cfg(feature = "redis")]
 pub mod redis_server;
