@@ -67,21 +67,20 @@ struct Queued {
 }
 
 impl Queued {
-    /// Takes `write` (of the same key) into this one if it would only
+    /// Takes `later` (of the same key) into this one if it would only
     /// repeat it once this one has landed: a save writes the session as the
     /// owner keeps it at its turn, which a refresh or a second save would
     /// write again. A later save's session replaces the one decided, for
-    /// when the owner keeps it no more. Gives `write` back otherwise.
-    fn join(&mut self, write: Write) -> Result<(), Write> {
-        match (&self.write, write) {
+    /// when the owner keeps it no more. Gives `later` back otherwise.
+    fn join(&mut self, later: Queued) -> Result<(), Queued> {
+        match (&self.write, &later.write) {
             (Write::Save(_) | Write::Refresh(_), Write::Refresh(_))
-            | (Write::Delete(_), Write::Delete(_)) => Ok(()),
-            (Write::Save(_) | Write::Refresh(_), save @ Write::Save(_)) => {
-                self.write = save;
-                Ok(())
-            }
-            (_, write) => Err(write),
+            | (Write::Delete(_), Write::Delete(_)) => {}
+            (Write::Save(_) | Write::Refresh(_), Write::Save(_)) => self.write = later.write,
+            _ => return Err(later),
         }
+        self.joined.push(later.done);
+        Ok(())
     }
 
     /// Tells every waiter the write's `result`.
@@ -128,32 +127,23 @@ impl Writes {
             )));
             return result;
         };
+        let queued = Queued {
+            write,
+            done,
+            joined: Vec::new(),
+        };
         let mut queues = owner.writes().queues.lock();
-        match queues.get_mut(write.key()) {
+        match queues.get_mut(queued.write.key()) {
             // Its task will come to it.
-            Some(queue) => {
-                let write = match queue.back_mut() {
-                    Some(last) => match last.join(write) {
-                        Ok(()) => {
-                            last.joined.push(done);
-                            return result;
-                        }
-                        Err(write) => write,
-                    },
-                    None => write,
-                };
-                queue.push_back(Queued {
-                    write,
-                    done,
-                    joined: Vec::new(),
-                });
-            }
+            Some(queue) => match queue.back_mut() {
+                Some(last) => {
+                    if let Err(queued) = last.join(queued) {
+                        queue.push_back(queued);
+                    }
+                }
+                None => queue.push_back(queued),
+            },
             None => {
-                let queued = Queued {
-                    write,
-                    done,
-                    joined: Vec::new(),
-                };
                 let key = queued.write.key().to_owned();
                 queues.insert(key.clone(), VecDeque::new());
                 drop(queues);
