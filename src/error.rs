@@ -246,17 +246,18 @@ impl InvalidRequest {
 /// `ConnectionRefused` anywhere in it (how hyper-util's client and
 /// `TcpStream::connect` report a refused connection).
 pub(crate) fn never_sent(err: &(dyn StdError + 'static)) -> bool {
-    let mut next = Some(err);
-    while let Some(e) = next {
-        if e.is::<NotSent>()
+    chain(err).any(|e| {
+        e.is::<NotSent>()
             || e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
-        {
-            return true;
-        }
-        next = e.source();
-    }
-    false
+    })
+}
+
+/// `err` and its sources, in order.
+pub(crate) fn chain<'a>(
+    err: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(err), |&e| e.source())
 }
 
 /// Finds the first error of type `E` in `err`'s chain of sources,
@@ -271,14 +272,7 @@ pub(crate) fn never_sent(err: &(dyn StdError + 'static)) -> bool {
 /// assert!(find::<std::io::Error>(&err).is_some());
 /// ```
 pub fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
-    let mut next = Some(err);
-    while let Some(err) = next {
-        if let Some(found) = err.downcast_ref::<E>() {
-            return Some(found);
-        }
-        next = err.source();
-    }
-    None
+    chain(err).find_map(|e| e.downcast_ref::<E>())
 }
 
 /// The status a gateway should answer for an error of the tower-ha stack,

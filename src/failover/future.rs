@@ -647,15 +647,13 @@ struct Chain<'a>(&'a (dyn std::error::Error + 'static));
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut shown = self.0.to_string();
-        let mut next = self.0.source();
-        while let Some(err) = next {
+        for err in crate::error::chain(self.0).skip(1) {
             let text = err.to_string();
             // A source that its error already prints is not repeated.
             if !shown.ends_with(&text) {
                 shown.push_str(": ");
                 shown.push_str(&text);
             }
-            next = err.source();
         }
         f.write_str(&shown)
     }

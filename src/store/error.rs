@@ -99,19 +99,14 @@ impl StoreError {
     /// text (a cause cannot be shared): for those who waited on one write
     /// together.
     pub(crate) fn duplicate(&self) -> StoreError {
-        let mut chain = String::new();
-        let mut next = self.source();
-        while let Some(cause) = next {
-            if !chain.is_empty() {
-                chain.push_str(": ");
-            }
-            chain.push_str(&cause.to_string());
-            next = cause.source();
-        }
+        let causes = self.source().map(|source| {
+            let texts: Vec<String> = crate::error::chain(source).map(|e| e.to_string()).collect();
+            texts.join(": ").into()
+        });
         StoreError {
             kind: self.kind,
             message: self.message.clone(),
-            source: (!chain.is_empty()).then(|| chain.into()),
+            source: causes,
         }
     }
 
