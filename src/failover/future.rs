@@ -400,7 +400,8 @@ where
                     return Verdict::Return(Err(err));
                 }
                 let (id, not_sent) = match err.downcast_ref::<BackendError>() {
-                    Some(e) => (Some(e.backend().clone()), is_not_sent(&*err)),
+                    // Its flag already looked through its chain.
+                    Some(e) => (Some(e.backend().clone()), e.is_not_sent()),
                     None => {
                         // Abandoned while its backend was still being
                         // readied: the request never left.
