@@ -39,48 +39,40 @@ impl Strategy for Random {
 /// A uniform draw among the eligible members: rejection sampling (each
 /// accepted draw is uniform among the eligible), then an exact draw by
 /// counting when most members are ineligible.
+#[inline]
 pub(crate) fn uniform_eligible(pick: &Pick<'_>) -> Option<usize> {
-    let n = pick.len();
-    if n == 0 {
-        return None;
-    }
-    for _ in 0..DRAWS {
-        let i = super::random_below(n);
-        if pick.is_eligible(i) {
-            return Some(i);
-        }
-    }
-    let eligible = (0..n).filter(|&i| pick.is_eligible(i)).count();
-    if eligible == 0 {
-        return None;
-    }
-    let nth = super::random_below(eligible);
-    (0..n).filter(|&i| pick.is_eligible(i)).nth(nth)
+    uniform_eligible_but(pick, None)
 }
 
 /// A uniform draw among the eligible members other than `except`, as
 /// [`uniform_eligible`] does: a draw among the other `n - 1` indices skips
 /// over `except`, so no draw is spent on it.
 pub(crate) fn uniform_eligible_except(pick: &Pick<'_>, except: usize) -> Option<usize> {
+    uniform_eligible_but(pick, Some(except))
+}
+
+#[inline]
+fn uniform_eligible_but(pick: &Pick<'_>, except: Option<usize>) -> Option<usize> {
     let n = pick.len();
-    if n <= 1 {
+    let m = n.checked_sub(usize::from(except.is_some()))?;
+    if m == 0 {
         return None;
     }
-    let other = |i: usize| if i >= except { i + 1 } else { i };
+    let other = |i: usize| match except {
+        Some(except) if i >= except => i + 1,
+        _ => i,
+    };
+    let candidate = |i: usize| Some(i) != except && pick.is_eligible(i);
     for _ in 0..DRAWS {
-        let i = other(super::random_below(n - 1));
+        let i = other(super::random_below(m));
         if pick.is_eligible(i) {
             return Some(i);
         }
     }
-    let eligible = (0..n)
-        .filter(|&i| i != except && pick.is_eligible(i))
-        .count();
+    let eligible = (0..n).filter(|&i| candidate(i)).count();
     if eligible == 0 {
         return None;
     }
     let nth = super::random_below(eligible);
-    (0..n)
-        .filter(|&i| i != except && pick.is_eligible(i))
-        .nth(nth)
+    (0..n).filter(|&i| candidate(i)).nth(nth)
 }
