@@ -453,38 +453,30 @@ impl<S: Clone> Pool<S> {
     /// stream's removal keeps the state for a while instead (see
     /// [`keep_removed_for`](Self::keep_removed_for)).
     pub fn remove(&self, id: &BackendId) -> bool {
-        self.remove_and(id, false)
-    }
-
-    /// Removes backend `id`, keeping its state for an insert of the same
-    /// id within the pool's [`keep_removed_for`](Self::keep_removed_for)
-    /// window if `keep`.
-    fn remove_and(&self, id: &BackendId, keep: bool) -> bool {
-        let mut removed = false;
-        self.change(|members, services| {
-            if let Some(i) = members.iter().position(|m| &m.id == id) {
-                let member = members.remove(i);
-                services.remove(i);
-                if keep {
-                    self.shared.kept.lock().keep(member.id, member.state);
-                }
-                removed = true;
-            }
-        });
-        removed
+        self.remove_where(id, None, false)
     }
 
     /// Removes backend `id` only if its state is still `state` (not another
     /// backend inserted under the same id since); returns whether it did.
     pub(crate) fn remove_if_state(&self, id: &BackendId, state: &Arc<BackendState>) -> bool {
+        self.remove_where(id, Some(state), false)
+    }
+
+    /// Removes backend `id` (only if its state is `state`, when given),
+    /// keeping its state for an insert of the same id within the pool's
+    /// [`keep_removed_for`](Self::keep_removed_for) window if `keep`.
+    fn remove_where(&self, id: &BackendId, state: Option<&Arc<BackendState>>, keep: bool) -> bool {
         let mut removed = false;
         self.change(|members, services| {
-            if let Some(i) = members
+            let found = members
                 .iter()
-                .position(|m| &m.id == id && Arc::ptr_eq(&m.state, state))
-            {
-                members.remove(i);
+                .position(|m| &m.id == id && state.is_none_or(|s| Arc::ptr_eq(&m.state, s)));
+            if let Some(i) = found {
+                let member = members.remove(i);
                 services.remove(i);
+                if keep {
+                    self.shared.kept.lock().keep(member.id, member.state);
+                }
                 removed = true;
             }
         });
@@ -545,7 +537,7 @@ impl<S: Clone> Pool<S> {
             match change? {
                 Change::Insert(key, service) => self.insert(key, service),
                 Change::Remove(key) => {
-                    self.remove_and(&key.into(), true);
+                    self.remove_where(&key.into(), None, true);
                 }
             }
         }
