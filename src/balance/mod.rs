@@ -59,6 +59,37 @@ thread_local! {
     static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
 }
 
+/// The turn counter of a round robin. Each clone counts on its own,
+/// starting one turn further on than the previous clone of the same
+/// counter, so that the balancers a layer builds from one strategy do not
+/// all begin with the same backend.
+#[derive(Debug, Default)]
+pub(crate) struct Turns {
+    next: std::sync::atomic::AtomicUsize,
+    /// How many clones were made of this one: where the next one starts.
+    clones: std::sync::atomic::AtomicUsize,
+}
+
+impl Turns {
+    /// This turn; the next call gets the following one.
+    #[inline]
+    pub(crate) fn take(&self) -> usize {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Clone for Turns {
+    fn clone(&self) -> Self {
+        let start = self
+            .clones
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Turns {
+            next: start.into(),
+            clones: 0.into(),
+        }
+    }
+}
+
 /// A uniform integer in `0..n` (`n > 0`) from a fast per-thread generator.
 #[inline]
 pub(crate) fn random_below(n: usize) -> usize {

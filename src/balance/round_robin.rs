@@ -1,7 +1,6 @@
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use super::random::uniform_eligible;
 use super::strategy::{Pick, Strategy};
+use super::Turns;
 use crate::pool::Members;
 
 /// Round robin: one tick of a shared counter per request.
@@ -21,28 +20,15 @@ use crate::pool::Members;
 /// service, such as one per connection, each with a clone of its strategy)
 /// send their first requests to successive backends rather than all to
 /// the first.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RoundRobin {
-    next: AtomicUsize,
-    /// How many clones were made of this one: where the next one starts.
-    clones: AtomicUsize,
+    turns: Turns,
 }
 
 impl RoundRobin {
     /// A round robin starting at the first backend.
     pub fn new() -> Self {
         RoundRobin::default()
-    }
-}
-
-impl Clone for RoundRobin {
-    /// A new round robin with its own counter, starting one backend
-    /// further on than the previous clone of this one.
-    fn clone(&self) -> Self {
-        RoundRobin {
-            next: AtomicUsize::new(self.clones.fetch_add(1, Ordering::Relaxed)),
-            clones: AtomicUsize::new(0),
-        }
     }
 }
 
@@ -60,7 +46,7 @@ impl Strategy for RoundRobin {
         if n == 0 {
             return None;
         }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let turn = self.turns.take() % n;
         if pick.is_eligible(turn) {
             return Some(turn);
         }

@@ -1,7 +1,7 @@
 use std::cmp::Ordering as CmpOrdering;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::strategy::{Pick, Strategy};
+use super::Turns;
 use crate::pool::Members;
 
 /// The longest precomputed cycle; beyond it weights are scaled down.
@@ -42,11 +42,9 @@ const MAX_CYCLE: u64 = 1 << 22;
 /// backend still gets exactly its weight in them.
 ///
 /// Pick it for backends of unequal capacity.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct WeightedRoundRobin {
-    next: AtomicUsize,
-    /// How many clones were made of this one: where the next one starts.
-    clones: AtomicUsize,
+    turns: Turns,
 }
 
 impl WeightedRoundRobin {
@@ -54,17 +52,6 @@ impl WeightedRoundRobin {
     /// cycle.
     pub fn new() -> Self {
         WeightedRoundRobin::default()
-    }
-}
-
-impl Clone for WeightedRoundRobin {
-    /// A new strategy with its own position in the cycle, one slot
-    /// further on than the previous clone of this one.
-    fn clone(&self) -> Self {
-        WeightedRoundRobin {
-            next: AtomicUsize::new(self.clones.fetch_add(1, Ordering::Relaxed)),
-            clones: AtomicUsize::new(0),
-        }
     }
 }
 
@@ -141,7 +128,7 @@ impl Strategy for WeightedRoundRobin {
         if order.is_empty() {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % order.len();
+        let start = self.turns.take() % order.len();
         let first = order[start] as usize;
         if pick.is_eligible(first) && admitted(pick, first) {
             return Some(first);
