@@ -72,15 +72,15 @@ impl Queued {
     /// owner keeps it at its turn, which a refresh or a second save would
     /// write again. A later save's session replaces the one decided, for
     /// when the owner keeps it no more. Gives `later` back otherwise.
-    fn join(&mut self, later: Queued) -> Result<(), Queued> {
+    fn join(&mut self, later: Queued) -> Option<Queued> {
         match (&self.write, &later.write) {
             (Write::Save(_) | Write::Refresh(_), Write::Refresh(_))
             | (Write::Delete(_), Write::Delete(_)) => {}
             (Write::Save(_) | Write::Refresh(_), Write::Save(_)) => self.write = later.write,
-            _ => return Err(later),
+            _ => return Some(later),
         }
         self.joined.push(later.done);
-        Ok(())
+        None
     }
 
     /// Tells every waiter the write's `result`.
@@ -137,7 +137,7 @@ impl Writes {
             // Its task will come to it.
             Some(queue) => match queue.back_mut() {
                 Some(last) => {
-                    if let Err(queued) = last.join(queued) {
+                    if let Some(queued) = last.join(queued) {
                         queue.push_back(queued);
                     }
                 }
