@@ -307,7 +307,6 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
             || find::<DeadlineExceeded>(e).is_some()
             || find::<std::io::Error>(e).is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     };
-    let invalid = |e: &(dyn StdError + 'static)| find::<InvalidRequest>(e).is_some();
     // Of attempts the failover layer gave up on, the last one's cause
     // decides (not the reason that ended them, such as the `NoBackend` met
     // once every backend was tried); else the error itself.
@@ -320,7 +319,9 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
     let deadline_passed = exhausted
         .and_then(Exhausted::reason)
         .is_some_and(|reason| find::<DeadlineExceeded>(reason).is_some());
-    if invalid(decisive) || invalid(err) {
+    // (A refused request anywhere in the chain is a 400: the last
+    // attempt's cause is the failover layer's error's source.)
+    if find::<InvalidRequest>(err).is_some() {
         StatusCode::BAD_REQUEST
     } else if timed_out(decisive) || deadline_passed {
         StatusCode::GATEWAY_TIMEOUT
