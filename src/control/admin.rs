@@ -450,11 +450,12 @@ where
             },
             // Bodiless, and not sendable across sites without asking the
             // server first, like releasing a primary.
-            Method::DELETE => match handle.group_stats(name) {
-                Ok(stats) => match handle.remove_group(name) {
-                    Ok(()) => json(StatusCode::OK, &stats),
-                    Err(e) => control_error(&e),
-                },
+            // The group's last stats, read before it goes.
+            Method::DELETE => match handle
+                .group_stats(name)
+                .and_then(|stats| handle.remove_group(name).map(|()| stats))
+            {
+                Ok(stats) => json(StatusCode::OK, &stats),
                 Err(e) => control_error(&e),
             },
             _ => not_allowed("GET, HEAD, DELETE"),
