@@ -1,5 +1,6 @@
 //! Publishing the stats through the `metrics` facade.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -38,7 +39,6 @@ impl Handle {
         let mut published = self.published().lock();
         let Published {
             backends,
-            groups,
             failovers,
         } = &mut *published;
         let mut seen = HashSet::new();
@@ -46,19 +46,19 @@ impl Handle {
         for group in &stats {
             publish(group, backends, &mut seen);
             publish_failovers(group, failovers);
-            groups.insert(group.name.to_string());
         }
         // A group no longer registered: its gauges go to zero, once.
-        groups.retain(|name| {
-            if stats.iter().any(|g| &*g.name == name) {
-                return true;
+        let registered: HashSet<&str> = stats.iter().map(|g| &*g.name).collect();
+        for (name, last) in failovers.iter_mut() {
+            if last.gone || registered.contains(name.as_str()) {
+                continue;
             }
             let labels = [("group", name.clone())];
             for gauge in GROUP_GAUGES {
                 metrics::gauge!(gauge, &labels).set(0.0);
             }
-            false
-        });
+            last.gone = true;
+        }
         // A backend gone from its group: its gauges go to zero, so that it
         // counts as neither in flight, available nor primary any more. Its
         // last counts stay, in case it comes back.
@@ -102,12 +102,11 @@ impl Handle {
 }
 
 /// What was last published: for one backend of one group, by group name
-/// and backend id; the groups published; and each group's failover count,
+/// and backend id; and for each group ever published, its failover count,
 /// kept after the group is removed in case it comes back.
 #[derive(Debug, Default)]
 pub(super) struct Published {
     backends: HashMap<(String, BackendId), Last>,
-    groups: HashSet<String>,
     failovers: HashMap<String, LastFailovers>,
 }
 
@@ -125,6 +124,8 @@ const GROUP_GAUGES: [&str; 2] = [
 pub(super) struct LastFailovers {
     priority: Option<u64>,
     failovers: u64,
+    /// The group is no longer registered, and its gauges were zeroed.
+    gone: bool,
 }
 
 /// The last counts published for one backend, and of which state.
@@ -235,13 +236,18 @@ fn publish(
 /// its new count.
 fn publish_failovers(group: &GroupStats, published: &mut HashMap<String, LastFailovers>) {
     let labels = [("group", group.name.to_string())];
-    let first = !published.contains_key(&*group.name);
-    let last = published
-        .entry(group.name.to_string())
-        .or_insert(LastFailovers {
-            priority: group.priority,
-            failovers: 0,
-        });
+    let (last, first) = match published.entry(group.name.to_string()) {
+        Entry::Occupied(entry) => (entry.into_mut(), false),
+        Entry::Vacant(entry) => (
+            entry.insert(LastFailovers {
+                priority: group.priority,
+                failovers: 0,
+                gone: false,
+            }),
+            true,
+        ),
+    };
+    last.gone = false;
     let fresh = std::mem::replace(&mut last.priority, group.priority) != group.priority;
     count(
         "tower_ha_group_failovers_total",
