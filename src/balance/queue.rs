@@ -166,6 +166,25 @@ impl Room {
         Ok(turn.waker.take())
     }
 
+    /// Hands the free places on `state`'s backend to the waiters that `may`
+    /// use it, in the order they came, while there are both; collects
+    /// their wakers.
+    fn hand_out(
+        &self,
+        queue: &mut Queue,
+        state: &Arc<BackendState>,
+        may: impl Fn(&Waiter) -> bool,
+        wakers: &mut Vec<Waker>,
+    ) {
+        // Without room, no need to look for a waiter.
+        while state.has_room() {
+            match self.give(queue, &may, || state.try_track_in_flight()) {
+                Ok(waker) => wakers.extend(waker),
+                Err(()) => break,
+            }
+        }
+    }
+
     /// Called as one of `state`'s requests stops being in flight: hands its
     /// place, still counted in flight, to the first waiter that may use
     /// `state`'s backend. `false` when none may (the place is then freed).
@@ -202,13 +221,7 @@ impl Room {
             let mut queue = self.queue.lock();
             // A request that arrived since may have taken the place; then
             // there is nothing to hand over.
-            while let Ok(waker) = self.give(
-                &mut queue,
-                |w| w.accepts(state),
-                || state.try_track_in_flight(),
-            ) {
-                wakers.extend(waker);
-            }
+            self.hand_out(&mut queue, state, |w| w.accepts(state), &mut wakers);
         }
         wakers.into_iter().for_each(Waker::wake);
     }
@@ -245,13 +258,7 @@ impl Room {
                 let Some(state) = state.upgrade() else {
                     continue;
                 };
-                while state.has_room() {
-                    let may = |w: &Waiter| w.accepts(&state) && !w.tried.contains(id);
-                    match self.give(&mut queue, may, || state.try_track_in_flight()) {
-                        Ok(waker) => wakers.extend(waker),
-                        Err(()) => break,
-                    }
-                }
+                self.hand_out(&mut queue, &state, |w| w.may_use(id, &state), &mut wakers);
             }
             queue.members = members;
             wakers.extend(queue.waiters.iter().filter_map(|waiter| {
@@ -265,6 +272,12 @@ impl Room {
 }
 
 impl Waiter {
+    /// Whether the request may go to backend `id`: usable, neither tried
+    /// nor excluded.
+    fn may_use(&self, id: &BackendId, state: &Arc<BackendState>) -> bool {
+        self.accepts(state) && !self.tried.contains(id)
+    }
+
     fn accepts(&self, state: &Arc<BackendState>) -> bool {
         let usable = match self.panic.load(Ordering::Relaxed) {
             true => state.is_enabled(),
@@ -313,7 +326,7 @@ impl Ticket {
     /// Whether the request may go to the backend `member` of the pool:
     /// usable, neither tried nor excluded.
     fn may_use(&self, member: &Member) -> bool {
-        self.waiter.accepts(member.state()) && !self.waiter.tried.contains(member.id())
+        self.waiter.may_use(member.id(), member.state())
     }
 
     /// Takes its place in the queue again, after a place handed over on
