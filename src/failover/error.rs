@@ -127,9 +127,9 @@ impl Exhausted {
         }
     }
 
-    /// Marks the attempts as stopped by the retry budget.
-    pub(crate) fn budget_spent(mut self) -> Self {
-        self.budget_spent = true;
+    /// Marks the attempts as stopped by the retry budget, if `spent`.
+    pub(crate) fn budget_spent(mut self, spent: bool) -> Self {
+        self.budget_spent = spent;
         self
     }
 

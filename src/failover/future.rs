@@ -596,12 +596,9 @@ where
         } else {
             reason.filter(|r| !r.is::<NoBackend>())
         };
-        let exhausted = Exhausted::new(failures, reason);
-        Err(if self.budget_spent {
-            exhausted.budget_spent().into()
-        } else {
-            exhausted.into()
-        })
+        Err(Exhausted::new(failures, reason)
+            .budget_spent(self.budget_spent)
+            .into())
     }
 
     /// The overall deadline passed during an attempt or between attempts.
