@@ -151,7 +151,7 @@ impl<'a> Pick<'a> {
     /// and not tried yet. While the pool [is in panic](Pick::is_panicking),
     /// health and ejections are ignored and only the operator's status
     /// counts.
-    #[inline]
+    #[inline(always)]
     pub fn is_eligible(&self, index: usize) -> bool {
         let state = self.members[index].state();
         self.may_take(state) && state.has_room() && !self.is_tried(index)
