@@ -860,44 +860,68 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// Folds every `X-Forwarded-For` line into one and appends `ip`, or adds
 /// the header with `ip` alone.
 fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    use ::http::header::Entry;
     use bytes::BufMut;
-    let mut v = bytes::BytesMut::with_capacity(64);
-    // Every line of the header, in order, folded into one.
-    for prev in headers.get_all(&X_FORWARDED_FOR) {
-        let prev = prev.as_bytes().trim_ascii();
-        if !prev.is_empty() {
-            v.put_slice(prev);
-            v.put_slice(b", ");
+    let mut text = [0; 64];
+    let peer = ip_text(ip.to_canonical(), &mut text);
+    // One lookup of the name, whether the header is there or not.
+    match headers.entry(&X_FORWARDED_FOR) {
+        // The usual case, the client's own connection: the peer alone.
+        Entry::Vacant(entry) => {
+            if let Ok(value) = HeaderValue::from_bytes(peer) {
+                entry.insert(value);
+            }
+        }
+        Entry::Occupied(mut entry) => {
+            let mut v = bytes::BytesMut::with_capacity(64);
+            // Every line of the header, in order, folded into one.
+            for prev in entry.iter() {
+                let prev = prev.as_bytes().trim_ascii();
+                if !prev.is_empty() {
+                    v.put_slice(prev);
+                    v.put_slice(b", ");
+                }
+            }
+            v.put_slice(peer);
+            if let Ok(value) = HeaderValue::from_maybe_shared(v.freeze()) {
+                entry.insert(value);
+            }
         }
     }
-    match ip.to_canonical() {
-        // The usual peer, written directly: the formatting machinery costs
-        // more than the rest of the header.
+}
+
+/// `ip` as text, written into `buf` (an IPv6 address takes at most 39
+/// bytes; the formatting machinery is left to it, the rare case).
+fn ip_text(ip: std::net::IpAddr, buf: &mut [u8; 64]) -> &[u8] {
+    match ip {
         std::net::IpAddr::V4(ip) => {
-            let (mut text, mut len) = ([b'.'; 16], 0);
-            for octet in ip.octets() {
+            let mut len = 0;
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[len] = b'.';
+                    len += 1;
+                }
                 if octet >= 100 {
-                    text[len] = b'0' + octet / 100;
+                    buf[len] = b'0' + octet / 100;
                     len += 1;
                 }
                 if octet >= 10 {
-                    text[len] = b'0' + octet / 10 % 10;
+                    buf[len] = b'0' + octet / 10 % 10;
                     len += 1;
                 }
-                text[len] = b'0' + octet % 10;
-                // Past the digits, a dot (already there) before the next.
-                len += 2;
+                buf[len] = b'0' + octet % 10;
+                len += 1;
             }
-            v.put_slice(&text[..len - 1]);
+            &buf[..len]
         }
-        ip => {
-            use std::fmt::Write;
-            // Writing to a `BytesMut` cannot fail.
-            let _ = write!(v, "{ip}");
+        std::net::IpAddr::V6(ip) => {
+            use std::io::Write;
+            let mut rest = &mut buf[..];
+            // 39 bytes at most: the buffer holds every address.
+            let _ = write!(rest, "{ip}");
+            let len = 64 - rest.len();
+            &buf[..len]
         }
-    }
-    if let Ok(value) = HeaderValue::from_maybe_shared(v.freeze()) {
-        headers.insert(&X_FORWARDED_FOR, value);
     }
 }
 
@@ -1267,6 +1291,7 @@ mod tests {
             "255.255.255.255",
             "2001:db8::1",
             "::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe",
         ] {
             let mut h = HeaderMap::new();
             append_forwarded_for(&mut h, ip.parse().unwrap());
