@@ -140,8 +140,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use ::http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TE, TRANSFER_ENCODING,
-    UPGRADE,
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use ::http::{HeaderMap, Method, Request, Response, StatusCode, Version};
@@ -1007,7 +1007,22 @@ fn push_without_dot_segments(out: &mut String, path: &str) {
 /// `Proxy-Authorization` and `Proxy-Authenticate` are credentials between
 /// a client and the next proxy (RFC 9110 section 11.7), which this one is:
 /// they are not passed on (as Go's `httputil.ReverseProxy` does not).
-const HOP_BY_HOP: [&str; 8] = [
+///
+/// Names for removal (a removal by name is a lookup without parsing), and
+/// [`HOP_BY_HOP_TEXT`] to find them by (comparing text is cheaper).
+static HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    TE,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHORIZATION,
+    PROXY_AUTHENTICATE,
+];
+
+/// [`HOP_BY_HOP`]'s names as text, in the same order.
+const HOP_BY_HOP_TEXT: [&str; 8] = [
     "connection",
     "te",
     "transfer-encoding",
@@ -1066,7 +1081,7 @@ fn only_chunked<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>) -> bool {
 fn hop_by_hop(headers: &HeaderMap) -> u8 {
     let mut present = 0u8;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|&h| h == name.as_str()) {
+        if let Some(i) = HOP_BY_HOP_TEXT.iter().position(|&h| h == name.as_str()) {
             present |= 1 << i;
         }
     }
@@ -1079,17 +1094,17 @@ fn strip_present(headers: &mut HeaderMap, present: u8) -> bool {
         return false;
     }
     let trailers = present & TE_PRESENT != 0 && lists(headers.get_all(TE), "trailers");
-    if present & CONNECTION_PRESENT != 0 {
-        // The headers `Connection` names go too. Its lines
-        // are read one at a time (a cheap clone), so removing holds no
-        // borrow of the map.
-        let mut line = 0;
-        while let Some(value) = headers.get_all(CONNECTION).iter().nth(line).cloned() {
-            remove_named(headers, &value);
-            line += 1;
+    // The headers `Connection` names go too; the usual line
+    // (`keep-alive` or `close`) names none.
+    if present & CONNECTION_PRESENT != 0 && headers.get_all(CONNECTION).iter().any(names_others) {
+        // Cloned (each a cheap clone), so removing holds no borrow of the
+        // map.
+        let lines: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+        for line in &lines {
+            remove_named(headers, line);
         }
     }
-    for (i, name) in HOP_BY_HOP.into_iter().enumerate() {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }
@@ -1131,15 +1146,33 @@ fn switch_agrees(offered: &[HeaderValue], response: &HeaderMap) -> bool {
     chosen.peek().is_some() && chosen.all(|c| lists(offered, c))
 }
 
+/// Whether `token`, from a `Connection` line, names a header to remove
+/// besides the hop-by-hop ones (removed anyway): not one of them, nor
+/// `close`.
+fn names_other(token: &str) -> bool {
+    !token.eq_ignore_ascii_case("close")
+        && !HOP_BY_HOP_TEXT
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(token))
+}
+
+/// Whether a `Connection` line names any header [`remove_named`] would
+/// remove.
+fn names_others(connection: &HeaderValue) -> bool {
+    // The usual lines, whole.
+    let line = connection.as_bytes();
+    if line.eq_ignore_ascii_case(b"keep-alive") || line.eq_ignore_ascii_case(b"close") {
+        return false;
+    }
+    elements([connection]).any(names_other)
+}
+
 /// Removes the headers a `Connection` line names, except the hop-by-hop
 /// ones (removed anyway) and `close`.
 fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
-    for token in elements([connection]) {
-        let listed = HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(token));
-        if !listed && !token.eq_ignore_ascii_case("close") {
-            // A token that is no valid header name finds nothing.
-            headers.remove(token);
-        }
+    for token in elements([connection]).filter(|t| names_other(t)) {
+        // A token that is no valid header name finds nothing.
+        headers.remove(token);
     }
 }
 
@@ -1355,11 +1388,24 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert!(h.contains_key("x-kept"));
         assert!(h.contains_key("trailer"), "end to end");
+        // A plain line names nothing; a later line still does.
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        h.insert(CONNECTION, HeaderValue::from_static("close"));
+        h.append(CONNECTION, HeaderValue::from_static("x-kept"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
         // Each one alone is found too, with its bit.
         assert_eq!(HOP_BY_HOP[0], "connection");
         assert_eq!(HOP_BY_HOP[1], "te");
         assert_eq!(HOP_BY_HOP[3], "upgrade");
         assert_eq!(HOP_BY_HOP[4], "keep-alive");
+        for (name, text) in HOP_BY_HOP.iter().zip(HOP_BY_HOP_TEXT) {
+            assert_eq!(name, text);
+        }
         assert_eq!(KEEP_ALIVE_PRESENT, 1 << 4);
         let mut only = HeaderMap::new();
         only.insert(UPGRADE, HeaderValue::from_static("websocket"));
