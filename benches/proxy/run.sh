@@ -4,7 +4,11 @@
 # worker each, loaded by wrk, with a plain hyper proxy (examples/
 # hyper_proxy.rs: hyper-util's pooled client, no tower-ha) as the baseline
 # of the HTTP stack. Prints requests per second and p99 latency, then the
-# same with one backend killed mid-run (errors seen by the client).
+# same with one backend killed mid-run (errors seen by the client), and
+# each proxy's CPU time (user and system, its every process) per response
+# served: on a machine shared with wrk and the backends a proxy may not
+# use a whole core, and then its requests per second depend on what the
+# others get, while its CPU time per response is its own cost.
 #
 #   benches/proxy/run.sh [seconds per run, default 10] [rounds, default 4]
 #
@@ -202,7 +206,38 @@ load() {
     socket=$(awk -F'[ ,]+' '/Socket errors/ {print $4+$6+$8+$10}' <<<"$out")
     errors=$(( ${non2xx:-0} + ${socket:-0} ))
     rps=$(awk -v r="$rps" -v n="$requests" -v e="$errors" 'BEGIN {print (n > 0 ? r * (n - e) / n : 0)}')
-    echo "$rps $p99 $errors"
+    echo "$rps $p99 $errors $(( ${requests:-0} - errors ))"
+}
+
+# The processes of a proxy (its name as `stop` takes it): nginx's master
+# and its worker, or the one process of the others.
+proxy_pids() {
+    local pid
+    case $1 in
+    nginx-proxy) pid=$(cat "$WORK/nginx-proxy/nginx.pid") ;;
+    haproxy) pid=$(cat "$WORK/haproxy.pid") ;;
+    *) pid=$(cat "$WORK/$1.pid") ;;
+    esac
+    echo "$pid" $(pgrep -P "$pid" || true)
+}
+
+# CPU time (user and system, in clock ticks) the processes have used.
+cpu_ticks() {
+    local total=0 p stat
+    for p in "$@"; do
+        # The fields after the command's name, which is in parentheses.
+        stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+        read -r -a fields <<<"${stat##*) }"
+        total=$(( total + fields[11] + fields[12] ))
+    done
+    echo "$total"
+}
+TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
+
+# Microseconds of the proxy's CPU time per response, from two readings of
+# cpu_ticks around a run that served `responses`.
+cpu_per_response() { # ticks-before ticks-after responses
+    awk -v a="$1" -v b="$2" -v n="$3" -v t="$TICK_US" 'BEGIN {printf "%.1f", (n > 0 ? (b - a) * t / n : 0)}'
 }
 
 # Runs a proxy (the command after name and port) under callgrind and prints
@@ -236,29 +271,39 @@ if [ $MODE = instructions ]; then
 fi
 
 RESULTS="$WORK/results"
-row() { # round proxy scenario rps p99 errors
-    printf '%-6s %-10s %-16s %12s %10s %14s\n' "$1" "$2" "$3" "$4" "$5 ms" "$6"
-    echo "$2|$3|$4|$5|$6" >>"$RESULTS"
+row() { # round proxy scenario rps p99 errors cpu
+    printf '%-6s %-10s %-16s %12s %10s %14s %12s\n' "$1" "$2" "$3" "$4" "$5 ms" "$6" "$7 us"
+    echo "$2|$3|$4|$5|$6|$7" >>"$RESULTS"
 }
 
-printf '%-6s %-10s %-16s %12s %10s %14s\n' round proxy scenario "req/s" p99 "client errors"
+printf '%-6s %-10s %-16s %12s %10s %14s %12s\n' round proxy scenario "req/s" p99 "client errors" "CPU/resp"
 run() {
     local round=$1 name=$2 port=$3 starter=$4 pidname=$5
     start_backends
     $starter
     wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1 # warm up
-    read -r rps p99 errors <<<"$(load "$port")"
-    row "$round" "$name" steady "$rps" "$p99" "$errors"
+    local pids before
+    pids=$(proxy_pids "$pidname")
+    # shellcheck disable=SC2086 # a list of pids
+    before=$(cpu_ticks $pids)
+    read -r rps p99 errors responses <<<"$(load "$port")"
+    # shellcheck disable=SC2086
+    row "$round" "$name" steady "$rps" "$p99" "$errors" \
+        "$(cpu_per_response "$before" "$(cpu_ticks $pids)" "$responses")"
     # One backend killed a third of the way into the run.
     ( sleep "$(awk "BEGIN {print $DURATION / 3}")"; kill_backend "${BACKEND_PORTS[1]}" ) &
     local killer=$!
-    read -r rps p99 errors <<<"$(load "$port")"
+    # shellcheck disable=SC2086
+    before=$(cpu_ticks $pids)
+    read -r rps p99 errors responses <<<"$(load "$port")"
     wait "$killer"
     if (exec 3<>"/dev/tcp/127.0.0.1/${BACKEND_PORTS[1]}") 2>/dev/null; then
         echo "the killed backend still accepts connections" >&2
         exit 1
     fi
-    row "$round" "$name" "backend killed" "$rps" "$p99" "$errors"
+    # shellcheck disable=SC2086
+    row "$round" "$name" "backend killed" "$rps" "$p99" "$errors" \
+        "$(cpu_per_response "$before" "$(cpu_ticks $pids)" "$responses")"
     stop "$pidname"
     for p in "${BACKEND_PORTS[0]}" "${BACKEND_PORTS[2]}"; do kill_backend "$p"; done
     sleep 0.5
@@ -277,16 +322,19 @@ done
 
 echo
 echo "median of $ROUNDS round(s); ratios against nginx's median"
-printf '%-10s %-16s %12s %8s %10s %14s\n' proxy scenario "req/s" "ratio" p99 "errors (sum)"
+printf '%-10s %-16s %12s %8s %10s %14s %12s %8s\n' proxy scenario "req/s" "ratio" p99 "errors (sum)" "CPU/resp" "ratio"
 median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
 for scenario in steady "backend killed"; do
     base=$(awk -F'|' -v s="$scenario" '$1 == "nginx" && $2 == s {print $3}' "$RESULTS" | median)
+    base_cpu=$(awk -F'|' -v s="$scenario" '$1 == "nginx" && $2 == s {print $6}' "$RESULTS" | median)
     for name in nginx haproxy tower-ha hyper; do
         pick() { awk -F'|' -v n="$name" -v s="$scenario" -v c="$1" '$1 == n && $2 == s {print $c}' "$RESULTS"; }
         rps=$(pick 3 | median)
         p99=$(pick 4 | median)
         errors=$(pick 5 | awk '{t += $1} END {print t}')
-        printf '%-10s %-16s %12.0f %7.2fx %7.2f ms %14s\n' "$name" "$scenario" "$rps" \
-            "$(awk -v a="$rps" -v b="$base" 'BEGIN {print a / b}')" "$p99" "$errors"
+        cpu=$(pick 6 | median)
+        printf '%-10s %-16s %12.0f %7.2fx %7.2f ms %14s %9.1f us %7.2fx\n' "$name" "$scenario" "$rps" \
+            "$(awk -v a="$rps" -v b="$base" 'BEGIN {print a / b}')" "$p99" "$errors" \
+            "$cpu" "$(awk -v a="$cpu" -v b="$base_cpu" 'BEGIN {print (b > 0 ? a / b : 0)}')"
     done
 done
