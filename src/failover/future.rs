@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use http::request::Parts;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -63,7 +64,7 @@ where
     config: Arc<Config<C>>,
     /// The request as it was received, with its `Attempts`, from which each
     /// retry is copied. `None` when no retry is allowed.
-    template: Option<Request<B>>,
+    template: Option<Template<B>>,
     /// Where the balancer records the backend it picks.
     picked: Option<Picked>,
     /// The backend of the attempt in flight, when the balancer said so.
@@ -114,10 +115,12 @@ where
             req.extensions_mut().insert(picked.clone());
             picked
         });
-        let template = if config.max_attempts > 1 {
-            copy(&req)
+        let (template, req) = if config.max_attempts > 1 {
+            let (parts, body) = req.into_parts();
+            let template = Template::new(&parts, &body);
+            (template, Request::from_parts(parts, body))
         } else {
-            None
+            (None, req)
         };
         let future = service.call(req);
         let current = picked.as_ref().and_then(Picked::take);
@@ -151,16 +154,30 @@ where
     }
 }
 
-/// A copy of `req` for one more attempt, if its body can be replayed.
-fn copy<B: Replay>(req: &Request<B>) -> Option<Request<B>> {
-    let body = req.body().replay()?;
-    let mut copy = Request::new(body);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    *copy.extensions_mut() = req.extensions().clone();
-    Some(copy)
+/// The request as it was received, kept apart as its head and its body:
+/// each copy clones the head whole, with no default to build and drop.
+struct Template<B> {
+    parts: Parts,
+    body: B,
+}
+
+impl<B: Replay> Template<B> {
+    /// A copy of the request with head `parts` and body `body`, if the body
+    /// can be replayed.
+    fn new(parts: &Parts, body: &B) -> Option<Self> {
+        let body = body.replay()?;
+        Some(Template {
+            parts: parts.clone(),
+            body,
+        })
+    }
+
+    /// A copy of the request for one more attempt, if its body can be
+    /// replayed.
+    fn copy(&self) -> Option<Request<B>> {
+        let body = self.body.replay()?;
+        Some(Request::from_parts(self.parts.clone(), body))
+    }
 }
 
 impl<S, B, C, RB> Future for ResponseFuture<S, B, C>
@@ -435,7 +452,7 @@ where
     /// Records a failed attempt, and excludes its backend from the next.
     fn record(&mut self, id: BackendId, cause: BoxError) {
         if let Some(template) = &mut self.template {
-            let extensions = template.extensions_mut();
+            let extensions = &mut template.parts.extensions;
             match extensions.get_mut::<Attempts>() {
                 Some(attempts) => attempts.push(id.clone()),
                 None => {
@@ -456,7 +473,7 @@ where
             && self
                 .template
                 .as_ref()
-                .is_some_and(|t| t.body().replay().is_some());
+                .is_some_and(|t| t.body.replay().is_some());
         if allowed && self.over_budget {
             self.budget_spent = true;
             return false;
@@ -494,10 +511,10 @@ where
         };
         if self.picked.is_none() {
             let picked = Picked::new();
-            template.extensions_mut().insert(picked.clone());
+            template.parts.extensions.insert(picked.clone());
             self.picked = Some(picked);
         }
-        let Some(request) = copy(template) else {
+        let Some(request) = template.copy() else {
             return Poll::Ready(Err(self.give_up(None)));
         };
         // Whatever the slot still holds belongs to an earlier attempt (an
@@ -625,7 +642,7 @@ where
         let mut attempts = self
             .template
             .as_ref()
-            .and_then(|t| t.extensions().get::<Attempts>().cloned())
+            .and_then(|t| t.parts.extensions.get::<Attempts>().cloned())
             .unwrap_or_else(|| self.failures.iter().map(|(id, _)| id.clone()).collect());
         if served {
             if let Some(ServedBy(id)) = response.extensions().get::<ServedBy>() {
