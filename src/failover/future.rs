@@ -103,26 +103,28 @@ where
     B: Replay,
     C: Classifier,
 {
-    pub(crate) fn new(mut service: S, config: Arc<Config<C>>, mut req: Request<B>) -> Self {
+    pub(crate) fn new(mut service: S, config: Arc<Config<C>>, req: Request<B>) -> Self {
         if let Some(budget) = &config.budget {
             budget.deposit();
         }
+        let (mut parts, body) = req.into_parts();
         let any_failure = config.retry_non_idempotent
-            || is_idempotent(req.method())
-            || req.extensions().get::<RetryNonIdempotent>().is_some();
+            || is_idempotent(&parts.method)
+            || parts.extensions.get::<RetryNonIdempotent>().is_some();
+        let template = if config.max_attempts > 1 {
+            Template::new(&parts, &body)
+        } else {
+            None
+        };
+        // Copied before the slot goes into the request: the template gets
+        // it at the first retry, so a request that succeeds clones no
+        // extension for it.
         let picked = (config.per_try_timeout.is_some() || config.deadline.is_some()).then(|| {
             let picked = Picked::new();
-            req.extensions_mut().insert(picked.clone());
+            parts.extensions.insert(picked.clone());
             picked
         });
-        let (template, req) = if config.max_attempts > 1 {
-            let (parts, body) = req.into_parts();
-            let template = Template::new(&parts, &body);
-            (template, Request::from_parts(parts, body))
-        } else {
-            (None, req)
-        };
-        let future = service.call(req);
+        let future = service.call(Request::from_parts(parts, body));
         let current = picked.as_ref().and_then(Picked::take);
         let (mut timer, mut deadline) = (None, None);
         if picked.is_some() {
@@ -509,10 +511,11 @@ where
         let Some(template) = &mut self.template else {
             return Poll::Ready(Err(self.give_up(None)));
         };
-        if self.picked.is_none() {
-            let picked = Picked::new();
-            template.parts.extensions.insert(picked.clone());
-            self.picked = Some(picked);
+        let slot = self.picked.get_or_insert_with(Picked::new);
+        if self.tried == 1 {
+            // The template was copied before the first attempt was given a
+            // slot, if it was given one.
+            template.parts.extensions.insert(slot.clone());
         }
         let Some(request) = template.copy() else {
             return Poll::Ready(Err(self.give_up(None)));
@@ -520,10 +523,8 @@ where
         // Whatever the slot still holds belongs to an earlier attempt (an
         // inner service that picks after `call` returns, behind a buffer,
         // fills it late): only this attempt's pick may be read from it.
-        if let Some(slot) = &self.picked {
-            slot.take();
-            slot.set_readying(false);
-        }
+        slot.take();
+        slot.set_readying(false);
         let future = self.service.call(request);
         self.tried += 1;
         self.current = self.picked.as_ref().and_then(Picked::take);
