@@ -194,28 +194,40 @@ where
                     }
                 }
                 StateProj::Called { future } => {
-                    let result = ready!(future.poll(cx));
+                    // The response is looked at where the inner future left
+                    // it and moved once, into the output: it is large, and
+                    // each move copies it.
+                    let mut poll = future.poll(cx);
+                    let Poll::Ready(result) = &mut poll else {
+                        return Poll::Pending;
+                    };
                     let track = this.track.take().expect("track set before the call");
-                    match result {
-                        Ok(mut response) => match this.shared.on_response(track, &mut response) {
-                            Ok(None) => {
-                                this.state.set(State::Done);
-                                return Poll::Ready(Ok(response));
-                            }
-                            Ok(Some(work)) => this.state.set(State::Finishing {
-                                work: Finishing::new(work),
-                                response: Some(response),
-                            }),
-                            Err(error) => {
-                                this.state.set(State::Done);
-                                return Poll::Ready(Err(error.into()));
-                            }
-                        },
-                        Err(error) => {
-                            let error = error.into();
-                            this.shared.on_error(&track, &error);
+                    let Ok(response) = result else {
+                        let Poll::Ready(Err(error)) = poll else {
+                            unreachable!("an error")
+                        };
+                        let error = error.into();
+                        this.shared.on_error(&track, &error);
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error));
+                    };
+                    match this.shared.on_response(track, response) {
+                        Ok(None) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Err(error));
+                            return poll.map_err(Into::into);
+                        }
+                        Ok(Some(work)) => {
+                            let Poll::Ready(result) = poll else {
+                                unreachable!("a response")
+                            };
+                            this.state.set(State::Finishing {
+                                work: Finishing::new(work),
+                                response: result.ok(),
+                            })
+                        }
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
                         }
                     }
                 }
