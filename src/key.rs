@@ -190,7 +190,18 @@ impl CookieName {
 
     /// The cookie's non-empty value in the first of `values` that has one.
     pub(crate) fn find_in<'h>(&self, values: &GetAll<'h, HeaderValue>) -> Option<&'h [u8]> {
-        self.all_in(values).next()
+        values
+            .iter()
+            .find_map(|value| self.first_in_header(value.as_bytes()))
+    }
+
+    /// The cookie's first non-empty value in one `Cookie` header.
+    #[inline]
+    pub(crate) fn first_in_header<'h>(&self, header: &'h [u8]) -> Option<&'h [u8]> {
+        if !self.matchable {
+            return None;
+        }
+        self.next_in_header(header, &mut 0)
     }
 
     /// The cookie's non-empty values in `values`, in order: a client may

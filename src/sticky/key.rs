@@ -234,16 +234,21 @@ impl fmt::Display for Reject {
 
 /// A cookie's value, rejecting oversized `Cookie` headers.
 fn read_cookie<'h>(headers: &'h HeaderMap, name: &CookieName) -> Result<Option<&'h [u8]>, Reject> {
-    // One lookup of the `Cookie` headers, for the size check and the scan.
-    let values = headers.get_all(COOKIE);
+    // One pass over the `Cookie` headers, for the size check and the scan:
+    // a header is scanned only while the total so far is within bounds,
+    // and the total is checked to the end.
     let mut total = 0usize;
-    for value in &values {
+    let mut found = None;
+    for value in headers.get_all(COOKIE) {
         total = total.saturating_add(value.len());
+        if total > MAX_COOKIE_HEADER {
+            return Err(Reject::TooLarge);
+        }
+        if found.is_none() {
+            found = name.first_in_header(value.as_bytes());
+        }
     }
-    if total > MAX_COOKIE_HEADER {
-        return Err(Reject::TooLarge);
-    }
-    Ok(name.find_in(&values))
+    Ok(found)
 }
 
 fn text_key(bytes: &[u8]) -> Extracted<'_> {
