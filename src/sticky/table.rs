@@ -670,24 +670,35 @@ fn evict_oldest(map: &mut Map, max: usize) -> u64 {
 
 /// Compares two byte strings in time that depends only on their lengths
 /// (lengths are public: every issued cookie of one layer has the same
-/// shape). No early exit: the differences of all the 8-byte words (and of
-/// the last bytes) are or-ed together and go through `black_box`, so the
-/// comparison is not turned into a branchy `memcmp`.
+/// shape). No early exit: the differences of all the 8-byte words (the
+/// last one overlapping the one before when the length is not a multiple
+/// of 8; of every byte below 8 bytes) are or-ed together and go through
+/// `black_box`, so the comparison is not turned into a branchy `memcmp`.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    let word = |chunk: &[u8]| {
+    let word = |s: &[u8], at: usize| {
         let mut w = [0u8; 8];
-        w.copy_from_slice(chunk);
+        w.copy_from_slice(&s[at..at + 8]);
         u64::from_ne_bytes(w)
     };
-    let (words_a, words_b) = (a.chunks_exact(8), b.chunks_exact(8));
-    let rest = words_a.remainder().iter().zip(words_b.remainder());
-    let diff = words_a
-        .zip(words_b)
-        .fold(0u64, |acc, (x, y)| acc | (word(x) ^ word(y)));
-    let diff = rest.fold(diff, |acc, (x, y)| acc | u64::from(x ^ y));
+    let len = a.len();
+    let mut diff = 0u64;
+    if len < 8 {
+        for (x, y) in a.iter().zip(b) {
+            diff |= u64::from(x ^ y);
+        }
+    } else {
+        let mut at = 0;
+        while at + 8 < len {
+            diff |= word(a, at) ^ word(b, at);
+            at += 8;
+        }
+        // The last eight bytes, overlapping the words before when the
+        // length is not a multiple of eight.
+        diff |= word(a, len - 8) ^ word(b, len - 8);
+    }
     std::hint::black_box(diff) == 0
 }
 
@@ -822,10 +833,14 @@ mod tests {
         assert!(constant_time_eq(b"", b""));
         let long = b"0123456789abcdef0123456789abcdef0123456789";
         assert!(constant_time_eq(long, long));
-        for i in 0..long.len() {
-            let mut other = *long;
-            other[i] ^= 1;
-            assert!(!constant_time_eq(long, &other), "byte {i}");
+        for len in 0..=long.len() {
+            let a = &long[..len];
+            assert!(constant_time_eq(a, a), "length {len}");
+            for i in 0..len {
+                let mut other = a.to_vec();
+                other[i] ^= 1;
+                assert!(!constant_time_eq(a, &other), "length {len}, byte {i}");
+            }
         }
     }
 
