@@ -458,6 +458,7 @@ impl Shared {
     /// constant-time comparison with the value kept in the table, without
     /// decoding or computing a MAC; any other value is parsed and its MAC
     /// verified before it is trusted.
+    #[inline]
     fn lookup_cookie(self: &Arc<Self>, value: &[u8]) -> Result<Found, Reject> {
         let mut hit = None;
         let mut unread = None;
