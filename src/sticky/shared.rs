@@ -618,6 +618,7 @@ impl Shared {
     /// sessions). It cannot tell whether the balancer is in panic routing,
     /// where an enabled backend out of health would keep its sessions, and
     /// refuses rather than send a session to a backend out of health.
+    #[inline(always)]
     fn pin<B>(
         &self,
         req: &mut Request<B>,
