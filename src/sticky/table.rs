@@ -245,8 +245,14 @@ impl Hasher for KeyHash {
                 }
                 let rest = chunks.remainder();
                 if !rest.is_empty() {
+                    // The last eight bytes, overlapping the words before
+                    // (the length, hashed first, tells the overlap); those
+                    // of a shorter key, zero-padded.
                     let mut word = [0u8; 8];
-                    word[..rest.len()].copy_from_slice(rest);
+                    match bytes.len().checked_sub(8) {
+                        Some(last) => word.copy_from_slice(&bytes[last..]),
+                        None => word[..rest.len()].copy_from_slice(rest),
+                    }
                     s = fold(s ^ u64::from_le_bytes(word), MULTIPLIER);
                 }
                 *state = s;
@@ -275,7 +281,8 @@ type Map = HashMap<Key, Entry, KeyHasher>;
 
 pub(crate) struct Table {
     map: RwLock<Map>,
-    idle: Duration,
+    /// How long an entry may go unseen, in nanoseconds.
+    idle: u64,
     max: usize,
     epoch: Instant,
     last_sweep: AtomicU64,
@@ -300,7 +307,7 @@ impl Table {
     pub(crate) fn new(idle: Duration, max: usize, random_keys: bool) -> Self {
         Table {
             map: RwLock::new(HashMap::with_hasher(KeyHasher::new(random_keys))),
-            idle,
+            idle: nanos(idle),
             max: max.max(1),
             epoch: Instant::now(),
             last_sweep: AtomicU64::new(0),
@@ -352,7 +359,7 @@ impl Table {
     }
 
     fn is_idle(&self, entry: &Entry, now: u64) -> bool {
-        now.saturating_sub(entry.last_seen.load(Ordering::Relaxed)) > nanos(self.idle)
+        now.saturating_sub(entry.last_seen.load(Ordering::Relaxed)) > self.idle
     }
 
     /// Whether the entry's record is due to be read again (see `Kept::Unread`).
@@ -636,7 +643,7 @@ impl Table {
 
     /// Drops idle entries at most once per half idle period.
     fn sweep_locked(&self, map: &mut Map, now: u64) -> Dropped {
-        let half = nanos(self.idle) / 2;
+        let half = self.idle / 2;
         let last = self.last_sweep.load(Ordering::Relaxed);
         if now.saturating_sub(last) < half.max(1) {
             return Dropped::default();
