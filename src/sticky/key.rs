@@ -268,3 +268,30 @@ pub(crate) fn response_key(bytes: &[u8]) -> Option<&str> {
     }
     std::str::from_utf8(bytes).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn the_size_limit_counts_every_cookie_header() {
+        let name = CookieName::new("srv");
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, HeaderValue::from_static("a=1; srv=v; b=2"));
+        assert_eq!(read_cookie(&headers, &name), Ok(Some(&b"v"[..])));
+        let filler = |len| HeaderValue::try_from(format!("f={}", "x".repeat(len - 2))).unwrap();
+        // Found in the first header, the total at the limit: read.
+        headers.append(COOKIE, filler(MAX_COOKIE_HEADER - "a=1; srv=v; b=2".len()));
+        assert_eq!(read_cookie(&headers, &name), Ok(Some(&b"v"[..])));
+        // One byte more, in a later header: rejected all the same.
+        headers.append(COOKIE, HeaderValue::from_static("g"));
+        assert_eq!(read_cookie(&headers, &name), Err(Reject::TooLarge));
+        // Found only in a later header.
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, HeaderValue::from_static("a=1; srv=; b=2"));
+        headers.append(COOKIE, HeaderValue::from_static("srv=w"));
+        assert_eq!(read_cookie(&headers, &name), Ok(Some(&b"w"[..])));
+        assert_eq!(read_cookie(&HeaderMap::new(), &name), Ok(None));
+    }
+}
