@@ -18,8 +18,9 @@
 #   benches/proxy/run.sh --instructions [seconds, default 10]
 #
 # counts instead the user-space instructions each proxy (nginx, tower-ha,
-# plain hyper) runs per request, under valgrind's callgrind; the kernel's
-# share (system calls, TCP) is not in it.
+# tower-ha without its timeouts as "untimed", plain hyper) runs per
+# request, under valgrind's callgrind; the kernel's share (system calls,
+# TCP) is not in it.
 #
 # Every round runs the four proxies, each in a different position of the
 # order, so that drift of the shared machine does not favour one of them;
@@ -167,8 +168,13 @@ start_haproxy() {
 # The two Rust proxies' command lines.
 URLS=()
 for p in "${BACKEND_PORTS[@]}"; do URLS+=("http://127.0.0.1:$p"); done
-TOWER=(target/release/examples/reverse_proxy --listen "127.0.0.1:$TOWER_PORT" --workers 1
-    --strategy round-robin "${URLS[@]}")
+TOWER_BASE=(target/release/examples/reverse_proxy --listen "127.0.0.1:$TOWER_PORT" --workers 1
+    --strategy round-robin)
+TOWER=("${TOWER_BASE[@]}" "${URLS[@]}")
+# The same without its timers (hyper's header read timeout, the failover
+# layer's per-try timeout and deadline), for the instruction counts.
+TOWER_UNTIMED=("${TOWER_BASE[@]}" --header-read-timeout 0 --per-try-timeout 0 --deadline 0
+    "${URLS[@]}")
 HYPER=(target/release/examples/hyper_proxy --listen "127.0.0.1:$HYPER_PORT" "${URLS[@]}")
 
 # Starts a command in the background: name, port, command.
@@ -266,6 +272,7 @@ if [ $MODE = instructions ]; then
     nginx_proxy_conf "daemon off; master_process off;"
     instructions nginx "$NGINX_PORT" "$NGINX" -p "$WORK/nginx-proxy" -c "$WORK/nginx-proxy/nginx.conf"
     instructions tower-ha "$TOWER_PORT" "${TOWER[@]}"
+    instructions untimed "$TOWER_PORT" "${TOWER_UNTIMED[@]}"
     instructions hyper "$HYPER_PORT" "${HYPER[@]}"
     exit 0
 fi
