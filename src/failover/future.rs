@@ -33,9 +33,9 @@ pin_project! {
         #[pin]
         attempt: Attempt<S::Future>,
         // One timer for the per-try timeout, a backoff pause and the
-        // overall deadline, set to the earliest that applies.
-        #[pin]
-        timer: Timer,
+        // overall deadline, set to the earliest that applies. Boxed, so
+        // that the future stays small when no timer is configured.
+        timer: Option<Pin<Box<Sleep>>>,
         // When the overall deadline passes.
         deadline: Option<Instant>,
         retry: Retry<S, B, C>,
@@ -126,16 +126,16 @@ where
         });
         let future = service.call(Request::from_parts(parts, body));
         let current = picked.as_ref().and_then(Picked::take);
-        let (mut at, mut deadline) = (None, None);
+        let (mut timer, mut deadline) = (None, None);
         if picked.is_some() {
             let now = Instant::now();
             deadline = config.deadline.map(|d| crate::time::later(now, d));
             let per_try = config.per_try_timeout.map(|d| crate::time::later(now, d));
-            at = earliest(per_try, deadline);
+            set_timer(&mut timer, earliest(per_try, deadline));
         }
         ResponseFuture {
             attempt: Attempt::Called { future },
-            timer: Timer { at, sleep: None },
+            timer,
             deadline,
             retry: Retry {
                 service,
@@ -243,7 +243,7 @@ where
                     let outcome = match polled {
                         Poll::Ready(result) => result,
                         Poll::Pending => {
-                            match fired(this.timer.as_mut(), *this.deadline, cx) {
+                            match fired(this.timer, *this.deadline, cx) {
                                 Fired::No => return Poll::Pending,
                                 Fired::Deadline => {
                                     this.attempt.set(Attempt::Done);
@@ -275,15 +275,13 @@ where
                                 this.attempt.set(Attempt::Ready);
                             } else {
                                 let until = crate::time::later(Instant::now(), pause);
-                                this.timer
-                                    .as_mut()
-                                    .set(earliest(Some(until), *this.deadline));
+                                set_timer(this.timer, earliest(Some(until), *this.deadline));
                                 this.attempt.set(Attempt::Backoff);
                             }
                         }
                     }
                 }
-                AttemptProj::Backoff => match fired(this.timer.as_mut(), *this.deadline, cx) {
+                AttemptProj::Backoff => match fired(this.timer, *this.deadline, cx) {
                     Fired::No => return Poll::Pending,
                     Fired::Deadline => {
                         this.attempt.set(Attempt::Done);
@@ -295,8 +293,8 @@ where
                     if this.deadline.is_some() {
                         // The deadline alone watches the wait for the next
                         // pick.
-                        this.timer.as_mut().set(*this.deadline);
-                        if let Fired::Deadline = fired(this.timer.as_mut(), *this.deadline, cx) {
+                        set_timer(this.timer, *this.deadline);
+                        if let Fired::Deadline = fired(this.timer, *this.deadline, cx) {
                             this.attempt.set(Attempt::Done);
                             return Poll::Ready(this.retry.deadline_exceeded());
                         }
@@ -311,7 +309,7 @@ where
                     this.attempt.set(Attempt::Called { future });
                     let per_try = (this.retry.config.per_try_timeout)
                         .map(|d| crate::time::later(Instant::now(), d));
-                    this.timer.as_mut().set(earliest(per_try, *this.deadline));
+                    set_timer(this.timer, earliest(per_try, *this.deadline));
                 }
                 AttemptProj::Done => panic!("failover ResponseFuture polled after completion"),
             }
@@ -336,12 +334,19 @@ enum Fired {
 
 /// Polls the request's timer, set to the earliest of what applies; tells
 /// the overall deadline (when the timer was set to it) from the rest.
-fn fired(timer: Pin<&mut Timer>, deadline: Option<Instant>, cx: &mut Context<'_>) -> Fired {
-    let Some(at) = timer.poll_fired(cx) else {
+fn fired(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    deadline: Option<Instant>,
+    cx: &mut Context<'_>,
+) -> Fired {
+    let Some(timer) = timer else {
         return Fired::No;
     };
+    if timer.as_mut().poll(cx).is_pending() {
+        return Fired::No;
+    }
     match deadline {
-        Some(deadline) if at >= deadline => Fired::Deadline,
+        Some(deadline) if timer.deadline() >= deadline => Fired::Deadline,
         _ => Fired::Timer,
     }
 }
@@ -354,44 +359,17 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-pin_project! {
-    /// The request's timer: when it fires, and the Tokio timer that wakes
-    /// the task then, held in place (no allocation) and built when it is
-    /// first polled.
-    struct Timer {
-        at: Option<Instant>,
-        #[pin]
-        sleep: Option<Sleep>,
-    }
-}
-
-impl Timer {
-    /// Arms the timer to fire at `until` (none: no timer), resetting the
-    /// Tokio timer already built rather than building another.
-    fn set(self: Pin<&mut Self>, until: Option<Instant>) {
-        let mut this = self.project();
-        *this.at = until;
-        let Some(until) = until else {
-            this.sleep.set(None);
-            return;
-        };
-        if let Some(sleep) = this.sleep.as_pin_mut() {
-            if sleep.deadline() != until {
-                sleep.reset(until);
+/// Arms the timer to fire at `until` (none: no timer), reusing its
+/// allocation.
+fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, until: Option<Instant>) {
+    match (timer.as_mut(), until) {
+        (Some(timer), Some(until)) => {
+            if timer.deadline() != until {
+                timer.as_mut().reset(until);
             }
         }
-    }
-
-    /// When the timer fired, if it is set and has fired; the task is woken
-    /// when it fires otherwise.
-    fn poll_fired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Instant> {
-        let mut this = self.project();
-        let at = (*this.at)?;
-        if this.sleep.is_none() {
-            this.sleep.set(Some(tokio::time::sleep_until(at)));
-        }
-        let sleep = this.sleep.as_pin_mut()?;
-        sleep.poll(cx).is_ready().then_some(at)
+        (None, Some(until)) => *timer = Some(Box::pin(tokio::time::sleep_until(until))),
+        (_, None) => *timer = None,
     }
 }
 

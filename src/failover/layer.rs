@@ -130,8 +130,8 @@ impl<C> FailoverLayer<C> {
 
     /// Abandons an attempt that has not answered within `timeout`: its
     /// future is dropped, so the backend gets no more of the request, and
-    /// the next backend is tried. Response futures must then be polled within
-    /// a Tokio runtime with its time driver enabled.
+    /// the next backend is tried. Requests must then be called within a
+    /// Tokio runtime with its time driver enabled.
     ///
     /// The timeout runs until the response head: once a backend has
     /// answered with its status and headers, the response is returned and
@@ -144,8 +144,8 @@ impl<C> FailoverLayer<C> {
     }
 
     /// Gives up once `deadline` has passed since the request was called,
-    /// whatever the attempts left. Response futures must then be polled within
-    /// a Tokio runtime with its time driver enabled.
+    /// whatever the attempts left. Requests must then be called within a
+    /// Tokio runtime with its time driver enabled.
     ///
     /// The deadline runs until the response head, like the per-try timeout:
     /// the body of a response already returned is not bounded by it.
