@@ -1249,3 +1249,22 @@ async fn attempts_that_end_on_a_failed_response_are_an_exhaustion_event() {
         other => panic!("expected AttemptsExhausted, got {other:?}"),
     }
 }
+
+/// The response future is `Unpin` when the inner service's future is, with
+/// timers or without, so that callers can poll it in place (`poll_unpin`,
+/// `select!` on `&mut fut`).
+#[tokio::test]
+async fn the_response_future_is_unpin_when_the_inner_one_is() {
+    fn unpin<T: Unpin>(_: &T) {}
+    let inner =
+        service_fn(|_req: Request<()>| std::future::ready(Ok::<_, Infallible>(Response::new(()))));
+    let timed = FailoverLayer::new()
+        .per_try_timeout(Duration::from_secs(1))
+        .deadline(Duration::from_secs(2));
+    for layer in [FailoverLayer::new(), timed] {
+        let mut svc = layer.layer(inner);
+        let future = svc.ready().await.unwrap().call(Request::new(()));
+        unpin(&future);
+        assert_eq!(future.await.unwrap().status(), StatusCode::OK);
+    }
+}

@@ -1403,8 +1403,10 @@ mod tests {
         assert_eq!(HOP_BY_HOP[1], "te");
         assert_eq!(HOP_BY_HOP[3], "upgrade");
         assert_eq!(HOP_BY_HOP[4], "keep-alive");
+        // Exactly (a name's text is lowercase; `HeaderName == &str` would
+        // ignore case, and `hop_by_hop` compares exactly).
         for (name, text) in HOP_BY_HOP.iter().zip(HOP_BY_HOP_TEXT) {
-            assert_eq!(name, text);
+            assert_eq!(name.as_str(), text);
         }
         assert_eq!(KEEP_ALIVE_PRESENT, 1 << 4);
         let mut only = HeaderMap::new();
