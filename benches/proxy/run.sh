@@ -229,7 +229,7 @@ proxy_pids() {
 
 # CPU time (user and system, in clock ticks) the processes have used.
 cpu_ticks() {
-    local total=0 p stat
+    local total=0 p stat fields
     for p in "$@"; do
         # The fields after the command's name, which is in parentheses.
         stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
