@@ -389,8 +389,8 @@ async fn a_place_on_a_backend_that_left_the_pool_is_let_go() {
         "\"b\" is still full"
     );
 
-    // "a"'s place comes free: handed to each waiter in turn, which lets it
-    // go (once each: not back and forth) and waits on.
+    // "a"'s place comes free: not handed to a waiter, since "a" is no
+    // longer in the pool; both wait on.
     let b = held.pop();
     drop(held.pop());
     settle().await;
@@ -405,6 +405,33 @@ async fn a_place_on_a_backend_that_left_the_pool_is_let_go() {
     assert_eq!(served_by(&first.await.unwrap()), "b");
     assert_eq!(served_by(&second.await.unwrap()), "b");
     assert_eq!(*seen.lock().unwrap(), ["first", "second"]);
+}
+
+/// A backend that leaves the pool and comes back with its state (as
+/// discovery brings back an address missing from one answer) takes the
+/// waiting requests again: the place freed while it was away was not
+/// handed to them, so none of them gave up on it.
+#[tokio::test(start_paused = true)]
+async fn a_backend_back_with_its_state_takes_the_waiting_requests() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a", "b"], &seen);
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let waiter = send(&balance, "waiter");
+    settle().await;
+    let a = pool.state(&"a".into()).unwrap();
+    assert!(pool.remove(&"a".into()));
+    settle().await;
+
+    // A request that was in flight on "a" ends while it is away.
+    let _b = held.pop();
+    drop(held.pop());
+    settle().await;
+    assert_eq!(balance.waiting(), 1);
+    assert_eq!(a.in_flight(), 0);
+
+    pool.insert_with_state("a", recording("a", seen.clone()), a);
+    assert_eq!(served_by(&waiter.await.unwrap()), "a");
+    assert_eq!(*seen.lock().unwrap(), ["waiter"]);
 }
 
 #[tokio::test(start_paused = true)]

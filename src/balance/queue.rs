@@ -11,7 +11,7 @@
 //! queue's lock, and then wake the others to pick again (a change may also
 //! put the pool in panic, which lets them use other backends).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
@@ -46,6 +46,17 @@ struct Queue {
     /// opens up places hands them over. Weak, as each state links to its
     /// room.
     members: Vec<(BackendId, Weak<BackendState>)>,
+    /// The addresses of those backends' states: a place on a backend the
+    /// pool no longer holds is not handed over (the backend may come back
+    /// with the same state, see `Pool::keep_removed_for`).
+    member_states: HashSet<usize>,
+}
+
+impl Queue {
+    /// Whether `state` is the state of one of the pool's backends.
+    fn holds(&self, state: &Arc<BackendState>) -> bool {
+        self.member_states.contains(&(Arc::as_ptr(state) as usize))
+    }
 }
 
 /// One waiting request.
@@ -195,13 +206,14 @@ impl Room {
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        let Ok(waker) = self.give(
-            &mut self.queue.lock(),
-            |w| w.accepts(state),
-            || state.pass_place(),
-        ) else {
+        let mut queue = self.queue.lock();
+        if !queue.holds(state) {
+            return false;
+        }
+        let Ok(waker) = self.give(&mut queue, |w| w.accepts(state), || state.pass_place()) else {
             return false;
         };
+        drop(queue);
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -221,7 +233,9 @@ impl Room {
             let mut queue = self.queue.lock();
             // A request that arrived since may have taken the place; then
             // there is nothing to hand over.
-            self.hand_out(&mut queue, state, |w| w.accepts(state), &mut wakers);
+            if queue.holds(state) {
+                self.hand_out(&mut queue, state, |w| w.accepts(state), &mut wakers);
+            }
         }
         wakers.into_iter().for_each(Waker::wake);
     }
@@ -235,6 +249,10 @@ impl Room {
                 .iter()
                 .map(|m| (m.id().clone(), Arc::downgrade(m.state()))),
         );
+        queue.member_states.clear();
+        queue
+            .member_states
+            .extend(members.iter().map(|m| Arc::as_ptr(m.state()) as usize));
     }
 
     /// After a change that may have opened up places in a way no request's
@@ -329,12 +347,13 @@ impl Ticket {
         self.waiter.may_use(member.id(), member.state())
     }
 
-    /// Takes its place in the queue again, after a place handed over on
-    /// `unusable`'s backend could not be used (it left the pool, or the
-    /// request tried a backend of that name): never handed one there
-    /// again. Picks once more first.
-    pub(crate) fn rejoin(&self, unusable: &Arc<BackendState>) {
-        self.waiter.turn.lock().excluded.push(unusable.clone());
+    /// Takes its place in the queue again, after a place handed over could
+    /// not be used; never handed one on `unusable`'s backend again (a
+    /// backend of a name the request tried). Picks once more first.
+    pub(crate) fn rejoin(&self, unusable: Option<&Arc<BackendState>>) {
+        if let Some(state) = unusable {
+            self.waiter.turn.lock().excluded.push(state.clone());
+        }
         {
             let mut queue = self.room.queue.lock();
             if !self.waiter.queued.load(Ordering::Relaxed) {
@@ -428,19 +447,25 @@ impl<S, Req> Wait<S, Req> {
             let members = snapshot.members();
             match turn {
                 Turn::Given(place) => {
-                    let Some(i) = members
+                    match members
                         .iter()
                         .position(|m| Arc::ptr_eq(m.state(), place.state()))
-                        .filter(|&i| !self.ticket.waiter.tried.contains(members[i].id()))
-                    else {
-                        // Its backend has left the pool (or left it and
-                        // joined it again after the request tried it): let
-                        // the place go, to a request that may still use it.
-                        self.ticket.rejoin(place.state());
-                        place.unused();
-                        continue;
-                    };
-                    return Poll::Ready(Ok((self.settle)(&snapshot, i, place, request)));
+                    {
+                        Some(i) if !self.ticket.waiter.tried.contains(members[i].id()) => {
+                            return Poll::Ready(Ok((self.settle)(&snapshot, i, place, request)));
+                        }
+                        // Its backend left the pool and joined it again
+                        // after the request tried it: never handed a place
+                        // there again.
+                        Some(_) => self.ticket.rejoin(Some(place.state())),
+                        // Its backend has left the pool since the place was
+                        // handed over: no more are handed over there while
+                        // it is away, and it may come back with this state.
+                        None => self.ticket.rejoin(None),
+                    }
+                    // Let the place go, to a request that may still use it.
+                    place.unused();
+                    continue;
                 }
                 Turn::Recheck => {
                     let mut panic = self.panic.engaged(members);
