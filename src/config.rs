@@ -563,12 +563,15 @@ impl Config {
     /// Parses and validates YAML.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
-            let field = e
-                .location()
-                .map(|l| format!("line {} column {}", l.line(), l.column()))
-                .unwrap_or_default();
-            // The parser's message says where too: once is enough.
-            let message = e.to_string().replacen(&format!(" at {field}"), "", 1);
+            let (field, message) = match e.location() {
+                Some(l) => {
+                    let field = format!("line {} column {}", l.line(), l.column());
+                    // The parser's message says where too: once is enough.
+                    let message = e.to_string().replacen(&format!(" at {field}"), "", 1);
+                    (field, message)
+                }
+                None => (String::new(), e.to_string()),
+            };
             ConfigError {
                 field,
                 kind: ErrorKind::Parse(message, e.into()),
