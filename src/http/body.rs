@@ -73,10 +73,7 @@ impl ResponseBody {
         let Some(timeout) = self.read_timeout else {
             return Poll::Pending;
         };
-        let since = match self.since {
-            Some(since) => since,
-            None => *self.since.insert(timeout::start(&mut self.timer, timeout)),
-        };
+        let since = timeout::start(&mut self.timer, &mut self.since, timeout);
         std::task::ready!(timeout::passed(&mut self.timer, since, timeout, cx));
         // The connection is in an unknown state, and the request over.
         self.pooled = None;

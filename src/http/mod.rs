@@ -758,7 +758,7 @@ impl<B> HttpBackend<B> {
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
         let headers = req.headers_mut();
         let trailers = match upgrade {
-            Some(_) => strip_all_but_upgrade(headers),
+            Some(_) => strip_all_but_upgrade(headers, present),
             None => strip_present(headers, present),
         };
         if trailers {
@@ -1033,12 +1033,6 @@ const HOP_BY_HOP_TEXT: [&str; 8] = [
     "proxy-authenticate",
 ];
 
-/// Removes the hop-by-hop headers; returns whether `TE` (one of them)
-/// said that trailer fields are accepted.
-fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
-    strip_present(headers, hop_by_hop(headers))
-}
-
 /// Bits of [`hop_by_hop`]'s answer: `Connection`, `TE`,
 /// `Transfer-Encoding` and `Upgrade`.
 const CONNECTION_PRESENT: u8 = 1 << 0;
@@ -1056,7 +1050,7 @@ type Received = (Response<ResponseBody>, u8);
 /// how long it keeps an idle connection open (RFC 2068 section 19.7.1.1,
 /// as Apache httpd, Node.js and nginx send it).
 fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
-    elements(headers.get_all("keep-alive")).find_map(|parameter| {
+    elements(headers.get_all(&HOP_BY_HOP[4])).find_map(|parameter| {
         let (name, value) = parameter.split_once('=')?;
         if !name.trim_end().eq_ignore_ascii_case("timeout") {
             return None;
@@ -1088,7 +1082,9 @@ fn hop_by_hop(headers: &HeaderMap) -> u8 {
     present
 }
 
-/// [`strip_hop_by_hop`], knowing which are `present`.
+/// Removes the hop-by-hop headers, knowing which are `present` (see
+/// [`hop_by_hop`]); returns whether `TE` (one of them) said that trailer
+/// fields are accepted.
 fn strip_present(headers: &mut HeaderMap, present: u8) -> bool {
     if present == 0 {
         return false;
@@ -1112,11 +1108,11 @@ fn strip_present(headers: &mut HeaderMap, present: u8) -> bool {
     trailers
 }
 
-/// [`strip_hop_by_hop`], but keeping what asks for or agrees to a switch
-/// of protocols: `Upgrade` and `Connection: upgrade`.
-fn strip_all_but_upgrade(headers: &mut HeaderMap) -> bool {
+/// [`strip_present`], but keeping what asks for or agrees to a switch of
+/// protocols: `Upgrade` and `Connection: upgrade`.
+fn strip_all_but_upgrade(headers: &mut HeaderMap, present: u8) -> bool {
     let protocols: Vec<HeaderValue> = headers.get_all(UPGRADE).iter().cloned().collect();
-    let trailers = strip_hop_by_hop(headers);
+    let trailers = strip_present(headers, present);
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     for protocol in protocols {
         headers.append(UPGRADE, protocol);
@@ -1282,7 +1278,7 @@ impl Future for ResponseFuture {
                 // not the client's. A switch of protocols (which only an
                 // upgrade request gets) is the client's too.
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    strip_all_but_upgrade(resp.headers_mut());
+                    strip_all_but_upgrade(resp.headers_mut(), present);
                 } else {
                     strip_present(resp.headers_mut(), present);
                 }
@@ -1300,6 +1296,11 @@ impl Future for ResponseFuture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Removes the hop-by-hop headers, finding which are present.
+    fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
+        strip_present(headers, hop_by_hop(headers))
+    }
 
     #[test]
     fn forwarded_for_is_appended_or_created() {

@@ -102,14 +102,17 @@ impl<B> Drop for Upload<B> {
 /// its task with the timer, not a timer of its own.
 pub(super) type Timer = Option<Pin<Box<Sleep>>>;
 
-/// Starts a wait on `timer` (made now, ending `timeout` from now, if the
-/// connection has none yet); returns when it started.
-pub(super) fn start(timer: &mut Timer, timeout: Duration) -> Instant {
-    let now = Instant::now();
-    if timer.is_none() {
-        *timer = Some(Box::pin(tokio::time::sleep_until(later(now, timeout))));
-    }
-    now
+/// When the wait at hand started: `since`, or now if it is only starting
+/// (then on `timer`, made now and ending `timeout` from now if the
+/// connection has none yet).
+pub(super) fn start(timer: &mut Timer, since: &mut Option<Instant>, timeout: Duration) -> Instant {
+    *since.get_or_insert_with(|| {
+        let now = Instant::now();
+        if timer.is_none() {
+            *timer = Some(Box::pin(tokio::time::sleep_until(later(now, timeout))));
+        }
+        now
+    })
 }
 
 /// Ready once `timeout` has passed `since` the start of a wait on `timer`
@@ -194,10 +197,7 @@ where
         let Some(timeout) = *this.read_timeout else {
             return Poll::Pending;
         };
-        let mut since = match *this.since {
-            Some(since) => since,
-            None => *this.since.insert(start(this.timer, timeout)),
-        };
+        let mut since = start(this.timer, this.since, timeout);
         loop {
             ready!(passed(this.timer, since, timeout, cx));
             let resumed = match this.sent.as_deref() {
