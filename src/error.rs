@@ -260,6 +260,26 @@ pub(crate) fn chain<'a>(
     std::iter::successors(Some(err), |&e| e.source())
 }
 
+/// An error followed by its chain of sources (`outer: inner: innermost`),
+/// for events, traces and copies of an error: a [`BackendError`] alone
+/// says only which backend failed, its sources say why.
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn StdError + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = self.0.to_string();
+        for err in chain(self.0).skip(1) {
+            let text = err.to_string();
+            // A source that its error already prints is not repeated.
+            if !shown.ends_with(&text) {
+                shown.push_str(": ");
+                shown.push_str(&text);
+            }
+        }
+        f.write_str(&shown)
+    }
+}
+
 /// Finds the first error of type `E` in `err`'s chain of sources,
 /// starting with `err` itself.
 ///

@@ -23,6 +23,14 @@ pub(crate) fn elapsed(since: Instant, now: Instant, span: Duration) -> bool {
     now.saturating_duration_since(since) >= span
 }
 
+/// The earlier of two optional instants; either when the other is `None`.
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

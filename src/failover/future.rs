@@ -22,6 +22,7 @@ use crate::control::{emit, Event};
 use crate::error::{BackendError, BoxError, NoBackend};
 use crate::extensions::Picked;
 use crate::extensions::{Attempts, ServedBy};
+use crate::time::{earliest, later};
 
 pin_project! {
     /// The response future of [`Failover`](super::Failover): runs the
@@ -129,8 +130,8 @@ where
         let (mut timer, mut deadline) = (None, None);
         if picked.is_some() {
             let now = Instant::now();
-            deadline = config.deadline.map(|d| crate::time::later(now, d));
-            let per_try = config.per_try_timeout.map(|d| crate::time::later(now, d));
+            deadline = config.deadline.map(|d| later(now, d));
+            let per_try = config.per_try_timeout.map(|d| later(now, d));
             set_timer(&mut timer, earliest(per_try, deadline));
         }
         ResponseFuture {
@@ -274,7 +275,7 @@ where
                             if pause.is_zero() {
                                 this.attempt.set(Attempt::Ready);
                             } else {
-                                let until = crate::time::later(Instant::now(), pause);
+                                let until = later(Instant::now(), pause);
                                 set_timer(this.timer, earliest(Some(until), *this.deadline));
                                 this.attempt.set(Attempt::Backoff);
                             }
@@ -307,8 +308,8 @@ where
                         }
                     };
                     this.attempt.set(Attempt::Called { future });
-                    let per_try = (this.retry.config.per_try_timeout)
-                        .map(|d| crate::time::later(Instant::now(), d));
+                    let per_try =
+                        (this.retry.config.per_try_timeout).map(|d| later(Instant::now(), d));
                     set_timer(this.timer, earliest(per_try, *this.deadline));
                 }
                 AttemptProj::Done => panic!("failover ResponseFuture polled after completion"),
@@ -348,14 +349,6 @@ fn fired(
     match deadline {
         Some(deadline) if timer.deadline() >= deadline => Fired::Deadline,
         _ => Fired::Timer,
-    }
-}
-
-/// The earlier of two optional instants.
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }
 
@@ -585,14 +578,14 @@ where
                 target: "tower_ha::failover",
                 from = %from,
                 to = to.map(BackendId::as_str),
-                cause = %Chain(&**cause),
+                cause = %crate::error::Chain(&**cause),
                 attempt = self.tried,
                 "failing over"
             );
             emit(self.config.events.as_ref(), || Event::FailoverAttempt {
                 attempt: u32::try_from(self.tried).unwrap_or(u32::MAX),
                 failed: from.clone(),
-                reason: Chain(&**cause).to_string().into(),
+                reason: crate::error::Chain(&**cause).to_string().into(),
             });
         }
     }
@@ -652,26 +645,6 @@ where
         }
         response.extensions_mut().insert(attempts);
         response
-    }
-}
-
-/// An error followed by its chain of sources (`outer: inner: innermost`),
-/// for events and traces: a [`BackendError`] alone says only which backend
-/// failed, its sources say why.
-struct Chain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = self.0.to_string();
-        for err in crate::error::chain(self.0).skip(1) {
-            let text = err.to_string();
-            // A source that its error already prints is not repeated.
-            if !shown.ends_with(&text) {
-                shown.push_str(": ");
-                shown.push_str(&text);
-            }
-        }
-        f.write_str(&shown)
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::time::{elapsed, later};
+use crate::time::{earliest, elapsed, later};
 
 use super::error::{ProbePanicked, ProbeTimeout};
 use super::probe::Probe;
@@ -488,15 +488,9 @@ impl Entry {
                     .filter(|_| health == HealthStatus::Unhealthy)
                     .map(|after| later(since, after));
                 let removed = config.removed_after.map(|after| later(since, after));
-                match (off, removed) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
+                earliest(off, removed)
             });
-        match (probe, lifecycle) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(probe, lifecycle)
     }
 }
 

@@ -99,10 +99,9 @@ impl StoreError {
     /// text (a cause cannot be shared): for those who waited on one write
     /// together.
     pub(crate) fn duplicate(&self) -> StoreError {
-        let causes = self.source().map(|source| {
-            let texts: Vec<String> = crate::error::chain(source).map(|e| e.to_string()).collect();
-            texts.join(": ").into()
-        });
+        let causes = self
+            .source()
+            .map(|source| crate::error::Chain(source).to_string().into());
         StoreError {
             kind: self.kind,
             message: self.message.clone(),
