@@ -404,8 +404,13 @@ fn respond(result: Result<Response<ResponseBody>, BoxError>) -> Response<ProxyBo
             let mut cause = e.to_string();
             let mut source = e.source();
             while let Some(e) = source {
-                cause.push_str(": ");
-                cause.push_str(&e.to_string());
+                let text = e.to_string();
+                // `Exhausted` already names each attempt's cause, the
+                // last of which is its source.
+                if !cause.contains(&text) {
+                    cause.push_str(": ");
+                    cause.push_str(&text);
+                }
                 source = e.source();
             }
             eprintln!("{status}: {cause}");
