@@ -222,11 +222,16 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> AdminFuture {
+    fn call(&mut self, mut req: Request<B>) -> AdminFuture {
         let handle = self.handle.clone();
         let settings = self.settings.clone();
+        // HEAD is answered as GET, whose routes change nothing; the body is
+        // dropped afterwards.
+        let head = req.method() == Method::HEAD;
+        if head {
+            *req.method_mut() = Method::GET;
+        }
         Box::pin(async move {
-            let head = req.method() == Method::HEAD;
             let mut response = route(&handle, &settings, req).await;
             if head {
                 // The answer to GET, headers and all (its `Content-Length`
@@ -432,12 +437,7 @@ where
         );
     };
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    // HEAD is answered as GET, whose routes change nothing; the body is
-    // dropped afterwards.
-    let method = match req.method() {
-        &Method::HEAD => Method::GET,
-        method => method.clone(),
-    };
+    let method = req.method().clone();
     match segments.as_slice() {
         ["groups"] => match method {
             Method::GET => json(StatusCode::OK, &handle.stats()),
