@@ -342,6 +342,12 @@ impl Drop for InFlight {
     }
 }
 
+/// The name of the `n`-th temporary file of this process for the record
+/// file `record`: `.{record}.{pid}-{n}.tmp`.
+fn temp_name(record: &str, n: u64) -> String {
+    format!(".{record}.{}-{n}{TEMP_SUFFIX}", std::process::id())
+}
+
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     let target = dir.join(name);
     let mut attempt = 1;
@@ -349,7 +355,7 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> 
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         // Unique in this process (counter) and, nearly always, among
         // processes (pid, and a counter that starts at random).
-        let temp_name = format!(".{name}.{}-{n}{TEMP_SUFFIX}", std::process::id());
+        let temp_name = temp_name(name, n);
         let temp = dir.join(&temp_name);
         // Registered before the file exists and released after the rename,
         // so a listing that sees the file also sees the registration.
@@ -602,9 +608,7 @@ mod tests {
         // The names the next saves in this process take (another test may
         // take some of them first).
         let next = TEMP_COUNTER.load(Ordering::Relaxed);
-        let leftovers: Vec<String> = (next..next + 4)
-            .map(|n| format!(".{name}.{}-{n}{TEMP_SUFFIX}", std::process::id()))
-            .collect();
+        let leftovers: Vec<String> = (next..next + 4).map(|n| temp_name(&name, n)).collect();
         for leftover in &leftovers {
             fs::write(tmp.path().join(leftover), b"{\"key\": \"k\", \"ba").unwrap();
         }
@@ -634,7 +638,7 @@ mod tests {
         // A temporary name of `k`'s record that no save of this process
         // takes (the counter is far from it), held as `write_atomic` holds
         // its own from before the file exists until after the rename.
-        let temp = format!(".{}.{}-0{TEMP_SUFFIX}", file_name("k"), std::process::id());
+        let temp = temp_name(&file_name("k"), 0);
         assert!(is_temp_name(&temp));
         let in_flight = InFlight::register(temp.clone());
         fs::write(tmp.path().join(&temp), b"{\"key\": \"k\", \"ba").unwrap();
