@@ -177,7 +177,7 @@ impl fmt::Debug for Priority {
 }
 
 /// A group's state at one moment, for the stats.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct PrioritySnapshot {
     pub(crate) current: Option<BackendId>,
     pub(crate) forced: Option<BackendId>,

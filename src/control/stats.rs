@@ -134,18 +134,15 @@ impl GroupStats {
         let priority = group.priority.as_ref();
         // Read under one lock: the primaries and the failover count are of
         // one moment, not before and after a switch.
-        let snapshot = priority.map(|p| p.snapshot());
-        let snapshot = snapshot.as_ref();
+        let snapshot = priority.map(|p| p.snapshot()).unwrap_or_default();
         GroupStats {
             name: group.name.clone(),
             mode: group.mode(),
             configured_primary: priority.and_then(|p| p.configured_primary().cloned()),
-            current_primary: snapshot.and_then(|s| s.current.clone()),
-            forced_primary: snapshot.and_then(|s| s.forced.clone()),
-            failovers: snapshot.map_or(0, |s| s.failovers),
-            since_last_failover: snapshot
-                .and_then(|s| s.last_failover)
-                .map(|at| at.elapsed()),
+            current_primary: snapshot.current,
+            forced_primary: snapshot.forced,
+            failovers: snapshot.failovers,
+            since_last_failover: snapshot.last_failover.map(|at| at.elapsed()),
             healthy: healthy.into_iter().map(|b| b.id.clone()).collect(),
             failed: failed.into_iter().map(|b| b.id.clone()).collect(),
             backends,
