@@ -1886,6 +1886,38 @@ async fn a_session_in_use_is_saved_again_as_often_as_its_store_asks() {
     assert_eq!(record.backend.as_str(), "a");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_store_with_a_ttl_keeps_the_records_of_sessions_in_use_only() {
+    let c = cluster();
+    let ttl = Duration::from_secs(60);
+    let store = MemoryStore::with_ttl(ttl);
+    let (_, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let settle = || async {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    };
+    for key in ["busy", "gone"] {
+        send(&svc, session(key)).await.unwrap();
+    }
+    settle().await;
+    assert_eq!(store.len(), 2);
+    // "busy" is used every 20 s for ten minutes; "gone" never again.
+    for _ in 0..30 {
+        tokio::time::advance(Duration::from_secs(20)).await;
+        send(&svc, session("busy")).await.unwrap();
+        settle().await;
+    }
+    let busy = store
+        .load("busy")
+        .await
+        .unwrap()
+        .expect("kept alive by its use");
+    assert_eq!(busy.backend.as_str(), "a");
+    assert!(store.load("gone").await.unwrap().is_none());
+    assert_eq!(store.len(), 1, "the unused session's record was swept out");
+}
+
 #[tokio::test]
 async fn the_layers_cookie_is_found_behind_a_foreign_one_of_the_same_name() {
     let c = cluster();

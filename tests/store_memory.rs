@@ -18,3 +18,117 @@ async fn clones_share_sessions() {
     assert_eq!(b.load("k").await.unwrap().unwrap().backend.as_str(), "x");
     assert_eq!(b.len(), 1);
 }
+
+#[tokio::test]
+async fn memory_store_with_a_ttl_passes_the_contract() {
+    let store = MemoryStore::with_ttl(std::time::Duration::from_secs(3600));
+    support::store_contract::run(Arc::new(store)).await;
+}
+
+mod ttl {
+    use std::time::Duration;
+
+    use tokio::time::advance;
+    use tower_ha::store::{MemoryStore, Session, SessionStore};
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    fn keys(sessions: Vec<Session>) -> Vec<String> {
+        let mut keys: Vec<String> = sessions.into_iter().map(|s| s.key).collect();
+        keys.sort();
+        keys
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_expires_a_ttl_after_its_last_save_or_load() {
+        let store = MemoryStore::with_ttl(TTL);
+        assert_eq!(store.refresh_interval(), Some(TTL / 2));
+        for key in ["saved", "loaded", "left"] {
+            store.save(&Session::new(key, "a".into())).await.unwrap();
+        }
+        advance(Duration::from_secs(40)).await;
+        store
+            .save(&Session::new("saved", "b".into()))
+            .await
+            .unwrap();
+        assert!(store.load("loaded").await.unwrap().is_some());
+
+        advance(Duration::from_secs(30)).await; // 70 s after the first saves
+        assert!(store.load("left").await.unwrap().is_none(), "expired");
+        let saved = store.load("saved").await.unwrap().unwrap();
+        assert_eq!(saved.backend.as_str(), "b");
+        assert_eq!(
+            keys(store.load_all().await.unwrap().sessions),
+            ["loaded", "saved"]
+        );
+
+        // Every load renewed "loaded" and "saved"; nothing renews them now.
+        advance(TTL).await;
+        assert!(store.load_all().await.unwrap().sessions.is_empty());
+        assert!(store.load("saved").await.unwrap().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn saves_sweep_expired_records_out_at_most_every_half_ttl() {
+        let store = MemoryStore::with_ttl(TTL);
+        for i in 0..100 {
+            store
+                .save(&Session::new(format!("old-{i}"), "a".into()))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.len(), 100);
+        advance(TTL + Duration::from_secs(1)).await;
+        store
+            .save(&Session::new("new-1", "a".into()))
+            .await
+            .unwrap();
+        assert_eq!(store.len(), 1, "the expired records are gone");
+
+        // Swept now; the next sweep is half a TTL away.
+        advance(Duration::from_secs(40)).await;
+        store
+            .save(&Session::new("new-2", "a".into()))
+            .await
+            .unwrap();
+        advance(Duration::from_secs(25)).await; // "new-1" expired 4 s ago
+        store
+            .save(&Session::new("new-3", "a".into()))
+            .await
+            .unwrap();
+        assert!(store.load("new-1").await.unwrap().is_none());
+        assert_eq!(store.len(), 3, "not swept again within half a TTL");
+        advance(Duration::from_secs(6)).await;
+        store
+            .save(&Session::new("new-4", "a".into()))
+            .await
+            .unwrap();
+        assert_eq!(store.len(), 3, "swept: new-2, new-3 and new-4");
+        assert_eq!(
+            keys(store.load_all().await.unwrap().sessions),
+            ["new-2", "new-3", "new-4"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_ttl_records_stay() {
+        let store = MemoryStore::new();
+        assert_eq!(store.refresh_interval(), None);
+        store.save(&Session::new("k", "a".into())).await.unwrap();
+        advance(Duration::from_secs(365 * 24 * 3600)).await;
+        store
+            .save(&Session::new("other", "a".into()))
+            .await
+            .unwrap();
+        assert!(store.load("k").await.unwrap().is_some());
+        assert_eq!(store.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ttl_too_long_to_add_to_an_instant_means_never() {
+        let store = MemoryStore::with_ttl(Duration::MAX);
+        store.save(&Session::new("k", "a".into())).await.unwrap();
+        advance(Duration::from_secs(10 * 365 * 24 * 3600)).await;
+        assert!(store.load("k").await.unwrap().is_some());
+    }
+}
