@@ -402,3 +402,132 @@ async fn a_missing_directory_is_not_found_not_an_empty_store() {
     assert_eq!(store.load("k").await.unwrap(), None);
     store.save(&session("k", "b")).await.unwrap();
 }
+
+mod ttl {
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use tower_ha::store::{FileStore, SessionStore};
+
+    use super::{names, session};
+
+    const TTL: Duration = Duration::from_secs(3600);
+
+    /// Sets the modification time of `key`'s record to `ago` before now.
+    fn age(dir: &Path, key: &str, ago: Duration) {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(dir.join(FileStore::file_name(key)))
+            .unwrap();
+        file.set_modified(SystemTime::now() - ago).unwrap();
+    }
+
+    fn modified_ago(dir: &Path, key: &str) -> Duration {
+        let meta = std::fs::metadata(dir.join(FileStore::file_name(key))).unwrap();
+        meta.modified().unwrap().elapsed().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_file_store_with_a_ttl_passes_the_contract() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).await.unwrap().with_ttl(TTL);
+        crate::support::store_contract::run(std::sync::Arc::new(store)).await;
+    }
+
+    #[tokio::test]
+    async fn an_expired_record_is_not_loaded_and_a_prune_removes_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let store = FileStore::open(dir).await.unwrap().with_ttl(TTL);
+        assert_eq!(store.refresh_interval(), Some(TTL / 2));
+        for key in ["old", "young"] {
+            store.save(&session(key, "a")).await.unwrap();
+        }
+        age(dir, "old", TTL + Duration::from_secs(1));
+        age(dir, "young", TTL - Duration::from_secs(60));
+        std::fs::write(dir.join("notes.txt"), b"not a session").unwrap();
+        let file = std::fs::File::options()
+            .write(true)
+            .open(dir.join("notes.txt"));
+        file.unwrap()
+            .set_modified(SystemTime::now() - 2 * TTL)
+            .unwrap();
+
+        assert!(store.load("old").await.unwrap().is_none());
+        let loaded = store.load_all().await.unwrap();
+        assert_eq!(loaded.sessions.len(), 1);
+        assert_eq!(loaded.sessions[0].key, "young");
+        assert!(loaded.skipped.is_empty(), "{:?}", loaded.skipped);
+
+        assert_eq!(store.prune().await.unwrap(), 1);
+        assert_eq!(
+            names(dir),
+            [FileStore::file_name("young").as_str(), "notes.txt"],
+            "only the expired record is removed"
+        );
+        assert_eq!(store.prune().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_load_renews_the_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let store = FileStore::open(dir).await.unwrap().with_ttl(TTL);
+        for key in ["one", "all"] {
+            store.save(&session(key, "a")).await.unwrap();
+            age(dir, key, TTL - Duration::from_secs(60));
+        }
+        assert!(store.load("one").await.unwrap().is_some());
+        assert_eq!(store.load_all().await.unwrap().sessions.len(), 2);
+        for key in ["one", "all"] {
+            assert!(
+                modified_ago(dir, key) < Duration::from_secs(60),
+                "{key} renewed"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_ttl_nothing_expires() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let store = FileStore::open(dir).await.unwrap();
+        assert_eq!(store.refresh_interval(), None);
+        store.save(&session("old", "a")).await.unwrap();
+        age(dir, "old", 100 * TTL);
+        assert!(store.load("old").await.unwrap().is_some());
+        assert_eq!(store.prune().await.unwrap(), 0);
+        store.save(&session("other", "a")).await.unwrap();
+        assert_eq!(names(dir).len(), 2);
+        assert!(
+            modified_ago(dir, "old") > 99 * TTL,
+            "a load without a TTL writes nothing"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_save_prunes_in_the_background() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let plain = FileStore::open(dir).await.unwrap();
+        for i in 0..20 {
+            let key = format!("old-{i}");
+            plain.save(&session(&key, "a")).await.unwrap();
+            age(dir, &key, TTL + Duration::from_secs(1));
+        }
+        let store = plain.with_ttl(TTL);
+        store.save(&session("new", "a")).await.unwrap();
+        let pruned = async {
+            while names(dir).len() > 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), pruned)
+            .await
+            .is_err()
+        {
+            panic!("not pruned: {:?}", names(dir));
+        }
+        assert_eq!(names(dir), [FileStore::file_name("new")]);
+    }
+}

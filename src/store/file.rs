@@ -3,15 +3,17 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
+use tokio::time::Instant;
 
-use super::{Loaded, Session, SessionStore, StoreError, StoreFuture};
+use super::{Loaded, Session, SessionStore, StoreError, StoreFuture, MAX_TTL};
 
 /// The suffix of every session file.
 const RECORD_SUFFIX: &str = ".json";
@@ -54,8 +56,7 @@ fn is_temp_name(name: &str) -> bool {
     let ours = writer
         .split_once('-')
         .is_some_and(|(pid, n)| is_digits(pid) && is_digits(n));
-    ours && record.ends_with(RECORD_SUFFIX)
-        && (record.starts_with(ENCODED_PREFIX) || record.starts_with(HASHED_PREFIX))
+    ours && is_record_name(record)
 }
 
 fn is_digits(s: &str) -> bool {
@@ -94,6 +95,8 @@ fn is_digits(s: &str) -> bool {
 ///   [`open`](FileStore::open) (deleted, or its volume unmounted), `load`,
 ///   `load_all` and `save` fail with [`is_not_found`](StoreError::is_not_found)
 ///   instead of answering "no such session".
+/// * **Expiry, if asked for**: records stay until deleted, unless the store
+///   has a time to live ([`with_ttl`](FileStore::with_ttl)).
 /// * **Never blocks the runtime**: every file operation runs on tokio's
 ///   blocking thread pool ([`tokio::task::spawn_blocking`]), so a store must
 ///   be used inside a tokio runtime; outside one, calls fail with an
@@ -122,6 +125,9 @@ fn is_digits(s: &str) -> bool {
 #[derive(Clone)]
 pub struct FileStore {
     dir: Arc<PathBuf>,
+    ttl: Option<Duration>,
+    /// When the next save starts a prune (with a TTL), shared by clones.
+    next_prune: Arc<Mutex<Option<Instant>>>,
 }
 
 impl FileStore {
@@ -148,7 +154,82 @@ impl FileStore {
             Ok(dir)
         })
         .await?;
-        Ok(FileStore { dir: Arc::new(dir) })
+        Ok(FileStore {
+            dir: Arc::new(dir),
+            ttl: None,
+            next_prune: Arc::default(),
+        })
+    }
+
+    /// Makes records expire `ttl` after their last save or load (a
+    /// record's time is its file's modification time), so that a store
+    /// behind the layer's own cookie on a public site, where every new
+    /// client is a session, stays bounded. Applies to this handle and the
+    /// clones made from it afterwards.
+    ///
+    /// * `load` and `load_all` do not return an expired record; each
+    ///   record they return is renewed (its modification time set to now).
+    /// * A save starts a [`prune`](FileStore::prune) on the blocking
+    ///   thread pool, in the background, at most once every half `ttl`
+    ///   (the first save after `with_ttl` starts one).
+    /// * The sticky layer saves a session it serves again every half `ttl`
+    ///   (see [`SessionStore::refresh_interval`]), so only sessions nobody
+    ///   uses expire.
+    ///
+    /// A prune never removes a record this process is writing; a record
+    /// another process writes into the same directory may be removed as
+    /// it is renewed (one process should own a directory).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use tower_ha::store::{FileStore, SessionStore};
+    ///
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// # let dir = tmp.path();
+    /// let store = FileStore::open(dir).await.unwrap().with_ttl(Duration::from_secs(24 * 3600));
+    /// assert_eq!(store.refresh_interval(), Some(Duration::from_secs(12 * 3600)));
+    /// # }
+    /// ```
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl.min(MAX_TTL));
+        self
+    }
+
+    /// Removes the records that expired (see
+    /// [`with_ttl`](FileStore::with_ttl)) and answers how many; without a
+    /// TTL, removes nothing. Saves start one now and then; call it to
+    /// prune at a time of your choosing. A record that cannot be removed
+    /// is logged and left; only a directory that cannot be listed is an
+    /// error.
+    pub async fn prune(&self) -> Result<usize, StoreError> {
+        let Some(ttl) = self.ttl else {
+            return Ok(0);
+        };
+        let dir = self.dir.clone();
+        blocking(move || prune(&dir, ttl)).await
+    }
+
+    /// Starts a prune in the background if none started in the last half
+    /// TTL.
+    fn prune_if_due(&self) {
+        let Some(ttl) = self.ttl else { return };
+        let now = Instant::now();
+        {
+            let mut next = self.next_prune.lock();
+            if next.is_some_and(|at| now < at) {
+                return;
+            }
+            *next = Some(now + ttl / 2);
+        }
+        let dir = self.dir.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn_blocking(move || match prune(&dir, ttl) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(dir = %dir.display(), removed = n, "expired sessions removed"),
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot prune expired sessions"),
+            });
+        }
     }
 
     /// The directory the sessions are kept in.
@@ -172,20 +253,25 @@ impl FileStore {
 
 impl fmt::Debug for FileStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FileStore").field("dir", &self.dir).finish()
+        f.debug_struct("FileStore")
+            .field("dir", &self.dir)
+            .field("ttl", &self.ttl)
+            .finish()
     }
 }
 
 impl SessionStore for FileStore {
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         let dir = self.dir.clone();
-        Box::pin(blocking(move || load_all(&dir)))
+        let ttl = self.ttl;
+        Box::pin(blocking(move || load_all(&dir, ttl)))
     }
 
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         let dir = self.dir.clone();
         let key = key.to_owned();
-        Box::pin(blocking(move || load_one(&dir, &key)))
+        let ttl = self.ttl;
+        Box::pin(blocking(move || load_one(&dir, &key, ttl)))
     }
 
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
@@ -196,7 +282,9 @@ impl SessionStore for FileStore {
             let bytes = encoded.map_err(|e| {
                 StoreError::other(e).with_message("session cannot be encoded as JSON")
             })?;
-            blocking(move || write_atomic(&dir, &name, &bytes)).await
+            blocking(move || write_atomic(&dir, &name, &bytes)).await?;
+            self.prune_if_due();
+            Ok(())
         })
     }
 
@@ -209,6 +297,11 @@ impl SessionStore for FileStore {
             }
             blocking(move || delete(&dir, &names)).await
         })
+    }
+
+    /// Half the TTL ([`with_ttl`](FileStore::with_ttl)), if any.
+    fn refresh_interval(&self) -> Option<Duration> {
+        self.ttl.map(|ttl| ttl / 2)
     }
 }
 
@@ -419,15 +512,28 @@ fn delete(dir: &Path, names: &[String]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Reads and checks one record file. `Ok(None)` if it does not exist.
-fn read_record(path: &Path, name: &str) -> Result<Option<Session>, StoreError> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
+/// Reads and checks one record file. `Ok(None)` if it does not exist or,
+/// with a `ttl`, if it expired; with a `ttl`, the record's time is renewed.
+fn read_record(
+    path: &Path,
+    name: &str,
+    ttl: Option<Duration>,
+) -> Result<Option<Session>, StoreError> {
+    let cannot_read =
+        |e: io::Error| StoreError::io(e).with_message(format!("cannot read {}", path.display()));
+    let mut file = match File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(StoreError::io(e).with_message(format!("cannot read {}", path.display())))
-        }
+        Err(e) => return Err(cannot_read(e)),
     };
+    let meta = file.metadata().map_err(cannot_read)?;
+    if let Some(ttl) = ttl {
+        if expired(&meta, ttl) {
+            return Ok(None);
+        }
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(cannot_read)?;
     let session: Session = serde_json::from_slice(&bytes)
         .map_err(|e| StoreError::corrupt(e).with_message(format!("{name} is not a session")))?;
     if file_name(&session.key) != name {
@@ -437,12 +543,86 @@ fn read_record(path: &Path, name: &str) -> Result<Option<Session>, StoreError> {
         ))
         .with_message(format!("{name} holds another key's session")));
     }
+    if ttl.is_some() {
+        // Renewed on the file this read opened: a save that replaced it
+        // meanwhile is newer anyway. A failure only shortens its life.
+        if let Err(e) = file.set_modified(SystemTime::now()) {
+            tracing::debug!(file = %name, error = %e, "cannot renew a session file");
+        }
+    }
     Ok(Some(session))
 }
 
-fn load_one(dir: &Path, key: &str) -> Result<Option<Session>, StoreError> {
+/// Whether a record whose file has `meta` expired: its last modification
+/// is `ttl` or more ago (never when the clock is behind it).
+fn expired(meta: &fs::Metadata, ttl: Duration) -> bool {
+    meta.modified().is_ok_and(|at| {
+        SystemTime::now()
+            .duration_since(at)
+            .is_ok_and(|age| age >= ttl)
+    })
+}
+
+/// Whether `name` is a record's file name (with one of the prefixes and
+/// the record suffix); other files in the directory are not the store's.
+fn is_record_name(name: &str) -> bool {
+    name.ends_with(RECORD_SUFFIX)
+        && (name.starts_with(ENCODED_PREFIX) || name.starts_with(HASHED_PREFIX))
+}
+
+/// Removes every expired record in `dir`; answers how many.
+fn prune(dir: &Path, ttl: Duration) -> Result<usize, StoreError> {
+    let entries = fs::read_dir(dir)
+        .map_err(|e| io_error(dir, e, format!("cannot list {}", dir.display())))?;
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| {
+            StoreError::io(e).with_message(format!("cannot list {}", dir.display()))
+        })?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        // Listed metadata first, so a live record costs no lock.
+        if is_record_name(&name) && entry.metadata().is_ok_and(|m| expired(&m, ttl)) {
+            removed += usize::from(remove_expired(dir, &name, ttl));
+        }
+    }
+    if removed > 0 {
+        sync_dir(dir).map_err(|e| {
+            StoreError::io(e).with_message(format!("cannot flush directory {}", dir.display()))
+        })?;
+    }
+    Ok(removed)
+}
+
+/// Removes the record `name` if it is still expired and this process is
+/// not writing it; whether it did. The check and the removal hold the lock
+/// every write registers under, so a save of this process either has not
+/// started (it writes a new file after the removal) or has renamed its
+/// file into place (the check sees it renewed).
+fn remove_expired(dir: &Path, name: &str, ttl: Duration) -> bool {
+    let path = dir.join(name);
+    let in_flight = IN_FLIGHT.lock();
+    let temp_prefix = format!(".{name}.");
+    if in_flight.iter().any(|temp| temp.starts_with(&temp_prefix)) {
+        return false;
+    }
+    if !fs::symlink_metadata(&path).is_ok_and(|m| expired(&m, ttl)) {
+        return false;
+    }
+    match fs::remove_file(&path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove an expired session file");
+            false
+        }
+    }
+}
+
+fn load_one(dir: &Path, key: &str, ttl: Option<Duration>) -> Result<Option<Session>, StoreError> {
     let name = file_name(key);
-    match read_record(&dir.join(&name), &name)? {
+    match read_record(&dir.join(&name), &name, ttl)? {
         Some(session) if session.key == key => Ok(Some(session)),
         Some(_) => Err(StoreError::corrupt(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -477,7 +657,7 @@ fn io_error(dir: &Path, e: io::Error, message: String) -> StoreError {
     }
 }
 
-fn load_all(dir: &Path) -> Result<Loaded, StoreError> {
+fn load_all(dir: &Path, ttl: Option<Duration>) -> Result<Loaded, StoreError> {
     let entries = fs::read_dir(dir)
         .map_err(|e| io_error(dir, e, format!("cannot list {}", dir.display())))?;
     let mut loaded = Loaded::default();
@@ -517,14 +697,12 @@ fn load_all(dir: &Path) -> Result<Loaded, StoreError> {
             );
             continue;
         }
-        if !name.ends_with(RECORD_SUFFIX)
-            || !(name.starts_with(ENCODED_PREFIX) || name.starts_with(HASHED_PREFIX))
-        {
+        if !is_record_name(&name) {
             continue; // not ours: leave other files alone
         }
-        match read_record(&path, &name) {
+        match read_record(&path, &name, ttl) {
             Ok(Some(session)) => loaded.sessions.push(session),
-            Ok(None) => {} // deleted while listing
+            Ok(None) => {} // deleted while listing, or expired
             Err(e) => {
                 tracing::warn!(file = %name, error = %e, "skipping unreadable session file");
                 loaded.skip(name, e);
@@ -544,6 +722,26 @@ mod tests {
     /// Every directory `sync_dir` flushed, in order.
     #[cfg(unix)]
     pub(super) static SYNCED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    #[tokio::test]
+    async fn a_prune_leaves_a_record_this_process_is_writing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let ttl = Duration::from_secs(60);
+        let store = FileStore::open(dir).await.unwrap().with_ttl(ttl);
+        let key = "a-prune-leaves-a-record-being-written";
+        store.save(&Session::new(key, "a".into())).await.unwrap();
+        let name = file_name(key);
+        let file = File::options().write(true).open(dir.join(&name)).unwrap();
+        file.set_modified(SystemTime::now() - 2 * ttl).unwrap();
+
+        let writing = InFlight::register(temp_name(&name, 1));
+        assert_eq!(store.prune().await.unwrap(), 0);
+        assert!(dir.join(&name).exists());
+        drop(writing);
+        assert_eq!(store.prune().await.unwrap(), 1);
+        assert!(!dir.join(&name).exists());
+    }
 
     #[cfg(unix)]
     #[tokio::test]

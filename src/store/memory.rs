@@ -6,7 +6,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 
-use super::{Loaded, Session, SessionStore, StoreFuture};
+use super::{Loaded, Session, SessionStore, StoreFuture, MAX_TTL};
 
 /// Sessions in this process's memory, shared by every clone.
 ///
@@ -22,9 +22,6 @@ use super::{Loaded, Session, SessionStore, StoreFuture};
 pub struct MemoryStore {
     inner: Arc<Inner>,
 }
-
-/// The longest TTL taken as given (about a century).
-const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 #[derive(Default)]
 struct Inner {
@@ -71,7 +68,6 @@ impl MemoryStore {
     pub fn with_ttl(ttl: Duration) -> Self {
         MemoryStore {
             inner: Arc::new(Inner {
-                // Longer is forever, and keeps instants from overflowing.
                 ttl: Some(ttl.min(MAX_TTL)),
                 ..Inner::default()
             }),

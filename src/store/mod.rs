@@ -56,6 +56,10 @@ pub use memory::MemoryStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "webhook")))]
 pub use webhook::{WebhookStore, WebhookStoreBuilder};
 
+/// The longest time to live a store takes as given (about a century):
+/// longer is forever, and keeps instants from overflowing.
+const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// The future every [`SessionStore`] method returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
