@@ -448,7 +448,11 @@ async fn run(clients: usize) -> Result<(), BoxError> {
         .spawn();
 
     let dir = tempfile::tempdir()?;
-    let store = FileStore::open(dir.path().join("sessions")).await?;
+    // Every cookieless client starts a session: records unused for a day
+    // expire, so the directory stays bounded.
+    let store = FileStore::open(dir.path().join("sessions"))
+        .await?
+        .with_ttl(Duration::from_secs(24 * 3600));
     let moves: Arc<Mutex<Vec<(Duration, SessionMoved)>>> = Arc::default();
     let cookie = CookieInsert::new("SRV", rand::random::<[u8; 32]>()).secure(false);
     let sticky = {
