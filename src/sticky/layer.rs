@@ -141,8 +141,8 @@ impl StickyLayer {
     /// time unless the store does otherwise).
     /// Default: as the store asks
     /// ([`SessionStore::refresh_interval`](crate::store::SessionStore::refresh_interval):
-    /// half the `RedisStore`'s `ttl`, never for the other stores). Zero
-    /// turns it off.
+    /// half the TTL of a `RedisStore`, `FileStore` or `MemoryStore` that
+    /// has one, never for the others). Zero turns it off.
     pub fn refresh_every(self, every: Duration) -> Self {
         self.with(|c| c.refresh = Some(every))
     }
