@@ -1890,7 +1890,7 @@ async fn a_session_in_use_is_saved_again_as_often_as_its_store_asks() {
 async fn a_store_with_a_ttl_keeps_the_records_of_sessions_in_use_only() {
     let c = cluster();
     let ttl = Duration::from_secs(60);
-    let store = MemoryStore::with_ttl(ttl);
+    let store = MemoryStore::new().with_ttl(ttl);
     let (_, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
     let settle = || async {
         for _ in 0..10 {

@@ -21,7 +21,7 @@ async fn clones_share_sessions() {
 
 #[tokio::test]
 async fn memory_store_with_a_ttl_passes_the_contract() {
-    let store = MemoryStore::with_ttl(std::time::Duration::from_secs(3600));
+    let store = MemoryStore::new().with_ttl(std::time::Duration::from_secs(3600));
     support::store_contract::run(Arc::new(store)).await;
 }
 
@@ -41,7 +41,7 @@ mod ttl {
 
     #[tokio::test(start_paused = true)]
     async fn a_record_expires_a_ttl_after_its_last_save_or_load() {
-        let store = MemoryStore::with_ttl(TTL);
+        let store = MemoryStore::new().with_ttl(TTL);
         assert_eq!(store.refresh_interval(), Some(TTL / 2));
         for key in ["saved", "loaded", "left"] {
             store.save(&Session::new(key, "a".into())).await.unwrap();
@@ -62,15 +62,28 @@ mod ttl {
             ["loaded", "saved"]
         );
 
-        // Every load renewed "loaded" and "saved"; nothing renews them now.
-        advance(TTL).await;
+        // `load_all` renewed nothing: "loaded" expires 60 s after its
+        // load, "saved" 60 s after its last load (at 70 s).
+        advance(Duration::from_secs(31)).await; // 101 s
+        assert_eq!(keys(store.load_all().await.unwrap().sessions), ["saved"]);
+        advance(Duration::from_secs(29)).await; // 130 s
         assert!(store.load_all().await.unwrap().sessions.is_empty());
         assert!(store.load("saved").await.unwrap().is_none());
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_zero_ttl_is_taken_as_a_millisecond() {
+        let store = MemoryStore::new().with_ttl(Duration::ZERO);
+        assert_eq!(store.refresh_interval(), Some(Duration::from_micros(500)));
+        store.save(&Session::new("k", "a".into())).await.unwrap();
+        assert!(store.load("k").await.unwrap().is_some());
+        advance(Duration::from_millis(1)).await;
+        assert!(store.load("k").await.unwrap().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn saves_sweep_expired_records_out_at_most_every_half_ttl() {
-        let store = MemoryStore::with_ttl(TTL);
+        let store = MemoryStore::new().with_ttl(TTL);
         for i in 0..100 {
             store
                 .save(&Session::new(format!("old-{i}"), "a".into()))
@@ -91,7 +104,7 @@ mod ttl {
             .save(&Session::new("new-2", "a".into()))
             .await
             .unwrap();
-        advance(Duration::from_secs(25)).await; // "new-1" expired 4 s ago
+        advance(Duration::from_secs(25)).await; // "new-1" expired 5 s ago
         store
             .save(&Session::new("new-3", "a".into()))
             .await
@@ -126,7 +139,7 @@ mod ttl {
 
     #[tokio::test(start_paused = true)]
     async fn a_ttl_too_long_to_add_to_an_instant_means_never() {
-        let store = MemoryStore::with_ttl(Duration::MAX);
+        let store = MemoryStore::new().with_ttl(Duration::MAX);
         store.save(&Session::new("k", "a".into())).await.unwrap();
         advance(Duration::from_secs(10 * 365 * 24 * 3600)).await;
         assert!(store.load("k").await.unwrap().is_some());

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::{Loaded, Session, SessionStore, StoreError, StoreFuture, MAX_TTL};
+use super::{claim_due, clamp_ttl, Loaded, Session, SessionStore, StoreError, StoreFuture};
 
 /// The suffix of every session file.
 const RECORD_SUFFIX: &str = ".json";
@@ -161,24 +161,31 @@ impl FileStore {
         })
     }
 
-    /// Makes records expire `ttl` after their last save or load (a
-    /// record's time is its file's modification time), so that a store
-    /// behind the layer's own cookie on a public site, where every new
-    /// client is a session, stays bounded. Applies to this handle and the
-    /// clones made from it afterwards.
+    /// Makes records expire `ttl` after their last save or
+    /// [`load`](SessionStore::load) (a record's time is its file's
+    /// modification time), so that a store behind the layer's own cookie on
+    /// a public site, where every new client is a session, stays bounded.
+    /// Applies to this handle and the clones made from it afterwards.
     ///
-    /// * `load` and `load_all` do not return an expired record; each
-    ///   record they return is renewed (its modification time set to now).
+    /// * `load` does not return an expired record, and renews the record it
+    ///   returns (its modification time set to now). `load_all` does not
+    ///   return expired records either, but renews nothing, so that
+    ///   restarts do not keep every record alive.
     /// * A save starts a [`prune`](FileStore::prune) on the blocking
     ///   thread pool, in the background, at most once every half `ttl`
     ///   (the first save after `with_ttl` starts one).
     /// * The sticky layer saves a session it serves again every half `ttl`
     ///   (see [`SessionStore::refresh_interval`]), so only sessions nobody
     ///   uses expire.
+    /// * `ttl` is taken as at least 1 ms and at most about a century.
     ///
-    /// A prune never removes a record this process is writing; a record
-    /// another process writes into the same directory may be removed as
-    /// it is renewed (one process should own a directory).
+    /// Expiry follows the system clock: a jump forward by more than `ttl`
+    /// expires every record, and the sticky layer writes the sessions in
+    /// use again at their next refresh. A prune never removes a record this
+    /// process is writing, but may remove one a load is returning at the
+    /// moment it expires (written again at its next refresh too), and one
+    /// another process writes into the same directory as it is renewed (one
+    /// process should own a directory).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -192,7 +199,8 @@ impl FileStore {
     /// # }
     /// ```
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl.min(MAX_TTL));
+        self.ttl = Some(clamp_ttl(ttl));
+        self.next_prune = Arc::default();
         self
     }
 
@@ -214,13 +222,8 @@ impl FileStore {
     /// TTL.
     fn prune_if_due(&self) {
         let Some(ttl) = self.ttl else { return };
-        let now = Instant::now();
-        {
-            let mut next = self.next_prune.lock();
-            if next.is_some_and(|at| now < at) {
-                return;
-            }
-            *next = Some(now + ttl / 2);
+        if !claim_due(&self.next_prune, ttl / 2, Instant::now()) {
+            return;
         }
         let dir = self.dir.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -402,6 +405,22 @@ fn create_private(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
+/// [`sync_dir`], with the store's error.
+fn flush(dir: &Path) -> Result<(), StoreError> {
+    sync_dir(dir).map_err(|e| {
+        StoreError::io(e).with_message(format!("cannot flush directory {}", dir.display()))
+    })
+}
+
+/// The entries of `dir`, with the store's errors.
+fn list(
+    dir: &Path,
+) -> Result<impl Iterator<Item = Result<fs::DirEntry, StoreError>> + '_, StoreError> {
+    let message = || format!("cannot list {}", dir.display());
+    let entries = fs::read_dir(dir).map_err(|e| io_error(dir, e, message()))?;
+    Ok(entries.map(move |entry| entry.map_err(|e| StoreError::io(e).with_message(message()))))
+}
+
 /// Flushes the directory entry changes (a rename, a removal, a directory
 /// created) to disk.
 #[cfg(unix)]
@@ -481,9 +500,7 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> 
         return Err(StoreError::io(e).with_message(format!("cannot write {}", target.display())));
     }
     drop(guard);
-    sync_dir(dir).map_err(|e| {
-        StoreError::io(e).with_message(format!("cannot flush directory {}", dir.display()))
-    })
+    flush(dir)
 }
 
 fn delete(dir: &Path, names: &[String]) -> Result<(), StoreError> {
@@ -505,32 +522,31 @@ fn delete(dir: &Path, names: &[String]) -> Result<(), StoreError> {
         }
     }
     if removed {
-        sync_dir(dir).map_err(|e| {
-            StoreError::io(e).with_message(format!("cannot flush directory {}", dir.display()))
-        })?;
+        flush(dir)?;
     }
     Ok(())
 }
 
 /// Reads and checks one record file. `Ok(None)` if it does not exist or,
-/// with a `ttl`, if it expired; with a `ttl`, the record's time is renewed.
+/// with a `ttl`, if it expired. With a `ttl`, `renew` sets the time of the
+/// record returned to now.
 fn read_record(
     path: &Path,
     name: &str,
     ttl: Option<Duration>,
+    renew: bool,
 ) -> Result<Option<Session>, StoreError> {
     let cannot_read =
         |e: io::Error| StoreError::io(e).with_message(format!("cannot read {}", path.display()));
-    let mut file = match File::open(path) {
+    let renew = renew && ttl.is_some();
+    let mut file = match open_record(path, renew) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(cannot_read(e)),
     };
     let meta = file.metadata().map_err(cannot_read)?;
-    if let Some(ttl) = ttl {
-        if expired(&meta, ttl) {
-            return Ok(None);
-        }
+    if ttl.is_some_and(|ttl| expired(&meta, ttl)) {
+        return Ok(None);
     }
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     file.read_to_end(&mut bytes).map_err(cannot_read)?;
@@ -543,7 +559,7 @@ fn read_record(
         ))
         .with_message(format!("{name} holds another key's session")));
     }
-    if ttl.is_some() {
+    if renew {
         // Renewed on the file this read opened: a save that replaced it
         // meanwhile is newer anyway. A failure only shortens its life.
         if let Err(e) = file.set_modified(SystemTime::now()) {
@@ -551,6 +567,19 @@ fn read_record(
         }
     }
     Ok(Some(session))
+}
+
+/// Opens a record to read it, and to renew its time if `renew` (Windows
+/// sets a file's times only through a handle opened for writing): a file
+/// that cannot be opened for writing (read-only, or on a read-only file
+/// system) is read all the same.
+fn open_record(path: &Path, renew: bool) -> io::Result<File> {
+    if renew {
+        if let Ok(file) = OpenOptions::new().read(true).write(true).open(path) {
+            return Ok(file);
+        }
+    }
+    File::open(path)
 }
 
 /// Whether a record whose file has `meta` expired: its last modification
@@ -572,13 +601,10 @@ fn is_record_name(name: &str) -> bool {
 
 /// Removes every expired record in `dir`; answers how many.
 fn prune(dir: &Path, ttl: Duration) -> Result<usize, StoreError> {
-    let entries = fs::read_dir(dir)
-        .map_err(|e| io_error(dir, e, format!("cannot list {}", dir.display())))?;
+    let entries = list(dir)?;
     let mut removed = 0;
     for entry in entries {
-        let entry = entry.map_err(|e| {
-            StoreError::io(e).with_message(format!("cannot list {}", dir.display()))
-        })?;
+        let entry = entry?;
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
@@ -588,9 +614,7 @@ fn prune(dir: &Path, ttl: Duration) -> Result<usize, StoreError> {
         }
     }
     if removed > 0 {
-        sync_dir(dir).map_err(|e| {
-            StoreError::io(e).with_message(format!("cannot flush directory {}", dir.display()))
-        })?;
+        flush(dir)?;
     }
     Ok(removed)
 }
@@ -602,6 +626,8 @@ fn prune(dir: &Path, ttl: Duration) -> Result<usize, StoreError> {
 /// file into place (the check sees it renewed).
 fn remove_expired(dir: &Path, name: &str, ttl: Duration) -> bool {
     let path = dir.join(name);
+    // Held over a `stat` and an `unlink`, which every save of the process
+    // waits for; only records already seen expired get this far.
     let in_flight = IN_FLIGHT.lock();
     let temp_prefix = format!(".{name}.");
     if in_flight.iter().any(|temp| temp.starts_with(&temp_prefix)) {
@@ -622,7 +648,7 @@ fn remove_expired(dir: &Path, name: &str, ttl: Duration) -> bool {
 
 fn load_one(dir: &Path, key: &str, ttl: Option<Duration>) -> Result<Option<Session>, StoreError> {
     let name = file_name(key);
-    match read_record(&dir.join(&name), &name, ttl)? {
+    match read_record(&dir.join(&name), &name, ttl, true)? {
         Some(session) if session.key == key => Ok(Some(session)),
         Some(_) => Err(StoreError::corrupt(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -658,14 +684,11 @@ fn io_error(dir: &Path, e: io::Error, message: String) -> StoreError {
 }
 
 fn load_all(dir: &Path, ttl: Option<Duration>) -> Result<Loaded, StoreError> {
-    let entries = fs::read_dir(dir)
-        .map_err(|e| io_error(dir, e, format!("cannot list {}", dir.display())))?;
+    let entries = list(dir)?;
     let mut loaded = Loaded::default();
     let mut removed_temp = false;
     for entry in entries {
-        let entry = entry.map_err(|e| {
-            StoreError::io(e).with_message(format!("cannot list {}", dir.display()))
-        })?;
+        let entry = entry?;
         let Ok(name) = entry.file_name().into_string() else {
             continue; // never a name this store writes
         };
@@ -700,7 +723,7 @@ fn load_all(dir: &Path, ttl: Option<Duration>) -> Result<Loaded, StoreError> {
         if !is_record_name(&name) {
             continue; // not ours: leave other files alone
         }
-        match read_record(&path, &name, ttl) {
+        match read_record(&path, &name, ttl, false) {
             Ok(Some(session)) => loaded.sessions.push(session),
             Ok(None) => {} // deleted while listing, or expired
             Err(e) => {
@@ -728,9 +751,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let ttl = Duration::from_secs(60);
-        let store = FileStore::open(dir).await.unwrap().with_ttl(ttl);
+        // Written without a TTL: a save with one would start a prune.
+        let plain = FileStore::open(dir).await.unwrap();
         let key = "a-prune-leaves-a-record-being-written";
-        store.save(&Session::new(key, "a".into())).await.unwrap();
+        plain.save(&Session::new(key, "a".into())).await.unwrap();
+        let store = plain.with_ttl(ttl);
         let name = file_name(key);
         let file = File::options().write(true).open(dir.join(&name)).unwrap();
         file.set_modified(SystemTime::now() - 2 * ttl).unwrap();

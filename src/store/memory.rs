@@ -6,7 +6,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 
-use super::{Loaded, Session, SessionStore, StoreFuture, MAX_TTL};
+use super::{claim_due, clamp_ttl, Loaded, Session, SessionStore, StoreFuture};
 
 /// Sessions in this process's memory, shared by every clone.
 ///
@@ -21,21 +21,27 @@ use super::{Loaded, Session, SessionStore, StoreFuture, MAX_TTL};
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
+    ttl: Option<Duration>,
 }
 
 #[derive(Default)]
 struct Inner {
     sessions: RwLock<HashMap<String, Record>>,
-    ttl: Option<Duration>,
     /// When the next save sweeps expired records out (with a TTL).
     next_sweep: Mutex<Option<Instant>>,
 }
 
 struct Record {
     session: Session,
-    /// When the record expires: its last save or load plus the TTL
-    /// (`None` without one).
+    /// When the record expires: its last save or load plus the TTL of the
+    /// handle that did it (`None` without one).
     expires: Option<Instant>,
+}
+
+impl Record {
+    fn is_live(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|at| now < at)
+    }
 }
 
 impl MemoryStore {
@@ -44,20 +50,24 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
-    /// An empty store whose records expire `ttl` after their last save or
-    /// load: a load does not find an expired record, and saves remove
-    /// expired records (each save at most once every half `ttl` looks at
-    /// every record). The sticky layer saves a session it serves again
-    /// every half `ttl` (see [`SessionStore::refresh_interval`]), so only
-    /// sessions nobody uses expire. Time is [`tokio::time::Instant`], so
-    /// tests can pause it.
+    /// Makes records expire `ttl` after their last save or
+    /// [`load`](SessionStore::load) through this handle (or a clone made
+    /// from it afterwards): a load does not find an expired record
+    /// ([`load_all`](SessionStore::load_all) neither, and does not renew
+    /// what it finds, so that restarts do not keep every record alive), and
+    /// saves remove expired records (each save at most once every half
+    /// `ttl` looks at every record). The sticky layer saves a session it
+    /// serves again every half `ttl` (see
+    /// [`SessionStore::refresh_interval`]), so only sessions nobody uses
+    /// expire. `ttl` is taken as at least 1 ms and at most about a
+    /// century. Time is [`tokio::time::Instant`], so tests can pause it.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
     /// use std::time::Duration;
     /// use tower_ha::store::{MemoryStore, Session, SessionStore};
     ///
-    /// let store = MemoryStore::with_ttl(Duration::from_secs(60));
+    /// let store = MemoryStore::new().with_ttl(Duration::from_secs(60));
     /// store.save(&Session::new("alice", "node-a".into())).await.unwrap();
     /// assert_eq!(store.refresh_interval(), Some(Duration::from_secs(30)));
     ///
@@ -65,13 +75,9 @@ impl MemoryStore {
     /// assert!(store.load("alice").await.unwrap().is_none());
     /// # }
     /// ```
-    pub fn with_ttl(ttl: Duration) -> Self {
-        MemoryStore {
-            inner: Arc::new(Inner {
-                ttl: Some(ttl.min(MAX_TTL)),
-                ..Inner::default()
-            }),
-        }
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(clamp_ttl(ttl));
+        self
     }
 
     /// The number of stored sessions, counting expired records that no
@@ -84,31 +90,9 @@ impl MemoryStore {
     pub fn is_empty(&self) -> bool {
         self.inner.sessions.read().is_empty()
     }
-}
 
-impl Inner {
     fn expires(&self, now: Instant) -> Option<Instant> {
         self.ttl.map(|ttl| now + ttl)
-    }
-
-    /// Clones the live session of `record` and renews its expiry.
-    fn read(&self, record: &mut Record, now: Instant) -> Option<Session> {
-        if record.expires.is_some_and(|at| at <= now) {
-            return None;
-        }
-        record.expires = self.expires(now);
-        Some(record.session.clone())
-    }
-
-    /// Removes every expired record, if the last sweep was half a TTL ago.
-    fn sweep(&self, sessions: &mut HashMap<String, Record>, now: Instant) {
-        let Some(ttl) = self.ttl else { return };
-        let mut next = self.next_sweep.lock();
-        if next.is_some_and(|at| now < at) {
-            return;
-        }
-        *next = Some(now + ttl / 2);
-        sessions.retain(|_, r| r.expires.is_none_or(|at| at > now));
     }
 }
 
@@ -116,7 +100,7 @@ impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
             .field("sessions", &self.len())
-            .field("ttl", &self.inner.ttl)
+            .field("ttl", &self.ttl)
             .finish()
     }
 }
@@ -124,27 +108,23 @@ impl fmt::Debug for MemoryStore {
 impl SessionStore for MemoryStore {
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         let now = Instant::now();
-        let sessions = self
-            .inner
-            .sessions
-            .write()
-            .values_mut()
-            .filter_map(|record| self.inner.read(record, now))
+        let sessions = (self.inner.sessions.read().values())
+            .filter(|record| record.is_live(now))
+            .map(|record| record.session.clone())
             .collect();
         Box::pin(std::future::ready(Ok(Loaded::new(sessions))))
     }
 
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         let now = Instant::now();
-        let session = match self.inner.ttl {
-            None => self
-                .inner
-                .sessions
-                .read()
-                .get(key)
-                .map(|r| r.session.clone()),
-            Some(_) => (self.inner.sessions.write().get_mut(key))
-                .and_then(|record| self.inner.read(record, now)),
+        let found = |record: &Record| record.is_live(now).then(|| record.session.clone());
+        let session = match self.ttl {
+            None => self.inner.sessions.read().get(key).and_then(found),
+            Some(_) => (self.inner.sessions.write().get_mut(key)).and_then(|record| {
+                let session = found(record)?;
+                record.expires = self.expires(now);
+                Some(session)
+            }),
         };
         Box::pin(std::future::ready(Ok(session)))
     }
@@ -152,10 +132,14 @@ impl SessionStore for MemoryStore {
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         let now = Instant::now();
         let mut sessions = self.inner.sessions.write();
-        self.inner.sweep(&mut sessions, now);
+        if let Some(ttl) = self.ttl {
+            if claim_due(&self.inner.next_sweep, ttl / 2, now) {
+                sessions.retain(|_, record| record.is_live(now));
+            }
+        }
         let record = Record {
             session: session.clone(),
-            expires: self.inner.expires(now),
+            expires: self.expires(now),
         };
         sessions.insert(session.key.clone(), record);
         Box::pin(std::future::ready(Ok(())))
@@ -171,6 +155,6 @@ impl SessionStore for MemoryStore {
 
     /// Half the TTL ([`with_ttl`](MemoryStore::with_ttl)), if any.
     fn refresh_interval(&self) -> Option<Duration> {
-        self.inner.ttl.map(|ttl| ttl / 2)
+        self.ttl.map(|ttl| ttl / 2)
     }
 }

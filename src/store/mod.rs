@@ -56,9 +56,30 @@ pub use memory::MemoryStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "webhook")))]
 pub use webhook::{WebhookStore, WebhookStoreBuilder};
 
-/// The longest time to live a store takes as given (about a century):
-/// longer is forever, and keeps instants from overflowing.
-const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// A time to live as `FileStore` and `MemoryStore` take it: at least a
+/// millisecond (as `RedisStore` counts), at most about a century (longer
+/// is forever, and keeps instants from overflowing).
+fn clamp_ttl(ttl: Duration) -> Duration {
+    ttl.clamp(
+        Duration::from_millis(1),
+        Duration::from_secs(100 * 365 * 24 * 3600),
+    )
+}
+
+/// Claims a periodic job (a sweep of expired records) if it is due `now`;
+/// the next one is then due `every` later. Whether it was due.
+fn claim_due(
+    next: &parking_lot::Mutex<Option<tokio::time::Instant>>,
+    every: Duration,
+    now: tokio::time::Instant,
+) -> bool {
+    let mut next = next.lock();
+    if next.is_some_and(|at| now < at) {
+        return false;
+    }
+    *next = Some(now + every);
+    true
+}
 
 /// The future every [`SessionStore`] method returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
