@@ -39,6 +39,10 @@
 //! * `--header-read-timeout MS` closes a client connection that has not
 //!   sent a whole request head within MS milliseconds, an idle kept-alive
 //!   one included (default 30000; 0 for none)
+//! * `--drain MS`: on SIGINT or SIGTERM the proxy stops accepting, lets
+//!   each connection finish the request it is serving (an idle one closes
+//!   at once), and exits when none is left or after MS milliseconds
+//!   (default 10000)
 //!
 //! A backend that stops in the middle of a response body is left after the
 //! client's read timeout (`HttpClient::read_timeout`, 60 s). A failed
@@ -55,6 +59,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
@@ -92,6 +97,7 @@ struct Options {
     per_try_timeout: Option<Duration>,
     deadline: Option<Duration>,
     header_read_timeout: Option<Duration>,
+    drain: Duration,
     backends: Vec<String>,
 }
 
@@ -102,7 +108,7 @@ fn usage(problem: &str) -> ! {
          [--hash-key header:NAME|cookie:NAME|client-ip] \
          [--sticky cookie:NAME|learn:NAME|header:NAME] [--max-in-flight N] [--queue N,MS] \
          [--no-health] [--probe-interval MS] [--per-try-timeout MS] [--deadline MS] \
-         [--header-read-timeout MS] BACKEND_URL..."
+         [--header-read-timeout MS] [--drain MS] BACKEND_URL..."
     );
     std::process::exit(2)
 }
@@ -121,6 +127,7 @@ fn options() -> Options {
         per_try_timeout: Some(Duration::from_secs(15)),
         deadline: Some(Duration::from_secs(30)),
         header_read_timeout: Some(Duration::from_secs(30)),
+        drain: Duration::from_secs(10),
         backends: Vec::new(),
     };
     // Milliseconds, 0 for none.
@@ -180,6 +187,7 @@ fn options() -> Options {
                 o.header_read_timeout =
                     millis(value("--header-read-timeout"), "--header-read-timeout")
             }
+            "--drain" => o.drain = millis(value("--drain"), "--drain").unwrap_or_default(),
             "-h" | "--help" => usage("help requested"),
             flag if flag.starts_with("--") => usage(&format!("unknown flag {flag}")),
             backend => o.backends.push(backend.to_owned()),
@@ -344,24 +352,65 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     // Two stacks rather than an optional layer: each request's future
     // stays as small as the stack it runs through.
     let header_read_timeout = o.header_read_timeout;
+    let (stop, connections) = watch::channel(false);
     match sticky {
-        Some(sticky) => accept(listener, sticky.layer(stack), header_read_timeout).await,
-        None => accept(listener, stack, header_read_timeout).await,
+        Some(sticky) => {
+            let stack = sticky.layer(stack);
+            accept(listener, stack, header_read_timeout, connections).await
+        }
+        None => accept(listener, stack, header_read_timeout, connections).await,
+    }
+    // Every connection task holds a receiver: the channel closes when the
+    // last one ends.
+    let _ = stop.send(true);
+    let open = stop.receiver_count();
+    eprintln!(
+        "stopping: {open} connection(s) open, waiting at most {:?}",
+        o.drain
+    );
+    if tokio::time::timeout(o.drain, stop.closed()).await.is_err() {
+        eprintln!("{} connection(s) still open, closed", stop.receiver_count());
     }
 }
 
+/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// Serves each connection `listener` accepts with `stack`, closing those
-/// that send no whole request head within `header_read_timeout`.
-async fn accept<S>(listener: TcpListener, stack: S, header_read_timeout: Option<Duration>) -> !
-where
+/// that send no whole request head within `header_read_timeout`, until a
+/// stop signal; each connection then finishes the request it is serving
+/// and closes (its task watches `stop`).
+async fn accept<S>(
+    listener: TcpListener,
+    stack: S,
+    header_read_timeout: Option<Duration>,
+    stop: watch::Receiver<bool>,
+) where
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = BoxError>
         + Clone
         + Send
         + 'static,
     S::Future: Send,
 {
+    let mut signal = std::pin::pin!(stop_signal());
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut signal => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, most likely: retrying at once
@@ -373,13 +422,14 @@ where
         };
         let _ = stream.set_nodelay(true);
         let stack = stack.clone();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(PeerAddr(peer));
                 let stack = stack.clone();
                 async move { Ok::<_, Infallible>(respond(stack.oneshot(req).await)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 // Without a timer hyper enforces no header read timeout
                 // (and warns on every connection).
@@ -387,8 +437,16 @@ where
                 .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 // WebSocket and other protocol switches go through.
-                .with_upgrades()
-                .await;
+                .with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                biased;
+                _ = connection.as_mut() => return,
+                _ = stop.wait_for(|&stop| stop) => {}
+            }
+            // Finishes the request in flight, if any, then closes.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
         });
     }
 }
