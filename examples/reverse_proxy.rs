@@ -50,7 +50,9 @@
 //! what failed (backend addresses, system errors) goes to standard error.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -439,14 +441,31 @@ async fn accept<S>(
                 // WebSocket and other protocol switches go through.
                 .with_upgrades();
             let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                biased;
-                _ = connection.as_mut() => return,
-                _ = stop.wait_for(|&stop| stop) => {}
+            let changed = stop.clone();
+            let mut stopping = std::pin::pin!(stop.wait_for(|&stop| stop));
+            let mut waiting = false;
+            // The stop future keeps the task's waker from its first poll, so
+            // a wake polls it again only once the value changed (an atomic
+            // load): polling it on every wake of a busy connection would
+            // take a lock each time.
+            let stopped = std::future::poll_fn(|cx| {
+                if connection.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                if !waiting || changed.has_changed().unwrap_or(true) {
+                    waiting = true;
+                    if stopping.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(true);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            if stopped {
+                // Finishes the request in flight, if any, then closes.
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
             }
-            // Finishes the request in flight, if any, then closes.
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
         });
     }
 }
