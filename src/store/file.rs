@@ -460,6 +460,14 @@ fn temp_name(record: &str, n: u64) -> String {
     format!(".{record}.{}-{n}{TEMP_SUFFIX}", std::process::id())
 }
 
+/// Whether `temp` is a temporary name for the record file `record` (see
+/// [`temp_name`]).
+fn is_temp_of(temp: &str, record: &str) -> bool {
+    (temp.strip_prefix('.'))
+        .and_then(|t| t.strip_prefix(record))
+        .is_some_and(|t| t.starts_with('.'))
+}
+
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     let target = dir.join(name);
     let mut attempt = 1;
@@ -629,8 +637,7 @@ fn remove_expired(dir: &Path, name: &str, ttl: Duration) -> bool {
     // Held over a `stat` and an `unlink`, which every save of the process
     // waits for; only records already seen expired get this far.
     let in_flight = IN_FLIGHT.lock();
-    let temp_prefix = format!(".{name}.");
-    if in_flight.iter().any(|temp| temp.starts_with(&temp_prefix)) {
+    if in_flight.iter().any(|temp| is_temp_of(temp, name)) {
         return false;
     }
     if !fs::symlink_metadata(&path).is_ok_and(|m| expired(&m, ttl)) {
