@@ -558,6 +558,12 @@ impl<S: Clone> Pool<S> {
             generation: old.generation + 1,
         });
         drop(old);
+        if let Some(room) = self.shared.room.get() {
+            // A backend leaving takes no more places before readers see it
+            // gone: a waiter handed one would find no backend for it, hand
+            // it back and be given it again until the queue heard.
+            room.keep_members(&next.members);
+        }
         self.shared.current.store(next.clone());
         listeners.retain(|l| match l.upgrade() {
             Some(l) => {

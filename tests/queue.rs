@@ -13,9 +13,10 @@ use http::{Request, Response};
 use tokio::task::JoinHandle;
 use tower::{Layer, Service, ServiceExt};
 use tower_ha::backend::InFlight;
-use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::balance::{Balance, Pick, RoundRobin, Strategy};
 use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::failover::{Exhausted, FailoverLayer};
+use tower_ha::pool::Members;
 use tower_ha::{error::find, BackendId, BoxError, HealthStatus, NoBackend, Pool};
 
 type Seen = Arc<Mutex<Vec<String>>>;
@@ -577,4 +578,83 @@ fn concurrent_waiting_requests_are_all_served_within_the_limits() {
     for name in ["a", "b"] {
         assert_eq!(balance.pool().state(&name.into()).unwrap().in_flight(), 0);
     }
+}
+
+/// Round robin, with a hook that runs while the pool rebuilds its
+/// balancers' tables: after the pool's readers see a change and before
+/// the queue hears of it.
+struct Hooked {
+    inner: RoundRobin,
+    hook: Arc<Mutex<Option<Box<dyn FnMut(&Members) + Send>>>>,
+}
+
+impl Strategy for Hooked {
+    type Table = <RoundRobin as Strategy>::Table;
+
+    fn build(&self, members: &Members) -> Self::Table {
+        if let Some(hook) = self.hook.lock().unwrap().as_mut() {
+            hook(members);
+        }
+        self.inner.build(members)
+    }
+
+    fn pick(&self, table: &Self::Table, pick: &Pick<'_>) -> Option<usize> {
+        self.inner.pick(table, pick)
+    }
+}
+
+/// A place that opens on a backend while the pool is removing it is not
+/// handed to a waiting request, which would find no such backend, hand the
+/// place back and be given it again, spinning until the queue heard of the
+/// removal. Run on a thread of its own, so that a spin fails the test
+/// instead of hanging it.
+#[test]
+fn a_place_on_a_backend_being_removed_is_not_handed_over() {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let answer = runtime.block_on(async {
+            let seen = Seen::default();
+            let (pool, mut held) = full_pool(&["a", "b"], &seen);
+            let hook: Arc<Mutex<Option<Box<dyn FnMut(&Members) + Send>>>> = Arc::default();
+            let strategy = Hooked {
+                inner: RoundRobin::new(),
+                hook: hook.clone(),
+            };
+            let balance = Balance::new(pool.clone(), strategy).queue(10, Duration::from_secs(5));
+            let waiter = Arc::new(Mutex::new(Box::pin(balance.clone().oneshot(request("w")))));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(waiter.lock().unwrap().as_mut().poll(&mut cx).is_pending());
+            assert_eq!(balance.waiting(), 1);
+
+            // While "a" leaves the pool, its request in flight ends and the
+            // waiter is polled.
+            let on_a = held.remove(0);
+            let mut on_a = Some(on_a);
+            *hook.lock().unwrap() = Some(Box::new({
+                let waiter = waiter.clone();
+                move |members: &Members| {
+                    if members.iter().all(|m| m.id().as_str() != "a") {
+                        drop(on_a.take());
+                        let mut cx = Context::from_waker(Waker::noop());
+                        assert!(waiter.lock().unwrap().as_mut().poll(&mut cx).is_pending());
+                    }
+                }
+            }));
+            assert!(pool.remove(&"a".into()));
+            *hook.lock().unwrap() = None;
+
+            drop(held.pop());
+            std::future::poll_fn(|cx| waiter.lock().unwrap().as_mut().poll(cx)).await
+        });
+        let _ = done.send(served_by(&answer).to_owned());
+    });
+    let served = result
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the waiting request spun on a place it could not use");
+    assert_eq!(served, "b");
 }

@@ -255,6 +255,21 @@ impl Room {
             .extend(members.iter().map(|m| Arc::as_ptr(m.state()) as usize));
     }
 
+    /// Forgets the backends `members` no longer lists (the first half of
+    /// a change of membership; [`set_members`](Room::set_members) notes
+    /// the new ones once the balancers know them).
+    pub(crate) fn keep_members(&self, members: &Members) {
+        let states: HashSet<usize> = members
+            .iter()
+            .map(|m| Arc::as_ptr(m.state()) as usize)
+            .collect();
+        let mut queue = self.queue.lock();
+        queue
+            .members
+            .retain(|(_, state)| states.contains(&(state.as_ptr() as usize)));
+        queue.member_states.retain(|state| states.contains(state));
+    }
+
     /// After a change that may have opened up places in a way no request's
     /// end announces (on the backend whose state is `changed`, or on any
     /// backend of the pool for `None`): hands the free places on those
