@@ -585,8 +585,10 @@ fn concurrent_waiting_requests_are_all_served_within_the_limits() {
 /// the queue hears of it.
 struct Hooked {
     inner: RoundRobin,
-    hook: Arc<Mutex<Option<Box<dyn FnMut(&Members) + Send>>>>,
+    hook: Hook,
 }
+
+type Hook = Arc<Mutex<Option<Box<dyn FnMut(&Members) + Send>>>>;
 
 impl Strategy for Hooked {
     type Table = <RoundRobin as Strategy>::Table;
@@ -620,7 +622,7 @@ fn a_place_on_a_backend_being_removed_is_not_handed_over() {
         let answer = runtime.block_on(async {
             let seen = Seen::default();
             let (pool, mut held) = full_pool(&["a", "b"], &seen);
-            let hook: Arc<Mutex<Option<Box<dyn FnMut(&Members) + Send>>>> = Arc::default();
+            let hook: Hook = Arc::default();
             let strategy = Hooked {
                 inner: RoundRobin::new(),
                 hook: hook.clone(),
