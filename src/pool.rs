@@ -232,6 +232,12 @@ impl Kept {
         self.states.push_back((id, state, now));
     }
 
+    /// Forgets the kept state of `id` (only if it is `state`, when given).
+    fn forget(&mut self, id: &BackendId, state: Option<&Arc<BackendState>>) {
+        self.states
+            .retain(|(kept, s, _)| kept != id || state.is_some_and(|st| !Arc::ptr_eq(s, st)));
+    }
+
     fn take(&mut self, id: &BackendId) -> Option<Arc<BackendState>> {
         if self.states.is_empty() {
             return None;
@@ -451,7 +457,8 @@ impl<S: Clone> Pool<S> {
     /// Its state is forgotten: inserted again, the backend starts afresh
     /// (enabled, healthy, no limit). A [`discover`](Self::discover)
     /// stream's removal keeps the state for a while instead (see
-    /// [`keep_removed_for`](Self::keep_removed_for)).
+    /// [`keep_removed_for`](Self::keep_removed_for)); removing such a
+    /// backend again (`false`: it is not in the pool) forgets its state.
     pub fn remove(&self, id: &BackendId) -> bool {
         self.remove_where(id, None, false)
     }
@@ -478,6 +485,10 @@ impl<S: Clone> Pool<S> {
                     self.shared.kept.lock().keep(member.id, member.state);
                 }
                 removed = true;
+            } else if !keep {
+                // Out of the pool already, by discovery: its kept state is
+                // forgotten all the same.
+                self.shared.kept.lock().forget(id, state);
             }
         });
         removed
@@ -693,6 +704,19 @@ mod tests {
         let pool = pool.keep_removed_for(Duration::ZERO);
         leave_and_return(&pool);
         assert!(!Arc::ptr_eq(&fresh, &pool.state(&"a".into()).unwrap()));
+    }
+
+    #[test]
+    fn a_removal_by_hand_forgets_a_state_discovery_kept() {
+        let pool: Pool<u8> = Pool::new();
+        pool.insert("a", 1);
+        let state = pool.state(&"a".into()).unwrap();
+        let gone = futures::stream::iter([Ok::<_, std::convert::Infallible>(Change::Remove("a"))]);
+        futures::executor::block_on(pool.discover(gone)).unwrap();
+        // Already out of the pool, but its state kept: forgotten all the same.
+        assert!(!pool.remove(&"a".into()));
+        pool.insert("a", 2);
+        assert!(!Arc::ptr_eq(&state, &pool.state(&"a".into()).unwrap()));
     }
 
     #[test]
