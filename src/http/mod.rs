@@ -1091,12 +1091,15 @@ fn strip_present(headers: &mut HeaderMap, present: u8) -> bool {
     }
     let trailers = present & TE_PRESENT != 0 && lists(headers.get_all(TE), "trailers");
     // The headers `Connection` names go too; the usual line
-    // (`keep-alive` or `close`) names none.
-    if present & CONNECTION_PRESENT != 0 && headers.get_all(CONNECTION).iter().any(names_others) {
+    // (`keep-alive` or `close`) names none, and nothing is collected.
+    if present & CONNECTION_PRESENT != 0 {
         // Cloned (each a cheap clone), so removing holds no borrow of the
         // map.
-        let lines: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
-        for line in &lines {
+        let naming: Vec<HeaderValue> = (headers.get_all(CONNECTION).iter())
+            .filter(|line| names_others(line))
+            .cloned()
+            .collect();
+        for line in &naming {
             remove_named(headers, line);
         }
     }
