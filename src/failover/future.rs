@@ -19,7 +19,7 @@ use super::policy::{is_idempotent, is_not_sent, RetryNonIdempotent};
 use crate::backend::BackendId;
 use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event};
-use crate::error::{BackendError, BoxError, NoBackend};
+use crate::error::{BackendError, BoxError, Chain, NoBackend};
 use crate::extensions::Picked;
 use crate::extensions::{Attempts, ServedBy};
 use crate::time::{earliest, later};
@@ -505,7 +505,7 @@ where
             return Poll::Ready(Err(self.give_up(None)));
         };
         let slot = self.picked.get_or_insert_with(Picked::new);
-        if self.tried == 1 {
+        if template.parts.extensions.get::<Picked>().is_none() {
             // The template was copied before the first attempt was given a
             // slot, if it was given one.
             template.parts.extensions.insert(slot.clone());
@@ -578,14 +578,14 @@ where
                 target: "tower_ha::failover",
                 from = %from,
                 to = to.map(BackendId::as_str),
-                cause = %crate::error::Chain(&**cause),
+                cause = %Chain(&**cause),
                 attempt = self.tried,
                 "failing over"
             );
             emit(self.config.events.as_ref(), || Event::FailoverAttempt {
                 attempt: u32::try_from(self.tried).unwrap_or(u32::MAX),
                 failed: from.clone(),
-                reason: crate::error::Chain(&**cause).to_string().into(),
+                reason: Chain(&**cause).to_string().into(),
             });
         }
     }
