@@ -17,7 +17,7 @@ use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::classify::Classifier;
 use tower_ha::error::find;
-use tower_ha::extensions::{Attempts, ServedBy};
+use tower_ha::extensions::{Attempts, Picked, ServedBy};
 use tower_ha::failover::{
     Backoff, BufferBodyLayer, DeadlineExceeded, Exhausted, FailedStatus, FailoverLayer, ReplayBody,
     RetryNonIdempotent, TimedOut,
@@ -122,6 +122,29 @@ async fn per_try_timeout_moves_on_at_the_configured_instant() {
     assert_eq!(served_by(&response), "b");
     assert_eq!(history(&response), ["a", "b"]);
     assert_eq!(Instant::now() - start, Duration::from_millis(130));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_carries_a_pick_slot_of_its_own_is_timed_on_every_retry() {
+    let (pool, mut handles) = mock_fleet(&["a", "b", "c"]);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
+        .service(Balance::new(pool, RoundRobin::new()));
+    // A caller (or a layer above) that wants to learn the pick.
+    let request = Request::builder().extension(Picked::new()).body(()).unwrap();
+    let start = Instant::now();
+    let call = tokio::spawn(service.oneshot(request));
+
+    let (_, a_reply) = next(&mut handles[0], "a first").await;
+    a_reply.send_error(io::Error::from(io::ErrorKind::ConnectionReset));
+    let (_, _b_hangs) = next(&mut handles[1], "then b").await;
+    // b is abandoned at its own per-try timeout and c is tried.
+    let (_, c_reply) = next(&mut handles[2], "then c").await;
+    assert_eq!(Instant::now() - start, Duration::from_millis(100));
+    c_reply.send_response(status(200));
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(served_by(&response), "c");
+    assert_eq!(history(&response), ["a", "b", "c"]);
 }
 
 #[tokio::test(start_paused = true)]

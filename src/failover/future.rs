@@ -505,11 +505,10 @@ where
             return Poll::Ready(Err(self.give_up(None)));
         };
         let slot = self.picked.get_or_insert_with(Picked::new);
-        if template.parts.extensions.get::<Picked>().is_none() {
-            // The template was copied before the first attempt was given a
-            // slot, if it was given one.
-            template.parts.extensions.insert(slot.clone());
-        }
+        // The template was copied before the first attempt was given the
+        // slot, if it was given one, and may carry another's (a layer
+        // above, or the caller's): each retry takes this one.
+        template.parts.extensions.insert(slot.clone());
         let Some(request) = template.copy() else {
             return Poll::Ready(Err(self.give_up(None)));
         };
