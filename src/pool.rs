@@ -606,6 +606,13 @@ impl<S: 'static> Pool<S> {
         let mut listeners = self.shared.writer.lock();
         if let Some(l) = listener.upgrade() {
             l.rebuild(&self.shared.current.load_full());
+            // Balancers dropped since the last change (one per connection,
+            // say) leave before the list grows: it stays within twice the
+            // most balancers alive at once, at a cost amortized over the
+            // pushes, however long membership stays the same.
+            if listeners.len() == listeners.capacity() {
+                listeners.retain(|l| l.strong_count() > 0);
+            }
             listeners.push(listener);
         }
     }
@@ -717,6 +724,28 @@ mod tests {
         assert!(!pool.remove(&"a".into()));
         pool.insert("a", 2);
         assert!(!Arc::ptr_eq(&state, &pool.state(&"a".into()).unwrap()));
+    }
+
+    #[test]
+    fn dropped_listeners_do_not_pile_up_while_membership_stays() {
+        struct Listener;
+        impl Rebuild<u8> for Listener {
+            fn rebuild(&self, _: &Arc<Snapshot<u8>>) {}
+        }
+        let pool: Pool<u8> = Pool::new();
+        pool.insert("a", 1);
+        let kept: Vec<Arc<Listener>> = (0..3).map(|_| Arc::new(Listener)).collect();
+        for l in &kept {
+            pool.subscribe(Arc::downgrade(l) as Weak<dyn Rebuild<u8>>);
+        }
+        for _ in 0..10_000 {
+            let gone = Arc::new(Listener);
+            pool.subscribe(Arc::downgrade(&gone) as Weak<dyn Rebuild<u8>>);
+        }
+        let listeners = pool.shared.writer.lock();
+        assert!(listeners.len() <= 8, "{} listeners", listeners.len());
+        let live = listeners.iter().filter(|l| l.strong_count() > 0).count();
+        assert_eq!(live, kept.len());
     }
 
     #[test]
