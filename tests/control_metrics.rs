@@ -417,3 +417,29 @@ async fn a_group_registered_again_keeps_its_failover_counter_going_up() {
     publish();
     assert_eq!(get(failovers), Some(3.0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_group_registered_again_in_normal_mode_has_no_primary() {
+    let handle = Handle::new(Events::default());
+    let recorder = Last::default();
+    let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
+    let primary = "tower_ha_group_primary{backend=p,group=db}";
+    let (pool, balance) = db();
+    handle.add_group("db", &balance).unwrap();
+    publish();
+    assert_eq!(get(primary), Some(1.0));
+
+    // Rebuilt as a normal group over the same backends between two
+    // publications (a configuration reload).
+    handle.remove_group("db").unwrap();
+    handle
+        .add_group("db", &Balance::new(pool, RoundRobin::new()))
+        .unwrap();
+    publish();
+    assert_eq!(get(primary), Some(0.0));
+    assert_eq!(
+        get("tower_ha_backend_available{backend=p,group=db}"),
+        Some(1.0)
+    );
+}

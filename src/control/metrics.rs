@@ -220,6 +220,10 @@ fn publish(
             let primary = group.current_primary.as_ref() == Some(&b.id);
             metrics::gauge!("tower_ha_group_primary", &labels).set(f64::from(u8::from(primary)));
             last.primary = true;
+        } else if last.primary {
+            // The group was registered again in another mode: no primary.
+            metrics::gauge!("tower_ha_group_primary", &labels).set(0.0);
+            last.primary = false;
         }
         seen.insert(key);
     }
