@@ -420,14 +420,23 @@ impl Handle {
         // event says what the first that changed was.
         let mut from = None;
         let ended = {
-            // The states change under the lock a drain's deadline takes,
-            // so that actions and deadlines apply in one order.
+            // The states change, and the event is emitted, under the lock
+            // a drain's deadline takes, so that actions and deadlines apply
+            // in one order and the events say them in that order.
             let mut drains = self.inner.drains.lock();
             for state in &states {
                 let was = state.set_admin(to);
                 if was != to {
                     from = from.or(Some(was));
                 }
+            }
+            if let Some(from) = from {
+                self.inner.events.emit(Event::AdminChanged {
+                    backend: id.clone(),
+                    from,
+                    to,
+                    reason: "operator".into(),
+                });
             }
             match to {
                 AdminStatus::Draining => {
@@ -438,14 +447,6 @@ impl Handle {
         };
         if let Some(ended) = ended {
             ended.end();
-        }
-        if let Some(from) = from {
-            self.inner.events.emit(Event::AdminChanged {
-                backend: id.clone(),
-                from,
-                to,
-                reason: "operator".into(),
-            });
         }
         Ok((states, epoch))
     }
@@ -474,19 +475,17 @@ impl Handle {
                 };
                 let id = backend;
                 let mut changed = false;
-                {
-                    // Under the lock an action takes too: none can come
-                    // between the check and the disable.
-                    let mut drains = inner.drains.lock();
-                    if drains.get(&id).map(|d| d.epoch) != Some(epoch) {
-                        return; // a later action decides
-                    }
-                    drains.remove(&id);
-                    for state in &states {
-                        if state.admin() == AdminStatus::Draining {
-                            state.set_admin(AdminStatus::Disabled);
-                            changed = true;
-                        }
+                // Under the lock an action takes too: none can come
+                // between the check and the disable, or before its event.
+                let mut drains = inner.drains.lock();
+                if drains.get(&id).map(|d| d.epoch) != Some(epoch) {
+                    return; // a later action decides
+                }
+                drains.remove(&id);
+                for state in &states {
+                    if state.admin() == AdminStatus::Draining {
+                        state.set_admin(AdminStatus::Disabled);
+                        changed = true;
                     }
                 }
                 if changed {
@@ -521,6 +520,9 @@ impl Handle {
 
     /// Sets the weight of backend `id` in every group (0 counts as 1).
     pub fn set_weight(&self, id: &BackendId, weight: u32) -> Result<(), ControlError> {
+        // Under the actions' lock, so that the events of concurrent calls
+        // come in the order of their changes.
+        let _actions = self.inner.drains.lock();
         let mut found = false;
         for group in self.groups() {
             found |= group.pool.set_weight(id, weight);
@@ -545,6 +547,7 @@ impl Handle {
         id: &BackendId,
         max_in_flight: Option<usize>,
     ) -> Result<(), ControlError> {
+        let _actions = self.inner.drains.lock();
         for state in self.states(id)? {
             state.set_max_in_flight(max_in_flight);
         }
@@ -614,6 +617,9 @@ impl Handle {
             .as_any()
             .downcast_ref::<Pool<S>>()
             .ok_or_else(|| ControlError::ServiceType(group.to_owned()))?;
+        // Under the actions' lock: of two concurrent additions of one id,
+        // the second finds the first's backend.
+        let _actions = self.inner.drains.lock();
         if pool.contains(&id) {
             return Err(ControlError::DuplicateBackend {
                 group: group.to_owned(),
@@ -631,6 +637,7 @@ impl Handle {
     /// Removes backend `id` from group `group`; requests in flight finish.
     pub fn remove_backend(&self, group: &str, id: &BackendId) -> Result<(), ControlError> {
         let g = self.group(group)?;
+        let mut drains = self.inner.drains.lock();
         if !g.pool.remove(id) {
             return Err(ControlError::NotInGroup {
                 group: group.to_owned(),
@@ -645,14 +652,16 @@ impl Handle {
         // Gone from every group, its pending drain deadline does nothing
         // now, and its last change is forgotten. In a group that still
         // holds it, both stand.
-        if self.states(id).is_err() {
-            let ended = self.inner.drains.lock().remove(id);
-            if let Some(ended) = ended {
-                ended.end();
-            }
+        let ended = if self.states(id).is_err() {
             self.inner.events.emit(event);
+            drains.remove(id)
         } else {
             self.inner.events.emit_still_held(event);
+            None
+        };
+        drop(drains);
+        if let Some(ended) = ended {
+            ended.end();
         }
         Ok(())
     }
