@@ -218,7 +218,60 @@ struct Inner {
     history_capacity: usize,
     seq: AtomicU64,
     /// When each backend last changed, kept for the stats.
-    last_change: Mutex<FastMap<BackendId, SystemTime>>,
+    last_change: Mutex<LastChanges>,
+}
+
+/// How long a removed backend's events are ignored for the last changes: a
+/// request still in flight to it may fail, or be ejected from it, after its
+/// removal, and must not bring its entry back for good.
+const REMOVED_FOR: Duration = Duration::from_secs(600);
+
+/// When each backend last changed; a removed backend's entry stays, marked
+/// removed, for [`REMOVED_FOR`], so that discovery churn (a pod address per
+/// deploy) does not grow the map forever.
+#[derive(Default)]
+struct LastChanges {
+    map: FastMap<BackendId, LastChange>,
+    /// When removed entries are next looked for to forget.
+    next_sweep: Option<Instant>,
+}
+
+struct LastChange {
+    time: SystemTime,
+    /// When the backend was removed, if it was (and not added again).
+    removed: Option<Instant>,
+}
+
+impl LastChanges {
+    fn record(&mut self, record: &Record, forget_removed: bool) {
+        let Some(backend) = record.event.backend() else {
+            return;
+        };
+        let removed = match record.event {
+            Event::BackendRemoved { .. } if forget_removed => Some(record.at),
+            Event::BackendAdded { .. } => None,
+            // A late event about a removed backend.
+            _ if self.map.get(backend).is_some_and(|e| e.removed.is_some()) => return,
+            _ => None,
+        };
+        let entry = LastChange {
+            time: record.time,
+            removed,
+        };
+        self.map.insert(backend.clone(), entry);
+        if removed.is_some() && self.next_sweep.is_none() {
+            self.next_sweep = Some(crate::time::later(record.at, REMOVED_FOR));
+        }
+        if self.next_sweep.is_some_and(|at| record.at >= at) {
+            let now = record.at;
+            self.map.retain(|_, e| {
+                e.removed
+                    .is_none_or(|at| now.saturating_duration_since(at) < REMOVED_FOR)
+            });
+            let pending = self.map.values().any(|e| e.removed.is_some());
+            self.next_sweep = pending.then(|| crate::time::later(now, REMOVED_FOR / 2));
+        }
+    }
 }
 
 /// Where events go: a bounded broadcast channel to subscribers and a
@@ -282,7 +335,7 @@ impl Events {
                 history: Mutex::new(VecDeque::with_capacity(history_capacity.min(4096))),
                 history_capacity,
                 seq: AtomicU64::new(0),
-                last_change: Mutex::new(FastMap::default()),
+                last_change: Mutex::new(LastChanges::default()),
             }),
         }
     }
@@ -318,16 +371,10 @@ impl Events {
             }
             history.push_back(record.clone());
         }
-        if let Some(backend) = record.event.backend() {
-            let mut last_change = self.inner.last_change.lock();
-            // A removed backend is forgotten, so that discovery churn (a
-            // pod address per deploy) does not grow the map forever.
-            if forget_removed && matches!(record.event, Event::BackendRemoved { .. }) {
-                last_change.remove(backend);
-            } else {
-                last_change.insert(backend.clone(), record.time);
-            }
-        }
+        self.inner
+            .last_change
+            .lock()
+            .record(&record, forget_removed);
         // No subscriber is not an error.
         let _ = self.inner.tx.send(record);
         drop(history);
@@ -358,8 +405,13 @@ impl Events {
     }
 
     /// When an event about backend `id` was last emitted.
+    /// None for a backend removed since (and not added again).
     pub fn last_change(&self, id: &BackendId) -> Option<SystemTime> {
-        self.inner.last_change.lock().get(id).copied()
+        let last = self.inner.last_change.lock();
+        last.map
+            .get(id)
+            .filter(|e| e.removed.is_none())
+            .map(|e| e.time)
     }
 
     /// How many events were emitted so far.
@@ -435,5 +487,43 @@ mod tests {
         });
         assert!(events.last_change(&id).is_none());
         assert_eq!(events.history().len(), 2, "the history keeps both");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_events_of_removed_backends_do_not_grow_the_last_change_map() {
+        let events = Events::default();
+        let failed = |backend: &BackendId| Event::FailoverAttempt {
+            attempt: 2,
+            failed: backend.clone(),
+            reason: "connection refused".into(),
+        };
+        // A deploy every minute for a day: each pod's address is removed,
+        // and a request still in flight to it fails after the removal.
+        for deploy in 0..1440 {
+            let pod = BackendId::from(format!("10.0.{}.{}:80", deploy / 256, deploy % 256));
+            events.emit(Event::BackendAdded {
+                group: None,
+                backend: pod.clone(),
+            });
+            events.emit(Event::BackendRemoved {
+                group: None,
+                backend: pod.clone(),
+                reason: "dns".into(),
+            });
+            events.emit(failed(&pod));
+            assert!(events.last_change(&pod).is_none());
+            tokio::time::advance(Duration::from_secs(60)).await;
+        }
+        let kept = events.inner.last_change.lock().map.len();
+        assert!(kept <= 16, "{kept} entries kept");
+        // Added again, a backend's events count again.
+        let pod = BackendId::from("10.0.5.159:80");
+        events.emit(Event::BackendAdded {
+            group: None,
+            backend: pod.clone(),
+        });
+        let added = events.last_change(&pod).unwrap();
+        events.emit(failed(&pod));
+        assert!(events.last_change(&pod).unwrap() >= added);
     }
 }
