@@ -41,6 +41,9 @@ pub(crate) const MIN_SECRET: usize = 32;
 pub(crate) const MAX_BACKEND_ID: usize = 768;
 /// Longest base64url backend id accepted in a cookie.
 const MAX_BACKEND_B64: usize = MAX_BACKEND_ID / 3 * 4;
+/// The longest `Max-Age` [`CookieInsert::max_age`] sends: 400 days, the
+/// most browsers keep a cookie for (RFC 6265bis).
+pub const MAX_COOKIE_AGE: Duration = Duration::from_secs(400 * 24 * 60 * 60);
 /// Separates the MAC input's fields; it cannot occur in base64url.
 const DOMAIN: &[u8] = b"tower-ha sticky v1\0";
 
@@ -197,8 +200,12 @@ impl CookieInsert {
     /// again, so a session in use keeps its cookie: it expires after
     /// between half and all of `Max-Age` without a request. Without it (the
     /// default) the cookie ends with the browser session.
+    ///
+    /// Longer than 400 days counts as 400 days ([`MAX_COOKIE_AGE`]), as
+    /// browsers count it (RFC 6265bis), so that the cookie is sent again
+    /// before a browser drops it.
     pub fn max_age(mut self, max_age: Duration) -> Self {
-        self.max_age = Some(max_age);
+        self.max_age = Some(max_age.min(MAX_COOKIE_AGE));
         self
     }
 
@@ -536,7 +543,7 @@ mod tests {
     }
 
     #[test]
-    fn max_age_is_whole_seconds_and_never_zero() {
+    fn max_age_is_whole_seconds_never_zero_and_at_most_400_days() {
         let with = |max_age| {
             let header = CookieInsert::new("srv", &[7u8; 32][..])
                 .max_age(max_age)
@@ -547,5 +554,12 @@ mod tests {
         assert!(with(Duration::from_millis(500)).contains("; Max-Age=1;"));
         assert!(with(Duration::from_millis(1500)).contains("; Max-Age=2;"));
         assert!(with(Duration::from_secs(3600)).contains("; Max-Age=3600;"));
+        assert!(with(Duration::MAX).contains("; Max-Age=34560000;"));
+        assert_eq!(
+            CookieInsert::new("srv", &[7u8; 32][..])
+                .max_age(Duration::MAX)
+                .renew_after(),
+            Some(MAX_COOKIE_AGE / 2)
+        );
     }
 }

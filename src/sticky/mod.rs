@@ -84,7 +84,7 @@ mod stats;
 mod table;
 mod writes;
 
-pub use cookie::CookieInsert;
+pub use cookie::{CookieInsert, MAX_COOKIE_AGE};
 pub use error::{CookieConfigError, RestoreTimedOut, SessionUnavailable};
 pub use hooks::{MoveReason, RestoreFailure, RestoreReport, SessionMoved};
 pub use key::{SessionKey, MAX_COOKIE_HEADER, MAX_KEY_LEN};
