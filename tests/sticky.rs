@@ -1992,6 +1992,58 @@ async fn a_cookie_with_a_max_age_is_sent_again_while_its_session_is_used() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_cookie_is_sent_again_when_its_session_comes_back_from_idle() {
+    let c = cluster();
+    let cookie = insert_cookie().max_age(Duration::from_secs(120));
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(cookie))
+        .idle_timeout(Duration::from_secs(60));
+    let svc = stack(&c.pool, layer.clone());
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let value = cookie_of(&first).unwrap();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let res = send(&svc, with_cookie(&value)).await.unwrap();
+    assert!(res.headers().get(SET_COOKIE).is_none());
+
+    // Idle out of the table, back 85 s after the cookie was sent: the
+    // session is routed by its cookie, and since the client's cookie is
+    // more than half its Max-Age old, the next response sends it again.
+    tokio::time::advance(Duration::from_secs(75)).await;
+    let res = send(&svc, with_cookie(&value)).await.unwrap();
+    assert_eq!(res.body(), first.body());
+    assert_eq!(layer.stats().expired, 1);
+    let res = send(&svc, with_cookie(&value)).await.unwrap();
+    assert_eq!(res.body(), first.body());
+    assert_eq!(cookie_of(&res), Some(value.clone()), "sent again");
+    // Then not again before half its Max-Age.
+    tokio::time::advance(Duration::from_secs(59)).await;
+    let res = send(&svc, with_cookie(&value)).await.unwrap();
+    assert!(res.headers().get(SET_COOKIE).is_none());
+    assert_eq!(layer.stats().created, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_whose_request_was_dropped_falls_to_the_next_request() {
+    let c = cluster();
+    let cookie = insert_cookie().max_age(Duration::from_secs(60));
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(cookie));
+    let svc = stack(&c.pool, layer);
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let value = cookie_of(&first).unwrap();
+    tokio::time::advance(Duration::from_secs(31)).await;
+    // Due for its cookie, the request is dropped before its answer.
+    let slow = Request::builder()
+        .header(COOKIE, value.as_str())
+        .header("x-delay-ms", "1000")
+        .body(())
+        .unwrap();
+    let dropped = tokio::time::timeout(Duration::from_millis(10), send(&svc, slow)).await;
+    assert!(dropped.is_err(), "answered before it was dropped");
+    let res = send(&svc, with_cookie(&value)).await.unwrap();
+    assert_eq!(res.body(), first.body());
+    assert_eq!(cookie_of(&res), Some(value), "sent by the next response");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_session_whose_saving_request_was_dropped_is_saved_by_the_next() {
     let c = cluster();
     let (shared, svc, home) = kept_in_memory(&c).await;

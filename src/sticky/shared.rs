@@ -1029,7 +1029,7 @@ impl Shared {
                 let kept = if unconfirmed { Kept::Memory } else { kept };
                 let bound = self.start_new(&mut work, &key, served, kept);
                 if let Some(c) = self.config.key.cookie() {
-                    set_cookie(response, c, &key, &bound);
+                    self.send_cookie(response, c, &key, &bound);
                 }
                 current = Some(key);
                 owned = kept == Kept::Saved;
@@ -1039,7 +1039,7 @@ impl Shared {
                 Kind::Insert(c) => {
                     let sid = CookieInsert::new_session_id();
                     self.create(&mut work, &sid, served.clone());
-                    set_cookie(response, c, &sid, served);
+                    self.send_cookie(response, c, &sid, served);
                 }
                 Kind::Header(name) => {
                     let learned = response.headers().get(name).map(|v| v.as_bytes());
@@ -1158,8 +1158,31 @@ impl Shared {
     ) {
         if let Some(c) = self.config.key.cookie() {
             if cookie_backend != Some(backend) {
-                set_cookie(response, c, key, backend);
+                self.send_cookie(response, c, key, backend);
             }
+        }
+    }
+
+    /// Sets the layer's cookie for session `key` on `backend`.
+    fn send_cookie<RB>(
+        &self,
+        response: &mut Response<RB>,
+        c: &CookieInsert,
+        key: &str,
+        backend: &BackendId,
+    ) {
+        if backend.as_str().len() > cookie::MAX_BACKEND_ID {
+            tracing::warn!(
+                target: TARGET,
+                %backend,
+                "backend id too long for the sticky cookie; no cookie issued"
+            );
+            return;
+        }
+        let value = c.value(key, backend);
+        if let Some(header) = c.set_cookie(&value) {
+            response.headers_mut().append(SET_COOKIE, header);
+            self.table.cookie_sent(key);
         }
     }
 
@@ -1355,20 +1378,6 @@ impl Work {
     }
 }
 
-fn set_cookie<RB>(response: &mut Response<RB>, c: &CookieInsert, key: &str, backend: &BackendId) {
-    if backend.as_str().len() > cookie::MAX_BACKEND_ID {
-        tracing::warn!(
-            target: TARGET,
-            %backend,
-            "backend id too long for the sticky cookie; no cookie issued"
-        );
-        return;
-    }
-    let value = c.value(key, backend);
-    if let Some(header) = c.set_cookie(&value) {
-        response.headers_mut().append(SET_COOKIE, header);
-    }
-}
 
 #[cfg(test)]
 mod tests {

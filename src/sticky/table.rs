@@ -60,7 +60,7 @@ pub(crate) struct Entry {
     /// since the table's epoch (see `Table::with_refresh`).
     refreshed_at: AtomicU64,
     /// When the layer's cookie was last sent for it, in nanoseconds since
-    /// the table's epoch (see `Table::with_cookie_renewal`).
+    /// the table's epoch, or `NEVER_SENT` (see `Table::with_cookie_renewal`).
     cookie_at: AtomicU64,
     /// The last request sent to `backend` for this session failed.
     failed: AtomicBool,
@@ -93,7 +93,10 @@ impl Entry {
             data: session.data,
             last_seen: AtomicU64::new(now),
             refreshed_at: AtomicU64::new(now),
-            cookie_at: AtomicU64::new(now),
+            // Set once a response sends the cookie: a session read from
+            // the store, restored or back from idle may hold one the
+            // client got long ago.
+            cookie_at: AtomicU64::new(NEVER_SENT),
             failed: AtomicBool::new(failed),
             cookie,
             saved: AtomicBool::new(kept == Kept::Saved),
@@ -105,6 +108,9 @@ impl Entry {
         (Key(Arc::from(session.key)), entry)
     }
 }
+
+/// `Entry::cookie_at` of a session no response has sent the cookie of.
+const NEVER_SENT: u64 = u64::MAX;
 
 /// A table hit: what the request path needs, cheap to clone.
 #[derive(Debug, Clone)]
@@ -143,7 +149,8 @@ pub(crate) struct Lookup {
     /// told to one request per refresh.
     pub(crate) refresh: bool,
     /// The exact cookie presented is due to be sent again (see
-    /// `Table::with_cookie_renewal`); told to one request per renewal.
+    /// `Table::with_cookie_renewal`); told to every request until a
+    /// response sends it ([`Table::cookie_sent`]).
     pub(crate) renew: bool,
 }
 
@@ -316,8 +323,8 @@ impl Table {
         }
     }
 
-    /// Tells a hit whose exact cookie was presented, at most once every
-    /// `every`, that the cookie is due to be sent again (so that a
+    /// Tells a hit whose exact cookie was presented that the cookie is due
+    /// to be sent again, `every` after a response last sent it (so that a
     /// `Max-Age` counts from the session's recent use).
     pub(crate) fn with_cookie_renewal(mut self, every: Option<Duration>) -> Self {
         self.renew = interval(every);
@@ -352,6 +359,23 @@ impl Table {
         self.refresh != 0
             && entry.saved.load(Ordering::Relaxed)
             && Table::take_due(&entry.refreshed_at, self.refresh, now)
+    }
+
+    /// Whether the session's cookie is due to be sent again. Not claimed:
+    /// a request whose response never sends it (failed, dropped, refused)
+    /// leaves it due for the next.
+    fn cookie_due(&self, entry: &Entry, now: u64) -> bool {
+        let sent = entry.cookie_at.load(Ordering::Relaxed);
+        self.renew != 0 && (sent == NEVER_SENT || now.saturating_sub(sent) >= self.renew)
+    }
+
+    /// Notes that a response sends the layer's cookie for session `key`.
+    pub(crate) fn cookie_sent(&self, key: &str) {
+        if self.renew != 0 {
+            if let Some(entry) = self.map.read().get(key.as_bytes()) {
+                entry.cookie_at.store(self.now(), Ordering::Relaxed);
+            }
+        }
     }
 
     fn now(&self) -> u64 {
@@ -399,7 +423,7 @@ impl Table {
                     exact,
                     unread: None,
                     refresh: self.take_refresh(entry, now),
-                    renew: exact && Table::take_due(&entry.cookie_at, self.renew, now),
+                    renew: exact && self.cookie_due(entry, now),
                 };
             }
         }
@@ -570,8 +594,6 @@ impl Table {
         }
         let old = std::mem::replace(&mut entry.backend, to.clone());
         entry.cookie = cookie;
-        // The response that moves it sends the new cookie.
-        entry.cookie_at.store(now, Ordering::Relaxed);
         entry.failed.store(false, Ordering::Relaxed);
         entry.last_seen.store(now, Ordering::Relaxed);
         Some(Moved {
