@@ -855,8 +855,8 @@ async fn a_full_table_evicts_least_recently_used_which_stay_in_the_store() {
     assert!(after.loaded - stats.loaded >= stats.evicted, "{after:?}");
 }
 
-/// A store that counts loads and holds each load until released, counting
-/// the loads waiting to be.
+/// A store that counts loads and holds each load's answer (read at once)
+/// until released, counting the loads waiting to be.
 #[derive(Clone)]
 struct SlowStore {
     inner: MemoryStore,
@@ -872,10 +872,11 @@ impl SessionStore for SlowStore {
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         self.loads.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
+            let answer = self.inner.load(key).await;
             self.waiting.fetch_add(1, Ordering::SeqCst);
             let _permit = self.gate.acquire().await.unwrap();
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.inner.load(key).await
+            answer
         })
     }
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
@@ -956,6 +957,44 @@ async fn replication_routes_a_session_started_on_another_instance() {
         assert_eq!(send(&b, req()).await.unwrap().body(), &home);
     }
     assert_eq!(layer_b.stats().loaded, 1, "loaded once, then known");
+}
+
+#[tokio::test]
+async fn a_session_removed_while_it_is_loaded_does_not_come_back() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared
+        .save(&Session::new("kernel-1", "c".into()))
+        .await
+        .unwrap();
+    let slow = SlowStore {
+        inner: shared.clone(),
+        loads: Arc::new(AtomicUsize::new(0)),
+        waiting: Arc::new(AtomicUsize::new(0)),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let (_, svc) = instance(&c, SessionKey::header("x-session-id"), slow.clone());
+    // A request reads the record, and its answer is held ...
+    let pending = tokio::spawn(send_owned(svc.clone(), session("kernel-1")));
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while slow.waiting.load(Ordering::SeqCst) < 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the load waits");
+    // ... while the session is ended.
+    assert!(!svc.remove("kernel-1").await.unwrap());
+    assert!(shared.load("kernel-1").await.unwrap().is_none());
+    slow.gate.add_permits(1000);
+    // The record read before the removal is not taken: the store is read
+    // again, and the request starts a new session where it is served.
+    let served = pending.await.unwrap().unwrap().into_body();
+    assert_eq!(slow.loads.load(Ordering::SeqCst), 2);
+    let record = shared.load("kernel-1").await.unwrap().expect("a new session");
+    assert_eq!(record.backend.as_str(), served);
+    let res = send(&svc, session("kernel-1")).await.unwrap();
+    assert_eq!(res.into_body(), served);
 }
 
 #[tokio::test]

@@ -91,8 +91,9 @@ impl<S> Sticky<S> {
         self.shared.restore().await
     }
 
-    /// Ends session `key`: forgets it and deletes its stored record.
-    /// Returns whether the table knew it.
+    /// Ends session `key`: forgets it and deletes its stored record. A
+    /// request that read the record meanwhile does not bring it back into
+    /// the table. Returns whether the table knew it.
     pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         self.shared.remove(key).await
     }

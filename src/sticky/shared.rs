@@ -1284,9 +1284,12 @@ impl Shared {
 
     /// Ends a session: forgets it and deletes its stored record.
     pub(crate) async fn remove(self: &Arc<Self>, key: &str) -> Result<bool, StoreError> {
-        let known = self.table.remove(key);
+        // A load under way may have read the record: it is not remembered.
+        let known = self.forget(key);
         if let Some(store) = &self.config.store {
             landed(Writes::submit(self, store, Write::Delete(key.to_owned()))).await?;
+            // Nor is one that read it before the delete landed.
+            self.forget(key);
             self.unrestored.lock().remove(key);
             self.records.lock().remove(key);
         }
