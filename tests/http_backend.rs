@@ -658,6 +658,45 @@ async fn trailers_pass_both_ways() {
     );
 }
 
+/// A response read up to its trailers, as hyper's server reads a body it
+/// forwards (it stops there), gives its connection back for the next
+/// request.
+#[tokio::test]
+async fn a_connection_is_reused_after_a_response_with_trailers() {
+    let (addr, accepted) = accept_counting(|stream, _| async move {
+        let service = service_fn(|_req: Request<Incoming>| async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("trailer", "x-response-sum")
+                    .body(with_trailers("body", one_field("x-response-sum", "2")))
+                    .unwrap(),
+            )
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    for _ in 0..3 {
+        let req = Request::get("/")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let mut body = backend.clone().oneshot(req).await.unwrap().into_body();
+        loop {
+            let frame = body.frame().await.expect("a frame").unwrap();
+            if let Some(trailers) = frame.trailers_ref() {
+                assert_eq!(trailers["x-response-sum"], "2");
+                break;
+            }
+        }
+        drop(body);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
 /// A request body that never ends: an upload still in progress.
 struct Endless;
 

@@ -107,7 +107,10 @@ impl Body for ResponseBody {
         self.since = None;
         match &frame {
             None => self.done = true,
-            Some(Ok(_)) => self.done = self.inner.is_end_stream(),
+            // Trailers end a body, though a chunked one does not say so
+            // until it is polled again (which a server forwarding it does
+            // not do).
+            Some(Ok(f)) => self.done = f.is_trailers() || self.inner.is_end_stream(),
             // The connection is gone with the error.
             Some(Err(_)) => {
                 self.pooled = None;
