@@ -1073,6 +1073,38 @@ mod http2 {
         Ok(Response::new(Full::new(Bytes::from(body))))
     }
 
+    /// A client gone in the middle of its upload fails the request as on
+    /// HTTP/1: the request's failure, not the backend's.
+    #[tokio::test]
+    async fn an_upload_that_fails_midway_is_the_requests_failure() {
+        // A backend that reads what comes and never answers.
+        let (addr, _) = accept_counting(|stream, _| async move {
+            let service = service_fn(|req: Request<Incoming>| async move {
+                let _ = req.into_body().collect().await;
+                std::future::pending::<()>().await;
+                Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await;
+        let client = HttpClient::<Streamed>::new().http2_only(true);
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let body = streamed(vec![
+            Ok(http_body::Frame::data(Bytes::from_static(b"part"))),
+            Err("the client went away".into()),
+        ]);
+        let call = backend.oneshot(Request::put("/upload").body(body).unwrap());
+        let err = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the request ends with its body")
+            .unwrap_err();
+        assert!(find::<InvalidRequest>(&*err).is_some(), "{err:?}");
+        assert!(find::<NotSent>(&*err).is_none(), "{err:?}");
+        assert_eq!(gateway_status(&*err), StatusCode::BAD_REQUEST);
+    }
+
     /// Serves `h2_echo` over HTTP/2 with prior knowledge; counts the
     /// connections.
     async fn serve_h2() -> (SocketAddr, Arc<AtomicUsize>) {

@@ -228,7 +228,7 @@ where
                         return Err(if refused {
                             NotSent::new(e).into()
                         } else {
-                            super::pool::sent_error(e)
+                            super::pool::sent_error(e, sent)
                         });
                     }
                 },

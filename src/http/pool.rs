@@ -286,10 +286,12 @@ impl<B> IdleConnections<B> {
 /// failure of the request's own body, such as a client that went away in
 /// the middle of its upload, is the request's, not the backend's: an
 /// [`InvalidRequest`], which neither counts against the backend's health
-/// nor is answered as the backend's failure. On a client connection,
-/// hyper gives a cause to no other error of the caller's.
-pub(super) fn sent_error(e: hyper::Error) -> BoxError {
-    if e.is_user() && std::error::Error::source(&e).is_some() {
+/// nor is answered as the backend's failure. Over HTTP/1 hyper hands the
+/// body's error back (on a client connection it gives a cause to no other
+/// error of the caller's); over HTTP/2 it resets the stream, and the body
+/// itself noted its failure in `sent`.
+pub(super) fn sent_error(e: hyper::Error, sent: &Sent) -> BoxError {
+    if timeout::body_failed(sent) || (e.is_user() && std::error::Error::source(&e).is_some()) {
         InvalidRequest::with_source("the request's body failed while it was sent", e).into()
     } else {
         e.into()
@@ -528,7 +530,7 @@ where
                 Err(Failed::Sent(mut e)) => match e.take_message() {
                     Some(back) if !fresh => req = back,
                     Some(_) => return Err(NotSent::new(e.into_error()).into()),
-                    None => return Err(sent_error(e.into_error())),
+                    None => return Err(sent_error(e.into_error(), &sent)),
                 },
             }
         }
@@ -567,7 +569,7 @@ where
             Err(Failed::Sent(mut e)) => {
                 return Err(match e.take_message() {
                     Some(_) => NotSent::new(e.into_error()).into(),
-                    None => sent_error(e.into_error()),
+                    None => sent_error(e.into_error(), &sent),
                 })
             }
         };

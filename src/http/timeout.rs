@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -30,6 +30,14 @@ pub(super) struct Progress {
     ended: OnceLock<Instant>,
     /// Frames the connection has taken so far.
     frames: AtomicU64,
+    /// The body failed while it was sent (a client gone mid-upload).
+    failed: AtomicBool,
+}
+
+/// Whether the request's body failed while it was sent.
+pub(super) fn body_failed(sent: &Sent) -> bool {
+    sent.as_ref()
+        .is_some_and(|p| p.failed.load(Ordering::Relaxed))
 }
 
 /// A request body that notes when the connection is done with it, so that
@@ -68,8 +76,11 @@ impl<B: Body + Unpin> Body for Upload<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let frame = Pin::new(&mut self.inner).poll_frame(cx);
-        if let (Poll::Ready(Some(_)), Some(sent)) = (&frame, &self.sent) {
+        if let (Poll::Ready(Some(frame)), Some(sent)) = (&frame, &self.sent) {
             sent.frames.fetch_add(1, Ordering::Relaxed);
+            if frame.is_err() {
+                sent.failed.store(true, Ordering::Relaxed);
+            }
         }
         frame
     }
