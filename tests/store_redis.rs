@@ -848,6 +848,83 @@ async fn a_session_lock_outlives_its_ttl_while_held_and_expires_once_dropped() {
     }
 }
 
+/// A TCP proxy to a Redis on `port` whose connections can be frozen: each
+/// `freeze` (an increment) freezes the connections open until then, which
+/// stay open and carry nothing more either way, as a connection a firewall
+/// or a NAT forgot. Later connections pass.
+async fn freezing_proxy(port: u16) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let freeze = Arc::new(AtomicUsize::new(0));
+    let epoch = freeze.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let born = epoch.load(Ordering::SeqCst);
+            let (from_client, to_client) = client.into_split();
+            let (from_redis, to_redis) = upstream.into_split();
+            for (mut from, mut to) in [
+                (
+                    Box::new(from_client) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(to_redis) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                ),
+                (Box::new(from_redis), Box::new(to_client)),
+            ] {
+                let epoch = epoch.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if epoch.load(Ordering::SeqCst) != born {
+                            // Frozen: held open, nothing passes.
+                            std::future::pending::<()>().await;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, freeze)
+}
+
+/// The store's connection goes silent without closing: the command that
+/// meets it times out, and the next goes on a new connection rather than
+/// waiting for the kernel to give the dead one up (about 15 minutes).
+#[tokio::test]
+async fn a_connection_gone_silent_is_replaced() {
+    let server = RedisServer::start();
+    let (proxy, freeze) = freezing_proxy(server.port()).await;
+    let store = RedisStore::builder(format!("redis://{proxy}"))
+        .timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    store.save(&session("k", "a")).await.unwrap();
+    freeze.fetch_add(1, Ordering::SeqCst);
+    let err = store.load("k").await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    for _ in 0..3 {
+        let loaded = store.load("k").await.unwrap().expect("the record");
+        assert_eq!(loaded.backend.as_str(), "a");
+    }
+    store.save(&session("k", "b")).await.unwrap();
+    assert_eq!(
+        store.load("k").await.unwrap().unwrap().backend.as_str(),
+        "b"
+    );
+}
+
 /// A TCP proxy to a Redis on `port` that cuts the first connection on
 /// which a `PUBLISH` is sent, just before it: what came before reaches
 /// Redis, the `PUBLISH` and what follows never do, and both sides see
@@ -955,6 +1032,13 @@ async fn a_save_cut_off_before_its_notice_is_not_stored_either() {
     );
 }
 
+/// A Lua script that keeps Redis busy for a second.
+const BUSY_FOR_A_SECOND: &str = "local s = redis.call('TIME') \
+    while true do \
+        local n = redis.call('TIME') \
+        if (n[1] - s[1]) * 1000000 + (n[2] - s[2]) > 1000000 then return end \
+    end";
+
 /// A lease taken while Redis is too slow to answer in time: the caller
 /// gets the timeout, and the lease it may have taken regardless does not
 /// hold the others off for its whole ttl.
@@ -973,33 +1057,42 @@ async fn a_lease_whose_reply_came_too_late_is_not_left_behind() {
         .await
         .unwrap();
     assert!(warm.unwrap().extend(Duration::from_secs(1)).await.unwrap());
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1000)
-        .arg("ALL")
-        .query(&mut raw(&server))
-        .unwrap();
+    // Redis busy for a second: what comes meanwhile waits in the socket
+    // buffers, and runs afterwards, even from a connection closed since.
+    let mut busy = raw(&server);
+    let other = store(&server).await;
+    let started = Arc::new(AtomicBool::new(false));
+    let running = started.clone();
+    let blocker = std::thread::spawn(move || {
+        running.store(true, Ordering::SeqCst);
+        let _: () = redis::cmd("EVAL")
+            .arg(BUSY_FOR_A_SECOND)
+            .arg(0)
+            .query(&mut busy)
+            .unwrap();
+    });
+    while !started.load(Ordering::SeqCst) {
+        sleep(Duration::from_millis(10)).await;
+    }
+    sleep(Duration::from_millis(100)).await;
     let err = slow
         .try_lease("k", Duration::from_secs(3600))
         .await
         .unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
-    // The store's own connection runs its commands in order: its first
-    // answer after the pause comes after the take, and after whatever
-    // followed the take.
+    blocker.join().unwrap();
+    // The take landed once Redis was free, and the give-up that followed
+    // it on its connection ended it: another store takes the lease within
+    // seconds, not after its hour.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let held = loop {
-        match slow.is_leased("k").await {
-            Ok(held) => break held,
+    loop {
+        match other.try_lease("k", Duration::from_secs(30)).await {
+            Ok(Some(_)) => break,
+            Ok(None) => {}
             Err(e) => assert!(e.is_timeout(), "{e:?}"),
         }
-        assert!(Instant::now() < deadline, "Redis still paused");
-    };
-    assert!(!held, "the lease is still held");
-    let other = store(&server).await;
-    assert!(other
-        .try_lease("k", Duration::from_secs(30))
-        .await
-        .unwrap()
-        .is_some());
+        assert!(Instant::now() < deadline, "the lease is still held");
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert!(slow.is_leased("k").await.unwrap());
 }

@@ -56,9 +56,9 @@ pub use memory::MemoryStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "webhook")))]
 pub use webhook::{WebhookStore, WebhookStoreBuilder};
 
-/// A time to live as `FileStore` and `MemoryStore` take it: at least a
-/// millisecond (as `RedisStore` counts), at most about a century (longer
-/// is forever, and keeps instants from overflowing).
+/// A time to live as the stores take it: at least a millisecond (as Redis
+/// counts), at most about a century (longer is forever, and keeps instants
+/// and Redis's clock from overflowing).
 fn clamp_ttl(ttl: Duration) -> Duration {
     ttl.clamp(
         Duration::from_millis(1),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, ErrorKind, RedisError, Script, Value};
 use futures_core::Stream;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -88,7 +89,9 @@ return 2";
 ///
 /// Built by [`RedisStore::builder`] from a `redis://` URL. Clones share one
 /// multiplexed connection, which reconnects on its own after Redis
-/// restarts or the network drops.
+/// restarts or the network drops, and is replaced when a command gets no
+/// answer in time or a `READONLY` refusal (a connection gone silent, or a
+/// primary demoted since).
 ///
 /// # Layout
 ///
@@ -181,7 +184,9 @@ pub struct RedisStore {
 
 struct Inner {
     client: Client,
-    conn: ConnectionManager,
+    /// The connection commands go on, replaced when it seems dead.
+    conn: Mutex<Conn>,
+    config: ConnectionManagerConfig,
     /// The URL without its password, for `Debug`.
     url: String,
     prefix: String,
@@ -292,34 +297,30 @@ impl RedisStore {
         let token = random_token();
         let redis_key = self.lease_key(key);
         let ttl = millis(ttl).to_string();
-        let taken = self
-            .inner
-            .run_script(
-                &self.inner.take,
-                &[&redis_key],
+        let inner = &self.inner;
+        let conn = inner.conn();
+        let keys: &[&[u8]] = &[&redis_key];
+        let taken = inner
+            .invoke(
+                &conn,
+                &inner.take,
+                keys,
                 &[token.as_bytes(), ttl.as_bytes()],
-                "take a lease",
             )
             .await;
-        let taken = match taken {
+        // The take may still land (a reply that came too late): a lease
+        // nobody knows it holds would hold the others off for its whole
+        // `ttl`. Its token ends it at once if it is there (an expiry of 0
+        // deletes it), sent on the take's connection, after the take,
+        // before that connection may be replaced.
+        let give_up = !matches!(taken, Ok(Ok(_)));
+        if give_up {
+            let _ = inner
+                .invoke(&conn, &inner.extend, keys, &[token.as_bytes(), b"0"])
+                .await;
+        }
+        let taken = match inner.finish(&conn, taken, "take a lease") {
             Ok(taken) => taken,
-            // The take may still have landed (a reply that came too late):
-            // a lease nobody knows it holds would hold the others off for
-            // its whole `ttl`. Its token ends it at once if it is there (an
-            // expiry of 0 deletes it); the command follows the take on the
-            // connection.
-            Err(error) if error.is_transient() => {
-                let _ = self
-                    .inner
-                    .run_script(
-                        &self.inner.extend,
-                        &[&redis_key],
-                        &[token.as_bytes(), b"0"],
-                        "give up a lease",
-                    )
-                    .await;
-                return Err(error);
-            }
             Err(error) => return Err(error),
         };
         Ok((taken == 1).then(|| Lease {
@@ -457,6 +458,7 @@ impl RedisStoreBuilder {
     /// it). The sticky layer renews the expiry of a session it serves every
     /// half `ttl` (see [`SessionStore::refresh_interval`]), so only
     /// sessions nobody uses expire. Default: sessions never expire; delete them.
+    /// At least 1 ms; longer than about a century counts as a century.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
@@ -500,13 +502,17 @@ impl RedisStoreBuilder {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|e| map_error(e, "connect"))?;
         let mut pattern = glob_escape(self.prefix.as_bytes());
         pattern.extend_from_slice(b"s:*");
         let inner = Inner {
             client,
-            conn,
+            conn: Mutex::new(Conn {
+                manager,
+                generation: 0,
+            }),
+            config,
             url: redact(&self.url),
             channel: format!("{}moves", self.prefix),
             prefix: self.prefix,
@@ -547,14 +553,48 @@ impl Inner {
         .map_err(StoreError::other)
     }
 
+    /// The connection commands go on now.
+    fn conn(&self) -> Conn {
+        self.conn.lock().clone()
+    }
+
+    /// Ends an exchange on `conn`. A connection that gave no answer in
+    /// time may be dead without a word (a host gone, a firewall or NAT
+    /// that forgot it), and one that answers `READONLY` is pinned to a
+    /// primary demoted since: the client does not reconnect for either,
+    /// so the next commands go on a new one.
+    fn finish<T>(&self, conn: &Conn, answer: Answer<T>, what: &str) -> Result<T, StoreError> {
+        let dead = match &answer {
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => e.is_timeout() || server_error(e).0 == "READONLY",
+            Err(_) => true,
+        };
+        if dead {
+            let mut current = self.conn.lock();
+            // Once, however many commands saw it fail.
+            if current.generation == conn.generation {
+                if let Ok(manager) = ConnectionManager::new_lazy_with_config(
+                    self.client.clone(),
+                    self.config.clone(),
+                ) {
+                    tracing::warn!(target: "tower_ha::store", url = %self.url, "Redis connection replaced: {what} got no usable answer");
+                    current.manager = manager;
+                    current.generation += 1;
+                }
+            }
+        }
+        flatten(answer, what, self.timeout)
+    }
+
     async fn run<T: ::redis::FromRedisValue>(
         &self,
         cmd: &::redis::Cmd,
         what: &str,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        let answer = tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await;
-        flatten(answer, what, self.timeout)
+        let conn = self.conn();
+        let mut manager = conn.manager.clone();
+        let answer = tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut manager)).await;
+        self.finish(&conn, answer, what)
     }
 
     async fn run_pipe<T: ::redis::FromRedisValue>(
@@ -562,9 +602,10 @@ impl Inner {
         pipe: &::redis::Pipeline,
         what: &str,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        let answer = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await;
-        flatten(answer, what, self.timeout)
+        let conn = self.conn();
+        let mut manager = conn.manager.clone();
+        let answer = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut manager)).await;
+        self.finish(&conn, answer, what)
     }
 
     async fn run_script(
@@ -574,6 +615,19 @@ impl Inner {
         args: &[&[u8]],
         what: &str,
     ) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        let answer = self.invoke(&conn, script, keys, args).await;
+        self.finish(&conn, answer, what)
+    }
+
+    /// Runs `script` on `conn`, leaving its answer to [`Inner::finish`].
+    async fn invoke(
+        &self,
+        conn: &Conn,
+        script: &Script,
+        keys: &[&[u8]],
+        args: &[&[u8]],
+    ) -> Answer<i64> {
         let mut invocation = script.prepare_invoke();
         for key in keys {
             invocation.key(*key);
@@ -581,10 +635,8 @@ impl Inner {
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut conn = self.conn.clone();
-        let answer =
-            tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn)).await;
-        flatten(answer, what, self.timeout)
+        let mut manager = conn.manager.clone();
+        tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut manager)).await
     }
 
     async fn connect_pubsub(&self) -> Result<::redis::aio::PubSub, StoreError> {
@@ -616,11 +668,17 @@ impl Inner {
     }
 }
 
-fn flatten<T>(
-    answer: Result<Result<T, RedisError>, tokio::time::error::Elapsed>,
-    what: &str,
-    timeout: Duration,
-) -> Result<T, StoreError> {
+/// The connection commands go on, and how many times it was replaced.
+#[derive(Clone)]
+struct Conn {
+    manager: ConnectionManager,
+    generation: u64,
+}
+
+/// What an exchange with Redis came to.
+type Answer<T> = Result<Result<T, RedisError>, tokio::time::error::Elapsed>;
+
+fn flatten<T>(answer: Answer<T>, what: &str, timeout: Duration) -> Result<T, StoreError> {
     match answer {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(map_error(e, what)),
@@ -682,8 +740,10 @@ fn server_error(e: &RedisError) -> (String, String) {
     })
 }
 
+/// An expiry in whole milliseconds: at least 1, at most about a century
+/// (Redis refuses one past its 64-bit clock; longer is forever).
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(super::clamp_ttl(d).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// 128 random bits as hex.
@@ -1357,8 +1417,9 @@ mod tests {
     }
 
     #[test]
-    fn durations_round_to_at_least_one_millisecond() {
+    fn durations_round_to_at_least_one_millisecond_and_at_most_a_century() {
         assert_eq!(millis(Duration::from_micros(10)), 1);
         assert_eq!(millis(Duration::from_secs(2)), 2000);
+        assert_eq!(millis(Duration::MAX), 100 * 365 * 24 * 3600 * 1000);
     }
 }
