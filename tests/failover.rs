@@ -131,7 +131,10 @@ async fn a_request_that_carries_a_pick_slot_of_its_own_is_timed_on_every_retry()
         .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
         .service(Balance::new(pool, RoundRobin::new()));
     // A caller (or a layer above) that wants to learn the pick.
-    let request = Request::builder().extension(Picked::new()).body(()).unwrap();
+    let request = Request::builder()
+        .extension(Picked::new())
+        .body(())
+        .unwrap();
     let start = Instant::now();
     let call = tokio::spawn(service.oneshot(request));
 

@@ -991,7 +991,11 @@ async fn a_session_removed_while_it_is_loaded_does_not_come_back() {
     // again, and the request starts a new session where it is served.
     let served = pending.await.unwrap().unwrap().into_body();
     assert_eq!(slow.loads.load(Ordering::SeqCst), 2);
-    let record = shared.load("kernel-1").await.unwrap().expect("a new session");
+    let record = shared
+        .load("kernel-1")
+        .await
+        .unwrap()
+        .expect("a new session");
     assert_eq!(record.backend.as_str(), served);
     let res = send(&svc, session("kernel-1")).await.unwrap();
     assert_eq!(res.into_body(), served);

@@ -1381,7 +1381,6 @@ impl Work {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
