@@ -249,7 +249,10 @@ impl<C> Watch<C> {
         // reuse its address meanwhile.
         let key = Arc::as_ptr(target.state()) as usize;
         if self.target_key.load(Ordering::Relaxed) != key {
-            *self.target.lock() = Some(target.clone());
+            // Both under the lock: of two requests naming different
+            // states, the last to take it leaves its target and its key.
+            let mut stored = self.target.lock();
+            *stored = Some(target.clone());
             self.target_key.store(key, Ordering::Relaxed);
         }
     }
