@@ -362,16 +362,19 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         }
         None => accept(listener, stack, header_read_timeout, connections).await,
     }
-    // Every connection task holds a receiver: the channel closes when the
-    // last one ends.
+    // Every connection task holds two receivers: the channel closes when
+    // the last one ends.
     let _ = stop.send(true);
-    let open = stop.receiver_count();
+    let open = stop.receiver_count() / 2;
     eprintln!(
         "stopping: {open} connection(s) open, waiting at most {:?}",
         o.drain
     );
     if tokio::time::timeout(o.drain, stop.closed()).await.is_err() {
-        eprintln!("{} connection(s) still open, closed", stop.receiver_count());
+        eprintln!(
+            "{} connection(s) still open, closed",
+            stop.receiver_count() / 2
+        );
     }
 }
 
