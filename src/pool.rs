@@ -612,6 +612,10 @@ impl<S: 'static> Pool<S> {
             // pushes, however long membership stays the same.
             if listeners.len() == listeners.capacity() {
                 listeners.retain(|l| l.strong_count() > 0);
+                // The next clean-up at least as many pushes away as are
+                // left.
+                let live = listeners.len();
+                listeners.reserve(live);
             }
             listeners.push(listener);
         }

@@ -130,7 +130,7 @@ async fn a_request_that_carries_a_pick_slot_of_its_own_is_timed_on_every_retry()
     let service = ServiceBuilder::new()
         .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
         .service(Balance::new(pool, RoundRobin::new()));
-    // A caller (or a layer above) that wants to learn the pick.
+    // A slot of another's (a layer above without timers, say).
     let request = Request::builder()
         .extension(Picked::new())
         .body(())

@@ -249,9 +249,17 @@ impl LastChanges {
         };
         let removed = match record.event {
             Event::BackendRemoved { .. } if forget_removed => Some(record.at),
-            Event::BackendAdded { .. } => None,
-            // A late event about a removed backend.
-            _ if self.map.get(backend).is_some_and(|e| e.removed.is_some()) => return,
+            // What requests still in flight to a removed backend report
+            // changes nothing; any other event is about a backend back in
+            // a pool (added again without an event, or held by another).
+            Event::FailoverAttempt { .. }
+            | Event::Ejected { .. }
+            | Event::Restored { .. }
+            | Event::SessionMoved { .. }
+                if self.map.get(backend).is_some_and(|e| e.removed.is_some()) =>
+            {
+                return
+            }
             _ => None,
         };
         let entry = LastChange {
@@ -525,5 +533,22 @@ mod tests {
         let added = events.last_change(&pod).unwrap();
         events.emit(failed(&pod));
         assert!(events.last_change(&pod).unwrap() >= added);
+
+        // An action on a removed backend (one another group still holds,
+        // or put back without an event) counts again at once.
+        events.emit(Event::BackendRemoved {
+            group: None,
+            backend: pod.clone(),
+            reason: "dns".into(),
+        });
+        events.emit(failed(&pod));
+        assert!(events.last_change(&pod).is_none());
+        events.emit(Event::AdminChanged {
+            backend: pod.clone(),
+            from: AdminStatus::Enabled,
+            to: AdminStatus::Draining,
+            reason: "operator".into(),
+        });
+        assert!(events.last_change(&pod).is_some());
     }
 }

@@ -504,11 +504,16 @@ where
         let Some(template) = &mut self.template else {
             return Poll::Ready(Err(self.give_up(None)));
         };
+        // With timers, the layer gave the first attempt a slot of its own
+        // after the template was copied, and each retry takes it in place
+        // of any the request came with (a layer above, or the caller's):
+        // the timers read it. Without, a slot the request came with is
+        // left to whoever put it there.
+        let timed = self.config.per_try_timeout.is_some() || self.config.deadline.is_some();
         let slot = self.picked.get_or_insert_with(Picked::new);
-        // The template was copied before the first attempt was given the
-        // slot, if it was given one, and may carry another's (a layer
-        // above, or the caller's): each retry takes this one.
-        template.parts.extensions.insert(slot.clone());
+        if timed || template.parts.extensions.get::<Picked>().is_none() {
+            template.parts.extensions.insert(slot.clone());
+        }
         let Some(request) = template.copy() else {
             return Poll::Ready(Err(self.give_up(None)));
         };
