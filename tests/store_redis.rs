@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -848,81 +848,56 @@ async fn a_session_lock_outlives_its_ttl_while_held_and_expires_once_dropped() {
     }
 }
 
-/// A TCP proxy to a Redis on `port` whose connections can be frozen: each
-/// `freeze` (an increment) freezes the connections open until then, which
-/// stay open and carry nothing more either way, as a connection a firewall
-/// or a NAT forgot. Later connections pass.
-async fn freezing_proxy(port: u16) -> (SocketAddr, Arc<AtomicUsize>) {
+/// A TCP proxy to the Redis on the port `target` holds when a connection
+/// is made: connections made before a switch stay where they were.
+async fn switching_proxy(port: u16) -> (SocketAddr, Arc<AtomicU16>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let freeze = Arc::new(AtomicUsize::new(0));
-    let epoch = freeze.clone();
+    let target = Arc::new(AtomicU16::new(port));
+    let to = target.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((client, _)) = listener.accept().await else {
+            let Ok((mut client, _)) = listener.accept().await else {
                 continue;
             };
-            let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-                continue;
-            };
-            let born = epoch.load(Ordering::SeqCst);
-            let (from_client, to_client) = client.into_split();
-            let (from_redis, to_redis) = upstream.into_split();
-            for (mut from, mut to) in [
-                (
-                    Box::new(from_client) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
-                    Box::new(to_redis) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-                ),
-                (Box::new(from_redis), Box::new(to_client)),
-            ] {
-                let epoch = epoch.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match from.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        if epoch.load(Ordering::SeqCst) != born {
-                            // Frozen: held open, nothing passes.
-                            std::future::pending::<()>().await;
-                        }
-                        if to.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
+            let port = to.load(Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
         }
     });
-    (addr, freeze)
+    (addr, target)
 }
 
-/// The store's connection goes silent without closing: the command that
-/// meets it times out, and the next goes on a new connection rather than
-/// waiting for the kernel to give the dead one up (about 15 minutes).
+/// The primary behind the store's address is demoted to a replica and the
+/// address now leads to the new primary, while the store's connection
+/// stays on the old one: the write it refuses (`READONLY`) fails, and the
+/// next goes on a new connection, to the new primary.
 #[tokio::test]
-async fn a_connection_gone_silent_is_replaced() {
-    let server = RedisServer::start();
-    let (proxy, freeze) = freezing_proxy(server.port()).await;
+async fn a_connection_to_a_demoted_primary_is_replaced() {
+    let (old, new) = (RedisServer::start(), RedisServer::start());
+    let (proxy, target) = switching_proxy(old.port()).await;
     let store = RedisStore::builder(format!("redis://{proxy}"))
-        .timeout(Duration::from_millis(300))
         .build()
         .await
         .unwrap();
     store.save(&session("k", "a")).await.unwrap();
-    freeze.fetch_add(1, Ordering::SeqCst);
-    let err = store.load("k").await.unwrap_err();
-    assert!(err.is_timeout(), "{err:?}");
-    for _ in 0..3 {
-        let loaded = store.load("k").await.unwrap().expect("the record");
-        assert_eq!(loaded.backend.as_str(), "a");
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(new.port())
+        .query(&mut raw(&old))
+        .unwrap();
+    target.store(new.port(), Ordering::SeqCst);
+    let err = store.save(&session("k", "b")).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    for backend in ["b", "c"] {
+        store.save(&session("k", backend)).await.unwrap();
+        let on_new = crate::store(&new).await.load("k").await.unwrap().unwrap();
+        assert_eq!(on_new.backend.as_str(), backend);
     }
-    store.save(&session("k", "b")).await.unwrap();
-    assert_eq!(
-        store.load("k").await.unwrap().unwrap().backend.as_str(),
-        "b"
-    );
 }
 
 /// A TCP proxy to a Redis on `port` that cuts the first connection on
@@ -1061,20 +1036,24 @@ async fn a_lease_whose_reply_came_too_late_is_not_left_behind() {
     // buffers, and runs afterwards, even from a connection closed since.
     let mut busy = raw(&server);
     let other = store(&server).await;
-    let started = Arc::new(AtomicBool::new(false));
-    let running = started.clone();
+    let mut probe = raw(&server);
+    probe
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     let blocker = std::thread::spawn(move || {
-        running.store(true, Ordering::SeqCst);
         let _: () = redis::cmd("EVAL")
             .arg(BUSY_FOR_A_SECOND)
             .arg(0)
             .query(&mut busy)
             .unwrap();
     });
-    while !started.load(Ordering::SeqCst) {
-        sleep(Duration::from_millis(10)).await;
+    // Until a PING goes unanswered, the script has not started.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis::cmd("PING").query::<String>(&mut probe).is_ok() {
+        assert!(Instant::now() < deadline, "Redis never got busy");
+        std::thread::sleep(Duration::from_millis(10));
     }
-    sleep(Duration::from_millis(100)).await;
+    drop(probe);
     let err = slow
         .try_lease("k", Duration::from_secs(3600))
         .await

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, ErrorKind, RedisError, Script, Value};
+use ::redis::{Client, ErrorKind, IntoConnectionInfo, RedisError, Script, Value};
 use futures_core::Stream;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -89,9 +89,10 @@ return 2";
 ///
 /// Built by [`RedisStore::builder`] from a `redis://` URL. Clones share one
 /// multiplexed connection, which reconnects on its own after Redis
-/// restarts or the network drops, and is replaced when a command gets no
-/// answer in time or a `READONLY` refusal (a connection gone silent, or a
-/// primary demoted since).
+/// restarts or the network drops (on Linux it also gives up a connection
+/// whose data goes unacknowledged for five command timeouts, at least
+/// 10 s), and is replaced when a command is refused as `READONLY` (a
+/// primary demoted behind the same address).
 ///
 /// # Layout
 ///
@@ -491,9 +492,18 @@ impl RedisStoreBuilder {
     /// [`other`](StoreError::is_other) for a bad URL, and as any call would
     /// when Redis cannot be reached or refuses the credentials.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
-        let client = Client::open(self.url.as_str()).map_err(|e| {
-            StoreError::other(e).with_message(format!("bad Redis URL {:?}", redact(&self.url)))
-        })?;
+        let bad_url =
+            |e| StoreError::other(e).with_message(format!("bad Redis URL {:?}", redact(&self.url)));
+        let info = self.url.as_str().into_connection_info().map_err(bad_url)?;
+        // A connection whose data goes unacknowledged that long (a host
+        // gone, a firewall or NAT that forgot it) is given up by the
+        // kernel, and the client reconnects; otherwise every command would
+        // time out until the kernel's own limit (about 15 minutes).
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let info = info.set_tcp_settings(
+            ::redis::io::tcp::TcpSettings::default().set_user_timeout(user_timeout(self.timeout)),
+        );
+        let client = Client::open(info).map_err(bad_url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
@@ -558,18 +568,18 @@ impl Inner {
         self.conn.lock().clone()
     }
 
-    /// Ends an exchange on `conn`. A connection that gave no answer in
-    /// time may be dead without a word (a host gone, a firewall or NAT
-    /// that forgot it), and one that answers `READONLY` is pinned to a
-    /// primary demoted since: the client does not reconnect for either,
-    /// so the next commands go on a new one.
+    /// Ends an exchange on `conn`. A connection that answers `READONLY`
+    /// is pinned to a primary demoted since (behind a stable address): the
+    /// client does not reconnect for it, so the next commands go on a new
+    /// one. Nothing more that was sent on the old one can land on the new
+    /// primary. A connection that merely answers late is kept: a command
+    /// it still carries could land after a later one sent on a new
+    /// connection (one key's writes out of order). One gone silent is
+    /// given up by the kernel (`TCP_USER_TIMEOUT`, see `build`), and then
+    /// replaced by the client.
     fn finish<T>(&self, conn: &Conn, answer: Answer<T>, what: &str) -> Result<T, StoreError> {
-        let dead = match &answer {
-            Ok(Ok(_)) => false,
-            Ok(Err(e)) => e.is_timeout() || server_error(e).0 == "READONLY",
-            Err(_) => true,
-        };
-        if dead {
+        let demoted = matches!(&answer, Ok(Err(e)) if server_error(e).0 == "READONLY");
+        if demoted {
             let mut current = self.conn.lock();
             // Once, however many commands saw it fail.
             if current.generation == conn.generation {
@@ -577,7 +587,7 @@ impl Inner {
                     self.client.clone(),
                     self.config.clone(),
                 ) {
-                    tracing::warn!(target: "tower_ha::store", url = %self.url, "Redis connection replaced: {what} got no usable answer");
+                    tracing::warn!(target: "tower_ha::store", url = %self.url, "Redis connection replaced: {what} met a read-only replica");
                     current.manager = manager;
                     current.generation += 1;
                 }
@@ -666,6 +676,14 @@ impl Inner {
         }
         Ok(session)
     }
+}
+
+/// How long sent data may go unacknowledged before the kernel gives the
+/// connection up: five command timeouts, at least 10 s (a lossy network's
+/// retransmissions take seconds).
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+fn user_timeout(timeout: Duration) -> Duration {
+    timeout.saturating_mul(5).max(Duration::from_secs(10))
 }
 
 /// The connection commands go on, and how many times it was replaced.
