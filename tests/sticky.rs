@@ -1002,6 +1002,47 @@ async fn a_session_removed_while_it_is_loaded_does_not_come_back() {
 }
 
 #[tokio::test]
+async fn a_forget_reaches_a_request_that_has_not_taken_its_load_yet() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared
+        .save(&Session::new("kernel-1", "c".into()))
+        .await
+        .unwrap();
+    let slow = SlowStore {
+        inner: shared.clone(),
+        loads: Arc::new(AtomicUsize::new(0)),
+        waiting: Arc::new(AtomicUsize::new(0)),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), slow.clone());
+    // The first request drives the load, which has read the record; the
+    // second waits on it.
+    let first = tokio::spawn(send_owned(svc.clone(), session("kernel-1")));
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while slow.waiting.load(Ordering::SeqCst) < 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the load waits");
+    let mut second = Box::pin(send_owned(svc.clone(), session("kernel-1")));
+    assert!(futures::poll!(second.as_mut()).is_pending());
+    // The first takes the answer; then a notice (a move elsewhere) makes
+    // the replica forget the session before the second takes it.
+    slow.gate.add_permits(1000);
+    assert_eq!(first.await.unwrap().unwrap().body(), "c");
+    shared
+        .save(&Session::new("kernel-1", "a".into()))
+        .await
+        .unwrap();
+    assert!(layer.forget("kernel-1"));
+    // The second does not put the old record back: it reads the store.
+    assert_eq!(second.await.unwrap().body(), "a");
+    assert_eq!(slow.loads.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn replication_loads_each_key_once_under_concurrent_requests() {
     let c = cluster();
     let shared = MemoryStore::new();

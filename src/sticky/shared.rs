@@ -1350,13 +1350,13 @@ impl Drop for Task {
 }
 
 /// Ends a registration on `cell`, the load of `key`: the load leaves the
-/// map once it is done or its last registration has ended.
+/// map once its last registration has ended, not before, so that a
+/// `forget` still marks it stale for a request that has not taken its
+/// answer yet.
 fn unregister(loading: &Loading, key: &Arc<str>, cell: &Cell) {
     let mut loading = loading.lock();
     let left = cell.registered.fetch_sub(1, Ordering::Relaxed) - 1;
-    if (cell.stored.initialized() || left == 0)
-        && loading.get(key).is_some_and(|c| Arc::ptr_eq(c, cell))
-    {
+    if left == 0 && loading.get(key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
         loading.remove(key);
     }
 }
