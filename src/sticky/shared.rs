@@ -556,7 +556,8 @@ impl Shared {
                 let (hit, dropped, kept) = self.table.keep(session, tag, unread.failed);
                 self.count_dropped(dropped);
                 let (key, backend) = (hit.key.clone(), hit.backend.clone());
-                let mut routed = self.pin(req, hit, Named::from_option(cookie));
+                let named = self.named_on_miss(cookie, &hit.backend);
+                let mut routed = self.pin(req, hit, named);
                 match &mut routed {
                     Ok(Track::Known { save, .. }) => *save = kept,
                     Err(_) if kept => self.table.unkeep(&key, &backend),
@@ -584,9 +585,26 @@ impl Shared {
                     self.table.set_failed(&hit.key, &hit.backend, true);
                     hit.failed = true;
                 }
-                self.pin(req, hit, Named::from_option(cookie))
+                let named = self.named_on_miss(cookie, &hit.backend);
+                self.pin(req, hit, named)
             }
             None => Ok(Track::New { key, kept }),
+        }
+    }
+
+    /// What the cookie of a request whose session the table did not know
+    /// named: with renewal on, the session's own value is due to be sent
+    /// again, since the table does not know when the client got it (long
+    /// ago, if the session idled out or was restored).
+    fn named_on_miss(&self, cookie: Option<BackendId>, backend: &BackendId) -> Named {
+        let renews = self
+            .config
+            .key
+            .cookie()
+            .is_some_and(|c| c.renew_after().is_some());
+        match cookie {
+            Some(named) if renews && named == *backend => Named::Renew,
+            other => Named::from_option(other),
         }
     }
 
