@@ -1102,6 +1102,41 @@ where
 }
 
 #[tokio::test]
+async fn a_session_removed_while_restore_runs_is_not_put_back() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&Session::new("k1", "c".into())).await.unwrap();
+    // The hook waits until it is let go.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (hooked, entered) = (gate.clone(), Arc::new(AtomicBool::new(false)));
+    let running = entered.clone();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .on_restore(move |_: Session| {
+            let (gate, running) = (hooked.clone(), running.clone());
+            async move {
+                running.store(true, Ordering::SeqCst);
+                drop(gate.acquire().await.unwrap());
+                Ok::<(), BoxError>(())
+            }
+        });
+    let svc = stack(&c.pool, layer.clone());
+    let restore = tokio::spawn({
+        let layer = layer.clone();
+        async move { layer.restore().await }
+    });
+    spin_until("the hook runs", || entered.load(Ordering::SeqCst)).await;
+    // Ended while its hook runs: the restore does not route it.
+    assert!(!svc.remove("k1").await.unwrap());
+    gate.add_permits(1);
+    let report = restore.await.unwrap().unwrap();
+    assert!(report.restored.is_empty(), "{:?}", report.restored);
+    assert!(layer.session("k1").is_none());
+    assert!(store.load("k1").await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn standalone_restore_reports_and_keeps_failed_records() {
     let c = cluster();
     let store = MemoryStore::new();

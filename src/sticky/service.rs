@@ -93,7 +93,9 @@ impl<S> Sticky<S> {
 
     /// Ends session `key`: forgets it and deletes its stored record. A
     /// request that read the record meanwhile does not bring it back into
-    /// the table. Returns whether the table knew it.
+    /// the table, nor does a [`restore`](Self::restore) under way (the
+    /// session is then in neither of its report's lists). Returns whether
+    /// the table knew it.
     pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         self.shared.remove(key).await
     }

@@ -1289,12 +1289,19 @@ impl Shared {
             let key = session.key.clone();
             let session = self.with_member_id(session);
             let tag = self.tag(&session.key, &session.backend);
-            // A session the table read or saved since the load is newer
-            // than the record restored (replication mode, or a miss read
-            // before this restore began).
-            let (_, dropped) = self.table.restore(session, tag);
-            self.count_dropped(dropped);
-            self.unrestored.lock().remove(key.as_str());
+            {
+                // Under the lock `remove` ends a session under: one ended
+                // since the load (while the hooks ran) is not put back.
+                let mut unrestored = self.unrestored.lock();
+                if !unrestored.remove(key.as_str()) {
+                    continue;
+                }
+                // A session the table read or saved since the load is newer
+                // than the record restored (replication mode, or a miss read
+                // before this restore began).
+                let (_, dropped) = self.table.restore(session, tag);
+                self.count_dropped(dropped);
+            }
             report.restored.push(key);
         }
         Ok(report)
@@ -1306,9 +1313,13 @@ impl Shared {
         let known = self.forget(key);
         if let Some(store) = &self.config.store {
             landed(Writes::submit(self, store, Write::Delete(key.to_owned()))).await?;
-            // Nor is one that read it before the delete landed.
-            self.forget(key);
-            self.unrestored.lock().remove(key);
+            {
+                // Nor is one that read it before the delete landed, nor a
+                // restore under way.
+                let mut unrestored = self.unrestored.lock();
+                unrestored.remove(key);
+                self.forget(key);
+            }
             self.records.lock().remove(key);
         }
         Ok(known)
