@@ -865,6 +865,24 @@ struct SlowStore {
     gate: Arc<tokio::sync::Semaphore>,
 }
 
+impl SlowStore {
+    /// A store holding `key` on `backend`, and this store over it.
+    async fn holding(key: &str, backend: &str) -> (MemoryStore, SlowStore) {
+        let inner = MemoryStore::new();
+        inner
+            .save(&Session::new(key, backend.into()))
+            .await
+            .unwrap();
+        let slow = SlowStore {
+            inner: inner.clone(),
+            loads: Arc::new(AtomicUsize::new(0)),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        };
+        (inner, slow)
+    }
+}
+
 impl SessionStore for SlowStore {
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         self.inner.load_all()
@@ -962,27 +980,14 @@ async fn replication_routes_a_session_started_on_another_instance() {
 #[tokio::test]
 async fn a_session_removed_while_it_is_loaded_does_not_come_back() {
     let c = cluster();
-    let shared = MemoryStore::new();
-    shared
-        .save(&Session::new("kernel-1", "c".into()))
-        .await
-        .unwrap();
-    let slow = SlowStore {
-        inner: shared.clone(),
-        loads: Arc::new(AtomicUsize::new(0)),
-        waiting: Arc::new(AtomicUsize::new(0)),
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
-    };
+    let (shared, slow) = SlowStore::holding("kernel-1", "c").await;
     let (_, svc) = instance(&c, SessionKey::header("x-session-id"), slow.clone());
     // A request reads the record, and its answer is held ...
     let pending = tokio::spawn(send_owned(svc.clone(), session("kernel-1")));
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while slow.waiting.load(Ordering::SeqCst) < 1 {
-            tokio::task::yield_now().await;
-        }
+    spin_until("the load waits", || {
+        slow.waiting.load(Ordering::SeqCst) >= 1
     })
-    .await
-    .expect("the load waits");
+    .await;
     // ... while the session is ended.
     assert!(!svc.remove("kernel-1").await.unwrap());
     assert!(shared.load("kernel-1").await.unwrap().is_none());
@@ -1004,28 +1009,15 @@ async fn a_session_removed_while_it_is_loaded_does_not_come_back() {
 #[tokio::test]
 async fn a_forget_reaches_a_request_that_has_not_taken_its_load_yet() {
     let c = cluster();
-    let shared = MemoryStore::new();
-    shared
-        .save(&Session::new("kernel-1", "c".into()))
-        .await
-        .unwrap();
-    let slow = SlowStore {
-        inner: shared.clone(),
-        loads: Arc::new(AtomicUsize::new(0)),
-        waiting: Arc::new(AtomicUsize::new(0)),
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
-    };
+    let (shared, slow) = SlowStore::holding("kernel-1", "c").await;
     let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), slow.clone());
     // The first request drives the load, which has read the record; the
     // second waits on it.
     let first = tokio::spawn(send_owned(svc.clone(), session("kernel-1")));
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while slow.waiting.load(Ordering::SeqCst) < 1 {
-            tokio::task::yield_now().await;
-        }
+    spin_until("the load waits", || {
+        slow.waiting.load(Ordering::SeqCst) >= 1
     })
-    .await
-    .expect("the load waits");
+    .await;
     let mut second = Box::pin(send_owned(svc.clone(), session("kernel-1")));
     assert!(futures::poll!(second.as_mut()).is_pending());
     // The first takes the answer; then a notice (a move elsewhere) makes
@@ -1045,17 +1037,7 @@ async fn a_forget_reaches_a_request_that_has_not_taken_its_load_yet() {
 #[tokio::test]
 async fn replication_loads_each_key_once_under_concurrent_requests() {
     let c = cluster();
-    let shared = MemoryStore::new();
-    shared
-        .save(&Session::new("kernel-1", "c".into()))
-        .await
-        .unwrap();
-    let slow = SlowStore {
-        inner: shared.clone(),
-        loads: Arc::new(AtomicUsize::new(0)),
-        waiting: Arc::new(AtomicUsize::new(0)),
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
-    };
+    let (_, slow) = SlowStore::holding("kernel-1", "c").await;
     let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), slow.clone());
     let req = || session("kernel-1");
     // Counts the requests that have been polled and wait: for the load,

@@ -505,19 +505,21 @@ mod tests {
             failed: backend.clone(),
             reason: "connection refused".into(),
         };
+        let added = |backend: &BackendId| Event::BackendAdded {
+            group: None,
+            backend: backend.clone(),
+        };
+        let removed = |backend: &BackendId| Event::BackendRemoved {
+            group: None,
+            backend: backend.clone(),
+            reason: "dns".into(),
+        };
         // A deploy every minute for a day: each pod's address is removed,
         // and a request still in flight to it fails after the removal.
         for deploy in 0..1440 {
             let pod = BackendId::from(format!("10.0.{}.{}:80", deploy / 256, deploy % 256));
-            events.emit(Event::BackendAdded {
-                group: None,
-                backend: pod.clone(),
-            });
-            events.emit(Event::BackendRemoved {
-                group: None,
-                backend: pod.clone(),
-                reason: "dns".into(),
-            });
+            events.emit(added(&pod));
+            events.emit(removed(&pod));
             events.emit(failed(&pod));
             assert!(events.last_change(&pod).is_none());
             tokio::time::advance(Duration::from_secs(60)).await;
@@ -526,21 +528,14 @@ mod tests {
         assert!(kept <= 16, "{kept} entries kept");
         // Added again, a backend's events count again.
         let pod = BackendId::from("10.0.5.159:80");
-        events.emit(Event::BackendAdded {
-            group: None,
-            backend: pod.clone(),
-        });
-        let added = events.last_change(&pod).unwrap();
+        events.emit(added(&pod));
+        let at = events.last_change(&pod).unwrap();
         events.emit(failed(&pod));
-        assert!(events.last_change(&pod).unwrap() >= added);
+        assert!(events.last_change(&pod).unwrap() >= at);
 
         // An action on a removed backend (one another group still holds,
         // or put back without an event) counts again at once.
-        events.emit(Event::BackendRemoved {
-            group: None,
-            backend: pod.clone(),
-            reason: "dns".into(),
-        });
+        events.emit(removed(&pod));
         events.emit(failed(&pod));
         assert!(events.last_change(&pod).is_none());
         events.emit(Event::AdminChanged {
