@@ -232,7 +232,8 @@ const REMOVED_FOR: Duration = Duration::from_secs(600);
 #[derive(Default)]
 struct LastChanges {
     map: FastMap<BackendId, LastChange>,
-    /// When removed entries are next looked for to forget.
+    /// When removed entries are next looked for to forget (every half
+    /// `REMOVED_FOR`).
     next_sweep: Option<Instant>,
 }
 
@@ -267,17 +268,13 @@ impl LastChanges {
             removed,
         };
         self.map.insert(backend.clone(), entry);
-        if removed.is_some() && self.next_sweep.is_none() {
-            self.next_sweep = Some(crate::time::later(record.at, REMOVED_FOR));
-        }
-        if self.next_sweep.is_some_and(|at| record.at >= at) {
-            let now = record.at;
+        let now = record.at;
+        if self.next_sweep.is_none_or(|at| now >= at) {
             self.map.retain(|_, e| {
                 e.removed
                     .is_none_or(|at| now.saturating_duration_since(at) < REMOVED_FOR)
             });
-            let pending = self.map.values().any(|e| e.removed.is_some());
-            self.next_sweep = pending.then(|| crate::time::later(now, REMOVED_FOR / 2));
+            self.next_sweep = Some(crate::time::later(now, REMOVED_FOR / 2));
         }
     }
 }

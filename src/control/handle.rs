@@ -157,7 +157,9 @@ pub(super) struct Inner {
     groups: RwLock<Vec<Arc<Group>>>,
     drain_deadline: Option<Duration>,
     /// The drains whose deadline is pending, by backend: a later action
-    /// on the backend ends its timer.
+    /// on the backend ends its timer. Actions on backends take this lock
+    /// too, so that their changes, and the events that report them, come
+    /// in one order.
     drains: Mutex<HashMap<BackendId, PendingDrain>>,
     /// Where the drains' numbers come from.
     epoch_seq: AtomicU64,

@@ -185,7 +185,7 @@ pub struct RedisStore {
 
 struct Inner {
     client: Client,
-    /// The connection commands go on, replaced when it seems dead.
+    /// The connection commands go on, replaced when it answers `READONLY`.
     conn: Mutex<Conn>,
     config: ConnectionManagerConfig,
     /// The URL without its password, for `Debug`.
@@ -299,11 +299,11 @@ impl RedisStore {
         let redis_key = self.lease_key(key);
         let ttl = millis(ttl).to_string();
         let inner = &self.inner;
-        let conn = inner.conn();
+        let mut conn = inner.conn();
         let keys: &[&[u8]] = &[&redis_key];
         let taken = inner
             .invoke(
-                &conn,
+                &mut conn,
                 &inner.take,
                 keys,
                 &[token.as_bytes(), ttl.as_bytes()],
@@ -317,13 +317,10 @@ impl RedisStore {
         let give_up = !matches!(taken, Ok(Ok(_)));
         if give_up {
             let _ = inner
-                .invoke(&conn, &inner.extend, keys, &[token.as_bytes(), b"0"])
+                .invoke(&mut conn, &inner.extend, keys, &[token.as_bytes(), b"0"])
                 .await;
         }
-        let taken = match inner.finish(&conn, taken, "take a lease") {
-            Ok(taken) => taken,
-            Err(error) => return Err(error),
-        };
+        let taken = inner.finish(&conn, taken, "take a lease")?;
         Ok((taken == 1).then(|| Lease {
             store: self.clone(),
             key: key.to_owned(),
@@ -601,9 +598,9 @@ impl Inner {
         cmd: &::redis::Cmd,
         what: &str,
     ) -> Result<T, StoreError> {
-        let conn = self.conn();
-        let mut manager = conn.manager.clone();
-        let answer = tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut manager)).await;
+        let mut conn = self.conn();
+        let answer =
+            tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn.manager)).await;
         self.finish(&conn, answer, what)
     }
 
@@ -612,9 +609,9 @@ impl Inner {
         pipe: &::redis::Pipeline,
         what: &str,
     ) -> Result<T, StoreError> {
-        let conn = self.conn();
-        let mut manager = conn.manager.clone();
-        let answer = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut manager)).await;
+        let mut conn = self.conn();
+        let answer =
+            tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn.manager)).await;
         self.finish(&conn, answer, what)
     }
 
@@ -625,15 +622,15 @@ impl Inner {
         args: &[&[u8]],
         what: &str,
     ) -> Result<i64, StoreError> {
-        let conn = self.conn();
-        let answer = self.invoke(&conn, script, keys, args).await;
+        let mut conn = self.conn();
+        let answer = self.invoke(&mut conn, script, keys, args).await;
         self.finish(&conn, answer, what)
     }
 
     /// Runs `script` on `conn`, leaving its answer to [`Inner::finish`].
     async fn invoke(
         &self,
-        conn: &Conn,
+        conn: &mut Conn,
         script: &Script,
         keys: &[&[u8]],
         args: &[&[u8]],
@@ -645,8 +642,11 @@ impl Inner {
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut manager = conn.manager.clone();
-        tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut manager)).await
+        tokio::time::timeout(
+            self.timeout,
+            invocation.invoke_async::<i64>(&mut conn.manager),
+        )
+        .await
     }
 
     async fn connect_pubsub(&self) -> Result<::redis::aio::PubSub, StoreError> {
