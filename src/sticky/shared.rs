@@ -597,13 +597,8 @@ impl Shared {
     /// again, since the table does not know when the client got it (long
     /// ago, if the session idled out or was restored).
     fn named_on_miss(&self, cookie: Option<BackendId>, backend: &BackendId) -> Named {
-        let renews = self
-            .config
-            .key
-            .cookie()
-            .is_some_and(|c| c.renew_after().is_some());
         match cookie {
-            Some(named) if renews && named == *backend => Named::Renew,
+            Some(named) if self.table.renews_cookies() && named == *backend => Named::Renew,
             other => Named::from_option(other),
         }
     }

@@ -369,9 +369,14 @@ impl Table {
         self.renew != 0 && (sent == NEVER_SENT || now.saturating_sub(sent) >= self.renew)
     }
 
+    /// Whether cookies are sent again (see `with_cookie_renewal`).
+    pub(crate) fn renews_cookies(&self) -> bool {
+        self.renew != 0
+    }
+
     /// Notes that a response sends the layer's cookie for session `key`.
     pub(crate) fn cookie_sent(&self, key: &str) {
-        if self.renew != 0 {
+        if self.renews_cookies() {
             if let Some(entry) = self.map.read().get(key.as_bytes()) {
                 entry.cookie_at.store(self.now(), Ordering::Relaxed);
             }
