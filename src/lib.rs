@@ -94,6 +94,7 @@ pub mod key;
 pub mod pool;
 pub mod sticky;
 pub mod store;
+mod task;
 mod time;
 
 pub use backend::{AdminStatus, BackendId, BackendState, HealthStatus};

@@ -17,8 +17,8 @@ use tower_ha::balance::{Balance, BalanceLayer, RoundRobin};
 use tower_ha::error::{find, InvalidRequest};
 use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::sticky::{
-    Availability, CookieInsert, MoveReason, RestoreTimedOut, SessionKey, SessionMoved,
-    SessionUnavailable, Sticky, StickyLayer, DEFAULT_RESTORE_TIMEOUT,
+    Availability, CookieInsert, MoveReason, RestorePanicked, RestoreTimedOut, SessionKey,
+    SessionMoved, SessionUnavailable, Sticky, StickyLayer, DEFAULT_RESTORE_TIMEOUT,
 };
 use tower_ha::store::{
     Loaded, MemoryStore, Session, SessionGuard, SessionLock, SessionStore, StoreFuture,
@@ -1165,6 +1165,41 @@ async fn standalone_restore_reports_and_keeps_failed_records() {
     let kept = store.load("k2").await.unwrap().unwrap();
     assert_eq!(kept.backend.as_str(), "b");
     assert_eq!(kept.data["port"], 5000);
+}
+
+#[tokio::test]
+async fn a_restore_hook_that_panics_fails_its_session_alone() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    for (k, b) in [("k1", "a"), ("k2", "b"), ("k3", "c")] {
+        store.save(&Session::new(k, b.into())).await.unwrap();
+    }
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .on_restore(|s: Session| {
+            // k3's hook panics before it returns a future, k2's while it
+            // runs.
+            assert_ne!(s.key, "k3", "no kernel for k3");
+            async move {
+                assert_ne!(s.key, "k2", "no kernel for k2");
+                Ok::<(), BoxError>(())
+            }
+        });
+    let report = tokio::time::timeout(Duration::from_secs(60), layer.restore())
+        .await
+        .expect("the restore ends")
+        .unwrap();
+    assert_eq!(report.restored, ["k1"]);
+    let mut failed: Vec<_> = report.failed.iter().map(|f| f.key.as_str()).collect();
+    failed.sort();
+    assert_eq!(failed, ["k2", "k3"]);
+    for failure in &report.failed {
+        assert!(failure.error.is::<RestorePanicked>(), "{}", failure.error);
+    }
+    assert_eq!(layer.session("k1").unwrap().backend.as_str(), "a");
+    assert!(layer.session("k2").is_none());
+    assert_eq!(store.len(), 3, "the failed sessions keep their records");
 }
 
 #[tokio::test]
@@ -2353,6 +2388,35 @@ async fn a_hydrating_hook_over_its_time_limit_lets_the_session_go_to_its_backend
     // Known now: routed without running the hook again.
     assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "b");
     assert_eq!(started.elapsed(), took);
+    assert_eq!(
+        store.load("k1").await.unwrap().unwrap().backend.as_str(),
+        "b"
+    );
+}
+
+#[tokio::test]
+async fn a_hydrating_hook_that_panics_releases_its_lock() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&kernel("k1", "b")).await.unwrap();
+    let lock = Granted::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .hydrate(lock.clone())
+        .on_restore(|s: Session| async move {
+            assert_ne!(s.key, "k1", "no kernel for k1");
+            Ok::<(), BoxError>(())
+        });
+    let svc = stack(&c.pool, layer.clone());
+    let res = tokio::time::timeout(Duration::from_secs(60), send(&svc, session("k1")))
+        .await
+        .expect("the restore ends")
+        .unwrap();
+    assert_eq!(res.body(), "b", "routed to its stored backend");
+    // Released at once rather than left for the lock to expire, while
+    // every other replica's request for the session waits on it.
+    assert_eq!(lock.released.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.stats().hydrated, 0, "a restore that panicked failed");
     assert_eq!(
         store.load("k1").await.unwrap().unwrap().backend.as_str(),
         "b"

@@ -102,6 +102,23 @@ impl fmt::Display for RestoreTimedOut {
 
 impl StdError for RestoreTimedOut {}
 
+/// The error of a [`RestoreFailure`](super::RestoreFailure), and the one a
+/// hydrating restore logs, when the `on_restore` hook panicked: that
+/// session's restore failed and its record is kept, the others go on.
+/// Downcast it from [`BoxError`](crate::BoxError).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestorePanicked {
+    _priv: (),
+}
+
+impl fmt::Display for RestorePanicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the on_restore hook panicked")
+    }
+}
+
+impl StdError for RestorePanicked {}
+
 /// Why [`CookieInsert::try_new`](super::CookieInsert::try_new) refused its
 /// settings.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -169,9 +169,11 @@ impl StickyLayer {
 
     /// Calls `hook` for each stored session during
     /// [`restore`](StickyLayer::restore): the application reconnects to the
-    /// session's state. A session whose hook fails, or runs past
+    /// session's state. A session whose hook fails, panics
+    /// ([`RestorePanicked`](super::RestorePanicked)) or runs past
     /// [`restore_timeout`](StickyLayer::restore_timeout), is not routed and
-    /// keeps its stored record.
+    /// keeps its stored record; the other sessions are restored. On a tokio
+    /// runtime each hook call runs in a task of its own.
     pub fn on_restore<F, Fut>(self, hook: F) -> Self
     where
         F: Fn(Session) -> Fut + Send + Sync + 'static,

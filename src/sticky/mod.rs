@@ -85,7 +85,7 @@ mod table;
 mod writes;
 
 pub use cookie::{CookieInsert, MAX_COOKIE_AGE};
-pub use error::{CookieConfigError, RestoreTimedOut, SessionUnavailable};
+pub use error::{CookieConfigError, RestorePanicked, RestoreTimedOut, SessionUnavailable};
 pub use hooks::{MoveReason, RestoreFailure, RestoreReport, SessionMoved};
 pub use key::{SessionKey, MAX_COOKIE_HEADER, MAX_KEY_LEN};
 pub use layer::{StickyLayer, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, DEFAULT_RESTORE_TIMEOUT};

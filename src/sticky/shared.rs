@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
 use super::cookie::{self, CookieInsert, Learned, Parsed, SESSION_ID_LEN};
-use super::error::{RestoreTimedOut, SessionUnavailable};
+use super::error::{RestorePanicked, RestoreTimedOut, SessionUnavailable};
 use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, SessionMoved};
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
 use super::stats::{bump, Counters, StickyStats};
@@ -28,6 +28,7 @@ use crate::extensions::{Affinity, Attempts, ServedBy};
 use crate::key::RequestHead;
 use crate::pool::Pool;
 use crate::store::{Session, SessionLock, SessionStore, StoreError};
+use crate::task::AbortOnDrop;
 
 const TARGET: &str = "tower_ha::sticky";
 
@@ -868,18 +869,26 @@ impl Shared {
     }
 
     /// Runs the `on_restore` hook for `session` within the configured time
-    /// limit: a hook still running then is dropped and fails with
-    /// `RestoreTimedOut`. Outside a tokio runtime, with no timer to
-    /// measure it, without a limit.
+    /// limit: a hook still running then is stopped and fails with
+    /// `RestoreTimedOut`. It runs in a task of its own, so that a hook
+    /// that panics fails its session alone (`RestorePanicked`): the other
+    /// sessions are restored and a lock taken for it is released. Outside
+    /// a tokio runtime, with no timer to measure it and no task to hand it
+    /// to, the caller runs it without a limit.
     async fn run_restore_hook(&self, hook: &OnRestore, session: Session) -> Result<(), BoxError> {
-        let hook = hook(session);
-        if tokio::runtime::Handle::try_current().is_err() {
-            return hook.await;
-        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return hook(session).await;
+        };
+        let hook = hook.clone();
+        // Stopped if its restore is dropped, as the hook was when it ran
+        // in the restore's own future.
+        let mut task = AbortOnDrop(runtime.spawn(async move { hook(session).await }));
         let limit = self.config.restore_timeout;
-        tokio::time::timeout(limit, hook)
-            .await
-            .unwrap_or_else(|_| Err(RestoreTimedOut::new(limit).into()))
+        match tokio::time::timeout(limit, &mut task.0).await {
+            Ok(Ok(restored)) => restored,
+            Ok(Err(_)) => Err(RestorePanicked::default().into()),
+            Err(_) => Err(RestoreTimedOut::new(limit).into()),
+        }
     }
 
     /// Drops what the table knows about `key`, keeping its stored record:

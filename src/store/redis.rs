@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::{Loaded, Session, SessionGuard, SessionLock, SessionStore, StoreError, StoreFuture};
 use crate::backend::BackendId;
+use crate::task::AbortOnDrop;
 
 const DEFAULT_PREFIX: &str = "tower-ha:";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -1217,7 +1218,7 @@ pub enum Invalidation {
 /// The other replicas' move notices, from [`RedisStore::subscribe`].
 pub struct Invalidations {
     rx: mpsc::Receiver<Invalidation>,
-    task: AbortOnDrop,
+    task: AbortOnDrop<()>,
 }
 
 impl Invalidations {
@@ -1246,14 +1247,6 @@ impl fmt::Debug for Invalidations {
             .field("pending", &self.rx.len())
             .field("listening", &!self.task.0.is_finished())
             .finish()
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
