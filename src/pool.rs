@@ -12,6 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -578,7 +579,17 @@ impl<S: Clone> Pool<S> {
         self.shared.current.store(next.clone());
         listeners.retain(|l| match l.upgrade() {
             Some(l) => {
-                l.rebuild(&next);
+                // A strategy whose table build panics leaves its balancer
+                // on the previous membership, logged; the change goes on for
+                // the other balancers and the queue, and the caller (a
+                // health checker's or discovery's task, say) lives on.
+                let rebuilt = std::panic::catch_unwind(AssertUnwindSafe(|| l.rebuild(&next)));
+                if rebuilt.is_err() {
+                    tracing::error!(
+                        generation = next.generation,
+                        "a balancer's strategy panicked building its table; that balancer keeps its previous membership until the next change"
+                    );
+                }
                 true
             }
             None => false,

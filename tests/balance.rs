@@ -1016,3 +1016,42 @@ fn random_spreads_its_picks_over_every_backend() {
         "never the same twice in a row"
     );
 }
+
+#[test]
+fn a_strategy_that_panics_building_its_table_stops_no_change() {
+    /// Picks the last eligible backend, and cannot build a table without
+    /// `b1`.
+    struct NeedsB1;
+    impl Strategy for NeedsB1 {
+        type Table = ();
+        fn build(&self, members: &tower_ha::pool::Members) {
+            assert!(members.index_of(&"b1".into()).is_some(), "no b1");
+        }
+        fn pick(&self, _: &(), pick: &tower_ha::balance::Pick<'_>) -> Option<usize> {
+            (0..pick.len()).rev().find(|&i| pick.is_eligible(i))
+        }
+    }
+    let pool = pool_of(3);
+    let fragile = Balance::new(pool.clone(), NeedsB1);
+    let sound = Balance::new(pool.clone(), RoundRobin::new());
+    // The change that removes b1 returns, and the balancer built after the
+    // fragile one sees it.
+    assert!(pool.remove(&"b1".into()));
+    assert_eq!(pool.ids(), vec!["b0".into(), "b2".into()]);
+    let mut seen = BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(
+            block_on(sound.clone().oneshot(request(None)))
+                .unwrap()
+                .into_body(),
+        );
+    }
+    assert_eq!(seen, BTreeSet::from(["b0".to_owned(), "b2".to_owned()]));
+    // The fragile balancer still answers, from the membership it had.
+    assert!(block_on(fragile.clone().oneshot(request(None))).is_ok());
+    // And builds again at the next change it can build for.
+    pool.insert("b1", named("b1".into()));
+    pool.insert("b3", named("b3".into()));
+    let res = block_on(fragile.clone().oneshot(request(None))).unwrap();
+    assert_eq!(res.body(), "b3");
+}

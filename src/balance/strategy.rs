@@ -42,7 +42,10 @@ pub trait Strategy: Send + Sync + 'static {
     ///
     /// Called while the pool applies a change, so that every balancer sees
     /// the changes in order: it must not change the pool itself (insert,
-    /// remove, set a weight), which would wait for itself.
+    /// remove, set a weight), which would wait for itself. It is called
+    /// for an empty pool too. A build that panics during a change is
+    /// logged, and its balancer keeps its previous table and membership
+    /// until the next change; the change itself goes on.
     fn build(&self, members: &Members) -> Self::Table;
 
     /// The index of the backend to try, or `None` when no eligible backend
