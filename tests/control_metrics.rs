@@ -332,6 +332,55 @@ async fn a_zero_interval_publishes_every_millisecond_instead_of_panicking() {
     assert!((100..=101).contains(&published), "{published} publications");
 }
 
+/// A recorder that panics at its first publication, then counts them.
+#[derive(Default, Clone)]
+struct PanicsOnce(Publications);
+
+impl GaugeFn for PanicsOnce {
+    fn increment(&self, _: f64) {}
+    fn decrement(&self, _: f64) {}
+    fn set(&self, value: f64) {
+        let first = self.0 .0.load(Ordering::SeqCst) == 0;
+        self.0.set(value);
+        assert!(!first, "the exporter is not ready");
+    }
+}
+
+impl Recorder for PanicsOnce {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::noop()
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        if key.name() == "tower_ha_group_healthy_backends" {
+            Gauge::from_arc(Arc::new(self.clone()))
+        } else {
+            Gauge::noop()
+        }
+    }
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recorder_that_panics_loses_one_tick_not_the_task() {
+    let handle = Handle::new(Events::default());
+    let pool = Pool::new();
+    pool.insert("a", ());
+    handle.add_pool("g", pool, None).unwrap();
+    let recorder = PanicsOnce::default();
+    let _recorder = metrics::set_default_local_recorder(&recorder);
+    let task = handle.spawn_metrics(std::time::Duration::from_secs(1));
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    assert!(!task.is_finished(), "still publishing");
+    task.abort();
+    // The one that panicked (at once), then at 1, 2 and 3 s.
+    assert_eq!(recorder.0 .0.load(Ordering::SeqCst), 4);
+}
+
 type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<&'static str>, Infallible>;
 
 /// Active-passive group "db": primary "p", backup "b".

@@ -79,7 +79,8 @@ impl Handle {
 
     /// Publishes the metrics every `interval` (at least a millisecond) on
     /// the current tokio runtime until the returned task is aborted or
-    /// every other clone of the handle is dropped.
+    /// every other clone of the handle is dropped. A recorder that panics
+    /// is logged and loses that tick's publication only.
     ///
     /// # Panics
     ///
@@ -92,9 +93,17 @@ impl Handle {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                match Handle::upgrade(&weak) {
-                    Some(handle) => handle.publish_metrics(),
-                    None => return,
+                let Some(handle) = Handle::upgrade(&weak) else {
+                    return;
+                };
+                // A recorder that panics loses this tick only.
+                let published = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    handle.publish_metrics()
+                }));
+                if published.is_err() {
+                    tracing::error!(
+                        "the metrics recorder panicked; publishing again at the next tick"
+                    );
                 }
             }
         })
