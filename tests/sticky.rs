@@ -2423,6 +2423,59 @@ async fn a_hydrating_hook_that_panics_releases_its_lock() {
     );
 }
 
+/// A store whose loads panic from the `panic_from`th on.
+struct PanicsOnLoad {
+    inner: MemoryStore,
+    loads: AtomicUsize,
+    panic_from: usize,
+}
+
+impl SessionStore for PanicsOnLoad {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        self.inner.load_all()
+    }
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        let n = self.loads.fetch_add(1, Ordering::SeqCst) + 1;
+        assert!(n < self.panic_from, "the store's client is broken");
+        self.inner.load(key)
+    }
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        self.inner.save(session)
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        self.inner.delete(keys)
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_panics_under_a_restore_lock_releases_it() {
+    let c = cluster();
+    let inner = MemoryStore::new();
+    inner.save(&kernel("k1", "b")).await.unwrap();
+    let lock = Granted::default();
+    // The first load finds the record; the second, made under the lock
+    // to read it again, panics.
+    let store = PanicsOnLoad {
+        inner,
+        loads: AtomicUsize::new(0),
+        panic_from: 2,
+    };
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store)
+        .hydrate(lock.clone())
+        .on_restore(|_: Session| std::future::ready(Ok::<(), BoxError>(())));
+    let svc = stack(&c.pool, layer.clone());
+    let res = tokio::time::timeout(Duration::from_secs(60), send(&svc, session("k1")))
+        .await
+        .expect("the restore ends")
+        .unwrap();
+    assert_eq!(res.body(), "b", "routed by the record first read");
+    spin_until("the lock is released", || {
+        lock.released.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
 #[test]
 fn a_restore_needs_no_tokio_runtime() {
     let c = cluster();

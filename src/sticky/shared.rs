@@ -27,7 +27,7 @@ use crate::error::{find, BackendError, BoxError, InvalidRequest};
 use crate::extensions::{Affinity, Attempts, ServedBy};
 use crate::key::RequestHead;
 use crate::pool::Pool;
-use crate::store::{Session, SessionLock, SessionStore, StoreError};
+use crate::store::{Session, SessionGuard, SessionLock, SessionStore, StoreError};
 use crate::task::AbortOnDrop;
 
 const TARGET: &str = "tower_ha::sticky";
@@ -840,6 +840,7 @@ impl Shared {
         };
         match lock.lock(&loaded.key).await {
             Ok(Some(guard)) => {
+                let held = Held(Some(guard));
                 let session = reread(loaded).await;
                 match self.run_restore_hook(hook, session.clone()).await {
                     Ok(()) => bump(&self.counters.hydrated, 1),
@@ -855,7 +856,7 @@ impl Shared {
                 // that this instance's next request for it does not
                 // restore it again.
                 self.remember_unless_stale(&Stored::Found(session.clone()), cell);
-                if let Err(error) = guard.release().await {
+                if let Err(error) = held.release().await {
                     self.store_error(&session.key, "unlock", &error);
                 }
                 session
@@ -1411,6 +1412,32 @@ struct Work {
 impl Work {
     fn is_empty(&self) -> bool {
         self.save.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// A session lock a restore holds: released even when the restore unwinds
+/// (a store that panicked), on a task of its own, rather than left to
+/// expire while the other replicas wait for it.
+struct Held(Option<SessionGuard>);
+
+impl Held {
+    async fn release(mut self) -> Result<(), StoreError> {
+        match self.0.take() {
+            Some(guard) => guard.release().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let (Some(guard), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn(async move {
+                if let Err(error) = guard.release().await {
+                    tracing::warn!(target: TARGET, %error, "session lock release failed");
+                }
+            });
+        }
     }
 }
 
