@@ -300,10 +300,14 @@ where
 {
     fn new(body: B, limit: usize) -> Self {
         let hint = body.size_hint();
-        // Do not reserve more than the limit, whatever the body claims.
+        // A client's `Content-Length` is only a claim: reserve no more than
+        // the limit, nor more than the default limit ahead of the bytes
+        // themselves (beyond it, the buffer grows as they come), so that a
+        // head alone claiming a huge body allocates nothing much.
         let reserve = usize::try_from(hint.lower())
             .unwrap_or(usize::MAX)
-            .min(limit);
+            .min(limit)
+            .min(DEFAULT_BUFFER_LIMIT);
         Buffering {
             body: Some(Box::pin(body)),
             hint,
@@ -623,6 +627,37 @@ mod tests {
         fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<I::Item>> {
             Poll::Ready(self.0.next())
         }
+    }
+
+    /// A head that claims a body of `claimed` bytes, and sends none yet.
+    struct Claims(u64);
+
+    impl Body for Claims {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Pending
+        }
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.0)
+        }
+    }
+
+    #[test]
+    fn a_claimed_length_reserves_little_ahead_of_the_bytes() {
+        for limit in [usize::MAX, 1 << 30] {
+            let buffering = Buffering::new(Claims(1 << 30), limit);
+            assert!(
+                buffering.chunks.capacity() <= DEFAULT_BUFFER_LIMIT,
+                "{} bytes reserved",
+                buffering.chunks.capacity()
+            );
+        }
+        // A small body gets all its room at once.
+        assert!(Buffering::new(Claims(100), usize::MAX).chunks.capacity() >= 100);
     }
 
     #[tokio::test]
