@@ -57,6 +57,20 @@ async fn redis_store_passes_the_contract_on_a_multi_thread_runtime_with_a_ttl() 
 }
 
 #[tokio::test]
+async fn a_timeout_of_practically_never_still_connects() {
+    let server = RedisServer::start();
+    for timeout in [Duration::from_secs(30 * 86_400), Duration::MAX] {
+        let store = RedisStore::builder(server.url())
+            .timeout(timeout)
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("a {timeout:?} timeout: {e}"));
+        store.save(&session("k", "a")).await.unwrap();
+        assert!(store.load("k").await.unwrap().is_some());
+    }
+}
+
+#[tokio::test]
 async fn sessions_are_json_under_the_prefix() {
     let server = RedisServer::start();
     let store = RedisStore::builder(server.url())

@@ -681,10 +681,15 @@ impl Inner {
 
 /// How long sent data may go unacknowledged before the kernel gives the
 /// connection up: five command timeouts, at least 10 s (a lossy network's
-/// retransmissions take seconds).
+/// retransmissions take seconds), and at most what Linux accepts (a
+/// positive `int` of milliseconds, about 24.8 days: a larger value would
+/// make every connection fail).
 #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 fn user_timeout(timeout: Duration) -> Duration {
-    timeout.saturating_mul(5).max(Duration::from_secs(10))
+    const LONGEST: Duration = Duration::from_millis(i32::MAX as u64);
+    timeout
+        .saturating_mul(5)
+        .clamp(Duration::from_secs(10), LONGEST)
 }
 
 /// The connection commands go on, and how many times it was replaced.
