@@ -569,6 +569,21 @@ async fn tcp_keepalive_is_set_on_backend_connections() {
         "{set:?}"
     );
     assert_eq!(timer_of(HttpClient::new().tcp_keepalive(None)).await, None);
+    assert_eq!(
+        timer_of(HttpClient::new().tcp_keepalive(Some(Duration::ZERO))).await,
+        None
+    );
+    // Values the kernel would refuse, leaving its own 2 hours, are brought
+    // within its range.
+    let short = HttpClient::new().tcp_keepalive(Some(Duration::from_millis(500)));
+    let short = timer_of(short).await.expect("set");
+    assert!(short <= Duration::from_secs(1), "{short:?}");
+    let long = HttpClient::new().tcp_keepalive(Some(Duration::from_secs(100_000)));
+    let long = timer_of(long).await.expect("set");
+    assert!(
+        long > Duration::from_secs(32_000) && long <= Duration::from_secs(32_767),
+        "{long:?}"
+    );
 }
 
 /// A body of `data` then `trailers`, sent chunked.

@@ -379,7 +379,15 @@ where
     /// host, a dropped NAT or firewall entry) within about 5 minutes, where
     /// a request waiting on it would otherwise wait for ever, and keeps a
     /// NAT or firewall entry alive while its connection is idle.
+    ///
+    /// The kernel counts in whole seconds up to 32,767: a shorter `idle`
+    /// counts as 1 s, a longer one as 32,767 s, and zero as `None` (a value
+    /// the kernel refused would leave its defaults, 2 hours on Linux).
     pub fn tcp_keepalive(self, idle: Option<Duration>) -> Self {
+        const LONGEST: Duration = Duration::from_secs(i16::MAX as u64);
+        let idle = idle
+            .filter(|d| !d.is_zero())
+            .map(|d| d.clamp(Duration::from_secs(1), LONGEST));
         HttpClient::with_settings(
             Settings {
                 tcp_keepalive: idle,
@@ -522,10 +530,14 @@ where
     /// where TCP keep-alive cannot (a connector of yours may not set it,
     /// and it waits while data is unacknowledged). `None` sends no PING. gRPC
     /// servers accept PINGs this rare while calls are in flight; no PING
-    /// is sent on an idle connection.
+    /// is sent on an idle connection. Zero counts as `None` (a PING after
+    /// every answer would flood the backend), and an interval over a year
+    /// as a year.
     #[cfg(feature = "http2")]
     #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
     pub fn http2_keep_alive(self, interval: Option<Duration>) -> Self {
+        const LONGEST: Duration = Duration::from_secs(365 * 86_400);
+        let interval = interval.filter(|d| !d.is_zero()).map(|d| d.min(LONGEST));
         HttpClient::with_settings(
             Settings {
                 http2_keep_alive: interval,
@@ -1601,5 +1613,22 @@ mod tests {
             "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 60s, \
              read_timeout: Some(60s), tunnel_idle_timeout: Some(3600s), http2: false, .. }"
         );
+    }
+
+    #[cfg(feature = "http2")]
+    #[test]
+    fn http2_pings_are_never_back_to_back_nor_beyond_a_year() {
+        let interval = |d| {
+            HttpClient::<http_body_util::Empty<bytes::Bytes>>::new()
+                .http2_keep_alive(d)
+                .settings
+                .http2_keep_alive
+        };
+        assert_eq!(interval(Some(Duration::ZERO)), None);
+        assert_eq!(interval(None), None);
+        let second = Some(Duration::from_secs(1));
+        assert_eq!(interval(second), second);
+        let year = Duration::from_secs(365 * 86_400);
+        assert_eq!(interval(Some(Duration::MAX)), Some(year));
     }
 }
