@@ -754,6 +754,33 @@ async fn answer_raw(stream: &mut TcpStream, n: usize) -> bool {
     stream.write_all(response.as_bytes()).await.is_ok()
 }
 
+#[tokio::test]
+async fn a_backends_http_1_0_answer_goes_back_as_http_1_1() {
+    let (addr, _) = accept_counting(|mut stream, _| async move {
+        let mut buf = [0u8; 1024];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => head.extend_from_slice(&buf[..read]),
+            }
+        }
+        // As Python's `http.server` answers.
+        let _ = stream
+            .write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+    })
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let resp = backend
+        .oneshot(Request::get("/").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+    assert_eq!(body_of(resp).await, "ok");
+}
+
 /// [`serve_raw`], but each connection answers one request, then waits for
 /// `close` and closes without saying so beforehand (as a backend's idle
 /// timeout does). Once the client has closed its end as well (a read

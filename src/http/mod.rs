@@ -1297,6 +1297,12 @@ impl Future for ResponseFuture {
                 } else {
                     strip_present(resp.headers_mut(), present);
                 }
+                // An intermediary answers in its own version (RFC 9110
+                // section 6.2): a backend's HTTP/1.0 would otherwise make
+                // an HTTP/1.1 client's connection close after every answer.
+                // The client's server adapts it to a 1.0 client, and
+                // HTTP/2 ignores it.
+                *resp.version_mut() = Version::HTTP_11;
                 if let Some(backend) = this.backend.take() {
                     if !http_body::Body::is_end_stream(resp.body()) {
                         resp.body_mut().hold(backend.hold_in_flight());
