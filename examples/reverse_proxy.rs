@@ -14,8 +14,11 @@
 //! * `--listen ADDR` (default `127.0.0.1:8080`)
 //! * `--workers N` runtime worker threads (default 1)
 //! * `--strategy round-robin | random | least-request | weighted | ring | maglev`
-//! * `--hash-key header:NAME | cookie:NAME | client-ip` for `ring` and `maglev`
-//!   (default `client-ip`: `X-Forwarded-For`, else the peer address)
+//! * `--hash-key header:NAME | cookie:NAME | client-ip | forwarded-for:N` for
+//!   `ring` and `maglev` (default `client-ip`: the address of the peer this
+//!   proxy accepted; `forwarded-for:N`, behind N proxies of yours, the
+//!   `X-Forwarded-For` entry the outermost of them wrote, which a client
+//!   cannot forge, else the peer)
 //! * `--sticky cookie:NAME | learn:NAME | header:NAME` keeps each client's
 //!   session on one backend: `cookie` issues a signed cookie `NAME` naming
 //!   the backend (the secret is `TOWER_HA_STICKY_SECRET`, at least 32
@@ -107,7 +110,7 @@ fn usage(problem: &str) -> ! {
     eprintln!("error: {problem}");
     eprintln!(
         "usage: reverse_proxy [--listen ADDR] [--workers N] [--strategy NAME] \
-         [--hash-key header:NAME|cookie:NAME|client-ip] \
+         [--hash-key header:NAME|cookie:NAME|client-ip|forwarded-for:N] \
          [--sticky cookie:NAME|learn:NAME|header:NAME] [--max-in-flight N] [--queue N,MS] \
          [--no-health] [--probe-interval MS] [--per-try-timeout MS] [--deadline MS] \
          [--header-read-timeout MS] [--drain MS] BACKEND_URL..."
@@ -211,7 +214,14 @@ fn hash_key(spec: &str) -> KeyFn {
             Err(_) => usage(&format!("bad header name in --hash-key {spec}")),
         },
         Some(("cookie", name)) => boxed(key::cookie(name)),
-        _ if spec == "client-ip" => boxed(key::forwarded_for().or(key::peer_ip())),
+        Some(("forwarded-for", hops)) => match hops.parse() {
+            Ok(hops) if hops > 0 => {
+                boxed(key::forwarded_for().trusted_hops(hops).or(key::peer_ip()))
+            }
+            _ => usage(&format!("--hash-key {spec}: give the number of your proxies")),
+        },
+        // The leftmost `X-Forwarded-For` entry is the client's to write.
+        _ if spec == "client-ip" => boxed(key::peer_ip()),
         _ => usage(&format!("unknown --hash-key {spec}")),
     }
 }
