@@ -218,7 +218,9 @@ fn hash_key(spec: &str) -> KeyFn {
             Ok(hops) if hops > 0 => {
                 boxed(key::forwarded_for().trusted_hops(hops).or(key::peer_ip()))
             }
-            _ => usage(&format!("--hash-key {spec}: give the number of your proxies")),
+            _ => usage(&format!(
+                "--hash-key {spec}: give the number of your proxies"
+            )),
         },
         // The leftmost `X-Forwarded-For` entry is the client's to write.
         _ if spec == "client-ip" => boxed(key::peer_ip()),
