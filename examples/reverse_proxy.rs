@@ -38,7 +38,11 @@
 //!   0 for none)
 //! * `--deadline MS` gives up on a request, whatever the attempts left,
 //!   once MS milliseconds have passed without a response head (default
-//!   30000; 0 for none)
+//!   30000; 0 for none). Both count from the call, the upload of a body
+//!   over 64 KiB (streamed, not buffered) included: raise them, or turn
+//!   them off, in front of applications that take long uploads. A client
+//!   that stops sending its body is given up after the client's read
+//!   timeout (60 s) with a 408, counted against no backend
 //! * `--header-read-timeout MS` closes a client connection that has not
 //!   sent a whole request head within MS milliseconds, an idle kept-alive
 //!   one included (default 30000; 0 for none)

@@ -298,7 +298,9 @@ pub fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Opt
 /// The status a gateway should answer for an error of the tower-ha stack,
 /// as the proxies do: `400 Bad Request` for a request refused as
 /// [`InvalidRequest`] (also when the failover layer tried it, with a
-/// classifier that counts it as a failure, until no backend was left),
+/// classifier that counts it as a failure, until no backend was left), or
+/// `408 Request Timeout` when the refusal is a timeout (a client too slow
+/// sending its body),
 /// `503 Service Unavailable` when no backend could take
 /// the request ([`NoBackend`], attempts that found no backend, a strict
 /// sticky session whose backend is gone), `504 Gateway Timeout` when the
@@ -341,8 +343,13 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
         .is_some_and(|reason| find::<DeadlineExceeded>(reason).is_some());
     // (A refused request anywhere in the chain is a 400: the last
     // attempt's cause is the failover layer's error's source.)
-    if find::<InvalidRequest>(err).is_some() {
-        StatusCode::BAD_REQUEST
+    if let Some(invalid) = find::<InvalidRequest>(err) {
+        // A client too slow sending its request's body.
+        if timed_out(invalid) {
+            StatusCode::REQUEST_TIMEOUT
+        } else {
+            StatusCode::BAD_REQUEST
+        }
     } else if timed_out(decisive) || deadline_passed {
         StatusCode::GATEWAY_TIMEOUT
     } else if find::<NoBackend>(err).is_some()

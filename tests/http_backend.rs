@@ -2234,12 +2234,11 @@ async fn the_read_timeout_counts_silence_not_time() {
     assert!(opened.try_recv().is_err(), "no other connection");
 }
 
-/// An upload that stands still (its client sends nothing more, or the
-/// connection will never take more) is no backend busy reading: the wait
-/// for the response head times out, within two read timeouts of the last
-/// frame taken.
+/// An upload that stands still because its client sends nothing more is
+/// the client's fault: it fails within two read timeouts of the last frame
+/// taken as an `InvalidRequest` (408), which counts against no backend.
 #[tokio::test(start_paused = true)]
-async fn an_upload_that_stands_still_times_out() {
+async fn an_upload_whose_client_stops_sending_fails_as_the_clients() {
     use futures::StreamExt as _;
     let five = Duration::from_secs(5);
     let (backend, mut opened) = piped(Some(five));
@@ -2256,7 +2255,39 @@ async fn an_upload_that_stands_still_times_out() {
         .await
         .expect("given up at the read timeout")
         .unwrap_err();
+    assert!(find::<InvalidRequest>(&*err).is_some(), "{err}");
     assert!(is_timed_out(&*err), "{err}");
+    assert_eq!(gateway_status(&*err), StatusCode::REQUEST_TIMEOUT);
+    let waited = start.elapsed();
+    assert!(waited >= five && waited <= 2 * five, "{waited:?}");
+    drop(backend_side);
+}
+
+/// An upload that stands still because the backend reads none of it is
+/// the backend's silence: it times out within two read timeouts of the
+/// last frame taken, as the backend's failure.
+#[tokio::test(start_paused = true)]
+async fn an_upload_the_backend_does_not_read_times_out_as_the_backends() {
+    static CHUNK: [u8; 16 * 1024] = [b'x'; 16 * 1024];
+    let five = Duration::from_secs(5);
+    let (backend, mut opened) = piped(Some(five));
+    // More than the connection can ever hold, always ready.
+    let frames = futures::stream::repeat_with(|| {
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(&CHUNK)))
+    });
+    let upload = Request::post("/")
+        .body(http_body_util::StreamBody::new(frames).boxed_unsync())
+        .unwrap();
+    // Holds the connection open and reads nothing.
+    let backend_side = tokio::spawn(async move { opened.recv().await.unwrap() });
+    let start = tokio::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(3600), backend.oneshot(upload))
+        .await
+        .expect("given up at the read timeout")
+        .unwrap_err();
+    assert!(find::<InvalidRequest>(&*err).is_none(), "{err}");
+    assert!(is_timed_out(&*err), "{err}");
+    assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
     let waited = start.elapsed();
     assert!(waited >= five && waited <= 2 * five, "{waited:?}");
     drop(backend_side);

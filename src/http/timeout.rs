@@ -16,6 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::error::{BoxError, InvalidRequest};
 use crate::time::later;
 
 /// How the upload of a request's body goes; `None` for a request with no
@@ -32,6 +33,10 @@ pub(super) struct Progress {
     frames: AtomicU64,
     /// The body failed while it was sent (a client gone mid-upload).
     failed: AtomicBool,
+    /// The connection's last look at the body found no frame ready: it
+    /// waits for the request's own body (a client slow to send it), not
+    /// for the backend.
+    starved: AtomicBool,
 }
 
 /// Whether the request's body failed while it was sent.
@@ -76,10 +81,13 @@ impl<B: Body + Unpin> Body for Upload<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let frame = Pin::new(&mut self.inner).poll_frame(cx);
-        if let (Poll::Ready(Some(frame)), Some(sent)) = (&frame, &self.sent) {
-            sent.frames.fetch_add(1, Ordering::Relaxed);
-            if frame.is_err() {
-                sent.failed.store(true, Ordering::Relaxed);
+        if let Some(sent) = &self.sent {
+            sent.starved.store(frame.is_pending(), Ordering::Relaxed);
+            if let Poll::Ready(Some(frame)) = &frame {
+                sent.frames.fetch_add(1, Ordering::Relaxed);
+                if frame.is_err() {
+                    sent.failed.store(true, Ordering::Relaxed);
+                }
             }
         }
         frame
@@ -153,8 +161,11 @@ pin_project! {
     /// after the end of the request's body when that comes later, or
     /// after now while the body's upload still moves (a frame taken since
     /// the last look). An upload that stands still for the read timeout
-    /// (the backend reads none of it, or the connection will never take
-    /// more) times out like a silent backend.
+    /// because the backend reads none of it times out like a silent
+    /// backend; one that stands still because the request's body has no
+    /// more to give (a client slow to send it) fails as the request's
+    /// fault, an `InvalidRequest` (answered 408), which counts against no
+    /// backend.
     pub(super) struct Head<'a, F> {
         #[pin]
         response: F,
@@ -188,10 +199,10 @@ pub(super) fn head<'a, F>(
 }
 
 /// Why a response head did not come: the request failed, or the read
-/// timeout passed first.
+/// timeout passed first (the backend's silence, or the request body's).
 pub(super) enum Failed<E> {
     Sent(E),
-    TimedOut(io::Error),
+    TimedOut(BoxError),
 }
 
 impl<F, T, E> Future for Head<'_, F>
@@ -221,6 +232,14 @@ where
                         let frames = sent.frames.load(Ordering::Relaxed);
                         let moved = frames != *this.frames;
                         *this.frames = frames;
+                        if !moved && sent.starved.load(Ordering::Relaxed) {
+                            let e = timed_out("the request's body sent nothing more", timeout);
+                            let e = InvalidRequest::with_source(
+                                "the client was too slow sending the request's body",
+                                e,
+                            );
+                            return Poll::Ready(Err(Failed::TimedOut(e.into())));
+                        }
                         moved.then(Instant::now)
                     }
                 },
@@ -232,7 +251,7 @@ where
                 }
                 None => {
                     let e = timed_out("the backend sent no response", timeout);
-                    return Poll::Ready(Err(Failed::TimedOut(e)));
+                    return Poll::Ready(Err(Failed::TimedOut(e.into())));
                 }
             }
         }
