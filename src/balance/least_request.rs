@@ -35,7 +35,8 @@ impl LeastRequest {
     }
 
     /// How many random backends to compare (default 2; at least 1; 1 is
-    /// plain random).
+    /// plain random). More than the pool has backends counts as that many
+    /// draws.
     pub fn choices(mut self, choices: usize) -> Self {
         self.choices = choices.max(1);
         self
@@ -50,7 +51,7 @@ impl Strategy for LeastRequest {
     #[inline]
     fn pick(&self, _table: &(), pick: &Pick<'_>) -> Option<usize> {
         let mut best = uniform_eligible(pick)?;
-        for _ in 1..self.choices {
+        for _ in 1..self.choices.min(pick.len()) {
             // Never the current best again: with two choices the two
             // candidates are distinct, so a backend loaded far beyond the
             // other is never picked while the other is eligible.
@@ -103,6 +104,22 @@ mod tests {
         new.set_weight_permille(100);
         assert!(less_loaded(&pick, 0, 1));
         assert!(!less_loaded(&pick, 1, 0));
+    }
+
+    #[test]
+    fn choices_beyond_the_pool_make_as_many_draws_as_backends() {
+        let pool: Pool<()> = Pool::new();
+        for id in ["a", "b", "c"] {
+            pool.insert(id, ());
+        }
+        let snap = pool.snapshot();
+        let req = http::Request::new(());
+        let pick = Pick::new(RequestHead::from(&req), snap.members(), None);
+        // Returns at once, rather than after usize::MAX draws.
+        let strategy = LeastRequest::new().choices(usize::MAX);
+        for _ in 0..100 {
+            assert!(strategy.pick(&(), &pick).is_some());
+        }
     }
 
     #[test]
