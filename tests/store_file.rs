@@ -157,6 +157,61 @@ async fn corrupt_files_are_skipped_and_reported_never_losing_siblings() {
     assert!(tmp.path().join("README").exists());
 }
 
+/// What is not a regular file under a record's name, or is larger than
+/// any record, is reported and left alone, never read: a FIFO would block
+/// the load for good, `/dev/zero` would never end.
+#[cfg(unix)]
+#[tokio::test]
+async fn only_regular_files_of_a_sane_size_are_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    store.save(&session("good", "a")).await.unwrap();
+    let record = |key: &str| tmp.path().join(FileStore::file_name(key));
+    std::os::unix::fs::symlink("/dev/zero", record("zero")).unwrap();
+    std::os::unix::fs::symlink(record("good"), record("link")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(record("fifo"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Sparse: it takes no room on the disk.
+    let huge = std::fs::File::create(record("huge")).unwrap();
+    huge.set_len(65 * 1024 * 1024).unwrap();
+    drop(huge);
+
+    let loaded = tokio::time::timeout(std::time::Duration::from_secs(60), store.load_all())
+        .await
+        .expect("nothing blocks the load")
+        .unwrap();
+    let keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(keys, ["good"]);
+    let mut skipped: Vec<_> = loaded
+        .skipped
+        .iter()
+        .map(|s| {
+            assert!(s.error.is_corrupt(), "{:?}", s.error);
+            s.record.clone()
+        })
+        .collect();
+    skipped.sort();
+    let mut expected: Vec<_> = ["fifo", "huge", "link", "zero"]
+        .map(FileStore::file_name)
+        .to_vec();
+    expected.sort();
+    assert_eq!(skipped, expected);
+    for key in ["fifo", "huge", "link", "zero"] {
+        let error = tokio::time::timeout(std::time::Duration::from_secs(60), store.load(key))
+            .await
+            .expect("nothing blocks the load")
+            .unwrap_err();
+        assert!(error.is_corrupt(), "{key}: {error:?}");
+        assert!(
+            record(key).symlink_metadata().is_ok(),
+            "{key} is left alone"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_leftover_temporary_file_is_reported_then_removed() {
     let tmp = tempfile::tempdir().unwrap();

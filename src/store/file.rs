@@ -535,6 +535,10 @@ fn delete(dir: &Path, names: &[String]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The largest record file read (as the largest answer `WebhookStore`
+/// takes): a session's application data is a few bytes to kilobytes.
+const MAX_RECORD: u64 = 64 * 1024 * 1024;
+
 /// Reads and checks one record file. `Ok(None)` if it does not exist or,
 /// with a `ttl`, if it expired. With a `ttl`, `renew` sets the time of the
 /// record returned to now.
@@ -546,18 +550,45 @@ fn read_record(
 ) -> Result<Option<Session>, StoreError> {
     let cannot_read =
         |e: io::Error| StoreError::io(e).with_message(format!("cannot read {}", path.display()));
+    let not_a_record = |why: &str| {
+        StoreError::corrupt(io::Error::new(io::ErrorKind::InvalidData, why.to_owned()))
+            .with_message(format!("{name} is not a session record"))
+    };
+    // The store writes regular files only. Anything else under a record's
+    // name is not read: a FIFO would block the read for good, a link or a
+    // device leads elsewhere (`/dev/zero` never ends).
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.is_file() => return Err(not_a_record("not a regular file")),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(cannot_read(e)),
+    }
     let renew = renew && ttl.is_some();
-    let mut file = match open_record(path, renew) {
+    let file = match open_record(path, renew) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(cannot_read(e)),
     };
     let meta = file.metadata().map_err(cannot_read)?;
+    if !meta.is_file() {
+        // Replaced between the look and the open.
+        return Err(not_a_record("not a regular file"));
+    }
     if ttl.is_some_and(|ttl| expired(&meta, ttl)) {
         return Ok(None);
     }
+    if meta.len() > MAX_RECORD {
+        return Err(not_a_record("larger than any session record"));
+    }
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.read_to_end(&mut bytes).map_err(cannot_read)?;
+    // Bounded, should the file grow while it is read.
+    (&file)
+        .take(MAX_RECORD + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_RECORD {
+        return Err(not_a_record("larger than any session record"));
+    }
     let session: Session = serde_json::from_slice(&bytes)
         .map_err(|e| StoreError::corrupt(e).with_message(format!("{name} is not a session")))?;
     if file_name(&session.key) != name {
