@@ -207,7 +207,7 @@ where
                     let resp = resp.map(|body| ResponseBody::new(body, None, read_timeout, timer));
                     return Ok((resp, present));
                 }
-                Err(Failed::TimedOut(e)) => return Err(e.into()),
+                Err(Failed::TimedOut(e)) => return Err(e),
                 Err(Failed::Sent(mut e)) => match e.take_message() {
                     Some(back) if !fresh => {
                         self.forget(n);

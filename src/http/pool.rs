@@ -526,7 +526,7 @@ where
                         resp.map(|body| ResponseBody::new(body, pooled, read_timeout, timer));
                     return Ok((resp, present));
                 }
-                Err(Failed::TimedOut(e)) => return Err(e.into()),
+                Err(Failed::TimedOut(e)) => return Err(e),
                 Err(Failed::Sent(mut e)) => match e.take_message() {
                     Some(back) if !fresh => req = back,
                     Some(_) => return Err(NotSent::new(e.into_error()).into()),
@@ -565,7 +565,7 @@ where
         let mut timer = None;
         let mut resp = match timeout::head(response, self.read_timeout, &sent, &mut timer).await {
             Ok(resp) => resp,
-            Err(Failed::TimedOut(e)) => return Err(e.into()),
+            Err(Failed::TimedOut(e)) => return Err(e),
             Err(Failed::Sent(mut e)) => {
                 return Err(match e.take_message() {
                     Some(_) => NotSent::new(e.into_error()).into(),
