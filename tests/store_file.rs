@@ -340,45 +340,48 @@ async fn a_restarted_store_sees_every_session() {
     }
 }
 
-/// A session file that is a named pipe makes a read wait until someone
-/// writes to the pipe. On a one-thread runtime, that wait must not stop
-/// the runtime: a timer must still fire while the load waits.
-#[cfg(unix)]
-#[tokio::test(flavor = "current_thread")]
-async fn file_io_never_blocks_the_runtime_thread() {
+/// File I/O runs on the blocking pool, never on the runtime's thread: with
+/// the pool's only thread held, a load waits (while the runtime's thread
+/// still fires a timer), and goes through once the thread is let go.
+#[test]
+fn file_io_never_blocks_the_runtime_thread() {
     use std::time::Duration;
 
-    let tmp = tempfile::tempdir().unwrap();
-    let store = FileStore::open(tmp.path()).await.unwrap();
-    let fifo = tmp.path().join(FileStore::file_name("slow"));
-    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
-    assert!(made.unwrap().success(), "mkfifo");
-    let bytes = serde_json::to_vec(&session("slow", "node-a")).unwrap();
-    // The pipe is written when the test says so. (If the runtime's thread
-    // were blocked in the load, the test could never say so: the writer
-    // then gives up waiting after 10 s, and the checks below fail.)
-    let (go, wait) = std::sync::mpsc::channel::<()>();
-    let writer = std::thread::spawn(move || {
-        let _ = wait.recv_timeout(Duration::from_secs(10));
-        std::fs::write(&fifo, bytes).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).await.unwrap();
+        store.save(&session("k", "node-a")).await.unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let holder = tokio::task::spawn_blocking(move || held.recv().unwrap());
+        for op in ["load", "load_all", "save", "delete"] {
+            let task = tokio::spawn({
+                let store = store.clone();
+                async move {
+                    match op {
+                        "load" => store.load("k").await.map(drop),
+                        "load_all" => store.load_all().await.map(drop),
+                        "save" => store.save(&session("k", "node-b")).await,
+                        _ => store.delete(&["other".to_owned()]).await,
+                    }
+                }
+            });
+            // A timer fires while the operation waits for the pool...
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // ...which it could not have finished without.
+            assert!(!task.is_finished(), "{op} ran on the runtime's thread");
+            task.abort();
+            let _ = task.await;
+        }
+        release.send(()).unwrap();
+        holder.await.unwrap();
+        // The pool free again, file I/O goes on.
+        assert!(store.load("k").await.unwrap().is_some());
     });
-
-    let load = tokio::spawn({
-        let store = store.clone();
-        async move { store.load("slow").await }
-    });
-    // A timer fires while the load waits on the pipe...
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    // ...which nobody has written yet.
-    assert!(
-        !load.is_finished(),
-        "the runtime's only thread was blocked by file i/o until the pipe was written"
-    );
-    go.send(()).unwrap();
-
-    let loaded = load.await.unwrap().unwrap().unwrap();
-    assert_eq!(loaded.backend.as_str(), "node-a");
-    writer.join().unwrap();
 }
 
 proptest::proptest! {
