@@ -2476,6 +2476,56 @@ async fn a_store_that_panics_under_a_restore_lock_releases_it() {
     .await;
 }
 
+/// A lock every caller takes at once, noting its release in `log`.
+#[derive(Clone, Default)]
+struct Logged {
+    log: Arc<Mutex<Vec<&'static str>>>,
+}
+
+impl SessionLock for Logged {
+    fn lock<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<SessionGuard>> {
+        let log = self.log.clone();
+        Box::pin(async move {
+            Ok(Some(SessionGuard::new(async move {
+                log.lock().push("released");
+                Ok(())
+            })))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_past_its_time_limit_has_stopped_before_its_lock_is_released() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&kernel("k1", "b")).await.unwrap();
+    let lock = Logged::default();
+    let log = lock.log.clone();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .hydrate(lock.clone())
+        .restore_timeout(Duration::from_millis(20))
+        .on_restore(move |_: Session| {
+            let log = log.clone();
+            async move {
+                // A synchronous call into a driver, past the time limit:
+                // the task cannot be stopped until it returns.
+                std::thread::sleep(Duration::from_millis(300));
+                log.lock().push("hook returned");
+                tokio::task::yield_now().await;
+                log.lock().push("hook ended");
+                Ok::<(), BoxError>(())
+            }
+        });
+    let svc = stack(&c.pool, layer.clone());
+    let res = send(&svc, session("k1")).await.unwrap();
+    assert_eq!(res.body(), "b");
+    assert_eq!(layer.stats().hydrated, 0, "timed out");
+    // No other replica could restore the session while the hook ran; the
+    // hook was stopped at its next await.
+    assert_eq!(*lock.log.lock(), ["hook returned", "released"]);
+}
+
 #[test]
 fn a_restore_needs_no_tokio_runtime() {
     let c = cluster();

@@ -191,7 +191,10 @@ impl StickyLayer {
     /// `failed` and keeps the record; a [hydrating](StickyLayer::hydrate)
     /// load logs it, releases the lock and routes the session to its
     /// stored backend. So a hook that hangs holds neither the session nor
-    /// the replicas waiting for its lock for good.
+    /// the replicas waiting for its lock for good. The hook has stopped
+    /// before its lock is released, so that no other replica restores the
+    /// session while it still runs: one stuck in a synchronous call is
+    /// waited for until that call returns.
     ///
     /// Measured with `tokio::time` (the runtime's timer must be enabled,
     /// as `#[tokio::main]` does); outside a tokio runtime the hook runs

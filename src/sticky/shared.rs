@@ -887,8 +887,17 @@ impl Shared {
         let limit = self.config.restore_timeout;
         match tokio::time::timeout(limit, &mut task.0).await {
             Ok(Ok(restored)) => restored,
-            Ok(Err(_)) => Err(RestorePanicked::default().into()),
-            Err(_) => Err(RestoreTimedOut::new(limit).into()),
+            Ok(Err(e)) if e.is_panic() => Err(RestorePanicked::default().into()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => {
+                // Stopped before the lock it runs under is released: a hook
+                // in the middle of a poll on another thread stops at its
+                // next await, and no other replica restores the session
+                // while it still runs.
+                task.0.abort();
+                let _ = (&mut task.0).await;
+                Err(RestoreTimedOut::new(limit).into())
+            }
         }
     }
 
