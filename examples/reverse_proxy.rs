@@ -40,9 +40,11 @@
 //!   once MS milliseconds have passed without a response head (default
 //!   30000; 0 for none). Both count from the call, the upload of a body
 //!   over 64 KiB (streamed, not buffered) included: raise them, or turn
-//!   them off, in front of applications that take long uploads. A client
-//!   that stops sending its body is given up after the client's read
-//!   timeout (60 s) with a 408, counted against no backend
+//!   them off, in front of applications that take long uploads. With both
+//!   above 60 s, a client that stops sending a streamed body is given up
+//!   after the client's read timeout (60 s) with a 408, counted against no
+//!   backend; a body still being buffered (under 64 KiB) has no timer of
+//!   its own, so such a client holds its connection until it goes away
 //! * `--header-read-timeout MS` closes a client connection that has not
 //!   sent a whole request head within MS milliseconds, an idle kept-alive
 //!   one included (default 30000; 0 for none)
@@ -53,7 +55,7 @@
 //!
 //! A backend that stops in the middle of a response body is left after the
 //! client's read timeout (`HttpClient::read_timeout`, 60 s). A failed
-//! request is answered 400, 502, 503 or 504 with the status's name alone;
+//! request is answered 400, 408, 502, 503 or 504 with the status's name alone;
 //! what failed (backend addresses, system errors) goes to standard error.
 
 use std::convert::Infallible;

@@ -198,7 +198,8 @@ impl StdError for NotSent {
 /// the backend's: the [`DefaultClassifier`](crate::classify::DefaultClassifier)
 /// counts it as no failure (the failover layer returns it at once, whatever
 /// the method, and passive health does not count it), and
-/// [`gateway_status`] answers `400 Bad Request` for it. It is not
+/// [`gateway_status`] answers `400 Bad Request` for it (`408 Request
+/// Timeout` for a client too slow sending its body). It is not
 /// [`NotSent`]: sending it elsewhere would not help.
 ///
 /// ```

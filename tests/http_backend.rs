@@ -1147,6 +1147,45 @@ mod http2 {
         assert_eq!(gateway_status(&*err), StatusCode::BAD_REQUEST);
     }
 
+    /// Over HTTP/2 a client may wait for the response before it sends more
+    /// (a bidirectional stream): a backend silent meanwhile is the
+    /// backend's failure, not the client's.
+    #[tokio::test]
+    async fn a_stream_whose_client_awaits_the_backend_times_out_as_the_backends() {
+        use futures::StreamExt as _;
+        // Reads the first message, then hangs without a response head.
+        let (addr, _) = accept_counting(|stream, _| async move {
+            let service = service_fn(|req: Request<Incoming>| async move {
+                let mut body = req.into_body();
+                let _ = body.frame().await;
+                std::future::pending::<()>().await;
+                Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await;
+        let client = HttpClient::<BoxBody<Bytes, Infallible>>::new()
+            .http2_only(true)
+            .read_timeout(Some(Duration::from_millis(200)));
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        // The first message, then nothing until the response comes.
+        let frames = futures::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(
+            Bytes::from_static(b"message 1"),
+        ))])
+        .chain(futures::stream::pending());
+        let body = BoxBody::new(http_body_util::StreamBody::new(frames));
+        let call = backend.oneshot(Request::post("/chat").body(body).unwrap());
+        let err = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("given up at the read timeout")
+            .unwrap_err();
+        assert!(find::<InvalidRequest>(&*err).is_none(), "{err:?}");
+        assert!(is_timed_out(&*err), "{err:?}");
+        assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
+    }
+
     /// Serves `h2_echo` over HTTP/2 with prior knowledge; counts the
     /// connections.
     async fn serve_h2() -> (SocketAddr, Arc<AtomicUsize>) {

@@ -201,7 +201,7 @@ where
             let response = sender.try_send_request(req);
             // A timer of its own: the connection carries many requests.
             let mut timer = None;
-            match timeout::head(response, read_timeout, sent, &mut timer).await {
+            match timeout::head(response, read_timeout, sent, &mut timer, false).await {
                 Ok(resp) => {
                     let present = super::hop_by_hop(resp.headers());
                     let resp = resp.map(|body| ResponseBody::new(body, None, read_timeout, timer));

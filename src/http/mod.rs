@@ -422,7 +422,11 @@ where
     /// `None`, or zero, waits without limit): the response head, counted
     /// from the end of the request (its body sent; while the upload still
     /// moves, from its latest frame taken, so an upload that stands still
-    /// times out within two timeouts), and each frame of the
+    /// times out within two timeouts; over HTTP/1, an upload that stands
+    /// still because the client sends nothing more fails as the client's,
+    /// an [`InvalidRequest`] that `gateway_status` answers with `408
+    /// Request Timeout` and nothing retries or counts against the
+    /// backend), and each frame of the
     /// response body, counted from the moment the body is polled and its
     /// next frame is not there yet. A backend that stops in the middle of
     /// a response is then left, instead of holding the connection, the

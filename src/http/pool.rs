@@ -495,7 +495,7 @@ where
             let response = sender.try_send_request(req);
             // Dropped with its connection when it times out: the backend
             // may still answer, and the connection would be out of step.
-            match timeout::head(response, self.read_timeout, &sent, &mut timer).await {
+            match timeout::head(response, self.read_timeout, &sent, &mut timer, true).await {
                 Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     // Nothing asked for a switch here, and nothing could
                     // join the connections: the connection is dropped.
@@ -563,16 +563,17 @@ where
         let (req, sent) = Upload::wrap(req);
         let response = sender.try_send_request(req);
         let mut timer = None;
-        let mut resp = match timeout::head(response, self.read_timeout, &sent, &mut timer).await {
-            Ok(resp) => resp,
-            Err(Failed::TimedOut(e)) => return Err(e),
-            Err(Failed::Sent(mut e)) => {
-                return Err(match e.take_message() {
-                    Some(_) => NotSent::new(e.into_error()).into(),
-                    None => sent_error(e.into_error(), &sent),
-                })
-            }
-        };
+        let mut resp =
+            match timeout::head(response, self.read_timeout, &sent, &mut timer, true).await {
+                Ok(resp) => resp,
+                Err(Failed::TimedOut(e)) => return Err(e),
+                Err(Failed::Sent(mut e)) => {
+                    return Err(match e.take_message() {
+                        Some(_) => NotSent::new(e.into_error()).into(),
+                        None => sent_error(e.into_error(), &sent),
+                    })
+                }
+            };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if !super::switch_agrees(&offered, resp.headers()) {
                 return Err(

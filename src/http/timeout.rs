@@ -162,10 +162,12 @@ pin_project! {
     /// after now while the body's upload still moves (a frame taken since
     /// the last look). An upload that stands still for the read timeout
     /// because the backend reads none of it times out like a silent
-    /// backend; one that stands still because the request's body has no
-    /// more to give (a client slow to send it) fails as the request's
-    /// fault, an `InvalidRequest` (answered 408), which counts against no
-    /// backend.
+    /// backend; over HTTP/1, one that stands still because the request's
+    /// body has no more to give (a client slow to send it) fails as the
+    /// request's fault, an `InvalidRequest` (answered 408), which counts
+    /// against no backend. Over HTTP/2 a client may wait for the response
+    /// before it sends more (a bidirectional gRPC stream): the backend's
+    /// silence is the backend's.
     pub(super) struct Head<'a, F> {
         #[pin]
         response: F,
@@ -176,17 +178,22 @@ pin_project! {
         frames: u64,
         read_timeout: Option<Duration>,
         sent: &'a Sent,
+        // Whether an upload waiting on its client is the client's fault:
+        // over HTTP/1 a request's body comes before its response; over
+        // HTTP/2 a client may wait for the response to send more.
+        client_paced: bool,
     }
 }
 
 /// Waits for `response`, a response head, for at most `read_timeout` (see
 /// [`Head`]) on the connection's `timer`; `sent` says when the request's
-/// body was sent.
+/// body was sent; `client_paced` for HTTP/1 (see [`Head`]).
 pub(super) fn head<'a, F>(
     response: F,
     read_timeout: Option<Duration>,
     sent: &'a Sent,
     timer: &'a mut Timer,
+    client_paced: bool,
 ) -> Head<'a, F> {
     Head {
         response,
@@ -195,6 +202,7 @@ pub(super) fn head<'a, F>(
         frames: 0,
         read_timeout,
         sent,
+        client_paced,
     }
 }
 
@@ -232,7 +240,7 @@ where
                         let frames = sent.frames.load(Ordering::Relaxed);
                         let moved = frames != *this.frames;
                         *this.frames = frames;
-                        if !moved && sent.starved.load(Ordering::Relaxed) {
+                        if !moved && *this.client_paced && sent.starved.load(Ordering::Relaxed) {
                             let e = timed_out("the request's body sent nothing more", timeout);
                             let e = InvalidRequest::with_source(
                                 "the client was too slow sending the request's body",
