@@ -168,16 +168,24 @@ async fn only_regular_files_of_a_sane_size_are_read() {
     store.save(&session("good", "a")).await.unwrap();
     let record = |key: &str| tmp.path().join(FileStore::file_name(key));
     std::os::unix::fs::symlink("/dev/zero", record("zero")).unwrap();
-    std::os::unix::fs::symlink(record("good"), record("link")).unwrap();
+    // A valid record of its own key, but outside the directory.
+    let outside = tempfile::tempdir().unwrap();
+    let elsewhere = outside.path().join("link.json");
+    std::fs::write(
+        &elsewhere,
+        serde_json::to_vec(&session("link", "a")).unwrap(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&elsewhere, record("link")).unwrap();
     let made = std::process::Command::new("mkfifo")
         .arg(record("fifo"))
         .status()
         .unwrap();
     assert!(made.success());
-    // Sparse: it takes no room on the disk.
-    let huge = std::fs::File::create(record("huge")).unwrap();
-    huge.set_len(65 * 1024 * 1024).unwrap();
-    drop(huge);
+    // A valid record of its own key, over 64 MiB.
+    let mut huge = session("huge", "a");
+    huge.data = serde_json::Value::String("x".repeat(65 * 1024 * 1024));
+    std::fs::write(record("huge"), serde_json::to_vec(&huge).unwrap()).unwrap();
 
     let loaded = tokio::time::timeout(std::time::Duration::from_secs(60), store.load_all())
         .await
