@@ -283,13 +283,19 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
 /// Counts the publications of the groups: the sets of their
 /// `tower_ha_group_healthy_backends` gauge.
 #[derive(Default, Clone)]
-struct Publications(Arc<AtomicUsize>);
+struct Publications {
+    count: Arc<AtomicUsize>,
+    /// Panics at the first publication (counted), as an exporter that is
+    /// not ready would.
+    panics_first: bool,
+}
 
 impl GaugeFn for Publications {
     fn increment(&self, _: f64) {}
     fn decrement(&self, _: f64) {}
     fn set(&self, _: f64) {
-        self.0.fetch_add(1, Ordering::SeqCst);
+        let first = self.count.fetch_add(1, Ordering::SeqCst) == 0;
+        assert!(!(first && self.panics_first), "the exporter is not ready");
     }
 }
 
@@ -328,41 +334,8 @@ async fn a_zero_interval_publishes_every_millisecond_instead_of_panicking() {
     task.abort();
     // At once, then every millisecond (the last one may or may not have
     // run when the sleep ended).
-    let published = publications.0.load(Ordering::SeqCst);
+    let published = publications.count.load(Ordering::SeqCst);
     assert!((100..=101).contains(&published), "{published} publications");
-}
-
-/// A recorder that panics at its first publication, then counts them.
-#[derive(Default, Clone)]
-struct PanicsOnce(Publications);
-
-impl GaugeFn for PanicsOnce {
-    fn increment(&self, _: f64) {}
-    fn decrement(&self, _: f64) {}
-    fn set(&self, value: f64) {
-        let first = self.0 .0.load(Ordering::SeqCst) == 0;
-        self.0.set(value);
-        assert!(!first, "the exporter is not ready");
-    }
-}
-
-impl Recorder for PanicsOnce {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
-        Counter::noop()
-    }
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        if key.name() == "tower_ha_group_healthy_backends" {
-            Gauge::from_arc(Arc::new(self.clone()))
-        } else {
-            Gauge::noop()
-        }
-    }
-    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-        Histogram::noop()
-    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -371,14 +344,17 @@ async fn a_recorder_that_panics_loses_one_tick_not_the_task() {
     let pool = Pool::new();
     pool.insert("a", ());
     handle.add_pool("g", pool, None).unwrap();
-    let recorder = PanicsOnce::default();
+    let recorder = Publications {
+        panics_first: true,
+        ..Publications::default()
+    };
     let _recorder = metrics::set_default_local_recorder(&recorder);
     let task = handle.spawn_metrics(std::time::Duration::from_secs(1));
     tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
     assert!(!task.is_finished(), "still publishing");
     task.abort();
     // The one that panicked (at once), then at 1, 2 and 3 s.
-    assert_eq!(recorder.0 .0.load(Ordering::SeqCst), 4);
+    assert_eq!(recorder.count.load(Ordering::SeqCst), 4);
 }
 
 type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<&'static str>, Infallible>;

@@ -2273,6 +2273,21 @@ async fn the_read_timeout_counts_silence_not_time() {
     assert!(opened.try_recv().is_err(), "no other connection");
 }
 
+/// Sends `body` to a piped backend (read timeout 5 s) that holds its
+/// connection and answers nothing; the error, and how long it took.
+async fn stalled_upload(body: Trickled) -> (BoxError, Duration) {
+    let (backend, mut opened) = piped(Some(Duration::from_secs(5)));
+    let backend_side = tokio::spawn(async move { opened.recv().await.unwrap() });
+    let start = tokio::time::Instant::now();
+    let upload = Request::post("/").body(body).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(3600), backend.oneshot(upload))
+        .await
+        .expect("given up at the read timeout")
+        .unwrap_err();
+    drop(backend_side);
+    (err, start.elapsed())
+}
+
 /// An upload that stands still because its client sends nothing more is
 /// the client's fault: it fails within two read timeouts of the last frame
 /// taken as an `InvalidRequest` (408), which counts against no backend.
@@ -2280,26 +2295,16 @@ async fn the_read_timeout_counts_silence_not_time() {
 async fn an_upload_whose_client_stops_sending_fails_as_the_clients() {
     use futures::StreamExt as _;
     let five = Duration::from_secs(5);
-    let (backend, mut opened) = piped(Some(five));
     let frames = futures::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(
         Bytes::from_static(b"a"),
     ))])
     .chain(futures::stream::pending());
-    let upload = Request::post("/")
-        .body(http_body_util::StreamBody::new(frames).boxed_unsync())
-        .unwrap();
-    let backend_side = tokio::spawn(async move { opened.recv().await.unwrap() });
-    let start = tokio::time::Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(3600), backend.oneshot(upload))
-        .await
-        .expect("given up at the read timeout")
-        .unwrap_err();
+    let (err, waited) =
+        stalled_upload(http_body_util::StreamBody::new(frames).boxed_unsync()).await;
     assert!(find::<InvalidRequest>(&*err).is_some(), "{err}");
     assert!(is_timed_out(&*err), "{err}");
     assert_eq!(gateway_status(&*err), StatusCode::REQUEST_TIMEOUT);
-    let waited = start.elapsed();
     assert!(waited >= five && waited <= 2 * five, "{waited:?}");
-    drop(backend_side);
 }
 
 /// An upload that stands still because the backend reads none of it is
@@ -2309,27 +2314,16 @@ async fn an_upload_whose_client_stops_sending_fails_as_the_clients() {
 async fn an_upload_the_backend_does_not_read_times_out_as_the_backends() {
     static CHUNK: [u8; 16 * 1024] = [b'x'; 16 * 1024];
     let five = Duration::from_secs(5);
-    let (backend, mut opened) = piped(Some(five));
     // More than the connection can ever hold, always ready.
     let frames = futures::stream::repeat_with(|| {
         Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(&CHUNK)))
     });
-    let upload = Request::post("/")
-        .body(http_body_util::StreamBody::new(frames).boxed_unsync())
-        .unwrap();
-    // Holds the connection open and reads nothing.
-    let backend_side = tokio::spawn(async move { opened.recv().await.unwrap() });
-    let start = tokio::time::Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(3600), backend.oneshot(upload))
-        .await
-        .expect("given up at the read timeout")
-        .unwrap_err();
+    let (err, waited) =
+        stalled_upload(http_body_util::StreamBody::new(frames).boxed_unsync()).await;
     assert!(find::<InvalidRequest>(&*err).is_none(), "{err}");
     assert!(is_timed_out(&*err), "{err}");
     assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
-    let waited = start.elapsed();
     assert!(waited >= five && waited <= 2 * five, "{waited:?}");
-    drop(backend_side);
 }
 
 /// A connection to `addr` idle for just under `idle` is reused; one idle for

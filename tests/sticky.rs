@@ -2264,18 +2264,21 @@ async fn a_move_hook_runs_to_its_end_when_the_client_goes_away() {
     assert_eq!(finished.load(Ordering::SeqCst), 1, "the hook was cut off");
 }
 
-/// A lock every caller takes at once, counting the locks released.
+/// A lock every caller takes at once, counting the locks released and
+/// noting each release in `log`.
 #[derive(Clone, Default)]
 struct Granted {
     released: Arc<AtomicUsize>,
+    log: Arc<Mutex<Vec<&'static str>>>,
 }
 
 impl SessionLock for Granted {
     fn lock<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<SessionGuard>> {
-        let released = self.released.clone();
+        let (released, log) = (self.released.clone(), self.log.clone());
         Box::pin(async move {
             Ok(Some(SessionGuard::new(async move {
                 released.fetch_add(1, Ordering::SeqCst);
+                log.lock().push("released");
                 Ok(())
             })))
         })
@@ -2476,30 +2479,12 @@ async fn a_store_that_panics_under_a_restore_lock_releases_it() {
     .await;
 }
 
-/// A lock every caller takes at once, noting its release in `log`.
-#[derive(Clone, Default)]
-struct Logged {
-    log: Arc<Mutex<Vec<&'static str>>>,
-}
-
-impl SessionLock for Logged {
-    fn lock<'a>(&'a self, _key: &'a str) -> StoreFuture<'a, Option<SessionGuard>> {
-        let log = self.log.clone();
-        Box::pin(async move {
-            Ok(Some(SessionGuard::new(async move {
-                log.lock().push("released");
-                Ok(())
-            })))
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hook_past_its_time_limit_has_stopped_before_its_lock_is_released() {
     let c = cluster();
     let store = MemoryStore::new();
     store.save(&kernel("k1", "b")).await.unwrap();
-    let lock = Logged::default();
+    let lock = Granted::default();
     let log = lock.log.clone();
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
         .store(store.clone())

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::json;
-use tower_ha::store::{FileStore, Session, SessionStore};
+use tower_ha::store::{FileStore, Loaded, Session, SessionStore};
 
 fn session(key: &str, backend: &str) -> Session {
     Session::new(key, backend.into()).with_data(json!({"port": 52000}))
@@ -104,6 +104,20 @@ async fn files_are_private() {
     assert_eq!(mode(&dir), 0o700);
 }
 
+/// The records `load_all` skipped, sorted, each checked to be corrupt.
+fn corrupt_records(loaded: &Loaded) -> Vec<String> {
+    let mut skipped: Vec<_> = loaded
+        .skipped
+        .iter()
+        .map(|s| {
+            assert!(s.error.is_corrupt(), "{:?}", s.error);
+            s.record.clone()
+        })
+        .collect();
+    skipped.sort();
+    skipped
+}
+
 #[tokio::test]
 async fn corrupt_files_are_skipped_and_reported_never_losing_siblings() {
     let tmp = tempfile::tempdir().unwrap();
@@ -130,15 +144,7 @@ async fn corrupt_files_are_skipped_and_reported_never_losing_siblings() {
     let mut keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.clone()).collect();
     keys.sort();
     assert_eq!(keys, ["good-0", "good-1", "good-2", "good-3", "good-4"]);
-    let mut skipped: Vec<_> = loaded
-        .skipped
-        .iter()
-        .map(|s| {
-            assert!(s.error.is_corrupt(), "{:?}", s.error);
-            s.record.clone()
-        })
-        .collect();
-    skipped.sort();
+    let skipped = corrupt_records(&loaded);
     assert_eq!(
         skipped,
         [
@@ -193,15 +199,7 @@ async fn only_regular_files_of_a_sane_size_are_read() {
         .unwrap();
     let keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.as_str()).collect();
     assert_eq!(keys, ["good"]);
-    let mut skipped: Vec<_> = loaded
-        .skipped
-        .iter()
-        .map(|s| {
-            assert!(s.error.is_corrupt(), "{:?}", s.error);
-            s.record.clone()
-        })
-        .collect();
-    skipped.sort();
+    let skipped = corrupt_records(&loaded);
     let mut expected: Vec<_> = ["fifo", "huge", "link", "zero"]
         .map(FileStore::file_name)
         .to_vec();
