@@ -556,7 +556,10 @@ fn read_record(
     };
     // The store writes regular files only. Anything else under a record's
     // name is not read: a FIFO would block the read for good, a link or a
-    // device leads elsewhere (`/dev/zero` never ends).
+    // device leads elsewhere (`/dev/zero` never ends). On Unix the open
+    // itself neither follows a link nor waits for a FIFO's writer, so a
+    // file swapped in after a look is refused too.
+    #[cfg(not(unix))]
     match fs::symlink_metadata(path) {
         Ok(meta) if !meta.is_file() => return Err(not_a_record("not a regular file")),
         Ok(_) => {}
@@ -567,11 +570,13 @@ fn read_record(
     let file = match open_record(path, renew) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if is_link(&e) => return Err(not_a_record("not a regular file")),
         Err(e) => return Err(cannot_read(e)),
     };
     let meta = file.metadata().map_err(cannot_read)?;
     if !meta.is_file() {
-        // Replaced between the look and the open.
+        // A FIFO, a device or a directory (elsewhere than on Unix, one
+        // swapped in between the look and the open).
         return Err(not_a_record("not a regular file"));
     }
     if ttl.is_some_and(|ttl| expired(&meta, ttl)) {
@@ -613,12 +618,33 @@ fn read_record(
 /// that cannot be opened for writing (read-only, or on a read-only file
 /// system) is read all the same.
 fn open_record(path: &Path, renew: bool) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Reads of a regular file ignore `O_NONBLOCK`; the type is checked
+        // on the file opened.
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
     if renew {
-        if let Ok(file) = OpenOptions::new().read(true).write(true).open(path) {
+        if let Ok(file) = options.clone().write(true).open(path) {
             return Ok(file);
         }
     }
-    File::open(path)
+    options.open(path)
+}
+
+/// Whether opening a record failed because its name is a symbolic link
+/// (`O_NOFOLLOW`).
+#[cfg(unix)]
+fn is_link(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ELOOP)
+}
+
+#[cfg(not(unix))]
+fn is_link(_: &io::Error) -> bool {
+    false
 }
 
 /// Whether a record whose file has `meta` expired: its last modification
@@ -829,6 +855,44 @@ mod tests {
         // Opening an existing directory creates nothing to flush.
         FileStore::open(&dir).await.unwrap();
         assert_eq!(synced(&root).len(), 3);
+    }
+
+    /// The open itself refuses what a look before it would have: a link
+    /// swapped in is not followed, a FIFO does not wait for a writer.
+    #[cfg(unix)]
+    #[test]
+    fn a_record_open_neither_follows_links_nor_waits_for_a_fifo() {
+        use std::os::unix::fs::FileTypeExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("target.json");
+        fs::write(&target, b"{}").unwrap();
+        let link = tmp.path().join("link.json");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let fifo = tmp.path().join("fifo.json");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+
+        for renew in [false, true] {
+            let error = open_record(&link, renew).unwrap_err();
+            assert!(is_link(&error), "{error:?}");
+            // Off this thread, so that an open that waits fails the test
+            // instead of hanging it.
+            let (opened, done) = std::sync::mpsc::channel();
+            let path = fifo.clone();
+            std::thread::spawn(move || {
+                let is_fifo = open_record(&path, renew)
+                    .and_then(|f| f.metadata())
+                    .map(|m| m.file_type().is_fifo());
+                drop(opened.send(is_fifo));
+            });
+            let is_fifo = done
+                .recv_timeout(Duration::from_secs(30))
+                .expect("opening a FIFO does not wait for a writer");
+            assert!(is_fifo.unwrap());
+        }
     }
 
     #[test]
