@@ -43,8 +43,8 @@
 //!   them off, in front of applications that take long uploads. With both
 //!   above 60 s, a client that stops sending a streamed body is given up
 //!   after the client's read timeout (60 s) with a 408, counted against no
-//!   backend; a body still being buffered (under 64 KiB) has no timer of
-//!   its own, so such a client holds its connection until it goes away
+//!   backend; a body still being buffered (under 64 KiB) is given up 60 s
+//!   after its last part came, with a 408 too, before any backend is called
 //! * `--header-read-timeout MS` closes a client connection that has not
 //!   sent a whole request head within MS milliseconds, an idle kept-alive
 //!   one included (default 30000; 0 for none)

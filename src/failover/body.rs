@@ -11,13 +11,16 @@
 //!   first backend that asks for it and sent only once. Such a request may
 //!   still be retried while no backend has started to read its body (a
 //!   refused connection), never after. At most the limit is copied: the
-//!   frame that would pass it is handed on as it came.
+//!   frame that would pass it is handed on as it came. A client that stops
+//!   sending a body being buffered is given up on after a read timeout
+//!   (60 s by default).
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, Request};
@@ -27,10 +30,16 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::error::BoxError;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::{BoxError, InvalidRequest};
 
 /// The default limit of [`BufferBodyLayer`]: 64 KiB.
 pub const DEFAULT_BUFFER_LIMIT: usize = 64 * 1024;
+
+/// The default [`BufferBodyLayer::read_timeout`]: 60 s, as nginx's
+/// `client_body_timeout`.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A request body that can (sometimes) be produced again for a retry.
 ///
@@ -116,8 +125,11 @@ where
     /// Reads `body` into memory when it is at most `limit` bytes long;
     /// otherwise keeps what was read and the rest of the body, to be sent
     /// once.
+    ///
+    /// This waits for the body for as long as it takes; [`BufferBody`]
+    /// gives up on a body that stops coming.
     pub async fn buffer(body: B, limit: usize) -> Result<Self, BoxError> {
-        let mut buffering = Buffering::new(body, limit);
+        let mut buffering = Buffering::new(body, limit, None);
         std::future::poll_fn(|cx| buffering.poll(cx)).await
     }
 }
@@ -291,6 +303,13 @@ struct Buffering<B> {
     chunks: BytesMut,
     trailers: Option<HeaderMap>,
     limit: usize,
+    /// The longest wait for the body's next frame.
+    timeout: Option<Duration>,
+    /// Set at the first wait for a frame (a body that is there already
+    /// needs no timer); reset by the next wait after a frame came.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether a frame came since the timer was set.
+    moved: bool,
 }
 
 impl<B> Buffering<B>
@@ -298,7 +317,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    fn new(body: B, limit: usize) -> Self {
+    fn new(body: B, limit: usize, timeout: Option<Duration>) -> Self {
         let hint = body.size_hint();
         // A client's `Content-Length` is only a claim: reserve no more than
         // the limit, nor more than the default limit ahead of the bytes
@@ -314,21 +333,71 @@ where
             chunks: BytesMut::with_capacity(reserve),
             trailers: None,
             limit,
+            timeout,
+            timer: None,
+            moved: false,
+        }
+    }
+
+    /// The body's next frame, or its end; a failure (the client's, as the
+    /// body is the client's) when it fails or stops coming for longer than
+    /// the timeout.
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Frame<B::Data>>, BoxError>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(Err(AlreadySent.into()));
+        };
+        if body.is_end_stream() {
+            return Poll::Ready(Ok(None));
+        }
+        match body.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.moved = true;
+                Poll::Ready(Ok(Some(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(InvalidRequest::with_source(
+                "the request's body failed while it was read",
+                e,
+            )
+            .into())),
+            Poll::Ready(None) => Poll::Ready(Ok(None)),
+            Poll::Pending => {
+                let Some(timeout) = self.timeout else {
+                    return Poll::Pending;
+                };
+                let timer = match &mut self.timer {
+                    Some(timer) => {
+                        if std::mem::take(&mut self.moved) {
+                            timer.as_mut().reset(Instant::now() + timeout);
+                        }
+                        timer
+                    }
+                    None => {
+                        self.moved = false;
+                        self.timer.insert(Box::pin(tokio::time::sleep(timeout)))
+                    }
+                };
+                ready!(timer.as_mut().poll(cx));
+                let stalled = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no more of the request's body for {timeout:?}"),
+                );
+                Poll::Ready(Err(InvalidRequest::with_source(
+                    "the client was too slow sending the request's body",
+                    stalled,
+                )
+                .into()))
+            }
         }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<ReplayBody<B>, BoxError>> {
         loop {
-            let Some(body) = self.body.as_mut() else {
-                return Poll::Ready(Err(AlreadySent.into()));
-            };
-            if body.is_end_stream() {
-                return Poll::Ready(Ok(self.finish()));
-            }
-            match ready!(body.as_mut().poll_frame(cx)) {
+            match ready!(self.poll_next(cx))? {
                 None => return Poll::Ready(Ok(self.finish())),
-                Some(Err(e)) => return Poll::Ready(Err(e.into())),
-                Some(Ok(frame)) => match frame.into_data() {
+                Some(frame) => match frame.into_data() {
                     Ok(mut data) => {
                         let len = data.remaining();
                         if self.chunks.len().saturating_add(len) > self.limit {
@@ -397,7 +466,8 @@ where
 /// Bodies up to the limit (default [`DEFAULT_BUFFER_LIMIT`], 64 KiB) are
 /// read into memory before the inner service is called, as nginx's
 /// `proxy_request_buffering` does; larger bodies are passed on to be sent
-/// once.
+/// once. A client that stops sending the body while it is read fails its
+/// request after the [`read_timeout`](Self::read_timeout).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -422,6 +492,7 @@ where
 #[derive(Debug, Clone, Copy)]
 pub struct BufferBodyLayer {
     limit: usize,
+    timeout: Option<Duration>,
 }
 
 impl Default for BufferBodyLayer {
@@ -431,16 +502,37 @@ impl Default for BufferBodyLayer {
 }
 
 impl BufferBodyLayer {
-    /// Buffers bodies up to 64 KiB.
+    /// Buffers bodies up to 64 KiB, waiting at most 60 s for each part.
     pub fn new() -> Self {
         BufferBodyLayer {
             limit: DEFAULT_BUFFER_LIMIT,
+            timeout: Some(DEFAULT_BODY_READ_TIMEOUT),
         }
     }
 
     /// Buffers bodies up to `limit` bytes.
     pub fn limit(mut self, limit: usize) -> Self {
         self.limit = limit;
+        self
+    }
+
+    /// Gives up on a body being buffered when nothing more of it comes for
+    /// `timeout` (default [`DEFAULT_BODY_READ_TIMEOUT`], 60 s, as nginx's
+    /// `client_body_timeout`: the time between two reads, not for the
+    /// whole body; `None`, or zero, waits without limit). Without it, a
+    /// client that stops sending holds its request, and its connection,
+    /// until it goes away.
+    ///
+    /// The request then fails with an
+    /// [`InvalidRequest`](crate::InvalidRequest) that has an I/O error of
+    /// kind `TimedOut` among its sources, which
+    /// [`gateway_status`](crate::error::gateway_status) answers with `408
+    /// Request Timeout`; no backend was called. (A body that fails while it
+    /// is read is an `InvalidRequest` too: `400 Bad Request`.) A body past
+    /// the limit is streamed to its backend and timed by the backend
+    /// client instead (`HttpClient::read_timeout`, feature `hyper-client`).
+    pub fn read_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout.filter(|t| !t.is_zero());
         self
     }
 }
@@ -452,6 +544,7 @@ impl<S> Layer<S> for BufferBodyLayer {
         BufferBody {
             inner,
             limit: self.limit,
+            timeout: self.timeout,
         }
     }
 }
@@ -465,15 +558,14 @@ impl<S> Layer<S> for BufferBodyLayer {
 pub struct BufferBody<S> {
     inner: S,
     limit: usize,
+    timeout: Option<Duration>,
 }
 
 impl<S> BufferBody<S> {
-    /// Wraps `inner`, buffering bodies up to 64 KiB.
+    /// Wraps `inner` with [`BufferBodyLayer::new`]'s settings: bodies up to
+    /// 64 KiB, at most 60 s for each part.
     pub fn new(inner: S) -> Self {
-        BufferBody {
-            inner,
-            limit: DEFAULT_BUFFER_LIMIT,
-        }
+        BufferBodyLayer::new().layer(inner)
     }
 
     /// The inner service.
@@ -526,7 +618,7 @@ where
             state: BufferState::Buffering {
                 service: Some(inner),
                 parts: Some(parts),
-                buffering: Buffering::new(body, self.limit),
+                buffering: Buffering::new(body, self.limit, self.timeout),
             },
         }
     }
@@ -649,7 +741,7 @@ mod tests {
     #[test]
     fn a_claimed_length_reserves_little_ahead_of_the_bytes() {
         for limit in [usize::MAX, 1 << 30] {
-            let buffering = Buffering::new(Claims(1 << 30), limit);
+            let buffering = Buffering::new(Claims(1 << 30), limit, None);
             assert!(
                 buffering.chunks.capacity() <= DEFAULT_BUFFER_LIMIT,
                 "{} bytes reserved",
@@ -657,7 +749,12 @@ mod tests {
             );
         }
         // A small body gets all its room at once.
-        assert!(Buffering::new(Claims(100), usize::MAX).chunks.capacity() >= 100);
+        assert!(
+            Buffering::new(Claims(100), usize::MAX, None)
+                .chunks
+                .capacity()
+                >= 100
+        );
     }
 
     #[tokio::test]
@@ -831,5 +928,101 @@ mod tests {
             let echoed = svc.clone().oneshot(req).await.unwrap();
             assert_eq!(echoed, data);
         }
+    }
+
+    /// A client's body: frames as the test sends them, the end when the
+    /// sender is dropped.
+    struct Uploading(tokio::sync::mpsc::UnboundedReceiver<Result<Bytes, BoxError>>);
+
+    impl Body for Uploading {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|next| next.map(|r| r.map(Frame::data)))
+        }
+    }
+
+    type Sender = tokio::sync::mpsc::UnboundedSender<Result<Bytes, BoxError>>;
+
+    /// Sends a request whose body is an upload through `layer` to a
+    /// service that counts its calls and returns the body it got.
+    fn upload(
+        layer: BufferBodyLayer,
+    ) -> (
+        Sender,
+        Arc<std::sync::atomic::AtomicUsize>,
+        tokio::task::JoinHandle<Result<Bytes, BoxError>>,
+    ) {
+        use tower::ServiceExt;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let inner = tower::service_fn(move |req: Request<ReplayBody<Uploading>>| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { Ok::<_, BoxError>(req.into_body().collect().await?.to_bytes()) }
+        });
+        let svc = layer.layer(inner);
+        let call = tokio::spawn(svc.oneshot(Request::new(Uploading(rx))));
+        (tx, calls, call)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_coming_fails_at_the_read_timeout() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let start = Instant::now();
+        let (tx, calls, call) = upload(BufferBodyLayer::new());
+        // Each part within the timeout of the one before: the body may
+        // take longer than the timeout as a whole.
+        for _ in 0..3 {
+            tx.send(Ok(Bytes::from_static(b"part"))).unwrap();
+            tokio::time::sleep(Duration::from_secs(59)).await;
+            assert!(!call.is_finished());
+        }
+        // Then nothing more, with the client still connected.
+        let error = call.await.unwrap().unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(3 * 59 + 1));
+        assert_eq!(
+            crate::error::gateway_status(&*error),
+            http::StatusCode::REQUEST_TIMEOUT,
+            "{error}"
+        );
+        assert_eq!(calls.load(SeqCst), 0, "no backend was called");
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_read_timeout_a_body_is_awaited() {
+        let layer = BufferBodyLayer::new().read_timeout(Some(Duration::ZERO));
+        let (tx, calls, call) = upload(layer);
+        tx.send(Ok(Bytes::from_static(b"slow"))).unwrap();
+        tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+        assert!(!call.is_finished());
+        tx.send(Ok(Bytes::from_static(b" body"))).unwrap();
+        drop(tx);
+        assert_eq!(call.await.unwrap().unwrap(), "slow body");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_fails_while_it_is_read_is_the_clients_failure() {
+        let (tx, calls, call) = upload(BufferBodyLayer::new());
+        tx.send(Ok(Bytes::from_static(b"part"))).unwrap();
+        tx.send(Err("connection reset".into())).unwrap();
+        let error = call.await.unwrap().unwrap_err();
+        assert!(
+            crate::error::find::<InvalidRequest>(&*error).is_some(),
+            "{error}"
+        );
+        assert_eq!(
+            crate::error::gateway_status(&*error),
+            http::StatusCode::BAD_REQUEST
+        );
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }
