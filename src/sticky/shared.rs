@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::header::SET_COOKIE;
 use http::{Request, Response};
 use parking_lot::Mutex;
-use tokio::sync::OnceCell;
+use tokio::sync::{watch, OnceCell};
 
 use super::cookie::{self, CookieInsert, Learned, Parsed, SESSION_ID_LEN};
 use super::error::{RestorePanicked, RestoreTimedOut, SessionUnavailable};
@@ -171,6 +171,9 @@ impl Stored {
 #[derive(Default)]
 struct Load {
     stored: OnceCell<Stored>,
+    /// The task reading the store for this load (see `Shared::read_once`),
+    /// once one was started: whoever waits for the load waits for it.
+    reading: Mutex<Option<watch::Receiver<Option<Stored>>>>,
     /// The key was forgotten (moved on another replica) while it loaded.
     stale: std::sync::atomic::AtomicBool,
     /// Its registrations (see `Registered`): the requests waiting for it
@@ -715,7 +718,7 @@ impl Shared {
             let restore = shared.config.availability == Availability::Replication;
             let stored = cell
                 .stored
-                .get_or_init(|| shared.read(&store, &key, restore.then_some(&cell)))
+                .get_or_init(|| shared.read_once(&store, &key, &cell, restore))
                 .await
                 .clone();
             let stale = !shared.remember_unless_stale(&stored, &cell);
@@ -729,6 +732,51 @@ impl Shared {
             drop(registered);
             stored
         })
+    }
+
+    /// Reads `key` for `cell`'s load, in a task of its own: a request that
+    /// gives up on the load (its client gone) does not stop the read, and
+    /// the request that takes its place waits for the same task instead of
+    /// reading the store again. The session found is remembered even when
+    /// no request is left to take it. Outside a tokio runtime there is no
+    /// task to hand it to: the request reads the store itself.
+    async fn read_once(
+        self: &Arc<Self>,
+        store: &Arc<dyn SessionStore>,
+        key: &Arc<str>,
+        cell: &Cell,
+        restore: bool,
+    ) -> Stored {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.read(store, key, restore.then_some(cell)).await;
+        };
+        let mut reading = cell
+            .reading
+            .lock()
+            .get_or_insert_with(|| {
+                let (done, reading) = watch::channel(None);
+                // Keeps the load in the map while the task runs.
+                let task = Task::register(self.clone(), key.clone(), cell.clone());
+                let store = store.clone();
+                runtime.spawn(async move {
+                    let Task { shared, key, cell } = &task;
+                    let stored = shared.read(&store, key, restore.then_some(cell)).await;
+                    shared.remember_unless_stale(&stored, cell);
+                    done.send_replace(Some(stored));
+                });
+                reading
+            })
+            .clone();
+        let answer = reading.wait_for(Option::is_some).await.map(|s| s.clone());
+        match answer {
+            Ok(Some(stored)) => stored,
+            // The task panicked (in the store) or was cancelled at the
+            // runtime's shutdown: as a store that could not be read.
+            _ => {
+                tracing::warn!(target: TARGET, session = %key, "a session load ended without an answer");
+                Stored::Unknown
+            }
+        }
     }
 
     /// Remembers a session loaded by `cell`'s load unless it was forgotten
