@@ -246,8 +246,8 @@ impl BackendState {
         }
     }
 
-    /// Whether the backend may take a new request at `now`: enabled, healthy
-    /// and not ejected.
+    /// Whether the backend may take a new request now: enabled, healthy and
+    /// not ejected.
     ///
     /// Reads the clock only when the backend has an ejection deadline.
     #[inline]
@@ -384,9 +384,12 @@ impl BackendState {
     /// Limits the requests a balancer's strategy sends to this backend at
     /// once (no limit by default; a limit of 0 counts as 1). A backend at
     /// its limit is skipped as if it were unavailable, until one of its
-    /// requests is no longer in flight; when every available backend is at
-    /// its limit, a request fails at once with
-    /// [`NoBackend`](crate::error::NoBackend). A request for a session
+    /// requests is no longer in flight. When every available backend is at
+    /// its limit, a request waits for a place in the balancer's queue, if
+    /// it has one ([`Balance::queue`](crate::balance::Balance::queue)), and
+    /// otherwise fails at once with [`NoBackend`](crate::error::NoBackend)
+    /// (whose [`is_at_limit`](crate::error::NoBackend::is_at_limit) is
+    /// true). A request for a session
     /// bound to this backend (an [`Affinity`](crate::extensions::Affinity))
     /// still reaches it: moving a session for a burst would lose its
     /// state. Requests already in flight count against a new limit.

@@ -125,11 +125,13 @@ pub struct PeerAddr(pub SocketAddr);
 ///
 /// The failover layer puts one in the request's extensions before an
 /// attempt that it may have to abandon (a per-try timeout, a deadline).
-/// [`Balance`](crate::balance::Balance) fills it in `call`, just before it
-/// hands the request to the backend, so the failover layer knows which
-/// backend an abandoned attempt reached, lists it in
-/// [`Attempts`], and never sends the request
-/// there again. The slot also lets the failover layer charge a retry to its
+/// [`Balance`](crate::balance::Balance) fills it when it picks the
+/// backend (in `call`, or, for a request waiting in its
+/// [queue](crate::balance::Balance::queue), when its response future takes
+/// a place that opened for it), before the backend is readied and called.
+/// The failover layer thus knows which backend an abandoned attempt was
+/// bound for, lists it in [`Attempts`], and never sends the request there
+/// again. The slot also lets the failover layer charge a retry to its
 /// budget only once a backend was picked for it. A balancer of your own
 /// should fill it too; without it, an abandoned attempt names no backend
 /// (and ends the retries), and a retry is charged after its first poll.

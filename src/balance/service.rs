@@ -200,6 +200,11 @@ impl<S, P: Strategy> Balance<S, P> {
     /// the first of them to have one. A failover layer's per-try timeout
     /// and deadline count the time spent waiting. Applies to every clone of
     /// this balancer.
+    ///
+    /// A waiting request waits on a `tokio::time` timer, so with a queue the
+    /// balancer's response futures must be polled inside a Tokio runtime
+    /// with its time driver enabled; a request that has to wait outside one
+    /// panics.
     pub fn queue(self, max_waiting: usize, timeout: Duration) -> Self {
         let max = match timeout.is_zero() {
             true => 0,

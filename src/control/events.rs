@@ -145,7 +145,12 @@ pub enum Event {
         from: BackendId,
         /// The backend it is bound to now.
         to: BackendId,
-        /// Why: its backend was unavailable or failed.
+        /// Why, as [`MoveReason::as_str`](crate::sticky::MoveReason::as_str)
+        /// names it: `"unavailable"` (its backend was unhealthy, ejected or
+        /// disabled), `"removed"` (no longer in the pool), `"failed"` (the
+        /// last request sent to it failed) or `"served_elsewhere"` (a lower
+        /// layer, such as failover, had the request served by another
+        /// backend).
         reason: Arc<str>,
     },
     /// A request is tried again on another backend.

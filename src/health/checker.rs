@@ -139,15 +139,18 @@ where
     }
 
     /// Marks a backend [`TurnedOff`](HealthStatus::TurnedOff) once it has been
-    /// unhealthy this long, if it was healthy at least once. It keeps being
-    /// probed and comes back after `rise` passing probes. Off by default.
+    /// unhealthy this long, if a probe has found it healthy at least once
+    /// (a passing probe while it was healthy, or `rise` of them in a row).
+    /// It keeps being probed and comes back after `rise` passing probes. Off
+    /// by default.
     pub fn turned_off_after(mut self, after: Duration) -> Self {
         self.config.turned_off_after = Some(after);
         self
     }
 
     /// Removes a backend from the pool once it has been unhealthy (or
-    /// turned off) this long, if it was healthy at least once. Off by
+    /// turned off) this long, if a probe has found it healthy at least once
+    /// (as for [`turned_off_after`](Self::turned_off_after)). Off by
     /// default.
     pub fn removed_after(mut self, after: Duration) -> Self {
         self.config.removed_after = Some(after);
@@ -166,6 +169,10 @@ where
     /// Envoy likewise needs one pass for a new host). By default they keep
     /// the health the pool gave them (healthy), as in HAProxy, and lose it
     /// after `fall` failing probes.
+    ///
+    /// This initial mark emits neither a `tracing` event nor an
+    /// [`Event::HealthChanged`]; the changes after it, such as the backend
+    /// becoming healthy, do.
     ///
     /// `Balance`'s panic routing still applies: while fewer than its
     /// threshold of the backends are available (at start, none may be),

@@ -16,7 +16,9 @@
 //!   slow start.
 //!
 //! Every change of health, ejection and restoration is a `tracing` event
-//! (`info` or `warn`) with the fields `backend`, `from`, `to` and `reason`.
+//! (`info` or `warn`) with the fields `backend`, `from`, `to` and `reason`,
+//! except the initial mark of [`HealthChecker::start_unhealthy`] (a
+//! backend new to the checker made unhealthy), which emits none.
 //! See `docs/health.md` for the defaults and how the pieces combine.
 //!
 //! ```

@@ -397,16 +397,23 @@ where
         )
     }
 
-    /// Closes a pooled connection once it has been idle for `timeout`
-    /// (default 60 s; zero keeps none). Keep it below the backends' own
-    /// keep-alive timeout (75 s for nginx), so that a backend seldom closes
-    /// a connection just as a request is written on it.
+    /// Closes a pooled HTTP/1 connection once it has been idle for
+    /// `timeout` (default 60 s; zero keeps none). Keep it below the
+    /// backends' own keep-alive timeout (75 s for nginx), so that a backend
+    /// seldom closes a connection just as a request is written on it.
     ///
     /// A backend that announces its keep-alive timeout in a response
     /// (`Keep-Alive: timeout=N`, as Apache httpd and Node.js do, with N = 5
     /// by default) has that connection kept one second less than it
     /// announced, when that is shorter than `timeout`, and not at all when
     /// it announced 1 s or less (HTTP/1.1 only).
+    ///
+    /// An HTTP/2 connection ([`http2_only`](Self::http2_only)) is not
+    /// closed when its time passes: it stays open until the next request,
+    /// which finds that none was sent on it for `timeout` and opens a new
+    /// one in its place (the old one closes once its last request is
+    /// done). With zero, no open HTTP/2 connection is reused: each request
+    /// opens a new one, or shares one still being opened.
     pub fn idle_timeout(self, timeout: Duration) -> Self {
         HttpClient::with_settings(
             Settings {

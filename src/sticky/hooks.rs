@@ -36,8 +36,9 @@ where
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum MoveReason {
-    /// Its backend was unavailable: unhealthy, ejected, draining or
-    /// disabled.
+    /// Its backend was unavailable: unhealthy, ejected or disabled (a
+    /// draining backend still serves its sessions while it is healthy and
+    /// not ejected).
     Unavailable,
     /// Its backend is no longer in the pool.
     Removed,

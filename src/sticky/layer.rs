@@ -224,10 +224,10 @@ impl StickyLayer {
     }
 
     /// Drops what this layer's table knows about session `key`, keeping its
-    /// stored record, so the next request for it reads the store (in
-    /// replication mode). For a session another replica moved: see
-    /// `RedisStore::subscribe` (feature `redis`). Returns whether the table
-    /// knew it.
+    /// stored record, so the next request for it reads the store (when the
+    /// layer has one, in either availability mode). For a session another
+    /// replica moved: see `RedisStore::subscribe` (feature `redis`).
+    /// Returns whether the table knew it.
     pub fn forget(&self, key: &str) -> bool {
         self.shared.forget(key)
     }

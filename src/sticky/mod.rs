@@ -112,11 +112,13 @@ pub enum Availability {
     ///
     /// Every such miss costs one store read (one per key, however many
     /// requests wait for it), a key the store never held included: a new
-    /// session named by a header or a learned cookie costs a read and a
-    /// save. The instance also remembers a 64-bit hash of the key of every
-    /// record it restored or saved (about 10 to 20 bytes per record), so
-    /// that in [strict](StickyLayer::strict) mode a new key is not refused
-    /// while the store cannot be read.
+    /// session a request names by a header costs a read and a save. A
+    /// learned-cookie value the store does not hold costs a read; its
+    /// session is kept in memory only, and saved once a response sets the
+    /// cookie to that value. In [strict](StickyLayer::strict) mode the
+    /// instance also remembers a 64-bit hash of the key of every record it
+    /// restored or saved (about 10 to 20 bytes per record), so that a new
+    /// key is not refused while the store cannot be read.
     Standalone,
     /// Several instances at once (the default): a request naming a session
     /// the table does not know loads it from the store before it is routed

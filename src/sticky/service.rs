@@ -30,9 +30,10 @@ use crate::store::{Session, StoreError};
 /// # Readiness
 ///
 /// `poll_ready` is the inner service's. When a session must first be
-/// loaded from the store (replication mode), the ready inner service is
-/// moved into the response future and a clone takes its place, so the
-/// inner service is never called without having been polled ready.
+/// loaded from the store (a key the table does not know, in either
+/// availability mode), the ready inner service is moved into the response
+/// future and a clone takes its place, so the inner service is never
+/// called without having been polled ready.
 pub struct Sticky<S> {
     inner: S,
     shared: Arc<Shared>,

@@ -18,10 +18,9 @@ pub struct StickyStats {
     /// malformed, unknown backend, too long, not UTF-8, oversized `Cookie`
     /// headers) and treated as naming no session.
     pub rejected: u64,
-    /// Reads of the store on a miss, whether they found a record or not:
-    /// in replication mode, and in standalone mode for a session that left
-    /// the table (a read made again because the session moved meanwhile
-    /// counts again).
+    /// Reads of the store on a miss, for a key the table does not know in
+    /// either availability mode, whether they found a record or not. A
+    /// read made again because the session moved meanwhile counts again.
     pub loaded: u64,
     /// Loaded sessions this instance restored with the `on_restore` hook
     /// under a [`SessionLock`](crate::store::SessionLock) (see

@@ -75,10 +75,14 @@ const SESSION_FIELD: &str = "kernel_session";
 ///
 /// # Authentication
 ///
-/// Basic sends the credentials with every request. Digest (RFC 7616, MD5 or
-/// SHA-256, `qop=auth`) answers the service's challenge and reuses it for
-/// the following requests, answering a fresh challenge when the service
-/// sends one (a stale nonce). Credentials in the URL
+/// Basic sends the credentials with every request. Digest (RFC 7616)
+/// answers the service's challenge and reuses it for the following
+/// requests, answering a fresh challenge when the service sends one (a
+/// stale nonce). It takes the algorithms MD5, SHA-256 and SHA-512-256,
+/// each also in its `-sess` form. It answers with `qop=auth-int` (which
+/// covers the body) when the challenge offers it and the request has a
+/// body (a save or a delete), else with `qop=auth`, or with no `qop` when
+/// the challenge offers none. Credentials in the URL
 /// (`http://user:password@host/...`) are not sent: such a URL is refused
 /// by [`build`](WebhookStoreBuilder::build).
 ///
