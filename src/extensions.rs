@@ -6,6 +6,7 @@
 //! | value | where | set by | read by |
 //! |---|---|---|---|
 //! | [`Affinity`] | request | `Sticky` (or you) | `Balance`: try this backend first |
+//! | [`AffinityRequired`] | request | `Sticky` in strict mode (or you) | `Balance`: that backend or none |
 //! | [`Attempts`] | request | `Failover` (or you) | `Balance`: never pick these again |
 //! | [`Target`] | request | `Balance` | a per-backend layer such as `Health` |
 //! | [`Picked`] | request | `Failover` inserts it, `Balance` fills it | `Failover`: who an abandoned attempt reached |
@@ -31,6 +32,21 @@ use crate::backend::{BackendId, BackendState};
 /// Otherwise it picks as usual.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Affinity(pub BackendId);
+
+/// With [`Affinity`], "this backend or none": when `Balance` cannot honour
+/// the affinity (its backend is not in the pool, not eligible as
+/// [`Affinity`] says, or already listed in [`Attempts`]), it fails the
+/// request with [`NoBackend`](crate::NoBackend) instead of picking another
+/// backend. A request that carries it without an `Affinity` is picked for
+/// as usual.
+///
+/// The sticky layer's [strict mode](crate::sticky::StickyLayer::strict)
+/// sets it, so that the check of a session's backend and the pick are one
+/// step: a backend that becomes unavailable in between does not send the
+/// request elsewhere, and a failover layer below does not retry it on
+/// another backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct AffinityRequired;
 
 /// The backends already tried for this request, oldest first.
 ///

@@ -19,7 +19,7 @@ use tower_ha::balance::{
     Balance, BalanceLayer, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy,
     WeightedRoundRobin,
 };
-use tower_ha::extensions::{Affinity, Attempts, ServedBy, Target};
+use tower_ha::extensions::{Affinity, AffinityRequired, Attempts, ServedBy, Target};
 use tower_ha::{
     key, AdminStatus, BackendError, BackendId, BoxError, HealthStatus, NoBackend, Pool,
 };
@@ -494,6 +494,37 @@ fn affinity_is_honoured_only_when_eligible() {
     // which spreads requests over the eligible backends.
     let served: BTreeSet<String> = (0..4).map(|_| send("nobody", Attempts::new())).collect();
     assert_eq!(served, BTreeSet::from(["b0".into(), "b1".into()]));
+}
+
+#[test]
+fn a_required_affinity_is_that_backend_or_none() {
+    let pool = pool_of(3);
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let send = |affinity: Option<&str>, attempts: Attempts| {
+        let mut req = request(None);
+        if let Some(affinity) = affinity {
+            req.extensions_mut().insert(Affinity(affinity.into()));
+        }
+        req.extensions_mut().insert(AffinityRequired);
+        req.extensions_mut().insert(attempts);
+        block_on(balance.clone().oneshot(req)).map(|r| r.into_body())
+    };
+    let no_backend = |result: Result<String, BoxError>| {
+        let err = result.unwrap_err();
+        let none = err.downcast_ref::<NoBackend>().expect("NoBackend");
+        assert!(!none.is_at_limit());
+    };
+    assert_eq!(send(Some("b2"), Attempts::new()).unwrap(), "b2");
+    // Tried, unhealthy or unknown: no other backend.
+    no_backend(send(Some("b2"), ["b2".into()].into_iter().collect()));
+    let b2 = pool.state(&"b2".into()).unwrap();
+    b2.set_health(HealthStatus::Unhealthy);
+    no_backend(send(Some("b2"), Attempts::new()));
+    no_backend(send(Some("nobody"), Attempts::new()));
+    assert_eq!(pool.state(&"b0".into()).unwrap().requests(), 0);
+    assert_eq!(pool.state(&"b1".into()).unwrap().requests(), 0);
+    // Without an affinity, nothing is required.
+    assert!(send(None, Attempts::new()).is_ok());
 }
 
 #[test]

@@ -116,6 +116,15 @@ impl<S> Cluster<S> {
     fn set_health(&self, name: &str, health: HealthStatus) {
         self.pool.state(&name.into()).unwrap().set_health(health);
     }
+
+    /// The requests picked for every backend but `name`.
+    fn requests_elsewhere(&self, name: &str) -> u64 {
+        NAMES
+            .iter()
+            .filter(|&&other| other != name)
+            .map(|&other| self.pool.state(&other.into()).unwrap().requests())
+            .sum()
+    }
 }
 
 fn insert_cookie() -> CookieInsert {
@@ -425,7 +434,8 @@ async fn strict_mode_answers_session_unavailable_instead_of_moving() {
     assert_eq!(unavailable.backend().unwrap().as_str(), home);
     assert_eq!(layer.stats().strict_refusals, 1);
 
-    // Served elsewhere by a failover layer: still refused, never moved.
+    // Failed, under a failover layer: refused, never moved, and not sent
+    // to another backend.
     let svc2 = ServiceBuilder::new()
         .layer(layer.clone())
         .layer_fn(RetryElsewhere)
@@ -433,8 +443,15 @@ async fn strict_mode_answers_session_unavailable_instead_of_moving() {
         .service(c.pool.clone());
     c.set_health(&home, HealthStatus::Healthy);
     c.fail[home.as_str()].store(true, Ordering::SeqCst);
+    let others = c.requests_elsewhere(&home);
     let err = send(&svc2, with_cookie(&cookie)).await.unwrap_err();
     assert!(err.downcast_ref::<SessionUnavailable>().is_some(), "{err}");
+    assert_eq!(
+        c.requests_elsewhere(&home),
+        others,
+        "no other backend reached"
+    );
+    assert_eq!(layer.stats().strict_refusals, 2);
     c.fail[home.as_str()].store(false, Ordering::SeqCst);
 
     assert_eq!(
@@ -442,6 +459,44 @@ async fn strict_mode_answers_session_unavailable_instead_of_moving() {
         &home
     );
     assert!(moves.all().is_empty());
+    assert_eq!(layer.stats().moved, 0);
+}
+
+/// In strict mode the check of a session's backend and the balancer's pick
+/// are one step: a backend that turns unavailable between the two does not
+/// send the request to another backend.
+#[tokio::test]
+async fn strict_mode_sends_nothing_elsewhere_when_the_backend_fails_before_the_pick() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).strict(true);
+    let home = send(&stack(&c.pool, layer.clone()), session("k1"))
+        .await
+        .unwrap()
+        .into_body();
+    let pool = c.pool.clone();
+    let turned = home.clone();
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        // The sticky layer has checked the backend; it turns unhealthy.
+        .map_request(move |req: Request<()>| {
+            let state = pool.state(&turned.as_str().into()).unwrap();
+            state.set_health(HealthStatus::Unhealthy);
+            req
+        })
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let others = c.requests_elsewhere(&home);
+    let err = send(&svc, session("k1")).await.unwrap_err();
+    let unavailable = err
+        .downcast_ref::<SessionUnavailable>()
+        .expect("typed error");
+    assert_eq!(unavailable.backend().unwrap().as_str(), home);
+    assert_eq!(
+        c.requests_elsewhere(&home),
+        others,
+        "no other backend reached"
+    );
+    assert_eq!(layer.stats().strict_refusals, 1);
     assert_eq!(layer.stats().moved, 0);
 }
 

@@ -556,7 +556,7 @@ mod over_failover {
                 let err = result.err().expect("a b session is refused");
                 let unavailable = err
                     .downcast_ref::<SessionUnavailable>()
-                    .expect("typed error");
+                    .unwrap_or_else(|| panic!("typed error: {err:?}"));
                 assert_eq!(unavailable.backend().unwrap().as_str(), "b");
                 let sid = cookie.as_deref().unwrap().strip_prefix("srv=").unwrap();
                 assert!(

@@ -17,7 +17,7 @@ use super::strategy::{Pick, Strategy};
 use crate::backend::InFlight;
 use crate::error::NoBackend;
 use crate::extensions::Picked;
-use crate::extensions::{Affinity, Attempts, Target};
+use crate::extensions::{Affinity, AffinityRequired, Attempts, Target};
 use crate::key::RequestHead;
 use crate::pool::{Pool, Rebuild, Snapshot};
 
@@ -60,7 +60,8 @@ impl<S: Send + Sync, P: Strategy> Rebuild<S> for Shared<S, P> {
 /// sessions bound to it finish there, while no new request reaches it; or
 /// at its [limit of requests in
 /// flight](crate::BackendState::set_max_in_flight), which holds only new
-/// requests off), never picks a backend listed
+/// requests off; with [`AffinityRequired`], that backend or none), never
+/// picks a backend listed
 /// in the request's [`Attempts`], sets [`Target`] on the request (and
 /// records its pick in the request's [`Picked`] slot, if any), calls a
 /// clone of the chosen backend's service once it is ready, and sets
@@ -301,13 +302,16 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
             let ext = req.extensions();
             let pick = Pick::new(RequestHead::from(&*req), members, ext.get::<Attempts>())
                 .with_panic(&self.shared.panic);
-            let pinned = ext
-                .get::<Affinity>()
+            let affinity = ext.get::<Affinity>();
+            let pinned = affinity
                 .and_then(|a| members.index_of(&a.0))
                 .filter(|&i| pick.is_eligible_for_affinity(i));
             match pinned {
                 // A session's backend takes it even at its limit.
                 Some(i) => (i, members[i].state().track_in_flight()),
+                None if affinity.is_some() && ext.get::<AffinityRequired>().is_some() => {
+                    return Err(NoBackend::new());
+                }
                 None => {
                     // A place lost to a concurrent request means a pick
                     // again (the backend is full now, so the next pick

@@ -206,8 +206,7 @@ where
                         let Poll::Ready(Err(error)) = poll else {
                             unreachable!("an error")
                         };
-                        let error = error.into();
-                        this.shared.on_error(&track, &error);
+                        let error = this.shared.on_error(&track, error.into());
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error));
                     };

@@ -124,6 +124,18 @@ impl StickyLayer {
     /// as the balancer lets it. One that is unhealthy does not, even while
     /// the balancer's panic routing (most backends unhealthy) would send
     /// requests to it: strict mode refuses its sessions then.
+    ///
+    /// A session's request carries
+    /// [`AffinityRequired`](crate::extensions::AffinityRequired): the
+    /// balancer sends it to the session's backend or nowhere: one that
+    /// becomes unavailable after the layer looked at it, or fails the
+    /// request under a failover layer, does not pass the request to
+    /// another backend. A request its backend could not take (the balancer
+    /// had no backend for it, or the backend failed it before it was sent,
+    /// as a refused connection) fails with `SessionUnavailable`; any other
+    /// failure is returned as it is (a failed response, such as an
+    /// idempotent request's 503, as the failover layer returns it once it
+    /// can try no other backend).
     pub fn strict(self, strict: bool) -> Self {
         self.with(|c| c.strict = strict)
     }

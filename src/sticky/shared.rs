@@ -23,8 +23,8 @@ use super::table::{Dropped, Hit, Kept, Lookup, Table, Unread};
 use super::writes::{landed, Owner, Write, Writes};
 use super::Availability;
 use crate::backend::BackendId;
-use crate::error::{find, BackendError, BoxError, InvalidRequest};
-use crate::extensions::{Affinity, Attempts, ServedBy};
+use crate::error::{find, BackendError, BoxError, InvalidRequest, NoBackend};
+use crate::extensions::{Affinity, AffinityRequired, Attempts, ServedBy};
 use crate::key::RequestHead;
 use crate::pool::Pool;
 use crate::store::{Session, SessionGuard, SessionLock, SessionStore, StoreError};
@@ -648,7 +648,11 @@ impl Shared {
                 bump(&self.counters.strict_refusals, 1);
                 return Err(SessionUnavailable::new(&hit.key, hit.backend));
             }
-            req.extensions_mut().insert(Affinity(hit.backend.clone()));
+            // That backend or none: should it become unavailable before the
+            // balancer picks, or fail, the request goes nowhere else.
+            let ext = req.extensions_mut();
+            ext.insert(Affinity(hit.backend.clone()));
+            ext.insert(AffinityRequired);
         } else if hit.failed && self.config.backends.another_available(&hit.backend) {
             let ext = req.extensions_mut();
             match ext.get_mut::<Attempts>() {
@@ -1172,20 +1176,27 @@ impl Shared {
         Ok(self.finish(work))
     }
 
-    /// Records that a request failed; a failure of the session's own
-    /// backend makes the next request move. A request the backend refused
-    /// to send because the request itself is bad (`InvalidRequest`) says
-    /// nothing about the backend: every backend would refuse it alike.
-    pub(crate) fn on_error(&self, track: &Track, error: &BoxError) {
+    /// Records that a request failed, and returns its error; a failure of
+    /// the session's own backend makes the next request move. A request the
+    /// backend refused to send because the request itself is bad
+    /// (`InvalidRequest`) says nothing about the backend: every backend
+    /// would refuse it alike. In strict mode, a request that its session's
+    /// backend could not take fails with `SessionUnavailable`.
+    pub(crate) fn on_error(&self, track: &Track, error: BoxError) -> BoxError {
         self.unsaved(track);
         if let Track::Known { key, backend, .. } = track {
-            if find::<InvalidRequest>(&**error).is_some() {
-                return;
+            if find::<InvalidRequest>(&*error).is_some() {
+                return error;
             }
-            if find::<BackendError>(&**error).is_some_and(|e| e.backend() == backend) {
+            if find::<BackendError>(&*error).is_some_and(|e| e.backend() == backend) {
                 self.table.set_failed(key, backend, true);
             }
+            if self.config.strict && could_not_take(&*error, backend) {
+                bump(&self.counters.strict_refusals, 1);
+                return SessionUnavailable::new(key, backend.clone()).into();
+            }
         }
+        error
     }
 
     /// A request that will not save the session it was to save (it failed
@@ -1438,6 +1449,16 @@ impl Drop for Task {
     fn drop(&mut self) {
         unregister(&self.shared.loading, &self.key, &self.cell);
     }
+}
+
+/// Whether a strict session's request failed because its `backend` could
+/// not take it: the balancer had no backend for it (none but the session's
+/// may take it, see `AffinityRequired`), or the backend failed it before
+/// it was sent (a refused connection), whether or not a failover layer
+/// then asked the balancer for another.
+fn could_not_take(error: &(dyn std::error::Error + 'static), backend: &BackendId) -> bool {
+    find::<NoBackend>(error).is_some()
+        || find::<BackendError>(error).is_some_and(|e| e.backend() == backend && e.is_not_sent())
 }
 
 /// Ends a registration on `cell`, the load of `key`: the load leaves the
