@@ -523,8 +523,8 @@ impl BufferBodyLayer {
     /// client that stops sending holds its request, and its connection,
     /// until it goes away.
     ///
-    /// The request then fails with an
-    /// [`InvalidRequest`](crate::InvalidRequest) that has an I/O error of
+    /// The request then fails with an [`InvalidRequest`] that has an I/O
+    /// error of
     /// kind `TimedOut` among its sources, which
     /// [`gateway_status`](crate::error::gateway_status) answers with `408
     /// Request Timeout`; no backend was called. (A body that fails while it
