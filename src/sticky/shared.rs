@@ -173,7 +173,9 @@ struct Load {
     stored: OnceCell<Stored>,
     /// The task reading the store for this load (see `Shared::read_once`),
     /// once one was started: whoever waits for the load waits for it.
-    reading: Mutex<Option<watch::Receiver<Option<Stored>>>>,
+    reading: Mutex<Option<Reading>>,
+    /// The requests waiting for it. Changed under the `Loading` lock only.
+    waiting: std::sync::atomic::AtomicUsize,
     /// The key was forgotten (moved on another replica) while it loaded.
     stale: std::sync::atomic::AtomicBool,
     /// Its registrations (see `Registered`): the requests waiting for it
@@ -183,6 +185,12 @@ struct Load {
 }
 
 type Cell = Arc<Load>;
+
+/// A load's task: its answer once it has one, and how to stop it.
+struct Reading {
+    answer: watch::Receiver<Option<Stored>>,
+    task: tokio::task::AbortHandle,
+}
 type Loading = Mutex<HashMap<Arc<str>, Cell>>;
 
 pub(crate) struct Shared {
@@ -707,11 +715,12 @@ impl Shared {
                 // Under the lock that found it, so that the load cannot
                 // leave the map before this request counts.
                 cell.registered.fetch_add(1, Ordering::Relaxed);
+                cell.waiting.fetch_add(1, Ordering::Relaxed);
                 cell
             };
             // Leaves the map when done, or when every request waiting on it
-            // is dropped (a client gone while the store was slow) and its
-            // restore task, if any, has ended.
+            // is dropped (a client gone while the store was slow: its read
+            // is stopped then) and its restore task, if any, has ended.
             let registered = Registered {
                 loading: &shared.loading,
                 key: &key,
@@ -739,11 +748,11 @@ impl Shared {
     }
 
     /// Reads `key` for `cell`'s load, in a task of its own: a request that
-    /// gives up on the load (its client gone) does not stop the read, and
-    /// the request that takes its place waits for the same task instead of
-    /// reading the store again. The session found is remembered even when
-    /// no request is left to take it. Outside a tokio runtime there is no
-    /// task to hand it to: the request reads the store itself.
+    /// gives up on the load (its client gone) does not stop the read while
+    /// another request waits for it, and that request waits for the same
+    /// task instead of reading the store again. Once no request waits, the
+    /// read is stopped (see `Registered`). Outside a tokio runtime there is
+    /// no task to hand it to: the request reads the store itself.
     async fn read_once(
         self: &Arc<Self>,
         store: &Arc<dyn SessionStore>,
@@ -758,18 +767,22 @@ impl Shared {
             .reading
             .lock()
             .get_or_insert_with(|| {
-                let (done, reading) = watch::channel(None);
+                let (done, answer) = watch::channel(None);
                 // Keeps the load in the map while the task runs.
                 let task = Task::register(self.clone(), key.clone(), cell.clone());
                 let store = store.clone();
-                runtime.spawn(async move {
+                let task = runtime.spawn(async move {
                     let Task { shared, key, cell } = &task;
                     let stored = shared.read(&store, key, restore.then_some(cell)).await;
                     shared.remember_unless_stale(&stored, cell);
                     done.send_replace(Some(stored));
                 });
-                reading
+                Reading {
+                    answer,
+                    task: task.abort_handle(),
+                }
             })
+            .answer
             .clone();
         let answer = reading.wait_for(Option::is_some).await.map(|s| s.clone());
         match answer {
@@ -1423,6 +1436,19 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
+        {
+            // Under the lock a new request registers with, so that one
+            // that comes after the read was stopped starts another.
+            let _loading = self.loading.lock();
+            if self.cell.waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
+                // Nobody is left to take its answer: a store that never
+                // answers must not keep the read, and the load, for good.
+                // (A restore it started runs on in its own task.)
+                if let Some(reading) = self.cell.reading.lock().take() {
+                    reading.task.abort();
+                }
+            }
+        }
         unregister(self.loading, self.key, self.cell);
     }
 }
@@ -1572,6 +1598,13 @@ mod tests {
             let b = tokio::time::timeout(Duration::from_secs(2), svc.clone().oneshot(req));
             let (a, b) = tokio::join!(a, b);
             assert!(a.is_err() && b.is_err(), "the store never answers");
+        }
+        // The reads, stopped, end at the runtime's next turn.
+        for _ in 0..10 {
+            if layer.shared.loading.lock().is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
         assert_eq!(layer.shared.loading.lock().len(), 0);
     }
