@@ -427,6 +427,9 @@ async fn a_forced_primary_holds_until_it_fails_or_is_released() {
     set_health(&pool, "b", HealthStatus::Unhealthy);
     assert_eq!(serve(&balance).await, "a");
     assert_eq!(group.forced(), None);
+    // Forcing the primary it already has pins it: an event says so too.
+    assert!(group.force_primary(&"a".into()));
+    assert_eq!(group.forced(), Some("a".into()));
     assert_eq!(
         primary_changes(&events),
         [
@@ -434,6 +437,7 @@ async fn a_forced_primary_holds_until_it_fails_or_is_released() {
             change("c", "a", SwitchReason::Failback),
             change("a", "b", SwitchReason::Forced),
             change("b", "a", SwitchReason::Failover),
+            change("a", "a", SwitchReason::Forced),
         ]
     );
 }

@@ -338,7 +338,9 @@ impl Priority {
 
     /// Makes `id` the primary now, whatever the failback rule and the
     /// minimum dwell; it stays the primary until it becomes unavailable or
-    /// [`release`](Priority::release) is called. Returns `false` (and
+    /// [`release`](Priority::release) is called. Emits an
+    /// [`Event::PrimaryChanged`] with the reason `forced`, also when `id`
+    /// was the primary already (`from` and `to` are then alike). Returns `false` (and
     /// changes nothing) when `id` is not a member of the group. A backend
     /// that is not available when forced stays the primary only until the
     /// next request, which fails over from it
@@ -350,9 +352,19 @@ impl Priority {
             return false;
         }
         state.forced = Some(id.clone());
-        let event = self.switch(&mut state, Some(id.clone()), SwitchReason::Forced);
+        // Forcing the current primary switches nothing, but pins it (no
+        // failback moves it): the event still says so, with `from` and
+        // `to` alike.
+        let event = self
+            .switch(&mut state, Some(id.clone()), SwitchReason::Forced)
+            .unwrap_or_else(|| Event::PrimaryChanged {
+                group: self.shared.name.clone(),
+                from: Some(id.clone()),
+                to: Some(id.clone()),
+                reason: SwitchReason::Forced,
+            });
         // Emitted under the group's lock, so events follow switch order.
-        self.emit(event);
+        self.emit(Some(event));
         true
     }
 
