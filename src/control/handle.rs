@@ -441,7 +441,11 @@ impl Handle {
                 });
             }
             match to {
-                AdminStatus::Draining => {
+                // A deadline to come (its timer is set once the lock is
+                // gone). Without one there is nothing to keep: an entry
+                // would stay until the next action on the backend, for
+                // good if it leaves every group first.
+                AdminStatus::Draining if self.inner.drain_deadline.is_some() => {
                     drains.insert(id.clone(), PendingDrain { epoch, timer: None })
                 }
                 _ => drains.remove(id),
@@ -690,5 +694,36 @@ impl Handle {
             .find_map(|g| g.state(id))
             .map(|state| BackendStats::of(id.clone(), &state, &self.inner.events))
             .ok_or_else(|| ControlError::UnknownBackend(id.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::{Balance, RoundRobin};
+    use crate::pool::Pool;
+
+    /// Without a deadline a drain has nothing pending: a backend drained,
+    /// then removed from its group, leaves nothing behind.
+    #[test]
+    fn a_drain_without_a_deadline_keeps_nothing() {
+        let pool = Pool::new();
+        pool.insert(
+            "a",
+            tower::service_fn(|_: http::Request<()>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(()))
+            }),
+        );
+        let handle = Handle::new(Events::default()).drain_deadline(None);
+        handle
+            .add_group("g", &Balance::new(pool.clone(), RoundRobin::new()))
+            .unwrap();
+        handle.drain(&"a".into()).unwrap();
+        assert_eq!(
+            pool.state(&"a".into()).unwrap().admin(),
+            AdminStatus::Draining
+        );
+        pool.remove(&"a".into());
+        assert!(handle.inner.drains.lock().is_empty());
     }
 }
