@@ -1646,6 +1646,9 @@ impl SessionStore for FlakyLoads {
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         self.inner.delete(keys)
     }
+    fn refresh_interval(&self) -> Option<Duration> {
+        self.inner.refresh_interval()
+    }
 }
 
 #[tokio::test]
@@ -1744,6 +1747,39 @@ async fn a_session_kept_in_memory_is_saved_once_the_store_has_no_record() {
     let saved = shared.load("k").await.unwrap().expect("saved");
     assert_eq!(saved.backend.as_str(), first);
     assert_eq!(send(&svc, session("k")).await.unwrap().body(), &first);
+}
+
+/// With a store whose records expire, the keys strict mode knows to be
+/// stored are forgotten once their records have had time to expire: no
+/// key of the past is refused for good, and the set does not grow for
+/// ever.
+#[tokio::test(start_paused = true)]
+async fn standalone_strict_forgets_the_keys_of_records_that_expired() {
+    let c = cluster();
+    let ttl = Duration::from_secs(100);
+    let store = FlakyLoads::new(MemoryStore::new().with_ttl(ttl));
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .strict(true)
+        .idle_timeout(Duration::from_secs(10));
+    let svc = stack(&c.pool, layer.clone());
+    layer.restore().await.unwrap();
+    store.down.store(false, Ordering::SeqCst);
+    send(&svc, session("old")).await.unwrap();
+    store.down.store(true, Ordering::SeqCst);
+    let refused = |res: Result<Response<String>, BoxError>| {
+        res.unwrap_err()
+            .downcast_ref::<SessionUnavailable>()
+            .is_some_and(SessionUnavailable::is_unreadable)
+    };
+    // Out of the table, and its record may still be stored: refused.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert!(refused(send(&svc, session("old")).await));
+    // Left alone for twice the TTL, the record has expired: a new session.
+    tokio::time::advance(2 * ttl).await;
+    assert!(send(&svc, session("old")).await.is_ok());
+    assert_eq!(layer.stats().strict_refusals, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -117,8 +117,10 @@ pub enum Availability {
     /// session is kept in memory only, and saved once a response sets the
     /// cookie to that value. In [strict](StickyLayer::strict) mode the
     /// instance also remembers a 64-bit hash of the key of every record it
-    /// restored or saved (about 10 to 20 bytes per record), so that a new
-    /// key is not refused while the store cannot be read.
+    /// restored, saved or refreshed (about 20 to 40 bytes per record; with
+    /// a store whose records expire, until the record has had time to
+    /// expire: four of the store's refresh intervals), so that a new key is
+    /// not refused while the store cannot be read.
     Standalone,
     /// Several instances at once (the default): a request naming a session
     /// the table does not know loads it from the store before it is routed

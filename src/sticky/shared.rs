@@ -13,6 +13,7 @@ use http::header::SET_COOKIE;
 use http::{Request, Response};
 use parking_lot::Mutex;
 use tokio::sync::{watch, OnceCell};
+use tokio::time::Instant;
 
 use super::cookie::{self, CookieInsert, Learned, Parsed, SESSION_ID_LEN};
 use super::error::{RestorePanicked, RestoreTimedOut, SessionUnavailable};
@@ -210,25 +211,55 @@ pub(crate) struct Shared {
 
 /// The keys of the records the store holds, as a standalone instance (the
 /// one instance writing the store) knows them: those `restore` loaded and
-/// every session saved since, less those deleted. Kept as 64-bit hashes
-/// with random keys: a collision can only make a new key look stored.
+/// every session saved or refreshed since, less those deleted and, with a
+/// store whose records expire, those left alone for long enough to have
+/// expired. Kept as 64-bit hashes with random keys: a collision can only
+/// make a new key look stored.
 #[derive(Default)]
 struct Records {
     /// `restore` loaded the store: before, any key may have a record.
     restored: bool,
-    keys: HashSet<u64>,
+    /// When each was last written (saved, refreshed or loaded).
+    keys: HashMap<u64, Instant>,
     hasher: std::collections::hash_map::RandomState,
+    /// How long a record left alone may still be in the store: for a store
+    /// whose records expire, four of its refresh intervals (twice the TTL
+    /// of the stores of this crate); `None` when records stay.
+    horizon: Option<Duration>,
+    /// When the keys were last swept of those past the horizon.
+    swept: Option<Instant>,
 }
 
 impl Records {
+    fn new(refresh_interval: Option<Duration>) -> Self {
+        Records {
+            horizon: refresh_interval
+                .filter(|every| !every.is_zero())
+                .map(|every| every.saturating_mul(4)),
+            ..Records::default()
+        }
+    }
+
     fn hash(&self, key: &str) -> u64 {
         use std::hash::BuildHasher;
         self.hasher.hash_one(key.as_bytes())
     }
 
     fn insert(&mut self, key: &str) {
+        let now = Instant::now();
         let hash = self.hash(key);
-        self.keys.insert(hash);
+        self.keys.insert(hash, now);
+        // Once per horizon at most, so the sweep costs little per write.
+        if let Some(horizon) = self.horizon {
+            if self
+                .swept
+                .is_none_or(|at| now.saturating_duration_since(at) >= horizon)
+            {
+                self.keys
+                    .retain(|_, at| now.saturating_duration_since(*at) < horizon);
+                self.swept = Some(now);
+            }
+        }
     }
 
     fn remove(&mut self, key: &str) {
@@ -237,7 +268,12 @@ impl Records {
     }
 
     fn may_hold(&self, key: &str) -> bool {
-        !self.restored || self.keys.contains(&self.hash(key))
+        if !self.restored {
+            return true;
+        }
+        self.keys
+            .get(&self.hash(key))
+            .is_some_and(|at| self.horizon.is_none_or(|horizon| at.elapsed() < horizon))
     }
 }
 
@@ -327,6 +363,7 @@ pub(crate) enum Start {
 
 impl Shared {
     pub(crate) fn new(config: Config) -> Self {
+        let records = Records::new(config.store.as_ref().and_then(|s| s.refresh_interval()));
         Shared {
             // The layer's own cookie: every key is a random id it issued.
             table: Table::new(
@@ -344,7 +381,7 @@ impl Shared {
             config,
             loading: Mutex::new(HashMap::new()),
             unrestored: Mutex::new(HashSet::new()),
-            records: Mutex::new(Records::default()),
+            records: Mutex::new(records),
             writes: Writes::default(),
             counters: Counters::default(),
         }
@@ -514,6 +551,9 @@ impl Shared {
     #[inline]
     fn refresh(self: &Arc<Self>, found: &Lookup) {
         if let (true, Some(hit), Some(store)) = (found.refresh, &found.hit, &self.config.store) {
+            if self.tracks_records() {
+                self.records.lock().insert(&hit.key);
+            }
             drop(Writes::submit(
                 self,
                 store,
