@@ -1749,6 +1749,14 @@ async fn a_session_kept_in_memory_is_saved_once_the_store_has_no_record() {
     assert_eq!(send(&svc, session("k")).await.unwrap().body(), &first);
 }
 
+/// Whether a request was refused because its session's record could not
+/// be read.
+fn unreadable(res: Result<Response<String>, BoxError>) -> bool {
+    res.unwrap_err()
+        .downcast_ref::<SessionUnavailable>()
+        .is_some_and(SessionUnavailable::is_unreadable)
+}
+
 /// With a store whose records expire, the keys strict mode knows to be
 /// stored are forgotten once their records have had time to expire: no
 /// key of the past is refused for good, and the set does not grow for
@@ -1768,14 +1776,9 @@ async fn standalone_strict_forgets_the_keys_of_records_that_expired() {
     store.down.store(false, Ordering::SeqCst);
     send(&svc, session("old")).await.unwrap();
     store.down.store(true, Ordering::SeqCst);
-    let refused = |res: Result<Response<String>, BoxError>| {
-        res.unwrap_err()
-            .downcast_ref::<SessionUnavailable>()
-            .is_some_and(SessionUnavailable::is_unreadable)
-    };
     // Out of the table, and its record may still be stored: refused.
     tokio::time::advance(Duration::from_secs(11)).await;
-    assert!(refused(send(&svc, session("old")).await));
+    assert!(unreadable(send(&svc, session("old")).await));
     // Left alone for twice the TTL, the record has expired: a new session.
     tokio::time::advance(2 * ttl).await;
     assert!(send(&svc, session("old")).await.is_ok());
@@ -1795,11 +1798,6 @@ async fn standalone_strict_refuses_only_the_keys_that_may_have_a_record() {
         .strict(true)
         .idle_timeout(Duration::from_secs(60));
     let svc = stack(&c.pool, layer.clone());
-    let unreadable = |res: Result<Response<String>, BoxError>| {
-        let err = res.unwrap_err();
-        err.downcast_ref::<SessionUnavailable>()
-            .is_some_and(SessionUnavailable::is_unreadable)
-    };
     // Before restore() nothing tells a new key from a stored one.
     assert!(unreadable(send(&svc, session("new-0")).await));
     layer.restore().await.unwrap();
