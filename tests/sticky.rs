@@ -936,6 +936,14 @@ impl SlowStore {
         };
         (inner, slow)
     }
+
+    /// Returns once a load has read its answer and is held at the gate.
+    async fn until_held(&self) {
+        spin_until("the load waits", || {
+            self.waiting.load(Ordering::SeqCst) >= 1
+        })
+        .await;
+    }
 }
 
 impl SessionStore for SlowStore {
@@ -1039,10 +1047,7 @@ async fn a_session_removed_while_it_is_loaded_does_not_come_back() {
     let (_, svc) = instance(&c, SessionKey::header("x-session-id"), slow.clone());
     // A request reads the record, and its answer is held ...
     let pending = tokio::spawn(send_owned(svc.clone(), session("kernel-1")));
-    spin_until("the load waits", || {
-        slow.waiting.load(Ordering::SeqCst) >= 1
-    })
-    .await;
+    slow.until_held().await;
     // ... while the session is ended.
     assert!(!svc.remove("kernel-1").await.unwrap());
     assert!(shared.load("kernel-1").await.unwrap().is_none());
@@ -1069,10 +1074,7 @@ async fn a_forget_reaches_a_request_that_has_not_taken_its_load_yet() {
     // The first request drives the load, which has read the record; the
     // second waits on it.
     let first = tokio::spawn(send_owned(svc.clone(), session("kernel-1")));
-    spin_until("the load waits", || {
-        slow.waiting.load(Ordering::SeqCst) >= 1
-    })
-    .await;
+    slow.until_held().await;
     let mut second = Box::pin(send_owned(svc.clone(), session("kernel-1")));
     assert!(futures::poll!(second.as_mut()).is_pending());
     // The first takes the answer; then a notice (a move elsewhere) makes
@@ -1142,10 +1144,7 @@ async fn a_load_outlives_the_request_that_started_it() {
     let mut first = Box::pin(send_owned(svc.clone(), session("kernel-1")));
     let mut second = Box::pin(send_owned(svc.clone(), session("kernel-1")));
     assert!(futures::poll!(first.as_mut()).is_pending());
-    spin_until("the load waits", || {
-        slow.waiting.load(Ordering::SeqCst) >= 1
-    })
-    .await;
+    slow.until_held().await;
     assert!(futures::poll!(second.as_mut()).is_pending());
     drop(first);
     assert!(futures::poll!(second.as_mut()).is_pending());

@@ -84,38 +84,27 @@ mod ttl {
     #[tokio::test(start_paused = true)]
     async fn saves_sweep_expired_records_out_at_most_every_half_ttl() {
         let store = MemoryStore::new().with_ttl(TTL);
+        let save = |key: String| {
+            let store = store.clone();
+            async move { store.save(&Session::new(key, "a".into())).await.unwrap() }
+        };
         for i in 0..100 {
-            store
-                .save(&Session::new(format!("old-{i}"), "a".into()))
-                .await
-                .unwrap();
+            save(format!("old-{i}")).await;
         }
         assert_eq!(store.len(), 100);
         advance(TTL + Duration::from_secs(1)).await;
-        store
-            .save(&Session::new("new-1", "a".into()))
-            .await
-            .unwrap();
+        save("new-1".into()).await;
         assert_eq!(store.len(), 1, "the expired records are gone");
 
         // Swept now; the next sweep is half a TTL away.
         advance(Duration::from_secs(40)).await;
-        store
-            .save(&Session::new("new-2", "a".into()))
-            .await
-            .unwrap();
+        save("new-2".into()).await;
         advance(Duration::from_secs(25)).await; // "new-1" expired 5 s ago
-        store
-            .save(&Session::new("new-3", "a".into()))
-            .await
-            .unwrap();
+        save("new-3".into()).await;
         assert!(store.load("new-1").await.unwrap().is_none());
         assert_eq!(store.len(), 3, "not swept again within half a TTL");
         advance(Duration::from_secs(6)).await;
-        store
-            .save(&Session::new("new-4", "a".into()))
-            .await
-            .unwrap();
+        save("new-4".into()).await;
         assert_eq!(store.len(), 3, "swept: new-2, new-3 and new-4");
         assert_eq!(
             keys(store.load_all().await.unwrap().sessions),
