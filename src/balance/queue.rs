@@ -11,7 +11,7 @@
 //! queue's lock, and then wake the others to pick again (a change may also
 //! put the pool in panic, which lets them use other backends).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
@@ -42,20 +42,23 @@ struct Queue {
     waiters: VecDeque<Arc<Waiter>>,
     /// The arrival number of the next request to join.
     next: u64,
-    /// The pool's backends, as of its last change: where a change that
-    /// opens up places hands them over. Weak, as each state links to its
-    /// room.
-    members: Vec<(BackendId, Weak<BackendState>)>,
-    /// The addresses of those backends' states: a place on a backend the
-    /// pool no longer holds is not handed over (the backend may come back
-    /// with the same state, see `Pool::keep_removed_for`).
-    member_states: HashSet<usize>,
+    /// The pool's backends, as of its last change, by the address of their
+    /// state: where a change that opens up places hands them over. A place
+    /// on a backend the pool no longer holds is not handed over (the
+    /// backend may come back with the same state, see
+    /// `Pool::keep_removed_for`). Weak, as each state links to its room.
+    members: HashMap<usize, (BackendId, Weak<BackendState>)>,
+}
+
+/// The key of `state` in `Queue::members`.
+fn address(state: &BackendState) -> usize {
+    state as *const BackendState as usize
 }
 
 impl Queue {
     /// Whether `state` is the state of one of the pool's backends.
     fn holds(&self, state: &Arc<BackendState>) -> bool {
-        self.member_states.contains(&(Arc::as_ptr(state) as usize))
+        self.members.contains_key(&address(state))
     }
 }
 
@@ -244,30 +247,21 @@ impl Room {
     pub(crate) fn set_members(&self, members: &Members) {
         let mut queue = self.queue.lock();
         queue.members.clear();
-        queue.members.extend(
-            members
-                .iter()
-                .map(|m| (m.id().clone(), Arc::downgrade(m.state()))),
-        );
-        queue.member_states.clear();
-        queue
-            .member_states
-            .extend(members.iter().map(|m| Arc::as_ptr(m.state()) as usize));
+        queue.members.extend(members.iter().map(|m| {
+            let entry = (m.id().clone(), Arc::downgrade(m.state()));
+            (address(m.state()), entry)
+        }));
     }
 
     /// Forgets the backends `members` no longer lists (the first half of
     /// a change of membership; [`set_members`](Room::set_members) notes
     /// the new ones once the balancers know them).
     pub(crate) fn keep_members(&self, members: &Members) {
-        let states: HashSet<usize> = members
-            .iter()
-            .map(|m| Arc::as_ptr(m.state()) as usize)
-            .collect();
-        let mut queue = self.queue.lock();
-        queue
-            .members
-            .retain(|(_, state)| states.contains(&(state.as_ptr() as usize)));
-        queue.member_states.retain(|state| states.contains(state));
+        self.queue.lock().members.retain(|&at, (id, _)| {
+            members
+                .index_of(id)
+                .is_some_and(|i| address(members[i].state()) == at)
+        });
     }
 
     /// After a change that may have opened up places in a way no request's
@@ -284,14 +278,17 @@ impl Room {
         {
             let mut queue = self.queue.lock();
             let members = std::mem::take(&mut queue.members);
-            let changed = members
-                .iter()
-                .filter(|(_, s)| changed.is_none_or(|c| std::ptr::eq(s.as_ptr(), c)));
-            for (id, state) in changed {
-                let Some(state) = state.upgrade() else {
-                    continue;
-                };
-                self.hand_out(&mut queue, &state, |w| w.may_use(id, &state), &mut wakers);
+            let mut hand_out = |(id, state): &(BackendId, Weak<BackendState>)| {
+                if let Some(state) = state.upgrade() {
+                    self.hand_out(&mut queue, &state, |w| w.may_use(id, &state), &mut wakers);
+                }
+            };
+            match changed {
+                Some(state) => members
+                    .get(&address(state))
+                    .into_iter()
+                    .for_each(&mut hand_out),
+                None => members.values().for_each(&mut hand_out),
             }
             queue.members = members;
             wakers.extend(queue.waiters.iter().filter_map(|waiter| {
