@@ -277,7 +277,7 @@ impl LastChanges {
         if self.next_sweep.is_none_or(|at| now >= at) {
             self.map.retain(|_, e| {
                 e.removed
-                    .is_none_or(|at| now.saturating_duration_since(at) < REMOVED_FOR)
+                    .is_none_or(|at| !crate::time::elapsed(at, now, REMOVED_FOR))
             });
             self.next_sweep = Some(crate::time::later(now, REMOVED_FOR / 2));
         }

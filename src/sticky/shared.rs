@@ -30,6 +30,7 @@ use crate::key::RequestHead;
 use crate::pool::Pool;
 use crate::store::{Session, SessionGuard, SessionLock, SessionStore, StoreError};
 use crate::task::AbortOnDrop;
+use crate::time::elapsed;
 
 const TARGET: &str = "tower_ha::sticky";
 
@@ -251,12 +252,8 @@ impl Records {
         self.keys.insert(hash, now);
         // Once per horizon at most, so the sweep costs little per write.
         if let Some(horizon) = self.horizon {
-            if self
-                .swept
-                .is_none_or(|at| now.saturating_duration_since(at) >= horizon)
-            {
-                self.keys
-                    .retain(|_, at| now.saturating_duration_since(*at) < horizon);
+            if self.swept.is_none_or(|at| elapsed(at, now, horizon)) {
+                self.keys.retain(|_, &mut at| !elapsed(at, now, horizon));
                 self.swept = Some(now);
             }
         }
@@ -271,9 +268,11 @@ impl Records {
         if !self.restored {
             return true;
         }
-        self.keys
-            .get(&self.hash(key))
-            .is_some_and(|at| self.horizon.is_none_or(|horizon| at.elapsed() < horizon))
+        let now = Instant::now();
+        self.keys.get(&self.hash(key)).is_some_and(|&at| {
+            self.horizon
+                .is_none_or(|horizon| !elapsed(at, now, horizon))
+        })
     }
 }
 
