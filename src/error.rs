@@ -240,6 +240,17 @@ impl InvalidRequest {
     pub fn reason(&self) -> &str {
         &self.reason
     }
+
+    /// A client that stopped sending its request's body: `stalled` says
+    /// for how long. Its I/O error of kind `TimedOut` is what
+    /// [`gateway_status`] answers with `408 Request Timeout`.
+    pub(crate) fn client_too_slow(stalled: String) -> Self {
+        let stalled = std::io::Error::new(std::io::ErrorKind::TimedOut, stalled);
+        InvalidRequest::with_source(
+            "the client was too slow sending the request's body",
+            stalled,
+        )
+    }
 }
 
 /// Whether `err` says its request never reached the backend: a [`NotSent`]

@@ -1,8 +1,10 @@
-//! Instant arithmetic that never panics on the durations users configure.
+//! Instant arithmetic that never panics on the durations users configure,
+//! and the timers set from it.
 
+use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// Far enough to mean "never" for anything a balancer schedules, and near
 /// enough to be added to any `Instant` the runtime hands out.
@@ -28,6 +30,20 @@ pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+/// Arms the timer to fire at `until` (none: no timer), reusing its
+/// allocation.
+pub(crate) fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, until: Option<Instant>) {
+    match (timer.as_mut(), until) {
+        (Some(timer), Some(until)) => {
+            if timer.deadline() != until {
+                timer.as_mut().reset(until);
+            }
+        }
+        (None, Some(until)) => *timer = Some(Box::pin(tokio::time::sleep_until(until))),
+        (_, None) => *timer = None,
     }
 }
 

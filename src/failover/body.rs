@@ -33,6 +33,7 @@ use tower_service::Service;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::{BoxError, InvalidRequest};
+use crate::time::{later, set_timer};
 
 /// The default limit of [`BufferBodyLayer`]: 64 KiB.
 pub const DEFAULT_BUFFER_LIMIT: usize = 64 * 1024;
@@ -367,27 +368,14 @@ where
                 let Some(timeout) = self.timeout else {
                     return Poll::Pending;
                 };
-                let timer = match &mut self.timer {
-                    Some(timer) => {
-                        if std::mem::take(&mut self.moved) {
-                            timer.as_mut().reset(Instant::now() + timeout);
-                        }
-                        timer
-                    }
-                    None => {
-                        self.moved = false;
-                        self.timer.insert(Box::pin(tokio::time::sleep(timeout)))
-                    }
-                };
+                if std::mem::take(&mut self.moved) || self.timer.is_none() {
+                    set_timer(&mut self.timer, Some(later(Instant::now(), timeout)));
+                }
+                let timer = self.timer.as_mut().expect("armed above");
                 ready!(timer.as_mut().poll(cx));
-                let stalled = std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no more of the request's body for {timeout:?}"),
-                );
-                Poll::Ready(Err(InvalidRequest::with_source(
-                    "the client was too slow sending the request's body",
-                    stalled,
-                )
+                Poll::Ready(Err(InvalidRequest::client_too_slow(format!(
+                    "no more of the request's body for {timeout:?}"
+                ))
                 .into()))
             }
         }
@@ -1007,6 +995,21 @@ mod tests {
         drop(tx);
         assert_eq!(call.await.unwrap().unwrap(), "slow body");
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A timeout too long to add to a clock reading is no limit in
+    /// practice, not a panic, however often the body stalls.
+    #[tokio::test(start_paused = true)]
+    async fn the_longest_read_timeout_is_rearmed_without_overflow() {
+        let layer = BufferBodyLayer::new().read_timeout(Some(Duration::MAX));
+        let (tx, _, call) = upload(layer);
+        for _ in 0..2 {
+            tx.send(Ok(Bytes::from_static(b"part"))).unwrap();
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            assert!(!call.is_finished());
+        }
+        drop(tx);
+        assert_eq!(call.await.unwrap().unwrap(), "partpart");
     }
 
     #[tokio::test(start_paused = true)]

@@ -22,7 +22,7 @@ use crate::control::{emit, Event};
 use crate::error::{BackendError, BoxError, Chain, NoBackend};
 use crate::extensions::Picked;
 use crate::extensions::{Attempts, ServedBy};
-use crate::time::{earliest, later};
+use crate::time::{earliest, later, set_timer};
 
 pin_project! {
     /// The response future of [`Failover`](super::Failover): runs the
@@ -349,20 +349,6 @@ fn fired(
     match deadline {
         Some(deadline) if timer.deadline() >= deadline => Fired::Deadline,
         _ => Fired::Timer,
-    }
-}
-
-/// Arms the timer to fire at `until` (none: no timer), reusing its
-/// allocation.
-fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, until: Option<Instant>) {
-    match (timer.as_mut(), until) {
-        (Some(timer), Some(until)) => {
-            if timer.deadline() != until {
-                timer.as_mut().reset(until);
-            }
-        }
-        (None, Some(until)) => *timer = Some(Box::pin(tokio::time::sleep_until(until))),
-        (_, None) => *timer = None,
     }
 }
 

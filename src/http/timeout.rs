@@ -241,11 +241,9 @@ where
                         let moved = frames != *this.frames;
                         *this.frames = frames;
                         if !moved && *this.client_paced && sent.starved.load(Ordering::Relaxed) {
-                            let e = timed_out("the request's body sent nothing more", timeout);
-                            let e = InvalidRequest::with_source(
-                                "the client was too slow sending the request's body",
-                                e,
-                            );
+                            let e = InvalidRequest::client_too_slow(format!(
+                                "the request's body sent nothing more for the read timeout ({timeout:?})"
+                            ));
                             return Poll::Ready(Err(Failed::TimedOut(e.into())));
                         }
                         moved.then(Instant::now)
