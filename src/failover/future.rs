@@ -120,7 +120,7 @@ where
         // Copied before the slot goes into the request: the template gets
         // it at the first retry, so a request that succeeds clones no
         // extension for it.
-        let picked = (config.per_try_timeout.is_some() || config.deadline.is_some()).then(|| {
+        let picked = config.timed().then(|| {
             let picked = Picked::new();
             parts.extensions.insert(picked.clone());
             picked
@@ -495,9 +495,8 @@ where
         // of any the request came with (a layer above, or the caller's):
         // the timers read it. Without, a slot the request came with is
         // left to whoever put it there.
-        let timed = self.config.per_try_timeout.is_some() || self.config.deadline.is_some();
-        let slot = self.picked.get_or_insert_with(Picked::new);
-        if timed || template.parts.extensions.get::<Picked>().is_none() {
+        if self.config.timed() || template.parts.extensions.get::<Picked>().is_none() {
+            let slot = self.picked.get_or_insert_with(Picked::new);
             template.parts.extensions.insert(slot.clone());
         }
         let Some(request) = template.copy() else {
@@ -506,8 +505,10 @@ where
         // Whatever the slot still holds belongs to an earlier attempt (an
         // inner service that picks after `call` returns, behind a buffer,
         // fills it late): only this attempt's pick may be read from it.
-        slot.take();
-        slot.set_readying(false);
+        if let Some(slot) = &self.picked {
+            slot.take();
+            slot.set_readying(false);
+        }
         let future = self.service.call(request);
         self.tried += 1;
         self.current = self.picked.as_ref().and_then(Picked::take);

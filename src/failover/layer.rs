@@ -46,6 +46,14 @@ impl Config<DefaultClassifier> {
     }
 }
 
+impl<C> Config<C> {
+    /// Whether attempts are timed (a per-try timeout or a deadline): the
+    /// timers need to know which backend an attempt reached.
+    pub(crate) fn timed(&self) -> bool {
+        self.per_try_timeout.is_some() || self.deadline.is_some()
+    }
+}
+
 impl<C: fmt::Debug> fmt::Debug for Config<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let max_attempts: &dyn fmt::Debug = if self.max_attempts == usize::MAX {
