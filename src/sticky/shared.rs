@@ -773,8 +773,9 @@ impl Shared {
                 .get_or_init(|| shared.read_once(&store, &key, &cell, restore))
                 .await
                 .clone();
-            let stale = !shared.remember_unless_stale(&stored, &cell);
-            let stored = if stale {
+            // The read remembered what it found unless the session was
+            // forgotten meanwhile.
+            let stored = if cell.stale.load(std::sync::atomic::Ordering::Acquire) {
                 // Moved on another replica while it was read: route by the
                 // record as it is now (restored there already).
                 shared.read(&store, &key, None).await
@@ -790,8 +791,9 @@ impl Shared {
     /// gives up on the load (its client gone) does not stop the read while
     /// another request waits for it, and that request waits for the same
     /// task instead of reading the store again. Once no request waits, the
-    /// read is stopped (see `Registered`). Outside a tokio runtime there is
-    /// no task to hand it to: the request reads the store itself.
+    /// read is stopped (see `Registered`). What it finds is remembered
+    /// unless the session was forgotten meanwhile. Outside a tokio runtime
+    /// there is no task to hand it to: the request reads the store itself.
     async fn read_once(
         self: &Arc<Self>,
         store: &Arc<dyn SessionStore>,
@@ -800,7 +802,9 @@ impl Shared {
         restore: bool,
     ) -> Stored {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return self.read(store, key, restore.then_some(cell)).await;
+            let stored = self.read(store, key, restore.then_some(cell)).await;
+            self.remember_unless_stale(&stored, cell);
+            return stored;
         };
         let mut reading = cell
             .reading
@@ -836,16 +840,14 @@ impl Shared {
     }
 
     /// Remembers a session loaded by `cell`'s load unless it was forgotten
-    /// meanwhile; returns whether it was not.
-    fn remember_unless_stale(&self, stored: &Stored, cell: &Cell) -> bool {
+    /// meanwhile.
+    fn remember_unless_stale(&self, stored: &Stored, cell: &Cell) {
         // Under the lock `forget` takes to mark loads stale, so a session
         // forgotten after this check is removed after it is remembered.
         let _loading = self.loading.lock();
-        let stale = cell.stale.load(std::sync::atomic::Ordering::Acquire);
-        if !stale {
+        if !cell.stale.load(std::sync::atomic::Ordering::Acquire) {
             self.remember(stored);
         }
-        !stale
     }
 
     /// Reads `key` from the store (and, for `restore`'s load, restores it
