@@ -756,21 +756,8 @@ async fn answer_raw(stream: &mut TcpStream, n: usize) -> bool {
 
 #[tokio::test]
 async fn a_backends_http_1_0_answer_goes_back_as_http_1_1() {
-    let (addr, _) = accept_counting(|mut stream, _| async move {
-        let mut buf = [0u8; 1024];
-        let mut head = Vec::new();
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(read) => head.extend_from_slice(&buf[..read]),
-            }
-        }
-        // As Python's `http.server` answers.
-        let _ = stream
-            .write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
-            .await;
-    })
-    .await;
+    // As Python's `http.server` answers.
+    let addr = serve_once("HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
     let client = HttpClient::<Full<Bytes>>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
     let resp = backend
