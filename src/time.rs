@@ -25,6 +25,17 @@ pub(crate) fn elapsed(since: Instant, now: Instant, span: Duration) -> bool {
     now.saturating_duration_since(since) >= span
 }
 
+/// Claims a periodic job (a sweep of expired entries) if it is due `now`
+/// (`next` is when it is due; `None`: at once); the next one is then due
+/// `every` later. Whether it was due.
+pub(crate) fn claim_due(next: &mut Option<Instant>, every: Duration, now: Instant) -> bool {
+    if next.is_some_and(|at| now < at) {
+        return false;
+    }
+    *next = Some(later(now, every));
+    true
+}
+
 /// The earlier of two optional instants; either when the other is `None`.
 pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {

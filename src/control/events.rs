@@ -274,12 +274,11 @@ impl LastChanges {
         };
         self.map.insert(backend.clone(), entry);
         let now = record.at;
-        if self.next_sweep.is_none_or(|at| now >= at) {
+        if crate::time::claim_due(&mut self.next_sweep, REMOVED_FOR / 2, now) {
             self.map.retain(|_, e| {
                 e.removed
                     .is_none_or(|at| !crate::time::elapsed(at, now, REMOVED_FOR))
             });
-            self.next_sweep = Some(crate::time::later(now, REMOVED_FOR / 2));
         }
     }
 }

@@ -30,7 +30,7 @@ use crate::key::RequestHead;
 use crate::pool::Pool;
 use crate::store::{Session, SessionGuard, SessionLock, SessionStore, StoreError};
 use crate::task::AbortOnDrop;
-use crate::time::elapsed;
+use crate::time::{claim_due, elapsed};
 
 const TARGET: &str = "tower_ha::sticky";
 
@@ -227,8 +227,8 @@ struct Records {
     /// whose records expire, four of its refresh intervals (twice the TTL
     /// of the stores of this crate); `None` when records stay.
     horizon: Option<Duration>,
-    /// When the keys were last swept of those past the horizon.
-    swept: Option<Instant>,
+    /// When the keys are next swept of those past the horizon.
+    next_sweep: Option<Instant>,
 }
 
 impl Records {
@@ -252,9 +252,8 @@ impl Records {
         self.keys.insert(hash, now);
         // Once per horizon at most, so the sweep costs little per write.
         if let Some(horizon) = self.horizon {
-            if self.swept.is_none_or(|at| elapsed(at, now, horizon)) {
+            if claim_due(&mut self.next_sweep, horizon, now) {
                 self.keys.retain(|_, &mut at| !elapsed(at, now, horizon));
-                self.swept = Some(now);
             }
         }
     }

@@ -13,7 +13,8 @@ use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::{claim_due, clamp_ttl, Loaded, Session, SessionStore, StoreError, StoreFuture};
+use super::{clamp_ttl, Loaded, Session, SessionStore, StoreError, StoreFuture};
+use crate::time::claim_due;
 
 /// The suffix of every session file.
 const RECORD_SUFFIX: &str = ".json";
@@ -222,7 +223,7 @@ impl FileStore {
     /// TTL.
     fn prune_if_due(&self) {
         let Some(ttl) = self.ttl else { return };
-        if !claim_due(&self.next_prune, ttl / 2, Instant::now()) {
+        if !claim_due(&mut self.next_prune.lock(), ttl / 2, Instant::now()) {
             return;
         }
         let dir = self.dir.clone();

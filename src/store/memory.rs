@@ -6,7 +6,8 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 
-use super::{claim_due, clamp_ttl, Loaded, Session, SessionStore, StoreFuture};
+use super::{clamp_ttl, Loaded, Session, SessionStore, StoreFuture};
+use crate::time::claim_due;
 
 /// Sessions in this process's memory, shared by every clone.
 ///
@@ -133,7 +134,7 @@ impl SessionStore for MemoryStore {
         let now = Instant::now();
         let mut sessions = self.inner.sessions.write();
         if let Some(ttl) = self.ttl {
-            if claim_due(&self.inner.next_sweep, ttl / 2, now) {
+            if claim_due(&mut self.inner.next_sweep.lock(), ttl / 2, now) {
                 sessions.retain(|_, record| record.is_live(now));
             }
         }

@@ -66,21 +66,6 @@ fn clamp_ttl(ttl: Duration) -> Duration {
     )
 }
 
-/// Claims a periodic job (a sweep of expired records) if it is due `now`;
-/// the next one is then due `every` later. Whether it was due.
-fn claim_due(
-    next: &parking_lot::Mutex<Option<tokio::time::Instant>>,
-    every: Duration,
-    now: tokio::time::Instant,
-) -> bool {
-    let mut next = next.lock();
-    if next.is_some_and(|at| now < at) {
-        return false;
-    }
-    *next = Some(now + every);
-    true
-}
-
 /// The future every [`SessionStore`] method returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
