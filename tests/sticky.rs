@@ -25,7 +25,7 @@ use tower_ha::store::{
 };
 use tower_ha::{AdminStatus, BackendError, BackendId, BoxError, HealthStatus, Pool};
 
-use support::wait::spin_until;
+use support::wait::{bounded_real, spin_until};
 
 const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -1264,9 +1264,8 @@ async fn a_restore_hook_that_panics_fails_its_session_alone() {
                 Ok::<(), BoxError>(())
             }
         });
-    let report = tokio::time::timeout(Duration::from_secs(60), layer.restore())
+    let report = bounded_real("the restore ends", layer.restore())
         .await
-        .expect("the restore ends")
         .unwrap();
     assert_eq!(report.restored, ["k1"]);
     let mut failed: Vec<_> = report.failed.iter().map(|f| f.key.as_str()).collect();
@@ -2140,21 +2139,16 @@ async fn a_store_with_a_ttl_keeps_the_records_of_sessions_in_use_only() {
     let ttl = Duration::from_secs(60);
     let store = MemoryStore::new().with_ttl(ttl);
     let (_, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
-    let settle = || async {
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-    };
     for key in ["busy", "gone"] {
         send(&svc, session(key)).await.unwrap();
     }
-    settle().await;
+    support::health_mock::settle().await;
     assert_eq!(store.len(), 2);
     // "busy" is used every 20 s for ten minutes; "gone" never again.
     for _ in 0..30 {
         tokio::time::advance(Duration::from_secs(20)).await;
         send(&svc, session("busy")).await.unwrap();
-        settle().await;
+        support::health_mock::settle().await;
     }
     let busy = store
         .load("busy")
@@ -2523,9 +2517,8 @@ async fn a_hydrating_hook_that_panics_releases_its_lock() {
             Ok::<(), BoxError>(())
         });
     let svc = stack(&c.pool, layer.clone());
-    let res = tokio::time::timeout(Duration::from_secs(60), send(&svc, session("k1")))
+    let res = bounded_real("the restore ends", send(&svc, session("k1")))
         .await
-        .expect("the restore ends")
         .unwrap();
     assert_eq!(res.body(), "b", "routed to its stored backend");
     // Released at once rather than left for the lock to expire, while
@@ -2580,9 +2573,8 @@ async fn a_store_that_panics_under_a_restore_lock_releases_it() {
         .hydrate(lock.clone())
         .on_restore(|_: Session| std::future::ready(Ok::<(), BoxError>(())));
     let svc = stack(&c.pool, layer.clone());
-    let res = tokio::time::timeout(Duration::from_secs(60), send(&svc, session("k1")))
+    let res = bounded_real("the restore ends", send(&svc, session("k1")))
         .await
-        .expect("the restore ends")
         .unwrap();
     assert_eq!(res.body(), "b", "routed by the record first read");
     spin_until("the lock is released", || {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::json;
+use support::wait::bounded_real;
 use tower_ha::store::{FileStore, Loaded, Session, SessionStore};
 
 fn session(key: &str, backend: &str) -> Session {
@@ -193,9 +194,8 @@ async fn only_regular_files_of_a_sane_size_are_read() {
     huge.data = serde_json::Value::String("x".repeat(65 * 1024 * 1024));
     std::fs::write(record("huge"), serde_json::to_vec(&huge).unwrap()).unwrap();
 
-    let loaded = tokio::time::timeout(std::time::Duration::from_secs(60), store.load_all())
+    let loaded = bounded_real("nothing blocks the load", store.load_all())
         .await
-        .expect("nothing blocks the load")
         .unwrap();
     let keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.as_str()).collect();
     assert_eq!(keys, ["good"]);
@@ -206,9 +206,8 @@ async fn only_regular_files_of_a_sane_size_are_read() {
     expected.sort();
     assert_eq!(skipped, expected);
     for key in ["fifo", "huge", "link", "zero"] {
-        let error = tokio::time::timeout(std::time::Duration::from_secs(60), store.load(key))
+        let error = bounded_real("nothing blocks the load", store.load(key))
             .await
-            .expect("nothing blocks the load")
             .unwrap_err();
         assert!(error.is_corrupt(), "{key}: {error:?}");
         assert!(
@@ -473,7 +472,7 @@ mod ttl {
 
     use tower_ha::store::{FileStore, SessionStore};
 
-    use super::{names, session};
+    use super::{bounded_real, names, session};
 
     const TTL: Duration = Duration::from_secs(3600);
 
@@ -588,12 +587,7 @@ mod ttl {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        if tokio::time::timeout(Duration::from_secs(10), pruned)
-            .await
-            .is_err()
-        {
-            panic!("not pruned: {:?}", names(dir));
-        }
+        bounded_real("the prune", pruned).await;
         assert_eq!(names(dir), [FileStore::file_name("new")]);
     }
 }
