@@ -459,7 +459,7 @@ impl RedisStoreBuilder {
     /// sessions nobody uses expire. Default: sessions never expire; delete them.
     /// At least 1 ms; longer than about a century counts as a century.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl);
+        self.ttl = Some(super::clamp_ttl(ttl));
         self
     }
 
@@ -767,7 +767,8 @@ fn server_error(e: &RedisError) -> (String, String) {
 /// An expiry in whole milliseconds: at least 1, at most about a century
 /// (Redis refuses one past its 64-bit clock; longer is forever).
 fn millis(d: Duration) -> u64 {
-    u64::try_from(super::clamp_ttl(d).as_millis()).unwrap_or(u64::MAX)
+    // At most a century: a few trillion milliseconds.
+    super::clamp_ttl(d).as_millis() as u64
 }
 
 /// 128 random bits as hex.
