@@ -21,7 +21,7 @@ use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport,
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
 use super::stats::{bump, Counters, StickyStats};
 use super::table::{Dropped, Hit, Kept, Lookup, Table, Unread};
-use super::writes::{landed, Owner, Write, Writes};
+use super::writes::{landed, Done, Owner, Write, Writes};
 use super::Availability;
 use crate::backend::BackendId;
 use crate::error::{find, BackendError, BoxError, InvalidRequest, NoBackend};
@@ -1088,7 +1088,9 @@ impl Shared {
                         // session that left the table meanwhile (ended, or
                         // forgotten on another replica's notice) is not
                         // written back.
-                        work.save.extend(self.table.session(&key));
+                        self.decide(&mut work, || {
+                            ((), self.table.session(&key).map(Write::Save))
+                        });
                     }
                     self.reissue(response, &key, cookie.get(&backend), served);
                 } else if self.config.strict {
@@ -1100,7 +1102,13 @@ impl Shared {
                 } else {
                     let reason = self.reason(&backend, failed);
                     let tag = self.tag(&key, served);
-                    if let Some(moved) = self.table.move_if(&key, &backend, served, tag) {
+                    let moved = self.decide(&mut work, || {
+                        let moved = self.table.move_if(&key, &backend, served, tag);
+                        let save = moved.as_ref().filter(|m| m.saved);
+                        let write = save.map(|m| Write::Save(m.session.clone()));
+                        (moved, write)
+                    });
+                    if let Some(moved) = moved {
                         bump(&self.counters.moved, 1);
                         tracing::info!(
                             target: TARGET,
@@ -1118,9 +1126,6 @@ impl Shared {
                                 reason: reason.as_str().into(),
                             }
                         });
-                        if moved.saved {
-                            work.save.push(moved.session.clone());
-                        }
                         work.moved = Some(SessionMoved {
                             session: moved.session,
                             from: moved.from,
@@ -1196,7 +1201,9 @@ impl Shared {
                             self.create(&mut work, k, served.clone());
                         } else if unconfirmed {
                             // The application confirmed the value: save it.
-                            work.save.extend(self.table.mark_saved(k));
+                            self.decide(&mut work, || {
+                                ((), self.table.mark_saved(k).map(Write::Save))
+                            });
                         }
                     }
                 }
@@ -1209,11 +1216,12 @@ impl Shared {
                     // not confirmed), may belong to a session this backend
                     // simply does not know.
                     if let Some(k) = current {
-                        self.table.remove(&k);
+                        self.decide(&mut work, || {
+                            self.table.remove(&k);
+                            ((), owned.then(|| Write::Delete(k.to_string())))
+                        });
                         if owned {
                             tracing::debug!(target: TARGET, session = %k, "session ended by the application");
-                            work.save.retain(|s| *s.key != *k);
-                            work.delete.push(k.to_string());
                         } else {
                             tracing::debug!(
                                 target: TARGET,
@@ -1269,28 +1277,38 @@ impl Shared {
     /// Starts a session a request named (`Track::New`) on the backend that
     /// served it, unless a concurrent request started it first; returns the
     /// session's backend. Saved when `kept` says so.
-    fn start_new(&self, work: &mut Work, key: &str, served: &BackendId, kept: Kept) -> BackendId {
+    fn start_new(
+        self: &Arc<Self>,
+        work: &mut Work,
+        key: &str,
+        served: &BackendId,
+        kept: Kept,
+    ) -> BackendId {
         let session = Session::new(key, served.clone());
         let to_save = (kept == Kept::Saved).then(|| session.clone());
-        let (hit, dropped, inserted) =
-            self.table
-                .insert_if_absent(session, self.tag(key, served), kept);
+        let tag = self.tag(key, served);
+        let (hit, dropped, inserted) = self.decide(work, || {
+            let made = self.table.insert_if_absent(session, tag, kept);
+            let write = to_save.filter(|_| made.2).map(Write::Save);
+            (made, write)
+        });
         self.count_dropped(dropped);
         if inserted {
             bump(&self.counters.created, 1);
-            work.save.extend(to_save);
         }
         hit.backend
     }
 
     /// Starts (or replaces) the session `key` on `backend`, and saves it.
-    fn create(&self, work: &mut Work, key: &str, backend: BackendId) {
+    fn create(self: &Arc<Self>, work: &mut Work, key: &str, backend: BackendId) {
         let tag = self.tag(key, &backend);
         let session = Session::new(key, backend);
-        let (_, dropped) = self.table.insert(session.clone(), tag);
+        let (_, dropped) = self.decide(work, || {
+            let write = Write::Save(session.clone());
+            (self.table.insert(session, tag), Some(write))
+        });
         self.count_dropped(dropped);
         bump(&self.counters.created, 1);
-        work.save.push(session);
     }
 
     fn reissue<RB>(
@@ -1330,32 +1348,43 @@ impl Shared {
         }
     }
 
+    /// Makes a change of the table with `change` and queues the store
+    /// write it decides in the same step (see `Writes::decide`); the
+    /// response waits for it to land.
+    fn decide<R>(
+        self: &Arc<Self>,
+        work: &mut Work,
+        change: impl FnOnce() -> (R, Option<Write>),
+    ) -> R {
+        let Some(store) = &self.config.store else {
+            return change().0;
+        };
+        let (made, done) = Writes::decide(self, store, || {
+            let (made, write) = change();
+            if let (true, Some(write)) = (self.tracks_records(), &write) {
+                // Before the response is handed on, so that the next
+                // request for the key finds it.
+                let mut records = self.records.lock();
+                match write {
+                    Write::Save(session) => records.insert(&session.key),
+                    Write::Delete(key) => records.remove(key),
+                    Write::Refresh(_) => {}
+                }
+            }
+            (made, write)
+        });
+        work.writes.extend(done);
+        made
+    }
+
     fn finish(self: &Arc<Self>, work: Work) -> Option<BoxFuture<()>> {
-        if self.tracks_records() && !work.is_empty() {
-            // Before the response is handed on, so that the next request
-            // for these keys finds them.
-            let mut records = self.records.lock();
-            work.save.iter().for_each(|s| records.insert(&s.key));
-            work.delete.iter().for_each(|k| records.remove(k));
-        }
-        let has_hook = work.moved.is_some() && self.config.on_move.is_some();
-        if (self.config.store.is_none() || work.is_empty()) && !has_hook {
+        let hook = work.moved.as_ref().and(self.config.on_move.clone());
+        if work.writes.is_empty() && hook.is_none() {
             return None;
         }
-        // Queued now, in the order decided (see `Writes`); the response
-        // waits for them to land.
-        let mut writes = Vec::new();
-        if let Some(store) = &self.config.store {
-            let saves = work.save.into_iter().map(Write::Save);
-            let deletes = work.delete.into_iter().map(Write::Delete);
-            for write in saves.chain(deletes) {
-                writes.push(Writes::submit(self, store, write));
-            }
-        }
-        let hook = work.moved.as_ref().and(self.config.on_move.clone());
         Some(Box::pin(async move {
             // A failure was counted and logged where it happened.
-            for done in writes {
+            for done in work.writes {
                 let _ = done.await;
             }
             if let (Some(hook), Some(moved)) = (hook, work.moved) {
@@ -1436,18 +1465,23 @@ impl Shared {
     /// Ends a session: forgets it and deletes its stored record.
     pub(crate) async fn remove(self: &Arc<Self>, key: &str) -> Result<bool, StoreError> {
         // A load under way may have read the record: it is not remembered.
-        let known = self.forget(key);
-        if let Some(store) = &self.config.store {
-            landed(Writes::submit(self, store, Write::Delete(key.to_owned()))).await?;
-            {
-                // Nor is one that read it before the delete landed, nor a
-                // restore under way.
-                let mut unrestored = self.unrestored.lock();
-                unrestored.remove(key);
-                self.forget(key);
-            }
-            self.records.lock().remove(key);
+        let Some(store) = &self.config.store else {
+            return Ok(self.forget(key));
+        };
+        // Forgotten as the delete is queued, behind the writes of the
+        // changes made before.
+        let (known, done) = Writes::decide(self, store, || {
+            (self.forget(key), Some(Write::Delete(key.to_owned())))
+        });
+        landed(done.expect("a delete was decided")).await?;
+        {
+            // Nor is one that read it before the delete landed, nor a
+            // restore under way.
+            let mut unrestored = self.unrestored.lock();
+            unrestored.remove(key);
+            self.forget(key);
         }
+        self.records.lock().remove(key);
         Ok(known)
     }
 }
@@ -1546,17 +1580,12 @@ enum Found {
     Miss(Arc<str>, Option<BackendId>, Option<Unread>),
 }
 
+/// What a response leaves to do before it is handed on: the store writes
+/// its changes queued, in the order made, and the move to tell the hook of.
 #[derive(Default)]
 struct Work {
-    save: Vec<Session>,
-    delete: Vec<String>,
+    writes: Vec<Done>,
     moved: Option<SessionMoved>,
-}
-
-impl Work {
-    fn is_empty(&self) -> bool {
-        self.save.is_empty() && self.delete.is_empty()
-    }
 }
 
 /// A session lock a restore holds: released even when the restore unwinds
@@ -1677,8 +1706,7 @@ mod tests {
     }
 
     /// A session moved twice, whose first move's save is queued after the
-    /// second's (its request was preempted between the move and the save):
-    /// the store ends where the table says.
+    /// second's: the store ends where the table says.
     #[tokio::test]
     async fn a_save_queued_late_does_not_land_an_older_move() {
         let pool = Pool::<()>::new();
@@ -1686,19 +1714,56 @@ mod tests {
         let layer =
             StickyLayer::new(&pool, SessionKey::header("x-session-id")).store(store.clone());
         let shared = &layer.shared;
+        let to = shared.config.store.as_ref().unwrap();
         shared.table.insert(Session::new("s", "a".into()), None);
         let (a, b, c) = ("a".into(), "b".into(), "c".into());
         let first = shared.table.move_if("s", &a, &b, None).unwrap();
         let second = shared.table.move_if("s", &b, &c, None).unwrap();
-        let save = |session: Session| Work {
-            save: vec![session],
-            ..Work::default()
-        };
-        let second = shared.finish(save(second.session)).unwrap();
-        let first = shared.finish(save(first.session)).unwrap();
-        second.await;
-        first.await;
+        let second = Writes::submit(shared, to, Write::Save(second.session));
+        let first = Writes::submit(shared, to, Write::Save(first.session));
+        landed(second).await.unwrap();
+        landed(first).await.unwrap();
         let stored = store.load("s").await.unwrap().unwrap();
         assert_eq!(stored.backend.as_str(), "c");
+    }
+
+    /// A session ended by another thread just after a request moved it,
+    /// before the move's save is queued: the delete is queued behind the
+    /// save, and the record does not come back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_ended_as_it_moves_stays_ended() {
+        let pool = Pool::<()>::new();
+        let store = MemoryStore::new();
+        let layer =
+            StickyLayer::new(&pool, SessionKey::header("x-session-id")).store(store.clone());
+        let shared = layer.shared.clone();
+        store.save(&Session::new("s", "a".into())).await.unwrap();
+        shared.table.insert(Session::new("s", "a".into()), None);
+        let (go, started) = std::sync::mpsc::channel::<()>();
+        let remover = {
+            let (shared, runtime) = (shared.clone(), tokio::runtime::Handle::current());
+            std::thread::spawn(move || {
+                started.recv().unwrap();
+                runtime.block_on(shared.remove("s"))
+            })
+        };
+        let mut work = Work::default();
+        shared.decide(&mut work, || {
+            let moved = shared.table.move_if("s", &"a".into(), &"b".into(), None);
+            let save = Write::Save(moved.expect("moved").session);
+            // The other thread ends the session now, if it can.
+            go.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            ((), Some(save))
+        });
+        shared.finish(work).expect("a save to wait for").await;
+        let removed = tokio::task::spawn_blocking(|| remover.join().unwrap());
+        assert!(removed.await.unwrap().unwrap(), "it knew the session");
+        assert!(shared.table.session("s").is_none());
+        assert_eq!(
+            store.load("s").await.unwrap(),
+            None,
+            "the record stays deleted"
+        );
     }
 }

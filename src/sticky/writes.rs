@@ -10,11 +10,18 @@
 //! owner keeps it when its turn comes (a request may queue its save after
 //! a later change's); writes of different keys still run side by side.
 //! The task is not the request's: a request whose client goes away does
-//! not cancel what it had to write. A write that would repeat the one
-//! waiting last in its key's queue joins it instead (a save behind a
+//! not cancel what it had to write. A write that would repeat or undo the
+//! one waiting last in its key's queue joins it instead (a save behind a
 //! waiting save or refresh, a refresh behind either, a delete behind a
-//! delete), so a key's queue stays short however fast its writes come
-//! while the store is slow.
+//! delete; a delete behind a save or refresh takes its place), so a key's
+//! queue stays short however fast its writes come while the store is slow.
+//!
+//! The order of a key's queue is the order in which its changes were made,
+//! not the order in which the requests that made them got to queue their
+//! writes: a change and its write are queued in one step (see
+//! `Writes::decide`). Otherwise a request preempted between moving a
+//! session and queueing its save could queue it behind the delete of a
+//! request that ended the session meanwhile, and bring the record back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -68,15 +75,20 @@ struct Queued {
 
 impl Queued {
     /// Takes `later` (of the same key) into this one if it would only
-    /// repeat it once this one has landed: a save writes the session as the
-    /// owner keeps it at its turn, which a refresh or a second save would
-    /// write again. A later save's session replaces the one decided, for
-    /// when the owner keeps it no more. Gives `later` back otherwise.
+    /// repeat it once this one has landed, or undo it: a save writes the
+    /// session as the owner keeps it at its turn, which a refresh or a
+    /// second save would write again, and a delete after it would remove.
+    /// A later save's session replaces the one decided, for when the owner
+    /// keeps it no more; a later delete replaces the save. Gives `later`
+    /// back otherwise.
     fn join(&mut self, later: Queued) -> Option<Queued> {
         match (&self.write, &later.write) {
             (Write::Save(_) | Write::Refresh(_), Write::Refresh(_))
             | (Write::Delete(_), Write::Delete(_)) => {}
-            (Write::Save(_) | Write::Refresh(_), Write::Save(_)) => self.write = later.write,
+            // What a save would write, the delete after it removes.
+            (Write::Save(_) | Write::Refresh(_), Write::Save(_) | Write::Delete(_)) => {
+                self.write = later.write
+            }
             _ => return Some(later),
         }
         self.joined.push(later.done);
@@ -120,19 +132,41 @@ impl Writes {
         store: &Arc<dyn SessionStore>,
         write: Write,
     ) -> Done {
-        let (done, result) = oneshot::channel();
+        let ((), done) = Writes::decide(owner, store, || ((), Some(write)));
+        done.expect("a write was decided")
+    }
+
+    /// Makes a change with `change` and queues the write it decides, if
+    /// any, as [`submit`](Writes::submit) does, in one step: no other write
+    /// is queued in between, so the writes of a key are queued in the order
+    /// their changes were made.
+    pub(crate) fn decide<O: Owner, R>(
+        owner: &Arc<O>,
+        store: &Arc<dyn SessionStore>,
+        change: impl FnOnce() -> (R, Option<Write>),
+    ) -> (R, Option<Done>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            let _ = done.send(Err(StoreError::other(
-                "writing to the session store needs a tokio runtime",
-            )));
-            return result;
+            let (made, write) = change();
+            let done = write.map(|_| {
+                let (done, result) = oneshot::channel();
+                let _ = done.send(Err(StoreError::other(
+                    "writing to the session store needs a tokio runtime",
+                )));
+                result
+            });
+            return (made, done);
         };
+        let mut queues = owner.writes().queues.lock();
+        let (made, write) = change();
+        let Some(write) = write else {
+            return (made, None);
+        };
+        let (done, result) = oneshot::channel();
         let queued = Queued {
             write,
             done,
             joined: Vec::new(),
         };
-        let mut queues = owner.writes().queues.lock();
         match queues.get_mut(queued.write.key()) {
             // Its task will come to it.
             Some(queue) => match queue.back_mut() {
@@ -156,7 +190,7 @@ impl Writes {
                 runtime.spawn(worker.run(queued));
             }
         }
-        result
+        (made, Some(result))
     }
 }
 
@@ -310,8 +344,8 @@ mod tests {
         let (store, inner, permits) = gated();
         let log = Arc::new(Log::default());
         let a = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
-        let mut b = Writes::submit(&log, &store, Write::Save(Session::new("k", "b".into())));
         let gone = Writes::submit(&log, &store, Write::Delete("k".into()));
+        let mut b = Writes::submit(&log, &store, Write::Save(Session::new("k", "b".into())));
         let mut c = Writes::submit(&log, &store, Write::Save(Session::new("k", "c".into())));
         // Another key's write does not wait behind them: with k's first
         // save and it waiting for a permit, two permits let both land and
@@ -332,7 +366,7 @@ mod tests {
         assert!(c.try_recv().is_err());
         permits.add_permits(2);
         let mut results = vec![];
-        for done in [a, b, gone, c] {
+        for done in [a, gone, b, c] {
             results.push(done.await.unwrap());
         }
         assert!(results.iter().all(Result::is_ok));
@@ -380,14 +414,15 @@ mod tests {
         ];
         let queued = |log: &Log| log.writes.queues.lock().get("k").map(VecDeque::len);
         assert_eq!(queued(&log), Some(1), "one save waits, for all three");
-        // A delete does not repeat a save: it waits behind it, and the
-        // deletes after it join it.
+        // A delete undoes the waiting save: it takes its place, and the
+        // deletes after it join it. A save after a delete does not.
         waiting.push(Writes::submit(&log, &store, Write::Delete("k".into())));
         waiting.push(Writes::submit(&log, &store, Write::Delete("k".into())));
+        assert_eq!(queued(&log), Some(1));
         waiting.push(Writes::submit(&log, &store, save("d")));
-        assert_eq!(queued(&log), Some(3));
-        // Three saves land: the first, the joined one, and the last.
-        permits.add_permits(3);
+        assert_eq!(queued(&log), Some(2));
+        // Two saves land: the first and the last.
+        permits.add_permits(2);
         landed(first).await.unwrap();
         for done in waiting {
             landed(done).await.unwrap();
@@ -398,6 +433,16 @@ mod tests {
         );
         assert_eq!(permits.available_permits(), 0, "each save took one");
         assert!(log.writes.queues.lock().is_empty());
+
+        // Nor is a delete taken into the save in flight: the record it
+        // writes is deleted after it.
+        let first = Writes::submit(&log, &store, save("e"));
+        let gone = Writes::submit(&log, &store, Write::Delete("k".into()));
+        assert_eq!(queued(&log), Some(1));
+        permits.add_permits(1);
+        landed(first).await.unwrap();
+        landed(gone).await.unwrap();
+        assert!(inner.load("k").await.unwrap().is_none());
     }
 
     #[tokio::test]
