@@ -947,6 +947,47 @@ async fn a_backend_removed_while_it_ramps_keeps_no_partial_weight() {
     assert_eq!(b.weight_permille(), 1000);
 }
 
+/// A backend a discovery stream drops for one answer and brings back
+/// within the pool's window comes back with its state: the checker takes up
+/// where it left it, rather than starting it again as a new backend.
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_leaves_and_comes_back_with_its_state_is_not_started_again() {
+    use tower::discover::Change;
+    let (pool, backends) = pool_of(&["a"]);
+    let a = pool.state(&"a".into()).unwrap();
+    let change = |change: Change<&'static str, Backend>| {
+        pool.discover(futures::stream::iter([Ok::<_, BoxError>(change)]))
+    };
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), Script::default().probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .rise(2)
+        .start_unhealthy(true)
+        .slow_start(SlowStart::new(secs(10)))
+        .spawn();
+    at(t0 + ms(1500)).await;
+    assert_eq!(a.health(), HealthStatus::Healthy, "two probes passed");
+    change(Change::Remove("a")).await.unwrap();
+    settle().await;
+    change(Change::Insert("a", backends[0].clone()))
+        .await
+        .unwrap();
+    settle().await;
+    assert!(Arc::ptr_eq(&pool.state(&"a".into()).unwrap(), &a));
+    assert_eq!(a.health(), HealthStatus::Healthy, "not unhealthy again");
+    assert_eq!(a.weight_permille(), 1000, "no new ramp");
+
+    // A new backend under the same id is one.
+    assert!(pool.remove(&"a".into()));
+    settle().await;
+    pool.insert("a", Backend::new());
+    settle().await;
+    let fresh = pool.state(&"a".into()).unwrap();
+    assert!(!Arc::ptr_eq(&fresh, &a));
+    assert_eq!(fresh.health(), HealthStatus::Unhealthy, "started unhealthy");
+}
+
 // ---------------------------------------------------------------------------
 // Panic routing
 // ---------------------------------------------------------------------------

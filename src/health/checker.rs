@@ -168,7 +168,9 @@ where
     /// gateway started them unhealthy too, but needed one pass: `rise(1)`;
     /// Envoy likewise needs one pass for a new host). By default they keep
     /// the health the pool gave them (healthy), as in HAProxy, and lose it
-    /// after `fall` failing probes.
+    /// after `fall` failing probes. A backend that leaves the pool and comes
+    /// back with its state (see [`Pool::keep_removed_for`]) is not marked
+    /// again: the checker takes it up where it left it.
     ///
     /// This initial mark emits neither a `tracing` event nor an
     /// [`Event::HealthChanged`]; the changes after it, such as the backend
@@ -209,6 +211,7 @@ where
             events: self.events,
             changed,
             entries: HashMap::new(),
+            departed: HashMap::new(),
             next_serial: 0,
         };
         CheckerHandle {
@@ -519,6 +522,11 @@ struct Task<S, P> {
     events: Option<Events>,
     changed: Arc<Changed>,
     entries: HashMap<BackendId, Entry>,
+    /// The entries of backends that left the pool while someone else (the
+    /// pool's window for backends a discovery stream removed, a request in
+    /// flight) still holds their state: a backend that comes back with that
+    /// state takes up its entry where it left it.
+    departed: HashMap<BackendId, Entry>,
     /// The serial of the next entry.
     next_serial: u64,
 }
@@ -634,31 +642,61 @@ where
     }
 
     /// Follows the membership: new backends are probed at once; backends
-    /// that left are forgotten.
+    /// that left are set aside while their state lives elsewhere, then
+    /// forgotten.
     fn sync(&mut self, snapshot: &Snapshot<S>, now: Instant, initial: bool) {
         let members = snapshot.members();
-        self.entries.retain(|id, entry| {
-            let kept = members
-                .index_of(id)
-                .is_some_and(|i| Arc::ptr_eq(members[i].state(), &entry.state));
-            if !kept {
-                // Its state may live on (in another pool, or added back).
-                entry.end_ramp();
+        // Nothing but this map holds their state any more: they cannot
+        // come back as they were.
+        self.departed
+            .retain(|_, entry| Arc::strong_count(&entry.state) > 1);
+        let left: Vec<BackendId> = (self.entries.iter())
+            .filter(|(id, entry)| {
+                members
+                    .index_of(id)
+                    .is_none_or(|i| !Arc::ptr_eq(members[i].state(), &entry.state))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in left {
+            let mut entry = self.entries.remove(&id).expect("listed above");
+            // Its state may live on (in another pool, or added back).
+            entry.end_ramp();
+            // One replaced by another state under its id is gone for good.
+            if members.index_of(&id).is_none() {
+                self.departed.insert(id, entry);
             }
-            kept
-        });
+        }
         for member in members.iter() {
             if self.entries.contains_key(member.id()) {
                 continue;
             }
             let serial = self.next_serial;
             self.next_serial += 1;
-            let mut entry = Entry::new(member.state().clone(), serial, now);
-            if self.config.start_unhealthy {
-                member.state().set_health(HealthStatus::Unhealthy);
-            } else if !initial && member.state().health() == HealthStatus::Healthy {
-                entry.start_ramp(now, &self.config);
-            }
+            let back = self
+                .departed
+                .remove(member.id())
+                .filter(|entry| Arc::ptr_eq(member.state(), &entry.state));
+            let entry = match back {
+                // Back with its state (a DNS answer that left it out once,
+                // say): its health and counts go on; only its probe starts
+                // again, as a probe under way is not this membership's.
+                Some(mut entry) => {
+                    entry.serial = serial;
+                    entry.probing = false;
+                    entry.next_probe = now;
+                    entry
+                }
+                None => {
+                    let mut entry = Entry::new(member.state().clone(), serial, now);
+                    if self.config.start_unhealthy {
+                        member.state().set_health(HealthStatus::Unhealthy);
+                    } else if !initial && member.state().health() == HealthStatus::Healthy {
+                        entry.start_ramp(now, &self.config);
+                    }
+                    entry
+                }
+            };
             self.entries.insert(member.id().clone(), entry);
         }
     }
