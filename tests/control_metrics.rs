@@ -280,6 +280,56 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
     );
 }
 
+/// What was published of a backend gone for an hour is forgotten: backends
+/// that come and go under new ids use no memory for good. One back after
+/// that starts its counter again from its count, as after a restart.
+#[tokio::test(start_paused = true)]
+async fn a_backend_gone_for_an_hour_is_forgotten() {
+    let pool = Pool::new();
+    let backend = service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+    pool.insert("a", backend);
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let handle = Handle::new(Events::default());
+    handle.add_group("web", &balance).unwrap();
+    let recorder = Last::default();
+    let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
+    let requests = "tower_ha_backend_requests_total{backend=a,group=web}";
+    let send = |n| {
+        let balance = balance.clone();
+        async move {
+            for _ in 0..n {
+                balance.clone().oneshot(Request::new(())).await.unwrap();
+            }
+        }
+    };
+    let gone_for = |gone: Duration| {
+        let pool = pool.clone();
+        async move {
+            pool.remove(&"a".into());
+            publish();
+            tokio::time::advance(gone).await;
+            publish();
+            pool.insert("a", backend);
+        }
+    };
+    send(5).await;
+    publish();
+    assert_eq!(get(requests), Some(5.0));
+
+    // Gone for a little less than an hour: remembered.
+    gone_for(Duration::from_secs(3599)).await;
+    send(2).await;
+    publish();
+    assert_eq!(get(requests), Some(7.0), "still counting up");
+
+    // Gone for an hour: forgotten.
+    gone_for(Duration::from_secs(3600)).await;
+    send(3).await;
+    publish();
+    assert_eq!(get(requests), Some(3.0), "started again");
+}
+
 /// Counts the publications of the groups: the sets of their
 /// `tower_ha_group_healthy_backends` gauge.
 #[derive(Default, Clone)]

@@ -4,9 +4,12 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::handle::{GroupMode, Handle};
 use super::stats::GroupStats;
 use crate::backend::BackendId;
+use crate::time::elapsed;
 
 impl Handle {
     /// Publishes a snapshot of every group's stats through the
@@ -34,6 +37,12 @@ impl Handle {
     /// set to 0 once, except `tower_ha_group_seconds_since_failover`,
     /// which keeps its last value: 0 would read as a failover just now.
     ///
+    /// What was last published of a backend or group gone for an hour is
+    /// forgotten, so that backends coming and going under new ids (a DNS
+    /// name over changing addresses) use no more memory over time. One
+    /// that comes back after that publishes its count as it is, which a
+    /// time series reads as a counter reset (as after a restart).
+    ///
     /// Call it periodically, or run [`spawn_metrics`](Handle::spawn_metrics).
     pub fn publish_metrics(&self) {
         let mut published = self.published().lock();
@@ -43,6 +52,7 @@ impl Handle {
         } = &mut *published;
         let mut seen = HashSet::new();
         let stats = self.stats();
+        let now = Instant::now();
         for group in &stats {
             publish(group, backends, &mut seen);
             publish_failovers(group, failovers);
@@ -50,20 +60,20 @@ impl Handle {
         // A group no longer registered: its gauges go to zero, once.
         let registered: HashSet<&str> = stats.iter().map(|g| &*g.name).collect();
         for (name, last) in failovers.iter_mut() {
-            if last.gone || registered.contains(name.as_str()) {
+            if last.gone.is_some() || registered.contains(name.as_str()) {
                 continue;
             }
             let labels = [("group", name.clone())];
             for gauge in GROUP_GAUGES {
                 metrics::gauge!(gauge, &labels).set(0.0);
             }
-            last.gone = true;
+            last.gone = Some(now);
         }
         // A backend gone from its group: its gauges go to zero, so that it
         // counts as neither in flight, available nor primary any more. Its
         // last counts stay, in case it comes back.
         for ((group, backend), last) in backends.iter_mut() {
-            if last.gone || seen.contains(&(group.clone(), backend.clone())) {
+            if last.gone.is_some() || seen.contains(&(group.clone(), backend.clone())) {
                 continue;
             }
             let labels = [("group", group.clone()), ("backend", backend.to_string())];
@@ -73,8 +83,12 @@ impl Handle {
             if last.primary {
                 metrics::gauge!("tower_ha_group_primary", &labels).set(0.0);
             }
-            last.gone = true;
+            last.gone = Some(now);
         }
+        let kept =
+            |gone: Option<Instant>| gone.is_none_or(|at| !elapsed(at, now, FORGET_GONE_AFTER));
+        failovers.retain(|_, last| kept(last.gone));
+        backends.retain(|_, last| kept(last.gone));
     }
 
     /// Publishes the metrics every `interval` (at least a millisecond) on
@@ -119,6 +133,10 @@ pub(super) struct Published {
     failovers: HashMap<String, LastFailovers>,
 }
 
+/// How long what was last published of a backend or group gone is kept,
+/// in case it comes back.
+const FORGET_GONE_AFTER: Duration = Duration::from_secs(3600);
+
 /// The per-group gauges zeroed when the group is removed. Not
 /// `tower_ha_group_seconds_since_failover`: 0 would read as a failover
 /// just now.
@@ -133,16 +151,16 @@ const GROUP_GAUGES: [&str; 2] = [
 pub(super) struct LastFailovers {
     priority: Option<u64>,
     failovers: u64,
-    /// The group is no longer registered, and its gauges were zeroed.
-    gone: bool,
+    /// Since when the group is no longer registered (its gauges zeroed).
+    gone: Option<Instant>,
 }
 
 /// The last counts published for one backend, and of which state.
 #[derive(Debug, Default)]
 pub(super) struct Last {
     state: u64,
-    /// Gone from its group at the last publication (its gauges zeroed).
-    gone: bool,
+    /// Since when it is gone from its group (its gauges zeroed).
+    gone: Option<Instant>,
     requests: u64,
     failures: u64,
     ejections: u64,
@@ -192,7 +210,7 @@ fn publish(
         let first = !published.contains_key(&key);
         let last = published.entry(key.clone()).or_default();
         let fresh = std::mem::replace(&mut last.state, b.state) != b.state;
-        last.gone = false;
+        last.gone = None;
         count(
             "tower_ha_backend_requests_total",
             &labels,
@@ -255,12 +273,12 @@ fn publish_failovers(group: &GroupStats, published: &mut HashMap<String, LastFai
             entry.insert(LastFailovers {
                 priority: group.priority,
                 failovers: 0,
-                gone: false,
+                gone: None,
             }),
             true,
         ),
     };
-    last.gone = false;
+    last.gone = None;
     let fresh = std::mem::replace(&mut last.priority, group.priority) != group.priority;
     count(
         "tower_ha_group_failovers_total",
