@@ -231,9 +231,16 @@ struct Inner {
 /// removal, and must not bring its entry back for good.
 const REMOVED_FOR: Duration = Duration::from_secs(600);
 
+/// The most backends whose last change is kept. A backend removed without
+/// an [`Event::BackendRemoved`] (by `Pool::remove` or a custom discovery
+/// stream) keeps its entry until this many are kept; then the oldest
+/// changes, those of removed backends first, are forgotten.
+const MAX_LAST_CHANGES: usize = 65_536;
+
 /// When each backend last changed; a removed backend's entry stays, marked
 /// removed, for [`REMOVED_FOR`], so that discovery churn (a pod address per
-/// deploy) does not grow the map forever.
+/// deploy) does not grow the map forever; and at most
+/// [`MAX_LAST_CHANGES`] are kept.
 #[derive(Default)]
 struct LastChanges {
     map: FastMap<BackendId, LastChange>,
@@ -273,6 +280,9 @@ impl LastChanges {
             removed,
         };
         self.map.insert(backend.clone(), entry);
+        if self.map.len() > MAX_LAST_CHANGES {
+            self.forget_oldest();
+        }
         let now = record.at;
         if crate::time::claim_due(&mut self.next_sweep, REMOVED_FOR / 2, now) {
             self.map.retain(|_, e| {
@@ -280,6 +290,17 @@ impl LastChanges {
                     .is_none_or(|at| !crate::time::elapsed(at, now, REMOVED_FOR))
             });
         }
+    }
+
+    /// Forgets an eighth of the entries: the oldest changes, those of
+    /// removed backends first. Runs once per eighth of the cap at most.
+    fn forget_oldest(&mut self) {
+        let age = |e: &LastChange| (e.removed.is_none(), e.time);
+        let mut ages: Vec<_> = self.map.values().map(age).collect();
+        let cut = self.map.len() - (MAX_LAST_CHANGES - MAX_LAST_CHANGES / 8);
+        let (_, newest_forgotten, _) = ages.select_nth_unstable(cut - 1);
+        let newest_forgotten = *newest_forgotten;
+        self.map.retain(|_, e| age(e) > newest_forgotten);
     }
 }
 
@@ -546,5 +567,35 @@ mod tests {
             reason: "operator".into(),
         });
         assert!(events.last_change(&pod).is_some());
+    }
+
+    #[test]
+    fn backends_removed_without_an_event_do_not_grow_the_last_change_map() {
+        let events = Events::new(1, 0);
+        let pod = |n: usize| BackendId::from(format!("pod-{n}"));
+        let added = |n: usize| Event::BackendAdded {
+            group: None,
+            backend: pod(n),
+        };
+        // A removed backend's entry goes first, whatever its age.
+        events.emit(added(0));
+        events.emit(Event::BackendRemoved {
+            group: None,
+            backend: pod(0),
+            reason: "dns".into(),
+        });
+        for n in 1..=MAX_LAST_CHANGES {
+            events.emit(added(n));
+        }
+        let len = || events.inner.last_change.lock().map.len();
+        // Changes at the same instant as the newest forgotten go with it.
+        let kept = MAX_LAST_CHANGES - MAX_LAST_CHANGES / 8;
+        assert!((kept - 64..=kept).contains(&len()), "{} kept", len());
+        assert!(!events.inner.last_change.lock().map.contains_key(&pod(0)));
+        assert!(events.last_change(&pod(MAX_LAST_CHANGES)).is_some());
+        for n in 0..MAX_LAST_CHANGES {
+            events.emit(added(MAX_LAST_CHANGES + 1 + n));
+            assert!(len() <= MAX_LAST_CHANGES);
+        }
     }
 }
