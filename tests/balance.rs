@@ -687,11 +687,12 @@ fn a_stuck_backend_blocks_only_its_own_requests() {
         "stuck",
         tower::util::BoxCloneSyncService::new(Stuck { fail: false }),
     );
-    let mut balance = Balance::new(pool, RoundRobin::new());
+    let mut balance = Balance::new(pool.clone(), RoundRobin::new());
     let waker = std::task::Waker::noop();
     let mut cx = Context::from_waker(waker);
     let mut pending = 0;
     let mut served = 0;
+    let stuck = pool.state(&"stuck".into()).unwrap();
     for _ in 0..4 {
         assert!(
             balance.poll_ready(&mut cx).is_ready(),
@@ -708,6 +709,11 @@ fn a_stuck_backend_blocks_only_its_own_requests() {
         }
     }
     assert_eq!((pending, served), (2, 2));
+    // Dropped while it waited for readiness: never sent, so not counted
+    // as a request (and no longer in flight).
+    assert_eq!(stuck.requests(), 0);
+    assert_eq!(stuck.in_flight(), 0);
+    assert_eq!(pool.state(&"b0".into()).unwrap().requests(), 2);
 }
 
 #[test]
@@ -717,11 +723,13 @@ fn readiness_failure_is_a_not_sent_backend_error() {
         "down",
         tower::util::BoxCloneSyncService::new(Stuck { fail: true }),
     );
-    let balance = Balance::new(pool, RoundRobin::new());
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
     let err = block_on(balance.oneshot(request(None))).unwrap_err();
     let err = err.downcast_ref::<BackendError>().expect("a BackendError");
     assert_eq!(err.backend().as_str(), "down");
     assert!(err.is_not_sent());
+    let down = pool.state(&"down".into()).unwrap();
+    assert_eq!((down.requests(), down.in_flight()), (0, 0), "not sent");
 }
 
 #[test]

@@ -28,6 +28,20 @@ pin_project! {
         // response (or error) is ready or the future is dropped.
         target: Option<(BackendId, InFlight)>,
     }
+    impl<S, Req> PinnedDrop for ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Dropped before its backend was called: not a request sent.
+            if matches!(this.state.as_ref().get_ref(), State::Ready { .. }) {
+                if let Some((_, in_flight)) = this.target.take() {
+                    in_flight.unused();
+                }
+            }
+        }
+    }
 }
 
 pin_project! {
@@ -131,7 +145,8 @@ where
                     picked,
                 } => {
                     if let Err(e) = ready!(service.poll_ready(cx)) {
-                        let (id, _in_flight) = this.target.take().expect("target set");
+                        let (id, in_flight) = this.target.take().expect("target set");
+                        in_flight.unused();
                         this.state.set(State::Done);
                         return Poll::Ready(Err(BackendError::not_sent(id, e.into()).into()));
                     }
