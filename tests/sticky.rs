@@ -80,8 +80,17 @@ fn backend(
                     HeaderValue::from_static("JSESSIONID=; Max-Age=0; Path=/"),
                 );
             }
-            if req.headers().contains_key("x-assign") {
-                let v = format!("{name}-assigned-{n}");
+            if let Some(login) = req.headers().get("x-login-as") {
+                let v = format!("JSESSIONID={}; Path=/", login.to_str().unwrap());
+                res.headers_mut()
+                    .append(SET_COOKIE, HeaderValue::try_from(v).unwrap());
+            }
+            // `1` for an id of the backend's own, or the id to assign.
+            if let Some(assign) = req.headers().get("x-assign") {
+                let v = match assign.to_str().unwrap() {
+                    "1" => format!("{name}-assigned-{n}"),
+                    id => id.to_owned(),
+                };
                 res.headers_mut()
                     .insert("x-session-id", HeaderValue::try_from(v).unwrap());
             }
@@ -660,6 +669,52 @@ async fn header_keys_come_from_requests_or_responses_and_closures_work() {
         assert_eq!(send(&svc, path("k2", rest)).await.unwrap().body(), &k2);
     }
     assert_eq!(layer.stats().sessions, 2);
+}
+
+/// A response naming a session the layer keeps (confirmed) does not move
+/// it: a session moves only when its backend fails. A value kept in memory
+/// only, which the application had not confirmed, goes where the
+/// application sets it.
+#[tokio::test]
+async fn a_response_naming_a_kept_session_does_not_move_it() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let home = send(&svc, session("k")).await.unwrap().into_body();
+    for _ in 0..3 {
+        let named = Request::builder().header("x-assign", "k").body(()).unwrap();
+        let res = send(&svc, named).await.unwrap();
+        assert_eq!(res.headers()["x-session-id"], "k");
+        assert_eq!(send(&svc, session("k")).await.unwrap().body(), &home);
+    }
+    assert_eq!(
+        store.load("k").await.unwrap().unwrap().backend.as_str(),
+        home
+    );
+    assert_eq!(layer.stats().created, 1);
+
+    let (_, svc) = instance(&c, SessionKey::learn_cookie("JSESSIONID"), store.clone());
+    let made_up = send(&svc, with_cookie("JSESSIONID=v"))
+        .await
+        .unwrap()
+        .into_body();
+    let login = Request::builder()
+        .header("x-login-as", "v")
+        .body(())
+        .unwrap();
+    let set_by = send(&svc, login).await.unwrap().into_body();
+    assert_ne!(set_by, made_up, "round robin went on to the next backend");
+    assert_eq!(
+        send(&svc, with_cookie("JSESSIONID=v"))
+            .await
+            .unwrap()
+            .body(),
+        &set_by
+    );
+    assert_eq!(
+        store.load("v").await.unwrap().unwrap().backend.as_str(),
+        set_by
+    );
 }
 
 #[tokio::test]

@@ -1299,16 +1299,29 @@ impl Shared {
         hit.backend
     }
 
-    /// Starts (or replaces) the session `key` on `backend`, and saves it.
+    /// Starts the session `key` a response named on `backend`, and saves
+    /// it, unless the layer already keeps a session of that key, which
+    /// keeps its backend (see `Table::insert_named`).
     fn create(self: &Arc<Self>, work: &mut Work, key: &str, backend: BackendId) {
         let tag = self.tag(key, &backend);
         let session = Session::new(key, backend);
-        let (_, dropped) = self.decide(work, || {
+        let (hit, dropped, inserted) = self.decide(work, || {
             let write = Write::Save(session.clone());
-            (self.table.insert(session, tag), Some(write))
+            let made = self.table.insert_named(session, tag);
+            let write = made.2.then_some(write);
+            (made, write)
         });
         self.count_dropped(dropped);
-        bump(&self.counters.created, 1);
+        if inserted {
+            bump(&self.counters.created, 1);
+        } else {
+            tracing::debug!(
+                target: TARGET,
+                session = %key,
+                backend = %hit.backend,
+                "a response named a session the layer keeps; it stays on its backend"
+            );
+        }
     }
 
     fn reissue<RB>(

@@ -445,9 +445,36 @@ impl Table {
     }
 
     /// Inserts (or replaces) `session`, seen now, as a saved session.
+    #[cfg(test)]
     pub(crate) fn insert(&self, session: Session, cookie: Option<Box<str>>) -> (Arc<str>, Dropped) {
         let (hit, dropped, _) = self.put(session, cookie, true, Kept::Saved);
         (hit.key, dropped)
+    }
+
+    /// Inserts `session`, named by a response, as a saved session, unless
+    /// the layer already keeps its key: present, saved, neither idle nor
+    /// due to be read again. That session keeps its backend (a session
+    /// moves only when its backend fails); one kept in memory only (a value
+    /// the application had not confirmed) is replaced. Returns the entry
+    /// now in the table and whether it is this one.
+    pub(crate) fn insert_named(
+        &self,
+        session: Session,
+        cookie: Option<Box<str>>,
+    ) -> (Hit, Dropped, bool) {
+        let now = self.now();
+        let mut map = self.map.write();
+        let mut dropped = self.sweep_locked(&mut map, now);
+        if let Some((k, entry)) = map.get_key_value(session.key.as_bytes()) {
+            let live = !self.is_idle(entry, now) && !Table::is_due(entry, now);
+            if live && entry.saved.load(Ordering::Relaxed) {
+                entry.last_seen.store(now, Ordering::Relaxed);
+                return (hit_of(&k.0, entry), dropped, false);
+            }
+        }
+        let (key, entry) = Entry::new(session, cookie, now, false, Kept::Saved);
+        let hit = self.put_locked(&mut map, &mut dropped, key, entry);
+        (hit, dropped, true)
     }
 
     /// Inserts `session` unless its key is already present (and neither
