@@ -125,6 +125,7 @@ type InPool = Box<dyn Fn(&BackendId) -> bool + Send>;
 /// It never ends and never fails: run it with
 /// [`Pool::discover`](crate::Pool::discover) in a task, and abort the task
 /// to stop it.
+#[must_use = "streams do nothing unless polled"]
 pub struct DnsDiscover<S> {
     resolver: Arc<dyn Resolver>,
     host: Arc<str>,

@@ -1294,3 +1294,16 @@ async fn the_response_future_is_unpin_when_the_inner_one_is() {
         assert_eq!(future.await.unwrap().status(), StatusCode::OK);
     }
 }
+
+#[test]
+fn a_layer_and_its_service_print_whatever_their_classifier() {
+    let only_errors = |outcome: &tower_ha::classify::Outcome<'_>| {
+        matches!(outcome, tower_ha::classify::Outcome::Error(_))
+    };
+    let layer = FailoverLayer::new().classifier(only_errors);
+    let printed = format!("{:?}", layer.clone());
+    assert!(printed.starts_with("FailoverLayer"), "{printed}");
+    assert!(printed.contains("closure"), "{printed}");
+    let svc = layer.layer(Pool::<()>::new());
+    assert!(format!("{svc:?}").starts_with("Failover"));
+}

@@ -11,10 +11,12 @@ use super::stats::GroupStats;
 use crate::backend::BackendId;
 use crate::time::elapsed;
 
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 impl Handle {
     /// Publishes a snapshot of every group's stats through the
     /// [`metrics`](https://docs.rs/metrics) facade, to whatever recorder
-    /// (Prometheus exporter, StatsD, …) the application installed.
+    /// (Prometheus exporter, StatsD, …) the application installed (feature
+    /// `metrics`).
     ///
     /// Per backend, labelled `group` and `backend`:
     /// `tower_ha_backend_requests_total`, `tower_ha_backend_failures_total`,
@@ -91,7 +93,8 @@ impl Handle {
         backends.retain(|_, last| kept(last.gone));
     }
 
-    /// Publishes the metrics every `interval` (at least a millisecond) on
+    /// Publishes the metrics (feature `metrics`) every `interval` (at least
+    /// a millisecond) on
     /// the current tokio runtime until the returned task is aborted or
     /// every other clone of the handle is dropped. A recorder that panics
     /// is logged and loses that tick's publication only.

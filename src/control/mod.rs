@@ -21,17 +21,16 @@
 //! See `docs/control.md` and `docs/groups.md`.
 
 #[cfg(feature = "admin")]
-#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
 mod admin;
 mod events;
 mod group;
 mod handle;
 #[cfg(feature = "metrics")]
-#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 mod metrics;
 mod stats;
 
 #[cfg(feature = "admin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
 pub use admin::AdminService;
 pub use events::{Event, Events, Record, RecvError, Subscriber, SwitchReason};
 pub use group::{GroupStrategy, GroupTable};

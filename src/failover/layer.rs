@@ -54,7 +54,7 @@ impl<C> Config<C> {
     }
 }
 
-impl<C: fmt::Debug> fmt::Debug for Config<C> {
+impl<C> fmt::Debug for Config<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let max_attempts: &dyn fmt::Debug = if self.max_attempts == usize::MAX {
             &"every available backend"
@@ -62,7 +62,8 @@ impl<C: fmt::Debug> fmt::Debug for Config<C> {
             &self.max_attempts
         };
         f.debug_struct("Config")
-            .field("classifier", &self.classifier)
+            // Any closure is a classifier: its type's name, not its value.
+            .field("classifier", &std::any::type_name::<C>())
             .field("max_attempts", max_attempts)
             .field("per_try_timeout", &self.per_try_timeout)
             .field("deadline", &self.deadline)
@@ -90,9 +91,17 @@ impl<C: fmt::Debug> fmt::Debug for Config<C> {
 ///
 /// Every service built by one layer (and every clone of it) shares the
 /// layer's budget.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FailoverLayer<C = DefaultClassifier> {
     config: Config<C>,
+}
+
+impl<C> fmt::Debug for FailoverLayer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FailoverLayer")
+            .field("config", &self.config)
+            .finish()
+    }
 }
 
 impl Default for FailoverLayer {

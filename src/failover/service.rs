@@ -71,7 +71,7 @@ impl<S: Clone, C> Clone for Failover<S, C> {
     }
 }
 
-impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for Failover<S, C> {
+impl<S: fmt::Debug, C> fmt::Debug for Failover<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Failover")
             .field("inner", &self.inner)

@@ -64,6 +64,7 @@ impl Default for CheckConfig {
 ///
 /// [`spawn`](Self::spawn) starts the task and returns a [`CheckerHandle`]
 /// that stops it when dropped.
+#[must_use = "the checker probes nothing until it is spawned"]
 pub struct HealthChecker<S, P> {
     pool: Pool<S>,
     probe: P,

@@ -188,7 +188,10 @@ impl std::fmt::Debug for SessionGuard {
 
 /// One session: its key, its backend, when it was created and last seen,
 /// and the application's data.
+///
+/// Build one with [`Session::new`]; its fields are public to read and set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Session {
     /// The session key (a cookie value, a header value, a kernel id, ...).
     pub key: String,
