@@ -14,11 +14,12 @@ use parking_lot::Mutex;
 
 use http::{Request, Response};
 use support::redis_server::RedisServer;
+use support::wait::bounded_real;
 use tokio::time::{sleep, Instant};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{BalanceLayer, RoundRobin};
 use tower_ha::sticky::{SessionKey, StickyLayer};
-use tower_ha::store::{Invalidation, RedisStore, Session, SessionStore};
+use tower_ha::store::{RedisStore, Session, SessionStore};
 use tower_ha::{BoxError, HealthStatus, Pool};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -41,6 +42,8 @@ struct Replica {
     store: RedisStore,
     /// Sessions this replica restored, by key.
     restores: Arc<Mutex<HashMap<String, usize>>>,
+    /// The task that follows the other replicas' move notices.
+    follower: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Options {
@@ -85,23 +88,11 @@ async fn replica(server: &RedisServer, options: Options) -> Replica {
                 Ok::<(), BoxError>(())
             }
         });
-    if options.follow_moves {
-        let mut notices = store.subscribe().await.expect("subscribe");
-        let layer = layer.clone();
-        tokio::spawn(async move {
-            while let Some(notice) = notices.next().await {
-                match notice {
-                    Invalidation::Session { key, .. } => {
-                        layer.forget(&key);
-                    }
-                    Invalidation::All => {
-                        layer.forget_all();
-                    }
-                    _ => {}
-                }
-            }
-        });
-    }
+    let follower = if options.follow_moves {
+        Some(layer.follow(store.subscribe().await.expect("subscribe")))
+    } else {
+        None
+    };
     let svc = ServiceBuilder::new()
         .layer(layer.clone())
         .layer(BalanceLayer::new(RoundRobin::new()))
@@ -112,6 +103,7 @@ async fn replica(server: &RedisServer, options: Options) -> Replica {
         svc: tower::util::BoxCloneSyncService::new(svc),
         store,
         restores,
+        follower,
     }
 }
 
@@ -226,6 +218,35 @@ async fn a_move_on_one_replica_reaches_the_others() {
 
     // Without the notices, a replica keeps routing to the old backend.
     assert_eq!(deaf.send("s").await, home);
+}
+
+/// The task following the notices ends, and its subscription with it, once
+/// the layer and its services are gone: a gateway that rebuilds its stack
+/// leaks neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_follower_of_a_layer_ends_with_it() {
+    let server = RedisServer::start();
+    let mut a = replica(&server, Options::default()).await;
+    let follower = a.follower.take().unwrap();
+    let channel = a.store.channel().to_owned();
+    assert_eq!(subscribers(&server, &channel), 1);
+    a.send("s").await;
+    assert!(!follower.is_finished(), "it follows while the layer lives");
+    drop(a);
+    bounded_real("the follower ends", follower).await.unwrap();
+    bounded_real("its subscription closes", async {
+        while subscribers(&server, &channel) != 0 {
+            sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// How many connections Redis counts as subscribed to `channel`.
+fn subscribers(server: &RedisServer, channel: &str) -> usize {
+    let answer = server.command(&format!("PUBSUB NUMSUB {channel}"));
+    let count = answer.lines().last().and_then(|l| l.strip_prefix(':'));
+    count.and_then(|n| n.parse().ok()).expect(&answer)
 }
 
 /// Both replicas get the first requests for five stored sessions at the

@@ -250,6 +250,45 @@ impl StickyLayer {
         self.shared.forget_all()
     }
 
+    /// Follows the other replicas' notices (from
+    /// [`RedisStore::subscribe`](crate::store::RedisStore::subscribe)) in a
+    /// task: forgets each session another replica moved or ended, and
+    /// every session after notices may have been lost
+    /// ([`Invalidation::All`](crate::store::Invalidation::All)). The task
+    /// ends, closing the subscription, once this layer and every service
+    /// it built are dropped, or when it is aborted.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime, as [`tokio::spawn`] does.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn follow(&self, mut notices: crate::store::Invalidations) -> tokio::task::JoinHandle<()> {
+        use crate::store::Invalidation;
+        let shared = Arc::downgrade(&self.shared);
+        let mut gone = self.shared.gone.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let notice = tokio::select! {
+                    notice = notices.next() => notice,
+                    // Only ever an error: the layer is gone.
+                    _ = gone.changed() => None,
+                };
+                let (Some(notice), Some(shared)) = (notice, shared.upgrade()) else {
+                    return;
+                };
+                match notice {
+                    Invalidation::Session { key, .. } => {
+                        shared.forget(&key);
+                    }
+                    Invalidation::All => {
+                        shared.forget_all();
+                    }
+                }
+            }
+        })
+    }
+
     /// Loads and restores every stored session: see [`Sticky::restore`].
     pub async fn restore(&self) -> Result<RestoreReport, StoreError> {
         self.shared.restore().await

@@ -208,6 +208,10 @@ pub(crate) struct Shared {
     /// Writes to the store, in order per key.
     writes: Writes,
     counters: Counters,
+    /// Closed when the layer and every service it built are gone, for the
+    /// tasks that follow it (see `StickyLayer::follow`).
+    #[cfg(feature = "redis")]
+    pub(crate) gone: tokio::sync::watch::Sender<()>,
 }
 
 /// The keys of the records the store holds, as a standalone instance (the
@@ -382,6 +386,8 @@ impl Shared {
             records: Mutex::new(records),
             writes: Writes::default(),
             counters: Counters::default(),
+            #[cfg(feature = "redis")]
+            gone: tokio::sync::watch::Sender::new(()),
         }
     }
 

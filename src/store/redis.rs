@@ -433,7 +433,8 @@ impl RedisStore {
     /// reconnection since notices published meanwhile are lost; a ping
     /// every 10 s finds a connection that died silently. It ends
     /// when the returned value is dropped. Notices this store published
-    /// itself are not yielded.
+    /// itself are not yielded. [`StickyLayer::follow`](crate::sticky::StickyLayer::follow)
+    /// follows them for a sticky layer.
     pub async fn subscribe(&self) -> Result<Invalidations, StoreError> {
         let pubsub = self.inner.connect_pubsub().await?;
         let (tx, rx) = mpsc::channel(NOTICE_BUFFER);
