@@ -568,6 +568,28 @@ async fn enabling_before_the_deadline_cancels_it() {
     );
 }
 
+/// A handle dropped with a drain's deadline pending stops its timer, which
+/// held the backend's state until the deadline.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_handle_stops_its_drain_timers() {
+    let pool = pool_of(&["a", "b"]);
+    let balance = Balance::new(pool.clone(), tower_ha::balance::RoundRobin::new());
+    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(600)));
+    handle.add_group("g", &balance).unwrap();
+    let a = pool.state(&"a".into()).unwrap();
+    let held = std::sync::Arc::strong_count(&a);
+    handle.drain(&"a".into()).unwrap();
+    tokio::task::yield_now().await;
+    assert!(
+        std::sync::Arc::strong_count(&a) > held,
+        "the timer holds the state"
+    );
+    drop(handle);
+    tokio::task::yield_now().await;
+    assert_eq!(std::sync::Arc::strong_count(&a), held);
+    assert_eq!(a.admin(), AdminStatus::Draining);
+}
+
 #[tokio::test(start_paused = true)]
 async fn removing_a_group_unregisters_it_and_lets_drains_under_way_end() {
     let web = pool_of(&["w1", "shared"]);

@@ -152,6 +152,16 @@ impl PendingDrain {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A deadline nobody can act on any more: its timer lets go of the
+        // backends' states now rather than at the deadline.
+        for (_, drain) in self.drains.get_mut().drain() {
+            drain.end();
+        }
+    }
+}
+
 pub(super) struct Inner {
     events: Events,
     groups: RwLock<Vec<Arc<Group>>>,
