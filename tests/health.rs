@@ -702,6 +702,35 @@ async fn a_passing_probe_lifts_a_passive_ejection() {
     assert!(!state.is_ejected(), "the probe at 5 s passed");
 }
 
+/// `shutdown` returns once the probes under way are gone too, even one in
+/// the middle of a poll on another worker: nothing of them (a connection,
+/// the service clone) outlives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_waits_for_the_probes_under_way() {
+    let (pool, _) = pool_of(&["a"]);
+    let alive = Arc::new(());
+    let entered = Arc::new(AtomicBool::new(false));
+    let (held, flag) = (alive.clone(), entered.clone());
+    let probe = probe_fn(move |_id: &BackendId, _svc: &Backend| {
+        let (held, flag) = (held.clone(), flag.clone());
+        async move {
+            let _held = held;
+            flag.store(true, Ordering::SeqCst);
+            // A probe stuck in a synchronous call for a while.
+            std::thread::sleep(Duration::from_millis(300));
+            std::future::pending::<Result<(), BoxError>>().await
+        }
+    });
+    let checker = HealthChecker::new(pool, probe).timeout(secs(60)).spawn();
+    support::wait::spin_until("a probe starts", || entered.load(Ordering::SeqCst)).await;
+    checker.shutdown().await;
+    assert_eq!(
+        Arc::strong_count(&alive),
+        1,
+        "neither the probe nor the checker is left"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_checker_stops_when_its_handle_is_dropped_or_shut_down() {
     let (pool, _) = pool_of(&["a"]);

@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -215,8 +215,10 @@ where
             departed: HashMap::new(),
             next_serial: 0,
         };
+        let (stop, stopped) = oneshot::channel();
         CheckerHandle {
-            task: Some(tokio::spawn(task.run())),
+            task: Some(tokio::spawn(task.run(stopped))),
+            stop: Some(stop),
         }
     }
 }
@@ -226,6 +228,8 @@ where
 #[must_use = "the checker stops when this handle is dropped"]
 pub struct CheckerHandle {
     task: Option<JoinHandle<()>>,
+    /// Tells the task to stop its probes and end.
+    stop: Option<oneshot::Sender<()>>,
 }
 
 impl CheckerHandle {
@@ -233,8 +237,8 @@ impl CheckerHandle {
     /// Backends keep their last health; slow-start ramps in progress end at
     /// full weight.
     pub async fn shutdown(mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+        if let (Some(task), Some(stop)) = (self.task.take(), self.stop.take()) {
+            let _ = stop.send(());
             let _ = task.await;
         }
     }
@@ -537,7 +541,7 @@ where
     S: Clone + Send + Sync + 'static,
     P: Probe<S>,
 {
-    async fn run(mut self) {
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
         let mut probes: JoinSet<Result<(), BoxError>> = JoinSet::new();
         // Each probe's backend, and the serial of the entry that started
         // it: a backend replaced, or removed and added back, meanwhile has
@@ -622,6 +626,11 @@ where
             };
             tokio::select! {
                 biased;
+                _ = &mut stop => {
+                    // Every probe aborted, and gone once this returns.
+                    probes.shutdown().await;
+                    return;
+                }
                 Some(joined) = probes.join_next_with_id(), if !probes.is_empty() => {
                     let (task, result) = match joined {
                         Ok((task, result)) => (task, result),
