@@ -71,6 +71,17 @@ impl Recorder for Last {
     }
 }
 
+/// Sends `n` requests through `balance`, each answered.
+async fn send<S>(balance: &S, n: usize)
+where
+    S: tower::Service<Request<()>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    for _ in 0..n {
+        balance.clone().oneshot(Request::new(())).await.unwrap();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn stats_are_published_through_the_metrics_facade() {
     let pool = Pool::new();
@@ -207,27 +218,19 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
     let recorder = Last::default();
     let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
     let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
-    let send = |n| {
-        let balance = balance.clone();
-        async move {
-            for _ in 0..n {
-                balance.clone().oneshot(Request::new(())).await.unwrap();
-            }
-        }
-    };
     let a_requests = "tower_ha_backend_requests_total{backend=a,group=web}";
 
-    send(6).await;
+    send(&balance, 6).await;
     publish();
     assert_eq!(get(a_requests), Some(3.0));
-    send(2).await;
+    send(&balance, 2).await;
     publish();
     assert_eq!(get(a_requests), Some(4.0));
 
     // Removed and added again: its state, and its counts, start afresh.
     pool.remove(&"a".into());
     pool.insert("a", backend("a"));
-    send(4).await;
+    send(&balance, 4).await;
     let fresh = pool.state(&"a".into()).unwrap().requests();
     assert!(fresh > 0 && fresh < 4);
     publish();
@@ -269,7 +272,7 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
     let before = get(b_requests).unwrap();
     publish();
     pool.insert("b", backend("b"));
-    send(4).await;
+    send(&balance, 4).await;
     let fresh = pool.state(&"b".into()).unwrap().requests();
     assert!(fresh > 0 && (fresh as f64) < before);
     publish();
@@ -295,14 +298,6 @@ async fn a_backend_gone_for_an_hour_is_forgotten() {
     let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
     let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
     let requests = "tower_ha_backend_requests_total{backend=a,group=web}";
-    let send = |n| {
-        let balance = balance.clone();
-        async move {
-            for _ in 0..n {
-                balance.clone().oneshot(Request::new(())).await.unwrap();
-            }
-        }
-    };
     let gone_for = |gone: Duration| {
         let pool = pool.clone();
         async move {
@@ -313,19 +308,19 @@ async fn a_backend_gone_for_an_hour_is_forgotten() {
             pool.insert("a", backend);
         }
     };
-    send(5).await;
+    send(&balance, 5).await;
     publish();
     assert_eq!(get(requests), Some(5.0));
 
     // Gone for a little less than an hour: remembered.
     gone_for(Duration::from_secs(3599)).await;
-    send(2).await;
+    send(&balance, 2).await;
     publish();
     assert_eq!(get(requests), Some(7.0), "still counting up");
 
     // Gone for an hour: forgotten.
     gone_for(Duration::from_secs(3600)).await;
-    send(3).await;
+    send(&balance, 3).await;
     publish();
     assert_eq!(get(requests), Some(3.0), "started again");
 }
