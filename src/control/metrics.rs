@@ -94,9 +94,8 @@ impl Handle {
     }
 
     /// Publishes the metrics (feature `metrics`) every `interval` (at least
-    /// a millisecond) on
-    /// the current tokio runtime until the returned task is aborted or
-    /// every other clone of the handle is dropped. A recorder that panics
+    /// a millisecond) on the current tokio runtime until the returned task
+    /// is aborted or every other clone of the handle is dropped. A recorder that panics
     /// is logged and loses that tick's publication only.
     ///
     /// # Panics
