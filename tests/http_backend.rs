@@ -1114,16 +1114,11 @@ mod http2 {
     #[tokio::test]
     async fn an_upload_that_fails_midway_is_the_requests_failure() {
         // A backend that reads what comes and never answers.
-        let (addr, _) = accept_counting(|stream, _| async move {
-            let service = service_fn(|req: Request<Incoming>| async move {
-                let _ = req.into_body().collect().await;
-                std::future::pending::<()>().await;
-                Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        })
+        let (addr, _) = serve_h2_with(service_fn(|req: Request<Incoming>| async move {
+            let _ = req.into_body().collect().await;
+            std::future::pending::<()>().await;
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+        }))
         .await;
         let client = HttpClient::<Streamed>::new().http2_only(true);
         upload_fails_as_the_requests(&client, addr).await;
@@ -1136,17 +1131,12 @@ mod http2 {
     async fn a_stream_whose_client_awaits_the_backend_times_out_as_the_backends() {
         use futures::StreamExt as _;
         // Reads the first message, then hangs without a response head.
-        let (addr, _) = accept_counting(|stream, _| async move {
-            let service = service_fn(|req: Request<Incoming>| async move {
-                let mut body = req.into_body();
-                let _ = body.frame().await;
-                std::future::pending::<()>().await;
-                Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        })
+        let (addr, _) = serve_h2_with(service_fn(|req: Request<Incoming>| async move {
+            let mut body = req.into_body();
+            let _ = body.frame().await;
+            std::future::pending::<()>().await;
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+        }))
         .await;
         let client = HttpClient::<BoxBody<Bytes, Infallible>>::new()
             .http2_only(true)
@@ -1171,10 +1161,31 @@ mod http2 {
     /// Serves `h2_echo` over HTTP/2 with prior knowledge; counts the
     /// connections.
     async fn serve_h2() -> (SocketAddr, Arc<AtomicUsize>) {
-        accept_counting(|stream, _| async move {
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service_fn(h2_echo))
-                .await;
+        serve_h2_with(service_fn(h2_echo)).await
+    }
+
+    /// Serves `service` over HTTP/2 with prior knowledge; counts the
+    /// connections.
+    async fn serve_h2_with<S, B>(service: S) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        accept_counting(move |stream, _| {
+            let service = service.clone();
+            async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
         })
         .await
     }
@@ -1218,24 +1229,19 @@ mod http2 {
     /// gRPC's way: data, then trailer fields, in both directions.
     #[tokio::test]
     async fn trailers_pass_both_ways() {
-        let (addr, _) = accept_counting(|stream, _| async move {
-            let service = service_fn(|req: Request<Incoming>| async move {
-                let collected = req.into_body().collect().await.unwrap();
-                let sent = collected.trailers().cloned().unwrap_or_default();
-                let body = format!(
-                    "{}|{:?}",
-                    String::from_utf8_lossy(&collected.to_bytes()),
-                    sent.get("x-request-sum")
-                );
-                Ok::<_, Infallible>(Response::new(with_trailers(
-                    body,
-                    one_field("grpc-status", "0"),
-                )))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        })
+        let (addr, _) = serve_h2_with(service_fn(|req: Request<Incoming>| async move {
+            let collected = req.into_body().collect().await.unwrap();
+            let sent = collected.trailers().cloned().unwrap_or_default();
+            let body = format!(
+                "{}|{:?}",
+                String::from_utf8_lossy(&collected.to_bytes()),
+                sent.get("x-request-sum")
+            );
+            Ok::<_, Infallible>(Response::new(with_trailers(
+                body,
+                one_field("grpc-status", "0"),
+            )))
+        }))
         .await;
         let client = HttpClient::<BoxBody<Bytes, Infallible>>::new().http2_only(true);
         let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
