@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -214,9 +215,9 @@ pub struct BackendState {
     /// weight); below 1000 during slow start.
     weight_permille: AtomicU32,
     epoch: Instant,
-    /// The queue of the pool this backend serves, once a balancer over it
-    /// lets requests wait for a place.
-    room: OnceLock<Arc<Room>>,
+    /// The queues of the pools holding this backend whose balancers let
+    /// requests wait for a place; made at the first link.
+    rooms: OnceLock<ArcSwap<Vec<Arc<Room>>>>,
     /// Tells this state from any other of the process, as its address
     /// cannot once it is freed.
     serial: u64,
@@ -241,7 +242,7 @@ impl BackendState {
             weight: AtomicU32::new(weight.max(1)),
             weight_permille: AtomicU32::new(1000),
             epoch: Instant::now(),
-            room: OnceLock::new(),
+            rooms: OnceLock::new(),
             serial: SERIALS.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -415,17 +416,46 @@ impl BackendState {
         self.serial
     }
 
-    /// Links this backend to the queue of a pool it serves (the first one
-    /// only, for a state shared by several pools).
+    /// Links this backend to the queue of a pool that holds it, for as
+    /// long as the pool holds it (see [`unlink_room`](Self::unlink_room)).
     pub(crate) fn link_room(&self, room: &Arc<Room>) {
-        let _ = self.room.set(room.clone());
+        let rooms = self.rooms.get_or_init(ArcSwap::default);
+        if rooms.load().iter().any(|r| Arc::ptr_eq(r, room)) {
+            return;
+        }
+        rooms.rcu(|list| {
+            let mut list = Vec::clone(list);
+            if !list.iter().any(|r| Arc::ptr_eq(r, room)) {
+                list.push(room.clone());
+            }
+            list
+        });
+    }
+
+    /// Unlinks this backend from the queue of a pool that no longer holds
+    /// it, or that is gone: its places go to the queues of the pools that
+    /// still hold it.
+    pub(crate) fn unlink_room(&self, room: &Arc<Room>) {
+        let Some(rooms) = self.rooms.get() else {
+            return;
+        };
+        if !rooms.load().iter().any(|r| Arc::ptr_eq(r, room)) {
+            return;
+        }
+        rooms.rcu(|list| {
+            let mut list = Vec::clone(list);
+            list.retain(|r| !Arc::ptr_eq(r, room));
+            list
+        });
     }
 
     /// Hands the places a change may have made here to the requests
     /// waiting for one, in order, and lets the others pick again.
     fn wake_waiting(&self) {
-        if let Some(room) = self.room.get() {
-            room.wake_all(Some(self));
+        if let Some(rooms) = self.rooms.get() {
+            for room in rooms.load().iter() {
+                room.wake_all(Some(self));
+            }
         }
     }
 
@@ -630,14 +660,18 @@ impl InFlight {
 impl Drop for InFlight {
     #[inline]
     fn drop(&mut self) {
-        let room = self.0.room.get();
+        let Some(rooms) = self.0.rooms.get() else {
+            self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return;
+        };
+        let rooms = rooms.load();
         // The place goes straight to a waiting request, never free in
         // between, so that a request arriving now cannot take it first.
-        if room.is_some_and(|room| room.take_over(&self.0)) {
+        if rooms.iter().any(|room| room.take_over(&self.0)) {
             return;
         }
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if let Some(room) = room {
+        for room in rooms.iter() {
             room.released(&self.0);
         }
     }

@@ -574,7 +574,9 @@ impl<S: Clone> Pool<S> {
             // A backend leaving takes no more places before readers see it
             // gone: a waiter handed one would find no backend for it, hand
             // it back and be given it again until the queue heard.
-            room.keep_members(&next.members);
+            for state in room.keep_members(&next.members) {
+                state.unlink_room(room);
+            }
         }
         self.shared.current.store(next.clone());
         listeners.retain(|l| match l.upgrade() {
@@ -599,6 +601,18 @@ impl<S: Clone> Pool<S> {
             // balancers know it.
             link(room, &next.members);
             room.wake_all(None);
+        }
+    }
+}
+
+impl<S> Drop for Shared<S> {
+    fn drop(&mut self) {
+        // The pool's backends may live on in other pools, whose queues
+        // then get their places.
+        if let Some(room) = self.room.get() {
+            for member in self.current.load().members.iter() {
+                member.state.unlink_room(room);
+            }
         }
     }
 }

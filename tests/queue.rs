@@ -435,6 +435,72 @@ async fn a_backend_back_with_its_state_takes_the_waiting_requests() {
     assert_eq!(*seen.lock().unwrap(), ["waiter"]);
 }
 
+/// A backend's state taken into a second pool with its own queue (a
+/// reload): its places go to the queue of each pool that holds it, while
+/// both live and once the first is gone, and no longer to a pool it left.
+#[tokio::test(start_paused = true)]
+async fn a_state_shared_by_two_queued_pools_serves_the_queue_of_each() {
+    let seen = Seen::default();
+    let (old, mut held) = full_pool(&["a"], &seen);
+    let old_balance =
+        Balance::new(old.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let a = old.state(&"a".into()).unwrap();
+    let new = Pool::new();
+    new.insert_with_state("a", recording("a", seen.clone()), a.clone());
+    let new_balance =
+        Balance::new(new.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let start = tokio::time::Instant::now();
+
+    // Both pools live: a waiter of each is served as places free up (the
+    // queue the backend joined first is offered each place first).
+    let in_new = send(&new_balance, "new");
+    settle().await;
+    let in_old = send(&old_balance, "old");
+    settle().await;
+    assert_eq!((old_balance.waiting(), new_balance.waiting()), (1, 1));
+    drop(held.pop());
+    settle().await;
+    assert_eq!(served_by(&in_new.await.unwrap()), "a");
+    assert_eq!(served_by(&in_old.await.unwrap()), "a");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "a waiter waited for a timeout"
+    );
+
+    // The old pool gone: the new one's waiters get every place.
+    drop((old_balance, old));
+    let held = a.try_track_in_flight().unwrap();
+    let waiter = send(&new_balance, "after");
+    settle().await;
+    assert_eq!(new_balance.waiting(), 1);
+    drop(held);
+    assert_eq!(served_by(&waiter.await.unwrap()), "a");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "a waiter waited for a timeout"
+    );
+
+    // A pool the backend left no longer hears of its places (its queue
+    // would not hand them out anyway); the pool it is back in does.
+    assert!(new.remove(&"a".into()));
+    let third = Pool::new();
+    third.insert_with_state("a", recording("a", seen.clone()), a.clone());
+    let third_balance =
+        Balance::new(third.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let held = a.try_track_in_flight().unwrap();
+    let waiter = send(&third_balance, "third");
+    settle().await;
+    drop(held);
+    assert_eq!(served_by(&waiter.await.unwrap()), "a");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "a waiter waited for a timeout"
+    );
+    assert_eq!(*seen.lock().unwrap(), ["old", "new", "after", "third"]);
+}
 #[tokio::test(start_paused = true)]
 async fn a_tried_backend_that_joins_the_pool_again_is_still_tried() {
     let seen = Seen::default();

@@ -255,13 +255,20 @@ impl Room {
 
     /// Forgets the backends `members` no longer lists (the first half of
     /// a change of membership; [`set_members`](Room::set_members) notes
-    /// the new ones once the balancers know them).
-    pub(crate) fn keep_members(&self, members: &Members) {
-        self.queue.lock().members.retain(|&at, (id, _)| {
-            members
+    /// the new ones once the balancers know them), and returns the states
+    /// of those still alive.
+    pub(crate) fn keep_members(&self, members: &Members) -> Vec<Arc<BackendState>> {
+        let mut gone = Vec::new();
+        self.queue.lock().members.retain(|&at, (id, state)| {
+            let kept = members
                 .index_of(id)
-                .is_some_and(|i| address(members[i].state()) == at)
+                .is_some_and(|i| address(members[i].state()) == at);
+            if !kept {
+                gone.extend(state.upgrade());
+            }
+            kept
         });
+        gone
     }
 
     /// After a change that may have opened up places in a way no request's

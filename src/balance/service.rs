@@ -197,8 +197,9 @@ impl<S, P: Strategy> Balance<S, P> {
     /// The queue belongs to the pool: the balancers over one pool share
     /// its waiting requests and their places; the number and the wait are
     /// each balancer's own. A backend state shared by several pools
-    /// ([`Pool::insert_with_state`]) hands its places only to the queue of
-    /// the first of them to have one. A failover layer's per-try timeout
+    /// ([`Pool::insert_with_state`], on a reload say) offers a place that
+    /// opens up to the queue of each pool that holds it at the time, one
+    /// queue after the other. A failover layer's per-try timeout
     /// and deadline count the time spent waiting. Applies to every clone of
     /// this balancer.
     ///
