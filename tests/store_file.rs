@@ -316,6 +316,7 @@ async fn load_all_ignores_writes_in_progress() {
 fn outside_a_runtime_calls_fail_instead_of_panicking() {
     let tmp = tempfile::tempdir().unwrap();
     let store = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .unwrap()
         .block_on(FileStore::open(tmp.path()))
@@ -387,6 +388,120 @@ fn file_io_never_blocks_the_runtime_thread() {
         // The pool free again, file I/O goes on.
         assert!(store.load("k").await.unwrap().is_some());
     });
+}
+
+/// A file system that does not answer (here, a blocking pool whose only
+/// thread is taken): every call fails with a timeout error at its limit,
+/// not later and not never.
+#[test]
+fn a_call_the_file_system_does_not_answer_times_out_at_its_limit() {
+    use std::time::Duration;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .max_blocking_threads(1)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path())
+            .await
+            .unwrap()
+            .with_ttl(Duration::from_secs(3600))
+            .with_timeout(Duration::from_secs(5));
+        store.save(&session("k", "node-a")).await.unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let holder = tokio::task::spawn_blocking(move || held.recv().unwrap());
+        for op in ["load", "load_all", "save", "delete", "prune"] {
+            let task = tokio::spawn({
+                let store = store.clone();
+                async move {
+                    match op {
+                        "load" => store.load("k").await.map(drop),
+                        "load_all" => store.load_all().await.map(drop),
+                        "save" => store.save(&session("k", "node-b")).await,
+                        "delete" => store.delete(&["other".to_owned()]).await,
+                        _ => store.prune().await.map(drop),
+                    }
+                }
+            });
+            let settle = || async {
+                for _ in 0..10 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            settle().await;
+            tokio::time::advance(Duration::from_millis(4999)).await;
+            settle().await;
+            assert!(!task.is_finished(), "{op} gave up before its limit");
+            tokio::time::advance(Duration::from_millis(1)).await;
+            settle().await;
+            assert!(task.is_finished(), "{op} still waits at its limit");
+            let err = task.await.unwrap().expect_err(op);
+            assert!(err.is_timeout(), "{op}: {err}");
+            assert!(err.is_transient());
+        }
+        release.send(()).unwrap();
+        holder.await.unwrap();
+        // The calls that timed out ran once the pool was free again, in
+        // the order they were asked for: the save landed.
+        let loaded = tokio::time::timeout(Duration::from_secs(60), store.load("k"))
+            .await
+            .expect("the store answers again");
+        assert_eq!(loaded.unwrap().unwrap().backend.as_str(), "node-b");
+    });
+}
+
+/// A save that timed out still runs, and may land after its caller gave
+/// up; a later write of the same session waits for it, so the later one
+/// always has the last word. Here the first save waits for the blocking
+/// pool of one runtime while the later writes run on another.
+#[test]
+fn a_write_that_timed_out_never_lands_after_a_later_one() {
+    use std::time::Duration;
+
+    for later in ["save", "delete"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let stuck = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        let free = tokio::runtime::Runtime::new().unwrap();
+        let store = free.block_on(FileStore::open(tmp.path())).unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let _holder = stuck.spawn_blocking(move || held.recv().unwrap());
+        let first = stuck.block_on(
+            store
+                .clone()
+                .with_timeout(Duration::from_millis(50))
+                .save(&session("k", "node-a")),
+        );
+        assert!(first.unwrap_err().is_timeout(), "{later}");
+
+        let then = free.spawn({
+            let store = store.clone();
+            async move {
+                match later {
+                    "save" => store.save(&session("k", "node-b")).await,
+                    _ => store.delete(&["k".to_owned()]).await,
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!then.is_finished(), "the later {later} did not wait");
+        release.send(()).unwrap();
+        free.block_on(then).unwrap().unwrap();
+        let now = free.block_on(store.load("k")).unwrap();
+        match later {
+            "save" => assert_eq!(now.unwrap().backend.as_str(), "node-b"),
+            _ => assert!(now.is_none(), "the deleted session came back"),
+        }
+        // Nothing left behind but the record.
+        let expected = usize::from(later == "save");
+        assert_eq!(names(tmp.path()).len(), expected, "{later}");
+    }
 }
 
 proptest::proptest! {

@@ -1,8 +1,9 @@
 //! [`FileStore`]: one JSON file per session in a directory.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +40,24 @@ static TEMP_COUNTER: LazyLock<AtomicU64> =
     LazyLock::new(|| AtomicU64::new(u64::from(rand::random::<u32>())));
 /// How many temporary names a save tries when the first ones are taken.
 const TEMP_ATTEMPTS: usize = 8;
+/// How long a call waits for the file system by default: see
+/// [`FileStore::with_timeout`].
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The record files that writes (saves and deletes) of this process are
+/// using or waiting for, each with the lock that makes those writes run
+/// one at a time, in the order they asked for it. A write that outlives
+/// its caller's timeout keeps its lock until it ends, so that it cannot
+/// land after a later write of the same record and undo it.
+static WRITING: LazyLock<Mutex<HashMap<PathBuf, Record>>> = LazyLock::new(Default::default);
+
+/// A record file in [`WRITING`].
+#[derive(Default)]
+struct Record {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// The writes that hold its lock or wait for it.
+    turns: usize,
+}
 
 /// Whether `name` is one of this store's temporary names:
 /// `.{record}.{pid}-{n}.tmp`, where the record's name has one of the
@@ -100,8 +119,13 @@ fn is_digits(s: &str) -> bool {
 ///   has a time to live ([`with_ttl`](FileStore::with_ttl)).
 /// * **Never blocks the runtime**: every file operation runs on tokio's
 ///   blocking thread pool ([`tokio::task::spawn_blocking`]), so a store must
-///   be used inside a tokio runtime; outside one, calls fail with an
+///   be used inside a tokio runtime with its time driver enabled (for the
+///   timeouts below); outside one, calls fail with an
 ///   [`other`](StoreError::is_other) error.
+/// * **Bounded waits**: a call that the file system does not finish within
+///   10 seconds (a hung network mount, a saturated blocking pool) fails with
+///   a [`timeout`](StoreError::is_timeout) error; see
+///   [`with_timeout`](FileStore::with_timeout).
 ///
 /// One process should own a directory: two processes writing the same
 /// directory keep every record whole, but one may remove the other's
@@ -127,6 +151,7 @@ fn is_digits(s: &str) -> bool {
 pub struct FileStore {
     dir: Arc<PathBuf>,
     ttl: Option<Duration>,
+    timeout: Duration,
     /// When the next save starts a prune (with a TTL), shared by clones.
     next_prune: Arc<Mutex<Option<Instant>>>,
 }
@@ -138,10 +163,12 @@ impl FileStore {
     /// sessions saved in it afterwards.
     ///
     /// Fails with an [`io`](StoreError::is_io) error if the directory cannot
-    /// be created or `dir` is not a directory.
+    /// be created or `dir` is not a directory, and with a
+    /// [`timeout`](StoreError::is_timeout) error after the default
+    /// [timeout](FileStore::with_timeout).
     pub async fn open(dir: impl Into<PathBuf>) -> Result<FileStore, StoreError> {
         let dir: PathBuf = dir.into();
-        let dir = blocking(move || {
+        let dir = blocking(DEFAULT_TIMEOUT, move || {
             create_dir_durably(&dir).map_err(|e| {
                 StoreError::io(e).with_message(format!("cannot create {}", dir.display()))
             })?;
@@ -158,8 +185,40 @@ impl FileStore {
         Ok(FileStore {
             dir: Arc::new(dir),
             ttl: None,
+            timeout: DEFAULT_TIMEOUT,
             next_prune: Arc::default(),
         })
+    }
+
+    /// How long a call ([`load`](SessionStore::load),
+    /// [`load_all`](SessionStore::load_all), [`save`](SessionStore::save),
+    /// [`delete`](SessionStore::delete), [`prune`](FileStore::prune)) waits
+    /// for the file system before it fails with a
+    /// [`timeout`](StoreError::is_timeout) error: 10 seconds by default. A
+    /// zero `limit` is taken as 1 ms. Applies to this handle and the clones
+    /// made from it afterwards.
+    ///
+    /// A file operation cannot be interrupted: one that times out goes on
+    /// in the background on its blocking thread. A save or delete that
+    /// times out may therefore still land, but never after a later write
+    /// of the same session: the writes of a record run one at a time, in
+    /// the order they were asked for, and a later one waits (within its
+    /// own limit) for the one still under way.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use tower_ha::store::FileStore;
+    ///
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// # let dir = tmp.path();
+    /// let store = FileStore::open(dir).await.unwrap().with_timeout(Duration::from_secs(2));
+    /// # let _ = store;
+    /// # }
+    /// ```
+    pub fn with_timeout(mut self, limit: Duration) -> Self {
+        self.timeout = limit.max(Duration::from_millis(1));
+        self
     }
 
     /// Makes records expire `ttl` after their last save or
@@ -216,7 +275,7 @@ impl FileStore {
             return Ok(0);
         };
         let dir = self.dir.clone();
-        blocking(move || prune(&dir, ttl)).await
+        blocking(self.timeout, move || prune(&dir, ttl)).await
     }
 
     /// Starts a prune in the background if none started in the last half
@@ -260,6 +319,7 @@ impl fmt::Debug for FileStore {
         f.debug_struct("FileStore")
             .field("dir", &self.dir)
             .field("ttl", &self.ttl)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -268,14 +328,14 @@ impl SessionStore for FileStore {
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         let dir = self.dir.clone();
         let ttl = self.ttl;
-        Box::pin(blocking(move || load_all(&dir, ttl)))
+        Box::pin(blocking(self.timeout, move || load_all(&dir, ttl)))
     }
 
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         let dir = self.dir.clone();
         let key = key.to_owned();
         let ttl = self.ttl;
-        Box::pin(blocking(move || load_one(&dir, &key, ttl)))
+        Box::pin(blocking(self.timeout, move || load_one(&dir, &key, ttl)))
     }
 
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
@@ -286,7 +346,11 @@ impl SessionStore for FileStore {
             let bytes = encoded.map_err(|e| {
                 StoreError::other(e).with_message("session cannot be encoded as JSON")
             })?;
-            blocking(move || write_atomic(&dir, &name, &bytes)).await?;
+            let paths = [dir.join(&name)];
+            writing(self.timeout, &paths, move || {
+                write_atomic(&dir, &name, &bytes)
+            })
+            .await?;
             self.prune_if_due();
             Ok(())
         })
@@ -299,7 +363,8 @@ impl SessionStore for FileStore {
             if names.is_empty() {
                 return Ok(());
             }
-            blocking(move || delete(&dir, &names)).await
+            let paths: Vec<PathBuf> = names.iter().map(|name| dir.join(name)).collect();
+            writing(self.timeout, &paths, move || delete(&dir, &names)).await
         })
     }
 
@@ -309,17 +374,113 @@ impl SessionStore for FileStore {
     }
 }
 
-/// Runs `f` on the blocking pool of the current tokio runtime.
-async fn blocking<T, F>(f: F) -> Result<T, StoreError>
+/// Runs `f` on the blocking pool of the current tokio runtime, waiting
+/// for it at most `limit`.
+async fn blocking<T, F>(limit: Duration, f: F) -> Result<T, StoreError>
 where
     F: FnOnce() -> Result<T, StoreError> + Send + 'static,
     T: Send + 'static,
 {
-    let handle = tokio::runtime::Handle::try_current()
-        .map_err(|e| StoreError::other(e).with_message("FileStore needs a tokio runtime"))?;
-    match handle.spawn_blocking(f).await {
+    within(limit, run(f)).await
+}
+
+/// Runs `f` on the blocking pool of the current tokio runtime.
+async fn run<T, F>(f: F) -> Result<T, StoreError>
+where
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    match runtime()?.spawn_blocking(f).await {
         Ok(result) => result,
         Err(e) => Err(StoreError::other(e).with_message("file operation did not complete")),
+    }
+}
+
+/// The current tokio runtime.
+fn runtime() -> Result<tokio::runtime::Handle, StoreError> {
+    tokio::runtime::Handle::try_current()
+        .map_err(|e| StoreError::other(e).with_message("FileStore needs a tokio runtime"))
+}
+
+/// `call`'s answer, or a timeout error once `limit` has passed.
+async fn within<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    // Without a runtime, an error rather than the timer's panic.
+    runtime()?;
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|elapsed| {
+        Err(StoreError::timeout(elapsed).with_message(format!(
+            "the file system did not answer within {limit:?}; the operation goes on in the background"
+        )))
+    })
+}
+
+/// Runs the write `f` of the records at `paths` as [`blocking`] does, once
+/// the writes of those records asked for earlier have ended (see
+/// [`WRITING`]); the wait counts towards `limit`.
+async fn writing<F>(limit: Duration, paths: &[PathBuf], f: F) -> Result<(), StoreError>
+where
+    F: FnOnce() -> Result<(), StoreError> + Send + 'static,
+{
+    within(limit, async {
+        // In one order for every write, so that two deletes of
+        // overlapping records cannot each hold what the other waits for.
+        let mut paths: Vec<&PathBuf> = paths.iter().collect();
+        paths.sort_unstable();
+        paths.dedup();
+        let mut turns = Vec::with_capacity(paths.len());
+        for path in paths {
+            turns.push(Turn::wait(path).await);
+        }
+        // The turns go with the write, and end when it ends.
+        run(move || {
+            let result = f();
+            drop(turns);
+            result
+        })
+        .await
+    })
+    .await
+}
+
+/// A write's turn on one record file, from the moment it waits for the
+/// record's lock until it gives the lock back; the last turn of a record
+/// removes it from [`WRITING`].
+struct Turn {
+    path: PathBuf,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Turn {
+    async fn wait(path: &Path) -> Turn {
+        let lock = {
+            let mut writing = WRITING.lock();
+            let record = writing.entry(path.to_owned()).or_default();
+            record.turns += 1;
+            record.lock.clone()
+        };
+        // Counted from here, so that a caller that stops waiting gives
+        // its turn up too.
+        let mut turn = Turn {
+            path: path.to_owned(),
+            guard: None,
+        };
+        turn.guard = Some(lock.lock_owned().await);
+        turn
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut writing = WRITING.lock();
+        if let Some(record) = writing.get_mut(&self.path) {
+            record.turns -= 1;
+            if record.turns == 0 {
+                writing.remove(&self.path);
+            }
+        }
     }
 }
 
@@ -810,6 +971,44 @@ mod tests {
     /// Every directory `sync_dir` flushed, in order.
     #[cfg(unix)]
     pub(super) static SYNCED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// A record's entry in the table of writes goes with its last turn,
+    /// whether that turn wrote, timed out while its write went on, or gave
+    /// up while it waited.
+    #[tokio::test]
+    async fn the_table_of_writes_forgets_a_record_once_no_write_needs_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("k_x.json");
+        let entry = || WRITING.lock().get(&path).map(|r| r.turns);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let paths = [path.clone()];
+        // A write whose blocking call waits for the test: it times out and
+        // keeps its turn.
+        let limit = Duration::from_millis(20);
+        let first = writing(limit, &paths, move || {
+            held.recv().unwrap();
+            Ok(())
+        });
+        assert!(first.await.unwrap_err().is_timeout());
+        assert_eq!(entry(), Some(1));
+        // One that waits for it and gives up.
+        assert!(writing(limit, &paths, || Ok(()))
+            .await
+            .unwrap_err()
+            .is_timeout());
+        assert_eq!(entry(), Some(1));
+        // One that waits, and writes once the first has ended.
+        let mut last = tokio::spawn({
+            let paths = paths.clone();
+            async move { writing(Duration::from_secs(60), &paths, || Ok(())).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(entry(), Some(2));
+        assert!(futures::poll!(&mut last).is_pending());
+        release.send(()).unwrap();
+        last.await.unwrap().unwrap();
+        assert_eq!(entry(), None);
+    }
 
     #[tokio::test]
     async fn a_prune_leaves_a_record_this_process_is_writing() {
