@@ -53,6 +53,15 @@ impl Write {
             Write::Delete(key) | Write::Refresh(key) => key,
         }
     }
+
+    /// What the owner hears of when it fails.
+    fn op(&self) -> &'static str {
+        match self {
+            Write::Save(_) => "save",
+            Write::Delete(_) => "delete",
+            Write::Refresh(_) => "refresh",
+        }
+    }
 }
 
 /// Who owns a [`Writes`] and hears of the writes that fail.
@@ -119,8 +128,10 @@ pub(crate) type Done = oneshot::Receiver<Result<(), StoreError>>;
 
 /// Waits for a write's result.
 pub(crate) async fn landed(done: Done) -> Result<(), StoreError> {
+    // Every write is finished with its result, even when its task ends
+    // early; a closed channel is only a guard.
     done.await
-        .unwrap_or_else(|_| Err(StoreError::other("the session store panicked")))
+        .unwrap_or_else(|_| Err(StoreError::other("the write did not complete")))
 }
 
 impl Writes {
@@ -185,9 +196,10 @@ impl Writes {
                     owner: owner.clone(),
                     key,
                     store: store.clone(),
+                    current: Some(queued),
                     finished: false,
                 };
-                runtime.spawn(worker.run(queued));
+                runtime.spawn(worker.run());
             }
         }
         (made, Some(result))
@@ -199,38 +211,42 @@ struct Worker<O: Owner> {
     owner: Arc<O>,
     key: String,
     store: Arc<dyn SessionStore>,
+    /// The write under way (or about to be, in a task not polled yet).
+    current: Option<Queued>,
     /// Set once the queue is removed; until then, dropping the worker (a
-    /// store that panicked) hands the rest of the queue to a new task, or
-    /// removes it, so that the key's next write starts a task again.
+    /// store that panicked, a runtime that shut down) hands the rest of the
+    /// queue to a new task, or removes it, so that the key's next write
+    /// starts a task again.
     finished: bool,
 }
 
 impl<O: Owner> Worker<O> {
-    async fn run(mut self, first: Queued) {
+    async fn run(mut self) {
         let store = self.store.clone();
-        let mut next = first;
         loop {
-            let (op, result) = match &next.write {
+            let next = self.current.as_ref().expect("a worker has a write");
+            let result = match &next.write {
                 Write::Save(decided) => {
                     let now = self.owner.saved(&decided.key);
-                    ("save", store.save(now.as_ref().unwrap_or(decided)).await)
+                    store.save(now.as_ref().unwrap_or(decided)).await
                 }
-                Write::Delete(key) => ("delete", store.delete(std::slice::from_ref(key)).await),
+                Write::Delete(key) => store.delete(std::slice::from_ref(key)).await,
                 Write::Refresh(key) => match self.owner.saved(key) {
-                    Some(session) => ("refresh", store.refresh(&session).await),
-                    None => ("refresh", Ok(())),
+                    Some(session) => store.refresh(&session).await,
+                    None => Ok(()),
                 },
             };
             if let Err(error) = &result {
-                self.owner.failed(&self.key, op, error);
+                self.owner.failed(&self.key, next.write.op(), error);
             }
-            next.finish(result);
+            let done = self.current.take().expect("a worker has a write");
+            done.finish(result);
             let mut queues = self.owner.writes().queues.lock();
             let queue = queues
                 .get_mut(&self.key)
                 .expect("a key's queue lives while its task does");
             match queue.pop_front() {
-                Some(queued) => next = queued,
+                Some(queued) => self.current = Some(queued),
                 None => {
                     queues.remove(&self.key);
                     self.finished = true;
@@ -246,11 +262,15 @@ impl<O: Owner> Drop for Worker<O> {
         if self.finished {
             return;
         }
-        // The write under way's waiter learns it from its closed channel.
         let panicked = std::thread::panicking();
-        if panicked {
-            let error = StoreError::other("the session store panicked");
-            self.owner.failed(&self.key, "write", &error);
+        let cut_short = || match panicked {
+            true => StoreError::other("the session store panicked"),
+            false => StoreError::other("the runtime shut down before the write landed"),
+        };
+        if let Some(current) = self.current.take() {
+            let error = cut_short();
+            self.owner.failed(&self.key, current.write.op(), &error);
+            current.finish(Err(error));
         }
         let mut queues = self.owner.writes().queues.lock();
         let next = queues.get_mut(&self.key).and_then(VecDeque::pop_front);
@@ -263,13 +283,19 @@ impl<O: Owner> Drop for Worker<O> {
                     owner: self.owner.clone(),
                     key: std::mem::take(&mut self.key),
                     store: self.store.clone(),
+                    current: Some(next),
                     finished: false,
                 };
-                runtime.spawn(worker.run(next));
+                runtime.spawn(worker.run());
             }
-            // Cancelled with its runtime: the rest go with it.
-            _ => {
-                queues.remove(&self.key);
+            // Cancelled with its runtime: the rest go with it, and their
+            // waiters learn it.
+            (next, _) => {
+                let rest = queues.remove(&self.key).unwrap_or_default();
+                drop(queues);
+                for queued in next.into_iter().chain(rest) {
+                    queued.finish(Err(cut_short()));
+                }
             }
         }
     }
@@ -487,6 +513,34 @@ mod tests {
         );
     }
 
+    /// Writes cut short by their runtime's shutdown (one under way, one
+    /// waiting behind it) are reported as such, not as a store's panic.
+    #[test]
+    fn writes_cut_short_by_a_shutdown_say_so() {
+        let (store, inner, _permits) = gated();
+        let log = Arc::new(Log::default());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (save, delete) = runtime.block_on(async {
+            let save = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
+            let delete = Writes::submit(&log, &store, Write::Delete("k".into()));
+            // The save starts and waits for a permit that never comes.
+            tokio::task::yield_now().await;
+            (save, delete)
+        });
+        drop(runtime);
+        for done in [save, delete] {
+            let error = futures::executor::block_on(landed(done)).unwrap_err();
+            let cause = std::error::Error::source(&error).unwrap().to_string();
+            assert!(cause.contains("runtime shut down"), "{cause}");
+        }
+        assert_eq!(*log.failed.lock(), ["save k"]);
+        assert!(log.writes.queues.lock().is_empty());
+        let stored = futures::executor::block_on(inner.load("k")).unwrap();
+        assert!(stored.is_none());
+    }
+
     #[tokio::test]
     async fn a_store_that_panics_does_not_stop_the_key_for_good() {
         let (store, inner, permits) = gated();
@@ -496,10 +550,12 @@ mod tests {
         let panicked = Writes::submit(&log, &store, Write::Save(Session::new("k", "panic".into())));
         // Decided after the write that panics: still lands.
         let delete = Writes::submit(&log, &store, Write::Delete("k".into()));
-        assert!(panicked.await.is_err(), "its waiter learns it");
+        let error = landed(panicked).await.unwrap_err();
+        let cause = std::error::Error::source(&error).unwrap().to_string();
+        assert!(cause.contains("panicked"), "its waiter learns it: {cause}");
         landed(delete).await.unwrap();
         assert!(inner.load("k").await.unwrap().is_none(), "deleted");
-        assert_eq!(*log.failed.lock(), ["write k"]);
+        assert_eq!(*log.failed.lock(), ["save k"]);
         let after = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
         after.await.unwrap().unwrap();
         assert_eq!(
