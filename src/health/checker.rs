@@ -396,7 +396,7 @@ impl Entry {
                         to = "unhealthy",
                         reason = "probes failed",
                         failed = self.failures,
-                        error = %error,
+                        error = %crate::error::Chain(&*error),
                         "backend unhealthy"
                     );
                     emit(events, || Event::HealthChanged {
@@ -406,7 +406,7 @@ impl Entry {
                         reason: "probes failed".into(),
                     });
                 } else {
-                    tracing::debug!(backend = %id, failed = self.failures, error = %error, "probe failed");
+                    tracing::debug!(backend = %id, failed = self.failures, error = %crate::error::Chain(&*error), "probe failed");
                 }
             }
         }

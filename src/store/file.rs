@@ -290,7 +290,7 @@ impl FileStore {
             handle.spawn_blocking(move || match prune(&dir, ttl) {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(dir = %dir.display(), removed = n, "expired sessions removed"),
-                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot prune expired sessions"),
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %crate::error::Chain(&e), "cannot prune expired sessions"),
             });
         }
     }
@@ -953,7 +953,7 @@ fn load_all(dir: &Path, ttl: Option<Duration>) -> Result<Loaded, StoreError> {
             Ok(Some(session)) => loaded.sessions.push(session),
             Ok(None) => {} // deleted while listing, or expired
             Err(e) => {
-                tracing::warn!(file = %name, error = %e, "skipping unreadable session file");
+                tracing::warn!(file = %name, error = %crate::error::Chain(&e), "skipping unreadable session file");
                 loaded.skip(name, e);
             }
         }
