@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 use tower_ha::balance::{Balance, Priority, RoundRobin};
-use tower_ha::control::{AdminService, Events, Handle};
+use tower_ha::control::{AdminBody, AdminService, Events, Handle};
 use tower_ha::{AdminStatus, HealthStatus, Pool};
 
 struct Fixture {
@@ -62,7 +62,7 @@ async fn call_with(
     let request = request
         .body(Full::new(Bytes::from(body.to_owned())))
         .unwrap();
-    let response: Response<Full<Bytes>> = admin.clone().oneshot(request).await.unwrap();
+    let response: Response<AdminBody> = admin.clone().oneshot(request).await.unwrap();
     let status = response.status();
     assert_eq!(
         response.headers()["content-type"],

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::uri::Authority;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::{Deserialize, Serialize};
 use tower_service::Service;
@@ -194,6 +194,31 @@ impl Settings {
     }
 }
 
+/// The body of an [`AdminService`] response: a JSON document, whole (empty
+/// in the answer to `HEAD`). Its `Content-Length` is set.
+#[derive(Debug, Default, Clone)]
+pub struct AdminBody(Full<Bytes>);
+
+impl Body for AdminBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.get_mut().0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
+
 /// The body of `POST /groups/{name}/primary`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -206,7 +231,7 @@ struct ErrorBody<'a> {
     error: &'a str,
 }
 
-type AdminFuture = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+type AdminFuture = Pin<Box<dyn Future<Output = Result<Response<AdminBody>, Infallible>> + Send>>;
 
 impl<B> Service<Request<B>> for AdminService
 where
@@ -214,7 +239,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Full<Bytes>>;
+    type Response = Response<AdminBody>;
     type Error = Infallible;
     type Future = AdminFuture;
 
@@ -236,7 +261,7 @@ where
             if head {
                 // The answer to GET, headers and all (its `Content-Length`
                 // included), without the body.
-                *response.body_mut() = Full::default();
+                *response.body_mut() = AdminBody::default();
             }
             Ok(response)
         })
@@ -261,30 +286,30 @@ fn addressed_to<B>(req: &Request<B>) -> Result<Option<Authority>, ()> {
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<AdminBody> {
     match serde_json::to_vec(value) {
         Ok(body) => json_body(status, body),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 
-fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+fn error(status: StatusCode, message: &str) -> Response<AdminBody> {
     let body = serde_json::to_vec(&ErrorBody { error: message }).unwrap_or_default();
     json_body(status, body)
 }
 
 /// A JSON answer whose length is in its headers, so that the answer to a
 /// `HEAD`, whose body is dropped, still says it.
-fn json_body(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+fn json_body(status: StatusCode, body: Vec<u8>) -> Response<AdminBody> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, body.len())
-        .body(Full::from(body))
-        .unwrap_or_else(|_| Response::new(Full::default()))
+        .body(AdminBody(Full::from(body)))
+        .unwrap_or_else(|_| Response::new(AdminBody::default()))
 }
 
-fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+fn not_allowed(allow: &'static str) -> Response<AdminBody> {
     let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
     response
         .headers_mut()
@@ -292,7 +317,7 @@ fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     response
 }
 
-fn control_error(e: &ControlError) -> Response<Full<Bytes>> {
+fn control_error(e: &ControlError) -> Response<AdminBody> {
     let status = match e {
         ControlError::UnknownGroup(_) | ControlError::UnknownBackend(_) => StatusCode::NOT_FOUND,
         ControlError::NotActivePassive(_) | ControlError::DuplicateGroup(_) => StatusCode::CONFLICT,
@@ -330,7 +355,7 @@ fn percent_decode(segment: &str) -> Option<String> {
 
 /// `None` when `req` declares a JSON body (`application/json`, any
 /// parameters); otherwise the 415 answer.
-fn require_json<B>(req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+fn require_json<B>(req: &Request<B>) -> Option<Response<AdminBody>> {
     let declared = req.headers().get(header::CONTENT_TYPE);
     let is_json = declared
         .and_then(|v| v.to_str().ok())
@@ -364,7 +389,7 @@ fn no_parameters(body: &[u8]) -> Result<(), String> {
 }
 
 /// The whole body, at most 64 KiB.
-async fn read_body<B>(body: B) -> Result<Bytes, Response<Full<Bytes>>>
+async fn read_body<B>(body: B) -> Result<Bytes, Response<AdminBody>>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -398,7 +423,7 @@ fn limit_param(query: Option<&str>) -> Result<usize, String> {
     Ok(100)
 }
 
-async fn route<B>(handle: &Handle, settings: &Settings, req: Request<B>) -> Response<Full<Bytes>>
+async fn route<B>(handle: &Handle, settings: &Settings, req: Request<B>) -> Response<AdminBody>
 where
     B: Body,
     B::Error: Into<BoxError>,

@@ -31,7 +31,7 @@ mod stats;
 
 #[cfg(feature = "admin")]
 #[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
-pub use admin::AdminService;
+pub use admin::{AdminBody, AdminService};
 pub use events::{Event, Events, Record, RecvError, Subscriber, SwitchReason};
 pub use group::{GroupStrategy, GroupTable};
 pub use handle::{ControlError, GroupMode, Handle};
