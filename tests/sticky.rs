@@ -2005,6 +2005,12 @@ async fn strict_mode_refuses_a_session_whose_record_cannot_be_read() {
         assert_eq!(refused.key(), "k");
         assert!(refused.is_unreadable());
         assert_eq!(refused.backend(), None, "nothing names a backend");
+        // Why, from the store.
+        let cause = std::error::Error::source(refused).expect("the store's error");
+        let cause = cause
+            .downcast_ref::<tower_ha::store::StoreError>()
+            .expect("a store error");
+        assert!(cause.is_unavailable(), "{cause:?}");
     }
     assert_eq!(layer.stats().strict_refusals, 2);
     assert_eq!(

@@ -2,21 +2,27 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::BackendId;
+use crate::store::StoreError;
 
 /// In `strict` mode, a request's session is bound to a backend that cannot
 /// serve it (unavailable, removed, or a lower layer served the request
 /// elsewhere), or its record cannot be read from the store, and the session
 /// is not moved.
 ///
-/// Returned boxed; downcast it from [`BoxError`](crate::BoxError).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Returned boxed; downcast it from [`BoxError`](crate::BoxError). When
+/// the record could not be read, the store's error is its
+/// [`source`](StdError::source).
+#[derive(Debug, Clone)]
 pub struct SessionUnavailable {
     key: String,
     backend: Option<BackendId>,
-    unreadable: bool,
+    /// The store's error, when the record could not be read (shared by the
+    /// requests that waited for one load).
+    unreadable: Option<Arc<StoreError>>,
 }
 
 impl SessionUnavailable {
@@ -24,17 +30,21 @@ impl SessionUnavailable {
         SessionUnavailable {
             key: key.to_owned(),
             backend: Some(backend),
-            unreadable: false,
+            unreadable: None,
         }
     }
 
     /// The store could not be read for session `key`; `backend` is the one
     /// the request's cookie or this instance's table named, if any.
-    pub(crate) fn unreadable(key: &str, backend: Option<BackendId>) -> Self {
+    pub(crate) fn unreadable(
+        key: &str,
+        backend: Option<BackendId>,
+        error: Arc<StoreError>,
+    ) -> Self {
         SessionUnavailable {
             key: key.to_owned(),
             backend,
-            unreadable: true,
+            unreadable: Some(error),
         }
     }
 
@@ -54,23 +64,29 @@ impl SessionUnavailable {
     /// `stats().store_errors` and logged), rather than because its backend
     /// cannot serve it. The next request reads the store again.
     pub fn is_unreadable(&self) -> bool {
-        self.unreadable
+        self.unreadable.is_some()
     }
 }
 
 impl fmt::Display for SessionUnavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.backend, self.unreadable) {
-            (_, true) => f.write_str("the record of this session cannot be read from the store"),
-            (Some(backend), false) => {
+        match (&self.backend, &self.unreadable) {
+            (_, Some(_)) => f.write_str("the record of this session cannot be read from the store"),
+            (Some(backend), None) => {
                 write!(f, "the backend {backend} of this session is unavailable")
             }
-            (None, false) => f.write_str("the backend of this session is unavailable"),
+            (None, None) => f.write_str("the backend of this session is unavailable"),
         }
     }
 }
 
-impl StdError for SessionUnavailable {}
+impl StdError for SessionUnavailable {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.unreadable
+            .as_deref()
+            .map(|error| error as &(dyn StdError + 'static))
+    }
+}
 
 /// An `on_restore` hook ran longer than the layer's
 /// [`restore_timeout`](super::StickyLayer::restore_timeout): it was dropped,

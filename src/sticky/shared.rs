@@ -147,11 +147,11 @@ pub(crate) enum Stored {
     Found(Session),
     /// No record.
     Absent,
-    /// The store could not say (an error): a session started now is kept
+    /// The store could not say (the error): a session started now is kept
     /// in memory only, so that it cannot overwrite a record the store may
     /// hold, and its record is read again after `RELOAD_AFTER`. Strict
     /// mode refuses the request instead.
-    Unknown,
+    Unknown(Arc<StoreError>),
     /// The store holds a record this instance did not take (standalone
     /// mode: its restore failed): a session started now is kept in memory
     /// only, so that it cannot overwrite that record.
@@ -163,7 +163,7 @@ impl Stored {
     fn kept(&self) -> Kept {
         match self {
             Stored::Found(_) | Stored::Absent => Kept::Saved,
-            Stored::Unknown => Kept::Unread,
+            Stored::Unknown(_) => Kept::Unread,
             Stored::Unrestored => Kept::Memory,
         }
     }
@@ -580,14 +580,16 @@ impl Shared {
         // What this instance starts or learns here is saved unless the
         // store holds a record it could not read or did not take.
         let kept = stored.kept();
-        if self.config.strict && kept == Kept::Unread && self.may_have_record(&key) {
-            // Whatever backend the session is on, this instance cannot
-            // tell: routing it anywhere could move it. A key with no
-            // record is no session to move: it is routed as a new one,
-            // kept in memory (see `may_have_record`).
-            bump(&self.counters.strict_refusals, 1);
-            let named = unread.map(|u| u.backend).or(cookie);
-            return Err(SessionUnavailable::unreadable(&key, named));
+        if let (true, Stored::Unknown(error)) = (self.config.strict, &stored) {
+            if self.may_have_record(&key) {
+                // Whatever backend the session is on, this instance cannot
+                // tell: routing it anywhere could move it. A key with no
+                // record is no session to move: it is routed as a new one,
+                // kept in memory (see `may_have_record`).
+                bump(&self.counters.strict_refusals, 1);
+                let named = unread.map(|u| u.backend).or(cookie);
+                return Err(SessionUnavailable::unreadable(&key, named, error.clone()));
+            }
         }
         // The backend a session kept in memory failed on: it stays off it
         // wherever it is routed to it again.
@@ -839,7 +841,9 @@ impl Shared {
             // runtime's shutdown: as a store that could not be read.
             _ => {
                 tracing::warn!(target: TARGET, session = %key, "a session load ended without an answer");
-                Stored::Unknown
+                Stored::Unknown(Arc::new(StoreError::other(
+                    "the load ended without an answer (the store panicked, or the runtime shut down)",
+                )))
             }
         }
     }
@@ -872,12 +876,12 @@ impl Shared {
                     session.key
                 ));
                 self.store_error(key, "load", &error);
-                return Stored::Unknown;
+                return Stored::Unknown(Arc::new(error));
             }
             Ok(session) => session,
             Err(error) => {
                 self.store_error(key, "load", &error);
-                return Stored::Unknown;
+                return Stored::Unknown(Arc::new(error));
             }
         };
         match (session, &self.config.lock, &self.config.on_restore, restore) {
