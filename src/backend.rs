@@ -11,7 +11,7 @@
 
 use std::borrow::Borrow;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -218,6 +218,9 @@ pub struct BackendState {
     /// The queues of the pools holding this backend whose balancers let
     /// requests wait for a place; made at the first link.
     rooms: OnceLock<ArcSwap<Vec<Arc<Room>>>>,
+    /// Whether `rooms` is made: what a request's end reads (once or
+    /// twice, see `InFlight`'s drop) where no pool has a queue.
+    linked: AtomicBool,
     /// Tells this state from any other of the process, as its address
     /// cannot once it is freed.
     serial: u64,
@@ -243,6 +246,7 @@ impl BackendState {
             weight_permille: AtomicU32::new(1000),
             epoch: Instant::now(),
             rooms: OnceLock::new(),
+            linked: AtomicBool::new(false),
             serial: SERIALS.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -418,8 +422,15 @@ impl BackendState {
 
     /// Links this backend to the queue of a pool that holds it, for as
     /// long as the pool holds it (see [`unlink_room`](Self::unlink_room)).
+    ///
+    /// The pool then offers the places that may have opened here to its
+    /// waiting requests (`Room::wake_all`, after a fence). A request that
+    /// ends meanwhile reads the links again after freeing its place (see
+    /// `InFlight`'s drop): one of the two sees the other's change, so the
+    /// place is not left free while requests wait for it.
     pub(crate) fn link_room(&self, room: &Arc<Room>) {
         let rooms = self.rooms.get_or_init(ArcSwap::default);
+        self.linked.store(true, Ordering::SeqCst);
         if rooms.load().iter().any(|r| Arc::ptr_eq(r, room)) {
             return;
         }
@@ -447,6 +458,12 @@ impl BackendState {
             list.retain(|r| !Arc::ptr_eq(r, room));
             list
         });
+    }
+
+    /// How many queues this backend is linked to.
+    #[cfg(test)]
+    pub(crate) fn rooms_linked(&self) -> usize {
+        self.rooms.get().map_or(0, |rooms| rooms.load().len())
     }
 
     /// Hands the places a change may have made here to the requests
@@ -660,19 +677,21 @@ impl InFlight {
 impl Drop for InFlight {
     #[inline]
     fn drop(&mut self) {
-        let Some(rooms) = self.0.rooms.get() else {
-            self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return;
-        };
-        let rooms = rooms.load();
+        let state = &self.0;
+        let rooms = || state.rooms.get().map(ArcSwap::load);
         // The place goes straight to a waiting request, never free in
         // between, so that a request arriving now cannot take it first.
-        if rooms.iter().any(|room| room.take_over(&self.0)) {
+        let linked = state.linked.load(Ordering::SeqCst);
+        if linked && rooms().is_some_and(|rooms| rooms.iter().any(|r| r.take_over(state))) {
             return;
         }
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        for room in rooms.iter() {
-            room.released(&self.0);
+        // Sequentially consistent, as the second read of the links below:
+        // a queue linked since the first (see `link_room`) hears of it.
+        state.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if linked || state.linked.load(Ordering::SeqCst) {
+            for room in rooms().iter().flat_map(|rooms| rooms.iter()) {
+                room.released(state);
+            }
         }
     }
 }

@@ -673,6 +673,36 @@ impl<S: Clone, K: Into<BackendId>> FromIterator<(K, S)> for Pool<S> {
 mod tests {
     use super::*;
 
+    /// A state is linked to the queue of each pool with one that holds
+    /// it, and to no other: not to one it left, nor to one dropped.
+    #[test]
+    fn a_state_is_linked_to_the_queues_of_the_pools_that_hold_it() {
+        let first: Pool<u8> = Pool::new();
+        first.insert("a", 1);
+        first.open_room();
+        let state = first.state(&"a".into()).unwrap();
+        assert_eq!(state.rooms_linked(), 1);
+        let second: Pool<u8> = Pool::new();
+        second.insert_with_state("a", 1, state.clone());
+        assert_eq!(state.rooms_linked(), 1, "the second pool has no queue");
+        second.open_room();
+        assert_eq!(state.rooms_linked(), 2);
+        // Opened twice, inserted again: linked once.
+        second.open_room();
+        second.insert_with_state("a", 2, state.clone());
+        assert_eq!(state.rooms_linked(), 2);
+        drop(first);
+        assert_eq!(state.rooms_linked(), 1, "the dropped pool's queue");
+        assert!(second.remove(&"a".into()));
+        assert_eq!(state.rooms_linked(), 0, "a pool the state left");
+        second.insert_with_state("a", 3, state.clone());
+        assert_eq!(state.rooms_linked(), 1, "back in the pool");
+        // Replaced by a new state under the same id: the old one leaves.
+        second.insert_with_state("a", 4, Arc::new(BackendState::new(1)));
+        assert_eq!(state.rooms_linked(), 0);
+        assert_eq!(second.state(&"a".into()).unwrap().rooms_linked(), 1);
+    }
+
     #[test]
     fn membership_changes_swap_whole_snapshots() {
         let pool: Pool<u8> = Pool::new();

@@ -501,6 +501,7 @@ async fn a_state_shared_by_two_queued_pools_serves_the_queue_of_each() {
     );
     assert_eq!(*seen.lock().unwrap(), ["old", "new", "after", "third"]);
 }
+
 #[tokio::test(start_paused = true)]
 async fn a_tried_backend_that_joins_the_pool_again_is_still_tried() {
     let seen = Seen::default();

@@ -198,8 +198,10 @@ impl<S, P: Strategy> Balance<S, P> {
     /// its waiting requests and their places; the number and the wait are
     /// each balancer's own. A backend state shared by several pools
     /// ([`Pool::insert_with_state`], on a reload say) offers a place that
-    /// opens up to the queue of each pool that holds it at the time, one
-    /// queue after the other. A failover layer's per-try timeout
+    /// opens up to the queue of each pool that holds it at the time, in
+    /// the order the pools took it: the waiting requests of a later pool
+    /// get a place only when those of the earlier ones cannot use it (on a
+    /// reload, the old pool's last requests go first). A failover layer's per-try timeout
     /// and deadline count the time spent waiting. Applies to every clone of
     /// this balancer.
     ///
