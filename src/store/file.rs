@@ -119,12 +119,13 @@ fn is_digits(s: &str) -> bool {
 ///   has a time to live ([`with_ttl`](FileStore::with_ttl)).
 /// * **Never blocks the runtime**: every file operation runs on tokio's
 ///   blocking thread pool ([`tokio::task::spawn_blocking`]), so a store must
-///   be used inside a tokio runtime with its time driver enabled (for the
-///   timeouts below); outside one, calls fail with an
-///   [`other`](StoreError::is_other) error.
-/// * **Bounded waits**: a call that the file system does not finish within
-///   10 seconds (a hung network mount, a saturated blocking pool) fails with
-///   a [`timeout`](StoreError::is_timeout) error; see
+///   be used inside a tokio runtime; outside one, calls fail with an
+///   [`other`](StoreError::is_other) error. The runtime needs its time
+///   driver (as `#[tokio::main]` builds it) for the time limits below:
+///   on a runtime built without it, calls panic, as tokio's timers do.
+/// * **Bounded waits**: a call on one session that the file system does not
+///   finish within 10 seconds (a hung network mount, a saturated blocking
+///   pool) fails with a [`timeout`](StoreError::is_timeout) error; see
 ///   [`with_timeout`](FileStore::with_timeout).
 ///
 /// One process should own a directory: two processes writing the same
@@ -179,7 +180,11 @@ impl FileStore {
                     format!("{} is not a directory", dir.display()),
                 )));
             }
-            Ok(dir)
+            // One name for the directory however it was spelled, which
+            // the order of a record's writes goes by (see `WRITING`).
+            fs::canonicalize(&dir).map_err(|e| {
+                StoreError::io(e).with_message(format!("cannot resolve {}", dir.display()))
+            })
         })
         .await?;
         Ok(FileStore {
@@ -190,13 +195,15 @@ impl FileStore {
         })
     }
 
-    /// How long a call ([`load`](SessionStore::load),
-    /// [`load_all`](SessionStore::load_all), [`save`](SessionStore::save),
-    /// [`delete`](SessionStore::delete), [`prune`](FileStore::prune)) waits
-    /// for the file system before it fails with a
+    /// How long a call on one session ([`load`](SessionStore::load),
+    /// [`save`](SessionStore::save), [`delete`](SessionStore::delete))
+    /// waits for the file system before it fails with a
     /// [`timeout`](StoreError::is_timeout) error: 10 seconds by default. A
     /// zero `limit` is taken as 1 ms. Applies to this handle and the clones
-    /// made from it afterwards.
+    /// made from it afterwards. [`load_all`](SessionStore::load_all) and
+    /// [`prune`](FileStore::prune), whose time grows with the number of
+    /// records, have no limit: bound a restore with your own timeout if
+    /// you need one.
     ///
     /// A file operation cannot be interrupted: one that times out goes on
     /// in the background on its blocking thread. A save or delete that
@@ -275,7 +282,7 @@ impl FileStore {
             return Ok(0);
         };
         let dir = self.dir.clone();
-        blocking(self.timeout, move || prune(&dir, ttl)).await
+        run(move || prune(&dir, ttl)).await
     }
 
     /// Starts a prune in the background if none started in the last half
@@ -295,7 +302,8 @@ impl FileStore {
         }
     }
 
-    /// The directory the sessions are kept in.
+    /// The directory the sessions are kept in, as an absolute path with
+    /// its symbolic links resolved when the store was opened.
     pub fn path(&self) -> &Path {
         &self.dir
     }
@@ -328,7 +336,7 @@ impl SessionStore for FileStore {
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         let dir = self.dir.clone();
         let ttl = self.ttl;
-        Box::pin(blocking(self.timeout, move || load_all(&dir, ttl)))
+        Box::pin(run(move || load_all(&dir, ttl)))
     }
 
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
