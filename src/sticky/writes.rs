@@ -24,12 +24,14 @@
 //! request that ended the session meanwhile, and bring the record back.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::store::{Session, SessionStore, StoreError};
+use crate::store::{Session, SessionStore, StoreError, StoreFuture};
 
 /// One write of a key's record.
 pub(crate) enum Write {
@@ -213,10 +215,9 @@ struct Worker<O: Owner> {
     store: Arc<dyn SessionStore>,
     /// The write under way (or about to be, in a task not polled yet).
     current: Option<Queued>,
-    /// Set once the queue is removed; until then, dropping the worker (a
-    /// store that panicked, a runtime that shut down) hands the rest of the
-    /// queue to a new task, or removes it, so that the key's next write
-    /// starts a task again.
+    /// Set once the queue is removed; until then, dropping the worker (its
+    /// runtime shut down) fails the rest of the queue and removes it, so
+    /// that the key's next write starts a task again.
     finished: bool,
 }
 
@@ -225,16 +226,27 @@ impl<O: Owner> Worker<O> {
         let store = self.store.clone();
         loop {
             let next = self.current.as_ref().expect("a worker has a write");
-            let result = match &next.write {
-                Write::Save(decided) => {
-                    let now = self.owner.saved(&decided.key);
-                    store.save(now.as_ref().unwrap_or(decided)).await
+            // The session as the owner keeps it now, if it does.
+            let saved = match &next.write {
+                Write::Save(decided) => self.owner.saved(&decided.key),
+                Write::Refresh(key) => self.owner.saved(key),
+                Write::Delete(_) => None,
+            };
+            // A store that panics fails that write only: the key's later
+            // writes still land, in order (a delete behind a save that
+            // panicked included).
+            let result = match (&next.write, &saved) {
+                (Write::Save(decided), saved) => {
+                    let session = saved.as_ref().unwrap_or(decided);
+                    unless_panics(|| store.save(session)).await
                 }
-                Write::Delete(key) => store.delete(std::slice::from_ref(key)).await,
-                Write::Refresh(key) => match self.owner.saved(key) {
-                    Some(session) => store.refresh(&session).await,
-                    None => Ok(()),
-                },
+                (Write::Refresh(_), Some(session)) => {
+                    unless_panics(|| store.refresh(session)).await
+                }
+                (Write::Refresh(_), None) => Ok(()),
+                (Write::Delete(key), _) => {
+                    unless_panics(|| store.delete(std::slice::from_ref(key))).await
+                }
             };
             if let Err(error) = &result {
                 self.owner.failed(&self.key, next.write.op(), error);
@@ -257,14 +269,28 @@ impl<O: Owner> Worker<O> {
     }
 }
 
+/// The answer of the store call `make` makes, or an error if the store
+/// panics making it or answering.
+async fn unless_panics<'a>(make: impl FnOnce() -> StoreFuture<'a, ()>) -> Result<(), StoreError> {
+    let panicked = || StoreError::other("the session store panicked");
+    let mut call = std::panic::catch_unwind(AssertUnwindSafe(make)).map_err(|_| panicked())?;
+    std::future::poll_fn(|cx| {
+        std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx)))
+            .unwrap_or_else(|_| Poll::Ready(Err(panicked())))
+    })
+    .await
+}
+
 impl<O: Owner> Drop for Worker<O> {
     fn drop(&mut self) {
         if self.finished {
             return;
         }
-        let panicked = std::thread::panicking();
-        let cut_short = || match panicked {
-            true => StoreError::other("the session store panicked"),
+        // Cancelled: its runtime shut down (or the layer's own code
+        // panicked). The write under way and those behind it fail, and
+        // their waiters learn why.
+        let cut_short = || match std::thread::panicking() {
+            true => StoreError::other("the session write task panicked"),
             false => StoreError::other("the runtime shut down before the write landed"),
         };
         if let Some(current) = self.current.take() {
@@ -272,31 +298,9 @@ impl<O: Owner> Drop for Worker<O> {
             self.owner.failed(&self.key, current.write.op(), &error);
             current.finish(Err(error));
         }
-        let mut queues = self.owner.writes().queues.lock();
-        let next = queues.get_mut(&self.key).and_then(VecDeque::pop_front);
-        match (next, tokio::runtime::Handle::try_current()) {
-            // The writes decided after it still land, in order (a delete
-            // behind a save that panicked included).
-            (Some(next), Ok(runtime)) if panicked => {
-                drop(queues);
-                let worker = Worker {
-                    owner: self.owner.clone(),
-                    key: std::mem::take(&mut self.key),
-                    store: self.store.clone(),
-                    current: Some(next),
-                    finished: false,
-                };
-                runtime.spawn(worker.run());
-            }
-            // Cancelled with its runtime: the rest go with it, and their
-            // waiters learn it.
-            (next, _) => {
-                let rest = queues.remove(&self.key).unwrap_or_default();
-                drop(queues);
-                for queued in next.into_iter().chain(rest) {
-                    queued.finish(Err(cut_short()));
-                }
-            }
+        let rest = self.owner.writes().queues.lock().remove(&self.key);
+        for queued in rest.into_iter().flatten() {
+            queued.finish(Err(cut_short()));
         }
     }
 }
