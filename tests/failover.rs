@@ -124,6 +124,26 @@ async fn per_try_timeout_moves_on_at_the_configured_instant() {
     assert_eq!(Instant::now() - start, Duration::from_millis(130));
 }
 
+/// A zero per-try timeout or deadline is none: the slow backend answers,
+/// and no attempt is abandoned.
+#[tokio::test(start_paused = true)]
+async fn a_zero_timeout_or_deadline_is_none() {
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    let service = ServiceBuilder::new()
+        .layer(
+            FailoverLayer::new()
+                .per_try_timeout(Duration::ZERO)
+                .deadline(Duration::ZERO),
+        )
+        .service(Balance::new(pool, RoundRobin::new()));
+    let call = tokio::spawn(service.oneshot(Request::new(())));
+    let (_, a_reply) = next(&mut handles[0], "a is tried first").await;
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    a_reply.send_response(status(200));
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(served_by(&response), "a");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_request_that_carries_a_pick_slot_of_its_own_is_timed_on_every_retry() {
     let (pool, mut handles) = mock_fleet(&["a", "b", "c"]);

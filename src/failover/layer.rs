@@ -155,8 +155,11 @@ impl<C> FailoverLayer<C> {
     /// its body is not timed (a backend that stalls in the middle of its
     /// body is not bounded by this layer; `HttpBackend` bounds it with its
     /// client's `read_timeout`).
+    ///
+    /// A zero `timeout` means none (the default), rather than one that
+    /// abandons every attempt, and every backend with it.
     pub fn per_try_timeout(mut self, timeout: Duration) -> Self {
-        self.config.per_try_timeout = Some(timeout);
+        self.config.per_try_timeout = (!timeout.is_zero()).then_some(timeout);
         self
     }
 
@@ -166,8 +169,11 @@ impl<C> FailoverLayer<C> {
     ///
     /// The deadline runs until the response head, like the per-try timeout:
     /// the body of a response already returned is not bounded by it.
+    ///
+    /// A zero `deadline` means none (the default), rather than one that
+    /// fails every request.
     pub fn deadline(mut self, deadline: Duration) -> Self {
-        self.config.deadline = Some(deadline);
+        self.config.deadline = (!deadline.is_zero()).then_some(deadline);
         self
     }
 

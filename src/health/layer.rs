@@ -118,7 +118,9 @@ impl<C> HealthLayer<C> {
         self
     }
 
-    /// No ejection lasts longer than this (default 300 s).
+    /// No ejection lasts longer than this (default 300 s), unless
+    /// [`base_ejection_time`](Self::base_ejection_time) is longer: then
+    /// every ejection lasts the base time (as in Envoy).
     pub fn max_ejection_time(mut self, time: Duration) -> Self {
         self.config.max_ejection_time = time;
         self

@@ -74,9 +74,10 @@ impl SuccessRate {
         self
     }
 
-    /// The length of a window (default 10 s).
+    /// The length of a window (default 10 s; at least 1 s, as a shorter
+    /// one holds too few requests to judge a rate by).
     pub fn window(mut self, window: Duration) -> Self {
-        self.window = window;
+        self.window = window.max(Duration::from_secs(1));
         self
     }
 }
@@ -100,7 +101,14 @@ impl OutlierConfig {
     pub(crate) fn ejection_time(&self, backoff: u32) -> Duration {
         self.base_ejection_time
             .saturating_mul(backoff.max(1))
-            .min(self.max_ejection_time)
+            .min(self.max_ejection())
+    }
+
+    /// The longest ejection: the configured maximum, or the base time if
+    /// it is longer (as Envoy takes it), so that an ejection always lasts
+    /// at least the base time.
+    fn max_ejection(&self) -> Duration {
+        self.max_ejection_time.max(self.base_ejection_time)
     }
 }
 
@@ -127,7 +135,7 @@ impl Backoff {
             let intervals = clean / config.ejection_decay.as_nanos().max(1);
             multiplier = multiplier.saturating_sub(u32::try_from(intervals).unwrap_or(u32::MAX));
         }
-        let (base, max) = (config.base_ejection_time, config.max_ejection_time);
+        let (base, max) = (config.base_ejection_time, config.max_ejection());
         if base.saturating_mul(multiplier) < max.saturating_add(base) {
             multiplier = multiplier.saturating_add(1);
         }
@@ -404,12 +412,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_success_rate_window_is_at_least_a_second() {
+        assert_eq!(
+            SuccessRate::new(0.9).window(Duration::ZERO).window,
+            Duration::from_secs(1)
+        );
+        let long = Duration::from_secs(60);
+        assert_eq!(SuccessRate::new(0.9).window(long).window, long);
+    }
+
+    #[test]
     fn ejection_time_grows_and_is_capped() {
         let c = OutlierConfig::default();
         assert_eq!(c.ejection_time(1), Duration::from_secs(30));
         assert_eq!(c.ejection_time(3), Duration::from_secs(90));
         assert_eq!(c.ejection_time(10), Duration::from_secs(300));
         assert_eq!(c.ejection_time(u32::MAX), Duration::from_secs(300));
+        // A maximum below the base time (zero, say) is the base time.
+        for max in [Duration::ZERO, Duration::from_secs(10)] {
+            let c = OutlierConfig {
+                max_ejection_time: max,
+                ..OutlierConfig::default()
+            };
+            assert_eq!(c.ejection_time(1), Duration::from_secs(30));
+            assert_eq!(c.ejection_time(5), Duration::from_secs(30));
+        }
     }
 
     #[tokio::test(start_paused = true)]
