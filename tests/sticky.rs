@@ -225,6 +225,39 @@ async fn cookie_insert_pins_every_client_to_its_first_backend() {
     assert_eq!(layer.stats().sessions, 30);
 }
 
+/// A backend id the cookie cannot carry (empty, or over 768 bytes) gets
+/// no cookie, rather than one that no later request could be read by.
+#[tokio::test]
+async fn no_cookie_names_a_backend_it_cannot_carry() {
+    let sticky_over = |id: String| {
+        let pool = Pool::new();
+        pool.insert(
+            id,
+            tower::service_fn(|_: Request<()>| async {
+                Ok::<_, BoxError>(Response::new(String::from("served")))
+            }),
+        );
+        stack(
+            &pool,
+            StickyLayer::new(&pool, SessionKey::insert_cookie(insert_cookie())),
+        )
+    };
+    for id in [String::new(), "x".repeat(769)] {
+        let res = send(&sticky_over(id.clone()), Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(res.body(), "served");
+        assert!(
+            cookie_of(&res).is_none(),
+            "a cookie for an id of {} bytes",
+            id.len()
+        );
+    }
+    // The longest id it carries gets one.
+    let res = send(&sticky_over("x".repeat(768)), Request::new(())).await;
+    assert!(cookie_of(&res.unwrap()).is_some());
+}
+
 #[tokio::test(start_paused = true)]
 async fn sessions_move_off_an_unavailable_backend_once_and_do_not_move_back() {
     let c = cluster();
@@ -2524,6 +2557,27 @@ async fn a_restore_hook_over_its_time_limit_fails_and_keeps_the_record() {
         let kept = store.load("k2").await.unwrap().unwrap();
         assert_eq!(kept.backend.as_str(), "b", "its record is kept");
     }
+}
+
+/// A zero time limit is none: a hook that takes an hour restores its
+/// session.
+#[tokio::test(start_paused = true)]
+async fn a_zero_restore_timeout_is_no_limit() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&kernel("k1", "a")).await.unwrap();
+    let hook = |_: Session| async move {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok::<(), BoxError>(())
+    };
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .on_restore(hook)
+        .restore_timeout(Duration::ZERO);
+    let report = layer.restore().await.unwrap();
+    assert_eq!(report.restored, ["k1"]);
+    assert!(report.failed.is_empty());
 }
 
 #[tokio::test(start_paused = true)]

@@ -209,8 +209,8 @@ impl StickyLayer {
     /// waited for until that call returns.
     ///
     /// Measured with `tokio::time` (the runtime's timer must be enabled,
-    /// as `#[tokio::main]` does); outside a tokio runtime the hook runs
-    /// without a limit.
+    /// as `#[tokio::main]` does); outside a tokio runtime, or with a zero
+    /// `limit`, the hook runs without a limit.
     pub fn restore_timeout(self, limit: Duration) -> Self {
         self.with(|c| c.restore_timeout = limit)
     }

@@ -1000,7 +1000,13 @@ impl Shared {
         // in the restore's own future.
         let mut task = AbortOnDrop(runtime.spawn(async move { hook(session).await }));
         let limit = self.config.restore_timeout;
-        match tokio::time::timeout(limit, &mut task.0).await {
+        // A zero limit is none.
+        let limit = (!limit.is_zero()).then_some(limit);
+        let ran = match limit {
+            Some(limit) => tokio::time::timeout(limit, &mut task.0).await,
+            None => Ok((&mut task.0).await),
+        };
+        match ran {
             Ok(Ok(restored)) => restored,
             Ok(Err(e)) if e.is_panic() => Err(RestorePanicked::default().into()),
             Ok(Err(e)) => Err(e.into()),
@@ -1011,7 +1017,7 @@ impl Shared {
                 // while it still runs.
                 task.0.abort();
                 let _ = (&mut task.0).await;
-                Err(RestoreTimedOut::new(limit).into())
+                Err(RestoreTimedOut::new(limit.unwrap_or_default()).into())
             }
         }
     }
@@ -1356,11 +1362,13 @@ impl Shared {
         key: &str,
         backend: &BackendId,
     ) {
-        if backend.as_str().len() > cookie::MAX_BACKEND_ID {
+        // A cookie no later request could be read by (the cookie's
+        // parser takes neither) is not issued.
+        if backend.as_str().is_empty() || backend.as_str().len() > cookie::MAX_BACKEND_ID {
             tracing::warn!(
                 target: TARGET,
                 %backend,
-                "backend id too long for the sticky cookie; no cookie issued"
+                "backend id empty or too long for the sticky cookie; no cookie issued"
             );
             return;
         }
