@@ -435,6 +435,27 @@ async fn a_backend_back_with_its_state_takes_the_waiting_requests() {
     assert_eq!(*seen.lock().unwrap(), ["waiter"]);
 }
 
+/// Takes the only place on `a`, sends `label` through `balance`, which
+/// waits, and frees the place: the request is handed it at once.
+async fn waits_for_the_place_it_is_handed(
+    balance: &Balance<Recording, RoundRobin>,
+    a: &Arc<tower_ha::BackendState>,
+    label: &str,
+) {
+    let start = tokio::time::Instant::now();
+    let held = a.try_track_in_flight().unwrap();
+    let waiter = send(balance, label);
+    settle().await;
+    assert_eq!(balance.waiting(), 1);
+    drop(held);
+    assert_eq!(served_by(&waiter.await.unwrap()), "a");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "{label} waited for a timeout"
+    );
+}
+
 /// A backend's state taken into a second pool with its own queue (a
 /// reload): its places go to the queue of each pool that holds it, while
 /// both live and once the first is gone, and no longer to a pool it left.
@@ -470,17 +491,7 @@ async fn a_state_shared_by_two_queued_pools_serves_the_queue_of_each() {
 
     // The old pool gone: the new one's waiters get every place.
     drop((old_balance, old));
-    let held = a.try_track_in_flight().unwrap();
-    let waiter = send(&new_balance, "after");
-    settle().await;
-    assert_eq!(new_balance.waiting(), 1);
-    drop(held);
-    assert_eq!(served_by(&waiter.await.unwrap()), "a");
-    assert_eq!(
-        start.elapsed(),
-        Duration::ZERO,
-        "a waiter waited for a timeout"
-    );
+    waits_for_the_place_it_is_handed(&new_balance, &a, "after").await;
 
     // A pool the backend left no longer hears of its places (its queue
     // would not hand them out anyway); the pool it is back in does.
@@ -489,11 +500,7 @@ async fn a_state_shared_by_two_queued_pools_serves_the_queue_of_each() {
     third.insert_with_state("a", recording("a", seen.clone()), a.clone());
     let third_balance =
         Balance::new(third.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
-    let held = a.try_track_in_flight().unwrap();
-    let waiter = send(&third_balance, "third");
-    settle().await;
-    drop(held);
-    assert_eq!(served_by(&waiter.await.unwrap()), "a");
+    waits_for_the_place_it_is_handed(&third_balance, &a, "third").await;
     assert_eq!(
         start.elapsed(),
         Duration::ZERO,
