@@ -219,7 +219,7 @@ fn hash_key(spec: &str) -> KeyFn {
             Ok(name) => boxed(key::header(name)),
             Err(_) => usage(&format!("bad header name in --hash-key {spec}")),
         },
-        Some(("cookie", name)) => boxed(key::cookie(name)),
+        Some(("cookie", name)) if is_cookie_name(name) => boxed(key::cookie(name)),
         Some(("forwarded-for", hops)) => match hops.parse() {
             Ok(hops) if hops > 0 => {
                 boxed(key::forwarded_for().trusted_hops(hops).or(key::peer_ip()))
@@ -250,17 +250,18 @@ fn main() {
     runtime.block_on(run(o));
 }
 
+/// Whether `name` is a cookie name these flags take.
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 /// The session key `--sticky` names.
 fn session_key(spec: &str) -> SessionKey {
     let name = match spec.split_once(':') {
-        Some((_, name))
-            if !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
-        {
-            name
-        }
+        Some((_, name)) if is_cookie_name(name) => name,
         _ => usage(&format!("bad --sticky {spec}")),
     };
     match spec.split_once(':').map(|(kind, _)| kind) {

@@ -129,10 +129,23 @@ impl RequestKey for Header {
 }
 
 /// The value of the cookie `name`; absent when missing or empty.
+///
+/// # Panics
+///
+/// When `name` is not a valid cookie name (empty, or with separators,
+/// spaces or controls): no cookie could ever match it.
 pub fn cookie(name: impl Into<String>) -> Cookie {
     Cookie {
-        name: CookieName::new(&name.into()),
+        name: CookieName::valid(&name.into()),
     }
+}
+
+/// Whether `name` is a valid cookie name: a non-empty token (RFC 6265).
+pub(crate) fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// The key read by [`cookie`].
@@ -182,6 +195,12 @@ impl CookieName {
             matchable: !name.contains('='),
             name: name.into(),
         }
+    }
+
+    /// The name of a key, which must be valid (see [`cookie`]).
+    pub(crate) fn valid(name: &str) -> Self {
+        assert!(is_cookie_name(name), "invalid cookie name {name:?}");
+        CookieName::new(name)
     }
 
     pub(crate) fn as_str(&self) -> &str {
@@ -421,6 +440,25 @@ where
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+
+    /// A key on a name no cookie can have is a mistake, told at once
+    /// rather than a key that is never there.
+    #[test]
+    fn a_cookie_key_needs_a_valid_name() {
+        for bad in ["", "a=b", "a b", "a;b", "é"] {
+            assert!(std::panic::catch_unwind(|| cookie(bad)).is_err(), "{bad:?}");
+            let learned = || crate::sticky::SessionKey::learn_cookie(bad);
+            assert!(std::panic::catch_unwind(learned).is_err(), "{bad:?}");
+        }
+        for good in ["JSESSIONID", "StickyStr", "__Host-sid", "a.b-c_d"] {
+            let _ = cookie(good);
+            let _ = crate::sticky::SessionKey::learn_cookie(good);
+        }
+        // The lookup of a name on the fly answers "absent" instead.
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, HeaderValue::from_static("a=b=c"));
+        assert_eq!(cookie_value(&headers, "a=b"), None);
+    }
 
     fn head_with(headers: &[(&str, &str)]) -> Request<()> {
         let mut b = Request::builder();

@@ -174,7 +174,7 @@ impl CookieInsert {
                 got: secret.len(),
             });
         }
-        if name.is_empty() || !name.bytes().all(is_token_byte) {
+        if !crate::key::is_cookie_name(&name) {
             return Err(CookieConfigError::InvalidName(name));
         }
         let mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
@@ -189,9 +189,29 @@ impl CookieInsert {
 
     /// Whether to send `Secure` (default `true`). Turn it off only for
     /// plain-HTTP development.
+    ///
+    /// # Panics
+    ///
+    /// When turned off for a name with the `__Secure-` or `__Host-`
+    /// prefix: browsers drop such a cookie without `Secure`.
     pub fn secure(mut self, secure: bool) -> Self {
+        assert!(
+            secure || self.prefix().is_none(),
+            "a {:?} cookie must be Secure",
+            self.name.as_str()
+        );
         self.secure = secure;
         self
+    }
+
+    /// The name's prefix that browsers hold to rules (RFC 6265bis),
+    /// matched as they match it, without regard to case.
+    fn prefix(&self) -> Option<&'static str> {
+        let name = self.name.as_str().as_bytes();
+        ["__Secure-", "__Host-"].into_iter().find(|prefix| {
+            name.get(..prefix.len())
+                .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes()))
+        })
     }
 
     /// Sends `Max-Age` (whole seconds, rounded up, at least 1), so the
@@ -213,12 +233,20 @@ impl CookieInsert {
     ///
     /// # Panics
     ///
-    /// When `path` holds `;` or a control character.
+    /// When `path` does not start with `/` (browsers would take the
+    /// request's own path instead, and send the cookie back on that path
+    /// only), holds `;` or a control character, or is not `/` for a name
+    /// with the `__Host-` prefix (which browsers drop on any other path).
     pub fn path(mut self, path: impl Into<String>) -> Self {
         let path = path.into();
         assert!(
-            path.bytes().all(|b| b != b';' && !b.is_ascii_control()),
+            path.starts_with('/') && path.bytes().all(|b| b != b';' && !b.is_ascii_control()),
             "invalid cookie path {path:?}"
+        );
+        assert!(
+            path == "/" || self.prefix() != Some("__Host-"),
+            "a {:?} cookie must have the path /",
+            self.name.as_str()
         );
         self.path = path;
         self
@@ -311,10 +339,6 @@ fn is_b64url(b: u8) -> bool {
 }
 
 /// RFC 6265 cookie-name (an RFC 7230 token).
-fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
 /// What a response's `Set-Cookie` headers say about cookie `name`.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Learned<'a> {
@@ -465,6 +489,41 @@ mod tests {
         );
         let h = cookie().secure(false).set_cookie("v").unwrap();
         assert_eq!(h.to_str().unwrap(), "srv=v; Path=/; HttpOnly; SameSite=Lax");
+    }
+
+    /// Settings browsers would ignore, or that would keep the cookie from
+    /// coming back, are refused; those they keep are taken.
+    #[test]
+    fn paths_and_name_prefixes_follow_the_browsers_rules() {
+        let refused = |f: fn() -> CookieInsert| std::panic::catch_unwind(f).is_err();
+        let secret = [7u8; 32];
+        let named = |name: &str| CookieInsert::new(name, secret);
+        assert!(refused(|| CookieInsert::new("srv", [7u8; 32]).path("")));
+        assert!(refused(|| CookieInsert::new("srv", [7u8; 32]).path("api")));
+        assert!(refused(|| CookieInsert::new("srv", [7u8; 32]).path("/a;b")));
+        assert!(refused(
+            || CookieInsert::new("__Secure-srv", [7u8; 32]).secure(false)
+        ));
+        assert!(refused(
+            || CookieInsert::new("__host-srv", [7u8; 32]).secure(false)
+        ));
+        assert!(refused(
+            || CookieInsert::new("__Host-srv", [7u8; 32]).path("/api")
+        ));
+        let kept = named("srv")
+            .path("/api")
+            .secure(false)
+            .set_cookie("v")
+            .unwrap();
+        assert_eq!(kept, "srv=v; Path=/api; HttpOnly; SameSite=Lax");
+        let kept = named("__Secure-srv").path("/api").set_cookie("v").unwrap();
+        assert_eq!(
+            kept,
+            "__Secure-srv=v; Path=/api; HttpOnly; SameSite=Lax; Secure"
+        );
+        let kept = named("__Host-srv").path("/").set_cookie("v").unwrap();
+        assert_eq!(kept, "__Host-srv=v; Path=/; HttpOnly; SameSite=Lax; Secure");
+        assert!(named("srv__Host-").secure(false).set_cookie("v").is_some());
     }
 
     #[test]
