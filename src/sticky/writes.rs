@@ -273,10 +273,22 @@ impl<O: Owner> Worker<O> {
 /// panics making it or answering.
 async fn unless_panics<'a>(make: impl FnOnce() -> StoreFuture<'a, ()>) -> Result<(), StoreError> {
     let panicked = || StoreError::other("the session store panicked");
-    let mut call = std::panic::catch_unwind(AssertUnwindSafe(make)).map_err(|_| panicked())?;
+    let call = std::panic::catch_unwind(AssertUnwindSafe(make)).map_err(|_| panicked())?;
+    let mut call = Some(call);
     std::future::poll_fn(|cx| {
-        std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx)))
-            .unwrap_or_else(|_| Poll::Ready(Err(panicked())))
+        let Some(polled) = call.as_mut() else {
+            return Poll::Ready(Err(panicked()));
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| polled.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                // Dropped here, where a second panic (in its drop) is
+                // caught too.
+                let call = call.take();
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(call)));
+                Poll::Ready(Err(panicked()))
+            }
+        }
     })
     .await
 }
@@ -286,12 +298,12 @@ impl<O: Owner> Drop for Worker<O> {
         if self.finished {
             return;
         }
-        // Cancelled: its runtime shut down (or the layer's own code
-        // panicked). The write under way and those behind it fail, and
-        // their waiters learn why.
-        let cut_short = || match std::thread::panicking() {
-            true => StoreError::other("the session write task panicked"),
-            false => StoreError::other("the runtime shut down before the write landed"),
+        // Cancelled: its runtime shut down (or, unlikely, the layer's own
+        // code panicked; a store's panic is caught where it is polled). The
+        // write under way and those behind it fail, and their waiters
+        // learn why.
+        let cut_short = || {
+            StoreError::other("the write's task stopped (the runtime shut down) before it landed")
         };
         if let Some(current) = self.current.take() {
             let error = cut_short();
@@ -325,6 +337,9 @@ mod tests {
             self.inner.load(key)
         }
         fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+            if session.backend.as_str() == "panic at once" {
+                panic!("a store that panics before it answers with a future");
+            }
             Box::pin(async move {
                 self.permits.acquire().await.unwrap().forget();
                 match session.backend.as_str() {
@@ -551,15 +566,22 @@ mod tests {
         let log = Arc::new(Log::default());
         permits.add_permits(10);
         inner.save(&Session::new("k", "old".into())).await.unwrap();
+        // Another key's store call panics as it is made.
+        let at_once = Session::new("j", "panic at once".into());
+        let panicked_at_once = Writes::submit(&log, &store, Write::Save(at_once));
         let panicked = Writes::submit(&log, &store, Write::Save(Session::new("k", "panic".into())));
         // Decided after the write that panics: still lands.
         let delete = Writes::submit(&log, &store, Write::Delete("k".into()));
-        let error = landed(panicked).await.unwrap_err();
-        let cause = std::error::Error::source(&error).unwrap().to_string();
-        assert!(cause.contains("panicked"), "its waiter learns it: {cause}");
+        for panicked in [panicked_at_once, panicked] {
+            let error = landed(panicked).await.unwrap_err();
+            let cause = std::error::Error::source(&error).unwrap().to_string();
+            assert!(cause.contains("panicked"), "its waiter learns it: {cause}");
+        }
         landed(delete).await.unwrap();
         assert!(inner.load("k").await.unwrap().is_none(), "deleted");
-        assert_eq!(*log.failed.lock(), ["save k"]);
+        let mut failed = log.failed.lock().clone();
+        failed.sort();
+        assert_eq!(failed, ["save j", "save k"]);
         let after = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
         after.await.unwrap().unwrap();
         assert_eq!(
