@@ -122,7 +122,8 @@ fn is_digits(s: &str) -> bool {
 ///   be used inside a tokio runtime; outside one, calls fail with an
 ///   [`other`](StoreError::is_other) error. The runtime needs its time
 ///   driver (as `#[tokio::main]` builds it) for the time limits below:
-///   on a runtime built without it, calls panic, as tokio's timers do.
+///   on a runtime built without it, `open` and the calls on one session
+///   panic, as tokio's timers do.
 /// * **Bounded waits**: a call on one session that the file system does not
 ///   finish within 10 seconds (a hung network mount, a saturated blocking
 ///   pool) fails with a [`timeout`](StoreError::is_timeout) error; see
@@ -151,6 +152,9 @@ fn is_digits(s: &str) -> bool {
 #[derive(Clone)]
 pub struct FileStore {
     dir: Arc<PathBuf>,
+    /// The directory's one name (resolved when opened), for the order of
+    /// a record's writes across handles that spelled it differently.
+    named: Arc<PathBuf>,
     ttl: Option<Duration>,
     timeout: Duration,
     /// When the next save starts a prune (with a TTL), shared by clones.
@@ -182,13 +186,16 @@ impl FileStore {
             }
             // One name for the directory however it was spelled, which
             // the order of a record's writes goes by (see `WRITING`).
-            fs::canonicalize(&dir).map_err(|e| {
-                StoreError::io(e).with_message(format!("cannot resolve {}", dir.display()))
-            })
+            let named = fs::canonicalize(&dir)
+                .or_else(|_| std::path::absolute(&dir))
+                .unwrap_or_else(|_| dir.clone());
+            Ok((dir, named))
         })
         .await?;
+        let (dir, named) = dir;
         Ok(FileStore {
             dir: Arc::new(dir),
+            named: Arc::new(named),
             ttl: None,
             timeout: DEFAULT_TIMEOUT,
             next_prune: Arc::default(),
@@ -302,8 +309,7 @@ impl FileStore {
         }
     }
 
-    /// The directory the sessions are kept in, as an absolute path with
-    /// its symbolic links resolved when the store was opened.
+    /// The directory the sessions are kept in.
     pub fn path(&self) -> &Path {
         &self.dir
     }
@@ -354,7 +360,7 @@ impl SessionStore for FileStore {
             let bytes = encoded.map_err(|e| {
                 StoreError::other(e).with_message("session cannot be encoded as JSON")
             })?;
-            let paths = [dir.join(&name)];
+            let paths = [self.named.join(&name)];
             writing(self.timeout, &paths, move || {
                 write_atomic(&dir, &name, &bytes)
             })
@@ -371,7 +377,7 @@ impl SessionStore for FileStore {
             if names.is_empty() {
                 return Ok(());
             }
-            let paths: Vec<PathBuf> = names.iter().map(|name| dir.join(name)).collect();
+            let paths: Vec<PathBuf> = names.iter().map(|name| self.named.join(name)).collect();
             writing(self.timeout, &paths, move || delete(&dir, &names)).await
         })
     }
