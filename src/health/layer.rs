@@ -120,7 +120,8 @@ impl<C> HealthLayer<C> {
 
     /// No ejection lasts longer than this (default 300 s), unless
     /// [`base_ejection_time`](Self::base_ejection_time) is longer: then
-    /// every ejection lasts the base time (as in Envoy).
+    /// every ejection lasts the base time (a zero maximum included, which
+    /// would otherwise eject for no time at all).
     pub fn max_ejection_time(mut self, time: Duration) -> Self {
         self.config.max_ejection_time = time;
         self

@@ -105,8 +105,8 @@ impl OutlierConfig {
     }
 
     /// The longest ejection: the configured maximum, or the base time if
-    /// it is longer (as Envoy takes it), so that an ejection always lasts
-    /// at least the base time.
+    /// it is longer, so that an ejection always lasts at least the base
+    /// time.
     fn max_ejection(&self) -> Duration {
         self.max_ejection_time.max(self.base_ejection_time)
     }
