@@ -265,6 +265,11 @@ fn session_key(spec: &str) -> SessionKey {
         _ => usage(&format!("bad --sticky {spec}")),
     };
     match spec.split_once(':').map(|(kind, _)| kind) {
+        // Prefixed names need `Secure`, which this plain-HTTP proxy
+        // cannot send.
+        Some("cookie") if name.to_ascii_lowercase().starts_with("__") => usage(&format!(
+            "--sticky {spec}: a __Secure- or __Host- cookie needs HTTPS"
+        )),
         Some("cookie") => {
             let secret = match std::env::var_os("TOWER_HA_STICKY_SECRET") {
                 Some(secret) if secret.len() >= 32 => secret.into_encoded_bytes(),

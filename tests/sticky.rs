@@ -237,25 +237,30 @@ async fn no_cookie_names_a_backend_it_cannot_carry() {
                 Ok::<_, BoxError>(Response::new(String::from("served")))
             }),
         );
-        stack(
-            &pool,
-            StickyLayer::new(&pool, SessionKey::insert_cookie(insert_cookie())),
-        )
+        let store = MemoryStore::new();
+        let key = SessionKey::insert_cookie(insert_cookie());
+        let layer = StickyLayer::new(&pool, key).store(store.clone());
+        (stack(&pool, layer.clone()), layer, store)
     };
     for id in [String::new(), "x".repeat(769)] {
-        let res = send(&sticky_over(id.clone()), Request::new(()))
-            .await
-            .unwrap();
-        assert_eq!(res.body(), "served");
-        assert!(
-            cookie_of(&res).is_none(),
-            "a cookie for an id of {} bytes",
-            id.len()
-        );
+        let (svc, layer, store) = sticky_over(id.clone());
+        for _ in 0..3 {
+            let res = send(&svc, Request::new(())).await.unwrap();
+            assert_eq!(res.body(), "served");
+            let len = id.len();
+            assert!(
+                cookie_of(&res).is_none(),
+                "a cookie for an id of {len} bytes"
+            );
+        }
+        // Nor a session that no client could come back to.
+        assert_eq!(layer.stats().sessions, 0);
+        assert!(store.load_all().await.unwrap().sessions.is_empty());
     }
     // The longest id it carries gets one.
-    let res = send(&sticky_over("x".repeat(768)), Request::new(())).await;
-    assert!(cookie_of(&res.unwrap()).is_some());
+    let (svc, layer, _) = sticky_over("x".repeat(768));
+    assert!(cookie_of(&send(&svc, Request::new(())).await.unwrap()).is_some());
+    assert_eq!(layer.stats().sessions, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -338,7 +338,6 @@ fn is_b64url(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
 }
 
-/// RFC 6265 cookie-name (an RFC 7230 token).
 /// What a response's `Set-Cookie` headers say about cookie `name`.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Learned<'a> {

@@ -73,14 +73,9 @@ impl SessionKey {
     /// backend from the `Set-Cookie` of the response that sets it, and
     /// forgets the session when a response deletes the cookie (deleting its
     /// stored record only when the layer read or wrote that record).
-    ///
-    /// # Panics
-    ///
-    /// When `name` is not a valid cookie name (empty, or with separators,
-    /// spaces or controls): no cookie could ever match it.
     pub fn learn_cookie(name: impl Into<String>) -> Self {
         SessionKey {
-            kind: Kind::Learn(CookieName::valid(&name.into())),
+            kind: Kind::Learn(CookieName::new(&name.into())),
         }
     }
 

@@ -208,6 +208,9 @@ pub(crate) struct Shared {
     /// Writes to the store, in order per key.
     writes: Writes,
     counters: Counters,
+    /// Whether a backend id the cookie cannot carry was warned of: the
+    /// warning comes once, the later ones are debug events.
+    warned_uncarried: std::sync::atomic::AtomicBool,
     /// Closed when the layer and every service it built are gone, for the
     /// tasks that follow it (see `StickyLayer::follow`).
     #[cfg(feature = "redis")]
@@ -386,6 +389,7 @@ impl Shared {
             records: Mutex::new(records),
             writes: Writes::default(),
             counters: Counters::default(),
+            warned_uncarried: std::sync::atomic::AtomicBool::new(false),
             #[cfg(feature = "redis")]
             gone: tokio::sync::watch::Sender::new(()),
         }
@@ -1194,11 +1198,14 @@ impl Shared {
             }
             (Track::New { key, .. }, None) => current = Some(key),
             (Track::Fresh, Some(served)) => match &self.config.key.kind {
-                Kind::Insert(c) => {
+                // No session starts on a backend whose cookie no later
+                // request could present.
+                Kind::Insert(c) if self.cookie_carries(served) => {
                     let sid = CookieInsert::new_session_id();
                     self.create(&mut work, &sid, served.clone());
                     self.send_cookie(response, c, &sid, served);
                 }
+                Kind::Insert(_) => {}
                 Kind::Header(name) => {
                     let learned = response.headers().get(name).map(|v| v.as_bytes());
                     if let Some(k) = learned.and_then(key::response_key) {
@@ -1355,6 +1362,25 @@ impl Shared {
     }
 
     /// Sets the layer's cookie for session `key` on `backend`.
+    /// Whether the layer's cookie can name `backend`: an id that is empty
+    /// or over 768 bytes could not be read back from it. Warns (once; then
+    /// at debug level) when it cannot.
+    fn cookie_carries(&self, backend: &BackendId) -> bool {
+        let len = backend.as_str().len();
+        if len > 0 && len <= cookie::MAX_BACKEND_ID {
+            return true;
+        }
+        let message = "backend id empty or too long for the sticky cookie; no cookie issued";
+        match self
+            .warned_uncarried
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            false => tracing::warn!(target: TARGET, %backend, "{message}"),
+            true => tracing::debug!(target: TARGET, %backend, "{message}"),
+        }
+        false
+    }
+
     fn send_cookie<RB>(
         &self,
         response: &mut Response<RB>,
@@ -1362,14 +1388,7 @@ impl Shared {
         key: &str,
         backend: &BackendId,
     ) {
-        // A cookie no later request could be read by (the cookie's
-        // parser takes neither) is not issued.
-        if backend.as_str().is_empty() || backend.as_str().len() > cookie::MAX_BACKEND_ID {
-            tracing::warn!(
-                target: TARGET,
-                %backend,
-                "backend id empty or too long for the sticky cookie; no cookie issued"
-            );
+        if !self.cookie_carries(backend) {
             return;
         }
         let value = c.value(key, backend);
