@@ -20,6 +20,18 @@ use tower_ha::{HealthStatus, Pool};
 #[derive(Default, Clone)]
 struct Last(Arc<Mutex<BTreeMap<String, f64>>>);
 
+impl Last {
+    /// Publishes `handle`'s metrics to this recorder.
+    fn publish(&self, handle: &Handle) {
+        metrics::with_local_recorder(self, || handle.publish_metrics());
+    }
+
+    /// The last value of metric `key` (name and sorted labels).
+    fn get(&self, key: &str) -> Option<f64> {
+        self.0.lock().unwrap().get(key).copied()
+    }
+}
+
 struct Slot(String, Last);
 
 impl CounterFn for Slot {
@@ -107,7 +119,7 @@ async fn stats_are_published_through_the_metrics_facade() {
     pool.state(&"b".into()).unwrap().set_max_in_flight(Some(64));
 
     let recorder = Last::default();
-    metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    recorder.publish(&handle);
     let last = recorder.0.lock().unwrap().clone();
     let get = |k: &str| {
         last.get(k)
@@ -161,7 +173,7 @@ async fn an_active_passive_group_without_an_order_publishes_its_primary() {
     let other = if primary == "x" { "y" } else { "x" };
 
     let recorder = Last::default();
-    metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    recorder.publish(&handle);
     let last = recorder.0.lock().unwrap().clone();
     let gauge = |b: &str| {
         last.get(&format!("tower_ha_group_primary{{backend={b},group=db}}"))
@@ -172,7 +184,7 @@ async fn an_active_passive_group_without_an_order_publishes_its_primary() {
 
     // Removed from the handle: its gauges, and its backends', go to 0.
     handle.remove_group("db").unwrap();
-    metrics::with_local_recorder(&recorder, || handle.publish_metrics());
+    recorder.publish(&handle);
     let last = recorder.0.lock().unwrap().clone();
     let get = |k: &str| last.get(k).copied();
     assert_eq!(get("tower_ha_group_healthy_backends{group=db}"), Some(0.0));
@@ -216,16 +228,14 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
     let handle = Handle::new(Events::default());
     handle.add_group("web", &balance).unwrap();
     let recorder = Last::default();
-    let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
-    let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
     let a_requests = "tower_ha_backend_requests_total{backend=a,group=web}";
 
     send(&balance, 6).await;
-    publish();
-    assert_eq!(get(a_requests), Some(3.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(a_requests), Some(3.0));
     send(&balance, 2).await;
-    publish();
-    assert_eq!(get(a_requests), Some(4.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(a_requests), Some(4.0));
 
     // Removed and added again: its state, and its counts, start afresh.
     pool.remove(&"a".into());
@@ -233,9 +243,9 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
     send(&balance, 4).await;
     let fresh = pool.state(&"a".into()).unwrap().requests();
     assert!(fresh > 0 && fresh < 4);
-    publish();
+    recorder.publish(&handle);
     assert_eq!(
-        get(a_requests),
+        recorder.get(a_requests),
         Some(4.0 + fresh as f64),
         "still counting up"
     );
@@ -243,42 +253,42 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
     // Gone from the group, with a request in flight: its gauges go to 0.
     let b = pool.state(&"b".into()).unwrap();
     let _in_flight = b.track_in_flight();
-    publish();
+    recorder.publish(&handle);
     assert_eq!(
-        get("tower_ha_backend_in_flight{backend=b,group=web}"),
+        recorder.get("tower_ha_backend_in_flight{backend=b,group=web}"),
         Some(1.0)
     );
     assert_eq!(
-        get("tower_ha_backend_available{backend=b,group=web}"),
+        recorder.get("tower_ha_backend_available{backend=b,group=web}"),
         Some(1.0)
     );
     pool.remove(&"b".into());
-    publish();
+    recorder.publish(&handle);
     assert_eq!(
-        get("tower_ha_backend_in_flight{backend=b,group=web}"),
+        recorder.get("tower_ha_backend_in_flight{backend=b,group=web}"),
         Some(0.0)
     );
     assert_eq!(
-        get("tower_ha_backend_available{backend=b,group=web}"),
+        recorder.get("tower_ha_backend_available{backend=b,group=web}"),
         Some(0.0)
     );
     assert_eq!(
-        get("tower_ha_backend_healthy{backend=b,group=web}"),
+        recorder.get("tower_ha_backend_healthy{backend=b,group=web}"),
         Some(0.0)
     );
 
     // Back after a publication without it: its counter goes on up.
     let b_requests = "tower_ha_backend_requests_total{backend=b,group=web}";
-    let before = get(b_requests).unwrap();
-    publish();
+    let before = recorder.get(b_requests).unwrap();
+    recorder.publish(&handle);
     pool.insert("b", backend("b"));
     send(&balance, 4).await;
     let fresh = pool.state(&"b".into()).unwrap().requests();
     assert!(fresh > 0 && (fresh as f64) < before);
-    publish();
-    assert_eq!(get(b_requests), Some(before + fresh as f64));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(b_requests), Some(before + fresh as f64));
     assert_eq!(
-        get("tower_ha_backend_available{backend=b,group=web}"),
+        recorder.get("tower_ha_backend_available{backend=b,group=web}"),
         Some(1.0)
     );
 }
@@ -295,34 +305,32 @@ async fn a_backend_gone_for_an_hour_is_forgotten() {
     let handle = Handle::new(Events::default());
     handle.add_group("web", &balance).unwrap();
     let recorder = Last::default();
-    let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
-    let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
     let requests = "tower_ha_backend_requests_total{backend=a,group=web}";
     let gone_for = |gone: Duration| {
-        let pool = pool.clone();
+        let (pool, recorder, handle) = (pool.clone(), &recorder, &handle);
         async move {
             pool.remove(&"a".into());
-            publish();
+            recorder.publish(handle);
             tokio::time::advance(gone).await;
-            publish();
+            recorder.publish(handle);
             pool.insert("a", backend);
         }
     };
     send(&balance, 5).await;
-    publish();
-    assert_eq!(get(requests), Some(5.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(requests), Some(5.0));
 
     // Gone for a little less than an hour: remembered.
     gone_for(Duration::from_secs(3599)).await;
     send(&balance, 2).await;
-    publish();
-    assert_eq!(get(requests), Some(7.0), "still counting up");
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(requests), Some(7.0), "still counting up");
 
     // Gone for an hour: forgotten.
     gone_for(Duration::from_secs(3600)).await;
     send(&balance, 3).await;
-    publish();
-    assert_eq!(get(requests), Some(3.0), "started again");
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(requests), Some(3.0), "started again");
 }
 
 /// Counts the publications of the groups: the sets of their
@@ -432,48 +440,47 @@ async fn fail_over(pool: &Pool<Svc>, balance: &Balance<Svc, Priority>) {
 async fn a_removed_group_keeps_its_time_since_the_last_failover() {
     let handle = Handle::new(Events::default());
     let recorder = Last::default();
-    let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
-    let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
     let since = "tower_ha_group_seconds_since_failover{group=db}";
     let (pool, balance) = db();
     handle.add_group("db", &balance).unwrap();
     fail_over(&pool, &balance).await;
     tokio::time::advance(Duration::from_secs(5)).await;
-    publish();
-    assert_eq!(get(since), Some(5.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(since), Some(5.0));
 
     // 0 would read as a failover just now.
     handle.remove_group("db").unwrap();
-    publish();
-    assert_eq!(get(since), Some(5.0));
-    assert_eq!(get("tower_ha_group_healthy_backends{group=db}"), Some(0.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(since), Some(5.0));
+    assert_eq!(
+        recorder.get("tower_ha_group_healthy_backends{group=db}"),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_group_registered_again_keeps_its_failover_counter_going_up() {
     let handle = Handle::new(Events::default());
     let recorder = Last::default();
-    let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
-    let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
     let failovers = "tower_ha_group_failovers_total{group=db}";
     let (pool, balance) = db();
     handle.add_group("db", &balance).unwrap();
     fail_over(&pool, &balance).await;
-    publish();
-    assert_eq!(get(failovers), Some(1.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(failovers), Some(1.0));
 
     // Rebuilt (a configuration reload) and registered again: its new
     // count starts from zero, the published counter goes on from 1.
     handle.remove_group("db").unwrap();
-    publish();
+    recorder.publish(&handle);
     let (pool, balance) = db();
     handle.add_group("db", &balance).unwrap();
-    publish();
-    assert_eq!(get(failovers), Some(1.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(failovers), Some(1.0));
     fail_over(&pool, &balance).await;
     assert_eq!(handle.group_stats("db").unwrap().failovers, 1);
-    publish();
-    assert_eq!(get(failovers), Some(2.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(failovers), Some(2.0));
 
     // The same group registered again counts on from its own count.
     handle.remove_group("db").unwrap();
@@ -484,21 +491,19 @@ async fn a_group_registered_again_keeps_its_failover_counter_going_up() {
     handle.force_primary("db", &"p".into()).unwrap();
     fail_over(&pool, &balance).await;
     assert_eq!(handle.group_stats("db").unwrap().failovers, 2);
-    publish();
-    assert_eq!(get(failovers), Some(3.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(failovers), Some(3.0));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_group_registered_again_in_normal_mode_has_no_primary() {
     let handle = Handle::new(Events::default());
     let recorder = Last::default();
-    let publish = || metrics::with_local_recorder(&recorder, || handle.publish_metrics());
-    let get = |k: &str| recorder.0.lock().unwrap().get(k).copied();
     let primary = "tower_ha_group_primary{backend=p,group=db}";
     let (pool, balance) = db();
     handle.add_group("db", &balance).unwrap();
-    publish();
-    assert_eq!(get(primary), Some(1.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(primary), Some(1.0));
 
     // Rebuilt as a normal group over the same backends between two
     // publications (a configuration reload).
@@ -506,10 +511,10 @@ async fn a_group_registered_again_in_normal_mode_has_no_primary() {
     handle
         .add_group("db", &Balance::new(pool, RoundRobin::new()))
         .unwrap();
-    publish();
-    assert_eq!(get(primary), Some(0.0));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(primary), Some(0.0));
     assert_eq!(
-        get("tower_ha_backend_available{backend=p,group=db}"),
+        recorder.get("tower_ha_backend_available{backend=p,group=db}"),
         Some(1.0)
     );
 }
