@@ -498,9 +498,9 @@ async fn a_groups_health_check_settings_drive_the_checker() {
     assert_eq!(b.health(), HealthStatus::Unhealthy);
     // Healthy again after three passing probes (rise 3): 10, 15, 20 s.
     up.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(7_800)).await; // 14.9 s
+    tokio::time::sleep(Duration::from_millis(8_000)).await; // 15.1 s
     assert_eq!(a.health(), HealthStatus::Unhealthy);
-    tokio::time::sleep(Duration::from_millis(5_200)).await; // 20.1 s
+    tokio::time::sleep(Duration::from_millis(5_000)).await; // 20.1 s
     assert_eq!(a.health(), HealthStatus::Healthy);
     checker.shutdown().await;
 }

@@ -336,9 +336,11 @@ async fn an_ejection_ends_exactly_at_its_deadline() {
     let balance = Balance::new(pool.clone(), RoundRobin::new());
     let generation = pool.snapshot().generation();
     bad.set(StatusCode::SERVICE_UNAVAILABLE);
-    while bad.calls() < 2 {
+    // Round robin alternates: four requests reach "bad" twice.
+    for _ in 0..4 {
         balance.clone().oneshot(Request::new(())).await.unwrap();
     }
+    assert_eq!(bad.calls(), 2);
     let ejected_at = Instant::now();
     let state = pool.state(&"bad".into()).unwrap();
     assert!(state.is_ejected());
@@ -710,20 +712,37 @@ async fn a_shutdown_waits_for_the_probes_under_way() {
     let (pool, _) = pool_of(&["a"]);
     let alive = Arc::new(());
     let entered = Arc::new(AtomicBool::new(false));
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Arc::new(parking_lot::Mutex::new(released));
     let (held, flag) = (alive.clone(), entered.clone());
     let probe = probe_fn(move |_id: &BackendId, _svc: &Backend| {
-        let (held, flag) = (held.clone(), flag.clone());
+        let (held, flag, released) = (held.clone(), flag.clone(), released.clone());
         async move {
             let _held = held;
             flag.store(true, Ordering::SeqCst);
-            // A probe stuck in a synchronous call for a while.
-            std::thread::sleep(Duration::from_millis(300));
+            // A probe stuck in a synchronous call until the test lets it go.
+            let _ = released.lock().recv();
             std::future::pending::<Result<(), BoxError>>().await
         }
     });
     let checker = HealthChecker::new(pool, probe).timeout(secs(60)).spawn();
     support::wait::spin_until("a probe starts", || entered.load(Ordering::SeqCst)).await;
-    checker.shutdown().await;
+    let mut shutdown = tokio::spawn(checker.shutdown());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut shutdown)
+            .await
+            .is_err(),
+        "shutdown waits while the probe is in its poll"
+    );
+    assert_eq!(
+        Arc::strong_count(&alive),
+        3,
+        "the checker's probe and the probe under way are still there"
+    );
+    release.send(()).unwrap();
+    support::wait::bounded_real("the shutdown", shutdown)
+        .await
+        .unwrap();
     assert_eq!(
         Arc::strong_count(&alive),
         1,

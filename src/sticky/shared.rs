@@ -1790,10 +1790,12 @@ mod tests {
         store.save(&Session::new("s", "a".into())).await.unwrap();
         shared.table.insert(Session::new("s", "a".into()), None);
         let (go, started) = std::sync::mpsc::channel::<()>();
+        let (removing, removes) = std::sync::mpsc::channel::<()>();
         let remover = {
             let (shared, runtime) = (shared.clone(), tokio::runtime::Handle::current());
             std::thread::spawn(move || {
                 started.recv().unwrap();
+                removing.send(()).unwrap();
                 runtime.block_on(shared.remove("s"))
             })
         };
@@ -1801,9 +1803,14 @@ mod tests {
         shared.decide(&mut work, || {
             let moved = shared.table.move_if("s", &"a".into(), &"b".into(), None);
             let save = Write::Save(moved.expect("moved").session);
-            // The other thread ends the session now, if it can.
+            // The other thread ends the session now, if it can: it is in
+            // `remove`, a few steps from the lock this change holds, and
+            // has time to take it if nothing stops it.
             go.send(()).unwrap();
-            std::thread::sleep(Duration::from_millis(200));
+            removes
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the other thread removes");
+            std::thread::sleep(Duration::from_millis(50));
             ((), Some(save))
         });
         shared.finish(work).expect("a save to wait for").await;

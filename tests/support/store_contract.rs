@@ -1,7 +1,7 @@
 //! The contract every `SessionStore` must pass. Call [`run`] with an empty
 //! store; it panics with a message naming the broken rule.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +15,9 @@ fn session(key: &str, backend: &str) -> Session {
     }))
 }
 
-/// Keys a hostile or careless client may send. A store either round-trips
-/// each one exactly or rejects it with an `invalid_key` error; it never
-/// lets one reach another key's record.
+/// Keys a hostile or careless client may send. A store round-trips each
+/// one exactly; it may reject only `""`, `.` and `..`, with an
+/// `invalid_key` error. It never lets one reach another key's record.
 pub fn hostile_keys() -> Vec<String> {
     vec![
         "../../etc/passwd".into(),
@@ -177,11 +177,23 @@ async fn hostile_keys_stay_apart(store: &dyn SessionStore) {
             s.key
         );
     }
+    // Only the keys that name no segment of a path may be rejected (a
+    // store that sends keys in URLs cannot tell them from none, `.` or
+    // `..`); every other one is a key like any other.
+    for key in &rejected {
+        assert!(
+            ["", ".", ".."].contains(&key.as_str()),
+            "a store may reject only \"\", \".\" and \"..\", not {key:?}"
+        );
+    }
     let all = store.load_all().await.expect("load_all");
+    let mut listed: Vec<&str> = all.sessions.iter().map(|s| s.key.as_str()).collect();
+    listed.sort_unstable();
+    let mut expected: Vec<&str> = stored.iter().map(|s| s.key.as_str()).collect();
+    expected.sort_unstable();
     assert_eq!(
-        all.sessions.len(),
-        stored.len(),
-        "every stored hostile key is listed once"
+        listed, expected,
+        "every stored hostile key is listed once, as it is"
     );
     let keys: Vec<String> = stored.iter().map(|s| s.key.clone()).collect();
     store.delete(&keys).await.expect("delete");
@@ -207,7 +219,18 @@ async fn concurrent_saves_all_land(store: Arc<dyn SessionStore>) {
         t.await.expect("task");
     }
     let all = store.load_all().await.expect("load_all");
-    assert_eq!(all.sessions.len(), 50, "every concurrent save lands");
+    let listed: BTreeSet<&str> = all.sessions.iter().map(|s| s.key.as_str()).collect();
+    let saved: Vec<String> = (0..50).map(|i| format!("c-{i}")).collect();
+    assert_eq!(
+        all.sessions.len(),
+        50,
+        "each concurrent save is listed once"
+    );
+    assert_eq!(
+        listed,
+        saved.iter().map(String::as_str).collect(),
+        "every concurrent save lands"
+    );
     let keys: Vec<String> = all.sessions.iter().map(|s| s.key.clone()).collect();
     store.delete(&keys).await.expect("delete");
 }
