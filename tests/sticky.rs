@@ -1520,21 +1520,46 @@ fn no_input_panics() {
         .chain(0x80u8..=0xff)
         .collect();
     let byte = proptest::sample::select(valid);
-    proptest!(ProptestConfig::with_cases(256), |(bytes in proptest::collection::vec(byte, 0..2048))| {
+    let named = |name: &[u8], bytes: &[u8]| {
+        HeaderValue::from_bytes(&[name, bytes].concat()).expect("a valid header value")
+    };
+    proptest!(ProptestConfig::with_cases(256), |(bytes in proptest::collection::vec(byte.clone(), 0..2048))| {
         let value = HeaderValue::from_bytes(&bytes).expect("a valid header value");
-        let mut with_name = b"srv=".to_vec();
-        with_name.extend_from_slice(&bytes);
-        let with_name = HeaderValue::from_bytes(&with_name).expect("a valid header value");
         for svc in &stacks {
             let req = Request::builder()
                 .header(COOKIE, value.clone())
-                .header(COOKIE, with_name.clone())
+                .header(COOKIE, named(b"srv=", &bytes))
+                .header(COOKIE, named(b"JSESSIONID=", &bytes))
                 .header("x-session-id", value.clone())
                 .body(())
                 .unwrap();
             let res = rt.block_on(send(svc, req));
             prop_assert!(res.is_ok());
         }
+    });
+
+    // A valid signed cookie with a few bytes changed, cut short, or
+    // doubled: past the first checks, into the decoding and the signature.
+    let issued = rt.block_on(send(&stacks[0], Request::new(()))).unwrap();
+    let signed = issued.headers()[SET_COOKIE].as_bytes();
+    let signed = signed.split(|&b| b == b';').next().unwrap().to_vec();
+    let len = signed.len();
+    proptest!(ProptestConfig::with_cases(512), |(
+        changes in proptest::collection::vec((0..len, byte.clone()), 0..4),
+        cut in 0..=len,
+        twice in any::<bool>(),
+    )| {
+        let mut value = signed.clone();
+        for (at, b) in changes {
+            value[at] = b;
+        }
+        value.truncate(cut.max(4));
+        if twice {
+            value = [&value[..], b"; ", &value[..]].concat();
+        }
+        let value = HeaderValue::from_bytes(&value).expect("a valid header value");
+        let req = Request::builder().header(COOKIE, value).body(()).unwrap();
+        prop_assert!(rt.block_on(send(&stacks[0], req)).is_ok());
     });
 }
 

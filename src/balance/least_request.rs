@@ -41,6 +41,12 @@ impl LeastRequest {
         self.choices = choices.max(1);
         self
     }
+
+    /// How many candidates a pick among `backends` draws.
+    #[inline]
+    fn draws(&self, backends: usize) -> usize {
+        self.choices.min(backends)
+    }
 }
 
 impl Strategy for LeastRequest {
@@ -51,7 +57,7 @@ impl Strategy for LeastRequest {
     #[inline]
     fn pick(&self, _table: &(), pick: &Pick<'_>) -> Option<usize> {
         let mut best = uniform_eligible(pick)?;
-        for _ in 1..self.choices.min(pick.len()) {
+        for _ in 1..self.draws(pick.len()) {
             // Never the current best again: with two choices the two
             // candidates are distinct, so a backend loaded far beyond the
             // other is never picked while the other is eligible.
@@ -115,8 +121,9 @@ mod tests {
         let snap = pool.snapshot();
         let req = http::Request::new(());
         let pick = Pick::new(RequestHead::from(&req), snap.members(), None);
-        // Returns at once, rather than after usize::MAX draws.
         let strategy = LeastRequest::new().choices(usize::MAX);
+        assert_eq!(strategy.draws(pick.len()), 3);
+        assert_eq!(LeastRequest::new().draws(pick.len()), 2);
         for _ in 0..100 {
             assert!(strategy.pick(&(), &pick).is_some());
         }
