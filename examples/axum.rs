@@ -43,6 +43,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::ServiceBuilder;
 use tower_ha::balance::{Balance, ConsistentHash};
+use tower_ha::error::{gateway_status, Report};
 use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::failover::{BufferBodyLayer, FailoverLayer};
 use tower_ha::{key, BoxError, Pool};
@@ -105,9 +106,13 @@ fn front() -> (Router, BTreeMap<&'static str, Arc<AtomicBool>>) {
     }
     let balanced = ServiceBuilder::new()
         // axum wants infallible services: a request no replica could serve
-        // becomes a 502 that says why.
+        // is answered the status its error calls for (502, 503, 504, ...),
+        // with the status's name alone; why it failed (replica names,
+        // system errors) is logged, not sent.
         .layer(HandleErrorLayer::new(|e: BoxError| async move {
-            (StatusCode::BAD_GATEWAY, format!("{e}\n"))
+            let status = gateway_status(&*e);
+            eprintln!("{status}: {}", Report(&*e));
+            (status, status.canonical_reason().unwrap_or("Error"))
         }))
         .map_response(annotate)
         .layer(BufferBodyLayer::new())

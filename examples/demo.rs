@@ -16,8 +16,8 @@
 //!   a signed session cookie inserted by the sticky layer (HAProxy's
 //!   `cookie SRV insert`), sessions saved in a `FileStore` in a temporary
 //!   directory, failover of GETs to another backend, passive ejection after
-//!   5 failures in a row and an active TCP probe every 100 ms (rise 2,
-//!   fall 2);
+//!   5 failures in a row and an active HTTP probe (`GET /healthz`) every
+//!   100 ms (rise 2, fall 2);
 //! * the clients (300 by default) each keep their cookie, like browsers,
 //!   and send a GET every 60 to 140 ms.
 //!
@@ -52,10 +52,10 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep, sleep_until, Instant};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
-use tower_ha::error::gateway_status;
+use tower_ha::error::{gateway_status, Report};
 use tower_ha::extensions::{Attempts, PeerAddr};
 use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
-use tower_ha::health::{HealthChecker, HealthLayer, TcpProbe};
+use tower_ha::health::{HealthChecker, HealthLayer, HttpProbe};
 use tower_ha::http::{HttpBackend, HttpClient, ResponseBody};
 use tower_ha::sticky::{CookieInsert, SessionKey, SessionMoved, StickyLayer};
 use tower_ha::store::{FileStore, SessionStore};
@@ -72,9 +72,11 @@ const NEW_CLIENTS: usize = 30;
 type Body = ReplayBody<Incoming>;
 type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
+const USAGE: &str = "usage: demo [--clients N]   (N from 1 to 5000, default 300)";
+
 fn usage(problem: &str) -> ! {
     eprintln!("error: {problem}");
-    eprintln!("usage: demo [--clients N]   (N from 1 to 5000, default 300)");
+    eprintln!("{USAGE}");
     std::process::exit(2)
 }
 
@@ -90,7 +92,10 @@ fn clients_from_args() -> usize {
                     .filter(|n| (1..=5000).contains(n))
                     .unwrap_or_else(|| usage("--clients needs a number from 1 to 5000"))
             }
-            "-h" | "--help" => usage("help requested"),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -190,8 +195,11 @@ async fn accept(
         let served = served.clone();
         connections.spawn(async move {
             let _guard = guard;
-            let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
-                served.fetch_add(1, Ordering::Relaxed);
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                // The proxy's health probes are not client requests.
+                if req.uri().path() != "/healthz" {
+                    served.fetch_add(1, Ordering::Relaxed);
+                }
                 async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name)))) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -265,8 +273,10 @@ fn respond(
         Err(e) => {
             stats.gateway_errors.fetch_add(1, Ordering::Relaxed);
             let status = gateway_status(&*e);
-            let mut response =
-                Response::new(Either::Right(Full::new(Bytes::from(format!("{e}\n")))));
+            let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
+                "{}\n",
+                Report(&*e)
+            )))));
             *response.status_mut() = status;
             response
         }
@@ -366,10 +376,10 @@ async fn watch(pool: Pool<tower_ha::health::Health<HttpBackend<Body>>>, timeline
             if before.0 != now.0 {
                 match now.0 {
                     HealthStatus::Unhealthy => timeline.log(format!(
-                        "{id} marked unhealthy by the active TCP probe (fall 2)"
+                        "{id} marked unhealthy by the active HTTP probe (fall 2)"
                     )),
                     HealthStatus::Healthy => timeline.log(format!(
-                        "{id} marked healthy by the active TCP probe (rise 2)"
+                        "{id} marked healthy by the active HTTP probe (rise 2)"
                     )),
                     other => timeline.log(format!("{id} is now {other:?}")),
                 }
@@ -438,8 +448,8 @@ async fn run(clients: usize) -> Result<(), BoxError> {
                 .service(backend),
         );
     }
-    let probe = TcpProbe::from_map(servers.values().map(|s| (s.name, s.addr)));
-    let _checker = HealthChecker::new(pool.clone(), probe)
+    // `GET /healthz` through each backend's own `HttpBackend`.
+    let _checker = HealthChecker::new(pool.clone(), HttpProbe::new("/healthz"))
         .interval(Duration::from_millis(100))
         .timeout(Duration::from_millis(100))
         .jitter(Duration::from_millis(10))
@@ -486,7 +496,7 @@ async fn run(clients: usize) -> Result<(), BoxError> {
     tokio::spawn(watch(pool.clone(), timeline.clone()));
     timeline.log(format!(
         "proxy listening on {proxy}: Sticky(cookie SRV, FileStore in {}) → BufferBody → \
-         Failover → Balance(round robin) → [Health → HttpBackend] × 3, TCP probe every 100 ms",
+         Failover → Balance(round robin) → [Health → HttpBackend] × 3, HTTP probe every 100 ms",
         dir.path().display()
     ));
 

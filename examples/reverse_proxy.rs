@@ -1,7 +1,8 @@
 //! A real reverse proxy built from tower-ha: hyper's HTTP/1.1 server in
 //! front of `[Sticky →] BufferBody → Failover → Balance → [Health →
-//! HttpBackend]`, with active TCP health checks. WebSocket connections
-//! (and other protocol upgrades) are proxied too.
+//! HttpBackend]`, with active health checks (TCP connects, or HTTP
+//! requests with `--health-path`). WebSocket connections (and other
+//! protocol upgrades) are proxied too.
 //!
 //! ```sh
 //! cargo run --release --features hyper-client --example reverse_proxy -- \
@@ -9,49 +10,7 @@
 //!     http://127.0.0.1:9001 http://127.0.0.1:9002 http://127.0.0.1:9003
 //! ```
 //!
-//! Flags:
-//!
-//! * `--listen ADDR` (default `127.0.0.1:8080`)
-//! * `--workers N` runtime worker threads (default 1)
-//! * `--strategy round-robin | random | least-request | weighted | ring | maglev`
-//! * `--hash-key header:NAME | cookie:NAME | client-ip | forwarded-for:N` for
-//!   `ring` and `maglev` (default `client-ip`: the address of the peer this
-//!   proxy accepted; `forwarded-for:N`, behind N proxies of yours, the
-//!   `X-Forwarded-For` entry the outermost of them wrote, which a client
-//!   cannot forge, else the peer)
-//! * `--sticky cookie:NAME | learn:NAME | header:NAME` keeps each client's
-//!   session on one backend: `cookie` issues a signed cookie `NAME` naming
-//!   the backend (the secret is `TOWER_HA_STICKY_SECRET`, at least 32
-//!   bytes, else a random one, so cookies end with the process), `learn`
-//!   follows the application's own session cookie `NAME` (`JSESSIONID`),
-//!   `header` a session header. A session moves only when its backend
-//!   cannot serve it.
-//! * `--max-in-flight N` sends each backend at most N requests at once
-//!   (default: no limit); with every backend full, a request is answered
-//!   503 at once
-//! * `--queue N,MS` lets up to N requests wait up to MS milliseconds for
-//!   a place when every backend is full (with `--max-in-flight`)
-//! * `--no-health` turns off passive ejection and active TCP probes
-//! * `--probe-interval MS` (default 500)
-//! * `--per-try-timeout MS` gives up on a backend whose response head has
-//!   not come within MS milliseconds and tries the next (default 15000;
-//!   0 for none)
-//! * `--deadline MS` gives up on a request, whatever the attempts left,
-//!   once MS milliseconds have passed without a response head (default
-//!   30000; 0 for none). Both count from the call, the upload of a body
-//!   over 64 KiB (streamed, not buffered) included: raise them, or turn
-//!   them off, in front of applications that take long uploads. With both
-//!   above 60 s, a client that stops sending a streamed body is given up
-//!   after the client's read timeout (60 s) with a 408, counted against no
-//!   backend; a body still being buffered (under 64 KiB) is given up 60 s
-//!   after its last part came, with a 408 too, before any backend is called
-//! * `--header-read-timeout MS` closes a client connection that has not
-//!   sent a whole request head within MS milliseconds, an idle kept-alive
-//!   one included (default 30000; 0 for none)
-//! * `--drain MS`: on SIGINT or SIGTERM the proxy stops accepting, lets
-//!   each connection finish the request it is serving (an idle one closes
-//!   at once), and exits when none is left or after MS milliseconds
-//!   (default 10000)
+//! `--help` lists the flags, with their defaults (`HELP` below).
 //!
 //! A backend that stops in the middle of a response body is left after the
 //! client's read timeout (`HttpClient::read_timeout`, 60 s). A failed
@@ -75,10 +34,10 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
 };
-use tower_ha::error::gateway_status;
+use tower_ha::error::{gateway_status, Report};
 use tower_ha::extensions::PeerAddr;
 use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
-use tower_ha::health::{HealthChecker, HealthLayer, TcpProbe};
+use tower_ha::health::{CheckerHandle, HealthChecker, HealthLayer, HttpProbe, Probe, TcpProbe};
 use tower_ha::http::{HttpBackend, HttpClient, ResponseBody};
 use tower_ha::key::{self, RequestKey};
 use tower_ha::sticky::{CookieInsert, SessionKey, StickyLayer};
@@ -104,6 +63,7 @@ struct Options {
     max_in_flight: Option<usize>,
     queue: (usize, Duration),
     health: bool,
+    health_path: Option<HttpProbe<Body>>,
     probe_interval: Duration,
     per_try_timeout: Option<Duration>,
     deadline: Option<Duration>,
@@ -112,15 +72,62 @@ struct Options {
     backends: Vec<String>,
 }
 
+const HELP: &str = "\
+usage: reverse_proxy [FLAGS] BACKEND_URL...
+
+  --listen ADDR            listen there (default 127.0.0.1:8080)
+  --workers N              runtime worker threads (default 1)
+  --strategy NAME          round-robin (default), random, least-request,
+                           weighted, ring or maglev
+  --hash-key KEY           for ring and maglev: header:NAME, cookie:NAME,
+                           client-ip (default: the address of the peer this
+                           proxy accepted) or forwarded-for:N (behind N
+                           proxies of yours: the X-Forwarded-For entry the
+                           outermost of them wrote, which a client cannot
+                           forge, else the peer)
+  --sticky KIND:NAME       keeps each client's session on one backend, moved
+                           only when that backend cannot serve it:
+                           cookie:NAME issues a signed cookie NAME naming the
+                           backend (secret: TOWER_HA_STICKY_SECRET, at least
+                           32 bytes, else a random one, so cookies end with
+                           the process); learn:NAME follows the application's
+                           own session cookie (JSESSIONID); header:NAME a
+                           session header
+  --max-in-flight N        at most N requests at once per backend (default:
+                           no limit); with every backend full, a request is
+                           answered 503 at once
+  --queue N,MS             up to N requests wait up to MS ms for a place when
+                           every backend is full (with --max-in-flight)
+  --health-path PATH       probe each backend with GET PATH through its own
+                           client, passing on a 2xx (default: a TCP connect)
+  --probe-interval MS      between probes (default 500)
+  --no-health              no passive ejection and no probes
+  --per-try-timeout MS     gives up on a backend whose response head has not
+                           come within MS ms and tries the next (default
+                           15000; 0 for none)
+  --deadline MS            gives up on a request, whatever the attempts left,
+                           after MS ms without a response head (default
+                           30000; 0 for none)
+  --header-read-timeout MS closes a client connection that has not sent a
+                           whole request head within MS ms, an idle kept-alive
+                           one included (default 30000; 0 for none)
+  --drain MS               on SIGINT or SIGTERM: stops accepting, lets each
+                           connection finish its request, exits when none is
+                           left or after MS ms (default 10000)
+  -h, --help               this
+
+The per-try timeout and the deadline count from the call, the upload of a
+body over 64 KiB (streamed, not buffered) included: raise them, or turn them
+off, in front of applications that take long uploads. With both above 60 s,
+a client that stops sending a streamed body is given up after the client's
+read timeout (60 s) with a 408, counted against no backend; a body still
+being buffered (under 64 KiB) is given up 60 s after its last part came,
+with a 408 too, before any backend is called.
+";
+
 fn usage(problem: &str) -> ! {
     eprintln!("error: {problem}");
-    eprintln!(
-        "usage: reverse_proxy [--listen ADDR] [--workers N] [--strategy NAME] \
-         [--hash-key header:NAME|cookie:NAME|client-ip|forwarded-for:N] \
-         [--sticky cookie:NAME|learn:NAME|header:NAME] [--max-in-flight N] [--queue N,MS] \
-         [--no-health] [--probe-interval MS] [--per-try-timeout MS] [--deadline MS] \
-         [--header-read-timeout MS] [--drain MS] BACKEND_URL..."
-    );
+    eprintln!("usage: reverse_proxy [FLAGS] BACKEND_URL... (--help lists the flags)");
     std::process::exit(2)
 }
 
@@ -134,6 +141,7 @@ fn options() -> Options {
         max_in_flight: None,
         queue: (0, Duration::ZERO),
         health: true,
+        health_path: None,
         probe_interval: Duration::from_millis(500),
         per_try_timeout: Some(Duration::from_secs(15)),
         deadline: Some(Duration::from_secs(30)),
@@ -199,7 +207,17 @@ fn options() -> Options {
                     millis(value("--header-read-timeout"), "--header-read-timeout")
             }
             "--drain" => o.drain = millis(value("--drain"), "--drain").unwrap_or_default(),
-            "-h" | "--help" => usage("help requested"),
+            "--health-path" => {
+                let path = value("--health-path");
+                match HttpProbe::try_new(&path) {
+                    Ok(probe) if path.starts_with('/') => o.health_path = Some(probe),
+                    _ => usage(&format!("bad --health-path {path} (want /PATH)")),
+                }
+            }
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::exit(0)
+            }
             flag if flag.starts_with("--") => usage(&format!("unknown flag {flag}")),
             backend => o.backends.push(backend.to_owned()),
         }
@@ -337,13 +355,26 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         }
         addresses.push((authority.to_owned(), addr));
     }
-    let _checker = o.health.then(|| {
-        HealthChecker::new(pool.clone(), TcpProbe::from_map(addresses))
-            .interval(o.probe_interval)
-            .timeout(o.probe_interval)
+    fn start<S, P>(checker: HealthChecker<S, P>, interval: Duration) -> CheckerHandle
+    where
+        S: Clone + Send + Sync + 'static,
+        P: Probe<S>,
+    {
+        checker
+            .interval(interval)
+            .timeout(interval)
             .rise(2)
             .fall(2)
             .spawn()
+    }
+    // A GET of --health-path through each backend's own client, else a
+    // TCP connect to its address.
+    let _checker = o.health.then(|| match o.health_path.clone() {
+        Some(probe) => start(HealthChecker::new(pool.clone(), probe), o.probe_interval),
+        None => start(
+            HealthChecker::new(pool.clone(), TcpProbe::from_map(addresses)),
+            o.probe_interval,
+        ),
     });
 
     let sticky = o
@@ -505,19 +536,7 @@ fn respond(result: Result<Response<ResponseBody>, BoxError>) -> Response<ProxyBo
         Ok(response) => response.map(Either::Left),
         Err(e) => {
             let status = gateway_status(&*e);
-            let mut cause = e.to_string();
-            let mut source = e.source();
-            while let Some(e) = source {
-                let text = e.to_string();
-                // `Exhausted` already names each attempt's cause, the
-                // last of which is its source.
-                if !cause.contains(&text) {
-                    cause.push_str(": ");
-                    cause.push_str(&text);
-                }
-                source = e.source();
-            }
-            eprintln!("{status}: {cause}");
+            eprintln!("{status}: {}", Report(&*e));
             let reason = status.canonical_reason().unwrap_or("Error");
             let body = Full::new(Bytes::from(format!("{reason}\n")));
             let mut response = Response::new(Either::Right(body));

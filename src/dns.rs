@@ -305,7 +305,7 @@ impl<S> Stream for DnsDiscover<S> {
                         }
                         Ok(Err(error)) => tracing::warn!(
                             host = %this.host,
-                            error = %crate::error::Chain(&error),
+                            error = %crate::error::Report(&error),
                             "DNS resolution failed; keeping the current backends"
                         ),
                         Err(_) => tracing::warn!(

@@ -272,23 +272,42 @@ pub(crate) fn chain<'a>(
     std::iter::successors(Some(err), |&e| e.source())
 }
 
-/// An error followed by its chain of sources (`outer: inner: innermost`),
-/// for events, traces and copies of an error: a [`BackendError`] alone
-/// says only which backend failed, its sources say why.
-pub(crate) struct Chain<'a>(pub(crate) &'a (dyn StdError + 'static));
+/// Shows an error followed by its chain of sources (`outer: inner:
+/// innermost`), for logs and answers: a [`BackendError`] alone says only
+/// which backend failed, its sources say why. A source whose text its
+/// error already shows (as [`Exhausted`](crate::failover::Exhausted)
+/// shows each attempt's cause) is not repeated.
+///
+/// ```
+/// use tower_ha::error::{BackendError, NotSent, Report};
+///
+/// let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+/// let err = BackendError::new("a".into(), NotSent::new(refused));
+/// assert_eq!(
+///     Report(&err).to_string(),
+///     "backend a failed before the request was sent: request not sent: connection refused"
+/// );
+/// ```
+#[derive(Clone, Copy)]
+pub struct Report<'a>(pub &'a (dyn StdError + 'static));
 
-impl fmt::Display for Chain<'_> {
+impl fmt::Display for Report<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut shown = self.0.to_string();
         for err in chain(self.0).skip(1) {
             let text = err.to_string();
-            // A source that its error already prints is not repeated.
-            if !shown.ends_with(&text) {
+            if !shown.contains(&text) {
                 shown.push_str(": ");
                 shown.push_str(&text);
             }
         }
         f.write_str(&shown)
+    }
+}
+
+impl fmt::Debug for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 

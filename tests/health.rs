@@ -673,6 +673,9 @@ async fn start_unhealthy_waits_for_rise_passing_probes() {
         .rise(3)
         .start_unhealthy(true)
         .spawn();
+    // From the moment `spawn` returns: a request sent then is not routed
+    // to a backend no probe has passed.
+    assert_eq!(state.health(), HealthStatus::Unhealthy);
     at(t0 + ms(1500)).await;
     assert_eq!(state.health(), HealthStatus::Unhealthy);
     at(t0 + ms(2500)).await;

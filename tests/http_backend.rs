@@ -18,10 +18,10 @@ use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::error::{find, gateway_status, InvalidRequest};
 use tower_ha::extensions::PeerAddr;
-use tower_ha::failover::{Exhausted, FailoverLayer};
-use tower_ha::health::HealthLayer;
+use tower_ha::failover::{Exhausted, FailoverLayer, ReplayBody};
+use tower_ha::health::{HealthChecker, HealthLayer, HttpProbe};
 use tower_ha::http::{HttpBackend, HttpClient};
-use tower_ha::{BackendError, BoxError, NotSent, Pool};
+use tower_ha::{BackendError, BoxError, HealthStatus, NotSent, Pool};
 
 mod support;
 
@@ -247,6 +247,28 @@ async fn a_refused_connection_is_not_sent() {
     let err = err.downcast_ref::<BackendError>().unwrap();
     assert_eq!(err.backend().as_str(), "gone");
     assert!(err.is_not_sent());
+}
+
+/// `HttpProbe` checks each backend through its own `HttpBackend`, in a pool
+/// built as a proxy's is: backends that take the bodies of the failover
+/// stack (`ReplayBody<Incoming>`, which no probe could build before).
+#[tokio::test]
+async fn http_probes_go_through_a_proxys_backends() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<ReplayBody<Incoming>>::new();
+    let pool = Pool::new();
+    pool.insert(
+        "a",
+        HttpBackend::new(&client, format!("http://{addr}")).unwrap(),
+    );
+    let _checker = HealthChecker::new(pool.clone(), HttpProbe::new("/healthz"))
+        .interval(Duration::from_millis(20))
+        .start_unhealthy(true)
+        .rise(1)
+        .spawn();
+    let state = pool.state(&"a".into()).unwrap();
+    support::wait::spin_until("a probe passes", || state.health() == HealthStatus::Healthy).await;
+    assert!(accepted.load(Ordering::SeqCst) >= 1, "probed over HTTP");
 }
 
 /// A request the backend refuses to send because of the request itself (a

@@ -90,6 +90,16 @@ struct Rest<B> {
     body: Pin<Box<B>>,
 }
 
+/// An empty body, held in memory: what an [`HttpProbe`] sends through a
+/// pool whose backends take `ReplayBody`s, as a proxy's do.
+///
+/// [`HttpProbe`]: crate::health::HttpProbe
+impl<B> Default for ReplayBody<B> {
+    fn default() -> Self {
+        ReplayBody::full(Bytes::new())
+    }
+}
+
 impl<B> ReplayBody<B> {
     /// A body held in memory, replayable any number of times.
     pub fn full(data: Bytes) -> Self {

@@ -19,7 +19,7 @@ use super::policy::{is_idempotent, is_not_sent, RetryNonIdempotent};
 use crate::backend::BackendId;
 use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event};
-use crate::error::{BackendError, BoxError, Chain, NoBackend};
+use crate::error::{BackendError, BoxError, NoBackend, Report};
 use crate::extensions::Picked;
 use crate::extensions::{Attempts, ServedBy};
 use crate::time::{earliest, later, set_timer};
@@ -569,14 +569,14 @@ where
                 target: "tower_ha::failover",
                 from = %from,
                 to = to.map(BackendId::as_str),
-                cause = %Chain(&**cause),
+                cause = %Report(&**cause),
                 attempt = self.tried,
                 "failing over"
             );
             emit(self.config.events.as_ref(), || Event::FailoverAttempt {
                 attempt: u32::try_from(self.tried).unwrap_or(u32::MAX),
                 failed: from.clone(),
-                reason: Chain(&**cause).to_string().into(),
+                reason: Report(&**cause).to_string().into(),
             });
         }
     }

@@ -164,7 +164,9 @@ where
         self
     }
 
-    /// Marks backends the checker has not seen pass yet unhealthy, so they
+    /// Marks backends the checker has not seen pass yet unhealthy (those
+    /// in the pool as [`spawn`](Self::spawn) returns, and those added
+    /// later), so they
     /// take traffic only after `rise` passing probes in a row (the Panda API
     /// gateway started them unhealthy too, but needed one pass: `rise(1)`;
     /// Envoy likewise needs one pass for a new host). By default they keep
@@ -205,7 +207,7 @@ where
         let changed = Arc::new(Changed(Notify::new()));
         let weak = Arc::downgrade(&changed) as std::sync::Weak<dyn Rebuild<S>>;
         self.pool.subscribe(weak);
-        let task = Task {
+        let mut task = Task {
             pool: self.pool,
             probe: Arc::new(self.probe),
             config: self.config,
@@ -215,9 +217,13 @@ where
             departed: HashMap::new(),
             next_serial: 0,
         };
+        // The backends there are now are taken up before this returns, so
+        // that `start_unhealthy` holds for the requests sent next.
+        let snapshot = task.pool.snapshot();
+        task.sync(&snapshot, Instant::now(), true);
         let (stop, stopped) = oneshot::channel();
         CheckerHandle {
-            task: Some(tokio::spawn(task.run(stopped))),
+            task: Some(tokio::spawn(task.run(stopped, snapshot.generation()))),
             stop: Some(stop),
         }
     }
@@ -396,7 +402,7 @@ impl Entry {
                         to = "unhealthy",
                         reason = "probes failed",
                         failed = self.failures,
-                        error = %crate::error::Chain(&*error),
+                        error = %crate::error::Report(&*error),
                         "backend unhealthy"
                     );
                     emit(events, || Event::HealthChanged {
@@ -406,7 +412,7 @@ impl Entry {
                         reason: "probes failed".into(),
                     });
                 } else {
-                    tracing::debug!(backend = %id, failed = self.failures, error = %crate::error::Chain(&*error), "probe failed");
+                    tracing::debug!(backend = %id, failed = self.failures, error = %crate::error::Report(&*error), "probe failed");
                 }
             }
         }
@@ -541,19 +547,21 @@ where
     S: Clone + Send + Sync + 'static,
     P: Probe<S>,
 {
-    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+    /// Probes until told to stop, from membership `generation`, which
+    /// [`sync`](Self::sync) has taken up.
+    async fn run(mut self, mut stop: oneshot::Receiver<()>, generation: u64) {
         let mut probes: JoinSet<Result<(), BoxError>> = JoinSet::new();
         // Each probe's backend, and the serial of the entry that started
         // it: a backend replaced, or removed and added back, meanwhile has
         // a new entry, which the probe's result is not about.
         let mut running: HashMap<tokio::task::Id, (BackendId, u64)> = HashMap::new();
-        let mut generation = None;
+        let mut generation = generation;
         loop {
             let now = Instant::now();
             let snapshot = self.pool.snapshot();
-            if generation != Some(snapshot.generation()) {
-                self.sync(&snapshot, now, generation.is_none());
-                generation = Some(snapshot.generation());
+            if generation != snapshot.generation() {
+                self.sync(&snapshot, now, false);
+                generation = snapshot.generation();
             }
             let mut wake: Option<Instant> = None;
             let mut removals = Vec::new();

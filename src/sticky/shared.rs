@@ -914,7 +914,7 @@ impl Shared {
                     return Stored::Found(restoring.await);
                 };
                 Stored::Found(runtime.spawn(restoring).await.unwrap_or_else(|error| {
-                    tracing::warn!(target: TARGET, session = %fallback.key, error = %crate::error::Chain(&error), "session restore panicked; its record is kept");
+                    tracing::warn!(target: TARGET, session = %fallback.key, error = %crate::error::Report(&error), "session restore panicked; its record is kept");
                     fallback
                 }))
             }
@@ -967,7 +967,7 @@ impl Shared {
                         target: TARGET,
                         session = %session.key,
                         backend = %session.backend,
-                        error = %crate::error::Chain(&*error),
+                        error = %crate::error::Report(&*error),
                         "session restore failed; its record is kept"
                     ),
                 }
@@ -1440,7 +1440,7 @@ impl Shared {
             if let (Some(hook), Some(moved)) = (hook, work.moved) {
                 let key = moved.session.key.clone();
                 if let Err(error) = hook(moved).await {
-                    tracing::warn!(target: TARGET, session = %key, error = %crate::error::Chain(&*error), "on_move hook failed");
+                    tracing::warn!(target: TARGET, session = %key, error = %crate::error::Report(&*error), "on_move hook failed");
                 }
             }
         }))
@@ -1448,7 +1448,7 @@ impl Shared {
 
     fn store_error(&self, key: &str, op: &'static str, error: &StoreError) {
         bump(&self.counters.store_errors, 1);
-        tracing::warn!(target: TARGET, session = %key, op, error = %crate::error::Chain(error), "session store call failed");
+        tracing::warn!(target: TARGET, session = %key, op, error = %crate::error::Report(error), "session store call failed");
     }
 
     /// Loads every stored session and restores it (see `Sticky::restore`).
@@ -1480,7 +1480,7 @@ impl Shared {
                         target: TARGET,
                         session = %session.key,
                         backend = %session.backend,
-                        error = %crate::error::Chain(&*error),
+                        error = %crate::error::Report(&*error),
                         "session restore failed; its record is kept"
                     );
                     report.failed.push(RestoreFailure {
@@ -1657,7 +1657,7 @@ impl Drop for Held {
         if let (Some(guard), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
             runtime.spawn(async move {
                 if let Err(error) = guard.release().await {
-                    tracing::warn!(target: TARGET, error = %crate::error::Chain(&error), "session lock release failed");
+                    tracing::warn!(target: TARGET, error = %crate::error::Report(&error), "session lock release failed");
                 }
             });
         }

@@ -101,7 +101,7 @@ impl StoreError {
     pub(crate) fn duplicate(&self) -> StoreError {
         let causes = self
             .source()
-            .map(|source| crate::error::Chain(source).to_string().into());
+            .map(|source| crate::error::Report(source).to_string().into());
         StoreError {
             kind: self.kind,
             message: self.message.clone(),

@@ -304,7 +304,7 @@ impl FileStore {
             handle.spawn_blocking(move || match prune(&dir, ttl) {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(dir = %dir.display(), removed = n, "expired sessions removed"),
-                Err(e) => tracing::warn!(dir = %dir.display(), error = %crate::error::Chain(&e), "cannot prune expired sessions"),
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %crate::error::Report(&e), "cannot prune expired sessions"),
             });
         }
     }
@@ -967,7 +967,7 @@ fn load_all(dir: &Path, ttl: Option<Duration>) -> Result<Loaded, StoreError> {
             Ok(Some(session)) => loaded.sessions.push(session),
             Ok(None) => {} // deleted while listing, or expired
             Err(e) => {
-                tracing::warn!(file = %name, error = %crate::error::Chain(&e), "skipping unreadable session file");
+                tracing::warn!(file = %name, error = %crate::error::Report(&e), "skipping unreadable session file");
                 loaded.skip(name, e);
             }
         }

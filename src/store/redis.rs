@@ -905,7 +905,7 @@ impl SessionStore for RedisStore {
                     match parsed {
                         Ok(session) => loaded.sessions.push(session),
                         Err(e) => {
-                            tracing::warn!(record = %name, error = %crate::error::Chain(&e), "skipping unreadable Redis session");
+                            tracing::warn!(record = %name, error = %crate::error::Report(&e), "skipping unreadable Redis session");
                             loaded.skip(name, e);
                         }
                     }
@@ -928,7 +928,7 @@ impl SessionStore for RedisStore {
                     let name = String::from_utf8_lossy(redis_key).into_owned();
                     let e = StoreError::corrupt(WrongType(kind))
                         .with_message("the record is not a string");
-                    tracing::warn!(record = %name, error = %crate::error::Chain(&e), "skipping unreadable Redis session");
+                    tracing::warn!(record = %name, error = %crate::error::Report(&e), "skipping unreadable Redis session");
                     loaded.skip(name, e);
                 }
             }
@@ -1087,7 +1087,7 @@ async fn keep_alive(
             }
             // Tried again at the next period, while the lease still runs.
             Err(e) => {
-                tracing::warn!(session = %lease.key(), error = %crate::error::Chain(&e), "could not extend a session lease");
+                tracing::warn!(session = %lease.key(), error = %crate::error::Report(&e), "could not extend a session lease");
             }
         }
     }
@@ -1297,7 +1297,7 @@ async fn listen(
                 let notice: Notice = match serde_json::from_slice(msg.get_payload_bytes()) {
                     Ok(n) => n,
                     Err(error) => {
-                        tracing::debug!(error = %crate::error::Chain(&error), "ignoring a malformed move notice");
+                        tracing::debug!(error = %crate::error::Report(&error), "ignoring a malformed move notice");
                         continue;
                     }
                 };
@@ -1321,7 +1321,7 @@ async fn listen(
             match inner.connect_pubsub().await {
                 Ok(p) => break p,
                 Err(error) => {
-                    tracing::debug!(error = %crate::error::Chain(&error), "cannot resubscribe to move notices yet");
+                    tracing::debug!(error = %crate::error::Report(&error), "cannot resubscribe to move notices yet");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }

@@ -444,7 +444,7 @@ impl Inner {
                 );
                 return Err(failure.with_message(message));
             }
-            tracing::debug!(%method, path = %path_and_query, attempt, error = %crate::error::Chain(&failure), "webhook call failed, retrying");
+            tracing::debug!(%method, path = %path_and_query, attempt, error = %crate::error::Report(&failure), "webhook call failed, retrying");
             tokio::time::sleep(wait(self.backoff, attempt, asked)).await;
             attempt += 1;
         }
@@ -654,7 +654,7 @@ fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
         match parse_element(element) {
             Ok((_, session)) => loaded.sessions.push(session),
             Err(e) => {
-                tracing::warn!(record = %name, error = %crate::error::Chain(&e), "skipping unreadable webhook session");
+                tracing::warn!(record = %name, error = %crate::error::Report(&e), "skipping unreadable webhook session");
                 loaded.skip(name, e);
             }
         }
