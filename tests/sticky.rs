@@ -1159,6 +1159,38 @@ async fn a_session_removed_while_it_is_loaded_does_not_come_back() {
     assert_eq!(res.into_body(), served);
 }
 
+/// The layer and each service it built end and forget the same sessions,
+/// so an application can do both from whichever handle it kept once its
+/// stack was served.
+#[tokio::test]
+async fn the_layer_and_its_services_end_and_forget_alike() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    for (k, b) in [("s1", "a"), ("s2", "b"), ("s3", "c")] {
+        store.save(&Session::new(k, b.into())).await.unwrap();
+    }
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    for k in ["s1", "s2", "s3"] {
+        send(&svc, session(k)).await.unwrap();
+    }
+    // Ended through the layer: out of the table and the store.
+    assert!(layer.remove("s1").await.unwrap());
+    assert!(svc.session("s1").is_none());
+    assert!(store.load("s1").await.unwrap().is_none());
+    assert!(!layer.remove("s1").await.unwrap(), "known no more");
+    // Forgotten through a service: out of the table, kept in the store.
+    assert!(svc.forget("s2"));
+    assert!(layer.session("s2").is_none());
+    assert_eq!(
+        store.load("s2").await.unwrap().unwrap().backend.as_str(),
+        "b"
+    );
+    assert!(!svc.forget("s2"));
+    assert_eq!(svc.forget_all(), 1, "s3 was left");
+    assert!(layer.session("s3").is_none());
+    assert_eq!(store.len(), 2);
+}
+
 #[tokio::test]
 async fn a_forget_reaches_a_request_that_has_not_taken_its_load_yet() {
     let c = cluster();

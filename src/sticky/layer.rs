@@ -250,6 +250,14 @@ impl StickyLayer {
         self.shared.forget_all()
     }
 
+    /// Ends session `key` (at a logout, say): forgets it and deletes its
+    /// stored record, as [`Sticky::remove`](super::Sticky::remove) does,
+    /// from the handle an application keeps once its stack is served.
+    /// Returns whether the table knew it.
+    pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        self.shared.remove(key).await
+    }
+
     /// Follows the other replicas' notices (from
     /// [`RedisStore::subscribe`](crate::store::RedisStore::subscribe)) in a
     /// task: forgets each session another replica moved or ended, and

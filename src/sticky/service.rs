@@ -100,6 +100,20 @@ impl<S> Sticky<S> {
     pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         self.shared.remove(key).await
     }
+
+    /// Drops what the layer's table knows about session `key`, keeping its
+    /// stored record, as [`StickyLayer::forget`](super::StickyLayer::forget)
+    /// does. Returns whether the table knew it.
+    pub fn forget(&self, key: &str) -> bool {
+        self.shared.forget(key)
+    }
+
+    /// Drops every session from the layer's table, keeping the stored
+    /// records, as [`StickyLayer::forget_all`](super::StickyLayer::forget_all)
+    /// does; returns how many it held.
+    pub fn forget_all(&self) -> usize {
+        self.shared.forget_all()
+    }
 }
 
 impl<S: Clone> Clone for Sticky<S> {
