@@ -78,8 +78,8 @@ impl HealthLayer {
 }
 
 impl<C> HealthLayer<C> {
-    /// Decides what a failure is with `classifier` (the same one the
-    /// failover layer uses, typically).
+    /// Decides what a failure is with `classifier`. Give it the failover
+    /// layer's too, when you change that one: each layer has its own.
     pub fn classifier<C2>(self, classifier: C2) -> HealthLayer<C2> {
         HealthLayer {
             config: self.config,
