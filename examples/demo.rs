@@ -605,6 +605,8 @@ async fn run(clients: usize) -> Result<(), BoxError> {
         .iter()
         .filter(|r| r.homes.len() > 2 || (r.homes.len() == 2 && r.homes[1] == VICTIM))
         .count();
+    // Saves of requests whose clients stopped waiting may still run.
+    sticky.flush().await;
     let stored = store.load_all().await?;
     let mut stored_per_backend: BTreeMap<String, usize> = BTreeMap::new();
     for session in &stored.sessions {

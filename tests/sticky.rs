@@ -1191,6 +1191,60 @@ async fn the_layer_and_its_services_end_and_forget_alike() {
     assert_eq!(store.len(), 2);
 }
 
+/// A response waits for the save its request decided, but a client that
+/// goes away meanwhile leaves the save running in a task of its own: a
+/// flush (at a shutdown, before the runtime ends) waits for it, from the
+/// layer or any of its services.
+#[tokio::test(start_paused = true)]
+async fn a_flush_waits_for_the_saves_of_requests_gone() {
+    /// Saves after a second.
+    struct Slow(MemoryStore);
+    impl SessionStore for Slow {
+        fn load_all(&self) -> StoreFuture<'_, Loaded> {
+            self.0.load_all()
+        }
+        fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+            self.0.load(key)
+        }
+        fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.0.save(session).await
+            })
+        }
+        fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+            self.0.delete(keys)
+        }
+    }
+    let c = cluster();
+    let store = MemoryStore::new();
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), Slow(store.clone()));
+    // The response waits for its session's save; its client leaves.
+    let leave = |key| {
+        let svc = svc.clone();
+        async move {
+            let mut response = Box::pin(send(&svc, session(key)));
+            for _ in 0..10 {
+                assert!(futures::poll!(response.as_mut()).is_pending());
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    let started = tokio::time::Instant::now();
+    leave("s1").await;
+    assert!(store.load("s1").await.unwrap().is_none(), "not saved yet");
+    svc.flush().await;
+    assert!(store.load("s1").await.unwrap().is_some(), "saved");
+    leave("s2").await;
+    assert!(store.load("s2").await.unwrap().is_none(), "not saved yet");
+    layer.flush().await;
+    assert!(store.load("s2").await.unwrap().is_some(), "saved");
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    // With nothing queued, at once.
+    layer.flush().await;
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+}
+
 #[tokio::test]
 async fn a_forget_reaches_a_request_that_has_not_taken_its_load_yet() {
     let c = cluster();

@@ -250,6 +250,21 @@ impl StickyLayer {
         self.shared.forget_all()
     }
 
+    /// Waits until every write to the store this layer has queued, or has
+    /// under way, has landed or failed (a failure is counted in
+    /// `store_errors` and logged, as always).
+    ///
+    /// A response waits for the writes its request decided (a new
+    /// session's save, a move's), but those of a request whose client went
+    /// away, and the periodic refreshes, run on in tasks of their own, and
+    /// fail if the runtime shuts down first. Call this at shutdown, once
+    /// the server has stopped taking requests: new requests would keep it
+    /// waiting for their writes too. Each store call has its store's own
+    /// time limit; wrap this in `tokio::time::timeout` to bound the whole.
+    pub async fn flush(&self) {
+        self.shared.flush().await
+    }
+
     /// Ends session `key` (at a logout, say): forgets it and deletes its
     /// stored record, as [`Sticky::remove`](super::Sticky::remove) does,
     /// from the handle an application keeps once its stack is served.

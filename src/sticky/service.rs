@@ -101,6 +101,13 @@ impl<S> Sticky<S> {
         self.shared.remove(key).await
     }
 
+    /// Waits until every write to the store the layer has queued, or has
+    /// under way, has landed or failed, as
+    /// [`StickyLayer::flush`](super::StickyLayer::flush) does.
+    pub async fn flush(&self) {
+        self.shared.flush().await
+    }
+
     /// Drops what the layer's table knows about session `key`, keeping its
     /// stored record, as [`StickyLayer::forget`](super::StickyLayer::forget)
     /// does. Returns whether the table knew it.

@@ -1038,6 +1038,11 @@ impl Shared {
         self.table.remove(key)
     }
 
+    /// Waits until no write to the store is queued or under way.
+    pub(crate) async fn flush(&self) {
+        self.writes.flush().await
+    }
+
     /// Drops every session from the table, keeping the stored records.
     pub(crate) fn forget_all(&self) -> usize {
         for (_, load) in self.loading.lock().drain() {

@@ -123,6 +123,8 @@ impl Queued {
 #[derive(Default)]
 pub(crate) struct Writes {
     queues: Mutex<HashMap<String, VecDeque<Queued>>>,
+    /// Told when the last key's queue is removed.
+    idle: tokio::sync::Notify,
 }
 
 /// The result of a write, once it has landed (or failed).
@@ -137,6 +139,32 @@ pub(crate) async fn landed(done: Done) -> Result<(), StoreError> {
 }
 
 impl Writes {
+    /// Waits until no write is queued or under way.
+    pub(crate) async fn flush(&self) {
+        loop {
+            // Told of an idle moment that comes after this check.
+            let idle = self.idle.notified();
+            if self.queues.lock().is_empty() {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Removes `key`'s queue from `queues` (this one's, locked), and tells
+    /// those who wait for no write to be left when it was the last.
+    fn remove_queue(
+        &self,
+        queues: &mut HashMap<String, VecDeque<Queued>>,
+        key: &str,
+    ) -> Option<VecDeque<Queued>> {
+        let removed = queues.remove(key);
+        if queues.is_empty() {
+            self.idle.notify_waiters();
+        }
+        removed
+    }
+
     /// Queues `write` behind those of its key already decided, on `store`;
     /// `owner` hears of it if it fails. Outside a tokio runtime, the write
     /// fails at once (its key's queue would have no task).
@@ -253,14 +281,15 @@ impl<O: Owner> Worker<O> {
             }
             let done = self.current.take().expect("a worker has a write");
             done.finish(result);
-            let mut queues = self.owner.writes().queues.lock();
+            let writes = self.owner.writes();
+            let mut queues = writes.queues.lock();
             let queue = queues
                 .get_mut(&self.key)
                 .expect("a key's queue lives while its task does");
             match queue.pop_front() {
                 Some(queued) => self.current = Some(queued),
                 None => {
-                    queues.remove(&self.key);
+                    writes.remove_queue(&mut queues, &self.key);
                     self.finished = true;
                     return;
                 }
@@ -310,7 +339,8 @@ impl<O: Owner> Drop for Worker<O> {
             self.owner.failed(&self.key, current.write.op(), &error);
             current.finish(Err(error));
         }
-        let rest = self.owner.writes().queues.lock().remove(&self.key);
+        let writes = self.owner.writes();
+        let rest = writes.remove_queue(&mut writes.queues.lock(), &self.key);
         for queued in rest.into_iter().flatten() {
             queued.finish(Err(cut_short()));
         }
@@ -382,6 +412,40 @@ mod tests {
             permits: permits.clone(),
         };
         (Arc::new(store), inner, permits)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_waits_for_every_write_queued_or_under_way() {
+        let (store, inner, permits) = gated();
+        let log = Arc::new(Log::default());
+        // Nothing to wait for.
+        log.writes.flush().await;
+        let writes: Vec<Done> = [("k", "a"), ("k", "b"), ("x", "c")]
+            .into_iter()
+            .map(|(k, b)| Writes::submit(&log, &store, Write::Save(Session::new(k, b.into()))))
+            .collect();
+        let mut flush = std::pin::pin!(log.writes.flush());
+        for permit in 0..3 {
+            assert!(
+                futures::poll!(flush.as_mut()).is_pending(),
+                "{permit} of 3 saves landed"
+            );
+            permits.add_permits(1);
+            tokio::task::yield_now().await;
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(60), flush)
+            .await
+            .expect("the flush ends with the last write");
+        for mut done in writes {
+            assert!(
+                matches!(done.try_recv(), Ok(Ok(()))),
+                "landed before the flush ended"
+            );
+        }
+        assert_eq!(
+            inner.load("k").await.unwrap().unwrap().backend.as_str(),
+            "b"
+        );
     }
 
     #[tokio::test(start_paused = true)]
