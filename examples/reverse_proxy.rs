@@ -45,7 +45,6 @@ use tower_ha::{BoxError, Pool};
 
 type Body = ReplayBody<Incoming>;
 type ProxyBody = Either<ResponseBody, Full<Bytes>>;
-type KeyFn = Box<dyn Fn(&key::RequestHead<'_>) -> Option<u64> + Send + Sync>;
 
 // Many small allocations per request (headers, extensions, futures):
 // mimalloc serves them with less CPU than the system allocator, which
@@ -228,26 +227,23 @@ fn options() -> Options {
     o
 }
 
-fn hash_key(spec: &str) -> KeyFn {
-    fn boxed<K: RequestKey>(k: K) -> KeyFn {
-        Box::new(move |head| k.key(head))
-    }
+fn hash_key(spec: &str) -> Box<dyn RequestKey> {
     match spec.split_once(':') {
         Some(("header", name)) => match http::HeaderName::try_from(name) {
-            Ok(name) => boxed(key::header(name)),
+            Ok(name) => Box::new(key::header(name)),
             Err(_) => usage(&format!("bad header name in --hash-key {spec}")),
         },
-        Some(("cookie", name)) if is_cookie_name(name) => boxed(key::cookie(name)),
+        Some(("cookie", name)) if is_cookie_name(name) => Box::new(key::cookie(name)),
         Some(("forwarded-for", hops)) => match hops.parse() {
             Ok(hops) if hops > 0 => {
-                boxed(key::forwarded_for().trusted_hops(hops).or(key::peer_ip()))
+                Box::new(key::forwarded_for().trusted_hops(hops).or(key::peer_ip()))
             }
             _ => usage(&format!(
                 "--hash-key {spec}: give the number of your proxies"
             )),
         },
         // The leftmost `X-Forwarded-For` entry is the client's to write.
-        _ if spec == "client-ip" => boxed(key::peer_ip()),
+        _ if spec == "client-ip" => Box::new(key::peer_ip()),
         _ => usage(&format!("unknown --hash-key {spec}")),
     }
 }
@@ -306,14 +302,13 @@ fn session_key(spec: &str) -> SessionKey {
 
 async fn run(o: Options) {
     let key = hash_key(&o.hash_key);
-    let by_key = move || key::from_fn(move |head: &key::RequestHead<'_>| key(head));
     match o.strategy.as_str() {
         "round-robin" => serve(o, RoundRobin::new()).await,
         "random" => serve(o, Random::new()).await,
         "least-request" => serve(o, LeastRequest::new()).await,
         "weighted" => serve(o, WeightedRoundRobin::new()).await,
-        "ring" => serve(o, ConsistentHash::ring(by_key())).await,
-        "maglev" => serve(o, ConsistentHash::maglev(by_key())).await,
+        "ring" => serve(o, ConsistentHash::ring(key)).await,
+        "maglev" => serve(o, ConsistentHash::maglev(key)).await,
         other => usage(&format!("unknown --strategy {other}")),
     }
 }

@@ -90,6 +90,36 @@ pub trait RequestKey: Send + Sync + 'static {
     }
 }
 
+/// A key chosen at run time (from a configuration, say), boxed.
+///
+/// ```
+/// use tower_ha::balance::ConsistentHash;
+/// use tower_ha::key::{self, RequestKey};
+///
+/// let by_user = true;
+/// let key: Box<dyn RequestKey> = if by_user {
+///     Box::new(key::header("x-user"))
+/// } else {
+///     Box::new(key::peer_ip())
+/// };
+/// let strategy = ConsistentHash::maglev(key);
+/// # let _ = strategy;
+/// ```
+impl<K: RequestKey + ?Sized> RequestKey for Box<K> {
+    #[inline]
+    fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
+        (**self).key(head)
+    }
+}
+
+/// A key shared by several strategies.
+impl<K: RequestKey + ?Sized> RequestKey for std::sync::Arc<K> {
+    #[inline]
+    fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
+        (**self).key(head)
+    }
+}
+
 /// The first key, or the second when the first is absent.
 /// Built by [`RequestKey::or`].
 #[derive(Debug, Clone)]
