@@ -277,6 +277,80 @@ async fn backend_actions_drain_disable_and_enable() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn backend_stats_weight_and_limit() {
+    let f = fixture();
+    let state = f.web.state(&"web2".into()).unwrap();
+    let (status, body) = call(&f.admin, "GET", "/backends/web2", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((&body["id"], &body["weight"]), (&json!("web2"), &json!(1)));
+    assert_eq!(body["max_in_flight"], Value::Null);
+
+    let (status, body) = call(
+        &f.admin,
+        "POST",
+        "/backends/web2/weight",
+        r#"{"weight": 5}"#,
+    )
+    .await;
+    assert_eq!((status, &body["weight"]), (StatusCode::OK, &json!(5)));
+    assert_eq!(state.weight(), 5);
+    let limit = r#"{"max_in_flight": 10}"#;
+    let (status, body) = call(&f.admin, "POST", "/backends/web2/max_in_flight", limit).await;
+    assert_eq!(
+        (status, &body["max_in_flight"]),
+        (StatusCode::OK, &json!(10))
+    );
+    assert_eq!(state.max_in_flight(), Some(10));
+    let lift = r#"{"max_in_flight": null}"#;
+    let (status, body) = call(&f.admin, "POST", "/backends/web2/max_in_flight", lift).await;
+    assert_eq!(
+        (status, &body["max_in_flight"]),
+        (StatusCode::OK, &Value::Null)
+    );
+    assert_eq!(state.max_in_flight(), None);
+
+    // Bad bodies change nothing.
+    for (path, body) in [
+        ("/backends/web2/weight", ""),
+        ("/backends/web2/weight", r#"{"weight": -1}"#),
+        ("/backends/web2/weight", r#"{"weight": 2, "extra": 1}"#),
+        ("/backends/web2/weight", r#"{"weight": "2"}"#),
+        ("/backends/web2/max_in_flight", "{}"),
+        ("/backends/web2/max_in_flight", r#"{"max_in_flight": 1.5}"#),
+    ] {
+        let (status, answer) = call(&f.admin, "POST", path, body).await;
+        assert_eq!(status, 400, "{path} {body}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().starts_with("expected"),
+            "{answer}"
+        );
+    }
+    assert_eq!((state.weight(), state.max_in_flight()), (5, None));
+
+    let (status, body) = call(&f.admin, "GET", "/backends/nope", "").await;
+    assert_eq!(
+        (status, &body["error"]),
+        (StatusCode::NOT_FOUND, &json!("unknown backend `nope`"))
+    );
+    let (status, _) = call(&f.admin, "POST", "/backends/nope/weight", "garbage").await;
+    assert_eq!(status, 404, "an unknown backend whatever the body");
+    let (status, _) = call(&f.admin, "GET", "/backends/web2/weight", "").await;
+    assert_eq!(status, 405);
+    let (status, _) = call(&f.admin, "POST", "/backends/web2", "").await;
+    assert_eq!(status, 405);
+    let (status, _) = call_with(
+        &f.admin,
+        "POST",
+        "/backends/web2/weight",
+        None,
+        r#"{"weight": 1}"#,
+    )
+    .await;
+    assert_eq!(status, 415);
+    assert_eq!(state.weight(), 5);
+}
+
+#[tokio::test(start_paused = true)]
 async fn percent_escapes_need_exactly_two_hex_digits() {
     let f = fixture();
     f.web.insert("web\u{f}", ());

@@ -31,6 +31,9 @@ use crate::error::BoxError;
 /// | `POST /groups/{name}/primary` with `{"backend_id": "..."}` | forces the primary |
 /// | `DELETE /groups/{name}/primary` | releases a forced primary: the group's failback rule applies again |
 /// | `POST /backends/{id}/drain`, `/disable`, `/enable` with `{}` or no body | the admin action |
+/// | `GET /backends/{id}` | the backend's [`BackendStats`](super::BackendStats) |
+/// | `POST /backends/{id}/weight` with `{"weight": N}` | sets its weight ([`Handle::set_weight`]) |
+/// | `POST /backends/{id}/max_in_flight` with `{"max_in_flight": N}` or `null` | sets or lifts its limit of requests in flight ([`Handle::set_max_in_flight`]) |
 /// | `GET /events?limit=N` | the last N (default 100) recorded events, oldest first |
 ///
 /// Every `POST` must say `Content-Type: application/json` (parameters such
@@ -224,6 +227,27 @@ impl Body for AdminBody {
 #[serde(deny_unknown_fields)]
 struct SetPrimary {
     backend_id: String,
+}
+
+/// The body of `POST /backends/{id}/weight`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetWeight {
+    weight: u32,
+}
+
+/// The body of `POST /backends/{id}/max_in_flight`: a limit, or `null` for
+/// none. Required, so that a body that forgot it lifts nothing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetMaxInFlight {
+    #[serde(deserialize_with = "present")]
+    max_in_flight: Option<usize>,
+}
+
+/// An `Option` field that must be given, `null` included.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    Option::deserialize(d)
 }
 
 #[derive(Serialize)]
@@ -526,6 +550,55 @@ where
                     Ok(stats) => json(StatusCode::OK, &stats),
                     Err(e) => control_error(&e),
                 },
+                Err(e) => control_error(&e),
+            }
+        }
+        ["backends", id] => match method {
+            Method::GET => match handle.backend_stats(&BackendId::from(*id)) {
+                Ok(stats) => json(StatusCode::OK, &stats),
+                Err(e) => control_error(&e),
+            },
+            _ => not_allowed("GET, HEAD"),
+        },
+        ["backends", id, setting @ ("weight" | "max_in_flight")] => {
+            if method != Method::POST {
+                return not_allowed("POST");
+            }
+            if let Some(refused) = require_json(&req) {
+                return refused;
+            }
+            let id = BackendId::from(*id);
+            // The backend first: an unknown one is 404 whatever the body.
+            if let Err(e) = handle.backend_stats(&id) {
+                return control_error(&e);
+            }
+            let body = match read_body(req.into_body()).await {
+                Ok(body) => body,
+                Err(refused) => return refused,
+            };
+            let result = if *setting == "weight" {
+                match serde_json::from_slice::<SetWeight>(&body) {
+                    Ok(set) => handle.set_weight(&id, set.weight),
+                    Err(e) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("expected {{\"weight\": N}}: {e}"),
+                        )
+                    }
+                }
+            } else {
+                match serde_json::from_slice::<SetMaxInFlight>(&body) {
+                    Ok(set) => handle.set_max_in_flight(&id, set.max_in_flight),
+                    Err(e) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("expected {{\"max_in_flight\": N or null}}: {e}"),
+                        )
+                    }
+                }
+            };
+            match result.and_then(|()| handle.backend_stats(&id)) {
+                Ok(stats) => json(StatusCode::OK, &stats),
                 Err(e) => control_error(&e),
             }
         }
