@@ -273,6 +273,8 @@ fn respond(
         Err(e) => {
             stats.gateway_errors.fetch_add(1, Ordering::Relaxed);
             let status = gateway_status(&*e);
+            // A local demo: its clients print why. A proxy facing users
+            // logs it instead (see reverse_proxy).
             let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
                 "{}\n",
                 Report(&*e)

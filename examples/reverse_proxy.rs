@@ -224,6 +224,9 @@ fn options() -> Options {
     if o.backends.is_empty() {
         usage("give at least one backend URL");
     }
+    if !o.health && o.health_path.is_some() {
+        usage("--health-path with --no-health: no probe would use it");
+    }
     o
 }
 

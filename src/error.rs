@@ -273,9 +273,9 @@ pub(crate) fn chain<'a>(
 }
 
 /// Shows an error followed by its chain of sources (`outer: inner:
-/// innermost`), for logs and answers: a [`BackendError`] alone says only
-/// which backend failed, its sources say why. A source whose text its
-/// error already shows (as [`Exhausted`](crate::failover::Exhausted)
+/// innermost`), for logs: a [`BackendError`] alone says only which backend
+/// failed, its sources say why. A source whose text the error it is the
+/// source of already shows (as [`Exhausted`](crate::failover::Exhausted)
 /// shows each attempt's cause) is not repeated.
 ///
 /// ```
@@ -293,15 +293,17 @@ pub struct Report<'a>(pub &'a (dyn StdError + 'static));
 
 impl fmt::Display for Report<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = self.0.to_string();
+        let mut outer = self.0.to_string();
+        f.write_str(&outer)?;
         for err in chain(self.0).skip(1) {
             let text = err.to_string();
-            if !shown.contains(&text) {
-                shown.push_str(": ");
-                shown.push_str(&text);
+            // Shown by the error it is the source of.
+            if !outer.contains(&text) {
+                write!(f, ": {text}")?;
             }
+            outer = text;
         }
-        f.write_str(&shown)
+        Ok(())
     }
 }
 
@@ -397,6 +399,30 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
 mod tests {
     use super::*;
     use http::StatusCode;
+
+    #[test]
+    fn a_report_shows_each_cause_once() {
+        use crate::failover::Exhausted;
+        let io = |text: &str| std::io::Error::other(text.to_owned());
+        // A plain chain.
+        let err = BackendError::new("a".into(), io("reset"));
+        assert_eq!(Report(&err).to_string(), "backend a failed: reset");
+        // `Exhausted` shows each attempt's cause, the last of which is its
+        // source: not repeated. The sources of that cause are shown, even
+        // one whose text an earlier attempt's cause holds too.
+        let attempts: Vec<(BackendId, BoxError)> = vec![
+            ("a".into(), Box::new(io("timed out"))),
+            (
+                "b".into(),
+                Box::new(BackendError::new("b".into(), io("timed out"))),
+            ),
+        ];
+        let err = Exhausted::new(attempts, None);
+        assert_eq!(
+            Report(&err).to_string(),
+            "2 attempts failed: a (timed out); b (backend b failed): timed out"
+        );
+    }
 
     #[test]
     fn gateway_statuses() {

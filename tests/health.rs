@@ -661,6 +661,24 @@ async fn a_probe_that_hangs_fails_at_its_timeout() {
     assert_eq!(state.health(), HealthStatus::Unhealthy);
 }
 
+/// Outside a runtime `spawn` panics before it marks anything: a pool that a
+/// balancer serves from is not left with backends no checker probes.
+#[test]
+fn a_spawn_outside_a_runtime_changes_nothing() {
+    let (pool, _) = pool_of(&["a"]);
+    let script = Script::default();
+    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        HealthChecker::new(pool.clone(), script.probe())
+            .start_unhealthy(true)
+            .spawn()
+    }));
+    assert!(spawned.is_err());
+    assert_eq!(
+        pool.state(&"a".into()).unwrap().health(),
+        HealthStatus::Healthy
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn start_unhealthy_waits_for_rise_passing_probes() {
     let (pool, _) = pool_of(&["a"]);

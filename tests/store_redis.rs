@@ -539,8 +539,9 @@ async fn concurrent_hydration_restores_a_session_once() {
                             store.save(&s).await.unwrap();
                             // The restore lasts until the other replica,
                             // its take refused, has looked at the lease
-                            // once (its only `GET` while it is held), so
-                            // the claims overlap however late it came.
+                            // (a `GET`, which nothing else here sends
+                            // meanwhile), so the claims overlap however
+                            // late it came.
                             let seen = gets(&url);
                             bounded_real("the other claim looks at the lease", async {
                                 while gets(&url) == seen {

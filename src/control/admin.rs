@@ -33,7 +33,7 @@ use crate::error::BoxError;
 /// | `POST /backends/{id}/drain`, `/disable`, `/enable` with `{}` or no body | the admin action |
 /// | `GET /backends/{id}` | the backend's [`BackendStats`](super::BackendStats) |
 /// | `POST /backends/{id}/weight` with `{"weight": N}` | sets its weight ([`Handle::set_weight`]) |
-/// | `POST /backends/{id}/max_in_flight` with `{"max_in_flight": N}` or `null` | sets or lifts its limit of requests in flight ([`Handle::set_max_in_flight`]) |
+/// | `POST /backends/{id}/max_in_flight` with `{"max_in_flight": N}` or `{"max_in_flight": null}` | sets or lifts its limit of requests in flight ([`Handle::set_max_in_flight`]) |
 /// | `GET /events?limit=N` | the last N (default 100) recorded events, oldest first |
 ///
 /// Every `POST` must say `Content-Type: application/json` (parameters such
@@ -317,6 +317,21 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<AdminBody> {
     }
 }
 
+/// `body` as a `T`, or a 400 saying what was `expected`.
+// The error is the answer itself, as `read_body`'s is.
+#[allow(clippy::result_large_err)]
+fn parse<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    expected: &str,
+) -> Result<T, Response<AdminBody>> {
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("expected {expected}: {e}"),
+        )
+    })
+}
+
 fn error(status: StatusCode, message: &str) -> Response<AdminBody> {
     let body = serde_json::to_vec(&ErrorBody { error: message }).unwrap_or_default();
     json_body(status, body)
@@ -535,14 +550,9 @@ where
                 Ok(body) => body,
                 Err(refused) => return refused,
             };
-            let set: SetPrimary = match serde_json::from_slice(&body) {
+            let set: SetPrimary = match parse(&body, r#"{"backend_id": "..."}"#) {
                 Ok(set) => set,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("expected {{\"backend_id\": \"...\"}}: {e}"),
-                    )
-                }
+                Err(refused) => return refused,
             };
             let id = BackendId::from(set.backend_id);
             match handle.force_primary(name, &id) {
@@ -577,25 +587,15 @@ where
                 Err(refused) => return refused,
             };
             let result = if *setting == "weight" {
-                match serde_json::from_slice::<SetWeight>(&body) {
-                    Ok(set) => handle.set_weight(&id, set.weight),
-                    Err(e) => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            &format!("expected {{\"weight\": N}}: {e}"),
-                        )
-                    }
-                }
+                parse::<SetWeight>(&body, r#"{"weight": N}"#)
+                    .map(|set| handle.set_weight(&id, set.weight))
             } else {
-                match serde_json::from_slice::<SetMaxInFlight>(&body) {
-                    Ok(set) => handle.set_max_in_flight(&id, set.max_in_flight),
-                    Err(e) => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            &format!("expected {{\"max_in_flight\": N or null}}: {e}"),
-                        )
-                    }
-                }
+                parse::<SetMaxInFlight>(&body, r#"{"max_in_flight": N or null}"#)
+                    .map(|set| handle.set_max_in_flight(&id, set.max_in_flight))
+            };
+            let result = match result {
+                Ok(result) => result,
+                Err(refused) => return refused,
             };
             match result.and_then(|()| handle.backend_stats(&id)) {
                 Ok(stats) => json(StatusCode::OK, &stats),

@@ -198,12 +198,17 @@ where
         self
     }
 
-    /// Starts checking on the current tokio runtime.
+    /// Starts checking on the current tokio runtime. The backends in the
+    /// pool are taken up before it returns (marked unhealthy then, with
+    /// [`start_unhealthy`](Self::start_unhealthy)); their first probes
+    /// start at once, on the checker's task.
     ///
     /// # Panics
     ///
-    /// When called outside a tokio runtime, as [`tokio::spawn`] does.
+    /// When called outside a tokio runtime, as [`tokio::spawn`] does,
+    /// before it changes anything.
     pub fn spawn(self) -> CheckerHandle {
+        let runtime = tokio::runtime::Handle::current();
         let changed = Arc::new(Changed(Notify::new()));
         let weak = Arc::downgrade(&changed) as std::sync::Weak<dyn Rebuild<S>>;
         self.pool.subscribe(weak);
@@ -223,7 +228,7 @@ where
         task.sync(&snapshot, Instant::now(), true);
         let (stop, stopped) = oneshot::channel();
         CheckerHandle {
-            task: Some(tokio::spawn(task.run(stopped, snapshot.generation()))),
+            task: Some(runtime.spawn(task.run(stopped, snapshot.generation()))),
             stop: Some(stop),
         }
     }

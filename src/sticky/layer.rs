@@ -259,8 +259,9 @@ impl StickyLayer {
     /// away, and the periodic refreshes, run on in tasks of their own, and
     /// fail if the runtime shuts down first. Call this at shutdown, once
     /// the server has stopped taking requests: new requests would keep it
-    /// waiting for their writes too. Each store call has its store's own
-    /// time limit; wrap this in `tokio::time::timeout` to bound the whole.
+    /// waiting for their writes too. It waits as long as the store's calls
+    /// take (the crate's stores each have a time limit; a store of your
+    /// own may not): wrap it in `tokio::time::timeout` to bound it.
     pub async fn flush(&self) {
         self.shared.flush().await
     }

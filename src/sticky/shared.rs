@@ -1808,14 +1808,14 @@ mod tests {
         shared.decide(&mut work, || {
             let moved = shared.table.move_if("s", &"a".into(), &"b".into(), None);
             let save = Write::Save(moved.expect("moved").session);
-            // The other thread ends the session now, if it can: it is in
-            // `remove`, a few steps from the lock this change holds, and
-            // has time to take it if nothing stops it.
+            // The other thread ends the session now, if it can: it is
+            // about to call `remove`, a few steps from the lock this change
+            // holds, and has time to take it if nothing stops it.
             go.send(()).unwrap();
             removes
                 .recv_timeout(Duration::from_secs(30))
                 .expect("the other thread removes");
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(200));
             ((), Some(save))
         });
         shared.finish(work).expect("a save to wait for").await;

@@ -79,7 +79,8 @@ impl StoreError {
         corrupt => Corrupt, is_corrupt;
         /// The store refused the credentials.
         unauthorized => Unauthorized, is_unauthorized;
-        /// The session key cannot be stored (empty, too long, ...).
+        /// The session key cannot be stored: `""`, `.` or `..` where keys
+        /// name paths, or longer than the store's limit.
         invalid_key => InvalidKey, is_invalid_key;
         /// The store refused the request (an unexpected 4xx).
         rejected => Rejected, is_rejected;

@@ -16,7 +16,8 @@ fn session(key: &str, backend: &str) -> Session {
 }
 
 /// Keys a hostile or careless client may send. A store round-trips each
-/// one exactly; it may reject only `""`, `.` and `..`, with an
+/// one exactly; it may reject only those it cannot hold (`""`, `.`, `..`,
+/// or one longer than its limit, which is at least 256 bytes), with an
 /// `invalid_key` error. It never lets one reach another key's record.
 pub fn hostile_keys() -> Vec<String> {
     vec![
@@ -177,13 +178,14 @@ async fn hostile_keys_stay_apart(store: &dyn SessionStore) {
             s.key
         );
     }
-    // Only the keys that name no segment of a path may be rejected (a
-    // store that sends keys in URLs cannot tell them from none, `.` or
-    // `..`); every other one is a key like any other.
+    // Only keys that name no segment of a path (a store that sends keys
+    // in URLs cannot tell them from none, `.` or `..`) or past a store's
+    // length limit may be rejected; every other one is a key like any
+    // other.
     for key in &rejected {
         assert!(
-            ["", ".", ".."].contains(&key.as_str()),
-            "a store may reject only \"\", \".\" and \"..\", not {key:?}"
+            ["", ".", ".."].contains(&key.as_str()) || key.len() > 256,
+            "a store may reject only \"\", \".\", \"..\" and keys over 256 bytes, not {key:?}"
         );
     }
     let all = store.load_all().await.expect("load_all");
