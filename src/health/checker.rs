@@ -166,12 +166,11 @@ where
 
     /// Marks backends the checker has not seen pass yet unhealthy (those
     /// in the pool as [`spawn`](Self::spawn) returns, and those added
-    /// later), so they
-    /// take traffic only after `rise` passing probes in a row (the Panda API
-    /// gateway started them unhealthy too, but needed one pass: `rise(1)`;
-    /// Envoy likewise needs one pass for a new host). By default they keep
-    /// the health the pool gave them (healthy), as in HAProxy, and lose it
-    /// after `fall` failing probes. A backend that leaves the pool and comes
+    /// later), so they take traffic only after `rise` passing probes in a
+    /// row (the Panda API gateway started them unhealthy too, but needed
+    /// one pass: `rise(1)`; Envoy likewise needs one pass for a new host).
+    /// By default they keep the health the pool gave them (healthy), as in
+    /// HAProxy, and lose it after `fall` failing probes. A backend that leaves the pool and comes
     /// back with its state (see [`Pool::keep_removed_for`]) is not marked
     /// again: the checker takes it up where it left it.
     ///
@@ -227,9 +226,9 @@ where
         let snapshot = task.pool.snapshot();
         task.sync(&snapshot, Instant::now(), true);
         let (stop, stopped) = oneshot::channel();
+        let task = runtime.spawn(task.run(stopped, snapshot.generation()));
         CheckerHandle {
-            task: Some(runtime.spawn(task.run(stopped, snapshot.generation()))),
-            stop: Some(stop),
+            running: Some((task, stop)),
         }
     }
 }
@@ -238,9 +237,9 @@ where
 #[derive(Debug)]
 #[must_use = "the checker stops when this handle is dropped"]
 pub struct CheckerHandle {
-    task: Option<JoinHandle<()>>,
-    /// Tells the task to stop its probes and end.
-    stop: Option<oneshot::Sender<()>>,
+    /// The task, and what tells it to stop its probes and end; taken when
+    /// it is stopped.
+    running: Option<(JoinHandle<()>, oneshot::Sender<()>)>,
 }
 
 impl CheckerHandle {
@@ -248,7 +247,7 @@ impl CheckerHandle {
     /// Backends keep their last health; slow-start ramps in progress end at
     /// full weight.
     pub async fn shutdown(mut self) {
-        if let (Some(task), Some(stop)) = (self.task.take(), self.stop.take()) {
+        if let Some((task, stop)) = self.running.take() {
             let _ = stop.send(());
             let _ = task.await;
         }
@@ -256,13 +255,15 @@ impl CheckerHandle {
 
     /// Whether the checker's task has ended.
     pub fn is_finished(&self) -> bool {
-        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+        self.running
+            .as_ref()
+            .is_none_or(|(task, _)| task.is_finished())
     }
 }
 
 impl Drop for CheckerHandle {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
+        if let Some((task, _)) = self.running.take() {
             task.abort();
         }
     }
