@@ -19,8 +19,8 @@ use tower_ha::classify::Classifier;
 use tower_ha::error::find;
 use tower_ha::extensions::{Attempts, Picked, ServedBy};
 use tower_ha::failover::{
-    Backoff, BufferBodyLayer, DeadlineExceeded, Exhausted, FailedStatus, FailoverLayer, ReplayBody,
-    RetryNonIdempotent, TimedOut,
+    Backoff, BufferBodyLayer, DeadlineExceeded, Exhausted, FailedStatus, FailoverLayer,
+    FailoverStats, ReplayBody, RetryNonIdempotent, TimedOut,
 };
 use tower_ha::{BackendId, BoxError, NoBackend, NotSent, Pool};
 use tower_test::mock;
@@ -93,8 +93,9 @@ fn status(code: u16) -> Response<()> {
 #[tokio::test(start_paused = true)]
 async fn per_try_timeout_moves_on_at_the_configured_instant() {
     let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    let layer = FailoverLayer::new().per_try_timeout(Duration::from_millis(100));
     let service = ServiceBuilder::new()
-        .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
+        .layer(layer.clone())
         .service(Balance::new(pool.clone(), RoundRobin::new()));
 
     let start = Instant::now();
@@ -122,6 +123,9 @@ async fn per_try_timeout_moves_on_at_the_configured_instant() {
     assert_eq!(served_by(&response), "b");
     assert_eq!(history(&response), ["a", "b"]);
     assert_eq!(Instant::now() - start, Duration::from_millis(130));
+    let stats = layer.stats();
+    assert_eq!(stats.per_try_timeouts, 1);
+    assert_eq!((stats.retries, stats.recovered, stats.exhausted), (1, 1, 0));
 }
 
 /// A zero per-try timeout or deadline is none: the slow backend answers,
@@ -453,12 +457,11 @@ async fn timer_does_not_fire_one_tick_early() {
 #[tokio::test(start_paused = true)]
 async fn deadline_ends_the_attempts_at_the_configured_instant() {
     let (pool, mut handles) = mock_fleet(&["a", "b", "c", "d"]);
+    let layer = FailoverLayer::new()
+        .per_try_timeout(Duration::from_millis(100))
+        .deadline(Duration::from_millis(250));
     let service = ServiceBuilder::new()
-        .layer(
-            FailoverLayer::new()
-                .per_try_timeout(Duration::from_millis(100))
-                .deadline(Duration::from_millis(250)),
-        )
+        .layer(layer.clone())
         .service(Balance::new(pool.clone(), RoundRobin::new()));
 
     let start = Instant::now();
@@ -499,6 +502,9 @@ async fn deadline_ends_the_attempts_at_the_configured_instant() {
         Duration::from_millis(250)
     );
     assert!(find::<DeadlineExceeded>(err).is_some());
+    let stats = layer.stats();
+    assert_eq!((stats.per_try_timeouts, stats.deadlines_exceeded), (2, 1));
+    assert_eq!((stats.retries, stats.recovered, stats.exhausted), (2, 0, 1));
 }
 
 /// Ready for one call only; never again after it.
@@ -916,6 +922,85 @@ async fn max_attempts_bounds_the_attempts() {
 }
 
 #[tokio::test]
+async fn counters_count_retries_recoveries_and_exhaustions_not_first_successes() {
+    use Kind::*;
+    let layer = FailoverLayer::new().no_budget();
+    let (result, _) = send(layer.clone(), &[("a", Ok)], request(Method::GET)).await;
+    result.unwrap();
+    assert_eq!(layer.stats(), FailoverStats::default());
+
+    let kinds = [("a", Refused), ("b", Unavailable), ("c", Ok)];
+    let (result, _) = send(layer.clone(), &kinds, request(Method::GET)).await;
+    assert_eq!(result.unwrap().status(), StatusCode::OK);
+    let stats = layer.stats();
+    assert_eq!((stats.retries, stats.recovered, stats.exhausted), (2, 1, 0));
+
+    let kinds = [("a", Reset), ("b", Unavailable)];
+    let (result, _) = send(layer.clone(), &kinds, request(Method::GET)).await;
+    assert_eq!(result.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    let stats = layer.stats();
+    assert_eq!((stats.retries, stats.recovered, stats.exhausted), (3, 1, 1));
+    // Every backend was tried: nothing else stopped a retry.
+    let mut rest = stats;
+    (rest.retries, rest.recovered, rest.exhausted) = (0, 0, 0);
+    assert_eq!(rest, FailoverStats::default());
+
+    // A service the layer built, and a clone of the layer, share them.
+    let service = layer.layer(Balance::new(fleet(&[], &Log::default()), RoundRobin::new()));
+    assert_eq!(service.stats(), stats);
+    assert_eq!(layer.clone().stats(), stats);
+}
+
+#[tokio::test]
+async fn counters_say_why_a_failure_was_not_retried() {
+    use Kind::*;
+    // A POST that reached its backend.
+    let layer = FailoverLayer::new();
+    let (result, _) = send(
+        layer.clone(),
+        &[("a", Unavailable), ("b", Ok)],
+        request(Method::POST),
+    )
+    .await;
+    assert_eq!(result.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    let stats = layer.stats();
+    assert_eq!((stats.unsafe_to_retry, stats.exhausted), (1, 1));
+    // One that did not is retried.
+    let (result, _) = send(
+        layer.clone(),
+        &[("a", Refused), ("b", Ok)],
+        request(Method::POST),
+    )
+    .await;
+    assert_eq!(result.unwrap().status(), StatusCode::OK);
+    let stats = layer.stats();
+    assert_eq!(
+        (stats.unsafe_to_retry, stats.retries, stats.recovered),
+        (1, 1, 1)
+    );
+    assert_eq!(stats.budget_refusals, 0);
+
+    // A spent budget.
+    let spent = FailoverLayer::new().budget(Spent);
+    let kinds = [("a", Reset), ("b", Ok)];
+    let (result, _) = send(spent.clone(), &kinds, request(Method::GET)).await;
+    result.unwrap_err();
+    let stats = spent.stats();
+    assert_eq!(
+        (stats.budget_refusals, stats.exhausted, stats.retries),
+        (1, 1, 0)
+    );
+
+    // The attempt limit: exhausted, for no other reason.
+    let once = FailoverLayer::new().max_attempts(1);
+    let (result, _) = send(once.clone(), &kinds, request(Method::GET)).await;
+    result.unwrap_err();
+    let mut expected = FailoverStats::default();
+    expected.exhausted = 1;
+    assert_eq!(once.stats(), expected);
+}
+
+#[tokio::test]
 async fn a_closure_classifier_decides_what_fails() {
     use tower_ha::classify::Outcome;
     let errors_only = |outcome: &Outcome<'_>| matches!(outcome, Outcome::Error(_));
@@ -956,11 +1041,12 @@ fn reading_fleet(
     pool
 }
 
-async fn post_body(len: usize) -> (Response<()>, Vec<(String, usize)>) {
+async fn post_body(len: usize) -> (Response<()>, Vec<(String, usize)>, FailoverStats) {
     let log = Arc::default();
+    let failover = FailoverLayer::new().retry_non_idempotent(true);
     let service = ServiceBuilder::new()
         .layer(BufferBodyLayer::new().limit(1024))
-        .layer(FailoverLayer::new().retry_non_idempotent(true))
+        .layer(failover.clone())
         .service(Balance::new(
             reading_fleet(&[("a", 503), ("b", 200)], &log),
             RoundRobin::new(),
@@ -969,22 +1055,27 @@ async fn post_body(len: usize) -> (Response<()>, Vec<(String, usize)>) {
     let req = Request::post("/upload").body(body).unwrap();
     let response = service.oneshot(req).await.unwrap();
     let log = log.lock().clone();
-    (response, log)
+    (response, log, failover.stats())
 }
 
 #[tokio::test]
 async fn a_body_within_the_limit_is_replayed() {
-    let (response, log) = post_body(1024).await;
+    let (response, log, stats) = post_body(1024).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(log, [("a".to_string(), 1024), ("b".to_string(), 1024)]);
+    assert_eq!((stats.retries, stats.unreplayable), (1, 0));
 }
 
 #[tokio::test]
 async fn a_body_over_the_limit_is_not_retried_once_read() {
-    let (response, log) = post_body(1025).await;
+    let (response, log, stats) = post_body(1025).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(log, [("a".to_string(), 1025)]);
     assert_eq!(history(&response), ["a"]);
+    assert_eq!(
+        (stats.retries, stats.unreplayable, stats.exhausted),
+        (0, 1, 1)
+    );
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ use super::body::Replay;
 use super::error::{DeadlineExceeded, Exhausted, FailedStatus, TimedOut};
 use super::layer::Config;
 use super::policy::{is_idempotent, is_not_sent, RetryNonIdempotent};
+use super::stats::bump;
 use crate::backend::BackendId;
 use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event};
@@ -253,6 +254,7 @@ where
                                 Fired::Timer => {}
                             }
                             timed_out = true;
+                            bump(&this.retry.config.counters.per_try_timeouts);
                             let after = this.retry.config.per_try_timeout;
                             Err(TimedOut::new(after.unwrap_or_default()).into())
                         }
@@ -373,6 +375,9 @@ where
                     // A failed response kept in case every attempt failed
                     // lets go of its backend now.
                     self.last_response = None;
+                    if !self.failures.is_empty() {
+                        bump(&self.config.counters.recovered);
+                    }
                     return Verdict::Return(Ok(self.with_history(response, true)));
                 }
                 let served = response.extensions().get::<ServedBy>().map(|s| s.0.clone());
@@ -449,17 +454,24 @@ where
     /// Whether one more attempt is allowed after the failure just recorded
     /// (the budget is checked once the next backend is known).
     fn may_retry(&mut self, not_sent: bool) -> bool {
-        let allowed = self.tried < self.config.max_attempts
-            && (self.any_failure || not_sent)
-            && self
-                .template
-                .as_ref()
-                .is_some_and(|t| t.body.replay().is_some());
-        if allowed && self.over_budget {
+        let counters = &self.config.counters;
+        if self.tried >= self.config.max_attempts {
+            return false;
+        }
+        if !(self.any_failure || not_sent) {
+            bump(&counters.unsafe_to_retry);
+            return false;
+        }
+        let replayable = (self.template.as_ref()).is_some_and(|t| t.body.replay().is_some());
+        if !replayable {
+            bump(&counters.unreplayable);
+            return false;
+        }
+        if self.over_budget {
             self.budget_spent = true;
             return false;
         }
-        allowed
+        true
     }
 
     /// Takes a retry from the budget; `false` when it is spent.
@@ -565,6 +577,7 @@ where
     /// backend to `to`: a `tracing` event and an [`Event::FailoverAttempt`].
     fn announce(&self, to: Option<&BackendId>) {
         if let Some((from, cause)) = self.failures.last() {
+            bump(&self.config.counters.retries);
             tracing::info!(
                 target: "tower_ha::failover",
                 from = %from,
@@ -584,7 +597,11 @@ where
     /// Ends the attempts: the last failed response if the last failure was
     /// one, else the list of failures.
     fn give_up(&mut self, reason: Option<BoxError>) -> Result<Response<RB>, BoxError> {
+        if self.budget_spent {
+            bump(&self.config.counters.budget_refusals);
+        }
         if !self.failures.is_empty() {
+            bump(&self.config.counters.exhausted);
             emit(self.config.events.as_ref(), || Event::AttemptsExhausted {
                 tried: self.failures.iter().map(|(id, _)| id.clone()).collect(),
             });
@@ -605,6 +622,7 @@ where
 
     /// The overall deadline passed during an attempt or between attempts.
     fn deadline_exceeded(&mut self) -> Result<Response<RB>, BoxError> {
+        bump(&self.config.counters.deadlines_exceeded);
         let deadline = self.config.deadline.unwrap_or_default();
         // A balancer that picks after `call` (behind a buffer or a queue)
         // names the attempt's backend in the slot.

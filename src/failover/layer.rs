@@ -8,6 +8,7 @@ use tower_layer::Layer;
 use super::budget::RetryBudget;
 use super::policy::Backoff;
 use super::service::Failover;
+use super::stats::{Counters, FailoverStats};
 use crate::classify::{Classifier, DefaultClassifier};
 use crate::control::Events;
 
@@ -29,6 +30,7 @@ pub(crate) struct Config<C> {
     pub(crate) backoff: Backoff,
     pub(crate) retry_non_idempotent: bool,
     pub(crate) events: Option<Events>,
+    pub(crate) counters: Arc<Counters>,
 }
 
 impl Config<DefaultClassifier> {
@@ -42,6 +44,7 @@ impl Config<DefaultClassifier> {
             backoff: Backoff::none(),
             retry_non_idempotent: false,
             events: None,
+            counters: Arc::default(),
         }
     }
 }
@@ -90,7 +93,7 @@ impl<C> fmt::Debug for Config<C> {
 /// | [`retry_non_idempotent`](Self::retry_non_idempotent) | `false` |
 ///
 /// Every service built by one layer (and every clone of it) shares the
-/// layer's budget.
+/// layer's budget and its counters ([`stats`](Self::stats)).
 #[derive(Clone)]
 pub struct FailoverLayer<C = DefaultClassifier> {
     config: Config<C>,
@@ -134,6 +137,7 @@ impl<C> FailoverLayer<C> {
                 backoff: c.backoff,
                 retry_non_idempotent: c.retry_non_idempotent,
                 events: c.events,
+                counters: c.counters,
             },
         }
     }
@@ -214,6 +218,15 @@ impl<C> FailoverLayer<C> {
     pub fn events(mut self, events: Events) -> Self {
         self.config.events = Some(events);
         self
+    }
+
+    /// The counters of every service this layer (or a clone of it) built.
+    pub fn stats(&self) -> FailoverStats {
+        self.config.counters.snapshot()
+    }
+
+    pub(crate) fn counters(&self) -> &Arc<Counters> {
+        &self.config.counters
     }
 }
 

@@ -116,6 +116,7 @@ pub mod future;
 mod layer;
 mod policy;
 mod service;
+mod stats;
 
 pub use crate::extensions::Picked;
 pub use body::{BufferBody, BufferBodyLayer, Replay, ReplayBody};
@@ -124,6 +125,8 @@ pub use error::{DeadlineExceeded, Exhausted, FailedStatus, TimedOut};
 pub use layer::FailoverLayer;
 pub use policy::{is_idempotent, Backoff, RetryNonIdempotent};
 pub use service::Failover;
+pub(crate) use stats::Counters;
+pub use stats::FailoverStats;
 
 /// Runs the examples of `docs/failover.md` as doctests.
 #[cfg(doctest)]

@@ -8,6 +8,7 @@ use tower_service::Service;
 use super::body::Replay;
 use super::future::ResponseFuture;
 use super::layer::{Config, FailoverLayer};
+use super::stats::FailoverStats;
 use crate::classify::{Classifier, DefaultClassifier};
 use crate::error::BoxError;
 
@@ -59,6 +60,12 @@ impl<S, C> Failover<S, C> {
     /// The inner service, consuming `self`.
     pub fn into_inner(self) -> S {
         self.inner
+    }
+
+    /// The counters this service shares with the layer that built it, and
+    /// with every other service that layer built.
+    pub fn stats(&self) -> FailoverStats {
+        self.config.counters.snapshot()
     }
 }
 
