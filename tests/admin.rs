@@ -507,6 +507,60 @@ async fn get_events_returns_the_recent_history() {
     assert_eq!(status, 405);
 }
 
+#[tokio::test]
+async fn get_layers_returns_the_counters_of_the_registered_layers() {
+    use tower::{service_fn, ServiceBuilder};
+    use tower_ha::balance::BalanceLayer;
+    use tower_ha::failover::FailoverLayer;
+    use tower_ha::sticky::{SessionKey, StickyLayer};
+
+    let f = fixture();
+    let (status, body) = call(&f.admin, "GET", "/layers", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"failover": {}, "sticky": {}}));
+
+    // "a" answers 503, "b" 200: a request fails over once.
+    let pool = Pool::new();
+    for (name, code) in [("a", 503), ("b", 200)] {
+        pool.insert(
+            name,
+            service_fn(move |_req: Request<()>| async move {
+                let mut response = Response::new(());
+                *response.status_mut() = StatusCode::from_u16(code).unwrap();
+                Ok::<_, std::convert::Infallible>(response)
+            }),
+        );
+    }
+    let failover = FailoverLayer::new().no_budget();
+    let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
+    f.handle.add_failover("edge", &failover);
+    f.handle.add_sticky("edge", &sticky);
+    let service = ServiceBuilder::new()
+        .layer(sticky.clone())
+        .layer(failover.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(pool);
+    let request = Request::builder()
+        .header("x-session", "s")
+        .body(())
+        .unwrap();
+    assert_eq!(service.oneshot(request).await.unwrap().status(), 200);
+
+    let (status, body) = call(&f.admin, "GET", "/layers", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["failover"]["edge"]["retries"], 1);
+    assert_eq!(body["failover"]["edge"]["recovered"], 1);
+    assert_eq!(body["failover"]["edge"]["exhausted"], 0);
+    assert_eq!(body["sticky"]["edge"]["sessions"], 1);
+    assert_eq!(body["sticky"]["edge"]["created"], 1);
+    assert_eq!(
+        body["failover"]["edge"],
+        serde_json::to_value(failover.stats()).unwrap()
+    );
+    let (status, _) = call(&f.admin, "POST", "/layers", "").await;
+    assert_eq!(status, 405);
+}
+
 #[tokio::test(start_paused = true)]
 async fn unknown_routes_and_prefixes() {
     let f = fixture();

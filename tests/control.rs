@@ -1121,3 +1121,109 @@ async fn repeated_drains_keep_one_deadline_timer() {
     );
     assert_eq!(metrics.num_alive_tasks(), before);
 }
+
+// ---------------------------------------------------------------------------
+// The counters of the failover and sticky layers.
+
+mod layers {
+    use std::convert::Infallible;
+
+    use http::{Request, Response, StatusCode};
+    use tower::util::BoxCloneSyncService;
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+    use tower_ha::balance::{BalanceLayer, RoundRobin};
+    use tower_ha::control::{Events, Handle, LayerStats};
+    use tower_ha::failover::FailoverLayer;
+    use tower_ha::sticky::{SessionKey, StickyLayer};
+    use tower_ha::{BoxError, Pool};
+
+    type Backend = BoxCloneSyncService<Request<String>, Response<&'static str>, BoxError>;
+
+    /// "down" answers 503, "up" 200; round robin tries "down" first.
+    fn pool() -> Pool<Backend> {
+        let pool = Pool::new();
+        for (name, status) in [("down", 503), ("up", 200)] {
+            let svc = service_fn(move |_req: Request<String>| async move {
+                let mut response = Response::new(name);
+                *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                Ok::<_, Infallible>(response)
+            });
+            pool.insert(name, BoxCloneSyncService::new(svc.map_err(BoxError::from)));
+        }
+        pool
+    }
+
+    fn request(session: &str) -> Request<String> {
+        Request::builder()
+            .header("x-session", session)
+            .body(String::new())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_handle_reports_the_layers_registered_with_it() {
+        let pool = pool();
+        let failover = FailoverLayer::new().no_budget();
+        let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
+        let handle = Handle::new(Events::default());
+        assert_eq!(handle.layer_stats(), LayerStats::default());
+        handle.add_failover("web", &failover);
+        handle.add_sticky("web", &sticky);
+
+        let service = ServiceBuilder::new()
+            .layer(sticky.clone())
+            .layer(failover.clone())
+            .layer(BalanceLayer::new(RoundRobin::new()))
+            .service(pool.clone());
+        // A new session: "down" fails, "up" serves and keeps it.
+        let response = service.clone().oneshot(request("s1")).await.unwrap();
+        assert_eq!(*response.body(), "up");
+        // Its second request goes straight to "up".
+        let response = service.clone().oneshot(request("s1")).await.unwrap();
+        assert_eq!(*response.body(), "up");
+
+        let stats = handle.layer_stats();
+        assert_eq!(stats.failover.len(), 1);
+        assert_eq!(stats.failover["web"], failover.stats());
+        assert_eq!(
+            (
+                stats.failover["web"].retries,
+                stats.failover["web"].recovered
+            ),
+            (1, 1)
+        );
+        assert_eq!(stats.sticky["web"], sticky.stats());
+        let sticky_web = stats.sticky["web"];
+        assert_eq!((sticky_web.sessions, sticky_web.created), (1, 1));
+
+        // A second layer under another name; then the first goes.
+        handle.add_failover("api", &FailoverLayer::new());
+        assert_eq!(handle.layer_stats().failover.len(), 2);
+        assert!(handle.remove_layer("web"));
+        assert!(!handle.remove_layer("web"));
+        let stats = handle.layer_stats();
+        assert_eq!(
+            stats.failover.keys().map(|k| &**k).collect::<Vec<_>>(),
+            ["api"]
+        );
+        assert!(stats.sticky.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_sticky_layer_dropped_with_its_services_is_no_longer_reported() {
+        let pool = pool();
+        let handle = Handle::new(Events::default());
+        let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
+        handle.add_sticky("web", &sticky);
+        let service = ServiceBuilder::new()
+            .layer(sticky.clone())
+            .layer(BalanceLayer::new(RoundRobin::new()))
+            .service(pool.clone());
+        drop(sticky);
+        // Its service still counts.
+        service.clone().oneshot(request("s1")).await.unwrap();
+        assert_eq!(handle.layer_stats().sticky["web"].created, 1);
+        drop(service);
+        assert!(handle.layer_stats().sticky.is_empty());
+    }
+}

@@ -518,3 +518,122 @@ async fn a_group_registered_again_in_normal_mode_has_no_primary() {
         Some(1.0)
     );
 }
+
+/// A stack over "a" (503) and "b" (200), keyed by `X-Session`: each new
+/// session fails over from "a" to "b".
+fn edge(
+    failover: &tower_ha::failover::FailoverLayer,
+    sticky: &tower_ha::sticky::StickyLayer,
+    pool: &Pool<Svc>,
+) -> impl tower::Service<
+    Request<()>,
+    Response = Response<&'static str>,
+    Error = tower_ha::BoxError,
+    Future: Send,
+> + Clone {
+    tower::ServiceBuilder::new()
+        .layer(sticky.clone())
+        .layer(failover.clone())
+        // "a" first, whenever it is available.
+        .layer(tower_ha::balance::BalanceLayer::new(Priority::new(
+            "edge",
+            ["a", "b"],
+        )))
+        .service(pool.clone())
+}
+
+fn failing_then_working() -> Pool<Svc> {
+    let pool = Pool::new();
+    for (name, code) in [("a", 503), ("b", 200)] {
+        pool.insert(
+            name,
+            tower::util::BoxCloneSyncService::new(service_fn(
+                move |_req: Request<()>| async move {
+                    let mut response = Response::new(name);
+                    *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                    Ok::<_, Infallible>(response)
+                },
+            )),
+        );
+    }
+    pool
+}
+
+async fn new_session<S>(service: &S, key: &str)
+where
+    S: tower::Service<Request<()>, Response = Response<&'static str>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    let request = Request::builder()
+        .header("x-session", key)
+        .body(())
+        .unwrap();
+    let response = service.clone().oneshot(request).await.unwrap();
+    assert_eq!(*response.body(), "b");
+}
+
+#[tokio::test]
+async fn the_counters_of_registered_layers_are_published() {
+    use tower_ha::failover::FailoverLayer;
+    use tower_ha::sticky::{SessionKey, StickyLayer};
+
+    let last = Last::default();
+    let handle = Handle::new(Events::default());
+    let pool = failing_then_working();
+    let failover = FailoverLayer::new().no_budget();
+    let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
+    handle.add_failover("edge", &failover);
+    handle.add_sticky("edge", &sticky);
+    let service = edge(&failover, &sticky, &pool);
+    new_session(&service, "s1").await;
+    new_session(&service, "s2").await;
+    last.publish(&handle);
+    assert_eq!(
+        last.get("tower_ha_failover_retries_total{layer=edge}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        last.get("tower_ha_failover_recovered_total{layer=edge}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        last.get("tower_ha_failover_exhausted_total{layer=edge}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        last.get("tower_ha_sticky_created_total{layer=edge}"),
+        Some(2.0)
+    );
+    assert_eq!(last.get("tower_ha_sticky_sessions{layer=edge}"), Some(2.0));
+
+    // Another failover layer under the same name, with three retries of
+    // its own by the next publication: the counter adds them all (it
+    // reads 5, neither 3 nor 1), and goes on from there.
+    let again = FailoverLayer::new().no_budget();
+    handle.add_failover("edge", &again);
+    for key in ["s3", "s4", "s5"] {
+        new_session(&edge(&again, &sticky, &pool), key).await;
+    }
+    last.publish(&handle);
+    assert_eq!(
+        last.get("tower_ha_failover_retries_total{layer=edge}"),
+        Some(5.0)
+    );
+    new_session(&edge(&again, &sticky, &pool), "s6").await;
+    last.publish(&handle);
+    assert_eq!(
+        last.get("tower_ha_failover_retries_total{layer=edge}"),
+        Some(6.0)
+    );
+    assert_eq!(last.get("tower_ha_sticky_sessions{layer=edge}"), Some(6.0));
+
+    // The sticky layer and its services gone: its gauge goes to zero, and
+    // its counters stay.
+    drop((service, sticky));
+    last.publish(&handle);
+    assert_eq!(last.get("tower_ha_sticky_sessions{layer=edge}"), Some(0.0));
+    assert_eq!(
+        last.get("tower_ha_sticky_created_total{layer=edge}"),
+        Some(6.0)
+    );
+}

@@ -35,6 +35,7 @@ use crate::error::BoxError;
 /// | `POST /backends/{id}/weight` with `{"weight": N}` | sets its weight ([`Handle::set_weight`]) |
 /// | `POST /backends/{id}/max_in_flight` with `{"max_in_flight": N}` or `{"max_in_flight": null}` | sets or lifts its limit of requests in flight ([`Handle::set_max_in_flight`]) |
 /// | `GET /events?limit=N` | the last N (default 100) recorded events, oldest first |
+/// | `GET /layers` | the counters of the failover and sticky layers registered with the handle ([`LayerStats`](super::LayerStats)) |
 ///
 /// Every `POST` must say `Content-Type: application/json` (parameters such
 /// as `charset` allowed), bodiless actions included. A browser sends a
@@ -505,6 +506,10 @@ where
     match segments.as_slice() {
         ["groups"] => match method {
             Method::GET => json(StatusCode::OK, &handle.stats()),
+            _ => not_allowed("GET, HEAD"),
+        },
+        ["layers"] => match method {
+            Method::GET => json(StatusCode::OK, &handle.layer_stats()),
             _ => not_allowed("GET, HEAD"),
         },
         ["groups", name] => match method {

@@ -173,6 +173,8 @@ pub(super) struct Inner {
     drains: Mutex<HashMap<BackendId, PendingDrain>>,
     /// Where the drains' numbers come from.
     epoch_seq: AtomicU64,
+    /// The failover and sticky layers whose counters are reported.
+    layers: RwLock<super::layers::Layers>,
     /// What was last published through the `metrics` facade.
     #[cfg(feature = "metrics")]
     published: Mutex<super::metrics::Published>,
@@ -261,6 +263,7 @@ impl Handle {
                 drain_deadline: Some(Duration::from_secs(30)),
                 drains: Mutex::new(HashMap::new()),
                 epoch_seq: AtomicU64::new(0),
+                layers: RwLock::default(),
                 #[cfg(feature = "metrics")]
                 published: Mutex::default(),
             }),
@@ -282,6 +285,7 @@ impl Handle {
                 drain_deadline: deadline,
                 drains: Mutex::new(HashMap::new()),
                 epoch_seq: AtomicU64::new(0),
+                layers: RwLock::new(shared.layers.read().clone()),
                 #[cfg(feature = "metrics")]
                 published: Mutex::default(),
             },
@@ -289,6 +293,10 @@ impl Handle {
         Handle {
             inner: Arc::new(inner),
         }
+    }
+
+    pub(super) fn layers(&self) -> &RwLock<super::layers::Layers> {
+        &self.inner.layers
     }
 
     #[cfg(feature = "metrics")]

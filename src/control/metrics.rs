@@ -6,9 +6,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use std::sync::Arc;
+
 use super::handle::{GroupMode, Handle};
 use super::stats::GroupStats;
 use crate::backend::BackendId;
+use crate::failover::FailoverStats;
+use crate::sticky::StickyStats;
 use crate::time::elapsed;
 
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
@@ -39,6 +43,28 @@ impl Handle {
     /// set to 0 once, except `tower_ha_group_seconds_since_failover`,
     /// which keeps its last value: 0 would read as a failover just now.
     ///
+    /// Per layer registered with [`add_failover`](Handle::add_failover),
+    /// labelled `layer` (its name), counters named after the fields of
+    /// [`FailoverStats`]: `tower_ha_failover_retries_total`,
+    /// `tower_ha_failover_recovered_total`,
+    /// `tower_ha_failover_exhausted_total`,
+    /// `tower_ha_failover_budget_refusals_total`,
+    /// `tower_ha_failover_unsafe_to_retry_total`,
+    /// `tower_ha_failover_unreplayable_total`,
+    /// `tower_ha_failover_per_try_timeouts_total` and
+    /// `tower_ha_failover_deadlines_exceeded_total`. Per layer registered
+    /// with [`add_sticky`](Handle::add_sticky), labelled `layer`: the
+    /// gauge `tower_ha_sticky_sessions` and counters named after the
+    /// fields of [`StickyStats`]: `tower_ha_sticky_misses_total`,
+    /// `tower_ha_sticky_created_total`, `tower_ha_sticky_moved_total`,
+    /// `tower_ha_sticky_rejected_total`, `tower_ha_sticky_loaded_total`,
+    /// `tower_ha_sticky_hydrated_total`,
+    /// `tower_ha_sticky_store_errors_total`,
+    /// `tower_ha_sticky_expired_total`, `tower_ha_sticky_evicted_total` and
+    /// `tower_ha_sticky_strict_refusals_total`. Another layer registered
+    /// under a name keeps its counters going up; a sticky layer no longer
+    /// reported has its gauge set to 0 once.
+    ///
     /// What was last published of a backend or group gone for an hour is
     /// forgotten, so that backends coming and going under new ids (a DNS
     /// name over changing addresses) use no more memory over time. One
@@ -51,6 +77,7 @@ impl Handle {
         let Published {
             backends,
             failovers,
+            layers,
         } = &mut *published;
         let mut seen = HashSet::new();
         let stats = self.stats();
@@ -89,8 +116,10 @@ impl Handle {
         }
         let kept =
             |gone: Option<Instant>| gone.is_none_or(|at| !elapsed(at, now, FORGET_GONE_AFTER));
+        publish_layers(self, layers, now);
         failovers.retain(|_, last| kept(last.gone));
         backends.retain(|_, last| kept(last.gone));
+        layers.retain(|_, last| kept(last.gone));
     }
 
     /// Publishes the metrics (feature `metrics`) every `interval` (at least
@@ -133,6 +162,114 @@ impl Handle {
 pub(super) struct Published {
     backends: HashMap<(String, BackendId), Last>,
     failovers: HashMap<String, LastFailovers>,
+    /// By kind (`"failover"` or `"sticky"`) and name.
+    layers: HashMap<(&'static str, Arc<str>), LastLayer>,
+}
+
+/// The counts last published for one registered layer, and of which.
+#[derive(Debug)]
+pub(super) struct LastLayer {
+    source: usize,
+    counts: Vec<u64>,
+    /// Since when it is no longer reported (its gauge zeroed).
+    gone: Option<Instant>,
+}
+
+fn failover_counts(s: &FailoverStats) -> [(&'static str, u64); 8] {
+    [
+        ("tower_ha_failover_retries_total", s.retries),
+        ("tower_ha_failover_recovered_total", s.recovered),
+        ("tower_ha_failover_exhausted_total", s.exhausted),
+        ("tower_ha_failover_budget_refusals_total", s.budget_refusals),
+        ("tower_ha_failover_unsafe_to_retry_total", s.unsafe_to_retry),
+        ("tower_ha_failover_unreplayable_total", s.unreplayable),
+        (
+            "tower_ha_failover_per_try_timeouts_total",
+            s.per_try_timeouts,
+        ),
+        (
+            "tower_ha_failover_deadlines_exceeded_total",
+            s.deadlines_exceeded,
+        ),
+    ]
+}
+
+fn sticky_counts(s: &StickyStats) -> [(&'static str, u64); 10] {
+    [
+        ("tower_ha_sticky_misses_total", s.misses),
+        ("tower_ha_sticky_created_total", s.created),
+        ("tower_ha_sticky_moved_total", s.moved),
+        ("tower_ha_sticky_rejected_total", s.rejected),
+        ("tower_ha_sticky_loaded_total", s.loaded),
+        ("tower_ha_sticky_hydrated_total", s.hydrated),
+        ("tower_ha_sticky_store_errors_total", s.store_errors),
+        ("tower_ha_sticky_expired_total", s.expired),
+        ("tower_ha_sticky_evicted_total", s.evicted),
+        ("tower_ha_sticky_strict_refusals_total", s.strict_refusals),
+    ]
+}
+
+/// Publishes the counters of the registered layers; zeroes the gauge of a
+/// sticky layer no longer reported, once.
+fn publish_layers(
+    handle: &Handle,
+    published: &mut HashMap<(&'static str, Arc<str>), LastLayer>,
+    now: Instant,
+) {
+    let (failover, sticky) = handle.layer_sources();
+    let mut seen = HashSet::new();
+    for (name, source, stats) in failover {
+        publish_layer(
+            "failover",
+            &name,
+            source,
+            &failover_counts(&stats),
+            published,
+        );
+        seen.insert(("failover", name));
+    }
+    for (name, source, stats) in sticky {
+        publish_layer("sticky", &name, source, &sticky_counts(&stats), published);
+        let labels = [("layer", name.to_string())];
+        metrics::gauge!("tower_ha_sticky_sessions", &labels).set(stats.sessions as f64);
+        seen.insert(("sticky", name));
+    }
+    for (key, last) in published.iter_mut() {
+        if last.gone.is_some() || seen.contains(key) {
+            continue;
+        }
+        if key.0 == "sticky" {
+            let labels = [("layer", key.1.to_string())];
+            metrics::gauge!("tower_ha_sticky_sessions", &labels).set(0.0);
+        }
+        last.gone = Some(now);
+    }
+}
+
+fn publish_layer(
+    kind: &'static str,
+    name: &Arc<str>,
+    source: usize,
+    counts: &[(&'static str, u64)],
+    published: &mut HashMap<(&'static str, Arc<str>), LastLayer>,
+) {
+    let labels = [("layer", name.to_string())];
+    let (first, last) = match published.entry((kind, name.clone())) {
+        Entry::Occupied(e) => (false, e.into_mut()),
+        Entry::Vacant(e) => (
+            true,
+            e.insert(LastLayer {
+                source,
+                counts: vec![0; counts.len()],
+                gone: None,
+            }),
+        ),
+    };
+    let fresh = std::mem::replace(&mut last.source, source) != source;
+    last.gone = None;
+    for ((metric, now), last) in counts.iter().zip(&mut last.counts) {
+        count(metric, &labels, last, *now, first, fresh);
+    }
 }
 
 /// How long what was last published of a backend or group gone is kept,

@@ -25,6 +25,7 @@ mod admin;
 mod events;
 mod group;
 mod handle;
+mod layers;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod stats;
@@ -35,6 +36,7 @@ pub use admin::{AdminBody, AdminService};
 pub use events::{Event, Events, Record, RecvError, Subscriber, SwitchReason};
 pub use group::{GroupStrategy, GroupTable};
 pub use handle::{ControlError, GroupMode, Handle};
+pub use layers::LayerStats;
 pub use stats::{BackendStats, GroupStats};
 
 pub(crate) use events::emit;

@@ -43,7 +43,7 @@ pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// | [`restore_timeout`](StickyLayer::restore_timeout) | 30 seconds per session |
 #[derive(Clone)]
 pub struct StickyLayer {
-    pub(super) shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl StickyLayer {

@@ -90,6 +90,7 @@ pub use hooks::{MoveReason, RestoreFailure, RestoreReport, SessionMoved};
 pub use key::{SessionKey, MAX_COOKIE_HEADER, MAX_KEY_LEN};
 pub use layer::{StickyLayer, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, DEFAULT_RESTORE_TIMEOUT};
 pub use service::Sticky;
+pub(crate) use shared::Shared;
 pub use stats::StickyStats;
 
 use crate::balance::ConsistentHash;
