@@ -630,7 +630,7 @@ async fn run(clients: usize) -> Result<(), BoxError> {
     row(
         "requests failed over",
         format!(
-            "{} served by a retry ({} retries, {} failed on every backend)",
+            "{} served by a retry ({} retries, {} gave up after a failure)",
             retries.recovered, retries.retries, retries.exhausted
         ),
     );

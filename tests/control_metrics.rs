@@ -608,7 +608,8 @@ async fn the_counters_of_registered_layers_are_published() {
 
     // Another failover layer under the same name, with three retries of
     // its own by the next publication: the counter adds them all (it
-    // reads 5, neither 3 nor 1), and goes on from there.
+    // reads 5, not 3 as if the new layer's count went on from the old
+    // one's 2), and goes on from there.
     let again = FailoverLayer::new().no_budget();
     handle.add_failover("edge", &again);
     for key in ["s3", "s4", "s5"] {
@@ -636,4 +637,18 @@ async fn the_counters_of_registered_layers_are_published() {
         last.get("tower_ha_sticky_created_total{layer=edge}"),
         Some(6.0)
     );
+
+    // A new sticky layer under the name, with seven sessions by the next
+    // publication: all seven are added.
+    let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
+    handle.add_sticky("edge", &sticky);
+    for i in 0..7 {
+        new_session(&edge(&again, &sticky, &pool), &format!("n{i}")).await;
+    }
+    last.publish(&handle);
+    assert_eq!(
+        last.get("tower_ha_sticky_created_total{layer=edge}"),
+        Some(13.0)
+    );
+    assert_eq!(last.get("tower_ha_sticky_sessions{layer=edge}"), Some(7.0));
 }

@@ -296,8 +296,9 @@ impl tower::retry::budget::Budget for Spent {
 async fn a_late_pick_already_sent_runs_to_its_end_when_the_budget_is_spent() {
     let (pool, mut handles) = mock_fleet(&["a", "b"]);
     let events = tower_ha::control::Events::default();
+    let layer = FailoverLayer::new().budget(Spent).events(events.clone());
     let service = ServiceBuilder::new()
-        .layer(FailoverLayer::new().budget(Spent).events(events.clone()))
+        .layer(layer.clone())
         .service(Deferred(Balance::new(pool, RoundRobin::new())));
     let call = tokio::spawn(service.oneshot(Request::new(())));
     let (_, a_reply) = next(&mut handles[0], "a first").await;
@@ -318,6 +319,10 @@ async fn a_late_pick_already_sent_runs_to_its_end_when_the_budget_is_spent() {
         .filter(|e| matches!(e.event, tower_ha::control::Event::FailoverAttempt { .. }))
         .count();
     assert_eq!(failovers, 1);
+    // A retry made, and it served: the budget held back no retry.
+    let stats = layer.stats();
+    assert_eq!((stats.retries, stats.recovered), (1, 1));
+    assert_eq!((stats.budget_refusals, stats.exhausted), (0, 0));
 }
 
 #[tokio::test(start_paused = true)]
@@ -328,8 +333,9 @@ async fn a_late_pick_that_failed_at_once_is_the_last_when_the_budget_is_spent() 
     use Kind::Reset;
     let log = Log::default();
     let kinds = [("a", Reset), ("b", Reset), ("c", Reset), ("d", Reset)];
+    let layer = FailoverLayer::new().budget(Spent);
     let service = ServiceBuilder::new()
-        .layer(FailoverLayer::new().budget(Spent))
+        .layer(layer.clone())
         .service(Deferred(Balance::new(
             fleet(&kinds, &log),
             RoundRobin::new(),
@@ -341,6 +347,38 @@ async fn a_late_pick_that_failed_at_once_is_the_last_when_the_budget_is_spent() 
         ["a", "b"]
     );
     assert!(exhausted(&err).is_budget_spent());
+    let stats = layer.stats();
+    assert_eq!(
+        (stats.retries, stats.exhausted, stats.budget_refusals),
+        (1, 1, 1)
+    );
+}
+
+/// A late pick not yet sent when the budget says no is dropped: the
+/// request ends there, its one refusal counted.
+#[tokio::test(start_paused = true)]
+async fn a_late_pick_refused_by_the_budget_before_it_was_sent_counts_one_refusal() {
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    // b never becomes ready: its pick is never sent.
+    handles[1].allow(0);
+    let layer = FailoverLayer::new().budget(Spent);
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(Deferred(Balance::new(pool, RoundRobin::new())));
+    let call = tokio::spawn(service.oneshot(Request::new(())));
+    let (_, a_reply) = next(&mut handles[0], "a first").await;
+    a_reply.send_error(io::Error::from(io::ErrorKind::ConnectionReset));
+    let err = call.await.unwrap().unwrap_err();
+    assert!(exhausted(&err).is_budget_spent());
+    assert_eq!(
+        ids(&exhausted(&err).backends().cloned().collect::<Vec<_>>()),
+        ["a"]
+    );
+    let stats = layer.stats();
+    assert_eq!(
+        (stats.budget_refusals, stats.exhausted, stats.retries),
+        (1, 1, 0)
+    );
 }
 
 #[tokio::test]

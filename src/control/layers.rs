@@ -1,5 +1,6 @@
 //! The counters of the failover and sticky layers a [`Handle`] reports.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 
@@ -34,10 +35,12 @@ pub struct LayerStats {
 impl Handle {
     /// Reports `layer`'s counters under `name` in
     /// [`layer_stats`](Handle::layer_stats), the admin API's `GET /layers`
-    /// and, with the `metrics` feature, the metrics. Register the layer as
-    /// used, once its settings are made: every service it builds counts
-    /// into it. A layer registered under a name already taken replaces the
-    /// one before.
+    /// and, with the `metrics` feature, the metrics. Every service the
+    /// layer, or a clone of it, builds counts into it; its setters keep its
+    /// counters, as they keep its budget (layers made from one by setters
+    /// count together). A layer registered under a name already taken
+    /// replaces the one before: `layer_stats` shows the new layer's own
+    /// counts, and the published counters go on up from the old ones.
     pub fn add_failover<C>(&self, name: impl Into<Arc<str>>, layer: &FailoverLayer<C>) {
         let counters = layer.counters().clone();
         self.layers().write().failover.insert(name.into(), counters);
@@ -72,18 +75,35 @@ impl Handle {
     }
 
     /// Each registered layer's name, identity (which layer it is, for a
-    /// name registered again) and counters.
+    /// name registered again: a weak reference, which keeps its address
+    /// from being reused) and counters.
     pub(super) fn layer_sources(&self) -> (Sources<FailoverStats>, Sources<StickyStats>) {
-        let mut layers = self.layers().write();
-        // A sticky layer gone is forgotten.
-        layers.sticky.retain(|_, shared| shared.strong_count() > 0);
-        let failover = (layers.failover.iter())
-            .map(|(name, c)| (name.clone(), Arc::as_ptr(c) as usize, c.snapshot()))
+        let (failover, sticky) = {
+            let layers = self.layers().read();
+            let failover: Vec<_> = (layers.failover.iter())
+                .map(|(name, c)| (name.clone(), c.clone()))
+                .collect();
+            let sticky: Vec<_> = (layers.sticky.iter())
+                .map(|(name, s)| (name.clone(), s.upgrade()))
+                .collect();
+            (failover, sticky)
+        };
+        if sticky.iter().any(|(_, s)| s.is_none()) {
+            // A sticky layer gone is forgotten.
+            let mut layers = self.layers().write();
+            layers.sticky.retain(|_, shared| shared.strong_count() > 0);
+        }
+        let failover = failover
+            .into_iter()
+            .map(|(name, c)| (name, identity(&c), c.snapshot()))
             .collect();
-        let sticky = (layers.sticky.iter())
-            .filter_map(|(name, shared)| {
-                let shared = shared.upgrade()?;
-                Some((name.clone(), Arc::as_ptr(&shared) as usize, shared.stats()))
+        // A table is dropped here, outside the lock, should this hold the
+        // last reference to it.
+        let sticky = sticky
+            .into_iter()
+            .filter_map(|(name, s)| {
+                let s = s?;
+                Some((name, identity(&s), s.stats()))
             })
             .collect();
         (failover, sticky)
@@ -91,4 +111,12 @@ impl Handle {
 }
 
 /// Registered layers of one kind: name, identity and counters.
-pub(super) type Sources<T> = Vec<(Arc<str>, usize, T)>;
+pub(super) type Sources<T> = Vec<(Arc<str>, Identity, T)>;
+
+/// Which layer a registration is.
+pub(super) type Identity = Weak<dyn Any + Send + Sync>;
+
+fn identity<T: Any + Send + Sync>(source: &Arc<T>) -> Identity {
+    let weak: Weak<T> = Arc::downgrade(source);
+    weak
+}

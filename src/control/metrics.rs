@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use super::handle::{GroupMode, Handle};
+use super::layers::Identity;
 use super::stats::GroupStats;
 use crate::backend::BackendId;
 use crate::failover::FailoverStats;
@@ -63,7 +64,9 @@ impl Handle {
     /// `tower_ha_sticky_expired_total`, `tower_ha_sticky_evicted_total` and
     /// `tower_ha_sticky_strict_refusals_total`. Another layer registered
     /// under a name keeps its counters going up; a sticky layer no longer
-    /// reported has its gauge set to 0 once.
+    /// reported has its gauge set to 0 once, and what was last published
+    /// of a layer no longer reported is forgotten after an hour, as for
+    /// backends and groups.
     ///
     /// What was last published of a backend or group gone for an hour is
     /// forgotten, so that backends coming and going under new ids (a DNS
@@ -169,7 +172,7 @@ pub(super) struct Published {
 /// The counts last published for one registered layer, and of which.
 #[derive(Debug)]
 pub(super) struct LastLayer {
-    source: usize,
+    source: Identity,
     counts: Vec<u64>,
     /// Since when it is no longer reported (its gauge zeroed).
     gone: Option<Instant>,
@@ -249,23 +252,27 @@ fn publish_layers(
 fn publish_layer(
     kind: &'static str,
     name: &Arc<str>,
-    source: usize,
+    source: Identity,
     counts: &[(&'static str, u64)],
     published: &mut HashMap<(&'static str, Arc<str>), LastLayer>,
 ) {
     let labels = [("layer", name.to_string())];
-    let (first, last) = match published.entry((kind, name.clone())) {
-        Entry::Occupied(e) => (false, e.into_mut()),
-        Entry::Vacant(e) => (
-            true,
-            e.insert(LastLayer {
+    let (first, fresh, last) = match published.entry((kind, name.clone())) {
+        Entry::Occupied(e) => {
+            let last = e.into_mut();
+            let fresh = !Weak::ptr_eq(&last.source, &source);
+            last.source = source;
+            (false, fresh, last)
+        }
+        Entry::Vacant(e) => {
+            let last = e.insert(LastLayer {
                 source,
                 counts: vec![0; counts.len()],
                 gone: None,
-            }),
-        ),
+            });
+            (true, false, last)
+        }
     };
-    let fresh = std::mem::replace(&mut last.source, source) != source;
     last.gone = None;
     for ((metric, now), last) in counts.iter().zip(&mut last.counts) {
         count(metric, &labels, last, *now, first, fresh);

@@ -13,16 +13,20 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct FailoverStats {
-    /// Retries made: attempts on another backend after a failed one, that
-    /// reached a backend (one
+    /// Retries made: attempts on another backend after a failed one, for
+    /// which a backend was picked (one
     /// [`Event::FailoverAttempt`](crate::control::Event::FailoverAttempt)
     /// each).
     pub retries: u64,
     /// Requests that succeeded on a retry.
     pub recovered: u64,
-    /// Requests that ended failed after at least one failed attempt (every
-    /// attempt they were allowed failed: an [`Exhausted`](super::Exhausted)
-    /// error, or the last failed response), whatever stopped the retries.
+    /// Requests that ended failed after at least one attempt failed on a
+    /// backend it could name (an [`Exhausted`](super::Exhausted) error
+    /// listing it, or the last failed response), whatever stopped the
+    /// retries: no backend left to try, the attempt limit, the budget, the
+    /// idempotency rule, a body that cannot be replayed, the deadline (one
+    /// [`Event::AttemptsExhausted`](crate::control::Event::AttemptsExhausted)
+    /// each).
     pub exhausted: u64,
     /// Requests denied a retry by the [budget](super::FailoverLayer::budget).
     pub budget_refusals: u64,
