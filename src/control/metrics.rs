@@ -2,11 +2,10 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
-
-use std::sync::{Arc, Weak};
 
 use super::handle::{GroupMode, Handle};
 use super::layers::Identity;
@@ -64,11 +63,9 @@ impl Handle {
     /// `tower_ha_sticky_expired_total`, `tower_ha_sticky_evicted_total` and
     /// `tower_ha_sticky_strict_refusals_total`. Another layer registered
     /// under a name keeps its counters going up; a sticky layer no longer
-    /// reported has its gauge set to 0 once, and what was last published
-    /// of a layer no longer reported is forgotten after an hour, as for
-    /// backends and groups.
+    /// reported has its gauge set to 0 once.
     ///
-    /// What was last published of a backend or group gone for an hour is
+    /// What was last published of a backend, group or layer gone for an hour is
     /// forgotten, so that backends coming and going under new ids (a DNS
     /// name over changing addresses) use no more memory over time. One
     /// that comes back after that publishes its count as it is, which a
@@ -279,8 +276,8 @@ fn publish_layer(
     }
 }
 
-/// How long what was last published of a backend or group gone is kept,
-/// in case it comes back.
+/// How long what was last published of a backend, group or layer gone is
+/// kept, in case it comes back.
 const FORGET_GONE_AFTER: Duration = Duration::from_secs(3600);
 
 /// The per-group gauges zeroed when the group is removed. Not

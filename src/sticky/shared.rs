@@ -1277,10 +1277,18 @@ impl Shared {
             if find::<InvalidRequest>(&*error).is_some() {
                 return error;
             }
-            if find::<BackendError>(&*error).is_some_and(|e| e.backend() == backend) {
+            let own = find::<BackendError>(&*error).filter(|e| e.backend() == backend);
+            if own.is_some() {
                 self.table.set_failed(key, backend, true);
             }
-            if self.config.strict && could_not_take(&*error, backend) {
+            // Its backend could not take it: the balancer had no backend
+            // for it (none but the session's may take it, see
+            // `AffinityRequired`), or the backend failed it before it was
+            // sent (a refused connection), whether or not a failover layer
+            // then asked the balancer for another.
+            let could_not_take =
+                find::<NoBackend>(&*error).is_some() || own.is_some_and(BackendError::is_not_sent);
+            if self.config.strict && could_not_take {
                 bump(&self.counters.strict_refusals, 1);
                 return SessionUnavailable::new(key, backend.clone()).into();
             }
@@ -1604,16 +1612,6 @@ impl Drop for Task {
     fn drop(&mut self) {
         unregister(&self.shared.loading, &self.key, &self.cell);
     }
-}
-
-/// Whether a strict session's request failed because its `backend` could
-/// not take it: the balancer had no backend for it (none but the session's
-/// may take it, see `AffinityRequired`), or the backend failed it before
-/// it was sent (a refused connection), whether or not a failover layer
-/// then asked the balancer for another.
-fn could_not_take(error: &(dyn std::error::Error + 'static), backend: &BackendId) -> bool {
-    find::<NoBackend>(error).is_some()
-        || find::<BackendError>(error).is_some_and(|e| e.backend() == backend && e.is_not_sent())
 }
 
 /// Ends a registration on `cell`, the load of `key`: the load leaves the

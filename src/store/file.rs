@@ -711,9 +711,8 @@ fn delete(dir: &Path, names: &[String]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The largest record file read (as the largest answer `WebhookStore`
-/// takes): a session's application data is a few bytes to kilobytes.
-const MAX_RECORD: u64 = 64 * 1024 * 1024;
+/// The largest record file read.
+const MAX_RECORD: u64 = super::MAX_READ as u64;
 
 /// Reads and checks one record file. `Ok(None)` if it does not exist or,
 /// with a `ttl`, if it expired. With a `ttl`, `renew` sets the time of the

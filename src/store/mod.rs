@@ -56,6 +56,11 @@ pub use memory::MemoryStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "webhook")))]
 pub use webhook::{WebhookStore, WebhookStoreBuilder};
 
+/// The most bytes a store reads for its records at once: one record file
+/// of `FileStore`, one answer of `WebhookStore`'s service. A session's
+/// application data is a few bytes to kilobytes.
+const MAX_READ: usize = 64 * 1024 * 1024;
+
 /// A time to live as the stores take it: at least a millisecond (as Redis
 /// counts), at most about a century (longer is forever, and keeps instants
 /// and Redis's clock from overflowing).

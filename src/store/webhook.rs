@@ -24,8 +24,6 @@ const DEFAULT_RETRIES: u32 = 3;
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// The largest answer read from the service.
-const MAX_BODY: usize = 64 * 1024 * 1024;
 /// The key of each element of a load answer.
 const SESSION_FIELD: &str = "kernel_session";
 
@@ -543,7 +541,7 @@ impl Inner {
             Failure::Retry(StoreError::unavailable(e).with_message("webhook unreachable"))
         })?;
         let (parts, body) = response.into_parts();
-        let bytes = Limited::new(body, MAX_BODY)
+        let bytes = Limited::new(body, super::MAX_READ)
             .collect()
             .await
             .map_err(|e| {
