@@ -447,7 +447,7 @@ impl Table {
     /// Inserts (or replaces) `session`, seen now, as a saved session.
     #[cfg(test)]
     pub(crate) fn insert(&self, session: Session, cookie: Option<Box<str>>) -> (Arc<str>, Dropped) {
-        let (hit, dropped, _) = self.put(session, cookie, true, Kept::Saved);
+        let (hit, dropped, _) = self.put(session, cookie, Kept::Saved, |_, _| false);
         (hit.key, dropped)
     }
 
@@ -462,19 +462,12 @@ impl Table {
         session: Session,
         cookie: Option<Box<str>>,
     ) -> (Hit, Dropped, bool) {
-        let now = self.now();
-        let mut map = self.map.write();
-        let mut dropped = self.sweep_locked(&mut map, now);
-        if let Some((k, entry)) = map.get_key_value(session.key.as_bytes()) {
-            let live = !self.is_idle(entry, now) && !Table::is_due(entry, now);
-            if live && entry.saved.load(Ordering::Relaxed) {
-                entry.last_seen.store(now, Ordering::Relaxed);
-                return (hit_of(&k.0, entry), dropped, false);
-            }
-        }
-        let (key, entry) = Entry::new(session, cookie, now, false, Kept::Saved);
-        let hit = self.put_locked(&mut map, &mut dropped, key, entry);
-        (hit, dropped, true)
+        self.put(session, cookie, Kept::Saved, |entry, now| {
+            entry.saved.load(Ordering::Relaxed)
+                && !self.is_idle(entry, now)
+                && !Table::is_due(entry, now)
+                && seen(entry, now)
+        })
     }
 
     /// Inserts `session` unless its key is already present (and neither
@@ -491,7 +484,9 @@ impl Table {
         if let Some(hit) = self.get(session.key.as_bytes(), None).hit {
             return (hit, Dropped::default(), false);
         }
-        self.put(session, cookie, false, kept)
+        self.put(session, cookie, kept, |entry, now| {
+            !Table::is_due(entry, now) && seen(entry, now)
+        })
     }
 
     /// Puts `session`, just restored from its record, in the table, unless
@@ -500,17 +495,10 @@ impl Table {
     /// in memory only (the record was not this instance's to read until
     /// now) is replaced. Returns whether `session` was put.
     pub(crate) fn restore(&self, session: Session, cookie: Option<Box<str>>) -> (bool, Dropped) {
-        let now = self.now();
-        let mut map = self.map.write();
-        let mut dropped = self.sweep_locked(&mut map, now);
-        if let Some(entry) = map.get(session.key.as_bytes()) {
-            if entry.saved.load(Ordering::Relaxed) && !self.is_idle(entry, now) {
-                return (false, dropped);
-            }
-        }
-        let (key, entry) = Entry::new(session, cookie, now, false, Kept::Saved);
-        self.put_locked(&mut map, &mut dropped, key, entry);
-        (true, dropped)
+        let (_, dropped, put) = self.put(session, cookie, Kept::Saved, |entry, now| {
+            entry.saved.load(Ordering::Relaxed) && !self.is_idle(entry, now)
+        });
+        (put, dropped)
     }
 
     /// Marks a session kept in memory only saved (its key confirmed);
@@ -525,20 +513,21 @@ impl Table {
         Some(to_session(key, entry))
     }
 
+    /// Puts `session` in the table, unless `keep` says to keep the entry
+    /// of its key already there (at `now`). Returns the entry now in the
+    /// table and whether it is this one.
     fn put(
         &self,
         session: Session,
         cookie: Option<Box<str>>,
-        replace: bool,
         kept: Kept,
+        keep: impl FnOnce(&Entry, u64) -> bool,
     ) -> (Hit, Dropped, bool) {
         let now = self.now();
         let mut map = self.map.write();
         let mut dropped = self.sweep_locked(&mut map, now);
-        // An entry due to be read again is replaced, as if absent.
         if let Some((k, entry)) = map.get_key_value(session.key.as_bytes()) {
-            if !replace && !Table::is_due(entry, now) {
-                entry.last_seen.store(now, Ordering::Relaxed);
+            if keep(entry, now) {
                 return (hit_of(&k.0, entry), dropped, false);
             }
         }
@@ -761,6 +750,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         diff |= word(a, len - 8) ^ word(b, len - 8);
     }
     std::hint::black_box(diff) == 0
+}
+
+/// Marks `entry` seen `now`; `true`, to end a condition that keeps it.
+fn seen(entry: &Entry, now: u64) -> bool {
+    entry.last_seen.store(now, Ordering::Relaxed);
+    true
 }
 
 fn hit_of(key: &Arc<str>, entry: &Entry) -> Hit {
