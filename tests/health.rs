@@ -1201,6 +1201,78 @@ async fn success_rate_ejection_catches_failures_that_never_come_in_a_row() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn success_rate_judges_only_recent_outcomes() {
+    use tower_ha::health::SuccessRate;
+    let rate = SuccessRate::new(0.9).min_requests(20).window(secs(10));
+
+    // Half of 20 requests fail, never two in a row; then the backend takes
+    // no request for ten minutes (drained, or unhealthy by its probes) and
+    // comes back fixed. Its first success does not close the old window:
+    // those outcomes are ten minutes old.
+    let layer = HealthLayer::new()
+        .consecutive_failures(1_000)
+        .max_ejection_percent(100)
+        .success_rate(rate);
+    let backend = Backend::new();
+    let svc = layer.layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    for i in 0..20 {
+        backend.set(if i % 2 == 0 {
+            StatusCode::BAD_GATEWAY
+        } else {
+            StatusCode::OK
+        });
+        send(&svc, "a", &state).await;
+        tokio::time::advance(ms(50)).await;
+    }
+    tokio::time::advance(secs(600)).await;
+    backend.set(StatusCode::OK);
+    send(&svc, "a", &state).await;
+    assert!(!state.is_ejected());
+    assert_eq!(state.ejections(), 0);
+    // Its new window counts from that request on: 19 failures of the next
+    // 20 outcomes are judged when it ends.
+    backend.set(StatusCode::BAD_GATEWAY);
+    for _ in 0..19 {
+        send(&svc, "a", &state).await;
+        tokio::time::advance(ms(100)).await;
+    }
+    tokio::time::advance(secs(10)).await;
+    backend.set(StatusCode::OK);
+    send(&svc, "a", &state).await;
+    assert!(state.is_ejected());
+    assert_eq!(state.ejections(), 1);
+
+    // An ejection for failures in a row starts a new window: when it ends
+    // (30 s, within two windows of 20 s), the same failures do not eject
+    // the backend a second time.
+    let layer = HealthLayer::new()
+        .consecutive_failures(5)
+        .max_ejection_percent(100)
+        .success_rate(rate.window(secs(20)));
+    let backend = Backend::new();
+    let svc = layer.layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    for i in 0..20 {
+        backend.set(if i < 15 {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_GATEWAY
+        });
+        send(&svc, "a", &state).await;
+    }
+    assert!(state.is_ejected());
+    assert_eq!(state.ejections(), 1);
+    // The ejection (30 s) ends; the first request after it succeeds.
+    tokio::time::advance(secs(30)).await;
+    assert!(!state.is_ejected());
+    backend.set(StatusCode::OK);
+    send(&svc, "a", &state).await;
+    assert!(!state.is_ejected());
+    assert_eq!(state.ejections(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_one() {
     let pool = Pool::new();
     pool.insert("a", 0u8);

@@ -307,16 +307,20 @@ impl<C> Watch<C> {
     }
 
     /// Counts the outcome in the current window and, when the window is
-    /// over, judges it and starts the next.
+    /// over, judges it and starts the next. A window whose end was more
+    /// than a window ago (the backend then took no request: drained,
+    /// unhealthy, or quiet) is not judged: its outcomes are old, and the
+    /// next window starts with this one.
     fn observe_rate(&self, target: &Target, failed: bool, rate: SuccessRate) {
         self.window_requests.fetch_add(1, Ordering::AcqRel);
         if failed {
             self.window_failures.fetch_add(1, Ordering::AcqRel);
         }
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let now = self.since_epoch();
         let start = self.window_start.load(Ordering::Acquire);
         let window = u64::try_from(rate.window.as_nanos()).unwrap_or(u64::MAX);
-        if now.saturating_sub(start) < window
+        let elapsed = now.saturating_sub(start);
+        if elapsed < window
             || self
                 .window_start
                 .compare_exchange(start, now, Ordering::AcqRel, Ordering::Acquire)
@@ -326,6 +330,13 @@ impl<C> Watch<C> {
         }
         let requests = self.window_requests.swap(0, Ordering::AcqRel);
         let failures = self.window_failures.swap(0, Ordering::AcqRel).min(requests);
+        if elapsed >= window.saturating_mul(2) {
+            self.window_requests.fetch_add(1, Ordering::AcqRel);
+            if failed {
+                self.window_failures.fetch_add(1, Ordering::AcqRel);
+            }
+            return;
+        }
         let successes = u64::from(requests - failures);
         if requests >= rate.min_requests
             && successes * 1000 < u64::from(rate.min_permille) * u64::from(requests)
@@ -333,6 +344,11 @@ impl<C> Watch<C> {
         {
             self.eject(target, "success rate", failures);
         }
+    }
+
+    /// Nanoseconds since `epoch`.
+    fn since_epoch(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn eject(&self, target: &Target, reason: &'static str, failures: u32) {
@@ -352,8 +368,15 @@ impl<C> Watch<C> {
                     last_until: Some(until),
                 };
                 drop(backoff);
-                // The next ejection needs as many new failures in a row.
+                // The next ejection needs as many new failures in a row,
+                // or a window of new outcomes.
                 state.record_success();
+                if self.config.success_rate.is_some() {
+                    self.window_start
+                        .store(self.since_epoch(), Ordering::Release);
+                    self.window_requests.store(0, Ordering::Release);
+                    self.window_failures.store(0, Ordering::Release);
+                }
                 self.ejected.store(true, Ordering::Release);
                 tracing::warn!(
                     backend = %target.id(),
