@@ -555,6 +555,79 @@ async fn a_waiting_request_follows_the_pool_into_panic() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_waiting_request_follows_the_pool_into_panic_at_once() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a", "b", "c"], &seen);
+    let state = |id: &str| pool.state(&id.into()).unwrap();
+    state("c").set_health(HealthStatus::Unhealthy);
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let waiter = send(&balance, "waiter");
+    settle().await;
+    assert_eq!(balance.waiting(), 1);
+    // In the same instant (the pool's count of available backends, cached
+    // for a millisecond, is stale): one of three available, the pool
+    // panics, and the place that comes free on unhealthy `b` is the
+    // waiting request's.
+    state("b").set_health(HealthStatus::Unhealthy);
+    settle().await;
+    drop(held.remove(1));
+    settle().await;
+    assert!(
+        waiter.is_finished(),
+        "still waiting, though the pool panics"
+    );
+    assert_eq!(served_by(&waiter.await.unwrap()), "b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_leaves_panic_with_the_pool() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a", "b", "c"], &seen);
+    let state = |id: &str| pool.state(&id.into()).unwrap();
+    state("b").set_health(HealthStatus::Unhealthy);
+    state("c").set_health(HealthStatus::Unhealthy);
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let waiter = send(&balance, "waiter");
+    settle().await;
+    assert_eq!(balance.waiting(), 1);
+    // `c` recovers: two of three available, no more panic. A place comes
+    // free on unhealthy `b` before the waiting request runs again: it is
+    // not handed to it.
+    state("c").set_health(HealthStatus::Healthy);
+    drop(held.remove(1));
+    settle().await;
+    assert!(!waiter.is_finished(), "sent to an unhealthy backend");
+    assert_eq!(state("b").in_flight(), 0);
+    drop(held.remove(0));
+    assert_eq!(served_by(&waiter.await.unwrap()), "a");
+    assert!(seen.lock().unwrap().iter().all(|label| label == "waiter"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_panic_threshold_counts_for_waiting_requests() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a", "b"], &seen);
+    for id in ["a", "b"] {
+        pool.state(&id.into())
+            .unwrap()
+            .set_health(HealthStatus::Unhealthy);
+    }
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let waiter = send(&balance, "waiter");
+    settle().await;
+    assert_eq!(balance.waiting(), 1);
+    // Panic routing turned off: nothing is left for the waiting request.
+    let _ = balance.clone().panic_threshold(0.0);
+    settle().await;
+    assert!(
+        waiter.is_finished(),
+        "still waiting for an unhealthy backend"
+    );
+    no_backend(&waiter.await.unwrap());
+    held.clear();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failover_per_try_timeout_counts_the_wait() {
     let seen = Seen::default();
     let (pool, _held) = full_pool(&["a"], &seen);

@@ -284,6 +284,12 @@ impl Room {
         let mut wakers = Vec::new();
         {
             let mut queue = self.queue.lock();
+            // The change may have taken the pool out of panic: until a
+            // waiter counts the pool again, it is handed places only on
+            // available backends.
+            for waiter in &queue.waiters {
+                waiter.panic.store(false, Ordering::Relaxed);
+            }
             let members = std::mem::take(&mut queue.members);
             let mut hand_out = |(id, state): &(BackendId, Weak<BackendState>)| {
                 if let Some(state) = state.upgrade() {
@@ -487,31 +493,21 @@ impl<S, Req> Wait<S, Req> {
                     continue;
                 }
                 Turn::Recheck => {
-                    let mut panic = self.panic.engaged(members);
-                    loop {
-                        self.ticket.set_panic(panic);
-                        let mut usable = false;
-                        for (i, member) in members.iter().enumerate() {
-                            if !self.ticket.may_use(member) {
-                                continue;
-                            }
-                            usable = true;
-                            if let Some(place) = member.state().try_track_in_flight() {
-                                return Poll::Ready(Ok((self.settle)(
-                                    &snapshot, i, place, request,
-                                )));
-                            }
-                        }
-                        if usable {
-                            break;
-                        }
-                        // Before giving up, a count of the pool as it is
-                        // now, not as cached: the change that woke this
-                        // request may have put the pool in panic.
-                        if !panic && self.panic.recount(members) {
-                            panic = true;
+                    // A count of the pool as it is now, not as cached: the
+                    // change that woke this request may have put the pool
+                    // in panic or taken it out.
+                    self.ticket.set_panic(self.panic.recount(members));
+                    let mut usable = false;
+                    for (i, member) in members.iter().enumerate() {
+                        if !self.ticket.may_use(member) {
                             continue;
                         }
+                        usable = true;
+                        if let Some(place) = member.state().try_track_in_flight() {
+                            return Poll::Ready(Ok((self.settle)(&snapshot, i, place, request)));
+                        }
+                    }
+                    if !usable {
                         // Nothing to wait for: no backend is merely busy.
                         return Poll::Ready(Err(NoBackend::new()));
                     }

@@ -166,6 +166,10 @@ impl<S, P: Strategy> Balance<S, P> {
     /// balancer.
     pub fn panic_threshold(self, share: f64) -> Self {
         self.shared.panic.set_threshold(share);
+        if let Some(room) = self.pool.room() {
+            // Waiting requests count the pool again by the new threshold.
+            room.wake_all(None);
+        }
         self
     }
 
