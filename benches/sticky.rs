@@ -19,9 +19,22 @@
 //! STICKY_PROFILE=sticky_cookie_hit valgrind --tool=callgrind \
 //!     --toggle-collect='*profiled*' target/release/deps/sticky-<hash> --bench
 //! ```
+//!
+//! `sticky_new_session` sends requests that each start a session through
+//! `Sticky → Balance` whose table is full (`FULL` sessions): an insert,
+//! with the evictions it takes turns at. With `STICKY_EVICTIONS=<n>` set,
+//! the bench instead sends `n` such requests one at a time and prints the
+//! distribution of their times and of those that evicted (the pause an
+//! eviction puts on the requests of its shard):
+//!
+//! ```text
+//! STICKY_EVICTIONS=400000 cargo bench --bench sticky
+//! ```
 
 use std::task::{Context, Waker};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use criterion::Criterion;
 use http::header::SET_COOKIE;
@@ -103,6 +116,73 @@ impl Contenders {
     }
 }
 
+/// The sessions the table of `sticky_new_session` holds (the default
+/// `max_sessions`).
+const FULL: usize = 100_000;
+
+type StickyBalance = tower_ha::sticky::Sticky<Balance<Backend, RoundRobin>>;
+
+/// A request without a session: its response starts one.
+fn new_session_request() -> Request<()> {
+    parsed("GET /api/items/42 HTTP/1.1\r\nhost: example.com\r\nuser-agent: bench/1.0\r\n\r\n")
+}
+
+/// `Sticky → Balance` by the layer's cookie, its table full (and
+/// evicting).
+fn full_table() -> StickyBalance {
+    let pool = Pool::new();
+    for i in 0..BACKENDS {
+        pool.insert(format!("backend-{i}"), Backend);
+    }
+    let key = SessionKey::insert_cookie(CookieInsert::new("srv", [7u8; 32]));
+    let mut sticky = StickyLayer::new(&pool, key)
+        .max_sessions(FULL)
+        .layer(Balance::new(pool.clone(), RoundRobin::new()));
+    let mut cx = Context::from_waker(Waker::noop());
+    // A quarter more than it holds: every part of the table has evicted.
+    for _ in 0..FULL + FULL / 4 {
+        drive(&mut sticky, new_session_request(), &mut cx);
+    }
+    assert!(sticky.stats().evicted > 0);
+    sticky
+}
+
+/// Sends `n` requests that start sessions through a full table, one at a
+/// time, and prints percentiles of their times, and of those that evicted.
+fn evictions(n: usize) {
+    let mut sticky = full_table();
+    let mut cx = Context::from_waker(Waker::noop());
+    let (mut all, mut evicting) = (Vec::with_capacity(n), Vec::new());
+    let mut evicted = sticky.stats().evicted;
+    for _ in 0..n {
+        let req = new_session_request();
+        let start = Instant::now();
+        let response = drive(&mut sticky, req, &mut cx);
+        let took = start.elapsed();
+        drop(response);
+        all.push(took);
+        let now = sticky.stats().evicted;
+        if now != evicted {
+            evicting.push(took);
+            evicted = now;
+        }
+    }
+    let show = |name: &str, times: &mut Vec<Duration>| {
+        times.sort();
+        let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+        println!(
+            "{name}: {} requests, median {:?}, p99 {:?}, p99.9 {:?}, max {:?}",
+            times.len(),
+            at(0.5),
+            at(0.99),
+            at(0.999),
+            at(1.0)
+        );
+    };
+    show("every request", &mut all);
+    show("requests that evicted", &mut evicting);
+}
+
 /// Times `iters` requests through `svc` with the shared harness, in small
 /// chunks: they keep the prebuilt requests' headers in cache, as they are in
 /// a proxy that has just parsed the request.
@@ -143,6 +223,10 @@ fn bench(c: &mut Criterion) {
     g.bench_function("sticky_failover_balance", |b| {
         b.iter_custom(|n| time(&mut sticky_failover, &cookie, n))
     });
+    let mut full = full_table();
+    g.bench_function("sticky_new_session", |b| {
+        b.iter_custom(|n| time_requests(&mut full, n, 64, |_| new_session_request()))
+    });
     g.finish();
 }
 
@@ -165,6 +249,13 @@ fn profile(name: &str, n: u64) {
 }
 
 fn main() {
+    if let Some(n) = std::env::var("STICKY_EVICTIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        evictions(n);
+        return;
+    }
     if let Ok(name) = std::env::var("STICKY_PROFILE") {
         let n = std::env::var("STICKY_PROFILE_N")
             .ok()

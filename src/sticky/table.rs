@@ -1,7 +1,10 @@
 //! The in-memory session table: key → backend, with idle expiry and a size
 //! bound.
 //!
-//! A `parking_lot::RwLock` around a `HashMap`. Keys that clients choose
+//! Shards, each a `parking_lot::RwLock` around a `HashMap`: one for a
+//! table of up to 8192 sessions, else a power of two (at most 64) of at
+//! least 4096 each, a key's shard picked by a seeded hash of its bytes.
+//! Keys that clients choose
 //! (headers, learned cookies, closures) are hashed with std's SipHash with
 //! random keys; the layer's own session ids, which are random values
 //! checked against the table or a MAC before anything is inserted, with a
@@ -9,12 +12,13 @@
 //! bytes, so a hit allocates nothing and validates no UTF-8. A hit takes
 //! the read lock and updates the entry's
 //! last-seen time with a relaxed atomic store, so hits never contend with
-//! each other. Inserts take the write lock. When an insert finds the table
-//! full it evicts the least recently seen eighth of the entries at once
-//! (one `O(n)` selection amortised over `n / 8` inserts); idle entries are
-//! dropped lazily when looked up and by a sweep that runs at most once per
-//! half idle period, on insert. A session kept in memory because its record
-//! could not be read is due to be read again [`RELOAD_AFTER`] after it was
+//! each other. Inserts take the write lock of their shard. When an insert
+//! finds its shard full it evicts the shard's least recently seen eighth
+//! at once (one `O(n)` selection amortised over `n / 8` inserts, `n` the
+//! shard's size, which bounds the pause of the shard's other requests);
+//! idle entries are dropped lazily when looked up and by a sweep that runs
+//! at most once per half idle period, on insert, one shard after the other.
+//! A session kept in memory because its record could not be read is due to be read again [`RELOAD_AFTER`] after it was
 //! put in the table: from then on a lookup is a miss that names its
 //! backend, and an insert replaces it.
 
@@ -286,12 +290,33 @@ impl Hasher for KeyHash {
 
 type Map = HashMap<Key, Entry, KeyHasher>;
 
-pub(crate) struct Table {
+/// The fewest sessions a shard is sized for: a table of up to twice this
+/// many is one shard.
+const SHARD_SIZE: usize = 4096;
+
+/// At most `1 << MAX_SHARD_BITS` shards.
+const MAX_SHARD_BITS: u32 = 6;
+
+/// A part of the table: the sessions whose keys hash to it.
+struct Shard {
     map: RwLock<Map>,
+}
+
+pub(crate) struct Table {
+    shards: Box<[Shard]>,
+    /// How many top bits of a key's shard hash pick its shard; 0 for one
+    /// shard.
+    shard_bits: u32,
+    /// The seed of the shard hash (the multiply-fold of [`KeyHash`]).
+    shard_seed: u64,
+    /// Every key is one of the layer's own random session ids.
+    random_keys: bool,
     /// How long an entry may go unseen, in nanoseconds.
     idle: u64,
+    /// The most entries a shard holds.
     max: usize,
     epoch: Instant,
+    /// When the table was last swept of idle entries.
     last_sweep: AtomicU64,
     /// How often a saved session's record is due to be saved again, in
     /// nanoseconds; 0 for never.
@@ -311,16 +336,53 @@ pub(crate) struct Dropped {
 impl Table {
     /// A table whose keys are all the layer's own random session ids
     /// when `random_keys` (see [`KeyHasher`]).
+    ///
+    /// A table of more than `2 * SHARD_SIZE` sessions is split into shards
+    /// (a power of two, at most `1 << MAX_SHARD_BITS`), each with its own
+    /// lock and an equal share of `max`, so that evicting from a full shard
+    /// or sweeping it pauses only the requests of that shard, for a time
+    /// bounded by the shard's size rather than the table's.
     pub(crate) fn new(idle: Duration, max: usize, random_keys: bool) -> Self {
+        let max = max.max(1);
+        let shard_bits = (max / SHARD_SIZE).max(1).ilog2().min(MAX_SHARD_BITS);
+        let shards = (0..1usize << shard_bits)
+            .map(|_| Shard {
+                map: RwLock::new(HashMap::with_hasher(KeyHasher::new(random_keys))),
+            })
+            .collect();
         Table {
-            map: RwLock::new(HashMap::with_hasher(KeyHasher::new(random_keys))),
+            shards,
+            shard_bits,
+            shard_seed: rand::random(),
+            random_keys,
             idle: nanos(idle),
-            max: max.max(1),
+            max: max >> shard_bits,
             epoch: Instant::now(),
             last_sweep: AtomicU64::new(0),
             refresh: 0,
             renew: 0,
         }
+    }
+
+    /// The shard of `key`.
+    #[inline]
+    fn shard(&self, key: &[u8]) -> &Shard {
+        if self.shard_bits == 0 {
+            return &self.shards[0];
+        }
+        let hash = match key.first_chunk::<8>() {
+            // The layer's own ids are random: their first eight bytes
+            // spread them as well as all of them would.
+            Some(head) if self.random_keys => {
+                fold(self.shard_seed ^ u64::from_le_bytes(*head), MULTIPLIER)
+            }
+            _ => {
+                let mut hash = KeyHash::Random(self.shard_seed);
+                hash.write(key);
+                hash.finish()
+            }
+        };
+        &self.shards[(hash >> (64 - self.shard_bits)) as usize]
     }
 
     /// Tells a hit whose exact cookie was presented that the cookie is due
@@ -377,7 +439,7 @@ impl Table {
     /// Notes that a response sends the layer's cookie for session `key`.
     pub(crate) fn cookie_sent(&self, key: &str) {
         if self.renews_cookies() {
-            if let Some(entry) = self.map.read().get(key.as_bytes()) {
+            if let Some(entry) = self.shard(key.as_bytes()).map.read().get(key.as_bytes()) {
                 entry.cookie_at.store(self.now(), Ordering::Relaxed);
             }
         }
@@ -403,7 +465,7 @@ impl Table {
     pub(crate) fn get(&self, key: &[u8], presented: Option<&[u8]>) -> Lookup {
         let now = self.now();
         {
-            let map = self.map.read();
+            let map = self.shard(key).map.read();
             let Some((k, entry)) = map.get_key_value(key) else {
                 return Lookup::default();
             };
@@ -432,7 +494,7 @@ impl Table {
                 };
             }
         }
-        let mut map = self.map.write();
+        let mut map = self.shard(key).map.write();
         // Check again: another request may have refreshed it meanwhile.
         let expired = map.get(key).is_some_and(|e| self.is_idle(e, now));
         if expired {
@@ -505,7 +567,7 @@ impl Table {
     /// returns it if it was not saved before. Not one whose record could
     /// not be read (due to be read again).
     pub(crate) fn mark_saved(&self, key: &str) -> Option<Session> {
-        let map = self.map.read();
+        let map = self.shard(key.as_bytes()).map.read();
         let entry = map.get(key.as_bytes())?;
         if entry.reload_at != 0 || entry.saved.swap(true, Ordering::Relaxed) {
             return None;
@@ -524,8 +586,8 @@ impl Table {
         keep: impl FnOnce(&Entry, u64) -> bool,
     ) -> (Hit, Dropped, bool) {
         let now = self.now();
-        let mut map = self.map.write();
-        let mut dropped = self.sweep_locked(&mut map, now);
+        let mut dropped = self.sweep(now);
+        let mut map = self.shard(session.key.as_bytes()).map.write();
         if let Some((k, entry)) = map.get_key_value(session.key.as_bytes()) {
             if keep(entry, now) {
                 return (hit_of(&k.0, entry), dropped, false);
@@ -561,8 +623,8 @@ impl Table {
         failed: bool,
     ) -> (Hit, Dropped, bool) {
         let now = self.now();
-        let mut map = self.map.write();
-        let mut dropped = self.sweep_locked(&mut map, now);
+        let mut dropped = self.sweep(now);
+        let mut map = self.shard(session.key.as_bytes()).map.write();
         if let Some(entry) = map.get_mut(session.key.as_bytes()) {
             if !self.is_idle(entry, now) {
                 let kept = Table::is_due(entry, now);
@@ -588,7 +650,7 @@ impl Table {
     /// on `backend`.
     pub(crate) fn unkeep(&self, key: &str, backend: &BackendId) {
         let now = self.now();
-        let mut map = self.map.write();
+        let mut map = self.shard(key.as_bytes()).map.write();
         if let Some(entry) = map.get_mut(key.as_bytes()) {
             if &entry.backend == backend && entry.reload_at == 0 {
                 entry.saved.store(false, Ordering::Relaxed);
@@ -608,7 +670,7 @@ impl Table {
         cookie: Option<Box<str>>,
     ) -> Option<Moved> {
         let now = self.now();
-        let mut map = self.map.write();
+        let mut map = self.shard(key.as_bytes()).map.write();
         let entry = map.get_mut(key.as_bytes())?;
         if &entry.backend != from {
             return None;
@@ -626,7 +688,7 @@ impl Table {
 
     /// Marks the session failed if it is still on `backend`.
     pub(crate) fn set_failed(&self, key: &str, backend: &BackendId, failed: bool) {
-        if let Some(entry) = self.map.read().get(key.as_bytes()) {
+        if let Some(entry) = self.shard(key.as_bytes()).map.read().get(key.as_bytes()) {
             if &entry.backend == backend {
                 entry.failed.store(failed, Ordering::Relaxed);
             }
@@ -634,27 +696,38 @@ impl Table {
     }
 
     pub(crate) fn remove(&self, key: &str) -> bool {
-        self.map.write().remove(key.as_bytes()).is_some()
+        self.shard(key.as_bytes())
+            .map
+            .write()
+            .remove(key.as_bytes())
+            .is_some()
     }
 
     /// Removes `key`; returns whether the session removed was saved (see
     /// `Entry::saved`), or `None` when the table did not hold it.
     #[cfg(test)]
     pub(crate) fn take(&self, key: &str) -> Option<bool> {
-        let entry = self.map.write().remove(key.as_bytes())?;
+        let entry = self
+            .shard(key.as_bytes())
+            .map
+            .write()
+            .remove(key.as_bytes())?;
         Some(entry.saved.into_inner())
     }
 
     /// Empties the table; returns how many sessions it held.
     pub(crate) fn clear(&self) -> usize {
-        let mut map = self.map.write();
-        let n = map.len();
-        map.clear();
+        let mut n = 0;
+        for shard in self.shards.iter() {
+            let mut map = shard.map.write();
+            n += map.len();
+            map.clear();
+        }
         n
     }
 
     pub(crate) fn session(&self, key: &str) -> Option<Session> {
-        let map = self.map.read();
+        let map = self.shard(key.as_bytes()).map.read();
         let (k, entry) = map.get_key_value(key.as_bytes())?;
         Some(to_session(&k.0, entry))
     }
@@ -662,7 +735,7 @@ impl Table {
     /// The session `key` if its changes are saved: what refreshing its
     /// record writes.
     pub(crate) fn saved(&self, key: &str) -> Option<Session> {
-        let map = self.map.read();
+        let map = self.shard(key.as_bytes()).map.read();
         let (k, entry) = map.get_key_value(key.as_bytes())?;
         entry
             .saved
@@ -674,47 +747,68 @@ impl Table {
     /// request may be routed by without reading the store.
     pub(crate) fn current(&self, key: &str) -> Option<Session> {
         let now = self.now();
-        let map = self.map.read();
+        let map = self.shard(key.as_bytes()).map.read();
         let (k, entry) = map.get_key_value(key.as_bytes())?;
         let routable = !self.is_idle(entry, now) && !Table::is_due(entry, now);
         routable.then(|| to_session(&k.0, entry))
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.read().len()
+        self.shards.iter().map(|shard| shard.map.read().len()).sum()
     }
 
-    /// Drops idle entries at most once per half idle period.
-    fn sweep_locked(&self, map: &mut Map, now: u64) -> Dropped {
-        let half = self.idle / 2;
+    /// Drops idle entries, at most once per half idle period: one shard
+    /// after the other, each under its own lock.
+    fn sweep(&self, now: u64) -> Dropped {
         let last = self.last_sweep.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < half.max(1) {
+        if now.saturating_sub(last) < (self.idle / 2).max(1)
+            || self
+                .last_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
             return Dropped::default();
         }
-        self.last_sweep.store(now, Ordering::Relaxed);
-        let before = map.len();
-        map.retain(|_, e| !self.is_idle(e, now));
+        let mut expired = 0;
+        for shard in self.shards.iter() {
+            let mut map = shard.map.write();
+            let before = map.len();
+            map.retain(|_, e| !self.is_idle(e, now));
+            expired += (before - map.len()) as u64;
+        }
         Dropped {
-            expired: (before - map.len()) as u64,
+            expired,
             evicted: 0,
         }
     }
 }
 
-/// Evicts the least recently seen eighth of a full table (at least one
-/// entry). Returns how many were evicted.
+/// Evicts the least recently seen eighth of a full shard (at least one
+/// entry): finds the last-seen time that eighth ends at, then drops the
+/// entries seen before it and as many seen at it as the eighth still
+/// needs. Two passes over the shard, cloning no key. Returns how many were
+/// evicted.
 fn evict_oldest(map: &mut Map, max: usize) -> u64 {
     let target = (max / 8).max(1).min(map.len());
-    let mut ages: Vec<(u64, Key)> = map
-        .iter()
-        .map(|(k, e)| (e.last_seen.load(Ordering::Relaxed), k.clone()))
+    if target == 0 {
+        return 0;
+    }
+    // Under the write lock no hit can mark an entry seen meanwhile.
+    let mut seen: Vec<u64> = map
+        .values()
+        .map(|e| e.last_seen.load(Ordering::Relaxed))
         .collect();
-    if target < ages.len() {
-        ages.select_nth_unstable_by_key(target - 1, |(seen, _)| *seen);
-    }
-    for (_, key) in ages.into_iter().take(target) {
-        map.remove(&key);
-    }
+    let (older, &mut last, _) = seen.select_nth_unstable(target - 1);
+    let mut at_last = target - older.iter().filter(|&&t| t < last).count();
+    map.retain(|_, e| {
+        let t = e.last_seen.load(Ordering::Relaxed);
+        if t == last && at_last > 0 {
+            at_last -= 1;
+            false
+        } else {
+            t >= last
+        }
+    });
     target as u64
 }
 
@@ -819,6 +913,69 @@ mod tests {
         assert!(t.get(b"k0", None).hit.is_some() && t.get(b"k1", None).hit.is_some());
         assert!(t.get(b"k2", None).hit.is_none() && t.get(b"k3", None).hit.is_none());
         assert!(t.get(b"k4", None).hit.is_some() && t.get(b"new", None).hit.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_eviction_among_equal_times_takes_exactly_an_eighth() {
+        let t = Table::new(Duration::from_secs(3600), 64, false);
+        for i in 0..64 {
+            t.insert(session(&format!("k{i}"), "x"), None);
+        }
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(t.get(b"k0", None).hit.is_some());
+        let (_, dropped) = t.insert(session("new", "x"), None);
+        assert_eq!(dropped.evicted, 8);
+        assert_eq!(t.len(), 57);
+        assert!(t.get(b"k0", None).hit.is_some() && t.get(b"new", None).hit.is_some());
+    }
+
+    #[test]
+    fn a_large_table_is_split_into_shards_sharing_its_bound() {
+        let sizes = |max| {
+            let t = Table::new(Duration::from_secs(1), max, true);
+            (t.shards.len(), t.max)
+        };
+        assert_eq!(sizes(1), (1, 1));
+        assert_eq!(sizes(8191), (1, 8191));
+        assert_eq!(sizes(8192), (2, 4096));
+        assert_eq!(sizes(100_000), (16, 6250));
+        assert_eq!(sizes(10_000_000), (64, 156_250));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sharded_table_stays_bounded_and_evicts_the_least_recently_seen() {
+        // Four shards of 4096.
+        let t = Table::new(Duration::from_secs(3600), 16_384, true);
+        // Random-looking ids, as the layer's own are.
+        let key = |i: usize| format!("{:016x}", (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut evicted = 0;
+        for i in 0..10_000 {
+            evicted += t.insert(session(&key(i), "x"), None).1.evicted;
+            tokio::time::advance(Duration::from_micros(1)).await;
+        }
+        assert_eq!(evicted, 0, "no shard is full yet");
+        // The hundred oldest become the most recently seen.
+        for i in 0..100 {
+            assert!(t.get(key(i).as_bytes(), None).hit.is_some());
+        }
+        for i in 10_000..20_000 {
+            evicted += t.insert(session(&key(i), "x"), None).1.evicted;
+            tokio::time::advance(Duration::from_micros(1)).await;
+        }
+        assert_eq!(t.len() as u64, 20_000 - evicted);
+        assert!(t.len() <= 16_384);
+        // Every shard took about 5000 keys: each evicted its oldest 512
+        // at least once, which the 500 next oldest keys (about 125 in each
+        // shard) are among; the ones seen again stay.
+        for i in 0..100 {
+            assert!(t.get(key(i).as_bytes(), None).hit.is_some(), "{}", key(i));
+        }
+        for i in 100..600 {
+            assert!(t.get(key(i).as_bytes(), None).hit.is_none(), "{}", key(i));
+        }
+        for i in 19_000..20_000 {
+            assert!(t.get(key(i).as_bytes(), None).hit.is_some(), "{}", key(i));
+        }
     }
 
     #[tokio::test(start_paused = true)]
