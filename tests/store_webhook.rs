@@ -386,6 +386,22 @@ async fn one_bad_element_is_skipped_while_the_others_load() {
     let skipped: Vec<_> = loaded.skipped.iter().map(|s| s.record.as_str()).collect();
     assert_eq!(skipped, ["#1", "#2", "#3", "bad", "liar"]);
     assert!(loaded.skipped.iter().all(|s| s.error.is_corrupt()));
+
+    // An element nested deeper than a JSON reader goes (a record no store
+    // of this crate writes, but another client may have): skipped alone.
+    let deep = format!(
+        r#"{{"kernel_session": {{"deep": {{"key": "deep", "data": {}0{}}}}}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let body = format!("[{}, {deep}, {}]", good("a"), good("b"));
+    server.set_mode(Mode::GetBody(body));
+    let loaded = store(&server).load_all().await.unwrap();
+    let keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(keys, ["a", "b"]);
+    let skipped: Vec<_> = loaded.skipped.iter().map(|s| s.record.as_str()).collect();
+    assert_eq!(skipped, ["#1"]);
+    assert!(loaded.skipped[0].error.is_corrupt());
 }
 
 #[tokio::test]

@@ -354,12 +354,13 @@ impl SessionStore for FileStore {
 
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         let dir = self.dir.clone();
-        let encoded = serde_json::to_vec_pretty(session);
+        let encoded = super::check_depth(session).and_then(|()| {
+            serde_json::to_vec_pretty(session)
+                .map_err(|e| StoreError::other(e).with_message("session cannot be encoded as JSON"))
+        });
         let name = file_name(&session.key);
         Box::pin(async move {
-            let bytes = encoded.map_err(|e| {
-                StoreError::other(e).with_message("session cannot be encoded as JSON")
-            })?;
+            let bytes = encoded?;
             let paths = [self.named.join(&name)];
             writing(self.timeout, &paths, move || {
                 write_atomic(&dir, &name, &bytes)

@@ -131,6 +131,9 @@ impl SessionStore for MemoryStore {
     }
 
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        if let Err(e) = super::check_depth(session) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         let now = Instant::now();
         let mut sessions = self.inner.sessions.write();
         if let Some(ttl) = self.ttl {

@@ -61,6 +61,38 @@ pub use webhook::{WebhookStore, WebhookStoreBuilder};
 /// application data is a few bytes to kilobytes.
 const MAX_READ: usize = 64 * 1024 * 1024;
 
+/// The deepest a session's [`data`](Session::data) may nest (arrays and
+/// objects within each other) for a store to save it. JSON readers bound
+/// nesting so that hostile input cannot exhaust their stack (`serde_json`
+/// at 128 levels for a whole document, a record's outline included): a
+/// record nested deeper could be written but never read back. Every store
+/// of this crate refuses to save such a session, with an error that
+/// [`is_rejected`](StoreError::is_rejected), and keeps its record as it was.
+pub const MAX_DATA_DEPTH: usize = 100;
+
+/// Refuses `session` when its data nests deeper than [`MAX_DATA_DEPTH`].
+fn check_depth(session: &Session) -> Result<(), StoreError> {
+    use serde_json::Value;
+    // Without recursion: the data may be nested deep enough to overflow
+    // the stack of a recursive walk.
+    let mut stack = vec![(&session.data, 0)];
+    while let Some((value, depth)) = stack.pop() {
+        let inner: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        if depth == MAX_DATA_DEPTH {
+            return Err(StoreError::rejected(format!(
+                "the session's data nests deeper than {MAX_DATA_DEPTH} levels"
+            ))
+            .with_message("session cannot be stored"));
+        }
+        stack.extend(inner.map(|value| (value, depth + 1)));
+    }
+    Ok(())
+}
+
 /// A time to live as the stores take it: at least a millisecond (as Redis
 /// counts), at most about a century (longer is forever, and keeps instants
 /// and Redis's clock from overflowing).

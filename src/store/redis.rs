@@ -135,8 +135,9 @@ return 2";
 /// # Failures
 ///
 /// Every failure is a [`StoreError`]: connection refused, reset or dropped,
-/// and a server that is loading, read-only, out of memory (`OOM`) or out of
-/// connections (`max number of clients reached`):
+/// and a server that is loading, read-only, out of memory (`OOM`), unable to
+/// write its snapshot (`MISCONF`), short of replicas (`NOREPLICAS`) or out
+/// of connections (`max number of clients reached`):
 /// [`is_unavailable`](StoreError::is_unavailable); no answer within the
 /// [`timeout`](RedisStoreBuilder::timeout):
 /// [`is_timeout`](StoreError::is_timeout); a refused password or missing
@@ -728,7 +729,15 @@ fn map_error(e: RedisError, what: &str) -> StoreError {
         // connections serves again once sessions expire or clients leave.
         || matches!(
             code.as_str(),
-            "LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN" | "OOM"
+            "LOADING"
+                | "BUSY"
+                | "MASTERDOWN"
+                | "READONLY"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "OOM"
+                | "MISCONF"
+                | "NOREPLICAS"
         )
         || (code == "ERR" && detail.starts_with("max number of clients reached"))
     {
@@ -807,6 +816,7 @@ fn redact(url: &str) -> String {
 
 /// A session's record: its JSON.
 fn encode(session: &Session) -> Result<Vec<u8>, StoreError> {
+    super::check_depth(session)?;
     serde_json::to_vec(session)
         .map_err(|e| StoreError::other(e).with_message("session cannot be encoded as JSON"))
 }
@@ -1418,6 +1428,9 @@ mod tests {
             &b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"[..],
             b"-ERR max number of clients reached\r\n",
             b"-LOADING Redis is loading the dataset in memory\r\n",
+            // Cannot write its snapshot (a full disk), or too few replicas.
+            b"-MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.\r\n",
+            b"-NOREPLICAS Not enough good replicas to write.\r\n",
         ] {
             let e = map_error(server_says(reply), "save");
             let reply = String::from_utf8_lossy(reply);

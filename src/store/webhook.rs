@@ -337,6 +337,7 @@ impl SessionStore for WebhookStore {
 
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            super::check_depth(session)?;
             let mut body = serde_json::Map::new();
             let record = serde_json::to_value(session).map_err(|e| {
                 StoreError::other(e).with_message("session cannot be encoded as JSON")
@@ -637,17 +638,39 @@ fn expect_success(status: StatusCode, body: &[u8], what: &str) -> Result<(), Sto
     Err(error.with_message(format!("{what}: the webhook answered {status}")))
 }
 
+/// The answer to load all: a JSON array, whose elements are read one by
+/// one, so that one that cannot be read (nested deeper than the parser
+/// goes, say) is skipped while the others load.
 fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| StoreError::corrupt(e).with_message("the answer is not JSON"))?;
-    let serde_json::Value::Array(elements) = value else {
-        return Err(
-            StoreError::corrupt(ShapeError("load all must answer a JSON array".into()))
+    use serde_json::value::RawValue;
+    let not_json =
+        |e: crate::BoxError| StoreError::corrupt(e).with_message("the answer is not JSON");
+    let text = std::str::from_utf8(body).map_err(|e| not_json(e.into()))?;
+    let elements: Vec<&RawValue> = match serde_json::from_str(text) {
+        Ok(elements) => elements,
+        // Skipping over a value is not bounded in depth: an error here is
+        // the answer's.
+        Err(e) => {
+            return Err(match serde_json::from_str::<&RawValue>(text) {
+                Err(e) => not_json(e.into()),
+                Ok(_) => StoreError::corrupt(ShapeError(format!(
+                    "load all must answer a JSON array ({e})"
+                )))
                 .with_message("the answer has the wrong shape"),
-        );
+            });
+        }
     };
     let mut loaded = Loaded::default();
-    for (i, element) in elements.into_iter().enumerate() {
+    for (i, raw) in elements.into_iter().enumerate() {
+        let element = match serde_json::from_str::<serde_json::Value>(raw.get()) {
+            Ok(element) => element,
+            Err(e) => {
+                let e = StoreError::corrupt(e).with_message("unreadable element");
+                tracing::warn!(record = %format!("#{i}"), error = %crate::error::Report(&e), "skipping unreadable webhook session");
+                loaded.skip(format!("#{i}"), e);
+                continue;
+            }
+        };
         let name = element_name(&element).unwrap_or_else(|| format!("#{i}"));
         match parse_element(element) {
             Ok((_, session)) => loaded.sessions.push(session),

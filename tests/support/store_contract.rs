@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tower_ha::store::{Session, SessionStore};
+use tower_ha::store::{Session, SessionStore, MAX_DATA_DEPTH};
 
 fn session(key: &str, backend: &str) -> Session {
     Session::new(key, backend.into()).with_data(json!({
@@ -43,6 +43,7 @@ pub fn hostile_keys() -> Vec<String> {
 pub async fn run(store: Arc<dyn SessionStore>) {
     empty_store_loads_nothing(&*store).await;
     save_then_load_round_trips(&*store).await;
+    data_round_trips_exactly_up_to_the_deepest_nesting(&*store).await;
     save_replaces(&*store).await;
     load_all_returns_every_session(&*store).await;
     delete_many_ignores_absent_keys(&*store).await;
@@ -75,6 +76,53 @@ async fn save_then_load_round_trips(store: &dyn SessionStore) {
     );
     store.delete(&["rt".into()]).await.expect("delete");
     assert_eq!(store.load("rt").await.expect("load after delete"), None);
+}
+
+async fn data_round_trips_exactly_up_to_the_deepest_nesting(store: &dyn SessionStore) {
+    // Floats an approximate parser reads back one unit in the last place
+    // off (about one in seven of these), and the extremes.
+    let mut floats: Vec<f64> = (1..=200u64)
+        .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11) as f64 / (1u64 << 53) as f64 * 2e9)
+        .collect();
+    floats.extend([
+        5e-324,
+        f64::MIN_POSITIVE,
+        f64::MAX,
+        -f64::MAX,
+        0.1,
+        1.0 / 3.0,
+    ]);
+    // Nested exactly as deep as a store takes: the object, then arrays.
+    let nested = |depth: usize| {
+        let mut value = json!("bottom");
+        for _ in 1..depth {
+            value = json!([value]);
+        }
+        value
+    };
+    let data = |depth| json!({"floats": floats, "nested": nested(depth)});
+    let s = Session::new("data", "node-a".into()).with_data(data(MAX_DATA_DEPTH));
+    store
+        .save(&s)
+        .await
+        .expect("save of the deepest data allowed");
+    let back = store.load("data").await.expect("load").expect("found");
+    assert_eq!(back.data, s.data, "data must round-trip exactly");
+    let all = store.load_all().await.expect("load_all");
+    assert!(all.skipped.is_empty(), "{:?}", all.skipped);
+    assert!(all
+        .sessions
+        .iter()
+        .any(|l| l.key == "data" && l.data == s.data));
+
+    // One level deeper: refused, and the record stays as it was.
+    let deeper = Session::new("data", "node-b".into()).with_data(data(MAX_DATA_DEPTH + 1));
+    let err = store.save(&deeper).await.expect_err("data nested too deep");
+    assert!(err.is_rejected(), "{err:?}");
+    let back = store.load("data").await.expect("load").expect("found");
+    assert_eq!(back.backend.as_str(), "node-a");
+    assert_eq!(back.data, s.data);
+    store.delete(&["data".into()]).await.expect("delete");
 }
 
 async fn save_replaces(store: &dyn SessionStore) {
