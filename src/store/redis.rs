@@ -799,19 +799,43 @@ fn glob_escape(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The URL with its password replaced.
+/// The URL with its password replaced: the user information up to the
+/// last `@` before the query (a password may hold `/`), and the values of
+/// `pass` and `password` in the query (a `redis+unix://` URL's).
 fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
     };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{tail}")
+    let mut shown = match head.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => format!("{scheme}://***@{host}"),
+            },
+            None => head.to_owned(),
+        },
+        None => head.to_owned(),
+    };
+    if let Some(query) = query {
+        shown.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                shown.push('&');
+            }
+            match pair.split_once('=') {
+                Some((name, _))
+                    if name.eq_ignore_ascii_case("pass")
+                        || name.eq_ignore_ascii_case("password") =>
+                {
+                    shown.push_str(name);
+                    shown.push_str("=***");
+                }
+                _ => shown.push_str(pair),
+            }
         }
-        None => url.to_owned(),
     }
+    shown
 }
 
 /// A session's record: its JSON.
@@ -1405,6 +1429,19 @@ mod tests {
         );
         assert_eq!(redact("redis://:secret@host"), "redis://:***@host");
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact("redis://secret@host"), "redis://***@host");
+        assert_eq!(
+            redact("redis://:se/cr@et@host:1/0"),
+            "redis://:***@host:1/0"
+        );
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?db=1&pass=secret&user=u"),
+            "redis+unix:///run/redis.sock?db=1&pass=***&user=u"
+        );
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?PASSWORD=secret"),
+            "redis+unix:///run/redis.sock?PASSWORD=***"
+        );
     }
 
     #[test]

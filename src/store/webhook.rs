@@ -224,9 +224,12 @@ impl WebhookStoreBuilder {
     }
 
     /// The store. Fails with an [`other`](StoreError::is_other) error if the
-    /// URL cannot be parsed, is not an `http://` URL, or holds credentials
-    /// (`http://user:password@host/...`, which would not be sent: use
-    /// [`basic_auth`](Self::basic_auth) or [`digest_auth`](Self::digest_auth)).
+    /// URL cannot be parsed, is not an `http://` URL, has a port that is not
+    /// a number, or holds an `@` anywhere (credentials, as in
+    /// `http://user:password@host/...`, would not be sent, and a password
+    /// holding `/`, `?` or `#` would turn the rest into a path: use
+    /// [`basic_auth`](Self::basic_auth) or [`digest_auth`](Self::digest_auth);
+    /// write an `@` in a path as `%40`).
     pub fn build(self) -> Result<WebhookStore, StoreError> {
         let shown = redact(&self.url);
         let uri: Uri = self
@@ -245,10 +248,17 @@ impl WebhookStoreBuilder {
         let Some(authority) = uri.authority() else {
             return Err(bad("the URL needs a host"));
         };
-        if authority.as_str().contains('@') {
+        // Anywhere in the URL: a password holding `/`, `?` or `#` ends the
+        // authority early, and what follows would be taken for a path.
+        if self.url.contains('@') {
             let why = "credentials in the URL are not sent; \
-                       use .basic_auth(user, password) or .digest_auth(user, password)";
+                       use .basic_auth(user, password) or .digest_auth(user, password) \
+                       (write an @ in a path as %40)";
             return Err(bad(why));
+        }
+        let port = &authority.as_str()[authority.host().len()..];
+        if !port.is_empty() && port[1..].parse::<u16>().is_err() {
+            return Err(bad("the port is not a number from 0 to 65535"));
         }
         let path = uri.path().trim_end_matches('/').to_owned();
         let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
@@ -568,14 +578,12 @@ enum Failure {
     Fatal(StoreError),
 }
 
-/// `url` with the user information of its authority, if any, replaced by
-/// `***`, so that no password is shown.
+/// `url` with everything between its scheme and its last `@`, if any,
+/// replaced by `***`, so that no password is shown (one holding `/`, `?` or
+/// `#` included).
 fn redact(url: &str) -> String {
     let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| start + i);
-    match url[start..end].rfind('@') {
+    match url[start..].rfind('@') {
         Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
         None => url.to_owned(),
     }
@@ -797,10 +805,20 @@ mod tests {
     }
 
     #[test]
-    fn only_http_urls() {
-        for url in ["https://x/y", "not a url", "/relative"] {
+    fn only_http_urls_with_numeric_ports() {
+        for url in [
+            "https://x/y",
+            "not a url",
+            "/relative",
+            "http://h:pa/api",
+            "http://h:65536/api",
+            "http://[::1]:x/api",
+        ] {
             let err = WebhookStore::builder(url).build().unwrap_err();
             assert!(err.is_other(), "{url}: {err:?}");
+        }
+        for url in ["http://h/api", "http://h:8080/api", "http://[::1]:8080/api"] {
+            assert!(WebhookStore::builder(url).build().is_ok(), "{url}");
         }
     }
 
@@ -810,6 +828,10 @@ mod tests {
             "http://gateway:s3cret@h:8080/api",
             "http://gateway@h/api",
             "http://:s3cret@h",
+            // Passwords that end the authority early.
+            "http://gw:pa?s3cret@h/api",
+            "http://gw:12/s3cret@127.0.0.1/api",
+            "http://gw:pa#s3cret@h/api",
         ] {
             let builder = WebhookStore::builder(url);
             assert!(!format!("{builder:?}").contains("s3cret"), "{builder:?}");
@@ -824,8 +846,9 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(!format!("{err} {err:?}").contains("s3cret"), "{err:?}");
-        assert_eq!(redact("http://h/a@b"), "http://h/a@b");
+        assert_eq!(redact("http://h/a"), "http://h/a");
         assert_eq!(redact("http://u:p@h/x"), "http://***@h/x");
+        assert_eq!(redact("http://u:p/q?r#s@h/x"), "http://***@h/x");
     }
 
     #[test]
