@@ -2070,6 +2070,52 @@ async fn a_request_framed_by_chunks_loses_its_content_length() {
     assert_eq!(body, "hello world", "{received}");
 }
 
+/// An empty body goes with `Content-Length: 0` for the methods that define
+/// a body (as clients send them, RFC 9110 section 8.6; some servers answer
+/// 411 without), an empty chunked one included, and with no framing for
+/// the others.
+#[tokio::test]
+async fn an_empty_body_is_framed_as_its_method_wants() {
+    let addr = serve_recording().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let framing = |method: &str, chunked: bool| {
+        let mut request = Request::builder().method(method).uri("/x");
+        if chunked {
+            request = request.header("transfer-encoding", "chunked");
+        }
+        let request = request.body(Full::new(Bytes::new())).unwrap();
+        let backend = backend.clone();
+        async move {
+            let received = body_of(backend.oneshot(request).await.unwrap()).await;
+            let head = received
+                .split_once("\r\n\r\n")
+                .unwrap()
+                .0
+                .to_ascii_lowercase();
+            head.lines()
+                .filter(|l| l.starts_with("content-length:") || l.starts_with("transfer-encoding:"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        }
+    };
+    for method in ["POST", "PUT", "PATCH"] {
+        assert_eq!(
+            framing(method, false).await,
+            ["content-length: 0"],
+            "{method}"
+        );
+        assert_eq!(
+            framing(method, true).await,
+            ["content-length: 0"],
+            "{method} chunked"
+        );
+    }
+    for method in ["GET", "DELETE", "OPTIONS"] {
+        assert!(framing(method, false).await.is_empty(), "{method}");
+    }
+}
+
 /// Whether `err` holds an I/O error of kind `TimedOut`.
 fn is_timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
     find::<std::io::Error>(err).is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)

@@ -1219,14 +1219,23 @@ where
         let backend = req.extensions().get::<Target>().map(|t| t.state().clone());
         let rewritten = self.rewrite(&mut req);
         let body = req.body();
-        if !self.upstream.speaks_http2()
-            && !body.is_end_stream()
-            && body.size_hint().exact().is_none()
+        if self.upstream.speaks_http2() {
+            // Framed by its stream.
+        } else if !body.is_end_stream() {
+            if body.size_hint().exact().is_none() {
+                // A body of unknown length goes chunked: hyper would send a
+                // GET or HEAD without one.
+                req.headers_mut()
+                    .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            }
+        } else if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
+            && !req.headers().contains_key(CONTENT_LENGTH)
         {
-            // A body of unknown length goes chunked: hyper would send a GET
-            // or HEAD without one.
+            // An empty body of a method that defines one goes with its
+            // length, as a client sends it (RFC 9110 section 8.6), not
+            // unframed as hyper would: some servers answer 411 without.
             req.headers_mut()
-                .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+                .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
         }
         let state = match rewritten {
             Ok(None) => {
