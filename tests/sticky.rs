@@ -2974,3 +2974,163 @@ async fn a_restore_dropped_part_way_leaves_its_records_to_a_later_one() {
         assert_eq!(send(&svc, session(key)).await.unwrap().body(), home);
     }
 }
+
+/// Loads read at once and answer when `load_gate` lets them; deletes wait
+/// for `delete_gate` before they land.
+#[derive(Clone)]
+struct GatedStore {
+    inner: MemoryStore,
+    loads: Arc<AtomicUsize>,
+    waiting: Arc<AtomicUsize>,
+    load_gate: Arc<tokio::sync::Semaphore>,
+    delete_gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl SessionStore for GatedStore {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        self.inner.load_all()
+    }
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let answer = self.inner.load(key).await;
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            self.load_gate.acquire().await.unwrap().forget();
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            answer
+        })
+    }
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        self.inner.save(session)
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.delete_gate.acquire().await.unwrap().forget();
+            self.inner.delete(keys).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_removed_session_does_not_come_back_through_a_read_made_before_its_delete() {
+    let c = cluster();
+    let inner = MemoryStore::new();
+    inner
+        .save(&Session::new("kernel-1", "c".into()))
+        .await
+        .unwrap();
+    let store = GatedStore {
+        inner: inner.clone(),
+        loads: Arc::new(AtomicUsize::new(0)),
+        waiting: Arc::new(AtomicUsize::new(0)),
+        load_gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        delete_gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    // A request reads the record; its answer is held.
+    let pending = tokio::spawn(send_owned(svc.clone(), session("kernel-1")));
+    spin_until("first load held", || {
+        store.waiting.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The session is ended: forgotten (the load marked stale), delete queued.
+    let remover = {
+        let layer = layer.clone();
+        tokio::spawn(async move { layer.remove("kernel-1").await })
+    };
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    // The first answer comes, stale: the request reads the record again,
+    // but only once the delete has landed.
+    store.load_gate.add_permits(1);
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        store.loads.load(Ordering::SeqCst),
+        1,
+        "read before the delete landed"
+    );
+    store.delete_gate.add_permits(100);
+    remover.await.unwrap().unwrap();
+    assert!(inner.load("kernel-1").await.unwrap().is_none(), "deleted");
+    store.load_gate.add_permits(100);
+    let served = pending.await.unwrap().unwrap().into_body();
+    assert_eq!(store.loads.load(Ordering::SeqCst), 2);
+    // It found no record: a new session started where it was served, and
+    // the one removed did not come back.
+    assert_eq!(layer.stats().created, 1);
+    assert_eq!(layer.session("kernel-1").unwrap().backend.as_str(), served);
+}
+
+/// A response of a session's old backend, arriving after the session
+/// moved, sends the cookie of the backend it moved to, not the one it left
+/// (the browser keeps the last cookie).
+#[tokio::test(start_paused = true)]
+async fn a_late_response_sends_the_cookie_of_the_backend_the_session_moved_to() {
+    let c = cluster();
+    let cookie = CookieInsert::new("srv", SECRET)
+        .secure(false)
+        .max_age(Duration::from_secs(100));
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(cookie));
+    let svc = stack(&c.pool, layer.clone());
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let home = first.body().clone();
+    let cookie = cookie_of(&first).unwrap();
+    // Half the Max-Age later the cookie is due to be sent again.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    // A slow request of the session (its cookie due for renewal) ...
+    let mut slow_req = with_cookie(&cookie);
+    slow_req
+        .headers_mut()
+        .insert("x-delay-ms", HeaderValue::from_static("5000"));
+    let slow = tokio::spawn(send_owned(svc.clone(), slow_req));
+    tokio::time::advance(Duration::from_millis(10)).await;
+    // ... while its backend goes down and another request moves it.
+    c.set_health(&home, HealthStatus::Unhealthy);
+    let moved = send(&svc, with_cookie(&cookie)).await.unwrap();
+    let new_home = moved.body().clone();
+    assert_ne!(new_home, home);
+    let moved_cookie = cookie_of(&moved).unwrap();
+    c.set_health(&home, HealthStatus::Healthy);
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let slow = slow.await.unwrap().unwrap();
+    assert_eq!(slow.body(), &home);
+    let late_cookie = cookie_of(&slow);
+    // The browser keeps the last Set-Cookie. Once the table loses the
+    // session (idle, evicted, restart: no store), it flaps back.
+    let last = late_cookie.unwrap_or(moved_cookie);
+    layer.forget_all();
+    let back = send(&svc, with_cookie(&last)).await.unwrap();
+    assert_eq!(
+        back.body(),
+        &new_home,
+        "flapped back to the backend it left"
+    );
+}
+
+/// A session that went idle while a slow first request of its key was
+/// under way is counted as expired when that request starts it again.
+#[tokio::test(start_paused = true)]
+async fn every_idle_session_dropped_counts_as_expired() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .idle_timeout(Duration::from_secs(10));
+    let svc = stack(&c.pool, layer.clone());
+    // A slow first request of k ...
+    let mut slow_req = session("k");
+    slow_req
+        .headers_mut()
+        .insert("x-delay-ms", HeaderValue::from_static("60000"));
+    let slow = tokio::spawn(send_owned(svc.clone(), slow_req));
+    tokio::time::advance(Duration::from_millis(10)).await;
+    // ... a quick one starts it, then it goes idle.
+    send(&svc, session("k")).await.unwrap();
+    assert_eq!(layer.stats().sessions, 1);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    slow.await.unwrap().unwrap();
+    let stats = layer.stats();
+    assert_eq!(stats.created, 2, "started again");
+    assert_eq!(stats.expired, 1, "the first went idle: {stats:?}");
+}

@@ -787,8 +787,13 @@ impl Shared {
             // The read remembered what it found unless the session was
             // forgotten meanwhile.
             let stored = if cell.stale.load(std::sync::atomic::Ordering::Acquire) {
-                // Moved on another replica while it was read: route by the
-                // record as it is now (restored there already).
+                // Moved on another replica while it was read (restored
+                // there already), or ended here: route by the record as it
+                // is once the writes decided for it so far have landed
+                // (an ended session's delete among them).
+                if let Some(done) = Writes::behind(&shared, &key) {
+                    let _ = landed(done).await;
+                }
                 shared.read(&store, &key, None).await
             } else {
                 stored
@@ -1117,7 +1122,15 @@ impl Shared {
                             ((), self.table.session(&key).map(Write::Save))
                         });
                     }
-                    self.reissue(response, &key, cookie.get(&backend), served);
+                    if self.config.key.cookie().is_some() && cookie.get(&backend) != Some(served) {
+                        // The cookie names the session's backend as the
+                        // table has it now: a concurrent request may have
+                        // moved it since this one was routed (a session
+                        // that left the table gets none).
+                        if let Some(now) = self.table.backend(&key) {
+                            self.reissue(response, &key, cookie.get(&backend), &now);
+                        }
+                    }
                 } else if self.config.strict {
                     bump(&self.counters.strict_refusals, 1);
                     if save {
@@ -1158,8 +1171,8 @@ impl Shared {
                         });
                     }
                     // Whoever moved it, the table now names its backend.
-                    if let Some(now) = self.table.session(&key) {
-                        self.reissue(response, &key, cookie.get(&backend), &now.backend);
+                    if let Some(now) = self.table.backend(&key) {
+                        self.reissue(response, &key, cookie.get(&backend), &now);
                     }
                 }
                 // A value the application had not confirmed when it was
@@ -1431,7 +1444,7 @@ impl Shared {
                 match write {
                     Write::Save(session) => records.insert(&session.key),
                     Write::Delete(key) => records.remove(key),
-                    Write::Refresh(_) => {}
+                    Write::Refresh(_) | Write::Barrier(_) => {}
                 }
             }
             (made, write)

@@ -543,11 +543,8 @@ impl Table {
         cookie: Option<Box<str>>,
         kept: Kept,
     ) -> (Hit, Dropped, bool) {
-        if let Some(hit) = self.get(session.key.as_bytes(), None).hit {
-            return (hit, Dropped::default(), false);
-        }
         self.put(session, cookie, kept, |entry, now| {
-            !Table::is_due(entry, now) && seen(entry, now)
+            !self.is_idle(entry, now) && !Table::is_due(entry, now) && seen(entry, now)
         })
     }
 
@@ -592,6 +589,7 @@ impl Table {
             if keep(entry, now) {
                 return (hit_of(&k.0, entry), dropped, false);
             }
+            dropped.expired += u64::from(self.is_idle(entry, now));
         }
         let (key, entry) = Entry::new(session, cookie, now, false, kept);
         let hit = self.put_locked(&mut map, &mut dropped, key, entry);
@@ -638,6 +636,7 @@ impl Table {
                     .expect("present under the write lock");
                 return (hit_of(&k.0, entry), dropped, kept);
             }
+            dropped.expired += 1;
         }
         let (key, entry) = Entry::new(session, cookie, now, failed, Kept::Saved);
         let hit = self.put_locked(&mut map, &mut dropped, key, entry);
@@ -730,6 +729,12 @@ impl Table {
         let map = self.shard(key.as_bytes()).map.read();
         let (k, entry) = map.get_key_value(key.as_bytes())?;
         Some(to_session(&k.0, entry))
+    }
+
+    /// The backend of session `key`.
+    pub(crate) fn backend(&self, key: &str) -> Option<BackendId> {
+        let map = self.shard(key.as_bytes()).map.read();
+        map.get(key.as_bytes()).map(|entry| entry.backend.clone())
     }
 
     /// The session `key` if its changes are saved: what refreshing its

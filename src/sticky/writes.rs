@@ -42,6 +42,9 @@ pub(crate) enum Write {
     /// the older session does not land last.
     Save(Session),
     Delete(String),
+    /// Writes nothing: lands once the writes queued before it have (see
+    /// `Writes::behind`).
+    Barrier(String),
     /// Refreshes the key's record (see `SessionStore::refresh`) with the
     /// session as the owner knows it when its turn comes, if it still
     /// keeps it: a record that would expire is in use.
@@ -52,7 +55,7 @@ impl Write {
     fn key(&self) -> &str {
         match self {
             Write::Save(session) => &session.key,
-            Write::Delete(key) | Write::Refresh(key) => key,
+            Write::Delete(key) | Write::Barrier(key) | Write::Refresh(key) => key,
         }
     }
 
@@ -61,6 +64,7 @@ impl Write {
         match self {
             Write::Save(_) => "save",
             Write::Delete(_) => "delete",
+            Write::Barrier(_) => "barrier",
             Write::Refresh(_) => "refresh",
         }
     }
@@ -165,6 +169,22 @@ impl Writes {
         removed
     }
 
+    /// Lands once the writes of `key` decided so far have landed (or
+    /// failed); `None` when none is queued or under way.
+    pub(crate) fn behind<O: Owner>(owner: &Arc<O>, key: &str) -> Option<Done> {
+        let mut queues = owner.writes().queues.lock();
+        let queue = queues.get_mut(key)?;
+        let (done, result) = oneshot::channel();
+        // Nothing joins a barrier, nor does it join anything: its task
+        // comes to it after every write before it.
+        queue.push_back(Queued {
+            write: Write::Barrier(key.to_owned()),
+            done,
+            joined: Vec::new(),
+        });
+        Some(result)
+    }
+
     /// Queues `write` behind those of its key already decided, on `store`;
     /// `owner` hears of it if it fails. Outside a tokio runtime, the write
     /// fails at once (its key's queue would have no task).
@@ -258,7 +278,7 @@ impl<O: Owner> Worker<O> {
             let saved = match &next.write {
                 Write::Save(decided) => self.owner.saved(&decided.key),
                 Write::Refresh(key) => self.owner.saved(key),
-                Write::Delete(_) => None,
+                Write::Delete(_) | Write::Barrier(_) => None,
             };
             // A store that panics fails that write only: the key's later
             // writes still land, in order (a delete behind a save that
@@ -271,7 +291,7 @@ impl<O: Owner> Worker<O> {
                 (Write::Refresh(_), Some(session)) => {
                     unless_panics(|| store.refresh(session)).await
                 }
-                (Write::Refresh(_), None) => Ok(()),
+                (Write::Refresh(_), None) | (Write::Barrier(_), _) => Ok(()),
                 (Write::Delete(key), _) => {
                     unless_panics(|| store.delete(std::slice::from_ref(key))).await
                 }
