@@ -486,7 +486,6 @@ impl Priority {
                 return (next, None);
             }
             // Fail over (never waits for the dwell).
-            state.forced = None;
             let reason = if current.is_none() && state.current.is_some() {
                 SwitchReason::Removed
             } else {
@@ -495,9 +494,11 @@ impl Priority {
             let next = first_available();
             if next.is_none() {
                 // Nothing available: keep the primary as it is (panic
-                // routing may still use it).
+                // routing may still use it), forced or not.
                 return (current, None);
             }
+            // A switch ends a forced primary.
+            state.forced = None;
             let to = next.map(|i| members[i].id().clone());
             let event = self.switch(state, to, reason);
             return (next, event);

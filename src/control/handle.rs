@@ -199,7 +199,8 @@ pub(super) struct Inner {
 /// [`drain_deadline`](Handle::drain_deadline)) a backend still draining
 /// becomes [`Disabled`](AdminStatus::Disabled): its sticky sessions, which
 /// may stay on a draining backend, then move elsewhere because the backend
-/// is unavailable.
+/// is unavailable. Draining a backend that drains already keeps its
+/// deadline.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -250,6 +251,19 @@ impl fmt::Debug for Handle {
             .field("drain_deadline", &self.inner.drain_deadline)
             .finish()
     }
+}
+
+/// Every distinct state of backend `id` across the groups `inner` holds.
+fn live_states(inner: &Inner, id: &BackendId) -> Vec<Arc<BackendState>> {
+    let mut states: Vec<Arc<BackendState>> = Vec::new();
+    for group in inner.groups.read().iter() {
+        if let Some(state) = group.pool.state(id) {
+            if !states.iter().any(|s| Arc::ptr_eq(s, &state)) {
+                states.push(state);
+            }
+        }
+    }
+    states
 }
 
 impl Handle {
@@ -414,25 +428,22 @@ impl Handle {
 
     /// Every distinct state of backend `id` across the groups.
     fn states(&self, id: &BackendId) -> Result<Vec<Arc<BackendState>>, ControlError> {
-        let mut states: Vec<Arc<BackendState>> = Vec::new();
-        for group in self.inner.groups.read().iter() {
-            if let Some(state) = group.pool.state(id) {
-                if !states.iter().any(|s| Arc::ptr_eq(s, &state)) {
-                    states.push(state);
-                }
-            }
-        }
+        let states = live_states(&self.inner, id);
         if states.is_empty() {
             return Err(ControlError::UnknownBackend(id.to_string()));
         }
         Ok(states)
     }
 
+    /// Sets the admin status of every state of `id`; returns them, and for
+    /// a drain that starts a deadline, the epoch the deadline's timer
+    /// checks (none when the backend was draining already: a drain again
+    /// does not put its deadline off).
     fn set_admin(
         &self,
         id: &BackendId,
         to: AdminStatus,
-    ) -> Result<(Vec<Arc<BackendState>>, u64), ControlError> {
+    ) -> Result<(Vec<Arc<BackendState>>, Option<u64>), ControlError> {
         let states = self.states(id)?;
         // This action ends a drain's pending deadline; a drain starts one.
         let epoch = self.inner.epoch_seq.fetch_add(1, Ordering::Relaxed) + 1;
@@ -464,6 +475,9 @@ impl Handle {
                 // would stay until the next action on the backend, for
                 // good if it leaves every group first.
                 AdminStatus::Draining if self.inner.drain_deadline.is_some() => {
+                    if from.is_none() && drains.contains_key(id) {
+                        return Ok((states, None));
+                    }
                     drains.insert(id.clone(), PendingDrain { epoch, timer: None })
                 }
                 _ => drains.remove(id),
@@ -472,7 +486,7 @@ impl Handle {
         if let Some(ended) = ended {
             ended.end();
         }
-        Ok((states, epoch))
+        Ok((states, Some(epoch)))
     }
 
     /// Drains backend `id` in every group: no new request or session;
@@ -487,7 +501,9 @@ impl Handle {
             None => None,
         };
         let (states, epoch) = self.set_admin(id, AdminStatus::Draining)?;
-        if let (Some(deadline), Some(runtime)) = (self.inner.drain_deadline, runtime) {
+        if let (Some(deadline), Some(runtime), Some(epoch)) =
+            (self.inner.drain_deadline, runtime, epoch)
+        {
             let inner = Arc::downgrade(&self.inner);
             let backend = id.clone();
             // The deadline counts from now, not from when the task first runs.
@@ -506,10 +522,14 @@ impl Handle {
                     return; // a later action decides
                 }
                 drains.remove(&id);
-                for state in &states {
+                // The states it drained (in a group unregistered since,
+                // say), and those the groups hold now (added since, with
+                // its status): only a change of the latter is the event's.
+                let live = live_states(&inner, &id);
+                for state in states.iter().chain(&live) {
                     if state.admin() == AdminStatus::Draining {
                         state.set_admin(AdminStatus::Disabled);
-                        changed = true;
+                        changed |= live.iter().any(|l| Arc::ptr_eq(l, state));
                     }
                 }
                 if changed {
@@ -624,7 +644,9 @@ impl Handle {
     }
 
     /// Adds backend `id` with `service` to group `group`. The service must
-    /// be of the type the group's pool holds.
+    /// be of the type the group's pool holds. A backend of that id in
+    /// other groups gives it its admin status (disabled, or draining
+    /// toward the same deadline).
     pub fn add_backend<S>(
         &self,
         group: &str,
@@ -650,7 +672,13 @@ impl Handle {
                 backend: id.to_string(),
             });
         }
+        let admin = live_states(&self.inner, &id)
+            .first()
+            .map(|state| state.admin());
         pool.insert(id.clone(), service);
+        if let (Some(admin), Some(state)) = (admin, pool.state(&id)) {
+            state.set_admin(admin);
+        }
         self.inner.events.emit(Event::BackendAdded {
             group: Some(g.name.clone()),
             backend: id,
