@@ -18,9 +18,10 @@
 //! shard's size, which bounds the pause of the shard's other requests);
 //! idle entries are dropped lazily when looked up and by a sweep that runs
 //! at most once per half idle period, on insert, one shard after the other.
-//! A session kept in memory because its record could not be read is due to be read again [`RELOAD_AFTER`] after it was
-//! put in the table: from then on a lookup is a miss that names its
-//! backend, and an insert replaces it.
+//! A session kept in memory because its record could not be read is due
+//! to be read again [`RELOAD_AFTER`] after it was put in the table: from
+//! then on a lookup is a miss that names its backend, and an insert
+//! replaces it.
 
 use std::borrow::Borrow;
 use std::collections::hash_map::{DefaultHasher, RandomState};
@@ -297,13 +298,10 @@ const SHARD_SIZE: usize = 4096;
 /// At most `1 << MAX_SHARD_BITS` shards.
 const MAX_SHARD_BITS: u32 = 6;
 
-/// A part of the table: the sessions whose keys hash to it.
-struct Shard {
-    map: RwLock<Map>,
-}
-
 pub(crate) struct Table {
-    shards: Box<[Shard]>,
+    /// The parts of the table, each with the sessions whose keys hash to
+    /// it.
+    shards: Box<[RwLock<Map>]>,
     /// How many top bits of a key's shard hash pick its shard; 0 for one
     /// shard.
     shard_bits: u32,
@@ -346,9 +344,7 @@ impl Table {
         let max = max.max(1);
         let shard_bits = (max / SHARD_SIZE).max(1).ilog2().min(MAX_SHARD_BITS);
         let shards = (0..1usize << shard_bits)
-            .map(|_| Shard {
-                map: RwLock::new(HashMap::with_hasher(KeyHasher::new(random_keys))),
-            })
+            .map(|_| RwLock::new(HashMap::with_hasher(KeyHasher::new(random_keys))))
             .collect();
         Table {
             shards,
@@ -366,7 +362,7 @@ impl Table {
 
     /// The shard of `key`.
     #[inline]
-    fn shard(&self, key: &[u8]) -> &Shard {
+    fn shard(&self, key: &[u8]) -> &RwLock<Map> {
         if self.shard_bits == 0 {
             return &self.shards[0];
         }
@@ -439,7 +435,7 @@ impl Table {
     /// Notes that a response sends the layer's cookie for session `key`.
     pub(crate) fn cookie_sent(&self, key: &str) {
         if self.renews_cookies() {
-            if let Some(entry) = self.shard(key.as_bytes()).map.read().get(key.as_bytes()) {
+            if let Some(entry) = self.shard(key.as_bytes()).read().get(key.as_bytes()) {
                 entry.cookie_at.store(self.now(), Ordering::Relaxed);
             }
         }
@@ -465,7 +461,7 @@ impl Table {
     pub(crate) fn get(&self, key: &[u8], presented: Option<&[u8]>) -> Lookup {
         let now = self.now();
         {
-            let map = self.shard(key).map.read();
+            let map = self.shard(key).read();
             let Some((k, entry)) = map.get_key_value(key) else {
                 return Lookup::default();
             };
@@ -494,7 +490,7 @@ impl Table {
                 };
             }
         }
-        let mut map = self.shard(key).map.write();
+        let mut map = self.shard(key).write();
         // Check again: another request may have refreshed it meanwhile.
         let expired = map.get(key).is_some_and(|e| self.is_idle(e, now));
         if expired {
@@ -564,7 +560,7 @@ impl Table {
     /// returns it if it was not saved before. Not one whose record could
     /// not be read (due to be read again).
     pub(crate) fn mark_saved(&self, key: &str) -> Option<Session> {
-        let map = self.shard(key.as_bytes()).map.read();
+        let map = self.shard(key.as_bytes()).read();
         let entry = map.get(key.as_bytes())?;
         if entry.reload_at != 0 || entry.saved.swap(true, Ordering::Relaxed) {
             return None;
@@ -584,7 +580,7 @@ impl Table {
     ) -> (Hit, Dropped, bool) {
         let now = self.now();
         let mut dropped = self.sweep(now);
-        let mut map = self.shard(session.key.as_bytes()).map.write();
+        let mut map = self.shard(session.key.as_bytes()).write();
         if let Some((k, entry)) = map.get_key_value(session.key.as_bytes()) {
             if keep(entry, now) {
                 return (hit_of(&k.0, entry), dropped, false);
@@ -622,7 +618,7 @@ impl Table {
     ) -> (Hit, Dropped, bool) {
         let now = self.now();
         let mut dropped = self.sweep(now);
-        let mut map = self.shard(session.key.as_bytes()).map.write();
+        let mut map = self.shard(session.key.as_bytes()).write();
         if let Some(entry) = map.get_mut(session.key.as_bytes()) {
             if !self.is_idle(entry, now) {
                 let kept = Table::is_due(entry, now);
@@ -649,7 +645,7 @@ impl Table {
     /// on `backend`.
     pub(crate) fn unkeep(&self, key: &str, backend: &BackendId) {
         let now = self.now();
-        let mut map = self.shard(key.as_bytes()).map.write();
+        let mut map = self.shard(key.as_bytes()).write();
         if let Some(entry) = map.get_mut(key.as_bytes()) {
             if &entry.backend == backend && entry.reload_at == 0 {
                 entry.saved.store(false, Ordering::Relaxed);
@@ -669,7 +665,7 @@ impl Table {
         cookie: Option<Box<str>>,
     ) -> Option<Moved> {
         let now = self.now();
-        let mut map = self.shard(key.as_bytes()).map.write();
+        let mut map = self.shard(key.as_bytes()).write();
         let entry = map.get_mut(key.as_bytes())?;
         if &entry.backend != from {
             return None;
@@ -687,7 +683,7 @@ impl Table {
 
     /// Marks the session failed if it is still on `backend`.
     pub(crate) fn set_failed(&self, key: &str, backend: &BackendId, failed: bool) {
-        if let Some(entry) = self.shard(key.as_bytes()).map.read().get(key.as_bytes()) {
+        if let Some(entry) = self.shard(key.as_bytes()).read().get(key.as_bytes()) {
             if &entry.backend == backend {
                 entry.failed.store(failed, Ordering::Relaxed);
             }
@@ -696,7 +692,6 @@ impl Table {
 
     pub(crate) fn remove(&self, key: &str) -> bool {
         self.shard(key.as_bytes())
-            .map
             .write()
             .remove(key.as_bytes())
             .is_some()
@@ -706,11 +701,7 @@ impl Table {
     /// `Entry::saved`), or `None` when the table did not hold it.
     #[cfg(test)]
     pub(crate) fn take(&self, key: &str) -> Option<bool> {
-        let entry = self
-            .shard(key.as_bytes())
-            .map
-            .write()
-            .remove(key.as_bytes())?;
+        let entry = self.shard(key.as_bytes()).write().remove(key.as_bytes())?;
         Some(entry.saved.into_inner())
     }
 
@@ -718,7 +709,7 @@ impl Table {
     pub(crate) fn clear(&self) -> usize {
         let mut n = 0;
         for shard in self.shards.iter() {
-            let mut map = shard.map.write();
+            let mut map = shard.write();
             n += map.len();
             map.clear();
         }
@@ -726,21 +717,21 @@ impl Table {
     }
 
     pub(crate) fn session(&self, key: &str) -> Option<Session> {
-        let map = self.shard(key.as_bytes()).map.read();
+        let map = self.shard(key.as_bytes()).read();
         let (k, entry) = map.get_key_value(key.as_bytes())?;
         Some(to_session(&k.0, entry))
     }
 
     /// The backend of session `key`.
     pub(crate) fn backend(&self, key: &str) -> Option<BackendId> {
-        let map = self.shard(key.as_bytes()).map.read();
+        let map = self.shard(key.as_bytes()).read();
         map.get(key.as_bytes()).map(|entry| entry.backend.clone())
     }
 
     /// The session `key` if its changes are saved: what refreshing its
     /// record writes.
     pub(crate) fn saved(&self, key: &str) -> Option<Session> {
-        let map = self.shard(key.as_bytes()).map.read();
+        let map = self.shard(key.as_bytes()).read();
         let (k, entry) = map.get_key_value(key.as_bytes())?;
         entry
             .saved
@@ -752,14 +743,14 @@ impl Table {
     /// request may be routed by without reading the store.
     pub(crate) fn current(&self, key: &str) -> Option<Session> {
         let now = self.now();
-        let map = self.shard(key.as_bytes()).map.read();
+        let map = self.shard(key.as_bytes()).read();
         let (k, entry) = map.get_key_value(key.as_bytes())?;
         let routable = !self.is_idle(entry, now) && !Table::is_due(entry, now);
         routable.then(|| to_session(&k.0, entry))
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|shard| shard.map.read().len()).sum()
+        self.shards.iter().map(|shard| shard.read().len()).sum()
     }
 
     /// Drops idle entries, at most once per half idle period: one shard
@@ -776,7 +767,7 @@ impl Table {
         }
         let mut expired = 0;
         for shard in self.shards.iter() {
-            let mut map = shard.map.write();
+            let mut map = shard.write();
             let before = map.len();
             map.retain(|_, e| !self.is_idle(e, now));
             expired += (before - map.len()) as u64;
