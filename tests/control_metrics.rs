@@ -652,3 +652,42 @@ async fn the_counters_of_registered_layers_are_published() {
     );
     assert_eq!(last.get("tower_ha_sticky_sessions{layer=edge}"), Some(7.0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_time_since_a_failover_goes_on_for_a_group_registered_again() {
+    let recorder = Last::default();
+    let make = || {
+        let pool = Pool::new();
+        for name in ["a", "b"] {
+            pool.insert(
+                name,
+                service_fn(move |_req: Request<()>| async move {
+                    Ok::<_, Infallible>(Response::new(name))
+                }),
+            );
+        }
+        let balance = Balance::new(pool.clone(), Priority::new("g", ["a", "b"]));
+        (pool, balance)
+    };
+    let handle = Handle::new(Events::default());
+    let (pool, balance) = make();
+    handle.add_group("g", &balance).unwrap();
+    pool.state(&"a".into())
+        .unwrap()
+        .set_health(HealthStatus::Unhealthy);
+    balance.clone().oneshot(Request::new(())).await.unwrap();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    recorder.publish(&handle);
+    let key = "tower_ha_group_seconds_since_failover{group=g}";
+    assert_eq!(recorder.get(key), Some(10.0));
+    // Registered again, freshly built (a reload): its new `Priority` has
+    // seen no failover, and the last one is still an hour and ten seconds
+    // ago an hour later.
+    handle.remove_group("g").unwrap();
+    let (_pool, balance) = make();
+    handle.add_group("g", &balance).unwrap();
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    balance.clone().oneshot(Request::new(())).await.unwrap();
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(key), Some(3610.0));
+}

@@ -33,7 +33,8 @@ impl Handle {
     /// to 0 once. Per group, labelled
     /// `group`: `tower_ha_group_failovers_total` (counter),
     /// `tower_ha_group_seconds_since_failover` (gauge, absent before the
-    /// first failover), `tower_ha_group_healthy_backends`,
+    /// first failover; a group registered again counts on from its last),
+    /// `tower_ha_group_healthy_backends`,
     /// `tower_ha_group_failed_backends` (gauges) and
     /// `tower_ha_group_primary` (a gauge labelled `group` and `backend`, 1
     /// for the current primary and 0 for the others). A group registered
@@ -84,7 +85,7 @@ impl Handle {
         let now = Instant::now();
         for group in &stats {
             publish(group, backends, &mut seen);
-            publish_failovers(group, failovers);
+            publish_failovers(group, failovers, now);
         }
         // A group no longer registered: its gauges go to zero, once.
         let registered: HashSet<&str> = stats.iter().map(|g| &*g.name).collect();
@@ -294,6 +295,9 @@ const GROUP_GAUGES: [&str; 2] = [
 pub(super) struct LastFailovers {
     priority: Option<u64>,
     failovers: u64,
+    /// When the group's last failover known to the handle happened: of
+    /// its current `Priority`, or of one it was registered with before.
+    last_at: Option<Instant>,
     /// Since when the group is no longer registered (its gauges zeroed).
     gone: Option<Instant>,
 }
@@ -398,17 +402,19 @@ fn publish(
         seen.insert(key);
     }
     let labels = [("group", name)];
-    if let Some(since) = group.since_last_failover {
-        metrics::gauge!("tower_ha_group_seconds_since_failover", &labels).set(since.as_secs_f64());
-    }
     metrics::gauge!("tower_ha_group_healthy_backends", &labels).set(group.healthy.len() as f64);
     metrics::gauge!("tower_ha_group_failed_backends", &labels).set(group.failed.len() as f64);
 }
 
 /// Publishes a group's failover counter, which only goes up: a group
 /// registered again with a new `Priority` (its count starts afresh) adds
-/// its new count.
-fn publish_failovers(group: &GroupStats, published: &mut HashMap<String, LastFailovers>) {
+/// its new count; and the time since its last failover, which the new
+/// `Priority` (that has seen none yet) does not reset either.
+fn publish_failovers(
+    group: &GroupStats,
+    published: &mut HashMap<String, LastFailovers>,
+    now: Instant,
+) {
     let labels = [("group", group.name.to_string())];
     let (last, first) = match published.entry(group.name.to_string()) {
         Entry::Occupied(entry) => (entry.into_mut(), false),
@@ -416,6 +422,7 @@ fn publish_failovers(group: &GroupStats, published: &mut HashMap<String, LastFai
             entry.insert(LastFailovers {
                 priority: group.priority,
                 failovers: 0,
+                last_at: None,
                 gone: None,
             }),
             true,
@@ -431,4 +438,11 @@ fn publish_failovers(group: &GroupStats, published: &mut HashMap<String, LastFai
         first,
         fresh,
     );
+    if let Some(since) = group.since_last_failover {
+        last.last_at = Some(now.checked_sub(since).unwrap_or(now));
+    }
+    if let Some(at) = last.last_at {
+        metrics::gauge!("tower_ha_group_seconds_since_failover", &labels)
+            .set(now.saturating_duration_since(at).as_secs_f64());
+    }
 }
