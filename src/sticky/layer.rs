@@ -161,7 +161,7 @@ impl StickyLayer {
 
     /// The most sessions the table holds (at least 1). A full table evicts
     /// its least recently used eighth; evicted sessions stay in the store.
-    /// Above 8192 the table is split into shards (at most 64) with an
+    /// From 8192 on the table is split into shards (at most 64) with an
     /// equal share each, and a full shard evicts its own eighth, so an
     /// eviction pauses only the requests of one shard.
     pub fn max_sessions(self, max: usize) -> Self {

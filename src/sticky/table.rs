@@ -2,7 +2,7 @@
 //! bound.
 //!
 //! Shards, each a `parking_lot::RwLock` around a `HashMap`: one for a
-//! table of up to 8192 sessions, else a power of two (at most 64) of at
+//! table of fewer than 8192 sessions, else a power of two (at most 64) of at
 //! least 4096 each, a key's shard picked by a seeded hash of its bytes.
 //! Keys that clients choose
 //! (headers, learned cookies, closures) are hashed with std's SipHash with
@@ -291,8 +291,8 @@ impl Hasher for KeyHash {
 
 type Map = HashMap<Key, Entry, KeyHasher>;
 
-/// The fewest sessions a shard is sized for: a table of up to twice this
-/// many is one shard.
+/// The fewest sessions a shard is sized for: a table of fewer than twice
+/// this many is one shard.
 const SHARD_SIZE: usize = 4096;
 
 /// At most `1 << MAX_SHARD_BITS` shards.
@@ -335,7 +335,7 @@ impl Table {
     /// A table whose keys are all the layer's own random session ids
     /// when `random_keys` (see [`KeyHasher`]).
     ///
-    /// A table of more than `2 * SHARD_SIZE` sessions is split into shards
+    /// A table of `2 * SHARD_SIZE` sessions or more is split into shards
     /// (a power of two, at most `1 << MAX_SHARD_BITS`), each with its own
     /// lock and an equal share of `max`, so that evicting from a full shard
     /// or sweeping it pauses only the requests of that shard, for a time
