@@ -265,11 +265,16 @@ pub(crate) fn never_sent(err: &(dyn StdError + 'static)) -> bool {
     })
 }
 
-/// `err` and its sources, in order.
+/// `err` and its sources, in order. An `io::Error` that wraps another
+/// error (`io::Error::other(e)`) is followed by that error: its own
+/// `source()` skips it, to `e.source()`.
 pub(crate) fn chain<'a>(
     err: &'a (dyn StdError + 'static),
 ) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
-    std::iter::successors(Some(err), |&e| e.source())
+    std::iter::successors(Some(err), |&e| match e.downcast_ref::<std::io::Error>() {
+        Some(io) => io.get_ref().map(|inner| inner as &(dyn StdError + 'static)),
+        None => e.source(),
+    })
 }
 
 /// Shows an error followed by its chain of sources (`outer: inner:
@@ -314,7 +319,8 @@ impl fmt::Debug for Report<'_> {
 }
 
 /// Finds the first error of type `E` in `err`'s chain of sources,
-/// starting with `err` itself.
+/// starting with `err` itself (an `io::Error` that wraps another error, as
+/// `io::Error::other(e)` does, is followed by `e`).
 ///
 /// ```
 /// use tower_ha::error::{find, BackendError, NotSent};
@@ -399,6 +405,27 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
 mod tests {
     use super::*;
     use http::StatusCode;
+
+    #[test]
+    fn errors_wrapped_in_an_io_error_are_found() {
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let wrapped = std::io::Error::other(NotSent::new(refused()));
+        assert!(find::<NotSent>(&wrapped).is_some());
+        assert!(never_sent(&wrapped));
+        let err = BackendError::new("a".into(), std::io::Error::other(refused()));
+        assert!(err.is_not_sent());
+        // A request's own fault, however wrapped: not the backend's.
+        let invalid = std::io::Error::other(InvalidRequest::new("bad"));
+        let err = BackendError::new("a".into(), invalid);
+        assert_eq!(gateway_status(&err), StatusCode::BAD_REQUEST);
+        // The wrapped error's own sources follow it.
+        let deeper = std::io::Error::other(BackendError::new("b".into(), NotSent::new(refused())));
+        assert!(find::<NotSent>(&deeper).is_some());
+        assert_eq!(
+            Report(&deeper).to_string(),
+            "backend b failed before the request was sent: request not sent: connection refused"
+        );
+    }
 
     #[test]
     fn a_report_shows_each_cause_once() {

@@ -408,7 +408,9 @@ fn hash_ip(ip: IpAddr) -> u64 {
 }
 
 /// A key computed by a closure from the request head; any `Hash` value
-/// works (`None` means "no key").
+/// works (`None` means "no key"). Its integers are hashed little-endian at
+/// a fixed width (`usize` as 64 bits), so replicas on machines of another
+/// byte order or word size map a key alike.
 ///
 /// ```
 /// use tower_ha::key::{self, RequestHead, RequestKey};
@@ -450,9 +452,50 @@ where
 {
     fn key(&self, head: &RequestHead<'_>) -> Option<u64> {
         let value = (self.f)(head)?;
-        let mut hasher = XxHash3_64::with_seed(0);
+        let mut hasher = Portable(XxHash3_64::with_seed(0));
         value.hash(&mut hasher);
         Some(hasher.finish())
+    }
+}
+
+/// A hasher that writes integers little-endian at a fixed width, where
+/// `Hasher`'s defaults write them in the machine's byte order and word
+/// size.
+struct Portable(XxHash3_64);
+
+macro_rules! portable_writes {
+    ($($name:ident: $t:ty => $as:ty),* $(,)?) => {
+        $(
+            #[inline]
+            fn $name(&mut self, n: $t) {
+                self.0.write(&(n as $as).to_le_bytes());
+            }
+        )*
+    };
+}
+
+impl Hasher for Portable {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(bytes);
+    }
+
+    portable_writes! {
+        write_u16: u16 => u16,
+        write_u32: u32 => u32,
+        write_u64: u64 => u64,
+        write_u128: u128 => u128,
+        write_usize: usize => u64,
+        write_i16: i16 => i16,
+        write_i32: i32 => i32,
+        write_i64: i64 => i64,
+        write_i128: i128 => i128,
+        write_isize: isize => i64,
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0.finish()
     }
 }
 
@@ -460,6 +503,30 @@ where
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+
+    /// The hash of a closure's value is the same on every machine: its
+    /// integers go in little-endian at a fixed width.
+    #[test]
+    fn a_closures_integers_hash_alike_on_every_machine() {
+        let req = http::Request::new(());
+        let head = RequestHead::from(&req);
+        let xxh3 = |bytes: &[u8]| {
+            let mut hasher = XxHash3_64::with_seed(0);
+            hasher.write(bytes);
+            hasher.finish()
+        };
+        let key = |k: &dyn RequestKey| k.key(&head).unwrap();
+        assert_eq!(key(&from_fn(|_| Some(0x0102_0304u32))), xxh3(&[4, 3, 2, 1]));
+        assert_eq!(key(&from_fn(|_| Some(7usize))), xxh3(&7u64.to_le_bytes()));
+        assert_eq!(
+            key(&from_fn(|_| Some(-2isize))),
+            xxh3(&(-2i64).to_le_bytes())
+        );
+        // A pair: each part in turn.
+        let mut both = 1u16.to_le_bytes().to_vec();
+        both.extend(2u64.to_le_bytes());
+        assert_eq!(key(&from_fn(|_| Some((1u16, 2u64)))), xxh3(&both));
+    }
 
     /// Names outside the token set that browsers still send (PHP's
     /// array cookies, say) are matched; one with `=` never is.
