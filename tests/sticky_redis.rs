@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 
 use http::{Request, Response};
 use support::redis_server::RedisServer;
-use support::wait::bounded_real;
+use support::wait::{bounded_real, spin_until};
 use tokio::time::{sleep, Instant};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{BalanceLayer, RoundRobin};
@@ -23,6 +23,10 @@ use tower_ha::store::{RedisStore, Session, SessionStore};
 use tower_ha::{BoxError, HealthStatus, Pool};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
+
+/// Backends for a replica that needs more than three (two of which may be
+/// unhealthy without putting the pool in panic).
+const MORE_NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
 
 type Backend = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
 type Stack = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
@@ -51,6 +55,10 @@ struct Options {
     follow_moves: bool,
     /// How long the restore hook takes.
     restore_takes: Duration,
+    /// The backends.
+    names: &'static [&'static str],
+    /// The layer's saves wait until this says `true`.
+    saves_wait_for: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Default for Options {
@@ -58,13 +66,44 @@ impl Default for Options {
         Options {
             follow_moves: true,
             restore_takes: Duration::ZERO,
+            names: &NAMES,
+            saves_wait_for: None,
         }
+    }
+}
+
+/// A store whose saves wait until they may go.
+#[derive(Clone)]
+struct HeldSaves {
+    inner: RedisStore,
+    go: tokio::sync::watch::Receiver<bool>,
+}
+
+impl SessionStore for HeldSaves {
+    fn load_all(&self) -> tower_ha::store::StoreFuture<'_, tower_ha::store::Loaded> {
+        self.inner.load_all()
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> tower_ha::store::StoreFuture<'a, Option<Session>> {
+        self.inner.load(key)
+    }
+
+    fn save<'a>(&'a self, session: &'a Session) -> tower_ha::store::StoreFuture<'a, ()> {
+        let mut go = self.go.clone();
+        Box::pin(async move {
+            let _ = go.wait_for(|go| *go).await;
+            self.inner.save(session).await
+        })
+    }
+
+    fn delete<'a>(&'a self, keys: &'a [String]) -> tower_ha::store::StoreFuture<'a, ()> {
+        self.inner.delete(keys)
     }
 }
 
 async fn replica(server: &RedisServer, options: Options) -> Replica {
     let pool = Pool::new();
-    for name in NAMES {
+    for &name in options.names {
         pool.insert(name, backend(name));
     }
     let store = RedisStore::builder(server.url())
@@ -76,8 +115,15 @@ async fn replica(server: &RedisServer, options: Options) -> Replica {
     let restores: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let counted = restores.clone();
     let takes = options.restore_takes;
-    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
+    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"));
+    let layer = match options.saves_wait_for {
+        Some(go) => layer.store(HeldSaves {
+            inner: store.clone(),
+            go,
+        }),
+        None => layer.store(store.clone()),
+    };
+    let layer = layer
         .hydrate(store.clone())
         .on_restore(move |session: Session| {
             let counted = counted.clone();
@@ -312,6 +358,7 @@ async fn a_restore_goes_on_when_its_client_leaves_and_releases_its_lease() {
         Options {
             restore_takes: Duration::from_millis(300),
             follow_moves: false,
+            ..Options::default()
         },
     )
     .await;
@@ -399,4 +446,106 @@ async fn a_redis_restart_keeps_serving_and_loses_nothing_acknowledged() {
         fresh.load("after").await.unwrap().unwrap().backend.as_str(),
         after
     );
+}
+
+/// A replica reads a session's record only once its own writes of it have
+/// landed. Read before, the record would be older than its own change,
+/// whose notice it does not hear: it would route the session elsewhere
+/// than the other replicas, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reads_a_record_only_once_its_own_writes_of_it_landed() {
+    let server = RedisServer::start();
+    let more = || Options {
+        names: &MORE_NAMES,
+        ..Options::default()
+    };
+    let a = replica(&server, more()).await;
+    let (go, saves) = tokio::sync::watch::channel(true);
+    let b = replica(
+        &server,
+        Options {
+            saves_wait_for: Some(saves),
+            ..more()
+        },
+    )
+    .await;
+    let home = a.send("s").await;
+    assert_eq!(b.send("s").await, home);
+
+    // B moves the session off its dead backend; its save waits.
+    go.send_replace(false);
+    b.set_health(&home, HealthStatus::Unhealthy);
+    let send = |replica: &Replica| {
+        let svc = replica.svc.clone();
+        let req = Request::builder()
+            .header("x-session-id", "s")
+            .body(())
+            .unwrap();
+        tokio::spawn(async move { svc.oneshot(req).await.unwrap().into_body() })
+    };
+    let moving = send(&b);
+    spin_until("B moves the session", || {
+        b.layer
+            .session("s")
+            .is_some_and(|s| s.backend.as_str() != home)
+    })
+    .await;
+    let x = b.layer.session("s").unwrap().backend.to_string();
+    // Meanwhile A moves it elsewhere (y), and B forgets it on A's notice.
+    a.set_health(&home, HealthStatus::Unhealthy);
+    a.set_health(&x, HealthStatus::Unhealthy);
+    let y = a.send("s").await;
+    assert!(y != x && y != home);
+    b.until_forgotten("s").await;
+
+    // B's next request waits for B's own save before it reads the record.
+    let next = send(&b);
+    sleep(Duration::from_millis(200)).await;
+    assert!(
+        !next.is_finished(),
+        "read the record before this replica's own save of it landed"
+    );
+    go.send_replace(true);
+    assert_eq!(bounded_real("the move", moving).await.unwrap(), x);
+    assert_eq!(bounded_real("the next request", next).await.unwrap(), x);
+    // A follows B's move, the last one: both route the session alike.
+    a.until_forgotten("s").await;
+    a.set_health(&x, HealthStatus::Healthy);
+    assert_eq!(a.send("s").await, x);
+    assert_eq!(b.send("s").await, x);
+}
+
+/// A session whose record is deleted while this replica waits for the
+/// lock to restore it is not restored: the replica that wins the lock
+/// finds no record when it reads it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_before_its_lock_is_had_is_not_restored() {
+    let server = RedisServer::start();
+    let a = replica(&server, Options::default()).await;
+    let other = RedisStore::builder(server.url()).build().await.unwrap();
+    other
+        .save(&Session::new("kernel", NAMES[1].into()))
+        .await
+        .unwrap();
+    // Another replica takes the lock and dies holding it: it expires in
+    // three seconds.
+    let dead = other
+        .try_lease("kernel", Duration::from_secs(3))
+        .await
+        .unwrap()
+        .unwrap();
+    std::mem::forget(dead);
+    let svc = a.svc.clone();
+    let req = Request::builder()
+        .header("x-session-id", "kernel")
+        .body(())
+        .unwrap();
+    let waiting = tokio::spawn(async move { svc.oneshot(req).await.unwrap().into_body() });
+    // It read the record, and waits for the lock.
+    spin_until("the record is read", || a.layer.stats().loaded >= 1).await;
+    // The session ends (a logout through another replica).
+    other.delete(&["kernel".into()]).await.unwrap();
+    bounded_real("the request", waiting).await.unwrap();
+    assert_eq!(a.restores.lock().get("kernel").copied().unwrap_or(0), 0);
+    assert_eq!(a.layer.stats().hydrated, 0);
 }

@@ -789,11 +789,8 @@ impl Shared {
             let stored = if cell.stale.load(std::sync::atomic::Ordering::Acquire) {
                 // Moved on another replica while it was read (restored
                 // there already), or ended here: route by the record as it
-                // is once the writes decided for it so far have landed
-                // (an ended session's delete among them).
-                if let Some(done) = Writes::behind(&shared, &key) {
-                    let _ = landed(done).await;
-                }
+                // is now (read once this instance's writes of it have
+                // landed, an ended session's delete among them).
                 shared.read(&store, &key, None).await
             } else {
                 stored
@@ -876,6 +873,13 @@ impl Shared {
         key: &str,
         restore: Option<&Cell>,
     ) -> Stored {
+        // Once the writes of the key this instance has queued have landed
+        // (a slow save of a move, say): read before, the record would be
+        // older than this instance's own change, whose notice it does not
+        // hear, and would leave it behind the other replicas for good.
+        if let Some(done) = Writes::behind(self, key) {
+            let _ = landed(done).await;
+        }
         bump(&self.counters.loaded, 1);
         let session = match store.load(key).await {
             Ok(Some(session)) if *session.key != *key => {
@@ -911,17 +915,20 @@ impl Shared {
                 let fallback = session.clone();
                 let restoring = async move {
                     let Task { shared, cell, .. } = &task;
-                    let session = shared.hydrate(&*store, &*lock, &hook, session, cell).await;
-                    shared.remember_unless_stale(&Stored::Found(session.clone()), cell);
-                    session
+                    let stored = match shared.hydrate(&*store, &*lock, &hook, session, cell).await {
+                        Some(session) => Stored::Found(session),
+                        None => Stored::Absent,
+                    };
+                    shared.remember_unless_stale(&stored, cell);
+                    stored
                 };
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                    return Stored::Found(restoring.await);
+                    return restoring.await;
                 };
-                Stored::Found(runtime.spawn(restoring).await.unwrap_or_else(|error| {
+                runtime.spawn(restoring).await.unwrap_or_else(|error| {
                     tracing::warn!(target: TARGET, session = %fallback.key, error = %crate::error::Report(&error), "session restore panicked; its record is kept");
-                    fallback
-                }))
+                    Stored::Found(fallback)
+                })
             }
             (Some(session), _, _, _) => Stored::Found(session),
             (None, _, _, _) => Stored::Absent,
@@ -942,7 +949,9 @@ impl Shared {
     /// time: the instance that takes `lock` re-reads the record and runs
     /// the `on_restore` hook; the others wait for it and take the record
     /// as it left it. The session is routed to its stored backend either
-    /// way; a hook or lock failure is logged and keeps the record.
+    /// way; a hook or lock failure is logged and keeps the record. `None`
+    /// when the record is gone by the time the lock is had (the session
+    /// ended meanwhile): nothing is restored.
     async fn hydrate(
         &self,
         store: &dyn SessionStore,
@@ -950,22 +959,29 @@ impl Shared {
         hook: &OnRestore,
         loaded: Session,
         cell: &Cell,
-    ) -> Session {
+    ) -> Option<Session> {
         let key = loaded.key.clone();
         let reread = |fallback: Session| async move {
             match store.load(&key).await {
-                Ok(Some(s)) if s.key == key => s,
-                Ok(_) => fallback,
+                Ok(Some(s)) if s.key == key => Some(s),
+                Ok(Some(_)) => Some(fallback),
+                Ok(None) => None,
                 Err(error) => {
                     self.store_error(&key, "load", &error);
-                    fallback
+                    Some(fallback)
                 }
             }
         };
         match lock.lock(&loaded.key).await {
             Ok(Some(guard)) => {
                 let held = Held(Some(guard));
-                let session = reread(loaded).await;
+                let key = loaded.key.clone();
+                let Some(session) = reread(loaded).await else {
+                    if let Err(error) = held.release().await {
+                        self.store_error(&key, "unlock", &error);
+                    }
+                    return None;
+                };
                 match self.run_restore_hook(hook, session.clone()).await {
                     Ok(()) => bump(&self.counters.hydrated, 1),
                     Err(error) => tracing::warn!(
@@ -983,12 +999,12 @@ impl Shared {
                 if let Err(error) = held.release().await {
                     self.store_error(&session.key, "unlock", &error);
                 }
-                session
+                Some(session)
             }
             Ok(None) => reread(loaded).await,
             Err(error) => {
                 self.store_error(&loaded.key, "lock", &error);
-                loaded
+                Some(loaded)
             }
         }
     }

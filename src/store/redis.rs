@@ -449,7 +449,9 @@ impl RedisStore {
 
 impl RedisStoreBuilder {
     /// The prefix of every key and channel (default `tower-ha:`), so
-    /// several applications can share one Redis database.
+    /// several applications can share one Redis database. No prefix may
+    /// begin another's (`app:` and `app:s:`): the keys of the one would be
+    /// among the other's.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
