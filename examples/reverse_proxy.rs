@@ -57,13 +57,14 @@ struct Options {
     listen: SocketAddr,
     workers: usize,
     strategy: String,
-    hash_key: String,
+    hash_key: Option<String>,
     sticky: Option<String>,
     max_in_flight: Option<usize>,
     queue: (usize, Duration),
     health: bool,
     health_path: Option<HttpProbe<Body>>,
     probe_interval: Duration,
+    probe_timeout: Duration,
     per_try_timeout: Option<Duration>,
     deadline: Option<Duration>,
     header_read_timeout: Option<Duration>,
@@ -72,12 +73,13 @@ struct Options {
 }
 
 const HELP: &str = "\
-usage: reverse_proxy [FLAGS] BACKEND_URL...
+usage: reverse_proxy [FLAGS] BACKEND_URL[,weight=N]...
 
   --listen ADDR            listen there (default 127.0.0.1:8080)
-  --workers N              runtime worker threads (default 1)
+  --workers N              runtime worker threads (default 1, at most 1024)
   --strategy NAME          round-robin (default), random, least-request,
-                           weighted, ring or maglev
+                           weighted (by each backend's ,weight=N; default
+                           1), ring or maglev
   --hash-key KEY           for ring and maglev: header:NAME, cookie:NAME,
                            client-ip (default: the address of the peer this
                            proxy accepted) or forwarded-for:N (behind N
@@ -100,6 +102,7 @@ usage: reverse_proxy [FLAGS] BACKEND_URL...
   --health-path PATH       probe each backend with GET PATH through its own
                            client, passing on a 2xx (default: a TCP connect)
   --probe-interval MS      between probes (default 500)
+  --probe-timeout MS       a probe that takes longer fails (default 1000)
   --no-health              no passive ejection and no probes
   --per-try-timeout MS     gives up on a backend whose response head has not
                            come within MS ms and tries the next (default
@@ -111,8 +114,10 @@ usage: reverse_proxy [FLAGS] BACKEND_URL...
                            whole request head within MS ms, an idle kept-alive
                            one included (default 30000; 0 for none)
   --drain MS               on SIGINT or SIGTERM: stops accepting, lets each
-                           connection finish its request, exits when none is
-                           left or after MS ms (default 10000)
+                           connection finish its request and each WebSocket
+                           (or other upgraded) tunnel end, exits when none is
+                           left or after MS ms (default 10000); a second
+                           signal exits at once
   -h, --help               this
 
 The per-try timeout and the deadline count from the call, the upload of a
@@ -135,13 +140,14 @@ fn options() -> Options {
         listen: "127.0.0.1:8080".parse().unwrap(),
         workers: 1,
         strategy: "round-robin".into(),
-        hash_key: "client-ip".into(),
+        hash_key: None,
         sticky: None,
         max_in_flight: None,
         queue: (0, Duration::ZERO),
         health: true,
         health_path: None,
         probe_interval: Duration::from_millis(500),
+        probe_timeout: Duration::from_secs(1),
         per_try_timeout: Some(Duration::from_secs(15)),
         deadline: Some(Duration::from_secs(30)),
         header_read_timeout: Some(Duration::from_secs(30)),
@@ -171,11 +177,11 @@ fn options() -> Options {
                 o.workers = value("--workers")
                     .parse()
                     .ok()
-                    .filter(|&n| n > 0)
-                    .unwrap_or_else(|| usage("bad --workers"))
+                    .filter(|n| (1..=1024).contains(n))
+                    .unwrap_or_else(|| usage("bad --workers (want 1 to 1024)"))
             }
             "--strategy" => o.strategy = value("--strategy"),
-            "--hash-key" => o.hash_key = value("--hash-key"),
+            "--hash-key" => o.hash_key = Some(value("--hash-key")),
             "--sticky" => o.sticky = Some(value("--sticky")),
             "--max-in-flight" => {
                 let n = value("--max-in-flight")
@@ -196,6 +202,12 @@ fn options() -> Options {
                     .parse()
                     .unwrap_or_else(|_| usage("bad --probe-interval"));
                 o.probe_interval = Duration::from_millis(ms.max(1));
+            }
+            "--probe-timeout" => {
+                let ms: u64 = value("--probe-timeout")
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --probe-timeout"));
+                o.probe_timeout = Duration::from_millis(ms.max(1));
             }
             "--per-try-timeout" => {
                 o.per_try_timeout = millis(value("--per-try-timeout"), "--per-try-timeout")
@@ -226,6 +238,12 @@ fn options() -> Options {
     }
     if !o.health && o.health_path.is_some() {
         usage("--health-path with --no-health: no probe would use it");
+    }
+    if o.queue.0 > 0 && o.max_in_flight.is_none() {
+        usage("--queue without --max-in-flight: no backend is ever full");
+    }
+    if o.hash_key.is_some() && !matches!(o.strategy.as_str(), "ring" | "maglev") {
+        usage("--hash-key is for --strategy ring or maglev");
     }
     o
 }
@@ -304,7 +322,7 @@ fn session_key(spec: &str) -> SessionKey {
 }
 
 async fn run(o: Options) {
-    let key = hash_key(&o.hash_key);
+    let key = hash_key(o.hash_key.as_deref().unwrap_or("client-ip"));
     match o.strategy.as_str() {
         "round-robin" => serve(o, RoundRobin::new()).await,
         "random" => serve(o, Random::new()).await,
@@ -321,9 +339,17 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     let passive = HealthLayer::new();
     let pool = Pool::new();
     let mut addresses = Vec::new();
-    for url in &o.backends {
-        let backend =
-            HttpBackend::new(&client, url.as_str()).unwrap_or_else(|e| usage(&e.to_string()));
+    for spec in &o.backends {
+        let (url, weight) = match spec.split_once(",weight=") {
+            Some((url, weight)) => match weight.parse::<u32>() {
+                Ok(weight) if weight > 0 => (url, weight),
+                _ => usage(&format!(
+                    "bad weight in {spec} (want a whole number above 0)"
+                )),
+            },
+            None => (spec.as_str(), 1),
+        };
+        let backend = HttpBackend::new(&client, url).unwrap_or_else(|e| usage(&e.to_string()));
         // `HttpBackend::new` accepted it: an http:// URI with a host, and a
         // port that is a number from 0 to 65535 when it has one.
         let uri: http::Uri = url.parse().expect("a valid backend URI");
@@ -344,23 +370,24 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         } else {
             HealthLayer::new().consecutive_failures(u32::MAX)
         };
-        pool.insert(
+        pool.insert_weighted(
             authority,
             ServiceBuilder::new().layer(layer).service(backend),
+            weight,
         );
         if let Some(state) = pool.state(&authority.into()) {
             state.set_max_in_flight(o.max_in_flight);
         }
         addresses.push((authority.to_owned(), addr));
     }
-    fn start<S, P>(checker: HealthChecker<S, P>, interval: Duration) -> CheckerHandle
+    fn start<S, P>(checker: HealthChecker<S, P>, o: &Options) -> CheckerHandle
     where
         S: Clone + Send + Sync + 'static,
         P: Probe<S>,
     {
         checker
-            .interval(interval)
-            .timeout(interval)
+            .interval(o.probe_interval)
+            .timeout(o.probe_timeout)
             .rise(2)
             .fall(2)
             .spawn()
@@ -368,10 +395,10 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     // A GET of --health-path through each backend's own client, else a
     // TCP connect to its address.
     let _checker = o.health.then(|| match o.health_path.clone() {
-        Some(probe) => start(HealthChecker::new(pool.clone(), probe), o.probe_interval),
+        Some(probe) => start(HealthChecker::new(pool.clone(), probe), &o),
         None => start(
             HealthChecker::new(pool.clone(), TcpProbe::from_map(addresses)),
-            o.probe_interval,
+            &o,
         ),
     });
 
@@ -389,14 +416,15 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     let stack = ServiceBuilder::new()
         .layer(BufferBodyLayer::new())
         .layer(failover)
-        .service(Balance::new(pool, strategy).queue(o.queue.0, o.queue.1));
+        .service(Balance::new(pool.clone(), strategy).queue(o.queue.0, o.queue.1));
 
     let listener = TcpListener::bind(o.listen)
         .await
         .unwrap_or_else(|e| usage(&format!("cannot listen on {}: {e}", o.listen)));
+    let listening = listener.local_addr().unwrap_or(o.listen);
     eprintln!(
         "proxying {} to {} backend(s) with {}{}",
-        o.listen,
+        listening,
         o.backends.len(),
         o.strategy,
         o.sticky
@@ -419,15 +447,39 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     // the last one ends.
     let _ = stop.send(true);
     let open = stop.receiver_count() / 2;
+    // A tunnel (a WebSocket, once its connection switched protocols) has
+    // left its connection's task, and counts as in flight on its backend
+    // until it closes.
+    let in_flight = || -> usize {
+        let snapshot = pool.snapshot();
+        snapshot
+            .members()
+            .iter()
+            .map(|m| m.state().in_flight())
+            .sum()
+    };
     eprintln!(
-        "stopping: {open} connection(s) open, waiting at most {:?}",
+        "stopping: {open} connection(s) and {} request(s) or tunnel(s) open, waiting at most {:?}",
+        in_flight(),
         o.drain
     );
-    if tokio::time::timeout(o.drain, stop.closed()).await.is_err() {
-        eprintln!(
-            "{} connection(s) still open, closed",
-            stop.receiver_count() / 2
-        );
+    let drained = async {
+        let _ = stop.closed().await;
+        while in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        ended = tokio::time::timeout(o.drain, drained) => {
+            if ended.is_err() {
+                eprintln!(
+                    "{} connection(s) and {} request(s) or tunnel(s) still open, closed",
+                    stop.receiver_count() / 2,
+                    in_flight()
+                );
+            }
+        }
+        _ = stop_signal() => eprintln!("a second signal: closed at once"),
     }
 }
 
