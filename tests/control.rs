@@ -1233,12 +1233,8 @@ mod actions_and_membership {
     use super::*;
     use tower_ha::balance::RoundRobin;
 
-    type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<String>, BoxError>;
-
-    fn named(name: &'static str) -> Svc {
-        Svc::new(service_fn(move |_req: Request<()>| async move {
-            Ok::<_, BoxError>(Response::new(name.to_owned()))
-        }))
+    fn backend(name: &'static str) -> Svc {
+        named(name, Duration::ZERO)
     }
 
     fn admin_changes(events: &Events) -> Vec<String> {
@@ -1259,10 +1255,7 @@ mod actions_and_membership {
 
     #[tokio::test]
     async fn a_backend_added_to_another_group_takes_its_ids_status() {
-        let (one, two) = (Pool::new(), Pool::<Svc>::new());
-        one.insert("x", named("x"));
-        one.insert("y", named("y"));
-        two.insert("z", named("z"));
+        let (one, two) = (pool_of(&["x", "y"]), pool_of(&["z"]));
         let second = Balance::new(two.clone(), RoundRobin::new());
         let handle = Handle::new(Events::default());
         handle
@@ -1270,29 +1263,24 @@ mod actions_and_membership {
             .unwrap();
         handle.add_group("two", &second).unwrap();
         handle.disable(&"x".into()).unwrap();
-        handle.add_backend("two", "x", named("x")).unwrap();
+        handle.add_backend("two", "x", backend("x")).unwrap();
         assert_eq!(
             two.state(&"x".into()).unwrap().admin(),
             AdminStatus::Disabled
         );
         for _ in 0..4 {
-            let served = second.clone().oneshot(Request::new(())).await.unwrap();
-            assert_eq!(served.into_body(), "z");
+            assert_eq!(serve(&second).await, "z");
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_drain_deadline_disables_the_backends_the_groups_hold_then() {
-        let pool = Pool::new();
-        for id in ["a", "b"] {
-            pool.insert(id, named(id));
-        }
+        let pool = pool_of(&["a", "b"]);
         let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(10)));
         handle
             .add_group("g", &Balance::new(pool.clone(), RoundRobin::new()))
             .unwrap();
-        let other = Pool::new();
-        other.insert("c", named("c"));
+        let other = pool_of(&["c"]);
         handle
             .add_group("h", &Balance::new(other.clone(), RoundRobin::new()))
             .unwrap();
@@ -1300,7 +1288,7 @@ mod actions_and_membership {
         // Removed outside the handle and back with a new state (a checker's
         // removal, then a discovery): not the backend that was drained.
         pool.remove(&"a".into());
-        pool.insert("a", named("a"));
+        pool.insert("a", backend("a"));
         tokio::time::sleep(Duration::from_secs(11)).await;
         assert_eq!(
             pool.state(&"a".into()).unwrap().admin(),
@@ -1314,7 +1302,7 @@ mod actions_and_membership {
         // Added to another group while it drains: disabled with the rest
         // at the deadline.
         handle.drain(&"b".into()).unwrap();
-        handle.add_backend("h", "b", named("b")).unwrap();
+        handle.add_backend("h", "b", backend("b")).unwrap();
         assert_eq!(
             other.state(&"b".into()).unwrap().admin(),
             AdminStatus::Draining
@@ -1332,10 +1320,7 @@ mod actions_and_membership {
 
     #[tokio::test(start_paused = true)]
     async fn draining_again_does_not_put_the_deadline_off() {
-        let pool = Pool::new();
-        for id in ["a", "b"] {
-            pool.insert(id, named(id));
-        }
+        let pool = pool_of(&["a", "b"]);
         let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(30)));
         handle
             .add_group("g", &Balance::new(pool.clone(), RoundRobin::new()))
@@ -1369,27 +1354,19 @@ mod actions_and_membership {
 
     #[tokio::test]
     async fn a_forced_primary_stays_forced_while_nothing_is_available() {
-        let pool = Pool::new();
-        for id in ["a", "b"] {
-            pool.insert(id, named(id));
-        }
+        let pool = pool_of(&["a", "b"]);
         let balance = Balance::new(pool.clone(), Priority::new("g", ["a", "b"]));
         let handle = Handle::new(Events::default());
         handle.add_group("g", &balance).unwrap();
         handle.force_primary("g", &"b".into()).unwrap();
         for id in ["a", "b"] {
-            pool.state(&id.into())
-                .unwrap()
-                .set_health(HealthStatus::Unhealthy);
+            set_health(&pool, id, HealthStatus::Unhealthy);
         }
         let _ = balance.clone().oneshot(Request::new(())).await;
         for id in ["a", "b"] {
-            pool.state(&id.into())
-                .unwrap()
-                .set_health(HealthStatus::Healthy);
+            set_health(&pool, id, HealthStatus::Healthy);
         }
-        let served = balance.clone().oneshot(Request::new(())).await.unwrap();
-        assert_eq!(served.into_body(), "b");
+        assert_eq!(serve(&balance).await, "b");
         let stats = handle.group_stats("g").unwrap();
         assert_eq!(stats.forced_primary.as_ref().map(|b| b.as_str()), Some("b"));
     }

@@ -1004,13 +1004,15 @@ async fn a_full_table_evicts_least_recently_used_which_stay_in_the_store() {
 }
 
 /// A store that counts loads and holds each load's answer (read at once)
-/// until released, counting the loads waiting to be.
+/// until released, counting the loads waiting to be; and holds deletes
+/// while `deletes` has no permit (it has plenty unless a test says).
 #[derive(Clone)]
 struct SlowStore {
     inner: MemoryStore,
     loads: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
     gate: Arc<tokio::sync::Semaphore>,
+    deletes: Arc<tokio::sync::Semaphore>,
 }
 
 impl SlowStore {
@@ -1026,6 +1028,9 @@ impl SlowStore {
             loads: Arc::new(AtomicUsize::new(0)),
             waiting: Arc::new(AtomicUsize::new(0)),
             gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            deletes: Arc::new(tokio::sync::Semaphore::new(
+                tokio::sync::Semaphore::MAX_PERMITS,
+            )),
         };
         (inner, slow)
     }
@@ -1057,7 +1062,10 @@ impl SessionStore for SlowStore {
         self.inner.save(session)
     }
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
-        self.inner.delete(keys)
+        Box::pin(async move {
+            let _permit = self.deletes.acquire().await.unwrap();
+            self.inner.delete(keys).await
+        })
     }
 }
 
@@ -2975,64 +2983,15 @@ async fn a_restore_dropped_part_way_leaves_its_records_to_a_later_one() {
     }
 }
 
-/// Loads read at once and answer when `load_gate` lets them; deletes wait
-/// for `delete_gate` before they land.
-#[derive(Clone)]
-struct GatedStore {
-    inner: MemoryStore,
-    loads: Arc<AtomicUsize>,
-    waiting: Arc<AtomicUsize>,
-    load_gate: Arc<tokio::sync::Semaphore>,
-    delete_gate: Arc<tokio::sync::Semaphore>,
-}
-
-impl SessionStore for GatedStore {
-    fn load_all(&self) -> StoreFuture<'_, Loaded> {
-        self.inner.load_all()
-    }
-    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
-        self.loads.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async move {
-            let answer = self.inner.load(key).await;
-            self.waiting.fetch_add(1, Ordering::SeqCst);
-            self.load_gate.acquire().await.unwrap().forget();
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            answer
-        })
-    }
-    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
-        self.inner.save(session)
-    }
-    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            self.delete_gate.acquire().await.unwrap().forget();
-            self.inner.delete(keys).await
-        })
-    }
-}
-
 #[tokio::test]
 async fn a_removed_session_does_not_come_back_through_a_read_made_before_its_delete() {
     let c = cluster();
-    let inner = MemoryStore::new();
-    inner
-        .save(&Session::new("kernel-1", "c".into()))
-        .await
-        .unwrap();
-    let store = GatedStore {
-        inner: inner.clone(),
-        loads: Arc::new(AtomicUsize::new(0)),
-        waiting: Arc::new(AtomicUsize::new(0)),
-        load_gate: Arc::new(tokio::sync::Semaphore::new(0)),
-        delete_gate: Arc::new(tokio::sync::Semaphore::new(0)),
-    };
+    let (inner, mut store) = SlowStore::holding("kernel-1", "c").await;
+    store.deletes = Arc::new(tokio::sync::Semaphore::new(0));
     let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
     // A request reads the record; its answer is held.
     let pending = tokio::spawn(send_owned(svc.clone(), session("kernel-1")));
-    spin_until("first load held", || {
-        store.waiting.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    store.until_held().await;
     // The session is ended: forgotten (the load marked stale), delete queued.
     let remover = {
         let layer = layer.clone();
@@ -3043,19 +3002,21 @@ async fn a_removed_session_does_not_come_back_through_a_read_made_before_its_del
     }
     // The first answer comes, stale: the request reads the record again,
     // but only once the delete has landed.
-    store.load_gate.add_permits(1);
+    store.gate.add_permits(1);
     for _ in 0..20 {
         tokio::task::yield_now().await;
     }
+    // Its permit back: the next load is held again.
+    store.gate.acquire().await.unwrap().forget();
     assert_eq!(
         store.loads.load(Ordering::SeqCst),
         1,
         "read before the delete landed"
     );
-    store.delete_gate.add_permits(100);
+    store.deletes.add_permits(1);
     remover.await.unwrap().unwrap();
     assert!(inner.load("kernel-1").await.unwrap().is_none(), "deleted");
-    store.load_gate.add_permits(100);
+    store.gate.add_permits(1);
     let served = pending.await.unwrap().unwrap().into_body();
     assert_eq!(store.loads.load(Ordering::SeqCst), 2);
     // It found no record: a new session started where it was served, and
