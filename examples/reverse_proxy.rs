@@ -464,7 +464,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         o.drain
     );
     let drained = async {
-        let _ = stop.closed().await;
+        stop.closed().await;
         while in_flight() > 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -961,49 +961,46 @@ impl Shared {
         cell: &Cell,
     ) -> Option<Session> {
         let key = loaded.key.clone();
+        let key = key.as_str();
         let reread = |fallback: Session| async move {
-            match store.load(&key).await {
+            match store.load(key).await {
                 Ok(Some(s)) if s.key == key => Some(s),
                 Ok(Some(_)) => Some(fallback),
                 Ok(None) => None,
                 Err(error) => {
-                    self.store_error(&key, "load", &error);
+                    self.store_error(key, "load", &error);
                     Some(fallback)
                 }
             }
         };
-        match lock.lock(&loaded.key).await {
+        match lock.lock(key).await {
             Ok(Some(guard)) => {
                 let held = Held(Some(guard));
-                let key = loaded.key.clone();
-                let Some(session) = reread(loaded).await else {
-                    if let Err(error) = held.release().await {
-                        self.store_error(&key, "unlock", &error);
+                let restored = reread(loaded).await;
+                if let Some(session) = &restored {
+                    match self.run_restore_hook(hook, session.clone()).await {
+                        Ok(()) => bump(&self.counters.hydrated, 1),
+                        Err(error) => tracing::warn!(
+                            target: TARGET,
+                            session = %session.key,
+                            backend = %session.backend,
+                            error = %crate::error::Report(&*error),
+                            "session restore failed; its record is kept"
+                        ),
                     }
-                    return None;
-                };
-                match self.run_restore_hook(hook, session.clone()).await {
-                    Ok(()) => bump(&self.counters.hydrated, 1),
-                    Err(error) => tracing::warn!(
-                        target: TARGET,
-                        session = %session.key,
-                        backend = %session.backend,
-                        error = %crate::error::Report(&*error),
-                        "session restore failed; its record is kept"
-                    ),
+                    // Known here before the lock says the restore is done,
+                    // so that this instance's next request for it does not
+                    // restore it again.
+                    self.remember_unless_stale(&Stored::Found(session.clone()), cell);
                 }
-                // Known here before the lock says the restore is done, so
-                // that this instance's next request for it does not
-                // restore it again.
-                self.remember_unless_stale(&Stored::Found(session.clone()), cell);
                 if let Err(error) = held.release().await {
-                    self.store_error(&session.key, "unlock", &error);
+                    self.store_error(key, "unlock", &error);
                 }
-                Some(session)
+                restored
             }
             Ok(None) => reread(loaded).await,
             Err(error) => {
-                self.store_error(&loaded.key, "lock", &error);
+                self.store_error(key, "lock", &error);
                 Some(loaded)
             }
         }

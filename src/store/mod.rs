@@ -77,18 +77,17 @@ fn check_depth(session: &Session) -> Result<(), StoreError> {
     // the stack of a recursive walk.
     let mut stack = vec![(&session.data, 0)];
     while let Some((value, depth)) = stack.pop() {
-        let inner: Box<dyn Iterator<Item = &Value>> = match value {
-            Value::Array(items) => Box::new(items.iter()),
-            Value::Object(map) => Box::new(map.values()),
-            _ => continue,
-        };
-        if depth == MAX_DATA_DEPTH {
-            return Err(StoreError::rejected(format!(
-                "the session's data nests deeper than {MAX_DATA_DEPTH} levels"
-            ))
-            .with_message("session cannot be stored"));
+        match value {
+            Value::Array(_) | Value::Object(_) if depth == MAX_DATA_DEPTH => {
+                return Err(StoreError::rejected(format!(
+                    "the session's data nests deeper than {MAX_DATA_DEPTH} levels"
+                ))
+                .with_message("session cannot be stored"));
+            }
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
+            _ => {}
         }
-        stack.extend(inner.map(|value| (value, depth + 1)));
     }
     Ok(())
 }

@@ -809,7 +809,7 @@ fn redact(url: &str) -> String {
         Some((head, query)) => (head, Some(query)),
         None => (url, None),
     };
-    let mut shown = match head.split_once("://") {
+    let shown = match head.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
             Some((userinfo, host)) => match userinfo.split_once(':') {
                 Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
@@ -819,25 +819,21 @@ fn redact(url: &str) -> String {
         },
         None => head.to_owned(),
     };
-    if let Some(query) = query {
-        shown.push('?');
-        for (i, pair) in query.split('&').enumerate() {
-            if i > 0 {
-                shown.push('&');
+    let Some(query) = query else {
+        return shown;
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _))
+                if name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password") =>
+            {
+                format!("{name}=***")
             }
-            match pair.split_once('=') {
-                Some((name, _))
-                    if name.eq_ignore_ascii_case("pass")
-                        || name.eq_ignore_ascii_case("password") =>
-                {
-                    shown.push_str(name);
-                    shown.push_str("=***");
-                }
-                _ => shown.push_str(pair),
-            }
-        }
-    }
-    shown
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{shown}?{}", pairs.join("&"))
 }
 
 /// A session's record: its JSON.
