@@ -14,6 +14,7 @@ use std::fmt;
 use std::future::poll_fn;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -61,16 +62,27 @@ const SCAN_MAX: usize = 16;
 pub struct Members {
     list: Vec<Member>,
     index: FastMap<BackendId, usize>,
+    /// Numbers memberships in the order they were made, across pools;
+    /// 0 for an empty default.
+    epoch: u64,
 }
 
 impl Members {
     fn from_list(list: Vec<Member>) -> Self {
+        static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
         let index = list
             .iter()
             .enumerate()
             .map(|(i, m)| (m.id.clone(), i))
             .collect();
-        Members { list, index }
+        let epoch = NEXT_EPOCH.fetch_add(1, Ordering::Relaxed);
+        Members { list, index, epoch }
+    }
+
+    /// Which membership this is: a later one has a larger number. Every
+    /// balancer over one snapshot sees the same number.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The number of backends.

@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use tower::{service_fn, BoxError, Service, ServiceExt};
-use tower_ha::balance::{Balance, Failback, Priority, Strategy};
+use tower_ha::balance::{Balance, Failback, Pick, Priority, Strategy};
 use tower_ha::control::{ControlError, Event, Events, Handle, RecvError, SwitchReason};
 use tower_ha::health::HealthLayer;
+use tower_ha::key::RequestHead;
+use tower_ha::pool::Snapshot;
 use tower_ha::{AdminStatus, BackendId, HealthStatus, Pool};
 
 mod support;
@@ -1035,6 +1037,42 @@ async fn a_primary_that_joins_after_its_backups_takes_over_without_a_failover() 
     assert!(group.force_primary(&"c".into()));
     pool.remove(&"c".into());
     assert_eq!(serve(&balance).await, "b");
+    assert_eq!(group.current(), Some("b".into()));
+    assert_eq!(group.failovers(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pick_on_an_older_membership_switches_nothing() {
+    // Requests that read the membership just before the configured primary
+    // joined are served by what they know, and demote nothing.
+    let pool = pool_of(&["b"]);
+    let group = Priority::new("g", ["a", "b"]);
+    let old = pool.snapshot();
+    let old_table = group.build(old.members());
+    pool.insert("a", named("a", Duration::ZERO));
+    let new = pool.snapshot();
+    let new_table = group.build(new.members());
+    let req = Request::new(());
+    let pick = |snapshot: &Snapshot<Svc>, table| {
+        let members = snapshot.members();
+        let i = group.pick(table, &Pick::new(RequestHead::from(&req), members, None));
+        i.map(|i| members[i].id().clone())
+    };
+    assert_eq!(pick(&new, &new_table), Some("a".into()));
+    assert_eq!(pick(&old, &old_table), Some("b".into()));
+    assert_eq!(group.current(), Some("a".into()));
+    assert_eq!(group.failovers(), 0);
+    assert_eq!(pick(&new, &new_table), Some("a".into()));
+
+    // Balancers over one pool rebuilt by one change are all up to date:
+    // a pick on any of them fails over.
+    let pool = pool_of(&["a", "b"]);
+    let group = Priority::new("g", ["a", "b"]);
+    let first = Balance::new(pool.clone(), group.clone());
+    let _second = Balance::new(pool.clone(), group.clone());
+    pool.insert("c", named("c", Duration::ZERO));
+    set_health(&pool, "a", HealthStatus::Unhealthy);
+    assert_eq!(serve(&first).await, "b");
     assert_eq!(group.current(), Some("b".into()));
     assert_eq!(group.failovers(), 1);
 }

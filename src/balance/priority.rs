@@ -13,8 +13,7 @@ use crate::backend::BackendId;
 use crate::control::{Event, Events, SwitchReason};
 use crate::pool::Members;
 
-/// Numbers table builds; `NO_BUILD` matches none.
-static NEXT_BUILD: AtomicU64 = AtomicU64::new(1);
+/// Matches no table's build (an empty membership has no pick to cache).
 const NO_BUILD: u64 = 0;
 
 /// Numbers group states: each `Priority::new`, and each builder call that
@@ -47,6 +46,10 @@ struct State {
     /// The index of `current` in the members of the table with this build
     /// number, so that a steady pick does not look it up by name.
     current_at: (u64, Option<usize>),
+    /// The build number of the newest table: a pick with an older one
+    /// (loaded just before a membership change) sees an outdated
+    /// membership, and switches nothing on its word.
+    newest_build: u64,
     forced: Option<BackendId>,
     /// Whether `current` has been a member of the pool: until then (a pool
     /// that discovery fills, member by member), nothing fails over from it.
@@ -67,6 +70,7 @@ impl State {
             known: order.to_vec(),
             current: order.first().cloned(),
             current_at: (NO_BUILD, None),
+            newest_build: NO_BUILD,
             forced: None,
             current_seen: false,
             last_switch: None,
@@ -191,7 +195,7 @@ pub struct PriorityTable {
     order: Vec<usize>,
     /// The configured primary's index, if it is a member.
     primary: Option<usize>,
-    /// Unique per build.
+    /// The membership's epoch: the tables of one snapshot share it.
     build: u64,
 }
 
@@ -444,6 +448,17 @@ impl Priority {
         let members = pick.members();
         let available = |i: usize| members[i].state().is_available();
         let index_of = |id: &BackendId| members.index_of(id);
+        let first_available = || table.order.iter().copied().find(|&i| available(i));
+        if table.build < state.newest_build {
+            // A membership from before a change: the current primary may be
+            // missing from it only because it has just joined. Route by it,
+            // and leave the decisions to picks with the newest membership.
+            let current = state.current.as_ref().and_then(index_of);
+            return (
+                current.filter(|&i| available(i)).or_else(first_available),
+                None,
+            );
+        }
         let mut now = None;
         let mut now = || *now.get_or_insert_with(Instant::now);
 
@@ -468,7 +483,6 @@ impl Priority {
         };
         state.current_seen |= current.is_some();
         let current_ok = current.filter(|&i| available(i));
-        let first_available = || table.order.iter().copied().find(|&i| available(i));
 
         let Some(cur) = current_ok else {
             if !state.current_seen {
@@ -543,6 +557,10 @@ impl Strategy for Priority {
         order.extend((0..members.len()).filter(|&i| !placed[i]));
         let mut state = self.shared.state.lock();
         state.known = order.iter().map(|&i| members[i].id().clone()).collect();
+        // Balancers over one snapshot share its number, so each of them
+        // decides; a table of an older membership does not.
+        let build = members.epoch();
+        state.newest_build = state.newest_build.max(build);
         PriorityTable {
             order,
             primary: self
@@ -550,7 +568,7 @@ impl Strategy for Priority {
                 .order
                 .first()
                 .and_then(|id| members.index_of(id)),
-            build: NEXT_BUILD.fetch_add(1, Ordering::Relaxed),
+            build,
         }
     }
 
