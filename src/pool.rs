@@ -14,7 +14,7 @@ use std::fmt;
 use std::future::poll_fn;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower::discover::{Change, Discover};
 
-use crate::backend::{BackendId, BackendState};
+use crate::backend::{BackendId, BackendState, HealthStatus};
 use crate::balance::queue::Room;
 
 /// The id index. SipHash (std's) rather than streaming XXH3: ids are
@@ -206,6 +206,19 @@ struct Shared<S> {
     room: OnceLock<Arc<Room>>,
     /// The states of backends a discovery stream removed, for their return.
     kept: Mutex<Kept>,
+    /// How many running health checkers want new backends to start
+    /// unhealthy: a state the pool creates is marked before any balancer
+    /// can see it.
+    unprobed: Arc<AtomicUsize>,
+}
+
+/// Keeps the backends a pool adds starting unhealthy, while it lives.
+pub(crate) struct StartUnhealthy(Arc<AtomicUsize>);
+
+impl Drop for StartUnhealthy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How long [`Pool::discover`] keeps the state of a backend its stream
@@ -322,6 +335,7 @@ impl<S> Pool<S> {
                     window: DEFAULT_KEEP_REMOVED_FOR,
                     states: VecDeque::new(),
                 }),
+                unprobed: Arc::default(),
             }),
         }
     }
@@ -382,6 +396,13 @@ impl<S> Pool<S> {
 
     /// Makes the queue of requests waiting for a place on this pool's
     /// backends, if no balancer that lets requests wait made it already.
+    /// New backends (not those returning with a kept state) start
+    /// unhealthy until the guard is dropped.
+    pub(crate) fn start_unhealthy(&self) -> StartUnhealthy {
+        self.shared.unprobed.fetch_add(1, Ordering::Relaxed);
+        StartUnhealthy(self.shared.unprobed.clone())
+    }
+
     pub(crate) fn open_room(&self) {
         let _writer = self.shared.writer.lock();
         let room = self.shared.room.get_or_init(Arc::default);
@@ -402,7 +423,7 @@ impl<S: Clone> Pool<S> {
     /// than [`keep_removed_for`](Self::keep_removed_for) ago comes back
     /// with its state (its weight included).
     pub fn insert(&self, id: impl Into<BackendId>, service: S) {
-        self.upsert(id.into(), service, None);
+        self.upsert(id.into(), service, None, |_| {});
     }
 
     /// Adds a backend with `weight` (0 counts as 1), or replaces the service
@@ -410,7 +431,23 @@ impl<S: Clone> Pool<S> {
     /// discovery stream removed recently comes back with its state, as
     /// with [`insert`](Self::insert), and `weight`.
     pub fn insert_weighted(&self, id: impl Into<BackendId>, service: S, weight: u32) {
-        self.upsert(id.into(), service, Some(weight));
+        self.upsert(id.into(), service, Some(weight), |_| {});
+    }
+
+    /// Adds a new backend, or one returning with its kept state, whose
+    /// state `prepare` sets up before any balancer sees it; `false` (and no
+    /// change) when `id` is a member already.
+    pub(crate) fn insert_new(
+        &self,
+        id: BackendId,
+        service: S,
+        prepare: impl FnOnce(&BackendState),
+    ) -> bool {
+        if self.contains(&id) {
+            return false;
+        }
+        self.upsert(id, service, None, prepare);
+        true
     }
 
     /// Adds a backend that shares an existing [`BackendState`] (for example
@@ -438,7 +475,13 @@ impl<S: Clone> Pool<S> {
         });
     }
 
-    fn upsert(&self, id: BackendId, service: S, weight: Option<u32>) {
+    fn upsert(
+        &self,
+        id: BackendId,
+        service: S,
+        weight: Option<u32>,
+        prepare: impl FnOnce(&BackendState),
+    ) {
         self.change(
             |members, services| match members.iter().position(|m| m.id == id) {
                 Some(i) => {
@@ -455,8 +498,15 @@ impl<S: Clone> Pool<S> {
                             }
                             state
                         }
-                        None => Arc::new(BackendState::new(weight.unwrap_or(1))),
+                        None => {
+                            let state = BackendState::new(weight.unwrap_or(1));
+                            if self.shared.unprobed.load(Ordering::Relaxed) > 0 {
+                                state.set_health(HealthStatus::Unhealthy);
+                            }
+                            Arc::new(state)
+                        }
                     };
+                    prepare(&state);
                     members.push(Member { id, state });
                     services.push(service);
                 }

@@ -1,6 +1,7 @@
 //! Groups, runtime control, events and stats, through the public API.
 
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
@@ -1308,6 +1309,74 @@ mod actions_and_membership {
         );
         for _ in 0..4 {
             assert_eq!(serve(&second).await, "z");
+        }
+    }
+
+    /// Round robin that records the admin status of each member when its
+    /// table is built: what a balancer sees the moment a change publishes.
+    #[derive(Clone, Default)]
+    struct Watching(Arc<Mutex<Vec<(String, AdminStatus)>>>);
+
+    impl Strategy for Watching {
+        type Table = ();
+        fn build(&self, members: &tower_ha::pool::Members) {
+            let mut seen = self.0.lock().unwrap();
+            for m in members.iter() {
+                seen.push((m.id().to_string(), m.state().admin()));
+            }
+        }
+        fn pick(&self, _table: &(), pick: &Pick<'_>) -> Option<usize> {
+            (!pick.is_empty()).then_some(0)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backend_added_to_another_group_is_never_seen_with_another_status() {
+        let (one, two) = (pool_of(&["x"]), pool_of(&["z"]));
+        let watching = Watching::default();
+        let second = Balance::new(two.clone(), watching.clone());
+        let handle = Handle::new(Events::default());
+        handle
+            .add_group("one", &Balance::new(one.clone(), RoundRobin::new()))
+            .unwrap();
+        handle.add_group("two", &second).unwrap();
+        handle.drain(&"x".into()).unwrap();
+        handle.add_backend("two", "x", backend("x")).unwrap();
+        let seen = watching.0.lock().unwrap().clone();
+        let x: Vec<_> = seen.iter().filter(|(id, _)| id == "x").collect();
+        assert_eq!(x, [&("x".to_owned(), AdminStatus::Draining)]);
+    }
+
+    /// An action and an addition of the same id to another group, at once:
+    /// in every order, the new copy ends with the action's status.
+    #[test]
+    fn an_action_racing_an_addition_of_its_backend_reaches_the_new_copy() {
+        for _ in 0..2000 {
+            let (one, two) = (pool_of(&["a"]), pool_of(&["z"]));
+            let handle = Handle::new(Events::default()).drain_deadline(None);
+            handle
+                .add_group("one", &Balance::new(one.clone(), RoundRobin::new()))
+                .unwrap();
+            handle
+                .add_group("two", &Balance::new(two.clone(), RoundRobin::new()))
+                .unwrap();
+            let start = Arc::new(std::sync::Barrier::new(2));
+            let disabling = {
+                let (handle, start) = (handle.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    handle.disable(&"a".into()).unwrap();
+                })
+            };
+            start.wait();
+            handle.add_backend("two", "a", backend("a")).unwrap();
+            disabling.join().unwrap();
+            for pool in [&one, &two] {
+                assert_eq!(
+                    pool.state(&"a".into()).unwrap().admin(),
+                    AdminStatus::Disabled
+                );
+            }
         }
     }
 

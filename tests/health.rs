@@ -700,6 +700,25 @@ async fn start_unhealthy_waits_for_rise_passing_probes() {
     assert_eq!(state.health(), HealthStatus::Healthy);
 }
 
+/// A backend added while the checker runs is unhealthy from the moment a
+/// balancer can see it, not from when the checker's task next runs.
+#[tokio::test(start_paused = true)]
+async fn start_unhealthy_holds_for_a_backend_added_later_at_once() {
+    let (pool, _) = pool_of(&["a"]);
+    let script = Script::default();
+    let checker = HealthChecker::new(pool.clone(), script.probe())
+        .start_unhealthy(true)
+        .spawn();
+    let health = |id: &str| pool.state(&id.into()).unwrap().health();
+    pool.insert("b", Backend::new());
+    assert_eq!(health("b"), HealthStatus::Unhealthy);
+    // Once the checker has stopped, nothing would ever probe a new backend
+    // healthy: it starts healthy again.
+    checker.shutdown().await;
+    pool.insert("c", Backend::new());
+    assert_eq!(health("c"), HealthStatus::Healthy);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_passing_probe_lifts_a_passive_ejection() {
     let pool = Pool::new();

@@ -444,17 +444,19 @@ impl Handle {
         id: &BackendId,
         to: AdminStatus,
     ) -> Result<(Vec<Arc<BackendState>>, Option<u64>), ControlError> {
-        let states = self.states(id)?;
         // This action ends a drain's pending deadline; a drain starts one.
         let epoch = self.inner.epoch_seq.fetch_add(1, Ordering::Relaxed) + 1;
         // The backend's states in several groups may have differed: the
         // event says what the first that changed was.
         let mut from = None;
-        let ended = {
+        let (states, ended) = {
             // The states change, and the event is emitted, under the lock
             // a drain's deadline takes, so that actions and deadlines apply
-            // in one order and the events say them in that order.
+            // in one order and the events say them in that order. The
+            // states are collected under it too, so that a copy of the
+            // backend added meanwhile to another group is among them.
             let mut drains = self.inner.drains.lock();
+            let states = self.states(id)?;
             for state in &states {
                 let was = state.set_admin(to);
                 if was != to {
@@ -478,9 +480,10 @@ impl Handle {
                     if from.is_none() && drains.contains_key(id) {
                         return Ok((states, None));
                     }
-                    drains.insert(id.clone(), PendingDrain { epoch, timer: None })
+                    let ended = drains.insert(id.clone(), PendingDrain { epoch, timer: None });
+                    (states, ended)
                 }
-                _ => drains.remove(id),
+                _ => (states, drains.remove(id)),
             }
         };
         if let Some(ended) = ended {
@@ -675,10 +678,12 @@ impl Handle {
         let admin = live_states(&self.inner, &id)
             .first()
             .map(|state| state.admin());
-        pool.insert(id.clone(), service);
-        if let (Some(admin), Some(state)) = (admin, pool.state(&id)) {
-            state.set_admin(admin);
-        }
+        // The status is the backend's before any balancer can see it.
+        pool.insert_new(id.clone(), service, |state| {
+            if let Some(admin) = admin {
+                state.set_admin(admin);
+            }
+        });
         self.inner.events.emit(Event::BackendAdded {
             group: Some(g.name.clone()),
             backend: id,

@@ -17,7 +17,7 @@ use super::slow_start::SlowStart;
 use crate::backend::{BackendId, BackendState, HealthStatus};
 use crate::control::{emit, Event, Events};
 use crate::error::BoxError;
-use crate::pool::{Pool, Rebuild, Snapshot};
+use crate::pool::{Pool, Rebuild, Snapshot, StartUnhealthy};
 use crate::time::SHORTEST;
 
 /// The active checking settings.
@@ -166,7 +166,7 @@ where
 
     /// Marks backends the checker has not seen pass yet unhealthy (those
     /// in the pool as [`spawn`](Self::spawn) returns, and those added
-    /// later), so they take traffic only after `rise` passing probes in a
+    /// later, from the moment they join), so they take traffic only after `rise` passing probes in a
     /// row (the Panda API gateway started them unhealthy too, but needed
     /// one pass: `rise(1)`; Envoy likewise needs one pass for a new host).
     /// By default they keep the health the pool gave them (healthy), as in
@@ -208,6 +208,11 @@ where
     /// before it changes anything.
     pub fn spawn(self) -> CheckerHandle {
         let runtime = tokio::runtime::Handle::current();
+        // Before subscribing: the pool's next change sees it.
+        let start_unhealthy = self
+            .config
+            .start_unhealthy
+            .then(|| self.pool.start_unhealthy());
         let changed = Arc::new(Changed(Notify::new()));
         let weak = Arc::downgrade(&changed) as std::sync::Weak<dyn Rebuild<S>>;
         self.pool.subscribe(weak);
@@ -220,6 +225,7 @@ where
             entries: HashMap::new(),
             departed: HashMap::new(),
             next_serial: 0,
+            _start_unhealthy: start_unhealthy,
         };
         // The backends there are now are taken up before this returns, so
         // that `start_unhealthy` holds for the requests sent next.
@@ -546,6 +552,10 @@ struct Task<S, P> {
     departed: HashMap<BackendId, Entry>,
     /// The serial of the next entry.
     next_serial: u64,
+    /// With `start_unhealthy`: the pool marks the backends it adds
+    /// unhealthy itself, before a balancer can route to them, while this
+    /// task lives.
+    _start_unhealthy: Option<StartUnhealthy>,
 }
 
 impl<S, P> Task<S, P>
