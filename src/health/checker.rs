@@ -166,13 +166,14 @@ where
 
     /// Marks backends the checker has not seen pass yet unhealthy (those
     /// in the pool as [`spawn`](Self::spawn) returns, and those added
-    /// later, from the moment they join), so they take traffic only after `rise` passing probes in a
-    /// row (the Panda API gateway started them unhealthy too, but needed
-    /// one pass: `rise(1)`; Envoy likewise needs one pass for a new host).
-    /// By default they keep the health the pool gave them (healthy), as in
-    /// HAProxy, and lose it after `fall` failing probes. A backend that leaves the pool and comes
-    /// back with its state (see [`Pool::keep_removed_for`]) is not marked
-    /// again: the checker takes it up where it left it.
+    /// later, from the moment they join), so they take traffic only after
+    /// `rise` passing probes in a row (the Panda API gateway started them
+    /// unhealthy too, but needed one pass: `rise(1)`; Envoy likewise needs
+    /// one pass for a new host). By default they keep the health the pool
+    /// gave them (healthy), as in HAProxy, and lose it after `fall` failing
+    /// probes. A backend that leaves the pool and comes back with its state
+    /// (see [`Pool::keep_removed_for`]) is not marked again: the checker
+    /// takes it up where it left it.
     ///
     /// This initial mark emits neither a `tracing` event nor an
     /// [`Event::HealthChanged`]; the changes after it, such as the backend
