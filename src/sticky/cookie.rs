@@ -383,10 +383,18 @@ fn ends(attr: &[u8]) -> Option<Ends> {
     None
 }
 
-/// Finds what the last `Set-Cookie` for `name` in `headers` does.
+/// Finds what the `Set-Cookie`s for `name` in `headers` leave a browser
+/// with: the value set last, or a deletion when every one they set they
+/// also delete. A browser keeps one cookie per name, path and domain, so
+/// a deletion ends only a value set with the same path and domain (a
+/// response that sets a new session and clears a legacy one of the same
+/// name on another path leaves the new one); a deletion without a `Path`
+/// ends the values of every path.
 pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h>> {
     let name = name.as_bytes();
-    let mut found = None;
+    // Per path and domain, the value the last line leaves (`None`: deleted),
+    // in the order they were last written.
+    let mut scopes: Vec<Scope<'h>> = Vec::new();
     for header in headers.get_all(SET_COOKIE) {
         let mut parts = header.as_bytes().split(|&b| b == b';');
         let Some(pair) = parts.next() else { continue };
@@ -396,25 +404,50 @@ pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h
         if pair[..eq].trim_ascii() != name {
             continue;
         }
-        let value = pair[eq + 1..].trim_ascii();
-        let value = unquote(value);
+        let value = unquote(pair[eq + 1..].trim_ascii());
         // `Max-Age` wins over `Expires`, wherever they are.
         let (mut max_age, mut expires) = (None, false);
+        let (mut path, mut domain): (&[u8], &[u8]) = (b"", b"");
         for attr in parts {
             match ends(attr) {
                 Some(Ends::MaxAge(now)) => max_age = Some(now),
                 Some(Ends::Expires(past)) => expires = past,
-                None => {}
+                None => {
+                    if let Some(v) = attribute(attr, b"path") {
+                        path = v;
+                    } else if let Some(v) = attribute(attr, b"domain") {
+                        domain = v.strip_prefix(b".").unwrap_or(v);
+                    }
+                }
             }
         }
-        let expired = max_age.unwrap_or(expires);
-        found = Some(if value.is_empty() || expired {
-            Learned::Deleted
-        } else {
-            Learned::Set(value)
-        });
+        let left = (!value.is_empty() && !max_age.unwrap_or(expires)).then_some(value);
+        // A line without a `Path` has the request's default path, which
+        // is not known here: a deletion without one is taken to end the
+        // value of any path.
+        let any_path = left.is_none() && path.is_empty();
+        scopes.retain(|&(p, d, _)| (p != path && !any_path) || !d.eq_ignore_ascii_case(domain));
+        scopes.push((path, domain, left));
     }
-    found
+    if scopes.is_empty() {
+        return None;
+    }
+    Some(match scopes.iter().rev().find_map(|&(_, _, left)| left) {
+        Some(value) => Learned::Set(value),
+        None => Learned::Deleted,
+    })
+}
+
+/// A cookie's path and domain, and the value a `Set-Cookie` left it with.
+type Scope<'h> = (&'h [u8], &'h [u8], Option<&'h [u8]>);
+
+/// The value of attribute `name` (any case) in `attr`, if it is that one.
+fn attribute<'a>(attr: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let eq = attr.iter().position(|&b| b == b'=')?;
+    attr[..eq]
+        .trim_ascii()
+        .eq_ignore_ascii_case(name)
+        .then(|| attr[eq + 1..].trim_ascii())
 }
 
 #[cfg(test)]
@@ -559,6 +592,43 @@ mod tests {
         h.append(
             SET_COOKIE,
             HeaderValue::from_static("JSESSIONID=abc; Max-Age=0"),
+        );
+        assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted));
+        // Set on one path, a legacy cookie cleared on another: the new
+        // value stays, in either order.
+        for lines in [
+            [
+                "JSESSIONID=new1; Path=/",
+                "JSESSIONID=; Path=/app; Max-Age=0",
+            ],
+            [
+                "JSESSIONID=; Path=/app; Max-Age=0",
+                "JSESSIONID=new1; Path=/",
+            ],
+            [
+                "JSESSIONID=new1; Domain=a.example",
+                "JSESSIONID=old; Domain=b.example; Max-Age=0",
+            ],
+        ] {
+            let mut h = HeaderMap::new();
+            for line in lines {
+                h.append(SET_COOKIE, HeaderValue::from_static(line));
+            }
+            assert_eq!(
+                learn(&h, "JSESSIONID"),
+                Some(Learned::Set(b"new1")),
+                "{lines:?}"
+            );
+        }
+        // The same scope, however it is spelled: the deletion wins.
+        let mut h = HeaderMap::new();
+        h.append(
+            SET_COOKIE,
+            HeaderValue::from_static("JSESSIONID=abc; Path=/x; Domain=.A.example"),
+        );
+        h.append(
+            SET_COOKIE,
+            HeaderValue::from_static("JSESSIONID=; path=/x; domain=a.example"),
         );
         assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted));
         let mut h = HeaderMap::new();
