@@ -225,6 +225,71 @@ async fn cookie_insert_pins_every_client_to_its_first_backend() {
     assert_eq!(layer.stats().sessions, 30);
 }
 
+/// A response that carries the layer's cookie is kept from shared caches,
+/// which would hand one client's session to every other.
+#[tokio::test]
+async fn a_response_that_sets_the_cookie_is_not_for_shared_caches() {
+    use http::header::CACHE_CONTROL;
+    let sticky_over = |cookie: CookieInsert| {
+        let pool = Pool::new();
+        pool.insert(
+            "a",
+            tower::service_fn(|req: Request<()>| async move {
+                let mut res = Response::new(String::new());
+                if let Some(said) = req.headers().get("x-cache-control") {
+                    res.headers_mut().insert(CACHE_CONTROL, said.clone());
+                }
+                Ok::<_, BoxError>(res)
+            }),
+        );
+        let layer = StickyLayer::new(&pool, SessionKey::insert_cookie(cookie));
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(Balance::new(pool, RoundRobin::new()))
+    };
+    let cache_control = |res: &Response<String>| -> Vec<String> {
+        let values = res.headers().get_all(CACHE_CONTROL).iter();
+        values.map(|v| v.to_str().unwrap().to_owned()).collect()
+    };
+    let asking = |said: &'static str| {
+        Request::builder()
+            .header("x-cache-control", said)
+            .body(())
+            .unwrap()
+    };
+    let svc = sticky_over(insert_cookie());
+    let first = svc
+        .clone()
+        .oneshot(asking("public, max-age=3600"))
+        .await
+        .unwrap();
+    let cookie = cookie_of(&first).expect("a new session");
+    assert_eq!(cache_control(&first), ["public, max-age=3600", "private"]);
+    let mut again = asking("public, max-age=3600");
+    again.headers_mut().insert(COOKIE, cookie.parse().unwrap());
+    let again = svc.clone().oneshot(again).await.unwrap();
+    assert_eq!(
+        cache_control(&again),
+        ["public, max-age=3600"],
+        "no cookie sent"
+    );
+    let res = svc.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(cache_control(&res), ["private"]);
+    for said in [
+        "no-store",
+        "Private=\"set-cookie\", max-age=60",
+        "max-age=0,private",
+    ] {
+        let res = svc.clone().oneshot(asking(said)).await.unwrap();
+        assert!(cookie_of(&res).is_some());
+        assert_eq!(cache_control(&res), [said], "said already");
+    }
+    let svc = sticky_over(insert_cookie().mark_private(false));
+    let res = svc.oneshot(asking("public")).await.unwrap();
+    assert!(cookie_of(&res).is_some());
+    assert_eq!(cache_control(&res), ["public"]);
+}
+
 /// A backend id the cookie cannot carry (empty, or over 768 bytes) gets
 /// no cookie, rather than one that no later request could be read by.
 #[tokio::test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use http::header::SET_COOKIE;
+use http::header::{CACHE_CONTROL, SET_COOKIE};
 use http::{HeaderMap, HeaderValue};
 use rand::RngCore;
 use sha2::Sha256;
@@ -54,7 +54,8 @@ const DOMAIN: &[u8] = b"tower-ha sticky v1\0";
 /// an HMAC-SHA256 tag over both, so a forged, tampered or foreign value is
 /// ignored. Attributes: `Path=/` (see [`path`](CookieInsert::path)),
 /// `HttpOnly`, `SameSite=Lax` and `Secure` by default; a `Max-Age` when
-/// configured.
+/// configured. A response that sets it is kept from shared caches (see
+/// [`mark_private`](CookieInsert::mark_private)).
 ///
 /// ```
 /// use std::time::Duration;
@@ -72,6 +73,7 @@ pub struct CookieInsert {
     secure: bool,
     max_age: Option<Duration>,
     path: String,
+    private: bool,
 }
 
 impl fmt::Debug for CookieInsert {
@@ -82,6 +84,7 @@ impl fmt::Debug for CookieInsert {
             .field("secure", &self.secure)
             .field("max_age", &self.max_age)
             .field("path", &self.path)
+            .field("private", &self.private)
             .finish()
     }
 }
@@ -184,6 +187,7 @@ impl CookieInsert {
             secure: true,
             max_age: None,
             path: "/".to_owned(),
+            private: true,
         })
     }
 
@@ -250,6 +254,36 @@ impl CookieInsert {
         );
         self.path = path;
         self
+    }
+
+    /// Whether a response that carries the cookie is marked
+    /// `Cache-Control: private` (default `true`), unless it says `private`
+    /// or `no-store` already: a shared cache in front (a CDN) then does not
+    /// keep the response, and hand one client's cookie, its session, to
+    /// every client it serves from cache. HAProxy's `cookie ... nocache`
+    /// does the same. Only the responses that set the cookie are marked: a
+    /// session's first, and those that move it or renew the cookie.
+    pub fn mark_private(mut self, private: bool) -> Self {
+        self.private = private;
+        self
+    }
+
+    /// Marks `headers`, those of a response that carries the cookie, as
+    /// not for shared caches (see [`mark_private`](Self::mark_private)).
+    pub(crate) fn keep_from_shared_caches(&self, headers: &mut HeaderMap) {
+        if !self.private {
+            return;
+        }
+        let said = headers.get_all(CACHE_CONTROL).iter().any(|value| {
+            value.as_bytes().split(|&b| b == b',').any(|directive| {
+                let name = directive.split(|&b| b == b'=').next().unwrap_or_default();
+                let name = name.trim_ascii();
+                name.eq_ignore_ascii_case(b"private") || name.eq_ignore_ascii_case(b"no-store")
+            })
+        });
+        if !said {
+            headers.append(CACHE_CONTROL, HeaderValue::from_static("private"));
+        }
     }
 
     /// The cookie's name.

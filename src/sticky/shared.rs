@@ -1433,6 +1433,7 @@ impl Shared {
         let value = c.value(key, backend);
         if let Some(header) = c.set_cookie(&value) {
             response.headers_mut().append(SET_COOKIE, header);
+            c.keep_from_shared_caches(response.headers_mut());
             self.table.cookie_sent(key);
         }
     }
