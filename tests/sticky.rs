@@ -612,6 +612,69 @@ async fn strict_mode_sends_nothing_elsewhere_when_the_backend_fails_before_the_p
     assert_eq!(layer.stats().moved, 0);
 }
 
+/// A client sending a new made-up session cookie on every request fills
+/// the table with values no application set: they push out one another,
+/// never a session the application confirmed (without a store, an evicted
+/// session could not come back).
+#[tokio::test]
+async fn made_up_learned_values_do_not_evict_confirmed_sessions() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID")).max_sessions(64);
+    let svc = stack(&c.pool, layer.clone());
+    let mut confirmed = Vec::new();
+    for _ in 0..16 {
+        let login = Request::builder().header("x-login", "1").body(()).unwrap();
+        let login = send(&svc, login).await.unwrap();
+        let set = login.headers()[SET_COOKIE].to_str().unwrap();
+        let value = set.split(';').next().unwrap().to_owned();
+        confirmed.push((value, login.into_body()));
+    }
+    for i in 0..1000 {
+        send(&svc, with_cookie(&format!("JSESSIONID=junk-{i}")))
+            .await
+            .unwrap();
+    }
+    let stats = layer.stats();
+    assert!(stats.evicted > 900, "the table was full: {stats:?}");
+    for (value, home) in &confirmed {
+        let key = value.strip_prefix("JSESSIONID=").unwrap();
+        assert!(layer.session(key).is_some(), "{key} was evicted");
+        assert_eq!(send(&svc, with_cookie(value)).await.unwrap().body(), home);
+    }
+    // New logins push out the made-up values first, then the confirmed
+    // sessions least recently seen first: the eight seen again last go
+    // after the eight that were not.
+    for (value, _) in &confirmed[..8] {
+        send(&svc, with_cookie(value)).await.unwrap();
+    }
+    let present = |key: &str| layer.session(key).is_some();
+    let keys: Vec<&str> = confirmed
+        .iter()
+        .map(|(v, _)| v.strip_prefix("JSESSIONID=").unwrap())
+        .collect();
+    let mut logins = 0;
+    while keys.iter().any(|k| present(k)) {
+        assert!(logins < 200, "{:?}", layer.stats());
+        send(
+            &svc,
+            Request::builder().header("x-login", "1").body(()).unwrap(),
+        )
+        .await
+        .unwrap();
+        logins += 1;
+        if keys.iter().any(|k| !present(k)) {
+            let junk = (0..1000).filter(|i| present(&format!("junk-{i}"))).count();
+            assert_eq!(junk, 0, "a confirmed session went before made-up ones");
+        }
+        if keys[..8].iter().any(|k| !present(k)) {
+            assert!(
+                keys[8..].iter().all(|k| !present(k)),
+                "a session seen later went before one seen earlier"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
     let c = cluster();

@@ -160,7 +160,9 @@ impl StickyLayer {
     }
 
     /// The most sessions the table holds (at least 1). A full table evicts
-    /// its least recently used eighth; evicted sessions stay in the store.
+    /// an eighth: first sessions held in memory only (such as learned
+    /// cookie values the application never confirmed), then the least
+    /// recently used; evicted sessions stay in the store.
     /// From 8192 on the table is split into shards (at most 64) with an
     /// equal share each, and a full shard evicts its own eighth, so an
     /// eviction pauses only the requests of one shard.

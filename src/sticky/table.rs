@@ -13,8 +13,9 @@
 //! the read lock and updates the entry's
 //! last-seen time with a relaxed atomic store, so hits never contend with
 //! each other. Inserts take the write lock of their shard. When an insert
-//! finds its shard full it evicts the shard's least recently seen eighth
-//! at once (one `O(n)` selection amortised over `n / 8` inserts, `n` the
+//! finds its shard full it evicts an eighth of the shard at once, the
+//! sessions held in memory only (made-up learned values, records not
+//! read) before the others, least recently seen first (one `O(n)` selection amortised over `n / 8` inserts, `n` the
 //! shard's size, which bounds the pause of the shard's other requests);
 //! idle entries are dropped lazily when looked up and by a sweep that runs
 //! at most once per half idle period, on insert, one shard after the other.
@@ -779,30 +780,38 @@ impl Table {
     }
 }
 
-/// Evicts the least recently seen eighth of a full shard (at least one
-/// entry): finds the last-seen time that eighth ends at, then drops the
-/// entries seen before it and as many seen at it as the eighth still
-/// needs. Two passes over the shard, cloning no key. Returns how many were
+/// Evicts an eighth of a full shard (at least one entry): first the
+/// sessions whose changes are not saved (a learned value the application
+/// has not confirmed, a record kept in memory that the store holds), least
+/// recently seen first, then the least recently seen of the others. So
+/// made-up session values, one per request, push out one another rather
+/// than the sessions an application confirmed, which a table without a
+/// store could not get back. Finds the rank that eighth ends at, then
+/// drops the entries below it and as many at it as the eighth still
+/// needs: two passes over the shard, cloning no key. Returns how many were
 /// evicted.
 fn evict_oldest(map: &mut Map, max: usize) -> u64 {
     let target = (max / 8).max(1).min(map.len());
     if target == 0 {
         return 0;
     }
-    // Under the write lock no hit can mark an entry seen meanwhile.
-    let mut seen: Vec<u64> = map
-        .values()
-        .map(|e| e.last_seen.load(Ordering::Relaxed))
-        .collect();
-    let (older, &mut last, _) = seen.select_nth_unstable(target - 1);
-    let mut at_last = target - older.iter().filter(|&&t| t < last).count();
+    // Unsaved before saved, then by last seen (nanoseconds since the
+    // table's epoch, below 2^63 for centuries). Under the write lock no hit
+    // can mark an entry seen meanwhile.
+    let rank = |e: &Entry| {
+        let saved = u64::from(e.saved.load(Ordering::Relaxed)) << 63;
+        saved | e.last_seen.load(Ordering::Relaxed).min(u64::MAX >> 1)
+    };
+    let mut ranks: Vec<u64> = map.values().map(rank).collect();
+    let (below, &mut last, _) = ranks.select_nth_unstable(target - 1);
+    let mut at_last = target - below.iter().filter(|&&r| r < last).count();
     map.retain(|_, e| {
-        let t = e.last_seen.load(Ordering::Relaxed);
-        if t == last && at_last > 0 {
+        let r = rank(e);
+        if r == last && at_last > 0 {
             at_last -= 1;
             false
         } else {
-            t >= last
+            r >= last
         }
     });
     target as u64
