@@ -1118,6 +1118,24 @@ async fn a_connector_that_hangs_is_given_up_at_the_connect_timeout() {
     assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
 }
 
+/// A zero connect timeout is no limit, not one that every connection
+/// misses: a connector that takes an hour still carries the request.
+#[tokio::test(start_paused = true)]
+async fn a_zero_connect_timeout_sets_no_limit() {
+    let addr = serve().await;
+    let slow = tower::service_fn(move |_: http::Uri| async move {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        TcpStream::connect(addr).await.map(TokioIo::new)
+    });
+    let client = HttpClient::<Full<Bytes>>::with_connector(slow).connect_timeout(Duration::ZERO);
+    let backend = HttpBackend::new(&client, format!("http://{addr}/")).unwrap();
+    let start = tokio::time::Instant::now();
+    let req = Request::get("/").body(Full::default()).unwrap();
+    let resp = backend.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(start.elapsed() >= Duration::from_secs(3600));
+}
+
 /// HTTP/2 to backends (feature `http2`).
 #[cfg(feature = "http2")]
 mod http2 {

@@ -1860,6 +1860,29 @@ fn kernel(key: &str, backend: &str) -> Session {
     Session::new(key, backend.into()).with_data(serde_json::json!({"port": 5000}))
 }
 
+/// A zero idle timeout keeps sessions until the table is full, rather
+/// than dropping each as soon as it is made.
+#[tokio::test(start_paused = true)]
+async fn a_zero_idle_timeout_never_expires_sessions() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
+        .idle_timeout(Duration::ZERO);
+    let svc = stack(&c.pool, layer.clone());
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let cookie = cookie_of(&first).unwrap();
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(400 * 24 * 3600)).await;
+        let again = send(&svc, with_cookie(&cookie)).await.unwrap();
+        assert_eq!(again.body(), first.body());
+    }
+    let stats = layer.stats();
+    assert_eq!(
+        (stats.sessions, stats.expired, stats.misses),
+        (1, 0, 0),
+        "{stats:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn standalone_reads_the_record_of_a_session_that_went_idle() {
     let c = cluster();

@@ -314,6 +314,16 @@ async fn failures_are_typed() {
         .unwrap_err();
     assert!(err.is_unavailable() && err.is_transient(), "{err:?}");
 
+    // A zero timeout, which would fail every command.
+    let err = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+        .timeout(Duration::ZERO)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(err.is_other(), "{err:?}");
+    let why = std::error::Error::source(&err).unwrap().to_string();
+    assert!(why.contains("above zero"), "{why}");
+
     // A bad URL.
     let err = RedisStore::builder("http://127.0.0.1/")
         .build()

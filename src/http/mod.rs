@@ -240,7 +240,7 @@ impl Settings {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.enforce_http(true);
-        connector.set_connect_timeout(Some(self.connect_timeout));
+        connector.set_connect_timeout(Some(self.connect_timeout).filter(|t| !t.is_zero()));
         connector.set_keepalive(self.tcp_keepalive);
         // Probes as often as the idle time before the first, as Go does,
         // rather than the system's default (75 s on Linux).
@@ -360,7 +360,8 @@ where
     /// addresses a backend's host name resolves to; the name's resolution
     /// is not counted. A connection that timed out fails its request as
     /// [`NotSent`](crate::NotSent): nothing was sent, so the failover layer
-    /// may retry it on another backend whatever its method.
+    /// may retry it on another backend whatever its method. Zero for no
+    /// limit but the operating system's (about two minutes on Linux).
     pub fn connect_timeout(self, timeout: Duration) -> Self {
         HttpClient::with_settings(
             Settings {

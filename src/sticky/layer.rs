@@ -141,7 +141,9 @@ impl StickyLayer {
     }
 
     /// How long a session may go unused before it leaves the table (it
-    /// stays in the store). Measured with `tokio::time`.
+    /// stays in the store); zero for never (only
+    /// [`max_sessions`](Self::max_sessions) then bounds the table).
+    /// Measured with `tokio::time`.
     pub fn idle_timeout(self, idle: Duration) -> Self {
         self.with(|c| c.idle_timeout = idle)
     }

@@ -352,7 +352,12 @@ impl Table {
             shard_bits,
             shard_seed: rand::random(),
             random_keys,
-            idle: nanos(idle),
+            // Zero: sessions never idle out.
+            idle: if idle.is_zero() {
+                u64::MAX
+            } else {
+                nanos(idle)
+            },
             max: max >> shard_bits,
             epoch: Instant::now(),
             last_sweep: AtomicU64::new(0),

@@ -102,6 +102,29 @@ fn clamp_ttl(ttl: Duration) -> Duration {
     )
 }
 
+/// A setting a store cannot work with (the source of the
+/// [`other`](StoreError::is_other) error its builder returns).
+#[cfg(any(feature = "redis", feature = "webhook"))]
+#[derive(Debug)]
+struct ConfigError(String);
+
+#[cfg(any(feature = "redis", feature = "webhook"))]
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "webhook"))]
+impl std::error::Error for ConfigError {}
+
+/// A store's error for a zero timeout, which would fail every call.
+#[cfg(any(feature = "redis", feature = "webhook"))]
+fn zero_timeout(store: &str) -> StoreError {
+    StoreError::other(ConfigError("the timeout must be above zero".into()))
+        .with_message(format!("bad {store} store settings"))
+}
+
 /// The future every [`SessionStore`] method returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 

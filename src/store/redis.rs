@@ -468,7 +468,7 @@ impl RedisStoreBuilder {
     }
 
     /// The longest a connection attempt or one command may take (default
-    /// 2 s).
+    /// 2 s; above zero: [`build`](Self::build) refuses a zero timeout).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -483,7 +483,7 @@ impl RedisStoreBuilder {
     /// The lease [`SessionLock::lock`] takes (`ttl`, default 30 s: longer
     /// than a restore takes) and how long it waits for another holder
     /// (`wait`, default 35 s: longer than `ttl`), as in
-    /// [`RedisStore::claim`].
+    /// [`RedisStore::claim`]. A `ttl` below 1 ms counts as 1 ms.
     pub fn lease(mut self, ttl: Duration, wait: Duration) -> Self {
         self.lease_ttl = ttl;
         self.lease_wait = wait;
@@ -491,9 +491,13 @@ impl RedisStoreBuilder {
     }
 
     /// Connects and checks the server answers. Fails with
-    /// [`other`](StoreError::is_other) for a bad URL, and as any call would
-    /// when Redis cannot be reached or refuses the credentials.
+    /// [`other`](StoreError::is_other) for a zero timeout or a bad URL, and
+    /// as any call would when Redis cannot be reached or refuses the
+    /// credentials.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
+        if self.timeout.is_zero() {
+            return Err(super::zero_timeout("Redis"));
+        }
         let bad_url =
             |e| StoreError::other(e).with_message(format!("bad Redis URL {:?}", redact(&self.url)));
         let info = self.url.as_str().into_connection_info().map_err(bad_url)?;

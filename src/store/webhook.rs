@@ -13,10 +13,10 @@ use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use parking_lot::Mutex;
 
-use super::{Loaded, Session, SessionStore, StoreError, StoreFuture};
+use super::{ConfigError, Loaded, Session, SessionStore, StoreError, StoreFuture};
 
 /// Enterprise Gateway's timeout for each webhook call.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -24,6 +24,8 @@ const DEFAULT_RETRIES: u32 = 3;
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long a connection to the service is kept open unused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The key of each element of a load answer.
 const SESSION_FIELD: &str = "kernel_session";
 
@@ -201,7 +203,8 @@ impl WebhookStoreBuilder {
         self
     }
 
-    /// The longest one attempt (request and whole answer) may take.
+    /// The longest one attempt (request and whole answer) may take (above
+    /// zero: [`build`](Self::build) refuses a zero timeout).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -224,13 +227,16 @@ impl WebhookStoreBuilder {
     }
 
     /// The store. Fails with an [`other`](StoreError::is_other) error if the
-    /// URL cannot be parsed, is not an `http://` URL, has a port that is not
+    /// timeout is zero, or if the URL cannot be parsed, is not an `http://` URL, has a port that is not
     /// a number, or holds an `@` anywhere (credentials, as in
     /// `http://user:password@host/...`, would not be sent, and a password
     /// holding `/`, `?` or `#` would turn the rest into a path: use
     /// [`basic_auth`](Self::basic_auth) or [`digest_auth`](Self::digest_auth);
     /// write an `@` in a path as `%40`).
     pub fn build(self) -> Result<WebhookStore, StoreError> {
+        if self.timeout.is_zero() {
+            return Err(super::zero_timeout("webhook"));
+        }
         let shown = redact(&self.url);
         let uri: Uri = self
             .url
@@ -262,7 +268,13 @@ impl WebhookStoreBuilder {
         }
         let path = uri.path().trim_end_matches('/').to_owned();
         let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        // With a timer the pool closes connections idle for a minute
+        // (without one it only skips them when it next picks a connection,
+        // and keeps them open meanwhile).
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .build_http();
         Ok(WebhookStore {
             inner: Arc::new(Inner {
                 origin: format!("http://{authority}"),
@@ -760,18 +772,6 @@ impl fmt::Display for ShapeError {
 
 impl StdError for ShapeError {}
 
-/// A configuration the store cannot work with.
-#[derive(Debug)]
-struct ConfigError(String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl StdError for ConfigError {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -802,6 +802,17 @@ mod tests {
         }
         assert!(store.inner.session_path("...").is_ok());
         assert!(store.inner.session_path(".a").is_ok());
+    }
+
+    #[test]
+    fn a_zero_timeout_is_refused() {
+        let builder = WebhookStore::builder("http://h/api");
+        let err = builder.timeout(Duration::ZERO).build().unwrap_err();
+        assert!(err.is_other(), "{err:?}");
+        let why = std::error::Error::source(&err).unwrap().to_string();
+        assert!(why.contains("above zero"), "{why}");
+        let builder = WebhookStore::builder("http://h/api");
+        assert!(builder.timeout(Duration::from_millis(1)).build().is_ok());
     }
 
     #[test]
