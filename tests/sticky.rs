@@ -18,7 +18,8 @@ use tower_ha::error::{find, InvalidRequest};
 use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::sticky::{
     Availability, CookieInsert, MoveReason, RestorePanicked, RestoreTimedOut, SessionKey,
-    SessionMoved, SessionUnavailable, Sticky, StickyLayer, DEFAULT_RESTORE_TIMEOUT,
+    SessionMoved, SessionUnavailable, Sticky, StickyLayer, DEFAULT_RESPONSE_WAIT,
+    DEFAULT_RESTORE_TIMEOUT,
 };
 use tower_ha::store::{
     Loaded, MemoryStore, Session, SessionGuard, SessionLock, SessionStore, StoreFuture,
@@ -1325,6 +1326,104 @@ async fn the_layer_and_its_services_end_and_forget_alike() {
     assert_eq!(svc.forget_all(), 1, "s3 was left");
     assert!(layer.session("s3").is_none());
     assert_eq!(store.len(), 2);
+}
+
+/// Saves after `delay`.
+struct SlowSaves(MemoryStore, Duration);
+
+impl SessionStore for SlowSaves {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        self.0.load_all()
+    }
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        self.0.load(key)
+    }
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            tokio::time::sleep(self.1).await;
+            self.0.save(session).await
+        })
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        self.0.delete(keys)
+    }
+}
+
+/// A store that hangs delays a new session's response by the response
+/// wait at most; its save goes on and lands, and a flush waits for it.
+/// With no limit, the response waits for the save.
+#[tokio::test(start_paused = true)]
+async fn a_response_waits_for_a_slow_store_until_the_response_wait() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let slow = SlowSaves(store.clone(), Duration::from_secs(300));
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), slow);
+    let started = tokio::time::Instant::now();
+    send(&svc, session("s1")).await.unwrap();
+    assert_eq!(started.elapsed(), DEFAULT_RESPONSE_WAIT);
+    assert!(store.load("s1").await.unwrap().is_none(), "not saved yet");
+    layer.flush().await;
+    assert_eq!(started.elapsed(), Duration::from_secs(300));
+    assert!(store.load("s1").await.unwrap().is_some(), "saved");
+
+    let slow = SlowSaves(store.clone(), Duration::from_secs(300));
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(slow)
+        .response_wait(Duration::ZERO);
+    let svc = stack(&c.pool, layer);
+    let started = tokio::time::Instant::now();
+    send(&svc, session("s2")).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(300));
+    assert!(store.load("s2").await.unwrap().is_some(), "saved");
+}
+
+/// An `on_move` hook that hangs holds its response for the response wait
+/// and is stopped at the move timeout.
+#[tokio::test(start_paused = true)]
+async fn an_on_move_hook_that_hangs_is_stopped_at_the_move_timeout() {
+    /// Notes when the hook's future is dropped.
+    struct Dropped(Arc<Mutex<Option<tokio::time::Instant>>>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            *self.0.lock() = Some(tokio::time::Instant::now());
+        }
+    }
+    let c = cluster();
+    let dropped = Arc::new(Mutex::new(None));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hook = {
+        let (dropped, calls) = (dropped.clone(), calls.clone());
+        move |_: SessionMoved| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let guard = Dropped(dropped.clone());
+            async move {
+                let _guard = guard;
+                std::future::pending::<Result<(), BoxError>>().await
+            }
+        }
+    };
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .on_move(hook)
+        .move_timeout(Duration::from_secs(40))
+        .response_wait(Duration::from_secs(15));
+    let svc = stack(&c.pool, layer.clone());
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+    c.fail[home.as_str()].store(true, Ordering::SeqCst);
+    send(&svc, session("s1")).await.unwrap_err();
+
+    let started = tokio::time::Instant::now();
+    let moved = tokio::time::timeout(Duration::from_secs(600), send(&svc, session("s1")))
+        .await
+        .expect("the response is handed on")
+        .unwrap();
+    assert_ne!(moved.body(), &home);
+    assert_eq!(started.elapsed(), Duration::from_secs(15));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(dropped.lock().is_none(), "still running");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let at = dropped.lock().expect("stopped");
+    assert_eq!(at - started, Duration::from_secs(40));
+    assert_eq!(layer.stats().moved, 1);
 }
 
 /// A response waits for the save its request decided, but a client that

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -73,25 +74,45 @@ pin_project! {
 
 /// The writes and hooks of a response, run to their end in a task of
 /// their own (so that a client gone meanwhile does not stop an `on_move`
-/// hook half-way), or in the response's future outside a runtime.
+/// hook half-way), waited for until the layer's `response_wait` at most;
+/// or in the response's future outside a runtime.
 enum Finishing {
-    Spawned(tokio::task::JoinHandle<()>),
+    Spawned {
+        task: tokio::task::JoinHandle<()>,
+        // Boxed: only responses with writes wait, and a timer would make
+        // every response future larger.
+        limit: Option<Pin<Box<tokio::time::Sleep>>>,
+    },
     Inline(BoxFuture<()>),
 }
 
 impl Finishing {
-    fn new(work: BoxFuture<()>) -> Self {
+    fn new(work: BoxFuture<()>, limit: Duration) -> Self {
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => Finishing::Spawned(runtime.spawn(work)),
+            Ok(runtime) => Finishing::Spawned {
+                task: runtime.spawn(work),
+                limit: (!limit.is_zero()).then(|| Box::pin(tokio::time::sleep(limit))),
+            },
             Err(_) => Finishing::Inline(work),
         }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match self {
-            // A hook that panicked has been reported by its task; the
-            // response goes on, as after a hook's error.
-            Finishing::Spawned(task) => Pin::new(task).poll(cx).map(drop),
+            Finishing::Spawned { task, limit } => {
+                // A hook that panicked has been reported by its task; the
+                // response goes on, as after a hook's error.
+                if Pin::new(task).poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                let Some(limit) = limit else {
+                    return Poll::Pending;
+                };
+                ready!(limit.as_mut().poll(cx));
+                // The task goes on without its handle.
+                tracing::warn!(target: super::shared::TARGET, "a response was handed on before its session's store writes or on_move hook finished");
+                Poll::Ready(())
+            }
             Finishing::Inline(work) => work.as_mut().poll(cx),
         }
     }
@@ -220,7 +241,7 @@ where
                                 unreachable!("a response")
                             };
                             this.state.set(State::Finishing {
-                                work: Finishing::new(work),
+                                work: Finishing::new(work, this.shared.config.response_wait),
                                 response: result.ok(),
                             })
                         }

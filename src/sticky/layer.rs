@@ -21,6 +21,13 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The default maximum number of sessions in the table.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
+/// The default time limit of the `on_move` hook.
+pub const DEFAULT_MOVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default longest wait of a response for its store writes and its
+/// `on_move` hook.
+pub const DEFAULT_RESPONSE_WAIT: Duration = Duration::from_secs(10);
+
 /// The default time limit of the `on_restore` hook, per session.
 pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -41,6 +48,8 @@ pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// | [`on_move`](StickyLayer::on_move), [`on_restore`](StickyLayer::on_restore) | none |
 /// | [`hydrate`](StickyLayer::hydrate) | none: `on_restore` runs in [`restore`](StickyLayer::restore) only |
 /// | [`restore_timeout`](StickyLayer::restore_timeout) | 30 seconds per session |
+/// | [`move_timeout`](StickyLayer::move_timeout) | 30 seconds |
+/// | [`response_wait`](StickyLayer::response_wait) | 10 seconds |
 #[derive(Clone)]
 pub struct StickyLayer {
     pub(crate) shared: Arc<Shared>,
@@ -61,6 +70,8 @@ impl StickyLayer {
             refresh: None,
             on_restore: None,
             restore_timeout: DEFAULT_RESTORE_TIMEOUT,
+            move_timeout: DEFAULT_MOVE_TIMEOUT,
+            response_wait: DEFAULT_RESPONSE_WAIT,
             lock: None,
             events: None,
         })
@@ -175,8 +186,10 @@ impl StickyLayer {
     /// Calls `hook` after a session moved and its record was saved, before
     /// the response that moved it is handed on, so the application can
     /// rebuild the session's state on its new backend. The hook runs in a
-    /// task of its own, to its end even if the client goes away meanwhile.
-    /// A hook error is logged; the response is still returned.
+    /// task of its own, to its end even if the client goes away meanwhile,
+    /// for at most [`move_timeout`](Self::move_timeout); the response waits
+    /// for it for at most [`response_wait`](Self::response_wait). A hook
+    /// error is logged; the response is still returned.
     pub fn on_move<F, Fut>(self, hook: F) -> Self
     where
         F: Fn(SessionMoved) -> Fut + Send + Sync + 'static,
@@ -220,6 +233,32 @@ impl StickyLayer {
     /// `limit`, the hook runs without a limit.
     pub fn restore_timeout(self, limit: Duration) -> Self {
         self.with(|c| c.restore_timeout = limit)
+    }
+
+    /// The longest the `on_move` hook may run (default
+    /// [30 seconds](DEFAULT_MOVE_TIMEOUT)): a hook still running then is
+    /// stopped (dropped at its next await) and a warning logged, so that a
+    /// hook that hangs does not keep its task for good. Zero for no limit.
+    /// Measured with `tokio::time`; outside a tokio runtime the hook runs
+    /// without a limit.
+    pub fn move_timeout(self, limit: Duration) -> Self {
+        self.with(|c| c.move_timeout = limit)
+    }
+
+    /// The longest a response waits for the store writes its request
+    /// decided (a new session's save, a move's, an end's delete) and for
+    /// the `on_move` hook (default [10 seconds](DEFAULT_RESPONSE_WAIT)).
+    /// The wait lets the next request, through any replica, find the
+    /// session as this one left it, and the hook rebuild the session's
+    /// state before the client comes back. Past it the response is handed
+    /// on with a warning, and the writes and the hook go on in their task
+    /// ([`flush`](Self::flush) still waits for the writes): a store that
+    /// hangs delays its sessions' first responses by this much at most
+    /// rather than by its own timeouts and retries. Zero for no limit.
+    /// Measured with `tokio::time`; outside a tokio runtime a response
+    /// waits without a limit.
+    pub fn response_wait(self, limit: Duration) -> Self {
+        self.with(|c| c.response_wait = limit)
     }
 
     /// Restores the sessions loaded from the store in

@@ -88,7 +88,10 @@ pub use cookie::{CookieInsert, MAX_COOKIE_AGE};
 pub use error::{CookieConfigError, RestorePanicked, RestoreTimedOut, SessionUnavailable};
 pub use hooks::{MoveReason, RestoreFailure, RestoreReport, SessionMoved};
 pub use key::{SessionKey, MAX_COOKIE_HEADER, MAX_KEY_LEN};
-pub use layer::{StickyLayer, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, DEFAULT_RESTORE_TIMEOUT};
+pub use layer::{
+    StickyLayer, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, DEFAULT_MOVE_TIMEOUT,
+    DEFAULT_RESPONSE_WAIT, DEFAULT_RESTORE_TIMEOUT,
+};
 pub use service::Sticky;
 pub(crate) use shared::Shared;
 pub use stats::StickyStats;

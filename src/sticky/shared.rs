@@ -32,7 +32,7 @@ use crate::store::{Session, SessionGuard, SessionLock, SessionStore, StoreError}
 use crate::task::AbortOnDrop;
 use crate::time::{claim_due, elapsed};
 
-const TARGET: &str = "tower_ha::sticky";
+pub(super) const TARGET: &str = "tower_ha::sticky";
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -98,6 +98,10 @@ pub(crate) struct Config {
     pub(crate) on_restore: Option<OnRestore>,
     /// How long `on_restore` may run for one session.
     pub(crate) restore_timeout: Duration,
+    /// How long `on_move` may run.
+    pub(crate) move_timeout: Duration,
+    /// How long a response waits for its writes and `on_move` hook.
+    pub(crate) response_wait: Duration,
     pub(crate) lock: Option<Arc<dyn SessionLock>>,
     pub(crate) events: Option<crate::control::Events>,
 }
@@ -116,6 +120,8 @@ impl Clone for Config {
             on_move: self.on_move.clone(),
             on_restore: self.on_restore.clone(),
             restore_timeout: self.restore_timeout,
+            move_timeout: self.move_timeout,
+            response_wait: self.response_wait,
             lock: self.lock.clone(),
             events: self.events.clone(),
         }
@@ -135,6 +141,8 @@ impl fmt::Debug for Config {
             .field("on_move", &self.on_move.is_some())
             .field("on_restore", &self.on_restore.is_some())
             .field("restore_timeout", &self.restore_timeout)
+            .field("move_timeout", &self.move_timeout)
+            .field("response_wait", &self.response_wait)
             .field("lock", &self.lock.is_some())
             .finish()
     }
@@ -1472,6 +1480,7 @@ impl Shared {
         if work.writes.is_empty() && hook.is_none() {
             return None;
         }
+        let limit = self.config.move_timeout;
         Some(Box::pin(async move {
             // A failure was counted and logged where it happened.
             for done in work.writes {
@@ -1479,8 +1488,22 @@ impl Shared {
             }
             if let (Some(hook), Some(moved)) = (hook, work.moved) {
                 let key = moved.session.key.clone();
-                if let Err(error) = hook(moved).await {
-                    tracing::warn!(target: TARGET, session = %key, error = %crate::error::Report(&*error), "on_move hook failed");
+                let run = hook(moved);
+                // Without a runtime there is no timer to measure it.
+                let limited = !limit.is_zero() && tokio::runtime::Handle::try_current().is_ok();
+                let ran = if limited {
+                    tokio::time::timeout(limit, run).await
+                } else {
+                    Ok(run.await)
+                };
+                match ran {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(target: TARGET, session = %key, error = %crate::error::Report(&*error), "on_move hook failed");
+                    }
+                    Err(_) => {
+                        tracing::warn!(target: TARGET, session = %key, ?limit, "on_move hook ran past its limit; stopped");
+                    }
                 }
             }
         }))
