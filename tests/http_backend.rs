@@ -220,6 +220,28 @@ async fn options_asterisk_is_refused_under_a_base_path() {
     assert!(body.starts_with("OPTIONS *|"), "{body}");
 }
 
+/// An authority-form target (`host:port`) belongs to CONNECT alone: with
+/// another method it is refused, not sent as a request for `/`. An
+/// absolute-form target without a path asks for `/`.
+#[tokio::test]
+async fn an_authority_form_target_is_refused() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let req = Request::get("public.example:80")
+        .body(Full::default())
+        .unwrap();
+    let err = backend.clone().oneshot(req).await.unwrap_err();
+    assert!(err.is::<InvalidRequest>(), "{err}");
+    assert_eq!(gateway_status(&*err), StatusCode::BAD_REQUEST);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was sent");
+    let req = Request::get("http://public.example")
+        .body(Full::default())
+        .unwrap();
+    let body = body_of(backend.oneshot(req).await.unwrap()).await;
+    assert!(body.starts_with("GET /|"), "{body}");
+}
+
 #[tokio::test]
 async fn a_refused_connection_is_not_sent() {
     let port = support::http::refused().await.port();

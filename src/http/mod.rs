@@ -742,6 +742,14 @@ impl<B> HttpBackend<B> {
                 })?
             }
             Some(pq) => pq.clone(),
+            // An authority-form target (`host:port`) names a host to
+            // tunnel to, not a resource: only CONNECT, refused above, has
+            // one. Taken for `/`, it would ask the backend for its root.
+            None if req.uri().scheme().is_none() && req.uri().authority().is_some() => {
+                return Err(InvalidRequest::new(
+                    "an authority-form target (host:port) is only for CONNECT",
+                ));
+            }
             None => PathAndQuery::from_static("/"),
         };
         let target_host = match req.uri().authority() {
