@@ -1,7 +1,8 @@
 //! The baseline of the head-to-head benchmark (`benches/proxy/run.sh`): a
 //! round-robin reverse proxy written with hyper's server and hyper-util's
 //! pooled client alone, without tower-ha (no failover, no health checks, no
-//! `X-Forwarded-For`). It shows what the HTTP stack costs by itself.
+//! `X-Forwarded-For`, hop-by-hop headers passed on as they came). It shows
+//! what the HTTP stack costs by itself; it is not a proxy to deploy.
 //!
 //! ```sh
 //! cargo run --release --features hyper-client --example hyper_proxy -- \
