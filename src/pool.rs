@@ -394,8 +394,6 @@ impl<S> Pool<S> {
         self.shared.current.load().members.index_of(id).is_some()
     }
 
-    /// Makes the queue of requests waiting for a place on this pool's
-    /// backends, if no balancer that lets requests wait made it already.
     /// New backends (not those returning with a kept state) start
     /// unhealthy until the guard is dropped.
     pub(crate) fn start_unhealthy(&self) -> StartUnhealthy {
@@ -403,6 +401,8 @@ impl<S> Pool<S> {
         StartUnhealthy(self.shared.unprobed.clone())
     }
 
+    /// Makes the queue of requests waiting for a place on this pool's
+    /// backends, if no balancer that lets requests wait made it already.
     pub(crate) fn open_room(&self) {
         let _writer = self.shared.writer.lock();
         let room = self.shared.room.get_or_init(Arc::default);

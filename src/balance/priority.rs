@@ -13,7 +13,8 @@ use crate::backend::BackendId;
 use crate::control::{Event, Events, SwitchReason};
 use crate::pool::Members;
 
-/// Matches no table's build (an empty membership has no pick to cache).
+/// Before any build. It is also the number of an empty default membership,
+/// which never caches a pick: a pick on an empty pool returns early.
 const NO_BUILD: u64 = 0;
 
 /// Numbers group states: each `Priority::new`, and each builder call that

@@ -172,10 +172,10 @@ impl StickyLayer {
         self.with(|c| c.refresh = Some(every))
     }
 
-    /// The most sessions the table holds (at least 1). A full table evicts
-    /// an eighth: first sessions held in memory only (such as learned
-    /// cookie values the application never confirmed), then the least
-    /// recently used; evicted sessions stay in the store.
+    /// The most sessions the table holds (at least 1). A full table drops
+    /// an eighth: first idle sessions not swept yet, then sessions held in
+    /// memory only (such as learned cookie values no response confirmed),
+    /// then the least recently used; they stay in the store.
     /// From 8192 on the table is split into shards (at most 64) with an
     /// equal share each, and a full shard evicts its own eighth, so an
     /// eviction pauses only the requests of one shard.
@@ -239,7 +239,8 @@ impl StickyLayer {
     /// [30 seconds](DEFAULT_MOVE_TIMEOUT)): a hook still running then is
     /// stopped (dropped at its next await) and a warning logged, so that a
     /// hook that hangs does not keep its task for good. Zero for no limit.
-    /// Measured with `tokio::time`; outside a tokio runtime the hook runs
+    /// Measured with `tokio::time` (the runtime's timer must be enabled,
+    /// as `#[tokio::main]` does); outside a tokio runtime the hook runs
     /// without a limit.
     pub fn move_timeout(self, limit: Duration) -> Self {
         self.with(|c| c.move_timeout = limit)
@@ -255,7 +256,8 @@ impl StickyLayer {
     /// ([`flush`](Self::flush) still waits for the writes): a store that
     /// hangs delays its sessions' first responses by this much at most
     /// rather than by its own timeouts and retries. Zero for no limit.
-    /// Measured with `tokio::time`; outside a tokio runtime a response
+    /// Measured with `tokio::time` (the runtime's timer must be enabled,
+    /// as `#[tokio::main]` does); outside a tokio runtime a response
     /// waits without a limit.
     pub fn response_wait(self, limit: Duration) -> Self {
         self.with(|c| c.response_wait = limit)

@@ -13,10 +13,12 @@
 //! the read lock and updates the entry's
 //! last-seen time with a relaxed atomic store, so hits never contend with
 //! each other. Inserts take the write lock of their shard. When an insert
-//! finds its shard full it evicts an eighth of the shard at once, the
-//! sessions held in memory only (made-up learned values, records not
-//! read) before the others, least recently seen first (one `O(n)` selection amortised over `n / 8` inserts, `n` the
-//! shard's size, which bounds the pause of the shard's other requests);
+//! finds its shard full it drops an eighth of the shard at once: idle
+//! entries, then those held in memory only (learned values no response
+//! confirmed, records not read), then the others, least recently seen
+//! first within each (one `O(n)` selection amortised over `n / 8`
+//! inserts, `n` the shard's size, which bounds the pause of the shard's
+//! other requests);
 //! idle entries are dropped lazily when looked up and by a sweep that runs
 //! at most once per half idle period, on insert, one shard after the other.
 //! A session kept in memory because its record could not be read is due
@@ -601,7 +603,8 @@ impl Table {
     /// Inserts or replaces `key`, evicting first when the table is full.
     fn put_locked(&self, map: &mut Map, dropped: &mut Dropped, key: Key, entry: Entry) -> Hit {
         if !map.contains_key(&key) && map.len() >= self.max {
-            dropped.evicted += evict_oldest(map, self.max);
+            let now = self.now();
+            evict_oldest(map, self.max, |e| self.is_idle(e, now), dropped);
         }
         let hit = hit_of(&key.0, &entry);
         map.insert(key, entry);
@@ -785,41 +788,45 @@ impl Table {
     }
 }
 
-/// Evicts an eighth of a full shard (at least one entry): first the
-/// sessions whose changes are not saved (a learned value the application
-/// has not confirmed, a record kept in memory that the store holds), least
-/// recently seen first, then the least recently seen of the others. So
-/// made-up session values, one per request, push out one another rather
-/// than the sessions an application confirmed, which a table without a
-/// store could not get back. Finds the rank that eighth ends at, then
-/// drops the entries below it and as many at it as the eighth still
-/// needs: two passes over the shard, cloning no key. Returns how many were
-/// evicted.
-fn evict_oldest(map: &mut Map, max: usize) -> u64 {
+/// Drops an eighth of a full shard (at least one entry): first the idle
+/// sessions the sweep has not dropped yet (counted as expired), then the
+/// sessions whose changes are not saved (a learned value no response
+/// confirmed, a record kept in memory that the store holds), least recently
+/// seen first, then the least recently seen of the others (counted as
+/// evicted). So made-up session values, one per request, push out one
+/// another rather than the sessions an application confirmed, which a
+/// table without a store could not get back. Finds the rank that eighth
+/// ends at, then drops the entries below it and as many at it as the
+/// eighth still needs: two passes over the shard, cloning no key.
+fn evict_oldest(map: &mut Map, max: usize, idle: impl Fn(&Entry) -> bool, dropped: &mut Dropped) {
     let target = (max / 8).max(1).min(map.len());
     if target == 0 {
-        return 0;
+        return;
     }
-    // Unsaved before saved, then by last seen (nanoseconds since the
-    // table's epoch, below 2^63 for centuries). Under the write lock no hit
-    // can mark an entry seen meanwhile.
+    // Saved and not idle above the others, then by last seen (nanoseconds
+    // since the table's epoch, below 2^63 for centuries; an idle entry was
+    // last seen before any other). Under the write lock no hit can mark an
+    // entry seen meanwhile.
     let rank = |e: &Entry| {
-        let saved = u64::from(e.saved.load(Ordering::Relaxed)) << 63;
-        saved | e.last_seen.load(Ordering::Relaxed).min(u64::MAX >> 1)
+        let saved = e.saved.load(Ordering::Relaxed) && !idle(e);
+        (u64::from(saved) << 63) | e.last_seen.load(Ordering::Relaxed).min(u64::MAX >> 1)
     };
     let mut ranks: Vec<u64> = map.values().map(rank).collect();
     let (below, &mut last, _) = ranks.select_nth_unstable(target - 1);
     let mut at_last = target - below.iter().filter(|&&r| r < last).count();
     map.retain(|_, e| {
         let r = rank(e);
-        if r == last && at_last > 0 {
-            at_last -= 1;
-            false
-        } else {
-            r >= last
+        let gone = r < last || (r == last && at_last > 0);
+        if gone {
+            at_last -= usize::from(r == last);
+            if idle(e) {
+                dropped.expired += 1;
+            } else {
+                dropped.evicted += 1;
+            }
         }
+        !gone
     });
-    target as u64
 }
 
 /// Compares two byte strings in time that depends only on their lengths
@@ -923,6 +930,31 @@ mod tests {
         assert!(t.get(b"k0", None).hit.is_some() && t.get(b"k1", None).hit.is_some());
         assert!(t.get(b"k2", None).hit.is_none() && t.get(b"k3", None).hit.is_none());
         assert!(t.get(b"k4", None).hit.is_some() && t.get(b"new", None).hit.is_some());
+    }
+
+    /// Idle sessions the sweep has not reached yet go first, as expired,
+    /// even saved ones before sessions held in memory only.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_drops_idle_sessions_first() {
+        let t = Table::new(Duration::from_secs(100), 16, false);
+        for i in 0..8 {
+            t.insert(session(&format!("s{i}"), "x"), None);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for i in 0..8 {
+            t.insert_if_absent(session(&format!("m{i}"), "x"), None, Kept::Memory);
+        }
+        // The s* are idle; the last sweep ran at 60 s, the next is due at
+        // 110 s.
+        tokio::time::advance(Duration::from_secs(45)).await;
+        let (_, dropped) = t.insert(session("new", "x"), None);
+        assert_eq!((dropped.expired, dropped.evicted), (2, 0));
+        let present = |prefix: &str| {
+            (0..8)
+                .filter(|i| t.session(&format!("{prefix}{i}")).is_some())
+                .count()
+        };
+        assert_eq!((present("s"), present("m")), (6, 8));
     }
 
     #[tokio::test(start_paused = true)]
