@@ -422,8 +422,10 @@ fn ends(attr: &[u8]) -> Option<Ends> {
 /// also delete. A browser keeps one cookie per name, path and domain, so
 /// a deletion ends only a value set with the same path and domain (a
 /// response that sets a new session and clears a legacy one of the same
-/// name on another path leaves the new one); a deletion without a `Path`
-/// ends the values of every path.
+/// name on another path leaves the new one). A line without a `Path` or a
+/// `Domain` has the request's (its default path, its host), which is not
+/// known here: a deletion ends any value whose scope may be its own, so
+/// that a session does not outlive its logout.
 pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h>> {
     let name = name.as_bytes();
     // Per path and domain, the value the last line leaves (`None`: deleted),
@@ -456,11 +458,16 @@ pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h
             }
         }
         let left = (!value.is_empty() && !max_age.unwrap_or(expires)).then_some(value);
-        // A line without a `Path` has the request's default path, which
-        // is not known here: a deletion without one is taken to end the
-        // value of any path.
-        let any_path = left.is_none() && path.is_empty();
-        scopes.retain(|&(p, d, _)| (p != path && !any_path) || !d.eq_ignore_ascii_case(domain));
+        // A value replaces the one of its exact scope; a deletion ends
+        // those of every scope that may be its own (an empty attribute
+        // stands for the request's, which may equal any).
+        let deletes = left.is_none();
+        let same = |a: &[u8], b: &[u8], eq: fn(&[u8], &[u8]) -> bool| {
+            eq(a, b) || (deletes && (a.is_empty() || b.is_empty()))
+        };
+        scopes.retain(|&(p, d, _)| {
+            !(same(p, path, |a, b| a == b) && same(d, domain, <[u8]>::eq_ignore_ascii_case))
+        });
         scopes.push((path, domain, left));
     }
     if scopes.is_empty() {
@@ -668,6 +675,48 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(SET_COOKIE, HeaderValue::from_static("JSESSIONID=; Path=/"));
         assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted));
+        // A line without a path or domain has the request's, which may be
+        // the deletion's: the deletion wins. Two values of scopes that
+        // may be one another's do not replace each other.
+        for (lines, left) in [
+            (["JSESSIONID=new", "JSESSIONID=; Path=/; Max-Age=0"], None),
+            (["JSESSIONID=new; Path=/x", "JSESSIONID=; Max-Age=0"], None),
+            (
+                [
+                    "JSESSIONID=new; Path=/",
+                    "JSESSIONID=; Path=/; Domain=app.example; Max-Age=0",
+                ],
+                None,
+            ),
+            (
+                ["JSESSIONID=; Path=/; Max-Age=0", "JSESSIONID=new"],
+                Some("new"),
+            ),
+            (
+                ["JSESSIONID=new; Path=/x", "JSESSIONID=other"],
+                Some("other"),
+            ),
+        ] {
+            let mut h = HeaderMap::new();
+            for line in lines {
+                h.append(SET_COOKIE, HeaderValue::from_static(line));
+            }
+            let expected = match left {
+                Some(v) => Learned::Set(v.as_bytes()),
+                None => Learned::Deleted,
+            };
+            assert_eq!(learn(&h, "JSESSIONID"), Some(expected), "{lines:?}");
+        }
+        let mut h = HeaderMap::new();
+        for line in [
+            "JSESSIONID=one; Domain=a.example",
+            "JSESSIONID=two; Path=/x",
+            "JSESSIONID=; Path=/x; Domain=b.example; Max-Age=0",
+        ] {
+            h.append(SET_COOKIE, HeaderValue::from_static(line));
+        }
+        // `two` did not replace `one`, and the deletion ends `two` alone.
+        assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Set(b"one")));
         // What learning says of `JSESSIONID=abc; {attrs}`.
         let learned = |attrs: &str| {
             let line = format!("JSESSIONID=abc; {attrs}");
