@@ -279,11 +279,18 @@ async fn a_response_that_sets_the_cookie_is_not_for_shared_caches() {
     for said in [
         "no-store",
         "Private=\"set-cookie\", max-age=60",
+        "private=\"x-user, Set-Cookie\"",
         "max-age=0,private",
     ] {
         let res = svc.clone().oneshot(asking(said)).await.unwrap();
         assert!(cookie_of(&res).is_some());
         assert_eq!(cache_control(&res), [said], "said already");
+    }
+    // `private` with fields that leave `Set-Cookie` out lets a shared
+    // cache keep the cookie.
+    for said in ["public, private=\"x-user\"", "max-age=60, x-private"] {
+        let res = svc.clone().oneshot(asking(said)).await.unwrap();
+        assert_eq!(cache_control(&res), [said, "private"]);
     }
     let svc = sticky_over(insert_cookie().mark_private(false));
     let res = svc.oneshot(asking("public")).await.unwrap();

@@ -257,8 +257,8 @@ impl CookieInsert {
     }
 
     /// Whether a response that carries the cookie is marked
-    /// `Cache-Control: private` (default `true`), unless it says `private`
-    /// or `no-store` already: a shared cache in front (a CDN) then does not
+    /// `Cache-Control: private` (default `true`), unless it says `private`,
+    /// `private` naming `Set-Cookie`, or `no-store` already: a shared cache in front (a CDN) then does not
     /// keep the response, and hand one client's cookie, its session, to
     /// every client it serves from cache. HAProxy's `cookie ... nocache`
     /// does the same. Only the responses that set the cookie are marked: a
@@ -274,13 +274,10 @@ impl CookieInsert {
         if !self.private {
             return;
         }
-        let said = headers.get_all(CACHE_CONTROL).iter().any(|value| {
-            value.as_bytes().split(|&b| b == b',').any(|directive| {
-                let name = directive.split(|&b| b == b'=').next().unwrap_or_default();
-                let name = name.trim_ascii();
-                name.eq_ignore_ascii_case(b"private") || name.eq_ignore_ascii_case(b"no-store")
-            })
-        });
+        let said = headers
+            .get_all(CACHE_CONTROL)
+            .iter()
+            .any(|value| keeps_cookie_private(value.as_bytes()));
         if !said {
             headers.append(CACHE_CONTROL, HeaderValue::from_static("private"));
         }
@@ -481,6 +478,38 @@ pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h
 
 /// A cookie's path and domain, and the value a `Set-Cookie` left it with.
 type Scope<'h> = (&'h [u8], &'h [u8], Option<&'h [u8]>);
+
+/// Whether a `Cache-Control` value keeps a response's `Set-Cookie` from
+/// shared caches: `no-store`, `private`, or `private` with a list of fields
+/// that names it (`private="set-cookie"`; a shared cache may store the
+/// response without the fields named).
+fn keeps_cookie_private(value: &[u8]) -> bool {
+    // Directives are split at commas outside quoted strings.
+    let mut quoted = false;
+    value
+        .split(|&b| {
+            quoted ^= b == b'"';
+            b == b',' && !quoted
+        })
+        .any(|directive| {
+            let (name, fields) = match directive.iter().position(|&b| b == b'=') {
+                Some(eq) => (&directive[..eq], Some(&directive[eq + 1..])),
+                None => (directive, None),
+            };
+            let name = name.trim_ascii();
+            if name.eq_ignore_ascii_case(b"no-store") {
+                return true;
+            }
+            if !name.eq_ignore_ascii_case(b"private") {
+                return false;
+            }
+            fields.is_none_or(|fields| {
+                unquote(fields.trim_ascii())
+                    .split(|&b| b == b',')
+                    .any(|f| f.trim_ascii().eq_ignore_ascii_case(b"set-cookie"))
+            })
+        })
+}
 
 /// The value of attribute `name` (any case) in `attr`, if it is that one.
 fn attribute<'a>(attr: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
