@@ -423,7 +423,7 @@ impl<S: Clone> Pool<S> {
     /// than [`keep_removed_for`](Self::keep_removed_for) ago comes back
     /// with its state (its weight included).
     pub fn insert(&self, id: impl Into<BackendId>, service: S) {
-        self.upsert(id.into(), service, None, |_| {});
+        self.upsert(id.into(), service, None, true, |_| {});
     }
 
     /// Adds a backend with `weight` (0 counts as 1), or replaces the service
@@ -431,23 +431,20 @@ impl<S: Clone> Pool<S> {
     /// discovery stream removed recently comes back with its state, as
     /// with [`insert`](Self::insert), and `weight`.
     pub fn insert_weighted(&self, id: impl Into<BackendId>, service: S, weight: u32) {
-        self.upsert(id.into(), service, Some(weight), |_| {});
+        self.upsert(id.into(), service, Some(weight), true, |_| {});
     }
 
     /// Adds a new backend, or one returning with its kept state, whose
     /// state `prepare` sets up before any balancer sees it; `false` (and no
-    /// change) when `id` is a member already.
+    /// change) when `id` is a member already, as found under the writer's
+    /// lock.
     pub(crate) fn insert_new(
         &self,
         id: BackendId,
         service: S,
         prepare: impl FnOnce(&BackendState),
     ) -> bool {
-        if self.contains(&id) {
-            return false;
-        }
-        self.upsert(id, service, None, prepare);
-        true
+        self.upsert(id, service, None, false, prepare)
     }
 
     /// Adds a backend that shares an existing [`BackendState`] (for example
@@ -475,15 +472,20 @@ impl<S: Clone> Pool<S> {
         });
     }
 
+    /// Adds backend `id`, or replaces an existing one's service and
+    /// weight if `replace`; returns whether it added it.
     fn upsert(
         &self,
         id: BackendId,
         service: S,
         weight: Option<u32>,
+        replace: bool,
         prepare: impl FnOnce(&BackendState),
-    ) {
+    ) -> bool {
+        let mut added = false;
         self.change(
             |members, services| match members.iter().position(|m| m.id == id) {
+                Some(_) if !replace => {}
                 Some(i) => {
                     if let Some(w) = weight {
                         members[i].state.store_weight(w);
@@ -509,9 +511,11 @@ impl<S: Clone> Pool<S> {
                     prepare(&state);
                     members.push(Member { id, state });
                     services.push(service);
+                    added = true;
                 }
             },
         );
+        added
     }
 
     /// Removes backend `id`; returns whether it was present. Requests

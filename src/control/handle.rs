@@ -669,21 +669,23 @@ impl Handle {
         // Under the actions' lock: of two concurrent additions of one id,
         // the second finds the first's backend.
         let _actions = self.inner.drains.lock();
-        if pool.contains(&id) {
+        let admin = live_states(&self.inner, &id)
+            .first()
+            .map(|state| state.admin());
+        // The status is the backend's before any balancer can see it; a
+        // member already (added by a discovery stream, say) is left as it
+        // is.
+        let added = pool.insert_new(id.clone(), service, |state| {
+            if let Some(admin) = admin {
+                state.set_admin(admin);
+            }
+        });
+        if !added {
             return Err(ControlError::DuplicateBackend {
                 group: group.to_owned(),
                 backend: id.to_string(),
             });
         }
-        let admin = live_states(&self.inner, &id)
-            .first()
-            .map(|state| state.admin());
-        // The status is the backend's before any balancer can see it.
-        pool.insert_new(id.clone(), service, |state| {
-            if let Some(admin) = admin {
-                state.set_admin(admin);
-            }
-        });
         self.inner.events.emit(Event::BackendAdded {
             group: Some(g.name.clone()),
             backend: id,
