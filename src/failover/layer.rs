@@ -160,6 +160,15 @@ impl<C> FailoverLayer<C> {
     /// body is not bounded by this layer; `HttpBackend` bounds it with its
     /// client's `read_timeout`).
     ///
+    /// It runs from the attempt's call: it includes a wait in the
+    /// balancer's queue, the connection's opening inside `HttpBackend`, and
+    /// a streamed upload (a body over the buffer limit) as the client sends
+    /// it, and an attempt that times out counts as a failure of its backend
+    /// for the health layer. So choose it above the `HttpClient`'s
+    /// `connect_timeout` (a POST timed out while its connection was still
+    /// opening is not retried: the layer cannot tell it was not sent) and
+    /// above the time a slow client takes to upload what you accept.
+    ///
     /// A zero `timeout` means none (the default), rather than one that
     /// abandons every attempt, and every backend with it.
     pub fn per_try_timeout(mut self, timeout: Duration) -> Self {
