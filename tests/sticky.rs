@@ -1439,28 +1439,10 @@ async fn an_on_move_hook_that_hangs_is_stopped_at_the_move_timeout() {
 /// layer or any of its services.
 #[tokio::test(start_paused = true)]
 async fn a_flush_waits_for_the_saves_of_requests_gone() {
-    /// Saves after a second.
-    struct Slow(MemoryStore);
-    impl SessionStore for Slow {
-        fn load_all(&self) -> StoreFuture<'_, Loaded> {
-            self.0.load_all()
-        }
-        fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
-            self.0.load(key)
-        }
-        fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
-            Box::pin(async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                self.0.save(session).await
-            })
-        }
-        fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
-            self.0.delete(keys)
-        }
-    }
     let c = cluster();
     let store = MemoryStore::new();
-    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), Slow(store.clone()));
+    let slow = SlowSaves(store.clone(), Duration::from_secs(1));
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), slow);
     // The response waits for its session's save; its client leaves.
     let leave = |key| {
         let svc = svc.clone();
