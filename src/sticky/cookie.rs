@@ -256,13 +256,13 @@ impl CookieInsert {
         self
     }
 
-    /// Whether a response that carries the cookie is marked
-    /// `Cache-Control: private` (default `true`), unless it says `private`,
-    /// `private` naming `Set-Cookie`, or `no-store` already: a shared cache in front (a CDN) then does not
-    /// keep the response, and hand one client's cookie, its session, to
-    /// every client it serves from cache. HAProxy's `cookie ... nocache`
-    /// does the same. Only the responses that set the cookie are marked: a
-    /// session's first, and those that move it or renew the cookie.
+    /// Whether a response that carries the cookie is marked `Cache-Control:
+    /// private` (default `true`), unless it says `private`, `private` naming
+    /// `Set-Cookie`, or `no-store` already: a shared cache in front (a CDN)
+    /// then does not keep the response, and hand one client's cookie, its
+    /// session, to every client it serves from cache. HAProxy's `cookie ...
+    /// nocache` does the same. Only the responses that set the cookie are
+    /// marked: a session's first, and those that move it or renew the cookie.
     pub fn mark_private(mut self, private: bool) -> Self {
         self.private = private;
         self

@@ -254,12 +254,12 @@ impl FileStore {
     /// * `ttl` is taken as at least 1 ms and at most about a century.
     ///
     /// Expiry follows the system clock: a jump forward by more than `ttl`
-    /// expires every record, and the sticky layer writes the sessions in
-    /// use again at their next refresh; after a jump back, a record written
-    /// before it is kept until the clock passes its time again. A prune never removes a record this
-    /// process is writing, but may remove one a load is returning at the
-    /// moment it expires (written again at its next refresh too), and one
-    /// another process writes into the same directory as it is renewed (one
+    /// expires every record, and the sticky layer writes the sessions in use
+    /// again at their next refresh; after a jump back, a record written before
+    /// it is kept until the clock passes its time again. A prune never removes
+    /// a record this process is writing, but may remove one a load is returning
+    /// at the moment it expires (written again at its next refresh too), and
+    /// one another process writes into the same directory as it is renewed (one
     /// process should own a directory).
     ///
     /// ```

@@ -227,12 +227,12 @@ impl WebhookStoreBuilder {
     }
 
     /// The store. Fails with an [`other`](StoreError::is_other) error if the
-    /// timeout is zero, or if the URL cannot be parsed, is not an `http://` URL, has a port that is not
-    /// a number, or holds an `@` anywhere (credentials, as in
-    /// `http://user:password@host/...`, would not be sent, and a password
-    /// holding `/`, `?` or `#` would turn the rest into a path: use
-    /// [`basic_auth`](Self::basic_auth) or [`digest_auth`](Self::digest_auth);
-    /// write an `@` in a path as `%40`).
+    /// timeout is zero, or if the URL cannot be parsed, is not an `http://`
+    /// URL, has a port that is not a number, or holds an `@` anywhere
+    /// (credentials, as in `http://user:password@host/...`, would not be sent,
+    /// and a password holding `/`, `?` or `#` would turn the rest into a path:
+    /// use [`basic_auth`](Self::basic_auth) or
+    /// [`digest_auth`](Self::digest_auth); write an `@` in a path as `%40`).
     pub fn build(self) -> Result<WebhookStore, StoreError> {
         if self.timeout.is_zero() {
             return Err(super::zero_timeout("webhook"));
