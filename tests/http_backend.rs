@@ -2511,3 +2511,81 @@ async fn a_keep_alive_timeout_the_backend_announces_is_heeded() {
         assert_eq!(accepted.load(Ordering::SeqCst), n, "a connection each");
     }
 }
+
+/// A body of `chunks` frames of 16 KiB (without end when `None`), always
+/// ready.
+fn upload_of(chunks: Option<usize>) -> Trickled {
+    static CHUNK: [u8; 16 * 1024] = [b'x'; 16 * 1024];
+    let frames = std::iter::repeat_with(|| {
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(&CHUNK)))
+    })
+    .take(chunks.unwrap_or(usize::MAX));
+    http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
+}
+
+/// Listens on 127.0.0.1; reads each connection's first request head,
+/// writes `answer` and closes the connection with the rest unread (the
+/// kernel then resets it). Counts the connections.
+async fn serve_answering_early(answer: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    accept_counting(move |mut stream, _| async move {
+        let mut buf = [0u8; 1024];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = stream.write_all(answer.as_bytes()).await;
+    })
+    .await
+}
+
+/// A backend that refuses an upload from its head alone, answers at once
+/// and closes the connection with the body unread: the client gets the
+/// backend's answer, not a gateway error. (The reset often comes before
+/// the client's next write, so the backend and the client run on threads
+/// of their own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_upload_ends_reaches_the_client() {
+    let (addr, accepted) = serve_answering_early(
+        "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\
+         connection: close\r\n\r\ntoo big!",
+    )
+    .await;
+    let client = HttpClient::<Trickled>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    for _ in 0..200 {
+        // 64 MiB: far more than the sockets' buffers hold.
+        let upload = Request::put("/upload").body(upload_of(Some(4096))).unwrap();
+        let call = backend.clone().oneshot(upload);
+        let resp = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the answer came")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body_of(resp).await, "too big!");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 200);
+}
+
+/// A backend that goes away in the middle of an upload without answering
+/// fails the request at once as the backend's failure: the rest of the
+/// upload (here without end) is not sent into the void first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_gone_in_the_middle_of_an_upload_fails_it_at_once() {
+    let (addr, _) = serve_answering_early("").await;
+    let client = HttpClient::<Trickled>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    for _ in 0..50 {
+        let upload = Request::put("/upload").body(upload_of(None)).unwrap();
+        let call = backend.clone().oneshot(upload);
+        let err = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the request failed without sending its whole body")
+            .unwrap_err();
+        assert!(find::<NotSent>(&*err).is_none(), "{err:?}");
+        assert!(find::<InvalidRequest>(&*err).is_none(), "{err:?}");
+        assert_eq!(gateway_status(&*err), StatusCode::BAD_GATEWAY, "{err:?}");
+    }
+}

@@ -48,9 +48,65 @@ impl<T: Read + Write + Unpin + Send + 'static> Io for T {}
 /// A connection's byte stream: a TCP stream that the client's own
 /// `HttpConnector` opened (read and written without dynamic dispatch, on
 /// the proxy's hot path), or what a connector of the user's opened.
-pub(super) enum Stream {
+///
+/// A backend may answer before it has read the whole request (a `413` or
+/// `401` to a large upload) and close the connection with the rest
+/// unread; its kernel then resets the connection, and the next write
+/// fails though the answer is waiting to be read. So once a write finds
+/// the backend gone, the stream's write side is taken as closed: what is
+/// written from then on is dropped, and reads go on, so that hyper reads
+/// the answer, or, when there is none, the end of the connection, which
+/// fails the exchange. Once an answer has been read, the rest of the
+/// request's body is still taken (and dropped) to its end, as nginx
+/// discards a request body it will not use.
+pub(super) struct Stream {
+    io: Transport,
+    write_closed: bool,
+}
+
+enum Transport {
     Tcp(TokioIo<TcpStream>),
     Other(Box<dyn Io>),
+}
+
+impl Stream {
+    fn tcp(io: TokioIo<TcpStream>) -> Self {
+        Stream {
+            io: Transport::Tcp(io),
+            write_closed: false,
+        }
+    }
+
+    fn other(io: Box<dyn Io>) -> Self {
+        Stream {
+            io: Transport::Other(io),
+            write_closed: false,
+        }
+    }
+
+    /// `written`, the outcome of a write of `len` bytes, unless it found
+    /// the backend gone: the write side is then closed, and the bytes
+    /// count as written.
+    fn unless_gone(
+        &mut self,
+        written: Poll<io::Result<usize>>,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        match written {
+            Poll::Ready(Err(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                self.write_closed = true;
+                Poll::Ready(Ok(len))
+            }
+            written => written,
+        }
+    }
 }
 
 /// Opens a new [`Stream`] to the backend a URI names (its scheme and
@@ -83,7 +139,7 @@ where
 
 /// An [`Open`] with hyper-util's `HttpConnector`.
 pub(super) fn open_tcp(connector: HttpConnector) -> Open {
-    open_with(connector, Stream::Tcp)
+    open_with(connector, Stream::tcp)
 }
 
 /// An [`Open`] with a connector of the user's.
@@ -94,7 +150,17 @@ where
     C::Future: Send + 'static,
     C::Error: Into<BoxError>,
 {
-    open_with(connector, |io| Stream::Other(Box::new(io)))
+    open_with(connector, |io| Stream::other(Box::new(io)))
+}
+
+/// A write of `len` bytes to a stream whose write side is closed: they
+/// are dropped, within the task's budget of the runtime, so that a body
+/// always ready to be written (in memory, or without end) is not spun
+/// through before hyper reads what the backend sent.
+fn dropped(cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+    let progress = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+    progress.made_progress();
+    Poll::Ready(Ok(len))
 }
 
 impl Read for Stream {
@@ -103,9 +169,9 @@ impl Read for Stream {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(io) => Pin::new(io).poll_read(cx, buf),
-            Stream::Other(io) => Pin::new(io).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Transport::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Transport::Other(io) => Pin::new(io).poll_read(cx, buf),
         }
     }
 }
@@ -116,10 +182,15 @@ impl Write for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(io) => Pin::new(io).poll_write(cx, buf),
-            Stream::Other(io) => Pin::new(io).poll_write(cx, buf),
+        let this = self.get_mut();
+        if this.write_closed {
+            return dropped(cx, buf.len());
         }
+        let written = match &mut this.io {
+            Transport::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            Transport::Other(io) => Pin::new(io).poll_write(cx, buf),
+        };
+        this.unless_gone(written, buf.len())
     }
 
     fn poll_write_vectored(
@@ -127,30 +198,44 @@ impl Write for Stream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-            Stream::Other(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        let this = self.get_mut();
+        let len = || bufs.iter().map(|b| b.len()).sum();
+        if this.write_closed {
+            return dropped(cx, len());
         }
+        let written = match &mut this.io {
+            Transport::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Transport::Other(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        };
+        this.unless_gone(written, len())
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Tcp(io) => io.is_write_vectored(),
-            Stream::Other(io) => io.is_write_vectored(),
+        match &self.io {
+            Transport::Tcp(io) => io.is_write_vectored(),
+            Transport::Other(io) => io.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(io) => Pin::new(io).poll_flush(cx),
-            Stream::Other(io) => Pin::new(io).poll_flush(cx),
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.io {
+            Transport::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Transport::Other(io) => Pin::new(io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(io) => Pin::new(io).poll_shutdown(cx),
-            Stream::Other(io) => Pin::new(io).poll_shutdown(cx),
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.io {
+            Transport::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Transport::Other(io) => Pin::new(io).poll_shutdown(cx),
         }
     }
 }
