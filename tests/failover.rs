@@ -1191,6 +1191,79 @@ async fn a_body_over_the_limit_is_retried_while_unread() {
     assert_eq!(history(&response), ["a", "b"]);
 }
 
+/// What a backend does with a streamed upload in [`timed_upload`].
+#[derive(Clone, Copy)]
+enum Reads {
+    /// Reads it to its end, then answers after this long.
+    ThenAnswersAfter(Duration),
+    /// Reads it to its end, then answers nothing.
+    ThenHangs,
+    /// Never reads it, nor answers.
+    Nothing,
+}
+
+/// Sends a 24-byte body that comes in three parts 4 s apart, over a 4-byte
+/// buffer limit (so it is streamed, and sent once), through a failover
+/// layer with a per-try timeout of 5 s to one backend that `reads`: the
+/// outcome, when it came, and the layer's count of per-try timeouts.
+async fn timed_upload(reads: Reads) -> (Result<Response<()>, BoxError>, Duration, u64) {
+    use futures::StreamExt as _;
+    let service = service_fn(move |req: Request<ReplayBody<BoxBody>>| async move {
+        if let Reads::Nothing = reads {
+            std::future::pending::<()>().await;
+        }
+        let body = req.into_body().collect().await?.to_bytes();
+        assert_eq!(body.len(), 24);
+        match reads {
+            Reads::ThenAnswersAfter(after) => tokio::time::sleep(after).await,
+            _ => std::future::pending().await,
+        }
+        Ok::<_, BoxError>(status(200))
+    });
+    let pool = Pool::new();
+    pool.insert("a", BoxCloneSyncService::new(service));
+    let failover = FailoverLayer::new().per_try_timeout(Duration::from_secs(5));
+    let stack = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new().limit(4))
+        .layer(failover.clone())
+        .service(Balance::new(pool, RoundRobin::new()));
+    let parts = futures::stream::iter([b"aaaaaaaa"; 3]).then(|part| async move {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(part)))
+    });
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(parts));
+    let start = Instant::now();
+    let result = stack
+        .oneshot(Request::put("/upload").body(body).unwrap())
+        .await;
+    (result, start.elapsed(), failover.stats().per_try_timeouts)
+}
+
+/// The per-try timeout waits while the backend reads a streamed upload
+/// (a slow client is no slow backend) and runs from the upload's end.
+#[tokio::test(start_paused = true)]
+async fn the_per_try_timeout_runs_from_the_end_of_a_streamed_upload() {
+    // The first part comes at 4 s (the buffer waits for it), the last at
+    // 12 s; answered 3 s later, well within 5 s of the upload's end.
+    let (result, took, timeouts) =
+        timed_upload(Reads::ThenAnswersAfter(Duration::from_secs(3))).await;
+    assert_eq!(result.unwrap().status(), StatusCode::OK);
+    assert_eq!((took, timeouts), (Duration::from_secs(15), 0));
+
+    // Not answered: given up 5 s after the upload's end.
+    let (result, took, timeouts) = timed_upload(Reads::ThenHangs).await;
+    let err = result.unwrap_err();
+    assert!(find::<TimedOut>(&*err).is_some(), "{err}");
+    assert_eq!((took, timeouts), (Duration::from_secs(17), 1));
+
+    // A backend that never starts to read it is timed from its call, at
+    // 4 s (when the body passed the buffer's limit).
+    let (result, took, timeouts) = timed_upload(Reads::Nothing).await;
+    let err = result.unwrap_err();
+    assert!(find::<TimedOut>(&*err).is_some(), "{err}");
+    assert_eq!((took, timeouts), (Duration::from_secs(9), 1));
+}
+
 // ---------------------------------------------------------------------------
 // Invariants over random fleets.
 

@@ -2273,12 +2273,16 @@ type Trickled = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 /// A client whose connections are in-memory pipes: each connection it opens
 /// hands its far end to the receiver, which plays the backend. Under paused
 /// time, nothing else moves the clock.
-fn piped(
+fn piped<B>(
     read_timeout: Option<Duration>,
 ) -> (
-    HttpBackend<Trickled>,
+    HttpBackend<B>,
     tokio::sync::mpsc::UnboundedReceiver<tokio::io::DuplexStream>,
-) {
+)
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let (far_ends, opened) = tokio::sync::mpsc::unbounded_channel();
     let connector = tower::service_fn(move |_: http::Uri| {
         let (near, far) = tokio::io::duplex(64 * 1024);
@@ -2378,6 +2382,35 @@ async fn the_read_timeout_counts_silence_not_time() {
     assert!(tokio::time::timeout(day, get).await.is_err());
     drop(silent);
     assert!(opened.try_recv().is_err(), "no other connection");
+}
+
+/// Through `HttpBackend`, the failover layer's per-try timeout waits for a
+/// streamed upload to be sent and runs from its end: a slow client does
+/// not make its backend time out.
+#[tokio::test(start_paused = true)]
+async fn the_per_try_timeout_waits_for_an_upload_to_be_sent() {
+    let (backend, mut opened) = piped::<ReplayBody<Trickled>>(None);
+    let pool = Pool::new();
+    pool.insert("a", backend);
+    let stack = ServiceBuilder::new()
+        .layer(tower_ha::failover::BufferBodyLayer::new().limit(1))
+        .layer(FailoverLayer::new().per_try_timeout(Duration::from_secs(5)))
+        .service(Balance::new(pool, RoundRobin::new()));
+    // Read to its end at 12 s, answered 3 s later.
+    tokio::spawn(async move {
+        let mut conn = opened.recv().await.unwrap();
+        read_request(&mut conn).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        conn
+    });
+    let start = tokio::time::Instant::now();
+    let upload = Request::put("/upload").body(trickle(&["ab", "cd", "ef"], Duration::from_secs(4)));
+    let resp = stack.oneshot(upload.unwrap()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(15));
+    assert_eq!(body_of(resp).await, "ok");
 }
 
 /// Sends `body` to a piped backend (read timeout 5 s) that holds its

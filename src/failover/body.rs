@@ -79,7 +79,44 @@ enum Kind<B> {
         shared: Arc<Mutex<Option<Rest<B>>>>,
         hint: SizeHint,
         taken: Option<Rest<B>>,
+        progress: SendProgress,
     },
+}
+
+/// How far the one copy of a body sent once has got, shared by its copies.
+/// `BufferBody` puts it in the request's extensions, so that the failover
+/// layer's per-try timeout can wait for a streamed upload to end and run
+/// from there.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SendProgress(Arc<Mutex<SendState>>);
+
+/// See [`SendProgress`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum SendState {
+    /// No backend has started to read the body.
+    #[default]
+    Unsent,
+    /// A backend is reading it.
+    Sending,
+    /// The backend read it to its end (or failed, or dropped it) then.
+    Sent(Instant),
+}
+
+impl SendProgress {
+    pub(crate) fn get(&self) -> SendState {
+        *self.0.lock()
+    }
+
+    fn start(&self) {
+        *self.0.lock() = SendState::Sending;
+    }
+
+    fn end(&self) {
+        let mut sending = self.0.lock();
+        if *sending == SendState::Sending {
+            *sending = SendState::Sent(Instant::now());
+        }
+    }
 }
 
 struct Rest<B> {
@@ -163,11 +200,13 @@ impl<B> Replay for ReplayBody<B> {
                 shared,
                 hint,
                 taken: None,
+                progress,
             } if shared.lock().is_some() => Some(ReplayBody {
                 kind: Kind::Once {
                     shared: shared.clone(),
                     hint: *hint,
                     taken: None,
+                    progress: progress.clone(),
                 },
             }),
             Kind::Once { .. } => None,
@@ -208,10 +247,18 @@ where
                 }
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
-            Kind::Once { shared, taken, .. } => {
+            Kind::Once {
+                shared,
+                taken,
+                progress,
+                ..
+            } => {
                 if taken.is_none() {
                     match shared.lock().take() {
-                        Some(rest) => *taken = Some(rest),
+                        Some(rest) => {
+                            *taken = Some(rest);
+                            progress.start();
+                        }
                         None => return Poll::Ready(Some(Err(AlreadySent.into()))),
                     }
                 }
@@ -225,8 +272,14 @@ where
                     Some(Ok(frame)) => Poll::Ready(Some(Ok(
                         frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
                     ))),
-                    Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-                    None => Poll::Ready(None),
+                    Some(Err(e)) => {
+                        progress.end();
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                    None => {
+                        progress.end();
+                        Poll::Ready(None)
+                    }
                 }
             }
         }
@@ -290,6 +343,21 @@ fn plus(hint: SizeHint, n: u64) -> SizeHint {
         sum.set_upper(upper.saturating_add(n));
     }
     sum
+}
+
+/// A copy being sent that is dropped (a client stops polling a body once it
+/// has its announced length, without asking for its end) has ended.
+impl<B> Drop for ReplayBody<B> {
+    fn drop(&mut self) {
+        if let Kind::Once {
+            taken: Some(_),
+            progress,
+            ..
+        } = &self.kind
+        {
+            progress.end();
+        }
+    }
 }
 
 impl<B> fmt::Debug for ReplayBody<B> {
@@ -440,6 +508,7 @@ where
                 shared: Arc::new(Mutex::new(Some(rest))),
                 hint: self.hint,
                 taken: None,
+                progress: SendProgress::default(),
             },
         }
     }
@@ -670,9 +739,13 @@ where
                     buffering,
                 } => {
                     let body = ready!(buffering.poll(cx))?;
-                    let (Some(mut service), Some(parts)) = (service.take(), parts.take()) else {
+                    let (Some(mut service), Some(mut parts)) = (service.take(), parts.take())
+                    else {
                         return Poll::Ready(Err(AlreadySent.into()));
                     };
+                    if let Kind::Once { progress, .. } = &body.kind {
+                        parts.extensions.insert(progress.clone());
+                    }
                     let future = service.call(Request::from_parts(parts, body));
                     this.state.set(BufferState::Called { future });
                 }
@@ -801,6 +874,45 @@ mod tests {
         assert!(body.replay().is_none());
         let err = body.collect().await.unwrap_err();
         assert_eq!(err.to_string(), "request body already sent");
+    }
+
+    /// The progress the failover layer times a streamed upload by: sent
+    /// from the first frame taken, until the end is read or the copy being
+    /// sent is dropped; a copy that was never sent moves nothing.
+    #[tokio::test(start_paused = true)]
+    async fn the_progress_of_a_body_sent_once() {
+        let progress_of = |body: &ReplayBody<_>| match &body.kind {
+            Kind::Once { progress, .. } => progress.clone(),
+            Kind::Buffered { .. } => panic!("buffered"),
+        };
+        let body = ReplayBody::buffer(stream(vec![b"0123", b"4567"]), 2)
+            .await
+            .unwrap();
+        let progress = progress_of(&body);
+        drop(body.replay().unwrap());
+        assert_eq!(progress.get(), SendState::Unsent);
+        let mut copy = body.replay().unwrap();
+        copy.frame().await.unwrap().unwrap();
+        assert_eq!(progress.get(), SendState::Sending);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        copy.frame().await.unwrap().unwrap();
+        assert!(copy.frame().await.is_none());
+        let end = Instant::now();
+        assert_eq!(progress.get(), SendState::Sent(end));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(copy);
+        assert_eq!(progress.get(), SendState::Sent(end), "the first end holds");
+
+        // Dropped part way: ended then.
+        let body = ReplayBody::buffer(stream(vec![b"0123", b"4567"]), 2)
+            .await
+            .unwrap();
+        let progress = progress_of(&body);
+        let mut copy = body.replay().unwrap();
+        copy.frame().await.unwrap().unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(copy);
+        assert_eq!(progress.get(), SendState::Sent(Instant::now()));
     }
 
     #[tokio::test]

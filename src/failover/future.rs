@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::body::Replay;
+use super::body::{Replay, SendProgress, SendState};
 use super::error::{DeadlineExceeded, Exhausted, FailedStatus, TimedOut};
 use super::layer::Config;
 use super::policy::{is_idempotent, is_not_sent, RetryNonIdempotent};
@@ -71,6 +71,9 @@ where
     picked: Option<Picked>,
     /// The backend of the attempt in flight, when the balancer said so.
     current: Option<BackendId>,
+    /// How far a body sent once (streamed past `BufferBody`'s limit) has
+    /// got, when there is a per-try timeout: it runs from the body's end.
+    upload: Option<SendProgress>,
     /// Each failed attempt: the backend and why.
     failures: Vec<(BackendId, BoxError)>,
     /// The most recent failed response, returned if no later attempt does
@@ -126,6 +129,10 @@ where
             parts.extensions.insert(picked.clone());
             picked
         });
+        let upload = match config.per_try_timeout {
+            Some(_) => parts.extensions.get::<SendProgress>().cloned(),
+            None => None,
+        };
         let future = service.call(Request::from_parts(parts, body));
         let current = picked.as_ref().and_then(Picked::take);
         let (mut timer, mut deadline) = (None, None);
@@ -145,6 +152,7 @@ where
                 template,
                 picked,
                 current,
+                upload,
                 failures: Vec::new(),
                 last_response: None,
                 tried: 1,
@@ -253,6 +261,10 @@ where
                                 }
                                 Fired::Timer => {}
                             }
+                            if let Some(until) = this.retry.per_try_postponed() {
+                                set_timer(this.timer, earliest(Some(until), *this.deadline));
+                                continue;
+                            }
                             timed_out = true;
                             bump(&this.retry.config.counters.per_try_timeouts);
                             let after = this.retry.config.per_try_timeout;
@@ -316,6 +328,26 @@ where
                 }
                 AttemptProj::Done => panic!("failover ResponseFuture polled after completion"),
             }
+        }
+    }
+}
+
+impl<S, B, C> Retry<S, B, C>
+where
+    S: Service<Request<B>>,
+{
+    /// When the per-try timeout of the attempt in flight ends instead,
+    /// because it runs from the end of the request's upload: while the
+    /// backend reads a body sent once, the timeout waits (its next check
+    /// is a timeout later), and once the body has been read it ends a
+    /// timeout after. `None` when it ends now.
+    fn per_try_postponed(&self) -> Option<Instant> {
+        let per_try = self.config.per_try_timeout?;
+        let now = Instant::now();
+        match self.upload.as_ref()?.get() {
+            SendState::Unsent => None,
+            SendState::Sending => Some(later(now, per_try)),
+            SendState::Sent(at) => Some(later(at, per_try)).filter(|until| *until > now),
         }
     }
 }

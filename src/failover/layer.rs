@@ -161,13 +161,19 @@ impl<C> FailoverLayer<C> {
     /// client's `read_timeout`).
     ///
     /// It runs from the attempt's call: it includes a wait in the
-    /// balancer's queue, the connection's opening inside `HttpBackend`, and
-    /// a streamed upload (a body over the buffer limit) as the client sends
-    /// it, and an attempt that times out counts as a failure of its backend
+    /// balancer's queue and the connection's opening inside `HttpBackend`,
+    /// and an attempt that times out counts as a failure of its backend
     /// for the health layer. So choose it above the `HttpClient`'s
     /// `connect_timeout` (a POST timed out while its connection was still
-    /// opening is not retried: the layer cannot tell it was not sent) and
-    /// above the time a slow client takes to upload what you accept.
+    /// opening is not retried: the layer cannot tell it was not sent).
+    /// A streamed upload (a body over [`BufferBodyLayer`]'s limit) is not
+    /// counted, as in Envoy: while the backend reads it, the timeout waits,
+    /// and it runs from the upload's end, so a slow client does not get a
+    /// backend timed out. The client's slowness is bounded by the backend
+    /// client instead (`HttpClient::read_timeout`), and by the
+    /// [`deadline`](Self::deadline).
+    ///
+    /// [`BufferBodyLayer`]: super::BufferBodyLayer
     ///
     /// A zero `timeout` means none (the default), rather than one that
     /// abandons every attempt, and every backend with it.
