@@ -2413,6 +2413,47 @@ async fn the_per_try_timeout_waits_for_an_upload_to_be_sent() {
     assert_eq!(body_of(resp).await, "ok");
 }
 
+/// A POST whose per-try timeout fires while its backend's connection is
+/// still opening was never sent: the failover layer tries the next backend
+/// with it, whatever its method.
+#[tokio::test(start_paused = true)]
+async fn a_post_timed_out_while_connecting_goes_to_the_next_backend() {
+    let never = tower::service_fn(|_: http::Uri| {
+        futures::future::pending::<Result<TokioIo<tokio::io::DuplexStream>, std::io::Error>>()
+    });
+    let stuck = HttpBackend::new(&HttpClient::with_connector(never), "http://stuck.internal");
+    let (answering, mut opened) = piped::<Full<Bytes>>(None);
+    let pool = Pool::new();
+    pool.insert("stuck", stuck.unwrap());
+    pool.insert("answering", answering);
+    let stack = FailoverLayer::new()
+        .per_try_timeout(Duration::from_secs(1))
+        .layer(Balance::new(pool, RoundRobin::new()));
+    tokio::spawn(async move {
+        let mut conn = opened.recv().await.unwrap();
+        let request = read_request(&mut conn).await.unwrap();
+        assert!(request.ends_with(b"order"));
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        conn
+    });
+    let start = tokio::time::Instant::now();
+    let post = Request::post("/orders").body(Full::new(Bytes::from_static(b"order")));
+    let resp = stack.oneshot(post.unwrap()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    let tried: Vec<String> = resp
+        .extensions()
+        .get::<tower_ha::extensions::Attempts>()
+        .expect("attempt history")
+        .as_slice()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(tried, ["stuck", "answering"]);
+    assert_eq!(body_of(resp).await, "ok");
+}
+
 /// Sends `body` to a piped backend (read timeout 5 s) that holds its
 /// connection and answers nothing; the error, and how long it took.
 async fn stalled_upload(body: Trickled) -> (BoxError, Duration) {

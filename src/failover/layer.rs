@@ -164,8 +164,10 @@ impl<C> FailoverLayer<C> {
     /// balancer's queue and the connection's opening inside `HttpBackend`,
     /// and an attempt that times out counts as a failure of its backend
     /// for the health layer. So choose it above the `HttpClient`'s
-    /// `connect_timeout` (a POST timed out while its connection was still
-    /// opening is not retried: the layer cannot tell it was not sent).
+    /// `connect_timeout`. An attempt timed out before its request was
+    /// handed to a backend (in the queue, or while `HttpBackend` was still
+    /// opening its connection) was never sent, and is retried whatever the
+    /// request's method.
     /// A streamed upload (a body over [`BufferBodyLayer`]'s limit) is not
     /// counted, as in Envoy: while the backend reads it, the timeout waits,
     /// and it runs from the upload's end, so a slow client does not get a

@@ -188,6 +188,7 @@ where
         mut req: Request<B>,
         read_timeout: Option<Duration>,
         sent: &Sent,
+        handover: &super::Handover,
     ) -> Result<super::Received, BoxError> {
         loop {
             let (n, mut sender, fresh) = self.connection(open, target).await?;
@@ -198,6 +199,7 @@ where
                 }
                 continue;
             }
+            handover.handed(true);
             let response = sender.try_send_request(req);
             // A timer of its own: the connection carries many requests.
             let mut timer = None;
@@ -211,6 +213,7 @@ where
                 Err(Failed::Sent(mut e)) => match e.take_message() {
                     Some(back) if !fresh => {
                         self.forget(n);
+                        handover.handed(false);
                         req = back;
                     }
                     Some(_) => return Err(NotSent::new(e.into_error()).into()),

@@ -154,7 +154,7 @@ pub use body::ResponseBody;
 
 use crate::backend::BackendState;
 use crate::error::{BoxError, InvalidRequest};
-use crate::extensions::{PeerAddr, Target};
+use crate::extensions::{PeerAddr, Picked, Target};
 
 /// A pooled HTTP/1.1 client shared by many [`HttpBackend`]s: connections
 /// are kept alive and reused per backend address. (With
@@ -1226,6 +1226,11 @@ where
         // The backend a balancer sent this to, held in flight while the
         // response's body streams (or its tunnel lasts).
         let backend = req.extensions().get::<Target>().map(|t| t.state().clone());
+        // A failover layer's slot for this attempt: the request is still
+        // being readied while its connection opens, so that an attempt
+        // abandoned meanwhile counts as never sent (and may be retried
+        // whatever its method).
+        let handover = Handover::of(&req);
         let rewritten = self.rewrite(&mut req);
         let body = req.body();
         if self.upstream.speaks_http2() {
@@ -1250,17 +1255,45 @@ where
             Ok(None) => {
                 let (req, sent) = timeout::Upload::wrap(req);
                 State::Sent {
-                    future: Box::pin(self.upstream.clone().send(req, sent)),
+                    future: Box::pin(self.upstream.clone().send(req, sent, handover)),
                 }
             }
             Ok(Some(client)) => State::Sent {
-                future: Box::pin(self.upstream.clone().upgrade(req, client, backend.clone())),
+                future: Box::pin(self.upstream.clone().upgrade(
+                    req,
+                    client,
+                    backend.clone(),
+                    handover,
+                )),
             },
             Err(e) => State::Invalid {
                 error: Some(e.into()),
             },
         };
         ResponseFuture { state, backend }
+    }
+}
+
+/// Tells a failover layer (through the attempt's [`Picked`] slot) when a
+/// request is handed to a connection: until then, nothing of it was sent.
+pub(crate) struct Handover(Option<Picked>);
+
+impl Handover {
+    /// The slot of `req`'s attempt, if any, marked as not handed over yet.
+    fn of<B>(req: &Request<B>) -> Self {
+        let picked = req.extensions().get::<Picked>().cloned();
+        if let Some(picked) = &picked {
+            picked.set_readying(true);
+        }
+        Handover(picked)
+    }
+
+    /// Says whether the request is being handed to a connection now
+    /// (`true`), or was given back unsent (`false`).
+    pub(crate) fn handed(&self, handed: bool) {
+        if let Some(picked) = &self.0 {
+            picked.set_readying(!handed);
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use super::body::ResponseBody;
 #[cfg(feature = "http2")]
 use super::http2::Http2;
 use super::timeout::{self, Failed, Sent, Timer, Upload};
-use super::{Received, Settings};
+use super::{Handover, Received, Settings};
 use crate::backend::BackendState;
 use crate::error::{BoxError, InvalidRequest, NotSent};
 
@@ -562,11 +562,19 @@ where
         self: Arc<Self>,
         mut req: Request<Upload<B>>,
         sent: Sent,
+        handover: Handover,
     ) -> Result<Received, BoxError> {
         #[cfg(feature = "http2")]
         if let Some(http2) = &self.http2 {
             return http2
-                .send(&self.open, &self.target, req, self.read_timeout, &sent)
+                .send(
+                    &self.open,
+                    &self.target,
+                    req,
+                    self.read_timeout,
+                    &sent,
+                    &handover,
+                )
                 .await;
         }
         loop {
@@ -580,6 +588,7 @@ where
                 }
                 continue;
             }
+            handover.handed(true);
             let response = sender.try_send_request(req);
             // Dropped with its connection when it times out: the backend
             // may still answer, and the connection would be out of step.
@@ -616,7 +625,10 @@ where
                 }
                 Err(Failed::TimedOut(e)) => return Err(e),
                 Err(Failed::Sent(mut e)) => match e.take_message() {
-                    Some(back) if !fresh => req = back,
+                    Some(back) if !fresh => {
+                        handover.handed(false);
+                        req = back;
+                    }
                     Some(_) => return Err(NotSent::new(e.into_error()).into()),
                     None => return Err(sent_error(e.into_error(), &sent)),
                 },
@@ -644,11 +656,13 @@ where
         req: Request<B>,
         client: OnUpgrade,
         backend_state: Option<Arc<BackendState>>,
+        handover: Handover,
     ) -> Result<Received, BoxError> {
         let mut sender = self.connect(true).await.map_err(NotSent::new)?;
         sender.ready().await.map_err(NotSent::new)?;
         let offered: Vec<HeaderValue> = req.headers().get_all(UPGRADE).iter().cloned().collect();
         let (req, sent) = Upload::wrap(req);
+        handover.handed(true);
         let response = sender.try_send_request(req);
         let mut timer = None;
         let mut resp =
