@@ -198,6 +198,46 @@ async fn preserve_host_takes_the_authority_of_the_target_first() {
     assert_eq!(host_seen(none).await, addr.to_string());
 }
 
+/// A fixed `Host` replaces the backend's address and the client's host;
+/// with `preserve_host` it is sent only when the client named none.
+#[tokio::test]
+async fn a_fixed_host_is_sent_instead_of_the_backends_address() {
+    let addr = serve().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let fixed = http::uri::Authority::from_static("user:pw@api.example:8443");
+    let backend = HttpBackend::new(&client, format!("http://{addr}"))
+        .unwrap()
+        .host(fixed);
+    let host_seen = |backend: HttpBackend<Full<Bytes>>, host: Option<&'static str>| async move {
+        let mut req = Request::get("/p");
+        if let Some(host) = host {
+            req = req.header("host", host);
+        }
+        let body = body_of(
+            backend
+                .oneshot(req.body(Full::default()).unwrap())
+                .await
+                .unwrap(),
+        )
+        .await;
+        body.split('|').nth(1).unwrap().to_owned()
+    };
+    assert_eq!(
+        host_seen(backend.clone(), None).await,
+        "host=api.example:8443"
+    );
+    assert_eq!(
+        host_seen(backend.clone(), Some("vhost.example")).await,
+        "host=api.example:8443"
+    );
+    let preserving = backend.preserve_host(true);
+    assert_eq!(
+        host_seen(preserving.clone(), Some("vhost.example")).await,
+        "host=vhost.example"
+    );
+    assert_eq!(host_seen(preserving, None).await, "host=api.example:8443");
+}
+
 /// `OPTIONS *` asks about the whole server, which a base path does not
 /// give: under one it is refused; without one it is forwarded as it is.
 #[tokio::test]

@@ -96,7 +96,8 @@ impl<B> HttpProbe<B> {
 
     /// Adds a header to every probe request (a token, say). Through an
     /// `HttpBackend` a `Host` set here is replaced by the backend's
-    /// authority, unless the backend has `preserve_host(true)`.
+    /// authority (or the host it was given with `HttpBackend::host`),
+    /// unless the backend has `preserve_host(true)`.
     pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         self.headers.append(name, value);
         self

@@ -617,6 +617,7 @@ impl<B> fmt::Debug for HttpBackend<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpBackend")
             .field("authority", &self.authority)
+            .field("host", &self.host)
             .field("prefix", &self.prefix)
             .field("preserve_host", &self.preserve_host)
             .finish()
@@ -692,6 +693,31 @@ impl<B> HttpBackend<B> {
     /// else its `Host` header; else the backend's authority.
     pub fn preserve_host(mut self, preserve: bool) -> Self {
         self.preserve_host = preserve;
+        self
+    }
+
+    /// Sends `host` as the requests' `Host` (`:authority` over HTTP/2)
+    /// instead of the base URI's authority, as nginx's `proxy_set_header
+    /// Host` or Envoy's `host_rewrite_literal` do: for a backend reached by
+    /// its address that serves a named virtual host. Connections still go
+    /// to the base URI. User information in `host` is dropped (a `Host`
+    /// never holds it). With [`preserve_host`](Self::preserve_host), the
+    /// host sent when the client named none.
+    ///
+    /// ```
+    /// use http::uri::Authority;
+    /// use http_body_util::Full;
+    /// use tower_ha::http::{HttpBackend, HttpClient};
+    ///
+    /// let client = HttpClient::<Full<bytes::Bytes>>::new();
+    /// let backend = HttpBackend::new(&client, "http://10.0.0.7:8080")?
+    ///     .host(Authority::from_static("api.example.com"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn host(mut self, host: Authority) -> Self {
+        if let Some(host) = host_of(&host) {
+            self.host = host;
+        }
         self
     }
 
