@@ -17,9 +17,11 @@
 //! request is answered 400, 408, 502, 503 or 504 with the status's name alone;
 //! what failed (backend addresses, system errors) goes to standard error.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -37,11 +39,11 @@ use tower_ha::balance::{
 use tower_ha::error::{gateway_status, Report};
 use tower_ha::extensions::PeerAddr;
 use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
-use tower_ha::health::{CheckerHandle, HealthChecker, HealthLayer, HttpProbe, Probe, TcpProbe};
+use tower_ha::health::{probe_fn, CheckerHandle, HealthChecker, HealthLayer, HttpProbe, Probe};
 use tower_ha::http::{HttpBackend, HttpClient, ResponseBody};
 use tower_ha::key::{self, RequestKey};
 use tower_ha::sticky::{CookieInsert, SessionKey, StickyLayer};
-use tower_ha::{BoxError, Pool};
+use tower_ha::{BackendId, BoxError, Pool};
 
 type Body = ReplayBody<Incoming>;
 type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -338,7 +340,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     let client = HttpClient::<Body>::new();
     let passive = HealthLayer::new();
     let pool = Pool::new();
-    let mut addresses = Vec::new();
+    let mut addresses = HashMap::new();
     for spec in &o.backends {
         let (url, weight) = match spec.split_once(",weight=") {
             Some((url, weight)) => match weight.parse::<u32>() {
@@ -358,11 +360,13 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         if pool.contains(&authority.into()) {
             usage(&format!("two backends at {authority}"));
         }
-        let addr = (host, uri.port_u16().unwrap_or(80))
+        let port = uri.port_u16().unwrap_or(80);
+        if (host, port)
             .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .unwrap_or_else(|| usage(&format!("cannot resolve {authority}")));
+            .map_or(true, |mut a| a.next().is_none())
+        {
+            usage(&format!("cannot resolve {authority}"));
+        }
         // Without --no-health the passive layer ejects a backend after
         // consecutive failures; with it, its settings make that never happen.
         let layer = if o.health {
@@ -378,7 +382,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         if let Some(state) = pool.state(&authority.into()) {
             state.set_max_in_flight(o.max_in_flight);
         }
-        addresses.push((authority.to_owned(), addr));
+        addresses.insert(BackendId::from(authority), (host.to_owned(), port));
     }
     fn start<S, P>(checker: HealthChecker<S, P>, o: &Options) -> CheckerHandle
     where
@@ -393,13 +397,21 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
             .spawn()
     }
     // A GET of --health-path through each backend's own client, else a
-    // TCP connect to its address.
+    // TCP connect to its host, resolved at each probe and tried address
+    // after address as the client does (`localhost` may be `::1` first
+    // while the backend listens on 127.0.0.1 only).
+    let addresses = Arc::new(addresses);
+    let connect = probe_fn(move |id: &BackendId, _: &_| {
+        let target = addresses.get(id).cloned();
+        async move {
+            let (host, port) = target.ok_or("no address")?;
+            tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            Ok(())
+        }
+    });
     let _checker = o.health.then(|| match o.health_path.clone() {
         Some(probe) => start(HealthChecker::new(pool.clone(), probe), &o),
-        None => start(
-            HealthChecker::new(pool.clone(), TcpProbe::from_map(addresses)),
-            &o,
-        ),
+        None => start(HealthChecker::new(pool.clone(), connect), &o),
     });
 
     let sticky = o
