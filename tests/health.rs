@@ -744,6 +744,37 @@ async fn a_passing_probe_lifts_a_passive_ejection() {
     assert!(!state.is_ejected(), "the probe at 5 s passed");
 }
 
+/// With `lift_ejections(false)` passing probes leave a passive ejection
+/// alone: it runs its 30 s, as a TCP connect that passes on a backend
+/// answering 503 must not bring it back at each interval.
+#[tokio::test(start_paused = true)]
+async fn an_ejection_runs_its_time_when_probes_may_not_lift_it() {
+    let pool = Pool::new();
+    let backend = Backend::new();
+    pool.insert("a", HealthLayer::new().layer(backend.clone()));
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(5))
+        .jitter(Duration::ZERO)
+        .lift_ejections(false)
+        .spawn();
+    at(t0 + secs(1)).await;
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    let svc = pool.snapshot().service(0).unwrap().clone();
+    for _ in 0..5 {
+        send(&svc, "a", &state).await;
+    }
+    let ejected_until = state.ejected_until().expect("ejected");
+    assert_eq!(ejected_until, t0 + secs(31));
+    at(t0 + secs(30)).await;
+    assert!(state.is_ejected(), "a passing probe lifted it");
+    assert_eq!(state.health(), HealthStatus::Healthy);
+    at(ejected_until).await;
+    assert!(!state.is_ejected());
+}
+
 /// `shutdown` returns once the probes under way are gone too, even one in
 /// the middle of a poll on another worker: nothing of them (a connection,
 /// the service clone) outlives it.

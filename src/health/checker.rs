@@ -33,6 +33,7 @@ struct CheckConfig {
     removed_after: Option<Duration>,
     slow_start: Option<SlowStart>,
     start_unhealthy: bool,
+    lift_ejections: bool,
 }
 
 impl Default for CheckConfig {
@@ -48,6 +49,7 @@ impl Default for CheckConfig {
             removed_after: None,
             slow_start: None,
             start_unhealthy: false,
+            lift_ejections: true,
         }
     }
 }
@@ -187,6 +189,27 @@ where
     /// to `0.0`.
     pub fn start_unhealthy(mut self, start_unhealthy: bool) -> Self {
         self.config.start_unhealthy = start_unhealthy;
+        self
+    }
+
+    /// Whether a passing probe lifts a passive ejection of its backend
+    /// (default `true`, Envoy's `successful_active_health_check_uneject_host`).
+    /// Turn it off when the probe proves less than requests do: a TCP
+    /// connect passes on a backend that accepts connections and then hangs
+    /// or answers 503, and would bring it back within one interval of each
+    /// ejection. Without it an ejection runs its time
+    /// ([`HealthLayer`](super::HealthLayer)'s backoff).
+    ///
+    /// ```
+    /// # use tower_ha::health::{HealthChecker, TcpProbe};
+    /// # use tower_ha::Pool;
+    /// # let pool: Pool<()> = Pool::new();
+    /// let checker = HealthChecker::new(pool, TcpProbe::from_map([("a", ([10, 0, 0, 7], 8080).into())]))
+    ///     .lift_ejections(false);
+    /// # drop(checker);
+    /// ```
+    pub fn lift_ejections(mut self, lift: bool) -> Self {
+        self.config.lift_ejections = lift;
         self
     }
 
@@ -344,10 +367,10 @@ impl Entry {
         }
     }
 
-    /// Lifts an ejection in force and reports it; one that ran out is
-    /// reported by the health layer.
-    fn lift_ejection(&self, id: &BackendId, events: Option<&Events>) {
-        if self.state.uneject() {
+    /// Lifts an ejection in force, if the checker may, and reports it; one
+    /// that ran out is reported by the health layer.
+    fn lift_ejection(&self, id: &BackendId, config: &CheckConfig, events: Option<&Events>) {
+        if config.lift_ejections && self.state.uneject() {
             tracing::info!(
                 backend = %id,
                 from = "ejected",
@@ -379,7 +402,7 @@ impl Entry {
                 if health == HealthStatus::Healthy {
                     self.ever_healthy = true;
                     self.unhealthy_since = None;
-                    self.lift_ejection(id, events);
+                    self.lift_ejection(id, config, events);
                 } else if self.successes >= config.rise {
                     self.state.set_health(HealthStatus::Healthy);
                     self.ever_healthy = true;
@@ -399,7 +422,7 @@ impl Entry {
                         to: HealthStatus::Healthy,
                         reason: "probes passed".into(),
                     });
-                    self.lift_ejection(id, events);
+                    self.lift_ejection(id, config, events);
                 }
             }
             Err(error) => {
