@@ -75,7 +75,11 @@ struct Options {
 }
 
 const HELP: &str = "\
-usage: reverse_proxy [FLAGS] BACKEND_URL[,weight=N]...
+usage: reverse_proxy [FLAGS] BACKEND_URL[,weight=N][,id=NAME]...
+
+Each backend is known by its id: NAME, else its host and port, except
+with --sticky cookie:NAME, whose cookie a client can read: there the
+default id is a digest of the host and port keyed by the cookie's secret.
 
   --listen ADDR            listen there (default 127.0.0.1:8080)
   --workers N              runtime worker threads (default 1, at most 1024)
@@ -98,7 +102,9 @@ usage: reverse_proxy [FLAGS] BACKEND_URL[,weight=N]...
                            session header
   --max-in-flight N        at most N requests at once per backend (default:
                            no limit); with every backend full, a request is
-                           answered 503 at once
+                           answered 503 at once; a request of a --sticky
+                           session still goes to its backend over the limit
+                           (moving it for a burst would lose its state)
   --queue N,MS             up to N requests wait up to MS ms for a place when
                            every backend is full (with --max-in-flight)
   --health-path PATH       probe each backend with GET PATH through its own
@@ -107,8 +113,9 @@ usage: reverse_proxy [FLAGS] BACKEND_URL[,weight=N]...
   --probe-timeout MS       a probe that takes longer fails (default 1000)
   --no-health              no passive ejection and no probes
   --per-try-timeout MS     gives up on a backend whose response head has not
-                           come within MS ms and tries the next (default
-                           15000; 0 for none)
+                           come within MS ms and tries the next (a POST or
+                           other non-idempotent request only if it was not
+                           sent yet: else 504) (default 15000; 0 for none)
   --deadline MS            gives up on a request, whatever the attempts left,
                            after MS ms without a response head (default
                            30000; 0 for none)
@@ -130,6 +137,15 @@ read timeout (60 s) with a 408, counted against no backend; a body still
 being buffered (under 64 KiB) is given up 60 s after its last part came,
 with a 408 too, before any backend is called.
 ";
+
+/// Writes a line to standard error, and goes on whatever happens to it: a
+/// closed standard error must not make the proxy panic.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 fn usage(problem: &str) -> ! {
     eprintln!("error: {problem}");
@@ -186,9 +202,10 @@ fn options() -> Options {
             "--hash-key" => o.hash_key = Some(value("--hash-key")),
             "--sticky" => o.sticky = Some(value("--sticky")),
             "--max-in-flight" => {
-                let n = value("--max-in-flight")
-                    .parse()
-                    .unwrap_or_else(|_| usage("bad --max-in-flight"));
+                let n = match value("--max-in-flight").parse() {
+                    Ok(n) if n > 0 => n,
+                    _ => usage("bad --max-in-flight (want a whole number above 0)"),
+                };
                 o.max_in_flight = Some(n);
             }
             "--queue" => {
@@ -296,7 +313,7 @@ fn is_cookie_name(name: &str) -> bool {
 }
 
 /// The session key `--sticky` names.
-fn session_key(spec: &str) -> SessionKey {
+fn session_key(spec: &str, cookie_secret: Option<&[u8]>) -> SessionKey {
     let name = match spec.split_once(':') {
         Some((_, name)) if is_cookie_name(name) => name,
         _ => usage(&format!("bad --sticky {spec}")),
@@ -308,11 +325,7 @@ fn session_key(spec: &str) -> SessionKey {
             "--sticky {spec}: a __Secure- or __Host- cookie needs HTTPS"
         )),
         Some("cookie") => {
-            let secret = match std::env::var_os("TOWER_HA_STICKY_SECRET") {
-                Some(secret) if secret.len() >= 32 => secret.into_encoded_bytes(),
-                Some(_) => usage("TOWER_HA_STICKY_SECRET needs at least 32 bytes"),
-                None => rand::random::<[u8; 32]>().to_vec(),
-            };
+            let secret = cookie_secret.expect("a secret for --sticky cookie");
             // This proxy speaks plain HTTP: a `Secure` cookie would not
             // come back.
             SessionKey::insert_cookie(CookieInsert::new(name, secret).secure(false))
@@ -321,6 +334,46 @@ fn session_key(spec: &str) -> SessionKey {
         Some("header") => SessionKey::header(name),
         _ => usage(&format!("unknown --sticky {spec}")),
     }
+}
+
+/// A backend argument's URL, weight (default 1) and id, if it names one.
+/// Options are taken from the end, so a comma may stay in the URL's path.
+fn backend_spec(spec: &str) -> (&str, u32, Option<&str>) {
+    let (mut url, mut weight, mut id) = (spec, None, None);
+    while let Some((head, option)) = url.rsplit_once(',') {
+        match option.split_once('=') {
+            Some(("weight", n)) if weight.is_none() => match n.parse::<u32>() {
+                Ok(n) if n > 0 => weight = Some(n),
+                _ => usage(&format!(
+                    "bad weight in {spec} (want a whole number above 0)"
+                )),
+            },
+            Some(("id", name)) if id.is_none() => {
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                    usage(&format!("bad id in {spec} (want printable ASCII)"));
+                }
+                id = Some(name);
+            }
+            _ => break,
+        }
+        url = head;
+    }
+    (url, weight.unwrap_or(1), id)
+}
+
+/// An id that says nothing of `authority` to a client that decodes the
+/// sticky cookie, and stays the same for the same secret: the first 8
+/// bytes of SHA-256 over the secret and the authority, in hex.
+fn opaque_id(secret: &[u8], authority: &str) -> BackendId {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"reverse_proxy backend id\0")
+        .chain_update(secret)
+        .chain_update(b"\0")
+        .chain_update(authority)
+        .finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    BackendId::from(format!("b-{hex}"))
 }
 
 async fn run(o: Options) {
@@ -340,25 +393,39 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     let client = HttpClient::<Body>::new();
     let passive = HealthLayer::new();
     let pool = Pool::new();
+    // The sticky cookie's secret: from the environment, so that cookies
+    // outlive the process and hold across replicas, else random.
+    let cookie_secret = o
+        .sticky
+        .as_deref()
+        .filter(|spec| spec.starts_with("cookie:"))
+        .map(|_| match std::env::var_os("TOWER_HA_STICKY_SECRET") {
+            Some(secret) if secret.len() >= 32 => secret.into_encoded_bytes(),
+            Some(_) => usage("TOWER_HA_STICKY_SECRET needs at least 32 bytes"),
+            None => rand::random::<[u8; 32]>().to_vec(),
+        });
     let mut addresses = HashMap::new();
     for spec in &o.backends {
-        let (url, weight) = match spec.split_once(",weight=") {
-            Some((url, weight)) => match weight.parse::<u32>() {
-                Ok(weight) if weight > 0 => (url, weight),
-                _ => usage(&format!(
-                    "bad weight in {spec} (want a whole number above 0)"
-                )),
-            },
-            None => (spec.as_str(), 1),
-        };
+        let (url, weight, id) = backend_spec(spec);
         let backend = HttpBackend::new(&client, url).unwrap_or_else(|e| usage(&e.to_string()));
         // `HttpBackend::new` accepted it: an http:// URI with a host, and a
         // port that is a number from 0 to 65535 when it has one.
         let uri: http::Uri = url.parse().expect("a valid backend URI");
         let authority = uri.authority().expect("a host").as_str();
         let host = uri.host().expect("a host").trim_matches(['[', ']']);
-        if pool.contains(&authority.into()) {
+        if addresses.values().any(|(_, at)| at == authority) {
             usage(&format!("two backends at {authority}"));
+        }
+        let id = match (id, &cookie_secret) {
+            (Some(id), _) => BackendId::from(id),
+            (None, Some(secret)) => opaque_id(secret, authority),
+            (None, None) => BackendId::from(authority),
+        };
+        if pool.contains(&id) {
+            usage(&format!("two backends with the id {id}"));
+        }
+        if id.as_str() != authority {
+            log!("backend {id}: {url}");
         }
         let port = uri.port_u16().unwrap_or(80);
         if (host, port)
@@ -375,14 +442,14 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
             HealthLayer::new().consecutive_failures(u32::MAX)
         };
         pool.insert_weighted(
-            authority,
+            id.clone(),
             ServiceBuilder::new().layer(layer).service(backend),
             weight,
         );
-        if let Some(state) = pool.state(&authority.into()) {
+        if let Some(state) = pool.state(&id) {
             state.set_max_in_flight(o.max_in_flight);
         }
-        addresses.insert(BackendId::from(authority), (host.to_owned(), port));
+        addresses.insert(id, ((host.to_owned(), port), authority.to_owned()));
     }
     fn start<S, P>(checker: HealthChecker<S, P>, o: &Options) -> CheckerHandle
     where
@@ -402,7 +469,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     // while the backend listens on 127.0.0.1 only).
     let addresses = Arc::new(addresses);
     let connect = probe_fn(move |id: &BackendId, _: &_| {
-        let target = addresses.get(id).cloned();
+        let target = addresses.get(id).map(|(target, _)| target.clone());
         async move {
             let (host, port) = target.ok_or("no address")?;
             tokio::net::TcpStream::connect((host.as_str(), port)).await?;
@@ -411,13 +478,18 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     });
     let _checker = o.health.then(|| match o.health_path.clone() {
         Some(probe) => start(HealthChecker::new(pool.clone(), probe), &o),
-        None => start(HealthChecker::new(pool.clone(), connect), &o),
+        // A connect passes on a backend that accepts and then hangs or
+        // answers 503: it must not lift the passive layer's ejections.
+        None => start(
+            HealthChecker::new(pool.clone(), connect).lift_ejections(false),
+            &o,
+        ),
     });
 
     let sticky = o
         .sticky
         .as_deref()
-        .map(|spec| StickyLayer::new(&pool, session_key(spec)));
+        .map(|spec| StickyLayer::new(&pool, session_key(spec, cookie_secret.as_deref())));
     let mut failover = FailoverLayer::new();
     if let Some(timeout) = o.per_try_timeout {
         failover = failover.per_try_timeout(timeout);
@@ -434,7 +506,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         .await
         .unwrap_or_else(|e| usage(&format!("cannot listen on {}: {e}", o.listen)));
     let listening = listener.local_addr().unwrap_or(o.listen);
-    eprintln!(
+    log!(
         "proxying {} to {} backend(s) with {}{}",
         listening,
         o.backends.len(),
@@ -470,7 +542,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
             .map(|m| m.state().in_flight())
             .sum()
     };
-    eprintln!(
+    log!(
         "stopping: {open} connection(s) and {} request(s) or tunnel(s) open, waiting at most {:?}",
         in_flight(),
         o.drain
@@ -484,14 +556,14 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     tokio::select! {
         ended = tokio::time::timeout(o.drain, drained) => {
             if ended.is_err() {
-                eprintln!(
+                log!(
                     "{} connection(s) and {} request(s) or tunnel(s) still open, closed",
                     stop.receiver_count() / 2,
                     in_flight()
                 );
             }
         }
-        _ = stop_signal() => eprintln!("a second signal: closed at once"),
+        _ = stop_signal() => log!("a second signal: closed at once"),
     }
 }
 
@@ -537,7 +609,7 @@ async fn accept<S>(
             Err(e) => {
                 // Out of file descriptors, most likely: retrying at once
                 // would spin.
-                eprintln!("accept: {e}");
+                log!("accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -598,7 +670,11 @@ fn respond(result: Result<Response<ResponseBody>, BoxError>) -> Response<ProxyBo
         Ok(response) => response.map(Either::Left),
         Err(e) => {
             let status = gateway_status(&*e);
-            eprintln!("{status}: {}", Report(&*e));
+            // A client's own error (400, 408) is its business, as nginx
+            // logs it only at `info`: a client cannot fill the log.
+            if status.is_server_error() {
+                log!("{status}: {}", Report(&*e));
+            }
             let reason = status.canonical_reason().unwrap_or("Error");
             let body = Full::new(Bytes::from(format!("{reason}\n")));
             let mut response = Response::new(Either::Right(body));
