@@ -2494,6 +2494,74 @@ async fn a_post_timed_out_while_connecting_goes_to_the_next_backend() {
     assert_eq!(body_of(resp).await, "ok");
 }
 
+/// A request an abandoned attempt left behind (in a buffer's queue, say)
+/// may reach `HttpBackend` late, during the next attempt: it must not make
+/// that attempt, already sent, look unsent, which would send a POST twice.
+#[tokio::test(start_paused = true)]
+async fn a_late_call_of_an_abandoned_attempt_does_not_unsend_the_next() {
+    use tower_ha::extensions::Picked;
+    let never = || {
+        let connector = tower::service_fn(|_: http::Uri| {
+            futures::future::pending::<Result<TokioIo<tokio::io::DuplexStream>, std::io::Error>>()
+        });
+        HttpBackend::new(
+            &HttpClient::with_connector(connector),
+            "http://stuck.internal",
+        )
+        .unwrap()
+    };
+    // The second attempt's backend takes the request and never answers.
+    let (silent, mut opened) = piped::<Full<Bytes>>(None);
+    tokio::spawn(async move {
+        let mut conn = opened.recv().await.unwrap();
+        read_request(&mut conn).await.unwrap();
+        std::future::pending::<()>().await
+    });
+    let (stuck, late) = (never(), never());
+    let first_slot = Arc::new(parking_lot::Mutex::new(None::<Picked>));
+    let third_called = Arc::new(AtomicUsize::new(0));
+    let attempt = Arc::new(AtomicUsize::new(0));
+    let (slot, third) = (first_slot.clone(), third_called.clone());
+    let inner = tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let picked = req.extensions().get::<Picked>().cloned().unwrap();
+        let n = attempt.fetch_add(1, Ordering::SeqCst);
+        picked.set(["a", "b", "c"][n.min(2)].into());
+        let (stuck, silent, slot, third) =
+            (stuck.clone(), silent.clone(), slot.clone(), third.clone());
+        async move {
+            match n {
+                0 => {
+                    *slot.lock() = Some(picked);
+                    stuck.oneshot(req).await
+                }
+                1 => silent.oneshot(req).await,
+                _ => {
+                    third.fetch_add(1, Ordering::SeqCst);
+                    Err("a third attempt".into())
+                }
+            }
+        }
+    });
+    let stack = FailoverLayer::new()
+        .per_try_timeout(Duration::from_secs(1))
+        .layer(inner);
+    // At 1.5 s, the first attempt's request reaches a backend's call.
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut stale = Request::post("/orders").body(Full::default()).unwrap();
+        stale
+            .extensions_mut()
+            .insert(first_slot.lock().clone().expect("the first attempt's slot"));
+        let _ = tokio::time::timeout(Duration::from_millis(1), late.oneshot(stale)).await;
+    });
+    let post = Request::post("/orders").body(Full::new(Bytes::from_static(b"order")));
+    let err = stack.oneshot(post.unwrap()).await.unwrap_err();
+    let exhausted = find::<Exhausted>(&*err).expect("every attempt allowed failed");
+    let tried: Vec<&str> = exhausted.backends().map(|id| id.as_str()).collect();
+    assert_eq!(tried, ["a", "b"], "{err}");
+    assert_eq!(third_called.load(Ordering::SeqCst), 0, "sent twice");
+}
+
 /// Sends `body` to a piped backend (read timeout 5 s) that holds its
 /// connection and answers nothing; the error, and how long it took.
 async fn stalled_upload(body: Trickled) -> (BoxError, Duration) {

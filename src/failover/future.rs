@@ -535,24 +535,22 @@ where
             return Poll::Ready(Err(self.give_up(None)));
         };
         // With timers, the layer gave the first attempt a slot of its own
-        // after the template was copied, and each retry takes it in place
+        // after the template was copied, and each retry takes one in place
         // of any the request came with (a layer above, or the caller's):
         // the timers read it. Without, a slot the request came with is
-        // left to whoever put it there.
-        if self.config.timed() || template.parts.extensions.get::<Picked>().is_none() {
-            let slot = self.picked.get_or_insert_with(Picked::new);
+        // left to whoever put it there. Each retry gets a new slot: an
+        // earlier attempt's request may still reach an inner service late
+        // (left in a buffer's queue) and write to its own, which must not
+        // be read as this attempt's pick or progress.
+        let owned = self.picked.is_some() || template.parts.extensions.get::<Picked>().is_none();
+        if self.config.timed() || owned {
+            let slot = Picked::new();
             template.parts.extensions.insert(slot.clone());
+            self.picked = Some(slot);
         }
         let Some(request) = template.copy() else {
             return Poll::Ready(Err(self.give_up(None)));
         };
-        // Whatever the slot still holds belongs to an earlier attempt (an
-        // inner service that picks after `call` returns, behind a buffer,
-        // fills it late): only this attempt's pick may be read from it.
-        if let Some(slot) = &self.picked {
-            slot.take();
-            slot.set_readying(false);
-        }
         let future = self.service.call(request);
         self.tried += 1;
         self.current = self.picked.as_ref().and_then(Picked::take);
