@@ -81,7 +81,8 @@
 //! healthy backend becomes unhealthy after `fall` failing probes in a row;
 //! an unhealthy or turned-off one becomes healthy after `rise` passing
 //! probes in a row. A passing probe of a healthy backend lifts a passive
-//! ejection, unless `lift_ejections(false)`. A backend unhealthy for `turned_off_after` is marked
+//! ejection, unless `lift_ejections(false)`. A backend unhealthy for
+//! `turned_off_after` is marked
 //! [`TurnedOff`](crate::HealthStatus::TurnedOff) and, after `removed_after`,
 //! removed from the pool; both only for backends that passed a probe at
 //! least once, so a backend that never came up stays in the pool, probed.
