@@ -717,15 +717,52 @@ fn parse(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// Reads a duration's text. The text is parsed inside the visitor, so that
+/// the parser's error is raised where the value is: its path names the key
+/// that holds the duration, and its location the value.
+struct DurationVisitor;
+
+impl serde::de::Visitor<'_> for DurationVisitor {
+    type Value = Duration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as \"5s\", \"250ms\" or \"1m30s\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+        parse_duration(text).map_err(E::custom)
+    }
+}
+
+/// An optional [`DurationVisitor`].
+struct OptDurationVisitor;
+
+impl<'de> serde::de::Visitor<'de> for OptDurationVisitor {
+    type Value = Option<Duration>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        DurationVisitor.expecting(f)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        duration(d).map(Some)
+    }
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    parse_duration(&text).map_err(serde::de::Error::custom)
+    d.deserialize_str(DurationVisitor)
 }
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    Option::<String>::deserialize(d)?
-        .map(|text| parse_duration(&text).map_err(serde::de::Error::custom))
-        .transpose()
+    d.deserialize_option(OptDurationVisitor)
 }
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;

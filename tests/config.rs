@@ -524,3 +524,46 @@ fn a_configuration_survives_a_write_and_a_read() {
     let again = Config::from_yaml(&json.to_string()).unwrap();
     assert_eq!(again, config);
 }
+
+/// A bad duration's error names the key that holds it, in both formats.
+#[test]
+fn a_bad_duration_names_its_key() {
+    let err = Config::from_yaml(
+        "failover_groups:\n  - name: a\n    mode: normal\n    backends: [x]\n    health_check:\n      interval: 5 parsecs\n",
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("failover_groups[0].health_check.interval: "),
+        "{message}"
+    );
+    assert!(message.contains("unknown unit `parsecs`"), "{message}");
+    assert!(message.contains("line 6 column 17"), "{message}");
+
+    let err = Config::from_yaml(
+        "failover_groups:\n  - {name: a, mode: normal, backends: [x], failover: {per_try_timeout: 5}}\n",
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("failover_groups[0].failover.per_try_timeout: "),
+        "{message}"
+    );
+
+    // A null duration is no duration, as an absent one is.
+    let config = Config::from_yaml(
+        "failover_groups:\n  - {name: a, mode: normal, backends: [x], failover: {per_try_timeout: null, deadline: 2s}}\n",
+    )
+    .unwrap();
+    let failover = config.failover_groups[0].failover.as_ref().unwrap();
+    assert_eq!(failover.per_try_timeout, None);
+    assert_eq!(failover.deadline, Some(Duration::from_secs(2)));
+
+    let err = Config::from_toml(
+        "[[failover_groups]]\nname = \"a\"\nmode = \"normal\"\nbackends = [\"x\"]\n[failover_groups.health_check]\ninterval = \"5 parsecs\"\n",
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("unknown unit `parsecs`"), "{message}");
+    assert!(message.contains("line 6 column 12"), "{message}");
+}
