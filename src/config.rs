@@ -15,6 +15,7 @@
 //!       timeout: "2s"
 //!       healthy_threshold: 3
 //!       unhealthy_threshold: 2
+//!       lift_ejections: false   # optional: probes do not end passive ejections
 //!     failover:                 # optional
 //!       max_attempts: 2
 //!       per_try_timeout: "500ms"
@@ -233,6 +234,14 @@ pub struct HealthCheckConfig {
     /// Failing probes in a row to become unhealthy (default 3).
     #[serde(default = "default_fall")]
     pub unhealthy_threshold: u32,
+    /// Whether a passing probe ends a passive ejection (default `true`);
+    /// see [`HealthChecker::lift_ejections`]. Set it to `false` when the
+    /// probe checks less than requests do (a TCP connect): a backend that
+    /// accepts connections and then fails requests would otherwise come
+    /// back after every ejection. Written out only when `false`, so that
+    /// a written configuration stays in LEBA's terms.
+    #[serde(default = "default_lift", skip_serializing_if = "is_true")]
+    pub lift_ejections: bool,
 }
 
 fn default_interval() -> Duration {
@@ -247,6 +256,12 @@ fn default_rise() -> u32 {
 fn default_fall() -> u32 {
     3
 }
+fn default_lift() -> bool {
+    true
+}
+fn is_true(value: &bool) -> bool {
+    *value
+}
 
 impl HealthCheckConfig {
     /// Applies these settings to `checker`.
@@ -260,6 +275,7 @@ impl HealthCheckConfig {
             .timeout(self.timeout)
             .rise(self.healthy_threshold)
             .fall(self.unhealthy_threshold)
+            .lift_ejections(self.lift_ejections)
     }
 }
 

@@ -567,3 +567,49 @@ fn a_bad_duration_names_its_key() {
     assert!(message.contains("unknown unit `parsecs`"), "{message}");
     assert!(message.contains("line 6 column 12"), "{message}");
 }
+
+/// `lift_ejections` reaches the checker: by default a passing probe ends a
+/// passive ejection; with `false` the ejection runs its time. It is written
+/// out only when `false`.
+#[tokio::test(start_paused = true)]
+async fn a_groups_health_check_may_leave_ejections_to_run_their_time() {
+    use tower_ha::health::{probe_fn, HealthChecker};
+
+    for (yaml, lifted) in [
+        "{interval: 5s}",
+        "{interval: 5s, lift_ejections: true}",
+        "{interval: 5s, lift_ejections: false}",
+    ]
+    .into_iter()
+    .zip([true, true, false])
+    {
+        let config = Config::from_yaml(&format!(
+            "failover_groups:\n  - {{name: app, mode: normal, backends: [a], health_check: {yaml}}}\n"
+        ))
+        .unwrap();
+        let health = config.failover_groups[0].health_check.as_ref().unwrap();
+        assert_eq!(health.lift_ejections, lifted, "{yaml}");
+        let written = serde_json::to_value(health).unwrap();
+        assert_eq!(
+            written.get("lift_ejections"),
+            (!lifted).then_some(&serde_json::Value::Bool(false)),
+            "{yaml}"
+        );
+
+        let balance = config.failover_groups[0].build(named);
+        let pool = balance.pool().clone();
+        let a = pool.state(&"a".into()).unwrap();
+        let probe = probe_fn(|_: &BackendId, _: &Svc| async { Ok::<(), BoxError>(()) });
+        let checker = health
+            .apply(HealthChecker::new(pool.clone(), probe).jitter(Duration::ZERO))
+            .spawn();
+        let t0 = tokio::time::Instant::now();
+        // Ejected between probes (at 0 s and 5 s) for a minute.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        a.eject_until(t0 + Duration::from_secs(61));
+        assert!(a.is_ejected());
+        tokio::time::sleep(Duration::from_secs(5)).await; // 6 s
+        assert_eq!(a.is_ejected(), !lifted, "{yaml}");
+        checker.shutdown().await;
+    }
+}
