@@ -9,7 +9,9 @@
 //! The four backends are real hyper servers on 127.0.0.1; the two groups
 //! sit behind `tower::steer::Steer` (a path-prefix picker; with axum,
 //! `Router::nest_service` plays the same part); the admin API is a tower
-//! `Service` called here directly (mount it where you like).
+//! `Service` called here directly (mount it where you like). A task
+//! subscribed to the handle's events prints each change of primary as it
+//! happens.
 //!
 //! Run it with `cargo run --example two_groups --features hyper-client,admin`.
 
@@ -26,9 +28,9 @@ use tower::steer::Steer;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceExt};
 use tower_ha::balance::{Balance, Failback, Priority, RoundRobin};
-use tower_ha::control::{AdminService, Events, Handle};
+use tower_ha::control::{AdminService, Event, Events, Handle, RecvError};
 use tower_ha::http::{HttpBackend, HttpClient};
-use tower_ha::Pool;
+use tower_ha::{BackendId, Pool};
 
 type Body = Full<Bytes>;
 type Route = BoxCloneSyncService<Request<Body>, Response<tower_ha::http::ResponseBody>, BoxError>;
@@ -120,6 +122,36 @@ async fn main() -> Result<(), BoxError> {
     }
     let web = Balance::new(web, RoundRobin::new());
 
+    // Follow primary changes as they happen, as an alerting hook would; the
+    // audit history printed at the end keeps every event as well.
+    let mut live = events.subscribe();
+    let watcher = tokio::spawn(async move {
+        loop {
+            match live.recv().await {
+                Ok(record) => {
+                    if let Event::PrimaryChanged {
+                        group,
+                        from,
+                        to,
+                        reason,
+                    } = &record.event
+                    {
+                        let name = |b: &Option<BackendId>| {
+                            b.as_ref().map_or("none", BackendId::as_str).to_owned()
+                        };
+                        println!(
+                            "  [event] {group}: primary {} -> {} ({reason:?})",
+                            name(from),
+                            name(to)
+                        );
+                    }
+                }
+                Err(RecvError::Missed(n)) => println!("  [event] missed {n} events"),
+                Err(_) => break,
+            }
+        }
+    });
+
     let handle = Handle::new(events.clone()).drain_deadline(Some(Duration::from_secs(1)));
     handle.add_group("api", &api)?;
     handle.add_group("static", &web)?;
@@ -185,6 +217,7 @@ async fn main() -> Result<(), BoxError> {
             println!("    {}: {} requests, {:?}", b.id, b.requests, b.admin);
         }
     }
+    watcher.abort();
     println!("\naudit history:");
     for record in events.history() {
         println!(
