@@ -1198,6 +1198,26 @@ async fn a_zero_connect_timeout_sets_no_limit() {
     assert!(start.elapsed() >= Duration::from_secs(3600));
 }
 
+/// The same with the default connector, which hyper-util would otherwise
+/// give a timer of zero: every connection would miss it. Paused time makes
+/// that certain: the zero timer fires before the connection is seen
+/// established.
+#[tokio::test(start_paused = true)]
+async fn a_zero_connect_timeout_sets_no_limit_on_the_default_connector() {
+    let addr = serve().await;
+    let client = HttpClient::<Full<Bytes>>::new().connect_timeout(Duration::ZERO);
+    let backend = HttpBackend::new(&client, format!("http://{addr}/")).unwrap();
+    for _ in 0..3 {
+        // A new connection each time: the last one is not lent again.
+        let req = Request::get("/")
+            .header("connection", "close")
+            .body(Full::default())
+            .unwrap();
+        let resp = backend.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+}
+
 /// HTTP/2 to backends (feature `http2`).
 #[cfg(feature = "http2")]
 mod http2 {
