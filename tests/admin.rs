@@ -268,6 +268,15 @@ async fn backend_actions_drain_disable_and_enable() {
     let (status, body) = call(&f.admin, "POST", "/backends/nope/drain", "").await;
     assert_eq!(status, 404);
     assert_eq!(body["error"], "unknown backend `nope`");
+    // As for the settings: an unknown backend is 404 whatever the body.
+    for action in ["drain", "disable", "enable"] {
+        let path = format!("/backends/nope/{action}");
+        let (status, body) = call(&f.admin, "POST", &path, r#"{"now": true}"#).await;
+        assert_eq!(status, 404, "{action}: {body}");
+    }
+    let (status, body) = call(&f.admin, "POST", "/backends/web2/drain", r#"{"now": true}"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(state.admin(), AdminStatus::Enabled);
     let (status, _) = call(&f.admin, "GET", "/backends/web2/drain", "").await;
     assert_eq!(status, 405);
     let (status, _) = call(&f.admin, "POST", "/backends/web2/explode", "").await;

@@ -575,7 +575,7 @@ where
             },
             _ => not_allowed("GET, HEAD"),
         },
-        ["backends", id, setting @ ("weight" | "max_in_flight")] => {
+        ["backends", id, action @ ("weight" | "max_in_flight" | "drain" | "disable" | "enable")] => {
             if method != Method::POST {
                 return not_allowed("POST");
             }
@@ -591,44 +591,29 @@ where
                 Ok(body) => body,
                 Err(refused) => return refused,
             };
-            let result = if *setting == "weight" {
-                parse::<SetWeight>(&body, r#"{"weight": N}"#)
-                    .map(|set| handle.set_weight(&id, set.weight))
-            } else {
-                parse::<SetMaxInFlight>(&body, r#"{"max_in_flight": N or null}"#)
-                    .map(|set| handle.set_max_in_flight(&id, set.max_in_flight))
+            let result = match *action {
+                "weight" => parse::<SetWeight>(&body, r#"{"weight": N}"#)
+                    .map(|set| handle.set_weight(&id, set.weight)),
+                "max_in_flight" => {
+                    parse::<SetMaxInFlight>(&body, r#"{"max_in_flight": N or null}"#)
+                        .map(|set| handle.set_max_in_flight(&id, set.max_in_flight))
+                }
+                action => no_parameters(&body)
+                    .map_err(|message| {
+                        error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("expected no body or {{}}: {message}"),
+                        )
+                    })
+                    .map(|()| match action {
+                        "drain" => handle.drain(&id),
+                        "disable" => handle.disable(&id),
+                        _ => handle.enable(&id),
+                    }),
             };
             let result = match result {
                 Ok(result) => result,
                 Err(refused) => return refused,
-            };
-            match result.and_then(|()| handle.backend_stats(&id)) {
-                Ok(stats) => json(StatusCode::OK, &stats),
-                Err(e) => control_error(&e),
-            }
-        }
-        ["backends", id, action @ ("drain" | "disable" | "enable")] => {
-            if method != Method::POST {
-                return not_allowed("POST");
-            }
-            if let Some(refused) = require_json(&req) {
-                return refused;
-            }
-            let body = match read_body(req.into_body()).await {
-                Ok(body) => body,
-                Err(refused) => return refused,
-            };
-            if let Err(message) = no_parameters(&body) {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("expected no body or {{}}: {message}"),
-                );
-            }
-            let id = BackendId::from(*id);
-            let result = match *action {
-                "drain" => handle.drain(&id),
-                "disable" => handle.disable(&id),
-                _ => handle.enable(&id),
             };
             match result.and_then(|()| handle.backend_stats(&id)) {
                 Ok(stats) => json(StatusCode::OK, &stats),
