@@ -1198,6 +1198,8 @@ enum Reads {
     ThenAnswersAfter(Duration),
     /// Reads it to its end, then answers nothing.
     ThenHangs,
+    /// Takes its first frame, then neither reads on nor answers.
+    FirstFrameThenHangs,
     /// Never reads it, nor answers.
     Nothing,
 }
@@ -1209,10 +1211,16 @@ enum Reads {
 async fn timed_upload(reads: Reads) -> (Result<Response<()>, BoxError>, Duration, u64) {
     use futures::StreamExt as _;
     let service = service_fn(move |req: Request<ReplayBody<BoxBody>>| async move {
-        if let Reads::Nothing = reads {
-            std::future::pending::<()>().await;
+        let mut body = req.into_body();
+        match reads {
+            Reads::Nothing => std::future::pending::<()>().await,
+            Reads::FirstFrameThenHangs => {
+                body.frame().await.unwrap()?;
+                std::future::pending::<()>().await;
+            }
+            _ => {}
         }
-        let body = req.into_body().collect().await?.to_bytes();
+        let body = body.collect().await?.to_bytes();
         assert_eq!(body.len(), 24);
         match reads {
             Reads::ThenAnswersAfter(after) => tokio::time::sleep(after).await,
@@ -1233,9 +1241,10 @@ async fn timed_upload(reads: Reads) -> (Result<Response<()>, BoxError>, Duration
     });
     let body = BodyExt::boxed(http_body_util::StreamBody::new(parts));
     let start = Instant::now();
-    let result = stack
-        .oneshot(Request::put("/upload").body(body).unwrap())
-        .await;
+    let upload = stack.oneshot(Request::put("/upload").body(body).unwrap());
+    let result = tokio::time::timeout(Duration::from_secs(86_400), upload)
+        .await
+        .expect("the upload is given up within a day");
     (result, start.elapsed(), failover.stats().per_try_timeouts)
 }
 
@@ -1259,6 +1268,14 @@ async fn the_per_try_timeout_runs_from_the_end_of_a_streamed_upload() {
     // A backend that never starts to read it is timed from its call, at
     // 4 s (when the body passed the buffer's limit).
     let (result, took, timeouts) = timed_upload(Reads::Nothing).await;
+    let err = result.unwrap_err();
+    assert!(find::<TimedOut>(&*err).is_some(), "{err}");
+    assert_eq!((took, timeouts), (Duration::from_secs(9), 1));
+
+    // One that stops reading part way, while the client has more to send,
+    // is timed from the last frame it took (at 4 s): the upload waits for
+    // the backend then, not for the client.
+    let (result, took, timeouts) = timed_upload(Reads::FirstFrameThenHangs).await;
     let err = result.unwrap_err();
     assert!(find::<TimedOut>(&*err).is_some(), "{err}");
     assert_eq!((took, timeouts), (Duration::from_secs(9), 1));

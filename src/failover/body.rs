@@ -96,8 +96,10 @@ pub(crate) enum SendState {
     /// No backend has started to read the body.
     #[default]
     Unsent,
-    /// A backend is reading it.
-    Sending,
+    /// A backend is reading it: it last took a frame at `last`, and
+    /// `starved` when its last look found none ready (it waits for the
+    /// client, not the other way round).
+    Sending { last: Instant, starved: bool },
     /// The backend read it to its end (or failed, or dropped it) then.
     Sent(Instant),
 }
@@ -107,14 +109,23 @@ impl SendProgress {
         *self.0.lock()
     }
 
-    fn start(&self) {
-        *self.0.lock() = SendState::Sending;
+    /// A backend takes a frame (`starved: false`), or finds none ready.
+    fn sending(&self, starved: bool) {
+        let mut state = self.0.lock();
+        *state = match *state {
+            SendState::Sent(_) => return,
+            SendState::Sending { last, .. } if starved => SendState::Sending { last, starved },
+            _ => SendState::Sending {
+                last: Instant::now(),
+                starved,
+            },
+        };
     }
 
     fn end(&self) {
-        let mut sending = self.0.lock();
-        if *sending == SendState::Sending {
-            *sending = SendState::Sent(Instant::now());
+        let mut state = self.0.lock();
+        if let SendState::Sending { .. } = *state {
+            *state = SendState::Sent(Instant::now());
         }
     }
 }
@@ -255,10 +266,7 @@ where
             } => {
                 if taken.is_none() {
                     match shared.lock().take() {
-                        Some(rest) => {
-                            *taken = Some(rest);
-                            progress.start();
-                        }
+                        Some(rest) => *taken = Some(rest),
                         None => return Poll::Ready(Some(Err(AlreadySent.into()))),
                     }
                 }
@@ -266,12 +274,20 @@ where
                     return Poll::Ready(None);
                 };
                 if let Some(piece) = rest.prefix.take().or_else(|| rest.held.take()) {
+                    progress.sending(false);
                     return Poll::Ready(Some(Ok(Frame::data(piece))));
                 }
-                match ready!(rest.body.as_mut().poll_frame(cx)) {
-                    Some(Ok(frame)) => Poll::Ready(Some(Ok(
-                        frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
-                    ))),
+                let polled = rest.body.as_mut().poll_frame(cx);
+                if polled.is_pending() {
+                    progress.sending(true);
+                }
+                match ready!(polled) {
+                    Some(Ok(frame)) => {
+                        progress.sending(false);
+                        Poll::Ready(Some(Ok(
+                            frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
+                        )))
+                    }
                     Some(Err(e)) => {
                         progress.end();
                         Poll::Ready(Some(Err(e.into())))
@@ -893,9 +909,15 @@ mod tests {
         assert_eq!(progress.get(), SendState::Unsent);
         let mut copy = body.replay().unwrap();
         copy.frame().await.unwrap().unwrap();
-        assert_eq!(progress.get(), SendState::Sending);
+        let first = Instant::now();
+        let sending = |last, starved| SendState::Sending { last, starved };
+        assert_eq!(progress.get(), sending(first, false));
         tokio::time::advance(Duration::from_secs(1)).await;
         copy.frame().await.unwrap().unwrap();
+        assert_eq!(
+            progress.get(),
+            sending(first + Duration::from_secs(1), false)
+        );
         assert!(copy.frame().await.is_none());
         let end = Instant::now();
         assert_eq!(progress.get(), SendState::Sent(end));

@@ -338,17 +338,21 @@ where
 {
     /// When the per-try timeout of the attempt in flight ends instead,
     /// because it runs from the end of the request's upload: while the
-    /// backend reads a body sent once, the timeout waits (its next check
-    /// is a timeout later), and once the body has been read it ends a
-    /// timeout after. `None` when it ends now.
+    /// backend waits for the client's next frame of a body sent once, the
+    /// timeout waits (its next check is a timeout later); while the
+    /// backend is the one that stalls, it runs from the last frame the
+    /// backend took; once the body has been read, it ends a timeout after.
+    /// `None` when it ends now.
     fn per_try_postponed(&self) -> Option<Instant> {
         let per_try = self.config.per_try_timeout?;
         let now = Instant::now();
-        match self.upload.as_ref()?.get() {
-            SendState::Unsent => None,
-            SendState::Sending => Some(later(now, per_try)),
-            SendState::Sent(at) => Some(later(at, per_try)).filter(|until| *until > now),
-        }
+        let since = match self.upload.as_ref()?.get() {
+            SendState::Unsent => return None,
+            SendState::Sending { starved: true, .. } => return Some(later(now, per_try)),
+            SendState::Sending { last, .. } => last,
+            SendState::Sent(at) => at,
+        };
+        Some(later(since, per_try)).filter(|until| *until > now)
     }
 }
 

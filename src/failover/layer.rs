@@ -169,9 +169,11 @@ impl<C> FailoverLayer<C> {
     /// opening its connection) was never sent, and is retried whatever the
     /// request's method.
     /// A streamed upload (a body over [`BufferBodyLayer`]'s limit) is not
-    /// counted, as in Envoy: while the backend reads it, the timeout waits,
-    /// and it runs from the upload's end, so a slow client does not get a
-    /// backend timed out. The client's slowness is bounded by the backend
+    /// counted, as in Envoy: while the backend waits for the client's next
+    /// frame, the timeout waits, and it runs from the upload's end, so a
+    /// slow client does not get a backend timed out. A backend that stops
+    /// reading while the client has more to send is timed from the last
+    /// frame it took. The client's slowness is bounded by the backend
     /// client instead (`HttpClient::read_timeout`), and by the
     /// [`deadline`](Self::deadline).
     ///
