@@ -1191,6 +1191,57 @@ async fn a_body_over_the_limit_is_retried_while_unread() {
     assert_eq!(history(&response), ["a", "b"]);
 }
 
+/// A request an abandoned attempt left behind (in a buffer's queue, say)
+/// that reaches its backend late cannot take a body sent once from the
+/// attempt after it: that attempt would fail, and the request would go
+/// where no one waits for its answer.
+#[tokio::test]
+async fn a_request_left_behind_cannot_take_the_body_of_the_next_attempt() {
+    let log: Log = Log::default();
+    let left_behind = Arc::new(Mutex::new(None));
+    let pool = Pool::new();
+    let (stash, log_a) = (left_behind.clone(), log.clone());
+    let a = service_fn(move |req: Request<ReplayBody<BoxBody>>| {
+        *stash.lock() = Some(req);
+        log_a.lock().push("a: kept".to_owned());
+        let refused = NotSent::new(io::Error::from(io::ErrorKind::ConnectionRefused));
+        async move { Err::<Response<()>, BoxError>(refused.into()) }
+    });
+    let log_b = log.clone();
+    let b = service_fn(move |req: Request<ReplayBody<BoxBody>>| {
+        let (stale, log) = (left_behind.lock().take(), log_b.clone());
+        async move {
+            // The request left behind reaches a backend first.
+            let stale = stale.expect("a's request").into_body();
+            let err = stale.collect().await.expect_err("not for a's request");
+            log.lock().push(format!("a: {err}"));
+            let body = req.into_body().collect().await?.to_bytes();
+            log.lock().push(format!("b:{}", body.len()));
+            Ok::<_, BoxError>(status(200))
+        }
+    });
+    pool.insert("a", BoxCloneSyncService::new(a));
+    pool.insert("b", BoxCloneSyncService::new(b));
+    let service = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new().limit(16))
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool, RoundRobin::new()));
+    let body = Full::new(Bytes::from(vec![1u8; 100])).boxed();
+    let response = service
+        .oneshot(Request::post("/").body(body).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        *log.lock(),
+        [
+            "a: kept",
+            "a: request body handed to a later attempt",
+            "b:100"
+        ]
+    );
+}
+
 /// What a backend does with a streamed upload in [`timed_upload`].
 #[derive(Clone, Copy)]
 enum Reads {

@@ -63,6 +63,11 @@ impl<T: Clone> Replay for T {
 ///
 /// Built by [`BufferBodyLayer`] (or [`ReplayBody::buffer`]). Its data is
 /// [`Bytes`] and its error a [`BoxError`].
+///
+/// Of the copies of a body sent once, only the one [`replay`](Replay::replay)
+/// made last may be sent: an earlier copy, read after it was made, fails
+/// with an error rather than take the body from the attempt it was made
+/// for. Until a backend starts to read the body, a new copy can be made.
 pub struct ReplayBody<B> {
     kind: Kind<B>,
 }
@@ -74,9 +79,12 @@ enum Kind<B> {
         trailers: Option<HeaderMap>,
         len: u64,
     },
-    /// The first bytes read, then the rest of the body: sent at most once.
+    /// The first bytes read, then the rest of the body: sent at most once,
+    /// by the copy made last (see [`Shared`]).
     Once {
-        shared: Arc<Mutex<Option<Rest<B>>>>,
+        shared: Arc<Mutex<Shared<B>>>,
+        /// Which copy this is: the latest one made is `shared.live`.
+        copy: u64,
         hint: SizeHint,
         taken: Option<Rest<B>>,
         progress: SendProgress,
@@ -130,6 +138,16 @@ impl SendProgress {
     }
 }
 
+/// What the copies of a body sent once share: the body, until a copy takes
+/// it, and which copy may. Each copy made hands that right on to itself, so
+/// a copy left behind by an abandoned attempt (in a buffer's queue, say)
+/// cannot take the body from the attempt after it, which would fail that
+/// attempt and send the request where no one waits for its answer.
+struct Shared<B> {
+    rest: Option<Rest<B>>,
+    live: u64,
+}
+
 struct Rest<B> {
     /// The bytes read before the limit was reached.
     prefix: Option<Bytes>,
@@ -171,7 +189,7 @@ impl<B> ReplayBody<B> {
     pub fn is_consumed(&self) -> bool {
         match &self.kind {
             Kind::Buffered { .. } => false,
-            Kind::Once { shared, taken, .. } => taken.is_some() || shared.lock().is_none(),
+            Kind::Once { shared, taken, .. } => taken.is_some() || shared.lock().rest.is_none(),
         }
     }
 }
@@ -208,18 +226,25 @@ impl<B> Replay for ReplayBody<B> {
                 },
             }),
             Kind::Once {
-                shared,
+                shared: arc,
                 hint,
                 taken: None,
                 progress,
-            } if shared.lock().is_some() => Some(ReplayBody {
-                kind: Kind::Once {
-                    shared: shared.clone(),
-                    hint: *hint,
-                    taken: None,
-                    progress: progress.clone(),
-                },
-            }),
+                ..
+            } => {
+                let mut shared = arc.lock();
+                shared.rest.as_ref()?;
+                shared.live += 1;
+                Some(ReplayBody {
+                    kind: Kind::Once {
+                        shared: arc.clone(),
+                        copy: shared.live,
+                        hint: *hint,
+                        taken: None,
+                        progress: progress.clone(),
+                    },
+                })
+            }
             Kind::Once { .. } => None,
         }
     }
@@ -236,6 +261,19 @@ impl fmt::Display for AlreadySent {
 }
 
 impl std::error::Error for AlreadySent {}
+
+/// A body that may not be read because a later copy of it was made (for
+/// the attempt after the one this copy was made for).
+#[derive(Debug)]
+struct Superseded;
+
+impl fmt::Display for Superseded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request body handed to a later attempt")
+    }
+}
+
+impl std::error::Error for Superseded {}
 
 impl<B> Body for ReplayBody<B>
 where
@@ -260,15 +298,20 @@ where
             }
             Kind::Once {
                 shared,
+                copy,
                 taken,
                 progress,
                 ..
             } => {
                 if taken.is_none() {
-                    match shared.lock().take() {
-                        Some(rest) => *taken = Some(rest),
-                        None => return Poll::Ready(Some(Err(AlreadySent.into()))),
+                    let mut shared = shared.lock();
+                    if shared.rest.is_none() {
+                        return Poll::Ready(Some(Err(AlreadySent.into())));
                     }
+                    if shared.live != *copy {
+                        return Poll::Ready(Some(Err(Superseded.into())));
+                    }
+                    *taken = shared.rest.take();
                 }
                 let Some(rest) = taken.as_mut() else {
                     return Poll::Ready(None);
@@ -521,7 +564,11 @@ where
         };
         ReplayBody {
             kind: Kind::Once {
-                shared: Arc::new(Mutex::new(Some(rest))),
+                shared: Arc::new(Mutex::new(Shared {
+                    rest: Some(rest),
+                    live: 0,
+                })),
+                copy: 0,
                 hint: self.hint,
                 taken: None,
                 progress: SendProgress::default(),
@@ -895,6 +942,21 @@ mod tests {
     /// The progress the failover layer times a streamed upload by: sent
     /// from the first frame taken, until the end is read or the copy being
     /// sent is dropped; a copy that was never sent moves nothing.
+    #[tokio::test]
+    async fn only_the_latest_copy_of_a_body_sent_once_may_send_it() {
+        let body = ReplayBody::buffer(stream(vec![b"0123", b"4567"]), 2)
+            .await
+            .unwrap();
+        let early = body.replay().unwrap();
+        let late = early.replay().unwrap();
+        let err = early.collect().await.unwrap_err();
+        assert_eq!(err.to_string(), "request body handed to a later attempt");
+        assert!(!body.is_consumed(), "the early copy took nothing");
+        assert_eq!(late.collect().await.unwrap().to_bytes(), "01234567");
+        assert!(body.is_consumed());
+        assert!(body.replay().is_none());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_progress_of_a_body_sent_once() {
         let progress_of = |body: &ReplayBody<_>| match &body.kind {

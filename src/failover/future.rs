@@ -116,10 +116,10 @@ where
         let any_failure = config.retry_non_idempotent
             || is_idempotent(&parts.method)
             || parts.extensions.get::<RetryNonIdempotent>().is_some();
-        let template = if config.max_attempts > 1 {
-            Template::new(&parts, &body)
+        let (template, body) = if config.max_attempts > 1 {
+            Template::new(&parts, body)
         } else {
-            None
+            (None, body)
         };
         // Copied before the slot goes into the request: the template gets
         // it at the first retry, so a request that succeeds clones no
@@ -175,13 +175,17 @@ struct Template<B> {
 
 impl<B: Replay> Template<B> {
     /// A copy of the request with head `parts` and body `body`, if the body
-    /// can be replayed.
-    fn new(parts: &Parts, body: &B) -> Option<Self> {
-        let body = body.replay()?;
-        Some(Template {
-            parts: parts.clone(),
-            body,
-        })
+    /// can be replayed, and the body for the first attempt: a copy too,
+    /// made after the template, as each attempt's is (the latest copy of a
+    /// body sent once is the one that may send it).
+    fn new(parts: &Parts, body: B) -> (Option<Self>, B) {
+        match body.replay() {
+            Some(first) => {
+                let parts = parts.clone();
+                (Some(Template { parts, body }), first)
+            }
+            None => (None, body),
+        }
     }
 
     /// A copy of the request for one more attempt, if its body can be
