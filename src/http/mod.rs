@@ -517,6 +517,9 @@ where
     /// still waiting for a free stream when the connection ended, fails
     /// with hyper's error, which does not say whether the backend got it:
     /// the failover layer retries it only when its method is idempotent.
+    /// For the same reason, a request that waits for a free stream counts
+    /// as sent: a per-try timeout that ends then is not followed by a
+    /// retry of a POST.
     ///
     /// Requests go out with the backend's authority as `:authority` (or
     /// the client's host, with [`HttpBackend::preserve_host`]) and no
