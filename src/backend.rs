@@ -221,6 +221,9 @@ pub struct BackendState {
     /// Whether `rooms` is made: what a request's end reads (once or
     /// twice, see `InFlight`'s drop) where no pool has a queue.
     linked: AtomicBool,
+    /// Whether the backend started unhealthy, waiting for its first
+    /// passing probes, and has not been healthy since.
+    unproven: AtomicBool,
     /// Tells this state from any other of the process, as its address
     /// cannot once it is freed.
     serial: u64,
@@ -247,6 +250,7 @@ impl BackendState {
             epoch: Instant::now(),
             rooms: OnceLock::new(),
             linked: AtomicBool::new(false),
+            unproven: AtomicBool::new(false),
             serial: SERIALS.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -294,9 +298,25 @@ impl BackendState {
 
     /// Sets the health; returns the previous value.
     pub fn set_health(&self, health: HealthStatus) -> HealthStatus {
+        if health == HealthStatus::Healthy && self.unproven.load(Ordering::Relaxed) {
+            self.unproven.store(false, Ordering::Relaxed);
+        }
         let prev = self.update_nibble(HEALTH_SHIFT, health.to_bits());
         self.wake_waiting();
         HealthStatus::from_bits(prev)
+    }
+
+    /// Marks a new backend unhealthy until its first passing probes.
+    pub(crate) fn start_unproven(&self) {
+        self.unproven.store(true, Ordering::Relaxed);
+        self.set_health(HealthStatus::Unhealthy);
+    }
+
+    /// Whether the backend started unhealthy, waiting for its first passing
+    /// probes ([`HealthChecker::start_unhealthy`]), and has not been healthy
+    /// since: it has never served.
+    pub(crate) fn is_unproven(&self) -> bool {
+        self.unproven.load(Ordering::Relaxed)
     }
 
     fn update_nibble(&self, shift: u8, bits: u8) -> u8 {

@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower::discover::{Change, Discover};
 
-use crate::backend::{BackendId, BackendState, HealthStatus};
+use crate::backend::{BackendId, BackendState};
 use crate::balance::queue::Room;
 
 /// The id index. SipHash (std's) rather than streaming XXH3: ids are
@@ -503,7 +503,7 @@ impl<S: Clone> Pool<S> {
                         None => {
                             let state = BackendState::new(weight.unwrap_or(1));
                             if self.shared.unprobed.load(Ordering::Relaxed) > 0 {
-                                state.set_health(HealthStatus::Unhealthy);
+                                state.start_unproven();
                             }
                             Arc::new(state)
                         }

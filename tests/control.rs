@@ -1043,6 +1043,69 @@ async fn a_primary_that_joins_after_its_backups_takes_over_without_a_failover() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_primary_awaiting_its_first_passing_probes_takes_over_without_a_failover() {
+    // The primary is in the pool when the checker starts, or joins later.
+    for joins_late in [false, true] {
+        primary_awaiting_its_first_passing_probes(joins_late).await;
+    }
+}
+
+async fn primary_awaiting_its_first_passing_probes(joins_late: bool) {
+    use tower_ha::health::{probe_fn, HealthChecker};
+    let events = Events::default();
+    let pool = pool_of(if joins_late {
+        &["db2"]
+    } else {
+        &["db1", "db2"]
+    });
+    // The backup passes its probes from the start; the primary only after
+    // three seconds.
+    let start = tokio::time::Instant::now();
+    let probe = probe_fn(move |id: &BackendId, _svc: &Svc| {
+        let up = id.as_str() == "db2" || start.elapsed() >= Duration::from_secs(3);
+        async move {
+            if up {
+                Ok(())
+            } else {
+                Err::<(), BoxError>("connection refused".into())
+            }
+        }
+    });
+    let checker = HealthChecker::new(pool.clone(), probe)
+        .start_unhealthy(true)
+        .rise(1)
+        .jitter(Duration::ZERO)
+        .interval(Duration::from_millis(500))
+        .spawn();
+    let group = Priority::new("db", ["db1", "db2"]).events(events.clone());
+    let balance = Balance::new(pool.clone(), group.clone());
+    let mut served = Vec::new();
+    for i in 0..60 {
+        if joins_late && i == 10 {
+            pool.insert("db1", named("db1", Duration::ZERO));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        served.push(serve(&balance).await);
+    }
+    // The backup serves while the primary is not up yet; the primary takes
+    // over once it passes, although the failback rule is `Never`.
+    assert_eq!(served[0], "db2");
+    assert_eq!(served[20], "db2");
+    assert_eq!(served[59], "db1");
+    assert_eq!(group.current(), Some("db1".into()));
+    assert_eq!(group.failovers(), 0);
+    assert_eq!(primary_changes(&events), []);
+    // From then on it is a primary like any other.
+    set_health(&pool, "db1", HealthStatus::Unhealthy);
+    assert_eq!(serve(&balance).await, "db2");
+    assert_eq!(
+        primary_changes(&events),
+        [change("db1", "db2", SwitchReason::Failover)]
+    );
+    checker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_pick_on_an_older_membership_switches_nothing() {
     // Requests that read the membership just before the configured primary
     // joined are served by what they know, and demote nothing.

@@ -486,12 +486,15 @@ impl Priority {
         let current_ok = current.filter(|&i| available(i));
 
         let Some(cur) = current_ok else {
-            if !state.current_seen {
-                // The configured primary has not joined the pool yet:
-                // requests go to the first available backend in order, and
-                // nothing switches, so the primary takes over when it
-                // joins. A group without a configured order takes its
-                // first available backend as its primary.
+            let unproven =
+                state.forced.is_none() && current.is_some_and(|i| members[i].state().is_unproven());
+            if !state.current_seen || unproven {
+                // The configured primary has not joined the pool yet, or it
+                // waits for its first passing probes: requests go to the
+                // first available backend in order, and nothing switches,
+                // so the primary takes over when it comes up. A group
+                // without a configured order takes its first available
+                // backend as its primary.
                 let next = first_available();
                 if state.current.is_none() {
                     state.current = next.map(|i| members[i].id().clone());

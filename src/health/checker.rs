@@ -177,6 +177,10 @@ where
     /// (see [`Pool::keep_removed_for`]) is not marked again: the checker
     /// takes it up where it left it.
     ///
+    /// A [`Priority`](crate::balance::Priority) group does not fail over
+    /// from a primary that waits for its first passing probes: its backups
+    /// serve meanwhile, and it takes over once it passes.
+    ///
     /// This initial mark emits neither a `tracing` event nor an
     /// [`Event::HealthChanged`]; the changes after it, such as the backend
     /// becoming healthy, do.
@@ -748,7 +752,7 @@ where
                 None => {
                     let mut entry = Entry::new(member.state().clone(), serial, now);
                     if self.config.start_unhealthy {
-                        member.state().set_health(HealthStatus::Unhealthy);
+                        member.state().start_unproven();
                     } else if !initial && member.state().health() == HealthStatus::Healthy {
                         entry.start_ramp(now, &self.config);
                     }
