@@ -13,6 +13,10 @@ const MAX_POINTS: u64 = 1 << 23;
 /// checks that any backend is eligible at all.
 const WALK_BEFORE_CHECK: u32 = 16;
 
+/// Points walked before that pass, however few backends own them: one
+/// heavy backend owns long runs of points.
+const POINTS_BEFORE_CHECK: usize = 256;
+
 /// Points sorted by hash, with a direct index on the hash's top bits so a
 /// lookup is one or two cache lines instead of a full binary search.
 pub(super) struct Ring {
@@ -106,27 +110,46 @@ impl Ring {
         if self.hashes.is_empty() {
             return None;
         }
-        let start = self.position(hash);
+        self.walk(
+            self.position(hash),
+            |i| pick.is_eligible(i),
+            |from| pick.first_eligible_from(from).is_some(),
+        )
+    }
+
+    /// The first eligible owner from point `start` on, clockwise;
+    /// `any_eligible(from)` says whether any member is.
+    #[inline]
+    fn walk(
+        &self,
+        start: usize,
+        mut eligible: impl FnMut(usize) -> bool,
+        mut any_eligible: impl FnMut(usize) -> bool,
+    ) -> Option<usize> {
         let first = self.owners[start] as usize;
-        if pick.is_eligible(first) {
+        if eligible(first) {
             return Some(first);
         }
         let mut rejected = first;
-        let mut checks = 0;
+        let mut passed = 0;
+        let mut checked = false;
         let n = self.owners.len();
         for step in 1..n {
             let owner = self.owners[(start + step) % n] as usize;
             if owner != rejected {
-                if pick.is_eligible(owner) {
+                if eligible(owner) {
                     return Some(owner);
                 }
                 rejected = owner;
-                checks += 1;
-                // Many ineligible backends in a row: a pass over the
-                // members says whether any is left before the walk goes
-                // round the whole ring (every backend full, down or
-                // tried).
-                if checks == WALK_BEFORE_CHECK && pick.first_eligible_from(owner).is_none() {
+                passed += 1;
+            }
+            // A long walk (past many ineligible backends, or along the
+            // points of a heavy one): a pass over the members says whether
+            // any is left before the walk goes round the whole ring (every
+            // backend full, down or tried).
+            if !checked && (passed == WALK_BEFORE_CHECK || step == POINTS_BEFORE_CHECK) {
+                checked = true;
+                if !any_eligible(owner) {
                     return None;
                 }
             }
@@ -155,5 +178,71 @@ mod tests {
         // Under the cap nothing changes; a tiny share keeps one point.
         assert_eq!(scale(160, 480), 160);
         assert_eq!(scale(1, total), 1);
+    }
+
+    fn ring_of(weights: &[(&str, u32)], points_per_weight: u32) -> Ring {
+        let pool = crate::Pool::<()>::new();
+        for &(id, weight) in weights {
+            pool.insert_weighted(id, (), weight);
+        }
+        Ring::build(pool.snapshot().members(), points_per_weight)
+    }
+
+    #[test]
+    fn a_walk_along_one_heavy_backend_asks_once_whether_any_is_eligible() {
+        // One backend owns the whole ring.
+        let ring = ring_of(&[("a", 1_000)], 16);
+        assert_eq!(ring.len(), 16_000);
+        let (mut eligible, mut asked) = (0, 0);
+        let found = ring.walk(
+            ring.position(12345),
+            |_| {
+                eligible += 1;
+                false
+            },
+            |_| {
+                asked += 1;
+                false
+            },
+        );
+        assert_eq!(found, None);
+        assert_eq!((eligible, asked), (1, 1));
+
+        // With a light backend that is eligible, the walk goes on to it.
+        let ring = ring_of(&[("a", 1_000), ("b", 1)], 16);
+        let b = 1;
+        let mut asked = 0;
+        let found = ring.walk(
+            ring.position(12345),
+            |i| i == b,
+            |_| {
+                asked += 1;
+                true
+            },
+        );
+        assert_eq!(found, Some(b));
+        assert_eq!(asked, 1);
+    }
+
+    #[test]
+    fn a_walk_past_many_ineligible_backends_asks_once_whether_any_is_eligible() {
+        let names: Vec<String> = (0..100).map(|i| format!("b{i}")).collect();
+        let weights: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+        let ring = ring_of(&weights, 160);
+        let (mut eligible, mut asked) = (0, 0);
+        let found = ring.walk(
+            ring.position(999),
+            |_| {
+                eligible += 1;
+                false
+            },
+            |_| {
+                asked += 1;
+                false
+            },
+        );
+        assert_eq!(found, None);
+        assert_eq!(asked, 1);
+        assert!(eligible <= WALK_BEFORE_CHECK as usize + 1, "{eligible}");
     }
 }
