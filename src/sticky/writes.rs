@@ -94,8 +94,9 @@ impl Queued {
     /// session as the owner keeps it at its turn, which a refresh or a
     /// second save would write again, and a delete after it would remove.
     /// A later save's session replaces the one decided, for when the owner
-    /// keeps it no more; a later delete replaces the save. Gives `later`
-    /// back otherwise.
+    /// keeps it no more; a later delete replaces the save. Its waiters and
+    /// those that joined it wait for this one then. Gives `later` back
+    /// otherwise.
     fn join(&mut self, later: Queued) -> Option<Queued> {
         match (&self.write, &later.write) {
             (Write::Save(_) | Write::Refresh(_), Write::Refresh(_))
@@ -107,6 +108,7 @@ impl Queued {
             _ => return Some(later),
         }
         self.joined.push(later.done);
+        self.joined.extend(later.joined);
         None
     }
 
@@ -231,11 +233,25 @@ impl Writes {
         match queues.get_mut(queued.write.key()) {
             // Its task will come to it.
             Some(queue) => match queue.back_mut() {
-                Some(last) => {
-                    if let Some(queued) = last.join(queued) {
-                        queue.push_back(queued);
+                Some(last) => match last.join(queued) {
+                    Some(queued) => queue.push_back(queued),
+                    // A delete that took a save's place right behind
+                    // another delete repeats it: one delete for both, so
+                    // that sessions started and ended in turn while the
+                    // store is slow keep the queue at two writes.
+                    None if queue.len() >= 2
+                        && queue
+                            .iter()
+                            .rev()
+                            .take(2)
+                            .all(|q| matches!(q.write, Write::Delete(_))) =>
+                    {
+                        let last = queue.pop_back().expect("two writes wait");
+                        let taken = queue.back_mut().expect("two writes wait").join(last);
+                        debug_assert!(taken.is_none(), "a delete joins a delete");
                     }
-                }
+                    None => {}
+                },
                 None => queue.push_back(queued),
             },
             None => {
@@ -550,6 +566,15 @@ mod tests {
         assert_eq!(queued(&log), Some(1));
         waiting.push(Writes::submit(&log, &store, save("d")));
         assert_eq!(queued(&log), Some(2));
+        // Saves and deletes in turn, as sessions start and end while the
+        // store is slow: each delete undoes the save before it and repeats
+        // the delete before that, so two writes wait, however many come.
+        for _ in 0..100 {
+            waiting.push(Writes::submit(&log, &store, Write::Delete("k".into())));
+            assert_eq!(queued(&log), Some(1));
+            waiting.push(Writes::submit(&log, &store, save("d")));
+            assert_eq!(queued(&log), Some(2));
+        }
         // Two saves land: the first and the last.
         permits.add_permits(2);
         landed(first).await.unwrap();
