@@ -1599,6 +1599,126 @@ async fn a_session_removed_while_restore_runs_is_not_put_back() {
     assert!(store.load("k1").await.unwrap().is_none());
 }
 
+/// A memory store whose listing, once it has read the records, waits for
+/// a permit before it answers (a large directory still being listed).
+#[derive(Clone)]
+struct SlowListing {
+    inner: MemoryStore,
+    listed: Arc<tokio::sync::Semaphore>,
+    go: Arc<tokio::sync::Semaphore>,
+}
+
+impl SlowListing {
+    fn new(inner: MemoryStore) -> Self {
+        SlowListing {
+            inner,
+            listed: Arc::new(tokio::sync::Semaphore::new(0)),
+            go: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
+impl SessionStore for SlowListing {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        Box::pin(async move {
+            let loaded = self.inner.load_all().await?;
+            self.listed.add_permits(1);
+            self.go.acquire().await.unwrap().forget();
+            Ok(loaded)
+        })
+    }
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        self.inner.load(key)
+    }
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        self.inner.save(session)
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        self.inner.delete(keys)
+    }
+}
+
+#[tokio::test]
+async fn a_session_ended_or_forgotten_while_restore_lists_the_store_is_not_put_back() {
+    for availability in [Availability::Standalone, Availability::Replication] {
+        let c = cluster();
+        let shared = MemoryStore::new();
+        for (key, backend) in [("ended", "c"), ("moved", "c"), ("kept", "c")] {
+            shared
+                .save(&Session::new(key, backend.into()))
+                .await
+                .unwrap();
+        }
+        let store = SlowListing::new(shared.clone());
+        let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+            .store(store.clone())
+            .availability(availability);
+        let svc = stack(&c.pool, layer.clone());
+        let restore = tokio::spawn({
+            let layer = layer.clone();
+            async move { layer.restore().await }
+        });
+        // The listing has read the three records...
+        store.listed.acquire().await.unwrap().forget();
+        // ... when the application ends one (a logout), and another
+        // replica moves another, whose notice makes this one forget it.
+        layer.remove("ended").await.unwrap();
+        shared
+            .save(&Session::new("moved", "b".into()))
+            .await
+            .unwrap();
+        layer.forget("moved");
+        store.go.add_permits(1);
+        let report = restore.await.unwrap().unwrap();
+        assert_eq!(report.restored, ["kept"], "{availability:?}");
+        assert!(layer.session("ended").is_none(), "{availability:?}");
+        assert!(shared.load("ended").await.unwrap().is_none());
+        assert!(layer.session("moved").is_none(), "{availability:?}");
+        // Its next request follows the store.
+        let res = send(&svc, session("moved")).await.unwrap();
+        assert_eq!(res.body(), "b", "{availability:?}");
+        assert_eq!(send(&svc, session("kept")).await.unwrap().body(), "c");
+        assert_eq!(layer.stats().moved, 0);
+    }
+}
+
+#[tokio::test]
+async fn a_session_forgotten_while_its_restore_hook_runs_follows_the_store() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared.save(&Session::new("k1", "c".into())).await.unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (hooked, entered) = (gate.clone(), Arc::new(AtomicBool::new(false)));
+    let running = entered.clone();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(shared.clone())
+        .on_restore(move |_: Session| {
+            let (gate, running) = (hooked.clone(), running.clone());
+            async move {
+                running.store(true, Ordering::SeqCst);
+                drop(gate.acquire().await.unwrap());
+                Ok::<(), BoxError>(())
+            }
+        });
+    let svc = stack(&c.pool, layer.clone());
+    let restore = tokio::spawn({
+        let layer = layer.clone();
+        async move { layer.restore().await }
+    });
+    spin_until("the hook runs", || entered.load(Ordering::SeqCst)).await;
+    // Another replica moves it to b meanwhile; its notice makes this one
+    // forget it.
+    shared.save(&Session::new("k1", "b".into())).await.unwrap();
+    layer.forget("k1");
+    gate.add_permits(1);
+    restore.await.unwrap().unwrap();
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "b");
+    assert_eq!(
+        shared.load("k1").await.unwrap().unwrap().backend.as_str(),
+        "b"
+    );
+}
+
 #[tokio::test]
 async fn standalone_restore_reports_and_keeps_failed_records() {
     let c = cluster();
@@ -2098,6 +2218,46 @@ impl SessionStore for FlakyLoads {
     fn refresh_interval(&self) -> Option<Duration> {
         self.inner.refresh_interval()
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn forgetting_all_keeps_the_sessions_held_in_memory_only() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    let store = FlakyLoads::new(shared.clone());
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).store(store.clone());
+    let svc = stack(&c.pool, layer.clone());
+    // Started while the store cannot be read: kept in memory, unsaved.
+    let homes: Vec<String> = join_all((0..3).map(|i| send(&svc, session(format!("down-{i}")))))
+        .await
+        .into_iter()
+        .map(|res| res.unwrap().into_body())
+        .collect();
+    // Started once it reads again: saved.
+    store.down.store(false, Ordering::SeqCst);
+    let saved = send(&svc, session("up")).await.unwrap().into_body();
+    assert_eq!(
+        shared.load("up").await.unwrap().unwrap().backend.as_str(),
+        saved
+    );
+    // A notice subscription that reconnects forgets everything: only what
+    // the store holds.
+    assert_eq!(layer.forget_all(), 1);
+    assert!(layer.session("up").is_none());
+    // The others stay where they are, read from the store at their next
+    // request and saved there, since it has no record of them.
+    for (i, home) in homes.iter().enumerate() {
+        let key = format!("down-{i}");
+        assert_eq!(
+            send(&svc, session(key.as_str())).await.unwrap().body(),
+            home
+        );
+        layer.flush().await;
+        let stored = shared.load(&key).await.unwrap().expect("saved once read");
+        assert_eq!(stored.backend.as_str(), home);
+    }
+    assert_eq!(send(&svc, session("up")).await.unwrap().body(), &saved);
+    assert_eq!(layer.stats().moved, 0);
 }
 
 #[tokio::test]

@@ -292,8 +292,14 @@ impl StickyLayer {
         self.shared.forget(key)
     }
 
-    /// Drops every session from this layer's table, keeping the stored
-    /// records; returns how many it held.
+    /// Drops every session whose record this layer's table follows, keeping
+    /// the stored records, so that their next requests read the store (for
+    /// when notices of other replicas' moves may have been lost). Sessions
+    /// held in memory only stay where they are: those started while the
+    /// store could not be read (their record is read at their next request,
+    /// and they keep their backend if the store has none) and values the
+    /// application has not confirmed. Without a store, every session is
+    /// dropped. Returns how many it dropped.
     pub fn forget_all(&self) -> usize {
         self.shared.forget_all()
     }

@@ -87,7 +87,12 @@ impl<S> Sticky<S> {
     /// (its record neither read nor written); if the future is dropped
     /// part-way, the sessions not yet restored stay so until a later
     /// `restore`. A session the table read or saved since the load is kept
-    /// rather than the older record.
+    /// rather than the older record. A session ended
+    /// ([`remove`](Self::remove)) or forgotten ([`forget`](Self::forget),
+    /// [`forget_all`](Self::forget_all): another replica moved it) since
+    /// the restore began to list the store is not put back from its listed
+    /// record, nor is its hook run: its next request reads the store. It is
+    /// in neither of the report's lists.
     pub async fn restore(&self) -> Result<RestoreReport, StoreError> {
         self.shared.restore().await
     }
@@ -115,9 +120,10 @@ impl<S> Sticky<S> {
         self.shared.forget(key)
     }
 
-    /// Drops every session from the layer's table, keeping the stored
-    /// records, as [`StickyLayer::forget_all`](super::StickyLayer::forget_all)
-    /// does; returns how many it held.
+    /// Drops every session whose record the layer's table follows, keeping
+    /// the stored records and the sessions held in memory only, as
+    /// [`StickyLayer::forget_all`](super::StickyLayer::forget_all) does;
+    /// returns how many it dropped.
     pub fn forget_all(&self) -> usize {
         self.shared.forget_all()
     }

@@ -210,6 +210,10 @@ pub(crate) struct Shared {
     /// Keys whose stored record `restore` kept after its hook failed
     /// (standalone mode): never overwritten by a session started here.
     unrestored: Mutex<HashSet<Arc<str>>>,
+    /// The sessions forgotten or ended since each restore under way began
+    /// to list the store: it does not put them back. Locked after
+    /// `unrestored`, when both are.
+    restores: Mutex<Restores>,
     /// The records the store holds as far as this instance knows
     /// (standalone mode): see `Shared::may_have_record`.
     records: Mutex<Records>,
@@ -223,6 +227,73 @@ pub(crate) struct Shared {
     /// tasks that follow it (see `StickyLayer::follow`).
     #[cfg(feature = "redis")]
     pub(crate) gone: tokio::sync::watch::Sender<()>,
+}
+
+/// What the restores under way must not put back (see `Shared::restores`).
+#[derive(Default)]
+struct Restores {
+    next: u64,
+    running: Vec<Forgotten>,
+}
+
+/// The sessions forgotten or ended since a restore began to list the store.
+struct Forgotten {
+    restore: u64,
+    /// Every session (`forget_all`).
+    all: bool,
+    keys: HashSet<Arc<str>>,
+}
+
+impl Restores {
+    /// Records that `key` was forgotten or ended, for every restore under
+    /// way.
+    fn forget(&mut self, key: &str) {
+        for forgotten in &mut self.running {
+            if !forgotten.all && !forgotten.keys.contains(key) {
+                forgotten.keys.insert(Arc::from(key));
+            }
+        }
+    }
+
+    /// Whether `key` was forgotten or ended since `restore` began.
+    fn forgotten(&self, restore: u64, key: &str) -> bool {
+        self.running
+            .iter()
+            .find(|forgotten| forgotten.restore == restore)
+            .is_some_and(|forgotten| forgotten.all || forgotten.keys.contains(key))
+    }
+}
+
+/// A restore under way, from before it lists the store until it ends
+/// (see `Shared::restores`).
+struct Restoring<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl<'a> Restoring<'a> {
+    fn begin(shared: &'a Shared) -> Self {
+        let mut restores = shared.restores.lock();
+        let id = restores.next;
+        restores.next += 1;
+        restores.running.push(Forgotten {
+            restore: id,
+            all: false,
+            keys: HashSet::new(),
+        });
+        Restoring { shared, id }
+    }
+}
+
+impl Drop for Restoring<'_> {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.shared
+            .restores
+            .lock()
+            .running
+            .retain(|forgotten| forgotten.restore != id);
+    }
 }
 
 /// The keys of the records the store holds, as a standalone instance (the
@@ -394,6 +465,7 @@ impl Shared {
             config,
             loading: Mutex::new(HashMap::new()),
             unrestored: Mutex::new(HashSet::new()),
+            restores: Mutex::default(),
             records: Mutex::new(records),
             writes: Writes::default(),
             counters: Counters::default(),
@@ -1061,6 +1133,10 @@ impl Shared {
                 load.stale.store(true, std::sync::atomic::Ordering::Release);
             }
         }
+        // Under the lock a restore puts sessions back under: the record it
+        // loaded may be older than the store's.
+        let mut restores = self.restores.lock();
+        restores.forget(key);
         self.table.remove(key)
     }
 
@@ -1069,12 +1145,19 @@ impl Shared {
         self.writes.flush().await
     }
 
-    /// Drops every session from the table, keeping the stored records.
+    /// Drops every session whose record the table follows, keeping the
+    /// stored records and the sessions held in memory only (see
+    /// `Table::forget_saved`).
     pub(crate) fn forget_all(&self) -> usize {
         for (_, load) in self.loading.lock().drain() {
             load.stale.store(true, std::sync::atomic::Ordering::Release);
         }
-        self.table.clear()
+        let mut restores = self.restores.lock();
+        for forgotten in &mut restores.running {
+            forgotten.all = true;
+            forgotten.keys = HashSet::new();
+        }
+        self.table.forget_saved()
     }
 
     /// Learns from a response: starts, moves or ends sessions, sets the
@@ -1521,6 +1604,9 @@ impl Shared {
             tracing::warn!(target: TARGET, "restore without a session store: nothing to load");
             return Ok(report);
         };
+        // From before the listing on: a session forgotten or ended
+        // meanwhile is not put back as listed, as the store holds newer.
+        let restoring = Restoring::begin(self);
         let loaded = store.load_all().await?;
         report.skipped = loaded.skipped;
         if self.tracks_records() {
@@ -1533,10 +1619,23 @@ impl Shared {
         // request meanwhile cannot route, move and save the session only
         // for the restore to put it back as loaded. Records left over by a
         // restore dropped part-way stay so until a later `restore`.
-        self.unrestored
-            .lock()
-            .extend(loaded.sessions.iter().map(|s| Arc::from(s.key.as_str())));
+        {
+            let mut unrestored = self.unrestored.lock();
+            let restores = self.restores.lock();
+            unrestored.extend(
+                loaded
+                    .sessions
+                    .iter()
+                    .filter(|s| !restores.forgotten(restoring.id, &s.key))
+                    .map(|s| Arc::from(s.key.as_str())),
+            );
+        }
         for session in loaded.sessions {
+            if self.restores.lock().forgotten(restoring.id, &session.key) {
+                // Its next request reads the store.
+                self.unrestored.lock().remove(session.key.as_str());
+                continue;
+            }
             if let Some(hook) = &self.config.on_restore {
                 if let Err(error) = self.run_restore_hook(hook, session.clone()).await {
                     tracing::warn!(
@@ -1562,6 +1661,12 @@ impl Shared {
                 // since the load (while the hooks ran) is not put back.
                 let mut unrestored = self.unrestored.lock();
                 if !unrestored.remove(key.as_str()) {
+                    continue;
+                }
+                // Nor is one forgotten since the load (the store holds
+                // newer): its next request reads the store.
+                let restores = self.restores.lock();
+                if restores.forgotten(restoring.id, &key) {
                     continue;
                 }
                 // A session the table read or saved since the load is newer

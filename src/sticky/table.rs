@@ -449,8 +449,11 @@ impl Table {
         }
     }
 
+    /// Nanoseconds since the table's epoch, plus one: 0 is never now, so a
+    /// deadline of `now` (`reload_at`, where 0 means none) is due at once,
+    /// from the first instant on.
     fn now(&self) -> u64 {
-        nanos(Instant::now().saturating_duration_since(self.epoch))
+        nanos(Instant::now().saturating_duration_since(self.epoch)).saturating_add(1)
     }
 
     fn is_idle(&self, entry: &Entry, now: u64) -> bool {
@@ -714,13 +717,26 @@ impl Table {
         Some(entry.saved.into_inner())
     }
 
-    /// Empties the table; returns how many sessions it held.
-    pub(crate) fn clear(&self) -> usize {
+    /// Drops the sessions whose changes are saved, keeping those held in
+    /// memory only (see `Entry::saved`): the store knows nothing newer of
+    /// them. The ones whose record could not be read are due to be read
+    /// again at once. Returns how many sessions it dropped.
+    pub(crate) fn forget_saved(&self) -> usize {
+        let now = self.now();
         let mut n = 0;
         for shard in self.shards.iter() {
             let mut map = shard.write();
-            n += map.len();
-            map.clear();
+            let before = map.len();
+            map.retain(|_, entry| {
+                if entry.saved.load(Ordering::Relaxed) {
+                    return false;
+                }
+                if entry.reload_at != 0 {
+                    entry.reload_at = now.max(1);
+                }
+                true
+            });
+            n += before - map.len();
         }
         n
     }
