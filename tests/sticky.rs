@@ -2188,6 +2188,8 @@ async fn standalone_reads_the_records_restore_had_no_room_for() {
 struct FlakyLoads {
     inner: MemoryStore,
     down: Arc<AtomicBool>,
+    /// Saves fail while it is set (never, unless a test says).
+    saves_down: Arc<AtomicBool>,
 }
 
 impl FlakyLoads {
@@ -2195,6 +2197,7 @@ impl FlakyLoads {
         FlakyLoads {
             inner,
             down: Arc::new(AtomicBool::new(true)),
+            saves_down: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -2210,6 +2213,9 @@ impl SessionStore for FlakyLoads {
         self.inner.load(key)
     }
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        if self.saves_down.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) });
+        }
         self.inner.save(session)
     }
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
@@ -2218,6 +2224,38 @@ impl SessionStore for FlakyLoads {
     fn refresh_interval(&self) -> Option<Duration> {
         self.inner.refresh_interval()
     }
+}
+
+#[tokio::test]
+async fn the_move_hook_runs_when_the_save_of_the_move_fails() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    let store = FlakyLoads::new(shared.clone());
+    store.down.store(false, Ordering::SeqCst);
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .on_move(moves.hook());
+    let svc = stack(&c.pool, layer.clone());
+    let home = send(&svc, session("s")).await.unwrap().into_body();
+    store.saves_down.store(true, Ordering::SeqCst);
+    c.set_health(&home, HealthStatus::Unhealthy);
+    let to = send(&svc, session("s")).await.unwrap().into_body();
+    assert_ne!(to, home);
+    // The save failed: counted, and the hook ran all the same, since the
+    // session's requests go to its new backend now.
+    assert_eq!(layer.stats().store_errors, 1);
+    let all = moves.all();
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        (all[0].from.as_str(), all[0].session.backend.as_str()),
+        (home.as_str(), to.as_str())
+    );
+    assert_eq!(send(&svc, session("s")).await.unwrap().body(), &to);
+    assert_eq!(
+        shared.load("s").await.unwrap().unwrap().backend.as_str(),
+        home
+    );
 }
 
 #[tokio::test(start_paused = true)]

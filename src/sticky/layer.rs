@@ -183,9 +183,13 @@ impl StickyLayer {
         self.with(|c| c.max_sessions = max.max(1))
     }
 
-    /// Calls `hook` after a session moved and its record was saved, before
-    /// the response that moved it is handed on, so the application can
-    /// rebuild the session's state on its new backend. The hook runs in a
+    /// Calls `hook` after a session moved and the save of its record
+    /// ended, before the response that moved it is handed on, so the
+    /// application can rebuild the session's state on its new backend. A
+    /// save that failed (logged, and counted in
+    /// [`StickyStats::store_errors`](super::StickyStats::store_errors)) does
+    /// not stop the hook: the session has moved in this layer's table all
+    /// the same, and its requests go to the new backend. The hook runs in a
     /// task of its own, to its end even if the client goes away meanwhile,
     /// for at most [`move_timeout`](Self::move_timeout); the response waits
     /// for it for at most [`response_wait`](Self::response_wait). A hook
