@@ -1403,6 +1403,51 @@ async fn a_probe_started_before_a_backend_left_does_not_count_once_it_is_back() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_probe_of_a_backend_that_leaves_is_stopped_at_once() {
+    let pool = Pool::new();
+    pool.insert("a", ());
+    pool.insert("b", ());
+    // Each probe holds a clone of `held` while it runs; a's never ends.
+    let held = Arc::new(());
+    let probes_of_b = Arc::new(AtomicUsize::new(0));
+    let probe = probe_fn({
+        let (held, probes_of_b) = (held.clone(), probes_of_b.clone());
+        move |id: &BackendId, _svc: &()| {
+            let (held, hangs) = (held.clone(), id.as_str() == "a");
+            if !hangs {
+                probes_of_b.fetch_add(1, Ordering::SeqCst);
+            }
+            async move {
+                let _held = held;
+                if hangs {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<(), BoxError>(())
+            }
+        }
+    });
+    let _checker = HealthChecker::new(pool.clone(), probe)
+        .interval(secs(1))
+        .timeout(secs(3600))
+        .jitter(Duration::ZERO)
+        .spawn();
+    settle().await;
+    assert_eq!(Arc::strong_count(&held), 3, "the checker's probe and a's");
+    // Removed: what its probe holds (a service clone, a connection) is let
+    // go now, not an hour later at the probe's timeout.
+    assert!(pool.remove(&"a".into()));
+    settle().await;
+    assert_eq!(Arc::strong_count(&held), 2, "only the checker's probe");
+    // The checker goes on probing the others.
+    let before = probes_of_b.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        tokio::time::advance(secs(1)).await;
+        settle().await;
+    }
+    assert!(probes_of_b.load(Ordering::SeqCst) >= before + 4);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_zero_probe_timeout_still_lets_a_probe_answer() {
     let pool = Pool::new();
     pool.insert("a", ());

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::time::{earliest, elapsed, later};
@@ -327,7 +327,8 @@ struct Entry {
     /// When it became unhealthy, while it is.
     unhealthy_since: Option<Instant>,
     next_probe: Instant,
-    probing: bool,
+    /// The probe under way.
+    probe: Option<AbortHandle>,
     /// When its slow-start ramp began, while it ramps.
     ramp_from: Option<Instant>,
 }
@@ -350,7 +351,7 @@ impl Entry {
             ever_healthy: false,
             unhealthy_since: None,
             next_probe: now,
-            probing: false,
+            probe: None,
             ramp_from: None,
         }
     }
@@ -365,6 +366,15 @@ impl Entry {
 
     /// Abandons a ramp in progress at full weight: a weight the checker no
     /// longer advances must not stay partial.
+    /// Stops the probe under way: its backend has left the pool, and what
+    /// the probe holds (a clone of the service, a connection) is let go now
+    /// rather than at its timeout.
+    fn stop_probe(&mut self) {
+        if let Some(probe) = self.probe.take() {
+            probe.abort();
+        }
+    }
+
     fn end_ramp(&mut self) {
         if self.ramp_from.take().is_some() {
             self.state.set_weight_permille(1000);
@@ -397,7 +407,7 @@ impl Entry {
         events: Option<&Events>,
     ) {
         let now = Instant::now();
-        self.probing = false;
+        self.probe = None;
         let health = self.state.health();
         match result {
             Ok(()) => {
@@ -538,7 +548,7 @@ impl Entry {
 
     /// The next instant something is due for this backend.
     fn next_due(&self, config: &CheckConfig) -> Option<Instant> {
-        let probe = (!self.probing).then_some(self.next_probe);
+        let probe = self.probe.is_none().then_some(self.next_probe);
         let lifecycle = self
             .unhealthy_since
             .filter(|_| self.ever_healthy)
@@ -618,9 +628,10 @@ where
                 wake = [wake, ramp].into_iter().flatten().min();
             }
             for id in removals {
-                let Some(entry) = self.entries.remove(&id) else {
+                let Some(mut entry) = self.entries.remove(&id) else {
                     continue;
                 };
+                entry.stop_probe();
                 // Only the backend judged: the pool may hold another one
                 // under this id by now.
                 if self.pool.remove_if_state(&id, &entry.state) {
@@ -644,10 +655,9 @@ where
                 else {
                     continue;
                 };
-                if entry.probing || entry.next_probe > now {
+                if entry.probe.is_some() || entry.next_probe > now {
                     continue;
                 }
-                entry.probing = true;
                 entry.next_probe = now;
                 // The probe is called inside its task, so that a probe
                 // that panics when called (not only in its future) fails
@@ -662,6 +672,7 @@ where
                     }
                 });
                 running.insert(handle.id(), (member.id().clone(), entry.serial));
+                entry.probe = Some(handle);
             }
             drop(snapshot);
             for entry in self.entries.values() {
@@ -722,6 +733,7 @@ where
             .collect();
         for id in left {
             let mut entry = self.entries.remove(&id).expect("listed above");
+            entry.stop_probe();
             // Its state may live on (in another pool, or added back).
             entry.end_ramp();
             // One replaced by another state under its id is gone for good.
@@ -745,7 +757,7 @@ where
                 // again, as a probe under way is not this membership's.
                 Some(mut entry) => {
                     entry.serial = serial;
-                    entry.probing = false;
+                    entry.probe = None;
                     entry.next_probe = now;
                     entry
                 }
