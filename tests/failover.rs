@@ -1155,6 +1155,22 @@ async fn a_body_over_the_limit_in_one_frame_is_sent_intact_and_not_copied() {
     assert_eq!(data.as_ptr(), BODY.as_ptr());
 }
 
+/// POSTs 100 bytes, over a 16-byte replay buffer, through failover over
+/// `pool`.
+async fn post_over_the_limit(
+    pool: Pool<BoxCloneSyncService<Request<ReplayBody<BoxBody>>, Response<()>, BoxError>>,
+) -> Response<()> {
+    let service = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new().limit(16))
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool, RoundRobin::new()));
+    let body = Full::new(Bytes::from(vec![1u8; 100])).boxed();
+    service
+        .oneshot(Request::post("/").body(body).unwrap())
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_body_over_the_limit_is_retried_while_unread() {
     let log: Log = Log::default();
@@ -1177,15 +1193,7 @@ async fn a_body_over_the_limit_is_retried_while_unread() {
         });
         pool.insert(name, BoxCloneSyncService::new(service));
     }
-    let service = ServiceBuilder::new()
-        .layer(BufferBodyLayer::new().limit(16))
-        .layer(FailoverLayer::new())
-        .service(Balance::new(pool, RoundRobin::new()));
-    let body = Full::new(Bytes::from(vec![1u8; 100])).boxed();
-    let response = service
-        .oneshot(Request::post("/").body(body).unwrap())
-        .await
-        .unwrap();
+    let response = post_over_the_limit(pool).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(*log.lock(), ["b:100"]);
     assert_eq!(history(&response), ["a", "b"]);
@@ -1222,15 +1230,7 @@ async fn a_request_left_behind_cannot_take_the_body_of_the_next_attempt() {
     });
     pool.insert("a", BoxCloneSyncService::new(a));
     pool.insert("b", BoxCloneSyncService::new(b));
-    let service = ServiceBuilder::new()
-        .layer(BufferBodyLayer::new().limit(16))
-        .layer(FailoverLayer::new())
-        .service(Balance::new(pool, RoundRobin::new()));
-    let body = Full::new(Bytes::from(vec![1u8; 100])).boxed();
-    let response = service
-        .oneshot(Request::post("/").body(body).unwrap())
-        .await
-        .unwrap();
+    let response = post_over_the_limit(pool).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
         *log.lock(),

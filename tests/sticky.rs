@@ -1564,32 +1564,45 @@ where
     svc.oneshot(req).await
 }
 
-#[tokio::test]
-async fn a_session_removed_while_restore_runs_is_not_put_back() {
-    let c = cluster();
-    let store = MemoryStore::new();
-    store.save(&Session::new("k1", "c".into())).await.unwrap();
-    // The hook waits until it is let go.
+/// `layer` with an `on_restore` hook that waits for a permit of the
+/// semaphore returned, and its `restore()` under way in a task, once the
+/// hook runs.
+async fn restore_held_in_its_hook(
+    layer: StickyLayer,
+) -> (
+    StickyLayer,
+    tokio::task::JoinHandle<Result<tower_ha::sticky::RestoreReport, tower_ha::store::StoreError>>,
+    Arc<tokio::sync::Semaphore>,
+) {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let (hooked, entered) = (gate.clone(), Arc::new(AtomicBool::new(false)));
-    let running = entered.clone();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone)
-        .on_restore(move |_: Session| {
-            let (gate, running) = (hooked.clone(), running.clone());
-            async move {
-                running.store(true, Ordering::SeqCst);
-                drop(gate.acquire().await.unwrap());
-                Ok::<(), BoxError>(())
-            }
-        });
-    let svc = stack(&c.pool, layer.clone());
+    let entered = Arc::new(AtomicBool::new(false));
+    let (hooked, running) = (gate.clone(), entered.clone());
+    let layer = layer.on_restore(move |_: Session| {
+        let (gate, running) = (hooked.clone(), running.clone());
+        async move {
+            running.store(true, Ordering::SeqCst);
+            drop(gate.acquire().await.unwrap());
+            Ok::<(), BoxError>(())
+        }
+    });
     let restore = tokio::spawn({
         let layer = layer.clone();
         async move { layer.restore().await }
     });
     spin_until("the hook runs", || entered.load(Ordering::SeqCst)).await;
+    (layer, restore, gate)
+}
+
+#[tokio::test]
+async fn a_session_removed_while_restore_runs_is_not_put_back() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&Session::new("k1", "c".into())).await.unwrap();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone);
+    let (layer, restore, gate) = restore_held_in_its_hook(layer).await;
+    let svc = stack(&c.pool, layer.clone());
     // Ended while its hook runs: the restore does not route it.
     assert!(!svc.remove("k1").await.unwrap());
     gate.add_permits(1);
@@ -1687,25 +1700,9 @@ async fn a_session_forgotten_while_its_restore_hook_runs_follows_the_store() {
     let c = cluster();
     let shared = MemoryStore::new();
     shared.save(&Session::new("k1", "c".into())).await.unwrap();
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let (hooked, entered) = (gate.clone(), Arc::new(AtomicBool::new(false)));
-    let running = entered.clone();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(shared.clone())
-        .on_restore(move |_: Session| {
-            let (gate, running) = (hooked.clone(), running.clone());
-            async move {
-                running.store(true, Ordering::SeqCst);
-                drop(gate.acquire().await.unwrap());
-                Ok::<(), BoxError>(())
-            }
-        });
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).store(shared.clone());
+    let (layer, restore, gate) = restore_held_in_its_hook(layer).await;
     let svc = stack(&c.pool, layer.clone());
-    let restore = tokio::spawn({
-        let layer = layer.clone();
-        async move { layer.restore().await }
-    });
-    spin_until("the hook runs", || entered.load(Ordering::SeqCst)).await;
     // Another replica moves it to b meanwhile; its notice makes this one
     // forget it.
     shared.save(&Session::new("k1", "b".into())).await.unwrap();

@@ -188,40 +188,42 @@ mod tests {
         Ring::build(pool.snapshot().members(), points_per_weight)
     }
 
+    /// Walks `ring` from `hash` with `eligible`, while `any` is whether
+    /// any member is; returns the pick, how many owners were checked and
+    /// how many times `any` was asked.
+    fn counted_walk(
+        ring: &Ring,
+        hash: u64,
+        eligible: impl Fn(usize) -> bool,
+        any: bool,
+    ) -> (Option<usize>, usize, usize) {
+        let (mut checked, mut asked) = (0, 0);
+        let found = ring.walk(
+            ring.position(hash),
+            |i| {
+                checked += 1;
+                eligible(i)
+            },
+            |_| {
+                asked += 1;
+                any
+            },
+        );
+        (found, checked, asked)
+    }
+
     #[test]
     fn a_walk_along_one_heavy_backend_asks_once_whether_any_is_eligible() {
         // One backend owns the whole ring.
         let ring = ring_of(&[("a", 1_000)], 16);
         assert_eq!(ring.len(), 16_000);
-        let (mut eligible, mut asked) = (0, 0);
-        let found = ring.walk(
-            ring.position(12345),
-            |_| {
-                eligible += 1;
-                false
-            },
-            |_| {
-                asked += 1;
-                false
-            },
-        );
-        assert_eq!(found, None);
-        assert_eq!((eligible, asked), (1, 1));
+        assert_eq!(counted_walk(&ring, 12345, |_| false, false), (None, 1, 1));
 
         // With a light backend that is eligible, the walk goes on to it.
         let ring = ring_of(&[("a", 1_000), ("b", 1)], 16);
         let b = 1;
-        let mut asked = 0;
-        let found = ring.walk(
-            ring.position(12345),
-            |i| i == b,
-            |_| {
-                asked += 1;
-                true
-            },
-        );
-        assert_eq!(found, Some(b));
-        assert_eq!(asked, 1);
+        let (found, _, asked) = counted_walk(&ring, 12345, |i| i == b, true);
+        assert_eq!((found, asked), (Some(b), 1));
     }
 
     #[test]
@@ -229,20 +231,8 @@ mod tests {
         let names: Vec<String> = (0..100).map(|i| format!("b{i}")).collect();
         let weights: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
         let ring = ring_of(&weights, 160);
-        let (mut eligible, mut asked) = (0, 0);
-        let found = ring.walk(
-            ring.position(999),
-            |_| {
-                eligible += 1;
-                false
-            },
-            |_| {
-                asked += 1;
-                false
-            },
-        );
-        assert_eq!(found, None);
-        assert_eq!(asked, 1);
-        assert!(eligible <= WALK_BEFORE_CHECK as usize + 1, "{eligible}");
+        let (found, checked, asked) = counted_walk(&ring, 999, |_| false, false);
+        assert_eq!((found, asked), (None, 1));
+        assert!(checked <= WALK_BEFORE_CHECK as usize + 1, "{checked}");
     }
 }
