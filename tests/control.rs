@@ -1044,13 +1044,14 @@ async fn a_primary_that_joins_after_its_backups_takes_over_without_a_failover() 
 
 #[tokio::test(start_paused = true)]
 async fn a_primary_awaiting_its_first_passing_probes_takes_over_without_a_failover() {
-    // The primary is in the pool when the checker starts, or joins later.
-    for joins_late in [false, true] {
-        primary_awaiting_its_first_passing_probes(joins_late).await;
+    // The primary is in the pool when the checker starts, joins later, or
+    // leaves before it passed and joins again.
+    for (joins_late, leaves) in [(false, false), (true, false), (false, true)] {
+        primary_awaiting_its_first_passing_probes(joins_late, leaves).await;
     }
 }
 
-async fn primary_awaiting_its_first_passing_probes(joins_late: bool) {
+async fn primary_awaiting_its_first_passing_probes(joins_late: bool, leaves: bool) {
     use tower_ha::health::{probe_fn, HealthChecker};
     let events = Events::default();
     let pool = pool_of(if joins_late {
@@ -1081,7 +1082,10 @@ async fn primary_awaiting_its_first_passing_probes(joins_late: bool) {
     let balance = Balance::new(pool.clone(), group.clone());
     let mut served = Vec::new();
     for i in 0..60 {
-        if joins_late && i == 10 {
+        if leaves && i == 5 {
+            assert!(pool.remove(&"db1".into()));
+        }
+        if (joins_late || leaves) && i == 10 {
             pool.insert("db1", named("db1", Duration::ZERO));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -52,8 +52,10 @@ struct State {
     /// membership, and switches nothing on its word.
     newest_build: u64,
     forced: Option<BackendId>,
-    /// Whether `current` has been a member of the pool: until then (a pool
-    /// that discovery fills, member by member), nothing fails over from it.
+    /// Whether `current` has been a member of the pool that is not waiting
+    /// for its first passing probes: until then (a pool that discovery
+    /// fills, member by member; a backend started unhealthy), nothing fails
+    /// over from it.
     current_seen: bool,
     last_switch: Option<Instant>,
     /// Since when the configured primary has been available, as seen by
@@ -482,13 +484,13 @@ impl Priority {
             state.current_at = (table.build, i);
             i
         };
-        state.current_seen |= current.is_some();
+        // A member that has been up, or that no health checker holds back
+        // until its first probes pass.
+        state.current_seen |= current.is_some_and(|i| !members[i].state().is_unproven());
         let current_ok = current.filter(|&i| available(i));
 
         let Some(cur) = current_ok else {
-            let unproven =
-                state.forced.is_none() && current.is_some_and(|i| members[i].state().is_unproven());
-            if !state.current_seen || unproven {
+            if !state.current_seen {
                 // The configured primary has not joined the pool yet, or it
                 // waits for its first passing probes: requests go to the
                 // first available backend in order, and nothing switches,
