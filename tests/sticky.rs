@@ -1716,6 +1716,76 @@ async fn a_session_forgotten_while_its_restore_hook_runs_follows_the_store() {
     );
 }
 
+/// Standalone: a session requested while its record waits for the
+/// restore is served from memory; forgotten meanwhile (one by one, or all
+/// at once after lost notices), it is read from the store at its next
+/// request once the restore lets it go.
+#[tokio::test]
+async fn a_session_served_from_memory_while_restore_runs_then_forgotten_follows_the_store() {
+    for all_at_once in [false, true] {
+        let c = cluster();
+        let shared = MemoryStore::new();
+        for key in ["k1", "k2"] {
+            shared.save(&Session::new(key, "c".into())).await.unwrap();
+        }
+        let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+            .store(shared.clone())
+            .availability(Availability::Standalone);
+        let (layer, restore, gate) = restore_held_in_its_hook(layer).await;
+        let svc = stack(&c.pool, layer.clone());
+        // While the first hook runs, c is out: both are served elsewhere,
+        // from memory.
+        c.set_health("c", HealthStatus::Unhealthy);
+        for key in ["k1", "k2"] {
+            assert_ne!(send(&svc, session(key)).await.unwrap().body(), "c");
+        }
+        c.set_health("c", HealthStatus::Healthy);
+        if all_at_once {
+            layer.forget_all();
+        } else {
+            layer.forget("k1");
+            layer.forget("k2");
+        }
+        gate.add_permits(2);
+        let report = restore.await.unwrap().unwrap();
+        assert!(report.restored.is_empty(), "{:?}", report.restored);
+        for key in ["k1", "k2"] {
+            let res = send(&svc, session(key)).await.unwrap();
+            assert_eq!(res.body(), "c", "{key}, all at once: {all_at_once}");
+        }
+        assert_eq!(layer.stats().moved, 0);
+    }
+}
+
+/// The same for a request routed from memory before the session is
+/// forgotten and answered after the restore let it go: what it starts is
+/// read from the store at the next request.
+#[tokio::test(start_paused = true)]
+async fn a_session_answered_after_the_restore_let_it_go_follows_the_store() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared.save(&Session::new("k1", "c".into())).await.unwrap();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(shared.clone())
+        .availability(Availability::Standalone);
+    let (layer, restore, gate) = restore_held_in_its_hook(layer).await;
+    let svc = stack(&c.pool, layer.clone());
+    c.set_health("c", HealthStatus::Unhealthy);
+    let mut slow = session("k1");
+    slow.headers_mut()
+        .insert("x-delay-ms", HeaderValue::from_static("1000"));
+    let slow = tokio::spawn(send_owned(svc.clone(), slow));
+    tokio::time::advance(Duration::from_millis(10)).await;
+    c.set_health("c", HealthStatus::Healthy);
+    layer.forget("k1");
+    gate.add_permits(1);
+    assert!(restore.await.unwrap().unwrap().restored.is_empty());
+    // Answered now, from where it was routed.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_ne!(slow.await.unwrap().unwrap().body(), "c");
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "c");
+}
+
 #[tokio::test]
 async fn standalone_restore_reports_and_keeps_failed_records() {
     let c = cluster();

@@ -172,7 +172,7 @@ impl Stored {
         match self {
             Stored::Found(_) | Stored::Absent => Kept::Saved,
             Stored::Unknown(_) => Kept::Unread,
-            Stored::Unrestored => Kept::Memory,
+            Stored::Unrestored => Kept::Unrestored,
         }
     }
 }
@@ -721,7 +721,7 @@ impl Shared {
             Some(session) => {
                 let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
-                let (mut hit, dropped, inserted) = self.table.insert_if_absent(session, tag, kept);
+                let (mut hit, dropped, inserted) = self.insert_new(session, tag, kept);
                 self.count_dropped(dropped);
                 if inserted && failed_on.as_ref() == Some(&hit.backend) {
                     self.table.set_failed(&hit.key, &hit.backend, true);
@@ -1441,7 +1441,7 @@ impl Shared {
         let to_save = (kept == Kept::Saved).then(|| session.clone());
         let tag = self.tag(key, served);
         let (hit, dropped, inserted) = self.decide(work, || {
-            let made = self.table.insert_if_absent(session, tag, kept);
+            let made = self.insert_new(session, tag, kept);
             let write = to_save.filter(|_| made.2).map(Write::Save);
             (made, write)
         });
@@ -1450,6 +1450,30 @@ impl Shared {
             bump(&self.counters.created, 1);
         }
         hit.backend
+    }
+
+    /// Puts a session routed on a miss in the table, unless the table keeps
+    /// its key already (see `Table::insert_if_absent`). One routed as a
+    /// record a restore holds stays in memory only while the restore holds
+    /// it; decided under the `unrestored` lock, so that a restore that lets
+    /// the record go (forgotten meanwhile) finds and drops it, or it is put
+    /// in to be read from the store at its next request.
+    fn insert_new(
+        &self,
+        session: Session,
+        cookie: Option<Box<str>>,
+        kept: Kept,
+    ) -> (crate::sticky::table::Hit, Dropped, bool) {
+        if kept != Kept::Unrestored {
+            return self.table.insert_if_absent(session, cookie, kept);
+        }
+        let unrestored = self.unrestored.lock();
+        let kept = if unrestored.contains(session.key.as_str()) {
+            Kept::Memory
+        } else {
+            Kept::Reread
+        };
+        self.table.insert_if_absent(session, cookie, kept)
     }
 
     /// Starts the session `key` a response named on `backend`, and saves
@@ -1632,8 +1656,12 @@ impl Shared {
         }
         for session in loaded.sessions {
             if self.restores.lock().forgotten(restoring.id, &session.key) {
-                // Its next request reads the store.
-                self.unrestored.lock().remove(session.key.as_str());
+                // Its next request reads the store; not from memory, where
+                // a request may have routed it meanwhile.
+                let mut unrestored = self.unrestored.lock();
+                if unrestored.remove(session.key.as_str()) {
+                    self.table.remove_unsaved(&session.key);
+                }
                 continue;
             }
             if let Some(hook) = &self.config.on_restore {
@@ -1667,6 +1695,7 @@ impl Shared {
                 // newer): its next request reads the store.
                 let restores = self.restores.lock();
                 if restores.forgotten(restoring.id, &key) {
+                    self.table.remove_unsaved(&key);
                     continue;
                 }
                 // A session the table read or saved since the load is newer

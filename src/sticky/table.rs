@@ -56,6 +56,13 @@ pub(crate) enum Kept {
     /// In memory only because the store could not be read: its record is
     /// read again [`RELOAD_AFTER`] later.
     Unread,
+    /// In memory only, as `Memory`, because its record is a restore's
+    /// (standalone mode); the layer decides, under the lock the restore
+    /// lets it go under, whether it still is (see `Shared::insert_new`).
+    Unrestored,
+    /// In memory only, its record read at its next request: one a restore
+    /// let go (forgotten while it ran) after the request was routed.
+    Reread,
 }
 
 pub(crate) struct Entry {
@@ -110,7 +117,8 @@ impl Entry {
             saved: AtomicBool::new(kept == Kept::Saved),
             reload_at: match kept {
                 Kept::Unread => now.saturating_add(nanos(RELOAD_AFTER)).max(1),
-                Kept::Saved | Kept::Memory => 0,
+                Kept::Reread => now,
+                Kept::Saved | Kept::Memory | Kept::Unrestored => 0,
             },
         };
         (Key(Arc::from(session.key)), entry)
@@ -699,6 +707,18 @@ impl Table {
             if &entry.backend == backend {
                 entry.failed.store(failed, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Removes `key` if the layer keeps it in memory only (see
+    /// `Entry::saved`).
+    pub(crate) fn remove_unsaved(&self, key: &str) {
+        let mut map = self.shard(key.as_bytes()).write();
+        if map
+            .get(key.as_bytes())
+            .is_some_and(|entry| !entry.saved.load(Ordering::Relaxed))
+        {
+            map.remove(key.as_bytes());
         }
     }
 
