@@ -232,28 +232,24 @@ impl Writes {
         };
         match queues.get_mut(queued.write.key()) {
             // Its task will come to it.
-            Some(queue) => match queue.back_mut() {
-                Some(last) => match last.join(queued) {
-                    Some(queued) => queue.push_back(queued),
-                    // A delete that took a save's place right behind
-                    // another delete repeats it: one delete for both, so
-                    // that sessions started and ended in turn while the
-                    // store is slow keep the queue at two writes.
-                    None if queue.len() >= 2
-                        && queue
-                            .iter()
-                            .rev()
-                            .take(2)
-                            .all(|q| matches!(q.write, Write::Delete(_))) =>
-                    {
-                        let last = queue.pop_back().expect("two writes wait");
-                        let taken = queue.back_mut().expect("two writes wait").join(last);
-                        debug_assert!(taken.is_none(), "a delete joins a delete");
+            // A write that joined the last one waiting may in turn repeat
+            // the one before (a delete that took a save's place behind
+            // another delete), so that a session started and ended in turn
+            // while the store is slow keeps at most two writes waiting.
+            Some(queue) => {
+                let mut later = queued;
+                while let Some(mut last) = queue.pop_back() {
+                    match last.join(later) {
+                        None => later = last,
+                        Some(unjoined) => {
+                            queue.push_back(last);
+                            later = unjoined;
+                            break;
+                        }
                     }
-                    None => {}
-                },
-                None => queue.push_back(queued),
-            },
+                }
+                queue.push_back(later);
+            }
             None => {
                 let key = queued.write.key().to_owned();
                 queues.insert(key.clone(), VecDeque::new());
