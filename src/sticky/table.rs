@@ -116,7 +116,7 @@ impl Entry {
             cookie,
             saved: AtomicBool::new(kept == Kept::Saved),
             reload_at: match kept {
-                Kept::Unread => now.saturating_add(nanos(RELOAD_AFTER)).max(1),
+                Kept::Unread => now.saturating_add(nanos(RELOAD_AFTER)),
                 Kept::Reread => now,
                 Kept::Saved | Kept::Memory | Kept::Unrestored => 0,
             },
@@ -669,7 +669,7 @@ impl Table {
         if let Some(entry) = map.get_mut(key.as_bytes()) {
             if &entry.backend == backend && entry.reload_at == 0 {
                 entry.saved.store(false, Ordering::Relaxed);
-                entry.reload_at = now.max(1);
+                entry.reload_at = now;
             }
         }
     }
@@ -752,7 +752,7 @@ impl Table {
                     return false;
                 }
                 if entry.reload_at != 0 {
-                    entry.reload_at = now.max(1);
+                    entry.reload_at = now;
                 }
                 true
             });
