@@ -364,8 +364,6 @@ impl Entry {
         }
     }
 
-    /// Abandons a ramp in progress at full weight: a weight the checker no
-    /// longer advances must not stay partial.
     /// Stops the probe under way: its backend has left the pool, and what
     /// the probe holds (a clone of the service, a connection) is let go now
     /// rather than at its timeout.
@@ -375,6 +373,8 @@ impl Entry {
         }
     }
 
+    /// Abandons a ramp in progress at full weight: a weight the checker no
+    /// longer advances must not stay partial.
     fn end_ramp(&mut self) {
         if self.ramp_from.take().is_some() {
             self.state.set_weight_permille(1000);
@@ -754,10 +754,9 @@ where
             let entry = match back {
                 // Back with its state (a DNS answer that left it out once,
                 // say): its health and counts go on; only its probe starts
-                // again, as a probe under way is not this membership's.
+                // again (the one under way was stopped as it left).
                 Some(mut entry) => {
                     entry.serial = serial;
-                    entry.probe = None;
                     entry.next_probe = now;
                     entry
                 }
