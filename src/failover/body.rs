@@ -250,30 +250,17 @@ impl<B> Replay for ReplayBody<B> {
     }
 }
 
-/// A body that could not be read because another copy of it was sent first.
-#[derive(Debug)]
-struct AlreadySent;
-
-impl fmt::Display for AlreadySent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("request body already sent")
-    }
+/// Why a copy of a body sent once may not be read.
+#[derive(Debug, thiserror::Error)]
+enum NotSendable {
+    /// Another copy of it was sent first.
+    #[error("request body already sent")]
+    AlreadySent,
+    /// A later copy of it was made, for the attempt after the one this
+    /// copy was made for.
+    #[error("request body handed to a later attempt")]
+    Superseded,
 }
-
-impl std::error::Error for AlreadySent {}
-
-/// A body that may not be read because a later copy of it was made (for
-/// the attempt after the one this copy was made for).
-#[derive(Debug)]
-struct Superseded;
-
-impl fmt::Display for Superseded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("request body handed to a later attempt")
-    }
-}
-
-impl std::error::Error for Superseded {}
 
 impl<B> Body for ReplayBody<B>
 where
@@ -306,10 +293,10 @@ where
                 if taken.is_none() {
                     let mut shared = shared.lock();
                     if shared.rest.is_none() {
-                        return Poll::Ready(Some(Err(AlreadySent.into())));
+                        return Poll::Ready(Some(Err(NotSendable::AlreadySent.into())));
                     }
                     if shared.live != *copy {
-                        return Poll::Ready(Some(Err(Superseded.into())));
+                        return Poll::Ready(Some(Err(NotSendable::Superseded.into())));
                     }
                     *taken = shared.rest.take();
                 }
@@ -485,7 +472,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Frame<B::Data>>, BoxError>> {
         let Some(body) = self.body.as_mut() else {
-            return Poll::Ready(Err(AlreadySent.into()));
+            return Poll::Ready(Err(NotSendable::AlreadySent.into()));
         };
         if body.is_end_stream() {
             return Poll::Ready(Ok(None));
@@ -804,7 +791,7 @@ where
                     let body = ready!(buffering.poll(cx))?;
                     let (Some(mut service), Some(mut parts)) = (service.take(), parts.take())
                     else {
-                        return Poll::Ready(Err(AlreadySent.into()));
+                        return Poll::Ready(Err(NotSendable::AlreadySent.into()));
                     };
                     if let Kind::Once { progress, .. } = &body.kind {
                         parts.extensions.insert(progress.clone());
@@ -939,9 +926,6 @@ mod tests {
         assert_eq!(err.to_string(), "request body already sent");
     }
 
-    /// The progress the failover layer times a streamed upload by: sent
-    /// from the first frame taken, until the end is read or the copy being
-    /// sent is dropped; a copy that was never sent moves nothing.
     #[tokio::test]
     async fn only_the_latest_copy_of_a_body_sent_once_may_send_it() {
         let body = ReplayBody::buffer(stream(vec![b"0123", b"4567"]), 2)
@@ -957,6 +941,9 @@ mod tests {
         assert!(body.replay().is_none());
     }
 
+    /// The progress the failover layer times a streamed upload by: sent
+    /// from the first frame taken, until the end is read or the copy being
+    /// sent is dropped; a copy that was never sent moves nothing.
     #[tokio::test(start_paused = true)]
     async fn the_progress_of_a_body_sent_once() {
         let progress_of = |body: &ReplayBody<_>| match &body.kind {
