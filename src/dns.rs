@@ -12,10 +12,12 @@
 //! the system's resolver ([`tokio::net::lookup_host`]); tests and custom
 //! service registries provide their own.
 //!
-//! A failed resolution changes nothing (a DNS outage does not empty the
-//! pool), nor does one that takes longer than its
-//! [`timeout`](DnsDiscover::timeout); an answer with no address removes
-//! every backend.
+//! An answer's new addresses are inserted before the addresses it no
+//! longer lists are removed, so a name that moves to another address never
+//! leaves the pool empty in between. A failed resolution changes nothing
+//! (a DNS outage does not empty the pool), nor does one that takes longer
+//! than its [`timeout`](DnsDiscover::timeout); an answer with no address
+//! removes every backend.
 //!
 //! Give it the pool it feeds with [`DnsDiscover::pool`], as below: each
 //! answer then also puts back an address it still lists that has left the
@@ -96,6 +98,12 @@ pub trait Resolver: Send + Sync + 'static {
 }
 
 /// The system's resolver, through [`tokio::net::lookup_host`].
+///
+/// The system's resolver reports a name that does not exist, or has no
+/// address, as an error, never as an empty answer: with it, a name that
+/// disappears (a Kubernetes service deleted or scaled to zero) keeps the
+/// last addresses in the pool, as any failed lookup does. A [`Resolver`]
+/// of your own decides which answers mean "no backends".
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemResolver;
 
@@ -238,20 +246,9 @@ impl<S> DnsDiscover<S> {
 
     fn apply(&mut self, addrs: Vec<SocketAddr>) {
         let now: BTreeSet<SocketAddr> = addrs.into_iter().collect();
-        for gone in self.known.difference(&now) {
-            let id = BackendId::from(gone.to_string());
-            if !self.in_pool(&id) {
-                continue;
-            }
-            if let Some(events) = &self.events {
-                events.emit(Event::BackendRemoved {
-                    group: None,
-                    backend: id.clone(),
-                    reason: "dns".into(),
-                });
-            }
-            self.pending.push_back(Change::Remove(id));
-        }
+        // New addresses first: an answer that replaces every address (a
+        // failover to another IP, a blue/green switch) never leaves the
+        // pool empty in between.
         for addr in &now {
             let id = BackendId::from(addr.to_string());
             if self.known.contains(addr) {
@@ -272,6 +269,20 @@ impl<S> DnsDiscover<S> {
             }
             self.pending
                 .push_back(Change::Insert(id, (self.make)(*addr)));
+        }
+        for gone in self.known.difference(&now) {
+            let id = BackendId::from(gone.to_string());
+            if !self.in_pool(&id) {
+                continue;
+            }
+            if let Some(events) = &self.events {
+                events.emit(Event::BackendRemoved {
+                    group: None,
+                    backend: id.clone(),
+                    reason: "dns".into(),
+                });
+            }
+            self.pending.push_back(Change::Remove(id));
         }
         self.known = now;
     }

@@ -114,8 +114,8 @@ async fn addresses_that_come_and_go_change_the_pool() {
         [
             "+10.0.0.1:5432",
             "+10.0.0.2:5432",
-            "-10.0.0.2:5432",
             "+10.0.0.3:5432",
+            "-10.0.0.2:5432",
             "-10.0.0.1:5432",
             "-10.0.0.3:5432",
             "+10.0.0.4:5432"
@@ -123,6 +123,28 @@ async fn addresses_that_come_and_go_change_the_pool() {
     );
     assert!(!task.is_finished(), "discovery runs until aborted");
     task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_moved_address_is_inserted_before_the_old_one_is_removed() {
+    use futures::StreamExt;
+    use tower::discover::Change;
+
+    let resolver = Scripted::default();
+    resolver.answer(&[1]);
+    let mut discover =
+        DnsDiscover::new(resolver.clone(), "db", 5432, |a| a).interval(Duration::from_secs(10));
+    let mut next = async || match discover.next().await {
+        Some(Ok(Change::Insert(id, _))) => format!("+{id}"),
+        Some(Ok(Change::Remove(id))) => format!("-{id}"),
+        None => "end".to_owned(),
+    };
+    assert_eq!(next().await, "+10.0.0.1:5432");
+    // The name moves to another address (a failover, a blue/green
+    // switch): a pool fed change by change is never empty in between.
+    resolver.answer(&[2]);
+    assert_eq!(next().await, "+10.0.0.2:5432");
+    assert_eq!(next().await, "-10.0.0.1:5432");
 }
 
 #[tokio::test]
