@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -954,22 +954,24 @@ async fn a_connection_to_a_demoted_primary_is_replaced() {
     }
 }
 
-/// A TCP proxy to a Redis on `port` that cuts the first connection on
-/// which a `PUBLISH` is sent, just before it: what came before reaches
-/// Redis, the `PUBLISH` and what follows never do, and both sides see
-/// the connection close. Later connections pass through.
-async fn proxy_cutting_before_a_publish(port: u16) -> SocketAddr {
+/// A TCP proxy to a Redis on `port` that cuts connections on which a
+/// `PUBLISH` is sent, just before it, `cuts` times: what came before
+/// reaches Redis, the `PUBLISH` and what follows never do, and both sides
+/// see the connection close. Then everything passes through.
+async fn proxy_cutting_before_a_publish(port: u16, cuts: usize) -> SocketAddr {
     const PUBLISH: &[u8] = b"*3\r\n$7\r\nPUBLISH\r\n";
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cut = Arc::new(AtomicBool::new(false));
+    let left = Arc::new(AtomicUsize::new(cuts));
     tokio::spawn(async move {
         loop {
             let Ok((client, _)) = listener.accept().await else {
                 continue;
             };
-            let cut = cut.clone();
+            let left = left.clone();
             tokio::spawn(async move {
+                // Whether this connection still watches for a `PUBLISH`.
+                let mut watching = left.load(Ordering::SeqCst) > 0;
                 let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
                     return;
                 };
@@ -986,18 +988,25 @@ async fn proxy_cutting_before_a_publish(port: u16) -> SocketAddr {
                         Ok(n) => n,
                     };
                     pending.extend_from_slice(&buf[..n]);
-                    if !cut.load(Ordering::SeqCst) {
+                    if watching {
                         if let Some(at) = pending.windows(PUBLISH.len()).position(|w| w == PUBLISH)
                         {
-                            cut.store(true, Ordering::SeqCst);
-                            let _ = to_redis.write_all(&pending[..at]).await;
-                            // Redis applies what it got before the cut.
-                            sleep(Duration::from_millis(200)).await;
-                            break;
+                            let cut = left
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok();
+                            if cut {
+                                let _ = to_redis.write_all(&pending[..at]).await;
+                                // Redis applies what it got before the cut.
+                                sleep(Duration::from_millis(200)).await;
+                                break;
+                            }
+                            watching = false;
                         }
                     }
                     // Hold back what may be the start of a `PUBLISH`.
-                    let held = if cut.load(Ordering::SeqCst) {
+                    let held = if !watching {
                         0
                     } else {
                         (1..PUBLISH.len())
@@ -1024,7 +1033,8 @@ async fn proxy_cutting_before_a_publish(port: u16) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_cut_off_before_its_notice_is_not_stored_either() {
     let server = RedisServer::start();
-    let proxy = proxy_cutting_before_a_publish(server.port()).await;
+    // Twice: a save whose connection breaks is sent once more.
+    let proxy = proxy_cutting_before_a_publish(server.port(), 2).await;
     let saver = RedisStore::builder(format!("redis://{proxy}"))
         .build()
         .await
@@ -1057,6 +1067,116 @@ async fn a_save_cut_off_before_its_notice_is_not_stored_either() {
     );
     assert_eq!(
         other.load("k").await.unwrap().unwrap().backend.as_str(),
+        "node-c"
+    );
+}
+
+/// A save whose connection breaks under it (Redis restarted, a proxy
+/// cut it) is sent again on a new connection: it is stored, with its
+/// notice, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_whose_connection_breaks_is_sent_again() {
+    let server = RedisServer::start();
+    let proxy = proxy_cutting_before_a_publish(server.port(), 1).await;
+    let saver = RedisStore::builder(format!("redis://{proxy}"))
+        .build()
+        .await
+        .unwrap();
+    let other = store(&server).await;
+    let mut notices = other.subscribe().await.unwrap();
+
+    saver.save(&session("k", "node-b")).await.unwrap();
+    assert_eq!(
+        other.load("k").await.unwrap().unwrap().backend.as_str(),
+        "node-b"
+    );
+    assert_eq!(
+        next(&mut notices).await,
+        Invalidation::Session {
+            key: "k".into(),
+            backend: Some("node-b".into())
+        }
+    );
+    saver.save(&session("other", "node-a")).await.unwrap();
+    assert_eq!(
+        next(&mut notices).await,
+        Invalidation::Session {
+            key: "other".into(),
+            backend: Some("node-a".into())
+        },
+        "the save that was cut off was announced once"
+    );
+}
+
+/// Closes every client connection but the raw one that asks.
+fn kill_clients(conn: &mut redis::Connection) {
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"][..])
+        .query(conn)
+        .unwrap();
+    assert!(killed >= 1, "the store's connection was open");
+}
+
+/// Redis closes the store's connection while it is idle (its `timeout`
+/// setting, a proxy's idle limit, a restart between two calls): the next
+/// call, of any kind, succeeds on a new connection instead of failing
+/// although Redis is up.
+#[tokio::test]
+async fn a_connection_closed_while_idle_fails_no_call() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let mut conn = raw(&server);
+    store.save(&session("a", "node-a")).await.unwrap();
+
+    kill_clients(&mut conn);
+    store.save(&session("b", "node-b")).await.unwrap();
+    kill_clients(&mut conn);
+    assert_eq!(
+        store.load("a").await.unwrap().unwrap().backend.as_str(),
+        "node-a"
+    );
+    kill_clients(&mut conn);
+    assert_eq!(store.load_all().await.unwrap().sessions.len(), 2);
+    kill_clients(&mut conn);
+    store.delete(&["a".to_owned()]).await.unwrap();
+    assert_eq!(store.load("a").await.unwrap(), None);
+}
+
+/// A reconnection refused at login (the password changed on the server)
+/// is tried again once the password is right again, rather than failing
+/// every call until the process restarts.
+#[tokio::test]
+async fn a_refused_login_is_tried_again() {
+    let server = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let url = format!("redis://:s3cret@127.0.0.1:{}/", server.port());
+    let store = RedisStore::builder(url.as_str()).build().await.unwrap();
+    store.save(&session("k", "node-a")).await.unwrap();
+    let mut admin = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .unwrap();
+    let set_password = |admin: &mut redis::Connection, password: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", "requirepass", password][..])
+            .query(admin)
+            .unwrap();
+    };
+
+    set_password(&mut admin, "changed");
+    kill_clients(&mut admin);
+    let err = store.save(&session("k", "node-b")).await.unwrap_err();
+    assert!(err.is_unauthorized(), "{err:?}");
+    let err = store.load("k").await.unwrap_err();
+    assert!(err.is_unauthorized(), "{err:?}");
+
+    set_password(&mut admin, "s3cret");
+    bounded_real("calls succeed again once the password is right", async {
+        while store.save(&session("k", "node-c")).await.is_err() {
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        store.load("k").await.unwrap().unwrap().backend.as_str(),
         "node-c"
     );
 }

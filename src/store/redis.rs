@@ -93,7 +93,12 @@ return 2";
 /// restarts or the network drops (on Linux it also gives up a connection
 /// whose data goes unacknowledged for five command timeouts, at least
 /// 10 s), and is replaced when a command is refused as `READONLY` (a
-/// primary demoted behind the same address).
+/// primary demoted behind the same address) or its login is refused (a
+/// password changed on the server, then back). A call whose connection
+/// turns out to be broken (Redis restarted, or closed it while it sat
+/// idle) is sent once more on a new one, so an idle store's first call
+/// does not fail while Redis is up; every call but a lease's is safe to
+/// apply twice.
 ///
 /// # Layout
 ///
@@ -583,9 +588,18 @@ impl Inner {
     /// connection (one key's writes out of order). One gone silent is
     /// given up by the kernel (`TCP_USER_TIMEOUT`, see `build`), and then
     /// replaced by the client.
+    ///
+    /// A connection whose reconnection was refused at login (a password
+    /// changed and changed back, a server briefly up without its ACL file)
+    /// is replaced too: the client keeps a failed login for good and only
+    /// tries again after a network error.
     fn finish<T>(&self, conn: &Conn, answer: Answer<T>, what: &str) -> Result<T, StoreError> {
-        let demoted = matches!(&answer, Ok(Err(e)) if server_error(e).0 == "READONLY");
-        if demoted {
+        let why = match &answer {
+            Ok(Err(e)) if server_error(e).0 == "READONLY" => Some("met a read-only replica"),
+            Ok(Err(e)) if refused_login(e) => Some("was refused at login"),
+            _ => None,
+        };
+        if let Some(why) = why {
             let mut current = self.conn.lock();
             // Once, however many commands saw it fail.
             if current.generation == conn.generation {
@@ -593,7 +607,7 @@ impl Inner {
                     self.client.clone(),
                     self.config.clone(),
                 ) {
-                    tracing::warn!(target: "tower_ha::store", url = %self.url, "Redis connection replaced: {what} met a read-only replica");
+                    tracing::warn!(target: "tower_ha::store", url = %self.url, "Redis connection replaced: {what} {why}");
                     current.manager = manager;
                     current.generation += 1;
                 }
@@ -602,28 +616,40 @@ impl Inner {
         flatten(answer, what, self.timeout)
     }
 
+    /// Runs `cmd`, which must be safe to apply twice: it is sent again,
+    /// once, when the connection turns out to be broken (see [`broken`]).
     async fn run<T: ::redis::FromRedisValue>(
         &self,
         cmd: &::redis::Cmd,
         what: &str,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn();
-        let answer =
+        let mut answer =
             tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn.manager)).await;
+        if broken(&answer) {
+            answer =
+                tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn.manager)).await;
+        }
         self.finish(&conn, answer, what)
     }
 
+    /// Runs `pipe` as [`Inner::run`] runs a command.
     async fn run_pipe<T: ::redis::FromRedisValue>(
         &self,
         pipe: &::redis::Pipeline,
         what: &str,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn();
-        let answer =
+        let mut answer =
             tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn.manager)).await;
+        if broken(&answer) {
+            answer =
+                tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn.manager)).await;
+        }
         self.finish(&conn, answer, what)
     }
 
+    /// Runs `script` once: a lease's scripts are not safe to run twice.
     async fn run_script(
         &self,
         script: &Script,
@@ -709,6 +735,24 @@ struct Conn {
 
 /// What an exchange with Redis came to.
 type Answer<T> = Result<Result<T, RedisError>, tokio::time::error::Elapsed>;
+
+/// Whether the connection broke under a command: Redis restarted, or
+/// closed a connection that sat idle (its `timeout` setting, a proxy's
+/// idle limit) while nothing was sent on it. The client only notices when
+/// the next command fails, and reconnects then, so that command is worth
+/// sending once more: a store that was idle for a while would otherwise
+/// fail its first call although Redis is up. A refused connection (Redis
+/// down) is not retried, so calls keep failing fast while it is down.
+fn broken<T>(answer: &Answer<T>) -> bool {
+    matches!(answer, Ok(Err(e)) if e.is_connection_dropped() && !e.is_connection_refusal())
+}
+
+/// Whether Redis refused the connection's login (a wrong password or
+/// user), which the client never tries again on its own.
+fn refused_login(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::AuthenticationFailed
+        || matches!(server_error(e).0.as_str(), "NOAUTH" | "WRONGPASS")
+}
 
 fn flatten<T>(answer: Answer<T>, what: &str, timeout: Duration) -> Result<T, StoreError> {
     match answer {
