@@ -284,6 +284,15 @@ async fn loads_refresh_the_ttl_and_unused_sessions_expire() {
     let p = pttl(&mut conn, "used");
     assert!(p > 50_000, "a load refreshes the TTL: {p}");
 
+    // So does a listing, for every record it read (a restore).
+    pexpire(&mut conn, "used", 5_000);
+    pexpire(&mut conn, "idle", 5_000);
+    assert_eq!(store.load_all().await.unwrap().sessions.len(), 2);
+    for key in ["used", "idle"] {
+        let p = pttl(&mut conn, key);
+        assert!(p > 50_000, "a listing refreshes the TTL of {key}: {p}");
+    }
+
     // A session whose TTL runs out is gone (Redis expires it).
     pexpire(&mut conn, "idle", 1);
     bounded_real("Redis expires the idle session", async {

@@ -126,7 +126,8 @@ return 2";
 ///   session in use never expires (Redis 6.2 or later).
 /// * [`load_all`](SessionStore::load_all): `SCAN MATCH` (never `KEYS`, which
 ///   blocks the server) with the prefix's glob characters escaped, then
-///   `MGET` in batches. Records that are not JSON, not a session, hold
+///   `MGET` in batches (with a TTL, `PEXPIRE` then gives each record
+///   read its whole TTL back, as `load` does). Records that are not JSON, not a session, hold
 ///   another key's session, or are not strings at all (`TYPE` tells those
 ///   from a key deleted since the scan) are skipped and reported.
 /// * [`delete`](SessionStore::delete): `DEL` in batches, each with its
@@ -971,6 +972,10 @@ impl SessionStore for RedisStore {
                 }
                 let values: Vec<Option<Vec<u8>>> = inner.run(&cmd, "read sessions").await?;
                 let mut absent = Vec::new();
+                // With a TTL, a record read gets its whole TTL back, as with
+                // `load`: a restored session is not refreshed before half a
+                // TTL from now, and its record must outlive that.
+                let mut renew = ::redis::pipe();
                 for (redis_key, value) in chunk.iter().zip(values) {
                     let Some(value) = value else {
                         // Deleted or expired since the scan, or not a
@@ -983,12 +988,26 @@ impl SessionStore for RedisStore {
                         .map_err(|e| StoreError::corrupt(e).with_message("the key is not UTF-8"))
                         .and_then(|key| inner.parse(key, &value));
                     match parsed {
-                        Ok(session) => loaded.sessions.push(session),
+                        Ok(session) => {
+                            if let Some(ttl) = inner.ttl {
+                                renew
+                                    .cmd("PEXPIRE")
+                                    .arg(redis_key)
+                                    .arg(millis(ttl))
+                                    .ignore();
+                            }
+                            loaded.sessions.push(session);
+                        }
                         Err(e) => {
                             tracing::warn!(record = %name, error = %crate::error::Report(&e), "skipping unreadable Redis session");
                             loaded.skip(name, e);
                         }
                     }
+                }
+                if !renew.is_empty() {
+                    inner
+                        .run_pipe::<()>(&renew, "renew sessions' expiry")
+                        .await?;
                 }
                 if absent.is_empty() {
                     continue;
