@@ -837,6 +837,52 @@ async fn saves_and_deletes_reach_the_other_replicas() {
     assert!(matches!(next(&mut on_a).await, Invalidation::Session { key, .. } if key == "carol"));
 }
 
+/// A reader that falls behind is told to drop everything in place of the
+/// notices it missed: the subscription holds at most 1024 for it, however
+/// fast sessions move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_lags_gets_all_in_place_of_the_notices_it_missed() {
+    const MOVES: usize = 3000;
+    let server = RedisServer::start();
+    let (a, b) = (store(&server).await, store(&server).await);
+    let mut on_b = b.subscribe().await.unwrap();
+    let node: tower_ha::BackendId = "node-a".into();
+    for i in 0..MOVES {
+        a.publish_move(&format!("s{i}"), Some(&node)).await.unwrap();
+    }
+    // Until the reader's buffer is full, then a little longer for the
+    // subscription to read the rest.
+    support::wait::spin_until("the reader's buffer fills", || {
+        format!("{on_b:?}").contains("pending: 1024")
+    })
+    .await;
+    sleep(Duration::from_millis(200)).await;
+
+    let mut got = Vec::new();
+    while let Ok(Some(inv)) = timeout(Duration::from_millis(300), on_b.next()).await {
+        got.push(inv);
+    }
+    let all = got.iter().position(|i| *i == Invalidation::All);
+    let all = all.expect("an All in place of the notices dropped");
+    assert!(got[..all]
+        .iter()
+        .all(|i| matches!(i, Invalidation::Session { .. })));
+    assert!(
+        got.len() < MOVES,
+        "{} notices were held for the reader",
+        got.len()
+    );
+    // Caught up, the reader hears each notice again.
+    a.publish_move("after", None).await.unwrap();
+    assert_eq!(
+        next(&mut on_b).await,
+        Invalidation::Session {
+            key: "after".into(),
+            backend: None
+        }
+    );
+}
+
 #[tokio::test]
 async fn notices_can_be_turned_off() {
     let server = RedisServer::start();

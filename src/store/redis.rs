@@ -33,7 +33,8 @@ const BATCH: usize = 500;
 const LEASE_POLL: Duration = Duration::from_millis(10);
 /// How often a quiet subscription checks that its connection still works.
 const PING_EVERY: Duration = Duration::from_secs(10);
-/// Pending notices a subscriber holds before Redis has to buffer them.
+/// Notices a subscription holds for a reader that lags; beyond, they are
+/// dropped and the reader gets [`Invalidation::All`] once it catches up.
 const NOTICE_BUFFER: usize = 1024;
 
 /// What a released lease holds for [`DONE_FOR`]: the work it guarded was
@@ -437,7 +438,10 @@ impl RedisStore {
     /// its own. Returns once the subscription is active, so every notice
     /// published after this returns is received. The subscription
     /// reconnects on its own, yielding [`Invalidation::All`] after each
-    /// reconnection since notices published meanwhile are lost; a ping
+    /// reconnection since notices published meanwhile are lost; a reader
+    /// that lags more than 1024 notices behind gets an
+    /// [`Invalidation::All`] in place of those it missed, so memory stays
+    /// bounded whatever the rate of moves; a ping
     /// every 10 s finds a connection that died silently. It ends
     /// when the returned value is dropped. Notices this store published
     /// itself are not yielded. [`StickyLayer::follow`](crate::sticky::StickyLayer::follow)
@@ -1371,6 +1375,11 @@ async fn listen(
     tx: mpsc::Sender<Invalidation>,
 ) {
     let mut backoff = Duration::from_millis(50);
+    // Notices were dropped for a reader that lagged: it is owed an
+    // `All` as soon as it has room. (The client reads the subscription
+    // eagerly into a queue without a bound, so waiting for the reader
+    // would only move the backlog there.)
+    let mut lagged = false;
     loop {
         {
             let (mut sink, stream) = pubsub.split();
@@ -1381,6 +1390,12 @@ async fn listen(
                 let msg = tokio::select! {
                     msg = poll_fn(|cx| stream.as_mut().poll_next(cx)) => msg,
                     () = tx.closed() => return,
+                    permit = tx.reserve(), if lagged => {
+                        let Ok(permit) = permit else { return };
+                        permit.send(Invalidation::All);
+                        lagged = false;
+                        continue;
+                    }
                     _ = ping.tick() => {
                         // A connection dropped without a word (a firewall
                         // forgetting it) only shows when a ping goes
@@ -1403,12 +1418,20 @@ async fn listen(
                 if notice.origin == inner.origin {
                     continue;
                 }
+                if lagged {
+                    continue;
+                }
                 let invalidation = Invalidation::Session {
                     key: notice.key,
                     backend: notice.backend.map(BackendId::from),
                 };
-                if tx.send(invalidation).await.is_err() {
-                    return;
+                match tx.try_send(invalidation) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(channel = %inner.channel, "move notices dropped for a reader that lags behind; it will be told to drop everything");
+                        lagged = true;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
             }
         }
@@ -1427,9 +1450,8 @@ async fn listen(
             }
         };
         backoff = Duration::from_millis(50);
-        if tx.send(Invalidation::All).await.is_err() {
-            return;
-        }
+        // Owed as soon as the reader has room, as for a lag.
+        lagged = true;
     }
 }
 
