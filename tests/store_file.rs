@@ -714,3 +714,40 @@ mod ttl {
         assert_eq!(names(dir), [FileStore::file_name("new")]);
     }
 }
+
+/// A session too large to be read back (reads stop at 64 MiB) is refused
+/// before anything is written, so its previous record stays readable.
+#[tokio::test]
+async fn a_session_too_large_to_read_back_is_refused_and_the_old_record_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    store.save(&session("k", "node-a")).await.unwrap();
+    let huge = Session::new("k", "node-b".into()).with_data(json!("x".repeat(64 << 20)));
+    let err = store.save(&huge).await.unwrap_err();
+    assert!(err.is_rejected(), "{err:?}");
+    let kept = store.load("k").await.unwrap().expect("the old record");
+    assert_eq!(kept.backend.as_str(), "node-a");
+    assert_eq!(store.load_all().await.unwrap().sessions.len(), 1);
+}
+
+/// A delete removes every record it can even when one cannot be removed,
+/// and reports that one.
+#[tokio::test]
+async fn a_delete_removes_what_it_can_past_a_record_it_cannot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path()).await.unwrap();
+    store.save(&session("b", "node-a")).await.unwrap();
+    let b = names(tmp.path()).pop().unwrap();
+    std::fs::remove_file(tmp.path().join(&b)).unwrap();
+    // A directory where b's record would be cannot be removed as a file.
+    std::fs::create_dir(tmp.path().join(&b)).unwrap();
+    store.save(&session("a", "node-a")).await.unwrap();
+    store.save(&session("c", "node-a")).await.unwrap();
+
+    let keys = ["a", "b", "c"].map(String::from);
+    let err = store.delete(&keys).await.unwrap_err();
+    assert!(err.to_string().contains(&b), "{err}");
+    assert_eq!(store.load("a").await.unwrap(), None);
+    assert_eq!(store.load("c").await.unwrap(), None, "c was deleted too");
+    assert_eq!(names(tmp.path()), [b]);
+}

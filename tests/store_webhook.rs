@@ -483,3 +483,44 @@ async fn keys_that_name_another_endpoint_are_invalid_and_never_sent() {
         .unwrap();
     assert_eq!(store.load_all().await.unwrap().sessions.len(), 1);
 }
+
+/// A listing holds every session: a store larger than one answer's 64 MiB
+/// still loads, up to `max_listing`.
+#[tokio::test]
+async fn a_listing_larger_than_one_answer_loads_up_to_its_own_limit() {
+    let server = Server::start(Auth::None).await;
+    let data = "x".repeat(1 << 20);
+    let elements: Vec<String> = (0..70)
+        .map(|i| {
+            let s = Session::new(format!("s{i}"), "node-a".into()).with_data(json!(data));
+            json!({"kernel_session": {s.key.clone(): s}}).to_string()
+        })
+        .collect();
+    server.set_mode(Mode::GetBody(format!("[{}]", elements.join(","))));
+    let loaded = store(&server).load_all().await.unwrap();
+    assert_eq!(loaded.sessions.len(), 70);
+    assert!(loaded.skipped.is_empty());
+
+    let small = WebhookStore::builder(server.url())
+        .max_listing(1 << 20)
+        .build()
+        .unwrap();
+    let err = small.load_all().await.unwrap_err();
+    assert!(err.is_rejected(), "{err:?}");
+}
+
+/// A session too large for an answer to hold is refused before it is
+/// sent: the service would keep it, but no load could read it back.
+#[tokio::test]
+async fn a_session_too_large_to_read_back_is_refused_unsent() {
+    let server = Server::start(Auth::None).await;
+    let store = store(&server);
+    store.save(&session("k", "node-a")).await.unwrap();
+    let sent = server.requests();
+    let huge = Session::new("k", "node-b".into()).with_data(json!("x".repeat(64 << 20)));
+    let err = store.save(&huge).await.unwrap_err();
+    assert!(err.is_rejected(), "{err:?}");
+    assert_eq!(server.requests(), sent, "nothing was sent");
+    let kept = store.load("k").await.unwrap().expect("the old record");
+    assert_eq!(kept.backend.as_str(), "node-a");
+}

@@ -356,8 +356,11 @@ impl SessionStore for FileStore {
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         let dir = self.dir.clone();
         let encoded = super::check_depth(session).and_then(|()| {
-            serde_json::to_vec_pretty(session)
-                .map_err(|e| StoreError::other(e).with_message("session cannot be encoded as JSON"))
+            let bytes = serde_json::to_vec_pretty(session).map_err(|e| {
+                StoreError::other(e).with_message("session cannot be encoded as JSON")
+            })?;
+            super::check_size(bytes.len())?;
+            Ok(bytes)
         });
         let name = file_name(&session.key);
         Box::pin(async move {
@@ -689,8 +692,11 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> 
     flush(dir)
 }
 
+/// Removes every record it can, even after one fails, and makes the
+/// removals durable; reports the first failure.
 fn delete(dir: &Path, names: &[String]) -> Result<(), StoreError> {
     let mut removed = false;
+    let mut failed = None;
     for name in names {
         let path = dir.join(name);
         match fs::remove_file(&path) {
@@ -699,18 +705,16 @@ fn delete(dir: &Path, names: &[String]) -> Result<(), StoreError> {
             // directory is gone (an unmounted volume would bring it back).
             Err(e) if e.kind() == io::ErrorKind::NotFound && dir.is_dir() => {}
             Err(e) => {
-                return Err(io_error(
-                    dir,
-                    e,
-                    format!("cannot remove {}", path.display()),
-                ))
+                failed.get_or_insert_with(|| {
+                    io_error(dir, e, format!("cannot remove {}", path.display()))
+                });
             }
         }
     }
     if removed {
         flush(dir)?;
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// The largest record file read.

@@ -70,6 +70,21 @@ const MAX_READ: usize = 64 * 1024 * 1024;
 /// [`is_rejected`](StoreError::is_rejected), and keeps its record as it was.
 pub const MAX_DATA_DEPTH: usize = 100;
 
+/// Refuses a record of `len` bytes that a store could write but never
+/// read back (its reads stop at [`MAX_READ`], with room left for what an
+/// answer wraps a record in), keeping the stored record as it was.
+fn check_size(len: usize) -> Result<(), StoreError> {
+    const ROOM: usize = 64 * 1024;
+    if len > MAX_READ - ROOM {
+        return Err(StoreError::rejected(format!(
+            "the session is {len} bytes as JSON, more than a store reads back ({} bytes)",
+            MAX_READ - ROOM
+        ))
+        .with_message("session cannot be stored"));
+    }
+    Ok(())
+}
+
 /// Refuses `session` when its data nests deeper than [`MAX_DATA_DEPTH`].
 fn check_depth(session: &Session) -> Result<(), StoreError> {
     use serde_json::Value;

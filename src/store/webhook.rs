@@ -16,7 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use parking_lot::Mutex;
 
-use super::{ConfigError, Loaded, Session, SessionStore, StoreError, StoreFuture};
+use super::{ConfigError, Loaded, Session, SessionStore, StoreError, StoreFuture, MAX_READ};
 
 /// Enterprise Gateway's timeout for each webhook call.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -24,6 +24,8 @@ const DEFAULT_RETRIES: u32 = 3;
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The largest answer `load_all` reads by default: every session at once.
+const DEFAULT_MAX_LISTING: usize = 256 * 1024 * 1024;
 /// How long a connection to the service is kept open unused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The key of each element of a load answer.
@@ -58,7 +60,10 @@ const SESSION_FIELD: &str = "kernel_session";
 ///   [`is_not_found`](StoreError::is_not_found), the endpoint is missing;
 /// * any other status that is not a success, a 5xx, 408 or 429:
 ///   [`is_rejected`](StoreError::is_rejected), and so is an answer
-///   larger than 64 MiB;
+///   larger than 64 MiB (for `load_all`, than
+///   [`max_listing`](WebhookStoreBuilder::max_listing), 256 MiB by
+///   default), and a session that would not fit in an answer read back
+///   (64 MiB less 64 KiB as JSON), which is refused before it is sent;
 /// * a body that is not JSON or has the wrong shape:
 ///   [`is_corrupt`](StoreError::is_corrupt); in `load_all`, one bad element
 ///   is skipped and reported in [`Loaded::skipped`] while the others load;
@@ -118,6 +123,7 @@ struct Inner {
     timeout: Duration,
     retries: u32,
     backoff: Duration,
+    max_listing: usize,
     client: Client<HttpConnector, Full<Bytes>>,
     /// The last Digest challenge, reused (with a growing `nc`) until the
     /// service sends another.
@@ -139,6 +145,7 @@ pub struct WebhookStoreBuilder {
     timeout: Duration,
     retries: u32,
     backoff: Duration,
+    max_listing: usize,
 }
 
 impl WebhookStore {
@@ -169,6 +176,7 @@ impl WebhookStore {
             timeout: DEFAULT_TIMEOUT,
             retries: DEFAULT_RETRIES,
             backoff: DEFAULT_BACKOFF,
+            max_listing: DEFAULT_MAX_LISTING,
         }
     }
 
@@ -223,6 +231,16 @@ impl WebhookStoreBuilder {
     /// wait, in seconds, gets it, up to 10 s.
     pub fn backoff(mut self, backoff: Duration) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// The largest answer [`load_all`](SessionStore::load_all) reads, in
+    /// bytes (default 256 MiB, about a million sessions with a little
+    /// data each): it holds every session at once. A larger answer fails
+    /// as [`is_rejected`](StoreError::is_rejected). Every other answer
+    /// holds one session at most and is read up to 64 MiB.
+    pub fn max_listing(mut self, bytes: usize) -> Self {
+        self.max_listing = bytes;
         self
     }
 
@@ -284,6 +302,7 @@ impl WebhookStoreBuilder {
                 timeout: self.timeout,
                 retries: self.retries,
                 backoff: self.backoff,
+                max_listing: self.max_listing,
                 client,
                 challenge: Mutex::new(None),
             }),
@@ -330,7 +349,8 @@ impl SessionStore for WebhookStore {
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         Box::pin(async move {
             let path = self.inner.path.clone();
-            let (status, body) = self.inner.call(Method::GET, &path, None).await?;
+            let limit = self.inner.max_listing;
+            let (status, body) = self.inner.call(Method::GET, &path, None, limit).await?;
             expect_success(status, &body, "load all")?;
             parse_all(&body)
         })
@@ -339,7 +359,7 @@ impl SessionStore for WebhookStore {
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         Box::pin(async move {
             let path = self.inner.session_path(key)?;
-            let (status, body) = self.inner.call(Method::GET, &path, None).await?;
+            let (status, body) = self.inner.call(Method::GET, &path, None, MAX_READ).await?;
             if status == StatusCode::NOT_FOUND {
                 return Ok(None);
             }
@@ -366,10 +386,11 @@ impl SessionStore for WebhookStore {
             })?;
             body.insert(session.key.clone(), record);
             let body = serde_json::to_vec(&body).map_err(StoreError::other)?;
+            super::check_size(body.len())?;
             let path = self.inner.session_path(&session.key)?;
             let (status, answer) = self
                 .inner
-                .call(Method::POST, &path, Some(Bytes::from(body)))
+                .call(Method::POST, &path, Some(Bytes::from(body)), MAX_READ)
                 .await?;
             expect_success(status, &answer, "save")
         })
@@ -384,7 +405,7 @@ impl SessionStore for WebhookStore {
             let path = self.inner.path.clone();
             let (status, answer) = self
                 .inner
-                .call(Method::DELETE, &path, Some(Bytes::from(body)))
+                .call(Method::DELETE, &path, Some(Bytes::from(body)), MAX_READ)
                 .await?;
             expect_success(status, &answer, "delete")
         })
@@ -424,12 +445,13 @@ impl Inner {
 
     /// One call: attempts with timeout, retries on connection errors and
     /// answers that say to try later (see [`try_later`]). Returns the first
-    /// other answer.
+    /// other answer, read up to `limit` bytes.
     async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Bytes>,
+        limit: usize,
     ) -> Result<(StatusCode, Bytes), StoreError> {
         let path_and_query = if path.is_empty() {
             format!("/{}", self.query)
@@ -440,7 +462,7 @@ impl Inner {
         loop {
             let outcome = tokio::time::timeout(
                 self.timeout,
-                self.exchange(&method, &path_and_query, body.clone()),
+                self.exchange(&method, &path_and_query, body.clone(), limit),
             )
             .await;
             let (failure, asked) = match outcome {
@@ -477,12 +499,13 @@ impl Inner {
         method: &Method,
         path_and_query: &str,
         body: Option<Bytes>,
+        limit: usize,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), Failure> {
         let mut answered_fresh_challenge = false;
         loop {
             let authorization = self.authorization(method, path_and_query, body.as_deref())?;
             let (status, headers, answer) = self
-                .send(method, path_and_query, body.clone(), authorization)
+                .send(method, path_and_query, body.clone(), authorization, limit)
                 .await?;
             if status == StatusCode::UNAUTHORIZED && !answered_fresh_challenge {
                 if let Auth::Digest { .. } = self.auth {
@@ -490,7 +513,7 @@ impl Inner {
                         .get_all(WWW_AUTHENTICATE)
                         .iter()
                         .filter_map(|v| v.to_str().ok())
-                        .find(|v| v.trim_start().starts_with("Digest"));
+                        .find_map(digest_challenge);
                     if let Some(challenge) = challenge {
                         let parsed = digest_auth::parse(challenge).map_err(|e| {
                             Failure::Fatal(
@@ -546,6 +569,7 @@ impl Inner {
         path_and_query: &str,
         body: Option<Bytes>,
         authorization: Option<String>,
+        limit: usize,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), Failure> {
         let uri = format!("{}{path_and_query}", self.origin);
         let mut request = Request::builder().method(method.clone()).uri(uri);
@@ -564,13 +588,14 @@ impl Inner {
             Failure::Retry(StoreError::unavailable(e).with_message("webhook unreachable"))
         })?;
         let (parts, body) = response.into_parts();
-        let bytes = Limited::new(body, super::MAX_READ)
+        let bytes = Limited::new(body, limit)
             .collect()
             .await
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
                     Failure::Fatal(
-                        StoreError::rejected(e).with_message("the answer is larger than 64 MiB"),
+                        StoreError::rejected(e)
+                            .with_message(format!("the answer is larger than {limit} bytes")),
                     )
                 } else {
                     Failure::Retry(
@@ -581,6 +606,35 @@ impl Inner {
             .to_bytes();
         Ok((parts.status, parts.headers, bytes))
     }
+}
+
+/// The parameters of the Digest challenge in a `WWW-Authenticate` value,
+/// which may list several challenges (`Basic realm="a", Digest realm="b",
+/// nonce="c"`); schemes are case-insensitive (RFC 9110, section 11.1).
+fn digest_challenge(value: &str) -> Option<&str> {
+    let bytes = value.as_bytes();
+    let mut quoted = false;
+    let mut at_start = true;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => quoted = !quoted,
+            b'\\' if quoted => i += 1,
+            b',' if !quoted => at_start = true,
+            b' ' | b'\t' => {}
+            _ if at_start => {
+                at_start = false;
+                let rest = &value[i..];
+                let scheme = rest.split([' ', '\t']).next().unwrap_or_default();
+                if scheme.eq_ignore_ascii_case("digest") && rest.len() > scheme.len() {
+                    return Some(&rest[scheme.len()..]);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 enum Failure {
@@ -775,6 +829,40 @@ impl StdError for ShapeError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_digest_challenge_is_found_in_any_case_and_among_others() {
+        let params = r#"realm="r", qop="auth", nonce="n1", opaque="o""#;
+        for value in [
+            format!("Digest {params}"),
+            format!("digest {params}"),
+            format!("DIGEST\t{params}"),
+            format!(r#"Basic realm="a, Digest b", Digest {params}"#),
+            format!(r#"Bearer realm="x", error="a\"b", digest {params}"#),
+        ] {
+            let found = digest_challenge(&value).unwrap_or_else(|| panic!("none in {value}"));
+            assert_eq!(found.trim_start(), params, "in {value}");
+            let parsed = digest_auth::parse(found).unwrap();
+            assert_eq!(parsed.nonce, "n1");
+        }
+        // The challenge may come first, with another after it.
+        let first = format!(r#"Digest {params}, Basic realm="a""#);
+        assert_eq!(
+            digest_auth::parse(digest_challenge(&first).unwrap())
+                .unwrap()
+                .nonce,
+            "n1"
+        );
+        for value in [
+            r#"Basic realm="Digest realm""#,
+            "Basic digest=1",
+            "Digest",
+            "Digestive realm=x",
+            "",
+        ] {
+            assert_eq!(digest_challenge(value), None, "in {value}");
+        }
+    }
 
     #[test]
     fn ids_are_one_path_segment() {
