@@ -1423,6 +1423,46 @@ mod http2 {
         (addr, accepted, closed_rx)
     }
 
+    /// A request that waits for a free stream (the backend allows one at a
+    /// time) when the connection dies is the backend's failure, never the
+    /// client's: it is not answered 400.
+    #[tokio::test]
+    async fn a_request_waiting_for_a_stream_when_the_connection_dies_is_the_backends_failure() {
+        let (addr, _) = accept_counting(|stream, _| async move {
+            let got = Arc::new(tokio::sync::Notify::new());
+            let notify = got.clone();
+            // Takes the request and holds it.
+            let service = service_fn(move |_req: Request<Incoming>| {
+                notify.notify_one();
+                std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
+            });
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(1)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = got.notified() => {}
+            }
+            // Time for the second request to queue behind the first,
+            // then the backend dies: the connection is dropped.
+            let _ = tokio::time::timeout(Duration::from_millis(300), conn).await;
+        })
+        .await;
+        let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let first = tokio::spawn(backend.clone().oneshot(get("/first")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let err = tokio::time::timeout(Duration::from_secs(10), backend.oneshot(get("/second")))
+            .await
+            .expect("an answer once the connection died")
+            .unwrap_err();
+        assert!(find::<InvalidRequest>(&*err).is_none(), "{err:?}");
+        assert_eq!(gateway_status(&*err), StatusCode::BAD_GATEWAY, "{err:?}");
+        let first = first.await.unwrap().unwrap_err();
+        assert_eq!(gateway_status(&*first), StatusCode::BAD_GATEWAY, "{first:?}");
+    }
+
     /// A backend that closes its connection (a restart, an idle timeout):
     /// the next request opens a new one and succeeds.
     #[tokio::test]

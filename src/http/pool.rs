@@ -374,12 +374,12 @@ impl<B> IdleConnections<B> {
 /// failure of the request's own body, such as a client that went away in
 /// the middle of its upload, is the request's, not the backend's: an
 /// [`InvalidRequest`], which neither counts against the backend's health
-/// nor is answered as the backend's failure. Over HTTP/1 hyper hands the
-/// body's error back (on a client connection it gives a cause to no other
-/// error of the caller's); over HTTP/2 it resets the stream, and the body
-/// itself noted its failure in `sent`.
+/// nor is answered as the backend's failure. The body itself notes its
+/// failure in `sent`: hyper's own errors cannot tell it from others of the
+/// same kind (a request that waited for a free HTTP/2 stream on a
+/// connection that then ended is "user" error with a cause too).
 pub(super) fn sent_error(e: hyper::Error, sent: &Sent) -> BoxError {
-    if timeout::body_failed(sent) || (e.is_user() && std::error::Error::source(&e).is_some()) {
+    if timeout::body_failed(sent) {
         InvalidRequest::with_source("the request's body failed while it was sent", e).into()
     } else {
         e.into()
