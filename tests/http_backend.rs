@@ -1460,7 +1460,44 @@ mod http2 {
         assert!(find::<InvalidRequest>(&*err).is_none(), "{err:?}");
         assert_eq!(gateway_status(&*err), StatusCode::BAD_GATEWAY, "{err:?}");
         let first = first.await.unwrap().unwrap_err();
-        assert_eq!(gateway_status(&*first), StatusCode::BAD_GATEWAY, "{first:?}");
+        assert_eq!(
+            gateway_status(&*first),
+            StatusCode::BAD_GATEWAY,
+            "{first:?}"
+        );
+    }
+
+    /// Clients that stop reading large downloads hold back their own
+    /// streams only: the other responses on the shared connection still
+    /// flow.
+    #[tokio::test]
+    async fn downloads_nobody_reads_do_not_stall_the_connection() {
+        let (addr, _) = serve_h2_with(service_fn(|req: Request<Incoming>| async move {
+            let size = if req.uri().path() == "/big" {
+                4 << 20
+            } else {
+                1024
+            };
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; size]))))
+        }))
+        .await;
+        let client = HttpClient::<Full<Bytes>>::new()
+            .http2_only(true)
+            .read_timeout(Some(Duration::from_secs(2)));
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let mut unread = Vec::new();
+        for _ in 0..3 {
+            unread.push(backend.clone().oneshot(get("/big")).await.unwrap());
+        }
+        // Time for the backend to fill what the connection lets it send.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let small = backend.clone().oneshot(get("/small")).await.unwrap();
+        let body = tokio::time::timeout(Duration::from_secs(10), small.into_body().collect())
+            .await
+            .expect("given up at the read timeout at the latest")
+            .expect("the small response arrives whole");
+        assert_eq!(body.to_bytes().len(), 1024);
+        drop(unread);
     }
 
     /// A backend that closes its connection (a restart, an idle timeout):

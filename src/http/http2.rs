@@ -240,6 +240,9 @@ where
     }
 }
 
+/// The receive window of a connection to a backend: 1 GiB.
+const CONNECTION_WINDOW: u32 = 1 << 30;
+
 /// An attempt to open the connection that others wait for.
 struct Waiting<B>(u64, watch::Receiver<Opened<B>>);
 
@@ -256,6 +259,11 @@ where
 {
     let io = open(target).await?;
     let mut builder = http2::Builder::new(TokioExecutor::new());
+    // Each stream keeps hyper's 2 MiB window, but the connection's is
+    // larger than every stream's together (hyper's 5 MiB is not): a few
+    // clients that stop reading their downloads hold only their own
+    // streams, not every response on the connection (as Go does).
+    builder.initial_connection_window_size(CONNECTION_WINDOW);
     if let Some(interval) = keep_alive {
         builder
             .timer(TokioTimer::new())

@@ -502,7 +502,10 @@ where
     /// the first request needs it; requests arriving meanwhile wait for
     /// that attempt and share its outcome. Beyond the number of streams
     /// the backend allows at once (`SETTINGS_MAX_CONCURRENT_STREAMS`,
-    /// often 100 to 250), requests wait for a stream to finish. A new
+    /// often 100 to 250), requests wait for a stream to finish. Each
+    /// stream may hold 2 MiB of its response that nobody has read yet,
+    /// and the connection 1 GiB in all, so clients that stop reading
+    /// their downloads hold back their own streams only. A new
     /// connection is opened when the backend closes the old one, when a
     /// keep-alive PING goes unanswered (see
     /// [`http2_keep_alive`](Self::http2_keep_alive)), and when none of
