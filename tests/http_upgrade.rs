@@ -494,6 +494,29 @@ async fn a_backend_ending_a_tunnel_ends_the_client_side() {
     assert_eq!(seen.closed.load(Ordering::SeqCst), 1);
 }
 
+/// A client that goes on writing after the backend closed its side does
+/// not keep a tunnel to nowhere open: its writes fail once the proxy finds
+/// the backend gone, instead of being dropped in silence.
+#[tokio::test]
+async fn a_client_writing_to_a_backend_that_closed_is_cut_off() {
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let front = proxy(&[b1]).await;
+    let (mut stream, _, _) = open_tunnel(front).await;
+    stream.write_all(b"die").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("the client side was never closed")
+        .unwrap();
+    assert_eq!(seen.closed.load(Ordering::SeqCst), 1);
+    support::wait::bounded_real("a write of the client fails", async {
+        while stream.write_all(b"more").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_client_going_away_ends_the_backend_side() {
     let (b1, seen) = backend("b1", Mode::Echo).await;

@@ -59,9 +59,15 @@ impl<T: Read + Write + Unpin + Send + 'static> Io for T {}
 /// fails the exchange. Once an answer has been read, the rest of the
 /// request's body is still taken (and dropped) to its end, as nginx
 /// discards a request body it will not use.
+///
+/// Not so on a connection opened for an upgrade: once it is a tunnel, a
+/// write that finds the backend gone fails, so that the tunnel ends
+/// rather than drop what the client sends.
 pub(super) struct Stream {
     io: Transport,
     write_closed: bool,
+    /// Whether writes that find the backend gone fail as they are.
+    keep_write_errors: bool,
 }
 
 enum Transport {
@@ -74,6 +80,7 @@ impl Stream {
         Stream {
             io: Transport::Tcp(io),
             write_closed: false,
+            keep_write_errors: false,
         }
     }
 
@@ -81,6 +88,7 @@ impl Stream {
         Stream {
             io: Transport::Other(io),
             write_closed: false,
+            keep_write_errors: false,
         }
     }
 
@@ -94,12 +102,13 @@ impl Stream {
     ) -> Poll<io::Result<usize>> {
         match written {
             Poll::Ready(Err(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::BrokenPipe
-                        | io::ErrorKind::ConnectionAborted
-                ) =>
+                if !self.keep_write_errors
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::BrokenPipe
+                            | io::ErrorKind::ConnectionAborted
+                    ) =>
             {
                 self.write_closed = true;
                 Poll::Ready(Ok(len))
@@ -537,7 +546,8 @@ where
     /// Opens a new HTTP/1.1 connection, run by a task of its own; one
     /// `for_upgrade` hands its byte stream over after a `101`.
     async fn connect(&self, for_upgrade: bool) -> Result<SendRequest<Upload<B>>, BoxError> {
-        let io = (self.open)(self.target.clone()).await?;
+        let mut io = (self.open)(self.target.clone()).await?;
+        io.keep_write_errors = for_upgrade;
         let (sender, connection) = http1::handshake(io).await?;
         // Its end (the backend closed it, or a response was abandoned)
         // shows in the sender, which is then never reused.
