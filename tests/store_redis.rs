@@ -1082,20 +1082,35 @@ async fn proxy_cutting_before_a_publish(port: u16, cuts: usize) -> SocketAddr {
     addr
 }
 
-/// The connection drops after Redis got a save's `SET` and before its
-/// `PUBLISH`: the session must not be stored without its notice (the
-/// other replicas would keep routing it to its old backend).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_save_cut_off_before_its_notice_is_not_stored_either() {
+/// A server; a store that reaches it through
+/// [`proxy_cutting_before_a_publish`] with `cuts`; another store that
+/// reaches it directly, and that one's subscription.
+async fn saving_through_a_cutting_proxy(
+    cuts: usize,
+) -> (
+    RedisServer,
+    RedisStore,
+    RedisStore,
+    tower_ha::store::Invalidations,
+) {
     let server = RedisServer::start();
-    // Twice: a save whose connection breaks is sent once more.
-    let proxy = proxy_cutting_before_a_publish(server.port(), 2).await;
+    let proxy = proxy_cutting_before_a_publish(server.port(), cuts).await;
     let saver = RedisStore::builder(format!("redis://{proxy}"))
         .build()
         .await
         .unwrap();
     let other = store(&server).await;
-    let mut notices = other.subscribe().await.unwrap();
+    let notices = other.subscribe().await.unwrap();
+    (server, saver, other, notices)
+}
+
+/// The connection drops after Redis got a save's `SET` and before its
+/// `PUBLISH`: the session must not be stored without its notice (the
+/// other replicas would keep routing it to its old backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_cut_off_before_its_notice_is_not_stored_either() {
+    // Twice: a save whose connection breaks is sent once more.
+    let (_server, saver, other, mut notices) = saving_through_a_cutting_proxy(2).await;
 
     let err = saver.save(&session("k", "node-b")).await.unwrap_err();
     assert!(err.is_transient(), "{err:?}");
@@ -1131,14 +1146,7 @@ async fn a_save_cut_off_before_its_notice_is_not_stored_either() {
 /// notice, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_whose_connection_breaks_is_sent_again() {
-    let server = RedisServer::start();
-    let proxy = proxy_cutting_before_a_publish(server.port(), 1).await;
-    let saver = RedisStore::builder(format!("redis://{proxy}"))
-        .build()
-        .await
-        .unwrap();
-    let other = store(&server).await;
-    let mut notices = other.subscribe().await.unwrap();
+    let (_server, saver, other, mut notices) = saving_through_a_cutting_proxy(1).await;
 
     saver.save(&session("k", "node-b")).await.unwrap();
     assert_eq!(
