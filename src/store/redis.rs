@@ -98,8 +98,10 @@ return 2";
 /// password changed on the server, then back). A call whose connection
 /// turns out to be broken (Redis restarted, or closed it while it sat
 /// idle) is sent once more on a new one, so an idle store's first call
-/// does not fail while Redis is up; every call but a lease's is safe to
-/// apply twice.
+/// does not fail while Redis is up: loads, saves, deletes and notices
+/// are safe to apply twice. (A lease's calls are not, and are sent once,
+/// as is a [`refresh`](SessionStore::refresh), which the next one
+/// makes up for.)
 ///
 /// # Layout
 ///
@@ -128,9 +130,10 @@ return 2";
 /// * [`load_all`](SessionStore::load_all): `SCAN MATCH` (never `KEYS`, which
 ///   blocks the server) with the prefix's glob characters escaped, then
 ///   `MGET` in batches (with a TTL, `PEXPIRE` then gives each record
-///   read its whole TTL back, as `load` does). Records that are not JSON, not a session, hold
-///   another key's session, or are not strings at all (`TYPE` tells those
-///   from a key deleted since the scan) are skipped and reported.
+///   read its whole TTL back, as `load` does). Records that are not
+///   JSON, not a session, hold another key's session, or are not strings
+///   at all (`TYPE` tells those from a key deleted since the scan) are
+///   skipped and reported.
 /// * [`delete`](SessionStore::delete): `DEL` in batches, each with its
 ///   notices in one transaction and, with a TTL, a tombstone per session
 ///   (`SET PX` the TTL), so that a refresh from a replica that has not
