@@ -1,6 +1,7 @@
 //! The sticky layer over `Balance` with in-process backends: session keys,
 //! moves, strict mode, bad input, memory bounds and availability modes.
 
+#[macro_use]
 mod support;
 
 use std::collections::HashMap;
@@ -1181,9 +1182,6 @@ impl SlowStore {
 }
 
 impl SessionStore for SlowStore {
-    fn load_all(&self) -> StoreFuture<'_, Loaded> {
-        self.inner.load_all()
-    }
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         self.loads.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
@@ -1194,15 +1192,14 @@ impl SessionStore for SlowStore {
             answer
         })
     }
-    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
-        self.inner.save(session)
-    }
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let _permit = self.deletes.acquire().await.unwrap();
             self.inner.delete(keys).await
         })
     }
+
+    pass_on!(inner: load_all, save);
 }
 
 /// `layer` over a round-robin `Balance` of `pool`.
@@ -1640,15 +1637,8 @@ impl SessionStore for SlowListing {
             Ok(loaded)
         })
     }
-    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
-        self.inner.load(key)
-    }
-    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
-        self.inner.save(session)
-    }
-    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
-        self.inner.delete(keys)
-    }
+
+    pass_on!(inner: load, save, delete);
 }
 
 #[tokio::test]
@@ -2270,9 +2260,6 @@ impl FlakyLoads {
 }
 
 impl SessionStore for FlakyLoads {
-    fn load_all(&self) -> StoreFuture<'_, Loaded> {
-        self.inner.load_all()
-    }
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         if self.down.load(Ordering::SeqCst) {
             return Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) });
@@ -2285,12 +2272,8 @@ impl SessionStore for FlakyLoads {
         }
         self.inner.save(session)
     }
-    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
-        self.inner.delete(keys)
-    }
-    fn refresh_interval(&self) -> Option<Duration> {
-        self.inner.refresh_interval()
-    }
+
+    pass_on!(inner: load_all, delete, refresh_interval);
 }
 
 #[tokio::test]
@@ -2713,12 +2696,6 @@ impl SlowSavesOfA {
 }
 
 impl SessionStore for SlowSavesOfA {
-    fn load_all(&self) -> StoreFuture<'_, Loaded> {
-        self.inner.load_all()
-    }
-    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
-        self.inner.load(key)
-    }
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if session.backend.as_str() == "a" {
@@ -2728,9 +2705,8 @@ impl SessionStore for SlowSavesOfA {
             self.inner.save(session).await
         })
     }
-    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
-        self.inner.delete(keys)
-    }
+
+    pass_on!(inner: load_all, load, delete);
 }
 
 #[tokio::test]
@@ -2792,22 +2768,15 @@ struct Expiring {
 }
 
 impl SessionStore for Expiring {
-    fn load_all(&self) -> StoreFuture<'_, Loaded> {
-        self.inner.load_all()
-    }
-    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
-        self.inner.load(key)
-    }
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         self.saves.fetch_add(1, Ordering::SeqCst);
         self.inner.save(session)
     }
-    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
-        self.inner.delete(keys)
-    }
     fn refresh_interval(&self) -> Option<Duration> {
         self.every
     }
+
+    pass_on!(inner: load_all, load, delete);
 }
 
 #[tokio::test(start_paused = true)]
@@ -3282,20 +3251,13 @@ struct PanicsOnLoad {
 }
 
 impl SessionStore for PanicsOnLoad {
-    fn load_all(&self) -> StoreFuture<'_, Loaded> {
-        self.inner.load_all()
-    }
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         let n = self.loads.fetch_add(1, Ordering::SeqCst) + 1;
         assert!(n < self.panic_from, "the store's client is broken");
         self.inner.load(key)
     }
-    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
-        self.inner.save(session)
-    }
-    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
-        self.inner.delete(keys)
-    }
+
+    pass_on!(inner: load_all, save, delete);
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 //! pub/sub, a session is hydrated once however many replicas load it at
 //! once, and a Redis restart loses nothing that was acknowledged.
 
+#[macro_use]
 mod support;
 
 use std::collections::HashMap;
@@ -80,14 +81,6 @@ struct HeldSaves {
 }
 
 impl SessionStore for HeldSaves {
-    fn load_all(&self) -> tower_ha::store::StoreFuture<'_, tower_ha::store::Loaded> {
-        self.inner.load_all()
-    }
-
-    fn load<'a>(&'a self, key: &'a str) -> tower_ha::store::StoreFuture<'a, Option<Session>> {
-        self.inner.load(key)
-    }
-
     fn save<'a>(&'a self, session: &'a Session) -> tower_ha::store::StoreFuture<'a, ()> {
         let mut go = self.go.clone();
         Box::pin(async move {
@@ -96,9 +89,7 @@ impl SessionStore for HeldSaves {
         })
     }
 
-    fn delete<'a>(&'a self, keys: &'a [String]) -> tower_ha::store::StoreFuture<'a, ()> {
-        self.inner.delete(keys)
-    }
+    pass_on!(inner: load_all, load, delete);
 }
 
 async fn replica(server: &RedisServer, options: Options) -> Replica {
