@@ -1561,16 +1561,31 @@ where
     svc.oneshot(req).await
 }
 
-/// `layer` with an `on_restore` hook that waits for a permit of the
-/// semaphore returned, and its `restore()` under way in a task, once the
-/// hook runs.
-async fn restore_held_in_its_hook(
-    layer: StickyLayer,
+/// A store holding `keys` on backend c; a layer in `availability` over
+/// it, with an `on_restore` hook that waits for a permit of `gate`; its
+/// `restore()` under way in a task, once the hook runs; and the stack
+/// over `c` with that layer.
+async fn restore_held<S>(
+    c: &Cluster<S>,
+    keys: &[&str],
+    availability: Availability,
 ) -> (
+    MemoryStore,
     StickyLayer,
     tokio::task::JoinHandle<Result<tower_ha::sticky::RestoreReport, tower_ha::store::StoreError>>,
     Arc<tokio::sync::Semaphore>,
-) {
+    Sticky<Balance<S, RoundRobin>>,
+)
+where
+    S: Service<Request<()>> + Clone + Send + Sync + 'static,
+{
+    let store = MemoryStore::new();
+    for key in keys {
+        store.save(&Session::new(*key, "c".into())).await.unwrap();
+    }
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(availability);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let entered = Arc::new(AtomicBool::new(false));
     let (hooked, running) = (gate.clone(), entered.clone());
@@ -1587,19 +1602,15 @@ async fn restore_held_in_its_hook(
         async move { layer.restore().await }
     });
     spin_until("the hook runs", || entered.load(Ordering::SeqCst)).await;
-    (layer, restore, gate)
+    let svc = stack(&c.pool, layer.clone());
+    (store, layer, restore, gate, svc)
 }
 
 #[tokio::test]
 async fn a_session_removed_while_restore_runs_is_not_put_back() {
     let c = cluster();
-    let store = MemoryStore::new();
-    store.save(&Session::new("k1", "c".into())).await.unwrap();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone);
-    let (layer, restore, gate) = restore_held_in_its_hook(layer).await;
-    let svc = stack(&c.pool, layer.clone());
+    let (store, layer, restore, gate, svc) =
+        restore_held(&c, &["k1"], Availability::Standalone).await;
     // Ended while its hook runs: the restore does not route it.
     assert!(!svc.remove("k1").await.unwrap());
     gate.add_permits(1);
@@ -1688,11 +1699,8 @@ async fn a_session_ended_or_forgotten_while_restore_lists_the_store_is_not_put_b
 #[tokio::test]
 async fn a_session_forgotten_while_its_restore_hook_runs_follows_the_store() {
     let c = cluster();
-    let shared = MemoryStore::new();
-    shared.save(&Session::new("k1", "c".into())).await.unwrap();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).store(shared.clone());
-    let (layer, restore, gate) = restore_held_in_its_hook(layer).await;
-    let svc = stack(&c.pool, layer.clone());
+    let (shared, layer, restore, gate, svc) =
+        restore_held(&c, &["k1"], Availability::Replication).await;
     // Another replica moves it to b meanwhile; its notice makes this one
     // forget it.
     shared.save(&Session::new("k1", "b".into())).await.unwrap();
@@ -1714,15 +1722,8 @@ async fn a_session_forgotten_while_its_restore_hook_runs_follows_the_store() {
 async fn a_session_served_from_memory_while_restore_runs_then_forgotten_follows_the_store() {
     for all_at_once in [false, true] {
         let c = cluster();
-        let shared = MemoryStore::new();
-        for key in ["k1", "k2"] {
-            shared.save(&Session::new(key, "c".into())).await.unwrap();
-        }
-        let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-            .store(shared.clone())
-            .availability(Availability::Standalone);
-        let (layer, restore, gate) = restore_held_in_its_hook(layer).await;
-        let svc = stack(&c.pool, layer.clone());
+        let (_, layer, restore, gate, svc) =
+            restore_held(&c, &["k1", "k2"], Availability::Standalone).await;
         // While the first hook runs, c is out: both are served elsewhere,
         // from memory.
         c.set_health("c", HealthStatus::Unhealthy);
@@ -1753,13 +1754,7 @@ async fn a_session_served_from_memory_while_restore_runs_then_forgotten_follows_
 #[tokio::test(start_paused = true)]
 async fn a_session_answered_after_the_restore_let_it_go_follows_the_store() {
     let c = cluster();
-    let shared = MemoryStore::new();
-    shared.save(&Session::new("k1", "c".into())).await.unwrap();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(shared.clone())
-        .availability(Availability::Standalone);
-    let (layer, restore, gate) = restore_held_in_its_hook(layer).await;
-    let svc = stack(&c.pool, layer.clone());
+    let (_, layer, restore, gate, svc) = restore_held(&c, &["k1"], Availability::Standalone).await;
     c.set_health("c", HealthStatus::Unhealthy);
     let mut slow = session("k1");
     slow.headers_mut()
