@@ -174,9 +174,12 @@ where
     /// guarantees it did not process (RFC 9113, section 8.7).
     ///
     /// A `GOAWAY` does not make a request [`NotSent`], even one whose
-    /// stream it left out: hyper reports the connection's `GOAWAY` to
-    /// requests it had already sent as well, which the backend may be
-    /// processing.
+    /// stream it left out: hyper also reports a `GOAWAY` that arrives
+    /// just after it opened a request's stream (it checks the connection
+    /// once more before it sends the body) to that request, whose headers
+    /// still go out, and which the backend may then process. The two
+    /// errors are alike, and sending the second kind again processed
+    /// some POSTs twice in `posts_racing_a_goaway_are_never_processed_twice`.
     ///
     /// A response head that does not come within `read_timeout` of the
     /// request's end (`sent` says when its body was sent) fails the
