@@ -565,6 +565,15 @@ impl BackendState {
         (Instant::now() < until).then_some(until)
     }
 
+    /// When the backend, ejected now, becomes available if nothing else
+    /// changes: the end of its ejection, when it is enabled and healthy.
+    pub(crate) fn available_at(&self) -> Option<Instant> {
+        match self.status.load(Ordering::Acquire) {
+            0 => self.ejected_until(),
+            _ => None,
+        }
+    }
+
     /// Lifts an ejection in force now, before its deadline; returns whether
     /// this call lifted it. An ejection that has already run out is left
     /// to end by itself: of this and that end racing over one ejection,

@@ -317,6 +317,38 @@ async fn a_place_opened_by_a_change_goes_to_the_oldest_waiter_whoever_polls_firs
     }
 }
 
+/// An ejection that runs out is no event anyone sends: the waiting
+/// requests that may use its backend pick again at its end, in the order
+/// they came, rather than wait out their timeout.
+#[tokio::test(start_paused = true)]
+async fn waiting_requests_take_a_backend_whose_ejection_runs_out() {
+    let seen = Seen::default();
+    let (pool, _held) = full_pool(&["a"], &seen);
+    pool.insert("b", recording("b", seen.clone()));
+    let b = pool.state(&"b".into()).unwrap();
+    b.set_max_in_flight(Some(1));
+    let start = tokio::time::Instant::now();
+    b.eject_until(start + Duration::from_secs(2));
+    let balance = Balance::new(pool.clone(), RoundRobin::new())
+        .panic_threshold(0.0)
+        .queue(10, Duration::from_secs(5));
+    let older = send(&balance, "older");
+    settle().await;
+    let newer = send(&balance, "newer");
+    settle().await;
+    assert_eq!(balance.waiting(), 2);
+
+    tokio::time::sleep_until(start + Duration::from_millis(1999)).await;
+    settle().await;
+    assert!(seen.lock().unwrap().is_empty(), "still ejected");
+    tokio::time::sleep_until(start + Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(*seen.lock().unwrap(), ["older", "newer"]);
+    assert_eq!(served_by(&older.await.unwrap()), "b");
+    assert_eq!(served_by(&newer.await.unwrap()), "b");
+    assert_eq!(balance.waiting(), 0);
+}
+
 /// One way to take a backend out of service.
 type MakeUnavailable = fn(&tower_ha::BackendState);
 

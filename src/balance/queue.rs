@@ -9,7 +9,9 @@
 //! raised, a backend back in service or joining the pool) hand the free
 //! places on the changed backends to the waiters in order too, under the
 //! queue's lock, and then wake the others to pick again (a change may also
-//! put the pool in panic, which lets them use other backends).
+//! put the pool in panic, which lets them use other backends). An ejection
+//! that runs out changes nothing anyone sees, so each waiter that could use
+//! an ejected backend sets a timer for the ejection's end and picks again.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -326,13 +328,15 @@ impl Waiter {
             true => state.is_enabled(),
             false => state.is_available(),
         };
-        usable
-            && !self
-                .turn
-                .lock()
-                .excluded
-                .iter()
-                .any(|s| Arc::ptr_eq(s, state))
+        usable && !self.excludes(state)
+    }
+
+    fn excludes(&self, state: &Arc<BackendState>) -> bool {
+        self.turn
+            .lock()
+            .excluded
+            .iter()
+            .any(|s| Arc::ptr_eq(s, state))
     }
 }
 
@@ -370,6 +374,16 @@ impl Ticket {
     /// usable, neither tried nor excluded.
     fn may_use(&self, member: &Member) -> bool {
         self.waiter.may_use(member.id(), member.state())
+    }
+
+    /// When the request may use the backend `member`, which it may not
+    /// use now, if nothing changes but the clock: the end of its ejection.
+    /// Nobody hands over the places an ejection that runs out opens up.
+    fn usable_at(&self, member: &Member) -> Option<Instant> {
+        let state = member.state();
+        let at = state.available_at()?;
+        let waiter = &self.waiter;
+        (!waiter.tried.contains(member.id()) && !waiter.excludes(state)).then_some(at)
     }
 
     /// Takes its place in the queue again, after a place handed over could
@@ -436,6 +450,10 @@ pub(crate) struct Wait<S, Req> {
     settle: Settle<S, Req>,
     ticket: Ticket,
     deadline: Instant,
+    /// The earliest end of an ejection that keeps the request off a
+    /// backend it may use otherwise, as of its last pick.
+    ejection_ends: Option<Instant>,
+    /// Until the deadline or the end of that ejection, the earlier.
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
@@ -453,6 +471,7 @@ impl<S, Req> Wait<S, Req> {
             settle,
             ticket,
             deadline,
+            ejection_ends: None,
             sleep: None,
         }
     }
@@ -465,8 +484,12 @@ impl<S, Req> Wait<S, Req> {
         cx: &mut Context<'_>,
         request: &mut Req,
     ) -> Poll<Result<Placed<S>, NoBackend>> {
+        let mut ejection_over = false;
         loop {
-            let turn = self.ticket.turn(cx);
+            let turn = match (self.ticket.turn(cx), std::mem::take(&mut ejection_over)) {
+                (Turn::Wait, true) => Turn::Recheck,
+                (turn, _) => turn,
+            };
             // After the turn: a backend that joined before the wake-up is in it.
             let snapshot = self.pool.snapshot();
             let members = snapshot.members();
@@ -498,8 +521,13 @@ impl<S, Req> Wait<S, Req> {
                     // in panic or taken it out.
                     self.ticket.set_panic(self.panic.recount(members));
                     let mut usable = false;
+                    self.ejection_ends = None;
                     for (i, member) in members.iter().enumerate() {
                         if !self.ticket.may_use(member) {
+                            if let Some(at) = self.ticket.usable_at(member) {
+                                self.ejection_ends =
+                                    Some(self.ejection_ends.map_or(at, |e| e.min(at)));
+                            }
                             continue;
                         }
                         usable = true;
@@ -514,15 +542,23 @@ impl<S, Req> Wait<S, Req> {
                 }
                 Turn::Wait => {}
             }
-            break;
-        }
-        let deadline = self.deadline;
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(NoBackend::queue_timeout())),
-            Poll::Pending => Poll::Pending,
+            let deadline = self.deadline;
+            let until = self.ejection_ends.map_or(deadline, |at| at.min(deadline));
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if sleep.deadline() != until {
+                sleep.as_mut().reset(until);
+            }
+            match sleep.as_mut().poll(cx) {
+                Poll::Ready(()) if until < deadline => {
+                    // The ejection is over: pick again.
+                    self.ejection_ends = None;
+                    ejection_over = true;
+                }
+                Poll::Ready(()) => return Poll::Ready(Err(NoBackend::queue_timeout())),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }

@@ -188,11 +188,12 @@ impl<S, P: Strategy> Balance<S, P> {
     /// ends hands its place straight to the first waiting request that may
     /// use its backend (not one it already tried), so a request arriving
     /// meanwhile cannot overtake them. A limit raised, a backend back in
-    /// service (an ejection that ends by its deadline included, once the
-    /// health layer notices) or a backend joining the pool hands the places
-    /// it opens to the waiting requests that may use them, in the same
-    /// order, and then lets every other waiting request pick again (the
-    /// change may have put the pool in panic). A request whose every backend becomes
+    /// service or a backend joining the pool hands the places it opens to
+    /// the waiting requests that may use them, in the same order, and then
+    /// lets every other waiting request pick again (the change may have
+    /// put the pool in panic). An ejection that runs out while no request
+    /// reaches its backend is no such change: the waiting requests that may
+    /// use that backend pick again at its end. A request whose every backend becomes
     /// unavailable stops waiting and fails with `NoBackend`. A waiting
     /// request goes to whichever backend a place opens up on, whatever the
     /// strategy would have preferred (under a limit, every backend it may
