@@ -264,6 +264,12 @@ impl Kept {
             .retain(|(kept, s, _)| kept != id || state.is_some_and(|st| !Arc::ptr_eq(s, st)));
     }
 
+    fn get(&mut self, id: &BackendId) -> Option<Arc<BackendState>> {
+        self.forget_expired(Instant::now());
+        let (_, state, _) = self.states.iter().find(|(kept, _, _)| kept == id)?;
+        Some(state.clone())
+    }
+
     fn take(&mut self, id: &BackendId) -> Option<Arc<BackendState>> {
         if self.states.is_empty() {
             return None;
@@ -387,6 +393,12 @@ impl<S> Pool<S> {
         let snap = self.shared.current.load();
         let i = snap.members.index_of(id)?;
         Some(snap.members[i].state.clone())
+    }
+
+    /// The state the pool keeps of backend `id`, removed by its discovery
+    /// stream, for its return (see [`keep_removed_for`](Self::keep_removed_for)).
+    pub(crate) fn kept_state(&self, id: &BackendId) -> Option<Arc<BackendState>> {
+        self.shared.kept.lock().get(id)
     }
 
     /// Whether backend `id` is in the pool.

@@ -1492,6 +1492,38 @@ mod actions_and_membership {
         );
     }
 
+    /// A backend its discovery drops for a moment while it drains: the
+    /// pool keeps its state, the deadline disables it there and says so,
+    /// and it comes back disabled, as the events tell.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_deadline_reports_the_disable_of_a_state_kept_for_a_return() {
+        use tower::discover::Change;
+
+        let pool = pool_of(&["a", "b"]);
+        let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(10)));
+        handle
+            .add_group("g", &Balance::new(pool.clone(), RoundRobin::new()))
+            .unwrap();
+        handle.drain(&"a".into()).unwrap();
+        let gone = futures::stream::iter([Ok::<_, Infallible>(Change::Remove("a"))]);
+        pool.discover(gone).await.unwrap();
+        assert!(!pool.contains(&"a".into()));
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let back = futures::stream::iter([Ok::<_, Infallible>(Change::Insert("a", backend("a")))]);
+        pool.discover(back).await.unwrap();
+        assert_eq!(
+            pool.state(&"a".into()).unwrap().admin(),
+            AdminStatus::Disabled
+        );
+        assert_eq!(
+            admin_changes(handle.events()),
+            [
+                "a Enabled->Draining (operator)",
+                "a Draining->Disabled (drain deadline)"
+            ]
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn draining_again_does_not_put_the_deadline_off() {
         let pool = pool_of(&["a", "b"]);

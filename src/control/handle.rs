@@ -89,6 +89,7 @@ pub enum ControlError {
 trait PoolOps: Send + Sync {
     fn ids(&self) -> Vec<BackendId>;
     fn state(&self, id: &BackendId) -> Option<Arc<BackendState>>;
+    fn kept_state(&self, id: &BackendId) -> Option<Arc<BackendState>>;
     fn remove(&self, id: &BackendId) -> bool;
     fn set_weight(&self, id: &BackendId, weight: u32) -> bool;
     fn as_any(&self) -> &dyn Any;
@@ -100,6 +101,9 @@ impl<S: Clone + Send + Sync + 'static> PoolOps for Pool<S> {
     }
     fn state(&self, id: &BackendId) -> Option<Arc<BackendState>> {
         Pool::state(self, id)
+    }
+    fn kept_state(&self, id: &BackendId) -> Option<Arc<BackendState>> {
+        Pool::kept_state(self, id)
     }
     fn remove(&self, id: &BackendId) -> bool {
         Pool::remove(self, id)
@@ -255,9 +259,19 @@ impl fmt::Debug for Handle {
 
 /// Every distinct state of backend `id` across the groups `inner` holds.
 fn live_states(inner: &Inner, id: &BackendId) -> Vec<Arc<BackendState>> {
+    held_states(inner, id, |pool, id| pool.state(id))
+}
+
+/// The states of backend `id` the groups' pools hold, or keep for its
+/// return after their discovery removed it: those it comes back with.
+fn held_states(
+    inner: &Inner,
+    id: &BackendId,
+    state: fn(&dyn PoolOps, &BackendId) -> Option<Arc<BackendState>>,
+) -> Vec<Arc<BackendState>> {
     let mut states: Vec<Arc<BackendState>> = Vec::new();
     for group in inner.groups.read().iter() {
-        if let Some(state) = group.pool.state(id) {
+        if let Some(state) = state(&*group.pool, id) {
             if !states.iter().any(|s| Arc::ptr_eq(s, &state)) {
                 states.push(state);
             }
@@ -527,12 +541,15 @@ impl Handle {
                 drains.remove(&id);
                 // The states it drained (in a group unregistered since,
                 // say), and those the groups hold now (added since, with
-                // its status): only a change of the latter is the event's.
+                // its status): only a change of the latter, or of one a
+                // group's pool keeps for the backend's return, is the
+                // event's.
                 let live = live_states(&inner, &id);
+                let kept = held_states(&inner, &id, |pool, id| pool.kept_state(id));
                 for state in states.iter().chain(&live) {
                     if state.admin() == AdminStatus::Draining {
                         state.set_admin(AdminStatus::Disabled);
-                        changed |= live.iter().any(|l| Arc::ptr_eq(l, state));
+                        changed |= live.iter().chain(&kept).any(|l| Arc::ptr_eq(l, state));
                     }
                 }
                 if changed {
