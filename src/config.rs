@@ -71,7 +71,6 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::backend::BackendId;
 use crate::balance::{Balance, Failback, Priority, RoundRobin};
 use crate::control::{GroupMode, GroupStrategy};
-use crate::error::BoxError;
 use crate::failover::{FailoverLayer, RetryBudget};
 use crate::health::{HealthChecker, Probe};
 use crate::pool::Pool;
@@ -319,6 +318,10 @@ impl GroupConfig {
 
     /// Builds the group: a pool with one service per backend, made by
     /// `make`, and a [`Balance`] over it with [`strategy`](Self::strategy).
+    /// The [`health_check`](Self::health_check) and
+    /// [`failover`](Self::failover) sections are not applied here: they
+    /// configure the checker ([`HealthCheckConfig::apply`]) and the layer
+    /// ([`FailoverConfig::layer`]) around the balancer.
     pub fn build<S, F>(&self, mut make: F) -> Balance<S, GroupStrategy>
     where
         S: Clone + Send + Sync + 'static,
@@ -335,13 +338,16 @@ impl GroupConfig {
 
 /// Invalid or unreadable configuration.
 ///
-/// Its message says where (the field, or the line and column) and, for an
-/// invalid value or a file that does not parse, what is wrong:
-/// `invalid configuration in line 2 column 21: failover_groups[0].mode:
-/// unknown variant ...`. A parse error's [`source`](std::error::Error::source)
-/// is the parser's own error, a read error's the I/O error.
+/// Its message says where (the file, when [`Config::load`] read one, and
+/// the field, or the line and column) and, for an invalid value or a file
+/// that does not parse, what is wrong: `invalid configuration in line 2
+/// column 21: failover_groups[0].mode: unknown variant ...`. The parser's
+/// message is in it, so a parse error has no
+/// [`source`](std::error::Error::source) (printing both would say it
+/// twice); a read error's source is the I/O error.
 #[derive(Debug)]
 pub struct ConfigError {
+    file: Option<std::path::PathBuf>,
     field: String,
     kind: ErrorKind,
 }
@@ -350,22 +356,37 @@ pub struct ConfigError {
 #[cfg_attr(not(feature = "config"), allow(dead_code))]
 enum ErrorKind {
     Invalid(String),
-    /// The parser's message, without the location (in `field`), and its
-    /// error.
-    Parse(String, BoxError),
+    /// The parser's message, without the location (in `field`).
+    Parse(String),
     Io(std::io::Error),
 }
 
 impl ConfigError {
     fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
+            file: None,
             field: field.into(),
             kind: ErrorKind::Invalid(message.into()),
         }
     }
 
-    /// The field at fault (`failover_groups[1].primary`), or the file for
-    /// read errors; empty when the parser did not say.
+    #[cfg_attr(not(feature = "config"), allow(dead_code))]
+    fn parse(field: String, message: String) -> Self {
+        ConfigError {
+            file: None,
+            field,
+            kind: ErrorKind::Parse(message),
+        }
+    }
+
+    /// The file [`Config::load`] read (or could not read).
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.file.as_deref()
+    }
+
+    /// The field at fault (`failover_groups[1].primary`) or, for a parse
+    /// error, the line and column (`line 2 column 21`), empty when the
+    /// parser did not say; the file for read errors.
     pub fn field(&self) -> &str {
         &self.field
     }
@@ -388,15 +409,26 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
-            ErrorKind::Invalid(message) => write!(f, "{}: {message}", self.field),
-            ErrorKind::Parse(message, _) if self.field.is_empty() => {
-                write!(f, "invalid configuration: {message}")
+        let field = &self.field;
+        match (&self.kind, &self.file) {
+            (ErrorKind::Invalid(message), None) => write!(f, "{field}: {message}"),
+            (ErrorKind::Invalid(message), Some(file)) => {
+                write!(
+                    f,
+                    "invalid configuration in {}: {field}: {message}",
+                    file.display()
+                )
             }
-            ErrorKind::Parse(message, _) => {
-                write!(f, "invalid configuration in {}: {message}", self.field)
+            (ErrorKind::Parse(message), file) => {
+                let place = match (file, field.is_empty()) {
+                    (Some(file), true) => format!(" in {}", file.display()),
+                    (Some(file), false) => format!(" in {} {field}", file.display()),
+                    (None, true) => String::new(),
+                    (None, false) => format!(" in {field}"),
+                };
+                write!(f, "invalid configuration{place}: {message}")
             }
-            ErrorKind::Io(_) => write!(f, "cannot read {}", self.field),
+            (ErrorKind::Io(_), _) => write!(f, "cannot read {field}"),
         }
     }
 }
@@ -404,8 +436,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
-            ErrorKind::Invalid(_) => None,
-            ErrorKind::Parse(_, e) => Some(&**e),
+            ErrorKind::Invalid(_) | ErrorKind::Parse(_) => None,
             ErrorKind::Io(e) => Some(e),
         }
     }
@@ -415,8 +446,8 @@ impl Config {
     /// Checks what serde cannot: at least one group, unique group names,
     /// non-empty groups, unique backends within a group, a primary that is
     /// a member (and present for active-passive groups), no primary or
-    /// failback settings in a normal group, non-zero thresholds and
-    /// intervals.
+    /// failback settings in a normal group, non-zero thresholds, and health
+    /// check intervals and timeouts of at least 1 ms.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.failover_groups.is_empty() {
             return Err(ConfigError::invalid(
@@ -538,16 +569,18 @@ impl Config {
                 }
             }
             if let Some(hc) = &group.health_check {
-                if hc.interval.is_zero() {
+                // The checker's finest step: a shorter value would be
+                // raised to it, and the file would say what does not run.
+                if hc.interval < crate::time::SHORTEST {
                     return Err(ConfigError::invalid(
                         at("health_check.interval"),
-                        "must be greater than 0",
+                        "must be at least 1ms",
                     ));
                 }
-                if hc.timeout.is_zero() {
+                if hc.timeout < crate::time::SHORTEST {
                     return Err(ConfigError::invalid(
                         at("health_check.timeout"),
-                        "must be greater than 0",
+                        "must be at least 1ms",
                     ));
                 }
                 if hc.healthy_threshold == 0 {
@@ -588,10 +621,7 @@ impl Config {
                 }
                 None => (String::new(), e.to_string()),
             };
-            ConfigError {
-                field,
-                kind: ErrorKind::Parse(message, e.into()),
-            }
+            ConfigError::parse(field, message)
         })?;
         config.validate()?;
         Ok(config)
@@ -615,38 +645,32 @@ impl Config {
                     format!("line {line} column {column}")
                 })
                 .unwrap_or_default();
-            let message = e.message().trim_end().to_owned();
-            ConfigError {
-                field,
-                kind: ErrorKind::Parse(message, e.into()),
-            }
+            ConfigError::parse(field, e.message().trim_end().to_owned())
         })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Reads, parses and validates a file: TOML when its name ends in
-    /// `.toml`, YAML otherwise. It reads synchronously: call it at
+    /// `.toml` (in any case), YAML otherwise. It reads synchronously: call it at
     /// start-up, or inside `spawn_blocking`.
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
             field: path.display().to_string(),
             kind: ErrorKind::Io(e),
         })?;
-        let parsed = if path.extension().is_some_and(|e| e == "toml") {
+        let parsed = if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+        {
             Config::from_toml(&text)
         } else {
             Config::from_yaml(&text)
         };
         parsed.map_err(|mut e| {
-            if e.is_parse() {
-                e.field = if e.field.is_empty() {
-                    path.display().to_string()
-                } else {
-                    format!("{} {}", path.display(), e.field)
-                };
-            }
+            e.file = Some(path.to_owned());
             e
         })
     }
