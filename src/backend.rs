@@ -502,7 +502,9 @@ impl BackendState {
         self.in_flight.load(Ordering::Relaxed) < self.max_in_flight.load(Ordering::Relaxed)
     }
 
-    /// Failures observed in a row since the last success.
+    /// Failures observed in a row since the last success. The health
+    /// layer leaves out those it sees while the backend is ejected: they
+    /// do not count towards its next ejection.
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
@@ -522,7 +524,7 @@ impl BackendState {
 
     /// Records a failure; returns the new count of consecutive failures.
     pub fn record_failure(&self) -> u32 {
-        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.count_failure();
         // Saturating: a backend failing for ever (ejection refused by the
         // cap, or panic routing) must not wrap to 0.
         let before = self
@@ -532,6 +534,12 @@ impl BackendState {
             })
             .unwrap_or_else(|n| n);
         before.saturating_add(1)
+    }
+
+    /// Counts a failure in [`failures`](Self::failures) alone, not among
+    /// the consecutive ones.
+    pub(crate) fn count_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a success: the consecutive failure count starts again at 0.

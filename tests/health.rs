@@ -397,10 +397,14 @@ async fn failures_during_an_ejection_do_not_count_towards_the_next() {
         }
         assert!(state.is_ejected());
         // Requests in flight when it was ejected, or sent by panic
-        // routing, fail meanwhile.
+        // routing, fail meanwhile: counted, but not in a row, so that no
+        // request seeing the ejection's end can find them there.
+        let failures = state.failures();
         for _ in 0..5 {
             send(svc, "a", state).await;
         }
+        assert_eq!(state.failures(), failures + 5);
+        assert_eq!(state.consecutive_failures(), 0);
     }
 
     // The ejection runs out: one failure after it is not enough.

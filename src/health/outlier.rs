@@ -299,8 +299,17 @@ impl<C> Watch<C> {
             state.record_success();
             return;
         }
+        if state.is_ejected() {
+            // In flight when it was ejected, or sent by panic routing: not
+            // towards its next ejection. Were it counted and reset at the
+            // ejection's end, a failure seen at that moment by another
+            // request than the one resetting could come first, and eject
+            // the backend again on its own.
+            state.count_failure();
+            return;
+        }
         let failures = state.record_failure();
-        if failures < self.config.consecutive_failures || state.is_ejected() {
+        if failures < self.config.consecutive_failures {
             return;
         }
         self.eject(target, "consecutive failures", failures);
