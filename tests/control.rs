@@ -648,6 +648,30 @@ async fn removing_a_group_unregisters_it_and_lets_drains_under_way_end() {
     assert_eq!(handle.group_names().len(), 2);
 }
 
+/// A backend removed from the last group the handle knows is still
+/// drained to its deadline in a group removed from the handle earlier,
+/// whose balancer still serves it.
+#[tokio::test(start_paused = true)]
+async fn a_drain_reaches_its_deadline_in_an_unregistered_group_after_the_backend_leaves_the_others()
+{
+    let web = pool_of(&["w1", "shared"]);
+    let api = pool_of(&["a1", "shared"]);
+    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(10)));
+    let web_balance = Balance::new(web.clone(), tower_ha::balance::RoundRobin::new());
+    handle.add_group("web", &web_balance).unwrap();
+    let api_balance = Balance::new(api.clone(), tower_ha::balance::RoundRobin::new());
+    handle.add_group("api", &api_balance).unwrap();
+    handle.drain(&"shared".into()).unwrap();
+    handle.remove_group("api").unwrap();
+    handle.remove_backend("web", &"shared".into()).unwrap();
+
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        api.state(&"shared".into()).unwrap().admin(),
+        AdminStatus::Disabled
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn handle_actions_are_events_and_bad_names_are_errors() {
     use tower_ha::control::ControlError;

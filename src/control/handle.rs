@@ -713,7 +713,9 @@ impl Handle {
     /// Removes backend `id` from group `group`; requests in flight finish.
     pub fn remove_backend(&self, group: &str, id: &BackendId) -> Result<(), ControlError> {
         let g = self.group(group)?;
-        let mut drains = self.inner.drains.lock();
+        // Under the lock actions take: the removal and its event come in
+        // one order with theirs.
+        let _actions = self.inner.drains.lock();
         if !g.pool.remove(id) {
             return Err(ControlError::NotInGroup {
                 group: group.to_owned(),
@@ -725,19 +727,15 @@ impl Handle {
             backend: id.clone(),
             reason: "operator".into(),
         };
-        // Gone from every group, its pending drain deadline does nothing
-        // now, and its last change is forgotten. In a group that still
-        // holds it, both stand.
-        let ended = if self.states(id).is_err() {
+        // Gone from every group, its last change is forgotten; in a group
+        // that still holds it, it stands. A drain under way goes on to its
+        // deadline either way: a group removed from the handle may still
+        // hold and serve the backend, and the deadline leaves alone a
+        // state that is not draining (one added again since).
+        if self.states(id).is_err() {
             self.inner.events.emit(event);
-            drains.remove(id)
         } else {
             self.inner.events.emit_still_held(event);
-            None
-        };
-        drop(drains);
-        if let Some(ended) = ended {
-            ended.end();
         }
         Ok(())
     }
