@@ -1022,6 +1022,27 @@ async fn a_group_emitting_into_another_stream_is_refused() {
         .unwrap();
 }
 
+/// A `Priority`'s events carry its own name: registered under another,
+/// its group's events would name a group the handle does not know.
+#[tokio::test]
+async fn a_group_registered_under_another_name_than_its_priority_is_refused() {
+    let handle = Handle::new(Events::default());
+    let balance = Balance::new(pool_of(&["a", "b"]), Priority::new("db", ["a", "b"]));
+    assert_eq!(
+        handle.add_group("api", &balance),
+        Err(ControlError::GroupName {
+            group: "api".into(),
+            priority: "db".into()
+        })
+    );
+    assert!(handle.group_names().is_empty());
+    handle.add_group("db", &balance).unwrap();
+    assert_eq!(
+        handle.group_names(),
+        ["db".into()] as [std::sync::Arc<str>; 1]
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_primary_that_joins_after_its_backups_takes_over_without_a_failover() {
     let events = Events::default();

@@ -83,6 +83,15 @@ pub enum ControlError {
     /// stream than the handle's, so the handle would never see them.
     #[error("group `{0}` emits its primary changes into another event stream")]
     OtherEventStream(String),
+    /// The group's [`Priority`] has another name, which its events carry:
+    /// they would name a group the handle does not know.
+    #[error("group `{group}` is served by the Priority of group `{priority}`; register it under that name")]
+    GroupName {
+        /// The name the group was to be registered under.
+        group: String,
+        /// The [`Priority`]'s name.
+        priority: String,
+    },
 }
 
 /// What the handle needs of a pool, whatever its service type.
@@ -350,7 +359,9 @@ impl Handle {
     /// Registers the group `name`, served by `balance`. A [`Priority`]
     /// strategy makes it active-passive, and its primary switches are
     /// emitted into this handle's events; a `Priority` given another event
-    /// stream already is refused ([`ControlError::OtherEventStream`]).
+    /// stream already is refused ([`ControlError::OtherEventStream`]), and
+    /// so is one of another name ([`ControlError::GroupName`]: its events
+    /// carry its own).
     pub fn add_group<S, P>(
         &self,
         name: impl Into<Arc<str>>,
@@ -369,7 +380,8 @@ impl Handle {
     }
 
     /// Registers the group `name` over `pool`, active-passive when
-    /// `priority` is given.
+    /// `priority` is given (of the same name, as for
+    /// [`add_group`](Self::add_group)).
     pub fn add_pool<S>(
         &self,
         name: impl Into<Arc<str>>,
@@ -385,6 +397,12 @@ impl Handle {
             return Err(ControlError::DuplicateGroup(name.to_string()));
         }
         if let Some(p) = &priority {
+            if *p.name() != name {
+                return Err(ControlError::GroupName {
+                    group: name.to_string(),
+                    priority: p.name().to_string(),
+                });
+            }
             if !p.attach_events(&self.inner.events) {
                 return Err(ControlError::OtherEventStream(name.to_string()));
             }
