@@ -207,6 +207,9 @@ pub struct BackendState {
     requests: AtomicU64,
     failures: AtomicU64,
     ejections: AtomicU32,
+    /// Times the backend stopped being available: its status left
+    /// enabled-and-healthy, or an ejection began.
+    interruptions: AtomicU32,
     /// Nanoseconds after `epoch` until which the backend is ejected; 0 when
     /// it is not ejected.
     ejected_until: AtomicU64,
@@ -244,6 +247,7 @@ impl BackendState {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            interruptions: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             weight: AtomicU32::new(weight.max(1)),
             weight_permille: AtomicU32::new(1000),
@@ -327,7 +331,18 @@ impl BackendState {
                 Some((s & !mask) | (bits << shift))
             })
             .unwrap_or_else(|s| s);
+        if prev == 0 && bits != 0 {
+            self.interruptions.fetch_add(1, Ordering::AcqRel);
+        }
         (prev >> shift) & NIBBLE
+    }
+
+    /// How many times the backend has stopped being available (its
+    /// status left enabled and healthy, or an ejection began): a count
+    /// that changed between two looks says it was out meanwhile, however
+    /// briefly.
+    pub(crate) fn interruptions(&self) -> u32 {
+        self.interruptions.load(Ordering::Acquire)
     }
 
     /// Requests sent to this backend whose responses have not completed.
@@ -559,6 +574,7 @@ impl BackendState {
         let nanos = self.nanos_since_epoch(until).max(1);
         self.ejected_until.store(nanos, Ordering::Release);
         self.ejections.fetch_add(1, Ordering::AcqRel);
+        self.interruptions.fetch_add(1, Ordering::AcqRel);
         // Those waiting for a place may have no backend left to wait for.
         self.wake_waiting();
     }

@@ -321,6 +321,55 @@ async fn with_auto_the_primary_returns_only_after_a_whole_stable_interval() {
     assert_eq!(group.failovers(), 1);
 }
 
+/// A flap between two picks (unhealthy and healthy again, disabled and
+/// enabled, or ejected for a moment) starts the clock again too: the
+/// primary was not available without interruption.
+#[tokio::test(start_paused = true)]
+async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
+    type Flap = fn(&tower_ha::BackendState);
+    let flaps: [(&str, Flap); 3] = [
+        ("unhealthy", |a| {
+            a.set_health(HealthStatus::Unhealthy);
+            a.set_health(HealthStatus::Healthy);
+        }),
+        ("disabled", |a| {
+            a.set_admin(AdminStatus::Disabled);
+            a.set_admin(AdminStatus::Enabled);
+        }),
+        ("ejected", |a| {
+            a.eject_until(tokio::time::Instant::now() + Duration::from_secs(1));
+        }),
+    ];
+    for (how, flap) in flaps {
+        let pool = pool_of(&["a", "b"]);
+        let group = Priority::new("g", ["a", "b"]).failback(Failback::Auto {
+            after_stable_for: Duration::from_secs(10),
+        });
+        let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
+        set_health(&pool, "a", HealthStatus::Unhealthy);
+        assert_eq!(serve(&balance).await, "b");
+        set_health(&pool, "a", HealthStatus::Healthy);
+        assert_eq!(serve(&balance).await, "b", "{how}: a available since t0");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        flap(&pool.state(&"a".into()).unwrap());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // Seen again at t0 + 6 s: the clock starts now, not at t0.
+        assert_eq!(serve(&balance).await, "b", "{how}");
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(
+            serve(&balance).await,
+            "b",
+            "{how}: 15 s after t0, 9 s after the flap"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            serve(&balance).await,
+            "a",
+            "{how}: 10 s after the flap was seen"
+        );
+    }
+}
+
 /// With `after_stable_for` and `min_dwell`, a primary that failed over to
 /// the backup is still not back a day after it recovered.
 async fn no_failback_within_a_day(after_stable_for: Duration, min_dwell: Duration) {

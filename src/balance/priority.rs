@@ -59,8 +59,8 @@ struct State {
     current_seen: bool,
     last_switch: Option<Instant>,
     /// Since when the configured primary has been available, as seen by
-    /// picks.
-    primary_available_since: Option<Instant>,
+    /// picks, and its count of interruptions then.
+    primary_available_since: Option<(Instant, u32)>,
     failovers: u64,
     last_failover: Option<Instant>,
 }
@@ -465,12 +465,16 @@ impl Priority {
         let mut now = None;
         let mut now = || *now.get_or_insert_with(Instant::now);
 
-        // Track the configured primary's uninterrupted availability.
+        // Track the configured primary's uninterrupted availability, out
+        // of sight between picks too: an interruption counted since the
+        // last pick starts the clock again.
         if let Failback::Auto { .. } = self.shared.failback {
             match table.primary.filter(|&i| available(i)) {
-                Some(_) => {
-                    if state.primary_available_since.is_none() {
-                        state.primary_available_since = Some(now());
+                Some(i) => {
+                    let interruptions = members[i].state().interruptions();
+                    match state.primary_available_since {
+                        Some((_, seen)) if seen == interruptions => {}
+                        _ => state.primary_available_since = Some((now(), interruptions)),
                     }
                 }
                 None => state.primary_available_since = None,
@@ -528,7 +532,7 @@ impl Priority {
             return (Some(cur), None);
         }
         if let Failback::Auto { after_stable_for } = self.shared.failback {
-            if let (Some(p), Some(since)) = (table.primary, state.primary_available_since) {
+            if let (Some(p), Some((since, _))) = (table.primary, state.primary_available_since) {
                 // The clock is read only while a failback is pending.
                 if p != cur
                     && crate::time::elapsed(since, now(), after_stable_for)
