@@ -318,10 +318,11 @@ async fn a_place_opened_by_a_change_goes_to_the_oldest_waiter_whoever_polls_firs
 }
 
 /// An ejection that runs out is no event anyone sends: the waiting
-/// requests that may use its backend pick again at its end, in the order
-/// they came, rather than wait out their timeout.
+/// requests that may use its backend get its places at its end, in the
+/// order they came, whichever runs first, rather than wait out their
+/// timeout.
 #[tokio::test(start_paused = true)]
-async fn waiting_requests_take_a_backend_whose_ejection_runs_out() {
+async fn waiting_requests_take_a_backend_whose_ejection_runs_out_in_order() {
     let seen = Seen::default();
     let (pool, _held) = full_pool(&["a"], &seen);
     pool.insert("b", recording("b", seen.clone()));
@@ -329,24 +330,39 @@ async fn waiting_requests_take_a_backend_whose_ejection_runs_out() {
     b.set_max_in_flight(Some(1));
     let start = tokio::time::Instant::now();
     b.eject_until(start + Duration::from_secs(2));
-    let balance = Balance::new(pool.clone(), RoundRobin::new())
+    let mut balance = Balance::new(pool.clone(), RoundRobin::new())
         .panic_threshold(0.0)
         .queue(10, Duration::from_secs(5));
-    let older = send(&balance, "older");
-    settle().await;
-    let newer = send(&balance, "newer");
-    settle().await;
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut older = pin!(balance.call(request("older")));
+    assert!(older.as_mut().poll(&mut cx).is_pending());
+    let mut newer = pin!(balance.call(request("newer")));
+    assert!(newer.as_mut().poll(&mut cx).is_pending());
     assert_eq!(balance.waiting(), 2);
 
-    tokio::time::sleep_until(start + Duration::from_millis(1999)).await;
-    settle().await;
+    tokio::time::advance(Duration::from_millis(1999)).await;
+    assert!(newer.as_mut().poll(&mut cx).is_pending());
+    assert!(older.as_mut().poll(&mut cx).is_pending());
     assert!(seen.lock().unwrap().is_empty(), "still ejected");
-    tokio::time::sleep_until(start + Duration::from_secs(2)).await;
-    settle().await;
-    assert_eq!(*seen.lock().unwrap(), ["older", "newer"]);
-    assert_eq!(served_by(&older.await.unwrap()), "b");
-    assert_eq!(served_by(&newer.await.unwrap()), "b");
+
+    tokio::time::advance(Duration::from_millis(1)).await;
+    // The newer request runs first, as a scheduler may run it.
+    assert!(
+        newer.as_mut().poll(&mut cx).is_pending(),
+        "the newer request took the place"
+    );
+    let Poll::Ready(answer) = older.as_mut().poll(&mut cx) else {
+        panic!("the older request did not get the place");
+    };
+    assert_eq!(served_by(&answer), "b");
+    assert_eq!(*seen.lock().unwrap(), ["older"]);
+    // Its end hands the place on.
+    let Poll::Ready(answer) = newer.as_mut().poll(&mut cx) else {
+        panic!("the newer request did not get the place the older one left");
+    };
+    assert_eq!(served_by(&answer), "b");
     assert_eq!(balance.waiting(), 0);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
 }
 
 /// One way to take a backend out of service.

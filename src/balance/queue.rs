@@ -11,7 +11,8 @@
 //! queue's lock, and then wake the others to pick again (a change may also
 //! put the pool in panic, which lets them use other backends). An ejection
 //! that runs out changes nothing anyone sees, so each waiter that could use
-//! an ejected backend sets a timer for the ejection's end and picks again.
+//! an ejected backend sets a timer for the ejection's end, which then does
+//! what such a change does.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -451,8 +452,9 @@ pub(crate) struct Wait<S, Req> {
     ticket: Ticket,
     deadline: Instant,
     /// The earliest end of an ejection that keeps the request off a
-    /// backend it may use otherwise, as of its last pick.
-    ejection_ends: Option<Instant>,
+    /// backend it may use otherwise, as of its last pick, and that
+    /// backend's state.
+    ejection_ends: Option<(Instant, Arc<BackendState>)>,
     /// Until the deadline or the end of that ejection, the earlier.
     sleep: Option<Pin<Box<Sleep>>>,
 }
@@ -484,12 +486,8 @@ impl<S, Req> Wait<S, Req> {
         cx: &mut Context<'_>,
         request: &mut Req,
     ) -> Poll<Result<Placed<S>, NoBackend>> {
-        let mut ejection_over = false;
         loop {
-            let turn = match (self.ticket.turn(cx), std::mem::take(&mut ejection_over)) {
-                (Turn::Wait, true) => Turn::Recheck,
-                (turn, _) => turn,
-            };
+            let turn = self.ticket.turn(cx);
             // After the turn: a backend that joined before the wake-up is in it.
             let snapshot = self.pool.snapshot();
             let members = snapshot.members();
@@ -524,9 +522,12 @@ impl<S, Req> Wait<S, Req> {
                     self.ejection_ends = None;
                     for (i, member) in members.iter().enumerate() {
                         if !self.ticket.may_use(member) {
-                            if let Some(at) = self.ticket.usable_at(member) {
-                                self.ejection_ends =
-                                    Some(self.ejection_ends.map_or(at, |e| e.min(at)));
+                            match (self.ticket.usable_at(member), &self.ejection_ends) {
+                                (Some(at), Some((earliest, _))) if at >= *earliest => {}
+                                (Some(at), _) => {
+                                    self.ejection_ends = Some((at, member.state().clone()));
+                                }
+                                (None, _) => {}
                             }
                             continue;
                         }
@@ -543,7 +544,10 @@ impl<S, Req> Wait<S, Req> {
                 Turn::Wait => {}
             }
             let deadline = self.deadline;
-            let until = self.ejection_ends.map_or(deadline, |at| at.min(deadline));
+            let until = self
+                .ejection_ends
+                .as_ref()
+                .map_or(deadline, |(at, _)| (*at).min(deadline));
             let sleep = self
                 .sleep
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
@@ -552,9 +556,12 @@ impl<S, Req> Wait<S, Req> {
             }
             match sleep.as_mut().poll(cx) {
                 Poll::Ready(()) if until < deadline => {
-                    // The ejection is over: pick again.
-                    self.ejection_ends = None;
-                    ejection_over = true;
+                    // The ejection is over: its backend's free places go to
+                    // the waiters in the order they came, as on any change,
+                    // and every waiter picks again.
+                    if let Some((_, state)) = self.ejection_ends.take() {
+                        self.ticket.room.wake_all(Some(&state));
+                    }
                 }
                 Poll::Ready(()) => return Poll::Ready(Err(NoBackend::queue_timeout())),
                 Poll::Pending => return Poll::Pending,

@@ -191,9 +191,9 @@ impl<S, P: Strategy> Balance<S, P> {
     /// service or a backend joining the pool hands the places it opens to
     /// the waiting requests that may use them, in the same order, and then
     /// lets every other waiting request pick again (the change may have
-    /// put the pool in panic). An ejection that runs out while no request
-    /// reaches its backend is no such change: the waiting requests that may
-    /// use that backend pick again at its end. A request whose every backend becomes
+    /// put the pool in panic). An ejection that runs out does the same at
+    /// its end, on a timer of the waiting requests that may use its
+    /// backend. A request whose every backend becomes
     /// unavailable stops waiting and fails with `NoBackend`. A waiting
     /// request goes to whichever backend a place opens up on, whatever the
     /// strategy would have preferred (under a limit, every backend it may
