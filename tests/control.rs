@@ -1598,17 +1598,29 @@ mod actions_and_membership {
         handle
             .add_group("g", &Balance::new(pool.clone(), RoundRobin::new()))
             .unwrap();
+        let other = pool_of(&["c"]);
+        handle
+            .add_group("h", &Balance::new(other.clone(), RoundRobin::new()))
+            .unwrap();
         handle.drain(&"a".into()).unwrap();
-        let gone = futures::stream::iter([Ok::<_, Infallible>(Change::Remove("a"))]);
-        pool.discover(gone).await.unwrap();
-        assert!(!pool.contains(&"a".into()));
+        // Added to the other group while it drains (with that status),
+        // then dropped there too.
+        handle.add_backend("h", "a", backend("a")).unwrap();
+        for pool in [&pool, &other] {
+            let gone = futures::stream::iter([Ok::<_, Infallible>(Change::Remove("a"))]);
+            pool.discover(gone).await.unwrap();
+            assert!(!pool.contains(&"a".into()));
+        }
         tokio::time::sleep(Duration::from_secs(11)).await;
-        let back = futures::stream::iter([Ok::<_, Infallible>(Change::Insert("a", backend("a")))]);
-        pool.discover(back).await.unwrap();
-        assert_eq!(
-            pool.state(&"a".into()).unwrap().admin(),
-            AdminStatus::Disabled
-        );
+        for pool in [&pool, &other] {
+            let back =
+                futures::stream::iter([Ok::<_, Infallible>(Change::Insert("a", backend("a")))]);
+            pool.discover(back).await.unwrap();
+            assert_eq!(
+                pool.state(&"a".into()).unwrap().admin(),
+                AdminStatus::Disabled
+            );
+        }
         assert_eq!(
             admin_changes(handle.events()),
             [

@@ -558,16 +558,15 @@ impl Handle {
                 }
                 drains.remove(&id);
                 // The states it drained (in a group unregistered since,
-                // say), and those the groups hold now (added since, with
-                // its status): only a change of the latter, or of one a
-                // group's pool keeps for the backend's return, is the
-                // event's.
-                let live = live_states(&inner, &id);
-                let kept = held_states(&inner, &id, |pool, id| pool.kept_state(id));
-                for state in states.iter().chain(&live) {
+                // say), those the groups hold now (added since, with its
+                // status) and those their pools keep for the backend's
+                // return: only a change of the latter two is the event's.
+                let mut held = live_states(&inner, &id);
+                held.extend(held_states(&inner, &id, |pool, id| pool.kept_state(id)));
+                for state in states.iter().chain(&held) {
                     if state.admin() == AdminStatus::Draining {
                         state.set_admin(AdminStatus::Disabled);
-                        changed |= live.iter().chain(&kept).any(|l| Arc::ptr_eq(l, state));
+                        changed |= held.iter().any(|h| Arc::ptr_eq(h, state));
                     }
                 }
                 if changed {
