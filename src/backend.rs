@@ -332,7 +332,7 @@ impl BackendState {
             })
             .unwrap_or_else(|s| s);
         if prev == 0 && bits != 0 {
-            self.interruptions.fetch_add(1, Ordering::AcqRel);
+            self.interruptions.fetch_add(1, Ordering::Relaxed);
         }
         (prev >> shift) & NIBBLE
     }
@@ -342,7 +342,7 @@ impl BackendState {
     /// that changed between two looks says it was out meanwhile, however
     /// briefly.
     pub(crate) fn interruptions(&self) -> u32 {
-        self.interruptions.load(Ordering::Acquire)
+        self.interruptions.load(Ordering::Relaxed)
     }
 
     /// Requests sent to this backend whose responses have not completed.
@@ -574,7 +574,7 @@ impl BackendState {
         let nanos = self.nanos_since_epoch(until).max(1);
         self.ejected_until.store(nanos, Ordering::Release);
         self.ejections.fetch_add(1, Ordering::AcqRel);
-        self.interruptions.fetch_add(1, Ordering::AcqRel);
+        self.interruptions.fetch_add(1, Ordering::Relaxed);
         // Those waiting for a place may have no backend left to wait for.
         self.wake_waiting();
     }
@@ -629,8 +629,9 @@ impl BackendState {
     }
 
     /// Clears an ejection that ran out by itself; returns whether this call
-    /// cleared it (see [`uneject`](Self::uneject)). Like `uneject`, it
-    /// starts the count of consecutive failures again when it does.
+    /// cleared it (see [`uneject`](Self::uneject)). The count of
+    /// consecutive failures it leaves alone: the health layer counts none
+    /// during an ejection, so what it holds now came after its end.
     pub(crate) fn take_expired_ejection(&self) -> bool {
         let now = self.nanos_since_epoch(Instant::now());
         let current = self.ejected_until.load(Ordering::Acquire);
@@ -641,7 +642,6 @@ impl BackendState {
                 .compare_exchange(current, 0, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok();
         if taken {
-            self.consecutive_failures.store(0, Ordering::Release);
             self.wake_waiting();
         }
         taken
@@ -783,6 +783,19 @@ mod tests {
         assert!(s.is_available());
         assert_eq!(s.ejected_until(), None);
         assert_eq!(s.ejections(), 1);
+    }
+
+    /// Failures recorded once an ejection is over, before the request
+    /// that clears it runs, are failures in a row since its end: they stay.
+    #[tokio::test(start_paused = true)]
+    async fn clearing_an_ejection_that_ran_out_keeps_the_failures_since() {
+        let s = BackendState::new(1);
+        s.eject_until(Instant::now() + Duration::from_secs(30));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(s.record_failure(), 1);
+        assert!(s.take_expired_ejection());
+        assert!(!s.take_expired_ejection(), "cleared once");
+        assert_eq!(s.consecutive_failures(), 1);
     }
 
     #[test]

@@ -304,7 +304,8 @@ impl<C> Watch<C> {
             // towards its next ejection. Were it counted and reset at the
             // ejection's end, a failure seen at that moment by another
             // request than the one resetting could come first, and eject
-            // the backend again on its own.
+            // the backend again on its own; the count starts at 0 at the
+            // ejection (see `eject`) and stays there until it ends.
             state.count_failure();
             return;
         }
