@@ -326,18 +326,24 @@ async fn with_auto_the_primary_returns_only_after_a_whole_stable_interval() {
 /// primary was not available without interruption.
 #[tokio::test(start_paused = true)]
 async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
-    type Flap = fn(&tower_ha::BackendState);
-    let flaps: [(&str, Flap); 3] = [
-        ("unhealthy", |a| {
-            a.set_health(HealthStatus::Unhealthy);
-            a.set_health(HealthStatus::Healthy);
+    type Flap = fn(&Pool<Svc>);
+    let flaps: [(&str, Flap); 4] = [
+        ("unhealthy", |pool| {
+            set_health(pool, "a", HealthStatus::Unhealthy);
+            set_health(pool, "a", HealthStatus::Healthy);
         }),
-        ("disabled", |a| {
+        ("disabled", |pool| {
+            let a = pool.state(&"a".into()).unwrap();
             a.set_admin(AdminStatus::Disabled);
             a.set_admin(AdminStatus::Enabled);
         }),
-        ("ejected", |a| {
+        ("ejected", |pool| {
+            let a = pool.state(&"a".into()).unwrap();
             a.eject_until(tokio::time::Instant::now() + Duration::from_secs(1));
+        }),
+        ("removed and added again", |pool| {
+            pool.remove(&"a".into());
+            pool.insert("a", named("a", Duration::ZERO));
         }),
     ];
     for (how, flap) in flaps {
@@ -351,7 +357,7 @@ async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
         set_health(&pool, "a", HealthStatus::Healthy);
         assert_eq!(serve(&balance).await, "b", "{how}: a available since t0");
         tokio::time::advance(Duration::from_secs(5)).await;
-        flap(&pool.state(&"a".into()).unwrap());
+        flap(&pool);
         tokio::time::advance(Duration::from_secs(1)).await;
         // Seen again at t0 + 6 s: the clock starts now, not at t0.
         assert_eq!(serve(&balance).await, "b", "{how}");
@@ -368,6 +374,38 @@ async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
             "{how}: 10 s after the flap was seen"
         );
     }
+}
+
+/// A primary replaced by a new state between two picks (removed and added
+/// again) was out meanwhile, even when the new state counts as many
+/// interruptions as the old one (none).
+#[tokio::test(start_paused = true)]
+async fn with_auto_a_primary_replaced_between_picks_starts_the_clock_again() {
+    let pool = pool_of(&["a", "b"]);
+    let group = Priority::new("g", ["a", "b"]).failback(Failback::Auto {
+        after_stable_for: Duration::from_secs(10),
+    });
+    let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
+    set_health(&pool, "a", HealthStatus::Unhealthy);
+    assert_eq!(serve(&balance).await, "b");
+    // A new state of a at t0, never interrupted: a backup until it fails
+    // back.
+    pool.remove(&"a".into());
+    pool.insert("a", named("a", Duration::ZERO));
+    assert_eq!(serve(&balance).await, "b");
+    tokio::time::advance(Duration::from_secs(5)).await;
+    pool.remove(&"a".into());
+    pool.insert("a", named("a", Duration::ZERO));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(serve(&balance).await, "b");
+    tokio::time::advance(Duration::from_secs(9)).await;
+    assert_eq!(
+        serve(&balance).await,
+        "b",
+        "9 s after the new state was seen"
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(serve(&balance).await, "a");
 }
 
 /// With `after_stable_for` and `min_dwell`, a primary that failed over to

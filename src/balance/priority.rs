@@ -38,6 +38,10 @@ pub enum Failback {
     },
 }
 
+/// A backend's state (its serial) and its count of interruptions: another
+/// value later means it was out meanwhile.
+type Seen = (u64, u32);
+
 /// The group's state, shared by every clone of a [`Priority`].
 #[derive(Debug)]
 struct State {
@@ -59,8 +63,9 @@ struct State {
     current_seen: bool,
     last_switch: Option<Instant>,
     /// Since when the configured primary has been available, as seen by
-    /// picks, and its count of interruptions then.
-    primary_available_since: Option<(Instant, u32)>,
+    /// picks, and which of its states it was, with its count of
+    /// interruptions then.
+    primary_available_since: Option<(Instant, Seen)>,
     failovers: u64,
     last_failover: Option<Instant>,
 }
@@ -467,14 +472,16 @@ impl Priority {
 
         // Track the configured primary's uninterrupted availability, out
         // of sight between picks too: an interruption counted since the
-        // last pick starts the clock again.
+        // last pick, or a new state (removed and added again), starts the
+        // clock again.
         if let Failback::Auto { .. } = self.shared.failback {
             match table.primary.filter(|&i| available(i)) {
                 Some(i) => {
-                    let interruptions = members[i].state().interruptions();
+                    let primary = members[i].state();
+                    let seen = (primary.serial(), primary.interruptions());
                     match state.primary_available_since {
-                        Some((_, seen)) if seen == interruptions => {}
-                        _ => state.primary_available_since = Some((now(), interruptions)),
+                        Some((_, then)) if then == seen => {}
+                        _ => state.primary_available_since = Some((now(), seen)),
                     }
                 }
                 None => state.primary_available_since = None,
