@@ -550,16 +550,16 @@ async fn a_groups_health_check_settings_drive_the_checker() {
 #[test]
 fn a_configuration_survives_a_write_and_a_read() {
     let config = Config::from_yaml(
-        "failover_groups:\n  - name: app\n    mode: active-passive\n    backends: [a, b]\n    primary: a\n    failback: auto\n    failback_after: 1m30s\n    min_dwell: 250ns\n    health_check: {interval: 1000250ns, timeout: 1500us}\n    failover: {per_try_timeout: 2h, deadline: 1d}\n",
+        "failover_groups:\n  - name: app\n    mode: active-passive\n    backends: [a, b]\n    primary: a\n    failback: auto\n    failback_after: 2h\n    min_dwell: 1.5s\n    health_check: {interval: 1000250ns, timeout: 1500us}\n    failover: {per_try_timeout: 250ns, deadline: 1d}\n",
     )
     .unwrap();
     let json = serde_json::to_value(&config).unwrap();
     let group = &json["failover_groups"][0];
     assert_eq!(group["health_check"]["interval"], "1000250ns");
     assert_eq!(group["health_check"]["timeout"], "1500us");
-    assert_eq!(group["failback_after"], "90s");
-    assert_eq!(group["min_dwell"], "250ns");
-    assert_eq!(group["failover"]["per_try_timeout"], "2h");
+    assert_eq!(group["failback_after"], "2h");
+    assert_eq!(group["min_dwell"], "1500ms");
+    assert_eq!(group["failover"]["per_try_timeout"], "250ns");
     assert_eq!(group["failover"]["deadline"], "1d");
     let again = Config::from_yaml(&json.to_string()).unwrap();
     assert_eq!(again, config);
