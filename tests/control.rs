@@ -322,31 +322,35 @@ async fn with_auto_the_primary_returns_only_after_a_whole_stable_interval() {
 }
 
 /// A flap between two picks (unhealthy and healthy again, disabled and
-/// enabled, or ejected for a moment) starts the clock again too: the
-/// primary was not available without interruption.
+/// enabled, ejected for a moment, or removed and added again) starts the
+/// clock again too: the primary was not available without interruption.
 #[tokio::test(start_paused = true)]
 async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
-    type Flap = fn(&Pool<Svc>);
-    let flaps: [(&str, Flap); 4] = [
-        ("unhealthy", |pool| {
+    type Change = fn(&Pool<Svc>);
+    let healthy: Change = |pool| set_health(pool, "a", HealthStatus::Healthy);
+    let replaced: Change = |pool| {
+        pool.remove(&"a".into());
+        pool.insert("a", named("a", Duration::ZERO));
+    };
+    // How a recovers at t0, and how it flaps at t0 + 5 s.
+    let flaps: [(&str, Change, Change); 4] = [
+        ("unhealthy", healthy, |pool| {
             set_health(pool, "a", HealthStatus::Unhealthy);
             set_health(pool, "a", HealthStatus::Healthy);
         }),
-        ("disabled", |pool| {
+        ("disabled", healthy, |pool| {
             let a = pool.state(&"a".into()).unwrap();
             a.set_admin(AdminStatus::Disabled);
             a.set_admin(AdminStatus::Enabled);
         }),
-        ("ejected", |pool| {
+        ("ejected", healthy, |pool| {
             let a = pool.state(&"a".into()).unwrap();
             a.eject_until(tokio::time::Instant::now() + Duration::from_secs(1));
         }),
-        ("removed and added again", |pool| {
-            pool.remove(&"a".into());
-            pool.insert("a", named("a", Duration::ZERO));
-        }),
+        // Both states new, never interrupted: they count alike.
+        ("removed and added again", replaced, replaced),
     ];
-    for (how, flap) in flaps {
+    for (how, recover, flap) in flaps {
         let pool = pool_of(&["a", "b"]);
         let group = Priority::new("g", ["a", "b"]).failback(Failback::Auto {
             after_stable_for: Duration::from_secs(10),
@@ -354,7 +358,7 @@ async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
         let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
         set_health(&pool, "a", HealthStatus::Unhealthy);
         assert_eq!(serve(&balance).await, "b");
-        set_health(&pool, "a", HealthStatus::Healthy);
+        recover(&pool);
         assert_eq!(serve(&balance).await, "b", "{how}: a available since t0");
         tokio::time::advance(Duration::from_secs(5)).await;
         flap(&pool);
@@ -374,38 +378,6 @@ async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
             "{how}: 10 s after the flap was seen"
         );
     }
-}
-
-/// A primary replaced by a new state between two picks (removed and added
-/// again) was out meanwhile, even when the new state counts as many
-/// interruptions as the old one (none).
-#[tokio::test(start_paused = true)]
-async fn with_auto_a_primary_replaced_between_picks_starts_the_clock_again() {
-    let pool = pool_of(&["a", "b"]);
-    let group = Priority::new("g", ["a", "b"]).failback(Failback::Auto {
-        after_stable_for: Duration::from_secs(10),
-    });
-    let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
-    set_health(&pool, "a", HealthStatus::Unhealthy);
-    assert_eq!(serve(&balance).await, "b");
-    // A new state of a at t0, never interrupted: a backup until it fails
-    // back.
-    pool.remove(&"a".into());
-    pool.insert("a", named("a", Duration::ZERO));
-    assert_eq!(serve(&balance).await, "b");
-    tokio::time::advance(Duration::from_secs(5)).await;
-    pool.remove(&"a".into());
-    pool.insert("a", named("a", Duration::ZERO));
-    tokio::time::advance(Duration::from_secs(1)).await;
-    assert_eq!(serve(&balance).await, "b");
-    tokio::time::advance(Duration::from_secs(9)).await;
-    assert_eq!(
-        serve(&balance).await,
-        "b",
-        "9 s after the new state was seen"
-    );
-    tokio::time::advance(Duration::from_secs(1)).await;
-    assert_eq!(serve(&balance).await, "a");
 }
 
 /// With `after_stable_for` and `min_dwell`, a primary that failed over to
@@ -1579,8 +1551,9 @@ mod actions_and_membership {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_drain_deadline_disables_the_backends_the_groups_hold_then() {
+    /// A handle with a drain deadline of 10 s over group `g` (backends `a`
+    /// and `b`) and group `h` (backend `c`); returns their pools too.
+    fn groups_g_and_h() -> (Handle, Pool<Svc>, Pool<Svc>) {
         let pool = pool_of(&["a", "b"]);
         let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(10)));
         handle
@@ -1590,6 +1563,12 @@ mod actions_and_membership {
         handle
             .add_group("h", &Balance::new(other.clone(), RoundRobin::new()))
             .unwrap();
+        (handle, pool, other)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_deadline_disables_the_backends_the_groups_hold_then() {
+        let (handle, pool, other) = groups_g_and_h();
         handle.drain(&"a".into()).unwrap();
         // Removed outside the handle and back with a new state (a checker's
         // removal, then a discovery): not the backend that was drained.
@@ -1631,15 +1610,7 @@ mod actions_and_membership {
     async fn a_drain_deadline_reports_the_disable_of_a_state_kept_for_a_return() {
         use tower::discover::Change;
 
-        let pool = pool_of(&["a", "b"]);
-        let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(10)));
-        handle
-            .add_group("g", &Balance::new(pool.clone(), RoundRobin::new()))
-            .unwrap();
-        let other = pool_of(&["c"]);
-        handle
-            .add_group("h", &Balance::new(other.clone(), RoundRobin::new()))
-            .unwrap();
+        let (handle, pool, other) = groups_g_and_h();
         handle.drain(&"a".into()).unwrap();
         // Added to the other group while it drains (with that status),
         // then dropped there too.
