@@ -522,12 +522,11 @@ impl<S, Req> Wait<S, Req> {
                     self.ejection_ends = None;
                     for (i, member) in members.iter().enumerate() {
                         if !self.ticket.may_use(member) {
-                            match (self.ticket.usable_at(member), &self.ejection_ends) {
-                                (Some(at), Some((earliest, _))) if at >= *earliest => {}
-                                (Some(at), _) => {
-                                    self.ejection_ends = Some((at, member.state().clone()));
-                                }
-                                (None, _) => {}
+                            let sooner = |at: &Instant| {
+                                self.ejection_ends.as_ref().is_none_or(|(e, _)| at < e)
+                            };
+                            if let Some(at) = self.ticket.usable_at(member).filter(sooner) {
+                                self.ejection_ends = Some((at, member.state().clone()));
                             }
                             continue;
                         }
