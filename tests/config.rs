@@ -38,11 +38,17 @@ failover_groups:
     backends: ["db1", "db2"]
 "#;
 
+/// Writes `text` to the file `name` in `dir`; returns its path.
+fn config_file(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_leba_yaml_file_loads_and_builds_working_groups() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.yaml");
-    std::fs::write(&path, LEBA).unwrap();
+    let path = config_file(&dir, "config.yaml", LEBA);
     let config = Config::load(&path).unwrap();
     assert_eq!(config.failover_groups.len(), 2);
     let app = config.group("app-servers").unwrap();
@@ -101,8 +107,7 @@ min_dwell = "10s"
 interval = "500ms"
 "#;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("groups.toml");
-    std::fs::write(&path, toml).unwrap();
+    let path = config_file(&dir, "groups.toml", toml);
     let config = Config::load(&path).unwrap();
     let group = &config.failover_groups[0];
     assert_eq!(group.failback_after, Some(Duration::from_secs(90)));
@@ -422,12 +427,11 @@ fn a_parse_error_says_what_is_wrong() {
     assert!(!message.contains('\n'), "one line: {message}");
 
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("groups.yaml");
-    std::fs::write(
-        &path,
+    let path = config_file(
+        &dir,
+        "groups.yaml",
         "failover_groups:\n  - {name: a, mode: sideways, backends: [x]}\n",
-    )
-    .unwrap();
+    );
     let message = Config::load(&path).unwrap_err().to_string();
     assert!(
         message.starts_with(&format!(
@@ -444,12 +448,11 @@ fn a_parse_error_says_what_is_wrong() {
 #[test]
 fn a_loaded_files_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("groups.yaml");
-    std::fs::write(
-        &path,
+    let path = config_file(
+        &dir,
+        "groups.yaml",
         "failover_groups:\n  - {name: a, mode: active-passive, backends: [x], primary: z}\n",
-    )
-    .unwrap();
+    );
     let err = Config::load(&path).unwrap_err();
     assert!(err.is_invalid(), "{err}");
     assert_eq!(err.file(), Some(path.as_path()));
@@ -468,12 +471,11 @@ fn a_loaded_files_errors_name_the_file() {
         None
     );
 
-    let path = dir.path().join("groups.TOML");
-    std::fs::write(
-        &path,
+    let path = config_file(
+        &dir,
+        "groups.TOML",
         "[[failover_groups]]\nname = \"a\"\nmode = \"normal\"\nbackends = [\"x\"]\n",
-    )
-    .unwrap();
+    );
     let config = Config::load(&path).unwrap();
     assert_eq!(config.failover_groups[0].name, "a");
 }
