@@ -653,6 +653,14 @@ async fn next(inv: &mut tower_ha::store::Invalidations) -> Invalidation {
         .expect("the subscription is alive")
 }
 
+/// The notice of a session `key` moved to `backend`, or ended (`None`).
+fn notice(key: &str, backend: Option<&str>) -> Invalidation {
+    Invalidation::Session {
+        key: key.into(),
+        backend: backend.map(Into::into),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_renews_the_expiry_only_and_tells_nobody() {
     let server = RedisServer::start();
@@ -790,30 +798,12 @@ async fn saves_and_deletes_reach_the_other_replicas() {
     let mut on_b = b.subscribe().await.unwrap();
 
     a.save(&session("alice", "node-a")).await.unwrap();
-    assert_eq!(
-        next(&mut on_b).await,
-        Invalidation::Session {
-            key: "alice".into(),
-            backend: Some("node-a".into())
-        }
-    );
+    assert_eq!(next(&mut on_b).await, notice("alice", Some("node-a")));
     b.save(&session("alice", "node-b")).await.unwrap();
     b.delete(&["alice".into()]).await.unwrap();
     // A replica does not hear its own notices: the first thing a hears is b's.
-    assert_eq!(
-        next(&mut on_a).await,
-        Invalidation::Session {
-            key: "alice".into(),
-            backend: Some("node-b".into())
-        }
-    );
-    assert_eq!(
-        next(&mut on_a).await,
-        Invalidation::Session {
-            key: "alice".into(),
-            backend: None
-        }
-    );
+    assert_eq!(next(&mut on_a).await, notice("alice", Some("node-b")));
+    assert_eq!(next(&mut on_a).await, notice("alice", None));
     assert_eq!(
         b.publish_move("bob", Some(&"node-c".into())).await.unwrap(),
         2,
@@ -874,13 +864,7 @@ async fn a_reader_that_lags_gets_all_in_place_of_the_notices_it_missed() {
     );
     // Caught up, the reader hears each notice again.
     a.publish_move("after", None).await.unwrap();
-    assert_eq!(
-        next(&mut on_b).await,
-        Invalidation::Session {
-            key: "after".into(),
-            backend: None
-        }
-    );
+    assert_eq!(next(&mut on_b).await, notice("after", None));
 }
 
 #[tokio::test]
@@ -897,10 +881,7 @@ async fn notices_can_be_turned_off() {
     quiet.publish_move("marker", None).await.unwrap();
     assert_eq!(
         next(&mut notices).await,
-        Invalidation::Session {
-            key: "marker".into(),
-            backend: None
-        },
+        notice("marker", None),
         "the save published nothing"
     );
 }
@@ -1129,10 +1110,7 @@ async fn a_save_cut_off_before_its_notice_is_not_stored_either() {
     }
     assert_eq!(
         next(&mut notices).await,
-        Invalidation::Session {
-            key: "k".into(),
-            backend: Some("node-c".into())
-        },
+        notice("k", Some("node-c")),
         "the first notice is that of the save that was stored"
     );
     assert_eq!(
@@ -1153,20 +1131,11 @@ async fn a_save_whose_connection_breaks_is_sent_again() {
         other.load("k").await.unwrap().unwrap().backend.as_str(),
         "node-b"
     );
-    assert_eq!(
-        next(&mut notices).await,
-        Invalidation::Session {
-            key: "k".into(),
-            backend: Some("node-b".into())
-        }
-    );
+    assert_eq!(next(&mut notices).await, notice("k", Some("node-b")));
     saver.save(&session("other", "node-a")).await.unwrap();
     assert_eq!(
         next(&mut notices).await,
-        Invalidation::Session {
-            key: "other".into(),
-            backend: Some("node-a".into())
-        },
+        notice("other", Some("node-a")),
         "the save that was cut off was announced once"
     );
 }
