@@ -1085,6 +1085,30 @@ async fn idle_sessions_expire_and_a_restart_keeps_cookie_affinity() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_forged_cookie_with_a_live_session_id_does_not_keep_it_alive() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
+        .idle_timeout(Duration::from_secs(60));
+    let svc = stack(&c.pool, layer.clone());
+    let cookie = cookie_of(&send(&svc, Request::new(())).await.unwrap()).unwrap();
+    let value = cookie.strip_prefix("srv=").unwrap();
+    let (sid, _) = value.split_once('.').unwrap();
+    // The session's id with a made-up backend and tag, every 40 s: each is
+    // rejected, and none counts as a request of the session.
+    let forged = format!("srv={sid}.Yg.AAAAAAAAAAAAAAAAAAAAAA");
+    for i in 1..=3 {
+        tokio::time::advance(Duration::from_secs(40)).await;
+        send(&svc, with_cookie(&forged)).await.unwrap();
+        assert_eq!(layer.stats().rejected, i);
+    }
+    // 120 s after its last real request, the session has gone idle: its
+    // cookie is no longer found in the table.
+    assert_eq!(layer.stats().misses, 0);
+    send(&svc, with_cookie(&cookie)).await.unwrap();
+    assert_eq!(layer.stats().misses, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_full_table_evicts_least_recently_used_which_stay_in_the_store() {
     let c = cluster();
     let store = MemoryStore::new();

@@ -581,7 +581,7 @@ impl Shared {
     }
 
     fn lookup(self: &Arc<Self>, key: &str) -> Found {
-        let found = self.table.get(key.as_bytes(), None);
+        let found = self.table.get(key.as_bytes());
         bump(&self.counters.expired, u64::from(found.expired));
         self.refresh(&found);
         match found.hit {
@@ -594,30 +594,23 @@ impl Shared {
     /// value issued for the session's current backend is recognised by a
     /// constant-time comparison with the value kept in the table, without
     /// decoding or computing a MAC; any other value is parsed and its MAC
-    /// verified before it is trusted.
+    /// verified before it touches the session.
     #[inline]
     fn lookup_cookie(self: &Arc<Self>, value: &[u8]) -> Result<Found, Reject> {
-        let mut hit = None;
-        let mut unread = None;
-        // The table compares bytes: a session id that is not UTF-8 is
-        // simply not found.
         if let Some(session) = value
             .get(..SESSION_ID_LEN)
             .filter(|_| value.get(SESSION_ID_LEN) == Some(&b'.'))
         {
-            let found = self.table.get(session, Some(value));
-            bump(&self.counters.expired, u64::from(found.expired));
-            self.refresh(&found);
-            match found.hit {
-                Some(exact) if found.exact => {
-                    let named = if found.renew {
-                        Named::Renew
-                    } else {
-                        Named::Current
-                    };
-                    return Ok(Found::Hit(exact, named));
+            if let Some(found) = self.table.get_exact(session, value) {
+                self.refresh(&found);
+                let named = if found.renew {
+                    Named::Renew
+                } else {
+                    Named::Current
+                };
+                if let Some(hit) = found.hit {
+                    return Ok(Found::Hit(hit, named));
                 }
-                other => (hit, unread) = (other, found.unread),
             }
         }
         let cookie = self
@@ -627,9 +620,12 @@ impl Shared {
             .expect("a cookie key read a cookie");
         let parsed = Parsed::new(value)?;
         let named = cookie.verify(&parsed)?;
-        Ok(match hit {
+        let found = self.table.get(parsed.session.as_bytes());
+        bump(&self.counters.expired, u64::from(found.expired));
+        self.refresh(&found);
+        Ok(match found.hit {
             Some(hit) => Found::Hit(hit, Named::Backend(named)),
-            None => Found::Miss(Arc::from(parsed.session), Some(named), unread),
+            None => Found::Miss(Arc::from(parsed.session), Some(named), found.unread),
         })
     }
 

@@ -154,9 +154,6 @@ pub(crate) struct Lookup {
     pub(crate) hit: Option<Hit>,
     /// The key was there but idle: it was removed.
     pub(crate) expired: bool,
-    /// The presented cookie value is exactly the one issued for the
-    /// session's current backend (compared in constant time).
-    pub(crate) exact: bool,
     /// The key's session is kept in memory because its record could not be
     /// read, and the record is due to be read again. The entry stays until
     /// an insert replaces it or [`Table::keep`] keeps it.
@@ -164,9 +161,9 @@ pub(crate) struct Lookup {
     /// The hit's record is due to be saved again (see `Table::with_refresh`);
     /// told to one request per refresh.
     pub(crate) refresh: bool,
-    /// The exact cookie presented is due to be sent again (see
-    /// `Table::with_cookie_renewal`); told to every request until a
-    /// response sends it ([`Table::cookie_sent`]).
+    /// The exact cookie presented ([`Table::get_exact`]) is due to be sent
+    /// again (see `Table::with_cookie_renewal`); told to every request
+    /// until a response sends it ([`Table::cookie_sent`]).
     pub(crate) renew: bool,
 }
 
@@ -473,11 +470,37 @@ impl Table {
         entry.reload_at != 0 && now >= entry.reload_at
     }
 
+    /// Looks `key` up for a request presenting `cookie`, and finds it only
+    /// when `cookie` is exactly the value issued for the session's current
+    /// backend (compared in constant time), neither idle nor due to be read
+    /// again; the entry is then marked seen. Anything else leaves the entry
+    /// as it is: the caller verifies the value first, then calls
+    /// [`Table::get`], so that a value that only starts with a session's id
+    /// cannot keep the session alive or make its record be saved.
+    pub(crate) fn get_exact(&self, key: &[u8], cookie: &[u8]) -> Option<Lookup> {
+        let now = self.now();
+        let map = self.shard(key).read();
+        let (k, entry) = map.get_key_value(key)?;
+        let issued = entry.cookie.as_ref()?;
+        if !constant_time_eq(cookie, issued.as_bytes())
+            || self.is_idle(entry, now)
+            || Table::is_due(entry, now)
+        {
+            return None;
+        }
+        entry.last_seen.store(now, Ordering::Relaxed);
+        Some(Lookup {
+            hit: Some(hit_of(&k.0, entry)),
+            refresh: self.take_refresh(entry, now),
+            renew: self.cookie_due(entry, now),
+            ..Lookup::default()
+        })
+    }
+
     /// Looks `key` up and marks it seen. An idle entry is a miss (and is
     /// removed); so is one due to be read again (it stays, and its backend
-    /// is returned in `unread`). `presented`, a cookie value, is compared
-    /// with the one issued for the session.
-    pub(crate) fn get(&self, key: &[u8], presented: Option<&[u8]>) -> Lookup {
+    /// is returned in `unread`).
+    pub(crate) fn get(&self, key: &[u8]) -> Lookup {
         let now = self.now();
         {
             let map = self.shard(key).read();
@@ -495,17 +518,10 @@ impl Table {
                         ..Lookup::default()
                     };
                 }
-                let exact = match (presented, &entry.cookie) {
-                    (Some(p), Some(c)) => constant_time_eq(p, c.as_bytes()),
-                    _ => false,
-                };
                 return Lookup {
                     hit: Some(hit_of(&k.0, entry)),
-                    expired: false,
-                    exact,
-                    unread: None,
                     refresh: self.take_refresh(entry, now),
-                    renew: exact && self.cookie_due(entry, now),
+                    ..Lookup::default()
                 };
             }
         }
@@ -942,11 +958,11 @@ mod tests {
         let t = Table::new(Duration::from_secs(10), 100, false);
         t.insert(session("a", "x"), None);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(t.get(b"a", None).hit.is_some(), "seen at 6 s");
+        assert!(t.get(b"a").hit.is_some(), "seen at 6 s");
         tokio::time::advance(Duration::from_secs(9)).await;
-        assert!(t.get(b"a", None).hit.is_some(), "9 s after the last hit");
+        assert!(t.get(b"a").hit.is_some(), "9 s after the last hit");
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(t.get(b"a", None).hit.is_none());
+        assert!(t.get(b"a").hit.is_none());
         assert_eq!(t.len(), 0);
     }
 
@@ -958,14 +974,14 @@ mod tests {
             tokio::time::advance(Duration::from_millis(1)).await;
         }
         // Touch the two oldest: they become the most recent.
-        assert!(t.get(b"k0", None).hit.is_some());
-        assert!(t.get(b"k1", None).hit.is_some());
+        assert!(t.get(b"k0").hit.is_some());
+        assert!(t.get(b"k1").hit.is_some());
         let (_, dropped) = t.insert(session("new", "x"), None);
         assert_eq!(dropped.evicted, 2); // 16 / 8
         assert_eq!(t.len(), 15);
-        assert!(t.get(b"k0", None).hit.is_some() && t.get(b"k1", None).hit.is_some());
-        assert!(t.get(b"k2", None).hit.is_none() && t.get(b"k3", None).hit.is_none());
-        assert!(t.get(b"k4", None).hit.is_some() && t.get(b"new", None).hit.is_some());
+        assert!(t.get(b"k0").hit.is_some() && t.get(b"k1").hit.is_some());
+        assert!(t.get(b"k2").hit.is_none() && t.get(b"k3").hit.is_none());
+        assert!(t.get(b"k4").hit.is_some() && t.get(b"new").hit.is_some());
     }
 
     /// Idle sessions the sweep has not reached yet go first, as expired,
@@ -1000,11 +1016,11 @@ mod tests {
             t.insert(session(&format!("k{i}"), "x"), None);
         }
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(t.get(b"k0", None).hit.is_some());
+        assert!(t.get(b"k0").hit.is_some());
         let (_, dropped) = t.insert(session("new", "x"), None);
         assert_eq!(dropped.evicted, 8);
         assert_eq!(t.len(), 57);
-        assert!(t.get(b"k0", None).hit.is_some() && t.get(b"new", None).hit.is_some());
+        assert!(t.get(b"k0").hit.is_some() && t.get(b"new").hit.is_some());
     }
 
     #[test]
@@ -1034,7 +1050,7 @@ mod tests {
         assert_eq!(evicted, 0, "no shard is full yet");
         // The hundred oldest become the most recently seen.
         for i in 0..100 {
-            assert!(t.get(key(i).as_bytes(), None).hit.is_some());
+            assert!(t.get(key(i).as_bytes()).hit.is_some());
         }
         for i in 10_000..20_000 {
             evicted += t.insert(session(&key(i), "x"), None).1.evicted;
@@ -1046,13 +1062,13 @@ mod tests {
         // at least once, which the 500 next oldest keys (about 125 in each
         // shard) are among; the ones seen again stay.
         for i in 0..100 {
-            assert!(t.get(key(i).as_bytes(), None).hit.is_some(), "{}", key(i));
+            assert!(t.get(key(i).as_bytes()).hit.is_some(), "{}", key(i));
         }
         for i in 100..600 {
-            assert!(t.get(key(i).as_bytes(), None).hit.is_none(), "{}", key(i));
+            assert!(t.get(key(i).as_bytes()).hit.is_none(), "{}", key(i));
         }
         for i in 19_000..20_000 {
-            assert!(t.get(key(i).as_bytes(), None).hit.is_some(), "{}", key(i));
+            assert!(t.get(key(i).as_bytes()).hit.is_some(), "{}", key(i));
         }
     }
 
@@ -1061,10 +1077,10 @@ mod tests {
         let t = Table::new(Duration::from_secs(3600), 10, false);
         let (_, _, inserted) = t.insert_if_absent(session("s", "a"), None, Kept::Unread);
         assert!(inserted);
-        assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "a");
+        assert_eq!(t.get(b"s").hit.unwrap().backend.as_str(), "a");
         assert!(t.current("s").is_some());
         tokio::time::advance(RELOAD_AFTER).await;
-        let due = t.get(b"s", None);
+        let due = t.get(b"s");
         assert!(due.hit.is_none() && !due.expired);
         assert_eq!(due.unread.unwrap().backend.as_str(), "a");
         assert!(t.current("s").is_none(), "not a record to route by");
@@ -1074,7 +1090,7 @@ mod tests {
         assert!(inserted);
         assert_eq!(hit.backend.as_str(), "b");
         tokio::time::advance(RELOAD_AFTER).await;
-        assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "b");
+        assert_eq!(t.get(b"s").hit.unwrap().backend.as_str(), "b");
         assert_eq!(t.take("s"), Some(true), "saved");
     }
 
@@ -1084,17 +1100,17 @@ mod tests {
         t.insert_if_absent(session("s", "a"), None, Kept::Unread);
         t.set_failed("s", &"a".into(), true);
         tokio::time::advance(RELOAD_AFTER).await;
-        let unread = t.get(b"s", None).unread.unwrap();
+        let unread = t.get(b"s").unread.unwrap();
         assert!(unread.failed);
         // The first caller keeps it, failed flag and all; the next finds it.
         let (hit, _, kept) = t.keep(session("s", "a"), None, unread.failed);
         assert!(kept && hit.failed);
         let (hit, _, kept) = t.keep(session("s", "a"), None, false);
         assert!(!kept && hit.failed);
-        assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "a");
+        assert_eq!(t.get(b"s").hit.unwrap().backend.as_str(), "a");
         // Undone: due again at once, and not saved.
         t.unkeep("s", &"a".into());
-        assert!(t.get(b"s", None).unread.is_some());
+        assert!(t.get(b"s").unread.is_some());
         // Lost meanwhile: put back with its flag.
         assert!(t.remove("s"));
         let (hit, _, kept) = t.keep(session("s", "b"), None, true);
@@ -1107,12 +1123,12 @@ mod tests {
         let t = Table::new(Duration::from_secs(60), 10, false);
         t.insert_if_absent(session("m", "x"), None, Kept::Memory);
         assert!(t.restore(session("m", "a"), None).0);
-        assert_eq!(t.get(b"m", None).hit.unwrap().backend.as_str(), "a");
+        assert_eq!(t.get(b"m").hit.unwrap().backend.as_str(), "a");
         assert_eq!(t.take("m"), Some(true), "saved");
         // A saved session is newer than the record restored.
         t.insert(session("s", "b"), None);
         assert!(!t.restore(session("s", "a"), None).0);
-        assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "b");
+        assert_eq!(t.get(b"s").hit.unwrap().backend.as_str(), "b");
         assert!(t.restore(session("new", "a"), None).0);
     }
 
@@ -1147,6 +1163,6 @@ mod tests {
         assert_eq!(moved.session.backend.as_str(), "b");
         assert_eq!(moved.session.data["k"], 1, "data survives a move");
         assert!(t.move_if("s", &"a".into(), &"c".into(), None).is_none());
-        assert_eq!(t.get(b"s", None).hit.unwrap().backend.as_str(), "b");
+        assert_eq!(t.get(b"s").hit.unwrap().backend.as_str(), "b");
     }
 }
