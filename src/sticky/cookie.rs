@@ -403,15 +403,118 @@ fn ends(attr: &[u8]) -> Option<Ends> {
         return Some(Ends::MaxAge(negative || digits.iter().all(|&d| d == b'0')));
     }
     if name.eq_ignore_ascii_case(b"expires") {
-        let date = std::str::from_utf8(value).ok()?;
-        // The legacy `Thu, 01-Jan-1970` form is the HTTP date
-        // `Thu, 01 Jan 1970`.
-        let at = httpdate::parse_http_date(date)
-            .or_else(|_| httpdate::parse_http_date(&date.replace('-', " ")))
-            .ok()?;
-        return Some(Ends::Expires(at <= std::time::SystemTime::now()));
+        let at = cookie_date(value)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+            });
+        return Some(Ends::Expires(at <= now));
     }
     None
+}
+
+/// The instant a cookie date names, in seconds from the Unix epoch (before
+/// it: negative), read as browsers read an `Expires` attribute (RFC 6265
+/// section 5.1.1): the first time (`hh:mm:ss`), day of the month (one or
+/// two digits), month (its name's first three letters) and year (two to
+/// four digits; `70` to `99` are 1970 to 1999, `0` to `69` are 2000 to
+/// 2069) among the tokens, whatever else is there and in whatever order.
+/// The weekday and time zone are ignored (the date is in UTC). `None` when
+/// a part is missing, out of range, or the date does not exist, or the year
+/// is before 1601.
+fn cookie_date(value: &[u8]) -> Option<i64> {
+    let is_delimiter =
+        |b: u8| matches!(b, 0x09 | 0x20..=0x2F | 0x3B..=0x40 | 0x5B..=0x60 | 0x7B..=0x7E);
+    let (mut time, mut day, mut month, mut year) = (None, None, None, None);
+    for token in value.split(|&b| is_delimiter(b)).filter(|t| !t.is_empty()) {
+        if time.is_none() {
+            if let Some(found) = clock(token) {
+                time = Some(found);
+                continue;
+            }
+        }
+        if day.is_none() {
+            if let Some((found, _)) = leading_number(token, 1, 2) {
+                day = Some(found);
+                continue;
+            }
+        }
+        if month.is_none() {
+            if let Some(found) = month_of(token) {
+                month = Some(found);
+                continue;
+            }
+        }
+        if year.is_none() {
+            if let Some((found, _)) = leading_number(token, 2, 4) {
+                year = Some(found);
+            }
+        }
+    }
+    let ((hour, minute, second), day, month, year) = (time?, day?, month?, year?);
+    let year = match year {
+        70..=99 => year + 1900,
+        0..=69 => year + 2000,
+        _ => year,
+    };
+    if year < 1601 || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if !(1..=days_in_month).contains(&day) {
+        return None;
+    }
+    // Days from 1970-01-01 to the date, counting years from March so that
+    // a leap day ends its year (the civil calendar's usual reckoning).
+    let (year, month, day) = (i64::from(year), i64::from(month), i64::from(day));
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let of_era = year - era * 400;
+    let of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let of_cycle = of_era * 365 + of_era / 4 - of_era / 100 + of_year;
+    let days = era * 146_097 + of_cycle - 719_468;
+    Some(days * 86_400 + i64::from(hour) * 3_600 + i64::from(minute) * 60 + i64::from(second))
+}
+
+/// The number `token` starts with, if it has `min` to `max` digits, and
+/// what follows them.
+fn leading_number(token: &[u8], min: usize, max: usize) -> Option<(u32, &[u8])> {
+    let digits = token.iter().take_while(|b| b.is_ascii_digit()).count();
+    if !(min..=max).contains(&digits) {
+        return None;
+    }
+    let number = token[..digits]
+        .iter()
+        .fold(0, |n, &d| n * 10 + u32::from(d - b'0'));
+    Some((number, &token[digits..]))
+}
+
+/// A cookie date's time, `h:m:s` with one or two digits each.
+fn clock(token: &[u8]) -> Option<(u32, u32, u32)> {
+    let (hour, rest) = leading_number(token, 1, 2)?;
+    let (minute, rest) = leading_number(rest.strip_prefix(b":")?, 1, 2)?;
+    let (second, _) = leading_number(rest.strip_prefix(b":")?, 1, 2)?;
+    Some((hour, minute, second))
+}
+
+/// A month, 1 to 12, from the first three letters of its English name.
+fn month_of(token: &[u8]) -> Option<u32> {
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov",
+        b"dec",
+    ];
+    let name = token.get(..3)?;
+    let index = MONTHS
+        .iter()
+        .position(|m| name.eq_ignore_ascii_case(&m[..]))?;
+    Some(index as u32 + 1)
 }
 
 /// Finds what the `Set-Cookie`s for `name` in `headers` leave a browser
@@ -765,6 +868,15 @@ mod tests {
             "expires=Thu, 01-Jan-1970 00:00:01 GMT",
             "Path=/; Expires=Sunday, 06-Nov-94 08:49:37 GMT",
             "Max-Age=0; Expires=Fri, 01 Jan 2100 00:00:00 GMT",
+            // Dates browsers read although they are no HTTP dates.
+            "Expires=Wed, 31 Dec 1969 23:59:59 GMT",
+            "Expires=Mon, 01 Jan 1601 00:00:00 GMT",
+            "Expires=Thu, 01 Jan 1970 00:00:00 UTC",
+            "Expires=Thu, 1 Jan 1970 00:00:00 GMT",
+            "Expires=Fri, 01 Jan 1970 00:00:00 GMT",
+            "Expires=Thu, 01-Jan-70 00:00:01 GMT",
+            "Expires=Thu Jan  1 00:00:00 1970",
+            "Expires=1 january 2001 0:0:0",
         ] {
             assert_eq!(learned(attrs), Some(None), "deleted: {attrs}");
         }
@@ -777,9 +889,38 @@ mod tests {
             "Expires=Fri, 01 Jan 2100 00:00:00 GMT",
             "Expires=not a date",
             "Max-Age=60; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+            // Not cookie dates: each is ignored.
+            "Expires=Sun, 31 Dec 1600 23:59:59 GMT",
+            "Expires=Thu, 29 Feb 2001 00:00:00 GMT",
+            "Expires=Thu, 32 Jan 1970 00:00:00 GMT",
+            "Expires=Thu, 01 Jan 1970 24:00:00 GMT",
+            "Expires=Thu, 01 Jan 1970",
+            "Expires=Thu, 01 Foo 1970 00:00:00 GMT",
+            "Expires=Thu, 01 Jan 19700 00:00:00 GMT",
         ] {
             assert_eq!(learned(attrs), Some(Some(b"abc".to_vec())), "set: {attrs}");
         }
+    }
+
+    #[test]
+    fn cookie_dates_name_their_instant() {
+        for (date, at) in [
+            ("Thu, 01 Jan 1970 00:00:00 GMT", 0),
+            ("Wed, 31 Dec 1969 23:59:59 GMT", -1),
+            ("Sun, 06 Nov 1994 08:49:37 GMT", 784_111_777),
+            ("Sunday, 06-Nov-94 08:49:37 GMT", 784_111_777),
+            ("Sun Nov  6 08:49:37 1994", 784_111_777),
+            ("Tue, 29 Feb 2000 12:00:00 GMT", 951_825_600),
+            ("01 Jan 00 00:00:00", 946_684_800),
+            ("Sat, 31 Dec 2069 23:59:59 GMT", 3_155_759_999),
+            ("Fri, 01 Jan 2100 00:00:00 GMT", 4_102_444_800),
+            ("Mon, 01 Jan 1601 00:00:00 GMT", -11_644_473_600),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", 253_402_300_799),
+        ] {
+            assert_eq!(cookie_date(date.as_bytes()), Some(at), "{date}");
+        }
+        assert_eq!(cookie_date(b""), None);
+        assert_eq!(cookie_date(&[0xff; 64]), None);
     }
 
     #[test]
