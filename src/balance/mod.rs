@@ -95,3 +95,8 @@ impl Clone for Turns {
 pub(crate) fn random_below(n: usize) -> usize {
     RNG.with(|rng| rng.borrow_mut().random_range(0..n))
 }
+
+/// As [`random_below`], for a bound wider than a `usize` may be.
+pub(crate) fn random_below_u64(n: u64) -> u64 {
+    RNG.with(|rng| rng.borrow_mut().random_range(0..n))
+}

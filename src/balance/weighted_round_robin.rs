@@ -9,8 +9,8 @@ const MAX_CYCLE: u64 = 1 << 22;
 
 /// Smooth weighted round robin: over every cycle of `sum(weights)` picks each
 /// backend gets exactly its weight, spread evenly through the cycle rather
-/// than in bursts (weights 5, 1, 1 give `a a b a c a a`-like interleaving,
-/// never `a a a a a b c`).
+/// than in bursts (weights 5, 1, 1 give `a a a b a a c`: `b` and `c` half
+/// a cycle apart, never `a a a a a b c`).
 ///
 /// nginx computes such a sequence with running sums, which costs O(N) per
 /// pick. Here the whole cycle is computed once per membership or weight
@@ -28,10 +28,12 @@ const MAX_CYCLE: u64 = 1 << 22;
 /// drawn in proportion to weight, so the others share its turns by weight.
 /// A backend in slow start (its
 /// [`weight_permille`](crate::BackendState::weight_permille) below 1000)
-/// takes its slot only with probability `permille / 1000`, and the slot
-/// goes to a backend drawn by weight otherwise: it gets about
-/// `permille / 1000` of its configured share, ramping without rebuilding
-/// the cycle.
+/// takes a slot only with probability `permille / 1000`, and the slot goes
+/// to a backend drawn by weight otherwise (which again takes it with its
+/// own probability): each backend's share is then in proportion to its
+/// effective weight, the configured one times `permille / 1000`, as in
+/// Envoy's slow start, ramping without rebuilding the cycle. Backends
+/// warming up together keep the proportions of their weights.
 ///
 /// [`WeightedRoundRobin::new`] starts at the beginning of the cycle. The
 /// `k`-th clone of one (counting from 0) starts `k` slots further on, so
@@ -136,13 +138,40 @@ impl Strategy for WeightedRoundRobin {
         // The slot's backend cannot take it: give the slot to a backend
         // drawn in proportion to weight (a random slot of the cycle), so the
         // others share the lost turns by weight instead of the next slot's
-        // owner taking them all. Bounded, then a plain scan so that a pick
-        // never costs more than O(N).
+        // owner taking them all. A few draws, then one draw by effective
+        // weight among the backends that can take it (the draws mostly miss
+        // when a heavy backend is out or all are warming up), so that a
+        // pick never costs more than O(N).
         (0..2 * pick.len() + 16)
             .map(|_| order[super::random_below(order.len())] as usize)
-            .find(|&i| i != first && pick.is_eligible(i) && admitted(pick, i))
+            .find(|&i| pick.is_eligible(i) && admitted(pick, i))
+            .or_else(|| by_weight(pick))
             .or_else(|| pick.first_eligible_from(first + 1))
     }
+}
+
+/// A backend drawn among the eligible in proportion to its effective
+/// weight (configured weight times the share slow start gives it), if any
+/// has one.
+fn by_weight(pick: &Pick<'_>) -> Option<usize> {
+    let weight = |i: usize| {
+        let state = pick.member(i).state();
+        u64::from(state.weight()) * u64::from(state.weight_permille().min(1000))
+    };
+    let eligible = || (0..pick.len()).filter(|&i| pick.is_eligible(i));
+    let total: u64 = eligible().map(weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = super::random_below_u64(total);
+    eligible().find(|&i| {
+        let w = weight(i);
+        point = match point.checked_sub(w) {
+            Some(rest) => rest,
+            None => return true,
+        };
+        false
+    })
 }
 
 /// Whether a backend in slow start takes the slot that came up: always at
@@ -200,9 +229,9 @@ mod tests {
                 to_b += 1;
             }
         }
-        // Equal weights, b at 10 %: b keeps 10 % of its half of the picks,
-        // about 1000; its other slots go to a.
-        assert!((800..1_200).contains(&to_b), "{to_b}");
+        // Equal weights, b at 10 %: effective weights 1 and 0.1 give b
+        // 1 / 11 of the picks, about 1818.
+        assert!((1_600..2_050).contains(&to_b), "{to_b}");
         snap.members()[1].state().set_weight_permille(1000);
         let mut to_b = 0;
         for _ in 0..1000 {
@@ -210,6 +239,54 @@ mod tests {
             to_b += usize::from(wrr.pick(&cycle, &pick) == Some(1));
         }
         assert_eq!(to_b, 500);
+    }
+
+    /// Shares of 60,000 picks, in percent, with `prepare` applied to the
+    /// members of a pool of `weights`.
+    fn shares(weights: &[u32], prepare: impl Fn(&crate::BackendState, usize)) -> Vec<usize> {
+        use crate::key::RequestHead;
+        let pool: Pool<()> = Pool::new();
+        for (i, w) in weights.iter().enumerate() {
+            pool.insert_weighted(format!("b{i}"), (), *w);
+        }
+        let wrr = WeightedRoundRobin::new();
+        let snap = pool.snapshot();
+        let cycle = wrr.build(snap.members());
+        for (i, member) in snap.members().iter().enumerate() {
+            prepare(member.state(), i);
+        }
+        let req = http::Request::new(());
+        let mut counts = vec![0; weights.len()];
+        for _ in 0..60_000 {
+            let pick = Pick::new(RequestHead::from(&req), snap.members(), None);
+            counts[wrr.pick(&cycle, &pick).unwrap()] += 1;
+        }
+        counts.iter().map(|c| c * 100 / 60_000).collect()
+    }
+
+    #[test]
+    fn the_turns_of_a_heavy_backend_that_is_out_go_to_the_others_by_weight() {
+        use crate::HealthStatus;
+        let out = |state: &crate::BackendState, i: usize| {
+            if i == 0 {
+                state.set_health(HealthStatus::Unhealthy);
+            }
+        };
+        let even = shares(&[100, 1, 1], out);
+        assert!(
+            (45..=55).contains(&even[1]) && (45..=55).contains(&even[2]),
+            "{even:?}"
+        );
+        let by_weight = shares(&[1000, 3, 1], out);
+        assert!((70..=80).contains(&by_weight[1]), "{by_weight:?}");
+    }
+
+    #[test]
+    fn backends_warming_up_together_keep_their_weights() {
+        let warming = |state: &crate::BackendState, _: usize| state.set_weight_permille(100);
+        let got = shares(&[5, 1], warming);
+        // 5 : 1 is 83 : 17.
+        assert!((78..=88).contains(&got[0]), "{got:?}");
     }
 
     #[test]
