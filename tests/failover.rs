@@ -381,6 +381,40 @@ async fn a_late_pick_refused_by_the_budget_before_it_was_sent_counts_one_refusal
     );
 }
 
+/// A request that comes with a `Picked` slot of its own (a layer above's)
+/// still has each retry's pick read: a retry the budget refuses is dropped
+/// before its backend sees it.
+#[tokio::test(start_paused = true)]
+async fn a_retry_refused_by_the_budget_is_not_sent_when_the_request_has_a_slot() {
+    let (pool, mut handles) = mock_fleet(&["a", "b"]);
+    let layer = FailoverLayer::new().budget(Spent);
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(Balance::new(pool, RoundRobin::new()));
+    let request = Request::builder()
+        .extension(Picked::new())
+        .body(())
+        .unwrap();
+    let call = tokio::spawn(service.oneshot(request));
+    let (_, a_reply) = next(&mut handles[0], "a first").await;
+    a_reply.send_error(io::Error::from(io::ErrorKind::ConnectionReset));
+    let err = call.await.unwrap().unwrap_err();
+    assert!(exhausted(&err).is_budget_spent());
+    assert_eq!(
+        ids(&exhausted(&err).backends().cloned().collect::<Vec<_>>()),
+        ["a"]
+    );
+    // The service is gone with its pool: b's handle ends without a request.
+    assert!(
+        matches!(
+            futures::poll!(std::pin::pin!(handles[1].next_request())),
+            std::task::Poll::Ready(None)
+        ),
+        "b got the request"
+    );
+    assert_eq!(layer.stats().budget_refusals, 1);
+}
+
 #[tokio::test]
 async fn attempts_stopped_by_the_budget_say_so() {
     use Kind::*;

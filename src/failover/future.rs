@@ -542,20 +542,15 @@ where
         let Some(template) = &mut self.template else {
             return Poll::Ready(Err(self.give_up(None)));
         };
-        // With timers, the layer gave the first attempt a slot of its own
-        // after the template was copied, and each retry takes one in place
-        // of any the request came with (a layer above, or the caller's):
-        // the timers read it. Without, a slot the request came with is
-        // left to whoever put it there. Each retry gets a new slot: an
-        // earlier attempt's request may still reach an inner service late
-        // (left in a buffer's queue) and write to its own, which must not
-        // be read as this attempt's pick or progress.
-        let owned = self.picked.is_some() || template.parts.extensions.get::<Picked>().is_none();
-        if self.config.timed() || owned {
-            let slot = Picked::new();
-            template.parts.extensions.insert(slot.clone());
-            self.picked = Some(slot);
-        }
+        // Each retry takes a slot of its own, in place of any the request
+        // came with (a layer above's, or the caller's): the budget and the
+        // timers read it. A new one each time: an earlier attempt's
+        // request may still reach an inner service late (left in a
+        // buffer's queue) and write to its own, which must not be read as
+        // this attempt's pick or progress.
+        let slot = Picked::new();
+        template.parts.extensions.insert(slot.clone());
+        self.picked = Some(slot);
         let Some(request) = template.copy() else {
             return Poll::Ready(Err(self.give_up(None)));
         };
