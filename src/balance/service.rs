@@ -409,10 +409,12 @@ fn settle<S: Clone, B>(
     let id = member.id().clone();
     let state = member.state();
     // Tell a failover layer which backend this attempt goes to, so it
-    // can exclude it even if it abandons the attempt (a timeout).
+    // can exclude it even if it abandons the attempt (a timeout). Marked
+    // as being readied first: a failover layer on another thread that
+    // sees the pick (through the slot's lock) sees it not sent yet.
     let picked = req.extensions().get::<Picked>().map(|picked| {
-        picked.set(id.clone());
         picked.set_readying(true);
+        picked.set(id.clone());
         picked.clone()
     });
     let target = Target::new(id.clone(), state.clone());
