@@ -15,7 +15,7 @@ use tower::{Layer, Service, ServiceExt};
 use tower_ha::backend::InFlight;
 use tower_ha::balance::{Balance, Pick, RoundRobin, Strategy};
 use tower_ha::extensions::{Attempts, ServedBy};
-use tower_ha::failover::{Exhausted, FailoverLayer};
+use tower_ha::failover::{Exhausted, FailoverLayer, TimedOut};
 use tower_ha::pool::Members;
 use tower_ha::{error::find, BackendId, BoxError, HealthStatus, NoBackend, Pool};
 
@@ -687,7 +687,10 @@ async fn a_failover_per_try_timeout_counts_the_wait() {
     let answer = failover.oneshot(request("r")).await;
     assert_eq!(started.elapsed(), Duration::from_millis(50));
     let err = answer.unwrap_err();
-    assert!(err.is::<Exhausted>(), "{err}");
+    let exhausted = err.downcast_ref::<Exhausted>().expect("attempts ended");
+    // No backend was picked: nothing to fail over from.
+    assert_eq!(exhausted.backends().count(), 0);
+    assert!(exhausted.reason().is_some_and(|r| r.is::<TimedOut>()), "{err}");
     assert_eq!(balance.waiting(), 0, "left the queue when abandoned");
     assert!(seen.lock().unwrap().is_empty());
 }

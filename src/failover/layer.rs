@@ -164,10 +164,14 @@ impl<C> FailoverLayer<C> {
     /// balancer's queue and the connection's opening inside `HttpBackend`,
     /// and an attempt that times out counts as a failure of its backend
     /// for the health layer. So choose it above the `HttpClient`'s
-    /// `connect_timeout`. An attempt timed out before its request was
-    /// handed to a backend (in the queue, or while `HttpBackend` was still
-    /// opening its connection) was never sent, and is retried whatever the
-    /// request's method.
+    /// `connect_timeout`. An attempt timed out while `HttpBackend` was
+    /// still opening its connection was never sent, and is retried whatever
+    /// the request's method. One timed out while it waited in the
+    /// balancer's queue had no backend yet (every one it may use was full):
+    /// the attempts end there, and
+    /// [`Exhausted::reason`](super::Exhausted::reason) is the
+    /// [`TimedOut`](super::TimedOut).
+    ///
     /// A streamed upload (a body over [`BufferBodyLayer`]'s limit) is not
     /// counted, as in Envoy: while the backend waits for the client's next
     /// frame, the timeout waits, and it runs from the upload's end, so a
@@ -215,7 +219,8 @@ impl<C> FailoverLayer<C> {
         self
     }
 
-    /// Pauses before each retry.
+    /// Pauses before each retry. A pause is a Tokio timer: requests must
+    /// then be called within a Tokio runtime with its time driver enabled.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.config.backoff = backoff;
         self
