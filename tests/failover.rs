@@ -1517,6 +1517,24 @@ async fn an_error_naming_no_backend_ends_the_attempts_as_any_other_failure() {
 }
 
 #[tokio::test]
+async fn a_failed_response_naming_no_backend_after_failures_ends_with_the_history() {
+    // A 503 from "x", then a 503 that names no backend.
+    let own = service_fn(|req: Request<()>| async move {
+        let mut response = status(503);
+        if req.extensions().get::<Attempts>().is_none() {
+            response.extensions_mut().insert(ServedBy("x".into()));
+        }
+        Ok::<_, BoxError>(response)
+    });
+    let layer = FailoverLayer::new().no_budget();
+    let service = ServiceBuilder::new().layer(layer.clone()).service(own);
+    let response = service.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(history(&response), ["x"]);
+    assert_eq!(layer.stats().exhausted, 1);
+}
+
+#[tokio::test]
 async fn an_error_naming_no_backend_on_the_first_attempt_is_returned_as_it_is() {
     let own = service_fn(|_req: Request<()>| async {
         Err::<Response<()>, BoxError>(io::Error::from(io::ErrorKind::ConnectionReset).into())

@@ -423,7 +423,13 @@ where
                 let served = response.extensions().get::<ServedBy>().map(|s| s.0.clone());
                 let Some(id) = served.or(picked) else {
                     // Nobody to exclude from the next attempt: no retry.
-                    return Verdict::Return(Ok(response));
+                    // After earlier failures it is the last of them,
+                    // returned with the history.
+                    if self.failures.is_empty() {
+                        return Verdict::Return(Ok(response));
+                    }
+                    self.last_response = Some(response);
+                    return Verdict::Return(self.give_up(None));
                 };
                 self.record(id, FailedStatus::new(response.status()).into());
                 self.last_response = Some(response);
