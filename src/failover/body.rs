@@ -44,7 +44,10 @@ pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A request body that can (sometimes) be produced again for a retry.
 ///
-/// Implemented by every `Clone` body and by [`ReplayBody`].
+/// Implemented by every `Clone` body and by [`ReplayBody`]. A clone must
+/// be a whole copy of the body: one whose clones share a source (a stream
+/// over a shared channel, say) would be replayed with what the failed
+/// attempt left of it. Wrap such a body with [`BufferBodyLayer`] instead.
 pub trait Replay: Sized {
     /// A copy of the body for one more attempt, or `None` when the body was
     /// already consumed and cannot be sent again.
