@@ -74,5 +74,11 @@ fn uniform_eligible_but(pick: &Pick<'_>, except: Option<usize>) -> Option<usize>
         return None;
     }
     let nth = super::random_below(eligible);
-    (0..n).filter(|&i| candidate(i)).nth(nth)
+    // Eligibility is live (a place taken meanwhile): a member that left
+    // between the two passes falls back to the first still eligible, so a
+    // free backend is never reported as none.
+    (0..n)
+        .filter(|&i| candidate(i))
+        .nth(nth)
+        .or_else(|| (0..n).find(|&i| candidate(i)))
 }
