@@ -481,6 +481,7 @@ impl<S: Clone> Pool<S> {
                     services.push(service);
                 }
             }
+            true
         });
     }
 
@@ -497,12 +498,13 @@ impl<S: Clone> Pool<S> {
         let mut added = false;
         self.change(
             |members, services| match members.iter().position(|m| m.id == id) {
-                Some(_) if !replace => {}
+                Some(_) if !replace => false,
                 Some(i) => {
                     if let Some(w) = weight {
                         members[i].state.store_weight(w);
                     }
                     services[i] = service;
+                    true
                 }
                 None => {
                     let state = match self.shared.kept.lock().take(&id) {
@@ -524,6 +526,7 @@ impl<S: Clone> Pool<S> {
                     members.push(Member { id, state });
                     services.push(service);
                     added = true;
+                    true
                 }
             },
         );
@@ -534,7 +537,8 @@ impl<S: Clone> Pool<S> {
     /// already sent to it finish.
     ///
     /// Its state is forgotten: inserted again, the backend starts afresh
-    /// (enabled, healthy, no limit). A [`discover`](Self::discover)
+    /// (enabled, no limit, healthy unless a health checker with
+    /// `start_unhealthy` still waits for its first probes). A [`discover`](Self::discover)
     /// stream's removal keeps the state for a while instead (see
     /// [`keep_removed_for`](Self::keep_removed_for)); removing such a
     /// backend again (`false`: it is not in the pool) forgets its state.
@@ -569,6 +573,7 @@ impl<S: Clone> Pool<S> {
                 // forgotten all the same.
                 self.shared.kept.lock().forget(id, state);
             }
+            removed
         });
         removed
     }
@@ -578,10 +583,13 @@ impl<S: Clone> Pool<S> {
     pub fn set_weight(&self, id: &BackendId, weight: u32) -> bool {
         let mut found = false;
         self.change(|members, _| {
-            if let Some(m) = members.iter().find(|m| &m.id == id) {
-                m.state.store_weight(weight);
-                found = true;
-            }
+            let Some(m) = members.iter().find(|m| &m.id == id) else {
+                return false;
+            };
+            found = true;
+            let before = m.state.weight();
+            m.state.store_weight(weight);
+            m.state.weight() != before
         });
         found
     }
@@ -636,12 +644,16 @@ impl<S: Clone> Pool<S> {
 
     /// Builds a new snapshot with `edit` and swaps it in, then lets every
     /// listener rebuild. Writers are serialized; readers never wait.
-    fn change(&self, edit: impl FnOnce(&mut Vec<Member>, &mut Vec<S>)) {
+    fn change(&self, edit: impl FnOnce(&mut Vec<Member>, &mut Vec<S>) -> bool) {
         let mut listeners = self.shared.writer.lock();
         let old = self.shared.current.load();
         let mut members = old.members.list.clone();
         let mut services = old.services.clone();
-        edit(&mut members, &mut services);
+        if !edit(&mut members, &mut services) {
+            // Nothing changed: no new generation, no table rebuilt, no
+            // waiter woken.
+            return;
+        }
         let next = Arc::new(Snapshot {
             members: Members::from_list(members),
             services,
@@ -742,6 +754,7 @@ impl<S: Clone, K: Into<BackendId>> FromIterator<(K, S)> for Pool<S> {
                     }
                 }
             }
+            true
         });
         pool
     }
@@ -779,6 +792,21 @@ mod tests {
         second.insert_with_state("a", 4, Arc::new(BackendState::new(1)));
         assert_eq!(state.rooms_linked(), 0);
         assert_eq!(second.state(&"a".into()).unwrap().rooms_linked(), 1);
+    }
+
+    #[test]
+    fn changes_that_change_nothing_keep_the_snapshot() {
+        let pool: Pool<u8> = Pool::new();
+        pool.insert_weighted("a", 1, 2);
+        let generation = pool.snapshot().generation();
+        assert!(!pool.remove(&"absent".into()));
+        assert!(!pool.set_weight(&"absent".into(), 5));
+        assert!(pool.set_weight(&"a".into(), 2));
+        assert!(!pool.insert_new("a".into(), 9, |_| {}));
+        assert_eq!(pool.snapshot().generation(), generation);
+        assert_eq!(pool.snapshot().service(0), Some(&1));
+        assert!(pool.set_weight(&"a".into(), 3));
+        assert_eq!(pool.snapshot().generation(), generation + 1);
     }
 
     #[test]
