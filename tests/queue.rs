@@ -690,7 +690,10 @@ async fn a_failover_per_try_timeout_counts_the_wait() {
     let exhausted = err.downcast_ref::<Exhausted>().expect("attempts ended");
     // No backend was picked: nothing to fail over from.
     assert_eq!(exhausted.backends().count(), 0);
-    assert!(exhausted.reason().is_some_and(|r| r.is::<TimedOut>()), "{err}");
+    assert!(
+        exhausted.reason().is_some_and(|r| r.is::<TimedOut>()),
+        "{err}"
+    );
     assert_eq!(balance.waiting(), 0, "left the queue when abandoned");
     assert!(seen.lock().unwrap().is_empty());
 }
