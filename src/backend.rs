@@ -683,6 +683,13 @@ impl BackendState {
             .store(permille.clamp(1, 1000), Ordering::Relaxed);
     }
 
+    /// The configured weight times the current effective share in
+    /// thousandths: the effective weight in integers, for comparisons and
+    /// draws without rounding.
+    pub(crate) fn weight_units(&self) -> u64 {
+        u64::from(self.weight()) * u64::from(self.weight_permille())
+    }
+
     /// The configured weight scaled by the current effective share.
     pub fn effective_weight(&self) -> f64 {
         f64::from(self.weight()) * f64::from(self.weight_permille()) / 1000.0

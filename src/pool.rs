@@ -264,18 +264,22 @@ impl Kept {
             .retain(|(kept, s, _)| kept != id || state.is_some_and(|st| !Arc::ptr_eq(s, st)));
     }
 
-    fn get(&mut self, id: &BackendId) -> Option<Arc<BackendState>> {
-        self.forget_expired(Instant::now());
-        let (_, state, _) = self.states.iter().find(|(kept, _, _)| kept == id)?;
-        Some(state.clone())
-    }
-
-    fn take(&mut self, id: &BackendId) -> Option<Arc<BackendState>> {
+    /// Where the state of `id` is kept, if it still is.
+    fn find(&mut self, id: &BackendId) -> Option<usize> {
         if self.states.is_empty() {
             return None;
         }
         self.forget_expired(Instant::now());
-        let i = self.states.iter().position(|(kept, _, _)| kept == id)?;
+        self.states.iter().position(|(kept, _, _)| kept == id)
+    }
+
+    fn get(&mut self, id: &BackendId) -> Option<Arc<BackendState>> {
+        let i = self.find(id)?;
+        Some(self.states[i].1.clone())
+    }
+
+    fn take(&mut self, id: &BackendId) -> Option<Arc<BackendState>> {
+        let i = self.find(id)?;
         self.states.remove(i).map(|(_, state, _)| state)
     }
 }

@@ -80,7 +80,7 @@ impl Strategy for LeastRequest {
 #[inline]
 fn less_loaded(pick: &Pick<'_>, a: usize, b: usize) -> bool {
     let (a, b) = (pick.member(a).state(), pick.member(b).state());
-    let weight = |s: &crate::BackendState| u128::from(s.weight()) * u128::from(s.weight_permille());
+    let weight = |s: &crate::BackendState| u128::from(s.weight_units());
     let load =
         |s: &crate::BackendState, w: &crate::BackendState| (s.in_flight() as u128 + 1) * weight(w);
     load(a, b) < load(b, a)

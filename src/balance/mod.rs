@@ -43,6 +43,7 @@ mod weighted_round_robin;
 
 use std::cell::RefCell;
 
+use rand::distr::uniform::SampleUniform;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -92,11 +93,6 @@ impl Clone for Turns {
 
 /// A uniform integer in `0..n` (`n > 0`) from a fast per-thread generator.
 #[inline]
-pub(crate) fn random_below(n: usize) -> usize {
-    RNG.with(|rng| rng.borrow_mut().random_range(0..n))
-}
-
-/// As [`random_below`], for a bound wider than a `usize` may be.
-pub(crate) fn random_below_u64(n: u64) -> u64 {
-    RNG.with(|rng| rng.borrow_mut().random_range(0..n))
+pub(crate) fn random_below<T: SampleUniform + PartialOrd + Default>(n: T) -> T {
+    RNG.with(|rng| rng.borrow_mut().random_range(T::default()..n))
 }

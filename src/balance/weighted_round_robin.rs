@@ -154,16 +154,13 @@ impl Strategy for WeightedRoundRobin {
 /// weight (configured weight times the share slow start gives it), if any
 /// has one.
 fn by_weight(pick: &Pick<'_>) -> Option<usize> {
-    let weight = |i: usize| {
-        let state = pick.member(i).state();
-        u64::from(state.weight()) * u64::from(state.weight_permille().min(1000))
-    };
+    let weight = |i: usize| pick.member(i).state().weight_units();
     let eligible = || (0..pick.len()).filter(|&i| pick.is_eligible(i));
     let total: u64 = eligible().map(weight).sum();
     if total == 0 {
         return None;
     }
-    let mut point = super::random_below_u64(total);
+    let mut point = super::random_below(total);
     eligible().find(|&i| {
         let w = weight(i);
         point = match point.checked_sub(w) {
@@ -179,7 +176,7 @@ fn by_weight(pick: &Pick<'_>) -> Option<usize> {
 #[inline]
 fn admitted(pick: &Pick<'_>, i: usize) -> bool {
     let permille = pick.member(i).state().weight_permille();
-    permille >= 1000 || (super::random_below(1000) as u32) < permille
+    permille >= 1000 || super::random_below(1000) < permille
 }
 
 #[cfg(test)]
