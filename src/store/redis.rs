@@ -631,14 +631,10 @@ impl Inner {
         cmd: &::redis::Cmd,
         what: &str,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn();
-        let mut answer =
-            tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn.manager)).await;
-        if broken(&answer) {
-            answer =
-                tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn.manager)).await;
-        }
-        self.finish(&conn, answer, what)
+        self.twice_if_broken(what, |mut manager| async move {
+            cmd.query_async::<T>(&mut manager).await
+        })
+        .await
     }
 
     /// Runs `pipe` as [`Inner::run`] runs a command.
@@ -647,12 +643,26 @@ impl Inner {
         pipe: &::redis::Pipeline,
         what: &str,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn();
-        let mut answer =
-            tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn.manager)).await;
+        self.twice_if_broken(what, |mut manager| async move {
+            pipe.query_async::<T>(&mut manager).await
+        })
+        .await
+    }
+
+    /// Runs `query` on the current connection, and once more when the
+    /// connection turns out to be broken (see [`broken`]).
+    async fn twice_if_broken<T, F>(
+        &self,
+        what: &str,
+        query: impl Fn(ConnectionManager) -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = ::redis::RedisResult<T>>,
+    {
+        let conn = self.conn();
+        let mut answer = tokio::time::timeout(self.timeout, query(conn.manager.clone())).await;
         if broken(&answer) {
-            answer =
-                tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn.manager)).await;
+            answer = tokio::time::timeout(self.timeout, query(conn.manager.clone())).await;
         }
         self.finish(&conn, answer, what)
     }
