@@ -1603,13 +1603,31 @@ async fn restore_held<S>(
 where
     S: Service<Request<()>> + Clone + Send + Sync + 'static,
 {
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"));
+    restore_held_by(c, keys, layer.availability(availability)).await
+}
+
+/// The same as `restore_held`, for `layer` (given its key, mode and
+/// options).
+async fn restore_held_by<S>(
+    c: &Cluster<S>,
+    keys: &[&str],
+    layer: StickyLayer,
+) -> (
+    MemoryStore,
+    StickyLayer,
+    tokio::task::JoinHandle<Result<tower_ha::sticky::RestoreReport, tower_ha::store::StoreError>>,
+    Arc<tokio::sync::Semaphore>,
+    Sticky<Balance<S, RoundRobin>>,
+)
+where
+    S: Service<Request<()>> + Clone + Send + Sync + 'static,
+{
     let store = MemoryStore::new();
     for key in keys {
-        store.save(&Session::new(*key, "c".into())).await.unwrap();
+        store.save(&kernel(key, "c")).await.unwrap();
     }
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(availability);
+    let layer = layer.store(store.clone());
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let entered = Arc::new(AtomicBool::new(false));
     let (hooked, running) = (gate.clone(), entered.clone());
@@ -1768,7 +1786,8 @@ async fn a_session_served_from_memory_while_restore_runs_then_forgotten_follows_
             let res = send(&svc, session(key)).await.unwrap();
             assert_eq!(res.body(), "c", "{key}, all at once: {all_at_once}");
         }
-        assert_eq!(layer.stats().moved, 0);
+        // Each moved once off `c`, in memory, and follows the store since.
+        assert_eq!(layer.stats().moved, 2);
     }
 }
 
@@ -1833,11 +1852,12 @@ async fn standalone_restore_reports_and_keeps_failed_records() {
         assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "a");
         assert_eq!(send(&svc, session("k3")).await.unwrap().body(), "c");
     }
-    // A record whose restore failed is not read on a miss. The request
-    // for k2 is served, but its record stays as it was for a later
+    // A record whose restore failed is not read on a miss. The requests
+    // for k2 go where it says, and it stays as it was for a later
     // restore().
-    let first = send(&svc, session("k2")).await.unwrap().into_body();
-    assert_eq!(send(&svc, session("k2")).await.unwrap().body(), &first);
+    for _ in 0..2 {
+        assert_eq!(send(&svc, session("k2")).await.unwrap().body(), "b");
+    }
     assert_eq!(layer.stats().loaded, 0);
     let kept = store.load("k2").await.unwrap().unwrap();
     assert_eq!(kept.backend.as_str(), "b");
@@ -3390,34 +3410,159 @@ async fn a_request_served_during_restore_is_not_undone_by_it() {
         gate.add_permits(1);
         assert_eq!(restoring.await.unwrap().unwrap().restored, ["k1"]);
         let routed = layer.session("k1").unwrap().backend;
-        let stored = store.load("k1").await.unwrap().unwrap().backend;
+        let stored = store.load("k1").await.unwrap().unwrap();
         assert_eq!(
-            routed, stored,
+            routed, stored.backend,
             "{availability:?}: the table and the store agree"
         );
+        // The request moved the session: the restore does not put it back,
+        // and its record follows it with its data.
         let stats = layer.stats();
-        match availability {
-            // The record under restore was neither read nor written over
-            // meanwhile: the restore puts the session where it says.
-            Availability::Standalone => {
-                assert_eq!(stats.loaded, 0);
-                assert_eq!(stats.moved, 0);
-                assert_eq!(routed.as_str(), "a");
-            }
-            // The request read the record and moved the session: the
-            // restore does not put it back.
-            _ => {
-                assert_eq!(stats.moved, 1);
-                assert_eq!(routed.as_str(), during.body());
-            }
+        assert_eq!(stats.moved, 1, "{availability:?}");
+        assert_eq!(routed.as_str(), during.body(), "{availability:?}");
+        assert_eq!(stored.data["port"], 5000, "{availability:?}");
+        if availability == Availability::Standalone {
+            // Routed by the record the restore listed, not read again.
+            assert_eq!(stats.loaded, 0);
         }
-        // From now on it moves off `a` as any session does, saved.
+        // It does not move back when `a` recovers.
+        c.set_health("a", HealthStatus::Healthy);
         let next = send(&svc, session("k1")).await.unwrap();
-        assert_ne!(next.body(), "a");
-        assert_eq!(layer.session("k1").unwrap().backend.as_str(), next.body());
-        let stored = store.load("k1").await.unwrap().unwrap().backend;
-        assert_eq!(stored.as_str(), next.body());
+        assert_eq!(next.body(), during.body(), "{availability:?}");
+        assert_eq!(layer.stats().moved, 1, "{availability:?}");
     }
+}
+
+/// Standalone: a session whose record a restore has listed and not yet
+/// taken goes to the record's backend, whatever a cookie or the balancer
+/// would pick; strict mode refuses it while that backend is out.
+#[tokio::test]
+async fn a_session_waiting_for_its_restore_goes_where_its_record_says() {
+    for strict in [false, true] {
+        let c = cluster();
+        let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+            .availability(Availability::Standalone)
+            .strict(strict);
+        let (store, layer, restore, gate, svc) =
+            restore_held_by(&c, &["k1", "k2", "k3"], layer).await;
+        for key in ["k1", "k2", "k3"] {
+            let res = send(&svc, session(key)).await.unwrap();
+            assert_eq!(res.body(), "c", "{key}, strict: {strict}");
+        }
+        c.set_health("c", HealthStatus::Unhealthy);
+        let during = send(&svc, session("k1")).await;
+        if strict {
+            let err = during.unwrap_err();
+            let refused = err.downcast_ref::<SessionUnavailable>().expect("typed");
+            assert_eq!(refused.backend().unwrap().as_str(), "c");
+            assert_eq!(layer.stats().strict_refusals, 1);
+        } else {
+            assert_ne!(during.unwrap().body(), "c");
+            assert_eq!(layer.stats().moved, 1);
+        }
+        gate.add_permits(3);
+        let mut restored = restore.await.unwrap().unwrap().restored;
+        restored.sort();
+        assert_eq!(restored, ["k1", "k2", "k3"]);
+        assert_eq!(layer.stats().loaded, 0, "strict: {strict}");
+        for key in ["k2", "k3"] {
+            assert_eq!(
+                store.load(key).await.unwrap().unwrap().backend.as_str(),
+                "c"
+            );
+        }
+    }
+}
+
+/// Standalone: a session a cookie names moves off its backend while its
+/// record waits for the restore; the restore keeps the move, saves it with
+/// the record's data, and the session does not move back.
+#[tokio::test]
+async fn a_move_made_while_the_restore_runs_is_kept_and_saved() {
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
+        .availability(Availability::Standalone)
+        .on_move(moves.hook());
+    let sid = "0000000000000000000001";
+    let (store, layer, restore, gate, svc) = restore_held_by(&c, &[sid], layer).await;
+    let cookie = format!("srv={}", sign("srv", sid, "c"));
+    c.set_health("c", HealthStatus::Unhealthy);
+    let during = send(&svc, with_cookie(&cookie)).await.unwrap();
+    let went = during.body().clone();
+    assert_ne!(went, "c");
+    let all = moves.all();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].session.data["port"], 5000, "the record's data moves");
+    // Not saved over the record the restore holds.
+    assert_eq!(
+        store.load(sid).await.unwrap().unwrap().backend.as_str(),
+        "c"
+    );
+
+    gate.add_permits(1);
+    assert_eq!(restore.await.unwrap().unwrap().restored, [sid]);
+    assert_eq!(layer.session(sid).unwrap().backend.as_str(), went);
+    let stored = store.load(sid).await.unwrap().unwrap();
+    assert_eq!(stored.backend.as_str(), went);
+    assert_eq!(stored.data["port"], 5000);
+
+    c.set_health("c", HealthStatus::Healthy);
+    for cookie in [cookie, cookie_of(&during).unwrap()] {
+        let res = send(&svc, with_cookie(&cookie)).await.unwrap();
+        assert_eq!(res.body(), &went);
+    }
+    assert_eq!(moves.all().len(), 1);
+}
+
+/// Standalone: a session whose restore failed moves in memory, keeps its
+/// new backend after it idles out, and a later restore keeps the move.
+#[tokio::test(start_paused = true)]
+async fn a_session_whose_restore_failed_keeps_its_move_until_a_later_restore() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&kernel("k1", "a")).await.unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let fails = fail.clone();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+        .idle_timeout(Duration::from_secs(60))
+        .on_restore(move |_: Session| {
+            let failed = fails.load(Ordering::SeqCst);
+            async move {
+                match failed {
+                    true => Err::<(), BoxError>("kernel gone".into()),
+                    false => Ok(()),
+                }
+            }
+        });
+    assert_eq!(layer.restore().await.unwrap().failed.len(), 1);
+    let svc = stack(&c.pool, layer.clone());
+    c.set_health("a", HealthStatus::Unhealthy);
+    let went = send(&svc, session("k1")).await.unwrap().into_body();
+    assert_ne!(went, "a");
+    c.set_health("a", HealthStatus::Healthy);
+    // Idle: gone from the table. Every backend is a pick now; the session
+    // goes where it moved.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    for _ in 0..3 {
+        send(&svc, Request::new(())).await.unwrap();
+        assert_eq!(send(&svc, session("k1")).await.unwrap().body(), &went);
+    }
+    assert_eq!(layer.stats().moved, 1);
+    assert_eq!(
+        store.load("k1").await.unwrap().unwrap().backend.as_str(),
+        "a"
+    );
+
+    fail.store(false, Ordering::SeqCst);
+    assert_eq!(layer.restore().await.unwrap().restored, ["k1"]);
+    let stored = store.load("k1").await.unwrap().unwrap();
+    assert_eq!(stored.backend.as_str(), went);
+    assert_eq!(stored.data["port"], 5000);
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), &went);
+    assert_eq!(layer.stats().moved, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -83,10 +83,13 @@ impl<S> Sticky<S> {
     /// What standalone availability runs at start.
     ///
     /// Requests may be served meanwhile. In standalone mode, until its hook
-    /// has run, a session loaded here is routed as one whose restore failed
-    /// (its record neither read nor written); if the future is dropped
-    /// part-way, the sessions not yet restored stay so until a later
-    /// `restore`. A session the table read or saved since the load is kept
+    /// has run, a session loaded here is routed as one whose restore failed:
+    /// to its record's backend, whatever its cookie names, and moved off it
+    /// only as any session is, in memory (its record neither read nor
+    /// written). The restore keeps such a move: it puts the session where
+    /// it moved, with the record's data, and saves it. If the future is
+    /// dropped part-way, the sessions not yet restored stay so until a
+    /// later `restore`. A session the table read or saved since the load is kept
     /// rather than the older record. A session ended
     /// ([`remove`](Self::remove)) or forgotten ([`forget`](Self::forget),
     /// [`forget_all`](Self::forget_all): another replica moved it) since

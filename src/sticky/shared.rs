@@ -161,9 +161,10 @@ pub(crate) enum Stored {
     /// mode refuses the request instead.
     Unknown(Arc<StoreError>),
     /// The store holds a record this instance did not take (standalone
-    /// mode: its restore failed): a session started now is kept in memory
-    /// only, so that it cannot overwrite that record.
-    Unrestored,
+    /// mode: its restore failed, or has yet to run): the session is routed
+    /// as that record says (or as it moved since), and kept in memory only,
+    /// so that it cannot overwrite the record.
+    Unrestored(Session),
 }
 
 impl Stored {
@@ -172,7 +173,7 @@ impl Stored {
         match self {
             Stored::Found(_) | Stored::Absent => Kept::Saved,
             Stored::Unknown(_) => Kept::Unread,
-            Stored::Unrestored => Kept::Unrestored,
+            Stored::Unrestored(_) => Kept::Unrestored,
         }
     }
 }
@@ -207,9 +208,11 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     table: Table,
     loading: Loading,
-    /// Keys whose stored record `restore` kept after its hook failed
-    /// (standalone mode): never overwritten by a session started here.
-    unrestored: Mutex<HashSet<Arc<str>>>,
+    /// The stored records a restore has listed and not yet taken, or kept
+    /// after their hook failed (standalone mode), each as its session is
+    /// routed meanwhile: on the record's backend, or the one it moved to
+    /// since. Never overwritten by a session started here.
+    unrestored: Mutex<HashMap<Arc<str>, Session>>,
     /// The sessions forgotten or ended since each restore under way began
     /// to list the store: it does not put them back. Locked after
     /// `unrestored`, when both are.
@@ -464,7 +467,7 @@ impl Shared {
             })),
             config,
             loading: Mutex::new(HashMap::new()),
-            unrestored: Mutex::new(HashSet::new()),
+            unrestored: Mutex::new(HashMap::new()),
             restores: Mutex::default(),
             records: Mutex::new(records),
             writes: Writes::default(),
@@ -547,22 +550,20 @@ impl Shared {
             Found::Hit(hit, cookie) => self.pin(req, hit, cookie),
             Found::Miss(key, cookie, unread) => {
                 bump(&self.counters.misses, 1);
-                match &self.config.store {
-                    None => self.after_load(req, key, cookie, unread, Stored::Absent),
-                    // Standalone: a record whose restore failed is not
-                    // this instance's to take until a later `restore`.
-                    Some(_)
-                        if self.config.availability == Availability::Standalone
-                            && self.unrestored.lock().contains(&key) =>
-                    {
-                        self.after_load(req, key, cookie, unread, Stored::Unrestored)
+                match (&self.config.store, self.unrestored(&key)) {
+                    (None, _) => self.after_load(req, key, cookie, unread, Stored::Absent),
+                    // Standalone: a record a restore has yet to take, or
+                    // whose restore failed, is not this instance's to read
+                    // until a `restore` takes it.
+                    (Some(_), Some(record)) => {
+                        self.after_load(req, key, cookie, unread, Stored::Unrestored(record))
                     }
                     // Whatever the mode, a session the table does not know
                     // (never seen, idle, evicted, or kept in memory while
                     // the store could not be read) is read from the store
                     // before it is routed, so that its record is followed
                     // and never written over unread.
-                    Some(store) => {
+                    (Some(store), None) => {
                         let load = self.load(store.clone(), key.clone());
                         return Start::Load {
                             key,
@@ -578,6 +579,16 @@ impl Shared {
             Ok(track) => Start::Call(track),
             Err(refused) => Start::Refuse(refused),
         }
+    }
+
+    /// The record this instance has not taken of session `key`, as the
+    /// session is routed (see `Shared::unrestored`); none in replication
+    /// mode.
+    fn unrestored(&self, key: &str) -> Option<Session> {
+        if self.config.availability != Availability::Standalone {
+            return None;
+        }
+        self.unrestored.lock().get(key).cloned()
     }
 
     fn lookup(self: &Arc<Self>, key: &str) -> Found {
@@ -684,6 +695,10 @@ impl Shared {
         // knows is no session.
         let session = match (stored, unread, &cookie) {
             (Stored::Found(stored), _, _) => Some(stored),
+            // A record a restore has yet to take names where its session
+            // goes (or where it moved to since), whatever a cookie says:
+            // moved off that backend only as any session is.
+            (Stored::Unrestored(record), _, _) => Some(record),
             // The store holds no record: the session kept in memory is
             // saved from now on, and routed as any known session (kept off
             // its backend if its last request failed, moved if that
@@ -1241,7 +1256,20 @@ impl Shared {
                     let reason = self.reason(&backend, failed);
                     let tag = self.tag(&key, served);
                     let moved = self.decide(&mut work, || {
+                        // A session whose record a restore has yet to take
+                        // goes on to its new backend until then, and the
+                        // restore keeps the move: both decided under the
+                        // lock that restore takes the record under.
+                        let standalone = self.config.availability == Availability::Standalone;
+                        let unrestored = standalone.then(|| self.unrestored.lock());
                         let moved = self.table.move_if(&key, &backend, served, tag);
+                        if let (Some(mut unrestored), Some(false)) =
+                            (unrestored, moved.as_ref().map(|m| m.saved))
+                        {
+                            if let Some(routed) = unrestored.get_mut(&*key) {
+                                routed.backend = served.clone();
+                            }
+                        }
                         let save = moved.as_ref().filter(|m| m.saved);
                         let write = save.map(|m| Write::Save(m.session.clone()));
                         (moved, write)
@@ -1278,7 +1306,7 @@ impl Shared {
                 // A value the application had not confirmed when it was
                 // first seen may be confirmed now; a record this instance
                 // did not restore stays the restore's.
-                unconfirmed = !saved && !self.unrestored.lock().contains(&key);
+                unconfirmed = !saved && !self.unrestored.lock().contains_key(&key);
                 current = Some(key);
                 owned = saved;
             }
@@ -1464,7 +1492,7 @@ impl Shared {
             return self.table.insert_if_absent(session, cookie, kept);
         }
         let unrestored = self.unrestored.lock();
-        let kept = if unrestored.contains(session.key.as_str()) {
+        let kept = if unrestored.contains_key(session.key.as_str()) {
             Kept::Memory
         } else {
             Kept::Reread
@@ -1618,7 +1646,7 @@ impl Shared {
     }
 
     /// Loads every stored session and restores it (see `Sticky::restore`).
-    pub(crate) async fn restore(&self) -> Result<RestoreReport, StoreError> {
+    pub(crate) async fn restore(self: &Arc<Self>) -> Result<RestoreReport, StoreError> {
         let mut report = RestoreReport::default();
         let Some(store) = &self.config.store else {
             tracing::warn!(target: TARGET, "restore without a session store: nothing to load");
@@ -1636,26 +1664,28 @@ impl Shared {
         }
         // Until its hook has run, a loaded record is not this instance's to
         // read on a miss (standalone mode), as if its restore had failed: a
-        // request meanwhile cannot route, move and save the session only
-        // for the restore to put it back as loaded. Records left over by a
-        // restore dropped part-way stay so until a later `restore`.
+        // request meanwhile goes to the record's backend, and if it moves
+        // the session, the move is kept in memory, not saved over a record
+        // the restore then reads, until the restore takes the record.
+        // Records left over by a restore dropped part-way, or failed, stay
+        // so until a later `restore`, with any move made since.
         {
             let mut unrestored = self.unrestored.lock();
             let restores = self.restores.lock();
-            unrestored.extend(
-                loaded
-                    .sessions
-                    .iter()
-                    .filter(|s| !restores.forgotten(restoring.id, &s.key))
-                    .map(|s| Arc::from(s.key.as_str())),
-            );
+            for session in &loaded.sessions {
+                if !restores.forgotten(restoring.id, &session.key) {
+                    unrestored
+                        .entry(Arc::from(session.key.as_str()))
+                        .or_insert_with(|| session.clone());
+                }
+            }
         }
         for session in loaded.sessions {
             if self.restores.lock().forgotten(restoring.id, &session.key) {
                 // Its next request reads the store; not from memory, where
                 // a request may have routed it meanwhile.
                 let mut unrestored = self.unrestored.lock();
-                if unrestored.remove(session.key.as_str()) {
+                if unrestored.remove(session.key.as_str()).is_some() {
                     self.table.remove_unsaved(&session.key);
                 }
                 continue;
@@ -1678,15 +1708,14 @@ impl Shared {
                 }
             }
             let key = session.key.clone();
-            let session = self.with_member_id(session);
-            let tag = self.tag(&session.key, &session.backend);
-            {
+            let mut session = session;
+            let moved = {
                 // Under the lock `remove` ends a session under: one ended
                 // since the load (while the hooks ran) is not put back.
                 let mut unrestored = self.unrestored.lock();
-                if !unrestored.remove(key.as_str()) {
+                let Some(routed) = unrestored.remove(key.as_str()) else {
                     continue;
-                }
+                };
                 // Nor is one forgotten since the load (the store holds
                 // newer): its next request reads the store.
                 let restores = self.restores.lock();
@@ -1694,11 +1723,32 @@ impl Shared {
                     self.table.remove_unsaved(&key);
                     continue;
                 }
+                // One that moved while the record was not taken stays where
+                // it went: a session does not move back. Its record follows
+                // it once put.
+                let moved = routed.backend != session.backend;
+                session.backend = routed.backend;
+                let session = self.with_member_id(session);
+                let tag = self.tag(&session.key, &session.backend);
                 // A session the table read or saved since the load is newer
                 // than the record restored (replication mode, or a miss read
                 // before this restore began).
-                let (_, dropped) = self.table.restore(session, tag);
+                let (put, dropped) = self.table.restore(session, tag);
                 self.count_dropped(dropped);
+                put && moved
+            };
+            if moved {
+                tracing::debug!(
+                    target: TARGET,
+                    session = %key,
+                    "restored on the backend it moved to while its record was not taken"
+                );
+                let mut work = Work::default();
+                self.decide(&mut work, || ((), self.table.saved(&key).map(Write::Save)));
+                // A write that fails is counted and reported where it ran.
+                for done in work.writes {
+                    let _ = landed(done).await;
+                }
             }
             report.restored.push(key);
         }
