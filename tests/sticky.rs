@@ -3515,6 +3515,28 @@ async fn a_move_made_while_the_restore_runs_is_kept_and_saved() {
     assert_eq!(moves.all().len(), 1);
 }
 
+/// Standalone: an application's logout of a session whose record the
+/// restore holds ends it: the record is deleted and not put back.
+#[tokio::test]
+async fn a_logout_while_the_restore_runs_ends_the_session() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"))
+        .availability(Availability::Standalone);
+    let (store, layer, restore, gate, svc) = restore_held_by(&c, &["sess1", "sess2"], layer).await;
+    let logout = Request::builder()
+        .header(COOKIE, "JSESSIONID=sess1")
+        .header("x-logout", "1")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&svc, logout).await.unwrap().body(), "c");
+    assert!(store.load("sess1").await.unwrap().is_none());
+    gate.add_permits(2);
+    assert_eq!(restore.await.unwrap().unwrap().restored, ["sess2"]);
+    assert!(layer.session("sess1").is_none());
+    assert!(store.load("sess1").await.unwrap().is_none());
+    assert_eq!(layer.stats().sessions, 1);
+}
+
 /// Standalone: a session whose restore failed moves in memory, keeps its
 /// new backend after it idles out, and a later restore keeps the move.
 #[tokio::test(start_paused = true)]

@@ -1380,14 +1380,19 @@ impl Shared {
                     // The stored record goes only when it is this session's
                     // as the layer knew it when it routed the request: one
                     // it read or wrote (whether or not the session is still
-                    // in the table). A record it could not read (a load
-                    // error), or never wrote (a value the application had
-                    // not confirmed), may belong to a session this backend
+                    // in the table), or one a restore holds, which routed
+                    // it (standalone mode; the restore no longer puts it
+                    // back). A record it could not read (a load error), or
+                    // never wrote (a value the application had not
+                    // confirmed), may belong to a session this backend
                     // simply does not know.
                     if let Some(k) = current {
-                        self.decide(&mut work, || {
+                        let owned = self.decide(&mut work, || {
                             self.table.remove(&k);
-                            ((), owned.then(|| Write::Delete(k.to_string())))
+                            let owned = owned
+                                || (self.config.availability == Availability::Standalone
+                                    && self.unrestored.lock().remove(&*k).is_some());
+                            (owned, owned.then(|| Write::Delete(k.to_string())))
                         });
                         if owned {
                             tracing::debug!(target: TARGET, session = %k, "session ended by the application");
