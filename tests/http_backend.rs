@@ -333,6 +333,41 @@ async fn http_probes_go_through_a_proxys_backends() {
     assert!(accepted.load(Ordering::SeqCst) >= 1, "probed over HTTP");
 }
 
+/// An `HttpProbe` through an `HttpBackend` with a base path asks for the
+/// probe's path under it, as every request does.
+#[tokio::test]
+async fn an_http_probe_goes_under_the_backends_base_path() {
+    use tower_ha::health::Probe;
+    let (addr, _) = accept_counting(|stream, _| async move {
+        let healthz = service_fn(|req: Request<Incoming>| async move {
+            let status = match req.uri().path() {
+                "/app/healthz" => StatusCode::OK,
+                _ => StatusCode::NOT_FOUND,
+            };
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = status;
+            Ok::<_, Infallible>(response)
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), healthz)
+            .await;
+    })
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let probe = HttpProbe::new("/healthz");
+    let id = "a".into();
+    let under_app = HttpBackend::new(&client, format!("http://{addr}/app")).unwrap();
+    support::wait::bounded_real("the probe answers", probe.probe(&id, &under_app))
+        .await
+        .expect("/app/healthz answers 200");
+    let at_root = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let err = support::wait::bounded_real("the probe answers", probe.probe(&id, &at_root))
+        .await
+        .expect_err("/healthz answers 404");
+    let status = err.downcast_ref::<tower_ha::health::UnexpectedStatus>();
+    assert_eq!(status.unwrap().status(), StatusCode::NOT_FOUND);
+}
+
 /// A request the backend refuses to send because of the request itself (a
 /// path that would leave the base path) is the client's fault: a 400, tried
 /// on no other backend whatever its method, and no backend's failure.

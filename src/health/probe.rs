@@ -51,8 +51,10 @@ impl<S, P: Probe<S> + ?Sized> Probe<S> for Arc<P> {
 /// Because the request goes through the same service the balancer calls,
 /// the probe checks exactly the path requests take (the client, its
 /// connection pool, any layers). The request has an origin-form URI
-/// (`/healthz`); the backend's service is what knows its address. The
-/// request body is `B::default()`; the response body is not read.
+/// (`/healthz`); the backend's service is what knows its address, and an
+/// `HttpBackend` with a base path puts it first, as for every request
+/// (`/app/healthz` for a backend at `http://host/app`). The request body
+/// is `B::default()`; the response body is not read.
 pub struct HttpProbe<B> {
     path: PathAndQuery,
     expected: Vec<RangeInclusive<u16>>,
