@@ -170,7 +170,8 @@ pub struct FailoverConfig {
         serialize_with = "ser_opt_duration"
     )]
     pub deadline: Option<Duration>,
-    /// Retries as a share of requests (default 0.2).
+    /// Retries as a share of requests (default 0.2; 0 or more, and above 1
+    /// for more retries than requests).
     #[serde(default)]
     pub retry_ratio: Option<f64>,
     /// Retries allowed per second whatever the traffic (default 3).
@@ -561,10 +562,12 @@ impl Config {
                         "must be greater than 0",
                     ));
                 }
-                if f.retry_ratio.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+                // As `RetryBudget` takes it: above 1, more retries than
+                // requests (for a layer that tries several backends).
+                if f.retry_ratio.is_some_and(|r| !(r.is_finite() && r >= 0.0)) {
                     return Err(ConfigError::invalid(
                         at("failover.retry_ratio"),
-                        "must be between 0 and 1",
+                        "must be a number of 0 or more",
                     ));
                 }
             }

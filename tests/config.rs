@@ -305,7 +305,9 @@ fn each_invalid_configuration_names_its_field() {
         ("{max_attempts: 0}", "max_attempts"),
         ("{per_try_timeout: 0s}", "per_try_timeout"),
         ("{deadline: 0ms}", "deadline"),
-        ("{retry_ratio: 1.5}", "retry_ratio"),
+        ("{retry_ratio: -0.5}", "retry_ratio"),
+        ("{retry_ratio: .nan}", "retry_ratio"),
+        ("{retry_ratio: .inf}", "retry_ratio"),
     ] {
         let (field, _) = invalid(&format!(
             "failover_groups:\n  - {{name: a, mode: normal, backends: [x], failover: {failover}}}\n"
@@ -328,6 +330,13 @@ async fn failover_settings_build_a_working_layer() {
     .unwrap();
     let failover = config.group("web").unwrap().failover.clone().unwrap();
     assert_eq!(failover.max_attempts, Some(2));
+    // More retries than requests, as `RetryBudget` allows.
+    let generous = Config::from_yaml(
+        "failover_groups:\n  - {name: a, mode: normal, backends: [x], failover: {retry_ratio: 1.5}}\n",
+    )
+    .unwrap();
+    let generous = generous.group("a").unwrap().failover.clone().unwrap();
+    assert_eq!(generous.retry_ratio, Some(1.5));
     assert_eq!(failover.per_try_timeout, Some(Duration::from_millis(100)));
 
     let pool = Pool::new();
