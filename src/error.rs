@@ -277,6 +277,19 @@ pub(crate) fn chain<'a>(
     })
 }
 
+/// Whether `err` is the balancer's own [`NoBackend`], or wraps one: one
+/// found in its chain before any [`BackendError`]. Inside a `BackendError`
+/// it is that backend's failure (a balancer behind the backend had none).
+pub(crate) fn is_no_backend(err: &(dyn StdError + 'static)) -> bool {
+    chain(err)
+        .find_map(|e| match () {
+            () if e.is::<BackendError>() => Some(false),
+            () if e.is::<NoBackend>() => Some(true),
+            () => None,
+        })
+        .unwrap_or(false)
+}
+
 /// Shows an error followed by its chain of sources (`outer: inner:
 /// innermost`), for logs: a [`BackendError`] alone says only which backend
 /// failed, its sources say why. A source whose text the error it is the

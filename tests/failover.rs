@@ -908,6 +908,82 @@ async fn no_backend_at_all_is_the_reason_of_an_empty_exhausted() {
     assert!(err.reason().unwrap().is::<NoBackend>());
 }
 
+/// An error of a layer between the failover layer and the balancer,
+/// wrapping the balancer's.
+#[derive(Debug)]
+struct Wrapped(BoxError);
+
+impl std::fmt::Display for Wrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("inner service failed")
+    }
+}
+
+impl std::error::Error for Wrapped {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// A `NoBackend` a layer wraps still ends the attempts, as the balancer's
+/// own does; one inside a backend's error (a nested balancer behind that
+/// backend had none) is that backend's failure.
+#[tokio::test]
+async fn a_wrapped_no_backend_ends_the_attempts() {
+    use Kind::*;
+    let log = Log::default();
+    let layer = FailoverLayer::new().no_budget();
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .map_err(|e: BoxError| BoxError::from(Wrapped(e)))
+        .service(Balance::new(
+            fleet(&[("a", Reset), ("b", Refused)], &log),
+            RoundRobin::new(),
+        ));
+    let err = service.oneshot(request(Method::GET)).await.unwrap_err();
+    assert_eq!(*log.lock(), ["a", "b"]);
+    let stats = layer.stats();
+    assert_eq!((stats.retries, stats.exhausted), (1, 1), "{err}");
+    let err = exhausted(&err);
+    assert_eq!(
+        ids(&err.backends().cloned().collect::<Vec<_>>()),
+        ["a", "b"]
+    );
+    assert!(
+        err.reason().is_none(),
+        "NoBackend after failures is not listed"
+    );
+
+    // Nothing at all: the wrapped `NoBackend` is the reason, tried once.
+    let layer = FailoverLayer::new().no_budget();
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .map_err(|e: BoxError| BoxError::from(Wrapped(e)))
+        .service(Balance::new(fleet(&[], &log), RoundRobin::new()));
+    let err = service.oneshot(request(Method::GET)).await.unwrap_err();
+    let err = exhausted(&err);
+    assert!(err.attempts().is_empty());
+    assert!(find::<NoBackend>(err.reason().unwrap()).is_some());
+    assert_eq!(layer.stats().retries, 0);
+
+    // A backend whose own balancer had nothing: its failure, and the next
+    // backend answers.
+    let pool = Pool::new();
+    let nested: Backend = BoxCloneSyncService::new(service_fn(|_: Request<Full<Bytes>>| async {
+        Err::<Response<()>, BoxError>(Wrapped(NoBackend::default().into()).into())
+    }));
+    pool.insert("nested", nested);
+    let ok: Backend = BoxCloneSyncService::new(service_fn(|_: Request<Full<Bytes>>| async {
+        Result::<_, BoxError>::Ok(status(200))
+    }));
+    pool.insert("ok", ok);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool, RoundRobin::new()));
+    let response = service.oneshot(request(Method::GET)).await.unwrap();
+    assert_eq!(history(&response), ["nested", "ok"]);
+}
+
 #[tokio::test]
 async fn post_is_not_retried_after_a_failed_response_or_a_sent_error() {
     use Kind::*;

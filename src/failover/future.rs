@@ -20,7 +20,7 @@ use super::stats::bump;
 use crate::backend::BackendId;
 use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event};
-use crate::error::{BackendError, BoxError, NoBackend, Report};
+use crate::error::{find, is_no_backend, BackendError, BoxError, Report};
 use crate::extensions::Picked;
 use crate::extensions::{Attempts, ServedBy};
 use crate::time::{earliest, later, set_timer};
@@ -229,7 +229,7 @@ where
                     };
                     if this.retry.unpaid {
                         let no_backend =
-                            matches!(&polled, Poll::Ready(Err(e)) if e.is::<NoBackend>());
+                            matches!(&polled, Poll::Ready(Err(e)) if is_no_backend(&**e));
                         if !no_backend && !this.retry.pay() {
                             // Picked late (behind a buffer or a queue):
                             // one already handed to its backend may have
@@ -441,14 +441,15 @@ where
                 }
             }
             Err(err) => {
-                if err.is::<NoBackend>() {
+                if is_no_backend(&*err) {
                     // Every backend this request may try has been tried.
                     return Verdict::Return(self.give_up(Some(err)));
                 }
                 if !self.config.classifier.is_failure(&Outcome::Error(&*err)) {
                     return Verdict::Return(Err(err));
                 }
-                let (id, not_sent) = match err.downcast_ref::<BackendError>() {
+                // Also through a layer below that wraps the error.
+                let (id, not_sent) = match find::<BackendError>(&*err) {
                     // Its flag already looked through its chain.
                     Some(e) => (Some(e.backend().clone()), e.is_not_sent()),
                     None => {
@@ -597,16 +598,14 @@ where
         let to = match (&self.current, polled) {
             (Some(to), _) => Some(to.clone()),
             (None, Poll::Pending) => return,
-            (None, Poll::Ready(Err(e))) if e.is::<NoBackend>() => {
+            (None, Poll::Ready(Err(e))) if is_no_backend(&**e) => {
                 self.unannounced = false;
                 return;
             }
             (None, Poll::Ready(Ok(response))) => {
                 response.extensions().get::<ServedBy>().map(|s| s.0.clone())
             }
-            (None, Poll::Ready(Err(e))) => e
-                .downcast_ref::<BackendError>()
-                .map(|e| e.backend().clone()),
+            (None, Poll::Ready(Err(e))) => find::<BackendError>(&**e).map(|e| e.backend().clone()),
         };
         self.unannounced = false;
         self.announce(to.as_ref());
@@ -652,7 +651,7 @@ where
         let reason = if failures.is_empty() {
             reason
         } else {
-            reason.filter(|r| !r.is::<NoBackend>())
+            reason.filter(|r| !is_no_backend(&**r))
         };
         Err(Exhausted::new(failures, reason)
             .budget_spent(self.budget_spent)
