@@ -440,7 +440,112 @@ async fn a_url_with_a_trailing_slash_works() {
         .unwrap();
     store.save(&session("k", "a")).await.unwrap();
     assert_eq!(store.load_all().await.unwrap().sessions.len(), 1);
-    assert_eq!(server.state.seen.lock()[0].path, "/api/sessions/k");
+    store.delete(&["k".to_owned()]).await.unwrap();
+    // `{url}` as given, `{url}/{id}` with one slash.
+    let seen: Vec<_> = server
+        .state
+        .seen
+        .lock()
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
+    assert_eq!(
+        seen,
+        ["/api/sessions/k", "/api/sessions/", "/api/sessions/"]
+    );
+
+    let server = Server::start(Auth::None).await;
+    self::store(&server).load_all().await.unwrap();
+    assert_eq!(server.state.seen.lock()[0].path, "/api/sessions");
+}
+
+/// RFC 3986's unreserved characters are sent as they are: some servers
+/// refuse an encoded `.`.
+#[tokio::test]
+async fn dots_in_a_key_are_sent_as_they_are() {
+    let server = Server::start(Auth::None).await;
+    let store = store(&server);
+    store.save(&session("s:a.b~c", "a")).await.unwrap();
+    assert_eq!(server.state.seen.lock()[0].path, "/api/sessions/s%3Aa.b~c");
+    let loaded = store.load("s:a.b~c").await.unwrap().unwrap();
+    assert_eq!(loaded.backend.as_str(), "a");
+}
+
+/// A listing of garbage is no listing: it fails as corrupt rather than
+/// making a skipped record (and a log line) of every element.
+#[tokio::test]
+async fn a_listing_of_garbage_is_corrupt_as_a_whole() {
+    let server = Server::start(Auth::None).await;
+    let good = json!({"kernel_session": {"a": serde_json::to_value(session("a", "x")).unwrap()}});
+    let garbage = |n: usize| format!("[{good},{}0]", "0,".repeat(n - 1));
+    server.set_mode(Mode::GetBody(garbage(10_000)));
+    let loaded = store(&server).load_all().await.unwrap();
+    assert_eq!(loaded.sessions.len(), 1);
+    assert_eq!(loaded.skipped.len(), 10_000);
+    server.set_mode(Mode::GetBody(garbage(10_001)));
+    let err = store(&server).load_all().await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    let shown = tower_ha::error::Report(&err).to_string();
+    assert!(shown.contains("more than 10000"), "{shown}");
+}
+
+/// A byte order mark before the JSON is skipped, as JSON readers do.
+#[tokio::test]
+async fn a_byte_order_mark_is_skipped() {
+    let server = Server::start(Auth::None).await;
+    let one = json!({"kernel_session": {"a": serde_json::to_value(session("a", "x")).unwrap()}});
+    server.set_mode(Mode::GetBody(format!("\u{feff}[{one}]")));
+    let store = store(&server);
+    assert_eq!(store.load_all().await.unwrap().sessions.len(), 1);
+    server.set_mode(Mode::GetBody(format!("\u{feff}{one}")));
+    assert_eq!(
+        store.load("a").await.unwrap().unwrap().backend.as_str(),
+        "x"
+    );
+}
+
+/// A gateway's timeout in front of the service ends a write as this
+/// client's own timeout does: not sent again, so that it cannot land
+/// before the first and be undone by it. A load is retried.
+#[tokio::test]
+async fn a_gateway_timeout_ends_a_write_unretried() {
+    let server = Server::start(Auth::None).await;
+    server.set_mode(Mode::Fixed(504, "upstream timed out"));
+    let store = WebhookStore::builder(server.url())
+        .retries(3)
+        .backoff(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let err = store.save(&session("k", "a")).await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(err.is_transient());
+    assert_eq!(server.requests(), 1);
+    let err = store.delete(&["k".to_owned()]).await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert_eq!(server.requests(), 2);
+    let err = store.load("k").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(
+        server.requests(),
+        6,
+        "a load: one attempt and three retries"
+    );
+}
+
+/// A query may hold a secret (a function key): it is sent, but errors and
+/// `Debug` show `?…` instead.
+#[tokio::test]
+async fn a_query_in_the_url_is_not_shown() {
+    let addr = support::http::refused().await;
+    let store = WebhookStore::builder(format!("http://{addr}/api/sessions?code=k3y"))
+        .retries(0)
+        .build()
+        .unwrap();
+    let err = store.load("k").await.unwrap_err();
+    let shown = format!("{err} {err:?} {store:?}");
+    assert!(!shown.contains("k3y"), "{shown}");
+    assert!(shown.contains("/api/sessions/k?…"), "{shown}");
+    assert!(store.url().ends_with("?code=k3y"));
 }
 
 #[test]

@@ -67,8 +67,8 @@ const SESSION_FIELD: &str = "kernel_session";
 /// * a body that is not JSON or has the wrong shape:
 ///   [`is_corrupt`](StoreError::is_corrupt); in `load_all`, one bad element
 ///   is skipped and reported in [`Loaded::skipped`] while the others load;
-/// * connection errors, 5xx answers, `408 Request Timeout` and `429 Too
-///   Many Requests` are retried up to
+/// * connection errors, 5xx answers (but see 504 below), `408 Request
+///   Timeout` and `429 Too Many Requests` are retried up to
 ///   [`retries`](WebhookStoreBuilder::retries) times with exponential
 ///   backoff (waiting longer when the answer's `Retry-After` asks for it
 ///   in seconds, at most 10 s), then fail as
@@ -76,7 +76,9 @@ const SESSION_FIELD: &str = "kernel_session";
 /// * an attempt that takes longer than the
 ///   [`timeout`](WebhookStoreBuilder::timeout) fails as
 ///   [`is_timeout`](StoreError::is_timeout) and is not retried (the service
-///   may still be working on it).
+///   may still be working on it), and so does a save or a delete answered
+///   `504 Gateway Timeout` (a proxy in front of the service gave up on it);
+///   a load answered 504 is retried as any 5xx.
 ///
 /// # Authentication
 ///
@@ -115,7 +117,10 @@ pub struct WebhookStore {
 struct Inner {
     /// `scheme://authority`, no trailing slash.
     origin: String,
-    /// The URL's path without its trailing slash.
+    /// The URL's path as given (`/` when it has none): what `load_all`
+    /// and `delete` ask for.
+    collection: String,
+    /// The URL's path without its trailing slash, which `{id}` follows.
     path: String,
     /// The URL's query, with its `?`, or empty.
     query: String,
@@ -180,11 +185,13 @@ impl WebhookStore {
         }
     }
 
-    /// The URL sessions are kept at.
+    /// The URL sessions are kept at, with its query, if any (the store's
+    /// `Debug` and its errors show `?…` instead, as a query may hold a
+    /// secret).
     pub fn url(&self) -> String {
         format!(
             "{}{}{}",
-            self.inner.origin, self.inner.path, self.inner.query
+            self.inner.origin, self.inner.collection, self.inner.query
         )
     }
 }
@@ -284,7 +291,11 @@ impl WebhookStoreBuilder {
         if !port.is_empty() && port[1..].parse::<u16>().is_err() {
             return Err(bad("the port is not a number from 0 to 65535"));
         }
-        let path = uri.path().trim_end_matches('/').to_owned();
+        let collection = match uri.path() {
+            "" => "/".to_owned(),
+            path => path.to_owned(),
+        };
+        let path = collection.trim_end_matches('/').to_owned();
         let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         // With a timer the pool closes connections idle for a minute
         // (without one it only skips them when it next picks a connection,
@@ -296,6 +307,7 @@ impl WebhookStoreBuilder {
         Ok(WebhookStore {
             inner: Arc::new(Inner {
                 origin: format!("http://{authority}"),
+                collection,
                 path,
                 query,
                 auth: self.auth,
@@ -313,7 +325,7 @@ impl WebhookStoreBuilder {
 impl fmt::Debug for WebhookStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookStore")
-            .field("url", &self.url())
+            .field("url", &redact(&self.url()))
             .field("auth", &self.inner.auth)
             .field("timeout", &self.inner.timeout)
             .field("retries", &self.inner.retries)
@@ -348,7 +360,7 @@ impl fmt::Debug for Auth {
 impl SessionStore for WebhookStore {
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         Box::pin(async move {
-            let path = self.inner.path.clone();
+            let path = self.inner.collection.clone();
             let limit = self.inner.max_listing;
             let (status, body) = self.inner.call(Method::GET, &path, None, limit).await?;
             expect_success(status, &body, "load all")?;
@@ -364,7 +376,7 @@ impl SessionStore for WebhookStore {
                 return Ok(None);
             }
             expect_success(status, &body, "load")?;
-            let value: serde_json::Value = serde_json::from_slice(&body)
+            let value: serde_json::Value = serde_json::from_slice(without_bom(&body))
                 .map_err(|e| StoreError::corrupt(e).with_message("the answer is not JSON"))?;
             let (id, session) = parse_element(value)?;
             if id != key {
@@ -402,7 +414,7 @@ impl SessionStore for WebhookStore {
                 return Ok(());
             }
             let body = serde_json::to_vec(keys).map_err(StoreError::other)?;
-            let path = self.inner.path.clone();
+            let path = self.inner.collection.clone();
             let (status, answer) = self
                 .inner
                 .call(Method::DELETE, &path, Some(Bytes::from(body)), MAX_READ)
@@ -431,7 +443,9 @@ impl Inner {
         path.push_str(&self.path);
         path.push('/');
         for &b in key.as_bytes() {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            // RFC 3986's unreserved characters go as they are: some
+            // servers refuse an encoded `.`.
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
                 path.push(char::from(b));
             } else {
                 const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -453,11 +467,11 @@ impl Inner {
         body: Option<Bytes>,
         limit: usize,
     ) -> Result<(StatusCode, Bytes), StoreError> {
-        let path_and_query = if path.is_empty() {
-            format!("/{}", self.query)
-        } else {
-            format!("{path}{}", self.query)
-        };
+        let path = if path.is_empty() { "/" } else { path };
+        let path_and_query = format!("{path}{}", self.query);
+        // What errors and logs show: a query may hold a secret (a
+        // function key), so only its presence is.
+        let shown = format!("{path}{}", hidden_query(&self.query));
         let mut attempt = 0u32;
         loop {
             let outcome = tokio::time::timeout(
@@ -468,12 +482,21 @@ impl Inner {
             let (failure, asked) = match outcome {
                 Err(elapsed) => {
                     return Err(StoreError::timeout(elapsed).with_message(format!(
-                        "{method} {path_and_query}: no answer within {:?}",
+                        "{method} {shown}: no answer within {:?}",
                         self.timeout
                     )))
                 }
                 Ok(Err(Failure::Fatal(e))) => return Err(e),
                 Ok(Err(Failure::Retry(e))) => (e, None),
+                // A proxy's own timeout: the service may still be writing,
+                // and a write sent again could land before it and be
+                // undone, as after a timeout of this client's.
+                Ok(Ok((StatusCode::GATEWAY_TIMEOUT, _, answer))) if method != Method::GET => {
+                    let status = StatusError::new(StatusCode::GATEWAY_TIMEOUT, &answer);
+                    return Err(StoreError::timeout(status).with_message(format!(
+                        "{method} {shown}: a gateway timed out waiting for the service"
+                    )));
+                }
                 Ok(Ok((status, headers, answer))) if try_later(status) => (
                     StoreError::unavailable(StatusError::new(status, &answer)),
                     retry_after(&headers),
@@ -481,13 +504,10 @@ impl Inner {
                 Ok(Ok((status, _, answer))) => return Ok((status, answer)),
             };
             if attempt >= self.retries {
-                let message = format!(
-                    "{method} {path_and_query}: failed after {} attempt(s)",
-                    attempt + 1
-                );
+                let message = format!("{method} {shown}: failed after {} attempt(s)", attempt + 1);
                 return Err(failure.with_message(message));
             }
-            tracing::debug!(%method, path = %path_and_query, attempt, error = %crate::error::Report(&failure), "webhook call failed, retrying");
+            tracing::debug!(%method, path = %shown, attempt, error = %crate::error::Report(&failure), "webhook call failed, retrying");
             tokio::time::sleep(wait(self.backoff, attempt, asked)).await;
             attempt += 1;
         }
@@ -644,14 +664,27 @@ enum Failure {
     Fatal(StoreError),
 }
 
+/// `?…` for a query (with its `?`), nothing for none.
+fn hidden_query(query: &str) -> &'static str {
+    if query.is_empty() {
+        ""
+    } else {
+        "?…"
+    }
+}
+
 /// `url` with everything between its scheme and its last `@`, if any,
 /// replaced by `***`, so that no password is shown (one holding `/`, `?` or
-/// `#` included).
+/// `#` included), and its query by `?…` (it may hold a key).
 fn redact(url: &str) -> String {
     let start = url.find("://").map_or(0, |i| i + 3);
-    match url[start..].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
-        None => url.to_owned(),
+    let (head, rest) = match url[start..].rfind('@') {
+        Some(at) => (format!("{}***", &url[..start]), &url[start + at..]),
+        None => (url[..start].to_owned(), &url[start..]),
+    };
+    match rest.split_once('?') {
+        Some((before, _)) => format!("{head}{before}{}", hidden_query("?")),
+        None => format!("{head}{rest}"),
     }
 }
 
@@ -712,49 +745,93 @@ fn expect_success(status: StatusCode, body: &[u8], what: &str) -> Result<(), Sto
     Err(error.with_message(format!("{what}: the webhook answered {status}")))
 }
 
+/// The most unreadable elements a listing may have: an answer with more is
+/// no listing of sessions (a body of `[0,0,0,...]` would otherwise make
+/// hundreds of millions of skipped records and log lines).
+const MAX_SKIPPED: usize = 10_000;
+
 /// The answer to load all: a JSON array, whose elements are read one by
-/// one, so that one that cannot be read (nested deeper than the parser
-/// goes, say) is skipped while the others load.
+/// one as the answer is parsed, so that one that cannot be read (nested
+/// deeper than the parser goes, say) is skipped while the others load, and
+/// the answer is never held twice. A leading byte order mark is ignored.
 fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
+    use serde::de::{Deserializer as _, Error as _, SeqAccess, Visitor};
     use serde_json::value::RawValue;
-    let not_json =
-        |e: crate::BoxError| StoreError::corrupt(e).with_message("the answer is not JSON");
-    let text = std::str::from_utf8(body).map_err(|e| not_json(e.into()))?;
-    let elements: Vec<&RawValue> = match serde_json::from_str(text) {
-        Ok(elements) => elements,
-        // Skipping over a value is not bounded in depth: an error here is
-        // the answer's.
-        Err(e) => {
-            return Err(match serde_json::from_str::<&RawValue>(text) {
-                Err(e) => not_json(e.into()),
-                Ok(_) => StoreError::corrupt(ShapeError(format!(
-                    "load all must answer a JSON array ({e})"
-                )))
-                .with_message("the answer has the wrong shape"),
-            });
+
+    struct Listing<'a>(&'a mut Loaded);
+
+    impl<'de> Visitor<'de> for Listing<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON array")
         }
-    };
-    let mut loaded = Loaded::default();
-    for (i, raw) in elements.into_iter().enumerate() {
-        let element = match serde_json::from_str::<serde_json::Value>(raw.get()) {
-            Ok(element) => element,
-            Err(e) => {
-                let e = StoreError::corrupt(e).with_message("unreadable element");
-                tracing::warn!(record = %format!("#{i}"), error = %crate::error::Report(&e), "skipping unreadable webhook session");
-                loaded.skip(format!("#{i}"), e);
-                continue;
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0usize;
+            // Skipping over a value is not bounded in depth: an error here
+            // is the answer's.
+            while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                read_element(self.0, i, raw.get());
+                if self.0.skipped.len() > MAX_SKIPPED {
+                    return Err(A::Error::custom("too many unreadable elements"));
+                }
+                i += 1;
             }
-        };
-        let name = element_name(&element).unwrap_or_else(|| format!("#{i}"));
-        match parse_element(element) {
-            Ok((_, session)) => loaded.sessions.push(session),
-            Err(e) => {
-                tracing::warn!(record = %name, error = %crate::error::Report(&e), "skipping unreadable webhook session");
-                loaded.skip(name, e);
-            }
+            Ok(())
         }
     }
-    Ok(loaded)
+
+    let not_json =
+        |e: crate::BoxError| StoreError::corrupt(e).with_message("the answer is not JSON");
+    let text = std::str::from_utf8(without_bom(body)).map_err(|e| not_json(e.into()))?;
+    let mut loaded = Loaded::default();
+    let mut parser = serde_json::Deserializer::from_str(text);
+    let parsed = (&mut parser)
+        .deserialize_seq(Listing(&mut loaded))
+        .and_then(|()| parser.end());
+    match parsed {
+        Ok(()) => Ok(loaded),
+        Err(_) if loaded.skipped.len() > MAX_SKIPPED => Err(StoreError::corrupt(ShapeError(
+            format!("more than {MAX_SKIPPED} elements of the answer cannot be read"),
+        ))
+        .with_message("the answer is no listing of sessions")),
+        Err(e) => Err(match serde_json::from_str::<&RawValue>(text) {
+            Err(e) => not_json(e.into()),
+            Ok(_) => StoreError::corrupt(ShapeError(format!(
+                "load all must answer a JSON array ({e})"
+            )))
+            .with_message("the answer has the wrong shape"),
+        }),
+    }
+}
+
+/// `body` without a leading UTF-8 byte order mark, which some services
+/// write and JSON readers skip.
+fn without_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
+}
+
+/// Reads element `i` of a listing, `raw`, into `loaded`: a session, or a
+/// record skipped with why.
+fn read_element(loaded: &mut Loaded, i: usize, raw: &str) {
+    let element = match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(element) => element,
+        Err(e) => {
+            let e = StoreError::corrupt(e).with_message("unreadable element");
+            tracing::warn!(record = %format!("#{i}"), error = %crate::error::Report(&e), "skipping unreadable webhook session");
+            loaded.skip(format!("#{i}"), e);
+            return;
+        }
+    };
+    let name = element_name(&element).unwrap_or_else(|| format!("#{i}"));
+    match parse_element(element) {
+        Ok((_, session)) => loaded.sessions.push(session),
+        Err(e) => {
+            tracing::warn!(record = %name, error = %crate::error::Report(&e), "skipping unreadable webhook session");
+            loaded.skip(name, e);
+        }
+    }
 }
 
 /// The id of an element, if it has the right outline.
@@ -948,6 +1025,8 @@ mod tests {
         assert_eq!(redact("http://h/a"), "http://h/a");
         assert_eq!(redact("http://u:p@h/x"), "http://***@h/x");
         assert_eq!(redact("http://u:p/q?r#s@h/x"), "http://***@h/x");
+        assert_eq!(redact("http://h/a?code=k3y"), "http://h/a?…");
+        assert_eq!(redact("http://u:p@h/a?code=k3y"), "http://***@h/a?…");
     }
 
     #[test]
