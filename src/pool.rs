@@ -62,6 +62,9 @@ const SCAN_MAX: usize = 16;
 pub struct Members {
     list: Vec<Member>,
     index: FastMap<BackendId, usize>,
+    /// Each member's configured weight when this membership was made: the
+    /// weight the strategies build their tables with.
+    weights: Vec<u32>,
     /// Numbers memberships in the order they were made, across pools;
     /// 0 for an empty default.
     epoch: u64,
@@ -75,8 +78,14 @@ impl Members {
             .enumerate()
             .map(|(i, m)| (m.id.clone(), i))
             .collect();
+        let weights = list.iter().map(|m| m.state.weight()).collect();
         let epoch = NEXT_EPOCH.fetch_add(1, Ordering::Relaxed);
-        Members { list, index, epoch }
+        Members {
+            list,
+            index,
+            weights,
+            epoch,
+        }
     }
 
     /// Which membership this is: a later one has a larger number. Every
@@ -591,9 +600,13 @@ impl<S: Clone> Pool<S> {
                 return false;
             };
             found = true;
-            let before = m.state.weight();
             m.state.store_weight(weight);
-            m.state.weight() != before
+            // Compared with the weight this pool's tables were built with,
+            // not the state's last: another pool sharing the state (a
+            // backend in two groups) may have set it already.
+            let members = &self.shared.current.load().members;
+            let built = members.index_of(id).map(|i| members.weights[i]);
+            built != Some(m.state.weight())
         });
         found
     }
@@ -811,6 +824,23 @@ mod tests {
         assert_eq!(pool.snapshot().service(0), Some(&1));
         assert!(pool.set_weight(&"a".into(), 3));
         assert_eq!(pool.snapshot().generation(), generation + 1);
+    }
+
+    /// A weight set through one pool rebuilds every pool that shares the
+    /// backend's state, when each is told (as `Handle::set_weight` tells
+    /// every group).
+    #[test]
+    fn a_weight_change_rebuilds_each_pool_sharing_the_state() {
+        let first: Pool<u8> = Pool::new();
+        first.insert("a", 1);
+        let second: Pool<u8> = Pool::new();
+        second.insert_with_state("a", 1, first.state(&"a".into()).unwrap());
+        let generation = second.snapshot().generation();
+        assert!(first.set_weight(&"a".into(), 3));
+        assert!(second.set_weight(&"a".into(), 3));
+        assert_eq!(second.snapshot().generation(), generation + 1);
+        assert!(second.set_weight(&"a".into(), 3));
+        assert_eq!(second.snapshot().generation(), generation + 1);
     }
 
     #[test]

@@ -1692,3 +1692,30 @@ mod actions_and_membership {
         assert_eq!(stats.forced_primary.as_ref().map(|b| b.as_str()), Some("b"));
     }
 }
+
+/// A weight set through the handle rebuilds the tables of every group,
+/// also of one whose pool shares the backend's state with another's.
+#[tokio::test]
+async fn a_weight_change_reaches_every_group_sharing_the_backend() {
+    use tower_ha::balance::WeightedRoundRobin;
+    let web = pool_of(&["w1", "shared"]);
+    let api = pool_of(&["a1"]);
+    let state = web.state(&"shared".into()).unwrap();
+    api.insert_with_state("shared", named("shared", Duration::ZERO), state);
+    let web_balance = Balance::new(web, WeightedRoundRobin::new());
+    let api_balance = Balance::new(api, WeightedRoundRobin::new());
+    let handle = Handle::new(Events::default());
+    handle.add_group("web", &web_balance).unwrap();
+    handle.add_group("api", &api_balance).unwrap();
+    handle.set_weight(&"shared".into(), 3).unwrap();
+    for (balance, other) in [(&web_balance, "w1"), (&api_balance, "a1")] {
+        let mut shared = 0;
+        for _ in 0..8 {
+            match serve(balance).await.as_str() {
+                "shared" => shared += 1,
+                name => assert_eq!(name, other),
+            }
+        }
+        assert_eq!(shared, 6, "{other}'s group");
+    }
+}
