@@ -630,26 +630,33 @@ async fn enabling_before_the_deadline_cancels_it() {
     );
 }
 
-/// A handle dropped with a drain's deadline pending stops its timer, which
-/// held the backend's state until the deadline.
+/// A handle dropped with a drain's deadline pending (the handle of a
+/// configuration since reloaded) keeps the deadline: the backend is
+/// disabled then, and the timer lets go of its state.
 #[tokio::test(start_paused = true)]
-async fn a_dropped_handle_stops_its_drain_timers() {
+async fn a_dropped_handle_keeps_its_drain_deadlines() {
     let pool = pool_of(&["a", "b"]);
     let balance = Balance::new(pool.clone(), tower_ha::balance::RoundRobin::new());
-    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(600)));
+    let events = Events::default();
+    let handle = Handle::new(events.clone()).drain_deadline(Some(Duration::from_secs(600)));
     handle.add_group("g", &balance).unwrap();
     let a = pool.state(&"a".into()).unwrap();
     let held = std::sync::Arc::strong_count(&a);
     handle.drain(&"a".into()).unwrap();
-    tokio::task::yield_now().await;
-    assert!(
-        std::sync::Arc::strong_count(&a) > held,
-        "the timer holds the state"
-    );
     drop(handle);
-    tokio::task::yield_now().await;
-    assert_eq!(std::sync::Arc::strong_count(&a), held);
+    tokio::time::sleep(Duration::from_secs(599)).await;
     assert_eq!(a.admin(), AdminStatus::Draining);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(a.admin(), AdminStatus::Disabled);
+    assert!(matches!(
+        events.history().last().unwrap().event,
+        Event::AdminChanged {
+            to: AdminStatus::Disabled,
+            ..
+        }
+    ));
+    assert_eq!(std::sync::Arc::strong_count(&a), held);
+    assert_eq!(serve(&balance).await, "b");
 }
 
 #[tokio::test(start_paused = true)]

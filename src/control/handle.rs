@@ -165,16 +165,6 @@ impl PendingDrain {
     }
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // A deadline nobody can act on any more: its timer lets go of the
-        // backends' states now rather than at the deadline.
-        for (_, drain) in self.drains.get_mut().drain() {
-            drain.end();
-        }
-    }
-}
-
 pub(super) struct Inner {
     events: Events,
     groups: RwLock<Vec<Arc<Group>>>,
@@ -526,8 +516,8 @@ impl Handle {
 
     /// Drains backend `id` in every group: no new request or session;
     /// requests in flight finish; after the drain deadline it is disabled
-    /// (its sticky sessions then move). Needs a tokio runtime when a
-    /// deadline is set.
+    /// (its sticky sessions then move), also if the handle is dropped
+    /// before then. Needs a tokio runtime when a deadline is set.
     pub fn drain(&self, id: &BackendId) -> Result<(), ControlError> {
         let runtime = match self.inner.drain_deadline {
             Some(_) => {
@@ -539,15 +529,15 @@ impl Handle {
         if let (Some(deadline), Some(runtime), Some(epoch)) =
             (self.inner.drain_deadline, runtime, epoch)
         {
-            let inner = Arc::downgrade(&self.inner);
+            // The deadline holds when every clone of the handle is gone
+            // before it (the handle of a configuration since reloaded):
+            // the backend is still drained in its groups.
+            let inner = self.inner.clone();
             let backend = id.clone();
             // The deadline counts from now, not from when the task first runs.
             let until = crate::time::later(tokio::time::Instant::now(), deadline);
             let timer = runtime.spawn(async move {
                 tokio::time::sleep_until(until).await;
-                let Some(inner) = inner.upgrade() else {
-                    return;
-                };
                 let id = backend;
                 let mut changed = false;
                 // Under the lock an action takes too: none can come
