@@ -322,8 +322,9 @@ async fn with_auto_the_primary_returns_only_after_a_whole_stable_interval() {
 }
 
 /// A flap between two picks (unhealthy and healthy again, disabled and
-/// enabled, ejected for a moment, or removed and added again) starts the
-/// clock again too: the primary was not available without interruption.
+/// enabled, ejected for a moment, removed and added again, or dropped by
+/// discovery and returned with its state) starts the clock again too: the
+/// primary was not available without interruption.
 #[tokio::test(start_paused = true)]
 async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
     type Change = fn(&Pool<Svc>);
@@ -333,7 +334,7 @@ async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
         pool.insert("a", named("a", Duration::ZERO));
     };
     // How a recovers at t0, and how it flaps at t0 + 5 s.
-    let flaps: [(&str, Change, Change); 4] = [
+    let flaps: [(&str, Change, Change); 5] = [
         ("unhealthy", healthy, |pool| {
             set_health(pool, "a", HealthStatus::Unhealthy);
             set_health(pool, "a", HealthStatus::Healthy);
@@ -349,6 +350,14 @@ async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
         }),
         // Both states new, never interrupted: they count alike.
         ("removed and added again", replaced, replaced),
+        ("dropped by discovery", healthy, |pool| {
+            use tower::discover::Change;
+            let changes = futures::stream::iter([
+                Ok::<_, Infallible>(Change::Remove("a")),
+                Ok(Change::Insert("a", named("a", Duration::ZERO))),
+            ]);
+            futures::executor::block_on(pool.discover(changes)).unwrap();
+        }),
     ];
     for (how, recover, flap) in flaps {
         let pool = pool_of(&["a", "b"]);

@@ -578,13 +578,20 @@ impl Strategy for Priority {
         // decides; a table of an older membership does not.
         let build = members.epoch();
         state.newest_build = state.newest_build.max(build);
+        let primary = self
+            .shared
+            .order
+            .first()
+            .and_then(|id| members.index_of(id));
+        if primary.is_none() {
+            // Out of the pool (dropped by discovery, which keeps its state
+            // for its return): its time available starts again when it is
+            // back, whether or not a request saw it gone.
+            state.primary_available_since = None;
+        }
         PriorityTable {
             order,
-            primary: self
-                .shared
-                .order
-                .first()
-                .and_then(|id| members.index_of(id)),
+            primary,
             build,
         }
     }
