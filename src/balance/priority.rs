@@ -137,7 +137,10 @@ struct Shared {
 /// when requests arrive. Time is [`tokio::time::Instant`].
 ///
 /// Clones share one group state: use one `Priority` (and its clones) per
-/// group.
+/// group, over one pool. Two pools under one state would take each other's
+/// changes for their own and stop deciding; a
+/// [`BalanceLayer`](super::BalanceLayer) gives each pool it wraps a clone of
+/// its strategy, so give each group a layer of its own `Priority`.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {

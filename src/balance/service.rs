@@ -434,7 +434,10 @@ fn settle<S: Clone, B>(
     }
 }
 
-/// Builds a [`Balance`] over a [`Pool`], for `ServiceBuilder` stacks:
+/// Builds a [`Balance`] over a [`Pool`], for `ServiceBuilder` stacks. Each
+/// pool it wraps gets a clone of its strategy; a strategy whose clones share
+/// state ([`Priority`](super::Priority): one group's primary) wants one
+/// pool per layer.
 ///
 /// ```
 /// use tower::{service_fn, ServiceBuilder};
