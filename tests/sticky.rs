@@ -726,6 +726,51 @@ async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
     assert!(store.is_empty());
 }
 
+/// A learned cookie's value is the application's credential: the event
+/// stream (and the logs) name its session by a digest, while the `on_move`
+/// hook gets the key itself. A header key is shown as it is.
+#[tokio::test]
+async fn events_name_a_learned_session_by_a_digest_of_its_cookie() {
+    use tower_ha::control::{Event, Events};
+    let moved_sessions = |events: &Events| -> Vec<String> {
+        let history = events.history();
+        let moved = history.iter().filter_map(|r| match &r.event {
+            Event::SessionMoved { session, .. } => Some(session.to_string()),
+            _ => None,
+        });
+        moved.collect()
+    };
+    let c = cluster();
+    let (events, moves) = (Events::default(), Moves::default());
+    let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"))
+        .events(events.clone())
+        .on_move(moves.hook());
+    let svc = stack(&c.pool, layer);
+    let login = Request::builder().header("x-login", "1").body(()).unwrap();
+    let login = send(&svc, login).await.unwrap();
+    let set = login.headers()[SET_COOKIE].to_str().unwrap();
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let value = cookie.strip_prefix("JSESSIONID=").unwrap().to_owned();
+    c.set_health(login.body(), HealthStatus::Unhealthy);
+    send(&svc, with_cookie(&cookie)).await.unwrap();
+    let shown = moved_sessions(&events);
+    assert_eq!(shown.len(), 1);
+    assert!(shown[0].starts_with("cookie:"), "{shown:?}");
+    assert_eq!(shown[0].len(), "cookie:".len() + 12, "{shown:?}");
+    assert!(!shown[0].contains(&value), "{shown:?}");
+    assert_eq!(moves.all()[0].session.key, value, "the hook gets the key");
+
+    let c = cluster();
+    let events = Events::default();
+    let layer =
+        StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).events(events.clone());
+    let svc = stack(&c.pool, layer);
+    let home = send(&svc, session("kernel-7")).await.unwrap().into_body();
+    c.set_health(&home, HealthStatus::Unhealthy);
+    send(&svc, session("kernel-7")).await.unwrap();
+    assert_eq!(moved_sessions(&events), ["kernel-7"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_logout_ends_the_record_of_a_session_evicted_meanwhile() {
     let c = cluster();

@@ -139,7 +139,9 @@ pub enum Event {
     },
     /// A sticky session moved to another backend.
     SessionMoved {
-        /// The session key.
+        /// The session key; for a learned cookie (the application's
+        /// credential), `cookie:` and 12 hex digits of the value's SHA-256,
+        /// as in the layer's logs.
         session: Arc<str>,
         /// The backend it was bound to.
         from: BackendId,

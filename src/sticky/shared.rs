@@ -486,6 +486,17 @@ impl Shared {
         self.table.session(key)
     }
 
+    /// Whether logs and events show session keys as digests (see
+    /// [`Shown`]).
+    fn hides_keys(&self) -> bool {
+        matches!(self.config.key.kind, Kind::Learn(_))
+    }
+
+    /// Session `key` as logs and events show it.
+    pub(crate) fn shown<'a>(&self, key: &'a str) -> Shown<'a> {
+        Shown::new(key, self.hides_keys())
+    }
+
     fn count_dropped(&self, dropped: Dropped) {
         bump(&self.counters.expired, dropped.expired);
         bump(&self.counters.evicted, dropped.evicted);
@@ -937,7 +948,7 @@ impl Shared {
             // The task panicked (in the store) or was cancelled at the
             // runtime's shutdown: as a store that could not be read.
             _ => {
-                tracing::warn!(target: TARGET, session = %key, "a session load ended without an answer");
+                tracing::warn!(target: TARGET, session = %self.shown(key), "a session load ended without an answer");
                 Stored::Unknown(Arc::new(StoreError::other(
                     "the load ended without an answer (the store panicked, or the runtime shut down)",
                 )))
@@ -1017,7 +1028,7 @@ impl Shared {
                     return restoring.await;
                 };
                 runtime.spawn(restoring).await.unwrap_or_else(|error| {
-                    tracing::warn!(target: TARGET, session = %fallback.key, error = %crate::error::Report(&error), "session restore panicked; its record is kept");
+                    tracing::warn!(target: TARGET, session = %self.shown(&fallback.key), error = %crate::error::Report(&error), "session restore panicked; its record is kept");
                     Stored::Found(fallback)
                 })
             }
@@ -1073,7 +1084,7 @@ impl Shared {
                         Ok(()) => bump(&self.counters.hydrated, 1),
                         Err(error) => tracing::warn!(
                             target: TARGET,
-                            session = %session.key,
+                            session = %self.shown(&session.key),
                             backend = %session.backend,
                             error = %crate::error::Report(&*error),
                             "session restore failed; its record is kept"
@@ -1278,7 +1289,7 @@ impl Shared {
                         bump(&self.counters.moved, 1);
                         tracing::info!(
                             target: TARGET,
-                            session = %key,
+                            session = %self.shown(&key),
                             from = %moved.from,
                             to = %served,
                             %reason,
@@ -1286,7 +1297,7 @@ impl Shared {
                         );
                         crate::control::emit(self.config.events.as_ref(), || {
                             crate::control::Event::SessionMoved {
-                                session: key.to_string().into(),
+                                session: self.shown(&key).to_string().into(),
                                 from: moved.from.clone(),
                                 to: served.clone(),
                                 reason: reason.as_str().into(),
@@ -1395,11 +1406,11 @@ impl Shared {
                             (owned, owned.then(|| Write::Delete(k.to_string())))
                         });
                         if owned {
-                            tracing::debug!(target: TARGET, session = %k, "session ended by the application");
+                            tracing::debug!(target: TARGET, session = %self.shown(&k), "session ended by the application");
                         } else {
                             tracing::debug!(
                                 target: TARGET,
-                                session = %k,
+                                session = %self.shown(&k),
                                 "session ended by the application; a stored record it never read is kept"
                             );
                         }
@@ -1523,7 +1534,7 @@ impl Shared {
         } else {
             tracing::debug!(
                 target: TARGET,
-                session = %key,
+                session = %self.shown(key),
                 backend = %hit.backend,
                 "a response named a session the layer keeps; it stays on its backend"
             );
@@ -1617,13 +1628,14 @@ impl Shared {
             return None;
         }
         let limit = self.config.move_timeout;
+        let hidden = self.hides_keys();
         Some(Box::pin(async move {
             // A failure was counted and logged where it happened.
             for done in work.writes {
                 let _ = done.await;
             }
             if let (Some(hook), Some(moved)) = (hook, work.moved) {
-                let key = moved.session.key.clone();
+                let key = Shown::new(&moved.session.key, hidden).to_string();
                 let run = hook(moved);
                 // Without a runtime there is no timer to measure it.
                 let limited = !limit.is_zero() && tokio::runtime::Handle::try_current().is_ok();
@@ -1647,7 +1659,7 @@ impl Shared {
 
     fn store_error(&self, key: &str, op: &'static str, error: &StoreError) {
         bump(&self.counters.store_errors, 1);
-        tracing::warn!(target: TARGET, session = %key, op, error = %crate::error::Report(error), "session store call failed");
+        tracing::warn!(target: TARGET, session = %self.shown(key), op, error = %crate::error::Report(error), "session store call failed");
     }
 
     /// Loads every stored session and restores it (see `Sticky::restore`).
@@ -1699,7 +1711,7 @@ impl Shared {
                 if let Err(error) = self.run_restore_hook(hook, session.clone()).await {
                     tracing::warn!(
                         target: TARGET,
-                        session = %session.key,
+                        session = %self.shown(&session.key),
                         backend = %session.backend,
                         error = %crate::error::Report(&*error),
                         "session restore failed; its record is kept"
@@ -1745,7 +1757,7 @@ impl Shared {
             if moved {
                 tracing::debug!(
                     target: TARGET,
-                    session = %key,
+                    session = %self.shown(&key),
                     "restored on the backend it moved to while its record was not taken"
                 );
                 let mut work = Work::default();
@@ -1899,6 +1911,36 @@ impl Drop for Held {
                 }
             });
         }
+    }
+}
+
+/// A session key as logs and events show it. A learned cookie's value is
+/// the application's session credential: it is shown as `cookie:` and the
+/// first 12 hex digits of its SHA-256, so that whoever reads the logs or
+/// the event stream can tell sessions apart without being able to take one
+/// over. Other keys (the layer's own cookie's session id, which needs the
+/// signature to be of use; a header; a closure's) are shown as they are.
+pub(crate) struct Shown<'a> {
+    key: &'a str,
+    hidden: bool,
+}
+
+impl<'a> Shown<'a> {
+    pub(crate) fn new(key: &'a str, hidden: bool) -> Self {
+        Shown { key, hidden }
+    }
+}
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use sha2::Digest;
+        if !self.hidden {
+            return f.write_str(self.key);
+        }
+        f.write_str("cookie:")?;
+        sha2::Sha256::digest(self.key.as_bytes())[..6]
+            .iter()
+            .try_for_each(|b| write!(f, "{b:02x}"))
     }
 }
 
