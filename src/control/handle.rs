@@ -644,7 +644,10 @@ impl Handle {
         };
         let state = g.pool.state(id).ok_or_else(in_group)?;
         // Forced onto a backend that cannot serve, the group would fail
-        // over again at its next request.
+        // over again at its next request. Checked and forced under the
+        // lock of the actions, so that a disable or drain through the
+        // handle comes before the check or after the force.
+        let _actions = self.inner.drains.lock();
         if !state.is_available() {
             return Err(ControlError::Unavailable {
                 group: group.to_owned(),
