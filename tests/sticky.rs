@@ -1272,6 +1272,17 @@ impl SessionStore for SlowStore {
 }
 
 /// `layer` over a round-robin `Balance` of `pool`.
+/// A layer keyed by `X-Session-Id` over `store`, in standalone mode.
+fn standalone<S, St>(pool: &Pool<S>, store: &St) -> StickyLayer
+where
+    S: Send + Sync + 'static,
+    St: SessionStore + Clone + 'static,
+{
+    StickyLayer::new(pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .availability(Availability::Standalone)
+}
+
 fn stack<S>(pool: &Pool<S>, layer: StickyLayer) -> Sticky<Balance<S, RoundRobin>>
 where
     S: Service<Request<()>> + Clone + Send + Sync + 'static,
@@ -1869,20 +1880,17 @@ async fn standalone_restore_reports_and_keeps_failed_records() {
     }
     let restored = Arc::new(Mutex::new(Vec::new()));
     let seen = restored.clone();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone)
-        .on_restore(move |s: Session| {
-            let seen = seen.clone();
-            async move {
-                assert_eq!(s.data["port"], 5000);
-                if s.key == "k2" {
-                    return Err::<(), BoxError>("kernel gone".into());
-                }
-                seen.lock().push(s.key);
-                Ok(())
+    let layer = standalone(&c.pool, &store).on_restore(move |s: Session| {
+        let seen = seen.clone();
+        async move {
+            assert_eq!(s.data["port"], 5000);
+            if s.key == "k2" {
+                return Err::<(), BoxError>("kernel gone".into());
             }
-        });
+            seen.lock().push(s.key);
+            Ok(())
+        }
+    });
     let report = layer.restore().await.unwrap();
     let mut ok = report.restored.clone();
     ok.sort();
@@ -1916,18 +1924,15 @@ async fn a_restore_hook_that_panics_fails_its_session_alone() {
     for (k, b) in [("k1", "a"), ("k2", "b"), ("k3", "c")] {
         store.save(&Session::new(k, b.into())).await.unwrap();
     }
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone)
-        .on_restore(|s: Session| {
-            // k3's hook panics before it returns a future, k2's while it
-            // runs.
-            assert_ne!(s.key, "k3", "no kernel for k3");
-            async move {
-                assert_ne!(s.key, "k2", "no kernel for k2");
-                Ok::<(), BoxError>(())
-            }
-        });
+    let layer = standalone(&c.pool, &store).on_restore(|s: Session| {
+        // k3's hook panics before it returns a future, k2's while it
+        // runs.
+        assert_ne!(s.key, "k3", "no kernel for k3");
+        async move {
+            assert_ne!(s.key, "k2", "no kernel for k2");
+            Ok::<(), BoxError>(())
+        }
+    });
     let report = bounded_real("the restore ends", layer.restore())
         .await
         .unwrap();
@@ -2241,9 +2246,7 @@ async fn standalone_reads_the_record_of_a_session_that_went_idle() {
     let restores = Arc::new(AtomicUsize::new(0));
     let counted = restores.clone();
     let moves = Moves::default();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone)
+    let layer = standalone(&c.pool, &store)
         .idle_timeout(Duration::from_secs(60))
         .on_move(moves.hook())
         .on_restore(move |_: Session| {
@@ -2547,9 +2550,7 @@ async fn standalone_strict_forgets_the_keys_of_records_that_expired() {
     let c = cluster();
     let ttl = Duration::from_secs(100);
     let store = FlakyLoads::new(MemoryStore::new().with_ttl(ttl));
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone)
+    let layer = standalone(&c.pool, &store)
         .strict(true)
         .idle_timeout(Duration::from_secs(10));
     let svc = stack(&c.pool, layer.clone());
@@ -2573,9 +2574,7 @@ async fn standalone_strict_refuses_only_the_keys_that_may_have_a_record() {
     shared.save(&kernel("k1", "c")).await.unwrap();
     // Loads fail while `down` is set; restore's load_all works.
     let store = FlakyLoads::new(shared.clone());
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone)
+    let layer = standalone(&c.pool, &store)
         .strict(true)
         .idle_timeout(Duration::from_secs(60));
     let svc = stack(&c.pool, layer.clone());
@@ -3205,12 +3204,7 @@ async fn a_restore_hook_over_its_time_limit_fails_and_keeps_the_record() {
         }
         Ok::<(), BoxError>(())
     };
-    let standalone = || {
-        StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-            .store(store.clone())
-            .availability(Availability::Standalone)
-            .on_restore(hook)
-    };
+    let standalone = || standalone(&c.pool, &store).on_restore(hook);
     for (layer, limit) in [
         (standalone(), DEFAULT_RESTORE_TIMEOUT),
         (
@@ -3251,9 +3245,7 @@ async fn a_zero_restore_timeout_is_no_limit() {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Ok::<(), BoxError>(())
     };
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone)
+    let layer = standalone(&c.pool, &store)
         .on_restore(hook)
         .restore_timeout(Duration::ZERO);
     let report = layer.restore().await.unwrap();
@@ -3408,9 +3400,7 @@ async fn a_hook_past_its_time_limit_has_stopped_before_its_lock_is_released() {
 fn a_restore_needs_no_tokio_runtime() {
     let c = cluster();
     let store = MemoryStore::new();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone)
+    let layer = standalone(&c.pool, &store)
         .on_restore(|_: Session| std::future::ready(Ok::<(), BoxError>(())));
     let report = futures::executor::block_on(async {
         store.save(&kernel("k1", "b")).await.unwrap();
@@ -3591,9 +3581,7 @@ async fn a_session_whose_restore_failed_keeps_its_move_until_a_later_restore() {
     store.save(&kernel("k1", "a")).await.unwrap();
     let fail = Arc::new(AtomicBool::new(true));
     let fails = fail.clone();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone)
+    let layer = standalone(&c.pool, &store)
         .idle_timeout(Duration::from_secs(60))
         .on_restore(move |_: Session| {
             let failed = fails.load(Ordering::SeqCst);
@@ -3640,18 +3628,15 @@ async fn a_restore_dropped_part_way_leaves_its_records_to_a_later_one() {
     store.save(&kernel("k2", "b")).await.unwrap();
     let hang = Arc::new(AtomicBool::new(true));
     let hangs = hang.clone();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
-        .store(store.clone())
-        .availability(Availability::Standalone)
-        .on_restore(move |_: Session| {
-            let hangs = hangs.load(Ordering::SeqCst);
-            async move {
-                if hangs {
-                    std::future::pending::<()>().await;
-                }
-                Ok::<(), BoxError>(())
+    let layer = standalone(&c.pool, &store).on_restore(move |_: Session| {
+        let hangs = hangs.load(Ordering::SeqCst);
+        async move {
+            if hangs {
+                std::future::pending::<()>().await;
             }
-        });
+            Ok::<(), BoxError>(())
+        }
+    });
     // Given up on while its first hook runs.
     let gave_up = tokio::time::timeout(Duration::from_secs(1), layer.restore()).await;
     assert!(gave_up.is_err());

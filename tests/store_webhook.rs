@@ -13,6 +13,11 @@ fn session(key: &str, backend: &str) -> Session {
     Session::new(key, backend.into()).with_data(json!({"port": 52000}))
 }
 
+/// One element of a load answer: session `key` on `backend`.
+fn element(key: &str, backend: &str) -> Value {
+    json!({"kernel_session": {key: serde_json::to_value(session(key, backend)).unwrap()}})
+}
+
 fn store(server: &Server) -> WebhookStore {
     WebhookStore::builder(server.url())
         .timeout(Duration::from_secs(5))
@@ -357,7 +362,7 @@ async fn a_body_of_the_wrong_shape_is_corrupt() {
         json!([]),
         json!({"kernel_session": "a string"}),
         json!({"kernel_session": {"k": {"no": "session"}}}),
-        json!({"kernel_session": {"other": serde_json::to_value(session("other", "a")).unwrap()}}),
+        element("other", "a"),
         json!({"kernel_session": {"k": serde_json::to_value(session("k", "a")).unwrap(), "k2": 1}}),
     ] {
         server.set_mode(Mode::GetBody(body.to_string()));
@@ -369,7 +374,7 @@ async fn a_body_of_the_wrong_shape_is_corrupt() {
 #[tokio::test]
 async fn one_bad_element_is_skipped_while_the_others_load() {
     let server = Server::start(Auth::None).await;
-    let good = |k: &str| json!({"kernel_session": {k: serde_json::to_value(session(k, "node-a")).unwrap()}});
+    let good = |k: &str| element(k, "node-a");
     let list = json!([
         good("a"),
         42,
@@ -476,7 +481,7 @@ async fn dots_in_a_key_are_sent_as_they_are() {
 #[tokio::test]
 async fn a_listing_of_garbage_is_corrupt_as_a_whole() {
     let server = Server::start(Auth::None).await;
-    let good = json!({"kernel_session": {"a": serde_json::to_value(session("a", "x")).unwrap()}});
+    let good = element("a", "x");
     let garbage = |n: usize| format!("[{good},{}0]", "0,".repeat(n - 1));
     server.set_mode(Mode::GetBody(garbage(10_000)));
     let loaded = store(&server).load_all().await.unwrap();
@@ -493,7 +498,7 @@ async fn a_listing_of_garbage_is_corrupt_as_a_whole() {
 #[tokio::test]
 async fn a_byte_order_mark_is_skipped() {
     let server = Server::start(Auth::None).await;
-    let one = json!({"kernel_session": {"a": serde_json::to_value(session("a", "x")).unwrap()}});
+    let one = element("a", "x");
     server.set_mode(Mode::GetBody(format!("\u{feff}[{one}]")));
     let store = store(&server);
     assert_eq!(store.load_all().await.unwrap().sessions.len(), 1);
