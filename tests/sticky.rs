@@ -1641,6 +1641,16 @@ where
     svc.oneshot(req).await
 }
 
+/// What `restore_held` gives: the store, the layer, the restore's task,
+/// the gate its hook waits on, and the stack.
+type RestoreHeld<S> = (
+    MemoryStore,
+    StickyLayer,
+    tokio::task::JoinHandle<Result<tower_ha::sticky::RestoreReport, tower_ha::store::StoreError>>,
+    Arc<tokio::sync::Semaphore>,
+    Sticky<Balance<S, RoundRobin>>,
+);
+
 /// A store holding `keys` on backend c; a layer in `availability` over
 /// it, with an `on_restore` hook that waits for a permit of `gate`; its
 /// `restore()` under way in a task, once the hook runs; and the stack
@@ -1649,13 +1659,7 @@ async fn restore_held<S>(
     c: &Cluster<S>,
     keys: &[&str],
     availability: Availability,
-) -> (
-    MemoryStore,
-    StickyLayer,
-    tokio::task::JoinHandle<Result<tower_ha::sticky::RestoreReport, tower_ha::store::StoreError>>,
-    Arc<tokio::sync::Semaphore>,
-    Sticky<Balance<S, RoundRobin>>,
-)
+) -> RestoreHeld<S>
 where
     S: Service<Request<()>> + Clone + Send + Sync + 'static,
 {
@@ -1665,17 +1669,7 @@ where
 
 /// The same as `restore_held`, for `layer` (given its key, mode and
 /// options).
-async fn restore_held_by<S>(
-    c: &Cluster<S>,
-    keys: &[&str],
-    layer: StickyLayer,
-) -> (
-    MemoryStore,
-    StickyLayer,
-    tokio::task::JoinHandle<Result<tower_ha::sticky::RestoreReport, tower_ha::store::StoreError>>,
-    Arc<tokio::sync::Semaphore>,
-    Sticky<Balance<S, RoundRobin>>,
-)
+async fn restore_held_by<S>(c: &Cluster<S>, keys: &[&str], layer: StickyLayer) -> RestoreHeld<S>
 where
     S: Service<Request<()>> + Clone + Send + Sync + 'static,
 {

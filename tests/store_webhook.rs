@@ -516,11 +516,8 @@ async fn a_byte_order_mark_is_skipped() {
 async fn a_gateway_timeout_ends_a_write_unretried() {
     let server = Server::start(Auth::None).await;
     server.set_mode(Mode::Fixed(504, "upstream timed out"));
-    let store = WebhookStore::builder(server.url())
-        .retries(3)
-        .backoff(Duration::from_millis(1))
-        .build()
-        .unwrap();
+    // Three retries by default.
+    let store = store(&server);
     let err = store.save(&session("k", "a")).await.unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
     assert!(err.is_transient());
