@@ -1271,7 +1271,6 @@ impl SessionStore for SlowStore {
     pass_on!(inner: load_all, save);
 }
 
-/// `layer` over a round-robin `Balance` of `pool`.
 /// A layer keyed by `X-Session-Id` over `store`, in standalone mode.
 fn standalone<S, St>(pool: &Pool<S>, store: &St) -> StickyLayer
 where
@@ -1283,6 +1282,7 @@ where
         .availability(Availability::Standalone)
 }
 
+/// `layer` over a round-robin `Balance` of `pool`.
 fn stack<S>(pool: &Pool<S>, layer: StickyLayer) -> Sticky<Balance<S, RoundRobin>>
 where
     S: Service<Request<()>> + Clone + Send + Sync + 'static,
@@ -3564,6 +3564,61 @@ async fn a_logout_while_the_restore_runs_ends_the_session() {
     assert!(layer.session("sess1").is_none());
     assert!(store.load("sess1").await.unwrap().is_none());
     assert_eq!(layer.stats().sessions, 1);
+}
+
+/// A logout answered after the restore took the record it was routed by
+/// ends the session too: the record is the session's by then.
+#[tokio::test(start_paused = true)]
+async fn a_logout_answered_after_the_restore_took_its_record_ends_the_session() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"))
+        .availability(Availability::Standalone);
+    let (store, layer, restore, gate, svc) = restore_held_by(&c, &["sess1"], layer).await;
+    let logout = Request::builder()
+        .header(COOKIE, "JSESSIONID=sess1")
+        .header("x-logout", "1")
+        .header("x-delay-ms", "1000")
+        .body(())
+        .unwrap();
+    let logout = tokio::spawn(send_owned(svc.clone(), logout));
+    tokio::time::advance(Duration::from_millis(10)).await;
+    gate.add_permits(1);
+    assert_eq!(restore.await.unwrap().unwrap().restored, ["sess1"]);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(logout.await.unwrap().unwrap().body(), "c");
+    assert!(layer.session("sess1").is_none());
+    assert!(store.load("sess1").await.unwrap().is_none());
+}
+
+/// A logout while a restore lists the store (the request read the record
+/// itself) is not undone by the restore either.
+#[tokio::test]
+async fn a_logout_while_the_restore_lists_the_store_ends_the_session() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    for key in ["sess1", "sess2"] {
+        shared.save(&kernel(key, "c")).await.unwrap();
+    }
+    let store = SlowListing::new(shared.clone());
+    let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"))
+        .store(store.clone())
+        .availability(Availability::Standalone);
+    let svc = stack(&c.pool, layer.clone());
+    let restore = tokio::spawn({
+        let layer = layer.clone();
+        async move { layer.restore().await }
+    });
+    store.listed.acquire().await.unwrap().forget();
+    let logout = Request::builder()
+        .header(COOKIE, "JSESSIONID=sess1")
+        .header("x-logout", "1")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&svc, logout).await.unwrap().body(), "c");
+    store.go.add_permits(1);
+    assert_eq!(restore.await.unwrap().unwrap().restored, ["sess2"]);
+    assert!(layer.session("sess1").is_none());
+    assert!(shared.load("sess1").await.unwrap().is_none());
 }
 
 /// Standalone: a session whose restore failed moves in memory, keeps its

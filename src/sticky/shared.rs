@@ -988,7 +988,7 @@ impl Shared {
                 // Another key's record: unreadable as this one's, and kept.
                 let error = StoreError::corrupt(format!(
                     "the store answered the record of `{}` for another key",
-                    session.key
+                    self.shown(&session.key)
                 ));
                 self.store_error(key, "load", &error);
                 return Stored::Unknown(Arc::new(error));
@@ -1149,6 +1149,13 @@ impl Shared {
     /// Drops what the table knows about `key`, keeping its stored record:
     /// the next request for it loads it again (replication mode).
     pub(crate) fn forget(&self, key: &str) -> bool {
+        self.end(key).is_some()
+    }
+
+    /// Forgets `key` as [`forget`](Self::forget) does; returns whether the
+    /// session it dropped from the table was saved, or `None` when the
+    /// table did not hold it.
+    fn end(&self, key: &str) -> Option<bool> {
         {
             let mut loading = self.loading.lock();
             if let Some(load) = loading.remove(key) {
@@ -1159,7 +1166,7 @@ impl Shared {
         // loaded may be older than the store's.
         let mut restores = self.restores.lock();
         restores.forget(key);
-        self.table.remove(key)
+        self.table.take(key)
     }
 
     /// Waits until no write to the store is queued or under way.
@@ -1388,19 +1395,21 @@ impl Shared {
                     }
                 }
                 Some(Learned::Deleted) => {
-                    // The stored record goes only when it is this session's
-                    // as the layer knew it when it routed the request: one
-                    // it read or wrote (whether or not the session is still
-                    // in the table), or one a restore holds, which routed
-                    // it (standalone mode; the restore no longer puts it
-                    // back). A record it could not read (a load error), or
+                    // The stored record goes only when it is this session's:
+                    // one the layer read or wrote when it routed the
+                    // request (whether or not the session is still in the
+                    // table), or since (a restore took it meanwhile), or
+                    // one a restore holds, which routed it (standalone
+                    // mode). A record it could not read (a load error), or
                     // never wrote (a value the application had not
                     // confirmed), may belong to a session this backend
-                    // simply does not know.
+                    // simply does not know. Ended as `remove` ends it: no
+                    // load or restore under way puts it back.
                     if let Some(k) = current {
                         let owned = self.decide(&mut work, || {
-                            self.table.remove(&k);
+                            let saved = self.end(&k) == Some(true);
                             let owned = owned
+                                || saved
                                 || (self.config.availability == Availability::Standalone
                                     && self.unrestored.lock().remove(&*k).is_some());
                             (owned, owned.then(|| Write::Delete(k.to_string())))
@@ -1635,7 +1644,7 @@ impl Shared {
                 let _ = done.await;
             }
             if let (Some(hook), Some(moved)) = (hook, work.moved) {
-                let key = Shown::new(&moved.session.key, hidden).to_string();
+                let key = moved.session.key.clone();
                 let run = hook(moved);
                 // Without a runtime there is no timer to measure it.
                 let limited = !limit.is_zero() && tokio::runtime::Handle::try_current().is_ok();
@@ -1647,10 +1656,10 @@ impl Shared {
                 match ran {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => {
-                        tracing::warn!(target: TARGET, session = %key, error = %crate::error::Report(&*error), "on_move hook failed");
+                        tracing::warn!(target: TARGET, session = %Shown::new(&key, hidden), error = %crate::error::Report(&*error), "on_move hook failed");
                     }
                     Err(_) => {
-                        tracing::warn!(target: TARGET, session = %key, ?limit, "on_move hook ran past its limit; stopped");
+                        tracing::warn!(target: TARGET, session = %Shown::new(&key, hidden), ?limit, "on_move hook ran past its limit; stopped");
                     }
                 }
             }

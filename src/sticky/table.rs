@@ -738,16 +738,8 @@ impl Table {
         }
     }
 
-    pub(crate) fn remove(&self, key: &str) -> bool {
-        self.shard(key.as_bytes())
-            .write()
-            .remove(key.as_bytes())
-            .is_some()
-    }
-
     /// Removes `key`; returns whether the session removed was saved (see
     /// `Entry::saved`), or `None` when the table did not hold it.
-    #[cfg(test)]
     pub(crate) fn take(&self, key: &str) -> Option<bool> {
         let entry = self.shard(key.as_bytes()).write().remove(key.as_bytes())?;
         Some(entry.saved.into_inner())
@@ -1112,7 +1104,7 @@ mod tests {
         t.unkeep("s", &"a".into());
         assert!(t.get(b"s").unread.is_some());
         // Lost meanwhile: put back with its flag.
-        assert!(t.remove("s"));
+        assert!(t.take("s").is_some());
         let (hit, _, kept) = t.keep(session("s", "b"), None, true);
         assert!(kept && hit.failed);
         assert_eq!(t.take("s"), Some(true), "saved");
