@@ -586,10 +586,11 @@ impl Strategy for Priority {
             .order
             .first()
             .and_then(|id| members.index_of(id));
-        if primary.is_none() {
+        if primary.is_none() && build == state.newest_build {
             // Out of the pool (dropped by discovery, which keeps its state
             // for its return): its time available starts again when it is
-            // back, whether or not a request saw it gone.
+            // back, whether or not a request saw it gone. Not for a late
+            // build of an older membership, which picks do not follow.
             state.primary_available_since = None;
         }
         PriorityTable {
