@@ -282,10 +282,14 @@ pub(crate) fn chain<'a>(
 /// it is that backend's failure (a balancer behind the backend had none).
 pub(crate) fn is_no_backend(err: &(dyn StdError + 'static)) -> bool {
     chain(err)
-        .find_map(|e| match () {
-            () if e.is::<BackendError>() => Some(false),
-            () if e.is::<NoBackend>() => Some(true),
-            () => None,
+        .find_map(|e| {
+            if e.is::<BackendError>() {
+                Some(false)
+            } else if e.is::<NoBackend>() {
+                Some(true)
+            } else {
+                None
+            }
         })
         .unwrap_or(false)
 }

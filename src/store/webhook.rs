@@ -467,7 +467,6 @@ impl Inner {
         body: Option<Bytes>,
         limit: usize,
     ) -> Result<(StatusCode, Bytes), StoreError> {
-        let path = if path.is_empty() { "/" } else { path };
         let path_and_query = format!("{path}{}", self.query);
         // What errors and logs show: a query may hold a secret (a
         // function key), so only its presence is.
@@ -947,13 +946,14 @@ mod tests {
             .build()
             .unwrap();
         // `/` is encoded, so the key stays one segment, and that segment
-        // is not a dot segment. (Encoding the dots changes nothing there:
-        // a server may decode `%2E` back to `.`.)
+        // is not a dot segment. (The dots go as they are: a server may
+        // decode `%2E` back to `.` anyway.)
         assert_eq!(
             store.inner.session_path("../a b/%").unwrap(),
-            "/api/sessions/%2E%2E%2Fa%20b%2F%25",
+            "/api/sessions/..%2Fa%20b%2F%25",
         );
-        assert_eq!(store.url(), "http://127.0.0.1:1/api/sessions");
+        // The URL as given.
+        assert_eq!(store.url(), "http://127.0.0.1:1/api/sessions/");
     }
 
     #[test]
