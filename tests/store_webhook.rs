@@ -494,6 +494,26 @@ async fn a_listing_of_garbage_is_corrupt_as_a_whole() {
     assert!(shown.contains("more than 10000"), "{shown}");
 }
 
+/// A record holding bytes that are not UTF-8 (written by another client)
+/// is skipped alone; the others load.
+#[tokio::test]
+async fn a_record_that_is_not_utf8_is_skipped_alone() {
+    let server = Server::start(Auth::None).await;
+    let mut body = format!("[{},", element("a", "x")).into_bytes();
+    body.extend_from_slice(b"{\"kernel_session\": {\"b\": {\"key\": \"b\", \"data\": \"\xff\"}}},");
+    body.extend_from_slice(format!("{}]", element("c", "y")).as_bytes());
+    server.set_mode(Mode::GetBytes(body));
+    let loaded = store(&server).load_all().await.unwrap();
+    let keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(keys, ["a", "c"]);
+    assert_eq!(loaded.skipped.len(), 1);
+    assert_eq!(loaded.skipped[0].record, "#1");
+    assert!(loaded.skipped[0].error.is_corrupt());
+    // Outside every element, such bytes leave no JSON to read.
+    server.set_mode(Mode::GetBytes(b"[\xff]".to_vec()));
+    assert!(store(&server).load_all().await.unwrap_err().is_corrupt());
+}
+
 /// A byte order mark before the JSON is skipped, as JSON readers do.
 #[tokio::test]
 async fn a_byte_order_mark_is_skipped() {

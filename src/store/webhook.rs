@@ -66,7 +66,8 @@ const SESSION_FIELD: &str = "kernel_session";
 ///   (64 MiB less 64 KiB as JSON), which is refused before it is sent;
 /// * a body that is not JSON or has the wrong shape:
 ///   [`is_corrupt`](StoreError::is_corrupt); in `load_all`, one bad element
-///   is skipped and reported in [`Loaded::skipped`] while the others load;
+///   (one holding bytes that are not UTF-8 included) is skipped and
+///   reported in [`Loaded::skipped`] while the others load;
 /// * connection errors, 5xx answers (but see 504 below), `408 Request
 ///   Timeout` and `429 Too Many Requests` are retried up to
 ///   [`retries`](WebhookStoreBuilder::retries) times with exponential
@@ -757,7 +758,9 @@ fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
     use serde::de::{Deserializer as _, Error as _, SeqAccess, Visitor};
     use serde_json::value::RawValue;
 
-    struct Listing<'a>(&'a mut Loaded);
+    /// Where the elements go, and whether the answer was read with bytes
+    /// that are not UTF-8 replaced.
+    struct Listing<'a>(&'a mut Loaded, bool);
 
     impl<'de> Visitor<'de> for Listing<'_> {
         type Value = ();
@@ -771,7 +774,7 @@ fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
             // Skipping over a value is not bounded in depth: an error here
             // is the answer's.
             while let Some(raw) = seq.next_element::<&'de RawValue>()? {
-                read_element(self.0, i, raw.get());
+                read_element(self.0, i, raw.get(), self.1);
                 if self.0.skipped.len() > MAX_SKIPPED {
                     return Err(A::Error::custom("too many unreadable elements"));
                 }
@@ -783,11 +786,20 @@ fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
 
     let not_json =
         |e: crate::BoxError| StoreError::corrupt(e).with_message("the answer is not JSON");
-    let text = std::str::from_utf8(without_bom(body)).map_err(|e| not_json(e.into()))?;
+    let body = without_bom(body);
+    // A record holding bytes that are not UTF-8 (written by another client)
+    // is skipped alone: the answer is read with those bytes replaced, and
+    // each element that then holds a replacement character is skipped, as
+    // its record cannot be read back as written.
+    let (text, lossy) = match std::str::from_utf8(body) {
+        Ok(text) => (std::borrow::Cow::Borrowed(text), false),
+        Err(_) => (String::from_utf8_lossy(body), true),
+    };
+    let text = &*text;
     let mut loaded = Loaded::default();
     let mut parser = serde_json::Deserializer::from_str(text);
     let parsed = (&mut parser)
-        .deserialize_seq(Listing(&mut loaded))
+        .deserialize_seq(Listing(&mut loaded, lossy))
         .and_then(|()| parser.end());
     match parsed {
         Ok(()) => Ok(loaded),
@@ -812,12 +824,21 @@ fn without_bom(body: &[u8]) -> &[u8] {
 }
 
 /// Reads element `i` of a listing, `raw`, into `loaded`: a session, or a
-/// record skipped with why.
-fn read_element(loaded: &mut Loaded, i: usize, raw: &str) {
-    let element = match serde_json::from_str::<serde_json::Value>(raw) {
+/// record skipped with why. `lossy`: the answer was read with bytes that
+/// are not UTF-8 replaced, so an element holding a replacement character
+/// is not the record as written.
+fn read_element(loaded: &mut Loaded, i: usize, raw: &str, lossy: bool) {
+    let read = if lossy && raw.contains(char::REPLACEMENT_CHARACTER) {
+        Err(StoreError::corrupt(ShapeError(
+            "the record holds bytes that are not UTF-8".into(),
+        )))
+    } else {
+        serde_json::from_str::<serde_json::Value>(raw).map_err(StoreError::corrupt)
+    };
+    let element = match read {
         Ok(element) => element,
         Err(e) => {
-            let e = StoreError::corrupt(e).with_message("unreadable element");
+            let e = e.with_message("unreadable element");
             tracing::warn!(record = %format!("#{i}"), error = %crate::error::Report(&e), "skipping unreadable webhook session");
             loaded.skip(format!("#{i}"), e);
             return;

@@ -42,6 +42,8 @@ pub enum Mode {
     FailFirst(usize, u16),
     /// GET requests get 200 with this body; others are normal.
     GetBody(String),
+    /// GET requests get 200 with these bytes (not UTF-8, say).
+    GetBytes(Vec<u8>),
     /// Never answers.
     Hang,
 }
@@ -308,7 +310,7 @@ async fn handle(
         response
     };
     match mode {
-        Mode::Normal | Mode::GetBody(_) => {}
+        Mode::Normal | Mode::GetBody(_) | Mode::GetBytes(_) => {}
         Mode::Fixed(status, body) => return Ok(failure(status, body)),
         Mode::FailFirst(n, status) => {
             let mut mode = state.mode.lock();
@@ -342,8 +344,10 @@ async fn handle(
         content_type,
         body: body.clone(),
     });
-    if let (&Method::GET, Mode::GetBody(raw)) = (&method, &mode) {
-        return Ok(answer(200, raw.clone()));
+    match (&method, &mode) {
+        (&Method::GET, Mode::GetBody(raw)) => return Ok(answer(200, raw.clone())),
+        (&Method::GET, Mode::GetBytes(raw)) => return Ok(answer(200, raw.clone())),
+        _ => {}
     }
     let Some(rest) = route.strip_prefix(PREFIX) else {
         return Ok(answer(404, "no such endpoint"));
