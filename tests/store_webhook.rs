@@ -182,6 +182,42 @@ async fn a_new_digest_nonce_is_followed() {
     );
 }
 
+/// A nonce that goes stale again right after a fresh challenge (requests
+/// sharing one challenge reached a server that checks their order) is
+/// worth another attempt, not an authorization error.
+#[tokio::test]
+async fn a_nonce_stale_again_is_retried_not_unauthorized() {
+    let server = Server::start(digest()).await;
+    let store = |retries| {
+        WebhookStore::builder(server.url())
+            .digest_auth("gateway", "s3cret")
+            .retries(retries)
+            .backoff(Duration::from_millis(1))
+            .build()
+            .unwrap()
+    };
+    let ordering = std::sync::atomic::Ordering::SeqCst;
+    // First contact, then three stale answers: the second of them ends
+    // the first attempt, the third is answered in the second attempt.
+    server.state.stale_next.store(3, ordering);
+    store(3).save(&session("k", "a")).await.unwrap();
+    assert_eq!(server.state.stale_next.load(ordering), 0);
+    assert_eq!(server.state.sessions.lock().len(), 1);
+
+    server.state.stale_next.store(100, ordering);
+    let err = store(2).save(&session("k", "b")).await.unwrap_err();
+    assert!(err.is_unavailable() && err.is_transient(), "{err:?}");
+    assert!(!err.is_unauthorized());
+
+    // A wrong password is still unauthorized.
+    server.state.stale_next.store(0, ordering);
+    let wrong = WebhookStore::builder(server.url())
+        .digest_auth("gateway", "wrong")
+        .build()
+        .unwrap();
+    assert!(wrong.load("k").await.unwrap_err().is_unauthorized());
+}
+
 #[tokio::test]
 async fn forbidden_is_unauthorized() {
     let server = Server::start(Auth::None).await;

@@ -86,7 +86,9 @@ const SESSION_FIELD: &str = "kernel_session";
 /// Basic sends the credentials with every request. Digest (RFC 7616)
 /// answers the service's challenge and reuses it for the following
 /// requests, answering a fresh challenge when the service sends one (a
-/// stale nonce). It takes the algorithms MD5, SHA-256 and SHA-512-256,
+/// stale nonce); a nonce stale again at once is retried as a connection
+/// error is (requests that share a challenge may reach a server that
+/// checks their order out of order). It takes the algorithms MD5, SHA-256 and SHA-512-256,
 /// each also in its `-sess` form. It answers with `qop=auth-int` (which
 /// covers the body) when the challenge offers it and the request has a
 /// body (a save or a delete), else with `qop=auth`, or with no `qop` when
@@ -527,23 +529,34 @@ impl Inner {
             let (status, headers, answer) = self
                 .send(method, path_and_query, body.clone(), authorization, limit)
                 .await?;
-            if status == StatusCode::UNAUTHORIZED && !answered_fresh_challenge {
-                if let Auth::Digest { .. } = self.auth {
-                    let challenge = headers
-                        .get_all(WWW_AUTHENTICATE)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .find_map(digest_challenge);
-                    if let Some(challenge) = challenge {
-                        let parsed = digest_auth::parse(challenge).map_err(|e| {
-                            Failure::Fatal(
-                                StoreError::unauthorized(e)
-                                    .with_message("cannot read the Digest challenge"),
-                            )
-                        })?;
-                        *self.challenge.lock() = Some(parsed);
+            if let (StatusCode::UNAUTHORIZED, Auth::Digest { .. }) = (status, &self.auth) {
+                let challenge = headers
+                    .get_all(WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(digest_challenge);
+                if let Some(challenge) = challenge {
+                    let parsed = digest_auth::parse(challenge).map_err(|e| {
+                        Failure::Fatal(
+                            StoreError::unauthorized(e)
+                                .with_message("cannot read the Digest challenge"),
+                        )
+                    })?;
+                    let stale = parsed.stale;
+                    *self.challenge.lock() = Some(parsed);
+                    if !answered_fresh_challenge {
                         answered_fresh_challenge = true;
                         continue;
+                    }
+                    if stale {
+                        // The credentials were right, the nonce out of date
+                        // again (requests sharing a challenge reached a
+                        // server that checks their order): a failure worth
+                        // another attempt, not an authorization error.
+                        return Err(Failure::Retry(
+                            StoreError::unavailable(StatusError::new(status, &answer))
+                                .with_message("the Digest nonce went stale again"),
+                        ));
                     }
                 }
             }

@@ -72,6 +72,10 @@ pub struct State {
     pub seen: Mutex<Vec<Seen>>,
     /// The `Retry-After` header of the `Fixed` and `FailFirst` answers.
     pub retry_after: Mutex<Option<&'static str>>,
+    /// How many of the next Digest answers are refused as stale, each with
+    /// a new nonce (as a server that checks `nc` refuses requests that come
+    /// out of order).
+    pub stale_next: AtomicUsize,
 }
 
 pub struct Server {
@@ -99,6 +103,7 @@ impl Server {
             refused: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
             retry_after: Mutex::new(None),
+            stale_next: AtomicUsize::new(0),
         });
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -201,6 +206,12 @@ fn check_auth(state: &State, req: &Request<Incoming>) -> Option<Response<Full<By
             let Ok(h) = AuthorizationHeader::parse(given) else {
                 return Some(challenge(state, false));
             };
+            let stale = state.stale_next.load(Ordering::SeqCst);
+            if stale > 0 {
+                state.stale_next.store(stale - 1, Ordering::SeqCst);
+                *state.nonce.lock() = format!("rotated-nonce-{stale}");
+                return Some(challenge(state, true));
+            }
             let nonce = state.nonce.lock().clone();
             if h.nonce != nonce {
                 return Some(challenge(state, true));
