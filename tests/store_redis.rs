@@ -608,6 +608,36 @@ async fn a_claim_gives_up_when_the_lease_is_held_too_long() {
     assert!(err.is_timeout(), "{err:?}");
 }
 
+/// A claim that waits for another replica's lease looks at it less and
+/// less often, rather than every 10 ms for the whole wait.
+#[tokio::test]
+async fn a_waiting_claim_backs_off() {
+    let server = RedisServer::start();
+    let a = store(&server).await;
+    let b = store(&server).await;
+    a.save(&session("k", "node-a")).await.unwrap();
+    let held = a
+        .try_lease("k", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let before = gets(&server.url());
+    let claim = tokio::spawn(async move {
+        b.claim("k", Duration::from_secs(5), Duration::from_secs(10))
+            .await
+    });
+    sleep(Duration::from_secs(2)).await;
+    assert!(held.release().await.unwrap());
+    match claim.await.unwrap().unwrap() {
+        Claim::Lost(Some(session)) => assert_eq!(session.backend.as_str(), "node-a"),
+        other => panic!("{other:?}"),
+    }
+    // About 2 s at most every 250 ms, and the final load: every 10 ms
+    // would have been some 200 looks.
+    let looks = gets(&server.url()) - before;
+    assert!(looks <= 25, "{looks} GETs");
+}
+
 #[tokio::test]
 async fn a_dead_winners_lease_expires_and_a_waiting_claim_takes_it_over() {
     let server = RedisServer::start();

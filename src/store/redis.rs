@@ -28,9 +28,14 @@ const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(35);
 const SCAN_COUNT: usize = 1000;
 /// Keys read per `MGET`, and deleted per `DEL`.
 const BATCH: usize = 500;
-/// How often a replica that lost a lease race looks whether the winner is
-/// done.
+/// How soon a replica that lost a lease race first looks whether the
+/// winner is done; it waits twice as long before each next look, with
+/// jitter, up to [`LEASE_POLL_MAX`].
 const LEASE_POLL: Duration = Duration::from_millis(10);
+/// The longest wait between two looks at a lease held by another replica,
+/// so that many waiting replicas do not crowd the connection the winner
+/// extends its lease on.
+const LEASE_POLL_MAX: Duration = Duration::from_millis(250);
 /// How often a quiet subscription checks that its connection still works.
 const PING_EVERY: Duration = Duration::from_secs(10);
 /// Notices a subscription holds for a reader that lags; beyond, they are
@@ -401,6 +406,7 @@ impl RedisStore {
         wait: Duration,
     ) -> Result<Claim, StoreError> {
         let deadline = crate::time::later(Instant::now(), wait);
+        let mut poll = LEASE_POLL;
         loop {
             if let Some(lease) = self.try_lease(key, ttl).await? {
                 return Ok(Claim::Won(lease));
@@ -415,7 +421,13 @@ impl RedisStore {
                         return Err(StoreError::timeout(LeaseHeld(key.to_owned()))
                             .with_message(format!("the lease was still held after {wait:?}")));
                     }
-                    LeaseState::Held => tokio::time::sleep(LEASE_POLL).await,
+                    LeaseState::Held => {
+                        // Between half and all of `poll`, so that waiters
+                        // that started together do not look together.
+                        let pause = poll.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                        tokio::time::sleep_until(deadline.min(Instant::now() + pause)).await;
+                        poll = (poll * 2).min(LEASE_POLL_MAX);
+                    }
                 }
             }
         }
