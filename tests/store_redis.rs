@@ -676,6 +676,29 @@ async fn a_dead_winners_lease_expires_and_a_waiting_claim_takes_it_over() {
     assert!(again.is_some(), "a released lease can be taken again");
 }
 
+/// Pub/sub ignores database numbers: stores with one prefix on two
+/// databases of one server (staging beside production) hear only their
+/// own database's moves.
+#[tokio::test]
+async fn move_notices_stay_in_their_database() {
+    let server = RedisServer::start();
+    let on_db = |db: u8| {
+        let url = format!("{}{db}", server.url());
+        async move { RedisStore::builder(url).build().await.unwrap() }
+    };
+    let (zero, one, listener) = (on_db(0).await, on_db(1).await, on_db(1).await);
+    assert_eq!(zero.channel(), "tower-ha:moves");
+    assert_eq!(one.channel(), "tower-ha:moves@1");
+    let mut heard = listener.subscribe().await.unwrap();
+    zero.save(&session("other-database", "node-a"))
+        .await
+        .unwrap();
+    one.save(&session("this-database", "node-a")).await.unwrap();
+    assert!(
+        matches!(next(&mut heard).await, Invalidation::Session { key, .. } if key == "this-database")
+    );
+}
+
 async fn next(inv: &mut tower_ha::store::Invalidations) -> Invalidation {
     timeout(Duration::from_secs(5), inv.next())
         .await

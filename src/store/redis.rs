@@ -117,7 +117,7 @@ return 2";
 /// | a session | string key `p` `s:` *session key* | the [`Session`] as JSON (times in Unix milliseconds); optional expiry |
 /// | a lease | string key `p` `l:` *session key* | a random token, with an expiry |
 /// | a deleted session (with a [`ttl`](RedisStoreBuilder::ttl)) | string key `p` `d:` *session key* | `deleted`, for one TTL |
-/// | move notices | channel `p` `moves` | `{"key": ..., "backend": ... or null, "origin": ...}` |
+/// | move notices | channel `p` `moves` (`p` `moves@` *n* on database *n* > 0) | `{"key": ..., "backend": ... or null, "origin": ...}` |
 ///
 /// Session keys are used as bytes, so any string is a valid key (`/`,
 /// `*`, NUL, ...) and no key can reach another's record. Session, lease
@@ -279,7 +279,8 @@ impl RedisStore {
     }
 
     /// The channel move notices are published on: the prefix followed by
-    /// `moves`.
+    /// `moves`, and by `@` and the database number for a database other
+    /// than 0 (pub/sub does not tell databases apart).
     pub fn channel(&self) -> &str {
         &self.inner.channel
     }
@@ -526,6 +527,13 @@ impl RedisStoreBuilder {
         let bad_url =
             |e| StoreError::other(e).with_message(format!("bad Redis URL {:?}", redact(&self.url)));
         let info = self.url.as_str().into_connection_info().map_err(bad_url)?;
+        // Pub/sub ignores database numbers: the channel names the database,
+        // so that stores on the same server, prefix and another database
+        // (staging beside production) do not hear each other's moves.
+        let channel = match info.redis_settings().db() {
+            0 => format!("{}moves", self.prefix),
+            db => format!("{}moves@{db}", self.prefix),
+        };
         // A connection whose data goes unacknowledged that long (a host
         // gone, a firewall or NAT that forgot it) is given up by the
         // kernel, and the client reconnects; otherwise every command would
@@ -555,7 +563,7 @@ impl RedisStoreBuilder {
             }),
             config,
             url: redact(&self.url),
-            channel: format!("{}moves", self.prefix),
+            channel,
             prefix: self.prefix,
             pattern,
             ttl: self.ttl,
