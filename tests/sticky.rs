@@ -3621,6 +3621,37 @@ async fn a_logout_while_the_restore_lists_the_store_ends_the_session() {
     assert!(shared.load("sess1").await.unwrap().is_none());
 }
 
+/// A restored record older than the refresh interval (written long before
+/// a restart) is written again at its first request, not a whole interval
+/// later: a store whose records expire might drop it meanwhile.
+#[tokio::test]
+async fn a_restored_record_older_than_the_refresh_interval_is_refreshed_at_once() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let young_at = std::time::SystemTime::now();
+    let written = young_at - Duration::from_secs(40);
+    for (key, at) in [("old", written), ("young", young_at)] {
+        let mut record = kernel(key, "a");
+        record.last_seen = at;
+        store.save(&record).await.unwrap();
+    }
+    let layer = standalone(&c.pool, &store).refresh_every(Duration::from_secs(30));
+    layer.restore().await.unwrap();
+    let svc = stack(&c.pool, layer.clone());
+    for key in ["old", "young"] {
+        assert_eq!(send(&svc, session(key)).await.unwrap().body(), "a");
+    }
+    layer.flush().await;
+    let old = store.load("old").await.unwrap().unwrap();
+    assert!(
+        old.last_seen > written + Duration::from_secs(30),
+        "refreshed"
+    );
+    assert_eq!(old.data["port"], 5000);
+    let young = store.load("young").await.unwrap().unwrap();
+    assert!(young.last_seen <= young_at, "not yet due");
+}
+
 /// Standalone: a session whose restore failed moves in memory, keeps its
 /// new backend after it idles out, and a later restore keeps the move.
 #[tokio::test(start_paused = true)]

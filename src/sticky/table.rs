@@ -102,12 +102,20 @@ impl Entry {
         failed: bool,
         kept: Kept,
     ) -> (Key, Entry) {
+        // A record is written with the time it was written as its last
+        // use: one read back (restored after a restart, or loaded on a
+        // miss) is as old as that says, and its refresh falls due by that
+        // age, not a whole interval from now, past an expiry it may not
+        // live to see. A session made here is new.
+        let age = SystemTime::now()
+            .duration_since(session.last_seen)
+            .unwrap_or_default();
         let entry = Entry {
             backend: session.backend,
             created: session.created,
             data: session.data,
             last_seen: AtomicU64::new(now),
-            refreshed_at: AtomicU64::new(now),
+            refreshed_at: AtomicU64::new(now.saturating_sub(nanos(age))),
             // Set once a response sends the cookie: a session read from
             // the store, restored or back from idle may hold one the
             // client got long ago.
@@ -127,6 +135,12 @@ impl Entry {
 
 /// `Entry::cookie_at` of a session no response has sent the cookie of.
 const NEVER_SENT: u64 = u64::MAX;
+
+/// What the table's clock reads at its epoch: far enough above 0 (146
+/// years) that a time before the table was made, such as the last write of
+/// a record read back (see `Entry::new`), is still a time on it, and far
+/// enough below 2^63 that it stays there for as long again.
+const CLOCK_START: u64 = 1 << 62;
 
 /// A table hit: what the request path needs, cheap to clone.
 #[derive(Debug, Clone)]
@@ -454,11 +468,11 @@ impl Table {
         }
     }
 
-    /// Nanoseconds since the table's epoch, plus one: 0 is never now, so a
-    /// deadline of `now` (`reload_at`, where 0 means none) is due at once,
-    /// from the first instant on.
+    /// Nanoseconds since the table's epoch, plus [`CLOCK_START`]: 0 is
+    /// never now, so a deadline of `now` (`reload_at`, where 0 means none)
+    /// is due at once, from the first instant on.
     fn now(&self) -> u64 {
-        nanos(Instant::now().saturating_duration_since(self.epoch)).saturating_add(1)
+        nanos(Instant::now().saturating_duration_since(self.epoch)).saturating_add(CLOCK_START)
     }
 
     fn is_idle(&self, entry: &Entry, now: u64) -> bool {
