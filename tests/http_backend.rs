@@ -133,6 +133,57 @@ async fn rewrites_the_target_and_forwards_for_the_client() {
     );
 }
 
+/// A client's `Connection` line cannot remove the headers a layer in
+/// front of the backend sets for it to trust (`X-Real-IP`,
+/// `X-Forwarded-*`, `Forwarded`, `Via`); other headers it names go, as
+/// hop-by-hop headers do.
+#[tokio::test]
+async fn a_client_cannot_strip_the_headers_proxies_set() {
+    const TRUSTED: [&str; 5] = [
+        "x-real-ip",
+        "x-forwarded-proto",
+        "X-Forwarded-Host",
+        "forwarded",
+        "via",
+    ];
+    let (addr, _) = accept_counting(|stream, _| async move {
+        let shown = service_fn(|req: Request<Incoming>| async move {
+            let seen: Vec<String> = TRUSTED
+                .iter()
+                .chain(&["x-secret"])
+                .map(|name| {
+                    let value = req.headers().get(*name).map(|v| v.to_str().unwrap());
+                    format!("{}={}", name.to_ascii_lowercase(), value.unwrap_or("-"))
+                })
+                .collect();
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(seen.join("|")))))
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), shown)
+            .await;
+    })
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let mut req = Request::get("http://public.example/")
+        .header("connection", format!("{}, x-secret", TRUSTED.join(", ")))
+        .header("x-secret", "hop");
+    // As a layer in front of the backend sets them.
+    for name in TRUSTED {
+        req = req.header(name, "set-by-the-proxy");
+    }
+    let resp = backend
+        .oneshot(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        body_of(resp).await,
+        "x-real-ip=set-by-the-proxy|x-forwarded-proto=set-by-the-proxy|\
+         x-forwarded-host=set-by-the-proxy|forwarded=set-by-the-proxy|\
+         via=set-by-the-proxy|x-secret=-"
+    );
+}
+
 #[tokio::test]
 async fn preserve_host_keeps_the_clients_host_and_xff_is_created() {
     let addr = serve().await;

@@ -1231,12 +1231,29 @@ fn names_others(connection: &HeaderValue) -> bool {
 }
 
 /// Removes the headers a `Connection` line names, except the hop-by-hop
-/// ones (removed anyway) and `close`.
+/// ones (removed anyway), `close`, and those a proxy's layers set for the
+/// backend (see [`set_by_proxies`]).
 fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
-    for token in elements([connection]).filter(|t| names_other(t)) {
+    for token in elements([connection]).filter(|t| names_other(t) && !set_by_proxies(t)) {
         // A token that is no valid header name finds nothing.
         headers.remove(token);
     }
+}
+
+/// Whether header `name` is one that proxies set for the backend to trust
+/// (`X-Forwarded-*`, `X-Real-IP`, `Forwarded`, `Via`). A client's
+/// `Connection` line naming one would remove what a layer in front of the
+/// backend has just set, leaving the backend to trust the proxy's own
+/// address instead (Apache's CVE-2022-31813, Traefik's CVE-2024-45410):
+/// such tokens are ignored.
+fn set_by_proxies(name: &str) -> bool {
+    const PREFIX: &[u8] = b"x-forwarded-";
+    let name = name.as_bytes();
+    name.get(..PREFIX.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(PREFIX))
+        || [b"x-real-ip".as_slice(), b"forwarded", b"via"]
+            .iter()
+            .any(|exact| name.eq_ignore_ascii_case(exact))
 }
 
 impl<B> Service<Request<B>> for HttpBackend<B>
