@@ -184,6 +184,66 @@ async fn a_client_cannot_strip_the_headers_proxies_set() {
     );
 }
 
+/// A redirect into the backend's base URI, built from the `Host` it was
+/// sent, comes back as a path of the proxy's (nginx's `proxy_redirect
+/// default`); any other location passes unchanged, and so does every
+/// location with the rewrite off.
+#[tokio::test]
+async fn redirects_into_the_backend_become_paths_of_the_proxy() {
+    let (addr, _) = accept_counting(|stream, _| async move {
+        let redirect = service_fn(|req: Request<Incoming>| async move {
+            let host = req.headers()["host"].to_str().unwrap().to_owned();
+            let location = match req.uri().path() {
+                "/app/home" => format!("http://{host}/app/login?next=%2Fhome"),
+                "/app/root" => format!("HTTP://{}/app", host.to_uppercase()),
+                "/app/near" => format!("http://{host}/application"),
+                _ => "https://elsewhere.example/app/x".to_owned(),
+            };
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::FOUND;
+            response
+                .headers_mut()
+                .insert("location", location.parse().unwrap());
+            Ok::<_, Infallible>(response)
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), redirect)
+            .await;
+    })
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let location = |backend: HttpBackend<Full<Bytes>>, path: &'static str| async move {
+        let req = Request::get(path).body(Full::new(Bytes::new())).unwrap();
+        let resp = backend.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FOUND);
+        resp.headers()["location"].to_str().unwrap().to_owned()
+    };
+    let at_app = HttpBackend::new(&client, format!("http://{addr}/app")).unwrap();
+    assert_eq!(
+        location(at_app.clone(), "/home").await,
+        "/login?next=%2Fhome"
+    );
+    assert_eq!(location(at_app.clone(), "/root").await, "/");
+    assert_eq!(
+        location(at_app.clone(), "/near").await,
+        format!("http://{addr}/application")
+    );
+    assert_eq!(
+        location(at_app.clone(), "/other").await,
+        "https://elsewhere.example/app/x"
+    );
+    // Sent as another host, whose URLs the backend builds.
+    let named = at_app
+        .clone()
+        .host(http::uri::Authority::from_static("api.internal"));
+    assert_eq!(location(named, "/home").await, "/login?next=%2Fhome");
+    let kept = at_app.rewrite_redirects(false);
+    assert_eq!(
+        location(kept, "/home").await,
+        format!("http://{addr}/app/login?next=%2Fhome")
+    );
+}
+
 #[tokio::test]
 async fn preserve_host_keeps_the_clients_host_and_xff_is_created() {
     let addr = serve().await;

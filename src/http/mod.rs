@@ -140,8 +140,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use ::http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, LOCATION,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use ::http::{HeaderMap, Method, Request, Response, StatusCode, Version};
@@ -605,6 +605,9 @@ pub struct HttpBackend<B> {
     /// The base URI's path without its trailing slash; empty for `/`.
     prefix: String,
     preserve_host: bool,
+    /// The backend's own URLs, which a `Location` it answers is rewritten
+    /// from (see [`HttpBackend::rewrite_redirects`]); `None` when off.
+    redirects: Option<Arc<Redirects>>,
 }
 
 impl<B> Clone for HttpBackend<B> {
@@ -615,6 +618,7 @@ impl<B> Clone for HttpBackend<B> {
             host: self.host.clone(),
             prefix: self.prefix.clone(),
             preserve_host: self.preserve_host,
+            redirects: self.redirects.clone(),
         }
     }
 }
@@ -626,6 +630,7 @@ impl<B> fmt::Debug for HttpBackend<B> {
             .field("host", &self.host)
             .field("prefix", &self.prefix)
             .field("preserve_host", &self.preserve_host)
+            .field("rewrite_redirects", &self.redirects.is_some())
             .finish()
     }
 }
@@ -682,13 +687,45 @@ impl<B> HttpBackend<B> {
             return Err(invalid("the port is not a number from 0 to 65535"));
         }
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid("bad host"))?;
-        Ok(HttpBackend {
+        let backend = HttpBackend {
             upstream: client.upstreams.get(&scheme, &authority),
             authority,
             host,
             prefix: uri.path().trim_end_matches('/').to_owned(),
             preserve_host: false,
-        })
+            redirects: None,
+        };
+        Ok(backend.rewrite_redirects(true))
+    }
+
+    /// Whether a `Location` the backend answers that points into the base
+    /// URI (`http://10.0.0.5:8080/app/login` for a backend at
+    /// `http://10.0.0.5:8080/app`, or at the host given with
+    /// [`host`](Self::host)) is rewritten to a path of the proxy's
+    /// (`/login`), as nginx's `proxy_redirect default` does: on by default,
+    /// so that a redirect neither shows clients an internal address nor
+    /// sends them there, and a base path does not end up twice in the next
+    /// request. Other locations, relative ones included, pass unchanged.
+    pub fn rewrite_redirects(mut self, rewrite: bool) -> Self {
+        self.redirects = rewrite.then(|| Arc::new(self.own_urls()));
+        self
+    }
+
+    /// What the backend's own URLs start with: its scheme, its authority or
+    /// the host it is sent as, and its base path.
+    fn own_urls(&self) -> Redirects {
+        let mut hosts = vec![self.authority.as_str().to_ascii_lowercase()];
+        if let Ok(sent) = self.host.to_str() {
+            let sent = sent.to_ascii_lowercase();
+            if sent != hosts[0] {
+                hosts.push(sent);
+            }
+        }
+        Redirects {
+            scheme: self.upstream.scheme().as_str().to_ascii_lowercase(),
+            hosts,
+            prefix: self.prefix.clone(),
+        }
     }
 
     /// Forwards the host the client asked for instead of the backend's
@@ -723,6 +760,9 @@ impl<B> HttpBackend<B> {
     pub fn host(mut self, host: Authority) -> Self {
         if let Some(host) = host_of(&host) {
             self.host = host;
+        }
+        if self.redirects.is_some() {
+            self.redirects = Some(Arc::new(self.own_urls()));
         }
         self
     }
@@ -1319,7 +1359,43 @@ where
                 error: Some(e.into()),
             },
         };
-        ResponseFuture { state, backend }
+        ResponseFuture {
+            state,
+            backend,
+            redirects: self.redirects.clone(),
+        }
+    }
+}
+
+/// What a backend's own URLs start with (see
+/// [`HttpBackend::rewrite_redirects`]), in lower case but for the path.
+#[derive(Debug)]
+struct Redirects {
+    scheme: String,
+    hosts: Vec<String>,
+    prefix: String,
+}
+
+impl Redirects {
+    /// `location` as a path of the proxy's, when it points into the
+    /// backend's base URI: what follows the base path, or `/`.
+    fn rewrite(&self, location: &str) -> Option<String> {
+        let (scheme, rest) = location.split_once("://")?;
+        if !scheme.eq_ignore_ascii_case(&self.scheme) {
+            return None;
+        }
+        let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (host, path) = rest.split_at(host_end);
+        if !self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            return None;
+        }
+        let after = path.strip_prefix(self.prefix.as_str())?;
+        match after.as_bytes().first() {
+            Some(b'/') => Some(after.to_owned()),
+            None | Some(b'?' | b'#') => Some(format!("/{after}")),
+            // `/application` is not under `/app`.
+            Some(_) => None,
+        }
     }
 }
 
@@ -1352,6 +1428,7 @@ pin_project! {
         #[pin]
         state: State,
         backend: Option<Arc<BackendState>>,
+        redirects: Option<Arc<Redirects>>,
     }
 }
 
@@ -1407,6 +1484,15 @@ impl Future for ResponseFuture {
                     strip_all_but_upgrade(resp.headers_mut(), present);
                 } else {
                     strip_present(resp.headers_mut(), present);
+                }
+                if let Some(redirects) = this.redirects.take() {
+                    let rewritten = resp.headers().get(LOCATION).and_then(|location| {
+                        let location = location.to_str().ok()?;
+                        HeaderValue::try_from(redirects.rewrite(location)?).ok()
+                    });
+                    if let Some(location) = rewritten {
+                        resp.headers_mut().insert(LOCATION, location);
+                    }
                 }
                 // An intermediary answers in its own version (RFC 9110
                 // section 6.2): a backend's HTTP/1.0 would otherwise make
