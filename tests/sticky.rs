@@ -178,6 +178,23 @@ where
     svc.clone().oneshot(req).await
 }
 
+/// A request of the learned session `value` whose response deletes its
+/// cookie (a logout).
+fn logout_of(value: &str) -> Request<()> {
+    Request::builder()
+        .header(COOKIE, format!("JSESSIONID={value}"))
+        .header("x-logout", "1")
+        .body(())
+        .unwrap()
+}
+
+/// `req`, answered `ms` milliseconds of `tokio::time` later.
+fn delayed(mut req: Request<()>, ms: u64) -> Request<()> {
+    req.headers_mut()
+        .insert("x-delay-ms", HeaderValue::from(ms));
+    req
+}
+
 /// Records every `on_move` call.
 #[derive(Clone, Default)]
 struct Moves(Arc<Mutex<Vec<SessionMoved>>>);
@@ -3552,11 +3569,7 @@ async fn a_logout_while_the_restore_runs_ends_the_session() {
     let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"))
         .availability(Availability::Standalone);
     let (store, layer, restore, gate, svc) = restore_held_by(&c, &["sess1", "sess2"], layer).await;
-    let logout = Request::builder()
-        .header(COOKIE, "JSESSIONID=sess1")
-        .header("x-logout", "1")
-        .body(())
-        .unwrap();
+    let logout = logout_of("sess1");
     assert_eq!(send(&svc, logout).await.unwrap().body(), "c");
     assert!(store.load("sess1").await.unwrap().is_none());
     gate.add_permits(2);
@@ -3574,12 +3587,7 @@ async fn a_logout_answered_after_the_restore_took_its_record_ends_the_session() 
     let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"))
         .availability(Availability::Standalone);
     let (store, layer, restore, gate, svc) = restore_held_by(&c, &["sess1"], layer).await;
-    let logout = Request::builder()
-        .header(COOKIE, "JSESSIONID=sess1")
-        .header("x-logout", "1")
-        .header("x-delay-ms", "1000")
-        .body(())
-        .unwrap();
+    let logout = delayed(logout_of("sess1"), 1000);
     let logout = tokio::spawn(send_owned(svc.clone(), logout));
     tokio::time::advance(Duration::from_millis(10)).await;
     gate.add_permits(1);
@@ -3609,11 +3617,7 @@ async fn a_logout_while_the_restore_lists_the_store_ends_the_session() {
         async move { layer.restore().await }
     });
     store.listed.acquire().await.unwrap().forget();
-    let logout = Request::builder()
-        .header(COOKIE, "JSESSIONID=sess1")
-        .header("x-logout", "1")
-        .body(())
-        .unwrap();
+    let logout = logout_of("sess1");
     assert_eq!(send(&svc, logout).await.unwrap().body(), "c");
     store.go.add_permits(1);
     assert_eq!(restore.await.unwrap().unwrap().restored, ["sess2"]);
