@@ -2937,6 +2937,59 @@ async fn a_keep_alive_timeout_the_backend_announces_is_heeded() {
     }
 }
 
+/// The keep-alive a backend announces counts from when its response's
+/// head came, not from when a slow client has read the body: the backend
+/// starts its own count once it has written the response, which may be
+/// long before.
+#[tokio::test(start_paused = true)]
+async fn a_keep_alive_counts_from_the_response_not_its_last_read() {
+    let (addr, accepted) = accept_counting(|stream, _| async move {
+        let service = service_fn(|_req: Request<Incoming>| async move {
+            // The body ends a second after the head.
+            let frames = futures::stream::unfold(0, |n| async move {
+                match n {
+                    0 => Some((
+                        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from("o"))),
+                        1,
+                    )),
+                    1 => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        Some((Ok(http_body::Frame::data(Bytes::from("k"))), 2))
+                    }
+                    _ => None,
+                }
+            });
+            let response = Response::builder()
+                .header("keep-alive", "timeout=3")
+                .body(http_body_util::StreamBody::new(frames))
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let get = || {
+        backend
+            .clone()
+            .oneshot(Request::get("/").body(Full::default()).unwrap())
+    };
+    let resp = get().await.unwrap();
+    // The client reads the end 1.5 s after the head.
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    assert_eq!(body_of(resp).await, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // 2.1 s after the head: past the 2 s a keep-alive of 3 s leaves.
+    tokio::time::advance(Duration::from_millis(600)).await;
+    let resp = get().await.unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "not reused");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(body_of(resp).await, "ok");
+}
+
 /// A body of `chunks` frames of 16 KiB (without end when `None`), always
 /// ready.
 fn upload_of(chunks: Option<usize>) -> Trickled {

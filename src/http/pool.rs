@@ -443,15 +443,18 @@ impl<B> Upstream<B> {
     /// connections for N seconds (`Keep-Alive: timeout=N`): one second
     /// less, so that a request does not meet the backend's close, and none
     /// at all for N of 1 or less.
-    fn idle_life(&self, headers: &HeaderMap, present: u8) -> Duration {
-        if present & super::KEEP_ALIVE_PRESENT == 0 {
-            return self.idle_timeout;
-        }
-        match super::keep_alive_timeout(headers) {
-            Some(secs) => self
-                .idle_timeout
-                .min(Duration::from_secs(secs.saturating_sub(1))),
-            None => self.idle_timeout,
+    fn idle_life(&self, headers: &HeaderMap, present: u8) -> Life {
+        let announced = (present & super::KEEP_ALIVE_PRESENT != 0)
+            .then(|| super::keep_alive_timeout(headers))
+            .flatten();
+        Life {
+            idle: self.idle_timeout,
+            // Counted from now, when the response's head came: the
+            // backend counts from when it has written the whole response,
+            // which a slow client may read long after.
+            until: announced.map(|secs| {
+                crate::time::later(Instant::now(), Duration::from_secs(secs.saturating_sub(1)))
+            }),
         }
     }
 
@@ -462,15 +465,16 @@ impl<B> Upstream<B> {
     /// as their time passes, so that they do not outlive it when no request
     /// comes (one whose backend announced a shorter keep-alive may wait for
     /// the task's next round, but its backend closes it meanwhile).
-    fn checkin(self: &Arc<Self>, sender: SendRequest<Upload<B>>, timer: Timer, life: Duration)
+    fn checkin(self: &Arc<Self>, sender: SendRequest<Upload<B>>, timer: Timer, life: Life)
     where
         B: Send + 'static,
     {
+        let now = Instant::now();
+        let life = life.left(now);
         // A zero idle timeout (or keep-alive) keeps nothing.
         if sender.is_closed() || life.is_zero() {
             return;
         }
-        let now = Instant::now();
         let mut idle = self.idle.lock();
         idle.prune(now);
         idle.stack.push_back(Idle {
@@ -723,7 +727,26 @@ struct Pooled<B> {
     upstream: Arc<Upstream<B>>,
     sender: SendRequest<Upload<B>>,
     /// How long it may stay idle once back.
-    life: Duration,
+    life: Life,
+}
+
+/// How long a connection may stay idle once back in the pool: the idle
+/// timeout, and no later than a second before the keep-alive its backend
+/// announced runs out (see [`Upstream::idle_life`]).
+#[derive(Clone, Copy)]
+struct Life {
+    idle: Duration,
+    until: Option<Instant>,
+}
+
+impl Life {
+    /// How long it may stay idle from `now`.
+    fn left(self, now: Instant) -> Duration {
+        match self.until {
+            Some(until) => self.idle.min(until.saturating_duration_since(now)),
+            None => self.idle,
+        }
+    }
 }
 
 /// What a [`ResponseBody`] holds to give its connection back, with the
