@@ -2990,6 +2990,45 @@ async fn a_keep_alive_counts_from_the_response_not_its_last_read() {
     assert_eq!(body_of(resp).await, "ok");
 }
 
+/// A response with more header lines than hyper's 100 fails as the
+/// backend's; `max_response_headers` takes it.
+#[tokio::test]
+async fn max_response_headers_takes_a_response_with_many_header_lines() {
+    let (addr, _) = accept_counting(|mut stream, _| async move {
+        let mut buf = [0u8; 4096];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+        for n in 0..150 {
+            answer.push_str(&format!("set-cookie: c{n}=v\r\n"));
+        }
+        answer.push_str("\r\nok");
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.flush().await;
+    })
+    .await;
+    let get = |client: HttpClient<Full<Bytes>>| {
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        backend.oneshot(Request::get("/").body(Full::default()).unwrap())
+    };
+    let err = get(HttpClient::new()).await.unwrap_err();
+    assert_eq!(
+        tower_ha::error::gateway_status(&*err),
+        StatusCode::BAD_GATEWAY,
+        "{err}"
+    );
+    let resp = get(HttpClient::new().max_response_headers(200))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers().get_all("set-cookie").iter().count(), 150);
+    assert_eq!(body_of(resp).await, "ok");
+}
+
 /// A body of `chunks` frames of 16 KiB (without end when `None`), always
 /// ready.
 fn upload_of(chunks: Option<usize>) -> Trickled {

@@ -213,6 +213,9 @@ struct Settings {
     idle_timeout: Duration,
     read_timeout: Option<Duration>,
     tunnel_idle_timeout: Option<Duration>,
+    /// Over HTTP/1.1, the most header lines a response may have; `None`:
+    /// hyper's 100.
+    max_response_headers: Option<usize>,
     http2: bool,
     /// With HTTP/2: the silence after which a PING is sent.
     #[cfg_attr(not(feature = "http2"), allow(dead_code))]
@@ -232,6 +235,7 @@ impl Settings {
         read_timeout: Some(Duration::from_secs(60)),
         // HAProxy's documented `timeout tunnel` for WebSockets.
         tunnel_idle_timeout: Some(Duration::from_secs(3600)),
+        max_response_headers: None,
         http2: false,
         http2_keep_alive: Some(Duration::from_secs(30)),
     };
@@ -267,6 +271,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             idle_timeout,
             read_timeout,
             tunnel_idle_timeout,
+            max_response_headers,
             http2,
             http2_keep_alive: _,
         } = &self.settings;
@@ -279,6 +284,7 @@ impl<B> fmt::Debug for HttpClient<B> {
         f.field("idle_timeout", idle_timeout)
             .field("read_timeout", read_timeout)
             .field("tunnel_idle_timeout", tunnel_idle_timeout)
+            .field("max_response_headers", max_response_headers)
             .field("http2", http2)
             .finish_non_exhaustive()
     }
@@ -419,6 +425,21 @@ where
         HttpClient::with_settings(
             Settings {
                 idle_timeout: timeout,
+                ..self.settings
+            },
+            self.custom,
+        )
+    }
+
+    /// Takes HTTP/1.1 responses of up to `lines` header lines (default 100,
+    /// hyper's). A response with more fails as the backend's (a `502`, and
+    /// a failure of its health); raise the limit for backends that send
+    /// many (a hundred `Set-Cookie` lines). Above 100, hyper keeps each
+    /// response's headers on the heap instead of the stack.
+    pub fn max_response_headers(self, lines: usize) -> Self {
+        HttpClient::with_settings(
+            Settings {
+                max_response_headers: Some(lines),
                 ..self.settings
             },
             self.custom,
@@ -1722,13 +1743,15 @@ mod tests {
         assert_eq!(client.settings.read_timeout, None, "zero is none");
         let client = client
             .tunnel_idle_timeout(Some(secs(3)))
-            .read_timeout(Some(secs(4)));
+            .read_timeout(Some(secs(4)))
+            .max_response_headers(200);
         let expected = Settings {
             connect_timeout: secs(1),
             tcp_keepalive: None,
             idle_timeout: secs(2),
             read_timeout: Some(secs(4)),
             tunnel_idle_timeout: Some(secs(3)),
+            max_response_headers: Some(200),
             http2: false,
             http2_keep_alive: Some(secs(30)),
         };
@@ -1737,7 +1760,8 @@ mod tests {
         assert_eq!(
             format!("{client:?}"),
             "HttpClient { connect_timeout: 1s, tcp_keepalive: None, idle_timeout: 2s, \
-             read_timeout: Some(4s), tunnel_idle_timeout: Some(3s), http2: false, .. }"
+             read_timeout: Some(4s), tunnel_idle_timeout: Some(3s), \
+             max_response_headers: Some(200), http2: false, .. }"
         );
     }
 
@@ -1814,7 +1838,8 @@ mod tests {
         assert_eq!(
             format!("{client:?}"),
             "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 60s, \
-             read_timeout: Some(60s), tunnel_idle_timeout: Some(3600s), http2: false, .. }"
+             read_timeout: Some(60s), tunnel_idle_timeout: Some(3600s), \
+             max_response_headers: None, http2: false, .. }"
         );
     }
 

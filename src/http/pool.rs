@@ -314,6 +314,7 @@ impl<B> Upstreams<B> {
             idle_timeout: self.settings.idle_timeout,
             read_timeout: self.settings.read_timeout,
             tunnel_idle_timeout: self.settings.tunnel_idle_timeout,
+            max_response_headers: self.settings.max_response_headers,
             idle: Mutex::new(IdleConnections {
                 stack: VecDeque::new(),
                 swept: false,
@@ -340,6 +341,8 @@ pub(super) struct Upstream<B> {
     /// How long a switched connection may carry nothing before it is
     /// closed.
     tunnel_idle_timeout: Option<Duration>,
+    /// The most header lines an HTTP/1.1 response may have, when set.
+    max_response_headers: Option<usize>,
     /// Idle HTTP/1.1 connections, the most recently used last, and
     /// whether a task closes them once idle too long (set and cleared
     /// under the same lock).
@@ -552,7 +555,11 @@ where
     async fn connect(&self, for_upgrade: bool) -> Result<SendRequest<Upload<B>>, BoxError> {
         let mut io = (self.open)(self.target.clone()).await?;
         io.keep_write_errors = for_upgrade;
-        let (sender, connection) = http1::handshake(io).await?;
+        let mut builder = http1::Builder::new();
+        if let Some(lines) = self.max_response_headers {
+            builder.max_headers(lines);
+        }
+        let (sender, connection) = builder.handshake(io).await?;
         // Its end (the backend closed it, or a response was abandoned)
         // shows in the sender, which is then never reused.
         if for_upgrade {
