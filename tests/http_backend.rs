@@ -197,6 +197,11 @@ async fn redirects_into_the_backend_become_paths_of_the_proxy() {
                 "/app/home" => format!("http://{host}/app/login?next=%2Fhome"),
                 "/app/root" => format!("HTTP://{}/app", host.to_uppercase()),
                 "/app/near" => format!("http://{host}/application"),
+                // A path browsers read as another host, made of the
+                // client's own path (a backend adding a trailing slash).
+                "/app//evil.example/x" => format!("http://{host}/app//evil.example/x/"),
+                "/app/back" => format!("http://{host}/app/\\evil.example/"),
+                "/app/tab" => format!("http://{host}/app/\t/evil.example/"),
                 _ => "https://elsewhere.example/app/x".to_owned(),
             };
             let mut response = Response::new(Full::new(Bytes::new()));
@@ -232,6 +237,17 @@ async fn redirects_into_the_backend_become_paths_of_the_proxy() {
         location(at_app.clone(), "/other").await,
         "https://elsewhere.example/app/x"
     );
+    // Never made a path that leaves the site.
+    for (path, kept) in [
+        ("//evil.example/x", "/app//evil.example/x/"),
+        ("/back", "/app/\\evil.example/"),
+        ("/tab", "/app/\t/evil.example/"),
+    ] {
+        assert_eq!(
+            location(at_app.clone(), path).await,
+            format!("http://{addr}{kept}")
+        );
+    }
     // Sent as another host, whose URLs the backend builds.
     let named = at_app
         .clone()

@@ -726,7 +726,9 @@ impl<B> HttpBackend<B> {
     /// (`/login`), as nginx's `proxy_redirect default` does: on by default,
     /// so that a redirect neither shows clients an internal address nor
     /// sends them there, and a base path does not end up twice in the next
-    /// request. Other locations, relative ones included, pass unchanged.
+    /// request. Other locations, relative ones included, pass unchanged, and
+    /// so does one whose path a browser would read as another host (`//`,
+    /// `/\`).
     pub fn rewrite_redirects(mut self, rewrite: bool) -> Self {
         self.redirects = rewrite.then(|| Arc::new(self.own_urls()));
         self
@@ -1411,11 +1413,20 @@ impl Redirects {
             return None;
         }
         let after = path.strip_prefix(self.prefix.as_str())?;
-        match after.as_bytes().first() {
-            Some(b'/') => Some(after.to_owned()),
-            None | Some(b'?' | b'#') => Some(format!("/{after}")),
+        // Browsers drop tabs and line breaks from a URL, which could make
+        // `/<tab>/evil.example` the `//` below.
+        if after.bytes().any(|b| b.is_ascii_control()) {
+            return None;
+        }
+        match after.as_bytes() {
+            // Read by browsers as another host (`//evil.example/`, or
+            // `/\evil.example/` alike): as a path of the proxy's, it would
+            // send the client off the site. Left as it is.
+            [b'/', b'/' | b'\\', ..] => None,
+            [b'/', ..] => Some(after.to_owned()),
+            [] | [b'?' | b'#', ..] => Some(format!("/{after}")),
             // `/application` is not under `/app`.
-            Some(_) => None,
+            _ => None,
         }
     }
 }
