@@ -62,9 +62,19 @@ async fn serve() -> SocketAddr {
 
 /// [`serve`], counting the connections it accepts.
 async fn serve_counting() -> (SocketAddr, Arc<AtomicUsize>) {
-    accept_counting(|stream, _| async move {
+    serve_fn(echo).await
+}
+
+/// Listens on 127.0.0.1 and answers every request with `handler`;
+/// counts the connections.
+async fn serve_fn<F, Fut>(handler: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    accept_counting(move |stream, _| async move {
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), service_fn(echo))
+            .serve_connection(TokioIo::new(stream), service_fn(handler))
             .await;
     })
     .await
@@ -146,21 +156,16 @@ async fn a_client_cannot_strip_the_headers_proxies_set() {
         "forwarded",
         "via",
     ];
-    let (addr, _) = accept_counting(|stream, _| async move {
-        let shown = service_fn(|req: Request<Incoming>| async move {
-            let seen: Vec<String> = TRUSTED
-                .iter()
-                .chain(&["x-secret"])
-                .map(|name| {
-                    let value = req.headers().get(*name).map(|v| v.to_str().unwrap());
-                    format!("{}={}", name.to_ascii_lowercase(), value.unwrap_or("-"))
-                })
-                .collect();
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(seen.join("|")))))
-        });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), shown)
-            .await;
+    let (addr, _) = serve_fn(|req: Request<Incoming>| async move {
+        let seen: Vec<String> = TRUSTED
+            .iter()
+            .chain(&["x-secret"])
+            .map(|name| {
+                let value = req.headers().get(*name).map(|v| v.to_str().unwrap());
+                format!("{}={}", name.to_ascii_lowercase(), value.unwrap_or("-"))
+            })
+            .collect();
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(seen.join("|")))))
     })
     .await;
     let client = HttpClient::<Full<Bytes>>::new();
@@ -190,30 +195,25 @@ async fn a_client_cannot_strip_the_headers_proxies_set() {
 /// location with the rewrite off.
 #[tokio::test]
 async fn redirects_into_the_backend_become_paths_of_the_proxy() {
-    let (addr, _) = accept_counting(|stream, _| async move {
-        let redirect = service_fn(|req: Request<Incoming>| async move {
-            let host = req.headers()["host"].to_str().unwrap().to_owned();
-            let location = match req.uri().path() {
-                "/app/home" => format!("http://{host}/app/login?next=%2Fhome"),
-                "/app/root" => format!("HTTP://{}/app", host.to_uppercase()),
-                "/app/near" => format!("http://{host}/application"),
-                // A path browsers read as another host, made of the
-                // client's own path (a backend adding a trailing slash).
-                "/app//evil.example/x" => format!("http://{host}/app//evil.example/x/"),
-                "/app/back" => format!("http://{host}/app/\\evil.example/"),
-                "/app/tab" => format!("http://{host}/app/\t/evil.example/"),
-                _ => "https://elsewhere.example/app/x".to_owned(),
-            };
-            let mut response = Response::new(Full::new(Bytes::new()));
-            *response.status_mut() = StatusCode::FOUND;
-            response
-                .headers_mut()
-                .insert("location", location.parse().unwrap());
-            Ok::<_, Infallible>(response)
-        });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), redirect)
-            .await;
+    let (addr, _) = serve_fn(|req: Request<Incoming>| async move {
+        let host = req.headers()["host"].to_str().unwrap().to_owned();
+        let location = match req.uri().path() {
+            "/app/home" => format!("http://{host}/app/login?next=%2Fhome"),
+            "/app/root" => format!("HTTP://{}/app", host.to_uppercase()),
+            "/app/near" => format!("http://{host}/application"),
+            // A path browsers read as another host, made of the
+            // client's own path (a backend adding a trailing slash).
+            "/app//evil.example/x" => format!("http://{host}/app//evil.example/x/"),
+            "/app/back" => format!("http://{host}/app/\\evil.example/"),
+            "/app/tab" => format!("http://{host}/app/\t/evil.example/"),
+            _ => "https://elsewhere.example/app/x".to_owned(),
+        };
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::FOUND;
+        response
+            .headers_mut()
+            .insert("location", location.parse().unwrap());
+        Ok::<_, Infallible>(response)
     })
     .await;
     let client = HttpClient::<Full<Bytes>>::new();
@@ -465,19 +465,14 @@ async fn http_probes_go_through_a_proxys_backends() {
 #[tokio::test]
 async fn an_http_probe_goes_under_the_backends_base_path() {
     use tower_ha::health::Probe;
-    let (addr, _) = accept_counting(|stream, _| async move {
-        let healthz = service_fn(|req: Request<Incoming>| async move {
-            let status = match req.uri().path() {
-                "/app/healthz" => StatusCode::OK,
-                _ => StatusCode::NOT_FOUND,
-            };
-            let mut response = Response::new(Full::new(Bytes::new()));
-            *response.status_mut() = status;
-            Ok::<_, Infallible>(response)
-        });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), healthz)
-            .await;
+    let (addr, _) = serve_fn(|req: Request<Incoming>| async move {
+        let status = match req.uri().path() {
+            "/app/healthz" => StatusCode::OK,
+            _ => StatusCode::NOT_FOUND,
+        };
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = status;
+        Ok::<_, Infallible>(response)
     })
     .await;
     let client = HttpClient::<Full<Bytes>>::new();
