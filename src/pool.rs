@@ -37,9 +37,17 @@ pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::RandomState>;
 pub struct Member {
     id: BackendId,
     state: Arc<BackendState>,
+    /// Its configured weight when its snapshot was made: the weight the
+    /// strategies build their tables with.
+    weight: u32,
 }
 
 impl Member {
+    fn new(id: BackendId, state: Arc<BackendState>) -> Self {
+        let weight = state.weight();
+        Member { id, state, weight }
+    }
+
     /// The backend's id.
     #[inline]
     pub fn id(&self) -> &BackendId {
@@ -62,30 +70,24 @@ const SCAN_MAX: usize = 16;
 pub struct Members {
     list: Vec<Member>,
     index: FastMap<BackendId, usize>,
-    /// Each member's configured weight when this membership was made: the
-    /// weight the strategies build their tables with.
-    weights: Vec<u32>,
     /// Numbers memberships in the order they were made, across pools;
     /// 0 for an empty default.
     epoch: u64,
 }
 
 impl Members {
-    fn from_list(list: Vec<Member>) -> Self {
+    fn from_list(mut list: Vec<Member>) -> Self {
         static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
+        for m in &mut list {
+            m.weight = m.state.weight();
+        }
         let index = list
             .iter()
             .enumerate()
             .map(|(i, m)| (m.id.clone(), i))
             .collect();
-        let weights = list.iter().map(|m| m.state.weight()).collect();
         let epoch = NEXT_EPOCH.fetch_add(1, Ordering::Relaxed);
-        Members {
-            list,
-            index,
-            weights,
-            epoch,
-        }
+        Members { list, index, epoch }
     }
 
     /// Which membership this is: a later one has a larger number. Every
@@ -490,7 +492,7 @@ impl<S: Clone> Pool<S> {
                     services[i] = service;
                 }
                 None => {
-                    members.push(Member { id, state });
+                    members.push(Member::new(id, state));
                     services.push(service);
                 }
             }
@@ -536,7 +538,7 @@ impl<S: Clone> Pool<S> {
                         }
                     };
                     prepare(&state);
-                    members.push(Member { id, state });
+                    members.push(Member::new(id, state));
                     services.push(service);
                     added = true;
                     true
@@ -604,9 +606,7 @@ impl<S: Clone> Pool<S> {
             // Compared with the weight this pool's tables were built with,
             // not the state's last: another pool sharing the state (a
             // backend in two groups) may have set it already.
-            let members = &self.shared.current.load().members;
-            let built = members.index_of(id).map(|i| members.weights[i]);
-            built != Some(m.state.weight())
+            m.weight != m.state.weight()
         });
         found
     }
@@ -763,10 +763,7 @@ impl<S: Clone, K: Into<BackendId>> FromIterator<(K, S)> for Pool<S> {
                 match members.iter().position(|m| m.id == id) {
                     Some(i) => services[i] = service,
                     None => {
-                        members.push(Member {
-                            id,
-                            state: Arc::new(BackendState::new(1)),
-                        });
+                        members.push(Member::new(id, Arc::new(BackendState::new(1))));
                         services.push(service);
                     }
                 }
