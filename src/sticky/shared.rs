@@ -493,7 +493,7 @@ impl Shared {
     }
 
     /// Session `key` as logs and events show it.
-    pub(crate) fn shown<'a>(&self, key: &'a str) -> Shown<'a> {
+    fn shown<'a>(&self, key: &'a str) -> Shown<'a> {
         Shown::new(key, self.hides_keys())
     }
 
@@ -1706,7 +1706,7 @@ impl Shared {
                 }
             }
         }
-        for session in loaded.sessions {
+        for mut session in loaded.sessions {
             if self.restores.lock().forgotten(restoring.id, &session.key) {
                 // Its next request reads the store; not from memory, where
                 // a request may have routed it meanwhile.
@@ -1734,7 +1734,6 @@ impl Shared {
                 }
             }
             let key = session.key.clone();
-            let mut session = session;
             let moved = {
                 // Under the lock `remove` ends a session under: one ended
                 // since the load (while the hooks ran) is not put back.
@@ -1929,13 +1928,13 @@ impl Drop for Held {
 /// the event stream can tell sessions apart without being able to take one
 /// over. Other keys (the layer's own cookie's session id, which needs the
 /// signature to be of use; a header; a closure's) are shown as they are.
-pub(crate) struct Shown<'a> {
+struct Shown<'a> {
     key: &'a str,
     hidden: bool,
 }
 
 impl<'a> Shown<'a> {
-    pub(crate) fn new(key: &'a str, hidden: bool) -> Self {
+    fn new(key: &'a str, hidden: bool) -> Self {
         Shown { key, hidden }
     }
 }
