@@ -677,12 +677,15 @@ enum Failure {
     Fatal(StoreError),
 }
 
-/// `?…` for a query (with its `?`), nothing for none.
+/// What errors and `Debug` show of a URL's query: it may hold a secret.
+const HIDDEN_QUERY: &str = "?…";
+
+/// [`HIDDEN_QUERY`] for a query (with its `?`), nothing for none.
 fn hidden_query(query: &str) -> &'static str {
     if query.is_empty() {
         ""
     } else {
-        "?…"
+        HIDDEN_QUERY
     }
 }
 
@@ -696,7 +699,7 @@ fn redact(url: &str) -> String {
         None => (url[..start].to_owned(), &url[start..]),
     };
     match rest.split_once('?') {
-        Some((before, _)) => format!("{head}{before}{}", hidden_query("?")),
+        Some((before, _)) => format!("{head}{before}{HIDDEN_QUERY}"),
         None => format!("{head}{rest}"),
     }
 }
@@ -848,19 +851,14 @@ fn read_element(loaded: &mut Loaded, i: usize, raw: &str, lossy: bool) {
     } else {
         serde_json::from_str::<serde_json::Value>(raw).map_err(StoreError::corrupt)
     };
-    let element = match read {
-        Ok(element) => element,
-        Err(e) => {
-            let e = e.with_message("unreadable element");
-            tracing::warn!(record = %format!("#{i}"), error = %crate::error::Report(&e), "skipping unreadable webhook session");
-            loaded.skip(format!("#{i}"), e);
-            return;
-        }
+    let (name, parsed) = match read {
+        Ok(element) => (element_name(&element), parse_element(element)),
+        Err(e) => (None, Err(e.with_message("unreadable element"))),
     };
-    let name = element_name(&element).unwrap_or_else(|| format!("#{i}"));
-    match parse_element(element) {
+    match parsed {
         Ok((_, session)) => loaded.sessions.push(session),
         Err(e) => {
+            let name = name.unwrap_or_else(|| format!("#{i}"));
             tracing::warn!(record = %name, error = %crate::error::Report(&e), "skipping unreadable webhook session");
             loaded.skip(name, e);
         }
