@@ -737,15 +737,15 @@ impl<B> HttpBackend<B> {
     /// What the backend's own URLs start with: its scheme, its authority or
     /// the host it is sent as, and its base path.
     fn own_urls(&self) -> Redirects {
-        let mut hosts = vec![self.authority.as_str().to_ascii_lowercase()];
+        let authority = self.authority.as_str();
+        let mut hosts = vec![authority.to_owned()];
         if let Ok(sent) = self.host.to_str() {
-            let sent = sent.to_ascii_lowercase();
-            if sent != hosts[0] {
-                hosts.push(sent);
+            if !sent.eq_ignore_ascii_case(authority) {
+                hosts.push(sent.to_owned());
             }
         }
         Redirects {
-            scheme: self.upstream.scheme().as_str().to_ascii_lowercase(),
+            scheme: self.upstream.scheme().as_str().to_owned(),
             hosts,
             prefix: self.prefix.clone(),
         }
@@ -1391,7 +1391,8 @@ where
 }
 
 /// What a backend's own URLs start with (see
-/// [`HttpBackend::rewrite_redirects`]), in lower case but for the path.
+/// [`HttpBackend::rewrite_redirects`]); scheme and hosts compare in any
+/// case.
 #[derive(Debug)]
 struct Redirects {
     scheme: String,
