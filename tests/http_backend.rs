@@ -67,10 +67,12 @@ async fn serve_counting() -> (SocketAddr, Arc<AtomicUsize>) {
 
 /// Listens on 127.0.0.1 and answers every request with `handler`;
 /// counts the connections.
-async fn serve_fn<F, Fut>(handler: F) -> (SocketAddr, Arc<AtomicUsize>)
+async fn serve_fn<F, Fut, RB>(handler: F) -> (SocketAddr, Arc<AtomicUsize>)
 where
     F: Fn(Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<Response<RB>, Infallible>> + Send + 'static,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
 {
     accept_counting(move |stream, _| async move {
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -2954,31 +2956,26 @@ async fn a_keep_alive_timeout_the_backend_announces_is_heeded() {
 /// long before.
 #[tokio::test(start_paused = true)]
 async fn a_keep_alive_counts_from_the_response_not_its_last_read() {
-    let (addr, accepted) = accept_counting(|stream, _| async move {
-        let service = service_fn(|_req: Request<Incoming>| async move {
-            // The body ends a second after the head.
-            let frames = futures::stream::unfold(0, |n| async move {
-                match n {
-                    0 => Some((
-                        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from("o"))),
-                        1,
-                    )),
-                    1 => {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        Some((Ok(http_body::Frame::data(Bytes::from("k"))), 2))
-                    }
-                    _ => None,
+    let (addr, accepted) = serve_fn(|_req: Request<Incoming>| async move {
+        // The body ends a second after the head.
+        let frames = futures::stream::unfold(0, |n| async move {
+            match n {
+                0 => Some((
+                    Ok::<_, Infallible>(http_body::Frame::data(Bytes::from("o"))),
+                    1,
+                )),
+                1 => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Some((Ok(http_body::Frame::data(Bytes::from("k"))), 2))
                 }
-            });
-            let response = Response::builder()
-                .header("keep-alive", "timeout=3")
-                .body(http_body_util::StreamBody::new(frames))
-                .unwrap();
-            Ok::<_, Infallible>(response)
+                _ => None,
+            }
         });
-        let _ = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
+        let response = Response::builder()
+            .header("keep-alive", "timeout=3")
+            .body(http_body_util::StreamBody::new(frames))
+            .unwrap();
+        Ok::<_, Infallible>(response)
     })
     .await;
     let client = HttpClient::<Full<Bytes>>::new();
