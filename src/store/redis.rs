@@ -134,8 +134,10 @@ return 2";
 ///   session in use never expires (Redis 6.2 or later).
 /// * [`load_all`](SessionStore::load_all): `SCAN MATCH` (never `KEYS`, which
 ///   blocks the server) with the prefix's glob characters escaped, then
-///   `MGET` in batches (with a TTL, `PEXPIRE` then gives each record
-///   read its whole TTL back, as `load` does). Records that are not
+///   `MGET` in batches. A listing renews no record's expiry, so that
+///   restarts do not keep abandoned sessions alive: the sticky layer
+///   refreshes a session it restored by its record's age, before the
+///   record can expire. Records that are not
 ///   JSON, not a session, hold another key's session, or are not strings
 ///   at all (`TYPE` tells those from a key deleted since the scan) are
 ///   skipped and reported.
@@ -484,7 +486,7 @@ impl RedisStoreBuilder {
     }
 
     /// Sessions expire after `ttl` without a save or a load (each refreshes
-    /// it). The sticky layer renews the expiry of a session it serves every
+    /// it; a [`load_all`](SessionStore::load_all) does not). The sticky layer renews the expiry of a session it serves every
     /// half `ttl` (see [`SessionStore::refresh_interval`]), so only
     /// sessions nobody uses expire. Default: sessions never expire; delete them.
     /// At least 1 ms; longer than about a century counts as a century.
@@ -1009,10 +1011,6 @@ impl SessionStore for RedisStore {
                 }
                 let values: Vec<Option<Vec<u8>>> = inner.run(&cmd, "read sessions").await?;
                 let mut absent = Vec::new();
-                // With a TTL, a record read gets its whole TTL back, as with
-                // `load`: a restored session is not refreshed before half a
-                // TTL from now, and its record must outlive that.
-                let mut renew = ::redis::pipe();
                 for (redis_key, value) in chunk.iter().zip(values) {
                     let Some(value) = value else {
                         // Deleted or expired since the scan, or not a
@@ -1025,26 +1023,12 @@ impl SessionStore for RedisStore {
                         .map_err(|e| StoreError::corrupt(e).with_message("the key is not UTF-8"))
                         .and_then(|key| inner.parse(key, &value));
                     match parsed {
-                        Ok(session) => {
-                            if let Some(ttl) = inner.ttl {
-                                renew
-                                    .cmd("PEXPIRE")
-                                    .arg(redis_key)
-                                    .arg(millis(ttl))
-                                    .ignore();
-                            }
-                            loaded.sessions.push(session);
-                        }
+                        Ok(session) => loaded.sessions.push(session),
                         Err(e) => {
                             tracing::warn!(record = %name, error = %crate::error::Report(&e), "skipping unreadable Redis session");
                             loaded.skip(name, e);
                         }
                     }
-                }
-                if !renew.is_empty() {
-                    inner
-                        .run_pipe::<()>(&renew, "renew sessions' expiry")
-                        .await?;
                 }
                 if absent.is_empty() {
                     continue;
