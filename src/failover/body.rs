@@ -323,7 +323,13 @@ where
                     }
                     Some(Err(e)) => {
                         progress.end();
-                        Poll::Ready(Some(Err(e.into())))
+                        // The client's failure, as while buffering: not the
+                        // backend's, whatever service sends the body.
+                        Poll::Ready(Some(Err(InvalidRequest::with_source(
+                            "the request's body failed while it was sent",
+                            e,
+                        )
+                        .into())))
                     }
                     None => {
                         progress.end();
@@ -648,7 +654,8 @@ impl BufferBodyLayer {
     /// kind `TimedOut` among its sources, which
     /// [`gateway_status`](crate::error::gateway_status) answers with `408
     /// Request Timeout`; no backend was called. (A body that fails while it
-    /// is read is an `InvalidRequest` too: `400 Bad Request`.) A body past
+    /// is read, or past the limit while it is sent, is an `InvalidRequest`
+    /// too: `400 Bad Request`, and no failure of the backend.) A body past
     /// the limit is streamed to its backend and timed by the backend
     /// client instead (`HttpClient::read_timeout`, feature `hyper-client`).
     pub fn read_timeout(mut self, timeout: Option<Duration>) -> Self {
@@ -1223,5 +1230,20 @@ mod tests {
             http::StatusCode::BAD_REQUEST
         );
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_past_the_limit_that_fails_while_it_is_sent_is_the_clients_failure() {
+        let (tx, calls, call) = upload(BufferBodyLayer::new().limit(4));
+        tx.send(Ok(Bytes::from_static(b"past the limit"))).unwrap();
+        tx.send(Err("connection reset".into())).unwrap();
+        let error = call.await.unwrap().unwrap_err();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(
+            crate::error::find::<InvalidRequest>(&*error).is_some(),
+            "{error}"
+        );
+        use crate::classify::{Classifier, DefaultClassifier, Outcome};
+        assert!(!DefaultClassifier::new().is_failure(&Outcome::Error(&*error)));
     }
 }
