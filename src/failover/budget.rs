@@ -119,9 +119,12 @@ impl Budget for RetryBudget {
     }
 
     fn withdraw(&self) -> bool {
+        // Read under the lock, so that `seen_at` and `seen_requests` never
+        // go back: a count read before it by a withdrawal that took the lock
+        // after a later one would count requests twice at the next window.
+        let mut w = self.state.lock();
         let now = Instant::now();
         let requests = self.requests.load(Ordering::Relaxed);
-        let mut w = self.state.lock();
         let start = w.start;
         let mut elapsed = now.saturating_duration_since(start);
         if elapsed >= self.window {
