@@ -34,7 +34,7 @@ const NAMES: [&str; 3] = ["a", "b", "c"];
 
 /// One in-process backend: answers its name; fails while `fail` is set;
 /// refuses a request marked `x-invalid` as `InvalidRequest`; sets an
-/// application cookie or session header when asked; answers after
+/// application cookie or session header, or clears them, when asked; answers after
 /// `x-delay-ms` milliseconds of `tokio::time` when asked.
 fn backend(
     name: &'static str,
@@ -80,6 +80,13 @@ fn backend(
                 res.headers_mut().append(
                     SET_COOKIE,
                     HeaderValue::from_static("JSESSIONID=; Max-Age=0; Path=/"),
+                );
+            }
+            if req.headers().contains_key("x-clear-legacy") {
+                // Clears a cookie of the same name on a path of its own.
+                res.headers_mut().append(
+                    SET_COOKIE,
+                    HeaderValue::from_static("JSESSIONID=; Max-Age=0; Path=/legacy"),
                 );
             }
             if let Some(login) = req.headers().get("x-login-as") {
@@ -740,6 +747,52 @@ async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
         0,
         "a deleted cookie ends the session"
     );
+    assert!(store.is_empty());
+}
+
+/// An application clearing a cookie of the same name on another path (a
+/// legacy one) does not end the session the request presented, which a
+/// browser keeps: only a request under that path may present the cleared
+/// cookie.
+#[tokio::test]
+async fn clearing_a_learned_cookie_on_another_path_keeps_the_session() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let layer =
+        StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID")).store(store.clone());
+    let svc = stack(&c.pool, layer.clone());
+    let login = send(
+        &svc,
+        Request::builder().header("x-login", "1").body(()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let set = login.headers()[SET_COOKIE].to_str().unwrap();
+    let value = set.split(';').next().unwrap().to_owned();
+    let key = value.strip_prefix("JSESSIONID=").unwrap();
+    let home = login.body().clone();
+    let clearing = |path: &str| {
+        Request::builder()
+            .uri(path)
+            .header(COOKIE, &value)
+            .header("x-clear-legacy", "1")
+            .body(())
+            .unwrap()
+    };
+    for path in ["/app", "/legacyx", "/"] {
+        assert_eq!(send(&svc, clearing(path)).await.unwrap().body(), &home);
+        assert!(layer.session(key).is_some(), "{path}: the session ended");
+        assert_eq!(store.len(), 1, "{path}: the record was deleted");
+    }
+    for _ in 0..6 {
+        assert_eq!(send(&svc, with_cookie(&value)).await.unwrap().body(), &home);
+    }
+    // Under that path, the cleared cookie may be the one presented.
+    assert_eq!(
+        send(&svc, clearing("/legacy/page")).await.unwrap().body(),
+        &home
+    );
+    assert!(layer.session(key).is_none());
     assert!(store.is_empty());
 }
 

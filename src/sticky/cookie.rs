@@ -526,7 +526,15 @@ fn month_of(token: &[u8]) -> Option<u32> {
 /// `Domain` has the request's (its default path, its host), which is not
 /// known here: a deletion ends any value whose scope may be its own, so
 /// that a session does not outlive its logout.
-pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h>> {
+///
+/// A deletion on a path the request's (`request_path`, when known) does
+/// not fall under deletes no cookie the request presented, since a browser
+/// sends none from there: alone, it is no deletion of the session.
+pub(crate) fn learn<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+    request_path: Option<&str>,
+) -> Option<Learned<'h>> {
     let name = name.as_bytes();
     // Per path and domain, the value the last line leaves (`None`: deleted),
     // in the order they were last written.
@@ -557,30 +565,50 @@ pub(crate) fn learn<'h>(headers: &'h HeaderMap, name: &str) -> Option<Learned<'h
                 }
             }
         }
+        // A path that is not absolute stands for the default one
+        // (RFC 6265, section 5.2.4).
+        if !path.starts_with(b"/") {
+            path = b"";
+        }
         let left = (!value.is_empty() && !max_age.unwrap_or(expires)).then_some(value);
+        let deletes = left.is_none();
+        // The request's default path falls under its path, so a deletion
+        // elsewhere cannot be of a value set without a `Path` either.
+        let elsewhere = deletes
+            && !path.is_empty()
+            && request_path.is_some_and(|r| !path_matches(r.as_bytes(), path));
         // A value replaces the one of its exact scope; a deletion ends
         // those of every scope that may be its own (an empty attribute
         // stands for the request's, which may equal any).
-        let deletes = left.is_none();
-        let same = |a: &[u8], b: &[u8], eq: fn(&[u8], &[u8]) -> bool| {
-            eq(a, b) || (deletes && (a.is_empty() || b.is_empty()))
+        let same = |a: &[u8], b: &[u8], eq: fn(&[u8], &[u8]) -> bool, any: bool| {
+            eq(a, b) || (deletes && any && (a.is_empty() || b.is_empty()))
         };
-        scopes.retain(|&(p, d, _)| {
-            !(same(p, path, |a, b| a == b) && same(d, domain, <[u8]>::eq_ignore_ascii_case))
+        scopes.retain(|&(p, d, _, _)| {
+            !(same(p, path, |a, b| a == b, !elsewhere)
+                && same(d, domain, <[u8]>::eq_ignore_ascii_case, true))
         });
-        scopes.push((path, domain, left));
+        scopes.push((path, domain, left, elsewhere));
     }
-    if scopes.is_empty() {
-        return None;
+    if let Some(value) = scopes.iter().rev().find_map(|&(_, _, left, _)| left) {
+        return Some(Learned::Set(value));
     }
-    Some(match scopes.iter().rev().find_map(|&(_, _, left)| left) {
-        Some(value) => Learned::Set(value),
-        None => Learned::Deleted,
-    })
+    scopes
+        .iter()
+        .any(|&(_, _, _, elsewhere)| !elsewhere)
+        .then_some(Learned::Deleted)
 }
 
-/// A cookie's path and domain, and the value a `Set-Cookie` left it with.
-type Scope<'h> = (&'h [u8], &'h [u8], Option<&'h [u8]>);
+/// A cookie's path and domain, the value a `Set-Cookie` left it with, and
+/// whether that is a deletion on a path the request is not under.
+type Scope<'h> = (&'h [u8], &'h [u8], Option<&'h [u8]>, bool);
+
+/// Whether a browser sends a cookie of path `cookie` with a request for
+/// `request` (RFC 6265, section 5.1.4).
+fn path_matches(request: &[u8], cookie: &[u8]) -> bool {
+    request
+        .strip_prefix(cookie)
+        .is_some_and(|rest| rest.is_empty() || cookie.ends_with(b"/") || rest.starts_with(b"/"))
+}
 
 /// Whether a `Cache-Control` value keeps a response's `Set-Cookie` from
 /// shared caches: `no-store`, `private`, or `private` with a list of fields
@@ -753,20 +781,81 @@ mod tests {
     }
 
     #[test]
+    fn a_deletion_on_a_path_the_request_is_not_under_is_not_its_sessions() {
+        let learned = |lines: &[&'static str], request: &str| {
+            let mut h = HeaderMap::new();
+            for &line in lines {
+                h.append(SET_COOKIE, HeaderValue::from_static(line));
+            }
+            learn(&h, "JSESSIONID", Some(request)).map(|l| match l {
+                Learned::Set(v) => Some(String::from_utf8(v.to_vec()).unwrap()),
+                Learned::Deleted => None,
+            })
+        };
+        let legacy = "JSESSIONID=; Path=/legacy; Max-Age=0";
+        assert_eq!(learned(&[legacy], "/app/x"), None);
+        assert_eq!(learned(&[legacy], "/legacy"), Some(None));
+        assert_eq!(learned(&[legacy], "/legacy/x"), Some(None));
+        assert_eq!(learned(&[legacy], "/legacyx"), None);
+        assert_eq!(
+            learned(&["JSESSIONID=; Path=/app/; Max-Age=0"], "/app"),
+            None
+        );
+        assert_eq!(
+            learned(&["JSESSIONID=; Path=/app/; Max-Age=0"], "/app/"),
+            Some(None)
+        );
+        assert_eq!(learned(&["JSESSIONID=; Max-Age=0"], "/app/x"), Some(None));
+        // A path that is not absolute is the request's default one.
+        assert_eq!(
+            learned(&["JSESSIONID=; Path=legacy; Max-Age=0"], "/app/x"),
+            Some(None)
+        );
+        // A value set elsewhere and deleted there leaves nothing to learn;
+        // a value without a path is not of the deletion's scope.
+        assert_eq!(
+            learned(&["JSESSIONID=new; Path=/legacy", legacy], "/app/x"),
+            None
+        );
+        assert_eq!(
+            learned(&["JSESSIONID=new", legacy], "/app/x"),
+            Some(Some("new".to_owned()))
+        );
+        // Without the request's path, any deletion may be its session's.
+        let mut h = HeaderMap::new();
+        h.append(SET_COOKIE, HeaderValue::from_static(legacy));
+        assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
+    }
+
+    #[test]
+    fn a_relative_path_is_the_default_one() {
+        let mut h = HeaderMap::new();
+        h.append(
+            SET_COOKIE,
+            HeaderValue::from_static("JSESSIONID=a; Path=app"),
+        );
+        h.append(
+            SET_COOKIE,
+            HeaderValue::from_static("JSESSIONID=; Path=/; Max-Age=0"),
+        );
+        assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
+    }
+
+    #[test]
     fn learning_set_cookie() {
         let mut h = HeaderMap::new();
-        assert_eq!(learn(&h, "JSESSIONID"), None);
+        assert_eq!(learn(&h, "JSESSIONID", None), None);
         h.append(SET_COOKIE, HeaderValue::from_static("other=1"));
         h.append(
             SET_COOKIE,
             HeaderValue::from_static("JSESSIONID=abc; Path=/; HttpOnly"),
         );
-        assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Set(b"abc")));
+        assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Set(b"abc")));
         h.append(
             SET_COOKIE,
             HeaderValue::from_static("JSESSIONID=abc; Max-Age=0"),
         );
-        assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted));
+        assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
         // Set on one path, a legacy cookie cleared on another: the new
         // value stays, in either order.
         for lines in [
@@ -788,7 +877,7 @@ mod tests {
                 h.append(SET_COOKIE, HeaderValue::from_static(line));
             }
             assert_eq!(
-                learn(&h, "JSESSIONID"),
+                learn(&h, "JSESSIONID", None),
                 Some(Learned::Set(b"new1")),
                 "{lines:?}"
             );
@@ -803,10 +892,10 @@ mod tests {
             SET_COOKIE,
             HeaderValue::from_static("JSESSIONID=; path=/x; domain=a.example"),
         );
-        assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted));
+        assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
         let mut h = HeaderMap::new();
         h.append(SET_COOKIE, HeaderValue::from_static("JSESSIONID=; Path=/"));
-        assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Deleted));
+        assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
         // A line without a path or domain has the request's, which may be
         // the deletion's: the deletion wins. Two values of scopes that
         // may be one another's do not replace each other.
@@ -837,7 +926,7 @@ mod tests {
                 Some(v) => Learned::Set(v.as_bytes()),
                 None => Learned::Deleted,
             };
-            assert_eq!(learn(&h, "JSESSIONID"), Some(expected), "{lines:?}");
+            assert_eq!(learn(&h, "JSESSIONID", None), Some(expected), "{lines:?}");
         }
         let mut h = HeaderMap::new();
         for line in [
@@ -848,13 +937,13 @@ mod tests {
             h.append(SET_COOKIE, HeaderValue::from_static(line));
         }
         // `two` did not replace `one`, and the deletion ends `two` alone.
-        assert_eq!(learn(&h, "JSESSIONID"), Some(Learned::Set(b"one")));
+        assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Set(b"one")));
         // What learning says of `JSESSIONID=abc; {attrs}`.
         let learned = |attrs: &str| {
             let line = format!("JSESSIONID=abc; {attrs}");
             let mut h = HeaderMap::new();
             h.append(SET_COOKIE, HeaderValue::from_str(&line).unwrap());
-            learn(&h, "JSESSIONID").map(|l| match l {
+            learn(&h, "JSESSIONID", None).map(|l| match l {
                 Learned::Set(v) => Some(v.to_vec()),
                 Learned::Deleted => None,
             })

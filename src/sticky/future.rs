@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -29,6 +30,8 @@ pin_project! {
         state: State<S, B>,
         shared: Arc<Shared>,
         track: Option<Track>,
+        // The request's path, when the layer learns a cookie.
+        path: Option<PathAndQuery>,
     }
 
     impl<S, B> PinnedDrop for ResponseFuture<S, B>
@@ -129,11 +132,17 @@ struct Loading<S, B> {
 }
 
 impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
-    pub(crate) fn called(shared: Arc<Shared>, track: Track, future: S::Future) -> Self {
+    pub(crate) fn called(
+        shared: Arc<Shared>,
+        track: Track,
+        path: Option<PathAndQuery>,
+        future: S::Future,
+    ) -> Self {
         ResponseFuture {
             state: State::Called { future },
             shared,
             track: Some(track),
+            path,
         }
     }
 
@@ -159,6 +168,7 @@ impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
             },
             shared,
             track: None,
+            path: None,
         }
     }
 
@@ -167,6 +177,7 @@ impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
             state: State::Refused { error: Some(error) },
             shared,
             track: None,
+            path: None,
         }
     }
 }
@@ -203,6 +214,7 @@ where
                     match start {
                         Ok(track) => {
                             *this.track = Some(track);
+                            *this.path = this.shared.learns_on(&request);
                             // This clone was polled ready before `call`
                             // took it.
                             let future = service.take().expect("service taken once").call(request);
@@ -231,7 +243,8 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error));
                     };
-                    match this.shared.on_response(track, response) {
+                    let path = this.path.as_ref().map(PathAndQuery::path);
+                    match this.shared.on_response(track, response, path) {
                         Ok(None) => {
                             this.state.set(State::Done);
                             return poll.map_err(Into::into);

@@ -72,7 +72,10 @@ impl SessionKey {
     /// An application's own session cookie: the layer learns value →
     /// backend from the `Set-Cookie` of the response that sets it, and
     /// forgets the session when a response deletes the cookie (deleting its
-    /// stored record only when the layer read or wrote that record).
+    /// stored record only when the layer read or wrote that record). A
+    /// deletion with a `Path` the request's path does not fall under (a
+    /// legacy cookie of the same name cleared on its own path) is not of
+    /// the cookie the request presented, and ends nothing.
     pub fn learn_cookie(name: impl Into<String>) -> Self {
         SessionKey {
             kind: Kind::Learn(CookieName::new(&name.into())),

@@ -167,8 +167,9 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         match self.shared.start(&mut req) {
             Start::Call(track) => {
+                let path = self.shared.learns_on(&req);
                 let future = self.inner.call(req);
-                ResponseFuture::called(self.shared.clone(), track, future)
+                ResponseFuture::called(self.shared.clone(), track, path, future)
             }
             Start::Load {
                 key,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::SET_COOKIE;
+use http::uri::PathAndQuery;
 use http::{Request, Response};
 use parking_lot::Mutex;
 use tokio::sync::{watch, OnceCell};
@@ -1189,13 +1190,25 @@ impl Shared {
         self.table.forget_saved()
     }
 
-    /// Learns from a response: starts, moves or ends sessions, sets the
-    /// cookie. Returns the store and hook work to finish before the
-    /// response is handed on.
+    /// The path of `req`, kept for its response when the layer learns an
+    /// application's cookie: a deletion of it on a path the request is not
+    /// under does not end the request's session.
+    pub(crate) fn learns_on<B>(&self, req: &Request<B>) -> Option<PathAndQuery> {
+        match self.config.key.kind {
+            Kind::Learn(_) => req.uri().path_and_query().cloned(),
+            _ => None,
+        }
+    }
+
+    /// Learns from a response to a request for `path` (see
+    /// [`learns_on`](Self::learns_on)): starts, moves or ends sessions,
+    /// sets the cookie. Returns the store and hook work to finish before
+    /// the response is handed on.
     pub(crate) fn on_response<RB>(
         self: &Arc<Self>,
         track: Track,
         response: &mut Response<RB>,
+        path: Option<&str>,
     ) -> Result<Option<BoxFuture<()>>, SessionUnavailable> {
         // The common case, a hit served by its own backend: nothing to learn.
         if let Track::Known {
@@ -1381,7 +1394,7 @@ impl Shared {
             (Track::Fresh, None) => {}
         }
         if let Kind::Learn(name) = &self.config.key.kind {
-            match cookie::learn(response.headers(), name.as_str()) {
+            match cookie::learn(response.headers(), name.as_str(), path) {
                 Some(Learned::Set(value)) => {
                     if let (Some(k), Some(served)) = (key::response_key(value), &served) {
                         if current.as_deref() != Some(k) {
