@@ -53,7 +53,8 @@ const DOMAIN: &[u8] = b"tower-ha sticky v1\0";
 /// The value names the session and the backend that served it and carries
 /// an HMAC-SHA256 tag over both, so a forged, tampered or foreign value is
 /// ignored. Attributes: `Path=/` (see [`path`](CookieInsert::path)),
-/// `HttpOnly`, `SameSite=Lax` and `Secure` by default; a `Max-Age` when
+/// `HttpOnly`, `SameSite=Lax` (see [`same_site`](CookieInsert::same_site))
+/// and `Secure` by default; a `Max-Age` when
 /// configured. A response that sets it is kept from shared caches (see
 /// [`mark_private`](CookieInsert::mark_private)).
 ///
@@ -71,6 +72,7 @@ pub struct CookieInsert {
     name: CookieName,
     mac: HmacSha256,
     secure: bool,
+    same_site: SameSite,
     max_age: Option<Duration>,
     path: String,
     private: bool,
@@ -82,10 +84,37 @@ impl fmt::Debug for CookieInsert {
             .field("name", &self.name)
             .field("secret", &"<redacted>")
             .field("secure", &self.secure)
+            .field("same_site", &self.same_site)
             .field("max_age", &self.max_age)
             .field("path", &self.path)
             .field("private", &self.private)
             .finish()
+    }
+}
+
+/// The cookie's `SameSite` attribute: when browsers send it with a request
+/// another site started (see [`CookieInsert::same_site`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SameSite {
+    /// Only with requests from the site itself.
+    Strict,
+    /// Also with top-level navigations from other sites (following a
+    /// link), not with their subresources, frames or cross-site `POST`s.
+    /// The default.
+    #[default]
+    Lax,
+    /// With every request, including those in another site's frames and
+    /// cross-site `POST`s; browsers require `Secure` with it.
+    None,
+}
+
+impl SameSite {
+    fn attribute(self) -> &'static str {
+        match self {
+            SameSite::Strict => "; SameSite=Strict",
+            SameSite::Lax => "; SameSite=Lax",
+            SameSite::None => "; SameSite=None",
+        }
     }
 }
 
@@ -185,6 +214,7 @@ impl CookieInsert {
             name: CookieName::new(&name),
             mac,
             secure: true,
+            same_site: SameSite::Lax,
             max_age: None,
             path: "/".to_owned(),
             private: true,
@@ -197,14 +227,39 @@ impl CookieInsert {
     /// # Panics
     ///
     /// When turned off for a name with the `__Secure-` or `__Host-`
-    /// prefix: browsers drop such a cookie without `Secure`.
+    /// prefix, or with [`SameSite::None`]: browsers drop such a cookie
+    /// without `Secure`.
     pub fn secure(mut self, secure: bool) -> Self {
         assert!(
             secure || self.prefix().is_none(),
             "a {:?} cookie must be Secure",
             self.name.as_str()
         );
+        assert!(
+            secure || self.same_site != SameSite::None,
+            "a SameSite=None cookie must be Secure"
+        );
         self.secure = secure;
+        self
+    }
+
+    /// The `SameSite` attribute (default [`SameSite::Lax`]). Choose
+    /// [`SameSite::None`] when the application runs in another site's
+    /// frame, or takes cross-site `POST`s that belong to a session (a SAML
+    /// or OpenID Connect `form_post` login, a payment provider's return):
+    /// without the cookie such a request would start a new session, on any
+    /// backend.
+    ///
+    /// # Panics
+    ///
+    /// [`SameSite::None`] after [`secure(false)`](Self::secure): browsers
+    /// drop a `SameSite=None` cookie without `Secure`.
+    pub fn same_site(mut self, same_site: SameSite) -> Self {
+        assert!(
+            self.secure || same_site != SameSite::None,
+            "a SameSite=None cookie must be Secure"
+        );
+        self.same_site = same_site;
         self
     }
 
@@ -357,7 +412,8 @@ impl CookieInsert {
             header.push_str("; Max-Age=");
             header.push_str(&secs.max(1).to_string());
         }
-        header.push_str("; HttpOnly; SameSite=Lax");
+        header.push_str("; HttpOnly");
+        header.push_str(self.same_site.attribute());
         if self.secure {
             header.push_str("; Secure");
         }
@@ -722,6 +778,37 @@ mod tests {
         );
         let h = cookie().secure(false).set_cookie("v").unwrap();
         assert_eq!(h.to_str().unwrap(), "srv=v; Path=/; HttpOnly; SameSite=Lax");
+        for (same_site, attribute) in [
+            (SameSite::Strict, "SameSite=Strict"),
+            (SameSite::Lax, "SameSite=Lax"),
+            (SameSite::None, "SameSite=None"),
+        ] {
+            let h = cookie().same_site(same_site).set_cookie("v").unwrap();
+            let expected = format!("srv=v; Path=/; HttpOnly; {attribute}; Secure");
+            assert_eq!(h.to_str().unwrap(), expected);
+        }
+        let h = cookie()
+            .secure(false)
+            .same_site(SameSite::Strict)
+            .set_cookie("v")
+            .unwrap();
+        assert_eq!(
+            h.to_str().unwrap(),
+            "srv=v; Path=/; HttpOnly; SameSite=Strict"
+        );
+    }
+
+    /// Browsers drop a `SameSite=None` cookie without `Secure`, in either
+    /// order of the settings.
+    #[test]
+    fn same_site_none_must_be_secure() {
+        let refused = |f: fn() -> CookieInsert| std::panic::catch_unwind(f).is_err();
+        assert!(refused(|| cookie().secure(false).same_site(SameSite::None)));
+        assert!(refused(|| cookie().same_site(SameSite::None).secure(false)));
+        assert!(!refused(|| cookie()
+            .same_site(SameSite::None)
+            .same_site(SameSite::Lax)
+            .secure(false)));
     }
 
     /// Settings browsers would ignore, or that would keep the cookie from

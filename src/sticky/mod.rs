@@ -84,7 +84,7 @@ mod stats;
 mod table;
 mod writes;
 
-pub use cookie::{CookieInsert, MAX_COOKIE_AGE};
+pub use cookie::{CookieInsert, SameSite, MAX_COOKIE_AGE};
 pub use error::{CookieConfigError, RestorePanicked, RestoreTimedOut, SessionUnavailable};
 pub use hooks::{MoveReason, RestoreFailure, RestoreReport, SessionMoved};
 pub use key::{SessionKey, MAX_COOKIE_HEADER, MAX_KEY_LEN};
