@@ -581,6 +581,45 @@ async fn rise_and_fall_count_consecutive_probe_results() {
     assert_eq!(script.probes.load(Ordering::SeqCst), 11);
 }
 
+/// A health set by someone else (by hand, or by another checker sharing
+/// the state) starts the counts again: the checker brings the backend back
+/// after `rise` passes made since, and takes it down after `fall` failures
+/// made since, not at once on the strength of those that came before.
+#[tokio::test(start_paused = true)]
+async fn rise_and_fall_count_from_a_health_set_by_someone_else() {
+    let (pool, _) = pool_of(&["a"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    // Probes at 0 s, 1 s, 2 s, ...: five passes, then failures.
+    script.push("a", &[true, true, true, true, true]);
+    script.push("a", &[false; 8]);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .rise(3)
+        .fall(3)
+        .spawn();
+    at(t0 + secs(2) + ms(500)).await;
+    state.set_health(HealthStatus::Unhealthy);
+    let mut seen = Vec::new();
+    for k in 3..5 {
+        at(t0 + secs(k) + ms(500)).await;
+        seen.push(state.health());
+    }
+    // Failing since 5 s, unhealthy by the checker at 7 s; made healthy by
+    // hand, it stays so for three more failures.
+    at(t0 + secs(7) + ms(500)).await;
+    seen.push(state.health());
+    state.set_health(HealthStatus::Healthy);
+    for k in 8..11 {
+        at(t0 + secs(k) + ms(500)).await;
+        seen.push(state.health());
+    }
+    use HealthStatus::{Healthy as H, Unhealthy as U};
+    assert_eq!(seen, [U, U, U, H, H, U]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn probes_come_faster_while_unhealthy() {
     let (pool, _) = pool_of(&["a"]);
@@ -746,6 +785,41 @@ async fn a_passing_probe_lifts_a_passive_ejection() {
     assert!(state.is_ejected());
     at(t0 + secs(5)).await;
     assert!(!state.is_ejected(), "the probe at 5 s passed");
+}
+
+/// A probe sent before an ejection began says nothing of the failures that
+/// caused it: its pass lifts no ejection; the next probe's does.
+#[tokio::test(start_paused = true)]
+async fn a_probe_sent_before_an_ejection_does_not_lift_it() {
+    let pool = Pool::new();
+    let backend = Backend::new();
+    pool.insert("a", HealthLayer::new().layer(backend.clone()));
+    let state = pool.state(&"a".into()).unwrap();
+    // Each probe answers a pass after 500 ms.
+    let probe = probe_fn(|_id: &BackendId, _svc: &_| async {
+        tokio::time::sleep(ms(500)).await;
+        Ok::<_, BoxError>(())
+    });
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), probe)
+        .interval(secs(5))
+        .jitter(Duration::ZERO)
+        .spawn();
+    // The probe sent at 0 s is under way when the backend is ejected.
+    at(t0 + ms(100)).await;
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    let svc = pool.snapshot().service(0).unwrap().clone();
+    for _ in 0..5 {
+        send(&svc, "a", &state).await;
+    }
+    assert!(state.is_ejected());
+    at(t0 + secs(1)).await;
+    assert!(state.is_ejected(), "the probe sent before it lifted it");
+    // The next, sent at 5 s during the ejection, passes at 5.5 s.
+    at(t0 + ms(5_499)).await;
+    assert!(state.is_ejected());
+    at(t0 + ms(5_500)).await;
+    assert!(!state.is_ejected(), "the probe sent during it passed");
 }
 
 /// With `lift_ejections(false)` passing probes leave a passive ejection

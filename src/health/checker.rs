@@ -319,8 +319,17 @@ struct Entry {
     /// Tells this entry from an earlier one of the same backend (removed,
     /// then added back with the same state) whose probe may still run.
     serial: u64,
+    /// Passes and failures in a row, since the backend's health last
+    /// changed: one set by someone else (a manual `set_health`, another
+    /// checker) starts them again, so that `rise` and `fall` count probes
+    /// made in that health.
     successes: u32,
     failures: u32,
+    /// The health the last probe left (or the entry began with).
+    seen: HealthStatus,
+    /// The backend's ejection count when the probe under way was sent: a
+    /// pass lifts no ejection that began after it.
+    ejections_at_probe: u32,
     /// Whether a probe has found it healthy (only such backends are turned
     /// off and removed).
     ever_healthy: bool,
@@ -344,10 +353,12 @@ const fn health_name(health: HealthStatus) -> &'static str {
 impl Entry {
     fn new(state: Arc<BackendState>, serial: u64, now: Instant) -> Self {
         Entry {
+            seen: state.health(),
             state,
             serial,
             successes: 0,
             failures: 0,
+            ejections_at_probe: 0,
             ever_healthy: false,
             unhealthy_since: None,
             next_probe: now,
@@ -384,7 +395,12 @@ impl Entry {
     /// Lifts an ejection in force, if the checker may, and reports it; one
     /// that ran out is reported by the health layer.
     fn lift_ejection(&self, id: &BackendId, config: &CheckConfig, events: Option<&Events>) {
-        if config.lift_ejections && self.state.uneject() {
+        // A probe sent before the ejection began says nothing of the
+        // failures that caused it.
+        if config.lift_ejections
+            && self.state.ejections() == self.ejections_at_probe
+            && self.state.uneject()
+        {
             tracing::info!(
                 backend = %id,
                 from = "ejected",
@@ -409,6 +425,10 @@ impl Entry {
         let now = Instant::now();
         self.probe = None;
         let health = self.state.health();
+        if health != self.seen {
+            self.successes = 0;
+            self.failures = 0;
+        }
         match result {
             Ok(()) => {
                 self.successes = self.successes.saturating_add(1);
@@ -466,7 +486,8 @@ impl Entry {
                 }
             }
         }
-        let interval = if self.state.health() == HealthStatus::Healthy {
+        self.seen = self.state.health();
+        let interval = if self.seen == HealthStatus::Healthy {
             config.interval
         } else {
             config.unhealthy_interval.unwrap_or(config.interval)
@@ -511,6 +532,7 @@ impl Entry {
                 .is_some_and(|after| elapsed(since, now, after))
         {
             self.state.set_health(HealthStatus::TurnedOff);
+            self.seen = HealthStatus::TurnedOff;
             tracing::warn!(
                 backend = %id,
                 from = "unhealthy",
@@ -637,7 +659,7 @@ where
                 if self.pool.remove_if_state(&id, &entry.state) {
                     tracing::warn!(
                         backend = %id,
-                        from = "unhealthy",
+                        from = health_name(entry.state.health()),
                         to = "removed",
                         reason = "unhealthy too long",
                         "backend removed from the pool"
@@ -659,6 +681,7 @@ where
                     continue;
                 }
                 entry.next_probe = now;
+                entry.ejections_at_probe = entry.state.ejections();
                 // The probe is called inside its task, so that a probe
                 // that panics when called (not only in its future) fails
                 // this probe rather than ending the checker.
