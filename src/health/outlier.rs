@@ -149,10 +149,11 @@ impl Backoff {
 pub(crate) struct Ejections {
     /// Backends wrapped by the layer and alive (one per `layer()` call).
     backends: AtomicUsize,
-    /// Backends this layer ejected; pruned of expired or lifted ejections,
-    /// and of backends gone from every pool, whenever a new ejection is
-    /// considered.
-    ejected: Mutex<Vec<Weak<BackendState>>>,
+    /// Backends this layer ejected, with their watch's liveness token;
+    /// pruned of expired or lifted ejections, and of backends no longer
+    /// wrapped (their service dropped, even while a pool keeps their state
+    /// for a while), whenever a new ejection is considered.
+    ejected: Mutex<Vec<(Weak<BackendState>, Weak<()>)>>,
 }
 
 /// Why an ejection was refused.
@@ -168,14 +169,18 @@ impl Ejections {
     /// Ejects `state` until `until` unless the cap forbids it. At most
     /// `max_percent` of the wrapped backends are ejected at once, but always
     /// at least one may be.
+    /// `alive` lives as long as the watch of `state`'s service: the
+    /// ejection counts while both do.
     pub(crate) fn try_eject(
         &self,
         state: &Arc<BackendState>,
+        alive: &Arc<()>,
         max_percent: u32,
         until: Instant,
     ) -> Result<(), Refused> {
         let mut ejected = self.ejected.lock();
-        ejected.retain(|s| s.upgrade().is_some_and(|s| s.is_ejected()));
+        ejected
+            .retain(|(s, w)| w.strong_count() > 0 && s.upgrade().is_some_and(|s| s.is_ejected()));
         if state.is_ejected() {
             return Err(Refused::AlreadyEjected);
         }
@@ -188,7 +193,7 @@ impl Ejections {
             });
         }
         state.eject_until(until);
-        ejected.push(Arc::downgrade(state));
+        ejected.push((Arc::downgrade(state), Arc::downgrade(alive)));
         Ok(())
     }
 }
@@ -223,6 +228,9 @@ pub(crate) struct Watch<C> {
     /// service inserted again under a new state).
     target: Mutex<Option<Target>>,
     target_key: AtomicUsize,
+    /// Dropped with the watch: an ejection it made stops counting towards
+    /// the cap then.
+    alive: Arc<()>,
 }
 
 impl<C> Watch<C> {
@@ -247,6 +255,7 @@ impl<C> Watch<C> {
             timeouts_fail: OnceLock::new(),
             target: Mutex::new(None),
             target_key: AtomicUsize::new(0),
+            alive: Arc::new(()),
         }
     }
 
@@ -370,7 +379,7 @@ impl<C> Watch<C> {
         let until = crate::time::later(now, duration);
         match self
             .ejections
-            .try_eject(state, self.config.max_ejection_percent, until)
+            .try_eject(state, &self.alive, self.config.max_ejection_percent, until)
         {
             Ok(()) => {
                 *backoff = Backoff {
@@ -518,13 +527,13 @@ mod tests {
             .collect();
         let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
         let until = Instant::now() + Duration::from_secs(1);
-        assert_eq!(ejections.try_eject(&states[0], 10, until), Ok(()));
+        let eject = |i: usize, state: &Arc<BackendState>| {
+            ejections.try_eject(state, &watches[i].alive, 10, until)
+        };
+        assert_eq!(eject(0, &states[0]), Ok(()));
+        assert_eq!(eject(0, &states[0]), Err(Refused::AlreadyEjected));
         assert_eq!(
-            ejections.try_eject(&states[0], 10, until),
-            Err(Refused::AlreadyEjected)
-        );
-        assert_eq!(
-            ejections.try_eject(&states[1], 10, until),
+            eject(1, &states[1]),
             Err(Refused::Cap {
                 ejected: 1,
                 allowed: 1
@@ -532,12 +541,42 @@ mod tests {
         );
         // A lifted ejection frees its place.
         states[0].uneject();
-        assert_eq!(ejections.try_eject(&states[1], 10, until), Ok(()));
+        assert_eq!(eject(1, &states[1]), Ok(()));
         // So does a backend that is gone, still ejected.
         let mut states = states;
         drop(states.remove(1));
-        assert_eq!(ejections.try_eject(&states[1], 10, until), Ok(()));
+        assert_eq!(eject(2, &states[1]), Ok(()));
         drop(watches);
         assert_eq!(ejections.backends.load(Ordering::Relaxed), 0);
+    }
+
+    /// A backend whose service is gone (a pool may keep its state, ejected,
+    /// for a while) is no longer wrapped: its ejection stops counting, as
+    /// the backend itself does.
+    #[tokio::test(start_paused = true)]
+    async fn an_ejection_of_a_backend_no_longer_wrapped_frees_its_place() {
+        let ejections = Arc::new(Ejections::default());
+        let mut watches: Vec<Watch<()>> = (0..3)
+            .map(|_| {
+                Watch::new(
+                    OutlierConfig::default(),
+                    Arc::new(()),
+                    ejections.clone(),
+                    None,
+                )
+            })
+            .collect();
+        let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
+        let until = Instant::now() + Duration::from_secs(1);
+        assert_eq!(
+            ejections.try_eject(&states[0], &watches[0].alive, 10, until),
+            Ok(())
+        );
+        drop(watches.remove(0));
+        assert!(states[0].is_ejected());
+        assert_eq!(
+            ejections.try_eject(&states[1], &watches[0].alive, 10, until),
+            Ok(())
+        );
     }
 }
