@@ -452,6 +452,25 @@ fn a_layers_balancers_start_their_turns_at_successive_backends() {
     let spread = ["b0", "b1", "b2", "b0", "b1", "b2"];
     assert_eq!(first_picks(&pool, RoundRobin::new()), spread);
     assert_eq!(first_picks(&pool, WeightedRoundRobin::new()), spread);
+    // So do those of clones of a layer (a router cloning its layers).
+    fn cloned_layers<P: Strategy + Clone>(pool: &Pool<Svc>, strategy: P) -> Vec<String> {
+        let layer = BalanceLayer::new(strategy);
+        let mut firsts: Vec<String> = (0..3)
+            .map(|_| {
+                let balance = layer.clone().layer(pool.clone());
+                attempt(&balance, None, &Attempts::new())
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        firsts.sort();
+        firsts
+    }
+    assert_eq!(cloned_layers(&pool, RoundRobin::new()), ["b0", "b1", "b2"]);
+    assert_eq!(
+        cloned_layers(&pool, WeightedRoundRobin::new()),
+        ["b0", "b1", "b2"]
+    );
     // Each takes its turns in order from there.
     let layer = BalanceLayer::new(RoundRobin::new());
     layer.layer(pool.clone());

@@ -42,6 +42,7 @@ mod strategy;
 mod weighted_round_robin;
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use rand::distr::uniform::SampleUniform;
 use rand::rngs::SmallRng;
@@ -61,14 +62,15 @@ thread_local! {
 }
 
 /// The turn counter of a round robin. Each clone counts on its own,
-/// starting one turn further on than the previous clone of the same
-/// counter, so that the balancers a layer builds from one strategy do not
-/// all begin with the same backend.
+/// starting one turn further on than the clone made before it from the same
+/// family (a strategy, its clones, their clones, ...), so that the
+/// balancers built from one strategy do not all begin with the same
+/// backend, also when the layer that builds them was cloned first.
 #[derive(Debug, Default)]
 pub(crate) struct Turns {
     next: std::sync::atomic::AtomicUsize,
-    /// How many clones were made of this one: where the next one starts.
-    clones: std::sync::atomic::AtomicUsize,
+    /// Clones made in the family: where the next one starts.
+    clones: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Turns {
@@ -86,7 +88,7 @@ impl Clone for Turns {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Turns {
             next: start.into(),
-            clones: 0.into(),
+            clones: self.clones.clone(),
         }
     }
 }

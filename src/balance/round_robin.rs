@@ -14,12 +14,13 @@ use crate::pool::Members;
 /// Pick it for uniform backends and uniform requests: it is the cheapest
 /// strategy and spreads load evenly.
 ///
-/// [`RoundRobin::new`] starts at the first backend. The `k`-th clone of a
-/// round robin (counting from 0) starts `k` backends further on, so that
-/// the balancers a [`BalanceLayer`](super::BalanceLayer) builds (one per
-/// service, such as one per connection, each with a clone of its strategy)
-/// send their first requests to successive backends rather than all to
-/// the first.
+/// [`RoundRobin::new`] starts at the first backend. Its `k`-th clone
+/// (counting from 0, and counting the clones of its clones too) starts `k`
+/// backends further on, so that the balancers a
+/// [`BalanceLayer`](super::BalanceLayer) builds (one per service, such as
+/// one per connection, each with a clone of its strategy), and those of
+/// clones of the layer, send their first requests to successive backends
+/// rather than all to the first.
 #[derive(Debug, Default, Clone)]
 pub struct RoundRobin {
     turns: Turns,
