@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use http::header::{HeaderValue, AUTHORIZATION};
@@ -171,6 +172,26 @@ fn unexpected(result: Result<(), BoxError>) -> StatusCode {
     err.downcast_ref::<UnexpectedStatus>()
         .unwrap_or_else(|| panic!("not an unexpected status: {err}"))
         .status()
+}
+
+/// A list of expected statuses that no status could meet is a
+/// configuration mistake: every probe would fail, every backend fall.
+#[test]
+fn expected_statuses_that_no_status_meets_are_refused() {
+    let refused = |f: fn() -> HttpProbe<ReqBody>| std::panic::catch_unwind(f).is_err();
+    fn backwards() -> RangeInclusive<u16> {
+        RangeInclusive::new(299, 200)
+    }
+    assert!(refused(|| HttpProbe::new("/h").expected_statuses([])));
+    assert!(refused(
+        || HttpProbe::new("/h").expected_statuses([backwards()])
+    ));
+    assert!(refused(
+        || HttpProbe::new("/h").expected_statuses([200..=200, backwards()])
+    ));
+    assert!(!refused(
+        || HttpProbe::new("/h").expected_statuses([200..=200])
+    ));
 }
 
 #[tokio::test]

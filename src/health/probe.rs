@@ -88,11 +88,24 @@ impl<B> HttpProbe<B> {
     }
 
     /// Passes on these statuses only (replacing the default `200..=299`).
+    ///
+    /// # Panics
+    ///
+    /// When no status would pass: no range, or a range that holds no
+    /// status (`299..=200`). Every probe would fail, and every backend
+    /// fall.
     pub fn expected_statuses(
         mut self,
         statuses: impl IntoIterator<Item = RangeInclusive<u16>>,
     ) -> Self {
         self.expected = statuses.into_iter().collect();
+        assert!(
+            !self.expected.is_empty(),
+            "an HttpProbe needs at least one expected status"
+        );
+        if let Some(empty) = self.expected.iter().find(|r| r.is_empty()) {
+            panic!("an expected status range holds no status: {empty:?}");
+        }
         self
     }
 
