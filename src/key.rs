@@ -159,9 +159,15 @@ impl RequestKey for Header {
 }
 
 /// The value of the cookie `name`; absent when missing or empty.
+///
+/// # Panics
+///
+/// When no `Cookie` header could hold a pair named `name` (see
+/// [`CookieName::checked`]): it would never be found.
+#[track_caller]
 pub fn cookie(name: impl Into<String>) -> Cookie {
     Cookie {
-        name: CookieName::new(&name.into()),
+        name: CookieName::checked(&name.into()),
     }
 }
 
@@ -172,6 +178,16 @@ pub(crate) fn is_cookie_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Whether a `Cookie` header may hold a pair named `name` (see
+/// [`CookieName::checked`]).
+fn is_matchable(name: &str) -> bool {
+    !name.is_empty()
+        && name.trim_ascii() == name
+        && !name
+            .bytes()
+            .any(|b| b == b'=' || b == b';' || b.is_ascii_control())
 }
 
 /// The key read by [`cookie`].
@@ -217,10 +233,24 @@ impl CookieName {
     pub(crate) fn new(name: &str) -> Self {
         CookieName {
             finder: Arc::new(memchr::memmem::Finder::new(name.as_bytes()).into_owned()),
-            // A pair's name ends at its first '=': such a name matches none.
-            matchable: !name.contains('='),
+            matchable: is_matchable(name),
             name: name.into(),
         }
+    }
+
+    /// A name a configuration gives.
+    ///
+    /// # Panics
+    ///
+    /// When no `Cookie` header could hold a pair named `name`: empty, with
+    /// `=` (a pair's name ends at its first one) or `;` (it ends the pair),
+    /// white space at either end (trimmed away), or a control character.
+    /// Names outside RFC 6265's token set that browsers still send
+    /// (`cart[1]`) are taken.
+    #[track_caller]
+    pub(crate) fn checked(name: &str) -> Self {
+        assert!(is_matchable(name), "invalid cookie name {name:?}");
+        CookieName::new(name)
     }
 
     pub(crate) fn as_str(&self) -> &str {
@@ -539,6 +569,22 @@ mod tests {
         assert_eq!(cookie_value(&headers, "a"), Some(&b"b=c"[..]));
     }
 
+    /// A name no pair could have matches nothing, and a configuration
+    /// that gives one is refused: it would never find its cookie.
+    #[test]
+    fn a_name_no_pair_could_have_is_refused() {
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, HeaderValue::from_static("=x; a=1"));
+        assert_eq!(cookie_value(&headers, ""), None);
+        for name in ["", "a ", " a", "a;b", "a=b", "a\tb"] {
+            assert!(
+                std::panic::catch_unwind(|| cookie(name)).is_err(),
+                "{name:?} taken"
+            );
+        }
+        assert!(std::panic::catch_unwind(|| cookie("cart[1]")).is_ok());
+    }
+
     fn head_with(headers: &[(&str, &str)]) -> Request<()> {
         let mut b = Request::builder();
         for (k, v) in headers {
@@ -577,6 +623,10 @@ mod tests {
     /// The straightforward reading of a `Cookie` header that
     /// `cookie_value` must agree with.
     fn reference(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+        // The nameless pair (`=x`) is nobody's cookie.
+        if name.is_empty() {
+            return None;
+        }
         let name = name.as_bytes();
         headers.get_all(COOKIE).iter().find_map(|value| {
             value.as_bytes().split(|&b| b == b';').find_map(|pair| {

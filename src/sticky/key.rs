@@ -76,9 +76,15 @@ impl SessionKey {
     /// deletion with a `Path` the request's path does not fall under (a
     /// legacy cookie of the same name cleared on its own path) is not of
     /// the cookie the request presented, and ends nothing.
+    ///
+    /// # Panics
+    ///
+    /// When no `Cookie` header could hold a pair named `name`: empty, with
+    /// `=` or `;`, white space at either end, or a control character.
+    #[track_caller]
     pub fn learn_cookie(name: impl Into<String>) -> Self {
         SessionKey {
-            kind: Kind::Learn(CookieName::new(&name.into())),
+            kind: Kind::Learn(CookieName::checked(&name.into())),
         }
     }
 

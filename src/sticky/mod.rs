@@ -162,6 +162,12 @@ pub enum Availability {
 /// assert_eq!(a.body(), b.body());
 /// # }
 /// ```
+///
+/// # Panics
+///
+/// As [`key::cookie`](crate::key::cookie), for a name no `Cookie` header
+/// could hold.
+#[track_caller]
 pub fn hash_cookie(name: impl Into<String>) -> ConsistentHash<crate::key::Cookie> {
     ConsistentHash::ring(crate::key::cookie(name))
 }
