@@ -428,6 +428,40 @@ async fn failures_during_an_ejection_do_not_count_towards_the_next() {
     assert_eq!(state.ejections(), 3);
 }
 
+/// A backend that comes back with its state while ejected (discovery
+/// dropped it, then listed it again, and it was wrapped anew) has the end
+/// of its ejection reported by its new service.
+#[tokio::test(start_paused = true)]
+async fn a_backend_wrapped_again_while_ejected_reports_the_ejections_end() {
+    use tower_ha::control::{Event, Events};
+    let events = Events::default();
+    let layer = HealthLayer::new().events(events.clone());
+    let backend = Backend::new();
+    let state = Arc::new(BackendState::new(1));
+    let first = layer.layer(backend.clone());
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    for _ in 0..5 {
+        send(&first, "a", &state).await;
+    }
+    let until = state.ejected_until().expect("ejected");
+    drop(first);
+    let again = layer.layer(backend.clone());
+    backend.set(StatusCode::OK);
+    // Panic routing may send it requests meanwhile.
+    send(&again, "a", &state).await;
+    tokio::time::sleep_until(until).await;
+    send(&again, "a", &state).await;
+    let restored: Vec<String> = events
+        .history()
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::Restored { backend, reason } => Some(format!("{backend}: {reason}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restored, ["a: ejection ended"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_ejection_time_multiplier_decays_while_a_backend_stays_in() {
     use tower_ha::control::{Event, Events};

@@ -196,6 +196,18 @@ impl Ejections {
         ejected.push((Arc::downgrade(state), Arc::downgrade(alive)));
         Ok(())
     }
+
+    /// Counts an ejection in force that a watch took over (see
+    /// [`try_eject`](Self::try_eject) for `alive`).
+    fn adopt(&self, state: &Arc<BackendState>, alive: &Arc<()>) {
+        let mut ejected = self.ejected.lock();
+        let counted = ejected
+            .iter()
+            .any(|(s, w)| w.strong_count() > 0 && std::ptr::eq(s.as_ptr(), Arc::as_ptr(state)));
+        if !counted {
+            ejected.push((Arc::downgrade(state), Arc::downgrade(alive)));
+        }
+    }
 }
 
 /// One wrapped backend: shared by every clone of its `Health` service.
@@ -271,6 +283,14 @@ impl<C> Watch<C> {
             let mut stored = self.target.lock();
             *stored = Some(target.clone());
             self.target_key.store(key, Ordering::Relaxed);
+            // A backend back in the pool with its state (discovery dropped
+            // it for a while), still ejected: this watch reports the
+            // ejection's end, and counts it towards the cap, as the one
+            // that ejected it would have.
+            if target.state().is_ejected() {
+                self.ejections.adopt(target.state(), &self.alive);
+                self.ejected.store(true, Ordering::Release);
+            }
         }
     }
 
