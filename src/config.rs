@@ -612,9 +612,10 @@ impl Config {
 #[cfg(feature = "config")]
 #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 impl Config {
-    /// Parses and validates YAML.
+    /// Parses and validates YAML. Anchors, aliases and merge keys (`<<:
+    /// *defaults`) are applied, so groups can share settings.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+        let error = |e: serde_yaml_ng::Error| {
             let (field, message) = match e.location() {
                 Some(l) => {
                     let field = format!("line {} column {}", l.line(), l.column());
@@ -625,7 +626,19 @@ impl Config {
                 None => (String::new(), e.to_string()),
             };
             ConfigError::parse(field, message)
-        })?;
+        };
+        let config: Config = match serde_yaml_ng::from_str(text) {
+            Ok(config) => config,
+            // Merge keys are applied to a document read as a whole first,
+            // which costs the errors their line: only where there are some.
+            Err(_) if text.contains("<<") => {
+                let mut value: serde_yaml_ng::Value =
+                    serde_yaml_ng::from_str(text).map_err(error)?;
+                value.apply_merge().map_err(error)?;
+                serde_yaml_ng::from_value(value).map_err(error)?
+            }
+            Err(e) => return Err(error(e)),
+        };
         config.validate()?;
         Ok(config)
     }
@@ -681,7 +694,7 @@ impl Config {
 
 /// Parses a duration such as `"5s"`, `"250ms"` or `"1m30s"`.
 ///
-/// Units are `ns`, `us` (or `µs`), `ms`, `s`, `m`, `h` and `d`. Whole
+/// Units are `ns`, `us` (or `µs`, with the micro sign or the Greek mu), `ms`, `s`, `m`, `h` and `d`. Whole
 /// numbers are exact to the nanosecond; a fraction (`"1.5s"`) is rounded to
 /// the nearest nanosecond.
 ///
@@ -693,6 +706,8 @@ impl Config {
 /// assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
 /// assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
 /// assert_eq!(parse_duration("1500us"), Ok(Duration::from_micros(1500)));
+/// assert_eq!(parse_duration("15\u{3bc}s"), Ok(Duration::from_micros(15)));
+/// assert_eq!(parse_duration("15\u{b5}s"), Ok(Duration::from_micros(15)));
 /// assert!(parse_duration("5").is_err());
 /// assert!(parse_duration("5 parsecs").is_err());
 /// ```
@@ -704,6 +719,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct DurationError(String);
+
+/// Microseconds, with the micro sign (U+00B5) or the Greek mu (U+03BC),
+/// which text often holds in its place.
+const MICRO: [&str; 2] = ["\u{b5}s", "\u{3bc}s"];
 
 fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -727,7 +746,7 @@ fn parse(text: &str) -> Result<Duration, String> {
         let unit = rest[..unit_len].trim();
         let Some(&(_, unit_nanos)) = UNITS
             .iter()
-            .find(|(name, _)| *name == unit || (unit == "µs" && *name == "us"))
+            .find(|(name, _)| *name == unit || (MICRO.contains(&unit) && *name == "us"))
         else {
             return Err(format!(
                 "`{text}`: unknown unit `{unit}` (ns, us, ms, s, m, h, d)"

@@ -151,6 +151,69 @@ fn a_normal_group_refuses_primary_and_failback_settings() {
     .unwrap();
 }
 
+/// Groups share settings through YAML anchors and merge keys; a mistake
+/// in such a file is still an error.
+#[test]
+fn yaml_merge_keys_share_settings_between_groups() {
+    let yaml = "\
+checks: &checks
+  interval: 3s
+  unhealthy_threshold: 4
+failover_groups:
+  - name: app
+    mode: normal
+    backends: [x, y]
+    health_check:
+      <<: *checks
+      healthy_threshold: 5
+  - name: db
+    mode: normal
+    backends: [z]
+    health_check: *checks
+";
+    // The top-level `checks` is a key of its own: refused, merged or not.
+    let err = Config::from_yaml(yaml).unwrap_err();
+    assert!(err.to_string().contains("unknown field `checks`"), "{err}");
+    let yaml = yaml.replacen("checks: &checks", "x-checks: &checks", 1);
+    let err = Config::from_yaml(&yaml).unwrap_err();
+    assert!(
+        err.to_string().contains("unknown field `x-checks`"),
+        "{err}"
+    );
+    // Anchored inside the first group instead.
+    let yaml = "\
+failover_groups:
+  - name: app
+    mode: normal
+    backends: [x, y]
+    health_check: &checks
+      interval: 3s
+      unhealthy_threshold: 4
+  - name: db
+    mode: normal
+    backends: [z]
+    health_check:
+      <<: *checks
+      healthy_threshold: 5
+";
+    let config = Config::from_yaml(yaml).unwrap();
+    let (app, db) = (config.group("app").unwrap(), config.group("db").unwrap());
+    let (a, d) = (
+        app.health_check.as_ref().unwrap(),
+        db.health_check.as_ref().unwrap(),
+    );
+    assert_eq!(d.interval, Duration::from_secs(3));
+    assert_eq!(d.interval, a.interval);
+    assert_eq!(d.unhealthy_threshold, 4);
+    assert_eq!(d.healthy_threshold, 5);
+    let err = Config::from_yaml(&yaml.replace("healthy_threshold: 5", "healthy_threshold: 0"))
+        .unwrap_err();
+    assert_eq!(
+        err.field(),
+        "failover_groups[1].health_check.healthy_threshold"
+    );
+}
+
 /// A misspelt top-level key is an error, not a file with no groups; so is a
 /// file with no group at all.
 #[test]
