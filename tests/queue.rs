@@ -421,6 +421,34 @@ async fn a_waiter_dropped_after_its_place_was_handed_over_passes_it_on() {
     );
 }
 
+/// A backend taken out of rotation after a place on it was handed to a
+/// waiting request, before the request ran, does not get the request: the
+/// place is let go and the request waits for another.
+#[tokio::test(start_paused = true)]
+async fn a_place_on_a_backend_disabled_since_it_was_handed_over_is_let_go() {
+    let seen = Seen::default();
+    let (pool, mut held) = full_pool(&["a", "b"], &seen);
+    let mut balance =
+        Balance::new(pool.clone(), RoundRobin::new()).queue(10, Duration::from_secs(5));
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut waiter = pin!(balance.call(request("waiter")));
+    assert!(waiter.as_mut().poll(&mut cx).is_pending());
+    let a = pool.state(&"a".into()).unwrap();
+
+    let b = held.pop();
+    drop(held.pop()); // Handed to the waiter, which has not run since.
+    assert_eq!(a.in_flight(), 1, "handed over");
+    a.set_admin(tower_ha::AdminStatus::Disabled);
+    assert!(waiter.as_mut().poll(&mut cx).is_pending(), "\"b\" is full");
+    assert_eq!(a.in_flight(), 0, "let go");
+    drop(b);
+    let Poll::Ready(answer) = waiter.as_mut().poll(&mut cx) else {
+        panic!("\"b\" came free");
+    };
+    assert_eq!(served_by(&answer), "b");
+    assert_eq!(*seen.lock().unwrap(), ["waiter"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_place_on_a_backend_that_left_the_pool_is_let_go() {
     let seen = Seen::default();
