@@ -19,5 +19,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
     "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
 fi
 
+# The store's TTL commands (GETEX) need Redis 6.2 or later.
+version=$(redis-server --version | sed -n 's/.*v=\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+read -r major minor <<<"${version:-0 0}"
+if [ "$major" -lt 6 ] || { [ "$major" -eq 6 ] && [ "$minor" -lt 2 ]; }; then
+    echo "redis-server $(redis-server --version | cut -d' ' -f3) is too old: the tests need Redis 6.2 or later" >&2
+    exit 1
+fi
+
 cargo test --all-features --all-targets
 cargo test --all-features --doc
