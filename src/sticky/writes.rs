@@ -210,11 +210,13 @@ impl Writes {
     ) -> (R, Option<Done>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             let (made, write) = change();
-            let done = write.map(|_| {
+            let done = write.map(|write| {
+                let error = StoreError::other("writing to the session store needs a tokio runtime");
+                if !matches!(write, Write::Barrier(_)) {
+                    owner.failed(write.key(), write.op(), &error);
+                }
                 let (done, result) = oneshot::channel();
-                let _ = done.send(Err(StoreError::other(
-                    "writing to the session store needs a tokio runtime",
-                )));
+                let _ = done.send(Err(error));
                 result
             });
             return (made, done);
@@ -374,7 +376,13 @@ impl<O: Owner> Drop for Worker<O> {
         let writes = self.owner.writes();
         let rest = writes.remove_queue(&mut writes.queues.lock(), &self.key);
         for queued in rest.into_iter().flatten() {
-            queued.finish(Err(cut_short()));
+            // Counted and logged as the one under way: a delete lost here
+            // brings the session back after a restart.
+            let error = cut_short();
+            if !matches!(queued.write, Write::Barrier(_)) {
+                self.owner.failed(&self.key, queued.write.op(), &error);
+            }
+            queued.finish(Err(error));
         }
     }
 }
@@ -659,8 +667,26 @@ mod tests {
             let cause = std::error::Error::source(&error).unwrap().to_string();
             assert!(cause.contains("runtime shut down"), "{cause}");
         }
-        assert_eq!(*log.failed.lock(), ["save k"]);
+        assert_eq!(*log.failed.lock(), ["save k", "delete k"]);
         assert!(log.writes.queues.lock().is_empty());
+        let stored = futures::executor::block_on(inner.load("k")).unwrap();
+        assert!(stored.is_none());
+    }
+
+    /// Outside a runtime no write can run: each fails, and says so to its
+    /// owner (counted and logged), not only to its waiter.
+    #[test]
+    fn writes_outside_a_runtime_fail_and_say_so() {
+        let (store, inner, _permits) = gated();
+        let log = Arc::new(Log::default());
+        let save = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
+        let delete = Writes::submit(&log, &store, Write::Delete("j".into()));
+        for done in [save, delete] {
+            let error = futures::executor::block_on(landed(done)).unwrap_err();
+            let cause = std::error::Error::source(&error).unwrap().to_string();
+            assert!(cause.contains("tokio runtime"), "{cause}");
+        }
+        assert_eq!(*log.failed.lock(), ["save k", "delete j"]);
         let stored = futures::executor::block_on(inner.load("k")).unwrap();
         assert!(stored.is_none());
     }
