@@ -960,6 +960,8 @@ impl Shared {
     /// Remembers a session loaded by `cell`'s load unless it was forgotten
     /// meanwhile.
     fn remember_unless_stale(&self, stored: &Stored, cell: &Cell) {
+        // Not under the loads' lock, which every miss takes.
+        self.count_dropped(self.table.sweep_if_due());
         // Under the lock `forget` takes to mark loads stale, so a session
         // forgotten after this check is removed after it is remembered.
         let _loading = self.loading.lock();
@@ -1626,6 +1628,9 @@ impl Shared {
         let Some(store) = &self.config.store else {
             return change().0;
         };
+        // Not under the write queues' lock, which every write of every
+        // session takes.
+        self.count_dropped(self.table.sweep_if_due());
         let (made, done) = Writes::decide(self, store, || {
             let (made, write) = change();
             if let (true, Some(write)) = (self.tracks_records(), &write) {
