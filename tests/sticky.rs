@@ -195,6 +195,19 @@ fn logout_of(value: &str) -> Request<()> {
         .unwrap()
 }
 
+/// Logs in through `svc`: the `JSESSIONID=...` pair the backend set, and
+/// the backend's name.
+async fn log_in<S>(svc: &S) -> (String, String)
+where
+    S: Service<Request<()>, Response = Response<String>, Error = BoxError> + Clone,
+{
+    let login = Request::builder().header("x-login", "1").body(()).unwrap();
+    let login = send(svc, login).await.unwrap();
+    let set = login.headers()[SET_COOKIE].to_str().unwrap();
+    let value = set.split(';').next().unwrap().to_owned();
+    (value, login.into_body())
+}
+
 /// `req`, answered `ms` milliseconds of `tokio::time` later.
 fn delayed(mut req: Request<()>, ms: u64) -> Request<()> {
     req.headers_mut()
@@ -723,15 +736,7 @@ async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
             .map(|r| r.unwrap().into_body())
             .collect();
     assert_eq!(bodies, NAMES.map(String::from).into(), "{bodies:?}");
-    let login = send(
-        &svc,
-        Request::builder().header("x-login", "1").body(()).unwrap(),
-    )
-    .await
-    .unwrap();
-    let set = login.headers()[SET_COOKIE].to_str().unwrap();
-    let value = set.split(';').next().unwrap().to_owned();
-    let home = login.body().clone();
+    let (value, home) = log_in(&svc).await;
     assert_eq!(store.len(), 1);
     for _ in 0..6 {
         assert_eq!(send(&svc, with_cookie(&value)).await.unwrap().body(), &home);
@@ -761,16 +766,8 @@ async fn clearing_a_learned_cookie_on_another_path_keeps_the_session() {
     let layer =
         StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID")).store(store.clone());
     let svc = stack(&c.pool, layer.clone());
-    let login = send(
-        &svc,
-        Request::builder().header("x-login", "1").body(()).unwrap(),
-    )
-    .await
-    .unwrap();
-    let set = login.headers()[SET_COOKIE].to_str().unwrap();
-    let value = set.split(';').next().unwrap().to_owned();
+    let (value, home) = log_in(&svc).await;
     let key = value.strip_prefix("JSESSIONID=").unwrap();
-    let home = login.body().clone();
     let clearing = |path: &str| {
         Request::builder()
             .uri(path)

@@ -532,20 +532,24 @@ mod tests {
         assert_eq!(backoff.next(later(1_000), &c).0, 1);
     }
 
+    /// Three backends wrapped by one layer, and their states.
+    fn three(ejections: &Arc<Ejections>) -> (Vec<Watch<()>>, Vec<Arc<BackendState>>) {
+        let watch = || {
+            Watch::new(
+                OutlierConfig::default(),
+                Arc::new(()),
+                ejections.clone(),
+                None,
+            )
+        };
+        let states = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
+        ((0..3).map(|_| watch()).collect(), states)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_cap_always_allows_one_and_counts_live_backends() {
         let ejections = Arc::new(Ejections::default());
-        let watches: Vec<Watch<()>> = (0..3)
-            .map(|_| {
-                Watch::new(
-                    OutlierConfig::default(),
-                    Arc::new(()),
-                    ejections.clone(),
-                    None,
-                )
-            })
-            .collect();
-        let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
+        let (watches, states) = three(&ejections);
         let until = Instant::now() + Duration::from_secs(1);
         let eject = |i: usize, state: &Arc<BackendState>| {
             ejections.try_eject(state, &watches[i].alive, 10, until)
@@ -576,17 +580,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_ejection_of_a_backend_no_longer_wrapped_frees_its_place() {
         let ejections = Arc::new(Ejections::default());
-        let mut watches: Vec<Watch<()>> = (0..3)
-            .map(|_| {
-                Watch::new(
-                    OutlierConfig::default(),
-                    Arc::new(()),
-                    ejections.clone(),
-                    None,
-                )
-            })
-            .collect();
-        let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
+        let (mut watches, states) = three(&ejections);
         let until = Instant::now() + Duration::from_secs(1);
         assert_eq!(
             ejections.try_eject(&states[0], &watches[0].alive, 10, until),
