@@ -452,29 +452,37 @@ fn a_layers_balancers_start_their_turns_at_successive_backends() {
     let spread = ["b0", "b1", "b2", "b0", "b1", "b2"];
     assert_eq!(first_picks(&pool, RoundRobin::new()), spread);
     assert_eq!(first_picks(&pool, WeightedRoundRobin::new()), spread);
-    // So do those of clones of a layer (a router cloning its layers).
+    // So do those of clones of a layer (a router cloning its layers), with
+    // an even number of backends too.
     fn cloned_layers<P: Strategy + Clone>(pool: &Pool<Svc>, strategy: P) -> Vec<String> {
         let layer = BalanceLayer::new(strategy);
-        let mut firsts: Vec<String> = (0..3)
+        (0..4)
             .map(|_| {
                 let balance = layer.clone().layer(pool.clone());
                 attempt(&balance, None, &Attempts::new())
                     .unwrap()
                     .to_string()
             })
-            .collect();
-        firsts.sort();
-        firsts
+            .collect()
     }
-    assert_eq!(cloned_layers(&pool, RoundRobin::new()), ["b0", "b1", "b2"]);
-    assert_eq!(
-        cloned_layers(&pool, WeightedRoundRobin::new()),
-        ["b0", "b1", "b2"]
-    );
-    // Each takes its turns in order from there.
+    let two = pool_of(2);
+    for (pool, spread) in [
+        (&pool, &["b0", "b1", "b2", "b0"][..]),
+        (&two, &["b0", "b1", "b0", "b1"][..]),
+    ] {
+        assert_eq!(cloned_layers(pool, RoundRobin::new()), spread);
+        assert_eq!(cloned_layers(pool, WeightedRoundRobin::new()), spread);
+    }
+    // Each takes its turns in order from there; a balancer that has not
+    // picked yet draws no start.
     let layer = BalanceLayer::new(RoundRobin::new());
-    layer.layer(pool.clone());
+    let _idle = layer.layer(pool.clone());
+    let first = layer.layer(pool.clone());
     let second = layer.layer(pool);
+    assert_eq!(
+        attempt(&first, None, &Attempts::new()).unwrap().as_str(),
+        "b0"
+    );
     let order: Vec<String> = (0..4)
         .map(|_| {
             attempt(&second, None, &Attempts::new())

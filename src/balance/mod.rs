@@ -42,7 +42,8 @@ mod strategy;
 mod weighted_round_robin;
 
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use rand::distr::uniform::SampleUniform;
 use rand::rngs::SmallRng;
@@ -61,34 +62,40 @@ thread_local! {
     static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
 }
 
-/// The turn counter of a round robin. Each clone counts on its own,
-/// starting one turn further on than the clone made before it from the same
-/// family (a strategy, its clones, their clones, ...), so that the
-/// balancers built from one strategy do not all begin with the same
-/// backend, also when the layer that builds them was cloned first.
+/// The turn counter of a round robin. Each clone counts on its own, from
+/// a start it draws from its family's counter (the family of a strategy,
+/// its clones, their clones, ...) at its first turn, one further on than
+/// the clone that took a turn before it: the balancers built from one
+/// strategy do not all begin with the same backend, also when the layer
+/// that builds them was cloned first (a clone that never takes a turn, such
+/// as a layer's, draws nothing).
 #[derive(Debug, Default)]
 pub(crate) struct Turns {
-    next: std::sync::atomic::AtomicUsize,
-    /// Clones made in the family: where the next one starts.
-    clones: Arc<std::sync::atomic::AtomicUsize>,
+    /// Turns taken by this one.
+    taken: AtomicUsize,
+    /// Where its turns start, once drawn.
+    start: OnceLock<usize>,
+    /// Starts drawn in the family.
+    family: Arc<AtomicUsize>,
 }
 
 impl Turns {
     /// This turn; the next call gets the following one.
     #[inline]
     pub(crate) fn take(&self) -> usize {
-        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        let start = *self
+            .start
+            .get_or_init(|| self.family.fetch_add(1, Ordering::Relaxed));
+        start.wrapping_add(self.taken.fetch_add(1, Ordering::Relaxed))
     }
 }
 
 impl Clone for Turns {
     fn clone(&self) -> Self {
-        let start = self
-            .clones
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Turns {
-            next: start.into(),
-            clones: self.clones.clone(),
+            taken: AtomicUsize::new(0),
+            start: OnceLock::new(),
+            family: self.family.clone(),
         }
     }
 }

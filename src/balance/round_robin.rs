@@ -14,9 +14,9 @@ use crate::pool::Members;
 /// Pick it for uniform backends and uniform requests: it is the cheapest
 /// strategy and spreads load evenly.
 ///
-/// [`RoundRobin::new`] starts at the first backend. Its `k`-th clone
-/// (counting from 0, and counting the clones of its clones too) starts `k`
-/// backends further on, so that the balancers a
+/// [`RoundRobin::new`] starts at the first backend. Each of its clones
+/// (and each clone of those) starts one backend further on than the one
+/// that picked before it did, so that the balancers a
 /// [`BalanceLayer`](super::BalanceLayer) builds (one per service, such as
 /// one per connection, each with a clone of its strategy), and those of
 /// clones of the layer, send their first requests to successive backends

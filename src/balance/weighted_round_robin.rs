@@ -35,9 +35,9 @@ const MAX_CYCLE: u64 = 1 << 22;
 /// Envoy's slow start, ramping without rebuilding the cycle. Backends
 /// warming up together keep the proportions of their weights.
 ///
-/// [`WeightedRoundRobin::new`] starts at the beginning of the cycle. Its
-/// `k`-th clone (counting from 0, and counting the clones of its clones
-/// too) starts `k` slots further on, so that the balancers a
+/// [`WeightedRoundRobin::new`] starts at the beginning of the cycle. Each
+/// of its clones (and each clone of those) starts one slot further on than
+/// the one that picked before it did, so that the balancers a
 /// [`BalanceLayer`](super::BalanceLayer) builds (one per service, such as
 /// one per connection, each with a clone of its strategy), and those of
 /// clones of the layer, do not all send their first request to the same
