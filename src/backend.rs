@@ -628,6 +628,13 @@ impl BackendState {
         false
     }
 
+    /// Whether an ejection is in force, or ran out and has not been cleared
+    /// yet (see [`take_expired_ejection`](Self::take_expired_ejection)):
+    /// its end is still to be reported.
+    pub(crate) fn has_uncleared_ejection(&self) -> bool {
+        self.ejected_until.load(Ordering::Acquire) != 0
+    }
+
     /// Clears an ejection that ran out by itself; returns whether this call
     /// cleared it (see [`uneject`](Self::uneject)). The count of
     /// consecutive failures it leaves alone: the health layer counts none

@@ -284,11 +284,15 @@ impl<C> Watch<C> {
             *stored = Some(target.clone());
             self.target_key.store(key, Ordering::Relaxed);
             // A backend back in the pool with its state (discovery dropped
-            // it for a while), still ejected: this watch reports the
-            // ejection's end, and counts it towards the cap, as the one
-            // that ejected it would have.
-            if target.state().is_ejected() {
-                self.ejections.adopt(target.state(), &self.alive);
+            // it for a while), ejected by the watch of its former service:
+            // this one reports the ejection's end (usually seen at its
+            // first request, once the ejection has run out), and counts it
+            // towards the cap while it lasts.
+            let state = target.state();
+            if state.has_uncleared_ejection() {
+                if state.is_ejected() {
+                    self.ejections.adopt(state, &self.alive);
+                }
                 self.ejected.store(true, Ordering::Release);
             }
         }
