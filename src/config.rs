@@ -635,7 +635,21 @@ impl Config {
                 let mut value: serde_yaml_ng::Value =
                     serde_yaml_ng::from_str(text).map_err(error)?;
                 value.apply_merge().map_err(error)?;
-                serde_yaml_ng::from_value(value).map_err(error)?
+                // Written out and read again, so that scalars are read as in
+                // the file (`name: 2024` is a name); a line of that text
+                // would not be the file's, so errors name none.
+                let merged = serde_yaml_ng::to_string(&value).map_err(error)?;
+                serde_yaml_ng::from_str(&merged).map_err(|e| {
+                    let message = match e.location() {
+                        Some(l) => e.to_string().replacen(
+                            &format!(" at line {} column {}", l.line(), l.column()),
+                            "",
+                            1,
+                        ),
+                        None => e.to_string(),
+                    };
+                    ConfigError::parse(String::new(), message)
+                })?
             }
             Err(e) => return Err(error(e)),
         };

@@ -198,6 +198,10 @@ failover_groups:
 ";
     let config = Config::from_yaml(yaml).unwrap();
     let (app, db) = (config.group("app").unwrap(), config.group("db").unwrap());
+    // Scalars read as in a file without merge keys: a name that looks like
+    // a number is a name.
+    let numbered = Config::from_yaml(&yaml.replace("name: db", "name: 2024")).unwrap();
+    assert!(numbered.group("2024").is_some());
     let (a, d) = (
         app.health_check.as_ref().unwrap(),
         db.health_check.as_ref().unwrap(),
@@ -212,6 +216,11 @@ failover_groups:
         err.field(),
         "failover_groups[1].health_check.healthy_threshold"
     );
+    // A parse error names no line of a text the file does not hold.
+    let err = Config::from_yaml(&yaml.replace("interval: 3s", "interval: 3 parsecs")).unwrap_err();
+    assert!(err.is_parse(), "{err}");
+    assert!(!err.to_string().contains("line "), "{err}");
+    assert!(err.to_string().contains("unknown unit"), "{err}");
 }
 
 /// A misspelt top-level key is an error, not a file with no groups; so is a
