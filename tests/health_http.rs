@@ -174,8 +174,8 @@ fn unexpected(result: Result<(), BoxError>) -> StatusCode {
         .status()
 }
 
-/// A list of expected statuses that no status could meet is a
-/// configuration mistake: every probe would fail, every backend fall.
+/// An empty list of expected statuses, or a range that holds no HTTP
+/// status, is a configuration mistake: alone, every probe would fail.
 #[test]
 fn expected_statuses_that_no_status_meets_are_refused() {
     let refused = |f: fn() -> HttpProbe<ReqBody>| std::panic::catch_unwind(f).is_err();
@@ -189,8 +189,15 @@ fn expected_statuses_that_no_status_meets_are_refused() {
     assert!(refused(
         || HttpProbe::new("/h").expected_statuses([200..=200, backwards()])
     ));
+    assert!(refused(|| HttpProbe::new("/h").expected_statuses([0..=99])));
+    assert!(refused(
+        || HttpProbe::new("/h").expected_statuses([1000..=1099])
+    ));
     assert!(!refused(
         || HttpProbe::new("/h").expected_statuses([200..=200])
+    ));
+    assert!(!refused(
+        || HttpProbe::new("/h").expected_statuses([0..=100])
     ));
 }
 

@@ -91,9 +91,9 @@ impl<B> HttpProbe<B> {
     ///
     /// # Panics
     ///
-    /// When no status would pass: no range, or a range that holds no
-    /// status (`299..=200`). Every probe would fail, and every backend
-    /// fall.
+    /// When the list is empty, or holds a range with no HTTP status in it
+    /// (`299..=200`, or one outside `100..=999`), even beside others: a
+    /// mistake that, alone, would fail every probe and every backend.
     pub fn expected_statuses(
         mut self,
         statuses: impl IntoIterator<Item = RangeInclusive<u16>>,
@@ -103,8 +103,10 @@ impl<B> HttpProbe<B> {
             !self.expected.is_empty(),
             "an HttpProbe needs at least one expected status"
         );
-        if let Some(empty) = self.expected.iter().find(|r| r.is_empty()) {
-            panic!("an expected status range holds no status: {empty:?}");
+        let holds_none =
+            |r: &&RangeInclusive<u16>| r.is_empty() || *r.end() < 100 || *r.start() > 999;
+        if let Some(range) = self.expected.iter().find(holds_none) {
+            panic!("an expected status range holds no HTTP status: {range:?}");
         }
         self
     }
