@@ -820,8 +820,6 @@ impl Table {
         self.shards.iter().map(|shard| shard.read().len()).sum()
     }
 
-    /// Drops idle entries, at most once per half idle period: one shard
-    /// after the other, each under its own lock.
     /// Drops the idle sessions of every shard, if a sweep is due: call it
     /// before taking a lock of the layer's own that a table change is made
     /// under, so that no sweep holds that lock (the one `put` would make
@@ -829,6 +827,9 @@ impl Table {
     pub(crate) fn sweep_if_due(&self) -> Dropped {
         self.sweep(self.now())
     }
+
+    /// Drops idle entries, at most once per half idle period: one shard
+    /// after the other, each under its own lock.
 
     fn sweep(&self, now: u64) -> Dropped {
         let last = self.last_sweep.load(Ordering::Relaxed);
