@@ -641,8 +641,9 @@ async fn rise_and_fall_count_from_a_health_set_by_someone_else() {
         at(t0 + secs(k) + ms(500)).await;
         seen.push(state.health());
     }
-    // Failing since 5 s, unhealthy by the checker at 7 s; made healthy by
-    // hand, it stays so for three more failures.
+    // Two passes since the change (3 s and 4 s), short of `rise`, then
+    // failures: still unhealthy at 7 s. Made healthy by hand, it stays so
+    // for three more failures.
     at(t0 + secs(7) + ms(500)).await;
     seen.push(state.health());
     state.set_health(HealthStatus::Healthy);

@@ -391,7 +391,8 @@ impl<B> IdleConnections<B> {
 /// same kind (a request that waited for a free HTTP/2 stream on a
 /// connection that then ended is "user" error with a cause too).
 pub(super) fn sent_error(e: hyper::Error, sent: &Sent) -> BoxError {
-    if timeout::body_failed(sent) {
+    // A body that says so itself (`ReplayBody`) needs no second wrap.
+    if timeout::body_failed(sent) && crate::error::find::<InvalidRequest>(&e).is_none() {
         InvalidRequest::with_source("the request's body failed while it was sent", e).into()
     } else {
         e.into()

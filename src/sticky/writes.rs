@@ -212,9 +212,7 @@ impl Writes {
             let (made, write) = change();
             let done = write.map(|write| {
                 let error = StoreError::other("writing to the session store needs a tokio runtime");
-                if !matches!(write, Write::Barrier(_)) {
-                    owner.failed(write.key(), write.op(), &error);
-                }
+                owner.failed(write.key(), write.op(), &error);
                 let (done, result) = oneshot::channel();
                 let _ = done.send(Err(error));
                 result
@@ -368,16 +366,12 @@ impl<O: Owner> Drop for Worker<O> {
         let cut_short = || {
             StoreError::other("the write's task stopped (the runtime shut down) before it landed")
         };
-        if let Some(current) = self.current.take() {
-            let error = cut_short();
-            self.owner.failed(&self.key, current.write.op(), &error);
-            current.finish(Err(error));
-        }
+        let current = self.current.take();
         let writes = self.owner.writes();
         let rest = writes.remove_queue(&mut writes.queues.lock(), &self.key);
-        for queued in rest.into_iter().flatten() {
-            // Counted and logged as the one under way: a delete lost here
-            // brings the session back after a restart.
+        // Each counted and logged: a delete lost here brings the session
+        // back after a restart.
+        for queued in current.into_iter().chain(rest.into_iter().flatten()) {
             let error = cut_short();
             if !matches!(queued.write, Write::Barrier(_)) {
                 self.owner.failed(&self.key, queued.write.op(), &error);
