@@ -830,7 +830,6 @@ impl Table {
 
     /// Drops idle entries, at most once per half idle period: one shard
     /// after the other, each under its own lock.
-
     fn sweep(&self, now: u64) -> Dropped {
         let last = self.last_sweep.load(Ordering::Relaxed);
         if now.saturating_sub(last) < (self.idle / 2).max(1)
