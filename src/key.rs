@@ -162,8 +162,10 @@ impl RequestKey for Header {
 ///
 /// # Panics
 ///
-/// When no `Cookie` header could hold a pair named `name` (see
-/// [`CookieName::checked`]): it would never be found.
+/// When no `Cookie` header could hold a pair named `name`, which would
+/// never be found: empty, with `=` or `;`, white space at either end, or a
+/// control character. Names outside RFC 6265's token set that browsers
+/// still send (`cart[1]`) are taken.
 #[track_caller]
 pub fn cookie(name: impl Into<String>) -> Cookie {
     Cookie {
