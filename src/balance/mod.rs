@@ -43,7 +43,7 @@ mod weighted_round_robin;
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rand::distr::uniform::SampleUniform;
 use rand::rngs::SmallRng;
@@ -64,28 +64,54 @@ thread_local! {
 
 /// The turn counter of a round robin. Each clone counts on its own, from
 /// a start it draws from its family's counter (the family of a strategy,
-/// its clones, their clones, ...) at its first turn, one further on than
-/// the clone that took a turn before it: the balancers built from one
-/// strategy do not all begin with the same backend, also when the layer
-/// that builds them was cloned first (a clone that never takes a turn, such
-/// as a layer's, draws nothing).
-#[derive(Debug, Default)]
+/// its clones, their clones, ...) when its first table is built, that is
+/// when a balancer takes it up, one further on than the clone taken up
+/// before it: the balancers built from one strategy do not all begin with
+/// the same backend, also when the layer that builds them was cloned first
+/// (a clone no balancer takes up, such as a layer's, draws nothing).
+#[derive(Debug)]
 pub(crate) struct Turns {
     /// Turns taken by this one.
     taken: AtomicUsize,
-    /// Where its turns start, once drawn.
-    start: OnceLock<usize>,
+    /// Where its turns start; [`UNDRAWN`] until then (counted from 0).
+    start: AtomicUsize,
     /// Starts drawn in the family.
     family: Arc<AtomicUsize>,
 }
 
+/// The start of turns not drawn yet.
+const UNDRAWN: usize = usize::MAX;
+
+impl Default for Turns {
+    fn default() -> Self {
+        Turns {
+            taken: AtomicUsize::new(0),
+            start: AtomicUsize::new(UNDRAWN),
+            family: Arc::default(),
+        }
+    }
+}
+
 impl Turns {
+    /// Draws this one's start, unless it has one: call it where a
+    /// balancer builds its table.
+    pub(crate) fn draw(&self) {
+        if self.start.load(Ordering::Relaxed) == UNDRAWN {
+            let start = self.family.fetch_add(1, Ordering::Relaxed) % UNDRAWN;
+            // Of two first builds at once, one draw stands.
+            let _ =
+                self.start
+                    .compare_exchange(UNDRAWN, start, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
     /// This turn; the next call gets the following one.
     #[inline]
     pub(crate) fn take(&self) -> usize {
-        let start = *self
-            .start
-            .get_or_init(|| self.family.fetch_add(1, Ordering::Relaxed));
+        let start = match self.start.load(Ordering::Relaxed) {
+            UNDRAWN => 0,
+            start => start,
+        };
         start.wrapping_add(self.taken.fetch_add(1, Ordering::Relaxed))
     }
 }
@@ -93,9 +119,8 @@ impl Turns {
 impl Clone for Turns {
     fn clone(&self) -> Self {
         Turns {
-            taken: AtomicUsize::new(0),
-            start: OnceLock::new(),
             family: self.family.clone(),
+            ..Turns::default()
         }
     }
 }

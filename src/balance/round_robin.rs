@@ -15,8 +15,8 @@ use crate::pool::Members;
 /// strategy and spreads load evenly.
 ///
 /// [`RoundRobin::new`] starts at the first backend. Each of its clones
-/// (and each clone of those) starts one backend further on than the one
-/// that picked before it did, so that the balancers a
+/// (and each clone of those) starts one backend further on than the one a
+/// balancer took up before it, so that the balancers a
 /// [`BalanceLayer`](super::BalanceLayer) builds (one per service, such as
 /// one per connection, each with a clone of its strategy), and those of
 /// clones of the layer, send their first requests to successive backends
@@ -36,7 +36,9 @@ impl RoundRobin {
 impl Strategy for RoundRobin {
     type Table = ();
 
-    fn build(&self, _members: &Members) {}
+    fn build(&self, _members: &Members) {
+        self.turns.draw();
+    }
 
     #[inline]
     fn pick(&self, _table: &(), pick: &Pick<'_>) -> Option<usize> {

@@ -37,7 +37,7 @@ const MAX_CYCLE: u64 = 1 << 22;
 ///
 /// [`WeightedRoundRobin::new`] starts at the beginning of the cycle. Each
 /// of its clones (and each clone of those) starts one slot further on than
-/// the one that picked before it did, so that the balancers a
+/// the one a balancer took up before it, so that the balancers a
 /// [`BalanceLayer`](super::BalanceLayer) builds (one per service, such as
 /// one per connection, each with a clone of its strategy), and those of
 /// clones of the layer, do not all send their first request to the same
@@ -101,6 +101,7 @@ impl Strategy for WeightedRoundRobin {
     type Table = Cycle;
 
     fn build(&self, members: &Members) -> Cycle {
+        self.turns.draw();
         let weights = weights_of(members);
         // The k-th pick (k = 1..=w) of member i of n is due at
         // (k - 1 + (2i + 1) / 2n) / w = ((k - 1) 2n + 2i + 1) / (2n w).
