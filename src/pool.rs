@@ -37,15 +37,19 @@ pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::RandomState>;
 pub struct Member {
     id: BackendId,
     state: Arc<BackendState>,
-    /// Its configured weight when its snapshot was made: the weight the
-    /// strategies build their tables with.
+    /// Its configured weight when its snapshot was made (read by
+    /// `Members::from_list`): the weight the strategies build their tables
+    /// with.
     weight: u32,
 }
 
 impl Member {
     fn new(id: BackendId, state: Arc<BackendState>) -> Self {
-        let weight = state.weight();
-        Member { id, state, weight }
+        Member {
+            id,
+            state,
+            weight: 0,
+        }
     }
 
     /// The backend's id.

@@ -487,15 +487,16 @@ impl Shared {
         self.table.session(key)
     }
 
-    /// Whether logs and events show session keys as digests (see
+    /// Whether the session key is an application's cookie, learned from
+    /// its responses: logs and events then show keys as digests (see
     /// [`Shown`]).
-    fn hides_keys(&self) -> bool {
+    fn learns_cookie(&self) -> bool {
         matches!(self.config.key.kind, Kind::Learn(_))
     }
 
     /// Session `key` as logs and events show it.
     fn shown<'a>(&self, key: &'a str) -> Shown<'a> {
-        Shown::new(key, self.hides_keys())
+        Shown::new(key, self.learns_cookie())
     }
 
     fn count_dropped(&self, dropped: Dropped) {
@@ -1196,10 +1197,9 @@ impl Shared {
     /// application's cookie: a deletion of it on a path the request is not
     /// under does not end the request's session.
     pub(crate) fn learns_on<B>(&self, req: &Request<B>) -> Option<PathAndQuery> {
-        match self.config.key.kind {
-            Kind::Learn(_) => req.uri().path_and_query().cloned(),
-            _ => None,
-        }
+        self.learns_cookie()
+            .then(|| req.uri().path_and_query().cloned())
+            .flatten()
     }
 
     /// Learns from a response to a request for `path` (see
@@ -1221,7 +1221,7 @@ impl Shared {
             ..
         } = &track
         {
-            let learns = matches!(self.config.key.kind, Kind::Learn(_));
+            let learns = self.learns_cookie();
             // Its cookie names its backend, and is not due to be sent again.
             let current =
                 !matches!(cookie, Named::Renew) && cookie.get(backend).is_none_or(|c| c == backend);
@@ -1365,7 +1365,7 @@ impl Shared {
                 // An application's session cookie is trusted once the
                 // application sets it: until then the binding stays in
                 // memory, so that made-up values fill no store.
-                let learns = matches!(self.config.key.kind, Kind::Learn(_));
+                let learns = self.learns_cookie();
                 unconfirmed = learns && kept == Kept::Saved;
                 let kept = if unconfirmed { Kept::Memory } else { kept };
                 let bound = self.start_new(&mut work, &key, served, kept);
@@ -1655,7 +1655,7 @@ impl Shared {
             return None;
         }
         let limit = self.config.move_timeout;
-        let hidden = self.hides_keys();
+        let hidden = self.learns_cookie();
         Some(Box::pin(async move {
             // A failure was counted and logged where it happened.
             for done in work.writes {
