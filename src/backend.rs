@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::balance::queue::Room;
+use crate::serial::Serial;
 
 /// The stable name of a backend.
 ///
@@ -229,11 +230,8 @@ pub struct BackendState {
     unproven: AtomicBool,
     /// Tells this state from any other of the process, as its address
     /// cannot once it is freed.
-    serial: u64,
+    serial: Serial,
 }
-
-/// Where `BackendState::serial` comes from.
-static SERIALS: AtomicU64 = AtomicU64::new(0);
 
 impl BackendState {
     /// A new backend: enabled, healthy, not ejected, with the given weight
@@ -255,7 +253,7 @@ impl BackendState {
             rooms: OnceLock::new(),
             linked: AtomicBool::new(false),
             unproven: AtomicBool::new(false),
-            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
+            serial: Serial::take(),
         }
     }
 
@@ -451,7 +449,7 @@ impl BackendState {
     }
 
     /// A number no other state of this process has.
-    pub(crate) fn serial(&self) -> u64 {
+    pub(crate) fn serial(&self) -> Serial {
         self.serial
     }
 

@@ -92,6 +92,7 @@ pub mod health;
 pub mod http;
 pub mod key;
 pub mod pool;
+mod serial;
 pub mod sticky;
 pub mod store;
 mod task;

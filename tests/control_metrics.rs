@@ -38,12 +38,11 @@ impl CounterFn for Slot {
     fn increment(&self, value: u64) {
         *self.1 .0.lock().unwrap().entry(self.0.clone()).or_default() += value as f64;
     }
+    /// At least `value`, as the facade's contract and its exporters have it.
     fn absolute(&self, value: u64) {
-        self.1
-             .0
-            .lock()
-            .unwrap()
-            .insert(self.0.clone(), value as f64);
+        let mut last = self.1 .0.lock().unwrap();
+        let slot = last.entry(self.0.clone()).or_default();
+        *slot = slot.max(value as f64);
     }
 }
 
@@ -215,6 +214,27 @@ async fn the_metrics_task_stops_when_the_handle_is_gone() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_metrics_task_stops_with_the_handle_while_a_drain_is_pending() {
+    let pool = Pool::new();
+    pool.insert("a", ());
+    pool.insert("b", ());
+    let handle = Handle::new(Events::default()); // drains last 30 s
+    handle.add_pool("web", pool.clone(), None).unwrap();
+    let task = handle.spawn_metrics(std::time::Duration::from_secs(1));
+    handle.drain(&"a".into()).unwrap();
+    drop(handle);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    tokio::task::yield_now().await;
+    assert!(task.is_finished(), "no clone of the handle is left");
+    // The drain's deadline still holds.
+    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    assert_eq!(
+        pool.state(&"a".into()).unwrap().admin(),
+        tower_ha::AdminStatus::Disabled
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
     let backend = |name: &'static str| {
         service_fn(move |_req: Request<()>| async move {
@@ -295,7 +315,7 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
 
 /// What was published of a backend gone for an hour is forgotten: backends
 /// that come and go under new ids use no memory for good. One back after
-/// that starts its counter again from its count, as after a restart.
+/// that, with a new state, adds its counts.
 #[tokio::test(start_paused = true)]
 async fn a_backend_gone_for_an_hour_is_forgotten() {
     let pool = Pool::new();
@@ -326,11 +346,12 @@ async fn a_backend_gone_for_an_hour_is_forgotten() {
     recorder.publish(&handle);
     assert_eq!(recorder.get(requests), Some(7.0), "still counting up");
 
-    // Gone for an hour: forgotten.
+    // Gone for an hour: forgotten. It comes back with a new state, which
+    // no other handle can have published: its counts are added.
     gone_for(Duration::from_secs(3600)).await;
     send(&balance, 3).await;
     recorder.publish(&handle);
-    assert_eq!(recorder.get(requests), Some(3.0), "started again");
+    assert_eq!(recorder.get(requests), Some(10.0), "still counting up");
 }
 
 /// Counts the publications of the groups: the sets of their
@@ -651,6 +672,60 @@ async fn the_counters_of_registered_layers_are_published() {
         Some(13.0)
     );
     assert_eq!(last.get("tower_ha_sticky_sessions{layer=edge}"), Some(7.0));
+}
+
+/// A layer forgotten after an hour and registered again adds its counts;
+/// a handle made for a reloaded configuration, publishing the same layer
+/// and backends for the first time, counts nothing twice.
+#[tokio::test(start_paused = true)]
+async fn counts_go_on_after_a_forgotten_layer_and_across_handles() {
+    use tower_ha::failover::FailoverLayer;
+    use tower_ha::sticky::{SessionKey, StickyLayer};
+
+    let last = Last::default();
+    let handle = Handle::new(Events::default());
+    let pool = failing_then_working();
+    let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
+    let failover = FailoverLayer::new().no_budget();
+    handle.add_failover("edge", &failover);
+    for key in ["s1", "s2"] {
+        new_session(&edge(&failover, &sticky, &pool), key).await;
+    }
+    last.publish(&handle);
+    let retries = "tower_ha_failover_retries_total{layer=edge}";
+    assert_eq!(last.get(retries), Some(2.0));
+
+    // Gone for an hour, then another layer under the name.
+    assert!(handle.remove_layer("edge"));
+    last.publish(&handle);
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    last.publish(&handle);
+    let again = FailoverLayer::new().no_budget();
+    handle.add_failover("edge", &again);
+    new_session(&edge(&again, &sticky, &pool), "s3").await;
+    last.publish(&handle);
+    assert_eq!(last.get(retries), Some(3.0), "its one retry added");
+
+    // A new handle over the same group and layer: what the first one
+    // published is not added again.
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    handle.add_group("web", &balance).unwrap();
+    send(&balance, 4).await;
+    last.publish(&handle);
+    let a_requests = "tower_ha_backend_requests_total{backend=a,group=web}";
+    let a_before = last.get(a_requests).unwrap();
+    let reloaded = Handle::new(Events::default());
+    reloaded.add_group("web", &balance).unwrap();
+    reloaded.add_failover("edge", &again);
+    last.publish(&reloaded);
+    assert_eq!(last.get(retries), Some(3.0));
+    assert_eq!(last.get(a_requests), Some(a_before));
+    new_session(&edge(&again, &sticky, &pool), "s4").await;
+    send(&balance, 2).await;
+    last.publish(&reloaded);
+    assert_eq!(last.get(retries), Some(4.0));
+    // One from the new session's first attempt, one of the two sent.
+    assert_eq!(last.get(a_requests), Some(a_before + 2.0));
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,7 +1,6 @@
 //! Active-passive: one primary serves, backups in configured order.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -12,14 +11,11 @@ use super::strategy::{Pick, Strategy};
 use crate::backend::BackendId;
 use crate::control::{Event, Events, SwitchReason};
 use crate::pool::Members;
+use crate::serial::Serial;
 
 /// Before any build. It is also the number of an empty default membership,
 /// which never caches a pick: a pick on an empty pool returns early.
 const NO_BUILD: u64 = 0;
-
-/// Numbers group states: each `Priority::new`, and each builder call that
-/// gives an already shared group a state of its own, takes the next.
-static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 /// When a recovered configured primary takes over again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -40,7 +36,7 @@ pub enum Failback {
 
 /// A backend's state (its serial) and its count of interruptions: another
 /// value later means it was out meanwhile.
-type Seen = (u64, u32);
+type Seen = (Serial, u32);
 
 /// The group's state, shared by every clone of a [`Priority`].
 #[derive(Debug)]
@@ -91,7 +87,7 @@ impl State {
 
 struct Shared {
     /// Which group state this is: its failover count starts from zero.
-    serial: u64,
+    serial: Serial,
     name: Arc<str>,
     order: Vec<BackendId>,
     failback: Failback,
@@ -229,7 +225,7 @@ impl Priority {
         }
         Priority {
             shared: Arc::new(Shared {
-                serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
+                serial: Serial::take(),
                 name: name.into(),
                 failback: Failback::Never,
                 min_dwell: Duration::ZERO,
@@ -246,7 +242,7 @@ impl Priority {
         let mut shared = match Arc::try_unwrap(self.shared) {
             Ok(shared) => shared,
             Err(shared) => Shared {
-                serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
+                serial: Serial::take(),
                 name: shared.name.clone(),
                 order: shared.order.clone(),
                 failback: shared.failback,
@@ -335,7 +331,7 @@ impl Priority {
 
     /// Which group state this is: another `Priority` (not a clone) has
     /// another serial, and counts its failovers from zero.
-    pub(crate) fn serial(&self) -> u64 {
+    pub(crate) fn serial(&self) -> Serial {
         self.shared.serial
     }
 

@@ -238,6 +238,10 @@ pub(super) struct Inner {
 #[derive(Clone)]
 pub struct Handle {
     inner: Arc<Inner>,
+    /// Held by the handle's clones alone, not by the tasks that act for
+    /// them (a drain's deadline): the metrics task ends when the last
+    /// clone is gone, even while a deadline keeps `inner` alive.
+    clones: Arc<()>,
 }
 
 impl fmt::Debug for Handle {
@@ -284,6 +288,7 @@ impl Handle {
     /// are disabled after 30 s.
     pub fn new(events: Events) -> Self {
         Handle {
+            clones: Arc::new(()),
             inner: Arc::new(Inner {
                 events,
                 groups: RwLock::new(Vec::new()),
@@ -319,6 +324,7 @@ impl Handle {
         };
         Handle {
             inner: Arc::new(inner),
+            clones: Arc::new(()),
         }
     }
 
@@ -331,16 +337,36 @@ impl Handle {
         &self.inner.published
     }
 
+    /// The handle, held by none of its clones: upgraded back while a clone
+    /// of the handle is alive.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    pub(super) fn downgrade(&self) -> std::sync::Weak<Inner> {
-        Arc::downgrade(&self.inner)
+    pub(super) fn downgrade(&self) -> WeakHandle {
+        WeakHandle {
+            inner: Arc::downgrade(&self.inner),
+            clones: Arc::downgrade(&self.clones),
+        }
     }
+}
 
+/// A [`Handle`] that its clones alone keep alive.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(super) struct WeakHandle {
+    inner: std::sync::Weak<Inner>,
+    clones: std::sync::Weak<()>,
+}
+
+impl WeakHandle {
+    /// The handle, while a clone of it is alive.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    pub(super) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Handle> {
-        weak.upgrade().map(|inner| Handle { inner })
+    pub(super) fn upgrade(&self) -> Option<Handle> {
+        Some(Handle {
+            clones: self.clones.upgrade()?,
+            inner: self.inner.upgrade()?,
+        })
     }
+}
 
+impl Handle {
     /// The event stream every action emits into.
     pub fn events(&self) -> &Events {
         &self.inner.events

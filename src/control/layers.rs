@@ -1,6 +1,5 @@
 //! The counters of the failover and sticky layers a [`Handle`] reports.
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 
@@ -8,6 +7,7 @@ use serde::Serialize;
 
 use super::handle::Handle;
 use crate::failover::{FailoverLayer, FailoverStats};
+use crate::serial::Serial;
 use crate::sticky::{StickyLayer, StickyStats};
 
 /// The layers registered with a handle, by name.
@@ -74,9 +74,8 @@ impl Handle {
         }
     }
 
-    /// Each registered layer's name, identity (which layer it is, for a
-    /// name registered again: a weak reference, which keeps its address
-    /// from being reused) and counters.
+    /// Each registered layer's name, serial (which layer it is, for a
+    /// name registered again) and counters.
     pub(super) fn layer_sources(&self) -> (Sources<FailoverStats>, Sources<StickyStats>) {
         let (failover, sticky) = {
             let layers = self.layers().read();
@@ -95,7 +94,7 @@ impl Handle {
         }
         let failover = failover
             .into_iter()
-            .map(|(name, c)| (name, identity(&c), c.snapshot()))
+            .map(|(name, c)| (name, c.serial, c.snapshot()))
             .collect();
         // A table is dropped here, outside the lock, should this hold the
         // last reference to it.
@@ -103,20 +102,12 @@ impl Handle {
             .into_iter()
             .filter_map(|(name, s)| {
                 let s = s?;
-                Some((name, identity(&s), s.stats()))
+                Some((name, s.serial(), s.stats()))
             })
             .collect();
         (failover, sticky)
     }
 }
 
-/// Registered layers of one kind: name, identity and counters.
-pub(super) type Sources<T> = Vec<(Arc<str>, Identity, T)>;
-
-/// Which layer a registration is.
-pub(super) type Identity = Weak<dyn Any + Send + Sync>;
-
-fn identity<T: Any + Send + Sync>(source: &Arc<T>) -> Identity {
-    let weak: Weak<T> = Arc::downgrade(source);
-    weak
-}
+/// Registered layers of one kind: name, serial and counters.
+pub(super) type Sources<T> = Vec<(Arc<str>, Serial, T)>;

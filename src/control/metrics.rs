@@ -2,16 +2,16 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::handle::{GroupMode, Handle};
-use super::layers::Identity;
 use super::stats::GroupStats;
 use crate::backend::BackendId;
 use crate::failover::FailoverStats;
+use crate::serial::Serial;
 use crate::sticky::StickyStats;
 use crate::time::elapsed;
 
@@ -66,11 +66,15 @@ impl Handle {
     /// under a name keeps its counters going up; a sticky layer no longer
     /// reported has its gauge set to 0 once.
     ///
-    /// What was last published of a backend, group or layer gone for an hour is
-    /// forgotten, so that backends coming and going under new ids (a DNS
-    /// name over changing addresses) use no more memory over time. One
-    /// that comes back after that publishes its count as it is, which a
-    /// time series reads as a counter reset (as after a restart).
+    /// What was last published of a backend, group or layer gone for an
+    /// hour is forgotten, so that backends coming and going under new ids
+    /// (a DNS name over changing addresses) use no more memory over time.
+    /// One that comes back after that, made since this handle first
+    /// published (a backend added again, a new layer), adds its counts as
+    /// a new one does. A backend, group or layer made before that (one
+    /// a handle of a configuration since reloaded published too) sets
+    /// its counters to its counts with `Counter::absolute`, which
+    /// recorders take as "at least": nothing is counted twice.
     ///
     /// Call it periodically, or run [`spawn_metrics`](Handle::spawn_metrics).
     pub fn publish_metrics(&self) {
@@ -79,13 +83,15 @@ impl Handle {
             backends,
             failovers,
             layers,
+            made_since,
         } = &mut *published;
+        let made_since = *made_since.get_or_insert_with(Serial::next);
         let mut seen = HashSet::new();
         let stats = self.stats();
         let now = Instant::now();
         for group in &stats {
-            publish(group, backends, &mut seen);
-            publish_failovers(group, failovers, now);
+            publish(group, backends, &mut seen, made_since);
+            publish_failovers(group, failovers, now, made_since);
         }
         // A group no longer registered: its gauges go to zero, once.
         let registered: HashSet<&str> = stats.iter().map(|g| &*g.name).collect();
@@ -117,7 +123,7 @@ impl Handle {
         }
         let kept =
             |gone: Option<Instant>| gone.is_none_or(|at| !elapsed(at, now, FORGET_GONE_AFTER));
-        publish_layers(self, layers, now);
+        publish_layers(self, layers, now, made_since);
         failovers.retain(|_, last| kept(last.gone));
         backends.retain(|_, last| kept(last.gone));
         layers.retain(|_, last| kept(last.gone));
@@ -139,7 +145,7 @@ impl Handle {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                let Some(handle) = Handle::upgrade(&weak) else {
+                let Some(handle) = weak.upgrade() else {
                     return;
                 };
                 // A recorder that panics loses this tick only.
@@ -165,12 +171,19 @@ pub(super) struct Published {
     failovers: HashMap<String, LastFailovers>,
     /// By kind (`"failover"` or `"sticky"`) and name.
     layers: HashMap<(&'static str, Arc<str>), LastLayer>,
+    /// The serial of the first backend state, group state or layer made
+    /// since the first publication. The first publication of one made
+    /// before (which another handle may have published: a configuration
+    /// reloaded) sets its counters to its counts; one made since (a
+    /// backend back after it was forgotten) adds its counts, which no
+    /// other handle can have published.
+    made_since: Option<Serial>,
 }
 
 /// The counts last published for one registered layer, and of which.
 #[derive(Debug)]
 pub(super) struct LastLayer {
-    source: Identity,
+    source: Serial,
     counts: Vec<u64>,
     /// Since when it is no longer reported (its gauge zeroed).
     gone: Option<Instant>,
@@ -216,6 +229,7 @@ fn publish_layers(
     handle: &Handle,
     published: &mut HashMap<(&'static str, Arc<str>), LastLayer>,
     now: Instant,
+    made_since: Serial,
 ) {
     let (failover, sticky) = handle.layer_sources();
     let mut seen = HashSet::new();
@@ -226,11 +240,19 @@ fn publish_layers(
             source,
             &failover_counts(&stats),
             published,
+            made_since,
         );
         seen.insert(("failover", name));
     }
     for (name, source, stats) in sticky {
-        publish_layer("sticky", &name, source, &sticky_counts(&stats), published);
+        publish_layer(
+            "sticky",
+            &name,
+            source,
+            &sticky_counts(&stats),
+            published,
+            made_since,
+        );
         let labels = [("layer", name.to_string())];
         metrics::gauge!("tower_ha_sticky_sessions", &labels).set(stats.sessions as f64);
         seen.insert(("sticky", name));
@@ -250,15 +272,16 @@ fn publish_layers(
 fn publish_layer(
     kind: &'static str,
     name: &Arc<str>,
-    source: Identity,
+    source: Serial,
     counts: &[(&'static str, u64)],
     published: &mut HashMap<(&'static str, Arc<str>), LastLayer>,
+    made_since: Serial,
 ) {
     let labels = [("layer", name.to_string())];
     let (first, fresh, last) = match published.entry((kind, name.clone())) {
         Entry::Occupied(e) => {
             let last = e.into_mut();
-            let fresh = !Weak::ptr_eq(&last.source, &source);
+            let fresh = last.source != source;
             last.source = source;
             (false, fresh, last)
         }
@@ -268,7 +291,7 @@ fn publish_layer(
                 counts: vec![0; counts.len()],
                 gone: None,
             });
-            (true, false, last)
+            (source < made_since, false, last)
         }
     };
     last.gone = None;
@@ -293,7 +316,7 @@ const GROUP_GAUGES: [&str; 2] = [
 /// [`Priority`](crate::balance::Priority).
 #[derive(Debug)]
 pub(super) struct LastFailovers {
-    priority: Option<u64>,
+    priority: Option<Serial>,
     failovers: u64,
     /// When the group's last failover known to the handle happened: of
     /// its current `Priority`, or of one it was registered with before.
@@ -305,7 +328,7 @@ pub(super) struct LastFailovers {
 /// The last counts published for one backend, and of which state.
 #[derive(Debug, Default)]
 pub(super) struct Last {
-    state: u64,
+    state: Option<Serial>,
     /// Since when it is gone from its group (its gauges zeroed).
     gone: Option<Instant>,
     requests: u64,
@@ -322,10 +345,11 @@ const BACKEND_GAUGES: [&str; 4] = [
     "tower_ha_backend_available",
 ];
 
-/// Publishes one counter: the count itself the first time, then what it
-/// grew by. A backend whose state was replaced (removed and added again:
-/// its counts start afresh) adds its new count, so the published counter
-/// never goes back, as counters must not.
+/// Publishes one counter: the count itself the first time (`first`: a
+/// state another handle may have published), then what it grew by. A
+/// backend whose state was replaced (removed and added again: its counts
+/// start afresh) adds its new count, so the published counter never goes
+/// back, as counters must not.
 fn count(
     name: &'static str,
     labels: &[(&'static str, String)],
@@ -349,14 +373,15 @@ fn publish(
     group: &GroupStats,
     published: &mut HashMap<(String, BackendId), Last>,
     seen: &mut HashSet<(String, BackendId)>,
+    made_since: Serial,
 ) {
     let name = group.name.to_string();
     for b in &group.backends {
         let labels = [("group", name.clone()), ("backend", b.id.to_string())];
         let key = (name.clone(), b.id.clone());
-        let first = !published.contains_key(&key);
+        let first = !published.contains_key(&key) && b.state < made_since;
         let last = published.entry(key.clone()).or_default();
-        let fresh = std::mem::replace(&mut last.state, b.state) != b.state;
+        let fresh = std::mem::replace(&mut last.state, Some(b.state)) != Some(b.state);
         last.gone = None;
         count(
             "tower_ha_backend_requests_total",
@@ -414,6 +439,7 @@ fn publish_failovers(
     group: &GroupStats,
     published: &mut HashMap<String, LastFailovers>,
     now: Instant,
+    made_since: Serial,
 ) {
     let labels = [("group", group.name.to_string())];
     let (last, first) = match published.entry(group.name.to_string()) {
@@ -425,7 +451,7 @@ fn publish_failovers(
                 last_at: None,
                 gone: None,
             }),
-            true,
+            group.priority.is_none_or(|p| p < made_since),
         ),
     };
     last.gone = None;

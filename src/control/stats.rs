@@ -8,6 +8,7 @@ use serde::{Serialize, Serializer};
 use super::events::Events;
 use super::handle::{Group, GroupMode};
 use crate::backend::{AdminStatus, BackendId, BackendState, HealthStatus};
+use crate::serial::Serial;
 
 fn opt_unix_millis<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     match t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
@@ -57,7 +58,7 @@ pub struct BackendStats {
     /// Which state these counts are of: a backend removed and added again
     /// has a new one, whose counts start from zero.
     #[serde(skip)]
-    pub(crate) state: u64,
+    pub(crate) state: Serial,
 }
 
 impl BackendStats {
@@ -115,7 +116,7 @@ pub struct GroupStats {
     /// counted by: a group registered again with a new one has another,
     /// whose count starts from zero.
     #[serde(skip)]
-    pub(crate) priority: Option<u64>,
+    pub(crate) priority: Option<Serial>,
 }
 
 impl GroupStats {

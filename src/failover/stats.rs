@@ -57,6 +57,8 @@ pub(crate) struct Counters {
     pub(crate) unreplayable: AtomicU64,
     pub(crate) per_try_timeouts: AtomicU64,
     pub(crate) deadlines_exceeded: AtomicU64,
+    /// Which counters these are: another layer's start from zero.
+    pub(crate) serial: crate::serial::Serial,
 }
 
 /// Counts one more.

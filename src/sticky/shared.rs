@@ -483,6 +483,11 @@ impl Shared {
         self.counters.snapshot(self.table.len())
     }
 
+    /// Which layer this is, for the published metrics.
+    pub(crate) fn serial(&self) -> crate::serial::Serial {
+        self.counters.serial
+    }
+
     pub(crate) fn session(&self, key: &str) -> Option<Session> {
         self.table.session(key)
     }

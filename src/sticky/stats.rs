@@ -54,6 +54,8 @@ pub(crate) struct Counters {
     pub(crate) expired: AtomicU64,
     pub(crate) evicted: AtomicU64,
     pub(crate) strict_refusals: AtomicU64,
+    /// Which counters these are: another layer's start from zero.
+    pub(crate) serial: crate::serial::Serial,
 }
 
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {
