@@ -468,6 +468,48 @@ async fn a_failed_backend_moves_its_session_on_the_next_request() {
     assert_eq!(moves.all().len(), 1);
 }
 
+/// Under the failover layer, a request whose every attempt failed
+/// (`Exhausted`, its session's backend first) keeps the session off that
+/// backend as a failure of the backend alone does: the next request, a
+/// POST sent once, goes elsewhere.
+#[tokio::test]
+async fn a_session_whose_retries_failed_too_is_kept_off_its_backend() {
+    use tower_ha::failover::{Exhausted, FailoverLayer};
+
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(FailoverLayer::new().no_budget())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let home = send(&svc, session("s1")).await.unwrap().body().clone();
+
+    for name in NAMES {
+        c.fail[name].store(true, Ordering::SeqCst);
+    }
+    let err = send(&svc, session("s1")).await.unwrap_err();
+    let exhausted = err
+        .downcast_ref::<Exhausted>()
+        .expect("every attempt failed");
+    assert_eq!(exhausted.attempts()[0].0.as_str(), home);
+    assert_eq!(exhausted.attempts().len(), 3);
+    for name in NAMES.iter().filter(|&&n| n != home) {
+        c.fail[name].store(false, Ordering::SeqCst);
+    }
+
+    let post = Request::post("/")
+        .header("x-session-id", "s1")
+        .body(())
+        .unwrap();
+    let res = send(&svc, post).await.expect("sent to a working backend");
+    assert_ne!(res.body(), &home);
+    let all = moves.all();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].reason, MoveReason::Failed);
+}
+
 /// A stand-in for the failover layer, speaking only the extension
 /// protocol: on a backend error, record it in `Attempts` and try again.
 #[derive(Clone)]

@@ -27,6 +27,7 @@ use super::Availability;
 use crate::backend::BackendId;
 use crate::error::{find, BackendError, BoxError, InvalidRequest, NoBackend};
 use crate::extensions::{Affinity, AffinityRequired, Attempts, ServedBy};
+use crate::failover::Exhausted;
 use crate::key::RequestHead;
 use crate::pool::Pool;
 use crate::store::{Session, SessionGuard, SessionLock, SessionStore, StoreError};
@@ -1463,7 +1464,15 @@ impl Shared {
             if find::<InvalidRequest>(&*error).is_some() {
                 return error;
             }
-            let own = find::<BackendError>(&*error).filter(|e| e.backend() == backend);
+            // Also when the failover layer tried others after it and they
+            // failed too: its error then leads to the last attempt's.
+            let own = find::<BackendError>(&*error)
+                .filter(|e| e.backend() == backend)
+                .or_else(|| {
+                    let exhausted = find::<Exhausted>(&*error)?;
+                    let (_, failure) = exhausted.attempts().iter().find(|(id, _)| id == backend)?;
+                    find::<BackendError>(&**failure).filter(|e| e.backend() == backend)
+                });
             if own.is_some() {
                 self.table.set_failed(key, backend, true);
             }
