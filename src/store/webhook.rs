@@ -230,7 +230,11 @@ impl WebhookStoreBuilder {
 
     /// How many times a call is retried after a connection error or an
     /// answer that says to try later (a 5xx, 408 or 429) (0: never), so
-    /// the service sees at most `retries + 1` requests per call.
+    /// the service sees at most `retries + 1` attempts per call. With
+    /// [Digest](Self::digest_auth) authentication, an attempt that has no
+    /// challenge yet, or whose challenge went stale, is sent once more
+    /// with the challenge the `401` answer brings: up to twice as many
+    /// requests.
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self
