@@ -2680,6 +2680,67 @@ async fn the_read_timeout_counts_silence_not_time() {
     assert!(opened.try_recv().is_err(), "no other connection");
 }
 
+/// An upload in one large frame, which hyper takes whole at once, still
+/// moves while the backend reads it slowly: no silence until its last
+/// byte is written, then the read timeout runs from there.
+#[tokio::test(start_paused = true)]
+async fn a_large_upload_in_one_frame_read_slowly_is_no_silence() {
+    let five = Duration::from_secs(5);
+    let (backend, mut opened) = piped::<Full<Bytes>>(Some(five));
+    const SIZE: usize = 1 << 20;
+    let reading = tokio::spawn(async move {
+        let mut conn = opened.recv().await.unwrap();
+        let mut buf = vec![0; 64 * 1024];
+        let mut body = 0;
+        // 64 KiB a second: the whole upload takes 16 s or so, and the
+        // pipe holds no more than 64 KiB of it at a time.
+        while body < SIZE {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the client closed the connection");
+            body += buf[..n].iter().filter(|&&b| b == b'z').count();
+        }
+        let read = tokio::time::Instant::now();
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        (conn, read)
+    });
+    let start = tokio::time::Instant::now();
+    let upload = Request::post("/").body(Full::new(Bytes::from(vec![b'z'; SIZE])));
+    let resp = backend.clone().oneshot(upload.unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(start.elapsed() > Duration::from_secs(15), "read slowly");
+    let (_conn, read) = reading.await.unwrap();
+    assert_eq!(read, tokio::time::Instant::now());
+    assert_eq!(body_of(resp).await, "ok");
+
+    // The same upload read as slowly, then no answer: given up at the read
+    // timeout after the last write, which freed room in the pipe a read
+    // before the backend's last.
+    let (backend, mut opened) = piped::<Full<Bytes>>(Some(five));
+    let reading = tokio::spawn(async move {
+        let mut conn = opened.recv().await.unwrap();
+        let mut buf = vec![0; 64 * 1024];
+        let mut body = 0;
+        while body < SIZE {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let n = conn.read(&mut buf).await.unwrap();
+            body += buf[..n].iter().filter(|&&b| b == b'z').count();
+        }
+        (conn, tokio::time::Instant::now())
+    });
+    let upload = Request::post("/").body(Full::new(Bytes::from(vec![b'z'; SIZE])));
+    let err = backend.oneshot(upload.unwrap()).await.unwrap_err();
+    assert!(is_timed_out(&*err), "{err}");
+    let (_conn, read) = reading.await.unwrap();
+    let silence = tokio::time::Instant::now() - read;
+    assert!(
+        silence <= five && silence >= Duration::from_secs(3),
+        "{silence:?}"
+    );
+}
+
 /// Through `HttpBackend`, the failover layer's per-try timeout waits for a
 /// streamed upload to be sent and runs from its end: a slow client does
 /// not make its backend time out.

@@ -21,16 +21,19 @@ use tokio::time::Instant;
 
 use super::body::ResponseBody;
 use super::pool::Open;
-use super::timeout::{self, Failed, Sent};
+use super::timeout::{self, Failed, Sent, Written};
 use crate::error::{find, BoxError, NotSent};
 
 /// How long a keep-alive PING may go unanswered before the connection is
 /// closed (hyper's default).
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A connection's sender, and when it last wrote to the backend.
+type Connection<B> = (SendRequest<B>, Arc<Written>);
+
 /// The outcome of one attempt to open the connection, shared by every
 /// request that waited for it.
-type Opened<B> = Option<Result<SendRequest<B>, ConnectFailed>>;
+type Opened<B> = Option<Result<Connection<B>, ConnectFailed>>;
 
 /// An upstream's HTTP/2 connection.
 pub(super) struct Http2<B> {
@@ -52,6 +55,7 @@ enum Conn<B> {
     Open {
         n: u64,
         sender: SendRequest<B>,
+        written: Arc<Written>,
         last_used: Instant,
     },
 }
@@ -80,17 +84,18 @@ where
 {
     /// The open connection (its number and its sender), or the attempt
     /// to open one to wait for, started now if there is none.
-    fn current(&self, open: &Open, target: &Uri) -> Result<(u64, SendRequest<B>), Waiting<B>> {
+    fn current(&self, open: &Open, target: &Uri) -> Result<(u64, Connection<B>), Waiting<B>> {
         let now = Instant::now();
         let mut state = self.state.lock();
         match &mut state.conn {
             Conn::Open {
                 n,
                 sender,
+                written,
                 last_used,
             } if !sender.is_closed() && now.duration_since(*last_used) < self.idle_timeout => {
                 *last_used = now;
-                return Ok((*n, sender.clone()));
+                return Ok((*n, (sender.clone(), written.clone())));
             }
             // Still opening: wait for it. (An attempt whose task is gone
             // without a word, having panicked, is replaced.)
@@ -119,9 +124,10 @@ where
                 let mut state = shared.lock();
                 if matches!(state.conn, Conn::Opening(m, _) if m == n) {
                     state.conn = match &opened {
-                        Ok(sender) => Conn::Open {
+                        Ok((sender, written)) => Conn::Open {
                             n,
                             sender: sender.clone(),
+                            written: written.clone(),
                             last_used: Instant::now(),
                         },
                         Err(_) => Conn::None,
@@ -138,9 +144,9 @@ where
         &self,
         open: &Open,
         target: &Uri,
-    ) -> Result<(u64, SendRequest<B>, bool), BoxError> {
+    ) -> Result<(u64, Connection<B>, bool), BoxError> {
         let Waiting(n, mut done) = match self.current(open, target) {
-            Ok((n, sender)) => return Ok((n, sender, false)),
+            Ok((n, connection)) => return Ok((n, connection, false)),
             Err(waiting) => waiting,
         };
         let opened = match done.wait_for(Option::is_some).await {
@@ -154,7 +160,7 @@ where
         // The attempt's task installed its outcome already (or died, and
         // the next request starts another).
         match opened {
-            Ok(sender) => Ok((n, sender, true)),
+            Ok(connection) => Ok((n, connection, true)),
             Err(failed) => Err(NotSent::new(failed).into()),
         }
     }
@@ -194,7 +200,7 @@ where
         handover: &super::Handover,
     ) -> Result<super::Received, BoxError> {
         loop {
-            let (n, mut sender, fresh) = self.connection(open, target).await?;
+            let (n, (mut sender, written), fresh) = self.connection(open, target).await?;
             if let Err(e) = sender.ready().await {
                 self.forget(n);
                 if fresh {
@@ -206,7 +212,7 @@ where
             let response = sender.try_send_request(req);
             // A timer of its own: the connection carries many requests.
             let mut timer = None;
-            match timeout::head(response, read_timeout, sent, &mut timer, false).await {
+            match timeout::head(response, read_timeout, sent, &written, &mut timer, false).await {
                 Ok(resp) => {
                     let present = super::hop_by_hop(resp.headers());
                     let resp = resp.map(|body| ResponseBody::new(body, None, read_timeout, timer));
@@ -254,13 +260,14 @@ async fn connect<B>(
     open: &Open,
     target: Uri,
     keep_alive: Option<Duration>,
-) -> Result<SendRequest<B>, BoxError>
+) -> Result<Connection<B>, BoxError>
 where
     B: http_body::Body + Send + 'static + Unpin,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
     let io = open(target).await?;
+    let written = io.written.clone();
     let mut builder = http2::Builder::new(TokioExecutor::new());
     // Each stream keeps hyper's 2 MiB window, but the connection's is
     // larger than every stream's together (hyper's 5 MiB is not): a few
@@ -278,7 +285,7 @@ where
         // Its end shows in the sender, which is then never used again.
         let _ = connection.await;
     });
-    Ok(sender)
+    Ok((sender, written))
 }
 
 /// A failure to open a connection, shared by the requests that waited for

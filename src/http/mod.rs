@@ -449,8 +449,10 @@ where
     /// Gives up on a backend that sends nothing for `timeout` while its
     /// response is awaited (default 60 s, as nginx's `proxy_read_timeout`;
     /// `None`, or zero, waits without limit): the response head, counted
-    /// from the end of the request (its body sent; while the upload still
-    /// moves, from its latest frame taken, so an upload that stands still
+    /// from the end of the request (its body sent, and written to the
+    /// connection: a body in one large frame is written as fast as the
+    /// backend reads it; while the upload still moves, from its latest
+    /// frame taken or write, so an upload that stands still
     /// times out within two timeouts; over HTTP/1, an upload that stands
     /// still because the client sends nothing more fails as the client's,
     /// an [`InvalidRequest`] that `gateway_status` answers with `408

@@ -35,7 +35,7 @@ use tower_service::Service;
 use super::body::ResponseBody;
 #[cfg(feature = "http2")]
 use super::http2::Http2;
-use super::timeout::{self, Failed, Sent, Timer, Upload};
+use super::timeout::{self, Failed, Sent, Timer, Upload, Written};
 use super::{Handover, Received, Settings};
 use crate::backend::BackendState;
 use crate::error::{BoxError, InvalidRequest, NotSent};
@@ -68,6 +68,8 @@ pub(super) struct Stream {
     write_closed: bool,
     /// Whether writes that find the backend gone fail as they are.
     keep_write_errors: bool,
+    /// When it last wrote to the backend.
+    pub(super) written: Arc<Written>,
 }
 
 enum Transport {
@@ -81,6 +83,7 @@ impl Stream {
             io: Transport::Tcp(io),
             write_closed: false,
             keep_write_errors: false,
+            written: Written::new(),
         }
     }
 
@@ -89,6 +92,7 @@ impl Stream {
             io: Transport::Other(io),
             write_closed: false,
             keep_write_errors: false,
+            written: Written::new(),
         }
     }
 
@@ -101,6 +105,10 @@ impl Stream {
         len: usize,
     ) -> Poll<io::Result<usize>> {
         match written {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.written.wrote();
+                Poll::Ready(Ok(n))
+            }
             Poll::Ready(Err(e))
                 if !self.keep_write_errors
                     && matches!(
@@ -354,6 +362,7 @@ pub(super) struct Upstream<B> {
 
 struct Idle<B> {
     sender: SendRequest<Upload<B>>,
+    written: Arc<Written>,
     timer: Timer,
     since: Instant,
     /// How long it may stay idle: the idle timeout, or less when the
@@ -418,7 +427,7 @@ impl<B> Upstream<B> {
     /// too long (with all older ones, when it is the idle timeout that has
     /// passed); one still busy (the backend answered before the request
     /// body was all sent) is left for later rather than waited for.
-    fn checkout(&self) -> Option<(SendRequest<Upload<B>>, Timer)> {
+    fn checkout(&self) -> Option<(SendRequest<Upload<B>>, Arc<Written>, Timer)> {
         let now = Instant::now();
         let mut guard = self.idle.lock();
         let idle = &mut guard.stack;
@@ -435,7 +444,7 @@ impl<B> Upstream<B> {
             if expired || connection.sender.is_closed() {
                 idle.remove(at);
             } else if connection.sender.is_ready() {
-                return idle.remove(at).map(|i| (i.sender, i.timer));
+                return idle.remove(at).map(|i| (i.sender, i.written, i.timer));
             }
         }
         None
@@ -469,8 +478,13 @@ impl<B> Upstream<B> {
     /// as their time passes, so that they do not outlive it when no request
     /// comes (one whose backend announced a shorter keep-alive may wait for
     /// the task's next round, but its backend closes it meanwhile).
-    fn checkin(self: &Arc<Self>, sender: SendRequest<Upload<B>>, timer: Timer, life: Life)
-    where
+    fn checkin(
+        self: &Arc<Self>,
+        sender: SendRequest<Upload<B>>,
+        written: Arc<Written>,
+        timer: Timer,
+        life: Life,
+    ) where
         B: Send + 'static,
     {
         let now = Instant::now();
@@ -483,6 +497,7 @@ impl<B> Upstream<B> {
         idle.prune(now);
         idle.stack.push_back(Idle {
             sender,
+            written,
             timer,
             since: now,
             life,
@@ -553,9 +568,13 @@ where
 {
     /// Opens a new HTTP/1.1 connection, run by a task of its own; one
     /// `for_upgrade` hands its byte stream over after a `101`.
-    async fn connect(&self, for_upgrade: bool) -> Result<SendRequest<Upload<B>>, BoxError> {
+    async fn connect(
+        &self,
+        for_upgrade: bool,
+    ) -> Result<(SendRequest<Upload<B>>, Arc<Written>), BoxError> {
         let mut io = (self.open)(self.target.clone()).await?;
         io.keep_write_errors = for_upgrade;
+        let written = io.written.clone();
         let mut builder = http1::Builder::new();
         if let Some(lines) = self.max_response_headers {
             builder.max_headers(lines);
@@ -568,7 +587,7 @@ where
         } else {
             tokio::spawn(connection);
         }
-        Ok(sender)
+        Ok((sender, written))
     }
 
     /// Sends `req` (origin-form, with its `Host`; absolute-form for
@@ -600,9 +619,12 @@ where
                 .await;
         }
         loop {
-            let (mut sender, mut timer, fresh) = match self.checkout() {
-                Some((sender, timer)) => (sender, timer, false),
-                None => (self.connect(false).await.map_err(NotSent::new)?, None, true),
+            let (mut sender, written, mut timer, fresh) = match self.checkout() {
+                Some((sender, written, timer)) => (sender, written, timer, false),
+                None => {
+                    let (sender, written) = self.connect(false).await.map_err(NotSent::new)?;
+                    (sender, written, None, true)
+                }
             };
             if let Err(e) = sender.ready().await {
                 if fresh {
@@ -614,7 +636,15 @@ where
             let response = sender.try_send_request(req);
             // Dropped with its connection when it times out: the backend
             // may still answer, and the connection would be out of step.
-            match timeout::head(response, self.read_timeout, &sent, &mut timer, true).await {
+            let head = timeout::head(
+                response,
+                self.read_timeout,
+                &sent,
+                &written,
+                &mut timer,
+                true,
+            );
+            match head.await {
                 Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     // Nothing asked for a switch here, and nothing could
                     // join the connections: the connection is dropped.
@@ -630,13 +660,14 @@ where
                     let life = self.idle_life(resp.headers(), present);
                     let (pooled, timer) = if sender.is_ready() {
                         // The response is already read to its end.
-                        self.checkin(sender, timer, life);
+                        self.checkin(sender, written, timer, life);
                         (None, None)
                     } else {
                         // The body's waits take the connection's timer.
                         let pooled = Pooled {
                             upstream: self,
                             sender,
+                            written,
                             life,
                         };
                         (Some(Box::new(pooled) as Box<dyn Checkin>), timer)
@@ -680,24 +711,32 @@ where
         backend_state: Option<Arc<BackendState>>,
         handover: Handover,
     ) -> Result<Received, BoxError> {
-        let mut sender = self.connect(true).await.map_err(NotSent::new)?;
+        let (mut sender, written) = self.connect(true).await.map_err(NotSent::new)?;
         sender.ready().await.map_err(NotSent::new)?;
         let offered: Vec<HeaderValue> = req.headers().get_all(UPGRADE).iter().cloned().collect();
         let (req, sent) = Upload::wrap(req);
         handover.handed(true);
         let response = sender.try_send_request(req);
         let mut timer = None;
-        let mut resp =
-            match timeout::head(response, self.read_timeout, &sent, &mut timer, true).await {
-                Ok(resp) => resp,
-                Err(Failed::TimedOut(e)) => return Err(e),
-                Err(Failed::Sent(mut e)) => {
-                    return Err(match e.take_message() {
-                        Some(_) => NotSent::new(e.into_error()).into(),
-                        None => sent_error(e.into_error(), &sent),
-                    })
-                }
-            };
+        let mut resp = match timeout::head(
+            response,
+            self.read_timeout,
+            &sent,
+            &written,
+            &mut timer,
+            true,
+        )
+        .await
+        {
+            Ok(resp) => resp,
+            Err(Failed::TimedOut(e)) => return Err(e),
+            Err(Failed::Sent(mut e)) => {
+                return Err(match e.take_message() {
+                    Some(_) => NotSent::new(e.into_error()).into(),
+                    None => sent_error(e.into_error(), &sent),
+                })
+            }
+        };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if !super::switch_agrees(&offered, resp.headers()) {
                 return Err(
@@ -734,6 +773,7 @@ where
 struct Pooled<B> {
     upstream: Arc<Upstream<B>>,
     sender: SendRequest<Upload<B>>,
+    written: Arc<Written>,
     /// How long it may stay idle once back.
     life: Life,
 }
@@ -765,6 +805,7 @@ pub(super) trait Checkin: Send + Sync {
 
 impl<B: Send + 'static> Checkin for Pooled<B> {
     fn checkin(self: Box<Self>, timer: Timer) {
-        self.upstream.checkin(self.sender, timer, self.life);
+        self.upstream
+            .checkin(self.sender, self.written, timer, self.life);
     }
 }

@@ -39,6 +39,40 @@ pub(super) struct Progress {
     starved: AtomicBool,
 }
 
+/// When a connection last wrote to its backend, noted by its stream: an
+/// upload that hyper took whole (a body in one large frame) still moves
+/// while its bytes go out, as fast as the backend reads them.
+pub(super) struct Written {
+    /// When the connection was opened; the last write is counted from it.
+    opened: Instant,
+    /// Nanoseconds from `opened` to the end of the last write (0: none yet).
+    last: AtomicU64,
+}
+
+impl Written {
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Written {
+            opened: Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    /// Notes a write that took some bytes.
+    #[inline]
+    pub(super) fn wrote(&self) {
+        let nanos = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos.max(1), Ordering::Relaxed);
+    }
+
+    /// When the connection last wrote, if it has.
+    fn last(&self) -> Option<Instant> {
+        match self.last.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(later(self.opened, Duration::from_nanos(nanos))),
+        }
+    }
+}
+
 /// Whether the request's body failed while it was sent.
 pub(super) fn body_failed(sent: &Sent) -> bool {
     sent.as_ref()
@@ -160,7 +194,10 @@ pin_project! {
     /// already there costs none), and is pushed back to a read timeout
     /// after the end of the request's body when that comes later, or
     /// after now while the body's upload still moves (a frame taken since
-    /// the last look). An upload that stands still for the read timeout
+    /// the last look), or after the connection's last write when that
+    /// comes later (hyper takes a body's frame whole, and writes it out as
+    /// the backend reads it; over HTTP/2, any stream's writes count, as the
+    /// backend reads the connection). An upload that stands still for the read timeout
     /// because the backend reads none of it times out like a silent
     /// backend; over HTTP/1, one that stands still because the request's
     /// body has no more to give (a client slow to send it) fails as the
@@ -178,6 +215,7 @@ pin_project! {
         frames: u64,
         read_timeout: Option<Duration>,
         sent: &'a Sent,
+        written: &'a Written,
         // Whether an upload waiting on its client is the client's fault:
         // over HTTP/1 a request's body comes before its response; over
         // HTTP/2 a client may wait for the response to send more.
@@ -187,11 +225,13 @@ pin_project! {
 
 /// Waits for `response`, a response head, for at most `read_timeout` (see
 /// [`Head`]) on the connection's `timer`; `sent` says when the request's
-/// body was sent; `client_paced` for HTTP/1 (see [`Head`]).
+/// body was sent, `written` when the connection last wrote; `client_paced`
+/// for HTTP/1 (see [`Head`]).
 pub(super) fn head<'a, F>(
     response: F,
     read_timeout: Option<Duration>,
     sent: &'a Sent,
+    written: &'a Written,
     timer: &'a mut Timer,
     client_paced: bool,
 ) -> Head<'a, F> {
@@ -202,6 +242,7 @@ pub(super) fn head<'a, F>(
         frames: 0,
         read_timeout,
         sent,
+        written,
         client_paced,
     }
 }
@@ -230,15 +271,18 @@ where
         let mut since = start(this.timer, this.since, timeout);
         loop {
             ready!(passed(this.timer, since, timeout, cx));
+            // The connection wrote since the wait (re)started: the backend
+            // reads what hyper had taken of the request.
+            let wrote = this.written.last().filter(|&at| at > since);
             let resumed = match this.sent.as_deref() {
-                None => None,
+                None => wrote,
                 Some(sent) => match sent.ended.get() {
-                    Some(&at) => Some(at).filter(|&at| at > since),
+                    Some(&at) => Some(at).filter(|&at| at > since).max(wrote),
                     // Still sending, and the upload moved: the backend is
                     // reading, not silent.
                     None => {
                         let frames = sent.frames.load(Ordering::Relaxed);
-                        let moved = frames != *this.frames;
+                        let moved = frames != *this.frames || wrote.is_some();
                         *this.frames = frames;
                         if !moved && *this.client_paced && sent.starved.load(Ordering::Relaxed) {
                             let e = InvalidRequest::client_too_slow(format!(
