@@ -658,6 +658,20 @@ impl<B> fmt::Debug for HttpBackend<B> {
     }
 }
 
+/// `uri` (as written) with the user information of its authority, if
+/// any, shown as `***`.
+fn without_user_info(uri: &str) -> String {
+    let Some(start) = uri.find("://").map(|i| i + 3) else {
+        return uri.to_owned();
+    };
+    let rest = &uri[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{}***{}", &uri[..start], &rest[at..]),
+        None => uri.to_owned(),
+    }
+}
+
 impl<B> HttpBackend<B> {
     /// A backend at `base` (`http://host:port` with an optional path
     /// prefix), sharing `client`'s connection pool. `https://` needs a
@@ -672,8 +686,9 @@ impl<B> HttpBackend<B> {
         U: TryInto<Uri>,
         U: fmt::Debug + Clone,
     {
+        // Shown without credentials, which would end up in logs.
         let invalid = |reason| InvalidBackendUri {
-            uri: format!("{base:?}"),
+            uri: without_user_info(&format!("{base:?}")),
             reason,
         };
         let uri: Uri = base.clone().try_into().map_err(|_| invalid("not a URI"))?;
@@ -687,13 +702,10 @@ impl<B> HttpBackend<B> {
             return Err(invalid("only http:// and https:// are supported"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| invalid("no host"))?;
-        if let Some((_, host)) = authority.as_str().rsplit_once('@') {
-            // Shown without the credentials, which would end up in logs.
-            let shown = format!("{scheme}://***@{host}{}", uri.path());
-            return Err(InvalidBackendUri {
-                uri: format!("{shown:?}"),
-                reason: "a base URI has no user information (it would be sent in Host)",
-            });
+        if authority.as_str().contains('@') {
+            return Err(invalid(
+                "a base URI has no user information (it would be sent in Host)",
+            ));
         }
         if uri.query().is_some() {
             return Err(invalid("a base URI has no query"));
@@ -1804,6 +1816,19 @@ mod tests {
             "invalid backend URI \"http://***@a:1/api\": a base URI has no user \
              information (it would be sent in Host)"
         );
+        // Nor when it is refused for another reason first.
+        for uri in [
+            "https://user:secret@a",
+            "ftp://user:secret@a/x",
+            "http://user:secret@a b/",
+            "http://user:secret@a/x?q=1",
+        ] {
+            let err = HttpBackend::new(&client, uri).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("secret"), "{shown}");
+            assert!(shown.contains("***@a"), "{shown}");
+        }
+        assert_eq!(without_user_info("\"http://a/b@c\""), "\"http://a/b@c\"");
         let b = HttpBackend::new(&client, "http://a:1/api/").unwrap();
         assert_eq!(b.prefix, "/api");
         // A port out of range, or not a number, is not taken for none.
