@@ -381,7 +381,7 @@ fn publish(
         let key = (name.clone(), b.id.clone());
         let first = !published.contains_key(&key) && b.state < made_since;
         let last = published.entry(key.clone()).or_default();
-        let fresh = std::mem::replace(&mut last.state, Some(b.state)) != Some(b.state);
+        let fresh = last.state.replace(b.state) != Some(b.state);
         last.gone = None;
         count(
             "tower_ha_backend_requests_total",
