@@ -2688,19 +2688,25 @@ async fn a_large_upload_in_one_frame_read_slowly_is_no_silence() {
     let five = Duration::from_secs(5);
     let (backend, mut opened) = piped::<Full<Bytes>>(Some(five));
     const SIZE: usize = 1 << 20;
-    let reading = tokio::spawn(async move {
+    // Reads the upload of the next connection 64 KiB a second: the whole
+    // of it takes 16 s or so, and the pipe holds no more than 64 KiB of it
+    // at a time. Returns when it has read it all.
+    async fn read_slowly(
+        opened: &mut tokio::sync::mpsc::UnboundedReceiver<tokio::io::DuplexStream>,
+    ) -> (tokio::io::DuplexStream, tokio::time::Instant) {
         let mut conn = opened.recv().await.unwrap();
         let mut buf = vec![0; 64 * 1024];
         let mut body = 0;
-        // 64 KiB a second: the whole upload takes 16 s or so, and the
-        // pipe holds no more than 64 KiB of it at a time.
         while body < SIZE {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let n = conn.read(&mut buf).await.unwrap();
             assert!(n > 0, "the client closed the connection");
             body += buf[..n].iter().filter(|&&b| b == b'z').count();
         }
-        let read = tokio::time::Instant::now();
+        (conn, tokio::time::Instant::now())
+    }
+    let reading = tokio::spawn(async move {
+        let (mut conn, read) = read_slowly(&mut opened).await;
         conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
             .await
             .unwrap();
@@ -2719,17 +2725,7 @@ async fn a_large_upload_in_one_frame_read_slowly_is_no_silence() {
     // timeout after the last write, which freed room in the pipe a read
     // before the backend's last.
     let (backend, mut opened) = piped::<Full<Bytes>>(Some(five));
-    let reading = tokio::spawn(async move {
-        let mut conn = opened.recv().await.unwrap();
-        let mut buf = vec![0; 64 * 1024];
-        let mut body = 0;
-        while body < SIZE {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let n = conn.read(&mut buf).await.unwrap();
-            body += buf[..n].iter().filter(|&&b| b == b'z').count();
-        }
-        (conn, tokio::time::Instant::now())
-    });
+    let reading = tokio::spawn(async move { read_slowly(&mut opened).await });
     let upload = Request::post("/").body(Full::new(Bytes::from(vec![b'z'; SIZE])));
     let err = backend.oneshot(upload.unwrap()).await.unwrap_err();
     assert!(is_timed_out(&*err), "{err}");

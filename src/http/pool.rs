@@ -566,6 +566,18 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    /// Waits for the response head of a request sent on one of its
+    /// HTTP/1.1 connections (see [`timeout::head`]).
+    fn head<'a, F>(
+        &self,
+        response: F,
+        sent: &'a Sent,
+        written: &'a Written,
+        timer: &'a mut Timer,
+    ) -> timeout::Head<'a, F> {
+        timeout::head(response, self.read_timeout, sent, written, timer, true)
+    }
+
     /// Opens a new HTTP/1.1 connection, run by a task of its own; one
     /// `for_upgrade` hands its byte stream over after a `101`.
     async fn connect(
@@ -636,15 +648,7 @@ where
             let response = sender.try_send_request(req);
             // Dropped with its connection when it times out: the backend
             // may still answer, and the connection would be out of step.
-            let head = timeout::head(
-                response,
-                self.read_timeout,
-                &sent,
-                &written,
-                &mut timer,
-                true,
-            );
-            match head.await {
+            match self.head(response, &sent, &written, &mut timer).await {
                 Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     // Nothing asked for a switch here, and nothing could
                     // join the connections: the connection is dropped.
@@ -718,16 +722,7 @@ where
         handover.handed(true);
         let response = sender.try_send_request(req);
         let mut timer = None;
-        let mut resp = match timeout::head(
-            response,
-            self.read_timeout,
-            &sent,
-            &written,
-            &mut timer,
-            true,
-        )
-        .await
-        {
+        let mut resp = match self.head(response, &sent, &written, &mut timer).await {
             Ok(resp) => resp,
             Err(Failed::TimedOut(e)) => return Err(e),
             Err(Failed::Sent(mut e)) => {
