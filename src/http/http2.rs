@@ -21,19 +21,16 @@ use tokio::time::Instant;
 
 use super::body::ResponseBody;
 use super::pool::Open;
-use super::timeout::{self, Failed, Sent, Written};
+use super::timeout::{self, Failed, Sent};
 use crate::error::{find, BoxError, NotSent};
 
 /// How long a keep-alive PING may go unanswered before the connection is
 /// closed (hyper's default).
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A connection's sender, and when it last wrote to the backend.
-type Connection<B> = (SendRequest<B>, Arc<Written>);
-
 /// The outcome of one attempt to open the connection, shared by every
 /// request that waited for it.
-type Opened<B> = Option<Result<Connection<B>, ConnectFailed>>;
+type Opened<B> = Option<Result<SendRequest<B>, ConnectFailed>>;
 
 /// An upstream's HTTP/2 connection.
 pub(super) struct Http2<B> {
@@ -55,7 +52,6 @@ enum Conn<B> {
     Open {
         n: u64,
         sender: SendRequest<B>,
-        written: Arc<Written>,
         last_used: Instant,
     },
 }
@@ -84,18 +80,17 @@ where
 {
     /// The open connection (its number and its sender), or the attempt
     /// to open one to wait for, started now if there is none.
-    fn current(&self, open: &Open, target: &Uri) -> Result<(u64, Connection<B>), Waiting<B>> {
+    fn current(&self, open: &Open, target: &Uri) -> Result<(u64, SendRequest<B>), Waiting<B>> {
         let now = Instant::now();
         let mut state = self.state.lock();
         match &mut state.conn {
             Conn::Open {
                 n,
                 sender,
-                written,
                 last_used,
             } if !sender.is_closed() && now.duration_since(*last_used) < self.idle_timeout => {
                 *last_used = now;
-                return Ok((*n, (sender.clone(), written.clone())));
+                return Ok((*n, sender.clone()));
             }
             // Still opening: wait for it. (An attempt whose task is gone
             // without a word, having panicked, is replaced.)
@@ -124,10 +119,9 @@ where
                 let mut state = shared.lock();
                 if matches!(state.conn, Conn::Opening(m, _) if m == n) {
                     state.conn = match &opened {
-                        Ok((sender, written)) => Conn::Open {
+                        Ok(sender) => Conn::Open {
                             n,
                             sender: sender.clone(),
-                            written: written.clone(),
                             last_used: Instant::now(),
                         },
                         Err(_) => Conn::None,
@@ -144,9 +138,9 @@ where
         &self,
         open: &Open,
         target: &Uri,
-    ) -> Result<(u64, Connection<B>, bool), BoxError> {
+    ) -> Result<(u64, SendRequest<B>, bool), BoxError> {
         let Waiting(n, mut done) = match self.current(open, target) {
-            Ok((n, connection)) => return Ok((n, connection, false)),
+            Ok((n, sender)) => return Ok((n, sender, false)),
             Err(waiting) => waiting,
         };
         let opened = match done.wait_for(Option::is_some).await {
@@ -160,7 +154,7 @@ where
         // The attempt's task installed its outcome already (or died, and
         // the next request starts another).
         match opened {
-            Ok(connection) => Ok((n, connection, true)),
+            Ok(sender) => Ok((n, sender, true)),
             Err(failed) => Err(NotSent::new(failed).into()),
         }
     }
@@ -200,7 +194,7 @@ where
         handover: &super::Handover,
     ) -> Result<super::Received, BoxError> {
         loop {
-            let (n, (mut sender, written), fresh) = self.connection(open, target).await?;
+            let (n, mut sender, fresh) = self.connection(open, target).await?;
             if let Err(e) = sender.ready().await {
                 self.forget(n);
                 if fresh {
@@ -212,7 +206,7 @@ where
             let response = sender.try_send_request(req);
             // A timer of its own: the connection carries many requests.
             let mut timer = None;
-            match timeout::head(response, read_timeout, sent, &written, &mut timer, false).await {
+            match timeout::head(response, read_timeout, sent, None, &mut timer, false).await {
                 Ok(resp) => {
                     let present = super::hop_by_hop(resp.headers());
                     let resp = resp.map(|body| ResponseBody::new(body, None, read_timeout, timer));
@@ -260,14 +254,13 @@ async fn connect<B>(
     open: &Open,
     target: Uri,
     keep_alive: Option<Duration>,
-) -> Result<Connection<B>, BoxError>
+) -> Result<SendRequest<B>, BoxError>
 where
     B: http_body::Body + Send + 'static + Unpin,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
     let io = open(target).await?;
-    let written = io.written.clone();
     let mut builder = http2::Builder::new(TokioExecutor::new());
     // Each stream keeps hyper's 2 MiB window, but the connection's is
     // larger than every stream's together (hyper's 5 MiB is not): a few
@@ -285,7 +278,7 @@ where
         // Its end shows in the sender, which is then never used again.
         let _ = connection.await;
     });
-    Ok((sender, written))
+    Ok(sender)
 }
 
 /// A failure to open a connection, shared by the requests that waited for

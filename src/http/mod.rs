@@ -449,10 +449,11 @@ where
     /// Gives up on a backend that sends nothing for `timeout` while its
     /// response is awaited (default 60 s, as nginx's `proxy_read_timeout`;
     /// `None`, or zero, waits without limit): the response head, counted
-    /// from the end of the request (its body sent, and written to the
-    /// connection: a body in one large frame is written as fast as the
-    /// backend reads it; while the upload still moves, from its latest
-    /// frame taken or write, so an upload that stands still
+    /// from the end of the request (its body sent: over HTTP/1.1, written
+    /// to the connection, as fast as the backend reads it, which for a
+    /// body in one large frame comes well after hyper took it; while the
+    /// upload still moves, from its latest frame taken or write, so an
+    /// upload that stands still
     /// times out within two timeouts; over HTTP/1, an upload that stands
     /// still because the client sends nothing more fails as the client's,
     /// an [`InvalidRequest`] that `gateway_status` answers with `408
@@ -658,18 +659,21 @@ impl<B> fmt::Debug for HttpBackend<B> {
     }
 }
 
-/// `uri` (as written) with the user information of its authority, if
-/// any, shown as `***`.
+/// `uri` (as `Debug` shows it: quoted) with everything between its
+/// scheme, or its start, and its last `@` shown as `***`: a password may
+/// hold a `/`, `?` or `#`, and a URI without a scheme is an authority.
+/// An `@` in the path hides a little more than it needs to.
 fn without_user_info(uri: &str) -> String {
-    let Some(start) = uri.find("://").map(|i| i + 3) else {
+    let Some(at) = uri.rfind('@') else {
         return uri.to_owned();
     };
-    let rest = &uri[start..];
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) => format!("{}***{}", &uri[..start], &rest[at..]),
-        None => uri.to_owned(),
+    let start = uri
+        .find("://")
+        .map_or(usize::from(uri.starts_with('"')), |i| i + 3);
+    if start > at {
+        return uri.to_owned();
     }
+    format!("{}***{}", &uri[..start], &uri[at..])
 }
 
 impl<B> HttpBackend<B> {
@@ -1822,13 +1826,16 @@ mod tests {
             "ftp://user:secret@a/x",
             "http://user:secret@a b/",
             "http://user:secret@a/x?q=1",
+            "user:secret@a:1",
+            "http://user:se#cret@a",
+            "http://user:se/cret@a",
         ] {
             let err = HttpBackend::new(&client, uri).unwrap_err();
             let shown = format!("{err} {err:?}");
             assert!(!shown.contains("secret"), "{shown}");
             assert!(shown.contains("***@a"), "{shown}");
         }
-        assert_eq!(without_user_info("\"http://a/b@c\""), "\"http://a/b@c\"");
+        assert_eq!(without_user_info("\"http://a/b\""), "\"http://a/b\"");
         let b = HttpBackend::new(&client, "http://a:1/api/").unwrap();
         assert_eq!(b.prefix, "/api");
         // A port out of range, or not a number, is not taken for none.

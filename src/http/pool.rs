@@ -68,8 +68,9 @@ pub(super) struct Stream {
     write_closed: bool,
     /// Whether writes that find the backend gone fail as they are.
     keep_write_errors: bool,
-    /// When it last wrote to the backend.
-    pub(super) written: Arc<Written>,
+    /// When it last wrote to the backend, noted for an HTTP/1.1
+    /// connection, whose writes are its one request's.
+    written: Option<Arc<Written>>,
 }
 
 enum Transport {
@@ -83,7 +84,7 @@ impl Stream {
             io: Transport::Tcp(io),
             write_closed: false,
             keep_write_errors: false,
-            written: Written::new(),
+            written: None,
         }
     }
 
@@ -92,7 +93,7 @@ impl Stream {
             io: Transport::Other(io),
             write_closed: false,
             keep_write_errors: false,
-            written: Written::new(),
+            written: None,
         }
     }
 
@@ -106,7 +107,9 @@ impl Stream {
     ) -> Poll<io::Result<usize>> {
         match written {
             Poll::Ready(Ok(n)) if n > 0 => {
-                self.written.wrote();
+                if let Some(written) = &self.written {
+                    written.wrote();
+                }
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e))
@@ -575,7 +578,14 @@ where
         written: &'a Written,
         timer: &'a mut Timer,
     ) -> timeout::Head<'a, F> {
-        timeout::head(response, self.read_timeout, sent, written, timer, true)
+        timeout::head(
+            response,
+            self.read_timeout,
+            sent,
+            Some(written),
+            timer,
+            true,
+        )
     }
 
     /// Opens a new HTTP/1.1 connection, run by a task of its own; one
@@ -586,7 +596,8 @@ where
     ) -> Result<(SendRequest<Upload<B>>, Arc<Written>), BoxError> {
         let mut io = (self.open)(self.target.clone()).await?;
         io.keep_write_errors = for_upgrade;
-        let written = io.written.clone();
+        let written = Written::new();
+        io.written = Some(written.clone());
         let mut builder = http1::Builder::new();
         if let Some(lines) = self.max_response_headers {
             builder.max_headers(lines);

@@ -194,11 +194,13 @@ pin_project! {
     /// already there costs none), and is pushed back to a read timeout
     /// after the end of the request's body when that comes later, or
     /// after now while the body's upload still moves (a frame taken since
-    /// the last look), or after the connection's last write when that
-    /// comes later (hyper takes a body's frame whole, and writes it out as
-    /// the backend reads it; over HTTP/2, any stream's writes count, as the
-    /// backend reads the connection). An upload that stands still for the read timeout
-    /// because the backend reads none of it times out like a silent
+    /// the last look), or, over HTTP/1.1, after the connection's last
+    /// write once the upload has begun, when that comes later (hyper takes
+    /// a body's frame whole, and writes it out as the backend reads it;
+    /// over HTTP/2, where other streams and PINGs share the connection's
+    /// writes, an upload ends when hyper has taken it). An upload that
+    /// stands still for the read timeout because the backend reads none
+    /// of it times out like a silent
     /// backend; over HTTP/1, one that stands still because the request's
     /// body has no more to give (a client slow to send it) fails as the
     /// request's fault, an `InvalidRequest` (answered 408), which counts
@@ -215,7 +217,7 @@ pin_project! {
         frames: u64,
         read_timeout: Option<Duration>,
         sent: &'a Sent,
-        written: &'a Written,
+        written: Option<&'a Written>,
         // Whether an upload waiting on its client is the client's fault:
         // over HTTP/1 a request's body comes before its response; over
         // HTTP/2 a client may wait for the response to send more.
@@ -231,7 +233,7 @@ pub(super) fn head<'a, F>(
     response: F,
     read_timeout: Option<Duration>,
     sent: &'a Sent,
-    written: &'a Written,
+    written: Option<&'a Written>,
     timer: &'a mut Timer,
     client_paced: bool,
 ) -> Head<'a, F> {
@@ -271,18 +273,22 @@ where
         let mut since = start(this.timer, this.since, timeout);
         loop {
             ready!(passed(this.timer, since, timeout, cx));
-            // The connection wrote since the wait (re)started: the backend
-            // reads what hyper had taken of the request.
-            let wrote = this.written.last().filter(|&at| at > since);
+            // The connection wrote since the wait (re)started, after
+            // hyper took some of the upload: the backend reads it.
+            let written = *this.written;
+            let wrote = |sent: &Progress| {
+                let taken = sent.frames.load(Ordering::Relaxed) > 0;
+                written?.last().filter(|&at| taken && at > since)
+            };
             let resumed = match this.sent.as_deref() {
-                None => wrote,
+                None => None,
                 Some(sent) => match sent.ended.get() {
-                    Some(&at) => Some(at).filter(|&at| at > since).max(wrote),
+                    Some(&at) => Some(at).filter(|&at| at > since).max(wrote(sent)),
                     // Still sending, and the upload moved: the backend is
                     // reading, not silent.
                     None => {
                         let frames = sent.frames.load(Ordering::Relaxed);
-                        let moved = frames != *this.frames || wrote.is_some();
+                        let moved = frames != *this.frames || wrote(sent).is_some();
                         *this.frames = frames;
                         if !moved && *this.client_paced && sent.starved.load(Ordering::Relaxed) {
                             let e = InvalidRequest::client_too_slow(format!(
