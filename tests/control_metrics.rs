@@ -706,6 +706,19 @@ async fn counts_go_on_after_a_forgotten_layer_and_across_handles() {
     last.publish(&handle);
     assert_eq!(last.get(retries), Some(3.0), "its one retry added");
 
+    // The same layer gone for an hour and registered again: its count is
+    // not added twice.
+    assert!(handle.remove_layer("edge"));
+    last.publish(&handle);
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    last.publish(&handle);
+    handle.add_failover("edge", &again);
+    last.publish(&handle);
+    assert_eq!(last.get(retries), Some(3.0), "nothing new");
+    new_session(&edge(&again, &sticky, &pool), "s3b").await;
+    last.publish(&handle);
+    assert_eq!(last.get(retries), Some(4.0), "its one new retry added");
+
     // A new handle over the same group and layer: what the first one
     // published is not added again.
     let balance = Balance::new(pool.clone(), RoundRobin::new());
@@ -718,12 +731,12 @@ async fn counts_go_on_after_a_forgotten_layer_and_across_handles() {
     reloaded.add_group("web", &balance).unwrap();
     reloaded.add_failover("edge", &again);
     last.publish(&reloaded);
-    assert_eq!(last.get(retries), Some(3.0));
+    assert_eq!(last.get(retries), Some(4.0));
     assert_eq!(last.get(a_requests), Some(a_before));
     new_session(&edge(&again, &sticky, &pool), "s4").await;
     send(&balance, 2).await;
     last.publish(&reloaded);
-    assert_eq!(last.get(retries), Some(4.0));
+    assert_eq!(last.get(retries), Some(5.0));
     // One from the new session's first attempt, one of the two sent.
     assert_eq!(last.get(a_requests), Some(a_before + 2.0));
 }

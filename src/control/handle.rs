@@ -260,6 +260,24 @@ impl fmt::Debug for Handle {
     }
 }
 
+/// A [`Handle`] that its clones alone keep alive.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(super) struct WeakHandle {
+    inner: std::sync::Weak<Inner>,
+    clones: std::sync::Weak<()>,
+}
+
+impl WeakHandle {
+    /// The handle, while a clone of it is alive.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(super) fn upgrade(&self) -> Option<Handle> {
+        Some(Handle {
+            clones: self.clones.upgrade()?,
+            inner: self.inner.upgrade()?,
+        })
+    }
+}
+
 /// Every distinct state of backend `id` across the groups `inner` holds.
 fn live_states(inner: &Inner, id: &BackendId) -> Vec<Arc<BackendState>> {
     held_states(inner, id, |pool, id| pool.state(id))
@@ -346,27 +364,6 @@ impl Handle {
             clones: Arc::downgrade(&self.clones),
         }
     }
-}
-
-/// A [`Handle`] that its clones alone keep alive.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(super) struct WeakHandle {
-    inner: std::sync::Weak<Inner>,
-    clones: std::sync::Weak<()>,
-}
-
-impl WeakHandle {
-    /// The handle, while a clone of it is alive.
-    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    pub(super) fn upgrade(&self) -> Option<Handle> {
-        Some(Handle {
-            clones: self.clones.upgrade()?,
-            inner: self.inner.upgrade()?,
-        })
-    }
-}
-
-impl Handle {
     /// The event stream every action emits into.
     pub fn events(&self) -> &Events {
         &self.inner.events

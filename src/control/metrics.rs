@@ -69,12 +69,13 @@ impl Handle {
     /// What was last published of a backend, group or layer gone for an
     /// hour is forgotten, so that backends coming and going under new ids
     /// (a DNS name over changing addresses) use no more memory over time.
-    /// One that comes back after that, made since this handle first
-    /// published (a backend added again, a new layer), adds its counts as
-    /// a new one does. A backend, group or layer made before that (one
-    /// a handle of a configuration since reloaded published too) sets
-    /// its counters to its counts with `Counter::absolute`, which
-    /// recorders take as "at least": nothing is counted twice.
+    /// One that comes back after that as a new state or layer, made since
+    /// this handle first published and after everything it forgot (a
+    /// backend added again), adds its counts as a new one does. Any other
+    /// (the same layer registered again, or one a handle of a
+    /// configuration since reloaded published too) sets its counters to
+    /// its counts with `Counter::absolute`, which recorders take as "at
+    /// least": nothing is counted twice.
     ///
     /// Call it periodically, or run [`spawn_metrics`](Handle::spawn_metrics).
     pub fn publish_metrics(&self) {
@@ -83,15 +84,18 @@ impl Handle {
             backends,
             failovers,
             layers,
-            made_since,
+            unseen,
         } = &mut *published;
-        let made_since = *made_since.get_or_insert_with(Serial::next);
+        let unseen = unseen.get_or_insert_with(|| Unseen {
+            made_since: Serial::next(),
+            forgotten: None,
+        });
         let mut seen = HashSet::new();
         let stats = self.stats();
         let now = Instant::now();
         for group in &stats {
-            publish(group, backends, &mut seen, made_since);
-            publish_failovers(group, failovers, now, made_since);
+            publish(group, backends, &mut seen, *unseen);
+            publish_failovers(group, failovers, now, *unseen);
         }
         // A group no longer registered: its gauges go to zero, once.
         let registered: HashSet<&str> = stats.iter().map(|g| &*g.name).collect();
@@ -123,10 +127,18 @@ impl Handle {
         }
         let kept =
             |gone: Option<Instant>| gone.is_none_or(|at| !elapsed(at, now, FORGET_GONE_AFTER));
-        publish_layers(self, layers, now, made_since);
-        failovers.retain(|_, last| kept(last.gone));
-        backends.retain(|_, last| kept(last.gone));
-        layers.retain(|_, last| kept(last.gone));
+        publish_layers(self, layers, now, *unseen);
+        // What is forgotten may come back: its counts may be published.
+        let mut forget = |gone: Option<Instant>, serial: Option<Serial>| {
+            let kept = kept(gone);
+            if !kept {
+                unseen.forgotten = unseen.forgotten.max(serial);
+            }
+            kept
+        };
+        failovers.retain(|_, last| forget(last.gone, last.priority));
+        backends.retain(|_, last| forget(last.gone, last.state));
+        layers.retain(|_, last| forget(last.gone, Some(last.source)));
     }
 
     /// Publishes the metrics (feature `metrics`) every `interval` (at least
@@ -171,13 +183,30 @@ pub(super) struct Published {
     failovers: HashMap<String, LastFailovers>,
     /// By kind (`"failover"` or `"sticky"`) and name.
     layers: HashMap<(&'static str, Arc<str>), LastLayer>,
-    /// The serial of the first backend state, group state or layer made
-    /// since the first publication. The first publication of one made
-    /// before (which another handle may have published: a configuration
-    /// reloaded) sets its counters to its counts; one made since (a
-    /// backend back after it was forgotten) adds its counts, which no
-    /// other handle can have published.
-    made_since: Option<Serial>,
+    /// Which backend states, group states and layers no recorder can
+    /// have counts of yet; set at the first publication.
+    unseen: Option<Unseen>,
+}
+
+/// The backend states, group states and layers whose counts no recorder
+/// can hold yet: those made since this handle first published, after
+/// every one it has forgotten. The first publication of any other (which
+/// another handle may have published: a configuration reloaded; or one
+/// that comes back after it was forgotten) sets its counters to its counts,
+/// which a recorder takes as "at least"; one of these adds its counts (a
+/// backend added again after an hour away, whose new counts are below the
+/// old ones).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unseen {
+    made_since: Serial,
+    /// The largest serial forgotten.
+    forgotten: Option<Serial>,
+}
+
+impl Unseen {
+    fn holds(self, serial: Serial) -> bool {
+        serial >= self.made_since && self.forgotten.is_none_or(|f| serial > f)
+    }
 }
 
 /// The counts last published for one registered layer, and of which.
@@ -229,7 +258,7 @@ fn publish_layers(
     handle: &Handle,
     published: &mut HashMap<(&'static str, Arc<str>), LastLayer>,
     now: Instant,
-    made_since: Serial,
+    unseen: Unseen,
 ) {
     let (failover, sticky) = handle.layer_sources();
     let mut seen = HashSet::new();
@@ -240,7 +269,7 @@ fn publish_layers(
             source,
             &failover_counts(&stats),
             published,
-            made_since,
+            unseen,
         );
         seen.insert(("failover", name));
     }
@@ -251,7 +280,7 @@ fn publish_layers(
             source,
             &sticky_counts(&stats),
             published,
-            made_since,
+            unseen,
         );
         let labels = [("layer", name.to_string())];
         metrics::gauge!("tower_ha_sticky_sessions", &labels).set(stats.sessions as f64);
@@ -275,7 +304,7 @@ fn publish_layer(
     source: Serial,
     counts: &[(&'static str, u64)],
     published: &mut HashMap<(&'static str, Arc<str>), LastLayer>,
-    made_since: Serial,
+    unseen: Unseen,
 ) {
     let labels = [("layer", name.to_string())];
     let (first, fresh, last) = match published.entry((kind, name.clone())) {
@@ -291,7 +320,7 @@ fn publish_layer(
                 counts: vec![0; counts.len()],
                 gone: None,
             });
-            (source < made_since, false, last)
+            (!unseen.holds(source), false, last)
         }
     };
     last.gone = None;
@@ -373,13 +402,13 @@ fn publish(
     group: &GroupStats,
     published: &mut HashMap<(String, BackendId), Last>,
     seen: &mut HashSet<(String, BackendId)>,
-    made_since: Serial,
+    unseen: Unseen,
 ) {
     let name = group.name.to_string();
     for b in &group.backends {
         let labels = [("group", name.clone()), ("backend", b.id.to_string())];
         let key = (name.clone(), b.id.clone());
-        let first = !published.contains_key(&key) && b.state < made_since;
+        let first = !published.contains_key(&key) && !unseen.holds(b.state);
         let last = published.entry(key.clone()).or_default();
         let fresh = last.state.replace(b.state) != Some(b.state);
         last.gone = None;
@@ -439,7 +468,7 @@ fn publish_failovers(
     group: &GroupStats,
     published: &mut HashMap<String, LastFailovers>,
     now: Instant,
-    made_since: Serial,
+    unseen: Unseen,
 ) {
     let labels = [("group", group.name.to_string())];
     let (last, first) = match published.entry(group.name.to_string()) {
@@ -451,7 +480,7 @@ fn publish_failovers(
                 last_at: None,
                 gone: None,
             }),
-            group.priority.is_none_or(|p| p < made_since),
+            group.priority.is_none_or(|p| !unseen.holds(p)),
         ),
     };
     last.gone = None;
