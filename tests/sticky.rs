@@ -185,14 +185,13 @@ where
     svc.clone().oneshot(req).await
 }
 
-/// A request of the learned session `value` whose response deletes its
-/// cookie (a logout).
-fn logout_of(value: &str) -> Request<()> {
-    Request::builder()
-        .header(COOKIE, format!("JSESSIONID={value}"))
-        .header("x-logout", "1")
-        .body(())
-        .unwrap()
+/// A request with `cookie` (a `name=value` pair) whose response deletes
+/// the learned session cookie (a logout).
+fn logout_of(cookie: &str) -> Request<()> {
+    let mut req = with_cookie(cookie);
+    req.headers_mut()
+        .insert("x-logout", HeaderValue::from_static("1"));
+    req
 }
 
 /// Logs in through `svc`: the `JSESSIONID=...` pair the backend set, and
@@ -711,11 +710,7 @@ async fn made_up_learned_values_do_not_evict_confirmed_sessions() {
     let svc = stack(&c.pool, layer.clone());
     let mut confirmed = Vec::new();
     for _ in 0..16 {
-        let login = Request::builder().header("x-login", "1").body(()).unwrap();
-        let login = send(&svc, login).await.unwrap();
-        let set = login.headers()[SET_COOKIE].to_str().unwrap();
-        let value = set.split(';').next().unwrap().to_owned();
-        confirmed.push((value, login.into_body()));
+        confirmed.push(log_in(&svc).await);
     }
     for i in 0..1000 {
         send(&svc, with_cookie(&format!("JSESSIONID=junk-{i}")))
@@ -783,12 +778,7 @@ async fn learned_cookie_follows_set_cookie_and_ends_with_it() {
     for _ in 0..6 {
         assert_eq!(send(&svc, with_cookie(&value)).await.unwrap().body(), &home);
     }
-    let logout = Request::builder()
-        .header(COOKIE, &value)
-        .header("x-logout", "1")
-        .body(())
-        .unwrap();
-    assert_eq!(send(&svc, logout).await.unwrap().body(), &home);
+    assert_eq!(send(&svc, logout_of(&value)).await.unwrap().body(), &home);
     assert_eq!(
         layer.stats().sessions,
         0,
@@ -855,12 +845,9 @@ async fn events_name_a_learned_session_by_a_digest_of_its_cookie() {
         .events(events.clone())
         .on_move(moves.hook());
     let svc = stack(&c.pool, layer);
-    let login = Request::builder().header("x-login", "1").body(()).unwrap();
-    let login = send(&svc, login).await.unwrap();
-    let set = login.headers()[SET_COOKIE].to_str().unwrap();
-    let cookie = set.split(';').next().unwrap().to_owned();
+    let (cookie, home) = log_in(&svc).await;
     let value = cookie.strip_prefix("JSESSIONID=").unwrap().to_owned();
-    c.set_health(login.body(), HealthStatus::Unhealthy);
+    c.set_health(&home, HealthStatus::Unhealthy);
     send(&svc, with_cookie(&cookie)).await.unwrap();
     let shown = moved_sessions(&events);
     assert_eq!(shown.len(), 1);
@@ -896,12 +883,7 @@ async fn a_logout_ends_the_record_of_a_session_evicted_meanwhile() {
     assert!(store.load(&key).await.unwrap().is_some());
     // A slow logout; while it is at its backend another login fills the
     // table and evicts the session.
-    let logout = Request::builder()
-        .header(COOKIE, &value)
-        .header("x-logout", "1")
-        .header("x-delay-ms", "1000")
-        .body(())
-        .unwrap();
+    let logout = delayed(logout_of(&value), 1000);
     let logout = tokio::spawn(send_owned(svc.clone(), logout));
     tokio::time::sleep(Duration::from_millis(10)).await;
     send(&svc, login()).await.unwrap();
@@ -2547,12 +2529,7 @@ async fn a_learned_cookie_deleted_after_a_failed_load_keeps_its_record() {
     let (layer, svc) = instance(&c, SessionKey::learn_cookie("JSESSIONID"), store.clone());
     // The load fails; the backend that gets the request does not know
     // the session and clears the cookie.
-    let logout = Request::builder()
-        .header(COOKIE, "JSESSIONID=k")
-        .header("x-logout", "1")
-        .body(())
-        .unwrap();
-    send(&svc, logout).await.unwrap();
+    send(&svc, logout_of("JSESSIONID=k")).await.unwrap();
     assert_eq!(layer.stats().sessions, 0, "the binding is dropped");
     let kept = shared.load("k").await.unwrap().expect("the record is kept");
     assert_eq!(kept.backend.as_str(), "a");
@@ -2560,12 +2537,10 @@ async fn a_learned_cookie_deleted_after_a_failed_load_keeps_its_record() {
 
     // A session the layer read is ended by the same answer.
     store.down.store(false, Ordering::SeqCst);
-    let logout = Request::builder()
-        .header(COOKIE, "JSESSIONID=k")
-        .header("x-logout", "1")
-        .body(())
-        .unwrap();
-    assert_eq!(send(&svc, logout).await.unwrap().body(), "a");
+    assert_eq!(
+        send(&svc, logout_of("JSESSIONID=k")).await.unwrap().body(),
+        "a"
+    );
     assert!(shared.load("k").await.unwrap().is_none());
 }
 
@@ -3661,7 +3636,7 @@ async fn a_logout_while_the_restore_runs_ends_the_session() {
     let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"))
         .availability(Availability::Standalone);
     let (store, layer, restore, gate, svc) = restore_held_by(&c, &["sess1", "sess2"], layer).await;
-    let logout = logout_of("sess1");
+    let logout = logout_of("JSESSIONID=sess1");
     assert_eq!(send(&svc, logout).await.unwrap().body(), "c");
     assert!(store.load("sess1").await.unwrap().is_none());
     gate.add_permits(2);
@@ -3679,7 +3654,7 @@ async fn a_logout_answered_after_the_restore_took_its_record_ends_the_session() 
     let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID"))
         .availability(Availability::Standalone);
     let (store, layer, restore, gate, svc) = restore_held_by(&c, &["sess1"], layer).await;
-    let logout = delayed(logout_of("sess1"), 1000);
+    let logout = delayed(logout_of("JSESSIONID=sess1"), 1000);
     let logout = tokio::spawn(send_owned(svc.clone(), logout));
     tokio::time::advance(Duration::from_millis(10)).await;
     gate.add_permits(1);
@@ -3709,7 +3684,7 @@ async fn a_logout_while_the_restore_lists_the_store_ends_the_session() {
         async move { layer.restore().await }
     });
     store.listed.acquire().await.unwrap().forget();
-    let logout = logout_of("sess1");
+    let logout = logout_of("JSESSIONID=sess1");
     assert_eq!(send(&svc, logout).await.unwrap().body(), "c");
     store.go.add_permits(1);
     assert_eq!(restore.await.unwrap().unwrap().restored, ["sess2"]);
