@@ -418,9 +418,32 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
     }
 }
 
+/// `uri` with everything between its scheme (or, without one, position
+/// `from`) and its last `@`, if any, shown as `***`, so that no password
+/// is shown in an error or a log, one holding `/`, `?` or `#` included.
+#[cfg_attr(
+    not(any(feature = "hyper-client", feature = "webhook")),
+    allow(dead_code)
+)]
+pub(crate) fn hide_user_info(uri: &str, from: usize) -> String {
+    let start = uri.find("://").map_or(from, |i| i + 3);
+    match uri[start..].rfind('@') {
+        Some(at) => format!("{}***{}", &uri[..start], &uri[start + at..]),
+        None => uri.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_info_is_hidden_and_nothing_else() {
+        assert_eq!(hide_user_info("\"http://a/b\"", 1), "\"http://a/b\"");
+        assert_eq!(hide_user_info("http://u:p@a/b", 0), "http://***@a/b");
+        assert_eq!(hide_user_info("\"u:p@a:1\"", 1), "\"***@a:1\"");
+        assert_eq!(hide_user_info("http://u:p/q?r#s@a", 0), "http://***@a");
+    }
     use http::StatusCode;
 
     #[test]

@@ -659,23 +659,6 @@ impl<B> fmt::Debug for HttpBackend<B> {
     }
 }
 
-/// `uri` (as `Debug` shows it: quoted) with everything between its
-/// scheme, or its start, and its last `@` shown as `***`: a password may
-/// hold a `/`, `?` or `#`, and a URI without a scheme is an authority.
-/// An `@` in the path hides a little more than it needs to.
-fn without_user_info(uri: &str) -> String {
-    let Some(at) = uri.rfind('@') else {
-        return uri.to_owned();
-    };
-    let start = uri
-        .find("://")
-        .map_or(usize::from(uri.starts_with('"')), |i| i + 3);
-    if start > at {
-        return uri.to_owned();
-    }
-    format!("{}***{}", &uri[..start], &uri[at..])
-}
-
 impl<B> HttpBackend<B> {
     /// A backend at `base` (`http://host:port` with an optional path
     /// prefix), sharing `client`'s connection pool. `https://` needs a
@@ -692,7 +675,11 @@ impl<B> HttpBackend<B> {
     {
         // Shown without credentials, which would end up in logs.
         let invalid = |reason| InvalidBackendUri {
-            uri: without_user_info(&format!("{base:?}")),
+            uri: {
+                // Quoted: a URI without a scheme starts after the quote.
+                let shown = format!("{base:?}");
+                crate::error::hide_user_info(&shown, usize::from(shown.starts_with('"')))
+            },
             reason,
         };
         let uri: Uri = base.clone().try_into().map_err(|_| invalid("not a URI"))?;
@@ -1835,7 +1822,6 @@ mod tests {
             assert!(!shown.contains("secret"), "{shown}");
             assert!(shown.contains("***@a"), "{shown}");
         }
-        assert_eq!(without_user_info("\"http://a/b\""), "\"http://a/b\"");
         let b = HttpBackend::new(&client, "http://a:1/api/").unwrap();
         assert_eq!(b.prefix, "/api");
         // A port out of range, or not a number, is not taken for none.

@@ -693,18 +693,13 @@ fn hidden_query(query: &str) -> &'static str {
     }
 }
 
-/// `url` with everything between its scheme and its last `@`, if any,
-/// replaced by `***`, so that no password is shown (one holding `/`, `?` or
-/// `#` included), and its query by `?…` (it may hold a key).
+/// `url` without its user information (see `hide_user_info`), and its
+/// query shown as `?…` (it may hold a key).
 fn redact(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let (head, rest) = match url[start..].rfind('@') {
-        Some(at) => (format!("{}***", &url[..start]), &url[start + at..]),
-        None => (url[..start].to_owned(), &url[start..]),
-    };
-    match rest.split_once('?') {
-        Some((before, _)) => format!("{head}{before}{HIDDEN_QUERY}"),
-        None => format!("{head}{rest}"),
+    let shown = crate::error::hide_user_info(url, 0);
+    match shown.split_once('?') {
+        Some((before, _)) => format!("{before}{HIDDEN_QUERY}"),
+        None => shown,
     }
 }
 
