@@ -42,7 +42,7 @@ mod strategy;
 mod weighted_round_robin;
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rand::distr::uniform::SampleUniform;
@@ -69,58 +69,40 @@ thread_local! {
 /// before it: the balancers built from one strategy do not all begin with
 /// the same backend, also when the layer that builds them was cloned first
 /// (a clone no balancer takes up, such as a layer's, draws nothing).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Turns {
-    /// Turns taken by this one.
-    taken: AtomicUsize,
-    /// Where its turns start; [`UNDRAWN`] until then (counted from 0).
-    start: AtomicUsize,
+    /// The next turn: its start, once drawn, plus the turns taken.
+    next: AtomicUsize,
+    /// Whether its start was drawn.
+    drawn: AtomicBool,
     /// Starts drawn in the family.
     family: Arc<AtomicUsize>,
-}
-
-/// The start of turns not drawn yet.
-const UNDRAWN: usize = usize::MAX;
-
-impl Default for Turns {
-    fn default() -> Self {
-        Turns {
-            taken: AtomicUsize::new(0),
-            start: AtomicUsize::new(UNDRAWN),
-            family: Arc::default(),
-        }
-    }
 }
 
 impl Turns {
     /// Draws this one's start, unless it has one: call it where a
     /// balancer builds its table.
     pub(crate) fn draw(&self) {
-        if self.start.load(Ordering::Relaxed) == UNDRAWN {
-            let start = self.family.fetch_add(1, Ordering::Relaxed) % UNDRAWN;
-            // Of two first builds at once, one draw stands.
-            let _ =
-                self.start
-                    .compare_exchange(UNDRAWN, start, Ordering::Relaxed, Ordering::Relaxed);
+        // Of two first builds at once, one draws.
+        if !self.drawn.load(Ordering::Relaxed) && !self.drawn.swap(true, Ordering::Relaxed) {
+            let start = self.family.fetch_add(1, Ordering::Relaxed);
+            self.next.fetch_add(start, Ordering::Relaxed);
         }
     }
 
     /// This turn; the next call gets the following one.
     #[inline]
     pub(crate) fn take(&self) -> usize {
-        let start = match self.start.load(Ordering::Relaxed) {
-            UNDRAWN => 0,
-            start => start,
-        };
-        start.wrapping_add(self.taken.fetch_add(1, Ordering::Relaxed))
+        self.next.fetch_add(1, Ordering::Relaxed)
     }
 }
 
 impl Clone for Turns {
     fn clone(&self) -> Self {
         Turns {
+            next: AtomicUsize::new(0),
+            drawn: AtomicBool::new(false),
             family: self.family.clone(),
-            ..Turns::default()
         }
     }
 }
