@@ -569,28 +569,30 @@ impl Shared {
             Found::Hit(hit, cookie) => self.pin(req, hit, cookie),
             Found::Miss(key, cookie, unread) => {
                 bump(&self.counters.misses, 1);
-                match (&self.config.store, self.unrestored(&key)) {
-                    (None, _) => self.after_load(req, key, cookie, unread, Stored::Absent),
-                    // Standalone: a record a restore has yet to take, or
-                    // whose restore failed, is not this instance's to read
-                    // until a `restore` takes it.
-                    (Some(_), Some(record)) => {
-                        self.after_load(req, key, cookie, unread, Stored::Unrestored(record))
-                    }
-                    // Whatever the mode, a session the table does not know
-                    // (never seen, idle, evicted, or kept in memory while
-                    // the store could not be read) is read from the store
-                    // before it is routed, so that its record is followed
-                    // and never written over unread.
-                    (Some(store), None) => {
-                        let load = self.load(store.clone(), key.clone());
-                        return Start::Load {
-                            key,
-                            cookie,
-                            unread,
-                            load,
-                        };
-                    }
+                match &self.config.store {
+                    None => self.after_load(req, key, cookie, unread, Stored::Absent),
+                    Some(store) => match self.unrestored(&key) {
+                        // Standalone: a record a restore has yet to take,
+                        // or whose restore failed, is not this instance's
+                        // to read until a `restore` takes it.
+                        Some(record) => {
+                            self.after_load(req, key, cookie, unread, Stored::Unrestored(record))
+                        }
+                        // Whatever the mode, a session the table does not
+                        // know (never seen, idle, evicted, or kept in
+                        // memory while the store could not be read) is read
+                        // from the store before it is routed, so that its
+                        // record is followed and never written over unread.
+                        None => {
+                            let load = self.load(store.clone(), key.clone());
+                            return Start::Load {
+                                key,
+                                cookie,
+                                unread,
+                                load,
+                            };
+                        }
+                    },
                 }
             }
         };
