@@ -210,8 +210,12 @@ impl RequestKey for Cookie {
 /// Finds the non-empty value of cookie `name` in the request's `Cookie`
 /// headers, without allocating. Malformed pairs are skipped; surrounding
 /// double quotes are removed. (It prepares a search for `name` on each
-/// call; [`cookie`] prepares its own once.)
+/// call; [`cookie`] prepares its own once.) A name no `Cookie` header
+/// could hold (empty, with `=` or `;`, say) has no value.
 pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+    if !is_matchable(name) {
+        return None;
+    }
     CookieName::new(name).find_in(&headers.get_all(COOKIE))
 }
 
@@ -222,7 +226,6 @@ pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> 
 pub(crate) struct CookieName {
     name: Arc<str>,
     finder: Arc<memchr::memmem::Finder<'static>>,
-    matchable: bool,
 }
 
 impl fmt::Debug for CookieName {
@@ -232,10 +235,11 @@ impl fmt::Debug for CookieName {
 }
 
 impl CookieName {
+    /// A name that a `Cookie` header can hold (see [`checked`](Self::checked)).
     pub(crate) fn new(name: &str) -> Self {
+        debug_assert!(is_matchable(name), "invalid cookie name {name:?}");
         CookieName {
             finder: Arc::new(memchr::memmem::Finder::new(name.as_bytes()).into_owned()),
-            matchable: is_matchable(name),
             name: name.into(),
         }
     }
@@ -269,9 +273,6 @@ impl CookieName {
     /// The cookie's first non-empty value in one `Cookie` header.
     #[inline]
     pub(crate) fn first_in_header<'h>(&self, header: &'h [u8]) -> Option<&'h [u8]> {
-        if !self.matchable {
-            return None;
-        }
         self.next_in_header(header, &mut 0)
     }
 
@@ -281,13 +282,10 @@ impl CookieName {
         &'a self,
         values: &GetAll<'h, HeaderValue>,
     ) -> impl Iterator<Item = &'h [u8]> + 'a {
-        values
-            .iter()
-            .filter(|_| self.matchable)
-            .flat_map(move |value| {
-                let (header, mut from) = (value.as_bytes(), 0);
-                std::iter::from_fn(move || self.next_in_header(header, &mut from))
-            })
+        values.iter().flat_map(move |value| {
+            let (header, mut from) = (value.as_bytes(), 0);
+            std::iter::from_fn(move || self.next_in_header(header, &mut from))
+        })
     }
 
     /// The cookie's next non-empty value in `header` at or after `from`,
