@@ -121,10 +121,8 @@ struct Inner {
     /// `scheme://authority`, no trailing slash.
     origin: String,
     /// The URL's path as given (`/` when it has none): what `load_all`
-    /// and `delete` ask for.
+    /// and `delete` ask for; `{id}` follows it without its trailing slash.
     collection: String,
-    /// The URL's path without its trailing slash, which `{id}` follows.
-    path: String,
     /// The URL's query, with its `?`, or empty.
     query: String,
     auth: Auth,
@@ -302,7 +300,6 @@ impl WebhookStoreBuilder {
             "" => "/".to_owned(),
             path => path.to_owned(),
         };
-        let path = collection.trim_end_matches('/').to_owned();
         let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         // With a timer the pool closes connections idle for a minute
         // (without one it only skips them when it next picks a connection,
@@ -315,7 +312,6 @@ impl WebhookStoreBuilder {
             inner: Arc::new(Inner {
                 origin: format!("http://{authority}"),
                 collection,
-                path,
                 query,
                 auth: self.auth,
                 timeout: self.timeout,
@@ -446,8 +442,9 @@ impl Inner {
             ))
             .with_message(format!("the webhook cannot hold session key {key:?}")));
         }
-        let mut path = String::with_capacity(self.path.len() + 1 + key.len());
-        path.push_str(&self.path);
+        let base = self.collection.trim_end_matches('/');
+        let mut path = String::with_capacity(base.len() + 1 + key.len());
+        path.push_str(base);
         path.push('/');
         for &b in key.as_bytes() {
             // RFC 3986's unreserved characters go as they are: some
