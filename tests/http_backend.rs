@@ -3059,24 +3059,12 @@ async fn a_keep_alive_counts_from_the_response_not_its_last_read() {
 /// backend's; `max_response_headers` takes it.
 #[tokio::test]
 async fn max_response_headers_takes_a_response_with_many_header_lines() {
-    let (addr, _) = accept_counting(|mut stream, _| async move {
-        let mut buf = [0u8; 4096];
-        let mut head = Vec::new();
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-        let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
-        for n in 0..150 {
-            answer.push_str(&format!("set-cookie: c{n}=v\r\n"));
-        }
-        answer.push_str("\r\nok");
-        let _ = stream.write_all(answer.as_bytes()).await;
-        let _ = stream.flush().await;
-    })
-    .await;
+    let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+    for n in 0..150 {
+        answer.push_str(&format!("set-cookie: c{n}=v\r\n"));
+    }
+    answer.push_str("\r\nok");
+    let addr = serve_once(answer.leak()).await;
     let get = |client: HttpClient<Full<Bytes>>| {
         let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
         backend.oneshot(Request::get("/").body(Full::default()).unwrap())
