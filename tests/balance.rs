@@ -437,11 +437,22 @@ fn round_robin_continues_after_the_last_attempt() {
 
 #[test]
 fn a_layers_balancers_start_their_turns_at_successive_backends() {
-    fn first_picks<P: Strategy + Clone>(pool: &Pool<Svc>, strategy: P) -> Vec<String> {
+    /// The first pick of each of `n` balancers the layer (or, with
+    /// `cloned`, a clone of it each time) builds.
+    fn first_picks<P: Strategy + Clone>(
+        pool: &Pool<Svc>,
+        strategy: P,
+        n: usize,
+        cloned: bool,
+    ) -> Vec<String> {
         let layer = BalanceLayer::new(strategy);
-        (0..6)
+        (0..n)
             .map(|_| {
-                let balance = layer.layer(pool.clone());
+                let balance = if cloned {
+                    layer.clone().layer(pool.clone())
+                } else {
+                    layer.layer(pool.clone())
+                };
                 attempt(&balance, None, &Attempts::new())
                     .unwrap()
                     .to_string()
@@ -450,28 +461,23 @@ fn a_layers_balancers_start_their_turns_at_successive_backends() {
     }
     let pool = pool_of(3);
     let spread = ["b0", "b1", "b2", "b0", "b1", "b2"];
-    assert_eq!(first_picks(&pool, RoundRobin::new()), spread);
-    assert_eq!(first_picks(&pool, WeightedRoundRobin::new()), spread);
+    assert_eq!(first_picks(&pool, RoundRobin::new(), 6, false), spread);
+    assert_eq!(
+        first_picks(&pool, WeightedRoundRobin::new(), 6, false),
+        spread
+    );
     // So do those of clones of a layer (a router cloning its layers), with
     // an even number of backends too.
-    fn cloned_layers<P: Strategy + Clone>(pool: &Pool<Svc>, strategy: P) -> Vec<String> {
-        let layer = BalanceLayer::new(strategy);
-        (0..4)
-            .map(|_| {
-                let balance = layer.clone().layer(pool.clone());
-                attempt(&balance, None, &Attempts::new())
-                    .unwrap()
-                    .to_string()
-            })
-            .collect()
-    }
     let two = pool_of(2);
     for (pool, spread) in [
         (&pool, &["b0", "b1", "b2", "b0"][..]),
         (&two, &["b0", "b1", "b0", "b1"][..]),
     ] {
-        assert_eq!(cloned_layers(pool, RoundRobin::new()), spread);
-        assert_eq!(cloned_layers(pool, WeightedRoundRobin::new()), spread);
+        assert_eq!(first_picks(pool, RoundRobin::new(), 4, true), spread);
+        assert_eq!(
+            first_picks(pool, WeightedRoundRobin::new(), 4, true),
+            spread
+        );
     }
     // Each takes its turns in order from there.
     let layer = BalanceLayer::new(RoundRobin::new());
