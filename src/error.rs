@@ -9,6 +9,7 @@ use std::error::Error as StdError;
 use std::fmt;
 
 use crate::backend::BackendId;
+use crate::failover::TimedOut;
 
 /// The boxed error type of tower middleware.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -254,12 +255,15 @@ impl InvalidRequest {
 }
 
 /// Whether `err` says its request never reached the backend: a [`NotSent`]
-/// anywhere in its chain of sources, or an I/O error of kind
+/// or a [`TimedOut`] that [says so](TimedOut::is_not_sent) anywhere in its
+/// chain of sources, or an I/O error of kind
 /// `ConnectionRefused` anywhere in it (how hyper-util's client and
 /// `TcpStream::connect` report a refused connection).
 pub(crate) fn never_sent(err: &(dyn StdError + 'static)) -> bool {
     chain(err).any(|e| {
         e.is::<NotSent>()
+            || e.downcast_ref::<TimedOut>()
+                .is_some_and(TimedOut::is_not_sent)
             || e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
     })

@@ -494,7 +494,24 @@ async fn a_post_timed_out_before_it_was_sent_is_retried() {
     ));
     let tried = exhausted(&err).attempts();
     assert_eq!(tried.len(), 1);
-    assert!(find::<TimedOut>(&*tried[0].1).is_some());
+    assert!(!find::<TimedOut>(&*tried[0].1).unwrap().is_not_sent());
+
+    // Never ready, with nowhere else to go: the attempt says it was not
+    // sent.
+    let (pool, mut handles) = mock_fleet(&["a"]);
+    handles[0].allow(0);
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().per_try_timeout(Duration::from_millis(100)))
+        .service(Balance::new(pool, RoundRobin::new()));
+    let post = Request::post("/").body(()).unwrap();
+    let err = service.oneshot(post).await.unwrap_err();
+    let tried = exhausted(&err).attempts();
+    assert_eq!(tried.len(), 1);
+    assert!(find::<TimedOut>(&*tried[0].1).unwrap().is_not_sent());
+    assert!(
+        err.to_string().contains("before the request was sent"),
+        "{err}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -108,9 +108,39 @@ fn backend(
     })
 }
 
+/// `S`, whose `poll_ready` stays pending while `stall` is set (it wakes no
+/// one: a timer must).
+#[derive(Clone)]
+struct Stalling<S> {
+    inner: S,
+    stall: Arc<AtomicBool>,
+}
+
+impl<S: Service<Request<()>>> Service<Request<()>> for Stalling<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        if self.stall.load(Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        self.inner.call(req)
+    }
+}
+
 struct Cluster<S> {
     pool: Pool<S>,
     fail: HashMap<&'static str, Arc<AtomicBool>>,
+    /// Set: the backend does not become ready.
+    stall: HashMap<&'static str, Arc<AtomicBool>>,
 }
 
 fn cluster() -> Cluster<
@@ -122,12 +152,22 @@ fn cluster() -> Cluster<
 > {
     let pool = Pool::new();
     let mut fail = HashMap::new();
+    let mut stall = HashMap::new();
     for name in NAMES {
         let flag = Arc::new(AtomicBool::new(false));
-        pool.insert(name, backend(name, flag.clone()));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let inner = backend(name, flag.clone());
+        pool.insert(
+            name,
+            Stalling {
+                inner,
+                stall: stalled.clone(),
+            },
+        );
         fail.insert(name, flag);
+        stall.insert(name, stalled);
     }
-    Cluster { pool, fail }
+    Cluster { pool, fail, stall }
 }
 
 impl<S> Cluster<S> {
@@ -507,6 +547,88 @@ async fn a_session_whose_retries_failed_too_is_kept_off_its_backend() {
     let all = moves.all();
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].reason, MoveReason::Failed);
+}
+
+/// An attempt on the session's backend abandoned at the failover layer's
+/// per-try timeout, the retries after it failed too, keeps the session off
+/// that backend as a backend error does.
+#[tokio::test(start_paused = true)]
+async fn a_session_whose_backend_timed_out_is_kept_off_it() {
+    use tower_ha::failover::{Exhausted, FailoverLayer, TimedOut};
+
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(
+            FailoverLayer::new()
+                .per_try_timeout(Duration::from_secs(1))
+                .no_budget(),
+        )
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+
+    let err = send(&svc, delayed(session("s1"), 5_000)).await.unwrap_err();
+    let exhausted = err
+        .downcast_ref::<Exhausted>()
+        .expect("every attempt timed out");
+    assert_eq!(exhausted.attempts()[0].0.as_str(), home);
+    assert_eq!(exhausted.attempts().len(), 3);
+    for (_, failure) in exhausted.attempts() {
+        let timed_out = failure.downcast_ref::<TimedOut>().expect("timed out");
+        assert!(!timed_out.is_not_sent(), "the backends had the request");
+    }
+
+    let post = Request::post("/")
+        .header("x-session-id", "s1")
+        .body(())
+        .unwrap();
+    let res = send(&svc, post).await.expect("sent to another backend");
+    assert_ne!(res.body(), &home);
+    let all = moves.all();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].reason, MoveReason::Failed);
+}
+
+/// In strict mode, a session's backend that does not become ready within
+/// the failover layer's per-try timeout could not take the request, as
+/// with a refused connection: the request is refused with
+/// `SessionUnavailable` and sent nowhere else.
+#[tokio::test(start_paused = true)]
+async fn strict_mode_refuses_a_session_whose_backend_did_not_become_ready() {
+    use tower_ha::failover::FailoverLayer;
+
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).strict(true);
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(
+            FailoverLayer::new()
+                .per_try_timeout(Duration::from_secs(1))
+                .no_budget(),
+        )
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(c.pool.clone());
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+
+    c.stall[home.as_str()].store(true, Ordering::SeqCst);
+    let others = c.requests_elsewhere(&home);
+    let err = send(&svc, session("s1")).await.unwrap_err();
+    let unavailable = err
+        .downcast_ref::<SessionUnavailable>()
+        .unwrap_or_else(|| panic!("typed error, got {err}"));
+    assert_eq!(unavailable.backend().unwrap().as_str(), home);
+    assert_eq!(layer.stats().strict_refusals, 1);
+    assert_eq!(
+        c.requests_elsewhere(&home),
+        others,
+        "no other backend reached"
+    );
+
+    c.stall[home.as_str()].store(false, Ordering::SeqCst);
+    assert_eq!(send(&svc, session("s1")).await.unwrap().body(), &home);
 }
 
 /// A stand-in for the failover layer, speaking only the extension

@@ -21,22 +21,45 @@ use crate::error::BoxError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimedOut {
     after: Duration,
+    not_sent: bool,
 }
 
 impl TimedOut {
     pub(crate) fn new(after: Duration) -> Self {
-        TimedOut { after }
+        TimedOut {
+            after,
+            not_sent: false,
+        }
+    }
+
+    /// Marks the attempt as abandoned before its request was sent.
+    pub(crate) fn not_sent(mut self, not_sent: bool) -> Self {
+        self.not_sent = not_sent;
+        self
     }
 
     /// The per-try timeout that elapsed.
     pub fn after(&self) -> Duration {
         self.after
     }
+
+    /// Whether the attempt was abandoned while its backend was still being
+    /// readied (a balancer speaking the extension protocol says so), so the
+    /// request never reached the backend. Like a
+    /// [`NotSent`](crate::NotSent) failure, such an attempt may be retried
+    /// whatever the request's method.
+    pub fn is_not_sent(&self) -> bool {
+        self.not_sent
+    }
 }
 
 impl fmt::Display for TimedOut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "attempt timed out after {:?}", self.after)
+        write!(f, "attempt timed out after {:?}", self.after)?;
+        if self.not_sent {
+            f.write_str(" before the request was sent")?;
+        }
+        Ok(())
     }
 }
 

@@ -272,7 +272,13 @@ where
                             timed_out = true;
                             bump(&this.retry.config.counters.per_try_timeouts);
                             let after = this.retry.config.per_try_timeout;
-                            Err(TimedOut::new(after.unwrap_or_default()).into())
+                            // Abandoned while its backend was still being
+                            // readied: the request never left.
+                            let not_sent =
+                                this.retry.picked.as_ref().is_some_and(Picked::is_readying);
+                            Err(TimedOut::new(after.unwrap_or_default())
+                                .not_sent(not_sent)
+                                .into())
                         }
                     };
                     // Drops the attempt: an abandoned backend gets no more
@@ -452,13 +458,7 @@ where
                 let (id, not_sent) = match find::<BackendError>(&*err) {
                     // Its flag already looked through its chain.
                     Some(e) => (Some(e.backend().clone()), e.is_not_sent()),
-                    None => {
-                        // Abandoned while its backend was still being
-                        // readied: the request never left.
-                        let never_sent = err.is::<TimedOut>()
-                            && self.picked.as_ref().is_some_and(Picked::is_readying);
-                        (picked, never_sent || is_not_sent(&*err))
-                    }
+                    None => (picked, is_not_sent(&*err)),
                 };
                 let Some(id) = id else {
                     // No backend to exclude from a retry: the attempts end.

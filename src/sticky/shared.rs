@@ -27,7 +27,7 @@ use super::Availability;
 use crate::backend::BackendId;
 use crate::error::{find, BackendError, BoxError, InvalidRequest, NoBackend};
 use crate::extensions::{Affinity, AffinityRequired, Attempts, ServedBy};
-use crate::failover::Exhausted;
+use crate::failover::{Exhausted, TimedOut};
 use crate::key::RequestHead;
 use crate::pool::Pool;
 use crate::store::{Session, SessionGuard, SessionLock, SessionStore, StoreError};
@@ -1466,25 +1466,32 @@ impl Shared {
             if find::<InvalidRequest>(&*error).is_some() {
                 return error;
             }
-            // Also when the failover layer tried others after it and they
-            // failed too: its error then leads to the last attempt's.
-            let own = find::<BackendError>(&*error)
-                .filter(|e| e.backend() == backend)
-                .or_else(|| {
-                    let exhausted = find::<Exhausted>(&*error)?;
+            // The session's backend failed the request, and whether it
+            // failed it before it was sent.
+            let own_failure = match find::<BackendError>(&*error) {
+                Some(e) if e.backend() == backend => Some(e.is_not_sent()),
+                // Also when the failover layer tried others after it and
+                // they failed too: its error then leads to the last
+                // attempt's. Its attempt there may also have been abandoned
+                // at the per-try timeout.
+                _ => find::<Exhausted>(&*error).and_then(|exhausted| {
                     let (_, failure) = exhausted.attempts().iter().find(|(id, _)| id == backend)?;
-                    find::<BackendError>(&**failure).filter(|e| e.backend() == backend)
-                });
-            if own.is_some() {
+                    match find::<BackendError>(&**failure) {
+                        Some(e) => (e.backend() == backend).then(|| e.is_not_sent()),
+                        None => find::<TimedOut>(&**failure).map(TimedOut::is_not_sent),
+                    }
+                }),
+            };
+            if own_failure.is_some() {
                 self.table.set_failed(key, backend, true);
             }
             // Its backend could not take it: the balancer had no backend
             // for it (none but the session's may take it, see
             // `AffinityRequired`), or the backend failed it before it was
-            // sent (a refused connection), whether or not a failover layer
-            // then asked the balancer for another.
-            let could_not_take =
-                find::<NoBackend>(&*error).is_some() || own.is_some_and(BackendError::is_not_sent);
+            // sent (a refused connection, or a backend that did not become
+            // ready within the per-try timeout), whether or not a failover
+            // layer then asked the balancer for another.
+            let could_not_take = find::<NoBackend>(&*error).is_some() || own_failure == Some(true);
             if self.config.strict && could_not_take {
                 bump(&self.counters.strict_refusals, 1);
                 return SessionUnavailable::new(key, backend.clone()).into();
