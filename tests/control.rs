@@ -1655,6 +1655,54 @@ mod actions_and_membership {
         );
     }
 
+    /// An action on a backend its discovery dropped a moment ago acts on
+    /// the state its pool keeps for its return: it comes back disabled, with
+    /// its limit and weight. A backend no pool holds or keeps is unknown.
+    #[tokio::test(start_paused = true)]
+    async fn actions_on_a_backend_dropped_for_a_moment_hold_when_it_returns() {
+        use tower::discover::Change;
+
+        let (handle, pool, _other) = groups_g_and_h();
+        let gone = futures::stream::iter([Ok::<_, Infallible>(Change::Remove("a"))]);
+        pool.discover(gone).await.unwrap();
+        assert!(!pool.contains(&"a".into()));
+
+        handle.disable(&"a".into()).unwrap();
+        handle.set_max_in_flight(&"a".into(), Some(7)).unwrap();
+        handle.set_weight(&"a".into(), 5).unwrap();
+        assert_eq!(
+            admin_changes(handle.events()),
+            ["a Enabled->Disabled (operator)"]
+        );
+        assert_eq!(
+            handle.disable(&"z".into()),
+            Err(ControlError::UnknownBackend("z".into()))
+        );
+        assert_eq!(
+            handle.set_weight(&"z".into(), 2),
+            Err(ControlError::UnknownBackend("z".into()))
+        );
+
+        let back = futures::stream::iter([Ok::<_, Infallible>(Change::Insert("a", backend("a")))]);
+        pool.discover(back).await.unwrap();
+        let state = pool.state(&"a".into()).unwrap();
+        assert_eq!(state.admin(), AdminStatus::Disabled);
+        assert_eq!(state.max_in_flight(), Some(7));
+        assert_eq!(state.weight(), 5);
+
+        // Out for longer than the pool keeps states: forgotten.
+        pool.discover(futures::stream::iter([Ok::<_, Infallible>(
+            Change::Remove("a"),
+        )]))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(
+            handle.enable(&"a".into()),
+            Err(ControlError::UnknownBackend("a".into()))
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn draining_again_does_not_put_the_deadline_off() {
         let pool = pool_of(&["a", "b"]);

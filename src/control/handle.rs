@@ -36,7 +36,8 @@ pub enum ControlError {
     /// No group has this name.
     #[error("unknown group `{0}`")]
     UnknownGroup(String),
-    /// No group has this backend.
+    /// No group has this backend, nor keeps its state for its return (see
+    /// [`Pool::keep_removed_for`]).
     #[error("unknown backend `{0}`")]
     UnknownBackend(String),
     /// The backend is not in the group, for an action on one group.
@@ -471,9 +472,16 @@ impl Handle {
             .collect()
     }
 
-    /// Every distinct state of backend `id` across the groups.
+    /// Every distinct state of backend `id` across the groups, with those
+    /// their pools keep for its return after their discovery removed it
+    /// (an action then holds when it comes back).
     fn states(&self, id: &BackendId) -> Result<Vec<Arc<BackendState>>, ControlError> {
-        let states = live_states(&self.inner, id);
+        let mut states = live_states(&self.inner, id);
+        for kept in held_states(&self.inner, id, |pool, id| pool.kept_state(id)) {
+            if !states.iter().any(|s| Arc::ptr_eq(s, &kept)) {
+                states.push(kept);
+            }
+        }
         if states.is_empty() {
             return Err(ControlError::UnknownBackend(id.to_string()));
         }
@@ -619,7 +627,13 @@ impl Handle {
         let _actions = self.inner.drains.lock();
         let mut found = false;
         for group in self.groups() {
-            found |= group.pool.set_weight(id, weight);
+            if group.pool.set_weight(id, weight) {
+                found = true;
+            } else if let Some(kept) = group.pool.kept_state(id) {
+                // It comes back with this weight.
+                kept.store_weight(weight);
+                found = true;
+            }
         }
         if !found {
             return Err(ControlError::UnknownBackend(id.to_string()));
@@ -761,7 +775,8 @@ impl Handle {
             reason: "operator".into(),
         };
         // Gone from every group, its last change is forgotten; in a group
-        // that still holds it, it stands. A drain under way goes on to its
+        // that still holds it, or keeps its state for its return, it
+        // stands. A drain under way goes on to its
         // deadline either way: a group removed from the handle may still
         // hold and serve the backend, and the deadline leaves alone a
         // state that is not draining (one added again since).
