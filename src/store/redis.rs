@@ -846,7 +846,11 @@ fn map_error(e: RedisError, what: &str) -> StoreError {
 }
 
 /// The code and detail of the error the server answered, if any: of the
-/// first command that failed, in a pipeline or a transaction.
+/// first command that failed, in a pipeline or a transaction. Before
+/// Redis 7, an error a command met inside a script came back as `ERR`
+/// with the command's error in its text (`ERR Error running script (call
+/// to f_…): @user_script:1: @user_script: 1: -READONLY You can't write
+/// …`): that command's code and detail are answered then.
 fn server_error(e: &RedisError) -> (String, String) {
     let first = e.clone().into_server_errors().and_then(|errors| {
         errors.first().map(|(_, error)| {
@@ -856,12 +860,27 @@ fn server_error(e: &RedisError) -> (String, String) {
             )
         })
     });
-    first.unwrap_or_else(|| {
+    let (code, detail) = first.unwrap_or_else(|| {
         (
             e.code().unwrap_or_default().to_owned(),
             e.detail().unwrap_or_default().to_owned(),
         )
-    })
+    });
+    match script_error(&code, &detail) {
+        Some((code, detail)) => (code.to_owned(), detail.to_owned()),
+        None => (code, detail),
+    }
+}
+
+/// The code and detail of the command error a pre-7 script error wraps.
+fn script_error<'a>(code: &str, detail: &'a str) -> Option<(&'a str, &'a str)> {
+    if code != "ERR" || !detail.starts_with("Error running script") {
+        return None;
+    }
+    let (_, inner) = detail.split_once(": -")?;
+    let (code, detail) = inner.split_once(' ').unwrap_or((inner, ""));
+    let is_code = !code.is_empty() && code.bytes().all(|b| b.is_ascii_uppercase());
+    is_code.then_some((code, detail))
 }
 
 /// An expiry in whole milliseconds: at least 1, at most about a century
@@ -1576,6 +1595,30 @@ mod tests {
             let e = map_error(server_says(reply), "save");
             let reply = String::from_utf8_lossy(reply);
             assert!(e.is_unavailable() && e.is_transient(), "{reply}: {e:?}");
+        }
+        // The same met by a command inside a script, before Redis 7
+        // (and in servers that answer as it did).
+        for reply in [
+            &b"-ERR Error running script (call to f_1028a5dba704e1d8a01fd96efeba25bb78f62df2): @user_script:4: @user_script: 4: -READONLY You can't write against a read only replica.\r\n"[..],
+            b"-ERR Error running script (call to f_8ea0e3f4c1b0f1c2d3e4f5a6b7c8d9e0f1a2b3c4): @user_script:1: @user_script: 1: -OOM command not allowed when used memory > 'maxmemory'.\r\n",
+            b"-ERR Error running script (call to d8f2fad9f8e86a53d2a6ebd960b33c4972cacc37): @user_script:2: -READONLY You can't write against a read only replica.\r\n",
+        ] {
+            let e = map_error(server_says(reply), "save");
+            let reply = String::from_utf8_lossy(reply);
+            assert!(e.is_unavailable() && e.is_transient(), "{reply}: {e:?}");
+        }
+        let (code, detail) = server_error(&server_says(
+            b"-ERR Error running script (call to f_1): @user_script:4: @user_script: 4: -READONLY You can't write against a read only replica.\r\n",
+        ));
+        assert_eq!(code, "READONLY");
+        assert_eq!(detail, "You can't write against a read only replica.");
+        // A script's own error, or one that names no code, stays `ERR`.
+        for reply in [
+            &b"-ERR Error running script (call to f_1): @user_script:1: user_script:1: attempt to call field 'nope' (a nil value)\r\n"[..],
+            b"-ERR Error running script (call to f_1): @user_script:1: -wrong kind\r\n",
+        ] {
+            let e = map_error(server_says(reply), "save");
+            assert!(e.is_rejected(), "{e:?}");
         }
         let e = map_error(
             server_says(b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"),
