@@ -600,9 +600,27 @@ impl<S: Clone> Pool<S> {
     /// Sets the weight of backend `id` (0 counts as 1); returns whether it
     /// was present. Strategies that depend on weights rebuild their tables.
     pub fn set_weight(&self, id: &BackendId, weight: u32) -> bool {
+        self.set_weight_where(id, weight, false)
+    }
+
+    /// Sets the weight of backend `id` as [`set_weight`](Self::set_weight)
+    /// does, or, when it is out of the pool, of the state the pool keeps
+    /// for its return (it comes back with that weight); whether it did.
+    pub(crate) fn set_weight_or_kept(&self, id: &BackendId, weight: u32) -> bool {
+        self.set_weight_where(id, weight, true)
+    }
+
+    fn set_weight_where(&self, id: &BackendId, weight: u32, or_kept: bool) -> bool {
         let mut found = false;
+        // Under the writer's lock, which a return of the kept state takes
+        // too: the state is not taken into the pool with its old weight
+        // meanwhile.
         self.change(|members, _| {
             let Some(m) = members.iter().find(|m| &m.id == id) else {
+                if let Some(kept) = or_kept.then(|| self.shared.kept.lock().get(id)).flatten() {
+                    kept.store_weight(weight);
+                    found = true;
+                }
                 return false;
             };
             found = true;

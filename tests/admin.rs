@@ -285,6 +285,37 @@ async fn backend_actions_drain_disable_and_enable() {
     assert_eq!(status, 400);
 }
 
+/// A backend its discovery dropped a moment ago: the actions reach the
+/// state its pool keeps, which it comes back with, and its stats say it
+/// takes no request meanwhile.
+#[tokio::test(start_paused = true)]
+async fn backend_actions_reach_a_backend_out_for_a_moment() {
+    use tower::discover::Change;
+
+    let f = fixture();
+    let gone = futures::stream::iter([Ok::<_, std::convert::Infallible>(Change::Remove("web2"))]);
+    f.web.discover(gone).await.unwrap();
+    assert!(!f.web.contains(&"web2".into()));
+
+    let (status, body) = call(&f.admin, "POST", "/backends/web2/disable", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["admin"], "disabled");
+    assert_eq!(body["available"], false);
+    let (status, body) = call(&f.admin, "GET", "/backends/web2", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["admin"], "disabled");
+
+    let back = futures::stream::iter([Ok::<_, std::convert::Infallible>(Change::Insert(
+        "web2",
+        (),
+    ))]);
+    f.web.discover(back).await.unwrap();
+    assert_eq!(
+        f.web.state(&"web2".into()).unwrap().admin(),
+        AdminStatus::Disabled
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn backend_stats_weight_and_limit() {
     let f = fixture();

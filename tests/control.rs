@@ -1662,7 +1662,7 @@ mod actions_and_membership {
     async fn actions_on_a_backend_dropped_for_a_moment_hold_when_it_returns() {
         use tower::discover::Change;
 
-        let (handle, pool, _other) = groups_g_and_h();
+        let (handle, pool, other) = groups_g_and_h();
         let gone = futures::stream::iter([Ok::<_, Infallible>(Change::Remove("a"))]);
         pool.discover(gone).await.unwrap();
         assert!(!pool.contains(&"a".into()));
@@ -1683,6 +1683,17 @@ mod actions_and_membership {
             Err(ControlError::UnknownBackend("z".into()))
         );
 
+        let stats = handle.backend_stats(&"a".into()).unwrap();
+        assert_eq!(stats.admin, AdminStatus::Disabled);
+        assert_eq!((stats.weight, stats.max_in_flight), (5, Some(7)));
+        assert!(!stats.available, "in no pool");
+        // Added to another group meanwhile: with the status it was given.
+        handle.add_backend("h", "a", backend("a")).unwrap();
+        assert_eq!(
+            other.state(&"a".into()).unwrap().admin(),
+            AdminStatus::Disabled
+        );
+
         let back = futures::stream::iter([Ok::<_, Infallible>(Change::Insert("a", backend("a")))]);
         pool.discover(back).await.unwrap();
         let state = pool.state(&"a".into()).unwrap();
@@ -1691,6 +1702,7 @@ mod actions_and_membership {
         assert_eq!(state.weight(), 5);
 
         // Out for longer than the pool keeps states: forgotten.
+        handle.remove_backend("h", &"a".into()).unwrap();
         pool.discover(futures::stream::iter([Ok::<_, Infallible>(
             Change::Remove("a"),
         )]))

@@ -119,7 +119,7 @@ impl<S: Clone + Send + Sync + 'static> PoolOps for Pool<S> {
         Pool::remove(self, id)
     }
     fn set_weight(&self, id: &BackendId, weight: u32) -> bool {
-        Pool::set_weight(self, id, weight)
+        Pool::set_weight_or_kept(self, id, weight)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -627,13 +627,8 @@ impl Handle {
         let _actions = self.inner.drains.lock();
         let mut found = false;
         for group in self.groups() {
-            if group.pool.set_weight(id, weight) {
-                found = true;
-            } else if let Some(kept) = group.pool.kept_state(id) {
-                // It comes back with this weight.
-                kept.store_weight(weight);
-                found = true;
-            }
+            // Also a state kept for the backend's return.
+            found |= group.pool.set_weight(id, weight);
         }
         if !found {
             return Err(ControlError::UnknownBackend(id.to_string()));
@@ -733,9 +728,12 @@ impl Handle {
         // Under the actions' lock: of two concurrent additions of one id,
         // the second finds the first's backend.
         let _actions = self.inner.drains.lock();
-        let admin = live_states(&self.inner, &id)
-            .first()
-            .map(|state| state.admin());
+        // Also from a state kept for the backend's return elsewhere, which
+        // an action may have set.
+        let admin = self
+            .states(&id)
+            .ok()
+            .and_then(|states| states.first().map(|state| state.admin()));
         // The status is the backend's before any balancer can see it; a
         // member already (added by a discovery stream, say) is left as it
         // is.
@@ -803,13 +801,20 @@ impl Handle {
     }
 
     /// A snapshot of backend `id`'s stats (from the first group that has
-    /// it).
+    /// it). A backend no group has, whose state a group's pool keeps for
+    /// its return after its discovery dropped it, reports that state, not
+    /// [`available`](BackendStats::available).
     pub fn backend_stats(&self, id: &BackendId) -> Result<BackendStats, ControlError> {
-        self.groups()
-            .iter()
-            .find_map(|g| g.state(id))
-            .map(|state| BackendStats::of(id.clone(), &state, &self.inner.events))
-            .ok_or_else(|| ControlError::UnknownBackend(id.to_string()))
+        if let Some(state) = self.groups().iter().find_map(|g| g.state(id)) {
+            return Ok(BackendStats::of(id.clone(), &state, &self.inner.events));
+        }
+        let kept = held_states(&self.inner, id, |pool, id| pool.kept_state(id));
+        let state = kept
+            .first()
+            .ok_or_else(|| ControlError::UnknownBackend(id.to_string()))?;
+        let mut stats = BackendStats::of(id.clone(), state, &self.inner.events);
+        stats.available = false;
+        Ok(stats)
     }
 }
 

@@ -44,8 +44,9 @@ impl TimedOut {
     }
 
     /// Whether the attempt was abandoned while its backend was still being
-    /// readied (a balancer speaking the extension protocol says so), so the
-    /// request never reached the backend. Like a
+    /// readied, as `Balance` (or `HttpBackend`, still opening a
+    /// connection) says, so the request never reached the backend. A
+    /// balancer of your own cannot say so: its attempts count as sent. Like a
     /// [`NotSent`](crate::NotSent) failure, such an attempt may be retried
     /// whatever the request's method.
     pub fn is_not_sent(&self) -> bool {
