@@ -507,23 +507,60 @@ async fn a_failed_backend_moves_its_session_on_the_next_request() {
     assert_eq!(moves.all().len(), 1);
 }
 
+/// `layer` over a failover layer without a retry budget, whose per-try
+/// timeout is `per_try` (zero for none), over round robin on `pool`.
+fn over_failover<S>(
+    pool: &Pool<S>,
+    layer: StickyLayer,
+    per_try: Duration,
+) -> impl Service<Request<()>, Response = Response<String>, Error = BoxError, Future: Send> + Clone
+where
+    S: Service<Request<()>, Response = Response<String>, Error = BoxError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+{
+    use tower_ha::failover::FailoverLayer;
+
+    ServiceBuilder::new()
+        .layer(layer)
+        .layer(FailoverLayer::new().per_try_timeout(per_try).no_budget())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(pool.clone())
+}
+
+/// Session `s1`'s next request, a POST sent once, goes to another backend
+/// than `home`: the session's one move, for its backend's failure.
+async fn a_post_moves_off<S>(svc: &S, home: &str, moves: &Moves)
+where
+    S: Service<Request<()>, Response = Response<String>, Error = BoxError> + Clone,
+{
+    let post = Request::post("/")
+        .header("x-session-id", "s1")
+        .body(())
+        .unwrap();
+    let res = send(svc, post).await.expect("sent to a working backend");
+    assert_ne!(res.body(), home);
+    let all = moves.all();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].reason, MoveReason::Failed);
+}
+
 /// Under the failover layer, a request whose every attempt failed
 /// (`Exhausted`, its session's backend first) keeps the session off that
 /// backend as a failure of the backend alone does: the next request, a
 /// POST sent once, goes elsewhere.
 #[tokio::test]
 async fn a_session_whose_retries_failed_too_is_kept_off_its_backend() {
-    use tower_ha::failover::{Exhausted, FailoverLayer};
+    use tower_ha::failover::Exhausted;
 
     let c = cluster();
     let moves = Moves::default();
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .layer(FailoverLayer::new().no_budget())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
-    let home = send(&svc, session("s1")).await.unwrap().body().clone();
+    let svc = over_failover(&c.pool, layer, Duration::ZERO);
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
 
     for name in NAMES {
         c.fail[name].store(true, Ordering::SeqCst);
@@ -537,16 +574,7 @@ async fn a_session_whose_retries_failed_too_is_kept_off_its_backend() {
     for name in NAMES.iter().filter(|&&n| n != home) {
         c.fail[name].store(false, Ordering::SeqCst);
     }
-
-    let post = Request::post("/")
-        .header("x-session-id", "s1")
-        .body(())
-        .unwrap();
-    let res = send(&svc, post).await.expect("sent to a working backend");
-    assert_ne!(res.body(), &home);
-    let all = moves.all();
-    assert_eq!(all.len(), 1);
-    assert_eq!(all[0].reason, MoveReason::Failed);
+    a_post_moves_off(&svc, &home, &moves).await;
 }
 
 /// An attempt on the session's backend abandoned at the failover layer's
@@ -554,20 +582,12 @@ async fn a_session_whose_retries_failed_too_is_kept_off_its_backend() {
 /// that backend as a backend error does.
 #[tokio::test(start_paused = true)]
 async fn a_session_whose_backend_timed_out_is_kept_off_it() {
-    use tower_ha::failover::{Exhausted, FailoverLayer, TimedOut};
+    use tower_ha::failover::{Exhausted, TimedOut};
 
     let c = cluster();
     let moves = Moves::default();
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .layer(
-            FailoverLayer::new()
-                .per_try_timeout(Duration::from_secs(1))
-                .no_budget(),
-        )
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = over_failover(&c.pool, layer, Duration::from_secs(1));
     let home = send(&svc, session("s1")).await.unwrap().into_body();
 
     let err = send(&svc, delayed(session("s1"), 5_000)).await.unwrap_err();
@@ -580,16 +600,7 @@ async fn a_session_whose_backend_timed_out_is_kept_off_it() {
         let timed_out = failure.downcast_ref::<TimedOut>().expect("timed out");
         assert!(!timed_out.is_not_sent(), "the backends had the request");
     }
-
-    let post = Request::post("/")
-        .header("x-session-id", "s1")
-        .body(())
-        .unwrap();
-    let res = send(&svc, post).await.expect("sent to another backend");
-    assert_ne!(res.body(), &home);
-    let all = moves.all();
-    assert_eq!(all.len(), 1);
-    assert_eq!(all[0].reason, MoveReason::Failed);
+    a_post_moves_off(&svc, &home, &moves).await;
 }
 
 /// In strict mode, a session's backend that does not become ready within
@@ -598,19 +609,9 @@ async fn a_session_whose_backend_timed_out_is_kept_off_it() {
 /// `SessionUnavailable` and sent nowhere else.
 #[tokio::test(start_paused = true)]
 async fn strict_mode_refuses_a_session_whose_backend_did_not_become_ready() {
-    use tower_ha::failover::FailoverLayer;
-
     let c = cluster();
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).strict(true);
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(
-            FailoverLayer::new()
-                .per_try_timeout(Duration::from_secs(1))
-                .no_budget(),
-        )
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(c.pool.clone());
+    let svc = over_failover(&c.pool, layer.clone(), Duration::from_secs(1));
     let home = send(&svc, session("s1")).await.unwrap().into_body();
 
     c.stall[home.as_str()].store(true, Ordering::SeqCst);
