@@ -44,9 +44,11 @@ impl TimedOut {
     }
 
     /// Whether the attempt was abandoned while its backend was still being
-    /// readied, as `Balance` (or `HttpBackend`, still opening a
-    /// connection) says, so the request never reached the backend. A
-    /// balancer of your own cannot say so: its attempts count as sent. Like a
+    /// readied, so the request never reached the backend: `Balance` says
+    /// so while it waits for the backend's `poll_ready`, and `HttpBackend`
+    /// while it opens a connection for the request (under any balancer).
+    /// A balancer of your own cannot say it of its own wait: an attempt
+    /// abandoned then counts as sent. Like a
     /// [`NotSent`](crate::NotSent) failure, such an attempt may be retried
     /// whatever the request's method.
     pub fn is_not_sent(&self) -> bool {
