@@ -284,6 +284,19 @@ fn live_states(inner: &Inner, id: &BackendId) -> Vec<Arc<BackendState>> {
     held_states(inner, id, |pool, id| pool.state(id))
 }
 
+/// Every distinct state of backend `id` an action reaches: those the
+/// groups hold, then those their pools keep for its return after their
+/// discovery removed it (it comes back with them).
+fn reached_states(inner: &Inner, id: &BackendId) -> Vec<Arc<BackendState>> {
+    let mut states = live_states(inner, id);
+    for kept in held_states(inner, id, |pool, id| pool.kept_state(id)) {
+        if !states.iter().any(|s| Arc::ptr_eq(s, &kept)) {
+            states.push(kept);
+        }
+    }
+    states
+}
+
 /// The states of backend `id` the groups' pools hold, or keep for its
 /// return after their discovery removed it: those it comes back with.
 fn held_states(
@@ -472,16 +485,10 @@ impl Handle {
             .collect()
     }
 
-    /// Every distinct state of backend `id` across the groups, with those
-    /// their pools keep for its return after their discovery removed it
-    /// (an action then holds when it comes back).
+    /// Every distinct state of backend `id` an action reaches (see
+    /// [`reached_states`]); unknown when there is none.
     fn states(&self, id: &BackendId) -> Result<Vec<Arc<BackendState>>, ControlError> {
-        let mut states = live_states(&self.inner, id);
-        for kept in held_states(&self.inner, id, |pool, id| pool.kept_state(id)) {
-            if !states.iter().any(|s| Arc::ptr_eq(s, &kept)) {
-                states.push(kept);
-            }
-        }
+        let states = reached_states(&self.inner, id);
         if states.is_empty() {
             return Err(ControlError::UnknownBackend(id.to_string()));
         }
@@ -582,8 +589,7 @@ impl Handle {
                 // say), those the groups hold now (added since, with its
                 // status) and those their pools keep for the backend's
                 // return: only a change of the latter two is the event's.
-                let mut held = live_states(&inner, &id);
-                held.extend(held_states(&inner, &id, |pool, id| pool.kept_state(id)));
+                let held = reached_states(&inner, &id);
                 for state in states.iter().chain(&held) {
                     if state.admin() == AdminStatus::Draining {
                         state.set_admin(AdminStatus::Disabled);
