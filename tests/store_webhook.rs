@@ -590,6 +590,27 @@ async fn a_gateway_timeout_ends_a_write_unretried() {
     );
 }
 
+/// A connection that closes after a save or a delete was sent ends the
+/// write unretried: the service may have it, and may apply it after a
+/// write sent again, as after a timeout. A load is retried.
+#[tokio::test]
+async fn a_write_cut_off_after_it_was_sent_is_not_sent_again() {
+    let server = Server::start(Auth::None).await;
+    server.set_mode(Mode::Cut);
+    // Three retries by default.
+    let store = store(&server);
+    let err = store.save(&session("k", "a")).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(err.to_string().contains("not sent again"), "{err}");
+    assert_eq!(server.requests(), 1);
+    let err = store.delete(&["k".to_owned()]).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(server.requests(), 2);
+    let err = store.load("k").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(server.requests(), 6, "a load: one attempt and three retries");
+}
+
 /// A query may hold a secret (a function key): it is sent, but errors and
 /// `Debug` show `?…` instead.
 #[tokio::test]

@@ -68,8 +68,9 @@ const SESSION_FIELD: &str = "kernel_session";
 ///   [`is_corrupt`](StoreError::is_corrupt); in `load_all`, one bad element
 ///   (one holding bytes that are not UTF-8 included) is skipped and
 ///   reported in [`Loaded::skipped`] while the others load;
-/// * connection errors, 5xx answers (but see 504 below), `408 Request
-///   Timeout` and `429 Too Many Requests` are retried up to
+/// * connection errors (for a save or a delete, only those before the
+///   request was written: see below), 5xx answers (but see 504 below),
+///   `408 Request Timeout` and `429 Too Many Requests` are retried up to
 ///   [`retries`](WebhookStoreBuilder::retries) times with exponential
 ///   backoff (waiting longer when the answer's `Retry-After` asks for it
 ///   in seconds, at most 10 s), then fail as
@@ -79,7 +80,11 @@ const SESSION_FIELD: &str = "kernel_session";
 ///   [`is_timeout`](StoreError::is_timeout) and is not retried (the service
 ///   may still be working on it), and so does a save or a delete answered
 ///   `504 Gateway Timeout` (a proxy in front of the service gave up on it);
-///   a load answered 504 is retried as any 5xx.
+///   a load answered 504 is retried as any 5xx;
+/// * a save or a delete whose connection fails after the request was
+///   written (reset, or closed without an answer) fails as
+///   [`is_unavailable`](StoreError::is_unavailable) and is not retried, for
+///   the same reason.
 ///
 /// # Authentication
 ///
@@ -226,7 +231,8 @@ impl WebhookStoreBuilder {
         self
     }
 
-    /// How many times a call is retried after a connection error or an
+    /// How many times a call is retried after a connection error (for a
+    /// save or a delete, one before the request was written) or an
     /// answer that says to try later (a 5xx, 408 or 429) (0: never), so
     /// the service sees at most `retries + 1` attempts per call. With
     /// [Digest](Self::digest_auth) authentication, an attempt that has no
@@ -619,7 +625,15 @@ impl Inner {
                 Failure::Fatal(StoreError::other(e).with_message("cannot build the request"))
             })?;
         let response = self.client.request(request).await.map_err(|e| {
-            Failure::Retry(StoreError::unavailable(e).with_message("webhook unreachable"))
+            if *method == Method::GET || never_sent(&e) {
+                Failure::Retry(StoreError::unavailable(e).with_message("webhook unreachable"))
+            } else {
+                // The service may have the write, and may still apply it
+                // after a write sent again, as after a timeout.
+                Failure::Fatal(StoreError::unavailable(e).with_message(format!(
+                    "the connection failed after the {method} was sent; not sent again"
+                )))
+            }
         })?;
         let (parts, body) = response.into_parts();
         let bytes = Limited::new(body, limit)
@@ -640,6 +654,17 @@ impl Inner {
             .to_bytes();
         Ok((parts.status, parts.headers, bytes))
     }
+}
+
+/// Whether a failed exchange never sent the request: a connection that
+/// could not be opened, or one that closed before the request was written.
+fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
+    use std::error::Error as _;
+    error.is_connect()
+        || error
+            .source()
+            .and_then(|e| e.downcast_ref::<hyper::Error>())
+            .is_some_and(hyper::Error::is_canceled)
 }
 
 /// The parameters of the Digest challenge in a `WWW-Authenticate` value,

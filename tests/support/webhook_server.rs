@@ -3,7 +3,6 @@
 //! authentication and switchable failure answers.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,6 +45,10 @@ pub enum Mode {
     GetBytes(Vec<u8>),
     /// Never answers.
     Hang,
+    /// Reads the whole request, then closes the connection without an
+    /// answer or applying it (as a server's socket timeout does while its
+    /// handler still works).
+    Cut,
 }
 
 /// One request as the service saw it.
@@ -303,7 +306,7 @@ pub fn normalise(path: &str) -> String {
 async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     state.requests.fetch_add(1, Ordering::SeqCst);
     if let Some(refusal) = check_auth(&state, &req) {
         state.refused.fetch_add(1, Ordering::SeqCst);
@@ -321,7 +324,7 @@ async fn handle(
         response
     };
     match mode {
-        Mode::Normal | Mode::GetBody(_) | Mode::GetBytes(_) => {}
+        Mode::Normal | Mode::GetBody(_) | Mode::GetBytes(_) | Mode::Cut => {}
         Mode::Fixed(status, body) => return Ok(failure(status, body)),
         Mode::FailFirst(n, status) => {
             let mut mode = state.mode.lock();
@@ -356,6 +359,8 @@ async fn handle(
         body: body.clone(),
     });
     match (&method, &mode) {
+        // hyper closes the connection on a service's error.
+        (_, Mode::Cut) => return Err(std::io::Error::other("cut")),
         (&Method::GET, Mode::GetBody(raw)) => return Ok(answer(200, raw.clone())),
         (&Method::GET, Mode::GetBytes(raw)) => return Ok(answer(200, raw.clone())),
         _ => {}
