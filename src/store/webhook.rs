@@ -436,9 +436,9 @@ impl SessionStore for WebhookStore {
 impl Inner {
     /// `{path}/{id}` with `id` as one percent-encoded segment.
     ///
-    /// The keys `""`, `.` and `..` are refused as
-    /// [`invalid_key`](StoreError::invalid_key): whatever their encoding,
-    /// they name `{url}/` (the load-all endpoint) or `{url}/..` (another
+    /// Refused as [`invalid_key`](StoreError::invalid_key): a key too long
+    /// for a URL, and the keys `""`, `.` and `..`. Whatever their encoding,
+    /// those three name `{url}/` (the load-all endpoint) or `{url}/..` (another
     /// endpoint) once a server or proxy normalises the path, since RFC 3986
     /// reads `%2E` as `.` (sections 2.3 and 6.2.2).
     fn session_path(&self, key: &str) -> Result<String, StoreError> {
@@ -463,6 +463,14 @@ impl Inner {
                 path.push(char::from(HEX[usize::from(b >> 4)]));
                 path.push(char::from(HEX[usize::from(b & 0xf)]));
             }
+        }
+        // A URI has a limit of its own (about 64 KiB in `http`).
+        if http::Uri::try_from(format!("{}{path}{}", self.origin, self.query)).is_err() {
+            return Err(StoreError::invalid_key(format!(
+                "a key of {} bytes makes too long a URL",
+                key.len()
+            ))
+            .with_message("the webhook cannot hold this session key"));
         }
         Ok(path)
     }
@@ -1020,6 +1028,17 @@ mod tests {
         }
         assert!(store.inner.session_path("...").is_ok());
         assert!(store.inner.session_path(".a").is_ok());
+    }
+
+    #[test]
+    fn a_key_too_long_for_a_url_is_invalid() {
+        let store = WebhookStore::builder("http://127.0.0.1:1/api/sessions")
+            .build()
+            .unwrap();
+        // Each `/` takes three bytes once encoded.
+        let err = store.inner.session_path(&"/".repeat(22_000)).unwrap_err();
+        assert!(err.is_invalid_key(), "{err:?}");
+        assert!(store.inner.session_path(&"/".repeat(20_000)).is_ok());
     }
 
     #[test]
