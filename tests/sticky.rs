@@ -2125,6 +2125,58 @@ async fn standalone_restore_reports_and_keeps_failed_records() {
     assert_eq!(kept.data["port"], 5000);
 }
 
+/// A store that lists a fixed set of records (say, one that appends a
+/// record at each save), and otherwise is `MemoryStore`.
+#[derive(Clone)]
+struct Listing(Arc<Vec<Session>>, MemoryStore);
+
+impl SessionStore for Listing {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        let listed = Loaded::new(self.0.to_vec());
+        Box::pin(async move { Ok(listed) })
+    }
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        self.1.load(key)
+    }
+    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        self.1.save(session)
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        self.1.delete(keys)
+    }
+}
+
+/// A key listed twice is restored once, from its last record (as a store
+/// that replaces records would hold it); the earlier one is reported.
+#[tokio::test]
+async fn a_key_listed_twice_is_restored_once_from_its_last_record() {
+    let c = cluster();
+    let record = |backend: &str, v: u32| {
+        Session::new("k", backend.into()).with_data(serde_json::json!({ "v": v }))
+    };
+    let saved = MemoryStore::new();
+    let store = Listing(Arc::new(vec![record("a", 1), record("b", 2)]), saved.clone());
+    let hooked = Arc::new(Mutex::new(Vec::new()));
+    let seen = hooked.clone();
+    let layer = standalone(&c.pool, &store).on_restore(move |s: Session| {
+        seen.lock().push((s.backend.to_string(), s.data["v"].clone()));
+        async move { Ok::<(), BoxError>(()) }
+    });
+    let report = layer.restore().await.unwrap();
+    assert_eq!(*hooked.lock(), [("b".to_owned(), serde_json::json!(2))]);
+    assert_eq!(report.restored, ["k"]);
+    assert!(report.failed.is_empty());
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(report.skipped[0].record, "k");
+    assert!(report.skipped[0].error.is_corrupt());
+    let svc = stack(&c.pool, layer.clone());
+    for _ in 0..3 {
+        assert_eq!(send(&svc, session("k")).await.unwrap().body(), "b");
+    }
+    // Nothing was saved over the record as a move.
+    assert!(saved.load("k").await.unwrap().is_none());
+}
+
 #[tokio::test]
 async fn a_restore_hook_that_panics_fails_its_session_alone() {
     let c = cluster();

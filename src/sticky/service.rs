@@ -80,7 +80,9 @@ impl<S> Sticky<S> {
     /// Loads every stored session and restores it: calls the `on_restore`
     /// hook for each (when one is set) and routes those that succeed to
     /// their backend. A session whose hook fails keeps its stored record.
-    /// What standalone availability runs at start.
+    /// A key the store lists more than once is restored once, from the last
+    /// of its records; the earlier ones are reported as skipped. What
+    /// standalone availability runs at start.
     ///
     /// Requests may be served meanwhile. In standalone mode, until its hook
     /// has run, a session loaded here is routed as one whose restore failed:

@@ -1722,7 +1722,8 @@ impl Shared {
         // From before the listing on: a session forgotten or ended
         // meanwhile is not put back as listed, as the store holds newer.
         let restoring = Restoring::begin(self);
-        let loaded = store.load_all().await?;
+        let mut loaded = store.load_all().await?;
+        drop_repeated(&mut loaded);
         report.skipped = loaded.skipped;
         if self.tracks_records() {
             let mut records = self.records.lock();
@@ -1990,6 +1991,29 @@ impl fmt::Display for Shown<'_> {
         sha2::Sha256::digest(self.key.as_bytes())[..6]
             .iter()
             .try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+
+/// Keeps the last record of each key a listing holds more than once (a
+/// store that appends records rather than replacing them), and reports the
+/// earlier ones as skipped: a session is restored once, by one record.
+fn drop_repeated(loaded: &mut crate::store::Loaded) {
+    let mut seen = HashSet::with_capacity(loaded.sessions.len());
+    let repeated: Vec<bool> = (loaded.sessions.iter().rev())
+        .map(|session| !seen.insert(session.key.as_str()))
+        .collect();
+    if !repeated.contains(&true) {
+        return;
+    }
+    let sessions = std::mem::take(&mut loaded.sessions);
+    for (session, repeated) in sessions.into_iter().zip(repeated.into_iter().rev()) {
+        if repeated {
+            let why = "the store lists this key again later; the later record is restored";
+            loaded.skip(session.key, StoreError::corrupt(why));
+        } else {
+            loaded.sessions.push(session);
+        }
     }
 }
 

@@ -151,7 +151,9 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 /// `Ok(None)` on load and as success on delete.
 pub trait SessionStore: Send + Sync + 'static {
     /// Every stored session; records that cannot be read are skipped and
-    /// reported in [`Loaded::skipped`], never fatal to the others.
+    /// reported in [`Loaded::skipped`], never fatal to the others. Each key
+    /// should be listed once (the sticky layer's restore takes the last of
+    /// a key's records).
     fn load_all(&self) -> StoreFuture<'_, Loaded>;
 
     /// The session stored under `key`, if any.
