@@ -1105,6 +1105,33 @@ async fn header_keys_come_from_requests_or_responses_and_closures_work() {
     assert_eq!(layer.stats().sessions, 2);
 }
 
+/// A server that assigns a new id to a request naming an old one (which it
+/// no longer knows): the new id is a session on the backend that assigned
+/// it, from the next request on.
+#[tokio::test]
+async fn a_header_id_a_response_assigns_over_the_requests_own_is_learned() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"));
+    let svc = stack(&c.pool, layer.clone());
+    for old in ["expired", "also-expired"] {
+        // One known to the layer, one not.
+        if old == "also-expired" {
+            send(&svc, session(old)).await.unwrap();
+        }
+        let renamed = Request::builder()
+            .header("x-session-id", old)
+            .header("x-assign", "1")
+            .body(())
+            .unwrap();
+        let res = send(&svc, renamed).await.unwrap();
+        let id = res.headers()["x-session-id"].to_str().unwrap().to_owned();
+        assert_ne!(id, old);
+        for _ in 0..4 {
+            assert_eq!(send(&svc, session(&id)).await.unwrap().body(), res.body());
+        }
+    }
+}
+
 /// A response naming a session the layer keeps (confirmed) does not move
 /// it: a session moves only when its backend fails. A value kept in memory
 /// only, which the application had not confirmed, goes where the

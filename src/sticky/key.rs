@@ -32,7 +32,7 @@ type KeyFn = dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync;
 /// |---|---|---|
 /// | [`insert_cookie`](SessionKey::insert_cookie) | a random id in the layer's own signed cookie | a request has no valid cookie: the response sets one |
 /// | [`learn_cookie`](SessionKey::learn_cookie) | an application cookie (`JSESSIONID`, `StickyStr`) | a response's `Set-Cookie` sets it |
-/// | [`header`](SessionKey::header) | a header's value (`X-Session-Id`) | a request or response carries an unknown value |
+/// | [`header`](SessionKey::header) | a header's value (`X-Session-Id`) | a request carries an unknown value, or a response one other than the request's |
 /// | [`from_fn`](SessionKey::from_fn) | a closure's result (a kernel id in the path) | a request carries an unknown value |
 ///
 /// The session's backend is the one that served the response that started
@@ -89,8 +89,9 @@ impl SessionKey {
     }
 
     /// A header's value (for example `X-Session-Id`), from the request, or
-    /// from the response when the request had none (a server that assigns
-    /// ids).
+    /// from the response (a server that assigns ids): a response naming
+    /// an id other than the request's (or when the request had none)
+    /// starts that session on the backend that served it.
     ///
     /// # Panics
     ///

@@ -1222,6 +1222,7 @@ impl Shared {
     ) -> Result<Option<BoxFuture<()>>, SessionUnavailable> {
         // The common case, a hit served by its own backend: nothing to learn.
         if let Track::Known {
+            key,
             backend,
             cookie,
             failed: false,
@@ -1229,7 +1230,13 @@ impl Shared {
             ..
         } = &track
         {
-            let learns = self.learns_cookie();
+            let learns = match &self.config.key.kind {
+                Kind::Learn(_) => true,
+                // A server that assigns ids may assign another.
+                Kind::Header(name) => (response.headers().get(name))
+                    .is_some_and(|v| v.as_bytes() != key.as_bytes()),
+                Kind::Insert(_) | Kind::Fn(_) => false,
+            };
             // Its cookie names its backend, and is not due to be sent again.
             let current =
                 !matches!(cookie, Named::Renew) && cookie.get(backend).is_none_or(|c| c == backend);
@@ -1392,16 +1399,19 @@ impl Shared {
                     self.create(&mut work, &sid, served.clone());
                     self.send_cookie(response, c, &sid, served);
                 }
-                Kind::Insert(_) => {}
-                Kind::Header(name) => {
-                    let learned = response.headers().get(name).map(|v| v.as_bytes());
-                    if let Some(k) = learned.and_then(key::response_key) {
-                        self.create(&mut work, k, served.clone());
-                    }
-                }
-                Kind::Learn(_) | Kind::Fn(_) => {}
+                Kind::Insert(_) | Kind::Header(_) | Kind::Learn(_) | Kind::Fn(_) => {}
             },
             (Track::Fresh, None) => {}
+        }
+        if let (Kind::Header(name), Some(served)) = (&self.config.key.kind, &served) {
+            // A server that assigns ids: the id a response names is a
+            // session on the backend that served it, also when the request
+            // named another (one the server no longer knows, say).
+            let assigned = response.headers().get(name).map(|v| v.as_bytes());
+            let assigned = assigned.and_then(key::response_key);
+            if let Some(k) = assigned.filter(|k| current.as_deref() != Some(*k)) {
+                self.create(&mut work, k, served.clone());
+            }
         }
         if let Kind::Learn(name) = &self.config.key.kind {
             match cookie::learn(response.headers(), name.as_str(), path) {
