@@ -3250,6 +3250,29 @@ async fn the_layers_cookie_is_found_behind_a_foreign_one_of_the_same_name() {
     assert_eq!(layer.stats().rejected, 1);
 }
 
+/// A signed cookie of a session the layer no longer knows, on a backend
+/// gone from the pool (left on a longer path by an older setup), does not
+/// hide the current cookie sent after it.
+#[tokio::test]
+async fn a_stale_cookie_on_a_departed_backend_does_not_hide_the_current_one() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
+    let svc = stack(&c.pool, layer.clone());
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let ours = cookie_of(&first).unwrap();
+    let stale = format!("srv={}", sign("srv", "AAAAAAAAAAAAAAAAAAAAAA", "gone"));
+    for _ in 0..3 {
+        let res = send(&svc, with_cookie(&format!("{stale}; {ours}"))).await.unwrap();
+        assert_eq!(res.body(), first.body());
+        assert!(cookie_of(&res).is_none(), "no new session");
+    }
+    assert_eq!(layer.stats().created, 1);
+    // Alone, it starts a new session, as before.
+    let res = send(&svc, with_cookie(&stale)).await.unwrap();
+    assert!(cookie_of(&res).is_some());
+    assert_eq!(layer.stats().created, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_cookie_with_a_max_age_is_sent_again_while_its_session_is_used() {
     let c = cluster();

@@ -546,6 +546,19 @@ impl Shared {
                 }
                 Extracted::Key(key) => self.lookup(&key),
                 Extracted::Cookie(value) => match self.lookup_cookie(value) {
+                    // A session the table does not know, on a backend gone
+                    // from the pool: a cookie sent after this one may be
+                    // the current one (this one left on a longer path by
+                    // an older setup, say), which would otherwise be
+                    // passed over on every request.
+                    Ok(found) if self.names_a_departed_backend(&found) => {
+                        (self.config.key.more_cookies(&head))
+                            .find_map(|value| match self.lookup_cookie(value) {
+                                Ok(hit @ Found::Hit(..)) => Some(hit),
+                                _ => None,
+                            })
+                            .unwrap_or(found)
+                    }
                     Ok(found) => found,
                     // Another cookie of the name, sent after this one (a
                     // sibling domain's or a longer path's comes first),
@@ -628,6 +641,13 @@ impl Shared {
     /// decoding or computing a MAC; any other value is parsed and its MAC
     /// verified before it touches the session.
     #[inline]
+    /// Whether `found` is a session the table does not know whose cookie
+    /// names a backend no longer in the pool.
+    fn names_a_departed_backend(&self, found: &Found) -> bool {
+        matches!(found, Found::Miss(_, Some(named), None)
+            if self.config.backends.status(named) == Status::Missing)
+    }
+
     fn lookup_cookie(self: &Arc<Self>, value: &[u8]) -> Result<Found, Reject> {
         if let Some(session) = value
             .get(..SESSION_ID_LEN)
