@@ -686,10 +686,23 @@ impl Config {
     /// start-up, or inside `spawn_blocking`.
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let bytes = std::fs::read(path).map_err(|e| ConfigError {
             file: Some(path.to_owned()),
             field: path.display().to_string(),
             kind: ErrorKind::Io(e),
+        })?;
+        // Read, but not text this parser takes: a parse error, with where.
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            let before = &e.as_bytes()[..at];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = at - before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+            let mut error = ConfigError::parse(
+                format!("line {line} column {column}"),
+                "the file is not UTF-8".to_owned(),
+            );
+            error.file = Some(path.to_owned());
+            error
         })?;
         let parsed = if path
             .extension()

@@ -561,6 +561,25 @@ fn a_loaded_files_errors_name_the_file() {
     assert_eq!(config.failover_groups[0].name, "a");
 }
 
+/// A file that was read but is not UTF-8 (a Latin-1 comment, say) does not
+/// parse: a parse error that says where, not a read error.
+#[test]
+fn a_file_that_is_not_utf8_is_a_parse_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("groups.yaml");
+    std::fs::write(
+        &path,
+        b"failover_groups:\n  - name: caf\xe9\n    mode: normal\n    backends: [a]\n",
+    )
+    .unwrap();
+    let err = Config::load(&path).unwrap_err();
+    assert!(err.is_parse(), "{err:?}");
+    assert!(!err.is_io());
+    assert_eq!(err.field(), "line 2 column 14");
+    assert_eq!(err.file(), Some(path.as_path()));
+    assert!(err.to_string().contains("not UTF-8"), "{err}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_groups_health_check_settings_drive_the_checker() {
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
