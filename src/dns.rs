@@ -142,7 +142,11 @@ pub struct DnsDiscover<S> {
     timeout: Duration,
     make: Make<S>,
     known: BTreeSet<SocketAddr>,
-    pending: VecDeque<Change<BackendId, S>>,
+    /// The changes not yet yielded, each with its event.
+    pending: VecDeque<(Change<BackendId, S>, Option<Event>)>,
+    /// The event of the change last yielded: emitted when the stream is
+    /// polled again, once the pool has made the change.
+    yielded: Option<Event>,
     step: Step,
     events: Option<Events>,
     in_pool: Option<InPool>,
@@ -183,6 +187,7 @@ impl<S> DnsDiscover<S> {
             make: Box::new(make),
             known: BTreeSet::new(),
             pending: VecDeque::new(),
+            yielded: None,
             events: None,
             in_pool: None,
         }
@@ -203,7 +208,11 @@ impl<S> DnsDiscover<S> {
     }
 
     /// Also emits [`Event::BackendAdded`] and [`Event::BackendRemoved`]
-    /// (reason `"dns"`) into `events`.
+    /// (reason `"dns"`) into `events`, each once the pool has made its
+    /// change (when the stream is polled for the next one, as
+    /// [`Pool::discover`](crate::Pool::discover) does at once). An address
+    /// [`pool`](Self::pool) already holds is inserted again without an
+    /// event: it did not join.
     pub fn events(mut self, events: Events) -> Self {
         self.events = Some(events);
         self
@@ -261,28 +270,27 @@ impl<S> DnsDiscover<S> {
                     "address still listed but gone from the pool; inserting it again"
                 );
             }
-            if let Some(events) = &self.events {
-                events.emit(Event::BackendAdded {
-                    group: None,
-                    backend: id.clone(),
-                });
-            }
-            self.pending
-                .push_back(Change::Insert(id, (self.make)(*addr)));
+            // Only a pool given can say; without one, an address new to
+            // the stream is new to the pool.
+            let held = self.in_pool.is_some() && self.in_pool(&id);
+            let event = (self.events.is_some() && !held).then(|| Event::BackendAdded {
+                group: None,
+                backend: id.clone(),
+            });
+            let change = Change::Insert(id, (self.make)(*addr));
+            self.pending.push_back((change, event));
         }
         for gone in self.known.difference(&now) {
             let id = BackendId::from(gone.to_string());
             if !self.in_pool(&id) {
                 continue;
             }
-            if let Some(events) = &self.events {
-                events.emit(Event::BackendRemoved {
-                    group: None,
-                    backend: id.clone(),
-                    reason: "dns".into(),
-                });
-            }
-            self.pending.push_back(Change::Remove(id));
+            let event = self.events.is_some().then(|| Event::BackendRemoved {
+                group: None,
+                backend: id.clone(),
+                reason: "dns".into(),
+            });
+            self.pending.push_back((Change::Remove(id), event));
         }
         self.known = now;
     }
@@ -296,8 +304,12 @@ impl<S> Stream for DnsDiscover<S> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if let (Some(event), Some(events)) = (this.yielded.take(), &this.events) {
+            events.emit(event);
+        }
         loop {
-            if let Some(change) = this.pending.pop_front() {
+            if let Some((change, event)) = this.pending.pop_front() {
+                this.yielded = event;
                 return Poll::Ready(Some(Ok(change)));
             }
             match &mut this.step {

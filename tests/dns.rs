@@ -100,17 +100,8 @@ async fn addresses_that_come_and_go_change_the_pool() {
     assert!(asked
         .iter()
         .all(|(h, p)| h == "db.default.svc.cluster.local" && *p == 5432));
-    let changes: Vec<String> = events
-        .history()
-        .iter()
-        .map(|r| match &r.event {
-            Event::BackendAdded { backend, .. } => format!("+{backend}"),
-            Event::BackendRemoved { backend, .. } => format!("-{backend}"),
-            other => format!("{other:?}"),
-        })
-        .collect();
     assert_eq!(
-        changes,
+        changes(&events),
         [
             "+10.0.0.1:5432",
             "+10.0.0.2:5432",
@@ -154,6 +145,68 @@ async fn the_system_resolver_resolves_localhost() {
     assert!(addrs
         .iter()
         .all(|a| a.port() == 8080 && a.ip().is_loopback()));
+}
+
+/// The events as `+id` and `-id`.
+fn changes(events: &Events) -> Vec<String> {
+    (events.history().iter())
+        .map(|r| match &r.event {
+            Event::BackendAdded { backend, .. } => format!("+{backend}"),
+            Event::BackendRemoved { backend, .. } => format!("-{backend}"),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+/// A change's event comes once the pool has made the change (the stream
+/// is polled for the next one), never before: a subscriber acting on
+/// `BackendAdded` finds the backend, and one reading `BackendRemoved` does
+/// not see it still serving.
+#[tokio::test(start_paused = true)]
+async fn an_event_comes_once_its_change_is_made() {
+    use futures::StreamExt;
+    use tower::discover::Change;
+
+    let resolver = Scripted::default();
+    resolver.answer(&[1, 2]);
+    let events = Events::default();
+    let mut discover = DnsDiscover::new(resolver.clone(), "db", 5432, |a| a)
+        .interval(Duration::from_secs(10))
+        .events(events.clone());
+    let mut next = async || match discover.next().await {
+        Some(Ok(Change::Insert(id, _))) => format!("+{id}"),
+        Some(Ok(Change::Remove(id))) => format!("-{id}"),
+        None => unreachable!("the stream never ends"),
+    };
+    assert_eq!(next().await, "+10.0.0.1:5432");
+    assert!(changes(&events).is_empty());
+    assert_eq!(next().await, "+10.0.0.2:5432");
+    assert_eq!(changes(&events), ["+10.0.0.1:5432"]);
+    resolver.answer(&[3]);
+    assert_eq!(next().await, "+10.0.0.3:5432");
+    assert_eq!(changes(&events), ["+10.0.0.1:5432", "+10.0.0.2:5432"]);
+    assert_eq!(next().await, "-10.0.0.1:5432");
+    assert_eq!(next().await, "-10.0.0.2:5432");
+    assert_eq!(
+        changes(&events),
+        ["+10.0.0.1:5432", "+10.0.0.2:5432", "+10.0.0.3:5432", "-10.0.0.1:5432"]
+    );
+}
+
+/// A stream started over a pool that holds its addresses already (the
+/// stream restarted) announces no backend as added.
+#[tokio::test(start_paused = true)]
+async fn an_address_the_pool_holds_already_is_not_announced_as_added() {
+    let resolver = Scripted::default();
+    resolver.answer(&[1, 2]);
+    let events = Events::default();
+    let pool: Pool<SocketAddr> = Pool::new();
+    pool.insert("10.0.0.1:5432", SocketAddr::from(([10, 0, 0, 1], 5432)));
+    let task = discover_into(&resolver, &pool, &events);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
+    assert_eq!(changes(&events), ["+10.0.0.2:5432"]);
+    task.abort();
 }
 
 /// Spawns discovery into `pool` with a 10 s interval; returns the task.
