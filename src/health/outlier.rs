@@ -309,21 +309,27 @@ impl<C> Watch<C> {
         if self.ejected.load(Ordering::Relaxed)
             && !state.is_ejected()
             && self.ejected.swap(false, Ordering::AcqRel)
+        {
             // Lifted early (a passing probe), the ejection's end was
             // reported by whoever lifted it.
-            && state.take_expired_ejection()
-        {
-            tracing::info!(
-                backend = %target.id(),
-                from = "ejected",
-                to = "available",
-                reason = "ejection ended",
-                "backend restored"
-            );
-            emit(self.events.as_ref(), || Event::Restored {
-                backend: target.id().clone(),
-                reason: "ejection ended".into(),
-            });
+            if state.take_expired_ejection() {
+                tracing::info!(
+                    backend = %target.id(),
+                    from = "ejected",
+                    to = "available",
+                    reason = "ejection ended",
+                    "backend restored"
+                );
+                emit(self.events.as_ref(), || Event::Restored {
+                    backend: target.id().clone(),
+                    reason: "ejection ended".into(),
+                });
+            } else if state.is_ejected() {
+                // Between the check and the swap, another request reported
+                // that ejection's end and a failure ejected the backend
+                // again: the end of this one is still to report.
+                self.ejected.store(true, Ordering::Release);
+            }
         }
         if let Some(rate) = self.config.success_rate {
             self.observe_rate(target, failed, rate);
