@@ -56,9 +56,9 @@ impl<T: Read + Write + Unpin + Send + 'static> Io for T {}
 /// the backend gone, the stream's write side is taken as closed: what is
 /// written from then on is dropped, and reads go on, so that hyper reads
 /// the answer, or, when there is none, the end of the connection, which
-/// fails the exchange. Once an answer has been read, the rest of the
-/// request's body is still taken (and dropped) to its end, as nginx
-/// discards a request body it will not use.
+/// fails the exchange. Once the answer has been read, hyper reads the
+/// connection's end too, which stops the upload: the rest of the
+/// request's body is not taken.
 ///
 /// Not so on a connection opened for an upgrade: once it is a tunnel, a
 /// write that finds the backend gone fails, so that the tunnel ends
