@@ -2182,11 +2182,15 @@ async fn a_key_listed_twice_is_restored_once_from_its_last_record() {
         Session::new("k", backend.into()).with_data(serde_json::json!({ "v": v }))
     };
     let saved = MemoryStore::new();
-    let store = Listing(Arc::new(vec![record("a", 1), record("b", 2)]), saved.clone());
+    let store = Listing(
+        Arc::new(vec![record("a", 1), record("b", 2)]),
+        saved.clone(),
+    );
     let hooked = Arc::new(Mutex::new(Vec::new()));
     let seen = hooked.clone();
     let layer = standalone(&c.pool, &store).on_restore(move |s: Session| {
-        seen.lock().push((s.backend.to_string(), s.data["v"].clone()));
+        seen.lock()
+            .push((s.backend.to_string(), s.data["v"].clone()));
         async move { Ok::<(), BoxError>(()) }
     });
     let report = layer.restore().await.unwrap();
@@ -3262,7 +3266,9 @@ async fn a_stale_cookie_on_a_departed_backend_does_not_hide_the_current_one() {
     let ours = cookie_of(&first).unwrap();
     let stale = format!("srv={}", sign("srv", "AAAAAAAAAAAAAAAAAAAAAA", "gone"));
     for _ in 0..3 {
-        let res = send(&svc, with_cookie(&format!("{stale}; {ours}"))).await.unwrap();
+        let res = send(&svc, with_cookie(&format!("{stale}; {ours}")))
+            .await
+            .unwrap();
         assert_eq!(res.body(), first.body());
         assert!(cookie_of(&res).is_none(), "no new session");
     }

@@ -608,7 +608,11 @@ async fn a_write_cut_off_after_it_was_sent_is_not_sent_again() {
     assert_eq!(server.requests(), 2);
     let err = store.load("k").await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
-    assert_eq!(server.requests(), 6, "a load: one attempt and three retries");
+    assert_eq!(
+        server.requests(),
+        6,
+        "a load: one attempt and three retries"
+    );
 }
 
 /// A query may hold a secret (a function key): it is sent, but errors and

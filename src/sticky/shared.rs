@@ -1253,8 +1253,9 @@ impl Shared {
             let learns = match &self.config.key.kind {
                 Kind::Learn(_) => true,
                 // A server that assigns ids may assign another.
-                Kind::Header(name) => (response.headers().get(name))
-                    .is_some_and(|v| v.as_bytes() != key.as_bytes()),
+                Kind::Header(name) => {
+                    (response.headers().get(name)).is_some_and(|v| v.as_bytes() != key.as_bytes())
+                }
                 Kind::Insert(_) | Kind::Fn(_) => false,
             };
             // Its cookie names its backend, and is not due to be sent again.
@@ -2023,7 +2024,6 @@ impl fmt::Display for Shown<'_> {
             .try_for_each(|b| write!(f, "{b:02x}"))
     }
 }
-
 
 /// Keeps the last record of each key a listing holds more than once (a
 /// store that appends records rather than replacing them), and reports the
