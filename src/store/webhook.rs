@@ -26,8 +26,11 @@ const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// The largest answer `load_all` reads by default: every session at once.
 const DEFAULT_MAX_LISTING: usize = 256 * 1024 * 1024;
-/// How long a connection to the service is kept open unused.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection to the service is kept open unused: less than
+/// the keep-alive of common servers (Node.js and uvicorn close after 5 s),
+/// so that a write rarely goes out on a connection the service is closing,
+/// which fails it unretried.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// The key of each element of a load answer.
 const SESSION_FIELD: &str = "kernel_session";
 
@@ -49,7 +52,8 @@ const SESSION_FIELD: &str = "kernel_session";
 /// no request. The keys `""`, `.` and `..` cannot be a segment of their
 /// own (a server that normalises the path reads them as `{url}/` or
 /// `{url}/..`): saving or loading them fails with
-/// [`is_invalid_key`](StoreError::is_invalid_key).
+/// [`is_invalid_key`](StoreError::is_invalid_key), as it does for a key
+/// that makes the URL longer than a URI may be (about 64 KiB).
 ///
 /// # Failures
 ///
@@ -84,7 +88,9 @@ const SESSION_FIELD: &str = "kernel_session";
 /// * a save or a delete whose connection fails after the request was
 ///   written (reset, or closed without an answer) fails as
 ///   [`is_unavailable`](StoreError::is_unavailable) and is not retried, for
-///   the same reason.
+///   the same reason. A connection left unused is closed after 4 s, before
+///   common servers close theirs (Node.js and uvicorn after 5 s), so that
+///   a write rarely meets a service closing the connection it reuses.
 ///
 /// # Authentication
 ///
@@ -665,10 +671,12 @@ impl Inner {
 }
 
 /// Whether a failed exchange never sent the request: a connection that
-/// could not be opened, or one that closed before the request was written.
+/// could not be opened or readied (the error names no connection), or one
+/// that handed the request back unwritten.
 fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
     use std::error::Error as _;
     error.is_connect()
+        || error.connect_info().is_none()
         || error
             .source()
             .and_then(|e| e.downcast_ref::<hyper::Error>())
