@@ -3277,6 +3277,26 @@ async fn a_stale_cookie_on_a_departed_backend_does_not_hide_the_current_one() {
     let res = send(&svc, with_cookie(&stale)).await.unwrap();
     assert!(cookie_of(&res).is_some());
     assert_eq!(layer.stats().created, 2);
+
+    // Through a replica whose table has never seen the current session:
+    // its record is read from the store.
+    let store = MemoryStore::new();
+    let (_, a) = instance(
+        &c,
+        SessionKey::insert_cookie(insert_cookie()),
+        store.clone(),
+    );
+    let (b_layer, b) = instance(&c, SessionKey::insert_cookie(insert_cookie()), store);
+    let first = send(&a, Request::new(())).await.unwrap();
+    let ours = cookie_of(&first).unwrap();
+    for _ in 0..3 {
+        let res = send(&b, with_cookie(&format!("{stale}; {ours}")))
+            .await
+            .unwrap();
+        assert_eq!(res.body(), first.body());
+        assert!(cookie_of(&res).is_none(), "no new session");
+    }
+    assert_eq!(b_layer.stats().created, 0);
 }
 
 #[tokio::test(start_paused = true)]

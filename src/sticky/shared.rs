@@ -553,9 +553,9 @@ impl Shared {
                     // passed over on every request.
                     Ok(found) if self.names_a_departed_backend(&found) => {
                         (self.config.key.more_cookies(&head))
-                            .find_map(|value| match self.lookup_cookie(value) {
-                                Ok(hit @ Found::Hit(..)) => Some(hit),
-                                _ => None,
+                            .find_map(|value| {
+                                let later = self.lookup_cookie(value).ok();
+                                later.filter(|f| !self.names_a_departed_backend(f))
                             })
                             .unwrap_or(found)
                     }
@@ -635,12 +635,6 @@ impl Shared {
         }
     }
 
-    /// Looks up the session a cookie of the layer's own names. The exact
-    /// value issued for the session's current backend is recognised by a
-    /// constant-time comparison with the value kept in the table, without
-    /// decoding or computing a MAC; any other value is parsed and its MAC
-    /// verified before it touches the session.
-    #[inline]
     /// Whether `found` is a session the table does not know whose cookie
     /// names a backend no longer in the pool.
     fn names_a_departed_backend(&self, found: &Found) -> bool {
@@ -648,6 +642,12 @@ impl Shared {
             if self.config.backends.status(named) == Status::Missing)
     }
 
+    /// Looks up the session a cookie of the layer's own names. The exact
+    /// value issued for the session's current backend is recognised by a
+    /// constant-time comparison with the value kept in the table, without
+    /// decoding or computing a MAC; any other value is parsed and its MAC
+    /// verified before it touches the session.
+    #[inline]
     fn lookup_cookie(self: &Arc<Self>, value: &[u8]) -> Result<Found, Reject> {
         if let Some(session) = value
             .get(..SESSION_ID_LEN)
