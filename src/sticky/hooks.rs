@@ -88,7 +88,10 @@ pub struct RestoreReport {
     /// The sessions whose restore hook failed. Their stored records are
     /// kept, so a later restore (or another replica) can try again.
     pub failed: Vec<RestoreFailure>,
-    /// The stored records the store could not read.
+    /// The stored records the store could not read, and the earlier
+    /// records of a key the store listed more than once (`is_corrupt`,
+    /// named by the key; its last record was restored or failed as any
+    /// other): do not delete the stored records of these keys unseen.
     pub skipped: Vec<Skipped>,
 }
 
