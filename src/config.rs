@@ -668,11 +668,7 @@ impl Config {
                         .rev()
                         .find(|&i| text.is_char_boundary(i))
                         .unwrap_or(0);
-                    let before = &text[..start];
-                    let line = before.matches('\n').count() + 1;
-                    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-                    let column = before[line_start..].chars().count() + 1;
-                    format!("line {line} column {column}")
+                    position(&text[..start])
                 })
                 .unwrap_or_default();
             ConfigError::parse(field, e.message().trim_end().to_owned())
@@ -693,19 +689,10 @@ impl Config {
         })?;
         // Read, but not text this parser takes: a parse error, with where.
         let text = String::from_utf8(bytes).map_err(|e| {
-            let at = e.utf8_error().valid_up_to();
-            let before = &e.as_bytes()[..at];
-            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-            let column = at
-                - before
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                    .map_or(0, |i| i + 1)
-                + 1;
-            let mut error = ConfigError::parse(
-                format!("line {line} column {column}"),
-                "the file is not UTF-8".to_owned(),
-            );
+            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let before = std::str::from_utf8(valid).unwrap_or_default();
+            let mut error =
+                ConfigError::parse(position(before), "the file is not UTF-8".to_owned());
             error.file = Some(path.to_owned());
             error
         })?;
@@ -722,6 +709,16 @@ impl Config {
             e
         })
     }
+}
+
+/// `line L column C` (from 1, in characters, as the YAML parser says it)
+/// of the end of `before`, a text's start.
+#[cfg(feature = "config")]
+fn position(before: &str) -> String {
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    format!("line {line} column {column}")
 }
 
 /// Parses a duration such as `"5s"`, `"250ms"` or `"1m30s"`.

@@ -569,13 +569,14 @@ fn a_file_that_is_not_utf8_is_a_parse_error() {
     let path = dir.path().join("groups.yaml");
     std::fs::write(
         &path,
-        b"failover_groups:\n  - name: caf\xe9\n    mode: normal\n    backends: [a]\n",
+        b"failover_groups:\n  - name: caf\xc3\xa9 caf\xe9\n    mode: normal\n    backends: [a]\n",
     )
     .unwrap();
     let err = Config::load(&path).unwrap_err();
     assert!(err.is_parse(), "{err:?}");
     assert!(!err.is_io());
-    assert_eq!(err.field(), "line 2 column 14");
+    // In characters: `é` before it is one.
+    assert_eq!(err.field(), "line 2 column 19");
     assert_eq!(err.file(), Some(path.as_path()));
     assert!(err.to_string().contains("not UTF-8"), "{err}");
 }
