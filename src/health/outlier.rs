@@ -324,7 +324,7 @@ impl<C> Watch<C> {
                     backend: target.id().clone(),
                     reason: "ejection ended".into(),
                 });
-            } else if state.is_ejected() {
+            } else if state.has_uncleared_ejection() {
                 // Between the check and the swap, another request reported
                 // that ejection's end and a failure ejected the backend
                 // again: the end of this one is still to report.
