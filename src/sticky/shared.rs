@@ -637,6 +637,7 @@ impl Shared {
 
     /// Whether `found` is a session the table does not know whose cookie
     /// names a backend no longer in the pool.
+    #[inline]
     fn names_a_departed_backend(&self, found: &Found) -> bool {
         matches!(found, Found::Miss(_, Some(named), None)
             if self.config.backends.status(named) == Status::Missing)
