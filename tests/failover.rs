@@ -27,6 +27,7 @@ use tower_test::mock;
 
 mod support;
 use support::deferred::Deferred;
+use support::gate::Gated;
 use support::wait::bounded;
 
 type Mock = mock::Mock<Request<()>, Response<()>>;
@@ -592,31 +593,6 @@ async fn deadline_ends_the_attempts_at_the_configured_instant() {
     assert_eq!((stats.retries, stats.recovered, stats.exhausted), (2, 0, 1));
 }
 
-/// Ready for one call only; never again after it.
-#[derive(Clone)]
-struct OneCall<S>(S, Arc<AtomicUsize>);
-
-impl<S: Service<R>, R> Service<R> for OneCall<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        if self.1.load(Ordering::SeqCst) > 0 {
-            return std::task::Poll::Pending;
-        }
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> S::Future {
-        self.1.fetch_add(1, Ordering::SeqCst);
-        self.0.call(req)
-    }
-}
-
 /// An attempt abandoned at its per-try timeout, then a wait for the
 /// service to be ready for the next one: the deadline still ends the wait,
 /// at its instant.
@@ -629,10 +605,10 @@ async fn the_deadline_ends_a_wait_for_readiness_between_attempts() {
                 .per_try_timeout(Duration::from_secs(1))
                 .deadline(Duration::from_secs(3)),
         )
-        .service(OneCall(
-            Balance::new(pool.clone(), RoundRobin::new()),
-            Arc::default(),
-        ));
+        .service(Gated::one_call(Balance::new(
+            pool.clone(),
+            RoundRobin::new(),
+        )));
     let start = Instant::now();
     let call = tokio::spawn(service.oneshot(Request::new(())));
     let (_, _a_never_answers) = next(&mut handles[0], "a first").await;

@@ -797,6 +797,20 @@ async fn start_unhealthy_holds_for_a_backend_added_later_at_once() {
     assert_eq!(health("c"), HealthStatus::Healthy);
 }
 
+/// Fails five requests in a row, the count that ejects a backend by
+/// default, to the pool's first backend, `a`, which `backend` serves.
+async fn fail_five_in_a_row(
+    pool: &Pool<tower_ha::health::Health<Backend>>,
+    backend: &Backend,
+    state: &Arc<BackendState>,
+) {
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    let svc = pool.snapshot().service(0).unwrap().clone();
+    for _ in 0..5 {
+        send(&svc, "a", state).await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_passing_probe_lifts_a_passive_ejection() {
     let pool = Pool::new();
@@ -810,11 +824,7 @@ async fn a_passing_probe_lifts_a_passive_ejection() {
         .jitter(Duration::ZERO)
         .spawn();
     at(t0 + secs(1)).await;
-    backend.set(StatusCode::SERVICE_UNAVAILABLE);
-    let svc = pool.snapshot().service(0).unwrap().clone();
-    for _ in 0..5 {
-        send(&svc, "a", &state).await;
-    }
+    fail_five_in_a_row(&pool, &backend, &state).await;
     assert!(state.is_ejected());
     at(t0 + secs(5) - ms(1)).await;
     assert!(state.is_ejected());
@@ -842,11 +852,7 @@ async fn a_probe_sent_before_an_ejection_does_not_lift_it() {
         .spawn();
     // The probe sent at 0 s is under way when the backend is ejected.
     at(t0 + ms(100)).await;
-    backend.set(StatusCode::SERVICE_UNAVAILABLE);
-    let svc = pool.snapshot().service(0).unwrap().clone();
-    for _ in 0..5 {
-        send(&svc, "a", &state).await;
-    }
+    fail_five_in_a_row(&pool, &backend, &state).await;
     assert!(state.is_ejected());
     at(t0 + secs(1)).await;
     assert!(state.is_ejected(), "the probe sent before it lifted it");
@@ -874,11 +880,7 @@ async fn an_ejection_runs_its_time_when_probes_may_not_lift_it() {
         .lift_ejections(false)
         .spawn();
     at(t0 + secs(1)).await;
-    backend.set(StatusCode::SERVICE_UNAVAILABLE);
-    let svc = pool.snapshot().service(0).unwrap().clone();
-    for _ in 0..5 {
-        send(&svc, "a", &state).await;
-    }
+    fail_five_in_a_row(&pool, &backend, &state).await;
     let ejected_until = state.ejected_until().expect("ejected");
     assert_eq!(ejected_until, t0 + secs(31));
     at(t0 + secs(30)).await;

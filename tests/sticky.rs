@@ -27,6 +27,7 @@ use tower_ha::store::{
 };
 use tower_ha::{AdminStatus, BackendError, BackendId, BoxError, HealthStatus, Pool};
 
+use support::gate::Gated;
 use support::wait::{bounded_real, spin_until};
 
 const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
@@ -108,34 +109,6 @@ fn backend(
     })
 }
 
-/// `S`, whose `poll_ready` stays pending while `stall` is set (it wakes no
-/// one: a timer must).
-#[derive(Clone)]
-struct Stalling<S> {
-    inner: S,
-    stall: Arc<AtomicBool>,
-}
-
-impl<S: Service<Request<()>>> Service<Request<()>> for Stalling<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        if self.stall.load(Ordering::SeqCst) {
-            return std::task::Poll::Pending;
-        }
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<()>) -> Self::Future {
-        self.inner.call(req)
-    }
-}
-
 struct Cluster<S> {
     pool: Pool<S>,
     fail: HashMap<&'static str, Arc<AtomicBool>>,
@@ -157,13 +130,7 @@ fn cluster() -> Cluster<
         let flag = Arc::new(AtomicBool::new(false));
         let stalled = Arc::new(AtomicBool::new(false));
         let inner = backend(name, flag.clone());
-        pool.insert(
-            name,
-            Stalling {
-                inner,
-                stall: stalled.clone(),
-            },
-        );
+        pool.insert(name, Gated::new(inner, stalled.clone()));
         fail.insert(name, flag);
         stall.insert(name, stalled);
     }
@@ -2155,22 +2122,17 @@ async fn standalone_restore_reports_and_keeps_failed_records() {
 /// A store that lists a fixed set of records (say, one that appends a
 /// record at each save), and otherwise is `MemoryStore`.
 #[derive(Clone)]
-struct Listing(Arc<Vec<Session>>, MemoryStore);
+struct Listing {
+    listed: Arc<Vec<Session>>,
+    inner: MemoryStore,
+}
 
 impl SessionStore for Listing {
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
-        let listed = Loaded::new(self.0.to_vec());
+        let listed = Loaded::new(self.listed.to_vec());
         Box::pin(async move { Ok(listed) })
     }
-    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
-        self.1.load(key)
-    }
-    fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
-        self.1.save(session)
-    }
-    fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
-        self.1.delete(keys)
-    }
+    pass_on!(inner: load, save, delete);
 }
 
 /// A key listed twice is restored once, from its last record (as a store
@@ -2182,10 +2144,10 @@ async fn a_key_listed_twice_is_restored_once_from_its_last_record() {
         Session::new("k", backend.into()).with_data(serde_json::json!({ "v": v }))
     };
     let saved = MemoryStore::new();
-    let store = Listing(
-        Arc::new(vec![record("a", 1), record("b", 2)]),
-        saved.clone(),
-    );
+    let store = Listing {
+        listed: Arc::new(vec![record("a", 1), record("b", 2)]),
+        inner: saved.clone(),
+    };
     let hooked = Arc::new(Mutex::new(Vec::new()));
     let seen = hooked.clone();
     let layer = standalone(&c.pool, &store).on_restore(move |s: Session| {
@@ -3263,15 +3225,8 @@ async fn a_stale_cookie_on_a_departed_backend_does_not_hide_the_current_one() {
     let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
     let svc = stack(&c.pool, layer.clone());
     let first = send(&svc, Request::new(())).await.unwrap();
-    let ours = cookie_of(&first).unwrap();
     let stale = format!("srv={}", sign("srv", "AAAAAAAAAAAAAAAAAAAAAA", "gone"));
-    for _ in 0..3 {
-        let res = send(&svc, with_cookie(&format!("{stale}; {ours}")))
-            .await
-            .unwrap();
-        assert_eq!(res.body(), first.body());
-        assert!(cookie_of(&res).is_none(), "no new session");
-    }
+    stays_behind(&svc, &stale, &first).await;
     assert_eq!(layer.stats().created, 1);
     // Alone, it starts a new session, as before.
     let res = send(&svc, with_cookie(&stale)).await.unwrap();
@@ -3288,15 +3243,24 @@ async fn a_stale_cookie_on_a_departed_backend_does_not_hide_the_current_one() {
     );
     let (b_layer, b) = instance(&c, SessionKey::insert_cookie(insert_cookie()), store);
     let first = send(&a, Request::new(())).await.unwrap();
-    let ours = cookie_of(&first).unwrap();
+    stays_behind(&b, &stale, &first).await;
+    assert_eq!(b_layer.stats().created, 0);
+}
+
+/// Requests with `stale` first and then `first`'s cookie go where `first`
+/// went, and start no session.
+async fn stays_behind<S>(svc: &S, stale: &str, first: &Response<String>)
+where
+    S: Service<Request<()>, Response = Response<String>, Error = BoxError> + Clone,
+{
+    let ours = cookie_of(first).unwrap();
     for _ in 0..3 {
-        let res = send(&b, with_cookie(&format!("{stale}; {ours}")))
+        let res = send(svc, with_cookie(&format!("{stale}; {ours}")))
             .await
             .unwrap();
         assert_eq!(res.body(), first.body());
         assert!(cookie_of(&res).is_none(), "no new session");
     }
-    assert_eq!(b_layer.stats().created, 0);
 }
 
 #[tokio::test(start_paused = true)]

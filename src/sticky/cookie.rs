@@ -867,14 +867,19 @@ mod tests {
         assert!(CookieInsert::try_new("srv", [7u8; 32]).is_ok());
     }
 
+    /// A response's headers, one `Set-Cookie` per line.
+    fn set_cookies(lines: &[&'static str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for &line in lines {
+            h.append(SET_COOKIE, HeaderValue::from_static(line));
+        }
+        h
+    }
+
     #[test]
     fn a_deletion_on_a_path_the_request_is_not_under_is_not_its_sessions() {
         let learned = |lines: &[&'static str], request: &str| {
-            let mut h = HeaderMap::new();
-            for &line in lines {
-                h.append(SET_COOKIE, HeaderValue::from_static(line));
-            }
-            learn(&h, "JSESSIONID", Some(request)).map(|l| match l {
+            learn(&set_cookies(lines), "JSESSIONID", Some(request)).map(|l| match l {
                 Learned::Set(v) => Some(String::from_utf8(v.to_vec()).unwrap()),
                 Learned::Deleted => None,
             })
@@ -909,22 +914,13 @@ mod tests {
             Some(Some("new".to_owned()))
         );
         // Without the request's path, any deletion may be its session's.
-        let mut h = HeaderMap::new();
-        h.append(SET_COOKIE, HeaderValue::from_static(legacy));
+        let h = set_cookies(&[legacy]);
         assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
     }
 
     #[test]
     fn a_relative_path_is_the_default_one() {
-        let mut h = HeaderMap::new();
-        h.append(
-            SET_COOKIE,
-            HeaderValue::from_static("JSESSIONID=a; Path=app"),
-        );
-        h.append(
-            SET_COOKIE,
-            HeaderValue::from_static("JSESSIONID=; Path=/; Max-Age=0"),
-        );
+        let h = set_cookies(&["JSESSIONID=a; Path=app", "JSESSIONID=; Path=/; Max-Age=0"]);
         assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
     }
 
@@ -959,29 +955,19 @@ mod tests {
                 "JSESSIONID=old; Domain=b.example; Max-Age=0",
             ],
         ] {
-            let mut h = HeaderMap::new();
-            for line in lines {
-                h.append(SET_COOKIE, HeaderValue::from_static(line));
-            }
             assert_eq!(
-                learn(&h, "JSESSIONID", None),
+                learn(&set_cookies(&lines), "JSESSIONID", None),
                 Some(Learned::Set(b"new1")),
                 "{lines:?}"
             );
         }
         // The same scope, however it is spelled: the deletion wins.
-        let mut h = HeaderMap::new();
-        h.append(
-            SET_COOKIE,
-            HeaderValue::from_static("JSESSIONID=abc; Path=/x; Domain=.A.example"),
-        );
-        h.append(
-            SET_COOKIE,
-            HeaderValue::from_static("JSESSIONID=; path=/x; domain=a.example"),
-        );
+        let h = set_cookies(&[
+            "JSESSIONID=abc; Path=/x; Domain=.A.example",
+            "JSESSIONID=; path=/x; domain=a.example",
+        ]);
         assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
-        let mut h = HeaderMap::new();
-        h.append(SET_COOKIE, HeaderValue::from_static("JSESSIONID=; Path=/"));
+        let h = set_cookies(&["JSESSIONID=; Path=/"]);
         assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
         // A line without a path or domain has the request's, which may be
         // the deletion's: the deletion wins. Two values of scopes that
@@ -1005,24 +991,18 @@ mod tests {
                 Some("other"),
             ),
         ] {
-            let mut h = HeaderMap::new();
-            for line in lines {
-                h.append(SET_COOKIE, HeaderValue::from_static(line));
-            }
+            let h = set_cookies(&lines);
             let expected = match left {
                 Some(v) => Learned::Set(v.as_bytes()),
                 None => Learned::Deleted,
             };
             assert_eq!(learn(&h, "JSESSIONID", None), Some(expected), "{lines:?}");
         }
-        let mut h = HeaderMap::new();
-        for line in [
+        let h = set_cookies(&[
             "JSESSIONID=one; Domain=a.example",
             "JSESSIONID=two; Path=/x",
             "JSESSIONID=; Path=/x; Domain=b.example; Max-Age=0",
-        ] {
-            h.append(SET_COOKIE, HeaderValue::from_static(line));
-        }
+        ]);
         // `two` did not replace `one`, and the deletion ends `two` alone.
         assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Set(b"one")));
         // What learning says of `JSESSIONID=abc; {attrs}`.
