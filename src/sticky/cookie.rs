@@ -595,6 +595,10 @@ pub(crate) fn learn<'h>(
     // Per path and domain, the value the last line leaves (`None`: deleted),
     // in the order they were last written.
     let mut scopes: Vec<Scope<'h>> = Vec::new();
+    // Whether a cookie of `path` is one the request could not have sent.
+    let off_path = |path: &[u8]| {
+        !path.is_empty() && request_path.is_some_and(|r| !path_matches(r.as_bytes(), path))
+    };
     for header in headers.get_all(SET_COOKIE) {
         let mut parts = header.as_bytes().split(|&b| b == b';');
         let Some(pair) = parts.next() else { continue };
@@ -630,33 +634,31 @@ pub(crate) fn learn<'h>(
         let deletes = left.is_none();
         // The request's default path falls under its path, so a deletion
         // elsewhere cannot be of a value set without a `Path` either.
-        let elsewhere = deletes
-            && !path.is_empty()
-            && request_path.is_some_and(|r| !path_matches(r.as_bytes(), path));
+        let elsewhere = deletes && off_path(path);
         // A value replaces the one of its exact scope; a deletion ends
         // those of every scope that may be its own (an empty attribute
         // stands for the request's, which may equal any).
         let same = |a: &[u8], b: &[u8], eq: fn(&[u8], &[u8]) -> bool, any: bool| {
             eq(a, b) || (deletes && any && (a.is_empty() || b.is_empty()))
         };
-        scopes.retain(|&(p, d, _, _)| {
+        scopes.retain(|&(p, d, _)| {
             !(same(p, path, |a, b| a == b, !elsewhere)
                 && same(d, domain, <[u8]>::eq_ignore_ascii_case, true))
         });
-        scopes.push((path, domain, left, elsewhere));
+        scopes.push((path, domain, left));
     }
-    if let Some(value) = scopes.iter().rev().find_map(|&(_, _, left, _)| left) {
+    if let Some(value) = scopes.iter().rev().find_map(|&(_, _, left)| left) {
         return Some(Learned::Set(value));
     }
+    // Only deletions are left: one on the request's path ends its session.
     scopes
         .iter()
-        .any(|&(_, _, _, elsewhere)| !elsewhere)
+        .any(|&(path, ..)| !off_path(path))
         .then_some(Learned::Deleted)
 }
 
-/// A cookie's path and domain, the value a `Set-Cookie` left it with, and
-/// whether that is a deletion on a path the request is not under.
-type Scope<'h> = (&'h [u8], &'h [u8], Option<&'h [u8]>, bool);
+/// A cookie's path and domain, and the value a `Set-Cookie` left it with.
+type Scope<'h> = (&'h [u8], &'h [u8], Option<&'h [u8]>);
 
 /// Whether a browser sends a cookie of path `cookie` with a request for
 /// `request` (RFC 6265, section 5.1.4).
