@@ -279,34 +279,27 @@ impl WeakHandle {
     }
 }
 
-/// Every distinct state of backend `id` across the groups `inner` holds.
-fn live_states(inner: &Inner, id: &BackendId) -> Vec<Arc<BackendState>> {
-    held_states(inner, id, |pool, id| pool.state(id))
-}
-
 /// Every distinct state of backend `id` an action reaches: those the
 /// groups hold, then those their pools keep for its return after their
 /// discovery removed it (it comes back with them).
 fn reached_states(inner: &Inner, id: &BackendId) -> Vec<Arc<BackendState>> {
-    let mut states = live_states(inner, id);
-    for kept in held_states(inner, id, |pool, id| pool.kept_state(id)) {
-        if !states.iter().any(|s| Arc::ptr_eq(s, &kept)) {
-            states.push(kept);
-        }
-    }
-    states
+    held_states(
+        inner,
+        id,
+        &[|pool, id| pool.state(id), |pool, id| pool.kept_state(id)],
+    )
 }
 
-/// The states of backend `id` the groups' pools hold, or keep for its
-/// return after their discovery removed it: those it comes back with.
-fn held_states(
-    inner: &Inner,
-    id: &BackendId,
-    state: fn(&dyn PoolOps, &BackendId) -> Option<Arc<BackendState>>,
-) -> Vec<Arc<BackendState>> {
+/// A way a pool holds a backend's state: live, or kept for its return.
+type StateLookup = fn(&dyn PoolOps, &BackendId) -> Option<Arc<BackendState>>;
+
+/// The distinct states of backend `id` that `lookups` find in the groups'
+/// pools, in the order of the lookups.
+fn held_states(inner: &Inner, id: &BackendId, lookups: &[StateLookup]) -> Vec<Arc<BackendState>> {
+    let groups = inner.groups.read();
     let mut states: Vec<Arc<BackendState>> = Vec::new();
-    for group in inner.groups.read().iter() {
-        if let Some(state) = state(&*group.pool, id) {
+    for lookup in lookups {
+        for state in groups.iter().filter_map(|group| lookup(&*group.pool, id)) {
             if !states.iter().any(|s| Arc::ptr_eq(s, &state)) {
                 states.push(state);
             }
@@ -736,10 +729,9 @@ impl Handle {
         let _actions = self.inner.drains.lock();
         // Also from a state kept for the backend's return elsewhere, which
         // an action may have set.
-        let admin = self
-            .states(&id)
-            .ok()
-            .and_then(|states| states.first().map(|state| state.admin()));
+        let admin = reached_states(&self.inner, &id)
+            .first()
+            .map(|state| state.admin());
         // The status is the backend's before any balancer can see it; a
         // member already (added by a discovery stream, say) is left as it
         // is.
@@ -814,7 +806,7 @@ impl Handle {
         if let Some(state) = self.groups().iter().find_map(|g| g.state(id)) {
             return Ok(BackendStats::of(id.clone(), &state, &self.inner.events));
         }
-        let kept = held_states(&self.inner, id, |pool, id| pool.kept_state(id));
+        let kept = held_states(&self.inner, id, &[|pool, id| pool.kept_state(id)]);
         let state = kept
             .first()
             .ok_or_else(|| ControlError::UnknownBackend(id.to_string()))?;
