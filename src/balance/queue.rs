@@ -497,15 +497,15 @@ impl<S, Req> Wait<S, Req> {
                         .iter()
                         .position(|m| Arc::ptr_eq(m.state(), place.state()))
                     {
-                        Some(i)
-                            if !self.ticket.waiter.tried.contains(members[i].id())
-                                && self.ticket.waiter.accepts(place.state()) =>
-                        {
-                            return Poll::Ready(Ok((self.settle)(&snapshot, i, place, request)));
-                        }
-                        // Taken out of rotation since the place was handed
-                        // over (disabled, unhealthy, ejected): picks again.
                         Some(i) if !self.ticket.waiter.tried.contains(members[i].id()) => {
+                            if self.ticket.waiter.accepts(place.state()) {
+                                return Poll::Ready(Ok((self.settle)(
+                                    &snapshot, i, place, request,
+                                )));
+                            }
+                            // Taken out of rotation since the place was
+                            // handed over (disabled, unhealthy, ejected):
+                            // picks again.
                             self.ticket.rejoin(None)
                         }
                         // Its backend left the pool and joined it again
