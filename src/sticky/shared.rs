@@ -545,37 +545,36 @@ impl Shared {
                     return Start::Call(Track::Fresh);
                 }
                 Extracted::Key(key) => self.lookup(&key),
-                Extracted::Cookie(value) => match self.lookup_cookie(value) {
-                    // A session the table does not know, on a backend gone
-                    // from the pool: a cookie sent after this one may be
-                    // the current one (this one left on a longer path by
-                    // an older setup, say), which would otherwise be
-                    // passed over on every request.
-                    Ok(found) if self.names_a_departed_backend(&found) => {
-                        (self.config.key.more_cookies(&head))
-                            .find_map(|value| {
-                                let later = self.lookup_cookie(value).ok();
-                                later.filter(|f| !self.names_a_departed_backend(f))
-                            })
-                            .unwrap_or(found)
-                    }
-                    Ok(found) => found,
-                    // Another cookie of the name, sent after this one (a
-                    // sibling domain's or a longer path's comes first),
-                    // may be the layer's own.
-                    Err(reason) => match self
-                        .config
-                        .key
-                        .more_cookies(&head)
-                        .find_map(|value| self.lookup_cookie(value).ok())
-                    {
-                        Some(found) => found,
-                        None => {
-                            self.reject(reason);
-                            return Start::Call(Track::Fresh);
+                Extracted::Cookie(value) => {
+                    // The first cookie of the name sent after this one that
+                    // verifies (with `live`, naming no departed backend).
+                    let later = |live: bool| {
+                        (self.config.key.more_cookies(&head)).find_map(|value| {
+                            let found = self.lookup_cookie(value).ok();
+                            found.filter(|f| !(live && self.names_a_departed_backend(f)))
+                        })
+                    };
+                    match self.lookup_cookie(value) {
+                        // A session the table does not know, on a backend
+                        // gone from the pool: a later cookie may be the
+                        // current one (this one left on a longer path by
+                        // an older setup, say), which would otherwise be
+                        // passed over on every request.
+                        Ok(found) if self.names_a_departed_backend(&found) => {
+                            later(true).unwrap_or(found)
                         }
-                    },
-                },
+                        Ok(found) => found,
+                        // A later cookie (a sibling domain's or a longer
+                        // path's comes first) may be the layer's own.
+                        Err(reason) => match later(false) {
+                            Some(found) => found,
+                            None => {
+                                self.reject(reason);
+                                return Start::Call(Track::Fresh);
+                            }
+                        },
+                    }
+                }
             }
         };
         let routed = match found {
