@@ -3139,6 +3139,72 @@ async fn an_answer_before_the_upload_ends_reaches_the_client() {
     assert_eq!(accepted.load(Ordering::SeqCst), 200);
 }
 
+/// A proxy (a hyper server in front of the whole stack) whose backend
+/// answers an upload before reading it and closes: the proxy reads the
+/// rest of the client's upload and drops it, as nginx does, so the client
+/// gets its answer and its connection stays open for the next request. A
+/// proxy that stopped reading would have hyper close the client's
+/// connection after the answer, with the upload unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_reads_the_rest_of_an_upload_its_backend_refused_early() {
+    use tower_ha::failover::BufferBodyLayer;
+
+    let (addr, accepted) = serve_answering_early(
+        "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\
+         connection: close\r\n\r\ntoo big!",
+    )
+    .await;
+    let client = HttpClient::<ReplayBody<Incoming>>::new();
+    let pool = Pool::new();
+    pool.insert(
+        "b",
+        HttpBackend::new(&client, format!("http://{addr}")).unwrap(),
+    );
+    let stack = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new())
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool, RoundRobin::new()));
+    let (front, front_accepted) = accept_counting(move |stream, _| {
+        let stack = stack.clone();
+        async move {
+            let service = service_fn(move |req: Request<Incoming>| stack.clone().oneshot(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await;
+
+    let stream = TcpStream::connect(front).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    for _ in 0..3 {
+        // 4 MiB: far past what the failover layer buffers, and more than
+        // the sockets hold.
+        let upload = Request::put("/upload")
+            .header("host", "front")
+            .body(upload_of(Some(256)))
+            .unwrap();
+        let exchange = async {
+            sender.ready().await?;
+            let resp = sender.send_request(upload).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("the answer came")
+            .expect("the client's connection stayed open");
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body, "too big!");
+    }
+    assert_eq!(front_accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
 /// A backend that goes away in the middle of an upload without answering
 /// fails the request at once as the backend's failure: the rest of the
 /// upload (here without end) is not sent into the void first.

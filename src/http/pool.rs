@@ -58,7 +58,7 @@ impl<T: Read + Write + Unpin + Send + 'static> Io for T {}
 /// the answer, or, when there is none, the end of the connection, which
 /// fails the exchange. Once the answer has been read, hyper reads the
 /// connection's end too, which stops the upload: the rest of the
-/// request's body is not taken.
+/// request's body goes to [`Upload`], which reads and drops it.
 ///
 /// Not so on a connection opened for an upgrade: once it is a tunnel, a
 /// write that finds the backend gone fails, so that the tunnel ends

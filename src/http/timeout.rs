@@ -12,6 +12,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use ::http::Request;
+use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -82,12 +83,27 @@ pub(super) fn body_failed(sent: &Sent) -> bool {
 /// A request body that notes when the connection is done with it, so that
 /// the wait for the response head counts from there: a backend that reads
 /// a long upload is not silent.
+///
+/// A connection that gives up a body in the middle of sending it (its
+/// backend answered before reading it all and closed, or failed, or the
+/// attempt was abandoned) hands the rest to [`discard`], which reads it
+/// and drops it, as nginx discards a body it will not use: a hyper server
+/// in front then keeps reading the client's upload, so the client is not
+/// reset before it has read its answer, and the connection can serve its
+/// next request. A body no connection has started to read is dropped as
+/// it is (a retry may still send it).
 pub(super) struct Upload<B> {
-    inner: B,
+    /// `None` once the body has ended, or failed.
+    inner: Option<B>,
     sent: Sent,
+    discard: fn(B),
 }
 
-impl<B: Body> Upload<B> {
+impl<B> Upload<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+{
     /// `req` with its body wrapped, and what says when that body was sent.
     // Inlined, so that the request's head is not copied out and back on
     // the proxy's path.
@@ -99,11 +115,61 @@ impl<B: Body> Upload<B> {
         let sent =
             (!inner.is_end_stream() && inner.size_hint().exact() != Some(0)).then(Arc::default);
         let body = Upload {
-            inner,
+            inner: Some(inner),
             sent: sent.clone(),
+            discard: discard::<B>,
         };
         (Request::from_parts(parts, body), sent)
     }
+}
+
+/// How long [`discard`] reads a body for: until no frame has come for 5 s,
+/// and for 30 s at most (nginx's `lingering_timeout` and `lingering_time`),
+/// and no more than 64 MiB of it, which bounds the work spent on a body
+/// made in memory rather than sent by a client.
+const DISCARD_IDLE: Duration = Duration::from_secs(5);
+const DISCARD_FOR: Duration = Duration::from_secs(30);
+const DISCARD_LIMIT: usize = 64 << 20;
+
+/// Reads the rest of `body` and drops it, on a task of its own, within
+/// [`DISCARD_IDLE`], [`DISCARD_FOR`] and [`DISCARD_LIMIT`] (see
+/// [`Upload`]). A body at its end, or outside a tokio runtime, is dropped
+/// as it is.
+fn discard<B>(mut body: B)
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if body.is_end_stream() {
+        return;
+    }
+    runtime.spawn(async move {
+        let end = later(Instant::now(), DISCARD_FOR);
+        let mut left = DISCARD_LIMIT;
+        loop {
+            // Checked here too: a body always ready never lets the
+            // timeout's timer be polled.
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+            let until = later(now, DISCARD_IDLE).min(end);
+            let Ok(Some(Ok(frame))) = tokio::time::timeout_at(until, frame).await else {
+                return;
+            };
+            let len = frame.data_ref().map_or(0, Buf::remaining);
+            match left.checked_sub(len) {
+                Some(rest) => left = rest,
+                None => return,
+            }
+            // Lets the runtime's other tasks run between frames always ready.
+            tokio::task::consume_budget().await;
+        }
+    });
 }
 
 impl<B: Body + Unpin> Body for Upload<B> {
@@ -114,7 +180,13 @@ impl<B: Body + Unpin> Body for Upload<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = Pin::new(inner).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = frame {
+            self.inner = None;
+        }
         if let Some(sent) = &self.sent {
             sent.starved.store(frame.is_pending(), Ordering::Relaxed);
             if let Poll::Ready(Some(frame)) = &frame {
@@ -128,11 +200,13 @@ impl<B: Body + Unpin> Body for Upload<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(B::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), B::size_hint)
     }
 }
 
@@ -142,6 +216,11 @@ impl<B> Drop for Upload<B> {
     fn drop(&mut self) {
         if let Some(sent) = &self.sent {
             let _ = sent.ended.set(Instant::now());
+            let started =
+                sent.frames.load(Ordering::Relaxed) > 0 || sent.starved.load(Ordering::Relaxed);
+            if let Some(rest) = self.inner.take().filter(|_| started) {
+                (self.discard)(rest);
+            }
         }
     }
 }
@@ -320,4 +399,138 @@ pub(super) fn timed_out(what: &str, timeout: Duration) -> io::Error {
         io::ErrorKind::TimedOut,
         format!("{what} for the read timeout ({timeout:?})"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// A request body fed through a channel: its sender sees when the body
+    /// is dropped, and, with room for one frame, how much of it was read.
+    /// Its token is shared while it lives.
+    struct Fed {
+        rx: mpsc::Receiver<Bytes>,
+        _token: Arc<()>,
+    }
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            self.rx.poll_recv(cx).map(|d| d.map(|d| Ok(Frame::data(d))))
+        }
+    }
+
+    /// An upload fed by the sender returned, with room for one frame, and
+    /// the body's token.
+    fn upload() -> (Upload<Fed>, mpsc::Sender<Bytes>, Arc<()>) {
+        let (tx, rx) = mpsc::channel(1);
+        let token = Arc::new(());
+        let (req, _) = Upload::wrap(Request::new(Fed {
+            rx,
+            _token: token.clone(),
+        }));
+        (req.into_body(), tx, token)
+    }
+
+    /// Sends a frame into `body` and has a connection take it.
+    async fn take_one(body: &mut Upload<Fed>, tx: &mpsc::Sender<Bytes>) {
+        tx.send(Bytes::from_static(b"first")).await.unwrap();
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+        assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "first");
+    }
+
+    /// A body no connection has started to read is dropped with its
+    /// upload, unread: a retry may still send it.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_never_read_is_not_discarded() {
+        let (body, tx, token) = upload();
+        tx.send(Bytes::from_static(b"kept")).await.unwrap();
+        drop(body);
+        assert!(tx.is_closed());
+        assert_eq!(Arc::strong_count(&token), 1);
+    }
+
+    /// A body given up in the middle is read to its end, and dropped then.
+    #[tokio::test(start_paused = true)]
+    async fn the_rest_of_a_body_given_up_is_read_and_dropped() {
+        let (mut body, tx, token) = upload();
+        take_one(&mut body, &tx).await;
+        drop(body);
+        for _ in 0..100 {
+            // With room for one frame, each send waits for the last one
+            // to have been read.
+            tx.send(Bytes::from_static(b"rest")).await.expect("read on");
+        }
+        drop(tx);
+        for _ in 0..10 {
+            if Arc::strong_count(&token) == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the body outlived its end");
+    }
+
+    /// A body that sends nothing for `DISCARD_IDLE` is dropped then.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_given_up_that_stands_still_is_dropped_after_the_idle_limit() {
+        let (mut body, tx, _) = upload();
+        take_one(&mut body, &tx).await;
+        drop(body);
+        let start = Instant::now();
+        tokio::time::sleep(DISCARD_IDLE - Duration::from_millis(1)).await;
+        assert!(!tx.is_closed());
+        tx.closed().await;
+        assert_eq!(start.elapsed(), DISCARD_IDLE);
+    }
+
+    /// A body always ready, without end, is read up to `DISCARD_LIMIT`,
+    /// and yields to other tasks meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_given_up_is_read_up_to_the_byte_limit() {
+        let (mut body, tx, _) = upload();
+        take_one(&mut body, &tx).await;
+        drop(body);
+        let chunk = Bytes::from(vec![0; 64 * 1024]);
+        let mut sent = 0;
+        while tx.send(chunk.clone()).await.is_ok() {
+            sent += chunk.len();
+            assert!(sent <= 2 * DISCARD_LIMIT, "read past the limit");
+        }
+        // The limit, the frame that passed it, and perhaps one more in
+        // the channel's room.
+        assert!(sent > DISCARD_LIMIT, "{sent}");
+        assert!(sent <= DISCARD_LIMIT + 2 * chunk.len(), "{sent}");
+    }
+
+    /// A body that keeps trickling is read for `DISCARD_FOR` in all.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_given_up_is_read_for_the_time_limit_at_most() {
+        let (mut body, tx, _) = upload();
+        take_one(&mut body, &tx).await;
+        drop(body);
+        let start = Instant::now();
+        let step = DISCARD_IDLE - Duration::from_secs(1);
+        for _ in 0..20 {
+            if tx.send(Bytes::from_static(b"drip")).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(step).await;
+        }
+        // The frame sent just before the limit lands in the channel's
+        // room; the one after finds the body gone.
+        let elapsed = start.elapsed();
+        assert!(elapsed >= DISCARD_FOR, "{elapsed:?}");
+        assert!(elapsed <= DISCARD_FOR + step, "{elapsed:?}");
+    }
 }
