@@ -747,6 +747,7 @@ impl Shared {
             (Stored::Absent, Some(unread), _) => {
                 let session = self.with_member_id(Session::new(&*key, unread.backend));
                 let tag = self.tag(&key, &session.backend);
+                self.count_dropped(self.table.sweep_if_due());
                 let (hit, dropped, kept) = self.table.keep(session, tag, unread.failed);
                 self.count_dropped(dropped);
                 let (key, backend) = (hit.key.clone(), hit.backend.clone());
@@ -773,6 +774,8 @@ impl Shared {
             Some(session) => {
                 let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
+                // Not under the lock of the records a restore holds.
+                self.count_dropped(self.table.sweep_if_due());
                 let (mut hit, dropped, inserted) = self.insert_new(session, tag, kept);
                 self.count_dropped(dropped);
                 if inserted && failed_on.as_ref() == Some(&hit.backend) {
@@ -1679,12 +1682,12 @@ impl Shared {
         work: &mut Work,
         change: impl FnOnce() -> (R, Option<Write>),
     ) -> R {
+        // Not under the write queues' lock, which every write of every
+        // session takes, nor under the lock of the records a restore holds.
+        self.count_dropped(self.table.sweep_if_due());
         let Some(store) = &self.config.store else {
             return change().0;
         };
-        // Not under the write queues' lock, which every write of every
-        // session takes.
-        self.count_dropped(self.table.sweep_if_due());
         let (made, done) = Writes::decide(self, store, || {
             let (made, write) = change();
             if let (true, Some(write)) = (self.tracks_records(), &write) {
@@ -1807,6 +1810,8 @@ impl Shared {
                 }
             }
             let key = session.key.clone();
+            // Not under the locks below.
+            self.count_dropped(self.table.sweep_if_due());
             let moved = {
                 // Under the lock `remove` ends a session under: one ended
                 // since the load (while the hooks ran) is not put back.

@@ -20,7 +20,8 @@
 //! inserts, `n` the shard's size, which bounds the pause of the shard's
 //! other requests);
 //! idle entries are dropped lazily when looked up and by a sweep that runs
-//! at most once per half idle period, on insert, one shard after the other.
+//! at most once per half idle period, before inserts (the layer calls it
+//! outside its own locks), one shard after the other.
 //! A session kept in memory because its record could not be read is due
 //! to be read again [`RELOAD_AFTER`] after it was put in the table: from
 //! then on a lookup is a miss that names its backend, and an insert
@@ -628,7 +629,7 @@ impl Table {
         keep: impl FnOnce(&Entry, u64) -> bool,
     ) -> (Hit, Dropped, bool) {
         let now = self.now();
-        let mut dropped = self.sweep(now);
+        let mut dropped = Dropped::default();
         let mut map = self.shard(session.key.as_bytes()).write();
         if let Some((k, entry)) = map.get_key_value(session.key.as_bytes()) {
             if keep(entry, now) {
@@ -667,7 +668,7 @@ impl Table {
         failed: bool,
     ) -> (Hit, Dropped, bool) {
         let now = self.now();
-        let mut dropped = self.sweep(now);
+        let mut dropped = Dropped::default();
         let mut map = self.shard(session.key.as_bytes()).write();
         if let Some(entry) = map.get_mut(session.key.as_bytes()) {
             if !self.is_idle(entry, now) {
@@ -820,17 +821,13 @@ impl Table {
         self.shards.iter().map(|shard| shard.read().len()).sum()
     }
 
-    /// Drops the idle sessions of every shard, if a sweep is due: call it
-    /// before taking a lock of the layer's own that a table change is made
-    /// under, so that no sweep holds that lock (the one `put` would make
-    /// then finds it done).
+    /// Drops the idle sessions of every shard, if a sweep is due (at most
+    /// once per half idle period): one shard after the other, each under
+    /// its own lock. The table's changes do not sweep: the layer calls this
+    /// before each change that adds a session, before it takes a lock of
+    /// its own, so that no sweep holds that lock.
     pub(crate) fn sweep_if_due(&self) -> Dropped {
-        self.sweep(self.now())
-    }
-
-    /// Drops idle entries, at most once per half idle period: one shard
-    /// after the other, each under its own lock.
-    fn sweep(&self, now: u64) -> Dropped {
+        let now = self.now();
         let last = self.last_sweep.load(Ordering::Relaxed);
         if now.saturating_sub(last) < (self.idle / 2).max(1)
             || self
@@ -998,6 +995,21 @@ mod tests {
         assert!(t.get(b"k4").hit.is_some() && t.get(b"new").hit.is_some());
     }
 
+    /// A change does not sweep, though a sweep is due: the layer sweeps
+    /// before it takes the locks a change may be made under.
+    #[tokio::test(start_paused = true)]
+    async fn changes_leave_the_sweep_to_the_layer() {
+        let t = Table::new(Duration::from_secs(100), 16, false);
+        t.insert(session("old", "x"), None);
+        tokio::time::advance(Duration::from_secs(150)).await;
+        let (_, dropped) = t.insert(session("new", "x"), None);
+        let (_, kept, _) = t.keep(session("kept", "x"), None, false);
+        assert_eq!(dropped.expired + kept.expired, 0);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.sweep_if_due().expired, 1);
+        assert_eq!(t.len(), 2);
+    }
+
     /// Idle sessions the sweep has not reached yet go first, as expired,
     /// even saved ones before sessions held in memory only.
     #[tokio::test(start_paused = true)]
@@ -1007,12 +1019,14 @@ mod tests {
             t.insert(session(&format!("s{i}"), "x"), None);
         }
         tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(t.sweep_if_due().expired, 0);
         for i in 0..8 {
             t.insert_if_absent(session(&format!("m{i}"), "x"), None, Kept::Memory);
         }
         // The s* are idle; the last sweep ran at 60 s, the next is due at
         // 110 s.
         tokio::time::advance(Duration::from_secs(45)).await;
+        assert_eq!(t.sweep_if_due().expired, 0);
         let (_, dropped) = t.insert(session("new", "x"), None);
         assert_eq!((dropped.expired, dropped.evicted), (2, 0));
         let present = |prefix: &str| {
