@@ -1390,6 +1390,62 @@ mod http2 {
         Ok(Response::new(Full::new(Bytes::from(body))))
     }
 
+    /// Behind an HTTP/2 server, the rest of an upload that the backend
+    /// refused early is not read on: the server resets the stream once it
+    /// has sent the answer, which stops the client's upload there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_refused_early_behind_an_http2_server_is_not_read_on() {
+        let (addr, _) = serve_answering_early(
+            "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\
+             connection: close\r\n\r\ntoo big!",
+        )
+        .await;
+        let client = HttpClient::<Incoming>::new();
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let (front, _) = accept_counting(move |stream, _| {
+            let backend = backend.clone();
+            async move {
+                let service = service_fn(move |req| backend.clone().oneshot(req));
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        })
+        .await;
+        let stream = TcpStream::connect(front).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let frames = futures::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((Ok::<_, Infallible>(http_body::Frame::data(chunk)), rx))
+        });
+        let upload = Request::put("http://front/upload")
+            .body(http_body_util::StreamBody::new(Box::pin(frames)))
+            .unwrap();
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        tx.send(chunk.clone()).await.unwrap();
+        let resp = sender.send_request(upload).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            resp.into_body().collect().await.unwrap().to_bytes(),
+            "too big!"
+        );
+        let mut after = 0;
+        let stopped = tokio::time::timeout(Duration::from_secs(10), async {
+            while tx.send(chunk.clone()).await.is_ok() {
+                after += chunk.len();
+            }
+        })
+        .await;
+        assert!(stopped.is_ok(), "the upload went on for 10 s");
+        // At most what the stream's flow-control window let through.
+        assert!(after < 8 << 20, "{after} bytes taken after the answer");
+    }
+
     /// A client gone in the middle of its upload fails the request as on
     /// HTTP/1: the request's failure, not the backend's.
     #[tokio::test]
@@ -3030,7 +3086,7 @@ async fn a_keep_alive_counts_from_the_response_not_its_last_read() {
         });
         let response = Response::builder()
             .header("keep-alive", "timeout=3")
-            .body(http_body_util::StreamBody::new(frames))
+            .body(http_body_util::StreamBody::new(Box::pin(frames)))
             .unwrap();
         Ok::<_, Infallible>(response)
     })

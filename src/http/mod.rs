@@ -186,6 +186,7 @@ use crate::extensions::{PeerAddr, Picked, Target};
 /// | [`idle_timeout`](Self::idle_timeout) | 60 s |
 /// | [`read_timeout`](Self::read_timeout) | 60 s |
 /// | [`tunnel_idle_timeout`](Self::tunnel_idle_timeout) | 1 h |
+/// | [`discard_timeout`](Self::discard_timeout) | 30 s |
 ///
 /// TCP_NODELAY is set on every connection the client opens itself (a
 /// client [`with_connector`](Self::with_connector) leaves socket options
@@ -213,6 +214,8 @@ struct Settings {
     idle_timeout: Duration,
     read_timeout: Option<Duration>,
     tunnel_idle_timeout: Option<Duration>,
+    /// How long the rest of an HTTP/1 upload given up is read and dropped.
+    discard_timeout: Option<Duration>,
     /// Over HTTP/1.1, the most header lines a response may have; `None`:
     /// hyper's 100.
     max_response_headers: Option<usize>,
@@ -235,6 +238,8 @@ impl Settings {
         read_timeout: Some(Duration::from_secs(60)),
         // HAProxy's documented `timeout tunnel` for WebSockets.
         tunnel_idle_timeout: Some(Duration::from_secs(3600)),
+        // nginx's `lingering_time`.
+        discard_timeout: Some(Duration::from_secs(30)),
         max_response_headers: None,
         http2: false,
         http2_keep_alive: Some(Duration::from_secs(30)),
@@ -271,6 +276,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             idle_timeout,
             read_timeout,
             tunnel_idle_timeout,
+            discard_timeout,
             max_response_headers,
             http2,
             http2_keep_alive: _,
@@ -284,6 +290,7 @@ impl<B> fmt::Debug for HttpClient<B> {
         f.field("idle_timeout", idle_timeout)
             .field("read_timeout", read_timeout)
             .field("tunnel_idle_timeout", tunnel_idle_timeout)
+            .field("discard_timeout", discard_timeout)
             .field("max_response_headers", max_response_headers)
             .field("http2", http2)
             .finish_non_exhaustive()
@@ -511,6 +518,41 @@ where
         HttpClient::with_settings(
             Settings {
                 tunnel_idle_timeout: timeout.filter(|t| !t.is_zero()),
+                ..self.settings
+            },
+            self.custom,
+        )
+    }
+
+    /// Reads the rest of an upload that a backend's connection gave up in
+    /// the middle, and drops it, for at most `timeout` (default 30 s, as
+    /// nginx's `lingering_time`); `None` (or zero) drops it unread.
+    ///
+    /// A backend may answer before it has read a request's whole body (a
+    /// `413` or a `401` to a large upload) and close the connection; or it
+    /// fails, or the failover layer abandons the attempt, in the middle of
+    /// the upload. A hyper HTTP/1 server in front that finds the request's
+    /// body dropped unread closes the client's connection once it has sent
+    /// the answer, with the client's data unread, and the client's system
+    /// may then reset the connection before the client has read the
+    /// answer. So, as nginx discards a body it will not use, the rest of
+    /// the body is read on a task of its own: the server keeps reading the
+    /// client's upload, the client reads its answer, and its connection
+    /// serves its next request. The task also stops once nothing has come
+    /// for 5 s, and after 64 MiB (each frame counted as 1 KiB at least).
+    ///
+    /// Only the body of a request that came over HTTP/1 (its version, as
+    /// the request reaches the backend) is read so: an HTTP/2 server ends
+    /// a stream's upload with a reset of its own, which loses no answer. A
+    /// body no connection has started to read (a retry may still send it)
+    /// is dropped as it is; so a request that no backend took (every
+    /// connection refused, no backend available) is answered with its
+    /// upload unread. Turn this off for bodies made by the program rather
+    /// than sent by a client, which nothing gains from reading.
+    pub fn discard_timeout(self, timeout: Option<Duration>) -> Self {
+        HttpClient::with_settings(
+            Settings {
+                discard_timeout: timeout.filter(|t| !t.is_zero()),
                 ..self.settings
             },
             self.custom,
@@ -1348,6 +1390,8 @@ where
         // abandoned meanwhile counts as never sent (and may be retried
         // whatever its method).
         let handover = Handover::of(&req);
+        // Before the rewrite sets the version the backend speaks.
+        let discard = self.upstream.discard_timeout(req.version());
         let rewritten = self.rewrite(&mut req);
         let body = req.body();
         if self.upstream.speaks_http2() {
@@ -1370,7 +1414,7 @@ where
         }
         let state = match rewritten {
             Ok(None) => {
-                let (req, sent) = timeout::Upload::wrap(req);
+                let (req, sent) = timeout::Upload::wrap(req, discard);
                 State::Sent {
                     future: Box::pin(self.upstream.clone().send(req, sent, handover)),
                 }
@@ -1755,12 +1799,15 @@ mod tests {
             .tcp_keepalive(None)
             .idle_timeout(secs(2))
             .read_timeout(Some(Duration::ZERO))
-            .tunnel_idle_timeout(Some(Duration::ZERO));
+            .tunnel_idle_timeout(Some(Duration::ZERO))
+            .discard_timeout(Some(Duration::ZERO));
         assert_eq!(client.settings.tunnel_idle_timeout, None, "zero is none");
+        assert_eq!(client.settings.discard_timeout, None, "zero is none");
         assert_eq!(client.settings.read_timeout, None, "zero is none");
         let client = client
             .tunnel_idle_timeout(Some(secs(3)))
             .read_timeout(Some(secs(4)))
+            .discard_timeout(Some(secs(5)))
             .max_response_headers(200);
         let expected = Settings {
             connect_timeout: secs(1),
@@ -1768,6 +1815,7 @@ mod tests {
             idle_timeout: secs(2),
             read_timeout: Some(secs(4)),
             tunnel_idle_timeout: Some(secs(3)),
+            discard_timeout: Some(secs(5)),
             max_response_headers: Some(200),
             http2: false,
             http2_keep_alive: Some(secs(30)),
@@ -1778,7 +1826,7 @@ mod tests {
             format!("{client:?}"),
             "HttpClient { connect_timeout: 1s, tcp_keepalive: None, idle_timeout: 2s, \
              read_timeout: Some(4s), tunnel_idle_timeout: Some(3s), \
-             max_response_headers: Some(200), http2: false, .. }"
+             discard_timeout: Some(5s), max_response_headers: Some(200), http2: false, .. }"
         );
     }
 
@@ -1871,7 +1919,7 @@ mod tests {
             format!("{client:?}"),
             "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 60s, \
              read_timeout: Some(60s), tunnel_idle_timeout: Some(3600s), \
-             max_response_headers: None, http2: false, .. }"
+             discard_timeout: Some(30s), max_response_headers: None, http2: false, .. }"
         );
     }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use ::http::header::{HeaderMap, HeaderValue, UPGRADE};
 use ::http::uri::{Authority, Scheme, Uri};
-use ::http::{Request, StatusCode};
+use ::http::{Request, StatusCode, Version};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::upgrade::OnUpgrade;
@@ -325,6 +325,7 @@ impl<B> Upstreams<B> {
             idle_timeout: self.settings.idle_timeout,
             read_timeout: self.settings.read_timeout,
             tunnel_idle_timeout: self.settings.tunnel_idle_timeout,
+            discard_timeout: self.settings.discard_timeout,
             max_response_headers: self.settings.max_response_headers,
             idle: Mutex::new(IdleConnections {
                 stack: VecDeque::new(),
@@ -352,6 +353,9 @@ pub(super) struct Upstream<B> {
     /// How long a switched connection may carry nothing before it is
     /// closed.
     tunnel_idle_timeout: Option<Duration>,
+    /// How long the rest of an HTTP/1 upload given up is read (see
+    /// [`Upload`]).
+    discard_timeout: Option<Duration>,
     /// The most header lines an HTTP/1.1 response may have, when set.
     max_response_headers: Option<usize>,
     /// Idle HTTP/1.1 connections, the most recently used last, and
@@ -415,6 +419,13 @@ impl<B> Upstream<B> {
     /// The backend's scheme.
     pub(super) fn scheme(&self) -> &Scheme {
         self.target.scheme().expect("a target built with a scheme")
+    }
+
+    /// How long the rest of the body of a request that came as `version`
+    /// is read if a connection gives it up (see [`Upload`]): only one that
+    /// came over HTTP/1.
+    pub(super) fn discard_timeout(&self, version: Version) -> Option<Duration> {
+        self.discard_timeout.filter(|_| version < Version::HTTP_2)
     }
 
     /// Whether requests go out as HTTP/2.
@@ -729,7 +740,8 @@ where
         let (mut sender, written) = self.connect(true).await.map_err(NotSent::new)?;
         sender.ready().await.map_err(NotSent::new)?;
         let offered: Vec<HeaderValue> = req.headers().get_all(UPGRADE).iter().cloned().collect();
-        let (req, sent) = Upload::wrap(req);
+        // Its body is empty, or becomes the tunnel's.
+        let (req, sent) = Upload::wrap(req, None);
         handover.handed(true);
         let response = sender.try_send_request(req);
         let mut timer = None;

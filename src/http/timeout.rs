@@ -86,17 +86,22 @@ pub(super) fn body_failed(sent: &Sent) -> bool {
 ///
 /// A connection that gives up a body in the middle of sending it (its
 /// backend answered before reading it all and closed, or failed, or the
-/// attempt was abandoned) hands the rest to [`discard`], which reads it
-/// and drops it, as nginx discards a body it will not use: a hyper server
-/// in front then keeps reading the client's upload, so the client is not
-/// reset before it has read its answer, and the connection can serve its
-/// next request. A body no connection has started to read is dropped as
-/// it is (a retry may still send it).
+/// attempt was abandoned) hands the rest to [`discard`], when the upload
+/// has a discard timeout (see `HttpClient::discard_timeout`), which reads
+/// it and drops it, as nginx discards a body it will not use: a hyper
+/// server in front then keeps reading the client's upload, so the client
+/// is not reset before it has read its answer, and the connection can
+/// serve its next request. A body no connection has started to read is
+/// dropped as it is (a retry may still send it).
 pub(super) struct Upload<B> {
     /// `None` once the body has ended, or failed.
     inner: Option<B>,
     sent: Sent,
-    discard: fn(B),
+    /// How long the rest of the body is read if it is given up (see
+    /// `HttpClient::discard_timeout`); `None`: it is dropped unread.
+    rest: Option<Duration>,
+    /// [`discard`], for `B`.
+    discard: fn(B, Duration),
 }
 
 impl<B> Upload<B>
@@ -104,11 +109,13 @@ where
     B: Body + Send + Unpin + 'static,
     B::Data: Send,
 {
-    /// `req` with its body wrapped, and what says when that body was sent.
+    /// `req` with its body wrapped, and what says when that body was sent;
+    /// the rest of the body is read for up to `rest` if a connection gives
+    /// it up (see [`Upload`]).
     // Inlined, so that the request's head is not copied out and back on
     // the proxy's path.
     #[inline(always)]
-    pub(super) fn wrap(req: Request<B>) -> (Request<Upload<B>>, Sent) {
+    pub(super) fn wrap(req: Request<B>, rest: Option<Duration>) -> (Request<Upload<B>>, Sent) {
         let (parts, inner) = req.into_parts();
         // A body at its end (a GET's, and any empty one) is sent with the
         // head: nothing to watch, nothing to allocate.
@@ -117,25 +124,26 @@ where
         let body = Upload {
             inner: Some(inner),
             sent: sent.clone(),
+            rest,
             discard: discard::<B>,
         };
         (Request::from_parts(parts, body), sent)
     }
 }
 
-/// How long [`discard`] reads a body for: until no frame has come for 5 s,
-/// and for 30 s at most (nginx's `lingering_timeout` and `lingering_time`),
-/// and no more than 64 MiB of it, which bounds the work spent on a body
-/// made in memory rather than sent by a client.
+/// How long [`discard`] waits for a body's next frame (nginx's
+/// `lingering_timeout`), and how much of the body it reads at most, each
+/// frame counted as [`DISCARD_FRAME`] bytes at least: this bounds the work
+/// spent on a body made in memory rather than sent by a client.
 const DISCARD_IDLE: Duration = Duration::from_secs(5);
-const DISCARD_FOR: Duration = Duration::from_secs(30);
 const DISCARD_LIMIT: usize = 64 << 20;
+const DISCARD_FRAME: usize = 1024;
 
-/// Reads the rest of `body` and drops it, on a task of its own, within
-/// [`DISCARD_IDLE`], [`DISCARD_FOR`] and [`DISCARD_LIMIT`] (see
-/// [`Upload`]). A body at its end, or outside a tokio runtime, is dropped
-/// as it is.
-fn discard<B>(mut body: B)
+/// Reads the rest of `body` and drops it, on a task of its own, for at
+/// most `timeout`, [`DISCARD_IDLE`] between frames and [`DISCARD_LIMIT`]
+/// bytes (see [`Upload`]). A body at its end, or outside a tokio runtime,
+/// is dropped as it is.
+fn discard<B>(mut body: B, timeout: Duration)
 where
     B: Body + Send + Unpin + 'static,
     B::Data: Send,
@@ -147,7 +155,7 @@ where
         return;
     }
     runtime.spawn(async move {
-        let end = later(Instant::now(), DISCARD_FOR);
+        let end = later(Instant::now(), timeout);
         let mut left = DISCARD_LIMIT;
         loop {
             // Checked here too: a body always ready never lets the
@@ -161,7 +169,10 @@ where
             let Ok(Some(Ok(frame))) = tokio::time::timeout_at(until, frame).await else {
                 return;
             };
-            let len = frame.data_ref().map_or(0, Buf::remaining);
+            let len = frame
+                .data_ref()
+                .map_or(0, Buf::remaining)
+                .max(DISCARD_FRAME);
             match left.checked_sub(len) {
                 Some(rest) => left = rest,
                 None => return,
@@ -218,8 +229,10 @@ impl<B> Drop for Upload<B> {
             let _ = sent.ended.set(Instant::now());
             let started =
                 sent.frames.load(Ordering::Relaxed) > 0 || sent.starved.load(Ordering::Relaxed);
-            if let Some(rest) = self.inner.take().filter(|_| started) {
-                (self.discard)(rest);
+            if let (Some(timeout), true) = (self.rest, started) {
+                if let Some(rest) = self.inner.take() {
+                    (self.discard)(rest, timeout);
+                }
             }
         }
     }
@@ -404,6 +417,7 @@ pub(super) fn timed_out(what: &str, timeout: Duration) -> io::Error {
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
 
     use bytes::Bytes;
     use tokio::sync::mpsc;
@@ -430,16 +444,45 @@ mod tests {
         }
     }
 
+    /// The discard timeout of the uploads here.
+    const FOR: Duration = Duration::from_secs(30);
+
     /// An upload fed by the sender returned, with room for one frame, and
-    /// the body's token.
-    fn upload() -> (Upload<Fed>, mpsc::Sender<Bytes>, Arc<()>) {
+    /// the body's token; its rest is read for `rest` if it is given up.
+    fn upload_for(rest: Option<Duration>) -> (Upload<Fed>, mpsc::Sender<Bytes>, Arc<()>) {
         let (tx, rx) = mpsc::channel(1);
         let token = Arc::new(());
-        let (req, _) = Upload::wrap(Request::new(Fed {
+        let fed = Fed {
             rx,
             _token: token.clone(),
-        }));
+        };
+        let (req, _) = Upload::wrap(Request::new(fed), rest);
         (req.into_body(), tx, token)
+    }
+
+    fn upload() -> (Upload<Fed>, mpsc::Sender<Bytes>, Arc<()>) {
+        upload_for(Some(FOR))
+    }
+
+    /// A body always ready, without end, of frames of `size` bytes; counts
+    /// its polls.
+    struct Endless {
+        frame: Bytes,
+        polled: Arc<AtomicUsize>,
+        _token: Arc<()>,
+    }
+
+    impl Body for Endless {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            self.polled.fetch_add(1, Ordering::Relaxed);
+            Poll::Ready(Some(Ok(Frame::data(self.frame.clone()))))
+        }
     }
 
     /// Sends a frame into `body` and has a connection take it.
@@ -458,6 +501,28 @@ mod tests {
         drop(body);
         assert!(tx.is_closed());
         assert_eq!(Arc::strong_count(&token), 1);
+    }
+
+    /// Without a discard timeout, a body given up is dropped unread.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_given_up_without_a_discard_timeout_is_dropped() {
+        let (mut body, tx, _) = upload_for(None);
+        take_one(&mut body, &tx).await;
+        drop(body);
+        assert!(tx.is_closed());
+    }
+
+    /// A body given up while the connection waited for its next frame
+    /// (the client slow to send it) is read on too.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_given_up_while_waiting_for_its_client_is_read_on() {
+        let (mut body, tx, _) = upload();
+        let waiting = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)));
+        assert!(waiting.await.is_pending());
+        drop(body);
+        for _ in 0..10 {
+            tx.send(Bytes::from_static(b"late")).await.expect("read on");
+        }
     }
 
     /// A body given up in the middle is read to its end, and dropped then.
@@ -495,9 +560,38 @@ mod tests {
     }
 
     /// A body always ready, without end, is read up to `DISCARD_LIMIT`,
-    /// and yields to other tasks meanwhile.
+    /// each frame counted as `DISCARD_FRAME` bytes at least (an endless
+    /// run of empty frames ends too), and lets other tasks run meanwhile.
     #[tokio::test(start_paused = true)]
-    async fn a_body_given_up_is_read_up_to_the_byte_limit() {
+    async fn a_body_always_ready_is_read_up_to_the_limit_and_lets_others_run() {
+        for size in [0, DISCARD_FRAME / 2, 16 * 1024] {
+            let polled = Arc::new(AtomicUsize::new(0));
+            let token = Arc::new(());
+            let endless = Endless {
+                frame: Bytes::from(vec![0; size]),
+                polled: polled.clone(),
+                _token: token.clone(),
+            };
+            let (req, _) = Upload::wrap(Request::new(endless), Some(FOR));
+            let mut body = req.into_body();
+            let first = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            assert!(first.is_some());
+            drop(body);
+            let mut ran_meanwhile = false;
+            while Arc::strong_count(&token) > 1 {
+                ran_meanwhile |= polled.load(Ordering::Relaxed) > 1;
+                tokio::task::yield_now().await;
+            }
+            assert!(ran_meanwhile, "frames of {size} bytes");
+            // The first frame, those within the limit, and the one past it.
+            let within = DISCARD_LIMIT / size.max(DISCARD_FRAME);
+            assert_eq!(polled.load(Ordering::Relaxed), within + 2, "{size}");
+        }
+    }
+
+    /// A body fed without end is read up to `DISCARD_LIMIT`.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_fed_without_end_is_read_up_to_the_byte_limit() {
         let (mut body, tx, _) = upload();
         take_one(&mut body, &tx).await;
         drop(body);
@@ -513,7 +607,7 @@ mod tests {
         assert!(sent <= DISCARD_LIMIT + 2 * chunk.len(), "{sent}");
     }
 
-    /// A body that keeps trickling is read for `DISCARD_FOR` in all.
+    /// A body that keeps trickling is read for the discard timeout in all.
     #[tokio::test(start_paused = true)]
     async fn a_body_given_up_is_read_for_the_time_limit_at_most() {
         let (mut body, tx, _) = upload();
@@ -530,7 +624,7 @@ mod tests {
         // The frame sent just before the limit lands in the channel's
         // room; the one after finds the body gone.
         let elapsed = start.elapsed();
-        assert!(elapsed >= DISCARD_FOR, "{elapsed:?}");
-        assert!(elapsed <= DISCARD_FOR + step, "{elapsed:?}");
+        assert!(elapsed >= FOR, "{elapsed:?}");
+        assert!(elapsed <= FOR + step, "{elapsed:?}");
     }
 }

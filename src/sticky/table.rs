@@ -824,8 +824,8 @@ impl Table {
     /// Drops the idle sessions of every shard, if a sweep is due (at most
     /// once per half idle period): one shard after the other, each under
     /// its own lock. The table's changes do not sweep: the layer calls this
-    /// before each change that adds a session, before it takes a lock of
-    /// its own, so that no sweep holds that lock.
+    /// before its changes that may add a session, before it takes a lock
+    /// of its own, so that no sweep holds that lock.
     pub(crate) fn sweep_if_due(&self) -> Dropped {
         let now = self.now();
         let last = self.last_sweep.load(Ordering::Relaxed);
