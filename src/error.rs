@@ -397,10 +397,12 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
         Some((_, cause)) => &**cause as &(dyn StdError + 'static),
         None => err,
     };
-    // The deadline may also pass between attempts (during a backoff).
-    let deadline_passed = exhausted
+    // The deadline may also pass between attempts (during a backoff), and
+    // a last attempt may time out before it reached any backend (waiting
+    // in a balancer's queue): the reason that ended the attempts says so.
+    let ended_by_timeout = exhausted
         .and_then(Exhausted::reason)
-        .is_some_and(|reason| find::<DeadlineExceeded>(reason).is_some());
+        .is_some_and(|reason| timed_out(reason));
     // (A refused request anywhere in the chain is a 400: the last
     // attempt's cause is the failover layer's error's source.)
     if let Some(invalid) = find::<InvalidRequest>(err) {
@@ -410,7 +412,7 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
         } else {
             StatusCode::BAD_REQUEST
         }
-    } else if timed_out(decisive) || deadline_passed {
+    } else if timed_out(decisive) || ended_by_timeout {
         StatusCode::GATEWAY_TIMEOUT
     } else if find::<NoBackend>(err).is_some()
         || find::<SessionUnavailable>(err).is_some()
@@ -529,6 +531,12 @@ mod tests {
             ("b".into(), Box::new(connect())),
         ];
         let exhausted = Exhausted::new(attempts, Some(Box::new(NoBackend::new())));
+        assert_eq!(boxed(Box::new(exhausted)), StatusCode::GATEWAY_TIMEOUT);
+        // A 503, then a retry whose per-try timeout passed while it waited
+        // for a backend: the last attempt timed out.
+        let failed: Vec<(BackendId, BoxError)> = vec![("a".into(), "503".into())];
+        let retry_timed_out = TimedOut::new(Duration::from_millis(100));
+        let exhausted = Exhausted::new(failed, Some(Box::new(retry_timed_out)));
         assert_eq!(boxed(Box::new(exhausted)), StatusCode::GATEWAY_TIMEOUT);
     }
 
