@@ -826,6 +826,23 @@ async fn get_tries_each_backend_once_in_round_robin_order() {
     assert_eq!(served_by(&response), "d");
 }
 
+/// The history lists this request's attempts only, not the backends a
+/// layer in front excluded before it came (as the sticky layer excludes
+/// the backend that failed a session's last request).
+#[tokio::test]
+async fn the_history_leaves_out_backends_excluded_before_the_request() {
+    use Kind::*;
+    let kinds = [("x", Ok), ("a", Unavailable), ("b", Ok)];
+    let mut req = request(Method::GET);
+    req.extensions_mut()
+        .insert(std::iter::once(BackendId::from("x")).collect::<Attempts>());
+    let (result, tried) = send(FailoverLayer::new(), &kinds, req).await;
+    let response = result.unwrap();
+    assert_eq!(tried, ["a", "b"]);
+    assert_eq!(history(&response), ["a", "b"]);
+    assert_eq!(served_by(&response), "b");
+}
+
 #[tokio::test]
 async fn success_at_first_try_carries_no_history() {
     let (result, tried) = send(

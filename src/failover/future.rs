@@ -675,16 +675,16 @@ where
         }
     }
 
-    /// Adds the backends tried to a response returned after a failure.
+    /// Adds the backends this request tried to a response returned after a
+    /// failure.
     fn with_history(&self, mut response: Response<RB>, served: bool) -> Response<RB> {
         if self.failures.is_empty() {
             return response;
         }
-        let mut attempts = self
-            .template
-            .as_ref()
-            .and_then(|t| t.parts.extensions.get::<Attempts>().cloned())
-            .unwrap_or_else(|| self.failures.iter().map(|(id, _)| id.clone()).collect());
+        // This request's attempts only: the request's own `Attempts` may
+        // also list backends a layer in front ruled out before it came
+        // (the sticky layer's backend that failed the session's last one).
+        let mut attempts: Attempts = self.failures.iter().map(|(id, _)| id.clone()).collect();
         if served {
             if let Some(ServedBy(id)) = response.extensions().get::<ServedBy>() {
                 attempts.push(id.clone());
