@@ -213,6 +213,22 @@ async fn the_metrics_task_stops_when_the_handle_is_gone() {
     assert!(task.is_finished());
 }
 
+/// Setting the drain deadline after the metrics task was spawned keeps
+/// the task publishing: the setting is the handle's, not a new handle.
+#[tokio::test(start_paused = true)]
+async fn the_metrics_task_outlives_a_drain_deadline_set_after_it() {
+    let handle = Handle::new(Events::default());
+    let task = handle.spawn_metrics(std::time::Duration::from_secs(1));
+    let handle = handle.drain_deadline(Some(std::time::Duration::from_secs(5)));
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    assert!(!task.is_finished());
+    assert!(format!("{handle:?}").contains("drain_deadline: Some(5s)"));
+    drop(handle);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    tokio::task::yield_now().await;
+    assert!(task.is_finished());
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_metrics_task_stops_with_the_handle_while_a_drain_is_pending() {
     let pool = Pool::new();

@@ -169,7 +169,8 @@ impl PendingDrain {
 pub(super) struct Inner {
     events: Events,
     groups: RwLock<Vec<Arc<Group>>>,
-    drain_deadline: Option<Duration>,
+    /// The drain deadline in nanoseconds; `NO_DEADLINE` for none.
+    drain_deadline: AtomicU64,
     /// The drains whose deadline is pending, by backend: a later action
     /// on the backend ends its timer. Actions on backends take this lock
     /// too, so that their changes, and the events that report them, come
@@ -186,7 +187,9 @@ pub(super) struct Inner {
 
 /// Runtime control of one or more groups: drain, disable and enable
 /// backends, set weights, force a primary, add and remove backends; every
-/// action is an [`Event`]. Also the source of [stats](Handle::stats).
+/// change an action makes is an [`Event`] (disabling a disabled backend
+/// changes nothing, and emits none). Also the source of
+/// [stats](Handle::stats).
 ///
 /// Cloning is cheap and yields a handle to the same groups. Register each
 /// group's [`Balance`] with [`add_group`](Handle::add_group); a
@@ -256,7 +259,7 @@ impl fmt::Debug for Handle {
             .collect();
         f.debug_struct("Handle")
             .field("groups", &groups)
-            .field("drain_deadline", &self.inner.drain_deadline)
+            .field("drain_deadline", &self.deadline())
             .finish()
     }
 }
@@ -308,6 +311,17 @@ fn held_states(inner: &Inner, id: &BackendId, lookups: &[StateLookup]) -> Vec<Ar
     states
 }
 
+/// [`Inner::drain_deadline`]'s value for no deadline.
+const NO_DEADLINE: u64 = u64::MAX;
+
+/// `deadline` as [`Inner::drain_deadline`] holds it (one of 584 years or
+/// more is none).
+fn nanos(deadline: Option<Duration>) -> u64 {
+    deadline.map_or(NO_DEADLINE, |d| {
+        u64::try_from(d.as_nanos()).map_or(NO_DEADLINE, |n| n.min(NO_DEADLINE - 1))
+    })
+}
+
 impl Handle {
     /// A handle with no group that emits into `events`; drained backends
     /// are disabled after 30 s.
@@ -317,7 +331,7 @@ impl Handle {
             inner: Arc::new(Inner {
                 events,
                 groups: RwLock::new(Vec::new()),
-                drain_deadline: Some(Duration::from_secs(30)),
+                drain_deadline: AtomicU64::new(nanos(Some(Duration::from_secs(30)))),
                 drains: Mutex::new(HashMap::new()),
                 epoch_seq: AtomicU64::new(0),
                 layers: RwLock::default(),
@@ -329,27 +343,20 @@ impl Handle {
 
     /// How long a drained backend keeps its sticky sessions before it is
     /// disabled (default 30 s); `None` keeps it draining until an operator
-    /// acts. Call before sharing the handle.
+    /// acts. Set for every clone of the handle; a drain already under way
+    /// keeps the deadline it started with.
     pub fn drain_deadline(self, deadline: Option<Duration>) -> Self {
-        let inner = match Arc::try_unwrap(self.inner) {
-            Ok(mut inner) => {
-                inner.drain_deadline = deadline;
-                inner
-            }
-            Err(shared) => Inner {
-                events: shared.events.clone(),
-                groups: RwLock::new(shared.groups.read().clone()),
-                drain_deadline: deadline,
-                drains: Mutex::new(HashMap::new()),
-                epoch_seq: AtomicU64::new(0),
-                layers: RwLock::new(shared.layers.read().clone()),
-                #[cfg(feature = "metrics")]
-                published: Mutex::default(),
-            },
-        };
-        Handle {
-            inner: Arc::new(inner),
-            clones: Arc::new(()),
+        self.inner
+            .drain_deadline
+            .store(nanos(deadline), Ordering::Relaxed);
+        self
+    }
+
+    /// The drain deadline now set.
+    fn deadline(&self) -> Option<Duration> {
+        match self.inner.drain_deadline.load(Ordering::Relaxed) {
+            NO_DEADLINE => None,
+            n => Some(Duration::from_nanos(n)),
         }
     }
 
@@ -371,7 +378,7 @@ impl Handle {
             clones: Arc::downgrade(&self.clones),
         }
     }
-    /// The event stream every action emits into.
+    /// The event stream every action's changes are emitted into.
     pub fn events(&self) -> &Events {
         &self.inner.events
     }
@@ -489,13 +496,14 @@ impl Handle {
     }
 
     /// Sets the admin status of every state of `id`; returns them, and for
-    /// a drain that starts a deadline, the epoch the deadline's timer
-    /// checks (none when the backend was draining already: a drain again
-    /// does not put its deadline off).
+    /// a drain with a `deadline`, the epoch the deadline's timer checks
+    /// (none when the backend was draining already: a drain again does not
+    /// put its deadline off).
     fn set_admin(
         &self,
         id: &BackendId,
         to: AdminStatus,
+        deadline: Option<Duration>,
     ) -> Result<(Vec<Arc<BackendState>>, Option<u64>), ControlError> {
         // This action ends a drain's pending deadline; a drain starts one.
         let epoch = self.inner.epoch_seq.fetch_add(1, Ordering::Relaxed) + 1;
@@ -529,7 +537,7 @@ impl Handle {
                 // gone). Without one there is nothing to keep: an entry
                 // would stay until the next action on the backend, for
                 // good if it leaves every group first.
-                AdminStatus::Draining if self.inner.drain_deadline.is_some() => {
+                AdminStatus::Draining if deadline.is_some() => {
                     if from.is_none() && drains.contains_key(id) {
                         return Ok((states, None));
                     }
@@ -550,16 +558,16 @@ impl Handle {
     /// (its sticky sessions then move), also if the handle is dropped
     /// before then. Needs a tokio runtime when a deadline is set.
     pub fn drain(&self, id: &BackendId) -> Result<(), ControlError> {
-        let runtime = match self.inner.drain_deadline {
+        // Read once: the drain keeps it, whatever is set meanwhile.
+        let deadline = self.deadline();
+        let runtime = match deadline {
             Some(_) => {
                 Some(tokio::runtime::Handle::try_current().map_err(|_| ControlError::NoRuntime)?)
             }
             None => None,
         };
-        let (states, epoch) = self.set_admin(id, AdminStatus::Draining)?;
-        if let (Some(deadline), Some(runtime), Some(epoch)) =
-            (self.inner.drain_deadline, runtime, epoch)
-        {
+        let (states, epoch) = self.set_admin(id, AdminStatus::Draining, deadline)?;
+        if let (Some(deadline), Some(runtime), Some(epoch)) = (deadline, runtime, epoch) {
             // The deadline holds when every clone of the handle is gone
             // before it (the handle of a configuration since reloaded):
             // the backend is still drained in its groups.
@@ -610,13 +618,13 @@ impl Handle {
     /// Disables backend `id` in every group (a manual override: no traffic
     /// at all, whatever its health).
     pub fn disable(&self, id: &BackendId) -> Result<(), ControlError> {
-        self.set_admin(id, AdminStatus::Disabled).map(drop)
+        self.set_admin(id, AdminStatus::Disabled, None).map(drop)
     }
 
     /// Enables backend `id` in every group again (ends a drain or a
     /// disable); its health still counts.
     pub fn enable(&self, id: &BackendId) -> Result<(), ControlError> {
-        self.set_admin(id, AdminStatus::Enabled).map(drop)
+        self.set_admin(id, AdminStatus::Enabled, None).map(drop)
     }
 
     /// Sets the weight of backend `id` in every group (0 counts as 1).

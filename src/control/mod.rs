@@ -10,8 +10,8 @@
 //!   when given one ([`HealthLayer::events`](crate::health::HealthLayer::events),
 //!   [`HealthChecker::events`](crate::health::HealthChecker::events)).
 //! * [`Handle`]: drain, disable, enable, weights, forced primaries, adding
-//!   and removing backends, across any number of groups; each action is an
-//!   event.
+//!   and removing backends, across any number of groups; each change an
+//!   action makes is an event.
 //! * [`GroupStats`] and [`BackendStats`]: snapshots of counters and state;
 //!   with the `metrics` feature, `Handle::publish_metrics` publishes them
 //!   through the `metrics` facade.
