@@ -273,10 +273,13 @@ impl Kept {
         self.states.push_back((id, state, now));
     }
 
-    /// Forgets the kept state of `id` (only if it is `state`, when given).
-    fn forget(&mut self, id: &BackendId, state: Option<&Arc<BackendState>>) {
+    /// Forgets the kept state of `id` (only if it is `state`, when given);
+    /// returns whether one was kept.
+    fn forget(&mut self, id: &BackendId, state: Option<&Arc<BackendState>>) -> bool {
+        let before = self.states.len();
         self.states
             .retain(|(kept, s, _)| kept != id || state.is_some_and(|st| !Arc::ptr_eq(s, st)));
+        self.states.len() != before
     }
 
     /// Where the state of `id` is kept, if it still is.
@@ -562,20 +565,35 @@ impl<S: Clone> Pool<S> {
     /// [`keep_removed_for`](Self::keep_removed_for)); removing such a
     /// backend again (`false`: it is not in the pool) forgets its state.
     pub fn remove(&self, id: &BackendId) -> bool {
-        self.remove_where(id, None, false)
+        self.remove_where(id, None, false).0
+    }
+
+    /// Removes backend `id` as [`remove`](Self::remove) does; returns
+    /// whether it was present, or out of the pool with its state kept for
+    /// its return (now forgotten).
+    pub(crate) fn remove_or_forget(&self, id: &BackendId) -> bool {
+        let (removed, forgot) = self.remove_where(id, None, false);
+        removed || forgot
     }
 
     /// Removes backend `id` only if its state is still `state` (not another
     /// backend inserted under the same id since); returns whether it did.
     pub(crate) fn remove_if_state(&self, id: &BackendId, state: &Arc<BackendState>) -> bool {
-        self.remove_where(id, Some(state), false)
+        self.remove_where(id, Some(state), false).0
     }
 
     /// Removes backend `id` (only if its state is `state`, when given),
     /// keeping its state for an insert of the same id within the pool's
     /// [`keep_removed_for`](Self::keep_removed_for) window if `keep`.
-    fn remove_where(&self, id: &BackendId, state: Option<&Arc<BackendState>>, keep: bool) -> bool {
-        let mut removed = false;
+    /// Returns whether it removed it, and whether it forgot a kept state of
+    /// it instead.
+    fn remove_where(
+        &self,
+        id: &BackendId,
+        state: Option<&Arc<BackendState>>,
+        keep: bool,
+    ) -> (bool, bool) {
+        let (mut removed, mut forgot) = (false, false);
         self.change(|members, services| {
             let found = members
                 .iter()
@@ -590,11 +608,11 @@ impl<S: Clone> Pool<S> {
             } else if !keep {
                 // Out of the pool already, by discovery: its kept state is
                 // forgotten all the same.
-                self.shared.kept.lock().forget(id, state);
+                forgot = self.shared.kept.lock().forget(id, state);
             }
             removed
         });
-        removed
+        (removed, forgot)
     }
 
     /// Sets the weight of backend `id` (0 counts as 1); returns whether it

@@ -1715,6 +1715,37 @@ mod actions_and_membership {
         );
     }
 
+    /// Removing a backend its discovery dropped a moment ago removes it:
+    /// its kept state is forgotten, the removal is reported, and it comes
+    /// back afresh.
+    #[tokio::test(start_paused = true)]
+    async fn removing_a_backend_dropped_for_a_moment_forgets_its_state() {
+        use tower::discover::Change;
+
+        let (handle, pool, _) = groups_g_and_h();
+        handle.disable(&"a".into()).unwrap();
+        let gone = futures::stream::iter([Ok::<_, Infallible>(Change::Remove("a"))]);
+        pool.discover(gone).await.unwrap();
+        handle.remove_backend("g", &"a".into()).unwrap();
+        assert!(handle.events().history().iter().any(|r| matches!(
+            &r.event,
+            Event::BackendRemoved { backend, .. } if backend.as_str() == "a"
+        )));
+        assert_eq!(
+            handle.remove_backend("g", &"a".into()),
+            Err(ControlError::NotInGroup {
+                group: "g".into(),
+                backend: "a".into()
+            })
+        );
+        let back = futures::stream::iter([Ok::<_, Infallible>(Change::Insert("a", backend("a")))]);
+        pool.discover(back).await.unwrap();
+        assert_eq!(
+            pool.state(&"a".into()).unwrap().admin(),
+            AdminStatus::Enabled
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn draining_again_does_not_put_the_deadline_off() {
         let pool = pool_of(&["a", "b"]);

@@ -100,6 +100,8 @@ trait PoolOps: Send + Sync {
     fn ids(&self) -> Vec<BackendId>;
     fn state(&self, id: &BackendId) -> Option<Arc<BackendState>>;
     fn kept_state(&self, id: &BackendId) -> Option<Arc<BackendState>>;
+    /// Removes `id`, or forgets the state kept for its return; whether
+    /// either was there.
     fn remove(&self, id: &BackendId) -> bool;
     fn set_weight(&self, id: &BackendId, weight: u32) -> bool;
     fn as_any(&self) -> &dyn Any;
@@ -116,7 +118,7 @@ impl<S: Clone + Send + Sync + 'static> PoolOps for Pool<S> {
         Pool::kept_state(self, id)
     }
     fn remove(&self, id: &BackendId) -> bool {
-        Pool::remove(self, id)
+        Pool::remove_or_forget(self, id)
     }
     fn set_weight(&self, id: &BackendId, weight: u32) -> bool {
         Pool::set_weight_or_kept(self, id, weight)
@@ -762,6 +764,11 @@ impl Handle {
     }
 
     /// Removes backend `id` from group `group`; requests in flight finish.
+    /// A backend the group's discovery took out for a moment (its state
+    /// kept for its return, see [`Pool::keep_removed_for`]) is removed
+    /// too: its kept state is forgotten, so it comes back afresh.
+    ///
+    /// [`Pool::keep_removed_for`]: crate::Pool::keep_removed_for
     pub fn remove_backend(&self, group: &str, id: &BackendId) -> Result<(), ControlError> {
         let g = self.group(group)?;
         // Under the lock actions take: the removal and its event come in
