@@ -1395,11 +1395,7 @@ mod http2 {
     /// has sent the answer, which stops the client's upload there.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_upload_refused_early_behind_an_http2_server_is_not_read_on() {
-        let (addr, _) = serve_answering_early(
-            "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\
-             connection: close\r\n\r\ntoo big!",
-        )
-        .await;
+        let (addr, _) = serve_refusing_uploads().await;
         let client = HttpClient::<Incoming>::new();
         let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
         let (front, _) = accept_counting(move |stream, _| {
@@ -3167,6 +3163,15 @@ async fn serve_answering_early(answer: &'static str) -> (SocketAddr, Arc<AtomicU
     .await
 }
 
+/// [`serve_answering_early`] with a `413` that reads "too big!".
+async fn serve_refusing_uploads() -> (SocketAddr, Arc<AtomicUsize>) {
+    serve_answering_early(
+        "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\
+         connection: close\r\n\r\ntoo big!",
+    )
+    .await
+}
+
 /// A backend that refuses an upload from its head alone, answers at once
 /// and closes the connection with the body unread: the client gets the
 /// backend's answer, not a gateway error. (The reset often comes before
@@ -3174,11 +3179,7 @@ async fn serve_answering_early(answer: &'static str) -> (SocketAddr, Arc<AtomicU
 /// of their own.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_before_the_upload_ends_reaches_the_client() {
-    let (addr, accepted) = serve_answering_early(
-        "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\
-         connection: close\r\n\r\ntoo big!",
-    )
-    .await;
+    let (addr, accepted) = serve_refusing_uploads().await;
     let client = HttpClient::<Trickled>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
     for _ in 0..200 {
@@ -3205,11 +3206,7 @@ async fn an_answer_before_the_upload_ends_reaches_the_client() {
 async fn a_proxy_reads_the_rest_of_an_upload_its_backend_refused_early() {
     use tower_ha::failover::BufferBodyLayer;
 
-    let (addr, accepted) = serve_answering_early(
-        "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\
-         connection: close\r\n\r\ntoo big!",
-    )
-    .await;
+    let (addr, accepted) = serve_refusing_uploads().await;
     let client = HttpClient::<ReplayBody<Incoming>>::new();
     let pool = Pool::new();
     pool.insert(
