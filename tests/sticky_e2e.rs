@@ -622,14 +622,14 @@ mod over_failover {
 
         // The next request is kept off a through Sticky's `Attempts`
         // entry, though a is healthy again. b hangs up on it, so failover
-        // retries: the retry must still exclude a, and the history keeps
-        // Sticky's entry first.
+        // retries: the retry must still exclude a, and the history lists
+        // the request's own attempts.
         server("b").hang_up(true);
         let answer = client.send(&svc, Method::GET).await.unwrap();
         assert_eq!(answer.served, "c");
         assert_eq!(
             answer.attempts.as_deref(),
-            Some(&["a", "b", "c"].map(String::from)[..])
+            Some(&["b", "c"].map(String::from)[..])
         );
         assert_eq!(server("a").requests(), a_before, "a never saw the request");
         assert!(answer.set_cookie);
