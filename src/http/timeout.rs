@@ -485,11 +485,15 @@ mod tests {
         }
     }
 
-    /// Sends a frame into `body` and has a connection take it.
-    async fn take_one(body: &mut Upload<Fed>, tx: &mpsc::Sender<Bytes>) {
+    /// An upload (see [`upload_for`]) whose connection took a first frame
+    /// and then gave it up; its sender and token.
+    async fn given_up(rest: Option<Duration>) -> (mpsc::Sender<Bytes>, Arc<()>) {
+        let (mut body, tx, token) = upload_for(rest);
         tx.send(Bytes::from_static(b"first")).await.unwrap();
-        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "first");
+        drop(body);
+        (tx, token)
     }
 
     /// A body no connection has started to read is dropped with its
@@ -506,9 +510,7 @@ mod tests {
     /// Without a discard timeout, a body given up is dropped unread.
     #[tokio::test(start_paused = true)]
     async fn a_body_given_up_without_a_discard_timeout_is_dropped() {
-        let (mut body, tx, _) = upload_for(None);
-        take_one(&mut body, &tx).await;
-        drop(body);
+        let (tx, _) = given_up(None).await;
         assert!(tx.is_closed());
     }
 
@@ -528,9 +530,7 @@ mod tests {
     /// A body given up in the middle is read to its end, and dropped then.
     #[tokio::test(start_paused = true)]
     async fn the_rest_of_a_body_given_up_is_read_and_dropped() {
-        let (mut body, tx, token) = upload();
-        take_one(&mut body, &tx).await;
-        drop(body);
+        let (tx, token) = given_up(Some(FOR)).await;
         for _ in 0..100 {
             // With room for one frame, each send waits for the last one
             // to have been read.
@@ -549,9 +549,7 @@ mod tests {
     /// A body that sends nothing for `DISCARD_IDLE` is dropped then.
     #[tokio::test(start_paused = true)]
     async fn a_body_given_up_that_stands_still_is_dropped_after_the_idle_limit() {
-        let (mut body, tx, _) = upload();
-        take_one(&mut body, &tx).await;
-        drop(body);
+        let (tx, _) = given_up(Some(FOR)).await;
         let start = Instant::now();
         tokio::time::sleep(DISCARD_IDLE - Duration::from_millis(1)).await;
         assert!(!tx.is_closed());
@@ -592,9 +590,7 @@ mod tests {
     /// A body fed without end is read up to `DISCARD_LIMIT`.
     #[tokio::test(start_paused = true)]
     async fn a_body_fed_without_end_is_read_up_to_the_byte_limit() {
-        let (mut body, tx, _) = upload();
-        take_one(&mut body, &tx).await;
-        drop(body);
+        let (tx, _) = given_up(Some(FOR)).await;
         let chunk = Bytes::from(vec![0; 64 * 1024]);
         let mut sent = 0;
         while tx.send(chunk.clone()).await.is_ok() {
@@ -610,9 +606,7 @@ mod tests {
     /// A body that keeps trickling is read for the discard timeout in all.
     #[tokio::test(start_paused = true)]
     async fn a_body_given_up_is_read_for_the_time_limit_at_most() {
-        let (mut body, tx, _) = upload();
-        take_one(&mut body, &tx).await;
-        drop(body);
+        let (tx, _) = given_up(Some(FOR)).await;
         let start = Instant::now();
         let step = DISCARD_IDLE - Duration::from_secs(1);
         for _ in 0..20 {
