@@ -171,8 +171,7 @@ impl PendingDrain {
 pub(super) struct Inner {
     events: Events,
     groups: RwLock<Vec<Arc<Group>>>,
-    /// The drain deadline in nanoseconds; `NO_DEADLINE` for none.
-    drain_deadline: AtomicU64,
+    drain_deadline: Mutex<Option<Duration>>,
     /// The drains whose deadline is pending, by backend: a later action
     /// on the backend ends its timer. Actions on backends take this lock
     /// too, so that their changes, and the events that report them, come
@@ -313,17 +312,6 @@ fn held_states(inner: &Inner, id: &BackendId, lookups: &[StateLookup]) -> Vec<Ar
     states
 }
 
-/// [`Inner::drain_deadline`]'s value for no deadline.
-const NO_DEADLINE: u64 = u64::MAX;
-
-/// `deadline` as [`Inner::drain_deadline`] holds it (one of 584 years or
-/// more is none).
-fn nanos(deadline: Option<Duration>) -> u64 {
-    deadline.map_or(NO_DEADLINE, |d| {
-        u64::try_from(d.as_nanos()).map_or(NO_DEADLINE, |n| n.min(NO_DEADLINE - 1))
-    })
-}
-
 impl Handle {
     /// A handle with no group that emits into `events`; drained backends
     /// are disabled after 30 s.
@@ -333,7 +321,7 @@ impl Handle {
             inner: Arc::new(Inner {
                 events,
                 groups: RwLock::new(Vec::new()),
-                drain_deadline: AtomicU64::new(nanos(Some(Duration::from_secs(30)))),
+                drain_deadline: Mutex::new(Some(Duration::from_secs(30))),
                 drains: Mutex::new(HashMap::new()),
                 epoch_seq: AtomicU64::new(0),
                 layers: RwLock::default(),
@@ -348,18 +336,13 @@ impl Handle {
     /// acts. Set for every clone of the handle; a drain already under way
     /// keeps the deadline it started with.
     pub fn drain_deadline(self, deadline: Option<Duration>) -> Self {
-        self.inner
-            .drain_deadline
-            .store(nanos(deadline), Ordering::Relaxed);
+        *self.inner.drain_deadline.lock() = deadline;
         self
     }
 
     /// The drain deadline now set.
     fn deadline(&self) -> Option<Duration> {
-        match self.inner.drain_deadline.load(Ordering::Relaxed) {
-            NO_DEADLINE => None,
-            n => Some(Duration::from_nanos(n)),
-        }
+        *self.inner.drain_deadline.lock()
     }
 
     pub(super) fn layers(&self) -> &RwLock<super::layers::Layers> {
