@@ -709,6 +709,9 @@ impl Shared {
         unread: Option<Unread>,
         stored: Stored,
     ) -> Result<Track, SessionUnavailable> {
+        // Most ways on put a session in the table, some under the lock of
+        // the records a restore holds.
+        self.sweep();
         // What this instance starts or learns here is saved unless the
         // store holds a record it could not read or did not take.
         let kept = stored.kept();
@@ -747,7 +750,6 @@ impl Shared {
             (Stored::Absent, Some(unread), _) => {
                 let session = self.with_member_id(Session::new(&*key, unread.backend));
                 let tag = self.tag(&key, &session.backend);
-                self.count_dropped(self.table.sweep_if_due());
                 let (hit, dropped, kept) = self.table.keep(session, tag, unread.failed);
                 self.count_dropped(dropped);
                 let (key, backend) = (hit.key.clone(), hit.backend.clone());
@@ -774,8 +776,6 @@ impl Shared {
             Some(session) => {
                 let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
-                // Not under the lock of the records a restore holds.
-                self.count_dropped(self.table.sweep_if_due());
                 let (mut hit, dropped, inserted) = self.insert_new(session, tag, kept);
                 self.count_dropped(dropped);
                 if inserted && failed_on.as_ref() == Some(&hit.backend) {
@@ -993,7 +993,7 @@ impl Shared {
     /// meanwhile.
     fn remember_unless_stale(&self, stored: &Stored, cell: &Cell) {
         // Not under the loads' lock, which every miss takes.
-        self.count_dropped(self.table.sweep_if_due());
+        self.sweep();
         // Under the lock `forget` takes to mark loads stale, so a session
         // forgotten after this check is removed after it is remembered.
         let _loading = self.loading.lock();
@@ -1573,6 +1573,13 @@ impl Shared {
         hit.backend
     }
 
+    /// Drops the table's idle sessions if a sweep is due. The table's
+    /// changes do not sweep: call this before a change that may add a
+    /// session, before taking any lock of the layer's own.
+    fn sweep(&self) {
+        self.count_dropped(self.table.sweep_if_due());
+    }
+
     /// Puts a session routed on a miss in the table, unless the table keeps
     /// its key already (see `Table::insert_if_absent`). One routed as a
     /// record a restore holds stays in memory only while the restore holds
@@ -1684,7 +1691,7 @@ impl Shared {
     ) -> R {
         // Not under the write queues' lock, which every write of every
         // session takes, nor under the lock of the records a restore holds.
-        self.count_dropped(self.table.sweep_if_due());
+        self.sweep();
         let Some(store) = &self.config.store else {
             return change().0;
         };
@@ -1811,7 +1818,7 @@ impl Shared {
             }
             let key = session.key.clone();
             // Not under the locks below.
-            self.count_dropped(self.table.sweep_if_due());
+            self.sweep();
             let moved = {
                 // Under the lock `remove` ends a session under: one ended
                 // since the load (while the hooks ran) is not put back.
