@@ -417,10 +417,18 @@ impl<S> Pool<S> {
         Some(snap.members[i].state.clone())
     }
 
-    /// The state the pool keeps of backend `id`, removed by its discovery
-    /// stream, for its return (see [`keep_removed_for`](Self::keep_removed_for)).
-    pub(crate) fn kept_state(&self, id: &BackendId) -> Option<Arc<BackendState>> {
-        self.shared.kept.lock().get(id)
+    /// The state of backend `id`, and whether it is in the pool (`true`)
+    /// or out of it, removed by its discovery stream, with the state kept
+    /// for its return (see [`keep_removed_for`](Self::keep_removed_for)).
+    /// Both are read under the writer's lock: a backend that discovery
+    /// puts back at that moment is found in one or the other, never in
+    /// neither.
+    pub(crate) fn live_or_kept_state(&self, id: &BackendId) -> Option<(Arc<BackendState>, bool)> {
+        let _writer = self.shared.writer.lock();
+        match self.state(id) {
+            Some(state) => Some((state, true)),
+            None => self.shared.kept.lock().get(id).map(|state| (state, false)),
+        }
     }
 
     /// Whether backend `id` is in the pool.

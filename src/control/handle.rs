@@ -99,7 +99,9 @@ pub enum ControlError {
 trait PoolOps: Send + Sync {
     fn ids(&self) -> Vec<BackendId>;
     fn state(&self, id: &BackendId) -> Option<Arc<BackendState>>;
-    fn kept_state(&self, id: &BackendId) -> Option<Arc<BackendState>>;
+    /// The state of `id` and whether it is live, or else the state kept
+    /// for its return, read at one moment.
+    fn live_or_kept_state(&self, id: &BackendId) -> Option<(Arc<BackendState>, bool)>;
     /// Removes `id`, or forgets the state kept for its return; whether
     /// either was there.
     fn remove(&self, id: &BackendId) -> bool;
@@ -114,8 +116,8 @@ impl<S: Clone + Send + Sync + 'static> PoolOps for Pool<S> {
     fn state(&self, id: &BackendId) -> Option<Arc<BackendState>> {
         Pool::state(self, id)
     }
-    fn kept_state(&self, id: &BackendId) -> Option<Arc<BackendState>> {
-        Pool::kept_state(self, id)
+    fn live_or_kept_state(&self, id: &BackendId) -> Option<(Arc<BackendState>, bool)> {
+        Pool::live_or_kept_state(self, id)
     }
     fn remove(&self, id: &BackendId) -> bool {
         Pool::remove_or_forget(self, id)
@@ -287,28 +289,24 @@ impl WeakHandle {
 /// groups hold, then those their pools keep for its return after their
 /// discovery removed it (it comes back with them).
 fn reached_states(inner: &Inner, id: &BackendId) -> Vec<Arc<BackendState>> {
-    held_states(
-        inner,
-        id,
-        &[|pool, id| pool.state(id), |pool, id| pool.kept_state(id)],
-    )
+    held_states(inner, id).into_iter().map(|(state, _)| state).collect()
 }
 
-/// A way a pool holds a backend's state: live, or kept for its return.
-type StateLookup = fn(&dyn PoolOps, &BackendId) -> Option<Arc<BackendState>>;
-
-/// The distinct states of backend `id` that `lookups` find in the groups'
-/// pools, in the order of the lookups.
-fn held_states(inner: &Inner, id: &BackendId, lookups: &[StateLookup]) -> Vec<Arc<BackendState>> {
+/// The distinct states of backend `id` in the groups' pools, each with
+/// whether a pool holds it live: the live ones first, then those only kept
+/// for the backend's return.
+fn held_states(inner: &Inner, id: &BackendId) -> Vec<(Arc<BackendState>, bool)> {
     let groups = inner.groups.read();
-    let mut states: Vec<Arc<BackendState>> = Vec::new();
-    for lookup in lookups {
-        for state in groups.iter().filter_map(|group| lookup(&*group.pool, id)) {
-            if !states.iter().any(|s| Arc::ptr_eq(s, &state)) {
-                states.push(state);
-            }
+    let mut states: Vec<(Arc<BackendState>, bool)> = Vec::new();
+    for (state, live) in groups.iter().filter_map(|g| g.pool.live_or_kept_state(id)) {
+        match states.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &state)) {
+            // A state live in one pool and kept by another is live.
+            Some((_, seen_live)) => *seen_live |= live,
+            None => states.push((state, live)),
         }
     }
+    // Stable: the groups' order within each kind.
+    states.sort_by_key(|(_, live)| !live);
     states
 }
 
@@ -801,15 +799,12 @@ impl Handle {
     /// its return after its discovery dropped it, reports that state, not
     /// [`available`](BackendStats::available).
     pub fn backend_stats(&self, id: &BackendId) -> Result<BackendStats, ControlError> {
-        if let Some(state) = self.groups().iter().find_map(|g| g.state(id)) {
-            return Ok(BackendStats::of(id.clone(), &state, &self.inner.events));
-        }
-        let kept = held_states(&self.inner, id, &[|pool, id| pool.kept_state(id)]);
-        let state = kept
-            .first()
+        let (state, live) = held_states(&self.inner, id)
+            .into_iter()
+            .next()
             .ok_or_else(|| ControlError::UnknownBackend(id.to_string()))?;
-        let mut stats = BackendStats::of(id.clone(), state, &self.inner.events);
-        stats.available = false;
+        let mut stats = BackendStats::of(id.clone(), &state, &self.inner.events);
+        stats.available &= live;
         Ok(stats)
     }
 }
@@ -842,5 +837,40 @@ mod tests {
         );
         pool.remove(&"a".into());
         assert!(handle.inner.drains.lock().is_empty());
+    }
+
+    /// Discovery takes a backend out and puts it back, over and over: an
+    /// action finds it each time, live or kept for its return, never in
+    /// neither.
+    #[test]
+    fn an_action_reaches_a_backend_discovery_is_putting_back() {
+        use tower::discover::Change;
+        let pool = Pool::new();
+        pool.insert("a", 0u8);
+        let handle = Handle::new(Events::default());
+        handle.add_pool("g", pool.clone(), None).unwrap();
+        let churn = std::thread::spawn(move || {
+            let changes = futures::stream::iter((0..20_000).flat_map(|_| {
+                [
+                    Ok::<_, std::convert::Infallible>(Change::Remove("a")),
+                    Ok(Change::Insert("a", 0u8)),
+                ]
+            }));
+            futures::executor::block_on(pool.discover(changes)).unwrap();
+        });
+        let (mut actions, mut misses) = (0u32, 0u32);
+        while !churn.is_finished() {
+            let id = "a".into();
+            let action = if actions % 2 == 0 {
+                handle.disable(&id)
+            } else {
+                handle.enable(&id)
+            };
+            actions += 1;
+            misses += u32::from(action.is_err());
+        }
+        churn.join().unwrap();
+        assert!(actions > 0);
+        assert_eq!(misses, 0, "{misses} of {actions} actions missed the backend");
     }
 }
