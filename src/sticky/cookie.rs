@@ -578,14 +578,16 @@ fn month_of(token: &[u8]) -> Option<u32> {
 /// also delete. A browser keeps one cookie per name, path and domain, so
 /// a deletion ends only a value set with the same path and domain (a
 /// response that sets a new session and clears a legacy one of the same
-/// name on another path leaves the new one). A line without a `Path` or a
-/// `Domain` has the request's (its default path, its host), which is not
-/// known here: a deletion ends any value whose scope may be its own, so
-/// that a session does not outlive its logout.
+/// name on another path leaves the new one). A line without a `Path` has
+/// the default path of the request's (`request_path`), and one without a
+/// `Domain` the request's host. What is not known here (the host, and the
+/// path when `request_path` is `None`) may be any: a deletion ends any
+/// value whose scope may be its own, so that a session does not outlive
+/// its logout.
 ///
-/// A deletion on a path the request's (`request_path`, when known) does
-/// not fall under deletes no cookie the request presented, since a browser
-/// sends none from there: alone, it is no deletion of the session.
+/// A deletion on a path the request's (when known) does not fall under
+/// deletes no cookie the request presented, since a browser sends none
+/// from there: alone, it is no deletion of the session.
 pub(crate) fn learn<'h>(
     headers: &'h HeaderMap,
     name: &str,
@@ -594,7 +596,7 @@ pub(crate) fn learn<'h>(
     let name = name.as_bytes();
     // Per path and domain, the value the last line leaves (`None`: deleted),
     // in the order they were last written.
-    let mut scopes: Vec<Scope<'h>> = Vec::new();
+    let mut scopes: Vec<Scope<'_, 'h>> = Vec::new();
     // Whether a cookie of `path` is one the request could not have sent.
     let off_path = |path: &[u8]| {
         !path.is_empty() && request_path.is_some_and(|r| !path_matches(r.as_bytes(), path))
@@ -626,9 +628,9 @@ pub(crate) fn learn<'h>(
             }
         }
         // A path that is not absolute stands for the default one
-        // (RFC 6265, section 5.2.4).
+        // (RFC 6265, section 5.2.4); empty when the request's is unknown.
         if !path.starts_with(b"/") {
-            path = b"";
+            path = request_path.map_or(b"", default_path);
         }
         let left = (!value.is_empty() && !max_age.unwrap_or(expires)).then_some(value);
         let deletes = left.is_none();
@@ -658,7 +660,16 @@ pub(crate) fn learn<'h>(
 }
 
 /// A cookie's path and domain, and the value a `Set-Cookie` left it with.
-type Scope<'h> = (&'h [u8], &'h [u8], Option<&'h [u8]>);
+type Scope<'p, 'h> = (&'p [u8], &'h [u8], Option<&'h [u8]>);
+
+/// The path of a cookie set without one in answer to a request for
+/// `request` (RFC 6265, section 5.1.4): up to its last `/`, or `/`.
+fn default_path(request: &str) -> &[u8] {
+    match request.rfind('/') {
+        Some(last) if last > 0 && request.starts_with('/') => &request.as_bytes()[..last],
+        _ => b"/",
+    }
+}
 
 /// Whether a browser sends a cookie of path `cookie` with a request for
 /// `request` (RFC 6265, section 5.1.4).
@@ -918,6 +929,39 @@ mod tests {
         // Without the request's path, any deletion may be its session's.
         let h = set_cookies(&[legacy]);
         assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
+    }
+
+    #[test]
+    fn a_line_without_a_path_has_the_requests_default_one() {
+        assert_eq!(default_path("/account/login"), b"/account");
+        assert_eq!(default_path("/account/"), b"/account");
+        assert_eq!(default_path("/login"), b"/");
+        assert_eq!(default_path("/"), b"/");
+        assert_eq!(default_path(""), b"/");
+        assert_eq!(default_path("*"), b"/");
+        assert_eq!(default_path("a/b"), b"/");
+        // Set on `/`, deleted on `/account` (the default path of the
+        // request's): a browser keeps the new value.
+        let h = set_cookies(&["JSESSIONID=new; Path=/", "JSESSIONID=; Max-Age=0"]);
+        assert_eq!(
+            learn(&h, "JSESSIONID", Some("/account/login")),
+            Some(Learned::Set(b"new"))
+        );
+        // On `/`, the default path is `/`: the same scope, deleted.
+        assert_eq!(
+            learn(&h, "JSESSIONID", Some("/login")),
+            Some(Learned::Deleted)
+        );
+        // A value set without a path is deleted on the default path.
+        let h = set_cookies(&["JSESSIONID=new", "JSESSIONID=; Path=/account; Max-Age=0"]);
+        assert_eq!(
+            learn(&h, "JSESSIONID", Some("/account/login")),
+            Some(Learned::Deleted)
+        );
+        assert_eq!(
+            learn(&h, "JSESSIONID", Some("/shop/cart")),
+            Some(Learned::Set(b"new"))
+        );
     }
 
     #[test]
