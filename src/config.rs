@@ -614,6 +614,11 @@ impl Config {
 impl Config {
     /// Parses and validates YAML. Anchors, aliases and merge keys (`<<:
     /// *defaults`) are applied, so groups can share settings.
+    ///
+    /// In a file with merge keys, a plain name that YAML reads as a number
+    /// or a boolean is read in that value's usual form (`0x1A` as `26`,
+    /// `1.10` as `1.1`, `TRUE` as `true`): quote such names (`"0x1A"`) to
+    /// keep them as written. Without merge keys, names are read as written.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         let error = |e: serde_yaml_ng::Error| {
             let (field, message) = match e.location() {

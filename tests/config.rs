@@ -202,6 +202,12 @@ failover_groups:
     // a number is a name.
     let numbered = Config::from_yaml(&yaml.replace("name: db", "name: 2024")).unwrap();
     assert!(numbered.group("2024").is_some());
+    // A name YAML reads as a number written another way is read in the
+    // number's usual form (documented); quoted, it is kept as written.
+    let hex = Config::from_yaml(&yaml.replace("name: db", "name: 0x1A")).unwrap();
+    assert!(hex.group("26").is_some());
+    let quoted = Config::from_yaml(&yaml.replace("name: db", "name: \"0x1A\"")).unwrap();
+    assert!(quoted.group("0x1A").is_some());
     let (a, d) = (
         app.health_check.as_ref().unwrap(),
         db.health_check.as_ref().unwrap(),
