@@ -1267,6 +1267,55 @@ async fn a_refused_login_is_tried_again() {
     );
 }
 
+/// A store on another database than 0 reconnects while a script keeps
+/// Redis busy: the new connection's `SELECT` is refused (`BUSY`). The
+/// calls meanwhile fail as unavailable, and work again once Redis is free,
+/// rather than failing until the process restarts.
+#[tokio::test]
+async fn a_database_switch_refused_while_busy_is_tried_again() {
+    let server = RedisServer::start_with(&["--lua-time-limit", "100"]);
+    let store = RedisStore::builder(format!("{}1", server.url()))
+        .build()
+        .await
+        .unwrap();
+    store.save(&session("k", "node-a")).await.unwrap();
+    let mut admin = raw(&server);
+    kill_clients(&mut admin);
+    let blocker = std::thread::spawn(move || {
+        let _: () = redis::cmd("EVAL")
+            .arg(BUSY_FOR_A_SECOND)
+            .arg(0)
+            .query(&mut admin)
+            .unwrap();
+    });
+    // Until a new connection is answered `BUSY`, the script has not run
+    // past its limit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut probe = raw(&server);
+        probe
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        match redis::cmd("PING").query::<String>(&mut probe) {
+            Err(e) if e.to_string().contains("BUSY") => break,
+            _ => assert!(Instant::now() < deadline, "Redis never got busy"),
+        }
+    }
+    let err = store.load("k").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    blocker.join().unwrap();
+    bounded_real("calls succeed again once Redis is free", async {
+        while store.load("k").await.is_err() {
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        store.load("k").await.unwrap().unwrap().backend.as_str(),
+        "node-a"
+    );
+}
+
 /// A Lua script that keeps Redis busy for a second.
 const BUSY_FOR_A_SECOND: &str = "local s = redis.call('TIME') \
     while true do \

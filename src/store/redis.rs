@@ -621,12 +621,14 @@ impl Inner {
     ///
     /// A connection whose reconnection was refused at login (a password
     /// changed and changed back, a server briefly up without its ACL file)
-    /// is replaced too: the client keeps a failed login for good and only
-    /// tries again after a network error.
+    /// or at its switch to the URL's database (a `SELECT` answered `BUSY`
+    /// while a script runs) is replaced too: the client keeps a failed
+    /// setup for good and only tries again after a network error.
     fn finish<T>(&self, conn: &Conn, answer: Answer<T>, what: &str) -> Result<T, StoreError> {
         let why = match &answer {
             Ok(Err(e)) if server_error(e).0 == "READONLY" => Some("met a read-only replica"),
             Ok(Err(e)) if refused_login(e) => Some("was refused at login"),
+            Ok(Err(e)) if refused_database(e) => Some("could not switch database"),
             _ => None,
         };
         if let Some(why) = why {
@@ -794,6 +796,14 @@ fn refused_login(e: &RedisError) -> bool {
         || matches!(server_error(e).0.as_str(), "NOAUTH" | "WRONGPASS")
 }
 
+/// Whether Redis refused a new connection's switch to the URL's database
+/// (`SELECT`), which the client never tries again on its own either. The
+/// client says so only in its message.
+fn refused_database(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(::redis::ServerErrorKind::ResponseError)
+        && e.to_string().starts_with("Redis server refused to switch database")
+}
+
 fn flatten<T>(answer: Answer<T>, what: &str, timeout: Duration) -> Result<T, StoreError> {
     match answer {
         Ok(Ok(value)) => Ok(value),
@@ -830,6 +840,9 @@ fn map_error(e: RedisError, what: &str) -> StoreError {
                 | "NOREPLICAS"
         )
         || (code == "ERR" && detail.starts_with("max number of clients reached"))
+        // A new connection's `SELECT` refused while a script runs: the
+        // client keeps `BUSY` only as the detail of its own error.
+        || (refused_database(&e) && detail.starts_with("Redis is busy"))
     {
         StoreError::unavailable(e)
     } else if code == "WRONGTYPE" {
@@ -1290,9 +1303,11 @@ impl Lease {
         &self.key
     }
 
-    /// Releases the lease if this owner still holds it (compare and delete
-    /// in one Lua script, so a lease that expired and was taken by another
-    /// replica is left alone). Returns whether it was still held.
+    /// Releases the lease if this owner still holds it (compare and set in
+    /// one Lua script, so a lease that expired and was taken by another
+    /// replica is left alone): the key then says `done` for a minute, so
+    /// that a replica that waited for the lease knows the work was done.
+    /// Returns whether it was still held.
     pub async fn release(self) -> Result<bool, StoreError> {
         let done_for = millis(DONE_FOR).to_string();
         let n = self
