@@ -1435,6 +1435,36 @@ async fn success_rate_judges_only_recent_outcomes() {
     send(&svc, "a", &state).await;
     assert!(!state.is_ejected());
     assert_eq!(state.ejections(), 1);
+
+    // Outcomes that end while the backend is ejected (requests in flight
+    // at the ejection, or sent by panic routing) are not in the new
+    // window either: the first outcome after the ejection (30 s, within
+    // two windows of 20 s) does not judge them.
+    let layer = HealthLayer::new()
+        .consecutive_failures(1_000)
+        .max_ejection_percent(100)
+        .success_rate(rate.window(secs(20)));
+    let backend = Backend::new();
+    let svc = layer.layer(backend.clone());
+    let state = Arc::new(BackendState::new(1));
+    backend.set(StatusCode::BAD_GATEWAY);
+    for _ in 0..20 {
+        send(&svc, "a", &state).await;
+        tokio::time::advance(ms(100)).await;
+    }
+    tokio::time::advance(secs(20)).await;
+    send(&svc, "a", &state).await;
+    assert!(state.is_ejected());
+    for _ in 0..20 {
+        send(&svc, "a", &state).await;
+        tokio::time::advance(ms(100)).await;
+    }
+    tokio::time::advance(secs(28)).await;
+    assert!(!state.is_ejected());
+    backend.set(StatusCode::OK);
+    send(&svc, "a", &state).await;
+    assert!(!state.is_ejected());
+    assert_eq!(state.ejections(), 1);
 }
 
 #[tokio::test(start_paused = true)]

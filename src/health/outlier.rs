@@ -332,7 +332,12 @@ impl<C> Watch<C> {
             }
         }
         if let Some(rate) = self.config.success_rate {
-            self.observe_rate(target, failed, rate);
+            // Like a failure in a row below, an outcome that ends while the
+            // backend is ejected is not towards its next ejection: that
+            // takes a window of new outcomes (see `eject`).
+            if !state.is_ejected() {
+                self.observe_rate(target, failed, rate);
+            }
         }
         if !failed {
             state.record_success();
