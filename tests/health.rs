@@ -462,6 +462,54 @@ async fn a_backend_wrapped_again_while_ejected_reports_the_ejections_end() {
     assert_eq!(restored, ["a: ejection ended"]);
 }
 
+/// A backend wrapped twice (two layers' services over one state): an
+/// ejection that ran out, unreported yet by the service that ejected it,
+/// and that the other service's failure replaces with a new one, has its
+/// end reported all the same: one end per ejection.
+#[tokio::test(start_paused = true)]
+async fn an_ejection_replaced_before_its_end_was_reported_still_reports_it() {
+    use tower_ha::control::{Event, Events};
+    let events = Events::default();
+    let layer = || {
+        HealthLayer::new()
+            .consecutive_failures(1)
+            .max_ejection_percent(100)
+            .events(events.clone())
+    };
+    let backend = Backend::new();
+    let state = Arc::new(BackendState::new(1));
+    let (first, second) = (layer().layer(backend.clone()), layer().layer(backend.clone()));
+    // Both know the backend before it is ejected.
+    send(&first, "a", &state).await;
+    send(&second, "a", &state).await;
+    backend.set(StatusCode::SERVICE_UNAVAILABLE);
+    send(&first, "a", &state).await;
+    let until = state.ejected_until().expect("ejected");
+    tokio::time::sleep_until(until).await;
+    // The first ejection ran out; the second service's failure ejects the
+    // backend again before the first service saw it end.
+    send(&second, "a", &state).await;
+    assert!(state.is_ejected());
+    let until = state.ejected_until().expect("ejected again");
+    tokio::time::sleep_until(until).await;
+    backend.set(StatusCode::OK);
+    send(&first, "a", &state).await;
+    send(&second, "a", &state).await;
+    let count = |restored: bool| {
+        events
+            .history()
+            .iter()
+            .filter(|r| match &r.event {
+                Event::Restored { .. } => restored,
+                Event::Ejected { .. } => !restored,
+                _ => false,
+            })
+            .count()
+    };
+    assert_eq!(count(false), 2);
+    assert_eq!(count(true), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_ejection_time_multiplier_decays_while_a_backend_stays_in() {
     use tower_ha::control::{Event, Events};

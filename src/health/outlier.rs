@@ -313,17 +313,7 @@ impl<C> Watch<C> {
             // Lifted early (a passing probe), the ejection's end was
             // reported by whoever lifted it.
             if state.take_expired_ejection() {
-                tracing::info!(
-                    backend = %target.id(),
-                    from = "ejected",
-                    to = "available",
-                    reason = "ejection ended",
-                    "backend restored"
-                );
-                emit(self.events.as_ref(), || Event::Restored {
-                    backend: target.id().clone(),
-                    reason: "ejection ended".into(),
-                });
+                self.report_end(target);
             } else if state.has_uncleared_ejection() {
                 // Between the check and the swap, another request reported
                 // that ejection's end and a failure ejected the backend
@@ -405,8 +395,29 @@ impl<C> Watch<C> {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// Reports the end of the ejection of `target` that this watch cleared.
+    fn report_end(&self, target: &Target) {
+        tracing::info!(
+            backend = %target.id(),
+            from = "ejected",
+            to = "available",
+            reason = "ejection ended",
+            "backend restored"
+        );
+        emit(self.events.as_ref(), || Event::Restored {
+            backend: target.id().clone(),
+            reason: "ejection ended".into(),
+        });
+    }
+
     fn eject(&self, target: &Target, reason: &'static str, failures: u32) {
         let state = target.state();
+        // An ejection that ran out but that no one has cleared yet (the
+        // watch that ejected, or another, has not seen its end) ends here,
+        // before a new one replaces it unreported.
+        if state.take_expired_ejection() {
+            self.report_end(target);
+        }
         let nth = state.ejections().saturating_add(1);
         let now = Instant::now();
         let mut backoff = self.backoff.lock();
