@@ -462,6 +462,40 @@ async fn a_backend_wrapped_again_while_ejected_reports_the_ejections_end() {
     assert_eq!(restored, ["a: ejection ended"]);
 }
 
+/// A backend wrapped again while still ejected, while its former service
+/// still lives (a long request through it), counts its ejection towards
+/// the cap through the new service once the former is gone.
+#[tokio::test(start_paused = true)]
+async fn an_ejection_taken_over_while_the_old_service_lives_still_counts() {
+    // Three backends: at most one ejected at once.
+    let layer = HealthLayer::new();
+    let (a, b) = (Backend::new(), Backend::new());
+    let (a_state, b_state) = (
+        Arc::new(BackendState::new(1)),
+        Arc::new(BackendState::new(1)),
+    );
+    let first = layer.layer(a.clone());
+    let b_svc = layer.layer(b.clone());
+    let _c_svc = layer.layer(Backend::new());
+    a.set(StatusCode::SERVICE_UNAVAILABLE);
+    for _ in 0..5 {
+        send(&first, "a", &a_state).await;
+    }
+    assert!(a_state.is_ejected());
+    // Wrapped again, its first request (panic routing) comes while the
+    // former service still lives.
+    let again = layer.layer(a.clone());
+    send(&again, "a", &a_state).await;
+    drop(first);
+    assert!(a_state.is_ejected());
+    b.set(StatusCode::SERVICE_UNAVAILABLE);
+    for _ in 0..5 {
+        send(&b_svc, "b", &b_state).await;
+    }
+    assert!(!b_state.is_ejected(), "two of three backends ejected");
+    drop(again);
+}
+
 /// A backend wrapped twice (two layers' services over one state): an
 /// ejection that ran out, unreported yet by the service that ejected it,
 /// and that the other service's failure replaces with a new one, has its

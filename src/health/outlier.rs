@@ -186,9 +186,14 @@ impl Ejections {
         }
         let backends = self.backends.load(Ordering::Acquire);
         let allowed = (backends.saturating_mul(max_percent.min(100) as usize) / 100).max(1);
-        if ejected.len() >= allowed {
+        // Backends, not entries: one taken over by a new watch while its
+        // former one lived has an entry of each.
+        let count = (0..ejected.len())
+            .filter(|&i| !ejected[..i].iter().any(|(s, _)| s.ptr_eq(&ejected[i].0)))
+            .count();
+        if count >= allowed {
             return Err(Refused::Cap {
-                ejected: ejected.len(),
+                ejected: count,
                 allowed,
             });
         }
@@ -198,12 +203,14 @@ impl Ejections {
     }
 
     /// Counts an ejection in force that a watch took over (see
-    /// [`try_eject`](Self::try_eject) for `alive`).
+    /// [`try_eject`](Self::try_eject) for `alive`), also while the watch
+    /// that ejected lives on: it may go first.
     fn adopt(&self, state: &Arc<BackendState>, alive: &Arc<()>) {
         let mut ejected = self.ejected.lock();
-        let counted = ejected
-            .iter()
-            .any(|(s, w)| w.strong_count() > 0 && std::ptr::eq(s.as_ptr(), Arc::as_ptr(state)));
+        let counted = ejected.iter().any(|(s, w)| {
+            std::ptr::eq(w.as_ptr(), Arc::as_ptr(alive))
+                && std::ptr::eq(s.as_ptr(), Arc::as_ptr(state))
+        });
         if !counted {
             ejected.push((Arc::downgrade(state), Arc::downgrade(alive)));
         }
