@@ -512,7 +512,10 @@ async fn an_ejection_replaced_before_its_end_was_reported_still_reports_it() {
     };
     let backend = Backend::new();
     let state = Arc::new(BackendState::new(1));
-    let (first, second) = (layer().layer(backend.clone()), layer().layer(backend.clone()));
+    let (first, second) = (
+        layer().layer(backend.clone()),
+        layer().layer(backend.clone()),
+    );
     // Both know the backend before it is ejected.
     send(&first, "a", &state).await;
     send(&second, "a", &state).await;

@@ -289,7 +289,10 @@ impl WeakHandle {
 /// groups hold, then those their pools keep for its return after their
 /// discovery removed it (it comes back with them).
 fn reached_states(inner: &Inner, id: &BackendId) -> Vec<Arc<BackendState>> {
-    held_states(inner, id).into_iter().map(|(state, _)| state).collect()
+    held_states(inner, id)
+        .into_iter()
+        .map(|(state, _)| state)
+        .collect()
 }
 
 /// The distinct states of backend `id` in the groups' pools, each with
@@ -871,6 +874,9 @@ mod tests {
         }
         churn.join().unwrap();
         assert!(actions > 0);
-        assert_eq!(misses, 0, "{misses} of {actions} actions missed the backend");
+        assert_eq!(
+            misses, 0,
+            "{misses} of {actions} actions missed the backend"
+        );
     }
 }

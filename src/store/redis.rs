@@ -801,7 +801,8 @@ fn refused_login(e: &RedisError) -> bool {
 /// client says so only in its message.
 fn refused_database(e: &RedisError) -> bool {
     e.kind() == ErrorKind::Server(::redis::ServerErrorKind::ResponseError)
-        && e.to_string().starts_with("Redis server refused to switch database")
+        && e.to_string()
+            .starts_with("Redis server refused to switch database")
 }
 
 fn flatten<T>(answer: Answer<T>, what: &str, timeout: Duration) -> Result<T, StoreError> {
