@@ -1779,6 +1779,31 @@ async fn a_forget_reaches_a_request_that_has_not_taken_its_load_yet() {
     assert_eq!(slow.loads.load(Ordering::SeqCst), 2);
 }
 
+/// Requests waiting on one load that is forgotten meanwhile read the store
+/// once more between them, not once each.
+#[tokio::test]
+async fn requests_waiting_on_a_forgotten_load_read_the_store_once_more() {
+    let c = cluster();
+    let (shared, slow) = SlowStore::holding("kernel-1", "c").await;
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), slow.clone());
+    let waiting: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(send_owned(svc.clone(), session("kernel-1"))))
+        .collect();
+    slow.until_held().await;
+    // Moved on another replica while the record is read.
+    shared
+        .save(&Session::new("kernel-1", "a".into()))
+        .await
+        .unwrap();
+    assert!(!layer.forget("kernel-1"), "not in the table yet");
+    slow.gate.add_permits(1000);
+    for request in waiting {
+        assert_eq!(request.await.unwrap().unwrap().body(), "a");
+    }
+    assert_eq!(slow.loads.load(Ordering::SeqCst), 2);
+    assert_eq!(layer.stats().loaded, 2);
+}
+
 #[tokio::test]
 async fn replication_loads_each_key_once_under_concurrent_requests() {
     let c = cluster();
@@ -2918,6 +2943,26 @@ async fn a_session_kept_in_memory_leaves_its_failed_backend_when_read_again() {
     assert_ne!(moved, home);
     assert_eq!(layer.stats().moved, 1);
     assert_eq!(layer.stats().store_errors, 2);
+}
+
+/// As above, but the store, read again, holds the session's record on the
+/// backend that failed it (saved there by another replica): it stays off
+/// that backend all the same.
+#[tokio::test(start_paused = true)]
+async fn a_session_kept_in_memory_leaves_its_failed_backend_when_its_record_is_found() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    let store = FlakyLoads::new(shared.clone());
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let home = send(&svc, session("k")).await.unwrap().into_body();
+    shared.save(&kernel("k", &home)).await.unwrap();
+    c.fail[home.as_str()].store(true, Ordering::SeqCst);
+    assert!(send(&svc, session("k")).await.is_err());
+    store.down.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let moved = send(&svc, session("k")).await.unwrap().into_body();
+    assert_ne!(moved, home);
+    assert_eq!(layer.stats().moved, 1);
 }
 
 /// Session `k`, started by header while the store could not be read, so
@@ -4101,15 +4146,17 @@ async fn a_late_response_sends_the_cookie_of_the_backend_the_session_moved_to() 
     let moved = send(&svc, with_cookie(&cookie)).await.unwrap();
     let new_home = moved.body().clone();
     assert_ne!(new_home, home);
-    let moved_cookie = cookie_of(&moved).unwrap();
+    assert!(cookie_of(&moved).is_some(), "the move sends a new cookie");
     c.set_health(&home, HealthStatus::Healthy);
     tokio::time::advance(Duration::from_secs(6)).await;
     let slow = slow.await.unwrap().unwrap();
     assert_eq!(slow.body(), &home);
-    let late_cookie = cookie_of(&slow);
-    // The browser keeps the last Set-Cookie. Once the table loses the
-    // session (idle, evicted, restart: no store), it flaps back.
-    let last = late_cookie.unwrap_or(moved_cookie);
+    // Its cookie was due: the late response sends one, of the backend the
+    // session moved to. The browser keeps the last Set-Cookie; were it
+    // the old backend's, the session would flap back once the table lost
+    // it (idle, evicted, restart: no store).
+    let last = cookie_of(&slow).expect("the late response renews the cookie");
+    assert_ne!(last, cookie);
     layer.forget_all();
     let back = send(&svc, with_cookie(&last)).await.unwrap();
     assert_eq!(

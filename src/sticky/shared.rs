@@ -191,6 +191,9 @@ struct Load {
     waiting: std::sync::atomic::AtomicUsize,
     /// The key was forgotten (moved on another replica) while it loaded.
     stale: std::sync::atomic::AtomicBool,
+    /// What the store held when read again for a stale load: one read for
+    /// every request that waited on it.
+    reread: OnceCell<Stored>,
     /// Its registrations (see `Registered`): the requests waiting for it
     /// and the restore task finishing it. Changed under the `Loading` lock
     /// only.
@@ -776,9 +779,11 @@ impl Shared {
             Some(session) => {
                 let session = self.with_member_id(session);
                 let tag = self.tag(&key, &session.backend);
-                let (mut hit, dropped, inserted) = self.insert_new(session, tag, kept);
+                let (mut hit, dropped, _) = self.insert_new(session, tag, kept);
                 self.count_dropped(dropped);
-                if inserted && failed_on.as_ref() == Some(&hit.backend) {
+                // Also when the read put the record in the table first
+                // (it knows nothing of the failure).
+                if !hit.failed && failed_on.as_ref() == Some(&hit.backend) {
                     self.table.set_failed(&hit.key, &hit.backend, true);
                     hit.failed = true;
                 }
@@ -925,8 +930,12 @@ impl Shared {
                 // Moved on another replica while it was read (restored
                 // there already), or ended here: route by the record as it
                 // is now (read once this instance's writes of it have
-                // landed, an ended session's delete among them).
-                shared.read(&store, &key, None).await
+                // landed, an ended session's delete among them), once for
+                // every request that waited.
+                cell.reread
+                    .get_or_init(|| shared.read(&store, &key, None))
+                    .await
+                    .clone()
             } else {
                 stored
             };
