@@ -209,10 +209,13 @@ load() {
     p99=$(awk '$1 == "99%" {v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
         print (u == "us" ? v / 1000 : (u == "s" ? v * 1000 : v))}' <<<"$out")
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-    socket=$(awk -F'[ ,]+' '/Socket errors/ {print $4+$6+$8+$10}' <<<"$out")
+    # "  Socket errors: connect 1, read 12, write 3, timeout 4": the sum of
+    # the counts. wrk counts none of them among its completed requests.
+    socket=$(awk '/Socket errors/ {for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) s += $i; print s + 0}' <<<"$out")
     errors=$(( ${non2xx:-0} + ${socket:-0} ))
-    rps=$(awk -v r="$rps" -v n="$requests" -v e="$errors" 'BEGIN {print (n > 0 ? r * (n - e) / n : 0)}')
-    echo "$rps $p99 $errors $(( ${requests:-0} - errors ))"
+    served=$(( ${requests:-0} - ${non2xx:-0} ))
+    rps=$(awk -v r="$rps" -v n="$requests" -v s="$served" 'BEGIN {print (n > 0 ? r * s / n : 0)}')
+    echo "$rps $p99 $errors $served"
 }
 
 # The processes of a proxy (its name as `stop` takes it): nginx's master
