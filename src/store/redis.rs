@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -467,9 +468,11 @@ impl RedisStore {
     pub async fn subscribe(&self) -> Result<Invalidations, StoreError> {
         let pubsub = self.inner.connect_pubsub().await?;
         let (tx, rx) = mpsc::channel(NOTICE_BUFFER);
-        let task = tokio::spawn(listen(self.inner.clone(), pubsub, tx));
+        let lagging = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(listen(self.inner.clone(), pubsub, tx, lagging.clone()));
         Ok(Invalidations {
             rx,
+            lagging,
             task: AbortOnDrop(task),
         })
     }
@@ -1380,6 +1383,8 @@ pub enum Invalidation {
 /// The other replicas' move notices, from [`RedisStore::subscribe`].
 pub struct Invalidations {
     rx: mpsc::Receiver<Invalidation>,
+    /// Notices were dropped for this reader, which is owed an `All`.
+    lagging: Arc<AtomicBool>,
     task: AbortOnDrop<()>,
 }
 
@@ -1407,6 +1412,7 @@ impl fmt::Debug for Invalidations {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Invalidations")
             .field("pending", &self.rx.len())
+            .field("lagging", &self.lagging.load(Ordering::Relaxed))
             .field("listening", &!self.task.0.is_finished())
             .finish()
     }
@@ -1425,12 +1431,13 @@ async fn listen(
     inner: Arc<Inner>,
     mut pubsub: ::redis::aio::PubSub,
     tx: mpsc::Sender<Invalidation>,
+    lagging: Arc<AtomicBool>,
 ) {
     let mut backoff = Duration::from_millis(50);
     // Notices were dropped for a reader that lagged: it is owed an
     // `All` as soon as it has room. (The client reads the subscription
     // eagerly into a queue without a bound, so waiting for the reader
-    // would only move the backlog there.)
+    // would only move the backlog there.) Its `Debug` shows it.
     let mut lagged = false;
     loop {
         {
@@ -1446,6 +1453,7 @@ async fn listen(
                         let Ok(permit) = permit else { return };
                         permit.send(Invalidation::All);
                         lagged = false;
+                        lagging.store(false, Ordering::Relaxed);
                         continue;
                     }
                     _ = ping.tick() => {
@@ -1482,6 +1490,7 @@ async fn listen(
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         tracing::warn!(channel = %inner.channel, "move notices dropped for a reader that lags behind; it will be told to drop everything");
                         lagged = true;
+                        lagging.store(true, Ordering::Relaxed);
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
