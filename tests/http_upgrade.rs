@@ -696,7 +696,7 @@ async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
     let_go(&seen, &pool).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_switch_that_never_reaches_the_client_releases_the_backend() {
     let (b1, seen) = backend("b1", Mode::Echo).await;
     // No idle timeout to end the tunnel: it waits 10 s for the client's
@@ -726,6 +726,8 @@ async fn a_switch_that_never_reaches_the_client_releases_the_backend() {
     assert!(head.starts_with("http/1.1 502 "), "{head}");
     assert_eq!(seen.upgrade_heads.lock().len(), 1, "the backend switched");
     drop(stream);
+    // On paused time: the wait for the handover (10 s) would run out at
+    // its exact instant, after this bound.
     tokio::time::timeout_at(sent + Duration::from_secs(9), let_go(&seen, &pool))
         .await
         .expect("the backend was held until the wait for the handover ran out");

@@ -40,9 +40,11 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts a server on an ephemeral port.
+    /// Starts a server on a port no other socket of the run takes, not
+    /// even once the server is shut down (see [`super::restartable_addr`]):
+    /// a probe of a server that is down must find nothing there.
     pub async fn start() -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(super::restartable_addr()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let counters = Arc::new(Counters::default());
         counters.healthz.store(200, Ordering::SeqCst);
