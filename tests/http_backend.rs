@@ -916,6 +916,48 @@ async fn trailers_pass_both_ways() {
     );
 }
 
+/// A request of a known length that announces trailers (an HTTP/2
+/// client's, with `content-length`) goes chunked to an HTTP/1 backend:
+/// framed by its length, its trailers would be dropped.
+#[tokio::test]
+async fn trailers_of_a_body_of_known_length_reach_an_http1_backend() {
+    let backend_addr = accept_counting(|stream, _| async move {
+        let service = service_fn(|req: Request<Incoming>| async move {
+            let length = req.headers().get("content-length").cloned();
+            let collected = req.into_body().collect().await.unwrap();
+            let sum = collected
+                .trailers()
+                .and_then(|t| t.get("x-request-sum"))
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = format!("{:?}|length={length:?}|sum={sum:?}", collected.to_bytes());
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+    .0;
+    use http_body::Body as _;
+    use http_body_util::combinators::BoxBody;
+    let client = HttpClient::<BoxBody<Bytes, Infallible>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{backend_addr}")).unwrap();
+    let body = Full::new(Bytes::from_static(b"payload"))
+        .with_trailers(async { Some(Ok(one_field("x-request-sum", "1"))) });
+    assert_eq!(body.size_hint().exact(), Some(7));
+    let req = Request::post("/")
+        .version(http::Version::HTTP_2)
+        .header("content-length", "7")
+        .header("trailer", "x-request-sum")
+        .body(BoxBody::new(body))
+        .unwrap();
+    let resp = backend.oneshot(req).await.unwrap();
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        "b\"payload\"|length=None|sum=Some(\"1\")"
+    );
+}
+
 /// A response read up to its trailers, as hyper's server reads a body it
 /// forwards (it stops there), gives its connection back for the next
 /// request.
@@ -1457,11 +1499,31 @@ mod http2 {
         upload_fails_as_the_requests(&client, addr).await;
     }
 
-    /// Over HTTP/2 a client may wait for the response before it sends more
-    /// (a bidirectional stream): a backend silent meanwhile is the
-    /// backend's failure, not the client's.
+    /// A client that speaks HTTP/2 may wait for the response before it
+    /// sends more (a bidirectional stream): a backend silent meanwhile is
+    /// the backend's failure, not the client's. A client that speaks
+    /// HTTP/1 sends its body first: one that stops is at fault, whatever
+    /// the backend speaks.
     #[tokio::test]
     async fn a_stream_whose_client_awaits_the_backend_times_out_as_the_backends() {
+        use http::Version;
+        for (version, clients) in [(Version::HTTP_2, false), (Version::HTTP_11, true)] {
+            let err = client_waits_for_the_answer(version).await;
+            assert_eq!(find::<InvalidRequest>(&*err).is_some(), clients, "{err:?}");
+            assert!(is_timed_out(&*err), "{err:?}");
+            let status = if clients {
+                StatusCode::REQUEST_TIMEOUT
+            } else {
+                StatusCode::GATEWAY_TIMEOUT
+            };
+            assert_eq!(gateway_status(&*err), status, "{version:?}");
+        }
+    }
+
+    /// The error of a request that came as `version`, sent over HTTP/2,
+    /// whose body gives one message, then nothing until the response comes,
+    /// to a backend that reads that message and never answers.
+    async fn client_waits_for_the_answer(version: http::Version) -> BoxError {
         use futures::StreamExt as _;
         // Reads the first message, then hangs without a response head.
         let (addr, _) = serve_h2_with(service_fn(|req: Request<Incoming>| async move {
@@ -1481,14 +1543,11 @@ mod http2 {
         ))])
         .chain(futures::stream::pending());
         let body = BoxBody::new(http_body_util::StreamBody::new(frames));
-        let call = backend.oneshot(Request::post("/chat").body(body).unwrap());
-        let err = tokio::time::timeout(Duration::from_secs(10), call)
+        let req = Request::post("/chat").version(version).body(body).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), backend.oneshot(req))
             .await
             .expect("given up at the read timeout")
-            .unwrap_err();
-        assert!(find::<InvalidRequest>(&*err).is_none(), "{err:?}");
-        assert!(is_timed_out(&*err), "{err:?}");
-        assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
+            .unwrap_err()
     }
 
     /// Serves `h2_echo` over HTTP/2 with prior knowledge; counts the

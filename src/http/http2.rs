@@ -206,7 +206,11 @@ where
             let response = sender.try_send_request(req);
             // A timer of its own: the connection carries many requests.
             let mut timer = None;
-            match timeout::head(response, read_timeout, sent, None, &mut timer, false).await {
+            // A client that speaks HTTP/2 may await the response before it
+            // sends more; one that speaks HTTP/1 does not.
+            let client_paced = timeout::from_http1(sent);
+            match timeout::head(response, read_timeout, sent, None, &mut timer, client_paced).await
+            {
                 Ok(resp) => {
                     let present = super::hop_by_hop(resp.headers());
                     let resp = resp.map(|body| ResponseBody::new(body, None, read_timeout, timer));

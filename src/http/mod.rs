@@ -141,7 +141,7 @@ use std::time::Duration;
 
 use ::http::header::{
     HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, LOCATION,
-    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use ::http::{HeaderMap, Method, Request, Response, StatusCode, Version};
@@ -1391,15 +1391,19 @@ where
         // whatever its method).
         let handover = Handover::of(&req);
         // Before the rewrite sets the version the backend speaks.
-        let discard = self.upstream.discard_timeout(req.version());
+        let from_http1 = req.version() < Version::HTTP_2;
+        let discard = self.upstream.discard_timeout(from_http1);
         let rewritten = self.rewrite(&mut req);
         let body = req.body();
         if self.upstream.speaks_http2() {
             // Framed by its stream.
         } else if !body.is_end_stream() {
-            if body.size_hint().exact().is_none() {
-                // A body of unknown length goes chunked: hyper would send a
-                // GET or HEAD without one.
+            // A body of unknown length goes chunked: hyper would send a GET
+            // or HEAD without one. So does one whose trailers are announced
+            // (`Trailer`): framed by its length, hyper would drop them.
+            let trailers = req.headers().contains_key(TRAILER);
+            if trailers || body.size_hint().exact().is_none() {
+                req.headers_mut().remove(CONTENT_LENGTH);
                 req.headers_mut()
                     .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
             }
@@ -1414,7 +1418,7 @@ where
         }
         let state = match rewritten {
             Ok(None) => {
-                let (req, sent) = timeout::Upload::wrap(req, discard);
+                let (req, sent) = timeout::Upload::wrap(req, discard, from_http1);
                 State::Sent {
                     future: Box::pin(self.upstream.clone().send(req, sent, handover)),
                 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use ::http::header::{HeaderMap, HeaderValue, UPGRADE};
 use ::http::uri::{Authority, Scheme, Uri};
-use ::http::{Request, StatusCode, Version};
+use ::http::{Request, StatusCode};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::upgrade::OnUpgrade;
@@ -421,11 +421,10 @@ impl<B> Upstream<B> {
         self.target.scheme().expect("a target built with a scheme")
     }
 
-    /// How long the rest of the body of a request that came as `version`
-    /// is read if a connection gives it up (see [`Upload`]): only one that
-    /// came over HTTP/1.
-    pub(super) fn discard_timeout(&self, version: Version) -> Option<Duration> {
-        self.discard_timeout.filter(|_| version < Version::HTTP_2)
+    /// How long the rest of the body of a request is read if a connection
+    /// gives it up (see [`Upload`]): only one that came over HTTP/1.
+    pub(super) fn discard_timeout(&self, from_http1: bool) -> Option<Duration> {
+        self.discard_timeout.filter(|_| from_http1)
     }
 
     /// Whether requests go out as HTTP/2.
@@ -741,7 +740,7 @@ where
         sender.ready().await.map_err(NotSent::new)?;
         let offered: Vec<HeaderValue> = req.headers().get_all(UPGRADE).iter().cloned().collect();
         // Its body is empty, or becomes the tunnel's.
-        let (req, sent) = Upload::wrap(req, None);
+        let (req, sent) = Upload::wrap(req, None, true);
         handover.handed(true);
         let response = sender.try_send_request(req);
         let mut timer = None;

@@ -38,6 +38,14 @@ pub(super) struct Progress {
     /// waits for the request's own body (a client slow to send it), not
     /// for the backend.
     starved: AtomicBool,
+    /// The request came over HTTP/1, whose client sends its body before it
+    /// waits for the response, whatever the backend speaks (see [`Head`]).
+    from_http1: bool,
+}
+
+/// Whether the request whose upload `sent` follows came over HTTP/1.
+pub(super) fn from_http1(sent: &Sent) -> bool {
+    sent.as_ref().is_some_and(|p| p.from_http1)
 }
 
 /// When a connection last wrote to its backend, noted by its stream: an
@@ -111,16 +119,24 @@ where
 {
     /// `req` with its body wrapped, and what says when that body was sent;
     /// the rest of the body is read for up to `rest` if a connection gives
-    /// it up (see [`Upload`]).
+    /// it up (see [`Upload`]). `from_http1`: the request came over HTTP/1.
     // Inlined, so that the request's head is not copied out and back on
     // the proxy's path.
     #[inline(always)]
-    pub(super) fn wrap(req: Request<B>, rest: Option<Duration>) -> (Request<Upload<B>>, Sent) {
+    pub(super) fn wrap(
+        req: Request<B>,
+        rest: Option<Duration>,
+        from_http1: bool,
+    ) -> (Request<Upload<B>>, Sent) {
         let (parts, inner) = req.into_parts();
         // A body at its end (a GET's, and any empty one) is sent with the
         // head: nothing to watch, nothing to allocate.
-        let sent =
-            (!inner.is_end_stream() && inner.size_hint().exact() != Some(0)).then(Arc::default);
+        let sent = (!inner.is_end_stream() && inner.size_hint().exact() != Some(0)).then(|| {
+            Arc::new(Progress {
+                from_http1,
+                ..Progress::default()
+            })
+        });
         let body = Upload {
             inner: Some(inner),
             sent: sent.clone(),
@@ -296,9 +312,11 @@ pin_project! {
     /// backend; over HTTP/1, one that stands still because the request's
     /// body has no more to give (a client slow to send it) fails as the
     /// request's fault, an `InvalidRequest` (answered 408), which counts
-    /// against no backend. Over HTTP/2 a client may wait for the response
-    /// before it sends more (a bidirectional gRPC stream): the backend's
-    /// silence is the backend's.
+    /// against no backend. A client that speaks HTTP/2 may wait for the
+    /// response before it sends more (a bidirectional gRPC stream): over
+    /// an HTTP/2 backend, the backend's silence is then the backend's. One
+    /// that speaks HTTP/1 sends its body first, whatever the backend
+    /// speaks.
     pub(super) struct Head<'a, F> {
         #[pin]
         response: F,
@@ -311,8 +329,9 @@ pin_project! {
         sent: &'a Sent,
         written: Option<&'a Written>,
         // Whether an upload waiting on its client is the client's fault:
-        // over HTTP/1 a request's body comes before its response; over
-        // HTTP/2 a client may wait for the response to send more.
+        // over HTTP/1 (to the backend, or from the client) a request's
+        // body comes before its response; over HTTP/2 both ways a client
+        // may wait for the response to send more.
         client_paced: bool,
     }
 }
@@ -320,7 +339,7 @@ pin_project! {
 /// Waits for `response`, a response head, for at most `read_timeout` (see
 /// [`Head`]) on the connection's `timer`; `sent` says when the request's
 /// body was sent, `written` when the connection last wrote; `client_paced`
-/// for HTTP/1 (see [`Head`]).
+/// for HTTP/1 to the backend or from the client (see [`Head`]).
 pub(super) fn head<'a, F>(
     response: F,
     read_timeout: Option<Duration>,
@@ -456,7 +475,7 @@ mod tests {
             rx,
             _token: token.clone(),
         };
-        let (req, _) = Upload::wrap(Request::new(fed), rest);
+        let (req, _) = Upload::wrap(Request::new(fed), rest, true);
         (req.into_body(), tx, token)
     }
 
@@ -570,7 +589,7 @@ mod tests {
                 polled: polled.clone(),
                 _token: token.clone(),
             };
-            let (req, _) = Upload::wrap(Request::new(endless), Some(FOR));
+            let (req, _) = Upload::wrap(Request::new(endless), Some(FOR), true);
             let mut body = req.into_body();
             let first = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
             assert!(first.is_some());
