@@ -129,11 +129,13 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            signal exits at once
   -h, --help               this
 
-The per-try timeout and the deadline count from the call, the upload of a
-body over 64 KiB (streamed, not buffered) included: raise them, or turn them
-off, in front of applications that take long uploads. With both above 60 s,
-a client that stops sending a streamed body is given up after the client's
-read timeout (60 s) with a 408, counted against no backend; a body still
+The deadline counts from the call, the upload of a body over 64 KiB
+(streamed, not buffered) included: raise it, or turn it off, in front of
+applications that take long uploads. The per-try timeout counts from the
+backend's last read of such an upload, and waits while the client is slow to
+send it. With the deadline above 60 s, a client that stops sending a
+streamed body is given up after the client's read timeout (60 s) with a 408,
+counted against no backend; a body still
 being buffered (under 64 KiB) is given up 60 s after its last part came,
 with a 408 too, before any backend is called.
 ";
