@@ -1383,7 +1383,8 @@ pub enum Invalidation {
 /// The other replicas' move notices, from [`RedisStore::subscribe`].
 pub struct Invalidations {
     rx: mpsc::Receiver<Invalidation>,
-    /// Notices were dropped for this reader, which is owed an `All`.
+    /// Notices were dropped for this reader, or lost in a reconnection: it
+    /// is owed an `All`.
     lagging: Arc<AtomicBool>,
     task: AbortOnDrop<()>,
 }
@@ -1434,11 +1435,10 @@ async fn listen(
     lagging: Arc<AtomicBool>,
 ) {
     let mut backoff = Duration::from_millis(50);
-    // Notices were dropped for a reader that lagged: it is owed an
-    // `All` as soon as it has room. (The client reads the subscription
-    // eagerly into a queue without a bound, so waiting for the reader
-    // would only move the backlog there.) Its `Debug` shows it.
-    let mut lagged = false;
+    // `lagging`: notices were dropped for a reader that lagged, and it is
+    // owed an `All` as soon as it has room. (The client reads the
+    // subscription eagerly into a queue without a bound, so waiting for
+    // the reader would only move the backlog there.)
     loop {
         {
             let (mut sink, stream) = pubsub.split();
@@ -1449,10 +1449,9 @@ async fn listen(
                 let msg = tokio::select! {
                     msg = poll_fn(|cx| stream.as_mut().poll_next(cx)) => msg,
                     () = tx.closed() => return,
-                    permit = tx.reserve(), if lagged => {
+                    permit = tx.reserve(), if lagging.load(Ordering::Relaxed) => {
                         let Ok(permit) = permit else { return };
                         permit.send(Invalidation::All);
-                        lagged = false;
                         lagging.store(false, Ordering::Relaxed);
                         continue;
                     }
@@ -1478,7 +1477,7 @@ async fn listen(
                 if notice.origin == inner.origin {
                     continue;
                 }
-                if lagged {
+                if lagging.load(Ordering::Relaxed) {
                     continue;
                 }
                 let invalidation = Invalidation::Session {
@@ -1489,7 +1488,6 @@ async fn listen(
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         tracing::warn!(channel = %inner.channel, "move notices dropped for a reader that lags behind; it will be told to drop everything");
-                        lagged = true;
                         lagging.store(true, Ordering::Relaxed);
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
@@ -1512,7 +1510,7 @@ async fn listen(
         };
         backoff = Duration::from_millis(50);
         // Owed as soon as the reader has room, as for a lag.
-        lagged = true;
+        lagging.store(true, Ordering::Relaxed);
     }
 }
 
