@@ -862,7 +862,7 @@ mod tests {
             futures::executor::block_on(pool.discover(changes)).unwrap();
         });
         let (mut actions, mut misses) = (0u32, 0u32);
-        while !churn.is_finished() {
+        loop {
             let id = "a".into();
             let action = if actions % 2 == 0 {
                 handle.disable(&id)
@@ -871,9 +871,11 @@ mod tests {
             };
             actions += 1;
             misses += u32::from(action.is_err());
+            if churn.is_finished() {
+                break;
+            }
         }
         churn.join().unwrap();
-        assert!(actions > 0);
         assert_eq!(
             misses, 0,
             "{misses} of {actions} actions missed the backend"
