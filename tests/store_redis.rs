@@ -1280,13 +1280,7 @@ async fn a_database_switch_refused_while_busy_is_tried_again() {
     store.save(&session("k", "node-a")).await.unwrap();
     let mut admin = raw(&server);
     kill_clients(&mut admin);
-    let blocker = std::thread::spawn(move || {
-        let _: () = redis::cmd("EVAL")
-            .arg(BUSY_FOR_A_SECOND)
-            .arg(0)
-            .query(&mut admin)
-            .unwrap();
-    });
+    let blocker = busy_for_a_second(admin);
     // Until a new connection is answered `BUSY`, the script has not run
     // past its limit.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1322,6 +1316,17 @@ const BUSY_FOR_A_SECOND: &str = "local s = redis.call('TIME') \
         if (n[1] - s[1]) * 1000000 + (n[2] - s[2]) > 1000000 then return end \
     end";
 
+/// Keeps Redis busy for a second from a thread of its own, over `conn`.
+fn busy_for_a_second(mut conn: redis::Connection) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let _: () = redis::cmd("EVAL")
+            .arg(BUSY_FOR_A_SECOND)
+            .arg(0)
+            .query(&mut conn)
+            .unwrap();
+    })
+}
+
 /// A lease taken while Redis is too slow to answer in time: the caller
 /// gets the timeout, and the lease it may have taken regardless does not
 /// hold the others off for its whole ttl.
@@ -1342,19 +1347,13 @@ async fn a_lease_whose_reply_came_too_late_is_not_left_behind() {
     assert!(warm.unwrap().extend(Duration::from_secs(1)).await.unwrap());
     // Redis busy for a second: what comes meanwhile waits in the socket
     // buffers, and runs afterwards, even from a connection closed since.
-    let mut busy = raw(&server);
+    let busy = raw(&server);
     let other = store(&server).await;
     let mut probe = raw(&server);
     probe
         .set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
-    let blocker = std::thread::spawn(move || {
-        let _: () = redis::cmd("EVAL")
-            .arg(BUSY_FOR_A_SECOND)
-            .arg(0)
-            .query(&mut busy)
-            .unwrap();
-    });
+    let blocker = busy_for_a_second(busy);
     // Until a PING goes unanswered, the script has not started.
     let deadline = Instant::now() + Duration::from_secs(10);
     while redis::cmd("PING").query::<String>(&mut probe).is_ok() {
