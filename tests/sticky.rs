@@ -1804,6 +1804,46 @@ async fn requests_waiting_on_a_forgotten_load_read_the_store_once_more() {
     assert_eq!(layer.stats().loaded, 2);
 }
 
+/// A move notice that lands while a request is routed by the record it
+/// loaded: once both are done, the table does not hold the old record
+/// (it would send the session to its old backend until it idles out).
+/// The notice's `forget` runs on one worker while the request finishes
+/// its load on the other, at a different moment in each round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_racing_a_finished_load_is_not_lost() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), store.clone());
+    let mut lost = 0;
+    for round in 0..4000u32 {
+        store.save(&Session::new("k", "a".into())).await.unwrap();
+        layer.forget("k");
+        let request = tokio::spawn(send_owned(svc.clone(), session("k")));
+        let notice = {
+            let (store, layer) = (store.clone(), layer.clone());
+            tokio::spawn(async move {
+                // From 0 to about 40 µs into the request.
+                for _ in 0..(round % 400) * 25 {
+                    std::hint::spin_loop();
+                }
+                store.save(&Session::new("k", "b".into())).await.unwrap();
+                layer.forget("k");
+            })
+        };
+        let served = request.await.unwrap().unwrap();
+        notice.await.unwrap();
+        // Served before or after the move: either is right.
+        assert!(["a", "b"].contains(&served.body().as_str()));
+        if layer
+            .session("k")
+            .is_some_and(|s| s.backend.as_str() == "a")
+        {
+            lost += 1;
+        }
+    }
+    assert_eq!(lost, 0, "rounds whose notice was lost");
+}
+
 #[tokio::test]
 async fn replication_loads_each_key_once_under_concurrent_requests() {
     let c = cluster();

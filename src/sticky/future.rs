@@ -12,7 +12,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::shared::{BoxFuture, Shared, Stored, Track};
+use super::shared::{BoxFuture, Loaded, Shared, Start, Track};
 use super::table::Unread;
 use crate::backend::BackendId;
 use crate::error::BoxError;
@@ -126,7 +126,7 @@ struct Loading<S, B> {
     key: Arc<str>,
     cookie: Option<BackendId>,
     unread: Option<Unread>,
-    load: BoxFuture<Stored>,
+    load: BoxFuture<Loaded>,
     service: Option<S>,
     request: Option<Request<B>>,
 }
@@ -151,7 +151,7 @@ impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
         key: Arc<str>,
         cookie: Option<BackendId>,
         unread: Option<Unread>,
-        load: BoxFuture<Stored>,
+        load: BoxFuture<Loaded>,
         service: S,
         request: Request<B>,
     ) -> Self {
@@ -202,17 +202,18 @@ where
                         service,
                         request,
                     } = &mut **loading;
-                    let stored = ready!(load.as_mut().poll(cx));
-                    let mut request = request.take().expect("request taken once");
+                    let Loaded { stored, waiting } = ready!(load.as_mut().poll(cx));
                     let start = this.shared.after_load(
-                        &mut request,
+                        request.as_mut().expect("request taken once"),
                         key.clone(),
                         cookie.take(),
                         unread.take(),
                         stored,
+                        Some(&waiting),
                     );
                     match start {
-                        Ok(track) => {
+                        Start::Call(track) => {
+                            let request = request.take().expect("request taken once");
                             *this.track = Some(track);
                             *this.path = this.shared.learns_on(&request);
                             // This clone was polled ready before `call`
@@ -220,7 +221,16 @@ where
                             let future = service.take().expect("service taken once").call(request);
                             this.state.set(State::Called { future });
                         }
-                        Err(error) => {
+                        // Forgotten since it was read: read again.
+                        Start::Load {
+                            key: again,
+                            cookie: named,
+                            unread: kept,
+                            load: next,
+                        } => {
+                            (*key, *cookie, *unread, *load) = (again, named, kept, next);
+                        }
+                        Start::Refuse(error) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Err(error.into()));
                         }

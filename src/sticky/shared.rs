@@ -189,12 +189,11 @@ struct Load {
     reading: Mutex<Option<Reading>>,
     /// The requests waiting for it. Changed under the `Loading` lock only.
     waiting: std::sync::atomic::AtomicUsize,
-    /// The key was forgotten (moved on another replica) while it loaded.
+    /// The key was forgotten (moved on another replica, or ended here)
+    /// while it loaded, or before a request routed by it was put in the
+    /// table.
     stale: std::sync::atomic::AtomicBool,
-    /// What the store held when read again for a stale load: one read for
-    /// every request that waited on it.
-    reread: OnceCell<Stored>,
-    /// Its registrations (see `Registered`): the requests waiting for it
+    /// Its registrations (see `Waiting`): the requests waiting for it
     /// and the restore task finishing it. Changed under the `Loading` lock
     /// only.
     registered: std::sync::atomic::AtomicUsize,
@@ -447,10 +446,26 @@ pub(crate) enum Start {
         /// A session kept in memory whose record is read again (see
         /// `Lookup::unread`).
         unread: Option<Unread>,
-        load: BoxFuture<Stored>,
+        load: BoxFuture<Loaded>,
     },
     /// Refuse the request (strict mode).
     Refuse(SessionUnavailable),
+}
+
+impl From<Result<Track, SessionUnavailable>> for Start {
+    fn from(routed: Result<Track, SessionUnavailable>) -> Self {
+        match routed {
+            Ok(track) => Start::Call(track),
+            Err(refused) => Start::Refuse(refused),
+        }
+    }
+}
+
+/// What a load found, and the request's registration on it, held until
+/// the request is routed by it (see `Shared::after_load`).
+pub(crate) struct Loaded {
+    pub(crate) stored: Stored,
+    pub(crate) waiting: Waiting,
 }
 
 impl Shared {
@@ -580,40 +595,38 @@ impl Shared {
                 }
             }
         };
-        let routed = match found {
-            Found::Hit(hit, cookie) => self.pin(req, hit, cookie),
+        match found {
+            Found::Hit(hit, cookie) => self.pin(req, hit, cookie).into(),
             Found::Miss(key, cookie, unread) => {
                 bump(&self.counters.misses, 1);
                 match &self.config.store {
-                    None => self.after_load(req, key, cookie, unread, Stored::Absent),
+                    None => self.after_load(req, key, cookie, unread, Stored::Absent, None),
                     Some(store) => match self.unrestored(&key) {
                         // Standalone: a record a restore has yet to take,
                         // or whose restore failed, is not this instance's
                         // to read until a `restore` takes it.
-                        Some(record) => {
-                            self.after_load(req, key, cookie, unread, Stored::Unrestored(record))
-                        }
+                        Some(record) => self.after_load(
+                            req,
+                            key,
+                            cookie,
+                            unread,
+                            Stored::Unrestored(record),
+                            None,
+                        ),
                         // Whatever the mode, a session the table does not
                         // know (never seen, idle, evicted, or kept in
                         // memory while the store could not be read) is read
                         // from the store before it is routed, so that its
                         // record is followed and never written over unread.
-                        None => {
-                            let load = self.load(store.clone(), key.clone());
-                            return Start::Load {
-                                key,
-                                cookie,
-                                unread,
-                                load,
-                            };
-                        }
+                        None => Start::Load {
+                            load: self.load(store.clone(), key.clone()),
+                            key,
+                            cookie,
+                            unread,
+                        },
                     },
                 }
             }
-        };
-        match routed {
-            Ok(track) => Start::Call(track),
-            Err(refused) => Start::Refuse(refused),
         }
     }
 
@@ -703,8 +716,49 @@ impl Shared {
 
     /// Routes a request whose session was looked up in the store (or not,
     /// when there is no store to ask). `unread` is a session kept in memory
-    /// whose record was read again.
+    /// whose record was read again. `load` is the request's registration
+    /// on the load that found `stored`.
     pub(crate) fn after_load<B>(
+        self: &Arc<Self>,
+        req: &mut Request<B>,
+        key: Arc<str>,
+        cookie: Option<BackendId>,
+        unread: Option<Unread>,
+        stored: Stored,
+        load: Option<&Waiting>,
+    ) -> Start {
+        // Most ways on put a session in the table, some under the lock of
+        // the records a restore holds.
+        self.sweep();
+        // Under the lock `forget` marks loads stale with, until the session
+        // is in the table: a session forgotten before is read again, one
+        // forgotten after is taken out of the table again.
+        let _loading = match (load, &self.config.store) {
+            (Some(load), Some(store)) => {
+                let loading = self.loading.lock();
+                if load.0.cell.stale.load(std::sync::atomic::Ordering::Acquire) {
+                    // Moved on another replica (restored there already), or
+                    // ended here, since it was read: routed by the record
+                    // as it is now (read once this instance's writes of it
+                    // have landed, an ended session's delete among them),
+                    // read once for every request that waited.
+                    drop(loading);
+                    return Start::Load {
+                        load: self.load(store.clone(), key.clone()),
+                        key,
+                        cookie,
+                        unread,
+                    };
+                }
+                Some(loading)
+            }
+            _ => None,
+        };
+        self.route_miss(req, key, cookie, unread, stored).into()
+    }
+
+    /// Routes a request by what `after_load` was told of its session.
+    fn route_miss<B>(
         &self,
         req: &mut Request<B>,
         key: Arc<str>,
@@ -712,9 +766,6 @@ impl Shared {
         unread: Option<Unread>,
         stored: Stored,
     ) -> Result<Track, SessionUnavailable> {
-        // Most ways on put a session in the table, some under the lock of
-        // the records a restore holds.
-        self.sweep();
         // What this instance starts or learns here is saved unless the
         // store holds a record it could not read or did not take.
         let kept = stored.kept();
@@ -890,57 +941,44 @@ impl Shared {
     }
 
     /// Loads `key` from the store, once for all concurrent requests.
-    fn load(self: &Arc<Self>, store: Arc<dyn SessionStore>, key: Arc<str>) -> BoxFuture<Stored> {
+    fn load(self: &Arc<Self>, store: Arc<dyn SessionStore>, key: Arc<str>) -> BoxFuture<Loaded> {
         let shared = self.clone();
         Box::pin(async move {
-            let cell = {
+            // Registered under the lock that finds the load, so that it
+            // cannot leave the map before this request counts; and held
+            // until the request is routed (see `after_load`). It leaves the
+            // map when done, or when every request waiting on it is dropped
+            // (a client gone while the store was slow: its read is stopped
+            // then) and its restore task, if any, has ended.
+            let (waiting, current) = {
                 let mut loading = shared.loading.lock();
+                let cell = loading.entry(key.clone()).or_default().clone();
+                cell.registered.fetch_add(1, Ordering::Relaxed);
+                cell.waiting.fetch_add(1, Ordering::Relaxed);
+                let waiting = Waiting(Task {
+                    shared: shared.clone(),
+                    key: key.clone(),
+                    cell,
+                });
                 // A load that finished since this request's lookup has put
                 // the session in the table before leaving the map (one due
                 // to be read again is not taken for a record).
-                if let Some(session) = shared.table.current(&key) {
-                    return Stored::Found(session);
-                }
-                let cell = loading.entry(key.clone()).or_default().clone();
-                // Under the lock that found it, so that the load cannot
-                // leave the map before this request counts.
-                cell.registered.fetch_add(1, Ordering::Relaxed);
-                cell.waiting.fetch_add(1, Ordering::Relaxed);
-                cell
-            };
-            // Leaves the map when done, or when every request waiting on it
-            // is dropped (a client gone while the store was slow: its read
-            // is stopped then) and its restore task, if any, has ended.
-            let registered = Registered {
-                loading: &shared.loading,
-                key: &key,
-                cell: &cell,
+                (waiting, shared.table.current(&key))
             };
             // Standalone mode restored every session at start: one that
             // left the table since was restored then, and is not again.
             let restore = shared.config.availability == Availability::Replication;
-            let stored = cell
-                .stored
-                .get_or_init(|| shared.read_once(&store, &key, &cell, restore))
-                .await
-                .clone();
-            // The read remembered what it found unless the session was
-            // forgotten meanwhile.
-            let stored = if cell.stale.load(std::sync::atomic::Ordering::Acquire) {
-                // Moved on another replica while it was read (restored
-                // there already), or ended here: route by the record as it
-                // is now (read once this instance's writes of it have
-                // landed, an ended session's delete among them), once for
-                // every request that waited.
-                cell.reread
-                    .get_or_init(|| shared.read(&store, &key, None))
-                    .await
-                    .clone()
-            } else {
-                stored
+            let stored = match current {
+                Some(session) => Stored::Found(session),
+                None => {
+                    let cell = &waiting.0.cell;
+                    cell.stored
+                        .get_or_init(|| shared.read_once(&store, &key, cell, restore))
+                        .await
+                        .clone()
+                }
             };
-            drop(registered);
-            stored
+            Loaded { stored, waiting }
         })
     }
 
@@ -948,7 +986,7 @@ impl Shared {
     /// gives up on the load (its client gone) does not stop the read while
     /// another request waits for it, and that request waits for the same
     /// task instead of reading the store again. Once no request waits, the
-    /// read is stopped (see `Registered`). What it finds is remembered
+    /// read is stopped (see `Waiting`). What it finds is remembered
     /// unless the session was forgotten meanwhile. Outside a tokio runtime
     /// there is no task to hand it to: the request reads the store itself.
     async fn read_once(
@@ -1206,6 +1244,12 @@ impl Shared {
                 load.stale.store(true, std::sync::atomic::Ordering::Release);
             }
         }
+        self.drop_known(key)
+    }
+
+    /// Drops `key` from the table and from what the restores under way
+    /// put back; returns what `end` does.
+    fn drop_known(&self, key: &str) -> Option<bool> {
         // Under the lock a restore puts sessions back under: the record it
         // loaded may be older than the store's.
         let mut restores = self.restores.lock();
@@ -1887,11 +1931,12 @@ impl Shared {
         });
         landed(done.expect("a delete was decided")).await?;
         {
-            // Nor is one that read it before the delete landed, nor a
-            // restore under way.
+            // Nor is a restore under way, which may have listed it before
+            // the delete landed. (A load begun since the delete was queued
+            // read the store after it landed.)
             let mut unrestored = self.unrestored.lock();
             unrestored.remove(key);
-            self.forget(key);
+            self.drop_known(key);
         }
         self.records.lock().remove(key);
         Ok(known)
@@ -1913,34 +1958,30 @@ impl Owner for Shared {
 }
 
 /// A request's registration on a shared load (see `Shared::load`),
-/// counted in `Load::registered` when it was made.
-struct Registered<'a> {
-    loading: &'a Loading,
-    key: &'a Arc<str>,
-    cell: &'a Cell,
-}
+/// counted in `Load::registered` and `Load::waiting` when it was made.
+pub(crate) struct Waiting(Task);
 
-impl Drop for Registered<'_> {
+impl Drop for Waiting {
     fn drop(&mut self) {
-        {
-            // Under the lock a new request registers with, so that one
-            // that comes after the read was stopped starts another.
-            let _loading = self.loading.lock();
-            if self.cell.waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
-                // Nobody is left to take its answer: a store that never
-                // answers must not keep the read, and the load, for good.
-                // (A restore it started runs on in its own task.)
-                if let Some(reading) = self.cell.reading.lock().take() {
-                    reading.task.abort();
-                }
+        let Task { shared, cell, .. } = &self.0;
+        // Under the lock a new request registers with, so that one that
+        // comes after the read was stopped starts another.
+        let _loading = shared.loading.lock();
+        if cell.waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
+            // Nobody is left to take its answer: a store that never
+            // answers must not keep the read, and the load, for good. (A
+            // restore it started runs on in its own task.)
+            if let Some(reading) = cell.reading.lock().take() {
+                reading.task.abort();
             }
         }
-        unregister(self.loading, self.key, self.cell);
+        // The registration itself ends with the `Task` it holds.
     }
 }
 
-/// The registration of the task that restores a load's session (see
-/// `Shared::read`): it ends with the task, even one that panicked.
+/// A registration on a load: a request's (inside `Waiting`), or that of
+/// the task that reads or restores its session (see `Shared::read`),
+/// which ends with the task, even one that panicked.
 struct Task {
     shared: Arc<Shared>,
     key: Arc<str>,
@@ -2145,11 +2186,12 @@ mod tests {
         shared.loading.lock().insert(key.clone(), cell.clone());
         // A request registers as `load` does, then the restore task.
         cell.registered.fetch_add(1, Ordering::Relaxed);
-        let request = Registered {
-            loading: &shared.loading,
-            key: &key,
-            cell: &cell,
-        };
+        cell.waiting.fetch_add(1, Ordering::Relaxed);
+        let request = Waiting(Task {
+            shared: shared.clone(),
+            key: key.clone(),
+            cell: cell.clone(),
+        });
         let task = Task::register(shared.clone(), key.clone(), cell.clone());
         let held_by_the_task = task.cell.clone();
         drop(task);
