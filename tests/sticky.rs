@@ -4071,6 +4071,39 @@ async fn a_session_whose_restore_failed_keeps_its_move_until_a_later_restore() {
     assert_eq!(layer.stats().moved, 1);
 }
 
+/// A record whose restore failed, gone from the store by the next
+/// restore (expired, or deleted by hand), is let go by it: its session is
+/// read from the store again, and saved from then on, where it is routed.
+#[tokio::test(start_paused = true)]
+async fn a_later_restore_lets_go_of_failed_records_the_store_no_longer_holds() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&kernel("k1", "a")).await.unwrap();
+    store.save(&kernel("k2", "b")).await.unwrap();
+    let layer = standalone(&c.pool, &store)
+        .on_restore(|_: Session| async { Err::<(), BoxError>("kernel gone".into()) });
+    assert_eq!(layer.restore().await.unwrap().failed.len(), 2);
+    let svc = stack(&c.pool, layer.clone());
+    // Routed by its record, kept in memory only.
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "a");
+    store.delete(&["k1".into(), "k2".into()]).await.unwrap();
+    let report = layer.restore().await.unwrap();
+    assert!(report.restored.is_empty() && report.failed.is_empty());
+    // k1 stays on its backend, now saved; k2 starts anew, and is saved.
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "a");
+    let k2 = send(&svc, session("k2")).await.unwrap().into_body();
+    layer.flush().await;
+    assert_eq!(
+        store.load("k1").await.unwrap().unwrap().backend.as_str(),
+        "a"
+    );
+    assert_eq!(
+        store.load("k2").await.unwrap().unwrap().backend.as_str(),
+        k2
+    );
+    assert_eq!(layer.stats().moved, 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_restore_dropped_part_way_leaves_its_records_to_a_later_one() {
     let c = cluster();

@@ -1830,9 +1830,20 @@ impl Shared {
         // the session, the move is kept in memory, not saved over a record
         // the restore then reads, until the restore takes the record.
         // Records left over by a restore dropped part-way, or failed, stay
-        // so until a later `restore`, with any move made since.
+        // so until a later `restore`, with any move made since; one the
+        // store no longer lists (expired, or deleted by hand) is let go
+        // then: its session stays where it is routed until its next request
+        // reads the store.
         {
             let mut unrestored = self.unrestored.lock();
+            let listed: HashSet<&str> = loaded.sessions.iter().map(|s| s.key.as_str()).collect();
+            unrestored.retain(|key, _| {
+                let kept = listed.contains(&**key);
+                if !kept {
+                    self.table.reread_unsaved(key);
+                }
+                kept
+            });
             let restores = self.restores.lock();
             for session in &loaded.sessions {
                 if !restores.forgotten(restoring.id, &session.key) {

@@ -753,6 +753,18 @@ impl Table {
         }
     }
 
+    /// Has `key`, if the layer keeps it in memory only, read from the
+    /// store at its next request, where it stays meanwhile.
+    pub(crate) fn reread_unsaved(&self, key: &str) {
+        let now = self.now();
+        let mut map = self.shard(key.as_bytes()).write();
+        if let Some(entry) = map.get_mut(key.as_bytes()) {
+            if !entry.saved.load(Ordering::Relaxed) {
+                entry.reload_at = now;
+            }
+        }
+    }
+
     /// Removes `key`; returns whether the session removed was saved (see
     /// `Entry::saved`), or `None` when the table did not hold it.
     pub(crate) fn take(&self, key: &str) -> Option<bool> {
