@@ -1804,6 +1804,37 @@ async fn requests_waiting_on_a_forgotten_load_read_the_store_once_more() {
     assert_eq!(layer.stats().loaded, 2);
 }
 
+/// A session forgotten while its record is read and restored is read once
+/// more, and not restored again: the replica that moved it did that.
+#[tokio::test]
+async fn a_load_forgotten_while_restored_is_read_again_without_a_second_restore() {
+    let c = cluster();
+    let (shared, slow) = SlowStore::holding("kernel-1", "c").await;
+    let hooked = Arc::new(AtomicUsize::new(0));
+    let seen = hooked.clone();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(slow.clone())
+        .availability(Availability::Replication)
+        .hydrate(Granted::default())
+        .on_restore(move |_: Session| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok::<(), BoxError>(()))
+        });
+    let svc = stack(&c.pool, layer.clone());
+    let pending = tokio::spawn(send_owned(svc.clone(), session("kernel-1")));
+    slow.until_held().await;
+    // Moved on another replica while the record is read.
+    shared
+        .save(&Session::new("kernel-1", "a".into()))
+        .await
+        .unwrap();
+    assert!(!layer.forget("kernel-1"), "not in the table yet");
+    slow.gate.add_permits(1000);
+    assert_eq!(pending.await.unwrap().unwrap().body(), "a");
+    assert_eq!(hooked.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.stats().hydrated, 1);
+}
+
 /// A move notice that lands while a request is routed by the record it
 /// loaded: once both are done, the table does not hold the old record
 /// (it would send the session to its old backend until it idles out).
@@ -4078,30 +4109,82 @@ async fn a_session_whose_restore_failed_keeps_its_move_until_a_later_restore() {
 async fn a_later_restore_lets_go_of_failed_records_the_store_no_longer_holds() {
     let c = cluster();
     let store = MemoryStore::new();
-    store.save(&kernel("k1", "a")).await.unwrap();
-    store.save(&kernel("k2", "b")).await.unwrap();
+    store.save(&kernel("k1", "b")).await.unwrap();
+    store.save(&kernel("k2", "c")).await.unwrap();
     let layer = standalone(&c.pool, &store)
         .on_restore(|_: Session| async { Err::<(), BoxError>("kernel gone".into()) });
     assert_eq!(layer.restore().await.unwrap().failed.len(), 2);
     let svc = stack(&c.pool, layer.clone());
     // Routed by its record, kept in memory only.
-    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "a");
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "b");
     store.delete(&["k1".into(), "k2".into()]).await.unwrap();
     let report = layer.restore().await.unwrap();
     assert!(report.restored.is_empty() && report.failed.is_empty());
-    // k1 stays on its backend, now saved; k2 starts anew, and is saved.
-    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "a");
+    // k1 stays on its backend (a new session would take the first turn of
+    // the round robin, a), now saved; k2 starts anew, and is saved.
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "b");
     let k2 = send(&svc, session("k2")).await.unwrap().into_body();
     layer.flush().await;
     assert_eq!(
         store.load("k1").await.unwrap().unwrap().backend.as_str(),
-        "a"
+        "b"
     );
     assert_eq!(
         store.load("k2").await.unwrap().unwrap().backend.as_str(),
         k2
     );
     assert_eq!(layer.stats().moved, 0);
+    assert_eq!(layer.stats().created, 1, "k2 only");
+}
+
+/// A store whose listing cannot read `k1` while `skip` is set.
+#[derive(Clone)]
+struct Skipping {
+    inner: MemoryStore,
+    skip: Arc<AtomicBool>,
+}
+
+impl SessionStore for Skipping {
+    fn load_all(&self) -> StoreFuture<'_, Loaded> {
+        Box::pin(async move {
+            let mut loaded = self.inner.load_all().await?;
+            if self.skip.load(Ordering::SeqCst) {
+                loaded.sessions.retain(|s| s.key != "k1");
+                loaded.skip("k1", tower_ha::store::StoreError::corrupt("unreadable"));
+            }
+            Ok(loaded)
+        })
+    }
+
+    pass_on!(inner: load, save, delete);
+}
+
+/// A listing that could not read every record lets go of nothing: the
+/// record of a failed restore it skipped is still in the store.
+#[tokio::test(start_paused = true)]
+async fn a_restore_that_skipped_records_keeps_the_failed_ones() {
+    let c = cluster();
+    let store = Skipping {
+        inner: MemoryStore::new(),
+        skip: Arc::new(AtomicBool::new(false)),
+    };
+    store.inner.save(&kernel("k1", "b")).await.unwrap();
+    let layer = standalone(&c.pool, &store)
+        .on_restore(|_: Session| async { Err::<(), BoxError>("kernel gone".into()) });
+    assert_eq!(layer.restore().await.unwrap().failed.len(), 1);
+    let svc = stack(&c.pool, layer.clone());
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "b");
+    store.skip.store(true, Ordering::SeqCst);
+    assert_eq!(layer.restore().await.unwrap().skipped.len(), 1);
+    // Still the failed restore's: not read, nor written.
+    let loaded = layer.stats().loaded;
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "b");
+    layer.flush().await;
+    assert_eq!(layer.stats().loaded, loaded);
+    assert_eq!(
+        store.inner.load("k1").await.unwrap().unwrap().data["port"],
+        5000
+    );
 }
 
 #[tokio::test(start_paused = true)]

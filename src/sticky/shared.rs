@@ -619,7 +619,14 @@ impl Shared {
                         // from the store before it is routed, so that its
                         // record is followed and never written over unread.
                         None => Start::Load {
-                            load: self.load(store.clone(), key.clone()),
+                            // Standalone mode restored every session at
+                            // start: one that left the table since was
+                            // restored then, and is not again.
+                            load: self.load(
+                                store.clone(),
+                                key.clone(),
+                                self.config.availability == Availability::Replication,
+                            ),
                             key,
                             cookie,
                             unread,
@@ -741,10 +748,11 @@ impl Shared {
                     // ended here, since it was read: routed by the record
                     // as it is now (read once this instance's writes of it
                     // have landed, an ended session's delete among them),
-                    // read once for every request that waited.
+                    // without restoring it again. The requests that waited
+                    // share the new load while it lasts.
                     drop(loading);
                     return Start::Load {
-                        load: self.load(store.clone(), key.clone()),
+                        load: self.load(store.clone(), key.clone(), false),
                         key,
                         cookie,
                         unread,
@@ -940,8 +948,14 @@ impl Shared {
         }
     }
 
-    /// Loads `key` from the store, once for all concurrent requests.
-    fn load(self: &Arc<Self>, store: Arc<dyn SessionStore>, key: Arc<str>) -> BoxFuture<Loaded> {
+    /// Loads `key` from the store, once for all concurrent requests; and,
+    /// with `restore`, restores it (replication mode, see `read`).
+    fn load(
+        self: &Arc<Self>,
+        store: Arc<dyn SessionStore>,
+        key: Arc<str>,
+        restore: bool,
+    ) -> BoxFuture<Loaded> {
         let shared = self.clone();
         Box::pin(async move {
             // Registered under the lock that finds the load, so that it
@@ -965,9 +979,6 @@ impl Shared {
                 // to be read again is not taken for a record).
                 (waiting, shared.table.current(&key))
             };
-            // Standalone mode restored every session at start: one that
-            // left the table since was restored then, and is not again.
-            let restore = shared.config.availability == Availability::Replication;
             let stored = match current {
                 Some(session) => Stored::Found(session),
                 None => {
@@ -1238,11 +1249,11 @@ impl Shared {
     /// session it dropped from the table was saved, or `None` when the
     /// table did not hold it.
     fn end(&self, key: &str) -> Option<bool> {
-        {
-            let mut loading = self.loading.lock();
-            if let Some(load) = loading.remove(key) {
-                load.stale.store(true, std::sync::atomic::Ordering::Release);
-            }
+        // Under the loads' lock until the session is out of the table: a
+        // load begun meanwhile would find it there, and put it back.
+        let mut loading = self.loading.lock();
+        if let Some(load) = loading.remove(key) {
+            load.stale.store(true, std::sync::atomic::Ordering::Release);
         }
         self.drop_known(key)
     }
@@ -1266,7 +1277,9 @@ impl Shared {
     /// stored records and the sessions held in memory only (see
     /// `Table::forget_saved`).
     pub(crate) fn forget_all(&self) -> usize {
-        for (_, load) in self.loading.lock().drain() {
+        // Held until the sessions are out of the table (see `end`).
+        let mut loading = self.loading.lock();
+        for (_, load) in loading.drain() {
             load.stale.store(true, std::sync::atomic::Ordering::Release);
         }
         let mut restores = self.restores.lock();
@@ -1833,18 +1846,23 @@ impl Shared {
         // so until a later `restore`, with any move made since; one the
         // store no longer lists (expired, or deleted by hand) is let go
         // then: its session stays where it is routed until its next request
-        // reads the store.
+        // reads the store. Not by a listing that skipped records (one may
+        // be a record left over, unreadable for now), nor while another
+        // restore runs (its listing may be newer).
         {
             let mut unrestored = self.unrestored.lock();
-            let listed: HashSet<&str> = loaded.sessions.iter().map(|s| s.key.as_str()).collect();
-            unrestored.retain(|key, _| {
-                let kept = listed.contains(&**key);
-                if !kept {
-                    self.table.reread_unsaved(key);
-                }
-                kept
-            });
             let restores = self.restores.lock();
+            if report.skipped.is_empty() && restores.running.len() == 1 {
+                let listed: HashSet<&str> =
+                    loaded.sessions.iter().map(|s| s.key.as_str()).collect();
+                unrestored.retain(|key, _| {
+                    let kept = listed.contains(&**key);
+                    if !kept {
+                        self.table.reread_unsaved(key);
+                    }
+                    kept
+                });
+            }
             for session in &loaded.sessions {
                 if !restores.forgotten(restoring.id, &session.key) {
                     unrestored
