@@ -1780,6 +1780,32 @@ mod actions_and_membership {
         );
     }
 
+    /// A drain retried after the deadline was turned off for drains to
+    /// come keeps the deadline of the drain under way.
+    #[tokio::test(start_paused = true)]
+    async fn draining_again_keeps_the_deadline_after_deadlines_are_turned_off() {
+        let pool = pool_of(&["a", "b"]);
+        let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(30)));
+        handle
+            .add_group("g", &Balance::new(pool.clone(), RoundRobin::new()))
+            .unwrap();
+        handle.drain(&"a".into()).unwrap();
+        let handle = handle.drain_deadline(None);
+        handle.drain(&"a".into()).unwrap();
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(
+            pool.state(&"a".into()).unwrap().admin(),
+            AdminStatus::Disabled
+        );
+        // A drain begun now has no deadline.
+        handle.drain(&"b".into()).unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(
+            pool.state(&"b".into()).unwrap().admin(),
+            AdminStatus::Draining
+        );
+    }
+
     #[tokio::test]
     async fn a_forced_primary_stays_forced_while_nothing_is_available() {
         let pool = pool_of(&["a", "b"]);

@@ -250,6 +250,42 @@ async fn the_metrics_task_stops_with_the_handle_while_a_drain_is_pending() {
     );
 }
 
+/// A request picked and then dropped before its backend was called (its
+/// client gone) is taken back from the backend's count: the published
+/// counter does not take that for a new state and add the whole count again.
+#[tokio::test]
+async fn a_request_taken_back_does_not_inflate_the_requests_counter() {
+    use tower::Service;
+    let pool = Pool::new();
+    pool.insert(
+        "a",
+        service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) }),
+    );
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let handle = Handle::new(Events::default());
+    handle.add_group("web", &balance).unwrap();
+    let recorder = Last::default();
+    let requests = "tower_ha_backend_requests_total{backend=a,group=web}";
+    send(&balance, 100).await;
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(requests), Some(100.0));
+    let picked = balance.clone().call(Request::new(()));
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(requests), Some(101.0));
+    drop(picked);
+    assert_eq!(pool.state(&"a".into()).unwrap().requests(), 100);
+    recorder.publish(&handle);
+    assert_eq!(
+        recorder.get(requests),
+        Some(101.0),
+        "never back, never doubled"
+    );
+    // Counting goes on from the highest count published.
+    send(&balance, 3).await;
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(requests), Some(103.0));
+}
+
 #[tokio::test(start_paused = true)]
 async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
     let backend = |name: &'static str| {

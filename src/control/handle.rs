@@ -519,14 +519,16 @@ impl Handle {
                 });
             }
             match to {
+                // Draining already: the drain under way keeps its deadline,
+                // also when deadlines were turned off since.
+                AdminStatus::Draining if from.is_none() && drains.contains_key(id) => {
+                    return Ok((states, None));
+                }
                 // A deadline to come (its timer is set once the lock is
                 // gone). Without one there is nothing to keep: an entry
                 // would stay until the next action on the backend, for
                 // good if it leaves every group first.
                 AdminStatus::Draining if deadline.is_some() => {
-                    if from.is_none() && drains.contains_key(id) {
-                        return Ok((states, None));
-                    }
                     let ended = drains.insert(id.clone(), PendingDrain { epoch, timer: None });
                     (states, ended)
                 }

@@ -378,7 +378,9 @@ const BACKEND_GAUGES: [&str; 4] = [
 /// state another handle may have published), then what it grew by. A
 /// backend whose state was replaced (removed and added again: its counts
 /// start afresh) adds its new count, so the published counter never goes
-/// back, as counters must not.
+/// back, as counters must not. The same state's count can go down a
+/// little (a request picked, then dropped before it was sent, is taken
+/// back): counting goes on once it passes the highest count published.
 fn count(
     name: &'static str,
     labels: &[(&'static str, String)],
@@ -390,10 +392,12 @@ fn count(
     let counter = metrics::counter!(name, labels);
     if first {
         counter.absolute(now);
-    } else if fresh || now < *last {
+    } else if fresh {
         counter.increment(now);
-    } else {
+    } else if now > *last {
         counter.increment(now - *last);
+    } else {
+        return;
     }
     *last = now;
 }
