@@ -288,6 +288,68 @@ async fn a_late_pick_of_an_abandoned_attempt_is_never_taken_for_the_next() {
     assert_eq!(history(&response), ["a", "b", "c"]);
 }
 
+/// The deadline passes in a pause between attempts, after a late pick for
+/// the abandoned one landed in its slot: that attempt is named once, and
+/// the deadline is the reason.
+#[tokio::test(start_paused = true)]
+async fn a_deadline_between_attempts_does_not_read_the_last_attempts_slot() {
+    let picker = LatePicker::default();
+    let service = ServiceBuilder::new()
+        .layer(
+            FailoverLayer::new()
+                .no_budget()
+                .per_try_timeout(Duration::from_millis(100))
+                .deadline(Duration::from_millis(400))
+                .backoff(Backoff::constant(Duration::from_secs(1))),
+        )
+        .service(picker.clone());
+    let call = tokio::spawn(service.oneshot(Request::new(())));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let slot = picker.slot.lock().clone().expect("a was picked");
+    slot.set("a".into());
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(*picker.log.lock(), ["a"]);
+    assert_eq!(tried_before(&err), ["a"]);
+    let reason = exhausted(&err).reason().expect("a reason");
+    assert!(reason.is::<DeadlineExceeded>(), "{reason}");
+}
+
+/// The deadline passes while a retry is under way, no backend named yet:
+/// that attempt failed last, so the earlier 503 is not returned as if it
+/// were the last outcome (as at a per-try timeout there).
+#[tokio::test(start_paused = true)]
+async fn a_deadline_during_a_retry_does_not_return_the_earlier_response() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let inner = service_fn(move |_req: Request<()>| {
+        let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if !first {
+                std::future::pending::<()>().await;
+            }
+            let mut response = status(503);
+            response.extensions_mut().insert(ServedBy("a".into()));
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let service = ServiceBuilder::new()
+        .layer(
+            FailoverLayer::new()
+                .no_budget()
+                .deadline(Duration::from_millis(100)),
+        )
+        .service(inner);
+    let err = service.oneshot(Request::new(())).await.unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(tried_before(&err), ["a"]);
+    let reason = exhausted(&err).reason().expect("a reason");
+    assert!(reason.is::<DeadlineExceeded>(), "{reason}");
+    assert_eq!(
+        tower_ha::error::gateway_status(&*err),
+        StatusCode::GATEWAY_TIMEOUT
+    );
+}
+
 /// A budget with nothing in it.
 struct Spent;
 

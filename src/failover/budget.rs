@@ -154,7 +154,9 @@ impl Budget for RetryBudget {
         let seconds = elapsed.as_secs() + 1;
         let allowed =
             self.ratio * in_window as f64 + f64::from(self.floor_per_sec) * seconds as f64;
-        if (w.retries + 1) as f64 <= allowed {
+        // A ratio such as 0.29 is held a hair under its value (0.29 × 100
+        // is 28.999999999999996): a few units of rounding are its share.
+        if (w.retries + 1) as f64 <= allowed * (1.0 + 4.0 * f64::EPSILON) {
             w.retries += 1;
             true
         } else {
@@ -197,6 +199,29 @@ mod tests {
             granted += 1;
         }
         assert_eq!(granted, 3);
+    }
+
+    /// A ratio that binary floating point holds a hair under its value
+    /// (0.29 × 100 is 28.999999999999996) still grants its whole share.
+    #[tokio::test(start_paused = true)]
+    async fn a_ratio_grants_its_whole_share() {
+        for (ratio, requests, floor, share) in [
+            (0.29, 100, 0, 29),
+            (0.57, 100, 0, 57),
+            (0.58, 100, 3, 61),
+            (0.2, 100, 0, 20),
+            (0.1, 1_000, 0, 100),
+        ] {
+            let budget = RetryBudget::new(ratio, floor);
+            for _ in 0..requests {
+                budget.deposit();
+            }
+            let mut granted = 0;
+            while budget.withdraw() {
+                granted += 1;
+            }
+            assert_eq!(granted, share, "ratio {ratio}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

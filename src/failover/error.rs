@@ -179,8 +179,9 @@ impl Exhausted {
 
     /// Why the attempts ended when that is not a failure of a known backend:
     /// [`NoBackend`](crate::NoBackend) before any backend was tried,
-    /// [`DeadlineExceeded`] between attempts (during a backoff pause) or
-    /// before any backend was picked, [`TimedOut`] for a first attempt
+    /// [`DeadlineExceeded`] between attempts (during a backoff pause, or
+    /// while the inner service was not ready) or while an attempt had no
+    /// backend picked yet, [`TimedOut`] for a first attempt
     /// abandoned before any backend was picked (waiting in a balancer's
     /// queue), or an error that named no backend after earlier failures
     /// (including the inner service's `poll_ready` error). Such an error on

@@ -261,7 +261,7 @@ where
                                 Fired::No => return Poll::Pending,
                                 Fired::Deadline => {
                                     this.attempt.set(Attempt::Done);
-                                    return Poll::Ready(this.retry.deadline_exceeded());
+                                    return Poll::Ready(this.retry.deadline_exceeded(true));
                                 }
                                 Fired::Timer => {}
                             }
@@ -310,7 +310,7 @@ where
                     Fired::No => return Poll::Pending,
                     Fired::Deadline => {
                         this.attempt.set(Attempt::Done);
-                        return Poll::Ready(this.retry.deadline_exceeded());
+                        return Poll::Ready(this.retry.deadline_exceeded(false));
                     }
                     Fired::Timer => this.attempt.set(Attempt::Ready),
                 },
@@ -321,7 +321,7 @@ where
                         set_timer(this.timer, *this.deadline);
                         if let Fired::Deadline = fired(this.timer, *this.deadline, cx) {
                             this.attempt.set(Attempt::Done);
-                            return Poll::Ready(this.retry.deadline_exceeded());
+                            return Poll::Ready(this.retry.deadline_exceeded(false));
                         }
                     }
                     let future = match ready!(this.retry.poll_next(cx)) {
@@ -658,20 +658,30 @@ where
             .into())
     }
 
-    /// The overall deadline passed during an attempt or between attempts.
-    fn deadline_exceeded(&mut self) -> Result<Response<RB>, BoxError> {
+    /// The overall deadline passed during an attempt (`in_flight`) or
+    /// between attempts.
+    fn deadline_exceeded(&mut self, in_flight: bool) -> Result<Response<RB>, BoxError> {
         bump(&self.config.counters.deadlines_exceeded);
         let deadline = self.config.deadline.unwrap_or_default();
+        let exceeded = DeadlineExceeded::new(deadline).into();
+        if !in_flight {
+            // In a pause, or waiting for the service to be ready: the last
+            // attempt's outcome stays the last, and its slot, where a late
+            // pick of that attempt may still land, is not read again.
+            return self.give_up(Some(exceeded));
+        }
+        // The attempt under way failed last: a response kept from an
+        // earlier one is not returned as if it were the last outcome.
+        self.last_response = None;
         // A balancer that picks after `call` (behind a buffer or a queue)
         // names the attempt's backend in the slot.
         let current = self.current.take();
         match current.or_else(|| self.picked.as_ref().and_then(Picked::take)) {
             Some(id) => {
-                self.record(id, DeadlineExceeded::new(deadline).into());
-                self.last_response = None;
+                self.record(id, exceeded);
                 self.give_up(None)
             }
-            None => self.give_up(Some(DeadlineExceeded::new(deadline).into())),
+            None => self.give_up(Some(exceeded)),
         }
     }
 
