@@ -882,6 +882,62 @@ async fn start_unhealthy_holds_for_a_backend_added_later_at_once() {
     assert_eq!(health("c"), HealthStatus::Healthy);
 }
 
+/// A state another pool shares with this one, serving and watched by its
+/// own checker, keeps its health: `start_unhealthy` marks the backends this
+/// pool makes, not those it is given.
+#[tokio::test(start_paused = true)]
+async fn start_unhealthy_leaves_a_shared_state_alone() {
+    let (first, _) = pool_of(&["a"]);
+    let state = first.state(&"a".into()).unwrap();
+    let script = Script::default();
+    let _watching = HealthChecker::new(first.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .spawn();
+    let second: Pool<Backend> = Pool::new();
+    let _checker = HealthChecker::new(second.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .start_unhealthy(true)
+        .spawn();
+    second.insert_with_state("a", Backend::new(), state.clone());
+    settle().await;
+    assert_eq!(state.health(), HealthStatus::Healthy);
+    // A backend the second pool makes starts unhealthy.
+    second.insert("b", Backend::new());
+    settle().await;
+    assert_eq!(
+        second.state(&"b".into()).unwrap().health(),
+        HealthStatus::Unhealthy
+    );
+}
+
+/// A backend made unhealthy by something other than this checker's own
+/// failing probes (an operator, another checker on the same state) is
+/// turned off and removed on time all the same.
+#[tokio::test(start_paused = true)]
+async fn a_backend_made_unhealthy_elsewhere_is_turned_off_and_removed() {
+    let (pool, _) = pool_of(&["a"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    // Passes once, then fails for good.
+    script.push("a", &[true, false]);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(3)
+        .turned_off_after(secs(5))
+        .removed_after(secs(10))
+        .spawn();
+    at(t0 + ms(500)).await;
+    state.set_health(HealthStatus::Unhealthy);
+    at(t0 + secs(7)).await;
+    assert_eq!(state.health(), HealthStatus::TurnedOff);
+    at(t0 + secs(12)).await;
+    assert!(!pool.contains(&"a".into()));
+}
+
 /// Fails five requests in a row, the count that ejects a backend by
 /// default, to the pool's first backend, `a`, which `backend` serves.
 async fn fail_five_in_a_row(

@@ -508,15 +508,15 @@ impl Entry {
         config: &CheckConfig,
         events: Option<&Events>,
     ) -> bool {
-        let Some(since) = self.unhealthy_since else {
-            return false;
-        };
         let health = self.state.health();
         if health == HealthStatus::Healthy {
             // Made healthy by someone else: the clock starts again.
             self.unhealthy_since = None;
             return false;
         }
+        // Made unhealthy by someone else (an operator, another checker of
+        // the same state) is timed from when this checker first sees it.
+        let since = *self.unhealthy_since.get_or_insert(now);
         if !self.ever_healthy {
             return false;
         }
@@ -786,7 +786,12 @@ where
                 None => {
                     let mut entry = Entry::new(member.state().clone(), serial, now);
                     if self.config.start_unhealthy {
-                        member.state().start_unproven();
+                        // From then on the pool marks the states it makes;
+                        // one it did not make (shared with another pool,
+                        // or kept for a return) keeps its health.
+                        if initial {
+                            member.state().start_unproven();
+                        }
                     } else if !initial && member.state().health() == HealthStatus::Healthy {
                         entry.start_ramp(now, &self.config);
                     }

@@ -84,8 +84,9 @@
 //! ejection, unless `lift_ejections(false)`. A backend unhealthy for
 //! `turned_off_after` is marked
 //! [`TurnedOff`](crate::HealthStatus::TurnedOff) and, after `removed_after`,
-//! removed from the pool; both only for backends that passed a probe at
-//! least once, so a backend that never came up stays in the pool, probed.
+//! removed from the pool; both only for backends a probe has found healthy
+//! at least once (a pass while healthy, or `rise` passes in a row), so a
+//! backend that never came up stays in the pool, probed.
 //! Membership changes wake the checker at once.
 
 #[cfg(doctest)]
