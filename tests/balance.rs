@@ -1009,6 +1009,33 @@ fn a_weight_set_through_the_control_handle_changes_maglev_shares() {
     assert!((14_400..=15_600).contains(&after["b0"]), "{after:?}");
 }
 
+/// Above the ring's cap of 8 Mi points, the others' points (and keys) stay
+/// as they were when a backend leaves, unless the total crosses a power of
+/// two.
+#[test]
+fn removing_a_backend_from_a_capped_ring_moves_only_its_keys() {
+    let pool = Pool::new();
+    for i in 0..10 {
+        // 10 × 160 × 6,000 = 9.6 M points wanted: over the cap.
+        pool.insert_weighted(format!("b{i}"), named(format!("b{i}")), 6_000);
+    }
+    let balance = Balance::new(pool.clone(), ConsistentHash::ring(key::header("x-key")));
+    let keys = keys(20_000);
+    let before = owners(&balance, &keys);
+    let gone: BackendId = "b3".into();
+    assert!(pool.remove(&gone));
+    let after = owners(&balance, &keys);
+    let mut moved = 0;
+    for (b, a) in before.iter().zip(&after) {
+        if *b == gone {
+            moved += 1;
+        } else {
+            assert_eq!(a, b, "a key of a backend that stayed moved");
+        }
+    }
+    assert!((1_500..=2_500).contains(&moved), "{moved} keys of b3");
+}
+
 #[test]
 fn ring_weights_give_keys_in_proportion_and_a_change_moves_only_that_backends_keys() {
     let pool = Pool::new();

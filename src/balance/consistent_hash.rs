@@ -83,7 +83,10 @@ impl<K: RequestKey> ConsistentHash<K> {
 
 impl<K, F> ConsistentHash<K, F> {
     /// Points on the ring per unit of weight (at least 1; ring only). More
-    /// points balance better and cost memory.
+    /// points balance better and cost memory. A ring holds at most 8 Mi
+    /// points (2^23, as Envoy's): above that, every backend's points are
+    /// halved as many times as it takes, so a change that carries the total
+    /// across a power of two also moves some keys between other backends.
     pub fn points_per_weight(mut self, points: u32) -> Self {
         if let Method::Ring { points_per_weight } = &mut self.method {
             *points_per_weight = points.max(1);

@@ -32,15 +32,25 @@ fn point_hash(id: &str, replica: u64) -> u64 {
     XxHash3_64::oneshot_with_seed(replica, id.as_bytes())
 }
 
-/// How many of its `points` a backend keeps on a ring that wants `total`:
-/// all of them up to the cap; above it, its share of the cap and at least
-/// one (as Envoy's ring scales to its maximum size).
-fn scale(points: u64, total: u128) -> u64 {
-    if total > u128::from(MAX_POINTS) {
-        let scaled = u128::from(points) * u128::from(MAX_POINTS) / total;
-        u64::try_from(scaled).unwrap_or(MAX_POINTS).max(1)
-    } else {
-        points
+/// How many times a ring that wants `total` points halves every
+/// backend's: as few as bring it within the cap. Halvings, not each
+/// backend's exact share of the cap (Envoy's way), so that a backend
+/// added, removed or reweighted changes the others' points, and moves
+/// their keys, only when it carries the total across a power of two.
+fn halvings(total: u128) -> u32 {
+    let mut halvings = 0;
+    while total >> halvings > u128::from(MAX_POINTS) {
+        halvings += 1;
+    }
+    halvings
+}
+
+/// How many of its `points` a backend keeps, `halvings` times halved: at
+/// least one.
+fn scale(points: u64, halvings: u32) -> u64 {
+    match halvings {
+        0 => points,
+        n => points.checked_shr(n).unwrap_or(0).max(1),
     }
 }
 
@@ -53,8 +63,9 @@ impl Ring {
         let total: u128 = members.iter().map(|m| u128::from(wanted(m))).sum();
         let mut points: Vec<(u64, &str, u32)> =
             Vec::with_capacity(total.min(u128::from(MAX_POINTS)) as usize);
+        let halvings = halvings(total);
         for (i, m) in members.iter().enumerate() {
-            let n = scale(wanted(m), total);
+            let n = scale(wanted(m), halvings);
             let id = m.id().as_str();
             points.extend((0..n).map(|r| (point_hash(id, r), id, i as u32)));
         }
@@ -167,17 +178,20 @@ mod tests {
         // u32::MAX points per weight times a weight of u32::MAX, thrice.
         let most = u64::from(u32::MAX) * u64::from(u32::MAX);
         let total = 2 * u128::from(most) + u128::from(most / 2);
+        let halved = halvings(total);
         let kept: Vec<u64> = [most, most, most / 2]
             .iter()
-            .map(|&p| scale(p, total))
+            .map(|&p| scale(p, halved))
             .collect();
-        assert!(kept.iter().sum::<u64>() <= MAX_POINTS);
-        assert_eq!(kept[0], MAX_POINTS * 2 / 5);
+        let sum = kept.iter().sum::<u64>();
+        assert!(sum <= MAX_POINTS && sum > MAX_POINTS / 2, "{kept:?}");
         assert_eq!(kept[1], kept[0]);
-        assert_eq!(kept[2], MAX_POINTS / 5);
+        assert_eq!(kept[2], kept[0] / 2);
         // Under the cap nothing changes; a tiny share keeps one point.
-        assert_eq!(scale(160, 480), 160);
-        assert_eq!(scale(1, total), 1);
+        assert_eq!(halvings(480), 0);
+        assert_eq!(scale(160, 0), 160);
+        assert_eq!(scale(1, halved), 1);
+        assert_eq!(scale(u64::MAX, 200), 1);
     }
 
     fn ring_of(weights: &[(&str, u32)], points_per_weight: u32) -> Ring {
