@@ -525,7 +525,9 @@ impl BackendState {
     /// Requests sent to this backend so far (counted by
     /// [`track_in_flight`](Self::track_in_flight), which `Balance` calls once
     /// per request it picks this backend for; a request whose backend did
-    /// not get ready, or that was dropped while it waited, is taken back).
+    /// not get ready, or that was dropped while it waited, is taken back,
+    /// and one whose backend's `call` panicked is not: it may have been
+    /// sent).
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }

@@ -748,6 +748,62 @@ fn a_stuck_backend_blocks_only_its_own_requests() {
     assert_eq!(pool.state(&"b0".into()).unwrap().requests(), 2);
 }
 
+/// Not ready when first asked, then ready; its `call` panics.
+#[derive(Clone)]
+struct PanicsWhenCalled {
+    polls: Arc<AtomicUsize>,
+}
+
+impl Service<Request<()>> for PanicsWhenCalled {
+    type Response = Response<String>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<String>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.polls.fetch_add(1, Ordering::SeqCst) == 0 {
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn call(&mut self, _req: Request<()>) -> Self::Future {
+        panic!("the backend panics when called")
+    }
+}
+
+#[test]
+fn a_request_whose_backend_panicked_when_called_counts_as_sent() {
+    let pool: Pool<Svc> = Pool::new();
+    let polls = Arc::new(AtomicUsize::new(0));
+    pool.insert(
+        "a",
+        tower::util::BoxCloneSyncService::new(PanicsWhenCalled {
+            polls: polls.clone(),
+        }),
+    );
+    let mut balance = Balance::new(pool.clone(), RoundRobin::new());
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    assert!(balance.poll_ready(&mut cx).is_ready());
+    // Not ready in `call`: the future drives it, then calls it.
+    let mut fut = Box::pin(balance.call(request(None)));
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _ = fut
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()));
+    }));
+    assert!(panicked.is_err());
+    assert!(
+        polls.load(Ordering::SeqCst) >= 2,
+        "called after it got ready"
+    );
+    let a = pool.state(&"a".into()).unwrap();
+    // The request reached the backend's `call`: it may have been sent.
+    assert_eq!((a.requests(), a.in_flight()), (1, 0));
+}
+
 #[test]
 fn readiness_failure_is_a_not_sent_backend_error() {
     let pool: Pool<Svc> = Pool::new();

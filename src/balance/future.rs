@@ -35,7 +35,15 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             // Dropped before its backend was called: not a request sent.
-            if matches!(this.state.as_ref().get_ref(), State::Ready { .. }) {
+            // (A backend whose `call` panicked has taken the request, and
+            // counts it.)
+            if matches!(
+                this.state.as_ref().get_ref(),
+                State::Ready {
+                    request: Some(_),
+                    ..
+                }
+            ) {
                 if let Some((_, in_flight)) = this.target.take() {
                     in_flight.unused();
                 }
