@@ -4102,6 +4102,97 @@ async fn a_session_whose_restore_failed_keeps_its_move_until_a_later_restore() {
     assert_eq!(layer.stats().moved, 1);
 }
 
+/// A session the table held, saved, when a restore listed its record (read
+/// by a request before the restore), whose hook then failed: a move saved
+/// since is the session's, not the listed record's. Once the session
+/// leaves the table it goes where it moved, and a later restore keeps it
+/// there.
+#[tokio::test(start_paused = true)]
+async fn a_saved_move_outlives_the_record_a_failed_restore_listed() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&kernel("k1", "a")).await.unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let fails = fail.clone();
+    let layer = standalone(&c.pool, &store)
+        .idle_timeout(Duration::from_secs(60))
+        .on_restore(move |_: Session| {
+            let failed = fails.load(Ordering::SeqCst);
+            async move {
+                match failed {
+                    true => Err::<(), BoxError>("kernel gone".into()),
+                    false => Ok(()),
+                }
+            }
+        });
+    let svc = stack(&c.pool, layer.clone());
+    // Read from the store before the restore lists it.
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "a");
+    assert_eq!(layer.restore().await.unwrap().failed.len(), 1);
+    c.set_health("a", HealthStatus::Unhealthy);
+    let went = send(&svc, session("k1")).await.unwrap().into_body();
+    assert_ne!(went, "a");
+    layer.flush().await;
+    // The table held it saved: its move is saved.
+    assert_eq!(
+        store.load("k1").await.unwrap().unwrap().backend.as_str(),
+        went
+    );
+    c.set_health("a", HealthStatus::Healthy);
+    // Idle: gone from the table. It goes where it moved, not back to the
+    // backend the restore listed.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    for _ in 0..3 {
+        send(&svc, Request::new(())).await.unwrap();
+        assert_eq!(send(&svc, session("k1")).await.unwrap().body(), &went);
+    }
+    fail.store(false, Ordering::SeqCst);
+    assert_eq!(layer.restore().await.unwrap().restored, ["k1"]);
+    layer.flush().await;
+    assert_eq!(
+        store.load("k1").await.unwrap().unwrap().backend.as_str(),
+        went
+    );
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), &went);
+    assert_eq!(layer.stats().moved, 1);
+}
+
+/// The same in replication mode: a session read from the store while its
+/// restore's hook runs, then moved (saved) and gone idle before the hook
+/// ends, is restored where it moved, not on the backend the listing named.
+#[tokio::test(start_paused = true)]
+async fn a_saved_move_during_a_replicated_restore_is_not_undone_by_it() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .availability(Availability::Replication)
+        .idle_timeout(Duration::from_secs(10))
+        .restore_timeout(Duration::ZERO);
+    let (store, layer, restore, gate, svc) = restore_held_by(&c, &["k1"], layer).await;
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "c");
+    c.set_health("c", HealthStatus::Unhealthy);
+    let went = send(&svc, session("k1")).await.unwrap().into_body();
+    assert_ne!(went, "c");
+    layer.flush().await;
+    assert_eq!(
+        store.load("k1").await.unwrap().unwrap().backend.as_str(),
+        went
+    );
+    c.set_health("c", HealthStatus::Healthy);
+    // Idle: gone from the table before the restore takes the record.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    send(&svc, session("other")).await.unwrap();
+    gate.add_permits(1);
+    assert_eq!(restore.await.unwrap().unwrap().restored, ["k1"]);
+    assert_eq!(layer.session("k1").unwrap().backend.as_str(), went);
+    layer.flush().await;
+    assert_eq!(
+        store.load("k1").await.unwrap().unwrap().backend.as_str(),
+        went
+    );
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), &went);
+    assert_eq!(layer.stats().moved, 1);
+}
+
 /// A record whose restore failed, gone from the store by the next
 /// restore (expired, or deleted by hand), is let go by it: its session is
 /// read from the store again, and saved from then on, where it is routed.

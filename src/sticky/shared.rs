@@ -1397,17 +1397,19 @@ impl Shared {
                         // A session whose record a restore has yet to take
                         // goes on to its new backend until then, and the
                         // restore keeps the move: both decided under the
-                        // lock that restore takes the record under.
-                        let standalone = self.config.availability == Availability::Standalone;
-                        let unrestored = standalone.then(|| self.unrestored.lock());
+                        // lock that restore takes the record under. So does
+                        // one the table held, saved, when the restore
+                        // listed it: its saved move is newer than the
+                        // record listed, which must not route it back once
+                        // it leaves the table.
+                        let mut unrestored = self.unrestored.lock();
                         let moved = self.table.move_if(&key, &backend, served, tag);
-                        if let (Some(mut unrestored), Some(false)) =
-                            (unrestored, moved.as_ref().map(|m| m.saved))
-                        {
+                        if moved.is_some() {
                             if let Some(routed) = unrestored.get_mut(&*key) {
                                 routed.backend = served.clone();
                             }
                         }
+                        drop(unrestored);
                         let save = moved.as_ref().filter(|m| m.saved);
                         let write = save.map(|m| Write::Save(m.session.clone()));
                         (moved, write)
