@@ -2909,6 +2909,37 @@ async fn standalone_strict_forgets_the_keys_of_records_that_expired() {
     assert_eq!(layer.stats().strict_refusals, 1);
 }
 
+/// A key whose record is only ever loaded (one request at a time, each
+/// after the session idled out of the table) keeps its record alive, as
+/// loads renew records: strict mode goes on refusing it while the store
+/// cannot be read, however long ago it was last saved.
+#[tokio::test(start_paused = true)]
+async fn standalone_strict_keeps_refusing_a_key_whose_loads_keep_its_record() {
+    let c = cluster();
+    let ttl = Duration::from_secs(100);
+    let inner = MemoryStore::new().with_ttl(ttl);
+    inner.save(&kernel("k1", "c")).await.unwrap();
+    let store = FlakyLoads::new(inner.clone());
+    let layer = standalone(&c.pool, &store)
+        .strict(true)
+        .idle_timeout(Duration::from_secs(10));
+    let svc = stack(&c.pool, layer.clone());
+    layer.restore().await.unwrap();
+    store.down.store(false, Ordering::SeqCst);
+    // Every minute, a miss that loads (and so renews) the record.
+    for _ in 0..6 {
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "c");
+    }
+    assert_eq!(layer.stats().loaded, 6);
+    store.down.store(true, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert!(unreadable(send(&svc, session("k1")).await));
+    // The record is still there, on its backend.
+    store.down.store(false, Ordering::SeqCst);
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "c");
+}
+
 #[tokio::test(start_paused = true)]
 async fn standalone_strict_refuses_only_the_keys_that_may_have_a_record() {
     let c = cluster();

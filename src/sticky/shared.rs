@@ -1133,6 +1133,11 @@ impl Shared {
     /// Puts a session read from the store in the table.
     fn remember(&self, stored: &Stored) {
         if let Stored::Found(session) = stored {
+            // A load renews a record whose store expires records, as a
+            // refresh does.
+            if self.tracks_records() {
+                self.records.lock().insert(&session.key);
+            }
             let session = self.with_member_id(session.clone());
             let tag = self.tag(&session.key, &session.backend);
             let (_, dropped, _) = self.table.insert_if_absent(session, tag, Kept::Saved);
