@@ -292,6 +292,12 @@ impl StickyLayer {
     /// layer has one, in either availability mode). For a session another
     /// replica moved: see `RedisStore::subscribe` (feature `redis`).
     /// Returns whether the table knew it.
+    ///
+    /// In standalone mode, a session whose record a `restore` has listed
+    /// and not taken is routed by that record until then, as before. A
+    /// restore under way lets the record go instead of restoring it, and
+    /// the session's next request reads the store; one whose hook failed
+    /// keeps the record for a later `restore`.
     pub fn forget(&self, key: &str) -> bool {
         self.shared.forget(key)
     }
@@ -302,8 +308,8 @@ impl StickyLayer {
     /// held in memory only stay where they are: those started while the
     /// store could not be read (their record is read at their next request,
     /// and they keep their backend if the store has none) and values the
-    /// application has not confirmed. Without a store, every session is
-    /// dropped. Returns how many it dropped.
+    /// application has not confirmed. Without a store, every other session
+    /// is dropped. Returns how many it dropped.
     pub fn forget_all(&self) -> usize {
         self.shared.forget_all()
     }
