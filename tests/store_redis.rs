@@ -1043,6 +1043,84 @@ async fn a_connection_to_a_demoted_primary_is_replaced() {
     }
 }
 
+/// A TCP proxy to the Redis on the port `target` holds when a connection
+/// is made, which cuts the connection that sends the second `SCAN` (before
+/// it reaches Redis) and leads every later connection to `then`.
+async fn proxy_moving_at_the_second_scan(port: u16, then: u16) -> SocketAddr {
+    const SCAN: &[u8] = b"$4\r\nSCAN\r\n";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = Arc::new(AtomicU16::new(port));
+    let scans = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let (target, scans) = (target.clone(), scans.clone());
+            tokio::spawn(async move {
+                let port = target.load(Ordering::SeqCst);
+                let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_redis, mut to_redis) = upstream.into_split();
+                let answers = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_redis, &mut to_client).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match from_client.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let sent = &buf[..n];
+                    if sent
+                        .windows(SCAN.len())
+                        .any(|w| w.eq_ignore_ascii_case(SCAN))
+                        && scans.fetch_add(1, Ordering::SeqCst) == 1
+                    {
+                        target.store(then, Ordering::SeqCst);
+                        break;
+                    }
+                    if to_redis.write_all(sent).await.is_err() {
+                        break;
+                    }
+                }
+                answers.abort();
+            });
+        }
+    });
+    addr
+}
+
+/// Redis restarts, or a replica takes over behind the same address, in
+/// the middle of a listing: the listing starts again on the new server,
+/// rather than carrying a cursor of the old one over (which means nothing
+/// there, and skips keys).
+#[tokio::test]
+async fn a_listing_cut_midway_by_a_new_server_lists_every_session() {
+    let (old, new) = (RedisServer::start(), RedisServer::start());
+    const N: usize = 3000;
+    for server in [&old, &new] {
+        let direct = store(server).await;
+        for i in 0..N {
+            direct.save(&session(&format!("k{i}"), "a")).await.unwrap();
+        }
+    }
+    let proxy = proxy_moving_at_the_second_scan(old.port(), new.port()).await;
+    let store = RedisStore::builder(format!("redis://{proxy}"))
+        .build()
+        .await
+        .unwrap();
+    let loaded = store.load_all().await.unwrap();
+    assert!(loaded.skipped.is_empty());
+    let keys: std::collections::BTreeSet<String> =
+        loaded.sessions.iter().map(|s| s.key.clone()).collect();
+    assert_eq!(keys.len(), N, "{} of {N} listed", keys.len());
+    assert_eq!(loaded.sessions.len(), N);
+}
+
 /// A TCP proxy to a Redis on `port` that cuts connections on which a
 /// `PUBLISH` is sent, just before it, `cuts` times: what came before
 /// reaches Redis, the `PUBLISH` and what follows never do, and both sides

@@ -107,7 +107,10 @@ return 2";
 /// does not fail while Redis is up: loads, saves, deletes and notices
 /// are safe to apply twice. (A lease's calls are not, and are sent once,
 /// as is a [`refresh`](SessionStore::refresh), which the next one
-/// makes up for.)
+/// makes up for.) [`load_all`](SessionStore::load_all) lists the keys
+/// on a connection of its own, and starts the listing again, once, if it
+/// breaks midway: a `SCAN` cursor carried over to another server process
+/// would skip keys.
 ///
 /// # Layout
 ///
@@ -694,6 +697,63 @@ impl Inner {
         self.finish(&conn, answer, what)
     }
 
+    /// The keys of every stored session, listed on a connection of the
+    /// listing's own. A `SCAN` cursor means something only to the server
+    /// process that gave it: carried over to a new connection, which may
+    /// reach another one (Redis restarted, or a replica promoted behind
+    /// the same address, each with its own order of keys), it would skip
+    /// keys without a word. A connection that breaks midway starts the
+    /// listing again, once, on a new connection.
+    async fn scan(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let config = ::redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let mut again = true;
+        loop {
+            let answer = tokio::time::timeout(
+                self.timeout,
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config),
+            )
+            .await;
+            let mut conn = flatten(answer, "scan", self.timeout)?;
+            let mut keys: Vec<Vec<u8>> = Vec::new();
+            let mut seen = HashSet::new();
+            let mut cursor: u64 = 0;
+            let broke = loop {
+                let mut cmd = ::redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&self.pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT);
+                let answer = tokio::time::timeout(
+                    self.timeout,
+                    cmd.query_async::<(u64, Vec<Vec<u8>>)>(&mut conn),
+                )
+                .await;
+                if again && broken(&answer) {
+                    break true;
+                }
+                let (next, batch) = flatten(answer, "scan", self.timeout)?;
+                for key in batch {
+                    // SCAN may return a key more than once.
+                    if seen.insert(key.clone()) {
+                        keys.push(key);
+                    }
+                }
+                if next == 0 {
+                    break false;
+                }
+                cursor = next;
+            };
+            if !broke {
+                return Ok(keys);
+            }
+            again = false;
+        }
+    }
+
     /// Runs `script` once: a lease's scripts are not safe to run twice.
     async fn run_script(
         &self,
@@ -1016,28 +1076,7 @@ impl SessionStore for RedisStore {
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         Box::pin(async move {
             let inner = &*self.inner;
-            let mut keys: Vec<Vec<u8>> = Vec::new();
-            let mut seen = HashSet::new();
-            let mut cursor: u64 = 0;
-            loop {
-                let mut cmd = ::redis::cmd("SCAN");
-                cmd.arg(cursor)
-                    .arg("MATCH")
-                    .arg(&inner.pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT);
-                let (next, batch): (u64, Vec<Vec<u8>>) = inner.run(&cmd, "scan").await?;
-                for key in batch {
-                    // SCAN may return a key more than once.
-                    if seen.insert(key.clone()) {
-                        keys.push(key);
-                    }
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
+            let keys = inner.scan().await?;
             let start = inner.prefix.len() + 2;
             let mut loaded = Loaded::default();
             for chunk in keys.chunks(BATCH) {
