@@ -351,6 +351,22 @@ async fn failures_are_typed() {
     assert!(err.is_unauthorized(), "wrong password: {err:?}");
     assert!(!format!("{:?}", RedisStore::builder(&wrong)).contains("nope"));
     let right = format!("redis://:s3cret@127.0.0.1:{}/", server.port());
+    // On another database, the client's `SELECT` meets the refusal first.
+    let other_db = format!("redis://127.0.0.1:{}/1", server.port());
+    let err = RedisStore::builder(&other_db).build().await.unwrap_err();
+    assert!(err.is_unauthorized(), "no password, database 1: {err:?}");
+    // A user without the permission to switch database.
+    let mut admin = redis::Client::open(right.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "gw", "on", ">pw", "~*", "&*", "+@all", "-select"][..])
+        .query(&mut admin)
+        .unwrap();
+    let no_select = format!("redis://gw:pw@127.0.0.1:{}/1", server.port());
+    let err = RedisStore::builder(&no_select).build().await.unwrap_err();
+    assert!(err.is_unauthorized(), "no SELECT permission: {err:?}");
     let store = RedisStore::builder(&right).build().await.unwrap();
     store.save(&session("k", "a")).await.unwrap();
     assert!(!format!("{store:?}").contains("s3cret"));

@@ -884,6 +884,12 @@ fn map_error(e: RedisError, what: &str) -> StoreError {
         StoreError::timeout(e)
     } else if e.kind() == ErrorKind::AuthenticationFailed
         || matches!(code.as_str(), "NOAUTH" | "WRONGPASS" | "NOPERM")
+        // A new connection's `SELECT` refused for want of a password
+        // (`NOAUTH`) or a permission (`NOPERM`): the client keeps only the
+        // server's text, without its code.
+        || (refused_database(&e)
+            && (detail.starts_with("Authentication required")
+                || detail.contains("no permissions")))
     {
         StoreError::unauthorized(e)
     } else if e.is_io_error()
