@@ -1652,6 +1652,57 @@ mod http2 {
         assert_eq!(collected.to_bytes(), "message|Some(\"1\")");
     }
 
+    /// An HTTP/2 backend's response with a length and announced trailers
+    /// goes chunked to an HTTP/1.1 client: framed by its length, its
+    /// trailers would be dropped.
+    #[tokio::test]
+    async fn trailers_of_a_response_of_known_length_reach_an_http1_client() {
+        let (addr, _) = serve_h2_with(service_fn(|_req: Request<Incoming>| async move {
+            let body = Full::new(Bytes::from_static(b"payload"))
+                .with_trailers(async { Some(Ok(one_field("x-sum", "2"))) });
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-length", "7")
+                    .header("trailer", "x-sum")
+                    .body(body)
+                    .unwrap(),
+            )
+        }))
+        .await;
+        let client = HttpClient::<Incoming>::new().http2_only(true);
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let front = accept_counting(move |stream, _| {
+            let backend = backend.clone();
+            async move {
+                let service = service_fn(move |req| backend.clone().oneshot(req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        })
+        .await
+        .0;
+        let stream = TcpStream::connect(front).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        for _ in 0..2 {
+            let req = Request::get("/")
+                .header("host", "front.example")
+                .header("te", "trailers")
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.headers()["transfer-encoding"], "chunked");
+            assert!(!resp.headers().contains_key("content-length"));
+            let collected = resp.into_body().collect().await.unwrap();
+            let trailers = collected.trailers().cloned().expect("the trailers");
+            assert_eq!(trailers["x-sum"], "2");
+            assert_eq!(collected.to_bytes(), "payload");
+        }
+    }
+
     /// Serves [`h2_echo`]; its first connection serves one request, then
     /// closes gracefully (`GOAWAY`) and says so on the receiver. Counts the
     /// connections.

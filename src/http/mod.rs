@@ -1392,6 +1392,7 @@ where
         let handover = Handover::of(&req);
         // Before the rewrite sets the version the backend speaks.
         let from_http1 = req.version() < Version::HTTP_2;
+        let chunks_trailers = req.version() == Version::HTTP_11;
         let discard = self.upstream.discard_timeout(from_http1);
         let rewritten = self.rewrite(&mut req);
         let body = req.body();
@@ -1439,6 +1440,7 @@ where
             state,
             backend,
             redirects: self.redirects.clone(),
+            chunks_trailers,
         }
     }
 }
@@ -1515,6 +1517,9 @@ pin_project! {
         state: State,
         backend: Option<Arc<BackendState>>,
         redirects: Option<Arc<Redirects>>,
+        // The client speaks HTTP/1.1, which carries trailers only in
+        // chunks.
+        chunks_trailers: bool,
     }
 }
 
@@ -1570,6 +1575,19 @@ impl Future for ResponseFuture {
                     strip_all_but_upgrade(resp.headers_mut(), present);
                 } else {
                     strip_present(resp.headers_mut(), present);
+                }
+                // Trailers announced by a backend whose response is framed
+                // by its HTTP/2 stream, with a length: framed by that length
+                // to an HTTP/1.1 client, hyper would drop them. Chunked, as
+                // an HTTP/1 backend's response with trailers is.
+                if *this.chunks_trailers
+                    && present & TRANSFER_ENCODING_PRESENT == 0
+                    && resp.headers().contains_key(TRAILER)
+                    && !http_body::Body::is_end_stream(resp.body())
+                {
+                    resp.headers_mut().remove(CONTENT_LENGTH);
+                    resp.headers_mut()
+                        .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
                 }
                 if let Some(redirects) = this.redirects.take() {
                     let rewritten = resp.headers().get(LOCATION).and_then(|location| {
