@@ -701,10 +701,13 @@ impl Config {
             error.file = Some(path.to_owned());
             error
         })?;
-        let parsed = if path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
-        {
+        // By name, not `Path::extension`, which a file named `.toml`
+        // has none of.
+        let toml = path.file_name().is_some_and(|name| {
+            let name = name.as_encoded_bytes();
+            name.len() >= 5 && name[name.len() - 5..].eq_ignore_ascii_case(b".toml")
+        });
+        let parsed = if toml {
             Config::from_toml(&text)
         } else {
             Config::from_yaml(&text)

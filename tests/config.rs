@@ -107,6 +107,12 @@ min_dwell = "10s"
 interval = "500ms"
 "#;
     let dir = tempfile::tempdir().unwrap();
+    // Whatever comes before `.toml`, in any case, nothing included.
+    for name in [".toml", "groups.TOML"] {
+        let path = config_file(&dir, name, toml);
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.failover_groups[0].name, "app-servers", "{name}");
+    }
     let path = config_file(&dir, "groups.toml", toml);
     let config = Config::load(&path).unwrap();
     let group = &config.failover_groups[0];
