@@ -41,16 +41,6 @@ pub struct Member {
     /// `Members::from_list`): the weight the strategies build their tables
     /// with.
     weight: u32,
-    /// Which service its snapshot holds: a new number each time the
-    /// service is set, so that a health checker tells a replaced service
-    /// (a new address under the same id and state) from the one it probes.
-    service: u64,
-}
-
-/// The number of the next service put in a pool, in any pool.
-fn next_service() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Member {
@@ -59,19 +49,7 @@ impl Member {
             id,
             state,
             weight: 0,
-            service: next_service(),
         }
-    }
-
-    /// Puts a new service in its place.
-    fn replace_service<S>(&mut self, slot: &mut S, service: S) {
-        *slot = service;
-        self.service = next_service();
-    }
-
-    /// Which service the snapshot holds for it; see `service`.
-    pub(crate) fn service_number(&self) -> u64 {
-        self.service
     }
 
     /// The backend's id.
@@ -481,9 +459,7 @@ impl<S> Pool<S> {
 
 impl<S: Clone> Pool<S> {
     /// Adds a backend with weight 1, or replaces the service of an existing
-    /// backend with the same id (keeping its state and weight). A
-    /// [`HealthChecker`](crate::health::HealthChecker) then stops its probe
-    /// of the old service and probes the new one at once.
+    /// backend with the same id (keeping its state and weight).
     ///
     /// A backend that a [`discover`](Self::discover) stream removed less
     /// than [`keep_removed_for`](Self::keep_removed_for) ago comes back
@@ -528,7 +504,7 @@ impl<S: Clone> Pool<S> {
             match members.iter().position(|m| m.id == id) {
                 Some(i) => {
                     members[i].state = state;
-                    members[i].replace_service(&mut services[i], service);
+                    services[i] = service;
                 }
                 None => {
                     members.push(Member::new(id, state));
@@ -557,7 +533,7 @@ impl<S: Clone> Pool<S> {
                     if let Some(w) = weight {
                         members[i].state.store_weight(w);
                     }
-                    members[i].replace_service(&mut services[i], service);
+                    services[i] = service;
                     true
                 }
                 None => {
@@ -833,7 +809,7 @@ impl<S: Clone, K: Into<BackendId>> FromIterator<(K, S)> for Pool<S> {
             for (id, service) in iter {
                 let id = id.into();
                 match members.iter().position(|m| m.id == id) {
-                    Some(i) => members[i].replace_service(&mut services[i], service),
+                    Some(i) => services[i] = service,
                     None => {
                         members.push(Member::new(id, Arc::new(BackendState::new(1))));
                         services.push(service);

@@ -317,12 +317,8 @@ impl<S> Rebuild<S> for Changed {
 struct Entry {
     state: Arc<BackendState>,
     /// Tells this entry from an earlier one of the same backend (removed,
-    /// then added back with the same state, or given a new service) whose
-    /// probe may still run.
+    /// then added back with the same state) whose probe may still run.
     serial: u64,
-    /// The pool's number for the service it probes (see
-    /// `Member::service_number`).
-    service: u64,
     /// Passes and failures in a row, since the backend's health last
     /// changed: one set by someone else (a manual `set_health`, another
     /// checker) starts them again, so that `rise` and `fall` count probes
@@ -355,12 +351,11 @@ const fn health_name(health: HealthStatus) -> &'static str {
 }
 
 impl Entry {
-    fn new(state: Arc<BackendState>, serial: u64, service: u64, now: Instant) -> Self {
+    fn new(state: Arc<BackendState>, serial: u64, now: Instant) -> Self {
         Entry {
             seen: state.health(),
             state,
             serial,
-            service,
             successes: 0,
             failures: 0,
             ejections_at_probe: 0,
@@ -770,23 +765,10 @@ where
             }
         }
         for member in members.iter() {
-            let serial = self.next_serial;
-            if let Some(entry) = self.entries.get_mut(member.id()) {
-                if entry.service != member.service_number() {
-                    // A new service under the same id and state (a new
-                    // address): the probe of the old one says nothing of
-                    // it, nor do the passes and failures counted so far.
-                    // Its health stays; the new service is probed at once.
-                    entry.stop_probe();
-                    self.next_serial += 1;
-                    entry.serial = serial;
-                    entry.service = member.service_number();
-                    entry.successes = 0;
-                    entry.failures = 0;
-                    entry.next_probe = now;
-                }
+            if self.entries.contains_key(member.id()) {
                 continue;
             }
+            let serial = self.next_serial;
             self.next_serial += 1;
             let back = self
                 .departed
@@ -798,13 +780,11 @@ where
                 // again (the one under way was stopped as it left).
                 Some(mut entry) => {
                     entry.serial = serial;
-                    entry.service = member.service_number();
                     entry.next_probe = now;
                     entry
                 }
                 None => {
-                    let mut entry =
-                        Entry::new(member.state().clone(), serial, member.service_number(), now);
+                    let mut entry = Entry::new(member.state().clone(), serial, now);
                     if self.config.start_unhealthy {
                         // From then on the pool marks the states it makes;
                         // one it did not make (shared with another pool,
