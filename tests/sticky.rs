@@ -4188,6 +4188,44 @@ async fn a_saved_move_outlives_the_record_a_failed_restore_listed() {
     assert_eq!(layer.stats().moved, 1);
 }
 
+/// The same when the move lands while the restore lists the store: the
+/// listing read the record before the move, and its hook fails. The
+/// session goes where it moved, once out of the table too.
+#[tokio::test(start_paused = true)]
+async fn a_move_saved_while_a_restore_lists_the_store_is_not_undone_by_its_record() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    shared.save(&kernel("k1", "a")).await.unwrap();
+    let store = SlowListing::new(shared.clone());
+    let layer = standalone(&c.pool, &store)
+        .idle_timeout(Duration::from_secs(60))
+        .on_restore(|_: Session| async { Err::<(), BoxError>("kernel gone".into()) });
+    let svc = stack(&c.pool, layer.clone());
+    assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "a");
+    let restore = tokio::spawn({
+        let layer = layer.clone();
+        async move { layer.restore().await }
+    });
+    // The listing has read k1 on a when the session moves.
+    store.listed.acquire().await.unwrap().forget();
+    c.set_health("a", HealthStatus::Unhealthy);
+    let went = send(&svc, session("k1")).await.unwrap().into_body();
+    assert_ne!(went, "a");
+    layer.flush().await;
+    store.go.add_permits(1);
+    assert_eq!(restore.await.unwrap().unwrap().failed.len(), 1);
+    c.set_health("a", HealthStatus::Healthy);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    for _ in 0..3 {
+        send(&svc, Request::new(())).await.unwrap();
+        assert_eq!(send(&svc, session("k1")).await.unwrap().body(), &went);
+    }
+    assert_eq!(
+        shared.load("k1").await.unwrap().unwrap().backend.as_str(),
+        went
+    );
+}
+
 /// The same in replication mode: a session read from the store while its
 /// restore's hook runs, then moved (saved) and gone idle before the hook
 /// ends, is restored where it moved, not on the backend the listing named.

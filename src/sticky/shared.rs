@@ -1404,9 +1404,9 @@ impl Shared {
                         // restore keeps the move: both decided under the
                         // lock that restore takes the record under. So does
                         // one the table held, saved, when the restore
-                        // listed it: its saved move is newer than the
-                        // record listed, which must not route it back once
-                        // it leaves the table.
+                        // listed it (see `restore`): its saved move is
+                        // newer than the record listed, which must not
+                        // route it back once it leaves the table.
                         let mut unrestored = self.unrestored.lock();
                         let moved = self.table.move_if(&key, &backend, served, tag);
                         if moved.is_some() {
@@ -1874,7 +1874,17 @@ impl Shared {
                 if !restores.forgotten(restoring.id, &session.key) {
                     unrestored
                         .entry(Arc::from(session.key.as_str()))
-                        .or_insert_with(|| session.clone());
+                        .or_insert_with(|| {
+                            // A session the table holds saved (read, or
+                            // moved and saved, before or while the store
+                            // was listed) goes where the table has it: as
+                            // the last step below, which keeps it, does.
+                            let mut routed = session.clone();
+                            if let Some(held) = self.table.saved(&session.key) {
+                                routed.backend = held.backend;
+                            }
+                            routed
+                        });
                 }
             }
         }
