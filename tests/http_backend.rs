@@ -1701,6 +1701,18 @@ mod http2 {
             assert_eq!(trailers["x-sum"], "2");
             assert_eq!(collected.to_bytes(), "payload");
         }
+        // A client that takes no trailers gets the length.
+        let req = Request::get("/")
+            .header("host", "front.example")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.headers()["content-length"], "7");
+        assert!(!resp.headers().contains_key("transfer-encoding"));
+        assert_eq!(
+            resp.into_body().collect().await.unwrap().to_bytes(),
+            "payload"
+        );
     }
 
     /// Serves [`h2_echo`]; its first connection serves one request, then

@@ -1392,9 +1392,12 @@ where
         let handover = Handover::of(&req);
         // Before the rewrite sets the version the backend speaks.
         let from_http1 = req.version() < Version::HTTP_2;
-        let chunks_trailers = req.version() == Version::HTTP_11;
+        let http1_1 = req.version() == Version::HTTP_11;
         let discard = self.upstream.discard_timeout(from_http1);
         let rewritten = self.rewrite(&mut req);
+        // An HTTP/1.1 client that takes trailers (the rewrite keeps its
+        // `TE: trailers`, and only that) gets them in chunks only.
+        let chunks_trailers = http1_1 && req.headers().contains_key(TE);
         let body = req.body();
         if self.upstream.speaks_http2() {
             // Framed by its stream.
@@ -1518,7 +1521,7 @@ pin_project! {
         backend: Option<Arc<BackendState>>,
         redirects: Option<Arc<Redirects>>,
         // The client speaks HTTP/1.1, which carries trailers only in
-        // chunks.
+        // chunks, and takes them.
         chunks_trailers: bool,
     }
 }
@@ -1581,7 +1584,7 @@ impl Future for ResponseFuture {
                 // to an HTTP/1.1 client, hyper would drop them. Chunked, as
                 // an HTTP/1 backend's response with trailers is.
                 if *this.chunks_trailers
-                    && present & TRANSFER_ENCODING_PRESENT == 0
+                    && resp.version() == Version::HTTP_2
                     && resp.headers().contains_key(TRAILER)
                     && !http_body::Body::is_end_stream(resp.body())
                 {
