@@ -305,7 +305,7 @@ impl Drop for Restoring<'_> {
 
 /// The keys of the records the store holds, as a standalone instance (the
 /// one instance writing the store) knows them: those `restore` loaded and
-/// every session saved or refreshed since, less those deleted and, with a
+/// every session saved, refreshed or read since, less those deleted and, with a
 /// store whose records expire, those left alone for long enough to have
 /// expired. Kept as 64-bit hashes with random keys: a collision can only
 /// make a new key look stored.

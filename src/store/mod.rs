@@ -170,6 +170,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// alone (`None`, the default: records stay until deleted). The sticky
     /// layer refreshes a session it serves at most this often (see
     /// [`StickyLayer::refresh_every`](crate::sticky::StickyLayer::refresh_every)).
+    /// It takes a [`load`](Self::load) that finds a record as renewing it
+    /// too, as the stores of this crate do: a store whose loads do not may
+    /// see strict mode refuse a key whose record has expired, for up to
+    /// four of these intervals, while the store cannot be read.
     fn refresh_interval(&self) -> Option<Duration> {
         None
     }
