@@ -781,6 +781,9 @@ async fn handle_actions_are_events_and_bad_names_are_errors() {
         let shared = pool.state(&"shared".into()).unwrap();
         assert_eq!(shared.max_in_flight(), Some(1));
     }
+    // The same weight or limit again changes nothing, and emits nothing.
+    handle.set_weight(&"a1".into(), 7).unwrap();
+    handle.set_max_in_flight(&"shared".into(), Some(1)).unwrap();
     handle.force_primary("web", &"w2".into()).unwrap();
     assert_eq!(serve(&web_balance).await, "w2");
     handle

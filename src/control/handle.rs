@@ -620,6 +620,10 @@ impl Handle {
         // Under the actions' lock, so that the events of concurrent calls
         // come in the order of their changes.
         let _actions = self.inner.drains.lock();
+        // A weight every state has already is no change, and no event.
+        let changed = reached_states(&self.inner, id)
+            .iter()
+            .any(|state| state.weight() != weight.max(1));
         let mut found = false;
         for group in self.groups() {
             // Also a state kept for the backend's return.
@@ -628,10 +632,12 @@ impl Handle {
         if !found {
             return Err(ControlError::UnknownBackend(id.to_string()));
         }
-        self.inner.events.emit(Event::WeightChanged {
-            backend: id.clone(),
-            weight: weight.max(1),
-        });
+        if changed {
+            self.inner.events.emit(Event::WeightChanged {
+                backend: id.clone(),
+                weight: weight.max(1),
+            });
+        }
         Ok(())
     }
 
@@ -646,13 +652,19 @@ impl Handle {
         max_in_flight: Option<usize>,
     ) -> Result<(), ControlError> {
         let _actions = self.inner.drains.lock();
+        let max_in_flight = max_in_flight.map(|m| m.max(1));
+        let mut changed = false;
         for state in self.states(id)? {
+            changed |= state.max_in_flight() != max_in_flight;
             state.set_max_in_flight(max_in_flight);
         }
-        self.inner.events.emit(Event::LimitChanged {
-            backend: id.clone(),
-            max_in_flight: max_in_flight.map(|m| m.max(1)),
-        });
+        // A limit every state has already is no change, and no event.
+        if changed {
+            self.inner.events.emit(Event::LimitChanged {
+                backend: id.clone(),
+                max_in_flight,
+            });
+        }
         Ok(())
     }
 
