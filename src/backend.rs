@@ -141,7 +141,9 @@ pub enum AdminStatus {
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum HealthStatus {
-    /// Serving. The state of every backend no health check has judged yet.
+    /// Serving. The state of every backend no health check has judged yet,
+    /// but for those a [`HealthChecker`](crate::health::HealthChecker) with
+    /// `start_unhealthy` holds back until their first probes pass.
     Healthy,
     /// Failing its checks: no traffic.
     Unhealthy,
