@@ -25,7 +25,8 @@
 //! connection closed); at t=5 s it starts again on the same port; at
 //! t=6.5 s new clients arrive; at t=9 s the clients stop. The timeline is
 //! printed as it happens, then a summary. The demo exits with status 1 if a
-//! single client request failed or a session moved back to `b`.
+//! single client request failed, a session moved other than once from `b`
+//! to another backend, or no new session reached `b` once it returned.
 //!
 //! What to look for: no client request fails (the requests that hit the dead
 //! backend are retried on another one), only `b`'s sessions move, each once,

@@ -313,9 +313,9 @@ impl WebhookStoreBuilder {
             path => path.to_owned(),
         };
         let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-        // With a timer the pool closes connections idle for a minute
-        // (without one it only skips them when it next picks a connection,
-        // and keeps them open meanwhile).
+        // With a timer the pool closes connections idle for
+        // `IDLE_TIMEOUT` (without one it only skips them when it next
+        // picks a connection, and keeps them open meanwhile).
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
