@@ -1761,34 +1761,44 @@ mod http2 {
     /// client's: it is not answered 400.
     #[tokio::test]
     async fn a_request_waiting_for_a_stream_when_the_connection_dies_is_the_backends_failure() {
-        let (addr, _) = accept_counting(|stream, _| async move {
-            let got = Arc::new(tokio::sync::Notify::new());
-            let notify = got.clone();
-            // Takes the request and holds it.
-            let service = service_fn(move |_req: Request<Incoming>| {
-                notify.notify_one();
-                std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
-            });
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .max_concurrent_streams(1)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                () = got.notified() => {}
+        // Told when the first request arrives; tells the backend to die.
+        let got = Arc::new(tokio::sync::Notify::new());
+        let die = Arc::new(tokio::sync::Notify::new());
+        let (addr, accepted) = accept_counting({
+            let (got, die) = (got.clone(), die.clone());
+            move |stream, _| {
+                let (got, die) = (got.clone(), die.clone());
+                async move {
+                    // Takes the request and holds it.
+                    let service = service_fn(move |_req: Request<Incoming>| {
+                        got.notify_one();
+                        std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
+                    });
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(1)
+                        .serve_connection(TokioIo::new(stream), service);
+                    // The backend dies when told: the connection is dropped.
+                    tokio::select! {
+                        _ = conn => {}
+                        () = die.notified() => {}
+                    }
+                }
             }
-            // Time for the second request to queue behind the first,
-            // then the backend dies: the connection is dropped.
-            let _ = tokio::time::timeout(Duration::from_millis(300), conn).await;
         })
         .await;
         let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
         let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
         let first = tokio::spawn(backend.clone().oneshot(get("/first")));
+        got.notified().await;
+        let second = tokio::spawn(backend.oneshot(get("/second")));
+        // Time for the second request to queue behind the first, on the
+        // one stream the connection allows.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let err = tokio::time::timeout(Duration::from_secs(10), backend.oneshot(get("/second")))
+        die.notify_one();
+        let err = tokio::time::timeout(Duration::from_secs(10), second)
             .await
             .expect("an answer once the connection died")
+            .unwrap()
             .unwrap_err();
         assert!(find::<InvalidRequest>(&*err).is_none(), "{err:?}");
         assert_eq!(gateway_status(&*err), StatusCode::BAD_GATEWAY, "{err:?}");
@@ -1798,6 +1808,8 @@ mod http2 {
             StatusCode::BAD_GATEWAY,
             "{first:?}"
         );
+        // Both went on the one connection: the second waited for a stream.
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     /// Clients that stop reading large downloads hold back their own
