@@ -46,6 +46,9 @@ async fn two_backends() -> (TestServer, TestServer, Pool<HttpBackend>, Lb) {
     (a, b, pool, balance)
 }
 
+/// Over real HTTP: a backend leaves no sooner than `fall` failed probes
+/// and returns no sooner than `rise` passed ones (both set off their
+/// defaults, so that a setting ignored shows).
 #[tokio::test]
 async fn a_backend_whose_healthz_fails_leaves_after_fall_probes_and_returns_after_rise() {
     let (a, _b, pool, balance) = two_backends().await;
@@ -53,8 +56,8 @@ async fn a_backend_whose_healthz_fails_leaves_after_fall_probes_and_returns_afte
     let _checker = HealthChecker::new(pool.clone(), HttpProbe::new("/healthz"))
         .interval(Duration::from_millis(50))
         .jitter(Duration::ZERO)
-        .fall(2)
-        .rise(2)
+        .fall(4)
+        .rise(3)
         .spawn();
     eventually("a first probe passes", || a.probes_ok() >= 1).await;
     assert_eq!(spread(&balance, 10).await, (5, 5));
@@ -64,8 +67,10 @@ async fn a_backend_whose_healthz_fails_leaves_after_fall_probes_and_returns_afte
         state.health() == HealthStatus::Unhealthy
     })
     .await;
+    // Not before `fall` failed probes (the default would be 3); the exact
+    // counts are checked on paused time in `tests/health.rs`.
     assert!(
-        a.probes_failed() >= 2,
+        a.probes_failed() >= 4,
         "unhealthy after {} failed probes",
         a.probes_failed()
     );
@@ -79,7 +84,8 @@ async fn a_backend_whose_healthz_fails_leaves_after_fall_probes_and_returns_afte
         state.health() == HealthStatus::Healthy
     })
     .await;
-    assert!(a.probes_ok() - passed_before >= 2);
+    // Not before `rise` passed probes (the default would be 2).
+    assert!(a.probes_ok() - passed_before >= 3);
     assert_eq!(spread(&balance, 10).await, (5, 5));
 }
 
