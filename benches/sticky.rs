@@ -22,7 +22,8 @@
 //!
 //! `sticky_new_session` sends requests that each start a session through
 //! `Sticky → Balance` whose table is full (`FULL` sessions): an insert,
-//! with the evictions it takes turns at. With `STICKY_EVICTIONS=<n>` set,
+//! with the evictions it takes turns at; `tower_p2c_new_session_request`
+//! is the anchor on the same requests. With `STICKY_EVICTIONS=<n>` set,
 //! the bench instead sends `n` such requests one at a time and prints the
 //! distribution of their times and of those that evicted (the pause an
 //! eviction puts on the requests of its shard):
@@ -226,6 +227,10 @@ fn bench(c: &mut Criterion) {
     let mut full = full_table();
     g.bench_function("sticky_new_session", |b| {
         b.iter_custom(|n| time_requests(&mut full, n, 64, |_| new_session_request()))
+    });
+    // The anchor on the new sessions' requests, which carry no cookie.
+    g.bench_function("tower_p2c_new_session_request", |b| {
+        b.iter_custom(|n| time_requests(&mut p2c, n, 64, |_| new_session_request()))
     });
     g.finish();
 }
