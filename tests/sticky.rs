@@ -4085,6 +4085,19 @@ async fn a_restored_record_older_than_the_refresh_interval_is_refreshed_at_once(
     assert!(young.last_seen <= young_at, "not yet due");
 }
 
+/// An `on_restore` hook that fails while `fail` is set.
+fn failing_while(
+    fail: &Arc<AtomicBool>,
+) -> impl Fn(Session) -> std::future::Ready<Result<(), BoxError>> + Send + Sync + 'static {
+    let fail = fail.clone();
+    move |_: Session| {
+        std::future::ready(match fail.load(Ordering::SeqCst) {
+            true => Err("kernel gone".into()),
+            false => Ok(()),
+        })
+    }
+}
+
 /// Standalone: a session whose restore failed moves in memory, keeps its
 /// new backend after it idles out, and a later restore keeps the move.
 #[tokio::test(start_paused = true)]
@@ -4093,18 +4106,9 @@ async fn a_session_whose_restore_failed_keeps_its_move_until_a_later_restore() {
     let store = MemoryStore::new();
     store.save(&kernel("k1", "a")).await.unwrap();
     let fail = Arc::new(AtomicBool::new(true));
-    let fails = fail.clone();
     let layer = standalone(&c.pool, &store)
         .idle_timeout(Duration::from_secs(60))
-        .on_restore(move |_: Session| {
-            let failed = fails.load(Ordering::SeqCst);
-            async move {
-                match failed {
-                    true => Err::<(), BoxError>("kernel gone".into()),
-                    false => Ok(()),
-                }
-            }
-        });
+        .on_restore(failing_while(&fail));
     assert_eq!(layer.restore().await.unwrap().failed.len(), 1);
     let svc = stack(&c.pool, layer.clone());
     c.set_health("a", HealthStatus::Unhealthy);
@@ -4144,18 +4148,9 @@ async fn a_saved_move_outlives_the_record_a_failed_restore_listed() {
     let store = MemoryStore::new();
     store.save(&kernel("k1", "a")).await.unwrap();
     let fail = Arc::new(AtomicBool::new(true));
-    let fails = fail.clone();
     let layer = standalone(&c.pool, &store)
         .idle_timeout(Duration::from_secs(60))
-        .on_restore(move |_: Session| {
-            let failed = fails.load(Ordering::SeqCst);
-            async move {
-                match failed {
-                    true => Err::<(), BoxError>("kernel gone".into()),
-                    false => Ok(()),
-                }
-            }
-        });
+        .on_restore(failing_while(&fail));
     let svc = stack(&c.pool, layer.clone());
     // Read from the store before the restore lists it.
     assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "a");
