@@ -732,6 +732,8 @@ impl Inner {
                     cmd.query_async::<(u64, Vec<Vec<u8>>)>(&mut conn),
                 )
                 .await;
+                // Broken midway, the first time: the whole listing again,
+                // from cursor 0, on a new connection.
                 if again && broken(&answer) {
                     break true;
                 }
