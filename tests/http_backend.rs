@@ -1814,16 +1814,38 @@ mod http2 {
 
     /// Clients that stop reading large downloads hold back their own
     /// streams only: the other responses on the shared connection still
-    /// flow.
+    /// flow. The three downloads first take their streams' whole windows
+    /// (hyper's 2 MiB each), more than hyper's own connection window would
+    /// let through unread.
     #[tokio::test]
     async fn downloads_nobody_reads_do_not_stall_the_connection() {
-        let (addr, _) = serve_h2_with(service_fn(|req: Request<Incoming>| async move {
-            let size = if req.uri().path() == "/big" {
-                4 << 20
-            } else {
-                1024
-            };
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; size]))))
+        use futures::StreamExt as _;
+        const CHUNK: usize = 16 << 10;
+        const STREAM_WINDOW: usize = 2 << 20;
+        // The bytes of the downloads that the server has handed to hyper.
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (addr, accepted) = serve_h2_with(service_fn({
+            let sent = sent.clone();
+            move |req: Request<Incoming>| {
+                let sent = sent.clone();
+                async move {
+                    let (chunks, counted) = if req.uri().path() == "/big" {
+                        ((4 << 20) / CHUNK, Some(sent))
+                    } else {
+                        (1, None)
+                    };
+                    let body = futures::stream::iter(0..chunks).map(move |_| {
+                        if let Some(sent) = &counted {
+                            sent.fetch_add(CHUNK, Ordering::SeqCst);
+                        }
+                        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(vec![
+                            b'x';
+                            CHUNK
+                        ])))
+                    });
+                    Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(body)))
+                }
+            }
         }))
         .await;
         let client = HttpClient::<Full<Bytes>>::new()
@@ -1834,14 +1856,17 @@ mod http2 {
         for _ in 0..3 {
             unread.push(backend.clone().oneshot(get("/big")).await.unwrap());
         }
-        // Time for the backend to fill what the connection lets it send.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        support::wait::spin_until("the downloads fill their streams' windows", || {
+            sent.load(Ordering::SeqCst) >= 3 * STREAM_WINDOW
+        })
+        .await;
         let small = backend.clone().oneshot(get("/small")).await.unwrap();
         let body = tokio::time::timeout(Duration::from_secs(10), small.into_body().collect())
             .await
             .expect("given up at the read timeout at the latest")
             .expect("the small response arrives whole");
-        assert_eq!(body.to_bytes().len(), 1024);
+        assert_eq!(body.to_bytes().len(), CHUNK);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "on the one connection");
         drop(unread);
     }
 
