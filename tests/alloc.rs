@@ -5,7 +5,9 @@
 //! future allocate nothing. The protocol values `Target` (request) and
 //! `ServedBy` (response) are stored in `http::Extensions`, which boxes every
 //! value it holds (and allocates its map on first use): those allocations
-//! belong to `http`, and the test checks that `Balance` makes no others.
+//! belong to `http`, and the test checks that `Balance` makes no others,
+//! on bare requests and on requests that carry `Affinity` and `Attempts`
+//! (as behind the sticky and failover layers).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -18,7 +20,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::Service;
 use tower_ha::balance::{Balance, ConsistentHash, RoundRobin, Strategy};
-use tower_ha::extensions::{ServedBy, Target};
+use tower_ha::extensions::{Affinity, Attempts, ServedBy, Target};
 use tower_ha::{key, BackendState, Pool};
 
 struct Counting;
@@ -70,17 +72,35 @@ impl Service<Request<()>> for Ok200 {
 
 const CALLS: usize = 1000;
 
-/// Allocations of `CALLS` steady-state calls (requests built beforehand).
-fn per_call<P: Strategy>(balance: &mut Balance<Ok200, P>, with_key: bool) -> f64 {
-    let waker = std::task::Waker::noop();
-    let mut cx = Context::from_waker(waker);
-    let make = |i: usize| {
+/// A request with no extensions, keyed by `x-user` when `with_key`.
+fn bare(with_key: bool) -> impl Fn(usize) -> Request<()> {
+    move |i| {
         let mut b = Request::builder();
         if with_key {
             b = b.header("x-user", format!("user-{}", i % 97));
         }
         b.body(()).unwrap()
-    };
+    }
+}
+
+/// A keyed request whose session lives on one backend, after a failed
+/// attempt on another: what `Balance` sees behind sticky and failover.
+fn with_affinity(i: usize) -> Request<()> {
+    let mut req = bare(true)(i);
+    req.extensions_mut()
+        .insert(Affinity(format!("b{}", i % 8).into()));
+    req.extensions_mut()
+        .insert(Attempts::from_iter([format!("b{}", (i + 1) % 8).into()]));
+    req
+}
+
+/// Allocations of `CALLS` steady-state calls (requests built beforehand).
+fn per_call<P: Strategy>(
+    balance: &mut Balance<Ok200, P>,
+    make: impl Fn(usize) -> Request<()>,
+) -> f64 {
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
     // Warm up: thread-local generators, lazily built tables.
     for i in 0..100 {
         let mut fut = balance.call(make(i));
@@ -89,7 +109,7 @@ fn per_call<P: Strategy>(balance: &mut Balance<Ok200, P>, with_key: bool) -> f64
             Poll::Ready(Ok(_))
         ));
     }
-    let requests: Vec<_> = (0..CALLS).map(make).collect();
+    let requests: Vec<_> = (0..CALLS).map(&make).collect();
     let mut responses = Vec::with_capacity(CALLS);
     let before = allocations();
     for req in requests {
@@ -105,12 +125,12 @@ fn per_call<P: Strategy>(balance: &mut Balance<Ok200, P>, with_key: bool) -> f64
     (after - before) as f64 / CALLS as f64
 }
 
-/// What storing the two protocol values costs by itself, on a request and
-/// a response like the ones Balance sees.
-fn protocol_cost() -> f64 {
+/// What storing the two protocol values costs by itself, on requests made
+/// by `make` and responses like the ones Balance sees.
+fn protocol_cost(make: impl Fn(usize) -> Request<()>) -> f64 {
     let state = Arc::new(BackendState::new(1));
     let id: tower_ha::BackendId = "b0".into();
-    let requests: Vec<_> = (0..CALLS).map(|_| Request::new(())).collect();
+    let requests: Vec<_> = (0..CALLS).map(make).collect();
     let mut kept = Vec::with_capacity(2 * CALLS);
     let before = allocations();
     for mut req in requests {
@@ -131,7 +151,7 @@ fn pool() -> Pool<Ok200> {
 
 #[test]
 fn balance_allocates_nothing_beyond_the_protocol_extensions() {
-    let protocol = protocol_cost();
+    let protocol = protocol_cost(bare(false));
     // Target: map box + table + value; ServedBy: the same on the response.
     assert_eq!(
         protocol, 6.0,
@@ -139,11 +159,27 @@ fn balance_allocates_nothing_beyond_the_protocol_extensions() {
     );
 
     let mut rr = Balance::new(pool(), RoundRobin::new());
-    assert_eq!(per_call(&mut rr, false), protocol, "round robin");
+    assert_eq!(per_call(&mut rr, bare(false)), protocol, "round robin");
 
     let mut ring = Balance::new(pool(), ConsistentHash::ring(key::header("x-user")));
-    assert_eq!(per_call(&mut ring, true), protocol, "ring");
+    assert_eq!(per_call(&mut ring, bare(true)), protocol, "ring");
 
     let mut maglev = Balance::new(pool(), ConsistentHash::maglev(key::header("x-user")));
-    assert_eq!(per_call(&mut maglev, true), protocol, "maglev");
+    assert_eq!(per_call(&mut maglev, bare(true)), protocol, "maglev");
+}
+
+#[test]
+fn affinity_and_attempts_allocate_nothing_beyond_the_protocol_extensions() {
+    let protocol = protocol_cost(with_affinity);
+    // The request's map exists: Target costs its value's box alone.
+    assert_eq!(
+        protocol, 4.0,
+        "http::Extensions changed its allocation pattern"
+    );
+
+    let mut rr = Balance::new(pool(), RoundRobin::new());
+    assert_eq!(per_call(&mut rr, with_affinity), protocol, "round robin");
+
+    let mut maglev = Balance::new(pool(), ConsistentHash::maglev(key::header("x-user")));
+    assert_eq!(per_call(&mut maglev, with_affinity), protocol, "maglev");
 }
