@@ -694,7 +694,7 @@ mod ttl {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_save_prunes_in_the_background() {
+    async fn a_save_starts_a_prune_of_expired_records() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let plain = FileStore::open(dir).await.unwrap();
