@@ -4054,6 +4054,50 @@ async fn a_logout_while_the_restore_lists_the_store_ends_the_session() {
     assert!(shared.load("sess1").await.unwrap().is_none());
 }
 
+/// A refresh that fails is tried again at a request an eighth of the
+/// interval later, not a whole interval later: by then the record of a
+/// session in use would have expired.
+#[tokio::test(start_paused = true)]
+async fn a_failed_refresh_is_tried_again_before_the_record_expires() {
+    let c = cluster();
+    let ttl = Duration::from_secs(120);
+    let store = FlakyLoads::new(MemoryStore::new().with_ttl(ttl));
+    store.down.store(false, Ordering::SeqCst);
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).store(store.clone());
+    let svc = stack(&c.pool, layer.clone());
+    // Saved at 0 s, to expire at 120 s; due a refresh every 60 s.
+    assert_eq!(send(&svc, session("s")).await.unwrap().body(), "a");
+    layer.flush().await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    store.saves_down.store(true, Ordering::SeqCst);
+    send(&svc, session("s")).await.unwrap();
+    layer.flush().await;
+    store.saves_down.store(false, Ordering::SeqCst);
+    // Not yet due again: a failing store is not asked at every request.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    send(&svc, session("s")).await.unwrap();
+    layer.flush().await;
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert!(
+        store.inner.load("s").await.unwrap().is_none(),
+        "the refresh at 66 s was not tried"
+    );
+    // Again from the start, with a request 10 s after the failure.
+    send(&svc, session("t")).await.unwrap();
+    layer.flush().await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    store.saves_down.store(true, Ordering::SeqCst);
+    send(&svc, session("t")).await.unwrap();
+    layer.flush().await;
+    store.saves_down.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    send(&svc, session("t")).await.unwrap();
+    layer.flush().await;
+    tokio::time::advance(Duration::from_secs(54)).await;
+    let record = store.inner.load("t").await.unwrap();
+    assert!(record.is_some(), "refreshed at 71 s, it outlives 120 s");
+}
+
 /// A restored record older than the refresh interval (written long before
 /// a restart) is written again at its first request, not a whole interval
 /// later: a store whose records expire might drop it meanwhile.

@@ -163,7 +163,8 @@ impl StickyLayer {
     /// [refreshed](crate::store::SessionStore::refresh), so that a store
     /// whose records expire when left alone keeps them (in the background,
     /// at most once per `every` per session; a save with its `last_seen`
-    /// time unless the store does otherwise).
+    /// time unless the store does otherwise). A refresh that fails is
+    /// tried again at the session's first request `every / 8` later.
     /// Default: as the store asks
     /// ([`SessionStore::refresh_interval`](crate::store::SessionStore::refresh_interval):
     /// half the TTL of a `RedisStore`, `FileStore` or `MemoryStore` that

@@ -1996,6 +1996,9 @@ impl Owner for Shared {
 
     fn failed(&self, key: &str, op: &'static str, error: &StoreError) {
         self.store_error(key, op, error);
+        if op == "refresh" {
+            self.table.refresh_failed(key);
+        }
     }
 
     fn saved(&self, key: &str) -> Option<Session> {

@@ -447,6 +447,20 @@ impl Table {
             && Table::take_due(&entry.refreshed_at, self.refresh, now)
     }
 
+    /// Makes the refresh of `key`'s record, which failed, due again at its
+    /// next request an eighth of the interval from now: well before the
+    /// record expires (the interval is at most half its time to live),
+    /// without asking a failing store at every request.
+    pub(crate) fn refresh_failed(&self, key: &str) {
+        if self.refresh == 0 {
+            return;
+        }
+        let retry_at = self.now().saturating_sub(self.refresh - self.refresh / 8);
+        if let Some(entry) = self.shard(key.as_bytes()).read().get(key.as_bytes()) {
+            entry.refreshed_at.fetch_min(retry_at, Ordering::Relaxed);
+        }
+    }
+
     /// Whether the session's cookie is due to be sent again. Not claimed:
     /// a request whose response never sends it (failed, dropped, refused)
     /// leaves it due for the next.

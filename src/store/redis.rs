@@ -106,8 +106,8 @@ return 2";
 /// idle) is sent once more on a new one, so an idle store's first call
 /// does not fail while Redis is up: loads, saves, deletes and notices
 /// are safe to apply twice. (A lease's calls are not, and are sent once,
-/// as is a [`refresh`](SessionStore::refresh), which the next one
-/// makes up for.) [`load_all`](SessionStore::load_all) lists the keys
+/// as is a [`refresh`](SessionStore::refresh), which the sticky layer
+/// tries again an eighth of its interval later.) [`load_all`](SessionStore::load_all) lists the keys
 /// on a connection of its own, and starts the listing again, once, if it
 /// breaks midway: a `SCAN` cursor carried over to another server process
 /// would skip keys.
