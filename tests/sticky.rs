@@ -4054,6 +4054,44 @@ async fn a_logout_while_the_restore_lists_the_store_ends_the_session() {
     assert!(shared.load("sess1").await.unwrap().is_none());
 }
 
+/// A `remove` given up while its delete is under way (a logout whose
+/// client left) still lets go of the record a failed restore kept: once
+/// the delete lands, the session's next request is a new session, not one
+/// routed by the deleted record and kept in memory only.
+#[tokio::test(start_paused = true)]
+async fn a_remove_given_up_midway_still_lets_go_of_the_restored_record() {
+    let c = cluster();
+    let (inner, store) = SlowStore::holding("k", "b").await;
+    store
+        .gate
+        .add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    let fail = Arc::new(AtomicBool::new(true));
+    let layer = standalone(&c.pool, &store).on_restore(failing_while(&fail));
+    assert_eq!(layer.restore().await.unwrap().failed.len(), 1);
+    let svc = stack(&c.pool, layer.clone());
+    assert_eq!(send(&svc, session("k")).await.unwrap().body(), "b");
+    // The delete waits; the caller gives up.
+    store
+        .deletes
+        .forget_permits(tokio::sync::Semaphore::MAX_PERMITS);
+    let removing = tokio::time::timeout(Duration::from_millis(10), layer.remove("k"));
+    assert!(removing.await.is_err(), "the delete is held");
+    store.deletes.add_permits(1);
+    layer.flush().await;
+    assert!(inner.load("k").await.unwrap().is_none(), "deleted");
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let served = send(&svc, session("k")).await.unwrap().into_body();
+    layer.flush().await;
+    let record = inner.load("k").await.unwrap();
+    assert_eq!(
+        record.map(|r| r.backend.to_string()),
+        Some(served),
+        "a new session, saved"
+    );
+}
+
 /// A refresh that fails is tried again at a request an eighth of the
 /// interval later, not a whole interval later: by then the record of a
 /// session in use would have expired.

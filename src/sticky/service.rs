@@ -106,7 +106,9 @@ impl<S> Sticky<S> {
     /// request that read the record meanwhile does not bring it back into
     /// the table, nor does a [`restore`](Self::restore) under way (the
     /// session is then in neither of its report's lists). Returns whether
-    /// the table knew it.
+    /// the table knew it. The session is forgotten at once; dropping the
+    /// future before the delete lands (a client that left) does not stop
+    /// the delete, nor what follows it.
     pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         self.shared.remove(key).await
     }

@@ -1975,17 +1975,31 @@ impl Shared {
         let (known, done) = Writes::decide(self, store, || {
             (self.forget(key), Some(Write::Delete(key.to_owned())))
         });
-        landed(done.expect("a delete was decided")).await?;
-        {
-            // Nor is a restore under way, which may have listed it before
-            // the delete landed. (A load begun since the delete was queued
-            // read the store after it landed.)
-            let mut unrestored = self.unrestored.lock();
-            unrestored.remove(key);
-            self.drop_known(key);
+        let done = done.expect("a delete was decided");
+        // Once the delete lands, even if the caller has given up waiting
+        // (a logout whose client left): a record a restore kept would
+        // otherwise route the key by what the store no longer holds.
+        let (shared, key) = (self.clone(), key.to_owned());
+        let landed = tokio::spawn(async move {
+            landed(done).await?;
+            {
+                // Nor is a restore under way, which may have listed it
+                // before the delete landed. (A load begun since the delete
+                // was queued read the store after it landed.)
+                let mut unrestored = shared.unrestored.lock();
+                unrestored.remove(key.as_str());
+                shared.drop_known(&key);
+            }
+            shared.records.lock().remove(&key);
+            Ok::<_, StoreError>(())
+        });
+        match landed.await {
+            Ok(result) => result.map(|()| known),
+            Err(stopped) if stopped.is_panic() => std::panic::resume_unwind(stopped.into_panic()),
+            Err(_) => Err(StoreError::other(
+                "the delete's task stopped (the runtime shut down) before it landed",
+            )),
         }
-        self.records.lock().remove(key);
-        Ok(known)
     }
 }
 
