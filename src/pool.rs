@@ -41,14 +41,18 @@ pub struct Member {
     /// `Members::from_list`): the weight the strategies build their tables
     /// with.
     weight: u32,
+    /// Whether this pool made `state` for it (not given one, nor given
+    /// back a kept one).
+    made: bool,
 }
 
 impl Member {
-    fn new(id: BackendId, state: Arc<BackendState>) -> Self {
+    fn new(id: BackendId, state: Arc<BackendState>, made: bool) -> Self {
         Member {
             id,
             state,
             weight: 0,
+            made,
         }
     }
 
@@ -62,6 +66,12 @@ impl Member {
     #[inline]
     pub fn state(&self) -> &Arc<BackendState> {
         &self.state
+    }
+
+    /// Whether the pool made its state when it joined, rather than being
+    /// given one ([`Pool::insert_with_state`], or its own kept state back).
+    pub(crate) fn made_here(&self) -> bool {
+        self.made
     }
 }
 
@@ -504,10 +514,11 @@ impl<S: Clone> Pool<S> {
             match members.iter().position(|m| m.id == id) {
                 Some(i) => {
                     members[i].state = state;
+                    members[i].made = false;
                     services[i] = service;
                 }
                 None => {
-                    members.push(Member::new(id, state));
+                    members.push(Member::new(id, state, false));
                     services.push(service);
                 }
             }
@@ -537,7 +548,9 @@ impl<S: Clone> Pool<S> {
                     true
                 }
                 None => {
-                    let state = match self.shared.kept.lock().take(&id) {
+                    let kept = self.shared.kept.lock().take(&id);
+                    let made = kept.is_none();
+                    let state = match kept {
                         Some(state) => {
                             if let Some(w) = weight {
                                 state.store_weight(w);
@@ -553,7 +566,7 @@ impl<S: Clone> Pool<S> {
                         }
                     };
                     prepare(&state);
-                    members.push(Member::new(id, state));
+                    members.push(Member::new(id, state, made));
                     services.push(service);
                     added = true;
                     true
@@ -811,7 +824,7 @@ impl<S: Clone, K: Into<BackendId>> FromIterator<(K, S)> for Pool<S> {
                 match members.iter().position(|m| m.id == id) {
                     Some(i) => services[i] = service,
                     None => {
-                        members.push(Member::new(id, Arc::new(BackendState::new(1))));
+                        members.push(Member::new(id, Arc::new(BackendState::new(1)), true));
                         services.push(service);
                     }
                 }

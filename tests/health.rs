@@ -9,7 +9,7 @@ use http::{Request, StatusCode};
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
-use tower_ha::balance::{Balance, RoundRobin};
+use tower_ha::balance::{Balance, Priority, RoundRobin};
 use tower_ha::classify::Outcome;
 use tower_ha::error::{find, InvalidRequest};
 use tower_ha::extensions::ServedBy;
@@ -910,6 +910,70 @@ async fn start_unhealthy_leaves_a_shared_state_alone() {
         second.state(&"b".into()).unwrap().health(),
         HealthStatus::Unhealthy
     );
+}
+
+/// A state another pool gave this one before its checker started keeps
+/// its health too; a backend the pool made starts unhealthy.
+#[tokio::test(start_paused = true)]
+async fn start_unhealthy_leaves_a_state_given_before_it_starts_alone() {
+    let (first, _) = pool_of(&["a"]);
+    let state = first.state(&"a".into()).unwrap();
+    let second: Pool<Backend> = Pool::new();
+    second.insert_with_state("a", Backend::new(), state.clone());
+    second.insert("b", Backend::new());
+    let _checker = HealthChecker::new(second.clone(), Script::default().probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .start_unhealthy(true)
+        .spawn();
+    settle().await;
+    assert_eq!(state.health(), HealthStatus::Healthy);
+    assert_eq!(
+        second.state(&"b".into()).unwrap().health(),
+        HealthStatus::Unhealthy
+    );
+}
+
+/// A checker started on a pool that already serves (spawned late, or
+/// replaced at a configuration reload) leaves the backends that have
+/// served alone: marking them would take a serving primary out of its
+/// group, for good under `Failback::Never`. One that has not served yet
+/// starts unhealthy.
+#[tokio::test(start_paused = true)]
+async fn start_unhealthy_leaves_a_backend_that_has_served_alone() {
+    let (pool, _) = pool_of(&["p", "b"]);
+    let group = Balance::new(pool.clone(), Priority::new("g", ["p", "b"]));
+    let served = || async {
+        let response = group.clone().oneshot(Request::new(())).await.unwrap();
+        response
+            .extensions()
+            .get::<ServedBy>()
+            .unwrap()
+            .0
+            .to_string()
+    };
+    assert_eq!(served().await, "p");
+    let script = Script::default();
+    // The primary's first probe fails (one of `fall`), the backup's passes.
+    script.push("p", &[false]);
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .rise(1)
+        .start_unhealthy(true)
+        .spawn();
+    assert_eq!(
+        pool.state(&"b".into()).unwrap().health(),
+        HealthStatus::Unhealthy,
+        "not served yet"
+    );
+    settle().await;
+    assert!(script.probes.load(Ordering::SeqCst) >= 2, "both probed");
+    assert_eq!(
+        pool.state(&"p".into()).unwrap().health(),
+        HealthStatus::Healthy
+    );
+    assert_eq!(served().await, "p", "no failover");
 }
 
 /// A backend made unhealthy by something other than this checker's own

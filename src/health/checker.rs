@@ -167,15 +167,16 @@ where
     }
 
     /// Marks backends the checker has not seen pass yet unhealthy (those
-    /// in the pool as [`spawn`](Self::spawn) returns, and those added
-    /// later, from the moment they join), so they take traffic only after
-    /// `rise` passing probes in a row (the Panda API gateway started them
-    /// unhealthy too, but needed one pass: `rise(1)`; Envoy likewise needs
-    /// one pass for a new host). By default they keep the health the pool
-    /// gave them (healthy), as in HAProxy, and lose it after `fall` failing
-    /// probes. A backend that leaves the pool and comes back with its state
+    /// in the pool as [`spawn`](Self::spawn) returns that have not served
+    /// a request yet, and those added later, from the moment they join),
+    /// so they take traffic only after `rise` passing probes in a row (the
+    /// Panda API gateway started them unhealthy too, but needed one pass:
+    /// `rise(1)`; Envoy likewise needs one pass for a new host). By
+    /// default they keep the health the pool gave them (healthy), as in
+    /// HAProxy, and lose it after `fall` failing probes. A backend that leaves the pool and comes back with its state
     /// (see [`Pool::keep_removed_for`]) is not marked again: the checker
-    /// takes it up where it left it.
+    /// takes it up where it left it. Nor is a state the pool did not make
+    /// (one shared with another pool, [`Pool::insert_with_state`]).
     ///
     /// A [`Priority`](crate::balance::Priority) group does not fail over
     /// from a primary that waits for its first passing probes: its backups
@@ -788,8 +789,11 @@ where
                     if self.config.start_unhealthy {
                         // From then on the pool marks the states it makes;
                         // one it did not make (shared with another pool,
-                        // or kept for a return) keeps its health.
-                        if initial {
+                        // or kept for a return) keeps its health. So does
+                        // one that has served (a checker started late, or
+                        // replaced at a reload): marking it would take a
+                        // serving primary out of its group.
+                        if initial && member.made_here() && member.state().requests() == 0 {
                             member.state().start_unproven();
                         }
                     } else if !initial && member.state().health() == HealthStatus::Healthy {
