@@ -1,6 +1,6 @@
 //! The event stream and the stats under concurrent use.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tower_ha::balance::{Balance, Priority, RoundRobin};
@@ -84,9 +84,11 @@ async fn a_backend_removed_from_one_group_keeps_its_last_change_in_another() {
 
 /// A group's stats are of one moment: while an operator forces one backend
 /// after the other, every snapshot's forced primary is its current primary.
+/// Each reader reads while the switches run, and sees both primaries.
 #[test]
 fn group_stats_never_mix_before_and_after_a_switch() {
     const SWITCHES: usize = 100_000;
+    const READERS: usize = 2;
     let pool = Pool::new();
     pool.insert("a", ());
     pool.insert("b", ());
@@ -96,12 +98,16 @@ fn group_stats_never_mix_before_and_after_a_switch() {
         .unwrap();
     handle.force_primary("db", &"a".into()).unwrap();
     let switching = Arc::new(AtomicBool::new(true));
-    let readers: Vec<_> = (0..2)
-        .map(|_| {
-            let handle = handle.clone();
-            let switching = switching.clone();
+    let started = Arc::new(std::sync::Barrier::new(READERS + 1));
+    // Per reader, the snapshots it took with `a`, then `b`, as primary.
+    let seen: Arc<[[AtomicUsize; 2]; READERS]> = Arc::default();
+    let readers: Vec<_> = (0..READERS)
+        .map(|reader| {
+            let (handle, switching) = (handle.clone(), switching.clone());
+            let (started, seen) = (started.clone(), seen.clone());
             std::thread::spawn(move || {
                 let mut mixed = 0;
+                started.wait();
                 while switching.load(Ordering::Relaxed) {
                     let stats = handle.group_stats("db").unwrap();
                     if stats.forced_primary.is_none()
@@ -109,14 +115,32 @@ fn group_stats_never_mix_before_and_after_a_switch() {
                     {
                         mixed += 1;
                     }
+                    let b = stats
+                        .current_primary
+                        .as_ref()
+                        .is_some_and(|p| p.as_str() == "b");
+                    seen[reader][usize::from(b)].fetch_add(1, Ordering::Relaxed);
                 }
                 mixed
             })
         })
         .collect();
+    let both_seen = || {
+        seen.iter()
+            .all(|r| r.iter().all(|n| n.load(Ordering::Relaxed) > 0))
+    };
     let ids = [BackendId::from("a"), BackendId::from("b")];
-    for id in ids.iter().cycle().take(SWITCHES) {
+    started.wait();
+    let began = tokio::time::Instant::now();
+    for (n, id) in ids.iter().cycle().enumerate() {
         handle.force_primary("db", id).unwrap();
+        if n >= SWITCHES && both_seen() {
+            break;
+        }
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(30),
+            "the readers never read both primaries"
+        );
     }
     switching.store(false, Ordering::Relaxed);
     let mixed: u32 = readers.into_iter().map(|r| r.join().unwrap()).sum();
