@@ -1870,6 +1870,32 @@ mod http2 {
         drop(unread);
     }
 
+    /// A read timeout over HTTP/2 resets its own stream only: the
+    /// connection goes on serving the other requests.
+    #[tokio::test]
+    async fn a_read_timeout_resets_its_stream_not_the_connection() {
+        let (addr, accepted) = serve_h2_with(service_fn(|req: Request<Incoming>| async move {
+            if req.uri().path() == "/stall" {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }))
+        .await;
+        let client = HttpClient::<Full<Bytes>>::new()
+            .http2_only(true)
+            .read_timeout(Some(Duration::from_millis(200)));
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let err = backend.clone().oneshot(get("/stall")).await.unwrap_err();
+        assert_eq!(
+            gateway_status(&*err),
+            StatusCode::GATEWAY_TIMEOUT,
+            "{err:?}"
+        );
+        let ok = backend.oneshot(get("/ok")).await.unwrap();
+        assert_eq!(body_of(ok).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "on the same connection");
+    }
+
     /// A backend that closes its connection (a restart, an idle timeout):
     /// the next request opens a new one and succeeds.
     #[tokio::test]

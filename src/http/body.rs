@@ -15,15 +15,17 @@ use crate::error::BoxError;
 /// The streaming body of a response from an
 /// [`HttpBackend`](super::HttpBackend).
 ///
-/// Its connection goes back to the client's pool once the body has been
-/// read to its end; a body dropped before that closes the connection. Until
+/// Its connection goes back to the client's pool when the body, read to
+/// its end, is dropped; a body dropped before its end closes the
+/// connection. Until
 /// then the request counts as in flight on the backend a balancer sent it
 /// to (see [`BackendState::hold_in_flight`](crate::BackendState::hold_in_flight)).
 ///
 /// A wait for the next frame that lasts the client's
 /// [`read_timeout`](super::HttpClient::read_timeout) (default 60 s) fails
-/// the body with an I/O error of kind `TimedOut`: the connection is not
-/// reused, and the request no longer counts as in flight. Only waits count:
+/// the body with an I/O error of kind `TimedOut`: an HTTP/1.1 connection
+/// is not reused (over HTTP/2 the stream is reset), and the request no
+/// longer counts as in flight. Only waits count:
 /// a body read slowly (its client is slow) does not time out.
 pub struct ResponseBody {
     inner: hyper::body::Incoming,

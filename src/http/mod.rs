@@ -164,8 +164,9 @@ use crate::extensions::{PeerAddr, Picked, Target};
 /// A request takes the backend's most recently used idle connection, or
 /// opens one when none is idle, so a backend gets about as many connections
 /// as it has requests in flight at the busiest moment. A connection goes
-/// back to the pool as soon as its response has been read to its end; one
-/// whose response body was dropped unread is closed. A request that an
+/// back to the pool when its response body, read to its end, is dropped
+/// (a server drops it as soon as it has passed it on); one whose response
+/// body was dropped unread is closed. A request that an
 /// idle connection did not take (the backend had closed it meanwhile) goes
 /// to the next one. A backend that closes an idle connection just as a
 /// request is written on it fails that request, though, and not as
@@ -478,8 +479,12 @@ where
     /// [`gateway_status`](crate::error::gateway_status) answers with
     /// `504 Gateway Timeout`; a response head that timed out is not
     /// [`NotSent`](crate::NotSent) (the backend has the request), so the
-    /// failover layer retries it only when its method is idempotent. The
-    /// connection is closed, never reused. A body that has already been
+    /// failover layer retries it only when its method is idempotent. An
+    /// HTTP/1.1 connection is then closed, never reused; over HTTP/2 only
+    /// the request's stream is reset, and the connection goes on serving
+    /// the others (its PINGs, see
+    /// [`http2_keep_alive`](Self::http2_keep_alive), find one that died).
+    /// A body that has already been
     /// returned cannot be failed over: its client gets a response cut short.
     ///
     /// Keep it above the longest time a backend may think before it
