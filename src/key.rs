@@ -42,7 +42,10 @@ use twox_hash::XxHash3_64;
 
 use crate::extensions::PeerAddr;
 
-/// Hashes bytes the way every built-in key does (XXH3, seed 0).
+/// Hashes bytes the way every built-in key does (XXH3, seed 0): the
+/// header and cookie keys hash their value's bytes with it, the address
+/// keys their address's octets. A [`from_fn`] key hashes its value's `Hash` encoding instead (for
+/// a string, its bytes then `0xff`), which this does not reproduce.
 #[inline]
 pub fn hash_bytes(bytes: &[u8]) -> u64 {
     XxHash3_64::oneshot(bytes)
