@@ -11,6 +11,7 @@
 //! | [`Target`] | request | `Balance` | a per-backend layer such as `Health` |
 //! | [`Picked`] | request | `Failover` inserts it, `Balance` fills it | `Failover`: who an abandoned attempt reached |
 //! | [`ServedBy`] | response | `Balance` | `Sticky`, `Failover`, you |
+//! | [`GaveUp`] | response | `Failover`: every attempt failed | `Sticky`: not a move |
 //! | [`PeerAddr`] | request | your server | keys such as [`key::peer_ip`](crate::key::peer_ip) |
 //!
 //! Your own layers may set or read any of them.
@@ -131,6 +132,14 @@ impl Target {
 /// The backend that produced a response, set by `Balance` on every response.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServedBy(pub BackendId);
+
+/// Set on a response by the failover layer when every attempt failed and
+/// it returns the last failed response (a 503, say): [`ServedBy`] names
+/// the last backend tried, which failed the request too. The sticky layer
+/// does not move a session there; it keeps it off its own backend when
+/// that one failed first, as when the attempts end in an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct GaveUp;
 
 /// The address of the client that sent a request, for keys that route by
 /// client address. Your server inserts it; tower-ha never guesses it.

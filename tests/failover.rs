@@ -17,7 +17,7 @@ use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::classify::Classifier;
 use tower_ha::error::find;
-use tower_ha::extensions::{Attempts, Picked, ServedBy};
+use tower_ha::extensions::{Attempts, GaveUp, Picked, ServedBy};
 use tower_ha::failover::{
     Backoff, BufferBodyLayer, DeadlineExceeded, Exhausted, FailedStatus, FailoverLayer,
     FailoverStats, ReplayBody, RetryNonIdempotent, TimedOut,
@@ -128,6 +128,7 @@ async fn per_try_timeout_moves_on_at_the_configured_instant() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(served_by(&response), "b");
     assert_eq!(history(&response), ["a", "b"]);
+    assert!(response.extensions().get::<GaveUp>().is_none(), "a success");
     assert_eq!(Instant::now() - start, Duration::from_millis(130));
     let stats = layer.stats();
     assert_eq!(stats.per_try_timeouts, 1);
@@ -968,6 +969,7 @@ async fn the_last_failed_response_is_returned_with_the_history() {
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(tried, ["a", "b"]);
     assert_eq!(history(&response), ["a", "b"]);
+    assert!(response.extensions().get::<GaveUp>().is_some(), "marked");
 }
 
 #[tokio::test]

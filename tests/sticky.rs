@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use http::header::{COOKIE, SET_COOKIE};
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response, StatusCode};
 use parking_lot::Mutex;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, BalanceLayer, RoundRobin};
@@ -67,6 +67,9 @@ fn backend(
                 );
             }
             let mut res = Response::new(name.to_owned());
+            if let Some(status) = req.headers().get("x-status") {
+                *res.status_mut() = status.to_str().unwrap().parse().unwrap();
+            }
             if req.headers().contains_key("x-login") {
                 let v = format!("JSESSIONID={name}-{n}; Path=/; HttpOnly");
                 res.headers_mut()
@@ -540,6 +543,31 @@ async fn a_session_whose_retries_failed_too_is_kept_off_its_backend() {
     assert_eq!(exhausted.attempts().len(), 3);
     for name in NAMES.iter().filter(|&&n| n != home) {
         c.fail[name].store(false, Ordering::SeqCst);
+    }
+    a_post_moves_off(&svc, &home, &moves).await;
+}
+
+/// Under the failover layer, a request every backend answered 503 ends
+/// with the last backend's 503: the session does not move there (it
+/// failed the request too), and is kept off its own backend, which failed
+/// first, as when the attempts end in errors.
+#[tokio::test]
+async fn a_session_whose_every_attempt_answered_a_failure_does_not_move() {
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
+    let svc = over_failover(&c.pool, layer.clone(), Duration::ZERO);
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+
+    for _ in 0..3 {
+        let mut req = session("s1");
+        req.headers_mut()
+            .insert("x-status", HeaderValue::from_static("503"));
+        let res = send(&svc, req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_ne!(served(&res), home, "the last backend tried answered");
+        assert!(moves.all().is_empty(), "{:?}", moves.all());
+        assert_eq!(layer.session("s1").unwrap().backend.as_str(), home);
     }
     a_post_moves_off(&svc, &home, &moves).await;
 }

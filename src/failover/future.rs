@@ -22,7 +22,7 @@ use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event};
 use crate::error::{find, is_no_backend, BackendError, BoxError, Report};
 use crate::extensions::Picked;
-use crate::extensions::{Attempts, ServedBy};
+use crate::extensions::{Attempts, GaveUp, ServedBy};
 use crate::time::{earliest, later, set_timer};
 
 pin_project! {
@@ -645,7 +645,9 @@ where
             });
         }
         if let Some(response) = self.last_response.take() {
-            return Ok(self.with_history(response, false));
+            let mut response = self.with_history(response, false);
+            response.extensions_mut().insert(GaveUp);
+            return Ok(response);
         }
         let failures = std::mem::take(&mut self.failures);
         let reason = if failures.is_empty() {

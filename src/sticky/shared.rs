@@ -26,7 +26,7 @@ use super::writes::{landed, Done, Owner, Write, Writes};
 use super::Availability;
 use crate::backend::BackendId;
 use crate::error::{find, BackendError, BoxError, InvalidRequest, NoBackend};
-use crate::extensions::{Affinity, AffinityRequired, Attempts, ServedBy};
+use crate::extensions::{Affinity, AffinityRequired, Attempts, GaveUp, ServedBy};
 use crate::failover::{Exhausted, TimedOut};
 use crate::key::RequestHead;
 use crate::pool::Pool;
@@ -1346,6 +1346,7 @@ impl Shared {
             }
         }
         let served = response.extensions().get::<ServedBy>().map(|s| s.0.clone());
+        let gave_up = response.extensions().get::<GaveUp>().is_some();
         let mut work = Work::default();
         let mut current: Option<Arc<str>> = None;
         // Whether the stored record of `current` is the one the layer read
@@ -1355,6 +1356,30 @@ impl Shared {
         // saved (learned cookies).
         let mut unconfirmed = false;
         match (track, served.as_ref()) {
+            (
+                Track::Known {
+                    key,
+                    backend,
+                    save,
+                    saved,
+                    ..
+                },
+                Some(served),
+            ) if gave_up && *served != backend => {
+                // Every attempt failed, and the failover layer gave up with
+                // the last backend's failed response: the session does not
+                // move there. Its own backend, if tried, failed first: kept
+                // off it, as when the attempts end in an error (`on_error`).
+                let tried = response.extensions().get::<Attempts>();
+                if tried.is_some_and(|tried| tried.contains(&backend)) {
+                    self.table.set_failed(&key, &backend, true);
+                }
+                if save {
+                    self.table.unkeep(&key, &backend);
+                }
+                current = Some(key);
+                owned = saved;
+            }
             (
                 Track::Known {
                     key,
