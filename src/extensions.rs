@@ -46,6 +46,10 @@ pub struct Affinity(pub BackendId);
 /// step: a backend that becomes unavailable in between does not send the
 /// request elsewhere, and a failover layer below does not retry it on
 /// another backend.
+///
+/// `Balance` removes it from the request it sends to the backend it picked:
+/// the requirement was its own, and a backend that is a balancer itself (a
+/// nested group) has no member of that name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct AffinityRequired;
 

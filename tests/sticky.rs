@@ -572,6 +572,39 @@ async fn a_session_whose_every_attempt_answered_a_failure_does_not_move() {
     a_post_moves_off(&svc, &home, &moves).await;
 }
 
+/// Backends that are balancers themselves (a group per data centre): a
+/// strict session's requirement is the outer balancer's, not passed on to
+/// the group, which has no member of that name and would refuse them all.
+#[tokio::test]
+async fn strict_sessions_reach_a_nested_balancers_backends() {
+    let leaf = |name: &'static str| {
+        tower::service_fn(move |_: Request<()>| async move {
+            Ok::<_, BoxError>(Response::new(name.to_owned()))
+        })
+    };
+    let group = |names: [&'static str; 2]| {
+        let pool = Pool::new();
+        for name in names {
+            pool.insert(name, leaf(name));
+        }
+        Balance::new(pool, RoundRobin::new())
+    };
+    let outer = Pool::new();
+    outer.insert("dc1", group(["a1", "b1"]));
+    outer.insert("dc2", group(["a2", "b2"]));
+    let layer = StickyLayer::new(&outer, SessionKey::header("x-session-id")).strict(true);
+    let svc = stack(&outer, layer);
+    let first = send(&svc, session("s1")).await.unwrap();
+    let dc = served(&first).to_owned();
+    for _ in 0..4 {
+        let res = send(&svc, session("s1"))
+            .await
+            .expect("served in its group");
+        assert_eq!(served(&res), dc);
+        assert!(res.body().ends_with(&dc[2..]), "{} in {dc}", res.body());
+    }
+}
+
 /// An attempt on the session's backend abandoned at the failover layer's
 /// per-try timeout, the retries after it failed too, keeps the session off
 /// that backend as a backend error does.

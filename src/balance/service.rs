@@ -417,6 +417,10 @@ fn settle<S: Clone, B>(
         picked.set(id.clone());
         picked.clone()
     });
+    // The requirement was this balancer's: a backend that is a balancer
+    // itself (a nested group) has no member of that name and would refuse
+    // the request. (A failover layer's retries start from its own copy.)
+    req.extensions_mut().remove::<AffinityRequired>();
     let target = Target::new(id.clone(), state.clone());
     // A replayed attempt already carries a Target: overwrite it in place
     // instead of boxing a new one.
