@@ -121,8 +121,9 @@ impl BackendError {
 
     /// Whether the request is known not to have reached the backend: it
     /// failed while the backend became ready, the backend said so with
-    /// [`NotSent`], or its error holds a refused connection
-    /// (`io::ErrorKind::ConnectionRefused`). Such a request is safe to
+    /// [`NotSent`] (or, a balancer itself, with a [`NoBackend`] or a
+    /// `BackendError` of its own that says so), or its error holds a
+    /// refused connection (`io::ErrorKind::ConnectionRefused`). Such a request is safe to
     /// retry whatever its method, so a backend service that acts before it
     /// connects somewhere must not pass a refused connection up as its
     /// error (wrap it in an error of its own, without `source`).
@@ -254,14 +255,18 @@ impl InvalidRequest {
     }
 }
 
-/// Whether `err` says its request never reached the backend: a [`NotSent`]
-/// or a [`TimedOut`] that [says so](TimedOut::is_not_sent) anywhere in its
-/// chain of sources, or an I/O error of kind
+/// Whether `err` says its request never reached the backend: a [`NotSent`],
+/// a [`TimedOut`] that [says so](TimedOut::is_not_sent), a [`BackendError`]
+/// that does, or a [`NoBackend`] (a balancer behind the backend had none)
+/// anywhere in its chain of sources, or an I/O error of kind
 /// `ConnectionRefused` anywhere in it (how hyper-util's client and
 /// `TcpStream::connect` report a refused connection).
 pub(crate) fn never_sent(err: &(dyn StdError + 'static)) -> bool {
     chain(err).any(|e| {
         e.is::<NotSent>()
+            || e.is::<NoBackend>()
+            || e.downcast_ref::<BackendError>()
+                .is_some_and(BackendError::is_not_sent)
             || e.downcast_ref::<TimedOut>()
                 .is_some_and(TimedOut::is_not_sent)
             || e.downcast_ref::<std::io::Error>()

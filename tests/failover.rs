@@ -1058,6 +1058,52 @@ async fn a_wrapped_no_backend_ends_the_attempts() {
     assert_eq!(history(&response), ["nested", "ok"]);
 }
 
+/// A backend that is a balancer itself and sent nothing (it had no backend,
+/// or its backend did not become ready) failed before the request went
+/// anywhere: a POST goes on to the next backend.
+#[tokio::test]
+async fn a_post_a_nested_balancer_never_sent_goes_on() {
+    /// A backend that never becomes ready.
+    #[derive(Clone)]
+    struct NotReady;
+    impl tower::Service<Request<Full<Bytes>>> for NotReady {
+        type Response = Response<()>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Response<()>, BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Err("not ready".into()))
+        }
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+    let log = Log::default();
+    let empty = Balance::new(Pool::<Backend>::new(), RoundRobin::new());
+    let not_ready = Pool::new();
+    not_ready.insert("inner", BoxCloneSyncService::new(NotReady));
+    let not_ready = Balance::new(not_ready, RoundRobin::new());
+    let pool = fleet(&[("ok", Kind::Ok)], &log);
+    pool.insert("empty", BoxCloneSyncService::new(empty));
+    pool.insert("not-ready", BoxCloneSyncService::new(not_ready));
+    let layer = FailoverLayer::new().no_budget();
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(Balance::new(pool, RoundRobin::new()));
+    for _ in 0..3 {
+        let response = service
+            .clone()
+            .oneshot(request(Method::POST))
+            .await
+            .expect("sent to ok at last");
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(*log.lock(), ["ok", "ok", "ok"]);
+    assert_eq!(layer.stats().unsafe_to_retry, 0);
+}
+
 #[tokio::test]
 async fn post_is_not_retried_after_a_failed_response_or_a_sent_error() {
     use Kind::*;
