@@ -41,8 +41,8 @@ pub struct Member {
     /// `Members::from_list`): the weight the strategies build their tables
     /// with.
     weight: u32,
-    /// Whether this pool made `state` for it (not given one, nor given
-    /// back a kept one).
+    /// Whether this pool made `state` (when it joined, or before it left
+    /// and came back with it), rather than being given it.
     made: bool,
 }
 
@@ -68,8 +68,8 @@ impl Member {
         &self.state
     }
 
-    /// Whether the pool made its state when it joined, rather than being
-    /// given one ([`Pool::insert_with_state`], or its own kept state back).
+    /// Whether the pool made its state, rather than being given it
+    /// ([`Pool::insert_with_state`]).
     pub(crate) fn made_here(&self) -> bool {
         self.made
     }
@@ -254,15 +254,16 @@ pub const DEFAULT_KEEP_REMOVED_FOR: Duration = Duration::from_secs(60);
 /// oldest removal is forgotten first.
 pub const KEEP_REMOVED_MAX: usize = 1024;
 
-/// The states of removed backends, oldest removal first.
+/// The states of removed backends, oldest removal first, each with
+/// whether the pool made it (see `Member::made`).
 struct Kept {
     window: Duration,
-    states: VecDeque<(BackendId, Arc<BackendState>, Instant)>,
+    states: VecDeque<(BackendId, Arc<BackendState>, bool, Instant)>,
 }
 
 impl Kept {
     fn forget_expired(&mut self, now: Instant) {
-        while let Some((_, _, at)) = self.states.front() {
+        while let Some((_, _, _, at)) = self.states.front() {
             if !crate::time::elapsed(*at, now, self.window) {
                 break;
             }
@@ -270,17 +271,22 @@ impl Kept {
         }
     }
 
-    fn keep(&mut self, id: BackendId, state: Arc<BackendState>) {
+    fn keep(
+        &mut self,
+        Member {
+            id, state, made, ..
+        }: Member,
+    ) {
         if self.window.is_zero() {
             return;
         }
         let now = Instant::now();
         self.forget_expired(now);
-        self.states.retain(|(kept, _, _)| kept != &id);
+        self.states.retain(|(kept, ..)| kept != &id);
         if self.states.len() >= KEEP_REMOVED_MAX {
             self.states.pop_front();
         }
-        self.states.push_back((id, state, now));
+        self.states.push_back((id, state, made, now));
     }
 
     /// Forgets the kept state of `id` (only if it is `state`, when given);
@@ -288,7 +294,7 @@ impl Kept {
     fn forget(&mut self, id: &BackendId, state: Option<&Arc<BackendState>>) -> bool {
         let before = self.states.len();
         self.states
-            .retain(|(kept, s, _)| kept != id || state.is_some_and(|st| !Arc::ptr_eq(s, st)));
+            .retain(|(kept, s, ..)| kept != id || state.is_some_and(|st| !Arc::ptr_eq(s, st)));
         self.states.len() != before
     }
 
@@ -298,7 +304,7 @@ impl Kept {
             return None;
         }
         self.forget_expired(Instant::now());
-        self.states.iter().position(|(kept, _, _)| kept == id)
+        self.states.iter().position(|(kept, ..)| kept == id)
     }
 
     fn get(&mut self, id: &BackendId) -> Option<Arc<BackendState>> {
@@ -306,9 +312,12 @@ impl Kept {
         Some(self.states[i].1.clone())
     }
 
-    fn take(&mut self, id: &BackendId) -> Option<Arc<BackendState>> {
+    /// The kept state of `id`, and whether the pool made it.
+    fn take(&mut self, id: &BackendId) -> Option<(Arc<BackendState>, bool)> {
         let i = self.find(id)?;
-        self.states.remove(i).map(|(_, state, _)| state)
+        self.states
+            .remove(i)
+            .map(|(_, state, made, _)| (state, made))
     }
 }
 
@@ -548,21 +557,19 @@ impl<S: Clone> Pool<S> {
                     true
                 }
                 None => {
-                    let kept = self.shared.kept.lock().take(&id);
-                    let made = kept.is_none();
-                    let state = match kept {
-                        Some(state) => {
+                    let (state, made) = match self.shared.kept.lock().take(&id) {
+                        Some((state, made)) => {
                             if let Some(w) = weight {
                                 state.store_weight(w);
                             }
-                            state
+                            (state, made)
                         }
                         None => {
                             let state = BackendState::new(weight.unwrap_or(1));
                             if self.shared.unprobed.load(Ordering::Relaxed) > 0 {
                                 state.start_unproven();
                             }
-                            Arc::new(state)
+                            (Arc::new(state), true)
                         }
                     };
                     prepare(&state);
@@ -623,7 +630,7 @@ impl<S: Clone> Pool<S> {
                 let member = members.remove(i);
                 services.remove(i);
                 if keep {
-                    self.shared.kept.lock().keep(member.id, member.state);
+                    self.shared.kept.lock().keep(member);
                 }
                 removed = true;
             } else if !keep {

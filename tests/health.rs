@@ -934,6 +934,27 @@ async fn start_unhealthy_leaves_a_state_given_before_it_starts_alone() {
     );
 }
 
+/// A backend the pool made, dropped by discovery and back with its kept
+/// state before the checker starts, is the pool's own: it starts unhealthy
+/// like the others that have not served.
+#[tokio::test(start_paused = true)]
+async fn start_unhealthy_marks_a_state_back_from_discovery() {
+    use tower::discover::Change;
+    let (pool, backends) = pool_of(&["a"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let gone = futures::stream::iter([Ok::<_, std::convert::Infallible>(Change::Remove("a"))]);
+    pool.discover(gone).await.unwrap();
+    pool.insert("a", backends[0].clone());
+    assert!(
+        Arc::ptr_eq(&pool.state(&"a".into()).unwrap(), &state),
+        "kept"
+    );
+    let _checker = HealthChecker::new(pool.clone(), Script::default().probe())
+        .start_unhealthy(true)
+        .spawn();
+    assert_eq!(state.health(), HealthStatus::Unhealthy);
+}
+
 /// A checker started on a pool that already serves (spawned late, or
 /// replaced at a configuration reload) leaves the backends that have
 /// served alone: marking them would take a serving primary out of its
