@@ -572,6 +572,39 @@ async fn a_session_whose_every_attempt_answered_a_failure_does_not_move() {
     a_post_moves_off(&svc, &home, &moves).await;
 }
 
+/// A session's own backend that answered the failure the failover layer
+/// gave up with (a POST's 503, not retried) failed it: the next request is
+/// kept off that backend, as after an error.
+#[tokio::test]
+async fn a_failure_its_own_backend_answered_last_keeps_the_session_off_it() {
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
+    let svc = over_failover(&c.pool, layer, Duration::ZERO);
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+    let mut post = Request::post("/")
+        .header("x-session-id", "s1")
+        .body(())
+        .unwrap();
+    post.headers_mut()
+        .insert("x-status", HeaderValue::from_static("503"));
+    let res = send(&svc, post).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(served(&res), home, "not retried");
+    a_post_moves_off(&svc, &home, &moves).await;
+}
+
+/// Without a runtime, ending a session whose record cannot be deleted (no
+/// runtime to write with) is an error, not a panic.
+#[test]
+fn a_remove_without_a_runtime_is_an_error() {
+    let c = cluster();
+    let layer =
+        StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).store(MemoryStore::new());
+    let err = futures::executor::block_on(layer.remove("s1")).unwrap_err();
+    assert!(format!("{err:?}").contains("runtime"), "{err:?}");
+}
+
 /// Backends that are balancers themselves (a group per data centre): a
 /// strict session's requirement is the outer balancer's, not passed on to
 /// the group, which has no member of that name and would refuse them all.

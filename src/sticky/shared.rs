@@ -1335,12 +1335,11 @@ impl Shared {
             // Its cookie names its backend, and is not due to be sent again.
             let current =
                 !matches!(cookie, Named::Renew) && cookie.get(backend).is_none_or(|c| c == backend);
+            let ext = response.extensions();
             if !learns
                 && current
-                && response
-                    .extensions()
-                    .get::<ServedBy>()
-                    .is_some_and(|s| s.0 == *backend)
+                && ext.get::<ServedBy>().is_some_and(|s| s.0 == *backend)
+                && ext.get::<GaveUp>().is_none()
             {
                 return Ok(None);
             }
@@ -1364,12 +1363,13 @@ impl Shared {
                     saved,
                     ..
                 },
-                Some(served),
-            ) if gave_up && *served != backend => {
+                Some(_),
+            ) if gave_up => {
                 // Every attempt failed, and the failover layer gave up with
                 // the last backend's failed response: the session does not
-                // move there. Its own backend, if tried, failed first: kept
-                // off it, as when the attempts end in an error (`on_error`).
+                // move there. Its own backend, if tried (first, or alone),
+                // failed: kept off it, as when the attempts end in an error
+                // (`on_error`).
                 let tried = response.extensions().get::<Attempts>();
                 if tried.is_some_and(|tried| tried.contains(&backend)) {
                     self.table.set_failed(&key, &backend, true);
@@ -2005,7 +2005,7 @@ impl Shared {
         // (a logout whose client left): a record a restore kept would
         // otherwise route the key by what the store no longer holds.
         let (shared, key) = (self.clone(), key.to_owned());
-        let landed = tokio::spawn(async move {
+        let after = async move {
             landed(done).await?;
             {
                 // Nor is a restore under way, which may have listed it
@@ -2017,8 +2017,13 @@ impl Shared {
             }
             shared.records.lock().remove(&key);
             Ok::<_, StoreError>(())
-        });
-        match landed.await {
+        };
+        // Without a runtime the delete has failed already (see
+        // `Writes::decide`): nothing to wait for.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return after.await.map(|()| known);
+        };
+        match runtime.spawn(after).await {
             Ok(result) => result.map(|()| known),
             Err(stopped) if stopped.is_panic() => std::panic::resume_unwind(stopped.into_panic()),
             Err(_) => Err(StoreError::other(
@@ -2035,7 +2040,8 @@ impl Owner for Shared {
 
     fn failed(&self, key: &str, op: &'static str, error: &StoreError) {
         self.store_error(key, op, error);
-        if op == "refresh" {
+        // A save may carry a refresh that joined it (see `Queued::join`).
+        if op == "refresh" || op == "save" {
             self.table.refresh_failed(key);
         }
     }
