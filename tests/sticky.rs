@@ -176,6 +176,12 @@ fn served(res: &Response<String>) -> &str {
     res.extensions().get::<ServedBy>().unwrap().0.as_str()
 }
 
+/// The backend of the record `store` holds for `key` (which it must hold).
+async fn stored_backend(store: &impl SessionStore, key: &str) -> String {
+    let record = store.load(key).await.unwrap();
+    record.expect("a record").backend.to_string()
+}
+
 /// A request naming session `id` in `X-Session-Id`.
 fn session<V>(id: V) -> Request<()>
 where
@@ -1209,10 +1215,7 @@ async fn a_response_naming_a_kept_session_does_not_move_it() {
         assert_eq!(res.headers()["x-session-id"], "k");
         assert_eq!(send(&svc, session("k")).await.unwrap().body(), &home);
     }
-    assert_eq!(
-        store.load("k").await.unwrap().unwrap().backend.as_str(),
-        home
-    );
+    assert_eq!(stored_backend(&store, "k").await, home);
     assert_eq!(layer.stats().created, 1);
 
     let (_, svc) = instance(&c, SessionKey::learn_cookie("JSESSIONID"), store.clone());
@@ -1233,10 +1236,7 @@ async fn a_response_naming_a_kept_session_does_not_move_it() {
             .body(),
         &set_by
     );
-    assert_eq!(
-        store.load("v").await.unwrap().unwrap().backend.as_str(),
-        set_by
-    );
+    assert_eq!(stored_backend(&store, "v").await, set_by);
 }
 
 #[tokio::test]
@@ -1704,10 +1704,7 @@ async fn the_layer_and_its_services_end_and_forget_alike() {
     // Forgotten through a service: out of the table, kept in the store.
     assert!(svc.forget("s2"));
     assert!(layer.session("s2").is_none());
-    assert_eq!(
-        store.load("s2").await.unwrap().unwrap().backend.as_str(),
-        "b"
-    );
+    assert_eq!(stored_backend(&store, "s2").await, "b");
     assert!(!svc.forget("s2"));
     assert_eq!(svc.forget_all(), 1, "s3 was left");
     assert!(layer.session("s3").is_none());
@@ -2198,10 +2195,7 @@ async fn a_session_forgotten_while_its_restore_hook_runs_follows_the_store() {
     gate.add_permits(1);
     restore.await.unwrap().unwrap();
     assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "b");
-    assert_eq!(
-        shared.load("k1").await.unwrap().unwrap().backend.as_str(),
-        "b"
-    );
+    assert_eq!(stored_backend(&shared, "k1").await, "b");
 }
 
 /// Standalone: a session requested while its record waits for the
@@ -2480,10 +2474,7 @@ async fn concurrent_first_requests_bind_a_session_once() {
     bodies.sort();
     assert_eq!(bodies, ["a", "b"]);
     assert_eq!(layer.session("s1").unwrap().backend.as_str(), "b");
-    assert_eq!(
-        store.load("s1").await.unwrap().unwrap().backend.as_str(),
-        "b"
-    );
+    assert_eq!(stored_backend(&store, "s1").await, "b");
     assert_eq!(layer.stats().created, 1);
 }
 
@@ -2832,10 +2823,7 @@ async fn the_move_hook_runs_when_the_save_of_the_move_fails() {
         (home.as_str(), to.as_str())
     );
     assert_eq!(send(&svc, session("s")).await.unwrap().body(), &to);
-    assert_eq!(
-        shared.load("s").await.unwrap().unwrap().backend.as_str(),
-        home
-    );
+    assert_eq!(stored_backend(&shared, "s").await, home);
 }
 
 #[tokio::test(start_paused = true)]
@@ -2854,10 +2842,7 @@ async fn forgetting_all_keeps_the_sessions_held_in_memory_only() {
     // Started once it reads again: saved.
     store.down.store(false, Ordering::SeqCst);
     let saved = send(&svc, session("up")).await.unwrap().into_body();
-    assert_eq!(
-        shared.load("up").await.unwrap().unwrap().backend.as_str(),
-        saved
-    );
+    assert_eq!(stored_backend(&shared, "up").await, saved);
     // A notice subscription that reconnects forgets everything: only what
     // the store holds.
     assert_eq!(layer.forget_all(), 1);
@@ -3819,10 +3804,7 @@ async fn a_hydrating_hook_over_its_time_limit_lets_the_session_go_to_its_backend
     // Known now: routed without running the hook again.
     assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "b");
     assert_eq!(started.elapsed(), took);
-    assert_eq!(
-        store.load("k1").await.unwrap().unwrap().backend.as_str(),
-        "b"
-    );
+    assert_eq!(stored_backend(&store, "k1").await, "b");
 }
 
 #[tokio::test]
@@ -3847,10 +3829,7 @@ async fn a_hydrating_hook_that_panics_releases_its_lock() {
     // every other replica's request for the session waits on it.
     assert_eq!(lock.released.load(Ordering::SeqCst), 1);
     assert_eq!(layer.stats().hydrated, 0, "a restore that panicked failed");
-    assert_eq!(
-        store.load("k1").await.unwrap().unwrap().backend.as_str(),
-        "b"
-    );
+    assert_eq!(stored_backend(&store, "k1").await, "b");
 }
 
 /// A store whose loads panic from the `panic_from`th on.
@@ -4035,10 +4014,7 @@ async fn a_session_waiting_for_its_restore_goes_where_its_record_says() {
         assert_eq!(restored, ["k1", "k2", "k3"]);
         assert_eq!(layer.stats().loaded, 0, "strict: {strict}");
         for key in ["k2", "k3"] {
-            assert_eq!(
-                store.load(key).await.unwrap().unwrap().backend.as_str(),
-                "c"
-            );
+            assert_eq!(stored_backend(&store, key).await, "c");
         }
     }
 }
@@ -4064,10 +4040,7 @@ async fn a_move_made_while_the_restore_runs_is_kept_and_saved() {
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].session.data["port"], 5000, "the record's data moves");
     // Not saved over the record the restore holds.
-    assert_eq!(
-        store.load(sid).await.unwrap().unwrap().backend.as_str(),
-        "c"
-    );
+    assert_eq!(stored_backend(&store, sid).await, "c");
 
     gate.add_permits(1);
     assert_eq!(restore.await.unwrap().unwrap().restored, [sid]);
@@ -4294,10 +4267,7 @@ async fn a_session_whose_restore_failed_keeps_its_move_until_a_later_restore() {
         assert_eq!(send(&svc, session("k1")).await.unwrap().body(), &went);
     }
     assert_eq!(layer.stats().moved, 1);
-    assert_eq!(
-        store.load("k1").await.unwrap().unwrap().backend.as_str(),
-        "a"
-    );
+    assert_eq!(stored_backend(&store, "k1").await, "a");
 
     fail.store(false, Ordering::SeqCst);
     assert_eq!(layer.restore().await.unwrap().restored, ["k1"]);
@@ -4331,10 +4301,7 @@ async fn a_saved_move_outlives_the_record_a_failed_restore_listed() {
     assert_ne!(went, "a");
     layer.flush().await;
     // The table held it saved: its move is saved.
-    assert_eq!(
-        store.load("k1").await.unwrap().unwrap().backend.as_str(),
-        went
-    );
+    assert_eq!(stored_backend(&store, "k1").await, went);
     c.set_health("a", HealthStatus::Healthy);
     // Idle: gone from the table. It goes where it moved, not back to the
     // backend the restore listed.
@@ -4346,10 +4313,7 @@ async fn a_saved_move_outlives_the_record_a_failed_restore_listed() {
     fail.store(false, Ordering::SeqCst);
     assert_eq!(layer.restore().await.unwrap().restored, ["k1"]);
     layer.flush().await;
-    assert_eq!(
-        store.load("k1").await.unwrap().unwrap().backend.as_str(),
-        went
-    );
+    assert_eq!(stored_backend(&store, "k1").await, went);
     assert_eq!(send(&svc, session("k1")).await.unwrap().body(), &went);
     assert_eq!(layer.stats().moved, 1);
 }
@@ -4386,10 +4350,7 @@ async fn a_move_saved_while_a_restore_lists_the_store_is_not_undone_by_its_recor
         send(&svc, Request::new(())).await.unwrap();
         assert_eq!(send(&svc, session("k1")).await.unwrap().body(), &went);
     }
-    assert_eq!(
-        shared.load("k1").await.unwrap().unwrap().backend.as_str(),
-        went
-    );
+    assert_eq!(stored_backend(&shared, "k1").await, went);
 }
 
 /// The same in replication mode: a session read from the store while its
@@ -4408,10 +4369,7 @@ async fn a_saved_move_during_a_replicated_restore_is_not_undone_by_it() {
     let went = send(&svc, session("k1")).await.unwrap().into_body();
     assert_ne!(went, "c");
     layer.flush().await;
-    assert_eq!(
-        store.load("k1").await.unwrap().unwrap().backend.as_str(),
-        went
-    );
+    assert_eq!(stored_backend(&store, "k1").await, went);
     c.set_health("c", HealthStatus::Healthy);
     // Idle: gone from the table before the restore takes the record.
     tokio::time::advance(Duration::from_secs(11)).await;
@@ -4420,10 +4378,7 @@ async fn a_saved_move_during_a_replicated_restore_is_not_undone_by_it() {
     assert_eq!(restore.await.unwrap().unwrap().restored, ["k1"]);
     assert_eq!(layer.session("k1").unwrap().backend.as_str(), went);
     layer.flush().await;
-    assert_eq!(
-        store.load("k1").await.unwrap().unwrap().backend.as_str(),
-        went
-    );
+    assert_eq!(stored_backend(&store, "k1").await, went);
     assert_eq!(send(&svc, session("k1")).await.unwrap().body(), &went);
     assert_eq!(layer.stats().moved, 1);
 }
@@ -4451,14 +4406,8 @@ async fn a_later_restore_lets_go_of_failed_records_the_store_no_longer_holds() {
     assert_eq!(send(&svc, session("k1")).await.unwrap().body(), "b");
     let k2 = send(&svc, session("k2")).await.unwrap().into_body();
     layer.flush().await;
-    assert_eq!(
-        store.load("k1").await.unwrap().unwrap().backend.as_str(),
-        "b"
-    );
-    assert_eq!(
-        store.load("k2").await.unwrap().unwrap().backend.as_str(),
-        k2
-    );
+    assert_eq!(stored_backend(&store, "k1").await, "b");
+    assert_eq!(stored_backend(&store, "k2").await, k2);
     assert_eq!(layer.stats().moved, 0);
     assert_eq!(layer.stats().created, 1, "k2 only");
 }
@@ -4540,14 +4489,8 @@ async fn a_restore_dropped_part_way_leaves_its_records_to_a_later_one() {
         send(&svc, session(key)).await.unwrap();
     }
     assert_eq!(layer.stats().loaded, 0);
-    assert_eq!(
-        store.load("k1").await.unwrap().unwrap().backend.as_str(),
-        "a"
-    );
-    assert_eq!(
-        store.load("k2").await.unwrap().unwrap().backend.as_str(),
-        "b"
-    );
+    assert_eq!(stored_backend(&store, "k1").await, "a");
+    assert_eq!(stored_backend(&store, "k2").await, "b");
     // A later restore takes both.
     hang.store(false, Ordering::SeqCst);
     let mut restored = layer.restore().await.unwrap().restored;
