@@ -447,6 +447,7 @@ pub(crate) fn hide_user_info(uri: &str, from: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
 
     #[test]
     fn user_info_is_hidden_and_nothing_else() {
@@ -456,6 +457,45 @@ mod tests {
         assert_eq!(hide_user_info("http://u:p/q?r#s@a", 0), "http://***@a");
     }
     use http::StatusCode;
+
+    #[test]
+    fn refused_connections_and_not_sent_errors_are_not_sent() {
+        use crate::error::BoxError;
+
+        /// An error that keeps its cause as a source, as hyper-util's
+        /// client error does.
+        #[derive(Debug)]
+        struct Connect(io::Error);
+        impl std::fmt::Display for Connect {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("client error (Connect)")
+            }
+        }
+        impl StdError for Connect {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+
+        let refused = || io::Error::from(io::ErrorKind::ConnectionRefused);
+        let backend = |e: BoxError| -> BoxError { Box::new(BackendError::new("a".into(), e)) };
+        for err in [
+            backend(Box::new(Connect(refused()))),
+            backend(Box::new(refused())),
+            backend(Box::new(NotSent::new("dns"))),
+            Box::new(Connect(refused())),
+        ] {
+            assert!(never_sent(&*err), "{err:?}");
+        }
+        let reset = || io::Error::from(io::ErrorKind::ConnectionReset);
+        for err in [
+            backend(Box::new(Connect(reset()))),
+            backend("refused".into()),
+            Box::new(reset()),
+        ] {
+            assert!(!never_sent(&*err), "{err:?}");
+        }
+    }
 
     #[test]
     fn errors_wrapped_in_an_io_error_are_found() {

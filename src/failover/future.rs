@@ -15,12 +15,12 @@ use tower_service::Service;
 use super::body::{Replay, SendProgress, SendState};
 use super::error::{DeadlineExceeded, Exhausted, FailedStatus, TimedOut};
 use super::layer::Config;
-use super::policy::{is_idempotent, is_not_sent, RetryNonIdempotent};
+use super::policy::{is_idempotent, RetryNonIdempotent};
 use super::stats::bump;
 use crate::backend::BackendId;
 use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event};
-use crate::error::{find, is_no_backend, BackendError, BoxError, Report};
+use crate::error::{find, is_no_backend, never_sent, BackendError, BoxError, Report};
 use crate::extensions::Picked;
 use crate::extensions::{Attempts, GaveUp, ServedBy};
 use crate::time::{earliest, later, set_timer};
@@ -458,7 +458,7 @@ where
                 let (id, not_sent) = match find::<BackendError>(&*err) {
                     // Its flag already looked through its chain.
                     Some(e) => (Some(e.backend().clone()), e.is_not_sent()),
-                    None => (picked, is_not_sent(&*err)),
+                    None => (picked, never_sent(&*err)),
                 };
                 let Some(id) = id else {
                     // No backend to exclude from a retry: the attempts end.

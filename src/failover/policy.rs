@@ -2,13 +2,10 @@
 //! not sent, the per-request opt-in, the backoff between attempts and the
 //! slot that learns which backend an attempt went to.
 
-use std::error::Error as StdError;
 use std::time::Duration;
 
 use http::Method;
 use rand::Rng;
-
-use crate::error::{find, never_sent, BackendError};
 
 /// Whether `method` may be sent twice with the effect of once (RFC 9110,
 /// section 9.2.2): `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT` and `DELETE`.
@@ -29,14 +26,6 @@ pub fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
-}
-
-/// Whether `err` says that the request never reached its backend, so that it
-/// may be sent elsewhere whatever its method: a [`BackendError`] that says
-/// so, or anything in its chain that [`BackendError::is_not_sent`] looks
-/// for.
-pub(crate) fn is_not_sent(err: &(dyn StdError + 'static)) -> bool {
-    find::<BackendError>(err).is_some_and(BackendError::is_not_sent) || never_sent(err)
 }
 
 /// A request extension that lets the failover layer retry this request
@@ -130,8 +119,6 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::NotSent;
-    use std::io;
 
     #[test]
     fn idempotent_methods() {
@@ -146,45 +133,6 @@ mod tests {
                 !is_idempotent(&Method::from_bytes(m.as_bytes()).unwrap()),
                 "{m}"
             );
-        }
-    }
-
-    #[test]
-    fn refused_connections_and_not_sent_errors_are_not_sent() {
-        use crate::error::BoxError;
-
-        /// An error that keeps its cause as a source, as hyper-util's
-        /// client error does.
-        #[derive(Debug)]
-        struct Connect(io::Error);
-        impl std::fmt::Display for Connect {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("client error (Connect)")
-            }
-        }
-        impl StdError for Connect {
-            fn source(&self) -> Option<&(dyn StdError + 'static)> {
-                Some(&self.0)
-            }
-        }
-
-        let refused = || io::Error::from(io::ErrorKind::ConnectionRefused);
-        let backend = |e: BoxError| -> BoxError { Box::new(BackendError::new("a".into(), e)) };
-        for err in [
-            backend(Box::new(Connect(refused()))),
-            backend(Box::new(refused())),
-            backend(Box::new(NotSent::new("dns"))),
-            Box::new(Connect(refused())),
-        ] {
-            assert!(is_not_sent(&*err), "{err:?}");
-        }
-        let reset = || io::Error::from(io::ErrorKind::ConnectionReset);
-        for err in [
-            backend(Box::new(Connect(reset()))),
-            backend("refused".into()),
-            Box::new(reset()),
-        ] {
-            assert!(!is_not_sent(&*err), "{err:?}");
         }
     }
 
