@@ -2038,11 +2038,11 @@ impl Owner for Shared {
         &self.writes
     }
 
-    fn failed(&self, key: &str, op: &'static str, error: &StoreError) {
-        self.store_error(key, op, error);
+    fn failed(&self, write: &Write, error: &StoreError) {
+        self.store_error(write.key(), write.op(), error);
         // A save may carry a refresh that joined it (see `Queued::join`).
-        if op == "refresh" || op == "save" {
-            self.table.refresh_failed(key);
+        if matches!(write, Write::Save(_) | Write::Refresh(_)) {
+            self.table.refresh_failed(write.key());
         }
     }
 

@@ -52,7 +52,7 @@ pub(crate) enum Write {
 }
 
 impl Write {
-    fn key(&self) -> &str {
+    pub(crate) fn key(&self) -> &str {
         match self {
             Write::Save(session) => &session.key,
             Write::Delete(key) | Write::Barrier(key) | Write::Refresh(key) => key,
@@ -60,7 +60,7 @@ impl Write {
     }
 
     /// What the owner hears of when it fails.
-    fn op(&self) -> &'static str {
+    pub(crate) fn op(&self) -> &'static str {
         match self {
             Write::Save(_) => "save",
             Write::Delete(_) => "delete",
@@ -73,8 +73,8 @@ impl Write {
 /// Who owns a [`Writes`] and hears of the writes that fail.
 pub(crate) trait Owner: Send + Sync + 'static {
     fn writes(&self) -> &Writes;
-    /// `op` (`save`, `delete` or `refresh`) of `key` failed.
-    fn failed(&self, key: &str, op: &'static str, error: &StoreError);
+    /// `write` (a save, a delete or a refresh) failed.
+    fn failed(&self, write: &Write, error: &StoreError);
     /// The session `key` as it is to be saved now, if the owner still keeps
     /// it (see [`Write::Save`] and [`Write::Refresh`]).
     fn saved(&self, key: &str) -> Option<Session>;
@@ -212,7 +212,7 @@ impl Writes {
             let (made, write) = change();
             let done = write.map(|write| {
                 let error = StoreError::other("writing to the session store needs a tokio runtime");
-                owner.failed(write.key(), write.op(), &error);
+                owner.failed(&write, &error);
                 let (done, result) = oneshot::channel();
                 let _ = done.send(Err(error));
                 result
@@ -309,7 +309,7 @@ impl<O: Owner> Worker<O> {
                 }
             };
             if let Err(error) = &result {
-                self.owner.failed(&self.key, next.write.op(), error);
+                self.owner.failed(&next.write, error);
             }
             let done = self.current.take().expect("a worker has a write");
             done.finish(result);
@@ -374,7 +374,7 @@ impl<O: Owner> Drop for Worker<O> {
         for queued in current.into_iter().chain(rest.into_iter().flatten()) {
             let error = cut_short();
             if !matches!(queued.write, Write::Barrier(_)) {
-                self.owner.failed(&self.key, queued.write.op(), &error);
+                self.owner.failed(&queued.write, &error);
             }
             queued.finish(Err(error));
         }
@@ -430,8 +430,8 @@ mod tests {
         fn writes(&self) -> &Writes {
             &self.writes
         }
-        fn failed(&self, key: &str, op: &'static str, _: &StoreError) {
-            self.failed.lock().push(format!("{op} {key}"));
+        fn failed(&self, write: &Write, _: &StoreError) {
+            self.failed.lock().push(format!("{} {}", write.op(), write.key()));
         }
         fn saved(&self, _: &str) -> Option<Session> {
             None
