@@ -731,9 +731,9 @@ fn position(before: &str) -> String {
 
 /// Parses a duration such as `"5s"`, `"250ms"` or `"1m30s"`.
 ///
-/// Units are `ns`, `us` (or `µs`, with the micro sign or the Greek mu), `ms`, `s`, `m`, `h` and `d`. Whole
-/// numbers are exact to the nanosecond; a fraction (`"1.5s"`) is rounded to
-/// the nearest nanosecond.
+/// Units are `ns`, `us` (or `µs`, with the micro sign or the Greek mu),
+/// `ms`, `s`, `m`, `h` and `d`. Whole numbers are exact to the nanosecond;
+/// a fraction (`"1.5s"`) is rounded to the nearest nanosecond.
 ///
 /// ```
 /// use std::time::Duration;

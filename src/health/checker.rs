@@ -173,10 +173,11 @@ where
     /// Panda API gateway started them unhealthy too, but needed one pass:
     /// `rise(1)`; Envoy likewise needs one pass for a new host). By
     /// default they keep the health the pool gave them (healthy), as in
-    /// HAProxy, and lose it after `fall` failing probes. A backend that leaves the pool and comes back with its state
-    /// (see [`Pool::keep_removed_for`]) is not marked again: the checker
-    /// takes it up where it left it. Nor is a state the pool did not make
-    /// (one shared with another pool, [`Pool::insert_with_state`]).
+    /// HAProxy, and lose it after `fall` failing probes. A backend that
+    /// leaves the pool and comes back with its state (see
+    /// [`Pool::keep_removed_for`]) is not marked again: the checker takes
+    /// it up where it left it. Nor is a state the pool did not make (one
+    /// shared with another pool, [`Pool::insert_with_state`]).
     ///
     /// A [`Priority`](crate::balance::Priority) group does not fail over
     /// from a primary that waits for its first passing probes: its backups

@@ -431,7 +431,9 @@ mod tests {
             &self.writes
         }
         fn failed(&self, write: &Write, _: &StoreError) {
-            self.failed.lock().push(format!("{} {}", write.op(), write.key()));
+            self.failed
+                .lock()
+                .push(format!("{} {}", write.op(), write.key()));
         }
         fn saved(&self, _: &str) -> Option<Session> {
             None

@@ -107,10 +107,10 @@ return 2";
 /// does not fail while Redis is up: loads, saves, deletes and notices
 /// are safe to apply twice. (A lease's calls are not, and are sent once,
 /// as is a [`refresh`](SessionStore::refresh), which the sticky layer
-/// tries again an eighth of its interval later.) [`load_all`](SessionStore::load_all) lists the keys
-/// on a connection of its own, and starts the listing again, once, if it
-/// breaks midway: a `SCAN` cursor carried over to another server process
-/// would skip keys.
+/// tries again an eighth of its interval later.)
+/// [`load_all`](SessionStore::load_all) lists the keys on a connection of
+/// its own, and starts the listing again, once, if it breaks midway: a
+/// `SCAN` cursor carried over to another server process would skip keys.
 ///
 /// # Layout
 ///
