@@ -17,7 +17,7 @@
 //! Your own layers may set or read any of them.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -192,7 +192,19 @@ struct PickedSlot {
     /// Set by `Balance` from its pick until it hands the request to the
     /// backend: an attempt abandoned meanwhile was never sent.
     readying: AtomicBool,
+    /// Whether a backend other than the picked one could take a retry:
+    /// asked by a failover layer that pauses between attempts, answered by
+    /// `Balance` at its pick: 0 while nobody asked, then one of the
+    /// `OTHERS_*` values.
+    others: AtomicU8,
 }
+
+/// Asked, not answered: a retry may find a backend.
+const OTHERS_ASKED: u8 = 1;
+/// Answered: no backend but the picked one could take a retry.
+const OTHERS_NONE: u8 = 2;
+/// Answered: some other backend could take a retry.
+const OTHERS_SOME: u8 = 3;
 
 impl Picked {
     /// An empty slot.
@@ -240,5 +252,36 @@ impl Picked {
     /// having sent it).
     pub(crate) fn is_readying(&self) -> bool {
         self.0.readying.load(Ordering::Relaxed)
+    }
+
+    /// Asks the balancer to say, at its pick, whether any other backend
+    /// could take a retry.
+    pub(crate) fn ask_others(&self) {
+        self.0.others.store(OTHERS_ASKED, Ordering::Relaxed);
+    }
+
+    /// Whether the question of [`ask_others`](Self::ask_others) is open.
+    #[inline]
+    pub(crate) fn wants_others(&self) -> bool {
+        self.0.others.load(Ordering::Relaxed) == OTHERS_ASKED
+    }
+
+    /// Answers that question. The first answer stands: a backend that is
+    /// a balancer itself (a nested group) sees the same slot later, and
+    /// knows only its own members.
+    pub(crate) fn answer_others(&self, left: bool) {
+        let answer = if left { OTHERS_SOME } else { OTHERS_NONE };
+        let _ = (self.0.others).compare_exchange(
+            OTHERS_ASKED,
+            answer,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether the balancer answered that no other backend could take a
+    /// retry.
+    pub(crate) fn none_left(&self) -> bool {
+        self.0.others.load(Ordering::Relaxed) == OTHERS_NONE
     }
 }

@@ -20,9 +20,9 @@ use tower_ha::error::find;
 use tower_ha::extensions::{Attempts, GaveUp, Picked, ServedBy};
 use tower_ha::failover::{
     Backoff, BufferBodyLayer, DeadlineExceeded, Exhausted, FailedStatus, FailoverLayer,
-    FailoverStats, ReplayBody, RetryNonIdempotent, TimedOut,
+    FailoverStats, ReplayBody, RetryBudget, RetryNonIdempotent, TimedOut,
 };
-use tower_ha::{BackendId, BoxError, NoBackend, NotSent, Pool};
+use tower_ha::{AdminStatus, BackendId, BoxError, NoBackend, NotSent, Pool};
 use tower_test::mock;
 
 mod support;
@@ -733,6 +733,103 @@ async fn huge_durations_do_not_panic_and_the_deadline_still_holds() {
     let err = exhausted(&err);
     assert_eq!(err.attempts().len(), 1);
     assert!(err.reason().unwrap().is::<DeadlineExceeded>());
+}
+
+/// A retry that no backend is left for is not waited for: the last
+/// failure comes back at once, with no pause and no deadline.
+#[tokio::test(start_paused = true)]
+async fn no_pause_before_a_retry_that_no_backend_is_left_for() {
+    let backoff = Backoff::constant(Duration::from_secs(10));
+    // The last backend of the pool answers 503: that response, now.
+    let start = Instant::now();
+    let (result, tried) = send(
+        FailoverLayer::new().backoff(backoff),
+        &[("a", Kind::Reset), ("b", Kind::Unavailable)],
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(tried, ["a", "b"]);
+    let response = result.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.extensions().get::<GaveUp>().is_some());
+    assert!(
+        Instant::now() - start >= Duration::from_secs(5),
+        "the pause before b was kept"
+    );
+    assert!(Instant::now() - start <= Duration::from_secs(10));
+
+    // A lone backend whose connection is reset: a 502-class failure, not a
+    // deadline passed while waiting for a retry that could not happen.
+    let start = Instant::now();
+    let (result, tried) = send(
+        FailoverLayer::new()
+            .backoff(backoff)
+            .deadline(Duration::from_secs(2)),
+        &[("a", Kind::Reset)],
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(Instant::now(), start);
+    assert_eq!(tried, ["a"]);
+    let err = result.unwrap_err();
+    assert!(exhausted(&err).reason().is_none(), "{err}");
+    assert_eq!(
+        tower_ha::error::gateway_status(&*err),
+        StatusCode::BAD_GATEWAY
+    );
+}
+
+/// Backends out of service are no backend for a retry either; one that is
+/// merely full is (a place may open).
+#[tokio::test(start_paused = true)]
+async fn the_balancer_tells_whether_a_retry_could_find_a_backend() {
+    let log = Log::default();
+    let pool = fleet(
+        &[("a", Kind::Unavailable), ("b", Kind::Ok), ("c", Kind::Ok)],
+        &log,
+    );
+    pool.state(&"b".into())
+        .unwrap()
+        .set_admin(AdminStatus::Disabled);
+    let c = pool.state(&"c".into()).unwrap();
+    c.set_max_in_flight(Some(1));
+    let place = c.track_in_flight();
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().backoff(Backoff::constant(Duration::from_secs(10))))
+        .service(Balance::new(pool, RoundRobin::new()));
+    // c is full: the pause is kept, then the retry finds c still full.
+    let start = Instant::now();
+    let response = service.clone().oneshot(request(Method::GET)).await;
+    assert_eq!(response.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(Instant::now() - start >= Duration::from_secs(5), "paused");
+    // c out of service too: nothing is left after a, and nothing waits.
+    drop(place);
+    c.set_admin(AdminStatus::Disabled);
+    let start = Instant::now();
+    let response = service.oneshot(request(Method::GET)).await;
+    assert_eq!(response.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(Instant::now(), start);
+    assert_eq!(*log.lock(), ["a", "a"]);
+}
+
+/// With a backoff, a retry is paid for before its pause: one the budget
+/// refuses ends the request at once.
+#[tokio::test(start_paused = true)]
+async fn a_retry_the_budget_refuses_is_not_paused_for() {
+    let layer = FailoverLayer::new()
+        .budget(RetryBudget::new(0.0, 0))
+        .backoff(Backoff::constant(Duration::from_secs(10)));
+    let start = Instant::now();
+    let (result, tried) = send(
+        layer.clone(),
+        &[("a", Kind::Unavailable), ("b", Kind::Ok)],
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(Instant::now(), start);
+    assert_eq!(tried, ["a"]);
+    assert_eq!(result.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(layer.stats().budget_refusals, 1);
 }
 
 // ---------------------------------------------------------------------------

@@ -439,6 +439,9 @@ pub(crate) struct Placed<S> {
     pub(crate) id: BackendId,
     pub(crate) in_flight: InFlight,
     pub(crate) picked: Option<Picked>,
+    /// The request required its session's backend
+    /// ([`AffinityRequired`](crate::extensions::AffinityRequired)).
+    pub(crate) required: bool,
 }
 
 /// Labels a request placed on the backend at an index of a snapshot.

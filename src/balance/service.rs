@@ -352,7 +352,19 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
                 }
             }
         };
-        Ok(settle(&view.snapshot, i, in_flight, req))
+        let placed = settle(&view.snapshot, i, in_flight, req);
+        if let Some(slot) = placed.picked.as_ref().filter(|p| p.wants_others()) {
+            // A failover layer that pauses before a retry asks whether one
+            // could find a backend, so as not to wait for nothing.
+            let ext = req.extensions();
+            let left = !(placed.required && ext.get::<Affinity>().is_some()) && {
+                let pick = Pick::new(RequestHead::from(&*req), members, ext.get::<Attempts>())
+                    .with_panic(&self.shared.panic);
+                (0..members.len()).any(|j| j != i && (pick.is_eligible(j) || pick.is_full(j)))
+            };
+            slot.answer_others(left);
+        }
+        Ok(placed)
     }
 
     /// Queues `req` for a place, or fails it with [`NoBackend`] if this
@@ -420,7 +432,7 @@ fn settle<S: Clone, B>(
     // The requirement was this balancer's: a backend that is a balancer
     // itself (a nested group) has no member of that name and would refuse
     // the request. (A failover layer's retries start from its own copy.)
-    req.extensions_mut().remove::<AffinityRequired>();
+    let required = req.extensions_mut().remove::<AffinityRequired>().is_some();
     let target = Target::new(id.clone(), state.clone());
     // A replayed attempt already carries a Target: overwrite it in place
     // instead of boxing a new one.
@@ -435,6 +447,7 @@ fn settle<S: Clone, B>(
         id,
         in_flight,
         picked,
+        required,
     }
 }
 

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::request::Parts;
 use http::{Request, Response};
@@ -94,6 +95,8 @@ where
     unannounced: bool,
     /// The budget refused a retry that would otherwise have been made.
     budget_spent: bool,
+    /// The next retry was paid for before its pause.
+    prepaid: bool,
 }
 
 enum Verdict<R> {
@@ -124,8 +127,8 @@ where
         // Copied before the slot goes into the request: the template gets
         // it at the first retry, so a request that succeeds clones no
         // extension for it.
-        let picked = config.timed().then(|| {
-            let picked = Picked::new();
+        let picked = (config.timed() || config.pauses()).then(|| {
+            let picked = config.slot();
             parts.extensions.insert(picked.clone());
             picked
         });
@@ -161,6 +164,7 @@ where
                 over_budget: false,
                 unannounced: false,
                 budget_spent: false,
+                prepaid: false,
             },
         }
     }
@@ -291,13 +295,18 @@ where
                     match this.retry.judge(outcome) {
                         Verdict::Return(result) => return Poll::Ready(result),
                         Verdict::Retry => {
-                            let pause = this
-                                .retry
-                                .config
-                                .backoff
-                                .delay(retry_number(this.retry.tried));
+                            // No pause before a retry that finds no backend
+                            // (it costs nothing and ends the request).
+                            let pause = if this.retry.none_left() {
+                                Duration::ZERO
+                            } else {
+                                (this.retry.config.backoff).delay(retry_number(this.retry.tried))
+                            };
                             if pause.is_zero() {
                                 this.attempt.set(Attempt::Ready);
+                            } else if !this.retry.prepay() {
+                                this.attempt.set(Attempt::Done);
+                                return Poll::Ready(this.retry.give_up(None));
                             } else {
                                 let until = later(Instant::now(), pause);
                                 set_timer(this.timer, earliest(Some(until), *this.deadline));
@@ -521,6 +530,23 @@ where
         true
     }
 
+    /// Whether the balancer said, at the last pick, that no other backend
+    /// could take a retry.
+    fn none_left(&self) -> bool {
+        self.picked.as_ref().is_some_and(Picked::none_left)
+    }
+
+    /// Pays for the next retry before the pause that precedes it, as Envoy
+    /// does: a retry the budget refuses ends the request at once, not a
+    /// pause later. `false` when the budget is spent.
+    fn prepay(&mut self) -> bool {
+        self.prepaid = self.pay();
+        if !self.prepaid {
+            self.budget_spent = true;
+        }
+        self.prepaid
+    }
+
     /// Takes a retry from the budget; `false` when it is spent.
     fn pay(&mut self) -> bool {
         self.unpaid = false;
@@ -555,7 +581,7 @@ where
         // request may still reach an inner service late (left in a
         // buffer's queue) and write to its own, which must not be read as
         // this attempt's pick or progress.
-        let slot = Picked::new();
+        let slot = self.config.slot();
         template.parts.extensions.insert(slot.clone());
         self.picked = Some(slot);
         let Some(request) = template.copy() else {
@@ -565,9 +591,11 @@ where
         self.tried += 1;
         self.current = self.picked.as_ref().and_then(Picked::take);
         // A retry is paid for once a backend was picked for it, so an
-        // attempt that finds no backend left costs nothing. An inner service
-        // that does not fill `Picked` is charged at the first poll.
-        if self.current.is_some() {
+        // attempt that finds no backend left costs nothing (one after a
+        // pause was paid before it). An inner service that does not fill
+        // `Picked` is charged at the first poll.
+        if std::mem::take(&mut self.prepaid) {
+        } else if self.current.is_some() {
             if !self.pay() {
                 // Dropped before it was polled: no backend saw the request.
                 drop(future);

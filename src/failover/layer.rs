@@ -11,6 +11,7 @@ use super::service::Failover;
 use super::stats::{Counters, FailoverStats};
 use crate::classify::{Classifier, DefaultClassifier};
 use crate::control::Events;
+use crate::extensions::Picked;
 
 /// The default retry budget: retries may add 20 % to the requests, plus a
 /// floor of 3 retries per second whatever the traffic, accrued over 10 s
@@ -54,6 +55,21 @@ impl<C> Config<C> {
     /// timers need to know which backend an attempt reached.
     pub(crate) fn timed(&self) -> bool {
         self.per_try_timeout.is_some() || self.deadline.is_some()
+    }
+
+    /// Whether attempts may pause between them: the balancer is asked
+    /// whether a retry could find a backend before one waits for it.
+    pub(crate) fn pauses(&self) -> bool {
+        !self.backoff.is_none()
+    }
+
+    /// The slot an attempt's pick is recorded in.
+    pub(crate) fn slot(&self) -> Picked {
+        let slot = Picked::new();
+        if self.pauses() {
+            slot.ask_others();
+        }
+        slot
     }
 }
 
@@ -221,6 +237,11 @@ impl<C> FailoverLayer<C> {
 
     /// Pauses before each retry. A pause is a Tokio timer: requests must
     /// then be called within a Tokio runtime with its time driver enabled.
+    ///
+    /// A retry that `Balance` says no backend is left for is not paused
+    /// for: the last failure comes back at once. A retry is paid for from
+    /// the [budget](Self::budget) before its pause, so one the budget
+    /// refuses is not paused for either.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.config.backoff = backoff;
         self

@@ -103,8 +103,12 @@ impl Backoff {
         if self.is_none() {
             return Duration::ZERO;
         }
-        let shift = retry.saturating_sub(1).min(31);
-        let ceiling = self.base.saturating_mul(1 << shift).min(self.max);
+        // Doubling saturates at `max`, however many retries came before.
+        let ceiling = match 1u32.checked_shl(retry.saturating_sub(1)) {
+            _ if self.base.is_zero() => Duration::ZERO,
+            Some(factor) => self.base.saturating_mul(factor).min(self.max),
+            None => self.max,
+        };
         let floor = ceiling / 2;
         let spread = u64::try_from((ceiling - floor).as_nanos()).unwrap_or(u64::MAX);
         let jitter = if spread == 0 {
@@ -148,6 +152,13 @@ mod tests {
             assert!(d9 >= Duration::from_millis(25) && d9 <= Duration::from_millis(50));
         }
         assert!(b.delay(u32::MAX) <= Duration::from_millis(50));
+        // Doubling goes on to `max` past the 32nd retry too.
+        let tiny = Backoff::exponential(Duration::from_nanos(1), Duration::from_secs(10));
+        for retry in [33, 40, 64, u32::MAX] {
+            assert!(tiny.delay(retry) >= Duration::from_secs(5), "{retry}");
+        }
+        let zero = Backoff::exponential(Duration::ZERO, Duration::from_secs(1));
+        assert_eq!(zero.delay(40), Duration::ZERO);
         assert!(Backoff::none().is_none());
         assert_eq!(Backoff::none().delay(5), Duration::ZERO);
     }
