@@ -709,3 +709,48 @@ async fn a_session_too_large_to_read_back_is_refused_unsent() {
     let kept = store.load("k").await.unwrap().expect("the old record");
     assert_eq!(kept.backend.as_str(), "node-a");
 }
+
+/// A session key the webhook cannot carry (`..`, which a path-normalising
+/// server would read as another endpoint) is rejected by the sticky layer
+/// as bad input: no store error, no refusal in strict mode, routed as a
+/// request with no session.
+#[tokio::test]
+async fn a_key_the_store_cannot_hold_is_no_session_even_in_strict_mode() {
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+    use tower_ha::balance::{BalanceLayer, RoundRobin};
+    use tower_ha::sticky::{SessionKey, StickyLayer};
+    use tower_ha::{BackendId, BoxError, Pool};
+
+    let server = Server::start(Auth::None).await;
+    let pool = Pool::new();
+    for name in ["a", "b"] {
+        let backend = service_fn(move |_req: http::Request<()>| async move {
+            Ok::<_, BoxError>(http::Response::new(name))
+        });
+        pool.insert(BackendId::from(name), backend);
+    }
+    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"))
+        .store(store(&server))
+        .strict(true);
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(pool);
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        let req = http::Request::builder()
+            .header("x-session-id", "..")
+            .body(())
+            .unwrap();
+        let response = svc.clone().oneshot(req).await.expect("routed");
+        served.push(*response.body());
+    }
+    // Balanced as requests without a session are, not pinned to one.
+    served.sort_unstable();
+    assert_eq!(served, ["a", "a", "b", "b"]);
+    let stats = layer.stats();
+    assert_eq!(stats.rejected, 4);
+    assert_eq!(stats.store_errors, 0);
+    assert_eq!(stats.strict_refusals, 0);
+    assert_eq!(server.requests(), 0, "nothing sent to the webhook");
+}

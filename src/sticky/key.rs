@@ -211,6 +211,10 @@ pub(crate) enum Reject {
     /// not in the pool, for a session neither the table nor the store
     /// knows.
     UnknownBackend,
+    /// The session store cannot hold the key
+    /// ([`StoreError::is_invalid_key`](crate::store::StoreError::is_invalid_key)),
+    /// so no record of it can exist.
+    StoreRefused,
 }
 
 impl From<Invalid> for Reject {
@@ -232,6 +236,7 @@ impl Reject {
             Reject::TooLong => "too_long",
             Reject::TooLarge => "cookie_header_too_large",
             Reject::UnknownBackend => "unknown_backend",
+            Reject::StoreRefused => "store_refused_key",
         }
     }
 }

@@ -777,8 +777,18 @@ impl Shared {
         // What this instance starts or learns here is saved unless the
         // store holds a record it could not read or did not take.
         let kept = stored.kept();
-        if let (true, Stored::Unknown(error)) = (self.config.strict, &stored) {
-            if self.may_have_record(&key) {
+        if let Stored::Unknown(error) = &stored {
+            if error.is_invalid_key() {
+                // The store cannot hold the key (`..` for a webhook, one
+                // over its length limit): it has no record to route by,
+                // and none could be saved. A session this instance keeps
+                // in memory stays where it is; otherwise the key is
+                // rejected, as a malformed one is.
+                if unread.is_none() {
+                    self.reject(Reject::StoreRefused);
+                    return Ok(Track::Fresh);
+                }
+            } else if self.config.strict && self.may_have_record(&key) {
                 // Whatever backend the session is on, this instance cannot
                 // tell: routing it anywhere could move it. A key with no
                 // record is no session to move: it is routed as a new one,
@@ -1088,7 +1098,11 @@ impl Shared {
             }
             Ok(session) => session,
             Err(error) => {
-                self.store_error(key, "load", &error);
+                // A key the store cannot hold is the client's doing, not
+                // the store's (see `route_miss`).
+                if !error.is_invalid_key() {
+                    self.store_error(key, "load", &error);
+                }
                 return Stored::Unknown(Arc::new(error));
             }
         };
