@@ -26,6 +26,7 @@ fn names(dir: &Path) -> Vec<String> {
 async fn file_store_passes_the_contract() {
     let tmp = tempfile::tempdir().unwrap();
     let store = FileStore::open(tmp.path().join("sessions")).await.unwrap();
+    support::store_contract::refuses_data_nested_too_deep(&store).await;
     support::store_contract::run(Arc::new(store)).await;
 }
 

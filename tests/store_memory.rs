@@ -7,6 +7,7 @@ use tower_ha::store::MemoryStore;
 #[tokio::test]
 async fn memory_store_passes_the_contract() {
     support::store_contract::run(Arc::new(MemoryStore::new())).await;
+    support::store_contract::refuses_data_nested_too_deep(&MemoryStore::new()).await;
 }
 
 #[tokio::test]

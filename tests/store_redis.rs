@@ -39,6 +39,7 @@ fn raw(server: &RedisServer) -> redis::Connection {
 async fn redis_store_passes_the_contract() {
     let server = RedisServer::start();
     support::store_contract::run(Arc::new(store(&server).await)).await;
+    support::store_contract::refuses_data_nested_too_deep(&store(&server).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

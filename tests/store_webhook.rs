@@ -44,6 +44,7 @@ fn digest() -> Auth {
 async fn webhook_store_passes_the_contract() {
     let server = Server::start(Auth::None).await;
     support::store_contract::run(Arc::new(store(&server))).await;
+    support::store_contract::refuses_data_nested_too_deep(&store(&server)).await;
 }
 
 #[tokio::test]
