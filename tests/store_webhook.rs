@@ -289,6 +289,27 @@ async fn a_success_that_does_not_say_done_is_rejected() {
     }
 }
 
+/// A load reads records from a 200 only. `204 No Content` is nothing
+/// stored (Enterprise Gateway loads nothing from any answer but 200, so a
+/// service written for it may answer so); any other 2xx is refused, not
+/// read as a body that is not JSON.
+#[tokio::test]
+async fn a_load_reads_records_from_a_200_only() {
+    let server = Server::start(Auth::None).await;
+    let store = store(&server);
+    server.set_mode(Mode::Fixed(204, ""));
+    assert_eq!(store.load("k").await.unwrap(), None);
+    let all = store.load_all().await.unwrap();
+    assert!(all.sessions.is_empty() && all.skipped.is_empty());
+    for status in [201, 202, 206] {
+        server.set_mode(Mode::Fixed(status, ""));
+        let err = store.load("k").await.unwrap_err();
+        assert!(err.is_rejected(), "{status}: {err:?}");
+        let err = store.load_all().await.unwrap_err();
+        assert!(err.is_rejected(), "{status}: {err:?}");
+    }
+}
+
 #[tokio::test]
 async fn server_errors_are_retried_exactly_up_to_the_bound() {
     let server = Server::start(Auth::None).await;

@@ -43,8 +43,8 @@ const SESSION_FIELD: &str = "kernel_session";
 /// |---|---|---|
 /// | [`save`](SessionStore::save) | `POST {url}/{id}`, body `{"<id>": session}` | 204 (as Enterprise Gateway expects), 200 or 201 |
 /// | [`delete`](SessionStore::delete) | `DELETE {url}`, body `["<id>", ...]` | 204, 200 or 201 |
-/// | [`load_all`](SessionStore::load_all) | `GET {url}` | 200, `[{"kernel_session": {"<id>": session}}, ...]` |
-/// | [`load`](SessionStore::load) | `GET {url}/{id}` | 200, `{"kernel_session": {"<id>": session}}`; 404 is "no such session" |
+/// | [`load_all`](SessionStore::load_all) | `GET {url}` | 200, `[{"kernel_session": {"<id>": session}}, ...]`; 204 is none |
+/// | [`load`](SessionStore::load) | `GET {url}/{id}` | 200, `{"kernel_session": {"<id>": session}}`; 404 or 204 is "no such session" |
 ///
 /// `{id}` is the session key, percent-encoded as one path segment; bodies
 /// are JSON (`Content-Type: application/json`); `session` is the
@@ -378,7 +378,9 @@ impl SessionStore for WebhookStore {
             let path = self.inner.collection.clone();
             let limit = self.inner.max_listing;
             let (status, body) = self.inner.call(Method::GET, &path, None, limit).await?;
-            expect_success(status, &body, "load all")?;
+            if !holds_records(status, &body, "load all")? {
+                return Ok(Loaded::default());
+            }
             parse_all(&body)
         })
     }
@@ -390,7 +392,9 @@ impl SessionStore for WebhookStore {
             if status == StatusCode::NOT_FOUND {
                 return Ok(None);
             }
-            expect_success(status, &body, "load")?;
+            if !holds_records(status, &body, "load")? {
+                return Ok(None);
+            }
             let value: serde_json::Value = serde_json::from_slice(without_bom(&body))
                 .map_err(|e| StoreError::corrupt(e).with_message("the answer is not JSON"))?;
             let (id, session) = parse_element(value)?;
@@ -782,12 +786,26 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 /// (`202 Accepted`, `206 Partial Content`, ...) does not say the call took
 /// effect, so it is an error too rather than a log line.
 fn expect_success(status: StatusCode, body: &[u8], what: &str) -> Result<(), StoreError> {
-    if matches!(
-        status,
-        StatusCode::OK | StatusCode::CREATED | StatusCode::NO_CONTENT
-    ) {
-        return Ok(());
+    match status {
+        StatusCode::OK | StatusCode::CREATED | StatusCode::NO_CONTENT => Ok(()),
+        _ => Err(failure(status, body, what)),
     }
+}
+
+/// Whether a load's answer holds records: `true` for a body to read
+/// (200), `false` for nothing stored (`204 No Content`; Enterprise Gateway
+/// loads nothing from any answer but 200), or the error of any other
+/// status.
+fn holds_records(status: StatusCode, body: &[u8], what: &str) -> Result<bool, StoreError> {
+    match status {
+        StatusCode::OK => Ok(true),
+        StatusCode::NO_CONTENT => Ok(false),
+        _ => Err(failure(status, body, what)),
+    }
+}
+
+/// The error of a call answered `status`.
+fn failure(status: StatusCode, body: &[u8], what: &str) -> StoreError {
     let error = StatusError::new(status, body);
     let error = match status {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => StoreError::unauthorized(error),
@@ -795,7 +813,7 @@ fn expect_success(status: StatusCode, body: &[u8], what: &str) -> Result<(), Sto
         s if try_later(s) => StoreError::unavailable(error),
         _ => StoreError::rejected(error),
     };
-    Err(error.with_message(format!("{what}: the webhook answered {status}")))
+    error.with_message(format!("{what}: the webhook answered {status}"))
 }
 
 /// The most unreadable elements a listing may have: an answer with more is
