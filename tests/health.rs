@@ -1501,6 +1501,23 @@ async fn panic_routing_engages_below_the_threshold() {
     assert_eq!(served(&eager, 8).await, ["a", "b", "c", "d"]);
 }
 
+/// Only zero turns panic routing off: a tiny threshold still panics when
+/// no backend at all is available.
+#[tokio::test(start_paused = true)]
+async fn a_tiny_panic_threshold_is_not_off() {
+    let (pool, _) = pool_of(&["a", "b", "c"]);
+    for id in ["a", "b", "c"] {
+        pool.state(&id.into())
+            .unwrap()
+            .set_health(HealthStatus::Unhealthy);
+    }
+    let balance = Balance::new(pool, RoundRobin::new()).panic_threshold(0.0004);
+    assert_eq!(served(&balance, 6).await, ["a", "b", "c"]);
+    let off = balance.panic_threshold(0.0);
+    let err = off.oneshot(Request::new(())).await.unwrap_err();
+    assert!(err.is::<tower_ha::NoBackend>(), "{err}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn panic_routing_follows_expiring_ejections() {
     let (pool, _) = pool_of(&["a", "b", "c", "d"]);

@@ -99,13 +99,15 @@ impl PanicMode {
     }
 }
 
-/// A share in `0.0..=1.0` as thousandths; anything else is clamped, NaN is 0.
+/// A share in `0.0..=1.0` as thousandths, to the nearest; anything else is
+/// clamped, NaN is 0. A share above zero stays above zero (at least one
+/// thousandth): 0 turns what it sets off.
 pub(crate) fn share_to_permille(share: f64) -> u32 {
     if share.is_nan() || share <= 0.0 {
         0
     } else if share >= 1.0 {
         1000
     } else {
-        (share * 1000.0).round() as u32
+        ((share * 1000.0).round() as u32).max(1)
     }
 }

@@ -162,8 +162,9 @@ where
 impl<S, P: Strategy> Balance<S, P> {
     /// Routes across every enabled backend, healthy or not, while fewer
     /// than `share` (`0.0..=1.0`) of them are available; the default is
-    /// `0.5`, `0.0` disables panic routing. Applies to every clone of this
-    /// balancer.
+    /// `0.5`, `0.0` disables panic routing. The share is held to the
+    /// nearest thousandth, and at least one thousandth when above zero.
+    /// Applies to every clone of this balancer.
     pub fn panic_threshold(self, share: f64) -> Self {
         self.shared.panic.set_threshold(share);
         if let Some(room) = self.pool.room() {
