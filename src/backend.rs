@@ -422,7 +422,8 @@ impl BackendState {
     }
 
     /// Limits the requests a balancer's strategy sends to this backend at
-    /// once (no limit by default; a limit of 0 counts as 1). A backend at
+    /// once (no limit by default, and `None` or `usize::MAX` lifts it; a
+    /// limit of 0 counts as 1). A backend at
     /// its limit is skipped as if it were unavailable, until one of its
     /// requests is no longer in flight. When every available backend is at
     /// its limit, a request waits for a place in the balancer's queue, if

@@ -815,6 +815,15 @@ async fn handle_actions_are_events_and_bad_names_are_errors() {
         ["admin", "admin", "weight", "limit", "primary", "added", "removed"]
     );
 
+    // The largest limit is no limit, as a state keeps it: no change, and
+    // no event claiming one.
+    let events = handle.events().history().len();
+    handle
+        .set_max_in_flight(&"a1".into(), Some(usize::MAX))
+        .unwrap();
+    assert_eq!(api.state(&"a1".into()).unwrap().max_in_flight(), None);
+    assert_eq!(handle.events().history().len(), events);
+
     assert_eq!(
         handle.drain(&"nope".into()),
         Err(ControlError::UnknownBackend("nope".into()))

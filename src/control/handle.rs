@@ -642,8 +642,8 @@ impl Handle {
     }
 
     /// Sets the limit of requests in flight of backend `id` in every group
-    /// (see [`BackendState::set_max_in_flight`]; `None` lifts it, 0 counts
-    /// as 1). Groups whose pools share the backend's state share one limit
+    /// (see [`BackendState::set_max_in_flight`]; `None` lifts it, as does
+    /// `usize::MAX`, and 0 counts as 1). Groups whose pools share the backend's state share one limit
     /// and one count; in groups with states of their own, each has this
     /// limit.
     pub fn set_max_in_flight(
@@ -652,7 +652,8 @@ impl Handle {
         max_in_flight: Option<usize>,
     ) -> Result<(), ControlError> {
         let _actions = self.inner.drains.lock();
-        let max_in_flight = max_in_flight.map(|m| m.max(1));
+        // As a state keeps it: no limit is `usize::MAX`.
+        let max_in_flight = max_in_flight.map(|m| m.max(1)).filter(|&m| m != usize::MAX);
         let mut changed = false;
         for state in self.states(id)? {
             changed |= state.max_in_flight() != max_in_flight;
