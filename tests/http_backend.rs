@@ -2643,6 +2643,35 @@ async fn a_request_framed_by_chunks_loses_its_content_length() {
     assert_eq!(body, "hello world", "{received}");
 }
 
+/// `TE: trailers` goes to an HTTP/1.1 backend named in `Connection`, as the
+/// hop-by-hop field it is (RFC 9110 section 10.1.4), whatever the client's
+/// own `Connection` said.
+#[tokio::test]
+async fn te_goes_to_an_http1_backend_named_in_connection() {
+    let addr = serve_recording().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    for connection in [None, Some("te"), Some("keep-alive")] {
+        let mut request = Request::get("/").header("te", "trailers");
+        if let Some(c) = connection {
+            request = request.header("connection", c);
+        }
+        let request = request.body(Full::new(Bytes::new())).unwrap();
+        let received = body_of(backend.clone().oneshot(request).await.unwrap()).await;
+        let head = received
+            .split_once("\r\n\r\n")
+            .unwrap()
+            .0
+            .to_ascii_lowercase();
+        let mut hop: Vec<&str> = head
+            .lines()
+            .filter(|line| line.starts_with("te:") || line.starts_with("connection:"))
+            .collect();
+        hop.sort_unstable();
+        assert_eq!(hop, ["connection: te", "te: trailers"], "{received}");
+    }
+}
+
 /// An empty body goes with `Content-Length: 0` for the methods that define
 /// a body (as clients send them, RFC 9110 section 8.6; some servers answer
 /// 411 without), an empty chunked one included, and with no framing for

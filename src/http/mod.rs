@@ -976,6 +976,16 @@ impl<B> HttpBackend<B> {
             *req.version_mut() = Version::HTTP_2;
         } else {
             headers.insert(HOST, host);
+            if trailers {
+                // TE is of this hop only: its sender names it in
+                // `Connection` (RFC 9110 section 10.1.4), so that an
+                // HTTP/1.1 proxy on the way does not pass it on.
+                let connection = match upgrade {
+                    Some(_) => "upgrade, te",
+                    None => "te",
+                };
+                headers.insert(CONNECTION, HeaderValue::from_static(connection));
+            }
             if req.version() >= Version::HTTP_2 {
                 join_cookies(req.headers_mut());
             }
