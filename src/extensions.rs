@@ -9,7 +9,7 @@
 //! | [`AffinityRequired`] | request | `Sticky` in strict mode (or you) | `Balance`: that backend or none |
 //! | [`Attempts`] | request | `Failover` (or you) | `Balance`: never pick these again |
 //! | [`Target`] | request | `Balance` | a per-backend layer such as `Health` |
-//! | [`Picked`] | request | `Failover` inserts it, `Balance` fills it | `Failover`: who an abandoned attempt reached |
+//! | [`Picked`] | request | `Failover` inserts it, `Balance` fills it | `Failover`: who an abandoned attempt reached, and whether a retry could find a backend |
 //! | [`ServedBy`] | response | `Balance` | `Sticky`, `Failover`, you |
 //! | [`GaveUp`] | response | `Failover`: every attempt failed | `Sticky`: not a move |
 //! | [`PeerAddr`] | request | your server | keys such as [`key::peer_ip`](crate::key::peer_ip) |
@@ -153,7 +153,10 @@ pub struct PeerAddr(pub SocketAddr);
 /// A slot in which a balancer records the backend it picks for an attempt.
 ///
 /// The failover layer puts one in the request's extensions before an
-/// attempt that it may have to abandon (a per-try timeout, a deadline).
+/// attempt that it may have to abandon (a per-try timeout, a deadline),
+/// or that a pause may follow (a [`Backoff`](crate::failover::Backoff)):
+/// `Balance` then also says, at its pick, whether a retry could find
+/// another backend, so that none is paused for in vain.
 /// [`Balance`](crate::balance::Balance) fills it when it picks the
 /// backend (in `call`, or, for a request waiting in its
 /// [queue](crate::balance::Balance::queue), when its response future takes
@@ -161,7 +164,8 @@ pub struct PeerAddr(pub SocketAddr);
 /// The failover layer thus knows which backend an abandoned attempt was
 /// bound for, lists it in [`Attempts`], and never sends the request there
 /// again. The slot also lets the failover layer charge a retry to its
-/// budget only once a backend was picked for it. A balancer of your own
+/// budget only once a backend was picked for it (a retry after a pause is
+/// charged before the pause). A balancer of your own
 /// should fill it too; without it, an abandoned attempt names no backend
 /// (and ends the retries), and a retry is charged after its first poll.
 ///

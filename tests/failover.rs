@@ -812,6 +812,97 @@ async fn the_balancer_tells_whether_a_retry_could_find_a_backend() {
     assert_eq!(*log.lock(), ["a", "a"]);
 }
 
+/// A request a balancer's queue placed is not answered for by the
+/// balancer behind it (a nested group, which knows only its own members):
+/// the pause before the retry is kept, and the retry goes to the other
+/// group.
+#[tokio::test(start_paused = true)]
+async fn a_queued_pick_keeps_the_pause_a_nested_group_would_skip() {
+    let log = Log::default();
+    let outer = Pool::new();
+    for (group, kind) in [("g1", Kind::Unavailable), ("g2", Kind::Ok)] {
+        let member = if group == "g1" { "a" } else { "b" };
+        let inner = Balance::new(fleet(&[(member, kind)], &log), RoundRobin::new());
+        outer.insert(group, inner);
+    }
+    // Both groups full: the request waits in the outer balancer's queue.
+    let places: Vec<_> = ["g1", "g2"]
+        .iter()
+        .map(|g| {
+            let state = outer.state(&(*g).into()).unwrap();
+            state.set_max_in_flight(Some(1));
+            state.track_in_flight()
+        })
+        .collect();
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new().backoff(Backoff::constant(Duration::from_secs(10))))
+        .service(Balance::new(outer, RoundRobin::new()).queue(8, Duration::from_secs(600)));
+    let start = Instant::now();
+    let call = tokio::spawn(service.oneshot(request(Method::GET)));
+    tokio::task::yield_now().await;
+    let mut places = places.into_iter();
+    drop(places.next()); // g1's place goes to the waiting request
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(*log.lock(), ["a"]);
+    drop(places.next()); // g2 is free for the retry
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(*log.lock(), ["a", "b"]);
+    assert!(
+        Instant::now() - start >= Duration::from_secs(5),
+        "the pause before g2 was kept"
+    );
+}
+
+/// A budget that grants every retry and counts what it granted.
+#[derive(Clone, Default)]
+struct Counting(Arc<AtomicUsize>);
+
+impl tower::retry::budget::Budget for Counting {
+    fn deposit(&self) {}
+    fn withdraw(&self) -> bool {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+}
+
+/// A pause that the deadline cuts short precedes no retry: it is not paid
+/// for.
+#[tokio::test(start_paused = true)]
+async fn a_pause_the_deadline_cuts_short_is_not_paid_for() {
+    let budget = Counting::default();
+    let layer = FailoverLayer::new()
+        .budget(budget.clone())
+        .deadline(Duration::from_secs(2))
+        .backoff(Backoff::constant(Duration::from_secs(10)));
+    let start = Instant::now();
+    let (result, tried) = send(
+        layer,
+        &[("a", Kind::Unavailable), ("b", Kind::Ok)],
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(tried, ["a"]);
+    assert_eq!(Instant::now() - start, Duration::from_secs(2));
+    assert_eq!(result.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(budget.0.load(Ordering::SeqCst), 0, "no retry was paid for");
+
+    // A pause within the deadline is paid for once, before it.
+    let layer = FailoverLayer::new()
+        .budget(budget.clone())
+        .deadline(Duration::from_secs(60))
+        .backoff(Backoff::constant(Duration::from_secs(10)));
+    let (result, tried) = send(
+        layer,
+        &[("a", Kind::Unavailable), ("b", Kind::Ok)],
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(tried, ["a", "b"]);
+    assert_eq!(result.unwrap().status(), StatusCode::OK);
+    assert_eq!(budget.0.load(Ordering::SeqCst), 1);
+}
+
 /// With a backoff, a retry is paid for before its pause: one the budget
 /// refuses ends the request at once.
 #[tokio::test(start_paused = true)]

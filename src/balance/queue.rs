@@ -447,6 +447,25 @@ pub(crate) struct Placed<S> {
 /// Labels a request placed on the backend at an index of a snapshot.
 pub(crate) type Settle<S, Req> = fn(&Snapshot<S>, usize, InFlight, &mut Req) -> Placed<S>;
 
+/// Places a queued request with `settle`. Its balancer does not tell a
+/// failover layer that asks whether a retry could find another backend
+/// (see `Picked::ask_others`): the answer is "maybe", which keeps the
+/// pause, and a balancer behind this backend (a nested group), which knows
+/// only its own members, cannot answer instead.
+fn settle_queued<S, Req>(
+    settle: Settle<S, Req>,
+    snapshot: &Snapshot<S>,
+    i: usize,
+    place: InFlight,
+    request: &mut Req,
+) -> Placed<S> {
+    let placed = settle(snapshot, i, place, request);
+    if let Some(slot) = &placed.picked {
+        slot.answer_others(true);
+    }
+    placed
+}
+
 /// A request waiting for a place, in a balancer's response future.
 pub(crate) struct Wait<S, Req> {
     pool: Pool<S>,
@@ -502,8 +521,12 @@ impl<S, Req> Wait<S, Req> {
                     {
                         Some(i) if !self.ticket.waiter.tried.contains(members[i].id()) => {
                             if self.ticket.waiter.accepts(place.state()) {
-                                return Poll::Ready(Ok((self.settle)(
-                                    &snapshot, i, place, request,
+                                return Poll::Ready(Ok(settle_queued(
+                                    self.settle,
+                                    &snapshot,
+                                    i,
+                                    place,
+                                    request,
                                 )));
                             }
                             // Taken out of rotation since the place was
@@ -543,7 +566,13 @@ impl<S, Req> Wait<S, Req> {
                         }
                         usable = true;
                         if let Some(place) = member.state().try_track_in_flight() {
-                            return Poll::Ready(Ok((self.settle)(&snapshot, i, place, request)));
+                            return Poll::Ready(Ok(settle_queued(
+                                self.settle,
+                                &snapshot,
+                                i,
+                                place,
+                                request,
+                            )));
                         }
                     }
                     if !usable {

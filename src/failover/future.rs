@@ -124,11 +124,14 @@ where
         } else {
             (None, body)
         };
-        // Copied before the slot goes into the request: the template gets
-        // it at the first retry, so a request that succeeds clones no
+        // The timers need the slot, and so does a pause before a retry (to
+        // know whether one could find a backend), if one may follow. The
+        // template was copied before the slot goes into the request: it
+        // gets one at the first retry, so a request that succeeds clones no
         // extension for it.
-        let picked = (config.timed() || config.pauses()).then(|| {
-            let picked = config.slot();
+        let asks = config.pauses() && template.is_some();
+        let picked = (config.timed() || asks).then(|| {
+            let picked = config.slot(asks);
             parts.extensions.insert(picked.clone());
             picked
         });
@@ -304,11 +307,16 @@ where
                             };
                             if pause.is_zero() {
                                 this.attempt.set(Attempt::Ready);
-                            } else if !this.retry.prepay() {
-                                this.attempt.set(Attempt::Done);
-                                return Poll::Ready(this.retry.give_up(None));
                             } else {
                                 let until = later(Instant::now(), pause);
+                                // Paid for before the pause, unless the
+                                // deadline ends the request first (no retry
+                                // follows that pause).
+                                let retries = this.deadline.is_none_or(|d| until < d);
+                                if retries && !this.retry.prepay() {
+                                    this.attempt.set(Attempt::Done);
+                                    return Poll::Ready(this.retry.give_up(None));
+                                }
                                 set_timer(this.timer, earliest(Some(until), *this.deadline));
                                 this.attempt.set(Attempt::Backoff);
                             }
@@ -581,7 +589,7 @@ where
         // request may still reach an inner service late (left in a
         // buffer's queue) and write to its own, which must not be read as
         // this attempt's pick or progress.
-        let slot = self.config.slot();
+        let slot = (self.config).slot(self.tried + 1 < self.config.max_attempts);
         template.parts.extensions.insert(slot.clone());
         self.picked = Some(slot);
         let Some(request) = template.copy() else {

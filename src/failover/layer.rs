@@ -63,10 +63,12 @@ impl<C> Config<C> {
         !self.backoff.is_none()
     }
 
-    /// The slot an attempt's pick is recorded in.
-    pub(crate) fn slot(&self) -> Picked {
+    /// The slot an attempt's pick is recorded in. It asks whether a retry
+    /// could find another backend when a pause would precede one that may
+    /// follow (`retry_may_follow`).
+    pub(crate) fn slot(&self, retry_may_follow: bool) -> Picked {
         let slot = Picked::new();
-        if self.pauses() {
+        if retry_may_follow && self.pauses() {
             slot.ask_others();
         }
         slot
