@@ -776,3 +776,56 @@ async fn a_key_the_store_cannot_hold_is_no_session_even_in_strict_mode() {
     assert_eq!(stats.strict_refusals, 0);
     assert_eq!(server.requests(), 0, "nothing sent to the webhook");
 }
+
+/// A session that a backend starts under a key the webhook cannot carry
+/// stays on that backend, in memory only: its failed save is one store
+/// error, and it is not saved again at each refresh (nor read again at
+/// every request).
+#[tokio::test]
+async fn a_session_a_backend_starts_under_a_key_the_store_cannot_hold_stays_in_memory() {
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+    use tower_ha::balance::{BalanceLayer, RoundRobin};
+    use tower_ha::sticky::{SessionKey, StickyLayer};
+    use tower_ha::{BackendId, BoxError, Pool};
+
+    let server = Server::start(Auth::None).await;
+    let pool = Pool::new();
+    for name in ["a", "b"] {
+        // A server that assigns session ids, and assigns `..`.
+        let backend = service_fn(move |_req: http::Request<()>| async move {
+            let response = http::Response::builder()
+                .header("x-session-id", "..")
+                .body(name)
+                .unwrap();
+            Ok::<_, BoxError>(response)
+        });
+        pool.insert(BackendId::from(name), backend);
+    }
+    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"))
+        .store(store(&server))
+        .refresh_every(Duration::from_millis(20));
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(pool);
+    let first = svc.clone().oneshot(http::Request::new(())).await.unwrap();
+    let home = *first.body();
+    let mut stats = Vec::new();
+    for _ in 0..6 {
+        let req = http::Request::builder()
+            .header("x-session-id", "..")
+            .body(())
+            .unwrap();
+        let response = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(*response.body(), home, "the session stays where it started");
+        let s = layer.stats();
+        stats.push((s.store_errors, s.loaded));
+        // Long enough for a refresh to fall due (none is made).
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // The failed save, then one read that finds the key cannot be held.
+    assert!(stats.iter().all(|&(errors, _)| errors == 1), "{stats:?}");
+    assert!(stats.iter().all(|&(_, loaded)| loaded == 1), "{stats:?}");
+    assert_eq!(layer.stats().rejected, 0);
+    assert_eq!(server.requests(), 0, "nothing sent to the webhook");
+}

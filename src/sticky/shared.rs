@@ -776,18 +776,20 @@ impl Shared {
     ) -> Result<Track, SessionUnavailable> {
         // What this instance starts or learns here is saved unless the
         // store holds a record it could not read or did not take.
-        let kept = stored.kept();
+        let mut kept = stored.kept();
         if let Stored::Unknown(error) = &stored {
             if error.is_invalid_key() {
                 // The store cannot hold the key (`..` for a webhook, one
                 // over its length limit): it has no record to route by,
                 // and none could be saved. A session this instance keeps
-                // in memory stays where it is; otherwise the key is
-                // rejected, as a malformed one is.
+                // in memory stays where it is, in memory only and not read
+                // again; otherwise the key is rejected, as a malformed one
+                // is.
                 if unread.is_none() {
                     self.reject(Reject::StoreRefused);
                     return Ok(Track::Fresh);
                 }
+                kept = Kept::Memory;
             } else if self.config.strict && self.may_have_record(&key) {
                 // Whatever backend the session is on, this instance cannot
                 // tell: routing it anywhere could move it. A key with no
@@ -2054,9 +2056,18 @@ impl Owner for Shared {
 
     fn failed(&self, write: &Write, error: &StoreError) {
         self.store_error(write.key(), write.op(), error);
-        // A save may carry a refresh that joined it (see `Queued::join`).
-        if matches!(write, Write::Save(_) | Write::Refresh(_)) {
-            self.table.refresh_failed(write.key());
+        match write {
+            // A key the store cannot hold (one a backend assigned, say):
+            // the session stays in memory only, and its record is read
+            // once more, which finds that too (see `route_miss`), rather
+            // than saved again at every refresh.
+            Write::Save(session) if error.is_invalid_key() => {
+                self.table.unkeep(&session.key, &session.backend);
+            }
+            // A save may carry a refresh that joined it (see
+            // `Queued::join`).
+            Write::Save(_) | Write::Refresh(_) => self.table.refresh_failed(write.key()),
+            Write::Delete(_) | Write::Barrier(_) => {}
         }
     }
 
