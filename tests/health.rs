@@ -1221,6 +1221,69 @@ async fn turned_off_and_removed_at_the_configured_times() {
     assert!(pool.contains(&"b".into()));
 }
 
+/// A backend the operator disabled is not removed however long it stays
+/// unhealthy: its state holds the disable, which a discovery that still
+/// lists it would lose by adding it back. Enabled again, it is.
+#[tokio::test(start_paused = true)]
+async fn a_backend_the_operator_disabled_is_not_removed() {
+    let (pool, _) = pool_of(&["a", "b"]);
+    let state = pool.state(&"a".into()).unwrap();
+    let script = Script::default();
+    script.push("a", &[true, false]);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .removed_after(secs(10))
+        .spawn();
+    at(t0 + ms(500)).await;
+    state.set_admin(AdminStatus::Disabled);
+    at(t0 + secs(20)).await;
+    assert_eq!(state.health(), HealthStatus::Unhealthy);
+    assert!(pool.contains(&"a".into()), "kept, disabled");
+    state.set_admin(AdminStatus::Enabled);
+    at(t0 + secs(22)).await;
+    assert!(!pool.contains(&"a".into()), "removed once enabled");
+}
+
+/// A backend that comes back with its state after time out of the pool,
+/// where nothing could probe it, is probed before it can be removed: that
+/// time does not count.
+#[tokio::test(start_paused = true)]
+async fn a_backend_back_with_its_state_is_probed_before_removal() {
+    use tower::discover::Change;
+    let (pool, backends) = pool_of(&["a"]);
+    let change = |change: Change<&'static str, Backend>| {
+        pool.discover(futures::stream::iter([Ok::<_, BoxError>(change)]))
+    };
+    let script = Script::default();
+    script.push("a", &[true, false]);
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), script.probe())
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .rise(1)
+        .removed_after(secs(30))
+        .spawn();
+    at(t0 + secs(20)).await;
+    change(Change::Remove("a")).await.unwrap();
+    // Recovered while away.
+    script.set("a", true);
+    at(t0 + secs(40)).await;
+    change(Change::Insert("a", backends[0].clone()))
+        .await
+        .unwrap();
+    settle().await;
+    assert!(pool.contains(&"a".into()), "not removed on its return");
+    assert_eq!(
+        pool.state(&"a".into()).unwrap().health(),
+        HealthStatus::Healthy,
+        "probed at once, and found healthy"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn durations_meaning_never_do_not_stop_the_checker() {
     let (pool, _) = pool_of(&["a", "b"]);

@@ -14,7 +14,7 @@ use crate::time::{earliest, elapsed, later};
 use super::error::{ProbePanicked, ProbeTimeout};
 use super::probe::Probe;
 use super::slow_start::SlowStart;
-use crate::backend::{BackendId, BackendState, HealthStatus};
+use crate::backend::{AdminStatus, BackendId, BackendState, HealthStatus};
 use crate::control::{emit, Event, Events};
 use crate::error::BoxError;
 use crate::pool::{Pool, Rebuild, Snapshot, StartUnhealthy};
@@ -153,8 +153,9 @@ where
 
     /// Removes a backend from the pool once it has been unhealthy (or
     /// turned off) this long, if a probe has found it healthy at least once
-    /// (as for [`turned_off_after`](Self::turned_off_after)). Off by
-    /// default.
+    /// (as for [`turned_off_after`](Self::turned_off_after)), unless the
+    /// operator disabled it or is draining it (a removal would forget
+    /// that). Time out of the pool does not count. Off by default.
     pub fn removed_after(mut self, after: Duration) -> Self {
         self.config.removed_after = Some(after);
         self
@@ -172,8 +173,9 @@ where
     /// so they take traffic only after `rise` passing probes in a row (the
     /// Panda API gateway started them unhealthy too, but needed one pass:
     /// `rise(1)`; Envoy likewise needs one pass for a new host). By
-    /// default they keep the health the pool gave them (healthy), as in
-    /// HAProxy, and lose it after `fall` failing probes. A backend that
+    /// default they keep the health the pool gave them (healthy), and lose
+    /// it after `fall` failing probes (HAProxy takes a new server down at
+    /// its first failed check). A backend that
     /// leaves the pool and comes back with its state (see
     /// [`Pool::keep_removed_for`]) is not marked again: the checker takes
     /// it up where it left it. Nor is a state the pool did not make (one
@@ -522,9 +524,13 @@ impl Entry {
         if !self.ever_healthy {
             return false;
         }
-        if config
-            .removed_after
-            .is_some_and(|after| elapsed(since, now, after))
+        // Never one the operator took out (disabled, draining): its state
+        // holds that decision, and a discovery that lists it still would
+        // put it back enabled.
+        if self.state.admin() == AdminStatus::Enabled
+            && config
+                .removed_after
+                .is_some_and(|after| elapsed(since, now, after))
         {
             return true;
         }
@@ -582,7 +588,9 @@ impl Entry {
                     .turned_off_after
                     .filter(|_| health == HealthStatus::Unhealthy)
                     .map(|after| later(since, after));
-                let removed = config.removed_after.map(|after| later(since, after));
+                let removed = (config.removed_after)
+                    .filter(|_| self.state.admin() == AdminStatus::Enabled)
+                    .map(|after| later(since, after));
                 earliest(off, removed)
             });
         earliest(probe, lifecycle)
@@ -783,6 +791,11 @@ where
                 Some(mut entry) => {
                     entry.serial = serial;
                     entry.next_probe = now;
+                    // Its time away, when nothing could probe it, does not
+                    // count towards turning it off or removing it.
+                    if entry.unhealthy_since.is_some() {
+                        entry.unhealthy_since = Some(now);
+                    }
                     entry
                 }
                 None => {
