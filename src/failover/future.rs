@@ -602,16 +602,16 @@ where
         // attempt that finds no backend left costs nothing (one after a
         // pause was paid before it). An inner service that does not fill
         // `Picked` is charged at the first poll.
-        if std::mem::take(&mut self.prepaid) {
-        } else if self.current.is_some() {
-            if !self.pay() {
+        let prepaid = std::mem::take(&mut self.prepaid);
+        if self.current.is_some() {
+            if !prepaid && !self.pay() {
                 // Dropped before it was polled: no backend saw the request.
                 drop(future);
                 self.budget_spent = true;
                 return Poll::Ready(Err(self.give_up(None)));
             }
         } else {
-            self.unpaid = true;
+            self.unpaid = !prepaid;
         }
         // Only a retry that reached a backend is a failover; the last
         // call, which finds every backend tried, is not. A balancer that

@@ -105,8 +105,8 @@ impl Backoff {
         }
         // Doubling saturates at `max`, however many retries came before.
         let ceiling = match 1u32.checked_shl(retry.saturating_sub(1)) {
-            _ if self.base.is_zero() => Duration::ZERO,
             Some(factor) => self.base.saturating_mul(factor).min(self.max),
+            None if self.base.is_zero() => Duration::ZERO,
             None => self.max,
         };
         let floor = ceiling / 2;

@@ -175,10 +175,9 @@ where
     /// `rise(1)`; Envoy likewise needs one pass for a new host). By
     /// default they keep the health the pool gave them (healthy), and lose
     /// it after `fall` failing probes (HAProxy takes a new server down at
-    /// its first failed check). A backend that
-    /// leaves the pool and comes back with its state (see
-    /// [`Pool::keep_removed_for`]) is not marked again: the checker takes
-    /// it up where it left it. Nor is a state the pool did not make (one
+    /// its first failed check). A backend that leaves the pool and comes
+    /// back with its state (see [`Pool::keep_removed_for`]) is not marked
+    /// again: the checker takes it up where it left it. Nor is a state the pool did not make (one
     /// shared with another pool, [`Pool::insert_with_state`]).
     ///
     /// A [`Priority`](crate::balance::Priority) group does not fail over
@@ -524,10 +523,7 @@ impl Entry {
         if !self.ever_healthy {
             return false;
         }
-        // Never one the operator took out (disabled, draining): its state
-        // holds that decision, and a discovery that lists it still would
-        // put it back enabled.
-        if self.state.admin() == AdminStatus::Enabled
+        if self.removable()
             && config
                 .removed_after
                 .is_some_and(|after| elapsed(since, now, after))
@@ -576,6 +572,14 @@ impl Entry {
         Some(later(from, next.min(slow.window())))
     }
 
+    /// Whether `removed_after` may remove this backend: never one the
+    /// operator took out (disabled, draining), whose state holds that
+    /// decision, and which a discovery that still lists it would put back
+    /// enabled.
+    fn removable(&self) -> bool {
+        self.state.admin() == AdminStatus::Enabled
+    }
+
     /// The next instant something is due for this backend.
     fn next_due(&self, config: &CheckConfig) -> Option<Instant> {
         let probe = self.probe.is_none().then_some(self.next_probe);
@@ -589,7 +593,7 @@ impl Entry {
                     .filter(|_| health == HealthStatus::Unhealthy)
                     .map(|after| later(since, after));
                 let removed = (config.removed_after)
-                    .filter(|_| self.state.admin() == AdminStatus::Enabled)
+                    .filter(|_| self.removable())
                     .map(|after| later(since, after));
                 earliest(off, removed)
             });

@@ -1330,6 +1330,9 @@ impl Shared {
         response: &mut Response<RB>,
         path: Option<&str>,
     ) -> Result<Option<BoxFuture<()>>, SessionUnavailable> {
+        // Every attempt failed: the failover layer gave up with this
+        // response (see below).
+        let gave_up = response.extensions().get::<GaveUp>().is_some();
         // The common case, a hit served by its own backend: nothing to learn.
         if let Track::Known {
             key,
@@ -1351,17 +1354,15 @@ impl Shared {
             // Its cookie names its backend, and is not due to be sent again.
             let current =
                 !matches!(cookie, Named::Renew) && cookie.get(backend).is_none_or(|c| c == backend);
-            let ext = response.extensions();
             if !learns
                 && current
-                && ext.get::<ServedBy>().is_some_and(|s| s.0 == *backend)
-                && ext.get::<GaveUp>().is_none()
+                && !gave_up
+                && (response.extensions().get::<ServedBy>()).is_some_and(|s| s.0 == *backend)
             {
                 return Ok(None);
             }
         }
         let served = response.extensions().get::<ServedBy>().map(|s| s.0.clone());
-        let gave_up = response.extensions().get::<GaveUp>().is_some();
         let mut work = Work::default();
         let mut current: Option<Arc<str>> = None;
         // Whether the stored record of `current` is the one the layer read
