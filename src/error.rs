@@ -123,10 +123,11 @@ impl BackendError {
     /// failed while the backend became ready, the backend said so with
     /// [`NotSent`] (or, a balancer itself, with a [`NoBackend`] or a
     /// `BackendError` of its own that says so), or its error holds a
-    /// refused connection (`io::ErrorKind::ConnectionRefused`). Such a request is safe to
-    /// retry whatever its method, so a backend service that acts before it
-    /// connects somewhere must not pass a refused connection up as its
-    /// error (wrap it in an error of its own, without `source`).
+    /// refused connection (`io::ErrorKind::ConnectionRefused`). Such a
+    /// request is safe to retry whatever its method, so a backend service
+    /// that acts before it connects somewhere must not pass a refused
+    /// connection up as its error (wrap it in an error of its own, without
+    /// `source`).
     pub fn is_not_sent(&self) -> bool {
         self.not_sent
     }

@@ -643,9 +643,9 @@ impl Handle {
 
     /// Sets the limit of requests in flight of backend `id` in every group
     /// (see [`BackendState::set_max_in_flight`]; `None` lifts it, as does
-    /// `usize::MAX`, and 0 counts as 1). Groups whose pools share the backend's state share one limit
-    /// and one count; in groups with states of their own, each has this
-    /// limit.
+    /// `usize::MAX`, and 0 counts as 1). Groups whose pools share the
+    /// backend's state share one limit and one count; in groups with states
+    /// of their own, each has this limit.
     pub fn set_max_in_flight(
         &self,
         id: &BackendId,
