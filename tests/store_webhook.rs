@@ -7,7 +7,12 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::webhook_server::{Auth, Mode, Server};
+use tower::util::BoxCloneSyncService;
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+use tower_ha::balance::{BalanceLayer, RoundRobin};
+use tower_ha::sticky::{SessionKey, StickyLayer};
 use tower_ha::store::{Session, SessionStore, WebhookStore};
+use tower_ha::{BackendId, BoxError, Pool};
 
 fn session(key: &str, backend: &str) -> Session {
     Session::new(key, backend.into()).with_data(json!({"port": 52000}))
@@ -732,39 +737,68 @@ async fn a_session_too_large_to_read_back_is_refused_unsent() {
     assert_eq!(kept.backend.as_str(), "node-a");
 }
 
+/// Two backends, `a` and `b`, that answer their name (and, with
+/// `assigns`, name it as the session id in their response, as a server
+/// that assigns ids does), balanced round robin behind `layer`, a sticky
+/// layer keyed by `x-session-id`.
+fn sticky_over_two(
+    layer: impl FnOnce(&Pool<Named>) -> StickyLayer,
+    assigns: Option<&'static str>,
+) -> (
+    StickyLayer,
+    impl Service<http::Request<()>, Response = http::Response<&'static str>, Error = BoxError> + Clone,
+) {
+    let pool = Pool::new();
+    for name in ["a", "b"] {
+        let backend = service_fn(move |_req: http::Request<()>| async move {
+            let mut response = http::Response::builder();
+            if let Some(id) = assigns {
+                response = response.header("x-session-id", id);
+            }
+            Ok::<_, BoxError>(response.body(name).unwrap())
+        });
+        pool.insert(BackendId::from(name), BoxCloneSyncService::new(backend));
+    }
+    let layer = layer(&pool);
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(BalanceLayer::new(RoundRobin::new()))
+        .service(pool);
+    (layer, svc)
+}
+
+type Named = BoxCloneSyncService<http::Request<()>, http::Response<&'static str>, BoxError>;
+
+/// A request naming session `key`.
+fn for_session(key: &str) -> http::Request<()> {
+    http::Request::builder()
+        .header("x-session-id", key)
+        .body(())
+        .unwrap()
+}
+
 /// A session key the webhook cannot carry (`..`, which a path-normalising
 /// server would read as another endpoint) is rejected by the sticky layer
 /// as bad input: no store error, no refusal in strict mode, routed as a
 /// request with no session.
 #[tokio::test]
 async fn a_key_the_store_cannot_hold_is_no_session_even_in_strict_mode() {
-    use tower::{service_fn, ServiceBuilder, ServiceExt};
-    use tower_ha::balance::{BalanceLayer, RoundRobin};
-    use tower_ha::sticky::{SessionKey, StickyLayer};
-    use tower_ha::{BackendId, BoxError, Pool};
-
     let server = Server::start(Auth::None).await;
-    let pool = Pool::new();
-    for name in ["a", "b"] {
-        let backend = service_fn(move |_req: http::Request<()>| async move {
-            Ok::<_, BoxError>(http::Response::new(name))
-        });
-        pool.insert(BackendId::from(name), backend);
-    }
-    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"))
-        .store(store(&server))
-        .strict(true);
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(pool);
+    let (layer, svc) = sticky_over_two(
+        |pool| {
+            StickyLayer::new(pool, SessionKey::header("x-session-id"))
+                .store(store(&server))
+                .strict(true)
+        },
+        None,
+    );
     let mut served = Vec::new();
     for _ in 0..4 {
-        let req = http::Request::builder()
-            .header("x-session-id", "..")
-            .body(())
-            .unwrap();
-        let response = svc.clone().oneshot(req).await.expect("routed");
+        let response = svc
+            .clone()
+            .oneshot(for_session(".."))
+            .await
+            .expect("routed");
         served.push(*response.body());
     }
     // Balanced as requests without a session are, not pinned to one.
@@ -783,40 +817,20 @@ async fn a_key_the_store_cannot_hold_is_no_session_even_in_strict_mode() {
 /// every request).
 #[tokio::test]
 async fn a_session_a_backend_starts_under_a_key_the_store_cannot_hold_stays_in_memory() {
-    use tower::{service_fn, ServiceBuilder, ServiceExt};
-    use tower_ha::balance::{BalanceLayer, RoundRobin};
-    use tower_ha::sticky::{SessionKey, StickyLayer};
-    use tower_ha::{BackendId, BoxError, Pool};
-
     let server = Server::start(Auth::None).await;
-    let pool = Pool::new();
-    for name in ["a", "b"] {
-        // A server that assigns session ids, and assigns `..`.
-        let backend = service_fn(move |_req: http::Request<()>| async move {
-            let response = http::Response::builder()
-                .header("x-session-id", "..")
-                .body(name)
-                .unwrap();
-            Ok::<_, BoxError>(response)
-        });
-        pool.insert(BackendId::from(name), backend);
-    }
-    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id"))
-        .store(store(&server))
-        .refresh_every(Duration::from_millis(20));
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .layer(BalanceLayer::new(RoundRobin::new()))
-        .service(pool);
+    let (layer, svc) = sticky_over_two(
+        |pool| {
+            StickyLayer::new(pool, SessionKey::header("x-session-id"))
+                .store(store(&server))
+                .refresh_every(Duration::from_millis(20))
+        },
+        Some(".."),
+    );
     let first = svc.clone().oneshot(http::Request::new(())).await.unwrap();
     let home = *first.body();
     let mut stats = Vec::new();
     for _ in 0..6 {
-        let req = http::Request::builder()
-            .header("x-session-id", "..")
-            .body(())
-            .unwrap();
-        let response = svc.clone().oneshot(req).await.unwrap();
+        let response = svc.clone().oneshot(for_session("..")).await.unwrap();
         assert_eq!(*response.body(), home, "the session stays where it started");
         let s = layer.stats();
         stats.push((s.store_errors, s.loaded));
