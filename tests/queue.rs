@@ -889,3 +889,57 @@ fn a_place_on_a_backend_being_removed_is_not_handed_over() {
         .expect("the waiting request spun on a place it could not use");
     assert_eq!(served, "b");
 }
+
+/// Round robin, but a place held on a backend is let go while it picks: a
+/// request elsewhere ends between the pick and the balancer's look at why
+/// nothing was placed.
+struct FreesWhilePicking {
+    inner: RoundRobin,
+    held: Mutex<Vec<InFlight>>,
+}
+
+impl Strategy for FreesWhilePicking {
+    type Table = <RoundRobin as Strategy>::Table;
+
+    fn build(&self, members: &Members) -> Self::Table {
+        self.inner.build(members)
+    }
+
+    fn pick(&self, table: &Self::Table, pick: &Pick<'_>) -> Option<usize> {
+        let picked = self.inner.pick(table, pick);
+        self.held.lock().unwrap().clear();
+        picked
+    }
+}
+
+/// A place that opens as the strategy finds every backend full is no
+/// reason to refuse the request as if none could take it: the request
+/// waits in the queue, which gives it that place at once.
+#[tokio::test(start_paused = true)]
+async fn a_place_freed_during_the_pick_is_waited_for_not_refused() {
+    let seen = Seen::default();
+    let (pool, held) = full_pool(&["a"], &seen);
+    let strategy = FreesWhilePicking {
+        inner: RoundRobin::new(),
+        held: Mutex::new(held),
+    };
+    let balance = Balance::new(pool, strategy).queue(10, Duration::from_secs(5));
+    let answer = send(&balance, "r").await.unwrap();
+    assert_eq!(served_by(&answer), "a");
+    assert_eq!(*seen.lock().unwrap(), ["r"]);
+}
+
+/// Without a queue, such a request is refused as one that found every
+/// backend at its limit, not as one that found no backend at all.
+#[tokio::test(start_paused = true)]
+async fn a_place_freed_during_the_pick_reads_as_at_limit_without_a_queue() {
+    let seen = Seen::default();
+    let (pool, held) = full_pool(&["a"], &seen);
+    let strategy = FreesWhilePicking {
+        inner: RoundRobin::new(),
+        held: Mutex::new(held),
+    };
+    let balance = Balance::new(pool, strategy);
+    let answer = send(&balance, "r").await.unwrap();
+    assert!(no_backend(&answer).is_at_limit());
+}

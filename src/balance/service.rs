@@ -345,7 +345,12 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
                     }
                     match placed {
                         Some(placed) => placed,
-                        None if (0..members.len()).any(|i| pick.is_full(i)) => {
+                        // Full, or with room again: a request that ended
+                        // after the pick passed its backend by freed a
+                        // place, which the queue finds at once.
+                        None if (0..members.len())
+                            .any(|i| pick.is_full(i) || pick.is_eligible(i)) =>
+                        {
                             return Err(NoBackend::at_limit());
                         }
                         None => return Err(NoBackend::new()),
