@@ -994,23 +994,28 @@ fn glob_escape(s: &[u8]) -> Vec<u8> {
 }
 
 /// The URL with its password replaced: the user information up to the
-/// last `@` before the query (a password may hold `/`), and the values of
-/// `pass` and `password` in the query (a `redis+unix://` URL's).
+/// last `@` (a password may hold `/` and `?`; with no scheme, from the
+/// start), and the values of `pass` and `password` in the query (a
+/// `redis+unix://` URL's).
 fn redact(url: &str) -> String {
-    let (head, query) = match url.split_once('?') {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let (scheme, rest) = url.split_at(start);
+    let mut shown = scheme.to_owned();
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, rest)) => {
+            match userinfo.split_once(':') {
+                Some((user, _)) => shown.extend([user, ":***@"]),
+                None => shown.push_str("***@"),
+            }
+            rest
+        }
+        None => rest,
+    };
+    let (head, query) = match rest.split_once('?') {
         Some((head, query)) => (head, Some(query)),
-        None => (url, None),
+        None => (rest, None),
     };
-    let shown = match head.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((userinfo, host)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-                None => format!("{scheme}://***@{host}"),
-            },
-            None => head.to_owned(),
-        },
-        None => head.to_owned(),
-    };
+    shown.push_str(head);
     let Some(query) = query else {
         return shown;
     };
@@ -1634,6 +1639,15 @@ mod tests {
         assert_eq!(
             redact("redis+unix:///run/redis.sock?PASSWORD=secret"),
             "redis+unix:///run/redis.sock?PASSWORD=***"
+        );
+        // A `?` in the password, and a URL without its scheme.
+        assert_eq!(
+            redact("redis://:pa?secret@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(
+            redact("default:secret@redis.internal:6379"),
+            "default:***@redis.internal:6379"
         );
     }
 
