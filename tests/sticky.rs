@@ -4615,3 +4615,31 @@ async fn every_idle_session_dropped_counts_as_expired() {
     assert_eq!(stats.created, 2, "started again");
     assert_eq!(stats.expired, 1, "the first went idle: {stats:?}");
 }
+
+/// The instance that restores a session routes it by the record its hook
+/// left, as the instances that waited for it do: a hook that started the
+/// session's state on another backend saved it there.
+#[tokio::test(start_paused = true)]
+async fn the_restoring_instance_routes_by_the_record_its_hook_left() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store.save(&kernel("k1", "a")).await.unwrap();
+    let lock = Granted::default();
+    let hook_store = store.clone();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .hydrate(lock.clone())
+        .on_restore(move |s: Session| {
+            let store = hook_store.clone();
+            async move {
+                store.save(&kernel(&s.key, "b")).await?;
+                Ok::<(), BoxError>(())
+            }
+        });
+    let svc = stack(&c.pool, layer.clone());
+    let res = send(&svc, session("k1")).await.unwrap();
+    assert_eq!(res.body(), "b");
+    assert_eq!(layer.session("k1").unwrap().backend.as_str(), "b");
+    assert_eq!(lock.released.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.stats().hydrated, 1);
+}

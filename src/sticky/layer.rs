@@ -273,8 +273,10 @@ impl StickyLayer {
     /// a request names a session this instance does not know, the
     /// `on_restore` hook runs for it before the request is routed, under
     /// `lock` so that when several replicas load one session at once only
-    /// one restores it; the others wait for it and route by the record it
-    /// left. A `RedisStore` (feature `redis`) is such a lock.
+    /// one restores it; every replica, that one included, then routes by
+    /// the record the hook left (a hook that started the session's state
+    /// on another backend saves it there). A `RedisStore` (feature
+    /// `redis`) is such a lock.
     ///
     /// The session is routed to its stored backend even when the hook
     /// fails (the failure is logged, the record kept) or the lock cannot be

@@ -1162,9 +1162,9 @@ impl Shared {
     }
 
     /// Restores a session loaded in replication mode, one instance at a
-    /// time: the instance that takes `lock` re-reads the record and runs
-    /// the `on_restore` hook; the others wait for it and take the record
-    /// as it left it. The session is routed to its stored backend either
+    /// time: the instance that takes `lock` re-reads the record, runs the
+    /// `on_restore` hook and reads the record the hook left; the others
+    /// wait for it and take the record as it left it. The session is routed to its stored backend either
     /// way; a hook or lock failure is logged and keeps the record. `None`
     /// when the record is gone by the time the lock is had (the session
     /// ended meanwhile): nothing is restored.
@@ -1192,8 +1192,8 @@ impl Shared {
         match lock.lock(key).await {
             Ok(Some(guard)) => {
                 let held = Held(Some(guard));
-                let restored = reread(loaded).await;
-                if let Some(session) = &restored {
+                let mut restored = reread(loaded).await;
+                if let Some(session) = restored.take() {
                     match self.run_restore_hook(hook, session.clone()).await {
                         Ok(()) => bump(&self.counters.hydrated, 1),
                         Err(error) => tracing::warn!(
@@ -1204,10 +1204,16 @@ impl Shared {
                             "session restore failed; its record is kept"
                         ),
                     }
+                    // Routed by the record the hook left (it may have
+                    // started the session's state elsewhere and saved
+                    // that), as the instances waiting for the lock are.
+                    restored = reread(session).await;
                     // Known here before the lock says the restore is done,
                     // so that this instance's next request for it does not
                     // restore it again.
-                    self.remember_unless_stale(&Stored::Found(session.clone()), cell);
+                    if let Some(session) = &restored {
+                        self.remember_unless_stale(&Stored::Found(session.clone()), cell);
+                    }
                 }
                 if let Err(error) = held.release().await {
                     self.store_error(key, "unlock", &error);
