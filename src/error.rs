@@ -418,6 +418,10 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
         } else {
             StatusCode::BAD_REQUEST
         }
+    } else if find::<SessionUnavailable>(err).is_some_and(|e| !e.is_unreadable()) {
+        // A strict session whose backend could not take it, whatever its
+        // backend's error (kept as the source) was.
+        StatusCode::SERVICE_UNAVAILABLE
     } else if timed_out(decisive) || ended_by_timeout {
         StatusCode::GATEWAY_TIMEOUT
     } else if find::<NoBackend>(err).is_some()
@@ -584,6 +588,11 @@ mod tests {
         let retry_timed_out = TimedOut::new(Duration::from_millis(100));
         let exhausted = Exhausted::new(failed, Some(Box::new(retry_timed_out)));
         assert_eq!(boxed(Box::new(exhausted)), StatusCode::GATEWAY_TIMEOUT);
+        // A strict session whose backend's connect timed out: refused, as
+        // any strict session whose backend cannot take it.
+        let strict = crate::sticky::SessionUnavailable::new("k", false, "a".into())
+            .failed(Box::new(BackendError::new("a".into(), connect())));
+        assert_eq!(boxed(Box::new(strict)), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[test]

@@ -4643,3 +4643,67 @@ async fn the_restoring_instance_routes_by_the_record_its_hook_left() {
     assert_eq!(lock.released.load(Ordering::SeqCst), 1);
     assert_eq!(layer.stats().hydrated, 1);
 }
+
+/// A strict refusal keeps the error its backend failed the request with as
+/// its source: an operator can tell a refused connection from a timeout,
+/// and a gateway still answers 503.
+#[tokio::test]
+async fn a_strict_refusal_keeps_its_backends_error() {
+    let refusing = Arc::new(AtomicBool::new(false));
+    let flag = refusing.clone();
+    let pool = Pool::new();
+    pool.insert(
+        "a",
+        tower::service_fn(move |_: Request<()>| {
+            let refuse = flag.load(Ordering::SeqCst);
+            async move {
+                if refuse {
+                    let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+                    return Err::<Response<String>, BoxError>(
+                        tower_ha::NotSent::new(refused).into(),
+                    );
+                }
+                Ok(Response::new("a".to_owned()))
+            }
+        }),
+    );
+    let layer = StickyLayer::new(&pool, SessionKey::header("x-session-id")).strict(true);
+    let svc = stack(&pool, layer.clone());
+    send(&svc, session("k1")).await.unwrap();
+    refusing.store(true, Ordering::SeqCst);
+    let err = send(&svc, session("k1")).await.unwrap_err();
+    let unavailable = err.downcast_ref::<SessionUnavailable>().expect("typed");
+    assert!(!unavailable.is_unreadable());
+    let io = find::<std::io::Error>(&*err).expect("the backend's error is the source");
+    assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(find::<tower_ha::NotSent>(&*err).is_some());
+    assert_eq!(
+        tower_ha::error::gateway_status(&*err),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(layer.stats().strict_refusals, 1);
+}
+
+/// A learned cookie's value is the application's credential: a strict
+/// refusal's `Debug` output, which applications log, shows it as the
+/// layer's logs do, as a digest.
+#[tokio::test]
+async fn a_strict_refusal_does_not_show_a_learned_cookie() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::learn_cookie("JSESSIONID")).strict(true);
+    let svc = stack(&c.pool, layer.clone());
+    let login = Request::builder()
+        .header("x-login-as", "tok-s3cret")
+        .body(())
+        .unwrap();
+    let home = send(&svc, login).await.unwrap().into_body();
+    c.set_health(&home, HealthStatus::Unhealthy);
+    let err = send(&svc, with_cookie("JSESSIONID=tok-s3cret"))
+        .await
+        .unwrap_err();
+    let unavailable = err.downcast_ref::<SessionUnavailable>().expect("typed");
+    assert_eq!(unavailable.key(), "tok-s3cret");
+    let shown = format!("{err:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("cookie:"), "{shown}");
+}

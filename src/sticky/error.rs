@@ -6,45 +6,70 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::BackendId;
+use crate::error::BoxError;
 use crate::store::StoreError;
+
+use super::shared::Shown;
 
 /// In `strict` mode, a request's session is bound to a backend that cannot
 /// serve it (unavailable, removed, or a lower layer served the request
 /// elsewhere), or its record cannot be read from the store, and the session
 /// is not moved.
 ///
-/// Returned boxed; downcast it from [`BoxError`](crate::BoxError). When
-/// the record could not be read, the store's error is its
-/// [`source`](StdError::source).
-#[derive(Debug, Clone)]
+/// Returned boxed; downcast it from [`BoxError`](crate::BoxError). Its
+/// [`source`](StdError::source) is the store's error when the record could
+/// not be read, and the backend's when its backend failed the request
+/// before it was sent (a refused connection, say). Its `Debug` output shows
+/// a learned cookie's value (the application's credential) as a digest, as
+/// the layer's logs do; [`key`](Self::key) gives it whole.
+#[derive(Clone)]
 pub struct SessionUnavailable {
     key: String,
+    /// Whether the key is a learned cookie's value, shown as a digest.
+    hidden: bool,
     backend: Option<BackendId>,
+    cause: Option<Cause>,
+}
+
+/// Why a [`SessionUnavailable`]'s backend could not serve its request.
+#[derive(Clone)]
+enum Cause {
     /// The store's error, when the record could not be read (shared by the
     /// requests that waited for one load).
-    unreadable: Option<Arc<StoreError>>,
+    Unreadable(Arc<StoreError>),
+    /// The error with which the session's backend failed the request.
+    Failed(Arc<dyn StdError + Send + Sync>),
 }
 
 impl SessionUnavailable {
-    pub(crate) fn new(key: &str, backend: BackendId) -> Self {
+    pub(crate) fn new(key: &str, hidden: bool, backend: BackendId) -> Self {
         SessionUnavailable {
             key: key.to_owned(),
+            hidden,
             backend: Some(backend),
-            unreadable: None,
+            cause: None,
         }
+    }
+
+    /// The session's backend failed its request with `error`.
+    pub(crate) fn failed(mut self, error: BoxError) -> Self {
+        self.cause = Some(Cause::Failed(Arc::from(error)));
+        self
     }
 
     /// The store could not be read for session `key`; `backend` is the one
     /// the request's cookie or this instance's table named, if any.
     pub(crate) fn unreadable(
         key: &str,
+        hidden: bool,
         backend: Option<BackendId>,
         error: Arc<StoreError>,
     ) -> Self {
         SessionUnavailable {
             key: key.to_owned(),
+            hidden,
             backend,
-            unreadable: Some(error),
+            cause: Some(Cause::Unreadable(error)),
         }
     }
 
@@ -64,27 +89,46 @@ impl SessionUnavailable {
     /// `stats().store_errors` and logged), rather than because its backend
     /// cannot serve it. The next request reads the store again.
     pub fn is_unreadable(&self) -> bool {
-        self.unreadable.is_some()
+        matches!(self.cause, Some(Cause::Unreadable(_)))
+    }
+}
+
+impl fmt::Debug for SessionUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source: Option<&dyn fmt::Debug> = match &self.cause {
+            Some(Cause::Unreadable(error)) => Some(error),
+            Some(Cause::Failed(error)) => Some(error),
+            None => None,
+        };
+        f.debug_struct("SessionUnavailable")
+            .field("key", &format_args!("{}", Shown::new(&self.key, self.hidden)))
+            .field("backend", &self.backend)
+            .field("unreadable", &self.is_unreadable())
+            .field("source", &source)
+            .finish()
     }
 }
 
 impl fmt::Display for SessionUnavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.backend, &self.unreadable) {
-            (_, Some(_)) => f.write_str("the record of this session cannot be read from the store"),
-            (Some(backend), None) => {
+        match (&self.backend, &self.cause) {
+            (_, Some(Cause::Unreadable(_))) => {
+                f.write_str("the record of this session cannot be read from the store")
+            }
+            (Some(backend), _) => {
                 write!(f, "the backend {backend} of this session is unavailable")
             }
-            (None, None) => f.write_str("the backend of this session is unavailable"),
+            (None, _) => f.write_str("the backend of this session is unavailable"),
         }
     }
 }
 
 impl StdError for SessionUnavailable {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.unreadable
-            .as_deref()
-            .map(|error| error as &(dyn StdError + 'static))
+        match self.cause.as_ref()? {
+            Cause::Unreadable(error) => Some(&**error),
+            Cause::Failed(error) => Some(&**error),
+        }
     }
 }
 

@@ -797,7 +797,7 @@ impl Shared {
                 // kept in memory (see `may_have_record`).
                 bump(&self.counters.strict_refusals, 1);
                 let named = unread.map(|u| u.backend).or(cookie);
-                return Err(SessionUnavailable::unreadable(&key, named, error.clone()));
+                return Err(SessionUnavailable::unreadable(&key, self.learns_cookie(), named, error.clone()));
             }
         }
         // The backend a session kept in memory failed on: it stays off it
@@ -915,7 +915,7 @@ impl Shared {
             let status = self.config.backends.status(&hit.backend);
             if !matches!(status, Status::Available | Status::Draining) {
                 bump(&self.counters.strict_refusals, 1);
-                return Err(SessionUnavailable::new(&hit.key, hit.backend));
+                return Err(SessionUnavailable::new(&hit.key, self.learns_cookie(), hit.backend));
             }
             // That backend or none: should it become unavailable before the
             // balancer picks, or fail, the request goes nowhere else.
@@ -1442,7 +1442,7 @@ impl Shared {
                     if save {
                         self.table.unkeep(&key, &backend);
                     }
-                    return Err(SessionUnavailable::new(&key, backend));
+                    return Err(SessionUnavailable::new(&key, self.learns_cookie(), backend));
                 } else {
                     let reason = self.reason(&backend, failed);
                     let tag = self.tag(&key, served);
@@ -1649,7 +1649,9 @@ impl Shared {
             let could_not_take = find::<NoBackend>(&*error).is_some() || own_failure == Some(true);
             if self.config.strict && could_not_take {
                 bump(&self.counters.strict_refusals, 1);
-                return SessionUnavailable::new(key, backend.clone()).into();
+                return SessionUnavailable::new(key, self.learns_cookie(), backend.clone())
+                    .failed(error)
+                    .into();
             }
         }
         error
@@ -2189,13 +2191,13 @@ impl Drop for Held {
 /// the event stream can tell sessions apart without being able to take one
 /// over. Other keys (the layer's own cookie's session id, which needs the
 /// signature to be of use; a header; a closure's) are shown as they are.
-struct Shown<'a> {
+pub(crate) struct Shown<'a> {
     key: &'a str,
     hidden: bool,
 }
 
 impl<'a> Shown<'a> {
-    fn new(key: &'a str, hidden: bool) -> Self {
+    pub(crate) fn new(key: &'a str, hidden: bool) -> Self {
         Shown { key, hidden }
     }
 }
