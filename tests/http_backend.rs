@@ -748,6 +748,57 @@ async fn an_idle_connection_closes_after_the_idle_timeout_without_traffic() {
     drop((client, backend));
 }
 
+/// A client used under a runtime that shuts down before the sweep of its
+/// idle connections first ran still sweeps them under the next runtime:
+/// the unrun sweep lets a new one start.
+#[test]
+fn idle_connections_are_swept_after_a_runtime_that_dropped_the_sweep() {
+    // The backend runs on a thread and runtime of its own, reporting each
+    // connection it sees closed.
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            addr_tx
+                .send(serve_raw_reporting_close(closed_tx).await)
+                .unwrap();
+            std::future::pending::<()>().await
+        });
+    });
+    let addr = addr_rx.recv().unwrap();
+    let client = HttpClient::<Full<Bytes>>::new().idle_timeout(Duration::from_millis(200));
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let get = || Request::get("/").body(Full::default()).unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // The body read to its end checks the connection in and spawns its
+    // sweep, which this runtime never runs: it ends with the request.
+    let first = runtime();
+    let body =
+        first.block_on(async { body_of(backend.clone().oneshot(get()).await.unwrap()).await });
+    assert_eq!(body, "conn 1");
+    drop(first);
+    runtime().block_on(async {
+        // The first connection went with its runtime's tasks.
+        assert_eq!(closed.recv().await, Some(1));
+        let resp = backend.clone().oneshot(get()).await.unwrap();
+        assert_eq!(body_of(resp).await, "conn 2");
+        // No request comes after it: the sweep closes it. (Real time: the
+        // backend's thread cannot follow a paused clock; the bound is
+        // only there so that a failure ends.)
+        let swept = tokio::time::timeout(Duration::from_secs(20), closed.recv()).await;
+        assert_eq!(swept, Ok(Some(2)), "closed while idle");
+    });
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_connection_idle_for_60_s_is_not_reused() {
     // `echo` announces a keep-alive of its own, which would come first.

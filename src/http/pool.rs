@@ -515,36 +515,42 @@ impl<B> Upstream<B> {
             since: now,
             life,
         });
-        if !idle.swept {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                idle.swept = true;
-                runtime.spawn(sweep(Arc::downgrade(self), crate::time::later(now, life)));
-            }
+        if idle.swept {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        idle.swept = true;
+        drop(idle);
+        // Spawned with the lock gone: a runtime shutting down drops the
+        // sweep at once, and its guard takes the lock.
+        let sweeping = Sweeping {
+            upstream: Arc::downgrade(self),
+            ended: false,
+        };
+        runtime.spawn(sweep(sweeping, crate::time::later(now, life)));
+    }
+}
+
+/// Lets the next checkin start a sweep again should this one be dropped
+/// before its end, also before it first ran (its runtime shut down).
+struct Sweeping<B> {
+    upstream: Weak<Upstream<B>>,
+    ended: bool,
+}
+
+impl<B> Drop for Sweeping<B> {
+    fn drop(&mut self) {
+        if let Some(upstream) = self.upstream.upgrade().filter(|_| !self.ended) {
+            upstream.idle.lock().swept = false;
         }
     }
 }
 
 /// Closes an upstream's idle connections as their idle timeout passes,
 /// from `next` on; ends when none is left idle or the upstream is gone.
-async fn sweep<B>(upstream: Weak<Upstream<B>>, mut next: Instant) {
-    /// Lets the next checkin start a sweep again should this one be
-    /// dropped before its end (its runtime shut down).
-    struct Sweeping<B> {
-        upstream: Weak<Upstream<B>>,
-        ended: bool,
-    }
-    impl<B> Drop for Sweeping<B> {
-        fn drop(&mut self) {
-            if let Some(upstream) = self.upstream.upgrade().filter(|_| !self.ended) {
-                upstream.idle.lock().swept = false;
-            }
-        }
-    }
-
-    let mut sweeping = Sweeping {
-        upstream,
-        ended: false,
-    };
+async fn sweep<B>(mut sweeping: Sweeping<B>, mut next: Instant) {
     loop {
         tokio::time::sleep_until(next).await;
         let Some(upstream) = sweeping.upstream.upgrade() else {
