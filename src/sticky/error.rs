@@ -101,7 +101,10 @@ impl fmt::Debug for SessionUnavailable {
             None => None,
         };
         f.debug_struct("SessionUnavailable")
-            .field("key", &format_args!("{}", Shown::new(&self.key, self.hidden)))
+            .field(
+                "key",
+                &format_args!("{}", Shown::new(&self.key, self.hidden)),
+            )
             .field("backend", &self.backend)
             .field("unreadable", &self.is_unreadable())
             .field("source", &source)

@@ -797,7 +797,12 @@ impl Shared {
                 // kept in memory (see `may_have_record`).
                 bump(&self.counters.strict_refusals, 1);
                 let named = unread.map(|u| u.backend).or(cookie);
-                return Err(SessionUnavailable::unreadable(&key, self.learns_cookie(), named, error.clone()));
+                return Err(SessionUnavailable::unreadable(
+                    &key,
+                    self.learns_cookie(),
+                    named,
+                    error.clone(),
+                ));
             }
         }
         // The backend a session kept in memory failed on: it stays off it
@@ -915,7 +920,11 @@ impl Shared {
             let status = self.config.backends.status(&hit.backend);
             if !matches!(status, Status::Available | Status::Draining) {
                 bump(&self.counters.strict_refusals, 1);
-                return Err(SessionUnavailable::new(&hit.key, self.learns_cookie(), hit.backend));
+                return Err(SessionUnavailable::new(
+                    &hit.key,
+                    self.learns_cookie(),
+                    hit.backend,
+                ));
             }
             // That backend or none: should it become unavailable before the
             // balancer picks, or fail, the request goes nowhere else.
