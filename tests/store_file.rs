@@ -27,6 +27,7 @@ async fn file_store_passes_the_contract() {
     let tmp = tempfile::tempdir().unwrap();
     let store = FileStore::open(tmp.path().join("sessions")).await.unwrap();
     support::store_contract::refuses_data_nested_too_deep(&store).await;
+    support::store_contract::refresh_keeps_a_newer_record(&store).await;
     support::store_contract::run(Arc::new(store)).await;
 }
 

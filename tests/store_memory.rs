@@ -8,6 +8,8 @@ use tower_ha::store::MemoryStore;
 async fn memory_store_passes_the_contract() {
     support::store_contract::run(Arc::new(MemoryStore::new())).await;
     support::store_contract::refuses_data_nested_too_deep(&MemoryStore::new()).await;
+    let with_ttl = MemoryStore::new().with_ttl(std::time::Duration::from_secs(3600));
+    support::store_contract::refresh_keeps_a_newer_record(&with_ttl).await;
 }
 
 #[tokio::test]
@@ -70,6 +72,25 @@ mod ttl {
         advance(Duration::from_secs(29)).await; // 130 s
         assert!(store.load_all().await.unwrap().sessions.is_empty());
         assert!(store.load("saved").await.unwrap().is_none());
+    }
+
+    /// A refresh renews the record as stored, also its time to live, and
+    /// writes the refreshed copy only once the record has expired.
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_renews_the_stored_record_or_writes_an_expired_one_again() {
+        let store = MemoryStore::new().with_ttl(TTL);
+        store.save(&Session::new("k", "b".into())).await.unwrap();
+        advance(Duration::from_secs(40)).await;
+        store.refresh(&Session::new("k", "a".into())).await.unwrap();
+        advance(Duration::from_secs(40)).await; // 80 s: renewed at 40 s
+        let kept = store.load_all().await.unwrap().sessions;
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].backend.as_str(), "b", "renewed as stored");
+        advance(TTL).await;
+        assert!(store.load_all().await.unwrap().sessions.is_empty());
+        store.refresh(&Session::new("k", "a".into())).await.unwrap();
+        let back = store.load("k").await.unwrap().expect("written again");
+        assert_eq!(back.backend.as_str(), "a");
     }
 
     #[tokio::test(start_paused = true)]

@@ -40,6 +40,7 @@ async fn redis_store_passes_the_contract() {
     let server = RedisServer::start();
     support::store_contract::run(Arc::new(store(&server).await)).await;
     support::store_contract::refuses_data_nested_too_deep(&store(&server).await).await;
+    support::store_contract::refresh_keeps_a_newer_record(&store(&server).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

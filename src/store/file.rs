@@ -248,9 +248,10 @@ impl FileStore {
     /// * A save starts a [`prune`](FileStore::prune) on the blocking
     ///   thread pool, in the background, at most once every half `ttl`
     ///   (the first save after `with_ttl` starts one).
-    /// * The sticky layer saves a session it serves again every half `ttl`
+    /// * The sticky layer refreshes a session it serves every half `ttl`
     ///   (see [`SessionStore::refresh_interval`]), so only sessions nobody
-    ///   uses expire.
+    ///   uses expire. A refresh renews the record on file as it is, and
+    ///   writes the session again only when its record is gone.
     /// * `ttl` is taken as at least 1 ms and at most about a century.
     ///
     /// Expiry follows the system clock: a jump forward by more than `ttl`
@@ -390,6 +391,21 @@ impl SessionStore for FileStore {
     /// Half the TTL ([`with_ttl`](FileStore::with_ttl)), if any.
     fn refresh_interval(&self) -> Option<Duration> {
         self.ttl.map(|ttl| ttl / 2)
+    }
+
+    /// Renews the record on file as it is (a load renews it): another
+    /// process sharing the directory may have moved the session since, and
+    /// its record is not overwritten with this copy. A record that is gone
+    /// (expired, pruned) or unreadable is saved again.
+    fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            match self.load(&session.key).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => self.save(session).await,
+                Err(e) if e.is_corrupt() => self.save(session).await,
+                Err(e) => Err(e),
+            }
+        })
     }
 }
 

@@ -52,13 +52,14 @@ impl MemoryStore {
     }
 
     /// Makes records expire `ttl` after their last save or
-    /// [`load`](SessionStore::load) through this handle (or a clone made
-    /// from it afterwards): a load does not find an expired record
+    /// [`load`](SessionStore::load) or [`refresh`](SessionStore::refresh)
+    /// through this handle (or a clone made from it afterwards): a load
+    /// does not find an expired record
     /// ([`load_all`](SessionStore::load_all) neither, and does not renew
     /// what it finds, so that restarts do not keep every record alive), and
     /// saves remove expired records (each save at most once every half
-    /// `ttl` looks at every record). The sticky layer saves a session it
-    /// serves again every half `ttl` (see
+    /// `ttl` looks at every record). The sticky layer refreshes a session
+    /// it serves every half `ttl` (see
     /// [`SessionStore::refresh_interval`]), so only sessions nobody uses
     /// expire. `ttl` is taken as at least 1 ms and at most about a
     /// century. Time is [`tokio::time::Instant`], so tests can pause it.
@@ -94,6 +95,32 @@ impl MemoryStore {
 
     fn expires(&self, now: Instant) -> Option<Instant> {
         self.ttl.map(|ttl| now + ttl)
+    }
+
+    /// Saves `session`, or with `renew` renews its live record instead;
+    /// sweeps expired records out when due.
+    fn write(&self, session: &Session, renew: bool) -> Result<(), super::StoreError> {
+        let now = Instant::now();
+        let mut sessions = self.inner.sessions.write();
+        if let Some(ttl) = self.ttl {
+            if claim_due(&mut self.inner.next_sweep.lock(), ttl / 2, now) {
+                sessions.retain(|_, record| record.is_live(now));
+            }
+        }
+        if let Some(record) =
+            (sessions.get_mut(&session.key)).filter(|record| renew && record.is_live(now))
+        {
+            record.expires = self.expires(now);
+            record.session.last_seen = record.session.last_seen.max(session.last_seen);
+            return Ok(());
+        }
+        super::check_depth(session)?;
+        let record = Record {
+            session: session.clone(),
+            expires: self.expires(now),
+        };
+        sessions.insert(session.key.clone(), record);
+        Ok(())
     }
 }
 
@@ -131,22 +158,7 @@ impl SessionStore for MemoryStore {
     }
 
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
-        if let Err(e) = super::check_depth(session) {
-            return Box::pin(std::future::ready(Err(e)));
-        }
-        let now = Instant::now();
-        let mut sessions = self.inner.sessions.write();
-        if let Some(ttl) = self.ttl {
-            if claim_due(&mut self.inner.next_sweep.lock(), ttl / 2, now) {
-                sessions.retain(|_, record| record.is_live(now));
-            }
-        }
-        let record = Record {
-            session: session.clone(),
-            expires: self.expires(now),
-        };
-        sessions.insert(session.key.clone(), record);
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(std::future::ready(self.write(session, false)))
     }
 
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
@@ -160,5 +172,14 @@ impl SessionStore for MemoryStore {
     /// Half the TTL ([`with_ttl`](MemoryStore::with_ttl)), if any.
     fn refresh_interval(&self) -> Option<Duration> {
         self.ttl.map(|ttl| ttl / 2)
+    }
+
+    /// Renews the record stored under `session`'s key, its backend and
+    /// data as they are (another layer sharing the store may have moved
+    /// the session since, and its record is not overwritten with this
+    /// copy), and brings its `last_seen` time up to date. A record that is
+    /// gone (expired) is saved again.
+    fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(self.write(session, true)))
     }
 }

@@ -180,9 +180,12 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Keeps `session`'s record alive: it is in use. By default a
     /// [`save`](Self::save) (which also brings its `last_seen` time up to
-    /// date); a store whose saves tell other replicas about a change
-    /// should only renew the record's expiry here, as `RedisStore` does,
-    /// since nothing about the session changed.
+    /// date). A store shared by several replicas should renew the record
+    /// it holds instead, as the stores of this crate do, and write
+    /// `session` only when the record is gone: the copy a replica refreshes
+    /// may be older than a move another replica saved since. A store whose
+    /// saves tell other replicas about a change has a further reason to, as
+    /// nothing about the session changed.
     fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         self.save(session)
     }

@@ -60,6 +60,21 @@ pub async fn refuses_data_nested_too_deep(store: &dyn SessionStore) {
     store.delete(&["deep".into()]).await.expect("delete");
 }
 
+/// What the crate's stores add for a store shared by several replicas: a
+/// refresh renews the record as it is stored, and does not write the
+/// refreshed copy over a newer one (a move another replica saved since).
+/// (The default `refresh`, a save, does; [`run`] takes either.)
+pub async fn refresh_keeps_a_newer_record(store: &dyn SessionStore) {
+    let old = session("refreshed", "node-a");
+    store.save(&old).await.expect("save");
+    let moved = session("refreshed", "node-b");
+    store.save(&moved).await.expect("save elsewhere");
+    store.refresh(&old).await.expect("refresh");
+    let back = store.load("refreshed").await.expect("load").expect("found");
+    assert_eq!(back.backend.as_str(), "node-b", "the move stays");
+    store.delete(&["refreshed".into()]).await.expect("delete");
+}
+
 /// Runs every rule against `store`, which must start empty.
 pub async fn run(store: Arc<dyn SessionStore>) {
     empty_store_loads_nothing(&*store).await;
