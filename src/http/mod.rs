@@ -575,8 +575,14 @@ where
     /// the backend allows at once (`SETTINGS_MAX_CONCURRENT_STREAMS`,
     /// often 100 to 250), requests wait for a stream to finish. Each
     /// stream may hold 2 MiB of its response that nobody has read yet,
-    /// and the connection 1 GiB in all, so clients that stop reading
-    /// their downloads hold back their own streams only. A new
+    /// and the connection 1 GiB in all, so a client that stops reading its
+    /// download does not hold back the other streams' data. Its stream
+    /// stays open, though, and counts against the backend's limit until
+    /// the client reads on or goes: enough stalled downloads (or uploads
+    /// that trickle) fill that limit, and the requests waiting behind them
+    /// time out (`read_timeout`) as if the backend had not answered. Bound
+    /// how long the front server waits for a slow client, or prefer HTTP/1
+    /// where clients are not trusted. A new
     /// connection is opened when the backend closes the old one, when a
     /// keep-alive PING goes unanswered (see
     /// [`http2_keep_alive`](Self::http2_keep_alive)), and when none of
