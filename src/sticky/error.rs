@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::BackendId;
-use crate::error::BoxError;
 use crate::store::StoreError;
 
 use super::shared::Shown;
@@ -52,7 +51,7 @@ impl SessionUnavailable {
     }
 
     /// The session's backend failed its request with `error`.
-    pub(crate) fn failed(mut self, error: BoxError) -> Self {
+    pub(crate) fn failed(mut self, error: crate::BoxError) -> Self {
         self.cause = Some(Cause::Failed(Arc::from(error)));
         self
     }
