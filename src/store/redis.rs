@@ -995,8 +995,8 @@ fn glob_escape(s: &[u8]) -> Vec<u8> {
 
 /// The URL with its password replaced: the user information up to the
 /// last `@` (a password may hold `/` and `?`; with no scheme, from the
-/// start), and the values of `pass` and `password` in the query (a
-/// `redis+unix://` URL's).
+/// start), and the values of `pass` and `password` in what follows (a
+/// `redis+unix://` URL's query, whose values may hold `@` too).
 fn redact(url: &str) -> String {
     let start = url.find("://").map_or(0, |i| i + 3);
     let (scheme, rest) = url.split_at(start);
@@ -1011,26 +1011,22 @@ fn redact(url: &str) -> String {
         }
         None => rest,
     };
-    let (head, query) = match rest.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (rest, None),
-    };
-    shown.push_str(head);
-    let Some(query) = query else {
-        return shown;
-    };
-    let pairs: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
+    let mut from = 0;
+    let ends = rest.match_indices(['?', '&']).chain([(rest.len(), "")]);
+    for (end, separator) in ends {
+        let pair = &rest[from..end];
+        match pair.split_once('=') {
             Some((name, _))
                 if name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password") =>
             {
-                format!("{name}=***")
+                shown.extend([name, "=***"]);
             }
-            _ => pair.to_owned(),
-        })
-        .collect();
-    format!("{shown}?{}", pairs.join("&"))
+            _ => shown.push_str(pair),
+        }
+        shown.push_str(separator);
+        from = end + separator.len();
+    }
+    shown
 }
 
 /// A session's record: its JSON.
@@ -1648,6 +1644,11 @@ mod tests {
         assert_eq!(
             redact("default:secret@redis.internal:6379"),
             "default:***@redis.internal:6379"
+        );
+        // An `@` in the query's user name.
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?user=svc@prod&pass=secret"),
+            "redis+unix://***@prod&pass=***"
         );
     }
 
