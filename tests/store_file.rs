@@ -38,6 +38,25 @@ async fn file_store_passes_the_contract_on_a_multi_thread_runtime() {
     support::store_contract::run(Arc::new(store)).await;
 }
 
+/// A refresh renews a record that cannot be read no more than a load
+/// reads it: it fails, and the file stays for inspection.
+#[tokio::test]
+async fn a_refresh_leaves_a_record_it_cannot_read_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path())
+        .await
+        .unwrap()
+        .with_ttl(std::time::Duration::from_secs(3600));
+    let file = tmp.path().join("k_garbage.json");
+    std::fs::write(&file, b"not json").unwrap();
+    let err = store
+        .refresh(&Session::new("garbage", "a".into()))
+        .await
+        .expect_err("unreadable");
+    assert!(err.is_corrupt(), "{err:?}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"not json");
+}
+
 #[tokio::test]
 async fn creates_the_directory_and_its_parents() {
     let tmp = tempfile::tempdir().unwrap();

@@ -396,14 +396,15 @@ impl SessionStore for FileStore {
     /// Renews the record on file as it is (a load renews it): another
     /// process sharing the directory may have moved the session since, and
     /// its record is not overwritten with this copy. A record that is gone
-    /// (expired, pruned) or unreadable is saved again.
+    /// (expired, pruned, or deleted through another process: there are no
+    /// tombstones) is saved again, in a second step a save by another
+    /// process can come between. A record that cannot be read fails the
+    /// refresh and stays as it is.
     fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            match self.load(&session.key).await {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => self.save(session).await,
-                Err(e) if e.is_corrupt() => self.save(session).await,
-                Err(e) => Err(e),
+            match self.load(&session.key).await? {
+                Some(_) => Ok(()),
+                None => self.save(session).await,
             }
         })
     }

@@ -178,7 +178,8 @@ impl SessionStore for MemoryStore {
     /// data as they are (another layer sharing the store may have moved
     /// the session since, and its record is not overwritten with this
     /// copy), and brings its `last_seen` time up to date. A record that is
-    /// gone (expired) is saved again.
+    /// gone (expired, or deleted through another handle: there are no
+    /// tombstones) is saved again.
     fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         Box::pin(std::future::ready(self.write(session, true)))
     }

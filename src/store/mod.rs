@@ -183,7 +183,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// date). A store shared by several replicas should renew the record
     /// it holds instead, as the stores of this crate do, and write
     /// `session` only when the record is gone: the copy a replica refreshes
-    /// may be older than a move another replica saved since. A store whose
+    /// may be older than a move another replica saved since. (Gone by
+    /// expiry, that is: `RedisStore` keeps a tombstone for a deleted
+    /// record so as not to write it back; `MemoryStore` and `FileStore`
+    /// cannot tell, and do.) A store whose
     /// saves tell other replicas about a change has a further reason to, as
     /// nothing about the session changed.
     fn refresh<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
