@@ -20,7 +20,9 @@ use super::shared::Shown;
 /// not be read, and the backend's when its backend failed the request
 /// before it was sent (a refused connection, say). Its `Debug` output shows
 /// a learned cookie's value (the application's credential) as a digest, as
-/// the layer's logs do; [`key`](Self::key) gives it whole.
+/// the layer's logs do; [`key`](Self::key) gives it whole. (A store's error
+/// as its source may name the key, as the store errors the layer logs
+/// may.)
 #[derive(Clone)]
 pub struct SessionUnavailable {
     key: String,
