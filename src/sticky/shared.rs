@@ -1173,10 +1173,11 @@ impl Shared {
     /// Restores a session loaded in replication mode, one instance at a
     /// time: the instance that takes `lock` re-reads the record, runs the
     /// `on_restore` hook and reads the record the hook left; the others
-    /// wait for it and take the record as it left it. The session is routed to its stored backend either
-    /// way; a hook or lock failure is logged and keeps the record. `None`
-    /// when the record is gone by the time the lock is had (the session
-    /// ended meanwhile): nothing is restored.
+    /// wait for it and take the record as it left it. The session is
+    /// routed to its stored backend either way; a hook or lock failure is
+    /// logged and keeps the record. `None` when the record is gone by the
+    /// time the lock is had (the session ended meanwhile): nothing is
+    /// restored.
     async fn hydrate(
         &self,
         store: &dyn SessionStore,

@@ -57,8 +57,8 @@ impl MemoryStore {
     /// does not find an expired record
     /// ([`load_all`](SessionStore::load_all) neither, and does not renew
     /// what it finds, so that restarts do not keep every record alive), and
-    /// saves remove expired records (each save at most once every half
-    /// `ttl` looks at every record). The sticky layer refreshes a session
+    /// saves and refreshes remove expired records (at most once every half
+    /// `ttl`, one of them looks at every record). The sticky layer refreshes a session
     /// it serves every half `ttl` (see
     /// [`SessionStore::refresh_interval`]), so only sessions nobody uses
     /// expire. `ttl` is taken as at least 1 ms and at most about a
