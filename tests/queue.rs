@@ -912,17 +912,24 @@ impl Strategy for FreesWhilePicking {
     }
 }
 
+/// Backend "a", full, under a strategy that frees its place while it
+/// picks.
+fn freed_while_picking(seen: &Seen) -> (Pool<Recording>, FreesWhilePicking) {
+    let (pool, held) = full_pool(&["a"], seen);
+    let strategy = FreesWhilePicking {
+        inner: RoundRobin::new(),
+        held: Mutex::new(held),
+    };
+    (pool, strategy)
+}
+
 /// A place that opens as the strategy finds every backend full is no
 /// reason to refuse the request as if none could take it: the request
 /// waits in the queue, which gives it that place at once.
 #[tokio::test(start_paused = true)]
 async fn a_place_freed_during_the_pick_is_waited_for_not_refused() {
     let seen = Seen::default();
-    let (pool, held) = full_pool(&["a"], &seen);
-    let strategy = FreesWhilePicking {
-        inner: RoundRobin::new(),
-        held: Mutex::new(held),
-    };
+    let (pool, strategy) = freed_while_picking(&seen);
     let balance = Balance::new(pool, strategy).queue(10, Duration::from_secs(5));
     let answer = send(&balance, "r").await.unwrap();
     assert_eq!(served_by(&answer), "a");
@@ -934,11 +941,7 @@ async fn a_place_freed_during_the_pick_is_waited_for_not_refused() {
 #[tokio::test(start_paused = true)]
 async fn a_place_freed_during_the_pick_reads_as_at_limit_without_a_queue() {
     let seen = Seen::default();
-    let (pool, held) = full_pool(&["a"], &seen);
-    let strategy = FreesWhilePicking {
-        inner: RoundRobin::new(),
-        held: Mutex::new(held),
-    };
+    let (pool, strategy) = freed_while_picking(&seen);
     let balance = Balance::new(pool, strategy);
     let answer = send(&balance, "r").await.unwrap();
     assert!(no_backend(&answer).is_at_limit());
