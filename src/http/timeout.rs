@@ -40,10 +40,12 @@ pub(super) struct Progress {
     starved: AtomicBool,
     /// The request came over HTTP/1, whose client sends its body before it
     /// waits for the response, whatever the backend speaks (see [`Head`]).
+    #[cfg_attr(not(feature = "http2"), allow(dead_code))]
     from_http1: bool,
 }
 
 /// Whether the request whose upload `sent` follows came over HTTP/1.
+#[cfg(feature = "http2")]
 pub(super) fn from_http1(sent: &Sent) -> bool {
     sent.as_ref().is_some_and(|p| p.from_http1)
 }
