@@ -22,6 +22,18 @@ use tower_ha::{AdminStatus, BackendId, BackendState, BoxError, HealthStatus, Poo
 mod support;
 use support::health_mock::*;
 
+/// A checker of `pool` that probes every second, without jitter, so that
+/// probes fall at exact instants.
+fn every_second<S, P>(pool: Pool<S>, probe: P) -> HealthChecker<S, P>
+where
+    S: Clone + Send + Sync + 'static,
+    P: tower_ha::health::Probe<S>,
+{
+    HealthChecker::new(pool, probe)
+        .interval(secs(1))
+        .jitter(Duration::ZERO)
+}
+
 // ---------------------------------------------------------------------------
 // Passive detection
 // ---------------------------------------------------------------------------
@@ -684,9 +696,7 @@ async fn rise_and_fall_count_consecutive_probe_results() {
         ],
     );
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), script.probe())
         .rise(2)
         .fall(3)
         .spawn();
@@ -713,9 +723,7 @@ async fn rise_and_fall_count_from_a_health_set_by_someone_else() {
     script.push("a", &[true, true, true, true, true]);
     script.push("a", &[false; 8]);
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), script.probe())
         .rise(3)
         .fall(3)
         .spawn();
@@ -848,9 +856,7 @@ async fn start_unhealthy_waits_for_rise_passing_probes() {
     let state = pool.state(&"a".into()).unwrap();
     let script = Script::default();
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), script.probe())
         .rise(3)
         .start_unhealthy(true)
         .spawn();
@@ -890,14 +896,9 @@ async fn start_unhealthy_leaves_a_shared_state_alone() {
     let (first, _) = pool_of(&["a"]);
     let state = first.state(&"a".into()).unwrap();
     let script = Script::default();
-    let _watching = HealthChecker::new(first.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
-        .spawn();
+    let _watching = every_second(first.clone(), script.probe()).spawn();
     let second: Pool<Backend> = Pool::new();
-    let _checker = HealthChecker::new(second.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(second.clone(), script.probe())
         .start_unhealthy(true)
         .spawn();
     second.insert_with_state("a", Backend::new(), state.clone());
@@ -921,9 +922,7 @@ async fn start_unhealthy_leaves_a_state_given_before_it_starts_alone() {
     let second: Pool<Backend> = Pool::new();
     second.insert_with_state("a", Backend::new(), state.clone());
     second.insert("b", Backend::new());
-    let _checker = HealthChecker::new(second.clone(), Script::default().probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(second.clone(), Script::default().probe())
         .start_unhealthy(true)
         .spawn();
     settle().await;
@@ -977,9 +976,7 @@ async fn start_unhealthy_leaves_a_backend_that_has_served_alone() {
     let script = Script::default();
     // The primary's first probe fails (one of `fall`), the backup's passes.
     script.push("p", &[false]);
-    let _checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), script.probe())
         .rise(1)
         .start_unhealthy(true)
         .spawn();
@@ -1008,9 +1005,7 @@ async fn a_backend_made_unhealthy_elsewhere_is_turned_off_and_removed() {
     // Passes once, then fails for good.
     script.push("a", &[true, false]);
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), script.probe())
         .fall(3)
         .turned_off_after(secs(5))
         .removed_after(secs(10))
@@ -1166,20 +1161,14 @@ async fn a_shutdown_waits_for_the_probes_under_way() {
 async fn the_checker_stops_when_its_handle_is_dropped_or_shut_down() {
     let (pool, _) = pool_of(&["a"]);
     let script = Script::default();
-    let checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
-        .spawn();
+    let checker = every_second(pool.clone(), script.probe()).spawn();
     settle().await;
     assert_eq!(script.probes.load(Ordering::SeqCst), 1);
     drop(checker);
     tokio::time::sleep(secs(10)).await;
     assert_eq!(script.probes.load(Ordering::SeqCst), 1);
 
-    let checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
-        .spawn();
+    let checker = every_second(pool.clone(), script.probe()).spawn();
     settle().await;
     assert_eq!(script.probes.load(Ordering::SeqCst), 2);
     assert!(!checker.is_finished());
@@ -1231,9 +1220,7 @@ async fn a_backend_the_operator_disabled_is_not_removed() {
     let script = Script::default();
     script.push("a", &[true, false]);
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), script.probe())
         .fall(1)
         .removed_after(secs(10))
         .spawn();
@@ -1260,9 +1247,7 @@ async fn a_backend_back_with_its_state_is_probed_before_removal() {
     let script = Script::default();
     script.push("a", &[true, false]);
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), script.probe())
         .fall(1)
         .rise(1)
         .removed_after(secs(30))
@@ -1291,9 +1276,7 @@ async fn durations_meaning_never_do_not_stop_the_checker() {
     let script = Script::default();
     script.push("a", &[true, false]);
     let t0 = Instant::now();
-    let checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let checker = every_second(pool.clone(), script.probe())
         .fall(1)
         .turned_off_after(Duration::MAX)
         .removed_after(Duration::MAX)
@@ -1315,9 +1298,7 @@ async fn a_backend_never_seen_healthy_is_neither_turned_off_nor_removed() {
     let script = Script::default();
     script.set("a", false);
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), script.probe())
         .fall(1)
         .turned_off_after(secs(2))
         .removed_after(secs(4))
@@ -1336,9 +1317,7 @@ async fn a_turned_off_backend_recovers_on_its_own() {
     let script = Script::default();
     script.push("a", &[true, false]);
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), script.probe())
         .fall(1)
         .rise(2)
         .turned_off_after(secs(5))
@@ -1369,9 +1348,7 @@ async fn a_turned_off_backend_recovers_on_its_own() {
 async fn slow_start_ramps_new_and_recovered_backends() {
     let (pool, _) = pool_of(&["a"]);
     let script = Script::default();
-    let _checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), script.probe())
         .fall(1)
         .rise(1)
         .slow_start(SlowStart::new(secs(10)))
@@ -1420,9 +1397,7 @@ async fn b_ramping(
     fall: u32,
 ) -> (Pool<Backend>, CheckerHandle, Arc<BackendState>) {
     let (pool, _) = pool_of(&["a"]);
-    let checker = HealthChecker::new(pool.clone(), script.probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let checker = every_second(pool.clone(), script.probe())
         .fall(fall)
         .slow_start(SlowStart::new(secs(10)).min_weight(0.2))
         .spawn();
@@ -1482,9 +1457,7 @@ async fn a_backend_that_leaves_and_comes_back_with_its_state_is_not_started_agai
         pool.discover(futures::stream::iter([Ok::<_, BoxError>(change)]))
     };
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), Script::default().probe())
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
+    let _checker = every_second(pool.clone(), Script::default().probe())
         .rise(2)
         .start_unhealthy(true)
         .slow_start(SlowStart::new(secs(10)))
@@ -1946,10 +1919,7 @@ async fn a_probe_that_cannot_get_a_health_service_ready_is_a_passive_failure() {
     send(&svc, "a", &state).await;
     down.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
-    let _checker = HealthChecker::new(pool.clone(), HttpProbe::<()>::new("/healthz"))
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
-        .spawn();
+    let _checker = every_second(pool.clone(), HttpProbe::<()>::new("/healthz")).spawn();
     at(t0 + ms(500)).await;
     assert_eq!(state.consecutive_failures(), 1);
     // A probe's response, on the other hand, is not observed.
@@ -1973,11 +1943,7 @@ async fn a_probe_that_panics_when_called_fails_its_backend_and_checks_go_on() {
         async { Ok::<(), BoxError>(()) }
     });
     let t0 = Instant::now();
-    let checker = HealthChecker::new(pool.clone(), probe)
-        .interval(secs(1))
-        .jitter(Duration::ZERO)
-        .fall(1)
-        .spawn();
+    let checker = every_second(pool.clone(), probe).fall(1).spawn();
     at(t0 + ms(100)).await;
     assert_eq!(probes.load(Ordering::Relaxed), 1);
     pool.insert("added", ());
