@@ -898,6 +898,35 @@ fn one_field(name: &'static str, value: &'static str) -> http::HeaderMap {
     map
 }
 
+/// A front end: a hyper HTTP/1 server on 127.0.0.1 proxying through
+/// `backend`, and a client connection to it.
+async fn http1_front<B>(
+    backend: HttpBackend<Incoming>,
+) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let front = accept_counting(move |stream, _| {
+        let backend = backend.clone();
+        async move {
+            let service = service_fn(move |req| backend.clone().oneshot(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await
+    .0;
+    let stream = TcpStream::connect(front).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
 /// Trailer fields pass through a hyper front end both ways: `Trailer`,
 /// which announces them (and without which hyper does not send them), is
 /// forwarded.
@@ -927,26 +956,9 @@ async fn trailers_pass_both_ways() {
     })
     .await
     .0;
-    // The front end: a hyper server proxying through `HttpBackend`.
     let client = HttpClient::<Incoming>::new();
     let backend = HttpBackend::new(&client, format!("http://{backend_addr}")).unwrap();
-    let front = accept_counting(move |stream, _| {
-        let backend = backend.clone();
-        async move {
-            let service = service_fn(move |req| backend.clone().oneshot(req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        }
-    })
-    .await
-    .0;
-
-    let stream = TcpStream::connect(front).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let mut sender = http1_front(backend).await;
     let req = Request::post("/")
         .header("host", "front.example")
         .header("te", "trailers")
@@ -1722,22 +1734,7 @@ mod http2 {
         .await;
         let client = HttpClient::<Incoming>::new().http2_only(true);
         let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
-        let front = accept_counting(move |stream, _| {
-            let backend = backend.clone();
-            async move {
-                let service = service_fn(move |req| backend.clone().oneshot(req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            }
-        })
-        .await
-        .0;
-        let stream = TcpStream::connect(front).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let mut sender = http1_front(backend).await;
         for _ in 0..2 {
             let req = Request::get("/")
                 .header("host", "front.example")
