@@ -523,6 +523,11 @@ impl Shared {
         Shown::new(key, self.learns_cookie())
     }
 
+    /// The strict refusal of session `key`, bound to `backend`.
+    fn unavailable(&self, key: &str, backend: BackendId) -> SessionUnavailable {
+        SessionUnavailable::new(key, self.learns_cookie(), backend)
+    }
+
     fn count_dropped(&self, dropped: Dropped) {
         bump(&self.counters.expired, dropped.expired);
         bump(&self.counters.evicted, dropped.evicted);
@@ -920,11 +925,7 @@ impl Shared {
             let status = self.config.backends.status(&hit.backend);
             if !matches!(status, Status::Available | Status::Draining) {
                 bump(&self.counters.strict_refusals, 1);
-                return Err(SessionUnavailable::new(
-                    &hit.key,
-                    self.learns_cookie(),
-                    hit.backend,
-                ));
+                return Err(self.unavailable(&hit.key, hit.backend));
             }
             // That backend or none: should it become unavailable before the
             // balancer picks, or fail, the request goes nowhere else.
@@ -1452,7 +1453,7 @@ impl Shared {
                     if save {
                         self.table.unkeep(&key, &backend);
                     }
-                    return Err(SessionUnavailable::new(&key, self.learns_cookie(), backend));
+                    return Err(self.unavailable(&key, backend));
                 } else {
                     let reason = self.reason(&backend, failed);
                     let tag = self.tag(&key, served);
@@ -1659,9 +1660,7 @@ impl Shared {
             let could_not_take = find::<NoBackend>(&*error).is_some() || own_failure == Some(true);
             if self.config.strict && could_not_take {
                 bump(&self.counters.strict_refusals, 1);
-                return SessionUnavailable::new(key, self.learns_cookie(), backend.clone())
-                    .failed(error)
-                    .into();
+                return self.unavailable(key, backend.clone()).failed(error).into();
             }
         }
         error
