@@ -112,6 +112,13 @@ impl Queued {
         None
     }
 
+    /// Whether this is a barrier whose waiters have all gone.
+    fn abandoned(&self) -> bool {
+        matches!(self.write, Write::Barrier(_))
+            && self.done.is_closed()
+            && self.joined.iter().all(oneshot::Sender::is_closed)
+    }
+
     /// Tells every waiter the write's `result`.
     fn finish(self, result: Result<(), StoreError>) {
         for joined in self.joined {
@@ -177,13 +184,29 @@ impl Writes {
         let mut queues = owner.writes().queues.lock();
         let queue = queues.get_mut(key)?;
         let (done, result) = oneshot::channel();
-        // Nothing joins a barrier, nor does it join anything: its task
-        // comes to it after every write before it.
-        queue.push_back(Queued {
-            write: Write::Barrier(key.to_owned()),
-            done,
-            joined: Vec::new(),
-        });
+        // Loads keep coming while a write is stuck (a store that hangs),
+        // and those whose requests gave up leave their barriers behind:
+        // with nobody waiting, a barrier is dropped, so the queue does not
+        // grow with every load. Nothing joins a barrier but a barrier,
+        // which lands when it does; nor does a barrier join anything: its
+        // task comes to it after every write before it.
+        queue.retain(|queued| !queued.abandoned());
+        match queue.back_mut() {
+            Some(
+                last @ Queued {
+                    write: Write::Barrier(_),
+                    ..
+                },
+            ) => {
+                last.joined.retain(|joined| !joined.is_closed());
+                last.joined.push(done);
+            }
+            _ => queue.push_back(Queued {
+                write: Write::Barrier(key.to_owned()),
+                done,
+                joined: Vec::new(),
+            }),
+        }
         Some(result)
     }
 
@@ -597,6 +620,59 @@ mod tests {
         landed(first).await.unwrap();
         landed(gone).await.unwrap();
         assert!(inner.load("k").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn loads_behind_a_stuck_write_keep_its_queue_short() {
+        let (store, inner, permits) = gated();
+        let log = Arc::new(Log::default());
+        let save = |backend: &str| Write::Save(Session::new("k", backend.into()));
+        let first = Writes::submit(&log, &store, save("a"));
+        let queue = |log: &Log| {
+            let queues = log.writes.queues.lock();
+            let queue = queues.get("k").expect("k's writes are under way");
+            let kinds: Vec<_> = queue.iter().map(|queued| queued.write.op()).collect();
+            let waiters = queue.back().map_or(0, |last| 1 + last.joined.len());
+            (kinds, waiters)
+        };
+        // The save hangs; loads come and their requests give up.
+        for _ in 0..1000 {
+            drop(Writes::behind(&log, "k").expect("a write is under way"));
+        }
+        assert_eq!(queue(&log), (vec!["barrier"], 1));
+        // Loads that still wait share one barrier, which keeps only them.
+        let mut waiting: Vec<Done> = (0..10)
+            .map(|_| Writes::behind(&log, "k").unwrap())
+            .collect();
+        waiting.drain(..5);
+        waiting.push(Writes::behind(&log, "k").unwrap());
+        assert_eq!(queue(&log), (vec!["barrier"], 7));
+        // A write decided after them lands after them, and a load after
+        // that waits for it.
+        let later = Writes::submit(&log, &store, save("b"));
+        let mut after_later = Writes::behind(&log, "k").unwrap();
+        assert_eq!(queue(&log).0, ["barrier", "save", "barrier"]);
+        permits.add_permits(1);
+        landed(first).await.unwrap();
+        for done in waiting {
+            landed(done).await.unwrap();
+        }
+        assert!(
+            after_later.try_recv().is_err(),
+            "the later save has no permit"
+        );
+        assert_eq!(
+            inner.load("k").await.unwrap().unwrap().backend.as_str(),
+            "a"
+        );
+        permits.add_permits(1);
+        landed(later).await.unwrap();
+        landed(after_later).await.unwrap();
+        assert_eq!(
+            inner.load("k").await.unwrap().unwrap().backend.as_str(),
+            "b"
+        );
+        assert!(log.writes.queues.lock().is_empty());
     }
 
     #[tokio::test]
