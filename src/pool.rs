@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower::discover::{Change, Discover};
 
-use crate::backend::{BackendId, BackendState};
+use crate::backend::{AdminStatus, BackendId, BackendState};
 use crate::balance::queue::Room;
 
 /// The id index. SipHash (std's) rather than streaming XXH3: ids are
@@ -289,12 +289,10 @@ impl Kept {
         self.states.push_back((id, state, made, now));
     }
 
-    /// Forgets the kept state of `id` (only if it is `state`, when given);
-    /// returns whether one was kept.
-    fn forget(&mut self, id: &BackendId, state: Option<&Arc<BackendState>>) -> bool {
+    /// Forgets the kept state of `id`; returns whether one was kept.
+    fn forget(&mut self, id: &BackendId) -> bool {
         let before = self.states.len();
-        self.states
-            .retain(|(kept, s, ..)| kept != id || state.is_some_and(|st| !Arc::ptr_eq(s, st)));
+        self.states.retain(|(kept, ..)| kept != id);
         self.states.len() != before
     }
 
@@ -444,6 +442,29 @@ impl<S> Pool<S> {
     /// neither.
     pub(crate) fn live_or_kept_state(&self, id: &BackendId) -> Option<(Arc<BackendState>, bool)> {
         let _writer = self.shared.writer.lock();
+        self.live_or_kept(id)
+    }
+
+    /// Sets the admin status of backend `id`'s state, live or kept for its
+    /// return, as found under the writer's lock; returns the state, whether
+    /// it is live, and its previous status. Under that lock, a removal that
+    /// spares backends the operator took out (see
+    /// [`remove_if_enabled`](Self::remove_if_enabled)) comes wholly before
+    /// the change or wholly after it.
+    pub(crate) fn set_admin_of(
+        &self,
+        id: &BackendId,
+        admin: AdminStatus,
+    ) -> Option<(Arc<BackendState>, bool, AdminStatus)> {
+        let _writer = self.shared.writer.lock();
+        let (state, live) = self.live_or_kept(id)?;
+        let was = state.set_admin(admin);
+        Some((state, live, was))
+    }
+
+    /// What [`live_or_kept_state`](Self::live_or_kept_state) reads, with
+    /// the writer's lock held.
+    fn live_or_kept(&self, id: &BackendId) -> Option<(Arc<BackendState>, bool)> {
         match self.state(id) {
             Some(state) => Some((state, true)),
             None => self.shared.kept.lock().get(id).map(|state| (state, false)),
@@ -593,40 +614,49 @@ impl<S: Clone> Pool<S> {
     /// [`keep_removed_for`](Self::keep_removed_for)); removing such a
     /// backend again (`false`: it is not in the pool) forgets its state.
     pub fn remove(&self, id: &BackendId) -> bool {
-        self.remove_where(id, None, false).0
+        self.remove_where(id, false).0
     }
 
     /// Removes backend `id` as [`remove`](Self::remove) does; returns
     /// whether it was present, or out of the pool with its state kept for
     /// its return (now forgotten).
     pub(crate) fn remove_or_forget(&self, id: &BackendId) -> bool {
-        let (removed, forgot) = self.remove_where(id, None, false);
+        let (removed, forgot) = self.remove_where(id, false);
         removed || forgot
     }
 
     /// Removes backend `id` only if its state is still `state` (not another
-    /// backend inserted under the same id since); returns whether it did.
-    pub(crate) fn remove_if_state(&self, id: &BackendId, state: &Arc<BackendState>) -> bool {
-        self.remove_where(id, Some(state), false).0
+    /// backend inserted under the same id since) and the operator has not
+    /// taken it out (disabled or draining: a removal would forget that, and
+    /// a discovery that still lists it would put it back enabled); returns
+    /// whether it did. Both are checked under the writer's lock, which the
+    /// control `Handle` takes to change a backend's status: a disable at
+    /// that moment either comes first and spares the backend, or finds it
+    /// gone.
+    pub(crate) fn remove_if_enabled(&self, id: &BackendId, state: &Arc<BackendState>) -> bool {
+        let mut removed = false;
+        self.change(|members, services| {
+            let found = members.iter().position(|m| {
+                &m.id == id && Arc::ptr_eq(&m.state, state) && state.admin() == AdminStatus::Enabled
+            });
+            if let Some(i) = found {
+                members.remove(i);
+                services.remove(i);
+                removed = true;
+            }
+            removed
+        });
+        removed
     }
 
-    /// Removes backend `id` (only if its state is `state`, when given),
-    /// keeping its state for an insert of the same id within the pool's
-    /// [`keep_removed_for`](Self::keep_removed_for) window if `keep`.
-    /// Returns whether it removed it, and whether it forgot a kept state of
-    /// it instead.
-    fn remove_where(
-        &self,
-        id: &BackendId,
-        state: Option<&Arc<BackendState>>,
-        keep: bool,
-    ) -> (bool, bool) {
+    /// Removes backend `id`, keeping its state for an insert of the same
+    /// id within the pool's [`keep_removed_for`](Self::keep_removed_for)
+    /// window if `keep`. Returns whether it removed it, and whether it
+    /// forgot a kept state of it instead.
+    fn remove_where(&self, id: &BackendId, keep: bool) -> (bool, bool) {
         let (mut removed, mut forgot) = (false, false);
         self.change(|members, services| {
-            let found = members
-                .iter()
-                .position(|m| &m.id == id && state.is_none_or(|s| Arc::ptr_eq(&m.state, s)));
-            if let Some(i) = found {
+            if let Some(i) = members.iter().position(|m| &m.id == id) {
                 let member = members.remove(i);
                 services.remove(i);
                 if keep {
@@ -636,7 +666,7 @@ impl<S: Clone> Pool<S> {
             } else if !keep {
                 // Out of the pool already, by discovery: its kept state is
                 // forgotten all the same.
-                forgot = self.shared.kept.lock().forget(id, state);
+                forgot = self.shared.kept.lock().forget(id);
             }
             removed
         });
@@ -720,7 +750,7 @@ impl<S: Clone> Pool<S> {
             match change? {
                 Change::Insert(key, service) => self.insert(key, service),
                 Change::Remove(key) => {
-                    self.remove_where(&key.into(), None, true);
+                    self.remove_where(&key.into(), true);
                 }
             }
         }
@@ -1013,15 +1043,36 @@ mod tests {
     }
 
     #[test]
-    fn remove_if_state_spares_a_backend_inserted_since() {
+    fn remove_if_enabled_spares_a_backend_inserted_since() {
         let pool: Pool<u8> = Pool::new();
         pool.insert("a", 1);
         let old = pool.state(&"a".into()).unwrap();
         let new = Arc::new(BackendState::new(1));
         pool.insert_with_state("a", 2, new.clone());
-        assert!(!pool.remove_if_state(&"a".into(), &old));
+        assert!(!pool.remove_if_enabled(&"a".into(), &old));
         assert!(pool.contains(&"a".into()));
-        assert!(pool.remove_if_state(&"a".into(), &new));
+        assert!(pool.remove_if_enabled(&"a".into(), &new));
         assert!(!pool.contains(&"a".into()));
+    }
+
+    /// The status is read under the lock a control action takes to set
+    /// it, not before: a backend disabled or drained as the removal comes
+    /// stays, with the operator's decision.
+    #[test]
+    fn remove_if_enabled_spares_a_backend_the_operator_took_out() {
+        let pool: Pool<u8> = Pool::new();
+        pool.insert("a", 1);
+        let a = BackendId::from("a");
+        let state = pool.state(&a).unwrap();
+        for admin in [AdminStatus::Disabled, AdminStatus::Draining] {
+            let (set, live, was) = pool.set_admin_of(&a, admin).unwrap();
+            assert!(Arc::ptr_eq(&set, &state) && live);
+            assert_eq!(was, AdminStatus::Enabled);
+            assert!(!pool.remove_if_enabled(&a, &state));
+            assert_eq!(pool.state(&a).unwrap().admin(), admin);
+            state.set_admin(AdminStatus::Enabled);
+        }
+        assert!(pool.remove_if_enabled(&a, &state));
+        assert!(pool.set_admin_of(&a, AdminStatus::Disabled).is_none());
     }
 }

@@ -102,6 +102,15 @@ trait PoolOps: Send + Sync {
     /// The state of `id` and whether it is live, or else the state kept
     /// for its return, read at one moment.
     fn live_or_kept_state(&self, id: &BackendId) -> Option<(Arc<BackendState>, bool)>;
+    /// Sets the admin status of the state [`live_or_kept_state`] finds, at
+    /// that moment; returns it, whether it is live, and its status before.
+    ///
+    /// [`live_or_kept_state`]: PoolOps::live_or_kept_state
+    fn set_admin(
+        &self,
+        id: &BackendId,
+        admin: AdminStatus,
+    ) -> Option<(Arc<BackendState>, bool, AdminStatus)>;
     /// Removes `id`, or forgets the state kept for its return; whether
     /// either was there.
     fn remove(&self, id: &BackendId) -> bool;
@@ -118,6 +127,13 @@ impl<S: Clone + Send + Sync + 'static> PoolOps for Pool<S> {
     }
     fn live_or_kept_state(&self, id: &BackendId) -> Option<(Arc<BackendState>, bool)> {
         Pool::live_or_kept_state(self, id)
+    }
+    fn set_admin(
+        &self,
+        id: &BackendId,
+        admin: AdminStatus,
+    ) -> Option<(Arc<BackendState>, bool, AdminStatus)> {
+        Pool::set_admin_of(self, id, admin)
     }
     fn remove(&self, id: &BackendId) -> bool {
         Pool::remove_or_forget(self, id)
@@ -299,17 +315,34 @@ fn reached_states(inner: &Inner, id: &BackendId) -> Vec<Arc<BackendState>> {
 /// whether a pool holds it live: the live ones first, then those only kept
 /// for the backend's return.
 fn held_states(inner: &Inner, id: &BackendId) -> Vec<(Arc<BackendState>, bool)> {
+    gather(inner, |pool| {
+        let (state, live) = pool.live_or_kept_state(id)?;
+        Some((state, live, ()))
+    })
+    .into_iter()
+    .map(|(state, live, ())| (state, live))
+    .collect()
+}
+
+/// The distinct states `each` finds in the groups' pools (with whether the
+/// pool holds it live, and what else it tells of it), each with whether a
+/// pool holds it live and what `each` told of it first: the live ones
+/// first, then those only kept for the backend's return.
+fn gather<T>(
+    inner: &Inner,
+    mut each: impl FnMut(&dyn PoolOps) -> Option<(Arc<BackendState>, bool, T)>,
+) -> Vec<(Arc<BackendState>, bool, T)> {
     let groups = inner.groups.read();
-    let mut states: Vec<(Arc<BackendState>, bool)> = Vec::new();
-    for (state, live) in groups.iter().filter_map(|g| g.pool.live_or_kept_state(id)) {
-        match states.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &state)) {
+    let mut states: Vec<(Arc<BackendState>, bool, T)> = Vec::new();
+    for (state, live, told) in groups.iter().filter_map(|g| each(&*g.pool)) {
+        match states.iter_mut().find(|(s, ..)| Arc::ptr_eq(s, &state)) {
             // A state live in one pool and kept by another is live.
-            Some((_, seen_live)) => *seen_live |= live,
-            None => states.push((state, live)),
+            Some((_, seen_live, _)) => *seen_live |= live,
+            None => states.push((state, live, told)),
         }
     }
     // Stable: the groups' order within each kind.
-    states.sort_by_key(|(_, live)| !live);
+    states.sort_by_key(|(_, live, _)| !live);
     states
 }
 
@@ -493,9 +526,6 @@ impl Handle {
     ) -> Result<(Vec<Arc<BackendState>>, Option<u64>), ControlError> {
         // This action ends a drain's pending deadline; a drain starts one.
         let epoch = self.inner.epoch_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        // The backend's states in several groups may have differed: the
-        // event says what the first that changed was.
-        let mut from = None;
         let (states, ended) = {
             // The states change, and the event is emitted, under the lock
             // a drain's deadline takes, so that actions and deadlines apply
@@ -503,13 +533,18 @@ impl Handle {
             // states are collected under it too, so that a copy of the
             // backend added meanwhile to another group is among them.
             let mut drains = self.inner.drains.lock();
-            let states = self.states(id)?;
-            for state in &states {
-                let was = state.set_admin(to);
-                if was != to {
-                    from = from.or(Some(was));
-                }
+            // Each set as its pool finds it, under the pool's lock: the
+            // health checker's `removed_after` spares a backend the
+            // operator took out, and checks under that lock too, so a
+            // backend it removes at this moment is either gone or spared.
+            let set = gather(&self.inner, |pool| pool.set_admin(id, to));
+            if set.is_empty() {
+                return Err(ControlError::UnknownBackend(id.to_string()));
             }
+            // The backend's states in several groups may have differed: the
+            // event says what the first that changed was.
+            let from = set.iter().map(|(_, _, was)| *was).find(|was| *was != to);
+            let states: Vec<_> = set.into_iter().map(|(state, ..)| state).collect();
             if let Some(from) = from {
                 self.inner.events.emit(Event::AdminChanged {
                     backend: id.clone(),

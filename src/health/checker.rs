@@ -664,13 +664,17 @@ where
                 wake = [wake, ramp].into_iter().flatten().min();
             }
             for id in removals {
-                let Some(mut entry) = self.entries.remove(&id) else {
+                let Some(entry) = self.entries.get(&id) else {
                     continue;
                 };
-                entry.stop_probe();
                 // Only the backend judged: the pool may hold another one
-                // under this id by now.
-                if self.pool.remove_if_state(&id, &entry.state) {
+                // under this id by now (its entry is replaced when this
+                // task takes up the change), or the operator may have
+                // taken it out since `lifecycle` looked (it stays, and is
+                // probed on).
+                if self.pool.remove_if_enabled(&id, &entry.state) {
+                    let mut entry = self.entries.remove(&id).expect("found above");
+                    entry.stop_probe();
                     tracing::warn!(
                         backend = %id,
                         from = health_name(entry.state.health()),
