@@ -843,3 +843,49 @@ async fn a_session_a_backend_starts_under_a_key_the_store_cannot_hold_stays_in_m
     assert_eq!(layer.stats().rejected, 0);
     assert_eq!(server.requests(), 0, "nothing sent to the webhook");
 }
+
+/// A service that prunes records by age says so with `ttl`: the sticky
+/// layer then saves a session in use again each half `ttl`, with no
+/// `refresh_every` of its own, and one nobody uses is left alone.
+#[tokio::test]
+async fn the_layer_saves_a_session_in_use_again_each_half_ttl() {
+    let server = Server::start(Auth::None).await;
+    let ttl = Duration::from_millis(60);
+    let build = || {
+        WebhookStore::builder(server.url())
+            .timeout(Duration::from_secs(5))
+            .ttl(ttl)
+            .build()
+            .unwrap()
+    };
+    assert_eq!(build().refresh_interval(), Some(ttl / 2));
+    assert_eq!(store(&server).refresh_interval(), None, "records stay");
+    let (layer, svc) = sticky_over_two(
+        |pool| StickyLayer::new(pool, SessionKey::header("x-session-id")).store(build()),
+        None,
+    );
+    let saves = |key: &str| {
+        let path = format!("{}/{key}", support::webhook_server::PREFIX);
+        let seen = server.state.seen.lock();
+        (seen.iter())
+            .filter(|s| s.method == http::Method::POST && s.path == path)
+            .count()
+    };
+    for key in ["used", "idle"] {
+        svc.clone().oneshot(for_session(key)).await.unwrap();
+    }
+    layer.flush().await;
+    assert_eq!(
+        (saves("used"), saves("idle")),
+        (1, 1),
+        "each saved as it starts"
+    );
+    for round in 1..=3 {
+        // Past half the ttl since the last save.
+        tokio::time::sleep(ttl / 2 + Duration::from_millis(10)).await;
+        svc.clone().oneshot(for_session("used")).await.unwrap();
+        layer.flush().await;
+        assert_eq!(saves("used"), 1 + round, "saved again, round {round}");
+    }
+    assert_eq!(saves("idle"), 1, "a session nobody uses is not saved again");
+}

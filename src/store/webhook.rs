@@ -141,6 +141,8 @@ struct Inner {
     retries: u32,
     backoff: Duration,
     max_listing: usize,
+    /// The age at which the service prunes a record left alone.
+    ttl: Option<Duration>,
     client: Client<HttpConnector, Full<Bytes>>,
     /// The last Digest challenge, reused (with a growing `nc`) until the
     /// service sends another.
@@ -163,6 +165,7 @@ pub struct WebhookStoreBuilder {
     retries: u32,
     backoff: Duration,
     max_listing: usize,
+    ttl: Option<Duration>,
 }
 
 impl WebhookStore {
@@ -194,6 +197,7 @@ impl WebhookStore {
             retries: DEFAULT_RETRIES,
             backoff: DEFAULT_BACKOFF,
             max_listing: DEFAULT_MAX_LISTING,
+            ttl: None,
         }
     }
 
@@ -268,6 +272,22 @@ impl WebhookStoreBuilder {
         self
     }
 
+    /// The age at which the service (or its database) prunes a record
+    /// that was neither saved nor loaded: the store does not prune, it
+    /// tells the sticky layer, which then refreshes every session it
+    /// serves each half `ttl` (see [`SessionStore::refresh_interval`]), so
+    /// only sessions nobody uses are pruned, and, in strict standalone
+    /// mode, forgets the key of a record left alone for twice `ttl`.
+    /// Without it (the default), the layer refreshes only with
+    /// [`StickyLayer::refresh_every`](crate::sticky::StickyLayer::refresh_every),
+    /// and in strict standalone mode keeps the key of every record it
+    /// wrote until the session ends. At least 1 ms; longer than about a
+    /// century counts as a century.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(super::clamp_ttl(ttl));
+        self
+    }
+
     /// The store. Fails with an [`other`](StoreError::is_other) error if the
     /// timeout is zero, or if the URL cannot be parsed, is not an `http://`
     /// URL, has a port that is not a number, or holds an `@` anywhere
@@ -330,6 +350,7 @@ impl WebhookStoreBuilder {
                 retries: self.retries,
                 backoff: self.backoff,
                 max_listing: self.max_listing,
+                ttl: self.ttl,
                 client,
                 challenge: Mutex::new(None),
             }),
@@ -345,6 +366,7 @@ impl fmt::Debug for WebhookStore {
             .field("timeout", &self.inner.timeout)
             .field("retries", &self.inner.retries)
             .field("backoff", &self.inner.backoff)
+            .field("ttl", &self.inner.ttl)
             .finish()
     }
 }
@@ -357,6 +379,7 @@ impl fmt::Debug for WebhookStoreBuilder {
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
             .field("backoff", &self.backoff)
+            .field("ttl", &self.ttl)
             .finish()
     }
 }
@@ -373,6 +396,12 @@ impl fmt::Debug for Auth {
 }
 
 impl SessionStore for WebhookStore {
+    /// Half the [`ttl`](WebhookStoreBuilder::ttl), if any: a session in
+    /// use is saved again before the service would prune its record.
+    fn refresh_interval(&self) -> Option<Duration> {
+        self.inner.ttl.map(|ttl| ttl / 2)
+    }
+
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         Box::pin(async move {
             let path = self.inner.collection.clone();
