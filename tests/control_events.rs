@@ -199,3 +199,33 @@ async fn releasing_a_forced_primary_is_an_event() {
         [("db".into(), "b".into()), ("db".into(), "a".into())]
     );
 }
+
+/// A switch of primary changes both backends: the last change of the one
+/// that lost the role is the switch too.
+#[test]
+fn a_primary_switch_is_the_last_change_of_both_backends() {
+    let pool = Pool::new();
+    pool.insert("a", ());
+    pool.insert("b", ());
+    let handle = Handle::new(Events::default());
+    handle
+        .add_group("db", &Balance::new(pool, Priority::new("db", ["a", "b"])))
+        .unwrap();
+    handle.force_primary("db", &"a".into()).unwrap();
+    // The switch's time differs from the first event's.
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    handle.force_primary("db", &"b".into()).unwrap();
+    let switch = handle.events().history().pop().unwrap();
+    let (a, b) = (BackendId::from("a"), BackendId::from("b"));
+    assert!(matches!(
+        &switch.event,
+        Event::PrimaryChanged { from: Some(from), to: Some(to), .. } if *from == a && *to == b
+    ));
+    for backend in [a, b] {
+        assert_eq!(
+            handle.backend_stats(&backend).unwrap().last_change,
+            Some(switch.time),
+            "{backend}"
+        );
+    }
+}

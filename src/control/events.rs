@@ -259,6 +259,16 @@ struct LastChange {
 
 impl LastChanges {
     fn record(&mut self, record: &Record, forget_removed: bool) {
+        // A switch of primary changes the backend that lost the role too,
+        // unless the switch is its removal's.
+        if let Event::PrimaryChanged {
+            from: Some(from), ..
+        } = &record.event
+        {
+            if self.map.get(from).is_none_or(|e| e.removed.is_none()) {
+                self.set(from, record, None);
+            }
+        }
         let Some(backend) = record.event.backend() else {
             return;
         };
@@ -277,6 +287,11 @@ impl LastChanges {
             }
             _ => None,
         };
+        self.set(backend, record, removed);
+    }
+
+    /// Sets `backend`'s last change to `record`'s time.
+    fn set(&mut self, backend: &BackendId, record: &Record, removed: Option<Instant>) {
         let entry = LastChange {
             time: record.time,
             removed,
@@ -436,8 +451,10 @@ impl Events {
         history.iter().skip(skip).cloned().collect()
     }
 
-    /// When an event about backend `id` was last emitted.
-    /// None for a backend removed since (and not added again).
+    /// When an event about backend `id` was last emitted (see
+    /// [`Event::backend`]; a switch of primary is about the backend that
+    /// lost the role too). None for a backend removed since (and not added
+    /// again).
     pub fn last_change(&self, id: &BackendId) -> Option<SystemTime> {
         let last = self.inner.last_change.lock();
         last.map
