@@ -831,3 +831,51 @@ async fn the_time_since_a_failover_goes_on_for_a_group_registered_again() {
     recorder.publish(&handle);
     assert_eq!(recorder.get(key), Some(3610.0));
 }
+
+/// A recorder that panics when asked for one counter (an exporter not
+/// ready yet, say).
+struct PanicsOn(&'static str);
+
+impl Recorder for PanicsOn {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        assert_ne!(key.name(), self.0, "not ready");
+        Counter::noop()
+    }
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+/// A publication cut short by a recorder's panic loses that publication
+/// only: what it did not publish is published at the next one.
+#[tokio::test(start_paused = true)]
+async fn a_recorder_that_panics_part_way_loses_no_count() {
+    let backend = service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new("a")) });
+    let pool = Pool::new();
+    pool.insert("a", backend);
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let handle = Handle::new(Events::default());
+    handle.add_group("web", &balance).unwrap();
+    let recorder = Last::default();
+    let requests = "tower_ha_backend_requests_total{backend=a,group=web}";
+    send(&balance, 5).await;
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(requests), Some(5.0));
+    // Replaced: the new state counts from 0.
+    pool.remove(&"a".into());
+    pool.insert("a", backend);
+    send(&balance, 2).await;
+    let panics = PanicsOn("tower_ha_backend_requests_total");
+    let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        metrics::with_local_recorder(&panics, || handle.publish_metrics())
+    }));
+    assert!(cut.is_err(), "the recorder panicked");
+    recorder.publish(&handle);
+    assert_eq!(recorder.get(requests), Some(7.0));
+}

@@ -1,6 +1,5 @@
 //! Publishing the stats through the `metrics` facade.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -213,7 +212,7 @@ impl Unseen {
 #[derive(Debug)]
 pub(super) struct LastLayer {
     source: Serial,
-    counts: Vec<u64>,
+    counts: Vec<Counted<Serial>>,
     /// Since when it is no longer reported (its gauge zeroed).
     gone: Option<Instant>,
 }
@@ -307,25 +306,18 @@ fn publish_layer(
     unseen: Unseen,
 ) {
     let labels = [("layer", name.to_string())];
-    let (first, fresh, last) = match published.entry((kind, name.clone())) {
-        Entry::Occupied(e) => {
-            let last = e.into_mut();
-            let fresh = last.source != source;
-            last.source = source;
-            (false, fresh, last)
-        }
-        Entry::Vacant(e) => {
-            let last = e.insert(LastLayer {
-                source,
-                counts: vec![0; counts.len()],
-                gone: None,
-            });
-            (!unseen.holds(source), false, last)
-        }
-    };
+    let last = published
+        .entry((kind, name.clone()))
+        .or_insert_with(|| LastLayer {
+            source,
+            counts: counts.iter().map(|_| Counted::default()).collect(),
+            gone: None,
+        });
+    last.source = source;
     last.gone = None;
-    for ((metric, now), last) in counts.iter().zip(&mut last.counts) {
-        count(metric, &labels, last, *now, first, fresh);
+    let new = unseen.holds(source);
+    for ((metric, now), counted) in counts.iter().zip(&mut last.counts) {
+        count(metric, &labels, counted, source, *now, new);
     }
 }
 
@@ -346,7 +338,7 @@ const GROUP_GAUGES: [&str; 2] = [
 #[derive(Debug)]
 pub(super) struct LastFailovers {
     priority: Option<Serial>,
-    failovers: u64,
+    failovers: Counted<Option<Serial>>,
     /// When the group's last failover known to the handle happened: of
     /// its current `Priority`, or of one it was registered with before.
     last_at: Option<Instant>,
@@ -360,10 +352,21 @@ pub(super) struct Last {
     state: Option<Serial>,
     /// Since when it is gone from its group (its gauges zeroed).
     gone: Option<Instant>,
-    requests: u64,
-    failures: u64,
-    ejections: u64,
+    requests: Counted<Serial>,
+    failures: Counted<Serial>,
+    ejections: Counted<Serial>,
     primary: bool,
+}
+
+/// One counter as last published: the count, and of which source (a
+/// backend's state, a layer, a group's `Priority`), `None` before its
+/// first publication. Each counter keeps its own: a recorder that panics
+/// part-way through a publication leaves those published before it
+/// recorded as published, and the others as they were.
+#[derive(Debug, Default)]
+pub(super) struct Counted<S> {
+    source: Option<S>,
+    count: u64,
 }
 
 /// The per-backend gauges, zeroed when the backend leaves its group.
@@ -374,32 +377,38 @@ const BACKEND_GAUGES: [&str; 4] = [
     "tower_ha_backend_available",
 ];
 
-/// Publishes one counter: the count itself the first time (`first`: a
-/// state another handle may have published), then what it grew by. A
-/// backend whose state was replaced (removed and added again: its counts
-/// start afresh) adds its new count, so the published counter never goes
-/// back, as counters must not. The same state's count can go down a
-/// little (a request picked, then dropped before it was sent, is taken
-/// back): counting goes on once it passes the highest count published.
-fn count(
+/// Publishes one counter, `source`'s count `now`: the count itself the
+/// first time (a source another handle may have published), unless the
+/// source is `new` (made since the handle last published anything of it:
+/// its whole count is new), then what it grew by. A backend whose state
+/// was replaced (removed and added again: its counts start afresh) adds its
+/// new count, so the published counter never goes back, as counters must
+/// not. The same state's count can go down a little (a request picked,
+/// then dropped before it was sent, is taken back): counting goes on once
+/// it passes the highest count published.
+fn count<S: PartialEq>(
     name: &'static str,
     labels: &[(&'static str, String)],
-    last: &mut u64,
+    counted: &mut Counted<S>,
+    source: S,
     now: u64,
-    first: bool,
-    fresh: bool,
+    new: bool,
 ) {
     let counter = metrics::counter!(name, labels);
-    if first {
-        counter.absolute(now);
-    } else if fresh {
-        counter.increment(now);
-    } else if now > *last {
-        counter.increment(now - *last);
-    } else {
-        return;
+    match &counted.source {
+        None if !new => counter.absolute(now),
+        Some(last) if *last == source => {
+            if now <= counted.count {
+                return;
+            }
+            counter.increment(now - counted.count);
+        }
+        _ => counter.increment(now),
     }
-    *last = now;
+    *counted = Counted {
+        source: Some(source),
+        count: now,
+    };
 }
 
 fn publish(
@@ -412,35 +421,29 @@ fn publish(
     for b in &group.backends {
         let labels = [("group", name.clone()), ("backend", b.id.to_string())];
         let key = (name.clone(), b.id.clone());
-        let first = !published.contains_key(&key) && !unseen.holds(b.state);
+        let new = unseen.holds(b.state);
         let last = published.entry(key.clone()).or_default();
-        let fresh = last.state.replace(b.state) != Some(b.state);
+        last.state = Some(b.state);
         last.gone = None;
-        count(
-            "tower_ha_backend_requests_total",
-            &labels,
-            &mut last.requests,
-            b.requests,
-            first,
-            fresh,
-        );
-        count(
-            "tower_ha_backend_failures_total",
-            &labels,
-            &mut last.failures,
-            b.failures,
-            first,
-            fresh,
-        );
-        let ejections = u64::from(b.ejections);
-        count(
-            "tower_ha_backend_ejections_total",
-            &labels,
-            &mut last.ejections,
-            ejections,
-            first,
-            fresh,
-        );
+        for (name, counted, now) in [
+            (
+                "tower_ha_backend_requests_total",
+                &mut last.requests,
+                b.requests,
+            ),
+            (
+                "tower_ha_backend_failures_total",
+                &mut last.failures,
+                b.failures,
+            ),
+            (
+                "tower_ha_backend_ejections_total",
+                &mut last.ejections,
+                u64::from(b.ejections),
+            ),
+        ] {
+            count(name, &labels, counted, b.state, now, new);
+        }
         metrics::gauge!("tower_ha_backend_in_flight", &labels).set(b.in_flight as f64);
         let max = b.max_in_flight.map_or(0.0, |max| max as f64);
         metrics::gauge!("tower_ha_backend_max_in_flight", &labels).set(max);
@@ -475,27 +478,24 @@ fn publish_failovers(
     unseen: Unseen,
 ) {
     let labels = [("group", group.name.to_string())];
-    let (last, first) = match published.entry(group.name.to_string()) {
-        Entry::Occupied(entry) => (entry.into_mut(), false),
-        Entry::Vacant(entry) => (
-            entry.insert(LastFailovers {
-                priority: group.priority,
-                failovers: 0,
-                last_at: None,
-                gone: None,
-            }),
-            group.priority.is_none_or(|p| !unseen.holds(p)),
-        ),
-    };
+    let last = published
+        .entry(group.name.to_string())
+        .or_insert_with(|| LastFailovers {
+            priority: group.priority,
+            failovers: Counted::default(),
+            last_at: None,
+            gone: None,
+        });
+    last.priority = group.priority;
     last.gone = None;
-    let fresh = std::mem::replace(&mut last.priority, group.priority) != group.priority;
+    let new = group.priority.is_some_and(|p| unseen.holds(p));
     count(
         "tower_ha_group_failovers_total",
         &labels,
         &mut last.failovers,
+        group.priority,
         group.failovers,
-        first,
-        fresh,
+        new,
     );
     if let Some(since) = group.since_last_failover {
         last.last_at = Some(now.checked_sub(since).unwrap_or(now));
