@@ -609,11 +609,32 @@ impl Config {
     }
 }
 
+/// The most levels of merge keys applied within one another (a
+/// mapping merged from one that merges another, ...); deeper ones are left
+/// as keys, refused as unknown fields.
+#[cfg(feature = "config")]
+const MAX_MERGE_DEPTH: usize = 32;
+
+/// Whether a mapping in `value` holds a merge key.
+#[cfg(feature = "config")]
+fn holds_merge_key(value: &serde_yaml_ng::Value) -> bool {
+    use serde_yaml_ng::Value;
+    match value {
+        Value::Mapping(map) => map
+            .iter()
+            .any(|(key, value)| key.as_str() == Some("<<") || holds_merge_key(value)),
+        Value::Sequence(values) => values.iter().any(holds_merge_key),
+        Value::Tagged(tagged) => holds_merge_key(&tagged.value),
+        _ => false,
+    }
+}
+
 #[cfg(feature = "config")]
 #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 impl Config {
     /// Parses and validates YAML. Anchors, aliases and merge keys (`<<:
-    /// *defaults`) are applied, so groups can share settings.
+    /// *defaults`) are applied, so groups can share settings, also merge
+    /// keys within what is merged (defaults built on other defaults).
     ///
     /// In a file with merge keys, a plain name that YAML reads as a number
     /// or a boolean is read in that value's usual form (`0x1A` as `26`,
@@ -636,10 +657,20 @@ impl Config {
             Ok(config) => config,
             // Merge keys are applied to a document read as a whole first,
             // which costs the errors their line: only where there are some.
-            Err(_) if text.contains("<<") => {
+            // (A file whose first error is not about a merge key reports it
+            // where it is.)
+            Err(e) if e.to_string().contains("`<<`") => {
                 let mut value: serde_yaml_ng::Value =
                     serde_yaml_ng::from_str(text).map_err(error)?;
-                value.apply_merge().map_err(error)?;
+                // A merged mapping may hold a merge key of its own (defaults
+                // built on defaults), which one pass copies in unapplied:
+                // each pass applies the next level, below the keys before.
+                for _ in 0..MAX_MERGE_DEPTH {
+                    value.apply_merge().map_err(error)?;
+                    if !holds_merge_key(&value) {
+                        break;
+                    }
+                }
                 // Written out and read again, so that scalars are read as in
                 // the file (`name: 2024` is a name); a line of that text
                 // would not be the file's, so errors name none.

@@ -228,10 +228,16 @@ failover_groups:
         err.field(),
         "failover_groups[1].health_check.healthy_threshold"
     );
-    // A parse error names no line of a text the file does not hold.
-    let err = Config::from_yaml(&yaml.replace("interval: 3s", "interval: 3 parsecs")).unwrap_err();
+    // A parse error found once the merge keys are applied names no line
+    // of a text the file does not hold.
+    let err = Config::from_yaml(&yaml.replace("healthy_threshold: 5", "healthy_threshold: five"))
+        .unwrap_err();
     assert!(err.is_parse(), "{err}");
     assert!(!err.to_string().contains("line "), "{err}");
+    assert!(err.to_string().contains("invalid type"), "{err}");
+    // One found before the first merge key is where the file says.
+    let err = Config::from_yaml(&yaml.replace("interval: 3s", "interval: 3 parsecs")).unwrap_err();
+    assert!(err.to_string().contains("line 6 column 17"), "{err}");
     assert!(err.to_string().contains("unknown unit"), "{err}");
 }
 
@@ -767,4 +773,48 @@ async fn a_groups_health_check_may_leave_ejections_to_run_their_time() {
         assert_eq!(a.is_ejected(), !lifted, "{yaml}");
         checker.shutdown().await;
     }
+}
+
+/// Defaults built on other defaults: a merged mapping's own merge key is
+/// applied too, each level below the keys written before it.
+#[test]
+fn yaml_merge_keys_within_merged_mappings_apply() {
+    let yaml = "\
+failover_groups:
+  - name: a
+    mode: normal
+    backends: [x]
+    health_check: &base
+      interval: 5s
+      timeout: 3s
+  - name: b
+    mode: normal
+    backends: [y]
+    health_check: &strict
+      <<: *base
+      unhealthy_threshold: 1
+  - name: c
+    mode: normal
+    backends: [z]
+    health_check:
+      <<: *strict
+      timeout: 2s
+";
+    let config = Config::from_yaml(yaml).unwrap();
+    let check = |name: &str| config.group(name).unwrap().health_check.clone().unwrap();
+    let (b, c) = (check("b"), check("c"));
+    assert_eq!(
+        (b.interval, b.timeout, b.unhealthy_threshold),
+        (Duration::from_secs(5), Duration::from_secs(3), 1)
+    );
+    assert_eq!(
+        (c.interval, c.timeout, c.unhealthy_threshold),
+        (Duration::from_secs(5), Duration::from_secs(2), 1)
+    );
+    // A `<<` elsewhere (a comment) does not cost a mistake its line.
+    let err = Config::from_yaml(
+        "# <<\nfailover_groups:\n  - name: a\n    mode: nromal\n    backends: [x]\n",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("line 4"), "{err}");
 }
