@@ -174,7 +174,8 @@ return 2";
 /// restart only if Redis persists it: run Redis with `appendonly yes` and
 /// `appendfsync always` to lose nothing acknowledged, or `appendfsync
 /// everysec` to lose at most about a second of writes on a crash (Redis's
-/// default, no persistence at all, loses every session on restart).
+/// default, RDB snapshots alone, loses the writes since the last snapshot
+/// on a crash).
 ///
 /// # Several replicas
 ///
