@@ -169,6 +169,11 @@ fn evictions(n: usize) {
         }
     }
     let show = |name: &str, times: &mut Vec<Duration>| {
+        if times.is_empty() {
+            // Too few requests for one to evict.
+            println!("{name}: no requests");
+            return;
+        }
         times.sort();
         let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
         println!(

@@ -54,6 +54,8 @@ HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 cargo build --release --example reverse_proxy --example hyper_proxy --features hyper-client -q
 
 WORK=$(mktemp -d)
+# The process under valgrind, while it runs (the others have pid files,
+# removed as each is stopped).
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
@@ -105,7 +107,13 @@ kill_nginx() {
     # never signals a process that has reused the pid.
     rm -f "$1/nginx.pid"
     pgid=$(ps -o pgid= -p "$pid" | tr -d ' ')
-    if [ -n "$pgid" ]; then kill -9 -- "-$pgid"; fi
+    # Its own group when it runs as a daemon; not otherwise (under
+    # valgrind, in this script's group): then it alone.
+    if [ "$pgid" = "$pid" ]; then
+        kill -9 -- "-$pgid"
+    elif [ -n "$pgid" ]; then
+        kill -9 "$pid"
+    fi
 }
 
 kill_backend() { kill_nginx "$WORK/backend-$1"; }
@@ -182,7 +190,6 @@ start_rust() {
     local name=$1 port=$2
     shift 2
     "$@" >"$WORK/$name.log" 2>&1 &
-    PIDS+=($!)
     echo $! >"$WORK/$name.pid"
     disown
     wait_port "$port"
@@ -266,6 +273,9 @@ instructions() {
     callgrind_control -d "$pid" >/dev/null 2>&1
     kill "$pid"
     wait "$pid" 2>/dev/null || true
+    # Reaped: the cleanup must not signal a process that reuses its pid.
+    PIDS=()
+    rm -f "$WORK/nginx-proxy/nginx.pid"
     awk -v n="$requests" -v name="$name" '/^summary:/ {printf "%-10s %12d %10d\n", name, n, $2 / n}' "$out.1"
 }
 
