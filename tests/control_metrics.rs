@@ -93,6 +93,28 @@ where
     }
 }
 
+type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<&'static str>, Infallible>;
+
+/// A backend that answers `name`.
+fn answering(name: &'static str) -> Svc {
+    Svc::new(service_fn(move |_req: Request<()>| async move {
+        Ok(Response::new(name))
+    }))
+}
+
+/// The requests counter of backend `a` in group `web`.
+const A_REQUESTS: &str = "tower_ha_backend_requests_total{backend=a,group=web}";
+
+/// Backend `a` alone in group `web`, balanced round robin, of a new handle.
+fn a_alone_in_web() -> (Pool<Svc>, Balance<Svc, RoundRobin>, Handle) {
+    let pool = Pool::new();
+    pool.insert("a", answering("a"));
+    let balance = Balance::new(pool.clone(), RoundRobin::new());
+    let handle = Handle::new(Events::default());
+    handle.add_group("web", &balance).unwrap();
+    (pool, balance, handle)
+}
+
 #[tokio::test(start_paused = true)]
 async fn stats_are_published_through_the_metrics_facade() {
     let pool = Pool::new();
@@ -256,34 +278,26 @@ async fn the_metrics_task_stops_with_the_handle_while_a_drain_is_pending() {
 #[tokio::test]
 async fn a_request_taken_back_does_not_inflate_the_requests_counter() {
     use tower::Service;
-    let pool = Pool::new();
-    pool.insert(
-        "a",
-        service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) }),
-    );
-    let balance = Balance::new(pool.clone(), RoundRobin::new());
-    let handle = Handle::new(Events::default());
-    handle.add_group("web", &balance).unwrap();
+    let (pool, balance, handle) = a_alone_in_web();
     let recorder = Last::default();
-    let requests = "tower_ha_backend_requests_total{backend=a,group=web}";
     send(&balance, 100).await;
     recorder.publish(&handle);
-    assert_eq!(recorder.get(requests), Some(100.0));
+    assert_eq!(recorder.get(A_REQUESTS), Some(100.0));
     let picked = balance.clone().call(Request::new(()));
     recorder.publish(&handle);
-    assert_eq!(recorder.get(requests), Some(101.0));
+    assert_eq!(recorder.get(A_REQUESTS), Some(101.0));
     drop(picked);
     assert_eq!(pool.state(&"a".into()).unwrap().requests(), 100);
     recorder.publish(&handle);
     assert_eq!(
-        recorder.get(requests),
+        recorder.get(A_REQUESTS),
         Some(101.0),
         "never back, never doubled"
     );
     // Counting goes on from the highest count published.
     send(&balance, 3).await;
     recorder.publish(&handle);
-    assert_eq!(recorder.get(requests), Some(103.0));
+    assert_eq!(recorder.get(A_REQUESTS), Some(103.0));
 }
 
 #[tokio::test(start_paused = true)]
@@ -370,14 +384,8 @@ async fn counters_never_go_back_and_a_removed_backends_gauges_go_to_zero() {
 /// that, with a new state, adds its counts.
 #[tokio::test(start_paused = true)]
 async fn a_backend_gone_for_an_hour_is_forgotten() {
-    let pool = Pool::new();
-    let backend = service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
-    pool.insert("a", backend);
-    let balance = Balance::new(pool.clone(), RoundRobin::new());
-    let handle = Handle::new(Events::default());
-    handle.add_group("web", &balance).unwrap();
+    let (pool, balance, handle) = a_alone_in_web();
     let recorder = Last::default();
-    let requests = "tower_ha_backend_requests_total{backend=a,group=web}";
     let gone_for = |gone: Duration| {
         let (pool, recorder, handle) = (pool.clone(), &recorder, &handle);
         async move {
@@ -385,25 +393,25 @@ async fn a_backend_gone_for_an_hour_is_forgotten() {
             recorder.publish(handle);
             tokio::time::advance(gone).await;
             recorder.publish(handle);
-            pool.insert("a", backend);
+            pool.insert("a", answering("a"));
         }
     };
     send(&balance, 5).await;
     recorder.publish(&handle);
-    assert_eq!(recorder.get(requests), Some(5.0));
+    assert_eq!(recorder.get(A_REQUESTS), Some(5.0));
 
     // Gone for a little less than an hour: remembered.
     gone_for(Duration::from_secs(3599)).await;
     send(&balance, 2).await;
     recorder.publish(&handle);
-    assert_eq!(recorder.get(requests), Some(7.0), "still counting up");
+    assert_eq!(recorder.get(A_REQUESTS), Some(7.0), "still counting up");
 
     // Gone for an hour: forgotten. It comes back with a new state, which
     // no other handle can have published: its counts are added.
     gone_for(Duration::from_secs(3600)).await;
     send(&balance, 3).await;
     recorder.publish(&handle);
-    assert_eq!(recorder.get(requests), Some(10.0), "still counting up");
+    assert_eq!(recorder.get(A_REQUESTS), Some(10.0), "still counting up");
 }
 
 /// Counts the publications of the groups: the sets of their
@@ -483,18 +491,11 @@ async fn a_recorder_that_panics_loses_one_tick_not_the_task() {
     assert_eq!(recorder.count.load(Ordering::SeqCst), 4);
 }
 
-type Svc = tower::util::BoxCloneSyncService<Request<()>, Response<&'static str>, Infallible>;
-
 /// Active-passive group "db": primary "p", backup "b".
 fn db() -> (Pool<Svc>, Balance<Svc, Priority>) {
     let pool = Pool::new();
     for name in ["p", "b"] {
-        pool.insert(
-            name,
-            Svc::new(service_fn(move |_req: Request<()>| async move {
-                Ok(Response::new(name))
-            })),
-        );
+        pool.insert(name, answering(name));
     }
     let balance = Balance::new(pool.clone(), Priority::new("db", ["p", "b"]));
     (pool, balance)
@@ -856,20 +857,14 @@ impl Recorder for PanicsOn {
 /// only: what it did not publish is published at the next one.
 #[tokio::test(start_paused = true)]
 async fn a_recorder_that_panics_part_way_loses_no_count() {
-    let backend = service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new("a")) });
-    let pool = Pool::new();
-    pool.insert("a", backend);
-    let balance = Balance::new(pool.clone(), RoundRobin::new());
-    let handle = Handle::new(Events::default());
-    handle.add_group("web", &balance).unwrap();
+    let (pool, balance, handle) = a_alone_in_web();
     let recorder = Last::default();
-    let requests = "tower_ha_backend_requests_total{backend=a,group=web}";
     send(&balance, 5).await;
     recorder.publish(&handle);
-    assert_eq!(recorder.get(requests), Some(5.0));
+    assert_eq!(recorder.get(A_REQUESTS), Some(5.0));
     // Replaced: the new state counts from 0.
     pool.remove(&"a".into());
-    pool.insert("a", backend);
+    pool.insert("a", answering("a"));
     send(&balance, 2).await;
     let panics = PanicsOn("tower_ha_backend_requests_total");
     let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -877,5 +872,5 @@ async fn a_recorder_that_panics_part_way_loses_no_count() {
     }));
     assert!(cut.is_err(), "the recorder panicked");
     recorder.publish(&handle);
-    assert_eq!(recorder.get(requests), Some(7.0));
+    assert_eq!(recorder.get(A_REQUESTS), Some(7.0));
 }
