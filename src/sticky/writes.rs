@@ -184,13 +184,10 @@ impl Writes {
         let mut queues = owner.writes().queues.lock();
         let queue = queues.get_mut(key)?;
         let (done, result) = oneshot::channel();
-        // Loads keep coming while a write is stuck (a store that hangs),
-        // and those whose requests gave up leave their barriers behind:
-        // with nobody waiting, a barrier is dropped, so the queue does not
-        // grow with every load. Nothing joins a barrier but a barrier,
-        // which lands when it does; nor does a barrier join anything: its
-        // task comes to it after every write before it.
-        queue.retain(|queued| !queued.abandoned());
+        // Nothing joins a barrier but a barrier, which lands when it does;
+        // nor does a barrier join anything: its task comes to it after
+        // every write before it.
+        prune(queue);
         match queue.back_mut() {
             Some(
                 last @ Queued {
@@ -260,6 +257,9 @@ impl Writes {
             // another delete), so that a session started and ended in turn
             // while the store is slow keeps at most two writes waiting.
             Some(queue) => {
+                // Nor does a barrier nobody waits for keep two writes
+                // apart that would join.
+                prune(queue);
                 let mut later = queued;
                 while let Some(mut last) = queue.pop_back() {
                     match last.join(later) {
@@ -289,6 +289,14 @@ impl Writes {
         }
         (made, Some(result))
     }
+}
+
+/// Drops the barriers of `queue` whose waiters have all gone. Loads keep
+/// coming while a write is stuck (a store that hangs), and those whose
+/// requests gave up leave their barriers behind: dropped, they grow the
+/// queue no more than the writes between them, which then join.
+fn prune(queue: &mut VecDeque<Queued>) {
+    queue.retain(|queued| !queued.abandoned());
 }
 
 /// The task that writes one key's queue.
@@ -673,6 +681,17 @@ mod tests {
             "b"
         );
         assert!(log.writes.queues.lock().is_empty());
+
+        // Nor with loads and refreshes in turn: a barrier left behind
+        // keeps no two refreshes apart.
+        let stuck = Writes::submit(&log, &store, save("c"));
+        for _ in 0..100 {
+            drop(Writes::behind(&log, "k").unwrap());
+            drop(Writes::submit(&log, &store, Write::Refresh("k".into())));
+        }
+        assert_eq!(queue(&log).0, ["refresh"]);
+        permits.add_permits(1);
+        landed(stuck).await.unwrap();
     }
 
     #[tokio::test]
