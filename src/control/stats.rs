@@ -51,8 +51,10 @@ pub struct BackendStats {
     pub weight: u32,
     /// Whether it takes new requests now.
     pub available: bool,
-    /// When an event about it was last emitted (milliseconds since the
-    /// Unix epoch in JSON, `last_change_ms`).
+    /// When an event about it was last emitted, a switch of primary
+    /// away from it included (see
+    /// [`Events::last_change`](crate::control::Events::last_change);
+    /// milliseconds since the Unix epoch in JSON, `last_change_ms`).
     #[serde(rename = "last_change_ms", serialize_with = "opt_unix_millis")]
     pub last_change: Option<SystemTime>,
     /// Which state these counts are of: a backend removed and added again

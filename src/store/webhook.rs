@@ -283,6 +283,12 @@ impl WebhookStoreBuilder {
     /// and in strict standalone mode keeps the key of every record it
     /// wrote until the session ends. At least 1 ms; longer than about a
     /// century counts as a century.
+    ///
+    /// A refresh is a save: with several replicas, each saves its own copy
+    /// of a session it serves, over a move or a delete made through
+    /// another replica since, until the session idles out of its table
+    /// (give the layer a short `idle_timeout`, or share sessions through
+    /// Redis, whose refresh writes nothing).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(super::clamp_ttl(ttl));
         self
