@@ -609,23 +609,25 @@ impl Config {
     }
 }
 
-/// The most levels of merge keys applied within one another (a
-/// mapping merged from one that merges another, ...); deeper ones are left
-/// as keys, refused as unknown fields.
+/// Applies the merge keys of `value`, those of what each merges first
+/// (defaults built on other defaults): a mapping's own keys come first,
+/// then each mapping it merges, in order, with its own merges applied.
+/// (Applied top-down, a merged mapping's own merge key would be copied in
+/// unapplied, or lost behind an earlier one.)
 #[cfg(feature = "config")]
-const MAX_MERGE_DEPTH: usize = 32;
-
-/// Whether a mapping in `value` holds a merge key.
-#[cfg(feature = "config")]
-fn holds_merge_key(value: &serde_yaml_ng::Value) -> bool {
+fn apply_merges(value: &mut serde_yaml_ng::Value) -> Result<(), serde_yaml_ng::Error> {
     use serde_yaml_ng::Value;
     match value {
-        Value::Mapping(map) => map
-            .iter()
-            .any(|(key, value)| key.as_str() == Some("<<") || holds_merge_key(value)),
-        Value::Sequence(values) => values.iter().any(holds_merge_key),
-        Value::Tagged(tagged) => holds_merge_key(&tagged.value),
-        _ => false,
+        Value::Mapping(map) => {
+            for value in map.values_mut() {
+                apply_merges(value)?;
+            }
+            // What it merges holds no merge key now: this applies its own.
+            value.apply_merge()
+        }
+        Value::Sequence(values) => values.iter_mut().try_for_each(apply_merges),
+        Value::Tagged(tagged) => apply_merges(&mut tagged.value),
+        _ => Ok(()),
     }
 }
 
@@ -662,15 +664,7 @@ impl Config {
             Err(e) if e.to_string().contains("`<<`") => {
                 let mut value: serde_yaml_ng::Value =
                     serde_yaml_ng::from_str(text).map_err(error)?;
-                // A merged mapping may hold a merge key of its own (defaults
-                // built on defaults), which one pass copies in unapplied:
-                // each pass applies the next level, below the keys before.
-                for _ in 0..MAX_MERGE_DEPTH {
-                    value.apply_merge().map_err(error)?;
-                    if !holds_merge_key(&value) {
-                        break;
-                    }
-                }
+                apply_merges(&mut value).map_err(error)?;
                 // Written out and read again, so that scalars are read as in
                 // the file (`name: 2024` is a name); a line of that text
                 // would not be the file's, so errors name none.

@@ -811,6 +811,51 @@ failover_groups:
         (c.interval, c.timeout, c.unhealthy_threshold),
         (Duration::from_secs(5), Duration::from_secs(2), 1)
     );
+    // Several merged at once, each with a merge of its own: the first
+    // mapping named, with what it merges, comes before the second.
+    let yaml = "\
+failover_groups:
+  - name: a
+    mode: normal
+    backends: [x]
+    health_check: &x
+      interval: 5s
+      timeout: 3s
+  - name: b
+    mode: normal
+    backends: [y]
+    health_check: &y
+      interval: 7s
+      healthy_threshold: 4
+  - name: c
+    mode: normal
+    backends: [z]
+    health_check: &first
+      <<: *x
+      unhealthy_threshold: 1
+  - name: d
+    mode: normal
+    backends: [w]
+    health_check: &second
+      <<: *y
+      timeout: 9s
+  - name: e
+    mode: normal
+    backends: [v]
+    health_check:
+      <<: [*first, *second]
+";
+    let config = Config::from_yaml(yaml).unwrap();
+    let e = config.group("e").unwrap().health_check.clone().unwrap();
+    assert_eq!(
+        (
+            e.interval,
+            e.timeout,
+            e.unhealthy_threshold,
+            e.healthy_threshold
+        ),
+        (Duration::from_secs(5), Duration::from_secs(3), 1, 4)
+    );
     // A `<<` elsewhere (a comment) does not cost a mistake its line.
     let err = Config::from_yaml(
         "# <<\nfailover_groups:\n  - name: a\n    mode: nromal\n    backends: [x]\n",
