@@ -1072,6 +1072,18 @@ mod tests {
             assert_eq!(pool.state(&a).unwrap().admin(), admin);
             state.set_admin(AdminStatus::Enabled);
         }
+        // A disable made while the removal waits for the lock, after any
+        // look it could have taken before it.
+        let writer = pool.shared.writer.lock();
+        let removal = std::thread::spawn({
+            let (pool, a, state) = (pool.clone(), a.clone(), state.clone());
+            move || pool.remove_if_enabled(&a, &state)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        state.set_admin(AdminStatus::Disabled);
+        drop(writer);
+        assert!(!removal.join().unwrap(), "spared");
+        state.set_admin(AdminStatus::Enabled);
         assert!(pool.remove_if_enabled(&a, &state));
         assert!(pool.set_admin_of(&a, AdminStatus::Disabled).is_none());
     }
