@@ -135,9 +135,12 @@ impl Handle {
             }
             kept
         };
-        failovers.retain(|_, last| forget(last.gone, last.priority));
-        backends.retain(|_, last| forget(last.gone, last.state));
-        layers.retain(|_, last| forget(last.gone, Some(last.source)));
+        failovers.retain(|_, last| forget(last.gone, last.failovers.source.flatten()));
+        backends.retain(|_, last| {
+            let counters = [&last.requests, &last.failures, &last.ejections];
+            forget(last.gone, newest(counters))
+        });
+        layers.retain(|_, last| forget(last.gone, newest(&last.counts)));
     }
 
     /// Publishes the metrics (feature `metrics`) every `interval` (at least
@@ -211,7 +214,6 @@ impl Unseen {
 /// The counts last published for one registered layer, and of which.
 #[derive(Debug)]
 pub(super) struct LastLayer {
-    source: Serial,
     counts: Vec<Counted<Serial>>,
     /// Since when it is no longer reported (its gauge zeroed).
     gone: Option<Instant>,
@@ -309,11 +311,9 @@ fn publish_layer(
     let last = published
         .entry((kind, name.clone()))
         .or_insert_with(|| LastLayer {
-            source,
             counts: counts.iter().map(|_| Counted::default()).collect(),
             gone: None,
         });
-    last.source = source;
     last.gone = None;
     let new = unseen.holds(source);
     for ((metric, now), counted) in counts.iter().zip(&mut last.counts) {
@@ -337,7 +337,6 @@ const GROUP_GAUGES: [&str; 2] = [
 /// [`Priority`](crate::balance::Priority).
 #[derive(Debug)]
 pub(super) struct LastFailovers {
-    priority: Option<Serial>,
     failovers: Counted<Option<Serial>>,
     /// When the group's last failover known to the handle happened: of
     /// its current `Priority`, or of one it was registered with before.
@@ -349,7 +348,6 @@ pub(super) struct LastFailovers {
 /// The last counts published for one backend, and of which state.
 #[derive(Debug, Default)]
 pub(super) struct Last {
-    state: Option<Serial>,
     /// Since when it is gone from its group (its gauges zeroed).
     gone: Option<Instant>,
     requests: Counted<Serial>,
@@ -367,6 +365,11 @@ pub(super) struct Last {
 pub(super) struct Counted<S> {
     source: Option<S>,
     count: u64,
+}
+
+/// The newest source the `counters` were last published of.
+fn newest<'a>(counters: impl IntoIterator<Item = &'a Counted<Serial>>) -> Option<Serial> {
+    counters.into_iter().filter_map(|c| c.source).max()
 }
 
 /// The per-backend gauges, zeroed when the backend leaves its group.
@@ -423,7 +426,6 @@ fn publish(
         let key = (name.clone(), b.id.clone());
         let new = unseen.holds(b.state);
         let last = published.entry(key.clone()).or_default();
-        last.state = Some(b.state);
         last.gone = None;
         for (name, counted, now) in [
             (
@@ -481,12 +483,10 @@ fn publish_failovers(
     let last = published
         .entry(group.name.to_string())
         .or_insert_with(|| LastFailovers {
-            priority: group.priority,
             failovers: Counted::default(),
             last_at: None,
             gone: None,
         });
-    last.priority = group.priority;
     last.gone = None;
     let new = group.priority.is_some_and(|p| unseen.holds(p));
     count(
