@@ -94,13 +94,15 @@ impl Queued {
     /// session as the owner keeps it at its turn, which a refresh or a
     /// second save would write again, and a delete after it would remove.
     /// A later save's session replaces the one decided, for when the owner
-    /// keeps it no more; a later delete replaces the save. Its waiters and
-    /// those that joined it wait for this one then. Gives `later` back
+    /// keeps it no more; a later delete replaces the save. A barrier joins
+    /// a barrier, which lands when it does, and nothing else. Its waiters
+    /// and those that joined it wait for this one then. Gives `later` back
     /// otherwise.
     fn join(&mut self, later: Queued) -> Option<Queued> {
         match (&self.write, &later.write) {
             (Write::Save(_) | Write::Refresh(_), Write::Refresh(_))
-            | (Write::Delete(_), Write::Delete(_)) => {}
+            | (Write::Delete(_), Write::Delete(_))
+            | (Write::Barrier(_), Write::Barrier(_)) => {}
             // What a save would write, the delete after it removes.
             (Write::Save(_) | Write::Refresh(_), Write::Save(_) | Write::Delete(_)) => {
                 self.write = later.write
@@ -112,11 +114,14 @@ impl Queued {
         None
     }
 
-    /// Whether this is a barrier whose waiters have all gone.
-    fn abandoned(&self) -> bool {
-        matches!(self.write, Write::Barrier(_))
-            && self.done.is_closed()
-            && self.joined.iter().all(oneshot::Sender::is_closed)
+    /// Whether this is a barrier whose waiters have all gone; forgets
+    /// those of a barrier that have.
+    fn abandoned(&mut self) -> bool {
+        if !matches!(self.write, Write::Barrier(_)) {
+            return false;
+        }
+        self.joined.retain(|joined| !joined.is_closed());
+        self.done.is_closed() && self.joined.is_empty()
     }
 
     /// Tells every waiter the write's `result`.
@@ -184,26 +189,12 @@ impl Writes {
         let mut queues = owner.writes().queues.lock();
         let queue = queues.get_mut(key)?;
         let (done, result) = oneshot::channel();
-        // Nothing joins a barrier but a barrier, which lands when it does;
-        // nor does a barrier join anything: its task comes to it after
-        // every write before it.
-        prune(queue);
-        match queue.back_mut() {
-            Some(
-                last @ Queued {
-                    write: Write::Barrier(_),
-                    ..
-                },
-            ) => {
-                last.joined.retain(|joined| !joined.is_closed());
-                last.joined.push(done);
-            }
-            _ => queue.push_back(Queued {
-                write: Write::Barrier(key.to_owned()),
-                done,
-                joined: Vec::new(),
-            }),
-        }
+        let barrier = Queued {
+            write: Write::Barrier(key.to_owned()),
+            done,
+            joined: Vec::new(),
+        };
+        enqueue(queue, barrier);
         Some(result)
     }
 
@@ -252,27 +243,7 @@ impl Writes {
         };
         match queues.get_mut(queued.write.key()) {
             // Its task will come to it.
-            // A write that joined the last one waiting may in turn repeat
-            // the one before (a delete that took a save's place behind
-            // another delete), so that a session started and ended in turn
-            // while the store is slow keeps at most two writes waiting.
-            Some(queue) => {
-                // Nor does a barrier nobody waits for keep two writes
-                // apart that would join.
-                prune(queue);
-                let mut later = queued;
-                while let Some(mut last) = queue.pop_back() {
-                    match last.join(later) {
-                        None => later = last,
-                        Some(unjoined) => {
-                            queue.push_back(last);
-                            later = unjoined;
-                            break;
-                        }
-                    }
-                }
-                queue.push_back(later);
-            }
+            Some(queue) => enqueue(queue, queued),
             None => {
                 let key = queued.write.key().to_owned();
                 queues.insert(key.clone(), VecDeque::new());
@@ -291,12 +262,29 @@ impl Writes {
     }
 }
 
-/// Drops the barriers of `queue` whose waiters have all gone. Loads keep
-/// coming while a write is stuck (a store that hangs), and those whose
-/// requests gave up leave their barriers behind: dropped, they grow the
-/// queue no more than the writes between them, which then join.
-fn prune(queue: &mut VecDeque<Queued>) {
-    queue.retain(|queued| !queued.abandoned());
+/// Puts `queued` last in its key's `queue`, or joins it to the writes
+/// waiting last (see [`Queued::join`]).
+fn enqueue(queue: &mut VecDeque<Queued>, queued: Queued) {
+    // Loads keep coming while a write is stuck (a store that hangs), and
+    // those whose requests gave up leave their barriers behind: dropped,
+    // they keep no two writes apart that would join.
+    queue.retain_mut(|queued| !queued.abandoned());
+    // A write that joined the last one waiting may in turn repeat the one
+    // before (a delete that took a save's place behind another delete), so
+    // that a session started and ended in turn while the store is slow
+    // keeps at most two writes waiting.
+    let mut later = queued;
+    while let Some(mut last) = queue.pop_back() {
+        match last.join(later) {
+            None => later = last,
+            Some(unjoined) => {
+                queue.push_back(last);
+                later = unjoined;
+                break;
+            }
+        }
+    }
+    queue.push_back(later);
 }
 
 /// The task that writes one key's queue.
