@@ -61,6 +61,21 @@
 //! assert_eq!(health.interval, std::time::Duration::from_secs(5));
 //! assert_eq!(health.healthy_threshold, 2); // HAProxy's rise by default
 //! ```
+// Without the feature, links to the loaders point at `Config` itself.
+#![cfg_attr(
+    feature = "config",
+    doc = "",
+    doc = "[`Config::load`]: Config::load",
+    doc = "[`Config::from_yaml`]: Config::from_yaml",
+    doc = "[`Config::from_toml`]: Config::from_toml"
+)]
+#![cfg_attr(
+    not(feature = "config"),
+    doc = "",
+    doc = "[`Config::load`]: Config",
+    doc = "[`Config::from_yaml`]: Config",
+    doc = "[`Config::from_toml`]: Config"
+)]
 
 use std::collections::HashSet;
 use std::fmt;
@@ -346,6 +361,8 @@ impl GroupConfig {
 /// message is in it, so a parse error has no
 /// [`source`](std::error::Error::source) (printing both would say it
 /// twice); a read error's source is the I/O error.
+#[cfg_attr(feature = "config", doc = "", doc = "[`Config::load`]: Config::load")]
+#[cfg_attr(not(feature = "config"), doc = "", doc = "[`Config::load`]: Config")]
 #[derive(Debug)]
 pub struct ConfigError {
     file: Option<std::path::PathBuf>,
@@ -381,6 +398,8 @@ impl ConfigError {
     }
 
     /// The file [`Config::load`] read (or could not read).
+    #[cfg_attr(feature = "config", doc = "", doc = "[`Config::load`]: Config::load")]
+    #[cfg_attr(not(feature = "config"), doc = "", doc = "[`Config::load`]: Config")]
     pub fn file(&self) -> Option<&std::path::Path> {
         self.file.as_deref()
     }

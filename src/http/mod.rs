@@ -124,6 +124,17 @@
 //!   connector's own) finds a backend that vanished sooner.
 //! * An HTTP/2 client ([`HttpClient::http2_only`]) sends such a request on
 //!   as a plain one (RFC 8441's WebSocket over HTTP/2 is not spoken).
+// Without the feature, links to what `http2` adds point at `HttpClient`.
+#![cfg_attr(
+    feature = "http2",
+    doc = "",
+    doc = "[`HttpClient::http2_only`]: HttpClient::http2_only"
+)]
+#![cfg_attr(
+    not(feature = "http2"),
+    doc = "",
+    doc = "[`HttpClient::http2_only`]: HttpClient"
+)]
 
 mod body;
 #[cfg(feature = "http2")]
@@ -158,7 +169,7 @@ use crate::extensions::{PeerAddr, Picked, Target};
 
 /// A pooled HTTP/1.1 client shared by many [`HttpBackend`]s: connections
 /// are kept alive and reused per backend address. (With
-/// [`http2_only`](Self::http2_only), each backend has one HTTP/2
+/// [`http2_only`], each backend has one HTTP/2
 /// connection instead, see there.)
 ///
 /// A request takes the backend's most recently used idle connection, or
@@ -199,6 +210,8 @@ use crate::extensions::{PeerAddr, Picked, Target};
 /// `B` is the request body type (for example `http_body_util::Full<Bytes>`,
 /// `hyper::body::Incoming` in a proxy, or the failover layer's replayable
 /// body).
+#[cfg_attr(feature = "http2", doc = "", doc = "[`http2_only`]: Self::http2_only")]
+#[cfg_attr(not(feature = "http2"), doc = "", doc = "[`http2_only`]: Self")]
 pub struct HttpClient<B> {
     settings: Settings,
     /// The connector given to [`with_connector`](Self::with_connector),
@@ -315,7 +328,7 @@ where
     /// to a byte stream, such as a TLS connector (hyper-rustls's or
     /// hyper-tls's `HttpsConnector`) for `https://` backends, or a
     /// connection over a Unix socket. The client speaks HTTP/1.1 on what
-    /// it opens (HTTP/2 with [`http2_only`](Self::http2_only)), so a TLS
+    /// it opens (HTTP/2 with [`http2_only`]), so a TLS
     /// connector must offer that protocol alone in ALPN (hyper-rustls:
     /// `enable_http1()` or `enable_http2()`, not both).
     ///
@@ -344,6 +357,8 @@ where
     /// let backend = HttpBackend::new(&client, "http://app.internal")?;
     /// # drop(backend); Ok(()) }
     /// ```
+    #[cfg_attr(feature = "http2", doc = "", doc = "[`http2_only`]: Self::http2_only")]
+    #[cfg_attr(not(feature = "http2"), doc = "", doc = "[`http2_only`]: Self")]
     pub fn with_connector<C>(connector: C) -> Self
     where
         C: Service<Uri> + Clone + Send + 'static,
@@ -423,12 +438,14 @@ where
     /// announced, when that is shorter than `timeout`, and not at all when
     /// it announced 1 s or less (HTTP/1.1 only).
     ///
-    /// An HTTP/2 connection ([`http2_only`](Self::http2_only)) is not
+    /// An HTTP/2 connection ([`http2_only`]) is not
     /// closed when its time passes: it stays open until the next request,
     /// which finds that none was sent on it for `timeout` and opens a new
     /// one in its place (the old one closes once its last request is
     /// done). With zero, no open HTTP/2 connection is reused: each request
     /// opens a new one, or shares one still being opened.
+    #[cfg_attr(feature = "http2", doc = "", doc = "[`http2_only`]: Self::http2_only")]
+    #[cfg_attr(not(feature = "http2"), doc = "", doc = "[`http2_only`]: Self")]
     pub fn idle_timeout(self, timeout: Duration) -> Self {
         HttpClient::with_settings(
             Settings {
@@ -483,7 +500,7 @@ where
     /// HTTP/1.1 connection is then closed, never reused; over HTTP/2 only
     /// the request's stream is reset, and the connection goes on serving
     /// the others (its PINGs, see
-    /// [`http2_keep_alive`](Self::http2_keep_alive), find one that died).
+    /// [`http2_keep_alive`], find one that died).
     /// A body that has already been
     /// returned cannot be failed over: its client gets a response cut short.
     ///
@@ -494,6 +511,18 @@ where
     /// wait for a response head as a whole, this the silence within it
     /// and within its body. A switched connection (a WebSocket) has the
     /// [`tunnel_idle_timeout`](Self::tunnel_idle_timeout) instead.
+    #[cfg_attr(
+        feature = "http2",
+        doc = "",
+        doc = "[`http2_only`]: Self::http2_only",
+        doc = "[`http2_keep_alive`]: Self::http2_keep_alive"
+    )]
+    #[cfg_attr(
+        not(feature = "http2"),
+        doc = "",
+        doc = "[`http2_only`]: Self",
+        doc = "[`http2_keep_alive`]: Self"
+    )]
     pub fn read_timeout(self, timeout: Option<Duration>) -> Self {
         HttpClient::with_settings(
             Settings {
