@@ -994,39 +994,51 @@ fn glob_escape(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The URL with its password replaced: the user information up to the
-/// last `@` (a password may hold `/` and `?`; with no scheme, from the
-/// start), and the values of `pass` and `password` in what follows (a
-/// `redis+unix://` URL's query, whose values may hold `@` too).
+/// The URL with its passwords replaced: the user information's, read up
+/// to the last `@` (a password may hold `/` and `?`; with no scheme, from
+/// the start), and the values of `pass` and `password` after any `?` or
+/// `&`, up to the next `&` (a `redis+unix://` URL's query, whose values
+/// may hold `@` and `?` too). As
+/// an `@` or a `?` can belong to either, both readings are hidden.
 fn redact(url: &str) -> String {
     let start = url.find("://").map_or(0, |i| i + 3);
     let (scheme, rest) = url.split_at(start);
-    let mut shown = scheme.to_owned();
-    let rest = match rest.rsplit_once('@') {
-        Some((userinfo, rest)) => {
-            match userinfo.split_once(':') {
-                Some((user, _)) => shown.extend([user, ":***@"]),
-                None => shown.push_str("***@"),
-            }
-            rest
-        }
-        None => rest,
-    };
-    let mut from = 0;
-    let ends = rest.match_indices(['?', '&']).chain([(rest.len(), "")]);
-    for (end, separator) in ends {
-        let pair = &rest[from..end];
-        match pair.split_once('=') {
-            Some((name, _))
-                if name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password") =>
-            {
-                shown.extend([name, "=***"]);
-            }
-            _ => shown.push_str(pair),
-        }
-        shown.push_str(separator);
-        from = end + separator.len();
+    let mut hidden = Vec::new();
+    if let Some(at) = rest.rfind('@') {
+        // The user name, before the first `:`, is shown.
+        hidden.push(rest[..at].find(':').map_or(0, |colon| colon + 1)..at);
     }
+    let mut from = 0;
+    for end in rest
+        .match_indices(['?', '&'])
+        .map(|(i, _)| i)
+        .chain([rest.len()])
+    {
+        if let Some((name, _)) = rest[from..end].split_once('=') {
+            if name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password") {
+                // The value goes on to the next `&`: a `?` in it is the
+                // password's.
+                let value_end = rest[end..].find('&').map_or(rest.len(), |i| end + i);
+                hidden.push(from + name.len() + 1..value_end);
+            }
+        }
+        from = end + 1;
+    }
+    hidden.sort_by_key(|range| range.start);
+    let mut merged: Vec<std::ops::Range<usize>> = Vec::new();
+    for range in hidden {
+        match merged.last_mut() {
+            Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+            _ => merged.push(range),
+        }
+    }
+    let mut shown = scheme.to_owned();
+    let mut next = 0;
+    for range in merged {
+        shown.extend([&rest[next..range.start], "***"]);
+        next = range.end;
+    }
+    shown.push_str(&rest[next..]);
     shown
 }
 
@@ -1650,6 +1662,20 @@ mod tests {
         assert_eq!(
             redact("redis+unix:///run/redis.sock?user=svc@prod&pass=secret"),
             "redis+unix://***@prod&pass=***"
+        );
+        // An `@` in the query's password: cut at the last `@`, the
+        // password's end would show.
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?pass=p@ssword"),
+            "redis+unix://***"
+        );
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?password=p@ss&db=2"),
+            "redis+unix://***&db=2"
+        );
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?pass=a?b&db=2"),
+            "redis+unix:///run/redis.sock?pass=***&db=2"
         );
     }
 

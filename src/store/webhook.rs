@@ -771,12 +771,21 @@ fn hidden_query(query: &str) -> &'static str {
 }
 
 /// `url` without its user information (see `hide_user_info`), and its
-/// query shown as `?…` (it may hold a key).
+/// query shown as `?…` (it may hold a key). A `?` before the last `@` is
+/// either a query holding an `@` or a password holding a `?`: all but the
+/// scheme is hidden then.
 fn redact(url: &str) -> String {
-    let shown = crate::error::hide_user_info(url, 0);
-    match shown.split_once('?') {
-        Some((before, _)) => format!("{before}{HIDDEN_QUERY}"),
-        None => shown,
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    match rest.find('?') {
+        Some(query) if rest.rfind('@').is_some_and(|at| at > query) => {
+            format!("{}***{HIDDEN_QUERY}", &url[..start])
+        }
+        Some(query) => {
+            let shown = crate::error::hide_user_info(&url[..start + query], 0);
+            format!("{shown}{HIDDEN_QUERY}")
+        }
+        None => crate::error::hide_user_info(url, 0),
     }
 }
 
@@ -1157,9 +1166,13 @@ mod tests {
         assert!(!format!("{err} {err:?}").contains("s3cret"), "{err:?}");
         assert_eq!(redact("http://h/a"), "http://h/a");
         assert_eq!(redact("http://u:p@h/x"), "http://***@h/x");
-        assert_eq!(redact("http://u:p/q?r#s@h/x"), "http://***@h/x");
+        assert_eq!(redact("http://u:p/q#s@h/x"), "http://***@h/x");
         assert_eq!(redact("http://h/a?code=k3y"), "http://h/a?…");
         assert_eq!(redact("http://u:p@h/a?code=k3y"), "http://***@h/a?…");
+        // A `?` before the last `@`: in a password, or in a query holding an
+        // `@`, whose end a cut at the `@` would show.
+        assert_eq!(redact("http://u:p/q?r#s@h/x"), "http://***?…");
+        assert_eq!(redact("http://h/a?owner=o@corp&code=k3y"), "http://***?…");
     }
 
     #[test]
