@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -208,13 +208,16 @@ async fn redirects_into_the_backend_become_paths_of_the_proxy() {
             "/app//evil.example/x" => format!("http://{host}/app//evil.example/x/"),
             "/app/back" => format!("http://{host}/app/\\evil.example/"),
             "/app/tab" => format!("http://{host}/app/\t/evil.example/"),
+            // A raw UTF-8 path, as some backends send.
+            "/app/utf8" => format!("http://{host}/app/caf\u{e9}"),
             _ => "https://elsewhere.example/app/x".to_owned(),
         };
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::FOUND;
-        response
-            .headers_mut()
-            .insert("location", location.parse().unwrap());
+        response.headers_mut().insert(
+            "location",
+            HeaderValue::from_bytes(location.as_bytes()).unwrap(),
+        );
         Ok::<_, Infallible>(response)
     })
     .await;
@@ -223,7 +226,7 @@ async fn redirects_into_the_backend_become_paths_of_the_proxy() {
         let req = Request::get(path).body(Full::new(Bytes::new())).unwrap();
         let resp = backend.oneshot(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::FOUND);
-        resp.headers()["location"].to_str().unwrap().to_owned()
+        String::from_utf8(resp.headers()["location"].as_bytes().to_vec()).unwrap()
     };
     let at_app = HttpBackend::new(&client, format!("http://{addr}/app")).unwrap();
     assert_eq!(
@@ -231,6 +234,7 @@ async fn redirects_into_the_backend_become_paths_of_the_proxy() {
         "/login?next=%2Fhome"
     );
     assert_eq!(location(at_app.clone(), "/root").await, "/");
+    assert_eq!(location(at_app.clone(), "/utf8").await, "/caf\u{e9}");
     assert_eq!(
         location(at_app.clone(), "/near").await,
         format!("http://{addr}/application")

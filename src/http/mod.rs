@@ -1510,30 +1510,39 @@ struct Redirects {
 
 impl Redirects {
     /// `location` as a path of the proxy's, when it points into the
-    /// backend's base URI: what follows the base path, or `/`.
-    fn rewrite(&self, location: &str) -> Option<String> {
-        let (scheme, rest) = location.split_once("://")?;
-        if !scheme.eq_ignore_ascii_case(&self.scheme) {
+    /// backend's base URI: what follows the base path, or `/`. Bytes, not
+    /// text: a backend may send a raw UTF-8 path, which is kept as it is.
+    fn rewrite(&self, location: &[u8]) -> Option<Vec<u8>> {
+        let scheme_end = location.windows(3).position(|w| w == b"://")?;
+        let (scheme, rest) = (&location[..scheme_end], &location[scheme_end + 3..]);
+        if !scheme.eq_ignore_ascii_case(self.scheme.as_bytes()) {
             return None;
         }
-        let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let host_end = rest
+            .iter()
+            .position(|b| matches!(b, b'/' | b'?' | b'#'))
+            .unwrap_or(rest.len());
         let (host, path) = rest.split_at(host_end);
-        if !self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+        if !self
+            .hosts
+            .iter()
+            .any(|h| h.as_bytes().eq_ignore_ascii_case(host))
+        {
             return None;
         }
-        let after = path.strip_prefix(self.prefix.as_str())?;
+        let after = path.strip_prefix(self.prefix.as_bytes())?;
         // Browsers drop tabs and line breaks from a URL, which could make
         // `/<tab>/evil.example` the `//` below.
-        if after.bytes().any(|b| b.is_ascii_control()) {
+        if after.iter().any(u8::is_ascii_control) {
             return None;
         }
-        match after.as_bytes() {
+        match after {
             // Read by browsers as another host (`//evil.example/`, or
             // `/\evil.example/` alike): as a path of the proxy's, it would
             // send the client off the site. Left as it is.
             [b'/', b'/' | b'\\', ..] => None,
-            [b'/', ..] => Some(after.to_owned()),
-            [] | [b'?' | b'#', ..] => Some(format!("/{after}")),
+            [b'/', ..] => Some(after.to_vec()),
+            [] | [b'?' | b'#', ..] => Some([b"/", after].concat()),
             // `/application` is not under `/app`.
             _ => None,
         }
@@ -1644,8 +1653,7 @@ impl Future for ResponseFuture {
                 }
                 if let Some(redirects) = this.redirects.take() {
                     let rewritten = resp.headers().get(LOCATION).and_then(|location| {
-                        let location = location.to_str().ok()?;
-                        HeaderValue::try_from(redirects.rewrite(location)?).ok()
+                        HeaderValue::from_bytes(&redirects.rewrite(location.as_bytes())?).ok()
                     });
                     if let Some(location) = rewritten {
                         resp.headers_mut().insert(LOCATION, location);
