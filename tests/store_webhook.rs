@@ -639,6 +639,42 @@ async fn a_write_cut_off_after_it_was_sent_is_not_sent_again() {
     );
 }
 
+/// An answer cut off mid-body comes from a service that had the write: it
+/// is not sent again either.
+#[tokio::test]
+async fn a_write_whose_answer_is_cut_off_is_not_sent_again() {
+    let (addr, seen) = support::http::cut_answers(http::StatusCode::OK).await;
+    // Three retries by default.
+    let store = WebhookStore::builder(format!("http://{addr}/api/sessions"))
+        .backoff(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let err = store.save(&session("k", "a")).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(err.to_string().contains("not sent again"), "{err}");
+    assert_eq!(seen.requests(), 1);
+    let err = store.delete(&["k".to_owned()]).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(seen.requests(), 2);
+    let err = store.load("k").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(seen.requests(), 6, "a load: one attempt and three retries");
+}
+
+/// A write answered "try later" (a 503), its answer then cut off, was not
+/// applied: it is retried as when the answer is whole.
+#[tokio::test]
+async fn a_write_answered_503_and_cut_off_is_retried() {
+    let (addr, seen) = support::http::cut_answers(http::StatusCode::SERVICE_UNAVAILABLE).await;
+    let store = WebhookStore::builder(format!("http://{addr}/api/sessions"))
+        .backoff(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let err = store.save(&session("k", "a")).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(seen.requests(), 4, "one attempt and three retries");
+}
+
 /// A query may hold a secret (a function key): it is sent, but errors and
 /// `Debug` show `?…` instead.
 #[tokio::test]

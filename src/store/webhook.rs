@@ -86,7 +86,8 @@ const SESSION_FIELD: &str = "kernel_session";
 ///   `504 Gateway Timeout` (a proxy in front of the service gave up on it);
 ///   a load answered 504 is retried as any 5xx;
 /// * a save or a delete whose connection fails after the request was
-///   written (reset, or closed without an answer) fails as
+///   written (reset, closed without an answer, or its answer cut off in
+///   its body, unless its status says to try again as above) fails as
 ///   [`is_unavailable`](StoreError::is_unavailable) and is not retried, for
 ///   the same reason. A connection left unused is closed after 4 s, before
 ///   common servers close theirs (Node.js and uvicorn after 5 s), so that
@@ -698,10 +699,20 @@ impl Inner {
                         StoreError::rejected(e)
                             .with_message(format!("the answer is larger than {limit} bytes")),
                     )
-                } else {
+                } else if *method == Method::GET
+                    || parts.status == StatusCode::UNAUTHORIZED
+                    || (try_later(parts.status) && parts.status != StatusCode::GATEWAY_TIMEOUT)
+                {
+                    // A write is retried when its status says so, cut off
+                    // or not (see `call`).
                     Failure::Retry(
                         StoreError::unavailable(e).with_message("the answer was cut off"),
                     )
+                } else {
+                    // The service had the write, and answered that it did.
+                    Failure::Fatal(StoreError::unavailable(e).with_message(format!(
+                        "the answer to the {method} was cut off; not sent again"
+                    )))
                 }
             })?
             .to_bytes();

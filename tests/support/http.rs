@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tower::Service;
@@ -124,6 +124,56 @@ pub async fn silent() -> (SocketAddr, Arc<Seen>, mpsc::UnboundedReceiver<usize>)
         }
     });
     (addr, seen, closed)
+}
+
+/// A server that reads each request (its head, and a body of
+/// `Content-Length` bytes), then answers `status` announcing 64 bytes of
+/// body, sends 2 and closes the connection: an answer cut off.
+pub async fn cut_answers(status: StatusCode) -> (SocketAddr, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let server_seen = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            server_seen.connections.fetch_add(1, Ordering::SeqCst);
+            let seen = server_seen.clone();
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut fill = async |read: &mut Vec<u8>| match stream.read(&mut buf).await {
+                    Ok(n @ 1..) => {
+                        read.extend_from_slice(&buf[..n]);
+                        true
+                    }
+                    _ => false,
+                };
+                let head_end = loop {
+                    if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break end + 4;
+                    }
+                    if !fill(&mut read).await {
+                        return;
+                    }
+                };
+                let head = String::from_utf8_lossy(&read[..head_end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .map_or(0, |value| value.trim().parse().unwrap());
+                while read.len() < head_end + length {
+                    if !fill(&mut read).await {
+                        return;
+                    }
+                }
+                seen.requests.fetch_add(1, Ordering::SeqCst);
+                seen.body_bytes.fetch_add(length, Ordering::SeqCst);
+                let cut = format!("HTTP/1.1 {status}\r\ncontent-length: 64\r\n\r\n{{\"");
+                let _ = stream.write_all(cut.as_bytes()).await;
+            });
+        }
+    });
+    (addr, seen)
 }
 
 /// An address where nothing listens: connecting is refused.
