@@ -579,7 +579,11 @@ impl Handle {
     /// Drains backend `id` in every group: no new request or session;
     /// requests in flight finish; after the drain deadline it is disabled
     /// (its sticky sessions then move), also if the handle is dropped
-    /// before then. Needs a tokio runtime when a deadline is set.
+    /// before then. Needs a tokio runtime with its time driver when a
+    /// deadline is set: outside a runtime it fails with
+    /// [`ControlError::NoRuntime`]; on a runtime without timers it returns
+    /// `Ok`, but the deadline's task panics and the backend stays draining
+    /// until it is enabled or disabled.
     pub fn drain(&self, id: &BackendId) -> Result<(), ControlError> {
         // Read once: the drain keeps it, whatever is set meanwhile.
         let deadline = self.deadline();
