@@ -578,6 +578,41 @@ async fn a_session_whose_every_attempt_answered_a_failure_does_not_move() {
     a_post_moves_off(&svc, &home, &moves).await;
 }
 
+/// A session's own backend that answered a 503, the retries after it
+/// ending in errors (`Exhausted`), failed the request: the next request is
+/// kept off it, as when the retries end in a failed response.
+#[tokio::test]
+async fn a_503_from_its_own_backend_then_errors_keeps_the_session_off_it() {
+    use tower_ha::failover::{Exhausted, FailedStatus};
+
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
+    let svc = over_failover(&c.pool, layer, Duration::ZERO);
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+
+    for name in NAMES.iter().filter(|&&n| n != home) {
+        c.fail[name].store(true, Ordering::SeqCst);
+    }
+    let mut req = session("s1");
+    req.headers_mut()
+        .insert("x-status", HeaderValue::from_static("503"));
+    let err = send(&svc, req).await.unwrap_err();
+    let exhausted = err
+        .downcast_ref::<Exhausted>()
+        .expect("every attempt failed");
+    let (first, failure) = &exhausted.attempts()[0];
+    assert_eq!(first.as_str(), home);
+    assert!(
+        failure.downcast_ref::<FailedStatus>().is_some(),
+        "{failure}"
+    );
+    for name in NAMES {
+        c.fail[name].store(false, Ordering::SeqCst);
+    }
+    a_post_moves_off(&svc, &home, &moves).await;
+}
+
 /// A session's own backend that answered the failure the failover layer
 /// gave up with (a POST's 503, not retried) failed it: the next request is
 /// kept off that backend, as after an error.

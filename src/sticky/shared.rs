@@ -27,7 +27,7 @@ use super::Availability;
 use crate::backend::BackendId;
 use crate::error::{find, BackendError, BoxError, InvalidRequest, NoBackend};
 use crate::extensions::{Affinity, AffinityRequired, Attempts, GaveUp, ServedBy};
-use crate::failover::{Exhausted, TimedOut};
+use crate::failover::{Exhausted, FailedStatus, TimedOut};
 use crate::key::RequestHead;
 use crate::pool::Pool;
 use crate::store::{Session, SessionGuard, SessionLock, SessionStore, StoreError};
@@ -1639,12 +1639,17 @@ impl Shared {
                 // Also when the failover layer tried others after it and
                 // they failed too: its error then leads to the last
                 // attempt's. Its attempt there may also have been abandoned
-                // at the per-try timeout.
+                // at the per-try timeout, or answered a failed response
+                // (a 503), which was sent.
                 _ => find::<Exhausted>(&*error).and_then(|exhausted| {
                     let (_, failure) = exhausted.attempts().iter().find(|(id, _)| id == backend)?;
                     match find::<BackendError>(&**failure) {
                         Some(e) => (e.backend() == backend).then(|| e.is_not_sent()),
-                        None => find::<TimedOut>(&**failure).map(TimedOut::is_not_sent),
+                        // Not the overall deadline: the request, not the
+                        // backend, ran out of time.
+                        None => find::<TimedOut>(&**failure)
+                            .map(TimedOut::is_not_sent)
+                            .or_else(|| find::<FailedStatus>(&**failure).map(|_| false)),
                     }
                 }),
             };
