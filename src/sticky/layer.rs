@@ -168,7 +168,8 @@ impl StickyLayer {
     /// Default: as the store asks
     /// ([`SessionStore::refresh_interval`](crate::store::SessionStore::refresh_interval):
     /// half the TTL of a `RedisStore`, `FileStore` or `MemoryStore` that
-    /// has one, never for the others). Zero turns it off.
+    /// has one, or the `ttl` a `WebhookStore` was given, never for the
+    /// others). Zero turns it off.
     pub fn refresh_every(self, every: Duration) -> Self {
         self.with(|c| c.refresh = Some(every))
     }

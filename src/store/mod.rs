@@ -181,7 +181,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Keeps `session`'s record alive: it is in use. By default a
     /// [`save`](Self::save) (which also brings its `last_seen` time up to
     /// date). A store shared by several replicas should renew the record
-    /// it holds instead, as the stores of this crate do, and write
+    /// it holds instead, as `RedisStore`, `FileStore` and `MemoryStore` do
+    /// (a `WebhookStore` cannot: see `WebhookStoreBuilder::ttl`), and write
     /// `session` only when the record is gone: the copy a replica refreshes
     /// may be older than a move another replica saved since. (Gone by
     /// expiry, that is: `RedisStore` keeps a tombstone for a deleted
