@@ -681,29 +681,6 @@ async fn a_connection_the_backend_closed_while_idle_is_replaced() {
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
-/// A connection idle for just under `idle` is reused; one idle for `idle`
-/// is replaced.
-async fn idle_connections_last(client: HttpClient<Full<Bytes>>, idle: Duration) {
-    let (addr, accepted) = serve_counting().await;
-    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
-    let get = || {
-        backend
-            .clone()
-            .oneshot(Request::get("/").body(Full::default()).unwrap())
-    };
-    body_of(get().await.unwrap()).await;
-    tokio::time::advance(idle - Duration::from_secs(1)).await;
-    body_of(get().await.unwrap()).await;
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused within {idle:?}");
-    tokio::time::advance(idle).await;
-    body_of(get().await.unwrap()).await;
-    assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        2,
-        "replaced after {idle:?} idle"
-    );
-}
-
 /// Each connection answers one request, then reports its number on
 /// `closed` once the client closes it.
 async fn serve_raw_reporting_close(
@@ -812,8 +789,11 @@ async fn a_connection_idle_for_60_s_is_not_reused() {
 
 #[tokio::test(start_paused = true)]
 async fn the_idle_timeout_can_be_set() {
+    // A backend that announces no keep-alive of its own, which would come
+    // first (`echo`'s 5 s would keep a connection 4 s too).
+    let (addr, accepted) = serve_raw().await;
     let client = HttpClient::new().idle_timeout(Duration::from_secs(4));
-    idle_connections_last(client, Duration::from_secs(4)).await;
+    reused_until(client, addr, &accepted, Duration::from_secs(4)).await;
 }
 
 /// The keep-alive timer of the TCP connection from `local` to `remote` on
@@ -1306,6 +1286,64 @@ async fn an_old_connection_behind_a_busy_one_is_not_reused() {
     tokio::time::advance(Duration::from_secs(15)).await;
     body_of(get().await.unwrap()).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+/// A connection whose backend announced a short keep-alive, checked in
+/// after one kept for the idle timeout, is not reused once that short time
+/// has passed, though the sweep sleeps until the older one's time.
+#[tokio::test(start_paused = true)]
+async fn a_connection_past_its_announced_keep_alive_is_not_reused() {
+    // Connection 2 announces that its backend keeps it idle for 3 s.
+    let (addr, accepted) = accept_counting(|mut stream, n| async move {
+        let mut buf = [0u8; 1024];
+        let mut head = Vec::new();
+        loop {
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(read) => head.extend_from_slice(&buf[..read]),
+                }
+            }
+            head.clear();
+            // Answers after connection 1, so that it is idle on top of it.
+            let keep_alive = if n == 2 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                "keep-alive: timeout=3\r\n"
+            } else {
+                ""
+            };
+            let body = format!("conn {n}");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nx-conn: {n}\r\n{keep_alive}content-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if stream.write_all(response.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let get = || {
+        backend
+            .clone()
+            .oneshot(Request::get("/").body(Full::default()).unwrap())
+    };
+    // Two connections busy at once, then idle (each as its answer's head
+    // comes, the body with it): connection 1 first (the sweep then sleeps
+    // for its 60 s), connection 2 a second later, on top of it.
+    let (a, b) = tokio::join!(get(), get());
+    let (mut first, mut second) = (a.unwrap(), b.unwrap());
+    if first.headers()["x-conn"] != "1" {
+        std::mem::swap(&mut first, &mut second);
+    }
+    assert_eq!(body_of(first).await, "conn 1");
+    assert_eq!(body_of(second).await, "conn 2");
+    // Connection 2 is kept 2 s (one less than announced).
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(body_of(get().await.unwrap()).await, "conn 1");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 /// A connector of the test's own: opens a Unix socket at `path` whatever
