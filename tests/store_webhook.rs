@@ -167,13 +167,21 @@ async fn wrong_digest_password_is_unauthorized() {
 #[tokio::test]
 async fn a_new_digest_nonce_is_followed() {
     let server = Server::start(digest()).await;
+    // No retry: the new challenge is answered within the attempt.
     let store = WebhookStore::builder(server.url())
         .digest_auth("gateway", "s3cret")
+        .retries(0)
         .build()
         .unwrap();
     store.save(&session("k", "a")).await.unwrap();
     *server.state.nonce.lock() = "a-fresh-nonce-0001".into();
+    let before = server.requests();
     store.save(&session("k", "b")).await.unwrap();
+    assert_eq!(
+        server.requests() - before,
+        2,
+        "the stale nonce, then the new"
+    );
     assert_eq!(
         server
             .state
@@ -203,10 +211,13 @@ async fn a_nonce_stale_again_is_retried_not_unauthorized() {
             .unwrap()
     };
     let ordering = std::sync::atomic::Ordering::SeqCst;
-    // First contact, then three stale answers: the second of them ends
-    // the first attempt, the third is answered in the second attempt.
+    // Each attempt answers one challenge in place. The first contact's
+    // uses the first attempt's, so the first stale answer ends it; the
+    // second attempt answers the second and ends at the third; the third
+    // attempt gets through: five requests.
     server.state.stale_next.store(3, ordering);
-    store(3).save(&session("k", "a")).await.unwrap();
+    store(2).save(&session("k", "a")).await.unwrap();
+    assert_eq!(server.requests(), 5);
     assert_eq!(server.state.stale_next.load(ordering), 0);
     assert_eq!(server.state.sessions.lock().len(), 1);
 
@@ -625,7 +636,11 @@ async fn a_write_cut_off_after_it_was_sent_is_not_sent_again() {
     let store = store(&server);
     let err = store.save(&session("k", "a")).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
-    assert!(err.to_string().contains("not sent again"), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("failed after the POST was sent; not sent again"),
+        "{message}"
+    );
     assert_eq!(server.requests(), 1);
     let err = store.delete(&["k".to_owned()]).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
@@ -651,7 +666,11 @@ async fn a_write_whose_answer_is_cut_off_is_not_sent_again() {
         .unwrap();
     let err = store.save(&session("k", "a")).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
-    assert!(err.to_string().contains("not sent again"), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("answer to the POST was cut off; not sent again"),
+        "{message}"
+    );
     assert_eq!(seen.requests(), 1);
     let err = store.delete(&["k".to_owned()]).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
