@@ -187,10 +187,16 @@ impl Ejections {
         let backends = self.backends.load(Ordering::Acquire);
         let allowed = (backends.saturating_mul(max_percent.min(100) as usize) / 100).max(1);
         // Backends, not entries: one taken over by a new watch while its
-        // former one lived has an entry of each.
-        let count = (0..ejected.len())
-            .filter(|&i| !ejected[..i].iter().any(|(s, _)| s.ptr_eq(&ejected[i].0)))
-            .count();
+        // former one lived has an entry of each. Sorted, they sit side by
+        // side: a count in O(E log E), where comparing each entry with
+        // those before it was O(E²) under this lock, at every failure of
+        // a backend the cap keeps in.
+        ejected.sort_unstable_by_key(|(s, _)| s.as_ptr());
+        let count = ejected.len()
+            - ejected
+                .windows(2)
+                .filter(|pair| pair[0].0.ptr_eq(&pair[1].0))
+                .count();
         if count >= allowed {
             return Err(Refused::Cap {
                 ejected: count,
@@ -505,6 +511,29 @@ impl<C> Drop for Watch<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cap counts backends: one ejection counted by two watches (the
+    /// second took it over) is one backend.
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_counts_a_backend_with_two_entries_once() {
+        let ejections = Ejections::default();
+        ejections.backends.store(20, Ordering::Release);
+        // 10 % of 20: two may be ejected at once.
+        let until = Instant::now() + Duration::from_secs(30);
+        let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::default())).collect();
+        let (first, second) = (Arc::new(()), Arc::new(()));
+        ejections.try_eject(&states[0], &first, 10, until).unwrap();
+        ejections.adopt(&states[0], &second);
+        assert_eq!(ejections.ejected.lock().len(), 2);
+        ejections.try_eject(&states[1], &first, 10, until).unwrap();
+        assert_eq!(
+            ejections.try_eject(&states[2], &first, 10, until),
+            Err(Refused::Cap {
+                ejected: 2,
+                allowed: 2
+            })
+        );
+    }
 
     #[test]
     fn a_success_rate_window_is_at_least_a_second() {
