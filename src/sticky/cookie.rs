@@ -71,6 +71,8 @@ const DOMAIN: &[u8] = b"tower-ha sticky v1\0";
 pub struct CookieInsert {
     name: CookieName,
     mac: HmacSha256,
+    /// Secrets being retired: cookies they signed are still accepted.
+    previous: Vec<HmacSha256>,
     secure: bool,
     same_site: SameSite,
     max_age: Option<Duration>,
@@ -83,6 +85,7 @@ impl fmt::Debug for CookieInsert {
         f.debug_struct("CookieInsert")
             .field("name", &self.name)
             .field("secret", &"<redacted>")
+            .field("previous_secrets", &self.previous.len())
             .field("secure", &self.secure)
             .field("same_site", &self.same_site)
             .field("max_age", &self.max_age)
@@ -179,6 +182,17 @@ impl<'a> Parsed<'a> {
     }
 }
 
+/// The MAC keyed with `secret`, at least [`MIN_SECRET`] bytes long.
+fn keyed(secret: &[u8]) -> Result<HmacSha256, CookieConfigError> {
+    if secret.len() < MIN_SECRET {
+        return Err(CookieConfigError::ShortSecret {
+            min: MIN_SECRET,
+            got: secret.len(),
+        });
+    }
+    Ok(HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length"))
+}
+
 impl CookieInsert {
     /// A cookie named `name` signed with `secret`.
     ///
@@ -199,26 +213,54 @@ impl CookieInsert {
         secret: impl AsRef<[u8]>,
     ) -> Result<Self, CookieConfigError> {
         let name = name.into();
-        let secret = secret.as_ref();
-        if secret.len() < MIN_SECRET {
-            return Err(CookieConfigError::ShortSecret {
-                min: MIN_SECRET,
-                got: secret.len(),
-            });
-        }
+        let mac = keyed(secret.as_ref())?;
         if !crate::key::is_cookie_name(&name) {
             return Err(CookieConfigError::InvalidName(name));
         }
-        let mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
         Ok(CookieInsert {
             name: CookieName::new(&name),
             mac,
+            previous: Vec::new(),
             secure: true,
             same_site: SameSite::Lax,
             max_age: None,
             path: "/".to_owned(),
             private: true,
         })
+    }
+
+    /// Also accepts cookies signed with `secret`, a secret being retired,
+    /// so that the signing secret can be changed without losing sessions:
+    /// start every instance with the new secret and the old one here, and
+    /// drop the old one once the cookies it signed have expired (their
+    /// `Max-Age`) or been sent again. A cookie it signed counts as the
+    /// layer's own, and the response sends it again signed with the
+    /// current secret (on the session's next request, when its session was
+    /// not in memory). May be called again for more secrets; each costs one
+    /// more MAC for a cookie that the current secret does not verify
+    /// (forged ones included).
+    ///
+    /// During a rolling change, instances still on the old secret do not
+    /// know the new one: give them the new one as a previous secret first,
+    /// then swap the two.
+    ///
+    /// # Panics
+    ///
+    /// When `secret` is shorter than 32 bytes, as [`new`](Self::new).
+    pub fn previous_secret(self, secret: impl AsRef<[u8]>) -> Self {
+        self.try_previous_secret(secret)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`previous_secret`](Self::previous_secret) for settings read at run
+    /// time: an error instead of a panic when `secret` is shorter than 32
+    /// bytes.
+    pub fn try_previous_secret(
+        mut self,
+        secret: impl AsRef<[u8]>,
+    ) -> Result<Self, CookieConfigError> {
+        self.previous.push(keyed(secret.as_ref())?);
+        Ok(self)
     }
 
     /// Whether to send `Secure` (default `true`). Turn it off only for
@@ -349,7 +391,11 @@ impl CookieInsert {
     }
 
     fn tag(&self, session: &[u8], backend: &[u8]) -> HmacSha256 {
-        let mut mac = self.mac.clone();
+        self.tag_with(&self.mac, session, backend)
+    }
+
+    fn tag_with(&self, key: &HmacSha256, session: &[u8], backend: &[u8]) -> HmacSha256 {
+        let mut mac = key.clone();
         mac.update(DOMAIN);
         mac.update(self.name.as_str().as_bytes());
         mac.update(b"\0");
@@ -382,14 +428,21 @@ impl CookieInsert {
     }
 
     /// Verifies a parsed cookie's MAC (in constant time) and returns the
-    /// backend it names.
-    pub(crate) fn verify(&self, parsed: &Parsed<'_>) -> Result<BackendId, Invalid> {
+    /// backend it names, and whether the current secret signed it (not a
+    /// [previous](Self::previous_secret) one).
+    pub(crate) fn verify(&self, parsed: &Parsed<'_>) -> Result<(BackendId, bool), Invalid> {
         let mut buf = [0u8; MAX_BACKEND_B64];
         let backend = parsed.backend(&mut buf)?;
-        self.tag(parsed.session.as_bytes(), backend.as_bytes())
-            .verify_truncated_left(&parsed.tag)
-            .map_err(|_| Invalid::Signature)?;
-        Ok(BackendId::from(backend))
+        let signed = |key| {
+            self.tag_with(key, parsed.session.as_bytes(), backend.as_bytes())
+                .verify_truncated_left(&parsed.tag)
+                .is_ok()
+        };
+        let current = signed(&self.mac);
+        if !current && !self.previous.iter().any(signed) {
+            return Err(Invalid::Signature);
+        }
+        Ok((BackendId::from(backend), current))
     }
 
     /// How long after it was sent the cookie is sent again on a request
@@ -735,7 +788,25 @@ mod tests {
         let value = c.value(&sid, &"node-a".into());
         let parsed = Parsed::new(value.as_bytes()).unwrap();
         assert_eq!(parsed.session, sid);
-        assert_eq!(c.verify(&parsed).unwrap().as_str(), "node-a");
+        assert_eq!(c.verify(&parsed).unwrap(), ("node-a".into(), true));
+    }
+
+    #[test]
+    fn a_previous_secret_verifies_but_does_not_sign() {
+        let sid = CookieInsert::new_session_id();
+        let old = cookie().value(&sid, &"node-a".into());
+        let rotated = CookieInsert::new("srv", [2u8; 32]).previous_secret([1u8; 32]);
+        let parsed = Parsed::new(old.as_bytes()).unwrap();
+        assert_eq!(rotated.verify(&parsed).unwrap(), ("node-a".into(), false));
+        let new = rotated.value(&sid, &"node-a".into());
+        assert_ne!(new, old);
+        let parsed = Parsed::new(new.as_bytes()).unwrap();
+        assert_eq!(rotated.verify(&parsed).unwrap(), ("node-a".into(), true));
+        // Without it, the old value is a bad signature.
+        let parsed = Parsed::new(old.as_bytes()).unwrap();
+        let bare = CookieInsert::new("srv", [2u8; 32]);
+        assert_eq!(bare.verify(&parsed).unwrap_err(), Invalid::Signature);
+        assert!(bare.try_previous_secret([1u8; 31]).is_err());
     }
 
     #[test]
@@ -746,7 +817,7 @@ mod tests {
             let id: BackendId = "b".repeat(len).into();
             let value = c.value(&sid, &id);
             let parsed = Parsed::new(value.as_bytes()).unwrap();
-            assert_eq!(c.verify(&parsed).unwrap(), id, "{len}");
+            assert_eq!(c.verify(&parsed).unwrap().0, id, "{len}");
             assert!(c.set_cookie(&value).unwrap().len() < 4096);
         }
     }

@@ -44,7 +44,8 @@ pub struct SessionKey {
 
 #[derive(Clone)]
 pub(crate) enum Kind {
-    Insert(CookieInsert),
+    // Boxed: a cookie's MAC keys are large, the other kinds small.
+    Insert(Box<CookieInsert>),
     Learn(CookieName),
     Header(HeaderName),
     Fn(Arc<KeyFn>),
@@ -65,7 +66,7 @@ impl SessionKey {
     /// The layer issues its own signed cookie (see [`CookieInsert`]).
     pub fn insert_cookie(cookie: CookieInsert) -> Self {
         SessionKey {
-            kind: Kind::Insert(cookie),
+            kind: Kind::Insert(Box::new(cookie)),
         }
     }
 

@@ -699,11 +699,14 @@ impl Shared {
             .cookie()
             .expect("a cookie key read a cookie");
         let parsed = Parsed::new(value)?;
-        let named = cookie.verify(&parsed)?;
+        let (named, current) = cookie.verify(&parsed)?;
         let found = self.table.get(parsed.session.as_bytes());
         bump(&self.counters.expired, u64::from(found.expired));
         self.refresh(&found);
         Ok(match found.hit {
+            // Signed with a secret being retired: sent again, signed with
+            // the current one.
+            Some(hit) if !current && named == hit.backend => Found::Hit(hit, Named::Renew),
             Some(hit) => Found::Hit(hit, Named::Backend(named)),
             None => Found::Miss(Arc::from(parsed.session), Some(named), found.unread),
         })
