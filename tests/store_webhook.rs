@@ -24,7 +24,12 @@ fn element(key: &str, backend: &str) -> Value {
 }
 
 fn store(server: &Server) -> WebhookStore {
-    WebhookStore::builder(server.url())
+    store_at(server.url())
+}
+
+/// A store of the service at `url`, three retries (the default) 1 ms apart.
+fn store_at(url: String) -> WebhookStore {
+    WebhookStore::builder(url)
         .timeout(Duration::from_secs(5))
         .backoff(Duration::from_millis(1))
         .build()
@@ -632,26 +637,29 @@ async fn a_gateway_timeout_ends_a_write_unretried() {
 async fn a_write_cut_off_after_it_was_sent_is_not_sent_again() {
     let server = Server::start(Auth::None).await;
     server.set_mode(Mode::Cut);
-    // Three retries by default.
-    let store = store(&server);
+    let requests = || server.requests();
+    let failed = "failed after the POST was sent; not sent again";
+    writes_are_not_sent_again(&store(&server), requests, failed).await;
+}
+
+/// Through `store` (three retries), whose service fails every request: a
+/// save fails with `message` and a delete fails, each sent once; a load is
+/// tried four times. `requests` counts what the service received.
+async fn writes_are_not_sent_again(
+    store: &WebhookStore,
+    requests: impl Fn() -> usize,
+    message: &str,
+) {
     let err = store.save(&session("k", "a")).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
-    let message = err.to_string();
-    assert!(
-        message.contains("failed after the POST was sent; not sent again"),
-        "{message}"
-    );
-    assert_eq!(server.requests(), 1);
+    assert!(err.to_string().contains(message), "{err}");
+    assert_eq!(requests(), 1);
     let err = store.delete(&["k".to_owned()]).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
-    assert_eq!(server.requests(), 2);
+    assert_eq!(requests(), 2);
     let err = store.load("k").await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
-    assert_eq!(
-        server.requests(),
-        6,
-        "a load: one attempt and three retries"
-    );
+    assert_eq!(requests(), 6, "a load: one attempt and three retries");
 }
 
 /// An answer cut off mid-body comes from a service that had the write: it
@@ -659,25 +667,9 @@ async fn a_write_cut_off_after_it_was_sent_is_not_sent_again() {
 #[tokio::test]
 async fn a_write_whose_answer_is_cut_off_is_not_sent_again() {
     let (addr, seen) = support::http::cut_answers(http::StatusCode::OK).await;
-    // Three retries by default.
-    let store = WebhookStore::builder(format!("http://{addr}/api/sessions"))
-        .backoff(Duration::from_millis(1))
-        .build()
-        .unwrap();
-    let err = store.save(&session("k", "a")).await.unwrap_err();
-    assert!(err.is_unavailable(), "{err:?}");
-    let message = err.to_string();
-    assert!(
-        message.contains("answer to the POST was cut off; not sent again"),
-        "{message}"
-    );
-    assert_eq!(seen.requests(), 1);
-    let err = store.delete(&["k".to_owned()]).await.unwrap_err();
-    assert!(err.is_unavailable(), "{err:?}");
-    assert_eq!(seen.requests(), 2);
-    let err = store.load("k").await.unwrap_err();
-    assert!(err.is_unavailable(), "{err:?}");
-    assert_eq!(seen.requests(), 6, "a load: one attempt and three retries");
+    let store = store_at(format!("http://{addr}/api/sessions"));
+    let cut = "answer to the POST was cut off; not sent again";
+    writes_are_not_sent_again(&store, || seen.requests(), cut).await;
 }
 
 /// A write answered "try later" (a 503), its answer then cut off, was not
@@ -685,10 +677,7 @@ async fn a_write_whose_answer_is_cut_off_is_not_sent_again() {
 #[tokio::test]
 async fn a_write_answered_503_and_cut_off_is_retried() {
     let (addr, seen) = support::http::cut_answers(http::StatusCode::SERVICE_UNAVAILABLE).await;
-    let store = WebhookStore::builder(format!("http://{addr}/api/sessions"))
-        .backoff(Duration::from_millis(1))
-        .build()
-        .unwrap();
+    let store = store_at(format!("http://{addr}/api/sessions"));
     let err = store.save(&session("k", "a")).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     assert_eq!(seen.requests(), 4, "one attempt and three retries");
