@@ -1070,6 +1070,11 @@ async fn serve_raw() -> (SocketAddr, Arc<AtomicUsize>) {
 /// Reads one request head from `stream` and answers `conn N`; false once
 /// the connection is closed or broken.
 async fn answer_raw(stream: &mut TcpStream, n: usize) -> bool {
+    answer_raw_with(stream, n, "").await
+}
+
+/// [`answer_raw`], with `headers` (each ending in CRLF) in the answer.
+async fn answer_raw_with(stream: &mut TcpStream, n: usize, headers: &str) -> bool {
     let mut buf = [0u8; 1024];
     let mut head = Vec::new();
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -1080,7 +1085,7 @@ async fn answer_raw(stream: &mut TcpStream, n: usize) -> bool {
     }
     let body = format!("conn {n}");
     let response = format!(
-        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        "HTTP/1.1 200 OK\r\n{headers}content-length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await.is_ok()
@@ -1295,32 +1300,13 @@ async fn an_old_connection_behind_a_busy_one_is_not_reused() {
 async fn a_connection_past_its_announced_keep_alive_is_not_reused() {
     // Connection 2 announces that its backend keeps it idle for 3 s.
     let (addr, accepted) = accept_counting(|mut stream, n| async move {
-        let mut buf = [0u8; 1024];
-        let mut head = Vec::new();
-        loop {
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(read) => head.extend_from_slice(&buf[..read]),
-                }
-            }
-            head.clear();
+        let mut headers = format!("x-conn: {n}\r\n");
+        if n == 2 {
             // Answers after connection 1, so that it is idle on top of it.
-            let keep_alive = if n == 2 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                "keep-alive: timeout=3\r\n"
-            } else {
-                ""
-            };
-            let body = format!("conn {n}");
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nx-conn: {n}\r\n{keep_alive}content-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            if stream.write_all(response.as_bytes()).await.is_err() {
-                return;
-            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            headers.push_str("keep-alive: timeout=3\r\n");
         }
+        while answer_raw_with(&mut stream, n, &headers).await {}
     })
     .await;
     let client = HttpClient::<Full<Bytes>>::new();
