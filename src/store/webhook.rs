@@ -86,8 +86,9 @@ const SESSION_FIELD: &str = "kernel_session";
 ///   `504 Gateway Timeout` (a proxy in front of the service gave up on it);
 ///   a load answered 504 is retried as any 5xx;
 /// * a save or a delete whose connection fails after the request was
-///   written (reset, closed without an answer, or its answer cut off in
-///   its body, unless its status says to try again as above) fails as
+///   written (reset, closed without an answer, or a success answer cut
+///   off in its body; a failure answer cut off counts by its status, as
+///   above) fails as
 ///   [`is_unavailable`](StoreError::is_unavailable) and is not retried, for
 ///   the same reason. A connection left unused is closed after 4 s, before
 ///   common servers close theirs (Node.js and uvicorn after 5 s), so that
@@ -690,32 +691,29 @@ impl Inner {
             }
         })?;
         let (parts, body) = response.into_parts();
-        let bytes = Limited::new(body, limit)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    Failure::Fatal(
-                        StoreError::rejected(e)
-                            .with_message(format!("the answer is larger than {limit} bytes")),
-                    )
-                } else if *method == Method::GET
-                    || parts.status == StatusCode::UNAUTHORIZED
-                    || (try_later(parts.status) && parts.status != StatusCode::GATEWAY_TIMEOUT)
-                {
-                    // A write is retried when its status says so, cut off
-                    // or not (see `call`).
-                    Failure::Retry(
-                        StoreError::unavailable(e).with_message("the answer was cut off"),
-                    )
-                } else {
-                    // The service had the write, and answered that it did.
-                    Failure::Fatal(StoreError::unavailable(e).with_message(format!(
-                        "the answer to the {method} was cut off; not sent again"
-                    )))
-                }
-            })?
-            .to_bytes();
+        let bytes = match Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(Failure::Fatal(
+                    StoreError::rejected(e)
+                        .with_message(format!("the answer is larger than {limit} bytes")),
+                ))
+            }
+            Err(e) if *method == Method::GET => {
+                return Err(Failure::Retry(
+                    StoreError::unavailable(e).with_message("the answer was cut off"),
+                ))
+            }
+            // A write that failed says how by its status alone, which
+            // `call` judges (a 503 is retried, say): its body is not needed.
+            Err(_) if !parts.status.is_success() => Bytes::new(),
+            Err(e) => {
+                // The service had the write, and answered that it did.
+                return Err(Failure::Fatal(StoreError::unavailable(e).with_message(
+                    format!("the answer to the {method} was cut off; not sent again"),
+                )));
+            }
+        };
         Ok((parts.status, parts.headers, bytes))
     }
 }
