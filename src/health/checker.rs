@@ -1,6 +1,7 @@
 //! Active health checking: one background task per pool.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -256,6 +257,8 @@ where
             entries: HashMap::new(),
             departed: HashMap::new(),
             next_serial: 0,
+            queue: BinaryHeap::new(),
+            due: Vec::new(),
             _start_unhealthy: start_unhealthy,
         };
         // The backends there are now are taken up before this returns, so
@@ -343,6 +346,11 @@ struct Entry {
     probe: Option<AbortHandle>,
     /// When its slow-start ramp began, while it ramps.
     ramp_from: Option<Instant>,
+    /// When its ramp next steps, while it ramps.
+    ramp_next: Option<Instant>,
+    /// When the checker's queue next looks at it: the earliest of its
+    /// times queued since it was last looked at.
+    queued: Option<Instant>,
 }
 
 const fn health_name(health: HealthStatus) -> &'static str {
@@ -367,12 +375,15 @@ impl Entry {
             next_probe: now,
             probe: None,
             ramp_from: None,
+            ramp_next: None,
+            queued: None,
         }
     }
 
     fn start_ramp(&mut self, now: Instant, config: &CheckConfig) {
         if let Some(slow) = config.slow_start {
             self.ramp_from = Some(now);
+            self.ramp_next = Some(now);
             self.state
                 .set_weight_permille(slow.permille_at(Duration::ZERO));
         }
@@ -390,6 +401,7 @@ impl Entry {
     /// Abandons a ramp in progress at full weight: a weight the checker no
     /// longer advances must not stay partial.
     fn end_ramp(&mut self) {
+        self.ramp_next = None;
         if self.ramp_from.take().is_some() {
             self.state.set_weight_permille(1000);
         }
@@ -554,8 +566,12 @@ impl Entry {
         false
     }
 
-    /// Advances the slow-start ramp; returns when to advance it next.
-    fn ramp(&mut self, now: Instant, config: &CheckConfig) -> Option<Instant> {
+    /// Advances the slow-start ramp, and notes when to advance it next.
+    fn ramp(&mut self, now: Instant, config: &CheckConfig) {
+        self.ramp_next = self.ramp_step(now, config);
+    }
+
+    fn ramp_step(&mut self, now: Instant, config: &CheckConfig) -> Option<Instant> {
         let (from, slow) = (self.ramp_from?, config.slow_start?);
         let elapsed = now.saturating_duration_since(from);
         let permille = slow.permille_at(elapsed);
@@ -597,7 +613,20 @@ impl Entry {
                     .map(|after| later(since, after));
                 earliest(off, removed)
             });
-        earliest(probe, lifecycle)
+        earliest(earliest(probe, lifecycle), self.ramp_next)
+    }
+
+    /// Queues the entry for when something is next due for it, unless it
+    /// is queued for that time or sooner already (it is then looked at
+    /// early, and queued again).
+    fn schedule(&mut self, id: &BackendId, config: &CheckConfig, queue: &mut BinaryHeap<Due>) {
+        let Some(at) = self.next_due(config) else {
+            return;
+        };
+        if self.queued.is_none_or(|queued| at < queued) {
+            self.queued = Some(at);
+            queue.push(Reverse((at, self.serial, id.clone())));
+        }
     }
 }
 
@@ -611,6 +640,10 @@ fn jitter(max: Duration) -> Duration {
         .saturating_add(1);
     Duration::from_nanos(crate::balance::random_below(nanos) as u64)
 }
+
+/// A time an entry is due to be looked at, with the serial of the entry
+/// that asked: one removed or replaced meanwhile is passed over.
+type Due = Reverse<(Instant, u64, BackendId)>;
 
 struct Task<S, P> {
     pool: Pool<S>,
@@ -626,6 +659,13 @@ struct Task<S, P> {
     departed: HashMap<BackendId, Entry>,
     /// The serial of the next entry.
     next_serial: u64,
+    /// When each entry is next due, soonest first: a probe's end or a due
+    /// time touches only its own entry, not every backend's. Times an
+    /// entry no longer wants stay until they come up, are then passed
+    /// over, and are cleared when they outnumber the entries.
+    queue: BinaryHeap<Due>,
+    /// The times due in a turn (kept for its allocation).
+    due: Vec<(Instant, u64, BackendId)>,
     /// With `start_unhealthy`: the pool marks the backends it adds
     /// unhealthy itself, before a balancer can route to them, while this
     /// task lives.
@@ -653,26 +693,35 @@ where
                 self.sync(&snapshot, now, false);
                 generation = snapshot.generation();
             }
-            let mut wake: Option<Instant> = None;
-            let mut removals = Vec::new();
-            for (id, entry) in &mut self.entries {
-                if entry.lifecycle(id, now, &self.config, self.events.as_ref()) {
-                    removals.push(id.clone());
-                    continue;
-                }
-                let ramp = entry.ramp(now, &self.config);
-                wake = [wake, ramp].into_iter().flatten().min();
+            self.compact_queue();
+            // Those due now, taken out first: one queued again for now (a
+            // removal the pool refused until this task takes up its
+            // change) waits for the next turn.
+            let mut due = std::mem::take(&mut self.due);
+            while let Some(next) = (self.queue.peek_mut())
+                .filter(|next| next.0 .0 <= now)
+                .map(std::collections::binary_heap::PeekMut::pop)
+            {
+                due.push(next.0);
             }
-            for id in removals {
-                let Some(entry) = self.entries.get(&id) else {
+            for (at, serial, id) in due.drain(..) {
+                let Some(entry) = self.entries.get_mut(&id) else {
                     continue;
                 };
-                // Only the backend judged: the pool may hold another one
-                // under this id by now (its entry is replaced when this
-                // task takes up the change), or the operator may have
-                // taken it out since `lifecycle` looked (it stays, and is
-                // probed on).
-                if self.pool.remove_if_enabled(&id, &entry.state) {
+                if entry.serial != serial || entry.queued != Some(at) {
+                    continue;
+                }
+                entry.queued = None;
+                #[cfg(test)]
+                tests::VISITS.with(|visits| visits.set(visits.get() + 1));
+                if entry.lifecycle(&id, now, &self.config, self.events.as_ref())
+                    // Only the backend judged: the pool may hold another
+                    // one under this id by now (its entry is replaced when
+                    // this task takes up the change), or the operator may
+                    // have taken it out since `lifecycle` looked (it
+                    // stays, and is probed on).
+                    && self.pool.remove_if_enabled(&id, &entry.state)
+                {
                     let mut entry = self.entries.remove(&id).expect("found above");
                     entry.stop_probe();
                     tracing::warn!(
@@ -687,41 +736,36 @@ where
                         backend: id.clone(),
                         reason: "unhealthy too long".into(),
                     });
-                }
-            }
-            for (i, member) in snapshot.members().iter().enumerate() {
-                let (Some(entry), Some(service)) =
-                    (self.entries.get_mut(member.id()), snapshot.service(i))
-                else {
-                    continue;
-                };
-                if entry.probe.is_some() || entry.next_probe > now {
                     continue;
                 }
-                entry.next_probe = now;
-                entry.ejections_at_probe = entry.state.ejections();
-                // The probe is called inside its task, so that a probe
-                // that panics when called (not only in its future) fails
-                // this probe rather than ending the checker.
-                let (probe, id, service) =
-                    (self.probe.clone(), member.id().clone(), service.clone());
-                let timeout = self.config.timeout;
-                let handle = probes.spawn(async move {
-                    match tokio::time::timeout(timeout, probe.probe(&id, &service)).await {
-                        Ok(result) => result,
-                        Err(_) => Err(ProbeTimeout::new(timeout).into()),
-                    }
-                });
-                running.insert(handle.id(), (member.id().clone(), entry.serial));
-                entry.probe = Some(handle);
+                entry.ramp(now, &self.config);
+                let service = (snapshot.members().index_of(&id)).and_then(|i| snapshot.service(i));
+                if let Some(service) =
+                    service.filter(|_| entry.probe.is_none() && entry.next_probe <= now)
+                {
+                    entry.next_probe = now;
+                    entry.ejections_at_probe = entry.state.ejections();
+                    // The probe is called inside its task, so that a probe
+                    // that panics when called (not only in its future)
+                    // fails this probe rather than ending the checker.
+                    let (probe, probe_id, service) =
+                        (self.probe.clone(), id.clone(), service.clone());
+                    let timeout = self.config.timeout;
+                    let handle = probes.spawn(async move {
+                        match tokio::time::timeout(timeout, probe.probe(&probe_id, &service)).await
+                        {
+                            Ok(result) => result,
+                            Err(_) => Err(ProbeTimeout::new(timeout).into()),
+                        }
+                    });
+                    running.insert(handle.id(), (id.clone(), entry.serial));
+                    entry.probe = Some(handle);
+                }
+                entry.schedule(&id, &self.config, &mut self.queue);
             }
+            self.due = due;
             drop(snapshot);
-            for entry in self.entries.values() {
-                wake = [wake, entry.next_due(&self.config)]
-                    .into_iter()
-                    .flatten()
-                    .min();
-            }
+            let wake = self.queue.peek().map(|due| due.0 .0);
             let sleep = async {
                 match wake {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -747,12 +791,25 @@ where
                     // entry schedules its own.
                     if entry.serial == serial {
                         entry.record(&id, result, &self.config, self.events.as_ref());
+                        entry.schedule(&id, &self.config, &mut self.queue);
                     }
                 }
                 () = self.changed.0.notified() => {}
                 () = sleep => {}
             }
         }
+    }
+
+    /// Clears the queue of the times no entry wants any more, once they
+    /// outnumber the entries (entries that left, times made early by a
+    /// probe's end): it then holds one time per entry.
+    fn compact_queue(&mut self) {
+        if self.queue.len() <= 2 * self.entries.len() + 64 {
+            return;
+        }
+        self.queue = (self.entries.iter())
+            .filter_map(|(id, entry)| Some(Reverse((entry.queued?, entry.serial, id.clone()))))
+            .collect();
     }
 
     /// Follows the membership: new backends are probed at once; backends
@@ -792,13 +849,15 @@ where
                 .departed
                 .remove(member.id())
                 .filter(|entry| Arc::ptr_eq(member.state(), &entry.state));
-            let entry = match back {
+            let mut entry = match back {
                 // Back with its state (a DNS answer that left it out once,
                 // say): its health and counts go on; only its probe starts
                 // again (the one under way was stopped as it left).
                 Some(mut entry) => {
                     entry.serial = serial;
                     entry.next_probe = now;
+                    // What it had queued was for its old serial.
+                    entry.queued = None;
                     // Its time away, when nothing could probe it, does not
                     // count towards turning it off or removing it.
                     if entry.unhealthy_since.is_some() {
@@ -824,6 +883,7 @@ where
                     entry
                 }
             };
+            entry.schedule(member.id(), &self.config, &mut self.queue);
             self.entries.insert(member.id().clone(), entry);
         }
     }
@@ -835,5 +895,52 @@ impl<S, P> Drop for Task<S, P> {
         for entry in self.entries.values_mut() {
             entry.end_ramp();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::health::probe_fn;
+
+    thread_local! {
+        /// The entries the checker's task looked at, on this thread.
+        pub(super) static VISITS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_turn_looks_at_its_own_backend_not_every_one() {
+        const BACKENDS: u64 = 500;
+        let pool = Pool::new();
+        for i in 0..BACKENDS {
+            pool.insert(format!("b{i}"), ());
+        }
+        let probes = Arc::new(AtomicU64::new(0));
+        let counted = probes.clone();
+        // Probes that take a different time each, so that their ends and
+        // the next ones are spread over the interval.
+        let probe = probe_fn(move |id: &BackendId, _: &()| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let n: u64 = id.as_str()[1..].parse().unwrap();
+            async move {
+                tokio::time::sleep(Duration::from_millis(n)).await;
+                Ok::<_, BoxError>(())
+            }
+        });
+        let checker = HealthChecker::new(pool, probe)
+            .interval(Duration::from_secs(1))
+            .jitter(Duration::from_millis(500))
+            .spawn();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        checker.shutdown().await;
+        let (probes, visits) = (probes.load(Ordering::Relaxed), VISITS.with(Cell::get));
+        assert!(probes >= 10 * BACKENDS, "only {probes} probes");
+        // One look to send each probe, one after it ends; a few more for
+        // times made early. Looking at every backend at each probe's end
+        // would be about BACKENDS times as many.
+        assert!(visits <= 3 * probes, "{visits} looks for {probes} probes");
     }
 }
