@@ -2027,6 +2027,67 @@ mod http2 {
         }
     }
 
+    /// A client's body: the messages the test sends, its end when the
+    /// sender is dropped.
+    struct Messages(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl http_body::Body for Messages {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|next| next.map(|data| Ok(http_body::Frame::data(data))))
+        }
+    }
+
+    /// A gRPC bidirectional call through the whole stack: the client sends
+    /// a message and waits for its echo before it sends the next, so the
+    /// backend must have the call before its body ends.
+    #[tokio::test]
+    async fn a_grpc_stream_talks_with_its_backend_through_the_stack() {
+        use tower_ha::failover::BufferBodyLayer;
+
+        // Echoes each message as it comes.
+        let echo = service_fn(|req: Request<Incoming>| async move {
+            Ok::<_, Infallible>(Response::new(req.into_body()))
+        });
+        let (addr, _) = serve_h2_with(echo).await;
+        let client = HttpClient::<ReplayBody<Messages>>::new().http2_only(true);
+        let pool = Pool::new();
+        pool.insert(
+            "up",
+            HttpBackend::new(&client, format!("http://{addr}")).unwrap(),
+        );
+        let stack = ServiceBuilder::new()
+            // Held back, the call would fail here, not hang the test.
+            .layer(BufferBodyLayer::new().read_timeout(Some(Duration::from_secs(5))))
+            .layer(FailoverLayer::new())
+            .service(Balance::new(pool, RoundRobin::new()));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Bytes::from_static(b"ping")).unwrap();
+        let req = Request::post("/pkg.Chat/Talk")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Messages(rx))
+            .unwrap();
+        let mut body = stack.oneshot(req).await.unwrap().into_body();
+        for message in ["ping", "pong"] {
+            if message != "ping" {
+                tx.send(Bytes::from(message)).unwrap();
+            }
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), message);
+        }
+        drop(tx);
+        // The call ends with the client's end, with no more messages.
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "");
+    }
+
     /// How many times a backend processed each request (by `x-id`).
     type Processed = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
 

@@ -14,6 +14,10 @@
 //!   frame that would pass it is handed on as it came. A client that stops
 //!   sending a body being buffered is given up on after a read timeout
 //!   (60 s by default).
+//!
+//! A stream, whose client sends more only once the backend answered (a
+//! gRPC call), is passed on as soon as it pauses, with what came so far,
+//! and sent once: see [`BufferBodyLayer::stream_when_idle`].
 
 use std::fmt;
 use std::future::Future;
@@ -209,7 +213,7 @@ where
     /// This waits for the body for as long as it takes; [`BufferBody`]
     /// gives up on a body that stops coming.
     pub async fn buffer(body: B, limit: usize) -> Result<Self, BoxError> {
-        let mut buffering = Buffering::new(body, limit, None);
+        let mut buffering = Buffering::new(body, limit, None, None);
         std::future::poll_fn(|cx| buffering.poll(cx)).await
     }
 }
@@ -439,6 +443,9 @@ struct Buffering<B> {
     limit: usize,
     /// The longest wait for the body's next frame.
     timeout: Option<Duration>,
+    /// The wait for the body's next frame after which it is passed on as
+    /// it is, to be sent once (zero: as soon as none is ready).
+    idle: Option<Duration>,
     /// Set at the first wait for a frame (a body that is there already
     /// needs no timer); reset by the next wait after a frame came.
     timer: Option<Pin<Box<Sleep>>>,
@@ -451,7 +458,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    fn new(body: B, limit: usize, timeout: Option<Duration>) -> Self {
+    fn new(body: B, limit: usize, timeout: Option<Duration>, idle: Option<Duration>) -> Self {
         let hint = body.size_hint();
         // A client's `Content-Length` is only a claim: reserve no more than
         // the limit, nor more than the default limit ahead of the bytes
@@ -468,46 +475,54 @@ where
             trailers: None,
             limit,
             timeout,
+            idle,
             timer: None,
             moved: false,
         }
     }
 
-    /// The body's next frame, or its end; a failure (the client's, as the
-    /// body is the client's) when it fails or stops coming for longer than
-    /// the timeout.
-    fn poll_next(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<Frame<B::Data>>, BoxError>> {
+    /// The body's next frame, its end, or that it stopped coming for the
+    /// `idle` wait; a failure (the client's, as the body is the client's)
+    /// when it fails or stops coming for longer than the timeout.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Next<B::Data>, BoxError>> {
         let Some(body) = self.body.as_mut() else {
             return Poll::Ready(Err(NotSendable::AlreadySent.into()));
         };
         if body.is_end_stream() {
-            return Poll::Ready(Ok(None));
+            return Poll::Ready(Ok(Next::End));
         }
         match body.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.moved = true;
-                Poll::Ready(Ok(Some(frame)))
+                Poll::Ready(Ok(Next::Frame(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Err(InvalidRequest::with_source(
                 "the request's body failed while it was read",
                 e,
             )
             .into())),
-            Poll::Ready(None) => Poll::Ready(Ok(None)),
+            Poll::Ready(None) => Poll::Ready(Ok(Next::End)),
             Poll::Pending => {
-                let Some(timeout) = self.timeout else {
+                // The idle wait applies when it is the shorter one.
+                let idle = self
+                    .idle
+                    .filter(|idle| self.timeout.is_none_or(|timeout| *idle <= timeout));
+                if idle == Some(Duration::ZERO) {
+                    return Poll::Ready(Ok(Next::Idle));
+                }
+                let Some(wait) = idle.or(self.timeout) else {
                     return Poll::Pending;
                 };
                 if std::mem::take(&mut self.moved) || self.timer.is_none() {
-                    set_timer(&mut self.timer, Some(later(Instant::now(), timeout)));
+                    set_timer(&mut self.timer, Some(later(Instant::now(), wait)));
                 }
                 let timer = self.timer.as_mut().expect("armed above");
                 ready!(timer.as_mut().poll(cx));
+                if idle.is_some() {
+                    return Poll::Ready(Ok(Next::Idle));
+                }
                 Poll::Ready(Err(InvalidRequest::client_too_slow(format!(
-                    "no more of the request's body for {timeout:?}"
+                    "no more of the request's body for {wait:?}"
                 ))
                 .into()))
             }
@@ -517,8 +532,11 @@ where
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<ReplayBody<B>, BoxError>> {
         loop {
             match ready!(self.poll_next(cx))? {
-                None => return Poll::Ready(Ok(self.finish())),
-                Some(frame) => match frame.into_data() {
+                Next::End => return Poll::Ready(Ok(self.finish())),
+                // Passed on as it is: the client waits for the backend
+                // before it sends more (a stream), or is slow.
+                Next::Idle => return Poll::Ready(Ok(self.once(Bytes::new()))),
+                Next::Frame(frame) => match frame.into_data() {
                     Ok(mut data) => {
                         let len = data.remaining();
                         if self.chunks.len().saturating_add(len) > self.limit {
@@ -586,6 +604,14 @@ where
     }
 }
 
+/// What [`Buffering::poll_next`] found.
+enum Next<D> {
+    Frame(Frame<D>),
+    End,
+    /// No frame came for the `idle` wait.
+    Idle,
+}
+
 /// Wraps request bodies into [`ReplayBody`] so that [`Failover`](super::Failover)
 /// can retry requests whose body is not `Clone`.
 ///
@@ -594,6 +620,13 @@ where
 /// `proxy_request_buffering` does; larger bodies are passed on to be sent
 /// once. A client that stops sending the body while it is read fails its
 /// request after the [`read_timeout`](Self::read_timeout).
+///
+/// A stream, whose client waits for the backend's answer before it sends
+/// more (a gRPC bidirectional or client-streaming call, say), is passed on
+/// as soon as it pauses, with what was read so far: a gRPC request (a
+/// `content-type` of `application/grpc…`) as soon as no part of it is
+/// ready, any other after [`stream_when_idle`](Self::stream_when_idle), if
+/// set. It is then sent once, like a body past the limit.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -619,6 +652,7 @@ where
 pub struct BufferBodyLayer {
     limit: usize,
     timeout: Option<Duration>,
+    idle: Option<Duration>,
 }
 
 impl Default for BufferBodyLayer {
@@ -633,6 +667,7 @@ impl BufferBodyLayer {
         BufferBodyLayer {
             limit: DEFAULT_BUFFER_LIMIT,
             timeout: Some(DEFAULT_BODY_READ_TIMEOUT),
+            idle: None,
         }
     }
 
@@ -662,6 +697,31 @@ impl BufferBodyLayer {
         self.timeout = timeout.filter(|t| !t.is_zero());
         self
     }
+
+    /// Passes a body on, with what was read of it, when no more of it
+    /// comes for `idle` (zero: as soon as no part is ready), instead of
+    /// waiting for its end (default `None`; shorter than the
+    /// [`read_timeout`](Self::read_timeout) to take effect). The body is
+    /// then sent once, like one past the limit: the request can still go
+    /// to another backend while none has started to read it, not after.
+    ///
+    /// This is for streams, whose client sends more only once the backend
+    /// answered: held back, such a request would never reach a backend.
+    /// gRPC requests are passed on this way at once whatever the setting.
+    pub fn stream_when_idle(mut self, idle: Option<Duration>) -> Self {
+        self.idle = idle;
+        self
+    }
+}
+
+/// Whether `headers` are a gRPC request's (`application/grpc`, or one of
+/// its `+proto`, `+json`, … forms, and gRPC-Web's), whose body may be a
+/// stream.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|value| value.as_bytes().get(..16))
+        .is_some_and(|start| start.eq_ignore_ascii_case(b"application/grpc"))
 }
 
 impl<S> Layer<S> for BufferBodyLayer {
@@ -672,6 +732,7 @@ impl<S> Layer<S> for BufferBodyLayer {
             inner,
             limit: self.limit,
             timeout: self.timeout,
+            idle: self.idle,
         }
     }
 }
@@ -680,12 +741,13 @@ impl<S> Layer<S> for BufferBodyLayer {
 /// service; see [`BufferBodyLayer`].
 ///
 /// `poll_ready` is the inner service's; the inner service is called once the
-/// body is buffered.
+/// body is buffered, or passed on.
 #[derive(Debug, Clone)]
 pub struct BufferBody<S> {
     inner: S,
     limit: usize,
     timeout: Option<Duration>,
+    idle: Option<Duration>,
 }
 
 impl<S> BufferBody<S> {
@@ -741,11 +803,16 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (parts, body) = req.into_parts();
+        let idle = if is_grpc(&parts.headers) {
+            Some(Duration::ZERO)
+        } else {
+            self.idle
+        };
         BufferFuture {
             state: BufferState::Buffering {
                 service: Some(inner),
                 parts: Some(parts),
-                buffering: Buffering::new(body, self.limit, self.timeout),
+                buffering: Buffering::new(body, self.limit, self.timeout, idle),
             },
         }
     }
@@ -872,7 +939,7 @@ mod tests {
     #[test]
     fn a_claimed_length_reserves_little_ahead_of_the_bytes() {
         for limit in [usize::MAX, 1 << 30] {
-            let buffering = Buffering::new(Claims(1 << 30), limit, None);
+            let buffering = Buffering::new(Claims(1 << 30), limit, None, None);
             assert!(
                 buffering.chunks.capacity() <= DEFAULT_BUFFER_LIMIT,
                 "{} bytes reserved",
@@ -881,7 +948,7 @@ mod tests {
         }
         // A small body gets all its room at once.
         assert!(
-            Buffering::new(Claims(100), usize::MAX, None)
+            Buffering::new(Claims(100), usize::MAX, None, None)
                 .chunks
                 .capacity()
                 >= 100
@@ -1150,6 +1217,18 @@ mod tests {
         Arc<std::sync::atomic::AtomicUsize>,
         tokio::task::JoinHandle<Result<Bytes, BoxError>>,
     ) {
+        upload_typed(layer, None)
+    }
+
+    /// [`upload`] with a `content-type`.
+    fn upload_typed(
+        layer: BufferBodyLayer,
+        content_type: Option<&'static str>,
+    ) -> (
+        Sender,
+        Arc<std::sync::atomic::AtomicUsize>,
+        tokio::task::JoinHandle<Result<Bytes, BoxError>>,
+    ) {
         use tower::ServiceExt;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1159,8 +1238,84 @@ mod tests {
             async move { Ok::<_, BoxError>(req.into_body().collect().await?.to_bytes()) }
         });
         let svc = layer.layer(inner);
-        let call = tokio::spawn(svc.oneshot(Request::new(Uploading(rx))));
+        let mut req = Request::new(Uploading(rx));
+        if let Some(content_type) = content_type {
+            let value = http::HeaderValue::from_static(content_type);
+            req.headers_mut().insert(http::header::CONTENT_TYPE, value);
+        }
+        let call = tokio::spawn(svc.oneshot(req));
         (tx, calls, call)
+    }
+
+    /// A gRPC stream whose client sends a message, then waits for the
+    /// answer before it sends more: it reaches the service at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_grpc_stream_is_passed_on_as_soon_as_it_pauses() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let start = Instant::now();
+        let (tx, calls, call) =
+            upload_typed(BufferBodyLayer::new(), Some("application/grpc+proto"));
+        tx.send(Ok(Bytes::from_static(b"ping"))).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(calls.load(SeqCst), 1, "the service was not called");
+        tx.send(Ok(Bytes::from_static(b" pong"))).unwrap();
+        drop(tx);
+        assert_eq!(call.await.unwrap().unwrap(), "ping pong");
+        assert_eq!(start.elapsed(), Duration::from_millis(1));
+    }
+
+    /// A gRPC request whose body is all there is held, and can be sent
+    /// again.
+    #[tokio::test]
+    async fn a_grpc_body_that_is_all_there_is_buffered() {
+        use tower::ServiceExt;
+        let inner = tower::service_fn(|req: Request<ReplayBody<_>>| async move {
+            Ok::<_, BoxError>(req.body().is_buffered())
+        });
+        let req = Request::post("/pkg.Service/Method")
+            .header(http::header::CONTENT_TYPE, "Application/GRPC")
+            .body(stream(vec![b"one", b"two"]))
+            .unwrap();
+        assert!(BufferBodyLayer::new()
+            .layer(inner)
+            .oneshot(req)
+            .await
+            .unwrap());
+    }
+
+    /// Any other body is passed on once it pauses for `stream_when_idle`.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_pauses_is_passed_on_after_stream_when_idle() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let layer = BufferBodyLayer::new().stream_when_idle(Some(Duration::from_secs(2)));
+        let (tx, calls, call) = upload(layer);
+        tx.send(Ok(Bytes::from_static(b"part"))).unwrap();
+        tokio::time::sleep(Duration::from_millis(1999)).await;
+        assert_eq!(calls.load(SeqCst), 0, "passed on before the idle wait");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(calls.load(SeqCst), 1, "not passed on after the idle wait");
+        tx.send(Ok(Bytes::from_static(b" rest"))).unwrap();
+        drop(tx);
+        assert_eq!(call.await.unwrap().unwrap(), "part rest");
+    }
+
+    /// An idle wait longer than the read timeout leaves the timeout to
+    /// end a body that stopped coming.
+    #[tokio::test(start_paused = true)]
+    async fn the_read_timeout_wins_over_a_longer_idle_wait() {
+        let layer = BufferBodyLayer::new()
+            .read_timeout(Some(Duration::from_secs(5)))
+            .stream_when_idle(Some(Duration::from_secs(10)));
+        let (tx, calls, call) = upload(layer);
+        tx.send(Ok(Bytes::from_static(b"part"))).unwrap();
+        let error = call.await.unwrap().unwrap_err();
+        assert_eq!(
+            crate::error::gateway_status(&*error),
+            http::StatusCode::REQUEST_TIMEOUT,
+            "{error}"
+        );
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+        drop(tx);
     }
 
     #[tokio::test(start_paused = true)]
