@@ -787,11 +787,15 @@ impl<B> HttpBackend<B> {
             return Err(invalid("no host"));
         }
         // Without user information, the authority is the host, then the
-        // port, if any. A port that is no number from 0 to 65535 would
-        // otherwise be taken for none (port 80 or 443).
-        let port = authority.as_str()[authority.host().len()..].trim_start_matches(':');
-        let a_port = port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok();
-        if !(port.is_empty() || a_port) {
+        // port, if any, after a colon. A port that is no number from 0 to
+        // 65535, or digits without the colon (`[::1]8080`), would otherwise
+        // be taken for none (port 80 or 443).
+        let rest = &authority.as_str()[authority.host().len()..];
+        let a_port = |port: &str| {
+            port.is_empty()
+                || port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
+        };
+        if !(rest.is_empty() || rest.strip_prefix(':').is_some_and(a_port)) {
             return Err(invalid("the port is not a number from 0 to 65535"));
         }
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid("bad host"))?;
@@ -824,15 +828,21 @@ impl<B> HttpBackend<B> {
     /// What the backend's own URLs start with: its scheme, its authority or
     /// the host it is sent as, and its base path.
     fn own_urls(&self) -> Redirects {
-        let authority = self.authority.as_str();
-        let mut hosts = vec![authority.to_owned()];
-        if let Ok(sent) = self.host.to_str() {
-            if !sent.eq_ignore_ascii_case(authority) {
-                hosts.push(sent.to_owned());
+        let scheme = self.upstream.scheme().as_str().to_owned();
+        let mut hosts = Vec::new();
+        for host in [Ok(self.authority.as_str()), self.host.to_str()] {
+            let Ok(host) = host.map(|h| without_default_port(h.as_bytes(), &scheme)) else {
+                continue;
+            };
+            if !hosts
+                .iter()
+                .any(|known: &Vec<u8>| known.eq_ignore_ascii_case(host))
+            {
+                hosts.push(host.to_vec());
             }
         }
         Redirects {
-            scheme: self.upstream.scheme().as_str().to_owned(),
+            scheme,
             hosts,
             prefix: self.prefix.clone(),
         }
@@ -1504,8 +1514,20 @@ where
 #[derive(Debug)]
 struct Redirects {
     scheme: String,
-    hosts: Vec<String>,
+    /// Each without the scheme's default port.
+    hosts: Vec<Vec<u8>>,
     prefix: String,
+}
+
+/// `host` without the port `scheme` implies (`:80` for `http`, `:443` for
+/// `https`).
+fn without_default_port<'a>(host: &'a [u8], scheme: &str) -> &'a [u8] {
+    let port: &[u8] = if scheme.eq_ignore_ascii_case("https") {
+        b":443"
+    } else {
+        b":80"
+    };
+    host.strip_suffix(port).unwrap_or(host)
 }
 
 impl Redirects {
@@ -1523,11 +1545,10 @@ impl Redirects {
             .position(|b| matches!(b, b'/' | b'?' | b'#'))
             .unwrap_or(rest.len());
         let (host, path) = rest.split_at(host_end);
-        if !self
-            .hosts
-            .iter()
-            .any(|h| h.as_bytes().eq_ignore_ascii_case(host))
-        {
+        // `host:80` is `host` for http (and `:443` for https): a backend
+        // may leave the port out of its URLs, or write it.
+        let host = without_default_port(host, &self.scheme);
+        if !self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
             return None;
         }
         let after = path.strip_prefix(self.prefix.as_bytes())?;
@@ -1963,6 +1984,7 @@ mod tests {
             "http://a:+80",
             "http://a:-1",
             "http://a:8x",
+            "http://[::1]8080",
         ] {
             let err = HttpBackend::new(&client, uri).unwrap_err();
             assert!(
@@ -1987,6 +2009,45 @@ mod tests {
         ] {
             assert!(HttpBackend::new(&client, uri).is_ok(), "{uri}");
         }
+    }
+
+    /// A backend's URL is its URL with or without the scheme's default
+    /// port.
+    #[test]
+    fn redirects_name_the_backend_with_or_without_its_default_port() {
+        let client = HttpClient::<http_body_util::Empty<bytes::Bytes>>::new();
+        let own = |base: &str| HttpBackend::new(&client, base).unwrap().own_urls();
+        let rewritten = |base: &str, location: &str| {
+            own(base)
+                .rewrite(location.as_bytes())
+                .map(|path| String::from_utf8(path).unwrap())
+        };
+        for (base, location) in [
+            ("http://10.0.0.5:80/app", "http://10.0.0.5/app/login"),
+            ("http://10.0.0.5/app", "http://10.0.0.5:80/app/login"),
+            ("http://[::1]:80/app", "http://[::1]/app/login"),
+            (
+                "http://Api.Internal/app",
+                "HTTP://api.internal:80/app/login",
+            ),
+        ] {
+            assert_eq!(
+                rewritten(base, location).as_deref(),
+                Some("/login"),
+                "{base} {location}"
+            );
+        }
+        for (base, location) in [
+            ("http://10.0.0.5:8080/app", "http://10.0.0.5/app/login"),
+            ("http://10.0.0.5/app", "http://10.0.0.5:8080/app/login"),
+            ("http://10.0.0.5:443/app", "http://10.0.0.5/app/login"),
+        ] {
+            assert_eq!(rewritten(base, location), None, "{base} {location}");
+        }
+        // https's default port is 443.
+        assert_eq!(without_default_port(b"[::1]:443", "https"), b"[::1]");
+        assert_eq!(without_default_port(b"a:80", "https"), b"a:80");
+        assert_eq!(without_default_port(b"a:8080", "http"), b"a:8080");
     }
 
     #[test]

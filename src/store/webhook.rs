@@ -321,7 +321,7 @@ impl WebhookStoreBuilder {
             Some(_) => return Err(bad("only http:// URLs are supported")),
             None => return Err(bad("the URL needs a scheme and a host")),
         }
-        let Some(authority) = uri.authority() else {
+        let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
             return Err(bad("the URL needs a host"));
         };
         // Anywhere in the URL: a password holding `/`, `?` or `#` ends the
@@ -332,8 +332,13 @@ impl WebhookStoreBuilder {
                        (write an @ in a path as %40)";
             return Err(bad(why));
         }
-        let port = &authority.as_str()[authority.host().len()..];
-        if !port.is_empty() && port[1..].parse::<u16>().is_err() {
+        // The port, after a colon: digits without one (`[::1]8080`) would
+        // be taken for no port at all.
+        let rest = &authority.as_str()[authority.host().len()..];
+        let a_port = rest.strip_prefix(':').is_some_and(|port| {
+            port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
+        });
+        if !(rest.is_empty() || a_port) {
             return Err(bad("the port is not a number from 0 to 65535"));
         }
         let collection = match uri.path() {
@@ -1140,6 +1145,9 @@ mod tests {
             "http://h:pa/api",
             "http://h:65536/api",
             "http://[::1]:x/api",
+            "http://[::1]8080/api",
+            "http://h:+80/api",
+            "http://:8080/api",
         ] {
             let err = WebhookStore::builder(url).build().unwrap_err();
             assert!(err.is_other(), "{url}: {err:?}");
