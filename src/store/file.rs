@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::{clamp_ttl, Loaded, Session, SessionStore, StoreError, StoreFuture};
@@ -43,6 +44,9 @@ const TEMP_ATTEMPTS: usize = 8;
 /// How long a call waits for the file system by default: see
 /// [`FileStore::with_timeout`].
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many file operations a store has under way at once by default: see
+/// [`FileStore::with_concurrency_limit`].
+const DEFAULT_CONCURRENCY: usize = 64;
 
 /// The record files that writes (saves and deletes) of this process are
 /// using or waiting for, each with the lock that makes those writes run
@@ -128,6 +132,11 @@ fn is_digits(s: &str) -> bool {
 ///   finish within 10 seconds (a hung network mount, a saturated blocking
 ///   pool) fails with a [`timeout`](StoreError::is_timeout) error; see
 ///   [`with_timeout`](FileStore::with_timeout).
+/// * **Bounded threads**: at most 64 file operations of a store (and its
+///   clones) hold a blocking thread at once, those that timed out but go
+///   on included, so that a hung file system cannot take every thread of
+///   the pool from the rest of the process; see
+///   [`with_concurrency_limit`](FileStore::with_concurrency_limit).
 ///
 /// One process should own a directory: two processes writing the same
 /// directory keep every record whole, but one may remove the other's
@@ -157,6 +166,9 @@ pub struct FileStore {
     named: Arc<PathBuf>,
     ttl: Option<Duration>,
     timeout: Duration,
+    /// A permit for each file operation that may be under way at once,
+    /// shared by clones; an operation holds its permit until it ends.
+    permits: Arc<Semaphore>,
     /// When the next save starts a prune (with a TTL), shared by clones.
     next_prune: Arc<Mutex<Option<Instant>>>,
 }
@@ -173,7 +185,8 @@ impl FileStore {
     /// [timeout](FileStore::with_timeout).
     pub async fn open(dir: impl Into<PathBuf>) -> Result<FileStore, StoreError> {
         let dir: PathBuf = dir.into();
-        let dir = blocking(DEFAULT_TIMEOUT, move || {
+        let permits = Arc::new(Semaphore::new(DEFAULT_CONCURRENCY));
+        let dir = blocking(&permits, DEFAULT_TIMEOUT, move || {
             create_dir_durably(&dir).map_err(|e| {
                 StoreError::io(e).with_message(format!("cannot create {}", dir.display()))
             })?;
@@ -198,6 +211,7 @@ impl FileStore {
             named: Arc::new(named),
             ttl: None,
             timeout: DEFAULT_TIMEOUT,
+            permits,
             next_prune: Arc::default(),
         })
     }
@@ -213,7 +227,9 @@ impl FileStore {
     /// you need one.
     ///
     /// A file operation cannot be interrupted: one that times out goes on
-    /// in the background on its blocking thread. A save or delete that
+    /// in the background on its blocking thread, and counts towards the
+    /// [concurrency limit](FileStore::with_concurrency_limit) until it
+    /// ends. A save or delete that
     /// times out may therefore still land, but never after a later write
     /// of the same session: the writes of a record run one at a time, in
     /// the order they were asked for, and a later one waits (within its
@@ -232,6 +248,41 @@ impl FileStore {
     /// ```
     pub fn with_timeout(mut self, limit: Duration) -> Self {
         self.timeout = limit.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How many file operations of this store may be under way at once,
+    /// each on a thread of tokio's blocking pool: 64 by default. A zero
+    /// `max` is taken as 1. Applies to this handle and the clones made from
+    /// it afterwards, which share the limit.
+    ///
+    /// A call waits for its turn within its
+    /// [timeout](FileStore::with_timeout), and fails with a
+    /// [`timeout`](StoreError::is_timeout) error, without taking a thread,
+    /// if none comes; [`load_all`](SessionStore::load_all) and
+    /// [`prune`](FileStore::prune) wait as long as it takes. A prune a save
+    /// would start in the background is left to a later save instead.
+    ///
+    /// An operation that timed out goes on until the file system answers,
+    /// and keeps its place until then. That is what the limit is for: on a
+    /// file system that hangs (a hard-mounted NFS share, a stalled volume),
+    /// the store's stuck operations hold at most `max` threads, and the
+    /// rest of the blocking pool (512 threads by default) stays free for
+    /// the rest of the process, whose DNS lookups (`getaddrinfo`, as
+    /// hyper-util's HTTP client makes them) run on it too.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower_ha::store::FileStore;
+    ///
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// # let dir = tmp.path();
+    /// let store = FileStore::open(dir).await.unwrap().with_concurrency_limit(16);
+    /// # let _ = store;
+    /// # }
+    /// ```
+    pub fn with_concurrency_limit(mut self, max: usize) -> Self {
+        self.permits = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
         self
     }
 
@@ -291,22 +342,28 @@ impl FileStore {
             return Ok(0);
         };
         let dir = self.dir.clone();
-        run(move || prune(&dir, ttl)).await
+        run(&self.permits, move || prune(&dir, ttl)).await
     }
 
     /// Starts a prune in the background if none started in the last half
-    /// TTL.
+    /// TTL and a file operation may start (else the next save tries again).
     fn prune_if_due(&self) {
         let Some(ttl) = self.ttl else { return };
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return;
+        };
         if !claim_due(&mut self.next_prune.lock(), ttl / 2, Instant::now()) {
             return;
         }
         let dir = self.dir.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn_blocking(move || match prune(&dir, ttl) {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(dir = %dir.display(), removed = n, "expired sessions removed"),
-                Err(e) => tracing::warn!(dir = %dir.display(), error = %crate::error::Report(&e), "cannot prune expired sessions"),
+            handle.spawn_blocking(move || {
+                match prune(&dir, ttl) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(dir = %dir.display(), removed = n, "expired sessions removed"),
+                    Err(e) => tracing::warn!(dir = %dir.display(), error = %crate::error::Report(&e), "cannot prune expired sessions"),
+                }
+                drop(permit);
             });
         }
     }
@@ -344,14 +401,16 @@ impl SessionStore for FileStore {
     fn load_all(&self) -> StoreFuture<'_, Loaded> {
         let dir = self.dir.clone();
         let ttl = self.ttl;
-        Box::pin(run(move || load_all(&dir, ttl)))
+        Box::pin(run(&self.permits, move || load_all(&dir, ttl)))
     }
 
     fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
         let dir = self.dir.clone();
         let key = key.to_owned();
         let ttl = self.ttl;
-        Box::pin(blocking(self.timeout, move || load_one(&dir, &key, ttl)))
+        Box::pin(blocking(&self.permits, self.timeout, move || {
+            load_one(&dir, &key, ttl)
+        }))
     }
 
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
@@ -367,7 +426,7 @@ impl SessionStore for FileStore {
         Box::pin(async move {
             let bytes = encoded?;
             let paths = [self.named.join(&name)];
-            writing(self.timeout, &paths, move || {
+            writing(&self.permits, self.timeout, &paths, move || {
                 write_atomic(&dir, &name, &bytes)
             })
             .await?;
@@ -384,7 +443,10 @@ impl SessionStore for FileStore {
                 return Ok(());
             }
             let paths: Vec<PathBuf> = names.iter().map(|name| self.named.join(name)).collect();
-            writing(self.timeout, &paths, move || delete(&dir, &names)).await
+            writing(&self.permits, self.timeout, &paths, move || {
+                delete(&dir, &names)
+            })
+            .await
         })
     }
 
@@ -410,23 +472,37 @@ impl SessionStore for FileStore {
     }
 }
 
-/// Runs `f` on the blocking pool of the current tokio runtime, waiting
-/// for it at most `limit`.
-async fn blocking<T, F>(limit: Duration, f: F) -> Result<T, StoreError>
+/// Runs `f` as [`run`] does, waiting for it (its permit included) at most
+/// `limit`.
+async fn blocking<T, F>(permits: &Arc<Semaphore>, limit: Duration, f: F) -> Result<T, StoreError>
 where
     F: FnOnce() -> Result<T, StoreError> + Send + 'static,
     T: Send + 'static,
 {
-    within(limit, run(f)).await
+    within(limit, run(permits, f)).await
 }
 
-/// Runs `f` on the blocking pool of the current tokio runtime.
-async fn run<T, F>(f: F) -> Result<T, StoreError>
+/// Runs `f` on the blocking pool of the current tokio runtime once it has
+/// one of `permits`. The permit goes with `f`, and is given back when `f`
+/// ends, not when its caller stops waiting, so that the permits count the
+/// threads taken, those a hung file system holds included.
+async fn run<T, F>(permits: &Arc<Semaphore>, f: F) -> Result<T, StoreError>
 where
     F: FnOnce() -> Result<T, StoreError> + Send + 'static,
     T: Send + 'static,
 {
-    match runtime()?.spawn_blocking(f).await {
+    let runtime = runtime()?;
+    let permit = permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(StoreError::other)?;
+    let f = move || {
+        let result = f();
+        drop(permit);
+        result
+    };
+    match runtime.spawn_blocking(f).await {
         Ok(result) => result,
         Err(e) => Err(StoreError::other(e).with_message("file operation did not complete")),
     }
@@ -447,7 +523,7 @@ async fn within<T>(
     runtime()?;
     tokio::time::timeout(limit, call).await.unwrap_or_else(|elapsed| {
         Err(StoreError::timeout(elapsed).with_message(format!(
-            "the file system did not answer within {limit:?}; the operation goes on in the background"
+            "the file system did not answer within {limit:?}; an operation under way goes on in the background"
         )))
     })
 }
@@ -455,7 +531,12 @@ async fn within<T>(
 /// Runs the write `f` of the records at `paths` as [`blocking`] does, once
 /// the writes of those records asked for earlier have ended (see
 /// [`WRITING`]); the wait counts towards `limit`.
-async fn writing<F>(limit: Duration, paths: &[PathBuf], f: F) -> Result<(), StoreError>
+async fn writing<F>(
+    permits: &Arc<Semaphore>,
+    limit: Duration,
+    paths: &[PathBuf],
+    f: F,
+) -> Result<(), StoreError>
 where
     F: FnOnce() -> Result<(), StoreError> + Send + 'static,
 {
@@ -469,8 +550,9 @@ where
         for path in paths {
             turns.push(Turn::wait(path).await);
         }
-        // The turns go with the write, and end when it ends.
-        run(move || {
+        // The turns go with the write, and end when it ends. The permit is
+        // taken after them: a write waiting for its turn holds no thread.
+        run(permits, move || {
             let result = f();
             drop(turns);
             result
@@ -1018,25 +1100,26 @@ mod tests {
         let entry = || WRITING.lock().get(&path).map(|r| r.turns);
         let (release, held) = std::sync::mpsc::channel::<()>();
         let paths = [path.clone()];
+        let permits = Arc::new(Semaphore::new(DEFAULT_CONCURRENCY));
         // A write whose blocking call waits for the test: it times out and
         // keeps its turn.
         let limit = Duration::from_millis(20);
-        let first = writing(limit, &paths, move || {
+        let first = writing(&permits, limit, &paths, move || {
             held.recv().unwrap();
             Ok(())
         });
         assert!(first.await.unwrap_err().is_timeout());
         assert_eq!(entry(), Some(1));
         // One that waits for it and gives up.
-        assert!(writing(limit, &paths, || Ok(()))
+        assert!(writing(&permits, limit, &paths, || Ok(()))
             .await
             .unwrap_err()
             .is_timeout());
         assert_eq!(entry(), Some(1));
         // One that waits, and writes once the first has ended.
         let mut last = tokio::spawn({
-            let paths = paths.clone();
-            async move { writing(Duration::from_secs(60), &paths, || Ok(())).await }
+            let (permits, paths) = (permits.clone(), paths.clone());
+            async move { writing(&permits, Duration::from_secs(60), &paths, || Ok(())).await }
         });
         tokio::task::yield_now().await;
         assert_eq!(entry(), Some(2));
@@ -1044,6 +1127,119 @@ mod tests {
         release.send(()).unwrap();
         last.await.unwrap().unwrap();
         assert_eq!(entry(), None);
+    }
+
+    /// An operation the file system does not answer keeps its permit past
+    /// its caller's timeout, until it ends: meanwhile, with every permit so
+    /// held, calls fail at their limit without running, though the blocking
+    /// pool has a thread to spare (which runs its tasks in order, so a call
+    /// that had been spawned would have run before the last load).
+    #[test]
+    fn a_timed_out_operation_keeps_its_permit_until_it_ends() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .max_blocking_threads(2)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let tmp = tempfile::tempdir().unwrap();
+            let limit = Duration::from_secs(5);
+            let store = FileStore::open(tmp.path())
+                .await
+                .unwrap()
+                .with_timeout(limit)
+                .with_concurrency_limit(1);
+            store.save(&Session::new("k", "a".into())).await.unwrap();
+            // Time stands still while a blocking call runs: it moves on
+            // only as far as the test advances it.
+            let at_limit = || async {
+                for _ in 0..10 {
+                    tokio::task::yield_now().await;
+                }
+                tokio::time::advance(limit).await;
+            };
+
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let stuck = tokio::spawn({
+                let permits = store.permits.clone();
+                async move {
+                    blocking(&permits, limit, move || {
+                        held.recv().unwrap();
+                        Ok(())
+                    })
+                    .await
+                }
+            });
+            at_limit().await;
+            assert!(stuck.await.unwrap().unwrap_err().is_timeout());
+
+            let load = tokio::spawn({
+                let store = store.clone();
+                async move { store.load("k").await }
+            });
+            at_limit().await;
+            assert!(load.await.unwrap().unwrap_err().is_timeout());
+            let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let marked = tokio::spawn({
+                let (permits, ran) = (store.permits.clone(), ran.clone());
+                async move {
+                    blocking(&permits, limit, move || {
+                        ran.store(true, Ordering::Relaxed);
+                        Ok(())
+                    })
+                    .await
+                }
+            });
+            at_limit().await;
+            assert!(marked.await.unwrap().unwrap_err().is_timeout());
+
+            // The stuck operation ends, and gives its permit back.
+            release.send(()).unwrap();
+            assert_eq!(
+                store.load("k").await.unwrap().unwrap().backend.as_str(),
+                "a"
+            );
+            assert!(
+                !ran.load(Ordering::Relaxed),
+                "a call that timed out waiting for a permit never runs"
+            );
+        });
+    }
+
+    /// A prune a save would start waits for no permit: with none free, it
+    /// is left to the next save. The pool's one thread runs its tasks in
+    /// order, so a task spawned after a prune ends after it.
+    #[test]
+    fn a_background_prune_needs_a_free_permit() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path();
+            let ttl = Duration::from_secs(60);
+            // Written without a TTL: a save with one would start a prune.
+            let plain = FileStore::open(dir).await.unwrap();
+            plain.save(&Session::new("k", "a".into())).await.unwrap();
+            let name = file_name("k");
+            let file = File::options().write(true).open(dir.join(&name)).unwrap();
+            file.set_modified(SystemTime::now() - 2 * ttl).unwrap();
+            let store = plain.with_ttl(ttl).with_concurrency_limit(1);
+            let after_a_prune = || tokio::task::spawn_blocking(|| ());
+
+            let held = store.permits.clone().acquire_owned().await.unwrap();
+            store.prune_if_due();
+            after_a_prune().await.unwrap();
+            assert!(dir.join(&name).exists(), "no prune without a permit");
+
+            drop(held);
+            store.prune_if_due();
+            after_a_prune().await.unwrap();
+            assert!(!dir.join(&name).exists(), "the next one prunes");
+        });
     }
 
     #[tokio::test]
