@@ -114,7 +114,9 @@ fn is_digits(s: &str) -> bool {
 ///   that was interrupted is reported in [`Loaded::skipped`] (as a
 ///   [`corrupt`](StoreError::is_corrupt) record whose name ends in `.tmp`)
 ///   and removed by that same `load_all`; the previous version of its
-///   session is intact. Writes in progress in this process are left alone.
+///   session is intact. With a TTL, a [`prune`](FileStore::prune) removes
+///   it too, once it is as old as a record that expires. Writes in progress
+///   in this process are left alone.
 /// * **A missing directory is an error**: if the directory disappears after
 ///   [`open`](FileStore::open) (deleted, or its volume unmounted), `load`,
 ///   `load_all` and `save` fail with [`is_not_found`](StoreError::is_not_found)
@@ -337,6 +339,14 @@ impl FileStore {
     /// prune at a time of your choosing. A record that cannot be removed
     /// is logged and left; only a directory that cannot be listed is an
     /// error.
+    ///
+    /// It also removes (and logs, without counting them) the temporary files
+    /// that interrupted writes left behind and were last written at least
+    /// the TTL ago, so that a store that never runs
+    /// [`load_all`](SessionStore::load_all) does not gather them. The
+    /// writes in progress in this process are left alone, however long
+    /// they take; the age spares those of another process writing into the
+    /// same directory.
     pub async fn prune(&self) -> Result<usize, StoreError> {
         let Some(ttl) = self.ttl else {
             return Ok(0);
@@ -944,37 +954,49 @@ fn is_record_name(name: &str) -> bool {
         && (name.starts_with(ENCODED_PREFIX) || name.starts_with(HASHED_PREFIX))
 }
 
-/// Removes every expired record in `dir`; answers how many.
+/// Removes every expired record in `dir`, and the temporary files that
+/// interrupted writes left as long ago; answers how many records.
 fn prune(dir: &Path, ttl: Duration) -> Result<usize, StoreError> {
     let entries = list(dir)?;
     let mut removed = 0;
+    let mut removed_temp = false;
     for entry in entries {
         let entry = entry?;
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
+        let temp = is_temp_name(&name);
         // Listed metadata first, so a live record costs no lock.
-        if is_record_name(&name) && entry.metadata().is_ok_and(|m| expired(&m, ttl)) {
-            removed += usize::from(remove_expired(dir, &name, ttl));
+        if (temp || is_record_name(&name))
+            && entry.metadata().is_ok_and(|m| expired(&m, ttl))
+            && remove_expired(dir, &name, ttl)
+        {
+            if temp {
+                tracing::warn!(file = %name, "removed the temporary file of an interrupted write");
+                removed_temp = true;
+            } else {
+                removed += 1;
+            }
         }
     }
-    if removed > 0 {
+    if removed > 0 || removed_temp {
         flush(dir)?;
     }
     Ok(removed)
 }
 
-/// Removes the record `name` if it is still expired and this process is
-/// not writing it; whether it did. The check and the removal hold the lock
-/// every write registers under, so a save of this process either has not
-/// started (it writes a new file after the removal) or has renamed its
-/// file into place (the check sees it renewed).
+/// Removes the record or temporary file `name` if it is still expired and
+/// this process is not writing it; whether it did. The check and the
+/// removal hold the lock every write registers under, so a save of this
+/// process either has not started (it writes a new file after the removal)
+/// or has renamed its file into place (the check sees it renewed); a
+/// temporary file not registered is no write's of this process any more.
 fn remove_expired(dir: &Path, name: &str, ttl: Duration) -> bool {
     let path = dir.join(name);
     // Held over a `stat` and an `unlink`, which every save of the process
-    // waits for; only records already seen expired get this far.
+    // waits for; only files already seen expired get this far.
     let in_flight = IN_FLIGHT.lock();
-    if in_flight.iter().any(|temp| is_temp_of(temp, name)) {
+    if in_flight.contains(name) || in_flight.iter().any(|temp| is_temp_of(temp, name)) {
         return false;
     }
     if !fs::symlink_metadata(&path).is_ok_and(|m| expired(&m, ttl)) {
@@ -984,7 +1006,7 @@ fn remove_expired(dir: &Path, name: &str, ttl: Duration) -> bool {
         Ok(()) => true,
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove an expired session file");
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove an expired file");
             false
         }
     }
@@ -1262,6 +1284,37 @@ mod tests {
         drop(writing);
         assert_eq!(store.prune().await.unwrap(), 1);
         assert!(!dir.join(&name).exists());
+    }
+
+    /// A prune removes the temporary file an interrupted write left once it
+    /// is as old as an expired record, and keeps a fresh one, the one of a
+    /// write in progress, and another program's.
+    #[tokio::test]
+    async fn a_prune_removes_old_leftovers_of_interrupted_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let ttl = Duration::from_secs(60);
+        let store = FileStore::open(dir).await.unwrap().with_ttl(ttl);
+        let name = file_name("a-prune-removes-old-leftovers");
+        let [old, fresh, writing] = [0, 1, 2].map(|n| temp_name(&name, n));
+        let foreign = ".notes.txt.1-2.tmp".to_owned();
+        for temp in [&old, &fresh, &writing, &foreign] {
+            fs::write(dir.join(temp), b"{\"key\": \"a-prune").unwrap();
+        }
+        for temp in [&old, &writing, &foreign] {
+            let file = File::options().write(true).open(dir.join(temp)).unwrap();
+            file.set_modified(SystemTime::now() - 2 * ttl).unwrap();
+        }
+
+        let in_flight = InFlight::register(writing.clone());
+        assert_eq!(store.prune().await.unwrap(), 0, "no record expired");
+        assert!(!dir.join(&old).exists(), "an old leftover is removed");
+        assert!(dir.join(&fresh).exists());
+        assert!(dir.join(&writing).exists(), "a write in progress is kept");
+        assert!(dir.join(&foreign).exists());
+        drop(in_flight);
+        store.prune().await.unwrap();
+        assert!(!dir.join(&writing).exists(), "an old leftover is removed");
     }
 
     #[cfg(unix)]
