@@ -105,7 +105,11 @@ fn is_digits(s: &str) -> bool {
 ///   (`h_<64 hex digits>.json`). The key is also stored inside the file and
 ///   checked on load.
 /// * **Private files**: on Unix, files are created with mode `0600` and a
-///   directory the store creates with mode `0700`.
+///   directory the store creates with mode `0700`. The file names carry
+///   the keys, which may be credentials (an application's session cookie
+///   the sticky layer learned), so the directory must be private: one that
+///   exists already is left as it is, but [`open`](FileStore::open) logs a
+///   warning if other users have any access to it.
 /// * **Corruption is contained**: a file that is truncated, not JSON, not a
 ///   session, or stored under a name that does not match its key is skipped
 ///   and reported in [`Loaded::skipped`]; its siblings load normally.
@@ -179,7 +183,9 @@ impl FileStore {
     /// A store in `dir`, creating the directory (and its parents) if it is
     /// missing. On Unix, each directory created is flushed to disk in its
     /// parent (`fsync`), so a power loss cannot take it away with the
-    /// sessions saved in it afterwards.
+    /// sessions saved in it afterwards. An existing directory that users
+    /// other than its owner have access to is logged as a warning: the file
+    /// names in it carry the session keys.
     ///
     /// Fails with an [`io`](StoreError::is_io) error if the directory cannot
     /// be created or `dir` is not a directory, and with a
@@ -199,6 +205,8 @@ impl FileStore {
                     format!("{} is not a directory", dir.display()),
                 )));
             }
+            #[cfg(unix)]
+            warn_if_shared(&dir, &meta);
             // One name for the directory however it was spelled, which
             // the order of a record's writes goes by (see `WRITING`).
             let named = fs::canonicalize(&dir)
@@ -660,6 +668,22 @@ fn create_dir(dir: &Path) -> io::Result<()> {
 #[cfg(not(unix))]
 fn create_dir(dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new().recursive(true).create(dir)
+}
+
+/// Warns when users other than its owner have access to `dir` (whose
+/// metadata is `meta`), which the store does not change: the names of the
+/// files in it carry the session keys.
+#[cfg(unix)]
+fn warn_if_shared(dir: &Path, meta: &fs::Metadata) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format_args!("{mode:04o}"),
+            "other users have access to the session directory, whose file names carry the session keys; make it private (mode 0700)"
+        );
+    }
 }
 
 /// Creates `dir` and its missing parents, then flushes the entry of each
