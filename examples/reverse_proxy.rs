@@ -77,7 +77,8 @@ struct Options {
 const HELP: &str = "\
 usage: reverse_proxy [FLAGS] BACKEND_URL[,weight=N][,id=NAME]...
 
-Each backend is known by its id: NAME, else its host and port, except
+Each backend is known by its id: NAME, else its host and port (in one
+spelling: lower case, port 80 written, IPv6 in its shortest form), except
 with --sticky cookie:NAME, whose cookie a client can read: there the
 default id is a digest of the host and port keyed by the cookie's secret.
 
@@ -413,8 +414,16 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         // `HttpBackend::new` accepted it: an http:// URI with a host, and a
         // port that is a number from 0 to 65535 when it has one.
         let uri: http::Uri = url.parse().expect("a valid backend URI");
-        let authority = uri.authority().expect("a host").as_str();
         let host = uri.host().expect("a host").trim_matches(['[', ']']);
+        let port = uri.port_u16().unwrap_or(80);
+        // One spelling of each address (`http://App`, `http://app:80`;
+        // `[::1]`, `[0:0::1]`), so that one backend is neither listed twice
+        // nor named two ways by two replicas.
+        let authority = match host.parse::<std::net::Ipv6Addr>() {
+            Ok(ip) => format!("[{ip}]:{port}"),
+            Err(_) => format!("{}:{port}", host.to_ascii_lowercase()),
+        };
+        let authority = authority.as_str();
         if addresses.values().any(|(_, at)| at == authority) {
             usage(&format!("two backends at {authority}"));
         }
@@ -429,7 +438,6 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         if id.as_str() != authority {
             log!("backend {id}: {url}");
         }
-        let port = uri.port_u16().unwrap_or(80);
         if (host, port)
             .to_socket_addrs()
             .map_or(true, |mut a| a.next().is_none())
