@@ -383,6 +383,7 @@ impl BackendState {
     /// The check and the count are one atomic step, so concurrent callers
     /// never exceed the limit together.
     #[inline]
+    #[must_use = "the in-flight count goes down again when the guard is dropped"]
     pub fn try_track_in_flight(self: &Arc<Self>) -> Option<InFlight> {
         let max = self.max_in_flight.load(Ordering::Relaxed);
         if max == usize::MAX {
@@ -728,6 +729,7 @@ impl fmt::Debug for BackendState {
 }
 
 /// Counts a request as in flight on a backend until dropped.
+#[must_use = "the in-flight count goes down again when this guard is dropped"]
 #[derive(Debug)]
 pub struct InFlight(Arc<BackendState>);
 

@@ -18,6 +18,7 @@ use super::queue::Wait;
 pin_project! {
     /// The response future of [`Balance`](super::Balance): drives the chosen
     /// backend to readiness, calls it, and labels the response.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<S, Req>
     where
         S: Service<Req>,

@@ -820,6 +820,7 @@ where
 
 pin_project! {
     /// The response future of [`BufferBody`].
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct BufferFuture<S, B>
     where
         S: Service<Request<ReplayBody<B>>>,

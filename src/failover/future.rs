@@ -29,6 +29,7 @@ use crate::time::{earliest, later, set_timer};
 pin_project! {
     /// The response future of [`Failover`](super::Failover): runs the
     /// attempts of one request.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<S, B, C>
     where
         S: Service<Request<B>>,

@@ -30,6 +30,7 @@ pin_project! {
     /// unfinished because the failover layer's per-try timeout fired, it
     /// records a failure; dropped for any other reason (the client went
     /// away, the overall deadline), nothing.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<F, C> {
         #[pin]
         inner: F,

@@ -1595,6 +1595,7 @@ impl Handover {
 
 pin_project! {
     /// The response future of [`HttpBackend`].
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture {
         #[pin]
         state: State,

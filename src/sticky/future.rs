@@ -22,6 +22,7 @@ pin_project! {
     /// session from the store when it must, calls the inner service, then
     /// learns from the response (starts, moves or ends the session, sets
     /// the cookie) and finishes the store and hook calls that go with it.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
