@@ -672,6 +672,7 @@ impl BufferBodyLayer {
     }
 
     /// Buffers bodies up to `limit` bytes.
+    #[must_use]
     pub fn limit(mut self, limit: usize) -> Self {
         self.limit = limit;
         self
@@ -693,6 +694,7 @@ impl BufferBodyLayer {
     /// too: `400 Bad Request`, and no failure of the backend.) A body past
     /// the limit is streamed to its backend and timed by the backend
     /// client instead (`HttpClient::read_timeout`, feature `hyper-client`).
+    #[must_use]
     pub fn read_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.timeout = timeout.filter(|t| !t.is_zero());
         self

@@ -69,6 +69,7 @@ impl SuccessRate {
 
     /// Judges a window only when it saw at least this many requests
     /// (default 100; 0 counts as 1).
+    #[must_use]
     pub fn min_requests(mut self, requests: u32) -> Self {
         self.min_requests = requests.max(1);
         self
@@ -76,6 +77,7 @@ impl SuccessRate {
 
     /// The length of a window (default 10 s; at least 1 s, as a shorter
     /// one holds too few requests to judge a rate by).
+    #[must_use]
     pub fn window(mut self, window: Duration) -> Self {
         self.window = window.max(Duration::from_secs(1));
         self

@@ -46,6 +46,7 @@ impl SlowStart {
 
     /// Starts the ramp at `share` (`0.0..=1.0`) of the weight instead of
     /// 10 % (clamped; at least 0.1 %).
+    #[must_use]
     pub fn min_weight(mut self, share: f64) -> Self {
         self.min_permille = crate::balance::share_to_permille(share).max(1);
         self
