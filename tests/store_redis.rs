@@ -591,6 +591,7 @@ async fn concurrent_hydration_restores_a_session_once() {
                             (true, s)
                         }
                         Claim::Lost(s) => (false, s.expect("the winner's session")),
+                        other => panic!("{other:?}"),
                     }
                 })
             })
@@ -688,6 +689,7 @@ async fn a_dead_winners_lease_expires_and_a_waiting_claim_takes_it_over() {
     match claim.await.unwrap().unwrap() {
         Claim::Won(lease) => assert!(lease.release().await.unwrap()),
         Claim::Lost(_) => panic!("the dead winner's restore was taken as done"),
+        other => panic!("{other:?}"),
     }
     // Released: done, for those who still wait; free for a claim.
     assert!(!a.is_leased("k").await.unwrap());

@@ -404,6 +404,7 @@ impl RedisStore {
     ///         session
     ///     }
     ///     Claim::Lost(session) => session, // restored by another replica
+    ///     _ => store.load("kernel-42").await?,
     /// };
     /// # let _ = session; Ok(()) }
     /// ```
@@ -1414,6 +1415,7 @@ impl fmt::Debug for Lease {
 
 /// What [`RedisStore::claim`] decided.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Claim {
     /// This replica holds the lease: restore the session, save the result,
     /// then [`release`](Lease::release) it.
