@@ -1115,13 +1115,10 @@ async fn a_group_emitting_into_another_stream_is_refused() {
 async fn a_group_registered_under_another_name_than_its_priority_is_refused() {
     let handle = Handle::new(Events::default());
     let balance = Balance::new(pool_of(&["a", "b"]), Priority::new("db", ["a", "b"]));
-    assert_eq!(
+    assert!(matches!(
         handle.add_group("api", &balance),
-        Err(ControlError::GroupName {
-            group: "api".into(),
-            priority: "db".into()
-        })
-    );
+        Err(ControlError::GroupName { group, priority, .. }) if group == "api" && priority == "db"
+    ));
     assert!(handle.group_names().is_empty());
     handle.add_group("db", &balance).unwrap();
     assert_eq!(
@@ -1743,13 +1740,10 @@ mod actions_and_membership {
             &r.event,
             Event::BackendRemoved { backend, .. } if backend.as_str() == "a"
         )));
-        assert_eq!(
+        assert!(matches!(
             handle.remove_backend("g", &"a".into()),
-            Err(ControlError::NotInGroup {
-                group: "g".into(),
-                backend: "a".into()
-            })
-        );
+            Err(ControlError::NotInGroup { group, backend, .. }) if group == "g" && backend == "a"
+        ));
         let back = futures::stream::iter([Ok::<_, Infallible>(Change::Insert("a", backend("a")))]);
         pool.discover(back).await.unwrap();
         assert_eq!(

@@ -42,6 +42,7 @@ pub enum ControlError {
     UnknownBackend(String),
     /// The backend is not in the group, for an action on one group.
     #[error("backend `{backend}` is not a member of group `{group}`")]
+    #[non_exhaustive]
     NotInGroup {
         /// The group.
         group: String,
@@ -54,6 +55,7 @@ pub enum ControlError {
         "backend `{backend}` of group `{group}` is not available \
          (disabled, draining, unhealthy or ejected) and cannot be the primary"
     )]
+    #[non_exhaustive]
     Unavailable {
         /// The group.
         group: String,
@@ -65,6 +67,7 @@ pub enum ControlError {
     DuplicateGroup(String),
     /// The backend is in the group already.
     #[error("backend `{backend}` is in group `{group}` already")]
+    #[non_exhaustive]
     DuplicateBackend {
         /// The group.
         group: String,
@@ -87,6 +90,7 @@ pub enum ControlError {
     /// The group's [`Priority`] has another name, which its events carry:
     /// they would name a group the handle does not know.
     #[error("group `{group}` is served by the Priority of group `{priority}`; register it under that name")]
+    #[non_exhaustive]
     GroupName {
         /// The name the group was to be registered under.
         group: String,
