@@ -60,9 +60,7 @@ fn picks(c: &mut Criterion) {
         &mut group,
         "priority_auto",
         Priority::new("g", order.iter().map(String::as_str))
-            .failback(Failback::Auto {
-                after_stable_for: Duration::from_secs(30),
-            })
+            .failback(Failback::auto(Duration::from_secs(30)))
             .min_dwell(Duration::from_secs(10)),
     );
     group.finish();

@@ -109,9 +109,7 @@ async fn main() -> Result<(), BoxError> {
     }
     let api = Balance::new(
         api,
-        Priority::new("api", ["api1", "api2"]).failback(Failback::Auto {
-            after_stable_for: Duration::from_secs(2),
-        }),
+        Priority::new("api", ["api1", "api2"]).failback(Failback::auto(Duration::from_secs(2))),
     );
     let web = Pool::new();
     for name in ["web1", "web2"] {

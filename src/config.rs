@@ -318,9 +318,9 @@ impl GroupConfig {
             GroupMode::ActivePassive => {
                 let failback = match self.failback {
                     FailbackMode::Never => Failback::Never,
-                    FailbackMode::Auto => Failback::Auto {
-                        after_stable_for: self.failback_after.unwrap_or(Duration::from_secs(30)),
-                    },
+                    FailbackMode::Auto => {
+                        Failback::auto(self.failback_after.unwrap_or(Duration::from_secs(30)))
+                    }
                 };
                 GroupStrategy::Priority(
                     Priority::new(self.name.as_str(), self.order())

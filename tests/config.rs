@@ -125,9 +125,7 @@ interval = "500ms"
     let priority = priority.priority().unwrap();
     assert_eq!(
         priority.failback_rule(),
-        tower_ha::balance::Failback::Auto {
-            after_stable_for: Duration::from_secs(90)
-        }
+        tower_ha::balance::Failback::auto(Duration::from_secs(90))
     );
 }
 

@@ -282,9 +282,7 @@ async fn with_auto_the_primary_returns_only_after_a_whole_stable_interval() {
     let pool = pool_of(&["a", "b"]);
     let events = Events::default();
     let group = Priority::new("g", ["a", "b"])
-        .failback(Failback::Auto {
-            after_stable_for: Duration::from_secs(10),
-        })
+        .failback(Failback::auto(Duration::from_secs(10)))
         .events(events.clone());
     let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
     assert_eq!(serve(&balance).await, "a");
@@ -361,9 +359,8 @@ async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
     ];
     for (how, recover, flap) in flaps {
         let pool = pool_of(&["a", "b"]);
-        let group = Priority::new("g", ["a", "b"]).failback(Failback::Auto {
-            after_stable_for: Duration::from_secs(10),
-        });
+        let group =
+            Priority::new("g", ["a", "b"]).failback(Failback::auto(Duration::from_secs(10)));
         let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
         set_health(&pool, "a", HealthStatus::Unhealthy);
         assert_eq!(serve(&balance).await, "b");
@@ -394,7 +391,7 @@ async fn with_auto_a_flap_no_request_sees_starts_the_clock_again() {
 async fn no_failback_within_a_day(after_stable_for: Duration, min_dwell: Duration) {
     let pool = pool_of(&["a", "b"]);
     let group = Priority::new("g", ["a", "b"])
-        .failback(Failback::Auto { after_stable_for })
+        .failback(Failback::auto(after_stable_for))
         .min_dwell(min_dwell);
     let balance = Balance::new(pool.clone(), group).panic_threshold(0.0);
     assert_eq!(serve(&balance).await, "a");
@@ -418,9 +415,7 @@ async fn the_minimum_dwell_holds_when_the_primary_flaps_every_100ms() {
     let pool = pool_of(&["a", "b"]);
     let events = Events::default();
     let group = Priority::new("g", ["a", "b"])
-        .failback(Failback::Auto {
-            after_stable_for: Duration::ZERO,
-        })
+        .failback(Failback::auto(Duration::ZERO))
         .min_dwell(Duration::from_secs(5))
         .events(events.clone());
     let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
@@ -478,9 +473,7 @@ async fn a_forced_primary_holds_until_it_fails_or_is_released() {
     let pool = pool_of(&["a", "b", "c"]);
     let events = Events::default();
     let group = Priority::new("g", ["a", "b", "c"])
-        .failback(Failback::Auto {
-            after_stable_for: Duration::from_secs(1),
-        })
+        .failback(Failback::auto(Duration::from_secs(1)))
         .events(events.clone());
     let balance = Balance::new(pool.clone(), group.clone()).panic_threshold(0.0);
     assert_eq!(serve(&balance).await, "a");

@@ -27,11 +27,33 @@ pub enum Failback {
     #[default]
     Never,
     /// Once the configured primary has been available without interruption
-    /// for this long (a flap starts the clock again).
+    /// for this long (a flap starts the clock again). Built with
+    /// [`Failback::auto`].
+    #[non_exhaustive]
     Auto {
         /// How long the configured primary must stay available.
         after_stable_for: Duration,
     },
+}
+
+impl Failback {
+    /// [`Failback::Auto`]: a recovered configured primary takes over again
+    /// once it has been available without interruption for
+    /// `after_stable_for`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ha::balance::{Failback, Priority};
+    ///
+    /// let group = Priority::new("db", ["db1", "db2"]).failback(Failback::auto(Duration::from_secs(30)));
+    /// assert!(matches!(
+    ///     group.failback_rule(),
+    ///     Failback::Auto { after_stable_for, .. } if after_stable_for == Duration::from_secs(30)
+    /// ));
+    /// ```
+    pub const fn auto(after_stable_for: Duration) -> Failback {
+        Failback::Auto { after_stable_for }
+    }
 }
 
 /// A backend's state (its serial) and its count of interruptions: another
@@ -102,7 +124,7 @@ struct Shared {
 /// primary.
 ///
 /// * **Failback** ([`Failback`]): by default a recovered configured primary
-///   stays a backup; with [`Failback::Auto`] it takes over again once it has
+///   stays a backup; with [`Failback::auto`] it takes over again once it has
 ///   been available without interruption for a while.
 /// * **Minimum dwell** ([`min_dwell`](Priority::min_dwell)): a failback
 ///   waits until the current primary has served at least this long, so a
