@@ -117,7 +117,7 @@ pub enum FailbackMode {
     Auto,
 }
 
-/// One group.
+/// One group, read from a file or built with [`GroupConfig::new`].
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -278,6 +278,23 @@ fn is_true(value: &bool) -> bool {
     *value
 }
 
+impl Default for HealthCheckConfig {
+    /// The settings of an empty `health_check` section: probes every 2 s,
+    /// each given 1 s, healthy after 2 passing in a row and unhealthy
+    /// after 3 failing, a passing probe ending a passive ejection, and no
+    /// path.
+    fn default() -> Self {
+        HealthCheckConfig {
+            path: None,
+            interval: default_interval(),
+            timeout: default_timeout(),
+            healthy_threshold: default_rise(),
+            unhealthy_threshold: default_fall(),
+            lift_ejections: default_lift(),
+        }
+    }
+}
+
 impl HealthCheckConfig {
     /// Applies these settings to `checker`.
     pub fn apply<S, P>(&self, checker: HealthChecker<S, P>) -> HealthChecker<S, P>
@@ -295,6 +312,46 @@ impl HealthCheckConfig {
 }
 
 impl GroupConfig {
+    /// A group of `backends` (for an active-passive group, in backup
+    /// order) with every other setting absent, as a file that gives only
+    /// `name`, `mode` and `backends` reads. Set the other fields after, an
+    /// active-passive group's [`primary`](Self::primary) among them, and
+    /// [`validate`](Config::validate) the [`Config`] the group goes in.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ha::config::{Config, FailbackMode, GroupConfig, HealthCheckConfig};
+    /// use tower_ha::control::GroupMode;
+    ///
+    /// let mut group = GroupConfig::new("app", GroupMode::ActivePassive, ["a", "b"]);
+    /// group.primary = Some("b".into());
+    /// group.failback = FailbackMode::Auto;
+    /// let mut health = HealthCheckConfig::default();
+    /// health.interval = Duration::from_secs(5);
+    /// group.health_check = Some(health);
+    /// let mut config = Config::default();
+    /// config.failover_groups.push(group);
+    /// config.validate().unwrap();
+    /// assert_eq!(config.failover_groups[0].order(), ["b".into(), "a".into()]);
+    /// ```
+    pub fn new<I>(name: impl Into<String>, mode: GroupMode, backends: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        GroupConfig {
+            name: name.into(),
+            mode,
+            backends: backends.into_iter().map(Into::into).collect(),
+            primary: None,
+            failback: FailbackMode::default(),
+            failback_after: None,
+            min_dwell: None,
+            health_check: None,
+            failover: None,
+        }
+    }
+
     /// The backends in preference order: the primary first, then the
     /// others as listed.
     pub fn order(&self) -> Vec<BackendId> {
@@ -986,6 +1043,26 @@ mod tests {
             ] {
                 assert_eq!(round_trip(d), Ok(d), "{}", format_duration(&d));
             }
+        }
+    }
+
+    #[test]
+    fn the_default_health_check_is_an_empty_section() {
+        let empty: HealthCheckConfig = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(HealthCheckConfig::default(), empty);
+    }
+
+    #[test]
+    fn a_new_group_is_one_read_with_only_its_name_mode_and_backends() {
+        for (mode, text) in [
+            (GroupMode::ActivePassive, "active-passive"),
+            (GroupMode::Normal, "normal"),
+        ] {
+            let read: GroupConfig = serde_json::from_value(serde_json::json!({
+                "name": "app", "mode": text, "backends": ["a", "b"]
+            }))
+            .unwrap();
+            assert_eq!(GroupConfig::new("app", mode, ["a", "b"]), read);
         }
     }
 
