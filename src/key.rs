@@ -41,6 +41,7 @@ use http::{Extensions, HeaderMap, Method, Request, Uri};
 use twox_hash::XxHash3_64;
 
 use crate::extensions::PeerAddr;
+use crate::sticky::CookieConfigError;
 
 /// Hashes bytes the way every built-in key does (XXH3, seed 0): the
 /// header and cookie keys hash their value's bytes with it, the address
@@ -168,12 +169,33 @@ impl RequestKey for Header {
 /// When no `Cookie` header could hold a pair named `name`, which would
 /// never be found: empty, with `=` or `;`, white space at either end, or a
 /// control character. Names outside RFC 6265's token set that browsers
-/// still send (`cart[1]`) are taken.
+/// still send (`cart[1]`) are taken. For a name read at run time,
+/// [`try_cookie`] returns an error instead.
 #[track_caller]
 pub fn cookie(name: impl Into<String>) -> Cookie {
-    Cookie {
-        name: CookieName::checked(&name.into()),
+    match try_cookie(name) {
+        Ok(cookie) => cookie,
+        Err(e) => panic!("{e}"),
     }
+}
+
+/// [`cookie`] for a name read at run time: an error instead of a panic
+/// when no `Cookie` header could hold a pair named `name`.
+///
+/// ```
+/// use tower_ha::key;
+/// use tower_ha::sticky::CookieConfigError;
+///
+/// assert!(key::try_cookie("session").is_ok());
+/// assert_eq!(
+///     key::try_cookie("a;b").unwrap_err(),
+///     CookieConfigError::InvalidName("a;b".into())
+/// );
+/// ```
+pub fn try_cookie(name: impl Into<String>) -> Result<Cookie, CookieConfigError> {
+    Ok(Cookie {
+        name: CookieName::checked(name.into())?,
+    })
 }
 
 /// Whether `name` is a cookie name as RFC 6265 defines it: a non-empty
@@ -247,19 +269,16 @@ impl CookieName {
         }
     }
 
-    /// A name a configuration gives.
-    ///
-    /// # Panics
-    ///
-    /// When no `Cookie` header could hold a pair named `name`: empty, with
-    /// `=` (a pair's name ends at its first one) or `;` (it ends the pair),
-    /// white space at either end (trimmed away), or a control character.
-    /// Names outside RFC 6265's token set that browsers still send
-    /// (`cart[1]`) are taken.
-    #[track_caller]
-    pub(crate) fn checked(name: &str) -> Self {
-        assert!(is_matchable(name), "invalid cookie name {name:?}");
-        CookieName::new(name)
+    /// A name a configuration gives, refused when no `Cookie` header could
+    /// hold a pair named `name`: empty, with `=` (a pair's name ends at its
+    /// first one) or `;` (it ends the pair), white space at either end
+    /// (trimmed away), or a control character. Names outside RFC 6265's
+    /// token set that browsers still send (`cart[1]`) are taken.
+    pub(crate) fn checked(name: String) -> Result<Self, CookieConfigError> {
+        if !is_matchable(&name) {
+            return Err(CookieConfigError::InvalidName(name));
+        }
+        Ok(CookieName::new(&name))
     }
 
     pub(crate) fn as_str(&self) -> &str {
@@ -586,6 +605,18 @@ mod tests {
             );
         }
         assert!(std::panic::catch_unwind(|| cookie("cart[1]")).is_ok());
+    }
+
+    #[test]
+    fn try_cookie_reports_what_cookie_refuses() {
+        for name in ["", " a", "a;b", "a=b", "a\x01b"] {
+            assert_eq!(
+                try_cookie(name).unwrap_err(),
+                CookieConfigError::InvalidName(name.to_owned()),
+            );
+        }
+        assert!(try_cookie("session").is_ok());
+        assert!(try_cookie("cart[1]").is_ok());
     }
 
     fn head_with(headers: &[(&str, &str)]) -> Request<()> {

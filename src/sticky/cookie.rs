@@ -338,19 +338,25 @@ impl CookieInsert {
     /// request's own path instead, and send the cookie back on that path
     /// only), holds `;` or a control character, or is not `/` for a name
     /// with the `__Host-` prefix (which browsers drop on any other path).
-    pub fn path(mut self, path: impl Into<String>) -> Self {
+    /// For a path read at run time, [`try_path`](Self::try_path) returns an
+    /// error instead.
+    pub fn path(self, path: impl Into<String>) -> Self {
+        self.try_path(path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`path`](Self::path) for a path read at run time: an error instead
+    /// of a panic when browsers would not keep the cookie on `path`, or
+    /// would not send it back there.
+    pub fn try_path(mut self, path: impl Into<String>) -> Result<Self, CookieConfigError> {
         let path = path.into();
-        assert!(
-            path.starts_with('/') && path.bytes().all(|b| b != b';' && !b.is_ascii_control()),
-            "invalid cookie path {path:?}"
-        );
-        assert!(
-            path == "/" || self.prefix() != Some("__Host-"),
-            "a {:?} cookie must have the path /",
-            self.name.as_str()
-        );
+        if !path.starts_with('/') || path.bytes().any(|b| b == b';' || b.is_ascii_control()) {
+            return Err(CookieConfigError::InvalidPath(path));
+        }
+        if path != "/" && self.prefix() == Some("__Host-") {
+            return Err(CookieConfigError::HostPrefixPath(path));
+        }
         self.path = path;
-        self
+        Ok(self)
     }
 
     /// Whether a response that carries the cookie is marked `Cache-Control:
@@ -949,6 +955,31 @@ mod tests {
             );
         }
         assert!(CookieInsert::try_new("srv", [7u8; 32]).is_ok());
+    }
+
+    #[test]
+    fn try_path_reports_what_path_refuses() {
+        let secret = [7u8; 32];
+        for path in ["", "api", "/a;b", "/a\nb", "/a\x7fb"] {
+            assert_eq!(
+                CookieInsert::new("srv", secret).try_path(path).unwrap_err(),
+                CookieConfigError::InvalidPath(path.to_owned())
+            );
+        }
+        assert_eq!(
+            CookieInsert::new("__Host-srv", secret)
+                .try_path("/api")
+                .unwrap_err(),
+            CookieConfigError::HostPrefixPath("/api".to_owned())
+        );
+        let kept = CookieInsert::new("srv", secret).try_path("/api").unwrap();
+        assert_eq!(
+            kept.set_cookie("v").unwrap(),
+            "srv=v; Path=/api; HttpOnly; SameSite=Lax; Secure"
+        );
+        assert!(CookieInsert::new("__Host-srv", secret)
+            .try_path("/")
+            .is_ok());
     }
 
     /// A response's headers, one `Set-Cookie` per line.

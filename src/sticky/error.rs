@@ -183,8 +183,12 @@ impl fmt::Display for RestorePanicked {
 
 impl StdError for RestorePanicked {}
 
-/// Why [`CookieInsert::try_new`](super::CookieInsert::try_new) refused its
-/// settings.
+/// Why a cookie's settings were refused: by
+/// [`CookieInsert::try_new`](super::CookieInsert::try_new) and the other
+/// `try_` methods of [`CookieInsert`](super::CookieInsert),
+/// [`SessionKey::try_learn_cookie`](super::SessionKey::try_learn_cookie),
+/// [`try_hash_cookie`](super::try_hash_cookie) and
+/// [`key::try_cookie`](crate::key::try_cookie).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CookieConfigError {
@@ -196,7 +200,18 @@ pub enum CookieConfigError {
         /// The secret's length.
         got: usize,
     },
-    /// The name is empty or holds separators, spaces or controls.
+    /// The name is empty or holds separators, spaces or controls (the
+    /// layer's own cookie), or no `Cookie` header could hold a pair of that
+    /// name (a cookie only read: empty, with `=` or `;`, white space at
+    /// either end, or a control character).
     #[error("invalid cookie name {0:?}")]
     InvalidName(String),
+    /// The path does not start with `/`, or holds `;` or a control
+    /// character.
+    #[error("invalid cookie path {0:?}")]
+    InvalidPath(String),
+    /// A path other than `/` for a name with the `__Host-` prefix, which
+    /// browsers drop on any other path.
+    #[error("a __Host- cookie must have the path /, not {0:?}")]
+    HostPrefixPath(String),
 }

@@ -9,6 +9,7 @@ use http::header::{HeaderName, COOKIE};
 use http::HeaderMap;
 
 use super::cookie::{CookieInsert, Invalid};
+use super::error::CookieConfigError;
 use crate::key::{CookieName, RequestHead};
 
 /// The longest session key accepted from a header, a cookie or a closure,
@@ -81,12 +82,24 @@ impl SessionKey {
     /// # Panics
     ///
     /// When no `Cookie` header could hold a pair named `name`: empty, with
-    /// `=` or `;`, white space at either end, or a control character.
+    /// `=` or `;`, white space at either end, or a control character. For a
+    /// name read at run time, [`try_learn_cookie`](Self::try_learn_cookie)
+    /// returns an error instead.
     #[track_caller]
     pub fn learn_cookie(name: impl Into<String>) -> Self {
-        SessionKey {
-            kind: Kind::Learn(CookieName::checked(&name.into())),
+        match Self::try_learn_cookie(name) {
+            Ok(key) => key,
+            Err(e) => panic!("{e}"),
         }
+    }
+
+    /// [`learn_cookie`](Self::learn_cookie) for a name read at run time: an
+    /// error instead of a panic when no `Cookie` header could hold a pair
+    /// named `name`.
+    pub fn try_learn_cookie(name: impl Into<String>) -> Result<Self, CookieConfigError> {
+        Ok(SessionKey {
+            kind: Kind::Learn(CookieName::checked(name.into())?),
+        })
     }
 
     /// A header's value (for example `X-Session-Id`), from the request, or
@@ -289,6 +302,17 @@ pub(crate) fn response_key(bytes: &[u8]) -> Option<&str> {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn try_learn_cookie_reports_what_learn_cookie_refuses() {
+        for name in ["", " a", "a;b", "a=b", "a\tb"] {
+            assert_eq!(
+                SessionKey::try_learn_cookie(name).unwrap_err(),
+                CookieConfigError::InvalidName(name.to_owned())
+            );
+        }
+        assert!(SessionKey::try_learn_cookie("JSESSIONID").is_ok());
+    }
 
     #[test]
     fn the_size_limit_counts_every_cookie_header() {

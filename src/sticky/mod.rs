@@ -166,15 +166,44 @@ pub enum Availability {
 /// # Panics
 ///
 /// As [`key::cookie`](crate::key::cookie), for a name no `Cookie` header
-/// could hold.
+/// could hold. For a name read at run time, [`try_hash_cookie`] returns an
+/// error instead.
 #[track_caller]
 pub fn hash_cookie(name: impl Into<String>) -> ConsistentHash<crate::key::Cookie> {
-    ConsistentHash::ring(crate::key::cookie(name))
+    match try_hash_cookie(name) {
+        Ok(strategy) => strategy,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// [`hash_cookie`] for a name read at run time: an error instead of a
+/// panic for a name no `Cookie` header could hold, as
+/// [`key::try_cookie`](crate::key::try_cookie).
+pub fn try_hash_cookie(
+    name: impl Into<String>,
+) -> Result<ConsistentHash<crate::key::Cookie>, CookieConfigError> {
+    crate::key::try_cookie(name).map(ConsistentHash::ring)
 }
 
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/sticky.md")]
 struct StickyGuide;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn try_hash_cookie_reports_what_hash_cookie_refuses() {
+        for name in ["", "a ", "a;b", "a=b"] {
+            assert_eq!(
+                try_hash_cookie(name).unwrap_err(),
+                CookieConfigError::InvalidName(name.to_owned())
+            );
+        }
+        assert!(try_hash_cookie("StickyStr").is_ok());
+    }
+}
 
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/persistence.md")]
