@@ -3,7 +3,11 @@
 //! A [`RequestKey`] reads a request's head and returns a 64-bit hash, or
 //! `None` when the request carries no key (an absent or empty header, no such
 //! cookie, ...). Keys are hashed with XXH3 and a fixed seed, so every replica
-//! of an application maps a key to the same hash.
+//! of an application maps a key to the same hash: the built-in keys hash
+//! bytes, alike whatever machine and compiler built the replica; a
+//! [`from_fn`] key hashes what its value's `Hash` implementation feeds the
+//! hasher, which Rust keeps alike only among replicas built by the same
+//! compiler, unless the value is [`AsBytes`] (see [`from_fn`]).
 //!
 //! | key | reads |
 //! |---|---|
@@ -45,8 +49,10 @@ use crate::sticky::CookieConfigError;
 
 /// Hashes bytes the way every built-in key does (XXH3, seed 0): the
 /// header and cookie keys hash their value's bytes with it, the address
-/// keys their address's octets. A [`from_fn`] key hashes its value's `Hash` encoding instead (for
-/// a string, its bytes then `0xff`), which this does not reproduce.
+/// keys their address's octets, and a [`from_fn`] key an [`AsBytes`]
+/// value's bytes. Any other [`from_fn`] key hashes what its value's `Hash`
+/// implementation feeds the hasher instead (for a string today, its bytes
+/// then `0xff`), which this does not reproduce.
 #[inline]
 pub fn hash_bytes(bytes: &[u8]) -> u64 {
     XxHash3_64::oneshot(bytes)
@@ -460,9 +466,26 @@ fn hash_ip(ip: IpAddr) -> u64 {
 }
 
 /// A key computed by a closure from the request head; any `Hash` value
-/// works (`None` means "no key"). Its integers are hashed little-endian at
-/// a fixed width (`usize` as 64 bits), so replicas on machines of another
-/// byte order or word size map a key alike.
+/// works (`None` means "no key"). The value's `Hash` implementation feeds
+/// an XXH3 hasher (seed 0) that writes each integer it is given
+/// little-endian at a fixed width (`usize` as 64 bits).
+///
+/// Which replicas map a key to the same hash:
+///
+/// * **Built by the same compiler**, on machines of any byte order or word
+///   size: every key whose integers reach the hasher one by one (numbers,
+///   strings, tuples, `#[derive(Hash)]` types of those). Slices, arrays and
+///   `Vec`s of integers wider than a byte are the exception: std feeds
+///   them as their memory, in the machine's byte order and word size.
+/// * **Built by different Rust versions** (replicas part-way through a
+///   rolling upgrade of the toolchain, say): only keys hashed as bytes.
+///   What std's `Hash` implementations and `#[derive(Hash)]` feed a hasher
+///   around the data is not specified, and may change between versions:
+///   today a `str` or `String` is its bytes then `0xff`; a slice, `Vec` or
+///   `bytes::Bytes` of bytes its length (as a `usize`) then its bytes; a
+///   derived enum its discriminant first. Return such a key as
+///   [`AsBytes`]: hashed as its bytes alone, exactly as [`hash_bytes`] and
+///   the header and cookie keys hash theirs.
 ///
 /// ```
 /// use tower_ha::key::{self, RequestHead, RequestKey};
@@ -476,6 +499,15 @@ fn hash_ip(ip: IpAddr) -> u64 {
 /// assert!(kernel.key(&RequestHead::from(&req)).is_some());
 /// let req = http::Request::get("/api/other").body(()).unwrap();
 /// assert!(kernel.key(&RequestHead::from(&req)).is_none());
+///
+/// // The same key, hashed as its bytes alone: alike whatever Rust version
+/// // built the replica, and equal to a header key of the same value.
+/// let kernel = key::from_fn(|req: &RequestHead<'_>| {
+///     let mut parts = req.uri.path().strip_prefix("/api/kernels/")?.split('/');
+///     parts.next().filter(|id| !id.is_empty()).map(|id| key::AsBytes(id.to_owned()))
+/// });
+/// let req = http::Request::get("/api/kernels/42/channels").body(()).unwrap();
+/// assert_eq!(kernel.key(&RequestHead::from(&req)), Some(key::hash_bytes(b"42")));
 /// ```
 pub fn from_fn<F, T>(f: F) -> FromFn<F>
 where
@@ -483,6 +515,20 @@ where
     T: Hash,
 {
     FromFn { f }
+}
+
+/// A [`from_fn`] value hashed as its bytes alone (`String`, `Vec<u8>`,
+/// `bytes::Bytes`, a `HeaderValue`, ...), as [`hash_bytes`] hashes them:
+/// no length, terminator or other framing of std's, so that replicas built
+/// by different Rust versions map it alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsBytes<B>(pub B);
+
+impl<B: AsRef<[u8]>> Hash for AsBytes<B> {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(self.0.as_ref());
+    }
 }
 
 /// The key computed by [`from_fn`].
@@ -578,6 +624,58 @@ mod tests {
         let mut both = 1u16.to_le_bytes().to_vec();
         both.extend(2u64.to_le_bytes());
         assert_eq!(key(&from_fn(|_| Some((1u16, 2u64)))), xxh3(&both));
+    }
+
+    /// A closure's bytes hash as a header's value does, whatever holds
+    /// them.
+    #[test]
+    fn a_closures_bytes_hash_as_the_built_in_keys_do() {
+        let req = http::Request::new(());
+        let head = RequestHead::from(&req);
+        let key = |k: &dyn RequestKey| k.key(&head).unwrap();
+        let alice = hash_bytes(b"alice");
+        assert_eq!(key(&from_fn(|_| Some(AsBytes("alice")))), alice);
+        assert_eq!(
+            key(&from_fn(|_| Some(AsBytes(String::from("alice"))))),
+            alice
+        );
+        assert_eq!(key(&from_fn(|_| Some(AsBytes(b"alice".to_vec())))), alice);
+        assert_eq!(
+            key(&from_fn(|_| Some(AsBytes(bytes::Bytes::from_static(
+                b"alice"
+            ))))),
+            alice
+        );
+        assert_eq!(key(&from_fn(|_| Some(AsBytes(*b"alice")))), alice);
+        let with_alice = http::Request::builder()
+            .header("x-user", "alice")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            header("x-user").key(&RequestHead::from(&with_alice)),
+            Some(alice)
+        );
+    }
+
+    /// What std feeds the hasher for strings and byte vectors as of this
+    /// writing, which [`from_fn`]'s docs describe (Rust does not promise
+    /// it: a failure here after a toolchain upgrade means the docs need
+    /// updating, and that such keys moved).
+    #[test]
+    fn a_closures_strings_and_byte_vectors_hash_with_std_framing() {
+        let req = http::Request::new(());
+        let head = RequestHead::from(&req);
+        let key = |k: &dyn RequestKey| k.key(&head).unwrap();
+        assert_eq!(
+            key(&from_fn(|_| Some(String::from("alice")))),
+            hash_bytes(b"alice\xff")
+        );
+        let mut framed = 5u64.to_le_bytes().to_vec();
+        framed.extend(b"alice");
+        assert_eq!(
+            key(&from_fn(|_| Some(b"alice".to_vec()))),
+            hash_bytes(&framed)
+        );
     }
 
     /// Names outside the token set that browsers still send (PHP's

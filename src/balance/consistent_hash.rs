@@ -156,8 +156,9 @@ impl<T> HashTable<T> {
     /// first, ignoring availability and attempts: the plain table lookup,
     /// for tools that show where keys live. `None` for an empty pool. Hash
     /// a key the way the built-in keys do with
-    /// [`key::hash_bytes`](crate::key::hash_bytes) (not a
-    /// [`key::from_fn`](crate::key::from_fn) key's, see there).
+    /// [`key::hash_bytes`](crate::key::hash_bytes) (a
+    /// [`key::from_fn`](crate::key::from_fn) key's only when it is
+    /// [`AsBytes`](crate::key::AsBytes), see there).
     #[inline]
     pub fn owner(&self, hash: u64) -> Option<usize> {
         match &self.lookup {
