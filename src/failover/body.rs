@@ -710,6 +710,7 @@ impl BufferBodyLayer {
     /// This is for streams, whose client sends more only once the backend
     /// answered: held back, such a request would never reach a backend.
     /// gRPC requests are passed on this way at once whatever the setting.
+    #[must_use]
     pub fn stream_when_idle(mut self, idle: Option<Duration>) -> Self {
         self.idle = idle;
         self
