@@ -8,16 +8,18 @@
 //! * any other body is wrapped by [`BufferBodyLayer`] into a [`ReplayBody`]:
 //!   bodies up to a limit (64 KiB by default) are read into memory before the
 //!   first attempt and replayed from there; a larger body is streamed to the
-//!   first backend that asks for it and sent only once. Such a request may
-//!   still be retried while no backend has started to read its body (a
-//!   refused connection), never after. At most the limit is copied: the
-//!   frame that would pass it is handed on as it came. A client that stops
-//!   sending a body being buffered is given up on after a read timeout
-//!   (60 s by default).
+//!   first backend that asks for it. Such a request may still be retried
+//!   while no backend has read more of its body than was held (a refused
+//!   connection), never after. At most the limit is copied: the frame that
+//!   would pass it is handed on as it came. A client that stops sending a
+//!   body being buffered is given up on after a read timeout (60 s by
+//!   default).
 //!
 //! A stream, whose client sends more only once the backend answered (a
-//! gRPC call), is passed on as soon as it pauses, with what came so far,
-//! and sent once: see [`BufferBodyLayer::stream_when_idle`].
+//! gRPC call), is passed on as soon as it pauses, with what came so far;
+//! what backends read of it is held up to the limit, so that it can still
+//! be sent again until they read past it: see
+//! [`BufferBodyLayer::stream_when_idle`].
 
 use std::fmt;
 use std::future::Future;
@@ -66,15 +68,18 @@ impl<T: Clone> Replay for T {
 }
 
 /// A body read into memory (up to a limit) so that it can be sent again, or,
-/// past the limit, a body that can be sent once.
+/// past the limit (or passed on before its end), a body that can be sent
+/// again only while what a backend read of it is held.
 ///
 /// Built by [`BufferBodyLayer`] (or [`ReplayBody::buffer`]). Its data is
 /// [`Bytes`] and its error a [`BoxError`].
 ///
-/// Of the copies of a body sent once, only the one [`replay`](Replay::replay)
-/// made last may be sent: an earlier copy, read after it was made, fails
-/// with an error rather than take the body from the attempt it was made
-/// for. Until a backend starts to read the body, a new copy can be made.
+/// A body passed on before its end keeps the frames a backend takes while
+/// they fit in the limit: until a backend reads past it, a new copy can be
+/// made, which sends them again, then the rest. Of such copies, only the
+/// one [`replay`](Replay::replay) made last may be sent: an earlier copy,
+/// read after it was made, fails with an error rather than take the body
+/// from the attempt it was made for.
 pub struct ReplayBody<B> {
     kind: Kind<B>,
 }
@@ -86,14 +91,16 @@ enum Kind<B> {
         trailers: Option<HeaderMap>,
         len: u64,
     },
-    /// The first bytes read, then the rest of the body: sent at most once,
+    /// A body passed on before its end: what was read, then the rest, sent
     /// by the copy made last (see [`Shared`]).
     Once {
         shared: Arc<Mutex<Shared<B>>>,
         /// Which copy this is: the latest one made is `shared.live`.
         copy: u64,
         hint: SizeHint,
-        taken: Option<Rest<B>>,
+        /// How many of the kept frames this copy has sent; `None` until it
+        /// sends anything.
+        sent: Option<usize>,
         progress: SendProgress,
     },
 }
@@ -143,24 +150,91 @@ impl SendProgress {
             *state = SendState::Sent(Instant::now());
         }
     }
+
+    /// A new copy is to be sent: nothing of it was.
+    fn reset(&self) {
+        *self.0.lock() = SendState::Unsent;
+    }
 }
 
-/// What the copies of a body sent once share: the body, until a copy takes
-/// it, and which copy may. Each copy made hands that right on to itself, so
-/// a copy left behind by an abandoned attempt (in a buffer's queue, say)
-/// cannot take the body from the attempt after it, which would fail that
-/// attempt and send the request where no one waits for its answer.
+/// What the copies of a body passed on before its end share: the body, the
+/// frames read from it while they are kept, and which copy may send it.
+/// Each copy made hands that right on to itself, so a copy left behind by
+/// an abandoned attempt (in a buffer's queue, say) cannot take the body
+/// from the attempt after it, which would fail that attempt and send the
+/// request where no one waits for its answer.
 struct Shared<B> {
-    rest: Option<Rest<B>>,
+    /// The frames read, in order, those read before the body was passed on
+    /// first: each copy sends them, then reads on from `body`. Let go once
+    /// the body cannot be sent whole again.
+    kept: Vec<Kept>,
+    /// The bytes of data in `kept`.
+    kept_len: usize,
+    /// The most data `kept` takes from `body`.
+    limit: usize,
+    /// Whether a new copy can send the body whole: `kept` holds every frame
+    /// read, and none past the limit was sent. (The frame that passed the
+    /// limit while the body was buffered is kept, to be sent first.)
+    whole: bool,
+    body: Pin<Box<B>>,
+    ended: bool,
     live: u64,
 }
 
-struct Rest<B> {
-    /// The bytes read before the limit was reached.
-    prefix: Option<Bytes>,
-    /// The frame that would have passed the limit, as it was read.
-    held: Option<Bytes>,
-    body: Pin<Box<B>>,
+/// A frame read from a body passed on before its end, kept to be sent
+/// again.
+#[derive(Clone)]
+enum Kept {
+    Data(Bytes),
+    Trailers(HeaderMap),
+}
+
+impl Kept {
+    fn frame(&self) -> Frame<Bytes> {
+        match self {
+            Kept::Data(data) => Frame::data(data.clone()),
+            Kept::Trailers(trailers) => Frame::trailers(trailers.clone()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Kept::Data(data) => data.len(),
+            Kept::Trailers(_) => 0,
+        }
+    }
+}
+
+impl<B> Shared<B> {
+    /// Keeps `frame`, just read from the body by the copy that may send
+    /// it, if every frame before it is kept and it fits in the limit;
+    /// whether it did.
+    fn keep(&mut self, frame: &Frame<Bytes>) -> bool {
+        let kept = match (frame.data_ref(), frame.trailers_ref()) {
+            (Some(data), _) => Kept::Data(data.clone()),
+            (None, Some(trailers)) => Kept::Trailers(trailers.clone()),
+            (None, None) => {
+                self.whole = false;
+                return false;
+            }
+        };
+        let len = self.kept_len.saturating_add(kept.len());
+        self.whole &= len <= self.limit;
+        if self.whole {
+            self.kept_len = len;
+            self.kept.push(kept);
+        } else {
+            self.lose_kept();
+        }
+        self.whole
+    }
+
+    /// The body cannot be sent whole again: what is kept is let go (the
+    /// copy reading it sent it all before it read on).
+    fn lose_kept(&mut self) {
+        self.whole = false;
+        self.kept = Vec::new();
+    }
 }
 
 /// An empty body, held in memory: what an [`HttpProbe`] sends through a
@@ -191,12 +265,12 @@ impl<B> ReplayBody<B> {
         matches!(self.kind, Kind::Buffered { .. })
     }
 
-    /// Whether a backend started to read this body, which can then not be
-    /// sent again.
+    /// Whether a backend read this body past what is held of it, so that
+    /// it cannot be sent again.
     pub fn is_consumed(&self) -> bool {
         match &self.kind {
             Kind::Buffered { .. } => false,
-            Kind::Once { shared, taken, .. } => taken.is_some() || shared.lock().rest.is_none(),
+            Kind::Once { shared, .. } => !shared.lock().whole,
         }
     }
 }
@@ -235,24 +309,25 @@ impl<B> Replay for ReplayBody<B> {
             Kind::Once {
                 shared: arc,
                 hint,
-                taken: None,
                 progress,
                 ..
             } => {
                 let mut shared = arc.lock();
-                shared.rest.as_ref()?;
+                if !shared.whole {
+                    return None;
+                }
                 shared.live += 1;
+                progress.reset();
                 Some(ReplayBody {
                     kind: Kind::Once {
                         shared: arc.clone(),
                         copy: shared.live,
                         hint: *hint,
-                        taken: None,
+                        sent: None,
                         progress: progress.clone(),
                     },
                 })
             }
-            Kind::Once { .. } => None,
         }
     }
 }
@@ -293,37 +368,44 @@ where
             Kind::Once {
                 shared,
                 copy,
-                taken,
+                sent,
                 progress,
                 ..
             } => {
-                if taken.is_none() {
-                    let mut shared = shared.lock();
-                    if shared.rest.is_none() {
-                        return Poll::Ready(Some(Err(NotSendable::AlreadySent.into())));
-                    }
-                    if shared.live != *copy {
-                        return Poll::Ready(Some(Err(NotSendable::Superseded.into())));
-                    }
-                    *taken = shared.rest.take();
+                let mut shared = shared.lock();
+                if sent.is_none() && !shared.whole {
+                    return Poll::Ready(Some(Err(NotSendable::AlreadySent.into())));
                 }
-                let Some(rest) = taken.as_mut() else {
-                    return Poll::Ready(None);
-                };
-                if let Some(piece) = rest.prefix.take().or_else(|| rest.held.take()) {
+                if shared.live != *copy {
+                    return Poll::Ready(Some(Err(NotSendable::Superseded.into())));
+                }
+                let sent = sent.get_or_insert(0);
+                if let Some(kept) = shared.kept.get(*sent) {
+                    let frame = kept.frame();
+                    *sent += 1;
                     progress.sending(false);
-                    return Poll::Ready(Some(Ok(Frame::data(piece))));
+                    if *sent == shared.kept.len() && shared.kept_len > shared.limit {
+                        // The frame that passed the limit is sent.
+                        shared.lose_kept();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                let polled = rest.body.as_mut().poll_frame(cx);
+                if shared.ended {
+                    progress.end();
+                    return Poll::Ready(None);
+                }
+                let polled = shared.body.as_mut().poll_frame(cx);
                 if polled.is_pending() {
                     progress.sending(true);
                 }
                 match ready!(polled) {
                     Some(Ok(frame)) => {
                         progress.sending(false);
-                        Poll::Ready(Some(Ok(
-                            frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
-                        )))
+                        let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
+                        if shared.keep(&frame) {
+                            *sent += 1;
+                        }
+                        Poll::Ready(Some(Ok(frame)))
                     }
                     Some(Err(e)) => {
                         progress.end();
@@ -336,6 +418,7 @@ where
                         .into())))
                     }
                     None => {
+                        shared.ended = true;
                         progress.end();
                         Poll::Ready(None)
                     }
@@ -347,12 +430,14 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Buffered { data, trailers, .. } => data.is_none() && trailers.is_none(),
-            Kind::Once { taken, .. } => match taken {
-                Some(rest) => {
-                    rest.prefix.is_none() && rest.held.is_none() && rest.body.is_end_stream()
-                }
-                None => false,
-            },
+            Kind::Once {
+                shared, copy, sent, ..
+            } => sent.is_some_and(|sent| {
+                let shared = shared.lock();
+                shared.live == *copy
+                    && sent >= shared.kept.len()
+                    && (shared.ended || shared.body.is_end_stream())
+            }),
         }
     }
 
@@ -376,19 +461,29 @@ where
             }
             Kind::Buffered { len, .. } => SizeHint::with_exact(*len),
             Kind::Once {
-                taken: Some(rest), ..
+                shared,
+                copy,
+                sent: Some(sent),
+                hint,
+                ..
             } => {
-                let unsent = [&rest.prefix, &rest.held]
-                    .into_iter()
-                    .flatten()
-                    .map(|piece| piece.len() as u64)
-                    .sum();
-                plus(rest.body.size_hint(), unsent)
+                let shared = shared.lock();
+                if shared.live != *copy {
+                    return *hint;
+                }
+                let kept = shared.kept.get(*sent..).unwrap_or_default();
+                let unsent = kept.iter().map(|kept| kept.len() as u64).sum();
+                let rest = if shared.ended {
+                    SizeHint::with_exact(0)
+                } else {
+                    shared.body.size_hint()
+                };
+                plus(rest, unsent)
             }
-            // Not sent yet, or another copy took the body: the whole body's
-            // hint either way. A copy whose body is gone must not look empty
-            // (a client would send an empty body without polling it); polled,
-            // it fails.
+            // Not sent yet, or another copy is sending the body: the whole
+            // body's hint either way. A copy that may not send it must not
+            // look empty (a client would send an empty body without polling
+            // it); polled, it fails.
             Kind::Once { hint, .. } => *hint,
         }
     }
@@ -405,16 +500,21 @@ fn plus(hint: SizeHint, n: u64) -> SizeHint {
 }
 
 /// A copy being sent that is dropped (a client stops polling a body once it
-/// has its announced length, without asking for its end) has ended.
+/// has its announced length, without asking for its end) has ended, unless
+/// a later copy took its place.
 impl<B> Drop for ReplayBody<B> {
     fn drop(&mut self) {
         if let Kind::Once {
-            taken: Some(_),
+            shared,
+            copy,
+            sent: Some(_),
             progress,
             ..
         } = &self.kind
         {
-            progress.end();
+            if shared.lock().live == *copy {
+                progress.end();
+            }
         }
     }
 }
@@ -535,6 +635,8 @@ where
                 Next::End => return Poll::Ready(Ok(self.finish())),
                 // Passed on as it is: the client waits for the backend
                 // before it sends more (a stream), or is slow.
+                // (Trailers are the body's last frame.)
+                Next::Idle if self.trailers.is_some() => return Poll::Ready(Ok(self.finish())),
                 Next::Idle => return Poll::Ready(Ok(self.once(Bytes::new()))),
                 Next::Frame(frame) => match frame.into_data() {
                     Ok(mut data) => {
@@ -566,25 +668,31 @@ where
         }
     }
 
-    /// The body to send once: what was read, the frame `held` that would
-    /// have passed the limit, and the rest of the body.
+    /// The body passed on: what was read, the frame `held` that would
+    /// have passed the limit, then the rest of the body.
     fn once(&mut self, held: Bytes) -> ReplayBody<B> {
         let body = self.body.take().expect("body present");
         let prefix = std::mem::take(&mut self.chunks).freeze();
-        let rest = Rest {
-            prefix: (!prefix.is_empty()).then_some(prefix),
-            held: (!held.is_empty()).then_some(held),
+        let kept: Vec<Kept> = [prefix, held]
+            .into_iter()
+            .filter(|piece| !piece.is_empty())
+            .map(Kept::Data)
+            .collect();
+        let shared = Shared {
+            kept_len: kept.iter().map(Kept::len).sum(),
+            kept,
+            limit: self.limit,
+            whole: true,
             body,
+            ended: false,
+            live: 0,
         };
         ReplayBody {
             kind: Kind::Once {
-                shared: Arc::new(Mutex::new(Shared {
-                    rest: Some(rest),
-                    live: 0,
-                })),
+                shared: Arc::new(Mutex::new(shared)),
                 copy: 0,
                 hint: self.hint,
-                taken: None,
+                sent: None,
                 progress: SendProgress::default(),
             },
         }
@@ -617,16 +725,18 @@ enum Next<D> {
 ///
 /// Bodies up to the limit (default [`DEFAULT_BUFFER_LIMIT`], 64 KiB) are
 /// read into memory before the inner service is called, as nginx's
-/// `proxy_request_buffering` does; larger bodies are passed on to be sent
-/// once. A client that stops sending the body while it is read fails its
-/// request after the [`read_timeout`](Self::read_timeout).
+/// `proxy_request_buffering` does; larger bodies are passed on, and can be
+/// sent again only until a backend reads past the limit. A client that
+/// stops sending the body while it is read fails its request after the
+/// [`read_timeout`](Self::read_timeout).
 ///
 /// A stream, whose client waits for the backend's answer before it sends
 /// more (a gRPC bidirectional or client-streaming call, say), is passed on
 /// as soon as it pauses, with what was read so far: a gRPC request (a
-/// `content-type` of `application/grpc…`) as soon as no part of it is
-/// ready, any other after [`stream_when_idle`](Self::stream_when_idle), if
-/// set. It is then sent once, like a body past the limit.
+/// `content-type` of `application/grpc…`, not gRPC-Web's) as soon as no
+/// part of it is ready, any other after
+/// [`stream_when_idle`](Self::stream_when_idle), if set. What backends read
+/// of it is held up to the limit, as for a body past the limit.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -703,9 +813,14 @@ impl BufferBodyLayer {
     /// Passes a body on, with what was read of it, when no more of it
     /// comes for `idle` (zero: as soon as no part is ready), instead of
     /// waiting for its end (default `None`; shorter than the
-    /// [`read_timeout`](Self::read_timeout) to take effect). The body is
-    /// then sent once, like one past the limit: the request can still go
-    /// to another backend while none has started to read it, not after.
+    /// [`read_timeout`](Self::read_timeout) or as long, to take effect).
+    /// What backends read of the body is then held up to the limit, and
+    /// the request can go to another backend until one reads past it.
+    ///
+    /// The failover layer's per-try timeout waits while the backend waits
+    /// for more of such a body, as for any body being sent: a backend that
+    /// stalls on a stream is then bounded by the backend client's read
+    /// timeout (`HttpClient::read_timeout`) and the failover deadline.
     ///
     /// This is for streams, whose client sends more only once the backend
     /// answered: held back, such a request would never reach a backend.
@@ -718,13 +833,17 @@ impl BufferBodyLayer {
 }
 
 /// Whether `headers` are a gRPC request's (`application/grpc`, or one of
-/// its `+proto`, `+json`, … forms, and gRPC-Web's), whose body may be a
-/// stream.
+/// its `+proto`, `+json`, … forms), whose body may be a stream; not
+/// gRPC-Web's, whose clients send whole bodies.
 fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|value| value.as_bytes().get(..16))
+    let Some(value) = headers.get(http::header::CONTENT_TYPE) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    value
+        .get(..16)
         .is_some_and(|start| start.eq_ignore_ascii_case(b"application/grpc"))
+        && matches!(value.get(16), None | Some(b'+' | b';'))
 }
 
 impl<S> Layer<S> for BufferBodyLayer {
@@ -1266,6 +1385,93 @@ mod tests {
         drop(tx);
         assert_eq!(call.await.unwrap().unwrap(), "ping pong");
         assert_eq!(start.elapsed(), Duration::from_millis(1));
+    }
+
+    /// A body passed on as it paused keeps what backends read of it, up to
+    /// the limit: a new copy sends that again, then reads on; a copy left
+    /// behind neither sends it nor ends the new one's progress.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_passed_on_can_be_sent_again_while_what_was_read_is_held() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Ok(Bytes::from_static(b"ping"))).unwrap();
+        let mut buffering = Buffering::new(Uploading(rx), 9, None, Some(Duration::ZERO));
+        let body = std::future::poll_fn(|cx| buffering.poll(cx)).await.unwrap();
+        assert!(!body.is_buffered());
+        let progress = match &body.kind {
+            Kind::Once { progress, .. } => progress.clone(),
+            Kind::Buffered { .. } => panic!("buffered"),
+        };
+        let data = |frame: Option<Result<Frame<Bytes>, BoxError>>| {
+            frame.unwrap().unwrap().into_data().unwrap()
+        };
+        let mut first = body.replay().unwrap();
+        assert_eq!(data(first.frame().await), "ping");
+        tx.send(Ok(Bytes::from_static(b" pong"))).unwrap();
+        assert_eq!(data(first.frame().await), " pong");
+        // The attempt failed: the next one sends it all again.
+        let mut second = body.replay().expect("what was read is held");
+        assert_eq!(progress.get(), SendState::Unsent);
+        let err = first.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "request body handed to a later attempt");
+        assert_eq!(data(second.frame().await), "ping");
+        drop(first);
+        assert!(matches!(progress.get(), SendState::Sending { .. }));
+        assert_eq!(data(second.frame().await), " pong");
+        // Past the limit of 9 bytes: sent on, and never again.
+        tx.send(Ok(Bytes::from_static(b"!"))).unwrap();
+        drop(tx);
+        assert_eq!(second.collect().await.unwrap().to_bytes(), "!");
+        assert!(body.is_consumed());
+        assert!(body.replay().is_none());
+    }
+
+    /// A body with frames ready, then none.
+    struct ThenWait(Vec<Frame<Bytes>>);
+
+    impl Body for ThenWait {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.0.is_empty() {
+                true => Poll::Pending,
+                false => Poll::Ready(Some(Ok(self.0.remove(0)))),
+            }
+        }
+    }
+
+    /// Trailers read before the body paused end it: it is held whole,
+    /// trailers included.
+    #[tokio::test]
+    async fn trailers_before_a_pause_are_kept() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let frames = vec![
+            Frame::data(Bytes::from_static(b"msg")),
+            Frame::trailers(trailers),
+        ];
+        let mut buffering = Buffering::new(ThenWait(frames), 64, None, Some(Duration::ZERO));
+        let body = std::future::poll_fn(|cx| buffering.poll(cx)).await.unwrap();
+        assert!(body.is_buffered());
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "msg");
+    }
+
+    /// gRPC-Web has no streams from the client: its bodies are held as
+    /// any other.
+    #[tokio::test(start_paused = true)]
+    async fn a_grpc_web_body_is_held_to_its_end() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let layer = BufferBodyLayer::new();
+        let (tx, calls, call) = upload_typed(layer, Some("application/grpc-web+proto"));
+        tx.send(Ok(Bytes::from_static(b"whole"))).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(calls.load(SeqCst), 0, "passed on before its end");
+        drop(tx);
+        assert_eq!(call.await.unwrap().unwrap(), "whole");
     }
 
     /// A gRPC request whose body is all there is held, and can be sent

@@ -45,8 +45,9 @@
 //!    next attempt goes to another backend).
 //! 7. Bodies: a `Clone` body is replayed as is; [`BufferBodyLayer`] makes
 //!    any other body replayable by buffering it up to a limit (64 KiB by
-//!    default). A larger body is sent once, and never retried once a backend
-//!    started to read it (see [`body`]).
+//!    default). A larger body, or a stream passed on as it pauses (a gRPC
+//!    call), is held as a backend reads it up to the limit, and never
+//!    retried once a backend read past that (see [`body`]).
 //! 8. When the attempts end in failure, the last failure decides the result:
 //!    a failed response (say a 503) is returned with the
 //!    [`Attempts`](crate::extensions::Attempts) history in its extensions; an
