@@ -97,6 +97,8 @@ pub mod sticky;
 pub mod store;
 mod task;
 mod time;
+#[cfg(any(feature = "hyper-client", feature = "webhook"))]
+mod uri;
 
 pub use backend::{AdminStatus, BackendId, BackendState, HealthStatus};
 pub use error::{BackendError, BoxError, InvalidRequest, NoBackend, NotSent};

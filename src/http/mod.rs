@@ -787,15 +787,8 @@ impl<B> HttpBackend<B> {
             return Err(invalid("no host"));
         }
         // Without user information, the authority is the host, then the
-        // port, if any, after a colon. A port that is no number from 0 to
-        // 65535, or digits without the colon (`[::1]8080`), would otherwise
-        // be taken for none (port 80 or 443).
-        let rest = &authority.as_str()[authority.host().len()..];
-        let a_port = |port: &str| {
-            port.is_empty()
-                || port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
-        };
-        if !(rest.is_empty() || rest.strip_prefix(':').is_some_and(a_port)) {
+        // port, if any.
+        if !crate::uri::has_valid_port(&authority) {
             return Err(invalid("the port is not a number from 0 to 65535"));
         }
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid("bad host"))?;

@@ -332,13 +332,7 @@ impl WebhookStoreBuilder {
                        (write an @ in a path as %40)";
             return Err(bad(why));
         }
-        // The port, after a colon: digits without one (`[::1]8080`) would
-        // be taken for no port at all.
-        let rest = &authority.as_str()[authority.host().len()..];
-        let a_port = rest.strip_prefix(':').is_some_and(|port| {
-            port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
-        });
-        if !(rest.is_empty() || a_port) {
+        if !crate::uri::has_valid_port(authority) {
             return Err(bad("the port is not a number from 0 to 65535"));
         }
         let collection = match uri.path() {
@@ -1145,14 +1139,25 @@ mod tests {
             "http://h:pa/api",
             "http://h:65536/api",
             "http://[::1]:x/api",
-            "http://[::1]8080/api",
-            "http://h:+80/api",
-            "http://:8080/api",
         ] {
             let err = WebhookStore::builder(url).build().unwrap_err();
             assert!(err.is_other(), "{url}: {err:?}");
         }
-        for url in ["http://h/api", "http://h:8080/api", "http://[::1]:8080/api"] {
+        for (url, why) in [
+            ("http://[::1]8080/api", "the port is not a number"),
+            ("http://h:+80/api", "the port is not a number"),
+            ("http://:8080/api", "the URL needs a host"),
+        ] {
+            let err = WebhookStore::builder(url).build().unwrap_err();
+            let shown = crate::error::Report(&err).to_string();
+            assert!(err.is_other() && shown.contains(why), "{url}: {shown}");
+        }
+        for url in [
+            "http://h/api",
+            "http://h:8080/api",
+            "http://[::1]:8080/api",
+            "http://h:/api",
+        ] {
             assert!(WebhookStore::builder(url).build().is_ok(), "{url}");
         }
     }
