@@ -1269,8 +1269,11 @@ mod tests {
             let ttl = Duration::from_secs(60);
             // Written without a TTL: a save with one would start a prune.
             let plain = FileStore::open(dir).await.unwrap();
-            plain.save(&Session::new("k", "a".into())).await.unwrap();
-            let name = file_name("k");
+            // A key of its own: the writes other tests have under way, which
+            // a prune leaves alone, are known by file name.
+            let key = "a-background-prune-needs-a-free-permit";
+            plain.save(&Session::new(key, "a".into())).await.unwrap();
+            let name = file_name(key);
             let file = File::options().write(true).open(dir.join(&name)).unwrap();
             file.set_modified(SystemTime::now() - 2 * ttl).unwrap();
             let store = plain.with_ttl(ttl).with_concurrency_limit(1);
