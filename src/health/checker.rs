@@ -938,9 +938,10 @@ mod tests {
         checker.shutdown().await;
         let (probes, visits) = (probes.load(Ordering::Relaxed), VISITS.with(Cell::get));
         assert!(probes >= 10 * BACKENDS, "only {probes} probes");
-        // One look to send each probe, one after it ends; a few more for
-        // times made early. Looking at every backend at each probe's end
-        // would be about BACKENDS times as many.
+        // One look to send each probe (its end queues the next one without
+        // a look); a few more for times made early. Looking at every
+        // backend at each probe's end would be about BACKENDS times as
+        // many.
         assert!(visits <= 3 * probes, "{visits} looks for {probes} probes");
     }
 }
