@@ -25,7 +25,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -58,12 +58,24 @@ pub trait Replay: Sized {
     /// A copy of the body for one more attempt, or `None` when the body was
     /// already consumed and cannot be sent again.
     fn replay(&self) -> Option<Self>;
+
+    /// Whether [`replay`](Self::replay) would make a copy, without making
+    /// one (a copy of a body being streamed takes the right to send it from
+    /// the copies before it).
+    fn is_replayable(&self) -> bool {
+        self.replay().is_some()
+    }
 }
 
 impl<T: Clone> Replay for T {
     #[inline]
     fn replay(&self) -> Option<Self> {
         Some(self.clone())
+    }
+
+    #[inline]
+    fn is_replayable(&self) -> bool {
+        true
     }
 }
 
@@ -179,21 +191,28 @@ struct Shared<B> {
     body: Pin<Box<B>>,
     ended: bool,
     live: u64,
+    /// The task of the copy waiting for the body's next frame: woken when
+    /// a later copy takes its place, so that it learns it is superseded.
+    waiting: Option<Waker>,
 }
+
+/// The most frames a body passed on before its end keeps: small frames
+/// cost more than their bytes.
+const MAX_KEPT_FRAMES: usize = 1024;
 
 /// A frame read from a body passed on before its end, kept to be sent
 /// again.
 #[derive(Clone)]
 enum Kept {
     Data(Bytes),
-    Trailers(HeaderMap),
+    Trailers(Box<HeaderMap>),
 }
 
 impl Kept {
     fn frame(&self) -> Frame<Bytes> {
         match self {
             Kept::Data(data) => Frame::data(data.clone()),
-            Kept::Trailers(trailers) => Frame::trailers(trailers.clone()),
+            Kept::Trailers(trailers) => Frame::trailers((**trailers).clone()),
         }
     }
 
@@ -207,26 +226,31 @@ impl Kept {
 
 impl<B> Shared<B> {
     /// Keeps `frame`, just read from the body by the copy that may send
-    /// it, if every frame before it is kept and it fits in the limit;
+    /// it, if every frame before it is kept and it fits in the limit, and
+    /// a new copy can still be made (`alone`: no one else holds the body);
     /// whether it did.
-    fn keep(&mut self, frame: &Frame<Bytes>) -> bool {
+    fn keep(&mut self, frame: &Frame<Bytes>, alone: bool) -> bool {
+        if !self.whole {
+            return false;
+        }
         let kept = match (frame.data_ref(), frame.trailers_ref()) {
+            // Nothing to send again.
+            (Some(data), _) if data.is_empty() => return false,
             (Some(data), _) => Kept::Data(data.clone()),
-            (None, Some(trailers)) => Kept::Trailers(trailers.clone()),
+            (None, Some(trailers)) => Kept::Trailers(Box::new(trailers.clone())),
             (None, None) => {
-                self.whole = false;
+                self.lose_kept();
                 return false;
             }
         };
         let len = self.kept_len.saturating_add(kept.len());
-        self.whole &= len <= self.limit;
-        if self.whole {
-            self.kept_len = len;
-            self.kept.push(kept);
-        } else {
+        if alone || len > self.limit || self.kept.len() >= MAX_KEPT_FRAMES {
             self.lose_kept();
+            return false;
         }
-        self.whole
+        self.kept_len = len;
+        self.kept.push(kept);
+        true
     }
 
     /// The body cannot be sent whole again: what is kept is let go (the
@@ -293,6 +317,13 @@ where
 }
 
 impl<B> Replay for ReplayBody<B> {
+    fn is_replayable(&self) -> bool {
+        match &self.kind {
+            Kind::Buffered { .. } => true,
+            Kind::Once { shared, .. } => shared.lock().whole,
+        }
+    }
+
     fn replay(&self) -> Option<Self> {
         match &self.kind {
             Kind::Buffered {
@@ -318,10 +349,16 @@ impl<B> Replay for ReplayBody<B> {
                 }
                 shared.live += 1;
                 progress.reset();
+                let copy = shared.live;
+                let waiting = shared.waiting.take();
+                drop(shared);
+                if let Some(waiting) = waiting {
+                    waiting.wake();
+                }
                 Some(ReplayBody {
                     kind: Kind::Once {
                         shared: arc.clone(),
-                        copy: shared.live,
+                        copy,
                         hint: *hint,
                         sent: None,
                         progress: progress.clone(),
@@ -372,6 +409,8 @@ where
                 progress,
                 ..
             } => {
+                // Only this copy holds the body: no later one can be made.
+                let alone = Arc::strong_count(shared) == 1;
                 let mut shared = shared.lock();
                 if sent.is_none() && !shared.whole {
                     return Poll::Ready(Some(Err(NotSendable::AlreadySent.into())));
@@ -397,17 +436,26 @@ where
                 let polled = shared.body.as_mut().poll_frame(cx);
                 if polled.is_pending() {
                     progress.sending(true);
+                    if !shared
+                        .waiting
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        shared.waiting = Some(cx.waker().clone());
+                    }
                 }
                 match ready!(polled) {
                     Some(Ok(frame)) => {
                         progress.sending(false);
                         let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
-                        if shared.keep(&frame) {
+                        if shared.keep(&frame, alone) {
                             *sent += 1;
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
                     Some(Err(e)) => {
+                        // What follows an error is no body to send again.
+                        shared.lose_kept();
                         progress.end();
                         // The client's failure, as while buffering: not the
                         // backend's, whatever service sends the body.
@@ -478,7 +526,14 @@ where
                 } else {
                     shared.body.size_hint()
                 };
-                plus(rest, unsent)
+                let hint = plus(rest, unsent);
+                // With trailers to send, no exact size (as for a buffered
+                // body).
+                if kept.iter().any(|k| matches!(k, Kept::Trailers(_))) {
+                    plus(SizeHint::new(), hint.lower())
+                } else {
+                    hint
+                }
             }
             // Not sent yet, or another copy is sending the body: the whole
             // body's hint either way. A copy that may not send it must not
@@ -512,7 +567,10 @@ impl<B> Drop for ReplayBody<B> {
             ..
         } = &self.kind
         {
-            if shared.lock().live == *copy {
+            // Under the lock: a new copy made meanwhile resets the progress
+            // after, not before.
+            let shared = shared.lock();
+            if shared.live == *copy {
                 progress.end();
             }
         }
@@ -686,6 +744,7 @@ where
             body,
             ended: false,
             live: 0,
+            waiting: None,
         };
         ReplayBody {
             kind: Kind::Once {
@@ -815,7 +874,9 @@ impl BufferBodyLayer {
     /// waiting for its end (default `None`; shorter than the
     /// [`read_timeout`](Self::read_timeout) or as long, to take effect).
     /// What backends read of the body is then held up to the limit, and
-    /// the request can go to another backend until one reads past it.
+    /// the request can go to another backend until one reads past it (if
+    /// the failover layer's idempotency rule lets it: a gRPC call is a
+    /// `POST`).
     ///
     /// The failover layer's per-try timeout waits while the backend waits
     /// for more of such a body, as for any body being sent: a backend that
@@ -1423,6 +1484,105 @@ mod tests {
         assert_eq!(second.collect().await.unwrap().to_bytes(), "!");
         assert!(body.is_consumed());
         assert!(body.replay().is_none());
+    }
+
+    /// A client's frames as the test sends them, its end when the sender
+    /// is dropped.
+    struct Frames(tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, BoxError>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    type FrameSender = tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, BoxError>>;
+
+    /// A body that sent `first`, then paused, as `BufferBodyLayer` passes
+    /// a gRPC request on; and what sends the rest.
+    async fn paused_after(first: &'static [u8]) -> (FrameSender, ReplayBody<Frames>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Ok(Frame::data(Bytes::from_static(first)))).unwrap();
+        let mut buffering = Buffering::new(Frames(rx), 64, None, Some(Duration::ZERO));
+        let body = std::future::poll_fn(|cx| buffering.poll(cx)).await.unwrap();
+        (tx, body)
+    }
+
+    /// Trailers a backend read are held and sent again with the rest; while
+    /// they are to come, a copy claims no exact size.
+    #[tokio::test]
+    async fn trailers_of_a_body_passed_on_are_sent_again() {
+        let (tx, body) = paused_after(b"msg").await;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("7"));
+        tx.send(Ok(Frame::trailers(trailers))).unwrap();
+        drop(tx);
+        let first = body.replay().unwrap().collect().await.unwrap();
+        assert_eq!(first.trailers().unwrap()["x-checksum"], "7");
+        let mut second = body.replay().expect("all of it is held");
+        assert_eq!(
+            second.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "msg"
+        );
+        assert_eq!(second.size_hint().exact(), None, "trailers are to come");
+        let rest = second.collect().await.unwrap();
+        assert_eq!(rest.trailers().unwrap()["x-checksum"], "7");
+    }
+
+    /// A body that failed while it was sent cannot be sent again: what
+    /// would follow is not the body.
+    #[tokio::test]
+    async fn a_body_that_failed_while_it_was_sent_is_not_sent_again() {
+        let (tx, body) = paused_after(b"part").await;
+        let mut copy = body.replay().unwrap();
+        assert_eq!(
+            copy.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "part"
+        );
+        // Asking does not take the body from the copy being sent.
+        assert!(body.is_replayable());
+        tx.send(Err("client gone".into())).unwrap();
+        drop(tx);
+        let err = copy.frame().await.unwrap().unwrap_err();
+        assert_eq!(
+            crate::error::gateway_status(&*err),
+            http::StatusCode::BAD_REQUEST
+        );
+        assert!(!body.is_replayable());
+        assert!(body.replay().is_none());
+    }
+
+    /// A copy waiting for the client's next frame learns at once that a
+    /// later copy took its place, rather than waiting on.
+    #[tokio::test]
+    async fn a_waiting_copy_is_woken_when_it_is_superseded() {
+        struct Woken(std::sync::atomic::AtomicBool);
+        impl std::task::Wake for Woken {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let (_tx, body) = paused_after(b"part").await;
+        let mut copy = body.replay().unwrap();
+        assert_eq!(
+            copy.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "part"
+        );
+        let woken = Arc::new(Woken(false.into()));
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut copy).poll_frame(&mut cx).is_pending());
+        let _next = body.replay().unwrap();
+        assert!(woken.0.load(std::sync::atomic::Ordering::SeqCst));
+        let Poll::Ready(Some(Err(err))) = Pin::new(&mut copy).poll_frame(&mut cx) else {
+            panic!("the superseded copy went on");
+        };
+        assert_eq!(err.to_string(), "request body handed to a later attempt");
     }
 
     /// A body with frames ready, then none.

@@ -527,7 +527,7 @@ where
             bump(&counters.unsafe_to_retry);
             return false;
         }
-        let replayable = (self.template.as_ref()).is_some_and(|t| t.body.replay().is_some());
+        let replayable = (self.template.as_ref()).is_some_and(|t| t.body.is_replayable());
         if !replayable {
             bump(&counters.unreplayable);
             return false;
