@@ -1374,7 +1374,7 @@ mod tests {
 
     /// A client's body: frames as the test sends them, the end when the
     /// sender is dropped.
-    struct Uploading(tokio::sync::mpsc::UnboundedReceiver<Result<Bytes, BoxError>>);
+    struct Uploading(tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, BoxError>>);
 
     impl Body for Uploading {
         type Data = Bytes;
@@ -1384,13 +1384,16 @@ mod tests {
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            self.0
-                .poll_recv(cx)
-                .map(|next| next.map(|r| r.map(Frame::data)))
+            self.0.poll_recv(cx)
         }
     }
 
-    type Sender = tokio::sync::mpsc::UnboundedSender<Result<Bytes, BoxError>>;
+    type Sender = tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, BoxError>>;
+
+    /// A part of an upload, to send.
+    fn part(bytes: &'static [u8]) -> Result<Frame<Bytes>, BoxError> {
+        Ok(Frame::data(Bytes::from_static(bytes)))
+    }
 
     /// Sends a request whose body is an upload through `layer` to a
     /// service that counts its calls and returns the body it got.
@@ -1439,10 +1442,10 @@ mod tests {
         let start = Instant::now();
         let (tx, calls, call) =
             upload_typed(BufferBodyLayer::new(), Some("application/grpc+proto"));
-        tx.send(Ok(Bytes::from_static(b"ping"))).unwrap();
+        tx.send(part(b"ping")).unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(calls.load(SeqCst), 1, "the service was not called");
-        tx.send(Ok(Bytes::from_static(b" pong"))).unwrap();
+        tx.send(part(b" pong")).unwrap();
         drop(tx);
         assert_eq!(call.await.unwrap().unwrap(), "ping pong");
         assert_eq!(start.elapsed(), Duration::from_millis(1));
@@ -1454,7 +1457,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_passed_on_can_be_sent_again_while_what_was_read_is_held() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tx.send(Ok(Bytes::from_static(b"ping"))).unwrap();
+        tx.send(part(b"ping")).unwrap();
         let mut buffering = Buffering::new(Uploading(rx), 9, None, Some(Duration::ZERO));
         let body = std::future::poll_fn(|cx| buffering.poll(cx)).await.unwrap();
         assert!(!body.is_buffered());
@@ -1467,7 +1470,7 @@ mod tests {
         };
         let mut first = body.replay().unwrap();
         assert_eq!(data(first.frame().await), "ping");
-        tx.send(Ok(Bytes::from_static(b" pong"))).unwrap();
+        tx.send(part(b" pong")).unwrap();
         assert_eq!(data(first.frame().await), " pong");
         // The attempt failed: the next one sends it all again.
         let mut second = body.replay().expect("what was read is held");
@@ -1479,36 +1482,19 @@ mod tests {
         assert!(matches!(progress.get(), SendState::Sending { .. }));
         assert_eq!(data(second.frame().await), " pong");
         // Past the limit of 9 bytes: sent on, and never again.
-        tx.send(Ok(Bytes::from_static(b"!"))).unwrap();
+        tx.send(part(b"!")).unwrap();
         drop(tx);
         assert_eq!(second.collect().await.unwrap().to_bytes(), "!");
         assert!(body.is_consumed());
         assert!(body.replay().is_none());
     }
 
-    /// A client's frames as the test sends them, its end when the sender
-    /// is dropped.
-    struct Frames(tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, BoxError>>);
-
-    impl Body for Frames {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            self.0.poll_recv(cx)
-        }
-    }
-
-    type FrameSender = tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, BoxError>>;
-
     /// A body that sent `first`, then paused, as `BufferBodyLayer` passes
     /// a gRPC request on; and what sends the rest.
-    async fn paused_after(first: &'static [u8]) -> (FrameSender, ReplayBody<Frames>) {
+    async fn paused_after(first: &'static [u8]) -> (Sender, ReplayBody<Uploading>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tx.send(Ok(Frame::data(Bytes::from_static(first)))).unwrap();
-        let mut buffering = Buffering::new(Frames(rx), 64, None, Some(Duration::ZERO));
+        tx.send(part(first)).unwrap();
+        let mut buffering = Buffering::new(Uploading(rx), 64, None, Some(Duration::ZERO));
         let body = std::future::poll_fn(|cx| buffering.poll(cx)).await.unwrap();
         (tx, body)
     }
@@ -1585,34 +1571,17 @@ mod tests {
         assert_eq!(err.to_string(), "request body handed to a later attempt");
     }
 
-    /// A body with frames ready, then none.
-    struct ThenWait(Vec<Frame<Bytes>>);
-
-    impl Body for ThenWait {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            match self.0.is_empty() {
-                true => Poll::Pending,
-                false => Poll::Ready(Some(Ok(self.0.remove(0)))),
-            }
-        }
-    }
-
     /// Trailers read before the body paused end it: it is held whole,
     /// trailers included.
     #[tokio::test]
     async fn trailers_before_a_pause_are_kept() {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        let frames = vec![
-            Frame::data(Bytes::from_static(b"msg")),
-            Frame::trailers(trailers),
-        ];
-        let mut buffering = Buffering::new(ThenWait(frames), 64, None, Some(Duration::ZERO));
+        // Sent, but the body's end not yet.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(part(b"msg")).unwrap();
+        tx.send(Ok(Frame::trailers(trailers))).unwrap();
+        let mut buffering = Buffering::new(Uploading(rx), 64, None, Some(Duration::ZERO));
         let body = std::future::poll_fn(|cx| buffering.poll(cx)).await.unwrap();
         assert!(body.is_buffered());
         let collected = body.collect().await.unwrap();
@@ -1627,7 +1596,7 @@ mod tests {
         use std::sync::atomic::Ordering::SeqCst;
         let layer = BufferBodyLayer::new();
         let (tx, calls, call) = upload_typed(layer, Some("application/grpc-web+proto"));
-        tx.send(Ok(Bytes::from_static(b"whole"))).unwrap();
+        tx.send(part(b"whole")).unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(calls.load(SeqCst), 0, "passed on before its end");
         drop(tx);
@@ -1659,12 +1628,12 @@ mod tests {
         use std::sync::atomic::Ordering::SeqCst;
         let layer = BufferBodyLayer::new().stream_when_idle(Some(Duration::from_secs(2)));
         let (tx, calls, call) = upload(layer);
-        tx.send(Ok(Bytes::from_static(b"part"))).unwrap();
+        tx.send(part(b"part")).unwrap();
         tokio::time::sleep(Duration::from_millis(1999)).await;
         assert_eq!(calls.load(SeqCst), 0, "passed on before the idle wait");
         tokio::time::sleep(Duration::from_millis(2)).await;
         assert_eq!(calls.load(SeqCst), 1, "not passed on after the idle wait");
-        tx.send(Ok(Bytes::from_static(b" rest"))).unwrap();
+        tx.send(part(b" rest")).unwrap();
         drop(tx);
         assert_eq!(call.await.unwrap().unwrap(), "part rest");
     }
@@ -1677,7 +1646,7 @@ mod tests {
             .read_timeout(Some(Duration::from_secs(5)))
             .stream_when_idle(Some(Duration::from_secs(10)));
         let (tx, calls, call) = upload(layer);
-        tx.send(Ok(Bytes::from_static(b"part"))).unwrap();
+        tx.send(part(b"part")).unwrap();
         let error = call.await.unwrap().unwrap_err();
         assert_eq!(
             crate::error::gateway_status(&*error),
@@ -1696,7 +1665,7 @@ mod tests {
         // Each part within the timeout of the one before: the body may
         // take longer than the timeout as a whole.
         for _ in 0..3 {
-            tx.send(Ok(Bytes::from_static(b"part"))).unwrap();
+            tx.send(part(b"part")).unwrap();
             tokio::time::sleep(Duration::from_secs(59)).await;
             assert!(!call.is_finished());
         }
@@ -1716,10 +1685,10 @@ mod tests {
     async fn without_a_read_timeout_a_body_is_awaited() {
         let layer = BufferBodyLayer::new().read_timeout(Some(Duration::ZERO));
         let (tx, calls, call) = upload(layer);
-        tx.send(Ok(Bytes::from_static(b"slow"))).unwrap();
+        tx.send(part(b"slow")).unwrap();
         tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
         assert!(!call.is_finished());
-        tx.send(Ok(Bytes::from_static(b" body"))).unwrap();
+        tx.send(part(b" body")).unwrap();
         drop(tx);
         assert_eq!(call.await.unwrap().unwrap(), "slow body");
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -1732,7 +1701,7 @@ mod tests {
         let layer = BufferBodyLayer::new().read_timeout(Some(Duration::MAX));
         let (tx, _, call) = upload(layer);
         for _ in 0..2 {
-            tx.send(Ok(Bytes::from_static(b"part"))).unwrap();
+            tx.send(part(b"part")).unwrap();
             tokio::time::sleep(Duration::from_secs(3600)).await;
             assert!(!call.is_finished());
         }
@@ -1743,7 +1712,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_that_fails_while_it_is_read_is_the_clients_failure() {
         let (tx, calls, call) = upload(BufferBodyLayer::new());
-        tx.send(Ok(Bytes::from_static(b"part"))).unwrap();
+        tx.send(part(b"part")).unwrap();
         tx.send(Err("connection reset".into())).unwrap();
         let error = call.await.unwrap().unwrap_err();
         assert!(
@@ -1760,7 +1729,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_past_the_limit_that_fails_while_it_is_sent_is_the_clients_failure() {
         let (tx, calls, call) = upload(BufferBodyLayer::new().limit(4));
-        tx.send(Ok(Bytes::from_static(b"past the limit"))).unwrap();
+        tx.send(part(b"past the limit")).unwrap();
         tx.send(Err("connection reset".into())).unwrap();
         let error = call.await.unwrap().unwrap_err();
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
