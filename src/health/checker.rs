@@ -566,12 +566,8 @@ impl Entry {
         false
     }
 
-    /// Advances the slow-start ramp, and notes when to advance it next.
-    fn ramp(&mut self, now: Instant, config: &CheckConfig) {
-        self.ramp_next = self.ramp_step(now, config);
-    }
-
-    fn ramp_step(&mut self, now: Instant, config: &CheckConfig) -> Option<Instant> {
+    /// Advances the slow-start ramp; returns when to advance it next.
+    fn ramp(&mut self, now: Instant, config: &CheckConfig) -> Option<Instant> {
         let (from, slow) = (self.ramp_from?, config.slow_start?);
         let elapsed = now.saturating_duration_since(from);
         let permille = slow.permille_at(elapsed);
@@ -738,7 +734,7 @@ where
                     });
                     continue;
                 }
-                entry.ramp(now, &self.config);
+                entry.ramp_next = entry.ramp(now, &self.config);
                 let service = (snapshot.members().index_of(&id)).and_then(|i| snapshot.service(i));
                 if let Some(service) =
                     service.filter(|_| entry.probe.is_none() && entry.next_probe <= now)
