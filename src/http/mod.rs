@@ -823,15 +823,11 @@ impl<B> HttpBackend<B> {
     fn own_urls(&self) -> Redirects {
         let scheme = self.upstream.scheme().as_str().to_owned();
         let mut hosts = Vec::new();
-        for host in [Ok(self.authority.as_str()), self.host.to_str()] {
-            let Ok(host) = host.map(|h| without_default_port(h.as_bytes(), &scheme)) else {
-                continue;
-            };
-            if !hosts
-                .iter()
-                .any(|known: &Vec<u8>| known.eq_ignore_ascii_case(host))
-            {
-                hosts.push(host.to_vec());
+        for host in [self.authority.as_str().as_bytes(), self.host.as_bytes()] {
+            if let Some(host) = canonical_host(host, &scheme) {
+                if !hosts.contains(&host) {
+                    hosts.push(host);
+                }
             }
         }
         Redirects {
@@ -1502,25 +1498,63 @@ where
 }
 
 /// What a backend's own URLs start with (see
-/// [`HttpBackend::rewrite_redirects`]); scheme and hosts compare in any
-/// case.
+/// [`HttpBackend::rewrite_redirects`]); the scheme compares in any case.
 #[derive(Debug)]
 struct Redirects {
     scheme: String,
-    /// Each without the scheme's default port.
+    /// Each as [`canonical_host`] writes it.
     hosts: Vec<Vec<u8>>,
     prefix: String,
 }
 
-/// `host` without the port `scheme` implies (`:80` for `http`, `:443` for
-/// `https`).
-fn without_default_port<'a>(host: &'a [u8], scheme: &str) -> &'a [u8] {
-    let port: &[u8] = if scheme.eq_ignore_ascii_case("https") {
-        b":443"
-    } else {
-        b":80"
+/// `authority` (a host and an optional port) written one way, so that two
+/// spellings of one address compare equal: the host in lower case, an
+/// IPv6 address in its shortest form (`[2001:DB8:0::1]` is
+/// `[2001:db8::1]`), and the port as a number, left out when it is the
+/// one `scheme` implies (`:80` for `http`, `:443` for `https`; `:080` is
+/// `:80`). `None` when it is not a host and port.
+fn canonical_host(authority: &[u8], scheme: &str) -> Option<Vec<u8>> {
+    let authority = std::str::from_utf8(authority).ok()?;
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(rest) => {
+            let (ip, port) = rest.split_once(']')?;
+            let ip: std::net::Ipv6Addr = ip.parse().ok()?;
+            (format!("[{ip}]"), port)
+        }
+        None => {
+            let end = authority.find(':').unwrap_or(authority.len());
+            let (host, port) = authority.split_at(end);
+            (host.to_ascii_lowercase(), port)
+        }
     };
-    host.strip_suffix(port).unwrap_or(host)
+    if host.is_empty() {
+        return None;
+    }
+    let port = match port.strip_prefix(':') {
+        None if port.is_empty() => None,
+        None => return None,
+        Some("") => None,
+        Some(digits) if digits.bytes().all(|b| b.is_ascii_digit()) => {
+            // Leading zeros first: `u16` parsing takes them, but a long run
+            // of them is still port 80.
+            let digits = digits.trim_start_matches('0');
+            Some(if digits.is_empty() {
+                0
+            } else {
+                digits.parse::<u16>().ok()?
+            })
+        }
+        Some(_) => return None,
+    };
+    let default = if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        80
+    };
+    Some(match port {
+        Some(port) if port != default => format!("{host}:{port}").into_bytes(),
+        _ => host.into_bytes(),
+    })
 }
 
 impl Redirects {
@@ -1538,10 +1572,9 @@ impl Redirects {
             .position(|b| matches!(b, b'/' | b'?' | b'#'))
             .unwrap_or(rest.len());
         let (host, path) = rest.split_at(host_end);
-        // `host:80` is `host` for http (and `:443` for https): a backend
-        // may leave the port out of its URLs, or write it.
-        let host = without_default_port(host, &self.scheme);
-        if !self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+        // A backend may write its host in another case, or write the
+        // default port its base URI leaves out (or the reverse).
+        if !canonical_host(host, &self.scheme).is_some_and(|host| self.hosts.contains(&host)) {
             return None;
         }
         let after = path.strip_prefix(self.prefix.as_bytes())?;
@@ -2024,6 +2057,15 @@ mod tests {
                 "http://Api.Internal/app",
                 "HTTP://api.internal:80/app/login",
             ),
+            // Other spellings of one address.
+            (
+                "http://[2001:db8::1]/app",
+                "http://[2001:DB8:0::1]:080/app/login",
+            ),
+            (
+                "http://[2001:DB8:0:0::1]:8080/app",
+                "http://[2001:db8::1]:8080/app/login",
+            ),
         ] {
             assert_eq!(
                 rewritten(base, location).as_deref(),
@@ -2038,10 +2080,40 @@ mod tests {
         ] {
             assert_eq!(rewritten(base, location), None, "{base} {location}");
         }
-        // https's default port is 443.
-        assert_eq!(without_default_port(b"[::1]:443", "https"), b"[::1]");
-        assert_eq!(without_default_port(b"a:80", "https"), b"a:80");
-        assert_eq!(without_default_port(b"a:8080", "http"), b"a:8080");
+    }
+
+    #[test]
+    fn hosts_are_compared_in_one_spelling() {
+        let canonical = |host: &str, scheme| {
+            canonical_host(host.as_bytes(), scheme).map(|h| String::from_utf8(h).unwrap())
+        };
+        for (host, scheme, want) in [
+            ("[::1]:443", "https", "[::1]"),
+            ("a:80", "https", "a:80"),
+            ("a:8080", "http", "a:8080"),
+            ("App.Example:080", "http", "app.example"),
+            ("a:0000000000000000000080", "http", "a"),
+            ("a:", "http", "a"),
+            ("a:0", "http", "a:0"),
+            ("[2001:DB8:0::1]:8080", "http", "[2001:db8::1]:8080"),
+            ("[0:0::1]", "http", "[::1]"),
+            ("10.0.0.5:443", "HTTPS", "10.0.0.5"),
+        ] {
+            assert_eq!(canonical(host, scheme).as_deref(), Some(want), "{host}");
+        }
+        for host in [
+            "",
+            ":80",
+            "a:65536",
+            "a:+80",
+            "a:8o",
+            "[::1",
+            "[zz::1]",
+            "[::1]8080",
+            "a b:1:2",
+        ] {
+            assert_eq!(canonical(host, "http"), None, "{host}");
+        }
     }
 
     #[test]
