@@ -126,6 +126,44 @@ async fn files_are_private() {
     assert_eq!(mode(&dir), 0o700);
 }
 
+/// A directory other users can reach is warned of once per open, and left
+/// as it is; a private one is not.
+#[cfg(unix)]
+#[test]
+fn a_directory_other_users_can_reach_is_warned_of() {
+    use std::os::unix::fs::PermissionsExt;
+    use support::tracing_capture::Capture;
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let private = tmp.path().join("private");
+    let capture = Capture::default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(capture.clone(), || {
+        runtime.block_on(async {
+            FileStore::open(&shared).await.unwrap();
+            FileStore::open(&private).await.unwrap();
+        })
+    });
+    let warnings: Vec<_> = capture
+        .events()
+        .into_iter()
+        .filter(|e| e.level == tracing::Level::WARN)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(
+        warnings[0].get("dir"),
+        Some(shared.display().to_string().as_str())
+    );
+    assert_eq!(warnings[0].get("mode"), Some("0750"));
+    let mode = std::fs::metadata(&shared).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o750, "left as it is");
+}
+
 /// The records `load_all` skipped, sorted, each checked to be corrupt.
 fn corrupt_records(loaded: &Loaded) -> Vec<String> {
     let mut skipped: Vec<_> = loaded

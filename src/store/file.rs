@@ -205,17 +205,22 @@ impl FileStore {
                     format!("{} is not a directory", dir.display()),
                 )));
             }
-            #[cfg(unix)]
-            warn_if_shared(&dir, &meta);
             // One name for the directory however it was spelled, which
             // the order of a record's writes goes by (see `WRITING`).
             let named = fs::canonicalize(&dir)
                 .or_else(|_| std::path::absolute(&dir))
                 .unwrap_or_else(|_| dir.clone());
-            Ok((dir, named))
+            Ok((dir, named, shared_mode(&meta)))
         })
         .await?;
-        let (dir, named) = dir;
+        let (dir, named, shared) = dir;
+        if let Some(mode) = shared {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format_args!("{mode:04o}"),
+                "other users have access to the session directory, whose file names carry the session keys; make it private (mode 0700)"
+            );
+        }
         Ok(FileStore {
             dir: Arc::new(dir),
             named: Arc::new(named),
@@ -670,20 +675,20 @@ fn create_dir(dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new().recursive(true).create(dir)
 }
 
-/// Warns when users other than its owner have access to `dir` (whose
-/// metadata is `meta`), which the store does not change: the names of the
-/// files in it carry the session keys.
+/// The mode of a directory (whose metadata is `meta`) that users other
+/// than its owner have access to, which the store warns of and does not
+/// change: the names of the files in it carry the session keys.
 #[cfg(unix)]
-fn warn_if_shared(dir: &Path, meta: &fs::Metadata) {
+fn shared_mode(meta: &fs::Metadata) -> Option<u32> {
     use std::os::unix::fs::PermissionsExt;
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        tracing::warn!(
-            dir = %dir.display(),
-            mode = format_args!("{mode:04o}"),
-            "other users have access to the session directory, whose file names carry the session keys; make it private (mode 0700)"
-        );
-    }
+    (mode & 0o077 != 0).then_some(mode)
+}
+
+/// Without modes, nothing to tell.
+#[cfg(not(unix))]
+fn shared_mode(_: &fs::Metadata) -> Option<u32> {
+    None
 }
 
 /// Creates `dir` and its missing parents, then flushes the entry of each
