@@ -58,6 +58,38 @@ pub(crate) fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, until: Option<Insta
     }
 }
 
+/// Lets a repeated warning through once per period at most, and counts
+/// those it holds back meanwhile: an outage that fails every request then
+/// logs a line a period, not one a request, and the line says how many it
+/// stands for.
+#[derive(Debug, Default)]
+pub(crate) struct Throttle(parking_lot::Mutex<Throttled>);
+
+#[derive(Debug, Default)]
+struct Throttled {
+    /// When the next warning may go through (`None`: at once).
+    next: Option<Instant>,
+    held: u64,
+}
+
+/// How often a throttled warning goes through at most.
+pub(crate) const WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl Throttle {
+    /// `Some(held)` when this warning is to be logged, `held` being how
+    /// many were held back since the last one logged; `None` when it is
+    /// held back (log it at a lower level, if at all).
+    pub(crate) fn pass(&self) -> Option<u64> {
+        let mut throttled = self.0.lock();
+        if claim_due(&mut throttled.next, WARN_EVERY, Instant::now()) {
+            Some(std::mem::take(&mut throttled.held))
+        } else {
+            throttled.held += 1;
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +113,19 @@ mod tests {
             now,
             Duration::ZERO + Duration::from_nanos(1)
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_lets_one_warning_through_a_period() {
+        let throttle = Throttle::default();
+        assert_eq!(throttle.pass(), Some(0), "the first at once");
+        assert_eq!(throttle.pass(), None);
+        tokio::time::advance(WARN_EVERY - Duration::from_millis(1)).await;
+        assert_eq!(throttle.pass(), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(throttle.pass(), Some(2), "with the count held back");
+        assert_eq!(throttle.pass(), None);
+        tokio::time::advance(WARN_EVERY).await;
+        assert_eq!(throttle.pass(), Some(1));
     }
 }

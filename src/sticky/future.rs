@@ -101,23 +101,23 @@ impl Finishing {
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready once the work is done (`false`), or once the response may
+    /// wait no longer (`true`: the task goes on without its handle).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         match self {
             Finishing::Spawned { task, limit } => {
                 // A hook that panicked has been reported by its task; the
                 // response goes on, as after a hook's error.
                 if Pin::new(task).poll(cx).is_ready() {
-                    return Poll::Ready(());
+                    return Poll::Ready(false);
                 }
                 let Some(limit) = limit else {
                     return Poll::Pending;
                 };
                 ready!(limit.as_mut().poll(cx));
-                // The task goes on without its handle.
-                tracing::warn!(target: super::shared::TARGET, "a response was handed on before its session's store writes or on_move hook finished");
-                Poll::Ready(())
+                Poll::Ready(true)
             }
-            Finishing::Inline(work) => work.as_mut().poll(cx),
+            Finishing::Inline(work) => work.as_mut().poll(cx).map(|()| false),
         }
     }
 }
@@ -276,7 +276,9 @@ where
                     }
                 }
                 StateProj::Finishing { work, response } => {
-                    ready!(work.poll(cx));
+                    if ready!(work.poll(cx)) {
+                        this.shared.handed_on_early();
+                    }
                     let response = response.take().expect("response taken once");
                     this.state.set(State::Done);
                     return Poll::Ready(Ok(response));

@@ -32,7 +32,7 @@ use crate::key::RequestHead;
 use crate::pool::Pool;
 use crate::store::{Session, SessionGuard, SessionLock, SessionStore, StoreError};
 use crate::task::AbortOnDrop;
-use crate::time::{claim_due, elapsed};
+use crate::time::{claim_due, elapsed, Throttle};
 
 pub(super) const TARGET: &str = "tower_ha::sticky";
 
@@ -230,6 +230,12 @@ pub(crate) struct Shared {
     /// Whether a backend id the cookie cannot carry was warned of: the
     /// warning comes once, the later ones are debug events.
     warned_uncarried: std::sync::atomic::AtomicBool,
+    /// Failed store calls: an outage fails one a request, and warns once a
+    /// period (each one is a debug event).
+    store_warnings: Throttle,
+    /// Responses handed on before their writes finished (see
+    /// `Shared::handed_on_early`), which a slow store makes one a request.
+    early_warnings: Throttle,
     /// Closed when the layer and every service it built are gone, for the
     /// tasks that follow it (see `StickyLayer::follow`).
     #[cfg(feature = "redis")]
@@ -493,6 +499,8 @@ impl Shared {
             writes: Writes::default(),
             counters: Counters::default(),
             warned_uncarried: std::sync::atomic::AtomicBool::new(false),
+            store_warnings: Throttle::default(),
+            early_warnings: Throttle::default(),
             #[cfg(feature = "redis")]
             gone: tokio::sync::watch::Sender::new(()),
         }
@@ -1890,7 +1898,29 @@ impl Shared {
 
     fn store_error(&self, key: &str, op: &'static str, error: &StoreError) {
         bump(&self.counters.store_errors, 1);
-        tracing::warn!(target: TARGET, session = %self.shown(key), op, error = %crate::error::Report(error), "session store call failed");
+        let error = crate::error::Report(error);
+        match self.store_warnings.pass() {
+            Some(held_back) => {
+                tracing::warn!(target: TARGET, session = %self.shown(key), op, %error, held_back, "session store call failed (held_back: failures not logged at warn level since the last warning)")
+            }
+            None => {
+                tracing::debug!(target: TARGET, session = %self.shown(key), op, %error, "session store call failed")
+            }
+        }
+    }
+
+    /// A response handed on after `response_wait`, before its session's
+    /// store writes or `on_move` hook finished.
+    pub(crate) fn handed_on_early(&self) {
+        let limit = self.config.response_wait;
+        match self.early_warnings.pass() {
+            Some(held_back) => {
+                tracing::warn!(target: TARGET, ?limit, held_back, "a response was handed on before its session's store writes or on_move hook finished (held_back: responses not logged at warn level since the last warning)")
+            }
+            None => {
+                tracing::debug!(target: TARGET, ?limit, "a response was handed on before its session's store writes or on_move hook finished")
+            }
+        }
     }
 
     /// Loads every stored session and restores it (see `Sticky::restore`).
