@@ -210,6 +210,8 @@ pub struct BackendState {
     requests: AtomicU64,
     failures: AtomicU64,
     ejections: AtomicU32,
+    /// Ejections the cap on ejected backends refused.
+    ejections_refused: AtomicU64,
     /// Times the backend stopped being available: its status left
     /// enabled-and-healthy, or an ejection began.
     interruptions: AtomicU32,
@@ -247,6 +249,7 @@ impl BackendState {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            ejections_refused: AtomicU64::new(0),
             interruptions: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             weight: AtomicU32::new(weight.max(1)),
@@ -571,6 +574,18 @@ impl BackendState {
     /// How many times this backend has been ejected.
     pub fn ejections(&self) -> u32 {
         self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// How many times the health layer would have ejected this backend
+    /// but the cap on ejected backends (`max_ejection_percent`) kept it in:
+    /// once per failure that reached the threshold while the cap was full.
+    pub fn ejections_refused(&self) -> u64 {
+        self.ejections_refused.load(Ordering::Relaxed)
+    }
+
+    /// Counts an ejection the cap refused.
+    pub(crate) fn count_refused_ejection(&self) {
+        self.ejections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Ejects the backend until `until` and counts the ejection.

@@ -157,6 +157,10 @@ async fn stats_are_published_through_the_metrics_facade() {
     );
     assert_eq!(get("tower_ha_backend_in_flight{backend=p,group=db}"), 0.0);
     assert_eq!(
+        get("tower_ha_backend_ejections_refused_total{backend=p,group=db}"),
+        0.0
+    );
+    assert_eq!(
         get("tower_ha_backend_max_in_flight{backend=b,group=db}"),
         64.0
     );

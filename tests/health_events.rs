@@ -172,3 +172,59 @@ async fn removing_a_backend_unhealthy_too_long_spares_one_added_under_its_id_sin
     let b = pool.state(&"b".into()).expect("the new \"b\" was removed");
     assert!(Arc::ptr_eq(&b, &fresh));
 }
+
+/// A backend the full cap keeps in is warned of when it reaches its
+/// threshold, once, and each refusal after is counted; a refusal stands
+/// until the first ejection in force ends, and then the backend goes.
+#[tokio::test(start_paused = true)]
+async fn a_backend_the_cap_keeps_in_is_warned_of_once_and_counted() {
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let backend = Backend::new();
+    backend.set(StatusCode::BAD_GATEWAY);
+    // Three backends: 10 % allows one ejection.
+    let health = HealthLayer::new()
+        .consecutive_failures(2)
+        .base_ejection_time(ms(1500))
+        .max_ejection_percent(10);
+    let services: Vec<_> = (0..3).map(|_| health.layer(backend.clone())).collect();
+    let states: Vec<_> = (0..3).map(|_| Arc::new(BackendState::new(1))).collect();
+    for _ in 0..2 {
+        send(&services[0], "a", &states[0]).await;
+    }
+    assert!(states[0].is_ejected());
+    for _ in 0..5 {
+        send(&services[1], "b", &states[1]).await;
+    }
+    assert!(!states[1].is_ejected());
+    assert_eq!(
+        states[1].ejections_refused(),
+        4,
+        "each failure from the second"
+    );
+    let refused: Vec<_> = capture
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e.get("message")
+                .is_some_and(|m| m.starts_with("ejection refused"))
+        })
+        .collect();
+    let warned: Vec<_> = refused
+        .iter()
+        .filter(|e| e.level == tracing::Level::WARN)
+        .collect();
+    assert_eq!(warned.len(), 1, "{refused:?}");
+    assert_eq!(warned[0].get("backend"), Some("b"));
+    assert_eq!(warned[0].get("allowed"), Some("1"));
+    assert_eq!(refused.len(), 4);
+    // At 1.2 s the refusal is counted again, and stands until a's
+    // ejection ends at 1.5 s, sooner than the second it may stand at most.
+    tokio::time::advance(ms(1200)).await;
+    send(&services[1], "b", &states[1]).await;
+    assert!(!states[1].is_ejected());
+    tokio::time::advance(ms(300)).await;
+    send(&services[1], "b", &states[1]).await;
+    assert!(states[1].is_ejected(), "ejected as a's ejection ends");
+    assert_eq!(states[1].ejections_refused(), 5);
+}

@@ -23,7 +23,8 @@ impl Handle {
     ///
     /// Per backend, labelled `group` and `backend`:
     /// `tower_ha_backend_requests_total`, `tower_ha_backend_failures_total`,
-    /// `tower_ha_backend_ejections_total` (counters),
+    /// `tower_ha_backend_ejections_total`,
+    /// `tower_ha_backend_ejections_refused_total` (counters),
     /// `tower_ha_backend_in_flight`, `tower_ha_backend_max_in_flight` (0
     /// for a backend without a limit), `tower_ha_backend_healthy` (1 or 0)
     /// and `tower_ha_backend_available` (1 or 0) (gauges). A backend
@@ -137,7 +138,12 @@ impl Handle {
         };
         failovers.retain(|_, last| forget(last.gone, last.failovers.source.flatten()));
         backends.retain(|_, last| {
-            let counters = [&last.requests, &last.failures, &last.ejections];
+            let counters = [
+                &last.requests,
+                &last.failures,
+                &last.ejections,
+                &last.ejections_refused,
+            ];
             forget(last.gone, newest(counters))
         });
         layers.retain(|_, last| forget(last.gone, newest(&last.counts)));
@@ -353,6 +359,7 @@ pub(super) struct Last {
     requests: Counted<Serial>,
     failures: Counted<Serial>,
     ejections: Counted<Serial>,
+    ejections_refused: Counted<Serial>,
     primary: bool,
 }
 
@@ -442,6 +449,11 @@ fn publish(
                 "tower_ha_backend_ejections_total",
                 &mut last.ejections,
                 u64::from(b.ejections),
+            ),
+            (
+                "tower_ha_backend_ejections_refused_total",
+                &mut last.ejections_refused,
+                b.ejections_refused,
             ),
         ] {
             count(name, &labels, counted, b.state, now, new);

@@ -41,8 +41,15 @@ pub struct BackendStats {
     pub max_in_flight: Option<usize>,
     /// How many times it was ejected.
     pub ejections: u32,
+    /// How many times the cap on ejected backends kept it in when it
+    /// would have been ejected ([`BackendState::ejections_refused`]).
+    pub ejections_refused: u64,
     /// Whether it is ejected now.
     pub ejected: bool,
+    /// How much longer its ejection lasts, if it is ejected now
+    /// (milliseconds in JSON, `ejected_for_ms`).
+    #[serde(rename = "ejected_for_ms", serialize_with = "opt_millis")]
+    pub ejected_for: Option<Duration>,
     /// Its health.
     pub health: HealthStatus,
     /// Its admin status.
@@ -73,7 +80,11 @@ impl BackendStats {
             in_flight: state.in_flight(),
             max_in_flight: state.max_in_flight(),
             ejections: state.ejections(),
+            ejections_refused: state.ejections_refused(),
             ejected: state.is_ejected(),
+            ejected_for: state
+                .ejected_until()
+                .map(|until| until.saturating_duration_since(tokio::time::Instant::now())),
             health: state.health(),
             admin: state.admin(),
             weight: state.weight(),

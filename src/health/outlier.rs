@@ -156,7 +156,29 @@ pub(crate) struct Ejections {
     /// wrapped (their service dropped, even while a pool keeps their state
     /// for a while), whenever a new ejection is considered.
     ejected: Mutex<Vec<(Weak<BackendState>, Weak<()>)>>,
+    /// The last refusal by the cap, and until when it stands: a backend
+    /// the cap keeps in goes on failing, and each failure past its
+    /// threshold asks again; it is answered from here, without the count
+    /// over every ejected backend.
+    refusing: Mutex<Option<Refusal>>,
 }
+
+/// A refusal by the cap (see `Ejections::refusing`).
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    /// The first ejection in force ends then, or a second after the
+    /// refusal, whichever comes first: a place freed otherwise (an
+    /// ejection lifted, a backend added) is seen within a second.
+    until: Instant,
+    ejected: usize,
+    allowed: usize,
+}
+
+/// How long a refusal by the cap stands at most.
+const RECOUNT_CAP_AFTER: Duration = Duration::from_secs(1);
+
+/// The reason of an ejection by success rate.
+const SUCCESS_RATE: &str = "success rate";
 
 /// Why an ejection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +202,17 @@ impl Ejections {
         max_percent: u32,
         until: Instant,
     ) -> Result<(), Refused> {
+        if state.is_ejected() {
+            return Err(Refused::AlreadyEjected);
+        }
+        let now = Instant::now();
+        let refusing = *self.refusing.lock();
+        if let Some(refusal) = refusing.filter(|r| now < r.until) {
+            return Err(Refused::Cap {
+                ejected: refusal.ejected,
+                allowed: refusal.allowed,
+            });
+        }
         let mut ejected = self.ejected.lock();
         ejected
             .retain(|(s, w)| w.strong_count() > 0 && s.upgrade().is_some_and(|s| s.is_ejected()));
@@ -200,6 +233,16 @@ impl Ejections {
                 .filter(|pair| pair[0].0.ptr_eq(&pair[1].0))
                 .count();
         if count >= allowed {
+            let first_end = ejected
+                .iter()
+                .filter_map(|(s, _)| s.upgrade()?.ejected_until())
+                .min();
+            let recount = crate::time::later(now, RECOUNT_CAP_AFTER);
+            *self.refusing.lock() = Some(Refusal {
+                until: first_end.map_or(recount, |end| end.min(recount)),
+                ejected: count,
+                allowed,
+            });
             return Err(Refused::Cap {
                 ejected: count,
                 allowed,
@@ -401,7 +444,7 @@ impl<C> Watch<C> {
             && successes * 1000 < u64::from(rate.min_permille) * u64::from(requests)
             && !target.state().is_ejected()
         {
-            self.eject(target, "success rate", failures);
+            self.eject(target, SUCCESS_RATE, failures);
         }
     }
 
@@ -476,13 +519,29 @@ impl<C> Watch<C> {
                 });
             }
             Err(Refused::Cap { ejected, allowed }) => {
-                tracing::debug!(
-                    backend = %target.id(),
-                    failures,
-                    ejected,
-                    allowed,
-                    "ejection refused: too many backends ejected"
-                );
+                drop(backoff);
+                state.count_refused_ejection();
+                // A warning when a backend reaches its threshold; the
+                // failures after it, refused too while the cap is full,
+                // are debug events (and counted).
+                if reason == SUCCESS_RATE || failures == self.config.consecutive_failures {
+                    tracing::warn!(
+                        backend = %target.id(),
+                        reason,
+                        failures,
+                        ejected,
+                        allowed,
+                        "ejection refused: too many backends ejected (max_ejection_percent); the backend stays in"
+                    );
+                } else {
+                    tracing::debug!(
+                        backend = %target.id(),
+                        failures,
+                        ejected,
+                        allowed,
+                        "ejection refused: too many backends ejected"
+                    );
+                }
             }
             Err(Refused::AlreadyEjected) => {}
         }
@@ -614,21 +673,24 @@ mod tests {
     async fn the_cap_always_allows_one_and_counts_live_backends() {
         let ejections = Arc::new(Ejections::default());
         let (watches, states) = three(&ejections);
-        let until = Instant::now() + Duration::from_secs(1);
+        let until = Instant::now() + Duration::from_secs(60);
         let eject = |i: usize, state: &Arc<BackendState>| {
             ejections.try_eject(state, &watches[i].alive, 10, until)
         };
         assert_eq!(eject(0, &states[0]), Ok(()));
         assert_eq!(eject(0, &states[0]), Err(Refused::AlreadyEjected));
-        assert_eq!(
-            eject(1, &states[1]),
-            Err(Refused::Cap {
-                ejected: 1,
-                allowed: 1
-            })
-        );
-        // A lifted ejection frees its place.
+        let cap = Err(Refused::Cap {
+            ejected: 1,
+            allowed: 1,
+        });
+        assert_eq!(eject(1, &states[1]), cap);
+        // A lifted ejection frees its place, seen once the refusal has
+        // stood for its second.
         states[0].uneject();
+        assert_eq!(eject(1, &states[1]), cap);
+        tokio::time::advance(RECOUNT_CAP_AFTER - Duration::from_millis(1)).await;
+        assert_eq!(eject(1, &states[1]), cap);
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(eject(1, &states[1]), Ok(()));
         // So does a backend that is gone, still ejected.
         let mut states = states;
