@@ -18,14 +18,18 @@ pub(crate) const DEFAULT_PANIC_PERMILLE: u32 = 500;
 ///
 /// The count is O(N), but it runs only when a pick meets an unavailable
 /// backend (a pool where every backend is available never counts) and then
-/// at most once per millisecond per balancer, so a request never pays O(N)
-/// in steady state.
+/// at most once per millisecond per balancer, by one request: those that
+/// come while it counts take the last answer. A request therefore never
+/// pays O(N) in steady state, and at most one at a time does.
 #[derive(Debug)]
 pub(crate) struct PanicMode {
     /// Panic when `available * 1000 < threshold * enabled`; 0 disables.
     threshold_permille: AtomicU32,
     /// `(valid_until << 1) | panicking`, `valid_until` in nanoseconds since
-    /// `epoch`; 0 when no count is cached.
+    /// `epoch`: the last answer, and until when it holds. Past then (or
+    /// when made stale), the next request to ask counts, and moves
+    /// `valid_until` on first so that those asking meanwhile take the
+    /// last answer.
     cache: AtomicU64,
     epoch: Instant,
 }
@@ -52,9 +56,10 @@ impl PanicMode {
         self.threshold_permille.load(Ordering::Relaxed)
     }
 
-    /// Forgets the cached count (the membership changed).
+    /// Makes the last answer stale (the membership changed): the next
+    /// request to ask counts again.
     pub(crate) fn invalidate(&self) {
-        self.cache.store(0, Ordering::Release);
+        self.cache.fetch_and(1, Ordering::AcqRel);
     }
 
     /// Whether fewer than the threshold share of the enabled members are
@@ -65,10 +70,41 @@ impl PanicMode {
             return false;
         }
         let now = self.nanos(Instant::now());
-        let cached = self.cache.load(Ordering::Acquire);
-        if cached != 0 && now < cached >> 1 {
-            return cached & 1 == 1;
+        match self.claim(now) {
+            Ok(()) => self.count(members, threshold, now),
+            Err(answer) => answer,
         }
+    }
+
+    /// Claims the count when the last answer is stale (`Ok`); otherwise
+    /// the answer to take (`Err`): the last one while it holds, or while
+    /// another request counts.
+    fn claim(&self, now: u64) -> Result<(), bool> {
+        let cached = self.cache.load(Ordering::Acquire);
+        if now < cached >> 1 {
+            return Err(cached & 1 == 1);
+        }
+        let claimed = (self.valid_until(now) << 1) | (cached & 1);
+        match self
+            .cache
+            .compare_exchange(cached, claimed, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => Ok(()),
+            Err(seen) => Err(seen & 1 == 1),
+        }
+    }
+
+    /// [`engaged`](Self::engaged), counted now whatever is cached.
+    pub(crate) fn recount(&self, members: &Members) -> bool {
+        let threshold = u64::from(self.threshold_permille());
+        if threshold == 0 {
+            return false;
+        }
+        self.count(members, threshold, self.nanos(Instant::now()))
+    }
+
+    /// Counts the available members, and keeps the answer.
+    fn count(&self, members: &Members, threshold: u64, now: u64) -> bool {
         let (mut enabled, mut available) = (0u64, 0u64);
         for m in members.iter() {
             let state = m.state();
@@ -80,18 +116,17 @@ impl PanicMode {
             }
         }
         let panic = available * 1000 < threshold * enabled;
-        let until = now
-            .saturating_add(REFRESH.as_nanos() as u64)
-            .min(u64::MAX >> 1);
-        self.cache
-            .store((until << 1) | u64::from(panic), Ordering::Release);
+        self.cache.store(
+            (self.valid_until(now) << 1) | u64::from(panic),
+            Ordering::Release,
+        );
         panic
     }
 
-    /// [`engaged`](Self::engaged), counted now whatever is cached.
-    pub(crate) fn recount(&self, members: &Members) -> bool {
-        self.invalidate();
-        self.engaged(members)
+    /// When an answer counted at `now` stops holding.
+    fn valid_until(&self, now: u64) -> u64 {
+        now.saturating_add(REFRESH.as_nanos() as u64)
+            .min(u64::MAX >> 1)
     }
 
     fn nanos(&self, at: Instant) -> u64 {
@@ -109,5 +144,46 @@ pub(crate) fn share_to_permille(share: f64) -> u32 {
         1000
     } else {
         ((share * 1000.0).round() as u32).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HealthStatus, Pool};
+
+    /// A stale answer is counted again by one request; those that ask
+    /// while it counts take the last answer.
+    #[tokio::test(start_paused = true)]
+    async fn one_request_counts_while_the_others_take_the_last_answer() {
+        let pool = Pool::new();
+        for id in ["a", "b", "c"] {
+            pool.insert(id, ());
+        }
+        let snapshot = pool.snapshot();
+        let members = snapshot.members();
+        let panic = PanicMode::new(DEFAULT_PANIC_PERMILLE);
+        assert!(!panic.engaged(members));
+        for id in ["a", "b"] {
+            pool.state(&id.into())
+                .unwrap()
+                .set_health(HealthStatus::Unhealthy);
+        }
+        assert!(!panic.engaged(members), "the answer holds for {REFRESH:?}");
+        tokio::time::advance(REFRESH).await;
+        // One request claims the count: until it is done, the others take
+        // the last answer.
+        let now = panic.nanos(Instant::now());
+        assert_eq!(panic.claim(now), Ok(()));
+        assert!(!panic.engaged(members), "the last answer, while counting");
+        assert!(panic.count(members, u64::from(DEFAULT_PANIC_PERMILLE), now));
+        assert!(panic.engaged(members));
+        // Made stale, the answer is counted again by the next request.
+        pool.state(&"a".into())
+            .unwrap()
+            .set_health(HealthStatus::Healthy);
+        panic.invalidate();
+        assert!(!panic.engaged(members));
+        assert!(!panic.recount(members));
     }
 }
