@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::wait::spin_until;
 use support::webhook_server::{Auth, Mode, Server};
 use tower::util::BoxCloneSyncService;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
@@ -511,6 +512,31 @@ async fn a_hanging_server_times_out_without_retries() {
     assert!(err.is_timeout(), "{err:?}");
     assert!(err.is_transient());
     assert_eq!(server.requests(), 1, "a timed-out call is not repeated");
+}
+
+/// A service that stops answering holds as many connections as the store
+/// makes calls at once, not one more per call.
+#[tokio::test]
+async fn the_calls_under_way_at_once_are_bounded() {
+    let server = Server::start(Auth::None).await;
+    server.set_mode(Mode::Hang);
+    let store = WebhookStore::builder(server.url())
+        .timeout(Duration::from_secs(30))
+        .max_concurrent_calls(2)
+        .build()
+        .unwrap();
+    let calls: Vec<_> = (0..5)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.load(&format!("k{i}")).await })
+        })
+        .collect();
+    spin_until("two calls reach the service", || server.requests() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.requests(), 2, "the others wait for their turn");
+    for call in calls {
+        call.abort();
+    }
 }
 
 #[tokio::test]

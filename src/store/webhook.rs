@@ -22,6 +22,8 @@ use super::{ConfigError, Loaded, Session, SessionStore, StoreError, StoreFuture,
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_RETRIES: u32 = 3;
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(100);
+/// How many calls a store and its clones make at once by default.
+const DEFAULT_CONCURRENCY: usize = 64;
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// The largest answer `load_all` reads by default: every session at once.
@@ -145,6 +147,8 @@ struct Inner {
     max_listing: usize,
     /// The age at which the service prunes a record left alone.
     ttl: Option<Duration>,
+    /// One per attempt under way (see `max_concurrent_calls`).
+    permits: tokio::sync::Semaphore,
     client: Client<HttpConnector, Full<Bytes>>,
     /// The last Digest challenge, reused (with a growing `nc`) until the
     /// service sends another.
@@ -168,6 +172,7 @@ pub struct WebhookStoreBuilder {
     backoff: Duration,
     max_listing: usize,
     ttl: Option<Duration>,
+    concurrency: usize,
 }
 
 impl WebhookStore {
@@ -199,6 +204,7 @@ impl WebhookStore {
             retries: DEFAULT_RETRIES,
             backoff: DEFAULT_BACKOFF,
             max_listing: DEFAULT_MAX_LISTING,
+            concurrency: DEFAULT_CONCURRENCY,
             ttl: None,
         }
     }
@@ -271,6 +277,18 @@ impl WebhookStoreBuilder {
     /// holds one session at most and is read up to 64 MiB.
     pub fn max_listing(mut self, bytes: usize) -> Self {
         self.max_listing = bytes;
+        self
+    }
+
+    /// How many attempts the store and its clones have under way at once
+    /// (default 64; 0 counts as 1). Over HTTP/1.1 each one holds a
+    /// connection: a service that stops answering while sessions keep
+    /// coming would otherwise be sent one more connection per call, until
+    /// the process ran out of file descriptors. An attempt waits for its
+    /// turn within its [`timeout`](Self::timeout), and fails as
+    /// [`is_timeout`](StoreError::is_timeout) if it gets none.
+    pub fn max_concurrent_calls(mut self, calls: usize) -> Self {
+        self.concurrency = calls;
         self
     }
 
@@ -357,6 +375,7 @@ impl WebhookStoreBuilder {
                 retries: self.retries,
                 backoff: self.backoff,
                 max_listing: self.max_listing,
+                permits: tokio::sync::Semaphore::new(self.concurrency.max(1)),
                 ttl: self.ttl,
                 client,
                 challenge: Mutex::new(None),
@@ -537,10 +556,12 @@ impl Inner {
         let shown = format!("{path}{}", hidden_query(&self.query));
         let mut attempt = 0u32;
         loop {
-            let outcome = tokio::time::timeout(
-                self.timeout,
-                self.exchange(&method, &path_and_query, body.clone(), limit),
-            )
+            let outcome = tokio::time::timeout(self.timeout, async {
+                // The semaphore is never closed.
+                let _turn = self.permits.acquire().await;
+                self.exchange(&method, &path_and_query, body.clone(), limit)
+                    .await
+            })
             .await;
             let (failure, asked) = match outcome {
                 Err(elapsed) => {
