@@ -2116,6 +2116,23 @@ mod tests {
         }
     }
 
+    /// The upstreams of backends gone are let go, a few at a time: a
+    /// client that sees backends come and go under new addresses holds
+    /// no more of them than twice those it serves.
+    #[test]
+    fn the_upstreams_of_backends_gone_are_let_go() {
+        let client = HttpClient::<http_body_util::Empty<bytes::Bytes>>::new();
+        let kept: Vec<_> = (0..100)
+            .map(|i| HttpBackend::new(&client, format!("http://10.0.0.1:{}", 1000 + i)).unwrap())
+            .collect();
+        for i in 0..1_000 {
+            drop(HttpBackend::new(&client, format!("http://10.0.1.1:{}", 1000 + i)).unwrap());
+        }
+        let targets = client.upstreams.targets();
+        assert!((100..=400).contains(&targets), "{targets}");
+        drop(kept);
+    }
+
     #[test]
     fn a_client_with_a_connector_of_its_own() {
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();

@@ -286,7 +286,7 @@ pub(super) fn within(open: Open, limit: Duration) -> Open {
 pub(super) struct Upstreams<B> {
     open: Open,
     settings: Settings,
-    by_target: Mutex<HashMap<Uri, Weak<Upstream<B>>>>,
+    by_target: Mutex<Targets<B>>,
 }
 
 impl<B> Upstreams<B> {
@@ -295,13 +295,23 @@ impl<B> Upstreams<B> {
         Upstreams {
             open,
             settings,
-            by_target: Mutex::new(HashMap::new()),
+            by_target: Mutex::new(Targets {
+                map: HashMap::new(),
+                prune_at: PRUNE_AT_LEAST,
+            }),
         }
     }
 
     #[cfg(test)]
     pub(super) fn idle_timeout(&self) -> Duration {
         self.settings.idle_timeout
+    }
+
+    /// How many upstreams the map holds, those gone and not pruned yet
+    /// included.
+    #[cfg(test)]
+    pub(super) fn targets(&self) -> usize {
+        self.by_target.lock().map.len()
     }
 
     /// The upstream for `scheme://authority`, shared by every backend
@@ -314,11 +324,17 @@ impl<B> Upstreams<B> {
             .path_and_query("/")
             .build()
             .expect("a URI from a valid scheme and authority");
-        let mut map = self.by_target.lock();
-        if let Some(upstream) = map.get(&target).and_then(Weak::upgrade) {
+        let mut targets = self.by_target.lock();
+        if let Some(upstream) = targets.map.get(&target).and_then(Weak::upgrade) {
             return upstream;
         }
-        map.retain(|_, u| u.strong_count() > 0);
+        // Those no backend names any more are let go once the map has
+        // doubled since: building a fleet of N backends is then O(N), not
+        // O(N²).
+        if targets.map.len() >= targets.prune_at {
+            targets.map.retain(|_, u| u.strong_count() > 0);
+            targets.prune_at = (2 * targets.map.len()).max(PRUNE_AT_LEAST);
+        }
         let upstream = Arc::new(Upstream {
             open: self.open.clone(),
             target: target.clone(),
@@ -337,10 +353,19 @@ impl<B> Upstreams<B> {
                 .http2
                 .then(|| Http2::new(self.settings.http2_keep_alive, self.settings.idle_timeout)),
         });
-        map.insert(target, Arc::downgrade(&upstream));
+        targets.map.insert(target, Arc::downgrade(&upstream));
         upstream
     }
 }
+
+/// The upstreams by target, and the size at which those gone are pruned.
+struct Targets<B> {
+    map: HashMap<Uri, Weak<Upstream<B>>>,
+    prune_at: usize,
+}
+
+/// The smallest size at which `Targets` are pruned.
+const PRUNE_AT_LEAST: usize = 64;
 
 /// One backend address: its idle connections and how to open more.
 pub(super) struct Upstream<B> {
