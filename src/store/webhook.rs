@@ -281,7 +281,8 @@ impl WebhookStoreBuilder {
     }
 
     /// How many attempts the store and its clones have under way at once
-    /// (default 64; 0 counts as 1). Over HTTP/1.1 each one holds a
+    /// (default 64; 0 counts as 1, and more than tokio's semaphores hold
+    /// as their maximum). Over HTTP/1.1 each one holds a
     /// connection: a service that stops answering while sessions keep
     /// coming would otherwise be sent one more connection per call, until
     /// the process ran out of file descriptors. An attempt waits for its
@@ -375,7 +376,10 @@ impl WebhookStoreBuilder {
                 retries: self.retries,
                 backoff: self.backoff,
                 max_listing: self.max_listing,
-                permits: tokio::sync::Semaphore::new(self.concurrency.max(1)),
+                permits: tokio::sync::Semaphore::new(
+                    self.concurrency
+                        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+                ),
                 ttl: self.ttl,
                 client,
                 challenge: Mutex::new(None),
@@ -556,12 +560,20 @@ impl Inner {
         let shown = format!("{path}{}", hidden_query(&self.query));
         let mut attempt = 0u32;
         loop {
-            let outcome = tokio::time::timeout(self.timeout, async {
-                // The semaphore is never closed.
-                let _turn = self.permits.acquire().await;
-                self.exchange(&method, &path_and_query, body.clone(), limit)
-                    .await
-            })
+            let deadline = crate::time::later(tokio::time::Instant::now(), self.timeout);
+            // The semaphore is never closed.
+            let Ok(_turn) = tokio::time::timeout_at(deadline, self.permits.acquire()).await else {
+                return Err(StoreError::timeout("no turn to call the webhook").with_message(
+                    format!(
+                        "{method} {shown}: not sent; the store's other calls (max_concurrent_calls) took the {:?} it may wait",
+                        self.timeout
+                    ),
+                ));
+            };
+            let outcome = tokio::time::timeout_at(
+                deadline,
+                self.exchange(&method, &path_and_query, body.clone(), limit),
+            )
             .await;
             let (failure, asked) = match outcome {
                 Err(elapsed) => {
