@@ -1507,19 +1507,22 @@ struct Redirects {
     prefix: String,
 }
 
-/// `authority` (a host and an optional port) written one way, so that two
-/// spellings of one address compare equal: the host in lower case, an
-/// IPv6 address in its shortest form (`[2001:DB8:0::1]` is
-/// `[2001:db8::1]`), and the port as a number, left out when it is the
-/// one `scheme` implies (`:80` for `http`, `:443` for `https`; `:080` is
-/// `:80`). `None` when it is not a host and port.
+/// `authority` (a host and an optional port) written one way, so that
+/// spellings of one address that differ in case, IPv6 form or port compare
+/// equal: the host in lower case, an IPv6 address in its shortest form
+/// (`[2001:DB8:0::1]` is `[2001:db8::1]`), and the port as a number, left
+/// out when it is the one `scheme` implies (`:80` for `http`, `:443` for
+/// `https`; `:080` is `:80`). Other forms of an IPv4 address (`10.0.0.05`)
+/// and a trailing dot are not. `None` when it is not a host and port.
 fn canonical_host(authority: &[u8], scheme: &str) -> Option<Vec<u8>> {
     let authority = std::str::from_utf8(authority).ok()?;
     let (host, port) = match authority.strip_prefix('[') {
         Some(rest) => {
             let (ip, port) = rest.split_once(']')?;
+            // A zone (`%25eth0`) follows the address as it is written.
+            let (ip, zone) = ip.split_at(ip.find('%').unwrap_or(ip.len()));
             let ip: std::net::Ipv6Addr = ip.parse().ok()?;
-            (format!("[{ip}]"), port)
+            (format!("[{ip}{}]", zone.to_ascii_lowercase()), port)
         }
         None => {
             let end = authority.find(':').unwrap_or(authority.len());
@@ -1534,15 +1537,9 @@ fn canonical_host(authority: &[u8], scheme: &str) -> Option<Vec<u8>> {
         None if port.is_empty() => None,
         None => return None,
         Some("") => None,
+        // Digits only: `u16` parsing would take a sign.
         Some(digits) if digits.bytes().all(|b| b.is_ascii_digit()) => {
-            // Leading zeros first: `u16` parsing takes them, but a long run
-            // of them is still port 80.
-            let digits = digits.trim_start_matches('0');
-            Some(if digits.is_empty() {
-                0
-            } else {
-                digits.parse::<u16>().ok()?
-            })
+            Some(digits.parse::<u16>().ok()?)
         }
         Some(_) => return None,
     };
@@ -2066,6 +2063,10 @@ mod tests {
                 "http://[2001:DB8:0:0::1]:8080/app",
                 "http://[2001:db8::1]:8080/app/login",
             ),
+            (
+                "http://[fe80::1%25eth0]:8080/app",
+                "http://[FE80:0::1%25eth0]:8080/app/login",
+            ),
         ] {
             assert_eq!(
                 rewritten(base, location).as_deref(),
@@ -2098,6 +2099,7 @@ mod tests {
             ("[2001:DB8:0::1]:8080", "http", "[2001:db8::1]:8080"),
             ("[0:0::1]", "http", "[::1]"),
             ("10.0.0.5:443", "HTTPS", "10.0.0.5"),
+            ("[FE80::1%25Eth0]:8080", "http", "[fe80::1%25eth0]:8080"),
         ] {
             assert_eq!(canonical(host, scheme).as_deref(), Some(want), "{host}");
         }
@@ -2118,7 +2120,7 @@ mod tests {
 
     /// The upstreams of backends gone are let go, a few at a time: a
     /// client that sees backends come and go under new addresses holds
-    /// no more of them than twice those it serves.
+    /// about twice as many as it serves (at least 64), not all it ever saw.
     #[test]
     fn the_upstreams_of_backends_gone_are_let_go() {
         let client = HttpClient::<http_body_util::Empty<bytes::Bytes>>::new();
