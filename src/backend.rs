@@ -578,7 +578,8 @@ impl BackendState {
 
     /// How many times the health layer would have ejected this backend
     /// but the cap on ejected backends (`max_ejection_percent`) kept it in:
-    /// once per failure that reached the threshold while the cap was full.
+    /// each failure at or past its threshold of failures in a row, and
+    /// each window judged below its success rate, while the cap was full.
     pub fn ejections_refused(&self) -> u64 {
         self.ejections_refused.load(Ordering::Relaxed)
     }

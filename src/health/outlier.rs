@@ -13,6 +13,7 @@ use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event, Events};
 use crate::error::{find, InvalidRequest};
 use crate::extensions::Target;
+use crate::time::Throttle;
 
 /// The passive detection settings, copied into every wrapped backend.
 #[derive(Debug, Clone, Copy)]
@@ -161,6 +162,9 @@ pub(crate) struct Ejections {
     /// threshold asks again; it is answered from here, without the count
     /// over every ejected backend.
     refusing: Mutex<Option<Refusal>>,
+    /// The warnings of refusals: one a period for the layer, with the
+    /// count held back (each one is counted in its backend's state).
+    refusal_warnings: Throttle,
 }
 
 /// A refusal by the cap (see `Ejections::refusing`).
@@ -170,15 +174,14 @@ struct Refusal {
     /// refusal, whichever comes first: a place freed otherwise (an
     /// ejection lifted, a backend added) is seen within a second.
     until: Instant,
+    /// The cap it was counted for: clones of a layer may set their own.
+    max_percent: u32,
     ejected: usize,
     allowed: usize,
 }
 
 /// How long a refusal by the cap stands at most.
 const RECOUNT_CAP_AFTER: Duration = Duration::from_secs(1);
-
-/// The reason of an ejection by success rate.
-const SUCCESS_RATE: &str = "success rate";
 
 /// Why an ejection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +210,7 @@ impl Ejections {
         }
         let now = Instant::now();
         let refusing = *self.refusing.lock();
-        if let Some(refusal) = refusing.filter(|r| now < r.until) {
+        if let Some(refusal) = refusing.filter(|r| now < r.until && r.max_percent == max_percent) {
             return Err(Refused::Cap {
                 ejected: refusal.ejected,
                 allowed: refusal.allowed,
@@ -240,6 +243,7 @@ impl Ejections {
             let recount = crate::time::later(now, RECOUNT_CAP_AFTER);
             *self.refusing.lock() = Some(Refusal {
                 until: first_end.map_or(recount, |end| end.min(recount)),
+                max_percent,
                 ejected: count,
                 allowed,
             });
@@ -444,7 +448,7 @@ impl<C> Watch<C> {
             && successes * 1000 < u64::from(rate.min_permille) * u64::from(requests)
             && !target.state().is_ejected()
         {
-            self.eject(target, SUCCESS_RATE, failures);
+            self.eject(target, "success rate", failures);
         }
     }
 
@@ -521,26 +525,24 @@ impl<C> Watch<C> {
             Err(Refused::Cap { ejected, allowed }) => {
                 drop(backoff);
                 state.count_refused_ejection();
-                // A warning when a backend reaches its threshold; the
-                // failures after it, refused too while the cap is full,
-                // are debug events (and counted).
-                if reason == SUCCESS_RATE || failures == self.config.consecutive_failures {
-                    tracing::warn!(
+                match self.ejections.refusal_warnings.pass() {
+                    Some(held_back) => tracing::warn!(
                         backend = %target.id(),
                         reason,
                         failures,
                         ejected,
                         allowed,
-                        "ejection refused: too many backends ejected (max_ejection_percent); the backend stays in"
-                    );
-                } else {
-                    tracing::debug!(
+                        held_back,
+                        "ejection refused: too many backends ejected (max_ejection_percent); the backend stays in (held_back: refusals not logged at warn level since the last warning)"
+                    ),
+                    None => tracing::debug!(
                         backend = %target.id(),
+                        reason,
                         failures,
                         ejected,
                         allowed,
                         "ejection refused: too many backends ejected"
-                    );
+                    ),
                 }
             }
             Err(Refused::AlreadyEjected) => {}
