@@ -72,6 +72,9 @@ pub struct BackendStats {
 
 impl BackendStats {
     pub(super) fn of(id: BackendId, state: &BackendState, events: &Events) -> Self {
+        let ejected_for = state
+            .ejected_until()
+            .map(|until| until.saturating_duration_since(tokio::time::Instant::now()));
         BackendStats {
             last_change: events.last_change(&id),
             id,
@@ -81,10 +84,8 @@ impl BackendStats {
             max_in_flight: state.max_in_flight(),
             ejections: state.ejections(),
             ejections_refused: state.ejections_refused(),
-            ejected: state.is_ejected(),
-            ejected_for: state
-                .ejected_until()
-                .map(|until| until.saturating_duration_since(tokio::time::Instant::now())),
+            ejected: ejected_for.is_some(),
+            ejected_for,
             health: state.health(),
             admin: state.admin(),
             weight: state.weight(),
