@@ -2596,45 +2596,6 @@ async fn store_errors_never_fail_requests() {
     assert!(layer.restore().await.unwrap_err().is_unavailable());
 }
 
-/// A store that is down fails a call a request: the layer warns of the
-/// first, then of one every ten seconds with the count it held back, and
-/// tells each one at debug level.
-#[test]
-fn a_store_outage_warns_once_a_period() {
-    use support::tracing_capture::Capture;
-    let capture = Capture::default();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    let c = cluster();
-    let (layer, svc) = instance(&c, SessionKey::header("x-session-id"), Down);
-    tracing::subscriber::with_default(capture.clone(), || {
-        runtime.block_on(async {
-            for i in 0..5 {
-                send(&svc, session(format!("s{i}"))).await.unwrap();
-            }
-            tokio::time::advance(Duration::from_secs(10)).await;
-            send(&svc, session("s5")).await.unwrap();
-        })
-    });
-    let failed: Vec<_> = capture
-        .events()
-        .into_iter()
-        .filter(|e| {
-            e.get("message")
-                .is_some_and(|m| m.starts_with("session store call failed"))
-        })
-        .collect();
-    let at = |level| -> Vec<_> { failed.iter().filter(|e| e.level == level).collect() };
-    let warned = at(tracing::Level::WARN);
-    let held: Vec<_> = warned.iter().map(|e| e.get("held_back")).collect();
-    assert_eq!(held, [Some("0"), Some("4")], "{warned:?}");
-    assert_eq!(at(tracing::Level::DEBUG).len(), 4);
-    assert_eq!(layer.stats().store_errors, 6, "each one counted");
-}
-
 #[test]
 fn no_input_panics() {
     use proptest::prelude::*;
