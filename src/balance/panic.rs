@@ -20,7 +20,8 @@ pub(crate) const DEFAULT_PANIC_PERMILLE: u32 = 500;
 /// backend (a pool where every backend is available never counts) and then
 /// at most once per millisecond per balancer, by one request: those that
 /// come while it counts take the last answer. A request therefore never
-/// pays O(N) in steady state, and at most one at a time does.
+/// pays O(N) in steady state, and few pay it at once (a queued request
+/// that must know now counts too: see [`recount`](Self::recount)).
 #[derive(Debug)]
 pub(crate) struct PanicMode {
     /// Panic when `available * 1000 < threshold * enabled`; 0 disables.

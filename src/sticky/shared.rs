@@ -231,7 +231,7 @@ pub(crate) struct Shared {
     /// warning comes once, the later ones are debug events.
     warned_uncarried: std::sync::atomic::AtomicBool,
     /// Failed store calls: an outage fails one a request, and warns once a
-    /// period (each one is a debug event).
+    /// period (the others are debug events).
     store_warnings: Throttle,
     /// Responses handed on before their writes finished (see
     /// `Shared::handed_on_early`), which a slow store makes one a request.
