@@ -794,6 +794,145 @@ mod tests {
         }
     }
 
+    /// Every non-empty value of cookie `name`, in order, as the
+    /// straightforward reading of `Cookie` headers finds them.
+    fn reference_all(headers: &HeaderMap, name: &str) -> Vec<Vec<u8>> {
+        if !is_matchable(name) {
+            return Vec::new();
+        }
+        let name = name.as_bytes();
+        let mut found = Vec::new();
+        for value in headers.get_all(COOKIE) {
+            for pair in value.as_bytes().split(|&b| b == b';') {
+                let pair = pair.trim_ascii();
+                let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+                    continue;
+                };
+                if pair[..eq].trim_ascii() != name {
+                    continue;
+                }
+                let v = unquote(pair[eq + 1..].trim_ascii());
+                if !v.is_empty() {
+                    found.push(v.to_vec());
+                }
+            }
+        }
+        found
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Headers of names, values and separators in any order, bytes
+        /// beyond ASCII and names with inner spaces or brackets included:
+        /// the first value and every value agree with the reference.
+        #[test]
+        fn cookie_values_agree_with_the_reference_on_any_bytes(
+            headers in proptest::collection::vec("[ab=; \"\t\\[\\]é,]{0,40}", 0..4),
+            name in "[ab\\[\\]é]{1,2}( [ab])?",
+        ) {
+            let mut map = HeaderMap::new();
+            for h in &headers {
+                map.append(COOKIE, HeaderValue::from_str(h).unwrap());
+            }
+            let expected = reference_all(&map, &name);
+            proptest::prop_assert_eq!(
+                cookie_value(&map, &name).map(<[u8]>::to_vec),
+                expected.first().cloned()
+            );
+            let cookie = CookieName::new(&name);
+            let all: Vec<Vec<u8>> = cookie.all_in(&map.get_all(COOKIE)).map(<[u8]>::to_vec).collect();
+            proptest::prop_assert_eq!(all, expected);
+        }
+
+        /// A name that no pair could hold is refused, and finds nothing
+        /// in any header.
+        #[test]
+        fn names_no_pair_could_hold_find_nothing(
+            header in "[ab=; \t]{0,30}",
+            name in "[ab=; \t\x01]{0,4}",
+        ) {
+            let mut map = HeaderMap::new();
+            map.append(COOKIE, HeaderValue::from_str(&header).unwrap());
+            if !is_matchable(&name) {
+                proptest::prop_assert!(try_cookie(name.as_str()).is_err());
+                proptest::prop_assert_eq!(cookie_value(&map, &name), None);
+            } else {
+                proptest::prop_assert!(try_cookie(name.as_str()).is_ok());
+            }
+        }
+    }
+
+    use proptest::strategy::Strategy as _;
+
+    /// Every way of writing an address that `X-Forwarded-For` may hold.
+    fn written_addresses() -> impl proptest::strategy::Strategy<Value = (IpAddr, String)> {
+        use proptest::prelude::*;
+        (any::<IpAddr>(), any::<u16>(), 0..5u8, "[a-z0-9]{1,8}").prop_map(
+            |(ip, port, form, zone)| {
+                let text = match (ip, form) {
+                    (_, 0) => ip.to_string(),
+                    (IpAddr::V4(v4), _) => format!("{v4}:{port}"),
+                    (IpAddr::V6(v6), 1) => format!("[{v6}]"),
+                    (IpAddr::V6(v6), 2) => format!("[{v6}]:{port}"),
+                    (IpAddr::V6(v6), 3) => format!("{v6}%{zone}"),
+                    (IpAddr::V6(v6), _) => format!("[{v6}%{zone}]:{port}"),
+                };
+                (ip, text)
+            },
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// An address, however written, keys as the peer's address does.
+        #[test]
+        fn forwarded_addresses_key_as_the_peer((ip, text) in written_addresses(), port: u16) {
+            let mut peer = head_with(&[]);
+            peer.extensions_mut().insert(PeerAddr(SocketAddr::new(ip, port)));
+            let xff = head_with(&[("x-forwarded-for", &text)]);
+            proptest::prop_assert_eq!(key_of(&forwarded_for(), &xff), key_of(&peer_ip(), &peer));
+        }
+
+        /// Entries of any bytes, on any number of lines: the key is the
+        /// entry the reference picks (the leftmost, or the `n`-th from the
+        /// right), keyed as its address or else as its text; fewer
+        /// entries than trusted hops is no key.
+        #[test]
+        fn the_entry_keyed_is_the_one_trusted(
+            lines in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::prop_oneof![
+                        "[0-9a-f.:\\[\\]%, \t]{0,30}",
+                        written_addresses().prop_map(|(_, text)| text),
+                    ],
+                    0..4,
+                )
+                .prop_map(|entries| entries.join(",")),
+                0..4,
+            ),
+            hops in 0usize..6,
+        ) {
+            let mut req = Request::new(());
+            for line in &lines {
+                req.headers_mut().append("x-forwarded-for", HeaderValue::from_str(line).unwrap());
+            }
+            let entries: Vec<&str> = lines
+                .iter()
+                .flat_map(|l| l.split(','))
+                .map(str::trim_ascii)
+                .filter(|e| !e.is_empty())
+                .collect();
+            let picked = match hops {
+                0 => entries.first().copied(),
+                n => entries.len().checked_sub(n).map(|i| entries[i]),
+            };
+            let expected = picked.map(|e| forwarded_ip(e).map_or_else(|| hash_bytes(e.as_bytes()), hash_ip));
+            proptest::prop_assert_eq!(key_of(&forwarded_for().trusted_hops(hops), &req), expected);
+        }
+    }
+
     #[test]
     fn forwarded_for_leftmost_and_trusted() {
         let req = head_with(&[

@@ -1247,4 +1247,265 @@ mod tests {
             Some(MAX_COOKIE_AGE / 2)
         );
     }
+
+    mod hostile {
+        //! Generated cookie values, dates and `Set-Cookie` lines, valid ones
+        //! with one change and arbitrary bytes.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        /// The bytes a header value may hold: visible ASCII, tab and
+        /// obs-text.
+        fn header_bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+            proptest::collection::vec(
+                prop_oneof![Just(b'\t'), 0x20u8..0x7f, 0x80u8..=0xff],
+                0..max,
+            )
+        }
+
+        fn names() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9!#$%&'*+.^_`|~-]{1,12}"
+        }
+
+        /// Backend ids of 1 to 768 bytes, in any script.
+        fn backend_ids() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "\\PC{1,40}",
+                (1usize..=MAX_BACKEND_ID).prop_map(|n| "b".repeat(n)),
+                (1usize..=MAX_BACKEND_ID / 4).prop_map(|n| "\u{1F980}".repeat(n)),
+            ]
+            .prop_filter("at most 768 bytes", |id| id.len() <= MAX_BACKEND_ID)
+        }
+
+        fn verify(c: &CookieInsert, value: &[u8]) -> Result<(BackendId, bool), Invalid> {
+            Parsed::new(value).and_then(|p| c.verify(&p))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Whatever the name, secret and backend id (up to the longest
+            /// the cookie carries), the value issued reads back as issued.
+            #[test]
+            fn issued_values_read_back(
+                name in names(),
+                secret in proptest::collection::vec(any::<u8>(), MIN_SECRET..80),
+                id in backend_ids(),
+            ) {
+                let c = CookieInsert::new(name, &secret);
+                let sid = CookieInsert::new_session_id();
+                let value = c.value(&sid, &BackendId::from(id.as_str()));
+                prop_assert!(c.set_cookie(&value).is_some());
+                let parsed = Parsed::new(value.as_bytes()).unwrap();
+                prop_assert_eq!(parsed.session, sid.as_str());
+                prop_assert_eq!(c.verify(&parsed), Ok((BackendId::from(id.as_str()), true)));
+            }
+
+            /// Any one change to an issued value (a byte replaced, removed
+            /// or added, or the value cut short) is refused, as is any
+            /// issued value under another name or secret.
+            #[test]
+            fn any_change_to_an_issued_value_is_refused(
+                id in backend_ids(),
+                at in any::<proptest::sample::Index>(),
+                byte in any::<u8>(),
+                change in 0..4u8,
+            ) {
+                let c = cookie();
+                let value = c.value(&CookieInsert::new_session_id(), &BackendId::from(id.as_str()));
+                let mut changed = value.clone().into_bytes();
+                let i = at.index(changed.len());
+                match change {
+                    0 if changed[i] != byte => changed[i] = byte,
+                    0 => changed[i] = byte.wrapping_add(1),
+                    1 => { changed.remove(i); }
+                    2 => changed.insert(i, byte),
+                    _ => changed.truncate(i),
+                }
+                prop_assert!(verify(&c, &changed).is_err(), "{:?}", String::from_utf8_lossy(&changed));
+                prop_assert!(verify(&CookieInsert::new("srv", [2u8; 32]), value.as_bytes()).is_err());
+                prop_assert!(verify(&CookieInsert::new("srx", [1u8; 32]), value.as_bytes()).is_err());
+            }
+
+            /// Values of the right outline with made-up parts, and arbitrary
+            /// bytes, are refused without a panic, by the current and the
+            /// previous secrets alike.
+            #[test]
+            fn made_up_values_are_refused(
+                session in "[A-Za-z0-9_-]{20,24}",
+                backend in "[A-Za-z0-9_=.-]{0,1100}",
+                tag in "[A-Za-z0-9_-]{20,24}",
+                raw in header_bytes(2000),
+            ) {
+                let c = cookie().previous_secret([3u8; 32]);
+                let outlined = format!("{session}.{backend}.{tag}");
+                prop_assert!(verify(&c, outlined.as_bytes()).is_err());
+                prop_assert!(verify(&c, &raw).is_err());
+            }
+
+            /// A date written in any of the forms browsers read names the
+            /// instant a plain count of days gives; a day past the month's
+            /// end, or a time past 23:59:59, names none.
+            #[test]
+            fn cookie_dates_agree_with_a_count_of_days(
+                year in 1601i64..=9999,
+                month in 1u32..=12,
+                day in 1u32..=31,
+                (hour, minute, second) in (0u32..24, 0u32..60, 0u32..60),
+                form in 0..4u8,
+                weekday in "(Mon|Tue|Wed|Thu|Fri|Sat|Sun|Sunday|Xyz)",
+            ) {
+                const MONTHS: [&str; 12] = [
+                    "Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                    "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+                ];
+                let mon = MONTHS[month as usize - 1];
+                let leap = |y: i64| y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+                let length = |y: i64, m: u32| match m {
+                    2 if leap(y) => 29,
+                    2 => 28,
+                    4 | 6 | 9 | 11 => 30,
+                    _ => 31,
+                };
+                // Two-digit years are 1970 to 2069.
+                let short = (1970..2070).contains(&year);
+                let text = match form {
+                    0 => format!("{weekday}, {day:02} {mon} {year} {hour:02}:{minute:02}:{second:02} GMT"),
+                    1 if short => format!("{weekday}, {day:02}-{mon}-{:02} {hour:02}:{minute:02}:{second:02} GMT", year % 100),
+                    2 => format!("{weekday} {mon} {day:>2} {hour}:{minute}:{second} {year}"),
+                    _ => format!("{year}/{} {day}; {hour}:{minute:02}:{second}", mon.to_uppercase()),
+                };
+                let expected = (day <= length(year, month)).then(|| {
+                    let mut days = 0i64;
+                    for y in year.min(1970)..year.max(1970) {
+                        days += if leap(y) { 366 } else { 365 };
+                    }
+                    if year < 1970 {
+                        days = -days;
+                    }
+                    for m in 1..month {
+                        days += i64::from(length(year, m));
+                    }
+                    days += i64::from(day) - 1;
+                    days * 86_400 + i64::from(hour * 3_600 + minute * 60 + second)
+                });
+                prop_assert_eq!(cookie_date(text.as_bytes()), expected, "{}", text);
+                let late = format!("{day:02} {mon} {year} 24:{minute:02}:{second:02}");
+                prop_assert_eq!(cookie_date(late.as_bytes()), None, "{}", late);
+            }
+
+            /// Arbitrary bytes, and a valid date with one byte changed, are
+            /// read without a panic; a date is always within the years read.
+            #[test]
+            fn any_bytes_are_read_as_a_date_or_none(
+                raw in proptest::collection::vec(any::<u8>(), 0..200),
+                at in any::<proptest::sample::Index>(),
+                byte in any::<u8>(),
+            ) {
+                let bounds = -11_644_473_600..=253_402_300_799;
+                if let Some(at) = cookie_date(&raw) {
+                    prop_assert!(bounds.contains(&at));
+                }
+                let mut date = b"Sun, 06 Nov 1994 08:49:37 GMT".to_vec();
+                let i = at.index(date.len());
+                date[i] = byte;
+                if let Some(at) = cookie_date(&date) {
+                    prop_assert!(bounds.contains(&at));
+                }
+            }
+
+            /// Whatever a response's `Set-Cookie` lines hold, learning ends
+            /// without a panic, and a value learned is one a line for the
+            /// name set; the last line, when it sets a value, is what is
+            /// learned, and lines that all delete the cookie delete it.
+            #[test]
+            fn learning_reads_what_the_lines_say(
+                lines in proptest::collection::vec(
+                    prop_oneof![
+                        header_bytes(60),
+                        (
+                            "(JSESSIONID|JSESSIONIDX|other)",
+                            "(|v1|\"v2\"|\"|v=3| v4 )",
+                            proptest::collection::vec(
+                                "(Path=/|Path=/app|path=app|Domain=\\.A\\.example|domain=a\\.example|Max-Age=0|Max-Age=-1|max-age = 10|Max-Age=x|Expires=Thu, 01 Jan 1970 00:00:00 GMT|Expires=Fri, 01 Jan 2100 00:00:00 GMT|Expires=garbage|HttpOnly|=|;)",
+                                0..4,
+                            ),
+                        )
+                            .prop_map(|(name, value, attrs)| {
+                                let mut line = format!("{name}={value}");
+                                for attr in attrs {
+                                    line.push_str("; ");
+                                    line.push_str(&attr);
+                                }
+                                line.into_bytes()
+                            }),
+                    ],
+                    0..6,
+                ),
+                request_path in proptest::option::of("(/|/app|/app/x|/other|\\*)"),
+            ) {
+                let mut h = HeaderMap::new();
+                for line in &lines {
+                    h.append(SET_COOKIE, HeaderValue::from_bytes(line).unwrap());
+                }
+                let name = "JSESSIONID";
+                // A line's value when it names the cookie.
+                let value_of = |line: &[u8]| -> Option<Vec<u8>> {
+                    let pair = line.split(|&b| b == b';').next()?;
+                    let eq = pair.iter().position(|&b| b == b'=')?;
+                    (pair[..eq].trim_ascii() == name.as_bytes())
+                        .then(|| unquote(pair[eq + 1..].trim_ascii()).to_vec())
+                };
+                let ours: Vec<&Vec<u8>> = lines.iter().filter(|l| value_of(l).is_some()).collect();
+                let learned = learn(&h, name, request_path.as_deref());
+                match &learned {
+                    None => {}
+                    Some(Learned::Set(v)) => {
+                        prop_assert!(!v.is_empty());
+                        prop_assert!(ours.iter().any(|l| value_of(l).as_deref() == Some(*v)));
+                    }
+                    Some(Learned::Deleted) => prop_assert!(!ours.is_empty()),
+                }
+                if ours.is_empty() {
+                    prop_assert_eq!(learned, None);
+                } else if let Some(last) = ours.last() {
+                    // The last line alone, to know whether it sets a value.
+                    let mut alone = HeaderMap::new();
+                    alone.append(SET_COOKIE, HeaderValue::from_bytes(last).unwrap());
+                    if let Some(Learned::Set(v)) = learn(&alone, name, None) {
+                        prop_assert_eq!(learned, Some(Learned::Set(v)));
+                    }
+                    let deletes = |line: &Vec<u8>| {
+                        let mut alone = HeaderMap::new();
+                        alone.append(SET_COOKIE, HeaderValue::from_bytes(line).unwrap());
+                        learn(&alone, name, None) == Some(Learned::Deleted)
+                    };
+                    if request_path.is_none() && ours.iter().all(|l| deletes(l)) {
+                        prop_assert_eq!(learn(&h, name, None), Some(Learned::Deleted));
+                    }
+                }
+            }
+
+            /// `Cache-Control` values of any bytes are read without a panic;
+            /// a directive list that holds `no-store` or a bare `private`
+            /// keeps the cookie from shared caches wherever it stands.
+            #[test]
+            fn cache_control_is_read_whatever_it_holds(
+                raw in header_bytes(80),
+                before in "[a-z=\", -]{0,20}",
+                directive in "(no-store|private|PRIVATE|private=\"set-cookie\"|private=\"a, Set-Cookie\")",
+            ) {
+                let _ = keeps_cookie_private(&raw);
+                // Quotes before it balanced, so that it stands outside any.
+                let before = if before.matches('"').count() % 2 == 1 {
+                    format!("{before}\"")
+                } else {
+                    before
+                };
+                let value = format!("{before}, {directive}");
+                prop_assert!(keeps_cookie_private(value.as_bytes()), "{}", value);
+            }
+        }
+    }
 }

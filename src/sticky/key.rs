@@ -334,4 +334,71 @@ mod tests {
         assert_eq!(read_cookie(&headers, &name), Ok(Some(&b"w"[..])));
         assert_eq!(read_cookie(&HeaderMap::new(), &name), Ok(None));
     }
+
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// `Cookie` headers of any number and size: rejected as too large
+        /// exactly when they add up to more than the limit, else the
+        /// cookie's first value, wherever it is.
+        #[test]
+        fn cookie_headers_are_read_up_to_the_limit(
+            sizes in proptest::collection::vec(0usize..5_000, 0..5),
+            at in proptest::option::of(0usize..5),
+            value in "[A-Za-z0-9\"é]{0,20}",
+        ) {
+            let name = CookieName::new("srv");
+            let mut headers = HeaderMap::new();
+            let mut total = 0;
+            for (i, &size) in sizes.iter().enumerate() {
+                let mut line = "f=x;".repeat(size / 4);
+                if at == Some(i) {
+                    line.push_str(&format!(" srv={value}"));
+                }
+                total += line.len();
+                headers.append(COOKIE, HeaderValue::from_str(&line).unwrap());
+            }
+            let read = read_cookie(&headers, &name);
+            if total > MAX_COOKIE_HEADER {
+                proptest::prop_assert_eq!(read, Err(Reject::TooLarge));
+            } else {
+                proptest::prop_assert_eq!(read, Ok(crate::key::cookie_value(&headers, "srv")));
+            }
+        }
+
+        /// A key of any bytes is taken as text, refused as too long past
+        /// the limit, or refused as not UTF-8, and the same bytes learned
+        /// from a response are taken exactly when a request's would be.
+        #[test]
+        fn keys_of_any_bytes_are_taken_or_refused(
+            bytes in proptest::prop_oneof![
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+                (0usize..1_000, proptest::prelude::any::<u8>()).prop_map(|(n, b)| vec![b; n]),
+                "\\PC{0,200}".prop_map(String::into_bytes),
+            ]
+            .prop_map(|bytes: Vec<u8>| bytes),
+        ) {
+            match text_key(&bytes) {
+                Extracted::Key(key) => {
+                    proptest::prop_assert!(bytes.len() <= MAX_KEY_LEN);
+                    proptest::prop_assert_eq!(key.as_bytes(), &bytes[..]);
+                    proptest::prop_assert_eq!(
+                        response_key(&bytes),
+                        (!bytes.is_empty()).then_some(&*key)
+                    );
+                }
+                Extracted::Rejected(Reject::TooLong) => {
+                    proptest::prop_assert!(bytes.len() > MAX_KEY_LEN);
+                    proptest::prop_assert_eq!(response_key(&bytes), None);
+                }
+                Extracted::Rejected(Reject::NotUtf8) => {
+                    proptest::prop_assert!(std::str::from_utf8(&bytes).is_err());
+                    proptest::prop_assert_eq!(response_key(&bytes), None);
+                }
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
 }
