@@ -810,3 +810,140 @@ async fn a_delete_removes_what_it_can_past_a_record_it_cannot() {
     assert_eq!(store.load("c").await.unwrap(), None, "c was deleted too");
     assert_eq!(names(tmp.path()), [b]);
 }
+
+mod generated {
+    //! Keys, data and record files of any content.
+
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    fn values() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            any::<String>().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                proptest::collection::btree_map(any::<String>(), inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Keys of any characters, path separators, dot segments and names too
+    /// long to encode included.
+    fn keys() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>().prop_filter("non-empty", |k| !k.is_empty()),
+            "(\\.\\.|/|\\\\|%|\0|é|A|a){1,12}",
+            (60usize..400).prop_map(|n| "%".repeat(n)),
+        ]
+    }
+
+    fn sessions() -> impl Strategy<Value = Session> {
+        (keys(), any::<String>(), values())
+            .prop_map(|(key, backend, data)| Session::new(key, backend.into()).with_data(data))
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any session saved reads back as it was, from its key and in a
+        /// listing, in a directory that holds its file and nothing else.
+        #[test]
+        fn any_session_reads_back_as_saved(sessions in proptest::collection::vec(sessions(), 1..4)) {
+            runtime().block_on(async {
+                let tmp = tempfile::tempdir().unwrap();
+                let dir = tmp.path().join("sessions");
+                let store = FileStore::open(&dir).await.unwrap();
+                for session in &sessions {
+                    store.save(session).await.unwrap();
+                }
+                let again = FileStore::open(&dir).await.unwrap();
+                // The last save of each key is what it holds.
+                let mut last = std::collections::BTreeMap::new();
+                for session in &sessions {
+                    last.insert(session.key.clone(), session.clone());
+                }
+                for (key, session) in &last {
+                    assert_eq!(again.load(key).await.unwrap().as_ref(), Some(session));
+                }
+                let loaded = again.load_all().await.unwrap();
+                assert!(loaded.skipped.is_empty(), "{:?}", loaded.skipped);
+                let mut listed = loaded.sessions;
+                listed.sort_by(|a, b| a.key.cmp(&b.key));
+                assert_eq!(listed, last.into_values().collect::<Vec<_>>());
+                let expected: BTreeSet<String> =
+                    sessions.iter().map(|s| FileStore::file_name(&s.key)).collect();
+                assert_eq!(names(&dir).into_iter().collect::<BTreeSet<_>>(), expected);
+            });
+        }
+
+        /// A record file of any content under a key's name loads as that
+        /// key's session or fails as corrupt, and a listing reads it or
+        /// skips it as corrupt, keeping its sibling.
+        #[test]
+        fn any_record_file_loads_as_its_key_or_is_corrupt(
+            session in sessions(),
+            other in keys(),
+            raw in proptest::collection::vec(any::<u8>(), 0..300),
+            at in any::<proptest::sample::Index>(),
+            byte in any::<u8>(),
+            kind in 0..4u8,
+        ) {
+            prop_assume!(session.key != "sibling");
+            runtime().block_on(async {
+                let tmp = tempfile::tempdir().unwrap();
+                let store = FileStore::open(tmp.path()).await.unwrap();
+                store.save(&Session::new("sibling", "a".into())).await.unwrap();
+                let own = serde_json::to_vec(&session).unwrap();
+                let mut record = own.clone();
+                let i = at.index(record.len());
+                let bytes = match kind {
+                    0 => raw.clone(),
+                    // The record with one byte changed, or cut short.
+                    1 => {
+                        record[i] = byte;
+                        record
+                    }
+                    2 => {
+                        record.truncate(i);
+                        record
+                    }
+                    // Another key's record.
+                    _ => serde_json::to_vec(&Session::new(other.clone(), "b".into())).unwrap(),
+                };
+                let name = FileStore::file_name(&session.key);
+                std::fs::write(tmp.path().join(&name), &bytes).unwrap();
+                match store.load(&session.key).await {
+                    Ok(Some(read)) => assert_eq!(read.key, session.key),
+                    Ok(None) => panic!("a record file is there"),
+                    Err(e) => assert!(e.is_corrupt(), "{e:?}"),
+                }
+                if bytes == own {
+                    assert_eq!(store.load(&session.key).await.unwrap(), Some(session.clone()));
+                }
+                let loaded = store.load_all().await.unwrap();
+                assert!(loaded.sessions.iter().any(|s| s.key == "sibling"));
+                let read = loaded.sessions.iter().any(|s| s.key == session.key);
+                let skipped = corrupt_records(&loaded);
+                assert!(read != skipped.contains(&name), "{read} {skipped:?}");
+            });
+        }
+    }
+}

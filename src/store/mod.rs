@@ -404,4 +404,152 @@ mod tests {
         let back: Session = serde_json::from_value(json).unwrap();
         assert_eq!(back, s);
     }
+
+    mod generated {
+        //! Records of any content, and records that are not quite records.
+
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        /// Any JSON value, nested a few levels.
+        pub(crate) fn values() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                any::<String>().prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 4, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    proptest::collection::btree_map(any::<String>(), inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// `leaf` inside `depth` arrays and objects, alternately.
+        pub(crate) fn nested(depth: usize, leaf: Value) -> Value {
+            (0..depth).fold(leaf, |inner, level| {
+                if level % 2 == 0 {
+                    Value::Array(vec![inner])
+                } else {
+                    Value::Object([("k".to_owned(), inner)].into_iter().collect())
+                }
+            })
+        }
+
+        /// Any session: any key and backend id, any millisecond instant,
+        /// any data up to the deepest a store saves.
+        pub(crate) fn sessions() -> impl Strategy<Value = Session> {
+            (
+                any::<String>(),
+                any::<String>(),
+                any::<u64>(),
+                any::<u64>(),
+                prop_oneof![
+                    values(),
+                    (0..=MAX_DATA_DEPTH, values())
+                        .prop_map(|(d, leaf)| nested(d.saturating_sub(depth(&leaf)), leaf)),
+                ],
+            )
+                .prop_map(|(key, backend, created, seen, data)| {
+                    let mut session = Session::new(key, BackendId::from(backend)).with_data(data);
+                    session.created = unix_millis::from_millis(created).unwrap();
+                    session.last_seen = unix_millis::from_millis(seen).unwrap();
+                    session
+                })
+        }
+
+        /// How deep `value` nests, counted the plain recursive way.
+        fn depth(value: &Value) -> usize {
+            match value {
+                Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+                Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+                _ => 0,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// What a store writes reads back as the same session.
+            #[test]
+            fn records_read_back_as_written(session in sessions()) {
+                prop_assert!(check_depth(&session).is_ok());
+                let json = serde_json::to_vec(&session).unwrap();
+                let back: Session = serde_json::from_slice(&json).unwrap();
+                prop_assert_eq!(back, session);
+            }
+
+            /// Data is refused for saving exactly when it nests deeper than
+            /// the limit, and whatever is saved can be read back.
+            #[test]
+            fn the_depth_limit_is_where_it_says(
+                d in 0usize..=MAX_DATA_DEPTH + 30,
+                leaf in values(),
+            ) {
+                let data = nested(d, leaf);
+                let session = Session::new("k", "b".into()).with_data(data.clone());
+                let refused = check_depth(&session).is_err();
+                prop_assert_eq!(refused, depth(&data) > MAX_DATA_DEPTH);
+                if !refused {
+                    let json = serde_json::to_vec(&session).unwrap();
+                    prop_assert!(serde_json::from_slice::<Session>(&json).is_ok());
+                }
+            }
+
+            /// A record with one byte changed, cut short or made of any
+            /// bytes reads as a session or an error, never a panic; a
+            /// session it reads is one a record could hold.
+            #[test]
+            fn damaged_records_are_errors_or_sessions(
+                session in sessions(),
+                at in any::<proptest::sample::Index>(),
+                byte in any::<u8>(),
+                change in 0..3u8,
+                raw in proptest::collection::vec(any::<u8>(), 0..200),
+            ) {
+                let mut json = serde_json::to_vec(&session).unwrap();
+                let i = at.index(json.len());
+                match change {
+                    0 => json[i] = byte,
+                    1 => json.truncate(i),
+                    _ => json.insert(i, byte),
+                }
+                for bytes in [&json, &raw] {
+                    if let Ok(read) = serde_json::from_slice::<Session>(bytes) {
+                        let again = serde_json::to_vec(&read).unwrap();
+                        prop_assert_eq!(serde_json::from_slice::<Session>(&again).unwrap(), read);
+                    }
+                }
+            }
+
+            /// Fields out of range or of the wrong type, and data nested far
+            /// deeper than the parser goes, are errors.
+            #[test]
+            fn fields_out_of_range_are_errors(
+                field in "(created|last_seen)",
+                bad in "(-1|18446744073709551616|1e400|1\\.5|\"1\"|null|\\[\\]|99999999999999999999999)",
+                deep in 129usize..100_000,
+            ) {
+                let mut record = serde_json::to_value(Session::new("k", "b".into())).unwrap();
+                record[&field] = serde_json::from_str(&bad)
+                    .unwrap_or_else(|_| Value::String(bad.clone()));
+                let text = record.to_string().replace(&format!("\"{bad}\""), &bad);
+                prop_assert!(serde_json::from_str::<Session>(&text).is_err(), "{}", text);
+                let deep = format!(
+                    r#"{{"key":"k","backend":"b","created":0,"last_seen":0,"data":{}{}}}"#,
+                    "[".repeat(deep),
+                    "]".repeat(deep)
+                );
+                prop_assert!(serde_json::from_str::<Session>(&deep).is_err());
+            }
+        }
+    }
 }
