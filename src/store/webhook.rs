@@ -779,7 +779,7 @@ fn digest_challenge(value: &str) -> Option<&str> {
             b' ' | b'\t' => {}
             _ if at_start => {
                 at_start = false;
-                let rest = &value[i..];
+                let rest = value.get(i..).unwrap_or_default();
                 let scheme = rest.split([' ', '\t']).next().unwrap_or_default();
                 if scheme.eq_ignore_ascii_case("digest") && rest.len() > scheme.len() {
                     return Some(&rest[scheme.len()..]);
@@ -1110,6 +1110,17 @@ mod tests {
         ] {
             assert_eq!(digest_challenge(value), None, "in {value}");
         }
+    }
+
+    /// An escaped character inside a quoted string that is not ASCII:
+    /// the scan steps into it, where no scheme can start.
+    #[test]
+    fn an_escape_before_a_character_beyond_ascii_is_no_challenge() {
+        assert_eq!(digest_challenge("\"\\é"), None);
+        assert_eq!(
+            digest_challenge("\"\\é\", Digest realm=r"),
+            Some(" realm=r")
+        );
     }
 
     #[test]
