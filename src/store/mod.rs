@@ -405,7 +405,7 @@ mod tests {
         assert_eq!(back, s);
     }
 
-    mod generated {
+    pub(crate) mod generated {
         //! Records of any content, and records that are not quite records.
 
         use super::*;

@@ -1285,4 +1285,295 @@ mod tests {
         let store = builder.build().unwrap();
         assert!(!format!("{store:?}").contains("secret"));
     }
+
+    mod generated {
+        //! Answers and challenges of any content.
+
+        use super::*;
+        use crate::store::tests::generated::{nested, sessions};
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        /// The element a listing holds for `session`.
+        fn element(session: &Session) -> serde_json::Value {
+            json!({ SESSION_FIELD: { session.key.clone(): session } })
+        }
+
+        /// Elements that are no session, each with why.
+        fn bad_elements() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("0".to_owned()),
+                Just("null".to_owned()),
+                Just(r#"{"kernel_session": {}}"#.to_owned()),
+                Just(r#"{"kernel_session": {"a": 1, "b": 2}}"#.to_owned()),
+                Just(r#"{"other": {"k": {}}}"#.to_owned()),
+                // A record under another id than its key.
+                Just(
+                    r#"{"kernel_session": {"x": {"key": "y", "backend": "b", "created": 0, "last_seen": 0}}}"#
+                        .to_owned()
+                ),
+                // A record whose time is out of range.
+                Just(
+                    r#"{"kernel_session": {"k": {"key": "k", "backend": "b", "created": -1, "last_seen": 0}}}"#
+                        .to_owned()
+                ),
+                // Nested deeper than a record can be read.
+                (120usize..5_000).prop_map(|d| format!("{}{}", "[".repeat(d), "]".repeat(d))),
+                (crate::store::MAX_DATA_DEPTH + 30..1_000).prop_map(|d| {
+                    element(&Session::new("deep", "b".into()).with_data(nested(d, json!(1))))
+                        .to_string()
+                }),
+            ]
+        }
+
+        /// A `WWW-Authenticate` challenge: a scheme and its parameters, whose
+        /// quoted strings may hold commas, escaped quotes and the word
+        /// `Digest`.
+        fn challenges() -> impl Strategy<Value = (String, String)> {
+            (
+                "(Basic|Bearer|Newauth|Digest|digest|DIGEST|Digestive)",
+                proptest::collection::vec(
+                    (
+                        "(realm|nonce|qop|opaque|error|charset)",
+                        prop_oneof![
+                            "[a-zA-Z0-9]{1,6}",
+                            "\"([a-z ,=]|Digest |\\\\\"|\\\\\\\\){0,12}\"",
+                        ],
+                    )
+                        .prop_map(|(name, value)| format!("{name}={value}")),
+                    1..4,
+                ),
+                "( |\t|  )",
+            )
+                .prop_map(|(scheme, params, space)| {
+                    (scheme, params.join(", ").replacen("", &space, 1))
+                })
+        }
+
+        /// Sessions that hold no replacement character: one read from an
+        /// answer that is not all UTF-8 cannot be told from one whose bytes
+        /// were replaced.
+        fn whole() -> impl Strategy<Value = Session> {
+            sessions().prop_filter("no replacement character", |s| {
+                !serde_json::to_string(s)
+                    .unwrap()
+                    .contains(char::REPLACEMENT_CHARACTER)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            /// A header of any characters is looked through without a
+            /// panic, and what is found follows a `Digest` in it.
+            #[test]
+            fn a_header_of_any_text_is_looked_through(
+                value in prop_oneof![
+                    "\\PC{0,40}",
+                    proptest::collection::vec(
+                        prop_oneof![
+                            Just("\""), Just("\\"), Just(","), Just("é"), Just("Digest "),
+                        ],
+                        0..12,
+                    )
+                    .prop_map(|parts| parts.concat()),
+                ],
+            ) {
+                if let Some(found) = digest_challenge(&value) {
+                    let start = value.len() - found.len();
+                    prop_assert!(value[..start].to_ascii_lowercase().ends_with("digest"), "{:?}", value);
+                }
+            }
+
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// In a list of challenges, the parameters of the first whose
+            /// scheme is `Digest` (in any case) are found, wherever the
+            /// word stands inside quoted strings.
+            #[test]
+            fn the_first_digest_challenge_is_found(list in proptest::collection::vec(challenges(), 0..4)) {
+                let mut value = String::new();
+                let mut expected = None;
+                for (scheme, params) in &list {
+                    if !value.is_empty() {
+                        value.push_str(", ");
+                    }
+                    value.push_str(scheme);
+                    if expected.is_none() && scheme.eq_ignore_ascii_case("digest") {
+                        expected = Some(value.len());
+                    }
+                    value.push_str(params);
+                }
+                prop_assert_eq!(digest_challenge(&value), expected.map(|at| &value[at..]), "{:?}", value);
+            }
+
+            /// Whatever challenge a service sends (the visible ASCII a header
+            /// can be read as), it is read or refused without a panic, and an
+            /// answer to it is a valid header.
+            #[test]
+            fn any_challenge_is_answered_or_refused(
+                value in prop_oneof![
+                    "[ -~]{0,80}",
+                    proptest::collection::vec(challenges(), 1..3).prop_map(|list| {
+                        list.into_iter().map(|(s, p)| s + &p).collect::<Vec<_>>().join(", ")
+                    }),
+                    "Digest realm=\"[ -~]{0,10}\", nonce=\"[ -~]{0,10}\"(, qop=\"(auth|auth-int|auth,auth-int|x)\")?(, algorithm=(MD5|SHA-256|SHA-512-256|MD5-sess|x))?(, charset=(UTF-8|x))?(, userhash=true)?(, opaque=[a-z]{1,4})?",
+                ],
+                body in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+            ) {
+                let Some(found) = digest_challenge(&value) else { return Ok(()) };
+                let Ok(mut challenge) = digest_auth::parse(found) else { return Ok(()) };
+                let context = digest_auth::AuthContext::new_with_method(
+                    "user",
+                    "password",
+                    "/api/sessions/k?x=1",
+                    body.as_deref(),
+                    digest_auth::HttpMethod::from("POST".to_owned()),
+                );
+                if let Ok(answer) = challenge.respond(&context) {
+                    let header = answer.to_header_string();
+                    prop_assert!(http::HeaderValue::from_str(&header).is_ok(), "{}", header);
+                }
+            }
+
+            /// A listing reads back every session it holds, in order, with a
+            /// byte order mark or without, around elements that are no
+            /// session, which are skipped one by one.
+            #[test]
+            fn a_listing_reads_its_sessions_and_skips_the_rest(
+                items in proptest::collection::vec(
+                    prop_oneof![
+                        3 => sessions().prop_map(Ok),
+                        1 => bad_elements().prop_map(Err),
+                    ],
+                    0..6,
+                ),
+                bom in any::<bool>(),
+            ) {
+                let mut body = if bom { b"\xEF\xBB\xBF".to_vec() } else { Vec::new() };
+                body.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        body.extend_from_slice(b" ,\n");
+                    }
+                    match item {
+                        Ok(session) => body.extend(element(session).to_string().into_bytes()),
+                        Err(bad) => body.extend_from_slice(bad.as_bytes()),
+                    }
+                }
+                body.push(b']');
+                let loaded = parse_all(&body).unwrap();
+                let good: Vec<&Session> = items.iter().filter_map(|i| i.as_ref().ok()).collect();
+                prop_assert_eq!(loaded.sessions.iter().collect::<Vec<_>>(), good);
+                prop_assert_eq!(loaded.skipped.len(), items.len() - loaded.sessions.len());
+                for skipped in &loaded.skipped {
+                    prop_assert!(skipped.error.is_corrupt(), "{:?}", skipped.error);
+                }
+            }
+
+            /// An element holding bytes that are not UTF-8 is skipped alone.
+            #[test]
+            fn an_element_not_utf8_is_skipped_alone(
+                before in proptest::collection::vec(whole(), 0..3),
+                after in proptest::collection::vec(whole(), 0..3),
+                bad in proptest::collection::vec(0x80u8..=0xff, 1..4),
+            ) {
+                let mut body = b"[".to_vec();
+                let mut elements: Vec<Vec<u8>> = before.iter().map(|s| element(s).to_string().into_bytes()).collect();
+                let mut broken = br#"{"kernel_session": {"k": {"key": "k"#.to_vec();
+                broken.extend(&bad);
+                broken.extend_from_slice(br#"", "backend": "b", "created": 0, "last_seen": 0}}}"#);
+                elements.push(broken);
+                elements.extend(after.iter().map(|s| element(s).to_string().into_bytes()));
+                body.extend(elements.join(&b',').into_iter());
+                body.push(b']');
+                prop_assume!(std::str::from_utf8(&body).is_err());
+                let loaded = parse_all(&body).unwrap();
+                let good: Vec<&Session> = before.iter().chain(&after).collect();
+                prop_assert_eq!(loaded.sessions.iter().collect::<Vec<_>>(), good);
+                prop_assert_eq!(loaded.skipped.len(), 1);
+            }
+
+            /// An answer of any bytes, or a valid listing with one byte
+            /// changed or cut short, is a listing or a corrupt answer, never
+            /// a panic; a load's answer likewise.
+            #[test]
+            fn any_answer_is_a_listing_or_corrupt(
+                raw in proptest::collection::vec(any::<u8>(), 0..300),
+                session in sessions(),
+                at in any::<proptest::sample::Index>(),
+                byte in any::<u8>(),
+                cut in any::<bool>(),
+            ) {
+                let mut listing = serde_json::to_vec(&[element(&session)]).unwrap();
+                let i = at.index(listing.len());
+                if cut {
+                    listing.truncate(i);
+                } else {
+                    listing[i] = byte;
+                }
+                for body in [&raw, &listing] {
+                    match parse_all(body) {
+                        Ok(loaded) => prop_assert!(loaded.skipped.len() <= MAX_SKIPPED),
+                        Err(e) => prop_assert!(e.is_corrupt(), "{:?}", e),
+                    }
+                    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(without_bom(body)) {
+                        if let Err(e) = parse_element(value) {
+                            prop_assert!(e.is_corrupt(), "{:?}", e);
+                        }
+                    }
+                }
+            }
+
+            /// A key of any characters is one path segment that decodes back
+            /// to it, or is refused as a key the service cannot hold.
+            #[test]
+            fn any_key_is_one_segment_or_refused(key in "\\PC{0,30}|[./%]{0,4}") {
+                let store = WebhookStore::builder("http://127.0.0.1:1/api/sessions?t=1")
+                    .build()
+                    .unwrap();
+                match store.inner.session_path(&key) {
+                    Ok(path) => {
+                        let segment = path.strip_prefix("/api/sessions/").unwrap();
+                        prop_assert!(!segment.contains('/') && !matches!(segment, "" | "." | ".."));
+                        let mut decoded = Vec::new();
+                        let mut bytes = segment.bytes();
+                        while let Some(b) = bytes.next() {
+                            if b == b'%' {
+                                let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+                                decoded.push(u8::from_str_radix(&hex, 16).unwrap());
+                            } else {
+                                decoded.push(b);
+                            }
+                        }
+                        prop_assert_eq!(decoded, key.as_bytes());
+                    }
+                    Err(e) => {
+                        prop_assert!(e.is_invalid_key());
+                        prop_assert!(matches!(key.as_str(), "" | "." | ".."));
+                    }
+                }
+            }
+
+            /// `Retry-After` of any visible text: seconds when it is a whole
+            /// number, else nothing.
+            #[test]
+            fn retry_after_reads_whole_seconds_only(value in "[ -~]{0,24}|[ 0-9]{1,24}") {
+                let mut headers = http::HeaderMap::new();
+                headers.insert(RETRY_AFTER, http::HeaderValue::from_str(&value).unwrap());
+                let expected = value.trim().parse::<u64>().ok().map(Duration::from_secs);
+                prop_assert_eq!(retry_after(&headers), expected);
+            }
+        }
+
+        #[test]
+        fn a_listing_of_too_many_unreadable_elements_is_refused() {
+            let body = format!("[{}0]", "0,".repeat(MAX_SKIPPED));
+            let err = parse_all(body.as_bytes()).unwrap_err();
+            assert!(err.is_corrupt(), "{err:?}");
+        }
+    }
 }
