@@ -1096,4 +1096,74 @@ mod tests {
             prop_assert_eq!(round_trip(d), Ok(d));
         }
     }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Parts in any units, any number of each, add up exactly, or are
+        /// out of range past the longest duration.
+        #[test]
+        fn parts_add_up_exactly(
+            parts in proptest::collection::vec((0..UNITS.len(), any::<u64>(), "( |\t|)"), 1..8),
+        ) {
+            let mut text = String::new();
+            let mut total = 0u128;
+            for (unit, count, space) in &parts {
+                let (name, nanos) = UNITS[*unit];
+                text.push_str(&format!("{count}{space}{name}{space}"));
+                total += u128::from(*count) * u128::from(nanos);
+            }
+            let expected = u64::try_from(total / u128::from(NANOS_PER_SEC))
+                .ok()
+                .map(|secs| Duration::new(secs, (total % u128::from(NANOS_PER_SEC)) as u32));
+            prop_assert_eq!(parse_duration(&text).ok(), expected, "{}", text);
+        }
+
+        /// A fraction that names a whole number of nanoseconds (`1.5ms`,
+        /// `0.25h`) reads as exactly that many, for durations up to some
+        /// thirteen days.
+        #[test]
+        fn fractions_of_whole_nanoseconds_are_exact(
+            unit in 0..UNITS.len() - 1,
+            digits in 1u32..=11,
+            m in any::<u64>(),
+        ) {
+            let (name, nanos) = UNITS[unit];
+            // The most digits, up to `digits`, that keep each step of the
+            // last one a whole number of nanoseconds.
+            let digits = (1..=digits).rev().find(|&k| nanos % 10u64.pow(k) == 0).unwrap();
+            let scale = 10u64.pow(digits);
+            let step = nanos / scale;
+            let m = m % ((1 << 50) / step);
+            let text = format!("{}.{:0width$}{name}", m / scale, m % scale, width = digits as usize);
+            let expected = Duration::from_nanos(m * step);
+            prop_assert_eq!(parse_duration(&text), Ok(expected), "{}", text);
+        }
+
+        /// Text of any characters, or a duration with one character
+        /// changed, reads as a duration written back the same way, or as
+        /// an error; a long repetition is read in full.
+        #[test]
+        fn any_text_is_a_duration_or_an_error(
+            raw in "\\PC{0,30}|[0-9.a-z µμ]{0,30}",
+            d in durations(),
+            at in any::<proptest::sample::Index>(),
+            c in any::<char>(),
+            repeat in 1usize..20_000,
+        ) {
+            let mut written: Vec<char> = format_duration(&d).chars().collect();
+            let i = at.index(written.len());
+            written[i] = c;
+            let written: String = written.into_iter().collect();
+            for text in [raw.as_str(), written.as_str()] {
+                if let Ok(read) = parse_duration(text) {
+                    prop_assert_eq!(round_trip(read), Ok(read));
+                }
+            }
+            prop_assert_eq!(
+                parse_duration(&"1ns".repeat(repeat)),
+                Ok(Duration::from_nanos(repeat as u64))
+            );
+        }
+    }
 }

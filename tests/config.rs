@@ -861,3 +861,292 @@ failover_groups:
     .unwrap_err();
     assert!(err.to_string().contains("line 4"), "{err}");
 }
+
+mod generated {
+    //! Configurations of any names and settings, written out and read
+    //! back, and texts that are not quite configurations.
+
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+    use tower_ha::config::{FailbackMode, FailoverConfig, GroupConfig, HealthCheckConfig};
+
+    /// Names of any characters, and names YAML would read as something
+    /// else were they not quoted.
+    fn names() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{1,12}",
+            "(0x1A|2024|1\\.10|TRUE|true|null|~|yes|No|on|1e3|-|:|# x|'q'|\"d\"|<<|&a|\\*b|@|`|\\[x\\]|\\{\\}|%x| a| )",
+        ]
+        .prop_filter("not blank", |n| !n.trim().is_empty())
+    }
+
+    fn durations() -> impl Strategy<Value = Duration> {
+        prop_oneof![
+            (1u64..1 << 40).prop_map(Duration::from_nanos),
+            (1u64..100_000).prop_map(Duration::from_millis),
+            any::<u64>().prop_map(Duration::from_secs),
+            (any::<u64>(), 0..1_000_000_000u32).prop_map(|(s, n)| Duration::new(s, n)),
+        ]
+    }
+
+    fn health_checks() -> impl Strategy<Value = HealthCheckConfig> {
+        (
+            proptest::option::of("\\PC{0,12}"),
+            durations(),
+            durations(),
+            1u32..,
+            1u32..,
+            any::<bool>(),
+        )
+            .prop_map(|(path, interval, timeout, rise, fall, lift)| {
+                let mut check = HealthCheckConfig::default();
+                check.path = path;
+                check.interval = interval.max(Duration::from_millis(1));
+                check.timeout = timeout.max(Duration::from_millis(1));
+                check.healthy_threshold = rise;
+                check.unhealthy_threshold = fall;
+                check.lift_ejections = lift;
+                check
+            })
+    }
+
+    fn failovers() -> impl Strategy<Value = FailoverConfig> {
+        (
+            proptest::option::of(1usize..1 << 40),
+            proptest::option::of(durations()),
+            proptest::option::of(durations()),
+            proptest::option::of(prop_oneof![
+                (0u32..100_000).prop_map(|n| f64::from(n) / 1000.0),
+                (0.0f64..1e6),
+            ]),
+            proptest::option::of(any::<u32>()),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(attempts, per_try, deadline, ratio, min, non_idempotent)| {
+                    let mut failover = FailoverConfig::default();
+                    failover.max_attempts = attempts;
+                    failover.per_try_timeout = per_try;
+                    failover.deadline = deadline;
+                    failover.retry_ratio = ratio;
+                    failover.min_retries_per_second = min;
+                    failover.retry_non_idempotent = non_idempotent;
+                    failover
+                },
+            )
+    }
+
+    fn groups(name: String) -> impl Strategy<Value = GroupConfig> {
+        (
+            proptest::collection::btree_set(names(), 1..4),
+            any::<proptest::sample::Index>(),
+            prop_oneof![Just(None), Just(Some(false)), Just(Some(true))],
+            proptest::option::of(durations()),
+            proptest::option::of(durations()),
+            proptest::option::of(health_checks()),
+            proptest::option::of(failovers()),
+        )
+            .prop_map(
+                move |(backends, primary, active, after, dwell, health, failover)| {
+                    let backends: Vec<String> = backends.into_iter().collect();
+                    let mode = match active {
+                        None => GroupMode::Normal,
+                        Some(_) => GroupMode::ActivePassive,
+                    };
+                    let mut group = GroupConfig::new(name.clone(), mode, backends.clone());
+                    if let Some(auto) = active {
+                        group.primary = Some(primary.get(&backends).clone());
+                        if auto {
+                            group.failback = FailbackMode::Auto;
+                            group.failback_after = after;
+                            group.min_dwell = dwell;
+                        }
+                    }
+                    group.health_check = health;
+                    group.failover = failover;
+                    group
+                },
+            )
+    }
+
+    /// Valid configurations.
+    fn configs() -> impl Strategy<Value = Config> {
+        proptest::collection::btree_set(names(), 1..4)
+            .prop_flat_map(|names| names.into_iter().map(groups).collect::<Vec<_>>())
+            .prop_map(|groups| {
+                let mut config = Config::default();
+                config.failover_groups = groups;
+                config
+            })
+    }
+
+    /// A TOML basic string.
+    fn toml_string(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => out.push_str(&format!("\\U{:08X}", u32::from(c))),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    fn toml_value(value: &Value) -> String {
+        match value {
+            Value::String(s) => toml_string(s),
+            Value::Number(n) if n.is_f64() => format!("{:?}", n.as_f64().unwrap()),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Array(items) => {
+                let items: Vec<String> = items.iter().map(toml_value).collect();
+                format!("[{}]", items.join(", "))
+            }
+            Value::Object(map) => {
+                let items: Vec<String> = map
+                    .iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| format!("{} = {}", toml_string(k), toml_value(v)))
+                    .collect();
+                format!("{{{}}}", items.join(", "))
+            }
+            Value::Null => unreachable!("nulls are left out"),
+        }
+    }
+
+    /// `config` as TOML, each group a `[[failover_groups]]` table.
+    fn toml_text(config: &Config) -> String {
+        let value = serde_json::to_value(config).unwrap();
+        let mut text = String::new();
+        for group in value["failover_groups"].as_array().unwrap() {
+            text.push_str("[[failover_groups]]\n");
+            for (key, value) in group.as_object().unwrap() {
+                if !value.is_null() {
+                    text.push_str(&format!("{key} = {}\n", toml_value(value)));
+                }
+            }
+        }
+        text
+    }
+
+    /// `config` as YAML in JSON's flow style, with the first group's health
+    /// check anchored and merged into every other group's; and the
+    /// configuration that reads as.
+    fn merged_yaml(config: &Config) -> (String, Config) {
+        let value = serde_json::to_value(config).unwrap();
+        let groups = value["failover_groups"].as_array().unwrap();
+        let base = config.failover_groups[0].health_check.clone();
+        let mut expected = config.clone();
+        let mut text = String::from("{\"failover_groups\": [");
+        for (i, group) in groups.iter().enumerate() {
+            if i > 0 {
+                text.push_str(",\n");
+            }
+            text.push('{');
+            let mut first = true;
+            for (key, value) in group.as_object().unwrap() {
+                if !first {
+                    text.push_str(", ");
+                }
+                first = false;
+                text.push_str(&format!("{}: ", Value::from(key.as_str())));
+                match (key.as_str(), i, &base, value) {
+                    ("health_check", 0, Some(_), check) => {
+                        text.push_str(&format!("&checks {check}"));
+                    }
+                    ("health_check", _, Some(base), Value::Object(own)) => {
+                        text.push_str("{<<: *checks");
+                        for (k, v) in own {
+                            text.push_str(&format!(", {}: {v}", Value::from(k.as_str())));
+                        }
+                        text.push('}');
+                        // What the group does not say is the base's: it
+                        // says every setting but `lift_ejections: true`.
+                        let own = expected.failover_groups[i].health_check.as_mut().unwrap();
+                        own.lift_ejections &= base.lift_ejections;
+                    }
+                    _ => text.push_str(&value.to_string()),
+                }
+            }
+            text.push('}');
+        }
+        text.push_str("]}\n");
+        (text, expected)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// A configuration written out as YAML reads back as it was.
+        #[test]
+        fn any_config_reads_back_from_yaml(config in configs()) {
+            let yaml = serde_yaml_ng::to_string(&config).unwrap();
+            prop_assert_eq!(Config::from_yaml(&yaml).map_err(|e| e.to_string()), Ok(config), "{}", yaml);
+        }
+
+        /// A configuration written out as TOML reads back as it was.
+        #[test]
+        fn any_config_reads_back_from_toml(config in configs()) {
+            let toml = toml_text(&config);
+            prop_assert_eq!(Config::from_toml(&toml).map_err(|e| e.to_string()), Ok(config), "{}", toml);
+        }
+
+        /// Settings merged into a group read as they would written out in
+        /// it, whatever its names look like.
+        #[test]
+        fn merged_settings_read_as_written_out(config in configs()) {
+            let (yaml, expected) = merged_yaml(&config);
+            prop_assert_eq!(Config::from_yaml(&yaml).map_err(|e| e.to_string()), Ok(expected), "{}", yaml);
+        }
+
+        /// Text of any characters, and a configuration with one character
+        /// changed, removed or added, reads as a valid configuration or as
+        /// an error that says what and where.
+        #[test]
+        fn any_text_is_a_valid_config_or_an_error(
+            config in configs(),
+            raw in "\\PC{0,120}|[-\\[\\]{}:,\"'&*<>!|#\n ab0-9]{0,120}",
+            at in any::<proptest::sample::Index>(),
+            c in prop_oneof![any::<char>(), Just('\0'), Just('\n'), Just('"'), Just(':'), Just('['), Just('\t')],
+            change in 0..3u8,
+        ) {
+            let mutate = |text: String| {
+                let mut chars: Vec<char> = text.chars().collect();
+                let i = at.index(chars.len().max(1)).min(chars.len());
+                match change {
+                    0 if i < chars.len() => chars[i] = c,
+                    1 if i < chars.len() => { chars.remove(i); }
+                    _ => chars.insert(i, c),
+                }
+                chars.into_iter().collect::<String>()
+            };
+            let yaml = mutate(serde_yaml_ng::to_string(&config).unwrap());
+            let toml = mutate(toml_text(&config));
+            for (text, read) in [
+                (&raw, Config::from_yaml(&raw)),
+                (&raw, Config::from_toml(&raw)),
+                (&yaml, Config::from_yaml(&yaml)),
+                (&toml, Config::from_toml(&toml)),
+            ] {
+                match read {
+                    Ok(read) => prop_assert!(read.validate().is_ok()),
+                    Err(e) => {
+                        prop_assert!(e.is_parse() || e.is_invalid(), "{:?}", e);
+                        prop_assert!(!e.to_string().is_empty());
+                        let field = e.field();
+                        if let Some(place) = field.strip_prefix("line ") {
+                            let (line, column) = place.split_once(" column ").unwrap();
+                            let line: usize = line.parse().unwrap();
+                            prop_assert!(column.parse::<usize>().unwrap() >= 1);
+                            prop_assert!(line >= 1 && line <= text.split('\n').count() + 1, "{} in {:?}", field, text);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
