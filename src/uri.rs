@@ -15,3 +15,34 @@ pub(crate) fn has_valid_port(authority: &Authority) -> bool {
                 || port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// A port of any number of digits, zeros in front included, is
+        /// valid exactly when it is at most 65535; an authority of any
+        /// other text is checked without a panic.
+        #[test]
+        fn ports_are_valid_up_to_65535(
+            host in "(h|10\\.0\\.0\\.1|\\[::1\\]|a-b\\.c)",
+            zeros in 0usize..4,
+            port in any::<u64>(),
+            raw in "[a-z0-9.:\\[\\]+-]{1,20}",
+        ) {
+            let text = format!("{host}:{}{port}", "0".repeat(zeros));
+            if let Ok(authority) = Authority::try_from(text.as_str()) {
+                prop_assert_eq!(has_valid_port(&authority), port <= 65_535, "{}", text);
+            }
+            let bare = Authority::try_from(host.as_str()).unwrap();
+            prop_assert!(has_valid_port(&bare));
+            if let Ok(authority) = Authority::try_from(raw.as_str()) {
+                let _ = has_valid_port(&authority);
+            }
+        }
+    }
+}

@@ -2168,4 +2168,220 @@ mod tests {
         let year = Duration::from_secs(365 * 86_400);
         assert_eq!(interval(Some(Duration::MAX)), Some(year));
     }
+
+    mod generated {
+        //! Request paths, `Location`s, `Connection` lines and
+        //! `X-Forwarded-For` lines of any content.
+
+        use super::*;
+        use crate::key::{self, RequestHead, RequestKey};
+        use proptest::prelude::*;
+
+        /// RFC 3986's removal of dot segments (section 5.2.4) on the
+        /// segments of `path`, a `%2e` read as a dot, never above the root;
+        /// the result appended to `prefix`.
+        fn reference(prefix: &str, path: &str) -> String {
+            let segments: Vec<&str> = path.split('/').skip(1).collect();
+            let mut kept: Vec<&str> = Vec::new();
+            let mut directory = false;
+            for (i, segment) in segments.iter().enumerate() {
+                let last = i + 1 == segments.len();
+                match segment.to_ascii_lowercase().replace("%2e", ".").as_str() {
+                    "." => directory = last,
+                    ".." => {
+                        kept.pop();
+                        directory = last;
+                    }
+                    _ => {
+                        kept.push(segment);
+                        directory = false;
+                    }
+                }
+            }
+            let mut out = format!("{prefix}/{}", kept.join("/"));
+            if directory && !kept.is_empty() {
+                out.push('/');
+            }
+            out
+        }
+
+        /// Paths made of segments that are dots, encoded dots, empty, or
+        /// names.
+        fn paths() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![
+                    Just(""),
+                    Just("."),
+                    Just(".."),
+                    Just("%2e"),
+                    Just("%2E%2e"),
+                    Just(".%2E"),
+                    Just("..."),
+                    Just("a"),
+                    Just("b%20c"),
+                    Just("é"),
+                    Just("..a"),
+                    Just("a.."),
+                    Just("%2"),
+                ],
+                0..8,
+            )
+            .prop_map(|segments| segments.iter().map(|s| format!("/{s}")).collect::<String>())
+        }
+
+        fn client() -> HttpClient<http_body_util::Empty<bytes::Bytes>> {
+            HttpClient::new()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Under a base path, a request path's dot segments are removed
+            /// as RFC 3986 removes them, never above the base.
+            #[test]
+            fn dot_segments_are_removed_as_rfc_3986_does(
+                prefix in "(/app|/a/b|/x%2e)",
+                path in paths(),
+            ) {
+                let mut out = prefix.clone();
+                push_without_dot_segments(&mut out, &path);
+                prop_assert_eq!(&out, &reference(&prefix, &path), "{}", path);
+                prop_assert!(out[prefix.len()..].starts_with('/'));
+            }
+
+            /// Any path is either refused as hiding a separator or resolved
+            /// under the base, without a panic.
+            #[test]
+            fn any_path_stays_under_the_base(path in "/[a-z./%;\\\\2eEfFcC5é]{0,24}") {
+                if !hides_a_separator(&path) {
+                    let mut out = "/app".to_owned();
+                    push_without_dot_segments(&mut out, &path);
+                    prop_assert!(out.starts_with("/app/"), "{} -> {}", path, out);
+                    for segment in out["/app/".len()..].split('/') {
+                        let lower = segment.to_ascii_lowercase().replace("%2e", ".");
+                        prop_assert!(lower != "." && lower != "..", "{} -> {}", path, out);
+                    }
+                }
+            }
+
+            /// A `Location` is rewritten to a path of the proxy's only when it
+            /// names the backend's own URL, and the path then neither leaves
+            /// the site (`//`, `/\`) nor holds a control character.
+            #[test]
+            fn only_the_backends_own_urls_are_rewritten(
+                base in "(10\\.0\\.0\\.5|\\[::1\\]|api\\.internal)(|:80|:8080)(|/app)",
+                scheme in "(http|HTTP|https)",
+                host in "(10\\.0\\.0\\.5|\\[::1\\]|API\\.internal|api\\.internal|evil\\.example)(|:80|:8080|:443)",
+                prefix in "(|/app|/APP|/application)",
+                tail in "[/\\\\?#a-z\t\r\n ]{0,8}",
+            ) {
+                let backend = HttpBackend::new(&client(), format!("http://{base}").as_str()).unwrap();
+                let own = backend.own_urls();
+                let location = format!("{scheme}://{host}{prefix}{tail}");
+                let rewritten = own.rewrite(location.as_bytes());
+                if let Some(path) = &rewritten {
+                    prop_assert!(path.starts_with(b"/"));
+                    prop_assert!(!path.starts_with(b"//") && !path.starts_with(b"/\\"));
+                    prop_assert!(!path.iter().any(u8::is_ascii_control));
+                }
+                // Where the host ends is plain only when the path starts
+                // with one of the characters that end it.
+                let after_host = format!("{prefix}{tail}");
+                if !(after_host.is_empty() || after_host.starts_with(['/', '?', '#'])) {
+                    return Ok(());
+                }
+                let strip = |h: &str| h.strip_suffix(":80").unwrap_or(h).to_ascii_lowercase();
+                let base_host = base.split('/').next().unwrap();
+                let base_path = &base[base_host.len()..];
+                let expected = after_host
+                    .strip_prefix(base_path)
+                    .filter(|_| scheme.eq_ignore_ascii_case("http") && strip(&host) == strip(base_host))
+                    .filter(|after| !after.bytes().any(|b| b.is_ascii_control()))
+                    .filter(|after| !after.starts_with("//") && !after.starts_with("/\\"))
+                    .and_then(|after| match after.chars().next() {
+                        Some('/') => Some(after.to_owned()),
+                        None | Some('?' | '#') => Some(format!("/{after}")),
+                        _ => None,
+                    });
+                prop_assert_eq!(rewritten, expected.map(String::into_bytes), "{}", location);
+            }
+
+            /// Whatever `X-Forwarded-For` lines a client sent, the peer is
+            /// appended as the one last entry of one line, which a key that
+            /// trusts one hop reads as the peer's address.
+            #[test]
+            fn the_peer_is_the_last_forwarded_entry(
+                lines in proptest::collection::vec("[0-9a-f.:, \t\\[\\]%é]{0,20}", 0..4),
+                ip in any::<std::net::IpAddr>(),
+                port in any::<u16>(),
+            ) {
+                let mut req = Request::new(());
+                for line in &lines {
+                    req.headers_mut().append(&X_FORWARDED_FOR, HeaderValue::from_str(line).unwrap());
+                }
+                append_forwarded_for(req.headers_mut(), ip);
+                prop_assert_eq!(req.headers().get_all(&X_FORWARDED_FOR).iter().count(), 1);
+                let forwarded = key::forwarded_for().trusted_hops(1).key(&RequestHead::from(&req));
+                req.extensions_mut().insert(PeerAddr(std::net::SocketAddr::new(ip, port)));
+                let peer = key::peer_ip().key(&RequestHead::from(&req));
+                prop_assert!(peer.is_some());
+                prop_assert_eq!(forwarded, peer);
+                let mut text = [0; 64];
+                let written = ip.to_canonical().to_string();
+                prop_assert_eq!(ip_text(ip.to_canonical(), &mut text), written.as_bytes());
+            }
+
+            /// `Connection` lines of any tokens remove the headers they name
+            /// and the hop-by-hop ones, never those proxies set for the
+            /// backend, nor any they do not name.
+            #[test]
+            fn connection_lines_remove_what_they_name_and_no_more(
+                lines in proptest::collection::vec(
+                    proptest::collection::vec(
+                        "(x-a|X-B|x-forwarded-for|X-Forwarded-Proto|forwarded|Via|x-real-ip|te|keep-alive|close|upgrade|bad name|b@d|\\t|)",
+                        0..4,
+                    )
+                    .prop_map(|tokens| tokens.join(" ,")),
+                    0..3,
+                ),
+            ) {
+                let mut h = HeaderMap::new();
+                for line in &lines {
+                    h.append(CONNECTION, HeaderValue::from_str(line).unwrap());
+                }
+                for name in ["x-a", "x-b", "x-c", "x-forwarded-for", "x-forwarded-proto", "forwarded", "via", "x-real-ip", "te", "keep-alive", "upgrade"] {
+                    h.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+                }
+                strip_hop_by_hop(&mut h);
+                for name in HOP_BY_HOP_TEXT {
+                    prop_assert!(!h.contains_key(name), "{}", name);
+                }
+                for name in ["x-c", "x-forwarded-for", "x-forwarded-proto", "forwarded", "via", "x-real-ip"] {
+                    prop_assert!(h.contains_key(name), "{}", name);
+                }
+                let named = |token: &str| lines.iter().any(|l| l.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)));
+                for name in ["x-a", "x-b"] {
+                    prop_assert_eq!(h.contains_key(name), !named(name), "{}", name);
+                }
+            }
+
+            /// A `Keep-Alive` line of any text: the timeout it announces in
+            /// whole seconds, else none.
+            #[test]
+            fn keep_alive_lines_of_any_text_are_read(
+                line in "[ -~]{0,30}|(max=5, )?(timeout|TimeOut) ?= ?\"?[0-9]{1,25}\"?",
+            ) {
+                let mut h = HeaderMap::new();
+                h.insert(&HOP_BY_HOP[4], HeaderValue::from_str(&line).unwrap());
+                let expected = line.split(',').find_map(|p| {
+                    let (name, value) = p.trim().split_once('=')?;
+                    if !name.trim().eq_ignore_ascii_case("timeout") {
+                        return None;
+                    }
+                    value.trim().trim_matches('"').parse::<u64>().ok()
+                });
+                prop_assert_eq!(keep_alive_timeout(&h), expected, "{}", line);
+            }
+        }
+    }
 }
