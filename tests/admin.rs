@@ -832,3 +832,180 @@ async fn the_admin_service_answers_over_a_real_hyper_server() {
     assert_eq!(*head_body, 0);
     server.abort();
 }
+
+mod generated {
+    //! Requests of any method, path, host, content type and body.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
+    /// `id` with the bytes `encode` picks percent-encoded, in either case
+    /// of hex digit.
+    fn encoded(id: &str, encode: &[bool], lower: bool) -> String {
+        let mut out = String::new();
+        for (i, b) in id.bytes().enumerate() {
+            if !b.is_ascii_alphanumeric() || encode.get(i).copied().unwrap_or(false) {
+                let hex = format!("%{b:02X}");
+                out.push_str(&if lower { hex.to_lowercase() } else { hex });
+            } else {
+                out.push(char::from(b));
+            }
+        }
+        out
+    }
+
+    /// Path segments: routes' own words, ids, encodings good and bad.
+    fn segments() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just("groups"),
+                Just("backends"),
+                Just("web"),
+                Just("api"),
+                Just("web1"),
+                Just("web%203"),
+                Just("primary"),
+                Just("weight"),
+                Just("max_in_flight"),
+                Just("drain"),
+                Just("disable"),
+                Just("enable"),
+                Just("events"),
+                Just("layers"),
+                Just(""),
+                Just("%"),
+                Just("%4"),
+                Just("%zz"),
+                Just("%+f"),
+                Just("%C3%A9"),
+                Just("%C3"),
+                Just("%FF"),
+                Just(".."),
+                Just("%2F"),
+            ],
+            0..5,
+        )
+        .prop_map(|segments| format!("/{}", segments.join("/")))
+    }
+
+    fn bodies() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..40),
+            "(\\{\\}|\\{\"weight\": ?(-1|0|5|4294967296|1e3|1\\.5|null|\"2\")\\}|\\{\"max_in_flight\": ?(null|0|7|18446744073709551616)\\}|\\{\"backend_id\": \"(web1|web2|api1|nope|)\"\\}| |\\[\\]|null)"
+                .prop_map(String::into_bytes),
+            (1usize..2_000).prop_map(|d| format!("{}{}", "[".repeat(d), "]".repeat(d)).into_bytes()),
+            Just(vec![b' '; 70 * 1024]),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever a request holds, the answer is JSON with its length,
+        /// an error object for any status but 200, and never a server
+        /// error.
+        #[test]
+        fn any_request_is_answered_with_json(
+            method in "(GET|HEAD|POST|DELETE|PUT|PATCH|OPTIONS)",
+            path in segments(),
+            query in "(|\\?limit=(0|5|-1|x|99999999999999999999|18446744073709551615)(&a=b)?|\\?a=b&limit=3)",
+            host in proptest::option::of("(127\\.0\\.0\\.1|localhost|LocalHost:8080|\\[::1\\]:1|evil\\.example|u@127\\.0\\.0\\.1|1\\.2\\.3|\\[::1|[ -~]{0,12})"),
+            content_type in proptest::option::of("(application/json|Application/JSON; charset=utf-8|text/plain|application/jsonx|[ -~]{0,16})"),
+            body in bodies(),
+        ) {
+            runtime().block_on(async {
+                let f = fixture();
+                let mut request = Request::builder().method(method.as_str()).uri(format!("{path}{query}"));
+                if let Some(host) = &host {
+                    request = request.header("host", host.as_str());
+                }
+                if let Some(content_type) = &content_type {
+                    request = request.header("content-type", content_type.as_str());
+                }
+                let request = request.body(Full::new(Bytes::from(body))).unwrap();
+                let response: Response<AdminBody> = f.admin.clone().oneshot(request).await.unwrap();
+                let status = response.status();
+                assert!(
+                    [200, 400, 403, 404, 405, 409, 413, 415].contains(&status.as_u16()),
+                    "{method} {path}{query}: {status}"
+                );
+                assert_eq!(response.headers()["content-type"], "application/json");
+                let length: usize = response.headers()["content-length"].to_str().unwrap().parse().unwrap();
+                let bytes = response.into_body().collect().await.unwrap().to_bytes();
+                if method == "HEAD" {
+                    assert!(bytes.is_empty());
+                } else {
+                    assert_eq!(bytes.len(), length);
+                    let answer: Value = serde_json::from_slice(&bytes).unwrap();
+                    if status != 200 {
+                        assert!(answer["error"].is_string(), "{answer}");
+                    }
+                }
+            });
+        }
+
+        /// A backend id with any of its bytes percent-encoded, in either
+        /// case, names that backend; an escape without two hex digits is
+        /// refused before any action.
+        #[test]
+        fn ids_with_any_bytes_encoded_name_their_backend(
+            encode in proptest::collection::vec(any::<bool>(), 8),
+            lower in any::<bool>(),
+            bad in "%(|[0-9a-fA-F]|[g-z+-][0-9a-f]|[0-9a-f][g-z+-])",
+        ) {
+            runtime().block_on(async {
+                let f = fixture();
+                for id in ["web 3", "web1"] {
+                    let path = format!("/backends/{}", encoded(id, &encode, lower));
+                    let (status, body) = call(&f.admin, "GET", &path, "").await;
+                    assert_eq!((status, &body["id"]), (StatusCode::OK, &json!(id)), "{path}");
+                }
+                let path = format!("/backends/web1{bad}/disable");
+                let (status, body) = call(&f.admin, "POST", &path, "").await;
+                assert_eq!(status, 400, "{path}: {body}");
+                assert_eq!(f.web.state(&"web1".into()).unwrap().admin(), AdminStatus::Enabled);
+            });
+        }
+
+        /// A weight of any number is taken exactly when it fits 32 bits,
+        /// and a refused one changes nothing.
+        #[test]
+        fn weights_of_any_number_are_taken_or_refused(
+            weight in prop_oneof![
+                any::<u32>().prop_map(|w| w.to_string()),
+                any::<i64>().prop_map(|w| w.to_string()),
+                any::<u64>().prop_map(|w| w.to_string()),
+                any::<f64>().prop_map(|w| format!("{w:?}")),
+                "[0-9]{20,40}",
+            ],
+        ) {
+            runtime().block_on(async {
+                let f = fixture();
+                let state = f.web.state(&"web2".into()).unwrap();
+                let before = state.weight();
+                let body = format!(r#"{{"weight": {weight}}}"#);
+                let (status, answer) = call(&f.admin, "POST", "/backends/web2/weight", &body).await;
+                match weight.parse::<u32>() {
+                    Ok(w) if status == StatusCode::OK => {
+                        assert_eq!(answer["weight"], json!(w));
+                        assert_eq!(state.weight(), w);
+                    }
+                    Ok(0) => assert_eq!(status, 400, "{body}: {answer}"),
+                    Ok(_) => panic!("{body}: {status} {answer}"),
+                    Err(_) => {
+                        assert_eq!(status, 400, "{body}: {answer}");
+                        assert_eq!(state.weight(), before);
+                    }
+                }
+            });
+        }
+    }
+}
