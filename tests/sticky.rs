@@ -4795,3 +4795,127 @@ async fn a_strict_refusal_does_not_show_a_learned_cookie() {
     assert!(!shown.contains("s3cret"), "{shown}");
     assert!(shown.contains("cookie:"), "{shown}");
 }
+
+mod generated {
+    //! `Cookie` headers of any mix of the layer's own cookie, changed
+    //! copies of it, made-up values and other cookies.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A pair in a generated `Cookie` header.
+    #[derive(Debug, Clone)]
+    enum Pair {
+        /// The cookie the layer issued, quoted or not.
+        Genuine { quoted: bool },
+        /// The issued value with one character changed.
+        Changed {
+            at: proptest::sample::Index,
+            to: char,
+        },
+        /// A value of the cookie's name that the layer never issued.
+        MadeUp(String),
+        /// The name without a value, or without `=`.
+        Empty(&'static str),
+        /// Another cookie.
+        Other(String),
+    }
+
+    fn pairs() -> impl Strategy<Value = Pair> {
+        prop_oneof![
+            2 => any::<bool>().prop_map(|quoted| Pair::Genuine { quoted }),
+            2 => (any::<proptest::sample::Index>(), proptest::sample::select("AZaz09_-.".chars().collect::<Vec<_>>()))
+                .prop_map(|(at, to)| Pair::Changed { at, to }),
+            1 => "[A-Za-z0-9_.-]{0,80}".prop_map(Pair::MadeUp),
+            1 => prop_oneof![Just("srv="), Just("srv"), Just("srv=\"\"")].prop_map(Pair::Empty),
+            1 => "[a-z]{1,4}=[ -:<-~]{0,20}"
+                .prop_filter("another name", |p| !p.starts_with("srv="))
+                .prop_map(Pair::Other),
+        ]
+    }
+
+    /// The value `pair` sends of the layer's cookie, if any, and the pair.
+    fn written(pair: &Pair, genuine: &str) -> (Option<String>, String) {
+        match pair {
+            Pair::Genuine { quoted: false } => (Some(genuine.to_owned()), format!("srv={genuine}")),
+            Pair::Genuine { quoted: true } => {
+                (Some(genuine.to_owned()), format!("srv=\"{genuine}\""))
+            }
+            Pair::Changed { at, to } => {
+                let mut chars: Vec<char> = genuine.chars().collect();
+                let i = at.index(chars.len());
+                chars[i] = if chars[i] == *to {
+                    if *to == 'A' {
+                        'B'
+                    } else {
+                        'A'
+                    }
+                } else {
+                    *to
+                };
+                let value: String = chars.into_iter().collect();
+                (Some(value.clone()), format!("srv={value}"))
+            }
+            Pair::MadeUp(value) => (
+                (!value.is_empty()).then(|| value.clone()),
+                format!("srv={value}"),
+            ),
+            Pair::Empty(pair) => (None, (*pair).to_owned()),
+            Pair::Other(pair) => (None, pair.clone()),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// The session is kept exactly when the issued value is among the
+        /// values of the layer's cookie it looks at (the first, and three
+        /// more when the first is not its own), in a header within the size
+        /// limit; any other mix starts a new session, never an error.
+        #[test]
+        fn the_issued_cookie_is_found_among_any_others(
+            pairs in proptest::collection::vec(pairs(), 0..8),
+            separator in "(; |;|;  | ; )",
+            oversized in proptest::bool::weighted(0.1),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let c = cluster();
+                let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
+                let svc = stack(&c.pool, layer.clone());
+                let first = send(&svc, Request::new(())).await.unwrap();
+                let issued = cookie_of(&first).unwrap();
+                let genuine = issued.strip_prefix("srv=").unwrap().to_owned();
+                let home = served(&first).to_owned();
+
+                let mut values = Vec::new();
+                let mut header = Vec::new();
+                for pair in &pairs {
+                    let (value, text) = written(pair, &genuine);
+                    values.extend(value);
+                    header.push(text);
+                }
+                if oversized {
+                    header.push(format!("filler={}", "x".repeat(MAX_COOKIE_HEADER_BYTES)));
+                }
+                let header = header.join(&separator);
+                let kept = !oversized && values.iter().take(4).any(|v| *v == genuine);
+
+                let mut req = Request::new(());
+                if !header.is_empty() {
+                    req.headers_mut().insert(COOKIE, HeaderValue::from_str(&header).unwrap());
+                }
+                let res = send(&svc, req).await.unwrap();
+                if kept {
+                    assert_eq!(served(&res), home, "{header}");
+                    assert_eq!(cookie_of(&res), None, "{header}");
+                } else {
+                    let fresh = cookie_of(&res).unwrap_or_else(|| panic!("no new session for {header}"));
+                    assert_ne!(fresh, issued, "{header}");
+                }
+            });
+        }
+    }
+
+    const MAX_COOKIE_HEADER_BYTES: usize = tower_ha::sticky::MAX_COOKIE_HEADER;
+}
