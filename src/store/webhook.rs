@@ -1558,6 +1558,23 @@ mod tests {
                 }
             }
 
+            /// A URL whose password holds any of the characters that end a
+            /// part of it, and whose query holds a key, is shown without
+            /// either.
+            #[test]
+            fn urls_never_show_their_secrets(
+                password in proptest::option::of("Ⓟ[a-z/?#@:=]{0,8}"),
+                path in "(|/|/api/sessions|/a@b)",
+                query in proptest::option::of("(code|key|owner)=(Ⓠ[a-z@/?:]{0,8}|x@y)(&a=b)?"),
+                fragment in "(|#f|#a@b)",
+            ) {
+                let userinfo = password.map(|p| format!("u:{p}@")).unwrap_or_default();
+                let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+                let url = format!("http://{userinfo}h:8080{path}{query}{fragment}");
+                let shown = redact(&url);
+                prop_assert!(!shown.contains(['Ⓟ', 'Ⓠ']), "{} -> {}", url, shown);
+            }
+
             /// `Retry-After` of any visible text: seconds when it is a whole
             /// number, else nothing.
             #[test]
