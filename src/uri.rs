@@ -25,14 +25,12 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
         /// A port of any number of digits, zeros in front included, is
-        /// valid exactly when it is at most 65535; an authority of any
-        /// other text is checked without a panic.
+        /// valid exactly when it is at most 65535.
         #[test]
         fn ports_are_valid_up_to_65535(
             host in "(h|10\\.0\\.0\\.1|\\[::1\\]|a-b\\.c)",
             zeros in 0usize..4,
-            port in any::<u64>(),
-            raw in "[a-z0-9.:\\[\\]+-]{1,20}",
+            port in prop_oneof![0u64..=70_000, Just(65_535), Just(65_536), any::<u64>()],
         ) {
             let text = format!("{host}:{}{port}", "0".repeat(zeros));
             if let Ok(authority) = Authority::try_from(text.as_str()) {
@@ -40,9 +38,6 @@ mod tests {
             }
             let bare = Authority::try_from(host.as_str()).unwrap();
             prop_assert!(has_valid_port(&bare));
-            if let Ok(authority) = Authority::try_from(raw.as_str()) {
-                let _ = has_valid_port(&authority);
-            }
         }
     }
 }

@@ -861,7 +861,7 @@ mod generated {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(ProptestConfig::with_cases(16))]
 
         /// Any session saved reads back as it was, from its key and in a
         /// listing, in a directory that holds its file and nothing else.
