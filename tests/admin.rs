@@ -975,37 +975,5 @@ mod generated {
             });
         }
 
-        /// A weight of any number is taken exactly when it fits 32 bits,
-        /// and a refused one changes nothing.
-        #[test]
-        fn weights_of_any_number_are_taken_or_refused(
-            weight in prop_oneof![
-                any::<u32>().prop_map(|w| w.to_string()),
-                any::<i64>().prop_map(|w| w.to_string()),
-                any::<u64>().prop_map(|w| w.to_string()),
-                any::<f64>().prop_map(|w| format!("{w:?}")),
-                "[0-9]{20,40}",
-            ],
-        ) {
-            runtime().block_on(async {
-                let f = fixture();
-                let state = f.web.state(&"web2".into()).unwrap();
-                let before = state.weight();
-                let body = format!(r#"{{"weight": {weight}}}"#);
-                let (status, answer) = call(&f.admin, "POST", "/backends/web2/weight", &body).await;
-                match weight.parse::<u32>() {
-                    Ok(w) if status == StatusCode::OK => {
-                        assert_eq!(answer["weight"], json!(w));
-                        assert_eq!(state.weight(), w);
-                    }
-                    Ok(0) => assert_eq!(status, 400, "{body}: {answer}"),
-                    Ok(_) => panic!("{body}: {status} {answer}"),
-                    Err(_) => {
-                        assert_eq!(status, 400, "{body}: {answer}");
-                        assert_eq!(state.weight(), before);
-                    }
-                }
-            });
-        }
     }
 }

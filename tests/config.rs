@@ -1103,50 +1103,5 @@ mod generated {
             prop_assert_eq!(Config::from_yaml(&yaml).map_err(|e| e.to_string()), Ok(expected), "{}", yaml);
         }
 
-        /// Text of any characters, and a configuration with one character
-        /// changed, removed or added, reads as a valid configuration or as
-        /// an error that says what and where.
-        #[test]
-        fn any_text_is_a_valid_config_or_an_error(
-            config in configs(),
-            raw in "\\PC{0,120}|[-\\[\\]{}:,\"'&*<>!|#\n ab0-9]{0,120}",
-            at in any::<proptest::sample::Index>(),
-            c in prop_oneof![any::<char>(), Just('\0'), Just('\n'), Just('"'), Just(':'), Just('['), Just('\t')],
-            change in 0..3u8,
-        ) {
-            let mutate = |text: String| {
-                let mut chars: Vec<char> = text.chars().collect();
-                let i = at.index(chars.len().max(1)).min(chars.len());
-                match change {
-                    0 if i < chars.len() => chars[i] = c,
-                    1 if i < chars.len() => { chars.remove(i); }
-                    _ => chars.insert(i, c),
-                }
-                chars.into_iter().collect::<String>()
-            };
-            let yaml = mutate(serde_yaml_ng::to_string(&config).unwrap());
-            let toml = mutate(toml_text(&config));
-            for (text, read) in [
-                (&raw, Config::from_yaml(&raw)),
-                (&raw, Config::from_toml(&raw)),
-                (&yaml, Config::from_yaml(&yaml)),
-                (&toml, Config::from_toml(&toml)),
-            ] {
-                match read {
-                    Ok(read) => prop_assert!(read.validate().is_ok()),
-                    Err(e) => {
-                        prop_assert!(e.is_parse() || e.is_invalid(), "{:?}", e);
-                        prop_assert!(!e.to_string().is_empty());
-                        let field = e.field();
-                        if let Some(place) = field.strip_prefix("line ") {
-                            let (line, column) = place.split_once(" column ").unwrap();
-                            let line: usize = line.parse().unwrap();
-                            prop_assert!(column.parse::<usize>().unwrap() >= 1);
-                            prop_assert!(line >= 1 && line <= text.split('\n').count() + 1, "{} in {:?}", field, text);
-                        }
-                    }
-                }
-            }
-        }
     }
 }

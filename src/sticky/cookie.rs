@@ -1487,25 +1487,6 @@ mod tests {
                 }
             }
 
-            /// `Cache-Control` values of any bytes are read without a panic;
-            /// a directive list that holds `no-store` or a bare `private`
-            /// keeps the cookie from shared caches wherever it stands.
-            #[test]
-            fn cache_control_is_read_whatever_it_holds(
-                raw in header_bytes(80),
-                before in "[a-z=\", -]{0,20}",
-                directive in "(no-store|private|PRIVATE|private=\"set-cookie\"|private=\"a, Set-Cookie\")",
-            ) {
-                let _ = keeps_cookie_private(&raw);
-                // Quotes before it balanced, so that it stands outside any.
-                let before = if before.matches('"').count() % 2 == 1 {
-                    format!("{before}\"")
-                } else {
-                    before
-                };
-                let value = format!("{before}, {directive}");
-                prop_assert!(keeps_cookie_private(value.as_bytes()), "{}", value);
-            }
         }
     }
 }
