@@ -8,12 +8,25 @@ use http::uri::Authority;
 /// otherwise be taken for no port at all, and so would a port out of
 /// range or written with a sign.
 pub(crate) fn has_valid_port(authority: &Authority) -> bool {
-    let rest = &authority.as_str()[authority.host().len()..];
-    rest.is_empty()
-        || rest.strip_prefix(':').is_some_and(|port| {
-            port.is_empty()
-                || port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
-        })
+    port_after_host(&authority.as_str()[authority.host().len()..]).is_some()
+}
+
+/// The port in what follows a host (`rest`): `Some(None)` for none given
+/// (nothing, or a colon alone: the scheme's), `Some(Some(port))` for a
+/// colon then a port from 0 to 65535, and `None` for anything else (digits
+/// without the colon, a port out of range or written with a sign).
+pub(crate) fn port_after_host(rest: &str) -> Option<Option<u16>> {
+    let Some(digits) = rest.strip_prefix(':') else {
+        return rest.is_empty().then_some(None);
+    };
+    if digits.is_empty() {
+        return Some(None);
+    }
+    // Digits only: `u16` parsing would take a sign.
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(Some)
 }
 
 #[cfg(test)]

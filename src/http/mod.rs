@@ -1533,16 +1533,7 @@ fn canonical_host(authority: &[u8], scheme: &str) -> Option<Vec<u8>> {
     if host.is_empty() {
         return None;
     }
-    let port = match port.strip_prefix(':') {
-        None if port.is_empty() => None,
-        None => return None,
-        Some("") => None,
-        // Digits only: `u16` parsing would take a sign.
-        Some(digits) if digits.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(digits.parse::<u16>().ok()?)
-        }
-        Some(_) => return None,
-    };
+    let port = crate::uri::port_after_host(port)?;
     let default = if scheme.eq_ignore_ascii_case("https") {
         443
     } else {
