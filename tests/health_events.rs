@@ -202,14 +202,7 @@ async fn a_backend_the_cap_keeps_in_is_warned_of_once_and_counted() {
         4,
         "each failure from the second"
     );
-    let refused: Vec<_> = capture
-        .events()
-        .into_iter()
-        .filter(|e| {
-            e.get("message")
-                .is_some_and(|m| m.starts_with("ejection refused"))
-        })
-        .collect();
+    let refused = capture.saying("ejection refused");
     let warned: Vec<_> = refused
         .iter()
         .filter(|e| e.level == tracing::Level::WARN)

@@ -1272,15 +1272,8 @@ mod tests {
             let tmp = tempfile::tempdir().unwrap();
             let dir = tmp.path();
             let ttl = Duration::from_secs(60);
-            // Written without a TTL: a save with one would start a prune.
-            let plain = FileStore::open(dir).await.unwrap();
-            // A key of its own: the writes other tests have under way, which
-            // a prune leaves alone, are known by file name.
-            let key = "a-background-prune-needs-a-free-permit";
-            plain.save(&Session::new(key, "a".into())).await.unwrap();
-            let name = file_name(key);
-            let file = File::options().write(true).open(dir.join(&name)).unwrap();
-            file.set_modified(SystemTime::now() - 2 * ttl).unwrap();
+            let (plain, name) =
+                expired_record(dir, "a-background-prune-needs-a-free-permit", ttl).await;
             let store = plain.with_ttl(ttl).with_concurrency_limit(1);
             let after_a_prune = || tokio::task::spawn_blocking(|| ());
 
@@ -1296,19 +1289,32 @@ mod tests {
         });
     }
 
+    /// Sets `path` as last written `ago`.
+    fn written_ago(path: &Path, ago: Duration) {
+        let file = File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - ago).unwrap();
+    }
+
+    /// A store at `dir` without a TTL (a save with one would start a
+    /// prune) that holds the record of `key`, last written twice `ttl` ago;
+    /// and the record's file name. A key of each test's own: the writes
+    /// other tests have under way, which a prune leaves alone, are known by
+    /// file name.
+    async fn expired_record(dir: &Path, key: &str, ttl: Duration) -> (FileStore, String) {
+        let store = FileStore::open(dir).await.unwrap();
+        store.save(&Session::new(key, "a".into())).await.unwrap();
+        let name = file_name(key);
+        written_ago(&dir.join(&name), 2 * ttl);
+        (store, name)
+    }
+
     #[tokio::test]
     async fn a_prune_leaves_a_record_this_process_is_writing() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let ttl = Duration::from_secs(60);
-        // Written without a TTL: a save with one would start a prune.
-        let plain = FileStore::open(dir).await.unwrap();
-        let key = "a-prune-leaves-a-record-being-written";
-        plain.save(&Session::new(key, "a".into())).await.unwrap();
+        let (plain, name) = expired_record(dir, "a-prune-leaves-a-record-being-written", ttl).await;
         let store = plain.with_ttl(ttl);
-        let name = file_name(key);
-        let file = File::options().write(true).open(dir.join(&name)).unwrap();
-        file.set_modified(SystemTime::now() - 2 * ttl).unwrap();
 
         let writing = InFlight::register(temp_name(&name, 1));
         assert_eq!(store.prune().await.unwrap(), 0);
@@ -1334,8 +1340,7 @@ mod tests {
             fs::write(dir.join(temp), b"{\"key\": \"a-prune").unwrap();
         }
         for temp in [&old, &writing, &foreign] {
-            let file = File::options().write(true).open(dir.join(temp)).unwrap();
-            file.set_modified(SystemTime::now() - 2 * ttl).unwrap();
+            written_ago(&dir.join(temp), 2 * ttl);
         }
 
         let in_flight = InFlight::register(writing.clone());

@@ -48,6 +48,16 @@ impl Capture {
     pub fn events(&self) -> Vec<Event> {
         self.0.lock().clone()
     }
+
+    /// The events so far whose message starts with `start`, oldest first.
+    pub fn saying(&self, start: &str) -> Vec<Event> {
+        self.0
+            .lock()
+            .iter()
+            .filter(|e| e.get("message").is_some_and(|m| m.starts_with(start)))
+            .cloned()
+            .collect()
+    }
 }
 
 struct Fields<'a>(&'a mut Vec<(String, String)>);
