@@ -614,14 +614,18 @@ impl Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        drop(self.guard.take());
-        let mut writing = WRITING.lock();
-        if let Some(record) = writing.get_mut(&self.path) {
-            record.turns -= 1;
-            if record.turns == 0 {
-                writing.remove(&self.path);
+        {
+            let mut writing = WRITING.lock();
+            if let Some(record) = writing.get_mut(&self.path) {
+                record.turns -= 1;
+                if record.turns == 0 {
+                    writing.remove(&self.path);
+                }
             }
         }
+        // Given back once the turn no longer counts: the write it lets in
+        // may end, and look at the table, before this thread goes on.
+        drop(self.guard.take());
     }
 }
 
