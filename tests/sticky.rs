@@ -341,7 +341,11 @@ async fn a_response_that_sets_the_cookie_is_not_for_shared_caches() {
     }
     // `private` with fields that leave `Set-Cookie` out lets a shared
     // cache keep the cookie.
-    for said in ["public, private=\"x-user\"", "max-age=60, x-private"] {
+    for said in [
+        "public, private=\"x-user\"",
+        "max-age=60, x-private",
+        "no-cache=\"x\\\", private, y\"",
+    ] {
         let res = svc.clone().oneshot(asking(said)).await.unwrap();
         assert_eq!(cache_control(&res), [said, "private"]);
     }

@@ -743,11 +743,18 @@ fn path_matches(request: &[u8], cookie: &[u8]) -> bool {
 /// that names it (`private="set-cookie"`; a shared cache may store the
 /// response without the fields named).
 fn keeps_cookie_private(value: &[u8]) -> bool {
-    // Directives are split at commas outside quoted strings.
-    let mut quoted = false;
+    // Directives are split at commas outside quoted strings, in which a
+    // backslash quotes the next byte (`\"` does not end the string).
+    let (mut quoted, mut escaped) = (false, false);
     value
         .split(|&b| {
-            quoted ^= b == b'"';
+            if escaped {
+                escaped = false;
+            } else if quoted && b == b'\\' {
+                escaped = true;
+            } else {
+                quoted ^= b == b'"';
+            }
             b == b',' && !quoted
         })
         .any(|directive| {
