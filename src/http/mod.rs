@@ -1348,13 +1348,22 @@ fn strip_all_but_upgrade(headers: &mut HeaderMap, present: u8) -> bool {
 
 /// The elements of a list header's `lines` (RFC 9110, section 5.6.1):
 /// separated by commas, trimmed, empty ones skipped.
+///
+/// Each element is read alone: one that is not text (a byte past ASCII
+/// that is not UTF-8) is [`NOT_TEXT`], which equals no name or token,
+/// and leaves the others on its line readable. (Read whole, such a line
+/// would name nothing, and the headers it names would be forwarded.)
 fn elements<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>) -> impl Iterator<Item = &'a str> {
     lines
         .into_iter()
-        .flat_map(|line| line.to_str().unwrap_or_default().split(','))
-        .map(str::trim)
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|element| !element.is_empty())
+        .map(|element| std::str::from_utf8(element).unwrap_or(NOT_TEXT))
 }
+
+/// What [`elements`] reads an element that is not text as.
+const NOT_TEXT: &str = "\u{fffd}";
 
 /// Whether a list header's `lines` hold `element`, in any case.
 fn lists<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>, element: &str) -> bool {
@@ -1808,6 +1817,19 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert!(h.contains_key("x-kept"));
         assert!(h.contains_key("trailer"), "end to end");
+        // A byte that is not text spoils its element only.
+        let mut h = HeaderMap::new();
+        let line = HeaderValue::from_bytes(b"x-secret, caf\xe9, x-other").unwrap();
+        h.insert(CONNECTION, line);
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
+        let te = HeaderValue::from_bytes(b"\xff, trailers").unwrap();
+        assert!(lists([&te], "trailers"));
+        let coding = HeaderValue::from_bytes(b"chunked, \xff").unwrap();
+        assert!(!only_chunked([&coding]), "a coding not read is one more");
         // A plain line names nothing; a later line still does.
         let mut h = HeaderMap::new();
         h.insert(CONNECTION, HeaderValue::from_static("Keep-Alive"));
