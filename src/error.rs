@@ -442,10 +442,32 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
     allow(dead_code)
 )]
 pub(crate) fn hide_user_info(uri: &str, from: usize) -> String {
-    let start = uri.find("://").map_or(from, |i| i + 3);
+    let start = after_scheme(uri, from);
     match uri[start..].rfind('@') {
         Some(at) => format!("{}***{}", &uri[..start], &uri[start + at..]),
         None => uri.to_owned(),
+    }
+}
+
+/// Where what follows `uri`'s scheme and its `://` starts, or `from`
+/// when the text from `from` up to the first `://` is no scheme (RFC 3986
+/// section 3.1: a letter, then letters, digits, `+`, `-` or `.`): a URL
+/// written without one may hold `://` in its password or query.
+#[cfg_attr(
+    not(any(feature = "hyper-client", feature = "webhook", feature = "redis")),
+    allow(dead_code)
+)]
+pub(crate) fn after_scheme(uri: &str, from: usize) -> usize {
+    let Some(i) = uri.get(from..).and_then(|rest| rest.find("://")) else {
+        return from;
+    };
+    let scheme = &uri.as_bytes()[from..from + i];
+    let valid = scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && (scheme.iter()).all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    if valid {
+        from + i + 3
+    } else {
+        from
     }
 }
 
@@ -460,6 +482,13 @@ mod tests {
         assert_eq!(hide_user_info("http://u:p@a/b", 0), "http://***@a/b");
         assert_eq!(hide_user_info("\"u:p@a:1\"", 1), "\"***@a:1\"");
         assert_eq!(hide_user_info("http://u:p/q?r#s@a", 0), "http://***@a");
+        // `://` in a password is not the end of a scheme.
+        assert_eq!(hide_user_info("u:pa://ss@a:1", 0), "***@a:1");
+        assert_eq!(hide_user_info("\"u:p://w@a\"", 1), "\"***@a\"");
+        assert_eq!(after_scheme("redis+unix:///s", 0), 13);
+        assert_eq!(after_scheme("\"h2.c-x://a", 1), 10);
+        assert_eq!(after_scheme("://a", 0), 0);
+        assert_eq!(after_scheme("1http://a", 0), 0);
     }
     use http::StatusCode;
 

@@ -1002,7 +1002,7 @@ fn glob_escape(s: &[u8]) -> Vec<u8> {
 /// may hold `@` and `?` too). As
 /// an `@` or a `?` can belong to either, both readings are hidden.
 fn redact(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
+    let start = crate::error::after_scheme(url, 0);
     let (scheme, rest) = url.split_at(start);
     let mut hidden = Vec::new();
     if let Some(at) = rest.rfind('@') {
@@ -1658,6 +1658,11 @@ mod tests {
         );
         assert_eq!(
             redact("default:secret@redis.internal:6379"),
+            "default:***@redis.internal:6379"
+        );
+        // No scheme, and `://` in the password.
+        assert_eq!(
+            redact("default:se://cret@redis.internal:6379"),
             "default:***@redis.internal:6379"
         );
         // An `@` in the query's user name.

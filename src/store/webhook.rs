@@ -821,7 +821,7 @@ fn hidden_query(query: &str) -> &'static str {
 /// either a query holding an `@` or a password holding a `?`: all but the
 /// scheme is hidden then.
 fn redact(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
+    let start = crate::error::after_scheme(url, 0);
     let rest = &url[start..];
     match rest.find('?') {
         Some(query) if rest.rfind('@').is_some_and(|at| at > query) => {
@@ -1245,6 +1245,9 @@ mod tests {
         assert_eq!(redact("http://u:p/q#s@h/x"), "http://***@h/x");
         assert_eq!(redact("http://h/a?code=k3y"), "http://h/a?…");
         assert_eq!(redact("http://u:p@h/a?code=k3y"), "http://***@h/a?…");
+        // No scheme, and `://` in the password or the query.
+        assert_eq!(redact("u:p://w@h/x"), "***@h/x");
+        assert_eq!(redact("h/a?next=http://k3y"), "h/a?…");
         // A `?` before the last `@`: in a password, or in a query holding an
         // `@`, whose end a cut at the `@` would show.
         assert_eq!(redact("http://u:p/q?r#s@h/x"), "http://***?…");
