@@ -834,7 +834,8 @@ fn position(before: &str) -> String {
 ///
 /// Units are `ns`, `us` (or `µs`, with the micro sign or the Greek mu),
 /// `ms`, `s`, `m`, `h` and `d`. Whole numbers are exact to the nanosecond;
-/// a fraction (`"1.5s"`) is rounded to the nearest nanosecond.
+/// a fraction (`"1.5s"`) is rounded to the nearest nanosecond, computed
+/// exactly at any size (up to [`Duration::MAX`]).
 ///
 /// ```
 /// use std::time::Duration;
@@ -893,28 +894,42 @@ fn parse(text: &str) -> Result<Duration, String> {
         rest = &rest[unit_len..];
         let not_a_duration = || format!("`{text}` is not a duration such as \"5s\"");
         let out_of_range = || format!("`{text}` is out of range");
-        let part = if number.contains('.') {
-            let number: f64 = number.parse().map_err(|_| not_a_duration())?;
-            Duration::try_from_secs_f64(number * unit_nanos as f64 / NANOS_PER_SEC as f64)
-                .map_err(|_| out_of_range())?
+        // Exactly, in integers, whatever the size: what `format_duration`
+        // writes reads back as the same duration, and a fraction of a long
+        // one does not drift as a float's would.
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if fraction.contains('.') || whole.len() + fraction.len() == 0 {
+            return Err(not_a_duration());
+        }
+        let whole: u128 = if whole.is_empty() {
+            0
         } else {
-            // Whole numbers exactly, whatever their size: what
-            // `format_duration` writes reads back as the same duration.
-            let number: u128 = number.parse().map_err(|_| out_of_range())?;
-            let nanos = number
-                .checked_mul(u128::from(unit_nanos))
-                .ok_or_else(out_of_range)?;
-            let secs =
-                u64::try_from(nanos / u128::from(NANOS_PER_SEC)).map_err(|_| out_of_range())?;
-            // Below one second's nanoseconds: fits.
-            let subsec = (nanos % u128::from(NANOS_PER_SEC)) as u32;
-            Duration::new(secs, subsec)
+            whole.parse().map_err(|_| out_of_range())?
         };
+        let nanos = whole
+            .checked_mul(u128::from(unit_nanos))
+            .and_then(|nanos| nanos.checked_add(fraction_nanos(fraction, unit_nanos)))
+            .ok_or_else(out_of_range)?;
+        let secs = u64::try_from(nanos / u128::from(NANOS_PER_SEC)).map_err(|_| out_of_range())?;
+        // Below one second's nanoseconds: fits.
+        let part = Duration::new(secs, (nanos % u128::from(NANOS_PER_SEC)) as u32);
         total = total
             .checked_add(part)
             .ok_or_else(|| format!("`{text}` is out of range"))?;
     }
     Ok(total)
+}
+
+/// The nanoseconds in `0.{digits}` of a unit of `unit_nanos`, rounded to
+/// the nearest (a half up). Digits past the 24th are not read: they
+/// weigh less than a ten-billionth of a nanosecond even in days, and 24
+/// digits times a day's nanoseconds still fit in a `u128`.
+fn fraction_nanos(digits: &str, unit_nanos: u64) -> u128 {
+    let digits = &digits.as_bytes()[..digits.len().min(24)];
+    let (value, scale) = digits.iter().fold((0u128, 1u128), |(value, scale), &d| {
+        (value * 10 + u128::from(d - b'0'), scale * 10)
+    });
+    (value * u128::from(unit_nanos) + scale / 2) / scale
 }
 
 /// Reads a duration's text. The text is parsed inside the visitor, so that
@@ -1075,6 +1090,31 @@ mod tests {
             parse_duration("18446744073709551615s"),
             Ok(Duration::from_secs(u64::MAX))
         );
+        assert_eq!(
+            parse_duration("18446744073709551615.999999999s"),
+            Ok(Duration::MAX)
+        );
+        assert!(parse_duration("18446744073709551615.9999999995s").is_err());
+    }
+
+    #[test]
+    fn fractions_are_exact_and_round_to_the_nearest_nanosecond() {
+        for (text, d) in [
+            ("1000.000000001d", Duration::new(86_400_000, 86_400)),
+            ("0.5ns", Duration::from_nanos(1)),
+            ("0.4999ns", Duration::ZERO),
+            ("2.5us", Duration::from_nanos(2_500)),
+            (".5s", Duration::from_millis(500)),
+            ("5.s", Duration::from_secs(5)),
+            ("0.0000000000001h", Duration::ZERO),
+            ("0.00000000000015h", Duration::from_nanos(1)),
+            ("1.0000000000000000000000001s", Duration::from_secs(1)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(d), "{text}");
+        }
+        for text in [".s", "1.2.3s", "..s"] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
     }
 
     /// Multiples of a unit, then any nanosecond count.
@@ -1120,8 +1160,7 @@ mod tests {
         }
 
         /// A fraction that names a whole number of nanoseconds (`1.5ms`,
-        /// `0.25h`) reads as exactly that many, for durations up to some
-        /// thirteen days.
+        /// `0.25h`) reads as exactly that many, at any size.
         #[test]
         fn fractions_of_whole_nanoseconds_are_exact(
             unit in 0..UNITS.len() - 1,
@@ -1134,7 +1173,7 @@ mod tests {
             let digits = (1..=digits).rev().find(|&k| nanos % 10u64.pow(k) == 0).unwrap();
             let scale = 10u64.pow(digits);
             let step = nanos / scale;
-            let m = m % ((1 << 50) / step);
+            let m = m % (u64::MAX / step);
             let text = format!("{}.{:0width$}{name}", m / scale, m % scale, width = digits as usize);
             let expected = Duration::from_nanos(m * step);
             prop_assert_eq!(parse_duration(&text), Ok(expected), "{}", text);
