@@ -603,11 +603,13 @@ async fn a_record_that_is_not_utf8_is_skipped_alone() {
     let server = Server::start(Auth::None).await;
     let mut body = format!("[{},", element("a", "x")).into_bytes();
     body.extend_from_slice(b"{\"kernel_session\": {\"b\": {\"key\": \"b\", \"data\": \"\xff\"}}},");
-    body.extend_from_slice(format!("{}]", element("c", "y")).as_bytes());
+    // A replacement character the service sent as text is read as such.
+    body.extend_from_slice(format!("{}]", element("c", "y\u{fffd}")).as_bytes());
     server.set_mode(Mode::GetBytes(body));
     let loaded = store(&server).load_all().await.unwrap();
     let keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.as_str()).collect();
     assert_eq!(keys, ["a", "c"]);
+    assert_eq!(loaded.sessions[1].backend.as_str(), "y\u{fffd}");
     assert_eq!(loaded.skipped.len(), 1);
     assert_eq!(loaded.skipped[0].record, "#1");
     assert!(loaded.skipped[0].error.is_corrupt());

@@ -919,9 +919,9 @@ fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
     use serde::de::{Deserializer as _, Error as _, SeqAccess, Visitor};
     use serde_json::value::RawValue;
 
-    /// Where the elements go, and whether the answer was read with bytes
-    /// that are not UTF-8 replaced.
-    struct Listing<'a>(&'a mut Loaded, bool);
+    /// Where the elements go, the text read, and where in it bytes that
+    /// were not UTF-8 were replaced (see [`replace_not_utf8`]).
+    struct Listing<'a>(&'a mut Loaded, &'a str, &'a [usize]);
 
     impl<'de> Visitor<'de> for Listing<'_> {
         type Value = ();
@@ -935,7 +935,15 @@ fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
             // Skipping over a value is not bounded in depth: an error here
             // is the answer's.
             while let Some(raw) = seq.next_element::<&'de RawValue>()? {
-                read_element(self.0, i, raw.get(), self.1);
+                let raw = raw.get();
+                // Borrowed from the text: where it starts in it.
+                let start = (raw.as_ptr() as usize).wrapping_sub(self.1.as_ptr() as usize);
+                let first_after = self.2.partition_point(|&at| at < start);
+                let replaced = self
+                    .2
+                    .get(first_after)
+                    .is_some_and(|&at| at < start + raw.len());
+                read_element(self.0, i, raw, replaced);
                 if self.0.skipped.len() > MAX_SKIPPED {
                     return Err(A::Error::custom("too many unreadable elements"));
                 }
@@ -950,17 +958,19 @@ fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
     let body = without_bom(body);
     // A record holding bytes that are not UTF-8 (written by another client)
     // is skipped alone: the answer is read with those bytes replaced, and
-    // each element that then holds a replacement character is skipped, as
-    // its record cannot be read back as written.
-    let (text, lossy) = match std::str::from_utf8(body) {
-        Ok(text) => (std::borrow::Cow::Borrowed(text), false),
-        Err(_) => (String::from_utf8_lossy(body), true),
+    // each element in which one was replaced is skipped, as its record
+    // cannot be read back as written. (A replacement character the service
+    // sent as such is text like any other.)
+    let mut replaced = Vec::new();
+    let text = match std::str::from_utf8(body) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => std::borrow::Cow::Owned(replace_not_utf8(body, &mut replaced)),
     };
     let text = &*text;
     let mut loaded = Loaded::default();
     let mut parser = serde_json::Deserializer::from_str(text);
     let parsed = (&mut parser)
-        .deserialize_seq(Listing(&mut loaded, lossy))
+        .deserialize_seq(Listing(&mut loaded, text, &replaced))
         .and_then(|()| parser.end());
     match parsed {
         Ok(()) => Ok(loaded),
@@ -978,6 +988,21 @@ fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
     }
 }
 
+/// `body` read as text with each run of bytes that are not UTF-8 replaced
+/// by U+FFFD (as [`String::from_utf8_lossy`] does), and where in the text
+/// each replacement was put, in order, pushed to `at`.
+fn replace_not_utf8(body: &[u8], at: &mut Vec<usize>) -> String {
+    let mut text = String::with_capacity(body.len());
+    for chunk in body.utf8_chunks() {
+        text.push_str(chunk.valid());
+        if !chunk.invalid().is_empty() {
+            at.push(text.len());
+            text.push(char::REPLACEMENT_CHARACTER);
+        }
+    }
+    text
+}
+
 /// `body` without a leading UTF-8 byte order mark, which some services
 /// write and JSON readers skip.
 fn without_bom(body: &[u8]) -> &[u8] {
@@ -985,11 +1010,10 @@ fn without_bom(body: &[u8]) -> &[u8] {
 }
 
 /// Reads element `i` of a listing, `raw`, into `loaded`: a session, or a
-/// record skipped with why. `lossy`: the answer was read with bytes that
-/// are not UTF-8 replaced, so an element holding a replacement character
-/// is not the record as written.
-fn read_element(loaded: &mut Loaded, i: usize, raw: &str, lossy: bool) {
-    let read = if lossy && raw.contains(char::REPLACEMENT_CHARACTER) {
+/// record skipped with why. `replaced`: bytes in it that were not UTF-8
+/// were replaced, so it is not the record as written.
+fn read_element(loaded: &mut Loaded, i: usize, raw: &str, replaced: bool) {
+    let read = if replaced {
         Err(StoreError::corrupt(ShapeError(
             "the record holds bytes that are not UTF-8".into(),
         )))
