@@ -25,6 +25,8 @@ use tower::discover::{Change, Discover};
 
 use crate::backend::{AdminStatus, BackendId, BackendState};
 use crate::balance::queue::Room;
+use crate::error::NoBackend;
+use crate::serial::Serial;
 
 /// The id index. SipHash (std's) rather than streaming XXH3: ids are
 /// short, and XXH3's streaming hasher costs several times more to set up
@@ -229,6 +231,10 @@ struct Shared<S> {
     writer: Mutex<Vec<Weak<dyn Rebuild<S>>>>,
     /// The requests waiting for a place, once a balancer lets them wait.
     room: OnceLock<Arc<Room>>,
+    /// The requests its balancers refused, by reason.
+    refused: [AtomicU64; 3],
+    /// Which pool the counts of `refused` are of.
+    serial: Serial,
     /// The states of backends a discovery stream removed, for their return.
     kept: Mutex<Kept>,
     /// How many running health checkers want new backends to start
@@ -376,6 +382,8 @@ impl<S> Pool<S> {
                 }),
                 writer: Mutex::new(Vec::new()),
                 room: OnceLock::new(),
+                refused: Default::default(),
+                serial: Serial::take(),
                 kept: Mutex::new(Kept {
                     window: DEFAULT_KEEP_REMOVED_FOR,
                     states: VecDeque::new(),
@@ -495,6 +503,61 @@ impl<S> Pool<S> {
     pub(crate) fn room(&self) -> Option<&Arc<Room>> {
         self.shared.room.get()
     }
+
+    /// How many requests are waiting for a place on this pool's backends
+    /// (see [`Balance::queue`](crate::balance::Balance::queue)), whichever
+    /// balancer queued them.
+    pub fn waiting(&self) -> usize {
+        self.room().map_or(0, |room| room.waiting())
+    }
+
+    /// How many requests this pool's balancers have refused with
+    /// [`NoBackend`], by reason, since the pool was made.
+    pub fn refusals(&self) -> Refusals {
+        let [unavailable, at_limit, queue_timeouts] = (self.shared.refused)
+            .each_ref()
+            .map(|n| n.load(Ordering::Relaxed));
+        Refusals {
+            unavailable,
+            at_limit,
+            queue_timeouts,
+        }
+    }
+
+    /// Which pool this is: a clone's is the same.
+    pub(crate) fn serial(&self) -> Serial {
+        self.shared.serial
+    }
+
+    /// Counts `refusal`, a balancer's over this pool, and gives it back.
+    pub(crate) fn refused(&self, refusal: NoBackend) -> NoBackend {
+        let reason = if refusal.is_queue_timeout() {
+            2
+        } else {
+            usize::from(refusal.is_at_limit())
+        };
+        self.shared.refused[reason].fetch_add(1, Ordering::Relaxed);
+        refusal
+    }
+}
+
+/// How many requests a [`Pool`]'s balancers refused with [`NoBackend`], by
+/// reason (see [`Pool::refusals`]). A request a failover layer retries is
+/// counted at each refusal of its attempts: its last attempt, once it
+/// has tried every backend, counts as `unavailable`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Refusals {
+    /// No backend was available (or not tried yet by the request), or the
+    /// session's backend was not, for a request that may go to no other.
+    pub unavailable: u64,
+    /// Some backend could have taken the request but for its limit of
+    /// requests in flight, and the request could not wait (no queue, or a
+    /// full one; see [`NoBackend::is_at_limit`]).
+    pub at_limit: u64,
+    /// The request waited in the queue for as long as it may (see
+    /// [`NoBackend::is_queue_timeout`]).
+    pub queue_timeouts: u64,
 }
 
 impl<S: Clone> Pool<S> {

@@ -14,7 +14,7 @@ use metrics::{
 use tower::{service_fn, ServiceExt};
 use tower_ha::balance::{Balance, Priority, RoundRobin};
 use tower_ha::control::{Events, Handle};
-use tower_ha::{HealthStatus, Pool};
+use tower_ha::{AdminStatus, HealthStatus, Pool};
 
 /// Records the last value of every metric, by name and sorted labels.
 #[derive(Default, Clone)]
@@ -877,4 +877,86 @@ async fn a_recorder_that_panics_part_way_loses_no_count() {
     assert!(cut.is_err(), "the recorder panicked");
     recorder.publish(&handle);
     assert_eq!(recorder.get(A_REQUESTS), Some(7.0));
+}
+
+/// The balancers' refusals are counted by reason, and the requests waiting
+/// for a place are a gauge; a group registered again over another pool
+/// keeps its refusal counters going up.
+#[tokio::test(start_paused = true)]
+async fn refusals_are_counted_by_reason_and_waiting_requests_are_a_gauge() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let pool = Pool::new();
+    let held = release.clone();
+    pool.insert(
+        "a",
+        Svc::new(service_fn(move |_req: Request<()>| {
+            let held = held.clone();
+            async move {
+                held.notified().await;
+                Ok(Response::new("a"))
+            }
+        })),
+    );
+    pool.state(&"a".into()).unwrap().set_max_in_flight(Some(1));
+    let balance = Balance::new(pool.clone(), RoundRobin::new()).queue(1, Duration::from_secs(1));
+    let handle = Handle::new(Events::default());
+    handle.add_group("web", &balance).unwrap();
+    let recorder = Last::default();
+    let refused = |reason: &str| {
+        recorder.get(&format!(
+            "tower_ha_group_refusals_total{{group=web,reason={reason}}}"
+        ))
+    };
+
+    // One in flight, one waiting, one refused at once: the queue is full.
+    let first = tokio::spawn(balance.clone().oneshot(Request::new(())));
+    tokio::task::yield_now().await;
+    let second = tokio::spawn(balance.clone().oneshot(Request::new(())));
+    tokio::task::yield_now().await;
+    let err = balance.clone().oneshot(Request::new(())).await.unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    recorder.publish(&handle);
+    assert_eq!(
+        recorder.get("tower_ha_group_queued_requests{group=web}"),
+        Some(1.0)
+    );
+    assert_eq!(refused("at_limit"), Some(1.0));
+    assert_eq!(refused("queue_timeout"), Some(0.0));
+    assert_eq!(refused("unavailable"), Some(0.0));
+    let stats = &handle.stats()[0];
+    assert_eq!(stats.queued, 1);
+    let json = serde_json::to_value(stats).unwrap();
+    assert_eq!(json["queued"], 1);
+    assert_eq!(json["refusals"]["at_limit"], 1);
+
+    // The waiting one gives up after its second.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(second.await.unwrap().is_err());
+    release.notify_one();
+    first.await.unwrap().unwrap();
+    // None available (turned off: an unhealthy one alone would be used
+    // in panic).
+    pool.state(&"a".into())
+        .unwrap()
+        .set_admin(AdminStatus::Disabled);
+    balance.clone().oneshot(Request::new(())).await.unwrap_err();
+    recorder.publish(&handle);
+    assert_eq!(
+        recorder.get("tower_ha_group_queued_requests{group=web}"),
+        Some(0.0)
+    );
+    assert_eq!(refused("at_limit"), Some(1.0));
+    assert_eq!(refused("queue_timeout"), Some(1.0));
+    assert_eq!(refused("unavailable"), Some(1.0));
+    let r = pool.refusals();
+    assert_eq!((r.unavailable, r.at_limit, r.queue_timeouts), (1, 1, 1));
+
+    // Registered again over an empty pool: its refusals add up.
+    handle.remove_group("web").unwrap();
+    let empty = Balance::new(Pool::<Svc>::new(), RoundRobin::new());
+    handle.add_group("web", &empty).unwrap();
+    empty.clone().oneshot(Request::new(())).await.unwrap_err();
+    recorder.publish(&handle);
+    assert_eq!(refused("unavailable"), Some(2.0));
+    assert_eq!(refused("at_limit"), Some(1.0));
 }

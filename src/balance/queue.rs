@@ -577,7 +577,7 @@ impl<S, Req> Wait<S, Req> {
                     }
                     if !usable {
                         // Nothing to wait for: no backend is merely busy.
-                        return Poll::Ready(Err(NoBackend::new()));
+                        return Poll::Ready(Err(self.pool.refused(NoBackend::new())));
                     }
                 }
                 Turn::Wait => {}
@@ -602,7 +602,9 @@ impl<S, Req> Wait<S, Req> {
                         self.ticket.room.wake_all(Some(&state));
                     }
                 }
-                Poll::Ready(()) => return Poll::Ready(Err(NoBackend::queue_timeout())),
+                Poll::Ready(()) => {
+                    return Poll::Ready(Err(self.pool.refused(NoBackend::queue_timeout())))
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }

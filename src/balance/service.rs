@@ -235,7 +235,7 @@ impl<S, P: Strategy> Balance<S, P> {
     /// How many requests are waiting for a place on this balancer's pool
     /// (see [`queue`](Self::queue)).
     pub fn waiting(&self) -> usize {
-        self.pool.room().map_or(0, |room| room.waiting())
+        self.pool.waiting()
     }
 
     /// The pool this balancer picks from.
@@ -296,7 +296,7 @@ where
         match self.pick_place(&mut req) {
             Ok(p) => ResponseFuture::new(p.service, req, p.id, p.in_flight, p.picked),
             Err(e) if e.is_at_limit() => self.wait(req),
-            Err(e) => ResponseFuture::no_backend(e),
+            Err(e) => ResponseFuture::no_backend(self.pool.refused(e)),
         }
     }
 }
@@ -382,7 +382,7 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
         let max = self.shared.queue.max.load(Ordering::Relaxed);
         let room = match self.pool.room() {
             Some(room) if max > 0 => room,
-            _ => return ResponseFuture::no_backend(NoBackend::at_limit()),
+            _ => return ResponseFuture::no_backend(self.pool.refused(NoBackend::at_limit())),
         };
         let view = self.shared.view.load();
         let members = view.snapshot.members();
@@ -397,7 +397,7 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
             .collect();
         let panic = self.shared.panic.engaged(members);
         let Some(ticket) = room.join(max, tried, excluded, panic) else {
-            return ResponseFuture::no_backend(NoBackend::at_limit());
+            return ResponseFuture::no_backend(self.pool.refused(NoBackend::at_limit()));
         };
         let timeout = Duration::from_nanos(self.shared.queue.timeout_nanos.load(Ordering::Relaxed));
         let deadline = crate::time::later(Instant::now(), timeout);

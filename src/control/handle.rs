@@ -14,7 +14,8 @@ use super::events::{Event, Events};
 use super::stats::{BackendStats, GroupStats};
 use crate::backend::{AdminStatus, BackendId, BackendState};
 use crate::balance::{Balance, Priority, Strategy};
-use crate::pool::Pool;
+use crate::pool::{Pool, Refusals};
+use crate::serial::Serial;
 
 /// How a group routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -120,6 +121,9 @@ trait PoolOps: Send + Sync {
     fn remove(&self, id: &BackendId) -> bool;
     fn set_weight(&self, id: &BackendId, weight: u32) -> bool;
     fn as_any(&self) -> &dyn Any;
+    fn serial(&self) -> Serial;
+    fn waiting(&self) -> usize;
+    fn refusals(&self) -> Refusals;
 }
 
 impl<S: Clone + Send + Sync + 'static> PoolOps for Pool<S> {
@@ -148,6 +152,15 @@ impl<S: Clone + Send + Sync + 'static> PoolOps for Pool<S> {
     fn as_any(&self) -> &dyn Any {
         self
     }
+    fn serial(&self) -> Serial {
+        Pool::serial(self)
+    }
+    fn waiting(&self) -> usize {
+        Pool::waiting(self)
+    }
+    fn refusals(&self) -> Refusals {
+        Pool::refusals(self)
+    }
 }
 
 pub(super) struct Group {
@@ -171,6 +184,15 @@ impl Group {
 
     pub(super) fn state(&self, id: &BackendId) -> Option<Arc<BackendState>> {
         self.pool.state(id)
+    }
+
+    /// Its pool's [`Serial`], requests waiting, and refusals.
+    pub(super) fn queue(&self) -> (Serial, usize, Refusals) {
+        (
+            self.pool.serial(),
+            self.pool.waiting(),
+            self.pool.refusals(),
+        )
     }
 }
 

@@ -34,8 +34,13 @@ impl Handle {
     /// `group`: `tower_ha_group_failovers_total` (counter),
     /// `tower_ha_group_seconds_since_failover` (gauge, absent before the
     /// first failover; a group registered again counts on from its last),
+    /// `tower_ha_group_refusals_total` (a counter labelled `group` and
+    /// `reason`: `unavailable`, `at_limit` or `queue_timeout`, the fields
+    /// of [`Refusals`](crate::pool::Refusals); a group registered again
+    /// over another pool keeps it going up),
     /// `tower_ha_group_healthy_backends`,
-    /// `tower_ha_group_failed_backends` (gauges) and
+    /// `tower_ha_group_failed_backends`,
+    /// `tower_ha_group_queued_requests` (gauges) and
     /// `tower_ha_group_primary` (a gauge labelled `group` and `backend`, 1
     /// for the current primary and 0 for the others). A group registered
     /// again with a new [`Priority`](crate::balance::Priority) (its count
@@ -82,7 +87,7 @@ impl Handle {
         let mut published = self.published().lock();
         let Published {
             backends,
-            failovers,
+            groups,
             layers,
             unseen,
         } = &mut *published;
@@ -95,11 +100,11 @@ impl Handle {
         let now = Instant::now();
         for group in &stats {
             publish(group, backends, &mut seen, *unseen);
-            publish_failovers(group, failovers, now, *unseen);
+            publish_group(group, groups, now, *unseen);
         }
         // A group no longer registered: its gauges go to zero, once.
         let registered: HashSet<&str> = stats.iter().map(|g| &*g.name).collect();
-        for (name, last) in failovers.iter_mut() {
+        for (name, last) in groups.iter_mut() {
             if last.gone.is_some() || registered.contains(name.as_str()) {
                 continue;
             }
@@ -136,7 +141,10 @@ impl Handle {
             }
             kept
         };
-        failovers.retain(|_, last| forget(last.gone, last.failovers.source.flatten()));
+        groups.retain(|_, last| {
+            let pool = newest(&last.refusals);
+            forget(last.gone, last.failovers.source.flatten().max(pool))
+        });
         backends.retain(|_, last| {
             let counters = [
                 &last.requests,
@@ -183,12 +191,12 @@ impl Handle {
 }
 
 /// What was last published: for one backend of one group, by group name
-/// and backend id; and for each group ever published, its failover count,
-/// kept after the group is removed in case it comes back.
+/// and backend id; and for each group ever published, its counts, kept
+/// after the group is removed in case it comes back.
 #[derive(Debug, Default)]
 pub(super) struct Published {
     backends: HashMap<(String, BackendId), Last>,
-    failovers: HashMap<String, LastFailovers>,
+    groups: HashMap<String, LastGroup>,
     /// By kind (`"failover"` or `"sticky"`) and name.
     layers: HashMap<(&'static str, Arc<str>), LastLayer>,
     /// Which backend states, group states and layers no recorder can
@@ -334,16 +342,18 @@ const FORGET_GONE_AFTER: Duration = Duration::from_secs(3600);
 /// The per-group gauges zeroed when the group is removed. Not
 /// `tower_ha_group_seconds_since_failover`: 0 would read as a failover
 /// just now.
-const GROUP_GAUGES: [&str; 2] = [
+const GROUP_GAUGES: [&str; 3] = [
     "tower_ha_group_healthy_backends",
     "tower_ha_group_failed_backends",
+    "tower_ha_group_queued_requests",
 ];
 
-/// The failover count last published for one group, and of which
-/// [`Priority`](crate::balance::Priority).
+/// The counts last published for one group: its failovers, and of which
+/// [`Priority`](crate::balance::Priority); its refusals, and of which pool.
 #[derive(Debug)]
-pub(super) struct LastFailovers {
+pub(super) struct LastGroup {
     failovers: Counted<Option<Serial>>,
+    refusals: [Counted<Serial>; 3],
     /// When the group's last failover known to the handle happened: of
     /// its current `Priority`, or of one it was registered with before.
     last_at: Option<Instant>,
@@ -483,19 +493,22 @@ fn publish(
 
 /// Publishes a group's failover counter, which only goes up: a group
 /// registered again with a new `Priority` (its count starts afresh) adds
-/// its new count; and the time since its last failover, which the new
-/// `Priority` (that has seen none yet) does not reset either.
-fn publish_failovers(
+/// its new count; the time since its last failover, which the new
+/// `Priority` (that has seen none yet) does not reset either; and its
+/// balancers' refusals (a group registered again over another pool adds
+/// that pool's) and requests waiting.
+fn publish_group(
     group: &GroupStats,
-    published: &mut HashMap<String, LastFailovers>,
+    published: &mut HashMap<String, LastGroup>,
     now: Instant,
     unseen: Unseen,
 ) {
     let labels = [("group", group.name.to_string())];
     let last = published
         .entry(group.name.to_string())
-        .or_insert_with(|| LastFailovers {
+        .or_insert_with(|| LastGroup {
             failovers: Counted::default(),
+            refusals: Default::default(),
             last_at: None,
             gone: None,
         });
@@ -516,4 +529,30 @@ fn publish_failovers(
         metrics::gauge!("tower_ha_group_seconds_since_failover", &labels)
             .set(now.saturating_duration_since(at).as_secs_f64());
     }
+    metrics::gauge!("tower_ha_group_queued_requests", &labels).set(group.queued as f64);
+    let r = &group.refusals;
+    let counts = [r.unavailable, r.at_limit, r.queue_timeouts];
+    let new = unseen.holds(group.pool);
+    for ((reason, counted), now) in REFUSAL_REASONS
+        .into_iter()
+        .zip(&mut last.refusals)
+        .zip(counts)
+    {
+        let labels = [
+            ("group", group.name.to_string()),
+            ("reason", reason.to_owned()),
+        ];
+        count(
+            "tower_ha_group_refusals_total",
+            &labels,
+            counted,
+            group.pool,
+            now,
+            new,
+        );
+    }
 }
+
+/// The `reason` labels of `tower_ha_group_refusals_total`, in the order of
+/// [`Refusals`](crate::pool::Refusals)' fields.
+const REFUSAL_REASONS: [&str; 3] = ["unavailable", "at_limit", "queue_timeout"];

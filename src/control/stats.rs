@@ -8,6 +8,7 @@ use serde::{Serialize, Serializer};
 use super::events::Events;
 use super::handle::{Group, GroupMode};
 use crate::backend::{AdminStatus, BackendId, BackendState, HealthStatus};
+use crate::pool::Refusals;
 use crate::serial::Serial;
 
 fn opt_unix_millis<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -126,6 +127,16 @@ pub struct GroupStats {
     pub failed: Vec<BackendId>,
     /// Every member, in pool order.
     pub backends: Vec<BackendStats>,
+    /// Requests waiting for a place on the group's backends (see
+    /// [`Balance::queue`](crate::balance::Balance::queue)).
+    pub queued: usize,
+    /// The requests the group's balancers refused, by reason (see
+    /// [`Pool::refusals`](crate::Pool::refusals)).
+    pub refusals: Refusals,
+    /// Which pool `refusals` are of: a group registered again with
+    /// another pool has others, which start from zero.
+    #[serde(skip)]
+    pub(crate) pool: Serial,
     /// Which [`Priority`](crate::balance::Priority) the failovers are
     /// counted by: a group registered again with a new one has another,
     /// whose count starts from zero.
@@ -150,6 +161,7 @@ impl GroupStats {
         // Read under one lock: the primaries and the failover count are of
         // one moment, not before and after a switch.
         let snapshot = priority.map(|p| p.snapshot()).unwrap_or_default();
+        let (pool, queued, refusals) = group.queue();
         GroupStats {
             name: group.name.clone(),
             mode: group.mode(),
@@ -161,6 +173,9 @@ impl GroupStats {
             healthy: healthy.into_iter().map(|b| b.id.clone()).collect(),
             failed: failed.into_iter().map(|b| b.id.clone()).collect(),
             backends,
+            queued,
+            refusals,
+            pool,
             priority: priority.map(|p| p.serial()),
         }
     }
