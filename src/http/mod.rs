@@ -15,8 +15,10 @@
 //!   which is created when absent;
 //! * hop-by-hop headers (`Connection` and the headers it names,
 //!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
-//!   `Upgrade`, and the next proxy's credentials `Proxy-Authorization`
-//!   and `Proxy-Authenticate`) are not forwarded, in either direction
+//!   `Upgrade`, the next proxy's credentials `Proxy-Authorization`
+//!   and `Proxy-Authenticate`, and `Proxy`, which no standard defines and
+//!   CGI programs read as their own proxy, "httpoxy") are not forwarded,
+//!   in either direction
 //!   (but for what a proxied protocol upgrade needs), but `TE: trailers`
 //!   is sent on, and `Trailer` is forwarded, so trailer fields pass both
 //!   ways;
@@ -1230,10 +1232,13 @@ fn push_without_dot_segments(out: &mut String, path: &str) {
 /// `Proxy-Authorization` and `Proxy-Authenticate` are credentials between
 /// a client and the next proxy (RFC 9110 section 11.7), which this one is:
 /// they are not passed on (as Go's `httputil.ReverseProxy` does not).
+/// Nor is `Proxy`: no standard defines it, and a CGI program reads it as
+/// `HTTP_PROXY`, the proxy of its own requests (CVE-2016-5385, "httpoxy",
+/// whose advisory asks proxies to drop it).
 ///
 /// Names for removal (a removal by name is a lookup without parsing), and
 /// [`HOP_BY_HOP_TEXT`] to find them by (comparing text is cheaper).
-static HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     TE,
     TRANSFER_ENCODING,
@@ -1242,10 +1247,11 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("proxy-connection"),
     PROXY_AUTHORIZATION,
     PROXY_AUTHENTICATE,
+    HeaderName::from_static("proxy"),
 ];
 
 /// [`HOP_BY_HOP`]'s names as text, in the same order.
-const HOP_BY_HOP_TEXT: [&str; 8] = [
+const HOP_BY_HOP_TEXT: [&str; 9] = [
     "connection",
     "te",
     "transfer-encoding",
@@ -1254,20 +1260,21 @@ const HOP_BY_HOP_TEXT: [&str; 8] = [
     "proxy-connection",
     "proxy-authorization",
     "proxy-authenticate",
+    "proxy",
 ];
 
 /// Bits of [`hop_by_hop`]'s answer: `Connection`, `TE`,
 /// `Transfer-Encoding` and `Upgrade`.
-const CONNECTION_PRESENT: u8 = 1 << 0;
-const TE_PRESENT: u8 = 1 << 1;
-const TRANSFER_ENCODING_PRESENT: u8 = 1 << 2;
-const UPGRADE_PRESENT: u8 = 1 << 3;
-const KEEP_ALIVE_PRESENT: u8 = 1 << 4;
+const CONNECTION_PRESENT: u16 = 1 << 0;
+const TE_PRESENT: u16 = 1 << 1;
+const TRANSFER_ENCODING_PRESENT: u16 = 1 << 2;
+const UPGRADE_PRESENT: u16 = 1 << 3;
+const KEEP_ALIVE_PRESENT: u16 = 1 << 4;
 
 /// A backend's response, and which of the [`HOP_BY_HOP`] headers it has
 /// (see [`hop_by_hop`]), found by the pool, which reads a `Keep-Alive`
 /// among them.
-type Received = (Response<ResponseBody>, u8);
+type Received = (Response<ResponseBody>, u16);
 
 /// The `timeout` a backend's `Keep-Alive` header announces, in seconds:
 /// how long it keeps an idle connection open (RFC 2068 section 19.7.1.1,
@@ -1295,8 +1302,8 @@ fn only_chunked<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>) -> bool {
 /// Which of the [`HOP_BY_HOP`] headers are present, a bit for each, in
 /// one pass over the names (a backend's `Connection: keep-alive` is the
 /// common case), so that only those are looked up again.
-fn hop_by_hop(headers: &HeaderMap) -> u8 {
-    let mut present = 0u8;
+fn hop_by_hop(headers: &HeaderMap) -> u16 {
+    let mut present = 0u16;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP_TEXT.iter().position(|&h| h == name.as_str()) {
             present |= 1 << i;
@@ -1308,7 +1315,7 @@ fn hop_by_hop(headers: &HeaderMap) -> u8 {
 /// Removes the hop-by-hop headers, knowing which are `present` (see
 /// [`hop_by_hop`]); returns whether `TE` (one of them) said that trailer
 /// fields are accepted.
-fn strip_present(headers: &mut HeaderMap, present: u8) -> bool {
+fn strip_present(headers: &mut HeaderMap, present: u16) -> bool {
     if present == 0 {
         return false;
     }
@@ -1336,7 +1343,7 @@ fn strip_present(headers: &mut HeaderMap, present: u8) -> bool {
 
 /// [`strip_present`], but keeping what asks for or agrees to a switch of
 /// protocols: `Upgrade` and `Connection: upgrade`.
-fn strip_all_but_upgrade(headers: &mut HeaderMap, present: u8) -> bool {
+fn strip_all_but_upgrade(headers: &mut HeaderMap, present: u16) -> bool {
     let protocols: Vec<HeaderValue> = headers.get_all(UPGRADE).iter().cloned().collect();
     let trailers = strip_present(headers, present);
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1863,6 +1870,7 @@ mod tests {
             "proxy-connection",
             "proxy-authorization",
             "proxy-authenticate",
+            "proxy",
         ] {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static("x"));

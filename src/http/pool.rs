@@ -494,7 +494,7 @@ impl<B> Upstream<B> {
     /// connections for N seconds (`Keep-Alive: timeout=N`): one second
     /// less, so that a request does not meet the backend's close, and none
     /// at all for N of 1 or less.
-    fn idle_life(&self, headers: &HeaderMap, present: u8) -> Life {
+    fn idle_life(&self, headers: &HeaderMap, present: u16) -> Life {
         let announced = (present & super::KEEP_ALIVE_PRESENT != 0)
             .then(|| super::keep_alive_timeout(headers))
             .flatten();
