@@ -44,6 +44,10 @@ use crate::time::{later, set_timer};
 /// The default limit of [`BufferBodyLayer`]: 64 KiB.
 pub const DEFAULT_BUFFER_LIMIT: usize = 64 * 1024;
 
+/// The most a buffered body reserves before its bytes come, whatever the
+/// length it claims (hyper's own first read buffer is as large).
+const RESERVE_AHEAD: usize = 8 * 1024;
+
 /// The default [`BufferBodyLayer::read_timeout`]: 60 s, as nginx's
 /// `client_body_timeout`.
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -619,13 +623,15 @@ where
     fn new(body: B, limit: usize, timeout: Option<Duration>, idle: Option<Duration>) -> Self {
         let hint = body.size_hint();
         // A client's `Content-Length` is only a claim: reserve no more than
-        // the limit, nor more than the default limit ahead of the bytes
+        // the limit, nor more than `RESERVE_AHEAD` ahead of the bytes
         // themselves (beyond it, the buffer grows as they come), so that a
-        // head alone claiming a huge body allocates nothing much.
+        // head alone, which costs its client some 60 bytes, holds little
+        // memory while its body does not come (thousands of such requests
+        // would each hold the whole default limit otherwise).
         let reserve = usize::try_from(hint.lower())
             .unwrap_or(usize::MAX)
             .min(limit)
-            .min(DEFAULT_BUFFER_LIMIT);
+            .min(RESERVE_AHEAD);
         Buffering {
             body: Some(Box::pin(body)),
             hint,
@@ -1122,10 +1128,10 @@ mod tests {
 
     #[test]
     fn a_claimed_length_reserves_little_ahead_of_the_bytes() {
-        for limit in [usize::MAX, 1 << 30] {
+        for limit in [usize::MAX, 1 << 30, DEFAULT_BUFFER_LIMIT] {
             let buffering = Buffering::new(Claims(1 << 30), limit, None, None);
             assert!(
-                buffering.chunks.capacity() <= DEFAULT_BUFFER_LIMIT,
+                buffering.chunks.capacity() <= 8 * 1024,
                 "{} bytes reserved",
                 buffering.chunks.capacity()
             );
