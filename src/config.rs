@@ -835,7 +835,8 @@ fn position(before: &str) -> String {
 /// Units are `ns`, `us` (or `µs`, with the micro sign or the Greek mu),
 /// `ms`, `s`, `m`, `h` and `d`. Whole numbers are exact to the nanosecond;
 /// a fraction (`"1.5s"`) is rounded to the nearest nanosecond, computed
-/// exactly at any size (up to [`Duration::MAX`]).
+/// in integers at any size (up to [`Duration::MAX`]) from its first 24
+/// digits.
 ///
 /// ```
 /// use std::time::Duration;

@@ -544,7 +544,9 @@ impl<S> Pool<S> {
 /// How many requests a [`Pool`]'s balancers refused with [`NoBackend`], by
 /// reason (see [`Pool::refusals`]). A request a failover layer retries is
 /// counted at each refusal of its attempts: its last attempt, once it
-/// has tried every backend, counts as `unavailable`.
+/// has tried every backend, counts as `unavailable`, though its client
+/// gets the last backend's answer or error. The counts are the pool's:
+/// every group registered over it shows them all.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Refusals {
