@@ -892,11 +892,11 @@ impl<B> HttpBackend<B> {
         let upgrade = if present & UPGRADE_PRESENT != 0
             && req.version() == Version::HTTP_11
             && !self.upstream.speaks_http2()
-            && lists(req.headers().get_all(CONNECTION), "upgrade")
+            && lists(req.headers().get_all(CONNECTION), b"upgrade")
             // A switch to HTTP/2 would turn the connection into one the
             // proxy no longer sees requests on: such a request goes on as
             // plain HTTP/1.1 (as Envoy and nginx send it).
-            && !lists(req.headers().get_all(UPGRADE), "h2c")
+            && !lists(req.headers().get_all(UPGRADE), b"h2c")
         {
             // Present when the client's connection is hyper's, which can
             // hand it over once the backend agrees.
@@ -1281,11 +1281,15 @@ type Received = (Response<ResponseBody>, u16);
 /// as Apache httpd, Node.js and nginx send it).
 fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
     elements(headers.get_all(&HOP_BY_HOP[4])).find_map(|parameter| {
-        let (name, value) = parameter.split_once('=')?;
-        if !name.trim_end().eq_ignore_ascii_case("timeout") {
+        let eq = parameter.iter().position(|&b| b == b'=')?;
+        if !parameter[..eq]
+            .trim_ascii_end()
+            .eq_ignore_ascii_case(b"timeout")
+        {
             return None;
         }
-        value.trim_start().trim_matches('"').parse().ok()
+        let value = std::str::from_utf8(parameter[eq + 1..].trim_ascii_start()).ok()?;
+        value.trim_matches('"').parse().ok()
     })
 }
 
@@ -1295,7 +1299,7 @@ fn only_chunked<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>) -> bool {
     let mut codings = elements(lines);
     codings
         .next()
-        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
         && codings.next().is_none()
 }
 
@@ -1319,7 +1323,7 @@ fn strip_present(headers: &mut HeaderMap, present: u16) -> bool {
     if present == 0 {
         return false;
     }
-    let trailers = present & TE_PRESENT != 0 && lists(headers.get_all(TE), "trailers");
+    let trailers = present & TE_PRESENT != 0 && lists(headers.get_all(TE), b"trailers");
     // The headers `Connection` names go too; the usual line
     // (`keep-alive` or `close`) names none, and nothing is collected.
     if present & CONNECTION_PRESENT != 0 {
@@ -1356,24 +1360,22 @@ fn strip_all_but_upgrade(headers: &mut HeaderMap, present: u16) -> bool {
 /// The elements of a list header's `lines` (RFC 9110, section 5.6.1):
 /// separated by commas, trimmed, empty ones skipped.
 ///
-/// Each element is read alone: one that is not text (a byte past ASCII
-/// that is not UTF-8) is [`NOT_TEXT`], which equals no name or token,
-/// and leaves the others on its line readable. (Read whole, such a line
-/// would name nothing, and the headers it names would be forwarded.)
-fn elements<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>) -> impl Iterator<Item = &'a str> {
+/// As bytes: a byte past ASCII in one element (which then equals no name
+/// or token) leaves the others on its line readable. (Read as text, such
+/// a line would name nothing, and the headers it names would be
+/// forwarded.)
+fn elements<'a>(
+    lines: impl IntoIterator<Item = &'a HeaderValue>,
+) -> impl Iterator<Item = &'a [u8]> {
     lines
         .into_iter()
         .flat_map(|line| line.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|element| !element.is_empty())
-        .map(|element| std::str::from_utf8(element).unwrap_or(NOT_TEXT))
 }
 
-/// What [`elements`] reads an element that is not text as.
-const NOT_TEXT: &str = "\u{fffd}";
-
 /// Whether a list header's `lines` hold `element`, in any case.
-fn lists<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>, element: &str) -> bool {
+fn lists<'a>(lines: impl IntoIterator<Item = &'a HeaderValue>, element: &[u8]) -> bool {
     elements(lines).any(|e| e.eq_ignore_ascii_case(element))
 }
 
@@ -1387,11 +1389,11 @@ fn switch_agrees(offered: &[HeaderValue], response: &HeaderMap) -> bool {
 /// Whether `token`, from a `Connection` line, names a header to remove
 /// besides the hop-by-hop ones (removed anyway): not one of them, nor
 /// `close`.
-fn names_other(token: &str) -> bool {
-    !token.eq_ignore_ascii_case("close")
+fn names_other(token: &[u8]) -> bool {
+    !token.eq_ignore_ascii_case(b"close")
         && !HOP_BY_HOP_TEXT
             .iter()
-            .any(|h| h.eq_ignore_ascii_case(token))
+            .any(|h| h.as_bytes().eq_ignore_ascii_case(token))
 }
 
 /// Whether a `Connection` line names any header [`remove_named`] would
@@ -1410,8 +1412,10 @@ fn names_others(connection: &HeaderValue) -> bool {
 /// backend (see [`set_by_proxies`]).
 fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
     for token in elements([connection]).filter(|t| names_other(t) && !set_by_proxies(t)) {
-        // A token that is no valid header name finds nothing.
-        headers.remove(token);
+        // A token that is no valid header name names nothing.
+        if let Ok(name) = HeaderName::from_bytes(token) {
+            headers.remove(name);
+        }
     }
 }
 
@@ -1421,9 +1425,8 @@ fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
 /// backend has just set, leaving the backend to trust the proxy's own
 /// address instead (Apache's CVE-2022-31813, Traefik's CVE-2024-45410):
 /// such tokens are ignored.
-fn set_by_proxies(name: &str) -> bool {
+fn set_by_proxies(name: &[u8]) -> bool {
     const PREFIX: &[u8] = b"x-forwarded-";
-    let name = name.as_bytes();
     name.get(..PREFIX.len())
         .is_some_and(|start| start.eq_ignore_ascii_case(PREFIX))
         || [b"x-real-ip".as_slice(), b"forwarded", b"via"]
@@ -1834,7 +1837,12 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
         let te = HeaderValue::from_bytes(b"\xff, trailers").unwrap();
-        assert!(lists([&te], "trailers"));
+        assert!(lists([&te], b"trailers"));
+        // Two elements that are not text are not alike.
+        let offered = [HeaderValue::from_bytes(b"\xfe").unwrap()];
+        let mut chose = HeaderMap::new();
+        chose.insert(UPGRADE, HeaderValue::from_bytes(b"\xff").unwrap());
+        assert!(!switch_agrees(&offered, &chose));
         let coding = HeaderValue::from_bytes(b"chunked, \xff").unwrap();
         assert!(!only_chunked([&coding]), "a coding not read is one more");
         // A plain line names nothing; a later line still does.
