@@ -28,15 +28,17 @@ pub struct NoBackend {
     why: Why,
 }
 
+/// In the order of [`Refusals`](crate::pool::Refusals)' counts (see
+/// [`NoBackend::reason`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum Why {
     /// Unavailable or already tried, every one of them.
     #[default]
-    Unavailable,
+    Unavailable = 0,
     /// Some could take it but for their limit of requests in flight.
-    AtLimit,
+    AtLimit = 1,
     /// Still at their limits when the request's wait in the queue ended.
-    QueueTimeout,
+    QueueTimeout = 2,
 }
 
 impl NoBackend {
@@ -52,6 +54,11 @@ impl NoBackend {
         NoBackend {
             why: Why::QueueTimeout,
         }
+    }
+
+    /// Which of a pool's counts of refusals this one goes to.
+    pub(crate) fn reason(self) -> usize {
+        self.why as usize
     }
 
     /// Whether some backend could have taken the request but for its limit

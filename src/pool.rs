@@ -529,24 +529,24 @@ impl<S> Pool<S> {
         self.shared.serial
     }
 
-    /// Counts `refusal`, a balancer's over this pool, and gives it back.
-    pub(crate) fn refused(&self, refusal: NoBackend) -> NoBackend {
-        let reason = if refusal.is_queue_timeout() {
-            2
-        } else {
-            usize::from(refusal.is_at_limit())
-        };
-        self.shared.refused[reason].fetch_add(1, Ordering::Relaxed);
+    /// Counts `refusal`, a balancer's over this pool, of a request that
+    /// `tried` these backends before, and gives it back. Only a request's
+    /// first attempt counts: the refusal of a later one ends a failover
+    /// layer's attempts, and the client gets the last backend's answer.
+    pub(crate) fn refused(&self, refusal: NoBackend, tried: &[BackendId]) -> NoBackend {
+        if tried.is_empty() {
+            self.shared.refused[refusal.reason()].fetch_add(1, Ordering::Relaxed);
+        }
         refusal
     }
 }
 
 /// How many requests a [`Pool`]'s balancers refused with [`NoBackend`], by
-/// reason (see [`Pool::refusals`]). A request a failover layer retries is
-/// counted at each refusal of its attempts: its last attempt, once it
-/// has tried every backend, counts as `unavailable`, though its client
-/// gets the last backend's answer or error. The counts are the pool's:
-/// every group registered over it shows them all.
+/// reason (see [`Pool::refusals`]): those refused before any backend was
+/// tried. A failover layer's later attempt that finds no backend left is
+/// not counted, as its client gets the last backend's answer or error.
+/// The counts are the pool's: every group registered over it shows them
+/// all.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Refusals {
@@ -560,6 +560,18 @@ pub struct Refusals {
     /// The request waited in the queue for as long as it may (see
     /// [`NoBackend::is_queue_timeout`]).
     pub queue_timeouts: u64,
+}
+
+impl Refusals {
+    /// Each count, with its name as a metric's label.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn by_reason(&self) -> [(&'static str, u64); 3] {
+        [
+            ("unavailable", self.unavailable),
+            ("at_limit", self.at_limit),
+            ("queue_timeout", self.queue_timeouts),
+        ]
+    }
 }
 
 impl<S: Clone> Pool<S> {

@@ -2026,3 +2026,23 @@ fn a_layer_and_its_service_print_whatever_their_classifier() {
     let svc = layer.layer(Pool::<()>::new());
     assert!(format!("{svc:?}").starts_with("Failover"));
 }
+
+/// A request whose every backend failed gets the last one's answer, not a
+/// refusal: the balancer's refusal of its last attempt is not counted as
+/// one. A request refused before it tried any backend is.
+#[tokio::test]
+async fn the_refusal_that_ends_a_requests_attempts_is_not_counted() {
+    let pool = failing_fleet(2, Arc::new(AtomicUsize::new(0)));
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool.clone(), RoundRobin::new()));
+    let response = service.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(history(&response).len(), 2, "both tried");
+    assert_eq!(pool.refusals().unavailable, 0);
+    for id in pool.ids() {
+        pool.state(&id).unwrap().set_admin(AdminStatus::Disabled);
+    }
+    service.oneshot(Request::new(())).await.unwrap_err();
+    assert_eq!(pool.refusals().unavailable, 1);
+}

@@ -577,7 +577,9 @@ impl<S, Req> Wait<S, Req> {
                     }
                     if !usable {
                         // Nothing to wait for: no backend is merely busy.
-                        return Poll::Ready(Err(self.pool.refused(NoBackend::new())));
+                        return Poll::Ready(Err(self
+                            .pool
+                            .refused(NoBackend::new(), &self.ticket.waiter.tried)));
                     }
                 }
                 Turn::Wait => {}
@@ -603,7 +605,9 @@ impl<S, Req> Wait<S, Req> {
                     }
                 }
                 Poll::Ready(()) => {
-                    return Poll::Ready(Err(self.pool.refused(NoBackend::queue_timeout())))
+                    return Poll::Ready(Err(self
+                        .pool
+                        .refused(NoBackend::queue_timeout(), &self.ticket.waiter.tried)))
                 }
                 Poll::Pending => return Poll::Pending,
             }

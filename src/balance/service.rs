@@ -14,7 +14,7 @@ use super::future::ResponseFuture;
 use super::panic::{PanicMode, DEFAULT_PANIC_PERMILLE};
 use super::queue::{Placed, Wait};
 use super::strategy::{Pick, Strategy};
-use crate::backend::InFlight;
+use crate::backend::{BackendId, InFlight};
 use crate::error::NoBackend;
 use crate::extensions::Picked;
 use crate::extensions::{Affinity, AffinityRequired, Attempts, Target};
@@ -296,7 +296,7 @@ where
         match self.pick_place(&mut req) {
             Ok(p) => ResponseFuture::new(p.service, req, p.id, p.in_flight, p.picked),
             Err(e) if e.is_at_limit() => self.wait(req),
-            Err(e) => ResponseFuture::no_backend(self.pool.refused(e)),
+            Err(e) => ResponseFuture::no_backend(self.pool.refused(e, tried(&req))),
         }
     }
 }
@@ -382,22 +382,23 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
         let max = self.shared.queue.max.load(Ordering::Relaxed);
         let room = match self.pool.room() {
             Some(room) if max > 0 => room,
-            _ => return ResponseFuture::no_backend(self.pool.refused(NoBackend::at_limit())),
+            _ => {
+                let refusal = self.pool.refused(NoBackend::at_limit(), tried(&req));
+                return ResponseFuture::no_backend(refusal);
+            }
         };
         let view = self.shared.view.load();
         let members = view.snapshot.members();
-        let tried = req
-            .extensions()
-            .get::<Attempts>()
-            .map_or_else(Vec::new, |a| a.as_slice().to_vec());
-        let excluded = tried
+        let tried_before = tried(&req).to_vec();
+        let excluded = tried_before
             .iter()
             .filter_map(|id| members.index_of(id))
             .map(|i| members[i].state().clone())
             .collect();
         let panic = self.shared.panic.engaged(members);
-        let Some(ticket) = room.join(max, tried, excluded, panic) else {
-            return ResponseFuture::no_backend(self.pool.refused(NoBackend::at_limit()));
+        let Some(ticket) = room.join(max, tried_before, excluded, panic) else {
+            let refusal = self.pool.refused(NoBackend::at_limit(), tried(&req));
+            return ResponseFuture::no_backend(refusal);
         };
         let timeout = Duration::from_nanos(self.shared.queue.timeout_nanos.load(Ordering::Relaxed));
         let deadline = crate::time::later(Instant::now(), timeout);
@@ -410,6 +411,13 @@ impl<S: Clone, P: Strategy> Balance<S, P> {
         );
         ResponseFuture::queued(req, Box::new(wait))
     }
+}
+
+/// The backends `req` tried before (see [`Attempts`]).
+fn tried<B>(req: &Request<B>) -> &[BackendId] {
+    req.extensions()
+        .get::<Attempts>()
+        .map_or(&[], Attempts::as_slice)
 }
 
 /// Sends `req` to the backend at `i` of `snapshot`, where `in_flight` holds

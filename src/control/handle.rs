@@ -186,8 +186,9 @@ impl Group {
         self.pool.state(id)
     }
 
-    /// Its pool's [`Serial`], requests waiting, and refusals.
-    pub(super) fn queue(&self) -> (Serial, usize, Refusals) {
+    /// Which pool it is over, the requests waiting there, and its
+    /// balancers' refusals.
+    pub(super) fn pool_counts(&self) -> (Serial, usize, Refusals) {
         (
             self.pool.serial(),
             self.pool.waiting(),

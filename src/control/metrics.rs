@@ -530,13 +530,12 @@ fn publish_group(
             .set(now.saturating_duration_since(at).as_secs_f64());
     }
     metrics::gauge!("tower_ha_group_queued_requests", &labels).set(group.queued as f64);
-    let r = &group.refusals;
-    let counts = [r.unavailable, r.at_limit, r.queue_timeouts];
     let new = unseen.holds(group.pool);
-    for ((reason, counted), now) in REFUSAL_REASONS
+    for ((reason, now), counted) in group
+        .refusals
+        .by_reason()
         .into_iter()
         .zip(&mut last.refusals)
-        .zip(counts)
     {
         let labels = [
             ("group", group.name.to_string()),
@@ -552,7 +551,3 @@ fn publish_group(
         );
     }
 }
-
-/// The `reason` labels of `tower_ha_group_refusals_total`, in the order of
-/// [`Refusals`](crate::pool::Refusals)' fields.
-const REFUSAL_REASONS: [&str; 3] = ["unavailable", "at_limit", "queue_timeout"];

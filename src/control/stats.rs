@@ -161,7 +161,7 @@ impl GroupStats {
         // Read under one lock: the primaries and the failover count are of
         // one moment, not before and after a switch.
         let snapshot = priority.map(|p| p.snapshot()).unwrap_or_default();
-        let (pool, queued, refusals) = group.queue();
+        let (pool, queued, refusals) = group.pool_counts();
         GroupStats {
             name: group.name.clone(),
             mode: group.mode(),
