@@ -936,7 +936,8 @@ fn parse_all(body: &[u8]) -> Result<Loaded, StoreError> {
             // is the answer's.
             while let Some(raw) = seq.next_element::<&'de RawValue>()? {
                 let raw = raw.get();
-                // Borrowed from the text: where it starts in it.
+                // Where it starts in the text: a `&'de RawValue` is
+                // borrowed from the input, which is that text.
                 let start = (raw.as_ptr() as usize).wrapping_sub(self.1.as_ptr() as usize);
                 let first_after = self.2.partition_point(|&at| at < start);
                 let replaced = self
