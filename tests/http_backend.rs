@@ -913,24 +913,29 @@ where
 
 /// Trailer fields pass through a hyper front end both ways: `Trailer`,
 /// which announces them (and without which hyper does not send them), is
-/// forwarded.
+/// forwarded. They are cleaned as a head is: a client's last chunk cannot
+/// send what the head was cleaned of, nor a backend's.
 #[tokio::test]
 async fn trailers_pass_both_ways() {
-    // The backend answers the request's trailer in its body, and sends a
-    // trailer of its own.
+    // The backend answers the names of the request's trailer fields in its
+    // body, and sends trailer fields of its own.
     let backend_addr = accept_counting(|stream, _| async move {
         let service = service_fn(|req: Request<Incoming>| async move {
             let announced = req.headers().get("trailer").cloned();
             let collected = req.into_body().collect().await.unwrap();
-            let sum = collected
-                .trailers()
-                .and_then(|t| t.get("x-request-sum"))
-                .map(|v| v.to_str().unwrap().to_owned());
-            let body = format!("announced={announced:?}|sum={sum:?}");
+            let trailers = collected.trailers().cloned().unwrap_or_default();
+            let mut names: Vec<&str> = trailers.keys().map(|n| n.as_str()).collect();
+            names.sort_unstable();
+            let body = format!(
+                "announced={announced:?}|names={names:?}|sum={:?}",
+                trailers.get("x-request-sum")
+            );
+            let mut sent = hostile_fields();
+            sent.insert("x-response-sum", http::HeaderValue::from_static("2"));
             Ok::<_, Infallible>(
                 Response::builder()
-                    .header("trailer", "x-response-sum")
-                    .body(with_trailers(body, one_field("x-response-sum", "2")))
+                    .header("trailer", format!("x-response-sum, {HOSTILE}"))
+                    .body(with_trailers(body, sent))
                     .unwrap(),
             )
         });
@@ -943,24 +948,57 @@ async fn trailers_pass_both_ways() {
     let client = HttpClient::<Incoming>::new();
     let backend = HttpBackend::new(&client, format!("http://{backend_addr}")).unwrap();
     let mut sender = http1_front(backend).await;
+    let mut sent = hostile_fields();
+    sent.insert("x-request-sum", http::HeaderValue::from_static("1"));
     let req = Request::post("/")
         .header("host", "front.example")
         .header("te", "trailers")
-        .header("trailer", "x-request-sum")
-        .body(with_trailers("payload", one_field("x-request-sum", "1")))
+        .header("trailer", format!("x-request-sum, {HOSTILE}"))
+        .body(with_trailers("payload", sent))
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.headers()["trailer"], "x-response-sum");
+    assert_eq!(
+        resp.headers()["trailer"],
+        format!("x-response-sum, {HOSTILE}").as_str()
+    );
     let collected = resp.into_body().collect().await.unwrap();
     let trailers = collected
         .trailers()
         .cloned()
         .expect("the response's trailers");
     assert_eq!(trailers["x-response-sum"], "2");
+    assert_eq!(trailers.len(), 1, "{trailers:?}");
     assert_eq!(
         collected.to_bytes(),
-        "announced=Some(\"x-request-sum\")|sum=Some(\"1\")"
+        format!(
+            "announced=Some(\"x-request-sum, {HOSTILE}\")|names=[\"x-request-sum\"]|sum=Some(\"1\")"
+        )
     );
+}
+
+/// The names of [`hostile_fields`].
+const HOSTILE: &str =
+    "connection, x-hop, keep-alive, proxy-authorization, proxy-authenticate, x-forwarded-for, forwarded, via";
+
+/// Trailer fields that a head is cleaned of: hop-by-hop ones, one that
+/// `Connection` names, and those proxies set. (hyper's HTTP/1 side drops
+/// `Host`, `Content-Length`, `TE` and `Transfer-Encoding` from trailers
+/// itself.)
+fn hostile_fields() -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    for (name, value) in [
+        ("connection", "x-hop"),
+        ("x-hop", "1"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-authorization", "Basic c2VjcmV0"),
+        ("proxy-authenticate", "Basic"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6"),
+        ("via", "1.1 forged"),
+    ] {
+        map.insert(name, http::HeaderValue::from_static(value));
+    }
+    map
 }
 
 /// A request of a known length that announces trailers (an HTTP/2
@@ -1709,38 +1747,63 @@ mod http2 {
         assert_eq!(body, format!("HTTP/2.0 http://{addr}/?q=1 host=None"));
     }
 
-    /// gRPC's way: data, then trailer fields, in both directions.
+    /// gRPC's way: data, then trailer fields, in both directions, cleaned
+    /// as a head is. h2 refuses to send a connection's fields as trailers
+    /// without ending the stream: a client's, passed on, would leave the
+    /// backend waiting for the end of the body until the read timeout.
     #[tokio::test]
     async fn trailers_pass_both_ways() {
         let (addr, _) = serve_h2_with(service_fn(|req: Request<Incoming>| async move {
             let collected = req.into_body().collect().await.unwrap();
             let sent = collected.trailers().cloned().unwrap_or_default();
+            let mut names: Vec<&str> = sent.keys().map(|n| n.as_str()).collect();
+            names.sort_unstable();
             let body = format!(
-                "{}|{:?}",
+                "{}|{names:?}|{:?}",
                 String::from_utf8_lossy(&collected.to_bytes()),
                 sent.get("x-request-sum")
             );
-            Ok::<_, Infallible>(Response::new(with_trailers(
-                body,
-                one_field("grpc-status", "0"),
-            )))
+            let mut trailers = one_field("grpc-status", "0");
+            for (name, value) in [("x-forwarded-for", "6.6.6.6"), ("via", "2 forged")] {
+                trailers.insert(name, http::HeaderValue::from_static(value));
+            }
+            Ok::<_, Infallible>(Response::new(with_trailers(body, trailers)))
         }))
         .await;
-        let client = HttpClient::<BoxBody<Bytes, Infallible>>::new().http2_only(true);
+        let client = HttpClient::<BoxBody<Bytes, Infallible>>::new()
+            .http2_only(true)
+            .read_timeout(Some(Duration::from_secs(5)));
         let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let mut trailers = hostile_fields();
+        for (name, value) in [
+            ("x-request-sum", "1"),
+            ("te", "gzip"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "close"),
+            ("host", "evil.example"),
+            ("content-length", "1"),
+        ] {
+            trailers.insert(name, http::HeaderValue::from_static(value));
+        }
         let req = Request::post("/pkg.Service/Method")
-            .body(with_trailers("message", one_field("x-request-sum", "1")).boxed())
+            .body(with_trailers("message", trailers).boxed())
             .unwrap();
         let collected = backend
             .oneshot(req)
             .await
-            .unwrap()
+            .expect("answered, not timed out")
             .into_body()
             .collect()
             .await
             .unwrap();
-        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
-        assert_eq!(collected.to_bytes(), "message|Some(\"1\")");
+        let trailers = collected.trailers().cloned().unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers.len(), 1, "{trailers:?}");
+        assert_eq!(
+            collected.to_bytes(),
+            "message|[\"x-request-sum\"]|Some(\"1\")"
+        );
     }
 
     /// An HTTP/2 backend's response with a length and announced trailers

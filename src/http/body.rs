@@ -122,7 +122,7 @@ impl Body for ResponseBody {
         if self.done {
             self.in_flight = None;
         }
-        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+        Poll::Ready(frame.map(|f| f.map(super::clean_trailers).map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -21,7 +21,8 @@
 //!   in either direction
 //!   (but for what a proxied protocol upgrade needs), but `TE: trailers`
 //!   is sent on, and `Trailer` is forwarded, so trailer fields pass both
-//!   ways;
+//!   ways, cleaned as a head is (without the hop-by-hop fields, `Host`,
+//!   `Content-Length` and the fields proxies set);
 //! * a message framed by chunks (`Transfer-Encoding: chunked`) goes on
 //!   without a `Content-Length` beside them, in either direction (RFC 9112
 //!   section 6.3);
@@ -1432,6 +1433,38 @@ fn set_by_proxies(name: &[u8]) -> bool {
         || [b"x-real-ip".as_slice(), b"forwarded", b"via"]
             .iter()
             .any(|exact| name.eq_ignore_ascii_case(exact))
+}
+
+/// `frame`, and if it is a body's trailer fields, without those that may
+/// not travel there through a proxy: the hop-by-hop ones (see
+/// [`HOP_BY_HOP`]) and any its own `Connection` names, `Host` and
+/// `Content-Length`, which only a head can say, and those that proxies set
+/// (see [`set_by_proxies`]), which this one strips or sets in the head.
+///
+/// HTTP/1 carries any field a sender puts in its last chunk, and hyper
+/// passes them on: unfiltered, they would reach the other side as the
+/// fields the head was cleaned of. And h2 refuses to send trailers with a
+/// connection's fields (RFC 9113 section 8.2.2) without ending the stream:
+/// its peer would wait for the end of a body that never comes.
+pub(super) fn clean_trailers<D>(frame: http_body::Frame<D>) -> http_body::Frame<D> {
+    let mut fields = match frame.into_trailers() {
+        Ok(fields) => fields,
+        Err(frame) => return frame,
+    };
+    let present = hop_by_hop(&fields);
+    strip_present(&mut fields, present);
+    fields.remove(HOST);
+    fields.remove(CONTENT_LENGTH);
+    // Collected (nothing is allocated when there are none), so removing
+    // holds no borrow of the map.
+    let proxies: Vec<HeaderName> = (fields.keys())
+        .filter(|name| set_by_proxies(name.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in proxies {
+        fields.remove(name);
+    }
+    http_body::Frame::trailers(fields)
 }
 
 impl<B> Service<Request<B>> for HttpBackend<B>

@@ -225,7 +225,7 @@ impl<B: Body + Unpin> Body for Upload<B> {
                 }
             }
         }
-        frame
+        frame.map(|frame| frame.map(|frame| frame.map(super::clean_trailers)))
     }
 
     fn is_end_stream(&self) -> bool {
