@@ -411,8 +411,31 @@ async fn a_declined_upgrade_is_an_ordinary_response() {
     assert_eq!(seen.plain.load(Ordering::SeqCst), 1);
 }
 
+/// A declined switch leaves an ordinary connection, which goes back to the
+/// pool: a client offering `Upgrade` on every request costs the backend no
+/// connection per request, and plain requests take the same connection.
 #[tokio::test]
-async fn a_tunnel_has_a_connection_of_its_own() {
+async fn declined_upgrades_take_pooled_connections() {
+    let (b1, seen) = backend("b1", Mode::Decline).await;
+    let front = proxy(&[b1]).await;
+    let mut stream = TcpStream::connect(front).await.unwrap();
+    still_http(&mut stream, "b1").await;
+    for _ in 0..20 {
+        stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+        let (head, rest) = read_head(&mut stream).await;
+        assert!(head.starts_with("http/1.1 426 "), "{head}");
+        assert_eq!(read_exactly(&mut stream, rest, 14).await, b"use plain HTTP");
+    }
+    still_http(&mut stream, "b1").await;
+    assert_eq!(seen.upgrade_heads.lock().len(), 20);
+    assert_eq!(seen.plain.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+}
+
+/// A switch takes a pooled connection, as any request does, and keeps it:
+/// the connection carries the tunnel, and never goes back to the pool.
+#[tokio::test]
+async fn a_tunnel_keeps_its_connection() {
     let (b1, seen) = backend("b1", Mode::Echo).await;
     let front = proxy(&[b1]).await;
     let plain = |front| async move {
@@ -431,18 +454,20 @@ async fn a_tunnel_has_a_connection_of_its_own() {
     let (mut tunnel, _, _) = open_tunnel(front).await;
     assert_eq!(
         seen.connections.load(Ordering::SeqCst),
-        2,
-        "a new connection"
+        1,
+        "the pooled connection"
     );
-    // Plain requests keep to the pooled connection, the tunnel to its own.
+    // The next plain request needs a connection of its own.
     plain(front).await;
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
     tunnel.write_all(b"still here").await.unwrap();
     assert_eq!(
         read_exactly(&mut tunnel, Vec::new(), 10).await,
         b"still here"
     );
+    plain(front).await;
     assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
-    assert_eq!(seen.plain.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.plain.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

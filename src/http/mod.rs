@@ -87,11 +87,13 @@
 //!
 //! An HTTP/1.1 request asking to switch protocols (`Upgrade: websocket`
 //! with `Connection: upgrade`) is sent on with those two headers, on a
-//! new connection of its own. When the backend agrees (`101 Switching
-//! Protocols`), the client's connection and the backend's are joined, and
-//! bytes are copied both ways until both ends have closed; an end closed
-//! on one side is closed on the other. When it declines, its response
-//! goes back as any other, and the client's connection stays HTTP. A
+//! pooled connection as any request is. When the backend agrees (`101
+//! Switching Protocols`), the client's connection and the backend's are
+//! joined, and bytes are copied both ways until both ends have closed; an
+//! end closed on one side is closed on the other, and the backend's
+//! connection never goes back to the pool. When it declines, its response
+//! goes back as any other, the client's connection stays HTTP, and so
+//! does the backend's, which goes back to the pool. A
 //! `101` that names no protocol, or one the request did not offer, fails
 //! the request (`502 Bad Gateway` from
 //! [`gateway_status`](crate::error::gateway_status)), and so does a `101`

@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use ::http::header::{HeaderMap, HeaderValue, UPGRADE};
 use ::http::uri::{Authority, Scheme, Uri};
-use ::http::{Request, StatusCode};
+use ::http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::upgrade::OnUpgrade;
@@ -60,16 +61,16 @@ impl<T: Read + Write + Unpin + Send + 'static> Io for T {}
 /// connection's end too, which stops the upload: the rest of the
 /// request's body goes to [`Upload`], which reads and drops it.
 ///
-/// Not so on a connection opened for an upgrade: once it is a tunnel, a
-/// write that finds the backend gone fails, so that the tunnel ends
+/// Not so on a connection that switched protocols: once it is a tunnel,
+/// a write that finds the backend gone fails, so that the tunnel ends
 /// rather than drop what the client sends.
 pub(super) struct Stream {
     io: Transport,
     write_closed: bool,
-    /// Whether writes that find the backend gone fail as they are.
-    keep_write_errors: bool,
     /// When it last wrote to the backend, noted for an HTTP/1.1
-    /// connection, whose writes are its one request's.
+    /// connection, whose writes are its one request's; and whether it
+    /// carries a tunnel, whose writes that find the backend gone fail as
+    /// they are.
     written: Option<Arc<Written>>,
 }
 
@@ -83,7 +84,6 @@ impl Stream {
         Stream {
             io: Transport::Tcp(io),
             write_closed: false,
-            keep_write_errors: false,
             written: None,
         }
     }
@@ -92,7 +92,6 @@ impl Stream {
         Stream {
             io: Transport::Other(io),
             write_closed: false,
-            keep_write_errors: false,
             written: None,
         }
     }
@@ -113,7 +112,7 @@ impl Stream {
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e))
-                if !self.keep_write_errors
+                if !self.written.as_ref().is_some_and(|w| w.tunnel())
                     && matches!(
                         e.kind(),
                         io::ErrorKind::ConnectionReset
@@ -629,14 +628,11 @@ where
         )
     }
 
-    /// Opens a new HTTP/1.1 connection, run by a task of its own; one
-    /// `for_upgrade` hands its byte stream over after a `101`.
-    async fn connect(
-        &self,
-        for_upgrade: bool,
-    ) -> Result<(SendRequest<Upload<B>>, Arc<Written>), BoxError> {
+    /// Opens a new HTTP/1.1 connection, run by a task of its own, which
+    /// hands its byte stream over after a `101` (to a request that asked
+    /// for a switch: see [`Upstream::upgrade`]).
+    async fn connect(&self) -> Result<(SendRequest<Upload<B>>, Arc<Written>), BoxError> {
         let mut io = (self.open)(self.target.clone()).await?;
-        io.keep_write_errors = for_upgrade;
         let written = Written::new();
         io.written = Some(written.clone());
         let mut builder = http1::Builder::new();
@@ -646,11 +642,7 @@ where
         let (sender, connection) = builder.handshake(io).await?;
         // Its end (the backend closed it, or a response was abandoned)
         // shows in the sender, which is then never reused.
-        if for_upgrade {
-            tokio::spawn(async move { connection.with_upgrades().await });
-        } else {
-            tokio::spawn(connection);
-        }
+        tokio::spawn(async move { connection.with_upgrades().await });
         Ok((sender, written))
     }
 
@@ -665,7 +657,7 @@ where
     /// `sent` says when the request's body was sent ([`Upload::wrap`]).
     pub(super) async fn send(
         self: Arc<Self>,
-        mut req: Request<Upload<B>>,
+        req: Request<Upload<B>>,
         sent: Sent,
         handover: Handover,
     ) -> Result<Received, BoxError> {
@@ -682,11 +674,29 @@ where
                 )
                 .await;
         }
+        let (resp, sender, written, timer) = self.exchange(req, &sent, &handover).await?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Nothing asked for a switch here, and nothing could join the
+            // connections: the connection is dropped.
+            return Err("the backend switched protocols though the request did not ask to".into());
+        }
+        Ok(self.lend(resp, sender, written, timer))
+    }
+
+    /// Sends `req` on an idle HTTP/1.1 connection, or on a new one, and
+    /// waits for the response head (see [`Upstream::send`]); answers it
+    /// with the connection it came on.
+    async fn exchange(
+        &self,
+        mut req: Request<Upload<B>>,
+        sent: &Sent,
+        handover: &Handover,
+    ) -> Result<Exchanged<B>, BoxError> {
         loop {
             let (mut sender, written, mut timer, fresh) = match self.checkout() {
                 Some((sender, written, timer)) => (sender, written, timer, false),
                 None => {
-                    let (sender, written) = self.connect(false).await.map_err(NotSent::new)?;
+                    let (sender, written) = self.connect().await.map_err(NotSent::new)?;
                     (sender, written, None, true)
                 }
             };
@@ -700,38 +710,8 @@ where
             let response = sender.try_send_request(req);
             // Dropped with its connection when it times out: the backend
             // may still answer, and the connection would be out of step.
-            match self.head(response, &sent, &written, &mut timer).await {
-                Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    // Nothing asked for a switch here, and nothing could
-                    // join the connections: the connection is dropped.
-                    return Err(
-                        "the backend switched protocols though the request did not ask to".into(),
-                    );
-                }
-                Ok(resp) => {
-                    let read_timeout = self.read_timeout;
-                    // The one pass over the header names, whose answer
-                    // the caller strips the hop-by-hop headers with.
-                    let present = super::hop_by_hop(resp.headers());
-                    let life = self.idle_life(resp.headers(), present);
-                    let (pooled, timer) = if sender.is_ready() {
-                        // The response is already read to its end.
-                        self.checkin(sender, written, timer, life);
-                        (None, None)
-                    } else {
-                        // The body's waits take the connection's timer.
-                        let pooled = Pooled {
-                            upstream: self,
-                            sender,
-                            written,
-                            life,
-                        };
-                        (Some(Box::new(pooled) as Box<dyn Checkin>), timer)
-                    };
-                    let resp =
-                        resp.map(|body| ResponseBody::new(body, pooled, read_timeout, timer));
-                    return Ok((resp, present));
-                }
+            match self.head(response, sent, &written, &mut timer).await {
+                Ok(resp) => return Ok((resp, sender, written, timer)),
                 Err(Failed::TimedOut(e)) => return Err(e),
                 Err(Failed::Sent(mut e)) => match e.take_message() {
                     Some(back) if !fresh => {
@@ -739,12 +719,54 @@ where
                         req = back;
                     }
                     Some(_) => return Err(NotSent::new(e.into_error()).into()),
-                    None => return Err(sent_error(e.into_error(), &sent)),
+                    None => return Err(sent_error(e.into_error(), sent)),
                 },
             }
         }
     }
+
+    /// `resp`, whose head came on the connection of `sender`, with that
+    /// connection given back to the pool once its body has been read: at
+    /// once if it already has.
+    fn lend(
+        self: Arc<Self>,
+        resp: Response<Incoming>,
+        sender: SendRequest<Upload<B>>,
+        written: Arc<Written>,
+        timer: Timer,
+    ) -> Received {
+        let read_timeout = self.read_timeout;
+        // The one pass over the header names, whose answer the caller
+        // strips the hop-by-hop headers with.
+        let present = super::hop_by_hop(resp.headers());
+        let life = self.idle_life(resp.headers(), present);
+        let (pooled, timer) = if sender.is_ready() {
+            // The response is already read to its end.
+            self.checkin(sender, written, timer, life);
+            (None, None)
+        } else {
+            // The body's waits take the connection's timer.
+            let pooled = Pooled {
+                upstream: self,
+                sender,
+                written,
+                life,
+            };
+            (Some(Box::new(pooled) as Box<dyn Checkin>), timer)
+        };
+        let resp = resp.map(|body| ResponseBody::new(body, pooled, read_timeout, timer));
+        (resp, present)
+    }
 }
+
+/// A response head, with the connection it came on and that connection's
+/// timer.
+type Exchanged<B> = (
+    Response<Incoming>,
+    SendRequest<Upload<B>>,
+    Arc<Written>,
+    Timer,
+);
 
 impl<B> Upstream<B>
 where
@@ -752,14 +774,15 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// Sends `req`, which asks to switch protocols, on a new connection of
-    /// its own (after a switch it carries the new protocol, never another
-    /// request). When the backend agrees (`101 Switching Protocols`), a
-    /// task joins the client's connection, once hyper hands it over, to
-    /// the backend's (see [`tunnel::join`](super::tunnel::join): until both
-    /// ends have closed, or the tunnel has been idle for the client's
-    /// `tunnel_idle_timeout`). A failure to open the connection is
-    /// [`NotSent`].
+    /// Sends `req`, which asks to switch protocols, as [`Upstream::send`]
+    /// sends a request. When the backend agrees (`101 Switching
+    /// Protocols`), the connection carries the new protocol, never another
+    /// request: a task joins the client's connection, once hyper hands it
+    /// over, to the backend's (see [`tunnel::join`](super::tunnel::join):
+    /// until both ends have closed, or the tunnel has been idle for the
+    /// client's `tunnel_idle_timeout`). When it declines, the connection
+    /// is an ordinary one again (RFC 9110, section 7.8), and goes back to
+    /// the pool once the answer has been read.
     pub(super) async fn upgrade(
         self: Arc<Self>,
         req: Request<B>,
@@ -767,52 +790,37 @@ where
         backend_state: Option<Arc<BackendState>>,
         handover: Handover,
     ) -> Result<Received, BoxError> {
-        let (mut sender, written) = self.connect(true).await.map_err(NotSent::new)?;
-        sender.ready().await.map_err(NotSent::new)?;
         let offered: Vec<HeaderValue> = req.headers().get_all(UPGRADE).iter().cloned().collect();
         // Its body is empty, or becomes the tunnel's.
         let (req, sent) = Upload::wrap(req, None, true);
-        handover.handed(true);
-        let response = sender.try_send_request(req);
-        let mut timer = None;
-        let mut resp = match self.head(response, &sent, &written, &mut timer).await {
-            Ok(resp) => resp,
-            Err(Failed::TimedOut(e)) => return Err(e),
-            Err(Failed::Sent(mut e)) => {
-                return Err(match e.take_message() {
-                    Some(_) => NotSent::new(e.into_error()).into(),
-                    None => sent_error(e.into_error(), &sent),
-                })
-            }
-        };
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if !super::switch_agrees(&offered, resp.headers()) {
-                return Err(
-                    "the backend switched to a protocol the request did not offer \
-                     (RFC 9110, section 7.8)"
-                        .into(),
-                );
-            }
-            let backend = hyper::upgrade::on(&mut resp);
-            // The tunnel counts as in flight on its backend while it lasts.
-            let in_flight = backend_state.map(|state| state.hold_in_flight());
-            let idle = self.tunnel_idle_timeout;
-            tokio::spawn(async move {
-                let _in_flight = in_flight;
-                // The backend's side is ready at once. The client's is
-                // handed over as soon as the `101` is written; one that
-                // does not come (a layer above answered something else,
-                // the client left) ends the tunnel, closing the backend's.
-                let Ok(backend) = backend.await else { return };
-                let client = async { client.await.map(TokioIo::new) };
-                super::tunnel::join(client, TokioIo::new(backend), idle).await;
-            });
+        let (mut resp, sender, written, timer) = self.exchange(req, &sent, &handover).await?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(self.lend(resp, sender, written, timer));
         }
-        // Declined, the connection closes after this response: its sender
-        // is dropped here.
-        let read_timeout = self.read_timeout;
+        if !super::switch_agrees(&offered, resp.headers()) {
+            return Err(
+                "the backend switched to a protocol the request did not offer \
+                 (RFC 9110, section 7.8)"
+                    .into(),
+            );
+        }
+        written.switched();
+        let backend = hyper::upgrade::on(&mut resp);
+        // The tunnel counts as in flight on its backend while it lasts.
+        let in_flight = backend_state.map(|state| state.hold_in_flight());
+        let idle = self.tunnel_idle_timeout;
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
+            // The backend's side is ready at once. The client's is handed
+            // over as soon as the `101` is written; one that does not come
+            // (a layer above answered something else, the client left)
+            // ends the tunnel, closing the backend's.
+            let Ok(backend) = backend.await else { return };
+            let client = async { client.await.map(TokioIo::new) };
+            super::tunnel::join(client, TokioIo::new(backend), idle).await;
+        });
         let present = super::hop_by_hop(resp.headers());
-        let resp = resp.map(|body| ResponseBody::new(body, None, read_timeout, timer));
+        let resp = resp.map(|body| ResponseBody::new(body, None, self.read_timeout, timer));
         Ok((resp, present))
     }
 }

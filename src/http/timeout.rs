@@ -52,12 +52,15 @@ pub(super) fn from_http1(sent: &Sent) -> bool {
 
 /// When a connection last wrote to its backend, noted by its stream: an
 /// upload that hyper took whole (a body in one large frame) still moves
-/// while its bytes go out, as fast as the backend reads them.
+/// while its bytes go out, as fast as the backend reads them. And whether
+/// the connection now carries a tunnel.
 pub(super) struct Written {
     /// When the connection was opened; the last write is counted from it.
     opened: Instant,
     /// Nanoseconds from `opened` to the end of the last write (0: none yet).
     last: AtomicU64,
+    /// The connection switched protocols, and carries a tunnel.
+    tunnel: AtomicBool,
 }
 
 impl Written {
@@ -65,7 +68,19 @@ impl Written {
         Arc::new(Written {
             opened: Instant::now(),
             last: AtomicU64::new(0),
+            tunnel: AtomicBool::new(false),
         })
+    }
+
+    /// Notes that the connection carries a tunnel from now on.
+    pub(super) fn switched(&self) {
+        self.tunnel.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection carries a tunnel.
+    #[inline]
+    pub(super) fn tunnel(&self) -> bool {
+        self.tunnel.load(Ordering::Relaxed)
     }
 
     /// Notes a write that took some bytes.
