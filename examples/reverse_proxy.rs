@@ -40,7 +40,7 @@ use tower_ha::error::{gateway_status, Report};
 use tower_ha::extensions::PeerAddr;
 use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
 use tower_ha::health::{probe_fn, CheckerHandle, HealthChecker, HealthLayer, HttpProbe, Probe};
-use tower_ha::http::{HttpBackend, HttpClient, ResponseBody};
+use tower_ha::http::{HttpBackend, HttpClient, ResponseBody, SendTimeout};
 use tower_ha::key::{self, RequestKey};
 use tower_ha::sticky::{CookieInsert, SessionKey, StickyLayer};
 use tower_ha::{BackendId, BoxError, Pool};
@@ -70,6 +70,7 @@ struct Options {
     per_try_timeout: Option<Duration>,
     deadline: Option<Duration>,
     header_read_timeout: Option<Duration>,
+    send_timeout: Option<Duration>,
     drain: Duration,
     backends: Vec<String>,
 }
@@ -123,6 +124,11 @@ default id is a digest of the host and port keyed by the cookie's secret.
   --header-read-timeout MS closes a client connection that has not sent a
                            whole request head within MS ms, an idle kept-alive
                            one included (default 30000; 0 for none)
+  --send-timeout MS        closes a client connection that has taken none of
+                           its response for MS ms, so that a client that stops
+                           reading frees its backend's connection and its
+                           place under --max-in-flight (default 60000, as
+                           nginx's send_timeout; 0 for none)
   --drain MS               on SIGINT or SIGTERM: stops accepting, lets each
                            connection finish its request and each WebSocket
                            (or other upgraded) tunnel end, exits when none is
@@ -172,6 +178,7 @@ fn options() -> Options {
         per_try_timeout: Some(Duration::from_secs(15)),
         deadline: Some(Duration::from_secs(30)),
         header_read_timeout: Some(Duration::from_secs(30)),
+        send_timeout: Some(Duration::from_secs(60)),
         drain: Duration::from_secs(10),
         backends: Vec::new(),
     };
@@ -239,6 +246,7 @@ fn options() -> Options {
                 o.header_read_timeout =
                     millis(value("--header-read-timeout"), "--header-read-timeout")
             }
+            "--send-timeout" => o.send_timeout = millis(value("--send-timeout"), "--send-timeout"),
             "--drain" => o.drain = millis(value("--drain"), "--drain").unwrap_or_default(),
             "--health-path" => {
                 let path = value("--health-path");
@@ -528,14 +536,30 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     );
     // Two stacks rather than an optional layer: each request's future
     // stays as small as the stack it runs through.
-    let header_read_timeout = o.header_read_timeout;
+    let (header_read_timeout, send_timeout) = (o.header_read_timeout, o.send_timeout);
     let (stop, connections) = watch::channel(false);
     match sticky {
         Some(sticky) => {
             let stack = sticky.layer(stack);
-            accept(listener, stack, header_read_timeout, connections).await
+            accept(
+                listener,
+                stack,
+                header_read_timeout,
+                send_timeout,
+                connections,
+            )
+            .await
         }
-        None => accept(listener, stack, header_read_timeout, connections).await,
+        None => {
+            accept(
+                listener,
+                stack,
+                header_read_timeout,
+                send_timeout,
+                connections,
+            )
+            .await
+        }
     }
     // Every connection task holds two receivers: the channel closes when
     // the last one ends.
@@ -593,13 +617,15 @@ async fn stop_signal() {
 }
 
 /// Serves each connection `listener` accepts with `stack`, closing those
-/// that send no whole request head within `header_read_timeout`, until a
+/// that send no whole request head within `header_read_timeout`, or take
+/// none of their response for `send_timeout`, until a
 /// stop signal; each connection then finishes the request it is serving
 /// and closes (its task watches `stop`).
 async fn accept<S>(
     listener: TcpListener,
     stack: S,
     header_read_timeout: Option<Duration>,
+    send_timeout: Option<Duration>,
     stop: watch::Receiver<bool>,
 ) where
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = BoxError>
@@ -625,6 +651,8 @@ async fn accept<S>(
             }
         };
         let _ = stream.set_nodelay(true);
+        // None: no stall of a client's is ever long enough to be cut off.
+        let send_timeout = send_timeout.unwrap_or(Duration::MAX);
         let stack = stack.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
@@ -639,7 +667,10 @@ async fn accept<S>(
                 // (and warns on every connection).
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout)
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(
+                    TokioIo::new(SendTimeout::new(stream, send_timeout)),
+                    service,
+                )
                 // WebSocket and other protocol switches go through.
                 .with_upgrades();
             let mut connection = std::pin::pin!(connection);

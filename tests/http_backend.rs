@@ -20,7 +20,7 @@ use tower_ha::error::{find, gateway_status, InvalidRequest};
 use tower_ha::extensions::PeerAddr;
 use tower_ha::failover::{Exhausted, FailoverLayer, ReplayBody};
 use tower_ha::health::{HealthChecker, HealthLayer, HttpProbe};
-use tower_ha::http::{HttpBackend, HttpClient};
+use tower_ha::http::{HttpBackend, HttpClient, SendTimeout};
 use tower_ha::{BackendError, BoxError, HealthStatus, NotSent, Pool};
 
 mod support;
@@ -1080,6 +1080,70 @@ async fn a_connection_is_reused_after_a_response_with_trailers() {
         drop(body);
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A client that stops reading its response keeps the backend's
+/// connection and its in-flight slot for as long as its own connection
+/// stays open. Served over a `SendTimeout`, that connection fails once the
+/// client has taken nothing for the timeout, and the slot comes back.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_by_the_send_timeout() {
+    const BIG: usize = 16 << 20;
+    let (addr, _) = accept_counting(|stream, _| async move {
+        let service = service_fn(|_req: Request<Incoming>| async move {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; BIG]))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
+    let client = HttpClient::<Incoming>::new();
+    let pool = Pool::new();
+    pool.insert(
+        "a",
+        HttpBackend::new(&client, format!("http://{addr}")).unwrap(),
+    );
+    let state = pool.state(&"a".into()).unwrap();
+    state.set_max_in_flight(Some(1));
+    let balance = Balance::new(pool, RoundRobin::new());
+    let (front, _) = accept_counting(move |stream, _| {
+        let balance = balance.clone();
+        async move {
+            let service = service_fn(move |req| balance.clone().oneshot(req));
+            let io = SendTimeout::new(stream, Duration::from_secs(1));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(io), service)
+                .await;
+        }
+    })
+    .await;
+    // The client asks, and reads nothing of the answer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(front).await.unwrap();
+    stalled
+        .write_all(b"GET / HTTP/1.1\r\nHost: front\r\n\r\n")
+        .await
+        .unwrap();
+    support::wait::spin_until("the answer holds the slot", || state.in_flight() == 1).await;
+    support::wait::spin_until("the slot comes back", || state.in_flight() == 0).await;
+    // The next client is served.
+    let stream = TcpStream::connect(front).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let resp = sender
+        .send_request(Request::get("/").body(Full::<Bytes>::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes().len(),
+        BIG
+    );
+    drop(stalled);
 }
 
 /// A request body that never ends: an upload still in progress.

@@ -26,7 +26,9 @@ use crate::error::BoxError;
 /// the body with an I/O error of kind `TimedOut`: an HTTP/1.1 connection
 /// is not reused (over HTTP/2 the stream is reset), and the request no
 /// longer counts as in flight. Only waits count:
-/// a body read slowly (its client is slow) does not time out.
+/// a body read slowly (its client is slow) does not time out, nor one
+/// its client stopped reading: serve client connections over a
+/// [`SendTimeout`](super::SendTimeout) to bound that.
 pub struct ResponseBody {
     inner: hyper::body::Incoming,
     /// The connection, while the body is still being read from it.

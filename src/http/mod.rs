@@ -145,6 +145,7 @@ mod body;
 #[cfg(feature = "http2")]
 mod http2;
 mod pool;
+mod send_timeout;
 mod timeout;
 mod tunnel;
 
@@ -167,6 +168,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 pub use body::ResponseBody;
+pub use send_timeout::SendTimeout;
 
 use crate::backend::BackendState;
 use crate::error::{BoxError, InvalidRequest};
