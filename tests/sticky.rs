@@ -1849,6 +1849,34 @@ async fn a_response_waits_for_a_slow_store_until_the_response_wait() {
     assert!(store.load("s2").await.unwrap().is_some(), "saved");
 }
 
+/// While a store hangs, new sessions keep coming: beyond
+/// `max_pending_writes` sessions with writes under way, a new session's
+/// save fails at once, so its response does not wait, and the session is
+/// still routed from memory.
+#[tokio::test(start_paused = true)]
+async fn beyond_max_pending_writes_a_new_sessions_save_fails_at_once() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    let slow = SlowSaves(store.clone(), Duration::from_secs(300));
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(slow)
+        .max_pending_writes(2);
+    let svc = stack(&c.pool, layer.clone());
+    let started = tokio::time::Instant::now();
+    let mut backends = Vec::new();
+    for key in ["s1", "s2", "s3"] {
+        backends.push(send(&svc, session(key)).await.unwrap().into_body());
+    }
+    // The first two waited the response wait each; the third not at all.
+    assert_eq!(started.elapsed(), DEFAULT_RESPONSE_WAIT * 2);
+    assert_eq!(layer.stats().store_errors, 1);
+    let again = send(&svc, session("s3")).await.unwrap().into_body();
+    assert_eq!(again, backends[2], "routed from memory");
+    layer.flush().await;
+    assert!(store.load("s1").await.unwrap().is_some(), "saved");
+    assert!(store.load("s2").await.unwrap().is_some(), "saved");
+}
+
 /// An `on_move` hook that hangs holds its response for the response wait
 /// and is stopped at the move timeout.
 #[tokio::test(start_paused = true)]

@@ -21,6 +21,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The default maximum number of sessions in the table.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
+/// The default maximum number of sessions with store writes under way.
+pub const DEFAULT_MAX_PENDING_WRITES: usize = 10_000;
+
 /// The default time limit of the `on_move` hook.
 pub const DEFAULT_MOVE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -45,6 +48,7 @@ pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// | [`strict`](StickyLayer::strict) | `false`: sessions move |
 /// | [`idle_timeout`](StickyLayer::idle_timeout) | one hour |
 /// | [`max_sessions`](StickyLayer::max_sessions) | 100 000 |
+/// | [`max_pending_writes`](StickyLayer::max_pending_writes) | 10 000 |
 /// | [`on_move`](StickyLayer::on_move), [`on_restore`](StickyLayer::on_restore) | none |
 /// | [`hydrate`](StickyLayer::hydrate) | none: `on_restore` runs in [`restore`](StickyLayer::restore) only |
 /// | [`restore_timeout`](StickyLayer::restore_timeout) | 30 seconds per session |
@@ -66,6 +70,7 @@ impl StickyLayer {
             strict: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_sessions: DEFAULT_MAX_SESSIONS,
+            max_pending_writes: DEFAULT_MAX_PENDING_WRITES,
             on_move: None,
             refresh: None,
             on_restore: None,
@@ -183,6 +188,18 @@ impl StickyLayer {
     /// eviction pauses only the requests of one shard.
     pub fn max_sessions(self, max: usize) -> Self {
         self.with(|c| c.max_sessions = max.max(1))
+    }
+
+    /// The most sessions whose writes to the store are under way at once
+    /// (at least 1). A store that hangs keeps each write waiting until the
+    /// store's own timeout, and new sessions keep coming: beyond this
+    /// bound, the save or refresh of a session with no write under way
+    /// fails at once (logged, and counted in
+    /// [`StickyStats::store_errors`](super::StickyStats::store_errors)),
+    /// and the session is kept in memory, as after any failed save. A
+    /// delete is always queued, so that no ended session comes back.
+    pub fn max_pending_writes(self, max: usize) -> Self {
+        self.with(|c| c.max_pending_writes = max.max(1))
     }
 
     /// Calls `hook` after a session moved and the save of its record

@@ -93,6 +93,8 @@ pub(crate) struct Config {
     pub(crate) strict: bool,
     pub(crate) idle_timeout: Duration,
     pub(crate) max_sessions: usize,
+    /// The most keys with store writes under way (see `Writes`).
+    pub(crate) max_pending_writes: usize,
     /// How often a session in use is saved again; `None`: as the store
     /// asks ([`SessionStore::refresh_interval`]).
     pub(crate) refresh: Option<Duration>,
@@ -118,6 +120,7 @@ impl Clone for Config {
             strict: self.strict,
             idle_timeout: self.idle_timeout,
             max_sessions: self.max_sessions,
+            max_pending_writes: self.max_pending_writes,
             refresh: self.refresh,
             on_move: self.on_move.clone(),
             on_restore: self.on_restore.clone(),
@@ -139,6 +142,7 @@ impl fmt::Debug for Config {
             .field("strict", &self.strict)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_sessions", &self.max_sessions)
+            .field("max_pending_writes", &self.max_pending_writes)
             .field("refresh", &self.refresh)
             .field("on_move", &self.on_move.is_some())
             .field("on_restore", &self.on_restore.is_some())
@@ -476,6 +480,7 @@ pub(crate) struct Loaded {
 
 impl Shared {
     pub(crate) fn new(config: Config) -> Self {
+        let writes = Writes::new(config.max_pending_writes);
         let records = Records::new(config.store.as_ref().and_then(|s| s.refresh_interval()));
         Shared {
             // The layer's own cookie: every key is a random id it issued.
@@ -496,7 +501,7 @@ impl Shared {
             unrestored: Mutex::new(HashMap::new()),
             restores: Mutex::default(),
             records: Mutex::new(records),
-            writes: Writes::default(),
+            writes,
             counters: Counters::default(),
             warned_uncarried: std::sync::atomic::AtomicBool::new(false),
             store_warnings: Throttle::default(),

@@ -138,11 +138,19 @@ impl Queued {
 
 /// The keys with writes under way, each with those waiting behind the one
 /// in flight.
-#[derive(Default)]
 pub(crate) struct Writes {
     queues: Mutex<HashMap<String, VecDeque<Queued>>>,
     /// Told when the last key's queue is removed.
     idle: tokio::sync::Notify,
+    /// The most keys with writes under way: a store that hangs would
+    /// otherwise gather a task and a queue for every new session.
+    limit: usize,
+}
+
+impl Default for Writes {
+    fn default() -> Self {
+        Writes::new(usize::MAX)
+    }
 }
 
 /// The result of a write, once it has landed (or failed).
@@ -157,6 +165,15 @@ pub(crate) async fn landed(done: Done) -> Result<(), StoreError> {
 }
 
 impl Writes {
+    /// Writes of at most `limit` keys at once (see [`Writes::decide`]).
+    pub(crate) fn new(limit: usize) -> Self {
+        Writes {
+            queues: Mutex::default(),
+            idle: tokio::sync::Notify::new(),
+            limit,
+        }
+    }
+
     /// Waits until no write is queued or under way.
     pub(crate) async fn flush(&self) {
         loop {
@@ -214,6 +231,11 @@ impl Writes {
     /// any, as [`submit`](Writes::submit) does, in one step: no other write
     /// is queued in between, so the writes of a key are queued in the order
     /// their changes were made.
+    ///
+    /// A save or refresh of a key with no write under way, while the
+    /// writes of as many keys as the limit are, fails at once (the owner
+    /// hears of it, as of a failed write). A delete is always queued: lost,
+    /// it would bring an ended session back.
     pub(crate) fn decide<O: Owner, R>(
         owner: &Arc<O>,
         store: &Arc<dyn SessionStore>,
@@ -236,6 +258,19 @@ impl Writes {
             return (made, None);
         };
         let (done, result) = oneshot::channel();
+        if queues.len() >= owner.writes().limit
+            && !matches!(write, Write::Delete(_))
+            && !queues.contains_key(write.key())
+        {
+            drop(queues);
+            let error = StoreError::unavailable(format!(
+                "the writes of {} sessions are already under way (max_pending_writes)",
+                owner.writes().limit
+            ));
+            owner.failed(&write, &error);
+            let _ = done.send(Err(error));
+            return (made, Some(result));
+        }
         let queued = Queued {
             write,
             done,
@@ -501,6 +536,50 @@ mod tests {
             inner.load("k").await.unwrap().unwrap().backend.as_str(),
             "b"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn beyond_the_limit_a_new_keys_save_fails_at_once_and_a_delete_waits() {
+        let (store, inner, permits) = gated();
+        let log = Arc::new(Log {
+            writes: Writes::new(2),
+            failed: Default::default(),
+        });
+        let save = |key: &str| Write::Save(Session::new(key, "b".into()));
+        let a = Writes::submit(&log, &store, save("a"));
+        let b = Writes::submit(&log, &store, save("b"));
+        // Two keys under way: a third key's save and refresh fail at once.
+        let mut c = Writes::submit(&log, &store, save("c"));
+        let error = c.try_recv().expect("failed at once").unwrap_err();
+        assert!(error.is_unavailable(), "{error}");
+        let why = std::error::Error::source(&error)
+            .expect("a source")
+            .to_string();
+        assert!(why.contains("max_pending_writes"), "{why}");
+        let mut refresh = Writes::submit(&log, &store, Write::Refresh("r".into()));
+        assert!(matches!(refresh.try_recv(), Ok(Err(_))));
+        assert_eq!(*log.failed.lock(), ["save c", "refresh r"]);
+        // A key already under way still queues, and a delete always does.
+        let a_again = Writes::submit(&log, &store, save("a"));
+        inner.save(&Session::new("d", "b".into())).await.unwrap();
+        let d = Writes::submit(&log, &store, Write::Delete("d".into()));
+        tokio::task::yield_now().await;
+        permits.add_permits(3);
+        for done in [a, b, a_again, d] {
+            tokio::time::timeout(std::time::Duration::from_secs(60), landed(done))
+                .await
+                .expect("landed")
+                .unwrap();
+        }
+        assert!(inner.load("d").await.unwrap().is_none(), "deleted");
+        assert!(inner.load("c").await.unwrap().is_none(), "never saved");
+        assert_eq!(log.failed.lock().len(), 2);
+        // With the writes landed, a new key's save is taken again.
+        permits.add_permits(1);
+        landed(Writes::submit(&log, &store, save("c")))
+            .await
+            .unwrap();
+        assert!(inner.load("c").await.unwrap().is_some());
     }
 
     #[tokio::test(start_paused = true)]
