@@ -193,11 +193,11 @@ impl StickyLayer {
     /// The most sessions whose writes to the store are under way at once
     /// (at least 1). A store that hangs keeps each write waiting until the
     /// store's own timeout, and new sessions keep coming: beyond this
-    /// bound, the save or refresh of a session with no write under way
-    /// fails at once (logged, and counted in
+    /// bound, a new session's save fails at once (logged, and counted in
     /// [`StickyStats::store_errors`](super::StickyStats::store_errors)),
-    /// and the session is kept in memory, as after any failed save. A
-    /// delete is always queued, so that no ended session comes back.
+    /// and the session is kept in memory, as after any failed save. The
+    /// writes of sessions the table holds (moves, refreshes, deletes),
+    /// which [`max_sessions`](Self::max_sessions) bounds, always queue.
     pub fn max_pending_writes(self, max: usize) -> Self {
         self.with(|c| c.max_pending_writes = max.max(1))
     }

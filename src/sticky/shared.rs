@@ -1714,7 +1714,7 @@ impl Shared {
         let session = Session::new(key, served.clone());
         let to_save = (kept == Kept::Saved).then(|| session.clone());
         let tag = self.tag(key, served);
-        let (hit, dropped, inserted) = self.decide(work, || {
+        let (hit, dropped, inserted) = self.decide_new(work, || {
             let made = self.insert_new(session, tag, kept);
             let write = to_save.filter(|_| made.2).map(Write::Save);
             (made, write)
@@ -1763,7 +1763,7 @@ impl Shared {
     fn create(self: &Arc<Self>, work: &mut Work, key: &str, backend: BackendId) {
         let tag = self.tag(key, &backend);
         let session = Session::new(key, backend);
-        let (hit, dropped, inserted) = self.decide(work, || {
+        let (hit, dropped, inserted) = self.decide_new(work, || {
             let write = Write::Save(session.clone());
             let made = self.table.insert_named(session, tag);
             let write = made.2.then_some(write);
@@ -1842,13 +1842,32 @@ impl Shared {
         work: &mut Work,
         change: impl FnOnce() -> (R, Option<Write>),
     ) -> R {
+        self.decide_with(work, false, change)
+    }
+
+    /// [`decide`](Self::decide) for a change that starts a session, whose
+    /// save `max_pending_writes` bounds.
+    fn decide_new<R>(
+        self: &Arc<Self>,
+        work: &mut Work,
+        change: impl FnOnce() -> (R, Option<Write>),
+    ) -> R {
+        self.decide_with(work, true, change)
+    }
+
+    fn decide_with<R>(
+        self: &Arc<Self>,
+        work: &mut Work,
+        new: bool,
+        change: impl FnOnce() -> (R, Option<Write>),
+    ) -> R {
         // Not under the write queues' lock, which every write of every
         // session takes, nor under the lock of the records a restore holds.
         self.sweep();
         let Some(store) = &self.config.store else {
             return change().0;
         };
-        let (made, done) = Writes::decide(self, store, || {
+        let (made, done) = Writes::decide(self, store, new, || {
             let (made, write) = change();
             if let (true, Some(write)) = (self.tracks_records(), &write) {
                 // Before the response is handed on, so that the next
@@ -2080,7 +2099,7 @@ impl Shared {
         };
         // Forgotten as the delete is queued, behind the writes of the
         // changes made before.
-        let (known, done) = Writes::decide(self, store, || {
+        let (known, done) = Writes::decide(self, store, false, || {
             (self.forget(key), Some(Write::Delete(key.to_owned())))
         });
         let done = done.expect("a delete was decided");

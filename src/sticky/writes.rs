@@ -223,7 +223,7 @@ impl Writes {
         store: &Arc<dyn SessionStore>,
         write: Write,
     ) -> Done {
-        let ((), done) = Writes::decide(owner, store, || ((), Some(write)));
+        let ((), done) = Writes::decide(owner, store, false, || ((), Some(write)));
         done.expect("a write was decided")
     }
 
@@ -232,13 +232,17 @@ impl Writes {
     /// is queued in between, so the writes of a key are queued in the order
     /// their changes were made.
     ///
-    /// A save or refresh of a key with no write under way, while the
+    /// A `new` session's save, of a key with no write under way while the
     /// writes of as many keys as the limit are, fails at once (the owner
-    /// hears of it, as of a failed write). A delete is always queued: lost,
-    /// it would bring an ended session back.
+    /// hears of it, as of a failed write): new sessions are what a store
+    /// that hangs would gather without bound. The writes of the sessions
+    /// the table holds (moves, refreshes, deletes) always queue, since the
+    /// table bounds them, and a lost move or delete would leave the record
+    /// naming a backend the session left or bring an ended session back.
     pub(crate) fn decide<O: Owner, R>(
         owner: &Arc<O>,
         store: &Arc<dyn SessionStore>,
+        new: bool,
         change: impl FnOnce() -> (R, Option<Write>),
     ) -> (R, Option<Done>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -258,8 +262,8 @@ impl Writes {
             return (made, None);
         };
         let (done, result) = oneshot::channel();
-        if queues.len() >= owner.writes().limit
-            && !matches!(write, Write::Delete(_))
+        if new
+            && queues.len() >= owner.writes().limit
             && !queues.contains_key(write.key())
         {
             drop(queues);
@@ -539,46 +543,48 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn beyond_the_limit_a_new_keys_save_fails_at_once_and_a_delete_waits() {
+    async fn beyond_the_limit_a_new_sessions_save_fails_at_once_and_other_writes_wait() {
         let (store, inner, permits) = gated();
         let log = Arc::new(Log {
             writes: Writes::new(2),
             failed: Default::default(),
         });
         let save = |key: &str| Write::Save(Session::new(key, "b".into()));
-        let a = Writes::submit(&log, &store, save("a"));
-        let b = Writes::submit(&log, &store, save("b"));
-        // Two keys under way: a third key's save and refresh fail at once.
-        let mut c = Writes::submit(&log, &store, save("c"));
+        let start = |key: &str| {
+            let ((), done) = Writes::decide(&log, &store, true, || ((), Some(save(key))));
+            done.expect("decided")
+        };
+        let a = start("a");
+        let b = start("b");
+        // Two keys under way: a third new session's save fails at once.
+        let mut c = start("c");
         let error = c.try_recv().expect("failed at once").unwrap_err();
         assert!(error.is_unavailable(), "{error}");
-        let why = std::error::Error::source(&error)
-            .expect("a source")
-            .to_string();
+        let why = std::error::Error::source(&error).expect("a source").to_string();
         assert!(why.contains("max_pending_writes"), "{why}");
-        let mut refresh = Writes::submit(&log, &store, Write::Refresh("r".into()));
-        assert!(matches!(refresh.try_recv(), Ok(Err(_))));
-        assert_eq!(*log.failed.lock(), ["save c", "refresh r"]);
-        // A key already under way still queues, and a delete always does.
-        let a_again = Writes::submit(&log, &store, save("a"));
+        assert_eq!(*log.failed.lock(), ["save c"]);
+        // A key already under way still queues, and so do the writes of
+        // sessions already held: a move's save, a refresh, a delete.
+        let a_again = start("a");
         inner.save(&Session::new("d", "b".into())).await.unwrap();
         let d = Writes::submit(&log, &store, Write::Delete("d".into()));
+        let moved = Writes::submit(&log, &store, save("m"));
+        let refreshed = Writes::submit(&log, &store, Write::Refresh("r".into()));
         tokio::task::yield_now().await;
-        permits.add_permits(3);
-        for done in [a, b, a_again, d] {
+        permits.add_permits(4);
+        for done in [a, b, a_again, d, moved, refreshed] {
             tokio::time::timeout(std::time::Duration::from_secs(60), landed(done))
                 .await
                 .expect("landed")
                 .unwrap();
         }
         assert!(inner.load("d").await.unwrap().is_none(), "deleted");
+        assert!(inner.load("m").await.unwrap().is_some(), "moved");
         assert!(inner.load("c").await.unwrap().is_none(), "never saved");
-        assert_eq!(log.failed.lock().len(), 2);
-        // With the writes landed, a new key's save is taken again.
+        assert_eq!(log.failed.lock().len(), 1);
+        // With the writes landed, a new session's save is taken again.
         permits.add_permits(1);
-        landed(Writes::submit(&log, &store, save("c")))
-            .await
-            .unwrap();
+        landed(start("c")).await.unwrap();
         assert!(inner.load("c").await.unwrap().is_some());
     }
 
