@@ -651,8 +651,8 @@ async fn accept<S>(
             }
         };
         let _ = stream.set_nodelay(true);
-        // None: no stall of a client's is ever long enough to be cut off.
-        let send_timeout = send_timeout.unwrap_or(Duration::MAX);
+        // Zero, for none: no client is cut off.
+        let send_timeout = send_timeout.unwrap_or_default();
         let stack = stack.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {

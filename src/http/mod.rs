@@ -21,7 +21,7 @@
 //!   in either direction
 //!   (but for what a proxied protocol upgrade needs), but `TE: trailers`
 //!   is sent on, and `Trailer` is forwarded, so trailer fields pass both
-//!   ways, cleaned as a head is (without the hop-by-hop fields, `Host`,
+//!   ways, cleaned (without the hop-by-hop fields, `Host`,
 //!   `Content-Length` and the fields proxies set);
 //! * a message framed by chunks (`Transfer-Encoding: chunked`) goes on
 //!   without a `Content-Length` beside them, in either direction (RFC 9112

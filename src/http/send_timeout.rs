@@ -17,8 +17,8 @@ use crate::time::later;
 pin_project! {
     /// A client's connection (an accepted `TcpStream`, say) whose writes
     /// fail with an I/O error of kind `TimedOut` once the client has taken
-    /// none of them for `timeout`: nginx's `send_timeout`, which hyper's
-    /// servers do not have.
+    /// none of them for `timeout` (zero: no timeout): nginx's
+    /// `send_timeout`, which hyper's servers do not have.
     ///
     /// A client that stops reading its response makes the server's writes
     /// stall, and the server stops reading the response's body; that body
@@ -26,10 +26,17 @@ pin_project! {
     /// backend (against its `max_in_flight`), for as long as the client
     /// wants. Served over a `SendTimeout`, the connection fails instead,
     /// the server drops the response, and the backend gets its connection
-    /// and its slot back. The time counts between two writes that take
-    /// bytes, not for a whole response: a slow client that keeps reading
-    /// is not cut off. Reads pass through untouched (hyper's
-    /// `header_read_timeout` bounds a slow request head).
+    /// and its slot back. The time counts from the moment a write can no
+    /// longer proceed, not for a whole response: a slow client that keeps
+    /// reading is not cut off, nor one waiting for a slow backend. Reads
+    /// pass through untouched (hyper's `header_read_timeout` bounds a slow
+    /// request head). A tunnel (a WebSocket) keeps the wrapper: a client
+    /// that reads nothing of it for the timeout is cut off too.
+    ///
+    /// This bounds an HTTP/1 client. An HTTP/2 client that stops reading
+    /// one response only stops granting it flow-control window, and no
+    /// write to its connection stalls: such a response is bounded only
+    /// when the whole connection stalls.
     ///
     /// ```no_run
     /// # async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
@@ -102,7 +109,7 @@ fn unless_stalled<R>(
     stalled: &mut bool,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<R>> {
-    if written.is_ready() {
+    if written.is_ready() || timeout.is_zero() {
         *stalled = false;
         return written;
     }
@@ -215,6 +222,17 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
         assert!(e.to_string().contains("10s"), "{e}");
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_timeout_is_none() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut io = SendTimeout::new(server, Duration::ZERO);
+        assert_eq!(fill(&mut io).await, 64);
+        let write = io.write_all(&[1; 1]);
+        let waited = tokio::time::timeout(Duration::from_secs(3600), write).await;
+        assert!(waited.is_err(), "still waiting for the client, not failed");
         drop(client);
     }
 

@@ -262,10 +262,7 @@ impl Writes {
             return (made, None);
         };
         let (done, result) = oneshot::channel();
-        if new
-            && queues.len() >= owner.writes().limit
-            && !queues.contains_key(write.key())
-        {
+        if new && queues.len() >= owner.writes().limit && !queues.contains_key(write.key()) {
             drop(queues);
             let error = StoreError::unavailable(format!(
                 "the writes of {} sessions are already under way (max_pending_writes)",
@@ -560,7 +557,9 @@ mod tests {
         let mut c = start("c");
         let error = c.try_recv().expect("failed at once").unwrap_err();
         assert!(error.is_unavailable(), "{error}");
-        let why = std::error::Error::source(&error).expect("a source").to_string();
+        let why = std::error::Error::source(&error)
+            .expect("a source")
+            .to_string();
         assert!(why.contains("max_pending_writes"), "{why}");
         assert_eq!(*log.failed.lock(), ["save c"]);
         // A key already under way still queues, and so do the writes of
