@@ -536,30 +536,15 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     );
     // Two stacks rather than an optional layer: each request's future
     // stays as small as the stack it runs through.
-    let (header_read_timeout, send_timeout) = (o.header_read_timeout, o.send_timeout);
+    // A zero send timeout is none.
+    let timeouts = (o.header_read_timeout, o.send_timeout.unwrap_or_default());
     let (stop, connections) = watch::channel(false);
     match sticky {
         Some(sticky) => {
             let stack = sticky.layer(stack);
-            accept(
-                listener,
-                stack,
-                header_read_timeout,
-                send_timeout,
-                connections,
-            )
-            .await
+            accept(listener, stack, timeouts, connections).await
         }
-        None => {
-            accept(
-                listener,
-                stack,
-                header_read_timeout,
-                send_timeout,
-                connections,
-            )
-            .await
-        }
+        None => accept(listener, stack, timeouts, connections).await,
     }
     // Every connection task holds two receivers: the channel closes when
     // the last one ends.
@@ -624,8 +609,7 @@ async fn stop_signal() {
 async fn accept<S>(
     listener: TcpListener,
     stack: S,
-    header_read_timeout: Option<Duration>,
-    send_timeout: Option<Duration>,
+    (header_read_timeout, send_timeout): (Option<Duration>, Duration),
     stop: watch::Receiver<bool>,
 ) where
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = BoxError>
@@ -651,8 +635,6 @@ async fn accept<S>(
             }
         };
         let _ = stream.set_nodelay(true);
-        // Zero, for none: no client is cut off.
-        let send_timeout = send_timeout.unwrap_or_default();
         let stack = stack.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
