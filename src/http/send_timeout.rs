@@ -2,7 +2,6 @@
 //! have stalled too long.
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,9 +9,9 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
-use crate::time::later;
+use super::timeout::{self, Timer};
 
 pin_project! {
     /// A client's connection (an accepted `TcpStream`, say) whose writes
@@ -55,12 +54,18 @@ pin_project! {
     pub struct SendTimeout<T> {
         #[pin]
         io: T,
-        timeout: Duration,
-        // Made at the first stall, reset at each later one.
-        timer: Option<Pin<Box<Sleep>>>,
-        // Whether a stall is being timed now.
-        stalled: bool,
+        stall: Stall,
     }
+}
+
+/// The timing of a connection's stalled writes.
+struct Stall {
+    timeout: Duration,
+    /// Made at the first stall; its deadline is moved only when it passes
+    /// before a later stall's end (see [`timeout::passed`]).
+    timer: Timer,
+    /// When the stall under way started, if one is.
+    since: Option<Instant>,
 }
 
 impl<T> SendTimeout<T> {
@@ -68,9 +73,11 @@ impl<T> SendTimeout<T> {
     pub fn new(io: T, timeout: Duration) -> Self {
         SendTimeout {
             io,
-            timeout,
-            timer: None,
-            stalled: false,
+            stall: Stall {
+                timeout,
+                timer: None,
+                since: None,
+            },
         }
     }
 
@@ -94,37 +101,30 @@ impl<T: fmt::Debug> fmt::Debug for SendTimeout<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SendTimeout")
             .field("io", &self.io)
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.stall.timeout)
             .finish_non_exhaustive()
     }
 }
 
-/// The outcome of a write (or flush, or shutdown) `written`: as it is when
-/// ready, which ends a stall; else pending, until the stall it starts or
-/// continues has lasted `timeout`.
-fn unless_stalled<R>(
-    written: Poll<io::Result<R>>,
-    timeout: Duration,
-    timer: &mut Option<Pin<Box<Sleep>>>,
-    stalled: &mut bool,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<R>> {
-    if written.is_ready() || timeout.is_zero() {
-        *stalled = false;
-        return written;
-    }
-    let end = || later(Instant::now(), timeout);
-    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(end())));
-    if !*stalled {
-        *stalled = true;
-        timer.as_mut().reset(end());
-    }
-    match timer.as_mut().poll(cx) {
-        Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+impl Stall {
+    /// The outcome of a write (or flush, or shutdown) `written`: as it is
+    /// when ready, which ends a stall; else pending, until the stall it
+    /// starts or continues has lasted the timeout.
+    fn check<R>(
+        &mut self,
+        written: Poll<io::Result<R>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<R>> {
+        if written.is_ready() || self.timeout.is_zero() {
+            self.since = None;
+            return written;
+        }
+        let since = timeout::start(&mut self.timer, &mut self.since, self.timeout);
+        std::task::ready!(timeout::passed(&mut self.timer, since, self.timeout, cx));
+        Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("the client took nothing sent to it for {timeout:?}"),
-        ))),
-        Poll::Pending => Poll::Pending,
+            format!("the client took nothing sent to it for {:?}", self.timeout),
+        )))
     }
 }
 
@@ -146,7 +146,7 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let written = this.io.poll_write(cx, buf);
-        unless_stalled(written, *this.timeout, this.timer, this.stalled, cx)
+        this.stall.check(written, cx)
     }
 
     fn poll_write_vectored(
@@ -156,7 +156,7 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let written = this.io.poll_write_vectored(cx, bufs);
-        unless_stalled(written, *this.timeout, this.timer, this.stalled, cx)
+        this.stall.check(written, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -166,13 +166,13 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let flushed = this.io.poll_flush(cx);
-        unless_stalled(flushed, *this.timeout, this.timer, this.stalled, cx)
+        this.stall.check(flushed, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let shut = this.io.poll_shutdown(cx);
-        unless_stalled(shut, *this.timeout, this.timer, this.stalled, cx)
+        this.stall.check(shut, cx)
     }
 }
 
