@@ -539,6 +539,32 @@ async fn the_calls_under_way_at_once_are_bounded() {
     }
 }
 
+/// A call waiting out its backoff holds no connection, and no turn: the
+/// bound is on attempts under way.
+#[tokio::test]
+async fn a_call_backing_off_leaves_its_turn_to_others() {
+    let server = Server::start(Auth::None).await;
+    server.set_mode(Mode::FailFirst(1, 503));
+    let store = WebhookStore::builder(server.url())
+        .max_concurrent_calls(1)
+        .retries(1)
+        .backoff(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let backing_off = {
+        let store = store.clone();
+        tokio::spawn(async move { store.save(&session("a", "b1")).await })
+    };
+    spin_until("the first attempt fails", || server.requests() >= 1).await;
+    tokio::time::timeout(Duration::from_secs(10), store.save(&session("b", "b2")))
+        .await
+        .expect("not kept waiting behind a backoff")
+        .unwrap();
+    assert_eq!(server.requests(), 2);
+    assert!(!backing_off.is_finished(), "still backing off");
+    backing_off.abort();
+}
+
 #[tokio::test]
 async fn a_url_with_a_trailing_slash_works() {
     let server = Server::start(Auth::None).await;

@@ -561,8 +561,9 @@ impl Inner {
         let mut attempt = 0u32;
         loop {
             let deadline = crate::time::later(tokio::time::Instant::now(), self.timeout);
-            // The semaphore is never closed.
-            let Ok(_turn) = tokio::time::timeout_at(deadline, self.permits.acquire()).await else {
+            // The semaphore is never closed. The turn is the attempt's:
+            // given back before a backoff, which holds no connection.
+            let Ok(turn) = tokio::time::timeout_at(deadline, self.permits.acquire()).await else {
                 return Err(StoreError::timeout("no turn to call the webhook").with_message(
                     format!(
                         "{method} {shown}: not sent; the store's other calls (max_concurrent_calls) took the {:?} it may wait",
@@ -575,6 +576,7 @@ impl Inner {
                 self.exchange(&method, &path_and_query, body.clone(), limit),
             )
             .await;
+            drop(turn);
             let (failure, asked) = match outcome {
                 Err(elapsed) => {
                     return Err(StoreError::timeout(elapsed).with_message(format!(
