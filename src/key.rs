@@ -386,14 +386,7 @@ impl ForwardedFor {
     }
 
     fn entry<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
-        let entries = || {
-            headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .map(<[u8]>::trim_ascii)
-                .filter(|e| !e.is_empty())
-        };
+        let entries = || list_elements(headers.get_all("x-forwarded-for"));
         if self.trusted_hops == 0 {
             return entries().next();
         }
@@ -414,6 +407,23 @@ impl RequestKey for ForwardedFor {
 /// `[::1]:80`) or without (`1.2.3.4`, `::1`, `[::1]`), an IPv6 zone
 /// (`fe80::1%eth0`, `[fe80::1%eth0]:80`) dropped, so that it keys as the
 /// peer's address does; `None` for anything else, which keys as text.
+/// The elements of a list header's `lines` (RFC 9110, section 5.6.1):
+/// separated by commas, trimmed, empty ones skipped.
+///
+/// As bytes: a byte past ASCII in one element (which then equals no name
+/// or token) leaves the others on its line readable. (Read as text, such
+/// a line would name nothing, and the headers it names would be
+/// forwarded.)
+pub(crate) fn list_elements<'a>(
+    lines: impl IntoIterator<Item = &'a HeaderValue>,
+) -> impl Iterator<Item = &'a [u8]> {
+    lines
+        .into_iter()
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|element| !element.is_empty())
+}
+
 fn forwarded_ip(s: &str) -> Option<IpAddr> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(ip);

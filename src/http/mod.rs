@@ -173,6 +173,7 @@ pub use send_timeout::SendTimeout;
 use crate::backend::BackendState;
 use crate::error::{BoxError, InvalidRequest};
 use crate::extensions::{PeerAddr, Picked, Target};
+use crate::key::list_elements as elements;
 
 /// A pooled HTTP/1.1 client shared by many [`HttpBackend`]s: connections
 /// are kept alive and reused per backend address. (With
@@ -1360,23 +1361,6 @@ fn strip_all_but_upgrade(headers: &mut HeaderMap, present: u16) -> bool {
         headers.append(UPGRADE, protocol);
     }
     trailers
-}
-
-/// The elements of a list header's `lines` (RFC 9110, section 5.6.1):
-/// separated by commas, trimmed, empty ones skipped.
-///
-/// As bytes: a byte past ASCII in one element (which then equals no name
-/// or token) leaves the others on its line readable. (Read as text, such
-/// a line would name nothing, and the headers it names would be
-/// forwarded.)
-fn elements<'a>(
-    lines: impl IntoIterator<Item = &'a HeaderValue>,
-) -> impl Iterator<Item = &'a [u8]> {
-    lines
-        .into_iter()
-        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|element| !element.is_empty())
 }
 
 /// Whether a list header's `lines` hold `element`, in any case.
