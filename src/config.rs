@@ -223,31 +223,21 @@ impl FailoverConfig {
 
 /// Active health checking, in LEBA's terms.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+// A field left out takes its value from `Default`.
+#[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct HealthCheckConfig {
     /// The path an HTTP probe requests (for your probe to use).
-    #[serde(default)]
     pub path: Option<String>,
     /// Time between probes (default 2 s).
-    #[serde(
-        default = "default_interval",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub interval: Duration,
     /// A probe that takes longer fails (default 1 s).
-    #[serde(
-        default = "default_timeout",
-        deserialize_with = "duration",
-        serialize_with = "ser_duration"
-    )]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub timeout: Duration,
     /// Passing probes in a row to become healthy (default 2).
-    #[serde(default = "default_rise")]
     pub healthy_threshold: u32,
     /// Failing probes in a row to become unhealthy (default 3).
-    #[serde(default = "default_fall")]
     pub unhealthy_threshold: u32,
     /// Whether a passing probe ends a passive ejection (default `true`);
     /// see [`HealthChecker::lift_ejections`]. Set it to `false` when the
@@ -255,25 +245,10 @@ pub struct HealthCheckConfig {
     /// accepts connections and then fails requests would otherwise come
     /// back after every ejection. Written out only when `false`, so that
     /// a written configuration stays in LEBA's terms.
-    #[serde(default = "default_lift", skip_serializing_if = "is_true")]
+    #[serde(skip_serializing_if = "is_true")]
     pub lift_ejections: bool,
 }
 
-fn default_interval() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_timeout() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_rise() -> u32 {
-    2
-}
-fn default_fall() -> u32 {
-    3
-}
-fn default_lift() -> bool {
-    true
-}
 fn is_true(value: &bool) -> bool {
     *value
 }
@@ -286,11 +261,11 @@ impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
             path: None,
-            interval: default_interval(),
-            timeout: default_timeout(),
-            healthy_threshold: default_rise(),
-            unhealthy_threshold: default_fall(),
-            lift_ejections: default_lift(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            lift_ejections: true,
         }
     }
 }
