@@ -296,10 +296,7 @@ impl<B> ReplayBody<B> {
     /// Whether a backend read this body past what is held of it, so that
     /// it cannot be sent again.
     pub fn is_consumed(&self) -> bool {
-        match &self.kind {
-            Kind::Buffered { .. } => false,
-            Kind::Once { shared, .. } => !shared.lock().whole,
-        }
+        !self.is_replayable()
     }
 }
 

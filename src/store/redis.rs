@@ -1686,11 +1686,6 @@ mod tests {
         );
     }
 
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
-
-    }
-
     #[test]
     fn tokens_are_random_and_long() {
         let (a, b) = (random_token(), random_token());
