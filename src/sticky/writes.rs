@@ -147,6 +147,7 @@ pub(crate) struct Writes {
     limit: usize,
 }
 
+#[cfg(test)]
 impl Default for Writes {
     fn default() -> Self {
         Writes::new(usize::MAX)
@@ -247,31 +248,23 @@ impl Writes {
     ) -> (R, Option<Done>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             let (made, write) = change();
-            let done = write.map(|write| {
-                let error = StoreError::other("writing to the session store needs a tokio runtime");
-                owner.failed(&write, &error);
-                let (done, result) = oneshot::channel();
-                let _ = done.send(Err(error));
-                result
-            });
-            return (made, done);
+            let error = || StoreError::other("writing to the session store needs a tokio runtime");
+            return (made, write.map(|write| refused(&**owner, &write, error())));
         };
         let mut queues = owner.writes().queues.lock();
         let (made, write) = change();
         let Some(write) = write else {
             return (made, None);
         };
-        let (done, result) = oneshot::channel();
         if new && queues.len() >= owner.writes().limit && !queues.contains_key(write.key()) {
             drop(queues);
             let error = StoreError::unavailable(format!(
                 "the writes of {} sessions are already under way (max_pending_writes)",
                 owner.writes().limit
             ));
-            owner.failed(&write, &error);
-            let _ = done.send(Err(error));
-            return (made, Some(result));
+            return (made, Some(refused(&**owner, &write, error)));
         }
+        let (done, result) = oneshot::channel();
         let queued = Queued {
             write,
             done,
@@ -296,6 +289,15 @@ impl Writes {
         }
         (made, Some(result))
     }
+}
+
+/// The result of `write`, failed at once with `error`, which `owner` hears
+/// of.
+fn refused<O: Owner>(owner: &O, write: &Write, error: StoreError) -> Done {
+    owner.failed(write, &error);
+    let (done, result) = oneshot::channel();
+    let _ = done.send(Err(error));
+    result
 }
 
 /// Puts `queued` last in its key's `queue`, or joins it to the writes
