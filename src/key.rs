@@ -424,6 +424,24 @@ pub(crate) fn list_elements<'a>(
         .filter(|element| !element.is_empty())
 }
 
+/// The elements of a list header's `value` whose elements may hold quoted
+/// strings (`Cache-Control`, `WWW-Authenticate`), untrimmed: split at
+/// commas outside quoted strings, in which a backslash quotes the next
+/// byte (`\"` does not end the string).
+pub(crate) fn quoted_list_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let (mut quoted, mut escaped) = (false, false);
+    value.split(move |&b| {
+        if escaped {
+            escaped = false;
+        } else if quoted && b == b'\\' {
+            escaped = true;
+        } else {
+            quoted ^= b == b'"';
+        }
+        b == b',' && !quoted
+    })
+}
+
 fn forwarded_ip(s: &str) -> Option<IpAddr> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(ip);

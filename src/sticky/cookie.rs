@@ -24,7 +24,7 @@ use sha2::Sha256;
 
 use super::error::CookieConfigError;
 use crate::backend::BackendId;
-use crate::key::{unquote, CookieName};
+use crate::key::{quoted_list_elements, unquote, CookieName};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -743,38 +743,24 @@ fn path_matches(request: &[u8], cookie: &[u8]) -> bool {
 /// that names it (`private="set-cookie"`; a shared cache may store the
 /// response without the fields named).
 fn keeps_cookie_private(value: &[u8]) -> bool {
-    // Directives are split at commas outside quoted strings, in which a
-    // backslash quotes the next byte (`\"` does not end the string).
-    let (mut quoted, mut escaped) = (false, false);
-    value
-        .split(|&b| {
-            if escaped {
-                escaped = false;
-            } else if quoted && b == b'\\' {
-                escaped = true;
-            } else {
-                quoted ^= b == b'"';
-            }
-            b == b',' && !quoted
+    quoted_list_elements(value).any(|directive| {
+        let (name, fields) = match directive.iter().position(|&b| b == b'=') {
+            Some(eq) => (&directive[..eq], Some(&directive[eq + 1..])),
+            None => (directive, None),
+        };
+        let name = name.trim_ascii();
+        if name.eq_ignore_ascii_case(b"no-store") {
+            return true;
+        }
+        if !name.eq_ignore_ascii_case(b"private") {
+            return false;
+        }
+        fields.is_none_or(|fields| {
+            unquote(fields.trim_ascii())
+                .split(|&b| b == b',')
+                .any(|f| f.trim_ascii().eq_ignore_ascii_case(b"set-cookie"))
         })
-        .any(|directive| {
-            let (name, fields) = match directive.iter().position(|&b| b == b'=') {
-                Some(eq) => (&directive[..eq], Some(&directive[eq + 1..])),
-                None => (directive, None),
-            };
-            let name = name.trim_ascii();
-            if name.eq_ignore_ascii_case(b"no-store") {
-                return true;
-            }
-            if !name.eq_ignore_ascii_case(b"private") {
-                return false;
-            }
-            fields.is_none_or(|fields| {
-                unquote(fields.trim_ascii())
-                    .split(|&b| b == b',')
-                    .any(|f| f.trim_ascii().eq_ignore_ascii_case(b"set-cookie"))
-            })
-        })
+    })
 }
 
 /// The value of attribute `name` (any case) in `attr`, if it is that one.

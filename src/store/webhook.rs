@@ -769,34 +769,19 @@ fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
 /// which may list several challenges (`Basic realm="a", Digest realm="b",
 /// nonce="c"`); schemes are case-insensitive (RFC 9110, section 11.1).
 fn digest_challenge(value: &str) -> Option<&str> {
-    let bytes = value.as_bytes();
-    let mut quoted = false;
-    let mut at_start = true;
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            // No scheme starts with a quote: a quoted string at the start
-            // of an element is no challenge, and nothing in it is one.
-            b'"' => {
-                quoted = !quoted;
-                at_start = false;
-            }
-            b'\\' if quoted => i += 1,
-            b',' if !quoted => at_start = true,
-            b' ' | b'\t' => {}
-            _ if at_start => {
-                at_start = false;
-                let rest = value.get(i..).unwrap_or_default();
-                let scheme = rest.split([' ', '\t']).next().unwrap_or_default();
-                if scheme.eq_ignore_ascii_case("digest") && rest.len() > scheme.len() {
-                    return Some(&rest[scheme.len()..]);
-                }
-            }
-            _ => {}
+    crate::key::quoted_list_elements(value.as_bytes()).find_map(|element| {
+        let start = element.iter().position(|&b| b != b' ' && b != b'\t')?;
+        let element = &element[start..];
+        // No scheme starts with a quote: a quoted string at the start of
+        // an element is no challenge, and nothing in it is one.
+        let scheme = element.split(|&b| b == b' ' || b == b'\t').next()?;
+        if !scheme.eq_ignore_ascii_case(b"digest") || element.len() == scheme.len() {
+            return None;
         }
-        i += 1;
-    }
-    None
+        // Where the scheme ends in `value`: the element is a part of it.
+        let at = element.as_ptr() as usize - value.as_ptr() as usize + scheme.len();
+        value.get(at..)
+    })
 }
 
 enum Failure {
