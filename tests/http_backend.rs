@@ -1870,6 +1870,92 @@ mod http2 {
         );
     }
 
+    /// A gRPC server that fails a call before its first message answers
+    /// `200 OK` with the status in the head: `UNAVAILABLE` there counts as
+    /// a 503 would, for the failover layer and for passive health alike,
+    /// while a status in trailers after a message is the call's own.
+    #[tokio::test]
+    async fn a_grpc_unavailable_in_the_head_is_a_failure() {
+        let grpc = |unavailable: bool| {
+            service_fn(move |_req: Request<Incoming>| async move {
+                let mut response = if unavailable {
+                    let mut response = Response::new(Full::default().boxed());
+                    response
+                        .headers_mut()
+                        .insert("grpc-status", HeaderValue::from_static("14"));
+                    response
+                } else {
+                    let body = with_trailers("message", one_field("grpc-status", "14"));
+                    Response::new(body.boxed())
+                };
+                response
+                    .headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/grpc"));
+                Ok::<_, Infallible>(response)
+            })
+        };
+        let (draining, _) = serve_h2_with(grpc(true)).await;
+        let (streaming, _) = serve_h2_with(grpc(false)).await;
+        let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
+        let health = HealthLayer::new().consecutive_failures(2);
+        let pool = Pool::new();
+        for (name, addr) in [("draining", draining), ("streaming", streaming)] {
+            let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+            pool.insert(name, health.layer(backend));
+        }
+        let service = ServiceBuilder::new()
+            .layer(FailoverLayer::new())
+            .service(Balance::new(pool.clone(), RoundRobin::new()));
+        let call = |retry: bool| {
+            let mut req = Request::post("/pkg.Service/Method")
+                .header("content-type", "application/grpc")
+                .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                .unwrap();
+            if retry {
+                req.extensions_mut()
+                    .insert(tower_ha::failover::RetryNonIdempotent);
+            }
+            service.clone().oneshot(req)
+        };
+        let served = |response: &Response<tower_ha::http::ResponseBody>| {
+            let served = response
+                .extensions()
+                .get::<tower_ha::extensions::ServedBy>();
+            served.unwrap().0.to_string()
+        };
+
+        let tried = |response: &Response<tower_ha::http::ResponseBody>| {
+            let attempts = response
+                .extensions()
+                .get::<tower_ha::extensions::Attempts>();
+            let attempts = attempts.map(|a| a.as_slice().to_vec()).unwrap_or_default();
+            attempts.iter().map(|id| id.to_string()).collect::<Vec<_>>()
+        };
+        let state = |name: &str| pool.state(&name.into()).unwrap();
+
+        // A call is a POST: its failed answer comes back, not retried.
+        let response = call(false).await.unwrap();
+        assert_eq!(served(&response), "draining");
+        assert_eq!(response.headers()["grpc-status"], "14");
+        assert_eq!(tried(&response), ["draining"]);
+        // The status that came in trailers after a message is the call's.
+        let response = call(true).await.unwrap();
+        assert_eq!(served(&response), "streaming");
+        assert_eq!(tried(&response), Vec::<String>::new());
+        let collected = response.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "14");
+        // A route that opted in goes on to the next backend.
+        let response = call(true).await.unwrap();
+        assert_eq!(served(&response), "streaming");
+        assert_eq!(tried(&response), ["draining", "streaming"]);
+        // Two failures in a row ejected the backend.
+        assert!(state("draining").is_ejected());
+        assert!(!state("streaming").is_ejected());
+        for _ in 0..3 {
+            assert_eq!(served(&call(false).await.unwrap()), "streaming");
+        }
+    }
+
     /// An HTTP/2 backend's response with a length and announced trailers
     /// goes chunked to an HTTP/1.1 client: framed by its length, its
     /// trailers would be dropped.

@@ -38,6 +38,7 @@ use tower_service::Service;
 
 use tokio::time::{Instant, Sleep};
 
+use crate::classify::grpc_subtype;
 use crate::error::{BoxError, InvalidRequest};
 use crate::time::{later, set_timer};
 
@@ -900,14 +901,7 @@ impl BufferBodyLayer {
 /// its `+proto`, `+json`, … forms), whose body may be a stream; not
 /// gRPC-Web's, whose clients send whole bodies.
 fn is_grpc(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(http::header::CONTENT_TYPE) else {
-        return false;
-    };
-    let value = value.as_bytes();
-    value
-        .get(..16)
-        .is_some_and(|start| start.eq_ignore_ascii_case(b"application/grpc"))
-        && matches!(value.get(16), None | Some(b'+' | b';'))
+    grpc_subtype(headers).is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
 }
 
 impl<S> Layer<S> for BufferBodyLayer {

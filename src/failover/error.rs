@@ -11,9 +11,10 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{Response, StatusCode};
 
 use crate::backend::BackendId;
+use crate::classify::Outcome;
 use crate::error::BoxError;
 
 /// An attempt did not complete within the per-try timeout: it was dropped
@@ -95,27 +96,42 @@ impl fmt::Display for DeadlineExceeded {
 impl StdError for DeadlineExceeded {}
 
 /// A backend answered with a status the classifier counts as a failure
-/// (by default 502, 503 or 504); recorded in [`Exhausted`] when a later
-/// attempt failed with an error.
+/// (by default 502, 503 or 504, or a gRPC `UNAVAILABLE` or
+/// `DEADLINE_EXCEEDED`); recorded in [`Exhausted`] when a later attempt
+/// failed with an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FailedStatus {
     status: StatusCode,
+    grpc_status: Option<u32>,
 }
 
 impl FailedStatus {
-    pub(crate) fn new(status: StatusCode) -> Self {
-        FailedStatus { status }
+    pub(crate) fn of<B>(response: &Response<B>) -> Self {
+        FailedStatus {
+            status: response.status(),
+            grpc_status: Outcome::response(response).grpc_status(),
+        }
     }
 
     /// The status of the failed response.
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The gRPC status the response carried in its head, if any (see
+    /// [`Outcome::grpc_status`]).
+    pub fn grpc_status(&self) -> Option<u32> {
+        self.grpc_status
+    }
 }
 
 impl fmt::Display for FailedStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "backend answered {}", self.status)
+        write!(f, "backend answered {}", self.status)?;
+        match self.grpc_status {
+            Some(code) => write!(f, " with grpc-status {code}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -247,7 +263,13 @@ mod tests {
             vec![
                 (
                     "a".into(),
-                    FailedStatus::new(StatusCode::BAD_GATEWAY).into(),
+                    FailedStatus::of(
+                        &Response::builder()
+                            .status(StatusCode::BAD_GATEWAY)
+                            .body(())
+                            .unwrap(),
+                    )
+                    .into(),
                 ),
                 (
                     "b".into(),

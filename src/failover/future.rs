@@ -455,7 +455,7 @@ where
                     self.last_response = Some(response);
                     return Verdict::Return(self.give_up(None));
                 };
-                self.record(id, FailedStatus::new(response.status()).into());
+                self.record(id, FailedStatus::of(&response).into());
                 self.last_response = Some(response);
                 if self.may_retry(false) {
                     Verdict::Retry

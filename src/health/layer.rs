@@ -19,7 +19,8 @@ use crate::time::SHORTEST;
 /// 10 % of the backends ejected at once, but always at least one. What
 /// counts as a
 /// failure is decided by the shared [`Classifier`](crate::classify::Classifier)
-/// (by default [`DefaultClassifier`]: errors, 502, 503, 504).
+/// (by default [`DefaultClassifier`]: errors, 502, 503, 504, and a gRPC
+/// `UNAVAILABLE` or `DEADLINE_EXCEEDED` in a response's head).
 ///
 /// # One layer per pool
 ///
