@@ -125,10 +125,12 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            whole request head within MS ms, an idle kept-alive
                            one included (default 30000; 0 for none)
   --send-timeout MS        closes a client connection that has taken none of
-                           its response for MS ms, so that a client that stops
-                           reading frees its backend's connection and its
-                           place under --max-in-flight (default 60000, as
-                           nginx's send_timeout; 0 for none)
+                           its response for MS ms, and gives up a response
+                           whose client has left a frame of it for MS ms, so
+                           that a client that stops reading frees its
+                           backend's connection and its place under
+                           --max-in-flight (default 60000, as nginx's
+                           send_timeout; 0 for none)
   --drain MS               on SIGINT or SIGTERM: stops accepting, lets each
                            connection finish its request and each WebSocket
                            (or other upgraded) tunnel end, exits when none is
@@ -401,7 +403,7 @@ async fn run(o: Options) {
 }
 
 async fn serve<P: Strategy>(o: Options, strategy: P) {
-    let client = HttpClient::<Body>::new();
+    let client = HttpClient::<Body>::new().send_timeout(o.send_timeout);
     let passive = HealthLayer::new();
     let pool = Pool::new();
     // The sticky cookie's secret: from the environment, so that cookies

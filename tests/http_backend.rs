@@ -1088,25 +1088,7 @@ async fn a_connection_is_reused_after_a_response_with_trailers() {
 /// client has taken nothing for the timeout, and the slot comes back.
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_by_the_send_timeout() {
-    const BIG: usize = 16 << 20;
-    let (addr, _) = accept_counting(|stream, _| async move {
-        let service = service_fn(|_req: Request<Incoming>| async move {
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; BIG]))))
-        });
-        let _ = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
-    })
-    .await;
-    let client = HttpClient::<Incoming>::new();
-    let pool = Pool::new();
-    pool.insert(
-        "a",
-        HttpBackend::new(&client, format!("http://{addr}")).unwrap(),
-    );
-    let state = pool.state(&"a".into()).unwrap();
-    state.set_max_in_flight(Some(1));
-    let balance = Balance::new(pool, RoundRobin::new());
+    let (state, balance) = big_answers(&HttpClient::new()).await;
     let (front, _) = accept_counting(move |stream, _| {
         let balance = balance.clone();
         async move {
@@ -1118,6 +1100,62 @@ async fn a_client_that_stops_reading_is_cut_off_by_the_send_timeout() {
         }
     })
     .await;
+    a_stalled_client_leaves_its_place(front, &state).await;
+}
+
+/// Without a `SendTimeout` on the connection, the client's send timeout
+/// frees the place: the server stopped asking the body for frames.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_by_the_clients_send_timeout() {
+    let client = HttpClient::new().send_timeout(Some(Duration::from_millis(500)));
+    let (state, balance) = big_answers(&client).await;
+    let (front, _) = accept_counting(move |stream, _| {
+        let balance = balance.clone();
+        async move {
+            let service = service_fn(move |req| balance.clone().oneshot(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await;
+    a_stalled_client_leaves_its_place(front, &state).await;
+}
+
+/// The size of [`big_answers`]'s responses: more than the sockets between
+/// a client and a backend buffer.
+const BIG: usize = 16 << 20;
+
+/// A backend answering [`BIG`] bytes to any request, in a pool that lets it
+/// one request in flight, behind a balancer; with its state.
+async fn big_answers(
+    client: &HttpClient<Incoming>,
+) -> (
+    Arc<tower_ha::BackendState>,
+    Balance<HttpBackend<Incoming>, RoundRobin>,
+) {
+    let (addr, _) = accept_counting(|stream, _| async move {
+        let service = service_fn(|_req: Request<Incoming>| async move {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; BIG]))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
+    let pool = Pool::new();
+    pool.insert(
+        "a",
+        HttpBackend::new(client, format!("http://{addr}")).unwrap(),
+    );
+    let state = pool.state(&"a".into()).unwrap();
+    state.set_max_in_flight(Some(1));
+    (state, Balance::new(pool, RoundRobin::new()))
+}
+
+/// A client of `front` that reads nothing of its answer gives the
+/// backend's place back, and the next client is served.
+async fn a_stalled_client_leaves_its_place(front: SocketAddr, state: &tower_ha::BackendState) {
     // The client asks, and reads nothing of the answer.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -1868,6 +1906,40 @@ mod http2 {
             collected.to_bytes(),
             "message|[\"x-request-sum\"]|Some(\"1\")"
         );
+    }
+
+    /// An HTTP/2 client that stops reading one response grants its stream
+    /// no more window, and its server stops asking the response body for
+    /// frames: no write stalls, so only the client's send timeout frees
+    /// the backend's connection and its place for the next request.
+    #[tokio::test]
+    async fn a_stream_whose_client_stops_reading_is_given_up_at_the_send_timeout() {
+        let client = HttpClient::new().send_timeout(Some(Duration::from_millis(500)));
+        let (state, balance) = big_answers(&client).await;
+        let (front, _) = serve_h2_with(service_fn(move |req| balance.clone().oneshot(req))).await;
+        let stream = TcpStream::connect(front).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let get = || {
+            Request::get("http://front/")
+                .body(Full::<Bytes>::default())
+                .unwrap()
+        };
+        // The client takes the head, and reads nothing of the body.
+        let stalled = sender.send_request(get()).await.unwrap();
+        assert_eq!(stalled.status(), StatusCode::OK);
+        assert_eq!(state.in_flight(), 1);
+        support::wait::spin_until("the slot comes back", || state.in_flight() == 0).await;
+        // The next stream of the same connection is served whole.
+        let resp = sender.send_request(get()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), BIG);
+        // The first was cut short: its stream was reset.
+        assert!(stalled.into_body().collect().await.is_err());
     }
 
     /// A gRPC server that fails a call before its first message answers

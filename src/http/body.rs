@@ -1,5 +1,7 @@
 use std::fmt;
+use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -8,6 +10,18 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use super::pool::Checkin;
+use super::stall::{Stalls, Watch};
+
+/// The client's watch over its response bodies' readers.
+pub(super) type BodyStalls = Stalls<Core>;
+
+/// How long a response body waits: for its backend (the read timeout) and
+/// for its reader (the send timeout's watch); `None` for no limit.
+#[derive(Clone)]
+pub(super) struct Waits {
+    pub(super) read_timeout: Option<Duration>,
+    pub(super) stalls: Option<Arc<BodyStalls>>,
+}
 use super::timeout::{self, Timer};
 use crate::backend::InFlight;
 use crate::error::BoxError;
@@ -27,16 +41,35 @@ use crate::error::BoxError;
 /// is not reused (over HTTP/2 the stream is reset), and the request no
 /// longer counts as in flight. Only waits count:
 /// a body read slowly (its client is slow) does not time out, nor one
-/// its client stopped reading: serve client connections over a
-/// [`SendTimeout`](super::SendTimeout) to bound that.
+/// its client stopped reading: the client's
+/// [`send_timeout`](super::HttpClient::send_timeout) (default 60 s)
+/// bounds that, giving up a body that has had a frame out for the
+/// timeout; its next poll fails with an I/O error of kind `TimedOut`.
 pub struct ResponseBody {
+    held: Held,
+    /// The longest wait for a frame, and the client's send timeout, which
+    /// watches the body once it hands out a frame before its end.
+    waits: Waits,
+}
+
+/// Where what a body holds is.
+enum Held {
+    /// With the body alone.
+    Own(Core),
+    /// Also with its client's send timeout, which takes it if the body's
+    /// reader leaves a frame for too long.
+    Watched(Arc<Watch<Core>>),
+    /// Moved in between.
+    Moving,
+}
+
+/// What a response body holds while it is read.
+pub(super) struct Core {
     inner: hyper::body::Incoming,
     /// The connection, while the body is still being read from it.
     pooled: Option<Box<dyn Checkin>>,
     /// The request's count in flight, while the body is still being read.
     in_flight: Option<InFlight>,
-    /// The longest wait for a frame; `None` for no limit.
-    read_timeout: Option<Duration>,
     /// The timer of the waits for a frame: the connection's (given back
     /// with it), else made at the body's first wait (a body read without
     /// one never has it).
@@ -50,63 +83,40 @@ impl ResponseBody {
     pub(super) fn new(
         inner: hyper::body::Incoming,
         pooled: Option<Box<dyn Checkin>>,
-        read_timeout: Option<Duration>,
+        waits: Waits,
         timer: Timer,
     ) -> Self {
         ResponseBody {
-            inner,
-            pooled,
-            in_flight: None,
-            read_timeout,
-            timer,
-            since: None,
-            done: false,
+            held: Held::Own(Core {
+                inner,
+                pooled,
+                in_flight: None,
+                timer,
+                since: None,
+                done: false,
+            }),
+            waits,
         }
     }
 
     /// Holds `in_flight` until the body has been read or dropped.
     pub(super) fn hold(&mut self, in_flight: InFlight) {
-        self.in_flight = Some(in_flight);
+        if let Held::Own(core) = &mut self.held {
+            core.in_flight = Some(in_flight);
+        }
     }
 }
 
-impl ResponseBody {
-    /// Waits for the next frame, for at most the read timeout: fails the
-    /// body, giving its connection up, when the timeout passes.
-    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let Some(timeout) = self.read_timeout else {
-            return Poll::Pending;
-        };
-        let since = timeout::start(&mut self.timer, &mut self.since, timeout);
-        std::task::ready!(timeout::passed(&mut self.timer, since, timeout, cx));
-        // The connection is in an unknown state, and the request over.
-        self.pooled = None;
-        self.in_flight = None;
-        Poll::Ready(Some(Err(timeout::timed_out(
-            "the backend sent nothing more of the response body",
-            timeout,
-        )
-        .into())))
-    }
-}
-
-impl fmt::Debug for ResponseBody {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseBody").finish_non_exhaustive()
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
+impl Core {
+    /// Polls for the next frame, waiting for at most `read_timeout`.
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        &mut self,
+        read_timeout: Option<Duration>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => frame,
-            Poll::Pending => return self.wait(cx),
+            Poll::Pending => return self.wait(read_timeout, cx),
         };
         self.since = None;
         match &frame {
@@ -127,16 +137,131 @@ impl Body for ResponseBody {
         Poll::Ready(frame.map(|f| f.map(super::clean_trailers).map_err(Into::into)))
     }
 
+    /// Waits for the next frame, for at most the read timeout: fails the
+    /// body, giving its connection up, when the timeout passes.
+    fn wait(
+        &mut self,
+        read_timeout: Option<Duration>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(timeout) = read_timeout else {
+            return Poll::Pending;
+        };
+        let since = timeout::start(&mut self.timer, &mut self.since, timeout);
+        std::task::ready!(timeout::passed(&mut self.timer, since, timeout, cx));
+        // The connection is in an unknown state, and the request over.
+        self.pooled = None;
+        self.in_flight = None;
+        Poll::Ready(Some(Err(timeout::timed_out(
+            "the backend sent nothing more of the response body",
+            timeout,
+        )
+        .into())))
+    }
+
+    /// Whether a frame it handed out leaves more to read.
+    fn waits_for_more(&self, frame: &Poll<Option<Result<Frame<Bytes>, BoxError>>>) -> bool {
+        matches!(frame, Poll::Ready(Some(Ok(_)))) && !self.done
+    }
+}
+
+impl fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody").finish_non_exhaustive()
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &mut this.held {
+            Held::Own(core) => {
+                let frame = core.poll_frame(this.waits.read_timeout, cx);
+                let stalls = this.waits.stalls.as_ref();
+                if let Some(stalls) = stalls.filter(|_| core.waits_for_more(&frame)) {
+                    // Its reader may leave it now: watched from here on.
+                    let Held::Own(core) = std::mem::replace(&mut this.held, Held::Moving) else {
+                        unreachable!("matched above");
+                    };
+                    this.held = match stalls.watch(core) {
+                        Ok(watch) => Held::Watched(watch),
+                        Err(core) => Held::Own(core),
+                    };
+                }
+                frame
+            }
+            Held::Watched(watch) => {
+                let mut held = watch.polled();
+                let Some(core) = held.as_mut() else {
+                    let timeout = this
+                        .waits
+                        .stalls
+                        .as_ref()
+                        .map(|s| s.timeout())
+                        .unwrap_or_default();
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the response's reader took nothing of it for the send timeout \
+                             ({timeout:?})"
+                        ),
+                    )
+                    .into())));
+                };
+                let frame = core.poll_frame(this.waits.read_timeout, cx);
+                if core.waits_for_more(&frame) {
+                    if let Some(stalls) = &this.waits.stalls {
+                        watch.handed_out(stalls);
+                    }
+                }
+                frame
+            }
+            Held::Moving => Poll::Ready(None),
+        }
+    }
+
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.held {
+            Held::Own(core) => core.inner.is_end_stream(),
+            // One the send timeout took ends in its error.
+            Held::Watched(watch) => watch
+                .held()
+                .as_ref()
+                .is_some_and(|c| c.inner.is_end_stream()),
+            Held::Moving => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.held {
+            Held::Own(core) => core.inner.size_hint(),
+            Held::Watched(watch) => watch
+                .held()
+                .as_ref()
+                .map_or_else(SizeHint::default, |c| c.inner.size_hint()),
+            Held::Moving => SizeHint::default(),
+        }
     }
 }
 
 impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Held::Watched(watch) = &self.held {
+            // Now, not when the send timeout next looks: the connection
+            // goes back to the pool at once.
+            let core = watch.held().take();
+            drop(core);
+        }
+    }
+}
+
+impl Drop for Core {
     fn drop(&mut self) {
         if let Some(pooled) = self.pooled.take() {
             if self.done || self.inner.is_end_stream() {

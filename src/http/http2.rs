@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::body::ResponseBody;
+use super::body::{ResponseBody, Waits};
 use super::pool::Open;
 use super::timeout::{self, Failed, Sent};
 use crate::error::{find, BoxError, NotSent};
@@ -181,7 +181,7 @@ where
     /// errors are alike, and sending the second kind again processed
     /// some POSTs twice in `posts_racing_a_goaway_are_never_processed_twice`.
     ///
-    /// A response head that does not come within `read_timeout` of the
+    /// A response head that does not come within the read timeout of the
     /// request's end (`sent` says when its body was sent) fails the
     /// request, resetting its stream.
     pub(super) async fn send(
@@ -189,7 +189,7 @@ where
         open: &Open,
         target: &Uri,
         mut req: Request<B>,
-        read_timeout: Option<Duration>,
+        waits: &Waits,
         sent: &Sent,
         handover: &super::Handover,
     ) -> Result<super::Received, BoxError> {
@@ -209,11 +209,20 @@ where
             // A client that speaks HTTP/2 may await the response before it
             // sends more; one that speaks HTTP/1 does not.
             let client_paced = timeout::from_http1(sent);
-            match timeout::head(response, read_timeout, sent, None, &mut timer, client_paced).await
+            match timeout::head(
+                response,
+                waits.read_timeout,
+                sent,
+                None,
+                &mut timer,
+                client_paced,
+            )
+            .await
             {
                 Ok(resp) => {
                     let present = super::hop_by_hop(resp.headers());
-                    let resp = resp.map(|body| ResponseBody::new(body, None, read_timeout, timer));
+                    let waits = waits.clone();
+                    let resp = resp.map(|body| ResponseBody::new(body, None, waits, timer));
                     return Ok((resp, present));
                 }
                 Err(Failed::TimedOut(e)) => return Err(e),

@@ -146,6 +146,7 @@ mod body;
 mod http2;
 mod pool;
 mod send_timeout;
+mod stall;
 mod timeout;
 mod tunnel;
 
@@ -205,6 +206,7 @@ use crate::key::list_elements as elements;
 /// | [`tcp_keepalive`](Self::tcp_keepalive) | 30 s |
 /// | [`idle_timeout`](Self::idle_timeout) | 60 s |
 /// | [`read_timeout`](Self::read_timeout) | 60 s |
+/// | [`send_timeout`](Self::send_timeout) | 60 s |
 /// | [`tunnel_idle_timeout`](Self::tunnel_idle_timeout) | 1 h |
 /// | [`discard_timeout`](Self::discard_timeout) | 30 s |
 ///
@@ -235,6 +237,8 @@ struct Settings {
     tcp_keepalive: Option<Duration>,
     idle_timeout: Duration,
     read_timeout: Option<Duration>,
+    /// How long a response body may wait for its reader.
+    send_timeout: Option<Duration>,
     tunnel_idle_timeout: Option<Duration>,
     /// How long the rest of an HTTP/1 upload given up is read and dropped.
     discard_timeout: Option<Duration>,
@@ -258,6 +262,8 @@ impl Settings {
         idle_timeout: Duration::from_secs(60),
         // nginx's `proxy_read_timeout`.
         read_timeout: Some(Duration::from_secs(60)),
+        // nginx's `send_timeout`.
+        send_timeout: Some(Duration::from_secs(60)),
         // HAProxy's documented `timeout tunnel` for WebSockets.
         tunnel_idle_timeout: Some(Duration::from_secs(3600)),
         // nginx's `lingering_time`.
@@ -297,6 +303,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             tcp_keepalive,
             idle_timeout,
             read_timeout,
+            send_timeout,
             tunnel_idle_timeout,
             discard_timeout,
             max_response_headers,
@@ -311,6 +318,7 @@ impl<B> fmt::Debug for HttpClient<B> {
         };
         f.field("idle_timeout", idle_timeout)
             .field("read_timeout", read_timeout)
+            .field("send_timeout", send_timeout)
             .field("tunnel_idle_timeout", tunnel_idle_timeout)
             .field("discard_timeout", discard_timeout)
             .field("max_response_headers", max_response_headers)
@@ -541,6 +549,49 @@ where
         )
     }
 
+    /// Gives up a response whose reader has left the frame of its body it
+    /// was handed for `timeout` (default 60 s, as nginx's `send_timeout`;
+    /// `None`, or zero, waits without limit): the body drops its
+    /// connection (an HTTP/1.1 connection is closed, an HTTP/2 stream
+    /// reset) and the request no longer counts as in flight (see
+    /// [`BackendState::hold_in_flight`](crate::BackendState::hold_in_flight)),
+    /// and its next poll fails with an I/O error of kind `TimedOut`, so
+    /// the server cuts the client's response short.
+    ///
+    /// A server forwarding a body asks for its next frame once it can send
+    /// the last one. A client that stops reading (an HTTP/2 client that
+    /// grants the stream no more flow-control window, an HTTP/1 client
+    /// whose socket no longer drains) leaves the body waiting with a frame
+    /// out, holding its backend's connection and its place against the
+    /// backend's `max_in_flight`, for as long as the client wants: a few
+    /// such clients could fill every backend's limit. Only that wait
+    /// counts, one frame at a time: a slow client that keeps reading is
+    /// not cut off as long as it takes in each frame's worth within the
+    /// timeout (a frame is what the connection read from the backend at
+    /// once, a few KiB to a few hundred; the server buffers about as much
+    /// again), so with 60 s only a client slower than a few KiB a second
+    /// is. Nor is a body waiting for its backend (the
+    /// [`read_timeout`](Self::read_timeout) bounds that), nor one whose
+    /// server has not asked for its first frame yet. A body read in a
+    /// program rather than sent on is given up alike if the program
+    /// leaves a frame for longer.
+    ///
+    /// A body handed out a frame before its end is watched by one task per
+    /// client, which looks every quarter of the timeout (every second at
+    /// most): a body is given up between the timeout and a second after.
+    /// A response read in one frame (most responses with a length) is
+    /// never watched. This bounds the responses of HTTP/2 clients, which a
+    /// [`SendTimeout`] on the connection does not.
+    pub fn send_timeout(self, timeout: Option<Duration>) -> Self {
+        HttpClient::with_settings(
+            Settings {
+                send_timeout: timeout.filter(|t| !t.is_zero()),
+                ..self.settings
+            },
+            self.custom,
+        )
+    }
+
     /// Closes a tunnel (a connection switched to another protocol, such as
     /// a WebSocket: see [the module's documentation](self#protocol-upgrades-websocket))
     /// once no byte has come from its client or its backend for `timeout`
@@ -615,11 +666,10 @@ where
     /// and the connection 1 GiB in all, so a client that stops reading its
     /// download does not hold back the other streams' data. Its stream
     /// stays open, though, and counts against the backend's limit until
-    /// the client reads on or goes: enough stalled downloads (or uploads
-    /// that trickle) fill that limit, and the requests waiting behind them
-    /// time out (`read_timeout`) as if the backend had not answered. Bound
-    /// how long the front server waits for a slow client, or prefer HTTP/1
-    /// where clients are not trusted. A new
+    /// the client reads on or goes, or the [`send_timeout`](Self::send_timeout)
+    /// gives it up: enough stalled downloads (or uploads that trickle)
+    /// fill that limit meanwhile, and the requests waiting behind them
+    /// time out (`read_timeout`) as if the backend had not answered. A new
     /// connection is opened when the backend closes the old one, when a
     /// keep-alive PING goes unanswered (see
     /// [`http2_keep_alive`](Self::http2_keep_alive)), and when none of
@@ -1977,14 +2027,18 @@ mod tests {
             .tcp_keepalive(None)
             .idle_timeout(secs(2))
             .read_timeout(Some(Duration::ZERO))
+            .send_timeout(Some(Duration::ZERO))
             .tunnel_idle_timeout(Some(Duration::ZERO))
             .discard_timeout(Some(Duration::ZERO));
         assert_eq!(client.settings.tunnel_idle_timeout, None, "zero is none");
         assert_eq!(client.settings.discard_timeout, None, "zero is none");
         assert_eq!(client.settings.read_timeout, None, "zero is none");
+        assert_eq!(client.settings.send_timeout, None, "zero is none");
+        assert!(client.upstreams.stalls().is_none());
         let client = client
             .tunnel_idle_timeout(Some(secs(3)))
             .read_timeout(Some(secs(4)))
+            .send_timeout(Some(secs(6)))
             .discard_timeout(Some(secs(5)))
             .max_response_headers(200);
         let expected = Settings {
@@ -1992,6 +2046,7 @@ mod tests {
             tcp_keepalive: None,
             idle_timeout: secs(2),
             read_timeout: Some(secs(4)),
+            send_timeout: Some(secs(6)),
             tunnel_idle_timeout: Some(secs(3)),
             discard_timeout: Some(secs(5)),
             max_response_headers: Some(200),
@@ -2000,10 +2055,11 @@ mod tests {
         };
         assert_eq!(client.settings, expected);
         assert_eq!(client.upstreams.idle_timeout(), secs(2));
+        assert_eq!(client.upstreams.stalls().unwrap().timeout(), secs(6));
         assert_eq!(
             format!("{client:?}"),
             "HttpClient { connect_timeout: 1s, tcp_keepalive: None, idle_timeout: 2s, \
-             read_timeout: Some(4s), tunnel_idle_timeout: Some(3s), \
+             read_timeout: Some(4s), send_timeout: Some(6s), tunnel_idle_timeout: Some(3s), \
              discard_timeout: Some(5s), max_response_headers: Some(200), http2: false, .. }"
         );
     }
@@ -2197,7 +2253,7 @@ mod tests {
         assert_eq!(
             format!("{client:?}"),
             "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 60s, \
-             read_timeout: Some(60s), tunnel_idle_timeout: Some(3600s), \
+             read_timeout: Some(60s), send_timeout: Some(60s), tunnel_idle_timeout: Some(3600s), \
              discard_timeout: Some(30s), max_response_headers: None, http2: false, .. }"
         );
     }

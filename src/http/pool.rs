@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::body::ResponseBody;
+use super::body::{BodyStalls, ResponseBody, Waits};
 #[cfg(feature = "http2")]
 use super::http2::Http2;
 use super::timeout::{self, Failed, Sent, Timer, Upload, Written};
@@ -285,6 +285,8 @@ pub(super) fn within(open: Open, limit: Duration) -> Open {
 pub(super) struct Upstreams<B> {
     open: Open,
     settings: Settings,
+    /// The response bodies waiting for their readers, with a send timeout.
+    stalls: Option<Arc<BodyStalls>>,
     by_target: Mutex<Targets<B>>,
 }
 
@@ -294,6 +296,7 @@ impl<B> Upstreams<B> {
         Upstreams {
             open,
             settings,
+            stalls: settings.send_timeout.map(BodyStalls::new),
             by_target: Mutex::new(Targets {
                 map: HashMap::new(),
                 prune_at: PRUNE_AT_LEAST,
@@ -304,6 +307,11 @@ impl<B> Upstreams<B> {
     #[cfg(test)]
     pub(super) fn idle_timeout(&self) -> Duration {
         self.settings.idle_timeout
+    }
+
+    #[cfg(test)]
+    pub(super) fn stalls(&self) -> Option<&Arc<BodyStalls>> {
+        self.stalls.as_ref()
     }
 
     /// How many upstreams the map holds, those gone and not pruned yet
@@ -338,7 +346,10 @@ impl<B> Upstreams<B> {
             open: self.open.clone(),
             target: target.clone(),
             idle_timeout: self.settings.idle_timeout,
-            read_timeout: self.settings.read_timeout,
+            waits: Waits {
+                read_timeout: self.settings.read_timeout,
+                stalls: self.stalls.clone(),
+            },
             tunnel_idle_timeout: self.settings.tunnel_idle_timeout,
             discard_timeout: self.settings.discard_timeout,
             max_response_headers: self.settings.max_response_headers,
@@ -372,8 +383,9 @@ pub(super) struct Upstream<B> {
     target: Uri,
     idle_timeout: Duration,
     /// How long the backend may send nothing while a response (its head
-    /// or the next frame of its body) is awaited.
-    read_timeout: Option<Duration>,
+    /// or the next frame of its body) is awaited, and the client's send
+    /// timeout, which watches response bodies waiting for their readers.
+    waits: Waits,
     /// How long a switched connection may carry nothing before it is
     /// closed.
     tunnel_idle_timeout: Option<Duration>,
@@ -620,7 +632,7 @@ where
     ) -> timeout::Head<'a, F> {
         timeout::head(
             response,
-            self.read_timeout,
+            self.waits.read_timeout,
             sent,
             Some(written),
             timer,
@@ -664,14 +676,7 @@ where
         #[cfg(feature = "http2")]
         if let Some(http2) = &self.http2 {
             return http2
-                .send(
-                    &self.open,
-                    &self.target,
-                    req,
-                    self.read_timeout,
-                    &sent,
-                    &handover,
-                )
+                .send(&self.open, &self.target, req, &self.waits, &sent, &handover)
                 .await;
         }
         let (resp, sender, written, timer) = self.exchange(req, &sent, &handover).await?;
@@ -735,7 +740,7 @@ where
         written: Arc<Written>,
         timer: Timer,
     ) -> Received {
-        let read_timeout = self.read_timeout;
+        let waits = self.waits.clone();
         // The one pass over the header names, whose answer the caller
         // strips the hop-by-hop headers with.
         let present = super::hop_by_hop(resp.headers());
@@ -754,7 +759,7 @@ where
             };
             (Some(Box::new(pooled) as Box<dyn Checkin>), timer)
         };
-        let resp = resp.map(|body| ResponseBody::new(body, pooled, read_timeout, timer));
+        let resp = resp.map(|body| ResponseBody::new(body, pooled, waits, timer));
         (resp, present)
     }
 }
@@ -820,7 +825,8 @@ where
             super::tunnel::join(client, TokioIo::new(backend), idle).await;
         });
         let present = super::hop_by_hop(resp.headers());
-        let resp = resp.map(|body| ResponseBody::new(body, None, self.read_timeout, timer));
+        let waits = self.waits.clone();
+        let resp = resp.map(|body| ResponseBody::new(body, None, waits, timer));
         Ok((resp, present))
     }
 }

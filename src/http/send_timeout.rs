@@ -34,8 +34,9 @@ pin_project! {
     ///
     /// This bounds an HTTP/1 client. An HTTP/2 client that stops reading
     /// one response only stops granting it flow-control window, and no
-    /// write to its connection stalls: such a response is bounded only
-    /// when the whole connection stalls.
+    /// write to its connection stalls: the client's
+    /// [`send_timeout`](super::HttpClient::send_timeout) bounds such a
+    /// response (and any other response body from a backend).
     ///
     /// ```no_run
     /// # async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
