@@ -173,7 +173,7 @@ impl StickyLayer {
     /// Default: as the store asks
     /// ([`SessionStore::refresh_interval`](crate::store::SessionStore::refresh_interval):
     /// half the TTL of a `RedisStore`, `FileStore` or `MemoryStore` that
-    /// has one, or the `ttl` a `WebhookStore` was given, never for the
+    /// has one, or half the `ttl` a `WebhookStore` was given, never for the
     /// others). Zero turns it off.
     pub fn refresh_every(self, every: Duration) -> Self {
         self.with(|c| c.refresh = Some(every))
