@@ -393,6 +393,27 @@ async fn options_asterisk_is_refused_under_a_base_path() {
     assert!(body.starts_with("OPTIONS *|"), "{body}");
 }
 
+/// Two `Host` lines: which names the host is anyone's guess (the layers
+/// above may have routed by one, the backend reads another), so the
+/// request is refused as a bad one, preserved host or not.
+#[tokio::test]
+async fn a_request_with_two_hosts_is_refused() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    for backend in [backend.clone(), backend.preserve_host(true)] {
+        let req = Request::get("/")
+            .header("host", "public.example")
+            .header("host", "internal.example")
+            .body(Full::default())
+            .unwrap();
+        let err = backend.oneshot(req).await.unwrap_err();
+        assert!(err.is::<InvalidRequest>(), "{err}");
+        assert_eq!(gateway_status(&*err), StatusCode::BAD_REQUEST);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was sent");
+}
+
 /// An authority-form target (`host:port`) belongs to CONNECT alone: with
 /// another method it is refused, not sent as a request for `/`. An
 /// absolute-form target without a path asks for `/`.

@@ -29,7 +29,8 @@
 //! * protocol upgrades (WebSocket, for one) are proxied: see
 //!   [below](#protocol-upgrades-websocket);
 //! * `CONNECT` is refused with [`InvalidRequest`]: it asks a forward
-//!   proxy for a tunnel to another host;
+//!   proxy for a tunnel to another host; so is a request with two `Host`
+//!   lines, which RFC 9112 has a server refuse;
 //! * under a base path, dot segments of the request's path are resolved
 //!   before it is appended, and a path hiding a separator (`%2F`, `%5C`, a
 //!   backslash, `..;`) is refused, so a request cannot leave the base path;
@@ -942,6 +943,15 @@ impl<B> HttpBackend<B> {
             // not a resource of the backend.
             return Err(InvalidRequest::new(
                 "CONNECT asks for a tunnel to another host, which a reverse proxy does not open",
+            ));
+        }
+        if req.headers().get_all(HOST).iter().nth(1).is_some() {
+            // Which one names the host is anyone's guess: a proxy or a
+            // cache in front may have gone by the other one than the layers
+            // here (and `preserve_host`) go by, the first. RFC 9112 section
+            // 3.2 has a server answer 400, as nginx and HAProxy do.
+            return Err(InvalidRequest::new(
+                "the request has more than one Host field",
             ));
         }
         let present = hop_by_hop(req.headers());
