@@ -1963,6 +1963,148 @@ mod http2 {
         assert!(stalled.into_body().collect().await.is_err());
     }
 
+    /// A gRPC health service, written out by hand: answers `Check` for
+    /// the services in `statuses` (framed `HealthCheckResponse`, then
+    /// `grpc-status: 0` in trailers), `NOT_FOUND` for others; notes the
+    /// service each request asked about, and what it was sent as.
+    async fn serve_grpc_health(
+        statuses: Arc<std::sync::Mutex<Vec<(&'static str, u8)>>>,
+        asked: Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> SocketAddr {
+        let service = service_fn(move |req: Request<Incoming>| {
+            let statuses = statuses.clone();
+            let asked = asked.clone();
+            async move {
+                let head = format!(
+                    "{} {} {:?} {:?}",
+                    req.method(),
+                    req.uri().path(),
+                    req.headers().get("content-type"),
+                    req.headers().get("te"),
+                );
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                // Frame, then field 1 (a string shorter than 128 bytes).
+                let name = match body.get(5..) {
+                    Some([0x0a, len, name @ ..]) if name.len() == usize::from(*len) => {
+                        String::from_utf8(name.to_vec()).unwrap()
+                    }
+                    _ => String::new(),
+                };
+                asked.lock().unwrap().push(format!("{head} {name:?}"));
+                let status = statuses
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(s, _)| *s == name)
+                    .map(|e| e.1);
+                let mut response = match status {
+                    Some(status) => {
+                        let message = Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]);
+                        Response::new(with_trailers(message, one_field("grpc-status", "0")).boxed())
+                    }
+                    None => {
+                        let mut response = Response::new(Full::default().boxed());
+                        response
+                            .headers_mut()
+                            .insert("grpc-status", HeaderValue::from_static("5"));
+                        response
+                    }
+                };
+                response
+                    .headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/grpc"));
+                Ok::<_, Infallible>(response)
+            }
+        });
+        serve_h2_with(service).await.0
+    }
+
+    /// The gRPC health checking protocol, against a real HTTP/2 server,
+    /// through the backends of a proxy's pool: `SERVING` passes, and
+    /// `NOT_SERVING`, an unknown service or a server without the health
+    /// service fail.
+    #[tokio::test]
+    async fn grpc_probes_check_the_health_service() {
+        use tower_ha::health::{GrpcProbe, NotServing, Probe};
+
+        let statuses = Arc::new(std::sync::Mutex::new(vec![("inventory.Stock", 1)]));
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let healthy = serve_grpc_health(statuses.clone(), asked.clone()).await;
+        let nothing = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let unknown = serve_grpc_health(nothing, Arc::new(std::sync::Mutex::new(Vec::new()))).await;
+        let client = HttpClient::<ReplayBody<Incoming>>::new().http2_only(true);
+        let backend =
+            |addr: SocketAddr| HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let probe = GrpcProbe::new().service("inventory.Stock");
+
+        // One check at a time, as the checker makes it.
+        let check = |addr: SocketAddr| {
+            let probe = probe.clone();
+            let backend = backend(addr);
+            async move { Probe::probe(&probe, &"a".into(), &backend).await }
+        };
+        check(healthy).await.unwrap();
+        assert_eq!(
+            asked.lock().unwrap().last().unwrap(),
+            "POST /grpc.health.v1.Health/Check Some(\"application/grpc\") \
+             Some(\"trailers\") \"inventory.Stock\""
+        );
+        statuses.lock().unwrap()[0].1 = 2;
+        let err = check(healthy).await.unwrap_err();
+        let not_serving = err.downcast_ref::<NotServing>().expect("not serving");
+        assert_eq!(not_serving.serving_status(), Some(2));
+        assert_eq!(
+            err.to_string(),
+            "the gRPC health check answered NOT_SERVING (2)"
+        );
+        let err = check(unknown).await.unwrap_err();
+        let not_serving = err.downcast_ref::<NotServing>().expect("not found");
+        assert_eq!(
+            (not_serving.grpc_status(), not_serving.serving_status()),
+            (5, None)
+        );
+        // The server as a whole, which this one does not list.
+        let whole = Probe::probe(&GrpcProbe::new(), &"a".into(), &backend(healthy)).await;
+        assert_eq!(
+            whole
+                .unwrap_err()
+                .downcast_ref::<NotServing>()
+                .unwrap()
+                .grpc_status(),
+            5
+        );
+        assert_eq!(
+            asked.lock().unwrap().last().unwrap().rsplit(' ').next(),
+            Some("\"\"")
+        );
+        // An HTTP/2 server that is not a gRPC one.
+        let (plain, _) = serve_h2().await;
+        let err = check(plain).await.unwrap_err();
+        assert!(
+            err.to_string().contains("not a gRPC health check answer"),
+            "{err}"
+        );
+
+        // The checker takes a backend out and back with its status.
+        statuses.lock().unwrap()[0].1 = 1;
+        let pool = Pool::new();
+        pool.insert("a", backend(healthy));
+        pool.insert("b", backend(unknown));
+        let _checker = HealthChecker::new(pool.clone(), probe.clone())
+            .interval(Duration::from_millis(20))
+            .start_unhealthy(true)
+            .rise(1)
+            .fall(1)
+            .spawn();
+        let state = |name: &str| pool.state(&name.into()).unwrap();
+        support::wait::spin_until("a passes", || state("a").health() == HealthStatus::Healthy)
+            .await;
+        statuses.lock().unwrap()[0].1 = 2;
+        support::wait::spin_until("a fails", || state("a").health() == HealthStatus::Unhealthy)
+            .await;
+        assert_eq!(state("b").health(), HealthStatus::Unhealthy);
+    }
+
     /// A gRPC server that fails a call before its first message answers
     /// `200 OK` with the status in the head: `UNAVAILABLE` there counts as
     /// a 503 would, for the failover layer and for passive health alike,

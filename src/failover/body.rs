@@ -276,6 +276,16 @@ impl<B> Default for ReplayBody<B> {
     }
 }
 
+/// `data`, held in memory (see [`full`](ReplayBody::full)): what a
+/// [`GrpcProbe`] sends through a proxy's pool.
+///
+/// [`GrpcProbe`]: crate::health::GrpcProbe
+impl<B> From<Bytes> for ReplayBody<B> {
+    fn from(data: Bytes) -> Self {
+        ReplayBody::full(data)
+    }
+}
+
 impl<B> ReplayBody<B> {
     /// A body held in memory, replayable any number of times.
     pub fn full(data: Bytes) -> Self {

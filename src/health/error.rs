@@ -33,6 +33,85 @@ impl fmt::Display for UnexpectedStatus {
 
 impl StdError for UnexpectedStatus {}
 
+/// A gRPC health check ([`GrpcProbe`](super::GrpcProbe)) whose call failed
+/// or whose backend is not `SERVING`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotServing {
+    grpc_status: u32,
+    serving_status: Option<u64>,
+}
+
+impl NotServing {
+    pub(crate) fn new(grpc_status: u32, serving_status: Option<u64>) -> Self {
+        NotServing {
+            grpc_status,
+            serving_status,
+        }
+    }
+
+    /// The call's gRPC status: 0 when it succeeded and answered a status
+    /// other than `SERVING`; 12 (`UNIMPLEMENTED`) from a server without the
+    /// health service, 5 (`NOT_FOUND`) from one that does not know the
+    /// service asked about.
+    pub fn grpc_status(&self) -> u32 {
+        self.grpc_status
+    }
+
+    /// The `ServingStatus` the backend answered, when the call succeeded:
+    /// 0 `UNKNOWN`, 2 `NOT_SERVING`, 3 `SERVICE_UNKNOWN`.
+    pub fn serving_status(&self) -> Option<u64> {
+        self.serving_status
+    }
+}
+
+impl fmt::Display for NotServing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.serving_status {
+            Some(status) => {
+                let name = match status {
+                    0 => "UNKNOWN",
+                    2 => "NOT_SERVING",
+                    3 => "SERVICE_UNKNOWN",
+                    _ => "a status gRPC does not define",
+                };
+                write!(f, "the gRPC health check answered {name} ({status})")
+            }
+            None => {
+                const NAMES: [&str; 17] = [
+                    "OK",
+                    "CANCELLED",
+                    "UNKNOWN",
+                    "INVALID_ARGUMENT",
+                    "DEADLINE_EXCEEDED",
+                    "NOT_FOUND",
+                    "ALREADY_EXISTS",
+                    "PERMISSION_DENIED",
+                    "RESOURCE_EXHAUSTED",
+                    "FAILED_PRECONDITION",
+                    "ABORTED",
+                    "OUT_OF_RANGE",
+                    "UNIMPLEMENTED",
+                    "INTERNAL",
+                    "UNAVAILABLE",
+                    "DATA_LOSS",
+                    "UNAUTHENTICATED",
+                ];
+                let code = self.grpc_status;
+                let name = usize::try_from(code)
+                    .ok()
+                    .and_then(|i| NAMES.get(i))
+                    .unwrap_or(&"a code gRPC does not define");
+                write!(
+                    f,
+                    "the gRPC health check failed with grpc-status {code} ({name})"
+                )
+            }
+        }
+    }
+}
+
+impl StdError for NotServing {}
+
 /// A probe did not finish within its timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbeTimeout {

@@ -10,10 +10,10 @@
 //! * [`HealthLayer`] wraps each backend's service and ejects a backend after
 //!   consecutive failures, as Envoy's outlier detection does.
 //! * [`HealthChecker`] probes every backend of a pool from one background
-//!   task ([`HttpProbe`], [`TcpProbe`] or your own [`Probe`]), with HAProxy's
-//!   rise and fall thresholds, the Panda API gateway's lifecycle (unhealthy
-//!   → turned off → removed, with turned-off backends that recover) and
-//!   slow start.
+//!   task ([`HttpProbe`], [`GrpcProbe`], [`TcpProbe`] or your own
+//!   [`Probe`]), with HAProxy's rise and fall thresholds, the Panda API
+//!   gateway's lifecycle (unhealthy → turned off → removed, with
+//!   turned-off backends that recover) and slow start.
 //!
 //! Every change of health, ejection and restoration is a `tracing` event
 //! (`info` or `warn`) with the fields `backend`, `from`, `to` and `reason`,
@@ -96,6 +96,7 @@ struct HealthGuide;
 mod checker;
 mod error;
 pub mod future;
+mod grpc;
 mod layer;
 mod outlier;
 mod probe;
@@ -103,7 +104,8 @@ mod service;
 mod slow_start;
 
 pub use checker::{CheckerHandle, HealthChecker};
-pub use error::{NoAddress, ProbePanicked, ProbeTimeout, UnexpectedStatus};
+pub use error::{NoAddress, NotServing, ProbePanicked, ProbeTimeout, UnexpectedStatus};
+pub use grpc::GrpcProbe;
 pub use layer::HealthLayer;
 pub use outlier::SuccessRate;
 pub use probe::{probe_fn, HttpProbe, Probe, ProbeFn, ProbeFuture, TcpProbe};
