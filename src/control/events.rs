@@ -172,6 +172,21 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether the event is about one request or one session (a
+    /// [`FailoverAttempt`](Event::FailoverAttempt),
+    /// [`AttemptsExhausted`](Event::AttemptsExhausted) or
+    /// [`SessionMoved`](Event::SessionMoved)) rather than a change of a
+    /// backend or a group: there may be thousands a second in an incident.
+    /// The history keeps each kind in a ring of its own.
+    pub fn is_per_request(&self) -> bool {
+        matches!(
+            self,
+            Event::FailoverAttempt { .. }
+                | Event::AttemptsExhausted { .. }
+                | Event::SessionMoved { .. }
+        )
+    }
+
     /// The backend this event is about, if it is about one.
     pub fn backend(&self) -> Option<&BackendId> {
         match self {
@@ -221,11 +236,46 @@ pub struct Record {
 
 struct Inner {
     tx: broadcast::Sender<Arc<Record>>,
-    history: Mutex<VecDeque<Arc<Record>>>,
+    history: Mutex<History>,
     history_capacity: usize,
     seq: AtomicU64,
     /// When each backend last changed, kept for the stats.
     last_change: Mutex<LastChanges>,
+}
+
+/// The recorded events: the changes of backends and groups, and the
+/// per-request events apart (see [`Event::is_per_request`]), so that a
+/// storm of failovers does not push out the changes that explain it.
+struct History {
+    changes: VecDeque<Arc<Record>>,
+    requests: VecDeque<Arc<Record>>,
+}
+
+impl History {
+    fn with_capacity(capacity: usize) -> Self {
+        History {
+            changes: VecDeque::with_capacity(capacity),
+            requests: VecDeque::with_capacity(capacity),
+        }
+    }
+
+    /// The last `n` records of both rings, oldest first.
+    fn last(&self, n: usize) -> Vec<Arc<Record>> {
+        let mut changes = self.changes.iter().rev().peekable();
+        let mut requests = self.requests.iter().rev().peekable();
+        let mut last = Vec::with_capacity(n.min(self.changes.len() + self.requests.len()));
+        while last.len() < n {
+            let newer = match (changes.peek(), requests.peek()) {
+                (Some(c), Some(r)) if c.seq > r.seq => changes.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => requests.next(),
+                (Some(_), None) => changes.next(),
+                (None, None) => break,
+            };
+            last.extend(newer.cloned());
+        }
+        last.reverse();
+        last
+    }
 }
 
 /// How long a removed backend's events are ignored for the last changes: a
@@ -363,7 +413,8 @@ impl fmt::Debug for Events {
 const MAX_CHANNEL_CAPACITY: usize = 1 << 16;
 
 impl Default for Events {
-    /// 1024 events buffered per subscriber, 1000 kept in the history.
+    /// 1024 events buffered per subscriber; 1000 changes, and 1000
+    /// per-request events, kept in the history.
     fn default() -> Self {
         Events::new(1024, 1000)
     }
@@ -372,14 +423,16 @@ impl Default for Events {
 impl Events {
     /// A stream that buffers up to `channel_capacity` events for each
     /// subscriber (at least 1, at most 65,536: the buffer is allocated
-    /// whole; tokio rounds it up to a power of two) and keeps the last `history_capacity` in the audit history
-    /// (0 keeps none).
+    /// whole; tokio rounds it up to a power of two) and keeps in the audit
+    /// history the last `history_capacity` changes of backends and groups,
+    /// and apart from them the last `history_capacity` per-request events
+    /// (see [`Event::is_per_request`]) (0 keeps none).
     pub fn new(channel_capacity: usize, history_capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(channel_capacity.clamp(1, MAX_CHANNEL_CAPACITY));
         Events {
             inner: Arc::new(Inner {
                 tx,
-                history: Mutex::new(VecDeque::with_capacity(history_capacity.min(4096))),
+                history: Mutex::new(History::with_capacity(history_capacity.min(4096))),
                 history_capacity,
                 seq: AtomicU64::new(0),
                 last_change: Mutex::new(LastChanges::default()),
@@ -413,10 +466,15 @@ impl Events {
             event,
         });
         if self.inner.history_capacity > 0 {
-            if history.len() == self.inner.history_capacity {
-                history.pop_front();
+            let ring = if record.event.is_per_request() {
+                &mut history.requests
+            } else {
+                &mut history.changes
+            };
+            if ring.len() == self.inner.history_capacity {
+                ring.pop_front();
             }
-            history.push_back(record.clone());
+            ring.push_back(record.clone());
         }
         self.inner
             .last_change
@@ -439,16 +497,18 @@ impl Events {
         }
     }
 
-    /// The recorded history, oldest first.
+    /// The recorded history, oldest first: the last `history_capacity`
+    /// changes of backends and groups, and among them the last
+    /// `history_capacity` per-request events (see
+    /// [`Event::is_per_request`]).
     pub fn history(&self) -> Vec<Arc<Record>> {
-        self.inner.history.lock().iter().cloned().collect()
+        self.recent(usize::MAX)
     }
 
-    /// The last `n` recorded events, oldest first.
+    /// The last `n` recorded events of the [history](Self::history),
+    /// oldest first.
     pub fn recent(&self, n: usize) -> Vec<Arc<Record>> {
-        let history = self.inner.history.lock();
-        let skip = history.len().saturating_sub(n);
-        history.iter().skip(skip).cloned().collect()
+        self.inner.history.lock().last(n)
     }
 
     /// When an event about backend `id` was last emitted (see
@@ -519,6 +579,55 @@ pub(crate) fn emit(events: Option<&Events>, event: impl FnOnce() -> Event) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn failover(attempt: u32) -> Event {
+        Event::FailoverAttempt {
+            attempt,
+            failed: "a".into(),
+            reason: "refused".into(),
+        }
+    }
+
+    /// A storm of failovers keeps its own ring: the changes that explain
+    /// it stay in the history, in sequence order with the last failovers.
+    #[test]
+    fn per_request_events_do_not_push_changes_out_of_the_history() {
+        let events = Events::new(16, 4);
+        events.emit(Event::WeightChanged {
+            backend: "a".into(),
+            weight: 1,
+        });
+        events.emit(Event::Ejected {
+            backend: "a".into(),
+            reason: "consecutive failures".into(),
+            ejection: 1,
+            duration: Duration::from_secs(30),
+        });
+        for attempt in 0..1000 {
+            events.emit(failover(attempt));
+        }
+        events.emit(Event::WeightChanged {
+            backend: "a".into(),
+            weight: 2,
+        });
+        events.emit(failover(1000));
+        let seqs: Vec<u64> = events.history().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [0, 1, 999, 1000, 1001, 1002, 1003]);
+        let recent: Vec<u64> = events.recent(3).iter().map(|r| r.seq).collect();
+        assert_eq!(recent, [1001, 1002, 1003]);
+        assert!(events.recent(0).is_empty());
+        assert_eq!(events.recent(100).len(), 7);
+        // Three changes more push the oldest change out, no failover.
+        for weight in 3..6 {
+            events.emit(Event::WeightChanged {
+                backend: "a".into(),
+                weight,
+            });
+        }
+        let seqs: Vec<u64> = events.history().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [999, 1000, 1001, 1002, 1003, 1004, 1005, 1006]);
+        assert!(Events::new(1, 0).history().is_empty());
+    }
 
     #[test]
     fn a_removed_backend_leaves_the_last_change_map() {
