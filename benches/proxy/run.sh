@@ -52,6 +52,8 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 cargo build --release --example reverse_proxy --example hyper_proxy --features hyper-client -q
+# Where cargo put them: under CARGO_TARGET_DIR when it is set.
+EXAMPLES=${CARGO_TARGET_DIR:-target}/release/examples
 
 WORK=$(mktemp -d)
 # The process under valgrind, while it runs (the others have pid files,
@@ -176,14 +178,14 @@ start_haproxy() {
 # The two Rust proxies' command lines.
 URLS=()
 for p in "${BACKEND_PORTS[@]}"; do URLS+=("http://127.0.0.1:$p"); done
-TOWER_BASE=(target/release/examples/reverse_proxy --listen "127.0.0.1:$TOWER_PORT" --workers 1
+TOWER_BASE=("$EXAMPLES/reverse_proxy" --listen "127.0.0.1:$TOWER_PORT" --workers 1
     --strategy round-robin)
 TOWER=("${TOWER_BASE[@]}" "${URLS[@]}")
 # The same without its timers (hyper's header read timeout, the failover
 # layer's per-try timeout and deadline), for the instruction counts.
 TOWER_UNTIMED=("${TOWER_BASE[@]}" --header-read-timeout 0 --per-try-timeout 0 --deadline 0
     "${URLS[@]}")
-HYPER=(target/release/examples/hyper_proxy --listen "127.0.0.1:$HYPER_PORT" "${URLS[@]}")
+HYPER=("$EXAMPLES/hyper_proxy" --listen "127.0.0.1:$HYPER_PORT" "${URLS[@]}")
 
 # Starts a command in the background: name, port, command.
 start_rust() {
