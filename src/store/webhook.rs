@@ -440,7 +440,19 @@ impl SessionStore for WebhookStore {
             if !holds_records(status, &body, "load all")? {
                 return Ok(Loaded::default());
             }
-            parse_all(&body)
+            let runtime = tokio::runtime::Handle::try_current();
+            match runtime {
+                // Parsing takes about a millisecond per megabyte, which an
+                // async worker's other tasks would wait for.
+                Ok(runtime) if body.len() > PARSE_INLINE => {
+                    match runtime.spawn_blocking(move || parse_all(&body)).await {
+                        Ok(loaded) => loaded,
+                        Err(e) => Err(StoreError::other(e)
+                            .with_message("parsing the listing did not complete")),
+                    }
+                }
+                _ => parse_all(&body),
+            }
         })
     }
 
@@ -892,6 +904,9 @@ fn failure(status: StatusCode, body: &[u8], what: &str) -> StoreError {
     };
     error.with_message(format!("{what}: the webhook answered {status}"))
 }
+
+/// Above this many bytes, a listing is parsed on tokio's blocking pool.
+const PARSE_INLINE: usize = 256 * 1024;
 
 /// The most unreadable elements a listing may have: an answer with more is
 /// no listing of sessions (a body of `[0,0,0,...]` would otherwise make
