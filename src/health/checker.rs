@@ -318,6 +318,10 @@ impl<S> Rebuild<S> for Changed {
     }
 }
 
+/// How many probes the checker starts before it lets the worker's other
+/// tasks run (each start spawns a task: a few microseconds).
+const PROBES_PER_TURN: usize = 128;
+
 /// What the checker knows about one backend.
 #[derive(Debug)]
 struct Entry {
@@ -700,7 +704,14 @@ where
             {
                 due.push(next.0);
             }
+            let mut started = 0usize;
             for (at, serial, id) in due.drain(..) {
+                if started == PROBES_PER_TURN {
+                    // Thousands of backends fall due at once at the start:
+                    // the worker's other tasks get a turn between batches.
+                    started = 0;
+                    tokio::task::yield_now().await;
+                }
                 let Some(entry) = self.entries.get_mut(&id) else {
                     continue;
                 };
@@ -756,6 +767,7 @@ where
                     });
                     running.insert(handle.id(), (id.clone(), entry.serial));
                     entry.probe = Some(handle);
+                    started += 1;
                 }
                 entry.schedule(&id, &self.config, &mut self.queue);
             }
@@ -905,6 +917,39 @@ mod tests {
     thread_local! {
         /// The entries the checker's task looked at, on this thread.
         pub(super) static VISITS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// A thousand backends fall due at once: the checker starts their
+    /// probes in batches, and the worker's other tasks (the first probes
+    /// among them) run in between.
+    #[tokio::test(start_paused = true)]
+    async fn probes_due_at_once_start_in_batches() {
+        let pool = Pool::new();
+        for i in 0..1000 {
+            pool.insert(format!("b{i}"), ());
+        }
+        // The tasks alive when the first probe ran: the checker's and this
+        // test's, and the probes started before it.
+        let alive = Arc::new(AtomicU64::new(u64::MAX));
+        let first = alive.clone();
+        let probe = probe_fn(move |_: &BackendId, _: &()| {
+            let now = tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks();
+            let _ =
+                first.compare_exchange(u64::MAX, now as u64, Ordering::Relaxed, Ordering::Relaxed);
+            async { Ok::<_, BoxError>(()) }
+        });
+        let checker = HealthChecker::new(pool, probe)
+            .jitter(Duration::ZERO)
+            .spawn();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        checker.shutdown().await;
+        let alive = alive.load(Ordering::Relaxed);
+        assert!(
+            alive <= PROBES_PER_TURN as u64 + 2,
+            "{alive} tasks alive at the first probe"
+        );
     }
 
     #[tokio::test(start_paused = true)]
