@@ -13,10 +13,8 @@
 //! [`InvalidRequest`], a request the backend refused to send because the
 //! request itself is bad (no other backend would take it either). A gRPC
 //! call that failed before its first message answers `200 OK` with its
-//! status in the head ([`Outcome::grpc_status`]); the default judges it by
-//! the HTTP status that gRPC status stands for, as Envoy's router does for
-//! its outlier detection, so `UNAVAILABLE` (14) counts as a 503 and
-//! `DEADLINE_EXCEEDED` (4) as a 504. Any closure
+//! status in the head ([`Outcome::grpc_status`]); the default counts
+//! `UNAVAILABLE` (14) there as a failure, as it counts a 503. Any closure
 //! `Fn(&Outcome<'_>) -> bool` is a classifier too:
 //!
 //! ```
@@ -40,7 +38,7 @@
 
 use std::error::Error as StdError;
 
-use http::header::{HeaderName, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 
 use crate::error::{find, InvalidRequest};
@@ -122,19 +120,29 @@ impl<'a> Outcome<'a> {
 }
 
 /// The field a gRPC status is sent in.
-const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// gRPC's `UNAVAILABLE`.
+const GRPC_UNAVAILABLE: u32 = 14;
 
 /// See [`Outcome::grpc_status`].
 fn grpc_status(status: StatusCode, headers: &HeaderMap) -> Option<u32> {
-    if status != StatusCode::OK {
+    // The content type first: a standard field, quicker to look up, which
+    // most HTTP answers have and which stops there.
+    if status != StatusCode::OK || grpc_subtype(headers).is_none() {
         return None;
     }
-    // Looked up first: an HTTP response has none, and stops there.
-    let value = headers.get(GRPC_STATUS)?.as_bytes();
-    if grpc_subtype(headers).is_none() || !value.iter().all(u8::is_ascii_digit) {
+    parse_grpc_status(headers.get(GRPC_STATUS)?)
+}
+
+/// A `grpc-status` value: a decimal number below 2³², nothing else (no
+/// sign, no space).
+pub(crate) fn parse_grpc_status(value: &HeaderValue) -> Option<u32> {
+    let digits = value.as_bytes();
+    if !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// What follows `application/grpc` in `headers`' content type (`+proto`,
@@ -147,29 +155,6 @@ pub(crate) fn grpc_subtype(headers: &HeaderMap) -> Option<&[u8]> {
     start
         .eq_ignore_ascii_case(GRPC)
         .then(|| &value[GRPC.len()..])
-}
-
-/// The HTTP status a gRPC status stands for, as Google's API design guide
-/// maps them (and Envoy with it): 14 `UNAVAILABLE` is 503, 4
-/// `DEADLINE_EXCEEDED` 504, 8 `RESOURCE_EXHAUSTED` 429, an unknown code 500.
-fn grpc_to_http(code: u32) -> StatusCode {
-    let status = match code {
-        0 => 200,
-        1 => 499,
-        3 | 9 | 11 => 400,
-        4 => 504,
-        5 => 404,
-        6 | 10 => 409,
-        7 => 403,
-        8 => 429,
-        12 => 501,
-        14 => 503,
-        16 => 401,
-        // 2 UNKNOWN, 13 INTERNAL, 15 DATA_LOSS, and codes gRPC has not
-        // defined.
-        _ => 500,
-    };
-    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 /// Decides whether an attempt's outcome counts as a failure.
@@ -195,16 +180,18 @@ const STATUS_WORDS: usize = 900_usize.div_ceil(64);
 /// everything else is a success.
 ///
 /// A gRPC call answered in its head ([`Outcome::grpc_status`]) is judged by
-/// the HTTP status its gRPC status stands for: `UNAVAILABLE` (14) as 503,
-/// `DEADLINE_EXCEEDED` (4) as 504, `RESOURCE_EXHAUSTED` (8) as 429,
-/// `UNIMPLEMENTED` (12) as 501, `UNKNOWN`, `INTERNAL` and `DATA_LOSS` as
-/// 500, the codes of the caller's errors as 4xx, `OK` as 200. So by default
-/// 14 and 4 are failures, and [`status`](Self::status) adds others (429
-/// adds `RESOURCE_EXHAUSTED`).
+/// its gRPC status instead: `UNAVAILABLE` (14), what a server shedding load
+/// or shutting down answers, is a failure, and
+/// [`grpc_status`](Self::grpc_status) adds others. Not by default
+/// `DEADLINE_EXCEEDED` (4), though Envoy's outlier detection counts it as
+/// a 504: it is most often the caller's own deadline running out, and a
+/// client sending tiny deadlines would get healthy backends ejected.
 #[derive(Debug, Clone)]
 pub struct DefaultClassifier {
     /// Bit `s - 100` set for each failing status `s` (100 to 999).
     statuses: [u64; STATUS_WORDS],
+    /// Bit `c` set for each failing gRPC status `c` (0 to 63).
+    grpc: u64,
 }
 
 impl Default for DefaultClassifier {
@@ -214,21 +201,39 @@ impl Default for DefaultClassifier {
 }
 
 impl DefaultClassifier {
-    /// Errors (but [`InvalidRequest`]), 502, 503 and 504 are failures.
+    /// Errors (but [`InvalidRequest`]), 502, 503 and 504, and a gRPC
+    /// `UNAVAILABLE` in a response's head, are failures.
     pub fn new() -> Self {
-        DefaultClassifier {
-            statuses: [0; STATUS_WORDS],
-        }
-        .status(StatusCode::BAD_GATEWAY)
-        .status(StatusCode::SERVICE_UNAVAILABLE)
-        .status(StatusCode::GATEWAY_TIMEOUT)
+        DefaultClassifier::errors_only()
+            .status(StatusCode::BAD_GATEWAY)
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .status(StatusCode::GATEWAY_TIMEOUT)
+            .grpc_status(GRPC_UNAVAILABLE)
     }
 
     /// Only errors (but [`InvalidRequest`]) are failures; no status is.
     pub fn errors_only() -> Self {
         DefaultClassifier {
             statuses: [0; STATUS_WORDS],
+            grpc: 0,
         }
+    }
+
+    /// Also counts a gRPC call answered in its head with `code` (see
+    /// [`Outcome::grpc_status`]) as a failure: 8 `RESOURCE_EXHAUSTED`, say.
+    /// Codes from 64 up are not gRPC's, and count as nothing.
+    pub fn grpc_status(mut self, code: u32) -> Self {
+        if let Some(bit) = 1u64.checked_shl(code) {
+            self.grpc |= bit;
+        }
+        self
+    }
+
+    /// Whether a gRPC call answered in its head with `code` counts as a
+    /// failure.
+    pub fn is_failure_grpc_status(&self, code: u32) -> bool {
+        1u64.checked_shl(code)
+            .is_some_and(|bit| self.grpc & bit != 0)
     }
 
     /// Also counts `status` as a failure.
@@ -250,7 +255,7 @@ impl Classifier for DefaultClassifier {
     fn is_failure(&self, outcome: &Outcome<'_>) -> bool {
         match outcome {
             Outcome::Response { status, headers } => match grpc_status(*status, headers) {
-                Some(code) => self.is_failure_status(grpc_to_http(code)),
+                Some(code) => self.is_failure_grpc_status(code),
                 None => self.is_failure_status(*status),
             },
             // The request's fault, not the backend's.
@@ -298,35 +303,33 @@ mod tests {
     }
 
     #[test]
-    fn a_grpc_status_in_the_head_is_judged_by_the_http_status_it_stands_for() {
-        let c = DefaultClassifier::new();
+    fn of_grpc_statuses_in_the_head_only_unavailable_fails_by_default() {
         let fails = |c: &DefaultClassifier, code: u32| {
             let headers = grpc_head("application/grpc", &code.to_string());
             let outcome = Outcome::from_status(StatusCode::OK, &headers);
             assert_eq!(outcome.grpc_status(), Some(code));
             c.is_failure(&outcome)
         };
-        let failing: Vec<u32> = (0..=20).filter(|&code| fails(&c, code)).collect();
-        // DEADLINE_EXCEEDED and UNAVAILABLE, as 504 and 503.
-        assert_eq!(failing, [4, 14]);
-        // 429 adds RESOURCE_EXHAUSTED; 500 adds UNKNOWN, INTERNAL,
-        // DATA_LOSS and codes gRPC has not defined.
-        let c = c.status(StatusCode::TOO_MANY_REQUESTS);
-        assert!(fails(&c, 8));
-        let c = DefaultClassifier::errors_only().status(StatusCode::INTERNAL_SERVER_ERROR);
-        let failing: Vec<u32> = (0..=20).filter(|&code| fails(&c, code)).collect();
-        assert_eq!(failing, [2, 13, 15, 17, 18, 19, 20]);
-        assert!(fails(&c, u32::MAX));
-    }
-
-    #[test]
-    fn every_grpc_code_maps_as_the_api_design_guide_says() {
-        let expected = [
-            200, 499, 500, 400, 504, 404, 409, 403, 429, 400, 409, 400, 501, 500, 503, 500, 401,
-        ];
-        for (code, status) in expected.into_iter().enumerate() {
-            assert_eq!(grpc_to_http(code as u32).as_u16(), status, "{code}");
-        }
+        let failing = |c: &DefaultClassifier| {
+            (0..=70)
+                .filter(|&code| fails(c, code))
+                .collect::<Vec<u32>>()
+        };
+        assert_eq!(failing(&DefaultClassifier::new()), [14]);
+        let c = DefaultClassifier::new()
+            .grpc_status(8)
+            .grpc_status(4)
+            .grpc_status(64);
+        assert_eq!(failing(&c), [4, 8, 14]);
+        assert!(!c.is_failure_grpc_status(u32::MAX));
+        assert_eq!(
+            failing(&DefaultClassifier::errors_only()),
+            Vec::<u32>::new()
+        );
+        // Judged by its gRPC status only: a 200 with code 0 is no failure
+        // even where 200 would be one.
+        let c = DefaultClassifier::errors_only().status(StatusCode::OK);
+        assert!(!fails(&c, 0));
     }
 
     #[test]

@@ -96,9 +96,8 @@ impl fmt::Display for DeadlineExceeded {
 impl StdError for DeadlineExceeded {}
 
 /// A backend answered with a status the classifier counts as a failure
-/// (by default 502, 503 or 504, or a gRPC `UNAVAILABLE` or
-/// `DEADLINE_EXCEEDED`); recorded in [`Exhausted`] when a later attempt
-/// failed with an error.
+/// (by default 502, 503 or 504, or a gRPC `UNAVAILABLE`); recorded in
+/// [`Exhausted`] when a later attempt failed with an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FailedStatus {
     status: StatusCode,

@@ -102,7 +102,7 @@ impl<C> fmt::Debug for Config<C> {
 ///
 /// | setting | default |
 /// |---|---|
-/// | [`classifier`](Self::classifier) | [`DefaultClassifier`]: errors, 502, 503, 504, gRPC 14 and 4 in the head |
+/// | [`classifier`](Self::classifier) | [`DefaultClassifier`]: errors, 502, 503, 504, gRPC 14 in the head |
 /// | [`max_attempts`](Self::max_attempts) | every available backend once |
 /// | [`per_try_timeout`](Self::per_try_timeout) | none |
 /// | [`deadline`](Self::deadline) | none |

@@ -16,8 +16,8 @@
 //!    failed; the default counts every error (connection errors, per-try
 //!    timeouts, `NoBackend`) except an
 //!    [`InvalidRequest`](crate::error::InvalidRequest) (the request itself
-//!    is bad), and the statuses 502, 503 and 504 (a gRPC call's
-//!    `UNAVAILABLE` and `DEADLINE_EXCEEDED` among them, see
+//!    is bad), the statuses 502, 503 and 504, and a gRPC call's
+//!    `UNAVAILABLE` (see
 //!    [`Outcome::grpc_status`](crate::classify::Outcome::grpc_status)).
 //!    Any other outcome is returned unchanged.
 //! 3. Whether a failed attempt may be retried is the failover layer's own

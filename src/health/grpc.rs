@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, TE};
+use http::header::{HeaderValue, CONTENT_TYPE, TE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
@@ -14,6 +14,7 @@ use tower_service::Service;
 use super::error::{NotServing, UnexpectedStatus};
 use super::probe::{Probe, ProbeFuture};
 use crate::backend::BackendId;
+use crate::classify::{parse_grpc_status, GRPC_STATUS};
 use crate::error::BoxError;
 
 /// The method every gRPC health service answers.
@@ -24,9 +25,6 @@ const MAX_ANSWER: usize = 64 * 1024;
 
 /// `ServingStatus.SERVING`.
 const SERVING: u64 = 1;
-
-/// The field a gRPC status is sent in.
-const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The [gRPC health checking protocol]'s `Check`
 /// (`grpc.health.v1.Health`), sent *through the backend's own service*, as
@@ -223,16 +221,11 @@ fn get_varint(buf: &mut Bytes) -> Option<u64> {
 /// The `grpc-status` of `headers`, if they have one; an error when it is
 /// not a number.
 fn grpc_status(headers: &HeaderMap) -> Result<Option<u32>, BoxError> {
-    let Some(value) = headers.get(GRPC_STATUS) else {
-        return Ok(None);
-    };
-    let digits = value.as_bytes();
-    match std::str::from_utf8(digits) {
-        Ok(text) if !text.is_empty() && digits.iter().all(u8::is_ascii_digit) => text
-            .parse()
+    match headers.get(GRPC_STATUS) {
+        None => Ok(None),
+        Some(value) => parse_grpc_status(value)
             .map(Some)
-            .map_err(|_| malformed("a grpc-status out of range")),
-        _ => Err(malformed("a grpc-status that is not a number")),
+            .ok_or_else(|| malformed("a grpc-status that is not a number")),
     }
 }
 

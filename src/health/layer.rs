@@ -20,7 +20,7 @@ use crate::time::SHORTEST;
 /// counts as a
 /// failure is decided by the shared [`Classifier`](crate::classify::Classifier)
 /// (by default [`DefaultClassifier`]: errors, 502, 503, 504, and a gRPC
-/// `UNAVAILABLE` or `DEADLINE_EXCEEDED` in a response's head).
+/// `UNAVAILABLE` in a response's head).
 ///
 /// # One layer per pool
 ///
