@@ -586,6 +586,31 @@ async fn large_bodies_stream_both_ways() {
     assert!(body.ends_with(&big), "the 4 MiB body came back intact");
 }
 
+/// With the send timeout on (the default), a large body is handed out in
+/// pieces of at most 16 KiB, so that a slow reader is judged by how long
+/// it takes over one piece, not over what the connection read at once.
+#[tokio::test]
+async fn with_a_send_timeout_large_frames_are_handed_out_in_pieces() {
+    let addr = serve().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let big: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let req = Request::put("/blob")
+        .body(Full::new(Bytes::from(big.clone())))
+        .unwrap();
+    let mut body = backend.oneshot(req).await.unwrap().into_body();
+    let mut received = Vec::new();
+    let mut largest = 0;
+    while let Some(frame) = body.frame().await {
+        let data = frame.unwrap().into_data().unwrap();
+        largest = largest.max(data.len());
+        received.extend_from_slice(&data);
+    }
+    assert!(largest <= 16 * 1024, "a frame of {largest} bytes");
+    assert!(received.ends_with(&big), "the 4 MiB body came back intact");
+    assert!(http_body::Body::is_end_stream(&body));
+}
+
 #[tokio::test]
 async fn a_connection_is_reused_once_its_response_is_read() {
     let (addr, accepted) = serve_counting().await;
@@ -1109,7 +1134,8 @@ async fn a_connection_is_reused_after_a_response_with_trailers() {
 /// client has taken nothing for the timeout, and the slot comes back.
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_by_the_send_timeout() {
-    let (state, balance) = big_answers(&HttpClient::new()).await;
+    // The connection's timeout alone.
+    let (state, balance) = big_answers(&HttpClient::new().send_timeout(None), false).await;
     let (front, _) = accept_counting(move |stream, _| {
         let balance = balance.clone();
         async move {
@@ -1129,7 +1155,7 @@ async fn a_client_that_stops_reading_is_cut_off_by_the_send_timeout() {
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_by_the_clients_send_timeout() {
     let client = HttpClient::new().send_timeout(Some(Duration::from_millis(500)));
-    let (state, balance) = big_answers(&client).await;
+    let (state, balance) = big_answers(&client, false).await;
     let (front, _) = accept_counting(move |stream, _| {
         let balance = balance.clone();
         async move {
@@ -1147,21 +1173,34 @@ async fn a_client_that_stops_reading_is_cut_off_by_the_clients_send_timeout() {
 /// a client and a backend buffer.
 const BIG: usize = 16 << 20;
 
-/// A backend answering [`BIG`] bytes to any request, in a pool that lets it
-/// one request in flight, behind a balancer; with its state.
+/// A backend answering [`BIG`] bytes to any request (over HTTP/2 with
+/// prior knowledge when `http2`), in a pool that lets it one request in
+/// flight, behind a balancer; with its state.
 async fn big_answers(
     client: &HttpClient<Incoming>,
+    http2: bool,
 ) -> (
     Arc<tower_ha::BackendState>,
     Balance<HttpBackend<Incoming>, RoundRobin>,
 ) {
-    let (addr, _) = accept_counting(|stream, _| async move {
+    let (addr, _) = accept_counting(move |stream, _| async move {
         let service = service_fn(|_req: Request<Incoming>| async move {
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; BIG]))))
         });
-        let _ = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
+        let io = TokioIo::new(stream);
+        let _ = match http2 {
+            #[cfg(feature = "http2")]
+            true => {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service)
+                    .await
+            }
+            _ => {
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+            }
+        };
     })
     .await;
     let pool = Pool::new();
@@ -1935,8 +1974,18 @@ mod http2 {
     /// the backend's connection and its place for the next request.
     #[tokio::test]
     async fn a_stream_whose_client_stops_reading_is_given_up_at_the_send_timeout() {
-        let client = HttpClient::new().send_timeout(Some(Duration::from_millis(500)));
-        let (state, balance) = big_answers(&client).await;
+        for http2_backend in [false, true] {
+            a_stream_whose_client_stops_reading_frees_its_place(http2_backend).await;
+        }
+    }
+
+    /// [`a_stream_whose_client_stops_reading_is_given_up_at_the_send_timeout`]
+    /// with an HTTP/1 or an HTTP/2 backend.
+    async fn a_stream_whose_client_stops_reading_frees_its_place(http2_backend: bool) {
+        let client = HttpClient::new()
+            .http2_only(http2_backend)
+            .send_timeout(Some(Duration::from_millis(500)));
+        let (state, balance) = big_answers(&client, http2_backend).await;
         let (front, _) = serve_h2_with(service_fn(move |req| balance.clone().oneshot(req))).await;
         let stream = TcpStream::connect(front).await.unwrap();
         let (mut sender, connection) =

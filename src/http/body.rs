@@ -76,8 +76,16 @@ pub(super) struct Core {
     timer: Timer,
     /// When the current wait for a frame started.
     since: Option<Instant>,
+    /// The rest of a frame handed out in pieces (see [`PIECE`]).
+    rest: Bytes,
     done: bool,
 }
+
+/// The most of a frame handed out at once while the send timeout watches:
+/// a reader is cut off only when it takes in less than this in the
+/// timeout, rather than less than whatever the connection read at once
+/// (up to about 400 KiB over HTTP/1).
+const PIECE: usize = 16 * 1024;
 
 impl ResponseBody {
     pub(super) fn new(
@@ -93,6 +101,7 @@ impl ResponseBody {
                 in_flight: None,
                 timer,
                 since: None,
+                rest: Bytes::new(),
                 done: false,
             }),
             waits,
@@ -108,23 +117,38 @@ impl ResponseBody {
 }
 
 impl Core {
-    /// Polls for the next frame, waiting for at most `read_timeout`.
+    /// Polls for the next frame, waiting for at most `read_timeout`; hands
+    /// data out in pieces of at most [`PIECE`] bytes when `in_pieces`.
     fn poll_frame(
         &mut self,
         read_timeout: Option<Duration>,
+        in_pieces: bool,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(frame) => frame,
-            Poll::Pending => return self.wait(read_timeout, cx),
+        let frame = if !self.rest.is_empty() {
+            let piece = self.rest.split_to(PIECE.min(self.rest.len()));
+            Some(Ok(Frame::data(piece)))
+        } else {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => return self.wait(read_timeout, cx),
+            }
         };
         self.since = None;
+        let frame = match frame {
+            Some(Ok(f)) if in_pieces && f.data_ref().is_some_and(|d| d.len() > PIECE) => {
+                let mut piece = f.into_data().unwrap_or_default();
+                self.rest = piece.split_off(PIECE);
+                Some(Ok(Frame::data(piece)))
+            }
+            frame => frame,
+        };
         match &frame {
             None => self.done = true,
             // Trailers end a body, though a chunked one does not say so
             // until it is polled again (which a server forwarding it does
             // not do).
-            Some(Ok(f)) => self.done = f.is_trailers() || self.inner.is_end_stream(),
+            Some(Ok(f)) => self.done = f.is_trailers() || self.at_end(),
             // The connection is gone with the error.
             Some(Err(_)) => {
                 self.pooled = None;
@@ -163,6 +187,22 @@ impl Core {
     fn waits_for_more(&self, frame: &Poll<Option<Result<Frame<Bytes>, BoxError>>>) -> bool {
         matches!(frame, Poll::Ready(Some(Ok(_)))) && !self.done
     }
+
+    /// Whether nothing is left to hand out.
+    fn at_end(&self) -> bool {
+        self.rest.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let hint = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut sum = SizeHint::new();
+        if let Some(upper) = hint.upper() {
+            sum.set_upper(upper.saturating_add(rest));
+        }
+        sum.set_lower(hint.lower().saturating_add(rest));
+        sum
+    }
 }
 
 impl fmt::Debug for ResponseBody {
@@ -182,7 +222,8 @@ impl Body for ResponseBody {
         let this = &mut *self;
         match &mut this.held {
             Held::Own(core) => {
-                let frame = core.poll_frame(this.waits.read_timeout, cx);
+                let in_pieces = this.waits.stalls.is_some();
+                let frame = core.poll_frame(this.waits.read_timeout, in_pieces, cx);
                 let stalls = this.waits.stalls.as_ref();
                 if let Some(stalls) = stalls.filter(|_| core.waits_for_more(&frame)) {
                     // Its reader may leave it now: watched from here on.
@@ -214,7 +255,7 @@ impl Body for ResponseBody {
                     )
                     .into())));
                 };
-                let frame = core.poll_frame(this.waits.read_timeout, cx);
+                let frame = core.poll_frame(this.waits.read_timeout, true, cx);
                 if core.waits_for_more(&frame) {
                     if let Some(stalls) = &this.waits.stalls {
                         watch.handed_out(stalls);
@@ -222,29 +263,27 @@ impl Body for ResponseBody {
                 }
                 frame
             }
-            Held::Moving => Poll::Ready(None),
+            // Only between two statements of a poll: never seen.
+            Held::Moving => Poll::Ready(Some(Err("the response body was lost".into()))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.held {
-            Held::Own(core) => core.inner.is_end_stream(),
+            Held::Own(core) => core.at_end(),
             // One the send timeout took ends in its error.
-            Held::Watched(watch) => watch
-                .held()
-                .as_ref()
-                .is_some_and(|c| c.inner.is_end_stream()),
+            Held::Watched(watch) => watch.held().as_ref().is_some_and(Core::at_end),
             Held::Moving => false,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.held {
-            Held::Own(core) => core.inner.size_hint(),
+            Held::Own(core) => core.size_hint(),
             Held::Watched(watch) => watch
                 .held()
                 .as_ref()
-                .map_or_else(SizeHint::default, |c| c.inner.size_hint()),
+                .map_or_else(SizeHint::default, Core::size_hint),
             Held::Moving => SizeHint::default(),
         }
     }

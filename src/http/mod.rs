@@ -557,7 +557,10 @@ where
     /// reset) and the request no longer counts as in flight (see
     /// [`BackendState::hold_in_flight`](crate::BackendState::hold_in_flight)),
     /// and its next poll fails with an I/O error of kind `TimedOut`, so
-    /// the server cuts the client's response short.
+    /// the server cuts the client's response short (over HTTP/2, once the
+    /// client takes data again or its connection ends: until then the
+    /// server holds the stream and the frame it was sending, but nothing
+    /// of the backend's).
     ///
     /// A server forwarding a body asks for its next frame once it can send
     /// the last one. A client that stops reading (an HTTP/2 client that
@@ -566,23 +569,24 @@ where
     /// out, holding its backend's connection and its place against the
     /// backend's `max_in_flight`, for as long as the client wants: a few
     /// such clients could fill every backend's limit. Only that wait
-    /// counts, one frame at a time: a slow client that keeps reading is
-    /// not cut off as long as it takes in each frame's worth within the
-    /// timeout (a frame is what the connection read from the backend at
-    /// once, a few KiB to a few hundred; the server buffers about as much
-    /// again), so with 60 s only a client slower than a few KiB a second
-    /// is. Nor is a body waiting for its backend (the
-    /// [`read_timeout`](Self::read_timeout) bounds that), nor one whose
-    /// server has not asked for its first frame yet. A body read in a
-    /// program rather than sent on is given up alike if the program
-    /// leaves a frame for longer.
+    /// counts, one frame at a time, and with a send timeout a body hands
+    /// its data out in frames of at most 16 KiB (the connection reads up
+    /// to about 400 KiB at once): a slow client that keeps reading is not
+    /// cut off as long as it takes in 16 KiB within the timeout (about
+    /// 270 bytes a second with 60 s). Nor is a body waiting for its backend
+    /// (the [`read_timeout`](Self::read_timeout) bounds that), nor one
+    /// whose server has not asked for its first frame yet. A body read in
+    /// a program rather than sent on is given up alike if the program
+    /// leaves a frame for longer: set `None` for a client whose programs
+    /// read bodies at their own pace.
     ///
-    /// A body handed out a frame before its end is watched by one task per
-    /// client, which looks every quarter of the timeout (every second at
-    /// most): a body is given up between the timeout and a second after.
-    /// A response read in one frame (most responses with a length) is
-    /// never watched. This bounds the responses of HTTP/2 clients, which a
-    /// [`SendTimeout`] on the connection does not.
+    /// A body that handed out a frame before its end is watched by one
+    /// task per client, which looks every quarter of the timeout (every
+    /// second at most): a body is given up between the timeout and a
+    /// second after. A response whose end comes with its first frame
+    /// (most short responses with a length) is never watched; a chunked or
+    /// gRPC one is, until it ends. This bounds the responses of HTTP/2
+    /// clients, which a [`SendTimeout`] on the connection does not.
     pub fn send_timeout(self, timeout: Option<Duration>) -> Self {
         HttpClient::with_settings(
             Settings {

@@ -106,7 +106,8 @@ impl<T: Send + 'static> Stalls<T> {
     }
 
     /// Drops what the bodies that have waited for the timeout hold, and
-    /// forgets the bodies dropped; whether any is left to watch.
+    /// forgets the bodies dropped; whether any is left to watch. The list
+    /// is walked without the lock that bodies take to join it.
     fn sweep(&self) -> bool {
         let now = self.now();
         let timeout = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
@@ -114,9 +115,9 @@ impl<T: Send + 'static> Stalls<T> {
             let since = watch.out_since.load(Ordering::Relaxed);
             since != 0 && now.saturating_sub(since) >= timeout
         };
+        let mut bodies = std::mem::take(&mut self.watched.lock().bodies);
         let mut cut = Vec::new();
-        let mut watched = self.watched.lock();
-        watched.bodies.retain(|watch| {
+        bodies.retain(|watch| {
             // Its body is gone.
             if Arc::strong_count(watch) == 1 {
                 return false;
@@ -133,14 +134,19 @@ impl<T: Send + 'static> Stalls<T> {
             cut.extend(held.take());
             false
         });
+        // The connections close, and the counts in flight come down.
+        drop(cut);
+        let mut watched = self.watched.lock();
+        // With those that joined meanwhile.
+        if watched.bodies.is_empty() {
+            watched.bodies = bodies;
+        } else {
+            watched.bodies.append(&mut bodies);
+        }
         let left = !watched.bodies.is_empty();
         if !left {
             watched.sweeping = false;
         }
-        drop(watched);
-        // Dropped with the lock gone: the connections close, and the
-        // counts in flight come down.
-        drop(cut);
         left
     }
 }
