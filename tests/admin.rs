@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 use tower_ha::balance::{Balance, Priority, RoundRobin};
-use tower_ha::control::{AdminBody, AdminService, Events, Handle};
+use tower_ha::control::{AdminBody, AdminService, Event, Events, Handle};
 use tower_ha::{AdminStatus, HealthStatus, Pool};
 
 struct Fixture {
@@ -543,6 +543,28 @@ async fn get_events_returns_the_recent_history() {
     let (status, body) = call(&f.admin, "GET", "/events?limit=many", "").await;
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("limit"));
+
+    // A storm of failovers: the changes stay within reach.
+    for attempt in 0..200 {
+        f.handle.events().emit(Event::FailoverAttempt {
+            attempt,
+            failed: "web1".into(),
+            reason: "connection refused".into(),
+        });
+    }
+    let (_, body) = call(&f.admin, "GET", "/events?limit=3", "").await;
+    let kinds: Vec<&str> = (body.as_array().unwrap().iter())
+        .map(|r| r["event"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["failover_attempt"; 3]);
+    let (_, body) = call(&f.admin, "GET", "/events?kind=changes&limit=2", "").await;
+    let seqs: Vec<u64> = (body.as_array().unwrap().iter())
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2]);
+    let (status, body) = call(&f.admin, "GET", "/events?kind=moves", "").await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("kind"));
     let (status, _) = call(&f.admin, "POST", "/events", "").await;
     assert_eq!(status, 405);
 }

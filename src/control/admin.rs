@@ -34,7 +34,7 @@ use crate::error::BoxError;
 /// | `GET /backends/{id}` | the backend's [`BackendStats`](super::BackendStats) |
 /// | `POST /backends/{id}/weight` with `{"weight": N}` | sets its weight ([`Handle::set_weight`]) |
 /// | `POST /backends/{id}/max_in_flight` with `{"max_in_flight": N}` or `{"max_in_flight": null}` | sets or lifts its limit of requests in flight ([`Handle::set_max_in_flight`]) |
-/// | `GET /events?limit=N` | the last N (default 100) recorded events, oldest first |
+/// | `GET /events?limit=N` | the last N (default 100) recorded events, oldest first; with `&kind=changes`, changes of backends and groups only (no failovers nor session moves) |
 /// | `GET /layers` | the counters of the failover and sticky layers registered with the handle ([`LayerStats`](super::LayerStats)) |
 ///
 /// Every `POST` must say `Content-Type: application/json` (parameters such
@@ -463,6 +463,20 @@ fn limit_param(query: Option<&str>) -> Result<usize, String> {
     Ok(100)
 }
 
+/// Whether `kind=changes` asks for the changes of backends and groups
+/// only; `kind=all` (or none) for every event.
+fn changes_param(query: Option<&str>) -> Result<bool, String> {
+    let kind = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("kind="));
+    match kind {
+        None | Some("all") => Ok(false),
+        Some("changes") => Ok(true),
+        Some(other) => Err(format!("`kind` must be `all` or `changes`, not `{other}`")),
+    }
+}
+
 async fn route<B>(handle: &Handle, settings: &Settings, req: Request<B>) -> Response<AdminBody>
 where
     B: Body,
@@ -624,9 +638,13 @@ where
             if method != Method::GET {
                 return not_allowed("GET, HEAD");
             }
-            match limit_param(req.uri().query()) {
-                Ok(limit) => json(StatusCode::OK, &handle.events().recent(limit)),
-                Err(message) => error(StatusCode::BAD_REQUEST, &message),
+            let query = req.uri().query();
+            match (limit_param(query), changes_param(query)) {
+                (Ok(limit), Ok(false)) => json(StatusCode::OK, &handle.events().recent(limit)),
+                (Ok(limit), Ok(true)) => {
+                    json(StatusCode::OK, &handle.events().recent_changes(limit))
+                }
+                (Err(message), _) | (_, Err(message)) => error(StatusCode::BAD_REQUEST, &message),
             }
         }
         _ => error(StatusCode::NOT_FOUND, "no such route"),

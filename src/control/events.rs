@@ -259,6 +259,12 @@ impl History {
         }
     }
 
+    /// The last `n` changes, oldest first.
+    fn last_changes(&self, n: usize) -> Vec<Arc<Record>> {
+        let skip = self.changes.len().saturating_sub(n);
+        self.changes.iter().skip(skip).cloned().collect()
+    }
+
     /// The last `n` records of both rings, oldest first.
     fn last(&self, n: usize) -> Vec<Arc<Record>> {
         let mut changes = self.changes.iter().rev().peekable();
@@ -511,6 +517,13 @@ impl Events {
         self.inner.history.lock().last(n)
     }
 
+    /// The last `n` changes of backends and groups in the
+    /// [history](Self::history), oldest first: what explains an incident,
+    /// without the per-request events around them.
+    pub fn recent_changes(&self, n: usize) -> Vec<Arc<Record>> {
+        self.inner.history.lock().last_changes(n)
+    }
+
     /// When an event about backend `id` was last emitted (see
     /// [`Event::backend`]; a switch of primary is about the backend that
     /// lost the role too). None for a backend removed since (and not added
@@ -615,6 +628,9 @@ mod tests {
         assert_eq!(seqs, [0, 1, 999, 1000, 1001, 1002, 1003]);
         let recent: Vec<u64> = events.recent(3).iter().map(|r| r.seq).collect();
         assert_eq!(recent, [1001, 1002, 1003]);
+        let changes: Vec<u64> = events.recent_changes(2).iter().map(|r| r.seq).collect();
+        assert_eq!(changes, [1, 1002]);
+        assert_eq!(events.recent_changes(100).len(), 3);
         assert!(events.recent(0).is_empty());
         assert_eq!(events.recent(100).len(), 7);
         // Three changes more push the oldest change out, no failover.
