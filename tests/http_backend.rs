@@ -517,6 +517,33 @@ async fn an_http_probe_goes_under_the_backends_base_path() {
     assert_eq!(status.unwrap().status(), StatusCode::NOT_FOUND);
 }
 
+/// A backend of [`guarded`]: an `HttpBackend` behind passive health.
+type Guarded = tower_ha::health::Health<HttpBackend<Full<Bytes>>>;
+
+/// The stack of a proxy: failover over round robin over `backends`, each
+/// at `http://{addr}{base}` behind passive health that ejects after
+/// `failures` in a row; with its pool.
+fn guarded(
+    client: &HttpClient<Full<Bytes>>,
+    backends: &[(&'static str, SocketAddr)],
+    base: &str,
+    failures: u32,
+) -> (
+    Pool<Guarded>,
+    tower_ha::failover::Failover<Balance<Guarded, RoundRobin>>,
+) {
+    let health = HealthLayer::new().consecutive_failures(failures);
+    let pool = Pool::new();
+    for (id, addr) in backends {
+        let backend = HttpBackend::new(client, format!("http://{addr}{base}")).unwrap();
+        pool.insert(*id, health.layer(backend));
+    }
+    let service = ServiceBuilder::new()
+        .layer(FailoverLayer::new())
+        .service(Balance::new(pool.clone(), RoundRobin::new()));
+    (pool, service)
+}
+
 /// A request the backend refuses to send because of the request itself (a
 /// path that would leave the base path) is the client's fault: a 400, tried
 /// on no other backend whatever its method, and no backend's failure.
@@ -525,15 +552,7 @@ async fn a_hostile_path_is_a_bad_request_not_a_backend_failure() {
     let (a, a_accepted) = serve_counting().await;
     let (b, b_accepted) = serve_counting().await;
     let client = HttpClient::<Full<Bytes>>::new();
-    let health = HealthLayer::new().consecutive_failures(1);
-    let pool = Pool::new();
-    for (id, addr) in [("a", a), ("b", b)] {
-        let backend = HttpBackend::new(&client, format!("http://{addr}/base")).unwrap();
-        pool.insert(id, health.layer(backend));
-    }
-    let service = ServiceBuilder::new()
-        .layer(FailoverLayer::new())
-        .service(Balance::new(pool.clone(), RoundRobin::new()));
+    let (pool, service) = guarded(&client, &[("a", a), ("b", b)], "/base", 1);
     for method in [Method::GET, Method::POST, Method::GET, Method::POST] {
         let req = Request::builder()
             .method(method.clone())
@@ -566,31 +585,12 @@ async fn a_hostile_path_is_a_bad_request_not_a_backend_failure() {
     assert_eq!(b_accepted.load(Ordering::SeqCst), 1);
 }
 
+/// A 4 MiB body goes up and comes back whole. With the send timeout on
+/// (the default), the answer is handed out in pieces of at most 16 KiB, so
+/// that a slow reader is judged by how long it takes over one piece, not
+/// over what the connection read at once (about 500 KiB here).
 #[tokio::test]
-async fn large_bodies_stream_both_ways() {
-    let addr = serve().await;
-    let client = HttpClient::<Full<Bytes>>::new();
-    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
-    let big: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-    let resp = backend
-        .oneshot(
-            Request::put("/blob")
-                .body(Full::new(Bytes::from(big.clone())))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let prefix = b"PUT /blob|host=";
-    assert!(body.starts_with(prefix));
-    assert!(body.ends_with(&big), "the 4 MiB body came back intact");
-}
-
-/// With the send timeout on (the default), a large body is handed out in
-/// pieces of at most 16 KiB, so that a slow reader is judged by how long
-/// it takes over one piece, not over what the connection read at once.
-#[tokio::test]
-async fn with_a_send_timeout_large_frames_are_handed_out_in_pieces() {
+async fn large_bodies_stream_both_ways_and_come_back_in_pieces() {
     let addr = serve().await;
     let client = HttpClient::<Full<Bytes>>::new();
     let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
@@ -606,8 +606,9 @@ async fn with_a_send_timeout_large_frames_are_handed_out_in_pieces() {
         largest = largest.max(data.len());
         received.extend_from_slice(&data);
     }
-    assert!(largest <= 16 * 1024, "a frame of {largest} bytes");
+    assert!(received.starts_with(b"PUT /blob|host="));
     assert!(received.ends_with(&big), "the 4 MiB body came back intact");
+    assert!(largest <= 16 * 1024, "a frame of {largest} bytes");
     assert!(http_body::Body::is_end_stream(&body));
 }
 
@@ -1136,17 +1137,7 @@ async fn a_connection_is_reused_after_a_response_with_trailers() {
 async fn a_client_that_stops_reading_is_cut_off_by_the_send_timeout() {
     // The connection's timeout alone.
     let (state, balance) = big_answers(&HttpClient::new().send_timeout(None), false).await;
-    let (front, _) = accept_counting(move |stream, _| {
-        let balance = balance.clone();
-        async move {
-            let service = service_fn(move |req| balance.clone().oneshot(req));
-            let io = SendTimeout::new(stream, Duration::from_secs(1));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(io), service)
-                .await;
-        }
-    })
-    .await;
+    let front = http1_front_of(balance, Some(Duration::from_secs(1))).await;
     a_stalled_client_leaves_its_place(front, &state).await;
 }
 
@@ -1156,17 +1147,29 @@ async fn a_client_that_stops_reading_is_cut_off_by_the_send_timeout() {
 async fn a_client_that_stops_reading_is_cut_off_by_the_clients_send_timeout() {
     let client = HttpClient::new().send_timeout(Some(Duration::from_millis(500)));
     let (state, balance) = big_answers(&client, false).await;
+    let front = http1_front_of(balance, None).await;
+    a_stalled_client_leaves_its_place(front, &state).await;
+}
+
+/// An HTTP/1 server of `balance`, its connections over a [`SendTimeout`]
+/// of `send_timeout` when given.
+async fn http1_front_of(
+    balance: Balance<HttpBackend<Incoming>, RoundRobin>,
+    send_timeout: Option<Duration>,
+) -> SocketAddr {
     let (front, _) = accept_counting(move |stream, _| {
         let balance = balance.clone();
         async move {
             let service = service_fn(move |req| balance.clone().oneshot(req));
+            // Zero: no timeout.
+            let io = SendTimeout::new(stream, send_timeout.unwrap_or_default());
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(io), service)
                 .await;
         }
     })
     .await;
-    a_stalled_client_leaves_its_place(front, &state).await;
+    front
 }
 
 /// The size of [`big_answers`]'s responses: more than the sockets between
@@ -1716,6 +1719,23 @@ mod http2 {
     use super::*;
     use http_body_util::combinators::BoxBody;
 
+    /// An HTTP/2 client of `addr`, with prior knowledge, its connection
+    /// driven by a task of its own.
+    async fn h2_client<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+    where
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        sender
+    }
+
     /// Answers with what HTTP/2 delivered: version, target, `Host`.
     async fn h2_echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
         let host = req.headers().get("host").cloned();
@@ -1741,12 +1761,7 @@ mod http2 {
             }
         })
         .await;
-        let stream = TcpStream::connect(front).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
+        let mut sender = h2_client(front).await;
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
         let frames = futures::stream::unfold(rx, |mut rx| async move {
             let chunk = rx.recv().await?;
@@ -1987,12 +2002,7 @@ mod http2 {
             .send_timeout(Some(Duration::from_millis(500)));
         let (state, balance) = big_answers(&client, http2_backend).await;
         let (front, _) = serve_h2_with(service_fn(move |req| balance.clone().oneshot(req))).await;
-        let stream = TcpStream::connect(front).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
+        let mut sender = h2_client(front).await;
         let get = || {
             Request::get("http://front/")
                 .body(Full::<Bytes>::default())
@@ -2181,15 +2191,8 @@ mod http2 {
         let (draining, _) = serve_h2_with(grpc(true)).await;
         let (streaming, _) = serve_h2_with(grpc(false)).await;
         let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
-        let health = HealthLayer::new().consecutive_failures(2);
-        let pool = Pool::new();
-        for (name, addr) in [("draining", draining), ("streaming", streaming)] {
-            let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
-            pool.insert(name, health.layer(backend));
-        }
-        let service = ServiceBuilder::new()
-            .layer(FailoverLayer::new())
-            .service(Balance::new(pool.clone(), RoundRobin::new()));
+        let backends = [("draining", draining), ("streaming", streaming)];
+        let (pool, service) = guarded(&client, &backends, "", 2);
         let call = |retry: bool| {
             let mut req = Request::post("/pkg.Service/Method")
                 .header("content-type", "application/grpc")
