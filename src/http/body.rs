@@ -84,7 +84,7 @@ pub(super) struct Core {
 /// The most of a frame handed out at once while the send timeout watches:
 /// a reader is cut off only when it takes in less than this in the
 /// timeout, rather than less than whatever the connection read at once
-/// (up to about 400 KiB over HTTP/1).
+/// (about 500 KiB at times over HTTP/1).
 const PIECE: usize = 16 * 1024;
 
 impl ResponseBody {

@@ -571,7 +571,7 @@ where
     /// such clients could fill every backend's limit. Only that wait
     /// counts, one frame at a time, and with a send timeout a body hands
     /// its data out in frames of at most 16 KiB (the connection reads up
-    /// to about 400 KiB at once): a slow client that keeps reading is not
+    /// to about 500 KiB at once): a slow client that keeps reading is not
     /// cut off as long as it takes in 16 KiB within the timeout (about
     /// 270 bytes a second with 60 s). Nor is a body waiting for its backend
     /// (the [`read_timeout`](Self::read_timeout) bounds that), nor one
