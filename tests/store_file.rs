@@ -815,28 +815,8 @@ mod generated {
     //! Keys, data and record files of any content.
 
     use super::*;
+    use crate::support::json_values;
     use proptest::prelude::*;
-    use serde_json::Value;
-
-    fn values() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            any::<u64>().prop_map(Value::from),
-            any::<f64>()
-                .prop_filter("finite", |f| f.is_finite())
-                .prop_map(Value::from),
-            any::<String>().prop_map(Value::from),
-        ];
-        leaf.prop_recursive(3, 16, 3, |inner| {
-            prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
-                proptest::collection::btree_map(any::<String>(), inner, 0..3)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
-    }
 
     /// Keys of any characters, path separators, dot segments and names too
     /// long to encode included.
@@ -849,7 +829,7 @@ mod generated {
     }
 
     fn sessions() -> impl Strategy<Value = Session> {
-        (keys(), any::<String>(), values())
+        (keys(), any::<String>(), json_values::values(3, 3))
             .prop_map(|(key, backend, data)| Session::new(key, backend.into()).with_data(data))
     }
 

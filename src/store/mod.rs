@@ -391,6 +391,10 @@ mod unix_millis {
 }
 
 #[cfg(test)]
+#[path = "../../tests/support/json_values.rs"]
+mod json_values;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -412,25 +416,9 @@ mod tests {
         use proptest::prelude::*;
         use serde_json::Value;
 
-        /// Any JSON value, nested a few levels.
+        /// Any JSON value, nested up to four levels.
         pub(crate) fn values() -> impl Strategy<Value = Value> {
-            let leaf = prop_oneof![
-                Just(Value::Null),
-                any::<bool>().prop_map(Value::from),
-                any::<i64>().prop_map(Value::from),
-                any::<u64>().prop_map(Value::from),
-                any::<f64>()
-                    .prop_filter("finite", |f| f.is_finite())
-                    .prop_map(Value::from),
-                any::<String>().prop_map(Value::from),
-            ];
-            leaf.prop_recursive(4, 32, 4, |inner| {
-                prop_oneof![
-                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-                    proptest::collection::btree_map(any::<String>(), inner, 0..4)
-                        .prop_map(|m| Value::Object(m.into_iter().collect())),
-                ]
-            })
+            super::super::json_values::values(4, 4)
         }
 
         /// `leaf` inside `depth` arrays and objects, alternately.

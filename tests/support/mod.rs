@@ -45,6 +45,7 @@ pub mod gate;
 pub mod health_http;
 pub mod health_mock;
 pub mod http;
+pub mod json_values;
 pub mod lines;
 pub mod ports;
 #[cfg(feature = "redis")]
