@@ -259,13 +259,15 @@ impl Default for HealthCheckConfig {
     /// after 3 failing, a passing probe ending a passive ejection, and no
     /// path.
     fn default() -> Self {
+        // The checker's own defaults.
+        let checker = crate::health::CheckConfig::default();
         HealthCheckConfig {
             path: None,
-            interval: Duration::from_secs(2),
-            timeout: Duration::from_secs(1),
-            healthy_threshold: 2,
-            unhealthy_threshold: 3,
-            lift_ejections: true,
+            interval: checker.interval,
+            timeout: checker.timeout,
+            healthy_threshold: checker.rise,
+            unhealthy_threshold: checker.fall,
+            lift_ejections: checker.lift_ejections,
         }
     }
 }

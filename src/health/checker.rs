@@ -21,20 +21,21 @@ use crate::error::BoxError;
 use crate::pool::{Pool, Rebuild, Snapshot, StartUnhealthy};
 use crate::time::SHORTEST;
 
-/// The active checking settings.
+/// The active checking settings (their defaults are also a configuration
+/// file's).
 #[derive(Debug, Clone, Copy)]
-struct CheckConfig {
-    interval: Duration,
+pub(crate) struct CheckConfig {
+    pub(crate) interval: Duration,
     unhealthy_interval: Option<Duration>,
-    timeout: Duration,
+    pub(crate) timeout: Duration,
     jitter: Duration,
-    rise: u32,
-    fall: u32,
+    pub(crate) rise: u32,
+    pub(crate) fall: u32,
     turned_off_after: Option<Duration>,
     removed_after: Option<Duration>,
     slow_start: Option<SlowStart>,
     start_unhealthy: bool,
-    lift_ejections: bool,
+    pub(crate) lift_ejections: bool,
 }
 
 impl Default for CheckConfig {
