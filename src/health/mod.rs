@@ -103,8 +103,8 @@ mod probe;
 mod service;
 mod slow_start;
 
-pub use checker::{CheckerHandle, HealthChecker};
 pub(crate) use checker::CheckConfig;
+pub use checker::{CheckerHandle, HealthChecker};
 pub use error::{NoAddress, NotServing, ProbePanicked, ProbeTimeout, UnexpectedStatus};
 pub use grpc::GrpcProbe;
 pub use layer::HealthLayer;

@@ -776,6 +776,11 @@ fn attribute<'a>(attr: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
 mod tests {
     use super::*;
 
+    /// Reads `value` as the layer's cookie and verifies it with `c`.
+    fn verify(c: &CookieInsert, value: &[u8]) -> Result<(BackendId, bool), Invalid> {
+        Parsed::new(value).and_then(|p| c.verify(&p))
+    }
+
     fn cookie() -> CookieInsert {
         CookieInsert::new("srv", [1u8; 32])
     }
@@ -830,15 +835,22 @@ mod tests {
         let (head, tag) = value.rsplit_once('.').unwrap();
         let (sid_part, _) = head.split_once('.').unwrap();
         let forged = format!("{sid_part}.{}.{tag}", URL_SAFE_NO_PAD.encode("node-b"));
-        let verify =
-            |c: &CookieInsert, v: &str| Parsed::new(v.as_bytes()).and_then(|p| c.verify(&p));
-        assert_eq!(verify(&c, &forged).unwrap_err(), Invalid::Signature);
+        assert_eq!(
+            verify(&c, forged.as_bytes()).unwrap_err(),
+            Invalid::Signature
+        );
         // Another secret.
         let other = CookieInsert::new("srv", [2u8; 32]);
-        assert_eq!(verify(&other, &value).unwrap_err(), Invalid::Signature);
+        assert_eq!(
+            verify(&other, value.as_bytes()).unwrap_err(),
+            Invalid::Signature
+        );
         // Another cookie name with the same secret.
         let renamed = CookieInsert::new("other", [1u8; 32]);
-        assert_eq!(verify(&renamed, &value).unwrap_err(), Invalid::Signature);
+        assert_eq!(
+            verify(&renamed, value.as_bytes()).unwrap_err(),
+            Invalid::Signature
+        );
         for bad in [
             "",
             "a.b.c",
@@ -847,7 +859,7 @@ mod tests {
             &"a".repeat(5000),
             &format!("{value}x"),
         ] {
-            assert!(verify(&c, bad).is_err(), "{bad:?} accepted");
+            assert!(verify(&c, bad.as_bytes()).is_err(), "{bad:?} accepted");
         }
     }
 
@@ -1269,10 +1281,6 @@ mod tests {
                 (1usize..=MAX_BACKEND_ID / 4).prop_map(|n| "\u{1F980}".repeat(n)),
             ]
             .prop_filter("at most 768 bytes", |id| id.len() <= MAX_BACKEND_ID)
-        }
-
-        fn verify(c: &CookieInsert, value: &[u8]) -> Result<(BackendId, bool), Invalid> {
-            Parsed::new(value).and_then(|p| c.verify(&p))
         }
 
         proptest! {

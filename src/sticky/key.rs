@@ -377,8 +377,7 @@ mod tests {
                 proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
                 (0usize..1_000, proptest::prelude::any::<u8>()).prop_map(|(n, b)| vec![b; n]),
                 "\\PC{0,200}".prop_map(String::into_bytes),
-            ]
-            .prop_map(|bytes: Vec<u8>| bytes),
+            ],
         ) {
             match text_key(&bytes) {
                 Extracted::Key(key) => {
