@@ -1,5 +1,4 @@
 use std::fmt;
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -238,33 +237,23 @@ impl Body for ResponseBody {
                 frame
             }
             Held::Watched(watch) => {
+                let stalls = (this.waits.stalls.as_ref()).expect("only a send timeout watches");
                 let mut held = watch.polled();
                 let Some(core) = held.as_mut() else {
-                    let timeout = this
-                        .waits
-                        .stalls
-                        .as_ref()
-                        .map(|s| s.timeout())
-                        .unwrap_or_default();
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "the response's reader took nothing of it for the send timeout \
-                             ({timeout:?})"
-                        ),
+                    return Poll::Ready(Some(Err(timeout::timed_out_for(
+                        "the response's reader took nothing of it",
+                        "send",
+                        stalls.timeout(),
                     )
                     .into())));
                 };
                 let frame = core.poll_frame(this.waits.read_timeout, true, cx);
                 if core.waits_for_more(&frame) {
-                    if let Some(stalls) = &this.waits.stalls {
-                        watch.handed_out(stalls);
-                    }
+                    watch.handed_out(stalls);
                 }
                 frame
             }
-            // Only between two statements of a poll: never seen.
-            Held::Moving => Poll::Ready(Some(Err("the response body was lost".into()))),
+            Held::Moving => unreachable!("a body is moved between two statements of a poll"),
         }
     }
 

@@ -1358,8 +1358,8 @@ fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
         {
             return None;
         }
-        let value = std::str::from_utf8(parameter[eq + 1..].trim_ascii_start()).ok()?;
-        value.trim_matches('"').parse().ok()
+        let value = crate::key::unquote(parameter[eq + 1..].trim_ascii_start());
+        std::str::from_utf8(value).ok()?.parse().ok()
     })
 }
 

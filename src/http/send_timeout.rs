@@ -122,9 +122,10 @@ impl Stall {
         }
         let since = timeout::start(&mut self.timer, &mut self.since, self.timeout);
         std::task::ready!(timeout::passed(&mut self.timer, since, self.timeout, cx));
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the client took nothing sent to it for {:?}", self.timeout),
+        Poll::Ready(Err(timeout::timed_out_for(
+            "the client took nothing sent to it",
+            "send",
+            self.timeout,
         )))
     }
 }

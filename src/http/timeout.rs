@@ -444,9 +444,15 @@ where
 
 /// The error of a read timeout that passed: `what` happened for `timeout`.
 pub(super) fn timed_out(what: &str, timeout: Duration) -> io::Error {
+    timed_out_for(what, "read", timeout)
+}
+
+/// The error of the `which` timeout that passed: `what` happened for
+/// `timeout`.
+pub(super) fn timed_out_for(what: &str, which: &str, timeout: Duration) -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
-        format!("{what} for the read timeout ({timeout:?})"),
+        format!("{what} for the {which} timeout ({timeout:?})"),
     )
 }
 
