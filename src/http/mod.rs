@@ -148,6 +148,7 @@ mod http2;
 mod pool;
 mod send_timeout;
 mod stall;
+mod sweep;
 mod timeout;
 mod tunnel;
 

@@ -36,6 +36,7 @@ use tower_service::Service;
 use super::body::{BodyStalls, ResponseBody, Waits};
 #[cfg(feature = "http2")]
 use super::http2::Http2;
+use super::sweep::{self, Swept};
 use super::timeout::{self, Failed, Sent, Timer, Upload, Written};
 use super::{Handover, Received, Settings};
 use crate::backend::BackendState;
@@ -559,42 +560,15 @@ impl<B> Upstream<B> {
         };
         idle.swept = true;
         drop(idle);
-        // Spawned with the lock gone: a runtime shutting down drops the
-        // sweep at once, and its guard takes the lock.
-        let sweeping = Sweeping {
-            upstream: Arc::downgrade(self),
-            ended: false,
-        };
-        runtime.spawn(sweep(sweeping, crate::time::later(now, life)));
+        sweep::spawn(&runtime, self, crate::time::later(now, life));
     }
 }
 
-/// Lets the next checkin start a sweep again should this one be dropped
-/// before its end, also before it first ran (its runtime shut down).
-struct Sweeping<B> {
-    upstream: Weak<Upstream<B>>,
-    ended: bool,
-}
-
-impl<B> Drop for Sweeping<B> {
-    fn drop(&mut self) {
-        if let Some(upstream) = self.upstream.upgrade().filter(|_| !self.ended) {
-            upstream.idle.lock().swept = false;
-        }
-    }
-}
-
-/// Closes an upstream's idle connections as their idle timeout passes,
-/// from `next` on; ends when none is left idle or the upstream is gone.
-async fn sweep<B>(mut sweeping: Sweeping<B>, mut next: Instant) {
-    loop {
-        tokio::time::sleep_until(next).await;
-        let Some(upstream) = sweeping.upstream.upgrade() else {
-            return;
-        };
-        let now = Instant::now();
-        let mut idle = upstream.idle.lock();
-        // Those the backend closed go too (a checkout passes them by).
+/// Closes an upstream's idle connections as their idle timeout passes;
+/// those the backend closed go too (a checkout passes them by).
+impl<B: Send + 'static> Swept for Upstream<B> {
+    fn round(&self, now: Instant) -> Option<Instant> {
+        let mut idle = self.idle.lock();
         idle.stack
             .retain(|i| !i.expired(now) && !i.sender.is_closed());
         let first_to_expire = idle
@@ -602,16 +576,16 @@ async fn sweep<B>(mut sweeping: Sweeping<B>, mut next: Instant) {
             .iter()
             .map(|i| crate::time::later(i.since, i.life))
             .min();
-        match first_to_expire {
-            Some(at) => next = at,
-            None => {
-                // Ended under the lock a checkin takes: one that comes
-                // next starts a new sweep.
-                idle.swept = false;
-                sweeping.ended = true;
-                return;
-            }
+        if first_to_expire.is_none() {
+            // Ended under the lock a checkin takes: one that comes next
+            // starts a new sweep.
+            idle.swept = false;
         }
+        first_to_expire
+    }
+
+    fn stopped(&self) {
+        self.idle.lock().swept = false;
     }
 }
 

@@ -11,11 +11,15 @@
 //! holds once the body has waited for the timeout.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
 use tokio::time::Instant;
+
+use super::sweep::{self, Swept};
+use super::timeout::{from_nanos, to_nanos};
+use crate::time::{elapsed, later, SHORTEST};
 
 /// The response bodies of one client that wait for their readers, and
 /// whether a task watches them; what a body holds is a `T` (a
@@ -29,7 +33,7 @@ pub(super) struct Stalls<T> {
 
 struct Watched<T> {
     bodies: Vec<Arc<Watch<T>>>,
-    /// A task watches `bodies` (set and cleared under this lock).
+    /// A task watches `bodies` (see the `sweep` module).
     sweeping: bool,
 }
 
@@ -38,9 +42,9 @@ struct Watched<T> {
 pub(super) struct Watch<T> {
     /// What the body holds; `None` once the timeout took it.
     held: Mutex<Option<T>>,
-    /// Milliseconds from the epoch of [`Stalls`], plus one, at which the
-    /// body handed out a frame and has not been polled since; 0 while it is
-    /// not waiting for its reader.
+    /// When the body handed out a frame and has not been polled since, as
+    /// [`to_nanos`] from the epoch of [`Stalls`]; 0 while it is not
+    /// waiting for its reader.
     out_since: AtomicU64,
 }
 
@@ -62,19 +66,18 @@ impl<T> Stalls<T> {
         self.timeout
     }
 
-    /// Milliseconds since the epoch, plus one (never 0).
-    fn now(&self) -> u64 {
-        let elapsed = Instant::now().saturating_duration_since(self.epoch);
-        u64::try_from(elapsed.as_millis())
-            .unwrap_or(u64::MAX - 1)
-            .saturating_add(1)
-    }
-
     /// How often the bodies are looked at: a body is given up between the
     /// timeout and the timeout and a quarter (a second at most) after its
     /// reader left it.
     fn tick(&self) -> Duration {
-        (self.timeout / 4).clamp(Duration::from_millis(1), Duration::from_secs(1))
+        (self.timeout / 4).clamp(SHORTEST, Duration::from_secs(1))
+    }
+
+    /// Whether the reader of `watch` has left its frame for the timeout at
+    /// `now`.
+    fn is_stale(&self, watch: &Watch<T>, now: Instant) -> bool {
+        from_nanos(self.epoch, watch.out_since.load(Ordering::Relaxed))
+            .is_some_and(|since| elapsed(since, now, self.timeout))
     }
 }
 
@@ -85,36 +88,27 @@ impl<T: Send + 'static> Stalls<T> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Err(held);
         };
+        let now = Instant::now();
         let watch = Arc::new(Watch {
             held: Mutex::new(Some(held)),
-            out_since: AtomicU64::new(self.now()),
+            out_since: AtomicU64::new(to_nanos(self.epoch, now)),
         });
         let mut watched = self.watched.lock();
         watched.bodies.push(watch.clone());
         if !watched.sweeping {
             watched.sweeping = true;
             drop(watched);
-            // Spawned with the lock gone: a runtime shutting down drops
-            // the sweep at once, and its guard takes the lock.
-            let sweeping = Sweeping {
-                stalls: Arc::downgrade(self),
-                ended: false,
-            };
-            runtime.spawn(sweep(sweeping, self.tick()));
+            sweep::spawn(&runtime, self, later(now, self.tick()));
         }
         Ok(watch)
     }
+}
 
-    /// Drops what the bodies that have waited for the timeout hold, and
-    /// forgets the bodies dropped; whether any is left to watch. The list
-    /// is walked without the lock that bodies take to join it.
-    fn sweep(&self) -> bool {
-        let now = self.now();
-        let timeout = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
-        let stale = |watch: &Watch<T>| {
-            let since = watch.out_since.load(Ordering::Relaxed);
-            since != 0 && now.saturating_sub(since) >= timeout
-        };
+/// Drops what the bodies that have waited for the timeout hold, and
+/// forgets the bodies dropped. The list is walked without the lock that
+/// bodies take to join it.
+impl<T: Send + 'static> Swept for Stalls<T> {
+    fn round(&self, now: Instant) -> Option<Instant> {
         let mut bodies = std::mem::take(&mut self.watched.lock().bodies);
         let mut cut = Vec::new();
         bodies.retain(|watch| {
@@ -122,13 +116,13 @@ impl<T: Send + 'static> Stalls<T> {
             if Arc::strong_count(watch) == 1 {
                 return false;
             }
-            if !stale(watch) {
+            if !self.is_stale(watch, now) {
                 return true;
             }
             // A poll holds this lock: once it is taken, a reader that came
             // back meanwhile shows.
             let mut held = watch.held.lock();
-            if !stale(watch) {
+            if !self.is_stale(watch, now) {
                 return true;
             }
             cut.extend(held.take());
@@ -143,11 +137,12 @@ impl<T: Send + 'static> Stalls<T> {
         } else {
             watched.bodies.append(&mut bodies);
         }
-        let left = !watched.bodies.is_empty();
-        if !left {
-            watched.sweeping = false;
-        }
-        left
+        watched.sweeping = !watched.bodies.is_empty();
+        watched.sweeping.then(|| later(now, self.tick()))
+    }
+
+    fn stopped(&self) {
+        self.watched.lock().sweeping = false;
     }
 }
 
@@ -166,39 +161,8 @@ impl<T> Watch<T> {
 
     /// Notes that the body handed out a frame, and waits for its reader.
     pub(super) fn handed_out(&self, stalls: &Stalls<T>) {
-        self.out_since.store(stalls.now(), Ordering::Relaxed);
-    }
-}
-
-/// Lets the next body start a sweep again should this one be dropped
-/// before its end, also before it first ran (its runtime shut down).
-struct Sweeping<T> {
-    stalls: Weak<Stalls<T>>,
-    ended: bool,
-}
-
-impl<T> Drop for Sweeping<T> {
-    fn drop(&mut self) {
-        if let Some(stalls) = self.stalls.upgrade().filter(|_| !self.ended) {
-            stalls.watched.lock().sweeping = false;
-        }
-    }
-}
-
-/// Looks at the watched bodies every `tick`; ends when none is left or the
-/// client is gone.
-async fn sweep<T: Send + 'static>(mut sweeping: Sweeping<T>, tick: Duration) {
-    loop {
-        tokio::time::sleep(tick).await;
-        let Some(stalls) = sweeping.stalls.upgrade() else {
-            return;
-        };
-        if !stalls.sweep() {
-            // Ended under the lock a new body takes: one that comes next
-            // starts a new sweep.
-            sweeping.ended = true;
-            return;
-        }
+        let now = to_nanos(stalls.epoch, Instant::now());
+        self.out_since.store(now, Ordering::Relaxed);
     }
 }
 

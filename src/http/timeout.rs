@@ -50,6 +50,18 @@ pub(super) fn from_http1(sent: &Sent) -> bool {
     sent.as_ref().is_some_and(|p| p.from_http1)
 }
 
+/// `at` as the nanoseconds since `base`, at least 1, for an `AtomicU64`
+/// in which 0 stands for no instant (see [`from_nanos`]).
+pub(super) fn to_nanos(base: Instant, at: Instant) -> u64 {
+    let nanos = at.saturating_duration_since(base).as_nanos();
+    u64::try_from(nanos).unwrap_or(u64::MAX).max(1)
+}
+
+/// The instant [`to_nanos`] gave as `nanos` from `base`; `None` for 0.
+pub(super) fn from_nanos(base: Instant, nanos: u64) -> Option<Instant> {
+    (nanos != 0).then(|| later(base, Duration::from_nanos(nanos)))
+}
+
 /// When a connection last wrote to its backend, noted by its stream: an
 /// upload that hyper took whole (a body in one large frame) still moves
 /// while its bytes go out, as fast as the backend reads them. And whether
@@ -86,16 +98,13 @@ impl Written {
     /// Notes a write that took some bytes.
     #[inline]
     pub(super) fn wrote(&self) {
-        let nanos = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last.store(nanos.max(1), Ordering::Relaxed);
+        let nanos = to_nanos(self.opened, Instant::now());
+        self.last.store(nanos, Ordering::Relaxed);
     }
 
     /// When the connection last wrote, if it has.
     fn last(&self) -> Option<Instant> {
-        match self.last.load(Ordering::Relaxed) {
-            0 => None,
-            nanos => Some(later(self.opened, Duration::from_nanos(nanos))),
-        }
+        from_nanos(self.opened, self.last.load(Ordering::Relaxed))
     }
 }
 
