@@ -319,10 +319,6 @@ impl<S> Rebuild<S> for Changed {
     }
 }
 
-/// How many probes the checker starts before it lets the worker's other
-/// tasks run (each start spawns a task: a few microseconds).
-const PROBES_PER_TURN: usize = 128;
-
 /// What the checker knows about one backend.
 #[derive(Debug)]
 struct Entry {
@@ -705,14 +701,7 @@ where
             {
                 due.push(next.0);
             }
-            let mut started = 0usize;
             for (at, serial, id) in due.drain(..) {
-                if started == PROBES_PER_TURN {
-                    // Thousands of backends fall due at once at the start:
-                    // the worker's other tasks get a turn between batches.
-                    started = 0;
-                    tokio::task::yield_now().await;
-                }
                 let Some(entry) = self.entries.get_mut(&id) else {
                     continue;
                 };
@@ -768,7 +757,10 @@ where
                     });
                     running.insert(handle.id(), (id.clone(), entry.serial));
                     entry.probe = Some(handle);
-                    started += 1;
+                    // Thousands of backends fall due at once at the start:
+                    // the worker's other tasks get a turn when this task's
+                    // budget (128 such starts at most) runs out.
+                    tokio::task::consume_budget().await;
                 }
                 entry.schedule(&id, &self.config, &mut self.queue);
             }
@@ -925,6 +917,8 @@ mod tests {
     /// among them) run in between.
     #[tokio::test(start_paused = true)]
     async fn probes_due_at_once_start_in_batches() {
+        // What tokio lets one task do in a turn.
+        const COOP_BUDGET: u64 = 128;
         let pool = Pool::new();
         for i in 0..1000 {
             pool.insert(format!("b{i}"), ());
@@ -948,7 +942,7 @@ mod tests {
         checker.shutdown().await;
         let alive = alive.load(Ordering::Relaxed);
         assert!(
-            alive <= PROBES_PER_TURN as u64 + 2,
+            alive <= COOP_BUDGET + 2,
             "{alive} tasks alive at the first probe"
         );
     }
