@@ -562,18 +562,6 @@ pub struct Refusals {
     pub queue_timeouts: u64,
 }
 
-impl Refusals {
-    /// Each count, with its name as a metric's label.
-    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    pub(crate) fn by_reason(&self) -> [(&'static str, u64); 3] {
-        [
-            ("unavailable", self.unavailable),
-            ("at_limit", self.at_limit),
-            ("queue_timeout", self.queue_timeouts),
-        ]
-    }
-}
-
 impl<S: Clone> Pool<S> {
     /// Adds a backend with weight 1, or replaces the service of an existing
     /// backend with the same id (keeping its state and weight).

@@ -449,28 +449,26 @@ where
     }
 }
 
+/// The value of the first `name=` parameter of `query`, if any.
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
 fn limit_param(query: Option<&str>) -> Result<usize, String> {
-    let Some(query) = query else {
-        return Ok(100);
-    };
-    for pair in query.split('&') {
-        if let Some(value) = pair.strip_prefix("limit=") {
-            return value
-                .parse()
-                .map_err(|_| format!("`limit` must be a number, not `{value}`"));
-        }
+    match query_param(query, "limit") {
+        None => Ok(100),
+        Some(value) => value
+            .parse()
+            .map_err(|_| format!("`limit` must be a number, not `{value}`")),
     }
-    Ok(100)
 }
 
 /// Whether `kind=changes` asks for the changes of backends and groups
 /// only; `kind=all` (or none) for every event.
 fn changes_param(query: Option<&str>) -> Result<bool, String> {
-    let kind = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|pair| pair.strip_prefix("kind="));
-    match kind {
+    match query_param(query, "kind") {
         None | Some("all") => Ok(false),
         Some("changes") => Ok(true),
         Some(other) => Err(format!("`kind` must be `all` or `changes`, not `{other}`")),

@@ -10,6 +10,7 @@ use super::handle::{GroupMode, Handle};
 use super::stats::GroupStats;
 use crate::backend::BackendId;
 use crate::failover::FailoverStats;
+use crate::pool::Refusals;
 use crate::serial::Serial;
 use crate::sticky::StickyStats;
 use crate::time::elapsed;
@@ -264,6 +265,15 @@ fn sticky_counts(s: &StickyStats) -> [(&'static str, u64); 10] {
         ("tower_ha_sticky_expired_total", s.expired),
         ("tower_ha_sticky_evicted_total", s.evicted),
         ("tower_ha_sticky_strict_refusals_total", s.strict_refusals),
+    ]
+}
+
+/// A group's refusals by reason, each named as its label.
+fn refusal_counts(r: &Refusals) -> [(&'static str, u64); 3] {
+    [
+        ("unavailable", r.unavailable),
+        ("at_limit", r.at_limit),
+        ("queue_timeout", r.queue_timeouts),
     ]
 }
 
@@ -531,9 +541,7 @@ fn publish_group(
     }
     metrics::gauge!("tower_ha_group_queued_requests", &labels).set(group.queued as f64);
     let new = unseen.holds(group.pool);
-    for ((reason, now), counted) in group
-        .refusals
-        .by_reason()
+    for ((reason, now), counted) in refusal_counts(&group.refusals)
         .into_iter()
         .zip(&mut last.refusals)
     {
