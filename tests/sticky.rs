@@ -27,6 +27,7 @@ use tower_ha::store::{
 };
 use tower_ha::{AdminStatus, BackendError, BackendId, BoxError, HealthStatus, Pool};
 
+use support::down::Down;
 use support::gate::Gated;
 use support::wait::{bounded_real, spin_until};
 
@@ -2593,25 +2594,6 @@ async fn concurrent_first_requests_bind_a_session_once() {
     assert_eq!(layer.session("s1").unwrap().backend.as_str(), "b");
     assert_eq!(stored_backend(&store, "s1").await, "b");
     assert_eq!(layer.stats().created, 1);
-}
-
-/// A store whose every call fails.
-#[derive(Clone)]
-struct Down;
-
-impl SessionStore for Down {
-    fn load_all(&self) -> StoreFuture<'_, Loaded> {
-        Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) })
-    }
-    fn load<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Option<Session>> {
-        Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) })
-    }
-    fn save<'a>(&'a self, _: &'a Session) -> StoreFuture<'a, ()> {
-        Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) })
-    }
-    fn delete<'a>(&'a self, _: &'a [String]) -> StoreFuture<'a, ()> {
-        Box::pin(async { Err(tower_ha::store::StoreError::unavailable("down")) })
-    }
 }
 
 #[tokio::test]

@@ -11,28 +11,10 @@ use http::{Request, Response};
 use tower::{Layer, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::sticky::{SessionKey, StickyLayer};
-use tower_ha::store::{Loaded, Session, SessionStore, StoreError, StoreFuture};
 use tower_ha::{BoxError, Pool};
 
+use support::down::Down;
 use support::tracing_capture::Capture;
-
-/// A store whose every call fails.
-struct Down;
-
-impl SessionStore for Down {
-    fn load_all(&self) -> StoreFuture<'_, Loaded> {
-        Box::pin(async { Err(StoreError::unavailable("down")) })
-    }
-    fn load<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Option<Session>> {
-        Box::pin(async { Err(StoreError::unavailable("down")) })
-    }
-    fn save<'a>(&'a self, _: &'a Session) -> StoreFuture<'a, ()> {
-        Box::pin(async { Err(StoreError::unavailable("down")) })
-    }
-    fn delete<'a>(&'a self, _: &'a [String]) -> StoreFuture<'a, ()> {
-        Box::pin(async { Err(StoreError::unavailable("down")) })
-    }
-}
 
 /// A store that is down fails a call a request: the layer warns of the
 /// first, then of one every ten seconds with the count it held back, and

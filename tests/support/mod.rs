@@ -41,6 +41,7 @@ macro_rules! pass_on {
 
 pub mod chaos_http;
 pub mod deferred;
+pub mod down;
 pub mod gate;
 pub mod health_http;
 pub mod health_mock;
