@@ -939,18 +939,17 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let front = accept_counting(move |stream, _| {
-        let backend = backend.clone();
-        async move {
-            let service = service_fn(move |req| backend.clone().oneshot(req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        }
-    })
-    .await
-    .0;
-    let stream = TcpStream::connect(front).await.unwrap();
+    http1_client(http1_front_of(backend, None).await).await
+}
+
+/// An HTTP/1 client of `addr`, its connection driven by a task of its own.
+async fn http1_client<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
@@ -981,7 +980,7 @@ async fn trailers_pass_both_ways() {
             sent.insert("x-response-sum", http::HeaderValue::from_static("2"));
             Ok::<_, Infallible>(
                 Response::builder()
-                    .header("trailer", format!("x-response-sum, {HOSTILE}"))
+                    .header("trailer", format!("x-response-sum, {}", hostile_names()))
                     .body(with_trailers(body, sent))
                     .unwrap(),
             )
@@ -995,18 +994,19 @@ async fn trailers_pass_both_ways() {
     let client = HttpClient::<Incoming>::new();
     let backend = HttpBackend::new(&client, format!("http://{backend_addr}")).unwrap();
     let mut sender = http1_front(backend).await;
+    let hostile = hostile_names();
     let mut sent = hostile_fields();
     sent.insert("x-request-sum", http::HeaderValue::from_static("1"));
     let req = Request::post("/")
         .header("host", "front.example")
         .header("te", "trailers")
-        .header("trailer", format!("x-request-sum, {HOSTILE}"))
+        .header("trailer", format!("x-request-sum, {hostile}"))
         .body(with_trailers("payload", sent))
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(
         resp.headers()["trailer"],
-        format!("x-response-sum, {HOSTILE}").as_str()
+        format!("x-response-sum, {hostile}").as_str()
     );
     let collected = resp.into_body().collect().await.unwrap();
     let trailers = collected
@@ -1018,31 +1018,35 @@ async fn trailers_pass_both_ways() {
     assert_eq!(
         collected.to_bytes(),
         format!(
-            "announced=Some(\"x-request-sum, {HOSTILE}\")|names=[\"x-request-sum\"]|sum=Some(\"1\")"
+            "announced=Some(\"x-request-sum, {hostile}\")|names=[\"x-request-sum\"]|sum=Some(\"1\")"
         )
     );
 }
-
-/// The names of [`hostile_fields`].
-const HOSTILE: &str =
-    "connection, x-hop, keep-alive, proxy-authorization, proxy-authenticate, x-forwarded-for, forwarded, via";
 
 /// Trailer fields that a head is cleaned of: hop-by-hop ones, one that
 /// `Connection` names, and those proxies set. (hyper's HTTP/1 side drops
 /// `Host`, `Content-Length`, `TE` and `Transfer-Encoding` from trailers
 /// itself.)
+const HOSTILE_FIELDS: [(&str, &str); 8] = [
+    ("connection", "x-hop"),
+    ("x-hop", "1"),
+    ("keep-alive", "timeout=5"),
+    ("proxy-authorization", "Basic c2VjcmV0"),
+    ("proxy-authenticate", "Basic"),
+    ("x-forwarded-for", "6.6.6.6"),
+    ("forwarded", "for=6.6.6.6"),
+    ("via", "1.1 forged"),
+];
+
+/// The names of [`HOSTILE_FIELDS`], as a `Trailer` field lists them.
+fn hostile_names() -> String {
+    HOSTILE_FIELDS.map(|(name, _)| name).join(", ")
+}
+
+/// [`HOSTILE_FIELDS`], as trailers.
 fn hostile_fields() -> http::HeaderMap {
     let mut map = http::HeaderMap::new();
-    for (name, value) in [
-        ("connection", "x-hop"),
-        ("x-hop", "1"),
-        ("keep-alive", "timeout=5"),
-        ("proxy-authorization", "Basic c2VjcmV0"),
-        ("proxy-authenticate", "Basic"),
-        ("x-forwarded-for", "6.6.6.6"),
-        ("forwarded", "for=6.6.6.6"),
-        ("via", "1.1 forged"),
-    ] {
+    for (name, value) in HOSTILE_FIELDS {
         map.insert(name, http::HeaderValue::from_static(value));
     }
     map
@@ -1151,16 +1155,22 @@ async fn a_client_that_stops_reading_is_cut_off_by_the_clients_send_timeout() {
     a_stalled_client_leaves_its_place(front, &state).await;
 }
 
-/// An HTTP/1 server of `balance`, its connections over a [`SendTimeout`]
+/// An HTTP/1 server of `proxy`, its connections over a [`SendTimeout`]
 /// of `send_timeout` when given.
-async fn http1_front_of(
-    balance: Balance<HttpBackend<Incoming>, RoundRobin>,
-    send_timeout: Option<Duration>,
-) -> SocketAddr {
+async fn http1_front_of<S>(proxy: S, send_timeout: Option<Duration>) -> SocketAddr
+where
+    S: tower::Service<Request<Incoming>, Response = Response<tower_ha::http::ResponseBody>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+{
     let (front, _) = accept_counting(move |stream, _| {
-        let balance = balance.clone();
+        let proxy = proxy.clone();
         async move {
-            let service = service_fn(move |req| balance.clone().oneshot(req));
+            let service = service_fn(move |req| proxy.clone().oneshot(req));
             // Zero: no timeout.
             let io = SendTimeout::new(stream, send_timeout.unwrap_or_default());
             let _ = hyper::server::conn::http1::Builder::new()
@@ -1230,12 +1240,8 @@ async fn a_stalled_client_leaves_its_place(front: SocketAddr, state: &tower_ha::
     support::wait::spin_until("the answer holds the slot", || state.in_flight() == 1).await;
     support::wait::spin_until("the slot comes back", || state.in_flight() == 0).await;
     // The next client is served.
-    let stream = TcpStream::connect(front).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let resp = http1_client(front)
         .await
-        .unwrap();
-    tokio::spawn(connection);
-    let resp = sender
         .send_request(Request::get("/").body(Full::<Bytes>::default()).unwrap())
         .await
         .unwrap();
@@ -1751,16 +1757,7 @@ mod http2 {
         let (addr, _) = serve_refusing_uploads().await;
         let client = HttpClient::<Incoming>::new();
         let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
-        let (front, _) = accept_counting(move |stream, _| {
-            let backend = backend.clone();
-            async move {
-                let service = service_fn(move |req| backend.clone().oneshot(req));
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            }
-        })
-        .await;
+        let (front, _) = serve_h2_with(service_fn(move |req| backend.clone().oneshot(req))).await;
         let mut sender = h2_client(front).await;
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
         let frames = futures::stream::unfold(rx, |mut rx| async move {
