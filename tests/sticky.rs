@@ -4910,7 +4910,7 @@ mod generated {
                     header.push(text);
                 }
                 if oversized {
-                    header.push(format!("filler={}", "x".repeat(MAX_COOKIE_HEADER_BYTES)));
+                    header.push(format!("filler={}", "x".repeat(tower_ha::sticky::MAX_COOKIE_HEADER)));
                 }
                 let header = header.join(&separator);
                 let kept = !oversized && values.iter().take(4).any(|v| *v == genuine);
@@ -4930,6 +4930,4 @@ mod generated {
             });
         }
     }
-
-    const MAX_COOKIE_HEADER_BYTES: usize = tower_ha::sticky::MAX_COOKIE_HEADER;
 }

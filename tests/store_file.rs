@@ -139,10 +139,7 @@ fn a_directory_other_users_can_reach_is_warned_of() {
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o750)).unwrap();
     let private = tmp.path().join("private");
     let capture = Capture::default();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     tracing::subscriber::with_default(capture.clone(), || {
         runtime.block_on(async {
             FileStore::open(&shared).await.unwrap();
@@ -811,6 +808,15 @@ async fn a_delete_removes_what_it_can_past_a_record_it_cannot() {
     assert_eq!(names(tmp.path()), [b]);
 }
 
+/// A runtime of one thread, with I/O and time, for a test that drives it
+/// itself.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 mod generated {
     //! Keys, data and record files of any content.
 
@@ -831,13 +837,6 @@ mod generated {
     fn sessions() -> impl Strategy<Value = Session> {
         (keys(), any::<String>(), json_values::values(3, 3))
             .prop_map(|(key, backend, data)| Session::new(key, backend.into()).with_data(data))
-    }
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
     }
 
     proptest! {

@@ -1132,7 +1132,7 @@ mod tests {
         for limit in [usize::MAX, 1 << 30, DEFAULT_BUFFER_LIMIT] {
             let buffering = Buffering::new(Claims(1 << 30), limit, None, None);
             assert!(
-                buffering.chunks.capacity() <= 8 * 1024,
+                buffering.chunks.capacity() <= RESERVE_AHEAD,
                 "{} bytes reserved",
                 buffering.chunks.capacity()
             );

@@ -178,9 +178,8 @@ where
     }
 }
 
-/// A `HealthCheckRequest` for `service`, framed: a byte saying it is not
-/// compressed, its length (4 bytes, big-endian), then field 1 (`service`,
-/// a string), left out when empty as proto3 does.
+/// A `HealthCheckRequest` for `service`, [framed]: field 1 (`service`, a
+/// string), left out when empty as proto3 does.
 fn check_request(service: &str) -> Bytes {
     let mut message = BytesMut::new();
     if !service.is_empty() {
@@ -188,10 +187,16 @@ fn check_request(service: &str) -> Bytes {
         put_varint(&mut message, service.len() as u64);
         message.put_slice(service.as_bytes());
     }
+    framed(&message)
+}
+
+/// `message`, framed as gRPC sends one: a byte saying it is not
+/// compressed, then its length (4 bytes, big-endian).
+fn framed(message: &[u8]) -> Bytes {
     let mut framed = BytesMut::with_capacity(5 + message.len());
     framed.put_u8(0);
     framed.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
-    framed.put_slice(&message);
+    framed.put_slice(message);
     framed.freeze()
 }
 
@@ -275,15 +280,6 @@ fn malformed(what: &str) -> BoxError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `message`, framed as gRPC sends it.
-    fn framed(message: &[u8]) -> Bytes {
-        let mut out = BytesMut::new();
-        out.put_u8(0);
-        out.put_u32(message.len() as u32);
-        out.put_slice(message);
-        out.freeze()
-    }
 
     #[test]
     fn requests_are_framed_health_check_requests() {
