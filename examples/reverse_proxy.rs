@@ -120,7 +120,8 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            sent yet: else 504) (default 15000; 0 for none)
   --deadline MS            gives up on a request, whatever the attempts left,
                            after MS ms without a response head (default
-                           30000; 0 for none)
+                           30000; 0 for none); a gRPC call's shorter
+                           grpc-timeout takes its place
   --header-read-timeout MS closes a client connection that has not sent a
                            whole request head within MS ms, an idle kept-alive
                            one included (default 30000; 0 for none)
@@ -510,7 +511,8 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         .sticky
         .as_deref()
         .map(|spec| StickyLayer::new(&pool, session_key(spec, cookie_secret.as_deref())));
-    let mut failover = FailoverLayer::new();
+    // A gRPC client's deadline can only shorten the configured one.
+    let mut failover = FailoverLayer::new().grpc_timeout(true);
     if let Some(timeout) = o.per_try_timeout {
         failover = failover.per_try_timeout(timeout);
     }

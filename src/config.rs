@@ -22,6 +22,7 @@
 //!       deadline: "2s"
 //!       retry_ratio: 0.1        # retries as a share of requests
 //!       min_retries_per_second: 5
+//!       grpc_timeout: true      # optional: a client's grpc-timeout may shorten the deadline
 //!   - name: "db-servers"
 //!     mode: "normal"
 //!     backends: ["db1", "db2"]
@@ -196,12 +197,19 @@ pub struct FailoverConfig {
     /// false).
     #[serde(default)]
     pub retry_non_idempotent: bool,
+    /// Let a gRPC client's `grpc-timeout` shorten the deadline (default
+    /// false; see [`FailoverLayer::grpc_timeout`]). Written out only when
+    /// `true`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grpc_timeout: bool,
 }
 
 impl FailoverConfig {
     /// A failover layer with these settings.
     pub fn layer(&self) -> FailoverLayer {
-        let mut layer = FailoverLayer::new().retry_non_idempotent(self.retry_non_idempotent);
+        let mut layer = FailoverLayer::new()
+            .retry_non_idempotent(self.retry_non_idempotent)
+            .grpc_timeout(self.grpc_timeout);
         if let Some(n) = self.max_attempts {
             layer = layer.max_attempts(n);
         }

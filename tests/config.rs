@@ -456,6 +456,46 @@ async fn failover_settings_build_a_working_layer() {
     assert_eq!(start.elapsed(), Duration::from_millis(100));
 }
 
+/// `grpc_timeout: true` builds a layer whose requests a client's
+/// `grpc-timeout` bounds; without it, the header is not read.
+#[tokio::test(start_paused = true)]
+async fn a_failover_section_can_let_a_grpc_timeout_bound_requests() {
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+    use tower_ha::balance::{Balance, RoundRobin};
+    use tower_ha::Pool;
+
+    for (section, ends_after) in [("{grpc_timeout: true}", 50), ("{}", 60_000)] {
+        let config = Config::from_yaml(&format!(
+            "failover_groups:\n  - {{name: a, mode: normal, backends: [x], failover: {section}}}\n"
+        ))
+        .unwrap();
+        let failover = config.group("a").unwrap().failover.clone().unwrap();
+        let pool = Pool::new();
+        pool.insert(
+            "slow",
+            service_fn(|_req: http::Request<()>| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, tower_ha::BoxError>(http::Response::new(()))
+            }),
+        );
+        let svc = ServiceBuilder::new()
+            .layer(failover.layer())
+            .service(Balance::new(pool, RoundRobin::new()));
+        let start = tokio::time::Instant::now();
+        let request = http::Request::builder()
+            .header("grpc-timeout", "50m")
+            .body(())
+            .unwrap();
+        let result = svc.oneshot(request).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(ends_after),
+            "{section}"
+        );
+        assert_eq!(result.is_ok(), ends_after == 60_000, "{section}");
+    }
+}
+
 #[test]
 fn bad_syntax_types_and_durations_are_parse_errors_with_a_location() {
     for yaml in [
@@ -922,9 +962,10 @@ mod generated {
             ]),
             proptest::option::of(any::<u32>()),
             any::<bool>(),
+            any::<bool>(),
         )
             .prop_map(
-                |(attempts, per_try, deadline, ratio, min, non_idempotent)| {
+                |(attempts, per_try, deadline, ratio, min, non_idempotent, grpc)| {
                     let mut failover = FailoverConfig::default();
                     failover.max_attempts = attempts;
                     failover.per_try_timeout = per_try;
@@ -932,6 +973,7 @@ mod generated {
                     failover.retry_ratio = ratio;
                     failover.min_retries_per_second = min;
                     failover.retry_non_idempotent = non_idempotent;
+                    failover.grpc_timeout = grpc;
                     failover
                 },
             )

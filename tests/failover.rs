@@ -656,6 +656,117 @@ async fn deadline_ends_the_attempts_at_the_configured_instant() {
     assert_eq!((stats.retries, stats.recovered, stats.exhausted), (2, 0, 1));
 }
 
+/// Runs a request carrying `grpc-timeout: client` through `layer` (with a
+/// 100 ms per-try timeout) over four backends that never answer: the
+/// header each backend saw, when it saw it, and when and how the request
+/// ended.
+async fn timed_grpc_call(
+    layer: FailoverLayer,
+    client: &'static str,
+) -> (Vec<(u64, String)>, u64, BoxError) {
+    let (pool, mut handles) = mock_fleet(&["a", "b", "c", "d"]);
+    let service = ServiceBuilder::new()
+        .layer(layer.per_try_timeout(Duration::from_millis(100)))
+        .service(Balance::new(pool, RoundRobin::new()));
+    let start = Instant::now();
+    let call = tokio::spawn(async move {
+        let request = Request::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-timeout", client)
+            .body(())
+            .unwrap();
+        let result = service.oneshot(request).await;
+        (result, Instant::now())
+    });
+    let mut seen = Vec::new();
+    let mut replies = Vec::new();
+    for handle in &mut handles {
+        tokio::select! {
+            biased;
+            got = handle.next_request() => {
+                // `None`: the request ended, and its service with it.
+                let Some((request, reply)) = got else { break };
+                let header = request.headers()["grpc-timeout"].to_str().unwrap().to_owned();
+                seen.push(((Instant::now() - start).as_millis() as u64, header));
+                replies.push(reply);
+            }
+            _ = tokio::time::sleep(Duration::from_secs(60)) => break,
+        }
+    }
+    let (result, ended) = call.await.unwrap();
+    let ended = (ended - start).as_millis() as u64;
+    (seen, ended, result.unwrap_err())
+}
+
+fn deadline_of(err: &BoxError) -> DeadlineExceeded {
+    *find::<DeadlineExceeded>(&**err).expect("the deadline ended the request")
+}
+
+/// A gRPC client's `grpc-timeout` shorter than the layer's deadline ends
+/// the attempts at the client's deadline, and each retry tells its
+/// backend the time left.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_timeout_ends_the_attempts_and_each_retry_is_told_the_time_left() {
+    let layer = FailoverLayer::new()
+        .deadline(Duration::from_secs(10))
+        .grpc_timeout(true);
+    let (seen, ended, err) = timed_grpc_call(layer, "250m").await;
+    assert_eq!(
+        seen,
+        [
+            (0, "250m".to_owned()),
+            (100, "150000u".to_owned()),
+            (200, "50000000n".to_owned())
+        ]
+    );
+    assert_eq!(ended, 250);
+    let exceeded = deadline_of(&err);
+    assert_eq!(exceeded.after(), Duration::from_millis(250));
+    assert!(exceeded.is_grpc_timeout());
+    assert!(err.to_string().contains("grpc-timeout"), "{err}");
+}
+
+/// The layer's deadline shorter than the client's: it holds, and the first
+/// backend is told it, not the client's longer time.
+#[tokio::test(start_paused = true)]
+async fn a_longer_grpc_timeout_does_not_lengthen_the_deadline() {
+    let layer = FailoverLayer::new()
+        .deadline(Duration::from_millis(150))
+        .grpc_timeout(true);
+    let (seen, ended, err) = timed_grpc_call(layer, "5S").await;
+    assert_eq!(
+        seen,
+        [(0, "150000u".to_owned()), (100, "50000000n".to_owned())]
+    );
+    assert_eq!(ended, 150);
+    let exceeded = deadline_of(&err);
+    assert_eq!(exceeded.after(), Duration::from_millis(150));
+    assert!(!exceeded.is_grpc_timeout());
+}
+
+/// By default, and for a value the protocol does not allow, the header is
+/// passed on as it came and does not bound the attempts.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_timeout_is_not_read_unless_asked_or_when_malformed() {
+    let (seen, ended, err) = timed_grpc_call(FailoverLayer::new(), "250m").await;
+    let headers: Vec<_> = seen.iter().map(|(at, h)| (*at, h.as_str())).collect();
+    assert_eq!(
+        headers,
+        [(0, "250m"), (100, "250m"), (200, "250m"), (300, "250m")]
+    );
+    assert_eq!(ended, 400);
+    assert!(find::<DeadlineExceeded>(&*err).is_none(), "{err}");
+
+    let layer = FailoverLayer::new()
+        .deadline(Duration::from_millis(250))
+        .grpc_timeout(true);
+    let (seen, ended, err) = timed_grpc_call(layer, "100ms").await;
+    let headers: Vec<_> = seen.iter().map(|(at, h)| (*at, h.as_str())).collect();
+    assert_eq!(headers, [(0, "100ms"), (100, "100ms"), (200, "100ms")]);
+    assert_eq!(ended, 250);
+    assert!(!deadline_of(&err).is_grpc_timeout());
+}
+
 /// An attempt abandoned at its per-try timeout, then a wait for the
 /// service to be ready for the next one: the deadline still ends the wait,
 /// at its instant.

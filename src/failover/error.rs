@@ -74,22 +74,38 @@ impl StdError for TimedOut {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeadlineExceeded {
     after: Duration,
+    grpc_timeout: bool,
 }
 
 impl DeadlineExceeded {
-    pub(crate) fn new(after: Duration) -> Self {
-        DeadlineExceeded { after }
+    pub(crate) fn new(after: Duration, grpc_timeout: bool) -> Self {
+        DeadlineExceeded {
+            after,
+            grpc_timeout,
+        }
     }
 
     /// The deadline, counted from the moment the request was called.
     pub fn after(&self) -> Duration {
         self.after
     }
+
+    /// Whether it was the client's, from its `grpc-timeout` header (see
+    /// [`FailoverLayer::grpc_timeout`](super::FailoverLayer::grpc_timeout)),
+    /// rather than the layer's own.
+    pub fn is_grpc_timeout(&self) -> bool {
+        self.grpc_timeout
+    }
 }
 
 impl fmt::Display for DeadlineExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "deadline of {:?} exceeded", self.after)
+        let whose = if self.grpc_timeout {
+            " (the client's grpc-timeout)"
+        } else {
+            ""
+        };
+        write!(f, "deadline of {:?}{whose} exceeded", self.after)
     }
 }
 
@@ -291,7 +307,7 @@ mod tests {
     #[test]
     fn the_last_backend_error_is_found_also_after_a_reason() {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        let deadline = DeadlineExceeded::new(Duration::from_secs(1));
+        let deadline = DeadlineExceeded::new(Duration::from_secs(1), false);
         let err = Exhausted::new(
             vec![(
                 "a".into(),

@@ -15,7 +15,8 @@ use tower_service::Service;
 
 use super::body::{Replay, SendProgress, SendState};
 use super::error::{DeadlineExceeded, Exhausted, FailedStatus, TimedOut};
-use super::layer::Config;
+use super::grpc;
+use super::layer::{Config, Limit};
 use super::policy::{is_idempotent, RetryNonIdempotent};
 use super::stats::bump;
 use crate::backend::BackendId;
@@ -71,6 +72,8 @@ where
     template: Option<Template<B>>,
     /// Where the balancer records the backend it picks.
     picked: Option<Picked>,
+    /// The request's overall deadline, if it has one.
+    limit: Option<Limit>,
     /// The backend of the attempt in flight, when the balancer said so.
     current: Option<BackendId>,
     /// How far a body sent once (streamed past `BufferBody`'s limit) has
@@ -117,6 +120,19 @@ where
             budget.deposit();
         }
         let (mut parts, body) = req.into_parts();
+        let limit = config.limit(&parts.headers);
+        if let Some(Limit {
+            after,
+            client: false,
+            tell: true,
+        }) = limit
+        {
+            // The layer's deadline is shorter than the client's: the
+            // backend is told.
+            parts
+                .headers
+                .insert(grpc::GRPC_TIMEOUT, grpc::format(after));
+        }
         let any_failure = config.retry_non_idempotent
             || is_idempotent(&parts.method)
             || parts.extensions.get::<RetryNonIdempotent>().is_some();
@@ -131,7 +147,8 @@ where
         // gets one at the first retry, so a request that succeeds clones no
         // extension for it.
         let asks = config.pauses() && template.is_some();
-        let picked = (config.timed() || asks).then(|| {
+        let timed = config.per_try_timeout.is_some() || limit.is_some();
+        let picked = (timed || asks).then(|| {
             let picked = config.slot(asks);
             parts.extensions.insert(picked.clone());
             picked
@@ -145,7 +162,7 @@ where
         let (mut timer, mut deadline) = (None, None);
         if picked.is_some() {
             let now = Instant::now();
-            deadline = config.deadline.map(|d| later(now, d));
+            deadline = limit.map(|limit| later(now, limit.after));
             let per_try = config.per_try_timeout.map(|d| later(now, d));
             set_timer(&mut timer, earliest(per_try, deadline));
         }
@@ -158,6 +175,7 @@ where
                 config,
                 template,
                 picked,
+                limit,
                 current,
                 upload,
                 failures: Vec::new(),
@@ -342,7 +360,7 @@ where
                             return Poll::Ready(this.retry.deadline_exceeded(false));
                         }
                     }
-                    let future = match ready!(this.retry.poll_next(cx)) {
+                    let future = match ready!(this.retry.poll_next(cx, *this.deadline)) {
                         Ok(future) => future,
                         Err(result) => {
                             this.attempt.set(Attempt::Done);
@@ -572,11 +590,13 @@ where
         }
     }
 
-    /// Drives the service to readiness and starts the next attempt.
+    /// Drives the service to readiness and starts the next attempt, which
+    /// ends by `deadline`, if any.
     #[allow(clippy::type_complexity)]
     fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
+        deadline: Option<Instant>,
     ) -> Poll<Result<S::Future, Result<Response<RB>, BoxError>>> {
         if let Err(e) = ready!(self.service.poll_ready(cx)) {
             return Poll::Ready(Err(self.give_up(Some(e.into()))));
@@ -593,9 +613,14 @@ where
         let slot = (self.config).slot(self.tried + 1 < self.config.max_attempts);
         template.parts.extensions.insert(slot.clone());
         self.picked = Some(slot);
-        let Some(request) = template.copy() else {
+        let Some(mut request) = template.copy() else {
             return Poll::Ready(Err(self.give_up(None)));
         };
+        if let (Some(deadline), Some(Limit { tell: true, .. })) = (deadline, self.limit) {
+            // The backend is told the time left.
+            let left = deadline.saturating_duration_since(Instant::now());
+            (request.headers_mut()).insert(grpc::GRPC_TIMEOUT, grpc::format(left));
+        }
         let future = self.service.call(request);
         self.tried += 1;
         self.current = self.picked.as_ref().and_then(Picked::take);
@@ -701,8 +726,10 @@ where
     /// between attempts.
     fn deadline_exceeded(&mut self, in_flight: bool) -> Result<Response<RB>, BoxError> {
         bump(&self.config.counters.deadlines_exceeded);
-        let deadline = self.config.deadline.unwrap_or_default();
-        let exceeded = DeadlineExceeded::new(deadline).into();
+        let (after, client) = self
+            .limit
+            .map_or((Duration::ZERO, false), |l| (l.after, l.client));
+        let exceeded = DeadlineExceeded::new(after, client).into();
         if !in_flight {
             // In a pause, or waiting for the service to be ready: the last
             // attempt's outcome stays the last, and its slot, where a late

@@ -2,10 +2,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderMap;
 use tower::retry::budget::Budget;
 use tower_layer::Layer;
 
 use super::budget::RetryBudget;
+use super::grpc;
 use super::policy::Backoff;
 use super::service::Failover;
 use super::stats::{Counters, FailoverStats};
@@ -20,6 +22,17 @@ pub(crate) fn default_budget() -> Arc<dyn Budget + Send + Sync> {
     Arc::new(RetryBudget::default())
 }
 
+/// A request's overall deadline.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limit {
+    /// From the request's call.
+    pub(crate) after: Duration,
+    /// Whether it is the client's `grpc-timeout` (else the layer's).
+    pub(crate) client: bool,
+    /// Whether each attempt's `grpc-timeout` is set to the time left.
+    pub(crate) tell: bool,
+}
+
 /// What a [`Failover`] does, shared by its clones.
 #[derive(Clone)]
 pub(crate) struct Config<C> {
@@ -30,6 +43,7 @@ pub(crate) struct Config<C> {
     pub(crate) budget: Option<Arc<dyn Budget + Send + Sync>>,
     pub(crate) backoff: Backoff,
     pub(crate) retry_non_idempotent: bool,
+    pub(crate) grpc_timeout: bool,
     pub(crate) events: Option<Events>,
     pub(crate) counters: Arc<Counters>,
 }
@@ -44,6 +58,7 @@ impl Config<DefaultClassifier> {
             budget: Some(default_budget()),
             backoff: Backoff::none(),
             retry_non_idempotent: false,
+            grpc_timeout: false,
             events: None,
             counters: Arc::default(),
         }
@@ -51,10 +66,32 @@ impl Config<DefaultClassifier> {
 }
 
 impl<C> Config<C> {
-    /// Whether attempts are timed (a per-try timeout or a deadline): the
-    /// timers need to know which backend an attempt reached.
-    pub(crate) fn timed(&self) -> bool {
-        self.per_try_timeout.is_some() || self.deadline.is_some()
+    /// The deadline of a request with `headers`: the layer's, or the
+    /// client's `grpc-timeout` when it is read and shorter.
+    pub(crate) fn limit(&self, headers: &HeaderMap) -> Option<Limit> {
+        let client = match self.grpc_timeout {
+            true => headers.get(grpc::GRPC_TIMEOUT).and_then(grpc::parse),
+            false => None,
+        };
+        let Some(client) = client else {
+            return self.deadline.map(|after| Limit {
+                after,
+                client: false,
+                tell: false,
+            });
+        };
+        Some(match self.deadline {
+            Some(after) if after <= client => Limit {
+                after,
+                client: false,
+                tell: true,
+            },
+            _ => Limit {
+                after: client,
+                client: true,
+                tell: true,
+            },
+        })
     }
 
     /// Whether attempts may pause between them: the balancer is asked
@@ -91,6 +128,7 @@ impl<C> fmt::Debug for Config<C> {
             .field("budget", &self.budget.is_some())
             .field("backoff", &self.backoff)
             .field("retry_non_idempotent", &self.retry_non_idempotent)
+            .field("grpc_timeout", &self.grpc_timeout)
             .field("events", &self.events.is_some())
             .finish()
     }
@@ -109,6 +147,7 @@ impl<C> fmt::Debug for Config<C> {
 /// | [`budget`](Self::budget) | [`RetryBudget::default`]: 20 % of requests plus 3 retries per second, accrued over 10 s windows |
 /// | [`backoff`](Self::backoff) | none |
 /// | [`retry_non_idempotent`](Self::retry_non_idempotent) | `false` |
+/// | [`grpc_timeout`](Self::grpc_timeout) | `false` |
 ///
 /// Every service built by one layer (and every clone of it) shares the
 /// layer's budget and its counters ([`stats`](Self::stats)).
@@ -154,6 +193,7 @@ impl<C> FailoverLayer<C> {
                 budget: c.budget,
                 backoff: c.backoff,
                 retry_non_idempotent: c.retry_non_idempotent,
+                grpc_timeout: c.grpc_timeout,
                 events: c.events,
                 counters: c.counters,
             },
@@ -255,6 +295,33 @@ impl<C> FailoverLayer<C> {
     /// per request, use [`RetryNonIdempotent`](super::RetryNonIdempotent).
     pub fn retry_non_idempotent(mut self, retry: bool) -> Self {
         self.config.retry_non_idempotent = retry;
+        self
+    }
+
+    /// Also ends the attempts of a gRPC call when its client's deadline
+    /// passes: a request with a valid `grpc-timeout` header (say `2S` or
+    /// `500m`) gets that time as its [`deadline`](Self::deadline) when it
+    /// is shorter than the layer's. The client gives up then, and a retry
+    /// after it would only load a backend for nobody. So a client can
+    /// shorten the layer's deadline, never lengthen it.
+    ///
+    /// Each backend is told the time it has: a retry carries the time left
+    /// in its own `grpc-timeout`, and so does the first attempt when the
+    /// layer's deadline is the shorter one, so that the backend does not
+    /// work on past it. When the deadline passes, the
+    /// [`DeadlineExceeded`](super::DeadlineExceeded) error says whose it
+    /// was ([`is_grpc_timeout`](super::DeadlineExceeded::is_grpc_timeout)).
+    /// As any deadline, it does not count against the backend the attempt
+    /// was at (a per-try timeout does).
+    /// A header the gRPC protocol does not allow (more than eight digits,
+    /// an unknown unit, zero) is passed on as it is and read as absent.
+    ///
+    /// Off by default, as in Envoy (`grpc_timeout_header_max`), since
+    /// reading the header costs every request a lookup; a timer is set
+    /// only for requests that carry one. Requests must then be called
+    /// within a Tokio runtime with its time driver enabled.
+    pub fn grpc_timeout(mut self, read: bool) -> Self {
+        self.config.grpc_timeout = read;
         self
     }
 

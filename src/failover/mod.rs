@@ -32,7 +32,9 @@
 //!    `POST` answered 503 gets that 503; a `POST` whose connection was
 //!    refused goes to the next backend.
 //! 4. A per-try timeout drops the attempt (the backend gets no more of the
-//!    request) and tries the next backend; a deadline bounds all attempts.
+//!    request) and tries the next backend; a deadline bounds all attempts
+//!    (a gRPC client's `grpc-timeout` may shorten it, with
+//!    [`grpc_timeout`](FailoverLayer::grpc_timeout)).
 //!    Both run until the response head: the body of a response already
 //!    returned is not timed, so a backend that sends its head then stalls
 //!    its body is not bounded by this layer (`HttpBackend` bounds it with
@@ -116,6 +118,7 @@ pub mod body;
 mod budget;
 pub mod error;
 pub mod future;
+mod grpc;
 mod layer;
 mod policy;
 mod service;
