@@ -1435,8 +1435,10 @@ async fn bad_input_is_no_session_and_is_counted() {
 #[tokio::test(start_paused = true)]
 async fn idle_sessions_expire_and_a_restart_keeps_cookie_affinity() {
     let c = cluster();
+    // A table of one shard: a sweep call sweeps it all.
     let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()))
-        .idle_timeout(Duration::from_secs(60));
+        .idle_timeout(Duration::from_secs(60))
+        .max_sessions(1000);
     let svc = stack(&c.pool, layer.clone());
     let _ = send(&svc, Request::new(())).await.unwrap(); // a
     let first = send(&svc, Request::new(())).await.unwrap(); // b

@@ -21,7 +21,8 @@
 //! other requests);
 //! idle entries are dropped lazily when looked up and by a sweep that runs
 //! at most once per half idle period, before inserts (the layer calls it
-//! outside its own locks), one shard after the other.
+//! outside its own locks): one shard per call, so that no request walks
+//! the whole table.
 //! A session kept in memory because its record could not be read is due
 //! to be read again [`RELOAD_AFTER`] after it was put in the table: from
 //! then on a lookup is a miss that names its backend, and an insert
@@ -31,7 +32,7 @@ use std::borrow::Borrow;
 use std::collections::hash_map::{DefaultHasher, RandomState};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -337,8 +338,11 @@ pub(crate) struct Table {
     /// The most entries a shard holds.
     max: usize,
     epoch: Instant,
-    /// When the table was last swept of idle entries.
+    /// When the last sweep of idle entries started.
     last_sweep: AtomicU64,
+    /// The next shard the sweep under way drops idle entries from; the
+    /// number of shards or more when none is under way.
+    sweep_next: AtomicUsize,
     /// How often a saved session's record is due to be saved again, in
     /// nanoseconds; 0 for never.
     refresh: u64,
@@ -383,6 +387,7 @@ impl Table {
             max: max >> shard_bits,
             epoch: Instant::now(),
             last_sweep: AtomicU64::new(0),
+            sweep_next: AtomicUsize::new(usize::MAX),
             refresh: 0,
             renew: 0,
         }
@@ -847,31 +852,36 @@ impl Table {
         self.shards.iter().map(|shard| shard.read().len()).sum()
     }
 
-    /// Drops the idle sessions of every shard, if a sweep is due (at most
-    /// once per half idle period): one shard after the other, each under
-    /// its own lock. The table's changes do not sweep: the layer calls this
-    /// before its changes that may add a session, before it takes a lock
-    /// of its own, so that no sweep holds that lock.
+    /// Drops the idle sessions of one shard, if a sweep is under way or
+    /// due (one starts at most once per half idle period): each call takes
+    /// the next shard, under its own lock, so a sweep's cost is spread over
+    /// as many calls as there are shards, not paid by one request. The
+    /// table's changes do not sweep: the layer calls this before its
+    /// changes that may add a session, before it takes a lock of its own,
+    /// so that no sweep holds that lock.
     pub(crate) fn sweep_if_due(&self) -> Dropped {
         let now = self.now();
-        let last = self.last_sweep.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < (self.idle / 2).max(1)
-            || self
-                .last_sweep
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if self.sweep_next.load(Ordering::Relaxed) >= self.shards.len() {
+            let last = self.last_sweep.load(Ordering::Relaxed);
+            if now.saturating_sub(last) < (self.idle / 2).max(1)
+                || self
+                    .last_sweep
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                return Dropped::default();
+            }
+            self.sweep_next.store(0, Ordering::Relaxed);
+        }
+        // Calls racing past the last shard take none.
+        let Some(shard) = self.shards.get(self.sweep_next.fetch_add(1, Ordering::Relaxed)) else {
             return Dropped::default();
-        }
-        let mut expired = 0;
-        for shard in self.shards.iter() {
-            let mut map = shard.write();
-            let before = map.len();
-            map.retain(|_, e| !self.is_idle(e, now));
-            expired += (before - map.len()) as u64;
-        }
+        };
+        let mut map = shard.write();
+        let before = map.len();
+        map.retain(|_, e| !self.is_idle(e, now));
         Dropped {
-            expired,
+            expired: (before - map.len()) as u64,
             evicted: 0,
         }
     }
@@ -1034,6 +1044,39 @@ mod tests {
         assert_eq!(t.len(), 3);
         assert_eq!(t.sweep_if_due().expired, 1);
         assert_eq!(t.len(), 2);
+    }
+
+    /// A sweep of a sharded table takes one shard per call: no request
+    /// walks the whole table, and a round ends after one call per shard.
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_takes_one_shard_per_call() {
+        let t = Table::new(Duration::from_secs(100), 100_000, false);
+        let shards = t.shards.len();
+        assert_eq!(shards, 16);
+        for i in 0..1000 {
+            t.insert(session(&format!("s{i}"), "x"), None);
+        }
+        tokio::time::advance(Duration::from_secs(101)).await;
+        let mut per_call = Vec::new();
+        for _ in 0..shards {
+            let dropped = t.sweep_if_due().expired;
+            // With 1000 keys over 16 shards, none is empty (but for odds
+            // of about 1 in 10^27).
+            assert!((1..1000).contains(&dropped), "{dropped}");
+            per_call.push(dropped);
+        }
+        assert_eq!(per_call.iter().sum::<u64>(), 1000);
+        assert_eq!(t.len(), 0);
+        // The round is over, and the next is due half an idle period
+        // after it started.
+        t.insert(session("late", "x"), None);
+        tokio::time::advance(Duration::from_secs(49)).await;
+        assert_eq!(t.sweep_if_due().expired, 0);
+        t.insert(session("later", "x"), None);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let swept: u64 = (0..shards).map(|_| t.sweep_if_due().expired).sum();
+        assert_eq!(swept, 1, "only late is idle");
+        assert!(t.session("later").is_some());
     }
 
     /// Idle sessions the sweep has not reached yet go first, as expired,
