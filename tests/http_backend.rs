@@ -2019,6 +2019,32 @@ mod http2 {
         assert!(stalled.into_body().collect().await.is_err());
     }
 
+    /// An HTTP/2 client that grants no window at all: the server still asks
+    /// the body for its first frame (hyper 1.10 and later), which is left
+    /// out, and the send timeout frees the backend's place.
+    #[tokio::test]
+    async fn a_client_that_grants_no_window_is_given_up_at_the_send_timeout() {
+        let client = HttpClient::new().send_timeout(Some(Duration::from_millis(500)));
+        let (state, balance) = big_answers(&client, false).await;
+        let (front, _) = serve_h2_with(service_fn(move |req| balance.clone().oneshot(req))).await;
+        let stream = TcpStream::connect(front).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let get = Request::get("http://front/")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let stalled = sender.send_request(get).await.unwrap();
+        assert_eq!(stalled.status(), StatusCode::OK);
+        assert_eq!(state.in_flight(), 1);
+        // (The server holds the stream, and the frame it could not send,
+        // until the client takes data or leaves: nothing of the backend's.)
+        support::wait::spin_until("the slot comes back", || state.in_flight() == 0).await;
+    }
+
     /// A gRPC health service, written out by hand: answers `Check` for
     /// the services in `statuses` (framed `HealthCheckResponse`, then
     /// `grpc-status: 0` in trailers), `NOT_FOUND` for others; notes the

@@ -576,7 +576,11 @@ where
     /// cut off as long as it takes in 16 KiB within the timeout (about
     /// 270 bytes a second with 60 s). Nor is a body waiting for its backend
     /// (the [`read_timeout`](Self::read_timeout) bounds that), nor one
-    /// whose server has not asked for its first frame yet. A body read in
+    /// whose server has not asked for its first frame yet: a server that
+    /// waits for the client's flow-control window before it asks escapes
+    /// the timeout, which is why the crate needs hyper 1.10 or later (its
+    /// HTTP/2 server asks first, and a client that never grants any window
+    /// leaves that first frame out). A body read in
     /// a program rather than sent on is given up alike if the program
     /// leaves a frame for longer: set `None` for a client whose programs
     /// read bodies at their own pace.
