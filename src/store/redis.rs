@@ -1686,6 +1686,87 @@ mod tests {
         );
     }
 
+    /// A password: a marker no other part of a generated URL holds, then
+    /// characters that may stand for a user information's or a query's
+    /// separators (`/`, `?`, `@`, `:`, `://`), or be past ASCII. No `&`,
+    /// which ends a query's value, and no `=`: a `?pass=` in a user
+    /// information would be read as a query too, and hide the host.
+    fn passwords() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::strategy::Strategy as _;
+        "[A-Z0-9/?@:#%é~!$*+,; ]{0,16}(://)?[A-Z0-9/?@:]{0,4}"
+            .prop_map(|tail| format!("SeCrEt{tail}"))
+    }
+
+    /// `name` with each of its letters in either case.
+    fn any_case(name: &str, upper: &[bool]) -> String {
+        name.chars()
+            .zip(upper.iter().chain(std::iter::repeat(&false)))
+            .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any text, and text made of the characters the reading splits
+        /// at, is shown without a panic.
+        #[test]
+        fn any_text_is_shown(
+            text in proptest::prelude::any::<String>(),
+            separators in "(redis://|redis\\+unix://|://)?[@?&=:/aps é]{0,40}",
+        ) {
+            redact(&text);
+            redact(&separators);
+        }
+
+        /// A password in the user information, with or without a scheme
+        /// and whatever it holds, is replaced, and only it: the user
+        /// name, host, port and database stay.
+        #[test]
+        fn a_user_informations_password_is_hidden(
+            scheme in "(redis://|rediss://|)",
+            user in "[a-z0-9._-]{0,12}",
+            password in passwords(),
+            host in "([a-z0-9-]{1,12}(\\.[a-z0-9-]{1,8}){0,2}|\\[::1\\]|10\\.0\\.0\\.1)",
+            port: u16,
+            db in 0u8..16,
+            query in "(|\\?protocol=resp3)",
+        ) {
+            let shown = redact(&format!("{scheme}{user}:{password}@{host}:{port}/{db}{query}"));
+            proptest::prop_assert!(!shown.contains(&password), "{}", shown);
+            proptest::prop_assert_eq!(shown, format!("{scheme}{user}:***@{host}:{port}/{db}{query}"));
+        }
+
+        /// A `pass` or `password` parameter (in any case) of a
+        /// `redis+unix://` URL's query, first or after others, is
+        /// replaced up to the next `&`, whatever it holds: what follows it
+        /// stays, and what precedes it too unless the password holds an
+        /// `@`, which could end a user information.
+        #[test]
+        fn a_querys_password_is_hidden(
+            path in "/(run|tmp/é)/redis[a-z0-9-]{0,6}\\.sock",
+            name in "(pass|password)",
+            upper in proptest::collection::vec(proptest::prelude::any::<bool>(), 8),
+            password in passwords(),
+            before in proptest::collection::vec("(db=[0-9]{1,2}|user=[a-z0-9]{1,8}|protocol=resp3)", 0..3),
+            after in proptest::collection::vec("(db=[0-9]{1,2}|user=[a-z0-9]{1,8}|protocol=resp3)", 0..3),
+        ) {
+            let mut head = format!("redis+unix://{path}");
+            for (i, parameter) in before.iter().enumerate() {
+                head.extend([if i == 0 { "?" } else { "&" }, parameter]);
+            }
+            head.extend([if before.is_empty() { "?" } else { "&" }, &any_case(&name, &upper), "="]);
+            let tail: String = after.iter().map(|parameter| format!("&{parameter}")).collect();
+            let shown = redact(&format!("{head}{password}{tail}"));
+            proptest::prop_assert!(!shown.contains(&password), "{}", shown);
+            let kept = shown.strip_suffix(&tail).and_then(|s| s.strip_suffix("***"));
+            proptest::prop_assert!(kept.is_some_and(|kept| head.starts_with(kept)), "{}", shown);
+            if !password.contains('@') {
+                proptest::prop_assert_eq!(shown, format!("{head}***{tail}"));
+            }
+        }
+    }
+
     #[test]
     fn tokens_are_random_and_long() {
         let (a, b) = (random_token(), random_token());
