@@ -2011,6 +2011,125 @@ mod tests {
         }
     }
 
+    /// `Keep-Alive` parameters but `timeout`: names that are not it in any
+    /// case (some near it), with optional spaces around the `=`, and a
+    /// token or a quoted string (without a comma) for value.
+    fn other_keep_alive_parameters() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        (
+            "(max|Max|timeouts|time-out|xtimeout|[A-Za-z-]{1,9})",
+            "[ \t]{0,2}",
+            "[ \t]{0,2}",
+            "([A-Za-z0-9.!~-]{0,8}|\"[A-Za-z0-9 =;.]{0,8}\")",
+        )
+            .prop_filter("not timeout", |(name, ..)| {
+                !name.eq_ignore_ascii_case("timeout")
+            })
+            .prop_map(|(name, before, after, value)| format!("{name}{before}={after}{value}"))
+    }
+
+    /// `parameters` as the lines of a `Keep-Alive` header: each gap a
+    /// comma with optional spaces, empty elements, or a new line, as
+    /// `gaps` picks, and spaces at each line's ends.
+    fn keep_alive_lines(parameters: &[String], gaps: &[u8]) -> HeaderMap {
+        let mut lines = vec![String::from(" ")];
+        for (i, parameter) in parameters.iter().enumerate() {
+            if i > 0 {
+                match gaps.get(i).copied().unwrap_or(0) % 5 {
+                    0 => lines.last_mut().unwrap().push(','),
+                    1 => lines.last_mut().unwrap().push_str(" , "),
+                    2 => lines.last_mut().unwrap().push_str(",\t"),
+                    3 => lines.last_mut().unwrap().push_str(", ,,"),
+                    _ => lines.push(String::from("\t")),
+                }
+            }
+            lines.last_mut().unwrap().push_str(parameter);
+        }
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            headers.append(
+                &HOP_BY_HOP[4],
+                HeaderValue::from_str(&format!("{line} ")).unwrap(),
+            );
+        }
+        headers
+    }
+
+    /// A line of any bytes and pieces of parameters, in any order.
+    fn keep_alive_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let pieces = "(timeout|TimeOut|max|=|,|\"| |\t|5|007|18446744073709551616|-|\\+|é)";
+        proptest::collection::vec(
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..4),
+                pieces.prop_map(String::into_bytes),
+            ],
+            0..12,
+        )
+        .prop_map(|pieces| pieces.concat())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any bytes, and pieces of parameters in any order, on any number
+        /// of lines, are read without a panic (a line a header value cannot
+        /// hold is left out); a timeout read is written in them.
+        #[test]
+        fn any_keep_alive_header_is_read(
+            lines in proptest::collection::vec(keep_alive_bytes(), 0..4),
+        ) {
+            let mut headers = HeaderMap::new();
+            for line in &lines {
+                if let Ok(value) = HeaderValue::from_bytes(line) {
+                    headers.append(&HOP_BY_HOP[4], value);
+                }
+            }
+            if let Some(timeout) = keep_alive_timeout(&headers) {
+                let all = String::from_utf8_lossy(&lines.concat()).into_owned();
+                proptest::prop_assert!(all.contains(&timeout.to_string()), "{}: {:?}", timeout, all);
+            }
+        }
+
+        /// `timeout` in any case, among other parameters in any order and
+        /// on any lines, with optional spaces around its `=`, leading
+        /// zeros and quotes: its value is read.
+        #[test]
+        fn the_timeout_parameter_is_read(
+            others in proptest::collection::vec(other_keep_alive_parameters(), 0..5),
+            at: proptest::sample::Index,
+            upper in proptest::collection::vec(proptest::prelude::any::<bool>(), 7),
+            before in "[ \t]{0,2}",
+            after in "[ \t]{0,2}",
+            zeros in 0usize..3,
+            timeout: u64,
+            quoted: bool,
+            gaps in proptest::collection::vec(proptest::prelude::any::<u8>(), 6),
+        ) {
+            let name: String = "timeout"
+                .chars()
+                .zip(&upper)
+                .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
+                .collect();
+            let value = format!("{}{timeout}", "0".repeat(zeros));
+            let value = if quoted { format!("\"{value}\"") } else { value };
+            let mut parameters = others;
+            parameters.insert(at.index(parameters.len() + 1), format!("{name}{before}={after}{value}"));
+            let headers = keep_alive_lines(&parameters, &gaps);
+            proptest::prop_assert_eq!(keep_alive_timeout(&headers), Some(timeout), "{:?}", headers);
+        }
+
+        /// Without a `timeout` parameter, no timeout is read.
+        #[test]
+        fn no_timeout_parameter_is_no_timeout(
+            others in proptest::collection::vec(other_keep_alive_parameters(), 0..6),
+            gaps in proptest::collection::vec(proptest::prelude::any::<u8>(), 6),
+        ) {
+            let headers = keep_alive_lines(&others, &gaps);
+            proptest::prop_assert_eq!(keep_alive_timeout(&headers), None, "{:?}", headers);
+        }
+    }
+
     #[test]
     fn a_switch_names_only_protocols_offered() {
         let offered = [
