@@ -1313,6 +1313,81 @@ mod tests {
         assert_eq!(retry_after(&headers), None, "only seconds are read");
     }
 
+    /// `Retry-After: text`.
+    fn retry_after_of(text: &[u8]) -> Option<http::HeaderMap> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(RETRY_AFTER, http::HeaderValue::from_bytes(text).ok()?);
+        Some(headers)
+    }
+
+    /// An HTTP-date in each of its three forms (RFC 9110 section 5.6.7).
+    fn http_dates() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        (
+            "(Mon|Tue|Wed|Thu|Fri|Sat|Sun)",
+            "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)",
+            1u8..=31,
+            "(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)",
+            1970u16..=9999,
+            (0u8..24, 0u8..60, 0u8..61),
+            0u8..3,
+        )
+            .prop_map(
+                |(day, long_day, date, month, year, (h, m, s), form)| match form {
+                    0 => format!("{day}, {date:02} {month} {year} {h:02}:{m:02}:{s:02} GMT"),
+                    1 => format!(
+                        "{long_day}, {date:02}-{month}-{:02} {h:02}:{m:02}:{s:02} GMT",
+                        year % 100
+                    ),
+                    _ => format!("{day} {month} {date:>2} {h:02}:{m:02}:{s:02} {year}"),
+                },
+            )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any bytes, digits and spaces most often, are read without a
+        /// panic (a value a header cannot hold is left out), and a wait
+        /// read is one written in them.
+        #[test]
+        fn any_retry_after_is_read(
+            value in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::any::<u8>(),
+                    proptest::sample::select(b" \t0123456789+-".to_vec()),
+                ],
+                0..30,
+            ),
+        ) {
+            if let Some(wait) = retry_after_of(&value).as_ref().and_then(retry_after) {
+                let text = String::from_utf8_lossy(&value).into_owned();
+                proptest::prop_assert!(text.contains(&wait.as_secs().to_string()), "{:?}", text);
+            }
+        }
+
+        /// Seconds, leading zeros and spaces around included, are read
+        /// as that many seconds.
+        #[test]
+        fn seconds_are_read(
+            before in "[ \t]{0,3}",
+            zeros in 0usize..3,
+            seconds: u64,
+            after in "[ \t]{0,3}",
+        ) {
+            let text = format!("{before}{}{seconds}{after}", "0".repeat(zeros));
+            let headers = retry_after_of(text.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(retry_after(&headers), Some(Duration::from_secs(seconds)));
+        }
+
+        /// An HTTP-date, in any of its forms, is no wait in seconds.
+        #[test]
+        fn a_date_is_not_read(date in http_dates()) {
+            let headers = retry_after_of(date.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(retry_after(&headers), None, "{}", date);
+        }
+    }
+
     #[test]
     fn debug_hides_credentials() {
         // The Basic token of `u:secret` is `dTpzZWNyZXQ=`.
