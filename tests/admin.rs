@@ -996,6 +996,42 @@ mod generated {
                 assert_eq!(f.web.state(&"web1".into()).unwrap().admin(), AdminStatus::Enabled);
             });
         }
+    }
 
+    /// Posts `body`, declared JSON, to backend `web2`'s weight.
+    async fn post_weight(admin: &AdminService, body: Vec<u8>) -> (StatusCode, Value) {
+        let request = Request::post("/backends/web2/weight")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response: Response<AdminBody> = admin.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any `u32` weight, in JSON spaced any way, is set as sent (0
+        /// counting as 1, as `Handle::set_weight` says), on that backend
+        /// alone.
+        #[test]
+        fn a_weight_is_set_as_sent(
+            weight in prop_oneof![Just(0), Just(1), Just(u32::MAX), any::<u32>()],
+            spaces in proptest::collection::vec("[ \t\r\n]{0,2}", 5),
+        ) {
+            runtime().block_on(async {
+                let f = fixture();
+                let body = format!(
+                    r#"{}{{{}"weight"{}:{}{weight}{}}}"#,
+                    spaces[0], spaces[1], spaces[2], spaces[3], spaces[4],
+                );
+                let (status, answer) = post_weight(&f.admin, body.clone().into_bytes()).await;
+                assert_eq!((status, &answer["weight"]), (StatusCode::OK, &json!(weight.max(1))), "{body:?}");
+                assert_eq!(f.web.state(&"web2".into()).unwrap().weight(), weight.max(1));
+                assert_eq!(f.web.state(&"web1".into()).unwrap().weight(), 1);
+            });
+        }
     }
 }
