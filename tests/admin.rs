@@ -12,6 +12,9 @@ use tower_ha::balance::{Balance, Priority, RoundRobin};
 use tower_ha::control::{AdminBody, AdminService, Event, Events, Handle};
 use tower_ha::{AdminStatus, HealthStatus, Pool};
 
+#[path = "support/json_values.rs"]
+mod json_values;
+
 struct Fixture {
     admin: AdminService,
     handle: Handle,
@@ -168,6 +171,12 @@ async fn post_primary_forces_it_and_rejects_bad_bodies() {
             r#"{"backend_id": "api1"}"#,
             400,
             "not a member of group `web`",
+        ),
+        (
+            "/groups/web/primary",
+            r#"["web1"]"#,
+            400,
+            "not a JSON object",
         ),
         (
             "/groups/nope/primary",
@@ -357,6 +366,10 @@ async fn backend_stats_weight_and_limit() {
         ("/backends/web2/weight", r#"{"weight": "2"}"#),
         ("/backends/web2/max_in_flight", "{}"),
         ("/backends/web2/max_in_flight", r#"{"max_in_flight": 1.5}"#),
+        // serde reads a struct from an array of its values too.
+        ("/backends/web2/weight", "[2]"),
+        ("/backends/web2/max_in_flight", " [3]"),
+        ("/backends/web2/max_in_flight", "[null]"),
     ] {
         let (status, answer) = call(&f.admin, "POST", path, body).await;
         assert_eq!(status, 400, "{path} {body}: {answer}");
@@ -1031,6 +1044,114 @@ mod generated {
                 assert_eq!((status, &answer["weight"]), (StatusCode::OK, &json!(weight.max(1))), "{body:?}");
                 assert_eq!(f.web.state(&"web2".into()).unwrap().weight(), weight.max(1));
                 assert_eq!(f.web.state(&"web1".into()).unwrap().weight(), 1);
+            });
+        }
+    }
+
+    /// JSON for a weight that is no `u32`: negative, a fraction or an
+    /// exponent, past `u32::MAX`, text, another type, or nested deep.
+    fn no_weights() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "-[1-9][0-9]{0,12}",
+            "-?[0-9]{1,4}\\.[0-9]{1,3}",
+            "-?[0-9]{1,3}[eE][+-]?[0-9]{1,3}",
+            (u64::from(u32::MAX) + 1..=u64::MAX).prop_map(|n| n.to_string()),
+            "[1-9][0-9]{20,400}",
+            "\"[0-9]{0,5}\"",
+            "(null|true|false|\\[\\]|\\{\\}|\\[5\\]|\\{\"weight\": 5\\})",
+            json_values::values(2, 3).prop_map(|value| value.to_string()),
+            (1usize..3_000).prop_map(|d| format!("{}5{}", "[".repeat(d), "]".repeat(d))),
+        ]
+    }
+
+    /// A `u32` weight in another shape than `{"weight": N}`, `N` standing
+    /// for the weight.
+    const SHAPES: [&str; 17] = [
+        "N",
+        "[N]",
+        "\"N\"",
+        "[{\"weight\": N}]",
+        "{\"weight\": [N]}",
+        "{\"weight\": {\"weight\": N}}",
+        "{\"Weight\": N}",
+        "{\"weight \": N}",
+        "{weight: N}",
+        "{\"weight\" N}",
+        "{\"weight\": N,}",
+        "{\"weight\": N",
+        "{\"weight\": N}}",
+        "{\"weight\": N} x",
+        "{\"weight\": N}{}",
+        "{\"weight\": N, \"weight\": N}",
+        "{\"weight\": N.0}",
+    ];
+
+    /// JSON, and text near it, that is no `{"weight": N}`: any JSON, a
+    /// weight that is no `u32`, a field beside the weight, a weight in
+    /// another shape, nothing but spaces, or nesting deep.
+    fn no_weight_texts() -> impl Strategy<Value = String> {
+        prop_oneof![
+            json_values::values(3, 4)
+                .prop_filter("no weight", |value| {
+                    value
+                        .as_object()
+                        .is_none_or(|object| object.get("weight").is_none())
+                })
+                .prop_map(|value| value.to_string()),
+            no_weights().prop_map(|weight| format!(r#"{{"weight": {weight}}}"#)),
+            (
+                any::<u32>(),
+                "([a-z_]{0,8}|Weight|WEIGHT|weight |\\PC{1,4})",
+                json_values::values(2, 3),
+                any::<bool>(),
+            )
+                .prop_filter("another field", |(_, name, ..)| name != "weight")
+                .prop_map(|(weight, name, value, first)| {
+                    let other = format!("{}: {value}", Value::from(name));
+                    if first {
+                        format!(r#"{{{other}, "weight": {weight}}}"#)
+                    } else {
+                        format!(r#"{{"weight": {weight}, {other}}}"#)
+                    }
+                }),
+            (any::<u32>(), proptest::sample::select(&SHAPES[..]))
+                .prop_map(|(weight, shape)| shape.replace('N', &weight.to_string())),
+            "[ \t\r\n]{0,3}",
+            (1usize..3_000).prop_map(|d| format!("{}5{}", "[".repeat(d), "]".repeat(d))),
+            (1usize..3_000).prop_map(|d| format!("{}{}", "{\"weight\": ".repeat(d), "}".repeat(d))),
+        ]
+    }
+
+    /// Bodies that are no `{"weight": N}`: any bytes, or text near it.
+    fn no_weight_bodies() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            1 => proptest::collection::vec(any::<u8>(), 0..200),
+            5 => no_weight_texts().prop_map(String::into_bytes),
+        ]
+    }
+
+    proptest! {
+        // As many cases as the requests above: each shape of a weight is
+        // one body in a hundred.
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A body that is no `{"weight": N}` of a `u32` is refused with a
+        /// 400 that names that form, and changes no weight.
+        #[test]
+        fn a_body_that_is_no_weight_is_refused(
+            bodies in proptest::collection::vec(no_weight_bodies(), 1..6),
+        ) {
+            runtime().block_on(async {
+                let f = fixture();
+                f.handle.set_weight(&"web2".into(), 7).unwrap();
+                for body in bodies {
+                    let (status, answer) = post_weight(&f.admin, body.clone()).await;
+                    let body = String::from_utf8_lossy(&body);
+                    assert_eq!(status, 400, "{body}: {answer}");
+                    let message = answer["error"].as_str().unwrap();
+                    assert!(message.starts_with(r#"expected {"weight": N}"#), "{body}: {answer}");
+                }
+                assert_eq!(f.web.state(&"web2".into()).unwrap().weight(), 7);
             });
         }
     }

@@ -318,19 +318,26 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<AdminBody> {
     }
 }
 
-/// `body` as a `T`, or a 400 saying what was `expected`.
+/// `body`, a JSON object, as a `T`, or a 400 saying what was `expected`.
+/// Only an object: serde reads a struct from an array of its fields'
+/// values too, so `[5]` would set a weight of 5.
 // The error is the answer itself, as `read_body`'s is.
 #[allow(clippy::result_large_err)]
 fn parse<T: serde::de::DeserializeOwned>(
     body: &[u8],
     expected: &str,
 ) -> Result<T, Response<AdminBody>> {
-    serde_json::from_slice(body).map_err(|e| {
+    let refused = |why: &dyn fmt::Display| {
         error(
             StatusCode::BAD_REQUEST,
-            &format!("expected {expected}: {e}"),
+            &format!("expected {expected}: {why}"),
         )
-    })
+    };
+    // JSON's whitespace, then the value's first byte.
+    match body.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+        Some(b'{') | None => serde_json::from_slice(body).map_err(|e| refused(&e)),
+        Some(_) => Err(refused(&"the body is not a JSON object")),
+    }
 }
 
 fn error(status: StatusCode, message: &str) -> Response<AdminBody> {
