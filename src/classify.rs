@@ -138,11 +138,7 @@ fn grpc_status(status: StatusCode, headers: &HeaderMap) -> Option<u32> {
 /// A `grpc-status` value: a decimal number below 2³², nothing else (no
 /// sign, no space).
 pub(crate) fn parse_grpc_status(value: &HeaderValue) -> Option<u32> {
-    let digits = value.as_bytes();
-    if !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    crate::key::decimal(value.as_bytes())
 }
 
 /// What follows `application/grpc` in `headers`' content type (`+proto`,

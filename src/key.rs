@@ -403,6 +403,16 @@ impl RequestKey for ForwardedFor {
     }
 }
 
+/// `digits` as a number: one ASCII digit or more and nothing else, as the
+/// HTTP grammars that carry numbers have them (`str::parse` would also
+/// take a sign); `None` past `T`'s range.
+pub(crate) fn decimal<T: std::str::FromStr>(digits: &[u8]) -> Option<T> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 /// The elements of a list header's `lines` (RFC 9110, section 5.6.1):
 /// separated by commas, trimmed, empty ones skipped.
 ///

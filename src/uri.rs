@@ -22,11 +22,7 @@ pub(crate) fn port_after_host(rest: &str) -> Option<Option<u16>> {
     if digits.is_empty() {
         return Some(None);
     }
-    // Digits only: `u16` parsing would take a sign.
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok().map(Some)
+    crate::key::decimal(digits.as_bytes()).map(Some)
 }
 
 #[cfg(test)]

@@ -1354,8 +1354,15 @@ type Received = (Response<ResponseBody>, u16);
 /// The `timeout` a backend's `Keep-Alive` header announces, in seconds:
 /// how long it keeps an idle connection open (RFC 2068 section 19.7.1.1,
 /// as Apache httpd, Node.js and nginx send it).
+///
+/// Its parameters are split at commas outside quoted strings (another
+/// parameter's quoted value may hold `, timeout=9`), and its value is
+/// digits only.
 fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
-    elements(headers.get_all(&HOP_BY_HOP[4])).find_map(|parameter| {
+    let mut parameters = (headers.get_all(&HOP_BY_HOP[4]).iter())
+        .flat_map(|line| crate::key::quoted_list_elements(line.as_bytes()))
+        .map(<[u8]>::trim_ascii);
+    parameters.find_map(|parameter| {
         let eq = parameter.iter().position(|&b| b == b'=')?;
         if !parameter[..eq]
             .trim_ascii_end()
@@ -1363,8 +1370,7 @@ fn keep_alive_timeout(headers: &HeaderMap) -> Option<u64> {
         {
             return None;
         }
-        let value = crate::key::unquote(parameter[eq + 1..].trim_ascii_start());
-        std::str::from_utf8(value).ok()?.parse().ok()
+        crate::key::decimal(crate::key::unquote(parameter[eq + 1..].trim_ascii_start()))
     })
 }
 
@@ -1999,12 +2005,15 @@ mod tests {
         assert_eq!(timeout(&["max=100, Timeout = 15"]), Some(15));
         assert_eq!(timeout(&["max=100", "timeout=\"20\""]), Some(20));
         assert_eq!(timeout(&["timeout=0"]), Some(0));
+        // A comma in another parameter's quoted value splits nothing.
+        assert_eq!(timeout(&[r#"x="a, timeout=9, b", timeout=5"#]), Some(5));
         for none in [
             &[][..],
             &["max=5"],
             &["timeout"],
             &["timeout=-1"],
             &["timeout=5s"],
+            &["timeout=+5"],
             &[""],
         ] {
             assert_eq!(timeout(none), None, "{none:?}");

@@ -859,15 +859,10 @@ fn try_later(status: StatusCode) -> bool {
         )
 }
 
-/// The wait a `Retry-After` header asks for, when given in seconds.
+/// The wait a `Retry-After` header asks for, when given in seconds (digits
+/// only, RFC 9110 section 10.2.3).
 fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let seconds = headers
-        .get(RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let seconds = crate::key::decimal(headers.get(RETRY_AFTER)?.as_bytes().trim_ascii())?;
     Some(Duration::from_secs(seconds))
 }
 
@@ -1344,6 +1339,21 @@ mod tests {
             )
     }
 
+    /// Text that is not digits between optional spaces: numbers with a
+    /// sign, a fraction or an exponent, words, nothing, or any characters.
+    fn not_seconds() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            "[ \t]{0,2}[+-]?[0-9]{0,4}([.,eE_][+-]?[0-9]{0,3})?[ \t]{0,2}",
+            "[ \t0-9+.,:eE_a-z-]{0,12}",
+            "\\PC{0,12}",
+        ]
+        .prop_filter("not seconds", |text| {
+            let digits = text.trim_matches([' ', '\t']);
+            digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit())
+        })
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
 
@@ -1385,6 +1395,15 @@ mod tests {
         fn a_date_is_not_read(date in http_dates()) {
             let headers = retry_after_of(date.as_bytes()).unwrap();
             proptest::prop_assert_eq!(retry_after(&headers), None, "{}", date);
+        }
+
+        /// Text that is not digits between optional spaces (RFC 9110
+        /// section 10.2.3: `delay-seconds = 1*DIGIT`) is no wait.
+        #[test]
+        fn anything_but_seconds_is_not_read(text in not_seconds()) {
+            if let Some(headers) = retry_after_of(text.as_bytes()) {
+                proptest::prop_assert_eq!(retry_after(&headers), None, "{:?}", text);
+            }
         }
     }
 
