@@ -209,12 +209,16 @@ fn put_varint(out: &mut BytesMut, mut value: u64) {
 }
 
 /// Reads a varint; `None` when `buf` ends before it does, or it runs past
-/// ten bytes.
+/// 64 bits (ten bytes, the last of which holds one bit): a longer one
+/// would be read with its high bits dropped, as a `SERVING` perhaps.
 fn get_varint(buf: &mut Bytes) -> Option<u64> {
     let mut value = 0u64;
     for i in 0..10 {
         let byte = *buf.first()?;
         buf.advance(1);
+        if i == 9 && byte > 1 {
+            return None;
+        }
         value |= u64::from(byte & 0x7f) << (7 * i);
         if byte < 0x80 {
             return Some(value);
@@ -328,6 +332,11 @@ mod tests {
             (framed(b"\x08"), "cut short"),
             (
                 framed(b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"),
+                "cut short",
+            ),
+            // 1 with bits past 64: not read as 1.
+            (
+                framed(b"\x08\x81\x80\x80\x80\x80\x80\x80\x80\x80\x02"),
                 "cut short",
             ),
             (framed(b"\x22\x05ab"), "cut short"),
