@@ -218,6 +218,12 @@ impl DefaultClassifier {
     /// Also counts a gRPC call answered in its head with `code` (see
     /// [`Outcome::grpc_status`]) as a failure: 8 `RESOURCE_EXHAUSTED`, say.
     /// Codes from 64 up are not gRPC's, and count as nothing.
+    ///
+    /// Mind what a client can make a backend answer: gRPC servers also
+    /// answer `RESOURCE_EXHAUSTED` to a message over their size limit, so
+    /// a client sending those would get healthy backends ejected by a
+    /// health layer that counts it. Give such a classifier to the failover
+    /// layer only, and keep the health layer's default.
     pub fn grpc_status(mut self, code: u32) -> Self {
         if let Some(bit) = 1u64.checked_shl(code) {
             self.grpc |= bit;
