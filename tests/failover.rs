@@ -1854,6 +1854,107 @@ async fn the_per_try_timeout_runs_from_the_end_of_a_streamed_upload() {
     assert_eq!((took, timeouts), (Duration::from_secs(9), 1));
 }
 
+/// A streamed upload through `failover` (with a 10 s backoff) to `a`,
+/// which answers 503 after its first part and reads on, then `b`: the
+/// response, what `a` read on after its answer, and what `b` received.
+async fn read_on_during_a_pause(
+    failover: FailoverLayer,
+) -> (Response<()>, Vec<Result<Bytes, String>>, Bytes) {
+    type Body = ReplayBody<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
+    let read_on = Arc::new(Mutex::new(Vec::new()));
+    let failed = {
+        let read_on = read_on.clone();
+        service_fn(move |req: Request<Body>| {
+            let read_on = read_on.clone();
+            async move {
+                let mut body = req.into_body();
+                let first = body.frame().await.unwrap()?.into_data().unwrap();
+                assert_eq!(first, "1234");
+                // Answered; the body is still being read.
+                tokio::spawn(async move {
+                    while let Some(frame) = body.frame().await {
+                        let result = frame.map(|f| f.into_data().unwrap_or_default());
+                        let failed = result.is_err();
+                        read_on.lock().push(result.map_err(|e| e.to_string()));
+                        if failed {
+                            break;
+                        }
+                    }
+                });
+                Ok::<_, BoxError>(status(503))
+            }
+        })
+    };
+    let received = Arc::new(Mutex::new(Bytes::new()));
+    let whole = {
+        let received = received.clone();
+        service_fn(move |req: Request<Body>| {
+            let received = received.clone();
+            async move {
+                *received.lock() = req.into_body().collect().await?.to_bytes();
+                Ok::<_, BoxError>(status(200))
+            }
+        })
+    };
+    let pool = Pool::new();
+    pool.insert("a", BoxCloneSyncService::new(failed));
+    pool.insert("b", BoxCloneSyncService::new(whole));
+    let stack = ServiceBuilder::new()
+        .layer(
+            BufferBodyLayer::new()
+                .limit(8)
+                .stream_when_idle(Some(Duration::from_millis(1))),
+        )
+        .layer(failover.backoff(Backoff::constant(Duration::from_secs(10))))
+        .service(Balance::new(pool, RoundRobin::new()));
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(futures::StreamExt::map(
+        rx,
+        |part| Ok::<_, Infallible>(http_body::Frame::data(part)),
+    )));
+    let call = tokio::spawn(stack.oneshot(Request::put("/upload").body(body).unwrap()));
+    tx.unbounded_send(Bytes::from_static(b"1234")).unwrap();
+    // Passed on after 1 ms; a answers 503, and the pause starts.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Past the limit of what is held for a retry.
+    // (Refused once every copy of the body is gone.)
+    let _ = tx.unbounded_send(Bytes::from_static(b"56789abcd"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    drop(tx);
+    let response = call.await.unwrap().unwrap();
+    // What the failed attempt read on has come in by now.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let read_on = read_on.lock().clone();
+    let received = received.lock().clone();
+    (response, read_on, received)
+}
+
+/// A backend that answers 503 part way through a streamed upload may
+/// read on (hyper goes on sending a request's body after its answer):
+/// the retry's copy of the body is made before the backoff pause, so that
+/// the failed attempt's copy stops there and what the client sends during
+/// the pause is kept for the retry.
+#[tokio::test(start_paused = true)]
+async fn a_body_read_on_by_a_failed_attempt_during_a_pause_is_kept_for_the_retry() {
+    let (response, read_on, received) = read_on_during_a_pause(FailoverLayer::new()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(served_by(&response), "b");
+    assert_eq!(received, "123456789abcd");
+    // The failed attempt's copy stopped at once, having read nothing more.
+    assert!(matches!(&read_on[..], [Err(_)]), "{read_on:?}");
+}
+
+/// A retry the budget refuses makes no copy: the failed attempt's body
+/// goes on to its end (its 503 is the answer).
+#[tokio::test(start_paused = true)]
+async fn a_retry_the_budget_refuses_leaves_the_failed_attempts_body_whole() {
+    let no_retries = FailoverLayer::new().budget(RetryBudget::new(0.0, 0));
+    let (response, read_on, received) = read_on_during_a_pause(no_retries).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(read_on, [Ok(Bytes::from_static(b"56789abcd"))]);
+    assert_eq!(received, "");
+}
+
 // ---------------------------------------------------------------------------
 // Invariants over random fleets.
 

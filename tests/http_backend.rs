@@ -2028,11 +2028,12 @@ mod http2 {
         let (state, balance) = big_answers(&client, false).await;
         let (front, _) = serve_h2_with(service_fn(move |req| balance.clone().oneshot(req))).await;
         let stream = TcpStream::connect(front).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(0)
+                .handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
         tokio::spawn(connection);
         let get = Request::get("http://front/")
             .body(Full::<Bytes>::default())

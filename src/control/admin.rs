@@ -334,7 +334,10 @@ fn parse<T: serde::de::DeserializeOwned>(
         )
     };
     // JSON's whitespace, then the value's first byte.
-    match body.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+    match body
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
         Some(b'{') | None => serde_json::from_slice(body).map_err(|e| refused(&e)),
         Some(_) => Err(refused(&"the body is not a JSON object")),
     }

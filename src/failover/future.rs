@@ -70,6 +70,11 @@ where
     /// The request as it was received, with its `Attempts`, from which each
     /// retry is copied. `None` when no retry is allowed.
     template: Option<Template<B>>,
+    /// The next retry's body, copied before a pause: a body sent once
+    /// then has one live copy, this one, so the failed attempt's copy,
+    /// which its backend may read on (hyper sends a body on after its
+    /// answer), stops, and what the client sends meanwhile is kept.
+    held: Option<B>,
     /// Where the balancer records the backend it picks.
     picked: Option<Picked>,
     /// The request's overall deadline, if it has one.
@@ -174,6 +179,7 @@ where
                 service,
                 config,
                 template,
+                held: None,
                 picked,
                 limit,
                 current,
@@ -214,10 +220,10 @@ impl<B: Replay> Template<B> {
         }
     }
 
-    /// A copy of the request for one more attempt, if its body can be
-    /// replayed.
-    fn copy(&self) -> Option<Request<B>> {
-        let body = self.body.replay()?;
+    /// A copy of the request for one more attempt, with `held`, a copy of
+    /// the body made already, or a new one, if the body can be replayed.
+    fn copy(&self, held: Option<B>) -> Option<Request<B>> {
+        let body = held.or_else(|| self.body.replay())?;
         Some(Request::from_parts(self.parts.clone(), body))
     }
 }
@@ -334,6 +340,15 @@ where
                                 let retries = this.deadline.is_none_or(|d| until < d);
                                 if retries && !this.retry.prepay() {
                                     this.attempt.set(Attempt::Done);
+                                    return Poll::Ready(this.retry.give_up(None));
+                                }
+                                // Once paid for: a copy cuts the failed
+                                // attempt's off, which a refused retry must
+                                // leave whole.
+                                if retries && !this.retry.hold_body() {
+                                    // Read past what was held meanwhile.
+                                    this.attempt.set(Attempt::Done);
+                                    bump(&this.retry.config.counters.unreplayable);
                                     return Poll::Ready(this.retry.give_up(None));
                                 }
                                 set_timer(this.timer, earliest(Some(until), *this.deadline));
@@ -563,6 +578,13 @@ where
         self.picked.as_ref().is_some_and(Picked::none_left)
     }
 
+    /// Copies the next retry's body before the pause that precedes it
+    /// (see `held`); `false` when it can no longer be sent again.
+    fn hold_body(&mut self) -> bool {
+        self.held = self.template.as_ref().and_then(|t| t.body.replay());
+        self.held.is_some()
+    }
+
     /// Pays for the next retry before the pause that precedes it, as Envoy
     /// does: a retry the budget refuses ends the request at once, not a
     /// pause later. `false` when the budget is spent.
@@ -613,7 +635,7 @@ where
         let slot = (self.config).slot(self.tried + 1 < self.config.max_attempts);
         template.parts.extensions.insert(slot.clone());
         self.picked = Some(slot);
-        let Some(mut request) = template.copy() else {
+        let Some(mut request) = template.copy(self.held.take()) else {
             return Poll::Ready(Err(self.give_up(None)));
         };
         if let (Some(deadline), Some(Limit { tell: true, .. })) = (deadline, self.limit) {

@@ -874,7 +874,10 @@ impl Table {
             self.sweep_next.store(0, Ordering::Relaxed);
         }
         // Calls racing past the last shard take none.
-        let Some(shard) = self.shards.get(self.sweep_next.fetch_add(1, Ordering::Relaxed)) else {
+        let Some(shard) = self
+            .shards
+            .get(self.sweep_next.fetch_add(1, Ordering::Relaxed))
+        else {
             return Dropped::default();
         };
         let mut map = shard.write();
