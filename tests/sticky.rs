@@ -2128,6 +2128,26 @@ async fn replication_loads_each_key_once_under_concurrent_requests() {
     assert_eq!(layer.stats().loaded, 1);
 }
 
+/// A request waiting for its session's load holds no place of the
+/// service below: under a concurrency limit of one, a request with no
+/// session goes through meanwhile, and the loaded one after.
+#[tokio::test]
+async fn a_load_holds_no_place_of_the_service_below() {
+    let c = cluster();
+    let (_, slow) = SlowStore::holding("kernel-1", "c").await;
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).store(slow.clone());
+    let limited =
+        tower::limit::ConcurrencyLimit::new(Balance::new(c.pool.clone(), RoundRobin::new()), 1);
+    let svc = tower::Layer::layer(&layer, limited);
+    let loading = tokio::spawn(send_owned(svc.clone(), session("kernel-1")));
+    slow.until_held().await;
+    let plain = bounded_real("a request without a session", send(&svc, Request::new(()))).await;
+    assert_eq!(plain.unwrap().status(), StatusCode::OK);
+    slow.gate.add_permits(1);
+    let loaded = bounded_real("the loaded request", loading).await.unwrap();
+    assert_eq!(loaded.unwrap().body(), "c");
+}
+
 /// A request that gives up on a load (its client gone) leaves it running
 /// for another that waits on it: that one takes the same answer, and the
 /// store is read once.

@@ -122,12 +122,16 @@ impl Finishing {
     }
 }
 
-/// A request waiting for its session to be loaded from the store.
+/// A request waiting for its session to be loaded from the store, then
+/// for its service to be ready.
 struct Loading<S, B> {
     key: Arc<str>,
     cookie: Option<BackendId>,
     unread: Option<Unread>,
     load: BoxFuture<Loaded>,
+    /// Whether the session was read and routed: the service's readiness
+    /// is next.
+    routed: bool,
     service: Option<S>,
     request: Option<Request<B>>,
 }
@@ -163,6 +167,7 @@ impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
                     cookie,
                     unread,
                     load,
+                    routed: false,
                     service: Some(service),
                     request: Some(request),
                 }),
@@ -200,9 +205,23 @@ where
                         cookie,
                         unread,
                         load,
+                        routed,
                         service,
                         request,
                     } = &mut **loading;
+                    if *routed {
+                        let ready = service.as_mut().expect("service taken once").poll_ready(cx);
+                        if let Err(error) = ready!(ready) {
+                            let track = this.track.take().expect("track set once routed");
+                            let error = this.shared.on_error(&track, error.into());
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                        let request = request.take().expect("request taken once");
+                        let future = service.take().expect("service taken once").call(request);
+                        this.state.set(State::Called { future });
+                        continue;
+                    }
                     let Loaded { stored, waiting } = ready!(load.as_mut().poll(cx));
                     let start = this.shared.after_load(
                         request.as_mut().expect("request taken once"),
@@ -214,13 +233,9 @@ where
                     );
                     match start {
                         Start::Call(track) => {
-                            let request = request.take().expect("request taken once");
                             *this.track = Some(track);
-                            *this.path = this.shared.learns_on(&request);
-                            // This clone was polled ready before `call`
-                            // took it.
-                            let future = service.take().expect("service taken once").call(request);
-                            this.state.set(State::Called { future });
+                            *this.path = this.shared.learns_on(request.as_ref().expect("request"));
+                            *routed = true;
                         }
                         // Forgotten since it was read: read again.
                         Start::Load {

@@ -181,9 +181,12 @@ where
                 unread,
                 load,
             } => {
+                // A clone, driven to readiness once the session is read:
+                // a load may take seconds, and the readiness this service
+                // holds (a place under a concurrency limit, a buffer's
+                // slot) is left for the next request.
                 let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::loading(self.shared.clone(), key, cookie, unread, load, ready, req)
+                ResponseFuture::loading(self.shared.clone(), key, cookie, unread, load, clone, req)
             }
             Start::Refuse(error) => ResponseFuture::refused(self.shared.clone(), error.into()),
         }
