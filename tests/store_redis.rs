@@ -475,6 +475,47 @@ async fn nothing_acknowledged_is_lost_across_a_redis_restart() {
     }
 }
 
+/// A take whose call is dropped before its answer is read (a caller's own
+/// timeout) may still land: it is given up, and nobody waits out its ttl.
+#[tokio::test]
+async fn a_lease_taken_by_a_dropped_call_is_given_up() {
+    let server = RedisServer::start();
+    let a = store(&server).await;
+    let b = store(&server).await;
+    assert!(!b.is_leased("k").await.unwrap());
+    // The take's script is loaded, so that it is one command.
+    assert!(a
+        .try_lease("warm", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .is_some());
+    // The server holds every command for half a second: the take is sent,
+    // and runs once the call that sent it is gone.
+    assert!(server.command("CLIENT PAUSE 500 ALL").starts_with("+OK"));
+    let mut take = Box::pin(a.try_lease("k", Duration::from_secs(600)));
+    for _ in 0..10 {
+        assert!(
+            futures::poll!(take.as_mut()).is_pending(),
+            "answered in a pause"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(take);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let b = &b;
+    bounded_real("the lease is given up", async {
+        while b.is_leased("k").await.unwrap() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(b
+        .try_lease("k", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_some());
+}
+
 #[tokio::test]
 async fn a_lease_has_one_owner_and_only_the_owner_releases_it() {
     let server = RedisServer::start();

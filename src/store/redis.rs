@@ -319,12 +319,21 @@ impl RedisStore {
     /// When the answer does not come in time (or the connection fails),
     /// the lease may still have been taken: its token gives it up at once,
     /// before the error is returned, so that nobody waits out its `ttl`.
+    /// So does a call dropped before its answer (a caller's own timeout, a
+    /// `select!`), from a task of its own on the runtime it was dropped
+    /// in.
     pub async fn try_lease(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
         let token = random_token();
         let redis_key = self.lease_key(key);
         let ttl = millis(ttl).to_string();
         let inner = &self.inner;
         let mut conn = inner.conn();
+        let mut dropped = GiveUpIfDropped {
+            inner: self.inner.clone(),
+            conn: Some(conn.clone()),
+            redis_key: redis_key.clone(),
+            token: token.clone(),
+        };
         let keys: &[&[u8]] = &[&redis_key];
         let taken = inner
             .invoke(
@@ -345,6 +354,7 @@ impl RedisStore {
                 .invoke(&mut conn, &inner.extend, keys, &[token.as_bytes(), b"0"])
                 .await;
         }
+        dropped.conn = None;
         let taken = inner.finish(&conn, taken, "take a lease")?;
         Ok((taken == 1).then(|| Lease {
             store: self.clone(),
@@ -591,6 +601,39 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             inner: Arc::new(inner),
         })
+    }
+}
+
+/// Gives up a lease whose take was sent and whose answer nobody will read,
+/// its call dropped: the take may land, and a lease nobody knows it holds
+/// would hold the others off for its whole ttl. Sent on the take's
+/// connection, so after it; disarmed (`conn` taken) once the call has its
+/// answer.
+struct GiveUpIfDropped {
+    inner: Arc<Inner>,
+    conn: Option<Conn>,
+    redis_key: Vec<u8>,
+    token: String,
+}
+
+impl Drop for GiveUpIfDropped {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        // Outside a runtime (its shutdown), the lease runs out at its ttl.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = self.inner.clone();
+        let redis_key = std::mem::take(&mut self.redis_key);
+        let token = std::mem::take(&mut self.token);
+        runtime.spawn(async move {
+            let keys: &[&[u8]] = &[&redis_key];
+            let _ = inner
+                .invoke(&mut conn, &inner.extend, keys, &[token.as_bytes(), b"0"])
+                .await;
+        });
     }
 }
 
