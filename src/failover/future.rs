@@ -74,7 +74,8 @@ where
     /// then has one live copy, this one, so the failed attempt's copy,
     /// which its backend may read on (hyper sends a body on after its
     /// answer), stops, and what the client sends meanwhile is kept.
-    held: Option<B>,
+    /// Boxed: only a pause fills it.
+    held: Option<Box<B>>,
     /// Where the balancer records the backend it picks.
     picked: Option<Picked>,
     /// The request's overall deadline, if it has one.
@@ -134,9 +135,7 @@ where
         {
             // The layer's deadline is shorter than the client's: the
             // backend is told.
-            parts
-                .headers
-                .insert(grpc::GRPC_TIMEOUT, grpc::format(after));
+            grpc::tell(&mut parts.headers, after);
         }
         let any_failure = config.retry_non_idempotent
             || is_idempotent(&parts.method)
@@ -581,7 +580,7 @@ where
     /// Copies the next retry's body before the pause that precedes it
     /// (see `held`); `false` when it can no longer be sent again.
     fn hold_body(&mut self) -> bool {
-        self.held = self.template.as_ref().and_then(|t| t.body.replay());
+        self.held = (self.template.as_ref()).and_then(|t| t.body.replay().map(Box::new));
         self.held.is_some()
     }
 
@@ -635,13 +634,16 @@ where
         let slot = (self.config).slot(self.tried + 1 < self.config.max_attempts);
         template.parts.extensions.insert(slot.clone());
         self.picked = Some(slot);
-        let Some(mut request) = template.copy(self.held.take()) else {
+        let Some(mut request) = template.copy(self.held.take().map(|held| *held)) else {
             return Poll::Ready(Err(self.give_up(None)));
         };
         if let (Some(deadline), Some(Limit { tell: true, .. })) = (deadline, self.limit) {
-            // The backend is told the time left.
-            let left = deadline.saturating_duration_since(Instant::now());
-            (request.headers_mut()).insert(grpc::GRPC_TIMEOUT, grpc::format(left));
+            // The backend is told the time left (before any wait in a
+            // queue below: a little more than it has then).
+            grpc::tell(
+                request.headers_mut(),
+                deadline.saturating_duration_since(Instant::now()),
+            );
         }
         let future = self.service.call(request);
         self.tried += 1;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The header a gRPC client sends its deadline in.
 pub(crate) const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -40,7 +40,7 @@ pub(crate) fn parse(value: &HeaderValue) -> Option<Duration> {
 /// eight digits, rounded down (a backend told a little less than the time
 /// left gives up before the proxy does, not after). At least `1n`; at
 /// most `99999999H`.
-pub(crate) fn format(time: Duration) -> HeaderValue {
+fn format(time: Duration) -> HeaderValue {
     let nanos = time.as_nanos().max(1);
     let units: [(u128, char); 6] = [
         (1, 'n'),
@@ -57,6 +57,11 @@ pub(crate) fn format(time: Duration) -> HeaderValue {
         .unwrap_or((u128::from(MAX_VALUE), 'H'));
     let text = format!("{n}{unit}");
     HeaderValue::from_str(&text).expect("digits and a letter are a valid header value")
+}
+
+/// Tells a backend, in `headers`, that it has `time` left.
+pub(crate) fn tell(headers: &mut HeaderMap, time: Duration) {
+    headers.insert(GRPC_TIMEOUT, format(time));
 }
 
 #[cfg(test)]
