@@ -321,7 +321,8 @@ impl RedisStore {
     /// before the error is returned, so that nobody waits out its `ttl`.
     /// So does a call dropped before its answer (a caller's own timeout, a
     /// `select!`), from a task of its own on the runtime it was dropped
-    /// in.
+    /// in (none in a runtime shutting down: the lease then runs out at its
+    /// `ttl`).
     pub async fn try_lease(&self, key: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
         let token = random_token();
         let redis_key = self.lease_key(key);
@@ -350,9 +351,7 @@ impl RedisStore {
         // before that connection may be replaced.
         let give_up = !matches!(taken, Ok(Ok(_)));
         if give_up {
-            let _ = inner
-                .invoke(&mut conn, &inner.extend, keys, &[token.as_bytes(), b"0"])
-                .await;
+            inner.give_up_lease(&mut conn, &redis_key, &token).await;
         }
         dropped.conn = None;
         let taken = inner.finish(&conn, taken, "take a lease")?;
@@ -621,23 +620,26 @@ impl Drop for GiveUpIfDropped {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        // Outside a runtime (its shutdown), the lease runs out at its ttl.
+        // Outside a runtime, or in one shutting down (which drops the
+        // task), the lease runs out at its ttl.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let inner = self.inner.clone();
         let redis_key = std::mem::take(&mut self.redis_key);
         let token = std::mem::take(&mut self.token);
-        runtime.spawn(async move {
-            let keys: &[&[u8]] = &[&redis_key];
-            let _ = inner
-                .invoke(&mut conn, &inner.extend, keys, &[token.as_bytes(), b"0"])
-                .await;
-        });
+        runtime.spawn(async move { inner.give_up_lease(&mut conn, &redis_key, &token).await });
     }
 }
 
 impl Inner {
+    /// Ends the lease at `redis_key` if `token` holds it (an expiry of 0
+    /// deletes it), on `conn`; whether it did is not looked at.
+    async fn give_up_lease(&self, conn: &mut Conn, redis_key: &[u8], token: &str) {
+        let keys: &[&[u8]] = &[redis_key];
+        let _ = (self.invoke(conn, &self.extend, keys, &[token.as_bytes(), b"0"])).await;
+    }
+
     fn key(&self, kind: &[u8], key: &str) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.prefix.len() + kind.len() + key.len());
         k.extend_from_slice(self.prefix.as_bytes());
