@@ -317,9 +317,10 @@ impl<C> FailoverLayer<C> {
     /// an unknown unit, zero) is passed on as it is and read as absent.
     ///
     /// Off by default, as in Envoy (`grpc_timeout_header_max`), since
-    /// reading the header costs every request a lookup; a timer is set
-    /// only for requests that carry one. Requests must then be called
-    /// within a Tokio runtime with its time driver enabled.
+    /// reading the header costs every request a lookup. Without a
+    /// deadline or a per-try timeout, a timer is set only for requests
+    /// that carry a valid one; requests must then be called within a Tokio
+    /// runtime with its time driver enabled.
     pub fn grpc_timeout(mut self, read: bool) -> Self {
         self.config.grpc_timeout = read;
         self

@@ -41,7 +41,8 @@ pub struct FailoverStats {
     /// [per-try timeout](super::FailoverLayer::per_try_timeout).
     pub per_try_timeouts: u64,
     /// Requests that ran out of their overall
-    /// [deadline](super::FailoverLayer::deadline).
+    /// [deadline](super::FailoverLayer::deadline), or of a gRPC client's
+    /// shorter one ([`grpc_timeout`](super::FailoverLayer::grpc_timeout)).
     pub deadlines_exceeded: u64,
 }
 
