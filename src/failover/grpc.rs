@@ -17,13 +17,11 @@ const MAX_VALUE: u64 = 99_999_999;
 /// an unknown unit) or is zero, which gives no time to work with.
 pub(crate) fn parse(value: &HeaderValue) -> Option<Duration> {
     let (&unit, digits) = value.as_bytes().split_last()?;
-    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.len() > 8 {
         return None;
     }
-    // Eight digits at most: no overflow.
-    let n = digits
-        .iter()
-        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    // Eight digits at most: no overflow below.
+    let n: u64 = crate::key::decimal(digits)?;
     let time = match unit {
         b'H' => Duration::from_secs(n * 3600),
         b'M' => Duration::from_secs(n * 60),
@@ -55,8 +53,8 @@ fn format(time: Duration) -> HeaderValue {
         .map(|&(per, unit)| (nanos / per, unit))
         .find(|&(n, _)| n <= u128::from(MAX_VALUE))
         .unwrap_or((u128::from(MAX_VALUE), 'H'));
-    let text = format!("{n}{unit}");
-    HeaderValue::from_str(&text).expect("digits and a letter are a valid header value")
+    HeaderValue::try_from(format!("{n}{unit}"))
+        .expect("digits and a letter are a valid header value")
 }
 
 /// Tells a backend, in `headers`, that it has `time` left.
