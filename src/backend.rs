@@ -682,8 +682,7 @@ impl BackendState {
     }
 
     fn nanos_since_epoch(&self, at: Instant) -> u64 {
-        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
-        u64::try_from(nanos).unwrap_or(u64::MAX)
+        crate::time::nanos_since(self.epoch, at)
     }
 
     /// The configured weight (at least 1).

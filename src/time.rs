@@ -20,6 +20,13 @@ pub(crate) fn later(at: Instant, by: Duration) -> Instant {
     at.checked_add(by).unwrap_or_else(|| at + NEVER)
 }
 
+/// The nanoseconds from `base` to `at`: 0 for an `at` before `base`, and
+/// `u64::MAX` past some 584 years; for an instant kept in an atomic.
+#[inline]
+pub(crate) fn nanos_since(base: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Whether at least `span` has passed from `since` to `now`.
 pub(crate) fn elapsed(since: Instant, now: Instant, span: Duration) -> bool {
     now.saturating_duration_since(since) >= span

@@ -131,7 +131,7 @@ impl PanicMode {
     }
 
     fn nanos(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        crate::time::nanos_since(self.epoch, at)
     }
 }
 

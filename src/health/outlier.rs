@@ -454,7 +454,7 @@ impl<C> Watch<C> {
 
     /// Nanoseconds since `epoch`.
     fn since_epoch(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        crate::time::nanos_since(self.epoch, Instant::now())
     }
 
     /// Reports the end of the ejection of `target` that this watch cleared.

@@ -53,8 +53,7 @@ pub(super) fn from_http1(sent: &Sent) -> bool {
 /// `at` as the nanoseconds since `base`, at least 1, for an `AtomicU64`
 /// in which 0 stands for no instant (see [`from_nanos`]).
 pub(super) fn to_nanos(base: Instant, at: Instant) -> u64 {
-    let nanos = at.saturating_duration_since(base).as_nanos();
-    u64::try_from(nanos).unwrap_or(u64::MAX).max(1)
+    crate::time::nanos_since(base, at).max(1)
 }
 
 /// The instant [`to_nanos`] gave as `nanos` from `base`; `None` for 0.

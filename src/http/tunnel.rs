@@ -84,9 +84,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Active<'_, T> {
         let before = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            let since = this.start.elapsed().as_nanos();
-            this.last
-                .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
+            let since = crate::time::nanos_since(this.start, Instant::now());
+            this.last.store(since, Ordering::Relaxed);
         }
         read
     }

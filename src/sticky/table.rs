@@ -492,7 +492,7 @@ impl Table {
     /// never now, so a deadline of `now` (`reload_at`, where 0 means none)
     /// is due at once, from the first instant on.
     fn now(&self) -> u64 {
-        nanos(Instant::now().saturating_duration_since(self.epoch)).saturating_add(CLOCK_START)
+        crate::time::nanos_since(self.epoch, Instant::now()).saturating_add(CLOCK_START)
     }
 
     fn is_idle(&self, entry: &Entry, now: u64) -> bool {
