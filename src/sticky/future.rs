@@ -123,15 +123,12 @@ impl Finishing {
 }
 
 /// A request waiting for its session to be loaded from the store, then
-/// for its service to be ready.
+/// (its track set) for its service to be ready.
 struct Loading<S, B> {
     key: Arc<str>,
     cookie: Option<BackendId>,
     unread: Option<Unread>,
     load: BoxFuture<Loaded>,
-    /// Whether the session was read and routed: the service's readiness
-    /// is next.
-    routed: bool,
     service: Option<S>,
     request: Option<Request<B>>,
 }
@@ -167,7 +164,6 @@ impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
                     cookie,
                     unread,
                     load,
-                    routed: false,
                     service: Some(service),
                     request: Some(request),
                 }),
@@ -205,11 +201,12 @@ where
                         cookie,
                         unread,
                         load,
-                        routed,
                         service,
                         request,
                     } = &mut **loading;
-                    if *routed {
+                    // Its track is set once the session is read and
+                    // routed: the service's readiness is next.
+                    if this.track.is_some() {
                         let ready = service.as_mut().expect("service taken once").poll_ready(cx);
                         if let Err(error) = ready!(ready) {
                             let track = this.track.take().expect("track set once routed");
@@ -235,7 +232,6 @@ where
                         Start::Call(track) => {
                             *this.track = Some(track);
                             *this.path = this.shared.learns_on(request.as_ref().expect("request"));
-                            *routed = true;
                         }
                         // Forgotten since it was read: read again.
                         Start::Load {
