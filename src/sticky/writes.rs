@@ -248,8 +248,13 @@ impl Writes {
     ) -> (R, Option<Done>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             let (made, write) = change();
-            let error = || StoreError::other("writing to the session store needs a tokio runtime");
-            return (made, write.map(|write| refused(&**owner, &write, error())));
+            return (
+                made,
+                write.map(|write| {
+                    let error = "writing to the session store needs a tokio runtime";
+                    refused(&**owner, &write, StoreError::other(error))
+                }),
+            );
         };
         let mut queues = owner.writes().queues.lock();
         let (made, write) = change();
