@@ -2107,7 +2107,7 @@ mod tests {
         fn the_timeout_parameter_is_read(
             others in proptest::collection::vec(other_keep_alive_parameters(), 0..5),
             at: proptest::sample::Index,
-            upper in proptest::collection::vec(proptest::prelude::any::<bool>(), 7),
+            name in "[tT][iI][mM][eE][oO][uU][tT]",
             before in "[ \t]{0,2}",
             after in "[ \t]{0,2}",
             zeros in 0usize..3,
@@ -2115,11 +2115,6 @@ mod tests {
             quoted: bool,
             gaps in proptest::collection::vec(proptest::prelude::any::<u8>(), 6),
         ) {
-            let name: String = "timeout"
-                .chars()
-                .zip(&upper)
-                .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
-                .collect();
             let value = format!("{}{timeout}", "0".repeat(zeros));
             let value = if quoted { format!("\"{value}\"") } else { value };
             let mut parameters = others;
