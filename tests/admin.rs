@@ -56,14 +56,14 @@ async fn call_with(
     method: &str,
     path: &str,
     content_type: Option<&str>,
-    body: &str,
+    body: impl AsRef<[u8]>,
 ) -> (StatusCode, Value) {
     let mut request = Request::builder().method(method).uri(path);
     if let Some(content_type) = content_type {
         request = request.header("content-type", content_type);
     }
     let request = request
-        .body(Full::new(Bytes::from(body.to_owned())))
+        .body(Full::new(Bytes::copy_from_slice(body.as_ref())))
         .unwrap();
     let response: Response<AdminBody> = admin.clone().oneshot(request).await.unwrap();
     let status = response.status();
@@ -1013,14 +1013,8 @@ mod generated {
 
     /// Posts `body`, declared JSON, to backend `web2`'s weight.
     async fn post_weight(admin: &AdminService, body: Vec<u8>) -> (StatusCode, Value) {
-        let request = Request::post("/backends/web2/weight")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        let response: Response<AdminBody> = admin.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap())
+        let path = "/backends/web2/weight";
+        call_with(admin, "POST", path, Some("application/json"), body).await
     }
 
     proptest! {

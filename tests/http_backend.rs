@@ -939,7 +939,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    http1_client(http1_front_of(backend, None).await).await
+    http1_client(http1_front_of(backend, None).await.0).await
 }
 
 /// An HTTP/1 client of `addr`, its connection driven by a task of its own.
@@ -1141,7 +1141,7 @@ async fn a_connection_is_reused_after_a_response_with_trailers() {
 async fn a_client_that_stops_reading_is_cut_off_by_the_send_timeout() {
     // The connection's timeout alone.
     let (state, balance) = big_answers(&HttpClient::new().send_timeout(None), false).await;
-    let front = http1_front_of(balance, Some(Duration::from_secs(1))).await;
+    let (front, _) = http1_front_of(balance, Some(Duration::from_secs(1))).await;
     a_stalled_client_leaves_its_place(front, &state).await;
 }
 
@@ -1151,13 +1151,16 @@ async fn a_client_that_stops_reading_is_cut_off_by_the_send_timeout() {
 async fn a_client_that_stops_reading_is_cut_off_by_the_clients_send_timeout() {
     let client = HttpClient::new().send_timeout(Some(Duration::from_millis(500)));
     let (state, balance) = big_answers(&client, false).await;
-    let front = http1_front_of(balance, None).await;
+    let (front, _) = http1_front_of(balance, None).await;
     a_stalled_client_leaves_its_place(front, &state).await;
 }
 
 /// An HTTP/1 server of `proxy`, its connections over a [`SendTimeout`]
 /// of `send_timeout` when given.
-async fn http1_front_of<S>(proxy: S, send_timeout: Option<Duration>) -> SocketAddr
+async fn http1_front_of<S>(
+    proxy: S,
+    send_timeout: Option<Duration>,
+) -> (SocketAddr, Arc<AtomicUsize>)
 where
     S: tower::Service<Request<Incoming>, Response = Response<tower_ha::http::ResponseBody>>
         + Clone
@@ -1167,7 +1170,7 @@ where
     S::Future: Send,
     S::Error: Into<BoxError>,
 {
-    let (front, _) = accept_counting(move |stream, _| {
+    accept_counting(move |stream, _| {
         let proxy = proxy.clone();
         async move {
             let service = service_fn(move |req| proxy.clone().oneshot(req));
@@ -1178,8 +1181,7 @@ where
                 .await;
         }
     })
-    .await;
-    front
+    .await
 }
 
 /// The size of [`big_answers`]'s responses: more than the sockets between
@@ -4092,22 +4094,8 @@ async fn a_proxy_reads_the_rest_of_an_upload_its_backend_refused_early() {
         .layer(BufferBodyLayer::new())
         .layer(FailoverLayer::new())
         .service(Balance::new(pool, RoundRobin::new()));
-    let (front, front_accepted) = accept_counting(move |stream, _| {
-        let stack = stack.clone();
-        async move {
-            let service = service_fn(move |req: Request<Incoming>| stack.clone().oneshot(req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        }
-    })
-    .await;
-
-    let stream = TcpStream::connect(front).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let (front, front_accepted) = http1_front_of(stack, None).await;
+    let mut sender = http1_client(front).await;
     for _ in 0..3 {
         // 4 MiB: far past what the failover layer buffers, and more than
         // the sockets hold.
