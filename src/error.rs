@@ -441,6 +441,137 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
     }
 }
 
+/// gRPC's `DEADLINE_EXCEEDED`, `INTERNAL` and `UNAVAILABLE`.
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+const GRPC_INTERNAL: u32 = 13;
+const GRPC_UNAVAILABLE: u32 = 14;
+
+/// The gRPC status a gateway should answer a gRPC call with for an error
+/// of the tower-ha stack: the counterpart of [`gateway_status`], from
+/// whose answer it follows.
+///
+/// - A timeout (`504 Gateway Timeout`, also `408 Request Timeout`) is
+///   `DEADLINE_EXCEEDED` (4), as Envoy and Linkerd answer a call they
+///   timed out. gRPC's own reading of a `504` would be `UNAVAILABLE`,
+///   which tells a client to try again, and a call whose time ran out has
+///   none left for that.
+/// - Otherwise it is the code a gRPC client reads from the HTTP status
+///   when an answer has no `grpc-status` (gRPC's mapping of HTTP
+///   statuses): `UNAVAILABLE` (14) for `502` and `503` (no backend could
+///   take the call, or its backend failed: worth trying again, as gRPC
+///   clients' retry policies do for that code), `INTERNAL` (13) for `400`
+///   (a request refused as invalid).
+///
+/// [`GrpcCall::answer`] sends it.
+///
+/// ```
+/// use std::io::{Error, ErrorKind};
+/// use tower_ha::error::{grpc_status, BackendError, NoBackend};
+///
+/// assert_eq!(grpc_status(&NoBackend::default()), 14);
+/// let timed_out = BackendError::new("a".into(), Error::from(ErrorKind::TimedOut));
+/// assert_eq!(grpc_status(&timed_out), 4);
+/// ```
+pub fn grpc_status(err: &(dyn StdError + 'static)) -> u32 {
+    grpc_code(gateway_status(err))
+}
+
+/// The gRPC status for a gateway's HTTP status (see [`grpc_status`]).
+fn grpc_code(status: http::StatusCode) -> u32 {
+    use http::StatusCode;
+    match status {
+        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => GRPC_DEADLINE_EXCEEDED,
+        StatusCode::BAD_REQUEST => GRPC_INTERNAL,
+        _ => GRPC_UNAVAILABLE,
+    }
+}
+
+/// A gRPC call, as far as a gateway's answer to its failure needs it: its
+/// request's content type, read before the request goes into the stack.
+///
+/// gRPC clients read how a call went from its `grpc-status`, not from the
+/// HTTP status: one answered `503` with a text body reports `UNAVAILABLE`
+/// with a message about an unexpected content type, and a `504` becomes
+/// `UNAVAILABLE` too, which invites a retry after the deadline.
+/// [`answer`](Self::answer) sends what a gRPC server sends for a call
+/// that fails before any message, as Envoy answers the gRPC calls it
+/// fails itself: a "Trailers-Only" response.
+///
+/// ```
+/// use http::{header::CONTENT_TYPE, Request, StatusCode};
+/// use http_body_util::Full;
+/// use bytes::Bytes;
+/// use tower_ha::error::{GrpcCall, NoBackend};
+///
+/// let request = Request::post("/inventory.Stock/Get")
+///     .header(CONTENT_TYPE, "application/grpc+proto")
+///     .body(())
+///     .unwrap();
+/// let call = GrpcCall::of(request.headers()).expect("a gRPC call");
+/// // ... the stack fails the request:
+/// let answer = call.answer::<Full<Bytes>>(&NoBackend::default());
+/// assert_eq!(answer.status(), StatusCode::OK);
+/// assert_eq!(answer.headers()["grpc-status"], "14");
+/// assert_eq!(answer.headers()["grpc-message"], "Service Unavailable");
+/// assert_eq!(answer.headers()[CONTENT_TYPE], "application/grpc+proto");
+///
+/// let page = Request::get("/").body(()).unwrap();
+/// assert!(GrpcCall::of(page.headers()).is_none());
+/// ```
+#[derive(Debug, Clone)]
+pub struct GrpcCall {
+    content_type: http::HeaderValue,
+}
+
+impl GrpcCall {
+    /// The call whose request has `headers`, or `None` when their content
+    /// type is not gRPC's: `application/grpc`, its `+proto`, `+json`, ...
+    /// forms, and gRPC-Web's (`application/grpc-web`,
+    /// `application/grpc-web-text`, and their forms), compared without
+    /// regard to case.
+    pub fn of(headers: &http::HeaderMap) -> Option<Self> {
+        let mut rest = crate::classify::grpc_subtype(headers)?;
+        if let Some(web) = strip_prefix_ignore_case(rest, b"-web") {
+            rest = strip_prefix_ignore_case(web, b"-text").unwrap_or(web);
+        }
+        matches!(rest.first(), None | Some(b'+' | b';')).then(|| GrpcCall {
+            content_type: headers[http::header::CONTENT_TYPE].clone(),
+        })
+    }
+
+    /// The answer to this call when the stack failed it with `err`: `200
+    /// OK`, the request's content type, a `grpc-status` of
+    /// [`grpc_status(err)`](grpc_status), a `grpc-message` of the reason
+    /// phrase of [`gateway_status(err)`](gateway_status) (`Service
+    /// Unavailable`; what failed, which names backends and system errors,
+    /// is no business of the client's), and `B`'s default, which must be
+    /// an empty body (`Full`, `Empty`): hyper then ends the stream with
+    /// the head (over HTTP/1.1, with `content-length: 0`).
+    pub fn answer<B: Default>(&self, err: &(dyn StdError + 'static)) -> http::Response<B> {
+        let status = gateway_status(err);
+        let mut response = http::Response::new(B::default());
+        let headers = response.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, self.content_type.clone());
+        headers.insert(
+            crate::classify::GRPC_STATUS,
+            http::HeaderValue::from(grpc_code(status)),
+        );
+        if let Some(reason) = status.canonical_reason() {
+            headers.insert(GRPC_MESSAGE, http::HeaderValue::from_static(reason));
+        }
+        response
+    }
+}
+
+/// The field a gRPC status's message is sent in.
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+
+/// `bytes` after `prefix`, compared without regard to case.
+fn strip_prefix_ignore_case<'a>(bytes: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    let (start, rest) = bytes.split_at_checked(prefix.len())?;
+    start.eq_ignore_ascii_case(prefix).then_some(rest)
+}
+
 /// `uri` with everything between its scheme (or, without one, position
 /// `from`) and its last `@`, if any, shown as `***`, so that no password
 /// is shown in an error or a log, one holding `/`, `?` or `#` included.
@@ -629,6 +760,80 @@ mod tests {
         let strict = crate::sticky::SessionUnavailable::new("k", false, "a".into())
             .failed(Box::new(BackendError::new("a".into(), connect())));
         assert_eq!(boxed(Box::new(strict)), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn grpc_statuses_follow_the_gateway_statuses() {
+        use crate::failover::{DeadlineExceeded, Exhausted, TimedOut};
+        use std::time::Duration;
+        let timed_out = || BackendError::new("a".into(), TimedOut::new(Duration::from_secs(1)));
+        assert_eq!(grpc_status(&timed_out()), GRPC_DEADLINE_EXCEEDED);
+        let attempts: Vec<(BackendId, BoxError)> = vec![("a".into(), "503".into())];
+        let deadline = DeadlineExceeded::new(Duration::from_secs(2), false);
+        let ended = Exhausted::new(attempts, Some(Box::new(deadline)));
+        assert_eq!(grpc_status(&ended), GRPC_DEADLINE_EXCEEDED);
+        let slow = InvalidRequest::client_too_slow("5 s".into());
+        assert_eq!(grpc_status(&slow), GRPC_DEADLINE_EXCEEDED);
+        assert_eq!(grpc_status(&InvalidRequest::new("bad")), GRPC_INTERNAL);
+        assert_eq!(grpc_status(&NoBackend::at_limit()), GRPC_UNAVAILABLE);
+        let reset = BackendError::new("a".into(), "connection reset");
+        assert_eq!(grpc_status(&reset), GRPC_UNAVAILABLE);
+    }
+
+    #[test]
+    fn grpc_calls_are_told_by_their_content_type() {
+        let headers = |content_type: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            let value = http::HeaderValue::from_static(content_type);
+            headers.insert(http::header::CONTENT_TYPE, value);
+            headers
+        };
+        for grpc in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC+json",
+            "application/grpc;charset=utf-8",
+            "application/grpc-web",
+            "application/grpc-web+proto",
+            "application/grpc-Web-Text",
+            "application/grpc-web-text+proto",
+        ] {
+            let call = GrpcCall::of(&headers(grpc)).expect(grpc);
+            let answer = call.answer::<String>(&NoBackend::new());
+            assert_eq!(answer.headers()[http::header::CONTENT_TYPE], grpc);
+            assert_eq!(answer.status(), StatusCode::OK);
+            assert!(answer.body().is_empty());
+        }
+        for other in [
+            "application/grpcx",
+            "application/grpc-webx",
+            "application/grpc-text",
+            "application/json",
+            "text/plain",
+            "application/grp",
+        ] {
+            assert!(GrpcCall::of(&headers(other)).is_none(), "{other}");
+        }
+        assert!(GrpcCall::of(&http::HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_grpc_answer_names_the_status_and_no_cause() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        let call = GrpcCall::of(&headers).unwrap();
+        let err = BackendError::new("10.0.0.7:9000".into(), "connection reset by peer");
+        let answer = call.answer::<String>(&err);
+        assert_eq!(answer.headers()["grpc-status"], "14");
+        assert_eq!(answer.headers()["grpc-message"], "Bad Gateway");
+        assert_eq!(answer.headers().len(), 3, "{:?}", answer.headers());
+        let timed_out = TimedOut::new(std::time::Duration::from_secs(1));
+        let answer = call.answer::<String>(&timed_out);
+        assert_eq!(answer.headers()["grpc-status"], "4");
+        assert_eq!(answer.headers()["grpc-message"], "Gateway Timeout");
     }
 
     #[test]
