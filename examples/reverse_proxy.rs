@@ -1,8 +1,9 @@
-//! A real reverse proxy built from tower-ha: hyper's HTTP/1.1 server in
-//! front of `[Sticky →] BufferBody → Failover → Balance → [Health →
-//! HttpBackend]`, with active health checks (TCP connects, or HTTP
-//! requests with `--health-path`). WebSocket connections (and other
-//! protocol upgrades) are proxied too.
+//! A real reverse proxy built from tower-ha: hyper's HTTP/1.1 and HTTP/2
+//! server in front of `[Sticky →] BufferBody → Failover → Balance →
+//! [Health → HttpBackend]`, with active health checks (TCP connects, or
+//! HTTP requests with `--health-path`). WebSocket connections (and other
+//! protocol upgrades) are proxied too, and so are gRPC calls (with
+//! `--http2`, feature `http2`, for backends that speak only HTTP/2).
 //!
 //! ```sh
 //! cargo run --release --features hyper-client --example reverse_proxy -- \
@@ -14,13 +15,15 @@
 //!
 //! A backend that stops in the middle of a response body is left after the
 //! client's read timeout (`HttpClient::read_timeout`, 60 s). A failed
-//! request is answered 400, 408, 502, 503 or 504 with the status's name alone;
+//! request is answered 400, 408, 502, 503 or 504 with the status's name alone
+//! (a failed gRPC call, `200 OK` with its `grpc-status`);
 //! what failed (backend addresses, system errors) goes to standard error.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -29,14 +32,15 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
 };
-use tower_ha::error::{gateway_status, Report};
+use tower_ha::error::{gateway_status, GrpcCall, Report};
 use tower_ha::extensions::PeerAddr;
 use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
 use tower_ha::health::{probe_fn, CheckerHandle, HealthChecker, HealthLayer, HttpProbe, Probe};
@@ -72,6 +76,7 @@ struct Options {
     header_read_timeout: Option<Duration>,
     send_timeout: Option<Duration>,
     drain: Duration,
+    http2: bool,
     backends: Vec<String>,
 }
 
@@ -124,7 +129,10 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            grpc-timeout takes its place
   --header-read-timeout MS closes a client connection that has not sent a
                            whole request head within MS ms, an idle kept-alive
-                           one included (default 30000; 0 for none)
+                           one included (default 30000; 0 for none); over
+                           HTTP/2, one whose first request has not come
+                           within MS ms (an idle one stays open, as gRPC
+                           clients keep theirs, and is sent PINGs)
   --send-timeout MS        closes a client connection that has taken none of
                            its response for MS ms, and gives up a response
                            whose client has left a frame of it for MS ms, so
@@ -132,6 +140,9 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            backend's connection and its place under
                            --max-in-flight (default 60000, as nginx's
                            send_timeout; 0 for none)
+  --http2                  speaks HTTP/2 (prior knowledge) to every backend,
+                           as gRPC servers need (feature http2); clients
+                           are served HTTP/1.1 or HTTP/2 either way
   --drain MS               on SIGINT or SIGTERM: stops accepting, lets each
                            connection finish its request and each WebSocket
                            (or other upgraded) tunnel end, exits when none is
@@ -183,6 +194,7 @@ fn options() -> Options {
         header_read_timeout: Some(Duration::from_secs(30)),
         send_timeout: Some(Duration::from_secs(60)),
         drain: Duration::from_secs(10),
+        http2: false,
         backends: Vec::new(),
     };
     // Milliseconds, 0 for none.
@@ -250,6 +262,7 @@ fn options() -> Options {
                     millis(value("--header-read-timeout"), "--header-read-timeout")
             }
             "--send-timeout" => o.send_timeout = millis(value("--send-timeout"), "--send-timeout"),
+            "--http2" => o.http2 = true,
             "--drain" => o.drain = millis(value("--drain"), "--drain").unwrap_or_default(),
             "--health-path" => {
                 let path = value("--health-path");
@@ -405,6 +418,12 @@ async fn run(o: Options) {
 
 async fn serve<P: Strategy>(o: Options, strategy: P) {
     let client = HttpClient::<Body>::new().send_timeout(o.send_timeout);
+    #[cfg(feature = "http2")]
+    let client = client.http2_only(o.http2);
+    #[cfg(not(feature = "http2"))]
+    if o.http2 {
+        usage("--http2 needs the http2 feature (--features http2)");
+    }
     let passive = HealthLayer::new();
     let pool = Pool::new();
     // The sticky cookie's secret: from the environment, so that cookies
@@ -605,11 +624,13 @@ async fn stop_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Serves each connection `listener` accepts with `stack`, closing those
-/// that send no whole request head within `header_read_timeout`, or take
-/// none of their response for `send_timeout`, until a
-/// stop signal; each connection then finishes the request it is serving
-/// and closes (its task watches `stop`).
+/// Serves each connection `listener` accepts with `stack`, over HTTP/1.1
+/// or HTTP/2 (prior knowledge, as gRPC clients connect without TLS),
+/// closing those that send no whole request head within
+/// `header_read_timeout` (over HTTP/2, no first request), or take none of
+/// their response for `send_timeout`, until a stop signal; each
+/// connection then finishes the requests it is serving and closes (its
+/// task watches `stop`).
 async fn accept<S>(
     listener: TcpListener,
     stack: S,
@@ -622,6 +643,22 @@ async fn accept<S>(
         + 'static,
     S::Future: Send,
 {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        // Without a timer hyper enforces no header read timeout (and
+        // warns on every connection).
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    // PINGs find the HTTP/2 clients that went away without closing, whose
+    // idle connections would otherwise stay open for good.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let builder = Arc::new(builder);
     let mut signal = std::pin::pin!(stop_signal());
     loop {
         let accepted = tokio::select! {
@@ -640,25 +677,29 @@ async fn accept<S>(
         };
         let _ = stream.set_nodelay(true);
         let stack = stack.clone();
+        let builder = builder.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
+            // Until its protocol is known, and over HTTP/2, hyper's header
+            // read timeout does not watch a connection: this does, until
+            // its first request.
+            let requested = Arc::new(AtomicBool::new(false));
+            let mut first = header_read_timeout.map(|t| Box::pin(tokio::time::sleep(t)));
+            let seen = requested.clone();
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                seen.store(true, Ordering::Relaxed);
                 req.extensions_mut().insert(PeerAddr(peer));
+                // What a failed gRPC call's answer needs, read before the
+                // stack takes the request.
+                let call = GrpcCall::of(req.headers());
                 let stack = stack.clone();
-                async move { Ok::<_, Infallible>(respond(stack.oneshot(req).await)) }
+                async move { Ok::<_, Infallible>(respond(stack.oneshot(req).await, call)) }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                // Without a timer hyper enforces no header read timeout
-                // (and warns on every connection).
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout)
-                .serve_connection(
-                    TokioIo::new(SendTimeout::new(stream, send_timeout)),
-                    service,
-                )
-                // WebSocket and other protocol switches go through.
-                .with_upgrades();
+            // WebSocket and other protocol switches go through.
+            let connection = builder.serve_connection_with_upgrades(
+                TokioIo::new(SendTimeout::new(stream, send_timeout)),
+                service,
+            );
             let mut connection = std::pin::pin!(connection);
             let changed = stop.clone();
             let mut stopping = std::pin::pin!(stop.wait_for(|&stop| stop));
@@ -671,6 +712,13 @@ async fn accept<S>(
                 if connection.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(false);
                 }
+                if let Some(sleep) = &mut first {
+                    if requested.load(Ordering::Relaxed) {
+                        first = None;
+                    } else if sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(true);
+                    }
+                }
                 if !waiting || changed.has_changed().unwrap_or(true) {
                     waiting = true;
                     if stopping.as_mut().poll(cx).is_ready() {
@@ -681,7 +729,8 @@ async fn accept<S>(
             })
             .await;
             if stopped {
-                // Finishes the request in flight, if any, then closes.
+                // Finishes the requests in flight, if any, then closes
+                // (over HTTP/2, with a GOAWAY).
                 connection.as_mut().graceful_shutdown();
                 let _ = connection.await;
             }
@@ -689,10 +738,14 @@ async fn accept<S>(
     }
 }
 
-/// The backend's response, or a gateway error. Why it failed is logged,
+/// The backend's response, or a gateway error (for a gRPC `call`, a
+/// gRPC answer). Why it failed is logged,
 /// not sent: it names backends and system errors, which are no business of
 /// the client's.
-fn respond(result: Result<Response<ResponseBody>, BoxError>) -> Response<ProxyBody> {
+fn respond(
+    result: Result<Response<ResponseBody>, BoxError>,
+    call: Option<GrpcCall>,
+) -> Response<ProxyBody> {
     match result {
         Ok(response) => response.map(Either::Left),
         Err(e) => {
@@ -701,6 +754,10 @@ fn respond(result: Result<Response<ResponseBody>, BoxError>) -> Response<ProxyBo
             // logs it only at `info`: a client cannot fill the log.
             if status.is_server_error() {
                 log!("{status}: {}", Report(&*e));
+            }
+            // A gRPC client reads the outcome from `grpc-status`.
+            if let Some(call) = call {
+                return call.answer(&*e).map(Either::Right);
             }
             let reason = status.canonical_reason().unwrap_or("Error");
             let body = Full::new(Bytes::from(format!("{reason}\n")));
