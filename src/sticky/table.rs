@@ -70,7 +70,10 @@ pub(crate) enum Kept {
 pub(crate) struct Entry {
     backend: BackendId,
     created: SystemTime,
-    data: serde_json::Value,
+    /// The session's application data; `None` for `null`, which most
+    /// sessions hold: boxed, it takes a pointer's room in every entry
+    /// rather than a `Value`'s four.
+    data: Option<Box<serde_json::Value>>,
     /// Nanoseconds since the table's epoch.
     last_seen: AtomicU64,
     /// When its record was last written or due a refresh, in nanoseconds
@@ -115,7 +118,7 @@ impl Entry {
         let entry = Entry {
             backend: session.backend,
             created: session.created,
-            data: session.data,
+            data: (!session.data.is_null()).then(|| Box::new(session.data)),
             last_seen: AtomicU64::new(now),
             refreshed_at: AtomicU64::new(now.saturating_sub(nanos(age))),
             // Set once a response sends the cookie: a session read from
@@ -981,7 +984,8 @@ fn hit_of(key: &Arc<str>, entry: &Entry) -> Hit {
 }
 
 fn to_session(key: &str, entry: &Entry) -> Session {
-    let mut session = Session::new(key, entry.backend.clone()).with_data(entry.data.clone());
+    let data = entry.data.as_deref().cloned().unwrap_or_default();
+    let mut session = Session::new(key, entry.backend.clone()).with_data(data);
     session.created = entry.created;
     session
 }
@@ -998,6 +1002,14 @@ fn nanos(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session's slot in its shard's table: what each session costs
+    /// besides its key's and cookie's allocations (docs/benchmarks.md).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_slot_takes_112_bytes() {
+        assert_eq!(std::mem::size_of::<(Key, Entry)>(), 112);
+    }
 
     fn session(key: &str, backend: &str) -> Session {
         Session::new(key, backend.into())
