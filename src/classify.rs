@@ -123,7 +123,7 @@ impl<'a> Outcome<'a> {
 pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// gRPC's `UNAVAILABLE`.
-const GRPC_UNAVAILABLE: u32 = 14;
+pub(crate) const GRPC_UNAVAILABLE: u32 = 14;
 
 /// See [`Outcome::grpc_status`].
 fn grpc_status(status: StatusCode, headers: &HeaderMap) -> Option<u32> {

@@ -391,9 +391,37 @@ pub fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Opt
 /// assert_eq!(gateway_status(&*reset), StatusCode::BAD_GATEWAY);
 /// ```
 pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
+    use http::StatusCode;
+    match failure(err) {
+        Failure::Invalid => StatusCode::BAD_REQUEST,
+        Failure::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+        Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Failure::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        Failure::Failed => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// How an error of the tower-ha stack failed its request, as a gateway
+/// answers it (see [`gateway_status`] and [`grpc_status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The request was refused as invalid.
+    Invalid,
+    /// The client was too slow sending the request's body.
+    ClientTimeout,
+    /// No backend could take the request.
+    Unavailable,
+    /// The last attempt, or the deadline, timed out; `unsent` when it was
+    /// a connect that timed out, so the request reached no backend.
+    Timeout { unsent: bool },
+    /// Any other backend failure.
+    Failed,
+}
+
+/// See [`Failure`].
+fn failure(err: &(dyn StdError + 'static)) -> Failure {
     use crate::failover::{DeadlineExceeded, Exhausted, TimedOut};
     use crate::sticky::SessionUnavailable;
-    use http::StatusCode;
 
     // A per-try timeout, the deadline, or an I/O timeout (a connect that
     // timed out, as `HttpClient::connect_timeout` or the kernel reports).
@@ -421,43 +449,53 @@ pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
     if let Some(invalid) = find::<InvalidRequest>(err) {
         // A client too slow sending its request's body.
         if timed_out(invalid) {
-            StatusCode::REQUEST_TIMEOUT
+            Failure::ClientTimeout
         } else {
-            StatusCode::BAD_REQUEST
+            Failure::Invalid
         }
     } else if find::<SessionUnavailable>(err).is_some_and(|e| !e.is_unreadable()) {
         // A strict session whose backend could not take it, whatever its
         // backend's error (kept as the source) was.
-        StatusCode::SERVICE_UNAVAILABLE
+        Failure::Unavailable
     } else if timed_out(decisive) || ended_by_timeout {
-        StatusCode::GATEWAY_TIMEOUT
+        // The connect's own timeout, not the failover layer's.
+        let unsent = !ended_by_timeout
+            && never_sent(decisive)
+            && find::<TimedOut>(decisive).is_none()
+            && find::<DeadlineExceeded>(decisive).is_none();
+        Failure::Timeout { unsent }
     } else if find::<NoBackend>(err).is_some()
         || find::<SessionUnavailable>(err).is_some()
         || exhausted.is_some_and(|e| e.attempts().is_empty())
     {
-        StatusCode::SERVICE_UNAVAILABLE
+        Failure::Unavailable
     } else {
-        StatusCode::BAD_GATEWAY
+        Failure::Failed
     }
 }
 
-/// gRPC's `DEADLINE_EXCEEDED`, `INTERNAL` and `UNAVAILABLE`.
+/// gRPC's `DEADLINE_EXCEEDED` and `INTERNAL`.
 const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 const GRPC_INTERNAL: u32 = 13;
-const GRPC_UNAVAILABLE: u32 = 14;
 
 /// The gRPC status a gateway should answer a gRPC call with for an error
 /// of the tower-ha stack: the counterpart of [`gateway_status`], from
 /// whose answer it follows.
 ///
-/// - A timeout (`504 Gateway Timeout`, also `408 Request Timeout`) is
+/// - A call timed out at its backend (`504 Gateway Timeout`: the failover
+///   layer's per-try timeout or deadline, the client's `grpc-timeout`, a
+///   backend silent for the read timeout; also `408 Request Timeout`) is
 ///   `DEADLINE_EXCEEDED` (4), as Envoy and Linkerd answer a call they
 ///   timed out. gRPC's own reading of a `504` would be `UNAVAILABLE`,
 ///   which tells a client to try again, and a call whose time ran out has
 ///   none left for that.
+/// - A connect that timed out (the `504` of a [`NotSent`] I/O timeout,
+///   such as `HttpClient::connect_timeout`'s) reached no server: it is
+///   `UNAVAILABLE` (14), as gRPC's clients call a server they cannot
+///   reach.
 /// - Otherwise it is the code a gRPC client reads from the HTTP status
 ///   when an answer has no `grpc-status` (gRPC's mapping of HTTP
-///   statuses): `UNAVAILABLE` (14) for `502` and `503` (no backend could
+///   statuses): `UNAVAILABLE` for `502` and `503` (no backend could
 ///   take the call, or its backend failed: worth trying again, as gRPC
 ///   clients' retry policies do for that code), `INTERNAL` (13) for `400`
 ///   (a request refused as invalid).
@@ -466,23 +504,24 @@ const GRPC_UNAVAILABLE: u32 = 14;
 ///
 /// ```
 /// use std::io::{Error, ErrorKind};
-/// use tower_ha::error::{grpc_status, BackendError, NoBackend};
+/// use tower_ha::error::{grpc_status, BackendError, NoBackend, NotSent};
 ///
 /// assert_eq!(grpc_status(&NoBackend::default()), 14);
-/// let timed_out = BackendError::new("a".into(), Error::from(ErrorKind::TimedOut));
-/// assert_eq!(grpc_status(&timed_out), 4);
+/// // A backend silent for the read timeout.
+/// let silent = BackendError::new("a".into(), Error::from(ErrorKind::TimedOut));
+/// assert_eq!(grpc_status(&silent), 4);
+/// // A connect that timed out.
+/// let unreachable = NotSent::new(Error::from(ErrorKind::TimedOut));
+/// assert_eq!(grpc_status(&BackendError::new("a".into(), unreachable)), 14);
 /// ```
 pub fn grpc_status(err: &(dyn StdError + 'static)) -> u32 {
-    grpc_code(gateway_status(err))
-}
-
-/// The gRPC status for a gateway's HTTP status (see [`grpc_status`]).
-fn grpc_code(status: http::StatusCode) -> u32 {
-    use http::StatusCode;
-    match status {
-        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => GRPC_DEADLINE_EXCEEDED,
-        StatusCode::BAD_REQUEST => GRPC_INTERNAL,
-        _ => GRPC_UNAVAILABLE,
+    use crate::classify::GRPC_UNAVAILABLE;
+    match failure(err) {
+        Failure::Invalid => GRPC_INTERNAL,
+        Failure::ClientTimeout | Failure::Timeout { unsent: false } => GRPC_DEADLINE_EXCEEDED,
+        Failure::Unavailable | Failure::Timeout { unsent: true } | Failure::Failed => {
+            GRPC_UNAVAILABLE
+        }
     }
 }
 
@@ -548,15 +587,14 @@ impl GrpcCall {
     /// an empty body (`Full`, `Empty`): hyper then ends the stream with
     /// the head (over HTTP/1.1, with `content-length: 0`).
     pub fn answer<B: Default>(&self, err: &(dyn StdError + 'static)) -> http::Response<B> {
-        let status = gateway_status(err);
         let mut response = http::Response::new(B::default());
         let headers = response.headers_mut();
         headers.insert(http::header::CONTENT_TYPE, self.content_type.clone());
         headers.insert(
             crate::classify::GRPC_STATUS,
-            http::HeaderValue::from(grpc_code(status)),
+            http::HeaderValue::from(grpc_status(err)),
         );
-        if let Some(reason) = status.canonical_reason() {
+        if let Some(reason) = gateway_status(err).canonical_reason() {
             headers.insert(GRPC_MESSAGE, http::HeaderValue::from_static(reason));
         }
         response
@@ -764,6 +802,7 @@ mod tests {
 
     #[test]
     fn grpc_statuses_follow_the_gateway_statuses() {
+        use crate::classify::GRPC_UNAVAILABLE;
         use crate::failover::{DeadlineExceeded, Exhausted, TimedOut};
         use std::time::Duration;
         let timed_out = || BackendError::new("a".into(), TimedOut::new(Duration::from_secs(1)));
@@ -776,6 +815,22 @@ mod tests {
         assert_eq!(grpc_status(&slow), GRPC_DEADLINE_EXCEEDED);
         assert_eq!(grpc_status(&InvalidRequest::new("bad")), GRPC_INTERNAL);
         assert_eq!(grpc_status(&NoBackend::at_limit()), GRPC_UNAVAILABLE);
+        // A connect that timed out reached no server, on every backend;
+        // one that the per-try timeout cut reached its deadline.
+        let connect = || {
+            let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout");
+            BackendError::new("a".into(), NotSent::new(io))
+        };
+        assert_eq!(grpc_status(&connect()), GRPC_UNAVAILABLE);
+        let attempts: Vec<(BackendId, BoxError)> = vec![
+            ("a".into(), Box::new(connect())),
+            ("b".into(), Box::new(connect())),
+        ];
+        let blackholed = Exhausted::new(attempts, Some(Box::new(NoBackend::new())));
+        assert_eq!(grpc_status(&blackholed), GRPC_UNAVAILABLE);
+        assert_eq!(gateway_status(&blackholed), StatusCode::GATEWAY_TIMEOUT);
+        let cut = TimedOut::new(Duration::from_millis(100)).not_sent(true);
+        assert_eq!(grpc_status(&cut), GRPC_DEADLINE_EXCEEDED);
         let reset = BackendError::new("a".into(), "connection reset");
         assert_eq!(grpc_status(&reset), GRPC_UNAVAILABLE);
     }
