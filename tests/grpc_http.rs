@@ -1,7 +1,9 @@
-//! gRPC through a real proxy on 127.0.0.1: a front that speaks HTTP/2
-//! (and HTTP/1.1, for gRPC-Web), `Failover → Balance` over HTTP/2
-//! `HttpBackend`s, and calls the stack fails answered as a gRPC server
-//! answers them, with a `grpc-status` in a "Trailers-Only" response.
+//! gRPC through a real proxy on 127.0.0.1: a hyper front that speaks
+//! HTTP/2 (and HTTP/1.1, for gRPC-Web), built here as a program would
+//! build its own, over `BufferBody → Failover → Balance` of HTTP/2
+//! `HttpBackend`s, and calls the stack fails answered with
+//! `error::GrpcCall`, as a gRPC server answers them: a `grpc-status` in a
+//! "Trailers-Only" response.
 
 mod support;
 
@@ -156,10 +158,11 @@ async fn a_call_passes_through_to_an_http2_backend() {
     assert_eq!(collected.to_bytes(), &b"\0\0\0\0\x02hi"[..]);
 }
 
-/// A call no backend could take is `UNAVAILABLE`, in the answer's head
-/// with the stream's end: a gRPC client reads it as a server's own.
+/// A call whose only backend refused its connection is `UNAVAILABLE`,
+/// in the answer's head with the stream's end: a gRPC client reads it as
+/// a server's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_no_backend_took_is_answered_unavailable() {
+async fn a_call_its_backend_refused_is_answered_unavailable() {
     let proxy = proxy(FailoverLayer::new(), &[refusing().await]).await;
     let response = send_h2(proxy, call("application/grpc+proto")).await;
     assert_eq!(response.version(), http::Version::HTTP_2);
@@ -171,9 +174,18 @@ async fn a_call_no_backend_took_is_answered_unavailable() {
     assert_trailers_only(response, "14", "Bad Gateway").await;
 }
 
+/// A call no backend could take (an empty pool) is `UNAVAILABLE` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_no_backend_could_take_is_answered_unavailable() {
+    let proxy = proxy(FailoverLayer::new(), &[]).await;
+    let response = send_h2(proxy, call("application/grpc")).await;
+    assert_trailers_only(response, "14", "Service Unavailable").await;
+}
+
 /// A call whose client's deadline passes at a backend that does not
 /// answer is `DEADLINE_EXCEEDED`, not `UNAVAILABLE`, which would invite a
-/// retry with no time left.
+/// retry with no time left. Its deadline, not the client's read timeout
+/// (60 s), ends it: the wait is bounded well below that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_deadline_passed_is_answered_deadline_exceeded() {
     let (hanging, seen) = support::http::hanging().await;
@@ -181,8 +193,8 @@ async fn a_call_whose_deadline_passed_is_answered_deadline_exceeded() {
     let mut req = call("application/grpc");
     req.headers_mut()
         .insert("grpc-timeout", HeaderValue::from_static("200m"));
-    let response = send_h2(proxy, req).await;
-    assert_eq!(seen.connections(), 1, "the call reached the backend");
+    let response = support::wait::bounded_real("the answer", send_h2(proxy, req)).await;
+    assert_eq!(seen.connections(), 1, "the backend was reached");
     assert_trailers_only(response, "4", "Gateway Timeout").await;
 }
 
