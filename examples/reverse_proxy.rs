@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -131,8 +131,12 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            whole request head within MS ms, an idle kept-alive
                            one included (default 30000; 0 for none); over
                            HTTP/2, one whose first request has not come
-                           within MS ms (an idle one stays open, as gRPC
-                           clients keep theirs, and is sent PINGs)
+                           within MS ms (a client that connects ahead of
+                           its first call connects again). An HTTP/2
+                           connection that then starts no request for an
+                           hour is closed (GOAWAY: its streams finish), and
+                           so is one whose client sends nothing for a
+                           minute and answers no PING within 20 s
   --send-timeout MS        closes a client connection that has taken none of
                            its response for MS ms, and gives up a response
                            whose client has left a frame of it for MS ms, so
@@ -624,10 +628,17 @@ async fn stop_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// How long a connection may go without starting a request, after its
+/// first, before it is closed (gracefully: what it serves finishes), as
+/// Envoy's default idle timeout. HTTP/2 clients, gRPC's among them, keep
+/// their connections open between calls.
+const IDLE_CONNECTION: Duration = Duration::from_secs(3600);
+
 /// Serves each connection `listener` accepts with `stack`, over HTTP/1.1
 /// or HTTP/2 (prior knowledge, as gRPC clients connect without TLS),
 /// closing those that send no whole request head within
-/// `header_read_timeout` (over HTTP/2, no first request), or take none of
+/// `header_read_timeout` (over HTTP/2, no first request, and then none for
+/// [`IDLE_CONNECTION`]), or take none of
 /// their response for `send_timeout`, until a stop signal; each
 /// connection then finishes the requests it is serving and closes (its
 /// task watches `stop`).
@@ -651,12 +662,14 @@ async fn accept<S>(
         // warns on every connection).
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
-    // PINGs find the HTTP/2 clients that went away without closing, whose
-    // idle connections would otherwise stay open for good.
+    // PINGs, after a minute without a frame from the client, find the
+    // HTTP/2 clients that went away without closing, whose streams would
+    // otherwise stay open for good. A client that reads, however slowly,
+    // sends frames (window updates); one that stops is the send timeout's.
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_interval(Duration::from_secs(60))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let mut signal = std::pin::pin!(stop_signal());
@@ -681,13 +694,16 @@ async fn accept<S>(
         let mut stop = stop.clone();
         tokio::spawn(async move {
             // Until its protocol is known, and over HTTP/2, hyper's header
-            // read timeout does not watch a connection: this does, until
-            // its first request.
-            let requested = Arc::new(AtomicBool::new(false));
-            let mut first = header_read_timeout.map(|t| Box::pin(tokio::time::sleep(t)));
-            let seen = requested.clone();
+            // read timeout does not watch a connection: this does, for
+            // its first request, then for none in `IDLE_CONNECTION` (an
+            // HTTP/1.1 connection meets hyper's timeout first).
+            let started = Arc::new(AtomicUsize::new(0));
+            let mut counted = 0;
+            let first = header_read_timeout.unwrap_or(IDLE_CONNECTION);
+            let mut idle = std::pin::pin!(tokio::time::sleep(first));
+            let seen = started.clone();
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                seen.store(true, Ordering::Relaxed);
+                seen.fetch_add(1, Ordering::Relaxed);
                 req.extensions_mut().insert(PeerAddr(peer));
                 // What a failed gRPC call's answer needs, read before the
                 // stack takes the request.
@@ -712,12 +728,15 @@ async fn accept<S>(
                 if connection.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(false);
                 }
-                if let Some(sleep) = &mut first {
-                    if requested.load(Ordering::Relaxed) {
-                        first = None;
-                    } else if sleep.as_mut().poll(cx).is_ready() {
+                // Looked at when it fires: a connection that started a
+                // request since goes on for another period.
+                while idle.as_mut().poll(cx).is_ready() {
+                    let now = started.load(Ordering::Relaxed);
+                    if now == counted {
                         return Poll::Ready(true);
                     }
+                    counted = now;
+                    idle.as_mut().reset(tokio::time::Instant::now() + IDLE_CONNECTION);
                 }
                 if !waiting || changed.has_changed().unwrap_or(true) {
                     waiting = true;
