@@ -14,9 +14,9 @@
 //!   table), against `p2c::Balance` over a `ServiceList` of the same
 //!   backends once it has readied them for a request. Divided by `n`.
 //!
-//! `cargo bench --bench memory`. The figures are deterministic but for the
-//! hash tables' growth (a table doubles, so bytes per session depend on
-//! where the count falls between two sizes) and the random ids. What the
+//! `cargo bench --bench memory`. The figures are the same from run to run
+//! at these sizes; bytes per session depend on where a count falls between
+//! two sizes of a hash table, which doubles when seven eighths full. What the
 //! system allocator adds to each allocation (8 to 16 bytes with glibc) is
 //! not counted: the allocations column gives its scale.
 

@@ -71,8 +71,8 @@ pub(crate) struct Entry {
     backend: BackendId,
     created: SystemTime,
     /// The session's application data; `None` for `null`, which most
-    /// sessions hold: boxed, it takes a pointer's room in every entry
-    /// rather than a `Value`'s four.
+    /// sessions hold: boxed, it takes a pointer's 8 bytes in every entry
+    /// rather than a `Value`'s 32.
     data: Option<Box<serde_json::Value>>,
     /// Nanoseconds since the table's epoch.
     last_seen: AtomicU64,
@@ -1006,7 +1006,7 @@ mod tests {
     /// A session's slot in its shard's table: what each session costs
     /// besides its key's and cookie's allocations (docs/benchmarks.md).
     #[test]
-    #[cfg(target_pointer_width = "64")]
+    #[cfg(all(unix, target_pointer_width = "64"))]
     fn a_slot_takes_112_bytes() {
         assert_eq!(std::mem::size_of::<(Key, Entry)>(), 112);
     }
