@@ -21,19 +21,15 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -48,6 +44,10 @@ use tower_ha::http::{HttpBackend, HttpClient, ResponseBody, SendTimeout};
 use tower_ha::key::{self, RequestKey};
 use tower_ha::sticky::{CookieInsert, SessionKey, StickyLayer};
 use tower_ha::{BackendId, BoxError, Pool};
+
+#[path = "support/front.rs"]
+mod front;
+use front::Front;
 
 type Body = ReplayBody<Incoming>;
 type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -634,14 +634,12 @@ async fn stop_signal() {
 /// their connections open between calls.
 const IDLE_CONNECTION: Duration = Duration::from_secs(3600);
 
-/// Serves each connection `listener` accepts with `stack`, over HTTP/1.1
-/// or HTTP/2 (prior knowledge, as gRPC clients connect without TLS),
-/// closing those that send no whole request head within
-/// `header_read_timeout` (over HTTP/2, no first request, and then none for
-/// [`IDLE_CONNECTION`]), or take none of
-/// their response for `send_timeout`, until a stop signal; each
-/// connection then finishes the requests it is serving and closes (its
-/// task watches `stop`).
+/// Serves each connection `listener` accepts with `stack` (see
+/// [`Front::serve`]: HTTP/1.1 or HTTP/2, closing those that send no whole
+/// request head within `header_read_timeout` or then start no request for
+/// [`IDLE_CONNECTION`]), closing those that take none of their response for
+/// `send_timeout`, until a stop signal; each connection then finishes the
+/// requests it is serving and closes (its task watches `stop`).
 async fn accept<S>(
     listener: TcpListener,
     stack: S,
@@ -654,24 +652,7 @@ async fn accept<S>(
         + 'static,
     S::Future: Send,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .keep_alive(true)
-        // Without a timer hyper enforces no header read timeout (and
-        // warns on every connection).
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
-    // PINGs, after a minute without a frame from the client, find the
-    // HTTP/2 clients that went away without closing, whose streams would
-    // otherwise stay open for good. A client that reads, however slowly,
-    // sends frames (window updates); one that stops is the send timeout's.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(60))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builder = Arc::new(builder);
+    let front = Arc::new(Front::new(header_read_timeout, IDLE_CONNECTION));
     let mut signal = std::pin::pin!(stop_signal());
     loop {
         let accepted = tokio::select! {
@@ -690,20 +671,10 @@ async fn accept<S>(
         };
         let _ = stream.set_nodelay(true);
         let stack = stack.clone();
-        let builder = builder.clone();
-        let mut stop = stop.clone();
+        let front = front.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            // Until its protocol is known, and over HTTP/2, hyper's header
-            // read timeout does not watch a connection: this does, for
-            // its first request, then for none in `IDLE_CONNECTION` (an
-            // HTTP/1.1 connection meets hyper's timeout first).
-            let started = Arc::new(AtomicUsize::new(0));
-            let mut counted = 0;
-            let first = header_read_timeout.unwrap_or(IDLE_CONNECTION);
-            let mut idle = std::pin::pin!(tokio::time::sleep(first));
-            let seen = started.clone();
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                seen.fetch_add(1, Ordering::Relaxed);
                 req.extensions_mut().insert(PeerAddr(peer));
                 // What a failed gRPC call's answer needs, read before the
                 // stack takes the request.
@@ -711,48 +682,8 @@ async fn accept<S>(
                 let stack = stack.clone();
                 async move { Ok::<_, Infallible>(respond(stack.oneshot(req).await, call)) }
             });
-            // WebSocket and other protocol switches go through.
-            let connection = builder.serve_connection_with_upgrades(
-                TokioIo::new(SendTimeout::new(stream, send_timeout)),
-                service,
-            );
-            let mut connection = std::pin::pin!(connection);
-            let changed = stop.clone();
-            let mut stopping = std::pin::pin!(stop.wait_for(|&stop| stop));
-            let mut waiting = false;
-            // The stop future keeps the task's waker from its first poll, so
-            // a wake polls it again only once the value changed (an atomic
-            // load): polling it on every wake of a busy connection would
-            // take a lock each time.
-            let stopped = std::future::poll_fn(|cx| {
-                if connection.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(false);
-                }
-                // Looked at when it fires: a connection that started a
-                // request since goes on for another period.
-                while idle.as_mut().poll(cx).is_ready() {
-                    let now = started.load(Ordering::Relaxed);
-                    if now == counted {
-                        return Poll::Ready(true);
-                    }
-                    counted = now;
-                    idle.as_mut().reset(tokio::time::Instant::now() + IDLE_CONNECTION);
-                }
-                if !waiting || changed.has_changed().unwrap_or(true) {
-                    waiting = true;
-                    if stopping.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(true);
-                    }
-                }
-                Poll::Pending
-            })
-            .await;
-            if stopped {
-                // Finishes the requests in flight, if any, then closes
-                // (over HTTP/2, with a GOAWAY).
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
-            }
+            let io = TokioIo::new(SendTimeout::new(stream, send_timeout));
+            front.serve(io, service, stop).await;
         });
     }
 }
