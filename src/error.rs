@@ -391,14 +391,7 @@ pub fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Opt
 /// assert_eq!(gateway_status(&*reset), StatusCode::BAD_GATEWAY);
 /// ```
 pub fn gateway_status(err: &(dyn StdError + 'static)) -> http::StatusCode {
-    use http::StatusCode;
-    match failure(err) {
-        Failure::Invalid => StatusCode::BAD_REQUEST,
-        Failure::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
-        Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Failure::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-        Failure::Failed => StatusCode::BAD_GATEWAY,
-    }
+    failure(err).status()
 }
 
 /// How an error of the tower-ha stack failed its request, as a gateway
@@ -412,10 +405,37 @@ enum Failure {
     /// No backend could take the request.
     Unavailable,
     /// The last attempt, or the deadline, timed out; `unsent` when it was
-    /// a connect that timed out, so the request reached no backend.
+    /// a connect that timed out (by its own timeout or the per-try
+    /// timeout), so the request reached no backend.
     Timeout { unsent: bool },
     /// Any other backend failure.
     Failed,
+}
+
+impl Failure {
+    /// See [`gateway_status`].
+    fn status(self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            Failure::Invalid => StatusCode::BAD_REQUEST,
+            Failure::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Failed => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// See [`grpc_status`].
+    fn grpc_status(self) -> u32 {
+        use crate::classify::GRPC_UNAVAILABLE;
+        match self {
+            Failure::Invalid => GRPC_INTERNAL,
+            Failure::ClientTimeout | Failure::Timeout { unsent: false } => GRPC_DEADLINE_EXCEEDED,
+            Failure::Unavailable | Failure::Timeout { unsent: true } | Failure::Failed => {
+                GRPC_UNAVAILABLE
+            }
+        }
+    }
 }
 
 /// See [`Failure`].
@@ -458,10 +478,10 @@ fn failure(err: &(dyn StdError + 'static)) -> Failure {
         // backend's error (kept as the source) was.
         Failure::Unavailable
     } else if timed_out(decisive) || ended_by_timeout {
-        // The connect's own timeout, not the failover layer's.
+        // A connect that timed out (its own timeout, or a per-try timeout
+        // that cut it), not a deadline that passed.
         let unsent = !ended_by_timeout
             && never_sent(decisive)
-            && find::<TimedOut>(decisive).is_none()
             && find::<DeadlineExceeded>(decisive).is_none();
         Failure::Timeout { unsent }
     } else if find::<NoBackend>(err).is_some()
@@ -479,20 +499,19 @@ const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 const GRPC_INTERNAL: u32 = 13;
 
 /// The gRPC status a gateway should answer a gRPC call with for an error
-/// of the tower-ha stack: the counterpart of [`gateway_status`], from
-/// whose answer it follows.
+/// of the tower-ha stack: the counterpart of [`gateway_status`].
 ///
-/// - A call timed out at its backend (`504 Gateway Timeout`: the failover
-///   layer's per-try timeout or deadline, the client's `grpc-timeout`, a
-///   backend silent for the read timeout; also `408 Request Timeout`) is
-///   `DEADLINE_EXCEEDED` (4), as Envoy and Linkerd answer a call they
-///   timed out. gRPC's own reading of a `504` would be `UNAVAILABLE`,
-///   which tells a client to try again, and a call whose time ran out has
-///   none left for that.
+/// - A call that timed out (`504 Gateway Timeout`: at its backend, by the
+///   failover layer's per-try timeout or a backend silent for the read
+///   timeout, or by its deadline, the layer's or the client's
+///   `grpc-timeout`; also `408 Request Timeout`) is `DEADLINE_EXCEEDED`
+///   (4), as Envoy and Linkerd answer a call they timed out. gRPC's own
+///   reading of a `504` would be `UNAVAILABLE`, which tells a client to
+///   try again, and a call whose time ran out has none left for that.
 /// - A connect that timed out (the `504` of a [`NotSent`] I/O timeout,
-///   such as `HttpClient::connect_timeout`'s) reached no server: it is
-///   `UNAVAILABLE` (14), as gRPC's clients call a server they cannot
-///   reach.
+///   such as `HttpClient::connect_timeout`'s, or of a per-try timeout
+///   that cut a connect) reached no server: it is `UNAVAILABLE` (14), as
+///   gRPC's clients call a server they cannot reach.
 /// - Otherwise it is the code a gRPC client reads from the HTTP status
 ///   when an answer has no `grpc-status` (gRPC's mapping of HTTP
 ///   statuses): `UNAVAILABLE` for `502` and `503` (no backend could
@@ -515,14 +534,7 @@ const GRPC_INTERNAL: u32 = 13;
 /// assert_eq!(grpc_status(&BackendError::new("a".into(), unreachable)), 14);
 /// ```
 pub fn grpc_status(err: &(dyn StdError + 'static)) -> u32 {
-    use crate::classify::GRPC_UNAVAILABLE;
-    match failure(err) {
-        Failure::Invalid => GRPC_INTERNAL,
-        Failure::ClientTimeout | Failure::Timeout { unsent: false } => GRPC_DEADLINE_EXCEEDED,
-        Failure::Unavailable | Failure::Timeout { unsent: true } | Failure::Failed => {
-            GRPC_UNAVAILABLE
-        }
-    }
+    failure(err).grpc_status()
 }
 
 /// A gRPC call, as far as a gateway's answer to its failure needs it: its
@@ -587,14 +599,15 @@ impl GrpcCall {
     /// an empty body (`Full`, `Empty`): hyper then ends the stream with
     /// the head (over HTTP/1.1, with `content-length: 0`).
     pub fn answer<B: Default>(&self, err: &(dyn StdError + 'static)) -> http::Response<B> {
+        let failure = failure(err);
         let mut response = http::Response::new(B::default());
         let headers = response.headers_mut();
         headers.insert(http::header::CONTENT_TYPE, self.content_type.clone());
         headers.insert(
             crate::classify::GRPC_STATUS,
-            http::HeaderValue::from(grpc_status(err)),
+            http::HeaderValue::from(failure.grpc_status()),
         );
-        if let Some(reason) = gateway_status(err).canonical_reason() {
+        if let Some(reason) = failure.status().canonical_reason() {
             headers.insert(GRPC_MESSAGE, http::HeaderValue::from_static(reason));
         }
         response
@@ -815,8 +828,9 @@ mod tests {
         assert_eq!(grpc_status(&slow), GRPC_DEADLINE_EXCEEDED);
         assert_eq!(grpc_status(&InvalidRequest::new("bad")), GRPC_INTERNAL);
         assert_eq!(grpc_status(&NoBackend::at_limit()), GRPC_UNAVAILABLE);
-        // A connect that timed out reached no server, on every backend;
-        // one that the per-try timeout cut reached its deadline.
+        // A connect that timed out reached no server, on every backend,
+        // also one that the per-try timeout cut; a per-try timeout at the
+        // backend is the call's deadline.
         let connect = || {
             let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout");
             BackendError::new("a".into(), NotSent::new(io))
@@ -830,7 +844,9 @@ mod tests {
         assert_eq!(grpc_status(&blackholed), GRPC_UNAVAILABLE);
         assert_eq!(gateway_status(&blackholed), StatusCode::GATEWAY_TIMEOUT);
         let cut = TimedOut::new(Duration::from_millis(100)).not_sent(true);
-        assert_eq!(grpc_status(&cut), GRPC_DEADLINE_EXCEEDED);
+        assert_eq!(grpc_status(&cut), GRPC_UNAVAILABLE);
+        let waited = TimedOut::new(Duration::from_millis(100));
+        assert_eq!(grpc_status(&waited), GRPC_DEADLINE_EXCEEDED);
         let reset = BackendError::new("a".into(), "connection reset");
         assert_eq!(grpc_status(&reset), GRPC_UNAVAILABLE);
     }
