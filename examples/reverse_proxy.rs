@@ -129,14 +129,14 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            grpc-timeout takes its place
   --header-read-timeout MS closes a client connection that has not sent a
                            whole request head within MS ms, an idle kept-alive
-                           one included (default 30000; 0 for none); over
-                           HTTP/2, one whose first request has not come
-                           within MS ms (a client that connects ahead of
-                           its first call connects again). An HTTP/2
-                           connection that then starts no request for an
-                           hour is closed (GOAWAY: its streams finish), and
-                           so is one whose client sends nothing for a
-                           minute and answers no PING within 20 s
+                           one included (default 30000; 0 for none: an
+                           hour); over HTTP/2, one whose first request has
+                           not come within MS ms (a client that connects
+                           ahead of its first call connects again). A
+                           connection with no request open for an hour (up
+                           to two) is closed (over HTTP/2, with a GOAWAY),
+                           and so is an HTTP/2 one whose client answers no
+                           PING within a minute (one is sent each minute)
   --send-timeout MS        closes a client connection that has taken none of
                            its response for MS ms, and gives up a response
                            whose client has left a frame of it for MS ms, so
@@ -628,16 +628,16 @@ async fn stop_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// How long a connection may go without starting a request, after its
-/// first, before it is closed (gracefully: what it serves finishes), as
-/// Envoy's default idle timeout. HTTP/2 clients, gRPC's among them, keep
-/// their connections open between calls.
+/// How long a connection may have no request open, after its first, before
+/// it is closed (between one and two of these: see [`Front::serve`]), as
+/// Envoy's default idle timeout, which counts streams open. HTTP/2 clients,
+/// gRPC's among them, keep their connections open between calls.
 const IDLE_CONNECTION: Duration = Duration::from_secs(3600);
 
 /// Serves each connection `listener` accepts with `stack` (see
 /// [`Front::serve`]: HTTP/1.1 or HTTP/2, closing those that send no whole
-/// request head within `header_read_timeout` or then start no request for
-/// [`IDLE_CONNECTION`]), closing those that take none of their response for
+/// request head within `header_read_timeout` or then have no request open
+/// for [`IDLE_CONNECTION`]), closing those that take none of their response for
 /// `send_timeout`, until a stop signal; each connection then finishes the
 /// requests it is serving and closes (its task watches `stop`).
 async fn accept<S>(

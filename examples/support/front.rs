@@ -4,13 +4,14 @@
 //! bounds on connections that send nothing and a graceful stop.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::rt::{Read, Write};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -29,8 +30,8 @@ pub struct Front {
 impl Front {
     /// A front that closes a connection whose first request head has not
     /// come whole within `header_read_timeout` (`None`: within `idle`), an
-    /// idle kept-alive HTTP/1.1 one too, and one that then starts no
-    /// request for `idle`.
+    /// idle kept-alive HTTP/1.1 one too, and one that then has no request
+    /// open for between one and two `idle` times.
     pub fn new(header_read_timeout: Option<Duration>, idle: Duration) -> Front {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -40,16 +41,16 @@ impl Front {
             // warns on every connection).
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout);
-        // PINGs, after a minute without a frame from the client, find the
-        // HTTP/2 clients that went away without closing, whose streams
-        // would otherwise stay open for good. A client that reads, however
-        // slowly, sends frames (window updates); one that stops reading is
-        // for a send timeout to find.
+        // PINGs every minute find the HTTP/2 clients that went away without
+        // closing, whose open streams would otherwise keep their
+        // connections for good. A client gets a minute to answer: a PING
+        // waits behind what was sent before it, which a slow client reads
+        // first.
         builder
             .http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(60))
-            .keep_alive_timeout(Duration::from_secs(20));
+            .keep_alive_timeout(Duration::from_secs(60));
         Front {
             builder,
             first: header_read_timeout.unwrap_or(idle),
@@ -58,9 +59,11 @@ impl Front {
     }
 
     /// Serves `io` with `service` until the connection ends. When `stop`
-    /// turns true, when no first request comes in time, or when no request
-    /// starts for the idle time, the connection finishes the requests it
-    /// is serving and closes (over HTTP/2 with a `GOAWAY`).
+    /// turns true, when no first request comes in time, or when the
+    /// connection has had no request open (none started, none whose
+    /// response was still being sent) since the idle timer last fired, it
+    /// finishes the requests it is serving and closes (over HTTP/2 with a
+    /// `GOAWAY`). Holds two receivers of `stop` while it runs.
     ///
     /// Until its protocol is known, and over HTTP/2, hyper's header read
     /// timeout does not watch a connection: this does.
@@ -74,10 +77,10 @@ impl Front {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let started = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Requests::default());
         let service = Counted {
             inner: service,
-            started: started.clone(),
+            requests: requests.clone(),
         };
         let connection = self.builder.serve_connection_with_upgrades(io, service);
         let mut connection = std::pin::pin!(connection);
@@ -94,11 +97,11 @@ impl Front {
             if connection.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(false);
             }
-            // Looked at when it fires: a connection that started a request
-            // since goes on for another period.
+            // Looked at when it fires: a connection that had a request
+            // open since goes on for another period.
             while idle.as_mut().poll(cx).is_ready() {
-                let now = started.load(Ordering::Relaxed);
-                if now == counted {
+                let now = requests.changes.load(Ordering::Relaxed);
+                if now == counted && requests.open.load(Ordering::Relaxed) == 0 {
                     return Poll::Ready(true);
                 }
                 counted = now;
@@ -120,19 +123,104 @@ impl Front {
     }
 }
 
-/// A service that counts the requests it is called with.
-struct Counted<S> {
-    inner: S,
-    started: Arc<AtomicUsize>,
+/// The requests of one connection.
+#[derive(Default)]
+struct Requests {
+    /// Open: called, and neither failed nor done sending the response.
+    open: AtomicUsize,
+    /// How many times a request opened or closed.
+    changes: AtomicUsize,
 }
 
-impl<S: Service<R>, R> Service<R> for Counted<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+/// One open request: closed when dropped.
+struct Open(Arc<Requests>);
 
-    fn call(&self, req: R) -> S::Future {
-        self.started.fetch_add(1, Ordering::Relaxed);
-        self.inner.call(req)
+impl Open {
+    fn new(requests: &Arc<Requests>) -> Open {
+        requests.open.fetch_add(1, Ordering::Relaxed);
+        requests.changes.fetch_add(1, Ordering::Relaxed);
+        Open(requests.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.changes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A service whose requests stay open until their responses' bodies are
+/// dropped.
+struct Counted<S> {
+    inner: S,
+    requests: Arc<Requests>,
+}
+
+impl<S, B> Service<Request<Incoming>> for Counted<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<Tracked<B>>;
+    type Error = S::Error;
+    type Future = Counting<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Counting<S::Future> {
+        Counting {
+            open: Some(Open::new(&self.requests)),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response on its way, its request open.
+    struct Counting<F> {
+        open: Option<Open>,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, B, E> Future for Counting<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<Tracked<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        let open = this.open.take();
+        Poll::Ready(Ok(response.map(|body| Tracked { body, _open: open })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response's body, its request open until it is dropped.
+    struct Tracked<B> {
+        #[pin]
+        body: B,
+        _open: Option<Open>,
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
