@@ -98,16 +98,18 @@ async fn get(sender: &mut Sender, path: &str) -> Result<(StatusCode, Bytes), hyp
     Ok((status, response.into_body().collect().await?.to_bytes()))
 }
 
-/// Waits for the client's connection to end, and for the front's side of
-/// it; asserts that it ended gracefully (a `GOAWAY`, not a reset).
+/// Waits for the client's connection to end, and for the front to have
+/// ended `connections` in all; asserts that it ended gracefully (a
+/// `GOAWAY`, not a reset).
 async fn assert_closed_gracefully(
     end: oneshot::Receiver<Result<(), hyper::Error>>,
     ended: &AtomicUsize,
+    connections: usize,
 ) {
     let closed = support::wait::bounded_real("the connection closes", end).await;
     assert!(closed.unwrap().is_ok(), "a graceful close");
     support::wait::spin_until("the front's side ended", || {
-        ended.load(Ordering::SeqCst) == 1
+        ended.load(Ordering::SeqCst) == connections
     })
     .await;
 }
@@ -134,12 +136,7 @@ async fn a_connection_that_sends_no_request_is_closed() {
     // An HTTP/2 handshake, then no request: hyper's own header read
     // timeout does not watch HTTP/2.
     let (_sender, end) = h2_client(addr).await;
-    let closed = support::wait::bounded_real("the front closes", end).await;
-    assert!(closed.unwrap().is_ok(), "a graceful close");
-    support::wait::spin_until("each connection ended", || {
-        ended.load(Ordering::SeqCst) == 4
-    })
-    .await;
+    assert_closed_gracefully(end, &ended, 4).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +154,7 @@ async fn an_http2_connection_stays_while_it_sends_requests_then_closes_when_idle
         "the one connection is open"
     );
     // No request for the idle time: closed, with a GOAWAY.
-    assert_closed_gracefully(end, &ended).await;
+    assert_closed_gracefully(end, &ended, 1).await;
 }
 
 /// A response being sent keeps its connection: the idle timer (1 s) fires
@@ -175,7 +172,7 @@ async fn a_response_being_sent_keeps_its_connection() {
     assert_eq!(status, StatusCode::OK);
     let (_, body) = held.await.unwrap().unwrap();
     assert_eq!(body, "held");
-    assert_closed_gracefully(end, &ended).await;
+    assert_closed_gracefully(end, &ended, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,5 +181,5 @@ async fn a_stop_closes_an_http2_connection_gracefully() {
     let (mut sender, end) = h2_client(addr).await;
     assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
     stop.send(true).unwrap();
-    assert_closed_gracefully(end, &ended).await;
+    assert_closed_gracefully(end, &ended, 1).await;
 }
