@@ -13,7 +13,6 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -591,7 +590,7 @@ impl BackendState {
 
     /// Ejects the backend until `until` and counts the ejection.
     pub fn eject_until(&self, until: Instant) {
-        let nanos = self.nanos_since_epoch(until).max(1);
+        let nanos = crate::time::to_nanos(self.epoch, until);
         self.ejected_until.store(nanos, Ordering::Release);
         self.ejections.fetch_add(1, Ordering::AcqRel);
         self.interruptions.fetch_add(1, Ordering::Relaxed);
@@ -602,10 +601,7 @@ impl BackendState {
     /// The instant the current ejection ends, if the backend is ejected now.
     pub fn ejected_until(&self) -> Option<Instant> {
         let nanos = self.ejected_until.load(Ordering::Acquire);
-        if nanos == 0 {
-            return None;
-        }
-        let until = self.epoch + Duration::from_nanos(nanos);
+        let until = crate::time::from_nanos(self.epoch, nanos)?;
         (Instant::now() < until).then_some(until)
     }
 
@@ -786,6 +782,7 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn status_nibbles_are_independent() {

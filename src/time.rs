@@ -24,7 +24,24 @@ pub(crate) fn later(at: Instant, by: Duration) -> Instant {
 /// `u64::MAX` past some 584 years; for an instant kept in an atomic.
 #[inline]
 pub(crate) fn nanos_since(base: Instant, at: Instant) -> u64 {
-    u64::try_from(at.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
+    nanos(at.saturating_duration_since(base))
+}
+
+/// `at` as the nanoseconds since `base`, at least 1, for an `AtomicU64`
+/// in which 0 stands for no instant (see [`from_nanos`]).
+pub(crate) fn to_nanos(base: Instant, at: Instant) -> u64 {
+    nanos_since(base, at).max(1)
+}
+
+/// The instant [`to_nanos`] gave as `nanos` from `base`; `None` for 0.
+pub(crate) fn from_nanos(base: Instant, nanos: u64) -> Option<Instant> {
+    (nanos != 0).then(|| later(base, Duration::from_nanos(nanos)))
+}
+
+/// `d` in nanoseconds, `u64::MAX` past some 584 years.
+#[inline]
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Whether at least `span` has passed from `since` to `now`.

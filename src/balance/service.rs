@@ -223,7 +223,7 @@ impl<S, P: Strategy> Balance<S, P> {
         if max > 0 {
             self.pool.open_room();
         }
-        let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        let nanos = crate::time::nanos(timeout);
         self.shared
             .queue
             .timeout_nanos

@@ -110,7 +110,7 @@ impl Backoff {
             None => self.max,
         };
         let floor = ceiling / 2;
-        let spread = u64::try_from((ceiling - floor).as_nanos()).unwrap_or(u64::MAX);
+        let spread = crate::time::nanos(ceiling - floor);
         let jitter = if spread == 0 {
             0
         } else {

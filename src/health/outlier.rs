@@ -424,7 +424,7 @@ impl<C> Watch<C> {
         }
         let now = self.since_epoch();
         let start = self.window_start.load(Ordering::Acquire);
-        let window = u64::try_from(rate.window.as_nanos()).unwrap_or(u64::MAX);
+        let window = crate::time::nanos(rate.window);
         let elapsed = now.saturating_sub(start);
         if elapsed < window
             || self

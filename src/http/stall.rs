@@ -18,8 +18,8 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::time::Instant;
 
 use super::sweep::{self, Swept};
-use super::timeout::{from_nanos, to_nanos};
 use crate::time::{elapsed, later, SHORTEST};
+use crate::time::{from_nanos, to_nanos};
 
 /// The response bodies of one client that wait for their readers, and
 /// whether a task watches them; what a body holds is a `T` (a

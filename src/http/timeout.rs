@@ -18,7 +18,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::{BoxError, InvalidRequest};
-use crate::time::later;
+use crate::time::{from_nanos, later, to_nanos};
 
 /// How the upload of a request's body goes; `None` for a request with no
 /// body to send.
@@ -48,17 +48,6 @@ pub(super) struct Progress {
 #[cfg(feature = "http2")]
 pub(super) fn from_http1(sent: &Sent) -> bool {
     sent.as_ref().is_some_and(|p| p.from_http1)
-}
-
-/// `at` as the nanoseconds since `base`, at least 1, for an `AtomicU64`
-/// in which 0 stands for no instant (see [`from_nanos`]).
-pub(super) fn to_nanos(base: Instant, at: Instant) -> u64 {
-    crate::time::nanos_since(base, at).max(1)
-}
-
-/// The instant [`to_nanos`] gave as `nanos` from `base`; `None` for 0.
-pub(super) fn from_nanos(base: Instant, nanos: u64) -> Option<Instant> {
-    (nanos != 0).then(|| later(base, Duration::from_nanos(nanos)))
 }
 
 /// When a connection last wrote to its backend, noted by its stream: an

@@ -41,6 +41,7 @@ use tokio::time::Instant;
 
 use crate::backend::BackendId;
 use crate::store::Session;
+use crate::time::nanos;
 
 /// How long a session kept in memory because the store could not be read
 /// is routed from the table before its record is read again.
@@ -993,10 +994,6 @@ fn to_session(key: &str, entry: &Entry) -> Session {
 /// An interval in nanoseconds, at least 1; 0 for none.
 fn interval(every: Option<Duration>) -> u64 {
     every.map_or(0, |every| nanos(every).max(1))
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
