@@ -132,11 +132,8 @@ impl<T: Send + 'static> Swept for Stalls<T> {
         drop(cut);
         let mut watched = self.watched.lock();
         // With those that joined meanwhile.
-        if watched.bodies.is_empty() {
-            watched.bodies = bodies;
-        } else {
-            watched.bodies.append(&mut bodies);
-        }
+        bodies.append(&mut watched.bodies);
+        watched.bodies = bodies;
         watched.sweeping = !watched.bodies.is_empty();
         watched.sweeping.then(|| later(now, self.tick()))
     }
