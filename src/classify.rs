@@ -125,6 +125,10 @@ pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status"
 /// gRPC's `UNAVAILABLE`.
 pub(crate) const GRPC_UNAVAILABLE: u32 = 14;
 
+/// gRPC's `DEADLINE_EXCEEDED` and `INTERNAL`.
+pub(crate) const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+pub(crate) const GRPC_INTERNAL: u32 = 13;
+
 /// See [`Outcome::grpc_status`].
 fn grpc_status(status: StatusCode, headers: &HeaderMap) -> Option<u32> {
     // The content type first: a standard field, quicker to look up, which
@@ -145,12 +149,13 @@ pub(crate) fn parse_grpc_status(value: &HeaderValue) -> Option<u32> {
 /// `-web`, nothing, ...), compared without regard to case; `None` when the
 /// content type does not start so.
 pub(crate) fn grpc_subtype(headers: &HeaderMap) -> Option<&[u8]> {
-    const GRPC: &[u8] = b"application/grpc";
-    let value = headers.get(CONTENT_TYPE)?.as_bytes();
-    let start = value.get(..GRPC.len())?;
-    start
-        .eq_ignore_ascii_case(GRPC)
-        .then(|| &value[GRPC.len()..])
+    grpc_subtype_of(headers.get(CONTENT_TYPE)?)
+}
+
+/// What follows `application/grpc` in the content type `value` (see
+/// [`grpc_subtype`]).
+pub(crate) fn grpc_subtype_of(value: &HeaderValue) -> Option<&[u8]> {
+    crate::key::strip_prefix_ignore_case(value.as_bytes(), b"application/grpc")
 }
 
 /// Decides whether an attempt's outcome counts as a failure.

@@ -427,7 +427,7 @@ impl Failure {
 
     /// See [`grpc_status`].
     fn grpc_status(self) -> u32 {
-        use crate::classify::GRPC_UNAVAILABLE;
+        use crate::classify::{GRPC_DEADLINE_EXCEEDED, GRPC_INTERNAL, GRPC_UNAVAILABLE};
         match self {
             Failure::Invalid => GRPC_INTERNAL,
             Failure::ClientTimeout | Failure::Timeout { unsent: false } => GRPC_DEADLINE_EXCEEDED,
@@ -493,10 +493,6 @@ fn failure(err: &(dyn StdError + 'static)) -> Failure {
         Failure::Failed
     }
 }
-
-/// gRPC's `DEADLINE_EXCEEDED` and `INTERNAL`.
-const GRPC_DEADLINE_EXCEEDED: u32 = 4;
-const GRPC_INTERNAL: u32 = 13;
 
 /// The gRPC status a gateway should answer a gRPC call with for an error
 /// of the tower-ha stack: the counterpart of [`gateway_status`].
@@ -581,12 +577,14 @@ impl GrpcCall {
     /// `application/grpc-web-text`, and their forms), compared without
     /// regard to case.
     pub fn of(headers: &http::HeaderMap) -> Option<Self> {
-        let mut rest = crate::classify::grpc_subtype(headers)?;
+        use crate::key::strip_prefix_ignore_case;
+        let content_type = headers.get(http::header::CONTENT_TYPE)?;
+        let mut rest = crate::classify::grpc_subtype_of(content_type)?;
         if let Some(web) = strip_prefix_ignore_case(rest, b"-web") {
             rest = strip_prefix_ignore_case(web, b"-text").unwrap_or(web);
         }
         matches!(rest.first(), None | Some(b'+' | b';')).then(|| GrpcCall {
-            content_type: headers[http::header::CONTENT_TYPE].clone(),
+            content_type: content_type.clone(),
         })
     }
 
@@ -616,12 +614,6 @@ impl GrpcCall {
 
 /// The field a gRPC status's message is sent in.
 const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
-
-/// `bytes` after `prefix`, compared without regard to case.
-fn strip_prefix_ignore_case<'a>(bytes: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
-    let (start, rest) = bytes.split_at_checked(prefix.len())?;
-    start.eq_ignore_ascii_case(prefix).then_some(rest)
-}
 
 /// `uri` with everything between its scheme (or, without one, position
 /// `from`) and its last `@`, if any, shown as `***`, so that no password
@@ -815,7 +807,7 @@ mod tests {
 
     #[test]
     fn grpc_statuses_follow_the_gateway_statuses() {
-        use crate::classify::GRPC_UNAVAILABLE;
+        use crate::classify::{GRPC_DEADLINE_EXCEEDED, GRPC_INTERNAL, GRPC_UNAVAILABLE};
         use crate::failover::{DeadlineExceeded, Exhausted, TimedOut};
         use std::time::Duration;
         let timed_out = || BackendError::new("a".into(), TimedOut::new(Duration::from_secs(1)));

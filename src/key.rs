@@ -403,6 +403,12 @@ impl RequestKey for ForwardedFor {
     }
 }
 
+/// `bytes` after `prefix`, compared without regard to case.
+pub(crate) fn strip_prefix_ignore_case<'a>(bytes: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    let (start, rest) = bytes.split_at_checked(prefix.len())?;
+    start.eq_ignore_ascii_case(prefix).then_some(rest)
+}
+
 /// `digits` as a number: one ASCII digit or more and nothing else, as the
 /// HTTP grammars that carry numbers have them (`str::parse` would also
 /// take a sign); `None` past `T`'s range.

@@ -1490,9 +1490,7 @@ fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
 /// address instead (Apache's CVE-2022-31813, Traefik's CVE-2024-45410):
 /// such tokens are ignored.
 fn set_by_proxies(name: &[u8]) -> bool {
-    const PREFIX: &[u8] = b"x-forwarded-";
-    name.get(..PREFIX.len())
-        .is_some_and(|start| start.eq_ignore_ascii_case(PREFIX))
+    crate::key::strip_prefix_ignore_case(name, b"x-forwarded-").is_some()
         || [b"x-real-ip".as_slice(), b"forwarded", b"via"]
             .iter()
             .any(|exact| name.eq_ignore_ascii_case(exact))

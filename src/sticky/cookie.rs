@@ -309,10 +309,9 @@ impl CookieInsert {
     /// matched as they match it, without regard to case.
     fn prefix(&self) -> Option<&'static str> {
         let name = self.name.as_str().as_bytes();
-        ["__Secure-", "__Host-"].into_iter().find(|prefix| {
-            name.get(..prefix.len())
-                .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes()))
-        })
+        ["__Secure-", "__Host-"]
+            .into_iter()
+            .find(|prefix| crate::key::strip_prefix_ignore_case(name, prefix.as_bytes()).is_some())
     }
 
     /// Sends `Max-Age` (whole seconds, rounded up, at least 1), so the
