@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Limited};
 use tower_service::Service;
 
 use super::error::{NotServing, UnexpectedStatus};
-use super::probe::{Probe, ProbeFuture};
+use super::probe::{send, Probe, ProbeFuture};
 use crate::backend::BackendId;
 use crate::classify::{parse_grpc_status, GRPC_STATUS};
 use crate::error::BoxError;
@@ -142,10 +142,7 @@ where
         headers.insert(TE, HeaderValue::from_static("trailers"));
         let mut service = service.clone();
         Box::pin(async move {
-            std::future::poll_fn(|cx| service.poll_ready(cx))
-                .await
-                .map_err(Into::into)?;
-            let response = service.call(request).await.map_err(Into::into)?;
+            let response = send(&mut service, request).await?;
             if response.status() != StatusCode::OK {
                 return Err(UnexpectedStatus::new(response.status()).into());
             }

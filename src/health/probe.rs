@@ -21,6 +21,19 @@ use crate::error::BoxError;
 /// The boxed future a [`Probe`] returns: `Ok` when the backend passed.
 pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'static>>;
 
+/// Waits for `service` to be ready, then sends it `request`: a probe's
+/// call.
+pub(super) async fn send<S, R>(service: &mut S, request: R) -> Result<S::Response, BoxError>
+where
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+{
+    std::future::poll_fn(|cx| service.poll_ready(cx))
+        .await
+        .map_err(Into::into)?;
+    service.call(request).await.map_err(Into::into)
+}
+
 /// One health check of one backend.
 ///
 /// The checker calls `probe` with the backend's id and its service (the one
@@ -167,10 +180,7 @@ where
         let mut service = service.clone();
         let expected = self.expected.clone();
         Box::pin(async move {
-            std::future::poll_fn(|cx| service.poll_ready(cx))
-                .await
-                .map_err(Into::into)?;
-            let response = service.call(request).await.map_err(Into::into)?;
+            let response = send(&mut service, request).await?;
             let status = response.status();
             drop(response);
             if expected.iter().any(|r| r.contains(&status.as_u16())) {
