@@ -1726,7 +1726,7 @@ impl Shared {
         hit.backend
     }
 
-    /// Drops the table's idle sessions if a sweep is due. The table's
+    /// Drops one shard's idle sessions if a sweep is due or under way. The table's
     /// changes do not sweep: call this before a change that may add a
     /// session, before taking any lock of the layer's own.
     fn sweep(&self) {
