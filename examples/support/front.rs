@@ -100,7 +100,7 @@ impl Front {
             // Looked at when it fires: a connection that had a request
             // open since goes on for another period.
             while idle.as_mut().poll(cx).is_ready() {
-                let now = requests.changes.load(Ordering::Relaxed);
+                let now = requests.closed.load(Ordering::Relaxed);
                 if now == counted && requests.open.load(Ordering::Relaxed) == 0 {
                     return Poll::Ready(true);
                 }
@@ -128,8 +128,9 @@ impl Front {
 struct Requests {
     /// Open: called, and neither failed nor done sending the response.
     open: AtomicUsize,
-    /// How many times a request opened or closed.
-    changes: AtomicUsize,
+    /// How many requests closed: with `open`, whether any was open since
+    /// the count was last read.
+    closed: AtomicUsize,
 }
 
 /// One open request: closed when dropped.
@@ -138,15 +139,14 @@ struct Open(Arc<Requests>);
 impl Open {
     fn new(requests: &Arc<Requests>) -> Open {
         requests.open.fetch_add(1, Ordering::Relaxed);
-        requests.changes.fetch_add(1, Ordering::Relaxed);
         Open(requests.clone())
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
+        self.0.closed.fetch_add(1, Ordering::Relaxed);
         self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.changes.fetch_add(1, Ordering::Relaxed);
     }
 }
 
