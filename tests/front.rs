@@ -23,10 +23,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -73,21 +73,6 @@ async fn front(
 
 type Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
 
-/// An HTTP/2 client of `addr` (prior knowledge), and a channel that
-/// receives its connection's end.
-async fn h2_client(addr: SocketAddr) -> (Sender, oneshot::Receiver<Result<(), hyper::Error>>) {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    let (ended, end) = oneshot::channel();
-    tokio::spawn(async move {
-        let _ = ended.send(connection.await);
-    });
-    (sender, end)
-}
-
 /// Sends a GET of `path`; its status and body.
 async fn get(sender: &mut Sender, path: &str) -> Result<(StatusCode, Bytes), hyper::Error> {
     let req = Request::get(format!("http://front.test{path}"))
@@ -102,7 +87,7 @@ async fn get(sender: &mut Sender, path: &str) -> Result<(StatusCode, Bytes), hyp
 /// ended `connections` in all; asserts that it ended gracefully (a
 /// `GOAWAY`, not a reset).
 async fn assert_closed_gracefully(
-    end: oneshot::Receiver<Result<(), hyper::Error>>,
+    end: support::http::Connection,
     ended: &AtomicUsize,
     connections: usize,
 ) {
@@ -135,7 +120,7 @@ async fn a_connection_that_sends_no_request_is_closed() {
     }
     // An HTTP/2 handshake, then no request: hyper's own header read
     // timeout does not watch HTTP/2.
-    let (_sender, end) = h2_client(addr).await;
+    let (_sender, end) = support::http::h2_client::<Full<Bytes>>(addr).await;
     assert_closed_gracefully(end, &ended, 4).await;
 }
 
@@ -143,7 +128,7 @@ async fn a_connection_that_sends_no_request_is_closed() {
 async fn an_http2_connection_stays_while_it_sends_requests_then_closes_when_idle() {
     let header_read_timeout = Duration::from_secs(1);
     let (addr, _stop, ended) = front(header_read_timeout, Duration::from_secs(2)).await;
-    let (mut sender, end) = h2_client(addr).await;
+    let (mut sender, end) = support::http::h2_client(addr).await;
     assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
     // Past the header read timeout: the connection sent its first request.
     tokio::time::sleep(header_read_timeout + header_read_timeout / 2).await;
@@ -164,7 +149,7 @@ async fn an_http2_connection_stays_while_it_sends_requests_then_closes_when_idle
 async fn a_response_being_sent_keeps_its_connection() {
     let idle = Duration::from_secs(1);
     let (addr, _stop, ended) = front(idle, idle).await;
-    let (mut sender, end) = h2_client(addr).await;
+    let (mut sender, end) = support::http::h2_client(addr).await;
     let mut held = sender.clone();
     let held = tokio::spawn(async move { get(&mut held, "/held").await });
     tokio::time::sleep(HELD - idle / 2).await;
@@ -178,7 +163,7 @@ async fn a_response_being_sent_keeps_its_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_closes_an_http2_connection_gracefully() {
     let (addr, stop, ended) = front(HOUR, HOUR).await;
-    let (mut sender, end) = h2_client(addr).await;
+    let (mut sender, end) = support::http::h2_client(addr).await;
     assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
     stop.send(true).unwrap();
     assert_closed_gracefully(end, &ended, 1).await;

@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_ha::balance::{BalanceLayer, RoundRobin};
 use tower_ha::error::{gateway_status, GrpcCall};
@@ -108,12 +108,6 @@ async fn grpc_backend() -> SocketAddr {
     addr
 }
 
-/// A port on 127.0.0.1 where nothing listens.
-async fn refusing() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
-}
-
 /// A unary gRPC call's request: one length-prefixed message.
 fn call(content_type: &'static str) -> Request<Full<Bytes>> {
     Request::post("http://proxy.test/inventory.Stock/Get")
@@ -126,12 +120,7 @@ fn call(content_type: &'static str) -> Request<Full<Bytes>> {
 /// Sends `req` to `proxy` over HTTP/2 with prior knowledge, as a gRPC
 /// client does.
 async fn send_h2(proxy: SocketAddr, req: Request<Full<Bytes>>) -> Response<Incoming> {
-    let stream = TcpStream::connect(proxy).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let (mut sender, _) = support::http::h2_client(proxy).await;
     sender.send_request(req).await.unwrap()
 }
 
@@ -163,7 +152,7 @@ async fn a_call_passes_through_to_an_http2_backend() {
 /// a server's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_its_backend_refused_is_answered_unavailable() {
-    let proxy = proxy(FailoverLayer::new(), &[refusing().await]).await;
+    let proxy = proxy(FailoverLayer::new(), &[support::http::refused().await]).await;
     let response = send_h2(proxy, call("application/grpc+proto")).await;
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert!(
@@ -203,12 +192,8 @@ async fn a_call_whose_deadline_passed_is_answered_deadline_exceeded() {
 /// status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_web_call_over_http1_is_answered_in_its_head() {
-    let proxy = proxy(FailoverLayer::new(), &[refusing().await]).await;
-    let stream = TcpStream::connect(proxy).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let proxy = proxy(FailoverLayer::new(), &[support::http::refused().await]).await;
+    let (mut sender, _) = support::http::http1_client(proxy).await;
     let response = sender
         .send_request(call("application/grpc-web+proto"))
         .await

@@ -939,22 +939,9 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    http1_client(http1_front_of(backend, None).await.0).await
-}
-
-/// An HTTP/1 client of `addr`, its connection driven by a task of its own.
-async fn http1_client<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    support::http::http1_client(http1_front_of(backend, None).await.0)
         .await
-        .unwrap();
-    tokio::spawn(connection);
-    sender
+        .0
 }
 
 /// Trailer fields pass through a hyper front end both ways: `Trailer`,
@@ -1242,8 +1229,9 @@ async fn a_stalled_client_leaves_its_place(front: SocketAddr, state: &tower_ha::
     support::wait::spin_until("the answer holds the slot", || state.in_flight() == 1).await;
     support::wait::spin_until("the slot comes back", || state.in_flight() == 0).await;
     // The next client is served.
-    let resp = http1_client(front)
+    let resp = support::http::http1_client(front)
         .await
+        .0
         .send_request(Request::get("/").body(Full::<Bytes>::default()).unwrap())
         .await
         .unwrap();
@@ -1727,23 +1715,6 @@ mod http2 {
     use super::*;
     use http_body_util::combinators::BoxBody;
 
-    /// An HTTP/2 client of `addr`, with prior knowledge, its connection
-    /// driven by a task of its own.
-    async fn h2_client<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
-    where
-        B: http_body::Body + Send + Unpin + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        sender
-    }
-
     /// Answers with what HTTP/2 delivered: version, target, `Host`.
     async fn h2_echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
         let host = req.headers().get("host").cloned();
@@ -1760,7 +1731,7 @@ mod http2 {
         let client = HttpClient::<Incoming>::new();
         let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
         let (front, _) = serve_h2_with(service_fn(move |req| backend.clone().oneshot(req))).await;
-        let mut sender = h2_client(front).await;
+        let (mut sender, _) = support::http::h2_client(front).await;
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
         let frames = futures::stream::unfold(rx, |mut rx| async move {
             let chunk = rx.recv().await?;
@@ -2001,7 +1972,7 @@ mod http2 {
             .send_timeout(Some(Duration::from_millis(500)));
         let (state, balance) = big_answers(&client, http2_backend).await;
         let (front, _) = serve_h2_with(service_fn(move |req| balance.clone().oneshot(req))).await;
-        let mut sender = h2_client(front).await;
+        let (mut sender, _) = support::http::h2_client(front).await;
         let get = || {
             Request::get("http://front/")
                 .body(Full::<Bytes>::default())
@@ -4095,7 +4066,7 @@ async fn a_proxy_reads_the_rest_of_an_upload_its_backend_refused_early() {
         .layer(FailoverLayer::new())
         .service(Balance::new(pool, RoundRobin::new()));
     let (front, front_accepted) = http1_front_of(stack, None).await;
-    let mut sender = http1_client(front).await;
+    let (mut sender, _) = support::http::http1_client(front).await;
     for _ in 0..3 {
         // 4 MiB: far past what the failover layer buffers, and more than
         // the sockets hold.

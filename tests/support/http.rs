@@ -264,3 +264,40 @@ pub async fn text(response: Response<Incoming>) -> String {
 
 /// An infallible body type that is not `Clone`.
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// The end of a client connection driven by a task of its own.
+pub type Connection = tokio::task::JoinHandle<Result<(), hyper::Error>>;
+
+/// An HTTP/1 client of `addr`, its connection driven by a task of its own.
+pub async fn http1_client<B>(
+    addr: SocketAddr,
+) -> (hyper::client::conn::http1::SendRequest<B>, Connection)
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+/// An HTTP/2 client of `addr`, with prior knowledge, its connection driven
+/// by a task of its own.
+pub async fn h2_client<B>(
+    addr: SocketAddr,
+) -> (hyper::client::conn::http2::SendRequest<B>, Connection)
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(connection))
+}
