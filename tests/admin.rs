@@ -46,7 +46,12 @@ fn fixture() -> Fixture {
 }
 
 /// Calls the admin API; a `POST` declares a JSON body, as it must.
-async fn call(admin: &AdminService, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
+async fn call(
+    admin: &AdminService,
+    method: &str,
+    path: &str,
+    body: impl AsRef<[u8]>,
+) -> (StatusCode, Value) {
     let content_type = (method == "POST").then_some("application/json");
     call_with(admin, method, path, content_type, body).await
 }
@@ -1012,9 +1017,13 @@ mod generated {
     }
 
     /// Posts `body`, declared JSON, to backend `web2`'s weight.
-    async fn post_weight(admin: &AdminService, body: Vec<u8>) -> (StatusCode, Value) {
-        let path = "/backends/web2/weight";
-        call_with(admin, "POST", path, Some("application/json"), body).await
+    async fn post_weight(admin: &AdminService, body: impl AsRef<[u8]>) -> (StatusCode, Value) {
+        call(admin, "POST", "/backends/web2/weight", body).await
+    }
+
+    /// `5` nested in up to 3 000 JSON arrays.
+    fn nested_five() -> impl Strategy<Value = String> {
+        (1usize..3_000).prop_map(|d| format!("{}5{}", "[".repeat(d), "]".repeat(d)))
     }
 
     proptest! {
@@ -1034,7 +1043,7 @@ mod generated {
                     r#"{}{{{}"weight"{}:{}{weight}{}}}"#,
                     spaces[0], spaces[1], spaces[2], spaces[3], spaces[4],
                 );
-                let (status, answer) = post_weight(&f.admin, body.clone().into_bytes()).await;
+                let (status, answer) = post_weight(&f.admin, &body).await;
                 assert_eq!((status, &answer["weight"]), (StatusCode::OK, &json!(weight.max(1))), "{body:?}");
                 assert_eq!(f.web.state(&"web2".into()).unwrap().weight(), weight.max(1));
                 assert_eq!(f.web.state(&"web1".into()).unwrap().weight(), 1);
@@ -1054,7 +1063,7 @@ mod generated {
             "\"[0-9]{0,5}\"",
             "(null|true|false|\\[\\]|\\{\\}|\\[5\\]|\\{\"weight\": 5\\})",
             json_values::values(2, 3).prop_map(|value| value.to_string()),
-            (1usize..3_000).prop_map(|d| format!("{}5{}", "[".repeat(d), "]".repeat(d))),
+            nested_five(),
         ]
     }
 
@@ -1111,7 +1120,7 @@ mod generated {
             (any::<u32>(), proptest::sample::select(&SHAPES[..]))
                 .prop_map(|(weight, shape)| shape.replace('N', &weight.to_string())),
             "[ \t\r\n]{0,3}",
-            (1usize..3_000).prop_map(|d| format!("{}5{}", "[".repeat(d), "]".repeat(d))),
+            nested_five(),
             (1usize..3_000).prop_map(|d| format!("{}{}", "{\"weight\": ".repeat(d), "}".repeat(d))),
         ]
     }

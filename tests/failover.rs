@@ -1860,7 +1860,7 @@ async fn the_per_try_timeout_runs_from_the_end_of_a_streamed_upload() {
 async fn read_on_during_a_pause(
     failover: FailoverLayer,
 ) -> (Response<()>, Vec<Result<Bytes, String>>, Bytes) {
-    type Body = ReplayBody<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
+    type Body = ReplayBody<BoxBody>;
     let read_on = Arc::new(Mutex::new(Vec::new()));
     let failed = {
         let read_on = read_on.clone();
