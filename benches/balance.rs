@@ -19,7 +19,6 @@ use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Pick, Random, RoundRobin, Strategy, WeightedRoundRobin,
 };
 use tower_ha::key::{self, RequestHead};
-use tower_ha::Pool;
 
 mod support;
 use support::{parsed, time_requests, Backend};
@@ -56,7 +55,7 @@ where
 }
 
 fn bench_balance<P: Strategy>(c: &mut Criterion, group: &str, n: usize, strategy: impl Fn() -> P) {
-    let pool: Pool<Backend> = (0..n).map(|i| (format!("backend-{i}"), Backend)).collect();
+    let pool = support::pool(n);
     run(c, group, n, Balance::new(pool, strategy()));
 }
 
@@ -119,7 +118,7 @@ fn lookups(c: &mut Criterion) {
                 })
             });
 
-        let pool: Pool<Backend> = (0..n).map(|i| (format!("backend-{i}"), Backend)).collect();
+        let pool = support::pool(n);
         let snapshot = pool.snapshot();
         for (name, strategy) in [
             ("lookup_ring", ConsistentHash::ring(key::header("x-user"))),

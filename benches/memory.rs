@@ -25,13 +25,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Waker};
 
 use http::Request;
-use tower::Layer;
+use tower::{Layer, Service};
 use tower_ha::balance::{
     Balance, ConsistentHash, LeastRequest, Random, RoundRobin, Strategy, WeightedRoundRobin,
 };
 use tower_ha::key;
 use tower_ha::sticky::{CookieInsert, SessionKey, StickyLayer};
-use tower_ha::Pool;
 
 mod support;
 use support::{drive, parsed, Backend};
@@ -108,15 +107,11 @@ fn per(before: (usize, usize), n: usize) -> (f64, f64) {
 const SESSIONS: [usize; 3] = [10_000, 100_000, 1_000_000];
 const BACKENDS: [usize; 3] = [100, 1000, 10_000];
 
-fn pool(n: usize) -> Pool<Backend> {
-    (0..n).map(|i| (format!("backend-{i}"), Backend)).collect()
-}
-
 /// The heap `Sticky → Balance` keyed by `key` holds per session after `n`
 /// requests from `request`, each of which starts one.
-fn sessions(key: impl Fn() -> SessionKey, n: usize, request: impl Fn(usize) -> Request<()>) {
-    let pool = pool(3);
-    let mut sticky = StickyLayer::new(&pool, key())
+fn sessions(key: SessionKey, n: usize, request: impl Fn(usize) -> Request<()>) {
+    let pool = support::pool(3);
+    let mut sticky = StickyLayer::new(&pool, key)
         .max_sessions(2 * n)
         .layer(Balance::new(pool.clone(), RoundRobin::new()));
     let mut cx = Context::from_waker(Waker::noop());
@@ -134,25 +129,26 @@ fn sessions(key: impl Fn() -> SessionKey, n: usize, request: impl Fn(usize) -> R
     println!("| {n} | {bytes:.0} | {allocations:.2} |");
 }
 
-/// The heap a pool of `n` backends and a `Balance` with `strategy` hold,
-/// per backend, once it has picked for a request.
-fn backends<P: Strategy>(name: &str, n: usize, strategy: P) {
+/// The heap the balancer `build` makes over `n` backends holds, per
+/// backend, once it has picked for a request.
+fn backends<S>(label: &str, n: usize, build: impl FnOnce() -> S)
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
     let mut cx = Context::from_waker(Waker::noop());
     let before = held();
-    let mut balance = Balance::new(pool(n), strategy);
+    let mut balance = build();
     drop(drive(&mut balance, request(), &mut cx));
     let (bytes, allocations) = per(before, n);
-    println!("| `{name}` | {n} | {bytes:.0} | {allocations:.2} |");
+    println!("| {label} | {n} | {bytes:.0} | {allocations:.2} |");
 }
 
-/// The same for tower's `p2c::Balance` over `n` backends.
-fn p2c(n: usize) {
-    let mut cx = Context::from_waker(Waker::noop());
-    let before = held();
-    let mut balance = support::p2c(n, Backend);
-    drop(drive(&mut balance, request(), &mut cx));
-    let (bytes, allocations) = per(before, n);
-    println!("| `tower_p2c` (anchor) | {n} | {bytes:.0} | {allocations:.2} |");
+/// [`backends`] for `Balance` with `strategy` over a pool of `n`.
+fn balance<P: Strategy>(name: &str, n: usize, strategy: P) {
+    backends(&format!("`{name}`"), n, || {
+        Balance::new(support::pool(n), strategy)
+    });
 }
 
 fn request() -> Request<()> {
@@ -165,7 +161,7 @@ fn main() {
     println!("| sessions | bytes per session | allocations per session |");
     println!("|---|---|---|");
     for n in SESSIONS {
-        let cookie = || SessionKey::insert_cookie(CookieInsert::new("srv", [7u8; 32]));
+        let cookie = SessionKey::insert_cookie(CookieInsert::new("srv", [7u8; 32]));
         sessions(cookie, n, |_| {
             parsed("GET / HTTP/1.1\r\nhost: example.com\r\n\r\n")
         });
@@ -174,8 +170,7 @@ fn main() {
     println!("| sessions | bytes per session | allocations per session |");
     println!("|---|---|---|");
     for n in SESSIONS {
-        let header = || SessionKey::header("x-session-id");
-        sessions(header, n, |i| {
+        sessions(SessionKey::header("x-session-id"), n, |i| {
             parsed(&format!(
                 "GET / HTTP/1.1\r\nhost: example.com\r\nx-session-id: session-{i:08}\r\n\r\n"
             ))
@@ -185,12 +180,12 @@ fn main() {
     println!("| balancer | backends | bytes per backend | allocations per backend |");
     println!("|---|---|---|---|");
     for n in BACKENDS {
-        p2c(n);
-        backends("round_robin", n, RoundRobin::new());
-        backends("random", n, Random::new());
-        backends("least_request", n, LeastRequest::new());
-        backends("weighted_round_robin", n, WeightedRoundRobin::new());
-        backends("ring", n, ConsistentHash::ring(key::header("x-user")));
-        backends("maglev", n, ConsistentHash::maglev(key::header("x-user")));
+        backends("`tower_p2c` (anchor)", n, || support::p2c(n, Backend));
+        balance("round_robin", n, RoundRobin::new());
+        balance("random", n, Random::new());
+        balance("least_request", n, LeastRequest::new());
+        balance("weighted_round_robin", n, WeightedRoundRobin::new());
+        balance("ring", n, ConsistentHash::ring(key::header("x-user")));
+        balance("maglev", n, ConsistentHash::maglev(key::header("x-user")));
     }
 }

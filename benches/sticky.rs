@@ -44,7 +44,6 @@ use tower::{Layer, Service};
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::failover::FailoverLayer;
 use tower_ha::sticky::{CookieInsert, SessionKey, StickyLayer};
-use tower_ha::Pool;
 
 mod support;
 use support::{drive, parsed, time_requests, Backend};
@@ -79,10 +78,7 @@ struct Contenders {
 
 impl Contenders {
     fn new() -> Contenders {
-        let pool = Pool::new();
-        for i in 0..BACKENDS {
-            pool.insert(format!("backend-{i}"), Backend);
-        }
+        let pool = support::pool(BACKENDS);
         let balance = || Balance::new(pool.clone(), RoundRobin::new());
         let secret = [7u8; 32];
         let cookie_key = || SessionKey::insert_cookie(CookieInsert::new("srv", secret));
@@ -131,10 +127,7 @@ fn new_session_request() -> Request<()> {
 /// `Sticky → Balance` by the layer's cookie, its table full (and
 /// evicting).
 fn full_table() -> StickyBalance {
-    let pool = Pool::new();
-    for i in 0..BACKENDS {
-        pool.insert(format!("backend-{i}"), Backend);
-    }
+    let pool = support::pool(BACKENDS);
     let key = SessionKey::insert_cookie(CookieInsert::new("srv", [7u8; 32]));
     let mut sticky = StickyLayer::new(&pool, key)
         .max_sessions(FULL)

@@ -42,6 +42,11 @@ impl Service<Request<()>> for Backend {
     }
 }
 
+/// A pool of `n` [`Backend`]s named `backend-0`, `backend-1`, ...
+pub fn pool(n: usize) -> tower_ha::Pool<Backend> {
+    (0..n).map(|i| (format!("backend-{i}"), Backend)).collect()
+}
+
 /// The anchor: tower's `p2c::Balance` over always-ready `S` backends (each
 /// with a constant load, so that it measures the balancer, not a load
 /// metric), for requests `R`.
