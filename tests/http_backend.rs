@@ -585,6 +585,175 @@ async fn a_hostile_path_is_a_bad_request_not_a_backend_failure() {
     assert_eq!(b_accepted.load(Ordering::SeqCst), 1);
 }
 
+/// One backend at `addr`, an `HttpBackend` behind passive health that
+/// ejects after `failures` in a row, balanced: its state and the balancer.
+fn watched<B: Send + 'static>(
+    client: &HttpClient<B>,
+    addr: SocketAddr,
+    failures: u32,
+) -> (
+    Arc<tower_ha::BackendState>,
+    Balance<tower_ha::health::Health<HttpBackend<B>>, RoundRobin>,
+) {
+    let pool = Pool::new();
+    let backend = HttpBackend::new(client, format!("http://{addr}")).unwrap();
+    pool.insert(
+        "a",
+        HealthLayer::new()
+            .consecutive_failures(failures)
+            .layer(backend),
+    );
+    let state = pool.state(&"a".into()).unwrap();
+    (state, Balance::new(pool, RoundRobin::new()))
+}
+
+/// Serves each request on a connection with the raw `first` after its
+/// head, then, once `release` is notified, with `rest`; closes the
+/// connection when `rest` is empty. Another request may follow on the
+/// same connection.
+async fn serve_in_two(
+    first: &'static str,
+    rest: &'static str,
+    release: Arc<tokio::sync::Notify>,
+) -> SocketAddr {
+    accept_counting(move |mut stream, _| {
+        let release = release.clone();
+        async move {
+            while read_request(&mut stream).await.is_some() {
+                if stream.write_all(first.as_bytes()).await.is_err() {
+                    return;
+                }
+                release.notified().await;
+                if rest.is_empty() || stream.write_all(rest.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .0
+}
+
+/// A backend that sends a response's head and cuts its body short fails,
+/// as one that answers 502 does: counted when the body fails, not passed
+/// as a success when its head came. Health sees no more than the head
+/// otherwise, and a backend crashing in the middle of every answer (or
+/// stalling there for the read timeout) would stay in the pool.
+#[tokio::test]
+async fn a_backend_that_cuts_its_bodies_short_is_ejected() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let cut = serve_in_two(
+        "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello",
+        "",
+        release.clone(),
+    )
+    .await;
+    // Never released: the connection stays open, silent.
+    let stalled = serve_in_two(
+        "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello",
+        "",
+        Arc::new(tokio::sync::Notify::new()),
+    )
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let slow = HttpClient::<Full<Bytes>>::new().read_timeout(Some(Duration::from_millis(100)));
+    for (client, addr, how) in [(&client, cut, "cut"), (&slow, stalled, "stalled")] {
+        let (state, balance) = watched(client, addr, 3);
+        for failed in 0..3 {
+            let req = Request::get("/").body(Full::default()).unwrap();
+            let resp = balance.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(
+                state.consecutive_failures(),
+                failed,
+                "{how}: the head is not judged"
+            );
+            release.notify_one();
+            let err = resp.into_body().collect().await.unwrap_err();
+            let timed_out = find::<std::io::Error>(&*err)
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
+            assert_eq!(timed_out, how == "stalled", "{how}: {err}");
+            assert_eq!(state.failures(), u64::from(failed) + 1, "{how}: {err}");
+        }
+        assert!(state.is_ejected(), "{how}");
+    }
+}
+
+/// A body read to its end is a success, and so is one its reader drops
+/// before its end (the reader went away, not the backend): either starts
+/// the count of failures in a row again, when the body ends.
+#[tokio::test]
+async fn a_body_read_to_its_end_or_dropped_is_a_success_when_it_ends() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let addr = serve_in_two(
+        "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
+        "world",
+        release.clone(),
+    )
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let (state, balance) = watched(&client, addr, 5);
+    state.record_failure();
+    state.record_failure();
+    let req = Request::get("/").body(Full::default()).unwrap();
+    let resp = balance.clone().oneshot(req).await.unwrap();
+    assert_eq!(state.consecutive_failures(), 2, "judged with its body");
+    release.notify_one();
+    assert_eq!(body_of(resp).await, "helloworld");
+    assert_eq!(state.consecutive_failures(), 0);
+    assert_eq!(state.failures(), 2);
+
+    state.record_failure();
+    let req = Request::get("/").body(Full::default()).unwrap();
+    let resp = balance.clone().oneshot(req).await.unwrap();
+    assert_eq!(state.consecutive_failures(), 1);
+    drop(resp);
+    assert_eq!(state.consecutive_failures(), 0);
+    assert_eq!(state.failures(), 3);
+}
+
+/// A response body that fails because its request's upload did (the
+/// client went away while the backend was already answering) fails as
+/// the request's, and counts nothing against the backend.
+#[tokio::test]
+async fn a_body_failed_by_its_own_upload_is_not_the_backends_failure() {
+    use futures::StreamExt as _;
+    let (addr, _) = accept_counting(|mut stream, _| async move {
+        if !read_head(&mut stream).await {
+            return;
+        }
+        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+        let _ = stream.write_all(head.as_bytes()).await;
+        let mut buf = [0u8; 1024];
+        while let Ok(1..) = stream.read(&mut buf).await {}
+    })
+    .await;
+    type Upload = http_body_util::StreamBody<
+        futures::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, BoxError>>,
+    >;
+    let (gone, went) = tokio::sync::oneshot::channel::<()>();
+    let frames = futures::stream::iter([Ok(http_body::Frame::data(Bytes::from_static(b"part")))])
+        .chain(futures::stream::once(async move {
+            let _ = went.await;
+            Err::<http_body::Frame<Bytes>, BoxError>("the client went away".into())
+        }));
+    let body: Upload = http_body_util::StreamBody::new(Box::pin(frames));
+    let client = HttpClient::<Upload>::new();
+    let (state, balance) = watched(&client, addr, 1);
+    let resp = balance
+        .oneshot(Request::put("/upload").body(body).unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "hello");
+    gone.send(()).unwrap();
+    let err = body.collect().await.unwrap_err();
+    assert!(find::<InvalidRequest>(&*err).is_some(), "{err:?}");
+    assert_eq!(state.failures(), 0);
+    assert!(!state.is_ejected());
+}
+
 /// A 4 MiB body goes up and comes back whole. With the send timeout on
 /// (the default), the answer is handed out in pieces of at most 16 KiB, so
 /// that a slow reader is judged by how long it takes over one piece, not
@@ -1334,18 +1503,26 @@ async fn serve_raw_closing(
 /// Serves each connection one raw `response` after the request's head.
 async fn serve_once(response: &'static str) -> SocketAddr {
     accept_counting(move |mut stream, _| async move {
-        let mut buf = [0u8; 1024];
-        let mut head = Vec::new();
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(read) => head.extend_from_slice(&buf[..read]),
-            }
+        if read_head(&mut stream).await {
+            let _ = stream.write_all(response.as_bytes()).await;
         }
-        let _ = stream.write_all(response.as_bytes()).await;
     })
     .await
     .0
+}
+
+/// Reads from `stream` up to the end of a request's head (and perhaps
+/// past it); `false` if the connection ends before.
+async fn read_head(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(read) => head.extend_from_slice(&buf[..read]),
+        }
+    }
+    true
 }
 
 /// A response framed by its chunks and with a `Content-Length` too (RFC
@@ -1860,6 +2037,40 @@ mod http2 {
 
     fn get(path: &str) -> Request<Full<Bytes>> {
         Request::get(path).body(Full::default()).unwrap()
+    }
+
+    /// An HTTP/2 backend that resets its streams in the middle of their
+    /// answers fails as an HTTP/1 one that cuts its connections does.
+    #[tokio::test]
+    async fn a_backend_that_resets_its_streams_midway_is_ejected() {
+        use futures::StreamExt as _;
+        let release = Arc::new(tokio::sync::Notify::new());
+        let breaks = release.clone();
+        let (addr, _) = serve_h2_with(service_fn(move |_req| {
+            let breaks = breaks.clone();
+            async move {
+                let hello = Ok(http_body::Frame::data(Bytes::from_static(b"hello")));
+                let frames =
+                    futures::stream::iter([hello]).chain(futures::stream::once(async move {
+                        breaks.notified().await;
+                        Err::<http_body::Frame<Bytes>, BoxError>("the backend broke down".into())
+                    }));
+                let body = http_body_util::StreamBody::new(Box::pin(frames));
+                Ok::<_, Infallible>(Response::new(body))
+            }
+        }))
+        .await;
+        let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
+        let (state, balance) = watched(&client, addr, 2);
+        for failed in 0..2 {
+            let resp = balance.clone().oneshot(get("/")).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(state.failures(), failed, "the head is not judged");
+            release.notify_one();
+            let err = resp.into_body().collect().await.unwrap_err();
+            assert_eq!(state.failures(), failed + 1, "{err}");
+        }
+        assert!(state.is_ejected());
     }
 
     #[tokio::test]

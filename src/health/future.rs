@@ -9,7 +9,7 @@ use std::task::{ready, Context, Poll};
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::outlier::Watch;
+use super::outlier::{LateOutcome, Watch};
 use crate::classify::{Classifier, Outcome};
 use crate::error::BoxError;
 use crate::extensions::{Picked, Target};
@@ -26,7 +26,10 @@ pub(crate) struct Observed<C> {
 
 pin_project! {
     /// The response future of [`Health`](super::Health): classifies the
-    /// outcome and records it on the backend's shared state. Dropped
+    /// outcome and records it on the backend's shared state; that of a
+    /// response whose head passes and whose body an
+    /// [`HttpBackend`](crate::http::HttpBackend) still streams, when that
+    /// body ends (see [`ResponseBody`](crate::http::ResponseBody)). Dropped
     /// unfinished because the failover layer's per-try timeout fired, it
     /// records a failure; dropped for any other reason (the client went
     /// away, the overall deadline), nothing.
@@ -55,19 +58,56 @@ impl<F, C> ResponseFuture<F, C> {
     }
 }
 
+impl<C: Classifier> Observed<C> {
+    /// Records the outcome of `result`. A response the classifier passes
+    /// whose body an [`HttpBackend`](crate::http::HttpBackend) still
+    /// streams is judged when that body ends instead: a backend that cuts
+    /// its bodies short fails, though their heads came.
+    fn record<RB: 'static>(self, result: &mut Result<Response<RB>, BoxError>) {
+        let Ok(response) = result else {
+            return self.watch.record(&self.target, &Outcome::of(result));
+        };
+        if self
+            .watch
+            .classifier
+            .is_failure(&Outcome::response(response))
+        {
+            return self.watch.observe(&self.target, true);
+        }
+        let late = LateOutcome::new(self.target, self.watch);
+        if let Err(late) = report_at_end(response.body_mut(), late) {
+            late.ended();
+        }
+    }
+}
+
+/// Hands `late` to `body` when it is an [`HttpBackend`](crate::http::HttpBackend)'s
+/// body still to be read; gives it back otherwise.
+fn report_at_end<RB: 'static>(body: &mut RB, late: LateOutcome) -> Result<(), LateOutcome> {
+    #[cfg(feature = "hyper-client")]
+    if let Some(body) = (body as &mut dyn std::any::Any).downcast_mut::<crate::http::ResponseBody>()
+    {
+        return body.report_at_end(late);
+    }
+    #[cfg(not(feature = "hyper-client"))]
+    let _ = body;
+    Err(late)
+}
+
 impl<F, C, RB, E> Future for ResponseFuture<F, C>
 where
     F: Future<Output = Result<Response<RB>, E>>,
     E: Into<BoxError>,
     C: Classifier,
+    RB: 'static,
 {
     type Output = Result<Response<RB>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.inner.poll(cx)).map_err(Into::into);
+        let mut result = ready!(this.inner.poll(cx)).map_err(Into::into);
         if let Some(o) = this.observed.take() {
-            o.watch.record(&o.target, &Outcome::of(&result));
+            o.record(&mut result);
         }
         Poll::Ready(result)
     }

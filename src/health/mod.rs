@@ -72,7 +72,9 @@
 //! at once, always allowing one: the layer's clones share a count of the
 //! backends they wrap and of those they ejected. Optionally, a
 //! [`SuccessRate`] also ejects a backend whose share of successes over a
-//! window falls too low.
+//! window falls too low. A response from an `HttpBackend` (feature
+//! `hyper-client`) is judged by its body too: one its backend cuts short
+//! is a failure, though its head passed.
 //!
 //! # Active probes
 //!
@@ -108,6 +110,8 @@ pub use checker::{CheckerHandle, HealthChecker};
 pub use error::{NoAddress, NotServing, ProbePanicked, ProbeTimeout, UnexpectedStatus};
 pub use grpc::GrpcProbe;
 pub use layer::HealthLayer;
+#[cfg(feature = "hyper-client")]
+pub(crate) use outlier::LateOutcome;
 pub use outlier::SuccessRate;
 pub use probe::{probe_fn, HttpProbe, Probe, ProbeFn, ProbeFuture, TcpProbe};
 pub use service::Health;

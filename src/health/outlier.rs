@@ -565,6 +565,53 @@ impl<C: Classifier> Watch<C> {
     }
 }
 
+/// What a [`LateOutcome`] reports to: a [`Watch`], whatever its classifier.
+pub(crate) trait Observe: Send + Sync {
+    fn observe(&self, target: &Target, failed: bool);
+    #[cfg_attr(not(feature = "hyper-client"), allow(dead_code))]
+    fn record(&self, target: &Target, outcome: &Outcome<'_>);
+}
+
+impl<C: Classifier> Observe for Watch<C> {
+    fn observe(&self, target: &Target, failed: bool) {
+        Watch::observe(self, target, failed);
+    }
+
+    fn record(&self, target: &Target, outcome: &Outcome<'_>) {
+        Watch::record(self, target, outcome);
+    }
+}
+
+/// The outcome of a response whose head the classifier passed, reported
+/// once its body ends: a response body from an
+/// [`HttpBackend`](crate::http::HttpBackend) holds it until then. Read to
+/// its end, or dropped before (its reader went away, which is not the
+/// backend's doing), the response is a success; failed by its backend (the
+/// connection cut or reset, a malformed body, the read timeout), the
+/// classifier judges the error.
+pub(crate) struct LateOutcome {
+    target: Target,
+    watch: Arc<dyn Observe>,
+}
+
+impl LateOutcome {
+    pub(crate) fn new(target: Target, watch: Arc<dyn Observe>) -> Self {
+        LateOutcome { target, watch }
+    }
+
+    /// Reports a body that ended, or that its reader dropped.
+    pub(crate) fn ended(self) {
+        self.watch.observe(&self.target, false);
+    }
+
+    /// Reports a body that failed with `error`, as the classifier judges
+    /// it (a failure of the request's own body records nothing).
+    #[cfg_attr(not(feature = "hyper-client"), allow(dead_code))]
+    pub(crate) fn failed(self, error: &(dyn std::error::Error + Send + Sync + 'static)) {
+        self.watch.record(&self.target, &Outcome::Error(error));
+    }
+}
+
 impl<C> Drop for Watch<C> {
     fn drop(&mut self) {
         self.ejections.backends.fetch_sub(1, Ordering::AcqRel);

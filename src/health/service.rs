@@ -90,6 +90,7 @@ where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Into<BoxError>,
     C: Classifier,
+    RB: 'static,
 {
     type Response = Response<RB>;
     type Error = BoxError;

@@ -21,9 +21,10 @@ pub(super) struct Waits {
     pub(super) read_timeout: Option<Duration>,
     pub(super) stalls: Option<Arc<BodyStalls>>,
 }
-use super::timeout::{self, Timer};
+use super::timeout::{self, Sent, Timer};
 use crate::backend::InFlight;
 use crate::error::BoxError;
+use crate::health::LateOutcome;
 
 /// The streaming body of a response from an
 /// [`HttpBackend`](super::HttpBackend).
@@ -44,6 +45,15 @@ use crate::error::BoxError;
 /// [`send_timeout`](super::HttpClient::send_timeout) (default 60 s)
 /// bounds that, giving up a body that has had a frame out for the
 /// timeout; its next poll fails with an I/O error of kind `TimedOut`.
+///
+/// Behind a [`Health`](crate::health::Health) layer, a response whose head
+/// its classifier passes is judged when its body ends: a success once read
+/// to its end or dropped, a failure as the classifier judges the error
+/// when its backend cuts it short (a connection closed or a stream reset
+/// in the middle, a malformed body, the read timeout). A body that fails
+/// because the request's upload did fails with an
+/// [`InvalidRequest`](crate::error::InvalidRequest), which counts as
+/// nothing.
 pub struct ResponseBody {
     held: Held,
     /// The longest wait for a frame, and the client's send timeout, which
@@ -69,6 +79,12 @@ pub(super) struct Core {
     pooled: Option<Box<dyn Checkin>>,
     /// The request's count in flight, while the body is still being read.
     in_flight: Option<InFlight>,
+    /// The health layer's verdict on the response, while the body is
+    /// still being read (see [`ResponseBody::report_at_end`]).
+    outcome: Option<LateOutcome>,
+    /// How the request's upload went: a body that fails because the upload
+    /// did (the client went away) fails as the request's.
+    sent: Sent,
     /// The timer of the waits for a frame: the connection's (given back
     /// with it), else made at the body's first wait (a body read without
     /// one never has it).
@@ -92,12 +108,15 @@ impl ResponseBody {
         pooled: Option<Box<dyn Checkin>>,
         waits: Waits,
         timer: Timer,
+        sent: Sent,
     ) -> Self {
         ResponseBody {
             held: Held::Own(Core {
                 inner,
                 pooled,
                 in_flight: None,
+                outcome: None,
+                sent,
                 timer,
                 since: None,
                 rest: Bytes::new(),
@@ -111,6 +130,19 @@ impl ResponseBody {
     pub(super) fn hold(&mut self, in_flight: InFlight) {
         if let Held::Own(core) = &mut self.held {
             core.in_flight = Some(in_flight);
+        }
+    }
+
+    /// Holds the health layer's `outcome` of the response until the body
+    /// ends (see [`LateOutcome`]); gives it back when the body has already
+    /// ended, or has been handed out.
+    pub(crate) fn report_at_end(&mut self, outcome: LateOutcome) -> Result<(), LateOutcome> {
+        match &mut self.held {
+            Held::Own(core) if !core.done && !core.at_end() => {
+                core.outcome = Some(outcome);
+                Ok(())
+            }
+            _ => Err(outcome),
         }
     }
 }
@@ -156,8 +188,24 @@ impl Core {
         }
         if self.done {
             self.in_flight = None;
+            if let Some(outcome) = self.outcome.take() {
+                outcome.ended();
+            }
         }
-        Poll::Ready(frame.map(|f| f.map(super::clean_trailers).map_err(Into::into)))
+        let frame = frame.map(|f| match f {
+            Ok(f) => Ok(super::clean_trailers(f)),
+            Err(e) => Err(self.failed(super::pool::sent_error(e, &self.sent))),
+        });
+        Poll::Ready(frame)
+    }
+
+    /// Reports `error`, which failed the body, to the health layer, and
+    /// hands it back.
+    fn failed(&mut self, error: BoxError) -> BoxError {
+        if let Some(outcome) = self.outcome.take() {
+            outcome.failed(&*error);
+        }
+        error
     }
 
     /// Waits for the next frame, for at most the read timeout: fails the
@@ -175,11 +223,11 @@ impl Core {
         // The connection is in an unknown state, and the request over.
         self.pooled = None;
         self.in_flight = None;
-        Poll::Ready(Some(Err(timeout::timed_out(
+        let error = timeout::timed_out(
             "the backend sent nothing more of the response body",
             timeout,
-        )
-        .into())))
+        );
+        Poll::Ready(Some(Err(self.failed(error.into()))))
     }
 
     /// Whether a frame it handed out leaves more to read.
@@ -291,6 +339,11 @@ impl Drop for ResponseBody {
 
 impl Drop for Core {
     fn drop(&mut self) {
+        // Dropped before its end: by its reader, or by the send timeout
+        // for a reader that stopped taking it, neither the backend's doing.
+        if let Some(outcome) = self.outcome.take() {
+            outcome.ended();
+        }
         if let Some(pooled) = self.pooled.take() {
             if self.done || self.inner.is_end_stream() {
                 pooled.checkin(self.timer.take());

@@ -222,7 +222,8 @@ where
                 Ok(resp) => {
                     let present = super::hop_by_hop(resp.headers());
                     let waits = waits.clone();
-                    let resp = resp.map(|body| ResponseBody::new(body, None, waits, timer));
+                    let sent = sent.clone();
+                    let resp = resp.map(|body| ResponseBody::new(body, None, waits, timer, sent));
                     return Ok((resp, present));
                 }
                 Err(Failed::TimedOut(e)) => return Err(e),

@@ -659,7 +659,7 @@ where
             // connections: the connection is dropped.
             return Err("the backend switched protocols though the request did not ask to".into());
         }
-        Ok(self.lend(resp, sender, written, timer))
+        Ok(self.lend(resp, sender, written, timer, sent))
     }
 
     /// Sends `req` on an idle HTTP/1.1 connection, or on a new one, and
@@ -706,13 +706,14 @@ where
 
     /// `resp`, whose head came on the connection of `sender`, with that
     /// connection given back to the pool once its body has been read: at
-    /// once if it already has.
+    /// once if it already has. `sent` follows the request's upload.
     fn lend(
         self: Arc<Self>,
         resp: Response<Incoming>,
         sender: SendRequest<Upload<B>>,
         written: Arc<Written>,
         timer: Timer,
+        sent: Sent,
     ) -> Received {
         let waits = self.waits.clone();
         // The one pass over the header names, whose answer the caller
@@ -733,7 +734,7 @@ where
             };
             (Some(Box::new(pooled) as Box<dyn Checkin>), timer)
         };
-        let resp = resp.map(|body| ResponseBody::new(body, pooled, waits, timer));
+        let resp = resp.map(|body| ResponseBody::new(body, pooled, waits, timer, sent));
         (resp, present)
     }
 }
@@ -774,7 +775,7 @@ where
         let (req, sent) = Upload::wrap(req, None, true);
         let (mut resp, sender, written, timer) = self.exchange(req, &sent, &handover).await?;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return Ok(self.lend(resp, sender, written, timer));
+            return Ok(self.lend(resp, sender, written, timer, sent));
         }
         if !super::switch_agrees(&offered, resp.headers()) {
             return Err(
@@ -800,7 +801,7 @@ where
         });
         let present = super::hop_by_hop(resp.headers());
         let waits = self.waits.clone();
-        let resp = resp.map(|body| ResponseBody::new(body, None, waits, timer));
+        let resp = resp.map(|body| ResponseBody::new(body, None, waits, timer, sent));
         Ok((resp, present))
     }
 }
