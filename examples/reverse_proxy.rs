@@ -14,7 +14,8 @@
 //! `--help` lists the flags, with their defaults (`HELP` below).
 //!
 //! A backend that stops in the middle of a response body is left after the
-//! client's read timeout (`HttpClient::read_timeout`, 60 s). A failed
+//! client's read timeout (`HttpClient::read_timeout`, 60 s), and counts as
+//! failed, as one that cuts a body short does. A failed
 //! request is answered 400, 408, 502, 503 or 504 with the status's name alone
 //! (a failed gRPC call, `200 OK` with its `grpc-status`);
 //! what failed (backend addresses, system errors) goes to standard error.
@@ -76,6 +77,7 @@ struct Options {
     header_read_timeout: Option<Duration>,
     send_timeout: Option<Duration>,
     drain: Duration,
+    max_connections: usize,
     http2: bool,
     backends: Vec<String>,
 }
@@ -136,7 +138,12 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            connection with no request open for an hour (up
                            to two) is closed (over HTTP/2, with a GOAWAY),
                            and so is an HTTP/2 one whose client answers no
-                           PING within a minute (one is sent each minute)
+                           PING within a minute (one is sent each minute),
+                           or resets at least half of its requests (250 or
+                           more) within a second of sending them; at most
+                           128 requests are open at once on an HTTP/2
+                           connection. A connection closed so has 30 s to
+                           finish the requests under way
   --send-timeout MS        closes a client connection that has taken none of
                            its response for MS ms, and gives up a response
                            whose client has left a frame of it for MS ms, so
@@ -147,6 +154,11 @@ default id is a digest of the host and port keyed by the cookie's secret.
   --http2                  speaks HTTP/2 (prior knowledge) to every backend,
                            as gRPC servers need (feature http2); clients
                            are served HTTP/1.1 or HTTP/2 either way
+  --max-connections N      at most N client connections open at once; more
+                           wait in the listen backlog until one closes
+                           (default: half the limit of open files, leaving
+                           the rest for connections to backends; 512
+                           where that limit is unknown)
   --drain MS               on SIGINT or SIGTERM: stops accepting, lets each
                            connection finish its request and each WebSocket
                            (or other upgraded) tunnel end, exits when none is
@@ -198,6 +210,7 @@ fn options() -> Options {
         header_read_timeout: Some(Duration::from_secs(30)),
         send_timeout: Some(Duration::from_secs(60)),
         drain: Duration::from_secs(10),
+        max_connections: default_max_connections(),
         http2: false,
         backends: Vec::new(),
     };
@@ -267,6 +280,12 @@ fn options() -> Options {
             }
             "--send-timeout" => o.send_timeout = millis(value("--send-timeout"), "--send-timeout"),
             "--http2" => o.http2 = true,
+            "--max-connections" => {
+                o.max_connections = match value("--max-connections").parse() {
+                    Ok(n) if n > 0 => n,
+                    _ => usage("--max-connections needs a number above 0"),
+                }
+            }
             "--drain" => o.drain = millis(value("--drain"), "--drain").unwrap_or_default(),
             "--health-path" => {
                 let path = value("--health-path");
@@ -564,14 +583,18 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     // Two stacks rather than an optional layer: each request's future
     // stays as small as the stack it runs through.
     // A zero send timeout is none.
-    let timeouts = (o.header_read_timeout, o.send_timeout.unwrap_or_default());
+    let limits = (
+        o.header_read_timeout,
+        o.send_timeout.unwrap_or_default(),
+        o.max_connections,
+    );
     let (stop, connections) = watch::channel(false);
     match sticky {
         Some(sticky) => {
             let stack = sticky.layer(stack);
-            accept(listener, stack, timeouts, connections).await
+            accept(listener, stack, limits, connections).await
         }
-        None => accept(listener, stack, timeouts, connections).await,
+        None => accept(listener, stack, limits, connections).await,
     }
     // Every connection task holds two receivers: the channel closes when
     // the last one ends.
@@ -634,16 +657,23 @@ async fn stop_signal() {
 /// gRPC's among them, keep their connections open between calls.
 const IDLE_CONNECTION: Duration = Duration::from_secs(3600);
 
+/// How long a connection the front closes (idle, a stop, a client that
+/// resets its requests) has to finish the requests under way, after which
+/// it is dropped: a stream whose client grants it no window would keep it
+/// for good.
+const CLOSE_GRACE: Duration = Duration::from_secs(30);
+
 /// Serves each connection `listener` accepts with `stack` (see
 /// [`Front::serve`]: HTTP/1.1 or HTTP/2, closing those that send no whole
 /// request head within `header_read_timeout` or then have no request open
 /// for [`IDLE_CONNECTION`]), closing those that take none of their response for
-/// `send_timeout`, until a stop signal; each connection then finishes the
-/// requests it is serving and closes (its task watches `stop`).
+/// `send_timeout`, with at most `max_connections` open (see
+/// [`Front::accept`]), until a stop signal; each connection then finishes
+/// the requests it is serving and closes (its task watches `stop`).
 async fn accept<S>(
     listener: TcpListener,
     stack: S,
-    (header_read_timeout, send_timeout): (Option<Duration>, Duration),
+    (header_read_timeout, send_timeout, max_connections): (Option<Duration>, Duration, usize),
     stop: watch::Receiver<bool>,
 ) where
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = BoxError>
@@ -652,40 +682,49 @@ async fn accept<S>(
         + 'static,
     S::Future: Send,
 {
-    let front = Arc::new(Front::new(header_read_timeout, IDLE_CONNECTION));
-    let mut signal = std::pin::pin!(stop_signal());
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = &mut signal => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors, most likely: retrying at once
-                // would spin.
-                log!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+    let front = Arc::new(Front::new(
+        header_read_timeout,
+        IDLE_CONNECTION,
+        CLOSE_GRACE,
+    ));
+    let log = |e: &std::io::Error| log!("accept: {e}");
+    Front::accept(
+        listener,
+        max_connections,
+        stop_signal(),
+        log,
+        |stream, peer| {
+            let _ = stream.set_nodelay(true);
+            let stack = stack.clone();
+            let front = front.clone();
+            let stop = stop.clone();
+            async move {
+                let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(PeerAddr(peer));
+                    // What a failed gRPC call's answer needs, read before the
+                    // stack takes the request.
+                    let call = GrpcCall::of(req.headers());
+                    let stack = stack.clone();
+                    async move { Ok::<_, Infallible>(respond(stack.oneshot(req).await, call)) }
+                });
+                let io = TokioIo::new(SendTimeout::new(stream, send_timeout));
+                front.serve(io, service, stop).await;
             }
-        };
-        let _ = stream.set_nodelay(true);
-        let stack = stack.clone();
-        let front = front.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(PeerAddr(peer));
-                // What a failed gRPC call's answer needs, read before the
-                // stack takes the request.
-                let call = GrpcCall::of(req.headers());
-                let stack = stack.clone();
-                async move { Ok::<_, Infallible>(respond(stack.oneshot(req).await, call)) }
-            });
-            let io = TokioIo::new(SendTimeout::new(stream, send_timeout));
-            front.serve(io, service, stop).await;
-        });
-    }
+        },
+    )
+    .await
+}
+
+/// Half of the process's limit of open files (from `/proc/self/limits`),
+/// else 512 (nginx's `worker_connections`): the other half is left for the
+/// connections to backends, about one per request in flight.
+fn default_max_connections() -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<usize>().ok());
+    soft.map_or(512, |n| (n / 2).max(1))
 }
 
 /// The backend's response, or a gateway error (for a gRPC `call`, a

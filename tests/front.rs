@@ -36,38 +36,57 @@ const HELD: Duration = Duration::from_millis(3500);
 /// A front on 127.0.0.1 with these limits; returns its address, the stop
 /// switch its connections watch, and a count of the connections it served
 /// to their end. It answers `200 OK`, to `/held` with a body that comes
-/// after [`HELD`].
+/// after [`HELD`], and never to `/hang`.
 async fn front(
     header_read_timeout: Duration,
     idle: Duration,
+) -> (SocketAddr, watch::Sender<bool>, Arc<AtomicUsize>) {
+    front_with(header_read_timeout, idle, HOUR, usize::MAX).await
+}
+
+/// [`front`], whose closes let requests finish for `grace`, with at most
+/// `max` connections open.
+async fn front_with(
+    header_read_timeout: Duration,
+    idle: Duration,
+    grace: Duration,
+    max: usize,
 ) -> (SocketAddr, watch::Sender<bool>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
     let ended = Arc::new(AtomicUsize::new(0));
-    let front = Arc::new(Front::new(Some(header_read_timeout), idle));
+    let front = Arc::new(Front::new(Some(header_read_timeout), idle, grace));
     let served = ended.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+    let never = std::future::pending();
+    let unexpected = |e: &std::io::Error| panic!("accept: {e}");
+    tokio::spawn(Front::accept(
+        listener,
+        max,
+        never,
+        unexpected,
+        move |stream, _| {
             let (front, stopped, served) = (front.clone(), stopped.clone(), served.clone());
-            tokio::spawn(async move {
+            async move {
                 let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let body = if req.uri().path() == "/held" {
-                        let later = futures::stream::once(async {
-                            tokio::time::sleep(HELD).await;
-                            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"held")))
-                        });
-                        BoxBody::new(StreamBody::new(later))
-                    } else {
-                        Full::new(Bytes::from_static(b"ok")).boxed()
+                    let body = match req.uri().path() {
+                        "/held" => {
+                            let later = futures::stream::once(async {
+                                tokio::time::sleep(HELD).await;
+                                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"held")))
+                            });
+                            BoxBody::new(StreamBody::new(later))
+                        }
+                        "/hang" => std::future::pending().await,
+                        _ => Full::new(Bytes::from_static(b"ok")).boxed(),
                     };
                     Ok::<_, Infallible>(Response::new(body))
                 });
                 front.serve(TokioIo::new(stream), service, stopped).await;
                 served.fetch_add(1, Ordering::SeqCst);
-            });
-        }
-    });
+            }
+        },
+    ));
     (addr, stop, ended)
 }
 
@@ -167,4 +186,153 @@ async fn a_stop_closes_an_http2_connection_gracefully() {
     assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
     stop.send(true).unwrap();
     assert_closed_gracefully(end, &ended, 1).await;
+}
+
+/// Past the most connections open, a new one waits, unserved, until one
+/// closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_the_most_open_waits_for_one_to_close() {
+    let (addr, _stop, ended) = front_with(HOUR, HOUR, HOUR, 1).await;
+    let (mut first, end) = support::http::http1_client::<Full<Bytes>>(addr).await;
+    let get_first = async |first: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>| {
+        first.ready().await.unwrap();
+        let req = Request::get("/").body(Full::default()).unwrap();
+        support::http::text(first.send_request(req).await.unwrap()).await
+    };
+    assert_eq!(get_first(&mut first).await, "ok");
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    second
+        .write_all(b"GET / HTTP/1.1\r\nhost: front.test\r\n\r\n")
+        .await
+        .unwrap();
+    // The first connection is served meanwhile (time enough for the
+    // second to be answered, were it served); the second is not even
+    // accepted, so nothing answers it.
+    for _ in 0..50 {
+        assert_eq!(get_first(&mut first).await, "ok");
+    }
+    let mut buf = [0u8; 64];
+    let nothing = second.try_read(&mut buf);
+    assert!(
+        nothing
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "{nothing:?}"
+    );
+    drop(first);
+    support::wait::bounded_real("the first connection ends", end)
+        .await
+        .unwrap()
+        .unwrap();
+    let read = support::wait::bounded_real("the second is answered", second.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        buf[..read].starts_with(b"HTTP/1.1 200 OK"),
+        "{:?}",
+        &buf[..read]
+    );
+    assert_eq!(ended.load(Ordering::SeqCst), 1);
+}
+
+/// Sends `n` GETs of `/hang` on `sender`, at most 100 at a time, each
+/// given up (its stream reset) 50 ms after it was sent.
+async fn reset_early(sender: &Sender, n: usize) {
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(100);
+        left -= batch;
+        let sent = (0..batch).map(|_| {
+            let mut sender = sender.clone();
+            async move {
+                let req = Request::get("http://front.test/hang")
+                    .body(Full::default())
+                    .unwrap();
+                let call = sender.send_request(req);
+                tokio::time::timeout(Duration::from_millis(50), call).await
+            }
+        });
+        for answer in futures::future::join_all(sent).await {
+            assert!(answer.is_err(), "/hang is never answered");
+        }
+    }
+}
+
+/// An HTTP/2 client that resets its requests soon after it sends them (a
+/// rapid reset attack, each reset a moment after its stream was taken, so
+/// that h2's own limit does not see it) is closed with a `GOAWAY` once it
+/// has reset 250 of them, half of 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_resets_its_requests_early_is_closed() {
+    let (addr, _stop, ended) = front(HOUR, HOUR).await;
+    let (sender, end) = support::http::h2_client(addr).await;
+    reset_early(&sender, 300).await;
+    assert_closed_gracefully(end, &ended, 1).await;
+}
+
+/// A client that resets a third of its requests early keeps its
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_resets_a_few_requests_keeps_its_connection() {
+    let (addr, _stop, ended) = front(HOUR, HOUR).await;
+    let (mut sender, _end) = support::http::h2_client(addr).await;
+    for _ in 0..4 {
+        reset_early(&sender, 100).await;
+        for _ in 0..200 {
+            assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
+        }
+    }
+    assert_eq!(ended.load(Ordering::SeqCst), 0);
+}
+
+/// A connection that a stop closes is dropped after its grace even when a
+/// stream stays open: here, one whose client grants it no window to send
+/// its body in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_is_dropped_after_its_grace() {
+    let (addr, stop, ended) = front_with(HOUR, HOUR, Duration::from_secs(1), usize::MAX).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            .await
+            .unwrap();
+    let end = tokio::spawn(connection);
+    let req = Request::get("http://front.test/")
+        .body(Full::default())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    stop.send(true).unwrap();
+    support::wait::bounded_real("the connection ends", end)
+        .await
+        .unwrap()
+        .ok();
+    support::wait::spin_until("the front's side ended", || {
+        ended.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    drop(response);
+}
+
+/// An HTTP/1.1 request head over 64 KiB is refused (`431`), as one over
+/// 16 KiB is over HTTP/2; hyper's own limit is about 400 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_request_head_over_64_kib_is_refused() {
+    let (addr, _stop, _ended) = front(HOUR, HOUR).await;
+    for (size, status) in [(60 * 1024, "200"), (70 * 1024, "431")] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "GET / HTTP/1.1\r\nhost: front.test\r\nx-big: {}\r\nconnection: close\r\n\r\n",
+            "a".repeat(size)
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        support::wait::bounded_real("the answer", stream.read_to_end(&mut got))
+            .await
+            .unwrap();
+        let line = String::from_utf8_lossy(&got[..got.len().min(12)]).into_owned();
+        assert_eq!(line, format!("HTTP/1.1 {status}"), "{size} bytes");
+    }
 }

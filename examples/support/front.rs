@@ -1,9 +1,12 @@
-//! How `examples/reverse_proxy.rs` serves a client's connection, shared
-//! with its tests (`tests/front.rs`): HTTP/1.1 or HTTP/2 (prior knowledge,
-//! as gRPC clients connect without TLS), protocol switches included, with
-//! bounds on connections that send nothing and a graceful stop.
+//! How `examples/reverse_proxy.rs` accepts and serves clients'
+//! connections, shared with its tests (`tests/front.rs`): HTTP/1.1 or
+//! HTTP/2 (prior knowledge, as gRPC clients connect without TLS), protocol
+//! switches included, with bounds on how many connections are open, on
+//! connections that send nothing, on HTTP/2 clients that reset most of
+//! their requests, and a graceful stop.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,7 +19,9 @@ use hyper::rt::{Read, Write};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::time::Instant;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -25,14 +30,29 @@ pub struct Front {
     builder: auto::Builder<TokioExecutor>,
     first: Duration,
     idle: Duration,
+    grace: Duration,
 }
+
+/// Closes an HTTP/2 connection whose client reset at least half of its
+/// requests before their answers, each within [`PREMATURE`] of its start,
+/// once it has made this many (or reset half this many), as Envoy's
+/// defaults do: a rapid reset attack (CVE-2023-44487) makes the proxy
+/// start a request through its stack, towards a backend, for each stream
+/// it resets. h2's own limit counts only the streams reset before hyper
+/// takes them, which a client that sends its resets a moment later
+/// escapes.
+const RESETS_JUDGED_AFTER: usize = 500;
+
+/// A request reset sooner than this after it started is reset early.
+const PREMATURE: Duration = Duration::from_secs(1);
 
 impl Front {
     /// A front that closes a connection whose first request head has not
     /// come whole within `header_read_timeout` (`None`: within `idle`), an
     /// idle kept-alive HTTP/1.1 one too, and one that then has no request
-    /// open for between one and two `idle` times.
-    pub fn new(header_read_timeout: Option<Duration>, idle: Duration) -> Front {
+    /// open for between one and two `idle` times; each close lets the
+    /// requests under way finish for at most `grace`.
+    pub fn new(header_read_timeout: Option<Duration>, idle: Duration, grace: Duration) -> Front {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -40,7 +60,11 @@ impl Front {
             // Without a timer hyper enforces no header read timeout (and
             // warns on every connection).
             .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout);
+            .header_read_timeout(header_read_timeout)
+            // A request head of at most 64 KiB (hyper's default buffer takes
+            // about 400 KiB), as HTTP/2's header list below is 16 KiB; nginx
+            // takes heads of up to 32 KiB.
+            .max_buf_size(64 * 1024);
         // PINGs every minute find the HTTP/2 clients that went away without
         // closing, whose open streams would otherwise keep their
         // connections for good. A client gets a minute to answer: a PING
@@ -50,11 +74,72 @@ impl Front {
             .http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(60))
-            .keep_alive_timeout(Duration::from_secs(60));
+            .keep_alive_timeout(Duration::from_secs(60))
+            // Each stream is a request through the stack to a backend:
+            // nginx's bound (hyper's default is 200, which its docs say may
+            // change).
+            .max_concurrent_streams(128)
+            // hyper's values today, set because the front relies on them:
+            // streams a client resets before hyper takes them (past this,
+            // the connection ends), a request's header list, and the data
+            // queued per stream for a client slow to read (400 KiB by
+            // default, times 128 streams).
+            .max_pending_accept_reset_streams(20)
+            .max_header_list_size(16 * 1024)
+            .max_send_buf_size(128 * 1024);
         Front {
             builder,
             first: header_read_timeout.unwrap_or(idle),
             idle,
+            grace,
+        }
+    }
+
+    /// Accepts connections from `listener` until `stopped` resolves, and
+    /// serves each with `serve`, in a task of its own, while fewer than
+    /// `max` are open: past that, a new connection waits in the listener's
+    /// backlog until one closes, as nginx's `worker_connections` has it, so
+    /// that clients cannot take the file descriptors the proxy needs for
+    /// its backends (whose connects would then fail, and count against
+    /// their health). A failed accept (out of file descriptors, most
+    /// likely) is logged with `log` and retried 100 ms later.
+    pub async fn accept<F, Fut>(
+        listener: TcpListener,
+        max: usize,
+        stopped: impl Future<Output = ()>,
+        log: impl Fn(&std::io::Error),
+        mut serve: F,
+    ) where
+        F: FnMut(TcpStream, SocketAddr) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let places = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
+        let mut stopped = std::pin::pin!(stopped);
+        loop {
+            let accepted = tokio::select! {
+                place = places.clone().acquire_owned() => match place {
+                    Ok(place) => tokio::select! {
+                        accepted = listener.accept() => accepted.map(|a| (a, place)),
+                        () = &mut stopped => return,
+                    },
+                    Err(_) => return,
+                },
+                () = &mut stopped => return,
+            };
+            match accepted {
+                Ok(((stream, peer), place)) => {
+                    let served = serve(stream, peer);
+                    tokio::spawn(async move {
+                        served.await;
+                        drop(place);
+                    });
+                }
+                Err(e) => {
+                    // Retrying at once would spin.
+                    log(&e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
     }
 
@@ -85,6 +170,7 @@ impl Front {
         let connection = self.builder.serve_connection_with_upgrades(io, service);
         let mut connection = std::pin::pin!(connection);
         let mut idle = std::pin::pin!(tokio::time::sleep(self.first));
+        let mut reset_early = std::pin::pin!(requests.reset_early.notified());
         let mut counted = 0;
         let mut stop_changed = stop.clone();
         let mut stopping = std::pin::pin!(stop_changed.wait_for(|&stop| stop));
@@ -96,6 +182,9 @@ impl Front {
         let close = std::future::poll_fn(|cx| {
             if connection.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(false);
+            }
+            if reset_early.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(true);
             }
             // Looked at when it fires: a connection that had a request
             // open since goes on for another period.
@@ -118,7 +207,9 @@ impl Front {
         .await;
         if close {
             connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            // A stream whose client grants it no window, say, would keep
+            // the connection past its `GOAWAY` for good.
+            let _ = tokio::time::timeout(self.grace, connection).await;
         }
     }
 }
@@ -131,22 +222,44 @@ struct Requests {
     /// How many requests closed: with `open`, whether any was open since
     /// the count was last read.
     closed: AtomicUsize,
+    /// How many requests were dropped before their answers within
+    /// [`PREMATURE`] of their start (their streams reset by the client).
+    early: AtomicUsize,
+    /// Told once `early` is at least half of the requests closed, or of
+    /// [`RESETS_JUDGED_AFTER`].
+    reset_early: Notify,
 }
 
 /// One open request: closed when dropped.
-struct Open(Arc<Requests>);
+struct Open {
+    requests: Arc<Requests>,
+    started: Instant,
+    /// Its response's head was handed to the server.
+    answered: bool,
+}
 
 impl Open {
     fn new(requests: &Arc<Requests>) -> Open {
         requests.open.fetch_add(1, Ordering::Relaxed);
-        Open(requests.clone())
+        Open {
+            requests: requests.clone(),
+            started: Instant::now(),
+            answered: false,
+        }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.closed.fetch_add(1, Ordering::Relaxed);
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        let requests = &self.requests;
+        let closed = requests.closed.fetch_add(1, Ordering::Relaxed) + 1;
+        requests.open.fetch_sub(1, Ordering::Relaxed);
+        if !self.answered && self.started.elapsed() < PREMATURE {
+            let early = requests.early.fetch_add(1, Ordering::Relaxed) + 1;
+            if early * 2 >= closed.max(RESETS_JUDGED_AFTER) {
+                requests.reset_early.notify_one();
+            }
+        }
     }
 }
 
@@ -191,7 +304,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = std::task::ready!(this.inner.poll(cx))?;
-        let open = this.open.take();
+        let mut open = this.open.take();
+        if let Some(open) = &mut open {
+            open.answered = true;
+        }
         Poll::Ready(Ok(response.map(|body| Tracked { body, _open: open })))
     }
 }
