@@ -48,7 +48,7 @@ use tower_ha::{BackendId, BoxError, Pool};
 
 #[path = "support/front.rs"]
 mod front;
-use front::Front;
+use front::{Front, Limits};
 
 type Body = ReplayBody<Incoming>;
 type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -145,10 +145,12 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            connection. A connection closed so has 30 s to
                            finish the requests under way
   --send-timeout MS        closes a client connection that has taken none of
-                           its response for MS ms, and gives up a response
-                           whose client has left a frame of it for MS ms, so
-                           that a client that stops reading frees its
-                           backend's connection and its place under
+                           its response for MS ms (over HTTP/2, one whose
+                           every open response has waited that long for
+                           the client to take a frame), and gives up a
+                           response whose client has left a frame of it for
+                           MS ms, so that a client that stops reading frees
+                           its backend's connection and its place under
                            --max-in-flight (default 60000, as nginx's
                            send_timeout; 0 for none)
   --http2                  speaks HTTP/2 (prior knowledge) to every backend,
@@ -682,11 +684,14 @@ async fn accept<S>(
         + 'static,
     S::Future: Send,
 {
-    let front = Arc::new(Front::new(
+    let front = Arc::new(Front::new(Limits {
         header_read_timeout,
-        IDLE_CONNECTION,
-        CLOSE_GRACE,
-    ));
+        idle: IDLE_CONNECTION,
+        // The send timeout closes an HTTP/1 connection whose writes stand
+        // still, and an HTTP/2 one whose streams all do.
+        stalled: (!send_timeout.is_zero()).then_some(send_timeout),
+        grace: CLOSE_GRACE,
+    }));
     let log = |e: &std::io::Error| log!("accept: {e}");
     Front::accept(
         listener,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use front::Front;
+use front::{Front, Limits};
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -41,14 +41,16 @@ async fn front(
     header_read_timeout: Duration,
     idle: Duration,
 ) -> (SocketAddr, watch::Sender<bool>, Arc<AtomicUsize>) {
-    front_with(header_read_timeout, idle, HOUR, usize::MAX).await
+    front_with(header_read_timeout, idle, None, HOUR, usize::MAX).await
 }
 
-/// [`front`], whose closes let requests finish for `grace`, with at most
-/// `max` connections open.
+/// [`front`], whose connections may have every request stalled for
+/// `stalled` and whose closes let requests finish for `grace`, with at
+/// most `max` connections open.
 async fn front_with(
     header_read_timeout: Duration,
     idle: Duration,
+    stalled: Option<Duration>,
     grace: Duration,
     max: usize,
 ) -> (SocketAddr, watch::Sender<bool>, Arc<AtomicUsize>) {
@@ -56,7 +58,12 @@ async fn front_with(
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
     let ended = Arc::new(AtomicUsize::new(0));
-    let front = Arc::new(Front::new(Some(header_read_timeout), idle, grace));
+    let front = Arc::new(Front::new(Limits {
+        header_read_timeout: Some(header_read_timeout),
+        idle,
+        stalled,
+        grace,
+    }));
     let served = ended.clone();
     let never = std::future::pending();
     let unexpected = |e: &std::io::Error| panic!("accept: {e}");
@@ -78,6 +85,14 @@ async fn front_with(
                             BoxBody::new(StreamBody::new(later))
                         }
                         "/hang" => std::future::pending().await,
+                        "/big" => {
+                            // 4 MiB, in frames of 16 KiB, as `HttpBackend`'s
+                            // bodies hand theirs out.
+                            let piece = Bytes::from(vec![0u8; 16 * 1024]);
+                            let pieces = std::iter::repeat_n(piece, 256)
+                                .map(|piece| Ok::<_, Infallible>(Frame::data(piece)));
+                            BoxBody::new(StreamBody::new(futures::stream::iter(pieces)))
+                        }
                         _ => Full::new(Bytes::from_static(b"ok")).boxed(),
                     };
                     Ok::<_, Infallible>(Response::new(body))
@@ -192,7 +207,7 @@ async fn a_stop_closes_an_http2_connection_gracefully() {
 /// closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_past_the_most_open_waits_for_one_to_close() {
-    let (addr, _stop, ended) = front_with(HOUR, HOUR, HOUR, 1).await;
+    let (addr, _stop, ended) = front_with(HOUR, HOUR, None, HOUR, 1).await;
     let (mut first, end) = support::http::http1_client::<Full<Bytes>>(addr).await;
     let get_first = async |first: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>| {
         first.ready().await.unwrap();
@@ -285,12 +300,10 @@ async fn an_http2_client_that_resets_a_few_requests_keeps_its_connection() {
     assert_eq!(ended.load(Ordering::SeqCst), 0);
 }
 
-/// A connection that a stop closes is dropped after its grace even when a
-/// stream stays open: here, one whose client grants it no window to send
-/// its body in.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_closed_connection_is_dropped_after_its_grace() {
-    let (addr, stop, ended) = front_with(HOUR, HOUR, Duration::from_secs(1), usize::MAX).await;
+/// The head of a response to an HTTP/2 client that grants its streams no
+/// window, so that the front cannot send the body: the response, and the
+/// end of the client's connection.
+async fn stuck_response(addr: SocketAddr) -> (Response<Incoming>, support::http::Connection) {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -304,6 +317,69 @@ async fn a_closed_connection_is_dropped_after_its_grace() {
         .unwrap();
     let response = sender.send_request(req).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
+    (response, end)
+}
+
+/// An HTTP/2 connection whose every stream waits for its client to take
+/// what the front handed it (here, a client that grants no window) is
+/// dropped after the stall limit: hyper's servers would keep it for good,
+/// the client answering PINGs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_every_stream_is_stalled_is_dropped() {
+    let stalled = Some(Duration::from_secs(1));
+    let (addr, _stop, ended) = front_with(HOUR, HOUR, stalled, HOUR, usize::MAX).await;
+    let (response, end) = stuck_response(addr).await;
+    let _ = support::wait::bounded_real("the connection ends", end).await;
+    support::wait::spin_until("the front's side ended", || {
+        ended.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    drop(response);
+}
+
+/// A stream stalled beside others that move, or that wait for their
+/// answers, keeps its connection: the limit is on a connection whose
+/// responses all stand still. Once the others end, the connection is
+/// dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_beside_moving_ones_keeps_its_connection() {
+    let stalled = Duration::from_secs(1);
+    let (addr, _stop, ended) = front_with(HOUR, HOUR, Some(stalled), HOUR, usize::MAX).await;
+    let (mut sender, end) = support::http::h2_client(addr).await;
+    // 4 MiB, left unread: the client's window (2 MiB) runs out.
+    let req = Request::get("http://front.test/big")
+        .body(Full::default())
+        .unwrap();
+    let big = sender.send_request(req).await.unwrap();
+    for _ in 0..30 {
+        assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
+        tokio::time::sleep(stalled / 10).await;
+    }
+    assert_eq!(ended.load(Ordering::SeqCst), 0);
+    // A request that waits for its answer is not stalled either.
+    let hang = Request::get("http://front.test/hang")
+        .body(Full::default())
+        .unwrap();
+    let waiting = tokio::spawn(sender.send_request(hang));
+    tokio::time::sleep(stalled * 2).await;
+    assert_eq!(ended.load(Ordering::SeqCst), 0);
+    waiting.abort();
+    let _ = support::wait::bounded_real("the connection ends", end).await;
+    support::wait::spin_until("the front's side ended", || {
+        ended.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    drop(big);
+}
+
+/// A connection that a stop closes is dropped after its grace even when a
+/// stream stays open: here, one whose client grants it no window to send
+/// its body in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_is_dropped_after_its_grace() {
+    let (addr, stop, ended) =
+        front_with(HOUR, HOUR, None, Duration::from_secs(1), usize::MAX).await;
+    let (response, end) = stuck_response(addr).await;
     stop.send(true).unwrap();
     support::wait::bounded_real("the connection ends", end)
         .await

@@ -2,13 +2,13 @@
 //! connections, shared with its tests (`tests/front.rs`): HTTP/1.1 or
 //! HTTP/2 (prior knowledge, as gRPC clients connect without TLS), protocol
 //! switches included, with bounds on how many connections are open, on
-//! connections that send nothing, on HTTP/2 clients that reset most of
-//! their requests, and a graceful stop.
+//! connections that send nothing or take nothing, on HTTP/2 clients that
+//! reset most of their requests, and a graceful stop.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,8 +29,37 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Front {
     builder: auto::Builder<TokioExecutor>,
     first: Duration,
-    idle: Duration,
-    grace: Duration,
+    limits: Limits,
+}
+
+/// How long a connection may wait for what.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// For its first request head, and over HTTP/1.1 for each request head
+    /// (an idle kept-alive connection too); `None`: for `idle`.
+    pub header_read_timeout: Option<Duration>,
+    /// With no request open, after its first: closed after one to two of
+    /// these.
+    pub idle: Duration,
+    /// With every request open waiting for its client to take what it was
+    /// handed of its response (a client that stopped reading, an HTTP/2
+    /// one that grants no window): closed at once after this, as nginx's
+    /// `send_timeout` closes a connection whose writes stand still.
+    /// `None`: no limit.
+    pub stalled: Option<Duration>,
+    /// For the requests under way once it is being closed.
+    pub grace: Duration,
+}
+
+/// How a connection ends.
+enum End {
+    /// On its own.
+    Ended,
+    /// Closed, with time for the requests under way (over HTTP/2 with a
+    /// `GOAWAY`).
+    Gracefully,
+    /// Dropped: nothing it serves moves.
+    Now,
 }
 
 /// Closes an HTTP/2 connection whose client reset at least half of its
@@ -47,12 +76,9 @@ const RESETS_JUDGED_AFTER: usize = 500;
 const PREMATURE: Duration = Duration::from_secs(1);
 
 impl Front {
-    /// A front that closes a connection whose first request head has not
-    /// come whole within `header_read_timeout` (`None`: within `idle`), an
-    /// idle kept-alive HTTP/1.1 one too, and one that then has no request
-    /// open for between one and two `idle` times; each close lets the
-    /// requests under way finish for at most `grace`.
-    pub fn new(header_read_timeout: Option<Duration>, idle: Duration, grace: Duration) -> Front {
+    /// A front that holds its connections to `limits`.
+    pub fn new(limits: Limits) -> Front {
+        let header_read_timeout = limits.header_read_timeout;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -89,9 +115,8 @@ impl Front {
             .max_send_buf_size(128 * 1024);
         Front {
             builder,
-            first: header_read_timeout.unwrap_or(idle),
-            idle,
-            grace,
+            first: header_read_timeout.unwrap_or(limits.idle),
+            limits,
         }
     }
 
@@ -162,7 +187,7 @@ impl Front {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let requests = Arc::new(Requests::default());
+        let requests = Arc::new(Requests::new());
         let service = Counted {
             inner: service,
             requests: requests.clone(),
@@ -170,6 +195,8 @@ impl Front {
         let connection = self.builder.serve_connection_with_upgrades(io, service);
         let mut connection = std::pin::pin!(connection);
         let mut idle = std::pin::pin!(tokio::time::sleep(self.first));
+        let stalled = self.limits.stalled;
+        let mut stall = std::pin::pin!(stalled.map(tokio::time::sleep));
         let mut reset_early = std::pin::pin!(requests.reset_early.notified());
         let mut counted = 0;
         let mut stop_changed = stop.clone();
@@ -179,46 +206,63 @@ impl Front {
         // wake polls it again only once the value changed (an atomic load):
         // polling it on every wake of a busy connection would take a lock
         // each time.
-        let close = std::future::poll_fn(|cx| {
+        let end = std::future::poll_fn(|cx| {
             if connection.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(false);
+                return Poll::Ready(End::Ended);
             }
             if reset_early.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(true);
+                return Poll::Ready(End::Gracefully);
             }
             // Looked at when it fires: a connection that had a request
             // open since goes on for another period.
             while idle.as_mut().poll(cx).is_ready() {
                 let now = requests.closed.load(Ordering::Relaxed);
                 if now == counted && requests.open.load(Ordering::Relaxed) == 0 {
-                    return Poll::Ready(true);
+                    return Poll::Ready(End::Gracefully);
                 }
                 counted = now;
-                idle.as_mut().reset(tokio::time::Instant::now() + self.idle);
+                idle.as_mut().reset(Instant::now() + self.limits.idle);
+            }
+            if let (Some(limit), Some(mut timer)) = (stalled, stall.as_mut().as_pin_mut()) {
+                while timer.as_mut().poll(cx).is_ready() {
+                    match requests.stalled(limit) {
+                        Ok(()) => return Poll::Ready(End::Now),
+                        Err(next) => timer.as_mut().reset(next),
+                    }
+                }
             }
             if !waiting || stop.has_changed().unwrap_or(true) {
                 waiting = true;
                 if stopping.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(true);
+                    return Poll::Ready(End::Gracefully);
                 }
             }
             Poll::Pending
         })
         .await;
-        if close {
-            connection.as_mut().graceful_shutdown();
-            // A stream whose client grants it no window, say, would keep
-            // the connection past its `GOAWAY` for good.
-            let _ = tokio::time::timeout(self.grace, connection).await;
+        match end {
+            End::Ended | End::Now => {}
+            End::Gracefully => {
+                connection.as_mut().graceful_shutdown();
+                // A stream whose client grants it no window, say, would
+                // keep the connection past its `GOAWAY` for good.
+                let _ = tokio::time::timeout(self.limits.grace, connection).await;
+            }
         }
     }
 }
 
 /// The requests of one connection.
-#[derive(Default)]
 struct Requests {
     /// Open: called, and neither failed nor done sending the response.
     open: AtomicUsize,
+    /// Open requests whose response body handed a frame and has not been
+    /// asked for the next yet: they wait for their client to take it.
+    handed: AtomicUsize,
+    /// When a response body last handed a frame, in nanoseconds since
+    /// `epoch`.
+    last_handed: AtomicU64,
+    epoch: Instant,
     /// How many requests closed: with `open`, whether any was open since
     /// the count was last read.
     closed: AtomicUsize,
@@ -230,12 +274,45 @@ struct Requests {
     reset_early: Notify,
 }
 
+impl Requests {
+    fn new() -> Requests {
+        Requests {
+            open: AtomicUsize::new(0),
+            handed: AtomicUsize::new(0),
+            last_handed: AtomicU64::new(0),
+            epoch: Instant::now(),
+            closed: AtomicUsize::new(0),
+            early: AtomicUsize::new(0),
+            reset_early: Notify::new(),
+        }
+    }
+
+    /// `Ok` when requests are open and every one has waited for its client
+    /// to take what it handed for at least `limit`; else when to look
+    /// again.
+    fn stalled(&self, limit: Duration) -> Result<(), Instant> {
+        let now = Instant::now();
+        let open = self.open.load(Ordering::Relaxed);
+        if open == 0 || self.handed.load(Ordering::Relaxed) < open {
+            return Err(now + limit);
+        }
+        let last = self.epoch + Duration::from_nanos(self.last_handed.load(Ordering::Relaxed));
+        if now >= last + limit {
+            Ok(())
+        } else {
+            Err(last + limit)
+        }
+    }
+}
+
 /// One open request: closed when dropped.
 struct Open {
     requests: Arc<Requests>,
     started: Instant,
     /// Its response's head was handed to the server.
     answered: bool,
+    /// Its response's body handed a frame and was not asked for the next.
+    handed: bool,
 }
 
 impl Open {
@@ -245,12 +322,32 @@ impl Open {
             requests: requests.clone(),
             started: Instant::now(),
             answered: false,
+            handed: false,
+        }
+    }
+
+    /// Notes whether its response's body now waits for its client to
+    /// take a frame it handed.
+    fn handed(&mut self, handed: bool) {
+        if handed == self.handed {
+            return;
+        }
+        self.handed = handed;
+        let requests = &self.requests;
+        if handed {
+            let nanos = requests.epoch.elapsed().as_nanos();
+            let nanos = u64::try_from(nanos).unwrap_or(u64::MAX);
+            requests.last_handed.store(nanos, Ordering::Relaxed);
+            requests.handed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            requests.handed.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
+        self.handed(false);
         let requests = &self.requests;
         let closed = requests.closed.fetch_add(1, Ordering::Relaxed) + 1;
         requests.open.fetch_sub(1, Ordering::Relaxed);
@@ -308,7 +405,7 @@ where
         if let Some(open) = &mut open {
             open.answered = true;
         }
-        Poll::Ready(Ok(response.map(|body| Tracked { body, _open: open })))
+        Poll::Ready(Ok(response.map(|body| Tracked { body, open })))
     }
 }
 
@@ -317,7 +414,7 @@ pin_project_lite::pin_project! {
     struct Tracked<B> {
         #[pin]
         body: B,
-        _open: Option<Open>,
+        open: Option<Open>,
     }
 }
 
@@ -329,7 +426,12 @@ impl<B: Body> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().body.poll_frame(cx)
+        let this = self.project();
+        let frame = this.body.poll_frame(cx);
+        if let Some(open) = this.open {
+            open.handed(matches!(frame, Poll::Ready(Some(Ok(_)))));
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
