@@ -14,8 +14,8 @@
 //! `--help` lists the flags, with their defaults (`HELP` below).
 //!
 //! A backend that stops in the middle of a response body is left after the
-//! client's read timeout (`HttpClient::read_timeout`, 60 s), and counts as
-//! failed, as one that cuts a body short does. A failed
+//! client's read timeout (`HttpClient::read_timeout`, 60 s); one that cuts
+//! a body short counts as failed. A failed
 //! request is answered 400, 408, 502, 503 or 504 with the status's name alone
 //! (a failed gRPC call, `200 OK` with its `grpc-status`);
 //! what failed (backend addresses, system errors) goes to standard error.

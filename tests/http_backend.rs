@@ -636,11 +636,76 @@ async fn serve_in_two(
 
 /// A backend that sends a response's head and cuts its body short fails,
 /// as one that answers 502 does: counted when the body fails, not passed
-/// as a success when its head came. Health sees no more than the head
-/// otherwise, and a backend crashing in the middle of every answer (or
-/// stalling there for the read timeout) would stay in the pool.
+/// as a success when its head came. Health saw no more than the head
+/// before, and a backend crashing in the middle of every answer stayed in
+/// the pool.
 #[tokio::test]
 async fn a_backend_that_cuts_its_bodies_short_is_ejected() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let addr = serve_in_two(
+        "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello",
+        "",
+        release.clone(),
+    )
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let (state, balance) = watched(&client, addr, 3);
+    for failed in 0..3 {
+        let req = Request::get("/").body(Full::default()).unwrap();
+        let resp = balance.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            state.consecutive_failures(),
+            failed,
+            "the head is not judged"
+        );
+        release.notify_one();
+        let err = resp.into_body().collect().await.unwrap_err();
+        assert_eq!(state.failures(), u64::from(failed) + 1, "{err}");
+    }
+    assert!(state.is_ejected());
+}
+
+/// A body whose backend goes silent says nothing of that backend, whether
+/// the read timeout gives it up or its reader leaves while it waits: the
+/// backend may be stuck, or may serve a stream with nothing to say yet (a
+/// watch, events, a long poll), which a failure would eject it for.
+#[tokio::test]
+async fn a_body_whose_backend_goes_silent_counts_nothing() {
+    // Never released: the connections stay open, silent after "hello".
+    let addr = serve_in_two(
+        "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello",
+        "",
+        Arc::new(tokio::sync::Notify::new()),
+    )
+    .await;
+    let client = HttpClient::<Full<Bytes>>::new().read_timeout(Some(Duration::from_millis(100)));
+    let (state, balance) = watched(&client, addr, 3);
+    state.record_failure();
+    state.record_failure();
+    let req = Request::get("/").body(Full::default()).unwrap();
+    let resp = balance.clone().oneshot(req).await.unwrap();
+    let err = resp.into_body().collect().await.unwrap_err();
+    let timed_out =
+        find::<std::io::Error>(&*err).is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
+    assert!(timed_out, "{err}");
+    // The reader leaves while the body waits.
+    let req = Request::get("/").body(Full::default()).unwrap();
+    let mut body = balance.clone().oneshot(req).await.unwrap().into_body();
+    let hello = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(hello, "hello");
+    let next = tokio::time::timeout(Duration::from_millis(20), body.frame()).await;
+    assert!(next.is_err(), "nothing more comes");
+    drop(body);
+    assert_eq!(state.consecutive_failures(), 2);
+    assert_eq!(state.failures(), 2);
+}
+
+/// Health layers at two levels (a group of backends with passive health,
+/// itself a backend with health of its own) both judge a response by its
+/// body.
+#[tokio::test]
+async fn health_layers_at_two_levels_both_judge_the_body() {
     let release = Arc::new(tokio::sync::Notify::new());
     let cut = serve_in_two(
         "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello",
@@ -648,34 +713,35 @@ async fn a_backend_that_cuts_its_bodies_short_is_ejected() {
         release.clone(),
     )
     .await;
-    // Never released: the connection stays open, silent.
-    let stalled = serve_in_two(
-        "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello",
-        "",
-        Arc::new(tokio::sync::Notify::new()),
+    let whole = serve_in_two(
+        "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
+        "world",
+        release.clone(),
     )
     .await;
     let client = HttpClient::<Full<Bytes>>::new();
-    let slow = HttpClient::<Full<Bytes>>::new().read_timeout(Some(Duration::from_millis(100)));
-    for (client, addr, how) in [(&client, cut, "cut"), (&slow, stalled, "stalled")] {
-        let (state, balance) = watched(client, addr, 3);
-        for failed in 0..3 {
-            let req = Request::get("/").body(Full::default()).unwrap();
-            let resp = balance.clone().oneshot(req).await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
+    for (addr, failed) in [(cut, true), (whole, false)] {
+        let (inner, group) = watched(&client, addr, 5);
+        let pool = Pool::new();
+        pool.insert("group", HealthLayer::new().layer(group));
+        let outer = pool.state(&"group".into()).unwrap();
+        let balance = Balance::new(pool, RoundRobin::new());
+        for state in [&inner, &outer] {
+            state.record_failure();
+        }
+        let req = Request::get("/").body(Full::default()).unwrap();
+        let resp = balance.clone().oneshot(req).await.unwrap();
+        release.notify_one();
+        let read = resp.into_body().collect().await;
+        assert_eq!(read.is_err(), failed);
+        for (state, level) in [(&inner, "backend"), (&outer, "group")] {
+            let expected = if failed { 2 } else { 0 };
             assert_eq!(
                 state.consecutive_failures(),
-                failed,
-                "{how}: the head is not judged"
+                expected,
+                "{level}, failed: {failed}"
             );
-            release.notify_one();
-            let err = resp.into_body().collect().await.unwrap_err();
-            let timed_out = find::<std::io::Error>(&*err)
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
-            assert_eq!(timed_out, how == "stalled", "{how}: {err}");
-            assert_eq!(state.failures(), u64::from(failed) + 1, "{how}: {err}");
         }
-        assert!(state.is_ejected(), "{how}");
     }
 }
 
@@ -741,6 +807,7 @@ async fn a_body_failed_by_its_own_upload_is_not_the_backends_failure() {
     let client = HttpClient::<Upload>::new();
     let (state, balance) = watched(&client, addr, 1);
     let resp = balance
+        .clone()
         .oneshot(Request::put("/upload").body(body).unwrap())
         .await
         .unwrap();
@@ -2061,15 +2128,22 @@ mod http2 {
         }))
         .await;
         let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
-        let (state, balance) = watched(&client, addr, 2);
-        for failed in 0..2 {
+        let (state, balance) = watched(&client, addr, 4);
+        state.record_failure();
+        state.record_failure();
+        for failed in 2..4 {
             let resp = balance.clone().oneshot(get("/")).await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
-            assert_eq!(state.failures(), failed, "the head is not judged");
+            assert_eq!(
+                state.consecutive_failures(),
+                failed,
+                "the head is not judged"
+            );
             release.notify_one();
             let err = resp.into_body().collect().await.unwrap_err();
-            assert_eq!(state.failures(), failed + 1, "{err}");
+            assert_eq!(state.failures(), u64::from(failed) + 1, "{err}");
         }
+        // The fourth failure in a row ejected it.
         assert!(state.is_ejected());
     }
 

@@ -9,7 +9,9 @@ use std::task::{ready, Context, Poll};
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::outlier::{LateOutcome, Watch};
+#[cfg(feature = "hyper-client")]
+use super::outlier::LateOutcome;
+use super::outlier::Watch;
 use crate::classify::{Classifier, Outcome};
 use crate::error::BoxError;
 use crate::extensions::{Picked, Target};
@@ -67,31 +69,17 @@ impl<C: Classifier> Observed<C> {
         let Ok(response) = result else {
             return self.watch.record(&self.target, &Outcome::of(result));
         };
-        if self
-            .watch
-            .classifier
-            .is_failure(&Outcome::response(response))
-        {
-            return self.watch.observe(&self.target, true);
+        let failed = (self.watch.classifier).is_failure(&Outcome::response(response));
+        #[cfg(feature = "hyper-client")]
+        if !failed {
+            let body = response.body_mut() as &mut dyn std::any::Any;
+            if let Some(body) = body.downcast_mut::<crate::http::ResponseBody>() {
+                let watch = Arc::downgrade(&self.watch);
+                return body.report_at_end(LateOutcome::new(self.target, watch));
+            }
         }
-        let late = LateOutcome::new(self.target, self.watch);
-        if let Err(late) = report_at_end(response.body_mut(), late) {
-            late.ended();
-        }
+        self.watch.observe(&self.target, failed);
     }
-}
-
-/// Hands `late` to `body` when it is an [`HttpBackend`](crate::http::HttpBackend)'s
-/// body still to be read; gives it back otherwise.
-fn report_at_end<RB: 'static>(body: &mut RB, late: LateOutcome) -> Result<(), LateOutcome> {
-    #[cfg(feature = "hyper-client")]
-    if let Some(body) = (body as &mut dyn std::any::Any).downcast_mut::<crate::http::ResponseBody>()
-    {
-        return body.report_at_end(late);
-    }
-    #[cfg(not(feature = "hyper-client"))]
-    let _ = body;
-    Err(late)
 }
 
 impl<F, C, RB, E> Future for ResponseFuture<F, C>

@@ -566,12 +566,13 @@ impl<C: Classifier> Watch<C> {
 }
 
 /// What a [`LateOutcome`] reports to: a [`Watch`], whatever its classifier.
+#[cfg(feature = "hyper-client")]
 pub(crate) trait Observe: Send + Sync {
     fn observe(&self, target: &Target, failed: bool);
-    #[cfg_attr(not(feature = "hyper-client"), allow(dead_code))]
     fn record(&self, target: &Target, outcome: &Outcome<'_>);
 }
 
+#[cfg(feature = "hyper-client")]
 impl<C: Classifier> Observe for Watch<C> {
     fn observe(&self, target: &Target, failed: bool) {
         Watch::observe(self, target, failed);
@@ -584,31 +585,73 @@ impl<C: Classifier> Observe for Watch<C> {
 
 /// The outcome of a response whose head the classifier passed, reported
 /// once its body ends: a response body from an
-/// [`HttpBackend`](crate::http::HttpBackend) holds it until then. Read to
-/// its end, or dropped before (its reader went away, which is not the
-/// backend's doing), the response is a success; failed by its backend (the
-/// connection cut or reset, a malformed body, the read timeout), the
-/// classifier judges the error.
+/// [`HttpBackend`](crate::http::HttpBackend) holds it until then. Dropped,
+/// it reports a success (the body was read to its end, or its reader went
+/// away, which is not the backend's doing); [`failed`](Self::failed) has
+/// the classifier judge the error that failed the body, and
+/// [`discard`](Self::discard) reports nothing.
+///
+/// It holds its watch weakly: a backend removed from its pool while one of
+/// its bodies is still read no longer counts towards the ejection cap.
+#[cfg(feature = "hyper-client")]
 pub(crate) struct LateOutcome {
     target: Target,
-    watch: Arc<dyn Observe>,
+    watch: Weak<dyn Observe>,
+    /// The outcome of a health layer further down (a group of backends
+    /// with health of its own behind one with health of its own), for the
+    /// same body.
+    below: Option<Box<LateOutcome>>,
+    /// Whether the outcome is still to report.
+    armed: bool,
 }
 
+#[cfg(feature = "hyper-client")]
 impl LateOutcome {
-    pub(crate) fn new(target: Target, watch: Arc<dyn Observe>) -> Self {
-        LateOutcome { target, watch }
+    pub(crate) fn new(target: Target, watch: Weak<dyn Observe>) -> Self {
+        LateOutcome {
+            target,
+            watch,
+            below: None,
+            armed: true,
+        }
     }
 
-    /// Reports a body that ended, or that its reader dropped.
-    pub(crate) fn ended(self) {
-        self.watch.observe(&self.target, false);
+    /// This outcome, and `below` with it.
+    pub(crate) fn over(mut self, below: LateOutcome) -> Self {
+        self.below = Some(Box::new(below));
+        self
     }
 
     /// Reports a body that failed with `error`, as the classifier judges
     /// it (a failure of the request's own body records nothing).
-    #[cfg_attr(not(feature = "hyper-client"), allow(dead_code))]
-    pub(crate) fn failed(self, error: &(dyn std::error::Error + Send + Sync + 'static)) {
-        self.watch.record(&self.target, &Outcome::Error(error));
+    pub(crate) fn failed(mut self, error: &(dyn std::error::Error + Send + Sync + 'static)) {
+        self.armed = false;
+        if let Some(watch) = self.watch.upgrade() {
+            watch.record(&self.target, &Outcome::Error(error));
+        }
+        if let Some(below) = self.below.take() {
+            below.failed(error);
+        }
+    }
+
+    /// Reports nothing: the body ended in a way that says nothing of its
+    /// backend.
+    pub(crate) fn discard(mut self) {
+        self.armed = false;
+        if let Some(below) = self.below.take() {
+            below.discard();
+        }
+    }
+}
+
+#[cfg(feature = "hyper-client")]
+impl Drop for LateOutcome {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(watch) = self.watch.upgrade() {
+                watch.observe(&self.target, false);
+            }
+        }
     }
 }
 

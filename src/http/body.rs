@@ -50,8 +50,9 @@ use crate::health::LateOutcome;
 /// its classifier passes is judged when its body ends: a success once read
 /// to its end or dropped, a failure as the classifier judges the error
 /// when its backend cuts it short (a connection closed or a stream reset
-/// in the middle, a malformed body, the read timeout). A body that fails
-/// because the request's upload did fails with an
+/// in the middle, a malformed body), nothing when its backend goes silent
+/// (the read timeout, or a reader that leaves while it waits). A body that
+/// fails because the request's upload did fails with an
 /// [`InvalidRequest`](crate::error::InvalidRequest), which counts as
 /// nothing.
 pub struct ResponseBody {
@@ -82,6 +83,9 @@ pub(super) struct Core {
     /// The health layer's verdict on the response, while the body is
     /// still being read (see [`ResponseBody::report_at_end`]).
     outcome: Option<LateOutcome>,
+    /// The last poll of `inner` found nothing yet: the body waits for its
+    /// backend.
+    awaiting: bool,
     /// How the request's upload went: a body that fails because the upload
     /// did (the client went away) fails as the request's.
     sent: Sent,
@@ -102,6 +106,9 @@ pub(super) struct Core {
 /// (about 500 KiB at times over HTTP/1).
 const PIECE: usize = 16 * 1024;
 
+/// What a poll of a body returns.
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
 impl ResponseBody {
     pub(super) fn new(
         inner: hyper::body::Incoming,
@@ -116,6 +123,7 @@ impl ResponseBody {
                 pooled,
                 in_flight: None,
                 outcome: None,
+                awaiting: false,
                 sent,
                 timer,
                 since: None,
@@ -134,35 +142,51 @@ impl ResponseBody {
     }
 
     /// Holds the health layer's `outcome` of the response until the body
-    /// ends (see [`LateOutcome`]); gives it back when the body has already
-    /// ended, or has been handed out.
-    pub(crate) fn report_at_end(&mut self, outcome: LateOutcome) -> Result<(), LateOutcome> {
-        match &mut self.held {
-            Held::Own(core) if !core.done && !core.at_end() => {
-                core.outcome = Some(outcome);
-                Ok(())
+    /// ends (see [`LateOutcome`]), with that of a health layer further down
+    /// if there is one; reports it at once (dropped) when the body has
+    /// already ended.
+    pub(crate) fn report_at_end(&mut self, outcome: LateOutcome) {
+        if let Held::Own(core) = &mut self.held {
+            if !core.done && !core.at_end() {
+                core.outcome = Some(match core.outcome.take() {
+                    Some(below) => outcome.over(below),
+                    None => outcome,
+                });
             }
-            _ => Err(outcome),
         }
+    }
+}
+
+/// Reports the health layer's `outcome` of a response that a poll of its
+/// body settled, once the body's lock (with the send timeout) is let go,
+/// since the report may eject the backend, emitting events: failed with
+/// the error the poll returned (`frame`), else a success (dropped).
+fn settle(outcome: LateOutcome, frame: &Polled) {
+    if let Poll::Ready(Some(Err(e))) = frame {
+        outcome.failed(&**e);
     }
 }
 
 impl Core {
     /// Polls for the next frame, waiting for at most `read_timeout`; hands
-    /// data out in pieces of at most [`PIECE`] bytes when `in_pieces`.
+    /// data out in pieces of at most [`PIECE`] bytes when `in_pieces`. With
+    /// the frame, the health layer's outcome if the poll settled it (to
+    /// [`settle`]).
     fn poll_frame(
         &mut self,
         read_timeout: Option<Duration>,
         in_pieces: bool,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> (Polled, Option<LateOutcome>) {
         let frame = if !self.rest.is_empty() {
             let piece = self.rest.split_to(PIECE.min(self.rest.len()));
             Some(Ok(Frame::data(piece)))
         } else {
-            match Pin::new(&mut self.inner).poll_frame(cx) {
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            self.awaiting = polled.is_pending();
+            match polled {
                 Poll::Ready(frame) => frame,
-                Poll::Pending => return self.wait(read_timeout, cx),
+                Poll::Pending => return (self.wait(read_timeout, cx), None),
             }
         };
         self.since = None;
@@ -188,33 +212,22 @@ impl Core {
         }
         if self.done {
             self.in_flight = None;
-            if let Some(outcome) = self.outcome.take() {
-                outcome.ended();
-            }
         }
+        let settled = match &frame {
+            Some(Err(_)) => self.outcome.take(),
+            _ if self.done => self.outcome.take(),
+            _ => None,
+        };
         let frame = frame.map(|f| match f {
             Ok(f) => Ok(super::clean_trailers(f)),
-            Err(e) => Err(self.failed(super::pool::sent_error(e, &self.sent))),
+            Err(e) => Err(super::pool::sent_error(e, &self.sent)),
         });
-        Poll::Ready(frame)
-    }
-
-    /// Reports `error`, which failed the body, to the health layer, and
-    /// hands it back.
-    fn failed(&mut self, error: BoxError) -> BoxError {
-        if let Some(outcome) = self.outcome.take() {
-            outcome.failed(&*error);
-        }
-        error
+        (Poll::Ready(frame), settled)
     }
 
     /// Waits for the next frame, for at most the read timeout: fails the
     /// body, giving its connection up, when the timeout passes.
-    fn wait(
-        &mut self,
-        read_timeout: Option<Duration>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn wait(&mut self, read_timeout: Option<Duration>, cx: &mut Context<'_>) -> Polled {
         let Some(timeout) = read_timeout else {
             return Poll::Pending;
         };
@@ -223,15 +236,15 @@ impl Core {
         // The connection is in an unknown state, and the request over.
         self.pooled = None;
         self.in_flight = None;
-        let error = timeout::timed_out(
+        Poll::Ready(Some(Err(timeout::timed_out(
             "the backend sent nothing more of the response body",
             timeout,
-        );
-        Poll::Ready(Some(Err(self.failed(error.into()))))
+        )
+        .into())))
     }
 
     /// Whether a frame it handed out leaves more to read.
-    fn waits_for_more(&self, frame: &Poll<Option<Result<Frame<Bytes>, BoxError>>>) -> bool {
+    fn waits_for_more(&self, frame: &Polled) -> bool {
         matches!(frame, Poll::Ready(Some(Ok(_)))) && !self.done
     }
 
@@ -262,15 +275,15 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = &mut *self;
         match &mut this.held {
             Held::Own(core) => {
                 let in_pieces = this.waits.stalls.is_some();
-                let frame = core.poll_frame(this.waits.read_timeout, in_pieces, cx);
+                let (frame, settled) = core.poll_frame(this.waits.read_timeout, in_pieces, cx);
+                if let Some(outcome) = settled {
+                    settle(outcome, &frame);
+                }
                 let stalls = this.waits.stalls.as_ref();
                 if let Some(stalls) = stalls.filter(|_| core.waits_for_more(&frame)) {
                     // Its reader may leave it now: watched from here on.
@@ -295,9 +308,13 @@ impl Body for ResponseBody {
                     )
                     .into())));
                 };
-                let frame = core.poll_frame(this.waits.read_timeout, true, cx);
+                let (frame, settled) = core.poll_frame(this.waits.read_timeout, true, cx);
                 if core.waits_for_more(&frame) {
                     watch.handed_out(stalls);
+                }
+                drop(held);
+                if let Some(outcome) = settled {
+                    settle(outcome, &frame);
                 }
                 frame
             }
@@ -339,10 +356,18 @@ impl Drop for ResponseBody {
 
 impl Drop for Core {
     fn drop(&mut self) {
-        // Dropped before its end: by its reader, or by the send timeout
-        // for a reader that stopped taking it, neither the backend's doing.
+        // Dropped before its end by its reader, or by the send timeout for
+        // a reader that stopped taking it: a success, as far as it went
+        // (the drop reports it). Unless it was waiting for its backend,
+        // given up by the read timeout or by its reader: that says nothing
+        // either way (as a request whose client leaves before its head
+        // comes), since a backend silent in the middle of a body may be
+        // stuck, or may serve a stream with nothing to say yet (events, a
+        // watch, a long poll).
         if let Some(outcome) = self.outcome.take() {
-            outcome.ended();
+            if self.awaiting {
+                outcome.discard();
+            }
         }
         if let Some(pooled) = self.pooled.take() {
             if self.done || self.inner.is_end_stream() {
