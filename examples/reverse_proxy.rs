@@ -134,20 +134,11 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            one included (default 30000; 0 for none: an
                            hour); over HTTP/2, one whose first request has
                            not come within MS ms (a client that connects
-                           ahead of its first call connects again). A
-                           connection with no request open for an hour (up
-                           to two) is closed (over HTTP/2, with a GOAWAY),
-                           and so is an HTTP/2 one whose client answers no
-                           PING within a minute (one is sent each minute),
-                           or resets at least half of its requests (250 or
-                           more) within a second of sending them; at most
-                           128 requests are open at once on an HTTP/2
-                           connection. A connection closed so has 30 s to
-                           finish the requests under way
+                           ahead of its first call connects again)
   --send-timeout MS        closes a client connection that has taken none of
-                           its response for MS ms (over HTTP/2, one whose
-                           every open response has waited that long for
-                           the client to take a frame), and gives up a
+                           its response for MS ms, or whose every open
+                           response has waited that long for the client to
+                           take a frame, none moving; and gives up a
                            response whose client has left a frame of it for
                            MS ms, so that a client that stops reading frees
                            its backend's connection and its place under
@@ -156,17 +147,30 @@ default id is a digest of the host and port keyed by the cookie's secret.
   --http2                  speaks HTTP/2 (prior knowledge) to every backend,
                            as gRPC servers need (feature http2); clients
                            are served HTTP/1.1 or HTTP/2 either way
-  --max-connections N      at most N client connections open at once; more
-                           wait in the listen backlog until one closes
-                           (default: half the limit of open files, leaving
-                           the rest for connections to backends; 512
-                           where that limit is unknown)
+  --max-connections N      at most N client connections open at once, a
+                           WebSocket (or other upgraded) tunnel's included;
+                           more wait in the listen backlog until one closes
+                           (default: half the limit of open files, 512 where
+                           it is unknown; raise that limit with ulimit -n or
+                           systemd's LimitNOFILE). The rest is left for
+                           connections to backends, about one per request in
+                           flight: --max-in-flight bounds those
   --drain MS               on SIGINT or SIGTERM: stops accepting, lets each
                            connection finish its request and each WebSocket
                            (or other upgraded) tunnel end, exits when none is
                            left or after MS ms (default 10000); a second
                            signal exits at once
   -h, --help               this
+
+A client connection with no request open for an hour (up to two) is closed
+(over HTTP/2, with a GOAWAY), and so is an HTTP/2 one whose client answers no
+PING within a minute (one is sent each minute), or resets at least half of
+its requests before their answers, each within a second of sending it (250
+such resets, or half of 500 requests or more: a rapid reset attack, Envoy's
+thresholds; a gRPC client whose calls mostly end at deadlines under a second
+is closed too, and connects again). An HTTP/2 connection carries at most 128
+requests at once. A connection closed so has 30 s (or --drain, if longer) to
+finish the requests under way.
 
 The deadline counts from the call, the upload of a body over 64 KiB
 (streamed, not buffered) included: raise it, or turn it off, in front of
@@ -584,9 +588,17 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     );
     // Two stacks rather than an optional layer: each request's future
     // stays as small as the stack it runs through.
+    let limits = Limits {
+        header_read_timeout: o.header_read_timeout,
+        idle: IDLE_CONNECTION,
+        // What bounds an HTTP/1 connection whose writes stand still bounds
+        // an HTTP/2 one whose responses all do.
+        stalled: o.send_timeout,
+        grace: CLOSE_GRACE.max(o.drain),
+    };
     // A zero send timeout is none.
     let limits = (
-        o.header_read_timeout,
+        limits,
         o.send_timeout.unwrap_or_default(),
         o.max_connections,
     );
@@ -661,21 +673,20 @@ const IDLE_CONNECTION: Duration = Duration::from_secs(3600);
 
 /// How long a connection the front closes (idle, a stop, a client that
 /// resets its requests) has to finish the requests under way, after which
-/// it is dropped: a stream whose client grants it no window would keep it
-/// for good.
+/// it is dropped, unless `--drain` gives longer: a stream whose client
+/// grants it no window would keep it for good.
 const CLOSE_GRACE: Duration = Duration::from_secs(30);
 
 /// Serves each connection `listener` accepts with `stack` (see
-/// [`Front::serve`]: HTTP/1.1 or HTTP/2, closing those that send no whole
-/// request head within `header_read_timeout` or then have no request open
-/// for [`IDLE_CONNECTION`]), closing those that take none of their response for
-/// `send_timeout`, with at most `max_connections` open (see
-/// [`Front::accept`]), until a stop signal; each connection then finishes
-/// the requests it is serving and closes (its task watches `stop`).
+/// [`Front::serve`]: HTTP/1.1 or HTTP/2, held to `limits`), closing those
+/// that take none of their response for `send_timeout`, with at most
+/// `max_connections` open (see [`front::accept`]), until a stop signal;
+/// each connection then finishes the requests it is serving and closes
+/// (its task watches `stop`).
 async fn accept<S>(
     listener: TcpListener,
     stack: S,
-    (header_read_timeout, send_timeout, max_connections): (Option<Duration>, Duration, usize),
+    (limits, send_timeout, max_connections): (Limits, Duration, usize),
     stop: watch::Receiver<bool>,
 ) where
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = BoxError>
@@ -684,22 +695,15 @@ async fn accept<S>(
         + 'static,
     S::Future: Send,
 {
-    let front = Arc::new(Front::new(Limits {
-        header_read_timeout,
-        idle: IDLE_CONNECTION,
-        // The send timeout closes an HTTP/1 connection whose writes stand
-        // still, and an HTTP/2 one whose streams all do.
-        stalled: (!send_timeout.is_zero()).then_some(send_timeout),
-        grace: CLOSE_GRACE,
-    }));
+    let front = Arc::new(Front::new(limits));
     let log = |e: &std::io::Error| log!("accept: {e}");
-    Front::accept(
+    front::accept(
         listener,
         max_connections,
         stop_signal(),
         log,
-        |stream, peer| {
-            let _ = stream.set_nodelay(true);
+        |admitted, peer| {
+            let _ = admitted.stream().set_nodelay(true);
             let stack = stack.clone();
             let front = front.clone();
             let stop = stop.clone();
@@ -712,7 +716,7 @@ async fn accept<S>(
                     let stack = stack.clone();
                     async move { Ok::<_, Infallible>(respond(stack.oneshot(req).await, call)) }
                 });
-                let io = TokioIo::new(SendTimeout::new(stream, send_timeout));
+                let io = TokioIo::new(SendTimeout::new(admitted, send_timeout));
                 front.serve(io, service, stop).await;
             }
         },

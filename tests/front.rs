@@ -4,8 +4,12 @@
 //! an HTTP/2 handshake alone, part of an HTTP/1.1 head) is closed at the
 //! header read timeout; an HTTP/2 connection outlives that timeout once it
 //! has sent a request, stays while a response is being sent, and is closed
-//! after its idle time without one; a stop closes connections gracefully.
-//! Each test sets a limit it does not test to an hour.
+//! after its idle time without one; a stop closes connections gracefully,
+//! and drops them after the grace. Past the most connections open, a new
+//! one waits; an HTTP/2 client that resets most of its requests early is
+//! closed; a connection whose every response stands still is dropped, not
+//! one whose responses move however slowly; an HTTP/1.1 head over 64 KiB
+//! is refused. Each test sets a limit it does not test to an hour.
 
 #[path = "../examples/support/front.rs"]
 mod front;
@@ -35,74 +39,123 @@ const HELD: Duration = Duration::from_millis(3500);
 
 /// A front on 127.0.0.1 with these limits; returns its address, the stop
 /// switch its connections watch, and a count of the connections it served
-/// to their end. It answers `200 OK`, to `/held` with a body that comes
-/// after [`HELD`], and never to `/hang`.
+/// to their end. See [`front_with`] for what it answers.
 async fn front(
     header_read_timeout: Duration,
     idle: Duration,
 ) -> (SocketAddr, watch::Sender<bool>, Arc<AtomicUsize>) {
-    front_with(header_read_timeout, idle, None, HOUR, usize::MAX).await
+    let front = front_with(header_read_timeout, idle, None, HOUR, usize::MAX).await;
+    (front.addr, front.stop, front.ended)
 }
 
-/// [`front`], whose connections may have every request stalled for
-/// `stalled` and whose closes let requests finish for `grace`, with at
-/// most `max` connections open.
+/// A front under test.
+struct TestFront {
+    addr: SocketAddr,
+    /// The switch its connections watch.
+    stop: watch::Sender<bool>,
+    /// Connections it started serving, and served to their end.
+    started: Arc<AtomicUsize>,
+    ended: Arc<AtomicUsize>,
+    /// Requests for `/hang` it took.
+    hung: Arc<AtomicUsize>,
+}
+
+/// A front on 127.0.0.1 whose connections may have every request stalled
+/// for `stalled` and whose closes let requests finish for `grace`, with at
+/// most `max` connections open. It answers `200 OK`: to `/held` with a
+/// body that comes after [`HELD`], to `/big` with 8 MiB in frames of 16 KiB
+/// (as `HttpBackend`'s bodies hand theirs out), never to `/hang`; to
+/// `/upgrade`, a switch to a protocol that echoes nothing and lasts until
+/// the client closes.
 async fn front_with(
     header_read_timeout: Duration,
     idle: Duration,
     stalled: Option<Duration>,
     grace: Duration,
     max: usize,
-) -> (SocketAddr, watch::Sender<bool>, Arc<AtomicUsize>) {
+) -> TestFront {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
-    let ended = Arc::new(AtomicUsize::new(0));
     let front = Arc::new(Front::new(Limits {
         header_read_timeout: Some(header_read_timeout),
         idle,
         stalled,
         grace,
     }));
-    let served = ended.clone();
+    let [started, ended, hung] = [(); 3].map(|()| Arc::new(AtomicUsize::new(0)));
+    let counts = (started.clone(), ended.clone(), hung.clone());
     let never = std::future::pending();
     let unexpected = |e: &std::io::Error| panic!("accept: {e}");
-    tokio::spawn(Front::accept(
+    tokio::spawn(front::accept(
         listener,
         max,
         never,
         unexpected,
-        move |stream, _| {
-            let (front, stopped, served) = (front.clone(), stopped.clone(), served.clone());
+        move |admitted, _| {
+            let (front, stopped) = (front.clone(), stopped.clone());
+            let (started, ended, hung) = counts.clone();
+            started.fetch_add(1, Ordering::SeqCst);
+            let _ = admitted.stream().set_nodelay(true);
             async move {
-                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let body = match req.uri().path() {
-                        "/held" => {
-                            let later = futures::stream::once(async {
-                                tokio::time::sleep(HELD).await;
-                                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"held")))
-                            });
-                            BoxBody::new(StreamBody::new(later))
-                        }
-                        "/hang" => std::future::pending().await,
-                        "/big" => {
-                            // 4 MiB, in frames of 16 KiB, as `HttpBackend`'s
-                            // bodies hand theirs out.
-                            let piece = Bytes::from(vec![0u8; 16 * 1024]);
-                            let pieces = std::iter::repeat_n(piece, 256)
-                                .map(|piece| Ok::<_, Infallible>(Frame::data(piece)));
-                            BoxBody::new(StreamBody::new(futures::stream::iter(pieces)))
-                        }
-                        _ => Full::new(Bytes::from_static(b"ok")).boxed(),
-                    };
-                    Ok::<_, Infallible>(Response::new(body))
+                let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    let hung = hung.clone();
+                    async move {
+                        let body = match req.uri().path() {
+                            "/held" => {
+                                let later = futures::stream::once(async {
+                                    tokio::time::sleep(HELD).await;
+                                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"held")))
+                                });
+                                BoxBody::new(StreamBody::new(later))
+                            }
+                            "/hang" => {
+                                hung.fetch_add(1, Ordering::SeqCst);
+                                std::future::pending().await
+                            }
+                            "/big" => {
+                                let piece = Bytes::from(vec![0u8; 16 * 1024]);
+                                let pieces = std::iter::repeat_n(piece, 512)
+                                    .map(|piece| Ok::<_, Infallible>(Frame::data(piece)));
+                                BoxBody::new(StreamBody::new(futures::stream::iter(pieces)))
+                            }
+                            "/upgrade" => return Ok(switch(&mut req)),
+                            _ => Full::new(Bytes::from_static(b"ok")).boxed(),
+                        };
+                        Ok::<_, Infallible>(Response::new(body))
+                    }
                 });
-                front.serve(TokioIo::new(stream), service, stopped).await;
-                served.fetch_add(1, Ordering::SeqCst);
+                front.serve(TokioIo::new(admitted), service, stopped).await;
+                ended.fetch_add(1, Ordering::SeqCst);
             }
         },
     ));
-    (addr, stop, ended)
+    TestFront {
+        addr,
+        stop,
+        started,
+        ended,
+        hung,
+    }
+}
+
+/// Switches `req`'s connection to a protocol that reads what comes until
+/// the client closes, answering nothing.
+fn switch(req: &mut Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let mut io = TokioIo::new(upgraded);
+            let mut buf = [0u8; 64];
+            while let Ok(1..) = io.read(&mut buf).await {}
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "test")
+        .body(Full::default().boxed())
+        .unwrap()
 }
 
 type Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
@@ -204,29 +257,36 @@ async fn a_stop_closes_an_http2_connection_gracefully() {
 }
 
 /// Past the most connections open, a new one waits, unserved, until one
-/// closes.
+/// closes: here, the first, which switched protocols and holds its place
+/// until its client closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_past_the_most_open_waits_for_one_to_close() {
-    let (addr, _stop, ended) = front_with(HOUR, HOUR, None, HOUR, 1).await;
-    let (mut first, end) = support::http::http1_client::<Full<Bytes>>(addr).await;
-    let get_first = async |first: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>| {
-        first.ready().await.unwrap();
-        let req = Request::get("/").body(Full::default()).unwrap();
-        support::http::text(first.send_request(req).await.unwrap()).await
-    };
-    assert_eq!(get_first(&mut first).await, "ok");
-    let mut second = TcpStream::connect(addr).await.unwrap();
+    let front = front_with(HOUR, HOUR, None, HOUR, 1).await;
+    let mut first = TcpStream::connect(front.addr).await.unwrap();
+    first
+        .write_all(b"GET /upgrade HTTP/1.1\r\nhost: front.test\r\nconnection: upgrade\r\nupgrade: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let read = first.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..read].starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        &buf[..read]
+    );
+    support::wait::spin_until("hyper hands the connection over", || {
+        front.ended.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let mut second = TcpStream::connect(front.addr).await.unwrap();
     second
         .write_all(b"GET / HTTP/1.1\r\nhost: front.test\r\n\r\n")
         .await
         .unwrap();
-    // The first connection is served meanwhile (time enough for the
-    // second to be answered, were it served); the second is not even
+    // Time enough for the second to be served, were it: it is not even
     // accepted, so nothing answers it.
-    for _ in 0..50 {
-        assert_eq!(get_first(&mut first).await, "ok");
-    }
-    let mut buf = [0u8; 64];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(front.started.load(Ordering::SeqCst), 1);
     let nothing = second.try_read(&mut buf);
     assert!(
         nothing
@@ -235,10 +295,6 @@ async fn a_connection_past_the_most_open_waits_for_one_to_close() {
         "{nothing:?}"
     );
     drop(first);
-    support::wait::bounded_real("the first connection ends", end)
-        .await
-        .unwrap()
-        .unwrap();
     let read = support::wait::bounded_real("the second is answered", second.read(&mut buf))
         .await
         .unwrap();
@@ -247,28 +303,37 @@ async fn a_connection_past_the_most_open_waits_for_one_to_close() {
         "{:?}",
         &buf[..read]
     );
-    assert_eq!(ended.load(Ordering::SeqCst), 1);
+    assert_eq!(front.started.load(Ordering::SeqCst), 2);
 }
 
 /// Sends `n` GETs of `/hang` on `sender`, at most 100 at a time, each
-/// given up (its stream reset) 50 ms after it was sent.
-async fn reset_early(sender: &Sender, n: usize) {
+/// given up (its stream reset) once `front` has taken every request of its
+/// batch, so that the resets come after hyper took the streams.
+async fn reset_early(front: &TestFront, sender: &Sender, n: usize) {
     let mut left = n;
     while left > 0 {
         let batch = left.min(100);
         left -= batch;
-        let sent = (0..batch).map(|_| {
-            let mut sender = sender.clone();
-            async move {
+        let hung = front.hung.load(Ordering::SeqCst);
+        let calls: Vec<_> = (0..batch)
+            .map(|_| {
+                let mut sender = sender.clone();
                 let req = Request::get("http://front.test/hang")
                     .body(Full::default())
                     .unwrap();
-                let call = sender.send_request(req);
-                tokio::time::timeout(Duration::from_millis(50), call).await
-            }
-        });
-        for answer in futures::future::join_all(sent).await {
-            assert!(answer.is_err(), "/hang is never answered");
+                tokio::spawn(async move { sender.send_request(req).await })
+            })
+            .collect();
+        support::wait::spin_until("the front takes the batch", || {
+            front.hung.load(Ordering::SeqCst) == hung + batch
+        })
+        .await;
+        for call in calls {
+            call.abort();
+            assert!(
+                call.await.unwrap_err().is_cancelled(),
+                "/hang is never answered"
+            );
         }
     }
 }
@@ -279,25 +344,25 @@ async fn reset_early(sender: &Sender, n: usize) {
 /// has reset 250 of them, half of 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_resets_its_requests_early_is_closed() {
-    let (addr, _stop, ended) = front(HOUR, HOUR).await;
-    let (sender, end) = support::http::h2_client(addr).await;
-    reset_early(&sender, 300).await;
-    assert_closed_gracefully(end, &ended, 1).await;
+    let front = front_with(HOUR, HOUR, None, HOUR, usize::MAX).await;
+    let (sender, end) = support::http::h2_client(front.addr).await;
+    reset_early(&front, &sender, 300).await;
+    assert_closed_gracefully(end, &front.ended, 1).await;
 }
 
 /// A client that resets a third of its requests early keeps its
 /// connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_resets_a_few_requests_keeps_its_connection() {
-    let (addr, _stop, ended) = front(HOUR, HOUR).await;
-    let (mut sender, _end) = support::http::h2_client(addr).await;
+    let front = front_with(HOUR, HOUR, None, HOUR, usize::MAX).await;
+    let (mut sender, _end) = support::http::h2_client(front.addr).await;
     for _ in 0..4 {
-        reset_early(&sender, 100).await;
+        reset_early(&front, &sender, 100).await;
         for _ in 0..200 {
             assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
         }
     }
-    assert_eq!(ended.load(Ordering::SeqCst), 0);
+    assert_eq!(front.ended.load(Ordering::SeqCst), 0);
 }
 
 /// The head of a response to an HTTP/2 client that grants its streams no
@@ -320,6 +385,16 @@ async fn stuck_response(addr: SocketAddr) -> (Response<Incoming>, support::http:
     (response, end)
 }
 
+/// Waits for the client's connection to end, whichever way, and for the
+/// front to have ended one.
+async fn assert_dropped(end: support::http::Connection, ended: &AtomicUsize) {
+    let _ = support::wait::bounded_real("the connection ends", end).await;
+    support::wait::spin_until("the front's side ended", || {
+        ended.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
 /// An HTTP/2 connection whose every stream waits for its client to take
 /// what the front handed it (here, a client that grants no window) is
 /// dropped after the stall limit: hyper's servers would keep it for good,
@@ -327,13 +402,9 @@ async fn stuck_response(addr: SocketAddr) -> (Response<Incoming>, support::http:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_whose_every_stream_is_stalled_is_dropped() {
     let stalled = Some(Duration::from_secs(1));
-    let (addr, _stop, ended) = front_with(HOUR, HOUR, stalled, HOUR, usize::MAX).await;
-    let (response, end) = stuck_response(addr).await;
-    let _ = support::wait::bounded_real("the connection ends", end).await;
-    support::wait::spin_until("the front's side ended", || {
-        ended.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    let front = front_with(HOUR, HOUR, stalled, HOUR, usize::MAX).await;
+    let (response, end) = stuck_response(front.addr).await;
+    assert_dropped(end, &front.ended).await;
     drop(response);
 }
 
@@ -343,33 +414,54 @@ async fn a_connection_whose_every_stream_is_stalled_is_dropped() {
 /// dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stream_beside_moving_ones_keeps_its_connection() {
-    let stalled = Duration::from_secs(1);
-    let (addr, _stop, ended) = front_with(HOUR, HOUR, Some(stalled), HOUR, usize::MAX).await;
-    let (mut sender, end) = support::http::h2_client(addr).await;
-    // 4 MiB, left unread: the client's window (2 MiB) runs out.
+    let stalled = Duration::from_secs(2);
+    let front = front_with(HOUR, HOUR, Some(stalled), HOUR, usize::MAX).await;
+    let (mut sender, end) = support::http::h2_client(front.addr).await;
+    // Left unread: the client's window (2 MiB) runs out.
     let req = Request::get("http://front.test/big")
         .body(Full::default())
         .unwrap();
     let big = sender.send_request(req).await.unwrap();
     for _ in 0..30 {
         assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
-        tokio::time::sleep(stalled / 10).await;
+        tokio::time::sleep(stalled / 20).await;
     }
-    assert_eq!(ended.load(Ordering::SeqCst), 0);
+    assert_eq!(front.ended.load(Ordering::SeqCst), 0);
     // A request that waits for its answer is not stalled either.
     let hang = Request::get("http://front.test/hang")
         .body(Full::default())
         .unwrap();
     let waiting = tokio::spawn(sender.send_request(hang));
     tokio::time::sleep(stalled * 2).await;
-    assert_eq!(ended.load(Ordering::SeqCst), 0);
+    assert_eq!(front.ended.load(Ordering::SeqCst), 0);
     waiting.abort();
-    let _ = support::wait::bounded_real("the connection ends", end).await;
-    support::wait::spin_until("the front's side ended", || {
-        ended.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    assert_dropped(end, &front.ended).await;
     drop(big);
+}
+
+/// A response its client takes slowly, but steadily, keeps its connection
+/// however long it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_read_slowly_keeps_its_connection() {
+    let stalled = Duration::from_millis(600);
+    let front = front_with(HOUR, HOUR, Some(stalled), HOUR, usize::MAX).await;
+    let (mut sender, _end) = support::http::h2_client::<Full<Bytes>>(front.addr).await;
+    let req = Request::get("http://front.test/big")
+        .body(Full::default())
+        .unwrap();
+    let mut body = sender.send_request(req).await.unwrap().into_body();
+    let mut read = 0;
+    let started = tokio::time::Instant::now();
+    while let Some(frame) = body.frame().await {
+        read += frame.unwrap().into_data().unwrap().len();
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    assert_eq!(read, 8 << 20);
+    assert!(
+        started.elapsed() > stalled * 2,
+        "the reading outlasted the limit"
+    );
+    assert_eq!(front.ended.load(Ordering::SeqCst), 0);
 }
 
 /// A connection that a stop closes is dropped after its grace even when a
@@ -377,18 +469,10 @@ async fn a_stalled_stream_beside_moving_ones_keeps_its_connection() {
 /// its body in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_connection_is_dropped_after_its_grace() {
-    let (addr, stop, ended) =
-        front_with(HOUR, HOUR, None, Duration::from_secs(1), usize::MAX).await;
-    let (response, end) = stuck_response(addr).await;
-    stop.send(true).unwrap();
-    support::wait::bounded_real("the connection ends", end)
-        .await
-        .unwrap()
-        .ok();
-    support::wait::spin_until("the front's side ended", || {
-        ended.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    let front = front_with(HOUR, HOUR, None, Duration::from_secs(1), usize::MAX).await;
+    let (response, end) = stuck_response(front.addr).await;
+    front.stop.send(true).unwrap();
+    assert_dropped(end, &front.ended).await;
     drop(response);
 }
 

@@ -6,6 +6,7 @@
 //! reset most of their requests, and a graceful stop.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -13,14 +14,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Request, Response, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::rt::{Read, Write};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -42,10 +44,11 @@ pub struct Limits {
     /// these.
     pub idle: Duration,
     /// With every request open waiting for its client to take what it was
-    /// handed of its response (a client that stopped reading, an HTTP/2
-    /// one that grants no window): closed at once after this, as nginx's
-    /// `send_timeout` closes a connection whose writes stand still.
-    /// `None`: no limit.
+    /// handed of its response, and no response moving (a client that
+    /// stopped reading, an HTTP/2 one that grants no window): dropped after
+    /// between one and one and a quarter of this, as nginx's
+    /// `send_timeout` closes a connection whose writes stand still. `None`:
+    /// no limit.
     pub stalled: Option<Duration>,
     /// For the requests under way once it is being closed.
     pub grace: Duration,
@@ -64,16 +67,122 @@ enum End {
 
 /// Closes an HTTP/2 connection whose client reset at least half of its
 /// requests before their answers, each within [`PREMATURE`] of its start,
-/// once it has made this many (or reset half this many), as Envoy's
-/// defaults do: a rapid reset attack (CVE-2023-44487) makes the proxy
-/// start a request through its stack, towards a backend, for each stream
-/// it resets. h2's own limit counts only the streams reset before hyper
-/// takes them, which a client that sends its resets a moment later
-/// escapes.
+/// once it has made this many (or reset half this many), with Envoy's
+/// thresholds: a rapid reset attack (CVE-2023-44487) makes the proxy start
+/// a request through its stack, towards a backend, for each stream it
+/// resets. h2's own limit counts only the streams reset before hyper takes
+/// them, which a client that sends its resets a moment later escapes. A
+/// gRPC client whose calls mostly end at deadlines under a second counts
+/// too, as with Envoy: it connects again.
 const RESETS_JUDGED_AFTER: usize = 500;
 
 /// A request reset sooner than this after it started is reset early.
 const PREMATURE: Duration = Duration::from_secs(1);
+
+/// Accepts connections from `listener` until `stopped` resolves, and serves
+/// each with `serve`, in a task of its own, while fewer than `max` are
+/// open: past that, a new connection waits in the listener's backlog until
+/// one closes, as nginx's `worker_connections` has it, so that clients
+/// cannot take every file descriptor (backend connects and probes that
+/// then fail count against healthy backends). A connection holds its place
+/// for as long as its socket is open: through a protocol switch too (a
+/// WebSocket tunnel). A failed accept (out of file descriptors, most
+/// likely) is logged with `log` and retried 100 ms later.
+pub async fn accept<F, Fut>(
+    listener: TcpListener,
+    max: usize,
+    stopped: impl Future<Output = ()>,
+    log: impl Fn(&io::Error),
+    mut serve: F,
+) where
+    F: FnMut(Admitted, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let places = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
+    let mut stopped = std::pin::pin!(stopped);
+    loop {
+        let accepted = tokio::select! {
+            place = places.clone().acquire_owned() => match place {
+                Ok(place) => tokio::select! {
+                    accepted = listener.accept() => accepted.map(|a| (a, place)),
+                    () = &mut stopped => return,
+                },
+                Err(_) => return,
+            },
+            () = &mut stopped => return,
+        };
+        match accepted {
+            Ok(((stream, peer), place)) => {
+                tokio::spawn(serve(
+                    Admitted {
+                        stream,
+                        _place: place,
+                    },
+                    peer,
+                ));
+            }
+            Err(e) => {
+                // Retrying at once would spin.
+                log(&e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// An accepted connection, holding its place among those [`accept`] lets
+/// be open until it is dropped.
+pub struct Admitted {
+    stream: TcpStream,
+    _place: OwnedSemaphorePermit,
+}
+
+impl Admitted {
+    /// The connection's socket.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl AsyncRead for Admitted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Admitted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
 
 impl Front {
     /// A front that holds its connections to `limits`.
@@ -89,7 +198,8 @@ impl Front {
             .header_read_timeout(header_read_timeout)
             // A request head of at most 64 KiB (hyper's default buffer takes
             // about 400 KiB), as HTTP/2's header list below is 16 KiB; nginx
-            // takes heads of up to 32 KiB.
+            // takes heads of up to 32 KiB. It bounds what hyper queues to
+            // write too, which then only flushes sooner.
             .max_buf_size(64 * 1024);
         // PINGs every minute find the HTTP/2 clients that went away without
         // closing, whose open streams would otherwise keep their
@@ -107,11 +217,11 @@ impl Front {
             .max_concurrent_streams(128)
             // hyper's values today, set because the front relies on them:
             // streams a client resets before hyper takes them (past this,
-            // the connection ends), a request's header list, and the data
-            // queued per stream for a client slow to read (400 KiB by
-            // default, times 128 streams).
+            // the connection ends), and a request's header list.
             .max_pending_accept_reset_streams(20)
             .max_header_list_size(16 * 1024)
+            // The data queued per stream for a client slow to take it:
+            // 128 KiB, not hyper's 400 KiB, times 128 streams.
             .max_send_buf_size(128 * 1024);
         Front {
             builder,
@@ -120,60 +230,16 @@ impl Front {
         }
     }
 
-    /// Accepts connections from `listener` until `stopped` resolves, and
-    /// serves each with `serve`, in a task of its own, while fewer than
-    /// `max` are open: past that, a new connection waits in the listener's
-    /// backlog until one closes, as nginx's `worker_connections` has it, so
-    /// that clients cannot take the file descriptors the proxy needs for
-    /// its backends (whose connects would then fail, and count against
-    /// their health). A failed accept (out of file descriptors, most
-    /// likely) is logged with `log` and retried 100 ms later.
-    pub async fn accept<F, Fut>(
-        listener: TcpListener,
-        max: usize,
-        stopped: impl Future<Output = ()>,
-        log: impl Fn(&std::io::Error),
-        mut serve: F,
-    ) where
-        F: FnMut(TcpStream, SocketAddr) -> Fut,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let places = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
-        let mut stopped = std::pin::pin!(stopped);
-        loop {
-            let accepted = tokio::select! {
-                place = places.clone().acquire_owned() => match place {
-                    Ok(place) => tokio::select! {
-                        accepted = listener.accept() => accepted.map(|a| (a, place)),
-                        () = &mut stopped => return,
-                    },
-                    Err(_) => return,
-                },
-                () = &mut stopped => return,
-            };
-            match accepted {
-                Ok(((stream, peer), place)) => {
-                    let served = serve(stream, peer);
-                    tokio::spawn(async move {
-                        served.await;
-                        drop(place);
-                    });
-                }
-                Err(e) => {
-                    // Retrying at once would spin.
-                    log(&e);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
     /// Serves `io` with `service` until the connection ends. When `stop`
-    /// turns true, when no first request comes in time, or when the
+    /// turns true, when no first request comes in time, when the
     /// connection has had no request open (none started, none whose
-    /// response was still being sent) since the idle timer last fired, it
-    /// finishes the requests it is serving and closes (over HTTP/2 with a
-    /// `GOAWAY`). Holds two receivers of `stop` while it runs.
+    /// response was still being sent) since the idle timer last fired, or
+    /// when its HTTP/2 client resets its requests early (see
+    /// [`RESETS_JUDGED_AFTER`]), it finishes the requests it is serving
+    /// for at most the grace and closes (over HTTP/2 with a `GOAWAY`).
+    /// When every request open waits for the client to take its response
+    /// and none moves for the stall limit, it is dropped. Holds two
+    /// receivers of `stop` while it runs.
     ///
     /// Until its protocol is known, and over HTTP/2, hyper's header read
     /// timeout does not watch a connection: this does.
@@ -187,7 +253,7 @@ impl Front {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let requests = Arc::new(Requests::new());
+        let requests = Arc::new(Requests::default());
         let service = Counted {
             inner: service,
             requests: requests.clone(),
@@ -195,10 +261,9 @@ impl Front {
         let connection = self.builder.serve_connection_with_upgrades(io, service);
         let mut connection = std::pin::pin!(connection);
         let mut idle = std::pin::pin!(tokio::time::sleep(self.first));
-        let stalled = self.limits.stalled;
-        let mut stall = std::pin::pin!(stalled.map(tokio::time::sleep));
         let mut reset_early = std::pin::pin!(requests.reset_early.notified());
         let mut counted = 0;
+        let mut stall = self.limits.stalled.map(Stall::new);
         let mut stop_changed = stop.clone();
         let mut stopping = std::pin::pin!(stop_changed.wait_for(|&stop| stop));
         let mut waiting = false;
@@ -223,12 +288,9 @@ impl Front {
                 counted = now;
                 idle.as_mut().reset(Instant::now() + self.limits.idle);
             }
-            if let (Some(limit), Some(mut timer)) = (stalled, stall.as_mut().as_pin_mut()) {
-                while timer.as_mut().poll(cx).is_ready() {
-                    match requests.stalled(limit) {
-                        Ok(()) => return Poll::Ready(End::Now),
-                        Err(next) => timer.as_mut().reset(next),
-                    }
+            if let Some(stall) = &mut stall {
+                if stall.poll(&requests, cx).is_ready() {
+                    return Poll::Ready(End::Now);
                 }
             }
             if !waiting || stop.has_changed().unwrap_or(true) {
@@ -252,17 +314,59 @@ impl Front {
     }
 }
 
+/// The watch over a connection whose responses may all stand still.
+struct Stall {
+    limit: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// The frames handed out when last looked at, and since when no more
+    /// were while every request open waited for its client.
+    seen: u64,
+    since: Instant,
+}
+
+impl Stall {
+    fn new(limit: Duration) -> Stall {
+        Stall {
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit / 4)),
+            seen: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// Ready when every request open has waited for its client to take
+    /// what it was handed, and no frame was handed out, for the limit;
+    /// looked at every quarter of it.
+    fn poll(&mut self, requests: &Requests, cx: &mut Context<'_>) -> Poll<()> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            // In this order: a request that opens between the two reads
+            // makes `open` larger, never `handed`.
+            let handed = requests.handed.load(Ordering::Acquire);
+            let open = requests.open.load(Ordering::Acquire);
+            let frames = requests.frames.load(Ordering::Relaxed);
+            if open == 0 || handed < open || frames != self.seen {
+                self.seen = frames;
+                self.since = now;
+            } else if now.duration_since(self.since) >= self.limit {
+                return Poll::Ready(());
+            }
+            self.timer.as_mut().reset(now + self.limit / 4);
+        }
+        Poll::Pending
+    }
+}
+
 /// The requests of one connection.
+#[derive(Default)]
 struct Requests {
     /// Open: called, and neither failed nor done sending the response.
     open: AtomicUsize,
     /// Open requests whose response body handed a frame and has not been
     /// asked for the next yet: they wait for their client to take it.
     handed: AtomicUsize,
-    /// When a response body last handed a frame, in nanoseconds since
-    /// `epoch`.
-    last_handed: AtomicU64,
-    epoch: Instant,
+    /// Frames the responses' bodies handed out.
+    frames: AtomicU64,
     /// How many requests closed: with `open`, whether any was open since
     /// the count was last read.
     closed: AtomicUsize,
@@ -274,53 +378,24 @@ struct Requests {
     reset_early: Notify,
 }
 
-impl Requests {
-    fn new() -> Requests {
-        Requests {
-            open: AtomicUsize::new(0),
-            handed: AtomicUsize::new(0),
-            last_handed: AtomicU64::new(0),
-            epoch: Instant::now(),
-            closed: AtomicUsize::new(0),
-            early: AtomicUsize::new(0),
-            reset_early: Notify::new(),
-        }
-    }
-
-    /// `Ok` when requests are open and every one has waited for its client
-    /// to take what it handed for at least `limit`; else when to look
-    /// again.
-    fn stalled(&self, limit: Duration) -> Result<(), Instant> {
-        let now = Instant::now();
-        let open = self.open.load(Ordering::Relaxed);
-        if open == 0 || self.handed.load(Ordering::Relaxed) < open {
-            return Err(now + limit);
-        }
-        let last = self.epoch + Duration::from_nanos(self.last_handed.load(Ordering::Relaxed));
-        if now >= last + limit {
-            Ok(())
-        } else {
-            Err(last + limit)
-        }
-    }
-}
-
 /// One open request: closed when dropped.
 struct Open {
     requests: Arc<Requests>,
-    started: Instant,
-    /// Its response's head was handed to the server.
+    /// When an HTTP/2 request started (one over HTTP/1 that is reset ends
+    /// its connection anyway).
+    started: Option<Instant>,
+    /// Its response's head was handed to the server, or it failed.
     answered: bool,
     /// Its response's body handed a frame and was not asked for the next.
     handed: bool,
 }
 
 impl Open {
-    fn new(requests: &Arc<Requests>) -> Open {
-        requests.open.fetch_add(1, Ordering::Relaxed);
+    fn new(requests: &Arc<Requests>, version: Version) -> Open {
+        requests.open.fetch_add(1, Ordering::Release);
         Open {
             requests: requests.clone(),
-            started: Instant::now(),
+            started: (version == Version::HTTP_2).then(Instant::now),
             answered: false,
             handed: false,
         }
@@ -329,18 +404,17 @@ impl Open {
     /// Notes whether its response's body now waits for its client to
     /// take a frame it handed.
     fn handed(&mut self, handed: bool) {
-        if handed == self.handed {
-            return;
-        }
-        self.handed = handed;
         let requests = &self.requests;
         if handed {
-            let nanos = requests.epoch.elapsed().as_nanos();
-            let nanos = u64::try_from(nanos).unwrap_or(u64::MAX);
-            requests.last_handed.store(nanos, Ordering::Relaxed);
-            requests.handed.fetch_add(1, Ordering::Relaxed);
-        } else {
-            requests.handed.fetch_sub(1, Ordering::Relaxed);
+            requests.frames.fetch_add(1, Ordering::Relaxed);
+        }
+        if handed != self.handed {
+            self.handed = handed;
+            if handed {
+                requests.handed.fetch_add(1, Ordering::Release);
+            } else {
+                requests.handed.fetch_sub(1, Ordering::Release);
+            }
         }
     }
 }
@@ -350,8 +424,9 @@ impl Drop for Open {
         self.handed(false);
         let requests = &self.requests;
         let closed = requests.closed.fetch_add(1, Ordering::Relaxed) + 1;
-        requests.open.fetch_sub(1, Ordering::Relaxed);
-        if !self.answered && self.started.elapsed() < PREMATURE {
+        requests.open.fetch_sub(1, Ordering::Release);
+        let early = !self.answered && self.started.is_some_and(|s| s.elapsed() < PREMATURE);
+        if early {
             let early = requests.early.fetch_add(1, Ordering::Relaxed) + 1;
             if early * 2 >= closed.max(RESETS_JUDGED_AFTER) {
                 requests.reset_early.notify_one();
@@ -377,7 +452,7 @@ where
 
     fn call(&self, req: Request<Incoming>) -> Counting<S::Future> {
         Counting {
-            open: Some(Open::new(&self.requests)),
+            open: Some(Open::new(&self.requests, req.version())),
             inner: self.inner.call(req),
         }
     }
@@ -400,12 +475,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let response = std::task::ready!(this.inner.poll(cx))?;
+        let result = std::task::ready!(this.inner.poll(cx));
         let mut open = this.open.take();
+        // A failed request was not reset by its client.
         if let Some(open) = &mut open {
             open.answered = true;
         }
-        Poll::Ready(Ok(response.map(|body| Tracked { body, open })))
+        Poll::Ready(result.map(|response| response.map(|body| Tracked { body, open })))
     }
 }
 
