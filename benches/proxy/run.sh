@@ -22,6 +22,14 @@
 # request, under valgrind's callgrind; the kernel's share (system calls,
 # TCP) is not in it.
 #
+# For what an idle client connection costs each proxy,
+#
+#   benches/proxy/run.sh --memory [connections, default 1000]
+#
+# prints each proxy's resident memory before and once that many client
+# connections have made one request each and stay open, and the difference
+# per connection (python3 holds the connections).
+#
 # Every round runs the four proxies, each in a different position of the
 # order, so that drift of the shared machine does not favour one of them;
 # the summary gives each proxy's median over the rounds.
@@ -33,6 +41,7 @@ cd "$(dirname "$0")/../.."
 
 MODE=load
 if [ "${1:-}" = --instructions ]; then MODE=instructions; shift; fi
+if [ "${1:-}" = --memory ]; then MODE=memory; shift; CONNECTIONS_HELD=${1:-1000}; fi
 DURATION=${1:-10}
 ROUNDS=${2:-4}
 CONNECTIONS=32
@@ -280,6 +289,89 @@ instructions() {
     rm -f "$WORK/nginx-proxy/nginx.pid"
     awk -v n="$requests" -v name="$name" '/^summary:/ {printf "%-10s %12d %10d\n", name, n, $2 / n}' "$out.1"
 }
+
+# Opens CONNECTIONS client connections to a port, each sending one request
+# and reading its answer, then holding the connection open, idle; prints
+# "held" once all are, and holds them until killed.
+hold_script() {
+    cat >"$WORK/hold.py" <<'PY'
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+held = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += s.recv(4096)
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        body += s.recv(4096)
+    if not head.startswith(b"HTTP/1.1 200"):
+        sys.exit("not answered 200: %r" % head[:40])
+    held.append(s)
+print("held", flush=True)
+time.sleep(3600)
+PY
+}
+
+# Resident memory of the processes, in KiB.
+rss_kib() {
+    local total=0 p kib
+    for p in "$@"; do
+        kib=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
+        total=$(( total + ${kib:-0} ))
+    done
+    echo "$total"
+}
+
+# Resident memory a proxy takes for each idle client connection: its RSS
+# before and once CONNECTIONS_HELD connections have made a request each
+# and stay open.
+memory() { # name port starter pidname
+    local name=$1 port=$2 pids before after holder
+    start_backends
+    $3
+    wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1 # warm up
+    sleep 1
+    pids=$(proxy_pids "$4")
+    # shellcheck disable=SC2086 # a list of pids
+    before=$(rss_kib $pids)
+    python3 "$WORK/hold.py" "$port" "$CONNECTIONS_HELD" >"$WORK/hold.out" &
+    holder=$!
+    PIDS+=("$holder")
+    for _ in $(seq 1 600); do
+        grep -q held "$WORK/hold.out" 2>/dev/null && break
+        sleep 0.1
+    done
+    grep -q held "$WORK/hold.out" || { echo "$name: the connections were not all served" >&2; exit 1; }
+    sleep 1
+    # shellcheck disable=SC2086
+    after=$(rss_kib $pids)
+    kill "$holder"
+    wait "$holder" 2>/dev/null || true
+    PIDS=()
+    printf '%-10s %12d %12d %14.1f\n' "$name" "$before" "$after" \
+        "$(awk -v a="$before" -v b="$after" -v n="$CONNECTIONS_HELD" 'BEGIN {print (b - a) / n}')"
+    stop "$4"
+    for p in "${BACKEND_PORTS[@]}"; do kill_backend "$p"; done
+    sleep 0.5
+}
+
+if [ $MODE = memory ]; then
+    hold_script
+    printf '%-10s %12s %12s %14s\n' proxy "RSS before" "RSS after" "KiB/connection"
+    memory nginx "$NGINX_PORT" start_nginx nginx-proxy
+    memory haproxy "$HAPROXY_PORT" start_haproxy haproxy
+    memory tower-ha "$TOWER_PORT" start_tower tower
+    memory hyper "$HYPER_PORT" start_hyper hyper
+    exit 0
+fi
 
 if [ $MODE = instructions ]; then
     start_backends
