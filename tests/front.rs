@@ -496,3 +496,34 @@ async fn an_http1_request_head_over_64_kib_is_refused() {
         assert_eq!(line, format!("HTTP/1.1 {status}"), "{size} bytes");
     }
 }
+
+/// The protocol is told from a connection's first bytes however they come:
+/// HTTP/2's preface in two parts, an HTTP/1.1 request a byte at first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protocol_is_told_from_first_bytes_sent_in_parts() {
+    let (addr, _stop, _ended) = front(HOUR, HOUR).await;
+    let mut h2 = TcpStream::connect(addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The rest of the preface, then an empty SETTINGS frame.
+    h2.write_all(b"\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut head = [0u8; 9];
+    support::wait::bounded_real("the server's SETTINGS", h2.read_exact(&mut head))
+        .await
+        .unwrap();
+    assert_eq!(head[3], 0x04, "a SETTINGS frame: {head:?}");
+    let mut h1 = TcpStream::connect(addr).await.unwrap();
+    h1.write_all(b"G").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h1.write_all(b"ET / HTTP/1.1\r\nhost: front.test\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    support::wait::bounded_real("the answer", h1.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200 OK"), "{got:?}");
+    assert!(got.ends_with(b"ok"), "{got:?}");
+}

@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use http::{Request, Response, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::rt::{Read, Write};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -29,7 +29,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves client connections (see [`Front::serve`]).
 pub struct Front {
-    builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     first: Duration,
     limits: Limits,
 }
@@ -188,26 +189,24 @@ impl Front {
     /// A front that holds its connections to `limits`.
     pub fn new(limits: Limits) -> Front {
         let header_read_timeout = limits.header_read_timeout;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        let mut http1 = http1::Builder::new();
+        http1
             .keep_alive(true)
             // Without a timer hyper enforces no header read timeout (and
             // warns on every connection).
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
-            // A request head of at most 64 KiB (hyper's default buffer takes
-            // about 400 KiB), as HTTP/2's header list below is 16 KiB; nginx
-            // takes heads of up to 32 KiB. It bounds what hyper queues to
-            // write too, which then only flushes sooner.
-            .max_buf_size(64 * 1024);
+            // A request head of at most 64 KiB (else hyper's read buffer
+            // bounds it, at about 400 KiB), as HTTP/2's header list below
+            // is 16 KiB; nginx takes heads of up to 32 KiB.
+            .max_header_size(64 * 1024);
         // PINGs every minute find the HTTP/2 clients that went away without
         // closing, whose open streams would otherwise keep their
         // connections for good. A client gets a minute to answer: a PING
         // waits behind what was sent before it, which a slow client reads
         // first.
-        builder
-            .http2()
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(60))
             .keep_alive_timeout(Duration::from_secs(60))
@@ -224,7 +223,8 @@ impl Front {
             // 128 KiB, not hyper's 400 KiB, times 128 streams.
             .max_send_buf_size(128 * 1024);
         Front {
-            builder,
+            http1,
+            http2,
             first: header_read_timeout.unwrap_or(limits.idle),
             limits,
         }
@@ -258,14 +258,27 @@ impl Front {
             inner: service,
             requests: requests.clone(),
         };
-        let connection = self.builder.serve_connection_with_upgrades(io, service);
-        let mut connection = std::pin::pin!(connection);
         let mut idle = std::pin::pin!(tokio::time::sleep(self.first));
+        let mut stop_changed = stop.clone();
+        let mut stopping = std::pin::pin!(stop_changed.wait_for(|&stop| stop));
+        // Which protocol it speaks, read within the time for its first
+        // request.
+        let mut io = io;
+        let version = tokio::select! {
+            version = sniff(&mut io) => version,
+            () = &mut idle => return,
+            _ = &mut stopping => return,
+        };
+        let Ok((http2, first)) = version else { return };
+        let io = Rewind { io, first };
+        let mut connection: Pin<Box<dyn Serving>> = if http2 {
+            Box::pin(self.http2.serve_connection(io, service))
+        } else {
+            Box::pin(self.http1.serve_connection(io, service).with_upgrades())
+        };
         let mut reset_early = std::pin::pin!(requests.reset_early.notified());
         let mut counted = 0;
         let mut stall = self.limits.stalled.map(Stall::new);
-        let mut stop_changed = stop.clone();
-        let mut stopping = std::pin::pin!(stop_changed.wait_for(|&stop| stop));
         let mut waiting = false;
         // The stop future keeps the task's waker from its first poll, so a
         // wake polls it again only once the value changed (an atomic load):
@@ -305,12 +318,145 @@ impl Front {
         match end {
             End::Ended | End::Now => {}
             End::Gracefully => {
-                connection.as_mut().graceful_shutdown();
+                connection.as_mut().close();
                 // A stream whose client grants it no window, say, would
                 // keep the connection past its `GOAWAY` for good.
                 let _ = tokio::time::timeout(self.limits.grace, connection).await;
             }
         }
+    }
+}
+
+/// What an HTTP/2 client with prior knowledge sends first.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The first bytes of a connection, read to tell its protocol.
+type First = ([u8; PREFACE.len()], usize);
+
+/// Reads `io` up to the first byte that differs from HTTP/2's preface, or
+/// to its end: whether the connection speaks HTTP/2, and what was read.
+///
+/// As hyper-util's server does, but the bytes read go back to hyper with
+/// the rest of what the client sent at once (see [`Rewind`]), not alone: a
+/// first read of those few bytes alone would make hyper's HTTP/1 read
+/// buffer grow from 8 to 16 KiB, which every kept-alive connection then
+/// holds while idle.
+async fn sniff<I: Read + Unpin>(io: &mut I) -> io::Result<(bool, First)> {
+    let mut first = ([0u8; PREFACE.len()], 0);
+    loop {
+        let (buf, len) = &mut first;
+        let read = std::future::poll_fn(|cx| {
+            let mut dst = hyper::rt::ReadBuf::new(&mut buf[*len..]);
+            std::task::ready!(Pin::new(&mut *io).poll_read(cx, dst.unfilled()))?;
+            Poll::Ready(Ok::<_, io::Error>(dst.filled().len()))
+        })
+        .await?;
+        if read == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        *len += read;
+        if buf[..*len] != PREFACE[..*len] {
+            return Ok((false, first));
+        }
+        if *len == PREFACE.len() {
+            return Ok((true, first));
+        }
+    }
+}
+
+/// A connection whose first bytes were read to tell its protocol: its first
+/// read gives them back, with what else the client has sent by then.
+struct Rewind<I> {
+    io: I,
+    first: First,
+}
+
+impl<I: Read + Unpin> Read for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let (bytes, len) = self.first;
+        if len == 0 {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let given = len.min(buf.remaining());
+        buf.put_slice(&bytes[..given]);
+        self.first.0.copy_within(given..len, 0);
+        self.first.1 = len - given;
+        if self.first.1 == 0 && buf.remaining() > 0 {
+            // Nothing more yet, or an error the next read returns: what was
+            // read is read either way.
+            let _ = Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: Write + Unpin> Write for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// hyper's connection, whichever its protocol.
+trait Serving: Future<Output = hyper::Result<()>> + Send {
+    /// Starts a graceful close (over HTTP/2, a `GOAWAY`).
+    fn close(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Serving for http1::UpgradeableConnection<I, S>
+where
+    I: Read + Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B> + Send,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn close(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Serving for http2::Connection<I, S, TokioExecutor>
+where
+    I: Read + Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn close(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 
