@@ -169,8 +169,10 @@ its requests before their answers, each within a second of sending it (250
 such resets, or half of 500 requests or more: a rapid reset attack, Envoy's
 thresholds; a gRPC client whose calls mostly end at deadlines under a second
 is closed too, and connects again). An HTTP/2 connection carries at most 128
-requests at once. A connection closed so has 30 s (or --drain, if longer) to
-finish the requests under way.
+requests at once. A connection closed so has 30 s to finish the requests
+under way (at a stop, --drain if it is longer). Uploads do not count as a
+connection moving for --send-timeout: a client that sends a stream and reads
+its answers only at its end can lose its connection.
 
 The deadline counts from the call, the upload of a body over 64 KiB
 (streamed, not buffered) included: raise it, or turn it off, in front of
@@ -591,10 +593,11 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     let limits = Limits {
         header_read_timeout: o.header_read_timeout,
         idle: IDLE_CONNECTION,
-        // What bounds an HTTP/1 connection whose writes stand still bounds
-        // an HTTP/2 one whose responses all do.
+        // What bounds a connection whose writes stand still bounds one,
+        // of either protocol, whose responses all do.
         stalled: o.send_timeout,
-        grace: CLOSE_GRACE.max(o.drain),
+        grace: CLOSE_GRACE,
+        stop_grace: o.drain,
     };
     // A zero send timeout is none.
     let limits = (
@@ -673,8 +676,8 @@ const IDLE_CONNECTION: Duration = Duration::from_secs(3600);
 
 /// How long a connection the front closes (idle, a stop, a client that
 /// resets its requests) has to finish the requests under way, after which
-/// it is dropped, unless `--drain` gives longer: a stream whose client
-/// grants it no window would keep it for good.
+/// it is dropped (at a stop, `--drain` if it is longer): a stream whose
+/// client grants it no window would keep it for good.
 const CLOSE_GRACE: Duration = Duration::from_secs(30);
 
 /// Serves each connection `listener` accepts with `stack` (see

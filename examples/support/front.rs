@@ -53,6 +53,8 @@ pub struct Limits {
     pub stalled: Option<Duration>,
     /// For the requests under way once it is being closed.
     pub grace: Duration,
+    /// For those under way at a stop, when longer than `grace`.
+    pub stop_grace: Duration,
 }
 
 /// How a connection ends.
@@ -60,8 +62,8 @@ enum End {
     /// On its own.
     Ended,
     /// Closed, with time for the requests under way (over HTTP/2 with a
-    /// `GOAWAY`).
-    Gracefully,
+    /// `GOAWAY`): the grace, or the stop's.
+    Gracefully { stop: bool },
     /// Dropped: nothing it serves moves.
     Now,
 }
@@ -196,10 +198,12 @@ impl Front {
             // warns on every connection).
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
-            // A request head of at most 64 KiB (else hyper's read buffer
-            // bounds it, at about 400 KiB), as HTTP/2's header list below
-            // is 16 KiB; nginx takes heads of up to 32 KiB.
-            .max_header_size(64 * 1024);
+            // A request head of at most 64 KiB, as HTTP/2's header list
+            // below is 16 KiB; nginx takes heads of up to 32 KiB.
+            .max_header_size(64 * 1024)
+            // And 64 KiB, not about 400, for what hyper reads ahead (an
+            // upload) and queues to write (which then only flushes sooner).
+            .max_buf_size(64 * 1024);
         // PINGs every minute find the HTTP/2 clients that went away without
         // closing, whose open streams would otherwise keep their
         // connections for good. A client gets a minute to answer: a PING
@@ -270,7 +274,11 @@ impl Front {
             _ = &mut stopping => return,
         };
         let Ok((http2, first)) = version else { return };
-        let io = Rewind { io, first };
+        let io = Rewind {
+            io,
+            first,
+            failed: None,
+        };
         let mut connection: Pin<Box<dyn Serving>> = if http2 {
             Box::pin(self.http2.serve_connection(io, service))
         } else {
@@ -278,7 +286,10 @@ impl Front {
         };
         let mut reset_early = std::pin::pin!(requests.reset_early.notified());
         let mut counted = 0;
-        let mut stall = self.limits.stalled.map(Stall::new);
+        // A zero limit would look every zero seconds.
+        let mut stall = (self.limits.stalled)
+            .filter(|limit| !limit.is_zero())
+            .map(Stall::new);
         let mut waiting = false;
         // The stop future keeps the task's waker from its first poll, so a
         // wake polls it again only once the value changed (an atomic load):
@@ -289,14 +300,14 @@ impl Front {
                 return Poll::Ready(End::Ended);
             }
             if reset_early.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(End::Gracefully);
+                return Poll::Ready(End::Gracefully { stop: false });
             }
             // Looked at when it fires: a connection that had a request
             // open since goes on for another period.
             while idle.as_mut().poll(cx).is_ready() {
                 let now = requests.closed.load(Ordering::Relaxed);
                 if now == counted && requests.open.load(Ordering::Relaxed) == 0 {
-                    return Poll::Ready(End::Gracefully);
+                    return Poll::Ready(End::Gracefully { stop: false });
                 }
                 counted = now;
                 idle.as_mut().reset(Instant::now() + self.limits.idle);
@@ -309,7 +320,7 @@ impl Front {
             if !waiting || stop.has_changed().unwrap_or(true) {
                 waiting = true;
                 if stopping.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(End::Gracefully);
+                    return Poll::Ready(End::Gracefully { stop: true });
                 }
             }
             Poll::Pending
@@ -317,11 +328,17 @@ impl Front {
         .await;
         match end {
             End::Ended | End::Now => {}
-            End::Gracefully => {
+            End::Gracefully { stop } => {
                 connection.as_mut().close();
                 // A stream whose client grants it no window, say, would
                 // keep the connection past its `GOAWAY` for good.
-                let _ = tokio::time::timeout(self.limits.grace, connection).await;
+                let limits = &self.limits;
+                let grace = if stop {
+                    limits.grace.max(limits.stop_grace)
+                } else {
+                    limits.grace
+                };
+                let _ = tokio::time::timeout(grace, connection).await;
             }
         }
     }
@@ -369,6 +386,8 @@ async fn sniff<I: Read + Unpin>(io: &mut I) -> io::Result<(bool, First)> {
 struct Rewind<I> {
     io: I,
     first: First,
+    /// An error of the read that followed the first bytes, for the next.
+    failed: Option<io::Error>,
 }
 
 impl<I: Read + Unpin> Read for Rewind<I> {
@@ -377,6 +396,9 @@ impl<I: Read + Unpin> Read for Rewind<I> {
         cx: &mut Context<'_>,
         mut buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Err(e));
+        }
         let (bytes, len) = self.first;
         if len == 0 {
             return Pin::new(&mut self.io).poll_read(cx, buf);
@@ -386,9 +408,11 @@ impl<I: Read + Unpin> Read for Rewind<I> {
         self.first.0.copy_within(given..len, 0);
         self.first.1 = len - given;
         if self.first.1 == 0 && buf.remaining() > 0 {
-            // Nothing more yet, or an error the next read returns: what was
-            // read is read either way.
-            let _ = Pin::new(&mut self.io).poll_read(cx, buf);
+            // What was read is read: nothing more yet is fine, and an error
+            // waits for the next read.
+            if let Poll::Ready(Err(e)) = Pin::new(&mut self.io).poll_read(cx, buf) {
+                self.failed = Some(e);
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -464,6 +488,9 @@ where
 struct Stall {
     limit: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// Whether the timer runs: not while no request is open, so that an
+    /// idle connection is not woken for it.
+    armed: bool,
     /// The frames handed out when last looked at, and since when no more
     /// were while every request open waited for its client.
     seen: u64,
@@ -474,7 +501,8 @@ impl Stall {
     fn new(limit: Duration) -> Stall {
         Stall {
             limit,
-            timer: Box::pin(tokio::time::sleep(limit / 4)),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: false,
             seen: 0,
             since: Instant::now(),
         }
@@ -482,16 +510,31 @@ impl Stall {
 
     /// Ready when every request open has waited for its client to take
     /// what it was handed, and no frame was handed out, for the limit;
-    /// looked at every quarter of it.
+    /// looked at every quarter of it while requests are open. Polled at
+    /// each wake of the connection, which a new request is.
     fn poll(&mut self, requests: &Requests, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.armed {
+            if requests.open.load(Ordering::Acquire) == 0 {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            self.armed = true;
+            self.since = now;
+            self.seen = requests.frames.load(Ordering::Relaxed);
+            self.timer.as_mut().reset(now + self.limit / 4);
+        }
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             // In this order: a request that opens between the two reads
             // makes `open` larger, never `handed`.
             let handed = requests.handed.load(Ordering::Acquire);
             let open = requests.open.load(Ordering::Acquire);
+            if open == 0 {
+                self.armed = false;
+                return Poll::Pending;
+            }
             let frames = requests.frames.load(Ordering::Relaxed);
-            if open == 0 || handed < open || frames != self.seen {
+            if handed < open || frames != self.seen {
                 self.seen = frames;
                 self.since = now;
             } else if now.duration_since(self.since) >= self.limit {
