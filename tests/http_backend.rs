@@ -595,14 +595,23 @@ fn watched<B: Send + 'static>(
     Arc<tower_ha::BackendState>,
     Balance<tower_ha::health::Health<HttpBackend<B>>, RoundRobin>,
 ) {
+    watched_as(
+        HttpBackend::new(client, format!("http://{addr}")).unwrap(),
+        failures,
+    )
+}
+
+/// [`watched`], for `backend`.
+fn watched_as<B: Send + 'static>(
+    backend: HttpBackend<B>,
+    failures: u32,
+) -> (
+    Arc<tower_ha::BackendState>,
+    Balance<tower_ha::health::Health<HttpBackend<B>>, RoundRobin>,
+) {
     let pool = Pool::new();
-    let backend = HttpBackend::new(client, format!("http://{addr}")).unwrap();
-    pool.insert(
-        "a",
-        HealthLayer::new()
-            .consecutive_failures(failures)
-            .layer(backend),
-    );
+    let health = HealthLayer::new().consecutive_failures(failures);
+    pool.insert("a", health.layer(backend));
     let state = pool.state(&"a".into()).unwrap();
     (state, Balance::new(pool, RoundRobin::new()))
 }
@@ -689,7 +698,15 @@ async fn a_body_whose_backend_goes_silent_counts_nothing() {
     let timed_out =
         find::<std::io::Error>(&*err).is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
     assert!(timed_out, "{err}");
-    // The reader leaves while the body waits.
+    assert_eq!(state.consecutive_failures(), 2);
+    assert_eq!(state.failures(), 2);
+    // The reader leaves while the body waits (with a read timeout that
+    // cannot come first).
+    let patient = HttpClient::<Full<Bytes>>::new().read_timeout(Some(Duration::from_secs(30)));
+    let backend = HttpBackend::new(&patient, format!("http://{addr}")).unwrap();
+    let (state, balance) = watched_as(backend, 3);
+    state.record_failure();
+    state.record_failure();
     let req = Request::get("/").body(Full::default()).unwrap();
     let mut body = balance.clone().oneshot(req).await.unwrap().into_body();
     let hello = body.frame().await.unwrap().unwrap().into_data().unwrap();

@@ -73,8 +73,9 @@
 //! backends they wrap and of those they ejected. Optionally, a
 //! [`SuccessRate`] also ejects a backend whose share of successes over a
 //! window falls too low. A response from an `HttpBackend` (feature
-//! `hyper-client`) directly below the layer is judged by its body too:
-//! one its backend cuts short is a failure, though its head passed.
+//! `hyper-client`) below the layer with its own body type (no layer
+//! between them maps the body) is judged by its body too: one its backend
+//! cuts short is a failure, though its head passed.
 //!
 //! # Active probes
 //!

@@ -618,6 +618,7 @@ impl LateOutcome {
 
     /// This outcome, and `below` with it.
     pub(crate) fn over(mut self, below: LateOutcome) -> Self {
+        debug_assert!(self.below.is_none(), "a fresh outcome goes over another");
         self.below = Some(Box::new(below));
         self
     }

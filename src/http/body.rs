@@ -50,8 +50,9 @@ use crate::health::LateOutcome;
 /// its classifier passes is judged when its body ends: a success once read
 /// to its end or dropped, a failure as the classifier judges the error
 /// when its backend cuts it short (a connection closed or a stream reset
-/// in the middle, a malformed body), nothing when its backend goes silent
-/// (the read timeout, or a reader that leaves while it waits). A body that
+/// in the middle, a malformed body), nothing when it waits for its
+/// backend's next frame (given up at the read timeout, or by a reader that
+/// leaves). A body that
 /// fails because the request's upload did fails with an
 /// [`InvalidRequest`](crate::error::InvalidRequest), which counts as
 /// nothing.
