@@ -364,6 +364,14 @@ memory() { # name port starter pidname
 }
 
 if [ $MODE = memory ]; then
+    # Each proxy needs a descriptor per client connection and more for its
+    # backends; tower-ha caps itself at half the limit unless told.
+    NEEDED=$(( 2 * CONNECTIONS_HELD + 256 ))
+    [ "$(ulimit -n)" -ge "$NEEDED" ] || ulimit -n "$NEEDED" 2>/dev/null || {
+        echo "--memory $CONNECTIONS_HELD needs an open-file limit of $NEEDED (ulimit -n)" >&2
+        exit 1
+    }
+    TOWER=("${TOWER_BASE[@]}" --max-connections "$NEEDED" "${URLS[@]}")
     hold_script
     printf '%-10s %12s %12s %14s\n' proxy "RSS before" "RSS after" "KiB/connection"
     memory nginx "$NGINX_PORT" start_nginx nginx-proxy
