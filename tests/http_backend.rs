@@ -659,7 +659,21 @@ async fn a_backend_that_cuts_its_bodies_short_is_ejected() {
     .await;
     let client = HttpClient::<Full<Bytes>>::new();
     let (state, balance) = watched(&client, addr, 3);
-    for failed in 0..3 {
+    cut_bodies(&balance, &state, &release, 0..3).await;
+    assert!(state.is_ejected());
+}
+
+/// Sends a GET through `balance` for each count of failures in a row in
+/// `counts`, each answered with a head whose body the backend cuts short
+/// once `release` is told: the head leaves the count as it is, the body
+/// adds a failure.
+async fn cut_bodies(
+    balance: &Balance<tower_ha::health::Health<HttpBackend<Full<Bytes>>>, RoundRobin>,
+    state: &tower_ha::BackendState,
+    release: &tokio::sync::Notify,
+    counts: std::ops::Range<u32>,
+) {
+    for failed in counts {
         let req = Request::get("/").body(Full::default()).unwrap();
         let resp = balance.clone().oneshot(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
@@ -672,7 +686,6 @@ async fn a_backend_that_cuts_its_bodies_short_is_ejected() {
         let err = resp.into_body().collect().await.unwrap_err();
         assert_eq!(state.failures(), u64::from(failed) + 1, "{err}");
     }
-    assert!(state.is_ejected());
 }
 
 /// A body whose backend goes silent says nothing of that backend, whether
@@ -2148,18 +2161,7 @@ mod http2 {
         let (state, balance) = watched(&client, addr, 4);
         state.record_failure();
         state.record_failure();
-        for failed in 2..4 {
-            let resp = balance.clone().oneshot(get("/")).await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
-            assert_eq!(
-                state.consecutive_failures(),
-                failed,
-                "the head is not judged"
-            );
-            release.notify_one();
-            let err = resp.into_body().collect().await.unwrap_err();
-            assert_eq!(state.failures(), u64::from(failed) + 1, "{err}");
-        }
+        cut_bodies(&balance, &state, &release, 2..4).await;
         // The fourth failure in a row ejected it.
         assert!(state.is_ejected());
     }
