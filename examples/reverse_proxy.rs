@@ -599,12 +599,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         grace: CLOSE_GRACE,
         stop_grace: o.drain,
     };
-    // A zero send timeout is none.
-    let limits = (
-        limits,
-        o.send_timeout.unwrap_or_default(),
-        o.max_connections,
-    );
+    let limits = (limits, o.max_connections);
     let (stop, connections) = watch::channel(false);
     match sticky {
         Some(sticky) => {
@@ -689,7 +684,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(30);
 async fn accept<S>(
     listener: TcpListener,
     stack: S,
-    (limits, send_timeout, max_connections): (Limits, Duration, usize),
+    (limits, max_connections): (Limits, usize),
     stop: watch::Receiver<bool>,
 ) where
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = BoxError>
@@ -698,6 +693,8 @@ async fn accept<S>(
         + 'static,
     S::Future: Send,
 {
+    // A zero send timeout is none.
+    let send_timeout = limits.stalled.unwrap_or_default();
     let front = Arc::new(Front::new(limits));
     let log = |e: &std::io::Error| log!("accept: {e}");
     front::accept(
@@ -706,7 +703,6 @@ async fn accept<S>(
         stop_signal(),
         log,
         |admitted, peer| {
-            let _ = admitted.stream().set_nodelay(true);
             let stack = stack.clone();
             let front = front.clone();
             let stop = stop.clone();

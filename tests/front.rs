@@ -98,7 +98,6 @@ async fn front_with(
             let (front, stopped) = (front.clone(), stopped.clone());
             let (started, ended, hung) = counts.clone();
             started.fetch_add(1, Ordering::SeqCst);
-            let _ = admitted.stream().set_nodelay(true);
             async move {
                 let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let hung = hung.clone();

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -116,6 +116,8 @@ pub async fn accept<F, Fut>(
         };
         match accepted {
             Ok(((stream, peer), place)) => {
+                // Answers go out as they are written, not held for more.
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(serve(
                     Admitted {
                         stream,
@@ -138,13 +140,6 @@ pub async fn accept<F, Fut>(
 pub struct Admitted {
     stream: TcpStream,
     _place: OwnedSemaphorePermit,
-}
-
-impl Admitted {
-    /// The connection's socket.
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
-    }
 }
 
 impl AsyncRead for Admitted {
@@ -257,7 +252,12 @@ impl Front {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let requests = Arc::new(Requests::default());
+        // A zero limit would look every zero seconds.
+        let stall = (self.limits.stalled).filter(|limit| !limit.is_zero());
+        let requests = Arc::new(Requests {
+            watched: stall.is_some(),
+            ..Requests::default()
+        });
         let service = Counted {
             inner: service,
             requests: requests.clone(),
@@ -286,21 +286,21 @@ impl Front {
         };
         let mut reset_early = std::pin::pin!(requests.reset_early.notified());
         let mut counted = 0;
-        // A zero limit would look every zero seconds.
-        let mut stall = (self.limits.stalled)
-            .filter(|limit| !limit.is_zero())
-            .map(Stall::new);
-        let mut waiting = false;
-        // The stop future keeps the task's waker from its first poll, so a
-        // wake polls it again only once the value changed (an atomic load):
-        // polling it on every wake of a busy connection would take a lock
-        // each time.
+        let mut stall = stall.map(Stall::new);
+        let (mut waiting, mut watching) = (false, false);
+        // The stop and reset futures keep the task's waker from their first
+        // polls, so a wake polls them again only once their value changed
+        // (an atomic load): polling them on every wake of a busy connection
+        // would take a lock each time.
         let end = std::future::poll_fn(|cx| {
             if connection.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(End::Ended);
             }
-            if reset_early.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(End::Gracefully { stop: false });
+            if !watching || requests.reset.load(Ordering::Acquire) {
+                watching = true;
+                if reset_early.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(End::Gracefully { stop: false });
+                }
             }
             // Looked at when it fires: a connection that had a request
             // open since goes on for another period.
@@ -491,9 +491,8 @@ struct Stall {
     /// Whether the timer runs: not while no request is open, so that an
     /// idle connection is not woken for it.
     armed: bool,
-    /// The frames handed out when last looked at, and since when no more
-    /// were while every request open waited for its client.
-    seen: u64,
+    /// Since when no frame was handed out while every request open waited
+    /// for its client.
     since: Instant,
 }
 
@@ -503,7 +502,6 @@ impl Stall {
             limit,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             armed: false,
-            seen: 0,
             since: Instant::now(),
         }
     }
@@ -520,7 +518,7 @@ impl Stall {
             let now = Instant::now();
             self.armed = true;
             self.since = now;
-            self.seen = requests.frames.load(Ordering::Relaxed);
+            requests.moved.store(false, Ordering::Relaxed);
             self.timer.as_mut().reset(now + self.limit / 4);
         }
         while self.timer.as_mut().poll(cx).is_ready() {
@@ -533,9 +531,7 @@ impl Stall {
                 self.armed = false;
                 return Poll::Pending;
             }
-            let frames = requests.frames.load(Ordering::Relaxed);
-            if handed < open || frames != self.seen {
-                self.seen = frames;
+            if handed < open || requests.moved.swap(false, Ordering::Relaxed) {
                 self.since = now;
             } else if now.duration_since(self.since) >= self.limit {
                 return Poll::Ready(());
@@ -554,16 +550,21 @@ struct Requests {
     /// Open requests whose response body handed a frame and has not been
     /// asked for the next yet: they wait for their client to take it.
     handed: AtomicUsize,
-    /// Frames the responses' bodies handed out.
-    frames: AtomicU64,
+    /// Whether the stall watch looks at the requests: else they note
+    /// nothing of their responses' frames.
+    watched: bool,
+    /// A response's body handed out a frame since the stall watch last
+    /// looked.
+    moved: AtomicBool,
     /// How many requests closed: with `open`, whether any was open since
     /// the count was last read.
     closed: AtomicUsize,
     /// How many requests were dropped before their answers within
     /// [`PREMATURE`] of their start (their streams reset by the client).
     early: AtomicUsize,
-    /// Told once `early` is at least half of the requests closed, or of
-    /// [`RESETS_JUDGED_AFTER`].
+    /// Set, and `reset_early` told, once `early` is at least half of the
+    /// requests closed, or of [`RESETS_JUDGED_AFTER`].
+    reset: AtomicBool,
     reset_early: Notify,
 }
 
@@ -594,8 +595,11 @@ impl Open {
     /// take a frame it handed.
     fn handed(&mut self, handed: bool) {
         let requests = &self.requests;
+        if !requests.watched {
+            return;
+        }
         if handed {
-            requests.frames.fetch_add(1, Ordering::Relaxed);
+            requests.moved.store(true, Ordering::Relaxed);
         }
         if handed != self.handed {
             self.handed = handed;
@@ -618,6 +622,7 @@ impl Drop for Open {
         if early {
             let early = requests.early.fetch_add(1, Ordering::Relaxed) + 1;
             if early * 2 >= closed.max(RESETS_JUDGED_AFTER) {
+                requests.reset.store(true, Ordering::Release);
                 requests.reset_early.notify_one();
             }
         }
