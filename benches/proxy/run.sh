@@ -303,7 +303,10 @@ for _ in range(n):
     s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
     got = b""
     while b"\r\n\r\n" not in got:
-        got += s.recv(4096)
+        more = s.recv(4096)
+        if not more:
+            sys.exit("closed before its answer")
+        got += more
     head, _, body = got.partition(b"\r\n\r\n")
     length = 0
     for line in head.split(b"\r\n")[1:]:
@@ -311,7 +314,10 @@ for _ in range(n):
         if name.strip().lower() == b"content-length":
             length = int(value)
     while len(body) < length:
-        body += s.recv(4096)
+        more = s.recv(4096)
+        if not more:
+            sys.exit("closed in the middle of its answer")
+        body += more
     if not head.startswith(b"HTTP/1.1 200"):
         sys.exit("not answered 200: %r" % head[:40])
     held.append(s)
@@ -363,6 +369,12 @@ memory() { # name port starter pidname
     sleep 0.5
 }
 
+# Each proxy: its name, port, starter and the name `stop` takes.
+PROXIES=("nginx $NGINX_PORT start_nginx nginx-proxy"
+    "haproxy $HAPROXY_PORT start_haproxy haproxy"
+    "tower-ha $TOWER_PORT start_tower tower"
+    "hyper $HYPER_PORT start_hyper hyper")
+
 if [ $MODE = memory ]; then
     # Each proxy needs a descriptor per client connection and more for its
     # backends; tower-ha caps itself at half the limit unless told.
@@ -374,10 +386,10 @@ if [ $MODE = memory ]; then
     TOWER=("${TOWER_BASE[@]}" --max-connections "$NEEDED" "${URLS[@]}")
     hold_script
     printf '%-10s %12s %12s %14s\n' proxy "RSS before" "RSS after" "KiB/connection"
-    memory nginx "$NGINX_PORT" start_nginx nginx-proxy
-    memory haproxy "$HAPROXY_PORT" start_haproxy haproxy
-    memory tower-ha "$TOWER_PORT" start_tower tower
-    memory hyper "$HYPER_PORT" start_hyper hyper
+    for proxy in "${PROXIES[@]}"; do
+        # shellcheck disable=SC2086 # the entry is four words
+        memory $proxy
+    done
     exit 0
 fi
 
@@ -431,10 +443,6 @@ run() {
     sleep 0.5
 }
 
-PROXIES=("nginx $NGINX_PORT start_nginx nginx-proxy"
-    "haproxy $HAPROXY_PORT start_haproxy haproxy"
-    "tower-ha $TOWER_PORT start_tower tower"
-    "hyper $HYPER_PORT start_hyper hyper")
 for round in $(seq 1 "$ROUNDS"); do
     for i in 0 1 2 3; do
         # shellcheck disable=SC2086 # the entry is four words
