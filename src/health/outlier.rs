@@ -596,13 +596,12 @@ impl<C: Classifier> Observe for Watch<C> {
 #[cfg(feature = "hyper-client")]
 pub(crate) struct LateOutcome {
     target: Target,
-    watch: Weak<dyn Observe>,
+    /// Taken once the outcome is reported.
+    watch: Option<Weak<dyn Observe>>,
     /// The outcome of a health layer further down (a group of backends
     /// with health of its own behind one with health of its own), for the
     /// same body.
     below: Option<Box<LateOutcome>>,
-    /// Whether the outcome is still to report.
-    armed: bool,
 }
 
 #[cfg(feature = "hyper-client")]
@@ -610,9 +609,8 @@ impl LateOutcome {
     pub(crate) fn new(target: Target, watch: Weak<dyn Observe>) -> Self {
         LateOutcome {
             target,
-            watch,
+            watch: Some(watch),
             below: None,
-            armed: true,
         }
     }
 
@@ -626,8 +624,7 @@ impl LateOutcome {
     /// Reports a body that failed with `error`, as the classifier judges
     /// it (a failure of the request's own body records nothing).
     pub(crate) fn failed(mut self, error: &(dyn std::error::Error + Send + Sync + 'static)) {
-        self.armed = false;
-        if let Some(watch) = self.watch.upgrade() {
+        if let Some(watch) = self.watch.take().and_then(|w| w.upgrade()) {
             watch.record(&self.target, &Outcome::Error(error));
         }
         if let Some(below) = self.below.take() {
@@ -638,7 +635,7 @@ impl LateOutcome {
     /// Reports nothing: the body ended in a way that says nothing of its
     /// backend.
     pub(crate) fn discard(mut self) {
-        self.armed = false;
+        self.watch = None;
         if let Some(below) = self.below.take() {
             below.discard();
         }
@@ -648,10 +645,8 @@ impl LateOutcome {
 #[cfg(feature = "hyper-client")]
 impl Drop for LateOutcome {
     fn drop(&mut self) {
-        if self.armed {
-            if let Some(watch) = self.watch.upgrade() {
-                watch.observe(&self.target, false);
-            }
+        if let Some(watch) = self.watch.take().and_then(|w| w.upgrade()) {
+            watch.observe(&self.target, false);
         }
     }
 }
