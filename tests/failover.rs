@@ -28,6 +28,7 @@ use tower_test::mock;
 mod support;
 use support::deferred::Deferred;
 use support::gate::Gated;
+use support::http::BoxBody;
 use support::wait::bounded;
 
 type Mock = mock::Mock<Request<()>, Response<()>>;
@@ -1577,8 +1578,6 @@ async fn a_closure_classifier_decides_what_fails() {
 
 // ---------------------------------------------------------------------------
 // Bodies that are not `Clone`.
-
-type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// Backends that read the whole body, log its length, and answer `code`.
 fn reading_fleet(

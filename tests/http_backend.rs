@@ -595,21 +595,8 @@ fn watched<B: Send + 'static>(
     Arc<tower_ha::BackendState>,
     Balance<tower_ha::health::Health<HttpBackend<B>>, RoundRobin>,
 ) {
-    watched_as(
-        HttpBackend::new(client, format!("http://{addr}")).unwrap(),
-        failures,
-    )
-}
-
-/// [`watched`], for `backend`.
-fn watched_as<B: Send + 'static>(
-    backend: HttpBackend<B>,
-    failures: u32,
-) -> (
-    Arc<tower_ha::BackendState>,
-    Balance<tower_ha::health::Health<HttpBackend<B>>, RoundRobin>,
-) {
     let pool = Pool::new();
+    let backend = HttpBackend::new(client, format!("http://{addr}")).unwrap();
     let health = HealthLayer::new().consecutive_failures(failures);
     pool.insert("a", health.layer(backend));
     let state = pool.state(&"a".into()).unwrap();
@@ -708,16 +695,13 @@ async fn a_body_whose_backend_goes_silent_counts_nothing() {
     let req = Request::get("/").body(Full::default()).unwrap();
     let resp = balance.clone().oneshot(req).await.unwrap();
     let err = resp.into_body().collect().await.unwrap_err();
-    let timed_out =
-        find::<std::io::Error>(&*err).is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
-    assert!(timed_out, "{err}");
+    assert!(is_timed_out(&*err), "{err}");
     assert_eq!(state.consecutive_failures(), 2);
     assert_eq!(state.failures(), 2);
     // The reader leaves while the body waits (with a read timeout that
     // cannot come first).
     let patient = HttpClient::<Full<Bytes>>::new().read_timeout(Some(Duration::from_secs(30)));
-    let backend = HttpBackend::new(&patient, format!("http://{addr}")).unwrap();
-    let (state, balance) = watched_as(backend, 3);
+    let (state, balance) = watched(&patient, addr, 3);
     state.record_failure();
     state.record_failure();
     let req = Request::get("/").body(Full::default()).unwrap();
@@ -1540,13 +1524,8 @@ async fn answer_raw(stream: &mut TcpStream, n: usize) -> bool {
 
 /// [`answer_raw`], with `headers` (each ending in CRLF) in the answer.
 async fn answer_raw_with(stream: &mut TcpStream, n: usize, headers: &str) -> bool {
-    let mut buf = [0u8; 1024];
-    let mut head = Vec::new();
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(read) => head.extend_from_slice(&buf[..read]),
-        }
+    if !read_head(stream).await {
+        return false;
     }
     let body = format!("conn {n}");
     let response = format!(
