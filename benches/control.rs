@@ -17,7 +17,6 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use http::Request;
 use tower_ha::balance::{Balance, Failback, Priority, RoundRobin, Strategy};
 use tower_ha::control::{Event, Events};
-use tower_ha::Pool;
 
 mod support;
 use support::{time_requests, Backend};
@@ -34,11 +33,7 @@ where
 }
 
 fn bench_pick<P: Strategy>(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, strategy: P) {
-    let pool = Pool::new();
-    for i in 0..BACKENDS {
-        pool.insert(format!("b{i}"), Backend);
-    }
-    let mut balance = Balance::new(pool, strategy);
+    let mut balance = Balance::new(support::pool(BACKENDS), strategy);
     group.bench_function(name, |b| b.iter_custom(|iters| time(&mut balance, iters)));
 }
 
@@ -49,7 +44,7 @@ fn picks(c: &mut Criterion) {
         b.iter_custom(|iters| time(&mut p2c, iters))
     });
 
-    let order: Vec<String> = (0..BACKENDS).map(|i| format!("b{i}")).collect();
+    let order: Vec<String> = (0..BACKENDS).map(|i| format!("backend-{i}")).collect();
     bench_pick(&mut group, "round_robin", RoundRobin::new());
     bench_pick(
         &mut group,

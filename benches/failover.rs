@@ -62,11 +62,7 @@ where
 }
 
 fn pool() -> Pool<Backend> {
-    let pool = Pool::new();
-    for i in 0..BACKENDS {
-        pool.insert(format!("backend-{i}"), Backend);
-    }
-    pool
+    support::pool_of(BACKENDS, Backend)
 }
 
 fn success_path(c: &mut Criterion) {

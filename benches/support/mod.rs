@@ -44,7 +44,14 @@ impl Service<Request<()>> for Backend {
 
 /// A pool of `n` [`Backend`]s named `backend-0`, `backend-1`, ...
 pub fn pool(n: usize) -> tower_ha::Pool<Backend> {
-    (0..n).map(|i| (format!("backend-{i}"), Backend)).collect()
+    pool_of(n, Backend)
+}
+
+/// [`pool`], of clones of `backend`.
+pub fn pool_of<S: Clone>(n: usize, backend: S) -> tower_ha::Pool<S> {
+    (0..n)
+        .map(|i| (format!("backend-{i}"), backend.clone()))
+        .collect()
 }
 
 /// The anchor: tower's `p2c::Balance` over always-ready `S` backends (each
