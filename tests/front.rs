@@ -8,7 +8,7 @@
 //! and drops them after the grace. Past the most connections open, a new
 //! one waits; an HTTP/2 client that resets most of its requests early is
 //! closed; a connection whose every response stands still is dropped, not
-//! one whose responses move however slowly; an HTTP/1.1 head over 64 KiB
+//! one whose responses move however slowly, nor one whose requests fail; an HTTP/1.1 head over 64 KiB
 //! is refused; the protocol is told from first bytes that come in parts.
 //! Each test sets a limit it does not test to an hour.
 
@@ -67,7 +67,8 @@ struct TestFront {
 /// body that comes after [`HELD`], to `/big` with 8 MiB in frames of 16 KiB
 /// (as `HttpBackend`'s bodies hand theirs out), never to `/hang`; to
 /// `/upgrade`, a switch to a protocol that echoes nothing and lasts until
-/// the client closes.
+/// the client closes; `/fail` fails at once (the server resets its
+/// stream, or closes its HTTP/1.1 connection).
 async fn front_with(
     header_read_timeout: Duration,
     idle: Duration,
@@ -121,9 +122,10 @@ async fn front_with(
                                 BoxBody::new(StreamBody::new(futures::stream::iter(pieces)))
                             }
                             "/upgrade" => return Ok(switch(&mut req)),
+                            "/fail" => return Err(std::io::Error::other("failed")),
                             _ => Full::new(Bytes::from_static(b"ok")).boxed(),
                         };
-                        Ok::<_, Infallible>(Response::new(body))
+                        Ok::<_, std::io::Error>(Response::new(body))
                     }
                 });
                 front.serve(TokioIo::new(admitted), service, stopped).await;
@@ -366,6 +368,22 @@ async fn an_http2_client_that_resets_a_few_requests_keeps_its_connection() {
             assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
         }
     }
+    assert_eq!(front.ended.load(Ordering::SeqCst), 0);
+}
+
+/// Requests that fail at once were answered, not reset by their client:
+/// an HTTP/2 client whose every request fails keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_whose_requests_fail_keeps_its_connection() {
+    let front = front_with(HOUR, HOUR, None, HOUR, usize::MAX).await;
+    let (mut sender, _end) = support::http::h2_client(front.addr).await;
+    for _ in 0..600 {
+        assert!(
+            get(&mut sender, "/fail").await.is_err(),
+            "its stream is reset"
+        );
+    }
+    assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
     assert_eq!(front.ended.load(Ordering::SeqCst), 0);
 }
 
