@@ -1929,6 +1929,39 @@ async fn an_on_move_hook_that_hangs_is_stopped_at_the_move_timeout() {
     assert_eq!(layer.stats().moved, 1);
 }
 
+/// A flush waits for the `on_move` hooks under way, one that outlived its
+/// response included.
+#[tokio::test(start_paused = true)]
+async fn a_flush_waits_for_the_move_hooks_under_way() {
+    let c = cluster();
+    let ended = Arc::new(AtomicUsize::new(0));
+    let hook = {
+        let ended = ended.clone();
+        move |_: SessionMoved| {
+            let ended = ended.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(25)).await;
+                ended.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, BoxError>(())
+            }
+        }
+    };
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(hook);
+    let svc = stack(&c.pool, layer.clone());
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+    c.fail[home.as_str()].store(true, Ordering::SeqCst);
+    send(&svc, session("s1")).await.unwrap_err();
+
+    let started = tokio::time::Instant::now();
+    let moved = send(&svc, session("s1")).await.unwrap();
+    assert_ne!(moved.body(), &home);
+    assert_eq!(started.elapsed(), DEFAULT_RESPONSE_WAIT);
+    assert_eq!(ended.load(Ordering::SeqCst), 0, "the hook runs on");
+    layer.flush().await;
+    assert_eq!(ended.load(Ordering::SeqCst), 1);
+    assert_eq!(started.elapsed(), Duration::from_secs(25));
+}
+
 /// A response waits for the save its request decided, but a client that
 /// goes away meanwhile leaves the save running in a task of its own: a
 /// flush (at a shutdown, before the runtime ends) waits for it, from the

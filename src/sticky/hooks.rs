@@ -4,6 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::backend::BackendId;
@@ -30,6 +31,68 @@ where
     Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
 {
     Arc::new(move |session| Box::pin(f(session)))
+}
+
+/// The `on_move` hooks of moves decided and not yet ended, which
+/// [`StickyLayer::flush`](super::StickyLayer::flush) waits for.
+#[derive(Default)]
+pub(crate) struct Running {
+    count: AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+impl Running {
+    /// Counts the hook of `key`'s move until the guard returned is dropped.
+    pub(crate) fn start(self: &Arc<Self>, key: Arc<str>, hidden: bool) -> RunningHook {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        RunningHook {
+            running: self.clone(),
+            key,
+            hidden,
+            ended: false,
+        }
+    }
+
+    /// Waits until no hook is counted.
+    pub(crate) async fn idle(&self) {
+        loop {
+            // Told of an end that comes after this check.
+            let ended = self.ended.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+/// A hook counted in [`Running`]. Dropped before it is marked
+/// [`ended`](Self::ended), it says that the hook was cut short: its task
+/// stopped with its runtime.
+pub(crate) struct RunningHook {
+    running: Arc<Running>,
+    key: Arc<str>,
+    hidden: bool,
+    ended: bool,
+}
+
+impl RunningHook {
+    pub(crate) fn ended(mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for RunningHook {
+    fn drop(&mut self) {
+        // A hook that panicked has been reported by its task.
+        if !self.ended && !std::thread::panicking() {
+            let session = super::shared::Shown::new(&self.key, self.hidden);
+            tracing::warn!(target: super::shared::TARGET, %session, "on_move hook cut short: its task stopped (the runtime shut down) before the hook ended");
+        }
+        if self.running.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.running.ended.notify_waiters();
+        }
+    }
 }
 
 /// Why a session moved to another backend.

@@ -211,7 +211,8 @@ impl StickyLayer {
     /// the same, and its requests go to the new backend. The hook runs in a
     /// task of its own, to its end even if the client goes away meanwhile,
     /// for at most [`move_timeout`](Self::move_timeout); the response waits
-    /// for it for at most [`response_wait`](Self::response_wait). A hook
+    /// for it for at most [`response_wait`](Self::response_wait), and
+    /// [`flush`](Self::flush) for as long as it runs. A hook
     /// error is logged; the response is still returned.
     pub fn on_move<F, Fut>(self, hook: F) -> Self
     where
@@ -337,12 +338,15 @@ impl StickyLayer {
 
     /// Waits until every write to the store this layer has queued, or has
     /// under way, has landed or failed (a failure is counted in
-    /// `store_errors` and logged, as always).
+    /// `store_errors` and logged, as always), and every
+    /// [`on_move`](Self::on_move) hook called or due has ended.
     ///
     /// A response waits for the writes its request decided (a new
-    /// session's save, a move's), but those of a request whose client went
-    /// away, and the periodic refreshes, run on in tasks of their own, and
-    /// fail if the runtime shuts down first. Call this at shutdown, once
+    /// session's save, a move's) and its move's hook, but those of a
+    /// request whose client went away or that waited past the
+    /// [`response_wait`](Self::response_wait), and the periodic refreshes,
+    /// run on in tasks of their own, and fail if the runtime shuts down
+    /// first (a hook cut short so is logged). Call this at shutdown, once
     /// the server has stopped taking requests: new requests would keep it
     /// waiting for their writes too. It waits as long as the store's calls
     /// take (the crate's stores each have a time limit; a store of your

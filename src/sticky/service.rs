@@ -114,7 +114,8 @@ impl<S> Sticky<S> {
     }
 
     /// Waits until every write to the store the layer has queued, or has
-    /// under way, has landed or failed, as
+    /// under way, has landed or failed, and every `on_move` hook called or
+    /// due has ended, as
     /// [`StickyLayer::flush`](super::StickyLayer::flush) does.
     pub async fn flush(&self) {
         self.shared.flush().await

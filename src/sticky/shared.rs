@@ -18,7 +18,9 @@ use tokio::time::Instant;
 
 use super::cookie::{self, CookieInsert, Learned, Parsed, SESSION_ID_LEN};
 use super::error::{RestorePanicked, RestoreTimedOut, SessionUnavailable};
-use super::hooks::{MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, SessionMoved};
+use super::hooks::{
+    MoveReason, OnMove, OnRestore, RestoreFailure, RestoreReport, Running, SessionMoved,
+};
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
 use super::stats::{bump, Counters, StickyStats};
 use super::table::{Dropped, Hit, Kept, Lookup, Table, Unread};
@@ -230,6 +232,8 @@ pub(crate) struct Shared {
     records: Mutex<Records>,
     /// Writes to the store, in order per key.
     writes: Writes,
+    /// The `on_move` hooks to call or under way.
+    hooks: Arc<Running>,
     counters: Counters,
     /// Whether a backend id the cookie cannot carry was warned of: the
     /// warning comes once, the later ones are debug events.
@@ -502,6 +506,7 @@ impl Shared {
             restores: Mutex::default(),
             records: Mutex::new(records),
             writes,
+            hooks: Arc::default(),
             counters: Counters::default(),
             warned_uncarried: std::sync::atomic::AtomicBool::new(false),
             store_warnings: Throttle::default(),
@@ -1324,7 +1329,9 @@ impl Shared {
 
     /// Waits until no write to the store is queued or under way.
     pub(crate) async fn flush(&self) {
-        self.writes.flush().await
+        // A move's hook is called once its writes have landed.
+        self.writes.flush().await;
+        self.hooks.idle().await;
     }
 
     /// Drops every session whose record the table follows, keeping the
@@ -1892,12 +1899,15 @@ impl Shared {
         }
         let limit = self.config.move_timeout;
         let hidden = self.learns_cookie();
+        let running = (work.moved.as_ref())
+            .filter(|_| hook.is_some())
+            .map(|moved| self.hooks.start(moved.session.key.as_str().into(), hidden));
         Some(Box::pin(async move {
             // A failure was counted and logged where it happened.
             for done in work.writes {
                 let _ = done.await;
             }
-            if let (Some(hook), Some(moved)) = (hook, work.moved) {
+            if let (Some(hook), Some(moved), Some(running)) = (hook, work.moved, running) {
                 let key = moved.session.key.clone();
                 let run = hook(moved);
                 // Without a runtime there is no timer to measure it.
@@ -1916,6 +1926,7 @@ impl Shared {
                         tracing::warn!(target: TARGET, session = %Shown::new(&key, hidden), ?limit, "on_move hook ran past its limit; stopped");
                     }
                 }
+                running.ended();
             }
         }))
     }
