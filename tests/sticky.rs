@@ -2983,6 +2983,53 @@ async fn the_move_hook_runs_when_the_save_of_the_move_fails() {
     assert_eq!(stored_backend(&shared, "s").await, home);
 }
 
+/// A session whose save failed (a move's, here) is saved again, so that
+/// a restart, which reads the store, does not send it back to the
+/// backend it left: by its first request 5 s after the failure or more,
+/// or by a flush.
+#[tokio::test(start_paused = true)]
+async fn a_move_whose_save_failed_is_saved_again() {
+    let c = cluster();
+    let shared = MemoryStore::new();
+    let store = FlakyLoads::new(shared.clone());
+    store.down.store(false, Ordering::SeqCst);
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).store(store.clone());
+    let svc = stack(&c.pool, layer.clone());
+    // Four sessions on three backends: two share one, which goes down.
+    let mut on: HashMap<String, Vec<String>> = HashMap::new();
+    for key in ["s0", "s1", "s2", "s3"] {
+        let home = send(&svc, session(key)).await.unwrap().into_body();
+        on.entry(home).or_default().push(key.to_owned());
+    }
+    let (home, keys) = on.into_iter().find(|(_, keys)| keys.len() > 1).unwrap();
+    store.saves_down.store(true, Ordering::SeqCst);
+    c.set_health(&home, HealthStatus::Unhealthy);
+    let mut moved_to = Vec::new();
+    for key in &keys[..2] {
+        let to = send(&svc, session(key.as_str())).await.unwrap().into_body();
+        assert_ne!(to, home);
+        moved_to.push(to);
+    }
+    assert_eq!(layer.stats().store_errors, 2);
+    store.saves_down.store(false, Ordering::SeqCst);
+    // Lets the writes a request queued land.
+    let landed = || tokio::time::sleep(Duration::from_millis(1));
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    send(&svc, session(keys[0].as_str())).await.unwrap();
+    landed().await;
+    assert_eq!(stored_backend(&shared, &keys[0]).await, home, "not due yet");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    send(&svc, session(keys[0].as_str())).await.unwrap();
+    landed().await;
+    assert_eq!(stored_backend(&shared, &keys[0]).await, moved_to[0]);
+
+    assert_eq!(stored_backend(&shared, &keys[1]).await, home);
+    layer.flush().await;
+    assert_eq!(stored_backend(&shared, &keys[1]).await, moved_to[1]);
+    assert_eq!(layer.stats().store_errors, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn forgetting_all_keeps_the_sessions_held_in_memory_only() {
     let c = cluster();

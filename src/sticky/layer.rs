@@ -336,10 +336,13 @@ impl StickyLayer {
         self.shared.forget_all()
     }
 
-    /// Waits until every write to the store this layer has queued, or has
+    /// Saves once more the sessions whose last save failed, then waits
+    /// until every write to the store this layer has queued, or has
     /// under way, has landed or failed (a failure is counted in
     /// `store_errors` and logged, as always), and every
-    /// [`on_move`](Self::on_move) hook called or due has ended.
+    /// [`on_move`](Self::on_move) hook called or due has ended. Logs a
+    /// warning with the number of sessions whose records are still not
+    /// saved then.
     ///
     /// A response waits for the writes its request decided (a new
     /// session's save, a move's) and its move's hook, but those of a

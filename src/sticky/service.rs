@@ -113,9 +113,10 @@ impl<S> Sticky<S> {
         self.shared.remove(key).await
     }
 
-    /// Waits until every write to the store the layer has queued, or has
-    /// under way, has landed or failed, and every `on_move` hook called or
-    /// due has ended, as
+    /// Saves once more the sessions whose last save failed, and waits until
+    /// every write to the store the layer has queued, or has under way, has
+    /// landed or failed, and every `on_move` hook called or due has ended,
+    /// as
     /// [`StickyLayer::flush`](super::StickyLayer::flush) does.
     pub async fn flush(&self) {
         self.shared.flush().await

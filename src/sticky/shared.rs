@@ -23,7 +23,7 @@ use super::hooks::{
 };
 use super::key::{self, Extracted, Kind, Reject, SessionKey};
 use super::stats::{bump, Counters, StickyStats};
-use super::table::{Dropped, Hit, Kept, Lookup, Table, Unread};
+use super::table::{Dropped, Due, Hit, Kept, Lookup, Table, Unread};
 use super::writes::{landed, Done, Owner, Write, Writes};
 use super::Availability;
 use crate::backend::BackendId;
@@ -731,19 +731,23 @@ impl Shared {
     }
 
     /// Refreshes a hit's record if it is due (see
-    /// `SessionStore::refresh`), in the background: the request does not
-    /// wait for it.
+    /// `SessionStore::refresh`), or saves it again after a failed save, in
+    /// the background: the request does not wait for it.
     #[inline]
     fn refresh(self: &Arc<Self>, found: &Lookup) {
-        if let (true, Some(hit), Some(store)) = (found.refresh, &found.hit, &self.config.store) {
+        if found.refresh == Due::Nothing {
+            return;
+        }
+        if let (Some(hit), Some(store)) = (&found.hit, &self.config.store) {
             if self.tracks_records() {
                 self.records.lock().insert(&hit.key);
             }
-            drop(Writes::submit(
-                self,
-                store,
-                Write::Refresh(hit.key.to_string()),
-            ));
+            let write = match found.refresh {
+                // The worker saves the session as the table holds it then.
+                Due::Save => Write::Save(Session::new(&*hit.key, hit.backend.clone())),
+                Due::Refresh | Due::Nothing => Write::Refresh(hit.key.to_string()),
+            };
+            drop(Writes::submit(self, store, write));
         }
     }
 
@@ -1328,10 +1332,22 @@ impl Shared {
     }
 
     /// Waits until no write to the store is queued or under way.
-    pub(crate) async fn flush(&self) {
+    pub(crate) async fn flush(self: &Arc<Self>) {
+        if let Some(store) = &self.config.store {
+            for session in self.table.take_unsaved() {
+                if self.tracks_records() {
+                    self.records.lock().insert(&session.key);
+                }
+                drop(Writes::submit(self, store, Write::Save(session)));
+            }
+        }
         // A move's hook is called once its writes have landed.
         self.writes.flush().await;
         self.hooks.idle().await;
+        let unsaved = self.table.count_unsaved();
+        if unsaved > 0 {
+            tracing::warn!(target: TARGET, unsaved, "sessions whose records the store failed to save again (see store_errors): their records may name backends they left");
+        }
     }
 
     /// Drops every session whose record the table follows, keeping the
@@ -2161,9 +2177,10 @@ impl Owner for Shared {
             Write::Save(session) if error.is_invalid_key() => {
                 self.table.unkeep(&session.key, &session.backend);
             }
-            // A save may carry a refresh that joined it (see
-            // `Queued::join`).
-            Write::Save(_) | Write::Refresh(_) => self.table.refresh_failed(write.key()),
+            // Saved again later: the record may name a backend the session
+            // left. (A refresh that joined it is one of its writes.)
+            Write::Save(session) => self.table.save_failed(&session.key),
+            Write::Refresh(key) => self.table.refresh_failed(key),
             Write::Delete(_) | Write::Barrier(_) => {}
         }
     }

@@ -47,6 +47,10 @@ use crate::time::nanos;
 /// is routed from the table before its record is read again.
 pub(crate) const RELOAD_AFTER: Duration = Duration::from_secs(5);
 
+/// How long after a session's save failed its record is due to be saved
+/// again, at its next request.
+pub(crate) const SAVE_AGAIN_AFTER: Duration = Duration::from_secs(5);
+
 /// How the layer keeps a session it puts in the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kept {
@@ -91,6 +95,10 @@ pub(crate) struct Entry {
     /// kept in memory only: the store holds a record of that key which the
     /// layer could not read, or the application has not confirmed it.
     saved: AtomicBool,
+    /// The last save of a saved session failed: its record may name a
+    /// backend it left, or be missing. Its next write is a save, due
+    /// [`SAVE_AGAIN_AFTER`] after `refreshed_at`.
+    unsaved: AtomicBool,
     /// When the record of a session kept in memory because the store could
     /// not be read is due to be read again, in nanoseconds since the
     /// table's epoch; 0 for every other session.
@@ -129,6 +137,7 @@ impl Entry {
             failed: AtomicBool::new(failed),
             cookie,
             saved: AtomicBool::new(kept == Kept::Saved),
+            unsaved: AtomicBool::new(false),
             reload_at: match kept {
                 Kept::Unread => now.saturating_add(nanos(RELOAD_AFTER)),
                 Kept::Reread => now,
@@ -178,13 +187,23 @@ pub(crate) struct Lookup {
     /// read, and the record is due to be read again. The entry stays until
     /// an insert replaces it or [`Table::keep`] keeps it.
     pub(crate) unread: Option<Unread>,
-    /// The hit's record is due to be saved again (see `Table::with_refresh`);
-    /// told to one request per refresh.
-    pub(crate) refresh: bool,
+    /// The hit's record is due to be refreshed (see `Table::with_refresh`),
+    /// or saved again after a failed save (see `Table::save_failed`); told
+    /// to one request each time.
+    pub(crate) refresh: Due,
     /// The exact cookie presented ([`Table::get_exact`]) is due to be sent
     /// again (see `Table::with_cookie_renewal`); told to every request
     /// until a response sends it ([`Table::cookie_sent`]).
     pub(crate) renew: bool,
+}
+
+/// What a hit's record is due (see [`Lookup::refresh`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Due {
+    #[default]
+    Nothing,
+    Refresh,
+    Save,
 }
 
 /// What changed when a session moved.
@@ -448,12 +467,70 @@ impl Table {
         self
     }
 
-    /// Whether `entry`'s record is due to be saved again `now`; claims the
-    /// refresh, so that one request of many tells it.
-    fn take_refresh(&self, entry: &Entry, now: u64) -> bool {
-        self.refresh != 0
-            && entry.saved.load(Ordering::Relaxed)
-            && Table::take_due(&entry.refreshed_at, self.refresh, now)
+    /// What `entry`'s record is due `now`; claims it, so that one request
+    /// of many tells it.
+    fn take_refresh(&self, entry: &Entry, now: u64) -> Due {
+        // Kept in memory only since (see `Table::unkeep`): nothing to write.
+        if !entry.saved.load(Ordering::Relaxed) {
+            return Due::Nothing;
+        }
+        if entry.unsaved.load(Ordering::Relaxed) {
+            // Claimed by the one request that finds it due, then by the
+            // flag: a flush may take it meanwhile (see `take_unsaved`).
+            return if Table::take_due(&entry.refreshed_at, nanos(SAVE_AGAIN_AFTER), now)
+                && entry.unsaved.swap(false, Ordering::Relaxed)
+            {
+                Due::Save
+            } else {
+                Due::Nothing
+            };
+        }
+        if Table::take_due(&entry.refreshed_at, self.refresh, now) {
+            Due::Refresh
+        } else {
+            Due::Nothing
+        }
+    }
+
+    /// Notes that the save of `key`'s record failed: the session is saved
+    /// again at its first request [`SAVE_AGAIN_AFTER`] from now, or by
+    /// [`take_unsaved`](Self::take_unsaved), if it is still saved then.
+    pub(crate) fn save_failed(&self, key: &str) {
+        let now = self.now();
+        if let Some(entry) = self.shard(key.as_bytes()).read().get(key.as_bytes()) {
+            if entry.saved.load(Ordering::Relaxed) {
+                entry.refreshed_at.store(now, Ordering::Relaxed);
+                entry.unsaved.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The saved sessions whose last save failed, as they are now; each
+    /// is due to be saved by the caller, no longer by its next request.
+    pub(crate) fn take_unsaved(&self) -> Vec<Session> {
+        let mut unsaved = Vec::new();
+        for shard in self.shards.iter() {
+            let map = shard.read();
+            unsaved.extend(map.iter().filter_map(|(k, entry)| {
+                let take = entry.saved.load(Ordering::Relaxed)
+                    && entry.unsaved.swap(false, Ordering::Relaxed);
+                take.then(|| to_session(&k.0, entry))
+            }));
+        }
+        unsaved
+    }
+
+    /// How many saved sessions' last save failed.
+    pub(crate) fn count_unsaved(&self) -> usize {
+        (self.shards.iter())
+            .map(|shard| {
+                (shard.read().values())
+                    .filter(|entry| {
+                        entry.saved.load(Ordering::Relaxed) && entry.unsaved.load(Ordering::Relaxed)
+                    })
+                    .count()
+            })
+            .sum()
     }
 
     /// Makes the refresh of `key`'s record, which failed, due again at its
