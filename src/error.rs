@@ -200,6 +200,59 @@ impl StdError for NotSent {
     }
 }
 
+/// A backend's error for a request its connection could not carry because
+/// the backend was closing that connection gracefully: an HTTP/2 `GOAWAY`
+/// without an error (`NO_ERROR`) that came before the answer, as servers
+/// send after a number of requests (nginx's `keepalive_requests`, 1000 by
+/// default), after a connection's age (gRPC's `MaxConnectionAge`) or at a
+/// restart. `HttpBackend` returns it (feature `http2`).
+///
+/// The backend is healthy: passive health counts it as neither a failure
+/// nor a success, and the sticky layer does not mark the session's backend
+/// as failed for it. The request may still have been processed (see
+/// `HttpClient::http2_only`), so it is not [`NotSent`]: the failover layer retries it as any other
+/// failure of a request that was sent (idempotent requests only, by
+/// default).
+///
+/// ```
+/// use tower_ha::error::{find, GoingAway};
+/// use tower_ha::BoxError;
+///
+/// let err: BoxError = GoingAway::new("connection closing").into();
+/// assert!(find::<GoingAway>(&*err).is_some());
+/// ```
+#[derive(Debug)]
+pub struct GoingAway {
+    source: BoxError,
+}
+
+impl GoingAway {
+    /// Marks `source` as the end of a connection its backend closed
+    /// gracefully.
+    pub fn new(source: impl Into<BoxError>) -> Self {
+        GoingAway {
+            source: source.into(),
+        }
+    }
+
+    /// The underlying error.
+    pub fn into_inner(self) -> BoxError {
+        self.source
+    }
+}
+
+impl fmt::Display for GoingAway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the backend closed the connection gracefully before it answered")
+    }
+}
+
+impl StdError for GoingAway {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
 /// A request that a backend service refuses to send because the request
 /// itself is bad (for example a path that would lead out of an
 /// `HttpBackend`'s base path, feature `hyper-client`).

@@ -2905,6 +2905,67 @@ mod http2 {
         addr
     }
 
+    /// A backend that speaks just enough HTTP/2 to take a connection, and
+    /// answers the first request's headers with a `GOAWAY` that leaves its
+    /// stream out (last stream 0), with error code `reason`: the request
+    /// met the connection's close. Keeps the connection open after.
+    async fn goaway_at_first_request(reason: u32) -> SocketAddr {
+        /// Writes a frame of `kind` with `flags` on stream 0.
+        async fn frame(stream: &mut TcpStream, kind: u8, flags: u8, payload: &[u8]) {
+            let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+            let mut bytes = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+            bytes.extend_from_slice(payload);
+            stream.write_all(&bytes).await.unwrap();
+        }
+        const SETTINGS: u8 = 4;
+        const HEADERS: u8 = 1;
+        const GOAWAY: u8 = 7;
+        const ACK: u8 = 1;
+        accept_counting(move |mut stream, _| async move {
+            let mut preface = [0u8; 24];
+            stream.read_exact(&mut preface).await.unwrap();
+            assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            frame(&mut stream, SETTINGS, 0, &[]).await;
+            let mut head = [0u8; 9];
+            while stream.read_exact(&mut head).await.is_ok() {
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                stream.read_exact(&mut payload).await.unwrap();
+                match head[3] {
+                    SETTINGS if head[4] & ACK == 0 => frame(&mut stream, SETTINGS, ACK, &[]).await,
+                    HEADERS => {
+                        let mut goaway = [0u8; 8];
+                        goaway[4..].copy_from_slice(&reason.to_be_bytes());
+                        frame(&mut stream, GOAWAY, 0, &goaway).await;
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .0
+    }
+
+    /// A request that met its connection's graceful close (a `GOAWAY`
+    /// without an error) fails with `GoingAway`, which passive health does
+    /// not count: servers close connections so in the normal way. A
+    /// `GOAWAY` with an error counts.
+    #[tokio::test]
+    async fn a_graceful_goaway_is_not_counted_against_its_backend() {
+        use tower_ha::error::GoingAway;
+
+        let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
+        for (reason, counted) in [(0x0, false), (0x2, true)] {
+            let addr = goaway_at_first_request(reason).await;
+            let (state, balance) = watched(&client, addr, 1);
+            let req = Request::get("/").body(Full::default()).unwrap();
+            let err = balance.clone().oneshot(req).await.unwrap_err();
+            assert_eq!(find::<GoingAway>(&*err).is_some(), !counted, "{err:?}");
+            assert_eq!(state.failures(), u64::from(counted), "code {reason}");
+            assert_eq!(state.is_ejected(), counted, "code {reason}");
+        }
+    }
+
     /// POSTs racing a backend's `GOAWAY`: some fail (the failover layer
     /// cannot know whether the backend got them), but none is sent again
     /// after the backend processed it, each one answered was processed

@@ -15,7 +15,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use parking_lot::Mutex;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, BalanceLayer, RoundRobin};
-use tower_ha::error::{find, InvalidRequest};
+use tower_ha::error::{find, GoingAway, InvalidRequest};
 use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::sticky::{
     Availability, CookieInsert, MoveReason, RestorePanicked, RestoreTimedOut, SessionKey,
@@ -35,7 +35,9 @@ const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 const NAMES: [&str; 3] = ["a", "b", "c"];
 
 /// One in-process backend: answers its name; fails while `fail` is set;
-/// refuses a request marked `x-invalid` as `InvalidRequest`; sets an
+/// refuses a request marked `x-invalid` as `InvalidRequest`, and fails one
+/// marked `x-going-away` as a connection the backend closed gracefully
+/// (`GoingAway`); sets an
 /// application cookie or session header, or clears them, when asked; answers after
 /// `x-delay-ms` milliseconds of `tokio::time` when asked.
 fn backend(
@@ -61,6 +63,9 @@ fn backend(
             }
             if req.headers().contains_key("x-invalid") {
                 return Err(InvalidRequest::new("a path that leaves the base path").into());
+            }
+            if req.headers().contains_key("x-going-away") {
+                return Err(GoingAway::new("GOAWAY (NO_ERROR)").into());
             }
             if fail {
                 return Err::<_, BoxError>(
@@ -807,6 +812,30 @@ async fn an_invalid_request_does_not_move_its_session() {
     }
     assert!(moves.all().is_empty(), "{:?}", moves.all());
     assert_eq!(layer.stats().moved, 0);
+}
+
+/// A request whose backend closed its connection gracefully before it
+/// answered (an HTTP/2 `GOAWAY` without an error) failed, but the backend
+/// did not: the session stays there.
+#[tokio::test]
+async fn a_connection_closed_gracefully_does_not_move_its_session() {
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
+    let svc = stack(&c.pool, layer.clone());
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+    let closing = Request::builder()
+        .header("x-session-id", "s1")
+        .header("x-going-away", "1")
+        .body(())
+        .unwrap();
+    let err = send(&svc, closing).await.unwrap_err();
+    assert_eq!(
+        find::<BackendError>(&*err).unwrap().backend().as_str(),
+        home
+    );
+    assert_eq!(send(&svc, session("s1")).await.unwrap().body(), &home);
+    assert!(moves.all().is_empty(), "{:?}", moves.all());
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::body::{ResponseBody, Waits};
 use super::pool::Open;
 use super::timeout::{self, Failed, Sent};
-use crate::error::{find, BoxError, NotSent};
+use crate::error::{find, BoxError, GoingAway, InvalidRequest, NotSent};
 
 /// How long a keep-alive PING may go unanswered before the connection is
 /// closed (hyper's default).
@@ -181,6 +181,10 @@ where
     /// errors are alike, and sending the second kind again processed
     /// some POSTs twice in `posts_racing_a_goaway_are_never_processed_twice`.
     ///
+    /// A request whose stream a `GOAWAY` without an error (`NO_ERROR`)
+    /// ended fails with [`GoingAway`]: the backend closed the connection
+    /// in the normal way, and is not to blame.
+    ///
     /// A response head that does not come within the read timeout of the
     /// request's end (`sent` says when its body was sent) fails the
     /// request, resetting its stream.
@@ -237,18 +241,27 @@ where
                     None => {
                         let e = e.into_error();
                         let h2 = find::<h2::Error>(&e).filter(|h2| h2.is_remote());
-                        if h2.is_some_and(h2::Error::is_go_away) {
+                        let going_away = h2.is_some_and(h2::Error::is_go_away);
+                        if going_away {
                             // The connection is going away: later requests
                             // go to a new one.
                             self.forget(n);
                         }
+                        let graceful = going_away
+                            && h2.and_then(h2::Error::reason) == Some(h2::Reason::NO_ERROR);
                         let refused = h2.is_some_and(|h2| {
                             h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
                         });
-                        return Err(if refused {
-                            NotSent::new(e).into()
+                        if refused {
+                            return Err(NotSent::new(e).into());
+                        }
+                        let e = super::pool::sent_error(e, sent);
+                        // Not the backend's failure, unless the request's
+                        // own body failed.
+                        return Err(if graceful && find::<InvalidRequest>(&*e).is_none() {
+                            GoingAway::new(e).into()
                         } else {
-                            super::pool::sent_error(e, sent)
+                            e
                         });
                     }
                 },

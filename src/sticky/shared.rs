@@ -27,7 +27,7 @@ use super::table::{Dropped, Due, Hit, Kept, Lookup, Table, Unread};
 use super::writes::{landed, Done, Owner, Write, Writes};
 use super::Availability;
 use crate::backend::BackendId;
-use crate::error::{find, BackendError, BoxError, InvalidRequest, NoBackend};
+use crate::error::{find, BackendError, BoxError, GoingAway, InvalidRequest, NoBackend};
 use crate::extensions::{Affinity, AffinityRequired, Attempts, GaveUp, ServedBy};
 use crate::failover::{Exhausted, FailedStatus, TimedOut};
 use crate::key::RequestHead;
@@ -1672,9 +1672,13 @@ impl Shared {
                 return error;
             }
             // The session's backend failed the request, and whether it
-            // failed it before it was sent.
+            // failed it before it was sent. A connection it closed in the
+            // normal way is not its failure.
+            let own = |e: &BackendError| {
+                (e.backend() == backend && find::<GoingAway>(e).is_none()).then(|| e.is_not_sent())
+            };
             let own_failure = match find::<BackendError>(&*error) {
-                Some(e) if e.backend() == backend => Some(e.is_not_sent()),
+                Some(e) if e.backend() == backend => own(e),
                 // Also when the failover layer tried others after it and
                 // they failed too: its error then leads to the last
                 // attempt's. Its attempt there may also have been abandoned
@@ -1683,7 +1687,7 @@ impl Shared {
                 _ => find::<Exhausted>(&*error).and_then(|exhausted| {
                     let (_, failure) = exhausted.attempts().iter().find(|(id, _)| id == backend)?;
                     match find::<BackendError>(&**failure) {
-                        Some(e) => (e.backend() == backend).then(|| e.is_not_sent()),
+                        Some(e) => own(e),
                         // Not the overall deadline: the request, not the
                         // backend, ran out of time.
                         None => find::<TimedOut>(&**failure)
