@@ -38,7 +38,8 @@ const NAMES: [&str; 3] = ["a", "b", "c"];
 /// refuses a request marked `x-invalid` as `InvalidRequest`, and fails one
 /// marked `x-going-away` as a connection the backend closed gracefully
 /// (`GoingAway`); sets an
-/// application cookie or session header, or clears them, when asked; answers after
+/// application cookie or session header, or clears them, when asked, and any
+/// `Set-Cookie` lines `x-set-cookie` lists; answers after
 /// `x-delay-ms` milliseconds of `tokio::time` when asked.
 fn backend(
     name: &'static str,
@@ -98,6 +99,13 @@ fn backend(
                     SET_COOKIE,
                     HeaderValue::from_static("JSESSIONID=; Max-Age=0; Path=/legacy"),
                 );
+            }
+            // Sets the lines `x-set-cookie` lists (`|` between them).
+            if let Some(lines) = req.headers().get("x-set-cookie") {
+                for line in lines.to_str().unwrap().split('|') {
+                    res.headers_mut()
+                        .append(SET_COOKIE, HeaderValue::try_from(line).unwrap());
+                }
             }
             if let Some(login) = req.headers().get("x-login-as") {
                 let v = format!("JSESSIONID={}; Path=/", login.to_str().unwrap());
@@ -255,6 +263,44 @@ impl Moves {
     fn all(&self) -> Vec<SessionMoved> {
         self.0.lock().clone()
     }
+}
+
+/// In insert mode the layer alone sets its cookie: a backend's
+/// `Set-Cookie` lines of that name, which would delete it or set a value
+/// of the backend's own, are removed (its other cookies pass), on a
+/// session's first response and on a hit alike.
+#[tokio::test]
+async fn cookie_insert_removes_a_backends_lines_of_its_cookie() {
+    let c = cluster();
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(insert_cookie()));
+    let svc = stack(&c.pool, layer.clone());
+    let lines = "srv=; Max-Age=0; Path=/|app=1; Path=/| srv =forged|srvx=2";
+    let first = Request::builder()
+        .header("x-set-cookie", lines)
+        .body(())
+        .unwrap();
+    let first = send(&svc, first).await.unwrap();
+    let cookie = cookie_of(&first).unwrap();
+    let set_cookies = |res: &Response<String>| -> Vec<String> {
+        let lines = res.headers().get_all(SET_COOKIE).iter();
+        lines.map(|v| v.to_str().unwrap().to_owned()).collect()
+    };
+    let set = set_cookies(&first);
+    assert_eq!(set.len(), 3, "{set:?}");
+    assert_eq!(set[..2], ["app=1; Path=/", "srvx=2"]);
+    assert!(
+        set[2].starts_with(&format!("{cookie};")),
+        "the layer's own: {set:?}"
+    );
+
+    let hit = Request::builder()
+        .header(COOKIE, &cookie)
+        .header("x-set-cookie", lines)
+        .body(())
+        .unwrap();
+    let hit = send(&svc, hit).await.unwrap();
+    assert_eq!(hit.body(), first.body());
+    assert_eq!(set_cookies(&hit), ["app=1; Path=/", "srvx=2"]);
 }
 
 #[tokio::test]

@@ -390,6 +390,36 @@ impl CookieInsert {
         self.name.as_str()
     }
 
+    /// Removes from `headers`, those of a backend's response, the
+    /// `Set-Cookie` lines that set this cookie: the layer alone sets it,
+    /// and a backend's line could delete it or replace it with a value of
+    /// its own, as HAProxy's `cookie ... insert` removes them. Returns how
+    /// many it removed.
+    pub(crate) fn remove_backends_lines(&self, headers: &mut HeaderMap) -> usize {
+        let name = self.name().as_bytes();
+        let sets = |line: &HeaderValue| {
+            let pair = line
+                .as_bytes()
+                .split(|&b| b == b';')
+                .next()
+                .unwrap_or_default();
+            let eq = pair.iter().position(|&b| b == b'=');
+            eq.is_some_and(|eq| pair[..eq].trim_ascii() == name)
+        };
+        if !headers.get_all(SET_COOKIE).iter().any(sets) {
+            return 0;
+        }
+        let http::header::Entry::Occupied(lines) = headers.entry(SET_COOKIE) else {
+            return 0;
+        };
+        let (_, lines) = lines.remove_entry_mult();
+        let (kept, removed): (Vec<_>, Vec<_>) = lines.partition(|line| !sets(line));
+        for line in kept {
+            headers.append(SET_COOKIE, line);
+        }
+        removed.len()
+    }
+
     /// The name, with its search in `Cookie` headers.
     pub(crate) fn cookie_name(&self) -> &CookieName {
         &self.name

@@ -1386,6 +1386,12 @@ impl Shared {
         response: &mut Response<RB>,
         path: Option<&str>,
     ) -> Result<Option<BoxFuture<()>>, SessionUnavailable> {
+        if let Some(c) = self.config.key.cookie() {
+            let removed = c.remove_backends_lines(response.headers_mut());
+            if removed > 0 {
+                tracing::debug!(target: TARGET, removed, cookie = c.name(), "the backend set the layer's cookie; its lines were removed");
+            }
+        }
         // Every attempt failed: the failover layer gave up with this
         // response (see below).
         let gave_up = response.extensions().get::<GaveUp>().is_some();
