@@ -2905,6 +2905,34 @@ mod http2 {
         addr
     }
 
+    /// The response header list of an HTTP/2 backend is bounded as an
+    /// HTTP/1.1 head is, by 64 KiB (not hyper's own 16 KiB).
+    #[tokio::test]
+    async fn a_response_header_list_over_64_kib_fails_as_the_backends() {
+        let (addr, _) = serve_h2_with(service_fn(|req: Request<Incoming>| async move {
+            let kib = req.uri().path()[1..].parse().unwrap();
+            let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+            for (name, value) in padding(kib) {
+                let name = http::HeaderName::try_from(name).unwrap();
+                resp.headers_mut().insert(name, value.parse().unwrap());
+            }
+            Ok::<_, Infallible>(resp)
+        }))
+        .await;
+        let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        let resp = backend.clone().oneshot(get("/40")).await.unwrap();
+        assert_eq!(body_of(resp).await, "ok");
+        let Err(err) = backend.clone().oneshot(get("/70")).await else {
+            panic!("a header list of 70 KiB passed");
+        };
+        assert_eq!(
+            tower_ha::error::gateway_status(&*err),
+            StatusCode::BAD_GATEWAY,
+            "{err}"
+        );
+    }
+
     /// A backend that speaks just enough HTTP/2 to take a connection, and
     /// answers the first request's headers with a `GOAWAY` that leaves its
     /// stream out (last stream 0), with error code `reason`: the request
@@ -4324,6 +4352,46 @@ async fn max_response_headers_takes_a_response_with_many_header_lines() {
         .unwrap();
     assert_eq!(resp.headers().get_all("set-cookie").iter().count(), 150);
     assert_eq!(body_of(resp).await, "ok");
+}
+
+/// `kib` header lines of 1 KiB each, `x-pad-<n>: aaa…` (lines of their
+/// own over HTTP/1.1).
+fn padding(kib: usize) -> Vec<(String, String)> {
+    let value = "a".repeat(1000);
+    (0..kib)
+        .map(|n| (format!("x-pad-{n:04}"), value.clone()))
+        .collect()
+}
+
+/// A response head over 64 KiB fails as the backend's (hyper alone would
+/// take about 400 KiB); one under it passes, and
+/// `max_response_header_size` takes a larger one.
+#[tokio::test]
+async fn a_response_head_over_64_kib_fails_as_the_backends() {
+    let get = |kib: usize, client: HttpClient<Full<Bytes>>| async move {
+        let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+        for (name, value) in padding(kib) {
+            answer.push_str(&format!("{name}: {value}\r\n"));
+        }
+        answer.push_str("\r\nok");
+        let addr = serve_once(answer.leak()).await;
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        backend
+            .oneshot(Request::get("/").body(Full::default()).unwrap())
+            .await
+    };
+    let resp = get(60, HttpClient::new()).await.unwrap();
+    assert_eq!(resp.headers().len(), 61);
+    let Err(err) = get(66, HttpClient::new()).await else {
+        panic!("a head of 66 KiB passed");
+    };
+    assert_eq!(
+        tower_ha::error::gateway_status(&*err),
+        StatusCode::BAD_GATEWAY,
+        "{err}"
+    );
+    let client = HttpClient::new().max_response_header_size(80 * 1024);
+    assert_eq!(body_of(get(66, client).await.unwrap()).await, "ok");
 }
 
 /// A body of `chunks` frames of 16 KiB (without end when `None`), always

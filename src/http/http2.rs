@@ -37,6 +37,8 @@ pub(super) struct Http2<B> {
     state: Arc<Mutex<State<B>>>,
     keep_alive: Option<Duration>,
     idle_timeout: Duration,
+    /// The largest response header list taken.
+    max_header_list: u32,
 }
 
 struct State<B> {
@@ -57,17 +59,19 @@ enum Conn<B> {
 }
 
 impl<B> Http2<B> {
-    /// A connection that is not open yet; `keep_alive` is the silence
-    /// after which a PING is sent while requests are in flight, and a
-    /// connection unused for `idle_timeout` is replaced.
-    pub(super) fn new(keep_alive: Option<Duration>, idle_timeout: Duration) -> Self {
+    /// A connection that is not open yet, with the client's `settings`:
+    /// a PING is sent after a silence of `http2_keep_alive` while requests
+    /// are in flight, and a connection unused for `idle_timeout` is
+    /// replaced.
+    pub(super) fn new(settings: &super::Settings) -> Self {
         Http2 {
             state: Arc::new(Mutex::new(State {
                 opened: 0,
                 conn: Conn::None,
             })),
-            keep_alive,
-            idle_timeout,
+            keep_alive: settings.http2_keep_alive,
+            idle_timeout: settings.idle_timeout,
+            max_header_list: u32::try_from(settings.max_response_header_size).unwrap_or(u32::MAX),
         }
     }
 }
@@ -106,13 +110,14 @@ where
         state.opened += 1;
         let n = state.opened;
         state.conn = Conn::Opening(n, done.clone());
-        let (open, target, keep_alive) = (open.clone(), target.clone(), self.keep_alive);
+        let (open, target) = (open.clone(), target.clone());
+        let (keep_alive, max_header_list) = (self.keep_alive, self.max_header_list);
         let shared = Arc::downgrade(&self.state);
         // On a task of its own, which installs the outcome itself: a
         // request that gives up waiting abandons nothing, and a later one
         // never gets an old outcome.
         tokio::spawn(async move {
-            let opened = connect(&open, target, keep_alive)
+            let opened = connect(&open, target, keep_alive, max_header_list)
                 .await
                 .map_err(|e| ConnectFailed(Arc::new(e)));
             if let Some(shared) = shared.upgrade() {
@@ -281,6 +286,7 @@ async fn connect<B>(
     open: &Open,
     target: Uri,
     keep_alive: Option<Duration>,
+    max_header_list: u32,
 ) -> Result<SendRequest<B>, BoxError>
 where
     B: http_body::Body + Send + 'static + Unpin,
@@ -294,6 +300,7 @@ where
     // clients that stop reading their downloads hold only their own
     // streams, not every response on the connection (as Go does).
     builder.initial_connection_window_size(CONNECTION_WINDOW);
+    builder.max_header_list_size(max_header_list);
     if let Some(interval) = keep_alive {
         builder
             .timer(TokioTimer::new())

@@ -247,6 +247,8 @@ struct Settings {
     /// Over HTTP/1.1, the most header lines a response may have; `None`:
     /// hyper's 100.
     max_response_headers: Option<usize>,
+    /// The most bytes a response's head may take.
+    max_response_header_size: usize,
     http2: bool,
     /// With HTTP/2: the silence after which a PING is sent.
     #[cfg_attr(not(feature = "http2"), allow(dead_code))]
@@ -271,6 +273,9 @@ impl Settings {
         // nginx's `lingering_time`.
         discard_timeout: Some(Duration::from_secs(30)),
         max_response_headers: None,
+        // Envoy's `max_response_headers_kb` (60 KiB), about; as the front
+        // of `examples/reverse_proxy.rs` takes request heads.
+        max_response_header_size: 64 * 1024,
         http2: false,
         http2_keep_alive: Some(Duration::from_secs(30)),
     };
@@ -309,6 +314,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             tunnel_idle_timeout,
             discard_timeout,
             max_response_headers,
+            max_response_header_size,
             http2,
             http2_keep_alive: _,
         } = &self.settings;
@@ -324,6 +330,7 @@ impl<B> fmt::Debug for HttpClient<B> {
             .field("tunnel_idle_timeout", tunnel_idle_timeout)
             .field("discard_timeout", discard_timeout)
             .field("max_response_headers", max_response_headers)
+            .field("max_response_header_size", max_response_header_size)
             .field("http2", http2)
             .finish_non_exhaustive()
     }
@@ -483,6 +490,25 @@ where
         HttpClient::with_settings(
             Settings {
                 max_response_headers: Some(lines),
+                ..self.settings
+            },
+            self.custom,
+        )
+    }
+
+    /// Takes responses whose heads take up to `bytes` (default 64 KiB): over
+    /// HTTP/1.1 the status line and the header lines (and, alike, the
+    /// trailers of a chunked body), over HTTP/2 the header list as
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE` counts it (announced to the
+    /// backend). A larger head fails as the backend's (a `502`, and a
+    /// failure of its health), so that a broken or hostile backend cannot
+    /// make the proxy hold and copy heads of hundreds of kilobytes (hyper's
+    /// own bound over HTTP/1.1 is its read buffer, about 400 KiB). At least
+    /// 8 KiB.
+    pub fn max_response_header_size(self, bytes: usize) -> Self {
+        HttpClient::with_settings(
+            Settings {
+                max_response_header_size: bytes.max(8 * 1024),
                 ..self.settings
             },
             self.custom,
@@ -2183,7 +2209,8 @@ mod tests {
             .read_timeout(Some(secs(4)))
             .send_timeout(Some(secs(6)))
             .discard_timeout(Some(secs(5)))
-            .max_response_headers(200);
+            .max_response_headers(200)
+            .max_response_header_size(1024);
         let expected = Settings {
             connect_timeout: secs(1),
             tcp_keepalive: None,
@@ -2193,6 +2220,8 @@ mod tests {
             tunnel_idle_timeout: Some(secs(3)),
             discard_timeout: Some(secs(5)),
             max_response_headers: Some(200),
+            // At least 8 KiB.
+            max_response_header_size: 8192,
             http2: false,
             http2_keep_alive: Some(secs(30)),
         };
@@ -2203,7 +2232,8 @@ mod tests {
             format!("{client:?}"),
             "HttpClient { connect_timeout: 1s, tcp_keepalive: None, idle_timeout: 2s, \
              read_timeout: Some(4s), send_timeout: Some(6s), tunnel_idle_timeout: Some(3s), \
-             discard_timeout: Some(5s), max_response_headers: Some(200), http2: false, .. }"
+             discard_timeout: Some(5s), max_response_headers: Some(200), \
+             max_response_header_size: 8192, http2: false, .. }"
         );
     }
 
@@ -2397,7 +2427,8 @@ mod tests {
             format!("{client:?}"),
             "HttpClient { connect_timeout: 3s, connector: \"custom\", idle_timeout: 60s, \
              read_timeout: Some(60s), send_timeout: Some(60s), tunnel_idle_timeout: Some(3600s), \
-             discard_timeout: Some(30s), max_response_headers: None, http2: false, .. }"
+             discard_timeout: Some(30s), max_response_headers: None, \
+             max_response_header_size: 65536, http2: false, .. }"
         );
     }
 

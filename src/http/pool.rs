@@ -354,15 +354,13 @@ impl<B> Upstreams<B> {
             tunnel_idle_timeout: self.settings.tunnel_idle_timeout,
             discard_timeout: self.settings.discard_timeout,
             max_response_headers: self.settings.max_response_headers,
+            max_response_header_size: self.settings.max_response_header_size,
             idle: Mutex::new(IdleConnections {
                 stack: VecDeque::new(),
                 swept: false,
             }),
             #[cfg(feature = "http2")]
-            http2: self
-                .settings
-                .http2
-                .then(|| Http2::new(self.settings.http2_keep_alive, self.settings.idle_timeout)),
+            http2: self.settings.http2.then(|| Http2::new(&self.settings)),
         });
         targets.map.insert(target, Arc::downgrade(&upstream));
         upstream
@@ -395,6 +393,8 @@ pub(super) struct Upstream<B> {
     discard_timeout: Option<Duration>,
     /// The most header lines an HTTP/1.1 response may have, when set.
     max_response_headers: Option<usize>,
+    /// The most bytes an HTTP/1.1 response's head may take.
+    max_response_header_size: usize,
     /// Idle HTTP/1.1 connections, the most recently used last, and
     /// whether a task closes them once idle too long (set and cleared
     /// under the same lock).
@@ -622,6 +622,7 @@ where
         let written = Written::new();
         io.written = Some(written.clone());
         let mut builder = http1::Builder::new();
+        builder.max_header_size(self.max_response_header_size);
         if let Some(lines) = self.max_response_headers {
             builder.max_headers(lines);
         }
