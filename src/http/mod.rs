@@ -535,6 +535,13 @@ where
     /// [`BackendState::hold_in_flight`](crate::BackendState::hold_in_flight))
     /// for as long as it stays silent.
     ///
+    /// For the head, the time counts until the whole head has come: what
+    /// comes before it does not extend it, neither interim responses
+    /// (`100 Continue`, `103 Early Hints`, which hyper reads and drops) nor
+    /// the first bytes of a head sent slowly, so that a backend cannot
+    /// hold a request with either. (nginx's `proxy_read_timeout` counts
+    /// between two reads, so its upstream can.)
+    ///
     /// When it passes, the request (or the response body) fails with an
     /// I/O error of kind `TimedOut` in its chain of sources, which
     /// [`gateway_status`](crate::error::gateway_status) answers with
@@ -552,8 +559,8 @@ where
     /// answers (a slow report, a long poll); the failover layer's
     /// [`per_try_timeout`](crate::failover::FailoverLayer::per_try_timeout)
     /// and [`deadline`](crate::failover::FailoverLayer::deadline) bound the
-    /// wait for a response head as a whole, this the silence within it
-    /// and within its body. A switched connection (a WebSocket) has the
+    /// wait for a response head from the start of each attempt, this from
+    /// the end of the request's upload, and the silence within its body. A switched connection (a WebSocket) has the
     /// [`tunnel_idle_timeout`](Self::tunnel_idle_timeout) instead.
     #[cfg_attr(
         feature = "http2",
