@@ -234,6 +234,9 @@ pub struct BackendState {
     /// Tells this state from any other of the process, as its address
     /// cannot once it is freed.
     serial: Serial,
+    /// Tells the tunnels open to the backend to close (see
+    /// [`close_tunnels`](BackendState::close_tunnels)).
+    tunnels: tokio::sync::Notify,
 }
 
 impl BackendState {
@@ -258,7 +261,29 @@ impl BackendState {
             linked: AtomicBool::new(false),
             unproven: AtomicBool::new(false),
             serial: Serial::take(),
+            tunnels: tokio::sync::Notify::const_new(),
         }
+    }
+
+    /// Closes the tunnels open to this backend now, both of their
+    /// connections: the protocol switches (WebSockets) that
+    /// [`HttpBackend`](crate::http::HttpBackend) joined to it, which
+    /// otherwise last until a side closes or goes quiet for the client's
+    /// `tunnel_idle_timeout`, whatever the backend's status. A tunnel
+    /// opened later is not affected. Their clients reconnect, through the
+    /// balancer, to a backend that may take them (as HAProxy's `shutdown
+    /// sessions server` does). The control [`Handle`](crate::control::Handle)
+    /// calls this at a drain's deadline; see also
+    /// [`Handle::close_tunnels`](crate::control::Handle::close_tunnels).
+    pub fn close_tunnels(&self) {
+        self.tunnels.notify_waiters();
+    }
+
+    /// Resolves at the next [`close_tunnels`](Self::close_tunnels) called
+    /// after it was made: for a backend service of your own that holds
+    /// tunnels, to close them when told.
+    pub fn tunnels_closed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.tunnels.notified()
     }
 
     /// Whether the backend may take a new request now: enabled, healthy and

@@ -283,7 +283,7 @@ async fn backend_actions_drain_disable_and_enable() {
     assert_eq!(status, 404);
     assert_eq!(body["error"], "unknown backend `nope`");
     // As for the settings: an unknown backend is 404 whatever the body.
-    for action in ["drain", "disable", "enable"] {
+    for action in ["drain", "disable", "enable", "close_tunnels"] {
         let path = format!("/backends/nope/{action}");
         let (status, body) = call(&f.admin, "POST", &path, r#"{"now": true}"#).await;
         assert_eq!(status, 404, "{action}: {body}");
@@ -293,6 +293,14 @@ async fn backend_actions_drain_disable_and_enable() {
     assert_eq!(state.admin(), AdminStatus::Enabled);
     let (status, _) = call(&f.admin, "GET", "/backends/web2/drain", "").await;
     assert_eq!(status, 405);
+    // Closes the tunnels open now, and changes nothing else.
+    let tunnels = state.tunnels_closed();
+    let (status, body) = call(&f.admin, "POST", "/backends/web2/close_tunnels", "{}").await;
+    assert_eq!(
+        (status, &body["admin"]),
+        (StatusCode::OK, &json!("enabled"))
+    );
+    assert!(futures::FutureExt::now_or_never(tunnels).is_some());
     let (status, _) = call(&f.admin, "POST", "/backends/web2/explode", "").await;
     assert_eq!(status, 404);
     let (status, _) = call(&f.admin, "POST", "/backends/web%zz/drain", "").await;

@@ -616,6 +616,41 @@ async fn a_drained_backend_finishes_in_flight_requests_takes_no_new_ones_and_is_
     );
 }
 
+/// A drain ends with the backend empty: at its deadline the tunnels still
+/// open to it are told to close, not before; `close_tunnels` tells them at
+/// once, and a backend no group holds is unknown.
+#[tokio::test(start_paused = true)]
+async fn a_drain_deadline_closes_the_backends_tunnels() {
+    use futures::FutureExt as _;
+
+    let pool = pool_of(&["a", "b"]);
+    let balance = Balance::new(pool.clone(), tower_ha::balance::RoundRobin::new());
+    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(10)));
+    handle.add_group("g", &balance).unwrap();
+    let a = pool.state(&"a".into()).unwrap();
+    let mut tunnel = Box::pin(a.tunnels_closed());
+    handle.drain(&"a".into()).unwrap();
+    tokio::time::sleep(Duration::from_millis(9_999)).await;
+    assert!(
+        tunnel.as_mut().now_or_never().is_none(),
+        "open while draining"
+    );
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(a.admin(), AdminStatus::Disabled);
+    assert!(tunnel.now_or_never().is_some(), "closed at the deadline");
+
+    let b = pool.state(&"b".into()).unwrap();
+    let tunnel = b.tunnels_closed();
+    handle.close_tunnels(&"b".into()).unwrap();
+    assert!(tunnel.now_or_never().is_some(), "closed at once");
+    assert_eq!(b.admin(), AdminStatus::Enabled, "nothing else changes");
+    assert!(matches!(
+        handle.close_tunnels(&"c".into()),
+        Err(ControlError::UnknownBackend(_))
+    ));
+}
+
 #[tokio::test(start_paused = true)]
 async fn enabling_before_the_deadline_cancels_it() {
     let pool = pool_of(&["a", "b"]);

@@ -701,6 +701,29 @@ async fn let_go(seen: &Seen, pool: &Pool<HttpBackend<Body>>) {
     .await;
 }
 
+/// `BackendState::close_tunnels` closes both sides of the tunnels open to
+/// the backend, not those opened after.
+#[tokio::test]
+async fn closing_a_backends_tunnels_closes_both_sides() {
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let (pool, stack) = stack(HttpClient::new(), &[b1]);
+    let front = serve_stack(stack, true).await;
+    let (mut stream, _, _) = open_tunnel(front).await;
+    stream.write_all(b"hello").await.unwrap();
+    assert_eq!(read_exactly(&mut stream, Vec::new(), 5).await, b"hello");
+    pool.state(&"b1".into()).unwrap().close_tunnels();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
+    // The bound only guards against hanging; closing is what is checked.
+    read.await.expect("the tunnel was never closed").unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    let_go(&seen, &pool).await;
+
+    let (mut next, _, _) = open_tunnel(front).await;
+    next.write_all(b"again").await.unwrap();
+    assert_eq!(read_exactly(&mut next, Vec::new(), 5).await, b"again");
+}
+
 #[tokio::test]
 async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
     let (b1, seen) = backend("b1", Mode::Echo).await;

@@ -31,6 +31,7 @@ use crate::error::BoxError;
 /// | `POST /groups/{name}/primary` with `{"backend_id": "..."}` | forces the primary |
 /// | `DELETE /groups/{name}/primary` | releases a forced primary: the group's failback rule applies again |
 /// | `POST /backends/{id}/drain`, `/disable`, `/enable` with `{}` or no body | the admin action |
+/// | `POST /backends/{id}/close_tunnels` with `{}` or no body | closes its tunnels open now ([`Handle::close_tunnels`]) |
 /// | `GET /backends/{id}` | the backend's [`BackendStats`](super::BackendStats) |
 /// | `POST /backends/{id}/weight` with `{"weight": N}` | sets its weight ([`Handle::set_weight`]) |
 /// | `POST /backends/{id}/max_in_flight` with `{"max_in_flight": N}` or `{"max_in_flight": null}` | sets or lifts its limit of requests in flight ([`Handle::set_max_in_flight`]) |
@@ -597,7 +598,8 @@ where
             },
             _ => not_allowed("GET, HEAD"),
         },
-        ["backends", id, action @ ("weight" | "max_in_flight" | "drain" | "disable" | "enable")] => {
+        ["backends", id, action
+        @ ("weight" | "max_in_flight" | "drain" | "disable" | "enable" | "close_tunnels")] => {
             if method != Method::POST {
                 return not_allowed("POST");
             }
@@ -630,6 +632,7 @@ where
                     .map(|()| match action {
                         "drain" => handle.drain(&id),
                         "disable" => handle.disable(&id),
+                        "close_tunnels" => handle.close_tunnels(&id),
                         _ => handle.enable(&id),
                     }),
             };

@@ -605,8 +605,9 @@ impl Handle {
 
     /// Drains backend `id` in every group: no new request or session;
     /// requests in flight finish; after the drain deadline it is disabled
-    /// (its sticky sessions then move), also if the handle is dropped
-    /// before then. Needs a tokio runtime with its time driver when a
+    /// (its sticky sessions then move) and its tunnels still open are
+    /// closed (see [`close_tunnels`](Self::close_tunnels)), also if the
+    /// handle is dropped before then. Needs a tokio runtime with its time driver when a
     /// deadline is set: outside a runtime it fails with
     /// [`ControlError::NoRuntime`]; on a runtime without timers it returns
     /// `Ok`, but the deadline's task panics and the backend stays draining
@@ -648,6 +649,8 @@ impl Handle {
                 for state in states.iter().chain(&held) {
                     if state.admin() == AdminStatus::Draining {
                         state.set_admin(AdminStatus::Disabled);
+                        // A drain ends with the backend empty.
+                        state.close_tunnels();
                         changed |= held.iter().any(|h| Arc::ptr_eq(h, state));
                     }
                 }
@@ -679,6 +682,18 @@ impl Handle {
     /// disable); its health still counts.
     pub fn enable(&self, id: &BackendId) -> Result<(), ControlError> {
         self.set_admin(id, AdminStatus::Enabled, None).map(drop)
+    }
+
+    /// Closes the tunnels (WebSockets) open to backend `id` in every group
+    /// (see [`BackendState::close_tunnels`]): their clients reconnect to a
+    /// backend that may take them. Nothing else changes: drain or disable
+    /// it first so that they do not come back to it. Close them before
+    /// removing the backend: a backend no group holds is unknown here.
+    pub fn close_tunnels(&self, id: &BackendId) -> Result<(), ControlError> {
+        for state in self.states(id)? {
+            state.close_tunnels();
+        }
+        Ok(())
     }
 
     /// Sets the weight of backend `id` in every group (0 counts as 1).

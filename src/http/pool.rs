@@ -788,17 +788,32 @@ where
         written.switched();
         let backend = hyper::upgrade::on(&mut resp);
         // The tunnel counts as in flight on its backend while it lasts.
-        let in_flight = backend_state.map(|state| state.hold_in_flight());
+        let in_flight = backend_state.as_ref().map(|state| state.hold_in_flight());
         let idle = self.tunnel_idle_timeout;
         tokio::spawn(async move {
             let _in_flight = in_flight;
-            // The backend's side is ready at once. The client's is handed
-            // over as soon as the `101` is written; one that does not come
-            // (a layer above answered something else, the client left)
-            // ends the tunnel, closing the backend's.
-            let Ok(backend) = backend.await else { return };
-            let client = async { client.await.map(TokioIo::new) };
-            super::tunnel::join(client, TokioIo::new(backend), idle).await;
+            // Told from now on (a `Notified` counts from when it is made):
+            // dropping the tunnel closes both sides.
+            let closed = backend_state.as_ref().map(|state| state.tunnels_closed());
+            let closed = async {
+                match closed {
+                    Some(closed) => closed.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let tunnel = async {
+                // The backend's side is ready at once. The client's is
+                // handed over as soon as the `101` is written; one that
+                // does not come (a layer above answered something else,
+                // the client left) ends the tunnel, closing the backend's.
+                let Ok(backend) = backend.await else { return };
+                let client = async { client.await.map(TokioIo::new) };
+                super::tunnel::join(client, TokioIo::new(backend), idle).await;
+            };
+            tokio::select! {
+                () = tunnel => {}
+                () = closed => {}
+            }
         });
         let present = super::hop_by_hop(resp.headers());
         let waits = self.waits.clone();
