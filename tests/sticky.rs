@@ -19,8 +19,8 @@ use tower_ha::error::{find, GoingAway, InvalidRequest};
 use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::sticky::{
     Availability, CookieInsert, MoveReason, RestorePanicked, RestoreTimedOut, SessionKey,
-    SessionMoved, SessionUnavailable, Sticky, StickyLayer, DEFAULT_RESPONSE_WAIT,
-    DEFAULT_RESTORE_TIMEOUT,
+    SessionMoved, SessionUnavailable, Sticky, StickyLayer, DEFAULT_LOAD_WAIT,
+    DEFAULT_RESPONSE_WAIT, DEFAULT_RESTORE_TIMEOUT,
 };
 use tower_ha::store::{
     Loaded, MemoryStore, Session, SessionGuard, SessionLock, SessionStore, StoreFuture,
@@ -29,7 +29,7 @@ use tower_ha::{AdminStatus, BackendError, BackendId, BoxError, HealthStatus, Poo
 
 use support::down::Down;
 use support::gate::Gated;
-use support::wait::{bounded_real, spin_until};
+use support::wait::{bounded, bounded_real, spin_until};
 
 const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -1897,6 +1897,86 @@ impl SessionStore for SlowSaves {
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         self.0.delete(keys)
     }
+}
+
+/// A `MemoryStore` whose loads hang until `open` is set (checked every
+/// second of `tokio::time`).
+#[derive(Clone)]
+struct HangingLoads {
+    inner: MemoryStore,
+    open: Arc<AtomicBool>,
+}
+
+impl SessionStore for HangingLoads {
+    fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+        Box::pin(async move {
+            while !self.open.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            self.inner.load(key).await
+        })
+    }
+
+    pass_on!(inner: load_all, save, delete);
+}
+
+/// A request whose session's record does not come waits for the load wait
+/// at most, then goes on as when the store cannot be read: routed by the
+/// layer's cookie, and kept in memory, its record read again at its next
+/// request; strict mode refuses it.
+#[tokio::test(start_paused = true)]
+async fn a_request_waits_for_a_hanging_store_until_the_load_wait() {
+    let c = cluster();
+    let store = HangingLoads {
+        inner: MemoryStore::new(),
+        open: Arc::new(AtomicBool::new(true)),
+    };
+    let key = SessionKey::insert_cookie(insert_cookie());
+    let first = StickyLayer::new(&c.pool, key.clone()).store(store.clone());
+    let started = send(&stack(&c.pool, first), Request::new(()))
+        .await
+        .unwrap();
+    let cookie = cookie_of(&started).unwrap();
+    let home = started.body().clone();
+
+    // Another instance, which does not hold the session, over the store
+    // that now hangs.
+    store.open.store(false, Ordering::SeqCst);
+    let layer = StickyLayer::new(&c.pool, key.clone()).store(store.clone());
+    let svc = stack(&c.pool, layer.clone());
+    let at = tokio::time::Instant::now();
+    let res = bounded("the request goes on", send(&svc, with_cookie(&cookie)))
+        .await
+        .unwrap();
+    assert_eq!(at.elapsed(), DEFAULT_LOAD_WAIT);
+    assert_eq!(res.body(), &home, "routed by the cookie");
+    assert_eq!(layer.stats().store_errors, 1);
+    // Held in memory, its record read again 5 s later: the store answers.
+    store.open.store(true, Ordering::SeqCst);
+    let res = send(&svc, with_cookie(&cookie)).await.unwrap();
+    assert_eq!(res.body(), &home);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let loaded = layer.stats().loaded;
+    assert_eq!(
+        send(&svc, with_cookie(&cookie)).await.unwrap().body(),
+        &home
+    );
+    assert_eq!(layer.stats().loaded, loaded + 1, "read again");
+
+    store.open.store(false, Ordering::SeqCst);
+    let strict = StickyLayer::new(&c.pool, key)
+        .store(store.clone())
+        .strict(true)
+        .load_wait(Duration::from_secs(2));
+    let at = tokio::time::Instant::now();
+    let strict = stack(&c.pool, strict);
+    let refusal = send(&strict, with_cookie(&cookie));
+    let err = bounded("the request is refused", refusal)
+        .await
+        .unwrap_err();
+    assert_eq!(at.elapsed(), Duration::from_secs(2));
+    let refused = err.downcast_ref::<SessionUnavailable>().expect("typed");
+    assert!(refused.is_unreadable(), "{refused}");
 }
 
 /// A store that hangs delays a new session's response by the response

@@ -31,6 +31,10 @@ pub const DEFAULT_MOVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `on_move` hook.
 pub const DEFAULT_RESPONSE_WAIT: Duration = Duration::from_secs(10);
 
+/// The default longest wait of a request for its session's record, read
+/// from the store.
+pub const DEFAULT_LOAD_WAIT: Duration = Duration::from_secs(10);
+
 /// The default time limit of the `on_restore` hook, per session.
 pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -54,6 +58,7 @@ pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// | [`restore_timeout`](StickyLayer::restore_timeout) | 30 seconds per session |
 /// | [`move_timeout`](StickyLayer::move_timeout) | 30 seconds |
 /// | [`response_wait`](StickyLayer::response_wait) | 10 seconds |
+/// | [`load_wait`](StickyLayer::load_wait) | 10 seconds |
 #[derive(Clone)]
 pub struct StickyLayer {
     pub(crate) shared: Arc<Shared>,
@@ -77,6 +82,7 @@ impl StickyLayer {
             restore_timeout: DEFAULT_RESTORE_TIMEOUT,
             move_timeout: DEFAULT_MOVE_TIMEOUT,
             response_wait: DEFAULT_RESPONSE_WAIT,
+            load_wait: DEFAULT_LOAD_WAIT,
             lock: None,
             events: None,
         })
@@ -285,6 +291,26 @@ impl StickyLayer {
     /// waits without a limit.
     pub fn response_wait(self, limit: Duration) -> Self {
         self.with(|c| c.response_wait = limit)
+    }
+
+    /// The longest a request waits for its session's record from the
+    /// store (default [10 seconds](DEFAULT_LOAD_WAIT)): a session this
+    /// instance does not hold (replication mode, or one that idled out or
+    /// was evicted) is read before its request is routed, after the writes
+    /// of that session already queued here, and restored first with
+    /// [`hydrate`](Self::hydrate). Past it the request goes on as when the
+    /// store cannot be read: routed by the layer's cookie, or afresh, and
+    /// kept in memory without overwriting the record, which its next
+    /// request 5 seconds later or more reads again; strict mode refuses it
+    /// with [`SessionUnavailable`](super::SessionUnavailable). The read
+    /// goes on for the other requests of the session waiting for it, and
+    /// the wait is counted in `store_errors` and logged. So a store whose
+    /// own timeouts and retries add up to minutes (a webhook's, by
+    /// default) delays a request by this much at most. Zero for no limit.
+    /// Measured with `tokio::time`; outside a tokio runtime a request
+    /// waits without a limit.
+    pub fn load_wait(self, limit: Duration) -> Self {
+        self.with(|c| c.load_wait = limit)
     }
 
     /// Restores the sessions loaded from the store in

@@ -89,8 +89,8 @@ pub use error::{CookieConfigError, RestorePanicked, RestoreTimedOut, SessionUnav
 pub use hooks::{MoveReason, RestoreFailure, RestoreReport, SessionMoved};
 pub use key::{SessionKey, MAX_COOKIE_HEADER, MAX_KEY_LEN};
 pub use layer::{
-    StickyLayer, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_PENDING_WRITES, DEFAULT_MAX_SESSIONS,
-    DEFAULT_MOVE_TIMEOUT, DEFAULT_RESPONSE_WAIT, DEFAULT_RESTORE_TIMEOUT,
+    StickyLayer, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOAD_WAIT, DEFAULT_MAX_PENDING_WRITES,
+    DEFAULT_MAX_SESSIONS, DEFAULT_MOVE_TIMEOUT, DEFAULT_RESPONSE_WAIT, DEFAULT_RESTORE_TIMEOUT,
 };
 pub use service::Sticky;
 pub(crate) use shared::Shared;

@@ -108,6 +108,8 @@ pub(crate) struct Config {
     pub(crate) move_timeout: Duration,
     /// How long a response waits for its writes and `on_move` hook.
     pub(crate) response_wait: Duration,
+    /// How long a request waits for its session's record.
+    pub(crate) load_wait: Duration,
     pub(crate) lock: Option<Arc<dyn SessionLock>>,
     pub(crate) events: Option<crate::control::Events>,
 }
@@ -129,6 +131,7 @@ impl Clone for Config {
             restore_timeout: self.restore_timeout,
             move_timeout: self.move_timeout,
             response_wait: self.response_wait,
+            load_wait: self.load_wait,
             lock: self.lock.clone(),
             events: self.events.clone(),
         }
@@ -151,6 +154,7 @@ impl fmt::Debug for Config {
             .field("restore_timeout", &self.restore_timeout)
             .field("move_timeout", &self.move_timeout)
             .field("response_wait", &self.response_wait)
+            .field("load_wait", &self.load_wait)
             .field("lock", &self.lock.is_some())
             .finish()
     }
@@ -1030,10 +1034,27 @@ impl Shared {
                 Some(session) => Stored::Found(session),
                 None => {
                     let cell = &waiting.0.cell;
-                    cell.stored
-                        .get_or_init(|| shared.read_once(&store, &key, cell, restore))
-                        .await
-                        .clone()
+                    let read = cell
+                        .stored
+                        .get_or_init(|| shared.read_once(&store, &key, cell, restore));
+                    let limit = shared.config.load_wait;
+                    // Without a runtime there is no timer to measure it.
+                    if limit.is_zero() || tokio::runtime::Handle::try_current().is_err() {
+                        read.await.clone()
+                    } else {
+                        match tokio::time::timeout(limit, read).await {
+                            Ok(stored) => stored.clone(),
+                            // The read goes on for those still waiting
+                            // (see `read_once`).
+                            Err(_) => {
+                                let error = StoreError::timeout(format!(
+                                    "the session's record was not read within the load wait ({limit:?})"
+                                ));
+                                shared.store_error(&key, "load", &error);
+                                Stored::Unknown(Arc::new(error))
+                            }
+                        }
+                    }
                 }
             };
             Loaded { stored, waiting }
