@@ -1601,6 +1601,75 @@ async fn read_head(stream: &mut TcpStream) -> bool {
     true
 }
 
+/// A whole response that a backend sends past the end of the one it
+/// framed: a request sent next on the same connection would read it as
+/// its own answer.
+const SMUGGLED: &str = "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil";
+
+/// [`serve_raw`], but the first connection answers its first request with
+/// the raw `first`.
+async fn serve_raw_first(first: String) -> (SocketAddr, Arc<AtomicUsize>) {
+    accept_counting(move |mut stream, n| {
+        let first = first.clone();
+        async move {
+            if n == 1
+                && (!read_head(&mut stream).await
+                    || stream.write_all(first.as_bytes()).await.is_err())
+            {
+                return;
+            }
+            while answer_raw(&mut stream, n).await {}
+        }
+    })
+    .await
+}
+
+/// Sends a `method` request to a backend that answers it with the raw
+/// `first` (in one write), whose body is read to its end and must be
+/// `body`; then a GET, sent after that, must get the backend's own answer
+/// on a new connection, and never the bytes `first` had past its end.
+async fn assert_the_excess_is_never_an_answer(method: Method, first: String, body: &str) {
+    let (addr, accepted) = serve_raw_first(first).await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let req = Request::builder()
+        .method(method.clone())
+        .uri("/first")
+        .body(Full::default())
+        .unwrap();
+    let resp = backend.clone().oneshot(req).await.unwrap();
+    assert_eq!(body_of(resp).await, body, "{method}");
+    let next = Request::get("/next").body(Full::default()).unwrap();
+    let resp = backend.oneshot(next).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{method}");
+    assert_eq!(body_of(resp).await, "conn 2", "{method}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "{method}");
+}
+
+/// A backend that sends more than its answer framed (here a whole second
+/// answer after a body of `Content-Length: 2`) never has those bytes
+/// handed to another request: hyper takes bytes on an idle connection
+/// for an error and closes it, and the pool lends no connection that is
+/// not ready, so the next request goes on a new connection.
+#[tokio::test]
+async fn bytes_past_a_framed_body_never_answer_the_next_request() {
+    let first = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok{SMUGGLED}");
+    assert_the_excess_is_never_an_answer(Method::GET, first, "ok").await;
+}
+
+/// The same for answers that have no body whatever their framing says:
+/// a `204 No Content` and the answer to a HEAD, each followed by body
+/// bytes (a whole second answer) that its `Content-Length` counts.
+#[tokio::test]
+async fn body_bytes_after_a_204_or_a_head_answer_never_answer_the_next_request() {
+    let length = SMUGGLED.len();
+    let no_content =
+        format!("HTTP/1.1 204 No Content\r\ncontent-length: {length}\r\n\r\n{SMUGGLED}");
+    assert_the_excess_is_never_an_answer(Method::GET, no_content, "").await;
+    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n{SMUGGLED}");
+    assert_the_excess_is_never_an_answer(Method::HEAD, head, "").await;
+}
+
 /// A response framed by its chunks and with a `Content-Length` too (RFC
 /// 9112 section 6.3): the length, which would frame it for the client,
 /// is not passed on; a coding hyper does not take off is a failure.
