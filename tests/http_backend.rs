@@ -1670,6 +1670,56 @@ async fn body_bytes_after_a_204_or_a_head_answer_never_answer_the_next_request()
     assert_the_excess_is_never_an_answer(Method::HEAD, head, "").await;
 }
 
+/// A switch of protocols that no request asked for.
+const UNASKED_SWITCH: &str =
+    "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+
+/// A backend that answers a plain GET (no `Upgrade` asked) with `101
+/// Switching Protocols` fails the request, saying so; the connection,
+/// which no longer speaks HTTP, is not reused. Behind the failover layer,
+/// a GET is answered by a healthy backend instead.
+#[tokio::test]
+async fn a_switch_of_protocols_nobody_asked_for_fails_and_is_not_reused() {
+    let (addr, accepted) = serve_raw_first(UNASKED_SWITCH.to_owned()).await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let get = Request::get("/").body(Full::default()).unwrap();
+    let err = backend.clone().oneshot(get).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("switched protocols though the request did not ask to"),
+        "{err}"
+    );
+    assert!(find::<NotSent>(&*err).is_none(), "{err}");
+    let get = Request::get("/").body(Full::default()).unwrap();
+    let resp = backend.oneshot(get).await.unwrap();
+    assert_eq!(body_of(resp).await, "conn 2");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+
+    // Behind the failover layer, with a healthy backend beside it.
+    let (switching, switched) = serve_stalling(UNASKED_SWITCH).await;
+    let pool = Pool::new();
+    pool.insert(
+        "switching",
+        HttpBackend::new(&client, format!("http://{switching}")).unwrap(),
+    );
+    pool.insert(
+        "echo",
+        HttpBackend::new(&client, format!("http://{}", serve().await)).unwrap(),
+    );
+    let stack = FailoverLayer::new().layer(Balance::new(pool, RoundRobin::new()));
+    for _ in 0..2 {
+        let resp = stack
+            .clone()
+            .oneshot(Request::get("/x").body(Full::default()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(body_of(resp).await.starts_with("GET /x|"));
+    }
+    assert_eq!(switched.load(Ordering::SeqCst), 1, "tried once");
+}
+
 /// A response framed by its chunks and with a `Content-Length` too (RFC
 /// 9112 section 6.3): the length, which would frame it for the client,
 /// is not passed on; a coding hyper does not take off is a failure.
