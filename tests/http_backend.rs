@@ -595,8 +595,19 @@ fn watched<B: Send + 'static>(
     Arc<tower_ha::BackendState>,
     Balance<tower_ha::health::Health<HttpBackend<B>>, RoundRobin>,
 ) {
-    let pool = Pool::new();
     let backend = HttpBackend::new(client, format!("http://{addr}")).unwrap();
+    watching(backend, failures)
+}
+
+/// [`watched`], for a `backend` already made.
+fn watching<B: Send + 'static>(
+    backend: HttpBackend<B>,
+    failures: u32,
+) -> (
+    Arc<tower_ha::BackendState>,
+    Balance<tower_ha::health::Health<HttpBackend<B>>, RoundRobin>,
+) {
+    let pool = Pool::new();
     let health = HealthLayer::new().consecutive_failures(failures);
     pool.insert("a", health.layer(backend));
     let state = pool.state(&"a".into()).unwrap();
@@ -4069,6 +4080,76 @@ async fn the_read_timeout_counts_silence_not_time() {
     assert!(tokio::time::timeout(day, get).await.is_err());
     drop(silent);
     assert!(opened.try_recv().is_err(), "no other connection");
+}
+
+/// Sends a GET, through passive health, to a piped backend with a read
+/// timeout of 1 s that reads the request and then `answers` on its
+/// connection; asserts that the GET fails with a timeout at the read
+/// timeout from the request's end, counted once against the backend.
+async fn assert_the_head_times_out<F, Fut>(answers: F)
+where
+    F: FnOnce(tokio::io::DuplexStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let second = Duration::from_secs(1);
+    let (backend, mut opened) = piped::<Full<Bytes>>(Some(second));
+    let (state, balance) = watching(backend, 3);
+    let answering = tokio::spawn(async move {
+        let mut conn = opened.recv().await.unwrap();
+        read_request(&mut conn).await.unwrap();
+        answers(conn).await;
+    });
+    let sent = tokio::time::Instant::now();
+    let get = balance.oneshot(Request::get("/").body(Full::default()).unwrap());
+    let err = support::wait::bounded("given up at the read timeout", get)
+        .await
+        .unwrap_err();
+    assert_eq!(sent.elapsed(), second, "{err}");
+    assert!(is_timed_out(&*err), "{err}");
+    assert_eq!(gateway_status(&*err), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(state.failures(), 1, "{err}");
+    assert_eq!(state.consecutive_failures(), 1, "{err}");
+    // The connection was dropped: the backend's writes fail.
+    support::wait::bounded("the backend stops", answering)
+        .await
+        .unwrap();
+}
+
+/// The read timeout of a response head is a budget from the request's
+/// end, not a limit on the backend's silence: a backend that sends
+/// interim answers (`100 Continue`, or `103 Early Hints` with a `Link`)
+/// every 100 ms and never a final one fails at the read timeout, with a
+/// timeout, and that counts once against it.
+#[tokio::test(start_paused = true)]
+async fn interim_answers_do_not_stretch_the_read_timeout_of_a_head() {
+    for interim in [
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload; as=style\r\n\r\n",
+    ] {
+        assert_the_head_times_out(move |mut conn| async move {
+            while conn.write_all(interim.as_bytes()).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// A backend that drips a valid response head a byte every 100 ms, which
+/// takes longer than the read timeout, fails at the read timeout as a
+/// silent one does: each byte is no new start.
+#[tokio::test(start_paused = true)]
+async fn a_head_dripped_a_byte_at_a_time_fails_at_the_read_timeout() {
+    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    assert_the_head_times_out(move |mut conn| async move {
+        for byte in head {
+            if conn.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
 }
 
 /// An upload in one large frame, which hyper takes whole at once, still
