@@ -4,10 +4,12 @@
 //! an HTTP/2 handshake alone, part of an HTTP/1.1 head) is closed at the
 //! header read timeout; an HTTP/2 connection outlives that timeout once it
 //! has sent a request, stays while a response is being sent, and is closed
-//! after its idle time without one; a stop closes connections gracefully,
-//! and drops them after the grace. Past the most connections open, a new
-//! one waits; an HTTP/2 client that resets most of its requests early is
-//! closed; a connection whose every response stands still is dropped, not
+//! after its idle time without one; a stop lets the requests under way
+//! finish (over HTTP/2 and HTTP/1.1), closes connections gracefully, idle
+//! kept-alive HTTP/1.1 ones included, and drops them after the grace.
+//! Past the most connections open, a new one waits; an HTTP/2 client
+//! that resets most of its requests early is closed; a connection whose
+//! every response stands still is dropped, not
 //! one whose responses move however slowly, nor one whose requests fail; an HTTP/1.1 head over 64 KiB
 //! is refused; the protocol is told from first bytes that come in parts.
 //! Each test sets a limit it does not test to an hour.
@@ -174,8 +176,9 @@ async fn get(sender: &mut Sender, path: &str) -> Result<(StatusCode, Bytes), hyp
 }
 
 /// Waits for the client's connection to end, and for the front to have
-/// ended `connections` in all; asserts that it ended gracefully (a
-/// `GOAWAY`, not a reset).
+/// ended `connections` in all; asserts that it ended gracefully (over
+/// HTTP/2 a `GOAWAY`, not a reset; over HTTP/1.1 a close between
+/// requests).
 async fn assert_closed_gracefully(
     end: support::http::Connection,
     ended: &AtomicUsize,
@@ -257,6 +260,58 @@ async fn a_stop_closes_an_http2_connection_gracefully() {
     assert_eq!(get(&mut sender, "/").await.unwrap().0, StatusCode::OK);
     stop.send(true).unwrap();
     assert_closed_gracefully(end, &ended, 1).await;
+}
+
+/// Sends a GET of `/held` on `send`, which sends it on a connection of
+/// its own; once its head has come, turns `stop` on; the held body then
+/// comes whole.
+async fn held_across_a_stop<F>(send: F, stop: &watch::Sender<bool>)
+where
+    F: std::future::Future<Output = hyper::Result<Response<Incoming>>>,
+{
+    let response = send.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    stop.send(true).unwrap();
+    let body = support::wait::bounded_real("the held body", response.into_body().collect())
+        .await
+        .expect("the whole body")
+        .to_bytes();
+    assert_eq!(body, "held");
+}
+
+/// A request under way over HTTP/2 when a stop comes (`/held`, whose body
+/// comes later) is answered to its end, and the connection then ends
+/// gracefully.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_an_http2_request_under_way_finish() {
+    let (addr, stop, ended) = front(HOUR, HOUR).await;
+    let (mut sender, end) = support::http::h2_client::<Full<Bytes>>(addr).await;
+    let req = Request::get("http://front.test/held")
+        .body(Full::default())
+        .unwrap();
+    held_across_a_stop(sender.send_request(req), &stop).await;
+    assert_closed_gracefully(end, &ended, 1).await;
+}
+
+/// Over HTTP/1.1, a stop lets the request under way finish, then closes
+/// its connection, and closes a kept-alive connection that is idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_an_http1_request_under_way_finish_and_closes_idle_connections() {
+    let (addr, stop, ended) = front(HOUR, HOUR).await;
+    let request = |path: &str| {
+        Request::get(path)
+            .header("host", "front.test")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    let (mut idle, idle_end) = support::http::http1_client(addr).await;
+    let answer = idle.send_request(request("/")).await.unwrap();
+    assert_eq!(answer.into_body().collect().await.unwrap().to_bytes(), "ok");
+    let (mut busy, busy_end) = support::http::http1_client(addr).await;
+    assert_eq!(ended.load(Ordering::SeqCst), 0, "both kept alive");
+    held_across_a_stop(busy.send_request(request("/held")), &stop).await;
+    assert_closed_gracefully(idle_end, &ended, 2).await;
+    assert_closed_gracefully(busy_end, &ended, 2).await;
 }
 
 /// Past the most connections open, a new one waits, unserved, until one
