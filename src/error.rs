@@ -221,8 +221,10 @@ impl StdError for NotSent {
 /// let err: BoxError = GoingAway::new("connection closing").into();
 /// assert!(find::<GoingAway>(&*err).is_some());
 /// ```
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("the backend closed the connection gracefully before it answered")]
 pub struct GoingAway {
+    #[source]
     source: BoxError,
 }
 
@@ -238,18 +240,6 @@ impl GoingAway {
     /// The underlying error.
     pub fn into_inner(self) -> BoxError {
         self.source
-    }
-}
-
-impl fmt::Display for GoingAway {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the backend closed the connection gracefully before it answered")
-    }
-}
-
-impl StdError for GoingAway {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        Some(&*self.source)
     }
 }
 
