@@ -835,53 +835,40 @@ where
     }
 }
 
+/// A failure that says nothing about the backend does not move its
+/// session: a request the backend refuses to send because it is bad
+/// (`InvalidRequest`), and one whose connection the backend closed
+/// gracefully before it answered (an HTTP/2 `GOAWAY` without an error,
+/// `GoingAway`).
 #[tokio::test]
-async fn an_invalid_request_does_not_move_its_session() {
-    let c = cluster();
-    let moves = Moves::default();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
-    let svc = stack(&c.pool, layer.clone());
-    let home = send(&svc, session("s1")).await.unwrap().into_body();
-    // The backend refuses to send a bad request: that says nothing about
-    // the backend, so the session stays there.
-    let invalid = Request::builder()
-        .header("x-session-id", "s1")
-        .header("x-invalid", "1")
-        .body(())
-        .unwrap();
-    let err = send(&svc, invalid).await.unwrap_err();
-    let failed = find::<BackendError>(&*err).expect("the backend's error");
-    assert_eq!(failed.backend().as_str(), home);
-    assert!(find::<InvalidRequest>(&*err).is_some());
-    for _ in 0..3 {
-        assert_eq!(send(&svc, session("s1")).await.unwrap().body(), &home);
+async fn a_failure_not_of_the_backend_does_not_move_its_session() {
+    type Is = fn(&(dyn std::error::Error + 'static)) -> bool;
+    let cases: [(&str, Is); 2] = [
+        ("x-invalid", |e| find::<InvalidRequest>(e).is_some()),
+        ("x-going-away", |e| find::<GoingAway>(e).is_some()),
+    ];
+    for (header, is) in cases {
+        let c = cluster();
+        let moves = Moves::default();
+        let key = SessionKey::header("x-session-id");
+        let layer = StickyLayer::new(&c.pool, key).on_move(moves.hook());
+        let svc = stack(&c.pool, layer.clone());
+        let home = send(&svc, session("s1")).await.unwrap().into_body();
+        let failing = Request::builder()
+            .header("x-session-id", "s1")
+            .header(header, "1")
+            .body(())
+            .unwrap();
+        let err = send(&svc, failing).await.unwrap_err();
+        let failed = find::<BackendError>(&*err).expect("the backend's error");
+        assert_eq!(failed.backend().as_str(), home, "{header}");
+        assert!(is(&*err), "{header}: {err}");
+        for _ in 0..3 {
+            assert_eq!(send(&svc, session("s1")).await.unwrap().body(), &home);
+        }
+        assert!(moves.all().is_empty(), "{header}: {:?}", moves.all());
+        assert_eq!(layer.stats().moved, 0, "{header}");
     }
-    assert!(moves.all().is_empty(), "{:?}", moves.all());
-    assert_eq!(layer.stats().moved, 0);
-}
-
-/// A request whose backend closed its connection gracefully before it
-/// answered (an HTTP/2 `GOAWAY` without an error) failed, but the backend
-/// did not: the session stays there.
-#[tokio::test]
-async fn a_connection_closed_gracefully_does_not_move_its_session() {
-    let c = cluster();
-    let moves = Moves::default();
-    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
-    let svc = stack(&c.pool, layer.clone());
-    let home = send(&svc, session("s1")).await.unwrap().into_body();
-    let closing = Request::builder()
-        .header("x-session-id", "s1")
-        .header("x-going-away", "1")
-        .body(())
-        .unwrap();
-    let err = send(&svc, closing).await.unwrap_err();
-    assert_eq!(
-        find::<BackendError>(&*err).unwrap().backend().as_str(),
-        home
-    );
-    assert_eq!(send(&svc, session("s1")).await.unwrap().body(), &home);
-    assert!(moves.all().is_empty(), "{:?}", moves.all());
 }
 
 #[tokio::test]
