@@ -1966,6 +1966,32 @@ async fn a_request_waits_for_a_hanging_store_until_the_load_wait() {
     assert!(refused.is_unreadable(), "{refused}");
 }
 
+/// The load wait bounds the read of a record, not its restore: a request
+/// whose record came in time waits for an `on_restore` hook longer than the
+/// load wait, and is routed as the record says.
+#[tokio::test(start_paused = true)]
+async fn a_restore_longer_than_the_load_wait_is_waited_for() {
+    let c = cluster();
+    let store = MemoryStore::new();
+    store
+        .save(&Session::new("kernel-1", "c".into()))
+        .await
+        .unwrap();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store)
+        .hydrate(Granted::default())
+        .on_restore(|_: Session| async {
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            Ok::<(), BoxError>(())
+        });
+    let svc = stack(&c.pool, layer.clone());
+    let at = tokio::time::Instant::now();
+    let res = bounded("the request is routed", send(&svc, session("kernel-1")));
+    assert_eq!(res.await.unwrap().body(), "c");
+    assert_eq!(at.elapsed(), Duration::from_secs(15));
+    assert_eq!((layer.stats().hydrated, layer.stats().store_errors), (1, 0));
+}
+
 /// A store that hangs delays a new session's response by the response
 /// wait at most; its save goes on and lands, and a flush waits for it.
 /// With no limit, the response waits for the save.

@@ -293,22 +293,25 @@ impl StickyLayer {
         self.with(|c| c.response_wait = limit)
     }
 
-    /// The longest a request waits for its session's record from the
-    /// store (default [10 seconds](DEFAULT_LOAD_WAIT)): a session this
-    /// instance does not hold (replication mode, or one that idled out or
-    /// was evicted) is read before its request is routed, after the writes
-    /// of that session already queued here, and restored first with
-    /// [`hydrate`](Self::hydrate). Past it the request goes on as when the
+    /// The longest the read of a session's record from the store may take
+    /// (default [10 seconds](DEFAULT_LOAD_WAIT)): a session this instance
+    /// does not hold (replication mode, or one that idled out or was
+    /// evicted) is read before its request is routed, after the writes of
+    /// that session already queued here. Past it the read fails as a
+    /// timeout (counted in `store_errors` and logged, once for the requests
+    /// of the session waiting for it together) and they go on as when the
     /// store cannot be read: routed by the layer's cookie, or afresh, and
-    /// kept in memory without overwriting the record, which its next
-    /// request 5 seconds later or more reads again; strict mode refuses it
-    /// with [`SessionUnavailable`](super::SessionUnavailable). The read
-    /// goes on for the other requests of the session waiting for it, and
-    /// the wait is counted in `store_errors` and logged. So a store whose
-    /// own timeouts and retries add up to minutes (a webhook's, by
-    /// default) delays a request by this much at most. Zero for no limit.
-    /// Measured with `tokio::time`; outside a tokio runtime a request
-    /// waits without a limit.
+    /// kept in memory without overwriting the record, which their next
+    /// request 5 seconds later or more reads again; strict mode refuses
+    /// them with [`SessionUnavailable`](super::SessionUnavailable). So a
+    /// store whose own timeouts and retries add up to minutes (a
+    /// webhook's, by default) delays a request by this much at most. A
+    /// record read in time and restored with [`hydrate`](Self::hydrate) is
+    /// waited for until its restore ends (bounded by
+    /// [`restore_timeout`](Self::restore_timeout)). Zero for no limit.
+    /// Measured with `tokio::time` (the runtime's timer must be enabled,
+    /// as `#[tokio::main]` does); outside a tokio runtime the read has no
+    /// limit.
     pub fn load_wait(self, limit: Duration) -> Self {
         self.with(|c| c.load_wait = limit)
     }

@@ -1034,27 +1034,10 @@ impl Shared {
                 Some(session) => Stored::Found(session),
                 None => {
                     let cell = &waiting.0.cell;
-                    let read = cell
-                        .stored
-                        .get_or_init(|| shared.read_once(&store, &key, cell, restore));
-                    let limit = shared.config.load_wait;
-                    // Without a runtime there is no timer to measure it.
-                    if limit.is_zero() || tokio::runtime::Handle::try_current().is_err() {
-                        read.await.clone()
-                    } else {
-                        match tokio::time::timeout(limit, read).await {
-                            Ok(stored) => stored.clone(),
-                            // The read goes on for those still waiting
-                            // (see `read_once`).
-                            Err(_) => {
-                                let error = StoreError::timeout(format!(
-                                    "the session's record was not read within the load wait ({limit:?})"
-                                ));
-                                shared.store_error(&key, "load", &error);
-                                Stored::Unknown(Arc::new(error))
-                            }
-                        }
-                    }
+                    cell.stored
+                        .get_or_init(|| shared.read_once(&store, &key, cell, restore))
+                        .await
+                        .clone()
                 }
             };
             Loaded { stored, waiting }
@@ -1140,11 +1123,27 @@ impl Shared {
         // (a slow save of a move, say): read before, the record would be
         // older than this instance's own change, whose notice it does not
         // hear, and would leave it behind the other replicas for good.
-        if let Some(done) = Writes::behind(self, key) {
-            let _ = landed(done).await;
-        }
-        bump(&self.counters.loaded, 1);
-        let session = match store.load(key).await {
+        let reading = async {
+            if let Some(done) = Writes::behind(self, key) {
+                let _ = landed(done).await;
+            }
+            bump(&self.counters.loaded, 1);
+            store.load(key).await
+        };
+        let limit = self.config.load_wait;
+        // Without a runtime there is no timer to measure it.
+        let loaded = if limit.is_zero() || tokio::runtime::Handle::try_current().is_err() {
+            reading.await
+        } else {
+            tokio::time::timeout(limit, reading)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::timeout(format!(
+                        "the session's record was not read within the load wait ({limit:?})"
+                    )))
+                })
+        };
+        let session = match loaded {
             Ok(Some(session)) if *session.key != *key => {
                 // Another key's record: unreadable as this one's, and kept.
                 let error = StoreError::corrupt(format!(
