@@ -393,6 +393,103 @@ async fn failures_are_typed() {
     assert!(err.is_timeout(), "{err:?}");
 }
 
+/// A server the store cannot work with fails the build, rather than every
+/// load or refresh later: a user missing a command the store needs
+/// (`NOPERM`, or the same refused inside a script), and a server older
+/// than Redis 6.2, which has no `GETEX` (a server with the command renamed
+/// away stands for one). The permissions the docs list are enough.
+#[tokio::test]
+async fn a_server_the_store_cannot_work_with_fails_the_build() {
+    let server = RedisServer::start();
+    let mut admin = raw(&server);
+    let port = server.port();
+    let user = |admin: &mut redis::Connection, name: &str, rules: &[&str]| {
+        let _: () = redis::cmd("ACL")
+            .arg(&["SETUSER", name, "on", ">pw"][..])
+            .arg(rules)
+            .query(admin)
+            .unwrap();
+        format!("redis://{name}:pw@127.0.0.1:{port}/")
+    };
+    let ttl = Duration::from_secs(60);
+    let build = |url: String, ttl: Option<Duration>| async move {
+        let builder = RedisStore::builder(url);
+        match ttl {
+            Some(ttl) => builder.ttl(ttl).build().await,
+            None => builder.build().await,
+        }
+    };
+    let all = ["~*", "&*", "+@all"];
+
+    // Loads use `GETEX` only with a TTL.
+    let url = user(&mut admin, "no-getex", &[&all[..], &["-getex"]].concat());
+    let store = build(url.clone(), None).await.unwrap();
+    store.save(&session("k", "a")).await.unwrap();
+    assert!(store.load("k").await.unwrap().is_some());
+    let err = build(url, Some(ttl)).await.unwrap_err();
+    assert!(err.is_unauthorized(), "no GETEX: {err:?}");
+
+    // Leases and refreshes run scripts: `EVALSHA`, `SCRIPT LOAD` when
+    // Redis does not know one yet, and the commands they call.
+    for (name, rule, with_ttl) in [
+        ("no-evalsha", "-evalsha", None),
+        ("no-script-load", "-script|load", None),
+        ("no-evalsha-ttl", "-evalsha", Some(ttl)),
+        ("no-pexpire", "-pexpire", Some(ttl)),
+    ] {
+        let url = user(&mut admin, name, &[&all[..], &[rule]].concat());
+        let err = build(url, with_ttl).await.unwrap_err();
+        assert!(err.is_unauthorized(), "{name}: {err:?}");
+    }
+
+    // What the docs give a gateway's user is enough, with a TTL too.
+    let url = user(
+        &mut admin,
+        "gateway",
+        &[
+            "~gateway:*",
+            "&gateway:moves",
+            "+ping",
+            "+get",
+            "+getex",
+            "+set",
+            "+pexpire",
+            "+mget",
+            "+type",
+            "+del",
+            "+scan",
+            "+publish",
+            "+subscribe",
+            "+multi",
+            "+exec",
+            "+evalsha",
+            "+script|load",
+        ],
+    );
+    let store = RedisStore::builder(url)
+        .prefix("gateway:")
+        .ttl(ttl)
+        .build()
+        .await
+        .unwrap();
+    store.save(&session("k", "a")).await.unwrap();
+    assert!(store.load("k").await.unwrap().is_some());
+    store.refresh(&session("k", "a")).await.unwrap();
+    let lease = store.try_lease("k", ttl).await.unwrap().unwrap();
+    assert!(lease.release().await.unwrap());
+    // Nothing was left behind by the builds' checks: only what this test
+    // wrote, and the released lease.
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut admin).unwrap();
+    keys.sort();
+    assert_eq!(keys, ["gateway:l:k", "gateway:s:k", "tower-ha:s:k"]);
+
+    // No `GETEX`, as before Redis 6.2: fine without a TTL only.
+    let old = RedisServer::start_with(&["--rename-command", "GETEX", ""]);
+    build(old.url(), None).await.unwrap();
+    let err = build(old.url(), Some(ttl)).await.unwrap_err();
+    assert!(err.is_rejected(), "no GETEX on the server: {err:?}");
+}
+
 /// Redis is killed with SIGKILL and restarted mid-run: every save that was
 /// acknowledged is there afterwards, saves attempted while it is down fail
 /// (never dropped silently), and saves work again once it is back.

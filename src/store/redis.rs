@@ -135,7 +135,8 @@ return 2";
 ///   stored without its notice. The transaction also removes the
 ///   session's tombstone, if any.
 /// * [`load`](SessionStore::load): `GET`, or `GETEX PX` with a TTL, so a
-///   session in use never expires (Redis 6.2 or later).
+///   session in use never expires (Redis 6.2 or later, which
+///   [`build`](RedisStoreBuilder::build) checks).
 /// * [`load_all`](SessionStore::load_all): `SCAN MATCH` (never `KEYS`, which
 ///   blocks the server) with the prefix's glob characters escaped, then
 ///   `MGET` in batches. A listing renews no record's expiry, so that
@@ -535,10 +536,18 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects and checks the server answers. Fails with
+    /// Connects and checks, in one round trip, that the server answers and
+    /// lets the store run what it will need: it loads the store's Lua
+    /// scripts (`SCRIPT LOAD`), runs the one that extends a lease
+    /// (`EVALSHA`) on a lease nobody holds, and with a [`ttl`](Self::ttl)
+    /// runs the refresh script and `GETEX` (Redis 6.2 or later) too, all on
+    /// the keys of a random session, so that nothing stored changes. Fails with
     /// [`other`](StoreError::is_other) for a zero timeout or a bad URL, and
     /// as any call would when Redis cannot be reached or refuses the
-    /// credentials.
+    /// credentials: with [`unauthorized`](StoreError::is_unauthorized) when
+    /// the user lacks the permission for one of those commands, and with
+    /// [`rejected`](StoreError::is_rejected) when the server does not know
+    /// one (`GETEX` before Redis 6.2), rather than failing every load later.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
         if self.timeout.is_zero() {
             return Err(super::zero_timeout("Redis"));
@@ -596,7 +605,7 @@ impl RedisStoreBuilder {
             extend: Script::new(EXTEND),
             refresh: Script::new(REFRESH),
         };
-        let _: Value = inner.run(&::redis::cmd("PING"), "connect").await?;
+        inner.check().await?;
         Ok(RedisStore {
             inner: Arc::new(inner),
         })
@@ -638,6 +647,47 @@ impl Inner {
     async fn give_up_lease(&self, conn: &mut Conn, redis_key: &[u8], token: &str) {
         let keys: &[&[u8]] = &[redis_key];
         let _ = (self.invoke(conn, &self.extend, keys, &[token.as_bytes(), b"0"])).await;
+    }
+
+    /// Checks that the server answers and lets this store run the commands
+    /// and scripts it will need, in one pipeline, without changing anything
+    /// stored: the keys are those of a random session, which nobody holds.
+    /// (Even one that somebody held would only be read, and its record's
+    /// expiry renewed, as any refresh does.)
+    async fn check(&self) -> Result<(), StoreError> {
+        let probe = random_token();
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("PING").ignore();
+        let mut scripts = vec![TAKE, RELEASE, EXTEND];
+        if self.ttl.is_some() {
+            scripts.push(REFRESH);
+        }
+        for code in scripts {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(code).ignore();
+        }
+        // A lease the probe does not hold: the script only reads it.
+        pipe.cmd("EVALSHA")
+            .arg(self.extend.get_hash())
+            .arg(1)
+            .arg(self.key(b"l:", &probe))
+            .arg(&probe)
+            .arg(1)
+            .ignore();
+        if let Some(ttl) = self.ttl {
+            // Neither the record nor a tombstone is there, and no record
+            // is passed to write back: the script only looks.
+            pipe.cmd("EVALSHA")
+                .arg(self.refresh.get_hash())
+                .arg(2)
+                .arg(self.key(b"s:", &probe))
+                .arg(self.key(b"d:", &probe))
+                .arg(millis(ttl))
+                .ignore();
+            // Without an option, `GETEX` changes no expiry.
+            pipe.cmd("GETEX").arg(self.key(b"s:", &probe)).ignore();
+        }
+        self.run_pipe::<()>(&pipe, "connect and check what the store needs")
+            .await
     }
 
     fn key(&self, kind: &[u8], key: &str) -> Vec<u8> {
@@ -939,6 +989,9 @@ fn map_error(e: RedisError, what: &str) -> StoreError {
         || (refused_database(&e)
             && (detail.starts_with("Authentication required")
                 || detail.contains("no permissions")))
+        // A command, key or channel a script used that the user may not:
+        // Redis answers `ERR`, not `NOPERM`, for those.
+        || (code == "ERR" && detail.contains("The user executing the script can't"))
     {
         StoreError::unauthorized(e)
     } else if e.is_io_error()
@@ -1866,6 +1919,16 @@ mod tests {
         assert!(e.is_rejected(), "{e:?}");
         let e = map_error(server_says(b"-NOPERM no permission\r\n"), "load");
         assert!(e.is_unauthorized(), "{e:?}");
+        // A permission a script's command lacks, as Redis 7 and Redis 6
+        // answer it.
+        for reply in [
+            &b"-ERR The user executing the script can't run this command or subcommand script: 1b936e3fe509bcbc9cd0664897bbe8fd0cac101b, on @user_script:3.\r\n"[..],
+            b"-ERR Error running script (call to f_1b936e3fe509bcbc9cd0664897bbe8fd0cac101b): @user_script:3: @user_script: 3: The user executing the script can't access at least one of the keys mentioned in the command\r\n",
+        ] {
+            let e = map_error(server_says(reply), "refresh");
+            let reply = String::from_utf8_lossy(reply);
+            assert!(e.is_unauthorized(), "{reply}: {e:?}");
+        }
     }
 
     #[test]
