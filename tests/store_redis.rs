@@ -1078,6 +1078,58 @@ async fn a_reader_that_lags_gets_all_in_place_of_the_notices_it_missed() {
     .await;
 }
 
+/// While a reader lags, notices are dropped without being parsed, so that
+/// the subscription takes them off the Redis client's queue (which has no
+/// bound) faster than the client fills it: a malformed notice, logged when
+/// parsed, goes unlogged then. Once the reader has caught up, notices are
+/// parsed again. On a current-thread runtime, so that the subscription's
+/// task logs to this test's subscriber.
+#[tokio::test]
+async fn notices_are_dropped_unparsed_while_the_reader_lags() {
+    use support::tracing_capture::Capture;
+    const MALFORMED: &str = "ignoring a malformed move notice";
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let server = RedisServer::start();
+    let (a, b) = (store(&server).await, store(&server).await);
+    let mut on_b = b.subscribe().await.unwrap();
+    let mut conn = raw(&server);
+    let publish = |conn: &mut redis::Connection, payload: &str| {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(a.channel())
+            .arg(payload)
+            .query(conn)
+            .unwrap();
+    };
+    let node: tower_ha::BackendId = "node-a".into();
+    for i in 0..=1024 {
+        a.publish_move(&format!("s{i}"), Some(&node)).await.unwrap();
+    }
+    support::wait::spin_until("the reader is behind", || {
+        format!("{on_b:?}").contains("pending: 1024, lagging: true")
+    })
+    .await;
+
+    for _ in 0..100 {
+        publish(&mut conn, "not a notice");
+    }
+    // Time for the subscription to take them (a parsed one is logged at
+    // once); the reader reads nothing meanwhile, so it still lags.
+    sleep(Duration::from_millis(500)).await;
+    assert!(format!("{on_b:?}").contains("lagging: true"));
+    assert!(capture.saying(MALFORMED).is_empty(), "parsed while lagging");
+
+    // Caught up: notices are parsed again.
+    while next(&mut on_b).await != Invalidation::All {}
+    publish(&mut conn, "not a notice");
+    a.publish_move("after", None).await.unwrap();
+    bounded_real("the notice after", async {
+        while next(&mut on_b).await != notice("after", None) {}
+    })
+    .await;
+    assert!(!capture.saying(MALFORMED).is_empty());
+}
+
 #[tokio::test]
 async fn notices_can_be_turned_off() {
     let server = RedisServer::start();

@@ -474,9 +474,15 @@ impl RedisStore {
     /// reconnects on its own, yielding [`Invalidation::All`] after each
     /// reconnection since notices published meanwhile are lost; a reader
     /// that lags more than 1024 notices behind gets an
-    /// [`Invalidation::All`] in place of those it missed, so memory stays
-    /// bounded whatever the rate of moves; a ping
-    /// every 10 s finds a connection that died silently. It ends
+    /// [`Invalidation::All`] in place of those it missed, so the notices
+    /// held for a slow reader are bounded whatever the rate of moves; a
+    /// ping every 10 s finds a connection that died silently. The Redis
+    /// client's own queue, between the connection and the subscription,
+    /// is not bounded: the client reads notices off the connection as
+    /// they come. While the reader lags, the subscription drops notices
+    /// from that queue without parsing them, which costs less than queueing
+    /// them did, so that queue does not build up behind a slow reader.
+    /// It ends
     /// when the returned value is dropped. Notices this store published
     /// itself are not yielded. [`StickyLayer::follow`](crate::sticky::StickyLayer::follow)
     /// follows them for a sticky layer.
@@ -1599,7 +1605,10 @@ async fn listen(
     // `lagging`: notices were dropped for a reader that lagged, and it is
     // owed an `All` as soon as it has room. (The client reads the
     // subscription eagerly into a queue without a bound, so waiting for
-    // the reader would only move the backlog there.)
+    // the reader would only move the backlog there.) Meanwhile notices are
+    // dropped as they come, unread: taking one off that queue then costs
+    // less than the client spent putting it there, so the queue does not
+    // grow however fast notices come.
     loop {
         {
             let (mut sink, stream) = pubsub.split();
@@ -1628,6 +1637,9 @@ async fn listen(
                     }
                 };
                 let Some(msg) = msg else { break };
+                if lagging.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let notice: Notice = match serde_json::from_slice(msg.get_payload_bytes()) {
                     Ok(n) => n,
                     Err(error) => {
@@ -1636,9 +1648,6 @@ async fn listen(
                     }
                 };
                 if notice.origin == inner.origin {
-                    continue;
-                }
-                if lagging.load(Ordering::Relaxed) {
                     continue;
                 }
                 let invalidation = Invalidation::Session {
