@@ -219,6 +219,57 @@ async fn unreadable_records_are_skipped_and_reported() {
     assert!(err.is_corrupt(), "{err:?}");
 }
 
+/// Records are as large as in the other stores: a save of a session too
+/// large for a store to read back is refused, the record left as it was,
+/// and a value over 64 MiB that something else wrote is corrupt, skipped
+/// by a listing, even when it holds a session.
+#[tokio::test]
+async fn records_are_no_larger_than_the_stores_read() {
+    // The stores' `MAX_READ`; a save leaves 64 KiB of it for what an
+    // answer wraps a record in, so one byte more is refused.
+    const MAX_READ: usize = 64 * 1024 * 1024;
+    const ROOM: usize = 64 * 1024;
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let kept = session("big", "node-a");
+    store.save(&kept).await.unwrap();
+    let padded = |key: &str, len: usize| {
+        let empty = serde_json::to_vec(&session(key, "node-b").with_data(json!("")))
+            .unwrap()
+            .len();
+        let s = session(key, "node-b").with_data(json!("x".repeat(len - empty)));
+        assert_eq!(serde_json::to_vec(&s).unwrap().len(), len);
+        s
+    };
+
+    let err = store
+        .save(&padded("big", MAX_READ - ROOM + 1))
+        .await
+        .unwrap_err();
+    assert!(err.is_rejected(), "{err:?}");
+    assert_eq!(store.load("big").await.unwrap(), Some(kept.clone()));
+
+    // A session, one byte over, written by something else.
+    let huge = serde_json::to_vec(&padded("huge", MAX_READ + 1)).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("tower-ha:s:huge")
+        .arg(huge)
+        .query(&mut raw(&server))
+        .unwrap();
+    // (Only keys in the messages: a session read would fill the screen.)
+    match store.load("huge").await {
+        Err(err) => assert!(err.is_corrupt(), "{err:?}"),
+        Ok(read) => panic!("read as {:?}", read.map(|s| s.key)),
+    }
+    let loaded = store.load_all().await.unwrap();
+    let keys: Vec<_> = loaded.sessions.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(keys, ["big"]);
+    assert_eq!(loaded.sessions[0], kept);
+    assert_eq!(loaded.skipped.len(), 1, "{:?}", loaded.skipped);
+    assert_eq!(loaded.skipped[0].record, "tower-ha:s:huge");
+    assert!(loaded.skipped[0].error.is_corrupt());
+}
+
 /// A server out of memory or out of connections serves again once
 /// sessions expire or clients leave: try later, not a refusal.
 #[tokio::test]

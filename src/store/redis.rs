@@ -143,9 +143,9 @@ return 2";
 ///   restarts do not keep abandoned sessions alive: the sticky layer
 ///   refreshes a session it restored by its record's age, before the
 ///   record can expire. Records that are not
-///   JSON, not a session, hold another key's session, or are not strings
-///   at all (`TYPE` tells those from a key deleted since the scan) are
-///   skipped and reported.
+///   JSON, not a session, hold another key's session, are over 64 MiB, or
+///   are not strings at all (`TYPE` tells those from a key deleted since
+///   the scan) are skipped and reported.
 /// * [`delete`](SessionStore::delete): `DEL` in batches, each with its
 ///   notices in one transaction and, with a TTL, a tombstone per session
 ///   (`SET PX` the TTL), so that a refresh from a replica that has not
@@ -165,7 +165,11 @@ return 2";
 /// [`is_timeout`](StoreError::is_timeout); a refused password or missing
 /// permission: [`is_unauthorized`](StoreError::is_unauthorized); a record
 /// that is not a session (not JSON, or a hash, a list, ... where a string
-/// should be): [`is_corrupt`](StoreError::is_corrupt). A write
+/// should be), or a value over 64 MiB, which is not parsed:
+/// [`is_corrupt`](StoreError::is_corrupt); a session larger than any
+/// store reads back (64 MiB less 64 KiB as JSON), refused before it is
+/// sent, the stored record left as it was:
+/// [`is_rejected`](StoreError::is_rejected). A write
 /// that fails is reported, never dropped: the caller may retry it, and the
 /// connection is re-established in the background.
 ///
@@ -907,8 +911,13 @@ impl Inner {
         )
     }
 
-    /// Parses one stored record of session `key`.
+    /// Parses one stored record of session `key`. One larger than any
+    /// store of this crate writes or reads is not parsed at all.
     fn parse(&self, key: &str, bytes: &[u8]) -> Result<Session, StoreError> {
+        if bytes.len() > super::MAX_READ {
+            return Err(StoreError::corrupt(TooLarge(bytes.len()))
+                .with_message(format!("{key:?} is not a session")));
+        }
         let session: Session = serde_json::from_slice(bytes).map_err(|e| {
             StoreError::corrupt(e).with_message(format!("{key:?} is not a session"))
         })?;
@@ -1147,11 +1156,14 @@ fn redact(url: &str) -> String {
     shown
 }
 
-/// A session's record: its JSON.
+/// A session's record: its JSON, refused when too deep or too large for
+/// any store of this crate to read back.
 fn encode(session: &Session) -> Result<Vec<u8>, StoreError> {
     super::check_depth(session)?;
-    serde_json::to_vec(session)
-        .map_err(|e| StoreError::other(e).with_message("session cannot be encoded as JSON"))
+    let json = serde_json::to_vec(session)
+        .map_err(|e| StoreError::other(e).with_message("session cannot be encoded as JSON"))?;
+    super::check_size(json.len())?;
+    Ok(json)
 }
 
 impl SessionStore for RedisStore {
@@ -1707,6 +1719,23 @@ impl fmt::Display for WrongType {
 }
 
 impl StdError for WrongType {}
+
+/// A stored value larger than any record a store of this crate reads.
+#[derive(Debug)]
+struct TooLarge(usize);
+
+impl fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the value is {} bytes, more than any session record ({} bytes)",
+            self.0,
+            super::MAX_READ
+        )
+    }
+}
+
+impl StdError for TooLarge {}
 
 /// A record stored under one key that holds another key's session.
 #[derive(Debug)]
