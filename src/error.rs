@@ -205,14 +205,17 @@ impl StdError for NotSent {
 /// without an error (`NO_ERROR`) that came before the answer, as servers
 /// send after a number of requests (nginx's `keepalive_requests`, 1000 by
 /// default), after a connection's age (gRPC's `MaxConnectionAge`) or at a
-/// restart. `HttpBackend` returns it (feature `http2`).
+/// restart. `HttpBackend` returns it (feature `http2`) when the connection
+/// had served other requests before; on one opened for the request, the
+/// backend answered nothing, and its error is a failure as any other.
 ///
 /// The backend is healthy: passive health counts it as neither a failure
 /// nor a success, and the sticky layer does not mark the session's backend
 /// as failed for it. The request may still have been processed (see
-/// `HttpClient::http2_only`), so it is not [`NotSent`]: the failover layer retries it as any other
-/// failure of a request that was sent (idempotent requests only, by
-/// default).
+/// `HttpClient::http2_only`), so it is not [`NotSent`]: the failover layer
+/// retries it as any other failure of a request that was sent (idempotent
+/// requests only, by default), first on the same backend (a new
+/// connection), once, so that a session does not move for it.
 ///
 /// ```
 /// use tower_ha::error::{find, GoingAway};

@@ -3063,15 +3063,18 @@ mod http2 {
         );
     }
 
-    /// A backend that speaks just enough HTTP/2 to take a connection, and
-    /// answers the first request's headers with a `GOAWAY` that leaves its
-    /// stream out (last stream 0), with error code `reason`: the request
-    /// met the connection's close. Keeps the connection open after.
-    async fn goaway_at_first_request(reason: u32) -> SocketAddr {
-        /// Writes a frame of `kind` with `flags` on stream 0.
-        async fn frame(stream: &mut TcpStream, kind: u8, flags: u8, payload: &[u8]) {
+    /// A backend that speaks just enough HTTP/2 to take a connection: it
+    /// answers the first `answered` requests of each connection `200 OK`
+    /// with no body, then the next request's headers with a `GOAWAY` that
+    /// leaves its stream out (the last stream it answered), with error code
+    /// `reason`: the request met the connection's close. Keeps the
+    /// connection open after.
+    async fn goaway_after(answered: u32, reason: u32) -> SocketAddr {
+        /// Writes a frame of `kind` with `flags` on `stream_id`.
+        async fn frame(stream: &mut TcpStream, kind: u8, flags: u8, id: u32, payload: &[u8]) {
             let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
-            let mut bytes = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+            let mut bytes = vec![len[1], len[2], len[3], kind, flags];
+            bytes.extend_from_slice(&id.to_be_bytes());
             bytes.extend_from_slice(payload);
             stream.write_all(&bytes).await.unwrap();
         }
@@ -3079,22 +3082,40 @@ mod http2 {
         const HEADERS: u8 = 1;
         const GOAWAY: u8 = 7;
         const ACK: u8 = 1;
+        // `:status: 200` from HPACK's static table.
+        const STATUS_200: u8 = 0x88;
+        const END_STREAM_AND_HEADERS: u8 = 0x1 | 0x4;
         accept_counting(move |mut stream, _| async move {
             let mut preface = [0u8; 24];
             stream.read_exact(&mut preface).await.unwrap();
             assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-            frame(&mut stream, SETTINGS, 0, &[]).await;
-            let mut head = [0u8; 9];
+            frame(&mut stream, SETTINGS, 0, 0, &[]).await;
+            let (mut head, mut last) = ([0u8; 9], 0);
             while stream.read_exact(&mut head).await.is_ok() {
                 let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & !(1 << 31);
                 let mut payload = vec![0u8; len];
                 stream.read_exact(&mut payload).await.unwrap();
                 match head[3] {
-                    SETTINGS if head[4] & ACK == 0 => frame(&mut stream, SETTINGS, ACK, &[]).await,
+                    SETTINGS if head[4] & ACK == 0 => {
+                        frame(&mut stream, SETTINGS, ACK, 0, &[]).await
+                    }
+                    HEADERS if id / 2 < answered => {
+                        frame(
+                            &mut stream,
+                            HEADERS,
+                            END_STREAM_AND_HEADERS,
+                            id,
+                            &[STATUS_200],
+                        )
+                        .await;
+                        last = id;
+                    }
                     HEADERS => {
                         let mut goaway = [0u8; 8];
+                        goaway[..4].copy_from_slice(&last.to_be_bytes());
                         goaway[4..].copy_from_slice(&reason.to_be_bytes());
-                        frame(&mut stream, GOAWAY, 0, &goaway).await;
+                        frame(&mut stream, GOAWAY, 0, 0, &goaway).await;
                     }
                     _ => {}
                 }
@@ -3104,23 +3125,34 @@ mod http2 {
         .0
     }
 
-    /// A request that met its connection's graceful close (a `GOAWAY`
-    /// without an error) fails with `GoingAway`, which passive health does
-    /// not count: servers close connections so in the normal way. A
-    /// `GOAWAY` with an error counts.
+    /// A request that met the graceful close (a `GOAWAY` without an error)
+    /// of a connection that served others before fails with `GoingAway`,
+    /// which passive health does not count: servers close connections so in
+    /// the normal way. A `GOAWAY` with an error counts, and so does one on a
+    /// connection that answered nothing (a backend that goes away at every
+    /// connection would never be ejected).
     #[tokio::test]
     async fn a_graceful_goaway_is_not_counted_against_its_backend() {
         use tower_ha::error::GoingAway;
 
         let client = HttpClient::<Full<Bytes>>::new().http2_only(true);
-        for (reason, counted) in [(0x0, false), (0x2, true)] {
-            let addr = goaway_at_first_request(reason).await;
+        for (answered, reason, counted) in [(1, 0x0, false), (1, 0x2, true), (0, 0x0, true)] {
+            let case = format!("{answered} answered, code {reason}");
+            let addr = goaway_after(answered, reason).await;
             let (state, balance) = watched(&client, addr, 1);
-            let req = Request::get("/").body(Full::default()).unwrap();
-            let err = balance.clone().oneshot(req).await.unwrap_err();
-            assert_eq!(find::<GoingAway>(&*err).is_some(), !counted, "{err:?}");
-            assert_eq!(state.failures(), u64::from(counted), "code {reason}");
-            assert_eq!(state.is_ejected(), counted, "code {reason}");
+            let get = || Request::get("/").body(Full::default()).unwrap();
+            if answered > 0 {
+                let ok = balance.clone().oneshot(get()).await.unwrap();
+                assert_eq!(ok.status(), StatusCode::OK, "{case}");
+            }
+            let err = balance.clone().oneshot(get()).await.unwrap_err();
+            assert_eq!(
+                find::<GoingAway>(&*err).is_some(),
+                !counted,
+                "{case}: {err:?}"
+            );
+            assert_eq!(state.failures(), u64::from(counted), "{case}");
+            assert_eq!(state.is_ejected(), counted, "{case}");
         }
     }
 

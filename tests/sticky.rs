@@ -37,7 +37,7 @@ const NAMES: [&str; 3] = ["a", "b", "c"];
 /// One in-process backend: answers its name; fails while `fail` is set;
 /// refuses a request marked `x-invalid` as `InvalidRequest`, and fails one
 /// marked `x-going-away` as a connection the backend closed gracefully
-/// (`GoingAway`); sets an
+/// (`GoingAway`), or the first marked `x-going-away-once`; sets an
 /// application cookie or session header, or clears them, when asked, and any
 /// `Set-Cookie` lines `x-set-cookie` lists; answers after
 /// `x-delay-ms` milliseconds of `tokio::time` when asked.
@@ -50,8 +50,12 @@ fn backend(
        + Sync
        + 'static {
     let counter = Arc::new(AtomicUsize::new(0));
+    let went_away = Arc::new(AtomicBool::new(false));
     tower::service_fn(move |req: Request<()>| {
         let fail = fail.load(Ordering::SeqCst);
+        let going_away = req.headers().contains_key("x-going-away")
+            || (req.headers().contains_key("x-going-away-once")
+                && !went_away.swap(true, Ordering::SeqCst));
         let n = counter.fetch_add(1, Ordering::Relaxed);
         let delay = req
             .headers()
@@ -65,7 +69,7 @@ fn backend(
             if req.headers().contains_key("x-invalid") {
                 return Err(InvalidRequest::new("a path that leaves the base path").into());
             }
-            if req.headers().contains_key("x-going-away") {
+            if going_away {
                 return Err(GoingAway::new("GOAWAY (NO_ERROR)").into());
             }
             if fail {
@@ -561,6 +565,26 @@ where
         .layer(FailoverLayer::new().per_try_timeout(per_try).no_budget())
         .layer(BalanceLayer::new(RoundRobin::new()))
         .service(pool.clone())
+}
+
+/// Over a failover layer, a request of a session whose backend closed its
+/// connection gracefully is tried on that backend again (a new
+/// connection), not elsewhere: the session stays.
+#[tokio::test]
+async fn over_failover_a_connection_closed_gracefully_is_tried_again_on_its_backend() {
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
+    let svc = over_failover(&c.pool, layer.clone(), Duration::ZERO);
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+    let closing = Request::builder()
+        .header("x-session-id", "s1")
+        .header("x-going-away-once", "1")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&svc, closing).await.unwrap().body(), &home);
+    assert_eq!(c.requests_elsewhere(&home), 0, "no other backend reached");
+    assert!(moves.all().is_empty(), "{:?}", moves.all());
 }
 
 /// Session `s1`'s next request, a POST sent once, goes to another backend

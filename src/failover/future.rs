@@ -22,7 +22,7 @@ use super::stats::bump;
 use crate::backend::BackendId;
 use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event};
-use crate::error::{find, is_no_backend, never_sent, BackendError, BoxError, Report};
+use crate::error::{find, is_no_backend, never_sent, BackendError, BoxError, GoingAway, Report};
 use crate::extensions::Picked;
 use crate::extensions::{Attempts, GaveUp, ServedBy};
 use crate::time::{earliest, later, set_timer};
@@ -532,9 +532,14 @@ where
         }
     }
 
-    /// Records a failed attempt, and excludes its backend from the next.
+    /// Records a failed attempt, and excludes its backend from the next,
+    /// but after its first graceful close of a connection ([`GoingAway`]):
+    /// the backend is healthy, and a session's next attempt goes back to
+    /// it, on a new connection, rather than move.
     fn record(&mut self, id: BackendId, cause: BoxError) {
-        if let Some(template) = &mut self.template {
+        let again = find::<GoingAway>(&*cause).is_some()
+            && !self.failures.iter().any(|(tried, _)| *tried == id);
+        if let (Some(template), false) = (&mut self.template, again) {
             let extensions = &mut template.parts.extensions;
             match extensions.get_mut::<Attempts>() {
                 Some(attempts) => attempts.push(id.clone()),

@@ -187,8 +187,11 @@ where
     /// some POSTs twice in `posts_racing_a_goaway_are_never_processed_twice`.
     ///
     /// A request whose stream a `GOAWAY` without an error (`NO_ERROR`)
-    /// ended fails with [`GoingAway`]: the backend closed the connection
-    /// in the normal way, and is not to blame.
+    /// ended, on a connection that other requests used before, fails with
+    /// [`GoingAway`]: the backend closed the connection in the normal way,
+    /// and is not to blame. On a connection opened for the request, it is
+    /// the backend's failure, so that one that goes away at every
+    /// connection is ejected.
     ///
     /// A response head that does not come within the read timeout of the
     /// request's end (`sent` says when its body was sent) fails the
@@ -252,7 +255,11 @@ where
                             // go to a new one.
                             self.forget(n);
                         }
+                        // On a connection opened for this request, the
+                        // backend answered nothing before it went away: as
+                        // a backend that keeps doing so, a failure.
                         let graceful = going_away
+                            && !fresh
                             && h2.and_then(h2::Error::reason) == Some(h2::Reason::NO_ERROR);
                         let refused = h2.is_some_and(|h2| {
                             h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
