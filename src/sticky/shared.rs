@@ -746,12 +746,17 @@ impl Shared {
             if self.tracks_records() {
                 self.records.lock().insert(&hit.key);
             }
-            let write = match found.refresh {
-                // The worker saves the session as the table holds it then.
-                Due::Save => Write::Save(Session::new(&*hit.key, hit.backend.clone())),
-                Due::Refresh | Due::Nothing => Write::Refresh(hit.key.to_string()),
-            };
-            drop(Writes::submit(self, store, write));
+            let key = hit.key.to_string();
+            match found.refresh {
+                // Bounded as a new session's save: one that failed for want
+                // of a place must not bypass the limit the next time.
+                Due::Save => drop(Writes::decide(self, store, true, || {
+                    ((), Some(Write::Resave(key)))
+                })),
+                Due::Refresh | Due::Nothing => {
+                    drop(Writes::submit(self, store, Write::Refresh(key)))
+                }
+            }
         }
     }
 
@@ -1354,11 +1359,15 @@ impl Shared {
     /// Waits until no write to the store is queued or under way.
     pub(crate) async fn flush(self: &Arc<Self>) {
         if let Some(store) = &self.config.store {
-            for session in self.table.take_unsaved() {
+            // As many at once as the limit of keys with writes under way
+            // lets: the others fail at once and stay unsaved.
+            for key in self.table.take_unsaved() {
                 if self.tracks_records() {
-                    self.records.lock().insert(&session.key);
+                    self.records.lock().insert(&key);
                 }
-                drop(Writes::submit(self, store, Write::Save(session)));
+                drop(Writes::decide(self, store, true, || {
+                    ((), Some(Write::Resave(key)))
+                }));
             }
         }
         // A move's hook is called once its writes have landed.
@@ -1927,7 +1936,7 @@ impl Shared {
                 // request for the key finds it.
                 let mut records = self.records.lock();
                 match write {
-                    Write::Save(session) => records.insert(&session.key),
+                    Write::Save(Session { key, .. }) | Write::Resave(key) => records.insert(key),
                     Write::Delete(key) => records.remove(key),
                     Write::Refresh(_) | Write::Barrier(_) => {}
                 }
@@ -2209,7 +2218,7 @@ impl Owner for Shared {
             }
             // Saved again later: the record may name a backend the session
             // left. (A refresh that joined it is one of its writes.)
-            Write::Save(session) => self.table.save_failed(&session.key),
+            Write::Save(Session { key, .. }) | Write::Resave(key) => self.table.save_failed(key),
             Write::Refresh(key) => self.table.refresh_failed(key),
             Write::Delete(_) | Write::Barrier(_) => {}
         }

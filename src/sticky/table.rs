@@ -505,16 +505,16 @@ impl Table {
         }
     }
 
-    /// The saved sessions whose last save failed, as they are now; each
-    /// is due to be saved by the caller, no longer by its next request.
-    pub(crate) fn take_unsaved(&self) -> Vec<Session> {
+    /// The keys of the saved sessions whose last save failed; each is due
+    /// to be saved by the caller, no longer by its next request.
+    pub(crate) fn take_unsaved(&self) -> Vec<String> {
         let mut unsaved = Vec::new();
         for shard in self.shards.iter() {
             let map = shard.read();
             unsaved.extend(map.iter().filter_map(|(k, entry)| {
                 let take = entry.saved.load(Ordering::Relaxed)
                     && entry.unsaved.swap(false, Ordering::Relaxed);
-                take.then(|| to_session(&k.0, entry))
+                take.then(|| k.0.to_string())
             }));
         }
         unsaved

@@ -49,20 +49,25 @@ pub(crate) enum Write {
     /// session as the owner knows it when its turn comes, if it still
     /// keeps it: a record that would expire is in use.
     Refresh(String),
+    /// Saves the session as the owner knows it when its turn comes, if it
+    /// still keeps it: once more after a save of it failed.
+    Resave(String),
 }
 
 impl Write {
     pub(crate) fn key(&self) -> &str {
         match self {
             Write::Save(session) => &session.key,
-            Write::Delete(key) | Write::Barrier(key) | Write::Refresh(key) => key,
+            Write::Delete(key) | Write::Barrier(key) | Write::Refresh(key) | Write::Resave(key) => {
+                key
+            }
         }
     }
 
     /// What the owner hears of when it fails.
     pub(crate) fn op(&self) -> &'static str {
         match self {
-            Write::Save(_) => "save",
+            Write::Save(_) | Write::Resave(_) => "save",
             Write::Delete(_) => "delete",
             Write::Barrier(_) => "barrier",
             Write::Refresh(_) => "refresh",
@@ -100,13 +105,17 @@ impl Queued {
     /// otherwise.
     fn join(&mut self, later: Queued) -> Option<Queued> {
         match (&self.write, &later.write) {
-            (Write::Save(_) | Write::Refresh(_), Write::Refresh(_))
+            (Write::Save(_) | Write::Refresh(_) | Write::Resave(_), Write::Refresh(_))
+            | (Write::Save(_) | Write::Resave(_), Write::Resave(_))
             | (Write::Delete(_), Write::Delete(_))
             | (Write::Barrier(_), Write::Barrier(_)) => {}
-            // What a save would write, the delete after it removes.
-            (Write::Save(_) | Write::Refresh(_), Write::Save(_) | Write::Delete(_)) => {
-                self.write = later.write
-            }
+            // What a save would write, the delete after it removes; a
+            // refresh writes no record that is there, a save again does.
+            (
+                Write::Save(_) | Write::Refresh(_) | Write::Resave(_),
+                Write::Save(_) | Write::Delete(_),
+            )
+            | (Write::Refresh(_), Write::Resave(_)) => self.write = later.write,
             _ => return Some(later),
         }
         self.joined.push(later.done);
@@ -351,7 +360,7 @@ impl<O: Owner> Worker<O> {
             // The session as the owner keeps it now, if it does.
             let saved = match &next.write {
                 Write::Save(decided) => self.owner.saved(&decided.key),
-                Write::Refresh(key) => self.owner.saved(key),
+                Write::Refresh(key) | Write::Resave(key) => self.owner.saved(key),
                 Write::Delete(_) | Write::Barrier(_) => None,
             };
             // A store that panics fails that write only: the key's later
@@ -365,7 +374,8 @@ impl<O: Owner> Worker<O> {
                 (Write::Refresh(_), Some(session)) => {
                     unless_panics(|| store.refresh(session)).await
                 }
-                (Write::Refresh(_), None) | (Write::Barrier(_), _) => Ok(()),
+                (Write::Resave(_), Some(session)) => unless_panics(|| store.save(session)).await,
+                (Write::Refresh(_) | Write::Resave(_), None) | (Write::Barrier(_), _) => Ok(()),
                 (Write::Delete(key), _) => {
                     unless_panics(|| store.delete(std::slice::from_ref(key))).await
                 }
@@ -771,6 +781,38 @@ mod tests {
         assert_eq!(queue(&log).0, ["refresh"]);
         permits.add_permits(1);
         landed(stuck).await.unwrap();
+    }
+
+    /// A save again writes the session as its owner keeps it when its
+    /// turn comes, and nothing once the owner keeps it no more (this one
+    /// keeps none). Queued behind a refresh, it replaces it (a refresh
+    /// writes no record that is there), and a refresh after it joins it.
+    #[tokio::test]
+    async fn a_save_again_writes_only_what_its_owner_keeps() {
+        let (store, inner, permits) = gated();
+        let log = Arc::new(Log::default());
+        let stuck = Writes::submit(&log, &store, Write::Save(Session::new("k", "a".into())));
+        let refresh = || Write::Refresh("k".into());
+        let queued = [
+            Writes::submit(&log, &store, refresh()),
+            Writes::submit(&log, &store, Write::Resave("k".into())),
+            Writes::submit(&log, &store, refresh()),
+        ];
+        {
+            let queues = log.writes.queues.lock();
+            let queue = &queues["k"];
+            assert_eq!(queue.len(), 1);
+            assert!(matches!(&queue[0].write, Write::Resave(k) if k == "k"));
+            assert_eq!(queue[0].joined.len(), 2);
+        }
+        permits.add_permits(1);
+        landed(stuck).await.unwrap();
+        for done in queued {
+            landed(done).await.unwrap();
+        }
+        let stored = inner.load("k").await.unwrap().unwrap();
+        assert_eq!(stored.backend.as_str(), "a", "the save again wrote nothing");
+        assert!(log.failed.lock().is_empty());
     }
 
     #[tokio::test]
