@@ -87,7 +87,7 @@ impl Drop for RunningHook {
         // A hook that panicked has been reported by its task.
         if !self.ended && !std::thread::panicking() {
             let session = super::shared::Shown::new(&self.key, self.hidden);
-            tracing::warn!(target: super::shared::TARGET, %session, "on_move hook cut short: its task stopped (the runtime shut down) before the hook ended");
+            tracing::warn!(target: super::shared::TARGET, %session, "on_move hook cut short: dropped before it ended (its runtime shut down, or, outside a runtime, its response was dropped)");
         }
         if self.running.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.running.ended.notify_waiters();
