@@ -558,6 +558,8 @@ impl RedisStoreBuilder {
     /// the user lacks the permission for one of those commands, and with
     /// [`rejected`](StoreError::is_rejected) when the server does not know
     /// one (`GETEX` before Redis 6.2), rather than failing every load later.
+    /// The commands that write or list are not checked: a user that may
+    /// only read builds, and its saves fail.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
         if self.timeout.is_zero() {
             return Err(super::zero_timeout("Redis"));
@@ -1005,8 +1007,11 @@ fn map_error(e: RedisError, what: &str) -> StoreError {
             && (detail.starts_with("Authentication required")
                 || detail.contains("no permissions")))
         // A command, key or channel a script used that the user may not:
-        // Redis answers `ERR`, not `NOPERM`, for those.
-        || (code == "ERR" && detail.contains("The user executing the script can't"))
+        // Redis answers `ERR`, not `NOPERM`, for those (in the words of
+        // Redis 6 and 7.0, then of 7.2 and later, and Valkey).
+        || (code == "ERR"
+            && (detail.contains("The user executing the script can't")
+                || detail.starts_with("ACL failure in script")))
     {
         StoreError::unauthorized(e)
     } else if e.is_io_error()
@@ -1618,9 +1623,9 @@ async fn listen(
     // owed an `All` as soon as it has room. (The client reads the
     // subscription eagerly into a queue without a bound, so waiting for
     // the reader would only move the backlog there.) Meanwhile notices are
-    // dropped as they come, unread: taking one off that queue then costs
-    // less than the client spent putting it there, so the queue does not
-    // grow however fast notices come.
+    // dropped as they come, unparsed: taking one off that queue then costs
+    // less than the client spent putting it there, so the queue is kept
+    // short while this task gets to run.
     loop {
         {
             let (mut sink, stream) = pubsub.split();
@@ -1957,9 +1962,10 @@ mod tests {
         assert!(e.is_rejected(), "{e:?}");
         let e = map_error(server_says(b"-NOPERM no permission\r\n"), "load");
         assert!(e.is_unauthorized(), "{e:?}");
-        // A permission a script's command lacks, as Redis 7 and Redis 6
-        // answer it.
+        // A permission a script's command lacks, as Redis 7.0 and Redis 6,
+        // then Redis 7.2 answer it.
         for reply in [
+            &b"-ERR ACL failure in script: No permissions to run the 'pexpire' command script: 1b936e3fe509bcbc9cd0664897bbe8fd0cac101b, on @user_script:3.\r\n"[..],
             &b"-ERR The user executing the script can't run this command or subcommand script: 1b936e3fe509bcbc9cd0664897bbe8fd0cac101b, on @user_script:3.\r\n"[..],
             b"-ERR Error running script (call to f_1b936e3fe509bcbc9cd0664897bbe8fd0cac101b): @user_script:3: @user_script: 3: The user executing the script can't access at least one of the keys mentioned in the command\r\n",
         ] {
