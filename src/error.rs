@@ -215,7 +215,8 @@ impl StdError for NotSent {
 /// `HttpClient::http2_only`), so it is not [`NotSent`]: the failover layer
 /// retries it as any other failure of a request that was sent (idempotent
 /// requests only, by default), first on the same backend (a new
-/// connection), once, so that a session does not move for it.
+/// connection), once, when the request's session has its affinity there,
+/// so that the session does not move for it.
 ///
 /// ```
 /// use tower_ha::error::{find, GoingAway};

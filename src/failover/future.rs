@@ -24,7 +24,7 @@ use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event};
 use crate::error::{find, is_no_backend, never_sent, BackendError, BoxError, GoingAway, Report};
 use crate::extensions::Picked;
-use crate::extensions::{Attempts, GaveUp, ServedBy};
+use crate::extensions::{Affinity, Attempts, GaveUp, ServedBy};
 use crate::time::{earliest, later, set_timer};
 
 pin_project! {
@@ -533,11 +533,16 @@ where
     }
 
     /// Records a failed attempt, and excludes its backend from the next,
-    /// but after its first graceful close of a connection ([`GoingAway`]):
-    /// the backend is healthy, and a session's next attempt goes back to
-    /// it, on a new connection, rather than move.
+    /// but after its first graceful close of a connection ([`GoingAway`])
+    /// when the request's session has its affinity there: the backend is
+    /// healthy, and the session's next attempt goes back to it, on a new
+    /// connection, rather than move. (A request without affinity goes on to
+    /// another: the backend may be going away for good.)
     fn record(&mut self, id: BackendId, cause: BoxError) {
         let again = find::<GoingAway>(&*cause).is_some()
+            && (self.template.as_ref())
+                .and_then(|t| t.parts.extensions.get::<Affinity>())
+                .is_some_and(|affinity| affinity.0 == id)
             && !self.failures.iter().any(|(tried, _)| *tried == id);
         if let (Some(template), false) = (&mut self.template, again) {
             let extensions = &mut template.parts.extensions;

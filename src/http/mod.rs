@@ -727,9 +727,10 @@ where
     /// still waiting for a free stream when the connection ended, fails
     /// with hyper's error, which does not say whether the backend got it:
     /// the failover layer retries it only when its method is idempotent.
-    /// A `GOAWAY` without an error (`NO_ERROR`) wraps it in
-    /// [`GoingAway`](crate::error::GoingAway): the backend is not to blame,
-    /// and passive health does not count it.
+    /// A `GOAWAY` without an error (`NO_ERROR`) on a connection that served
+    /// requests before wraps it in [`GoingAway`](crate::error::GoingAway):
+    /// the backend is not to blame, and passive health does not count it
+    /// (on a connection opened for the request, it does).
     /// For the same reason, a request that waits for a free stream counts
     /// as sent: a per-try timeout that ends then is not followed by a
     /// retry of a POST.
