@@ -2070,6 +2070,11 @@ async fn beyond_max_pending_writes_a_new_sessions_save_fails_at_once() {
     layer.flush().await;
     assert!(store.load("s1").await.unwrap().is_some(), "saved");
     assert!(store.load("s2").await.unwrap().is_some(), "saved");
+    assert!(
+        store.load("s3").await.unwrap().is_some(),
+        "saved again by the flush"
+    );
+    assert_eq!(layer.stats().store_errors, 1);
 }
 
 /// An `on_move` hook that hangs holds its response for the response wait

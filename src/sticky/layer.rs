@@ -305,10 +305,12 @@ impl StickyLayer {
     /// request 5 seconds later or more reads again; strict mode refuses
     /// them with [`SessionUnavailable`](super::SessionUnavailable). So a
     /// store whose own timeouts and retries add up to minutes (a
-    /// webhook's, by default) delays a request by this much at most. A
+    /// webhook's, by default) delays its reads by this much at most. A
     /// record read in time and restored with [`hydrate`](Self::hydrate) is
-    /// waited for until its restore ends (bounded by
-    /// [`restore_timeout`](Self::restore_timeout)). Zero for no limit.
+    /// waited for until its restore ends: the wait for its lock (the
+    /// lock's own, 35 s for a `RedisStore` lease by default), the
+    /// [`restore_timeout`](Self::restore_timeout) of its hook, and the
+    /// reads of the record around it. Zero for no limit.
     /// Measured with `tokio::time` (the runtime's timer must be enabled,
     /// as `#[tokio::main]` does); outside a tokio runtime the read has no
     /// limit.

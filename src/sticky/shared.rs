@@ -1358,16 +1358,21 @@ impl Shared {
 
     /// Waits until no write to the store is queued or under way.
     pub(crate) async fn flush(self: &Arc<Self>) {
+        self.writes.flush().await;
         if let Some(store) = &self.config.store {
-            // As many at once as the limit of keys with writes under way
-            // lets: the others fail at once and stay unsaved.
-            for key in self.table.take_unsaved() {
-                if self.tracks_records() {
-                    self.records.lock().insert(&key);
+            // Each once, at most as many at a time as the limit of keys with
+            // writes under way, once those under way have landed.
+            let unsaved = self.table.take_unsaved();
+            for keys in unsaved.chunks(self.config.max_pending_writes.max(1)) {
+                for key in keys {
+                    if self.tracks_records() {
+                        self.records.lock().insert(key);
+                    }
+                    drop(Writes::decide(self, store, true, || {
+                        ((), Some(Write::Resave(key.clone())))
+                    }));
                 }
-                drop(Writes::decide(self, store, true, || {
-                    ((), Some(Write::Resave(key)))
-                }));
+                self.writes.flush().await;
             }
         }
         // A move's hook is called once its writes have landed.
@@ -2215,6 +2220,11 @@ impl Owner for Shared {
             // than saved again at every refresh.
             Write::Save(session) if error.is_invalid_key() => {
                 self.table.unkeep(&session.key, &session.backend);
+            }
+            Write::Resave(key) if error.is_invalid_key() => {
+                if let Some(backend) = self.table.backend(key) {
+                    self.table.unkeep(key, &backend);
+                }
             }
             // Saved again later: the record may name a backend the session
             // left. (A refresh that joined it is one of its writes.)
