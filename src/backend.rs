@@ -235,10 +235,8 @@ pub struct BackendState {
     /// cannot once it is freed.
     serial: Serial,
     /// Tells the tunnels open to the backend to close (see
-    /// [`close_tunnels`](BackendState::close_tunnels)), and how many times
-    /// it did.
-    tunnels: tokio::sync::Notify,
-    tunnel_closes: AtomicU32,
+    /// [`close_tunnels`](BackendState::close_tunnels)).
+    tunnels: Arc<tokio::sync::Notify>,
 }
 
 impl BackendState {
@@ -263,8 +261,7 @@ impl BackendState {
             linked: AtomicBool::new(false),
             unproven: AtomicBool::new(false),
             serial: Serial::take(),
-            tunnels: tokio::sync::Notify::const_new(),
-            tunnel_closes: AtomicU32::new(0),
+            tunnels: Arc::default(),
         }
     }
 
@@ -279,23 +276,16 @@ impl BackendState {
     /// calls this at a drain's deadline; see also
     /// [`Handle::close_tunnels`](crate::control::Handle::close_tunnels).
     pub fn close_tunnels(&self) {
-        self.tunnel_closes.fetch_add(1, Ordering::Release);
         self.tunnels.notify_waiters();
     }
 
     /// Resolves at the next [`close_tunnels`](Self::close_tunnels) called
-    /// after it was made: for a backend service of your own that holds
-    /// tunnels, to close them when told. Make it when the tunnel opens (a
-    /// call before it was made is missed).
-    pub fn tunnels_closed(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
-        self.tunnels.notified()
-    }
-
-    /// How many times [`close_tunnels`](Self::close_tunnels) was called:
-    /// for a tunnel whose [`tunnels_closed`](Self::tunnels_closed) is made
-    /// in a task of its own, to see a call made before.
-    pub(crate) fn tunnel_closes(&self) -> u32 {
-        self.tunnel_closes.load(Ordering::Acquire)
+    /// after it was made, wherever it is awaited then: for a backend
+    /// service of your own that holds tunnels, to close them when told.
+    /// Make it when the tunnel opens, before it is handed to a task of its
+    /// own (a call before it was made is missed).
+    pub fn tunnels_closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.tunnels.clone().notified_owned()
     }
 
     /// Whether the backend may take a new request now: enabled, healthy and

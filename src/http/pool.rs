@@ -789,16 +789,11 @@ where
         let backend = hyper::upgrade::on(&mut resp);
         // The tunnel counts as in flight on its backend while it lasts.
         let in_flight = backend_state.as_ref().map(|state| state.hold_in_flight());
-        let closes = backend_state.as_ref().map(|state| state.tunnel_closes());
+        // Told from the switch on: dropping the tunnel closes both sides.
+        let closed = backend_state.as_ref().map(|state| state.tunnels_closed());
         let idle = self.tunnel_idle_timeout;
         tokio::spawn(async move {
             let _in_flight = in_flight;
-            // Told from now on, and of a close since the switch: dropping
-            // the tunnel closes both sides.
-            let closed = backend_state.as_ref().map(|state| state.tunnels_closed());
-            if backend_state.as_ref().map(|state| state.tunnel_closes()) != closes {
-                return;
-            }
             let closed = async {
                 match closed {
                     Some(closed) => closed.await,
