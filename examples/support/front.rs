@@ -488,12 +488,10 @@ where
 struct Stall {
     limit: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// Whether the timer runs: not while no request is open, so that an
-    /// idle connection is not woken for it.
-    armed: bool,
     /// Since when no frame was handed out while every request open waited
-    /// for its client.
-    since: Instant,
+    /// for its client; `None` while the timer does not run: not while no
+    /// request is open, so that an idle connection is not woken for it.
+    since: Option<Instant>,
 }
 
 impl Stall {
@@ -501,8 +499,7 @@ impl Stall {
         Stall {
             limit,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            armed: false,
-            since: Instant::now(),
+            since: None,
         }
     }
 
@@ -511,29 +508,28 @@ impl Stall {
     /// looked at every quarter of it while requests are open. Polled at
     /// each wake of the connection, which a new request is.
     fn poll(&mut self, requests: &Requests, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.armed {
+        if self.since.is_none() {
             if requests.open.load(Ordering::Acquire) == 0 {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            self.armed = true;
-            self.since = now;
+            self.since = Some(now);
             requests.moved.store(false, Ordering::Relaxed);
             self.timer.as_mut().reset(now + self.limit / 4);
         }
-        while self.timer.as_mut().poll(cx).is_ready() {
+        while let (Some(since), Poll::Ready(())) = (self.since, self.timer.as_mut().poll(cx)) {
             let now = Instant::now();
             // In this order: a request that opens between the two reads
             // makes `open` larger, never `handed`.
             let handed = requests.handed.load(Ordering::Acquire);
             let open = requests.open.load(Ordering::Acquire);
             if open == 0 {
-                self.armed = false;
+                self.since = None;
                 return Poll::Pending;
             }
             if handed < open || requests.moved.swap(false, Ordering::Relaxed) {
-                self.since = now;
-            } else if now.duration_since(self.since) >= self.limit {
+                self.since = Some(now);
+            } else if now.duration_since(since) >= self.limit {
                 return Poll::Ready(());
             }
             self.timer.as_mut().reset(now + self.limit / 4);
