@@ -743,21 +743,26 @@ impl Shared {
             return;
         }
         if let (Some(hit), Some(store)) = (&found.hit, &self.config.store) {
-            if self.tracks_records() {
-                self.records.lock().insert(&hit.key);
-            }
             let key = hit.key.to_string();
-            match found.refresh {
-                // Bounded as a new session's save: one that failed for want
-                // of a place must not bypass the limit the next time.
-                Due::Save => drop(Writes::decide(self, store, true, || {
-                    ((), Some(Write::Resave(key)))
-                })),
-                Due::Refresh | Due::Nothing => {
-                    drop(Writes::submit(self, store, Write::Refresh(key)))
-                }
+            if found.refresh == Due::Save {
+                drop(self.resave(store, key));
+                return;
             }
+            if self.tracks_records() {
+                self.records.lock().insert(&key);
+            }
+            drop(Writes::submit(self, store, Write::Refresh(key)));
         }
+    }
+
+    /// Saves `key`'s session once more after a save of it failed, bounded
+    /// as a new session's save: one that failed for want of a place must
+    /// not bypass the limit the next time.
+    fn resave(self: &Arc<Self>, store: &Arc<dyn SessionStore>, key: String) -> Option<Done> {
+        if self.tracks_records() {
+            self.records.lock().insert(&key);
+        }
+        Writes::decide(self, store, true, || ((), Some(Write::Resave(key)))).1
     }
 
     /// Routes a request whose session was looked up in the store (or not,
@@ -1359,26 +1364,29 @@ impl Shared {
     /// Waits until no write to the store is queued or under way.
     pub(crate) async fn flush(self: &Arc<Self>) {
         self.writes.flush().await;
+        let mut unsaved = 0;
         if let Some(store) = &self.config.store {
             // Each once, at most as many at a time as the limit of keys with
             // writes under way, once those under way have landed.
-            let unsaved = self.table.take_unsaved();
-            for keys in unsaved.chunks(self.config.max_pending_writes.max(1)) {
-                for key in keys {
-                    if self.tracks_records() {
-                        self.records.lock().insert(key);
-                    }
-                    drop(Writes::decide(self, store, true, || {
-                        ((), Some(Write::Resave(key.clone())))
-                    }));
-                }
+            let keys = self.table.take_unsaved();
+            for keys in keys.chunks(self.config.max_pending_writes.max(1)) {
+                let saves: Vec<_> = keys
+                    .iter()
+                    .filter_map(|key| self.resave(store, key.clone()))
+                    .collect();
+                // The next batch's places (a queue goes once its result is
+                // told).
                 self.writes.flush().await;
+                for save in saves {
+                    // A key the store cannot hold stays in memory only.
+                    if landed(save).await.is_err_and(|e| !e.is_invalid_key()) {
+                        unsaved += 1;
+                    }
+                }
             }
         }
-        // A move's hook is called once its writes have landed.
-        self.writes.flush().await;
+        // A move's hook is counted from when the move was decided.
         self.hooks.idle().await;
-        let unsaved = self.table.count_unsaved();
         if unsaved > 0 {
             tracing::warn!(target: TARGET, unsaved, "sessions whose records the store failed to save again (see store_errors): their records may name backends they left");
         }
@@ -1941,9 +1949,10 @@ impl Shared {
                 // request for the key finds it.
                 let mut records = self.records.lock();
                 match write {
-                    Write::Save(Session { key, .. }) | Write::Resave(key) => records.insert(key),
+                    Write::Save(session) => records.insert(&session.key),
                     Write::Delete(key) => records.remove(key),
-                    Write::Refresh(_) | Write::Barrier(_) => {}
+                    // A save again is queued by `resave`, which notes it.
+                    Write::Refresh(_) | Write::Resave(_) | Write::Barrier(_) => {}
                 }
             }
             (made, write)

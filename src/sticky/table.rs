@@ -520,19 +520,6 @@ impl Table {
         unsaved
     }
 
-    /// How many saved sessions' last save failed.
-    pub(crate) fn count_unsaved(&self) -> usize {
-        (self.shards.iter())
-            .map(|shard| {
-                (shard.read().values())
-                    .filter(|entry| {
-                        entry.saved.load(Ordering::Relaxed) && entry.unsaved.load(Ordering::Relaxed)
-                    })
-                    .count()
-            })
-            .sum()
-    }
-
     /// Makes the refresh of `key`'s record, which failed, due again at its
     /// next request an eighth of the interval from now: well before the
     /// record expires (the interval is at most half its time to live),
