@@ -398,13 +398,7 @@ impl CookieInsert {
     pub(crate) fn remove_backends_lines(&self, headers: &mut HeaderMap) -> usize {
         let name = self.name().as_bytes();
         let sets = |line: &HeaderValue| {
-            let pair = line
-                .as_bytes()
-                .split(|&b| b == b';')
-                .next()
-                .unwrap_or_default();
-            let eq = pair.iter().position(|&b| b == b'=');
-            eq.is_some_and(|eq| pair[..eq].trim_ascii() == name)
+            set_cookie_parts(line.as_bytes()).is_some_and(|(cookie, ..)| cookie == name)
         };
         if !headers.get_all(SET_COOKIE).iter().any(sets) {
             return 0;
@@ -412,12 +406,16 @@ impl CookieInsert {
         let http::header::Entry::Occupied(lines) = headers.entry(SET_COOKIE) else {
             return 0;
         };
-        let (_, lines) = lines.remove_entry_mult();
-        let (kept, removed): (Vec<_>, Vec<_>) = lines.partition(|line| !sets(line));
-        for line in kept {
-            headers.append(SET_COOKIE, line);
+        let lines: Vec<_> = lines.remove_entry_mult().1.collect();
+        let mut removed = 0;
+        for line in lines {
+            if sets(&line) {
+                removed += 1;
+            } else {
+                headers.append(SET_COOKIE, line);
+            }
         }
-        removed.len()
+        removed
     }
 
     /// The name, with its search in `Cookie` headers.
@@ -690,19 +688,17 @@ pub(crate) fn learn<'h>(
         !path.is_empty() && request_path.is_some_and(|r| !path_matches(r.as_bytes(), path))
     };
     for header in headers.get_all(SET_COOKIE) {
-        let mut parts = header.as_bytes().split(|&b| b == b';');
-        let Some(pair) = parts.next() else { continue };
-        let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+        let Some((cookie, value, attributes)) = set_cookie_parts(header.as_bytes()) else {
             continue;
         };
-        if pair[..eq].trim_ascii() != name {
+        if cookie != name {
             continue;
         }
-        let value = unquote(pair[eq + 1..].trim_ascii());
+        let value = unquote(value);
         // `Max-Age` wins over `Expires`, wherever they are.
         let (mut max_age, mut expires) = (None, false);
         let (mut path, mut domain): (&[u8], &[u8]) = (b"", b"");
-        for attr in parts {
+        for attr in attributes {
             match ends(attr) {
                 Some(Ends::MaxAge(now)) => max_age = Some(now),
                 Some(Ends::Expires(past)) => expires = past,
@@ -749,6 +745,15 @@ pub(crate) fn learn<'h>(
 
 /// A cookie's path and domain, and the value a `Set-Cookie` left it with.
 type Scope<'p, 'h> = (&'p [u8], &'h [u8], Option<&'h [u8]>);
+
+/// A `Set-Cookie` line's cookie name and value (trimmed, the value still
+/// quoted if it was), and its attributes.
+fn set_cookie_parts(line: &[u8]) -> Option<(&[u8], &[u8], impl Iterator<Item = &[u8]>)> {
+    let mut parts = line.split(|&b| b == b';');
+    let pair = parts.next()?;
+    let eq = pair.iter().position(|&b| b == b'=')?;
+    Some((pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii(), parts))
+}
 
 /// The path of a cookie set without one in answer to a request for
 /// `request` (RFC 6265, section 5.1.4): up to its last `/`, or `/`.
