@@ -77,6 +77,11 @@ pub(crate) struct RunningHook {
 }
 
 impl RunningHook {
+    /// Its session, as logs show it.
+    pub(crate) fn shown(&self) -> super::shared::Shown<'_> {
+        super::shared::Shown::new(&self.key, self.hidden)
+    }
+
     pub(crate) fn ended(mut self) {
         self.ended = true;
     }
@@ -86,7 +91,7 @@ impl Drop for RunningHook {
     fn drop(&mut self) {
         // A hook that panicked has been reported by its task.
         if !self.ended && !std::thread::panicking() {
-            let session = super::shared::Shown::new(&self.key, self.hidden);
+            let session = self.shown();
             tracing::warn!(target: super::shared::TARGET, %session, "on_move hook cut short: dropped before it ended (its runtime shut down, or, outside a runtime, its response was dropped)");
         }
         if self.running.count.fetch_sub(1, Ordering::AcqRel) == 1 {

@@ -1962,22 +1962,21 @@ impl Shared {
     }
 
     fn finish(self: &Arc<Self>, work: Work) -> Option<BoxFuture<()>> {
-        let hook = work.moved.as_ref().and(self.config.on_move.clone());
-        if work.writes.is_empty() && hook.is_none() {
+        let hidden = self.learns_cookie();
+        let hooked = (self.config.on_move.clone().zip(work.moved)).map(|(hook, moved)| {
+            let running = self.hooks.start(moved.session.key.as_str().into(), hidden);
+            (hook, moved, running)
+        });
+        if work.writes.is_empty() && hooked.is_none() {
             return None;
         }
         let limit = self.config.move_timeout;
-        let hidden = self.learns_cookie();
-        let running = (work.moved.as_ref())
-            .filter(|_| hook.is_some())
-            .map(|moved| self.hooks.start(moved.session.key.as_str().into(), hidden));
         Some(Box::pin(async move {
             // A failure was counted and logged where it happened.
             for done in work.writes {
                 let _ = done.await;
             }
-            if let (Some(hook), Some(moved), Some(running)) = (hook, work.moved, running) {
-                let key = moved.session.key.clone();
+            if let Some((hook, moved, running)) = hooked {
                 let run = hook(moved);
                 // Without a runtime there is no timer to measure it.
                 let limited = !limit.is_zero() && tokio::runtime::Handle::try_current().is_ok();
@@ -1989,10 +1988,10 @@ impl Shared {
                 match ran {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => {
-                        tracing::warn!(target: TARGET, session = %Shown::new(&key, hidden), error = %crate::error::Report(&*error), "on_move hook failed");
+                        tracing::warn!(target: TARGET, session = %running.shown(), error = %crate::error::Report(&*error), "on_move hook failed");
                     }
                     Err(_) => {
-                        tracing::warn!(target: TARGET, session = %Shown::new(&key, hidden), ?limit, "on_move hook ran past its limit; stopped");
+                        tracing::warn!(target: TARGET, session = %running.shown(), ?limit, "on_move hook ran past its limit; stopped");
                     }
                 }
                 running.ended();
