@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use crate::backend::BackendState;
 use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event, Events};
-use crate::error::{find, GoingAway, InvalidRequest};
+use crate::error::not_the_backends;
 use crate::extensions::Target;
 use crate::time::Throttle;
 
@@ -552,13 +552,13 @@ impl<C> Watch<C> {
 
 impl<C: Classifier> Watch<C> {
     /// Records an outcome of a request sent to `target` as the classifier
-    /// judges it. A request refused as [`InvalidRequest`] (the request's
+    /// judges it. A request refused as [`InvalidRequest`](crate::error::InvalidRequest) (the request's
     /// fault, not the backend's), or that met its connection's graceful
-    /// close ([`GoingAway`]), records nothing, neither a failure nor a
+    /// close ([`GoingAway`](crate::error::GoingAway)), records nothing, neither a failure nor a
     /// success.
     pub(crate) fn record(&self, target: &Target, outcome: &Outcome<'_>) {
         if let Outcome::Error(e) = outcome {
-            if find::<InvalidRequest>(*e).is_some() || find::<GoingAway>(*e).is_some() {
+            if not_the_backends(*e) {
                 return;
             }
         }

@@ -27,7 +27,7 @@ use super::table::{Dropped, Due, Hit, Kept, Lookup, Table, Unread};
 use super::writes::{landed, Done, Owner, Write, Writes};
 use super::Availability;
 use crate::backend::BackendId;
-use crate::error::{find, BackendError, BoxError, GoingAway, InvalidRequest, NoBackend};
+use crate::error::{find, not_the_backends, BackendError, BoxError, InvalidRequest, NoBackend};
 use crate::extensions::{Affinity, AffinityRequired, Attempts, GaveUp, ServedBy};
 use crate::failover::{Exhausted, FailedStatus, TimedOut};
 use crate::key::RequestHead;
@@ -1723,7 +1723,7 @@ impl Shared {
             // failed it before it was sent. A connection it closed in the
             // normal way is not its failure.
             let own = |e: &BackendError| {
-                (e.backend() == backend && find::<GoingAway>(e).is_none()).then(|| e.is_not_sent())
+                (e.backend() == backend && !not_the_backends(e)).then(|| e.is_not_sent())
             };
             let own_failure = match find::<BackendError>(&*error) {
                 Some(e) if e.backend() == backend => own(e),
