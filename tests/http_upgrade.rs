@@ -271,6 +271,18 @@ async fn read_exactly(
     already
 }
 
+/// Reads `stream` to its end, which must come within 10 s (the bound only
+/// guards against hanging; the end is what is checked), naming `what`
+/// otherwise; what came before it.
+async fn read_to_close(stream: &mut (impl AsyncRead + Unpin), what: &str) -> Vec<u8> {
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect(what)
+        .unwrap();
+    rest
+}
+
 /// Connects to `proxy` and sends `request` as it is.
 async fn send_raw(proxy: SocketAddr, request: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(proxy).await.unwrap();
@@ -368,11 +380,7 @@ async fn a_switch_of_protocols_is_proxied_both_ways() {
     // The client ends its side: the backend sees the end and closes, and
     // so the client sees the end too.
     stream.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
-        .await
-        .expect("the tunnel's end within 10 s")
-        .unwrap();
+    let rest = read_to_close(&mut stream, "the tunnel's end within 10 s").await;
     assert!(rest.is_empty(), "{rest:?}");
     eventually("the backend saw the tunnel end", || {
         seen.closed.load(Ordering::SeqCst) == 1
@@ -509,12 +517,7 @@ async fn a_backend_ending_a_tunnel_ends_the_client_side() {
     let front = proxy(&[b1]).await;
     let (mut stream, _, _) = open_tunnel(front).await;
     stream.write_all(b"die").await.unwrap();
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
-    // The bound only guards against hanging; closing is what is checked.
-    read.await
-        .expect("the client side was never closed")
-        .unwrap();
+    let rest = read_to_close(&mut stream, "the client side was never closed").await;
     assert!(rest.is_empty(), "{rest:?}");
     assert_eq!(seen.closed.load(Ordering::SeqCst), 1);
 }
@@ -528,11 +531,7 @@ async fn a_client_writing_to_a_backend_that_closed_is_cut_off() {
     let front = proxy(&[b1]).await;
     let (mut stream, _, _) = open_tunnel(front).await;
     stream.write_all(b"die").await.unwrap();
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
-        .await
-        .expect("the client side was never closed")
-        .unwrap();
+    read_to_close(&mut stream, "the client side was never closed").await;
     assert_eq!(seen.closed.load(Ordering::SeqCst), 1);
     support::wait::bounded_real("a write of the client fails", async {
         while stream.write_all(b"more").await.is_ok() {
@@ -712,10 +711,7 @@ async fn closing_a_backends_tunnels_closes_both_sides() {
     stream.write_all(b"hello").await.unwrap();
     assert_eq!(read_exactly(&mut stream, Vec::new(), 5).await, b"hello");
     pool.state(&"b1".into()).unwrap().close_tunnels();
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
-    // The bound only guards against hanging; closing is what is checked.
-    read.await.expect("the tunnel was never closed").unwrap();
+    let rest = read_to_close(&mut stream, "the tunnel was never closed").await;
     assert!(rest.is_empty(), "{rest:?}");
     let_go(&seen, &pool).await;
 
@@ -734,12 +730,7 @@ async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
     assert_eq!(read_exactly(&mut stream, Vec::new(), 5).await, b"hello");
     assert_eq!(pool.state(&"b1".into()).unwrap().in_flight(), 1);
     // Then nothing: the proxy closes both sides.
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
-    // The bound only guards against hanging; closing is what is checked.
-    read.await
-        .expect("the quiet tunnel was never closed")
-        .unwrap();
+    let rest = read_to_close(&mut stream, "the quiet tunnel was never closed").await;
     assert!(rest.is_empty(), "{rest:?}");
     let_go(&seen, &pool).await;
 }
