@@ -999,6 +999,7 @@ fn map_error(e: RedisError, what: &str) -> StoreError {
     let error = if e.is_timeout() {
         StoreError::timeout(e)
     } else if e.kind() == ErrorKind::AuthenticationFailed
+        // (A script's refusal too: see `script_error`.)
         || matches!(code.as_str(), "NOAUTH" | "WRONGPASS" | "NOPERM")
         // A new connection's `SELECT` refused for want of a password
         // (`NOAUTH`) or a permission (`NOPERM`): the client keeps only the
@@ -1006,12 +1007,6 @@ fn map_error(e: RedisError, what: &str) -> StoreError {
         || (refused_database(&e)
             && (detail.starts_with("Authentication required")
                 || detail.contains("no permissions")))
-        // A command, key or channel a script used that the user may not:
-        // Redis answers `ERR`, not `NOPERM`, for those (in the words of
-        // Redis 6 and 7.0, then of 7.2 and later, and Valkey).
-        || (code == "ERR"
-            && (detail.contains("The user executing the script can't")
-                || detail.starts_with("ACL failure in script")))
     {
         StoreError::unauthorized(e)
     } else if e.is_io_error()
@@ -1077,9 +1072,20 @@ fn server_error(e: &RedisError) -> (String, String) {
     }
 }
 
-/// The code and detail of the command error a pre-7 script error wraps.
+/// The code and detail of the command error a script error stands for: the
+/// one a pre-7 script error wraps, or `NOPERM` for a command, key or channel
+/// the script used that the user may not, which Redis answers with `ERR`
+/// (in the words of Redis 6 and 7.0, then of 7.2 and later, and Valkey).
 fn script_error<'a>(code: &str, detail: &'a str) -> Option<(&'a str, &'a str)> {
-    if code != "ERR" || !detail.starts_with("Error running script") {
+    if code != "ERR" {
+        return None;
+    }
+    if detail.starts_with("ACL failure in script")
+        || detail.contains("The user executing the script can't")
+    {
+        return Some(("NOPERM", detail));
+    }
+    if !detail.starts_with("Error running script") {
         return None;
     }
     let (_, inner) = detail.split_once(": -")?;
@@ -1962,8 +1968,8 @@ mod tests {
         assert!(e.is_rejected(), "{e:?}");
         let e = map_error(server_says(b"-NOPERM no permission\r\n"), "load");
         assert!(e.is_unauthorized(), "{e:?}");
-        // A permission a script's command lacks, as Redis 7.0 and Redis 6,
-        // then Redis 7.2 answer it.
+        // A permission a script's command lacks, as Redis 7.2, Redis 7.0
+        // and Redis 6 answer it.
         for reply in [
             &b"-ERR ACL failure in script: No permissions to run the 'pexpire' command script: 1b936e3fe509bcbc9cd0664897bbe8fd0cac101b, on @user_script:3.\r\n"[..],
             &b"-ERR The user executing the script can't run this command or subcommand script: 1b936e3fe509bcbc9cd0664897bbe8fd0cac101b, on @user_script:3.\r\n"[..],
