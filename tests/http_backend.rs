@@ -4584,6 +4584,34 @@ async fn max_response_headers_takes_a_response_with_many_header_lines() {
         .unwrap();
     assert_eq!(resp.headers().get_all("set-cookie").iter().count(), 150);
     assert_eq!(body_of(resp).await, "ok");
+    // No room made for more lines than can be had: the largest count
+    // takes the response as well.
+    let resp = get(HttpClient::new().max_response_headers(usize::MAX))
+        .await
+        .unwrap();
+    assert_eq!(body_of(resp).await, "ok");
+    // Zero keeps the default: not one line, nor none.
+    let err = get(HttpClient::new().max_response_headers(0))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        tower_ha::error::gateway_status(&*err),
+        StatusCode::BAD_GATEWAY,
+        "{err}"
+    );
+    let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+    for n in 0..90 {
+        answer.push_str(&format!("set-cookie: c{n}=v\r\n"));
+    }
+    answer.push_str("\r\nok");
+    let addr = serve_once(answer.leak()).await;
+    let client: HttpClient<Full<Bytes>> = HttpClient::new().max_response_headers(0);
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let resp = backend
+        .oneshot(Request::get("/").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.headers().get_all("set-cookie").iter().count(), 90);
 }
 
 /// `kib` header lines of 1 KiB each, `x-pad-<n>: aaa…` (lines of their

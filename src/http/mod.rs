@@ -255,6 +255,10 @@ struct Settings {
     http2_keep_alive: Option<Duration>,
 }
 
+/// The most header lines [`HttpClient::max_response_headers`] takes: hyper
+/// makes room for all of them at every read of a response head.
+const MAX_RESPONSE_HEADERS: usize = 32_767;
+
 impl Settings {
     const DEFAULT: Settings = Settings {
         // Envoy's default `connect_timeout`.
@@ -485,11 +489,13 @@ where
     /// hyper's). A response with more fails as the backend's (a `502`, and
     /// a failure of its health); raise the limit for backends that send
     /// many (a hundred `Set-Cookie` lines). Above 100, hyper keeps each
-    /// response's headers on the heap instead of the stack.
+    /// response's headers on the heap instead of the stack, in room for
+    /// `lines` made at every read of a head: at most 32,767 (HAProxy's
+    /// bound on `tune.http.maxhdr`); zero keeps the default.
     pub fn max_response_headers(self, lines: usize) -> Self {
         HttpClient::with_settings(
             Settings {
-                max_response_headers: Some(lines),
+                max_response_headers: (lines > 0).then_some(lines.min(MAX_RESPONSE_HEADERS)),
                 ..self.settings
             },
             self.custom,
