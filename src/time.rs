@@ -8,7 +8,7 @@ use tokio::time::{Instant, Sleep};
 
 /// Far enough to mean "never" for anything a balancer schedules, and near
 /// enough to be added to any `Instant` the runtime hands out.
-const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
+pub(crate) const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 /// The shortest period the crate schedules anything at: a configured zero
 /// would spin.

@@ -159,16 +159,19 @@ impl Handle {
     }
 
     /// Publishes the metrics (feature `metrics`) every `interval` (at least
-    /// a millisecond) on the current tokio runtime until the returned task
-    /// is aborted or every other clone of the handle is dropped. A recorder that panics
-    /// is logged and loses that tick's publication only.
+    /// a millisecond, at most about thirty years) on the current tokio
+    /// runtime until the returned task is aborted or every other clone of
+    /// the handle is dropped. A recorder that panics is logged and loses
+    /// that tick's publication only.
     ///
     /// # Panics
     ///
     /// When called outside a tokio runtime, as [`tokio::spawn`] does.
     pub fn spawn_metrics(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
         let weak = self.downgrade();
-        let interval = interval.max(crate::time::SHORTEST);
+        // Older tokio releases (this crate takes 1.47 on) add the period
+        // to the clock unchecked when a tick comes late.
+        let interval = interval.clamp(crate::time::SHORTEST, crate::time::NEVER);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
