@@ -235,7 +235,9 @@ impl FailoverConfig {
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct HealthCheckConfig {
-    /// The path an HTTP probe requests (for your probe to use).
+    /// The path an HTTP probe requests (for your probe to use, with
+    /// [`HttpProbe::try_new`](crate::health::HttpProbe::try_new)): starts
+    /// with `/`, and may hold a query.
     pub path: Option<String>,
     /// Time between probes (default 2 s).
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
@@ -633,6 +635,17 @@ impl Config {
                 }
             }
             if let Some(hc) = &group.health_check {
+                // What `HttpProbe::try_new` takes, and a request can carry.
+                if let Some(path) = &hc.path {
+                    if !path.starts_with('/')
+                        || http::uri::PathAndQuery::try_from(path.as_str()).is_err()
+                    {
+                        return Err(ConfigError::invalid(
+                            at("health_check.path"),
+                            format!("`{}` is not a path: it must start with `/` and hold no spaces or control characters", path.escape_debug()),
+                        ));
+                    }
+                }
                 // The checker's finest step: a shorter value would be
                 // raised to it, and the file would say what does not run.
                 if hc.interval < crate::time::SHORTEST {

@@ -358,6 +358,14 @@ fn each_invalid_configuration_names_its_field() {
     let (field, _) = invalid("failover_groups:\n  - {name: ' ', mode: normal, backends: [x]}\n");
     assert_eq!(field, "failover_groups[0].name");
 
+    for path in ["healthz", "/health check", "/a\\tb", ""] {
+        let (field, msg) = invalid(&format!(
+            "failover_groups:\n  - {{name: a, mode: normal, backends: [x], health_check: {{path: \"{path}\"}}}}\n"
+        ));
+        assert_eq!(field, "failover_groups[0].health_check.path", "{path}");
+        assert!(msg.contains("is not a path"), "{msg}");
+    }
+
     for setting in ["failback_after: 30s", "min_dwell: 10s"] {
         let (field, msg) = invalid(&format!(
             "failover_groups:\n  - {{name: a, mode: active-passive, backends: [x, y], primary: x, {setting}}}\n"
@@ -932,7 +940,7 @@ mod generated {
 
     fn health_checks() -> impl Strategy<Value = HealthCheckConfig> {
         (
-            proptest::option::of("\\PC{0,12}"),
+            proptest::option::of("/[a-z0-9._~/-]{0,12}(\\?[a-z0-9=&]{0,8})?"),
             durations(),
             durations(),
             1u32..,
