@@ -1536,6 +1536,32 @@ mod actions_and_membership {
         }
     }
 
+    /// The weight and the limit an operator set on a backend in every
+    /// group reach a copy added later; ones its groups differ on do not.
+    #[tokio::test]
+    async fn a_backend_added_to_another_group_takes_the_weight_and_limit_it_has_everywhere() {
+        let (one, two, three) = (pool_of(&["x"]), pool_of(&["z"]), pool_of(&["x"]));
+        let handle = Handle::new(Events::default());
+        for (name, pool) in [("one", &one), ("two", &two), ("three", &three)] {
+            handle
+                .add_group(name, &Balance::new(pool.clone(), RoundRobin::new()))
+                .unwrap();
+        }
+        let x = BackendId::from("x");
+        handle.set_weight(&x, 5).unwrap();
+        handle.set_max_in_flight(&x, Some(10)).unwrap();
+        handle.add_backend("two", "x", backend("x")).unwrap();
+        let added = two.state(&x).unwrap();
+        assert_eq!((added.weight(), added.max_in_flight()), (5, Some(10)));
+        // Groups that differ: the new copy keeps the defaults.
+        handle.remove_backend("two", &x).unwrap();
+        three.state(&x).unwrap().set_max_in_flight(Some(3));
+        one.set_weight(&x, 2);
+        handle.add_backend("two", "x", backend("x")).unwrap();
+        let added = two.state(&x).unwrap();
+        assert_eq!((added.weight(), added.max_in_flight()), (1, None));
+    }
+
     /// Round robin that records the admin status of each member when its
     /// table is built: what a balancer sees the moment a change publishes.
     #[derive(Clone, Default)]

@@ -797,7 +797,10 @@ impl Handle {
     /// Adds backend `id` with `service` to group `group`. The service must
     /// be of the type the group's pool holds. A backend of that id in
     /// other groups gives it its admin status (disabled, or draining
-    /// toward the same deadline).
+    /// toward the same deadline), and the weight and the limit of
+    /// requests in flight it has in all of them (as
+    /// [`set_weight`](Self::set_weight) and
+    /// [`set_max_in_flight`](Self::set_max_in_flight) set them).
     pub fn add_backend<S>(
         &self,
         group: &str,
@@ -819,15 +822,34 @@ impl Handle {
         let _actions = self.inner.drains.lock();
         // Also from a state kept for the backend's return elsewhere, which
         // an action may have set.
-        let admin = reached_states(&self.inner, &id)
-            .first()
-            .map(|state| state.admin());
-        // The status is the backend's before any balancer can see it; a
+        let states = reached_states(&self.inner, &id);
+        let admin = states.first().map(|state| state.admin());
+        // A weight or a limit the backend has in every group (as the
+        // actions by id set them); groups that differ keep their own.
+        fn shared<T: PartialEq>(
+            states: &[Arc<BackendState>],
+            setting: impl Fn(&BackendState) -> T,
+        ) -> Option<T> {
+            let (first, rest) = states.split_first()?;
+            let value = setting(first);
+            rest.iter()
+                .all(|state| setting(state) == value)
+                .then_some(value)
+        }
+        let weight = shared(&states, BackendState::weight);
+        let limit = shared(&states, BackendState::max_in_flight);
+        // These are the backend's before any balancer can see it; a
         // member already (added by a discovery stream, say) is left as it
         // is.
         let added = pool.insert_new(id.clone(), service, |state| {
             if let Some(admin) = admin {
                 state.set_admin(admin);
+            }
+            if let Some(weight) = weight {
+                state.store_weight(weight);
+            }
+            if let Some(limit) = limit {
+                state.set_max_in_flight(limit);
             }
         });
         if !added {
