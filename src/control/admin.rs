@@ -33,8 +33,8 @@ use crate::error::BoxError;
 /// | `POST /backends/{id}/drain`, `/disable`, `/enable` with `{}` or no body | the admin action |
 /// | `POST /backends/{id}/close_tunnels` with `{}` or no body | closes its tunnels open now ([`Handle::close_tunnels`]) |
 /// | `GET /backends/{id}` | the backend's [`BackendStats`](super::BackendStats) |
-/// | `POST /backends/{id}/weight` with `{"weight": N}` | sets its weight ([`Handle::set_weight`]) |
-/// | `POST /backends/{id}/max_in_flight` with `{"max_in_flight": N}` or `{"max_in_flight": null}` | sets or lifts its limit of requests in flight ([`Handle::set_max_in_flight`]) |
+/// | `POST /backends/{id}/weight` with `{"weight": N}`, N ≥ 1 | sets its weight ([`Handle::set_weight`]); 0 is refused (drain the backend to send it no new requests) |
+/// | `POST /backends/{id}/max_in_flight` with `{"max_in_flight": N}`, N ≥ 1, or `{"max_in_flight": null}` | sets or lifts its limit of requests in flight ([`Handle::set_max_in_flight`]); 0 is refused (`null` lifts the limit) |
 /// | `GET /events?limit=N` | the last N (default 100) recorded events, oldest first; with `&kind=changes`, changes of backends and groups only (no failovers nor session moves) |
 /// | `GET /layers` | the counters of the failover and sticky layers registered with the handle ([`LayerStats`](super::LayerStats)) |
 ///
@@ -235,20 +235,26 @@ struct SetPrimary {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SetWeight {
-    weight: u32,
+    /// Not 0: it would count as 1, where HAProxy's operators mean "no new
+    /// requests" (a drain).
+    weight: std::num::NonZeroU32,
 }
 
 /// The body of `POST /backends/{id}/max_in_flight`: a limit, or `null` for
-/// none. Required, so that a body that forgot it lifts nothing.
+/// none. Required, so that a body that forgot it lifts nothing; not 0,
+/// which would count as 1 where nginx's and HAProxy's operators mean no
+/// limit.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SetMaxInFlight {
     #[serde(deserialize_with = "present")]
-    max_in_flight: Option<usize>,
+    max_in_flight: Option<std::num::NonZeroUsize>,
 }
 
 /// An `Option` field that must be given, `null` included.
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
     Option::deserialize(d)
 }
 
@@ -616,12 +622,16 @@ where
                 Err(refused) => return refused,
             };
             let result = match *action {
-                "weight" => parse::<SetWeight>(&body, r#"{"weight": N}"#)
-                    .map(|set| handle.set_weight(&id, set.weight)),
-                "max_in_flight" => {
-                    parse::<SetMaxInFlight>(&body, r#"{"max_in_flight": N or null}"#)
-                        .map(|set| handle.set_max_in_flight(&id, set.max_in_flight))
-                }
+                "weight" => parse::<SetWeight>(
+                    &body,
+                    r#"{"weight": N} with N of 1 or more (to send the backend no new requests, drain it)"#,
+                )
+                .map(|set| handle.set_weight(&id, set.weight.get())),
+                "max_in_flight" => parse::<SetMaxInFlight>(
+                    &body,
+                    r#"{"max_in_flight": N} with N of 1 or more, or {"max_in_flight": null} for no limit"#,
+                )
+                .map(|set| handle.set_max_in_flight(&id, set.max_in_flight.map(|n| n.get()))),
                 action => no_parameters(&body)
                     .map_err(|message| {
                         error(
