@@ -115,6 +115,58 @@ fn a_alone_in_web() -> (Pool<Svc>, Balance<Svc, RoundRobin>, Handle) {
     (pool, balance, handle)
 }
 
+/// Counts the calls on each counter, by name and sorted labels.
+#[derive(Default, Clone)]
+struct Touches(Arc<Mutex<BTreeMap<String, usize>>>);
+
+struct Touched(String, Touches);
+
+impl CounterFn for Touched {
+    fn increment(&self, _: u64) {
+        *self.1 .0.lock().unwrap().entry(self.0.clone()).or_default() += 1;
+    }
+    fn absolute(&self, _: u64) {
+        self.increment(0);
+    }
+}
+
+impl Recorder for Touches {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(Arc::new(Touched(name(key), self.clone())))
+    }
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+/// Each publication touches the counters of a backend still there, those
+/// that did not change included (an exporter with an idle timeout would
+/// drop them otherwise), and no longer those of a departed backend.
+#[tokio::test]
+async fn unchanged_counters_are_touched_and_departed_ones_are_not() {
+    let (pool, balance, handle) = a_alone_in_web();
+    pool.insert("b", answering("b"));
+    send(&balance, 2).await;
+    let touches = Touches::default();
+    let publish = || metrics::with_local_recorder(&touches, || handle.publish_metrics());
+    let of = |key: &str| touches.0.lock().unwrap().get(key).copied();
+    const A_FAILURES: &str = "tower_ha_backend_failures_total{backend=a,group=web}";
+    publish();
+    publish();
+    assert_eq!((of(A_REQUESTS), of(A_FAILURES)), (Some(2), Some(2)));
+    pool.remove(&"a".into());
+    publish();
+    assert_eq!((of(A_REQUESTS), of(A_FAILURES)), (Some(2), Some(2)));
+    let b_requests = "tower_ha_backend_requests_total{backend=b,group=web}";
+    assert_eq!(of(b_requests), Some(3));
+}
+
 #[tokio::test(start_paused = true)]
 async fn stats_are_published_through_the_metrics_facade() {
     let pool = Pool::new();

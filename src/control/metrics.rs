@@ -74,14 +74,23 @@ impl Handle {
     ///
     /// What was last published of a backend, group or layer gone for an
     /// hour is forgotten, so that backends coming and going under new ids
-    /// (a DNS name over changing addresses) use no more memory over time.
+    /// (a DNS name over changing addresses) use no more memory over time
+    /// here. The recorder keeps every series it was given, though: to
+    /// have those of departed backends dropped, give it an idle timeout
+    /// several publications long
+    /// (`PrometheusBuilder::idle_timeout(MetricKindMask::ALL, ..)` of
+    /// `metrics-exporter-prometheus`). Every publication touches every
+    /// series of a backend, group or layer still there, its unchanged
+    /// counters included, so only departed ones go idle.
     /// One that comes back after that as a new state or layer, made since
     /// this handle first published and after everything it forgot (a
     /// backend added again), adds its counts as a new one does. Any other
     /// (the same layer registered again, or one a handle of a
     /// configuration since reloaded published too) sets its counters to
     /// its counts with `Counter::absolute`, which recorders take as "at
-    /// least": nothing is counted twice.
+    /// least": nothing is counted twice, as long as one handle publishes
+    /// at a time (stop the old handle's task when a reloaded
+    /// configuration's handle starts publishing the same pools).
     ///
     /// Call it periodically, or run [`spawn_metrics`](Handle::spawn_metrics).
     pub fn publish_metrics(&self) {
@@ -431,10 +440,12 @@ fn count<S: PartialEq>(
     match &counted.source {
         None if !new => counter.absolute(now),
         Some(last) if *last == source => {
+            // Unchanged, it is touched still: an exporter that drops the
+            // series no one touched for a while (see above) keeps it.
+            counter.increment(now.saturating_sub(counted.count));
             if now <= counted.count {
                 return;
             }
-            counter.increment(now - counted.count);
         }
         _ => counter.increment(now),
     }
