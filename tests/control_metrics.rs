@@ -16,9 +16,13 @@ use tower_ha::balance::{Balance, Priority, RoundRobin};
 use tower_ha::control::{Events, Handle};
 use tower_ha::{AdminStatus, HealthStatus, Pool};
 
-/// Records the last value of every metric, by name and sorted labels.
+/// Records the last value of every metric, by name and sorted labels, and
+/// the help text of each name described.
 #[derive(Default, Clone)]
-struct Last(Arc<Mutex<BTreeMap<String, f64>>>);
+struct Last(Arc<Mutex<BTreeMap<String, f64>>>, Arc<Mutex<Described>>);
+
+/// By metric name, its unit and help text.
+type Described = BTreeMap<String, (Option<Unit>, String)>;
 
 impl Last {
     /// Publishes `handle`'s metrics to this recorder.
@@ -68,8 +72,16 @@ fn name(key: &Key) -> String {
 }
 
 impl Recorder for Last {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, help: SharedString) {
+        let described = (unit, help.into_owned());
+        self.1
+            .lock()
+            .unwrap()
+            .insert(key.as_str().to_owned(), described);
+    }
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, help: SharedString) {
+        self.describe_counter(key, unit, help);
+    }
     fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         Counter::from_arc(Arc::new(Slot(name(key), self.clone())))
@@ -700,6 +712,58 @@ where
         .unwrap();
     let response = service.clone().oneshot(request).await.unwrap();
     assert_eq!(*response.body(), "b");
+}
+
+/// Every metric published has its help text (a counter's unit a count,
+/// the time since a failover's seconds), given at the first publication.
+#[tokio::test]
+async fn every_metric_published_is_described() {
+    use tower_ha::failover::FailoverLayer;
+    use tower_ha::sticky::{SessionKey, StickyLayer};
+
+    let last = Last::default();
+    let handle = Handle::new(Events::default());
+    let pool = failing_then_working();
+    let failover = FailoverLayer::new().no_budget();
+    let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
+    handle.add_failover("edge", &failover);
+    handle.add_sticky("edge", &sticky);
+    let balance = Balance::new(pool.clone(), Priority::new("edge", ["a", "b"]));
+    handle.add_group("edge", &balance).unwrap();
+    pool.state(&"a".into()).unwrap().set_max_in_flight(Some(5));
+    let service = tower::ServiceBuilder::new()
+        .layer(sticky.clone())
+        .layer(failover.clone())
+        .service(balance);
+    new_session(&service, "s1").await;
+    // A failover of the group, for its time since.
+    handle.disable(&"a".into()).unwrap();
+    new_session(&service, "s2").await;
+    last.publish(&handle);
+    let names: std::collections::BTreeSet<String> = last
+        .0
+        .lock()
+        .unwrap()
+        .keys()
+        .map(|key| key.split('{').next().unwrap().to_owned())
+        .collect();
+    let described = last.1.lock().unwrap().clone();
+    assert_eq!(names.len(), 34, "{names:?}");
+    for name in &names {
+        let Some((unit, help)) = described.get(name) else {
+            panic!("{name} is not described");
+        };
+        assert!(!help.is_empty(), "{name}");
+        let expected = if name.ends_with("_total") {
+            Some(Unit::Count)
+        } else if name.contains("seconds") {
+            Some(Unit::Seconds)
+        } else {
+            None
+        };
+        assert_eq!(*unit, expected, "{name}");
+    }
+    assert_eq!(described.len(), names.len());
 }
 
 #[tokio::test]

@@ -92,6 +92,11 @@ impl Handle {
     /// at a time (stop the old handle's task when a reloaded
     /// configuration's handle starts publishing the same pools).
     ///
+    /// A handle's first publication also describes every metric to the
+    /// recorder: a line of help text each (`# HELP` of a Prometheus
+    /// exporter), and the unit of the counters (a count) and of
+    /// `tower_ha_group_seconds_since_failover` (seconds).
+    ///
     /// Call it periodically, or run [`spawn_metrics`](Handle::spawn_metrics).
     pub fn publish_metrics(&self) {
         let mut published = self.published().lock();
@@ -101,9 +106,12 @@ impl Handle {
             layers,
             unseen,
         } = &mut *published;
-        let unseen = unseen.get_or_insert_with(|| Unseen {
-            made_since: Serial::next(),
-            forgotten: None,
+        let unseen = unseen.get_or_insert_with(|| {
+            describe();
+            Unseen {
+                made_since: Serial::next(),
+                forgotten: None,
+            }
         });
         let mut seen = HashSet::new();
         let stats = self.stats();
@@ -213,8 +221,207 @@ pub(super) struct Published {
     /// By kind (`"failover"` or `"sticky"`) and name.
     layers: HashMap<(&'static str, Arc<str>), LastLayer>,
     /// Which backend states, group states and layers no recorder can
-    /// have counts of yet; set at the first publication.
+    /// have counts of yet; set at the first publication, which also
+    /// describes the metrics.
     unseen: Option<Unseen>,
+}
+
+/// Every metric published, its kind and what it counts, for the
+/// recorder's help text (`# HELP` of a Prometheus exporter).
+const DESCRIPTIONS: [(&str, Kind, &str); 34] = {
+    use Kind::{Counter, Gauge, Seconds};
+    [
+        (
+            "tower_ha_backend_requests_total",
+            Counter,
+            "Requests sent to the backend.",
+        ),
+        (
+            "tower_ha_backend_failures_total",
+            Counter,
+            "Failures of the backend recorded by its health layer.",
+        ),
+        (
+            "tower_ha_backend_ejections_total",
+            Counter,
+            "Passive ejections of the backend.",
+        ),
+        (
+            "tower_ha_backend_ejections_refused_total",
+            Counter,
+            "Ejections of the backend refused because too much of the pool was ejected.",
+        ),
+        (
+            "tower_ha_backend_in_flight",
+            Gauge,
+            "Requests to the backend in flight, their response bodies included.",
+        ),
+        (
+            "tower_ha_backend_max_in_flight",
+            Gauge,
+            "The backend's limit of requests in flight; 0 for none.",
+        ),
+        (
+            "tower_ha_backend_healthy",
+            Gauge,
+            "1 if the backend's health is Healthy, else 0.",
+        ),
+        (
+            "tower_ha_backend_available",
+            Gauge,
+            "1 if the backend can be picked (enabled, healthy, not ejected), else 0.",
+        ),
+        (
+            "tower_ha_group_failovers_total",
+            Counter,
+            "Failovers of the group: changes of an active-passive group's primary.",
+        ),
+        (
+            "tower_ha_group_seconds_since_failover",
+            Seconds,
+            "Time since the group's last failover.",
+        ),
+        (
+            "tower_ha_group_refusals_total",
+            Counter,
+            "Requests refused before they tried any backend, by reason.",
+        ),
+        (
+            "tower_ha_group_healthy_backends",
+            Gauge,
+            "The group's backends that are healthy and not ejected.",
+        ),
+        (
+            "tower_ha_group_failed_backends",
+            Gauge,
+            "The group's backends that are unhealthy, turned off or ejected.",
+        ),
+        (
+            "tower_ha_group_queued_requests",
+            Gauge,
+            "Requests waiting in the group's queue for a backend with room.",
+        ),
+        (
+            "tower_ha_group_primary",
+            Gauge,
+            "1 for the active-passive group's current primary, else 0.",
+        ),
+        (
+            "tower_ha_failover_retries_total",
+            Counter,
+            "Attempts on another backend after a failed one.",
+        ),
+        (
+            "tower_ha_failover_recovered_total",
+            Counter,
+            "Requests that succeeded on a retry.",
+        ),
+        (
+            "tower_ha_failover_exhausted_total",
+            Counter,
+            "Requests that failed after at least one failed attempt.",
+        ),
+        (
+            "tower_ha_failover_budget_refusals_total",
+            Counter,
+            "Requests denied a retry by the retry budget.",
+        ),
+        (
+            "tower_ha_failover_unsafe_to_retry_total",
+            Counter,
+            "Failures not retried: a non-idempotent request that may have reached its backend.",
+        ),
+        (
+            "tower_ha_failover_unreplayable_total",
+            Counter,
+            "Failures not retried: a request body that could not be replayed.",
+        ),
+        (
+            "tower_ha_failover_per_try_timeouts_total",
+            Counter,
+            "Attempts abandoned at the per-try timeout.",
+        ),
+        (
+            "tower_ha_failover_deadlines_exceeded_total",
+            Counter,
+            "Requests that ran out of their overall deadline.",
+        ),
+        (
+            "tower_ha_sticky_sessions",
+            Gauge,
+            "Sessions in the sticky layer's in-memory table.",
+        ),
+        (
+            "tower_ha_sticky_misses_total",
+            Counter,
+            "Requests whose key named no session in the table.",
+        ),
+        (
+            "tower_ha_sticky_created_total",
+            Counter,
+            "Sessions started.",
+        ),
+        (
+            "tower_ha_sticky_moved_total",
+            Counter,
+            "Sessions moved to another backend.",
+        ),
+        (
+            "tower_ha_sticky_rejected_total",
+            Counter,
+            "Requests whose session key was rejected as bad input.",
+        ),
+        (
+            "tower_ha_sticky_loaded_total",
+            Counter,
+            "Reads of the session store on a miss.",
+        ),
+        (
+            "tower_ha_sticky_hydrated_total",
+            Counter,
+            "Loaded sessions restored with the on_restore hook.",
+        ),
+        (
+            "tower_ha_sticky_store_errors_total",
+            Counter,
+            "Session store calls that failed.",
+        ),
+        (
+            "tower_ha_sticky_expired_total",
+            Counter,
+            "Sessions dropped from the table after being idle.",
+        ),
+        (
+            "tower_ha_sticky_evicted_total",
+            Counter,
+            "Sessions evicted from the full table (kept in the store).",
+        ),
+        (
+            "tower_ha_sticky_strict_refusals_total",
+            Counter,
+            "Requests refused in strict mode.",
+        ),
+    ]
+};
+
+/// What a metric in [`DESCRIPTIONS`] is.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    /// A gauge of seconds.
+    Seconds,
+}
+
+/// Gives the recorder each metric's help text (and unit).
+fn describe() {
+    for (name, kind, help) in DESCRIPTIONS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, metrics::Unit::Count, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Seconds => metrics::describe_gauge!(name, metrics::Unit::Seconds, help),
+        }
+    }
 }
 
 /// The backend states, group states and layers whose counts no recorder
