@@ -270,19 +270,29 @@ impl CookieInsert {
     ///
     /// When turned off for a name with the `__Secure-` or `__Host-`
     /// prefix, or with [`SameSite::None`]: browsers drop such a cookie
-    /// without `Secure`.
-    pub fn secure(mut self, secure: bool) -> Self {
-        assert!(
-            secure || self.prefix().is_none(),
-            "a {:?} cookie must be Secure",
-            self.name.as_str()
-        );
-        assert!(
-            secure || self.same_site != SameSite::None,
-            "a SameSite=None cookie must be Secure"
-        );
+    /// without `Secure`. For a setting read at run time,
+    /// [`try_secure`](Self::try_secure) returns an error instead.
+    pub fn secure(self, secure: bool) -> Self {
+        self.try_secure(secure).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`secure`](Self::secure) for a setting read at run time: an error
+    /// instead of a panic when `Secure` is turned off for a name with the
+    /// `__Secure-` or `__Host-` prefix
+    /// ([`PrefixNotSecure`](CookieConfigError::PrefixNotSecure)) or with
+    /// [`SameSite::None`]
+    /// ([`SameSiteNoneNotSecure`](CookieConfigError::SameSiteNoneNotSecure)).
+    pub fn try_secure(mut self, secure: bool) -> Result<Self, CookieConfigError> {
+        if !secure && self.prefix().is_some() {
+            return Err(CookieConfigError::PrefixNotSecure(self.name().to_owned()));
+        }
+        if !secure && self.same_site == SameSite::None {
+            return Err(CookieConfigError::SameSiteNoneNotSecure(
+                self.name().to_owned(),
+            ));
+        }
         self.secure = secure;
-        self
+        Ok(self)
     }
 
     /// The `SameSite` attribute (default [`SameSite::Lax`]). Choose
@@ -295,14 +305,27 @@ impl CookieInsert {
     /// # Panics
     ///
     /// [`SameSite::None`] after [`secure(false)`](Self::secure): browsers
-    /// drop a `SameSite=None` cookie without `Secure`.
-    pub fn same_site(mut self, same_site: SameSite) -> Self {
-        assert!(
-            self.secure || same_site != SameSite::None,
-            "a SameSite=None cookie must be Secure"
-        );
+    /// drop a `SameSite=None` cookie without `Secure`. For a setting read
+    /// at run time, [`try_same_site`](Self::try_same_site) returns an error
+    /// instead.
+    pub fn same_site(self, same_site: SameSite) -> Self {
+        self.try_same_site(same_site)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`same_site`](Self::same_site) for a setting read at run time: an
+    /// error
+    /// ([`SameSiteNoneNotSecure`](CookieConfigError::SameSiteNoneNotSecure))
+    /// instead of a panic for [`SameSite::None`] after
+    /// [`secure(false)`](Self::secure).
+    pub fn try_same_site(mut self, same_site: SameSite) -> Result<Self, CookieConfigError> {
+        if !self.secure && same_site == SameSite::None {
+            return Err(CookieConfigError::SameSiteNoneNotSecure(
+                self.name().to_owned(),
+            ));
+        }
         self.same_site = same_site;
-        self
+        Ok(self)
     }
 
     /// The name's prefix that browsers hold to rules (RFC 6265bis),
@@ -1019,6 +1042,67 @@ mod tests {
         assert!(CookieInsert::new("__Host-srv", secret)
             .try_path("/")
             .is_ok());
+    }
+
+    #[test]
+    fn try_secure_and_try_same_site_report_what_they_refuse() {
+        let secret = [7u8; 32];
+        let named = |name: &str| CookieInsert::new(name, secret);
+        for name in ["__Secure-srv", "__Host-srv", "__secure-srv", "__HOST-srv"] {
+            let err = named(name).try_secure(false).unwrap_err();
+            assert_eq!(err, CookieConfigError::PrefixNotSecure(name.to_owned()));
+            assert!(err.to_string().contains(&format!("{name:?}")), "{err}");
+        }
+        let err = named("srv")
+            .same_site(SameSite::None)
+            .try_secure(false)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            CookieConfigError::SameSiteNoneNotSecure("srv".to_owned())
+        );
+        assert!(err.to_string().contains("\"srv\""), "{err}");
+        assert!(err.to_string().contains("SameSite=None"), "{err}");
+        assert_eq!(
+            named("srv")
+                .secure(false)
+                .try_same_site(SameSite::None)
+                .unwrap_err(),
+            CookieConfigError::SameSiteNoneNotSecure("srv".to_owned())
+        );
+
+        // What browsers keep is taken, as the panicking forms take it.
+        let kept = named("srv").try_secure(false).unwrap();
+        assert_eq!(
+            kept.set_cookie("v").unwrap(),
+            "srv=v; Path=/; HttpOnly; SameSite=Lax"
+        );
+        let kept = named("srv")
+            .try_secure(false)
+            .and_then(|c| c.try_same_site(SameSite::Strict))
+            .unwrap();
+        assert_eq!(
+            kept.set_cookie("v").unwrap(),
+            "srv=v; Path=/; HttpOnly; SameSite=Strict"
+        );
+        let kept = named("__Host-srv")
+            .try_same_site(SameSite::None)
+            .and_then(|c| c.try_secure(true))
+            .unwrap();
+        assert_eq!(
+            kept.set_cookie("v").unwrap(),
+            "__Host-srv=v; Path=/; HttpOnly; SameSite=None; Secure"
+        );
+        // `SameSite=None` given up, the cookie may be made plain.
+        let kept = named("srv")
+            .try_same_site(SameSite::None)
+            .and_then(|c| c.try_same_site(SameSite::Lax))
+            .and_then(|c| c.try_secure(false))
+            .unwrap();
+        assert_eq!(
+            kept.set_cookie("v").unwrap(),
+            "srv=v; Path=/; HttpOnly; SameSite=Lax"
+        );
     }
 
     /// A response's headers, one `Set-Cookie` per line.

@@ -214,4 +214,14 @@ pub enum CookieConfigError {
     /// browsers drop on any other path.
     #[error("a __Host- cookie must have the path /, not {0:?}")]
     HostPrefixPath(String),
+    /// `Secure` turned off for a name with the `__Secure-` or `__Host-`
+    /// prefix (the name), which browsers drop without `Secure`.
+    #[error(
+        "the cookie {0:?} must be Secure: browsers drop a __Secure- or __Host- cookie without it"
+    )]
+    PrefixNotSecure(String),
+    /// `SameSite=None` without `Secure` (the cookie's name), which
+    /// browsers drop.
+    #[error("the cookie {0:?} must be Secure with SameSite=None: browsers drop it without")]
+    SameSiteNoneNotSecure(String),
 }
