@@ -3927,6 +3927,27 @@ async fn a_cookie_with_a_max_age_is_sent_again_while_its_session_is_used() {
     assert_eq!(set_cookie(&res), None);
 }
 
+/// A zero `Max-Age`, as a configuration may give, is none: a
+/// browser-session cookie, not one sent with `Max-Age=1` on every response.
+#[tokio::test(start_paused = true)]
+async fn a_cookie_with_a_zero_max_age_ends_with_the_browser_session_and_is_not_sent_again() {
+    let c = cluster();
+    let cookie = insert_cookie().max_age(Duration::ZERO);
+    let layer = StickyLayer::new(&c.pool, SessionKey::insert_cookie(cookie));
+    let svc = stack(&c.pool, layer.clone());
+    let first = send(&svc, Request::new(())).await.unwrap();
+    let line = first.headers().get(SET_COOKIE).unwrap().to_str().unwrap();
+    assert!(!line.contains("Max-Age"), "{line}");
+    let value = cookie_of(&first).unwrap();
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let res = send(&svc, with_cookie(&value)).await.unwrap();
+        assert_eq!(res.body(), first.body());
+        assert!(res.headers().get(SET_COOKIE).is_none(), "sent again");
+    }
+    assert_eq!(layer.stats().created, 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_cookie_is_sent_again_when_its_session_comes_back_from_idle() {
     let c = cluster();

@@ -344,11 +344,14 @@ impl CookieInsert {
     /// between half and all of `Max-Age` without a request. Without it (the
     /// default) the cookie ends with the browser session.
     ///
+    /// Zero is that default: no `Max-Age`, a cookie that ends with the
+    /// browser session and is not sent again (so that a zero read from a
+    /// configuration turns it off, and an earlier `max_age` with it).
     /// Longer than 400 days counts as 400 days ([`MAX_COOKIE_AGE`]), as
     /// browsers count it (RFC 6265bis), so that the cookie is sent again
     /// before a browser drops it.
     pub fn max_age(mut self, max_age: Duration) -> Self {
-        self.max_age = Some(max_age.min(MAX_COOKIE_AGE));
+        self.max_age = (!max_age.is_zero()).then(|| max_age.min(MAX_COOKIE_AGE));
         self
     }
 
@@ -1369,6 +1372,27 @@ mod tests {
                 .renew_after(),
             Some(MAX_COOKIE_AGE / 2)
         );
+    }
+
+    /// A zero `Max-Age` is none: the cookie ends with the browser session
+    /// and is not sent again, rather than being sent with `Max-Age=1` on
+    /// every response.
+    #[test]
+    fn a_zero_max_age_is_a_browser_session_cookie() {
+        let plain = CookieInsert::new("srv", [7u8; 32]);
+        let zero = plain.clone().max_age(Duration::ZERO);
+        assert_eq!(
+            zero.set_cookie("v").unwrap(),
+            "srv=v; Path=/; HttpOnly; SameSite=Lax; Secure"
+        );
+        assert_eq!(zero.set_cookie("v"), plain.set_cookie("v"));
+        assert_eq!(zero.renew_after(), None);
+        // It also undoes an earlier one.
+        let undone = plain
+            .max_age(Duration::from_secs(60))
+            .max_age(Duration::ZERO);
+        assert_eq!(undone.set_cookie("v"), zero.set_cookie("v"));
+        assert_eq!(undone.renew_after(), None);
     }
 
     mod hostile {
