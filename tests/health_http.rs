@@ -11,7 +11,9 @@ use tower::ServiceExt;
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::control::{Event, Events};
 use tower_ha::extensions::ServedBy;
-use tower_ha::health::{HealthChecker, HttpProbe, Probe, TcpProbe, UnexpectedStatus};
+use tower_ha::health::{
+    ExpectedStatusesError, HealthChecker, HttpProbe, Probe, TcpProbe, UnexpectedStatus,
+};
 use tower_ha::{BoxError, HealthStatus, Pool};
 
 use support::health_http::{eventually, HttpBackend, ReqBody, TestServer};
@@ -205,6 +207,41 @@ fn expected_statuses_that_no_status_meets_are_refused() {
     assert!(!refused(
         || HttpProbe::new("/h").expected_statuses([0..=100])
     ));
+}
+
+/// `try_expected_statuses` refuses what `expected_statuses` panics on, as
+/// an error that names the mistake, and takes the rest.
+#[test]
+fn try_expected_statuses_reports_what_expected_statuses_refuses() {
+    let tried = |statuses: Vec<RangeInclusive<u16>>| {
+        HttpProbe::<ReqBody>::new("/h").try_expected_statuses(statuses)
+    };
+    let err = tried(vec![]).unwrap_err();
+    assert_eq!(err, ExpectedStatusesError::Empty);
+    assert_eq!(
+        err.to_string(),
+        "an HttpProbe needs at least one expected status"
+    );
+    let backwards = RangeInclusive::new(299, 200);
+    for (statuses, range) in [
+        (vec![backwards.clone()], backwards.clone()),
+        (vec![200..=200, backwards.clone()], backwards),
+        (vec![0..=99], 0..=99),
+        (vec![1000..=1099], 1000..=1099),
+        (vec![200..=299, 1000..=1099, 0..=99], 1000..=1099),
+    ] {
+        let err = tried(statuses).unwrap_err();
+        assert_eq!(err, ExpectedStatusesError::NoStatus(range.clone()));
+        assert!(err.to_string().ends_with(&format!("{range:?}")), "{err}");
+    }
+
+    let probe = tried(vec![200..=200, 401..=401]).unwrap();
+    assert!(probe.is_expected(StatusCode::OK));
+    assert!(probe.is_expected(StatusCode::UNAUTHORIZED));
+    assert!(!probe.is_expected(StatusCode::NO_CONTENT));
+    let probe = tried(vec![0..=100, 999..=1000]).unwrap();
+    assert!(probe.is_expected(StatusCode::CONTINUE));
+    assert!(!probe.is_expected(StatusCode::OK));
 }
 
 #[tokio::test]

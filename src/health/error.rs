@@ -2,6 +2,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -175,3 +176,18 @@ impl fmt::Display for ProbePanicked {
 }
 
 impl StdError for ProbePanicked {}
+
+/// Why [`HttpProbe::try_expected_statuses`](super::HttpProbe::try_expected_statuses)
+/// refused a list of statuses: alone, it would fail every probe and every
+/// backend.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExpectedStatusesError {
+    /// The list is empty.
+    #[error("an HttpProbe needs at least one expected status")]
+    Empty,
+    /// A range holds no HTTP status: it is empty (`299..=200`) or lies
+    /// outside `100..=999`.
+    #[error("an expected status range holds no HTTP status: {0:?}")]
+    NoStatus(RangeInclusive<u16>),
+}

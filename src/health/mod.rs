@@ -108,7 +108,9 @@ mod slow_start;
 
 pub(crate) use checker::CheckConfig;
 pub use checker::{CheckerHandle, HealthChecker};
-pub use error::{NoAddress, NotServing, ProbePanicked, ProbeTimeout, UnexpectedStatus};
+pub use error::{
+    ExpectedStatusesError, NoAddress, NotServing, ProbePanicked, ProbeTimeout, UnexpectedStatus,
+};
 pub use grpc::GrpcProbe;
 pub use layer::HealthLayer;
 #[cfg(feature = "hyper-client")]

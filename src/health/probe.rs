@@ -14,7 +14,7 @@ use http::uri::{InvalidUri, PathAndQuery};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use tower_service::Service;
 
-use super::error::{NoAddress, UnexpectedStatus};
+use super::error::{ExpectedStatusesError, NoAddress, UnexpectedStatus};
 use crate::backend::BackendId;
 use crate::error::BoxError;
 
@@ -106,22 +106,38 @@ impl<B> HttpProbe<B> {
     ///
     /// When the list is empty, or holds a range with no HTTP status in it
     /// (`299..=200`, or one outside `100..=999`), even beside others: a
-    /// mistake that, alone, would fail every probe and every backend.
+    /// mistake that, alone, would fail every probe and every backend. For
+    /// statuses read at run time,
+    /// [`try_expected_statuses`](Self::try_expected_statuses) returns an
+    /// error instead.
     pub fn expected_statuses(
-        mut self,
+        self,
         statuses: impl IntoIterator<Item = RangeInclusive<u16>>,
     ) -> Self {
-        self.expected = statuses.into_iter().collect();
-        assert!(
-            !self.expected.is_empty(),
-            "an HttpProbe needs at least one expected status"
-        );
+        self.try_expected_statuses(statuses)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`expected_statuses`](Self::expected_statuses) for statuses read at
+    /// run time: an error instead of a panic when the list is empty
+    /// ([`Empty`](ExpectedStatusesError::Empty)) or holds a range with no
+    /// HTTP status in it ([`NoStatus`](ExpectedStatusesError::NoStatus),
+    /// the first such range).
+    pub fn try_expected_statuses(
+        mut self,
+        statuses: impl IntoIterator<Item = RangeInclusive<u16>>,
+    ) -> Result<Self, ExpectedStatusesError> {
+        let expected: Vec<_> = statuses.into_iter().collect();
+        if expected.is_empty() {
+            return Err(ExpectedStatusesError::Empty);
+        }
         let holds_none =
             |r: &&RangeInclusive<u16>| r.is_empty() || *r.end() < 100 || *r.start() > 999;
-        if let Some(range) = self.expected.iter().find(holds_none) {
-            panic!("an expected status range holds no HTTP status: {range:?}");
+        if let Some(range) = expected.iter().find(holds_none) {
+            return Err(ExpectedStatusesError::NoStatus(range.clone()));
         }
-        self
+        self.expected = expected;
+        Ok(self)
     }
 
     /// Adds a header to every probe request (a token, say). Through an
