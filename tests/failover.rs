@@ -1120,6 +1120,8 @@ enum Kind {
     Reset,
     /// A success status the classifier does not count as a failure.
     ServerError,
+    /// The request's own fault (its upload broke): not the backend's.
+    Invalid,
 }
 
 type Log = Arc<Mutex<Vec<String>>>;
@@ -1141,6 +1143,9 @@ fn fleet(kinds: &[(&str, Kind)], log: &Log) -> Pool<Backend> {
                         Err(NotSent::new(io::Error::from(io::ErrorKind::ConnectionRefused)).into())
                     }
                     Kind::Reset => Err(io::Error::from(io::ErrorKind::ConnectionReset).into()),
+                    Kind::Invalid => {
+                        Err(tower_ha::error::InvalidRequest::new("the upload broke").into())
+                    }
                 }
             }
         });
@@ -1297,6 +1302,38 @@ impl std::error::Error for Wrapped {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.0)
     }
+}
+
+/// A retry that ends in an error that is no failure (the client's upload
+/// broke) returns that error as it is, and counts the request as ended
+/// failed after its failed attempt: no retry is left without an end.
+#[tokio::test]
+async fn a_retry_ended_by_the_requests_own_error_counts_as_exhausted() {
+    use Kind::*;
+    let layer = FailoverLayer::new().no_budget();
+    let (result, log) = send(
+        layer.clone(),
+        &[("a", Unavailable), ("b", Invalid)],
+        request(Method::GET),
+    )
+    .await;
+    assert_eq!(log, ["a", "b"]);
+    let err = result.unwrap_err();
+    assert!(
+        find::<tower_ha::error::InvalidRequest>(&*err).is_some(),
+        "{err}"
+    );
+    assert!(find::<Exhausted>(&*err).is_none(), "{err}");
+    let stats = layer.stats();
+    assert_eq!((stats.retries, stats.recovered, stats.exhausted), (1, 0, 1));
+    // On a first attempt nothing failed over: nothing is counted.
+    let (result, _) = send(layer.clone(), &[("b", Invalid)], request(Method::GET)).await;
+    let err = result.unwrap_err();
+    assert!(
+        find::<tower_ha::error::InvalidRequest>(&*err).is_some(),
+        "{err}"
+    );
+    assert_eq!(layer.stats().exhausted, 1);
 }
 
 /// A `NoBackend` a layer wraps still ends the attempts, as the balancer's
@@ -1970,7 +2007,7 @@ fn retryable(kind: Kind, method: &Method) -> bool {
     match kind {
         Kind::Refused => true,
         Kind::Unavailable | Kind::Reset => method == Method::GET,
-        Kind::Ok | Kind::ServerError => false,
+        Kind::Ok | Kind::ServerError | Kind::Invalid => false,
     }
 }
 

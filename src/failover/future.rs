@@ -502,6 +502,9 @@ where
                     return Verdict::Return(self.give_up(Some(err)));
                 }
                 if !self.config.classifier.is_failure(&Outcome::Error(&*err)) {
+                    // Returned as it is; after a failed attempt, the
+                    // request still ended failed.
+                    self.count_exhausted();
                     return Verdict::Return(Err(err));
                 }
                 // Also through a layer below that wraps the error.
@@ -734,12 +737,7 @@ where
         if self.budget_spent {
             bump(&self.config.counters.budget_refusals);
         }
-        if !self.failures.is_empty() {
-            bump(&self.config.counters.exhausted);
-            emit(self.config.events.as_ref(), || Event::AttemptsExhausted {
-                tried: self.failures.iter().map(|(id, _)| id.clone()).collect(),
-            });
-        }
+        self.count_exhausted();
         if let Some(response) = self.last_response.take() {
             let mut response = self.with_history(response, false);
             response.extensions_mut().insert(GaveUp);
@@ -754,6 +752,17 @@ where
         Err(Exhausted::new(failures, reason)
             .budget_spent(self.budget_spent)
             .into())
+    }
+
+    /// Counts a request that ended failed after at least one failed
+    /// attempt, and says so in the event stream.
+    fn count_exhausted(&self) {
+        if !self.failures.is_empty() {
+            bump(&self.config.counters.exhausted);
+            emit(self.config.events.as_ref(), || Event::AttemptsExhausted {
+                tried: self.failures.iter().map(|(id, _)| id.clone()).collect(),
+            });
+        }
     }
 
     /// The overall deadline passed during an attempt (`in_flight`) or
