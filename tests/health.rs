@@ -440,9 +440,44 @@ async fn failures_during_an_ejection_do_not_count_towards_the_next() {
     assert_eq!(state.ejections(), 3);
 }
 
+/// An ejection's end is reported as it runs out, though no request
+/// reaches the backend after it (a backup that is not failed back to, a
+/// backend the failover layer steers around): the event stream and the
+/// backend's last change do not show it ejected for ever.
+#[tokio::test(start_paused = true)]
+async fn an_ejections_end_is_reported_as_it_runs_out_without_a_request() {
+    use tower_ha::control::{Event, Events};
+    let events = Events::default();
+    let svc = HealthLayer::new()
+        .events(events.clone())
+        .layer(Backend::new());
+    let state = Arc::new(BackendState::new(1));
+    svc.get_ref().set(StatusCode::SERVICE_UNAVAILABLE);
+    for _ in 0..5 {
+        send(&svc, "a", &state).await;
+    }
+    let until = state.ejected_until().expect("ejected");
+    let restored = || {
+        events
+            .history()
+            .iter()
+            .filter_map(|r| match &r.event {
+                Event::Restored { backend, reason } => Some((format!("{backend}: {reason}"), r.at)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    tokio::time::sleep_until(until - ms(1)).await;
+    assert_eq!(restored(), []);
+    tokio::time::sleep_until(until).await;
+    tokio::task::yield_now().await;
+    assert_eq!(restored(), [("a: ejection ended".to_owned(), until)]);
+    assert_eq!(state.ejected_until(), None, "cleared");
+}
+
 /// A backend that comes back with its state while ejected (discovery
 /// dropped it, then listed it again, and it was wrapped anew) has the end
-/// of its ejection reported by its new service.
+/// of its ejection reported, once.
 #[tokio::test(start_paused = true)]
 async fn a_backend_wrapped_again_while_ejected_reports_the_ejections_end() {
     use tower_ha::control::{Event, Events};

@@ -114,7 +114,8 @@ pub enum Event {
     Restored {
         /// The backend.
         backend: BackendId,
-        /// Why: `"ejection ended"` or `"probe passed"`.
+        /// Why: `"ejection ended"` (reported as it runs out) or `"probe
+        /// passed"`.
         reason: Arc<str>,
     },
     /// A group's primary changed.

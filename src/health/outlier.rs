@@ -8,7 +8,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::backend::BackendState;
+use crate::backend::{BackendId, BackendState};
 use crate::classify::{Classifier, Outcome};
 use crate::control::{emit, Event, Events};
 use crate::error::not_the_backends;
@@ -459,16 +459,34 @@ impl<C> Watch<C> {
 
     /// Reports the end of the ejection of `target` that this watch cleared.
     fn report_end(&self, target: &Target) {
-        tracing::info!(
-            backend = %target.id(),
-            from = "ejected",
-            to = "available",
-            reason = "ejection ended",
-            "backend restored"
-        );
-        emit(self.events.as_ref(), || Event::Restored {
-            backend: target.id().clone(),
-            reason: "ejection ended".into(),
+        report_end(self.events.as_ref(), target.id());
+    }
+
+    /// Clears the ejection of `target` that runs out at `until`, and
+    /// reports its end, at that instant: a backend that gets no request
+    /// (the backup of an active-passive group that does not fail back, one
+    /// the failover layer steers around) is seen restored too, and a
+    /// failback to it comes after its restoration. Without a tokio runtime
+    /// the end is reported at the first outcome after it, as it is also
+    /// when the timer has not run yet.
+    fn report_end_at(&self, target: &Target, until: Instant) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // Not keeping the state: one gone from the pool counts no more
+        // against the cap once nothing else holds it.
+        let (id, state) = (target.id().clone(), Arc::downgrade(target.state()));
+        let events = self.events.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep_until(until).await;
+            // Lifted before (by a probe) or followed by another ejection:
+            // not this one's end to report.
+            if state
+                .upgrade()
+                .is_some_and(|state| state.take_expired_ejection())
+            {
+                report_end(events.as_ref(), &id);
+            }
         });
     }
 
@@ -521,6 +539,7 @@ impl<C> Watch<C> {
                     ejection: nth,
                     duration,
                 });
+                self.report_end_at(target, until);
             }
             Err(Refused::Cap { ejected, allowed }) => {
                 drop(backoff);
@@ -656,6 +675,21 @@ impl<C> Drop for Watch<C> {
     fn drop(&mut self) {
         self.ejections.backends.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Reports the end of `backend`'s ejection, by its time.
+fn report_end(events: Option<&Events>, backend: &BackendId) {
+    tracing::info!(
+        backend = %backend,
+        from = "ejected",
+        to = "available",
+        reason = "ejection ended",
+        "backend restored"
+    );
+    emit(events, || Event::Restored {
+        backend: backend.clone(),
+        reason: "ejection ended".into(),
+    });
 }
 
 #[cfg(test)]
