@@ -475,6 +475,46 @@ async fn an_ejections_end_is_reported_as_it_runs_out_without_a_request() {
     assert_eq!(state.ejected_until(), None, "cleared");
 }
 
+/// Without the runtime that ejected the backend (its timer gone with it),
+/// the ejection's end is reported at the first outcome after it, once.
+#[test]
+fn an_ejections_end_is_reported_at_the_next_outcome_once_its_timer_is_gone() {
+    use tower_ha::control::{Event, Events};
+    let events = Events::default();
+    let svc = HealthLayer::new()
+        .consecutive_failures(1)
+        .base_ejection_time(ms(1))
+        .events(events.clone())
+        .layer(Backend::new());
+    let state = Arc::new(BackendState::new(1));
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    };
+    svc.get_ref().set(StatusCode::SERVICE_UNAVAILABLE);
+    runtime().block_on(send(&svc, "a", &state));
+    assert!(state.ejected_until().is_some(), "ejected");
+    // The runtime, and the timer it held, are gone; the ejection runs out
+    // meanwhile (a millisecond long, slept past).
+    std::thread::sleep(ms(20));
+    let restored = || {
+        events
+            .history()
+            .iter()
+            .filter(|r| matches!(r.event, Event::Restored { .. }))
+            .count()
+    };
+    assert_eq!(restored(), 0);
+    svc.get_ref().set(StatusCode::OK);
+    let again = runtime();
+    again.block_on(send(&svc, "a", &state));
+    again.block_on(send(&svc, "a", &state));
+    assert_eq!(restored(), 1);
+    assert_eq!(state.ejected_until(), None, "cleared");
+}
+
 /// A backend that comes back with its state while ejected (discovery
 /// dropped it, then listed it again, and it was wrapped anew) has the end
 /// of its ejection reported, once.

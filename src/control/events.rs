@@ -165,7 +165,10 @@ pub enum Event {
         /// How it failed.
         reason: Arc<str>,
     },
-    /// Every allowed attempt of a request failed.
+    /// A request ended failed after at least one failed attempt: every
+    /// allowed attempt failed, or the last ended in an error of the
+    /// request's own (see
+    /// [`FailoverStats::exhausted`](crate::failover::FailoverStats::exhausted)).
     AttemptsExhausted {
         /// The backends tried, oldest first.
         tried: Vec<BackendId>,
@@ -427,7 +430,24 @@ impl Default for Events {
     }
 }
 
+/// An [`Events`] that does not keep the stream open: for a task that may
+/// outlive every other handle of it.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakEvents(std::sync::Weak<Inner>);
+
+impl WeakEvents {
+    /// The stream, if anything else still holds it.
+    pub(crate) fn upgrade(&self) -> Option<Events> {
+        self.0.upgrade().map(|inner| Events { inner })
+    }
+}
+
 impl Events {
+    /// This stream, not kept open by the handle returned.
+    pub(crate) fn downgrade(&self) -> WeakEvents {
+        WeakEvents(Arc::downgrade(&self.inner))
+    }
+
     /// A stream that buffers up to `channel_capacity` events for each
     /// subscriber (at least 1, at most 65,536: the buffer is allocated
     /// whole; tokio rounds it up to a power of two) and keeps in the audit

@@ -39,7 +39,7 @@ pub use handle::{ControlError, GroupMode, Handle};
 pub use layers::LayerStats;
 pub use stats::{BackendStats, GroupStats};
 
-pub(crate) use events::emit;
+pub(crate) use events::{emit, WeakEvents};
 
 /// The [`Priority`](crate::balance::Priority) inside a [`GroupStrategy`],
 /// for [`Handle::add_group`].

@@ -417,17 +417,7 @@ impl Entry {
             && self.state.ejections() == self.ejections_at_probe
             && self.state.uneject()
         {
-            tracing::info!(
-                backend = %id,
-                from = "ejected",
-                to = "available",
-                reason = "probe passed",
-                "backend restored"
-            );
-            emit(events, || Event::Restored {
-                backend: id.clone(),
-                reason: "probe passed".into(),
-            });
+            super::outlier::report_restored(events, id, "probe passed");
         }
     }
 

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::backend::{BackendId, BackendState};
 use crate::classify::{Classifier, Outcome};
-use crate::control::{emit, Event, Events};
+use crate::control::{emit, Event, Events, WeakEvents};
 use crate::error::not_the_backends;
 use crate::extensions::Target;
 use crate::time::Throttle;
@@ -280,8 +280,9 @@ pub(crate) struct Watch<C> {
     pub(crate) classifier: Arc<C>,
     ejections: Arc<Ejections>,
     /// Set when this layer ejected the backend, until the first outcome
-    /// seen after the ejection ended: that is when the restoration is
-    /// reported.
+    /// seen after the ejection ended: the restoration is reported then,
+    /// unless the ejection's timer (see `report_end_at`) cleared and
+    /// reported it already.
     ejected: AtomicBool,
     /// The multiplier of the next ejection's time.
     backoff: Mutex<Backoff>,
@@ -347,9 +348,8 @@ impl<C> Watch<C> {
             self.target_key.store(key, Ordering::Relaxed);
             // A backend back in the pool with its state (discovery dropped
             // it for a while), ejected by the watch of its former service:
-            // this one reports the ejection's end (usually seen at its
-            // first request, once the ejection has run out), and counts it
-            // towards the cap while it lasts.
+            // this one reports the ejection's end if its timer did not (no
+            // runtime), and counts it towards the cap while it lasts.
             let state = target.state();
             if state.has_uncleared_ejection() {
                 if state.is_ejected() {
@@ -476,7 +476,9 @@ impl<C> Watch<C> {
         // Not keeping the state: one gone from the pool counts no more
         // against the cap once nothing else holds it.
         let (id, state) = (target.id().clone(), Arc::downgrade(target.state()));
-        let events = self.events.clone();
+        // Nor the event stream: its subscribers see it close once every
+        // other handle is gone, not at the end of the longest ejection.
+        let events = self.events.as_ref().map(Events::downgrade);
         runtime.spawn(async move {
             tokio::time::sleep_until(until).await;
             // Lifted before (by a probe) or followed by another ejection:
@@ -485,6 +487,7 @@ impl<C> Watch<C> {
                 .upgrade()
                 .is_some_and(|state| state.take_expired_ejection())
             {
+                let events = events.as_ref().and_then(WeakEvents::upgrade);
                 report_end(events.as_ref(), &id);
             }
         });
@@ -679,16 +682,21 @@ impl<C> Drop for Watch<C> {
 
 /// Reports the end of `backend`'s ejection, by its time.
 fn report_end(events: Option<&Events>, backend: &BackendId) {
+    report_restored(events, backend, "ejection ended");
+}
+
+/// Reports the end of `backend`'s ejection, for `reason`.
+pub(super) fn report_restored(events: Option<&Events>, backend: &BackendId, reason: &'static str) {
     tracing::info!(
         backend = %backend,
         from = "ejected",
         to = "available",
-        reason = "ejection ended",
+        reason,
         "backend restored"
     );
     emit(events, || Event::Restored {
         backend: backend.clone(),
-        reason: "ejection ended".into(),
+        reason: reason.into(),
     });
 }
 
