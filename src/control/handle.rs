@@ -689,9 +689,10 @@ impl Handle {
     /// backend that may take them. Nothing else changes: drain or disable
     /// it first so that they do not come back to it. Close them before
     /// removing the backend: a backend no group holds is unknown here, and
-    /// one removed and added again (by hand, by its discovery, or after
-    /// the health checker's `removed_after`) starts with a new state, which
-    /// the tunnels opened before do not belong to.
+    /// one removed and added again (by hand, after the health checker's
+    /// `removed_after`, or by its discovery after the pool's
+    /// `keep_removed_for`) starts with a new state, which the tunnels
+    /// opened before do not belong to.
     pub fn close_tunnels(&self, id: &BackendId) -> Result<(), ControlError> {
         for state in self.states(id)? {
             state.close_tunnels();

@@ -264,7 +264,7 @@ const DESCRIPTIONS: [(&str, Kind, &str); 34] = {
         (
             "tower_ha_backend_healthy",
             Gauge,
-            "1 if the backend's health is Healthy, else 0.",
+            "1 if the backend is healthy and not ejected, else 0.",
         ),
         (
             "tower_ha_backend_available",
@@ -274,7 +274,7 @@ const DESCRIPTIONS: [(&str, Kind, &str); 34] = {
         (
             "tower_ha_group_failovers_total",
             Counter,
-            "Failovers of the group: changes of an active-passive group's primary.",
+            "Failovers of the active-passive group: switches away from an unavailable primary.",
         ),
         (
             "tower_ha_group_seconds_since_failover",

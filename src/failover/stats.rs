@@ -24,7 +24,8 @@ pub struct FailoverStats {
     /// backend it could name (an [`Exhausted`](super::Exhausted) error
     /// listing it, or the last failed response), whatever stopped the
     /// retries: no backend left to try, the attempt limit, the budget, the
-    /// idempotency rule, a body that cannot be replayed, the deadline (one
+    /// idempotency rule, a body that cannot be replayed, the deadline, an
+    /// error of the request's own that is no failure (one
     /// [`Event::AttemptsExhausted`](crate::control::Event::AttemptsExhausted)
     /// each).
     pub exhausted: u64,
