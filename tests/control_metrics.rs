@@ -14,6 +14,8 @@ use metrics::{
 use tower::{service_fn, ServiceExt};
 use tower_ha::balance::{Balance, Priority, RoundRobin};
 use tower_ha::control::{Events, Handle};
+use tower_ha::failover::FailoverLayer;
+use tower_ha::sticky::{SessionKey, StickyLayer};
 use tower_ha::{AdminStatus, HealthStatus, Pool};
 
 /// Records the last value of every metric, by name and sorted labels, and
@@ -664,8 +666,8 @@ async fn a_group_registered_again_in_normal_mode_has_no_primary() {
 /// A stack over "a" (503) and "b" (200), keyed by `X-Session`: each new
 /// session fails over from "a" to "b".
 fn edge(
-    failover: &tower_ha::failover::FailoverLayer,
-    sticky: &tower_ha::sticky::StickyLayer,
+    failover: &FailoverLayer,
+    sticky: &StickyLayer,
     pool: &Pool<Svc>,
 ) -> impl tower::Service<
     Request<()>,
@@ -714,20 +716,24 @@ where
     assert_eq!(*response.body(), "b");
 }
 
-/// Every metric published has its help text (a counter's unit a count,
-/// the time since a failover's seconds), given at the first publication.
-#[tokio::test]
-async fn every_metric_published_is_described() {
-    use tower_ha::failover::FailoverLayer;
-    use tower_ha::sticky::{SessionKey, StickyLayer};
-
-    let last = Last::default();
-    let handle = Handle::new(Events::default());
+/// The pool of `failing_then_working`, and a failover and a sticky layer
+/// (keyed by `X-Session`) registered with `handle` as "edge".
+fn edge_layers(handle: &Handle) -> (Pool<Svc>, FailoverLayer, StickyLayer) {
     let pool = failing_then_working();
     let failover = FailoverLayer::new().no_budget();
     let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
     handle.add_failover("edge", &failover);
     handle.add_sticky("edge", &sticky);
+    (pool, failover, sticky)
+}
+
+/// Every metric published has its help text (a counter's unit a count,
+/// the time since a failover's seconds), given at the first publication.
+#[tokio::test]
+async fn every_metric_published_is_described() {
+    let last = Last::default();
+    let handle = Handle::new(Events::default());
+    let (pool, failover, sticky) = edge_layers(&handle);
     let balance = Balance::new(pool.clone(), Priority::new("edge", ["a", "b"]));
     handle.add_group("edge", &balance).unwrap();
     pool.state(&"a".into()).unwrap().set_max_in_flight(Some(5));
@@ -768,16 +774,9 @@ async fn every_metric_published_is_described() {
 
 #[tokio::test]
 async fn the_counters_of_registered_layers_are_published() {
-    use tower_ha::failover::FailoverLayer;
-    use tower_ha::sticky::{SessionKey, StickyLayer};
-
     let last = Last::default();
     let handle = Handle::new(Events::default());
-    let pool = failing_then_working();
-    let failover = FailoverLayer::new().no_budget();
-    let sticky = StickyLayer::new(&pool, SessionKey::header("x-session"));
-    handle.add_failover("edge", &failover);
-    handle.add_sticky("edge", &sticky);
+    let (pool, failover, sticky) = edge_layers(&handle);
     let service = edge(&failover, &sticky, &pool);
     new_session(&service, "s1").await;
     new_session(&service, "s2").await;
@@ -852,9 +851,6 @@ async fn the_counters_of_registered_layers_are_published() {
 /// and backends for the first time, counts nothing twice.
 #[tokio::test(start_paused = true)]
 async fn counts_go_on_after_a_forgotten_layer_and_across_handles() {
-    use tower_ha::failover::FailoverLayer;
-    use tower_ha::sticky::{SessionKey, StickyLayer};
-
     let last = Last::default();
     let handle = Handle::new(Events::default());
     let pool = failing_then_working();
