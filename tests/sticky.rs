@@ -633,6 +633,43 @@ async fn a_session_whose_retries_failed_too_is_kept_off_its_backend() {
     a_post_moves_off(&svc, &home, &moves).await;
 }
 
+/// The same when the session's backend first closed its connection
+/// gracefully and then failed the request tried on it again: its latest
+/// attempt, the failure, is what keeps the session off it.
+#[tokio::test]
+async fn a_session_whose_backend_failed_after_a_graceful_close_is_kept_off_it() {
+    use tower_ha::failover::Exhausted;
+
+    let c = cluster();
+    let moves = Moves::default();
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
+    let svc = over_failover(&c.pool, layer, Duration::ZERO);
+    let home = send(&svc, session("s1")).await.unwrap().into_body();
+
+    for name in NAMES {
+        c.fail[name].store(true, Ordering::SeqCst);
+    }
+    let closing = Request::builder()
+        .header("x-session-id", "s1")
+        .header("x-going-away-once", "1")
+        .body(())
+        .unwrap();
+    let err = send(&svc, closing).await.unwrap_err();
+    let exhausted = err
+        .downcast_ref::<Exhausted>()
+        .expect("every attempt failed");
+    let tried: Vec<&str> = exhausted
+        .attempts()
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert_eq!(tried[..2], [home.as_str(), home.as_str()], "{tried:?}");
+    for name in NAMES.iter().filter(|&&n| n != home) {
+        c.fail[name].store(false, Ordering::SeqCst);
+    }
+    a_post_moves_off(&svc, &home, &moves).await;
+}
+
 /// Under the failover layer, a request every backend answered 503 ends
 /// with the last backend's 503: the session does not move there (it
 /// failed the request too), and is kept off its own backend, which failed

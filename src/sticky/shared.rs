@@ -1731,9 +1731,14 @@ impl Shared {
                 // they failed too: its error then leads to the last
                 // attempt's. Its attempt there may also have been abandoned
                 // at the per-try timeout, or answered a failed response
-                // (a 503), which was sent.
+                // (a 503), which was sent. Its latest attempt there: one
+                // after a connection it closed gracefully failed.
                 _ => find::<Exhausted>(&*error).and_then(|exhausted| {
-                    let (_, failure) = exhausted.attempts().iter().find(|(id, _)| id == backend)?;
+                    let (_, failure) = exhausted
+                        .attempts()
+                        .iter()
+                        .rev()
+                        .find(|(id, _)| id == backend)?;
                     match find::<BackendError>(&**failure) {
                         Some(e) => own(e),
                         // Not the overall deadline: the request, not the
