@@ -329,9 +329,6 @@ pub(crate) fn never_sent(err: &(dyn StdError + 'static)) -> bool {
     })
 }
 
-/// `err` and its sources, in order. An `io::Error` that wraps another
-/// error (`io::Error::other(e)`) is followed by that error: its own
-/// `source()` skips it, to `e.source()`.
 /// Whether `err` says nothing of the backend that returned it: the request
 /// was bad ([`InvalidRequest`]), or met its connection's graceful close
 /// ([`GoingAway`]). Passive health records nothing for it, and the sticky
@@ -340,6 +337,9 @@ pub(crate) fn not_the_backends(err: &(dyn StdError + 'static)) -> bool {
     chain(err).any(|e| e.is::<InvalidRequest>() || e.is::<GoingAway>())
 }
 
+/// `err` and its sources, in order. An `io::Error` that wraps another
+/// error (`io::Error::other(e)`) is followed by that error: its own
+/// `source()` skips it, to `e.source()`.
 pub(crate) fn chain<'a>(
     err: &'a (dyn StdError + 'static),
 ) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
