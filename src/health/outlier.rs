@@ -459,7 +459,7 @@ impl<C> Watch<C> {
 
     /// Reports the end of the ejection of `target` that this watch cleared.
     fn report_end(&self, target: &Target) {
-        report_end(self.events.as_ref(), target.id());
+        report_restored(self.events.as_ref(), target.id(), EJECTION_ENDED);
     }
 
     /// Clears the ejection of `target` that runs out at `until`, and
@@ -488,7 +488,7 @@ impl<C> Watch<C> {
                 .is_some_and(|state| state.take_expired_ejection())
             {
                 let events = events.as_ref().and_then(WeakEvents::upgrade);
-                report_end(events.as_ref(), &id);
+                report_restored(events.as_ref(), &id, EJECTION_ENDED);
             }
         });
     }
@@ -680,10 +680,8 @@ impl<C> Drop for Watch<C> {
     }
 }
 
-/// Reports the end of `backend`'s ejection, by its time.
-fn report_end(events: Option<&Events>, backend: &BackendId) {
-    report_restored(events, backend, "ejection ended");
-}
+/// Why an ejection that ran out ended.
+const EJECTION_ENDED: &str = "ejection ended";
 
 /// Reports the end of `backend`'s ejection, for `reason`.
 pub(super) fn report_restored(events: Option<&Events>, backend: &BackendId, reason: &'static str) {
