@@ -635,10 +635,11 @@ impl Config {
                 }
             }
             if let Some(hc) = &group.health_check {
-                // What `HttpProbe::try_new` takes, and a request can carry.
+                // What `HttpProbe::try_new` takes, and a path of origin
+                // form (not `*`, nor a bare query).
                 if let Some(path) = &hc.path {
                     if !path.starts_with('/')
-                        || http::uri::PathAndQuery::try_from(path.as_str()).is_err()
+                        || crate::health::HttpProbe::<()>::try_new(path).is_err()
                     {
                         return Err(ConfigError::invalid(
                             at("health_check.path"),
