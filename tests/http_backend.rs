@@ -4559,20 +4559,38 @@ async fn a_keep_alive_counts_from_the_response_not_its_last_read() {
     assert_eq!(body_of(resp).await, "ok");
 }
 
+/// A backend answering `200` with `lines` (each `name: value`) and the
+/// body `ok`.
+async fn serve_lines(lines: impl IntoIterator<Item = String>) -> SocketAddr {
+    let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+    for line in lines {
+        answer.push_str(&line);
+        answer.push_str("\r\n");
+    }
+    answer.push_str("\r\nok");
+    serve_once(answer.leak()).await
+}
+
+/// A GET of `/` through an `HttpBackend` on `client` for `addr`.
+fn get_from(
+    addr: SocketAddr,
+    client: &HttpClient<Full<Bytes>>,
+) -> tower::util::Oneshot<HttpBackend<Full<Bytes>>, Request<Full<Bytes>>> {
+    let backend = HttpBackend::new(client, format!("http://{addr}")).unwrap();
+    backend.oneshot(Request::get("/").body(Full::default()).unwrap())
+}
+
+/// `n` header lines `set-cookie: c<i>=v`.
+fn cookie_lines(n: usize) -> impl Iterator<Item = String> {
+    (0..n).map(|i| format!("set-cookie: c{i}=v"))
+}
+
 /// A response with more header lines than hyper's 100 fails as the
 /// backend's; `max_response_headers` takes it.
 #[tokio::test]
 async fn max_response_headers_takes_a_response_with_many_header_lines() {
-    let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
-    for n in 0..150 {
-        answer.push_str(&format!("set-cookie: c{n}=v\r\n"));
-    }
-    answer.push_str("\r\nok");
-    let addr = serve_once(answer.leak()).await;
-    let get = |client: HttpClient<Full<Bytes>>| {
-        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
-        backend.oneshot(Request::get("/").body(Full::default()).unwrap())
-    };
+    let addr = serve_lines(cookie_lines(150)).await;
+    let get = |client: HttpClient<Full<Bytes>>| get_from(addr, &client);
     let err = get(HttpClient::new()).await.unwrap_err();
     assert_eq!(
         tower_ha::error::gateway_status(&*err),
@@ -4599,16 +4617,8 @@ async fn max_response_headers_takes_a_response_with_many_header_lines() {
         StatusCode::BAD_GATEWAY,
         "{err}"
     );
-    let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
-    for n in 0..90 {
-        answer.push_str(&format!("set-cookie: c{n}=v\r\n"));
-    }
-    answer.push_str("\r\nok");
-    let addr = serve_once(answer.leak()).await;
-    let client: HttpClient<Full<Bytes>> = HttpClient::new().max_response_headers(0);
-    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
-    let resp = backend
-        .oneshot(Request::get("/").body(Full::default()).unwrap())
+    let addr = serve_lines(cookie_lines(90)).await;
+    let resp = get_from(addr, &HttpClient::new().max_response_headers(0))
         .await
         .unwrap();
     assert_eq!(resp.headers().get_all("set-cookie").iter().count(), 90);
@@ -4629,16 +4639,10 @@ fn padding(kib: usize) -> Vec<(String, String)> {
 #[tokio::test]
 async fn a_response_head_over_64_kib_fails_as_the_backends() {
     let get = |kib: usize, client: HttpClient<Full<Bytes>>| async move {
-        let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
-        for (name, value) in padding(kib) {
-            answer.push_str(&format!("{name}: {value}\r\n"));
-        }
-        answer.push_str("\r\nok");
-        let addr = serve_once(answer.leak()).await;
-        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
-        backend
-            .oneshot(Request::get("/").body(Full::default()).unwrap())
-            .await
+        let lines = padding(kib)
+            .into_iter()
+            .map(|(name, value)| format!("{name}: {value}"));
+        get_from(serve_lines(lines).await, &client).await
     };
     let resp = get(60, HttpClient::new()).await.unwrap();
     assert_eq!(resp.headers().len(), 61);
