@@ -20,6 +20,16 @@ pub(crate) fn later(at: Instant, by: Duration) -> Instant {
     at.checked_add(by).unwrap_or_else(|| at + NEVER)
 }
 
+/// `fut`'s output, or `None` once `limit` has passed. A zero limit is
+/// none, and so is any outside a tokio runtime: there is no timer there
+/// to measure it.
+pub(crate) async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    if limit.is_zero() || tokio::runtime::Handle::try_current().is_err() {
+        return Some(fut.await);
+    }
+    tokio::time::timeout(limit, fut).await.ok()
+}
+
 /// The nanoseconds from `base` to `at`: 0 for an `at` before `base`, and
 /// `u64::MAX` past some 584 years; for an instant kept in an atomic.
 #[inline]

@@ -1141,18 +1141,13 @@ impl Shared {
             store.load(key).await
         };
         let limit = self.config.load_wait;
-        // Without a runtime there is no timer to measure it.
-        let loaded = if limit.is_zero() || tokio::runtime::Handle::try_current().is_err() {
-            reading.await
-        } else {
-            tokio::time::timeout(limit, reading)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(StoreError::timeout(format!(
-                        "the session's record was not read within the load wait ({limit:?})"
-                    )))
-                })
-        };
+        let loaded = crate::time::within(limit, reading)
+            .await
+            .unwrap_or_else(|| {
+                Err(StoreError::timeout(format!(
+                    "the session's record was not read within the load wait ({limit:?})"
+                )))
+            });
         let session = match loaded {
             Ok(Some(session)) if *session.key != *key => {
                 // Another key's record: unreadable as this one's, and kept.
@@ -1310,24 +1305,18 @@ impl Shared {
         // in the restore's own future.
         let mut task = AbortOnDrop(runtime.spawn(async move { hook(session).await }));
         let limit = self.config.restore_timeout;
-        // A zero limit is none.
-        let limit = (!limit.is_zero()).then_some(limit);
-        let ran = match limit {
-            Some(limit) => tokio::time::timeout(limit, &mut task.0).await,
-            None => Ok((&mut task.0).await),
-        };
-        match ran {
-            Ok(Ok(restored)) => restored,
-            Ok(Err(e)) if e.is_panic() => Err(RestorePanicked::default().into()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => {
+        match crate::time::within(limit, &mut task.0).await {
+            Some(Ok(restored)) => restored,
+            Some(Err(e)) if e.is_panic() => Err(RestorePanicked::default().into()),
+            Some(Err(e)) => Err(e.into()),
+            None => {
                 // Stopped before the lock it runs under is released: a hook
                 // in the middle of a poll on another thread stops at its
                 // next await, and no other replica restores the session
                 // while it still runs.
                 task.0.abort();
                 let _ = (&mut task.0).await;
-                Err(RestoreTimedOut::new(limit.unwrap_or_default()).into())
+                Err(RestoreTimedOut::new(limit).into())
             }
         }
     }
@@ -1982,20 +1971,12 @@ impl Shared {
                 let _ = done.await;
             }
             if let Some((hook, moved, running)) = hooked {
-                let run = hook(moved);
-                // Without a runtime there is no timer to measure it.
-                let limited = !limit.is_zero() && tokio::runtime::Handle::try_current().is_ok();
-                let ran = if limited {
-                    tokio::time::timeout(limit, run).await
-                } else {
-                    Ok(run.await)
-                };
-                match ran {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => {
+                match crate::time::within(limit, hook(moved)).await {
+                    Some(Ok(())) => {}
+                    Some(Err(error)) => {
                         tracing::warn!(target: TARGET, session = %running.shown(), error = %crate::error::Report(&*error), "on_move hook failed");
                     }
-                    Err(_) => {
+                    None => {
                         tracing::warn!(target: TARGET, session = %running.shown(), ?limit, "on_move hook ran past its limit; stopped");
                     }
                 }
