@@ -46,6 +46,9 @@ pub struct Member {
     /// Whether this pool made `state` (when it joined, or before it left
     /// and came back with it), rather than being given it.
     made: bool,
+    /// Tells its service from the one it had before a replacement that
+    /// kept its state (see [`Member::service_serial`]).
+    service_serial: u64,
 }
 
 impl Member {
@@ -55,6 +58,7 @@ impl Member {
             state,
             weight: 0,
             made,
+            service_serial: next_service_serial(),
         }
     }
 
@@ -75,6 +79,20 @@ impl Member {
     pub(crate) fn made_here(&self) -> bool {
         self.made
     }
+
+    /// Numbers the service it was given, across pools: a replacement of
+    /// its service (keeping its state) gives it a new number, so that
+    /// what was learned of the old service (a probe's result) is told
+    /// from what concerns the new one.
+    pub(crate) fn service_serial(&self) -> u64 {
+        self.service_serial
+    }
+}
+
+/// The serial of the next service a member is given.
+fn next_service_serial() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Up to this many members, `index_of` first looks for the id's own
@@ -610,6 +628,7 @@ impl<S: Clone> Pool<S> {
                 Some(i) => {
                     members[i].state = state;
                     members[i].made = false;
+                    members[i].service_serial = next_service_serial();
                     services[i] = service;
                 }
                 None => {
@@ -639,6 +658,7 @@ impl<S: Clone> Pool<S> {
                     if let Some(w) = weight {
                         members[i].state.store_weight(w);
                     }
+                    members[i].service_serial = next_service_serial();
                     services[i] = service;
                     true
                 }

@@ -1853,6 +1853,52 @@ async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_o
     assert!(!checker.is_finished());
 }
 
+/// A backend given another service (a discovery's insert of a backend it
+/// lists already, say) keeps its state: the probe of its old service, which
+/// fails after the change, is not counted against it, and the new service
+/// is probed at once.
+#[tokio::test(start_paused = true)]
+async fn a_probe_of_a_replaced_service_does_not_count_against_the_new_one() {
+    let pool = Pool::new();
+    pool.insert("a", 0u8);
+    let state = pool.state(&"a".into()).unwrap();
+    let new_probes = Arc::new(AtomicUsize::new(0));
+    let counted = new_probes.clone();
+    let probe = probe_fn(move |_id: &BackendId, service: &u8| {
+        let old = *service == 0;
+        if !old {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        async move {
+            if old {
+                tokio::time::sleep(ms(500)).await;
+                return Err::<(), BoxError>("the old service is gone".into());
+            }
+            Ok(())
+        }
+    });
+    let t0 = Instant::now();
+    let _checker = HealthChecker::new(pool.clone(), probe)
+        .interval(secs(2))
+        .timeout(secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .spawn();
+    at(t0 + ms(100)).await;
+    pool.insert("a", 1u8);
+    at(t0 + ms(110)).await;
+    assert_eq!(
+        new_probes.load(Ordering::SeqCst),
+        1,
+        "the new service waits"
+    );
+    at(t0 + ms(600)).await;
+    // With `fall(1)`, the old service's failure counted against it would
+    // have made it unhealthy.
+    assert_eq!(state.health(), HealthStatus::Healthy);
+    assert!(Arc::ptr_eq(&state, &pool.state(&"a".into()).unwrap()));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_probe_started_before_a_backend_left_does_not_count_once_it_is_back() {
     let pool = Pool::new();

@@ -324,8 +324,11 @@ impl<S> Rebuild<S> for Changed {
 struct Entry {
     state: Arc<BackendState>,
     /// Tells this entry from an earlier one of the same backend (removed,
-    /// then added back with the same state) whose probe may still run.
+    /// then added back with the same state, or given another service)
+    /// whose probe may still run.
     serial: u64,
+    /// The serial of the service it probes (see `Member::service_serial`).
+    service: u64,
     /// Passes and failures in a row, since the backend's health last
     /// changed: one set by someone else (a manual `set_health`, another
     /// checker) starts them again, so that `rise` and `fall` count probes
@@ -363,11 +366,12 @@ const fn health_name(health: HealthStatus) -> &'static str {
 }
 
 impl Entry {
-    fn new(state: Arc<BackendState>, serial: u64, now: Instant) -> Self {
+    fn new(state: Arc<BackendState>, serial: u64, service: u64, now: Instant) -> Self {
         Entry {
             seen: state.health(),
             state,
             serial,
+            service,
             successes: 0,
             failures: 0,
             ejections_at_probe: 0,
@@ -397,6 +401,17 @@ impl Entry {
         if let Some(probe) = self.probe.take() {
             probe.abort();
         }
+    }
+
+    /// Starts this entry afresh as `serial`, probing `service` at once:
+    /// its probe under way, and the times it queued, were for what it was.
+    /// Its health and counts go on.
+    fn restart(&mut self, serial: u64, service: u64, now: Instant) {
+        self.stop_probe();
+        self.serial = serial;
+        self.service = service;
+        self.next_probe = now;
+        self.queued = None;
     }
 
     /// Abandons a ramp in progress at full weight: a weight the checker no
@@ -676,10 +691,7 @@ where
         loop {
             let now = Instant::now();
             let snapshot = self.pool.snapshot();
-            if generation != snapshot.generation() {
-                self.sync(&snapshot, now, false);
-                generation = snapshot.generation();
-            }
+            self.follow(&snapshot, &mut generation, now);
             self.compact_queue();
             // Those due now, taken out first: one queued again for now (a
             // removal the pool refused until this task takes up its
@@ -775,11 +787,16 @@ where
                         Ok((task, result)) => (task, result),
                         Err(error) => (error.id(), Err(ProbePanicked::default().into())),
                     };
+                    // A change of membership published before this result
+                    // is taken up first: the result of a probe whose
+                    // backend was given another service meanwhile is then
+                    // passed over below.
+                    self.follow(&self.pool.snapshot(), &mut generation, Instant::now());
                     let Some((id, serial)) = running.remove(&task) else { continue };
                     let Some(entry) = self.entries.get_mut(&id) else { continue };
-                    // A probe of a backend that was replaced, or removed and
-                    // added back, meanwhile, which ended or panicked: the new
-                    // entry schedules its own.
+                    // A probe of a backend that was replaced, given another
+                    // service, or removed and added back, meanwhile, which
+                    // ended or panicked: the new entry schedules its own.
                     if entry.serial == serial {
                         entry.record(&id, result, &self.config, self.events.as_ref());
                         entry.schedule(&id, &self.config, &mut self.queue);
@@ -803,9 +820,18 @@ where
             .collect();
     }
 
-    /// Follows the membership: new backends are probed at once; backends
-    /// that left are set aside while their state lives elsewhere, then
-    /// forgotten.
+    /// Takes up the pool's membership in `snapshot` if it changed since
+    /// `generation`.
+    fn follow(&mut self, snapshot: &Snapshot<S>, generation: &mut u64, now: Instant) {
+        if *generation != snapshot.generation() {
+            self.sync(snapshot, now, false);
+            *generation = snapshot.generation();
+        }
+    }
+
+    /// Follows the membership: new backends, and those given another
+    /// service, are probed at once; backends that left are set aside while
+    /// their state lives elsewhere, then forgotten.
     fn sync(&mut self, snapshot: &Snapshot<S>, now: Instant, initial: bool) {
         let members = snapshot.members();
         // Nothing but this map holds their state any more: they cannot
@@ -831,10 +857,18 @@ where
             }
         }
         for member in members.iter() {
-            if self.entries.contains_key(member.id()) {
+            let serial = self.next_serial;
+            if let Some(entry) = self.entries.get_mut(member.id()) {
+                // Given another service with its state (a discovery's
+                // insert of a backend it lists already, say): a probe of
+                // the old one says nothing of the new one.
+                if entry.service != member.service_serial() {
+                    self.next_serial += 1;
+                    entry.restart(serial, member.service_serial(), now);
+                    entry.schedule(member.id(), &self.config, &mut self.queue);
+                }
                 continue;
             }
-            let serial = self.next_serial;
             self.next_serial += 1;
             let back = self
                 .departed
@@ -845,10 +879,7 @@ where
                 // say): its health and counts go on; only its probe starts
                 // again (the one under way was stopped as it left).
                 Some(mut entry) => {
-                    entry.serial = serial;
-                    entry.next_probe = now;
-                    // What it had queued was for its old serial.
-                    entry.queued = None;
+                    entry.restart(serial, member.service_serial(), now);
                     // Its time away, when nothing could probe it, does not
                     // count towards turning it off or removing it.
                     if entry.unhealthy_since.is_some() {
@@ -857,7 +888,8 @@ where
                     entry
                 }
                 None => {
-                    let mut entry = Entry::new(member.state().clone(), serial, now);
+                    let mut entry =
+                        Entry::new(member.state().clone(), serial, member.service_serial(), now);
                     if self.config.start_unhealthy {
                         // From then on the pool marks the states it makes;
                         // one it did not make (shared with another pool,
