@@ -3844,6 +3844,27 @@ async fn a_store_with_a_ttl_keeps_the_records_of_sessions_in_use_only() {
     assert_eq!(store.len(), 1, "the unused session's record was swept out");
 }
 
+/// A `refresh_every` longer than the store's records live would let the
+/// record of a session in use expire between two refreshes: the layer
+/// refreshes as often as the store asks instead.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_interval_longer_than_the_stores_ttl_keeps_a_record_in_use() {
+    let c = cluster();
+    let store = MemoryStore::new().with_ttl(Duration::from_secs(60));
+    let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id"))
+        .store(store.clone())
+        .refresh_every(Duration::from_secs(3600));
+    let svc = stack(&c.pool, layer);
+    send(&svc, session("busy")).await.unwrap();
+    for _ in 0..30 {
+        tokio::time::advance(Duration::from_secs(20)).await;
+        send(&svc, session("busy")).await.unwrap();
+        support::health_mock::settle().await;
+    }
+    let busy = store.load("busy").await.unwrap();
+    assert_eq!(busy.expect("kept alive by its use").backend.as_str(), "a");
+}
+
 #[tokio::test]
 async fn the_layers_cookie_is_found_behind_a_foreign_one_of_the_same_name() {
     let c = cluster();

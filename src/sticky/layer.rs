@@ -180,7 +180,10 @@ impl StickyLayer {
     /// ([`SessionStore::refresh_interval`](crate::store::SessionStore::refresh_interval):
     /// half the TTL of a `RedisStore`, `FileStore` or `MemoryStore` that
     /// has one, or half the `ttl` a `WebhookStore` was given, never for the
-    /// others). Zero turns it off.
+    /// others). Zero turns it off. An interval at least twice the store's
+    /// (at least the TTL of this crate's stores) would let a record in use
+    /// expire between two refreshes: the store's is used instead, with a
+    /// warning.
     pub fn refresh_every(self, every: Duration) -> Self {
         self.with(|c| c.refresh = Some(every))
     }

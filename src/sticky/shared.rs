@@ -486,6 +486,30 @@ pub(crate) struct Loaded {
     pub(crate) waiting: Waiting,
 }
 
+/// How often a session in use has its record refreshed, if ever: as
+/// configured (zero: never), or as the store asks. A configured interval at
+/// least twice the store's (at least the TTL of this crate's stores) would
+/// let the record of a session in use expire between two refreshes, which a
+/// replica or a restart would then not find: the store's is used instead,
+/// with a warning.
+fn refresh_interval(configured: Option<Duration>, asked: Option<Duration>) -> Option<Duration> {
+    match (configured, asked) {
+        (Some(every), Some(asked))
+            if !every.is_zero() && !asked.is_zero() && every >= asked.saturating_mul(2) =>
+        {
+            tracing::warn!(
+                configured = ?every,
+                used = ?asked,
+                "refresh_every is longer than the store's records live; refreshing as often as the store asks instead"
+            );
+            Some(asked)
+        }
+        (Some(every), _) => Some(every),
+        (None, asked) => asked,
+    }
+    .filter(|every| !every.is_zero())
+}
+
 impl Shared {
     pub(crate) fn new(config: Config) -> Self {
         let writes = Writes::new(config.max_pending_writes);
@@ -498,12 +522,12 @@ impl Shared {
                 config.key.cookie().is_some(),
             )
             .with_cookie_renewal(config.key.cookie().and_then(CookieInsert::renew_after))
-            .with_refresh(config.store.as_ref().and_then(|store| {
+            .with_refresh(
                 config
-                    .refresh
-                    .or_else(|| store.refresh_interval())
-                    .filter(|every| !every.is_zero())
-            })),
+                    .store
+                    .as_ref()
+                    .and_then(|store| refresh_interval(config.refresh, store.refresh_interval())),
+            ),
             config,
             loading: Mutex::new(HashMap::new()),
             unrestored: Mutex::new(HashMap::new()),
