@@ -2,10 +2,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tower_ha::balance::{Balance, Priority, RoundRobin};
 use tower_ha::control::{Event, Events, Handle};
-use tower_ha::{BackendId, Pool};
+use tower_ha::health::{probe_fn, HealthChecker};
+use tower_ha::{BackendId, BoxError, Pool};
 
 /// Subscribers receive events in the order of their sequence numbers, even
 /// when several threads emit at once.
@@ -80,6 +82,73 @@ async fn a_backend_removed_from_one_group_keeps_its_last_change_in_another() {
     // Gone from every group: forgotten.
     handle.remove_backend("api", &a).unwrap();
     assert_eq!(handle.events().last_change(&a), None);
+}
+
+/// A health checker over one group's pool removes a backend that another
+/// group holds too (it cannot tell): the other group's stats keep its last
+/// change, and show its later ones.
+#[tokio::test(start_paused = true)]
+async fn a_backend_a_checker_removes_from_one_group_keeps_its_last_change_in_another() {
+    let handle = Handle::new(Events::default());
+    let web = Pool::new();
+    web.insert("a", ());
+    let api = Pool::new();
+    api.insert("a", ());
+    handle
+        .add_group("web", &Balance::new(web.clone(), RoundRobin::new()))
+        .unwrap();
+    handle
+        .add_group("api", &Balance::new(api, RoundRobin::new()))
+        .unwrap();
+    let a = BackendId::from("a");
+    // Its first probe passes; every later one fails.
+    let probes = Arc::new(AtomicUsize::new(0));
+    let probe = probe_fn(move |_: &BackendId, _: &()| {
+        let first = probes.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            match first {
+                true => Ok(()),
+                false => Err::<(), BoxError>("down".into()),
+            }
+        }
+    });
+    let _checker = HealthChecker::new(web.clone(), probe)
+        .interval(Duration::from_secs(1))
+        .jitter(Duration::ZERO)
+        .fall(1)
+        .removed_after(Duration::from_secs(2))
+        .events(handle.events().clone())
+        .spawn();
+    let mut removed = false;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        removed = web.is_empty();
+        if removed {
+            break;
+        }
+    }
+    assert!(removed, "the checker removed it from `web`");
+    let removed_at = (handle.events().history().iter())
+        .find(|r| matches!(r.event, Event::BackendRemoved { .. }))
+        .expect("the removal is an event")
+        .time;
+    // Its next change, reported before anyone reads the stats, shows too
+    // (the times are the wall clock's, which the paused tokio clock does
+    // not move).
+    std::thread::sleep(Duration::from_millis(2));
+    handle.events().emit(Event::Ejected {
+        backend: a.clone(),
+        reason: "consecutive failures".into(),
+        ejection: 1,
+        duration: Duration::from_secs(30),
+    });
+    let last_change = handle.group_stats("api").unwrap().backends[0].last_change;
+    assert!(
+        last_change.is_some_and(|at| at > removed_at),
+        "still in `api`, its ejection counts: {last_change:?} after {removed_at:?}"
+    );
+    // Read as a member's, it is no longer taken for removed.
+    assert!(handle.events().last_change(&a).is_some());
 }
 
 /// A group's stats are of one moment: while an operator forces one backend

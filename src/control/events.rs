@@ -334,17 +334,17 @@ impl LastChanges {
         };
         let removed = match record.event {
             Event::BackendRemoved { .. } if forget_removed => Some(record.at),
-            // What requests still in flight to a removed backend report
-            // changes nothing; any other event is about a backend back in
-            // a pool (added again without an event, or held by another).
+            // What requests still in flight to a removed backend report (or
+            // what another pool that holds it, unknown to the handle's
+            // group that removed it, reports) leaves it removed: it is
+            // forgotten in time all the same, but the stats of a group that
+            // holds it show the change. Any other event is about a backend
+            // back in a pool (added again without an event, or held by
+            // another).
             Event::FailoverAttempt { .. }
             | Event::Ejected { .. }
             | Event::Restored { .. }
-            | Event::SessionMoved { .. }
-                if self.map.get(backend).is_some_and(|e| e.removed.is_some()) =>
-            {
-                return
-            }
+            | Event::SessionMoved { .. } => self.map.get(backend).and_then(|e| e.removed),
             _ => None,
         };
         self.set(backend, record, removed);
@@ -555,6 +555,20 @@ impl Events {
             .get(id)
             .filter(|e| e.removed.is_none())
             .map(|e| e.time)
+    }
+
+    /// As [`last_change`](Self::last_change), for a backend whose state a
+    /// pool holds: `live` when it holds it as a member. A member removed
+    /// meanwhile by the health checker or the resolver of another pool,
+    /// which cannot tell that this one holds it too, keeps its last change
+    /// (that removal's, or a later one) and counts as added again.
+    pub(crate) fn last_change_of(&self, id: &BackendId, live: bool) -> Option<SystemTime> {
+        let mut last = self.inner.last_change.lock();
+        let entry = last.map.get_mut(id)?;
+        if live {
+            entry.removed = None;
+        }
+        entry.removed.is_none().then_some(entry.time)
     }
 
     /// How many events were emitted so far.

@@ -928,7 +928,7 @@ impl Handle {
             .into_iter()
             .next()
             .ok_or_else(|| ControlError::UnknownBackend(id.to_string()))?;
-        let mut stats = BackendStats::of(id.clone(), &state, &self.inner.events);
+        let mut stats = BackendStats::of(id.clone(), &state, live, &self.inner.events);
         stats.available &= live;
         Ok(stats)
     }
