@@ -144,9 +144,12 @@ pub struct DnsDiscover<S> {
     known: BTreeSet<SocketAddr>,
     /// The changes not yet yielded, each with its event.
     pending: VecDeque<(Change<BackendId, S>, Option<Event>)>,
-    /// The event of the change last yielded: emitted when the stream is
-    /// polled again, once the pool has made the change.
-    yielded: Option<Event>,
+    /// The events of the changes yielded since the stream last had none
+    /// ready: emitted when it is polled again after that, once the pool
+    /// has made them.
+    yielded: Vec<Event>,
+    /// Whether the stream had no change ready when last polled.
+    idle: bool,
     step: Step,
     events: Option<Events>,
     in_pool: Option<InPool>,
@@ -187,7 +190,8 @@ impl<S> DnsDiscover<S> {
             make: Box::new(make),
             known: BTreeSet::new(),
             pending: VecDeque::new(),
-            yielded: None,
+            yielded: Vec::new(),
+            idle: false,
             events: None,
             in_pool: None,
         }
@@ -208,9 +212,12 @@ impl<S> DnsDiscover<S> {
     }
 
     /// Also emits [`Event::BackendAdded`] and [`Event::BackendRemoved`]
-    /// (reason `"dns"`) into `events`, each once the pool has made its
-    /// change (when the stream is polled for the next one, as
-    /// [`Pool::discover`](crate::Pool::discover) does at once). An address
+    /// (reason `"dns"`) into `events`, once the pool has made the changes:
+    /// the events of the changes the stream yielded come when it is polled
+    /// again after it had no more ready, as
+    /// [`Pool::discover`](crate::Pool::discover) does as soon as it has
+    /// made them (a subscriber acting on `BackendAdded` finds the backend,
+    /// and one reading `BackendRemoved` does not see it still serving). An address
     /// [`pool`](Self::pool) already holds is inserted again without an
     /// event: it did not join.
     pub fn events(mut self, events: Events) -> Self {
@@ -294,6 +301,52 @@ impl<S> DnsDiscover<S> {
         }
         self.known = now;
     }
+
+    /// The next change: those of the last answer, then those of the next
+    /// answer once it is due.
+    fn poll_change(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Change<BackendId, S>, Infallible>>> {
+        loop {
+            if let Some((change, event)) = self.pending.pop_front() {
+                self.yielded.extend(event);
+                return Poll::Ready(Some(Ok(change)));
+            }
+            match &mut self.step {
+                Step::Start => self.step = self.resolve(),
+                Step::Resolving(fut) => {
+                    let result = std::task::ready!(fut.as_mut().poll(cx));
+                    match result {
+                        Ok(Ok(addrs)) => {
+                            if addrs.is_empty() && !self.known.is_empty() {
+                                tracing::warn!(
+                                    host = %self.host,
+                                    "DNS answered no address; removing every backend"
+                                );
+                            }
+                            self.apply(addrs);
+                        }
+                        Ok(Err(error)) => tracing::warn!(
+                            host = %self.host,
+                            error = %crate::error::Report(&error),
+                            "DNS resolution failed; keeping the current backends"
+                        ),
+                        Err(_) => tracing::warn!(
+                            host = %self.host,
+                            timeout = ?self.timeout,
+                            "DNS resolution timed out; keeping the current backends"
+                        ),
+                    }
+                    self.step = Step::Waiting(Box::pin(tokio::time::sleep(self.interval)));
+                }
+                Step::Waiting(sleep) => {
+                    std::task::ready!(sleep.as_mut().poll(cx));
+                    self.step = self.resolve();
+                }
+            }
+        }
+    }
 }
 
 // Nothing inside is ever pinned in place: services wait in a queue.
@@ -304,46 +357,13 @@ impl<S> Stream for DnsDiscover<S> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if let (Some(event), Some(events)) = (this.yielded.take(), &this.events) {
-            events.emit(event);
-        }
-        loop {
-            if let Some((change, event)) = this.pending.pop_front() {
-                this.yielded = event;
-                return Poll::Ready(Some(Ok(change)));
-            }
-            match &mut this.step {
-                Step::Start => this.step = this.resolve(),
-                Step::Resolving(fut) => {
-                    let result = std::task::ready!(fut.as_mut().poll(cx));
-                    match result {
-                        Ok(Ok(addrs)) => {
-                            if addrs.is_empty() && !this.known.is_empty() {
-                                tracing::warn!(
-                                    host = %this.host,
-                                    "DNS answered no address; removing every backend"
-                                );
-                            }
-                            this.apply(addrs);
-                        }
-                        Ok(Err(error)) => tracing::warn!(
-                            host = %this.host,
-                            error = %crate::error::Report(&error),
-                            "DNS resolution failed; keeping the current backends"
-                        ),
-                        Err(_) => tracing::warn!(
-                            host = %this.host,
-                            timeout = ?this.timeout,
-                            "DNS resolution timed out; keeping the current backends"
-                        ),
-                    }
-                    this.step = Step::Waiting(Box::pin(tokio::time::sleep(this.interval)));
-                }
-                Step::Waiting(sleep) => {
-                    std::task::ready!(sleep.as_mut().poll(cx));
-                    this.step = this.resolve();
-                }
+        if std::mem::take(&mut this.idle) {
+            if let Some(events) = &this.events {
+                this.yielded.drain(..).for_each(|event| events.emit(event));
             }
         }
+        let next = this.poll_change(cx);
+        this.idle = next.is_pending();
+        next
     }
 }

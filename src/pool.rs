@@ -16,6 +16,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -94,6 +95,10 @@ fn next_service_serial() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
+
+/// The most changes of a discovery stream [`Pool::discover`] makes at
+/// once.
+const MAX_BATCH: usize = 1024;
 
 /// Up to this many members, `index_of` first looks for the id's own
 /// allocation with a linear scan.
@@ -651,42 +656,60 @@ impl<S: Clone> Pool<S> {
         prepare: impl FnOnce(&BackendState),
     ) -> bool {
         let mut added = false;
-        self.change(
-            |members, services| match members.iter().position(|m| m.id == id) {
-                Some(_) if !replace => false,
-                Some(i) => {
-                    if let Some(w) = weight {
-                        members[i].state.store_weight(w);
-                    }
-                    members[i].service_serial = next_service_serial();
-                    services[i] = service;
-                    true
-                }
-                None => {
-                    let (state, made) = match self.shared.kept.lock().take(&id) {
-                        Some((state, made)) => {
-                            if let Some(w) = weight {
-                                state.store_weight(w);
-                            }
-                            (state, made)
-                        }
-                        None => {
-                            let state = BackendState::new(weight.unwrap_or(1));
-                            if self.shared.unprobed.load(Ordering::Relaxed) > 0 {
-                                state.start_unproven();
-                            }
-                            (Arc::new(state), true)
-                        }
-                    };
-                    prepare(&state);
-                    members.push(Member::new(id, state, made));
-                    services.push(service);
-                    added = true;
-                    true
-                }
-            },
-        );
+        self.change(|members, services| {
+            let (changed, new) =
+                self.upsert_in(members, services, id, service, weight, replace, prepare);
+            added = new;
+            changed
+        });
         added
+    }
+
+    /// [`upsert`](Self::upsert) on a membership being edited; returns
+    /// whether it changed it, and whether it added the backend.
+    #[allow(clippy::too_many_arguments)]
+    fn upsert_in(
+        &self,
+        members: &mut Vec<Member>,
+        services: &mut Vec<S>,
+        id: BackendId,
+        service: S,
+        weight: Option<u32>,
+        replace: bool,
+        prepare: impl FnOnce(&BackendState),
+    ) -> (bool, bool) {
+        match members.iter().position(|m| m.id == id) {
+            Some(_) if !replace => (false, false),
+            Some(i) => {
+                if let Some(w) = weight {
+                    members[i].state.store_weight(w);
+                }
+                members[i].service_serial = next_service_serial();
+                services[i] = service;
+                (true, false)
+            }
+            None => {
+                let (state, made) = match self.shared.kept.lock().take(&id) {
+                    Some((state, made)) => {
+                        if let Some(w) = weight {
+                            state.store_weight(w);
+                        }
+                        (state, made)
+                    }
+                    None => {
+                        let state = BackendState::new(weight.unwrap_or(1));
+                        if self.shared.unprobed.load(Ordering::Relaxed) > 0 {
+                            state.start_unproven();
+                        }
+                        (Arc::new(state), true)
+                    }
+                };
+                prepare(&state);
+                members.push(Member::new(id, state, made));
+                services.push(service);
+                (true, true)
+            }
+        }
     }
 
     /// Removes backend `id`; returns whether it was present. Requests
@@ -739,23 +762,36 @@ impl<S: Clone> Pool<S> {
     /// window if `keep`. Returns whether it removed it, and whether it
     /// forgot a kept state of it instead.
     fn remove_where(&self, id: &BackendId, keep: bool) -> (bool, bool) {
-        let (mut removed, mut forgot) = (false, false);
+        let mut outcome = (false, false);
         self.change(|members, services| {
-            if let Some(i) = members.iter().position(|m| &m.id == id) {
-                let member = members.remove(i);
-                services.remove(i);
-                if keep {
-                    self.shared.kept.lock().keep(member);
-                }
-                removed = true;
-            } else if !keep {
-                // Out of the pool already, by discovery: its kept state is
-                // forgotten all the same.
-                forgot = self.shared.kept.lock().forget(id);
-            }
-            removed
+            outcome = self.remove_in(members, services, id, keep);
+            outcome.0
         });
-        (removed, forgot)
+        outcome
+    }
+
+    /// [`remove_where`](Self::remove_where) on a membership being edited.
+    fn remove_in(
+        &self,
+        members: &mut Vec<Member>,
+        services: &mut Vec<S>,
+        id: &BackendId,
+        keep: bool,
+    ) -> (bool, bool) {
+        if let Some(i) = members.iter().position(|m| &m.id == id) {
+            let member = members.remove(i);
+            services.remove(i);
+            if keep {
+                self.shared.kept.lock().keep(member);
+            }
+            (true, false)
+        } else if !keep {
+            // Out of the pool already, by discovery: its kept state is
+            // forgotten all the same.
+            (false, self.shared.kept.lock().forget(id))
+        } else {
+            (false, false)
+        }
     }
 
     /// Sets the weight of backend `id` (0 counts as 1); returns whether it
@@ -795,7 +831,16 @@ impl<S: Clone> Pool<S> {
     }
 
     /// Applies every change of a [`Discover`] stream to this pool until the
-    /// stream ends (`Ok`) or fails (the stream's error).
+    /// stream ends (`Ok`) or fails (the stream's error; the changes it
+    /// yielded before are made).
+    ///
+    /// The changes the stream has ready at once (a DNS answer's, say: up to
+    /// 1024) are made as one change of membership: the balancers rebuild
+    /// their tables once, not once per address, and no request sees the
+    /// membership half way through them (an answer that swaps every address
+    /// for new ones never shows an empty pool, nor a hashed key moving from
+    /// one old backend to another before it lands on a new one). The
+    /// stream is polled again as soon as they are made.
     ///
     /// The state of a backend the stream removes is kept for
     /// [`keep_removed_for`](Self::keep_removed_for) (60 s by default): if
@@ -831,15 +876,51 @@ impl<S: Clone> Pool<S> {
         D::Key: Into<BackendId>,
     {
         let mut discover = pin!(discover);
-        while let Some(change) = poll_fn(|cx| discover.as_mut().poll_discover(cx)).await {
-            match change? {
-                Change::Insert(key, service) => self.insert(key, service),
-                Change::Remove(key) => {
-                    self.remove_where(&key.into(), true);
+        let mut batch = Vec::new();
+        loop {
+            // Every change ready now (at most `MAX_BATCH`), however many a
+            // stream's answer holds, or nothing until one is.
+            let next = poll_fn(|cx| loop {
+                match discover.as_mut().poll_discover(cx) {
+                    Poll::Ready(Some(Ok(change))) => {
+                        batch.push(change);
+                        if batch.len() == MAX_BATCH {
+                            return Poll::Ready(Some(Ok(())));
+                        }
+                    }
+                    Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending if batch.is_empty() => return Poll::Pending,
+                    Poll::Pending => return Poll::Ready(Some(Ok(()))),
                 }
+            })
+            .await;
+            self.apply(batch.drain(..));
+            match next {
+                Some(Ok(())) => {}
+                Some(Err(error)) => return Err(error),
+                None => return Ok(()),
             }
         }
-        Ok(())
+    }
+
+    /// Makes the changes of a discovery stream as one change of membership:
+    /// one snapshot, one rebuild of each balancer's table, whatever their
+    /// number, and no membership half way through them.
+    fn apply<K: Into<BackendId>>(&self, changes: impl Iterator<Item = Change<K, S>>) {
+        self.change(|members, services| {
+            let mut changed = false;
+            for change in changes {
+                changed |= match change {
+                    Change::Insert(key, service) => {
+                        (self.upsert_in(members, services, key.into(), service, None, true, |_| {}))
+                            .0
+                    }
+                    Change::Remove(key) => self.remove_in(members, services, &key.into(), true).0,
+                };
+            }
+            changed
+        });
     }
 
     /// Builds a new snapshot with `edit` and swaps it in, then lets every

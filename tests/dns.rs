@@ -158,44 +158,152 @@ fn changes(events: &Events) -> Vec<String> {
         .collect()
 }
 
-/// A change's event comes once the pool has made the change (the stream
-/// is polled for the next one), never before: a subscriber acting on
-/// `BackendAdded` finds the backend, and one reading `BackendRemoved` does
-/// not see it still serving.
-#[tokio::test(start_paused = true)]
-async fn an_event_comes_once_its_change_is_made() {
+/// The next change of `discover`, as `+id` or `-id`.
+async fn next(discover: &mut DnsDiscover<SocketAddr>) -> String {
     use futures::StreamExt;
     use tower::discover::Change;
+    match discover.next().await {
+        Some(Ok(Change::Insert(id, _))) => format!("+{id}"),
+        Some(Ok(Change::Remove(id))) => format!("-{id}"),
+        None => unreachable!("the stream never ends"),
+    }
+}
 
+/// Whether `discover` has no change ready, polled once.
+fn idle(discover: &mut DnsDiscover<SocketAddr>) -> bool {
+    use futures::{FutureExt, StreamExt};
+    discover.next().now_or_never().is_none()
+}
+
+/// The events of the changes taken come once the stream, polled again, had
+/// no more ready: whoever takes them makes those it took before it waits
+/// for more (as `Pool::discover` does), so the events never come before
+/// the changes are made.
+#[tokio::test(start_paused = true)]
+async fn the_events_of_the_changes_taken_come_once_the_stream_ran_dry() {
     let resolver = Scripted::default();
     resolver.answer(&[1, 2]);
     let events = Events::default();
     let mut discover = DnsDiscover::new(resolver.clone(), "db", 5432, |a| a)
         .interval(Duration::from_secs(10))
         .events(events.clone());
-    let mut next = async || match discover.next().await {
-        Some(Ok(Change::Insert(id, _))) => format!("+{id}"),
-        Some(Ok(Change::Remove(id))) => format!("-{id}"),
-        None => unreachable!("the stream never ends"),
-    };
-    assert_eq!(next().await, "+10.0.0.1:5432");
+    assert_eq!(next(&mut discover).await, "+10.0.0.1:5432");
+    assert_eq!(next(&mut discover).await, "+10.0.0.2:5432");
     assert!(changes(&events).is_empty());
-    assert_eq!(next().await, "+10.0.0.2:5432");
-    assert_eq!(changes(&events), ["+10.0.0.1:5432"]);
-    resolver.answer(&[3]);
-    assert_eq!(next().await, "+10.0.0.3:5432");
+    assert!(idle(&mut discover), "waits for the next answer");
+    assert!(
+        changes(&events).is_empty(),
+        "the taker has not made them yet"
+    );
+    assert!(idle(&mut discover));
     assert_eq!(changes(&events), ["+10.0.0.1:5432", "+10.0.0.2:5432"]);
-    assert_eq!(next().await, "-10.0.0.1:5432");
-    assert_eq!(next().await, "-10.0.0.2:5432");
+
+    resolver.answer(&[3]);
+    assert_eq!(next(&mut discover).await, "+10.0.0.3:5432");
+    assert_eq!(next(&mut discover).await, "-10.0.0.1:5432");
+    assert_eq!(next(&mut discover).await, "-10.0.0.2:5432");
+    assert_eq!(changes(&events).len(), 2);
+    assert!(idle(&mut discover));
+    assert!(idle(&mut discover));
     assert_eq!(
         changes(&events),
         [
             "+10.0.0.1:5432",
             "+10.0.0.2:5432",
             "+10.0.0.3:5432",
-            "-10.0.0.1:5432"
+            "-10.0.0.1:5432",
+            "-10.0.0.2:5432"
         ]
     );
+}
+
+/// Fed to `Pool::discover`, the stream's events never come before the
+/// pool has made their change: whenever the stream is polled, each
+/// backend's last event agrees with the pool.
+#[tokio::test(start_paused = true)]
+async fn through_the_pool_an_event_never_comes_before_its_change() {
+    use futures::StreamExt;
+
+    let resolver = Scripted::default();
+    resolver.answer(&[1, 2]);
+    let events = Events::default();
+    let pool: Pool<SocketAddr> = Pool::new();
+    let mut discover = DnsDiscover::new(resolver.clone(), "db", 5432, |a| a)
+        .interval(Duration::from_secs(10))
+        .events(events.clone())
+        .pool(&pool);
+    let checks = Arc::new(Mutex::new(0usize));
+    let checked = {
+        let (pool, events, checks) = (pool.clone(), events.clone(), checks.clone());
+        futures::stream::poll_fn(move |cx| {
+            let polled = discover.poll_next_unpin(cx);
+            let mut last = std::collections::HashMap::new();
+            for change in changes(&events) {
+                let (sign, id) = change.split_at(1);
+                last.insert(id.to_owned(), sign == "+");
+            }
+            for (id, added) in last {
+                let held = pool.contains(&BackendId::from(id.as_str()));
+                assert_eq!(held, added, "{id}: the event came before its change");
+            }
+            *checks.lock().unwrap() += 1;
+            polled
+        })
+    };
+    let task = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.discover(checked).await }
+    });
+    for answer in [&[3][..], &[3, 4, 5], &[1, 5]] {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        resolver.answer(answer);
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.5:5432"]);
+    assert_eq!(changes(&events).len(), 2 + 3 + 2 + 3);
+    assert!(*checks.lock().unwrap() >= 8, "checked at every poll");
+    assert!(!task.is_finished());
+    task.abort();
+}
+
+/// One answer's changes, however many, are one change of membership: the
+/// balancers rebuild once, and no request sees the pool half way through
+/// (a switch of every address never shows an empty pool or a mix).
+#[tokio::test(start_paused = true)]
+async fn an_answer_is_one_change_of_membership() {
+    let resolver = Scripted::default();
+    let blue: Vec<u8> = (1..=100).collect();
+    let green: Vec<u8> = (101..=200).collect();
+    resolver.answer(&blue);
+    let events = Events::default();
+    let pool: Pool<SocketAddr> = Pool::new();
+    let start = pool.snapshot().generation();
+    let task = discover_into(&resolver, &pool, &events);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(pool.len(), 100);
+    assert_eq!(
+        pool.snapshot().generation(),
+        start + 1,
+        "one change for 100"
+    );
+
+    resolver.answer(&green);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let ids = ids(&pool);
+    assert_eq!(ids.len(), 100);
+    assert!(ids.iter().all(|id| {
+        let octet: u8 = id["10.0.0.".len()..id.len() - ":5432".len()]
+            .parse()
+            .unwrap();
+        octet > 100
+    }));
+    assert_eq!(
+        pool.snapshot().generation(),
+        start + 2,
+        "one change for 200"
+    );
+    assert_eq!(changes(&events).len(), 300);
+    task.abort();
 }
 
 /// A stream started over a pool that holds its addresses already (the
