@@ -637,10 +637,11 @@ fn jitter(max: Duration) -> Duration {
     if max.is_zero() {
         return Duration::ZERO;
     }
-    let nanos = usize::try_from(max.as_nanos())
-        .unwrap_or(usize::MAX)
+    // In u64, not usize: 32 bits of nanoseconds are about 4.3 s.
+    let nanos = u64::try_from(max.as_nanos())
+        .unwrap_or(u64::MAX)
         .saturating_add(1);
-    Duration::from_nanos(crate::balance::random_below(nanos) as u64)
+    Duration::from_nanos(crate::balance::random_below(nanos))
 }
 
 /// A time an entry is due to be looked at, with the serial of the entry
