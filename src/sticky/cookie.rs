@@ -553,8 +553,8 @@ enum Ends {
     /// `Max-Age`: whether it ends the cookie at once (an integer of at most
     /// zero: `0`, `00`, `-1`, white space around the `=` allowed).
     MaxAge(bool),
-    /// `Expires`: whether the date has passed.
-    Expires(bool),
+    /// `Expires`: the date, in seconds from the Unix epoch.
+    Expires(i64),
 }
 
 fn ends(attr: &[u8]) -> Option<Ends> {
@@ -571,15 +571,25 @@ fn ends(attr: &[u8]) -> Option<Ends> {
         return Some(Ends::MaxAge(negative || digits.iter().all(|&d| d == b'0')));
     }
     if name.eq_ignore_ascii_case(b"expires") {
-        let at = cookie_date(value)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| {
-                i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
-            });
-        return Some(Ends::Expires(at <= now));
+        return cookie_date(value).map(Ends::Expires);
     }
     None
+}
+
+/// The time an `Expires` in `headers`' `Set-Cookie`s is measured against,
+/// in seconds from the Unix epoch: the response's `Date`, from the clock
+/// that wrote the `Expires`, when it has a valid one; this host's clock
+/// otherwise. A proxy whose clock runs ahead of the backend's (a virtual
+/// machine resumed before its clock was set) would otherwise take a cookie
+/// that expires in minutes for one deleted, and end its session.
+fn response_now(headers: &HeaderMap) -> i64 {
+    let date = (headers.get(http::header::DATE)).and_then(|date| cookie_date(date.as_bytes()));
+    date.unwrap_or_else(|| {
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        since.map_or(0, |since| {
+            i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+        })
+    })
 }
 
 /// The instant a cookie date names, in seconds from the Unix epoch (before
@@ -713,6 +723,8 @@ pub(crate) fn learn<'h>(
     let off_path = |path: &[u8]| {
         !path.is_empty() && request_path.is_some_and(|r| !path_matches(r.as_bytes(), path))
     };
+    // What an `Expires` is measured against, read at the first one.
+    let mut now = None;
     for header in headers.get_all(SET_COOKIE) {
         let Some((cookie, value, attributes)) = set_cookie_parts(header.as_bytes()) else {
             continue;
@@ -727,7 +739,9 @@ pub(crate) fn learn<'h>(
         for attr in attributes {
             match ends(attr) {
                 Some(Ends::MaxAge(now)) => max_age = Some(now),
-                Some(Ends::Expires(past)) => expires = past,
+                Some(Ends::Expires(at)) => {
+                    expires = at <= *now.get_or_insert_with(|| response_now(headers));
+                }
                 None => {
                     if let Some(v) = attribute(attr, b"path") {
                         path = v;
@@ -1195,6 +1209,31 @@ mod tests {
     #[test]
     fn a_relative_path_is_the_default_one() {
         let h = set_cookies(&["JSESSIONID=a; Path=app", "JSESSIONID=; Path=/; Max-Age=0"]);
+        assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
+    }
+
+    /// An `Expires` is measured against the response's `Date` when it has
+    /// one: a host whose clock runs ahead of the backend's does not take a
+    /// cookie that expires in minutes for one deleted.
+    #[test]
+    fn an_expires_is_measured_against_the_responses_date() {
+        let date = "Tue, 02 Jan 2001 10:00:00 GMT";
+        for (expires, left) in [
+            ("Tue, 02 Jan 2001 10:10:00 GMT", Some(Learned::Set(b"abc"))),
+            ("Tue, 02 Jan 2001 09:59:59 GMT", Some(Learned::Deleted)),
+            ("Tue, 02 Jan 2001 10:00:00 GMT", Some(Learned::Deleted)),
+        ] {
+            let line = format!("JSESSIONID=abc; Path=/; Expires={expires}");
+            let mut h = HeaderMap::new();
+            h.append(SET_COOKIE, HeaderValue::try_from(line).unwrap());
+            h.insert(http::header::DATE, HeaderValue::from_static(date));
+            assert_eq!(learn(&h, "JSESSIONID", None), left, "{expires}");
+        }
+        // No `Date`, or one that is no date: this host's clock.
+        let line = "JSESSIONID=abc; Expires=Tue, 02 Jan 2001 10:10:00 GMT";
+        let mut h = set_cookies(&[line]);
+        assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
+        h.insert(http::header::DATE, HeaderValue::from_static("soon"));
         assert_eq!(learn(&h, "JSESSIONID", None), Some(Learned::Deleted));
     }
 
