@@ -288,7 +288,15 @@ pub struct Session {
     /// stored).
     #[serde(with = "unix_millis")]
     pub created: SystemTime,
-    /// When a request last used the session.
+    /// When the sticky layer last wrote the record (wall clock, millisecond
+    /// precision when stored): at the session's start, a move, new data,
+    /// or a [refresh](SessionStore::refresh) that saves it (the default
+    /// one, a `WebhookStore`'s; `MemoryStore` brings it up to date too).
+    /// Not at every request, nor at a load, nor at a `RedisStore`'s or
+    /// `FileStore`'s refresh, which renew the record's expiry without
+    /// writing it: a session in daily use may show a `last_seen` as old as
+    /// its last move. Prune records by their store's expiry (the stores'
+    /// TTLs), not by this time.
     #[serde(with = "unix_millis")]
     pub last_seen: SystemTime,
     /// What the application needs to reconnect to the session's state.
