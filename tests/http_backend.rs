@@ -414,6 +414,121 @@ async fn a_request_with_two_hosts_is_refused() {
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was sent");
 }
 
+/// With `preserve_host`, a client's `Host` that is no `host[:port]` is
+/// refused as a bad request, not passed on for a backend to build links
+/// with; valid ones (a port, an IPv6 literal, user information taken off)
+/// go on.
+#[tokio::test]
+async fn a_preserved_host_that_is_no_host_is_refused() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}"))
+        .unwrap()
+        .preserve_host(true);
+    let get = |host: &str| {
+        Request::get("/")
+            .header("host", host)
+            .body(Full::default())
+            .unwrap()
+    };
+    for host in [
+        "app.example/evil?",
+        "app.example evil.example",
+        "app.example:80,evil.example",
+        "app.example:http",
+        "[::1]:x",
+    ] {
+        let err = backend.clone().oneshot(get(host)).await.unwrap_err();
+        assert!(err.is::<InvalidRequest>(), "{host}: {err}");
+        assert_eq!(gateway_status(&*err), StatusCode::BAD_REQUEST, "{host}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was sent");
+    for (host, sent) in [
+        ("app.example:8080", "app.example:8080"),
+        ("[::1]:8080", "[::1]:8080"),
+        ("[::1]", "[::1]"),
+        ("user@app.example", "app.example"),
+    ] {
+        let body = body_of(backend.clone().oneshot(get(host)).await.unwrap()).await;
+        assert!(body.starts_with(&format!("GET /|host={sent}|")), "{body}");
+    }
+}
+
+/// An `Expect: 100-continue` is the client's side's to answer (hyper's
+/// server does, once the body is read): it is not sent on for the backend
+/// to answer again.
+#[tokio::test]
+async fn an_expectation_is_not_sent_on() {
+    let (addr, _) = serve_fn(|req: Request<Incoming>| async move {
+        let expect = req.headers().get("expect").cloned();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let answer = format!("expect={expect:?}|{}", String::from_utf8_lossy(&body));
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer))))
+    })
+    .await;
+    let client = HttpClient::<Incoming>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let front = http1_front_of(backend, None).await.0;
+    let mut stream = TcpStream::connect(front).await.unwrap();
+    stream
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n\
+              content-length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"hello").await.unwrap();
+    let mut answer = Vec::new();
+    support::wait::bounded_real("the answer", async {
+        while !answer.ends_with(b"|hello") {
+            let mut buf = [0u8; 1024];
+            let read = stream.read(&mut buf).await.unwrap();
+            assert_ne!(read, 0, "{}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..read]);
+        }
+    })
+    .await;
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\nexpect=None|hello"), "{answer}");
+    assert_eq!(answer.matches("100 Continue").count(), 0, "answered once");
+}
+
+/// A backend's 204 comes without the `Content-Length` it should not have
+/// sent: HTTP/2 clients built on nghttp2 reset a stream whose 204 has one.
+#[tokio::test]
+async fn a_204_loses_a_content_length() {
+    let addr =
+        serve_once("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\nx-kept: 1\r\n\r\n").await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let resp = get_from(addr, &client).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(!resp.headers().contains_key("content-length"), "{resp:?}");
+    assert!(resp.headers().contains_key("x-kept"));
+}
+
+/// A WebSocket over HTTP/2 (RFC 8441's extended CONNECT, which a front
+/// sees only if it offered it) is refused with a message that says so.
+#[cfg(feature = "http2")]
+#[tokio::test]
+async fn an_extended_connect_is_refused_as_such() {
+    let (addr, accepted) = serve_counting().await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let mut req = Request::connect("http://x/chat")
+        .version(http::Version::HTTP_2)
+        .body(Full::default())
+        .unwrap();
+    (req.extensions_mut()).insert(hyper::ext::Protocol::from_static("websocket"));
+    let err = backend.oneshot(req).await.unwrap_err();
+    assert!(err.is::<InvalidRequest>(), "{err}");
+    assert!(err.to_string().contains("RFC 8441"), "{err}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was sent");
+}
+
 /// An authority-form target (`host:port`) belongs to CONNECT alone: with
 /// another method it is refused, not sent as a request for `/`. An
 /// absolute-form target without a path asks for `/`.

@@ -20,9 +20,11 @@
 //!   CGI programs read as their own proxy, "httpoxy") are not forwarded,
 //!   in either direction
 //!   (but for what a proxied protocol upgrade needs), but `TE: trailers`
-//!   is sent on, and `Trailer` is forwarded, so trailer fields pass both
-//!   ways, cleaned (without the hop-by-hop fields, `Host`,
-//!   `Content-Length` and the fields proxies set);
+//!   is sent on, and `Trailer` is forwarded, so the trailer fields it
+//!   announces pass both ways (hyper's HTTP/1 side writes only those),
+//!   cleaned (without the hop-by-hop fields, `Host`, `Content-Length` and
+//!   the fields proxies set); nor is `Expect`, which the client's side has
+//!   answered;
 //! * a message framed by chunks (`Transfer-Encoding: chunked`) goes on
 //!   without a `Content-Length` beside them, in either direction (RFC 9112
 //!   section 6.3);
@@ -160,7 +162,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use ::http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, LOCATION,
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, EXPECT, HOST, LOCATION,
     PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
@@ -991,6 +993,15 @@ impl<B> HttpBackend<B> {
     /// protocol upgrade it asks for, when it can be proxied.
     fn rewrite(&self, req: &mut Request<B>) -> Result<Option<OnUpgrade>, InvalidRequest> {
         if req.method() == Method::CONNECT {
+            // RFC 8441's extended CONNECT (a WebSocket over HTTP/2), which a
+            // front sees only if it offered it.
+            #[cfg(feature = "http2")]
+            if req.extensions().get::<hyper::ext::Protocol>().is_some() {
+                return Err(InvalidRequest::new(
+                    "an extended CONNECT (RFC 8441, a WebSocket over HTTP/2) is not proxied; \
+                     the client can upgrade over HTTP/1.1 instead",
+                ));
+            }
             // A forward proxy's method: its target is a host to tunnel to,
             // not a resource of the backend.
             return Err(InvalidRequest::new(
@@ -1107,7 +1118,7 @@ impl<B> HttpBackend<B> {
         let host = match target_host {
             Some(host) => host,
             None if self.preserve_host => match headers.get(HOST) {
-                Some(host) => without_userinfo(host),
+                Some(host) => client_host(host)?,
                 None => self.host.clone(),
             },
             None => self.host.clone(),
@@ -1186,16 +1197,27 @@ fn host_of(authority: &Authority) -> Option<HeaderValue> {
     HeaderValue::from_str(host).ok()
 }
 
-/// A `Host` value without the user information a client may have put in
-/// it (which a `Host` never holds, and an HTTP/2 `:authority` must not).
-fn without_userinfo(host: &HeaderValue) -> HeaderValue {
-    if !host.as_bytes().contains(&b'@') {
-        return host.clone();
+/// A client's `Host` as it goes on to the backend: without the user
+/// information a client may have put in it (which a `Host` never holds,
+/// and an HTTP/2 `:authority` must not). A value that is no `host[:port]`
+/// (`a.example/x?`, `a.example b.example`, a port that is no number) is
+/// refused, as RFC 9112 section 3.2 has a server do and nginx does: passed
+/// on, a backend that builds links or picks a site by it would trust what
+/// the client made up.
+fn client_host(host: &HeaderValue) -> Result<HeaderValue, InvalidRequest> {
+    let invalid = || InvalidRequest::new("the request's Host is not a valid host[:port]");
+    let authority = Authority::try_from(host.as_bytes()).map_err(|_| invalid())?;
+    let (_, after_host) = authority
+        .as_str()
+        .rsplit_once(']')
+        .unwrap_or(("", authority.as_str()));
+    if after_host.contains(':') && authority.port_u16().is_none() {
+        return Err(invalid());
     }
-    Authority::try_from(host.as_bytes())
-        .ok()
-        .and_then(|authority| host_of(&authority))
-        .unwrap_or_else(|| host.clone())
+    match host.as_bytes().contains(&b'@') {
+        true => host_of(&authority).ok_or_else(invalid),
+        false => Ok(host.clone()),
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -1354,9 +1376,17 @@ fn push_without_dot_segments(out: &mut String, path: &str) {
 /// `HTTP_PROXY`, the proxy of its own requests (CVE-2016-5385, "httpoxy",
 /// whose advisory asks proxies to drop it).
 ///
+/// Nor is `Expect`, whose `100-continue` the client's side has answered
+/// already: hyper's server sends `100 Continue` once the body is read,
+/// which the proxy does before the backend has said anything. Sent on, the
+/// expectation would be answered twice, and a backend that does not take
+/// expectations could refuse (417) an upload the client has sent. nginx
+/// clears it too. (An interim response of the backend's, such as
+/// `103 Early Hints`, is not passed on: hyper's server sends none.)
+///
 /// Names for removal (a removal by name is a lookup without parsing), and
 /// [`HOP_BY_HOP_TEXT`] to find them by (comparing text is cheaper).
-static HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 10] = [
     CONNECTION,
     TE,
     TRANSFER_ENCODING,
@@ -1366,10 +1396,11 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
     PROXY_AUTHENTICATE,
     HeaderName::from_static("proxy"),
+    EXPECT,
 ];
 
 /// [`HOP_BY_HOP`]'s names as text, in the same order.
-const HOP_BY_HOP_TEXT: [&str; 9] = [
+const HOP_BY_HOP_TEXT: [&str; 10] = [
     "connection",
     "te",
     "transfer-encoding",
@@ -1379,6 +1410,7 @@ const HOP_BY_HOP_TEXT: [&str; 9] = [
     "proxy-authorization",
     "proxy-authenticate",
     "proxy",
+    "expect",
 ];
 
 /// Bits of [`hop_by_hop`]'s answer: `Connection`, `TE`,
@@ -1820,6 +1852,14 @@ impl Future for ResponseFuture {
                                 .into(),
                         ));
                     }
+                    resp.headers_mut().remove(CONTENT_LENGTH);
+                }
+                if resp.status() == StatusCode::NO_CONTENT {
+                    // A 204 has no body, and no `Content-Length` (RFC 9110
+                    // section 8.6). hyper's HTTP/1 server drops one a
+                    // backend sent anyway; its HTTP/2 server does not, and
+                    // HTTP/2 clients built on nghttp2 (curl, Node) reset a
+                    // stream whose 204 has one that is not zero.
                     resp.headers_mut().remove(CONTENT_LENGTH);
                 }
                 // A backend's `Connection: close` ends its own connection,
