@@ -257,7 +257,6 @@ where
             changed,
             entries: HashMap::new(),
             departed: HashMap::new(),
-            next_serial: 0,
             queue: BinaryHeap::new(),
             due: Vec::new(),
             _start_unhealthy: start_unhealthy,
@@ -323,12 +322,11 @@ impl<S> Rebuild<S> for Changed {
 #[derive(Debug)]
 struct Entry {
     state: Arc<BackendState>,
-    /// Tells this entry from an earlier one of the same backend (removed,
-    /// then added back with the same state, or given another service)
-    /// whose probe may still run.
+    /// The serial of the service it probes (see `Member::service_serial`),
+    /// which tells this entry from an earlier one of the same backend
+    /// (removed, then added back with the same state, or given another
+    /// service) whose probe may still run.
     serial: u64,
-    /// The serial of the service it probes (see `Member::service_serial`).
-    service: u64,
     /// Passes and failures in a row, since the backend's health last
     /// changed: one set by someone else (a manual `set_health`, another
     /// checker) starts them again, so that `rise` and `fall` count probes
@@ -366,12 +364,11 @@ const fn health_name(health: HealthStatus) -> &'static str {
 }
 
 impl Entry {
-    fn new(state: Arc<BackendState>, serial: u64, service: u64, now: Instant) -> Self {
+    fn new(state: Arc<BackendState>, serial: u64, now: Instant) -> Self {
         Entry {
             seen: state.health(),
             state,
             serial,
-            service,
             successes: 0,
             failures: 0,
             ejections_at_probe: 0,
@@ -403,13 +400,12 @@ impl Entry {
         }
     }
 
-    /// Starts this entry afresh as `serial`, probing `service` at once:
-    /// its probe under way, and the times it queued, were for what it was.
-    /// Its health and counts go on.
-    fn restart(&mut self, serial: u64, service: u64, now: Instant) {
+    /// Starts this entry afresh, probing the service of serial `serial` at
+    /// once: its probe under way, and the times it queued, were for what it
+    /// was. Its health and counts go on.
+    fn restart(&mut self, serial: u64, now: Instant) {
         self.stop_probe();
         self.serial = serial;
-        self.service = service;
         self.next_probe = now;
         self.queued = None;
     }
@@ -660,8 +656,6 @@ struct Task<S, P> {
     /// flight) still holds their state: a backend that comes back with that
     /// state takes up its entry where it left it.
     departed: HashMap<BackendId, Entry>,
-    /// The serial of the next entry.
-    next_serial: u64,
     /// When each entry is next due, soonest first: a probe's end or a due
     /// time touches only its own entry, not every backend's. Times an
     /// entry no longer wants stay until they come up, are then passed
@@ -858,19 +852,17 @@ where
             }
         }
         for member in members.iter() {
-            let serial = self.next_serial;
+            let serial = member.service_serial();
             if let Some(entry) = self.entries.get_mut(member.id()) {
                 // Given another service with its state (a discovery's
                 // insert of a backend it lists already, say): a probe of
                 // the old one says nothing of the new one.
-                if entry.service != member.service_serial() {
-                    self.next_serial += 1;
-                    entry.restart(serial, member.service_serial(), now);
+                if entry.serial != serial {
+                    entry.restart(serial, now);
                     entry.schedule(member.id(), &self.config, &mut self.queue);
                 }
                 continue;
             }
-            self.next_serial += 1;
             let back = self
                 .departed
                 .remove(member.id())
@@ -880,7 +872,7 @@ where
                 // say): its health and counts go on; only its probe starts
                 // again (the one under way was stopped as it left).
                 Some(mut entry) => {
-                    entry.restart(serial, member.service_serial(), now);
+                    entry.restart(serial, now);
                     // Its time away, when nothing could probe it, does not
                     // count towards turning it off or removing it.
                     if entry.unhealthy_since.is_some() {
@@ -889,8 +881,7 @@ where
                     entry
                 }
                 None => {
-                    let mut entry =
-                        Entry::new(member.state().clone(), serial, member.service_serial(), now);
+                    let mut entry = Entry::new(member.state().clone(), serial, now);
                     if self.config.start_unhealthy {
                         // From then on the pool marks the states it makes;
                         // one it did not make (shared with another pool,
