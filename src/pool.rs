@@ -96,10 +96,6 @@ fn next_service_serial() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The most changes of a discovery stream [`Pool::discover`] makes at
-/// once.
-const MAX_BATCH: usize = 1024;
-
 /// Up to this many members, `index_of` first looks for the id's own
 /// allocation with a linear scan.
 const SCAN_MAX: usize = 16;
@@ -834,8 +830,8 @@ impl<S: Clone> Pool<S> {
     /// stream ends (`Ok`) or fails (the stream's error; the changes it
     /// yielded before are made).
     ///
-    /// The changes the stream has ready at once (a DNS answer's, say: up to
-    /// 1024) are made as one change of membership: the balancers rebuild
+    /// The changes the stream has ready at once (a DNS answer's, say) are
+    /// made as one change of membership: the balancers rebuild
     /// their tables once, not once per address, and no request sees the
     /// membership half way through them (an answer that swaps every address
     /// for new ones never shows an empty pool, nor a hashed key moving from
@@ -878,16 +874,11 @@ impl<S: Clone> Pool<S> {
         let mut discover = pin!(discover);
         let mut batch = Vec::new();
         loop {
-            // Every change ready now (at most `MAX_BATCH`), however many a
-            // stream's answer holds, or nothing until one is.
+            // Every change ready now, however many a stream's answer
+            // holds, or nothing until one is.
             let next = poll_fn(|cx| loop {
                 match discover.as_mut().poll_discover(cx) {
-                    Poll::Ready(Some(Ok(change))) => {
-                        batch.push(change);
-                        if batch.len() == MAX_BATCH {
-                            return Poll::Ready(Some(Ok(())));
-                        }
-                    }
+                    Poll::Ready(Some(Ok(change))) => batch.push(change),
                     Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
                     Poll::Ready(None) => return Poll::Ready(None),
                     Poll::Pending if batch.is_empty() => return Poll::Pending,
@@ -895,7 +886,9 @@ impl<S: Clone> Pool<S> {
                 }
             })
             .await;
-            self.apply(batch.drain(..));
+            if !batch.is_empty() {
+                self.apply(batch.drain(..));
+            }
             match next {
                 Some(Ok(())) => {}
                 Some(Err(error)) => return Err(error),
