@@ -467,6 +467,7 @@ impl<S> Layer<S> for StickyLayer {
     type Service = Sticky<S>;
 
     fn layer(&self, inner: S) -> Sticky<S> {
+        self.shared.warn_of_config();
         Sticky::from_shared(inner, self.shared.clone())
     }
 }

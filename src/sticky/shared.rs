@@ -242,6 +242,12 @@ pub(crate) struct Shared {
     /// Whether a backend id the cookie cannot carry was warned of: the
     /// warning comes once, the later ones are debug events.
     warned_uncarried: std::sync::atomic::AtomicBool,
+    /// The `refresh_every` given, and the store's interval used instead,
+    /// when the one given was too long (see `refresh_interval`).
+    refresh_gave_way: Option<(Duration, Duration)>,
+    /// Whether the layer's settings were warned of (at its first `layer`,
+    /// not at each builder call, each of which makes a new `Shared`).
+    warned_of_config: std::sync::Once,
     /// Failed store calls: an outage fails one a request, and warns once a
     /// period (the others are debug events).
     store_warnings: Throttle,
@@ -490,18 +496,13 @@ pub(crate) struct Loaded {
 /// configured (zero: never), or as the store asks. A configured interval at
 /// least twice the store's (at least the TTL of this crate's stores) would
 /// let the record of a session in use expire between two refreshes, which a
-/// replica or a restart would then not find: the store's is used instead,
-/// with a warning.
+/// replica or a restart would then not find: the store's is used instead
+/// (with a warning, see `Shared::warn_of_config`).
 fn refresh_interval(configured: Option<Duration>, asked: Option<Duration>) -> Option<Duration> {
     match (configured, asked) {
         (Some(every), Some(asked))
             if !every.is_zero() && !asked.is_zero() && every >= asked.saturating_mul(2) =>
         {
-            tracing::warn!(
-                configured = ?every,
-                used = ?asked,
-                "refresh_every is longer than the store's records live; refreshing as often as the store asks instead"
-            );
             Some(asked)
         }
         (Some(every), _) => Some(every),
@@ -514,6 +515,8 @@ impl Shared {
     pub(crate) fn new(config: Config) -> Self {
         let writes = Writes::new(config.max_pending_writes);
         let records = Records::new(config.store.as_ref().and_then(|s| s.refresh_interval()));
+        let refresh = (config.store.as_ref())
+            .and_then(|store| refresh_interval(config.refresh, store.refresh_interval()));
         Shared {
             // The layer's own cookie: every key is a random id it issued.
             table: Table::new(
@@ -522,12 +525,12 @@ impl Shared {
                 config.key.cookie().is_some(),
             )
             .with_cookie_renewal(config.key.cookie().and_then(CookieInsert::renew_after))
-            .with_refresh(
-                config
-                    .store
-                    .as_ref()
-                    .and_then(|store| refresh_interval(config.refresh, store.refresh_interval())),
-            ),
+            .with_refresh(refresh),
+            refresh_gave_way: config
+                .refresh
+                .zip(refresh)
+                .filter(|(given, used)| given != used),
+            warned_of_config: std::sync::Once::new(),
             config,
             loading: Mutex::new(HashMap::new()),
             unrestored: Mutex::new(HashMap::new()),
@@ -541,6 +544,20 @@ impl Shared {
             early_warnings: Throttle::default(),
             #[cfg(feature = "redis")]
             gone: tokio::sync::watch::Sender::new(()),
+        }
+    }
+
+    /// Warns, once, of the settings the layer did not take as given.
+    pub(crate) fn warn_of_config(&self) {
+        if let Some((given, used)) = self.refresh_gave_way {
+            self.warned_of_config.call_once(|| {
+                tracing::warn!(
+                    target: TARGET,
+                    configured = ?given,
+                    used = ?used,
+                    "refresh_every is longer than the store's records live; refreshing as often as the store asks instead"
+                );
+            });
         }
     }
 
