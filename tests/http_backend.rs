@@ -437,6 +437,10 @@ async fn a_preserved_host_that_is_no_host_is_refused() {
         "app.example:80,evil.example",
         "app.example:http",
         "[::1]:x",
+        "[::1]8080",
+        "app.example:+80",
+        "app.example:65536",
+        "user@app.example:+80",
     ] {
         let err = backend.clone().oneshot(get(host)).await.unwrap_err();
         assert!(err.is::<InvalidRequest>(), "{host}: {err}");

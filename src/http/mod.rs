@@ -1206,17 +1206,19 @@ fn host_of(authority: &Authority) -> Option<HeaderValue> {
 /// the client made up.
 fn client_host(host: &HeaderValue) -> Result<HeaderValue, InvalidRequest> {
     let invalid = || InvalidRequest::new("the request's Host is not a valid host[:port]");
-    let authority = Authority::try_from(host.as_bytes()).map_err(|_| invalid())?;
-    let (_, after_host) = authority
-        .as_str()
-        .rsplit_once(']')
-        .unwrap_or(("", authority.as_str()));
-    if after_host.contains(':') && authority.port_u16().is_none() {
-        return Err(invalid());
+    let parse = |host: &HeaderValue| Authority::try_from(host.as_bytes()).map_err(|_| invalid());
+    let mut authority = parse(host)?;
+    let mut host = host.clone();
+    if host.as_bytes().contains(&b'@') {
+        host = host_of(&authority).ok_or_else(invalid)?;
+        authority = parse(&host)?;
     }
-    match host.as_bytes().contains(&b'@') {
-        true => host_of(&authority).ok_or_else(invalid),
-        false => Ok(host.clone()),
+    // As a base URI's port is checked: digits right after an IPv6
+    // literal's bracket, or a signed port, which `http` lets through, are
+    // refused too.
+    match crate::uri::has_valid_port(&authority) {
+        true => Ok(host),
+        false => Err(invalid()),
     }
 }
 
