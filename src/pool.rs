@@ -49,7 +49,7 @@ pub struct Member {
     made: bool,
     /// Tells its service from the one it had before a replacement that
     /// kept its state (see [`Member::service_serial`]).
-    service_serial: u64,
+    service_serial: Serial,
 }
 
 impl Member {
@@ -59,7 +59,7 @@ impl Member {
             state,
             weight: 0,
             made,
-            service_serial: next_service_serial(),
+            service_serial: Serial::take(),
         }
     }
 
@@ -85,15 +85,9 @@ impl Member {
     /// its service (keeping its state) gives it a new number, so that
     /// what was learned of the old service (a probe's result) is told
     /// from what concerns the new one.
-    pub(crate) fn service_serial(&self) -> u64 {
+    pub(crate) fn service_serial(&self) -> Serial {
         self.service_serial
     }
-}
-
-/// The serial of the next service a member is given.
-fn next_service_serial() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Up to this many members, `index_of` first looks for the id's own
@@ -629,7 +623,7 @@ impl<S: Clone> Pool<S> {
                 Some(i) => {
                     members[i].state = state;
                     members[i].made = false;
-                    members[i].service_serial = next_service_serial();
+                    members[i].service_serial = Serial::take();
                     services[i] = service;
                 }
                 None => {
@@ -680,7 +674,7 @@ impl<S: Clone> Pool<S> {
                 if let Some(w) = weight {
                     members[i].state.store_weight(w);
                 }
-                members[i].service_serial = next_service_serial();
+                members[i].service_serial = Serial::take();
                 services[i] = service;
                 (true, false)
             }

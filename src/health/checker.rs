@@ -19,6 +19,7 @@ use crate::backend::{AdminStatus, BackendId, BackendState, HealthStatus};
 use crate::control::{emit, Event, Events};
 use crate::error::BoxError;
 use crate::pool::{Pool, Rebuild, Snapshot, StartUnhealthy};
+use crate::serial::Serial;
 use crate::time::SHORTEST;
 
 /// The active checking settings (their defaults are also a configuration
@@ -326,7 +327,7 @@ struct Entry {
     /// which tells this entry from an earlier one of the same backend
     /// (removed, then added back with the same state, or given another
     /// service) whose probe may still run.
-    serial: u64,
+    serial: Serial,
     /// Passes and failures in a row, since the backend's health last
     /// changed: one set by someone else (a manual `set_health`, another
     /// checker) starts them again, so that `rise` and `fall` count probes
@@ -364,7 +365,7 @@ const fn health_name(health: HealthStatus) -> &'static str {
 }
 
 impl Entry {
-    fn new(state: Arc<BackendState>, serial: u64, now: Instant) -> Self {
+    fn new(state: Arc<BackendState>, serial: Serial, now: Instant) -> Self {
         Entry {
             seen: state.health(),
             state,
@@ -403,7 +404,7 @@ impl Entry {
     /// Starts this entry afresh, probing the service of serial `serial` at
     /// once: its probe under way, and the times it queued, were for what it
     /// was. Its health and counts go on.
-    fn restart(&mut self, serial: u64, now: Instant) {
+    fn restart(&mut self, serial: Serial, now: Instant) {
         self.stop_probe();
         self.serial = serial;
         self.next_probe = now;
@@ -642,7 +643,7 @@ fn jitter(max: Duration) -> Duration {
 
 /// A time an entry is due to be looked at, with the serial of the entry
 /// that asked: one removed or replaced meanwhile is passed over.
-type Due = Reverse<(Instant, u64, BackendId)>;
+type Due = Reverse<(Instant, Serial, BackendId)>;
 
 struct Task<S, P> {
     pool: Pool<S>,
@@ -662,7 +663,7 @@ struct Task<S, P> {
     /// over, and are cleared when they outnumber the entries.
     queue: BinaryHeap<Due>,
     /// The times due in a turn (kept for its allocation).
-    due: Vec<(Instant, u64, BackendId)>,
+    due: Vec<(Instant, Serial, BackendId)>,
     /// With `start_unhealthy`: the pool marks the backends it adds
     /// unhealthy itself, before a balancer can route to them, while this
     /// task lives.
@@ -681,7 +682,7 @@ where
         // Each probe's backend, and the serial of the entry that started
         // it: a backend replaced, or removed and added back, meanwhile has
         // a new entry, which the probe's result is not about.
-        let mut running: HashMap<tokio::task::Id, (BackendId, u64)> = HashMap::new();
+        let mut running: HashMap<tokio::task::Id, (BackendId, Serial)> = HashMap::new();
         let mut generation = generation;
         loop {
             let now = Instant::now();
