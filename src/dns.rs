@@ -150,6 +150,9 @@ pub struct DnsDiscover<S> {
     yielded: Vec<Event>,
     /// Whether the stream had no change ready when last polled.
     idle: bool,
+    /// Whether it yielded a change since it last had none ready: its
+    /// taker may not have made it yet.
+    taken: bool,
     step: Step,
     events: Option<Events>,
     in_pool: Option<InPool>,
@@ -192,6 +195,7 @@ impl<S> DnsDiscover<S> {
             pending: VecDeque::new(),
             yielded: Vec::new(),
             idle: false,
+            taken: false,
             events: None,
             in_pool: None,
         }
@@ -214,10 +218,12 @@ impl<S> DnsDiscover<S> {
     /// Also emits [`Event::BackendAdded`] and [`Event::BackendRemoved`]
     /// (reason `"dns"`) into `events`, once the pool has made the changes:
     /// the events of the changes the stream yielded come when it is polled
-    /// again after it had no more ready, as
+    /// again after it had no more ready (it wakes its taker for that), as
     /// [`Pool::discover`](crate::Pool::discover) does as soon as it has
     /// made them (a subscriber acting on `BackendAdded` finds the backend,
-    /// and one reading `BackendRemoved` does not see it still serving). An address
+    /// and one reading `BackendRemoved` does not see it still serving). The
+    /// next answer waits for that poll too, so it is compared with a pool
+    /// that has the last one's changes. An address
     /// [`pool`](Self::pool) already holds is inserted again without an
     /// event: it did not join.
     pub fn events(mut self, events: Events) -> Self {
@@ -342,6 +348,12 @@ impl<S> DnsDiscover<S> {
                 }
                 Step::Waiting(sleep) => {
                     std::task::ready!(sleep.as_mut().poll(cx));
+                    if self.taken {
+                        // The taker makes the last answer's changes first
+                        // (it is woken at once): the next answer is
+                        // compared with a pool that has them.
+                        return Poll::Pending;
+                    }
                     self.step = self.resolve();
                 }
             }
@@ -364,6 +376,13 @@ impl<S> Stream for DnsDiscover<S> {
         }
         let next = this.poll_change(cx);
         this.idle = next.is_pending();
+        if this.idle && std::mem::take(&mut this.taken) {
+            // Polled again once the changes taken are made, it emits their
+            // events then, not at its next answer.
+            cx.waker().wake_by_ref();
+        } else if !this.idle {
+            this.taken = true;
+        }
         next
     }
 }

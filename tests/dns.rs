@@ -118,24 +118,16 @@ async fn addresses_that_come_and_go_change_the_pool() {
 
 #[tokio::test(start_paused = true)]
 async fn a_moved_address_is_inserted_before_the_old_one_is_removed() {
-    use futures::StreamExt;
-    use tower::discover::Change;
-
     let resolver = Scripted::default();
     resolver.answer(&[1]);
     let mut discover =
         DnsDiscover::new(resolver.clone(), "db", 5432, |a| a).interval(Duration::from_secs(10));
-    let mut next = async || match discover.next().await {
-        Some(Ok(Change::Insert(id, _))) => format!("+{id}"),
-        Some(Ok(Change::Remove(id))) => format!("-{id}"),
-        None => "end".to_owned(),
-    };
-    assert_eq!(next().await, "+10.0.0.1:5432");
+    assert_eq!(next(&mut discover).await, "+10.0.0.1:5432");
     // The name moves to another address (a failover, a blue/green
     // switch): a pool fed change by change is never empty in between.
     resolver.answer(&[2]);
-    assert_eq!(next().await, "+10.0.0.2:5432");
-    assert_eq!(next().await, "-10.0.0.1:5432");
+    assert_eq!(next(&mut discover).await, "+10.0.0.2:5432");
+    assert_eq!(next(&mut discover).await, "-10.0.0.1:5432");
 }
 
 #[tokio::test]
@@ -178,7 +170,8 @@ fn idle(discover: &mut DnsDiscover<SocketAddr>) -> bool {
 /// The events of the changes taken come once the stream, polled again, had
 /// no more ready: whoever takes them makes those it took before it waits
 /// for more (as `Pool::discover` does), so the events never come before
-/// the changes are made.
+/// the changes are made. Out of changes, the stream wakes its taker, so a
+/// taker of one change at a time has them at once, not at the next answer.
 #[tokio::test(start_paused = true)]
 async fn the_events_of_the_changes_taken_come_once_the_stream_ran_dry() {
     let resolver = Scripted::default();
@@ -190,7 +183,18 @@ async fn the_events_of_the_changes_taken_come_once_the_stream_ran_dry() {
     assert_eq!(next(&mut discover).await, "+10.0.0.1:5432");
     assert_eq!(next(&mut discover).await, "+10.0.0.2:5432");
     assert!(changes(&events).is_empty());
-    assert!(idle(&mut discover), "waits for the next answer");
+    struct Woken(std::sync::atomic::AtomicUsize);
+    impl futures::task::ArcWake for Woken {
+        fn wake_by_ref(woken: &Arc<Self>) {
+            woken.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let woken = Arc::new(Woken(Default::default()));
+    let waker = futures::task::waker(woken.clone());
+    let mut cx = std::task::Context::from_waker(&waker);
+    let polled = futures::StreamExt::poll_next_unpin(&mut discover, &mut cx);
+    assert!(polled.is_pending(), "waits for the next answer");
+    assert_eq!(woken.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert!(
         changes(&events).is_empty(),
         "the taker has not made them yet"
@@ -215,6 +219,25 @@ async fn the_events_of_the_changes_taken_come_once_the_stream_ran_dry() {
             "-10.0.0.2:5432"
         ]
     );
+}
+
+/// An answer due while the last one's changes are still being taken waits
+/// until its taker has made them (it is polled again, having had no change
+/// ready): the next answer is compared with a pool that has them.
+#[tokio::test(start_paused = true)]
+async fn the_next_answer_waits_until_the_last_ones_changes_are_made() {
+    let resolver = Scripted::default();
+    resolver.answer(&[1]);
+    let mut discover =
+        DnsDiscover::new(resolver.clone(), "db", 5432, |a| a).interval(Duration::from_millis(1));
+    assert_eq!(next(&mut discover).await, "+10.0.0.1:5432");
+    tokio::time::advance(Duration::from_millis(10)).await;
+    let asked = || resolver.asked.lock().unwrap().len();
+    assert!(idle(&mut discover), "its taker makes the change first");
+    assert_eq!(asked(), 1);
+    resolver.answer(&[2]);
+    assert_eq!(next(&mut discover).await, "+10.0.0.2:5432");
+    assert_eq!(asked(), 2);
 }
 
 /// Fed to `Pool::discover`, the stream's events never come before the
