@@ -1855,8 +1855,8 @@ async fn a_panicked_probe_of_a_replaced_backend_does_not_count_against_the_new_o
 
 /// A backend given another service (a discovery's insert of a backend it
 /// lists already, say) keeps its state: the probe of its old service, which
-/// fails after the change, is not counted against it, and the new service
-/// is probed at once.
+/// would fail after the change, is stopped and not counted against it, and
+/// the new service is probed at once.
 #[tokio::test(start_paused = true)]
 async fn a_probe_of_a_replaced_service_does_not_count_against_the_new_one() {
     let pool = Pool::new();
