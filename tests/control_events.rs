@@ -147,8 +147,16 @@ async fn a_backend_a_checker_removes_from_one_group_keeps_its_last_change_in_ano
         last_change.is_some_and(|at| at > removed_at),
         "still in `api`, its ejection counts: {last_change:?} after {removed_at:?}"
     );
-    // Read as a member's, it is no longer taken for removed.
+    // Held by `api`, it was never taken for removed: not even once the
+    // removed backends are forgotten (ten minutes on).
     assert!(handle.events().last_change(&a).is_some());
+    tokio::time::advance(Duration::from_secs(700)).await;
+    handle.events().emit(Event::WeightChanged {
+        backend: "other".into(),
+        weight: 2,
+    });
+    let api = handle.group_stats("api").unwrap();
+    assert!(api.backends[0].last_change.is_some(), "kept for good");
 }
 
 /// A group's stats are of one moment: while an operator forces one backend

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
@@ -245,6 +245,15 @@ struct Inner {
     seq: AtomicU64,
     /// When each backend last changed, kept for the stats.
     last_change: Mutex<LastChanges>,
+    /// What says whether a removed backend is still held elsewhere.
+    holders: Mutex<Vec<Weak<dyn Holder>>>,
+}
+
+/// Says whether a backend is still a member of a pool (see
+/// [`Events::add_holder`]).
+pub(crate) trait Holder: Send + Sync {
+    /// Whether a pool holds backend `id` as a member.
+    fn holds(&self, id: &BackendId) -> bool;
 }
 
 /// The recorded events: the changes of backends and groups, and the
@@ -334,17 +343,17 @@ impl LastChanges {
         };
         let removed = match record.event {
             Event::BackendRemoved { .. } if forget_removed => Some(record.at),
-            // What requests still in flight to a removed backend report (or
-            // what another pool that holds it, unknown to the handle's
-            // group that removed it, reports) leaves it removed: it is
-            // forgotten in time all the same, but the stats of a group that
-            // holds it show the change. Any other event is about a backend
-            // back in a pool (added again without an event, or held by
-            // another).
+            // What requests still in flight to a removed backend report
+            // changes nothing; any other event is about a backend back in
+            // a pool (added again without an event, or held by another).
             Event::FailoverAttempt { .. }
             | Event::Ejected { .. }
             | Event::Restored { .. }
-            | Event::SessionMoved { .. } => self.map.get(backend).and_then(|e| e.removed),
+            | Event::SessionMoved { .. }
+                if self.map.get(backend).is_some_and(|e| e.removed.is_some()) =>
+            {
+                return
+            }
             _ => None,
         };
         self.set(backend, record, removed);
@@ -463,13 +472,38 @@ impl Events {
                 history_capacity,
                 seq: AtomicU64::new(0),
                 last_change: Mutex::new(LastChanges::default()),
+                holders: Mutex::default(),
             }),
         }
     }
 
     /// Records `event` and sends it to every subscriber. Never waits.
     pub fn emit(&self, event: Event) {
-        self.record(event, true);
+        // A removal by a health checker or a resolver of one pool, which
+        // cannot tell whether another pool holds the backend: one that a
+        // group of a control `Handle` still holds keeps its last change.
+        let forget = match &event {
+            Event::BackendRemoved { backend, .. } => !self.held(backend),
+            _ => true,
+        };
+        self.record(event, forget);
+    }
+
+    /// Lets `holder` say which backends are still members of a pool these
+    /// events report on (a control `Handle` does, for its groups).
+    pub(crate) fn add_holder(&self, holder: Weak<dyn Holder>) {
+        let mut holders = self.inner.holders.lock();
+        holders.retain(|h| h.strong_count() > 0);
+        holders.push(holder);
+    }
+
+    /// Whether a holder holds backend `id` as a member. Asked with no lock
+    /// of these events held.
+    fn held(&self, id: &BackendId) -> bool {
+        let holders: Vec<Arc<dyn Holder>> = (self.inner.holders.lock().iter())
+            .filter_map(Weak::upgrade)
+            .collect();
+        holders.iter().any(|holder| holder.holds(id))
     }
 
     /// Emits `event`, an [`Event::BackendRemoved`] of a backend that
@@ -555,20 +589,6 @@ impl Events {
             .get(id)
             .filter(|e| e.removed.is_none())
             .map(|e| e.time)
-    }
-
-    /// As [`last_change`](Self::last_change), for a backend whose state a
-    /// pool holds: `live` when it holds it as a member. A member removed
-    /// meanwhile by the health checker or the resolver of another pool,
-    /// which cannot tell that this one holds it too, keeps its last change
-    /// (that removal's, or a later one) and counts as added again.
-    pub(crate) fn last_change_of(&self, id: &BackendId, live: bool) -> Option<SystemTime> {
-        let mut last = self.inner.last_change.lock();
-        let entry = last.map.get_mut(id)?;
-        if live {
-            entry.removed = None;
-        }
-        entry.removed.is_none().then_some(entry.time)
     }
 
     /// How many events were emitted so far.

@@ -4,13 +4,13 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use super::events::{Event, Events};
+use super::events::{Event, Events, Holder};
 use super::stats::{BackendStats, GroupStats};
 use crate::backend::{AdminStatus, BackendId, BackendState};
 use crate::balance::{Balance, Priority, Strategy};
@@ -231,6 +231,15 @@ pub(super) struct Inner {
     published: Mutex<super::metrics::Published>,
 }
 
+impl Holder for Inner {
+    fn holds(&self, id: &BackendId) -> bool {
+        self.groups
+            .read()
+            .iter()
+            .any(|g| g.pool.state(id).is_some())
+    }
+}
+
 /// Runtime control of one or more groups: drain, disable and enable
 /// backends, set weights, force a primary, add and remove backends; every
 /// change an action makes is an [`Event`] (disabling a disabled backend
@@ -377,7 +386,7 @@ impl Handle {
     /// A handle with no group that emits into `events`; drained backends
     /// are disabled after 30 s.
     pub fn new(events: Events) -> Self {
-        Handle {
+        let handle = Handle {
             clones: Arc::new(()),
             inner: Arc::new(Inner {
                 events,
@@ -389,7 +398,13 @@ impl Handle {
                 #[cfg(feature = "metrics")]
                 published: Mutex::default(),
             }),
-        }
+        };
+        // A health checker's or a resolver's removal from one group's pool
+        // does not forget the last change of a backend another group
+        // holds.
+        let holder: Weak<Inner> = Arc::downgrade(&handle.inner);
+        handle.inner.events.add_holder(holder);
+        handle
     }
 
     /// How long a drained backend keeps its sticky sessions before it is
@@ -928,7 +943,7 @@ impl Handle {
             .into_iter()
             .next()
             .ok_or_else(|| ControlError::UnknownBackend(id.to_string()))?;
-        let mut stats = BackendStats::of(id.clone(), &state, live, &self.inner.events);
+        let mut stats = BackendStats::of(id.clone(), &state, &self.inner.events);
         stats.available &= live;
         Ok(stats)
     }

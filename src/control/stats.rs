@@ -72,12 +72,12 @@ pub struct BackendStats {
 }
 
 impl BackendStats {
-    pub(super) fn of(id: BackendId, state: &BackendState, live: bool, events: &Events) -> Self {
+    pub(super) fn of(id: BackendId, state: &BackendState, events: &Events) -> Self {
         let ejected_for = state
             .ejected_until()
             .map(|until| until.saturating_duration_since(tokio::time::Instant::now()));
         BackendStats {
-            last_change: events.last_change_of(&id, live),
+            last_change: events.last_change(&id),
             id,
             requests: state.requests(),
             failures: state.failures(),
@@ -151,7 +151,7 @@ impl GroupStats {
             .into_iter()
             .filter_map(|id| {
                 let state = group.state(&id)?;
-                Some(BackendStats::of(id, &state, true, events))
+                Some(BackendStats::of(id, &state, events))
             })
             .collect();
         let (healthy, failed) = backends
