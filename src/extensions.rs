@@ -150,6 +150,24 @@ pub struct GaveUp;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// The scheme on which the client reached your server: `https` when your
+/// server terminated TLS. Your server inserts it, beside [`PeerAddr`];
+/// tower-ha never guesses it, and a request without it came over plain
+/// `http` (the `:scheme` an HTTP/2 client sends is its own claim, not
+/// this). `HttpBackend` sends it to the backend as `X-Forwarded-Proto`.
+///
+/// ```
+/// use http::uri::Scheme;
+/// use tower_ha::extensions::ClientScheme;
+///
+/// let mut req = http::Request::new(());
+/// // In a server that accepted the connection over TLS:
+/// req.extensions_mut().insert(ClientScheme(Scheme::HTTPS));
+/// # assert!(req.extensions().get::<ClientScheme>().is_some());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientScheme(pub http::uri::Scheme);
+
 /// A slot in which a balancer records the backend it picks for an attempt.
 ///
 /// The failover layer puts one in the request's extensions before an

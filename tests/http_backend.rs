@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::error::{find, gateway_status, InvalidRequest};
-use tower_ha::extensions::PeerAddr;
+use tower_ha::extensions::{ClientScheme, PeerAddr};
 use tower_ha::failover::{Exhausted, FailoverLayer, ReplayBody};
 use tower_ha::health::{HealthChecker, HealthLayer, HttpProbe};
 use tower_ha::http::{HttpBackend, HttpClient, SendTimeout};
@@ -148,7 +148,8 @@ async fn rewrites_the_target_and_forwards_for_the_client() {
 /// A client's `Connection` line cannot remove the headers a layer in
 /// front of the backend sets for it to trust (`X-Real-IP`,
 /// `X-Forwarded-*`, `Forwarded`, `Via`); other headers it names go, as
-/// hop-by-hop headers do.
+/// hop-by-hop headers do. (The backend trusts what the layer set, rather
+/// than setting `X-Forwarded-Proto` and `-Host` itself.)
 #[tokio::test]
 async fn a_client_cannot_strip_the_headers_proxies_set() {
     const TRUSTED: [&str; 5] = [
@@ -171,7 +172,9 @@ async fn a_client_cannot_strip_the_headers_proxies_set() {
     })
     .await;
     let client = HttpClient::<Full<Bytes>>::new();
-    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let backend = HttpBackend::new(&client, format!("http://{addr}"))
+        .unwrap()
+        .trust_forwarded_headers(true);
     let mut req = Request::get("http://public.example/")
         .header("connection", format!("{}, x-secret", TRUSTED.join(", ")))
         .header("x-secret", "hop");
@@ -188,6 +191,196 @@ async fn a_client_cannot_strip_the_headers_proxies_set() {
         "x-real-ip=set-by-the-proxy|x-forwarded-proto=set-by-the-proxy|\
          x-forwarded-host=set-by-the-proxy|forwarded=set-by-the-proxy|\
          via=set-by-the-proxy|x-secret=-"
+    );
+}
+
+/// Echoes the headers that tell a backend about its client, every line of
+/// each.
+async fn echo_forwarded(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let seen: Vec<String> = [
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-forwarded-for",
+    ]
+    .iter()
+    .map(|name| {
+        let lines: Vec<&str> = (req.headers().get_all(*name).iter())
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        match lines.is_empty() {
+            true => format!("{name}=-"),
+            false => format!("{name}={}", lines.join(" / ")),
+        }
+    })
+    .collect();
+    Ok(Response::new(Full::new(Bytes::from(seen.join("|")))))
+}
+
+/// A request for [`echo_forwarded`]: `target`, then `headers`, from
+/// `peer` when given, over `scheme` when given.
+fn forwarded_request(
+    target: &str,
+    headers: &[(&str, &str)],
+    peer: Option<&str>,
+    scheme: Option<http::uri::Scheme>,
+) -> Request<Full<Bytes>> {
+    let mut req = Request::get(target);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let mut req = req.body(Full::default()).unwrap();
+    if let Some(peer) = peer {
+        req.extensions_mut().insert(PeerAddr(peer.parse().unwrap()));
+    }
+    if let Some(scheme) = scheme {
+        req.extensions_mut().insert(ClientScheme(scheme));
+    }
+    req
+}
+
+/// By default the backend learns the scheme the client came over and the
+/// host it asked for from what the proxy saw, not from what the client
+/// claims in its own `X-Forwarded-Proto` and `X-Forwarded-Host`; a
+/// client's `Forwarded` passes as it came while the proxy sends none.
+#[tokio::test]
+async fn the_backend_learns_the_clients_scheme_and_host_not_its_claims() {
+    let (addr, _) = serve_fn(echo_forwarded).await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let claims = [
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "bank.example"),
+        ("forwarded", "for=192.0.2.1"),
+    ];
+    let cases = [
+        (
+            forwarded_request(
+                "/",
+                &[&[("host", "app.example:8080")], &claims[..]].concat(),
+                Some("198.51.100.7:4000"),
+                None,
+            ),
+            "x-forwarded-proto=http|x-forwarded-host=app.example:8080|\
+             forwarded=for=192.0.2.1|x-forwarded-for=198.51.100.7",
+        ),
+        (
+            // Over TLS, as the server that accepted the connection says.
+            forwarded_request(
+                "/",
+                &[("host", "user@app.example")],
+                None,
+                Some(http::uri::Scheme::HTTPS),
+            ),
+            "x-forwarded-proto=https|x-forwarded-host=app.example|forwarded=-|x-forwarded-for=-",
+        ),
+        (
+            // The target's authority comes before `Host`.
+            forwarded_request(
+                "http://abs.example:81/x",
+                &[("host", "other.example")],
+                None,
+                None,
+            ),
+            "x-forwarded-proto=http|x-forwarded-host=abs.example:81|forwarded=-|x-forwarded-for=-",
+        ),
+        (
+            // No host named: the client's claim is removed, not kept.
+            forwarded_request("/", &claims, None, None),
+            "x-forwarded-proto=http|x-forwarded-host=-|forwarded=for=192.0.2.1|x-forwarded-for=-",
+        ),
+    ];
+    for (req, expected) in cases {
+        let resp = backend.clone().oneshot(req).await.unwrap();
+        assert_eq!(body_of(resp).await, expected);
+    }
+}
+
+/// With `forwarded_header`, the proxy's `Forwarded` element names the
+/// client's address (an IPv6 one bracketed and quoted, a mapped IPv4 one
+/// as IPv4), the host it asked for (quoted with its port) and its scheme,
+/// and replaces a client's own `Forwarded`.
+#[tokio::test]
+async fn the_forwarded_header_names_the_client_host_and_scheme() {
+    let (addr, _) = serve_fn(echo_forwarded).await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}"))
+        .unwrap()
+        .forwarded_header(true);
+    let cases = [
+        (
+            forwarded_request(
+                "/",
+                &[
+                    ("host", "app.example:8443"),
+                    ("forwarded", "for=192.0.2.1;proto=https"),
+                ],
+                Some("[2001:db8::7]:4000"),
+                Some(http::uri::Scheme::HTTPS),
+            ),
+            "x-forwarded-proto=https|x-forwarded-host=app.example:8443|\
+             forwarded=for=\"[2001:db8::7]\";host=\"app.example:8443\";proto=https|\
+             x-forwarded-for=2001:db8::7",
+        ),
+        (
+            forwarded_request(
+                "/",
+                &[("host", "app.example")],
+                Some("[::ffff:10.0.0.2]:4000"),
+                None,
+            ),
+            "x-forwarded-proto=http|x-forwarded-host=app.example|\
+             forwarded=for=10.0.0.2;host=app.example;proto=http|x-forwarded-for=10.0.0.2",
+        ),
+        (
+            forwarded_request("/", &[], None, None),
+            "x-forwarded-proto=http|x-forwarded-host=-|forwarded=proto=http|x-forwarded-for=-",
+        ),
+    ];
+    for (req, expected) in cases {
+        let resp = backend.clone().oneshot(req).await.unwrap();
+        assert_eq!(body_of(resp).await, expected);
+    }
+}
+
+/// Behind a proxy that is trusted, its `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` are kept (and set when it sent none), and this
+/// proxy's `Forwarded` element follows its own, every line folded into
+/// one, as `X-Forwarded-For`'s.
+#[tokio::test]
+async fn a_trusted_proxys_forwarded_headers_are_kept() {
+    let (addr, _) = serve_fn(echo_forwarded).await;
+    let client = HttpClient::<Full<Bytes>>::new();
+    let backend = HttpBackend::new(&client, format!("http://{addr}"))
+        .unwrap()
+        .trust_forwarded_headers(true)
+        .forwarded_header(true);
+    let from_cdn = forwarded_request(
+        "/",
+        &[
+            ("host", "internal.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "shop.example"),
+            ("forwarded", "for=192.0.2.1;proto=https"),
+            ("forwarded", "for=192.0.2.2"),
+            ("x-forwarded-for", "192.0.2.1"),
+        ],
+        Some("10.0.0.9:4000"),
+        None,
+    );
+    let resp = backend.clone().oneshot(from_cdn).await.unwrap();
+    assert_eq!(
+        body_of(resp).await,
+        "x-forwarded-proto=https|x-forwarded-host=shop.example|\
+         forwarded=for=192.0.2.1;proto=https, for=192.0.2.2, \
+         for=10.0.0.9;host=internal.example;proto=http|x-forwarded-for=192.0.2.1, 10.0.0.9"
+    );
+    let direct = forwarded_request("/", &[("host", "internal.example")], None, None);
+    let resp = backend.oneshot(direct).await.unwrap();
+    assert_eq!(
+        body_of(resp).await,
+        "x-forwarded-proto=http|x-forwarded-host=internal.example|\
+         forwarded=host=internal.example;proto=http|x-forwarded-for=-"
     );
 }
 
@@ -414,17 +607,17 @@ async fn a_request_with_two_hosts_is_refused() {
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was sent");
 }
 
-/// With `preserve_host`, a client's `Host` that is no `host[:port]` is
-/// refused as a bad request, not passed on for a backend to build links
-/// with; valid ones (a port, an IPv6 literal, user information taken off)
-/// go on.
+/// A client's `Host` that is no `host[:port]` is refused as a bad
+/// request, with `preserve_host` or without (where it would reach the
+/// backend as `X-Forwarded-Host`), not passed on for a backend to build
+/// links with; valid ones (a port, an IPv6 literal, user information
+/// taken off) go on.
 #[tokio::test]
-async fn a_preserved_host_that_is_no_host_is_refused() {
+async fn a_host_that_is_no_host_is_refused() {
     let (addr, accepted) = serve_counting().await;
     let client = HttpClient::<Full<Bytes>>::new();
-    let backend = HttpBackend::new(&client, format!("http://{addr}"))
-        .unwrap()
-        .preserve_host(true);
+    let plain = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+    let backend = plain.clone().preserve_host(true);
     let get = |host: &str| {
         Request::get("/")
             .header("host", host)
@@ -441,10 +634,14 @@ async fn a_preserved_host_that_is_no_host_is_refused() {
         "app.example:+80",
         "app.example:65536",
         "user@app.example:+80",
+        "",
+        "app.example:80:80",
     ] {
-        let err = backend.clone().oneshot(get(host)).await.unwrap_err();
-        assert!(err.is::<InvalidRequest>(), "{host}: {err}");
-        assert_eq!(gateway_status(&*err), StatusCode::BAD_REQUEST, "{host}");
+        for backend in [&backend, &plain] {
+            let err = backend.clone().oneshot(get(host)).await.unwrap_err();
+            assert!(err.is::<InvalidRequest>(), "{host}: {err}");
+            assert_eq!(gateway_status(&*err), StatusCode::BAD_REQUEST, "{host}");
+        }
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was sent");
     for (host, sent) in [

@@ -12,7 +12,12 @@
 //! * `Host` is set to the backend's authority (or to the host the client
 //!   asked for, with [`HttpBackend::preserve_host`]);
 //! * the client's address ([`PeerAddr`]) is appended to `X-Forwarded-For`,
-//!   which is created when absent;
+//!   which is created when absent, and `X-Forwarded-Proto` and
+//!   `X-Forwarded-Host` are set to the client's scheme
+//!   ([`ClientScheme`]) and the host it asked for, replacing the client's
+//!   own unless they come from a proxy you trust
+//!   ([`HttpBackend::trust_forwarded_headers`]); RFC 7239's `Forwarded`
+//!   is sent too with [`HttpBackend::forwarded_header`];
 //! * hop-by-hop headers (`Connection` and the headers it names,
 //!   `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`,
 //!   `Upgrade`, the next proxy's credentials `Proxy-Authorization`
@@ -162,7 +167,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use ::http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, EXPECT, HOST, LOCATION,
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, EXPECT, FORWARDED, HOST, LOCATION,
     PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use ::http::uri::{Authority, PathAndQuery, Scheme, Uri};
@@ -177,7 +182,7 @@ pub use send_timeout::SendTimeout;
 
 use crate::backend::BackendState;
 use crate::error::{BoxError, InvalidRequest};
-use crate::extensions::{PeerAddr, Picked, Target};
+use crate::extensions::{ClientScheme, PeerAddr, Picked, Target};
 use crate::key::list_elements as elements;
 
 /// A pooled HTTP/1.1 client shared by many [`HttpBackend`]s: connections
@@ -824,6 +829,12 @@ pub struct HttpBackend<B> {
     /// The base URI's path without its trailing slash; empty for `/`.
     prefix: String,
     preserve_host: bool,
+    /// Whether the client's `X-Forwarded-Proto`, `X-Forwarded-Host` and
+    /// `Forwarded` are kept (see [`HttpBackend::trust_forwarded_headers`]).
+    trust_forwarded: bool,
+    /// Whether `Forwarded` (RFC 7239) is sent (see
+    /// [`HttpBackend::forwarded_header`]).
+    forwarded: bool,
     /// The backend's own URLs, which a `Location` it answers is rewritten
     /// from (see [`HttpBackend::rewrite_redirects`]); `None` when off.
     redirects: Option<Arc<Redirects>>,
@@ -837,6 +848,8 @@ impl<B> Clone for HttpBackend<B> {
             host: self.host.clone(),
             prefix: self.prefix.clone(),
             preserve_host: self.preserve_host,
+            trust_forwarded: self.trust_forwarded,
+            forwarded: self.forwarded,
             redirects: self.redirects.clone(),
         }
     }
@@ -849,6 +862,8 @@ impl<B> fmt::Debug for HttpBackend<B> {
             .field("host", &self.host)
             .field("prefix", &self.prefix)
             .field("preserve_host", &self.preserve_host)
+            .field("trust_forwarded_headers", &self.trust_forwarded)
+            .field("forwarded_header", &self.forwarded)
             .field("rewrite_redirects", &self.redirects.is_some())
             .finish()
     }
@@ -911,6 +926,8 @@ impl<B> HttpBackend<B> {
             host,
             prefix: uri.path().trim_end_matches('/').to_owned(),
             preserve_host: false,
+            trust_forwarded: false,
+            forwarded: false,
             redirects: None,
         };
         Ok(backend.rewrite_redirects(true))
@@ -958,6 +975,44 @@ impl<B> HttpBackend<B> {
     /// else its `Host` header; else the backend's authority.
     pub fn preserve_host(mut self, preserve: bool) -> Self {
         self.preserve_host = preserve;
+        self
+    }
+
+    /// Whether the client is a proxy you trust (a CDN, a load balancer in
+    /// front), whose `X-Forwarded-Proto` and `X-Forwarded-Host` are kept
+    /// rather than replaced, and whose `Forwarded` elements are kept
+    /// before this proxy's own (with
+    /// [`forwarded_header`](Self::forwarded_header)), as Envoy does behind
+    /// trusted hops. Off by default: this proxy is the first the client
+    /// reached, and a client's own values, which it may have made up to
+    /// pass for HTTPS or for another site, are replaced by what this proxy
+    /// saw. `X-Forwarded-For` is appended to either way.
+    pub fn trust_forwarded_headers(mut self, trust: bool) -> Self {
+        self.trust_forwarded = trust;
+        self
+    }
+
+    /// Also sends the standard `Forwarded` header (RFC 7239, as HAProxy's
+    /// `option forwarded`): an element `for=` the client's address (with
+    /// a [`PeerAddr`]), `host=` the host it asked for, `proto=` its scheme
+    /// (see [`ClientScheme`]), replacing
+    /// the client's `Forwarded` or, with
+    /// [`trust_forwarded_headers`](Self::trust_forwarded_headers), appended
+    /// to it. Off by default.
+    ///
+    /// ```
+    /// use http_body_util::Full;
+    /// use tower_ha::http::{HttpBackend, HttpClient};
+    ///
+    /// let client = HttpClient::<Full<bytes::Bytes>>::new();
+    /// // Behind a CDN that sets the X-Forwarded-* headers itself.
+    /// let backend = HttpBackend::new(&client, "http://10.0.0.7:8080")?
+    ///     .trust_forwarded_headers(true)
+    ///     .forwarded_header(true);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forwarded_header(mut self, send: bool) -> Self {
+        self.forwarded = send;
         self
     }
 
@@ -1064,10 +1119,15 @@ impl<B> HttpBackend<B> {
             }
             None => PathAndQuery::from_static("/"),
         };
-        let target_host = match req.uri().authority() {
-            Some(authority) if self.preserve_host => host_of(authority),
-            _ => None,
+        // The host the client asked for: its target's authority when it
+        // has one (an HTTP/2 front end's `:authority`, an absolute-form
+        // target, which RFC 9112 section 3.2.2 puts before `Host`), else
+        // its `Host`.
+        let asked = match req.uri().authority() {
+            Some(authority) => host_of(authority),
+            None => req.headers().get(HOST).cloned(),
         };
+        let asked = asked.map(|host| client_host(&host)).transpose()?;
         let path_and_query = if self.prefix.is_empty() {
             original
         } else if original.as_str() == "*" {
@@ -1100,6 +1160,10 @@ impl<B> HttpBackend<B> {
             })?
         };
         let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+        let proto = match req.extensions().get::<ClientScheme>() {
+            Some(ClientScheme(scheme)) => proto_value(scheme),
+            None => HeaderValue::from_static("http"),
+        };
         let headers = req.headers_mut();
         let trailers = match upgrade {
             Some(_) => strip_all_but_upgrade(headers, present),
@@ -1115,13 +1179,10 @@ impl<B> HttpBackend<B> {
         if let Some(ip) = peer {
             append_forwarded_for(headers, ip);
         }
-        let host = match target_host {
-            Some(host) => host,
-            None if self.preserve_host => match headers.get(HOST) {
-                Some(host) => client_host(host)?,
-                None => self.host.clone(),
-            },
-            None => self.host.clone(),
+        self.set_forwarded(headers, peer, asked.as_ref(), proto);
+        let host = match asked {
+            Some(host) if self.preserve_host => host,
+            _ => self.host.clone(),
         };
         if self.upstream.speaks_http2() {
             // Absolute form: HTTP/2 names the host in `:authority`, and a
@@ -1206,20 +1267,118 @@ fn host_of(authority: &Authority) -> Option<HeaderValue> {
 /// the client made up.
 fn client_host(host: &HeaderValue) -> Result<HeaderValue, InvalidRequest> {
     let invalid = || InvalidRequest::new("the request's Host is not a valid host[:port]");
-    let parse = |host: &HeaderValue| Authority::try_from(host.as_bytes()).map_err(|_| invalid());
-    let mut authority = parse(host)?;
-    let mut host = host.clone();
-    if host.as_bytes().contains(&b'@') {
-        host = host_of(&authority).ok_or_else(invalid)?;
-        authority = parse(&host)?;
+    let bytes = host.as_bytes();
+    match bytes.iter().rposition(|&b| b == b'@') {
+        None if crate::uri::is_host_and_port(bytes) => Ok(host.clone()),
+        Some(at) if crate::uri::is_host_and_port(&bytes[at + 1..]) => {
+            HeaderValue::from_bytes(&bytes[at + 1..]).map_err(|_| invalid())
+        }
+        _ => Err(invalid()),
     }
-    // As a base URI's port is checked: digits right after an IPv6
-    // literal's bracket, or a signed port, which `http` lets through, are
-    // refused too.
-    match crate::uri::has_valid_port(&authority) {
-        true => Ok(host),
-        false => Err(invalid()),
+}
+
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+impl<B> HttpBackend<B> {
+    /// Sets `X-Forwarded-Proto` to `proto` and `X-Forwarded-Host` to the
+    /// host the client asked for (`host`), or keeps the client's when it
+    /// is trusted, and `Forwarded` when asked for.
+    fn set_forwarded(
+        &self,
+        headers: &mut HeaderMap,
+        peer: Option<std::net::IpAddr>,
+        host: Option<&HeaderValue>,
+        proto: HeaderValue,
+    ) {
+        if self.forwarded {
+            let element = forwarded_element(peer, host, &proto);
+            if self.trust_forwarded {
+                append_to_list(headers, &FORWARDED, &element);
+            } else if let Ok(element) = HeaderValue::from_bytes(&element) {
+                headers.insert(FORWARDED, element);
+            }
+        }
+        if self.trust_forwarded {
+            headers.entry(&X_FORWARDED_PROTO).or_insert(proto);
+            if let Some(host) = host {
+                headers
+                    .entry(&X_FORWARDED_HOST)
+                    .or_insert_with(|| host.clone());
+            }
+        } else {
+            headers.insert(&X_FORWARDED_PROTO, proto);
+            match host {
+                Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),
+                None => headers.remove(&X_FORWARDED_HOST),
+            };
+        }
     }
+}
+
+/// `scheme` as the value of `X-Forwarded-Proto`.
+fn proto_value(scheme: &Scheme) -> HeaderValue {
+    if *scheme == Scheme::HTTPS {
+        HeaderValue::from_static("https")
+    } else if *scheme == Scheme::HTTP {
+        HeaderValue::from_static("http")
+    } else {
+        // A scheme is letters, digits, `+`, `-` and `.`: a valid value.
+        HeaderValue::from_str(scheme.as_str()).unwrap_or(HeaderValue::from_static("http"))
+    }
+}
+
+/// This proxy's element of a `Forwarded` header (RFC 7239 section 4):
+/// `for=` the client's address, when known (an IPv6 one in brackets and
+/// quotes), `host=` the host it asked for, when it named one, and
+/// `proto=` its scheme. A value that is no token (a host with a port, for
+/// one) is quoted.
+fn forwarded_element(
+    peer: Option<std::net::IpAddr>,
+    host: Option<&HeaderValue>,
+    proto: &HeaderValue,
+) -> Vec<u8> {
+    let mut element = Vec::with_capacity(96);
+    if let Some(ip) = peer {
+        let ip = ip.to_canonical();
+        let mut text = [0; 64];
+        let text = ip_text(ip, &mut text);
+        element.extend_from_slice(b"for=");
+        if ip.is_ipv6() {
+            element.extend_from_slice(b"\"[");
+            element.extend_from_slice(text);
+            element.extend_from_slice(b"]\";");
+        } else {
+            element.extend_from_slice(text);
+            element.push(b';');
+        }
+    }
+    if let Some(host) = host {
+        element.extend_from_slice(b"host=");
+        push_token_or_quoted(&mut element, host.as_bytes());
+        element.push(b';');
+    }
+    element.extend_from_slice(b"proto=");
+    push_token_or_quoted(&mut element, proto.as_bytes());
+    element
+}
+
+/// Appends `value` to `out` as it is when it is a token (RFC 9110 section
+/// 5.6.2), else as a quoted string.
+fn push_token_or_quoted(out: &mut Vec<u8>, value: &[u8]) {
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    if !value.is_empty() && value.iter().all(tchar) {
+        out.extend_from_slice(value);
+        return;
+    }
+    out.push(b'"');
+    for &b in value {
+        if b == b'"' || b == b'\\' {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -1227,15 +1386,24 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// Folds every `X-Forwarded-For` line into one and appends `ip`, or adds
 /// the header with `ip` alone.
 fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    let mut text = [0; 64];
+    append_to_list(
+        headers,
+        &X_FORWARDED_FOR,
+        ip_text(ip.to_canonical(), &mut text),
+    );
+}
+
+/// Folds every line of the list header `name` into one and appends `item`,
+/// or adds the header with `item` alone.
+fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, item: &[u8]) {
     use ::http::header::Entry;
     use bytes::BufMut;
-    let mut text = [0; 64];
-    let peer = ip_text(ip.to_canonical(), &mut text);
     // One lookup of the name, whether the header is there or not.
-    match headers.entry(&X_FORWARDED_FOR) {
-        // The usual case, the client's own connection: the peer alone.
+    match headers.entry(name) {
+        // The usual case, the client's own connection: the item alone.
         Entry::Vacant(entry) => {
-            if let Ok(value) = HeaderValue::from_bytes(peer) {
+            if let Ok(value) = HeaderValue::from_bytes(item) {
                 entry.insert(value);
             }
         }
@@ -1249,7 +1417,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
                     v.put_slice(b", ");
                 }
             }
-            v.put_slice(peer);
+            v.put_slice(item);
             if let Ok(value) = HeaderValue::from_maybe_shared(v.freeze()) {
                 entry.insert(value);
             }
