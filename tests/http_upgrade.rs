@@ -571,6 +571,108 @@ async fn without_a_hyper_connection_to_hand_over_the_request_goes_as_a_plain_one
     assert_eq!(seen.upgrade_heads.lock().len(), 0);
 }
 
+/// A raw backend that answers an upgrade with a `101` carrying framing
+/// headers (which RFC 9112 forbids on a 1xx) and its first bytes in the
+/// same write, then echoes what it reads.
+async fn framing_switcher() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let _ = read_head(&mut stream).await;
+                stream
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\n\
+                          Connection: upgrade\r\nTransfer-Encoding: identity\r\n\
+                          Content-Length: 7\r\n\r\nraw\n",
+                    )
+                    .await
+                    .unwrap();
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A `101` is the backend's answer, framing headers and all: its bytes
+/// sent with the head come first, the tunnel reaches it, and the request
+/// is not failed over to a second backend (whose switch would take the
+/// client's connection too).
+#[tokio::test]
+async fn a_switch_with_framing_headers_is_the_tunnel_not_a_failure() {
+    let raw = framing_switcher().await;
+    let (b2, seen) = backend("b2", Mode::Echo).await;
+    let front = proxy(&[raw, b2]).await;
+    let mut stream = send_raw(front, UPGRADE.as_bytes()).await;
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert_eq!(read_exactly(&mut stream, rest, 4).await, b"raw\n");
+    stream.write_all(b"ping").await.unwrap();
+    assert_eq!(read_exactly(&mut stream, Vec::new(), 4).await, b"ping");
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 0, "not failed over");
+}
+
+/// A classifier that counts every non-2xx as a failure does not fail a
+/// `101` over: the first backend to switch keeps the client.
+#[tokio::test]
+async fn a_switch_is_final_whatever_the_classifier_says() {
+    let (b1, seen1) = backend("b1", Mode::Echo).await;
+    let (b2, seen2) = backend("b2", Mode::Echo).await;
+    let pool = Pool::new();
+    let client = HttpClient::<Body>::new();
+    for (name, addr) in [("b1", b1), ("b2", b2)] {
+        pool.insert(name, HttpBackend::new(&client, format!("http://{addr}")).unwrap());
+    }
+    let strict = |outcome: &tower_ha::classify::Outcome<'_>| match outcome {
+        tower_ha::classify::Outcome::Response { status, .. } => !status.is_success(),
+        _ => true,
+    };
+    let stack = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new())
+        .layer(FailoverLayer::new().classifier(strict))
+        .service(Balance::new(pool, RoundRobin::new()));
+    let front = serve_stack(stack, true).await;
+    let mut stream = send_raw(front, UPGRADE.as_bytes()).await;
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    assert_eq!(read_exactly(&mut stream, rest, 3).await, b"b1\n");
+    stream.write_all(b"ping").await.unwrap();
+    assert_eq!(read_exactly(&mut stream, Vec::new(), 4).await, b"ping");
+    assert_eq!(seen1.upgrade_heads.lock().len(), 1);
+    assert_eq!(seen2.connections.load(Ordering::SeqCst), 0, "not failed over");
+}
+
+/// An upgrade request with a body goes on as a plain request: an upload
+/// still going when the backend switched would hold the switch open.
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_goes_as_a_plain_one() {
+    let (b1, seen) = backend("b1", Mode::Echo).await;
+    let front = proxy(&[b1]).await;
+    let with_length = UPGRADE.replace("\r\n\r\n", "\r\nContent-Length: 5\r\n\r\nhello");
+    let chunked = UPGRADE.replace(
+        "\r\n\r\n",
+        "\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    );
+    for request in [with_length, chunked] {
+        let mut stream = send_raw(front, request.as_bytes()).await;
+        expect_plain_answer(&mut stream, "b1").await;
+        still_http(&mut stream, "b1").await;
+    }
+    assert_eq!(seen.upgrade_heads.lock().len(), 0);
+    assert_eq!(seen.plain.load(Ordering::SeqCst), 4);
+    // An empty body is no body: the switch goes ahead.
+    let empty = UPGRADE.replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n");
+    let mut stream = send_raw(front, empty.as_bytes()).await;
+    let (head, _) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+}
+
 #[tokio::test]
 async fn connect_is_refused_without_reaching_a_backend() {
     let (b1, seen) = backend("b1", Mode::Echo).await;

@@ -467,7 +467,13 @@ where
         match outcome {
             Ok(response) => {
                 let classifier = &self.config.classifier;
-                if !classifier.is_failure(&Outcome::response(&response)) {
+                // A switch of protocols is final, whatever the classifier
+                // says: the backend's connection carries the new protocol,
+                // and the client's is handed to it, so no other backend
+                // may answer the request.
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                    || !classifier.is_failure(&Outcome::response(&response))
+                {
                     // A failed response kept in case every attempt failed
                     // lets go of its backend now.
                     self.last_response = None;

@@ -116,7 +116,12 @@
 //!   upgrades. A request without `OnUpgrade` (an in-process caller's)
 //!   goes on as a plain request, without `Upgrade`, and so does one
 //!   offering `h2c` (a switch to HTTP/2 would hide the requests that
-//!   follow from the proxy).
+//!   follow from the proxy), and one with a body (a `Content-Length`
+//!   other than 0, or chunked), which would hold the switch until its
+//!   upload ends.
+//! * A `101` is final: the failover layer returns it, whatever its
+//!   classifier says, since the client's connection goes to that
+//!   backend.
 //! * When the `101` does not reach the client (a layer above answered
 //!   something else), the backend's connection is closed 10 s later
 //!   (or after the [`tunnel_idle_timeout`](HttpClient::tunnel_idle_timeout),
@@ -129,11 +134,14 @@
 //!   [`BackendState::hold_in_flight`](crate::BackendState::hold_in_flight)),
 //!   so least-request balancing spreads open WebSockets as nginx's
 //!   `least_conn` does. A per-try timeout does not end a tunnel, and
-//!   removing or draining its backend leaves it open. It ends when its
-//!   client or its backend closes it, or when nothing has moved either way
-//!   for the [`tunnel_idle_timeout`](HttpClient::tunnel_idle_timeout)
-//!   (default 1 h), which also ends a tunnel whose client vanished without
-//!   closing. TCP keep-alive ([`HttpClient::tcp_keepalive`], or a
+//!   removing, draining or disabling its backend leaves it open. It ends
+//!   when its client or its backend closes it, when nothing has moved
+//!   either way for the
+//!   [`tunnel_idle_timeout`](HttpClient::tunnel_idle_timeout) (default
+//!   1 h), which also ends a tunnel whose client vanished without
+//!   closing, at the end of its backend's drain (its deadline), or when
+//!   told ([`BackendState::close_tunnels`](crate::BackendState::close_tunnels),
+//!   `Handle::close_tunnels`, the admin API's `close_tunnels`). TCP keep-alive ([`HttpClient::tcp_keepalive`], or a
 //!   connector's own) finds a backend that vanished sooner.
 //! * An HTTP/2 client ([`HttpClient::http2_only`]) sends such a request on
 //!   as a plain one (RFC 8441's WebSocket over HTTP/2 is not spoken).
@@ -1081,6 +1089,11 @@ impl<B> HttpBackend<B> {
             // proxy no longer sees requests on: such a request goes on as
             // plain HTTP/1.1 (as Envoy and nginx send it).
             && !lists(req.headers().get_all(UPGRADE), b"h2c")
+            // A body still uploading when the backend switches would keep
+            // its side of the tunnel from being handed over, with no time
+            // limit; no WebSocket client sends one.
+            && present & TRANSFER_ENCODING_PRESENT == 0
+            && req.headers().get(CONTENT_LENGTH).is_none_or(|len| len == "0")
         {
             // Present when the client's connection is hyper's, which can
             // hand it over once the backend agrees.
@@ -2011,7 +2024,12 @@ impl Future for ResponseFuture {
             }
             StateProj::Sent { future } => {
                 let (mut resp, present) = ready!(future.as_mut().poll(cx))?;
-                if present & TRANSFER_ENCODING_PRESENT != 0 {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    // Answered: its tunnel has started. A `101` has no body
+                    // (hyper reads none), so a framing header on it
+                    // (which RFC 9112 forbids on a 1xx) frames nothing.
+                    resp.headers_mut().remove(CONTENT_LENGTH);
+                } else if present & TRANSFER_ENCODING_PRESENT != 0 {
                     // Framed by its chunks, not by a `Content-Length` beside
                     // them, which is passed on only when it is the framing
                     // (RFC 9112 section 6.3); and a coding hyper left on the
