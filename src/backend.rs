@@ -331,12 +331,44 @@ impl BackendState {
 
     /// Sets the health; returns the previous value.
     pub fn set_health(&self, health: HealthStatus) -> HealthStatus {
-        if health == HealthStatus::Healthy && self.unproven.load(Ordering::Relaxed) {
+        self.change_health(|_| true, health)
+            .unwrap_or_else(|held| held)
+    }
+
+    /// Sets the health to `to` if it is `from`; returns whether it did.
+    /// Of two writers of one state (two checkers sharing it) that both
+    /// judged it `from`, exactly one changes it, and only that one reports
+    /// the change.
+    pub(crate) fn set_health_if(&self, from: HealthStatus, to: HealthStatus) -> bool {
+        self.change_health(|health| health == from, to).is_ok()
+    }
+
+    /// Sets the health to `to` if `from` accepts the one it holds:
+    /// `Ok(previous)`, or `Err(held)` when it was left alone.
+    fn change_health(
+        &self,
+        from: impl Fn(HealthStatus) -> bool,
+        to: HealthStatus,
+    ) -> Result<HealthStatus, HealthStatus> {
+        // Stored before the status, which readers acquire: one that sees
+        // the backend healthy sees it proven. Proven only by a change made.
+        let proven = to == HealthStatus::Healthy
+            && self.unproven.load(Ordering::Relaxed)
+            && from(self.health());
+        if proven {
             self.unproven.store(false, Ordering::Relaxed);
         }
-        let prev = self.update_nibble(HEALTH_SHIFT, health.to_bits());
-        self.wake_waiting();
-        HealthStatus::from_bits(prev)
+        let changed = self.update_nibble_if(
+            HEALTH_SHIFT,
+            |bits| from(HealthStatus::from_bits(bits)),
+            to.to_bits(),
+        );
+        if changed.is_ok() {
+            self.wake_waiting();
+        }
+        changed
+            .map(HealthStatus::from_bits)
+            .map_err(HealthStatus::from_bits)
     }
 
     /// Marks a new backend unhealthy until its first passing probes.
@@ -353,17 +385,24 @@ impl BackendState {
     }
 
     fn update_nibble(&self, shift: u8, bits: u8) -> u8 {
+        self.update_nibble_if(shift, |_| true, bits)
+            .unwrap_or_else(|held| held)
+    }
+
+    /// Sets the nibble at `shift` to `bits` if `from` accepts the one it
+    /// holds: `Ok(previous)`, or `Err(held)` when it was left alone.
+    fn update_nibble_if(&self, shift: u8, from: impl Fn(u8) -> bool, bits: u8) -> Result<u8, u8> {
         let mask = NIBBLE << shift;
+        let nibble = |s: u8| (s >> shift) & NIBBLE;
         let prev = self
             .status
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-                Some((s & !mask) | (bits << shift))
-            })
-            .unwrap_or_else(|s| s);
-        if prev == 0 && bits != 0 {
+                from(nibble(s)).then_some((s & !mask) | (bits << shift))
+            });
+        if prev == Ok(0) && bits != 0 {
             self.interruptions.fetch_add(1, Ordering::Relaxed);
         }
-        (prev >> shift) & NIBBLE
+        prev.map(nibble).map_err(nibble)
     }
 
     /// How many times the backend has stopped being available (its
@@ -618,8 +657,10 @@ impl BackendState {
     /// Ejects the backend until `until` and counts the ejection.
     pub fn eject_until(&self, until: Instant) {
         let nanos = crate::time::to_nanos(self.epoch, until);
-        self.ejected_until.store(nanos, Ordering::Release);
+        // Counted before its deadline is published: whoever reads the
+        // deadline sees the count (see `uneject_if`).
         self.ejections.fetch_add(1, Ordering::AcqRel);
+        self.ejected_until.store(nanos, Ordering::Release);
         self.interruptions.fetch_add(1, Ordering::Relaxed);
         // Those waiting for a place may have no backend left to wait for.
         self.wake_waiting();
@@ -651,9 +692,27 @@ impl BackendState {
     /// of requests that were in flight, or sent by panic routing, while the
     /// backend was ejected do not count towards its next ejection.
     pub fn uneject(&self) -> bool {
+        self.lift(None)
+    }
+
+    /// [`uneject`](Self::uneject), but only while the backend's
+    /// [ejections](Self::ejections) are `ejections`: an ejection that
+    /// began since (a checker's probe was sent before it) is left in
+    /// force, however the two race.
+    pub(crate) fn uneject_if(&self, ejections: u32) -> bool {
+        self.lift(Some(ejections))
+    }
+
+    fn lift(&self, ejections: Option<u32>) -> bool {
         let now = self.nanos_since_epoch(Instant::now());
         let mut current = self.ejected_until.load(Ordering::Acquire);
         while current != 0 && now < current {
+            // The deadline read is published after its ejection's count:
+            // a new ejection's shows here, and one published after this
+            // look changes the deadline, which the exchange then misses.
+            if ejections.is_some_and(|n| self.ejections.load(Ordering::Acquire) != n) {
+                return false;
+            }
             match self.ejected_until.compare_exchange_weak(
                 current,
                 0,
@@ -826,6 +885,47 @@ mod tests {
         assert!(!s.is_enabled());
         s.set_admin(AdminStatus::Enabled);
         assert!(s.is_available());
+    }
+
+    /// Of writers that judged the health the same, one changes it; a
+    /// writer whose judgement is out of date changes nothing.
+    #[test]
+    fn a_conditional_health_change_happens_once() {
+        let s = BackendState::new(1);
+        assert!(!s.set_health_if(HealthStatus::Unhealthy, HealthStatus::TurnedOff));
+        assert_eq!(s.health(), HealthStatus::Healthy);
+        let before = s.interruptions();
+        assert!(s.set_health_if(HealthStatus::Healthy, HealthStatus::Unhealthy));
+        assert_eq!(s.interruptions(), before + 1);
+        for _ in 0..200 {
+            s.set_health(HealthStatus::Healthy);
+            let won = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        if s.set_health_if(HealthStatus::Healthy, HealthStatus::Unhealthy) {
+                            won.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+            assert_eq!(won.into_inner(), 1);
+            assert_eq!(s.health(), HealthStatus::Unhealthy);
+        }
+    }
+
+    /// A lift conditioned on the count of ejections leaves in force an
+    /// ejection that began after the count was taken.
+    #[tokio::test(start_paused = true)]
+    async fn a_conditional_lift_leaves_a_later_ejection() {
+        let s = BackendState::new(1);
+        let at_probe = s.ejections();
+        s.eject_until(Instant::now() + Duration::from_secs(30));
+        assert!(!s.uneject_if(at_probe));
+        assert!(s.is_ejected());
+        assert!(s.uneject_if(at_probe + 1));
+        assert!(!s.is_ejected());
+        assert!(!s.uneject_if(at_probe + 1), "nothing left to lift");
     }
 
     #[tokio::test(start_paused = true)]

@@ -425,10 +425,7 @@ impl Entry {
     fn lift_ejection(&self, id: &BackendId, config: &CheckConfig, events: Option<&Events>) {
         // A probe sent before the ejection began says nothing of the
         // failures that caused it.
-        if config.lift_ejections
-            && self.state.ejections() == self.ejections_at_probe
-            && self.state.uneject()
-        {
+        if config.lift_ejections && self.state.uneject_if(self.ejections_at_probe) {
             super::outlier::report_restored(events, id, "probe passed");
         }
     }
@@ -455,8 +452,12 @@ impl Entry {
                     self.ever_healthy = true;
                     self.unhealthy_since = None;
                     self.lift_ejection(id, config, events);
-                } else if self.successes >= config.rise {
-                    self.state.set_health(HealthStatus::Healthy);
+                } else if self.successes >= config.rise
+                    // Changed by another writer meanwhile: its change, not
+                    // this one, is reported, and the counts start again
+                    // at the next probe, which sees the new health.
+                    && self.state.set_health_if(health, HealthStatus::Healthy)
+                {
                     self.ever_healthy = true;
                     self.unhealthy_since = None;
                     self.start_ramp(now, config);
@@ -480,8 +481,10 @@ impl Entry {
             Err(error) => {
                 self.failures = self.failures.saturating_add(1);
                 self.successes = 0;
-                if health == HealthStatus::Healthy && self.failures >= config.fall {
-                    self.state.set_health(HealthStatus::Unhealthy);
+                if health == HealthStatus::Healthy
+                    && self.failures >= config.fall
+                    && (self.state).set_health_if(HealthStatus::Healthy, HealthStatus::Unhealthy)
+                {
                     self.unhealthy_since = Some(now);
                     self.end_ramp();
                     tracing::warn!(
@@ -549,8 +552,8 @@ impl Entry {
             && config
                 .turned_off_after
                 .is_some_and(|after| elapsed(since, now, after))
+            && (self.state).set_health_if(HealthStatus::Unhealthy, HealthStatus::TurnedOff)
         {
-            self.state.set_health(HealthStatus::TurnedOff);
             self.seen = HealthStatus::TurnedOff;
             tracing::warn!(
                 backend = %id,
