@@ -1114,27 +1114,35 @@ impl Shared {
             self.remember_unless_stale(&stored, cell);
             return stored;
         };
-        let mut reading = cell
-            .reading
-            .lock()
-            .get_or_insert_with(|| {
-                let (done, answer) = watch::channel(None);
-                // Keeps the load in the map while the task runs.
-                let task = Task::register(self.clone(), key.clone(), cell.clone());
-                let store = store.clone();
-                let task = runtime.spawn(async move {
-                    let Task { shared, key, cell } = &task;
-                    let stored = shared.read(&store, key, restore.then_some(cell)).await;
-                    shared.remember_unless_stale(&stored, cell);
-                    done.send_replace(Some(stored));
-                });
-                Reading {
-                    answer,
-                    task: task.abort_handle(),
+        // Registered before the read's lock is taken, and an unused
+        // registration ended after it is released: a registration takes
+        // the loads' lock, which `Waiting::drop` holds while it takes the
+        // read's.
+        let task = Task::register(self.clone(), key.clone(), cell.clone());
+        let (mut reading, unused) = {
+            let mut slot = cell.reading.lock();
+            match &*slot {
+                Some(reading) => (reading.answer.clone(), Some(task)),
+                None => {
+                    let (done, answer) = watch::channel(None);
+                    let store = store.clone();
+                    // The registration keeps the load in the map while the
+                    // task runs.
+                    let handle = runtime.spawn(async move {
+                        let Task { shared, key, cell } = &task;
+                        let stored = shared.read(&store, key, restore.then_some(cell)).await;
+                        shared.remember_unless_stale(&stored, cell);
+                        done.send_replace(Some(stored));
+                    });
+                    *slot = Some(Reading {
+                        answer: answer.clone(),
+                        task: handle.abort_handle(),
+                    });
+                    (answer, None)
                 }
-            })
-            .answer
-            .clone();
+            }
+        };
+        drop(unused);
         let answer = reading.wait_for(Option::is_some).await.map(|s| s.clone());
         match answer {
             Ok(Some(stored)) => stored,
