@@ -615,7 +615,11 @@ async fn a_switch_with_framing_headers_is_the_tunnel_not_a_failure() {
     assert_eq!(read_exactly(&mut stream, rest, 4).await, b"raw\n");
     stream.write_all(b"ping").await.unwrap();
     assert_eq!(read_exactly(&mut stream, Vec::new(), 4).await, b"ping");
-    assert_eq!(seen.connections.load(Ordering::SeqCst), 0, "not failed over");
+    assert_eq!(
+        seen.connections.load(Ordering::SeqCst),
+        0,
+        "not failed over"
+    );
 }
 
 /// A classifier that counts every non-2xx as a failure does not fail a
@@ -627,7 +631,10 @@ async fn a_switch_is_final_whatever_the_classifier_says() {
     let pool = Pool::new();
     let client = HttpClient::<Body>::new();
     for (name, addr) in [("b1", b1), ("b2", b2)] {
-        pool.insert(name, HttpBackend::new(&client, format!("http://{addr}")).unwrap());
+        pool.insert(
+            name,
+            HttpBackend::new(&client, format!("http://{addr}")).unwrap(),
+        );
     }
     let strict = |outcome: &tower_ha::classify::Outcome<'_>| match outcome {
         tower_ha::classify::Outcome::Response { status, .. } => !status.is_success(),
@@ -645,7 +652,11 @@ async fn a_switch_is_final_whatever_the_classifier_says() {
     stream.write_all(b"ping").await.unwrap();
     assert_eq!(read_exactly(&mut stream, Vec::new(), 4).await, b"ping");
     assert_eq!(seen1.upgrade_heads.lock().len(), 1);
-    assert_eq!(seen2.connections.load(Ordering::SeqCst), 0, "not failed over");
+    assert_eq!(
+        seen2.connections.load(Ordering::SeqCst),
+        0,
+        "not failed over"
+    );
 }
 
 /// An upgrade request with a body goes on as a plain request: an upload

@@ -738,7 +738,8 @@ async fn a_write_answered_503_and_cut_off_is_retried() {
 }
 
 /// A query may hold a secret (a function key): it is sent, but errors and
-/// `Debug` show `?…` instead.
+/// `Debug` show `?…` instead. So may a session's key (an application's
+/// session cookie): errors show its segment as `{key}`.
 #[tokio::test]
 async fn a_query_in_the_url_is_not_shown() {
     let addr = support::http::refused().await;
@@ -746,10 +747,11 @@ async fn a_query_in_the_url_is_not_shown() {
         .retries(0)
         .build()
         .unwrap();
-    let err = store.load("k").await.unwrap_err();
+    let err = store.load("s3cret-session").await.unwrap_err();
     let shown = format!("{err} {err:?} {store:?}");
     assert!(!shown.contains("k3y"), "{shown}");
-    assert!(shown.contains("/api/sessions/k?…"), "{shown}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("/api/sessions/{key}?…"), "{shown}");
     assert!(store.url().ends_with("?code=k3y"));
 }
 

@@ -21,8 +21,8 @@ use super::shared::Shown;
 /// before it was sent (a refused connection, say). Its `Debug` output shows
 /// a learned cookie's value (the application's credential) as a digest, as
 /// the layer's logs do; [`key`](Self::key) gives it whole. (A store's error
-/// as its source may name the key, as the store errors the layer logs
-/// may.)
+/// as its source may name the key: the layer's logs replace it with the
+/// digest, a report of this error you log yourself does not.)
 #[derive(Clone)]
 pub struct SessionUnavailable {
     key: String,

@@ -586,6 +586,19 @@ impl Shared {
         Shown::new(key, self.learns_cookie())
     }
 
+    /// `error` as the logs show it, for the session `key` (see
+    /// [`ShownError`]).
+    fn shown_error<'a>(
+        &self,
+        key: &'a str,
+        error: &'a (dyn std::error::Error + 'static),
+    ) -> ShownError<'a> {
+        ShownError {
+            key: self.shown(key),
+            error,
+        }
+    }
+
     /// The strict refusal of session `key`, bound to `backend`.
     fn unavailable(&self, key: &str, backend: BackendId) -> SessionUnavailable {
         SessionUnavailable::new(key, self.learns_cookie(), backend)
@@ -1246,7 +1259,7 @@ impl Shared {
                     return restoring.await;
                 };
                 runtime.spawn(restoring).await.unwrap_or_else(|error| {
-                    tracing::warn!(target: TARGET, session = %self.shown(&fallback.key), error = %crate::error::Report(&error), "session restore panicked; its record is kept");
+                    tracing::warn!(target: TARGET, session = %self.shown(&fallback.key), error = %self.shown_error(&fallback.key, &error), "session restore panicked; its record is kept");
                     Stored::Found(fallback)
                 })
             }
@@ -1310,7 +1323,7 @@ impl Shared {
                             target: TARGET,
                             session = %self.shown(&session.key),
                             backend = %session.backend,
-                            error = %crate::error::Report(&*error),
+                            error = %self.shown_error(&session.key, &*error),
                             "session restore failed; its record is kept"
                         ),
                     }
@@ -2023,7 +2036,11 @@ impl Shared {
                 match crate::time::within(limit, hook(moved)).await {
                     Some(Ok(())) => {}
                     Some(Err(error)) => {
-                        tracing::warn!(target: TARGET, session = %running.shown(), error = %crate::error::Report(&*error), "on_move hook failed");
+                        let error = ShownError {
+                            key: running.shown(),
+                            error: &*error,
+                        };
+                        tracing::warn!(target: TARGET, session = %running.shown(), %error, "on_move hook failed");
                     }
                     None => {
                         tracing::warn!(target: TARGET, session = %running.shown(), ?limit, "on_move hook ran past its limit; stopped");
@@ -2036,7 +2053,7 @@ impl Shared {
 
     fn store_error(&self, key: &str, op: &'static str, error: &StoreError) {
         bump(&self.counters.store_errors, 1);
-        let error = crate::error::Report(error);
+        let error = self.shown_error(key, error);
         match self.store_warnings.pass() {
             Some(held_back) => {
                 tracing::warn!(target: TARGET, session = %self.shown(key), op, %error, held_back, "session store call failed (held_back: failures not logged at warn level since the last warning)")
@@ -2139,7 +2156,7 @@ impl Shared {
                         target: TARGET,
                         session = %self.shown(&session.key),
                         backend = %session.backend,
-                        error = %crate::error::Report(&*error),
+                        error = %self.shown_error(&session.key, &*error),
                         "session restore failed; its record is kept"
                     );
                     report.failed.push(RestoreFailure {
@@ -2401,14 +2418,46 @@ impl<'a> Shown<'a> {
 
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use sha2::Digest;
         if !self.hidden {
             return f.write_str(self.key);
         }
-        f.write_str("cookie:")?;
-        sha2::Sha256::digest(self.key.as_bytes())[..6]
-            .iter()
-            .try_for_each(|b| write!(f, "{b:02x}"))
+        write!(f, "cookie:{}", crate::store::KeyDigest(self.key))
+    }
+}
+
+/// An error's [report](crate::error::Report) as the layer's logs show it,
+/// for the session `key`: for a session shown by a digest (see
+/// [`Shown`]), with the key replaced by that digest in every form a store
+/// may write it in its errors: as it is, escaped (as `{:?}` writes it),
+/// percent-encoded (as in a webhook's URL) or as a file store's file name.
+pub(crate) struct ShownError<'a> {
+    key: Shown<'a>,
+    error: &'a (dyn std::error::Error + 'static),
+}
+
+impl fmt::Display for ShownError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let report = crate::error::Report(self.error);
+        let key = self.key.key;
+        if !self.key.hidden || key.is_empty() {
+            return report.fmt(f);
+        }
+        let mut text = report.to_string();
+        let debug = format!("{key:?}");
+        let escaped = &debug[1..debug.len() - 1];
+        let encoded = crate::store::percent_encoded(key);
+        let file = crate::store::FileStore::file_name(key);
+        // The longest first (a file's name may hold the key as it is),
+        // each replaced by a mark no form holds (an error's text may, but
+        // no escaped or encoded form does), and the marks by the digest
+        // once all are found: a digest is not searched for a key again.
+        const MARK: &str = "\u{1}";
+        for form in [file.as_str(), encoded.as_str(), escaped, key] {
+            if text.contains(form) {
+                text = text.replace(form, MARK);
+            }
+        }
+        f.write_str(&text.replace(MARK, &self.key.to_string()))
     }
 }
 

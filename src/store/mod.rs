@@ -38,6 +38,7 @@ mod redis;
 #[cfg(feature = "webhook")]
 mod webhook;
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
@@ -367,6 +368,38 @@ fn truncate_to_millis(t: SystemTime) -> SystemTime {
     // `t` itself came from milliseconds that fit, or is later than any
     // representable millisecond count: keep it then.
     unix_millis::from_millis(unix_millis::to_millis(t)).unwrap_or(t)
+}
+
+/// A session key shown in logs as the first 12 hex digits of its SHA-256:
+/// whoever reads the logs can tell sessions apart, and match them with the
+/// sticky layer's `cookie:` digests, without learning a key that may be a
+/// credential (an application's session cookie).
+pub(crate) struct KeyDigest<'a>(pub(crate) &'a str);
+
+impl fmt::Display for KeyDigest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.0.as_bytes())[..6]
+            .iter()
+            .try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// `key` as a path segment: RFC 3986's unreserved characters as they are
+/// (some servers refuse an encoded `.`), every other byte percent-encoded.
+pub(crate) fn percent_encoded(key: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut encoded = String::with_capacity(key.len());
+    for &b in key.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push('%');
+            encoded.push(char::from(HEX[usize::from(b >> 4)]));
+            encoded.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+    }
+    encoded
 }
 
 /// Timestamps as integer milliseconds since the Unix epoch, the form

@@ -1398,7 +1398,7 @@ impl SessionLock for RedisStore {
                         };
                         let key = lease.key().to_owned();
                         if !lease.release().await? {
-                            tracing::warn!(session = %key, "a session lease expired before it was released");
+                            tracing::warn!(session_digest = %super::KeyDigest(&key), "a session lease expired before it was released");
                         }
                         Ok(())
                     }))
@@ -1427,12 +1427,12 @@ async fn keep_alive(
         match lease.extend(ttl).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::warn!(session = %lease.key(), "a session lease was lost while it was held");
+                tracing::warn!(session_digest = %super::KeyDigest(lease.key()), "a session lease was lost while it was held");
                 held = false;
             }
             // Tried again at the next period, while the lease still runs.
             Err(e) => {
-                tracing::warn!(session = %lease.key(), error = %crate::error::Report(&e), "could not extend a session lease");
+                tracing::warn!(session_digest = %super::KeyDigest(lease.key()), error = %crate::error::Report(&e), "could not extend a session lease");
             }
         }
     }

@@ -530,21 +530,7 @@ impl Inner {
             .with_message(format!("the webhook cannot hold session key {key:?}")));
         }
         let base = self.collection.trim_end_matches('/');
-        let mut path = String::with_capacity(base.len() + 1 + key.len());
-        path.push_str(base);
-        path.push('/');
-        for &b in key.as_bytes() {
-            // RFC 3986's unreserved characters go as they are: some
-            // servers refuse an encoded `.`.
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                path.push(char::from(b));
-            } else {
-                const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                path.push('%');
-                path.push(char::from(HEX[usize::from(b >> 4)]));
-                path.push(char::from(HEX[usize::from(b & 0xf)]));
-            }
-        }
+        let path = format!("{base}/{}", super::percent_encoded(key));
         // A URI has a limit of its own (about 64 KiB in `http`).
         if http::Uri::try_from(format!("{}{path}{}", self.origin, self.query)).is_err() {
             return Err(StoreError::invalid_key(format!(
@@ -568,8 +554,18 @@ impl Inner {
     ) -> Result<(StatusCode, Bytes), StoreError> {
         let path_and_query = format!("{path}{}", self.query);
         // What errors and logs show: a query may hold a secret (a
-        // function key), so only its presence is.
-        let shown = format!("{path}{}", hidden_query(&self.query));
+        // function key), so only its presence is, and so may a session's
+        // key (an application's session cookie), so its segment is
+        // `{key}`.
+        let base = self.collection.trim_end_matches('/');
+        let path_shown = match path
+            .strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix('/'))
+        {
+            Some(key) if !key.is_empty() => format!("{base}/{{key}}"),
+            _ => path.to_owned(),
+        };
+        let shown = format!("{path_shown}{}", hidden_query(&self.query));
         let mut attempt = 0u32;
         loop {
             let deadline = crate::time::later(tokio::time::Instant::now(), self.timeout);
