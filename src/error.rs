@@ -810,6 +810,24 @@ mod tests {
             Report(&err).to_string(),
             "2 attempts failed: a (timed out); b (backend b failed): timed out"
         );
+        // As a stack's attempts fail: each a `BackendError`, whose own
+        // text names only the backend. An earlier one's cause is shown
+        // through it, though no source leads there.
+        let attempts: Vec<(BackendId, BoxError)> = vec![
+            (
+                "a".into(),
+                Box::new(BackendError::new("a".into(), io("connection refused"))),
+            ),
+            (
+                "b".into(),
+                Box::new(BackendError::new("b".into(), io("reset"))),
+            ),
+        ];
+        let err = Exhausted::new(attempts, None);
+        assert_eq!(
+            Report(&err).to_string(),
+            "2 attempts failed: a (backend a failed: connection refused); b (backend b failed): reset"
+        );
     }
 
     #[test]

@@ -235,9 +235,17 @@ impl fmt::Display for Exhausted {
             1 => f.write_str("1 attempt failed")?,
             n => write!(f, "{n} attempts failed")?,
         }
+        let last = self.attempts.len().saturating_sub(1);
         for (i, (id, cause)) in self.attempts.iter().enumerate() {
             let sep = if i == 0 { ": " } else { "; " };
-            write!(f, "{sep}{id} ({cause})")?;
+            if i == last {
+                // The source: a report goes on to its own causes.
+                write!(f, "{sep}{id} ({cause})")?;
+            } else {
+                // Each with its causes (a `BackendError` says only which
+                // backend failed), which no source leads to.
+                write!(f, "{sep}{id} ({})", crate::error::Report(&**cause))?;
+            }
         }
         if let Some(reason) = &self.reason {
             let sep = if self.attempts.is_empty() {
