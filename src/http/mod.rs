@@ -1138,7 +1138,8 @@ impl<B> HttpBackend<B> {
         // its `Host`.
         let asked = match req.uri().authority() {
             Some(authority) => host_of(authority),
-            None => req.headers().get(HOST).cloned(),
+            // An empty one names no host (RFC 9112 section 3.2).
+            None => req.headers().get(HOST).filter(|h| !h.is_empty()).cloned(),
         };
         let asked = asked.map(|host| client_host(&host)).transpose()?;
         let path_and_query = if self.prefix.is_empty() {
@@ -1320,6 +1321,11 @@ impl<B> HttpBackend<B> {
                     .or_insert_with(|| host.clone());
             }
         } else {
+            if !self.forwarded {
+                // Nor does a client's own `Forwarded` pass for this
+                // proxy's word.
+                headers.remove(FORWARDED);
+            }
             headers.insert(&X_FORWARDED_PROTO, proto);
             match host {
                 Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),
@@ -2024,12 +2030,11 @@ impl Future for ResponseFuture {
             }
             StateProj::Sent { future } => {
                 let (mut resp, present) = ready!(future.as_mut().poll(cx))?;
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    // Answered: its tunnel has started. A `101` has no body
-                    // (hyper reads none), so a framing header on it
-                    // (which RFC 9112 forbids on a 1xx) frames nothing.
-                    resp.headers_mut().remove(CONTENT_LENGTH);
-                } else if present & TRANSFER_ENCODING_PRESENT != 0 {
+                let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                // A `101` has no body (hyper reads none; its tunnel has
+                // started): a framing header on it, which RFC 9112 forbids
+                // on a 1xx, frames nothing.
+                if present & TRANSFER_ENCODING_PRESENT != 0 && !switched {
                     // Framed by its chunks, not by a `Content-Length` beside
                     // them, which is passed on only when it is the framing
                     // (RFC 9112 section 6.3); and a coding hyper left on the
@@ -2042,7 +2047,7 @@ impl Future for ResponseFuture {
                     }
                     resp.headers_mut().remove(CONTENT_LENGTH);
                 }
-                if resp.status() == StatusCode::NO_CONTENT {
+                if switched || resp.status() == StatusCode::NO_CONTENT {
                     // A 204 has no body, and no `Content-Length` (RFC 9110
                     // section 8.6). hyper's HTTP/1 server drops one a
                     // backend sent anyway; its HTTP/2 server does not, and
@@ -2053,7 +2058,7 @@ impl Future for ResponseFuture {
                 // A backend's `Connection: close` ends its own connection,
                 // not the client's. A switch of protocols (which only an
                 // upgrade request gets) is the client's too.
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if switched {
                     strip_all_but_upgrade(resp.headers_mut(), present);
                 } else {
                     strip_present(resp.headers_mut(), present);
