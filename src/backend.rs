@@ -730,6 +730,12 @@ impl BackendState {
         false
     }
 
+    /// Whether the ejection that ends at `until` is the one in force (or
+    /// ran out uncleared): not lifted, nor replaced by another.
+    pub(crate) fn is_ejected_until(&self, until: Instant) -> bool {
+        self.ejected_until.load(Ordering::Acquire) == crate::time::to_nanos(self.epoch, until)
+    }
+
     /// Whether an ejection is in force, or ran out and has not been cleared
     /// yet (see [`take_expired_ejection`](Self::take_expired_ejection)):
     /// its end is still to be reported.

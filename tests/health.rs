@@ -475,6 +475,31 @@ async fn an_ejections_end_is_reported_as_it_runs_out_without_a_request() {
     assert_eq!(state.ejected_until(), None, "cleared");
 }
 
+/// An ejection lifted early (by a probe) does not leave its timer waiting
+/// for its deadline, however far: the timer's task ends within a minute.
+#[tokio::test(start_paused = true)]
+async fn a_lifted_ejection_leaves_no_timer_waiting() {
+    let svc = HealthLayer::new()
+        .base_ejection_time(Duration::from_secs(365 * 24 * 3600))
+        .layer(Backend::new());
+    let state = Arc::new(BackendState::new(1));
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    svc.get_ref().set(StatusCode::SERVICE_UNAVAILABLE);
+    for _ in 0..5 {
+        send(&svc, "a", &state).await;
+    }
+    assert!(state.is_ejected());
+    assert_eq!(tasks(), before + 1, "the timer of the ejection's end");
+    assert!(state.uneject());
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(tasks(), before, "gone with the ejection");
+}
+
 /// Without the runtime that ejected the backend (its timer gone with it),
 /// the ejection's end is reported at the first outcome after it, once.
 #[test]

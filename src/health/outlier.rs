@@ -480,7 +480,24 @@ impl<C> Watch<C> {
         // other handle is gone, not at the end of the longest ejection.
         let events = self.events.as_ref().map(Events::downgrade);
         runtime.spawn(async move {
-            tokio::time::sleep_until(until).await;
+            // Wakes now and then before the end, so that an ejection lifted
+            // early (by a probe) does not leave its timer waiting for the
+            // deadline, which may be years away.
+            loop {
+                let wake = until.min(crate::time::later(Instant::now(), TIMER_CHECK));
+                tokio::time::sleep_until(wake).await;
+                if wake >= until {
+                    break;
+                }
+                // Lifted, or replaced by another ejection, which has a timer
+                // of its own: nothing to report.
+                if !state
+                    .upgrade()
+                    .is_some_and(|state| state.is_ejected_until(until))
+                {
+                    return;
+                }
+            }
             // Lifted before (by a probe) or followed by another ejection:
             // not this one's end to report.
             if state
@@ -679,6 +696,10 @@ impl<C> Drop for Watch<C> {
         self.ejections.backends.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// How often the timer of an ejection's end looks whether the ejection
+/// was lifted early, when it ends later than that (see `report_end_at`).
+const TIMER_CHECK: Duration = Duration::from_secs(60);
 
 /// Why an ejection that ran out ended.
 const EJECTION_ENDED: &str = "ejection ended";
