@@ -350,20 +350,20 @@ impl BackendState {
         from: impl Fn(HealthStatus) -> bool,
         to: HealthStatus,
     ) -> Result<HealthStatus, HealthStatus> {
-        // Stored before the status, which readers acquire: one that sees
-        // the backend healthy sees it proven. Proven only by a change made.
-        let proven = to == HealthStatus::Healthy
-            && self.unproven.load(Ordering::Relaxed)
-            && from(self.health());
-        if proven {
-            self.unproven.store(false, Ordering::Relaxed);
-        }
         let changed = self.update_nibble_if(
             HEALTH_SHIFT,
             |bits| from(HealthStatus::from_bits(bits)),
             to.to_bits(),
         );
         if changed.is_ok() {
+            // Proven only by a change made (not one another writer beat).
+            // A reader that sees the backend healthy a moment before this
+            // may still see it unproven: a priority group then waits one
+            // more pick before it takes the backend for one that has been
+            // up, which it does not need while the backend is available.
+            if to == HealthStatus::Healthy && self.unproven.load(Ordering::Relaxed) {
+                self.unproven.store(false, Ordering::Relaxed);
+            }
             self.wake_waiting();
         }
         changed
@@ -918,6 +918,19 @@ mod tests {
             assert_eq!(won.into_inner(), 1);
             assert_eq!(s.health(), HealthStatus::Unhealthy);
         }
+    }
+
+    /// A new backend is proven by the change to healthy that was made, not
+    /// by one that found the health changed by another writer.
+    #[test]
+    fn only_a_change_made_proves_a_backend() {
+        let s = BackendState::new(1);
+        s.start_unproven();
+        s.set_health(HealthStatus::TurnedOff);
+        assert!(!s.set_health_if(HealthStatus::Unhealthy, HealthStatus::Healthy));
+        assert!(s.is_unproven());
+        assert!(s.set_health_if(HealthStatus::TurnedOff, HealthStatus::Healthy));
+        assert!(!s.is_unproven());
     }
 
     /// A lift conditioned on the count of ejections leaves in force an
