@@ -252,7 +252,8 @@ struct Inner {
 /// Says whether a backend is still a member of a pool (see
 /// [`Events::add_holder`]).
 pub(crate) trait Holder: Send + Sync {
-    /// Whether a pool holds backend `id` as a member.
+    /// Whether a pool holds backend `id` as a member, or keeps its state
+    /// for its return.
     fn holds(&self, id: &BackendId) -> bool;
 }
 
@@ -504,13 +505,6 @@ impl Events {
             .filter_map(Weak::upgrade)
             .collect();
         holders.iter().any(|holder| holder.holds(id))
-    }
-
-    /// Emits `event`, an [`Event::BackendRemoved`] of a backend that
-    /// another group still holds: its last change is recorded, not
-    /// forgotten, for that group's stats.
-    pub(crate) fn emit_still_held(&self, event: Event) {
-        self.record(event, false);
     }
 
     /// Records and sends `event`. When `forget_removed`, an

@@ -236,7 +236,7 @@ impl Holder for Inner {
         self.groups
             .read()
             .iter()
-            .any(|g| g.pool.state(id).is_some())
+            .any(|g| g.pool.live_or_kept_state(id).is_some())
     }
 }
 
@@ -908,15 +908,11 @@ impl Handle {
         };
         // Gone from every group, its last change is forgotten; in a group
         // that still holds it, or keeps its state for its return, it
-        // stands. A drain under way goes on to its
-        // deadline either way: a group removed from the handle may still
-        // hold and serve the backend, and the deadline leaves alone a
-        // state that is not draining (one added again since).
-        if self.states(id).is_err() {
-            self.inner.events.emit(event);
-        } else {
-            self.inner.events.emit_still_held(event);
-        }
+        // stands (as the events ask this handle). A drain under way goes
+        // on to its deadline either way: a group removed from the handle
+        // may still hold and serve the backend, and the deadline leaves
+        // alone a state that is not draining (one added again since).
+        self.inner.events.emit(event);
         Ok(())
     }
 
