@@ -148,10 +148,8 @@ pub struct DnsDiscover<S> {
     /// ready: emitted when it is polled again after that, once the pool
     /// has made them.
     yielded: Vec<Event>,
-    /// Whether the stream had no change ready when last polled.
-    idle: bool,
-    /// Whether it yielded a change since it last had none ready: its
-    /// taker may not have made it yet.
+    /// Whether it yielded a change when last polled: its taker may not
+    /// have made it yet. (Otherwise it had none ready, or was not polled.)
     taken: bool,
     step: Step,
     events: Option<Events>,
@@ -194,7 +192,6 @@ impl<S> DnsDiscover<S> {
             known: BTreeSet::new(),
             pending: VecDeque::new(),
             yielded: Vec::new(),
-            idle: false,
             taken: false,
             events: None,
             in_pool: None,
@@ -369,19 +366,18 @@ impl<S> Stream for DnsDiscover<S> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if std::mem::take(&mut this.idle) {
+        if !this.taken {
+            // Polled again after it had none ready: the changes yielded
+            // before are made.
             if let Some(events) = &this.events {
                 this.yielded.drain(..).for_each(|event| events.emit(event));
             }
         }
         let next = this.poll_change(cx);
-        this.idle = next.is_pending();
-        if this.idle && std::mem::take(&mut this.taken) {
+        if std::mem::replace(&mut this.taken, next.is_ready()) && next.is_pending() {
             // Polled again once the changes taken are made, it emits their
             // events then, not at its next answer.
             cx.waker().wake_by_ref();
-        } else if !this.idle {
-            this.taken = true;
         }
         next
     }
