@@ -207,10 +207,14 @@ pub fn try_cookie(name: impl Into<String>) -> Result<Cookie, CookieConfigError> 
 /// Whether `name` is a cookie name as RFC 6265 defines it: a non-empty
 /// token (what the layer's own cookie is held to).
 pub(crate) fn is_cookie_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    is_token(name.as_bytes())
+}
+
+/// Whether `value` is a token (RFC 9110 section 5.6.2): one or more of
+/// letters, digits and ``!#$%&'*+-.^_`|~``.
+pub(crate) fn is_token(value: &[u8]) -> bool {
+    !value.is_empty()
+        && (value.iter()).all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
 }
 
 /// Whether a `Cookie` header may hold a pair named `name` (see

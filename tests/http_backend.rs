@@ -697,8 +697,9 @@ async fn an_expectation_is_not_sent_on() {
     assert_eq!(answer.matches("100 Continue").count(), 0, "answered once");
 }
 
-/// A backend's 204 comes without the `Content-Length` it should not have
-/// sent: HTTP/2 clients built on nghttp2 reset a stream whose 204 has one.
+/// A backend's 204 comes without the `Content-Length` or transfer coding
+/// it should not have sent: HTTP/2 clients built on nghttp2 reset a stream
+/// whose 204 has a length.
 #[tokio::test]
 async fn a_204_loses_a_content_length() {
     let addr =
@@ -708,6 +709,16 @@ async fn a_204_loses_a_content_length() {
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     assert!(!resp.headers().contains_key("content-length"), "{resp:?}");
     assert!(resp.headers().contains_key("x-kept"));
+    // Nor does a transfer coding on it (there is no body to decode) fail
+    // it, as it would a response with a body.
+    let addr =
+        serve_once("HTTP/1.1 204 No Content\r\ntransfer-encoding: gzip\r\nx-kept: 1\r\n\r\n").await;
+    let resp = get_from(addr, &client).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(
+        !resp.headers().contains_key("transfer-encoding"),
+        "{resp:?}"
+    );
 }
 
 /// A WebSocket over HTTP/2 (RFC 8441's extended CONNECT, which a front

@@ -1309,7 +1309,8 @@ impl<B> HttpBackend<B> {
             let element = forwarded_element(peer, host, &proto);
             if self.trust_forwarded {
                 append_to_list(headers, &FORWARDED, &element);
-            } else if let Ok(element) = HeaderValue::from_bytes(&element) {
+            } else if let Ok(element) = HeaderValue::from_maybe_shared(bytes::Bytes::from(element))
+            {
                 headers.insert(FORWARDED, element);
             }
         }
@@ -1385,8 +1386,7 @@ fn forwarded_element(
 /// Appends `value` to `out` as it is when it is a token (RFC 9110 section
 /// 5.6.2), else as a quoted string.
 fn push_token_or_quoted(out: &mut Vec<u8>, value: &[u8]) {
-    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-    if !value.is_empty() && value.iter().all(tchar) {
+    if crate::key::is_token(value) {
         out.extend_from_slice(value);
         return;
     }
@@ -2031,10 +2031,11 @@ impl Future for ResponseFuture {
             StateProj::Sent { future } => {
                 let (mut resp, present) = ready!(future.as_mut().poll(cx))?;
                 let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                // A `101` has no body (hyper reads none; its tunnel has
-                // started): a framing header on it, which RFC 9112 forbids
-                // on a 1xx, frames nothing.
-                if present & TRANSFER_ENCODING_PRESENT != 0 && !switched {
+                // A `101` (whose tunnel has started) and a 204 have no body
+                // (hyper reads none): a framing header on them, which RFC
+                // 9110 and 9112 forbid there, frames nothing.
+                let bodiless = switched || resp.status() == StatusCode::NO_CONTENT;
+                if present & TRANSFER_ENCODING_PRESENT != 0 && !bodiless {
                     // Framed by its chunks, not by a `Content-Length` beside
                     // them, which is passed on only when it is the framing
                     // (RFC 9112 section 6.3); and a coding hyper left on the
@@ -2047,9 +2048,9 @@ impl Future for ResponseFuture {
                     }
                     resp.headers_mut().remove(CONTENT_LENGTH);
                 }
-                if switched || resp.status() == StatusCode::NO_CONTENT {
-                    // A 204 has no body, and no `Content-Length` (RFC 9110
-                    // section 8.6). hyper's HTTP/1 server drops one a
+                if bodiless {
+                    // No `Content-Length` either (RFC 9110 section 8.6, for
+                    // a 204). hyper's HTTP/1 server drops one a
                     // backend sent anyway; its HTTP/2 server does not, and
                     // HTTP/2 clients built on nghttp2 (curl, Node) reset a
                     // stream whose 204 has one that is not zero.
