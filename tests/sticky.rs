@@ -212,6 +212,14 @@ where
         .unwrap()
 }
 
+/// `req`, marked for its backend to close its connection gracefully
+/// (`GoingAway`) the first time (see `x-going-away-once` above).
+fn closing_once(mut req: Request<()>) -> Request<()> {
+    req.headers_mut()
+        .insert("x-going-away-once", HeaderValue::from_static("1"));
+    req
+}
+
 async fn send<S>(svc: &S, req: Request<()>) -> Result<Response<String>, BoxError>
 where
     S: Service<Request<()>, Response = Response<String>, Error = BoxError> + Clone,
@@ -577,11 +585,7 @@ async fn over_failover_a_connection_closed_gracefully_is_tried_again_on_its_back
     let layer = StickyLayer::new(&c.pool, SessionKey::header("x-session-id")).on_move(moves.hook());
     let svc = over_failover(&c.pool, layer.clone(), Duration::ZERO);
     let home = send(&svc, session("s1")).await.unwrap().into_body();
-    let closing = Request::builder()
-        .header("x-session-id", "s1")
-        .header("x-going-away-once", "1")
-        .body(())
-        .unwrap();
+    let closing = closing_once(session("s1"));
     assert_eq!(send(&svc, closing).await.unwrap().body(), &home);
     assert_eq!(c.requests_elsewhere(&home), 0, "no other backend reached");
     assert!(moves.all().is_empty(), "{:?}", moves.all());
@@ -649,11 +653,7 @@ async fn a_session_whose_backend_failed_after_a_graceful_close_is_kept_off_it() 
     for name in NAMES {
         c.fail[name].store(true, Ordering::SeqCst);
     }
-    let closing = Request::builder()
-        .header("x-session-id", "s1")
-        .header("x-going-away-once", "1")
-        .body(())
-        .unwrap();
+    let closing = closing_once(session("s1"));
     let err = send(&svc, closing).await.unwrap_err();
     let exhausted = err
         .downcast_ref::<Exhausted>()

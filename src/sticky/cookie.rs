@@ -558,8 +558,7 @@ enum Ends {
 }
 
 fn ends(attr: &[u8]) -> Option<Ends> {
-    let eq = attr.iter().position(|&b| b == b'=')?;
-    let (name, value) = (attr[..eq].trim_ascii(), attr[eq + 1..].trim_ascii());
+    let (name, value) = name_value(attr)?;
     if name.eq_ignore_ascii_case(b"max-age") {
         let (negative, digits) = match value.split_first() {
             Some((b'-', rest)) => (true, rest),
@@ -790,9 +789,15 @@ type Scope<'p, 'h> = (&'p [u8], &'h [u8], Option<&'h [u8]>);
 /// quoted if it was), and its attributes.
 fn set_cookie_parts(line: &[u8]) -> Option<(&[u8], &[u8], impl Iterator<Item = &[u8]>)> {
     let mut parts = line.split(|&b| b == b';');
-    let pair = parts.next()?;
+    let (name, value) = name_value(parts.next()?)?;
+    Some((name, value, parts))
+}
+
+/// A `name=value` pair (a cookie's, an attribute's), each side trimmed;
+/// `None` without `=`.
+fn name_value(pair: &[u8]) -> Option<(&[u8], &[u8])> {
     let eq = pair.iter().position(|&b| b == b'=')?;
-    Some((pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii(), parts))
+    Some((pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii()))
 }
 
 /// The path of a cookie set without one in answer to a request for
@@ -839,11 +844,8 @@ fn keeps_cookie_private(value: &[u8]) -> bool {
 
 /// The value of attribute `name` (any case) in `attr`, if it is that one.
 fn attribute<'a>(attr: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-    let eq = attr.iter().position(|&b| b == b'=')?;
-    attr[..eq]
-        .trim_ascii()
-        .eq_ignore_ascii_case(name)
-        .then(|| attr[eq + 1..].trim_ascii())
+    let (found, value) = name_value(attr)?;
+    found.eq_ignore_ascii_case(name).then_some(value)
 }
 
 #[cfg(test)]

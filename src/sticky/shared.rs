@@ -2490,6 +2490,46 @@ mod tests {
     use crate::store::{Loaded, MemoryStore, StoreFuture};
     use tower::{Layer, ServiceExt};
 
+    /// A learned key in an error is shown as its digest in each form a
+    /// store writes it (as it is, as `{:?}` writes it, percent-encoded, as
+    /// a file name), and a digest is not searched for the key again; a key
+    /// shown as it is leaves the text alone.
+    #[test]
+    fn an_error_shows_a_hidden_key_as_its_digest_in_every_form() {
+        let key = "a'b\"c+d";
+        let digest = Shown::new(key, true).to_string();
+        let text = format!(
+            "raw {key} debug {key:?} encoded {} file {}",
+            crate::store::percent_encoded(key),
+            crate::store::FileStore::file_name(key)
+        );
+        let error = std::io::Error::other(text.clone());
+        let shown = ShownError {
+            key: Shown::new(key, true),
+            error: &error,
+        }
+        .to_string();
+        assert_eq!(
+            shown,
+            format!("raw {digest} debug \"{digest}\" encoded {digest} file {digest}")
+        );
+        // A one-letter key found in its own digest's `cookie:` is replaced
+        // in the text only.
+        let error = std::io::Error::other("o k");
+        let shown = ShownError {
+            key: Shown::new("o", true),
+            error: &error,
+        }
+        .to_string();
+        assert_eq!(shown, format!("{} k", Shown::new("o", true)));
+        let shown = ShownError {
+            key: Shown::new(key, false),
+            error: &std::io::Error::other(text.clone()),
+        }
+        .to_string();
+        assert_eq!(shown, text);
+    }
+
     /// A store that never answers a load.
     struct Stuck;
 
