@@ -431,10 +431,12 @@ pub fn find<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Opt
 /// sending its body),
 /// `503 Service Unavailable` when no backend could take
 /// the request ([`NoBackend`], attempts that found no backend, a strict
-/// sticky session whose backend is gone), `504 Gateway Timeout` when the
-/// last attempt timed out (also a connect that timed out, as nginx answers)
-/// or the deadline passed, `502 Bad Gateway` for any other backend
-/// failure.
+/// sticky session whose backend is gone; also tower's `LoadShed` finding
+/// its service at capacity), `504 Gateway Timeout` when the last attempt
+/// timed out (also a connect that timed out, as nginx answers, and the
+/// timeout of tower's `Timeout` or of `tokio::time::timeout` around the
+/// stack or a backend) or the deadline passed, `502 Bad Gateway` for any
+/// other backend failure.
 ///
 /// ```
 /// use http::StatusCode;
@@ -498,12 +500,19 @@ fn failure(err: &(dyn StdError + 'static)) -> Failure {
     use crate::failover::{DeadlineExceeded, Exhausted, TimedOut};
     use crate::sticky::SessionUnavailable;
 
-    // A per-try timeout, the deadline, or an I/O timeout (a connect that
-    // timed out, as `HttpClient::connect_timeout` or the kernel reports).
+    // A per-try timeout, the deadline, an I/O timeout (a connect that
+    // timed out, as `HttpClient::connect_timeout` or the kernel reports),
+    // or the timeout of a layer the user put around the stack or a
+    // backend (tower's `TimeoutLayer`, `tokio::time::timeout`).
     let timed_out = |e: &(dyn StdError + 'static)| {
-        find::<TimedOut>(e).is_some()
-            || find::<DeadlineExceeded>(e).is_some()
-            || find::<std::io::Error>(e).is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        chain(e).any(|e| {
+            e.is::<TimedOut>()
+                || e.is::<DeadlineExceeded>()
+                || e.is::<tower::timeout::error::Elapsed>()
+                || e.is::<tokio::time::error::Elapsed>()
+                || e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        })
     };
     // Of attempts the failover layer gave up on, the last one's cause
     // decides (not the reason that ended them, such as the `NoBackend` met
@@ -541,6 +550,9 @@ fn failure(err: &(dyn StdError + 'static)) -> Failure {
         Failure::Timeout { unsent }
     } else if find::<NoBackend>(err).is_some()
         || find::<SessionUnavailable>(err).is_some()
+        // A load-shedding layer around the stack or a backend that found
+        // it at capacity.
+        || find::<tower::load_shed::error::Overloaded>(err).is_some()
         || exhausted.is_some_and(|e| e.attempts().is_empty())
     {
         Failure::Unavailable
@@ -871,11 +883,32 @@ mod tests {
         let retry_timed_out = TimedOut::new(Duration::from_millis(100));
         let exhausted = Exhausted::new(failed, Some(Box::new(retry_timed_out)));
         assert_eq!(boxed(Box::new(exhausted)), StatusCode::GATEWAY_TIMEOUT);
+        // The errors of tower's and tokio's own timeouts and load
+        // shedding, put around the stack or a backend.
+        let elapsed = || tower::timeout::error::Elapsed::new();
+        assert_eq!(boxed(elapsed().into()), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            boxed(Box::new(BackendError::new("a".into(), elapsed()))),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        let shed = tower::load_shed::error::Overloaded::new();
+        assert_eq!(boxed(shed.into()), StatusCode::SERVICE_UNAVAILABLE);
         // A strict session whose backend's connect timed out: refused, as
         // any strict session whose backend cannot take it.
         let strict = crate::sticky::SessionUnavailable::new("k", false, "a".into())
             .failed(Box::new(BackendError::new("a".into(), connect())));
         assert_eq!(boxed(Box::new(strict)), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tokio_timeout_is_a_gateway_timeout() {
+        let never = std::future::pending::<()>();
+        let elapsed = tokio::time::timeout(std::time::Duration::from_secs(1), never)
+            .await
+            .unwrap_err();
+        let err = BackendError::new("a".into(), elapsed);
+        assert_eq!(gateway_status(&err), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(grpc_status(&err), crate::classify::GRPC_DEADLINE_EXCEEDED);
     }
 
     #[test]
