@@ -173,6 +173,19 @@ where
     }
 }
 
+/// Whether `classifier` counts `response` as a failure. A switch of
+/// protocols (`101`) never is, whatever the classifier says: the backend's
+/// connection carries the new protocol, and the client's is handed to it,
+/// so no other backend may answer the request, and the backend did what
+/// was asked of it.
+pub(crate) fn response_fails<C: Classifier + ?Sized, B>(
+    classifier: &C,
+    response: &Response<B>,
+) -> bool {
+    response.status() != StatusCode::SWITCHING_PROTOCOLS
+        && classifier.is_failure(&Outcome::response(response))
+}
+
 /// Words of the status bit set: one bit for each status from 100 to 999.
 const STATUS_WORDS: usize = 900_usize.div_ceil(64);
 

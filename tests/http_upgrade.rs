@@ -18,11 +18,12 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_ha::balance::{Balance, RoundRobin};
 use tower_ha::error::gateway_status;
 use tower_ha::extensions::PeerAddr;
 use tower_ha::failover::{BufferBodyLayer, FailoverLayer, ReplayBody};
+use tower_ha::health::HealthLayer;
 use tower_ha::http::{HttpBackend, HttpClient};
 use tower_ha::{BoxError, Pool};
 
@@ -657,6 +658,48 @@ async fn a_switch_is_final_whatever_the_classifier_says() {
         0,
         "not failed over"
     );
+}
+
+/// Nor does passive health count a `101` as a failure under such a
+/// classifier: a backend that switches is doing its job.
+#[tokio::test]
+async fn a_switch_is_no_failure_to_passive_health() {
+    let client = HttpClient::<Body>::new();
+    let strict = |outcome: &tower_ha::classify::Outcome<'_>| match outcome {
+        tower_ha::classify::Outcome::Response { status, .. } => !status.is_success(),
+        _ => true,
+    };
+    let health = HealthLayer::new()
+        .classifier(strict)
+        .consecutive_failures(1)
+        .max_ejection_percent(100);
+    // One front over a backend that switches, one over a backend that
+    // declines with a 426, each watched by the same health layer.
+    let mut fronts = Vec::new();
+    for (name, mode) in [("switches", Mode::Echo), ("declines", Mode::Decline)] {
+        let (addr, _seen) = backend(name, mode).await;
+        let pool = Pool::new();
+        let backend = HttpBackend::new(&client, format!("http://{addr}")).unwrap();
+        pool.insert(name, health.layer(backend));
+        let state = pool.state(&name.into()).unwrap();
+        let stack = ServiceBuilder::new()
+            .layer(BufferBodyLayer::new())
+            .service(Balance::new(pool, RoundRobin::new()).panic_threshold(0.0));
+        fronts.push((serve_stack(stack, true).await, state));
+    }
+    let (switches, switched) = &fronts[0];
+    let mut stream = send_raw(*switches, UPGRADE.as_bytes()).await;
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    assert_eq!(read_exactly(&mut stream, rest, 9).await, b"switches\n");
+    assert_eq!(switched.consecutive_failures(), 0);
+    assert!(!switched.is_ejected());
+    // The classifier is in force: the 426 counts against its backend.
+    let (declines, declined) = &fronts[1];
+    let mut stream = send_raw(*declines, UPGRADE.as_bytes()).await;
+    let (head, _) = read_head(&mut stream).await;
+    assert!(head.starts_with("http/1.1 426 "), "{head}");
+    assert!(declined.is_ejected());
 }
 
 /// An upgrade request with a body goes on as a plain request: an upload

@@ -20,7 +20,7 @@ use super::layer::{Config, Limit};
 use super::policy::{is_idempotent, RetryNonIdempotent};
 use super::stats::bump;
 use crate::backend::BackendId;
-use crate::classify::{Classifier, Outcome};
+use crate::classify::{response_fails, Classifier, Outcome};
 use crate::control::{emit, Event};
 use crate::error::{find, is_no_backend, never_sent, BackendError, BoxError, GoingAway, Report};
 use crate::extensions::Picked;
@@ -247,11 +247,7 @@ where
                         // unpaid either).
                         Poll::Ready(Ok(response))
                             if this.retry.failures.is_empty()
-                                && !this
-                                    .retry
-                                    .config
-                                    .classifier
-                                    .is_failure(&Outcome::response(&response)) =>
+                                && !response_fails(&this.retry.config.classifier, &response) =>
                         {
                             this.attempt.set(Attempt::Done);
                             return Poll::Ready(Ok(response));
@@ -466,14 +462,7 @@ where
             .or_else(|| self.picked.as_ref().and_then(Picked::take));
         match outcome {
             Ok(response) => {
-                let classifier = &self.config.classifier;
-                // A switch of protocols is final, whatever the classifier
-                // says: the backend's connection carries the new protocol,
-                // and the client's is handed to it, so no other backend
-                // may answer the request.
-                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
-                    || !classifier.is_failure(&Outcome::response(&response))
-                {
+                if !response_fails(&self.config.classifier, &response) {
                     // A failed response kept in case every attempt failed
                     // lets go of its backend now.
                     self.last_response = None;

@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 #[cfg(feature = "hyper-client")]
 use super::outlier::LateOutcome;
 use super::outlier::Watch;
-use crate::classify::{Classifier, Outcome};
+use crate::classify::{response_fails, Classifier, Outcome};
 use crate::error::BoxError;
 use crate::extensions::{Picked, Target};
 
@@ -69,7 +69,7 @@ impl<C: Classifier> Observed<C> {
         let Ok(response) = result else {
             return self.watch.record(&self.target, &Outcome::of(result));
         };
-        let failed = (self.watch.classifier).is_failure(&Outcome::response(response));
+        let failed = response_fails(&*self.watch.classifier, response);
         #[cfg(feature = "hyper-client")]
         if !failed {
             let body = response.body_mut() as &mut dyn std::any::Any;
