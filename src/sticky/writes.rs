@@ -136,10 +136,7 @@ impl Queued {
     /// Tells every waiter the write's `result`.
     fn finish(self, result: Result<(), StoreError>) {
         for joined in self.joined {
-            let _ = joined.send(match &result {
-                Ok(()) => Ok(()),
-                Err(error) => Err(error.duplicate()),
-            });
+            let _ = joined.send(result.clone());
         }
         let _ = self.done.send(result);
     }
@@ -480,7 +477,12 @@ mod tests {
                 self.permits.acquire().await.unwrap().forget();
                 match session.backend.as_str() {
                     "panic" => panic!("a store that panics"),
-                    "down" => return Err(StoreError::unavailable("down")),
+                    "down" => {
+                        let refused = std::io::ErrorKind::ConnectionRefused;
+                        return Err(StoreError::unavailable(std::io::Error::new(
+                            refused, "down",
+                        )));
+                    }
                     _ => {}
                 }
                 self.inner.save(session).await
@@ -832,6 +834,10 @@ mod tests {
             assert!(error.is_unavailable(), "{error}");
             let cause = std::error::Error::source(&error).expect("its cause");
             assert_eq!(cause.to_string(), "down");
+            // The cause itself, not its text: a caller can still tell
+            // what kind of failure it was.
+            let io = crate::error::find::<std::io::Error>(&error).expect("an i/o error");
+            assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
         }
         assert_eq!(*log.failed.lock(), ["save k", "save k"]);
     }

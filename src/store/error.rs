@@ -1,5 +1,6 @@
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::error::BoxError;
 
@@ -14,10 +15,14 @@ use crate::error::BoxError;
 /// assert!(!err.is_corrupt());
 /// assert!(std::error::Error::source(&err).is_some());
 /// ```
+///
+/// A clone shares its original's cause: those who waited on one write
+/// together each get the whole error.
+#[derive(Clone)]
 pub struct StoreError {
     kind: Kind,
     message: Option<String>,
-    source: Option<BoxError>,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +59,7 @@ macro_rules! constructors {
         $(
             $(#[$doc])*
             pub fn $name(source: impl Into<BoxError>) -> Self {
-                StoreError { kind: Kind::$kind, message: None, source: Some(source.into()) }
+                StoreError { kind: Kind::$kind, message: None, source: Some(Arc::from(source.into())) }
             }
 
             #[doc = concat!("Whether this is a `", stringify!($name), "` error.")]
@@ -94,20 +99,6 @@ impl StoreError {
     pub fn with_message(mut self, message: impl Into<String>) -> Self {
         self.message = Some(message.into());
         self
-    }
-
-    /// An error of the same kind and message, its cause's chain kept as
-    /// text (a cause cannot be shared): for those who waited on one write
-    /// together.
-    pub(crate) fn duplicate(&self) -> StoreError {
-        let causes = self
-            .source()
-            .map(|source| crate::error::Report(source).to_string().into());
-        StoreError {
-            kind: self.kind,
-            message: self.message.clone(),
-            source: causes,
-        }
     }
 
     /// Whether retrying the same call later may succeed.
