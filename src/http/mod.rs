@@ -817,7 +817,7 @@ where
 #[derive(Debug)]
 pub struct InvalidBackendUri {
     uri: String,
-    reason: &'static str,
+    reason: std::borrow::Cow<'static, str>,
 }
 
 impl fmt::Display for InvalidBackendUri {
@@ -890,17 +890,27 @@ impl<B> HttpBackend<B> {
     where
         U: TryInto<Uri>,
         U: fmt::Debug + Clone,
+        U::Error: fmt::Display,
     {
         // Shown without credentials, which would end up in logs.
-        let invalid = |reason| InvalidBackendUri {
+        let invalid = |reason: &'static str| InvalidBackendUri {
             uri: {
                 // Quoted: a URI without a scheme starts after the quote.
                 let shown = format!("{base:?}");
                 crate::error::hide_user_info(&shown, usize::from(shown.starts_with('"')))
             },
-            reason,
+            reason: reason.into(),
         };
-        let uri: Uri = base.clone().try_into().map_err(|_| invalid("not a URI"))?;
+        let uri: Uri = base.clone().try_into().map_err(|e| InvalidBackendUri {
+            // What the parser found wrong (the `http` crate's errors name
+            // none of the text; another conversion's might).
+            reason: format!(
+                "not a URI ({})",
+                crate::error::hide_user_info(&e.to_string(), 0)
+            )
+            .into(),
+            ..invalid("")
+        })?;
         let scheme = uri.scheme().cloned().ok_or_else(|| invalid("no scheme"))?;
         if scheme == Scheme::HTTPS && client.custom.is_none() {
             return Err(invalid(
@@ -2525,6 +2535,12 @@ mod tests {
             assert!(!shown.contains("secret"), "{shown}");
             assert!(shown.contains("***@a"), "{shown}");
         }
+        // What the URI parser found wrong is shown.
+        let err = HttpBackend::new(&client, "http://a b/").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid backend URI \"http://a b/\": not a URI (invalid uri character)"
+        );
         let b = HttpBackend::new(&client, "http://a:1/api/").unwrap();
         assert_eq!(b.prefix, "/api");
         // A port out of range, or not a number, is not taken for none.
