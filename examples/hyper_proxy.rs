@@ -5,7 +5,7 @@
 //! what the HTTP stack costs by itself; it is not a proxy to deploy.
 //!
 //! ```sh
-//! cargo run --release --features hyper-client --example hyper_proxy -- \
+//! cargo run --release --example hyper_proxy -- \
 //!     --listen 127.0.0.1:8080 http://127.0.0.1:9001 http://127.0.0.1:9002
 //! ```
 
@@ -31,9 +31,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
+/// How to call the example.
+const USAGE: &str = "usage: hyper_proxy [--listen ADDR] http://HOST:PORT...";
+
 /// Prints what went wrong and how to call the example, and exits.
 fn usage(problem: &str) -> ! {
-    eprintln!("{problem}\nusage: hyper_proxy [--listen ADDR] http://HOST:PORT...");
+    eprintln!("{problem}\n{USAGE}");
     std::process::exit(2);
 }
 
@@ -49,7 +52,10 @@ fn main() {
                     .and_then(|value| value.parse().ok())
                     .unwrap_or_else(|| usage("--listen needs a socket address"));
             }
-            "-h" | "--help" => usage("help requested"),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             _ => {
                 let authority = arg
                     .parse::<Uri>()

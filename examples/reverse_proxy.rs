@@ -260,23 +260,25 @@ fn options() -> Options {
             }
             "--queue" => {
                 let spec = value("--queue");
+                // A zero in either part would turn the queue off.
                 let parsed = spec.split_once(',').and_then(|(n, ms)| {
-                    Some((n.parse().ok()?, Duration::from_millis(ms.parse().ok()?)))
+                    let (n, ms): (usize, u64) = (n.parse().ok()?, ms.parse().ok()?);
+                    (n > 0 && ms > 0).then(|| (n, Duration::from_millis(ms)))
                 });
-                o.queue = parsed.unwrap_or_else(|| usage("bad --queue (want N,MS)"));
+                o.queue = parsed.unwrap_or_else(|| usage("bad --queue (want N,MS, both above 0)"));
             }
             "--no-health" => o.health = false,
             "--probe-interval" => {
-                let ms: u64 = value("--probe-interval")
-                    .parse()
-                    .unwrap_or_else(|_| usage("bad --probe-interval"));
-                o.probe_interval = Duration::from_millis(ms.max(1));
+                let ms: u64 = (value("--probe-interval").parse().ok())
+                    .filter(|&ms| ms > 0)
+                    .unwrap_or_else(|| usage("bad --probe-interval (want 1 or more)"));
+                o.probe_interval = Duration::from_millis(ms);
             }
             "--probe-timeout" => {
-                let ms: u64 = value("--probe-timeout")
-                    .parse()
-                    .unwrap_or_else(|_| usage("bad --probe-timeout"));
-                o.probe_timeout = Duration::from_millis(ms.max(1));
+                let ms: u64 = (value("--probe-timeout").parse().ok())
+                    .filter(|&ms| ms > 0)
+                    .unwrap_or_else(|| usage("bad --probe-timeout (want 1 or more)"));
+                o.probe_timeout = Duration::from_millis(ms);
             }
             "--per-try-timeout" => {
                 o.per_try_timeout = millis(value("--per-try-timeout"), "--per-try-timeout")
