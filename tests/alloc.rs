@@ -7,7 +7,9 @@
 //! value it holds (and allocates its map on first use): those allocations
 //! belong to `http`, and the test checks that `Balance` makes no others,
 //! on bare requests and on requests that carry `Affinity` and `Attempts`
-//! (as behind the sticky and failover layers).
+//! (as behind the sticky and failover layers). The clone of the picked
+//! backend that `Balance` drives is the backend's own: `HttpBackend`'s
+//! allocates nothing either.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -182,4 +184,28 @@ fn affinity_and_attempts_allocate_nothing_beyond_the_protocol_extensions() {
 
     let mut maglev = Balance::new(pool(), ConsistentHash::maglev(key::header("x-user")));
     assert_eq!(per_call(&mut maglev, with_affinity), protocol, "maglev");
+}
+
+/// `Balance` clones the backend it picks for each request: the proxy's
+/// own backend, `HttpBackend` under a base path and behind the health
+/// layer, clones without allocating.
+#[cfg(feature = "hyper-client")]
+#[test]
+fn the_proxys_backend_clones_without_allocating() {
+    use tower::Layer;
+    let client = tower_ha::http::HttpClient::<http_body_util::Empty<bytes::Bytes>>::new();
+    let backend = tower_ha::http::HttpBackend::new(&client, "http://10.0.0.5:8080/api/v2")
+        .unwrap()
+        .host(http::uri::Authority::from_static("app.example"));
+    let backend = tower_ha::health::HealthLayer::new().layer(backend);
+    // The first clone of a parsed host shares its bytes from then on.
+    drop(backend.clone());
+    let mut clones = Vec::with_capacity(CALLS);
+    let before = allocations();
+    for _ in 0..CALLS {
+        clones.push(backend.clone());
+    }
+    let after = allocations();
+    drop(clones);
+    assert_eq!(after - before, 0);
 }

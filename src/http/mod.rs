@@ -835,7 +835,9 @@ pub struct HttpBackend<B> {
     authority: Authority,
     host: HeaderValue,
     /// The base URI's path without its trailing slash; empty for `/`.
-    prefix: String,
+    /// Shared, so that the clone `Balance` makes for each request
+    /// allocates nothing.
+    prefix: Arc<str>,
     preserve_host: bool,
     /// Whether the client's `X-Forwarded-Proto`, `X-Forwarded-Host` and
     /// `Forwarded` are kept (see [`HttpBackend::trust_forwarded_headers`]).
@@ -942,7 +944,7 @@ impl<B> HttpBackend<B> {
             upstream: client.upstreams.get(&scheme, &authority),
             authority,
             host,
-            prefix: uri.path().trim_end_matches('/').to_owned(),
+            prefix: uri.path().trim_end_matches('/').into(),
             preserve_host: false,
             trust_forwarded: false,
             forwarded: false,
@@ -981,7 +983,7 @@ impl<B> HttpBackend<B> {
         Redirects {
             scheme,
             hosts,
-            prefix: self.prefix.clone(),
+            prefix: self.prefix.to_string(),
         }
     }
 
@@ -1173,7 +1175,9 @@ impl<B> HttpBackend<B> {
                      or `..;`) that could lead out of the backend's base path",
                 ));
             }
-            let mut joined = self.prefix.clone();
+            let query_len = original.query().map_or(0, |q| q.len() + 1);
+            let mut joined = String::with_capacity(self.prefix.len() + path.len() + query_len);
+            joined.push_str(&self.prefix);
             push_without_dot_segments(&mut joined, path);
             if let Some(query) = original.query() {
                 joined.push('?');
@@ -2542,7 +2546,7 @@ mod tests {
             "invalid backend URI \"http://a b/\": not a URI (invalid uri character)"
         );
         let b = HttpBackend::new(&client, "http://a:1/api/").unwrap();
-        assert_eq!(b.prefix, "/api");
+        assert_eq!(&*b.prefix, "/api");
         // A port out of range, or not a number, is not taken for none.
         for uri in [
             "http://10.0.0.5:65616",
