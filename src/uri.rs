@@ -32,6 +32,7 @@ pub(crate) fn port_after_host(rest: &str) -> Option<Option<u16>> {
 /// host and the `http` crate refuses, are refused) or an IPv6 address in
 /// brackets, then the port as [`port_after_host`] takes it. Checked in
 /// place: an `Authority` would copy the text, on every proxied request.
+#[cfg(feature = "hyper-client")]
 pub(crate) fn is_host_and_port(text: &[u8]) -> bool {
     let (host, rest) = match text.strip_prefix(b"[") {
         Some(inner) => {
@@ -52,12 +53,14 @@ pub(crate) fn is_host_and_port(text: &[u8]) -> bool {
 
 /// Whether `name` is a non-empty reg-name (RFC 3986 section 3.2.2)
 /// without percent-encoded bytes.
+#[cfg(feature = "hyper-client")]
 fn is_reg_name(name: &[u8]) -> bool {
     !name.is_empty()
         && (name.iter()).all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(b))
 }
 
-#[cfg(test)]
+// (The host checks they compare with are the HTTP backend's.)
+#[cfg(all(test, feature = "hyper-client"))]
 mod tests {
     use super::*;
     use proptest::prelude::*;
