@@ -909,6 +909,29 @@ async fn move_notices_stay_in_their_database() {
     );
 }
 
+/// A Redis that stalls for longer than the command timeout while a
+/// subscription pings it is slow, not gone: the subscription stays, and
+/// its replica is not told to forget every session.
+#[tokio::test]
+async fn a_stalled_server_keeps_its_subscriptions() {
+    let server = RedisServer::start();
+    let a = store(&server).await;
+    let b = store(&server).await;
+    let mut on_a = a.subscribe().await.unwrap();
+    // The first ping goes 10 s after the subscription starts: every
+    // client is paused from 8 s to 13 s, past the 2 s command timeout.
+    sleep(Duration::from_secs(8)).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5000)
+        .arg("ALL")
+        .query(&mut raw(&server))
+        .unwrap();
+    sleep(Duration::from_secs(6)).await;
+    b.publish_move("bob", Some(&"node-c".into())).await.unwrap();
+    assert_eq!(next(&mut on_a).await, notice("bob", Some("node-c")));
+}
+
 async fn next(inv: &mut tower_ha::store::Invalidations) -> Invalidation {
     timeout(Duration::from_secs(5), inv.next())
         .await

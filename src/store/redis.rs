@@ -1651,8 +1651,15 @@ async fn listen(
                     _ = ping.tick() => {
                         // A connection dropped without a word (a firewall
                         // forgetting it) only shows when a ping goes
-                        // unanswered.
-                        let pong = tokio::time::timeout(inner.timeout, sink.ping::<Value>()).await;
+                        // unanswered. A server that is only slow (an fsync,
+                        // a long script) answers late: it gets until the
+                        // next ping, not a command's timeout, since a new
+                        // subscription would cost every replica its table.
+                        let wait = PING_EVERY.max(inner.timeout);
+                        let pong = tokio::select! {
+                            pong = tokio::time::timeout(wait, sink.ping::<Value>()) => pong,
+                            () = tx.closed() => return,
+                        };
                         if matches!(pong, Ok(Ok(_))) {
                             continue;
                         }
