@@ -18,7 +18,7 @@
 #   benches/proxy/run.sh --instructions [seconds, default 10]
 #
 # counts instead the user-space instructions each proxy (nginx, tower-ha,
-# tower-ha without its timeouts as "untimed", plain hyper) runs per
+# tower-ha without its three per-request timers as "untimed", plain hyper) runs per
 # request, under valgrind's callgrind; the kernel's share (system calls,
 # TCP) is not in it.
 #
