@@ -503,9 +503,12 @@ fn failure(err: &(dyn StdError + 'static)) -> Failure {
     // A per-try timeout, the deadline, an I/O timeout (a connect that
     // timed out, as `HttpClient::connect_timeout` or the kernel reports),
     // or the timeout of a layer the user put around the stack or a
-    // backend (tower's `TimeoutLayer`, `tokio::time::timeout`).
+    // backend (tower's `TimeoutLayer`, `tokio::time::timeout`). Not a
+    // session store's timeout: no backend was asked, and the session is
+    // unavailable (503), not late.
     let timed_out = |e: &(dyn StdError + 'static)| {
-        chain(e).any(|e| {
+        let mut before_store = chain(e).take_while(|e| !e.is::<crate::store::StoreError>());
+        before_store.any(|e| {
             e.is::<TimedOut>()
                 || e.is::<DeadlineExceeded>()
                 || e.is::<tower::timeout::error::Elapsed>()
@@ -902,13 +905,31 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_tokio_timeout_is_a_gateway_timeout() {
-        let never = std::future::pending::<()>();
-        let elapsed = tokio::time::timeout(std::time::Duration::from_secs(1), never)
-            .await
-            .unwrap_err();
-        let err = BackendError::new("a".into(), elapsed);
+        let elapsed = || async {
+            let never = std::future::pending::<()>();
+            tokio::time::timeout(std::time::Duration::from_secs(1), never)
+                .await
+                .unwrap_err()
+        };
+        let err = BackendError::new("a".into(), elapsed().await);
         assert_eq!(gateway_status(&err), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(grpc_status(&err), crate::classify::GRPC_DEADLINE_EXCEEDED);
+        // A strict session whose store timed out (the stores time their
+        // calls with `tokio::time::timeout`) asked no backend: it is
+        // unavailable, as when the store refused.
+        for cause in [
+            crate::store::StoreError::timeout(elapsed().await),
+            crate::store::StoreError::timeout(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+        ] {
+            let unreadable = crate::sticky::SessionUnavailable::unreadable(
+                "k",
+                false,
+                None,
+                std::sync::Arc::new(cause),
+            );
+            assert_eq!(gateway_status(&unreadable), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(grpc_status(&unreadable), crate::classify::GRPC_UNAVAILABLE);
+        }
     }
 
     #[test]
