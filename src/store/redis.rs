@@ -1217,7 +1217,7 @@ impl SessionStore for RedisStore {
                     .await?;
             }
             if outcome == 0 {
-                tracing::debug!(session = %session.key, "not refreshed: another replica deleted it");
+                tracing::debug!(session_digest = %super::KeyDigest(&session.key), "not refreshed: another replica deleted it");
             }
             Ok(())
         })
