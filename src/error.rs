@@ -503,12 +503,9 @@ fn failure(err: &(dyn StdError + 'static)) -> Failure {
     // A per-try timeout, the deadline, an I/O timeout (a connect that
     // timed out, as `HttpClient::connect_timeout` or the kernel reports),
     // or the timeout of a layer the user put around the stack or a
-    // backend (tower's `TimeoutLayer`, `tokio::time::timeout`). Not a
-    // session store's timeout: no backend was asked, and the session is
-    // unavailable (503), not late.
+    // backend (tower's `TimeoutLayer`, `tokio::time::timeout`).
     let timed_out = |e: &(dyn StdError + 'static)| {
-        let mut before_store = chain(e).take_while(|e| !e.is::<crate::store::StoreError>());
-        before_store.any(|e| {
+        chain(e).any(|e| {
             e.is::<TimedOut>()
                 || e.is::<DeadlineExceeded>()
                 || e.is::<tower::timeout::error::Elapsed>()
@@ -540,9 +537,10 @@ fn failure(err: &(dyn StdError + 'static)) -> Failure {
         } else {
             Failure::Invalid
         }
-    } else if find::<SessionUnavailable>(err).is_some_and(|e| !e.is_unreadable()) {
-        // A strict session whose backend could not take it, whatever its
-        // backend's error (kept as the source) was.
+    } else if find::<SessionUnavailable>(err).is_some() {
+        // A strict session whose backend could not take it, or whose
+        // record could not be read, whatever the error (kept as the
+        // source) was: a store that timed out asked no backend.
         Failure::Unavailable
     } else if timed_out(decisive) || ended_by_timeout {
         // A connect that timed out (its own timeout, or a per-try timeout
@@ -552,7 +550,6 @@ fn failure(err: &(dyn StdError + 'static)) -> Failure {
             && find::<DeadlineExceeded>(decisive).is_none();
         Failure::Timeout { unsent }
     } else if find::<NoBackend>(err).is_some()
-        || find::<SessionUnavailable>(err).is_some()
         // A load-shedding layer around the stack or a backend that found
         // it at capacity.
         || find::<tower::load_shed::error::Overloaded>(err).is_some()
