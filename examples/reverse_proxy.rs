@@ -269,16 +269,12 @@ fn options() -> Options {
             }
             "--no-health" => o.health = false,
             "--probe-interval" => {
-                let ms: u64 = (value("--probe-interval").parse().ok())
-                    .filter(|&ms| ms > 0)
+                o.probe_interval = millis(value("--probe-interval"), "--probe-interval")
                     .unwrap_or_else(|| usage("bad --probe-interval (want 1 or more)"));
-                o.probe_interval = Duration::from_millis(ms);
             }
             "--probe-timeout" => {
-                let ms: u64 = (value("--probe-timeout").parse().ok())
-                    .filter(|&ms| ms > 0)
+                o.probe_timeout = millis(value("--probe-timeout"), "--probe-timeout")
                     .unwrap_or_else(|| usage("bad --probe-timeout (want 1 or more)"));
-                o.probe_timeout = Duration::from_millis(ms);
             }
             "--per-try-timeout" => {
                 o.per_try_timeout = millis(value("--per-try-timeout"), "--per-try-timeout")
