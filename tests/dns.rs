@@ -345,6 +345,35 @@ async fn an_address_the_pool_holds_already_is_not_announced_as_added() {
     task.abort();
 }
 
+/// An address DNS drops from a group of a control handle is gone from
+/// every group, though its pool keeps its state for a while in case it
+/// returns: its last change is taken for removed, and so forgotten in
+/// time, not kept for good (DNS churn would fill the map).
+#[tokio::test(start_paused = true)]
+async fn an_address_dns_drops_from_a_handles_group_is_taken_for_removed() {
+    use tower_ha::balance::{Balance, RoundRobin};
+    use tower_ha::control::Handle;
+
+    let resolver = Scripted::default();
+    resolver.answer(&[1, 2]);
+    let events = Events::default();
+    let pool: Pool<SocketAddr> = Pool::new();
+    let handle = Handle::new(events.clone());
+    handle
+        .add_group("db", &Balance::new(pool.clone(), RoundRobin::new()))
+        .unwrap();
+    let task = discover_into(&resolver, &pool, &events);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let two: BackendId = "10.0.0.2:5432".into();
+    assert!(events.last_change(&two).is_some());
+    resolver.answer(&[1]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ids(&pool), ["10.0.0.1:5432"]);
+    assert!(handle.backend_stats(&two).is_ok(), "its state is kept");
+    assert_eq!(events.last_change(&two), None);
+    task.abort();
+}
+
 /// Spawns discovery into `pool` with a 10 s interval; returns the task.
 fn discover_into(
     resolver: &Scripted,

@@ -252,8 +252,7 @@ struct Inner {
 /// Says whether a backend is still a member of a pool (see
 /// [`Events::add_holder`]).
 pub(crate) trait Holder: Send + Sync {
-    /// Whether a pool holds backend `id` as a member, or keeps its state
-    /// for its return.
+    /// Whether a pool holds backend `id` as a member.
     fn holds(&self, id: &BackendId) -> bool;
 }
 

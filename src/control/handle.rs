@@ -232,11 +232,13 @@ pub(super) struct Inner {
 }
 
 impl Holder for Inner {
+    /// A live member only: a state kept for a backend's return would keep
+    /// its last change for good (nothing asks again when the state goes).
     fn holds(&self, id: &BackendId) -> bool {
         self.groups
             .read()
             .iter()
-            .any(|g| g.pool.live_or_kept_state(id).is_some())
+            .any(|g| g.pool.live_or_kept_state(id).is_some_and(|(_, live)| live))
     }
 }
 
@@ -906,9 +908,10 @@ impl Handle {
             backend: id.clone(),
             reason: "operator".into(),
         };
-        // Gone from every group, its last change is forgotten; in a group
-        // that still holds it, or keeps its state for its return, it
-        // stands (as the events ask this handle). A drain under way goes
+        // Gone from every group, its last change is forgotten in time
+        // (also while a pool keeps its state for its return: an addition
+        // brings it back); in a group that still holds it, it stands (as
+        // the events ask this handle). A drain under way goes
         // on to its deadline either way: a group removed from the handle
         // may still hold and serve the backend, and the deadline leaves
         // alone a state that is not draining (one added again since).
