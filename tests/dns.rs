@@ -351,19 +351,7 @@ async fn an_address_the_pool_holds_already_is_not_announced_as_added() {
 /// time, not kept for good (DNS churn would fill the map).
 #[tokio::test(start_paused = true)]
 async fn an_address_dns_drops_from_a_handles_group_is_taken_for_removed() {
-    use tower_ha::balance::{Balance, RoundRobin};
-    use tower_ha::control::Handle;
-
-    let resolver = Scripted::default();
-    resolver.answer(&[1, 2]);
-    let events = Events::default();
-    let pool: Pool<SocketAddr> = Pool::new();
-    let handle = Handle::new(events.clone());
-    handle
-        .add_group("db", &Balance::new(pool.clone(), RoundRobin::new()))
-        .unwrap();
-    let task = discover_into(&resolver, &pool, &events);
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    let (resolver, events, pool, handle, task) = handle_over_discovery().await;
     let two: BackendId = "10.0.0.2:5432".into();
     assert!(events.last_change(&two).is_some());
     resolver.answer(&[1]);
@@ -372,6 +360,31 @@ async fn an_address_dns_drops_from_a_handles_group_is_taken_for_removed() {
     assert!(handle.backend_stats(&two).is_ok(), "its state is kept");
     assert_eq!(events.last_change(&two), None);
     task.abort();
+}
+
+/// A pool that discovery fills with the addresses 1 and 2, the group
+/// `db` of a control handle; with the resolver, the events, the handle and
+/// the discovery's task.
+async fn handle_over_discovery() -> (
+    Scripted,
+    Events,
+    Pool<SocketAddr>,
+    tower_ha::control::Handle,
+    tokio::task::JoinHandle<Result<(), std::convert::Infallible>>,
+) {
+    use tower_ha::balance::{Balance, RoundRobin};
+
+    let resolver = Scripted::default();
+    resolver.answer(&[1, 2]);
+    let events = Events::default();
+    let pool: Pool<SocketAddr> = Pool::new();
+    let handle = tower_ha::control::Handle::new(events.clone());
+    handle
+        .add_group("db", &Balance::new(pool.clone(), RoundRobin::new()))
+        .unwrap();
+    let task = discover_into(&resolver, &pool, &events);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    (resolver, events, pool, handle, task)
 }
 
 /// Spawns discovery into `pool` with a 10 s interval; returns the task.
@@ -393,19 +406,7 @@ fn discover_into(
 /// after that is not removed twice.
 #[tokio::test(start_paused = true)]
 async fn a_listed_address_removed_from_the_pool_comes_back() {
-    use tower_ha::balance::{Balance, RoundRobin};
-    use tower_ha::control::Handle;
-
-    let resolver = Scripted::default();
-    resolver.answer(&[1, 2]);
-    let events = Events::default();
-    let pool: Pool<SocketAddr> = Pool::new();
-    let handle = Handle::new(events.clone());
-    handle
-        .add_group("db", &Balance::new(pool.clone(), RoundRobin::new()))
-        .unwrap();
-    let task = discover_into(&resolver, &pool, &events);
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    let (resolver, events, pool, handle, task) = handle_over_discovery().await;
     assert_eq!(ids(&pool), ["10.0.0.1:5432", "10.0.0.2:5432"]);
 
     let two: BackendId = "10.0.0.2:5432".into();
