@@ -302,6 +302,62 @@ async fn a_full_server_is_unavailable_not_a_refusal() {
     assert!(err.is_unavailable() && err.is_transient(), "{err:?}");
 }
 
+/// A server out of memory queues no command in a transaction and writes
+/// no tombstone: a delete still goes through (it frees memory), without
+/// tombstones, and is still announced; with or without a TTL.
+#[tokio::test]
+async fn a_delete_on_a_server_out_of_memory_still_deletes_and_tells() {
+    for ttl in [None, Some(Duration::from_secs(60))] {
+        let server = RedisServer::start();
+        let build = || async {
+            let mut builder = RedisStore::builder(server.url()).notify(true);
+            if let Some(ttl) = ttl {
+                builder = builder.ttl(ttl);
+            }
+            builder.build().await.unwrap()
+        };
+        let store = build().await;
+        let keys: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        for key in &keys {
+            store.save(&session(key, "x")).await.unwrap();
+        }
+        // Another replica hears the notices (a store's own are not yielded).
+        let mut notices = build().await.subscribe().await.unwrap();
+        let mut conn = raw(&server);
+        let exists = |conn: &mut redis::Connection, key: &str| -> bool {
+            redis::cmd("EXISTS").arg(key).query(conn).unwrap()
+        };
+        let maxmemory = |conn: &mut redis::Connection, value: &str| {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory")
+                .arg(value)
+                .query(conn)
+                .unwrap();
+        };
+        maxmemory(&mut conn, "1");
+        // Writes are refused now.
+        let refused = store.save(&session("c", "x")).await.unwrap_err();
+        assert!(refused.is_unavailable(), "{refused:?}");
+
+        store.delete(&keys).await.unwrap();
+        for key in &keys {
+            assert!(!exists(&mut conn, &format!("tower-ha:s:{key}")), "{key}");
+            assert!(!exists(&mut conn, &format!("tower-ha:d:{key}")), "{key}");
+            assert!(store.load(key).await.unwrap().is_none(), "{key}");
+            assert_eq!(next(&mut notices).await, notice(key, None));
+        }
+
+        // With memory again, a delete is a transaction again, which
+        // leaves tombstones with a TTL.
+        maxmemory(&mut conn, "0");
+        store.save(&session("c", "x")).await.unwrap();
+        store.delete(&["c".to_owned()]).await.unwrap();
+        assert!(!exists(&mut conn, "tower-ha:s:c"));
+        assert_eq!(exists(&mut conn, "tower-ha:d:c"), ttl.is_some());
+    }
+}
+
 #[tokio::test]
 async fn loads_refresh_the_ttl_listings_do_not_and_unused_sessions_expire() {
     let server = RedisServer::start();

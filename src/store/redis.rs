@@ -149,7 +149,11 @@ return 2";
 /// * [`delete`](SessionStore::delete): `DEL` in batches, each with its
 ///   notices in one transaction and, with a TTL, a tombstone per session
 ///   (`SET PX` the TTL), so that a refresh from a replica that has not
-///   heard of the delete yet does not write the session back.
+///   heard of the delete yet does not write the session back. A server
+///   out of memory (`OOM`) refuses every transaction and the tombstones'
+///   writes: then the sessions are deleted and announced in a plain
+///   pipeline without tombstones, since a delete frees memory where a
+///   refusal would keep it full.
 /// * [`refresh`](SessionStore::refresh), with a TTL: a Lua script that
 ///   renews the record's expiry, or writes it again if it expired, unless
 ///   a tombstone says it was deleted (the tombstone is then renewed).
@@ -310,6 +314,47 @@ impl RedisStore {
     /// The Redis key that says session `key` was deleted, for a while.
     fn tombstone_key(&self, key: &str) -> Vec<u8> {
         self.inner.key(b"d:", key)
+    }
+
+    /// The commands that delete `chunk`: one transaction, as a save is
+    /// one (deleted and announced, or neither), which with a TTL also
+    /// leaves each key a tombstone that tells refreshes the session ended
+    /// (only refreshes write a record back). With `out_of_memory`, a plain
+    /// pipeline without tombstones, which Redis runs at `maxmemory`.
+    fn delete_pipe(
+        &self,
+        chunk: &[String],
+        out_of_memory: bool,
+    ) -> Result<::redis::Pipeline, StoreError> {
+        let inner = &*self.inner;
+        let mut pipe = ::redis::pipe();
+        if !out_of_memory {
+            pipe.atomic();
+        }
+        let del = pipe.cmd("DEL");
+        for key in chunk {
+            del.arg(self.session_key(key));
+        }
+        del.ignore();
+        if let Some(ttl) = inner.ttl.filter(|_| !out_of_memory) {
+            for key in chunk {
+                pipe.cmd("SET")
+                    .arg(self.tombstone_key(key))
+                    .arg("deleted")
+                    .arg("PX")
+                    .arg(millis(ttl))
+                    .ignore();
+            }
+        }
+        if inner.notify {
+            for key in chunk {
+                pipe.cmd("PUBLISH")
+                    .arg(&inner.channel)
+                    .arg(inner.notice(key, None)?)
+                    .ignore();
+            }
+        }
+        Ok(pipe)
     }
 
     /// Takes the lease on session `key` for `ttl` if nobody holds it (a
@@ -1335,40 +1380,38 @@ impl SessionStore for RedisStore {
         Box::pin(async move {
             let inner = &*self.inner;
             for chunk in keys.chunks(BATCH) {
-                // One transaction, as for a save: deleted and announced,
-                // or neither.
-                let mut pipe = ::redis::pipe();
-                pipe.atomic();
-                let del = pipe.cmd("DEL");
-                for key in chunk {
-                    del.arg(self.session_key(key));
-                }
-                del.ignore();
-                // Only refreshes write a record back, and only with a TTL:
-                // the tombstone tells them the session ended.
-                if let Some(ttl) = inner.ttl {
-                    for key in chunk {
-                        pipe.cmd("SET")
-                            .arg(self.tombstone_key(key))
-                            .arg("deleted")
-                            .arg("PX")
-                            .arg(millis(ttl))
-                            .ignore();
+                match inner
+                    .run_pipe::<()>(&self.delete_pipe(chunk, false)?, "delete")
+                    .await
+                {
+                    // At `maxmemory` (with `noeviction`) Redis queues no
+                    // command in a transaction, and writes no tombstone:
+                    // it would refuse the deletes, which free memory.
+                    // Then delete in a plain pipeline, without tombstones.
+                    // A refresh could write such a session back, but not
+                    // while memory is full (its write is refused too), and
+                    // a session written back only routes its key as before
+                    // until its TTL.
+                    Err(e) if out_of_memory(&e) => {
+                        tracing::warn!(
+                            sessions = chunk.len(),
+                            "Redis is out of memory: sessions deleted without a transaction or tombstones"
+                        );
+                        let pipe = self.delete_pipe(chunk, true)?;
+                        inner.run_pipe::<()>(&pipe, "delete").await?;
                     }
+                    answer => answer?,
                 }
-                if inner.notify {
-                    for key in chunk {
-                        pipe.cmd("PUBLISH")
-                            .arg(&inner.channel)
-                            .arg(inner.notice(key, None)?)
-                            .ignore();
-                    }
-                }
-                inner.run_pipe::<()>(&pipe, "delete").await?;
             }
             Ok(())
         })
     }
+}
+
+/// Whether Redis refused a command for want of memory (`OOM`: `maxmemory`
+/// reached with the `noeviction` policy).
+fn out_of_memory(e: &StoreError) -> bool {
+    crate::error::find::<RedisError>(e).is_some_and(|e| server_error(e).0 == "OOM")
 }
 
 /// A lease of [`lease`](RedisStoreBuilder::lease)'s TTL, through
