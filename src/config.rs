@@ -16,6 +16,7 @@
 //!       healthy_threshold: 3
 //!       unhealthy_threshold: 2
 //!       lift_ejections: false   # optional: probes do not end passive ejections
+//!       close_tunnels_when_down: true # optional: a backend marked down has its WebSockets closed
 //!     failover:                 # optional
 //!       max_attempts: 2
 //!       per_try_timeout: "500ms"
@@ -257,17 +258,27 @@ pub struct HealthCheckConfig {
     /// a written configuration stays in LEBA's terms.
     #[serde(skip_serializing_if = "is_true")]
     pub lift_ejections: bool,
+    /// Whether a backend the probes mark unhealthy also has its tunnels
+    /// (WebSockets) closed (default `false`); see
+    /// [`HealthChecker::close_tunnels_when_down`]. Written out only when
+    /// `true`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub close_tunnels_when_down: bool,
 }
 
 fn is_true(value: &bool) -> bool {
     *value
 }
 
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
 impl Default for HealthCheckConfig {
     /// The settings of an empty `health_check` section: probes every 2 s,
     /// each given 1 s, healthy after 2 passing in a row and unhealthy
-    /// after 3 failing, a passing probe ending a passive ejection, and no
-    /// path.
+    /// after 3 failing, a passing probe ending a passive ejection, tunnels
+    /// left open when a backend is marked down, and no path.
     fn default() -> Self {
         // The checker's own defaults.
         let checker = crate::health::CheckConfig::default();
@@ -278,6 +289,7 @@ impl Default for HealthCheckConfig {
             healthy_threshold: checker.rise,
             unhealthy_threshold: checker.fall,
             lift_ejections: checker.lift_ejections,
+            close_tunnels_when_down: checker.close_tunnels_when_down,
         }
     }
 }
@@ -295,6 +307,7 @@ impl HealthCheckConfig {
             .rise(self.healthy_threshold)
             .fall(self.unhealthy_threshold)
             .lift_ejections(self.lift_ejections)
+            .close_tunnels_when_down(self.close_tunnels_when_down)
     }
 }
 

@@ -821,6 +821,52 @@ async fn a_groups_health_check_may_leave_ejections_to_run_their_time() {
     }
 }
 
+/// `close_tunnels_when_down` reaches the checker: with `true` the backend's
+/// tunnels are told to close as the probes mark it down, with the default
+/// they are not. It is written out only when `true`.
+#[tokio::test(start_paused = true)]
+async fn a_groups_health_check_may_close_tunnels_when_a_backend_goes_down() {
+    use tower_ha::health::{probe_fn, HealthChecker};
+
+    for (yaml, closes) in [
+        "{unhealthy_threshold: 1}",
+        "{unhealthy_threshold: 1, close_tunnels_when_down: false}",
+        "{unhealthy_threshold: 1, close_tunnels_when_down: true}",
+    ]
+    .into_iter()
+    .zip([false, false, true])
+    {
+        let config = Config::from_yaml(&format!(
+            "failover_groups:\n  - {{name: app, mode: normal, backends: [a], health_check: {yaml}}}\n"
+        ))
+        .unwrap();
+        let health = config.failover_groups[0].health_check.as_ref().unwrap();
+        assert_eq!(health.close_tunnels_when_down, closes, "{yaml}");
+        let written = serde_json::to_value(health).unwrap();
+        assert_eq!(
+            written.get("close_tunnels_when_down"),
+            closes.then_some(&serde_json::Value::Bool(true)),
+            "{yaml}"
+        );
+
+        let balance = config.failover_groups[0].build(named);
+        let pool = balance.pool().clone();
+        let a = pool.state(&"a".into()).unwrap();
+        let closed = a.tunnels_closed();
+        let probe = probe_fn(|_: &BackendId, _: &Svc| async { Err::<(), BoxError>("down".into()) });
+        let checker = health
+            .apply(HealthChecker::new(pool.clone(), probe).jitter(Duration::ZERO))
+            .spawn();
+        // The first probe, at once, marks it down; the next comes 2 s later.
+        let told = tokio::time::timeout(Duration::from_secs(1), closed)
+            .await
+            .is_ok();
+        assert_eq!(a.health(), HealthStatus::Unhealthy, "{yaml}");
+        assert_eq!(told, closes, "{yaml}");
+        checker.shutdown().await;
+    }
+}
+
 /// Defaults built on other defaults: a merged mapping's own merge key is
 /// applied too, each level below the keys written before it.
 #[test]

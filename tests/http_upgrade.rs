@@ -874,6 +874,60 @@ async fn closing_a_backends_tunnels_closes_both_sides() {
     assert_eq!(read_exactly(&mut next, Vec::new(), 5).await, b"again");
 }
 
+/// A backend the probes mark down keeps its tunnels open by default; with
+/// `close_tunnels_when_down` the checker closes both sides of them.
+#[tokio::test]
+async fn a_checker_closes_the_tunnels_of_a_backend_it_marks_down_when_told() {
+    use std::sync::atomic::AtomicBool;
+    use tower_ha::health::{probe_fn, HealthChecker};
+    use tower_ha::HealthStatus;
+
+    for close in [false, true] {
+        let (b1, seen) = backend("b1", Mode::Echo).await;
+        let (pool, stack) = stack(HttpClient::new(), &[b1]);
+        let front = serve_stack(stack, true).await;
+        let up = Arc::new(AtomicBool::new(true));
+        let probe_up = up.clone();
+        let probe = probe_fn(move |_: &_, _: &_| {
+            let up = probe_up.load(Ordering::SeqCst);
+            async move {
+                if up {
+                    Ok(())
+                } else {
+                    Err(BoxError::from("down"))
+                }
+            }
+        });
+        let checker = HealthChecker::new(pool.clone(), probe)
+            .interval(Duration::from_millis(20))
+            .fall(1)
+            .close_tunnels_when_down(close)
+            .spawn();
+        let (mut stream, _, _) = open_tunnel(front).await;
+        stream.write_all(b"hello").await.unwrap();
+        assert_eq!(read_exactly(&mut stream, Vec::new(), 5).await, b"hello");
+
+        up.store(false, Ordering::SeqCst);
+        let state = pool.state(&"b1".into()).unwrap();
+        eventually("the backend was marked down", || {
+            state.health() == HealthStatus::Unhealthy
+        })
+        .await;
+        if close {
+            let rest = read_to_close(&mut stream, "the tunnel was never closed").await;
+            assert!(rest.is_empty(), "{rest:?}");
+            let_go(&seen, &pool).await;
+        } else {
+            // Still open both ways, and still counted on its backend.
+            stream.write_all(b"still").await.unwrap();
+            assert_eq!(read_exactly(&mut stream, Vec::new(), 5).await, b"still");
+            assert_eq!(seen.closed.load(Ordering::SeqCst), 0);
+            assert_eq!(state.in_flight(), 1);
+        }
+        checker.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn a_quiet_tunnel_is_closed_after_the_idle_timeout() {
     let (b1, seen) = backend("b1", Mode::Echo).await;

@@ -37,6 +37,7 @@ pub(crate) struct CheckConfig {
     slow_start: Option<SlowStart>,
     start_unhealthy: bool,
     pub(crate) lift_ejections: bool,
+    pub(crate) close_tunnels_when_down: bool,
 }
 
 impl Default for CheckConfig {
@@ -53,6 +54,7 @@ impl Default for CheckConfig {
             slow_start: None,
             start_unhealthy: false,
             lift_ejections: true,
+            close_tunnels_when_down: false,
         }
     }
 }
@@ -220,6 +222,30 @@ where
     /// ```
     pub fn lift_ejections(mut self, lift: bool) -> Self {
         self.config.lift_ejections = lift;
+        self
+    }
+
+    /// Whether a backend the probes mark unhealthy also has its tunnels
+    /// closed (default `false`): the connections that switched protocols
+    /// through it, such as WebSockets, which otherwise stay open until an
+    /// end closes them (see [`BackendState::close_tunnels`]). HAProxy's
+    /// `on-marked-down shutdown-sessions`, Envoy's
+    /// `close_connections_on_host_health_failure`. Turn it on when the
+    /// clients reconnect on a close, so that they reach a live backend at
+    /// once instead of waiting on a dead one.
+    ///
+    /// ```
+    /// # use tower_ha::health::{HealthChecker, TcpProbe};
+    /// # use tower_ha::Pool;
+    /// # let pool: Pool<()> = Pool::new();
+    /// let checker = HealthChecker::new(pool, TcpProbe::from_map([("a", ([10, 0, 0, 7], 8080).into())]))
+    ///     .close_tunnels_when_down(true);
+    /// # drop(checker);
+    /// ```
+    ///
+    /// [`BackendState::close_tunnels`]: crate::BackendState::close_tunnels
+    pub fn close_tunnels_when_down(mut self, close: bool) -> Self {
+        self.config.close_tunnels_when_down = close;
         self
     }
 
@@ -487,6 +513,9 @@ impl Entry {
                 {
                     self.unhealthy_since = Some(now);
                     self.end_ramp();
+                    if config.close_tunnels_when_down {
+                        self.state.close_tunnels();
+                    }
                     tracing::warn!(
                         backend = %id,
                         from = "healthy",

@@ -139,7 +139,10 @@
 //!   either way for the
 //!   [`tunnel_idle_timeout`](HttpClient::tunnel_idle_timeout) (default
 //!   1 h), which also ends a tunnel whose client vanished without
-//!   closing, at the end of its backend's drain (its deadline), or when
+//!   closing, at the end of its backend's drain (its deadline), when the
+//!   probes mark its backend down with
+//!   [`HealthChecker::close_tunnels_when_down`](crate::health::HealthChecker::close_tunnels_when_down),
+//!   or when
 //!   told ([`BackendState::close_tunnels`](crate::BackendState::close_tunnels),
 //!   `Handle::close_tunnels`, the admin API's `close_tunnels`). TCP keep-alive ([`HttpClient::tcp_keepalive`], or a
 //!   connector's own) finds a backend that vanished sooner.
