@@ -241,7 +241,11 @@ impl<B> Shared<B> {
         let kept = match (frame.data_ref(), frame.trailers_ref()) {
             // Nothing to send again.
             (Some(data), _) if data.is_empty() => return false,
-            (Some(data), _) => Kept::Data(data.clone()),
+            // A copy: the frame may be a slice of a larger buffer (an
+            // HTTP/2 connection's read buffer), which a slice kept here
+            // would hold whole. (The frame that ends the keeping, past the
+            // limit, is copied in vain: once.)
+            (Some(data), _) => Kept::Data(Bytes::copy_from_slice(data)),
             (None, Some(trailers)) => Kept::Trailers(Box::new(trailers.clone())),
             (None, None) => {
                 self.lose_kept();
@@ -1524,6 +1528,35 @@ mod tests {
         assert_eq!(second.size_hint().exact(), None, "trailers are to come");
         let rest = second.collect().await.unwrap();
         assert_eq!(rest.trailers().unwrap()["x-checksum"], "7");
+    }
+
+    /// A frame read from a body passed on is kept as a copy of its bytes,
+    /// not as a slice of the buffer it was read into (a connection's read
+    /// buffer, which would stay allocated, whole, as long as the slice):
+    /// the limit bounds the memory kept, not only the bytes.
+    #[tokio::test]
+    async fn a_kept_frame_holds_no_buffer_it_came_in() {
+        let (tx, body) = paused_after(b"msg").await;
+        let buffer = Bytes::from(vec![b'x'; 8192]);
+        tx.send(Ok(Frame::data(buffer.slice(..5)))).unwrap();
+        let mut copy = body.replay().unwrap();
+        for want in ["msg", "xxxxx"] {
+            let frame = copy.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), want);
+        }
+        let Kind::Once { shared, .. } = &body.kind else {
+            panic!("passed on, not held");
+        };
+        let shared = shared.lock();
+        let [_, Kept::Data(kept)] = &shared.kept[..] else {
+            panic!("not kept");
+        };
+        assert_eq!(kept, "xxxxx");
+        let range = buffer.as_ptr_range();
+        assert!(
+            !range.contains(&kept.as_ptr()),
+            "a slice of the read buffer"
+        );
     }
 
     /// A body that failed while it was sent cannot be sent again: what
