@@ -250,7 +250,9 @@ impl<C> FailoverLayer<C> {
 
     /// Gives up once `deadline` has passed since the request was called,
     /// whatever the attempts left. Requests must then be called within a
-    /// Tokio runtime with its time driver enabled.
+    /// Tokio runtime with its time driver enabled. The call comes after
+    /// any [`BufferBodyLayer`](super::BufferBodyLayer) in front has read
+    /// the body (or its first limit's worth): that reading is not counted.
     ///
     /// The deadline runs until the response head, like the per-try timeout:
     /// the body of a response already returned is not bounded by it.
