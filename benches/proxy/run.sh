@@ -142,10 +142,15 @@ nginx_proxy_conf() {
         echo "http { access_log off; keepalive_requests 1000000;"
         echo "  upstream backends {"
         for p in "${BACKEND_PORTS[@]}"; do echo "    server 127.0.0.1:$p;"; done
-        echo "    keepalive 64;"
+        # Backend connections reused without a cap, as the Rust proxies'
+        # pools do (nginx's default closes each after 1,000 requests).
+        echo "    keepalive 64; keepalive_requests 1000000;"
         echo "  }"
         echo "  server { listen 127.0.0.1:$NGINX_PORT;"
-        echo "    location / { proxy_pass http://backends; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+        echo "    location / { proxy_pass http://backends; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+        # The forwarded headers tower-ha's HttpBackend sets.
+        echo "      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;"
+        echo "      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$host; }"
         echo "  }"
         echo "}"
     } >"$dir/nginx.conf"
@@ -175,9 +180,17 @@ start_haproxy() {
         echo "  http-reuse always"
         echo "frontend f"
         echo "  bind 127.0.0.1:$HAPROXY_PORT"
+        # The forwarded headers tower-ha's HttpBackend sets.
+        echo "  option forwardfor"
+        echo "  http-request set-header X-Forwarded-Proto http"
+        echo "  http-request set-header X-Forwarded-Host %[req.hdr(host)]"
         echo "  default_backend b"
         echo "backend b"
         echo "  balance roundrobin"
+        # Health as tower-ha's reverse_proxy keeps it: a TCP connect probe
+        # every 500 ms (rise 2, fall 3, both proxies' defaults) and a
+        # backend taken out after 5 connection errors in a row.
+        echo "  default-server check inter 500ms observe layer4 error-limit 5 on-error mark-down"
         for p in "${BACKEND_PORTS[@]}"; do echo "  server s$p 127.0.0.1:$p"; done
     } >"$dir/haproxy.cfg"
     "$HAPROXY" -D -p "$WORK/haproxy.pid" -f "$dir/haproxy.cfg"
