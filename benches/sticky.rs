@@ -1,5 +1,7 @@
 //! A sticky hit (cookie scan, comparison with the issued value, table
-//! lookup) through `Sticky → Balance`, and the full `Sticky → Failover →
+//! lookup) through `Sticky → Balance`, on one session and cycling through
+//! `SPREAD` sessions (`sticky_cookie_hit_spread`, whose table does not sit
+//! in the cache whole), and the full `Sticky → Failover →
 //! Balance` success path, against `Balance` alone, `Failover → Balance` and
 //! tower's `p2c::Balance`, in the same run.
 //!
@@ -73,7 +75,22 @@ struct Contenders {
     failover: tower_ha::failover::Failover<Balance<Backend, RoundRobin>>,
     sticky_failover:
         tower_ha::sticky::Sticky<tower_ha::failover::Failover<Balance<Backend, RoundRobin>>>,
+    /// `Sticky → Balance` by the layer's cookie, holding `SPREAD`
+    /// sessions, and a browser's `Cookie` header for each.
+    sticky_spread: StickyBalance,
+    spread_cookies: Vec<HeaderValue>,
     p2c: support::P2c,
+}
+
+/// The sessions `sticky_cookie_hit_spread` holds and cycles through.
+const SPREAD: usize = 10_000;
+
+/// A browser's `Cookie` header with the `Set-Cookie` of `first`'s response
+/// among a few other cookies.
+fn browser_cookie<B>(first: &http::Response<B>) -> HeaderValue {
+    let set = first.headers()[SET_COOKIE].to_str().unwrap();
+    let pair = set.split(';').next().unwrap();
+    HeaderValue::try_from(format!("_ga=GA1.2.3456; theme=dark; {pair}; lang=en")).unwrap()
 }
 
 impl Contenders {
@@ -90,18 +107,19 @@ impl Contenders {
         // One session, started by a first request without a cookie. The
         // failover stack's table learns it from the (correctly signed)
         // cookie on its first request; both see hits from then on.
-        let first = drive(&mut sticky_cookie, Request::new(()), &mut cx);
-        let set = first.headers()[SET_COOKIE].to_str().unwrap();
-        let pair = set.split(';').next().unwrap();
-        // A browser's Cookie header: a few other cookies around ours.
-        let cookie =
-            HeaderValue::try_from(format!("_ga=GA1.2.3456; theme=dark; {pair}; lang=en")).unwrap();
+        let cookie = browser_cookie(&drive(&mut sticky_cookie, Request::new(()), &mut cx));
         drive(&mut sticky_failover, request(&cookie), &mut cx);
         let mut sticky_header =
             StickyLayer::new(&pool, SessionKey::header(SESSION_HEADER)).layer(balance());
         drive(&mut sticky_header, request(&cookie), &mut cx);
+        let mut sticky_spread = StickyLayer::new(&pool, cookie_key()).layer(balance());
+        let spread_cookies = (0..SPREAD)
+            .map(|_| browser_cookie(&drive(&mut sticky_spread, Request::new(()), &mut cx)))
+            .collect();
 
         Contenders {
+            sticky_spread,
+            spread_cookies,
             balance: balance(),
             sticky_cookie,
             sticky_header,
@@ -193,6 +211,19 @@ where
     time_requests(svc, iters, 64, |_| request(cookie))
 }
 
+/// As [`time`], each request with the next of `cookies` in a scattered
+/// order (a stride prime to their number), as many clients' requests come.
+fn time_spread<S>(svc: &mut S, cookies: &[HeaderValue], iters: u64) -> Duration
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    let n = cookies.len() as u64;
+    time_requests(svc, iters, 64, |i| {
+        request(&cookies[(i * 7_919 % n) as usize])
+    })
+}
+
 fn bench(c: &mut Criterion) {
     let Contenders {
         cookie,
@@ -201,6 +232,8 @@ fn bench(c: &mut Criterion) {
         mut sticky_header,
         mut failover,
         mut sticky_failover,
+        mut sticky_spread,
+        spread_cookies,
         mut p2c,
     } = Contenders::new();
     let mut g = c.benchmark_group("sticky");
@@ -212,6 +245,9 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("sticky_cookie_hit", |b| {
         b.iter_custom(|n| time(&mut sticky_cookie, &cookie, n))
+    });
+    g.bench_function("sticky_cookie_hit_spread", |b| {
+        b.iter_custom(|n| time_spread(&mut sticky_spread, &spread_cookies, n))
     });
     g.bench_function("sticky_header_hit", |b| {
         b.iter_custom(|n| time(&mut sticky_header, &cookie, n))
@@ -242,6 +278,7 @@ fn profile(name: &str, n: u64) {
         "tower_p2c" => time(&mut c.p2c, &cookie, k),
         "balance_alone" => time(&mut c.balance, &cookie, k),
         "sticky_cookie_hit" => time(&mut c.sticky_cookie, &cookie, k),
+        "sticky_cookie_hit_spread" => time_spread(&mut c.sticky_spread, &c.spread_cookies, k),
         "sticky_header_hit" => time(&mut c.sticky_header, &cookie, k),
         "failover_balance" => time(&mut c.failover, &cookie, k),
         "sticky_failover_balance" => time(&mut c.sticky_failover, &cookie, k),
