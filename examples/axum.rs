@@ -5,7 +5,11 @@
 //! ```
 //!
 //! The application's `Router` is unchanged; it runs as two in-process
-//! replicas, `replica-1` and `replica-2`, in a tower-ha `Pool`. The balanced
+//! replicas, `replica-1` and `replica-2`, in a tower-ha `Pool`, each behind
+//! a passive health layer (a replica whose requests keep failing is
+//! ejected, so that under load its users go straight to the other one
+//! rather than each paying a retry, which the retry budget caps), with a
+//! health checker requesting its `/healthz` every 2 s. The balanced
 //! stack, `BufferBody → Failover → Balance(Maglev on X-User)`, is mounted
 //! into a front axum `Router` with `fallback_service` and served by
 //! `axum::serve` on 127.0.0.1. The front adds two headers from the layers'
@@ -41,11 +45,12 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder};
 use tower_ha::balance::{Balance, ConsistentHash};
 use tower_ha::error::{gateway_status, Report};
 use tower_ha::extensions::{Attempts, ServedBy};
 use tower_ha::failover::{BufferBodyLayer, FailoverLayer};
+use tower_ha::health::{CheckerHandle, HealthChecker, HealthLayer, HttpProbe};
 use tower_ha::{key, BoxError, Pool};
 
 const USERS: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "frank"];
@@ -88,22 +93,27 @@ async fn healthz(State(state): State<AppState>) -> StatusCode {
 // ---------------------------------------------------------------------------
 // Adding tower-ha.
 
-/// The front door: the balanced replicas behind an axum `Router`, and the
-/// switches that put each replica into maintenance.
-fn front() -> (Router, BTreeMap<&'static str, Arc<AtomicBool>>) {
+/// The front door: the balanced replicas behind an axum `Router`, the
+/// switches that put each replica into maintenance, and the health checker
+/// (call it within a Tokio runtime: the checker starts on it).
+fn front() -> (
+    Router,
+    BTreeMap<&'static str, Arc<AtomicBool>>,
+    CheckerHandle,
+) {
     let pool = Pool::new();
+    let passive = HealthLayer::new();
     let mut maintenance = BTreeMap::new();
     for replica in ["replica-1", "replica-2"] {
         let switch = Arc::new(AtomicBool::new(false));
-        pool.insert(
+        let app = app(AppState {
             replica,
-            app(AppState {
-                replica,
-                maintenance: switch.clone(),
-            }),
-        );
+            maintenance: switch.clone(),
+        });
+        pool.insert(replica, passive.layer(app));
         maintenance.insert(replica, switch);
     }
+    let checker = HealthChecker::new(pool.clone(), HttpProbe::<Body>::new("/healthz")).spawn();
     let balanced = ServiceBuilder::new()
         // axum wants infallible services: a request no replica could serve
         // is answered the status its error calls for (502, 503, 504, ...),
@@ -124,7 +134,7 @@ fn front() -> (Router, BTreeMap<&'static str, Arc<AtomicBool>>) {
     let router = Router::new()
         .route("/", get(|| async { "the front door\n" }))
         .fallback_service(balanced);
-    (router, maintenance)
+    (router, maintenance, checker)
 }
 
 /// Copies what the layers recorded into response headers.
@@ -218,7 +228,7 @@ fn check(ok: bool, what: &str) -> Result<(), BoxError> {
 }
 
 async fn run() -> Result<(), BoxError> {
-    let (router, maintenance) = front();
+    let (router, maintenance, checker) = front();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -307,5 +317,6 @@ async fn run() -> Result<(), BoxError> {
 
     let _ = stop.send(());
     server.await??;
+    checker.shutdown().await;
     Ok(())
 }

@@ -18,7 +18,11 @@
 //! a body short counts as failed. A failed
 //! request is answered 400, 408, 502, 503 or 504 with the status's name alone
 //! (a failed gRPC call, `200 OK` with its `grpc-status`);
-//! what failed (backend addresses, system errors) goes to standard error.
+//! what failed (backend addresses, system errors) goes to standard error,
+//! with tower-ha's own events (a backend marked unhealthy, ejected or
+//! restored, a request failed over, a session moved) through a `tracing`
+//! subscriber, at `info` and above unless `RUST_LOG` says otherwise
+//! (`RUST_LOG=tower_ha=debug`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -93,8 +97,9 @@ default id is a digest of the host and port keyed by the cookie's secret.
   --listen ADDR            listen there (default 127.0.0.1:8080)
   --workers N              runtime worker threads (default 1, at most 1024)
   --strategy NAME          round-robin (default), random, least-request,
-                           weighted (by each backend's ,weight=N; default
-                           1), ring or maglev
+                           weighted, ring or maglev; all but round-robin
+                           and random follow each backend's ,weight=N
+                           (default 1), which those two refuse
   --hash-key KEY           for ring and maglev: header:NAME, cookie:NAME,
                            client-ip (default: the address of the peer this
                            proxy accepted) or forwarded-for:N (behind N
@@ -162,6 +167,11 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            signal exits at once
   -h, --help               this
 
+Logs go to standard error: the proxy's own lines, the 5xx answers it gave
+and why, and tower-ha's events (backends marked unhealthy, ejected or
+restored, requests failed over), at info and above; RUST_LOG sets other
+levels (RUST_LOG=warn, RUST_LOG=info,tower_ha=debug).
+
 A client connection with no request open for an hour (up to two) is closed
 (over HTTP/2, with a GOAWAY), and so is an HTTP/2 one whose client answers no
 PING within a minute (one is sent each minute), or resets at least half of
@@ -185,13 +195,22 @@ being buffered (under 64 KiB) is given up 60 s after its last part came,
 with a 408 too, before any backend is called.
 ";
 
-/// Writes a line to standard error, and goes on whatever happens to it: a
-/// closed standard error must not make the proxy panic.
-macro_rules! log {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
+/// Logs the proxy's lines and tower-ha's events to standard error, at the
+/// level `RUST_LOG` asks (its directives, e.g. `warn,tower_ha=debug`),
+/// else `info`. A standard error that fails does not make the proxy panic:
+/// the line is lost.
+fn start_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) => EnvFilter::try_new(&directives)
+            .unwrap_or_else(|e| usage(&format!("bad RUST_LOG {directives:?}: {e}"))),
+        Err(_) => EnvFilter::new("info"),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
+        .init();
 }
 
 fn usage(problem: &str) -> ! {
@@ -320,6 +339,16 @@ fn options() -> Options {
     if o.hash_key.is_some() && !matches!(o.strategy.as_str(), "ring" | "maglev") {
         usage("--hash-key is for --strategy ring or maglev");
     }
+    // nginx's and HAProxy's round robin are weighted, tower-ha's is not: a
+    // weight it would ignore is refused rather than dropped without a word.
+    if matches!(o.strategy.as_str(), "round-robin" | "random") {
+        if let Some(spec) = o.backends.iter().find(|spec| backend_spec(spec).1 != 1) {
+            usage(&format!(
+                "--strategy {} ignores weights ({spec}): use weighted, least-request, ring or maglev",
+                o.strategy
+            ));
+        }
+    }
     o
 }
 
@@ -346,6 +375,7 @@ fn hash_key(spec: &str) -> Box<dyn RequestKey> {
 
 fn main() {
     let o = options();
+    start_logging();
     let runtime = if o.workers == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -495,7 +525,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
             usage(&format!("two backends with the id {id}"));
         }
         if id.as_str() != authority {
-            log!("backend {id}: {url}");
+            tracing::info!("backend {id}: {url}");
         }
         if (host, port)
             .to_socket_addrs()
@@ -576,7 +606,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         .await
         .unwrap_or_else(|e| usage(&format!("cannot listen on {}: {e}", o.listen)));
     let listening = listener.local_addr().unwrap_or(o.listen);
-    log!(
+    tracing::info!(
         "proxying {} to {} backend(s) with {}{}",
         listening,
         o.backends.len(),
@@ -621,7 +651,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
             .map(|m| m.state().in_flight())
             .sum()
     };
-    log!(
+    tracing::info!(
         "stopping: {open} connection(s) and {} request(s) or tunnel(s) open, waiting at most {:?}",
         in_flight(),
         o.drain
@@ -635,14 +665,14 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
     tokio::select! {
         ended = tokio::time::timeout(o.drain, drained) => {
             if ended.is_err() {
-                log!(
+                tracing::warn!(
                     "{} connection(s) and {} request(s) or tunnel(s) still open, closed",
                     stop.receiver_count() / 2,
                     in_flight()
                 );
             }
         }
-        _ = stop_signal() => log!("a second signal: closed at once"),
+        _ = stop_signal() => tracing::warn!("a second signal: closed at once"),
     }
 }
 
@@ -694,7 +724,7 @@ async fn accept<S>(
     // A zero send timeout is none.
     let send_timeout = limits.stalled.unwrap_or_default();
     let front = Arc::new(Front::new(limits));
-    let log = |e: &std::io::Error| log!("accept: {e}");
+    let log = |e: &std::io::Error| tracing::warn!("accept: {e}");
     front::accept(
         listener,
         max_connections,
@@ -748,7 +778,7 @@ fn respond(
             // A client's own error (400, 408) is its business, as nginx
             // logs it only at `info`: a client cannot fill the log.
             if status.is_server_error() {
-                log!("{status}: {}", Report(&*e));
+                tracing::warn!("{status}: {}", Report(&*e));
             }
             // A gRPC client reads the outcome from `grpc-status`.
             if let Some(call) = call {

@@ -2,7 +2,9 @@
 //! handle and the admin API.
 //!
 //! * `/api/...` goes to the `api` group: active-passive, `api1` primary,
-//!   `api2` backup, automatic failback after 2 s.
+//!   `api2` backup, automatic failback after 2 s; a passive health layer,
+//!   TCP probes every 500 ms and a failover layer make `api2` take over by
+//!   itself when `api1` dies (the last step kills it).
 //! * everything else goes to the `static` group: normal, round robin over
 //!   `web1` and `web2`.
 //!
@@ -24,11 +26,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
 use tower::steer::Steer;
 use tower::util::BoxCloneSyncService;
-use tower::{BoxError, ServiceExt};
+use tower::{BoxError, Layer, ServiceExt};
 use tower_ha::balance::{Balance, Failback, Priority, RoundRobin};
 use tower_ha::control::{AdminService, Event, Events, Handle, RecvError};
+use tower_ha::failover::FailoverLayer;
+use tower_ha::health::{HealthChecker, HealthLayer, TcpProbe};
 use tower_ha::http::{HttpBackend, HttpClient};
 use tower_ha::{BackendId, Pool};
 
@@ -37,26 +42,33 @@ type Route = BoxCloneSyncService<Request<Body>, Response<tower_ha::http::Respons
 type Picker = fn(&Request<Body>, &[Route]) -> usize;
 type Router = Steer<Route, Picker, Request<Body>>;
 
-/// A hyper server on 127.0.0.1 that answers its name.
-async fn backend(name: &'static str) -> SocketAddr {
+/// A hyper server on 127.0.0.1 that answers its name, and the task that
+/// runs it: aborting that task closes the listener and every connection,
+/// as the death of the process would.
+async fn backend(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move {
+    let server = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, say: wait a little rather than spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             let service = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
                 Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(name))))
             });
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
+            // Forget the connections that ended.
+            while connections.try_join_next().is_some() {}
         }
     });
-    addr
+    (addr, server)
 }
 
 async fn get(router: &Router, path: &str) -> String {
@@ -100,23 +112,32 @@ async fn main() -> Result<(), BoxError> {
     let client = HttpClient::<Body>::new();
     let events = Events::default();
 
+    // The api group watches its backends' health: each backend behind a
+    // passive health layer (ejected after failed requests), and probed (a
+    // TCP connect every 500 ms), so that `Priority` sees a dead primary.
     let api = Pool::new();
+    let passive = HealthLayer::new().events(events.clone());
+    let mut api_servers = Vec::new();
+    let mut api_addrs = Vec::new();
     for name in ["api1", "api2"] {
-        api.insert(
-            name,
-            HttpBackend::new(&client, format!("http://{}", backend(name).await))?,
-        );
+        let (addr, server) = backend(name).await;
+        let service = HttpBackend::new(&client, format!("http://{addr}"))?;
+        api.insert(name, passive.layer(service));
+        api_servers.push(server);
+        api_addrs.push((name, addr));
     }
+    let checker = HealthChecker::new(api.clone(), TcpProbe::from_map(api_addrs))
+        .interval(Duration::from_millis(500))
+        .events(events.clone())
+        .spawn();
     let api = Balance::new(
         api,
         Priority::new("api", ["api1", "api2"]).failback(Failback::auto(Duration::from_secs(2))),
     );
     let web = Pool::new();
     for name in ["web1", "web2"] {
-        web.insert(
-            name,
-            HttpBackend::new(&client, format!("http://{}", backend(name).await))?,
-        );
+        let (addr, _server) = backend(name).await;
+        web.insert(name, HttpBackend::new(&client, format!("http://{addr}"))?);
     }
     let web = Balance::new(web, RoundRobin::new());
 
@@ -155,8 +176,13 @@ async fn main() -> Result<(), BoxError> {
     handle.add_group("static", &web)?;
     let admin_api = AdminService::new(handle.clone()).prefix("/admin");
 
+    // A request that finds the primary dead before the health checks do
+    // is retried on the backup.
     let router: Router = Steer::new(
-        vec![Route::new(api.clone()), Route::new(web.clone())],
+        vec![
+            Route::new(FailoverLayer::new().layer(api.clone())),
+            Route::new(web.clone()),
+        ],
         by_prefix as Picker,
     );
 
@@ -188,7 +214,7 @@ async fn main() -> Result<(), BoxError> {
         r#"{"backend_id":"api2"}"#,
     )
     .await;
-    println!("  {}", &forced[..forced.len().min(120)]);
+    println!("  {}", forced.chars().take(120).collect::<String>());
     println!("/api/users   -> {}", get(&router, "/api/users").await);
     println!(
         "  {}",
@@ -205,6 +231,18 @@ async fn main() -> Result<(), BoxError> {
         admin(&admin_api, "GET", "/admin/groups/nope", "").await
     );
 
+    println!("\nrelease api2, then kill api1's server: its requests fail over to api2");
+    println!(
+        "  {}",
+        admin(&admin_api, "DELETE", "/admin/groups/api/primary", "").await
+    );
+    api_servers[0].abort();
+    println!("/api/users   -> {}", get(&router, "/api/users").await);
+    // The probes mark it unhealthy (3 failed, 500 ms apart): api2 becomes
+    // the primary.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    println!("/api/users   -> {}", get(&router, "/api/users").await);
+
     println!("\nstats:");
     for group in handle.stats() {
         println!(
@@ -216,6 +254,7 @@ async fn main() -> Result<(), BoxError> {
         }
     }
     watcher.abort();
+    checker.shutdown().await;
     println!("\naudit history:");
     for record in events.history() {
         println!(
