@@ -154,7 +154,9 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            are served HTTP/1.1 or HTTP/2 either way
   --max-connections N      at most N client connections open at once, a
                            WebSocket (or other upgraded) tunnel's included;
-                           more wait in the listen backlog until one closes
+                           at the bound those with no request open are
+                           closed (over HTTP/2 with a GOAWAY), and new ones
+                           wait in the listen backlog until one closes
                            (default: half the limit of open files, 512 where
                            it is unknown; raise that limit with ulimit -n or
                            systemd's LimitNOFILE). The rest is left for
@@ -725,11 +727,27 @@ async fn accept<S>(
     let send_timeout = limits.stalled.unwrap_or_default();
     let front = Arc::new(Front::new(limits));
     let log = |e: &std::io::Error| tracing::warn!("accept: {e}");
+    // Said once a minute at most: a proxy at its bound is asked each
+    // second.
+    let said = std::sync::Mutex::new(None::<tokio::time::Instant>);
+    let full = || {
+        front.make_room();
+        let now = tokio::time::Instant::now();
+        let mut said = said.lock().unwrap_or_else(|e| e.into_inner());
+        if said.is_none_or(|at| now >= at + Duration::from_secs(60)) {
+            *said = Some(now);
+            tracing::warn!(
+                "{max_connections} client connections open (--max-connections): \
+                 closing idle ones, new ones wait"
+            );
+        }
+    };
     front::accept(
         listener,
         max_connections,
         stop_signal(),
         log,
+        full,
         |admitted, peer| {
             let stack = stack.clone();
             let front = front.clone();

@@ -7,7 +7,8 @@
 //! after its idle time without one; a stop lets the requests under way
 //! finish (over HTTP/2 and HTTP/1.1), closes connections gracefully, idle
 //! kept-alive HTTP/1.1 ones included, and drops them after the grace.
-//! Past the most connections open, a new one waits; an HTTP/2 client
+//! Past the most connections open, idle ones are closed to make room, and
+//! a new one waits while none is idle; an HTTP/2 client
 //! that resets most of its requests early is closed; a connection whose
 //! every response stands still is dropped, not
 //! one whose responses move however slowly, nor one whose requests fail; an HTTP/1.1 head over 64 KiB
@@ -92,11 +93,14 @@ async fn front_with(
     let counts = (started.clone(), ended.clone(), hung.clone());
     let never = std::future::pending();
     let unexpected = |e: &std::io::Error| panic!("accept: {e}");
+    let room = front.clone();
+    let full = move || room.make_room();
     tokio::spawn(front::accept(
         listener,
         max,
         never,
         unexpected,
+        full,
         move |admitted, _| {
             let (front, stopped) = (front.clone(), stopped.clone());
             let (started, ended, hung) = counts.clone();
@@ -362,6 +366,70 @@ async fn a_connection_past_the_most_open_waits_for_one_to_close() {
         &buf[..read]
     );
     assert_eq!(front.started.load(Ordering::SeqCst), 2);
+}
+
+/// At the most connections open, those with no request open are closed
+/// (an HTTP/2 one with a `GOAWAY`, a kept-alive HTTP/1.1 one between
+/// requests) so that a new connection is served; one with a request open
+/// is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_to_make_room_at_the_most_open() {
+    let front = front_with(HOUR, HOUR, None, HOUR, 2).await;
+    // Both places taken: an HTTP/2 connection and a kept-alive HTTP/1.1
+    // one, each idle after a request.
+    let (mut h2, h2_end) = support::http::h2_client(front.addr).await;
+    assert_eq!(get(&mut h2, "/").await.unwrap().0, StatusCode::OK);
+    let mut h1 = TcpStream::connect(front.addr).await.unwrap();
+    h1.write_all(b"GET / HTTP/1.1\r\nhost: front.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let read = h1.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..read].starts_with(b"HTTP/1.1 200 OK"),
+        "{:?}",
+        &buf[..read]
+    );
+
+    let mut third = TcpStream::connect(front.addr).await.unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nhost: front.test\r\n\r\n")
+        .await
+        .unwrap();
+    let read = support::wait::bounded_real("the third is answered", third.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        buf[..read].starts_with(b"HTTP/1.1 200 OK"),
+        "{:?}",
+        &buf[..read]
+    );
+    // Both idle ones were closed, the HTTP/2 one with a GOAWAY.
+    let closed = support::wait::bounded_real("the HTTP/2 one closes", h2_end).await;
+    assert!(closed.unwrap().is_ok(), "a graceful close");
+    let rest = support::wait::bounded_real("the HTTP/1.1 one closes", h1.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(rest, 0, "closed between requests");
+
+    // Now the third is idle, and one with a request open takes the other
+    // place: a fourth is served in the idle one's place, not the busy one's.
+    let (hanging, hanging_end) = support::http::h2_client(front.addr).await;
+    let mut hanging_sender = hanging.clone();
+    let hung = tokio::spawn(async move { get(&mut hanging_sender, "/hang").await });
+    support::wait::spin_until("the hanging request is taken", || {
+        front.hung.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let (mut fourth, _fourth_end) = support::http::h2_client(front.addr).await;
+    let answered = support::wait::bounded_real("the fourth is answered", get(&mut fourth, "/"));
+    assert_eq!(answered.await.unwrap().0, StatusCode::OK);
+    let rest = support::wait::bounded_real("the third closes", third.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(rest, 0, "closed between requests");
+    assert!(!hung.is_finished(), "the request open was cut");
+    assert!(!hanging_end.is_finished(), "the busy connection was closed");
 }
 
 /// Sends `n` GETs of `/hang` on `sender`, at most 50 at a time, each

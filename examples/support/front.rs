@@ -3,7 +3,8 @@
 //! HTTP/2 (prior knowledge, as gRPC clients connect without TLS), protocol
 //! switches included, with bounds on how many connections are open, on
 //! connections that send nothing or take nothing, on HTTP/2 clients that
-//! reset most of their requests, and a graceful stop.
+//! reset most of their requests, idle connections closed to make room for
+//! new ones at the bound, and a graceful stop.
 
 use std::future::Future;
 use std::io;
@@ -33,6 +34,11 @@ pub struct Front {
     http2: http2::Builder<TokioExecutor>,
     first: Duration,
     limits: Limits,
+    /// Tells the connections that room is wanted (see
+    /// [`make_room`](Front::make_room)); `rooms` counts the asks, so a
+    /// connection polls `room` only after one.
+    room: Notify,
+    rooms: AtomicUsize,
 }
 
 /// How long a connection may wait for what.
@@ -90,12 +96,16 @@ const PREMATURE: Duration = Duration::from_secs(1);
 /// then fail count against healthy backends). A connection holds its place
 /// for as long as its socket is open: through a protocol switch too (a
 /// WebSocket tunnel). A failed accept (out of file descriptors, most
-/// likely) is logged with `log` and retried 100 ms later.
+/// likely) is logged with `log` and retried 100 ms later. While every
+/// place is taken, `full` is called at once and then every second: let it
+/// close idle connections ([`Front::make_room`]), as nginx reuses its idle
+/// kept-alive connections when out of `worker_connections`, and say so.
 pub async fn accept<F, Fut>(
     listener: TcpListener,
     max: usize,
     stopped: impl Future<Output = ()>,
     log: impl Fn(&io::Error),
+    full: impl Fn(),
     mut serve: F,
 ) where
     F: FnMut(Admitted, SocketAddr) -> Fut,
@@ -103,9 +113,23 @@ pub async fn accept<F, Fut>(
 {
     let places = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
     let mut stopped = std::pin::pin!(stopped);
+    let place = || async {
+        if let Ok(place) = places.clone().try_acquire_owned() {
+            return Ok(place);
+        }
+        let mut waiting = std::pin::pin!(places.clone().acquire_owned());
+        loop {
+            // Asked again each second: a connection busy at the last ask
+            // may be idle now.
+            full();
+            if let Ok(place) = tokio::time::timeout(Duration::from_secs(1), &mut waiting).await {
+                return place;
+            }
+        }
+    };
     loop {
         let accepted = tokio::select! {
-            place = places.clone().acquire_owned() => match place {
+            place = place() => match place {
                 Ok(place) => tokio::select! {
                     accepted = listener.accept() => accepted.map(|a| (a, place)),
                     () = &mut stopped => return,
@@ -226,14 +250,27 @@ impl Front {
             http2,
             first: header_read_timeout.unwrap_or(limits.idle),
             limits,
+            room: Notify::new(),
+            rooms: AtomicUsize::new(0),
         }
+    }
+
+    /// Closes the connections with no request open (kept-alive HTTP/1.1
+    /// ones between requests, HTTP/2 ones with no stream open, the latter
+    /// with a `GOAWAY`), so that their places go to new connections; those
+    /// that have not sent their first request yet are left their time for
+    /// it.
+    pub fn make_room(&self) {
+        self.rooms.fetch_add(1, Ordering::Release);
+        self.room.notify_waiters();
     }
 
     /// Serves `io` with `service` until the connection ends. When `stop`
     /// turns true, when no first request comes in time, when the
     /// connection has had no request open (none started, none whose
-    /// response was still being sent) since the idle timer last fired, or
-    /// when its HTTP/2 client resets its requests early (see
+    /// response was still being sent) since the idle timer last fired, when
+    /// room is wanted ([`make_room`](Front::make_room)) while it has none
+    /// open, or when its HTTP/2 client resets its requests early (see
     /// [`RESETS_JUDGED_AFTER`]), it finishes the requests it is serving
     /// for at most the grace and closes (over HTTP/2 with a `GOAWAY`).
     /// When every request open waits for the client to take its response
@@ -285,6 +322,9 @@ impl Front {
             Box::pin(self.http1.serve_connection(io, service).with_upgrades())
         };
         let mut reset_early = std::pin::pin!(requests.reset_early.notified());
+        let mut room = std::pin::pin!(self.room.notified());
+        // The asks seen: none yet, so the first poll registers for them.
+        let mut rooms = None;
         let mut counted = 0;
         let mut stall = stall.map(Stall::new);
         let (mut waiting, mut watching) = (false, false);
@@ -315,6 +355,18 @@ impl Front {
             if let Some(stall) = &mut stall {
                 if stall.poll(&requests, cx).is_ready() {
                     return Poll::Ready(End::Now);
+                }
+            }
+            let asked = self.rooms.load(Ordering::Acquire);
+            if rooms != Some(asked) {
+                rooms = Some(asked);
+                if room.as_mut().poll(cx).is_ready() {
+                    if requests.open.load(Ordering::Relaxed) == 0 {
+                        return Poll::Ready(End::Gracefully { stop: false });
+                    }
+                    // Busy: waits for the next ask.
+                    room.set(self.room.notified());
+                    let _ = room.as_mut().poll(cx);
                 }
             }
             if !waiting || stop.has_changed().unwrap_or(true) {
