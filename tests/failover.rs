@@ -1890,11 +1890,12 @@ async fn the_per_try_timeout_runs_from_the_end_of_a_streamed_upload() {
     assert_eq!((took, timeouts), (Duration::from_secs(9), 1));
 }
 
-/// A streamed upload through `failover` (with a 10 s backoff) to `a`,
-/// which answers 503 after its first part and reads on, then `b`: the
-/// response, what `a` read on after its answer, and what `b` received.
-async fn read_on_during_a_pause(
+/// A streamed upload through `failover` to `a`, which answers 503 after
+/// its first part and reads on, then (`with_b`) to `b`: the response, what
+/// `a` read on after its answer, and what `b` received.
+async fn read_on_after_a_503(
     failover: FailoverLayer,
+    with_b: bool,
 ) -> (Response<()>, Vec<Result<Bytes, String>>, Bytes) {
     type Body = ReplayBody<BoxBody>;
     let read_on = Arc::new(Mutex::new(Vec::new()));
@@ -1934,14 +1935,16 @@ async fn read_on_during_a_pause(
     };
     let pool = Pool::new();
     pool.insert("a", BoxCloneSyncService::new(failed));
-    pool.insert("b", BoxCloneSyncService::new(whole));
+    if with_b {
+        pool.insert("b", BoxCloneSyncService::new(whole));
+    }
     let stack = ServiceBuilder::new()
         .layer(
             BufferBodyLayer::new()
                 .limit(8)
                 .stream_when_idle(Some(Duration::from_millis(1))),
         )
-        .layer(failover.backoff(Backoff::constant(Duration::from_secs(10))))
+        .layer(failover)
         .service(Balance::new(pool, RoundRobin::new()));
     let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
     let body = BodyExt::boxed(http_body_util::StreamBody::new(futures::StreamExt::map(
@@ -1972,7 +1975,8 @@ async fn read_on_during_a_pause(
 /// the pause is kept for the retry.
 #[tokio::test(start_paused = true)]
 async fn a_body_read_on_by_a_failed_attempt_during_a_pause_is_kept_for_the_retry() {
-    let (response, read_on, received) = read_on_during_a_pause(FailoverLayer::new()).await;
+    let pause = FailoverLayer::new().backoff(Backoff::constant(Duration::from_secs(10)));
+    let (response, read_on, received) = read_on_after_a_503(pause, true).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(served_by(&response), "b");
     assert_eq!(received, "123456789abcd");
@@ -1980,15 +1984,25 @@ async fn a_body_read_on_by_a_failed_attempt_during_a_pause_is_kept_for_the_retry
     assert!(matches!(&read_on[..], [Err(_)]), "{read_on:?}");
 }
 
-/// A retry the budget refuses makes no copy: the failed attempt's body
-/// goes on to its end (its 503 is the answer).
+/// A retry that does not happen leaves the failed attempt's body whole,
+/// so that it goes on to its end (its 503 is the answer): one the budget
+/// refuses, before a pause or without one (where the copy for it was made
+/// before the budget was asked), and one that finds no other backend.
 #[tokio::test(start_paused = true)]
-async fn a_retry_the_budget_refuses_leaves_the_failed_attempts_body_whole() {
-    let no_retries = FailoverLayer::new().budget(RetryBudget::new(0.0, 0));
-    let (response, read_on, received) = read_on_during_a_pause(no_retries).await;
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(read_on, [Ok(Bytes::from_static(b"56789abcd"))]);
-    assert_eq!(received, "");
+async fn a_retry_that_does_not_happen_leaves_the_failed_attempts_body_whole() {
+    let refused = || FailoverLayer::new().budget(RetryBudget::new(0.0, 0));
+    let pause = Backoff::constant(Duration::from_secs(10));
+    for (failover, with_b) in [
+        (refused().backoff(pause), true),
+        (refused(), true),
+        (FailoverLayer::new(), false),
+        (FailoverLayer::new().backoff(pause), false),
+    ] {
+        let (response, read_on, received) = read_on_after_a_503(failover, with_b).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(read_on, [Ok(Bytes::from_static(b"56789abcd"))]);
+        assert_eq!(received, "");
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -70,6 +70,14 @@ pub trait Replay: Sized {
     fn is_replayable(&self) -> bool {
         self.replay().is_some()
     }
+
+    /// Called when no attempt follows and the copies made since the last
+    /// one that was sent were not (the retry they were made for did not
+    /// happen: the budget refused it, no backend was left): the right to
+    /// send the body goes back to the copy that was sent, whose backend
+    /// may still be reading it. By default nothing: a clone holds no such
+    /// right.
+    fn give_back(&self) {}
 }
 
 impl<T: Clone> Replay for T {
@@ -94,9 +102,11 @@ impl<T: Clone> Replay for T {
 /// A body passed on before its end keeps the frames a backend takes while
 /// they fit in the limit: until a backend reads past it, a new copy can be
 /// made, which sends them again, then the rest. Of such copies, only the
-/// one [`replay`](Replay::replay) made last may be sent: an earlier copy,
-/// read after it was made, fails with an error rather than take the body
-/// from the attempt it was made for.
+/// one [`replay`](Replay::replay) made last may be sent (or, after
+/// [`give_back`](Replay::give_back), the one sent before it): an earlier
+/// copy, read after it was made, fails with an error rather than take the
+/// body from the attempt it was made for. A copy waiting for the body's
+/// next frame is woken to learn so when the later copy is first read from.
 pub struct ReplayBody<B> {
     kind: Kind<B>,
 }
@@ -195,9 +205,14 @@ struct Shared<B> {
     whole: bool,
     body: Pin<Box<B>>,
     ended: bool,
+    /// The copy that may send the body: the last one made, or the one
+    /// before it again (see [`Replay::give_back`]).
     live: u64,
+    /// The last copy that was read from: until the live copy is, the one
+    /// it superseded is not told (it may be given the body back).
+    taken: u64,
     /// The task of the copy waiting for the body's next frame: woken when
-    /// a later copy takes its place, so that it learns it is superseded.
+    /// a later copy is first read from, so that it learns it is superseded.
     waiting: Option<Waker>,
 }
 
@@ -340,6 +355,17 @@ impl<B> Replay for ReplayBody<B> {
         }
     }
 
+    fn give_back(&self) {
+        if let Kind::Once { shared, .. } = &self.kind {
+            let mut shared = shared.lock();
+            // Not told it was superseded (that happens at the live copy's
+            // first read), the copy sent last reads on.
+            if shared.taken != shared.live {
+                shared.live = shared.taken;
+            }
+        }
+    }
+
     fn replay(&self) -> Option<Self> {
         match &self.kind {
             Kind::Buffered {
@@ -366,11 +392,7 @@ impl<B> Replay for ReplayBody<B> {
                 shared.live += 1;
                 progress.reset();
                 let copy = shared.live;
-                let waiting = shared.waiting.take();
                 drop(shared);
-                if let Some(waiting) = waiting {
-                    waiting.wake();
-                }
                 Some(ReplayBody {
                     kind: Kind::Once {
                         shared: arc.clone(),
@@ -433,6 +455,13 @@ where
                 }
                 if shared.live != *copy {
                     return Poll::Ready(Some(Err(NotSendable::Superseded.into())));
+                }
+                if shared.taken != *copy {
+                    // First read: the copy it superseded learns it now.
+                    shared.taken = *copy;
+                    if let Some(waiting) = shared.waiting.take() {
+                        waiting.wake();
+                    }
                 }
                 let sent = sent.get_or_insert(0);
                 if let Some(kept) = shared.kept.get(*sent) {
@@ -762,6 +791,7 @@ where
             body,
             ended: false,
             live: 0,
+            taken: 0,
             waiting: None,
         };
         ReplayBody {
@@ -1583,7 +1613,8 @@ mod tests {
     }
 
     /// A copy waiting for the client's next frame learns at once that a
-    /// later copy took its place, rather than waiting on.
+    /// later copy took its place (was first read from), rather than
+    /// waiting on.
     #[tokio::test]
     async fn a_waiting_copy_is_woken_when_it_is_superseded() {
         struct Woken(std::sync::atomic::AtomicBool);
@@ -1602,12 +1633,59 @@ mod tests {
         let waker = std::task::Waker::from(woken.clone());
         let mut cx = Context::from_waker(&waker);
         assert!(Pin::new(&mut copy).poll_frame(&mut cx).is_pending());
-        let _next = body.replay().unwrap();
+        let mut next = body.replay().unwrap();
+        assert!(!woken.0.load(std::sync::atomic::Ordering::SeqCst));
+        // Read from: it sends what is kept first.
+        assert_eq!(
+            next.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "part"
+        );
         assert!(woken.0.load(std::sync::atomic::Ordering::SeqCst));
         let Poll::Ready(Some(Err(err))) = Pin::new(&mut copy).poll_frame(&mut cx) else {
             panic!("the superseded copy went on");
         };
         assert_eq!(err.to_string(), "request body handed to a later attempt");
+    }
+
+    /// A copy made for a retry that did not happen, never read from, gives
+    /// the body back to the copy sent before it, which reads on; one that
+    /// was read from keeps it.
+    #[tokio::test]
+    async fn a_copy_never_read_gives_the_body_back() {
+        let (tx, body) = paused_after(b"part").await;
+        let mut sent = body.replay().unwrap();
+        assert_eq!(
+            sent.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "part"
+        );
+        // Two copies for retries that did not happen.
+        drop(body.replay().unwrap());
+        let unread = body.replay().unwrap();
+        body.give_back();
+        tx.send(part(b"more")).unwrap();
+        assert_eq!(
+            sent.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "more"
+        );
+        drop(unread);
+
+        let mut retry = body.replay().unwrap();
+        let mut kept = Vec::new();
+        for _ in 0..2 {
+            kept.push(retry.frame().await.unwrap().unwrap().into_data().unwrap());
+        }
+        assert_eq!(kept, ["part", "more"]);
+        body.give_back();
+        tx.send(part(b"end")).unwrap();
+        let superseded = sent.frame().await.unwrap().unwrap_err();
+        assert_eq!(
+            superseded.to_string(),
+            "request body handed to a later attempt"
+        );
+        assert_eq!(
+            retry.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "end"
+        );
     }
 
     /// Trailers read before the body paused end it: it is held whole,

@@ -729,6 +729,9 @@ where
     /// Ends the attempts: the last failed response if the last failure was
     /// one, else the list of failures.
     fn give_up(&mut self, reason: Option<BoxError>) -> Result<Response<RB>, BoxError> {
+        if let Some(template) = &self.template {
+            template.body.give_back();
+        }
         if self.budget_spent {
             bump(&self.config.counters.budget_refusals);
         }
