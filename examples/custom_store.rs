@@ -69,6 +69,9 @@ impl SessionStore for KvStore {
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let db_key = Self::db_key(&session.key)?;
+            // Data nested deeper than `load`'s JSON reader reads would be
+            // saved and then lost: refused (`is_rejected`) instead.
+            session.check_depth()?;
             let bytes = serde_json::to_vec(session).map_err(StoreError::other)?;
             self.db.write().await.insert(db_key, bytes);
             Ok(())

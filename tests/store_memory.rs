@@ -12,6 +12,48 @@ async fn memory_store_passes_the_contract() {
     support::store_contract::refresh_keeps_a_newer_record(&with_ttl).await;
 }
 
+/// The contract catches a store that saves data nested deeper than its
+/// JSON reader reads back, and then loses the session as corrupt: a store
+/// over a map of JSON records that does not check the depth.
+#[tokio::test]
+#[should_panic(expected = "read back")]
+async fn the_contract_catches_deep_data_saved_and_lost() {
+    use parking_lot::Mutex;
+    use std::collections::BTreeMap;
+    use tower_ha::store::{Loaded, Session, SessionStore, StoreError, StoreFuture};
+
+    #[derive(Default)]
+    struct Json(Mutex<BTreeMap<String, Vec<u8>>>);
+    impl SessionStore for Json {
+        fn load<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Session>> {
+            let record = self.0.lock().get(key).cloned();
+            Box::pin(async move {
+                record
+                    .map(|bytes| serde_json::from_slice(&bytes).map_err(StoreError::corrupt))
+                    .transpose()
+            })
+        }
+        fn load_all(&self) -> StoreFuture<'_, Loaded> {
+            Box::pin(async { Ok(Loaded::default()) })
+        }
+        fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
+            let bytes = serde_json::to_vec(session).map_err(StoreError::other);
+            Box::pin(async move {
+                self.0.lock().insert(session.key.clone(), bytes?);
+                Ok(())
+            })
+        }
+        fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+            let mut map = self.0.lock();
+            for key in keys {
+                map.remove(key);
+            }
+            Box::pin(async { Ok(()) })
+        }
+    }
+    support::store_contract::deep_data_is_refused_or_read_back(&Json::default()).await;
+}
+
 #[tokio::test]
 async fn clones_share_sessions() {
     use tower_ha::store::{Session, SessionStore};

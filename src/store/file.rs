@@ -438,7 +438,7 @@ impl SessionStore for FileStore {
 
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         let dir = self.dir.clone();
-        let encoded = super::check_depth(session).and_then(|()| {
+        let encoded = session.check_depth().and_then(|()| {
             let bytes = serde_json::to_vec_pretty(session).map_err(|e| {
                 StoreError::other(e).with_message("session cannot be encoded as JSON")
             })?;

@@ -114,7 +114,7 @@ impl MemoryStore {
             record.session.last_seen = record.session.last_seen.max(session.last_seen);
             return Ok(());
         }
-        super::check_depth(session)?;
+        session.check_depth()?;
         let record = Record {
             session: session.clone(),
             expires: self.expires(now),

@@ -68,7 +68,8 @@ const MAX_READ: usize = 64 * 1024 * 1024;
 /// at 128 levels for a whole document, a record's outline included): a
 /// record nested deeper could be written but never read back. Every store
 /// of this crate refuses to save such a session, with an error that
-/// [`is_rejected`](StoreError::is_rejected), and keeps its record as it was.
+/// [`is_rejected`](StoreError::is_rejected), and keeps its record as it was
+/// ([`Session::check_depth`], for a store of your own).
 pub const MAX_DATA_DEPTH: usize = 100;
 
 /// Refuses a record of `len` bytes that a store could write but never
@@ -82,28 +83,6 @@ fn check_size(len: usize) -> Result<(), StoreError> {
             MAX_READ - ROOM
         ))
         .with_message("session cannot be stored"));
-    }
-    Ok(())
-}
-
-/// Refuses `session` when its data nests deeper than [`MAX_DATA_DEPTH`].
-fn check_depth(session: &Session) -> Result<(), StoreError> {
-    use serde_json::Value;
-    // Without recursion: the data may be nested deep enough to overflow
-    // the stack of a recursive walk.
-    let mut stack = vec![(&session.data, 0)];
-    while let Some((value, depth)) = stack.pop() {
-        match value {
-            Value::Array(_) | Value::Object(_) if depth == MAX_DATA_DEPTH => {
-                return Err(StoreError::rejected(format!(
-                    "the session's data nests deeper than {MAX_DATA_DEPTH} levels"
-                ))
-                .with_message("session cannot be stored"));
-            }
-            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
-            Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
-            _ => {}
-        }
     }
     Ok(())
 }
@@ -323,6 +302,45 @@ impl Session {
         self.data = data;
         self
     }
+
+    /// Refuses the session, with an error that
+    /// [`is_rejected`](StoreError::is_rejected), when its data nests
+    /// deeper than [`MAX_DATA_DEPTH`]: a record a JSON reader would not
+    /// read back. Every store of this crate checks it before it saves; call
+    /// it in your own store's [`save`](SessionStore::save) too, unless it
+    /// reads any depth back.
+    ///
+    /// ```
+    /// use serde_json::json;
+    /// use tower_ha::store::{Session, MAX_DATA_DEPTH};
+    ///
+    /// let mut data = json!("bottom");
+    /// for _ in 0..=MAX_DATA_DEPTH {
+    ///     data = json!([data]);
+    /// }
+    /// let session = Session::new("s1", "node-a".into()).with_data(data);
+    /// assert!(session.check_depth().unwrap_err().is_rejected());
+    /// ```
+    pub fn check_depth(&self) -> Result<(), StoreError> {
+        use serde_json::Value;
+        // Without recursion: the data may be nested deep enough to overflow
+        // the stack of a recursive walk.
+        let mut stack = vec![(&self.data, 0)];
+        while let Some((value, depth)) = stack.pop() {
+            match value {
+                Value::Array(_) | Value::Object(_) if depth == MAX_DATA_DEPTH => {
+                    return Err(StoreError::rejected(format!(
+                        "the session's data nests deeper than {MAX_DATA_DEPTH} levels"
+                    ))
+                    .with_message("session cannot be stored"));
+                }
+                Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
+                Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The result of [`SessionStore::load_all`]: the sessions that could be
@@ -511,7 +529,7 @@ mod tests {
             /// What a store writes reads back as the same session.
             #[test]
             fn records_read_back_as_written(session in sessions()) {
-                prop_assert!(check_depth(&session).is_ok());
+                prop_assert!(session.check_depth().is_ok());
                 let json = serde_json::to_vec(&session).unwrap();
                 let back: Session = serde_json::from_slice(&json).unwrap();
                 prop_assert_eq!(back, session);
@@ -526,7 +544,7 @@ mod tests {
             ) {
                 let data = nested(d, leaf);
                 let session = Session::new("k", "b".into()).with_data(data.clone());
-                let refused = check_depth(&session).is_err();
+                let refused = session.check_depth().is_err();
                 prop_assert_eq!(refused, depth(&data) > MAX_DATA_DEPTH);
                 if !refused {
                     let json = serde_json::to_vec(&session).unwrap();

@@ -1215,7 +1215,7 @@ fn redact(url: &str) -> String {
 /// A session's record: its JSON, refused when too deep or too large for
 /// any store of this crate to read back.
 fn encode(session: &Session) -> Result<Vec<u8>, StoreError> {
-    super::check_depth(session)?;
+    session.check_depth()?;
     let json = serde_json::to_vec(session)
         .map_err(|e| StoreError::other(e).with_message("session cannot be encoded as JSON"))?;
     super::check_size(json.len())?;

@@ -481,7 +481,7 @@ impl SessionStore for WebhookStore {
 
     fn save<'a>(&'a self, session: &'a Session) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            super::check_depth(session)?;
+            session.check_depth()?;
             let mut body = serde_json::Map::new();
             let record = serde_json::to_value(session).map_err(|e| {
                 StoreError::other(e).with_message("session cannot be encoded as JSON")

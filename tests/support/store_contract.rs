@@ -60,6 +60,32 @@ pub async fn refuses_data_nested_too_deep(store: &dyn SessionStore) {
     store.delete(&["deep".into()]).await.expect("delete");
 }
 
+/// Data nested deeper than a JSON reader reads back (200 levels, past
+/// `serde_json`'s 128) is refused when saved, or read back exactly: never
+/// saved and then lost as a corrupt record.
+pub async fn deep_data_is_refused_or_read_back(store: &dyn SessionStore) {
+    let mut data = json!("bottom");
+    for _ in 0..200 {
+        data = json!([data]);
+    }
+    let deep = Session::new("deeper", "node-a".into()).with_data(data);
+    match store.save(&deep).await {
+        Err(err) => {
+            assert!(err.is_rejected(), "{err:?}");
+            assert!(store.load("deeper").await.expect("load").is_none());
+        }
+        Ok(()) => {
+            let back = store
+                .load("deeper")
+                .await
+                .expect("read back")
+                .expect("found");
+            assert_eq!(back.data, deep.data);
+            store.delete(&["deeper".into()]).await.expect("delete");
+        }
+    }
+}
+
 /// What the crate's stores add for a store shared by several replicas: a
 /// refresh renews the record as it is stored, and does not write the
 /// refreshed copy over a newer one (a move another replica saved since).
@@ -80,6 +106,7 @@ pub async fn run(store: Arc<dyn SessionStore>) {
     empty_store_loads_nothing(&*store).await;
     save_then_load_round_trips(&*store).await;
     data_round_trips_exactly_up_to_the_deepest_nesting(&*store).await;
+    deep_data_is_refused_or_read_back(&*store).await;
     save_replaces(&*store).await;
     load_all_returns_every_session(&*store).await;
     delete_many_ignores_absent_keys(&*store).await;
