@@ -14,6 +14,10 @@ const EMPTY: u32 = u32::MAX;
 /// A Maglev table: `table[hash % size]` is a member index.
 pub(super) struct Maglev {
     table: Vec<u32>,
+    /// Whether each member owns a slot: one far lighter than another (a
+    /// weight ratio past the table's size), or one of more members than
+    /// slots, owns none.
+    owns: Vec<bool>,
 }
 
 impl Maglev {
@@ -24,7 +28,10 @@ impl Maglev {
     /// order.
     pub(super) fn build(members: &Members, size: u64) -> Maglev {
         if members.is_empty() {
-            return Maglev { table: Vec::new() };
+            return Maglev {
+                table: Vec::new(),
+                owns: Vec::new(),
+            };
         }
         let mut order: Vec<usize> = (0..members.len()).collect();
         order.sort_unstable_by(|&a, &b| members[a].id().cmp(members[b].id()));
@@ -73,7 +80,11 @@ impl Maglev {
                 }
             }
         }
-        Maglev { table }
+        let mut owns = vec![false; members.len()];
+        for &owner in &table {
+            owns[owner as usize] = true;
+        }
+        Maglev { table, owns }
     }
 
     pub(super) fn len(&self) -> usize {
@@ -114,8 +125,15 @@ impl Maglev {
         // tried): a pass over the members says which, before a scan of the
         // whole table.
         let any = pick.first_eligible_from(first)?;
-        // Scan the table, then take the member found (a backend may own no
-        // slot when there are more backends than slots).
+        // When no eligible backend owns a slot, a scan of the table would
+        // find none: `any` at once, rather than a pass over every slot for
+        // every request.
+        if !self.owns[any]
+            && !(self.owns.iter().enumerate()).any(|(i, &owns)| owns && pick.is_eligible(i))
+        {
+            return Some(any);
+        }
+        // Scan the table, then take the member found.
         let start = (hash % size) as usize;
         (start..self.table.len())
             .chain(0..start)
@@ -151,6 +169,33 @@ mod tests {
         let mean = 65537.0 / 10.0;
         // Every backend owns 6553 or 6554 slots: far inside the 1.02 asked for.
         assert!(max / mean <= 1.0002, "max/mean = {}", max / mean);
+    }
+
+    /// A backend far lighter than another owns no slot; when the other is
+    /// out, it takes every key, found without a scan of the table.
+    #[test]
+    fn a_backend_that_owns_no_slot_takes_the_keys_when_the_others_are_out() {
+        use crate::key::RequestHead;
+        let pool: Pool<()> = Pool::new();
+        pool.insert_weighted("light", (), 1);
+        pool.insert_weighted("heavy", (), 200_000);
+        let snapshot = pool.snapshot();
+        let m = Maglev::build(snapshot.members(), 65537);
+        let light = snapshot
+            .members()
+            .iter()
+            .position(|m| m.id().as_str() == "light");
+        let light = light.unwrap();
+        assert!(!m.owns[light] && m.owns[1 - light]);
+        assert!(m.slots().iter().all(|&s| s as usize != light));
+        pool.state(&"heavy".into())
+            .unwrap()
+            .set_health(crate::HealthStatus::Unhealthy);
+        let req = http::Request::new(());
+        let pick = Pick::new(RequestHead::from(&req), snapshot.members(), None);
+        for hash in [0, 1, u64::MAX, 0x9e37_79b9_7f4a_7c15] {
+            assert_eq!(m.pick(hash, &pick), Some(light));
+        }
     }
 
     #[test]
