@@ -677,6 +677,81 @@ fn concurrent_requests_never_exceed_a_backends_limit() {
     }
 }
 
+/// Requests picked on four threads while a fifth changes the pool under
+/// them, with every strategy: backends removed and put back, reweighted,
+/// drained, disabled and enabled again. Every request is answered, by the
+/// backend `ServedBy` names, never `NoBackend` while four backends nobody
+/// touches are there, and never by one disabled, draining or removed for
+/// the whole run; nothing panics.
+#[test]
+fn picks_hold_while_the_pool_changes_under_them() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::AtomicBool;
+
+    fn run<P: Strategy>(strategy: P) {
+        let pool = pool_of(16);
+        let state = |i: usize| pool.state(&format!("b{i}").into());
+        // Out for the whole run.
+        state(12).unwrap().set_admin(AdminStatus::Disabled);
+        state(13).unwrap().set_admin(AdminStatus::Disabled);
+        state(14).unwrap().set_admin(AdminStatus::Draining);
+        pool.remove(&"b15".into());
+        let out = ["b12", "b13", "b14", "b15"];
+        let balance = Balance::new(pool.clone(), strategy);
+        let done = AtomicBool::new(false);
+        let served = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for thread in 0..4u64 {
+                let (balance, done, served) = (&balance, &done, &served);
+                scope.spawn(move || {
+                    let mut rng = rand::rngs::SmallRng::seed_from_u64(thread);
+                    while !done.load(Ordering::Relaxed) {
+                        let key = format!("k{}", rng.random_range(0..1000));
+                        let key = rng.random_bool(0.8).then_some(key.as_str());
+                        let answered = block_on(balance.clone().oneshot(request(key)));
+                        let response = answered.unwrap_or_else(|e| panic!("{e}"));
+                        let by = &response.extensions().get::<ServedBy>().unwrap().0;
+                        assert_eq!(response.body(), by.as_str());
+                        assert!(!out.contains(&by.as_str()), "served by {by}");
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(99);
+            for _ in 0..3000 {
+                let i = rng.random_range(4..12);
+                let id = BackendId::from(format!("b{i}"));
+                match rng.random_range(0..6) {
+                    0 => {
+                        pool.remove(&id);
+                    }
+                    1 if !pool.contains(&id) => pool.insert(id.clone(), named(id.to_string())),
+                    2 => {
+                        pool.set_weight(&id, rng.random_range(1..20));
+                    }
+                    n => {
+                        if let Some(state) = pool.state(&id) {
+                            state.set_admin(match n {
+                                3 => AdminStatus::Draining,
+                                4 => AdminStatus::Disabled,
+                                _ => AdminStatus::Enabled,
+                            });
+                        }
+                    }
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        assert!(served.load(Ordering::Relaxed) > 0);
+    }
+    run(RoundRobin::new());
+    run(Random::new());
+    run(LeastRequest::new());
+    run(WeightedRoundRobin::new());
+    run(ConsistentHash::ring(key::header("x-key")));
+    run(ConsistentHash::maglev(key::header("x-key")).table_size(1009));
+}
+
 #[test]
 fn empty_pool_answers_no_backend_at_once() {
     let pool: Pool<Svc> = Pool::new();
