@@ -407,6 +407,60 @@ impl GroupConfig {
         }
         Balance::new(pool, self.strategy())
     }
+
+    /// Builds the group again from this (changed) configuration, keeping
+    /// what the `running` group's pool knows of each backend that stays:
+    /// the new pool shares its state (admin status, a drain's deadline,
+    /// health, ejection, weight, limit and requests in flight) and its
+    /// service (with its connections), where [`build`](Self::build) would
+    /// start each backend afresh, enabled and healthy. Only the backends
+    /// this configuration adds are made by `make`. Register the result in
+    /// the running group's place with
+    /// [`Handle::replace_group`](crate::control::Handle::replace_group), and
+    /// start its checker over the new pool (the old checker may run on
+    /// until then: both judge the shared states). An active-passive
+    /// group's `Priority` is new: its primary is the first available
+    /// backend of the new order, and a forced primary is not kept.
+    ///
+    /// ```
+    /// use tower_ha::config::GroupConfig;
+    /// use tower_ha::control::GroupMode;
+    /// use tower_ha::{AdminStatus, BackendId};
+    ///
+    /// let make = |_: &BackendId| ();
+    /// let before = GroupConfig::new("app", GroupMode::Normal, ["a", "b", "c"]);
+    /// let running = before.build(make);
+    /// running.pool().state(&"b".into()).unwrap().set_admin(AdminStatus::Draining);
+    ///
+    /// // `c` leaves, `d` comes; `b` is still draining.
+    /// let after = GroupConfig::new("app", GroupMode::Normal, ["a", "b", "d"]);
+    /// let rebuilt = after.rebuild(running.pool(), make);
+    /// assert_eq!(rebuilt.pool().ids(), ["a".into(), "b".into(), "d".into()]);
+    /// let b = rebuilt.pool().state(&"b".into()).unwrap();
+    /// assert_eq!(b.admin(), AdminStatus::Draining);
+    /// ```
+    pub fn rebuild<S, F>(&self, running: &Pool<S>, mut make: F) -> Balance<S, GroupStrategy>
+    where
+        S: Clone + Send + Sync + 'static,
+        F: FnMut(&BackendId) -> S,
+    {
+        let snapshot = running.snapshot();
+        let pool = Pool::new();
+        for id in self.backends.iter().map(BackendId::from) {
+            let kept = snapshot.members().index_of(&id).and_then(|i| {
+                let state = snapshot.members().get(i)?.state().clone();
+                Some((snapshot.service(i)?.clone(), state))
+            });
+            match kept {
+                Some((service, state)) => pool.insert_with_state(id, service, state),
+                None => {
+                    let service = make(&id);
+                    pool.insert(id, service);
+                }
+            }
+        }
+        Balance::new(pool, self.strategy())
+    }
 }
 
 /// Invalid or unreadable configuration.

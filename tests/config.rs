@@ -867,6 +867,68 @@ async fn a_groups_health_check_may_close_tunnels_when_a_backend_goes_down() {
     }
 }
 
+/// A configuration reloaded: the group rebuilt from the new one keeps what
+/// the running group knew of the backends that stay (a drain and its
+/// deadline, a disable, a weight, a health), takes the new backend, drops
+/// the one that left, and takes the running group's place in the handle
+/// in one step.
+#[tokio::test(start_paused = true)]
+async fn a_reloaded_group_keeps_its_backends_states() {
+    use tower_ha::AdminStatus;
+
+    let yaml = |backends: &str| {
+        Config::from_yaml(&format!(
+            "failover_groups:\n  - {{name: app, mode: normal, backends: [{backends}]}}\n"
+        ))
+        .unwrap()
+    };
+    let before = yaml("a, b, c, e");
+    let running = before.failover_groups[0].build(named);
+    let handle = Handle::new(Events::default()).drain_deadline(Some(Duration::from_secs(10)));
+    handle.add_group("app", &running).unwrap();
+    handle
+        .add_group("other", &yaml("x").failover_groups[0].build(named))
+        .unwrap();
+    handle.drain(&"b".into()).unwrap();
+    handle.disable(&"c".into()).unwrap();
+    handle.set_weight(&"a".into(), 5).unwrap();
+    running
+        .pool()
+        .state(&"e".into())
+        .unwrap()
+        .set_health(HealthStatus::Unhealthy);
+
+    // `c` leaves, `d` comes.
+    let after = yaml("a, b, d, e");
+    let rebuilt = after.failover_groups[0].rebuild(running.pool(), named);
+    handle.replace_group("app", &rebuilt).unwrap();
+    let names: Vec<String> = handle.group_names().iter().map(|n| n.to_string()).collect();
+    assert_eq!(names, ["app", "other"]);
+    let stats = handle.group_stats("app").unwrap();
+    let ids: Vec<_> = stats.backends.iter().map(|b| b.id.to_string()).collect();
+    assert_eq!(ids, ["a", "b", "d", "e"]);
+    let state = |id: &str| rebuilt.pool().state(&id.into()).unwrap();
+    assert_eq!(state("a").weight(), 5);
+    assert_eq!(state("b").admin(), AdminStatus::Draining);
+    assert_eq!(state("d").admin(), AdminStatus::Enabled);
+    assert_eq!(state("e").health(), HealthStatus::Unhealthy);
+    // Only `a` and `d` take requests.
+    for _ in 0..6 {
+        let answer = rebuilt.clone().oneshot(Request::new(())).await.unwrap();
+        assert!(
+            ["a", "d"].contains(&answer.body().as_str()),
+            "{}",
+            answer.body()
+        );
+    }
+    // The drain ends at its deadline in the rebuilt group.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(state("b").admin(), AdminStatus::Disabled);
+    // A group the handle does not have is refused.
+    let err = handle.replace_group("nope", &rebuilt).unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+}
+
 /// Defaults built on other defaults: a merged mapping's own merge key is
 /// applied too, each level below the keys written before it.
 #[test]

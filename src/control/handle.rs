@@ -366,6 +366,16 @@ fn held_states(inner: &Inner, id: &BackendId) -> Vec<(Arc<BackendState>, bool)> 
 /// pool holds it live, and what else it tells of it), each with whether a
 /// pool holds it live and what `each` told of it first: the live ones
 /// first, then those only kept for the backend's return.
+/// The [`Priority`] of an active-passive group's balancer: its strategy,
+/// or the one a [`GroupStrategy`](super::GroupStrategy) holds.
+fn priority_of<S, P: Strategy>(balance: &Balance<S, P>) -> Option<Priority> {
+    let strategy: &dyn Any = balance.strategy();
+    strategy
+        .downcast_ref::<Priority>()
+        .cloned()
+        .or_else(|| super::group_priority(strategy))
+}
+
 fn gather<T>(
     inner: &Inner,
     mut each: impl FnMut(&dyn PoolOps) -> Option<(Arc<BackendState>, bool, T)>,
@@ -461,12 +471,7 @@ impl Handle {
         S: Clone + Send + Sync + 'static,
         P: Strategy,
     {
-        let strategy: &dyn Any = balance.strategy();
-        let priority = strategy
-            .downcast_ref::<Priority>()
-            .cloned()
-            .or_else(|| super::group_priority(strategy));
-        self.add_pool(name, balance.pool().clone(), priority)
+        self.add_pool(name, balance.pool().clone(), priority_of(balance))
     }
 
     /// Registers the group `name` over `pool`, active-passive when
@@ -486,6 +491,21 @@ impl Handle {
         if groups.iter().any(|g| g.name == name) {
             return Err(ControlError::DuplicateGroup(name.to_string()));
         }
+        groups.push(self.group_of(name, pool, priority)?);
+        Ok(())
+    }
+
+    /// The group `name` over `pool`, checked as [`add_pool`](Self::add_pool)
+    /// checks it.
+    fn group_of<S>(
+        &self,
+        name: Arc<str>,
+        pool: Pool<S>,
+        priority: Option<Priority>,
+    ) -> Result<Arc<Group>, ControlError>
+    where
+        S: Clone + Send + Sync + 'static,
+    {
         if let Some(p) = &priority {
             if *p.name() != name {
                 return Err(ControlError::GroupName {
@@ -497,11 +517,41 @@ impl Handle {
                 return Err(ControlError::OtherEventStream(name.to_string()));
             }
         }
-        groups.push(Arc::new(Group {
+        Ok(Arc::new(Group {
             name,
             pool: Box::new(pool),
             priority,
-        }));
+        }))
+    }
+
+    /// Puts `balance` in the place of the registered group `name`, in one
+    /// step, as a configuration reload needs: no action or stats call in
+    /// between finds the group missing (as one between
+    /// [`remove_group`](Self::remove_group) and
+    /// [`add_group`](Self::add_group) would), and it keeps its place in the
+    /// order of groups. Checked as `add_group` checks a group. Build
+    /// `balance` with [`GroupConfig::rebuild`](crate::config::GroupConfig::rebuild)
+    /// (or over [`BackendState`](crate::BackendState)s shared with the
+    /// running group's pool) so that its backends keep their admin status,
+    /// drains and health; a drain under way ends at its deadline in both
+    /// pools. The replaced group's `Balance` still serves whoever holds it.
+    pub fn replace_group<S, P>(
+        &self,
+        name: &str,
+        balance: &Balance<S, P>,
+    ) -> Result<(), ControlError>
+    where
+        S: Clone + Send + Sync + 'static,
+        P: Strategy,
+    {
+        let priority = priority_of(balance);
+        let mut groups = self.inner.groups.write();
+        let at = groups
+            .iter()
+            .position(|g| &*g.name == name)
+            .ok_or_else(|| ControlError::UnknownGroup(name.to_owned()))?;
+        let name = groups[at].name.clone();
+        groups[at] = self.group_of(name, balance.pool().clone(), priority)?;
         Ok(())
     }
 
