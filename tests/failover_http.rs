@@ -175,12 +175,12 @@ async fn a_small_post_body_is_buffered_and_retried() {
     assert_eq!(healthy_bytes, 1024);
 }
 
-/// A backend that never answers is given up by the per-try timeout, not
-/// before it (an upper bound would be a timing claim on real time): the
-/// request is served by the next backend, and the connection to the silent
-/// one is closed rather than left waiting for an answer nobody reads. The
-/// timeout applies to the healthy backend too, so it is long enough for a
-/// loaded machine.
+/// A backend that never answers is given up by the per-try timeout (the
+/// layer counts it; the instant it fires at is checked on paused time in
+/// `tests/failover.rs`): the request is served by the next backend, and
+/// the connection to the silent one is closed rather than left waiting for
+/// an answer nobody reads. The timeout applies to the healthy backend too,
+/// so it is long enough for a loaded machine.
 #[tokio::test]
 async fn a_silent_backend_is_left_for_the_next_and_its_connection_closed() {
     let (silent, silent_seen, mut closed) = silent().await;
@@ -194,14 +194,12 @@ async fn a_silent_backend_is_left_for_the_next_and_its_connection_closed() {
             RoundRobin::new(),
         ));
 
-    let started = tokio::time::Instant::now();
     let response = bounded_real(
         "the request is answered",
         service.oneshot(request(Method::GET, "")),
     )
     .await
     .unwrap();
-    assert!(started.elapsed() >= per_try, "left only at its timeout");
     assert_eq!(layer.stats().per_try_timeouts, 1, "left by the timeout");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(history(&response), ["silent", "healthy"]);
