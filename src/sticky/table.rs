@@ -11,8 +11,9 @@
 //! seeded multiply-fold hasher ([`KeyHasher`]). Lookups borrow the key's
 //! bytes, so a hit allocates nothing and validates no UTF-8. A hit takes
 //! the read lock and updates the entry's
-//! last-seen time with a relaxed atomic store, so hits never contend with
-//! each other. Inserts take the write lock of their shard. When an insert
+//! last-seen time with a relaxed atomic store, so hits never wait for each
+//! other; on several cores they still write their shard's lock word (a
+//! read lock is an atomic add) and the entry's cache line. Inserts take the write lock of their shard. When an insert
 //! finds its shard full it drops an eighth of the shard at once: idle
 //! entries, then those held in memory only (learned values no response
 //! confirmed, records not read), then the others, least recently seen
