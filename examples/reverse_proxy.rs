@@ -170,7 +170,7 @@ default id is a digest of the host and port keyed by the cookie's secret.
   -h, --help               this
 
 Logs go to standard error: the proxy's own lines, the 5xx answers it gave
-and why, and tower-ha's events (backends marked unhealthy, ejected or
+and why (at most 10 a second, the others counted), and tower-ha's events (backends marked unhealthy, ejected or
 restored, requests failed over), at info and above; RUST_LOG sets other
 levels (RUST_LOG=warn, RUST_LOG=info,tower_ha=debug).
 
@@ -781,6 +781,27 @@ fn default_max_connections() -> usize {
     soft.map_or(512, |n| (n / 2).max(1))
 }
 
+/// Whether the 5xx answer given now is logged: the first 10 of each second
+/// are. With the number of those not logged since the last one that was.
+fn server_error_to_log() -> Option<u64> {
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+    /// The second counted from, the lines logged in it, those not logged.
+    static WINDOW: Mutex<Option<(Instant, u32, u64)>> = Mutex::new(None);
+    let now = Instant::now();
+    let mut window = WINDOW.lock().unwrap_or_else(|e| e.into_inner());
+    let (start, logged, unsaid) = window.get_or_insert((now, 0, 0));
+    if now >= *start + Duration::from_secs(1) {
+        (*start, *logged) = (now, 0);
+    }
+    if *logged >= 10 {
+        *unsaid += 1;
+        return None;
+    }
+    *logged += 1;
+    Some(std::mem::take(unsaid))
+}
+
 /// The backend's response, or a gateway error (for a gRPC `call`, a
 /// gRPC answer). Why it failed is logged,
 /// not sent: it names backends and system errors, which are no business of
@@ -794,9 +815,16 @@ fn respond(
         Err(e) => {
             let status = gateway_status(&*e);
             // A client's own error (400, 408) is its business, as nginx
-            // logs it only at `info`: a client cannot fill the log.
+            // logs it only at `info`; and at most 10 of the others a second
+            // are written (standard error blocks the proxy while it is
+            // slow), the rest counted: a client cannot fill the log.
             if status.is_server_error() {
-                tracing::warn!("{status}: {}", Report(&*e));
+                if let Some(unsaid) = server_error_to_log() {
+                    if unsaid > 0 {
+                        tracing::warn!("{unsaid} more 5xx answers not logged");
+                    }
+                    tracing::warn!("{status}: {}", Report(&*e));
+                }
             }
             // A gRPC client reads the outcome from `grpc-status`.
             if let Some(call) = call {
