@@ -82,6 +82,7 @@ struct Options {
     send_timeout: Option<Duration>,
     drain: Duration,
     max_connections: usize,
+    max_buffered: usize,
     http2: bool,
     backends: Vec<String>,
 }
@@ -162,6 +163,10 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            systemd's LimitNOFILE). The rest is left for
                            connections to backends, about one per request in
                            flight: --max-in-flight bounds those
+  --max-buffered MIB       at most MIB MiB of request bodies held at once
+                           for retries (each up to 64 KiB); a body past it
+                           is passed on as it comes, and retried only until
+                           a backend reads it (default 256)
   --drain MS               on SIGINT or SIGTERM: stops accepting, lets each
                            connection finish its request and each WebSocket
                            (or other upgraded) tunnel end, exits when none is
@@ -240,6 +245,7 @@ fn options() -> Options {
         send_timeout: Some(Duration::from_secs(60)),
         drain: Duration::from_secs(10),
         max_connections: default_max_connections(),
+        max_buffered: 256 << 20,
         http2: false,
         backends: Vec::new(),
     };
@@ -311,6 +317,12 @@ fn options() -> Options {
                 o.max_connections = match value("--max-connections").parse() {
                     Ok(n) if n > 0 => n,
                     _ => usage("--max-connections needs a number above 0"),
+                }
+            }
+            "--max-buffered" => {
+                o.max_buffered = match value("--max-buffered").parse::<usize>() {
+                    Ok(mib) if mib > 0 => mib.saturating_mul(1 << 20),
+                    _ => usage("--max-buffered needs a number of MiB above 0"),
                 }
             }
             "--drain" => o.drain = millis(value("--drain"), "--drain").unwrap_or_default(),
@@ -600,7 +612,7 @@ async fn serve<P: Strategy>(o: Options, strategy: P) {
         failover = failover.deadline(deadline);
     }
     let stack = ServiceBuilder::new()
-        .layer(BufferBodyLayer::new())
+        .layer(BufferBodyLayer::new().max_held(o.max_buffered))
         .layer(failover)
         .service(Balance::new(pool.clone(), strategy).queue(o.queue.0, o.queue.1));
 

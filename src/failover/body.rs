@@ -24,6 +24,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -117,6 +118,9 @@ enum Kind<B> {
         data: Option<Bytes>,
         trailers: Option<HeaderMap>,
         len: u64,
+        /// What `data` takes of the layer's [`Budget`], until the last copy
+        /// is dropped.
+        taken: Option<Arc<Taken>>,
     },
     /// A body passed on before its end: what was read, then the rest, sent
     /// by the copy made last (see [`Shared`]).
@@ -210,10 +214,53 @@ struct Shared<B> {
     live: u64,
     /// The last copy that was read from: until the live copy is, the one
     /// it superseded is not told (it may be given the body back).
-    taken: u64,
+    read: u64,
+    /// What `kept` takes of the layer's [`Budget`]: given back as `kept`
+    /// is let go.
+    held: Option<Taken>,
     /// The task of the copy waiting for the body's next frame: woken when
     /// a later copy is first read from, so that it learns it is superseded.
     waiting: Option<Waker>,
+}
+
+/// The bytes the bodies of one [`BufferBodyLayer`] (and its clones) hold,
+/// and their bound ([`BufferBodyLayer::max_held`]).
+#[derive(Debug)]
+struct Budget {
+    held: AtomicUsize,
+    max: usize,
+}
+
+/// Bytes taken from a [`Budget`], given back when dropped.
+#[derive(Debug)]
+struct Taken {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Taken {
+    /// Takes `n` more bytes into `taken` if the budget has room for them
+    /// (always, without a budget); whether it did.
+    fn more(taken: &mut Option<Taken>, n: usize) -> bool {
+        let Some(taken) = taken else { return true };
+        let budget = &taken.budget;
+        let took = budget
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|&held| held <= budget.max)
+            })
+            .is_ok();
+        if took {
+            taken.bytes += n;
+        }
+        took
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// The most frames a body passed on before its end keeps: small frames
@@ -268,7 +315,11 @@ impl<B> Shared<B> {
             }
         };
         let len = self.kept_len.saturating_add(kept.len());
-        if alone || len > self.limit || self.kept.len() >= MAX_KEPT_FRAMES {
+        if alone
+            || len > self.limit
+            || self.kept.len() >= MAX_KEPT_FRAMES
+            || !Taken::more(&mut self.held, kept.len())
+        {
             self.lose_kept();
             return false;
         }
@@ -282,6 +333,7 @@ impl<B> Shared<B> {
     fn lose_kept(&mut self) {
         self.whole = false;
         self.kept = Vec::new();
+        self.held = None;
     }
 }
 
@@ -314,6 +366,7 @@ impl<B> ReplayBody<B> {
                 data: (!data.is_empty()).then_some(data),
                 trailers: None,
                 len,
+                taken: None,
             },
         }
     }
@@ -360,8 +413,8 @@ impl<B> Replay for ReplayBody<B> {
             let mut shared = shared.lock();
             // Not told it was superseded (that happens at the live copy's
             // first read), the copy sent last reads on.
-            if shared.taken != shared.live {
-                shared.live = shared.taken;
+            if shared.read != shared.live {
+                shared.live = shared.read;
             }
         }
     }
@@ -372,11 +425,13 @@ impl<B> Replay for ReplayBody<B> {
                 data,
                 trailers,
                 len,
+                taken,
             } => Some(ReplayBody {
                 kind: Kind::Buffered {
                     data: data.clone(),
                     trailers: trailers.clone(),
                     len: *len,
+                    taken: taken.clone(),
                 },
             }),
             Kind::Once {
@@ -456,9 +511,9 @@ where
                 if shared.live != *copy {
                     return Poll::Ready(Some(Err(NotSendable::Superseded.into())));
                 }
-                if shared.taken != *copy {
+                if shared.read != *copy {
                     // First read: the copy it superseded learns it now.
-                    shared.taken = *copy;
+                    shared.read = *copy;
                     if let Some(waiting) = shared.waiting.take() {
                         waiting.wake();
                     }
@@ -654,6 +709,8 @@ struct Buffering<B> {
     timer: Option<Pin<Box<Sleep>>>,
     /// Whether a frame came since the timer was set.
     moved: bool,
+    /// What `chunks` takes of the layer's [`Budget`], if it has one.
+    taken: Option<Taken>,
 }
 
 impl<B> Buffering<B>
@@ -683,7 +740,17 @@ where
             idle,
             timer: None,
             moved: false,
+            taken: None,
         }
+    }
+
+    /// Holds what it reads within `budget`.
+    fn within(mut self, budget: Option<&Arc<Budget>>) -> Self {
+        self.taken = budget.map(|budget| Taken {
+            budget: budget.clone(),
+            bytes: 0,
+        });
+        self
     }
 
     /// The body's next frame, its end, or that it stopped coming for the
@@ -742,7 +809,7 @@ where
                 // before it sends more (a stream), or is slow.
                 // (Trailers are the body's last frame.)
                 Next::Idle if self.trailers.is_some() => return Poll::Ready(Ok(self.finish())),
-                Next::Idle => return Poll::Ready(Ok(self.once(Bytes::new()))),
+                Next::Idle => return Poll::Ready(Ok(self.once(Bytes::new(), self.limit))),
                 Next::Frame(frame) => match frame.into_data() {
                     Ok(mut data) => {
                         let len = data.remaining();
@@ -751,7 +818,14 @@ where
                             // (`Bytes` are not copied), to be sent after
                             // what was read before it.
                             let held = data.copy_to_bytes(len);
-                            return Poll::Ready(Ok(self.once(held)));
+                            return Poll::Ready(Ok(self.once(held, self.limit)));
+                        }
+                        if !Taken::more(&mut self.taken, len) {
+                            // Past the layer's budget: passed on as if past
+                            // the limit, keeping nothing more.
+                            let held = data.copy_to_bytes(len);
+                            let kept = self.chunks.len() + len;
+                            return Poll::Ready(Ok(self.once(held, kept)));
                         }
                         while data.has_remaining() {
                             let chunk = data.chunk();
@@ -774,8 +848,9 @@ where
     }
 
     /// The body passed on: what was read, the frame `held` that would
-    /// have passed the limit, then the rest of the body.
-    fn once(&mut self, held: Bytes) -> ReplayBody<B> {
+    /// have passed the limit, then the rest of the body, of which backends'
+    /// reads are kept up to `limit` bytes in all.
+    fn once(&mut self, held: Bytes, limit: usize) -> ReplayBody<B> {
         let body = self.body.take().expect("body present");
         let prefix = std::mem::take(&mut self.chunks).freeze();
         let kept: Vec<Kept> = [prefix, held]
@@ -786,12 +861,13 @@ where
         let shared = Shared {
             kept_len: kept.iter().map(Kept::len).sum(),
             kept,
-            limit: self.limit,
+            limit,
             whole: true,
             body,
             ended: false,
             live: 0,
-            taken: 0,
+            read: 0,
+            held: self.taken.take(),
             waiting: None,
         };
         ReplayBody {
@@ -814,6 +890,7 @@ where
                 data: (!data.is_empty()).then_some(data),
                 trailers: self.trailers.take(),
                 len,
+                taken: self.taken.take().map(Arc::new),
             },
         }
     }
@@ -865,11 +942,12 @@ enum Next<D> {
 /// assert_eq!(response.body(), &(true, Bytes::from_static(b"hello")));
 /// # }
 /// ```
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BufferBodyLayer {
     limit: usize,
     timeout: Option<Duration>,
     idle: Option<Duration>,
+    budget: Option<Arc<Budget>>,
 }
 
 impl Default for BufferBodyLayer {
@@ -885,6 +963,7 @@ impl BufferBodyLayer {
             limit: DEFAULT_BUFFER_LIMIT,
             timeout: Some(DEFAULT_BODY_READ_TIMEOUT),
             idle: None,
+            budget: None,
         }
     }
 
@@ -939,6 +1018,32 @@ impl BufferBodyLayer {
         self.idle = idle;
         self
     }
+
+    /// Holds at most `total` bytes of request bodies at once, across the
+    /// requests of this layer, its clones and the services they build
+    /// (default: no bound but each body's limit): what is read of bodies
+    /// being buffered, and what is kept of bodies passed on. A body that
+    /// would take the total past it is passed on as it comes, with what was
+    /// read of it, and nothing more of it is kept: it can be sent again
+    /// only until a backend reads on, as one past the limit. This bounds
+    /// what many uploads at once take (an HTTP/2 connection carries up to
+    /// its stream limit of them, each up to the limit), as Envoy's overload
+    /// manager bounds its buffers.
+    ///
+    /// ```
+    /// use tower_ha::failover::BufferBodyLayer;
+    ///
+    /// // 64 KiB per body, 256 MiB in all.
+    /// let layer = BufferBodyLayer::new().max_held(256 << 20);
+    /// # drop(layer);
+    /// ```
+    pub fn max_held(mut self, total: usize) -> Self {
+        self.budget = Some(Arc::new(Budget {
+            held: AtomicUsize::new(0),
+            max: total,
+        }));
+        self
+    }
 }
 
 /// Whether `headers` are a gRPC request's (`application/grpc`, or one of
@@ -957,6 +1062,7 @@ impl<S> Layer<S> for BufferBodyLayer {
             limit: self.limit,
             timeout: self.timeout,
             idle: self.idle,
+            budget: self.budget.clone(),
         }
     }
 }
@@ -972,6 +1078,7 @@ pub struct BufferBody<S> {
     limit: usize,
     timeout: Option<Duration>,
     idle: Option<Duration>,
+    budget: Option<Arc<Budget>>,
 }
 
 impl<S> BufferBody<S> {
@@ -1036,7 +1143,8 @@ where
             state: BufferState::Buffering {
                 service: Some(inner),
                 parts: Some(parts),
-                buffering: Buffering::new(body, self.limit, self.timeout, idle),
+                buffering: Buffering::new(body, self.limit, self.timeout, idle)
+                    .within(self.budget.as_ref()),
             },
         }
     }
@@ -1645,6 +1753,68 @@ mod tests {
             panic!("the superseded copy went on");
         };
         assert_eq!(err.to_string(), "request body handed to a later attempt");
+    }
+
+    /// With a budget, bodies are buffered while what they hold fits in it
+    /// (given back when the last copy of a body is dropped); one that does
+    /// not fit is passed on, and keeps nothing of what backends read past
+    /// what came.
+    #[tokio::test]
+    async fn bodies_are_held_within_the_layers_budget() {
+        use tower::ServiceExt;
+        let layer = BufferBodyLayer::new().max_held(100);
+        let held = || layer.budget.as_ref().unwrap().held.load(Ordering::SeqCst);
+        let echo = tower::service_fn(|req: Request<ReplayBody<_>>| async move {
+            Ok::<_, BoxError>(req.into_body())
+        });
+        let send = |len: usize| {
+            let body = Full::new(Bytes::from(vec![b'x'; len])).boxed();
+            layer.layer(echo).oneshot(Request::new(body))
+        };
+        let first = send(80).await.unwrap();
+        assert!(first.is_buffered());
+        assert_eq!(held(), 80);
+        // 80 + 40 > 100: passed on, holding nothing of the budget.
+        let second = send(40).await.unwrap();
+        assert!(!second.is_buffered());
+        assert_eq!(held(), 80);
+        let copy = first.replay().unwrap();
+        drop(first);
+        assert_eq!(held(), 80, "a copy still holds it");
+        drop(copy);
+        assert_eq!(held(), 0);
+        let third = send(40).await.unwrap();
+        assert!(third.is_buffered());
+        assert_eq!(held(), 40);
+        drop((second, third));
+        assert_eq!(held(), 0);
+
+        // Passed on before its end (a pause): what backends read is kept
+        // while it fits, and given back when it no longer can be sent
+        // again.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(part(b"0123456789")).unwrap();
+        let budget = layer.budget.as_ref();
+        let mut buffering =
+            Buffering::new(Uploading(rx), 64, None, Some(Duration::ZERO)).within(budget);
+        let body = std::future::poll_fn(|cx| buffering.poll(cx)).await.unwrap();
+        assert_eq!(held(), 10);
+        let mut copy = body.replay().unwrap();
+        assert_eq!(
+            copy.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "0123456789"
+        );
+        tx.send(Ok(Frame::data(Bytes::from(vec![b'y'; 50]))))
+            .unwrap();
+        copy.frame().await.unwrap().unwrap();
+        assert_eq!(held(), 60);
+        assert!(body.is_replayable());
+        // 60 + 50 > 100: nothing more is kept, and what was is given back.
+        tx.send(Ok(Frame::data(Bytes::from(vec![b'z'; 50]))))
+            .unwrap();
+        copy.frame().await.unwrap().unwrap();
+        assert_eq!(held(), 0);
+        assert!(!body.is_replayable());
     }
 
     /// A copy made for a retry that did not happen, never read from, gives
