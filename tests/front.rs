@@ -436,6 +436,20 @@ async fn a_stop_lets_an_http1_request_under_way_finish_and_closes_idle_connectio
 /// Past the most connections open, a new one waits, unserved, until one
 /// closes: here, the first, which switched protocols and holds its place
 /// until its client closes.
+/// A GET of `/` over HTTP/1.1, as a raw client sends it.
+const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: front.test\r\n\r\n";
+
+/// Reads the start of `stream`'s answer and asserts that it begins with
+/// `status`.
+async fn answered(stream: &mut TcpStream, status: &str) {
+    let mut buf = [0u8; 256];
+    let read = support::wait::bounded_real("an answer", stream.read(&mut buf))
+        .await
+        .unwrap();
+    let got = String::from_utf8_lossy(&buf[..read]);
+    assert!(got.starts_with(status), "{got:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_past_the_most_open_waits_for_one_to_close() {
     let front = front_with(HOUR, HOUR, None, HOUR, 1).await;
@@ -444,22 +458,13 @@ async fn a_connection_past_the_most_open_waits_for_one_to_close() {
         .write_all(b"GET /upgrade HTTP/1.1\r\nhost: front.test\r\nconnection: upgrade\r\nupgrade: test\r\n\r\n")
         .await
         .unwrap();
-    let mut buf = [0u8; 256];
-    let read = first.read(&mut buf).await.unwrap();
-    assert!(
-        buf[..read].starts_with(b"HTTP/1.1 101"),
-        "{:?}",
-        &buf[..read]
-    );
+    answered(&mut first, "HTTP/1.1 101").await;
     support::wait::spin_until("hyper hands the connection over", || {
         front.ended.load(Ordering::SeqCst) == 1
     })
     .await;
     let mut second = TcpStream::connect(front.addr).await.unwrap();
-    second
-        .write_all(b"GET / HTTP/1.1\r\nhost: front.test\r\n\r\n")
-        .await
-        .unwrap();
+    second.write_all(GET).await.unwrap();
     // The accept loop waits for a place (it says so once every place is
     // taken, after the first connection, or after the second were the
     // bound broken): the second is not accepted, so nothing answers it.
@@ -468,7 +473,7 @@ async fn a_connection_past_the_most_open_waits_for_one_to_close() {
     })
     .await;
     assert_eq!(front.started.load(Ordering::SeqCst), 1);
-    let nothing = second.try_read(&mut buf);
+    let nothing = second.try_read(&mut [0u8; 256]);
     assert!(
         nothing
             .as_ref()
@@ -476,14 +481,7 @@ async fn a_connection_past_the_most_open_waits_for_one_to_close() {
         "{nothing:?}"
     );
     drop(first);
-    let read = support::wait::bounded_real("the second is answered", second.read(&mut buf))
-        .await
-        .unwrap();
-    assert!(
-        buf[..read].starts_with(b"HTTP/1.1 200 OK"),
-        "{:?}",
-        &buf[..read]
-    );
+    answered(&mut second, "HTTP/1.1 200 OK").await;
     assert_eq!(front.started.load(Ordering::SeqCst), 2);
 }
 
@@ -499,30 +497,12 @@ async fn idle_connections_are_closed_to_make_room_at_the_most_open() {
     let (mut h2, h2_end) = h2_client(front.addr).await;
     assert_eq!(get(&mut h2, "/").await.unwrap().0, StatusCode::OK);
     let mut h1 = TcpStream::connect(front.addr).await.unwrap();
-    h1.write_all(b"GET / HTTP/1.1\r\nhost: front.test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 256];
-    let read = h1.read(&mut buf).await.unwrap();
-    assert!(
-        buf[..read].starts_with(b"HTTP/1.1 200 OK"),
-        "{:?}",
-        &buf[..read]
-    );
+    h1.write_all(GET).await.unwrap();
+    answered(&mut h1, "HTTP/1.1 200 OK").await;
 
     let mut third = TcpStream::connect(front.addr).await.unwrap();
-    third
-        .write_all(b"GET / HTTP/1.1\r\nhost: front.test\r\n\r\n")
-        .await
-        .unwrap();
-    let read = support::wait::bounded_real("the third is answered", third.read(&mut buf))
-        .await
-        .unwrap();
-    assert!(
-        buf[..read].starts_with(b"HTTP/1.1 200 OK"),
-        "{:?}",
-        &buf[..read]
-    );
+    third.write_all(GET).await.unwrap();
+    answered(&mut third, "HTTP/1.1 200 OK").await;
     // Both idle ones were closed, the HTTP/2 one with a GOAWAY.
     let closed = support::wait::bounded_real("the HTTP/2 one closes", h2_end.end).await;
     assert!(closed.unwrap().is_ok(), "a clean close");
@@ -531,7 +511,7 @@ async fn idle_connections_are_closed_to_make_room_at_the_most_open() {
         Some(0),
         "a GOAWAY without error"
     );
-    let rest = support::wait::bounded_real("the HTTP/1.1 one closes", h1.read(&mut buf))
+    let rest = support::wait::bounded_real("the HTTP/1.1 one closes", h1.read(&mut [0u8; 256]))
         .await
         .unwrap();
     assert_eq!(rest, 0, "closed between requests");
@@ -548,7 +528,7 @@ async fn idle_connections_are_closed_to_make_room_at_the_most_open() {
     let (mut fourth, _fourth_end) = h2_client(front.addr).await;
     let answered = support::wait::bounded_real("the fourth is answered", get(&mut fourth, "/"));
     assert_eq!(answered.await.unwrap().0, StatusCode::OK);
-    let rest = support::wait::bounded_real("the third closes", third.read(&mut buf))
+    let rest = support::wait::bounded_real("the third closes", third.read(&mut [0u8; 256]))
         .await
         .unwrap();
     assert_eq!(rest, 0, "closed between requests");
