@@ -210,8 +210,10 @@ struct Shared<B> {
     body: Pin<Box<B>>,
     ended: bool,
     /// The copy that may send the body: the last one made, or the one
-    /// before it again (see [`Replay::give_back`]).
+    /// read from before it again (see [`Replay::give_back`]).
     live: u64,
+    /// The copies made: each new one's number.
+    made: u64,
     /// The last copy that was read from: until the live copy is, the one
     /// it superseded is not told (it may be given the body back).
     read: u64,
@@ -300,29 +302,33 @@ impl<B> Shared<B> {
         if !self.whole {
             return false;
         }
-        let kept = match (frame.data_ref(), frame.trailers_ref()) {
+        let size = match (frame.data_ref(), frame.trailers_ref()) {
             // Nothing to send again.
             (Some(data), _) if data.is_empty() => return false,
-            // A copy: the frame may be a slice of a larger buffer (an
-            // HTTP/2 connection's read buffer), which a slice kept here
-            // would hold whole. (The frame that ends the keeping, past the
-            // limit, is copied in vain: once.)
-            (Some(data), _) => Kept::Data(Bytes::copy_from_slice(data)),
-            (None, Some(trailers)) => Kept::Trailers(Box::new(trailers.clone())),
+            (Some(data), _) => data.len(),
+            (None, Some(_)) => 0,
             (None, None) => {
                 self.lose_kept();
                 return false;
             }
         };
-        let len = self.kept_len.saturating_add(kept.len());
+        let len = self.kept_len.saturating_add(size);
         if alone
             || len > self.limit
             || self.kept.len() >= MAX_KEPT_FRAMES
-            || !Taken::more(&mut self.held, kept.len())
+            || !Taken::more(&mut self.held, size)
         {
             self.lose_kept();
             return false;
         }
+        let kept = match frame.data_ref() {
+            // A copy: the frame may be a slice of a larger buffer (an
+            // HTTP/2 connection's read buffer), which a slice kept here
+            // would hold whole.
+            Some(data) => Kept::Data(Bytes::copy_from_slice(data)),
+            // Trailers, as the size above found.
+            None => Kept::Trailers(Box::new(frame.trailers_ref().cloned().unwrap_or_default())),
+        };
         self.kept_len = len;
         self.kept.push(kept);
         true
@@ -444,7 +450,8 @@ impl<B> Replay for ReplayBody<B> {
                 if !shared.whole {
                     return None;
                 }
-                shared.live += 1;
+                shared.made += 1;
+                shared.live = shared.made;
                 progress.reset();
                 let copy = shared.live;
                 drop(shared);
@@ -822,10 +829,11 @@ where
                         }
                         if !Taken::more(&mut self.taken, len) {
                             // Past the layer's budget: passed on as if past
-                            // the limit, keeping nothing more.
+                            // the limit of what was read, keeping nothing
+                            // more once the frame is sent.
                             let held = data.copy_to_bytes(len);
-                            let kept = self.chunks.len() + len;
-                            return Poll::Ready(Ok(self.once(held, kept)));
+                            let limit = self.chunks.len();
+                            return Poll::Ready(Ok(self.once(held, limit)));
                         }
                         while data.has_remaining() {
                             let chunk = data.chunk();
@@ -866,6 +874,7 @@ where
             body,
             ended: false,
             live: 0,
+            made: 0,
             read: 0,
             held: self.taken.take(),
             waiting: None,
@@ -1640,9 +1649,19 @@ mod tests {
     /// A body that sent `first`, then paused, as `BufferBodyLayer` passes
     /// a gRPC request on; and what sends the rest.
     async fn paused_after(first: &'static [u8]) -> (Sender, ReplayBody<Uploading>) {
+        paused_within(first, 64, None).await
+    }
+
+    /// As [`paused_after`], with a limit of `limit` bytes, within `budget`.
+    async fn paused_within(
+        first: &'static [u8],
+        limit: usize,
+        budget: Option<&Arc<Budget>>,
+    ) -> (Sender, ReplayBody<Uploading>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tx.send(part(first)).unwrap();
-        let mut buffering = Buffering::new(Uploading(rx), 64, None, Some(Duration::ZERO));
+        let mut buffering =
+            Buffering::new(Uploading(rx), limit, None, Some(Duration::ZERO)).within(budget);
         let body = std::future::poll_fn(|cx| buffering.poll(cx)).await.unwrap();
         (tx, body)
     }
@@ -1774,10 +1793,25 @@ mod tests {
         let first = send(80).await.unwrap();
         assert!(first.is_buffered());
         assert_eq!(held(), 80);
-        // 80 + 40 > 100: passed on, holding nothing of the budget.
+        // 80 + 40 > 100: passed on, holding nothing of the budget, and
+        // sent again only until a backend has read its frame.
         let second = send(40).await.unwrap();
         assert!(!second.is_buffered());
         assert_eq!(held(), 80);
+        assert!(second.is_replayable());
+        let mut copy = second.replay().unwrap();
+        assert_eq!(
+            copy.frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap()
+                .len(),
+            40
+        );
+        assert!(!second.is_replayable());
+        drop(copy);
         let copy = first.replay().unwrap();
         drop(first);
         assert_eq!(held(), 80, "a copy still holds it");
@@ -1792,12 +1826,8 @@ mod tests {
         // Passed on before its end (a pause): what backends read is kept
         // while it fits, and given back when it no longer can be sent
         // again.
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tx.send(part(b"0123456789")).unwrap();
-        let budget = layer.budget.as_ref();
-        let mut buffering =
-            Buffering::new(Uploading(rx), 64, None, Some(Duration::ZERO)).within(budget);
-        let body = std::future::poll_fn(|cx| buffering.poll(cx)).await.unwrap();
+        // (A limit far above: only the budget refuses.)
+        let (tx, body) = paused_within(b"0123456789", 1000, layer.budget.as_ref()).await;
         assert_eq!(held(), 10);
         let mut copy = body.replay().unwrap();
         assert_eq!(

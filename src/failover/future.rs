@@ -272,6 +272,7 @@ where
                             if !sent {
                                 this.attempt.set(Attempt::Done);
                                 this.retry.budget_spent = true;
+                                this.retry.give_back();
                                 return Poll::Ready(this.retry.give_up(None));
                             }
                             this.retry.over_budget = true;
@@ -494,6 +495,7 @@ where
             Err(err) => {
                 if is_no_backend(&*err) {
                     // Every backend this request may try has been tried.
+                    self.give_back();
                     return Verdict::Return(self.give_up(Some(err)));
                 }
                 if !self.config.classifier.is_failure(&Outcome::Error(&*err)) {
@@ -665,6 +667,7 @@ where
             if !prepaid && !self.pay() {
                 // Dropped before it was polled: no backend saw the request.
                 drop(future);
+                self.give_back();
                 self.budget_spent = true;
                 return Poll::Ready(Err(self.give_up(None)));
             }
@@ -729,8 +732,9 @@ where
     /// Ends the attempts: the last failed response if the last failure was
     /// one, else the list of failures.
     fn give_up(&mut self, reason: Option<BoxError>) -> Result<Response<RB>, BoxError> {
-        if let Some(template) = &self.template {
-            template.body.give_back();
+        if self.held.is_some() {
+            // Made for a pause whose retry did not come.
+            self.give_back();
         }
         if self.budget_spent {
             bump(&self.config.counters.budget_refusals);
@@ -750,6 +754,17 @@ where
         Err(Exhausted::new(failures, reason)
             .budget_spent(self.budget_spent)
             .into())
+    }
+
+    /// Hands the body back to the copy sent before the newest one, where
+    /// it is known that no backend got the newest (see
+    /// [`Replay::give_back`]): the backend that failed may still be reading
+    /// it.
+    fn give_back(&mut self) {
+        self.held = None;
+        if let Some(template) = &self.template {
+            template.body.give_back();
+        }
     }
 
     /// Counts a request that ended failed after at least one failed
