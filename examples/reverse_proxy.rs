@@ -20,9 +20,9 @@
 //! (a failed gRPC call, `200 OK` with its `grpc-status`);
 //! what failed (backend addresses, system errors) goes to standard error,
 //! with tower-ha's own events (a backend marked unhealthy, ejected or
-//! restored, a request failed over, a session moved) through a `tracing`
-//! subscriber, at `info` and above unless `RUST_LOG` says otherwise
-//! (`RUST_LOG=tower_ha=debug`).
+//! restored, a session moved) through a `tracing` subscriber, at `info`
+//! and above unless `RUST_LOG` says otherwise (`RUST_LOG=info` also logs
+//! each request failed over; `RUST_LOG=tower_ha=debug`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -155,9 +155,10 @@ default id is a digest of the host and port keyed by the cookie's secret.
                            are served HTTP/1.1 or HTTP/2 either way
   --max-connections N      at most N client connections open at once, a
                            WebSocket (or other upgraded) tunnel's included;
-                           at the bound those with no request open are
-                           closed (over HTTP/2 with a GOAWAY), and new ones
-                           wait in the listen backlog until one closes
+                           a new one that finds them all taken waits
+                           (others in the listen backlog) while up to 32
+                           that have served a request and have none open
+                           are closed (over HTTP/2 with a GOAWAY)
                            (default: half the limit of open files, 512 where
                            it is unknown; raise that limit with ulimit -n or
                            systemd's LimitNOFILE). The rest is left for
@@ -175,9 +176,10 @@ default id is a digest of the host and port keyed by the cookie's secret.
   -h, --help               this
 
 Logs go to standard error: the proxy's own lines, the 5xx answers it gave
-and why (at most 10 a second, the others counted), and tower-ha's events (backends marked unhealthy, ejected or
-restored, requests failed over), at info and above; RUST_LOG sets other
-levels (RUST_LOG=warn, RUST_LOG=info,tower_ha=debug).
+and why (at most 10 a second, the others counted), and tower-ha's events
+(backends marked unhealthy, ejected or restored), at info and above;
+RUST_LOG sets other levels (RUST_LOG=warn; RUST_LOG=info also logs each
+request failed over; RUST_LOG=info,tower_ha=debug more).
 
 A client connection with no request open for an hour (up to two) is closed
 (over HTTP/2, with a GOAWAY), and so is an HTTP/2 one whose client answers no
@@ -202,16 +204,22 @@ being buffered (under 64 KiB) is given up 60 s after its last part came,
 with a 408 too, before any backend is called.
 ";
 
+/// `info` and above, but for each request's failover (`info` under
+/// `tower_ha::failover`): those come with requests, as many as the retry
+/// budget lets through, where the others come with changes of backends.
+const DEFAULT_LOG: &str = "info,tower_ha::failover=warn";
+
 /// Logs the proxy's lines and tower-ha's events to standard error, at the
-/// level `RUST_LOG` asks (its directives, e.g. `warn,tower_ha=debug`),
-/// else `info`. A standard error that fails does not make the proxy panic:
-/// the line is lost.
+/// levels `RUST_LOG` asks (its directives, e.g. `warn,tower_ha=debug`),
+/// else [`DEFAULT_LOG`]. A standard error that fails does not make the
+/// proxy panic: the line is lost.
 fn start_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) => EnvFilter::try_new(&directives)
+    let directives = std::env::var("RUST_LOG").ok();
+    let filter = match directives.as_deref().map(str::trim) {
+        Some(directives) if !directives.is_empty() => EnvFilter::try_new(directives)
             .unwrap_or_else(|e| usage(&format!("bad RUST_LOG {directives:?}: {e}"))),
-        Err(_) => EnvFilter::new("info"),
+        _ => EnvFilter::new(DEFAULT_LOG),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)

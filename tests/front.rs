@@ -433,9 +433,6 @@ async fn a_stop_lets_an_http1_request_under_way_finish_and_closes_idle_connectio
     assert_closed_gracefully(busy_end, &ended, 2).await;
 }
 
-/// Past the most connections open, a new one waits, unserved, until one
-/// closes: here, the first, which switched protocols and holds its place
-/// until its client closes.
 /// A GET of `/` over HTTP/1.1, as a raw client sends it.
 const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: front.test\r\n\r\n";
 
@@ -450,6 +447,9 @@ async fn answered(stream: &mut TcpStream, status: &str) {
     assert!(got.starts_with(status), "{got:?}");
 }
 
+/// Past the most connections open, a new one waits, unserved, until one
+/// closes: here, the first, which switched protocols and holds its place
+/// until its client closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_past_the_most_open_waits_for_one_to_close() {
     let front = front_with(HOUR, HOUR, None, HOUR, 1).await;
@@ -465,9 +465,8 @@ async fn a_connection_past_the_most_open_waits_for_one_to_close() {
     .await;
     let mut second = TcpStream::connect(front.addr).await.unwrap();
     second.write_all(GET).await.unwrap();
-    // The accept loop waits for a place (it says so once every place is
-    // taken, after the first connection, or after the second were the
-    // bound broken): the second is not accepted, so nothing answers it.
+    // The accept loop holds the second, waiting for a place (it asks for
+    // room as it starts to wait): it is not served, so nothing answers it.
     support::wait::spin_until("every place is taken", || {
         front.full.load(Ordering::SeqCst) > 0
     })
@@ -537,6 +536,35 @@ async fn idle_connections_are_closed_to_make_room_at_the_most_open() {
         !hanging_end.end.is_finished(),
         "the busy connection was closed"
     );
+}
+
+/// A connection that has not sent its first request yet is not closed to
+/// make room: it is left its time for it; once it has been served and is
+/// idle, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_yet_to_send_its_first_request_keeps_its_place() {
+    let front = front_with(HOUR, HOUR, None, HOUR, 1).await;
+    let (mut first, first_end) = h2_client(front.addr).await;
+    let mut second = TcpStream::connect(front.addr).await.unwrap();
+    second.write_all(GET).await.unwrap();
+    // Asked twice (a second apart) while the second waits.
+    support::wait::spin_until("room asked for twice", || {
+        front.full.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert!(goaway(&first_end.heard.lock()).is_none(), "closed unserved");
+    assert!(!first_end.end.is_finished());
+    let nothing = second.try_read(&mut [0u8; 256]);
+    assert!(
+        nothing
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "{nothing:?}"
+    );
+    // Served, then idle: it gives its place at the next ask.
+    assert_eq!(get(&mut first, "/").await.unwrap().0, StatusCode::OK);
+    answered(&mut second, "HTTP/1.1 200 OK").await;
+    assert_goaway(first_end, &front.ended, 1).await;
 }
 
 /// Sends `n` GETs of `/hang` on `sender`, at most 50 at a time, each

@@ -36,10 +36,16 @@ pub struct Front {
     limits: Limits,
     /// Tells the connections that room is wanted (see
     /// [`make_room`](Front::make_room)); `rooms` counts the asks, so a
-    /// connection polls `room` only after one.
+    /// connection polls `room` only after one; `wanted` is how many of
+    /// them may still close for the last ask.
     room: Notify,
     rooms: AtomicUsize,
+    wanted: AtomicUsize,
 }
+
+/// The idle connections one ask for room closes at most, as nginx drains
+/// at most 32 reusable connections at a time.
+const ROOM_PER_ASK: usize = 32;
 
 /// How long a connection may wait for what.
 #[derive(Clone, Copy, Debug)]
@@ -96,10 +102,11 @@ const PREMATURE: Duration = Duration::from_secs(1);
 /// then fail count against healthy backends). A connection holds its place
 /// for as long as its socket is open: through a protocol switch too (a
 /// WebSocket tunnel). A failed accept (out of file descriptors, most
-/// likely) is logged with `log` and retried 100 ms later. While every
-/// place is taken, `full` is called at once and then every second: let it
-/// close idle connections ([`Front::make_room`]), as nginx reuses its idle
-/// kept-alive connections when out of `worker_connections`, and say so.
+/// likely) is logged with `log` and retried 100 ms later. While a new
+/// connection waits for a place, `full` is called at once and then every
+/// second: let it close idle connections ([`Front::make_room`]), as nginx
+/// reuses its idle kept-alive connections when out of
+/// `worker_connections`, and say so.
 pub async fn accept<F, Fut>(
     listener: TcpListener,
     max: usize,
@@ -113,49 +120,50 @@ pub async fn accept<F, Fut>(
 {
     let places = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
     let mut stopped = std::pin::pin!(stopped);
-    let place = || async {
-        if let Ok(place) = places.clone().try_acquire_owned() {
-            return Ok(place);
-        }
-        let mut waiting = std::pin::pin!(places.clone().acquire_owned());
-        loop {
-            // Asked again each second: a connection busy at the last ask
-            // may be idle now.
-            full();
-            if let Ok(place) = tokio::time::timeout(Duration::from_secs(1), &mut waiting).await {
-                return place;
-            }
-        }
-    };
     loop {
         let accepted = tokio::select! {
-            place = place() => match place {
-                Ok(place) => tokio::select! {
-                    accepted = listener.accept() => accepted.map(|a| (a, place)),
-                    () = &mut stopped => return,
-                },
-                Err(_) => return,
-            },
+            accepted = listener.accept() => accepted,
             () = &mut stopped => return,
         };
-        match accepted {
-            Ok(((stream, peer), place)) => {
-                // Answers go out as they are written, not held for more.
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(
-                    Admitted {
-                        stream,
-                        _place: place,
-                    },
-                    peer,
-                ));
-            }
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Retrying at once would spin.
                 log(&e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
+        };
+        // With every place taken, the connection waits here (one more
+        // than `max` open, the others in the backlog) for one to free, and
+        // asks for room at once and then every second: a connection busy
+        // at the last ask may be idle now.
+        let place = match places.clone().try_acquire_owned() {
+            Ok(place) => place,
+            Err(_) => {
+                let mut waiting = std::pin::pin!(places.clone().acquire_owned());
+                loop {
+                    full();
+                    tokio::select! {
+                        place = &mut waiting => match place {
+                            Ok(place) => break place,
+                            Err(_) => return,
+                        },
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = &mut stopped => return,
+                    }
+                }
+            }
+        };
+        // Answers go out as they are written, not held for more.
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve(
+            Admitted {
+                stream,
+                _place: place,
+            },
+            peer,
+        ));
     }
 }
 
@@ -252,17 +260,26 @@ impl Front {
             limits,
             room: Notify::new(),
             rooms: AtomicUsize::new(0),
+            wanted: AtomicUsize::new(0),
         }
     }
 
-    /// Closes the connections with no request open (kept-alive HTTP/1.1
-    /// ones between requests, HTTP/2 ones with no stream open, the latter
-    /// with a `GOAWAY`), so that their places go to new connections; those
-    /// that have not sent their first request yet are left their time for
-    /// it.
+    /// Closes up to 32 connections that have served a request and have
+    /// none open (kept-alive HTTP/1.1 ones between requests, HTTP/2 ones
+    /// with no stream open, the latter with a `GOAWAY`), so that their
+    /// places go to new connections; those that have not sent their first
+    /// request yet are left their time for it.
     pub fn make_room(&self) {
+        self.wanted.store(ROOM_PER_ASK, Ordering::Release);
         self.rooms.fetch_add(1, Ordering::Release);
         self.room.notify_waiters();
+    }
+
+    /// Whether this connection may close for the last ask for room.
+    fn take_room(&self) -> bool {
+        (self.wanted)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1))
+            .is_ok()
     }
 
     /// Serves `io` with `service` until the connection ends. When `stop`
@@ -322,9 +339,11 @@ impl Front {
             Box::pin(self.http1.serve_connection(io, service).with_upgrades())
         };
         let mut reset_early = std::pin::pin!(requests.reset_early.notified());
+        // Made before the asks are counted: an ask counted after is one
+        // whose notice it gets.
         let mut room = std::pin::pin!(self.room.notified());
-        // The asks seen: none yet, so the first poll registers for them.
-        let mut rooms = None;
+        let mut rooms = self.rooms.load(Ordering::Acquire);
+        let mut registered = false;
         let mut counted = 0;
         let mut stall = stall.map(Stall::new);
         let (mut waiting, mut watching) = (false, false);
@@ -357,15 +376,19 @@ impl Front {
                     return Poll::Ready(End::Now);
                 }
             }
-            let asked = self.rooms.load(Ordering::Acquire);
-            if rooms != Some(asked) {
-                rooms = Some(asked);
+            // Polled to register, then only once an ask was counted (until
+            // its notice lands, which the count may precede).
+            if !registered || self.rooms.load(Ordering::Acquire) != rooms {
+                registered = true;
                 if room.as_mut().poll(cx).is_ready() {
-                    if requests.open.load(Ordering::Relaxed) == 0 {
+                    let idle = requests.open.load(Ordering::Relaxed) == 0
+                        && requests.closed.load(Ordering::Relaxed) > 0;
+                    if idle && self.take_room() {
                         return Poll::Ready(End::Gracefully { stop: false });
                     }
-                    // Busy: waits for the next ask.
+                    // Busy, new, or enough closed: waits for the next ask.
                     room.set(self.room.notified());
+                    rooms = self.rooms.load(Ordering::Acquire);
                     let _ = room.as_mut().poll(cx);
                 }
             }
