@@ -262,16 +262,12 @@ pub struct HealthCheckConfig {
     /// (WebSockets) closed (default `false`); see
     /// [`HealthChecker::close_tunnels_when_down`]. Written out only when
     /// `true`.
-    #[serde(skip_serializing_if = "is_false")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub close_tunnels_when_down: bool,
 }
 
 fn is_true(value: &bool) -> bool {
     *value
-}
-
-fn is_false(value: &bool) -> bool {
-    !*value
 }
 
 impl Default for HealthCheckConfig {
@@ -400,41 +396,41 @@ impl GroupConfig {
         S: Clone + Send + Sync + 'static,
         F: FnMut(&BackendId) -> S,
     {
-        let pool = Pool::new();
-        for id in self.backends.iter().map(BackendId::from) {
-            let service = make(&id);
-            pool.insert(id, service);
-        }
-        Balance::new(pool, self.strategy())
+        self.rebuild(&Pool::new(), |id, _| make(id))
     }
 
     /// Builds the group again from this (changed) configuration, keeping
     /// what the `running` group's pool knows of each backend that stays:
     /// the new pool shares its state (admin status, a drain's deadline,
-    /// health, ejection, weight, limit and requests in flight) and its
-    /// service (with its connections), where [`build`](Self::build) would
-    /// start each backend afresh, enabled and healthy. Only the backends
-    /// this configuration adds are made by `make`. Register the result in
-    /// the running group's place with
-    /// [`Handle::replace_group`](crate::control::Handle::replace_group), and
-    /// start its checker over the new pool (the old checker may run on
-    /// until then: both judge the shared states). An active-passive
-    /// group's `Priority` is new: its primary is the first available
-    /// backend of the new order, and a forced primary is not kept.
+    /// health, ejection, weight, limit and requests in flight), where
+    /// [`build`](Self::build) would start each backend afresh, enabled and
+    /// healthy. `make` makes each backend's service, given the running one
+    /// for a backend that stays (return a clone of it to keep its
+    /// connections, or a new one for a backend that moved). Register the
+    /// result in the running group's place with
+    /// [`Handle::replace_group`](crate::control::Handle::replace_group), then
+    /// start its checker over the new pool and shut the old one down (both
+    /// may judge the shared states meanwhile; a slow-start ramp under way
+    /// ends at full weight as the old one stops). An active-passive group's
+    /// `Priority` is new: its primary is the first available backend of the
+    /// new order (a group on its backup goes back to a primary that is
+    /// available again, whatever its failback), and a forced primary is not
+    /// kept.
     ///
     /// ```
     /// use tower_ha::config::GroupConfig;
     /// use tower_ha::control::GroupMode;
     /// use tower_ha::{AdminStatus, BackendId};
     ///
-    /// let make = |_: &BackendId| ();
     /// let before = GroupConfig::new("app", GroupMode::Normal, ["a", "b", "c"]);
-    /// let running = before.build(make);
+    /// let running = before.build(|_: &BackendId| ());
     /// running.pool().state(&"b".into()).unwrap().set_admin(AdminStatus::Draining);
     ///
     /// // `c` leaves, `d` comes; `b` is still draining.
     /// let after = GroupConfig::new("app", GroupMode::Normal, ["a", "b", "d"]);
-    /// let rebuilt = after.rebuild(running.pool(), make);
+    /// let rebuilt = after.rebuild(running.pool(), |_, running: Option<&()>| {
+    ///     running.cloned().unwrap_or(())
+    /// });
     /// assert_eq!(rebuilt.pool().ids(), ["a".into(), "b".into(), "d".into()]);
     /// let b = rebuilt.pool().state(&"b".into()).unwrap();
     /// assert_eq!(b.admin(), AdminStatus::Draining);
@@ -442,21 +438,19 @@ impl GroupConfig {
     pub fn rebuild<S, F>(&self, running: &Pool<S>, mut make: F) -> Balance<S, GroupStrategy>
     where
         S: Clone + Send + Sync + 'static,
-        F: FnMut(&BackendId) -> S,
+        F: FnMut(&BackendId, Option<&S>) -> S,
     {
         let snapshot = running.snapshot();
         let pool = Pool::new();
         for id in self.backends.iter().map(BackendId::from) {
-            let kept = snapshot.members().index_of(&id).and_then(|i| {
-                let state = snapshot.members().get(i)?.state().clone();
-                Some((snapshot.service(i)?.clone(), state))
-            });
-            match kept {
-                Some((service, state)) => pool.insert_with_state(id, service, state),
-                None => {
-                    let service = make(&id);
-                    pool.insert(id, service);
-                }
+            let i = snapshot.members().index_of(&id);
+            let state = i
+                .and_then(|i| snapshot.members().get(i))
+                .map(|m| m.state().clone());
+            let service = make(&id, i.and_then(|i| snapshot.service(i)));
+            match state {
+                Some(state) => pool.insert_with_state(id, service, state),
+                None => pool.insert(id, service),
             }
         }
         Balance::new(pool, self.strategy())

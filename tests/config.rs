@@ -900,7 +900,14 @@ async fn a_reloaded_group_keeps_its_backends_states() {
 
     // `c` leaves, `d` comes.
     let after = yaml("a, b, d, e");
-    let rebuilt = after.failover_groups[0].rebuild(running.pool(), named);
+    let mut made = Vec::new();
+    let rebuilt = after.failover_groups[0].rebuild(running.pool(), |id, running| {
+        made.push((id.to_string(), running.is_some()));
+        running.cloned().unwrap_or_else(|| named(id))
+    });
+    // Each service made, given the running one of a backend that stays.
+    let made: Vec<_> = made.iter().map(|(id, kept)| (id.as_str(), *kept)).collect();
+    assert_eq!(made, [("a", true), ("b", true), ("d", false), ("e", true)]);
     handle.replace_group("app", &rebuilt).unwrap();
     let names: Vec<String> = handle.group_names().iter().map(|n| n.to_string()).collect();
     assert_eq!(names, ["app", "other"]);

@@ -171,8 +171,9 @@ mod tests {
         assert!(max / mean <= 1.0002, "max/mean = {}", max / mean);
     }
 
-    /// A backend far lighter than another owns no slot; when the other is
-    /// out, it takes every key, found without a scan of the table.
+    /// A backend far lighter than another owns no slot (the table records
+    /// it, so a pick skips the scan that could not find it); when the other
+    /// is out, it takes every key.
     #[test]
     fn a_backend_that_owns_no_slot_takes_the_keys_when_the_others_are_out() {
         use crate::key::RequestHead;

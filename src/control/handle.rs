@@ -362,10 +362,6 @@ fn held_states(inner: &Inner, id: &BackendId) -> Vec<(Arc<BackendState>, bool)> 
     .collect()
 }
 
-/// The distinct states `each` finds in the groups' pools (with whether the
-/// pool holds it live, and what else it tells of it), each with whether a
-/// pool holds it live and what `each` told of it first: the live ones
-/// first, then those only kept for the backend's return.
 /// The [`Priority`] of an active-passive group's balancer: its strategy,
 /// or the one a [`GroupStrategy`](super::GroupStrategy) holds.
 fn priority_of<S, P: Strategy>(balance: &Balance<S, P>) -> Option<Priority> {
@@ -376,6 +372,10 @@ fn priority_of<S, P: Strategy>(balance: &Balance<S, P>) -> Option<Priority> {
         .or_else(|| super::group_priority(strategy))
 }
 
+/// The distinct states `each` finds in the groups' pools (with whether the
+/// pool holds it live, and what else it tells of it), each with whether a
+/// pool holds it live and what `each` told of it first: the live ones
+/// first, then those only kept for the backend's return.
 fn gather<T>(
     inner: &Inner,
     mut each: impl FnMut(&dyn PoolOps) -> Option<(Arc<BackendState>, bool, T)>,

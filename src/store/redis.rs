@@ -1379,29 +1379,39 @@ impl SessionStore for RedisStore {
     fn delete<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let inner = &*self.inner;
+            // Once out of memory, the batches after go straight to the
+            // pipeline.
+            let mut full = false;
             for chunk in keys.chunks(BATCH) {
-                match inner
-                    .run_pipe::<()>(&self.delete_pipe(chunk, false)?, "delete")
-                    .await
-                {
-                    // At `maxmemory` (with `noeviction`) Redis queues no
-                    // command in a transaction, and writes no tombstone:
-                    // it would refuse the deletes, which free memory.
-                    // Then delete in a plain pipeline, without tombstones.
-                    // A refresh could write such a session back, but not
-                    // while memory is full (its write is refused too), and
-                    // a session written back only routes its key as before
-                    // until its TTL.
-                    Err(e) if out_of_memory(&e) => {
-                        tracing::warn!(
-                            sessions = chunk.len(),
-                            "Redis is out of memory: sessions deleted without a transaction or tombstones"
-                        );
-                        let pipe = self.delete_pipe(chunk, true)?;
-                        inner.run_pipe::<()>(&pipe, "delete").await?;
+                if !full {
+                    match inner
+                        .run_pipe::<()>(&self.delete_pipe(chunk, false)?, "delete")
+                        .await
+                    {
+                        // At `maxmemory` (with `noeviction`) Redis queues
+                        // no command in a transaction, and writes no
+                        // tombstone: it would refuse the deletes, which
+                        // free memory. Then delete in a plain pipeline,
+                        // without tombstones. A refresh could write such a
+                        // session back, but not while memory is full (its
+                        // write is refused too), and a session written
+                        // back only routes its key as before until its
+                        // TTL.
+                        Err(e) if out_of_memory(&e) => {
+                            tracing::warn!(
+                                sessions = keys.len(),
+                                "Redis is out of memory: sessions deleted without a transaction or tombstones"
+                            );
+                            full = true;
+                        }
+                        answer => {
+                            answer?;
+                            continue;
+                        }
                     }
-                    answer => answer?,
                 }
+                let pipe = self.delete_pipe(chunk, true)?;
+                inner.run_pipe::<()>(&pipe, "delete").await?;
             }
             Ok(())
         })
