@@ -1890,6 +1890,23 @@ async fn the_per_try_timeout_runs_from_the_end_of_a_streamed_upload() {
     assert_eq!((took, timeouts), (Duration::from_secs(9), 1));
 }
 
+/// What a backend reads of `body`, frame by frame, into `log`, up to its
+/// end or its first error.
+async fn read_on_into<B>(mut body: B, log: Arc<Mutex<Vec<Result<Bytes, String>>>>)
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    while let Some(frame) = body.frame().await {
+        let failed = frame.is_err();
+        let frame = frame.map(|f| f.into_data().unwrap_or_default());
+        log.lock().push(frame.map_err(|e| e.to_string()));
+        if failed {
+            break;
+        }
+    }
+}
+
 /// A streamed upload through `failover` to `a`, which answers 503 after
 /// its first part and reads on, then (`with_b`) to `b`: the response, what
 /// `a` read on after its answer, and what `b` received.
@@ -1908,16 +1925,7 @@ async fn read_on_after_a_503(
                 let first = body.frame().await.unwrap()?.into_data().unwrap();
                 assert_eq!(first, "1234");
                 // Answered; the body is still being read.
-                tokio::spawn(async move {
-                    while let Some(frame) = body.frame().await {
-                        let result = frame.map(|f| f.into_data().unwrap_or_default());
-                        let failed = result.is_err();
-                        read_on.lock().push(result.map_err(|e| e.to_string()));
-                        if failed {
-                            break;
-                        }
-                    }
-                });
+                tokio::spawn(read_on_into(body, read_on));
                 Ok::<_, BoxError>(status(503))
             }
         })
@@ -2017,17 +2025,7 @@ async fn an_answer_before_any_read_leaves_the_body_to_its_attempt() {
         service_fn(move |req: Request<Body>| {
             let read_on = read_on.clone();
             async move {
-                let mut body = req.into_body();
-                tokio::spawn(async move {
-                    while let Some(frame) = body.frame().await {
-                        let failed = frame.is_err();
-                        let frame = frame.map(|f| f.into_data().unwrap_or_default());
-                        read_on.lock().push(frame.map_err(|e| e.to_string()));
-                        if failed {
-                            break;
-                        }
-                    }
-                });
+                tokio::spawn(read_on_into(req.into_body(), read_on));
                 Ok::<_, BoxError>(status(503))
             }
         })

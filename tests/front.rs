@@ -436,6 +436,17 @@ async fn a_stop_lets_an_http1_request_under_way_finish_and_closes_idle_connectio
 /// A GET of `/` over HTTP/1.1, as a raw client sends it.
 const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: front.test\r\n\r\n";
 
+/// Asserts that nothing has answered `stream` yet.
+fn assert_unanswered(stream: &TcpStream) {
+    let nothing = stream.try_read(&mut [0u8; 256]);
+    assert!(
+        nothing
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "{nothing:?}"
+    );
+}
+
 /// Reads the start of `stream`'s answer and asserts that it begins with
 /// `status`.
 async fn answered(stream: &mut TcpStream, status: &str) {
@@ -472,13 +483,7 @@ async fn a_connection_past_the_most_open_waits_for_one_to_close() {
     })
     .await;
     assert_eq!(front.started.load(Ordering::SeqCst), 1);
-    let nothing = second.try_read(&mut [0u8; 256]);
-    assert!(
-        nothing
-            .as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
-        "{nothing:?}"
-    );
+    assert_unanswered(&second);
     drop(first);
     answered(&mut second, "HTTP/1.1 200 OK").await;
     assert_eq!(front.started.load(Ordering::SeqCst), 2);
@@ -554,13 +559,7 @@ async fn a_connection_yet_to_send_its_first_request_keeps_its_place() {
     .await;
     assert!(goaway(&first_end.heard.lock()).is_none(), "closed unserved");
     assert!(!first_end.end.is_finished());
-    let nothing = second.try_read(&mut [0u8; 256]);
-    assert!(
-        nothing
-            .as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
-        "{nothing:?}"
-    );
+    assert_unanswered(&second);
     // Served, then idle: it gives its place at the next ask.
     assert_eq!(get(&mut first, "/").await.unwrap().0, StatusCode::OK);
     answered(&mut second, "HTTP/1.1 200 OK").await;
