@@ -210,22 +210,24 @@ with a 408 too, before any backend is called.
 const DEFAULT_LOG: &str = "info,tower_ha::failover=warn";
 
 /// Logs the proxy's lines and tower-ha's events to standard error, at the
-/// levels `RUST_LOG` asks (its directives, e.g. `warn,tower_ha=debug`),
+/// levels `RUST_LOG` asks (`target=level` directives, e.g.
+/// `warn,tower_ha=debug`),
 /// else [`DEFAULT_LOG`]. A standard error that fails does not make the
 /// proxy panic: the line is lost.
 fn start_logging() {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
     let directives = std::env::var("RUST_LOG").ok();
-    let filter = match directives.as_deref().map(str::trim) {
-        Some(directives) if !directives.is_empty() => EnvFilter::try_new(directives)
+    let filter: Targets = match directives.as_deref().map(str::trim) {
+        Some(directives) if !directives.is_empty() => directives
+            .parse()
             .unwrap_or_else(|e| usage(&format!("bad RUST_LOG {directives:?}: {e}"))),
-        _ => EnvFilter::new(DEFAULT_LOG),
+        _ => DEFAULT_LOG.parse().expect("valid directives"),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    tracing_subscriber::registry().with(log).with(filter).init();
 }
 
 fn usage(problem: &str) -> ! {
