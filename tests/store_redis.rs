@@ -1208,6 +1208,39 @@ async fn a_reader_that_lags_gets_all_in_place_of_the_notices_it_missed() {
     .await;
 }
 
+/// A subscription that loses Redis says so at `warn`, and, while it cannot
+/// resubscribe, once at `warn` (then once a minute, each attempt between at
+/// `debug`); back, it says that too, and the reader is told to drop what
+/// it cached. On a current-thread runtime, so that the subscription's task
+/// logs to this test's subscriber.
+#[tokio::test]
+async fn a_subscription_that_cannot_reconnect_says_so() {
+    use support::tracing_capture::Capture;
+    use tracing::Level;
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let mut server = RedisServer::start();
+    let mut notices = store(&server).await.subscribe().await.unwrap();
+    server.kill();
+    let said = |start: &str, level: Level| {
+        let events = capture.saying(start);
+        events.iter().filter(|e| e.level == level).count()
+    };
+    // Several attempts fail (50 ms, then 100, 200, ...): said once.
+    bounded_real("the failed attempts", async {
+        while capture.saying("cannot resubscribe").len() < 4 {
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(said("move notice subscription lost", Level::WARN), 1);
+    assert_eq!(said("cannot resubscribe", Level::WARN), 1);
+    assert!(said("cannot resubscribe", Level::DEBUG) >= 3);
+    server.restart();
+    assert_eq!(next(&mut notices).await, Invalidation::All);
+    assert_eq!(said("move notice subscription back", Level::INFO), 1);
+}
+
 /// While a reader lags, notices are dropped without being parsed, so that
 /// the subscription takes them off the Redis client's queue (which has no
 /// bound) faster than the client fills it: a malformed notice, logged when

@@ -521,7 +521,9 @@ impl RedisStore {
     /// its own. Returns once the subscription is active, so every notice
     /// published after this returns is received. The subscription
     /// reconnects on its own, yielding [`Invalidation::All`] after each
-    /// reconnection since notices published meanwhile are lost; a reader
+    /// reconnection since notices published meanwhile are lost (it logs the
+    /// loss at `warn`, a reconnection that keeps failing at `warn` once a
+    /// minute, and its return at `info`); a reader
     /// that lags more than 1024 notices behind gets an
     /// [`Invalidation::All`] in place of those it missed, so the notices
     /// held for a slow reader are bounded whatever the rate of moves; a
@@ -1669,6 +1671,10 @@ struct Notice {
     origin: String,
 }
 
+/// How often a subscription that cannot reconnect says so at `warn` (each
+/// attempt in between is a `debug` line).
+const RESUBSCRIBE_SAID_EVERY: Duration = Duration::from_secs(60);
+
 /// Forwards notices until the receiver is dropped, reconnecting with a
 /// capped backoff whenever the subscription connection ends.
 async fn listen(
@@ -1747,7 +1753,10 @@ async fn listen(
                 }
             }
         }
-        tracing::debug!(channel = %inner.channel, "move notice subscription lost, reconnecting");
+        // Until it is back, other replicas' moves go unheard: an operator
+        // needs to know, without a line every two seconds.
+        tracing::warn!(channel = %inner.channel, "move notice subscription lost, reconnecting");
+        let (mut failed, mut said) = (0u32, None::<Instant>);
         pubsub = loop {
             if tx.is_closed() {
                 return;
@@ -1755,12 +1764,27 @@ async fn listen(
             match inner.connect_pubsub().await {
                 Ok(p) => break p,
                 Err(error) => {
-                    tracing::debug!(error = %crate::error::Report(&error), "cannot resubscribe to move notices yet");
+                    failed = failed.saturating_add(1);
+                    let now = Instant::now();
+                    if said.is_none_or(|at| now >= at + RESUBSCRIBE_SAID_EVERY) {
+                        said = Some(now);
+                        tracing::warn!(
+                            channel = %inner.channel,
+                            failed,
+                            error = %crate::error::Report(&error),
+                            "cannot resubscribe to move notices yet: other replicas' moves go unheard"
+                        );
+                    } else {
+                        tracing::debug!(error = %crate::error::Report(&error), "cannot resubscribe to move notices yet");
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         };
+        if failed > 0 {
+            tracing::info!(channel = %inner.channel, failed, "move notice subscription back");
+        }
         backoff = Duration::from_millis(50);
         // Owed as soon as the reader has room, as for a lag.
         lagging.store(true, Ordering::Relaxed);
