@@ -775,6 +775,15 @@ fn a_bad_duration_names_its_key() {
     assert!(message.contains("line 6 column 12"), "{message}");
 }
 
+/// A normal group `app` of one backend `a` whose `health_check` section
+/// is `yaml`.
+fn with_health_check(yaml: &str) -> Config {
+    Config::from_yaml(&format!(
+        "failover_groups:\n  - {{name: app, mode: normal, backends: [a], health_check: {yaml}}}\n"
+    ))
+    .unwrap()
+}
+
 /// `lift_ejections` reaches the checker: by default a passing probe ends a
 /// passive ejection; with `false` the ejection runs its time. It is written
 /// out only when `false`.
@@ -790,10 +799,7 @@ async fn a_groups_health_check_may_leave_ejections_to_run_their_time() {
     .into_iter()
     .zip([true, true, false])
     {
-        let config = Config::from_yaml(&format!(
-            "failover_groups:\n  - {{name: app, mode: normal, backends: [a], health_check: {yaml}}}\n"
-        ))
-        .unwrap();
+        let config = with_health_check(yaml);
         let health = config.failover_groups[0].health_check.as_ref().unwrap();
         assert_eq!(health.lift_ejections, lifted, "{yaml}");
         let written = serde_json::to_value(health).unwrap();
@@ -836,10 +842,7 @@ async fn a_groups_health_check_may_close_tunnels_when_a_backend_goes_down() {
     .into_iter()
     .zip([false, false, true])
     {
-        let config = Config::from_yaml(&format!(
-            "failover_groups:\n  - {{name: app, mode: normal, backends: [a], health_check: {yaml}}}\n"
-        ))
-        .unwrap();
+        let config = with_health_check(yaml);
         let health = config.failover_groups[0].health_check.as_ref().unwrap();
         assert_eq!(health.close_tunnels_when_down, closes, "{yaml}");
         let written = serde_json::to_value(health).unwrap();
