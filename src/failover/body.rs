@@ -1547,6 +1547,14 @@ mod tests {
 
     type Sender = tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, BoxError>>;
 
+    /// The next frame of `body`, which must be data.
+    async fn data<B: Body<Data = Bytes> + Unpin>(body: &mut B) -> Bytes
+    where
+        B::Error: std::fmt::Debug,
+    {
+        body.frame().await.unwrap().unwrap().into_data().unwrap()
+    }
+
     /// A part of an upload, to send.
     fn part(bytes: &'static [u8]) -> Result<Frame<Bytes>, BoxError> {
         Ok(Frame::data(Bytes::from_static(bytes)))
@@ -1678,10 +1686,7 @@ mod tests {
         let first = body.replay().unwrap().collect().await.unwrap();
         assert_eq!(first.trailers().unwrap()["x-checksum"], "7");
         let mut second = body.replay().expect("all of it is held");
-        assert_eq!(
-            second.frame().await.unwrap().unwrap().into_data().unwrap(),
-            "msg"
-        );
+        assert_eq!(data(&mut second).await, "msg");
         assert_eq!(second.size_hint().exact(), None, "trailers are to come");
         let rest = second.collect().await.unwrap();
         assert_eq!(rest.trailers().unwrap()["x-checksum"], "7");
@@ -1722,10 +1727,7 @@ mod tests {
     async fn a_body_that_failed_while_it_was_sent_is_not_sent_again() {
         let (tx, body) = paused_after(b"part").await;
         let mut copy = body.replay().unwrap();
-        assert_eq!(
-            copy.frame().await.unwrap().unwrap().into_data().unwrap(),
-            "part"
-        );
+        assert_eq!(data(&mut copy).await, "part");
         // Asking does not take the body from the copy being sent.
         assert!(body.is_replayable());
         tx.send(Err("client gone".into())).unwrap();
@@ -1752,10 +1754,7 @@ mod tests {
         }
         let (_tx, body) = paused_after(b"part").await;
         let mut copy = body.replay().unwrap();
-        assert_eq!(
-            copy.frame().await.unwrap().unwrap().into_data().unwrap(),
-            "part"
-        );
+        assert_eq!(data(&mut copy).await, "part");
         let woken = Arc::new(Woken(false.into()));
         let waker = std::task::Waker::from(woken.clone());
         let mut cx = Context::from_waker(&waker);
@@ -1763,10 +1762,7 @@ mod tests {
         let mut next = body.replay().unwrap();
         assert!(!woken.0.load(std::sync::atomic::Ordering::SeqCst));
         // Read from: it sends what is kept first.
-        assert_eq!(
-            next.frame().await.unwrap().unwrap().into_data().unwrap(),
-            "part"
-        );
+        assert_eq!(data(&mut next).await, "part");
         assert!(woken.0.load(std::sync::atomic::Ordering::SeqCst));
         let Poll::Ready(Some(Err(err))) = Pin::new(&mut copy).poll_frame(&mut cx) else {
             panic!("the superseded copy went on");
@@ -1830,10 +1826,7 @@ mod tests {
         let (tx, body) = paused_within(b"0123456789", 1000, layer.budget.as_ref()).await;
         assert_eq!(held(), 10);
         let mut copy = body.replay().unwrap();
-        assert_eq!(
-            copy.frame().await.unwrap().unwrap().into_data().unwrap(),
-            "0123456789"
-        );
+        assert_eq!(data(&mut copy).await, "0123456789");
         tx.send(Ok(Frame::data(Bytes::from(vec![b'y'; 50]))))
             .unwrap();
         copy.frame().await.unwrap().unwrap();
@@ -1854,25 +1847,19 @@ mod tests {
     async fn a_copy_never_read_gives_the_body_back() {
         let (tx, body) = paused_after(b"part").await;
         let mut sent = body.replay().unwrap();
-        assert_eq!(
-            sent.frame().await.unwrap().unwrap().into_data().unwrap(),
-            "part"
-        );
+        assert_eq!(data(&mut sent).await, "part");
         // Two copies for retries that did not happen.
         drop(body.replay().unwrap());
         let unread = body.replay().unwrap();
         body.give_back();
         tx.send(part(b"more")).unwrap();
-        assert_eq!(
-            sent.frame().await.unwrap().unwrap().into_data().unwrap(),
-            "more"
-        );
+        assert_eq!(data(&mut sent).await, "more");
         drop(unread);
 
         let mut retry = body.replay().unwrap();
         let mut kept = Vec::new();
         for _ in 0..2 {
-            kept.push(retry.frame().await.unwrap().unwrap().into_data().unwrap());
+            kept.push(data(&mut retry).await);
         }
         assert_eq!(kept, ["part", "more"]);
         body.give_back();
@@ -1882,10 +1869,7 @@ mod tests {
             superseded.to_string(),
             "request body handed to a later attempt"
         );
-        assert_eq!(
-            retry.frame().await.unwrap().unwrap().into_data().unwrap(),
-            "end"
-        );
+        assert_eq!(data(&mut retry).await, "end");
     }
 
     /// Trailers read before the body paused end it: it is held whole,
