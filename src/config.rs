@@ -443,13 +443,13 @@ impl GroupConfig {
         let snapshot = running.snapshot();
         let pool = Pool::new();
         for id in self.backends.iter().map(BackendId::from) {
-            let i = snapshot.members().index_of(&id);
-            let state = i
-                .and_then(|i| snapshot.members().get(i))
-                .map(|m| m.state().clone());
-            let service = make(&id, i.and_then(|i| snapshot.service(i)));
-            match state {
-                Some(state) => pool.insert_with_state(id, service, state),
+            let running = snapshot
+                .members()
+                .index_of(&id)
+                .and_then(|i| Some((snapshot.members().get(i)?.state(), snapshot.service(i)?)));
+            let service = make(&id, running.map(|(_, service)| service));
+            match running {
+                Some((state, _)) => pool.insert_with_state(id, service, state.clone()),
                 None => pool.insert(id, service),
             }
         }

@@ -238,7 +238,7 @@ impl Holder for Inner {
         self.groups
             .read()
             .iter()
-            .any(|g| g.pool.live_or_kept_state(id).is_some_and(|(_, live)| live))
+            .any(|g| g.pool.state(id).is_some())
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::{Loaded, Session, SessionGuard, SessionLock, SessionStore, StoreError, StoreFuture};
 use crate::backend::BackendId;
 use crate::task::AbortOnDrop;
+use crate::time::claim_due;
 
 const DEFAULT_PREFIX: &str = "tower-ha:";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -522,8 +523,9 @@ impl RedisStore {
     /// published after this returns is received. The subscription
     /// reconnects on its own, yielding [`Invalidation::All`] after each
     /// reconnection since notices published meanwhile are lost (it logs the
-    /// loss at `warn`, a reconnection that keeps failing at `warn` once a
-    /// minute, and its return at `info`); a reader
+    /// loss and a failed reconnection at `warn`, at most once a minute
+    /// while it keeps failing or dropping, and its return at `info`); a
+    /// reader
     /// that lags more than 1024 notices behind gets an
     /// [`Invalidation::All`] in place of those it missed, so the notices
     /// held for a slow reader are bounded whatever the rate of moves; a
@@ -1385,35 +1387,27 @@ impl SessionStore for RedisStore {
             // pipeline.
             let mut full = false;
             for chunk in keys.chunks(BATCH) {
-                if !full {
-                    match inner
-                        .run_pipe::<()>(&self.delete_pipe(chunk, false)?, "delete")
-                        .await
-                    {
-                        // At `maxmemory` (with `noeviction`) Redis queues
-                        // no command in a transaction, and writes no
-                        // tombstone: it would refuse the deletes, which
-                        // free memory. Then delete in a plain pipeline,
-                        // without tombstones. A refresh could write such a
-                        // session back, but not while memory is full (its
-                        // write is refused too), and a session written
-                        // back only routes its key as before until its
-                        // TTL.
-                        Err(e) if out_of_memory(&e) => {
-                            tracing::warn!(
-                                sessions = keys.len(),
-                                "Redis is out of memory: sessions deleted without a transaction or tombstones"
-                            );
-                            full = true;
-                        }
-                        answer => {
-                            answer?;
-                            continue;
-                        }
+                let pipe = self.delete_pipe(chunk, full)?;
+                match inner.run_pipe::<()>(&pipe, "delete").await {
+                    // At `maxmemory` (with `noeviction`) Redis queues no
+                    // command in a transaction, and writes no tombstone: it
+                    // would refuse the deletes, which free memory. Then
+                    // delete in a plain pipeline, without tombstones. A
+                    // refresh could write such a session back, but not
+                    // while memory is full (its write is refused too), and
+                    // a session written back only routes its key as before
+                    // until its TTL.
+                    Err(e) if !full && out_of_memory(&e) => {
+                        tracing::warn!(
+                            sessions = keys.len(),
+                            "Redis is out of memory: sessions deleted without a transaction or tombstones"
+                        );
+                        full = true;
+                        let pipe = self.delete_pipe(chunk, true)?;
+                        inner.run_pipe::<()>(&pipe, "delete").await?;
                     }
+                    answer => answer?,
                 }
-                let pipe = self.delete_pipe(chunk, true)?;
-                inner.run_pipe::<()>(&pipe, "delete").await?;
             }
             Ok(())
         })
@@ -1684,6 +1678,9 @@ async fn listen(
     lagging: Arc<AtomicBool>,
 ) {
     let mut backoff = Duration::from_millis(50);
+    // When the subscription may next say at `warn` that it is down: once a
+    // minute, however often it drops and comes back meanwhile.
+    let mut say_down = None;
     // `lagging`: notices were dropped for a reader that lagged, and it is
     // owed an `All` as soon as it has room. (The client reads the
     // subscription eagerly into a queue without a bound, so waiting for
@@ -1755,8 +1752,12 @@ async fn listen(
         }
         // Until it is back, other replicas' moves go unheard: an operator
         // needs to know, without a line every two seconds.
-        tracing::warn!(channel = %inner.channel, "move notice subscription lost, reconnecting");
-        let (mut failed, mut said) = (0u32, None::<Instant>);
+        if claim_due(&mut say_down, RESUBSCRIBE_SAID_EVERY, Instant::now()) {
+            tracing::warn!(channel = %inner.channel, "move notice subscription lost, reconnecting");
+        } else {
+            tracing::debug!(channel = %inner.channel, "move notice subscription lost, reconnecting");
+        }
+        let mut failed = 0u32;
         pubsub = loop {
             if tx.is_closed() {
                 return;
@@ -1765,9 +1766,9 @@ async fn listen(
                 Ok(p) => break p,
                 Err(error) => {
                     failed = failed.saturating_add(1);
-                    let now = Instant::now();
-                    if said.is_none_or(|at| now >= at + RESUBSCRIBE_SAID_EVERY) {
-                        said = Some(now);
+                    if failed == 1
+                        || claim_due(&mut say_down, RESUBSCRIBE_SAID_EVERY, Instant::now())
+                    {
                         tracing::warn!(
                             channel = %inner.channel,
                             failed,
@@ -1782,9 +1783,7 @@ async fn listen(
                 }
             }
         };
-        if failed > 0 {
-            tracing::info!(channel = %inner.channel, failed, "move notice subscription back");
-        }
+        tracing::info!(channel = %inner.channel, failed, "move notice subscription back");
         backoff = Duration::from_millis(50);
         // Owed as soon as the reader has room, as for a lag.
         lagging.store(true, Ordering::Relaxed);
