@@ -2015,50 +2015,51 @@ async fn a_retry_that_does_not_happen_leaves_the_failed_attempts_body_whole() {
 
 /// An attempt whose backend answers before it reads any of the body (an
 /// HTTP/2 stream waiting for send capacity, say) keeps the body when the
-/// attempts end with its answer: it reads it on, whole.
+/// attempts end with its answer, also after a retry that found no backend:
+/// it reads it on, whole.
 #[tokio::test(start_paused = true)]
 async fn an_answer_before_any_read_leaves_the_body_to_its_attempt() {
     type Body = ReplayBody<BoxBody>;
-    let read_on = Arc::new(Mutex::new(Vec::new()));
-    let answers_first = {
-        let read_on = read_on.clone();
-        service_fn(move |req: Request<Body>| {
+    for method in [Method::POST, Method::PUT] {
+        let read_on = Arc::new(Mutex::new(Vec::new()));
+        let answers_first = {
             let read_on = read_on.clone();
-            async move {
-                tokio::spawn(read_on_into(req.into_body(), read_on));
-                Ok::<_, BoxError>(status(503))
-            }
-        })
-    };
-    let pool = Pool::new();
-    pool.insert("a", BoxCloneSyncService::new(answers_first));
-    let stack = ServiceBuilder::new()
-        .layer(BufferBodyLayer::new().stream_when_idle(Some(Duration::from_millis(1))))
-        .layer(FailoverLayer::new())
-        .service(Balance::new(pool, RoundRobin::new()));
-    let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
-    let body = BodyExt::boxed(http_body_util::StreamBody::new(futures::StreamExt::map(
-        rx,
-        |part| Ok::<_, Infallible>(http_body::Frame::data(part)),
-    )));
-    tx.unbounded_send(Bytes::from_static(b"1234")).unwrap();
-    // A POST: its 503 ends the attempts.
-    let response = stack
-        .oneshot(Request::post("/upload").body(body).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    tx.unbounded_send(Bytes::from_static(b"5678")).unwrap();
-    drop(tx);
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let read_on = read_on.lock().clone();
-    assert_eq!(
-        read_on,
-        [
-            Ok(Bytes::from_static(b"1234")),
-            Ok(Bytes::from_static(b"5678"))
-        ]
-    );
+            service_fn(move |req: Request<Body>| {
+                let read_on = read_on.clone();
+                async move {
+                    tokio::spawn(read_on_into(req.into_body(), read_on));
+                    Ok::<_, BoxError>(status(503))
+                }
+            })
+        };
+        let pool = Pool::new();
+        pool.insert("a", BoxCloneSyncService::new(answers_first));
+        let stack = ServiceBuilder::new()
+            .layer(BufferBodyLayer::new().stream_when_idle(Some(Duration::from_millis(1))))
+            .layer(FailoverLayer::new())
+            .service(Balance::new(pool, RoundRobin::new()));
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
+        let body = BodyExt::boxed(http_body_util::StreamBody::new(futures::StreamExt::map(
+            rx,
+            |part| Ok::<_, Infallible>(http_body::Frame::data(part)),
+        )));
+        tx.unbounded_send(Bytes::from_static(b"1234")).unwrap();
+        // A POST: its 503 ends the attempts; a PUT's retry finds no backend.
+        let request = Request::builder().method(method).uri("/upload");
+        let response = stack.oneshot(request.body(body).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        tx.unbounded_send(Bytes::from_static(b"5678")).unwrap();
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let read_on = read_on.lock().clone();
+        assert_eq!(
+            read_on,
+            [
+                Ok(Bytes::from_static(b"1234")),
+                Ok(Bytes::from_static(b"5678"))
+            ]
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

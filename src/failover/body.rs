@@ -214,6 +214,9 @@ struct Shared<B> {
     live: u64,
     /// The copies made: each new one's number.
     made: u64,
+    /// The copy that was live when the live one was made: the one
+    /// [`Replay::give_back`] hands the body back to.
+    before: u64,
     /// The last copy that was read from: until the live copy is, the one
     /// it superseded is not told (it may be given the body back).
     read: u64,
@@ -418,9 +421,10 @@ impl<B> Replay for ReplayBody<B> {
         if let Kind::Once { shared, .. } = &self.kind {
             let mut shared = shared.lock();
             // Not told it was superseded (that happens at the live copy's
-            // first read), the copy sent last reads on.
+            // first read), the copy before it reads on (read from or not:
+            // its backend may have answered before it read).
             if shared.read != shared.live {
-                shared.live = shared.read;
+                shared.live = shared.before;
             }
         }
     }
@@ -450,6 +454,7 @@ impl<B> Replay for ReplayBody<B> {
                 if !shared.whole {
                     return None;
                 }
+                shared.before = shared.live;
                 shared.made += 1;
                 shared.live = shared.made;
                 progress.reset();
@@ -875,6 +880,7 @@ where
             ended: false,
             live: 0,
             made: 0,
+            before: 0,
             read: 0,
             held: self.taken.take(),
             waiting: None,
@@ -1848,8 +1854,10 @@ mod tests {
         let (tx, body) = paused_after(b"part").await;
         let mut sent = body.replay().unwrap();
         assert_eq!(data(&mut sent).await, "part");
-        // Two copies for retries that did not happen.
+        // Two copies for retries that did not happen, each given back (the
+        // failover gives one back as soon as it knows it unsent).
         drop(body.replay().unwrap());
+        body.give_back();
         let unread = body.replay().unwrap();
         body.give_back();
         tx.send(part(b"more")).unwrap();

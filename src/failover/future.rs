@@ -523,6 +523,12 @@ where
                 };
                 self.record(id, err);
                 self.last_response = None;
+                if not_sent {
+                    // No backend got this attempt's copy of the body: the
+                    // one before it keeps the right to send it, until a
+                    // retry's copy is read.
+                    self.give_back();
+                }
                 if self.may_retry(not_sent) {
                     Verdict::Retry
                 } else {
