@@ -116,6 +116,8 @@ impl Contenders {
         let spread_cookies = (0..SPREAD)
             .map(|_| browser_cookie(&drive(&mut sticky_spread, Request::new(()), &mut cx)))
             .collect();
+        // All kept: what the contender times is hits.
+        assert_eq!(sticky_spread.stats().sessions, SPREAD);
 
         Contenders {
             sticky_spread,

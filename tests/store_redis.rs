@@ -327,15 +327,11 @@ async fn a_delete_on_a_server_out_of_memory_still_deletes_and_tells() {
         let exists = |conn: &mut redis::Connection, key: &str| -> bool {
             redis::cmd("EXISTS").arg(key).query(conn).unwrap()
         };
-        let maxmemory = |conn: &mut redis::Connection, value: &str| {
-            let _: () = redis::cmd("CONFIG")
-                .arg("SET")
-                .arg("maxmemory")
-                .arg(value)
-                .query(conn)
-                .unwrap();
+        let maxmemory = |value: &str| {
+            let answer = server.command(&format!("CONFIG SET maxmemory {value}"));
+            assert!(answer.starts_with("+OK"), "{answer}");
         };
-        maxmemory(&mut conn, "1");
+        maxmemory("1");
         // Writes are refused now.
         let refused = store.save(&session("c", "x")).await.unwrap_err();
         assert!(refused.is_unavailable(), "{refused:?}");
@@ -350,7 +346,7 @@ async fn a_delete_on_a_server_out_of_memory_still_deletes_and_tells() {
 
         // With memory again, a delete is a transaction again, which
         // leaves tombstones with a TTL.
-        maxmemory(&mut conn, "0");
+        maxmemory("0");
         store.save(&session("c", "x")).await.unwrap();
         store.delete(&["c".to_owned()]).await.unwrap();
         assert!(!exists(&mut conn, "tower-ha:s:c"));
@@ -977,12 +973,7 @@ async fn a_stalled_server_keeps_its_subscriptions() {
     // The first ping goes 10 s after the subscription starts: every
     // client is paused from 8 s to 13 s, past the 2 s command timeout.
     sleep(Duration::from_secs(8)).await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(5000)
-        .arg("ALL")
-        .query(&mut raw(&server))
-        .unwrap();
+    assert!(server.command("CLIENT PAUSE 5000 ALL").starts_with("+OK"));
     sleep(Duration::from_secs(6)).await;
     b.publish_move("bob", Some(&"node-c".into())).await.unwrap();
     assert_eq!(next(&mut on_a).await, notice("bob", Some("node-c")));
