@@ -521,8 +521,10 @@ async fn idle_connections_are_closed_to_make_room_at_the_most_open() {
     assert_eq!(rest, 0, "closed between requests");
 
     // Now the third is idle, and one with a request open takes the other
-    // place: a fourth is served in the idle one's place, not the busy one's.
-    let (hanging, hanging_end) = h2_client(front.addr).await;
+    // place (served once before, so that only its open request spares it):
+    // a fourth is served in the idle one's place, not the busy one's.
+    let (mut hanging, hanging_end) = h2_client(front.addr).await;
+    assert_eq!(get(&mut hanging, "/").await.unwrap().0, StatusCode::OK);
     let mut hanging_sender = hanging.clone();
     let hung = tokio::spawn(async move { get(&mut hanging_sender, "/hang").await });
     support::wait::spin_until("the hanging request is taken", || {
@@ -541,6 +543,10 @@ async fn idle_connections_are_closed_to_make_room_at_the_most_open() {
         !hanging_end.end.is_finished(),
         "the busy connection was closed"
     );
+    // Nor asked to close (a GOAWAY would let its request finish first).
+    let sent = get(&mut hanging, "/").await.expect("still taking requests");
+    assert_eq!(sent.0, StatusCode::OK);
+    assert!(goaway(&hanging_end.heard.lock()).is_none());
 }
 
 /// A connection that has not sent its first request yet is not closed to
